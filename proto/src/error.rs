@@ -148,9 +148,9 @@ pub enum ProtocolViolation {
     /// Packet identifier 0 where a non-zero identifier is required.
     #[error("packet identifier 0")]
     PacketIdZero,
-    /// SUBSCRIBE or UNSUBSCRIBE without any topic filter.
-    #[error("no topic filter in SUBSCRIBE or UNSUBSCRIBE")]
-    NoTopicFilter,
+    /// SUBSCRIBE, UNSUBSCRIBE or SUBACK without any entry (at least one is required).
+    #[error("SUBSCRIBE, UNSUBSCRIBE or SUBACK without any entry")]
+    EmptyPayload,
     /// Retain handling with the value 3.
     #[error("retain handling 3")]
     RetainHandlingInvalid,

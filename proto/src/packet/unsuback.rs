@@ -1,0 +1,82 @@
+//! UNSUBACK (MQTT 5 section 3.11, 3.1.1 section 3.11).
+
+use bytes::{BufMut, BytesMut};
+
+use crate::codec::Reader;
+use crate::error::{DecodeError, EncodeError, Malformed, ProtocolViolation};
+use crate::frame::Body;
+use crate::properties::{AckProperties, PropertySet};
+use crate::reason::{ReasonCode, ReasonContext};
+use crate::types::{PacketType, ProtocolVersion};
+
+/// The answer to UNSUBSCRIBE. In v5 it carries one reason code per filter; in
+/// 3.1.1 only the packet identifier (`reason_codes` is empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsubAck {
+    /// Identifier of the UNSUBSCRIBE acknowledged.
+    pub packet_id: u16,
+    /// v5 properties.
+    pub properties: AckProperties,
+    /// v5: one code per filter, in order.
+    pub reason_codes: Vec<ReasonCode>,
+}
+
+impl UnsubAck {
+    pub(crate) fn decode(r: &mut Reader, version: ProtocolVersion) -> Result<UnsubAck, DecodeError> {
+        let packet_id = r.packet_id()?;
+        if !version.is_v5() {
+            r.finish()?;
+            return Ok(UnsubAck { packet_id, properties: Default::default(), reason_codes: vec![] });
+        }
+        let properties = AckProperties::decode(r)?;
+        let mut reason_codes = Vec::with_capacity(r.remaining());
+        while !r.is_empty() {
+            let rc = ReasonCode::from_u8(r.u8()?)?;
+            if !rc.is_valid_for(ReasonContext::UnsubAck) {
+                return Err(DecodeError::Malformed(Malformed::InvalidReasonCode));
+            }
+            reason_codes.push(rc);
+        }
+        if reason_codes.is_empty() {
+            return Err(DecodeError::Protocol(ProtocolViolation::EmptyPayload));
+        }
+        Ok(UnsubAck { packet_id, properties, reason_codes })
+    }
+}
+
+impl Body for UnsubAck {
+    const TYPE: PacketType = PacketType::UnsubAck;
+
+    fn check(&self, version: ProtocolVersion) -> Result<(), EncodeError> {
+        if self.packet_id == 0 {
+            return Err(EncodeError::Invalid("UNSUBACK with packet id 0"));
+        }
+        if version.is_v5() {
+            if self.reason_codes.is_empty() {
+                return Err(EncodeError::Invalid("v5 UNSUBACK without a reason code"));
+            }
+            if !self.reason_codes.iter().all(|rc| rc.is_valid_for(ReasonContext::UnsubAck)) {
+                return Err(EncodeError::Invalid("reason code not allowed in UNSUBACK"));
+            }
+        }
+        Ok(())
+    }
+
+    fn body_len(&self, version: ProtocolVersion) -> usize {
+        if version.is_v5() {
+            2 + self.properties.encoded_len() + self.reason_codes.len()
+        } else {
+            2
+        }
+    }
+
+    fn put_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
+        buf.put_u16(self.packet_id);
+        if version.is_v5() {
+            self.properties.encode(buf);
+            for rc in &self.reason_codes {
+                buf.put_u8(rc.as_u8());
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! UNSUBSCRIBE (MQTT 5 section 3.10, 3.1.1 section 3.10).
+
+use bytes::{BufMut, BytesMut};
+
+use crate::codec::{self, Reader, prefixed_len};
+use crate::error::{DecodeError, EncodeError, ProtocolViolation};
+use crate::frame::Body;
+use crate::properties::{PropertySet, UnsubscribeProperties};
+use crate::types::{PacketType, ProtocolVersion, Str};
+
+/// A request to remove one or more subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsubscribe {
+    /// Packet identifier (non-zero).
+    pub packet_id: u16,
+    /// v5 properties.
+    pub properties: UnsubscribeProperties,
+    /// The filters to remove, in order; at least one.
+    pub filters: Vec<Str>,
+}
+
+impl Unsubscribe {
+    pub(crate) fn decode(
+        r: &mut Reader,
+        version: ProtocolVersion,
+    ) -> Result<Unsubscribe, DecodeError> {
+        let packet_id = r.packet_id()?;
+        let properties =
+            if version.is_v5() { UnsubscribeProperties::decode(r)? } else { Default::default() };
+        let mut filters = Vec::new();
+        while !r.is_empty() {
+            filters.push(r.string()?);
+        }
+        // [MQTT-3.10.3-2]: at least one topic filter.
+        if filters.is_empty() {
+            return Err(DecodeError::Protocol(ProtocolViolation::EmptyPayload));
+        }
+        Ok(Unsubscribe { packet_id, properties, filters })
+    }
+}
+
+impl Body for Unsubscribe {
+    const TYPE: PacketType = PacketType::Unsubscribe;
+
+    fn check(&self, _version: ProtocolVersion) -> Result<(), EncodeError> {
+        if self.packet_id == 0 {
+            return Err(EncodeError::Invalid("UNSUBSCRIBE with packet id 0"));
+        }
+        if self.filters.is_empty() {
+            return Err(EncodeError::Invalid("UNSUBSCRIBE without a topic filter"));
+        }
+        Ok(())
+    }
+
+    fn body_len(&self, version: ProtocolVersion) -> usize {
+        2 + if version.is_v5() { self.properties.encoded_len() } else { 0 }
+            + self.filters.iter().map(|f| prefixed_len(f.len())).sum::<usize>()
+    }
+
+    fn put_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
+        buf.put_u16(self.packet_id);
+        if version.is_v5() {
+            self.properties.encode(buf);
+        }
+        for f in &self.filters {
+            codec::put_str(buf, f);
+        }
+    }
+}
