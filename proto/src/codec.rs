@@ -243,21 +243,35 @@ mod tests {
     #[test]
     fn reader_past_end_is_malformed_not_incomplete() {
         let mut r = Reader::new(Bytes::from_static(&[0x00, 0x05, b'a']));
-        assert_eq!(r.string(), Err(DecodeError::Malformed(Malformed::UnexpectedEnd)));
+        assert_eq!(
+            r.string(),
+            Err(DecodeError::Malformed(Malformed::UnexpectedEnd))
+        );
     }
 
     #[test]
     fn strings_follow_the_spec_rules() {
-        let mut ok = Reader::new(Bytes::from_static(&[0x00, 0x05, 0x41, 0xF0, 0xAA, 0x9B, 0x94]));
+        let mut ok = Reader::new(Bytes::from_static(&[
+            0x00, 0x05, 0x41, 0xF0, 0xAA, 0x9B, 0x94,
+        ]));
         assert_eq!(ok.string().unwrap().as_str(), "A\u{2A6D4}");
         // U+0000 is not allowed [MQTT-1.5.4-2].
         let mut nul = Reader::new(Bytes::from_static(&[0x00, 0x01, 0x00]));
-        assert_eq!(nul.string(), Err(DecodeError::Malformed(Malformed::NullCharacter)));
+        assert_eq!(
+            nul.string(),
+            Err(DecodeError::Malformed(Malformed::NullCharacter))
+        );
         // An encoded surrogate U+D800 (ED A0 80) is not valid UTF-8 [MQTT-1.5.4-1].
         let mut sur = Reader::new(Bytes::from_static(&[0x00, 0x03, 0xED, 0xA0, 0x80]));
-        assert_eq!(sur.string(), Err(DecodeError::Malformed(Malformed::InvalidUtf8)));
+        assert_eq!(
+            sur.string(),
+            Err(DecodeError::Malformed(Malformed::InvalidUtf8))
+        );
         // Overlong encoding of '/' (C0 AF).
         let mut over = Reader::new(Bytes::from_static(&[0x00, 0x02, 0xC0, 0xAF]));
-        assert_eq!(over.string(), Err(DecodeError::Malformed(Malformed::InvalidUtf8)));
+        assert_eq!(
+            over.string(),
+            Err(DecodeError::Malformed(Malformed::InvalidUtf8))
+        );
     }
 }

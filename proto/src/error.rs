@@ -154,6 +154,10 @@ pub enum ProtocolViolation {
     /// Retain handling with the value 3.
     #[error("retain handling 3")]
     RetainHandlingInvalid,
+    /// A v5 subscription whose Maximum QoS field has the value 3 (in 3.1.1 it is
+    /// `Malformed::InvalidQoS` instead).
+    #[error("subscription maximum QoS 3")]
+    SubscriptionQoSInvalid,
     /// Authentication data without an authentication method.
     #[error("authentication data without authentication method")]
     AuthDataWithoutMethod,

@@ -58,13 +58,23 @@ pub fn check(buf: &[u8], max_packet_size: usize) -> Result<FrameHeader, DecodeEr
         VarInt::Value(v, n) => (v as usize, n),
         VarInt::Incomplete => return Err(DecodeError::Incomplete { needed: 1 }),
     };
-    let header = FrameHeader { packet_type, flags, header_len: 1 + len_bytes, remaining_len };
+    let header = FrameHeader {
+        packet_type,
+        flags,
+        header_len: 1 + len_bytes,
+        remaining_len,
+    };
     let size = header.frame_len();
     if size > max_packet_size {
-        return Err(DecodeError::PacketTooLarge { size, max: max_packet_size });
+        return Err(DecodeError::PacketTooLarge {
+            size,
+            max: max_packet_size,
+        });
     }
     if buf.len() < size {
-        return Err(DecodeError::Incomplete { needed: size - buf.len() });
+        return Err(DecodeError::Incomplete {
+            needed: size - buf.len(),
+        });
     }
     Ok(header)
 }
@@ -151,7 +161,12 @@ impl<T: Body> Encode for T {
         buf.put_u8(((T::TYPE as u8) << 4) | self.flags());
         codec::put_varint(buf, rem);
         self.put_body(version, buf);
-        debug_assert_eq!(buf.len() - start, total, "{:?} body_len disagrees with put_body", T::TYPE);
+        debug_assert_eq!(
+            buf.len() - start,
+            total,
+            "{:?} body_len disagrees with put_body",
+            T::TYPE
+        );
         Ok(())
     }
 }
@@ -163,9 +178,18 @@ mod tests {
     #[test]
     fn check_reports_incomplete_with_a_lower_bound() {
         assert_eq!(check(&[], 100), Err(DecodeError::Incomplete { needed: 2 }));
-        assert_eq!(check(&[0xC0], 100), Err(DecodeError::Incomplete { needed: 1 }));
-        assert_eq!(check(&[0x30, 0x80], 100), Err(DecodeError::Incomplete { needed: 1 }));
-        assert_eq!(check(&[0x30, 0x05, 0, 1], 100), Err(DecodeError::Incomplete { needed: 3 }));
+        assert_eq!(
+            check(&[0xC0], 100),
+            Err(DecodeError::Incomplete { needed: 1 })
+        );
+        assert_eq!(
+            check(&[0x30, 0x80], 100),
+            Err(DecodeError::Incomplete { needed: 1 })
+        );
+        assert_eq!(
+            check(&[0x30, 0x05, 0, 1], 100),
+            Err(DecodeError::Incomplete { needed: 3 })
+        );
     }
 
     #[test]
@@ -174,24 +198,42 @@ mod tests {
         let header = [0x30, 0xC0, 0x84, 0x3D];
         assert_eq!(
             check(&header, 65_536),
-            Err(DecodeError::PacketTooLarge { size: 1_000_004, max: 65_536 })
+            Err(DecodeError::PacketTooLarge {
+                size: 1_000_004,
+                max: 65_536
+            })
         );
     }
 
     #[test]
     fn reserved_type_and_flags_are_malformed() {
-        assert_eq!(check(&[0x00, 0x00], 100), Err(DecodeError::Malformed(Malformed::ReservedPacketType)));
+        assert_eq!(
+            check(&[0x00, 0x00], 100),
+            Err(DecodeError::Malformed(Malformed::ReservedPacketType))
+        );
         // PINGREQ with a flag bit set.
-        assert_eq!(check(&[0xC1, 0x00], 100), Err(DecodeError::Malformed(Malformed::InvalidFlags)));
+        assert_eq!(
+            check(&[0xC1, 0x00], 100),
+            Err(DecodeError::Malformed(Malformed::InvalidFlags))
+        );
         // SUBSCRIBE must carry 0b0010.
-        assert_eq!(check(&[0x80, 0x00], 100), Err(DecodeError::Malformed(Malformed::InvalidFlags)));
+        assert_eq!(
+            check(&[0x80, 0x00], 100),
+            Err(DecodeError::Malformed(Malformed::InvalidFlags))
+        );
     }
 
     #[test]
     fn decode_leaves_following_bytes_in_the_buffer() {
         let mut buf = BytesMut::from(&[0xC0, 0x00, 0xD0, 0x00, 0xC0][..]);
-        assert_eq!(decode(&mut buf, ProtocolVersion::V3_1_1, 100), Ok(Some(Packet::PingReq)));
-        assert_eq!(decode(&mut buf, ProtocolVersion::V3_1_1, 100), Ok(Some(Packet::PingResp)));
+        assert_eq!(
+            decode(&mut buf, ProtocolVersion::V3_1_1, 100),
+            Ok(Some(Packet::PingReq))
+        );
+        assert_eq!(
+            decode(&mut buf, ProtocolVersion::V3_1_1, 100),
+            Ok(Some(Packet::PingResp))
+        );
         assert_eq!(decode(&mut buf, ProtocolVersion::V3_1_1, 100), Ok(None));
         assert_eq!(&buf[..], &[0xC0]);
     }

@@ -122,12 +122,15 @@ fn decode_section(
         let raw = p.varint()?;
         let pid = u8::try_from(raw)
             .map_err(|_| DecodeError::Malformed(Malformed::PropertyNotAllowed(0xFF)))?;
-        let kind = kind_of(pid).ok_or(DecodeError::Malformed(Malformed::PropertyNotAllowed(pid)))?;
+        let kind =
+            kind_of(pid).ok_or(DecodeError::Malformed(Malformed::PropertyNotAllowed(pid)))?;
         if pid >= 64 || allowed & bit(pid) == 0 {
             return Err(DecodeError::Malformed(Malformed::PropertyNotAllowed(pid)));
         }
         if seen & bit(pid) != 0 && repeatable & bit(pid) == 0 {
-            return Err(DecodeError::Protocol(ProtocolViolation::DuplicateProperty(pid)));
+            return Err(DecodeError::Protocol(ProtocolViolation::DuplicateProperty(
+                pid,
+            )));
         }
         seen |= bit(pid);
         let value = match kind {
@@ -190,7 +193,9 @@ fn len_bin(v: &Option<Bytes>) -> usize {
 }
 
 fn len_pairs(v: &[(Str, Str)]) -> usize {
-    v.iter().map(|(k, val)| 1 + codec::prefixed_len(k.len()) + codec::prefixed_len(val.len())).sum()
+    v.iter()
+        .map(|(k, val)| 1 + codec::prefixed_len(k.len()) + codec::prefixed_len(val.len()))
+        .sum()
 }
 
 fn put_bool(buf: &mut BytesMut, pid: u8, v: Option<bool>) {
@@ -289,7 +294,9 @@ pub(crate) trait PropertySet: Default {
 
 fn auth_data_needs_method(method: &Option<Str>, data: &Option<Bytes>) -> Result<(), DecodeError> {
     if data.is_some() && method.is_none() {
-        Err(DecodeError::Protocol(ProtocolViolation::AuthDataWithoutMethod))
+        Err(DecodeError::Protocol(
+            ProtocolViolation::AuthDataWithoutMethod,
+        ))
     } else {
         Ok(())
     }
@@ -365,12 +372,24 @@ impl PropertySet for ConnectProperties {
     }
 
     fn put(&self, buf: &mut BytesMut) {
-        put_u32(buf, id::SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
+        put_u32(
+            buf,
+            id::SESSION_EXPIRY_INTERVAL,
+            self.session_expiry_interval,
+        );
         put_u16(buf, id::RECEIVE_MAXIMUM, self.receive_maximum);
         put_u32(buf, id::MAXIMUM_PACKET_SIZE, self.maximum_packet_size);
         put_u16(buf, id::TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum);
-        put_bool(buf, id::REQUEST_RESPONSE_INFORMATION, self.request_response_information);
-        put_bool(buf, id::REQUEST_PROBLEM_INFORMATION, self.request_problem_information);
+        put_bool(
+            buf,
+            id::REQUEST_RESPONSE_INFORMATION,
+            self.request_response_information,
+        );
+        put_bool(
+            buf,
+            id::REQUEST_PROBLEM_INFORMATION,
+            self.request_problem_information,
+        );
         put_str(buf, id::AUTHENTICATION_METHOD, &self.authentication_method);
         put_bin(buf, id::AUTHENTICATION_DATA, &self.authentication_data);
         put_pairs(buf, &self.user_properties);
@@ -436,8 +455,16 @@ impl PropertySet for WillProperties {
 
     fn put(&self, buf: &mut BytesMut) {
         put_u32(buf, id::WILL_DELAY_INTERVAL, self.will_delay_interval);
-        put_bool(buf, id::PAYLOAD_FORMAT_INDICATOR, self.payload_format_indicator);
-        put_u32(buf, id::MESSAGE_EXPIRY_INTERVAL, self.message_expiry_interval);
+        put_bool(
+            buf,
+            id::PAYLOAD_FORMAT_INDICATOR,
+            self.payload_format_indicator,
+        );
+        put_u32(
+            buf,
+            id::MESSAGE_EXPIRY_INTERVAL,
+            self.message_expiry_interval,
+        );
         put_str(buf, id::CONTENT_TYPE, &self.content_type);
         put_str(buf, id::RESPONSE_TOPIC, &self.response_topic);
         put_bin(buf, id::CORRELATION_DATA, &self.correlation_data);
@@ -564,7 +591,11 @@ impl PropertySet for ConnAckProperties {
     }
 
     fn put(&self, buf: &mut BytesMut) {
-        put_u32(buf, id::SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
+        put_u32(
+            buf,
+            id::SESSION_EXPIRY_INTERVAL,
+            self.session_expiry_interval,
+        );
         put_u16(buf, id::RECEIVE_MAXIMUM, self.receive_maximum);
         if let Some(q) = self.maximum_qos {
             buf.put_u8(id::MAXIMUM_QOS);
@@ -572,17 +603,29 @@ impl PropertySet for ConnAckProperties {
         }
         put_bool(buf, id::RETAIN_AVAILABLE, self.retain_available);
         put_u32(buf, id::MAXIMUM_PACKET_SIZE, self.maximum_packet_size);
-        put_str(buf, id::ASSIGNED_CLIENT_IDENTIFIER, &self.assigned_client_identifier);
+        put_str(
+            buf,
+            id::ASSIGNED_CLIENT_IDENTIFIER,
+            &self.assigned_client_identifier,
+        );
         put_u16(buf, id::TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum);
         put_str(buf, id::REASON_STRING, &self.reason_string);
         put_pairs(buf, &self.user_properties);
-        put_bool(buf, id::WILDCARD_SUBSCRIPTION_AVAILABLE, self.wildcard_subscription_available);
+        put_bool(
+            buf,
+            id::WILDCARD_SUBSCRIPTION_AVAILABLE,
+            self.wildcard_subscription_available,
+        );
         put_bool(
             buf,
             id::SUBSCRIPTION_IDENTIFIER_AVAILABLE,
             self.subscription_identifiers_available,
         );
-        put_bool(buf, id::SHARED_SUBSCRIPTION_AVAILABLE, self.shared_subscription_available);
+        put_bool(
+            buf,
+            id::SHARED_SUBSCRIPTION_AVAILABLE,
+            self.shared_subscription_available,
+        );
         put_u16(buf, id::SERVER_KEEP_ALIVE, self.server_keep_alive);
         put_str(buf, id::RESPONSE_INFORMATION, &self.response_information);
         put_str(buf, id::SERVER_REFERENCE, &self.server_reference);
@@ -655,13 +698,25 @@ impl PropertySet for PublishProperties {
             + len_str(&self.response_topic)
             + len_bin(&self.correlation_data)
             + len_pairs(&self.user_properties)
-            + self.subscription_identifiers.iter().map(|s| 1 + varint_len(*s)).sum::<usize>()
+            + self
+                .subscription_identifiers
+                .iter()
+                .map(|s| 1 + varint_len(*s))
+                .sum::<usize>()
             + len_str(&self.content_type)
     }
 
     fn put(&self, buf: &mut BytesMut) {
-        put_bool(buf, id::PAYLOAD_FORMAT_INDICATOR, self.payload_format_indicator);
-        put_u32(buf, id::MESSAGE_EXPIRY_INTERVAL, self.message_expiry_interval);
+        put_bool(
+            buf,
+            id::PAYLOAD_FORMAT_INDICATOR,
+            self.payload_format_indicator,
+        );
+        put_u32(
+            buf,
+            id::MESSAGE_EXPIRY_INTERVAL,
+            self.message_expiry_interval,
+        );
         put_u16(buf, id::TOPIC_ALIAS, self.topic_alias);
         put_str(buf, id::RESPONSE_TOPIC, &self.response_topic);
         put_bin(buf, id::CORRELATION_DATA, &self.correlation_data);
@@ -677,7 +732,11 @@ impl PropertySet for PublishProperties {
         if self.topic_alias == Some(0) {
             return Err(EncodeError::Invalid("topic alias 0"));
         }
-        if self.subscription_identifiers.iter().any(|s| *s == 0 || *s > codec::VARINT_MAX) {
+        if self
+            .subscription_identifiers
+            .iter()
+            .any(|s| *s == 0 || *s > codec::VARINT_MAX)
+        {
             return Err(EncodeError::Invalid("subscription identifier out of range"));
         }
         check_bin(&self.correlation_data)
@@ -753,7 +812,8 @@ impl PropertySet for SubscribeProperties {
     }
 
     fn body_len(&self) -> usize {
-        self.subscription_identifier.map_or(0, |s| 1 + varint_len(s))
+        self.subscription_identifier
+            .map_or(0, |s| 1 + varint_len(s))
             + len_pairs(&self.user_properties)
     }
 
@@ -845,7 +905,11 @@ impl PropertySet for DisconnectProperties {
     }
 
     fn put(&self, buf: &mut BytesMut) {
-        put_u32(buf, id::SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
+        put_u32(
+            buf,
+            id::SESSION_EXPIRY_INTERVAL,
+            self.session_expiry_interval,
+        );
         put_str(buf, id::REASON_STRING, &self.reason_string);
         put_pairs(buf, &self.user_properties);
         put_str(buf, id::SERVER_REFERENCE, &self.server_reference);
@@ -921,9 +985,10 @@ mod tests {
 
     #[test]
     fn publish_properties_decode_and_reencode() {
-        // Length 13: PFI=1, topic alias 7, subscription ids 1 and 300, MEI 60.
+        // Length 15: PFI=1 (2), topic alias 7 (3), subscription ids 1 (2) and 300 (3),
+        // MEI 60 (5).
         let wire: &[u8] = &[
-            13, 0x01, 1, 0x23, 0, 7, 0x0B, 1, 0x0B, 0xAC, 0x02, 0x02, 0, 0, 0, 60,
+            15, 0x01, 1, 0x23, 0, 7, 0x0B, 1, 0x0B, 0xAC, 0x02, 0x02, 0, 0, 0, 60,
         ];
         let p: PublishProperties = decode(wire).unwrap();
         assert_eq!(p.payload_format_indicator, Some(true));
@@ -951,34 +1016,59 @@ mod tests {
     fn duplicates_are_protocol_errors_except_repeatable_ones() {
         assert_eq!(
             decode::<ConnectProperties>(&[6, 0x21, 0, 1, 0x21, 0, 2]),
-            Err(DecodeError::Protocol(ProtocolViolation::DuplicateProperty(0x21)))
+            Err(DecodeError::Protocol(ProtocolViolation::DuplicateProperty(
+                0x21
+            )))
         );
         // Subscription Identifier may repeat in PUBLISH but not in SUBSCRIBE.
         assert!(decode::<PublishProperties>(&[4, 0x0B, 1, 0x0B, 2]).is_ok());
         assert_eq!(
             decode::<SubscribeProperties>(&[4, 0x0B, 1, 0x0B, 2]),
-            Err(DecodeError::Protocol(ProtocolViolation::DuplicateProperty(0x0B)))
+            Err(DecodeError::Protocol(ProtocolViolation::DuplicateProperty(
+                0x0B
+            )))
         );
-        let up: AckProperties = decode(&[12, 0x26, 0, 1, b'a', 0, 0, 0x26, 0, 1, b'a', 0, 0]).unwrap();
+        let up: AckProperties =
+            decode(&[12, 0x26, 0, 1, b'a', 0, 0, 0x26, 0, 1, b'a', 0, 0]).unwrap();
         assert_eq!(up.user_properties.len(), 2);
     }
 
     #[test]
     fn value_ranges() {
-        let pe = |pid| Err(DecodeError::Protocol(ProtocolViolation::PropertyValue(pid)));
-        assert_eq!(decode::<ConnectProperties>(&[3, 0x21, 0, 0]), pe(0x21));
-        assert_eq!(decode::<ConnectProperties>(&[5, 0x27, 0, 0, 0, 0]), pe(0x27));
-        assert_eq!(decode::<ConnectProperties>(&[2, 0x17, 2]), pe(0x17));
-        assert_eq!(decode::<ConnAckProperties>(&[2, 0x24, 2]), pe(0x24));
-        assert_eq!(decode::<SubscribeProperties>(&[2, 0x0B, 0]), pe(0x0B));
-        assert_eq!(decode::<PublishProperties>(&[2, 0x01, 2]), pe(0x01));
+        let pe = |pid| DecodeError::Protocol(ProtocolViolation::PropertyValue(pid));
+        assert_eq!(
+            decode::<ConnectProperties>(&[3, 0x21, 0, 0]).unwrap_err(),
+            pe(0x21)
+        );
+        assert_eq!(
+            decode::<ConnectProperties>(&[5, 0x27, 0, 0, 0, 0]).unwrap_err(),
+            pe(0x27)
+        );
+        assert_eq!(
+            decode::<ConnectProperties>(&[2, 0x17, 2]).unwrap_err(),
+            pe(0x17)
+        );
+        assert_eq!(
+            decode::<ConnAckProperties>(&[2, 0x24, 2]).unwrap_err(),
+            pe(0x24)
+        );
+        assert_eq!(
+            decode::<SubscribeProperties>(&[2, 0x0B, 0]).unwrap_err(),
+            pe(0x0B)
+        );
+        assert_eq!(
+            decode::<PublishProperties>(&[2, 0x01, 2]).unwrap_err(),
+            pe(0x01)
+        );
         assert_eq!(
             decode::<PublishProperties>(&[3, 0x23, 0, 0]),
             Err(DecodeError::Protocol(ProtocolViolation::TopicAliasZero))
         );
         assert_eq!(
             decode::<AuthProperties>(&[3, 0x16, 0, 0]),
-            Err(DecodeError::Protocol(ProtocolViolation::AuthDataWithoutMethod))
+            Err(DecodeError::Protocol(
+                ProtocolViolation::AuthDataWithoutMethod
+            ))
         );
     }
 

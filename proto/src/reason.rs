@@ -252,8 +252,12 @@ impl ReasonCode {
             Success => 0x00,
             UnsupportedProtocolVersion => 0x01,
             ClientIdentifierNotValid => 0x02,
-            ServerUnavailable | ServerBusy | ServerShuttingDown | UseAnotherServer
-            | ServerMoved | ConnectionRateExceeded => 0x03,
+            ServerUnavailable
+            | ServerBusy
+            | ServerShuttingDown
+            | UseAnotherServer
+            | ServerMoved
+            | ConnectionRateExceeded => 0x03,
             BadUserNameOrPassword | BadAuthenticationMethod => 0x04,
             _ => 0x05,
         }

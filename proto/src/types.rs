@@ -168,7 +168,10 @@ impl Str {
     /// # Panics
     /// When `s` breaks the rules; static strings are programmer input.
     pub fn from_static(s: &'static str) -> Str {
-        assert!(check_str(s.as_bytes()).is_ok(), "invalid MQTT string literal {s:?}");
+        assert!(
+            check_str(s.as_bytes()).is_ok(),
+            "invalid MQTT string literal {s:?}"
+        );
         Str(Bytes::from_static(s.as_bytes()))
     }
 
@@ -251,6 +254,14 @@ impl std::ops::Deref for Str {
     }
 }
 
+/// Lets maps keyed by `Str` be queried with `&[u8]` (`str::as_bytes`): `Str`
+/// hashes and compares exactly like its bytes.
+impl std::borrow::Borrow<[u8]> for Str {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl AsRef<str> for Str {
     fn as_ref(&self) -> &str {
         self.as_str()
@@ -320,18 +331,39 @@ impl SubscriptionOptions {
 
     /// Parses the options byte. In 3.1.1 the six upper bits are reserved; in 5.0 the
     /// two upper bits are. Reserved bits set, QoS 3 or retain handling 3 are errors.
+    ///
+    /// QoS 3 is malformed in 3.1.1 [MQTT-3-8.3-4] but a Protocol Error in 5.0
+    /// (section 3.8.3.1: "It is a Protocol Error if the Maximum QoS field has the
+    /// value 3"), so a v5 peer is told 0x82, not 0x81.
     pub(crate) fn from_byte(b: u8, version: ProtocolVersion) -> Result<Self, DecodeError> {
-        let reserved = if version.is_v5() { 0b1100_0000 } else { 0b1111_1100 };
+        let reserved = if version.is_v5() {
+            0b1100_0000
+        } else {
+            0b1111_1100
+        };
         if b & reserved != 0 {
-            return Err(DecodeError::Malformed(Malformed::SubscriptionOptionsReserved));
+            return Err(DecodeError::Malformed(
+                Malformed::SubscriptionOptionsReserved,
+            ));
         }
-        let qos = QoS::from_u8(b & 0b11)
-            .ok_or(DecodeError::Malformed(Malformed::InvalidQoS))?;
+        let qos = match QoS::from_u8(b & 0b11) {
+            Some(qos) => qos,
+            None if version.is_v5() => {
+                return Err(DecodeError::Protocol(
+                    ProtocolViolation::SubscriptionQoSInvalid,
+                ));
+            }
+            None => return Err(DecodeError::Malformed(Malformed::InvalidQoS)),
+        };
         let retain_handling = match (b >> 4) & 0b11 {
             0 => RetainHandling::SendAtSubscribe,
             1 => RetainHandling::SendIfNew,
             2 => RetainHandling::DoNotSend,
-            _ => return Err(DecodeError::Protocol(ProtocolViolation::RetainHandlingInvalid)),
+            _ => {
+                return Err(DecodeError::Protocol(
+                    ProtocolViolation::RetainHandlingInvalid,
+                ));
+            }
         };
         Ok(SubscriptionOptions {
             qos,

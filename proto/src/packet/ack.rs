@@ -24,8 +24,11 @@ pub(crate) fn decode(
     ctx: ReasonContext,
 ) -> Result<AckFields, DecodeError> {
     let packet_id = r.packet_id()?;
-    let mut fields =
-        AckFields { packet_id, reason_code: ReasonCode::Success, properties: Default::default() };
+    let mut fields = AckFields {
+        packet_id,
+        reason_code: ReasonCode::Success,
+        properties: Default::default(),
+    };
     if version.is_v5() && !r.is_empty() {
         fields.reason_code = ReasonCode::from_u8(r.u8()?)?;
         if !fields.reason_code.is_valid_for(ctx) {
@@ -78,10 +81,14 @@ pub(crate) fn check(
     ctx: ReasonContext,
 ) -> Result<(), crate::EncodeError> {
     if packet_id == 0 {
-        return Err(crate::EncodeError::Invalid("acknowledgment with packet id 0"));
+        return Err(crate::EncodeError::Invalid(
+            "acknowledgment with packet id 0",
+        ));
     }
     if !reason_code.is_valid_for(ctx) {
-        return Err(crate::EncodeError::Invalid("reason code not allowed in this packet"));
+        return Err(crate::EncodeError::Invalid(
+            "reason code not allowed in this packet",
+        ));
     }
     Ok(())
 }

@@ -22,7 +22,10 @@ pub struct Auth {
 impl Auth {
     pub(crate) fn decode(r: &mut Reader) -> Result<Auth, DecodeError> {
         // A remaining length of 0 means Success without properties (3.15.2.1).
-        let mut a = Auth { reason_code: ReasonCode::Success, properties: Default::default() };
+        let mut a = Auth {
+            reason_code: ReasonCode::Success,
+            properties: Default::default(),
+        };
         if !r.is_empty() {
             a.reason_code = ReasonCode::from_u8(r.u8()?)?;
             if !a.reason_code.is_valid_for(ReasonContext::Auth) {
@@ -63,5 +66,82 @@ impl Body for Auth {
             buf.put_u8(self.reason_code.as_u8());
             self.properties.encode(buf);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::error::ProtocolViolation;
+    use crate::frame::Encode;
+    use crate::packet::testing::{assert_vector, decode_err, s};
+
+    fn success() -> Auth {
+        Auth {
+            reason_code: ReasonCode::Success,
+            properties: AuthProperties::default(),
+        }
+    }
+
+    #[test]
+    fn short_form() {
+        // 5.0 section 3.15.2.1: Success without properties has remaining length 0.
+        assert_vector(&[0xF0, 0x00], ProtocolVersion::V5, success());
+    }
+
+    #[test]
+    fn continue_authentication_with_method_and_data() {
+        #[rustfmt::skip]
+        let wire = [
+            0xF0, 0x11,                                     // AUTH, remaining length 17
+            0x18,                                           // Continue authentication
+            0x0F,                                           // property length 15
+            0x15, 0x00, 0x05, b'S', b'C', b'R', b'A', b'M', // authentication method "SCRAM"
+            0x16, 0x00, 0x04, 0xDE, 0xAD, 0xBE, 0xEF,       // authentication data DE AD BE EF
+        ];
+        let expected = Auth {
+            reason_code: ReasonCode::ContinueAuthentication,
+            properties: AuthProperties {
+                authentication_method: Some(s("SCRAM")),
+                authentication_data: Some(Bytes::from_static(&[0xDE, 0xAD, 0xBE, 0xEF])),
+                ..AuthProperties::default()
+            },
+        };
+        assert_vector(&wire, ProtocolVersion::V5, expected);
+    }
+
+    #[test]
+    fn re_authenticate_with_method_only() {
+        #[rustfmt::skip]
+        let wire = [
+            0xF0, 0x0A,                                     // AUTH, remaining length 10
+            0x19,                                           // Re-authenticate
+            0x08,                                           // property length 8
+            0x15, 0x00, 0x05, b'S', b'C', b'R', b'A', b'M', // authentication method "SCRAM"
+        ];
+        let expected = Auth {
+            reason_code: ReasonCode::ReAuthenticate,
+            properties: AuthProperties {
+                authentication_method: Some(s("SCRAM")),
+                ..AuthProperties::default()
+            },
+        };
+        assert_vector(&wire, ProtocolVersion::V5, expected);
+    }
+
+    #[test]
+    fn not_in_v3_1_1() {
+        assert_eq!(
+            decode_err(&[0xF0, 0x00], ProtocolVersion::V3_1_1),
+            DecodeError::Protocol(ProtocolViolation::AuthInV3)
+        );
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            success().encode(ProtocolVersion::V3_1_1, &mut buf),
+            Err(EncodeError::NotInVersion(ProtocolVersion::V3_1_1))
+        );
+        assert!(buf.is_empty());
     }
 }

@@ -23,7 +23,10 @@ pub struct Disconnect {
 impl Disconnect {
     /// A DISCONNECT with a reason and no properties.
     pub fn new(reason_code: ReasonCode) -> Disconnect {
-        Disconnect { reason_code, properties: DisconnectProperties::default() }
+        Disconnect {
+            reason_code,
+            properties: DisconnectProperties::default(),
+        }
     }
 
     pub(crate) fn decode(
@@ -50,7 +53,9 @@ impl Body for Disconnect {
 
     fn check(&self, _version: ProtocolVersion) -> Result<(), EncodeError> {
         if !self.reason_code.is_valid_for(ReasonContext::Disconnect) {
-            return Err(EncodeError::Invalid("reason code not allowed in DISCONNECT"));
+            return Err(EncodeError::Invalid(
+                "reason code not allowed in DISCONNECT",
+            ));
         }
         Ok(())
     }
@@ -75,5 +80,112 @@ impl Body for Disconnect {
         if len > 1 {
             self.properties.encode(buf);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::testing::{assert_vector, decode, encode, hex, s};
+
+    #[test]
+    fn v3_1_1_has_no_body() {
+        // E0 = DISCONNECT, 00 = remaining length.
+        let normal = Disconnect::new(ReasonCode::Success);
+        assert_vector(&[0xE0, 0x00], ProtocolVersion::V3_1_1, normal.clone());
+        // A reason cannot be carried in 3.1.1: encode only.
+        let busy = Disconnect::new(ReasonCode::ServerBusy);
+        assert_eq!(hex(&encode(&busy, ProtocolVersion::V3_1_1)), "E0 00");
+    }
+
+    #[test]
+    fn v5_short_forms() {
+        let normal = Disconnect::new(ReasonCode::Success);
+        // 5.0 section 3.14.2.1: remaining length 0 means Normal disconnection; canonical.
+        assert_vector(&[0xE0, 0x00], ProtocolVersion::V5, normal.clone());
+        // Length 1: an explicit 0x00; length 2: 0x00 and property length 0. Same packet.
+        assert_eq!(
+            decode(&[0xE0, 0x01, 0x00], ProtocolVersion::V5),
+            normal.clone().into()
+        );
+        assert_eq!(
+            decode(&[0xE0, 0x02, 0x00, 0x00], ProtocolVersion::V5),
+            normal.into()
+        );
+        // Length 1: a reason code without properties (0x04 Disconnect with Will Message).
+        let with_will = Disconnect::new(ReasonCode::DisconnectWithWillMessage);
+        assert_vector(&[0xE0, 0x01, 0x04], ProtocolVersion::V5, with_will);
+        // Length 2 with an empty property section re-encodes to the length 1 form.
+        let taken_over = Disconnect::new(ReasonCode::SessionTakenOver);
+        assert_eq!(
+            decode(&[0xE0, 0x02, 0x8E, 0x00], ProtocolVersion::V5),
+            taken_over.clone().into()
+        );
+        assert_vector(&[0xE0, 0x01, 0x8E], ProtocolVersion::V5, taken_over);
+    }
+
+    #[test]
+    fn v5_spec_example_session_expiry() {
+        // 5.0 section 3.14.2.2.5, figure 3-24.
+        #[rustfmt::skip]
+        let wire = [
+            0xE0, 0x07,                     // DISCONNECT, remaining length 7
+            0x00,                           // reason code Normal disconnection
+            0x05,                           // property length 5
+            0x11, 0x00, 0x00, 0x00, 0x00,   // session expiry interval 0
+        ];
+        let expected = Disconnect {
+            reason_code: ReasonCode::Success,
+            properties: DisconnectProperties {
+                session_expiry_interval: Some(0),
+                ..DisconnectProperties::default()
+            },
+        };
+        assert_vector(&wire, ProtocolVersion::V5, expected);
+    }
+
+    #[test]
+    fn v5_server_moved_with_reference() {
+        #[rustfmt::skip]
+        let wire = [
+            0xE0, 0x10,                         // DISCONNECT, remaining length 16
+            0x9C,                               // reason code Use another server
+            0x0E,                               // property length 14
+            0x1F, 0x00, 0x04, b'm', b'o', b'v', // reason string "move"
+            b'e',
+            0x1C, 0x00, 0x04, b's', b'r', b'v', // server reference "srv2"
+            b'2',
+        ];
+        let expected = Disconnect {
+            reason_code: ReasonCode::UseAnotherServer,
+            properties: DisconnectProperties {
+                reason_string: Some(s("move")),
+                server_reference: Some(s("srv2")),
+                ..DisconnectProperties::default()
+            },
+        };
+        assert_vector(&wire, ProtocolVersion::V5, expected);
+    }
+
+    #[test]
+    fn v5_session_expiry_and_user_properties() {
+        #[rustfmt::skip]
+        let wire = [
+            0xE0, 0x14,                               // DISCONNECT, remaining length 20
+            0x04,                                     // Disconnect with Will Message
+            0x12,                                     // property length 18
+            0x11, 0x00, 0x00, 0x01, 0x00,             // session expiry interval 256
+            0x26, 0x00, 0x01, b'b', 0x00, 0x01, b'1', // user property b=1
+            0x26, 0x00, 0x01, b'a', 0x00, 0x00,       // user property a="" (order kept)
+        ];
+        let expected = Disconnect {
+            reason_code: ReasonCode::DisconnectWithWillMessage,
+            properties: DisconnectProperties {
+                session_expiry_interval: Some(256),
+                user_properties: vec![(s("b"), s("1")), (s("a"), s(""))],
+                ..DisconnectProperties::default()
+            },
+        };
+        assert_vector(&wire, ProtocolVersion::V5, expected);
     }
 }

@@ -185,12 +185,102 @@ macro_rules! impl_from {
     )*};
 }
 impl_from!(
-    ConnAck, Publish, PubAck, PubRec, PubRel, PubComp, Subscribe, SubAck, Unsubscribe, UnsubAck,
-    Disconnect, Auth
+    ConnAck,
+    Publish,
+    PubAck,
+    PubRec,
+    PubRel,
+    PubComp,
+    Subscribe,
+    SubAck,
+    Unsubscribe,
+    UnsubAck,
+    Disconnect,
+    Auth
 );
 
 impl From<Connect> for Packet {
     fn from(p: Connect) -> Packet {
         Packet::Connect(Box::new(p))
+    }
+}
+
+/// Helpers for the spec-vector tests at the bottom of each packet module: a vector
+/// is a whole frame worked out by hand from the specification, and a test checks it
+/// both ways (decode to the expected struct, encode the struct to the same bytes).
+#[cfg(test)]
+pub(crate) mod testing {
+    use bytes::BytesMut;
+
+    use super::Packet;
+    use crate::error::DecodeError;
+    use crate::frame::{self, Encode, PACKET_BYTES_MAX};
+    use crate::types::{ProtocolVersion, Str};
+
+    /// Bytes as `"10 2A 00 04"`, so a failing comparison shows the wire layout.
+    pub(crate) fn hex(bytes: &[u8]) -> String {
+        bytes
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Decodes `wire`, which must hold exactly one whole packet.
+    pub(crate) fn decode(wire: &[u8], version: ProtocolVersion) -> Packet {
+        let mut buf = BytesMut::from(wire);
+        let packet = frame::decode(&mut buf, version, PACKET_BYTES_MAX)
+            .unwrap_or_else(|e| panic!("decoding {}: {e}", hex(wire)))
+            .expect("the vector is a whole frame");
+        assert!(buf.is_empty(), "{} bytes left after the packet", buf.len());
+        packet
+    }
+
+    /// Decodes `wire`, which must be refused.
+    pub(crate) fn decode_err(wire: &[u8], version: ProtocolVersion) -> DecodeError {
+        let mut buf = BytesMut::from(wire);
+        match frame::decode(&mut buf, version, PACKET_BYTES_MAX) {
+            Err(e) => e,
+            Ok(p) => panic!("{} decoded to {p:?}", hex(wire)),
+        }
+    }
+
+    /// Encodes `packet` through `Encode`, checking `encoded_len` against the output.
+    pub(crate) fn encode(packet: &impl Encode, version: ProtocolVersion) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        packet
+            .encode(version, &mut buf)
+            .expect("the packet is encodable");
+        assert_eq!(
+            packet.encoded_len(version),
+            buf.len(),
+            "encoded_len of {}",
+            hex(&buf)
+        );
+        buf.to_vec()
+    }
+
+    /// The canonical vector check: `wire` decodes to `expected`, and `expected`
+    /// encodes to exactly `wire`.
+    pub(crate) fn assert_vector<T>(wire: &[u8], version: ProtocolVersion, expected: T)
+    where
+        T: Encode + Clone + Into<Packet> + std::fmt::Debug,
+    {
+        assert_eq!(
+            decode(wire, version),
+            expected.clone().into(),
+            "decoding {}",
+            hex(wire)
+        );
+        assert_eq!(
+            hex(&encode(&expected, version)),
+            hex(wire),
+            "encoding {expected:?}"
+        );
+    }
+
+    /// A string literal as a `Str`.
+    pub(crate) fn s(v: &'static str) -> Str {
+        Str::from_static(v)
     }
 }

@@ -33,3 +33,27 @@ impl Body for PingResp {
 
     fn put_body(&self, _version: ProtocolVersion, _buf: &mut BytesMut) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::Packet;
+    use crate::packet::testing::{decode, encode, hex};
+
+    #[test]
+    fn pingreq_and_pingresp_in_every_version() {
+        for version in [
+            ProtocolVersion::V3_1,
+            ProtocolVersion::V3_1_1,
+            ProtocolVersion::V5,
+        ] {
+            // C0 = PINGREQ, D0 = PINGRESP; remaining length 0.
+            assert_eq!(decode(&[0xC0, 0x00], version), Packet::PingReq);
+            assert_eq!(hex(&encode(&PingReq, version)), "C0 00");
+            assert_eq!(hex(&encode(&Packet::PingReq, version)), "C0 00");
+            assert_eq!(decode(&[0xD0, 0x00], version), Packet::PingResp);
+            assert_eq!(hex(&encode(&PingResp, version)), "D0 00");
+            assert_eq!(hex(&encode(&Packet::PingResp, version)), "D0 00");
+        }
+    }
+}

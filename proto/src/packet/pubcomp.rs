@@ -24,12 +24,20 @@ pub struct PubComp {
 impl PubComp {
     /// A successful PUBCOMP without properties.
     pub fn new(packet_id: u16) -> PubComp {
-        PubComp { packet_id, reason_code: ReasonCode::Success, properties: AckProperties::default() }
+        PubComp {
+            packet_id,
+            reason_code: ReasonCode::Success,
+            properties: AckProperties::default(),
+        }
     }
 
     pub(crate) fn decode(r: &mut Reader, version: ProtocolVersion) -> Result<PubComp, DecodeError> {
         let f = ack::decode(r, version, ReasonContext::PubRelComp)?;
-        Ok(PubComp { packet_id: f.packet_id, reason_code: f.reason_code, properties: f.properties })
+        Ok(PubComp {
+            packet_id: f.packet_id,
+            reason_code: f.reason_code,
+            properties: f.properties,
+        })
     }
 }
 
@@ -45,6 +53,62 @@ impl Body for PubComp {
     }
 
     fn put_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        ack::put_body(version, self.packet_id, self.reason_code, &self.properties, buf);
+        ack::put_body(
+            version,
+            self.packet_id,
+            self.reason_code,
+            &self.properties,
+            buf,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::testing::{assert_vector, decode, s};
+
+    #[test]
+    fn v3_1_1() {
+        // 70 = PUBCOMP, 02 = remaining length, then packet identifier 0xFFFF.
+        assert_vector(
+            &[0x70, 0x02, 0xFF, 0xFF],
+            ProtocolVersion::V3_1_1,
+            PubComp::new(0xFFFF),
+        );
+    }
+
+    #[test]
+    fn v5_short_and_long_success() {
+        assert_vector(
+            &[0x70, 0x02, 0xFF, 0xFF],
+            ProtocolVersion::V5,
+            PubComp::new(0xFFFF),
+        );
+        assert_eq!(
+            decode(&[0x70, 0x04, 0xFF, 0xFF, 0x00, 0x00], ProtocolVersion::V5),
+            PubComp::new(0xFFFF).into()
+        );
+    }
+
+    #[test]
+    fn v5_packet_identifier_not_found_with_reason_string() {
+        #[rustfmt::skip]
+        let wire = [
+            0x70, 0x09,                         // PUBCOMP, remaining length 9
+            0x00, 0x07,                         // packet identifier 7
+            0x92,                               // reason code Packet Identifier not found
+            0x05,                               // property length 5
+            0x1F, 0x00, 0x02, b'?', b'!',       // reason string "?!"
+        ];
+        let expected = PubComp {
+            packet_id: 7,
+            reason_code: ReasonCode::PacketIdentifierNotFound,
+            properties: AckProperties {
+                reason_string: Some(s("?!")),
+                user_properties: vec![],
+            },
+        };
+        assert_vector(&wire, ProtocolVersion::V5, expected);
     }
 }

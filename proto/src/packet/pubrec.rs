@@ -24,12 +24,20 @@ pub struct PubRec {
 impl PubRec {
     /// A successful PUBREC without properties.
     pub fn new(packet_id: u16) -> PubRec {
-        PubRec { packet_id, reason_code: ReasonCode::Success, properties: AckProperties::default() }
+        PubRec {
+            packet_id,
+            reason_code: ReasonCode::Success,
+            properties: AckProperties::default(),
+        }
     }
 
     pub(crate) fn decode(r: &mut Reader, version: ProtocolVersion) -> Result<PubRec, DecodeError> {
         let f = ack::decode(r, version, ReasonContext::PubAckRec)?;
-        Ok(PubRec { packet_id: f.packet_id, reason_code: f.reason_code, properties: f.properties })
+        Ok(PubRec {
+            packet_id: f.packet_id,
+            reason_code: f.reason_code,
+            properties: f.properties,
+        })
     }
 }
 
@@ -45,6 +53,63 @@ impl Body for PubRec {
     }
 
     fn put_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        ack::put_body(version, self.packet_id, self.reason_code, &self.properties, buf);
+        ack::put_body(
+            version,
+            self.packet_id,
+            self.reason_code,
+            &self.properties,
+            buf,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::testing::{assert_vector, decode, s};
+
+    #[test]
+    fn v3_1_1() {
+        // 50 = PUBREC, 02 = remaining length, then packet identifier 0x1234.
+        assert_vector(
+            &[0x50, 0x02, 0x12, 0x34],
+            ProtocolVersion::V3_1_1,
+            PubRec::new(0x1234),
+        );
+    }
+
+    #[test]
+    fn v5_short_and_long_success() {
+        assert_vector(
+            &[0x50, 0x02, 0x12, 0x34],
+            ProtocolVersion::V5,
+            PubRec::new(0x1234),
+        );
+        // Length 4: Success and property length 0 decode to the same packet.
+        assert_eq!(
+            decode(&[0x50, 0x04, 0x12, 0x34, 0x00, 0x00], ProtocolVersion::V5),
+            PubRec::new(0x1234).into()
+        );
+    }
+
+    #[test]
+    fn v5_failure_with_user_property() {
+        #[rustfmt::skip]
+        let wire = [
+            0x50, 0x0B,                               // PUBREC, remaining length 11
+            0x00, 0x05,                               // packet identifier 5
+            0x91,                                     // reason code Packet Identifier in use
+            0x07,                                     // property length 7
+            0x26, 0x00, 0x01, b'k', 0x00, 0x01, b'v', // user property k=v
+        ];
+        let expected = PubRec {
+            packet_id: 5,
+            reason_code: ReasonCode::PacketIdentifierInUse,
+            properties: AckProperties {
+                reason_string: None,
+                user_properties: vec![(s("k"), s("v"))],
+            },
+        };
+        assert_vector(&wire, ProtocolVersion::V5, expected);
     }
 }

@@ -24,12 +24,20 @@ pub struct PubRel {
 impl PubRel {
     /// A successful PUBREL without properties.
     pub fn new(packet_id: u16) -> PubRel {
-        PubRel { packet_id, reason_code: ReasonCode::Success, properties: AckProperties::default() }
+        PubRel {
+            packet_id,
+            reason_code: ReasonCode::Success,
+            properties: AckProperties::default(),
+        }
     }
 
     pub(crate) fn decode(r: &mut Reader, version: ProtocolVersion) -> Result<PubRel, DecodeError> {
         let f = ack::decode(r, version, ReasonContext::PubRelComp)?;
-        Ok(PubRel { packet_id: f.packet_id, reason_code: f.reason_code, properties: f.properties })
+        Ok(PubRel {
+            packet_id: f.packet_id,
+            reason_code: f.reason_code,
+            properties: f.properties,
+        })
     }
 }
 
@@ -45,6 +53,59 @@ impl Body for PubRel {
     }
 
     fn put_body(&self, version: ProtocolVersion, buf: &mut BytesMut) {
-        ack::put_body(version, self.packet_id, self.reason_code, &self.properties, buf);
+        ack::put_body(
+            version,
+            self.packet_id,
+            self.reason_code,
+            &self.properties,
+            buf,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::testing::{assert_vector, decode};
+
+    #[test]
+    fn v3_1_1() {
+        // 62 = PUBREL with its required flags 0010, 02 = remaining length, packet id 5.
+        assert_vector(
+            &[0x62, 0x02, 0x00, 0x05],
+            ProtocolVersion::V3_1_1,
+            PubRel::new(5),
+        );
+    }
+
+    #[test]
+    fn v5_short_and_long_success() {
+        assert_vector(
+            &[0x62, 0x02, 0x00, 0x05],
+            ProtocolVersion::V5,
+            PubRel::new(5),
+        );
+        assert_eq!(
+            decode(&[0x62, 0x03, 0x00, 0x05, 0x00], ProtocolVersion::V5),
+            PubRel::new(5).into()
+        );
+        assert_eq!(
+            decode(&[0x62, 0x04, 0x00, 0x05, 0x00, 0x00], ProtocolVersion::V5),
+            PubRel::new(5).into()
+        );
+    }
+
+    #[test]
+    fn v5_packet_identifier_not_found() {
+        // 62 03: PUBREL, length 3; packet identifier 5; 0x92 Packet Identifier not found.
+        let expected = PubRel {
+            reason_code: ReasonCode::PacketIdentifierNotFound,
+            ..PubRel::new(5)
+        };
+        assert_vector(
+            &[0x62, 0x03, 0x00, 0x05, 0x92],
+            ProtocolVersion::V5,
+            expected,
+        );
     }
 }
