@@ -1,0 +1,1452 @@
+//! The shard engine: a sans-IO state machine holding everything one shard owns
+//! (sessions, connections' protocol state, the local subscription trie) and its
+//! replicas of shared read-mostly state (the route table and the retained table).
+//!
+//! Inputs are method calls with the time as an argument (`connect`,
+//! `handle_packet`, `connection_lost`, `handle_mesh`, `tick`, `flushed`).
+//! Outputs are bytes appended to each connection's [`ConnOutput`] (whose waker
+//! is woken) and messages appended to the per-destination mesh outbox, drained by
+//! the driver once per executor tick with [`Engine::drain_outbox`]. The broker's
+//! glommio driver and the simulation test are the two drivers.
+//!
+//! Exists once per shard, created at boot, dropped at shutdown. Does not do I/O,
+//! persistence, authentication or cross-node clustering.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::Waker;
+
+use bytes::BytesMut;
+use tessera_proto::properties::PublishProperties;
+use tessera_proto::topic::{self, TOPIC_LEVELS_MAX};
+use tessera_proto::{
+    AckProperties, ConnAck, ConnAckProperties, Connect, Disconnect, Encode, Packet,
+    ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish, QoS, ReasonCode, Str, SubAck,
+    Subscribe, UnsubAck, Unsubscribe, Will,
+};
+
+use crate::mesh::{MeshMsg, ShardId};
+use crate::message::{Message, SessionUid};
+use crate::session::{
+    ConnId, Delivery, Inflight, InflightState, Session, SessionIdx, SubscriptionEntry,
+};
+use crate::trie::{ShardSet, Trie, route_match};
+
+/// Named limits of one shard (the broker's `[limits]` config section).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest packet accepted from clients, fixed header included.
+    pub packet_size_bytes_max: u32,
+    /// Outbound QoS 1/2 deliveries in flight per session (also capped by the
+    /// client's Receive Maximum).
+    pub inflight_count_max: u16,
+    /// Inbound QoS 2 publications awaiting PUBREL per connection: the Receive
+    /// Maximum the broker announces.
+    pub receive_maximum: u16,
+    /// Deliveries queued per session behind the in-flight window.
+    pub queued_count_max: usize,
+    /// Subscriptions per session.
+    pub subscriptions_count_max: usize,
+    /// Levels of a topic name or filter.
+    pub topic_levels_max: usize,
+    /// Inbound topic aliases per v5 connection (the Topic Alias Maximum announced).
+    pub topic_alias_max: u16,
+    /// Largest keep alive accepted; v5 clients asking more are told this value.
+    pub keep_alive_s_max: u16,
+    /// Encoded bytes buffered for one connection before deliveries queue in the
+    /// session instead (slow consumers).
+    pub write_buffer_bytes_max: usize,
+    /// Whether QoS 0 messages are queued for disconnected persistent sessions.
+    pub queue_qos0_offline: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            packet_size_bytes_max: 1024 * 1024,
+            inflight_count_max: 32,
+            receive_maximum: 32,
+            queued_count_max: 1000,
+            subscriptions_count_max: 100,
+            topic_levels_max: TOPIC_LEVELS_MAX,
+            topic_alias_max: 64,
+            keep_alive_s_max: u16::MAX,
+            write_buffer_bytes_max: 256 * 1024,
+            queue_qos0_offline: false,
+        }
+    }
+}
+
+/// Shard-local counters, merged across shards when metrics are scraped.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Connections accepted (CONNACK success).
+    pub connects_accepted: u64,
+    /// Connections refused at CONNECT.
+    pub connects_refused: u64,
+    /// PUBLISH packets received from clients.
+    pub publishes_received: u64,
+    /// PUBLISH packets written to clients.
+    pub publishes_sent: u64,
+    /// Publications forwarded to other shards (one per destination shard).
+    pub forwards_sent: u64,
+    /// Deliveries dropped because a session queue was full.
+    pub dropped_queue_full: u64,
+    /// QoS 0 deliveries dropped for a disconnected session.
+    pub dropped_qos0_offline: u64,
+    /// Deliveries dropped because they exceed the client's Maximum Packet Size.
+    pub dropped_too_large: u64,
+    /// Deliveries dropped because the message expired.
+    pub dropped_expired: u64,
+    /// Connections closed for a protocol violation.
+    pub protocol_errors: u64,
+    /// Sessions expired while disconnected.
+    pub sessions_expired: u64,
+}
+
+/// Why a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent DISCONNECT (the will is discarded unless v5 reason 0x04).
+    ClientDisconnect,
+    /// The socket failed or the peer closed it without DISCONNECT.
+    ConnectionLost,
+    /// No packet within 1.5 times the keep alive.
+    KeepAliveTimeout,
+    /// Another connection took over the ClientID.
+    TakenOver,
+    /// The client broke the protocol; v5 clients are told the reason.
+    ProtocolError(ReasonCode),
+    /// CONNECT was refused with this CONNACK reason.
+    Refused(ReasonCode),
+    /// The broker is shutting down.
+    ServerShutdown,
+}
+
+/// The byte stream the driver writes to one connection's socket.
+#[derive(Debug, Default)]
+pub struct ConnOutput {
+    /// Encoded packets not yet written.
+    pub buf: BytesMut,
+    /// Set when the connection must close once `buf` is written.
+    pub close: Option<CloseReason>,
+    /// Woken when `buf` or `close` change.
+    pub waker: Option<Waker>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    /// Unique per connection on this shard; detects a reused slot.
+    serial: u64,
+    session: SessionIdx,
+    version: ProtocolVersion,
+    keep_alive_s: u16,
+    last_packet_ms: u64,
+    /// The client's Receive Maximum: outbound in-flight window.
+    client_receive_max: u16,
+    /// The client's Maximum Packet Size.
+    client_packet_size_max: u32,
+    /// v5 inbound topic aliases, index = alias - 1.
+    aliases: Vec<Option<Str>>,
+    /// Whether the connection ended at the protocol level (driver still flushing).
+    ended: bool,
+    out: ConnOutput,
+}
+
+/// A SUBACK held until every shard acknowledged the new routes.
+#[derive(Debug)]
+struct PendingSubAck {
+    conn: ConnId,
+    serial: u64,
+    acks_missing: usize,
+    suback: SubAck,
+    retained: Vec<Delivery>,
+}
+
+#[derive(Debug)]
+struct RetainedEntry {
+    message: Option<Message>,
+    stamp: (u64, ShardId),
+    /// When a clear was applied; tombstones are dropped after a while.
+    cleared_at_ms: u64,
+}
+
+/// A v5 will waiting for its Will Delay Interval (section 3.1.3.2.2) while
+/// its session lives on without a connection.
+#[derive(Debug)]
+struct DelayedWill {
+    /// When to publish: the delay or the session's end, whichever is first.
+    due_ms: u64,
+    will: Will,
+    origin: SessionUid,
+}
+
+/// Tombstones of cleared retained messages are kept this long so a late,
+/// older update from another shard cannot resurrect the message.
+const RETAINED_TOMBSTONE_MS: u64 = 60_000;
+
+/// The state machine of one shard.
+#[derive(Debug)]
+pub struct Engine {
+    shard: ShardId,
+    shard_count: usize,
+    limits: Limits,
+    sessions: Vec<Option<Session>>,
+    free_sessions: Vec<SessionIdx>,
+    by_client_id: HashMap<Str, SessionIdx>,
+    session_counter: u64,
+    conns: Vec<Option<Conn>>,
+    free_conns: Vec<ConnId>,
+    conn_serial: u64,
+    /// Local subscriptions: filter -> sessions on this shard.
+    subscriptions: Trie<SessionIdx, SubscriptionEntry>,
+    /// Route table replica: filter -> shards with subscribers.
+    routes: Trie<ShardId, ()>,
+    /// Retained table replica: topic -> message.
+    retained: HashMap<Str, RetainedEntry>,
+    retained_clock_ms: u64,
+    pending_subacks: HashMap<u64, PendingSubAck>,
+    /// Filters whose route add other shards have not all acknowledged yet, with
+    /// the token of the SUBSCRIBE that sent it. Only with several shards.
+    routes_unacked: HashMap<Str, u64>,
+    /// Pending SUBACKs (tokens) held until another token's routes are acked.
+    suback_dependents: HashMap<u64, Vec<u64>>,
+    /// Wills of disconnected sessions waiting for their Will Delay Interval;
+    /// at most one per session, so bounded by the session count.
+    delayed_wills: HashMap<SessionIdx, DelayedWill>,
+    next_token: u64,
+    outbox: Vec<Vec<MeshMsg>>,
+    matches: Vec<(SessionIdx, SubscriptionEntry)>,
+    shard_set: ShardSet,
+    stats: Stats,
+}
+
+fn delivery_qos(published: QoS, granted: QoS) -> QoS {
+    published.min(granted)
+}
+
+impl Engine {
+    /// The engine of shard `shard` of `shard_count`.
+    pub fn new(shard: ShardId, shard_count: usize, limits: Limits) -> Engine {
+        assert!(
+            usize::from(shard) < shard_count,
+            "shard {shard} of {shard_count}"
+        );
+        assert!(limits.inflight_count_max >= 1 && limits.receive_maximum >= 1);
+        Engine {
+            shard,
+            shard_count,
+            limits,
+            sessions: Vec::new(),
+            free_sessions: Vec::new(),
+            by_client_id: HashMap::new(),
+            session_counter: 0,
+            conns: Vec::new(),
+            free_conns: Vec::new(),
+            conn_serial: 0,
+            subscriptions: Trie::new(),
+            routes: Trie::new(),
+            retained: HashMap::new(),
+            retained_clock_ms: 0,
+            pending_subacks: HashMap::new(),
+            routes_unacked: HashMap::new(),
+            suback_dependents: HashMap::new(),
+            delayed_wills: HashMap::new(),
+            next_token: 1,
+            outbox: (0..shard_count).map(|_| Vec::new()).collect(),
+            matches: Vec::new(),
+            shard_set: ShardSet::default(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// This shard's index.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Connected clients.
+    pub fn connection_count(&self) -> usize {
+        self.conns.iter().flatten().filter(|c| !c.ended).count()
+    }
+
+    /// Sessions, connected or not.
+    pub fn session_count(&self) -> usize {
+        self.by_client_id.len()
+    }
+
+    /// Subscriptions on this shard.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// Retained messages (this shard's replica).
+    pub fn retained_count(&self) -> usize {
+        self.retained
+            .values()
+            .filter(|e| e.message.is_some())
+            .count()
+    }
+
+    /// The output of a connection, for the driver to write.
+    pub fn output(&mut self, conn: ConnId) -> Option<&mut ConnOutput> {
+        self.conns
+            .get_mut(conn as usize)?
+            .as_mut()
+            .map(|c| &mut c.out)
+    }
+
+    /// Takes the mesh messages produced since the last call, per destination.
+    pub fn drain_outbox(&mut self, mut f: impl FnMut(ShardId, Vec<MeshMsg>)) {
+        for (to, batch) in self.outbox.iter_mut().enumerate() {
+            if !batch.is_empty() {
+                f(to as ShardId, std::mem::take(batch));
+            }
+        }
+    }
+
+    /// Whether any mesh message waits in the outbox.
+    pub fn has_outbox(&self) -> bool {
+        self.outbox.iter().any(|b| !b.is_empty())
+    }
+
+    // ------------------------------------------------------------------
+    // Connection lifecycle
+
+    /// Accepts a decoded CONNECT whose ClientID this shard owns. `assigned` is
+    /// true when the ClientID was empty and the driver chose it. Returns the
+    /// connection; its output holds the CONNACK, and `close` is set when the
+    /// CONNECT was refused.
+    pub fn connect(&mut self, now_ms: u64, connect: Connect, assigned: bool) -> ConnId {
+        let conn = self.new_conn(now_ms, &connect);
+        let version = connect.version;
+        let refuse = self.connect_refusal(&connect, assigned);
+        if let Some(rc) = refuse {
+            self.stats.connects_refused += 1;
+            let ack = ConnAck {
+                session_present: false,
+                reason_code: rc,
+                properties: ConnAckProperties::default(),
+            };
+            self.write_packet(conn, &Packet::ConnAck(ack));
+            self.end_conn(now_ms, conn, CloseReason::Refused(rc));
+            return conn;
+        }
+
+        // Takeover and session resumption.
+        let existing = self.by_client_id.get(&connect.client_id).copied();
+        if let Some(idx) = existing
+            && let Some(old) = self.session(idx).conn
+        {
+            if self.conn(old).version.is_v5() {
+                self.write_packet(
+                    old,
+                    &Packet::Disconnect(Disconnect::new(ReasonCode::SessionTakenOver)),
+                );
+            }
+            self.end_conn(now_ms, old, CloseReason::TakenOver);
+        }
+        // Ending the old connection may have destroyed a non-persistent session.
+        let existing = self.by_client_id.get(&connect.client_id).copied();
+        // A delayed will is dropped when the session resumes within the delay
+        // [MQTT-3.1.3-9] and published when Clean Start ends the session.
+        if let Some(d) = existing.and_then(|idx| self.delayed_wills.remove(&idx))
+            && connect.clean_start
+        {
+            self.publish_will(now_ms, d.will, d.origin);
+        }
+        let (idx, session_present) = match existing {
+            Some(idx) if !connect.clean_start => (idx, true),
+            Some(idx) => {
+                self.destroy_session(idx);
+                (self.new_session(&connect), false)
+            }
+            None => (self.new_session(&connect), false),
+        };
+
+        let expiry = if version.is_v5() {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let keep_alive_max = self.limits.keep_alive_s_max;
+        let server_keep_alive =
+            (version.is_v5() && connect.keep_alive > keep_alive_max).then_some(keep_alive_max);
+        {
+            let c = self.conn_mut(conn);
+            c.session = idx;
+            if let Some(k) = server_keep_alive {
+                c.keep_alive_s = k;
+            }
+        }
+        let s = self.session_mut(idx);
+        s.conn = Some(conn);
+        s.version = version;
+        s.expiry_interval_s = expiry;
+        s.disconnected_at_ms = None;
+        s.will = connect.will.clone();
+
+        let mut props = ConnAckProperties::default();
+        if version.is_v5() {
+            props.receive_maximum = Some(self.limits.receive_maximum);
+            props.maximum_packet_size = Some(self.limits.packet_size_bytes_max);
+            props.topic_alias_maximum = Some(self.limits.topic_alias_max);
+            props.retain_available = Some(true);
+            props.wildcard_subscription_available = Some(true);
+            props.subscription_identifiers_available = Some(true);
+            props.shared_subscription_available = Some(false);
+            props.server_keep_alive = server_keep_alive;
+            if assigned {
+                props.assigned_client_identifier = Some(connect.client_id.clone());
+            }
+        }
+        let ack = ConnAck {
+            session_present,
+            reason_code: ReasonCode::Success,
+            properties: props,
+        };
+        self.write_packet(conn, &Packet::ConnAck(ack));
+        self.stats.connects_accepted += 1;
+        self.resend_inflight(now_ms, idx);
+        self.pump(now_ms, idx);
+        conn
+    }
+
+    fn connect_refusal(&self, connect: &Connect, assigned: bool) -> Option<ReasonCode> {
+        // [MQTT-3.1.3-8]: 3.1.1 refuses an empty ClientID with Clean Session 0.
+        if assigned && !connect.version.is_v5() && !connect.clean_start {
+            return Some(ReasonCode::ClientIdentifierNotValid);
+        }
+        if let Some(w) = &connect.will
+            && topic::validate_topic_name(&w.topic, self.limits.topic_levels_max).is_err()
+        {
+            return Some(ReasonCode::TopicNameInvalid);
+        }
+        None
+    }
+
+    fn new_conn(&mut self, now_ms: u64, connect: &Connect) -> ConnId {
+        self.conn_serial += 1;
+        let conn = Conn {
+            serial: self.conn_serial,
+            session: SessionIdx::MAX,
+            version: connect.version,
+            keep_alive_s: connect.keep_alive,
+            last_packet_ms: now_ms,
+            client_receive_max: connect.properties.receive_maximum.unwrap_or(u16::MAX),
+            client_packet_size_max: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
+            aliases: Vec::new(),
+            ended: false,
+            out: ConnOutput::default(),
+        };
+        match self.free_conns.pop() {
+            Some(id) => {
+                self.conns[id as usize] = Some(conn);
+                id
+            }
+            None => {
+                self.conns.push(Some(conn));
+                (self.conns.len() - 1) as ConnId
+            }
+        }
+    }
+
+    fn new_session(&mut self, connect: &Connect) -> SessionIdx {
+        self.session_counter += 1;
+        let uid = SessionUid::new(self.shard, self.session_counter);
+        let s = Session::new(connect.client_id.clone(), uid, connect.version);
+        let idx = match self.free_sessions.pop() {
+            Some(i) => {
+                self.sessions[i as usize] = Some(s);
+                i
+            }
+            None => {
+                self.sessions.push(Some(s));
+                (self.sessions.len() - 1) as SessionIdx
+            }
+        };
+        self.by_client_id.insert(connect.client_id.clone(), idx);
+        idx
+    }
+
+    fn destroy_session(&mut self, idx: SessionIdx) {
+        let s = self.sessions[idx as usize]
+            .take()
+            .expect("destroying a live session");
+        debug_assert!(s.conn.is_none());
+        for filter in s.subscriptions.keys() {
+            self.remove_local_subscription(filter, idx);
+        }
+        self.by_client_id.remove(&s.client_id);
+        self.free_sessions.push(idx);
+    }
+
+    /// The socket of `conn` failed or closed without DISCONNECT.
+    pub fn connection_lost(&mut self, now_ms: u64, conn: ConnId) {
+        self.end_conn(now_ms, conn, CloseReason::ConnectionLost);
+    }
+
+    /// Ends the protocol side of a connection: publishes the will when the end is
+    /// abnormal, detaches the session and destroys it when it does not persist.
+    /// Idempotent. The driver still flushes the output and then calls `release`.
+    fn end_conn(&mut self, now_ms: u64, conn: ConnId, reason: CloseReason) {
+        let Some(c) = self.conns.get_mut(conn as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if c.ended {
+            return;
+        }
+        c.ended = true;
+        if c.out.close.is_none() {
+            c.out.close = Some(reason);
+        }
+        if let Some(w) = c.out.waker.take() {
+            w.wake();
+        }
+        let idx = c.session;
+        if idx == SessionIdx::MAX {
+            return; // refused at CONNECT: no session attached
+        }
+        let s = self.session_mut(idx);
+        if s.conn != Some(conn) {
+            return;
+        }
+        s.conn = None;
+        s.disconnected_at_ms = Some(now_ms);
+        let will = s.will.take();
+        let persistent = s.is_persistent();
+        let (origin, expiry_s) = (s.uid, s.expiry_interval_s);
+        let publish_will = !matches!(reason, CloseReason::ClientDisconnect);
+        if let (Some(w), true) = (will, publish_will) {
+            // A v5 Will Delay Interval defers the will while the session lives:
+            // until the delay passes or the session ends, whichever is first.
+            let delay_s = w.properties.will_delay_interval.unwrap_or(0).min(expiry_s);
+            if persistent && delay_s > 0 {
+                let due_ms = now_ms + u64::from(delay_s) * 1000;
+                self.delayed_wills.insert(
+                    idx,
+                    DelayedWill {
+                        due_ms,
+                        will: w,
+                        origin,
+                    },
+                );
+            } else {
+                self.publish_will(now_ms, w, origin);
+            }
+        }
+        if !persistent {
+            self.destroy_session(idx);
+        }
+    }
+
+    /// Publishes a will message now.
+    fn publish_will(&mut self, now_ms: u64, w: Will, origin: SessionUid) {
+        let msg = Message {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            properties: will_properties(&w.properties),
+            expires_at_ms: w
+                .properties
+                .message_expiry_interval
+                .map(|s| now_ms + u64::from(s) * 1000),
+            origin: Some(origin),
+        };
+        self.publish(now_ms, msg);
+    }
+
+    /// Frees the slot of a connection the driver has finished with. Ends it first
+    /// if the protocol side is still open (e.g. the socket died).
+    pub fn release(&mut self, now_ms: u64, conn: ConnId) {
+        self.end_conn(now_ms, conn, CloseReason::ConnectionLost);
+        if let Some(slot) = self.conns.get_mut(conn as usize)
+            && slot.take().is_some()
+        {
+            self.free_conns.push(conn);
+        }
+    }
+
+    /// Whether the protocol side of `conn` has ended (the driver should stop
+    /// reading and close after flushing).
+    pub fn is_ended(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(conn as usize)
+            .and_then(Option::as_ref)
+            .is_none_or(|c| c.ended)
+    }
+
+    /// The protocol version of a connection.
+    pub fn version(&self, conn: ConnId) -> Option<ProtocolVersion> {
+        self.conns
+            .get(conn as usize)
+            .and_then(Option::as_ref)
+            .map(|c| c.version)
+    }
+
+    /// The driver wrote the connection's buffer to the socket: move queued
+    /// deliveries into the freed space.
+    pub fn flushed(&mut self, now_ms: u64, conn: ConnId) {
+        let Some(c) = self.conns.get(conn as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        if !c.ended && c.session != SessionIdx::MAX {
+            let idx = c.session;
+            self.pump(now_ms, idx);
+        }
+    }
+
+    /// Ends connections silent for 1.5 times their keep alive, publishes delayed
+    /// wills that are due, expires sessions, and drops old retained tombstones.
+    /// Call about once a second.
+    pub fn tick(&mut self, now_ms: u64) {
+        let mut expired_conns = Vec::new();
+        for (id, c) in self.conns.iter().enumerate() {
+            if let Some(c) = c
+                && !c.ended
+                && c.keep_alive_s > 0
+                && now_ms >= c.last_packet_ms + u64::from(c.keep_alive_s) * 1500
+            {
+                expired_conns.push(id as ConnId);
+            }
+        }
+        for conn in expired_conns {
+            if self.conn(conn).version.is_v5() {
+                self.write_packet(
+                    conn,
+                    &Packet::Disconnect(Disconnect::new(ReasonCode::KeepAliveTimeout)),
+                );
+            }
+            self.end_conn(now_ms, conn, CloseReason::KeepAliveTimeout);
+        }
+        let mut due: Vec<SessionIdx> = self
+            .delayed_wills
+            .iter()
+            .filter(|(_, d)| now_ms >= d.due_ms)
+            .map(|(idx, _)| *idx)
+            .collect();
+        due.sort_unstable(); // HashMap order is random; keep runs reproducible
+        for idx in due {
+            let d = self.delayed_wills.remove(&idx).expect("due will present");
+            self.publish_will(now_ms, d.will, d.origin);
+        }
+        let expired_sessions: Vec<SessionIdx> = self
+            .sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                s.as_ref()
+                    .filter(|s| s.is_expired(now_ms))
+                    .map(|_| i as SessionIdx)
+            })
+            .collect();
+        for idx in expired_sessions {
+            // A will is due no later than its session's end, so none is left.
+            assert!(
+                !self.delayed_wills.contains_key(&idx),
+                "delayed will outlived its session"
+            );
+            self.stats.sessions_expired += 1;
+            self.destroy_session(idx);
+        }
+        self.retained
+            .retain(|_, e| e.message.is_some() || now_ms < e.cleared_at_ms + RETAINED_TOMBSTONE_MS);
+    }
+
+    /// Ends every connection for shutdown (v5 clients get DISCONNECT 0x8B).
+    pub fn shutdown(&mut self, now_ms: u64) {
+        let live: Vec<ConnId> = (0..self.conns.len() as ConnId)
+            .filter(|c| !self.is_ended(*c))
+            .collect();
+        for conn in live {
+            if self.conn(conn).version.is_v5() {
+                self.write_packet(
+                    conn,
+                    &Packet::Disconnect(Disconnect::new(ReasonCode::ServerShuttingDown)),
+                );
+            }
+            // A shutdown is not the client's fault: wills stay unpublished only
+            // for a clean DISCONNECT, so treat it like the server closing.
+            self.end_conn(now_ms, conn, CloseReason::ServerShutdown);
+        }
+        // Sessions live in memory only, so they all end here: delayed wills
+        // are due now (section 3.1.3.2.2).
+        let mut delayed: Vec<(SessionIdx, DelayedWill)> = self.delayed_wills.drain().collect();
+        delayed.sort_unstable_by_key(|(idx, _)| *idx);
+        for (_, d) in delayed {
+            self.publish_will(now_ms, d.will, d.origin);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Packets from clients
+
+    /// Handles one packet decoded from connection `conn`.
+    pub fn handle_packet(&mut self, now_ms: u64, conn: ConnId, packet: Packet) {
+        let Some(c) = self.conns.get_mut(conn as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if c.ended {
+            return;
+        }
+        c.last_packet_ms = now_ms;
+        let idx = c.session;
+        match packet {
+            Packet::Publish(p) => self.on_publish(now_ms, conn, idx, p),
+            Packet::PubAck(p) => self.on_puback(now_ms, idx, p.packet_id),
+            Packet::PubRec(p) => self.on_pubrec(now_ms, conn, idx, p),
+            Packet::PubRel(p) => self.on_pubrel(conn, idx, p.packet_id),
+            Packet::PubComp(p) => self.on_pubcomp(now_ms, idx, p.packet_id),
+            Packet::Subscribe(s) => self.on_subscribe(now_ms, conn, idx, s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(conn, idx, u),
+            Packet::PingReq => self.write_packet(conn, &Packet::PingResp),
+            Packet::Disconnect(d) => self.on_disconnect(now_ms, conn, idx, d),
+            // A second CONNECT [MQTT-3.1.0-2], server-only packets, or AUTH without
+            // an authentication method in CONNECT.
+            Packet::Connect(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp
+            | Packet::Auth(_) => self.protocol_error(now_ms, conn, ReasonCode::ProtocolError),
+        }
+    }
+
+    /// The codec rejected the connection's input: tell a v5 client why and end.
+    pub fn decode_error(&mut self, now_ms: u64, conn: ConnId, reason: ReasonCode) {
+        self.protocol_error(now_ms, conn, reason);
+    }
+
+    fn protocol_error(&mut self, now_ms: u64, conn: ConnId, reason: ReasonCode) {
+        self.stats.protocol_errors += 1;
+        if self.conn(conn).version.is_v5() {
+            self.write_packet(conn, &Packet::Disconnect(Disconnect::new(reason)));
+        }
+        self.end_conn(now_ms, conn, CloseReason::ProtocolError(reason));
+    }
+
+    fn on_publish(&mut self, now_ms: u64, conn: ConnId, idx: SessionIdx, mut p: Publish) {
+        self.stats.publishes_received += 1;
+        let version = self.conn(conn).version;
+        // Resolve v5 topic aliases (section 3.3.2.3.4).
+        if let Some(alias) = p.properties.topic_alias.take() {
+            let max = self.limits.topic_alias_max;
+            if alias > max {
+                return self.protocol_error(now_ms, conn, ReasonCode::TopicAliasInvalid);
+            }
+            let slot = usize::from(alias - 1);
+            let c = self.conn_mut(conn);
+            if c.aliases.len() <= slot {
+                c.aliases.resize(slot + 1, None);
+            }
+            if p.topic.is_empty() {
+                match &c.aliases[slot] {
+                    Some(t) => p.topic = t.clone(),
+                    None => return self.protocol_error(now_ms, conn, ReasonCode::ProtocolError),
+                }
+            } else {
+                c.aliases[slot] = Some(p.topic.clone());
+            }
+        }
+        if topic::validate_topic_name(&p.topic, self.limits.topic_levels_max).is_err() {
+            return self.protocol_error(now_ms, conn, ReasonCode::TopicNameInvalid);
+        }
+        if p.qos == QoS::ExactlyOnce {
+            let receive_maximum = usize::from(self.limits.receive_maximum);
+            let s = self.session_mut(idx);
+            if s.inbound_qos2.contains(&p.packet_id) {
+                // A re-sent PUBLISH before PUBREL: acknowledge, do not deliver again.
+                self.write_packet(conn, &Packet::PubRec(PubRec::new(p.packet_id)));
+                return;
+            }
+            if s.inbound_qos2.len() >= receive_maximum {
+                return self.protocol_error(now_ms, conn, ReasonCode::ReceiveMaximumExceeded);
+            }
+            s.inbound_qos2.push(p.packet_id);
+        }
+        let uid = self.session(idx).uid;
+        let (qos, packet_id) = (p.qos, p.packet_id);
+        let msg = message_from_publish(now_ms, p, uid, version);
+        self.publish(now_ms, msg);
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.write_packet(conn, &Packet::PubAck(PubAck::new(packet_id))),
+            QoS::ExactlyOnce => self.write_packet(conn, &Packet::PubRec(PubRec::new(packet_id))),
+        }
+    }
+
+    fn on_puback(&mut self, now_ms: u64, idx: SessionIdx, packet_id: u16) {
+        let s = self.session_mut(idx);
+        if let Some(pos) = s.inflight_position(packet_id)
+            && s.inflight[pos].state == InflightState::Published
+            && s.inflight[pos].delivery.qos == QoS::AtLeastOnce
+        {
+            s.inflight.remove(pos);
+            self.pump(now_ms, idx);
+        }
+    }
+
+    fn on_pubrec(&mut self, now_ms: u64, conn: ConnId, idx: SessionIdx, p: PubRec) {
+        let s = self.session_mut(idx);
+        let Some(pos) = s.inflight_position(p.packet_id) else {
+            let mut rel = PubRel::new(p.packet_id);
+            rel.reason_code = ReasonCode::PacketIdentifierNotFound;
+            return self.write_packet(conn, &Packet::PubRel(rel));
+        };
+        if p.reason_code.is_error() {
+            // v5: the receiver refused the message; the exchange ends here.
+            s.inflight.remove(pos);
+            return self.pump(now_ms, idx);
+        }
+        s.inflight[pos].state = InflightState::Released;
+        self.write_packet(conn, &Packet::PubRel(PubRel::new(p.packet_id)));
+    }
+
+    fn on_pubrel(&mut self, conn: ConnId, idx: SessionIdx, packet_id: u16) {
+        let s = self.session_mut(idx);
+        let mut comp = PubComp::new(packet_id);
+        match s.inbound_qos2.iter().position(|id| *id == packet_id) {
+            Some(pos) => {
+                s.inbound_qos2.swap_remove(pos);
+            }
+            None => comp.reason_code = ReasonCode::PacketIdentifierNotFound,
+        }
+        self.write_packet(conn, &Packet::PubComp(comp));
+    }
+
+    fn on_pubcomp(&mut self, now_ms: u64, idx: SessionIdx, packet_id: u16) {
+        let s = self.session_mut(idx);
+        if let Some(pos) = s.inflight_position(packet_id)
+            && s.inflight[pos].state == InflightState::Released
+        {
+            s.inflight.remove(pos);
+            self.pump(now_ms, idx);
+        }
+    }
+
+    fn on_subscribe(&mut self, now_ms: u64, conn: ConnId, idx: SessionIdx, sub: Subscribe) {
+        let version = self.conn(conn).version;
+        let sub_id = sub.properties.subscription_identifier;
+        let mut reason_codes = Vec::with_capacity(sub.subscriptions.len());
+        let mut new_routes = 0usize;
+        let mut waits_on: Vec<u64> = Vec::new();
+        let token = self.next_token;
+        let mut retained = Vec::new();
+        for s in &sub.subscriptions {
+            let filter = &s.filter;
+            let refusal = if topic::is_shared(filter) {
+                // Shared subscriptions are not served yet; CONNACK says so to v5.
+                Some(ReasonCode::SharedSubscriptionsNotSupported)
+            } else if topic::validate_topic_filter(filter, self.limits.topic_levels_max).is_err() {
+                Some(ReasonCode::TopicFilterInvalid)
+            } else {
+                let sess = self.session(idx);
+                let exists = sess.subscriptions.contains_key(filter);
+                (!exists && sess.subscriptions.len() >= self.limits.subscriptions_count_max)
+                    .then_some(ReasonCode::QuotaExceeded)
+            };
+            if let Some(rc) = refusal {
+                reason_codes.push(rc);
+                continue;
+            }
+            let entry = SubscriptionEntry {
+                options: s.options,
+                subscription_id: sub_id,
+            };
+            let existed = self
+                .session_mut(idx)
+                .subscriptions
+                .insert(filter.clone(), entry)
+                .is_some();
+            let before = self.subscriptions.filter_len(filter);
+            self.subscriptions.insert(filter, idx, entry);
+            if before == 0 {
+                new_routes += 1;
+                self.route_add(filter.clone(), Some(token));
+                if self.shard_count > 1 {
+                    self.routes_unacked.insert(filter.clone(), token);
+                }
+            } else if let Some(&earlier) = self.routes_unacked.get(filter)
+                && earlier != token
+                && !waits_on.contains(&earlier)
+            {
+                // Another session's SUBSCRIBE added this filter's route and
+                // other shards may not know it yet: a message published there
+                // after this SUBACK would miss this shard.
+                waits_on.push(earlier);
+            }
+            reason_codes.push(match s.options.qos {
+                QoS::AtMostOnce => ReasonCode::Success,
+                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+            });
+            // Retained messages for the new subscription (section 3.3.1.3).
+            let send_retained = match s.options.retain_handling {
+                tessera_proto::RetainHandling::SendAtSubscribe => true,
+                tessera_proto::RetainHandling::SendIfNew => !existed,
+                tessera_proto::RetainHandling::DoNotSend => false,
+            };
+            if send_retained {
+                self.collect_retained(now_ms, filter, entry, &mut retained);
+            }
+        }
+        let suback = SubAck {
+            packet_id: sub.packet_id,
+            properties: AckProperties::default(),
+            reason_codes: reason_codes
+                .into_iter()
+                .map(|rc| {
+                    if version.is_v5() || !rc.is_error() {
+                        rc
+                    } else {
+                        ReasonCode::UnspecifiedError
+                    }
+                })
+                .collect(),
+        };
+        let acks_missing = new_routes * (self.shard_count - 1) + waits_on.len();
+        if acks_missing == 0 {
+            self.finish_subscribe(now_ms, conn, idx, suback, retained);
+        } else {
+            self.next_token += 1;
+            for earlier in waits_on {
+                self.suback_dependents
+                    .entry(earlier)
+                    .or_default()
+                    .push(token);
+            }
+            let serial = self.conn(conn).serial;
+            self.pending_subacks.insert(
+                token,
+                PendingSubAck {
+                    conn,
+                    serial,
+                    acks_missing,
+                    suback,
+                    retained,
+                },
+            );
+        }
+    }
+
+    fn finish_subscribe(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        idx: SessionIdx,
+        suback: SubAck,
+        retained: Vec<Delivery>,
+    ) {
+        self.write_packet(conn, &Packet::SubAck(suback));
+        for d in retained {
+            self.enqueue(now_ms, idx, d);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, conn: ConnId, idx: SessionIdx, u: Unsubscribe) {
+        let mut reason_codes = Vec::with_capacity(u.filters.len());
+        for filter in &u.filters {
+            if self.session_mut(idx).subscriptions.remove(filter).is_some() {
+                self.remove_local_subscription(filter, idx);
+                reason_codes.push(ReasonCode::Success);
+            } else {
+                reason_codes.push(ReasonCode::NoSubscriptionExisted);
+            }
+        }
+        let ack = UnsubAck {
+            packet_id: u.packet_id,
+            properties: AckProperties::default(),
+            reason_codes,
+        };
+        self.write_packet(conn, &Packet::UnsubAck(ack));
+    }
+
+    fn on_disconnect(&mut self, now_ms: u64, conn: ConnId, idx: SessionIdx, d: Disconnect) {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            // [MQTT-3.14.2-2]: a session that expired at close cannot be revived.
+            if self.session(idx).expiry_interval_s == 0 && expiry != 0 {
+                return self.protocol_error(now_ms, conn, ReasonCode::ProtocolError);
+            }
+            self.session_mut(idx).expiry_interval_s = expiry;
+        }
+        let reason = if d.reason_code == ReasonCode::DisconnectWithWillMessage {
+            CloseReason::ConnectionLost // publish the will, as an abnormal close would
+        } else {
+            CloseReason::ClientDisconnect
+        };
+        self.end_conn(now_ms, conn, reason);
+        if let Some(c) = self.conns.get_mut(conn as usize).and_then(Option::as_mut) {
+            c.out.close = Some(CloseReason::ClientDisconnect);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Routing
+
+    /// Publishes a message from this shard: retained handling, then delivery to
+    /// every shard whose routes match (this one included).
+    pub fn publish(&mut self, now_ms: u64, msg: Message) {
+        if msg.retain {
+            self.retained_clock_ms = self
+                .retained_clock_ms
+                .max(now_ms)
+                .max(self.retained_clock_ms + 1);
+            let stamp = (self.retained_clock_ms, self.shard);
+            let message = (!msg.payload.is_empty()).then(|| msg.clone());
+            self.apply_retain(now_ms, msg.topic.clone(), message.clone(), stamp);
+            for to in 0..self.shard_count as ShardId {
+                if to != self.shard {
+                    self.outbox[usize::from(to)].push(MeshMsg::Retain {
+                        topic: msg.topic.clone(),
+                        message: message.clone(),
+                        stamp,
+                    });
+                }
+            }
+        }
+        let mut set = std::mem::take(&mut self.shard_set);
+        set.clear();
+        route_match(&self.routes, &msg.topic, &mut set);
+        for to in set.iter() {
+            if to == self.shard {
+                continue;
+            }
+            self.stats.forwards_sent += 1;
+            self.outbox[usize::from(to)].push(MeshMsg::Publish(msg.clone()));
+        }
+        let local = set.contains(self.shard);
+        self.shard_set = set;
+        if local {
+            self.deliver_local(now_ms, &msg);
+        }
+    }
+
+    /// Handles one message from shard `from`.
+    pub fn handle_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Publish(m) => self.deliver_local(now_ms, &m),
+            MeshMsg::RouteAdd { filter, shard, ack } => {
+                self.routes.insert(&filter, shard, ());
+                if let Some(token) = ack {
+                    self.outbox[usize::from(from)].push(MeshMsg::RouteAck { token });
+                }
+            }
+            MeshMsg::RouteRemove { filter, shard } => {
+                self.routes.remove(&filter, shard);
+            }
+            MeshMsg::RouteAck { token } => self.on_route_ack(now_ms, token),
+            MeshMsg::Retain {
+                topic,
+                message,
+                stamp,
+            } => {
+                self.retained_clock_ms = self.retained_clock_ms.max(stamp.0);
+                self.apply_retain(now_ms, topic, message, stamp);
+            }
+        }
+    }
+
+    fn on_route_ack(&mut self, now_ms: u64, token: u64) {
+        // A completed token releases the SUBACKs that waited on its routes:
+        // a worklist, not recursion.
+        let mut acked = vec![token];
+        while let Some(token) = acked.pop() {
+            let Some(p) = self.pending_subacks.get_mut(&token) else {
+                continue;
+            };
+            p.acks_missing -= 1;
+            if p.acks_missing > 0 {
+                continue;
+            }
+            let p = self
+                .pending_subacks
+                .remove(&token)
+                .expect("pending SUBACK present");
+            self.routes_unacked.retain(|_, t| *t != token);
+            acked.extend(self.suback_dependents.remove(&token).unwrap_or_default());
+            let live = self
+                .conns
+                .get(p.conn as usize)
+                .and_then(Option::as_ref)
+                .filter(|c| c.serial == p.serial && !c.ended)
+                .map(|c| c.session);
+            if let Some(idx) = live {
+                self.finish_subscribe(now_ms, p.conn, idx, p.suback, p.retained);
+            }
+        }
+    }
+
+    fn route_add(&mut self, filter: Str, ack: Option<u64>) {
+        self.routes.insert(&filter, self.shard, ());
+        for to in 0..self.shard_count as ShardId {
+            if to != self.shard {
+                let msg = MeshMsg::RouteAdd {
+                    filter: filter.clone(),
+                    shard: self.shard,
+                    ack,
+                };
+                self.outbox[usize::from(to)].push(msg);
+            }
+        }
+    }
+
+    fn remove_local_subscription(&mut self, filter: &Str, idx: SessionIdx) {
+        self.subscriptions.remove(filter, idx);
+        if self.subscriptions.filter_len(filter) == 0 {
+            self.routes.remove(filter, self.shard);
+            for to in 0..self.shard_count as ShardId {
+                if to != self.shard {
+                    let msg = MeshMsg::RouteRemove {
+                        filter: filter.clone(),
+                        shard: self.shard,
+                    };
+                    self.outbox[usize::from(to)].push(msg);
+                }
+            }
+        }
+    }
+
+    fn apply_retain(
+        &mut self,
+        now_ms: u64,
+        topic: Str,
+        message: Option<Message>,
+        stamp: (u64, ShardId),
+    ) {
+        match self.retained.get_mut(&topic) {
+            Some(e) if e.stamp >= stamp => {}
+            Some(e) => {
+                e.message = message;
+                e.stamp = stamp;
+                e.cleared_at_ms = now_ms;
+            }
+            None => {
+                self.retained.insert(
+                    topic,
+                    RetainedEntry {
+                        message,
+                        stamp,
+                        cleared_at_ms: now_ms,
+                    },
+                );
+            }
+        }
+    }
+
+    fn collect_retained(
+        &self,
+        now_ms: u64,
+        filter: &str,
+        entry: SubscriptionEntry,
+        out: &mut Vec<Delivery>,
+    ) {
+        let mut push = |m: &Message| {
+            if m.is_expired(now_ms) {
+                return;
+            }
+            out.push(Delivery {
+                message: m.clone(),
+                qos: delivery_qos(m.qos, entry.options.qos),
+                // [MQTT-3.3.1-8]: retained messages sent on subscribe carry RETAIN 1.
+                retain: true,
+                subscription_ids: entry.subscription_id.into_iter().collect(),
+            });
+        };
+        if topic::has_wildcards(filter) {
+            for (t, e) in &self.retained {
+                if let Some(m) = &e.message
+                    && topic::matches(filter, t)
+                {
+                    push(m);
+                }
+            }
+        } else if let Some(m) = self
+            .retained
+            .get(filter.as_bytes())
+            .and_then(|e| e.message.as_ref())
+        {
+            push(m);
+        }
+    }
+
+    fn deliver_local(&mut self, now_ms: u64, msg: &Message) {
+        let mut matches = std::mem::take(&mut self.matches);
+        matches.clear();
+        self.subscriptions
+            .for_each_match(&msg.topic, |idx, entry| matches.push((*idx, *entry)));
+        // One delivery per session for overlapping subscriptions: the highest
+        // granted QoS, and every matching subscription identifier.
+        matches.sort_unstable_by_key(|(idx, _)| *idx);
+        let mut i = 0;
+        while i < matches.len() {
+            let idx = matches[i].0;
+            let mut qos = QoS::AtMostOnce;
+            let mut retain_as_published = false;
+            let mut no_local = false;
+            let mut subscription_ids = Vec::new();
+            while i < matches.len() && matches[i].0 == idx {
+                let e = matches[i].1;
+                qos = qos.max(e.options.qos);
+                retain_as_published |= e.options.retain_as_published;
+                no_local |= e.options.no_local;
+                if let Some(id) = e.subscription_id {
+                    subscription_ids.push(id);
+                }
+                i += 1;
+            }
+            if no_local && msg.origin == Some(self.session(idx).uid) {
+                continue;
+            }
+            let d = Delivery {
+                message: msg.clone(),
+                qos: delivery_qos(msg.qos, qos),
+                retain: retain_as_published && msg.retain,
+                subscription_ids,
+            };
+            self.enqueue(now_ms, idx, d);
+        }
+        self.matches = matches;
+    }
+
+    // ------------------------------------------------------------------
+    // Outbound delivery
+
+    fn window(&self, conn: ConnId) -> usize {
+        usize::from(
+            self.conn(conn)
+                .client_receive_max
+                .min(self.limits.inflight_count_max),
+        )
+    }
+
+    fn writable(&self, conn: ConnId) -> bool {
+        let c = self.conn(conn);
+        !c.ended && c.out.buf.len() < self.limits.write_buffer_bytes_max
+    }
+
+    /// Queues or sends one delivery to a session.
+    fn enqueue(&mut self, now_ms: u64, idx: SessionIdx, d: Delivery) {
+        if d.message.is_expired(now_ms) {
+            self.stats.dropped_expired += 1;
+            return;
+        }
+        let s = self.session(idx);
+        match s.conn {
+            None if d.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline => {
+                self.stats.dropped_qos0_offline += 1;
+            }
+            Some(conn) if s.queue.is_empty() && self.writable(conn) => {
+                if d.qos == QoS::AtMostOnce || s.inflight.len() < self.window(conn) {
+                    self.send_delivery(now_ms, conn, idx, d);
+                } else {
+                    self.queue_push(idx, d);
+                }
+            }
+            _ => self.queue_push(idx, d),
+        }
+    }
+
+    /// Appends to the session queue. When full, QoS 0 deliveries are dropped
+    /// first (the oldest); with none to drop, the new delivery is dropped, so
+    /// deliveries already accepted into the queue are never evicted.
+    fn queue_push(&mut self, idx: SessionIdx, d: Delivery) {
+        let max = self.limits.queued_count_max;
+        let s = self.session_mut(idx);
+        if s.queue.len() >= max {
+            let victim = s.queue.iter().position(|q| q.qos == QoS::AtMostOnce);
+            match victim {
+                Some(pos) => {
+                    s.queue.remove(pos);
+                }
+                None => {
+                    self.stats.dropped_queue_full += 1;
+                    return;
+                }
+            }
+            self.stats.dropped_queue_full += 1;
+        }
+        self.session_mut(idx).queue.push_back(d);
+    }
+
+    /// Moves queued deliveries into the window and the write buffer while both
+    /// have room.
+    fn pump(&mut self, now_ms: u64, idx: SessionIdx) {
+        let Some(conn) = self.session(idx).conn else {
+            return;
+        };
+        while self.writable(conn) {
+            let window = self.window(conn);
+            let s = self.session_mut(idx);
+            let Some(front) = s.queue.front() else {
+                break;
+            };
+            if front.qos != QoS::AtMostOnce && s.inflight.len() >= window {
+                break;
+            }
+            let d = s.queue.pop_front().expect("front exists");
+            if d.message.is_expired(now_ms) {
+                self.stats.dropped_expired += 1;
+                continue;
+            }
+            self.send_delivery(now_ms, conn, idx, d);
+        }
+    }
+
+    fn send_delivery(&mut self, now_ms: u64, conn: ConnId, idx: SessionIdx, d: Delivery) {
+        let version = self.conn(conn).version;
+        let mut publish = publish_for(now_ms, &d, version, 0);
+        if d.qos != QoS::AtMostOnce {
+            // Size check before a packet id is spent on it.
+            publish.packet_id = 1;
+        }
+        if publish.encoded_len(version) > self.conn(conn).client_packet_size_max as usize {
+            // [MQTT-3.1.2-25]: never send a packet larger than the client accepts.
+            self.stats.dropped_too_large += 1;
+            return;
+        }
+        if d.qos != QoS::AtMostOnce {
+            let s = self.session_mut(idx);
+            let packet_id = s.allocate_packet_id();
+            publish.packet_id = packet_id;
+            s.inflight.push_back(Inflight {
+                packet_id,
+                delivery: d,
+                state: InflightState::Published,
+            });
+        }
+        self.stats.publishes_sent += 1;
+        self.write_packet(conn, &Packet::Publish(publish));
+    }
+
+    /// Re-sends the in-flight window after a reconnect: unacknowledged PUBLISH
+    /// with DUP, and PUBREL for released QoS 2 (section 4.4).
+    fn resend_inflight(&mut self, now_ms: u64, idx: SessionIdx) {
+        let Some(conn) = self.session(idx).conn else {
+            return;
+        };
+        let version = self.conn(conn).version;
+        let packets: Vec<Packet> = self
+            .session(idx)
+            .inflight
+            .iter()
+            .map(|i| match i.state {
+                InflightState::Published => {
+                    // Expiry is not re-checked: the client already holds an id for it.
+                    let mut p = publish_for(now_ms, &i.delivery, version, i.packet_id);
+                    p.dup = true;
+                    Packet::Publish(p)
+                }
+                InflightState::Released => Packet::PubRel(PubRel::new(i.packet_id)),
+            })
+            .collect();
+        for p in &packets {
+            self.write_packet(conn, p);
+        }
+    }
+
+    fn write_packet(&mut self, conn: ConnId, packet: &Packet) {
+        let c = self.conn_mut(conn);
+        if let Err(e) = packet.encode(c.version, &mut c.out.buf) {
+            // Our own packets are consistent by construction; an error here is a bug.
+            panic!("encoding {:?} failed: {e}", packet.packet_type());
+        }
+        if let Some(w) = c.out.waker.take() {
+            w.wake();
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Accessors with the invariants they assume
+
+    fn conn(&self, conn: ConnId) -> &Conn {
+        self.conns[conn as usize].as_ref().expect("live connection")
+    }
+
+    fn conn_mut(&mut self, conn: ConnId) -> &mut Conn {
+        self.conns[conn as usize].as_mut().expect("live connection")
+    }
+
+    fn session(&self, idx: SessionIdx) -> &Session {
+        self.sessions[idx as usize].as_ref().expect("live session")
+    }
+
+    fn session_mut(&mut self, idx: SessionIdx) -> &mut Session {
+        self.sessions[idx as usize].as_mut().expect("live session")
+    }
+}
+
+fn will_properties(p: &tessera_proto::WillProperties) -> Option<Arc<PublishProperties>> {
+    let props = PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        ..Default::default()
+    };
+    (!props.is_empty()).then(|| Arc::new(props))
+}
+
+fn message_from_publish(
+    now_ms: u64,
+    p: Publish,
+    origin: SessionUid,
+    version: ProtocolVersion,
+) -> Message {
+    let mut props = p.properties;
+    let expires_at_ms = props
+        .message_expiry_interval
+        .take()
+        .map(|s| now_ms + u64::from(s) * 1000);
+    props.subscription_identifiers.clear();
+    let properties = (version.is_v5() && !props.is_empty()).then(|| Arc::new(props));
+    Message {
+        topic: p.topic,
+        payload: p.payload,
+        qos: p.qos,
+        retain: p.retain,
+        properties,
+        expires_at_ms,
+        origin: Some(origin),
+    }
+}
+
+/// The PUBLISH packet for a delivery.
+fn publish_for(now_ms: u64, d: &Delivery, version: ProtocolVersion, packet_id: u16) -> Publish {
+    let m = &d.message;
+    let mut properties = PublishProperties::default();
+    if version.is_v5() {
+        if let Some(p) = &m.properties {
+            properties = PublishProperties::clone(p);
+        }
+        properties
+            .subscription_identifiers
+            .clone_from(&d.subscription_ids);
+        // The remaining lifetime is forwarded (section 3.3.2.3.3).
+        properties.message_expiry_interval = m
+            .expires_at_ms
+            .map(|t| (t.saturating_sub(now_ms).div_ceil(1000)) as u32);
+    }
+    Publish {
+        dup: false,
+        qos: d.qos,
+        retain: d.retain,
+        topic: m.topic.clone(),
+        packet_id,
+        properties,
+        payload: m.payload.clone(),
+    }
+}

@@ -1,0 +1,30 @@
+//! Tessera's per-core engine. A shard is one glommio `LocalExecutor` pinned to one CPU that
+//! owns its sessions, topic trie and store; other shards reach it only by message.
+//!
+//! This crate is at its groundwork stage. Modules:
+//! - [`placement`]: the CPUs this process may use (`sched_getaffinity`) and the plan of one
+//!   CPU per shard.
+//! - [`memlock`]: the `RLIMIT_MEMLOCK` check glommio needs, with an actionable error.
+//! - [`hash`]: `shard_for(client_id, shard_count)`, the stable owner mapping, and
+//!   server-assigned ClientIDs that map to the accepting shard.
+//! - [`handoff`]: moving an accepted TCP connection (fd + bytes already read) to the owner
+//!   shard over a cross-executor channel.
+//!
+//! - [`engine`]: the sans-IO state machine of one shard: sessions, QoS flows,
+//!   subscriptions, the route table and retained replicas, mesh outboxes.
+//! - [`session`], [`message`], [`mesh`]: the data the engine owns and exchanges.
+//! - [`trie`]: the topic-filter trie behind local subscriptions and routes.
+//!
+//! Not here: sockets and executors (the broker's driver runs the engine on
+//! glommio), persistence, shared subscriptions, authentication. Packet bytes are
+//! `tessera-proto`'s job.
+
+pub mod engine;
+pub mod handoff;
+pub mod hash;
+pub mod memlock;
+pub mod mesh;
+pub mod message;
+pub mod placement;
+pub mod session;
+pub mod trie;

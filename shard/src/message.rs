@@ -1,0 +1,53 @@
+//! The application message as it travels inside the broker: between shards,
+//! into session queues and out to subscribers.
+//!
+//! Cloning a `Message` never copies the topic or payload: both are `Bytes`
+//! views of the publisher's read buffer, and v5 properties sit behind one `Arc`
+//! shared by every subscriber on every shard.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tessera_proto::{PublishProperties, QoS, Str};
+
+/// Identity of the session that published a message: the owner shard and a
+/// per-shard counter. Unique for the life of the process; used for no-local.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionUid(pub u64);
+
+impl SessionUid {
+    /// Builds the uid of the `counter`-th session created on `shard`.
+    pub fn new(shard: u16, counter: u64) -> SessionUid {
+        debug_assert!(counter < (1 << 48));
+        SessionUid(((shard as u64) << 48) | counter)
+    }
+}
+
+/// A published application message.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The topic name (never empty: topic aliases are resolved on receipt).
+    pub topic: Str,
+    /// The payload, shared.
+    pub payload: Bytes,
+    /// QoS it was published with.
+    pub qos: QoS,
+    /// RETAIN flag as published.
+    pub retain: bool,
+    /// v5 properties to forward (payload format, content type, response topic,
+    /// correlation data, user properties); `None` when there are none. Topic
+    /// alias and subscription identifiers are per-connection and never stored.
+    pub properties: Option<Arc<PublishProperties>>,
+    /// Message expiry deadline in broker milliseconds, from the v5 Message
+    /// Expiry Interval.
+    pub expires_at_ms: Option<u64>,
+    /// The publishing session, for no-local.
+    pub origin: Option<SessionUid>,
+}
+
+impl Message {
+    /// True when the message expired at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|t| now_ms >= t)
+    }
+}

@@ -1,0 +1,181 @@
+//! Session state: what the broker keeps for one ClientID between and during
+//! connections. Lives only on the session's owner shard.
+//!
+//! The outbound side is a window of in-flight QoS 1/2 deliveries (bounded by the
+//! client's Receive Maximum and the broker's `inflight_count_max`) and a bounded
+//! FIFO queue behind it. The inbound side remembers QoS 2 packet ids awaiting
+//! PUBREL so a re-sent PUBLISH is not delivered twice.
+
+use std::collections::{HashMap, VecDeque};
+
+use tessera_proto::{ProtocolVersion, QoS, Str, SubscriptionOptions, Will};
+
+use crate::message::{Message, SessionUid};
+
+/// Index of a session in its shard's session slab.
+pub type SessionIdx = u32;
+
+/// Index of a live connection in its shard's connection slab.
+pub type ConnId = u32;
+
+/// One subscription of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionEntry {
+    /// Options from SUBSCRIBE.
+    pub options: SubscriptionOptions,
+    /// v5 subscription identifier.
+    pub subscription_id: Option<u32>,
+}
+
+/// A message on its way to one session, with the per-subscription decisions made.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// QoS of this delivery: the minimum of the published and granted QoS.
+    pub qos: QoS,
+    /// RETAIN flag to send.
+    pub retain: bool,
+    /// v5 subscription identifiers of the matching subscriptions.
+    pub subscription_ids: Vec<u32>,
+}
+
+/// Where an in-flight outbound QoS 1/2 delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightState {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREC received and PUBREL sent; waiting for PUBCOMP.
+    Released,
+}
+
+/// One in-flight outbound delivery.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    /// Packet identifier used on the wire.
+    pub packet_id: u16,
+    /// The delivery (kept for re-sending with DUP on reconnect).
+    pub delivery: Delivery,
+    /// Progress of the exchange.
+    pub state: InflightState,
+}
+
+/// A session.
+#[derive(Debug)]
+pub struct Session {
+    /// The ClientID.
+    pub client_id: Str,
+    /// Process-unique identity, for no-local.
+    pub uid: SessionUid,
+    /// Protocol version of the latest connection.
+    pub version: ProtocolVersion,
+    /// The live connection, if any.
+    pub conn: Option<ConnId>,
+    /// Seconds the session outlives its connection (3.1.1 clean session = 0,
+    /// persistent = `u32::MAX`, which never expires).
+    pub expiry_interval_s: u32,
+    /// When the last connection ended, in broker milliseconds.
+    pub disconnected_at_ms: Option<u64>,
+    /// Subscriptions by filter.
+    pub subscriptions: HashMap<Str, SubscriptionEntry>,
+    /// In-flight outbound QoS 1/2 deliveries, in send order.
+    pub inflight: VecDeque<Inflight>,
+    /// Deliveries waiting for window space or a connection.
+    pub queue: VecDeque<Delivery>,
+    /// QoS 2 packet ids received and not yet released by PUBREL.
+    pub inbound_qos2: Vec<u16>,
+    /// The will of the live connection.
+    pub will: Option<Will>,
+    /// Next outbound packet id to try.
+    next_packet_id: u16,
+}
+
+impl Session {
+    /// A new, empty session.
+    pub fn new(client_id: Str, uid: SessionUid, version: ProtocolVersion) -> Session {
+        Session {
+            client_id,
+            uid,
+            version,
+            conn: None,
+            expiry_interval_s: 0,
+            disconnected_at_ms: None,
+            subscriptions: HashMap::new(),
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            inbound_qos2: Vec::new(),
+            will: None,
+            next_packet_id: 1,
+        }
+    }
+
+    /// Allocates an outbound packet id not used by any in-flight delivery.
+    /// The caller guarantees the window is below 65,535 entries.
+    pub fn allocate_packet_id(&mut self) -> u16 {
+        assert!(
+            self.inflight.len() < u16::MAX as usize,
+            "in-flight window exhausted"
+        );
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.iter().any(|i| i.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Position of the in-flight delivery with `packet_id`.
+    pub fn inflight_position(&self, packet_id: u16) -> Option<usize> {
+        self.inflight.iter().position(|i| i.packet_id == packet_id)
+    }
+
+    /// Whether the session outlives a disconnect.
+    pub fn is_persistent(&self) -> bool {
+        self.expiry_interval_s > 0
+    }
+
+    /// Whether the session has expired at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        match self.disconnected_at_ms {
+            Some(at) if self.expiry_interval_s != u32::MAX => {
+                now_ms >= at.saturating_add(u64::from(self.expiry_interval_s) * 1000)
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> Session {
+        Session::new(
+            Str::from_static("c"),
+            SessionUid::new(0, 1),
+            ProtocolVersion::V5,
+        )
+    }
+
+    #[test]
+    fn packet_ids_skip_ids_in_flight_and_wrap() {
+        let mut s = session();
+        s.next_packet_id = u16::MAX;
+        let first = s.allocate_packet_id();
+        assert_eq!(first, u16::MAX);
+        assert_eq!(s.allocate_packet_id(), 1, "wraps to 1, never 0");
+    }
+
+    #[test]
+    fn expiry_counts_from_disconnect() {
+        let mut s = session();
+        s.expiry_interval_s = 10;
+        assert!(!s.is_expired(1_000_000), "connected sessions never expire");
+        s.disconnected_at_ms = Some(1_000);
+        assert!(!s.is_expired(10_999));
+        assert!(s.is_expired(11_000));
+        s.expiry_interval_s = u32::MAX;
+        assert!(!s.is_expired(u64::MAX));
+    }
+}
