@@ -12,7 +12,7 @@
 //! Exists once per shard, created at boot, dropped at shutdown. Does not do I/O,
 //! persistence, authentication or cross-node clustering.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::task::Waker;
 
@@ -137,7 +137,7 @@ pub struct ConnOutput {
 #[derive(Debug)]
 struct Conn {
     /// Unique per connection on this shard; detects a reused slot.
-    serial: u64,
+    serial: u32,
     session: SessionIdx,
     version: ProtocolVersion,
     keep_alive_s: u16,
@@ -146,6 +146,11 @@ struct Conn {
     client_receive_max: u16,
     /// The client's Maximum Packet Size.
     client_packet_size_max: u32,
+    /// PUBACK/PUBREC held back, in order: an entry with a token waits until
+    /// every shard applied the retained update it acknowledges; entries behind
+    /// it wait too, because acknowledgements go out in PUBLISH order
+    /// [MQTT-4.6.0-2].
+    held_acks: VecDeque<(Option<u64>, Packet)>,
     /// v5 inbound topic aliases, index = alias - 1.
     aliases: Vec<Option<Str>>,
     /// Whether the connection ended at the protocol level (driver still flushing).
@@ -157,7 +162,6 @@ struct Conn {
 #[derive(Debug)]
 struct PendingSubAck {
     conn: ConnId,
-    serial: u64,
     acks_missing: usize,
     suback: SubAck,
     retained: Vec<Delivery>,
@@ -196,8 +200,8 @@ pub struct Engine {
     by_client_id: HashMap<Str, SessionIdx>,
     session_counter: u64,
     conns: Vec<Option<Conn>>,
-    free_conns: Vec<ConnId>,
-    conn_serial: u64,
+    free_conns: Vec<u32>,
+    conn_serial: u32,
     /// Local subscriptions: filter -> sessions on this shard.
     subscriptions: Trie<SessionIdx, SubscriptionEntry>,
     /// Route table replica: filter -> shards with subscribers.
@@ -206,6 +210,9 @@ pub struct Engine {
     retained: HashMap<Str, RetainedEntry>,
     retained_clock_ms: u64,
     pending_subacks: HashMap<u64, PendingSubAck>,
+    /// Retained publications waiting for every shard: token -> (publisher
+    /// connection, acknowledgements missing).
+    pending_retains: HashMap<u64, (ConnId, usize)>,
     /// Filters whose route add other shards have not all acknowledged yet, with
     /// the token of the SUBSCRIBE that sent it. Only with several shards.
     routes_unacked: HashMap<Str, u64>,
@@ -249,6 +256,7 @@ impl Engine {
             retained: HashMap::new(),
             retained_clock_ms: 0,
             pending_subacks: HashMap::new(),
+            pending_retains: HashMap::new(),
             routes_unacked: HashMap::new(),
             suback_dependents: HashMap::new(),
             delayed_wills: HashMap::new(),
@@ -300,10 +308,7 @@ impl Engine {
 
     /// The output of a connection, for the driver to write.
     pub fn output(&mut self, conn: ConnId) -> Option<&mut ConnOutput> {
-        self.conns
-            .get_mut(conn as usize)?
-            .as_mut()
-            .map(|c| &mut c.out)
+        self.slot_mut(conn).map(|c| &mut c.out)
     }
 
     /// Takes the mesh messages produced since the last call, per destination.
@@ -438,7 +443,8 @@ impl Engine {
     }
 
     fn new_conn(&mut self, now_ms: u64, connect: &Connect) -> ConnId {
-        self.conn_serial += 1;
+        self.conn_serial = self.conn_serial.wrapping_add(1);
+        let serial = self.conn_serial;
         let conn = Conn {
             serial: self.conn_serial,
             session: SessionIdx::MAX,
@@ -448,19 +454,21 @@ impl Engine {
             client_receive_max: connect.properties.receive_maximum.unwrap_or(u16::MAX),
             client_packet_size_max: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
             aliases: Vec::new(),
+            held_acks: VecDeque::new(),
             ended: false,
             out: ConnOutput::default(),
         };
-        match self.free_conns.pop() {
-            Some(id) => {
-                self.conns[id as usize] = Some(conn);
-                id
+        let slot = match self.free_conns.pop() {
+            Some(slot) => {
+                self.conns[slot as usize] = Some(conn);
+                slot
             }
             None => {
                 self.conns.push(Some(conn));
-                (self.conns.len() - 1) as ConnId
+                (self.conns.len() - 1) as u32
             }
-        }
+        };
+        ConnId { slot, serial }
     }
 
     fn new_session(&mut self, connect: &Connect) -> SessionIdx {
@@ -502,7 +510,7 @@ impl Engine {
     /// abnormal, detaches the session and destroys it when it does not persist.
     /// Idempotent. The driver still flushes the output and then calls `release`.
     fn end_conn(&mut self, now_ms: u64, conn: ConnId, reason: CloseReason) {
-        let Some(c) = self.conns.get_mut(conn as usize).and_then(Option::as_mut) else {
+        let Some(c) = self.slot_mut(conn) else {
             return;
         };
         if c.ended {
@@ -573,34 +581,27 @@ impl Engine {
     /// if the protocol side is still open (e.g. the socket died).
     pub fn release(&mut self, now_ms: u64, conn: ConnId) {
         self.end_conn(now_ms, conn, CloseReason::ConnectionLost);
-        if let Some(slot) = self.conns.get_mut(conn as usize)
-            && slot.take().is_some()
-        {
-            self.free_conns.push(conn);
+        if self.slot(conn).is_some() {
+            self.conns[conn.slot as usize] = None;
+            self.free_conns.push(conn.slot);
         }
     }
 
     /// Whether the protocol side of `conn` has ended (the driver should stop
     /// reading and close after flushing).
     pub fn is_ended(&self, conn: ConnId) -> bool {
-        self.conns
-            .get(conn as usize)
-            .and_then(Option::as_ref)
-            .is_none_or(|c| c.ended)
+        self.slot(conn).is_none_or(|c| c.ended)
     }
 
     /// The protocol version of a connection.
     pub fn version(&self, conn: ConnId) -> Option<ProtocolVersion> {
-        self.conns
-            .get(conn as usize)
-            .and_then(Option::as_ref)
-            .map(|c| c.version)
+        self.slot(conn).map(|c| c.version)
     }
 
     /// The driver wrote the connection's buffer to the socket: move queued
     /// deliveries into the freed space.
     pub fn flushed(&mut self, now_ms: u64, conn: ConnId) {
-        let Some(c) = self.conns.get(conn as usize).and_then(Option::as_ref) else {
+        let Some(c) = self.slot(conn) else {
             return;
         };
         if !c.ended && c.session != SessionIdx::MAX {
@@ -614,13 +615,16 @@ impl Engine {
     /// Call about once a second.
     pub fn tick(&mut self, now_ms: u64) {
         let mut expired_conns = Vec::new();
-        for (id, c) in self.conns.iter().enumerate() {
+        for (slot, c) in self.conns.iter().enumerate() {
             if let Some(c) = c
                 && !c.ended
                 && c.keep_alive_s > 0
                 && now_ms >= c.last_packet_ms + u64::from(c.keep_alive_s) * 1500
             {
-                expired_conns.push(id as ConnId);
+                expired_conns.push(ConnId {
+                    slot: slot as u32,
+                    serial: c.serial,
+                });
             }
         }
         for conn in expired_conns {
@@ -668,8 +672,17 @@ impl Engine {
 
     /// Ends every connection for shutdown (v5 clients get DISCONNECT 0x8B).
     pub fn shutdown(&mut self, now_ms: u64) {
-        let live: Vec<ConnId> = (0..self.conns.len() as ConnId)
-            .filter(|c| !self.is_ended(*c))
+        let live: Vec<ConnId> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, c)| {
+                let c = c.as_ref().filter(|c| !c.ended)?;
+                Some(ConnId {
+                    slot: slot as u32,
+                    serial: c.serial,
+                })
+            })
             .collect();
         for conn in live {
             if self.conn(conn).version.is_v5() {
@@ -696,7 +709,7 @@ impl Engine {
 
     /// Handles one packet decoded from connection `conn`.
     pub fn handle_packet(&mut self, now_ms: u64, conn: ConnId, packet: Packet) {
-        let Some(c) = self.conns.get_mut(conn as usize).and_then(Option::as_mut) else {
+        let Some(c) = self.slot_mut(conn) else {
             return;
         };
         if c.ended {
@@ -769,7 +782,7 @@ impl Engine {
             let s = self.session_mut(idx);
             if s.inbound_qos2.contains(&p.packet_id) {
                 // A re-sent PUBLISH before PUBREL: acknowledge, do not deliver again.
-                self.write_packet(conn, &Packet::PubRec(PubRec::new(p.packet_id)));
+                self.send_ack(conn, Packet::PubRec(PubRec::new(p.packet_id)), None);
                 return;
             }
             if s.inbound_qos2.len() >= receive_maximum {
@@ -780,11 +793,21 @@ impl Engine {
         let uid = self.session(idx).uid;
         let (qos, packet_id) = (p.qos, p.packet_id);
         let msg = message_from_publish(now_ms, p, uid, version);
-        self.publish(now_ms, msg);
+        // A retained QoS 1/2 publication is acknowledged only once every shard
+        // applied it, so a subscriber anywhere sees what the publisher saw
+        // acknowledged.
+        let token = (msg.retain && qos != QoS::AtMostOnce && self.shard_count > 1).then(|| {
+            let token = self.next_token;
+            self.next_token += 1;
+            self.pending_retains
+                .insert(token, (conn, self.shard_count - 1));
+            token
+        });
+        self.publish_acked(now_ms, msg, token);
         match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.write_packet(conn, &Packet::PubAck(PubAck::new(packet_id))),
-            QoS::ExactlyOnce => self.write_packet(conn, &Packet::PubRec(PubRec::new(packet_id))),
+            QoS::AtLeastOnce => self.send_ack(conn, Packet::PubAck(PubAck::new(packet_id)), token),
+            QoS::ExactlyOnce => self.send_ack(conn, Packet::PubRec(PubRec::new(packet_id)), token),
         }
     }
 
@@ -928,12 +951,10 @@ impl Engine {
                     .or_default()
                     .push(token);
             }
-            let serial = self.conn(conn).serial;
             self.pending_subacks.insert(
                 token,
                 PendingSubAck {
                     conn,
-                    serial,
                     acks_missing,
                     suback,
                     retained,
@@ -988,7 +1009,7 @@ impl Engine {
             CloseReason::ClientDisconnect
         };
         self.end_conn(now_ms, conn, reason);
-        if let Some(c) = self.conns.get_mut(conn as usize).and_then(Option::as_mut) {
+        if let Some(c) = self.slot_mut(conn) {
             c.out.close = Some(CloseReason::ClientDisconnect);
         }
     }
@@ -999,6 +1020,12 @@ impl Engine {
     /// Publishes a message from this shard: retained handling, then delivery to
     /// every shard whose routes match (this one included).
     pub fn publish(&mut self, now_ms: u64, msg: Message) {
+        self.publish_acked(now_ms, msg, None);
+    }
+
+    /// `publish`, asking every other shard to acknowledge the retained update
+    /// with `ack`.
+    fn publish_acked(&mut self, now_ms: u64, msg: Message, ack: Option<u64>) {
         if msg.retain {
             self.retained_clock_ms = self
                 .retained_clock_ms
@@ -1013,6 +1040,7 @@ impl Engine {
                         topic: msg.topic.clone(),
                         message: message.clone(),
                         stamp,
+                        ack,
                     });
                 }
             }
@@ -1041,21 +1069,69 @@ impl Engine {
             MeshMsg::RouteAdd { filter, shard, ack } => {
                 self.routes.insert(&filter, shard, ());
                 if let Some(token) = ack {
-                    self.outbox[usize::from(from)].push(MeshMsg::RouteAck { token });
+                    self.outbox[usize::from(from)].push(MeshMsg::Ack { token });
                 }
             }
             MeshMsg::RouteRemove { filter, shard } => {
                 self.routes.remove(&filter, shard);
             }
-            MeshMsg::RouteAck { token } => self.on_route_ack(now_ms, token),
+            MeshMsg::Ack { token } if self.pending_retains.contains_key(&token) => {
+                self.on_retain_ack(token)
+            }
+            MeshMsg::Ack { token } => self.on_route_ack(now_ms, token),
             MeshMsg::Retain {
                 topic,
                 message,
                 stamp,
+                ack,
             } => {
                 self.retained_clock_ms = self.retained_clock_ms.max(stamp.0);
                 self.apply_retain(now_ms, topic, message, stamp);
+                if let Some(token) = ack {
+                    self.outbox[usize::from(from)].push(MeshMsg::Ack { token });
+                }
             }
+        }
+    }
+
+    /// Another shard applied a retained update: release the publisher's
+    /// acknowledgement when it was the last.
+    fn on_retain_ack(&mut self, token: u64) {
+        let Some((conn, missing)) = self.pending_retains.get_mut(&token) else {
+            return;
+        };
+        *missing -= 1;
+        if *missing > 0 {
+            return;
+        }
+        let conn = *conn;
+        self.pending_retains.remove(&token);
+        let Some(c) = self.slot_mut(conn) else {
+            return; // the publisher left; it re-sends unacknowledged messages
+        };
+        if let Some(entry) = c.held_acks.iter_mut().find(|(t, _)| *t == Some(token)) {
+            entry.0 = None;
+        }
+        self.release_held_acks(conn);
+    }
+
+    /// Sends an acknowledgement, or holds it: while it waits for `token`, or
+    /// while an earlier acknowledgement of the connection is held.
+    fn send_ack(&mut self, conn: ConnId, ack: Packet, token: Option<u64>) {
+        let c = self.conn_mut(conn);
+        if token.is_none() && c.held_acks.is_empty() {
+            self.write_packet(conn, &ack);
+        } else {
+            c.held_acks.push_back((token, ack));
+        }
+    }
+
+    fn release_held_acks(&mut self, conn: ConnId) {
+        while let Some(c) = self.slot_mut(conn)
+            && c.held_acks.front().is_some_and(|(t, _)| t.is_none())
+        {
+            let (_, ack) = c.held_acks.pop_front().expect("front exists");
+            self.write_packet(conn, &ack);
         }
     }
 
@@ -1077,12 +1153,7 @@ impl Engine {
                 .expect("pending SUBACK present");
             self.routes_unacked.retain(|_, t| *t != token);
             acked.extend(self.suback_dependents.remove(&token).unwrap_or_default());
-            let live = self
-                .conns
-                .get(p.conn as usize)
-                .and_then(Option::as_ref)
-                .filter(|c| c.serial == p.serial && !c.ended)
-                .map(|c| c.session);
+            let live = self.slot(p.conn).filter(|c| !c.ended).map(|c| c.session);
             if let Some(idx) = live {
                 self.finish_subscribe(now_ms, p.conn, idx, p.suback, p.retained);
             }
@@ -1371,12 +1442,27 @@ impl Engine {
     // ------------------------------------------------------------------
     // Accessors with the invariants they assume
 
+    /// The connection `conn` names, unless its slot was freed or reused.
+    fn slot(&self, conn: ConnId) -> Option<&Conn> {
+        self.conns
+            .get(conn.slot as usize)?
+            .as_ref()
+            .filter(|c| c.serial == conn.serial)
+    }
+
+    fn slot_mut(&mut self, conn: ConnId) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(conn.slot as usize)?
+            .as_mut()
+            .filter(|c| c.serial == conn.serial)
+    }
+
     fn conn(&self, conn: ConnId) -> &Conn {
-        self.conns[conn as usize].as_ref().expect("live connection")
+        self.slot(conn).expect("live connection")
     }
 
     fn conn_mut(&mut self, conn: ConnId) -> &mut Conn {
-        self.conns[conn as usize].as_mut().expect("live connection")
+        self.slot_mut(conn).expect("live connection")
     }
 
     fn session(&self, idx: SessionIdx) -> &Session {
@@ -1448,5 +1534,46 @@ fn publish_for(now_ms: u64, d: &Delivery, version: ProtocolVersion, packet_id: u
         packet_id,
         properties,
         payload: m.payload.clone(),
+    }
+}
+
+#[cfg(test)]
+mod stale_conn_tests {
+    use super::*;
+
+    fn connect_packet(id: &'static str) -> Connect {
+        Connect {
+            version: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: Str::from_static(id),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        }
+    }
+
+    /// A task that outlived its connection (a reader waking after the slot was
+    /// freed and reused) must not end the slot's new connection.
+    #[test]
+    fn a_stale_conn_id_does_not_touch_the_connection_reusing_its_slot() {
+        let mut e = Engine::new(0, 1, Limits::default());
+        let old = e.connect(1, connect_packet("a"), false);
+        e.release(2, old);
+        let new = e.connect(3, connect_packet("b"), false);
+        assert_eq!(old.slot, new.slot, "the slot is reused");
+        e.connection_lost(4, old);
+        e.handle_packet(4, old, Packet::PingReq);
+        e.release(5, old);
+        assert!(!e.is_ended(new), "the new connection is untouched");
+        assert!(e.is_ended(old));
+        let out = e.output(new).expect("new connection alive");
+        assert!(out.close.is_none());
+        // Only the CONNACK was written: the stale PINGREQ produced nothing.
+        let mut buf = out.buf.split();
+        let first = tessera_proto::decode(&mut buf, ProtocolVersion::V5, usize::MAX);
+        assert!(matches!(first, Ok(Some(Packet::ConnAck(_)))));
+        assert!(buf.is_empty());
     }
 }

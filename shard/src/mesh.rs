@@ -16,14 +16,14 @@ pub enum MeshMsg {
     /// destination matches its own subscription trie.
     Publish(Message),
     /// `shard` gained its first subscriber on `filter`. When `ack` is set, the
-    /// receiver answers `RouteAck` so the subscriber's SUBACK can wait until
+    /// receiver answers `Ack` so the subscriber's SUBACK can wait until
     /// every shard routes the filter.
     RouteAdd {
         /// The filter now routed to `shard`.
         filter: Str,
         /// The shard with subscribers.
         shard: ShardId,
-        /// Token to echo in `RouteAck`.
+        /// Token to echo in `Ack`.
         ack: Option<u64>,
     },
     /// `shard` lost its last subscriber on `filter`.
@@ -33,9 +33,9 @@ pub enum MeshMsg {
         /// The shard without subscribers.
         shard: ShardId,
     },
-    /// The receiver applied `RouteAdd` with this token.
-    RouteAck {
-        /// The token of the `RouteAdd`.
+    /// The receiver applied the `RouteAdd` or `Retain` carrying this token.
+    Ack {
+        /// The token of the acknowledged message.
         token: u64,
     },
     /// Set (`message` is `Some`) or clear the retained message of `topic`.
@@ -47,5 +47,8 @@ pub enum MeshMsg {
         message: Option<Message>,
         /// (milliseconds, shard) hybrid timestamp of the update.
         stamp: (u64, ShardId),
+        /// Token to echo in `Ack`: the publisher's PUBACK/PUBREC waits until
+        /// every shard applied the update.
+        ack: Option<u64>,
     },
 }

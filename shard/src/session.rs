@@ -15,8 +15,23 @@ use crate::message::{Message, SessionUid};
 /// Index of a session in its shard's session slab.
 pub type SessionIdx = u32;
 
-/// Index of a live connection in its shard's connection slab.
-pub type ConnId = u32;
+/// A connection on its shard: the slab slot and the serial of the connection
+/// holding it. Slots are reused, so an id kept by a task that outlived its
+/// connection names a serial that no longer matches, and the engine ignores it
+/// instead of acting on the slot's new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    /// Index in the shard's connection slab.
+    pub slot: u32,
+    /// Serial of the connection, unique per shard (wrapping after 2^32).
+    pub serial: u32,
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.slot, self.serial)
+    }
+}
 
 /// One subscription of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,107 @@
+//! The `broker` command line. These flags are a stable interface: scripts, systemd units
+//! and container images depend on them, so rename or remove one only with a deprecation.
+//!
+//! Flags override the config file and `TESSERA_*` environment variables (see
+//! [`crate::config`] for the full precedence order).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::LogLevel;
+
+/// Command-line flags of the `broker` binary.
+#[derive(Debug, Clone, Default, PartialEq, Parser)]
+#[command(name = "broker", version, about = "Tessera MQTT broker")]
+pub struct Cli {
+    /// MQTT over TCP listen address; repeat for several. Replaces `server.listen`.
+    #[arg(long = "listen", value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Directory for persistent state (one store per shard). Sets `server.data_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Number of shards (one per CPU); default one per CPU this process may use.
+    /// Sets `server.shards`.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+
+    /// Admin HTTP API and /metrics listen address. Sets `server.admin_listen`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// TOML configuration file. Without it, built-in defaults are used.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print the default configuration as documented TOML and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+
+    /// Log level: error, warn, info, debug or trace. Sets `log.level`.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<LogLevel>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_every_flag() {
+        let cli = Cli::try_parse_from([
+            "broker",
+            "--listen",
+            "127.0.0.1:1883",
+            "--listen",
+            "[::1]:1884",
+            "--data-dir",
+            "/var/lib/tessera",
+            "--shards",
+            "2",
+            "--admin-listen",
+            "0.0.0.0:18083",
+            "--config",
+            "/etc/tessera.toml",
+            "--print-default-config",
+            "--log-level",
+            "debug",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.listen,
+            vec![
+                "127.0.0.1:1883".parse().unwrap(),
+                "[::1]:1884".parse().unwrap()
+            ]
+        );
+        assert_eq!(cli.data_dir, Some(PathBuf::from("/var/lib/tessera")));
+        assert_eq!(cli.shards, Some(2));
+        assert_eq!(cli.admin_listen, Some("0.0.0.0:18083".parse().unwrap()));
+        assert_eq!(cli.config, Some(PathBuf::from("/etc/tessera.toml")));
+        assert!(cli.print_default_config);
+        assert_eq!(cli.log_level, Some(LogLevel::Debug));
+    }
+
+    #[test]
+    fn no_flags_means_nothing_overridden() {
+        assert_eq!(Cli::try_parse_from(["broker"]).unwrap(), Cli::default());
+    }
+
+    #[test]
+    fn bad_flag_values_are_rejected_with_accepted_values() {
+        let err = Cli::try_parse_from(["broker", "--log-level", "loud"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("error, warn, info, debug, trace"), "{msg}");
+        assert!(Cli::try_parse_from(["broker", "--listen", "localhost"]).is_err());
+        assert!(Cli::try_parse_from(["broker", "--shards", "-1"]).is_err());
+    }
+}

@@ -1,0 +1,1517 @@
+//! Broker configuration: the settings, where they come from, and their checks.
+//!
+//! Sources, later ones winning, field by field:
+//! 1. built-in defaults ([`Config::default`], printed by `--print-default-config`);
+//! 2. the TOML file given with `--config FILE`;
+//! 3. environment variables `TESSERA_<SECTION>__<KEY>`, e.g.
+//!    `TESSERA_LIMITS__MAX_INFLIGHT=64` or
+//!    `TESSERA_SERVER__LISTEN=127.0.0.1:1883,0.0.0.0:1884` (lists are comma-separated);
+//! 4. command-line flags ([`crate::cli::Cli`]).
+//!
+//! Typos are errors, never silently ignored: an unknown key in the file and an unknown
+//! `TESSERA_` variable both fail the load. Every error names where the bad value came from
+//! (file path, variable or flag), the field, and what is accepted.
+//!
+//! [`FIELDS`] is the one list of settings with their documentation; it drives the
+//! documented default file and the environment-variable names, and a test checks that it
+//! matches the struct fields exactly.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::cli::Cli;
+
+/// The largest MQTT packet: 1 byte of type and flags, a 4-byte Remaining Length, and a
+/// Remaining Length of at most 268,435,455 bytes.
+pub const MQTT_PACKET_SIZE_BYTES_MAX: u32 = 268_435_460;
+
+/// The smallest `limits.max_packet_size_bytes` accepted: a CONNECT with a short ClientID
+/// and no properties must fit.
+pub const PACKET_SIZE_BYTES_MIN: u32 = 64;
+
+/// Prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "TESSERA_";
+
+/// The whole broker configuration. Built once on the boot thread, validated, then copied
+/// read-only to every shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: listeners, shards and data directory.
+    pub server: ServerConfig,
+    /// `[limits]`: bounds on clients, packets, queues and rates.
+    pub limits: LimitsConfig,
+    /// `[persistence]`: when acknowledged messages reach the disk.
+    pub persistence: PersistenceConfig,
+    /// `[log]`: log verbosity and format.
+    pub log: LogConfig,
+}
+
+/// The `[server]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// MQTT over TCP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Number of shards; `None` means one per CPU this process may use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<usize>,
+    /// Directory for persistent state.
+    pub data_dir: PathBuf,
+    /// Admin HTTP API and /metrics listen address.
+    pub admin_listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
+            shards: None,
+            data_dir: PathBuf::from("./data"),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 18083)),
+        }
+    }
+}
+
+/// The `[limits]` section. Wire-level values use the width MQTT gives them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most concurrent client connections, all shards together.
+    pub max_connections: u32,
+    /// Largest MQTT packet accepted or sent, bytes (MQTT 5 Maximum Packet Size).
+    pub max_packet_size_bytes: u32,
+    /// Most unacknowledged QoS 1/2 messages per client (MQTT 5 Receive Maximum).
+    pub max_inflight: u16,
+    /// Most messages queued for one client beyond the inflight window.
+    pub max_queued_messages: u32,
+    /// Most subscriptions one client may hold.
+    pub max_subscriptions_per_client: u32,
+    /// Most levels (`/`-separated parts) in a topic name or filter.
+    pub max_topic_levels: u32,
+    /// Most topic aliases per connection (MQTT 5 Topic Alias Maximum); 0 disables them.
+    pub max_topic_alias: u16,
+    /// Seconds a new connection has to send CONNECT.
+    pub connect_timeout_s: u32,
+    /// Largest keep-alive granted to clients, seconds (MQTT 5 Server Keep Alive).
+    pub max_keep_alive_s: u16,
+    /// New connections accepted per second, all shards together; 0 means unlimited.
+    pub connect_rate_per_s: u32,
+    /// What to do when a client's queue is full.
+    pub queue_overflow: QueueOverflow,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 100_000,
+            max_packet_size_bytes: 1_048_576,
+            max_inflight: 32,
+            max_queued_messages: 1000,
+            max_subscriptions_per_client: 100,
+            max_topic_levels: 128,
+            max_topic_alias: 64,
+            connect_timeout_s: 10,
+            max_keep_alive_s: 65535,
+            connect_rate_per_s: 0,
+            queue_overflow: QueueOverflow::DropQos0ThenOldest,
+        }
+    }
+}
+
+/// The `[persistence]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersistenceConfig {
+    /// When a QoS 1/2 message counts as stored.
+    pub durability: Durability,
+    /// Group-commit interval in `batched` mode, milliseconds.
+    pub batch_interval_ms: u32,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        PersistenceConfig {
+            durability: Durability::Sync,
+            batch_interval_ms: 10,
+        }
+    }
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Least severe level logged.
+    pub level: LogLevel,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// A config value chosen from a fixed set of names; gives `FromStr`, `Display` and the list
+/// of accepted names for error messages from one table.
+pub trait ConfigEnum: Sized + Copy + PartialEq + 'static {
+    /// Every value with its config name, in documentation order.
+    const VALUES: &'static [(&'static str, Self)];
+
+    /// The config name of `self`.
+    fn name(self) -> &'static str {
+        Self::VALUES
+            .iter()
+            .find(|(_, v)| *v == self)
+            .map(|(n, _)| *n)
+            .expect("value in table")
+    }
+
+    /// The accepted names, comma-separated, for error messages and docs.
+    fn accepted() -> String {
+        Self::VALUES
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The value named `s`, matched exactly (names are lowercase).
+    fn from_name(s: &str) -> Result<Self, UnknownValue> {
+        Self::VALUES
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| UnknownValue {
+                value: s.to_owned(),
+                accepted: Self::accepted(),
+            })
+    }
+}
+
+/// A name that is not one of a [`ConfigEnum`]'s values.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown value {value:?}; accepted values: {accepted}")]
+pub struct UnknownValue {
+    /// The name given.
+    pub value: String,
+    /// The accepted names, comma-separated.
+    pub accepted: String,
+}
+
+macro_rules! config_enum {
+    ($ty:ident { $($name:literal => $variant:ident),+ $(,)? }) => {
+        impl ConfigEnum for $ty {
+            const VALUES: &'static [(&'static str, Self)] = &[$(($name, $ty::$variant)),+];
+        }
+        impl FromStr for $ty {
+            type Err = UnknownValue;
+            fn from_str(s: &str) -> Result<Self, UnknownValue> {
+                Self::from_name(s)
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+/// What to do when a client's outbound queue is full (`limits.queue_overflow`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueOverflow {
+    /// Drop a queued QoS 0 message if there is one, else the oldest message.
+    #[default]
+    DropQos0ThenOldest,
+    /// Drop the oldest queued message.
+    DropOldest,
+    /// Drop the new message.
+    DropNew,
+    /// Disconnect the client (a persistent session keeps its queue).
+    Disconnect,
+}
+config_enum!(QueueOverflow {
+    "drop_qos0_then_oldest" => DropQos0ThenOldest,
+    "drop_oldest" => DropOldest,
+    "drop_new" => DropNew,
+    "disconnect" => Disconnect,
+});
+
+/// When an acknowledged QoS 1/2 message is on disk (`persistence.durability`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Committed and fsynced before the PUBACK/PUBREC: survives `kill -9` and power loss.
+    #[default]
+    Sync,
+    /// Acknowledged at once, committed every `batch_interval_ms`: a crash loses at most
+    /// that window.
+    Batched,
+    /// Never written to disk: sessions and retained messages are lost on restart.
+    Memory,
+}
+config_enum!(Durability { "sync" => Sync, "batched" => Batched, "memory" => Memory });
+
+/// Least severe level logged (`log.level`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Lifecycle events, warnings and errors.
+    #[default]
+    Info,
+    /// Per-connection events too.
+    Debug,
+    /// Everything, including per-packet events.
+    Trace,
+}
+config_enum!(LogLevel {
+    "error" => Error,
+    "warn" => Warn,
+    "info" => Info,
+    "debug" => Debug,
+    "trace" => Trace,
+});
+
+/// Log output format (`log.format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+config_enum!(LogFormat { "text" => Text, "json" => Json });
+
+/// One setting: where it lives and how it is documented.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldDoc {
+    /// TOML table, e.g. `limits`.
+    pub section: &'static str,
+    /// Key in that table, e.g. `max_inflight`.
+    pub key: &'static str,
+    /// What it is and its unit, as one sentence.
+    pub doc: &'static str,
+    /// The accepted values, as shown in errors and in the default file.
+    pub accepted: &'static str,
+}
+
+impl FieldDoc {
+    /// The dotted path, e.g. `limits.max_inflight`.
+    pub fn path(&self) -> String {
+        format!("{}.{}", self.section, self.key)
+    }
+
+    /// The environment variable that sets it, e.g. `TESSERA_LIMITS__MAX_INFLIGHT`.
+    pub fn env_var(&self) -> String {
+        format!("{ENV_PREFIX}{}__{}", self.section, self.key).to_ascii_uppercase()
+    }
+}
+
+/// Every setting, in the order of the documented default file.
+pub const FIELDS: &[FieldDoc] = &[
+    FieldDoc {
+        section: "server",
+        key: "listen",
+        doc: "MQTT over TCP listen addresses (ADDR:PORT). Every shard listens on each with \
+              SO_REUSEPORT.",
+        accepted: "a non-empty list of distinct socket addresses, e.g. \
+                   [\"0.0.0.0:1883\", \"[::]:1883\"] (in an environment variable: \
+                   comma-separated)",
+    },
+    FieldDoc {
+        section: "server",
+        key: "shards",
+        doc: "Number of shards, one per CPU. Unset: one per CPU this process may run on \
+              (its affinity mask, which respects taskset, cgroup cpusets and containers).",
+        accepted: "an integer from 1 to the number of allowed CPUs",
+    },
+    FieldDoc {
+        section: "server",
+        key: "data_dir",
+        doc: "Directory for persistent state: one store per shard (shard-K/) and the \
+              cluster log.",
+        accepted: "a non-empty directory path",
+    },
+    FieldDoc {
+        section: "server",
+        key: "admin_listen",
+        doc: "Admin HTTP API and Prometheus /metrics listen address (ADDR:PORT).",
+        accepted: "a socket address not used by server.listen",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_connections",
+        doc: "Most concurrent client connections, all shards together. Each needs one open \
+              file: keep it under the open-files limit (ulimit -n).",
+        accepted: "an integer from 1 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_packet_size_bytes",
+        doc: "Largest MQTT packet accepted or sent, in bytes (MQTT 5 Maximum Packet Size).",
+        accepted: "an integer from 64 to 268435460",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_inflight",
+        doc: "Most unacknowledged QoS 1/2 messages per client, each direction (MQTT 5 \
+              Receive Maximum).",
+        accepted: "an integer from 1 to 65535",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_queued_messages",
+        doc: "Most messages queued for one client beyond the inflight window; see \
+              queue_overflow.",
+        accepted: "an integer from 1 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_subscriptions_per_client",
+        doc: "Most subscriptions one client may hold.",
+        accepted: "an integer from 1 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_topic_levels",
+        doc: "Most levels ('/'-separated parts) in a topic name or filter.",
+        accepted: "an integer from 1 to 128",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_topic_alias",
+        doc: "Most topic aliases per connection (MQTT 5 Topic Alias Maximum); 0 disables \
+              topic aliases.",
+        accepted: "an integer from 0 to 65535",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "connect_timeout_s",
+        doc: "Seconds a new connection has to send its CONNECT before it is closed.",
+        accepted: "an integer from 1 to 3600",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_keep_alive_s",
+        doc: "Largest keep-alive granted to a client, in seconds; a client asking for more \
+              (or for 0 = none) gets this (MQTT 5 Server Keep Alive).",
+        accepted: "an integer from 1 to 65535",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "connect_rate_per_s",
+        doc: "New connections accepted per second, all shards together; 0 means unlimited.",
+        accepted: "an integer from 0 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "queue_overflow",
+        doc: "What to do when a client's queue is full: drop a queued QoS 0 message (else \
+              the oldest), drop the oldest, drop the new message, or disconnect the client.",
+        accepted: "one of drop_qos0_then_oldest, drop_oldest, drop_new, disconnect",
+    },
+    FieldDoc {
+        section: "persistence",
+        key: "durability",
+        doc: "When an acknowledged QoS 1/2 message is on disk: sync = fsynced before the \
+              ack (survives kill -9); batched = committed every batch_interval_ms (a crash \
+              loses at most that window); memory = never written.",
+        accepted: "one of sync, batched, memory",
+    },
+    FieldDoc {
+        section: "persistence",
+        key: "batch_interval_ms",
+        doc: "Group-commit interval in batched mode, in milliseconds.",
+        accepted: "an integer from 1 to 1000",
+    },
+    FieldDoc {
+        section: "log",
+        key: "level",
+        doc: "Least severe level logged.",
+        accepted: "one of error, warn, info, debug, trace",
+    },
+    FieldDoc {
+        section: "log",
+        key: "format",
+        doc: "Log output: text = human-readable lines, json = one JSON object per line.",
+        accepted: "one of text, json",
+    },
+];
+
+/// Looks up a setting by section and key.
+fn field_doc(section: &str, key: &str) -> Option<&'static FieldDoc> {
+    FIELDS.iter().find(|f| f.section == section && f.key == key)
+}
+
+/// Where a setting's value came from; named in validation errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The built-in default.
+    Default,
+    /// The config file at this path.
+    File(PathBuf),
+    /// This environment variable.
+    Env(String),
+    /// This command-line flag.
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("the built-in default"),
+            Origin::File(p) => write!(f, "config file {}", p.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Flag(flag) => write!(f, "command-line flag {flag}"),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The config file is not valid TOML or does not match the settings.
+    #[error("invalid config file {}{}: {message}", path.display(), FieldSuffix(field))]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The dotted field the error is about, when it could be located.
+        field: Option<String>,
+        /// toml's message, with line, column and the offending line.
+        message: String,
+    },
+    /// A `TESSERA_` variable names no setting.
+    #[error(
+        "unknown environment variable {var}: no setting {path}. {hint} \
+         (variables are {ENV_PREFIX}<SECTION>__<KEY>)"
+    )]
+    UnknownEnv {
+        /// The variable.
+        var: String,
+        /// What it would set, as a dotted path.
+        path: String,
+        /// The known variables of that section, or the known sections.
+        hint: String,
+    },
+    /// A `TESSERA_` variable's value does not parse as its setting's type.
+    #[error("environment variable {var}={value:?} is invalid for {field}: expected {accepted}")]
+    BadEnv {
+        /// The variable.
+        var: String,
+        /// Its value.
+        value: String,
+        /// The dotted field it sets.
+        field: String,
+        /// What is accepted.
+        accepted: &'static str,
+    },
+    /// A `TESSERA_` variable's name or value is not UTF-8.
+    #[error("environment variable {var} is not valid UTF-8")]
+    NonUtf8Env {
+        /// The variable name, lossily converted.
+        var: String,
+    },
+    /// A value is out of its accepted range, or conflicts with another.
+    #[error(
+        "{field} = {value} is invalid: expected {expected}{}",
+        OriginSuffix(origin)
+    )]
+    Invalid {
+        /// The dotted field.
+        field: &'static str,
+        /// The value, as written in TOML.
+        value: String,
+        /// What is accepted.
+        expected: String,
+        /// Where the value came from, when known.
+        origin: Option<Origin>,
+    },
+}
+
+/// Formats ` (field a.b)` when a field is known.
+struct FieldSuffix<'a>(&'a Option<String>);
+
+impl fmt::Display for FieldSuffix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(field) => write!(f, " (field {field})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Formats ` (set by ...)` when an origin is known.
+struct OriginSuffix<'a>(&'a Option<Origin>);
+
+impl fmt::Display for OriginSuffix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(origin) => write!(f, " (set by {origin})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration of this process: defaults, the `--config` file, `TESSERA_*`
+    /// environment variables, then flags; and validates it.
+    pub fn load_from_process(cli: &Cli) -> Result<Config, ConfigError> {
+        Config::load(cli, std::env::vars_os())
+    }
+
+    /// [`Config::load_from_process`] with the environment passed in, for tests.
+    pub fn load(
+        cli: &Cli,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Config, ConfigError> {
+        let mut origins: HashMap<String, Origin> = HashMap::new();
+
+        let mut config = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let config = Config::from_toml(&text, path)?;
+                for (section, key) in keys_present(&text) {
+                    origins.insert(format!("{section}.{key}"), Origin::File(path.clone()));
+                }
+                config
+            }
+            None => Config::default(),
+        };
+
+        // Sorted so that, with several bad variables, the error is deterministic.
+        let mut vars: Vec<(OsString, OsString)> = env
+            .into_iter()
+            .filter(|(name, _)| name.as_encoded_bytes().starts_with(ENV_PREFIX.as_bytes()))
+            .collect();
+        vars.sort();
+        for (name, value) in vars {
+            let var = name.into_string().map_err(|n| ConfigError::NonUtf8Env {
+                var: n.to_string_lossy().into_owned(),
+            })?;
+            let value = value
+                .into_string()
+                .map_err(|_| ConfigError::NonUtf8Env { var: var.clone() })?;
+            let field = config.apply_env(&var, &value)?;
+            origins.insert(field.path(), Origin::Env(var));
+        }
+
+        config.apply_cli(cli, &mut origins);
+
+        config.validate().map_err(|err| match err {
+            ConfigError::Invalid {
+                field,
+                value,
+                expected,
+                origin: None,
+            } => {
+                let origin = Some(origins.get(field).cloned().unwrap_or(Origin::Default));
+                ConfigError::Invalid {
+                    field,
+                    value,
+                    expected,
+                    origin,
+                }
+            }
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document; `path` is only used in error messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|err: toml::de::Error| {
+            let field = err.span().and_then(|span| field_at(text, span.start));
+            let mut message = err.to_string().trim_end().to_owned();
+            // toml names the Rust type ("expected u16"); add what the setting accepts.
+            let doc = field
+                .as_deref()
+                .and_then(|f| f.split_once('.'))
+                .and_then(|(s, k)| field_doc(s, k));
+            if let Some(doc) = doc {
+                message.push_str(&format!("\n{} accepts {}", doc.path(), doc.accepted));
+            }
+            ConfigError::Parse {
+                path: path.to_owned(),
+                field,
+                message,
+            }
+        })
+    }
+
+    /// Applies one `TESSERA_<SECTION>__<KEY>` variable; returns the setting it set.
+    fn apply_env(&mut self, var: &str, value: &str) -> Result<&'static FieldDoc, ConfigError> {
+        let rest = &var[ENV_PREFIX.len()..];
+        let Some((section, key)) = rest.split_once("__") else {
+            return Err(unknown_env(var, "", &rest.to_ascii_lowercase()));
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let Some(field) = field_doc(&section, &key) else {
+            return Err(unknown_env(var, &section, &key));
+        };
+        let bad = || ConfigError::BadEnv {
+            var: var.to_owned(),
+            value: value.to_owned(),
+            field: field.path(),
+            accepted: field.accepted,
+        };
+        self.set(field, value.trim()).map_err(|()| bad())?;
+        Ok(field)
+    }
+
+    /// Sets one field from its text form, parsed by the field's type.
+    fn set(&mut self, field: &FieldDoc, v: &str) -> Result<(), ()> {
+        fn p<T: FromStr>(v: &str) -> Result<T, ()> {
+            v.parse().map_err(|_| ())
+        }
+        let (s, l, pe, lg) = (
+            &mut self.server,
+            &mut self.limits,
+            &mut self.persistence,
+            &mut self.log,
+        );
+        match (field.section, field.key) {
+            ("server", "listen") => {
+                s.listen = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(p)
+                    .collect::<Result<_, _>>()?;
+            }
+            ("server", "shards") => s.shards = Some(p(v)?),
+            ("server", "data_dir") => s.data_dir = PathBuf::from(v),
+            ("server", "admin_listen") => s.admin_listen = p(v)?,
+            ("limits", "max_connections") => l.max_connections = p(v)?,
+            ("limits", "max_packet_size_bytes") => l.max_packet_size_bytes = p(v)?,
+            ("limits", "max_inflight") => l.max_inflight = p(v)?,
+            ("limits", "max_queued_messages") => l.max_queued_messages = p(v)?,
+            ("limits", "max_subscriptions_per_client") => l.max_subscriptions_per_client = p(v)?,
+            ("limits", "max_topic_levels") => l.max_topic_levels = p(v)?,
+            ("limits", "max_topic_alias") => l.max_topic_alias = p(v)?,
+            ("limits", "connect_timeout_s") => l.connect_timeout_s = p(v)?,
+            ("limits", "max_keep_alive_s") => l.max_keep_alive_s = p(v)?,
+            ("limits", "connect_rate_per_s") => l.connect_rate_per_s = p(v)?,
+            ("limits", "queue_overflow") => l.queue_overflow = p(v)?,
+            ("persistence", "durability") => pe.durability = p(v)?,
+            ("persistence", "batch_interval_ms") => pe.batch_interval_ms = p(v)?,
+            ("log", "level") => lg.level = p(v)?,
+            ("log", "format") => lg.format = p(v)?,
+            (section, key) => unreachable!("FIELDS entry {section}.{key} has no setter"),
+        }
+        Ok(())
+    }
+
+    /// Applies the flags that were given.
+    fn apply_cli(&mut self, cli: &Cli, origins: &mut HashMap<String, Origin>) {
+        let mut set = |path: &str, flag: &'static str| {
+            origins.insert(path.to_owned(), Origin::Flag(flag));
+        };
+        if !cli.listen.is_empty() {
+            self.server.listen = cli.listen.clone();
+            set("server.listen", "--listen");
+        }
+        if let Some(dir) = &cli.data_dir {
+            self.server.data_dir = dir.clone();
+            set("server.data_dir", "--data-dir");
+        }
+        if let Some(n) = cli.shards {
+            self.server.shards = Some(n);
+            set("server.shards", "--shards");
+        }
+        if let Some(addr) = cli.admin_listen {
+            self.server.admin_listen = addr;
+            set("server.admin_listen", "--admin-listen");
+        }
+        if let Some(level) = cli.log_level {
+            self.log.level = level;
+            set("log.level", "--log-level");
+        }
+    }
+
+    /// Checks every value against its accepted range and the relations between values.
+    /// Returns the first problem found; its message names the field, the value and what
+    /// is accepted.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let l = &self.limits;
+        let invalid = |field: &'static str, value: String, expected: String| {
+            Err(ConfigError::Invalid {
+                field,
+                value,
+                expected,
+                origin: None,
+            })
+        };
+        if s.listen.is_empty() {
+            return invalid("server.listen", "[]".into(), accepted("server.listen"));
+        }
+        for (i, addr) in s.listen.iter().enumerate() {
+            if s.listen[..i].contains(addr) {
+                return invalid(
+                    "server.listen",
+                    list(&s.listen),
+                    format!("distinct addresses; {addr} is listed twice"),
+                );
+            }
+        }
+        if s.listen.contains(&s.admin_listen) {
+            return invalid(
+                "server.admin_listen",
+                format!("\"{}\"", s.admin_listen),
+                format!("an address not in server.listen = {}", list(&s.listen)),
+            );
+        }
+        if s.shards == Some(0) {
+            return invalid("server.shards", "0".into(), accepted("server.shards"));
+        }
+        if s.data_dir.as_os_str().is_empty() {
+            return invalid(
+                "server.data_dir",
+                "\"\"".into(),
+                accepted("server.data_dir"),
+            );
+        }
+        let ranges: [(&'static str, u64, u64, u64); 10] = [
+            (
+                "limits.max_connections",
+                l.max_connections.into(),
+                1,
+                u32::MAX.into(),
+            ),
+            (
+                "limits.max_packet_size_bytes",
+                l.max_packet_size_bytes.into(),
+                PACKET_SIZE_BYTES_MIN.into(),
+                MQTT_PACKET_SIZE_BYTES_MAX.into(),
+            ),
+            (
+                "limits.max_inflight",
+                l.max_inflight.into(),
+                1,
+                u16::MAX.into(),
+            ),
+            (
+                "limits.max_queued_messages",
+                l.max_queued_messages.into(),
+                1,
+                u32::MAX.into(),
+            ),
+            (
+                "limits.max_subscriptions_per_client",
+                l.max_subscriptions_per_client.into(),
+                1,
+                u32::MAX.into(),
+            ),
+            // The subscription trie bounds its walk by the codec's TOPIC_LEVELS_MAX;
+            // a deeper limit here would accept filters the trie refuses.
+            (
+                "limits.max_topic_levels",
+                l.max_topic_levels.into(),
+                1,
+                tessera_proto::topic::TOPIC_LEVELS_MAX as u64,
+            ),
+            (
+                "limits.connect_timeout_s",
+                l.connect_timeout_s.into(),
+                1,
+                3600,
+            ),
+            (
+                "limits.max_keep_alive_s",
+                l.max_keep_alive_s.into(),
+                1,
+                u16::MAX.into(),
+            ),
+            (
+                "persistence.batch_interval_ms",
+                self.persistence.batch_interval_ms.into(),
+                1,
+                1000,
+            ),
+            (
+                "limits.connect_rate_per_s",
+                l.connect_rate_per_s.into(),
+                0,
+                u32::MAX.into(),
+            ),
+        ];
+        for (field, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return invalid(field, value.to_string(), accepted(field));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The accepted-values text of a dotted field.
+fn accepted(path: &str) -> String {
+    let (section, key) = path.split_once('.').expect("dotted path");
+    field_doc(section, key)
+        .expect("known field")
+        .accepted
+        .to_owned()
+}
+
+/// Formats addresses as a TOML array.
+fn list(addrs: &[SocketAddr]) -> String {
+    let items: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// The error for a `TESSERA_` variable that names no setting, with the likely candidates.
+fn unknown_env(var: &str, section: &str, key: &str) -> ConfigError {
+    let in_section: Vec<String> = FIELDS
+        .iter()
+        .filter(|f| f.section == section)
+        .map(FieldDoc::env_var)
+        .collect();
+    let hint = if in_section.is_empty() {
+        let mut sections: Vec<&str> = FIELDS.iter().map(|f| f.section).collect();
+        sections.dedup();
+        format!("Known sections: {}.", sections.join(", "))
+    } else {
+        format!(
+            "Known variables for [{section}]: {}.",
+            in_section.join(", ")
+        )
+    };
+    let path = if section.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{section}.{key}")
+    };
+    ConfigError::UnknownEnv {
+        var: var.to_owned(),
+        path,
+        hint,
+    }
+}
+
+/// The `(section, key)` pairs assigned in a TOML document that parsed as a [`Config`].
+fn keys_present(text: &str) -> Vec<(String, String)> {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    for (section, value) in &table {
+        if let Some(inner) = value.as_table() {
+            keys.extend(inner.keys().map(|k| (section.clone(), k.clone())));
+        }
+    }
+    keys
+}
+
+/// The dotted field at byte `offset` of a TOML document: the key on that line, inside the
+/// nearest `[section]` header above it. Best effort, for error messages only.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = text[line_start..line_end].trim();
+    let header = |l: &str| {
+        let l = l.trim();
+        (l.starts_with('[') && !l.starts_with("[[") && l.contains(']'))
+            .then(|| l[1..l.find(']').expect("checked")].trim().to_owned())
+    };
+    if let Some(section) = header(line) {
+        return Some(section);
+    }
+    let key = line.split_once('=')?.0.trim().trim_matches('"').to_owned();
+    let section = text[..line_start].lines().rev().find_map(header);
+    Some(match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key,
+    })
+}
+
+/// The default configuration as a TOML document with a comment above every key saying
+/// what it is, its unit and the accepted values. `--print-default-config` prints it.
+pub fn default_config_toml() -> String {
+    let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+    let mut out = String::from(
+        "# Tessera broker configuration (the built-in defaults).\n\
+         # Precedence: defaults < this file (--config FILE) < environment variables\n\
+         # TESSERA_<SECTION>__<KEY> (e.g. TESSERA_LIMITS__MAX_INFLIGHT=64) < flags.\n\
+         # Unknown keys and unknown TESSERA_ variables are errors.\n",
+    );
+    let mut section = "";
+    for field in FIELDS {
+        if field.section != section {
+            section = field.section;
+            out.push_str(&format!("\n[{section}]\n"));
+        }
+        let comment = format!("{} Accepted: {}.", field.doc, field.accepted);
+        push_comment(&mut out, &comment);
+        let value = defaults.get(field.section).and_then(|t| t.get(field.key));
+        match value {
+            Some(value) => out.push_str(&format!("{} = {value}\n", field.key)),
+            // No TOML null: an unset optional is shown as a commented-out example.
+            None => out.push_str(&format!("# {} = 2\n", field.key)),
+        }
+    }
+    out
+}
+
+/// Appends `text` as `# ` comment lines wrapped to [`COMMENT_WIDTH_MAX`] columns.
+fn push_comment(out: &mut String, text: &str) {
+    let mut line = String::from("#");
+    for word in text.split_whitespace() {
+        if line.len() > 1 && line.len() + 1 + word.len() > COMMENT_WIDTH_MAX {
+            out.push_str(&line);
+            out.push('\n');
+            line = String::from("#");
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out.push('\n');
+}
+
+/// Width of the comment lines in [`default_config_toml`], in columns.
+const COMMENT_WIDTH_MAX: usize = 88;
+
+#[cfg(test)]
+mod tests {
+    //! Goal: every source and every error path of the configuration behaves as documented.
+    //! Method: files are written to a per-test temporary directory, the environment is
+    //! passed in as a list (never the process environment, so tests run in parallel).
+
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        vars.iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect()
+    }
+
+    /// Writes `text` to a fresh file named after the test and returns its path.
+    fn file(test: &str, text: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("tessera-config-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tessera.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn cli_with_file(path: &Path) -> Cli {
+        Cli {
+            config: Some(path.to_owned()),
+            ..Cli::default()
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_values() {
+        let c = Config::load(&Cli::default(), env(&[])).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.server.listen, vec![addr("127.0.0.1:1883")]);
+        assert_eq!(c.server.shards, None);
+        assert_eq!(c.server.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.server.admin_listen, addr("127.0.0.1:18083"));
+        assert_eq!(c.limits.max_connections, 100_000);
+        assert_eq!(c.limits.max_packet_size_bytes, 1_048_576);
+        assert_eq!(c.limits.max_inflight, 32);
+        assert_eq!(c.limits.max_queued_messages, 1000);
+        assert_eq!(c.limits.max_subscriptions_per_client, 100);
+        assert_eq!(c.limits.max_topic_levels, 128);
+        assert_eq!(c.limits.max_topic_alias, 64);
+        assert_eq!(c.limits.connect_timeout_s, 10);
+        assert_eq!(c.limits.max_keep_alive_s, 65535);
+        assert_eq!(c.limits.connect_rate_per_s, 0);
+        assert_eq!(c.limits.queue_overflow, QueueOverflow::DropQos0ThenOldest);
+        assert_eq!(c.persistence.durability, Durability::Sync);
+        assert_eq!(c.persistence.batch_interval_ms, 10);
+        assert_eq!(c.log.level, LogLevel::Info);
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn default_config_toml_parses_back_to_the_defaults() {
+        let text = default_config_toml();
+        assert_eq!(
+            Config::from_toml(&text, Path::new("default")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn default_config_toml_has_a_comment_above_every_key() {
+        let text = default_config_toml();
+        let lines: Vec<&str> = text.lines().collect();
+        for field in FIELDS {
+            let i = lines
+                .iter()
+                .position(|l| l.starts_with(&format!("{} = ", field.key)))
+                .or_else(|| {
+                    lines
+                        .iter()
+                        .position(|l| l.starts_with(&format!("# {} = ", field.key)))
+                })
+                .unwrap_or_else(|| panic!("{} missing:\n{text}", field.path()));
+            let block: Vec<&str> = lines[..i]
+                .iter()
+                .rev()
+                .take_while(|l| l.starts_with("# ") && !is_commented_key(l))
+                .copied()
+                .collect();
+            assert!(!block.is_empty(), "no comment above {}", field.path());
+            assert!(
+                block.iter().any(|l| l.contains("Accepted:")),
+                "{}",
+                field.path()
+            );
+            assert!(
+                lines.iter().all(|l| l.len() <= 100),
+                "line too long:\n{text}"
+            );
+        }
+    }
+
+    /// A commented-out example such as `# shards = 2`.
+    fn is_commented_key(line: &str) -> bool {
+        FIELDS
+            .iter()
+            .any(|f| line.starts_with(&format!("# {} = ", f.key)))
+    }
+
+    /// FIELDS, the env setter and the struct must list the same settings.
+    #[test]
+    fn fields_table_matches_the_struct() {
+        let mut full = Config::default();
+        full.server.shards = Some(1);
+        let table = toml::Table::try_from(full).unwrap();
+        let from_struct: BTreeSet<String> = table
+            .iter()
+            .flat_map(|(s, t)| {
+                t.as_table()
+                    .unwrap()
+                    .keys()
+                    .map(move |k| format!("{s}.{k}"))
+            })
+            .collect();
+        let from_fields: BTreeSet<String> = FIELDS.iter().map(FieldDoc::path).collect();
+        assert_eq!(from_struct, from_fields);
+        assert_eq!(from_fields.len(), FIELDS.len(), "duplicate FIELDS entry");
+    }
+
+    /// Every setting can be set from its environment variable (the setter covers FIELDS).
+    #[test]
+    fn every_field_has_an_env_setter() {
+        let default_toml = toml::Table::try_from(Config::default()).unwrap();
+        for field in FIELDS {
+            let value = match default_toml
+                .get(field.section)
+                .and_then(|t| t.get(field.key))
+            {
+                Some(toml::Value::String(s)) => s.clone(),
+                Some(toml::Value::Array(a)) => a
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                Some(other) => other.to_string(),
+                None => "1".to_owned(),
+            };
+            let var = field.env_var();
+            Config::load(&Cli::default(), env(&[(&var, &value)]))
+                .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
+        }
+    }
+
+    #[test]
+    fn config_enum_names_match_serde_names() {
+        fn check<T: ConfigEnum + Serialize>() {
+            for (name, value) in T::VALUES {
+                assert_eq!(toml::Value::try_from(value).unwrap().as_str(), Some(*name));
+            }
+        }
+        check::<QueueOverflow>();
+        check::<Durability>();
+        check::<LogLevel>();
+        check::<LogFormat>();
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_keeps_the_rest() {
+        let path = file(
+            "file_override",
+            "[server]\nlisten = [\"0.0.0.0:1883\", \"[::]:1884\"]\nshards = 2\n\n\
+             [limits]\nmax_inflight = 100\nqueue_overflow = \"disconnect\"\n\n\
+             [persistence]\ndurability = \"batched\"\n",
+        );
+        let c = Config::load(&cli_with_file(&path), env(&[])).unwrap();
+        assert_eq!(
+            c.server.listen,
+            vec![addr("0.0.0.0:1883"), addr("[::]:1884")]
+        );
+        assert_eq!(c.server.shards, Some(2));
+        assert_eq!(c.limits.max_inflight, 100);
+        assert_eq!(c.limits.queue_overflow, QueueOverflow::Disconnect);
+        assert_eq!(c.persistence.durability, Durability::Batched);
+        assert_eq!(c.limits.max_connections, 100_000);
+        assert_eq!(c.log, LogConfig::default());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let path = file(
+            "env_over_file",
+            "[limits]\nmax_inflight = 100\nmax_topic_alias = 5\n",
+        );
+        let c = Config::load(
+            &cli_with_file(&path),
+            env(&[
+                ("TESSERA_LIMITS__MAX_INFLIGHT", "64"),
+                ("TESSERA_SERVER__LISTEN", "127.0.0.1:1883, 0.0.0.0:1884"),
+                ("TESSERA_PERSISTENCE__DURABILITY", "memory"),
+                ("PATH", "/usr/bin"),
+                ("TESSERAX", "not ours: no underscore after the prefix"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_inflight, 64);
+        assert_eq!(c.limits.max_topic_alias, 5);
+        assert_eq!(
+            c.server.listen,
+            vec![addr("127.0.0.1:1883"), addr("0.0.0.0:1884")]
+        );
+        assert_eq!(c.persistence.durability, Durability::Memory);
+    }
+
+    #[test]
+    fn cli_overrides_env_and_file() {
+        let path = file(
+            "cli_over_all",
+            "[server]\nshards = 1\ndata_dir = \"/from/file\"\n",
+        );
+        let cli = Cli {
+            config: Some(path),
+            listen: vec![addr("127.0.0.1:2883")],
+            shards: Some(2),
+            data_dir: Some(PathBuf::from("/from/cli")),
+            admin_listen: Some(addr("127.0.0.1:28083")),
+            log_level: Some(LogLevel::Trace),
+            print_default_config: false,
+        };
+        let c = Config::load(
+            &cli,
+            env(&[
+                ("TESSERA_SERVER__SHARDS", "1"),
+                ("TESSERA_SERVER__LISTEN", "127.0.0.1:3883"),
+                ("TESSERA_LOG__LEVEL", "warn"),
+                ("TESSERA_LOG__FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, vec![addr("127.0.0.1:2883")]);
+        assert_eq!(c.server.shards, Some(2));
+        assert_eq!(c.server.data_dir, PathBuf::from("/from/cli"));
+        assert_eq!(c.server.admin_listen, addr("127.0.0.1:28083"));
+        assert_eq!(c.log.level, LogLevel::Trace);
+        // No flag for the format: the environment wins over the default.
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_field_in_file_names_path_and_field() {
+        let path = file(
+            "unknown_field",
+            "[limits]\nmax_inflight = 10\nmax_infligth = 20\n",
+        );
+        let err = Config::load(&cli_with_file(&path), env(&[])).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, ConfigError::Parse { field: Some(f), .. } if f == "limits.max_infligth"),
+            "{msg}"
+        );
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("max_infligth"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("max_inflight"), "expected field list: {msg}");
+    }
+
+    #[test]
+    fn unknown_section_in_file_is_an_error() {
+        let path = file("unknown_section", "[limit]\nmax_inflight = 10\n");
+        let msg = Config::load(&cli_with_file(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("limit"), "{msg}");
+        assert!(msg.contains("persistence"), "expected section list: {msg}");
+    }
+
+    #[test]
+    fn wrong_type_in_file_names_the_field() {
+        let path = file(
+            "wrong_type",
+            "[server]\nlisten = [\"127.0.0.1:1883\"]\n\n[limits]\nmax_inflight = \"many\"\n",
+        );
+        let err = Config::load(&cli_with_file(&path), env(&[])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("(field limits.max_inflight)"), "{msg}");
+        assert!(msg.contains("line 5"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_in_file_names_the_field() {
+        let path = file("out_of_range_file", "[limits]\nmax_inflight = 70000\n");
+        let msg = Config::load(&cli_with_file(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("(field limits.max_inflight)"), "{msg}");
+        assert!(
+            msg.contains("limits.max_inflight accepts an integer from 1 to 65535"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_enum_value_in_file_lists_accepted_values() {
+        let path = file("bad_enum_file", "[persistence]\ndurability = \"fsync\"\n");
+        let msg = Config::load(&cli_with_file(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("(field persistence.durability)"), "{msg}");
+        assert!(msg.contains("fsync"), "{msg}");
+        for v in ["sync", "batched", "memory"] {
+            assert!(msg.contains(v), "{msg}");
+        }
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let cli = cli_with_file(Path::new("/nonexistent/tessera.toml"));
+        let msg = Config::load(&cli, env(&[])).unwrap_err().to_string();
+        assert!(
+            msg.contains("cannot read config file /nonexistent/tessera.toml"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_enum_value_in_env_lists_accepted_values() {
+        let err = Config::load(
+            &Cli::default(),
+            env(&[("TESSERA_LIMITS__QUEUE_OVERFLOW", "drop_everything")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable TESSERA_LIMITS__QUEUE_OVERFLOW=\"drop_everything\" is \
+             invalid for limits.queue_overflow: expected one of drop_qos0_then_oldest, \
+             drop_oldest, drop_new, disconnect"
+        );
+    }
+
+    #[test]
+    fn bad_number_in_env_names_var_field_and_range() {
+        for value in ["lots", "-1", "70000", ""] {
+            let err = Config::load(
+                &Cli::default(),
+                env(&[("TESSERA_LIMITS__MAX_INFLIGHT", value)]),
+            )
+            .unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("TESSERA_LIMITS__MAX_INFLIGHT"), "{msg}");
+            assert!(msg.contains("limits.max_inflight"), "{msg}");
+            assert!(msg.contains("from 1 to 65535"), "{msg}");
+        }
+        let msg = Config::load(
+            &Cli::default(),
+            env(&[("TESSERA_SERVER__LISTEN", "localhost")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("server.listen"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_env_value_names_the_variable() {
+        let err = Config::load(
+            &Cli::default(),
+            env(&[("TESSERA_LIMITS__MAX_INFLIGHT", "0")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "limits.max_inflight = 0 is invalid: expected an integer from 1 to 65535 \
+             (set by environment variable TESSERA_LIMITS__MAX_INFLIGHT)"
+        );
+    }
+
+    #[test]
+    fn unknown_env_var_is_an_error() {
+        let msg = Config::load(
+            &Cli::default(),
+            env(&[("TESSERA_LIMITS__MAX_INFLIGTH", "5")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("unknown environment variable TESSERA_LIMITS__MAX_INFLIGTH"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("TESSERA_LIMITS__MAX_INFLIGHT"),
+            "expected candidates: {msg}"
+        );
+
+        let msg = Config::load(
+            &Cli::default(),
+            env(&[("TESSERA_LIMIT__MAX_INFLIGHT", "5")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("Known sections: server, limits, persistence, log"),
+            "{msg}"
+        );
+
+        // A single underscore between section and key is a typo too.
+        assert!(Config::load(&Cli::default(), env(&[("TESSERA_LOG_LEVEL", "info")])).is_err());
+    }
+
+    #[test]
+    fn env_names_are_case_insensitive_values_are_not() {
+        let c = Config::load(&Cli::default(), env(&[("TESSERA_log__Level", "debug")])).unwrap();
+        assert_eq!(c.log.level, LogLevel::Debug);
+        assert!(Config::load(&Cli::default(), env(&[("TESSERA_LOG__LEVEL", "DEBUG")])).is_err());
+    }
+
+    #[test]
+    fn non_utf8_env_value_is_an_error() {
+        use std::os::unix::ffi::OsStringExt;
+        let vars = vec![(
+            OsString::from("TESSERA_SERVER__DATA_DIR"),
+            OsString::from_vec(vec![0x2f, 0xff, 0xfe]),
+        )];
+        let msg = Config::load(&Cli::default(), vars).unwrap_err().to_string();
+        assert!(
+            msg.contains("TESSERA_SERVER__DATA_DIR is not valid UTF-8"),
+            "{msg}"
+        );
+    }
+
+    fn invalid(mutate: impl FnOnce(&mut Config)) -> String {
+        let mut c = Config::default();
+        mutate(&mut c);
+        let err = c.validate().unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
+        err.to_string()
+    }
+
+    #[test]
+    fn validate_rejects_out_of_range_values() {
+        assert_eq!(
+            invalid(|c| c.limits.max_packet_size_bytes = 63),
+            "limits.max_packet_size_bytes = 63 is invalid: expected an integer from 64 to \
+             268435460"
+        );
+        assert!(
+            invalid(|c| c.limits.max_packet_size_bytes = MQTT_PACKET_SIZE_BYTES_MAX + 1)
+                .contains("from 64 to 268435460")
+        );
+        assert!(invalid(|c| c.limits.max_inflight = 0).starts_with("limits.max_inflight = 0"));
+        assert!(invalid(|c| c.server.shards = Some(0)).starts_with("server.shards = 0"));
+        assert!(invalid(|c| c.limits.max_connections = 0).contains("max_connections"));
+        assert!(invalid(|c| c.limits.max_queued_messages = 0).contains("max_queued_messages"));
+        assert!(invalid(|c| c.limits.max_topic_levels = 70_000).contains("from 1 to 128"));
+        assert!(invalid(|c| c.limits.connect_timeout_s = 0).contains("from 1 to 3600"));
+        assert!(invalid(|c| c.limits.max_keep_alive_s = 0).contains("max_keep_alive_s"));
+        assert!(invalid(|c| c.persistence.batch_interval_ms = 5000).contains("from 1 to 1000"));
+        assert!(invalid(|c| c.server.data_dir = PathBuf::new()).contains("server.data_dir"));
+        // Boundaries are accepted.
+        let mut c = Config::default();
+        c.limits.max_packet_size_bytes = MQTT_PACKET_SIZE_BYTES_MAX;
+        c.limits.max_inflight = u16::MAX;
+        c.limits.max_topic_alias = 0;
+        c.server.shards = Some(1);
+        c.validate().unwrap();
+        c.limits.max_packet_size_bytes = PACKET_SIZE_BYTES_MIN;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validate_rejects_bad_listen_sets() {
+        assert!(invalid(|c| c.server.listen.clear()).starts_with("server.listen = []"));
+        let msg = invalid(|c| c.server.listen.push(addr("127.0.0.1:1883")));
+        assert!(msg.contains("127.0.0.1:1883 is listed twice"), "{msg}");
+        let msg = invalid(|c| c.server.admin_listen = addr("127.0.0.1:1883"));
+        assert!(
+            msg.starts_with("server.admin_listen = \"127.0.0.1:1883\""),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn validation_error_names_file_or_flag_origin() {
+        let path = file("origin_file", "[limits]\nmax_packet_size_bytes = 10\n");
+        let msg = Config::load(&cli_with_file(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.ends_with(&format!("(set by config file {})", path.display())),
+            "{msg}"
+        );
+
+        let cli = Cli {
+            shards: Some(0),
+            ..Cli::default()
+        };
+        let msg = Config::load(&cli, env(&[])).unwrap_err().to_string();
+        assert!(
+            msg.ends_with("(set by command-line flag --shards)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn field_at_locates_keys_and_headers() {
+        let text = "top = 1\n[server]\nlisten = []\n  [ limits ]\nmax_inflight = 3\n";
+        assert_eq!(field_at(text, 0).as_deref(), Some("top"));
+        assert_eq!(
+            field_at(text, text.find("listen").unwrap()).as_deref(),
+            Some("server.listen")
+        );
+        assert_eq!(
+            field_at(text, text.find("limits").unwrap()).as_deref(),
+            Some("limits")
+        );
+        assert_eq!(
+            field_at(text, text.find("3").unwrap()).as_deref(),
+            Some("limits.max_inflight")
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! `broker`: the Tessera MQTT server. Starts with zero configuration (MQTT on
+//! 127.0.0.1:1883), or with `--config tessera.toml`; see `--help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tessera_broker::cli::Cli;
+use tessera_broker::config::{Config, LogFormat, default_config_toml};
+use tessera_broker::server::Server;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{}", default_config_toml());
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::load_from_process(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("broker: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    match run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("broker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config.log.level.to_string()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(config: &Config) -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let server = Server::start(config)?;
+    for addr in &server.mqtt_addrs {
+        // Scripts and tests wait for this line; keep its shape.
+        println!("tessera: listening mqtt://{addr}");
+    }
+    tracing::info!(shards = server.shards(), "broker ready");
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+    }
+    server.stop();
+    server.join()
+}

@@ -1,0 +1,758 @@
+//! The glommio driver: boots one pinned executor per shard, joins them in a full
+//! channel mesh, accepts MQTT connections on every shard (`SO_REUSEPORT`), hands
+//! each connection to the shard owning its ClientID, and runs the shard's
+//! [`Engine`] against real sockets.
+//!
+//! Lifecycle: [`Server::start`] returns once every shard listens; [`Server::stop`]
+//! asks the shards to shut down (v5 clients get DISCONNECT 0x8B, output is
+//! flushed); [`Server::join`] waits for the executors to exit.
+//!
+//! Per connection there are two tasks on the owner shard: a reader that decodes
+//! packets into the engine, and a writer that sends what the engine produced.
+//! They use two file descriptors of the same socket, so a client that is slow to
+//! read never blocks the processing of what it sends (its acknowledgements).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt, future::poll_fn};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use tessera_proto::{
+    ConnAck, Connect, DecodeError, Encode, Packet, PacketType, ProtocolVersion, ReasonCode, Str,
+};
+use tessera_shard::engine::{CloseReason, Engine, Limits};
+use tessera_shard::handoff::Handoff;
+use tessera_shard::hash::{assign_client_id, shard_for};
+use tessera_shard::mesh::{MeshMsg, ShardId};
+use tessera_shard::session::ConnId;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+
+/// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
+/// holds one batch, so this bounds batches, not messages.
+const MESH_CHANNEL_SLOTS: usize = 1024;
+
+/// Batches queued locally for one peer before connection readers on this shard
+/// pause (back-pressure on publishers when a peer shard falls behind).
+const MESH_BACKLOG_BATCHES_MAX: usize = 4096;
+
+/// Bytes read from a socket per read call.
+const READ_CHUNK_BYTES: usize = 4096;
+
+/// How often each shard checks keep alives, expiries and the stop flag.
+const TICK: Duration = Duration::from_millis(250);
+
+/// How long a shard waits at shutdown for connections to flush.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+
+/// How long a connection the broker closes keeps discarding what the client
+/// still sends before the socket is closed (see `write_loop`).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Memory glommio registers for I/O per shard; well under the 8 MiB locked-memory
+/// limit common on small hosts (glommio's default of 10 MiB exceeds it).
+const IO_MEMORY_BYTES: usize = 1024 * 1024;
+
+/// Broker-relative milliseconds: the engine's clock.
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// What travels between shards.
+#[derive(Debug)]
+enum Envelope {
+    /// Engine messages, in order.
+    Batch(Vec<MeshMsg>),
+    /// A connection whose ClientID the receiver owns. Boxed: a CONNECT is
+    /// large, and every batch would otherwise take its size.
+    Handoff(Box<Handoff<(Connect, bool)>>),
+}
+
+/// A running broker.
+#[derive(Debug)]
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    executors: Vec<glommio::ExecutorJoinHandle<()>>,
+    /// The MQTT listen addresses, with ports resolved.
+    pub mqtt_addrs: Vec<SocketAddr>,
+}
+
+/// Everything a shard needs to boot.
+#[derive(Clone)]
+struct ShardBoot {
+    shard_count: usize,
+    mesh: MeshBuilder<Envelope, Full>,
+    listen: Vec<SocketAddr>,
+    limits: Limits,
+    connections_max: usize,
+    /// New connections per second per shard; 0 = unlimited.
+    connect_rate_per_s: f64,
+    connect_timeout: Duration,
+    stop: Arc<AtomicBool>,
+    ready: mpsc::Sender<Result<usize, String>>,
+}
+
+impl Server {
+    /// Boots the shards and returns once every shard listens on every address.
+    pub fn start(config: &Config) -> anyhow::Result<Server> {
+        tessera_shard::memlock::check_memlock().map_err(|e| anyhow!("{e}"))?;
+        let cpus =
+            tessera_shard::placement::plan(config.server.shards).map_err(|e| anyhow!("{e}"))?;
+        let shard_count = cpus.len();
+
+        // Resolve port 0 once, so every shard binds the same concrete port. The
+        // reserving sockets are bound but never listen, so no connection is
+        // queued on them; they close once the shards listen.
+        let mut reservations = Vec::new();
+        let mut listen = Vec::new();
+        for addr in &config.server.listen {
+            let sock = reserve_port(*addr).with_context(|| format!("cannot listen on {addr}"))?;
+            listen.push(sock.local_addr()?.as_socket().expect("inet address"));
+            reservations.push(sock);
+        }
+
+        let limits = engine_limits(config);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let boot = ShardBoot {
+            shard_count,
+            mesh: MeshBuilder::full(shard_count, MESH_CHANNEL_SLOTS),
+            listen: listen.clone(),
+            limits,
+            connections_max: (config.limits.max_connections as usize).div_ceil(shard_count),
+            connect_rate_per_s: f64::from(config.limits.connect_rate_per_s) / shard_count as f64,
+            connect_timeout: Duration::from_secs(u64::from(config.limits.connect_timeout_s)),
+            stop: stop.clone(),
+            ready: ready_tx,
+        };
+        let mut executors = Vec::with_capacity(shard_count);
+        for (k, cpu) in cpus.iter().enumerate() {
+            let boot = boot.clone();
+            let handle = LocalExecutorBuilder::new(Placement::Fixed(*cpu))
+                .name(&format!("shard-{k}"))
+                .io_memory(IO_MEMORY_BYTES)
+                .spawn(move || shard_main(boot))
+                .map_err(|e| {
+                    anyhow!(
+                        "cannot start shard {k} on CPU {cpu}: {e}. glommio needs io_uring \
+                         (Linux 5.8+, not disabled by kernel.io_uring_disabled or a container \
+                         seccomp profile) and at least 512 KiB of locked memory (ulimit -l)"
+                    )
+                })?;
+            executors.push(handle);
+        }
+        drop(boot);
+        for _ in 0..shard_count {
+            match ready_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    stop.store(true, Ordering::SeqCst);
+                    bail!("{e}");
+                }
+                Err(_) => {
+                    stop.store(true, Ordering::SeqCst);
+                    bail!("shards did not start within 10 s");
+                }
+            }
+        }
+        drop(reservations);
+        Ok(Server {
+            stop,
+            executors,
+            mqtt_addrs: listen,
+        })
+    }
+
+    /// Number of shards running.
+    pub fn shards(&self) -> usize {
+        self.executors.len()
+    }
+
+    /// Asks every shard to shut down gracefully.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every shard exited.
+    pub fn join(self) -> anyhow::Result<()> {
+        for h in self.executors {
+            h.join().map_err(|e| anyhow!("shard failed: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn engine_limits(config: &Config) -> Limits {
+    let l = &config.limits;
+    Limits {
+        packet_size_bytes_max: l.max_packet_size_bytes,
+        inflight_count_max: l.max_inflight,
+        receive_maximum: l.max_inflight,
+        queued_count_max: l.max_queued_messages as usize,
+        subscriptions_count_max: l.max_subscriptions_per_client as usize,
+        topic_levels_max: l.max_topic_levels as usize,
+        topic_alias_max: l.max_topic_alias,
+        keep_alive_s_max: l.max_keep_alive_s,
+        ..Limits::default()
+    }
+}
+
+fn reserve_port(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock)
+}
+
+/// A token bucket for the connect rate: `rate` tokens per second, bursts of up
+/// to one second's worth. A rate of 0 never limits.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64) -> TokenBucket {
+        TokenBucket {
+            rate,
+            tokens: rate.max(1.0),
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One shard's state shared by its tasks (all on one thread).
+struct Shard {
+    id: usize,
+    shard_count: usize,
+    engine: RefCell<Engine>,
+    senders: Senders<Envelope>,
+    /// Envelopes waiting for each peer's channel, in order.
+    mesh_out: RefCell<Vec<VecDeque<Envelope>>>,
+    mesh_wakers: RefCell<Vec<Option<Waker>>>,
+    connections: Cell<usize>,
+    connections_max: usize,
+    connect_rate: RefCell<TokenBucket>,
+    max_packet: usize,
+    connect_timeout: Duration,
+    id_seed: Cell<u64>,
+}
+
+impl Shard {
+    /// Moves what the engine produced for other shards into the peer queues.
+    fn flush_outbox(&self) {
+        let mut engine = self.engine.borrow_mut();
+        if !engine.has_outbox() {
+            return;
+        }
+        let mut out = self.mesh_out.borrow_mut();
+        let mut wakers = self.mesh_wakers.borrow_mut();
+        engine.drain_outbox(|to, batch| {
+            let to = usize::from(to);
+            out[to].push_back(Envelope::Batch(batch));
+            if let Some(w) = wakers[to].take() {
+                w.wake();
+            }
+        });
+    }
+
+    fn send_envelope(&self, to: usize, env: Envelope) {
+        self.mesh_out.borrow_mut()[to].push_back(env);
+        if let Some(w) = self.mesh_wakers.borrow_mut()[to].take() {
+            w.wake();
+        }
+    }
+
+    fn mesh_backlog(&self) -> usize {
+        self.mesh_out
+            .borrow()
+            .iter()
+            .map(VecDeque::len)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+async fn shard_main(boot: ShardBoot) {
+    let stop = boot.stop.clone();
+    let ready = boot.ready.clone();
+    let (senders, mut receivers) = match boot.mesh.join().await {
+        Ok(pair) => pair,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot join the shard mesh: {e}")));
+            return;
+        }
+    };
+    let id = senders.peer_id();
+    let shard = Rc::new(Shard {
+        id,
+        shard_count: boot.shard_count,
+        engine: RefCell::new(Engine::new(
+            id as ShardId,
+            boot.shard_count,
+            boot.limits.clone(),
+        )),
+        senders,
+        mesh_out: RefCell::new((0..boot.shard_count).map(|_| VecDeque::new()).collect()),
+        mesh_wakers: RefCell::new((0..boot.shard_count).map(|_| None).collect()),
+        connections: Cell::new(0),
+        connections_max: boot.connections_max,
+        connect_rate: RefCell::new(TokenBucket::new(boot.connect_rate_per_s)),
+        max_packet: boot.limits.packet_size_bytes_max as usize,
+        connect_timeout: boot.connect_timeout,
+        id_seed: Cell::new(now_ms() ^ ((id as u64) << 56) ^ u64::from(std::process::id())),
+    });
+
+    let mut listeners = Vec::new();
+    for addr in &boot.listen {
+        match TcpListener::bind(addr) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {id}: cannot listen on {addr}: {e}")));
+                return;
+            }
+        }
+    }
+    for (peer, receiver) in receivers.streams() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(env) = receiver.recv().await {
+                on_envelope(&shard, peer, env);
+            }
+        })
+        .detach();
+    }
+    for peer in (0..boot.shard_count).filter(|p| *p != id) {
+        glommio::spawn_local(mesh_writer(shard.clone(), peer)).detach();
+    }
+    for listener in listeners {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            loop {
+                match listener.accept().await {
+                    Ok(stream) => {
+                        if !shard.connect_rate.borrow_mut().take(Instant::now()) {
+                            // Over the connect rate: close before reading anything.
+                            debug!(shard = shard.id, "connect rate exceeded: closing");
+                            drop(stream);
+                            continue;
+                        }
+                        glommio::spawn_local(accept_connection(shard.clone(), stream)).detach();
+                    }
+                    Err(e) => {
+                        warn!(shard = shard.id, "accept failed: {e}");
+                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+    let _ = ready.send(Ok(id));
+    info!(shard = id, "shard running");
+
+    while !stop.load(Ordering::Relaxed) {
+        glommio::timer::sleep(TICK).await;
+        shard.engine.borrow_mut().tick(now_ms());
+        shard.flush_outbox();
+    }
+    shard.engine.borrow_mut().shutdown(now_ms());
+    shard.flush_outbox();
+    let deadline = Instant::now() + SHUTDOWN_FLUSH;
+    while shard.connections.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    info!(shard = id, "shard stopped");
+}
+
+fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
+    match env {
+        Envelope::Batch(batch) => {
+            let now = now_ms();
+            {
+                let mut engine = shard.engine.borrow_mut();
+                for msg in batch {
+                    engine.handle_mesh(now, from as ShardId, msg);
+                }
+            }
+            shard.flush_outbox();
+        }
+        Envelope::Handoff(h) => {
+            let (stream, already_read, (connect, assigned)) = h.into_stream(shard.id);
+            glommio::spawn_local(serve(
+                shard.clone(),
+                stream,
+                already_read,
+                connect,
+                assigned,
+            ))
+            .detach();
+        }
+    }
+}
+
+/// Sends this shard's queued envelopes to `peer`, coalescing batches.
+async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
+    loop {
+        let env = poll_fn(|cx| {
+            let mut out = shard.mesh_out.borrow_mut();
+            let Some(first) = out[peer].pop_front() else {
+                shard.mesh_wakers.borrow_mut()[peer] = Some(cx.waker().clone());
+                return Poll::Pending;
+            };
+            let Envelope::Batch(mut batch) = first else {
+                return Poll::Ready(first);
+            };
+            while let Some(Envelope::Batch(_)) = out[peer].front() {
+                if let Some(Envelope::Batch(more)) = out[peer].pop_front() {
+                    batch.extend(more);
+                }
+            }
+            Poll::Ready(Envelope::Batch(batch))
+        })
+        .await;
+        if shard.senders.send_to(peer, env).await.is_err() {
+            debug!(shard = shard.id, peer, "peer channel closed");
+            return;
+        }
+    }
+}
+
+/// Reads the CONNECT of a new connection, then serves it here or hands it to
+/// the shard owning its ClientID.
+async fn accept_connection(shard: Rc<Shard>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    let mut buf = BytesMut::new();
+    let deadline = Instant::now() + shard.connect_timeout;
+    let connect = loop {
+        match tessera_proto::check(&buf, shard.max_packet) {
+            Ok(h) if h.packet_type != PacketType::Connect => {
+                debug!("first packet is {:?}, not CONNECT: closing", h.packet_type);
+                return;
+            }
+            Ok(_) => {
+                match tessera_proto::decode(&mut buf, ProtocolVersion::V3_1_1, shard.max_packet) {
+                    Ok(Some(Packet::Connect(c))) => break *c,
+                    Err(DecodeError::UnsupportedProtocol { level, .. }) => {
+                        // [MQTT-3.1.2-2]: answer an unsupported level with return code
+                        // 0x01 (3.1.1 format, which every version can parse) and close.
+                        debug!(level, "unsupported protocol level: refusing");
+                        let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+                        return;
+                    }
+                    other => {
+                        debug!("bad CONNECT: {other:?}: closing");
+                        return;
+                    }
+                }
+            }
+            Err(DecodeError::Incomplete { .. }) => {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    debug!("no CONNECT within the connect timeout: closing");
+                    return;
+                };
+                // Dropping a pending read loses nothing: glommio's unbuffered
+                // read waits for readiness, then copies straight into `buf`.
+                let read = async { Some(read_more(&mut stream, &mut buf).await) };
+                let expire = async {
+                    glommio::timer::sleep(left).await;
+                    None
+                };
+                match futures_lite::future::or(read, expire).await {
+                    Some(Ok(n)) if n > 0 => {}
+                    _ => return,
+                }
+            }
+            Err(e) => {
+                debug!("bad first packet: {e}: closing");
+                return;
+            }
+        }
+    };
+    let mut connect = connect;
+    let mut assigned = false;
+    if connect.client_id.is_empty() {
+        // An assigned id hashes to this shard, so the connection never hops.
+        let mut seed = shard.id_seed.get();
+        let id = assign_client_id(shard.id, shard.shard_count, &mut seed);
+        shard.id_seed.set(seed);
+        connect.client_id = Str::try_from(id).expect("assigned ids are ASCII");
+        assigned = true;
+    }
+    let owner = shard_for(connect.client_id.as_bytes(), shard.shard_count);
+    if owner == shard.id {
+        serve(shard, stream, buf.freeze(), connect, assigned).await;
+    } else {
+        match Handoff::detach(stream, buf.freeze(), owner, (connect, assigned)) {
+            Ok(h) => shard.send_envelope(owner, Envelope::Handoff(Box::new(h))),
+            Err(e) => warn!("hand-off to shard {owner} failed: {e}"),
+        }
+    }
+}
+
+/// Reads once into `buf`; returns the bytes read (0 at end of stream).
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK_BYTES, 0);
+    let r = stream.read(&mut buf[start..]).await;
+    let n = *r.as_ref().unwrap_or(&0);
+    buf.truncate(start + n);
+    r
+}
+
+/// Serves one connection on its owner shard until it ends.
+async fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    already_read: Bytes,
+    connect: Connect,
+    assigned: bool,
+) {
+    let version = connect.version;
+    if shard.connections.get() >= shard.connections_max {
+        // Refuse in the client's own version: 3.1.1 return code 3, v5 0x89.
+        let ack = ConnAck {
+            session_present: false,
+            reason_code: if version.is_v5() {
+                ReasonCode::ServerBusy
+            } else {
+                ReasonCode::ServerUnavailable
+            },
+            properties: Default::default(),
+        };
+        let mut out = BytesMut::new();
+        if ack.encode(version, &mut out).is_ok() {
+            let mut stream = stream;
+            let _ = stream.write_all(&out).await;
+        }
+        warn!(
+            shard = shard.id,
+            max = shard.connections_max,
+            "connection limit reached: refusing"
+        );
+        return;
+    }
+    let writer = match dup_stream(&stream) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("cannot duplicate socket: {e}");
+            return;
+        }
+    };
+    shard.connections.set(shard.connections.get() + 1);
+    let conn = shard
+        .engine
+        .borrow_mut()
+        .connect(now_ms(), connect, assigned);
+    shard.flush_outbox();
+    glommio::spawn_local(write_loop(shard.clone(), writer, conn)).detach();
+    read_loop(
+        &shard,
+        stream,
+        BytesMut::from(&already_read[..]),
+        conn,
+        version,
+    )
+    .await;
+}
+
+fn dup_stream(stream: &TcpStream) -> std::io::Result<TcpStream> {
+    // SAFETY: the fd belongs to `stream`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned()?;
+    // SAFETY: `fd` is a fresh descriptor of a connected TCP socket, owned here.
+    Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+}
+
+async fn read_loop(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    conn: ConnId,
+    version: ProtocolVersion,
+) {
+    loop {
+        let now = now_ms();
+        {
+            let mut engine = shard.engine.borrow_mut();
+            loop {
+                if engine.is_ended(conn) {
+                    break;
+                }
+                match tessera_proto::decode(&mut buf, version, shard.max_packet) {
+                    Ok(Some(packet)) => engine.handle_packet(now, conn, packet),
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(%conn, "decode error: {e}");
+                        let reason = e.reason_code().unwrap_or(ReasonCode::MalformedPacket);
+                        engine.decode_error(now, conn, reason);
+                        break;
+                    }
+                }
+            }
+        }
+        shard.flush_outbox();
+        if shard.engine.borrow().is_ended(conn) {
+            return;
+        }
+        // Back-pressure: a peer shard that falls behind slows publishers here.
+        while shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        match read_more(&mut stream, &mut buf).await {
+            Ok(n) if n > 0 => {}
+            _ => {
+                shard.engine.borrow_mut().connection_lost(now_ms(), conn);
+                shard.flush_outbox();
+                return;
+            }
+        }
+    }
+}
+
+/// Waits for output of `conn`: swaps the engine's buffer with `spare` (so no
+/// buffer is allocated per write) or reports that the connection closes.
+struct NextOutput<'a> {
+    shard: &'a Shard,
+    conn: ConnId,
+    spare: &'a mut BytesMut,
+}
+
+impl Future for NextOutput<'_> {
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let this = self.get_mut();
+        let mut engine = this.shard.engine.borrow_mut();
+        let Some(out) = engine.output(this.conn) else {
+            return Poll::Ready(false);
+        };
+        if !out.buf.is_empty() {
+            std::mem::swap(&mut out.buf, this.spare);
+            return Poll::Ready(true);
+        }
+        if out.close.is_some() {
+            return Poll::Ready(false);
+        }
+        out.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+async fn write_loop(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnId) {
+    let mut spare = BytesMut::new();
+    let mut write_failed = false;
+    loop {
+        let more = NextOutput {
+            shard: &shard,
+            conn,
+            spare: &mut spare,
+        }
+        .await;
+        if !more {
+            break;
+        }
+        if stream.write_all(&spare).await.is_err() {
+            write_failed = true;
+            shard.engine.borrow_mut().connection_lost(now_ms(), conn);
+            shard.flush_outbox();
+            break;
+        }
+        spare.clear();
+        shard.engine.borrow_mut().flushed(now_ms(), conn);
+        shard.flush_outbox();
+    }
+    // Lingering close when the broker ends the connection (refused CONNECT,
+    // protocol error, keep alive, takeover, shutdown): the client may still be
+    // sending, and a socket closed with unread input, or receiving input after
+    // a shutdown of its read side, answers with RST, which can destroy the
+    // CONNACK or DISCONNECT just written before the client reads it. So send
+    // FIN after the last byte and discard input until the client closes or
+    // CLOSE_LINGER passes. The engine slot stays held (ended) meanwhile, so a
+    // reader still parked on the socket cannot reach a reused slot.
+    let close = shard.engine.borrow_mut().output(conn).and_then(|o| o.close);
+    let client_ended = matches!(
+        close,
+        Some(CloseReason::ClientDisconnect | CloseReason::ConnectionLost)
+    );
+    if !write_failed && !client_ended {
+        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        discard_input(&mut stream, &mut spare).await;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+    shard.engine.borrow_mut().release(now_ms(), conn);
+    shard.flush_outbox();
+    shard.connections.set(shard.connections.get() - 1);
+}
+
+/// Reads and discards input until end of stream, an error, or `CLOSE_LINGER`.
+async fn discard_input(stream: &mut TcpStream, scratch: &mut BytesMut) {
+    let deadline = Instant::now() + CLOSE_LINGER;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        scratch.clear();
+        let read = async { Some(read_more(stream, scratch).await) };
+        let expire = async {
+            glommio::timer::sleep(left).await;
+            None
+        };
+        match futures_lite::future::or(read, expire).await {
+            Some(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_limits_bursts_and_refills() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(2.0);
+        assert!(b.take(t0) && b.take(t0), "a burst of one second's worth");
+        assert!(!b.take(t0), "then nothing until it refills");
+        assert!(
+            b.take(t0 + Duration::from_millis(500)),
+            "half a second refills one token"
+        );
+        assert!(!b.take(t0 + Duration::from_millis(500)));
+        let mut unlimited = TokenBucket::new(0.0);
+        assert!((0..10_000).all(|_| unlimited.take(t0)));
+    }
+}

@@ -1,0 +1,564 @@
+//! Support for the black-box tests: start the real `broker` binary on
+//! `127.0.0.1:0`, and speak MQTT to it over a plain `std::net::TcpStream` with
+//! the `tessera_proto` codec.
+//!
+//! Method: [`Broker::start`] spawns the binary built by Cargo with `--listen
+//! 127.0.0.1:0 --shards 2`, waits (at most [`READY_TIMEOUT`]) for the
+//! `tessera: listening mqtt://ADDR` line on its stdout, and returns a guard that
+//! kills the process on drop and prints the broker's log when the test failed.
+//! [`RawClient`] encodes and decodes packets itself, so tests can send exactly
+//! the bytes they mean (malformed ones included) and assert exactly what comes
+//! back. Every wait takes a timeout; nothing here can block a test forever.
+
+// Each test crate (`mqtt`, `malformed`, `cli`) compiles this module and uses a
+// different subset of it; the rest would warn as dead code in that crate.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tessera_proto::{
+    ConnAck, Connect, Disconnect, Encode, PACKET_BYTES_MAX, Packet, ProtocolVersion, Publish, QoS,
+    ReasonCode, Str, Subscribe, Subscription, SubscriptionOptions, Will,
+};
+
+/// How long the broker may take to print its listening line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default bound for one expected packet to arrive.
+pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The line prefix the broker prints once every shard listens.
+const READY_PREFIX: &str = "tessera: listening mqtt://";
+
+/// A command for the `broker` binary with `args` and `envs`, and no `TESSERA_*`
+/// variable inherited from the test runner's environment (they would change
+/// the configuration under test, or fail its loading).
+pub fn broker_command(args: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_broker"));
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"TESSERA_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs the broker to completion with no stdin, killing it after `timeout`.
+/// Panics if it had to be killed.
+pub fn run_bounded(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Output {
+    let mut child = broker_command(args, envs)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn broker");
+    // Drain both pipes on threads so a chatty child never blocks on a full pipe.
+    let out = drain(child.stdout.take().expect("stdout"));
+    let err = drain(child.stderr.take().expect("stderr"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("broker {args:?} still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// A running broker process. Killed on drop.
+#[derive(Debug)]
+pub struct Broker {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    exited: Option<ExitStatus>,
+}
+
+impl Broker {
+    /// Starts `broker --listen 127.0.0.1:0 --shards 2`.
+    pub fn start() -> Broker {
+        Broker::start_with(&[], &[])
+    }
+
+    /// Starts the broker with extra flags and environment variables.
+    pub fn start_with(extra_args: &[&str], envs: &[(&str, &str)]) -> Broker {
+        let mut args = vec!["--listen", "127.0.0.1:0", "--shards", "2"];
+        args.extend_from_slice(extra_args);
+        let mut child = broker_command(&args, envs)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn broker");
+
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+
+        // The stdout reader keeps draining after the ready line, so the pipe
+        // never fills; lines go to the channel until nobody listens.
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix(READY_PREFIX) {
+                        break addr.trim().parse().expect("listen address");
+                    }
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    std::thread::sleep(Duration::from_millis(50));
+                    panic!(
+                        "broker not ready ({e}), status {status:?}; log:\n{}",
+                        log.lock().unwrap()
+                    );
+                }
+            }
+        };
+        Broker {
+            child,
+            addr,
+            log,
+            exited: None,
+        }
+    }
+
+    /// The MQTT address the broker listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Everything the broker wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM: the broker's graceful shutdown.
+    pub fn sigterm(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM): {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            // Captured by the test harness and shown with the failure.
+            eprintln!("---- broker log ----\n{}", self.log());
+        }
+    }
+}
+
+/// What the socket did instead of delivering a packet.
+#[derive(Debug)]
+pub enum Closed {
+    /// The peer closed the connection (EOF or reset).
+    Eof,
+    /// Nothing arrived in time.
+    Timeout,
+}
+
+/// A raw MQTT client over a blocking socket, encoding and decoding with
+/// `tessera_proto`.
+#[derive(Debug)]
+pub struct RawClient {
+    stream: TcpStream,
+    buf: BytesMut,
+    /// PUBLISH packets that arrived while a helper waited for an ack.
+    stash: VecDeque<Publish>,
+    /// The version used to encode what we send and decode what we receive.
+    pub version: ProtocolVersion,
+}
+
+impl RawClient {
+    /// Opens a TCP connection; nothing is sent yet.
+    pub fn open(addr: SocketAddr, version: ProtocolVersion) -> RawClient {
+        let stream = TcpStream::connect_timeout(&addr, RECV_TIMEOUT).expect("tcp connect");
+        stream.set_nodelay(true).expect("nodelay");
+        stream
+            .set_write_timeout(Some(RECV_TIMEOUT))
+            .expect("write timeout");
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+            stash: VecDeque::new(),
+            version,
+        }
+    }
+
+    /// Opens a connection, sends `connect` and returns the CONNACK.
+    pub fn connect(addr: SocketAddr, connect: Connect) -> (RawClient, ConnAck) {
+        let mut c = RawClient::open(addr, connect.version);
+        c.send(&Packet::Connect(Box::new(connect)));
+        match c.recv() {
+            Packet::ConnAck(ack) => (c, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Connects with `connect` and panics unless the CONNACK is a success.
+    pub fn connect_ok(addr: SocketAddr, connect: Connect) -> RawClient {
+        let id = connect.client_id.to_string();
+        let (c, ack) = RawClient::connect(addr, connect);
+        assert_eq!(
+            ack.reason_code,
+            ReasonCode::Success,
+            "CONNACK for {id:?}: {ack:?}"
+        );
+        c
+    }
+
+    /// Encodes and sends one packet.
+    pub fn send(&mut self, packet: &Packet) {
+        let mut out = BytesMut::new();
+        packet.encode(self.version, &mut out).expect("encode");
+        self.send_bytes(&out);
+    }
+
+    /// Sends bytes as they are.
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write to broker");
+    }
+
+    /// Sends DISCONNECT (normal disconnection).
+    pub fn disconnect(&mut self) {
+        self.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+    }
+
+    /// Closes the TCP connection without DISCONNECT.
+    pub fn drop_connection(self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// The next packet, or why there is none, within `timeout`.
+    pub fn try_recv(&mut self, timeout: Duration) -> Result<Packet, Closed> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match tessera_proto::decode(&mut self.buf, self.version, PACKET_BYTES_MAX) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e) => panic!(
+                    "the broker sent bytes we cannot decode: {e} ({:02x?})",
+                    &self.buf[..]
+                ),
+            }
+            let Some(left) = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+            else {
+                return Err(Closed::Timeout);
+            };
+            self.stream
+                .set_read_timeout(Some(left))
+                .expect("read timeout");
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    assert!(
+                        self.buf.is_empty(),
+                        "closed inside a packet: {:02x?}",
+                        &self.buf[..]
+                    );
+                    return Err(Closed::Eof);
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(Closed::Timeout);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    return Err(Closed::Eof);
+                }
+                Err(e) => panic!("read from broker: {e}"),
+            }
+        }
+    }
+
+    /// The next packet; panics on close or after [`RECV_TIMEOUT`].
+    pub fn recv(&mut self) -> Packet {
+        match self.try_recv(RECV_TIMEOUT) {
+            Ok(p) => p,
+            Err(why) => panic!("expected a packet, got {why:?}"),
+        }
+    }
+
+    /// The next packet other than PUBLISH; PUBLISH packets on the way are kept
+    /// for [`RawClient::recv_publish`].
+    fn recv_reply(&mut self) -> Packet {
+        loop {
+            match self.recv() {
+                Packet::Publish(p) => self.stash.push_back(p),
+                other => return other,
+            }
+        }
+    }
+
+    /// Asserts the broker closes the connection within `timeout` without
+    /// sending anything more.
+    pub fn expect_closed(&mut self, timeout: Duration) {
+        match self.try_recv(timeout) {
+            Err(Closed::Eof) => {}
+            Err(Closed::Timeout) => panic!("connection still open after {timeout:?}"),
+            Ok(p) => panic!("expected the connection to close, got {p:?}"),
+        }
+    }
+
+    /// Asserts the next packet is a DISCONNECT with `reason`, then the close.
+    pub fn expect_disconnect_then_close(&mut self, reason: ReasonCode) {
+        match self.recv() {
+            Packet::Disconnect(d) => assert_eq!(d.reason_code, reason, "DISCONNECT {d:?}"),
+            other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
+        }
+        self.expect_closed(RECV_TIMEOUT);
+    }
+
+    /// Subscribes and returns the SUBACK reason codes.
+    pub fn subscribe(&mut self, packet_id: u16, filters: &[(&str, QoS)]) -> Vec<ReasonCode> {
+        self.send(&subscribe_packet(packet_id, filters));
+        match self.recv_reply() {
+            Packet::SubAck(ack) => {
+                assert_eq!(ack.packet_id, packet_id);
+                ack.reason_codes
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Publishes and completes the QoS 1 or 2 exchange.
+    pub fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, packet_id: u16) {
+        self.send(&publish_packet(topic, payload, qos, packet_id, false));
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => match self.recv_reply() {
+                Packet::PubAck(a) => assert_eq!(a.packet_id, packet_id),
+                other => panic!("expected PUBACK, got {other:?}"),
+            },
+            QoS::ExactlyOnce => {
+                match self.recv_reply() {
+                    Packet::PubRec(r) => assert_eq!(r.packet_id, packet_id),
+                    other => panic!("expected PUBREC, got {other:?}"),
+                }
+                self.send(&Packet::PubRel(tessera_proto::PubRel::new(packet_id)));
+                match self.recv_reply() {
+                    Packet::PubComp(c) => assert_eq!(c.packet_id, packet_id),
+                    other => panic!("expected PUBCOMP, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// Publishes a retained QoS 1 message and waits for PUBACK.
+    pub fn publish_retained(&mut self, topic: &str, payload: &[u8], packet_id: u16) {
+        self.send(&publish_packet(
+            topic,
+            payload,
+            QoS::AtLeastOnce,
+            packet_id,
+            true,
+        ));
+        match self.recv_reply() {
+            Packet::PubAck(a) => assert_eq!(a.packet_id, packet_id),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+
+    /// The next PUBLISH, acknowledged at QoS 1 (QoS 2 is not handled here).
+    pub fn recv_publish(&mut self) -> Publish {
+        let next = match self.stash.pop_front() {
+            Some(p) => Packet::Publish(p),
+            None => self.recv(),
+        };
+        match next {
+            Packet::Publish(p) => {
+                match p.qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => {
+                        self.send(&Packet::PubAck(tessera_proto::PubAck::new(p.packet_id)));
+                    }
+                    QoS::ExactlyOnce => panic!("recv_publish does not do QoS 2: {p:?}"),
+                }
+                p
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+}
+
+/// A string for the codec; panics on an invalid one (a test bug).
+pub fn s(text: &str) -> Str {
+    Str::try_from(text).expect("valid MQTT string")
+}
+
+/// A CONNECT without will, credentials or properties.
+pub fn connect_packet(
+    version: ProtocolVersion,
+    client_id: &str,
+    clean: bool,
+    keep_alive: u16,
+) -> Connect {
+    Connect {
+        version,
+        clean_start: clean,
+        keep_alive,
+        client_id: s(client_id),
+        will: None,
+        username: None,
+        password: None,
+        properties: Default::default(),
+    }
+}
+
+/// A will message at `qos`, not retained.
+pub fn will(topic: &str, payload: &[u8], qos: QoS) -> Will {
+    Will {
+        topic: s(topic),
+        payload: Bytes::copy_from_slice(payload),
+        qos,
+        retain: false,
+        properties: Default::default(),
+    }
+}
+
+/// A SUBSCRIBE with one maximum QoS per filter.
+pub fn subscribe_packet(packet_id: u16, filters: &[(&str, QoS)]) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id,
+        properties: Default::default(),
+        subscriptions: filters
+            .iter()
+            .map(|(f, qos)| Subscription {
+                filter: s(f),
+                options: SubscriptionOptions::qos(*qos),
+            })
+            .collect(),
+    })
+}
+
+/// A PUBLISH; `packet_id` must be 0 for QoS 0.
+pub fn publish_packet(
+    topic: &str,
+    payload: &[u8],
+    qos: QoS,
+    packet_id: u16,
+    retain: bool,
+) -> Packet {
+    let mut p = Publish::new(s(topic), Bytes::copy_from_slice(payload));
+    p.qos = qos;
+    p.packet_id = packet_id;
+    p.retain = retain;
+    Packet::Publish(p)
+}
+
+/// The shard the broker (2 shards) hashes `client_id` to.
+pub fn shard_of(client_id: &str) -> usize {
+    tessera_shard::hash::shard_for(client_id.as_bytes(), 2)
+}
+
+/// A client id starting with `prefix` that the broker places on `shard` (of 2).
+pub fn id_on_shard(prefix: &str, shard: usize) -> String {
+    (0..1000)
+        .map(|k| format!("{prefix}-{k}"))
+        .find(|id| shard_of(id) == shard)
+        .expect("an id on each shard within 1000 tries")
+}
+
+/// Asserts the broker still serves: a fresh subscriber and a fresh publisher
+/// (on different shards) exchange a QoS 1 message.
+pub fn assert_still_serves(addr: SocketAddr, tag: &str) {
+    let v = ProtocolVersion::V3_1_1;
+    let topic = format!("alive/{tag}");
+    let mut sub = RawClient::connect_ok(
+        addr,
+        connect_packet(v, &id_on_shard(&format!("{tag}-sub"), 0), true, 30),
+    );
+    assert_eq!(
+        sub.subscribe(1, &[(&topic, QoS::AtLeastOnce)]),
+        [ReasonCode::GrantedQoS1]
+    );
+    let mut publ = RawClient::connect_ok(
+        addr,
+        connect_packet(v, &id_on_shard(&format!("{tag}-pub"), 1), true, 30),
+    );
+    publ.publish(&topic, b"still here", QoS::AtLeastOnce, 7);
+    let p = sub.recv_publish();
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        (topic.as_str(), &b"still here"[..])
+    );
+    sub.disconnect();
+    publ.disconnect();
+}
