@@ -1,0 +1,41 @@
+# Tessera task runner. Install just with `pip install rust-just` (seconds) or
+# `cargo install just` (minutes).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# Run the whole test suite (the same command as README and CI).
+test:
+    cargo test --workspace
+
+# Formatting and lints, as CI runs them.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Run every fuzz target of the codec for FUZZ_SECONDS each (needs cargo-fuzz;
+# the stable toolchain runs it with RUSTC_BOOTSTRAP=1).
+fuzz FUZZ_SECONDS="60":
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+    cd proto && for t in $(RUSTC_BOOTSTRAP=1 cargo fuzz list); do \
+        RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" -- -max_total_time={{FUZZ_SECONDS}}; \
+    done
+
+# Build the fuzz targets without running them (what CI does).
+fuzz-build:
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+    cd proto && RUSTC_BOOTSTRAP=1 cargo fuzz build
+
+# Codec micro-benchmarks (criterion) and the allocation report.
+bench-proto:
+    cargo bench -p tessera-proto --bench codec -- --measurement-time 3
+    cargo run --release -p tessera-proto --example alloc_report
+
+# PAHO_DIR is a checkout of github.com/eclipse/paho.mqtt.testing; see
+# scripts/interop.sh for the broker settings and the tests skipped.
+# Run the Paho interoperability suite (VERSION 311 or 5) against a fresh broker.
+interop PAHO_DIR VERSION="311":
+    cd "{{invocation_directory()}}" && "{{justfile_directory()}}/scripts/interop.sh" "{{PAHO_DIR}}" "{{VERSION}}"
