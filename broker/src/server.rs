@@ -34,14 +34,14 @@ use glommio::{LocalExecutorBuilder, Placement};
 use tessera_proto::{
     ConnAck, Connect, DecodeError, Encode, Packet, PacketType, ProtocolVersion, ReasonCode, Str,
 };
-use tessera_shard::engine::{CloseReason, Engine, Limits};
+use tessera_shard::engine::{CloseReason, Engine, Limits, QueueOverflow as EngineOverflow};
 use tessera_shard::handoff::Handoff;
 use tessera_shard::hash::{assign_client_id, shard_for};
 use tessera_shard::mesh::{MeshMsg, ShardId};
 use tessera_shard::session::ConnId;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, QueueOverflow};
 
 /// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
 /// holds one batch, so this bounds batches, not messages.
@@ -209,6 +209,12 @@ fn engine_limits(config: &Config) -> Limits {
         topic_levels_max: l.max_topic_levels as usize,
         topic_alias_max: l.max_topic_alias,
         keep_alive_s_max: l.max_keep_alive_s,
+        queue_overflow: match l.queue_overflow {
+            QueueOverflow::DropQos0ThenOldest => EngineOverflow::DropQos0ThenOldest,
+            QueueOverflow::DropOldest => EngineOverflow::DropOldest,
+            QueueOverflow::DropNew => EngineOverflow::DropNew,
+            QueueOverflow::Disconnect => EngineOverflow::Disconnect,
+        },
         ..Limits::default()
     }
 }

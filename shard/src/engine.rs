@@ -58,6 +58,23 @@ pub struct Limits {
     pub write_buffer_bytes_max: usize,
     /// Whether QoS 0 messages are queued for disconnected persistent sessions.
     pub queue_qos0_offline: bool,
+    /// What a full session queue does with one more delivery.
+    pub queue_overflow: QueueOverflow,
+}
+
+/// What a full session queue does with one more delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueOverflow {
+    /// Drop the oldest queued QoS 0 delivery, or else the oldest delivery.
+    #[default]
+    DropQos0ThenOldest,
+    /// Drop the oldest queued delivery.
+    DropOldest,
+    /// Drop the new delivery; what is queued stays.
+    DropNew,
+    /// Disconnect the client (v5: DISCONNECT 0x97 Quota Exceeded); the new
+    /// delivery is dropped and the session keeps its queue.
+    Disconnect,
 }
 
 impl Default for Limits {
@@ -73,6 +90,7 @@ impl Default for Limits {
             keep_alive_s_max: u16::MAX,
             write_buffer_bytes_max: 256 * 1024,
             queue_qos0_offline: false,
+            queue_overflow: QueueOverflow::default(),
         }
     }
 }
@@ -1323,33 +1341,54 @@ impl Engine {
                 if d.qos == QoS::AtMostOnce || s.inflight.len() < self.window(conn) {
                     self.send_delivery(now_ms, conn, idx, d);
                 } else {
-                    self.queue_push(idx, d);
+                    self.queue_push(now_ms, idx, d);
                 }
             }
-            _ => self.queue_push(idx, d),
+            _ => self.queue_push(now_ms, idx, d),
         }
     }
 
-    /// Appends to the session queue. When full, QoS 0 deliveries are dropped
-    /// first (the oldest); with none to drop, the new delivery is dropped, so
-    /// deliveries already accepted into the queue are never evicted.
-    fn queue_push(&mut self, idx: SessionIdx, d: Delivery) {
+    /// Appends to the session queue; a full queue applies the overflow policy.
+    /// Every dropped delivery is counted in `Stats::dropped_queue_full`.
+    fn queue_push(&mut self, now_ms: u64, idx: SessionIdx, d: Delivery) {
         let max = self.limits.queued_count_max;
+        let policy = self.limits.queue_overflow;
         let s = self.session_mut(idx);
-        if s.queue.len() >= max {
-            let victim = s.queue.iter().position(|q| q.qos == QoS::AtMostOnce);
-            match victim {
-                Some(pos) => {
-                    s.queue.remove(pos);
-                }
-                None => {
-                    self.stats.dropped_queue_full += 1;
-                    return;
+        if s.queue.len() < max {
+            s.queue.push_back(d);
+            return;
+        }
+        self.stats.dropped_queue_full += 1;
+        let s = self.session_mut(idx);
+        match policy {
+            QueueOverflow::DropQos0ThenOldest => {
+                let victim = s
+                    .queue
+                    .iter()
+                    .position(|q| q.qos == QoS::AtMostOnce)
+                    .unwrap_or(0);
+                s.queue.remove(victim);
+                s.queue.push_back(d);
+            }
+            QueueOverflow::DropOldest => {
+                s.queue.pop_front();
+                s.queue.push_back(d);
+            }
+            QueueOverflow::DropNew => {}
+            QueueOverflow::Disconnect => {
+                if let Some(conn) = s.conn {
+                    if self.conn(conn).version.is_v5() {
+                        let d = Disconnect::new(ReasonCode::QuotaExceeded);
+                        self.write_packet(conn, &Packet::Disconnect(d));
+                    }
+                    self.end_conn(
+                        now_ms,
+                        conn,
+                        CloseReason::ProtocolError(ReasonCode::QuotaExceeded),
+                    );
                 }
             }
-            self.stats.dropped_queue_full += 1;
         }
-        self.session_mut(idx).queue.push_back(d);
     }
 
     /// Moves queued deliveries into the window and the write buffer while both
@@ -1538,8 +1577,10 @@ fn publish_for(now_ms: u64, d: &Delivery, version: ProtocolVersion, packet_id: u
 }
 
 #[cfg(test)]
-mod stale_conn_tests {
+mod tests {
     use super::*;
+    use bytes::Bytes;
+    use tessera_proto::{ConnectProperties, Subscription, SubscriptionOptions};
 
     fn connect_packet(id: &'static str) -> Connect {
         Connect {
@@ -1575,5 +1616,84 @@ mod stale_conn_tests {
         let first = tessera_proto::decode(&mut buf, ProtocolVersion::V5, usize::MAX);
         assert!(matches!(first, Ok(Some(Packet::ConnAck(_)))));
         assert!(buf.is_empty());
+    }
+
+    fn drain(e: &mut Engine, conn: ConnId, version: ProtocolVersion) -> Vec<Packet> {
+        let mut buf = e.output(conn).map(|o| o.buf.split()).unwrap_or_default();
+        let mut out = Vec::new();
+        while let Ok(Some(p)) = tessera_proto::decode(&mut buf, version, usize::MAX) {
+            out.push(p);
+        }
+        out
+    }
+
+    /// Queue overflow policies: a persistent subscriber is offline, its queue
+    /// (2 deliveries) overflows, and on reconnect it receives what the policy kept.
+    fn overflow_case(policy: QueueOverflow, qos: [QoS; 3]) -> Vec<String> {
+        let limits = Limits {
+            queued_count_max: 2,
+            queue_overflow: policy,
+            queue_qos0_offline: true,
+            ..Limits::default()
+        };
+        let mut e = Engine::new(0, 1, limits);
+        let mut sub = connect_packet("sub");
+        sub.clean_start = false;
+        sub.properties = ConnectProperties {
+            session_expiry_interval: Some(60),
+            ..Default::default()
+        };
+        let s = e.connect(1, sub.clone(), false);
+        let subscribe = Subscribe {
+            packet_id: 1,
+            properties: Default::default(),
+            subscriptions: vec![Subscription {
+                filter: Str::from_static("t"),
+                options: SubscriptionOptions::qos(QoS::AtLeastOnce),
+            }],
+        };
+        e.handle_packet(1, s, Packet::Subscribe(subscribe));
+        e.release(2, s);
+        let p = e.connect(3, connect_packet("pub"), false);
+        for (n, q) in qos.iter().enumerate() {
+            let mut publish = Publish::new(Str::from_static("t"), Bytes::from(format!("m{n}")));
+            publish.qos = *q;
+            publish.packet_id = if *q == QoS::AtMostOnce {
+                0
+            } else {
+                n as u16 + 1
+            };
+            e.handle_packet(4, p, Packet::Publish(publish));
+        }
+        let s = e.connect(5, sub, false);
+        drain(&mut e, s, ProtocolVersion::V5)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => Some(String::from_utf8(p.payload.to_vec()).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn queue_overflow_policies_keep_what_they_promise() {
+        let q1 = [QoS::AtLeastOnce; 3];
+        assert_eq!(overflow_case(QueueOverflow::DropOldest, q1), ["m1", "m2"]);
+        assert_eq!(overflow_case(QueueOverflow::DropNew, q1), ["m0", "m1"]);
+        assert_eq!(
+            overflow_case(QueueOverflow::DropQos0ThenOldest, q1),
+            ["m1", "m2"]
+        );
+        assert_eq!(overflow_case(QueueOverflow::Disconnect, q1), ["m0", "m1"]);
+        // The QoS 0 delivery goes first, though it is not the oldest.
+        let mixed = [QoS::AtLeastOnce, QoS::AtMostOnce, QoS::AtLeastOnce];
+        assert_eq!(
+            overflow_case(QueueOverflow::DropQos0ThenOldest, mixed),
+            ["m0", "m2"]
+        );
+        assert_eq!(
+            overflow_case(QueueOverflow::DropOldest, mixed),
+            ["m1", "m2"]
+        );
     }
 }
