@@ -51,8 +51,13 @@ const MESH_CHANNEL_SLOTS: usize = 1024;
 /// pause (back-pressure on publishers when a peer shard falls behind).
 const MESH_BACKLOG_BATCHES_MAX: usize = 4096;
 
-/// Bytes read from a socket per read call.
+/// Bytes read from a socket per read call while a connection is busy.
 const READ_CHUNK_BYTES: usize = 4096;
+
+/// Bytes of the read an idle connection waits in: small enough to live inside
+/// the reader task, large enough for a PINGREQ, an acknowledgement or a small
+/// PUBLISH in one read.
+const PROBE_BYTES: usize = 128;
 
 /// How often each shard checks keep alives, expiries and the stop flag.
 const TICK: Duration = Duration::from_millis(250);
@@ -523,7 +528,7 @@ async fn accept_connection(shard: Rc<Shard>, stream: TcpStream) {
     }
     let owner = shard_for(connect.client_id.as_bytes(), shard.shard_count);
     if owner == shard.id {
-        serve(shard, stream, buf.freeze(), connect, assigned).await;
+        glommio::spawn_local(serve(shard, stream, buf.freeze(), connect, assigned)).detach();
     } else {
         match Handoff::detach(stream, buf.freeze(), owner, (connect, assigned)) {
             Ok(h) => shard.send_envelope(owner, Envelope::Handoff(Box::new(h))),
@@ -588,14 +593,13 @@ async fn serve(
         .connect(now_ms(), connect, assigned);
     shard.flush_outbox();
     glommio::spawn_local(write_loop(shard.clone(), writer, conn)).detach();
-    read_loop(
-        &shard,
-        stream,
-        BytesMut::from(&already_read[..]),
-        conn,
-        version,
-    )
-    .await;
+    // The reader is a task of its own so that the long-lived future holds only
+    // what reading needs (an idle connection's memory is mostly these tasks).
+    // The bytes left from the CONNECT read are copied into a right-sized buffer
+    // so the accept-time read buffer is freed now.
+    let buf = BytesMut::from(&already_read[..]);
+    drop(already_read);
+    glommio::spawn_local(read_loop(shard, stream, buf, conn, version)).detach();
 }
 
 fn dup_stream(stream: &TcpStream) -> std::io::Result<TcpStream> {
@@ -606,12 +610,13 @@ fn dup_stream(stream: &TcpStream) -> std::io::Result<TcpStream> {
 }
 
 async fn read_loop(
-    shard: &Rc<Shard>,
+    shard: Rc<Shard>,
     mut stream: TcpStream,
     mut buf: BytesMut,
     conn: ConnId,
     version: ProtocolVersion,
 ) {
+    let mut busy = false;
     loop {
         let now = now_ms();
         {
@@ -640,7 +645,25 @@ async fn read_loop(
         while shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
-        match read_more(&mut stream, &mut buf).await {
+        let read = if buf.is_empty() && !busy {
+            // Idle: wait with a small probe instead of a read buffer, so an idle
+            // connection holds no buffer at all.
+            buf = BytesMut::new();
+            let mut probe = [0u8; PROBE_BYTES];
+            let r = stream.read(&mut probe).await;
+            if let Ok(n) = r {
+                buf.extend_from_slice(&probe[..n]);
+                busy = n == PROBE_BYTES;
+            }
+            r
+        } else {
+            let r = read_more(&mut stream, &mut buf).await;
+            // Keep the chunk buffer while reads fill it; fall back to probing
+            // once the connection goes quiet.
+            busy = matches!(r, Ok(n) if n == READ_CHUNK_BYTES);
+            r
+        };
+        match read {
             Ok(n) if n > 0 => {}
             _ => {
                 shard.engine.borrow_mut().connection_lost(now_ms(), conn);

@@ -197,6 +197,13 @@ impl Str {
         self.0
     }
 
+    /// A copy in an allocation of its own. A decoded string is a view into its
+    /// frame, and keeping it keeps the whole frame (often a read buffer) alive;
+    /// state that outlives the packet (session ids, subscriptions) stores this.
+    pub fn compact(&self) -> Str {
+        Str(Bytes::copy_from_slice(&self.0))
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.0.len()

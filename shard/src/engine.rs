@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::task::Waker;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tessera_proto::properties::PublishProperties;
 use tessera_proto::topic::{self, TOPIC_LEVELS_MAX};
 use tessera_proto::{
@@ -213,7 +213,9 @@ pub struct Engine {
     shard: ShardId,
     shard_count: usize,
     limits: Limits,
-    sessions: Vec<Option<Session>>,
+    /// Boxed sessions: the slab grows by doubling, and slack slots of a boxed
+    /// slab cost a pointer, not a whole session.
+    sessions: Vec<Option<Box<Session>>>,
     free_sessions: Vec<SessionIdx>,
     by_client_id: HashMap<Str, SessionIdx>,
     session_counter: u64,
@@ -419,7 +421,7 @@ impl Engine {
         s.version = version;
         s.expiry_interval_s = expiry;
         s.disconnected_at_ms = None;
-        s.will = connect.will.clone();
+        s.will = connect.will.as_ref().map(|w| Box::new(compact_will(w)));
 
         let mut props = ConnAckProperties::default();
         if version.is_v5() {
@@ -492,18 +494,20 @@ impl Engine {
     fn new_session(&mut self, connect: &Connect) -> SessionIdx {
         self.session_counter += 1;
         let uid = SessionUid::new(self.shard, self.session_counter);
-        let s = Session::new(connect.client_id.clone(), uid, connect.version);
+        // Compact: the decoded id is a view into the CONNECT frame.
+        let client_id = connect.client_id.compact();
+        let s = Session::new(client_id.clone(), uid, connect.version);
         let idx = match self.free_sessions.pop() {
             Some(i) => {
-                self.sessions[i as usize] = Some(s);
+                self.sessions[i as usize] = Some(Box::new(s));
                 i
             }
             None => {
-                self.sessions.push(Some(s));
+                self.sessions.push(Some(Box::new(s)));
                 (self.sessions.len() - 1) as SessionIdx
             }
         };
-        self.by_client_id.insert(connect.client_id.clone(), idx);
+        self.by_client_id.insert(client_id, idx);
         idx
     }
 
@@ -551,7 +555,7 @@ impl Engine {
         }
         s.conn = None;
         s.disconnected_at_ms = Some(now_ms);
-        let will = s.will.take();
+        let will = s.will.take().map(|w| *w);
         let persistent = s.is_persistent();
         let (origin, expiry_s) = (s.uid, s.expiry_interval_s);
         let publish_will = !matches!(reason, CloseReason::ClientDisconnect);
@@ -910,7 +914,7 @@ impl Engine {
             let existed = self
                 .session_mut(idx)
                 .subscriptions
-                .insert(filter.clone(), entry)
+                .insert(filter.compact(), entry)
                 .is_some();
             let before = self.subscriptions.filter_len(filter);
             self.subscriptions.insert(filter, idx, entry);
@@ -1050,7 +1054,8 @@ impl Engine {
                 .max(now_ms)
                 .max(self.retained_clock_ms + 1);
             let stamp = (self.retained_clock_ms, self.shard);
-            let message = (!msg.payload.is_empty()).then(|| msg.clone());
+            // The retained copy outlives the publisher's read buffer: compact it.
+            let message = (!msg.payload.is_empty()).then(|| compact_message(&msg));
             self.apply_retain(now_ms, msg.topic.clone(), message.clone(), stamp);
             for to in 0..self.shard_count as ShardId {
                 if to != self.shard {
@@ -1510,6 +1515,41 @@ impl Engine {
 
     fn session_mut(&mut self, idx: SessionIdx) -> &mut Session {
         self.sessions[idx as usize].as_mut().expect("live session")
+    }
+}
+
+/// A will in allocations of its own, not pinning the CONNECT frame.
+fn compact_will(w: &Will) -> Will {
+    let p = &w.properties;
+    Will {
+        topic: w.topic.compact(),
+        payload: Bytes::copy_from_slice(&w.payload),
+        qos: w.qos,
+        retain: w.retain,
+        properties: tessera_proto::WillProperties {
+            will_delay_interval: p.will_delay_interval,
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            content_type: p.content_type.as_ref().map(Str::compact),
+            response_topic: p.response_topic.as_ref().map(Str::compact),
+            correlation_data: p.correlation_data.as_deref().map(Bytes::copy_from_slice),
+            user_properties: p
+                .user_properties
+                .iter()
+                .map(|(k, v)| (k.compact(), v.compact()))
+                .collect(),
+        },
+    }
+}
+
+/// A message in allocations of its own, for the retained table. Properties sit
+/// behind an `Arc` that already owns its strings' frame views; they are rare on
+/// retained messages and kept as they are.
+fn compact_message(m: &Message) -> Message {
+    Message {
+        topic: m.topic.compact(),
+        payload: Bytes::copy_from_slice(&m.payload),
+        ..m.clone()
     }
 }
 

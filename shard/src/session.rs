@@ -100,7 +100,9 @@ pub struct Session {
     /// QoS 2 packet ids received and not yet released by PUBREL.
     pub inbound_qos2: Vec<u16>,
     /// The will of the live connection.
-    pub will: Option<Will>,
+    /// Boxed: most sessions have none, and inline it would triple the size of
+    /// every session.
+    pub will: Option<Box<Will>>,
     /// Next outbound packet id to try.
     next_packet_id: u16,
 }
