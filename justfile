@@ -34,6 +34,11 @@ bench-proto:
     cargo bench -p tessera-proto --bench codec -- --measurement-time 3
     cargo run --release -p tessera-proto --example alloc_report
 
+# Check ops/ and kernel-tuning/ with the real tools (see ops/README.md for the packages).
+check-ops:
+    cargo build -p tessera-broker --bin broker
+    ops/check.sh
+
 # PAHO_DIR is a checkout of github.com/eclipse/paho.mqtt.testing; see
 # scripts/interop.sh for the broker settings and the tests skipped.
 # Run the Paho interoperability suite (VERSION 311 or 5) against a fresh broker.

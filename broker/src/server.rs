@@ -468,6 +468,11 @@ async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
 /// the shard owning its ClientID.
 async fn accept_connection(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    // TCP keepalive catches peers that vanished without a FIN when the client
+    // asked for MQTT keep alive 0 (no broker-side timeout then).
+    // SAFETY: the fd belongs to `stream`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let _ = socket2::SockRef::from(&fd).set_keepalive(true);
     let mut stream = stream;
     let mut buf = BytesMut::new();
     let deadline = Instant::now() + shard.connect_timeout;
