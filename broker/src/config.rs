@@ -53,6 +53,10 @@ pub struct Config {
     pub persistence: PersistenceConfig,
     /// `[log]`: log verbosity and format.
     pub log: LogConfig,
+    /// `[mqtt5]`: MQTT 5 behaviour the operator chooses.
+    pub mqtt5: Mqtt5Config,
+    /// `[sys]`: the `$SYS/broker/...` statistics topics.
+    pub sys: SysConfig,
 }
 
 /// The `[server]` section.
@@ -99,6 +103,9 @@ pub struct LimitsConfig {
     pub max_topic_levels: u32,
     /// Most topic aliases per connection (MQTT 5 Topic Alias Maximum); 0 disables them.
     pub max_topic_alias: u16,
+    /// Most topic aliases the broker sets per connection when sending (also capped by the
+    /// client's Topic Alias Maximum); 0 disables them.
+    pub max_outbound_topic_alias: u16,
     /// Seconds a new connection has to send CONNECT.
     pub connect_timeout_s: u32,
     /// Largest keep-alive granted to clients, seconds (MQTT 5 Server Keep Alive).
@@ -107,6 +114,9 @@ pub struct LimitsConfig {
     pub connect_rate_per_s: u32,
     /// What to do when a client's queue is full.
     pub queue_overflow: QueueOverflow,
+    /// How a shared subscription (`$share/{group}/{filter}`) picks the member that gets
+    /// each message.
+    pub shared_subscription_strategy: SharedStrategy,
 }
 
 impl Default for LimitsConfig {
@@ -119,10 +129,12 @@ impl Default for LimitsConfig {
             max_subscriptions_per_client: 100,
             max_topic_levels: 128,
             max_topic_alias: 64,
+            max_outbound_topic_alias: 16,
             connect_timeout_s: 10,
             max_keep_alive_s: 65535,
             connect_rate_per_s: 0,
             queue_overflow: QueueOverflow::DropQos0ThenOldest,
+            shared_subscription_strategy: SharedStrategy::RoundRobin,
         }
     }
 }
@@ -154,6 +166,45 @@ pub struct LogConfig {
     pub level: LogLevel,
     /// Output format.
     pub format: LogFormat,
+}
+
+/// The `[mqtt5]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mqtt5Config {
+    /// Whether error acknowledgements, refused CONNACKs and DISCONNECTs carry a Reason String.
+    pub reason_strings: bool,
+    /// Response Information for clients that request it: this prefix and the ClientID.
+    pub response_information_prefix: String,
+    /// Whether CONNECTs are refused with a pointer to another server.
+    pub redirect: Redirect,
+    /// The server clients are sent to when `redirect` is not `none`.
+    pub server_reference: String,
+}
+
+impl Default for Mqtt5Config {
+    fn default() -> Self {
+        Mqtt5Config {
+            reason_strings: true,
+            response_information_prefix: "reply/".to_owned(),
+            redirect: Redirect::None,
+            server_reference: String::new(),
+        }
+    }
+}
+
+/// The `[sys]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SysConfig {
+    /// Seconds between two publications of the `$SYS` topics; 0 disables them.
+    pub interval_s: u32,
+}
+
+impl Default for SysConfig {
+    fn default() -> Self {
+        SysConfig { interval_s: 10 }
+    }
 }
 
 /// A config value chosen from a fixed set of names; gives `FromStr`, `Display` and the list
@@ -243,6 +294,28 @@ config_enum!(QueueOverflow {
     "disconnect" => Disconnect,
 });
 
+/// How a shared subscription picks the member for each message
+/// (`limits.shared_subscription_strategy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedStrategy {
+    /// Members in turn.
+    #[default]
+    RoundRobin,
+    /// A member at random.
+    Random,
+    /// The same member for as long as it stays connected.
+    Sticky,
+    /// A member chosen by a hash of the publisher's ClientID: one publisher, one member.
+    HashClientId,
+}
+config_enum!(SharedStrategy {
+    "round_robin" => RoundRobin,
+    "random" => Random,
+    "sticky" => Sticky,
+    "hash_client_id" => HashClientId,
+});
+
 /// When an acknowledged QoS 1/2 message is on disk (`persistence.durability`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -293,6 +366,24 @@ pub enum LogFormat {
     Json,
 }
 config_enum!(LogFormat { "text" => Text, "json" => Json });
+
+/// Server redirection of MQTT 5 clients (`mqtt5.redirect`, MQTT 5 section 4.11).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Redirect {
+    /// Serve clients.
+    #[default]
+    None,
+    /// Refuse every CONNECT with 0x9C Use another server and the server reference.
+    UseAnotherServer,
+    /// Refuse every CONNECT with 0x9D Server moved and the server reference.
+    ServerMoved,
+}
+config_enum!(Redirect {
+    "none" => None,
+    "use_another_server" => UseAnotherServer,
+    "server_moved" => ServerMoved,
+});
 
 /// One setting: where it lives and how it is documented.
 #[derive(Debug, Clone, Copy)]
@@ -398,6 +489,14 @@ pub const FIELDS: &[FieldDoc] = &[
     },
     FieldDoc {
         section: "limits",
+        key: "max_outbound_topic_alias",
+        doc: "Most topic aliases the broker sets per MQTT 5 connection when sending; also \
+              capped by the client's Topic Alias Maximum. When the map is full the least \
+              recently used alias is rebound. 0 disables outbound topic aliases.",
+        accepted: "an integer from 0 to 65534",
+    },
+    FieldDoc {
+        section: "limits",
         key: "connect_timeout_s",
         doc: "Seconds a new connection has to send its CONNECT before it is closed.",
         accepted: "an integer from 1 to 3600",
@@ -421,6 +520,15 @@ pub const FIELDS: &[FieldDoc] = &[
         doc: "What to do when a client's queue is full: drop a queued QoS 0 message (else \
               the oldest), drop the oldest, drop the new message, or disconnect the client.",
         accepted: "one of drop_qos0_then_oldest, drop_oldest, drop_new, disconnect",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "shared_subscription_strategy",
+        doc: "How a shared subscription ($share/GROUP/FILTER) picks the one member that gets \
+              each message: round_robin = members in turn; random; sticky = the same member \
+              while it stays connected; hash_client_id = by the publisher's ClientID, so one \
+              publisher's messages go to one member.",
+        accepted: "one of round_robin, random, sticky, hash_client_id",
     },
     FieldDoc {
         section: "persistence",
@@ -447,6 +555,44 @@ pub const FIELDS: &[FieldDoc] = &[
         key: "format",
         doc: "Log output: text = human-readable lines, json = one JSON object per line.",
         accepted: "one of text, json",
+    },
+    FieldDoc {
+        section: "mqtt5",
+        key: "reason_strings",
+        doc: "Whether error acknowledgements, refused CONNACKs and DISCONNECTs carry a short \
+              Reason String. A client with Request Problem Information 0 gets them on \
+              CONNACK and DISCONNECT only.",
+        accepted: "true or false",
+    },
+    FieldDoc {
+        section: "mqtt5",
+        key: "response_information_prefix",
+        doc: "Response Information sent in CONNACK to a client that requests it: this prefix \
+              followed by the ClientID (e.g. reply/sensor-7), a base for response topics. \
+              Empty: never sent.",
+        accepted: "a string without '+', '#' or NUL, at most 65535 bytes",
+    },
+    FieldDoc {
+        section: "mqtt5",
+        key: "redirect",
+        doc: "Send clients to server_reference: every CONNECT is refused, MQTT 5 clients with \
+              0x9C Use another server (temporary) or 0x9D Server moved (permanent) and the \
+              Server Reference, 3.1.1 clients with return code 3 (server unavailable).",
+        accepted: "one of none, use_another_server, server_moved",
+    },
+    FieldDoc {
+        section: "mqtt5",
+        key: "server_reference",
+        doc: "The Server Reference sent with a redirect, e.g. mqtt2.example.com:1883 (MQTT 5 \
+              section 4.11: space-separated references; a client may use host:port).",
+        accepted: "a string without NUL of at most 65535 bytes; not empty when redirect is set",
+    },
+    FieldDoc {
+        section: "sys",
+        key: "interval_s",
+        doc: "Seconds between two publications of the $SYS/broker/... statistics topics \
+              (retained, QoS 0; docs/SYS_TOPICS.md); 0 disables them.",
+        accepted: "an integer from 0 to 86400",
     },
 ];
 
@@ -686,11 +832,12 @@ impl Config {
         fn p<T: FromStr>(v: &str) -> Result<T, ()> {
             v.parse().map_err(|_| ())
         }
-        let (s, l, pe, lg) = (
+        let (s, l, pe, lg, m5) = (
             &mut self.server,
             &mut self.limits,
             &mut self.persistence,
             &mut self.log,
+            &mut self.mqtt5,
         );
         match (field.section, field.key) {
             ("server", "listen") => {
@@ -711,14 +858,25 @@ impl Config {
             ("limits", "max_subscriptions_per_client") => l.max_subscriptions_per_client = p(v)?,
             ("limits", "max_topic_levels") => l.max_topic_levels = p(v)?,
             ("limits", "max_topic_alias") => l.max_topic_alias = p(v)?,
+            ("limits", "max_outbound_topic_alias") => l.max_outbound_topic_alias = p(v)?,
             ("limits", "connect_timeout_s") => l.connect_timeout_s = p(v)?,
             ("limits", "max_keep_alive_s") => l.max_keep_alive_s = p(v)?,
             ("limits", "connect_rate_per_s") => l.connect_rate_per_s = p(v)?,
             ("limits", "queue_overflow") => l.queue_overflow = p(v)?,
+            ("limits", "shared_subscription_strategy") => {
+                l.shared_subscription_strategy = p(v)?;
+            }
             ("persistence", "durability") => pe.durability = p(v)?,
             ("persistence", "batch_interval_ms") => pe.batch_interval_ms = p(v)?,
             ("log", "level") => lg.level = p(v)?,
             ("log", "format") => lg.format = p(v)?,
+            ("mqtt5", "reason_strings") => m5.reason_strings = p(v)?,
+            ("mqtt5", "response_information_prefix") => {
+                m5.response_information_prefix = v.to_owned();
+            }
+            ("mqtt5", "redirect") => m5.redirect = p(v)?,
+            ("mqtt5", "server_reference") => m5.server_reference = v.to_owned(),
+            ("sys", "interval_s") => self.sys.interval_s = p(v)?,
             (section, key) => unreachable!("FIELDS entry {section}.{key} has no setter"),
         }
         Ok(())
@@ -794,7 +952,7 @@ impl Config {
                 accepted("server.data_dir"),
             );
         }
-        let ranges: [(&'static str, u64, u64, u64); 10] = [
+        let ranges: [(&'static str, u64, u64, u64); 12] = [
             (
                 "limits.max_connections",
                 l.max_connections.into(),
@@ -857,11 +1015,44 @@ impl Config {
                 0,
                 u32::MAX.into(),
             ),
+            // The outbound alias map marks its list ends with u16::MAX.
+            (
+                "limits.max_outbound_topic_alias",
+                l.max_outbound_topic_alias.into(),
+                0,
+                u64::from(u16::MAX - 1),
+            ),
+            ("sys.interval_s", self.sys.interval_s.into(), 0, 86_400),
         ];
         for (field, value, min, max) in ranges {
             if !(min..=max).contains(&value) {
                 return invalid(field, value.to_string(), accepted(field));
             }
+        }
+        self.validate_mqtt5()
+    }
+
+    /// The `[mqtt5]` strings go on the wire as MQTT strings (no NUL, at most 65,535
+    /// bytes); the prefix starts topic names, so it has no wildcard; a redirect needs a
+    /// reference.
+    fn validate_mqtt5(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt5;
+        let invalid = |field: &'static str, value: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                value: format!("{value:?}"),
+                expected: accepted(field),
+                origin: None,
+            })
+        };
+        let mqtt_string = |v: &str| tessera_proto::Str::try_from(v).is_ok();
+        let prefix = &m.response_information_prefix;
+        if !mqtt_string(prefix) || prefix.contains(['+', '#']) {
+            return invalid("mqtt5.response_information_prefix", prefix);
+        }
+        let reference = &m.server_reference;
+        if !mqtt_string(reference) || (m.redirect != Redirect::None && reference.is_empty()) {
+            return invalid("mqtt5.server_reference", reference);
         }
         Ok(())
     }
@@ -1047,14 +1238,24 @@ mod tests {
         assert_eq!(c.limits.max_subscriptions_per_client, 100);
         assert_eq!(c.limits.max_topic_levels, 128);
         assert_eq!(c.limits.max_topic_alias, 64);
+        assert_eq!(c.limits.max_outbound_topic_alias, 16);
         assert_eq!(c.limits.connect_timeout_s, 10);
         assert_eq!(c.limits.max_keep_alive_s, 65535);
         assert_eq!(c.limits.connect_rate_per_s, 0);
         assert_eq!(c.limits.queue_overflow, QueueOverflow::DropQos0ThenOldest);
+        assert_eq!(
+            c.limits.shared_subscription_strategy,
+            SharedStrategy::RoundRobin
+        );
         assert_eq!(c.persistence.durability, Durability::Sync);
         assert_eq!(c.persistence.batch_interval_ms, 10);
         assert_eq!(c.log.level, LogLevel::Info);
         assert_eq!(c.log.format, LogFormat::Text);
+        assert!(c.mqtt5.reason_strings);
+        assert_eq!(c.mqtt5.response_information_prefix, "reply/");
+        assert_eq!(c.mqtt5.redirect, Redirect::None);
+        assert_eq!(c.mqtt5.server_reference, "");
+        assert_eq!(c.sys.interval_s, 10);
     }
 
     #[test]
@@ -1158,9 +1359,11 @@ mod tests {
             }
         }
         check::<QueueOverflow>();
+        check::<SharedStrategy>();
         check::<Durability>();
         check::<LogLevel>();
         check::<LogFormat>();
+        check::<Redirect>();
     }
 
     #[test]
@@ -1336,6 +1539,57 @@ mod tests {
     }
 
     #[test]
+    fn shared_subscription_strategy_is_set_by_file_and_env_and_checked() {
+        let path = file(
+            "shared_strategy",
+            "[limits]\nshared_subscription_strategy = \"sticky\"\n",
+        );
+        let c = Config::load(&cli_with_file(&path), env(&[])).unwrap();
+        assert_eq!(
+            c.limits.shared_subscription_strategy,
+            SharedStrategy::Sticky
+        );
+        let c = Config::load(
+            &cli_with_file(&path),
+            env(&[(
+                "TESSERA_LIMITS__SHARED_SUBSCRIPTION_STRATEGY",
+                "hash_client_id",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits.shared_subscription_strategy,
+            SharedStrategy::HashClientId
+        );
+        let err = Config::load(
+            &Cli::default(),
+            env(&[("TESSERA_LIMITS__SHARED_SUBSCRIPTION_STRATEGY", "least_busy")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable TESSERA_LIMITS__SHARED_SUBSCRIPTION_STRATEGY=\"least_busy\" \
+             is invalid for limits.shared_subscription_strategy: expected one of round_robin, \
+             random, sticky, hash_client_id"
+        );
+        let path = file(
+            "shared_strategy_bad",
+            "[limits]\nshared_subscription_strategy = \"roundrobin\"\n",
+        );
+        let msg = Config::load(&cli_with_file(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("(field limits.shared_subscription_strategy)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("round_robin, random, sticky, hash_client_id"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn bad_number_in_env_names_var_field_and_range() {
         for value in ["lots", "-1", "70000", ""] {
             let err = Config::load(
@@ -1461,6 +1715,66 @@ mod tests {
         c.validate().unwrap();
         c.limits.max_packet_size_bytes = PACKET_SIZE_BYTES_MIN;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn mqtt5_and_sys_sections_load_from_file_and_env() {
+        let path = file(
+            "mqtt5_sections",
+            "[mqtt5]\nreason_strings = false\nredirect = \"server_moved\"\n\
+             server_reference = \"mqtt2.example.com:1883\"\n\n[sys]\ninterval_s = 0\n",
+        );
+        let c = Config::load(
+            &cli_with_file(&path),
+            env(&[
+                ("TESSERA_MQTT5__RESPONSE_INFORMATION_PREFIX", "answers/"),
+                ("TESSERA_LIMITS__MAX_OUTBOUND_TOPIC_ALIAS", "0"),
+            ]),
+        )
+        .unwrap();
+        assert!(!c.mqtt5.reason_strings);
+        assert_eq!(c.mqtt5.redirect, Redirect::ServerMoved);
+        assert_eq!(c.mqtt5.server_reference, "mqtt2.example.com:1883");
+        assert_eq!(c.mqtt5.response_information_prefix, "answers/");
+        assert_eq!(c.limits.max_outbound_topic_alias, 0);
+        assert_eq!(c.sys.interval_s, 0);
+    }
+
+    #[test]
+    fn validate_rejects_bad_mqtt5_and_sys_values() {
+        let msg = invalid(|c| c.mqtt5.redirect = Redirect::UseAnotherServer);
+        assert!(
+            msg.starts_with("mqtt5.server_reference = \"\" is invalid"),
+            "{msg}"
+        );
+        assert!(msg.contains("not empty when redirect is set"), "{msg}");
+        let msg = invalid(|c| c.mqtt5.response_information_prefix = "reply/#".into());
+        assert!(
+            msg.starts_with("mqtt5.response_information_prefix"),
+            "{msg}"
+        );
+        assert!(invalid(|c| c.mqtt5.server_reference = "a\0b".into()).contains("server_reference"));
+        assert!(invalid(|c| c.sys.interval_s = 86_401).contains("from 0 to 86400"));
+        assert!(
+            invalid(|c| c.limits.max_outbound_topic_alias = u16::MAX).contains("from 0 to 65534")
+        );
+        let mut c = Config::default();
+        c.mqtt5.redirect = Redirect::ServerMoved;
+        c.mqtt5.server_reference = "mqtt2.example.com".into();
+        c.mqtt5.response_information_prefix = String::new();
+        c.sys.interval_s = 86_400;
+        c.limits.max_outbound_topic_alias = u16::MAX - 1;
+        c.validate().unwrap();
+        let msg = Config::load(
+            &Cli::default(),
+            env(&[("TESSERA_MQTT5__REDIRECT", "moved")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("none, use_another_server, server_moved"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -34,14 +34,16 @@ use glommio::{LocalExecutorBuilder, Placement};
 use tessera_proto::{
     ConnAck, Connect, DecodeError, Encode, Packet, PacketType, ProtocolVersion, ReasonCode, Str,
 };
-use tessera_shard::engine::{CloseReason, Engine, Limits, QueueOverflow as EngineOverflow};
+use tessera_shard::engine::{
+    CloseReason, Engine, Limits, QueueOverflow as EngineOverflow, SharedStrategy as EngineShared,
+};
 use tessera_shard::handoff::Handoff;
 use tessera_shard::hash::{assign_client_id, shard_for};
 use tessera_shard::mesh::{MeshMsg, ShardId};
 use tessera_shard::session::ConnId;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, QueueOverflow};
+use crate::config::{Config, QueueOverflow, SharedStrategy};
 
 /// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
 /// holds one batch, so this bounds batches, not messages.
@@ -132,6 +134,8 @@ impl Server {
             reservations.push(sock);
         }
 
+        // Start the engines' clock now: `$SYS/broker/uptime` counts from here.
+        now_ms();
         let limits = engine_limits(config);
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -213,6 +217,12 @@ fn engine_limits(config: &Config) -> Limits {
         subscriptions_count_max: l.max_subscriptions_per_client as usize,
         topic_levels_max: l.max_topic_levels as usize,
         topic_alias_max: l.max_topic_alias,
+        outbound_topic_alias_max: l.max_outbound_topic_alias,
+        mqtt5: mqtt5_settings(&config.mqtt5),
+        sys: tessera_shard::sys::SysSettings {
+            interval_ms: u64::from(config.sys.interval_s) * 1000,
+            version: format!("tessera {}", env!("CARGO_PKG_VERSION")),
+        },
         keep_alive_s_max: l.max_keep_alive_s,
         queue_overflow: match l.queue_overflow {
             QueueOverflow::DropQos0ThenOldest => EngineOverflow::DropQos0ThenOldest,
@@ -220,7 +230,31 @@ fn engine_limits(config: &Config) -> Limits {
             QueueOverflow::DropNew => EngineOverflow::DropNew,
             QueueOverflow::Disconnect => EngineOverflow::Disconnect,
         },
+        shared_subscription_strategy: match l.shared_subscription_strategy {
+            SharedStrategy::RoundRobin => EngineShared::RoundRobin,
+            SharedStrategy::Random => EngineShared::Random,
+            SharedStrategy::Sticky => EngineShared::Sticky,
+            SharedStrategy::HashClientId => EngineShared::HashClientId,
+        },
         ..Limits::default()
+    }
+}
+
+/// The engine's `[mqtt5]` settings; the strings were validated with the config.
+fn mqtt5_settings(m: &crate::config::Mqtt5Config) -> tessera_shard::engine::Mqtt5Settings {
+    use crate::config::Redirect;
+    use tessera_shard::engine::Redirect as EngineRedirect;
+    tessera_shard::engine::Mqtt5Settings {
+        reason_strings: m.reason_strings,
+        response_information_prefix: m.response_information_prefix.clone(),
+        redirect: match m.redirect {
+            Redirect::None => EngineRedirect::None,
+            Redirect::UseAnotherServer => EngineRedirect::UseAnotherServer,
+            Redirect::ServerMoved => EngineRedirect::ServerMoved,
+        },
+        server_reference: (!m.server_reference.is_empty()).then(|| {
+            Str::try_from(m.server_reference.as_str()).expect("validated server reference")
+        }),
     }
 }
 
@@ -592,10 +626,13 @@ async fn serve(
         }
     };
     shard.connections.set(shard.connections.get() + 1);
-    let conn = shard
-        .engine
-        .borrow_mut()
-        .connect(now_ms(), connect, assigned);
+    // What the accepting shard read: the CONNECT and the bytes after it.
+    let bytes_read = connect.encoded_len(version) + already_read.len();
+    let conn = {
+        let mut engine = shard.engine.borrow_mut();
+        engine.record_bytes_received(bytes_read);
+        engine.connect(now_ms(), connect, assigned)
+    };
     shard.flush_outbox();
     glommio::spawn_local(write_loop(shard.clone(), writer, conn)).detach();
     // The reader is a task of its own so that the long-lived future holds only
@@ -669,7 +706,7 @@ async fn read_loop(
             r
         };
         match read {
-            Ok(n) if n > 0 => {}
+            Ok(n) if n > 0 => shard.engine.borrow_mut().record_bytes_received(n),
             _ => {
                 shard.engine.borrow_mut().connection_lost(now_ms(), conn);
                 shard.flush_outbox();

@@ -25,12 +25,21 @@ use tessera_proto::{
     Subscribe, UnsubAck, Unsubscribe, Will,
 };
 
+use crate::alias::OutboundAliases;
 use crate::mesh::{MeshMsg, ShardId};
 use crate::message::{Message, SessionUid};
 use crate::session::{
-    ConnId, Delivery, Inflight, InflightState, Session, SessionIdx, SubscriptionEntry,
+    ConnId, Delivery, Inflight, InflightState, Session, SessionIdx, ShareKey, SubscriptionEntry,
 };
+use crate::sys::{SysPublisher, SysSettings};
 use crate::trie::{ShardSet, Trie, route_match};
+
+mod mqtt5;
+mod shared;
+mod sys_probe;
+
+pub use mqtt5::{Mqtt5Settings, Redirect};
+pub use shared::SharedStrategy;
 
 /// Named limits of one shard (the broker's `[limits]` config section).
 #[derive(Debug, Clone)]
@@ -51,6 +60,13 @@ pub struct Limits {
     pub topic_levels_max: usize,
     /// Inbound topic aliases per v5 connection (the Topic Alias Maximum announced).
     pub topic_alias_max: u16,
+    /// Outbound topic aliases per v5 connection, also capped by the client's
+    /// Topic Alias Maximum; 0 sends none.
+    pub outbound_topic_alias_max: u16,
+    /// MQTT 5 behaviour chosen by the operator (the `[mqtt5]` config section).
+    pub mqtt5: Mqtt5Settings,
+    /// `$SYS` topics (the `[sys]` config section); off by default here.
+    pub sys: SysSettings,
     /// Largest keep alive accepted; v5 clients asking more are told this value.
     pub keep_alive_s_max: u16,
     /// Encoded bytes buffered for one connection before deliveries queue in the
@@ -60,6 +76,8 @@ pub struct Limits {
     pub queue_qos0_offline: bool,
     /// What a full session queue does with one more delivery.
     pub queue_overflow: QueueOverflow,
+    /// How a shared subscription picks the member for each message.
+    pub shared_subscription_strategy: SharedStrategy,
 }
 
 /// What a full session queue does with one more delivery.
@@ -87,10 +105,14 @@ impl Default for Limits {
             subscriptions_count_max: 100,
             topic_levels_max: TOPIC_LEVELS_MAX,
             topic_alias_max: 64,
+            outbound_topic_alias_max: 16,
+            mqtt5: Mqtt5Settings::default(),
+            sys: SysSettings::default(),
             keep_alive_s_max: u16::MAX,
             write_buffer_bytes_max: 256 * 1024,
             queue_qos0_offline: false,
             queue_overflow: QueueOverflow::default(),
+            shared_subscription_strategy: SharedStrategy::default(),
         }
     }
 }
@@ -106,6 +128,13 @@ pub struct Stats {
     pub publishes_received: u64,
     /// PUBLISH packets written to clients.
     pub publishes_sent: u64,
+    /// PUBLISH packets refused and not delivered: to `$SYS/...`, or with a
+    /// payload that is not the UTF-8 its format indicator announces.
+    pub publishes_refused: u64,
+    /// Bytes read from clients (counted by the driver).
+    pub bytes_received: u64,
+    /// Bytes of packets written to clients' output buffers.
+    pub bytes_sent: u64,
     /// Publications forwarded to other shards (one per destination shard).
     pub forwards_sent: u64,
     /// Deliveries dropped because a session queue was full.
@@ -120,6 +149,15 @@ pub struct Stats {
     pub protocol_errors: u64,
     /// Sessions expired while disconnected.
     pub sessions_expired: u64,
+    /// Shared-subscription publications sent to the shard chosen for them.
+    pub shared_forwards_sent: u64,
+    /// Shared deliveries given back to their group by a member that left.
+    pub shared_returned: u64,
+    /// Shared-subscription publications no member was left to take.
+    pub dropped_shared_no_member: u64,
+    /// Shared QoS 2 deliveries sent to a member whose session ended before it
+    /// answered; they go to no other member [MQTT-4.8.2-5].
+    pub dropped_shared_qos2_member_ended: u64,
 }
 
 /// Why a connection ends.
@@ -171,6 +209,14 @@ struct Conn {
     held_acks: VecDeque<(Option<u64>, Packet)>,
     /// v5 inbound topic aliases, index = alias - 1.
     aliases: Vec<Option<Str>>,
+    /// Outbound topic aliases allowed: the client's Topic Alias Maximum capped
+    /// by `Limits::outbound_topic_alias_max`; 0 for none.
+    out_alias_max: u16,
+    /// v5 outbound topic aliases, created on the first aliased delivery.
+    out_aliases: Option<Box<OutboundAliases>>,
+    /// The client's Request Problem Information: whether acknowledgements may
+    /// carry a Reason String and User Properties.
+    problem_info: bool,
     /// Whether the connection ended at the protocol level (driver still flushing).
     ended: bool,
     out: ConnOutput,
@@ -241,11 +287,17 @@ pub struct Engine {
     /// Wills of disconnected sessions waiting for their Will Delay Interval;
     /// at most one per session, so bounded by the session count.
     delayed_wills: HashMap<SessionIdx, DelayedWill>,
+    /// Shared subscriptions: the share table replica and local memberships.
+    shared: shared::ShareTable,
     next_token: u64,
     outbox: Vec<Vec<MeshMsg>>,
     matches: Vec<(SessionIdx, SubscriptionEntry)>,
     shard_set: ShardSet,
     stats: Stats,
+    /// When this shard next reports its `$SYS` counters.
+    sys_due_ms: u64,
+    /// Shard 0 only, with `$SYS` enabled: the reports of every shard.
+    sys_publisher: Option<Box<SysPublisher>>,
 }
 
 fn delivery_qos(published: QoS, granted: QoS) -> QoS {
@@ -260,6 +312,8 @@ impl Engine {
             "shard {shard} of {shard_count}"
         );
         assert!(limits.inflight_count_max >= 1 && limits.receive_maximum >= 1);
+        let sys_publisher = (shard == 0 && limits.sys.interval_ms > 0)
+            .then(|| Box::new(SysPublisher::new(shard_count)));
         Engine {
             shard,
             shard_count,
@@ -280,11 +334,14 @@ impl Engine {
             routes_unacked: HashMap::new(),
             suback_dependents: HashMap::new(),
             delayed_wills: HashMap::new(),
+            shared: shared::ShareTable::new(shard),
             next_token: 1,
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             matches: Vec::new(),
             shard_set: ShardSet::default(),
             stats: Stats::default(),
+            sys_due_ms: 0,
+            sys_publisher,
         }
     }
 
@@ -313,9 +370,9 @@ impl Engine {
         self.by_client_id.len()
     }
 
-    /// Subscriptions on this shard.
+    /// Subscriptions on this shard, shared ones included.
     pub fn subscription_count(&self) -> usize {
-        self.subscriptions.len()
+        self.subscriptions.len() + self.shared.members_len()
     }
 
     /// Retained messages (this shard's replica).
@@ -361,7 +418,7 @@ impl Engine {
             let ack = ConnAck {
                 session_present: false,
                 reason_code: rc,
-                properties: ConnAckProperties::default(),
+                properties: self.refusal_properties(rc),
             };
             self.write_packet(conn, &Packet::ConnAck(ack));
             self.end_conn(now_ms, conn, CloseReason::Refused(rc));
@@ -393,7 +450,7 @@ impl Engine {
         let (idx, session_present) = match existing {
             Some(idx) if !connect.clean_start => (idx, true),
             Some(idx) => {
-                self.destroy_session(idx);
+                self.destroy_session(now_ms, idx);
                 (self.new_session(&connect), false)
             }
             None => (self.new_session(&connect), false),
@@ -431,11 +488,12 @@ impl Engine {
             props.retain_available = Some(true);
             props.wildcard_subscription_available = Some(true);
             props.subscription_identifiers_available = Some(true);
-            props.shared_subscription_available = Some(false);
+            props.shared_subscription_available = Some(true);
             props.server_keep_alive = server_keep_alive;
             if assigned {
                 props.assigned_client_identifier = Some(connect.client_id.clone());
             }
+            props.response_information = self.response_information(&connect);
         }
         let ack = ConnAck {
             session_present,
@@ -444,12 +502,16 @@ impl Engine {
         };
         self.write_packet(conn, &Packet::ConnAck(ack));
         self.stats.connects_accepted += 1;
+        self.shared_member_online(idx);
         self.resend_inflight(now_ms, idx);
         self.pump(now_ms, idx);
         conn
     }
 
     fn connect_refusal(&self, connect: &Connect, assigned: bool) -> Option<ReasonCode> {
+        if let Some(rc) = self.redirect_refusal() {
+            return Some(rc);
+        }
         // [MQTT-3.1.3-8]: 3.1.1 refuses an empty ClientID with Clean Session 0.
         if assigned && !connect.version.is_v5() && !connect.clean_start {
             return Some(ReasonCode::ClientIdentifierNotValid);
@@ -459,7 +521,7 @@ impl Engine {
         {
             return Some(ReasonCode::TopicNameInvalid);
         }
-        None
+        connect.will.as_ref().and_then(mqtt5::will_refusal)
     }
 
     fn new_conn(&mut self, now_ms: u64, connect: &Connect) -> ConnId {
@@ -474,6 +536,14 @@ impl Engine {
             client_receive_max: connect.properties.receive_maximum.unwrap_or(u16::MAX),
             client_packet_size_max: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
             aliases: Vec::new(),
+            out_alias_max: connect
+                .properties
+                .topic_alias_maximum
+                .unwrap_or(0)
+                .min(self.limits.outbound_topic_alias_max)
+                .min(u16::MAX - 1),
+            out_aliases: None,
+            problem_info: connect.properties.request_problem_information != Some(false),
             held_acks: VecDeque::new(),
             ended: false,
             out: ConnOutput::default(),
@@ -511,8 +581,8 @@ impl Engine {
         idx
     }
 
-    fn destroy_session(&mut self, idx: SessionIdx) {
-        let s = self.sessions[idx as usize]
+    fn destroy_session(&mut self, now_ms: u64, idx: SessionIdx) {
+        let mut s = self.sessions[idx as usize]
             .take()
             .expect("destroying a live session");
         debug_assert!(s.conn.is_none());
@@ -521,6 +591,8 @@ impl Engine {
         }
         self.by_client_id.remove(&s.client_id);
         self.free_sessions.push(idx);
+        // Last, once its memberships are gone, so no group picks it again.
+        self.shared_session_ended(now_ms, &mut s);
     }
 
     /// The socket of `conn` failed or closed without DISCONNECT.
@@ -577,8 +649,10 @@ impl Engine {
                 self.publish_will(now_ms, w, origin);
             }
         }
-        if !persistent {
-            self.destroy_session(idx);
+        if persistent {
+            self.shared_member_offline(now_ms, idx);
+        } else {
+            self.destroy_session(now_ms, idx);
         }
     }
 
@@ -686,10 +760,11 @@ impl Engine {
                 "delayed will outlived its session"
             );
             self.stats.sessions_expired += 1;
-            self.destroy_session(idx);
+            self.destroy_session(now_ms, idx);
         }
         self.retained
             .retain(|_, e| e.message.is_some() || now_ms < e.cleared_at_ms + RETAINED_TOMBSTONE_MS);
+        self.sys_tick(now_ms);
     }
 
     /// Ends every connection for shutdown (v5 clients get DISCONNECT 0x8B).
@@ -793,11 +868,14 @@ impl Engine {
                     None => return self.protocol_error(now_ms, conn, ReasonCode::ProtocolError),
                 }
             } else {
-                c.aliases[slot] = Some(p.topic.clone());
+                c.aliases[slot] = Some(p.topic.compact()); // not a view pinning the read buffer
             }
         }
         if topic::validate_topic_name(&p.topic, self.limits.topic_levels_max).is_err() {
             return self.protocol_error(now_ms, conn, ReasonCode::TopicNameInvalid);
+        }
+        if let Some(rc) = mqtt5::publish_refusal(&p, version) {
+            return self.refuse_publish(now_ms, conn, &p, rc);
         }
         if p.qos == QoS::ExactlyOnce {
             let receive_maximum = usize::from(self.limits.receive_maximum);
@@ -825,7 +903,8 @@ impl Engine {
                 .insert(token, (conn, self.shard_count - 1));
             token
         });
-        self.publish_acked(now_ms, msg, token);
+        let key = shared::client_key(self.session(idx).client_id.as_bytes());
+        self.publish_acked(now_ms, msg, token, key);
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send_ack(conn, Packet::PubAck(PubAck::new(packet_id)), token),
@@ -892,10 +971,17 @@ impl Engine {
         let mut retained = Vec::new();
         for s in &sub.subscriptions {
             let filter = &s.filter;
-            let refusal = if topic::is_shared(filter) {
-                // Shared subscriptions are not served yet; CONNACK says so to v5.
-                Some(ReasonCode::SharedSubscriptionsNotSupported)
-            } else if topic::validate_topic_filter(filter, self.limits.topic_levels_max).is_err() {
+            // `$share/{group}/{filter}` (section 4.8.2), for 3.1.1 clients too:
+            // the share name is checked, then the filter as any filter.
+            let shared = topic::is_shared(filter);
+            let plain = match topic::parse_shared(filter) {
+                Ok(Some(sf)) => Some(sf.filter),
+                Ok(None) => Some(filter.as_str()),
+                Err(_) => None,
+            };
+            let refusal = if plain.is_none_or(|f| {
+                topic::validate_topic_filter(f, self.limits.topic_levels_max).is_err()
+            }) {
                 Some(ReasonCode::TopicFilterInvalid)
             } else {
                 let sess = self.session(idx);
@@ -916,11 +1002,18 @@ impl Engine {
                 .subscriptions
                 .insert(filter.compact(), entry)
                 .is_some();
-            let before = self.subscriptions.filter_len(filter);
-            self.subscriptions.insert(filter, idx, entry);
-            if before == 0 {
+            let new_route = if shared {
+                self.shared_subscribe(idx, filter, entry, token)
+            } else {
+                let before = self.subscriptions.filter_len(filter);
+                self.subscriptions.insert(filter, idx, entry);
+                if before == 0 {
+                    self.route_add(filter.clone(), Some(token));
+                }
+                before == 0
+            };
+            if new_route {
                 new_routes += 1;
-                self.route_add(filter.clone(), Some(token));
                 if self.shard_count > 1 {
                     self.routes_unacked.insert(filter.clone(), token);
                 }
@@ -938,12 +1031,14 @@ impl Engine {
                 QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
                 QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
             });
-            // Retained messages for the new subscription (section 3.3.1.3).
-            let send_retained = match s.options.retain_handling {
-                tessera_proto::RetainHandling::SendAtSubscribe => true,
-                tessera_proto::RetainHandling::SendIfNew => !existed,
-                tessera_proto::RetainHandling::DoNotSend => false,
-            };
+            // Retained messages for the new subscription (section 3.3.1.3),
+            // never for a shared one (section 3.8.4).
+            let send_retained = !shared
+                && match s.options.retain_handling {
+                    tessera_proto::RetainHandling::SendAtSubscribe => true,
+                    tessera_proto::RetainHandling::SendIfNew => !existed,
+                    tessera_proto::RetainHandling::DoNotSend => false,
+                };
             if send_retained {
                 self.collect_retained(now_ms, filter, entry, &mut retained);
             }
@@ -1040,14 +1135,17 @@ impl Engine {
     // Routing
 
     /// Publishes a message from this shard: retained handling, then delivery to
-    /// every shard whose routes match (this one included).
+    /// every shard whose routes match (this one included), and to one member
+    /// of each matching shared subscription.
     pub fn publish(&mut self, now_ms: u64, msg: Message) {
-        self.publish_acked(now_ms, msg, None);
+        let key = shared::origin_key(&msg);
+        self.publish_acked(now_ms, msg, None, key);
     }
 
     /// `publish`, asking every other shard to acknowledge the retained update
-    /// with `ack`.
-    fn publish_acked(&mut self, now_ms: u64, msg: Message, ack: Option<u64>) {
+    /// with `ack`. `shared_key` is what the hash strategy of shared
+    /// subscriptions hashes: the publisher's ClientID when known.
+    fn publish_acked(&mut self, now_ms: u64, msg: Message, ack: Option<u64>, shared_key: u64) {
         if msg.retain {
             self.retained_clock_ms = self
                 .retained_clock_ms
@@ -1083,12 +1181,14 @@ impl Engine {
         if local {
             self.deliver_local(now_ms, &msg);
         }
+        self.shared_publish(now_ms, &msg, shared_key);
     }
 
     /// Handles one message from shard `from`.
     pub fn handle_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg) {
         match msg {
             MeshMsg::Publish(m) => self.deliver_local(now_ms, &m),
+            MeshMsg::SysReport(report) => self.on_sys_report(from, report),
             MeshMsg::RouteAdd { filter, shard, ack } => {
                 self.routes.insert(&filter, shard, ());
                 if let Some(token) = ack {
@@ -1113,6 +1213,29 @@ impl Engine {
                 if let Some(token) = ack {
                     self.outbox[usize::from(from)].push(MeshMsg::Ack { token });
                 }
+            }
+            MeshMsg::ShareRoute {
+                group,
+                filter,
+                shard,
+                connected,
+                offline,
+                ack,
+            } => {
+                assert_eq!(shard, from, "only a share's member shard announces it");
+                let key = ShareKey { group, filter };
+                self.shared_on_route(from, key, (connected, offline), ack);
+            }
+            MeshMsg::SharedPublish {
+                group,
+                filter,
+                message,
+                key,
+                tried,
+                hops,
+            } => {
+                let share = ShareKey { group, filter };
+                self.shared_on_publish(now_ms, share, message, key, tried, hops);
             }
         }
     }
@@ -1198,6 +1321,9 @@ impl Engine {
     }
 
     fn remove_local_subscription(&mut self, filter: &Str, idx: SessionIdx) {
+        if topic::is_shared(filter) {
+            return self.shared_unsubscribe(filter, idx);
+        }
         self.subscriptions.remove(filter, idx);
         if self.subscriptions.filter_len(filter) == 0 {
             self.routes.remove(filter, self.shard);
@@ -1257,6 +1383,7 @@ impl Engine {
                 // [MQTT-3.3.1-8]: retained messages sent on subscribe carry RETAIN 1.
                 retain: true,
                 subscription_ids: entry.subscription_id.into_iter().collect(),
+                share: None,
             });
         };
         if topic::has_wildcards(filter) {
@@ -1309,6 +1436,7 @@ impl Engine {
                 qos: delivery_qos(msg.qos, qos),
                 retain: retain_as_published && msg.retain,
                 subscription_ids,
+                share: None,
             };
             self.enqueue(now_ms, idx, d);
         }
@@ -1427,6 +1555,7 @@ impl Engine {
             // Size check before a packet id is spent on it.
             publish.packet_id = 1;
         }
+        let alias = self.plan_alias(conn, &mut publish);
         if publish.encoded_len(version) > self.conn(conn).client_packet_size_max as usize {
             // [MQTT-3.1.2-25]: never send a packet larger than the client accepts.
             self.stats.dropped_too_large += 1;
@@ -1441,6 +1570,9 @@ impl Engine {
                 delivery: d,
                 state: InflightState::Published,
             });
+        }
+        if let Some((topic, plan)) = alias {
+            self.commit_alias(conn, &topic, plan);
         }
         self.stats.publishes_sent += 1;
         self.write_packet(conn, &Packet::Publish(publish));
@@ -1473,14 +1605,20 @@ impl Engine {
     }
 
     fn write_packet(&mut self, conn: ConnId, packet: &Packet) {
+        // Reason strings and Request Problem Information (see `mqtt5`).
+        let changed = self.problem_info_for(self.conn(conn), packet);
+        let packet = changed.as_ref().unwrap_or(packet);
         let c = self.conn_mut(conn);
+        let before = c.out.buf.len();
         if let Err(e) = packet.encode(c.version, &mut c.out.buf) {
             // Our own packets are consistent by construction; an error here is a bug.
             panic!("encoding {:?} failed: {e}", packet.packet_type());
         }
+        let written = c.out.buf.len() - before;
         if let Some(w) = c.out.waker.take() {
             w.wake();
         }
+        self.stats.bytes_sent += written as u64;
     }
 
     // ------------------------------------------------------------------

@@ -11,14 +11,19 @@
 //!   shard over a cross-executor channel.
 //!
 //! - [`engine`]: the sans-IO state machine of one shard: sessions, QoS flows,
-//!   subscriptions, the route table and retained replicas, mesh outboxes.
+//!   subscriptions, the route table and retained replicas, shared
+//!   subscriptions across shards, mesh outboxes.
 //! - [`session`], [`message`], [`mesh`]: the data the engine owns and exchanges.
 //! - [`trie`]: the topic-filter trie behind local subscriptions and routes.
+//! - [`alias`]: the bounded per-connection map of outbound MQTT 5 topic aliases.
+//! - [`sys`]: `$SYS/broker/...` statistics, reported by every shard and
+//!   published by shard 0.
 //!
 //! Not here: sockets and executors (the broker's driver runs the engine on
-//! glommio), persistence, shared subscriptions, authentication. Packet bytes are
+//! glommio), persistence, authentication. Packet bytes are
 //! `tessera-proto`'s job.
 
+pub mod alias;
 pub mod engine;
 pub mod handoff;
 pub mod hash;
@@ -27,4 +32,5 @@ pub mod mesh;
 pub mod message;
 pub mod placement;
 pub mod session;
+pub mod sys;
 pub mod trie;

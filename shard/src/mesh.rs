@@ -5,6 +5,8 @@
 use tessera_proto::Str;
 
 use crate::message::Message;
+use crate::sys::SysReport;
+use crate::trie::ShardSet;
 
 /// Index of a shard, 0-based.
 pub type ShardId = u16;
@@ -38,6 +40,9 @@ pub enum MeshMsg {
         /// The token of the acknowledged message.
         token: u64,
     },
+    /// The sender's counters for `$SYS` topics, sent to shard 0 once per `$SYS`
+    /// interval.
+    SysReport(SysReport),
     /// Set (`message` is `Some`) or clear the retained message of `topic`.
     /// `stamp` orders concurrent updates: the highest stamp wins on every shard.
     Retain {
@@ -50,5 +55,41 @@ pub enum MeshMsg {
         /// Token to echo in `Ack`: the publisher's PUBACK/PUBREC waits until
         /// every shard applied the update.
         ack: Option<u64>,
+    },
+    /// `shard` has these members of the shared subscription
+    /// `$share/{group}/{filter}`; replaces what the receiver knew of `shard`
+    /// (both counts 0: none left). Sent by the members' shard whenever its
+    /// counts change. When `ack` is set the receiver answers `Ack`: the SUBACK
+    /// of the shard's first member waits until every shard routes to it.
+    ShareRoute {
+        /// The ShareName.
+        group: Str,
+        /// The topic filter after `$share/{group}/`.
+        filter: Str,
+        /// The shard with the members (always the sender).
+        shard: ShardId,
+        /// Members with a live connection.
+        connected: u32,
+        /// Disconnected members whose session persists.
+        offline: u32,
+        /// Token to echo in `Ack`.
+        ack: Option<u64>,
+    },
+    /// A publication for one member of `$share/{group}/{filter}`: the sender
+    /// chose the receiver, which hands it to a local member or, having none
+    /// any more, passes it on.
+    SharedPublish {
+        /// The ShareName.
+        group: Str,
+        /// The topic filter after `$share/{group}/`.
+        filter: Str,
+        /// The message.
+        message: Message,
+        /// What the hash strategy hashes (the publisher's ClientID hash).
+        key: u64,
+        /// Shards that found no connected member for it.
+        tried: ShardSet,
+        /// Forwards so far; bounded by twice the shard count.
+        hops: u16,
     },
 }

@@ -7,6 +7,7 @@
 //! PUBREL so a re-sent PUBLISH is not delivered twice.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use tessera_proto::{ProtocolVersion, QoS, Str, SubscriptionOptions, Will};
 
@@ -42,6 +43,16 @@ pub struct SubscriptionEntry {
     pub subscription_id: Option<u32>,
 }
 
+/// A shared subscription `$share/{group}/{filter}` (MQTT 5.0 section 4.8.2),
+/// named as every shard names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShareKey {
+    /// The ShareName.
+    pub group: Str,
+    /// The topic filter after `$share/{group}/`.
+    pub filter: Str,
+}
+
 /// A message on its way to one session, with the per-subscription decisions made.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -53,6 +64,9 @@ pub struct Delivery {
     pub retain: bool,
     /// v5 subscription identifiers of the matching subscriptions.
     pub subscription_ids: Vec<u32>,
+    /// The shared subscription this delivery was chosen for, if any: if the
+    /// member leaves before it completes, the group gets it back.
+    pub share: Option<Arc<ShareKey>>,
 }
 
 /// Where an in-flight outbound QoS 1/2 delivery stands.
