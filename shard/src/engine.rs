@@ -1492,6 +1492,18 @@ impl Engine {
             return;
         }
         self.stats.dropped_queue_full += 1;
+        // Until metrics are exported, drops must not be silent: log the first
+        // and then every power of two, so a flood cannot flood the log.
+        let dropped = self.stats.dropped_queue_full;
+        if dropped.is_power_of_two() {
+            tracing::warn!(
+                shard = self.shard,
+                client_id = %self.session(idx).client_id,
+                dropped_total = dropped,
+                policy = ?policy,
+                "session queue full: dropping a delivery"
+            );
+        }
         let s = self.session_mut(idx);
         match policy {
             QueueOverflow::DropQos0ThenOldest => {
