@@ -16,7 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncReadExt, AsyncWriteExt, future::poll_fn};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, future::poll_fn};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -144,7 +144,8 @@ impl Server {
             mesh: MeshBuilder::full(shard_count, MESH_CHANNEL_SLOTS),
             listen: listen.clone(),
             limits,
-            connections_max: (config.limits.max_connections as usize).div_ceil(shard_count),
+            connections_max: connections_max(config.limits.max_connections as usize)
+                .div_ceil(shard_count),
             connect_rate_per_s: f64::from(config.limits.connect_rate_per_s) / shard_count as f64,
             connect_timeout: Duration::from_secs(u64::from(config.limits.connect_timeout_s)),
             stop: stop.clone(),
@@ -205,6 +206,46 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// File descriptors kept for everything but client sockets: listeners, the
+/// io_uring rings, logs, data files.
+const FDS_RESERVED: usize = 64;
+
+/// Raises the soft open-files limit to the hard one and returns the number of
+/// client connections that fit under it: the configured maximum, or less, with
+/// a warning naming the limit and the fix.
+fn connections_max(configured: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return configured;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    let fit = (lim.rlim_cur as usize).saturating_sub(FDS_RESERVED);
+    if configured > fit {
+        warn!(
+            max_connections = configured,
+            open_files_limit = lim.rlim_cur,
+            "limits.max_connections exceeds what the open-files limit allows; serving at most \
+             {fit}. Raise the limit (LimitNOFILE= in systemd, ulimit -n, \
+             kernel-tuning/) to serve more"
+        );
+        return fit;
+    }
+    configured
 }
 
 fn engine_limits(config: &Config) -> Limits {
@@ -408,6 +449,8 @@ async fn shard_main(boot: ShardBoot) {
     for listener in listeners {
         let shard = shard.clone();
         glommio::spawn_local(async move {
+            let mut failures = 0u64;
+            let mut last_log = None;
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
@@ -420,8 +463,17 @@ async fn shard_main(boot: ShardBoot) {
                         glommio::spawn_local(accept_connection(shard.clone(), stream)).detach();
                     }
                     Err(e) => {
-                        warn!(shard = shard.id, "accept failed: {e}");
-                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                        // Out of file descriptors (EMFILE/ENFILE) repeats until
+                        // connections close: back off, and log once a minute
+                        // with a count instead of a hundred times a second.
+                        failures += 1;
+                        if last_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(60))
+                        {
+                            warn!(shard = shard.id, failures, "accept failed: {e}");
+                            last_log = Some(Instant::now());
+                            failures = 0;
+                        }
+                        glommio::timer::sleep(Duration::from_millis(50)).await;
                     }
                 }
             }
@@ -618,13 +670,6 @@ async fn serve(
         );
         return;
     }
-    let writer = match dup_stream(&stream) {
-        Ok(w) => w,
-        Err(e) => {
-            warn!("cannot duplicate socket: {e}");
-            return;
-        }
-    };
     shard.connections.set(shard.connections.get() + 1);
     // What the accepting shard read: the CONNECT and the bytes after it.
     let bytes_read = connect.encoded_len(version) + already_read.len();
@@ -634,26 +679,71 @@ async fn serve(
         engine.connect(now_ms(), connect, assigned)
     };
     shard.flush_outbox();
-    glommio::spawn_local(write_loop(shard.clone(), writer, conn)).detach();
+    let link = Rc::new(Link {
+        stream: RefCell::new(stream),
+        reader_done: Cell::new(false),
+    });
+    glommio::spawn_local(write_loop(shard.clone(), link.clone(), conn)).detach();
     // The reader is a task of its own so that the long-lived future holds only
     // what reading needs (an idle connection's memory is mostly these tasks).
     // The bytes left from the CONNECT read are copied into a right-sized buffer
     // so the accept-time read buffer is freed now.
     let buf = BytesMut::from(&already_read[..]);
     drop(already_read);
-    glommio::spawn_local(read_loop(shard, stream, buf, conn, version)).detach();
+    glommio::spawn_local(read_loop(shard, link, buf, conn, version)).detach();
 }
 
-fn dup_stream(stream: &TcpStream) -> std::io::Result<TcpStream> {
-    // SAFETY: the fd belongs to `stream`, which outlives this borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned()?;
-    // SAFETY: `fd` is a fresh descriptor of a connected TCP socket, owned here.
-    Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+/// The socket of one connection, shared by its reader and writer tasks.
+///
+/// One descriptor per connection (not a duplicate per task) keeps a process
+/// under its open-files limit with twice the connections. Each read or write
+/// borrows the stream for one poll only, never across an await, and glommio
+/// keeps separate readiness sources for reading and writing, so the two tasks
+/// never contend: a client slow to read still has its acknowledgements read.
+struct Link {
+    stream: RefCell<TcpStream>,
+    /// Set by the reader when it stopped reading for good.
+    reader_done: Cell<bool>,
+}
+
+impl Link {
+    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        poll_fn(|cx| Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, buf)).await
+    }
+
+    /// Reads once into the spare capacity of `buf`; returns the bytes read.
+    async fn read_more(&self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        let start = buf.len();
+        buf.resize(start + READ_CHUNK_BYTES, 0);
+        let r = self.read(&mut buf[start..]).await;
+        buf.truncate(start + *r.as_ref().unwrap_or(&0));
+        r
+    }
+
+    async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let n =
+                poll_fn(|cx| Pin::new(&mut *self.stream.borrow_mut()).poll_write(cx, data)).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Shuts down one or both directions at once (a plain syscall, no await).
+    fn shutdown(&self, how: std::net::Shutdown) {
+        let stream = self.stream.borrow();
+        // SAFETY: the fd belongs to `stream`, borrowed for this statement.
+        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        let _ = socket2::SockRef::from(&fd).shutdown(how);
+    }
 }
 
 async fn read_loop(
     shard: Rc<Shard>,
-    mut stream: TcpStream,
+    link: Rc<Link>,
     mut buf: BytesMut,
     conn: ConnId,
     version: ProtocolVersion,
@@ -681,25 +771,31 @@ async fn read_loop(
         }
         shard.flush_outbox();
         if shard.engine.borrow().is_ended(conn) {
+            linger(&shard, &link, conn).await;
+            link.reader_done.set(true);
             return;
         }
         // Back-pressure: a peer shard that falls behind slows publishers here.
         while shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
+        // glommio is cooperative and a read of a busy socket completes at once:
+        // without this, publishers that keep their sockets full would starve
+        // the writers of their subscribers.
+        futures_lite::future::yield_now().await;
         let read = if buf.is_empty() && !busy {
             // Idle: wait with a small probe instead of a read buffer, so an idle
             // connection holds no buffer at all.
             buf = BytesMut::new();
             let mut probe = [0u8; PROBE_BYTES];
-            let r = stream.read(&mut probe).await;
+            let r = link.read(&mut probe).await;
             if let Ok(n) = r {
                 buf.extend_from_slice(&probe[..n]);
                 busy = n == PROBE_BYTES;
             }
             r
         } else {
-            let r = read_more(&mut stream, &mut buf).await;
+            let r = link.read_more(&mut buf).await;
             // Keep the chunk buffer while reads fill it; fall back to probing
             // once the connection goes quiet.
             busy = matches!(r, Ok(n) if n == READ_CHUNK_BYTES);
@@ -710,8 +806,38 @@ async fn read_loop(
             _ => {
                 shard.engine.borrow_mut().connection_lost(now_ms(), conn);
                 shard.flush_outbox();
+                link.reader_done.set(true);
                 return;
             }
+        }
+    }
+}
+
+/// Lingering close, when the broker ended the connection (refused CONNECT,
+/// protocol error, keep alive, takeover, shutdown): the client may still be
+/// sending, and a socket closed with unread input answers with RST, which can
+/// destroy the CONNACK or DISCONNECT just written before the client reads it.
+/// So the reader keeps reading and discarding until the client closes or
+/// `CLOSE_LINGER` passes, while the writer sends the last bytes and a FIN.
+async fn linger(shard: &Shard, link: &Link, conn: ConnId) {
+    let close = shard.engine.borrow_mut().output(conn).and_then(|o| o.close);
+    if matches!(
+        close,
+        Some(CloseReason::ClientDisconnect | CloseReason::ConnectionLost) | None
+    ) {
+        return;
+    }
+    let deadline = Instant::now() + CLOSE_LINGER;
+    let mut scratch = [0u8; PROBE_BYTES];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let read = async { Some(link.read(&mut scratch).await) };
+        let expire = async {
+            glommio::timer::sleep(left).await;
+            None
+        };
+        match futures_lite::future::or(read, expire).await {
+            Some(Ok(n)) if n > 0 => {}
+            _ => return,
         }
     }
 }
@@ -745,7 +871,7 @@ impl Future for NextOutput<'_> {
     }
 }
 
-async fn write_loop(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnId) {
+async fn write_loop(shard: Rc<Shard>, link: Rc<Link>, conn: ConnId) {
     let mut spare = BytesMut::new();
     let mut write_failed = false;
     loop {
@@ -758,7 +884,7 @@ async fn write_loop(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnId) {
         if !more {
             break;
         }
-        if stream.write_all(&spare).await.is_err() {
+        if link.write_all(&spare).await.is_err() {
             write_failed = true;
             shard.engine.borrow_mut().connection_lost(now_ms(), conn);
             shard.flush_outbox();
@@ -768,44 +894,22 @@ async fn write_loop(shard: Rc<Shard>, mut stream: TcpStream, conn: ConnId) {
         shard.engine.borrow_mut().flushed(now_ms(), conn);
         shard.flush_outbox();
     }
-    // Lingering close when the broker ends the connection (refused CONNECT,
-    // protocol error, keep alive, takeover, shutdown): the client may still be
-    // sending, and a socket closed with unread input, or receiving input after
-    // a shutdown of its read side, answers with RST, which can destroy the
-    // CONNACK or DISCONNECT just written before the client reads it. So send
-    // FIN after the last byte and discard input until the client closes or
-    // CLOSE_LINGER passes. The engine slot stays held (ended) meanwhile, so a
-    // reader still parked on the socket cannot reach a reused slot.
-    let close = shard.engine.borrow_mut().output(conn).and_then(|o| o.close);
-    let client_ended = matches!(
-        close,
-        Some(CloseReason::ClientDisconnect | CloseReason::ConnectionLost)
-    );
-    if !write_failed && !client_ended {
-        let _ = stream.shutdown(std::net::Shutdown::Write).await;
-        discard_input(&mut stream, &mut spare).await;
+    // FIN after the last byte; the reader lingers (see `linger`) and then
+    // stops. The engine slot stays held (ended) until then, so the reader never
+    // reaches a reused slot.
+    link.shutdown(if write_failed {
+        std::net::Shutdown::Both
+    } else {
+        std::net::Shutdown::Write
+    });
+    let deadline = Instant::now() + CLOSE_LINGER + Duration::from_millis(500);
+    while !link.reader_done.get() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+    link.shutdown(std::net::Shutdown::Both);
     shard.engine.borrow_mut().release(now_ms(), conn);
     shard.flush_outbox();
     shard.connections.set(shard.connections.get() - 1);
-}
-
-/// Reads and discards input until end of stream, an error, or `CLOSE_LINGER`.
-async fn discard_input(stream: &mut TcpStream, scratch: &mut BytesMut) {
-    let deadline = Instant::now() + CLOSE_LINGER;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        scratch.clear();
-        let read = async { Some(read_more(stream, scratch).await) };
-        let expire = async {
-            glommio::timer::sleep(left).await;
-            None
-        };
-        match futures_lite::future::or(read, expire).await {
-            Some(Ok(n)) if n > 0 => {}
-            _ => return,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1507,12 +1507,7 @@ impl Engine {
         let s = self.session_mut(idx);
         match policy {
             QueueOverflow::DropQos0ThenOldest => {
-                let victim = s
-                    .queue
-                    .iter()
-                    .position(|q| q.qos == QoS::AtMostOnce)
-                    .unwrap_or(0);
-                s.queue.remove(victim);
+                s.queue.drop_qos0_or_oldest();
                 s.queue.push_back(d);
             }
             QueueOverflow::DropOldest => {

@@ -89,6 +89,70 @@ pub struct Inflight {
     pub state: InflightState,
 }
 
+/// A session's FIFO of deliveries waiting for window space or a connection.
+/// It counts its QoS 0 entries, so the overflow policy that drops QoS 0 first
+/// does not scan a queue that holds none (the common QoS 1 case).
+#[derive(Debug, Default)]
+pub struct DeliveryQueue {
+    items: VecDeque<Delivery>,
+    qos0: usize,
+}
+
+impl DeliveryQueue {
+    /// Deliveries queued.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The oldest delivery.
+    pub fn front(&self) -> Option<&Delivery> {
+        self.items.front()
+    }
+
+    /// Appends a delivery.
+    pub fn push_back(&mut self, d: Delivery) {
+        self.qos0 += usize::from(d.qos == QoS::AtMostOnce);
+        self.items.push_back(d);
+    }
+
+    /// Removes the oldest delivery.
+    pub fn pop_front(&mut self) -> Option<Delivery> {
+        let d = self.items.pop_front()?;
+        self.qos0 -= usize::from(d.qos == QoS::AtMostOnce);
+        Some(d)
+    }
+
+    /// Removes the oldest QoS 0 delivery, or else the oldest one.
+    pub fn drop_qos0_or_oldest(&mut self) -> Option<Delivery> {
+        if self.qos0 == 0 {
+            return self.pop_front();
+        }
+        let pos = self
+            .items
+            .iter()
+            .position(|d| d.qos == QoS::AtMostOnce)
+            .expect("counted");
+        self.qos0 -= 1;
+        self.items.remove(pos)
+    }
+
+    /// Takes every delivery out, leaving the queue empty.
+    pub fn take(&mut self) -> VecDeque<Delivery> {
+        self.qos0 = 0;
+        std::mem::take(&mut self.items)
+    }
+
+    /// The deliveries, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Delivery> {
+        self.items.iter()
+    }
+}
+
 /// A session.
 #[derive(Debug)]
 pub struct Session {
@@ -110,7 +174,7 @@ pub struct Session {
     /// In-flight outbound QoS 1/2 deliveries, in send order.
     pub inflight: VecDeque<Inflight>,
     /// Deliveries waiting for window space or a connection.
-    pub queue: VecDeque<Delivery>,
+    pub queue: DeliveryQueue,
     /// QoS 2 packet ids received and not yet released by PUBREL.
     pub inbound_qos2: Vec<u16>,
     /// The will of the live connection.
@@ -133,7 +197,7 @@ impl Session {
             disconnected_at_ms: None,
             subscriptions: HashMap::new(),
             inflight: VecDeque::new(),
-            queue: VecDeque::new(),
+            queue: DeliveryQueue::default(),
             inbound_qos2: Vec::new(),
             will: None,
             next_packet_id: 1,
@@ -208,5 +272,48 @@ mod tests {
         assert!(s.is_expired(11_000));
         s.expiry_interval_s = u32::MAX;
         assert!(!s.is_expired(u64::MAX));
+    }
+
+    fn delivery(n: u8, qos: QoS) -> Delivery {
+        Delivery {
+            message: Message {
+                topic: Str::from_static("t"),
+                payload: bytes::Bytes::from(vec![n]),
+                qos,
+                retain: false,
+                properties: None,
+                expires_at_ms: None,
+                origin: None,
+            },
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            share: None,
+        }
+    }
+
+    #[test]
+    fn delivery_queue_drops_the_oldest_qos0_first_and_keeps_its_count() {
+        let mut q = DeliveryQueue::default();
+        for (n, qos) in [
+            (0, QoS::AtLeastOnce),
+            (1, QoS::AtMostOnce),
+            (2, QoS::AtMostOnce),
+        ] {
+            q.push_back(delivery(n, qos));
+        }
+        assert_eq!(q.drop_qos0_or_oldest().unwrap().message.payload[0], 1);
+        assert_eq!(q.drop_qos0_or_oldest().unwrap().message.payload[0], 2);
+        // No QoS 0 left: the oldest goes.
+        q.push_back(delivery(3, QoS::ExactlyOnce));
+        assert_eq!(q.drop_qos0_or_oldest().unwrap().message.payload[0], 0);
+        assert_eq!(q.len(), 1);
+        q.push_back(delivery(4, QoS::AtMostOnce));
+        assert_eq!(q.take().len(), 2);
+        assert!(q.is_empty());
+        // The count was reset with the items: a QoS 1 queue drops its oldest.
+        q.push_back(delivery(5, QoS::AtLeastOnce));
+        q.push_back(delivery(6, QoS::AtLeastOnce));
+        assert_eq!(q.drop_qos0_or_oldest().unwrap().message.payload[0], 5);
     }
 }

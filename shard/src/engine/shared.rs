@@ -272,7 +272,7 @@ fn take_shared(s: &mut Session) -> (Vec<Returned>, u64) {
             }
         }
     });
-    let queue = std::mem::take(&mut s.queue);
+    let queue = s.queue.take();
     for d in queue {
         match d.share {
             Some(key) => out.push((key, d.message)),
