@@ -1,0 +1,352 @@
+//! The `bench` command line. The flags named in the README's "Stable flags" list are
+//! an interface scripts rely on: rename or remove one only with a deprecation.
+//!
+//! Common flags are global: they may come before or after the subcommand.
+
+use std::net::IpAddr;
+
+use clap::{Args, Parser, Subcommand};
+use tessera_proto::{ProtocolVersion, QoS};
+
+use crate::payload::{HEADER_BYTES, PAYLOAD_BYTES_MAX};
+
+/// Most publishers or subscribers one run creates.
+pub const CLIENTS_PER_ROLE_MAX: u32 = 10_000;
+
+/// Most connections the `conn` scenario opens.
+pub const CONN_CLIENTS_MAX: u32 = 1_000_000;
+
+/// Longest `--duration` or `--warmup`, seconds: every run is bounded.
+pub const DURATION_S_MAX: f64 = 24.0 * 3600.0;
+
+/// Command-line flags of the `bench` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "bench",
+    version,
+    about = "MQTT load generator: fan-in, fan-out, latency and connection scenarios"
+)]
+pub struct Cli {
+    /// Flags every scenario takes.
+    #[command(flatten)]
+    pub common: Common,
+    /// The scenario to run.
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// Flags every scenario takes.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Broker host (an IP address or a name).
+    #[arg(long, global = true, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Broker port.
+    #[arg(long, global = true, default_value_t = 1883)]
+    pub port: u16,
+
+    /// QoS of publications and subscriptions.
+    #[arg(long, global = true, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+
+    /// Payload bytes per message (at least the 24-byte bench header).
+    #[arg(long, global = true, default_value_t = 64)]
+    pub size: usize,
+
+    /// Seconds measured after the warmup (conn: seconds the connections are held).
+    #[arg(long, global = true, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Messages per publisher; the run ends at --count or --duration, whichever
+    /// comes first.
+    #[arg(long, global = true)]
+    pub count: Option<u64>,
+
+    /// Seconds of load before the measurement window opens. Warmup messages are
+    /// checked for loss but not counted in rates or latencies.
+    #[arg(long, global = true, default_value_t = 1.0)]
+    pub warmup: f64,
+
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// MQTT protocol version: 3 (3.1.1) or 5.
+    #[arg(long, global = true, default_value = "3", value_parser = parse_version)]
+    pub mqtt_version: ProtocolVersion,
+
+    /// Exit non-zero when more messages than this are lost. Default: 0 for QoS 1
+    /// and 2, unlimited for QoS 0.
+    #[arg(long, global = true)]
+    pub max_loss: Option<u64>,
+
+    /// QoS 1/2: unacknowledged messages per publisher (capped by a v5 broker's
+    /// Receive Maximum).
+    #[arg(long, global = true, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub inflight: u16,
+
+    /// Encoded bytes a publisher holds that the kernel has not yet accepted. QoS 0
+    /// publishers are paced by TCP back-pressure through this bound.
+    #[arg(long, global = true, default_value_t = 64 * 1024)]
+    pub inflight_bytes: usize,
+
+    /// SO_SNDBUF of fanin/fanout publishers, bytes (the kernel doubles it); 0
+    /// leaves it to kernel autotuning, which can queue megabytes per connection
+    /// that count as sent long before the broker reads them.
+    #[arg(long, global = true, default_value_t = 64 * 1024)]
+    pub sndbuf: u32,
+
+    /// Keep alive announced in CONNECT, seconds; idle clients ping at half of it.
+    #[arg(long, global = true, default_value_t = 60)]
+    pub keep_alive: u16,
+
+    /// Seconds allowed for connecting and for each handshake answer.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    pub timeout: f64,
+
+    /// Seconds allowed after the publishers stop for acknowledgements and
+    /// deliveries to arrive.
+    #[arg(long, global = true, default_value_t = 5.0)]
+    pub drain: f64,
+
+    /// The broker's process id: report its CPU use and resident memory.
+    #[arg(long, global = true)]
+    pub broker_pid: Option<u32>,
+
+    /// Tokio worker threads; default: the CPUs this process may run on.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+
+    /// First topic level of every bench topic.
+    #[arg(long, global = true, default_value = "bench")]
+    pub topic_prefix: String,
+}
+
+/// The scenarios.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Scenario {
+    /// N publishers on PREFIX/i, as fast as allowed, to subscribers on PREFIX/#.
+    Fanin {
+        /// Publishers.
+        #[arg(long, default_value_t = 8)]
+        publishers: u32,
+        /// Subscribers, each receiving every message.
+        #[arg(long, default_value_t = 1)]
+        subscribers: u32,
+        /// Messages per second per publisher; default: as fast as allowed.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// One publisher on PREFIX/0, as fast as allowed, to N subscribers of PREFIX/0.
+    Fanout {
+        /// Subscribers, each receiving every message.
+        #[arg(long, default_value_t = 100)]
+        subscribers: u32,
+        /// Messages per second; default: as fast as allowed.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// One publisher at a fixed rate, one subscriber; latency from each message's
+    /// intended send time (coordinated-omission aware).
+    Latency {
+        /// Messages per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+    },
+    /// Open C connections at R per second, hold them for --duration, report
+    /// connect latency, failures and (with --broker-pid) broker memory per
+    /// connection.
+    Conn {
+        /// Connections to open.
+        #[arg(long, default_value_t = 1000)]
+        clients: u32,
+        /// Connections opened per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Local source addresses to spread connections over, comma separated
+        /// (loopback has all of 127.0.0.0/8).
+        #[arg(long, value_delimiter = ',')]
+        bind: Vec<IpAddr>,
+        /// Exit non-zero when more connections than this fail or drop.
+        #[arg(long, default_value_t = 0)]
+        max_failures: u64,
+    },
+}
+
+fn parse_version(s: &str) -> Result<ProtocolVersion, String> {
+    match s {
+        "3" | "3.1.1" | "4" => Ok(ProtocolVersion::V3_1_1),
+        "5" | "5.0" => Ok(ProtocolVersion::V5),
+        _ => Err(format!("{s:?}: expected 3 (3.1.1) or 5")),
+    }
+}
+
+impl Cli {
+    /// The QoS as the codec's type.
+    pub fn qos(&self) -> QoS {
+        QoS::from_u8(self.common.qos).expect("clap checked the range")
+    }
+
+    /// Checks relations clap cannot express; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.common;
+        if !(HEADER_BYTES..=PAYLOAD_BYTES_MAX).contains(&c.size) {
+            return Err(format!(
+                "--size {}: must be {HEADER_BYTES}..={PAYLOAD_BYTES_MAX} bytes (the bench header takes {HEADER_BYTES})",
+                c.size
+            ));
+        }
+        for (name, v) in [
+            ("--duration", c.duration),
+            ("--timeout", c.timeout),
+            ("--drain", c.drain),
+        ] {
+            if !(v > 0.0 && v <= DURATION_S_MAX) {
+                return Err(format!("{name} {v}: must be in (0, {DURATION_S_MAX}]"));
+            }
+        }
+        if !(0.0..=DURATION_S_MAX).contains(&c.warmup) {
+            return Err(format!(
+                "--warmup {}: must be in [0, {DURATION_S_MAX}]",
+                c.warmup
+            ));
+        }
+        if c.count == Some(0) {
+            return Err("--count 0: must be at least 1".into());
+        }
+        if c.inflight_bytes == 0 {
+            return Err("--inflight-bytes 0: must be at least 1".into());
+        }
+        if c.threads == Some(0) {
+            return Err("--threads 0: must be at least 1".into());
+        }
+        if c.topic_prefix.is_empty() || c.topic_prefix.contains(['#', '+']) {
+            return Err(format!(
+                "--topic-prefix {:?}: must be a non-empty topic name",
+                c.topic_prefix
+            ));
+        }
+        let role = |name: &str, n: u32| {
+            if (1..=CLIENTS_PER_ROLE_MAX).contains(&n) {
+                Ok(())
+            } else {
+                Err(format!("--{name} {n}: must be 1..={CLIENTS_PER_ROLE_MAX}"))
+            }
+        };
+        let rate = |r: f64| {
+            if r > 0.0 && r.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("--rate {r}: must be positive"))
+            }
+        };
+        match &self.scenario {
+            Scenario::Fanin {
+                publishers,
+                subscribers,
+                rate: r,
+            } => {
+                role("publishers", *publishers)?;
+                role("subscribers", *subscribers)?;
+                r.map_or(Ok(()), rate)
+            }
+            Scenario::Fanout {
+                subscribers,
+                rate: r,
+            } => {
+                role("subscribers", *subscribers)?;
+                r.map_or(Ok(()), rate)
+            }
+            Scenario::Latency { rate: r } => rate(*r),
+            Scenario::Conn {
+                clients, rate: r, ..
+            } => {
+                if c.count.is_some() {
+                    return Err("conn: --count does not apply; use --clients".into());
+                }
+                if !(1..=CONN_CLIENTS_MAX).contains(clients) {
+                    return Err(format!(
+                        "--clients {clients}: must be 1..={CONN_CLIENTS_MAX}"
+                    ));
+                }
+                rate(*r)
+            }
+        }
+    }
+
+    /// The loss above which the run fails.
+    pub fn max_loss(&self) -> Option<u64> {
+        match (self.common.max_loss, self.common.qos) {
+            (Some(m), _) => Some(m),
+            (None, 0) => None,
+            (None, _) => Some(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn common_flags_go_before_or_after_the_subcommand() {
+        let a = Cli::try_parse_from(["bench", "--qos", "1", "fanin", "--publishers", "4"]).unwrap();
+        let b = Cli::try_parse_from(["bench", "fanin", "--publishers", "4", "--qos", "1"]).unwrap();
+        assert_eq!(a.common.qos, 1);
+        assert_eq!(b.common.qos, 1);
+        assert!(matches!(
+            b.scenario,
+            Scenario::Fanin {
+                publishers: 4,
+                subscribers: 1,
+                rate: None
+            }
+        ));
+    }
+
+    #[test]
+    fn max_loss_defaults_by_qos() {
+        let q0 = Cli::try_parse_from(["bench", "fanout"]).unwrap();
+        let q1 = Cli::try_parse_from(["bench", "fanout", "--qos", "1"]).unwrap();
+        let set = Cli::try_parse_from(["bench", "fanout", "--max-loss", "5"]).unwrap();
+        assert_eq!(q0.max_loss(), None);
+        assert_eq!(q1.max_loss(), Some(0));
+        assert_eq!(set.max_loss(), Some(5));
+    }
+
+    #[test]
+    fn bind_list_and_versions_parse() {
+        let c = Cli::try_parse_from([
+            "bench",
+            "conn",
+            "--bind",
+            "127.0.0.2,127.0.0.3",
+            "--mqtt-version",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(c.common.mqtt_version, ProtocolVersion::V5);
+        let Scenario::Conn { bind, .. } = c.scenario else {
+            panic!("conn")
+        };
+        assert_eq!(bind.len(), 2);
+        assert!(Cli::try_parse_from(["bench", "conn", "--mqtt-version", "4.2"]).is_err());
+    }
+
+    #[test]
+    fn validation_names_the_flag() {
+        let small = Cli::try_parse_from(["bench", "fanin", "--size", "8"]).unwrap();
+        assert!(small.validate().unwrap_err().contains("--size"));
+        let none = Cli::try_parse_from(["bench", "fanin", "--publishers", "0"]).unwrap();
+        assert!(none.validate().unwrap_err().contains("--publishers"));
+        let ok = Cli::try_parse_from(["bench", "latency", "--rate", "500"]).unwrap();
+        assert_eq!(ok.validate(), Ok(()));
+    }
+}

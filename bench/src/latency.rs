@@ -1,0 +1,238 @@
+//! The `latency` scenario: one publisher at a fixed rate, one subscriber, and the
+//! latency of each message measured from its *intended* send time, so a stall of
+//! the broker (or of the bench) shows up in every message it delays, not just the
+//! one that met it (coordinated omission).
+//!
+//! The publisher is a blocking thread, not a tokio task: tokio's timer has 1 ms
+//! resolution, which at 1,000 msg/s would add up to a whole period of jitter to
+//! every message. The thread sleeps with a 1 ns timer slack and spins the last
+//! tens of microseconds ([`crate::sys::sleep_until_precise`]), and the report
+//! gives its actual lateness (`send_lag`) so the bench's own share is visible.
+//! The subscriber is the same tokio task as in the throughput scenarios.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use tessera_proto::{Publish, QoS, Str, decode};
+use tokio::sync::watch;
+
+use crate::clock;
+use crate::mqtt::{self, BlockingClient, Failure, PACKET_BYTES_MAX};
+use crate::payload::Header;
+use crate::publisher::on_publisher_packet;
+use crate::report::Report;
+use crate::run::{RunConfig, Timeline, sleep_until_ns, wait_for_deliveries};
+use crate::stats::{
+    LatencySummary, Live, ProgressLabels, Series, latency_histogram, record_ns, spawn_progress,
+};
+use crate::subscriber::run_subscriber;
+use crate::sys::{self, CpuMeter, process_rss_bytes};
+use crate::throughput::{connect_all, fill_deliveries};
+use crate::window::Window;
+
+/// How long deliveries may pause before the drain stops waiting for more.
+const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
+/// What the paced publisher did.
+#[derive(Debug)]
+struct PacedResult {
+    sent: u64,
+    last_ns: u64,
+    series: Series,
+    /// Actual send time minus intended send time, ns, for messages in the window.
+    lag: Histogram<u64>,
+}
+
+/// Runs `latency` at `rate` messages per second and reports.
+pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
+    let cfg = Arc::new(cfg);
+    let live = Arc::new(Live::new(1));
+    let topic = format!("{}/0", cfg.topic_prefix);
+    let (mut subs, granted) = connect_all(&cfg, "sub", 1, Some(topic.clone())).await?;
+    let (opts, id) = (cfg.opts.clone(), format!("bench-{:08x}-pub-0", cfg.run_id));
+    let publisher = tokio::task::spawn_blocking(move || mqtt::connect_blocking(&opts, &id))
+        .await
+        .expect("the connect thread does not panic")
+        .with_context(|| format!("setting up the publisher at {}", cfg.opts.addr))?;
+
+    let t = cfg.timeline();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sub_task = tokio::spawn(run_subscriber(
+        subs.pop().expect("one subscriber"),
+        1,
+        cfg.clone(),
+        t,
+        live.clone(),
+        stop_rx,
+    ));
+    let pub_task = {
+        let (cfg, live) = (cfg.clone(), live.clone());
+        let topic = Str::try_from(topic).expect("valid topic");
+        tokio::task::spawn_blocking(move || paced_publisher(publisher, topic, rate, &cfg, t, &live))
+    };
+    let progress = spawn_progress("latency", live.clone(), ProgressLabels::Messages);
+
+    let rss_before = cfg.broker_pid.and_then(process_rss_bytes);
+    sleep_until_ns(t.warm_ns).await;
+    let meter = CpuMeter::start(cfg.broker_pid);
+    let paced = pub_task.await.expect("the publisher thread does not panic");
+    let cpu = meter.stop();
+    let rss_after = cfg.broker_pid.and_then(process_rss_bytes);
+    let drain = wait_for_deliveries(
+        paced.sent,
+        || live.received.load(Ordering::Relaxed),
+        DRAIN_QUIET,
+        clock::now_ns() + cfg.drain_ns,
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let sub = sub_task.await.expect("subscriber tasks do not panic");
+    progress.abort();
+
+    let window_end_ns = if paced.sent >= cfg.count {
+        paced.last_ns + 1
+    } else {
+        t.end_ns
+    };
+    let mut report = cfg.report("latency");
+    report.publishers = 1;
+    report.subscribers = 1;
+    report.granted_qos = (granted < cfg.qos).then_some(granted as u8);
+    report.sent_count = paced.sent;
+    fill_deliveries(
+        &mut report,
+        &[paced.sent],
+        &t,
+        window_end_ns,
+        &paced.series,
+        std::slice::from_ref(&sub),
+    );
+    report.send_lag = Some(LatencySummary::of(&paced.lag));
+    report.drain = Some(drain);
+    report.bench_cpu_cores = cpu.bench_cores;
+    report.broker_cpu_cores = cpu.broker_cores;
+    report.broker_rss_before_bytes = rss_before;
+    report.broker_rss_after_bytes = rss_after;
+    report.error_count = live.errors.load(Ordering::Relaxed);
+    report.errors = live.reasons();
+    report.judge(None);
+    Ok(report)
+}
+
+/// Decodes what the broker sent the publisher and writes any PUBREL it calls for.
+fn process_acks(
+    c: &mut BlockingClient,
+    window: &mut Option<Window>,
+    out: &mut BytesMut,
+    live: &Live,
+) -> Result<(), Failure> {
+    use std::io::Write as _;
+    while let Some(p) = decode(&mut c.rbuf, c.version, PACKET_BYTES_MAX)? {
+        on_publisher_packet(p, window, c.version, out, live)?;
+    }
+    if !out.is_empty() {
+        c.stream.write_all(out)?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// The paced publisher thread: message `i` is due at `start + i / rate`.
+fn paced_publisher(
+    mut c: BlockingClient,
+    topic: Str,
+    rate: f64,
+    cfg: &RunConfig,
+    t: Timeline,
+    live: &Live,
+) -> PacedResult {
+    use std::io::Write as _;
+    sys::tighten_timer_slack();
+    let version = c.version;
+    let mut window = match cfg.qos {
+        QoS::AtMostOnce => None,
+        qos => Some(Window::new(qos, cfg.window(c.granted.receive_maximum))),
+    };
+    let period_ns = 1e9 / rate;
+    let mut r = PacedResult {
+        sent: 0,
+        last_ns: t.start_ns,
+        series: Series::new(t.start_ns, t.series_span_ns()),
+        lag: latency_histogram(),
+    };
+    let mut out = BytesMut::new();
+    let mut acks = BytesMut::new();
+    let mut run = || -> Result<(), Failure> {
+        loop {
+            let intended_ns = t.start_ns + (r.sent as f64 * period_ns) as u64;
+            if intended_ns >= t.end_ns || r.sent >= cfg.count {
+                break;
+            }
+            while window.as_ref().is_some_and(|w| w.room() == 0) {
+                if clock::now_ns() > t.drain_end_ns {
+                    return Err(Failure::Timeout);
+                }
+                c.read_some()?;
+                process_acks(&mut c, &mut window, &mut acks, live)?;
+            }
+            let mut payload = BytesMut::with_capacity(cfg.size);
+            Header {
+                run_id: cfg.run_id,
+                publisher: 0,
+                seq: r.sent,
+                intended_ns,
+            }
+            .put(cfg.size, &mut payload);
+            let packet_id = window
+                .as_mut()
+                .map_or(0, |w| w.allocate().expect("room was checked"));
+            let publish = Publish {
+                qos: cfg.qos,
+                packet_id,
+                ..Publish::new(topic.clone(), payload.freeze())
+            };
+            out.clear();
+            mqtt::put(&publish, version, &mut out);
+            live.set_produced(0, r.sent + 1);
+            sys::sleep_until_precise(clock::instant_at(intended_ns));
+            c.stream.write_all(&out)?;
+            let sent_ns = clock::now_ns();
+            if intended_ns >= t.warm_ns {
+                record_ns(&mut r.lag, sent_ns.saturating_sub(intended_ns));
+            }
+            r.series.add(intended_ns, 1);
+            r.sent += 1;
+            r.last_ns = intended_ns;
+            live.sent.fetch_add(1, Ordering::Relaxed);
+            // Acknowledgements, and a DISCONNECT at QoS 0, are read between sends.
+            c.read_ready()?;
+            process_acks(&mut c, &mut window, &mut acks, live)?;
+        }
+        while window.as_ref().is_some_and(|w| w.in_flight() > 0) {
+            if clock::now_ns() > t.drain_end_ns {
+                return Err(Failure::Timeout);
+            }
+            c.read_some()?;
+            process_acks(&mut c, &mut window, &mut acks, live)?;
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => {
+            let mut bye = BytesMut::new();
+            mqtt::put(
+                &tessera_proto::Disconnect::new(tessera_proto::ReasonCode::Success),
+                version,
+                &mut bye,
+            );
+            let _ = c.stream.write_all(&bye);
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        Err(f) => live.error(format!("publisher: {f}")),
+    }
+    r
+}

@@ -1,0 +1,41 @@
+//! `tessera-bench`: the load generator behind the `bench` binary. It speaks MQTT
+//! 3.1.1 or 5.0 through `tessera_proto` over plain TCP to any broker, and measures
+//! what the broker does with the load: delivery rates, end-to-end latency, loss,
+//! duplicates and order, connect latency, and the broker's CPU and memory.
+//!
+//! Modules:
+//! - [`cli`]: the command line (stable flags) and its validation.
+//! - [`run`]: settings and timeline shared by every scenario.
+//! - [`throughput`]: the `fanin` and `fanout` scenarios, built from [`publisher`]
+//!   (max-rate, bounded by bytes or by an in-flight window) and [`subscriber`]
+//!   (acknowledges and accounts for every message).
+//! - [`latency`]: the `latency` scenario, with a paced publisher thread.
+//! - [`conn`]: the `conn` scenario, many idle connections.
+//! - [`mqtt`]: connecting and subscribing, blocking and async; failure reasons.
+//! - [`window`]: the QoS 1/2 in-flight window (sans-IO).
+//! - [`accounting`]: loss, duplicate and order accounting (sans-IO).
+//! - [`payload`]: the bench header every message carries.
+//! - [`stats`]: live counters, progress line, time series, latency summaries.
+//! - [`report`]: the result, as text and JSON, and the pass/fail verdict.
+//! - [`sys`]: open-files limit, CPU and RSS from `/proc`, precise sleep.
+//! - [`clock`]: the process-wide monotonic clock payloads are stamped with.
+//!
+//! What it does not do: TLS, WebSockets, authentication, retained messages, wills,
+//! shared subscriptions, persistent sessions, or reconnecting. A client that loses
+//! its connection counts an error and stops; the run goes on and fails at the end.
+
+pub mod accounting;
+pub mod cli;
+pub mod clock;
+pub mod conn;
+pub mod latency;
+pub mod mqtt;
+pub mod payload;
+pub mod publisher;
+pub mod report;
+pub mod run;
+pub mod stats;
+pub mod subscriber;
+pub mod sys;
+pub mod throughput;
+pub mod window;

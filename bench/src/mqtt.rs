@@ -1,0 +1,352 @@
+//! The MQTT client side of the bench, on `tessera_proto`: connecting (CONNECT /
+//! CONNACK), subscribing (SUBSCRIBE / SUBACK), reading whole packets off a socket,
+//! and the [`Failure`] classification that reports use as "failures by reason".
+//!
+//! Two flavours of the same handshake: async on tokio for every scenario, and
+//! blocking on `std::net` for the latency publisher's paced thread
+//! ([`crate::latency`]). The scenarios' steady-state loops do their own reading and
+//! writing; this module only gets them connected.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tessera_proto::{
+    ConnAck, Connect, ConnectProperties, DecodeError, Disconnect, Encode, Packet, PacketType,
+    ProtocolVersion, QoS, ReasonCode, Str, Subscribe, Subscription, SubscriptionOptions, decode,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::payload::PAYLOAD_BYTES_MAX;
+
+/// Largest packet the bench accepts from a broker: a bench payload plus generous
+/// room for topic, properties and fixed header.
+pub const PACKET_BYTES_MAX: usize = PAYLOAD_BYTES_MAX + 64 * 1024;
+
+/// Bytes reserved in a read buffer before each read.
+pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Bytes of one read of the blocking client, which only reads acknowledgements.
+const BLOCKING_READ_BYTES: usize = 4096;
+
+/// How every client of a run connects.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Broker address.
+    pub addr: SocketAddr,
+    /// Protocol version spoken.
+    pub version: ProtocolVersion,
+    /// Keep alive announced in CONNECT; clients that may be idle send PINGREQ at
+    /// half this interval. 0 disables keep alive.
+    pub keep_alive_s: u16,
+    /// Bound on connecting and on each handshake answer.
+    pub timeout: Duration,
+}
+
+/// Why a client could not connect, subscribe or stay connected. `Display` is the
+/// short reason used as a key in "failures by reason".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// An operating system error, by errno name.
+    #[error("{0}")]
+    Io(String),
+    /// No answer within `Options::timeout`.
+    #[error("timeout")]
+    Timeout,
+    /// The broker closed the connection.
+    #[error("closed by broker")]
+    Closed,
+    /// CONNACK with a failure code.
+    #[error("CONNACK refused: {0:?}")]
+    Refused(ReasonCode),
+    /// SUBACK with a failure code.
+    #[error("SUBACK refused: {0:?}")]
+    SubscribeRefused(ReasonCode),
+    /// The broker sent bytes our codec refuses.
+    #[error("undecodable packet from broker: {0}")]
+    Decode(DecodeError),
+    /// A packet that has no place at this point of the exchange.
+    #[error("unexpected {0:?} from broker")]
+    Unexpected(PacketType),
+    /// The broker sent DISCONNECT (v5 reason code, or Success for 3.1.1).
+    #[error("DISCONNECT from broker: {0:?}")]
+    Disconnected(ReasonCode),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Failure {
+        if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock {
+            return Failure::Timeout;
+        }
+        Failure::Io(errno_name(&e))
+    }
+}
+
+impl From<DecodeError> for Failure {
+    fn from(e: DecodeError) -> Failure {
+        Failure::Decode(e)
+    }
+}
+
+/// The errno name of an I/O error (`ECONNREFUSED`), or its kind when it has none.
+pub fn errno_name(e: &std::io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED",
+        Some(libc::ECONNRESET) => "ECONNRESET",
+        Some(libc::ECONNABORTED) => "ECONNABORTED",
+        Some(libc::ETIMEDOUT) => "ETIMEDOUT",
+        Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL",
+        Some(libc::EADDRINUSE) => "EADDRINUSE",
+        Some(libc::EMFILE) => "EMFILE",
+        Some(libc::ENFILE) => "ENFILE",
+        Some(libc::ENOBUFS) => "ENOBUFS",
+        Some(libc::EPIPE) => "EPIPE",
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH",
+        Some(libc::ENETUNREACH) => "ENETUNREACH",
+        Some(n) => return format!("errno {n}"),
+        None => return format!("{:?}", e.kind()),
+    };
+    name.to_string()
+}
+
+/// Appends `packet` to `buf`. The bench builds only valid packets, so an encoding
+/// error is a bug here.
+pub fn put(packet: &impl Encode, version: ProtocolVersion, buf: &mut BytesMut) {
+    packet
+        .encode(version, buf)
+        .expect("the bench encodes only valid packets");
+}
+
+/// The CONNECT every bench client sends: clean session, no will, no credentials.
+pub fn connect_packet(client_id: &str, opts: &Options) -> Connect {
+    Connect {
+        version: opts.version,
+        clean_start: true,
+        keep_alive: opts.keep_alive_s,
+        client_id: Str::try_from(client_id).expect("bench client ids are valid strings"),
+        will: None,
+        username: None,
+        password: None,
+        properties: ConnectProperties::default(),
+    }
+}
+
+/// What the broker's CONNACK granted.
+#[derive(Debug, Clone, Copy)]
+pub struct Granted {
+    /// QoS 1/2 messages the broker accepts in flight from this client (v5 Receive
+    /// Maximum; 65,535 when absent or for 3.1.1).
+    pub receive_maximum: u16,
+}
+
+fn check_connack(ack: &ConnAck) -> Result<Granted, Failure> {
+    if ack.reason_code.is_error() {
+        return Err(Failure::Refused(ack.reason_code));
+    }
+    Ok(Granted {
+        receive_maximum: ack.properties.receive_maximum.unwrap_or(u16::MAX),
+    })
+}
+
+/// A connected client on tokio: the socket and the bytes read past the last
+/// packet consumed.
+#[derive(Debug)]
+pub struct Client {
+    /// The connection.
+    pub stream: TcpStream,
+    /// Bytes read but not yet decoded.
+    pub rbuf: BytesMut,
+    /// Protocol version of the connection.
+    pub version: ProtocolVersion,
+    /// What CONNACK granted.
+    pub granted: Granted,
+    timeout: Duration,
+}
+
+/// Connects to the broker, from `bind` when given, and completes CONNECT /
+/// CONNACK, all within `opts.timeout`. `rbuf_bytes` is the initial read buffer;
+/// `sndbuf_bytes` sets `SO_SNDBUF` (the kernel doubles it), else the kernel
+/// autotunes it.
+pub async fn connect(
+    opts: &Options,
+    client_id: &str,
+    bind: Option<IpAddr>,
+    rbuf_bytes: usize,
+    sndbuf_bytes: Option<u32>,
+) -> Result<Client, Failure> {
+    let handshake = async {
+        let socket = match opts.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if let Some(ip) = bind {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        if let Some(bytes) = sndbuf_bytes {
+            socket.set_send_buffer_size(bytes)?;
+        }
+        let stream = socket.connect(opts.addr).await?;
+        stream.set_nodelay(true)?;
+        let mut client = Client {
+            stream,
+            rbuf: BytesMut::with_capacity(rbuf_bytes),
+            version: opts.version,
+            granted: Granted {
+                receive_maximum: u16::MAX,
+            },
+            timeout: opts.timeout,
+        };
+        let mut out = BytesMut::new();
+        put(&connect_packet(client_id, opts), opts.version, &mut out);
+        client.stream.write_all(&out).await?;
+        match client.read_packet().await? {
+            Packet::ConnAck(ack) => {
+                client.granted = check_connack(&ack)?;
+                Ok(client)
+            }
+            p => Err(Failure::Unexpected(p.packet_type())),
+        }
+    };
+    match tokio::time::timeout(opts.timeout, handshake).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::Timeout),
+    }
+}
+
+impl Client {
+    /// Reads until one whole packet is decoded. No timeout of its own.
+    pub async fn read_packet(&mut self) -> Result<Packet, Failure> {
+        loop {
+            if let Some(p) = decode(&mut self.rbuf, self.version, PACKET_BYTES_MAX)? {
+                return Ok(p);
+            }
+            self.rbuf.reserve(1024);
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(Failure::Closed);
+            }
+        }
+    }
+
+    /// Subscribes to `filter` at `qos` and returns the QoS granted.
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Result<QoS, Failure> {
+        let sub = Subscribe {
+            packet_id: 1,
+            properties: Default::default(),
+            subscriptions: vec![Subscription {
+                filter: Str::try_from(filter).expect("bench topic filters are valid strings"),
+                options: SubscriptionOptions::qos(qos),
+            }],
+        };
+        let mut out = BytesMut::new();
+        put(&sub, self.version, &mut out);
+        let timeout = self.timeout;
+        let exchange = async {
+            self.stream.write_all(&out).await?;
+            match self.read_packet().await? {
+                Packet::SubAck(ack) if ack.packet_id == 1 => {
+                    match ack.reason_codes.first().copied() {
+                        Some(ReasonCode::Success) => Ok(QoS::AtMostOnce),
+                        Some(ReasonCode::GrantedQoS1) => Ok(QoS::AtLeastOnce),
+                        Some(ReasonCode::GrantedQoS2) => Ok(QoS::ExactlyOnce),
+                        Some(rc) => Err(Failure::SubscribeRefused(rc)),
+                        None => Err(Failure::Unexpected(PacketType::SubAck)),
+                    }
+                }
+                p => Err(Failure::Unexpected(p.packet_type())),
+            }
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// Sends DISCONNECT and closes the write side; errors are ignored because the
+    /// run is over either way.
+    pub async fn disconnect(mut self) {
+        let mut out = BytesMut::new();
+        put(
+            &Disconnect::new(ReasonCode::Success),
+            self.version,
+            &mut out,
+        );
+        let bye = async {
+            let _ = self.stream.write_all(&out).await;
+            let _ = self.stream.shutdown().await;
+        };
+        let _ = tokio::time::timeout(self.timeout, bye).await;
+    }
+}
+
+/// A connected client on a blocking `std` socket, for the paced latency publisher.
+#[derive(Debug)]
+pub struct BlockingClient {
+    /// The connection, in blocking mode.
+    pub stream: std::net::TcpStream,
+    /// Bytes read but not yet decoded.
+    pub rbuf: BytesMut,
+    /// Protocol version of the connection.
+    pub version: ProtocolVersion,
+    /// What CONNACK granted.
+    pub granted: Granted,
+}
+
+/// The blocking twin of [`connect`].
+pub fn connect_blocking(opts: &Options, client_id: &str) -> Result<BlockingClient, Failure> {
+    let stream = std::net::TcpStream::connect_timeout(&opts.addr, opts.timeout)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(opts.timeout))?;
+    stream.set_write_timeout(Some(opts.timeout))?;
+    let mut client = BlockingClient {
+        stream,
+        rbuf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+        version: opts.version,
+        granted: Granted {
+            receive_maximum: u16::MAX,
+        },
+    };
+    let mut out = BytesMut::new();
+    put(&connect_packet(client_id, opts), opts.version, &mut out);
+    client.stream.write_all(&out)?;
+    loop {
+        if let Some(p) = decode(&mut client.rbuf, client.version, PACKET_BYTES_MAX)? {
+            return match p {
+                Packet::ConnAck(ack) => {
+                    client.granted = check_connack(&ack)?;
+                    Ok(client)
+                }
+                p => Err(Failure::Unexpected(p.packet_type())),
+            };
+        }
+        client.read_some()?;
+    }
+}
+
+impl BlockingClient {
+    /// One blocking read (bounded by the socket's read timeout) into `rbuf`.
+    pub fn read_some(&mut self) -> Result<usize, Failure> {
+        let start = self.rbuf.len();
+        self.rbuf.resize(start + BLOCKING_READ_BYTES, 0);
+        let r = self.stream.read(&mut self.rbuf[start..]);
+        let n = *r.as_ref().unwrap_or(&0);
+        self.rbuf.truncate(start + n);
+        match r {
+            Ok(0) => Err(Failure::Closed),
+            Ok(n) => Ok(n),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads whatever is already there without blocking; 0 when nothing is.
+    pub fn read_ready(&mut self) -> Result<usize, Failure> {
+        self.stream.set_nonblocking(true)?;
+        let r = self.read_some();
+        self.stream.set_nonblocking(false)?;
+        match r {
+            Err(Failure::Timeout) => Ok(0),
+            r => r,
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! Helper for the black-box tests: run the `bench` binary and read the JSON object
+//! on the last line of its stdout.
+
+use std::process::Command;
+
+/// What one bench run printed and how it ended.
+#[derive(Debug)]
+pub struct BenchRun {
+    /// Exit code.
+    pub code: i32,
+    /// The JSON object on the last line of stdout.
+    pub json: serde_json::Value,
+    /// All of stdout and stderr, for failure messages.
+    pub output: String,
+}
+
+impl BenchRun {
+    /// An unsigned field of the JSON report.
+    pub fn u(&self, key: &str) -> u64 {
+        self.json[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no unsigned {key:?} in the report:\n{}", self.output))
+    }
+}
+
+/// Runs `bench ARGS --json` against `port` and parses its last stdout line.
+pub fn bench(port: u16, args: &[&str]) -> BenchRun {
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(args)
+        .args(["--port", &port.to_string(), "--json"])
+        .output()
+        .expect("the bench binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let output = format!(
+        "$ bench {} --port {port} --json\n--- stdout\n{stdout}--- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let json = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}):\n{output}"));
+    BenchRun {
+        code: out.status.code().unwrap_or(-1),
+        json,
+        output,
+    }
+}
