@@ -9,8 +9,9 @@
 //!
 //! Per connection there are two tasks on the owner shard: a reader that decodes
 //! packets into the engine, and a writer that sends what the engine produced.
-//! They use two file descriptors of the same socket, so a client that is slow to
-//! read never blocks the processing of what it sends (its acknowledgements).
+//! They share the connection's one socket, each borrowing it for a single poll
+//! (see `Link`), so a client that is slow to read never blocks the processing
+//! of what it sends (its acknowledgements).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
