@@ -46,6 +46,8 @@ SCENARIOS = {
                    "--duration", "10", "--warmup", "2"],
     "conn-10k": ["conn", "--clients", "10000", "--rate", "2000", "--duration", "10",
                  "--bind", "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"],
+    "conn-19k": ["conn", "--clients", "19000", "--rate", "2000", "--duration", "10",
+                 "--bind", "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"],
     "conn-9k": ["conn", "--clients", "9000", "--rate", "2000", "--duration", "10",
                 "--bind", "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"],
     # Paced runs at a load both brokers carry: CPU cost per message and latency
@@ -54,6 +56,10 @@ SCENARIOS = {
                       "--size", "64", "--duration", "10", "--warmup", "2"],
     "fanin-q1-32k": ["fanin", "--publishers", "8", "--rate", "4000", "--qos", "1",
                      "--size", "64", "--duration", "10", "--warmup", "2"],
+    # Search for the highest paced QoS 1 fan-in rate without loss.
+    **{f"fanin-q1-{k}k": ["fanin", "--publishers", "8", "--rate", str(k * 125), "--qos", "1",
+                          "--size", "64", "--duration", "10", "--warmup", "2"]
+       for k in (20, 40, 80, 100, 120, 160, 200, 240, 320)},
     # Where Tessera's QoS 0 fan-in starts to drop (see docs/BENCHMARKS.md).
     "fanin-q0-1pub": ["fanin", "--publishers", "1", "--qos", "0", "--size", "64",
                       "--duration", "10", "--warmup", "2"],
@@ -83,7 +89,7 @@ def wait_listening(port, proc, timeout=10.0):
     raise RuntimeError(f"broker not listening on {port} after {timeout} s")
 
 
-def start_broker(kind, port, cpu, tessera_bin, workdir):
+def start_broker(kind, port, cpu, tessera_bin, workdir, shards=1):
     log = open(os.path.join(workdir, f"{kind}-{port}.log"), "w")
     if kind == "mosquitto":
         conf = os.path.join(workdir, f"mosquitto-{port}.conf")
@@ -91,10 +97,12 @@ def start_broker(kind, port, cpu, tessera_bin, workdir):
             f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
         os.chmod(workdir, 0o755)
         os.chmod(conf, 0o644)
-        cmd = ["taskset", "-c", str(cpu), "mosquitto", "-c", conf]
+        cmd = ["mosquitto", "-c", conf]
     else:
-        cmd = ["taskset", "-c", str(cpu), tessera_bin, "--listen", f"127.0.0.1:{port}",
-               "--shards", "1", "--data-dir", os.path.join(workdir, f"data-{port}")]
+        cmd = [tessera_bin, "--listen", f"127.0.0.1:{port}",
+               "--shards", str(shards), "--data-dir", os.path.join(workdir, f"data-{port}")]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     wait_listening(port, proc)
     return proc
@@ -154,7 +162,8 @@ def proc_cpu_s(pid):
 
 def run_once(kind, label, rep, args, opts, workdir):
     port = free_port()
-    broker = start_broker(kind, port, opts.broker_cpu, opts.tessera_bin, workdir)
+    broker_cpu = None if opts.no_pin else opts.broker_cpu
+    broker = start_broker(kind, port, broker_cpu, opts.tessera_bin, workdir, opts.shards)
     try:
         time.sleep(0.5)
         b0 = cpu_task_ticks([opts.bench_cpu, opts.broker_cpu])
@@ -162,8 +171,10 @@ def run_once(kind, label, rep, args, opts, workdir):
         broker0 = proc_cpu_s(broker.pid)
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
-        cmd = ["taskset", "-c", str(opts.bench_cpu), opts.bench_bin, *args,
+        cmd = [opts.bench_bin, *args,
                "--port", str(port), "--json", "--broker-pid", str(broker.pid)]
+        if not opts.no_pin:
+            cmd = ["taskset", "-c", str(opts.bench_cpu), *cmd]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.monotonic() - start
         children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -186,10 +197,12 @@ def run_once(kind, label, rep, args, opts, workdir):
         report = {"scenario": args[0], "error": "no JSON report",
                   "stderr": done.stderr[-2000:]}
     report.update({
-        "broker_kind": kind, "label": label, "rep": rep, "exit_code": done.returncode,
+        "broker_kind": kind, "label": label + opts.label_suffix, "rep": rep,
+        "shards": opts.shards if kind == "tessera" else None, "pinned": not opts.no_pin, "exit_code": done.returncode,
         "wall_s": round(wall, 2),
         "interference_cores": round(max(0.0, busy_cores - own_cores), 3),
-        "command": "taskset -c {} bench {}".format(opts.bench_cpu, " ".join(args)),
+        "command": ("" if opts.no_pin else f"taskset -c {opts.bench_cpu} ")
+                   + "bench " + " ".join(args),
     })
     return report
 
@@ -207,6 +220,11 @@ def main():
     p.add_argument("--max-interference", type=float, default=0.15,
                    help="cores used by other processes above which a run is repeated")
     p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--shards", type=int, default=1, help="Tessera's --shards")
+    p.add_argument("--no-pin", action="store_true",
+                   help="run broker and bench without taskset (all CPUs shared)")
+    p.add_argument("--label-suffix", default="",
+                   help="appended to each label in the results, e.g. -2shards")
     opts = p.parse_args()
     opts.bench_bin = os.path.abspath(opts.bench_bin)
     opts.tessera_bin = os.path.abspath(opts.tessera_bin)

@@ -53,9 +53,12 @@ CONN = [("connected", get("connected_count"), "{:,.0f}"),
          "{:,.0f}")]
 METRICS = {"fanin-q0": RATE, "fanout-q0": RATE, "fanin-q1": RATE,
            "latency-q0": LATENCY, "latency-q1": LATENCY,
-           "conn-10k": CONN, "conn-9k": CONN,
+           "conn-19k": CONN, "conn-10k": CONN, "conn-9k": CONN,
            "fanin-q0-200k": PACED, "fanin-q1-32k": PACED,
-           "fanin-q0-1pub": RATE, "fanin-q0-800k": PACED, "fanin-q0-1600k": PACED}
+           "fanin-q0-1pub": RATE, "fanin-q0-800k": PACED, "fanin-q0-1600k": PACED,
+           "fanin-q1-20k": PACED, "fanin-q1-40k": PACED, "fanin-q1-80k": PACED,
+           **{f"fanin-q1-{k}k": PACED for k in (100, 120, 160, 200, 240, 320)},
+           "fanin-q0-2shards": RATE}
 
 
 def fmt(fmt_s, v):

@@ -48,11 +48,17 @@ use crate::config::{Config, QueueOverflow, SharedStrategy};
 
 /// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
 /// holds one batch, so this bounds batches, not messages.
-const MESH_CHANNEL_SLOTS: usize = 1024;
+const MESH_CHANNEL_SLOTS: usize = 256;
 
 /// Batches queued locally for one peer before connection readers on this shard
 /// pause (back-pressure on publishers when a peer shard falls behind).
-const MESH_BACKLOG_BATCHES_MAX: usize = 4096;
+const MESH_BACKLOG_BATCHES_MAX: usize = 256;
+
+/// Messages one envelope may carry when the writer coalesces batches. The
+/// receiving shard handles one envelope per turn and then yields, so this
+/// bounds how much one turn can push into subscriber queues before their
+/// writers run.
+const MESH_ENVELOPE_MESSAGES_MAX: usize = 512;
 
 /// Bytes read from a socket per read call while a connection is busy.
 const READ_CHUNK_BYTES: usize = 4096;
@@ -440,6 +446,10 @@ async fn shard_main(boot: ShardBoot) {
         glommio::spawn_local(async move {
             while let Some(env) = receiver.recv().await {
                 on_envelope(&shard, peer, env);
+                // As in read_loop: a receive from a busy peer completes at once,
+                // and without yielding, the writers of the subscribers these
+                // batches feed would starve (and their queues overflow).
+                futures_lite::future::yield_now().await;
             }
         })
         .detach();
@@ -536,7 +546,9 @@ async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
             let Envelope::Batch(mut batch) = first else {
                 return Poll::Ready(first);
             };
-            while let Some(Envelope::Batch(_)) = out[peer].front() {
+            while batch.len() < MESH_ENVELOPE_MESSAGES_MAX
+                && let Some(Envelope::Batch(_)) = out[peer].front()
+            {
                 if let Some(Envelope::Batch(more)) = out[peer].pop_front() {
                     batch.extend(more);
                 }
