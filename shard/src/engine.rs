@@ -516,6 +516,11 @@ impl Engine {
         if assigned && !connect.version.is_v5() && !connect.clean_start {
             return Some(ReasonCode::ClientIdentifierNotValid);
         }
+        // No extended authentication method is served yet: a client naming one
+        // must not believe it authenticated (MQTT 5 section 3.1.2.11.9).
+        if connect.properties.authentication_method.is_some() {
+            return Some(ReasonCode::BadAuthenticationMethod);
+        }
         if let Some(w) = &connect.will
             && topic::validate_topic_name(&w.topic, self.limits.topic_levels_max).is_err()
         {
@@ -1880,5 +1885,24 @@ mod tests {
             overflow_case(QueueOverflow::DropOldest, mixed),
             ["m1", "m2"]
         );
+    }
+
+    #[test]
+    fn an_unknown_authentication_method_is_refused_with_0x8c() {
+        let mut e = Engine::new(0, 1, Limits::default());
+        let mut c = connect_packet("auth");
+        c.properties.authentication_method = Some(Str::from_static("SCRAM-SHA-256"));
+        c.properties.authentication_data = Some(Bytes::from_static(b"n,,n=user,r=nonce"));
+        let conn = e.connect(1, c, false);
+        let out = drain(&mut e, conn, ProtocolVersion::V5);
+        match out.as_slice() {
+            [Packet::ConnAck(ack)] => {
+                assert_eq!(ack.reason_code, ReasonCode::BadAuthenticationMethod);
+                assert!(!ack.session_present);
+            }
+            other => panic!("expected one CONNACK, got {other:?}"),
+        }
+        assert!(e.is_ended(conn));
+        assert_eq!(e.session_count(), 0);
     }
 }
