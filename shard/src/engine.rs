@@ -1172,7 +1172,6 @@ impl Engine {
             }
         }
         let mut set = std::mem::take(&mut self.shard_set);
-        set.clear();
         route_match(&self.routes, &msg.topic, &mut set);
         for to in set.iter() {
             if to == self.shard {
