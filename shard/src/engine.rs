@@ -759,11 +759,11 @@ impl Engine {
             })
             .collect();
         for idx in expired_sessions {
-            // A will is due no later than its session's end, so none is left.
-            assert!(
-                !self.delayed_wills.contains_key(&idx),
-                "delayed will outlived its session"
-            );
+            // A will is due no later than its session's end, so none should be
+            // left; if one is, the session's end publishes it [MQTT-3.1.3-9].
+            if let Some(d) = self.delayed_wills.remove(&idx) {
+                self.publish_will(now_ms, d.will, d.origin);
+            }
             self.stats.sessions_expired += 1;
             self.destroy_session(now_ms, idx);
         }

@@ -2,7 +2,8 @@
 //!
 //! Goal: check the delivery guarantees users rely on, across shards and through
 //! disconnects, without sockets or real time: QoS 1 at least once, QoS 2 exactly
-//! once, order per publisher per topic, retained messages, message expiry, and
+//! once, order per publisher per topic, retained messages, message expiry, will
+//! delay and session expiry with a virtual clock, and
 //! shared subscriptions (one member per message, what a departing member
 //! leaves going to the others).
 //!
@@ -21,7 +22,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use bytes::{Bytes, BytesMut};
 use tessera_proto::{
     Connect, ConnectProperties, Encode, Packet, ProtocolVersion, PubAck, PubComp, PubRec, PubRel,
-    Publish, PublishProperties, QoS, Str, Subscribe, Subscription, SubscriptionOptions,
+    Publish, PublishProperties, QoS, Str, Subscribe, Subscription, SubscriptionOptions, Will,
+    WillProperties,
 };
 use tessera_shard::engine::{Engine, Limits};
 use tessera_shard::hash::shard_for;
@@ -83,6 +85,12 @@ struct Client {
     /// Whether the session outlives a connection (3.1.1 Clean Session 0, 5.0
     /// Session Expiry 3600 s); without, it ends with each connection.
     persistent: bool,
+    /// v5 Session Expiry Interval when persistent (default 3600 s).
+    expiry_s: u32,
+    /// The will sent with each CONNECT.
+    will: Option<Will>,
+    /// Session Present of the last CONNACK.
+    session_present: Option<bool>,
     conn: Option<(usize, ConnId)>,
     inbuf: BytesMut,
     connack_seen: bool,
@@ -105,6 +113,9 @@ impl Client {
             version,
             role,
             persistent: true,
+            expiry_s: 3600,
+            will: None,
+            session_present: None,
             conn: None,
             inbuf: BytesMut::new(),
             connack_seen: false,
@@ -120,7 +131,7 @@ impl Client {
     fn connect_packet(&self) -> Connect {
         let mut properties = ConnectProperties::default();
         if self.version.is_v5() {
-            properties.session_expiry_interval = self.persistent.then_some(3600);
+            properties.session_expiry_interval = self.persistent.then_some(self.expiry_s);
             properties.receive_maximum = Some(8);
         }
         Connect {
@@ -128,7 +139,7 @@ impl Client {
             clean_start: !self.persistent,
             keep_alive: 60,
             client_id: Str::try_from(self.id.as_str()).unwrap(),
-            will: None,
+            will: self.will.clone(),
             username: None,
             password: None,
             properties,
@@ -273,6 +284,7 @@ impl Sim {
                     self.fail(&format!("CONNACK refused: {:?}", ack.reason_code));
                 }
                 self.clients[c].connack_seen = true;
+                self.clients[c].session_present = Some(ack.session_present);
                 if !ack.session_present {
                     // A new session: QoS 2 state of an old one is gone too.
                     self.clients[c].qos2_held.clear();
@@ -905,4 +917,314 @@ fn message_expiry_applies_to_queued_messages() {
     sim.connect(1);
     sim.client_read(1);
     assert_eq!(sim.clients[1].delivered, vec!["m1".to_string()]);
+}
+
+/// Delivers every queued mesh message (and what they cause) in order.
+fn drain_mesh(sim: &mut Sim) {
+    let n = sim.engines.len();
+    loop {
+        let mut moved = false;
+        for from in 0..n {
+            for to in 0..n {
+                while let Some(msg) = sim.mesh[from][to].pop_front() {
+                    sim.engines[to].handle_mesh(sim.now_ms, from as ShardId, msg);
+                    sim.collect_outbox(to);
+                    moved = true;
+                }
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+/// Advances the virtual clock by `ms`, ticks every shard, lets the mesh and
+/// the connected clients catch up (acknowledgements included).
+fn advance(sim: &mut Sim, ms: u64) {
+    sim.now_ms += ms;
+    for shard in 0..sim.engines.len() {
+        sim.engines[shard].tick(sim.now_ms);
+        sim.collect_outbox(shard);
+    }
+    for _ in 0..4 {
+        drain_mesh(sim);
+        for c in 0..sim.clients.len() {
+            sim.client_read(c);
+            while let Some(p) = sim.clients[c].pending_acks.pop_front() {
+                sim.send(c, p);
+            }
+        }
+    }
+}
+
+/// A client id that hashes to `shard` of `shards`.
+fn id_on_shard(prefix: &str, shard: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| shard_for(id.as_bytes(), shards) == shard)
+        .unwrap()
+}
+
+/// What the will-owning client does after its connection drops.
+#[derive(Debug, Clone, Copy)]
+enum AfterDrop {
+    /// Stays away.
+    Nothing,
+    /// Resumes its session (Clean Start 0) at this many ms after the drop.
+    Resume(u64),
+    /// Starts over (Clean Start 1) at this many ms after the drop.
+    StartClean(u64),
+}
+
+/// Will Delay Interval with a virtual clock, the will's owner and the
+/// subscriber on different shards: the will goes out when the delay passes or
+/// the session ends, whichever is first; resuming the session within the delay
+/// cancels it; a Clean Start reconnect ends the old session and publishes it at
+/// once. Time advances in 100 ms steps with a tick per step, so the will must
+/// arrive within one step of its due time and never before.
+#[test]
+fn will_delay_and_session_end_across_shards() {
+    const STEP_MS: u64 = 100;
+    for seed in seeds() {
+        let mut rng = Rng(seed ^ 0x3177);
+        let shards = 2 + rng.below(3);
+        let mut sim = Sim::new(seed, shards);
+        let sub_shard = rng.below(shards);
+        let will_shard = (sub_shard + 1 + rng.below(shards - 1)) % shards;
+        let delay_s = 1 + rng.below(8) as u32;
+        // Session expiry: 0 (ends with the connection), shorter or longer than
+        // the delay, or never.
+        let expiry_s = match rng.below(4) {
+            0 => 0,
+            1 => 1 + rng.below(delay_s as usize) as u32,
+            2 => delay_s + 1 + rng.below(5) as u32,
+            _ => u32::MAX,
+        };
+        let after = match rng.below(3) {
+            0 => AfterDrop::Nothing,
+            1 => AfterDrop::Resume(STEP_MS * (1 + rng.below(9) as u64)),
+            _ => AfterDrop::StartClean(STEP_MS * (1 + rng.below(9) as u64)),
+        };
+        let context = format!(
+            "shards {shards}, delay {delay_s} s, expiry {expiry_s} s, after drop {after:?}"
+        );
+
+        let mut subscriber = Client::new(
+            id_on_shard(&format!("wsub-{seed}"), sub_shard, shards),
+            ProtocolVersion::V5,
+            Role::Subscriber,
+        );
+        subscriber.expiry_s = u32::MAX;
+        sim.clients.push(subscriber);
+        let will_id = id_on_shard(&format!("wown-{seed}"), will_shard, shards);
+        let mut owner = Client::new(will_id.clone(), ProtocolVersion::V5, Role::Subscriber);
+        owner.persistent = expiry_s > 0;
+        owner.expiry_s = expiry_s;
+        owner.will = Some(Will {
+            topic: Str::try_from(format!("will/{will_id}")).unwrap(),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: WillProperties {
+                will_delay_interval: Some(delay_s),
+                ..Default::default()
+            },
+        });
+        sim.clients.push(owner);
+        sim.connect(0);
+        sim.client_read(0);
+        sim.send(
+            0,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                properties: Default::default(),
+                subscriptions: vec![Subscription {
+                    filter: Str::from_static("will/#"),
+                    options: SubscriptionOptions::qos(QoS::AtLeastOnce),
+                }],
+            }),
+        );
+        sim.connect(1);
+        advance(&mut sim, 0);
+        assert!(sim.clients[0].suback_seen, "seed {seed}: no SUBACK");
+
+        sim.drop_connection(1);
+        let dropped_at = sim.now_ms;
+        // When the will must go out, relative to the drop; None: never.
+        let due_ms = match after {
+            AfterDrop::Nothing => Some(u64::from(delay_s.min(expiry_s)) * 1000),
+            AfterDrop::Resume(at) | AfterDrop::StartClean(at)
+                if at >= u64::from(delay_s.min(expiry_s)) * 1000 =>
+            {
+                Some(u64::from(delay_s.min(expiry_s)) * 1000)
+            }
+            AfterDrop::Resume(_) => None,
+            AfterDrop::StartClean(at) => Some(at),
+        };
+        let mut got_at = None;
+        // Follow 15 virtual seconds: past every delay and expiry above.
+        while sim.now_ms - dropped_at <= 15_000 {
+            let since = sim.now_ms - dropped_at;
+            match after {
+                AfterDrop::Resume(at) if since == at => {
+                    sim.clients[1].will = None;
+                    sim.connect(1);
+                    sim.client_read(1);
+                    let resumed = sim.clients[1].session_present == Some(true);
+                    let session_lived = expiry_s > 0 && at < u64::from(expiry_s) * 1000;
+                    if resumed != session_lived {
+                        sim.fail(&format!(
+                            "{context}: session present {resumed} on resuming at {at} ms"
+                        ));
+                    }
+                }
+                AfterDrop::StartClean(at) if since == at => {
+                    sim.clients[1].will = None;
+                    sim.clients[1].persistent = false;
+                    sim.connect(1);
+                    sim.client_read(1);
+                }
+                _ => {}
+            }
+            advance(&mut sim, 0);
+            let wills = sim.clients[0]
+                .delivered
+                .iter()
+                .filter(|t| t.as_str() == "gone")
+                .count();
+            if wills > 1 {
+                sim.fail(&format!("{context}: the will arrived {wills} times"));
+            }
+            if wills == 1 && got_at.is_none() {
+                got_at = Some(since);
+            }
+            advance(&mut sim, STEP_MS);
+        }
+        match (due_ms, got_at) {
+            (None, Some(at)) => sim.fail(&format!(
+                "{context}: the will arrived at {at} ms though the session resumed in time"
+            )),
+            (Some(due), None) => sim.fail(&format!(
+                "{context}: the will due at {due} ms never arrived"
+            )),
+            (Some(due), Some(at)) if at < due || at > due + STEP_MS => sim.fail(&format!(
+                "{context}: the will due at {due} ms arrived at {at} ms"
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// Session expiry across shards: a persistent subscriber on one shard is
+/// offline while a publisher on another shard sends QoS 1 messages. Resuming
+/// before the expiry gives Session Present and the queued messages; after the
+/// expiry the session, its queue and its routes are gone on every shard.
+#[test]
+fn session_expiry_ends_offline_sessions_and_their_routes_across_shards() {
+    for seed in seeds() {
+        let mut rng = Rng(seed ^ 0xE1E1);
+        let shards = 2 + rng.below(3);
+        let mut sim = Sim::new(seed, shards);
+        let sub_shard = rng.below(shards);
+        let pub_shard = (sub_shard + 1 + rng.below(shards - 1)) % shards;
+        let expiry_s = 1 + rng.below(10) as u32;
+        let resume_after_ms = 500 * (1 + rng.below(30) as u64);
+        let mut sub = Client::new(
+            id_on_shard(&format!("esub-{seed}"), sub_shard, shards),
+            ProtocolVersion::V5,
+            Role::Subscriber,
+        );
+        sub.expiry_s = expiry_s;
+        sim.clients.push(sub);
+        let role = Role::Publisher {
+            topic: String::new(),
+            qos: QoS::AtLeastOnce,
+            count: 0,
+            next: 0,
+        };
+        sim.clients.push(Client::new(
+            id_on_shard(&format!("epub-{seed}"), pub_shard, shards),
+            ProtocolVersion::V5,
+            role,
+        ));
+        for c in 0..2 {
+            sim.connect(c);
+            sim.client_read(c);
+        }
+        sim.send(
+            0,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                properties: Default::default(),
+                subscriptions: vec![Subscription {
+                    filter: Str::from_static("exp/+"),
+                    options: SubscriptionOptions::qos(QoS::AtLeastOnce),
+                }],
+            }),
+        );
+        advance(&mut sim, 0);
+        sim.drop_connection(0);
+        let dropped_at = sim.now_ms;
+        let mut sent = 0u16;
+        let publish = |sim: &mut Sim, n: u16| {
+            sim.send(
+                1,
+                Packet::Publish(Publish {
+                    dup: false,
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    topic: Str::from_static("exp/t"),
+                    packet_id: n + 1,
+                    properties: Default::default(),
+                    payload: Bytes::from(format!("m{n}")),
+                }),
+            );
+        };
+        while sim.now_ms - dropped_at < resume_after_ms {
+            publish(&mut sim, sent);
+            sent += 1;
+            advance(&mut sim, 250);
+        }
+        let forwards_before = total(&sim, |s| s.forwards_sent);
+        let expired = resume_after_ms >= u64::from(expiry_s) * 1000;
+        if expired {
+            // Routes to the ended session are withdrawn: later publications
+            // are no longer forwarded to its shard.
+            publish(&mut sim, sent);
+            advance(&mut sim, 0);
+            let forwards = total(&sim, |s| s.forwards_sent) - forwards_before;
+            if forwards != 0 {
+                sim.fail(&format!(
+                    "expiry {expiry_s} s: {forwards} forwards to an expired session's shard"
+                ));
+            }
+        }
+        sim.clients[0].persistent = true;
+        sim.connect(0);
+        sim.client_read(0);
+        // The queue drains one receive-maximum window per round trip.
+        for _ in 0..usize::from(sent) {
+            advance(&mut sim, 0);
+        }
+        let present = sim.clients[0].session_present == Some(true);
+        let delivered = sim.clients[0].delivered.len();
+        let context = format!(
+            "shards {shards}, expiry {expiry_s} s, resumed after {resume_after_ms} ms, sent {sent}"
+        );
+        if expired && (present || delivered != 0) {
+            sim.fail(&format!(
+                "{context}: expired session came back (present {present}, {delivered} messages)"
+            ));
+        }
+        if !expired {
+            let want: Vec<String> = (0..sent).map(|n| format!("m{n}")).collect();
+            if !present || sim.clients[0].delivered != want {
+                sim.fail(&format!(
+                    "{context}: present {present}, got {:?}",
+                    sim.clients[0].delivered
+                ));
+            }
+        }
+    }
 }
