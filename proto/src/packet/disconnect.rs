@@ -63,12 +63,13 @@ impl Body for Disconnect {
     fn body_len(&self, version: ProtocolVersion) -> usize {
         if !version.is_v5() {
             0
-        } else if !self.properties.is_empty() {
-            1 + self.properties.encoded_len()
-        } else if self.reason_code != ReasonCode::Success {
-            1
-        } else {
+        } else if self.properties.is_empty() && self.reason_code == ReasonCode::Success {
             0
+        } else {
+            // A reason is always followed by the Property Length, even when it
+            // is 0: section 3.14.2.2.1 allows omitting it, but common clients
+            // (rumqttc 0.25) cannot parse the 1-byte form.
+            1 + self.properties.encoded_len()
         }
     }
 
@@ -112,16 +113,20 @@ mod tests {
             decode(&[0xE0, 0x02, 0x00, 0x00], ProtocolVersion::V5),
             normal.into()
         );
-        // Length 1: a reason code without properties (0x04 Disconnect with Will Message).
+        // Length 1: a reason code without properties (0x04 Disconnect with Will
+        // Message) decodes; we always encode the Property Length after a reason.
         let with_will = Disconnect::new(ReasonCode::DisconnectWithWillMessage);
-        assert_vector(&[0xE0, 0x01, 0x04], ProtocolVersion::V5, with_will);
-        // Length 2 with an empty property section re-encodes to the length 1 form.
+        assert_eq!(
+            decode(&[0xE0, 0x01, 0x04], ProtocolVersion::V5),
+            with_will.clone().into()
+        );
+        assert_vector(&[0xE0, 0x02, 0x04, 0x00], ProtocolVersion::V5, with_will);
         let taken_over = Disconnect::new(ReasonCode::SessionTakenOver);
         assert_eq!(
-            decode(&[0xE0, 0x02, 0x8E, 0x00], ProtocolVersion::V5),
+            decode(&[0xE0, 0x01, 0x8E], ProtocolVersion::V5),
             taken_over.clone().into()
         );
-        assert_vector(&[0xE0, 0x01, 0x8E], ProtocolVersion::V5, taken_over);
+        assert_vector(&[0xE0, 0x02, 0x8E, 0x00], ProtocolVersion::V5, taken_over);
     }
 
     #[test]
