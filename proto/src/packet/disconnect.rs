@@ -61,9 +61,9 @@ impl Body for Disconnect {
     }
 
     fn body_len(&self, version: ProtocolVersion) -> usize {
-        if !version.is_v5() {
-            0
-        } else if self.properties.is_empty() && self.reason_code == ReasonCode::Success {
+        if !version.is_v5()
+            || (self.properties.is_empty() && self.reason_code == ReasonCode::Success)
+        {
             0
         } else {
             // A reason is always followed by the Property Length, even when it
