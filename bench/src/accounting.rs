@@ -119,36 +119,95 @@ impl std::ops::AddAssign for Tally {
     }
 }
 
-/// One subscriber's accounting of every publisher of a run.
+/// Highest sequence number an open accounting ([`Accounting::open`]) tracks:
+/// its bitmap is at most 32 MiB per publisher.
+pub const OPEN_SEQ_MAX: u64 = 1 << 28;
+
+/// Most publishers an open accounting tracks; messages of further ones are
+/// counted as foreign.
+pub const OPEN_PUBLISHERS_MAX: usize = 100_000;
+
+/// One subscriber's accounting of the publishers it should hear.
+///
+/// Closed (the subscriber and its publishers are in one run): messages of the
+/// run's publishers named in `ids` are tracked, those of another run are foreign,
+/// those of a publisher it should not hear are corrupt (misrouted). Open
+/// (`bench sub`, publishers elsewhere): every bench payload is tracked per
+/// (run id, publisher), and loss can only be judged below the highest sequence
+/// number seen.
 #[derive(Debug, Clone)]
 pub struct Accounting {
-    run_id: u32,
-    publishers: Vec<SeqTracker>,
+    /// `None`: open.
+    run_id: Option<u32>,
+    /// Closed: the publishers this subscriber should hear, ascending.
+    ids: Vec<u32>,
+    /// Closed: `trackers[k]` for publisher `ids[k]`.
+    trackers: Vec<SeqTracker>,
+    /// Open: per (run id, publisher).
+    open: std::collections::HashMap<(u32, u32), SeqTracker>,
     foreign: u64,
     corrupt: u64,
 }
 
 impl Accounting {
-    /// Accounting for the run `run_id` with publishers `0..publishers`.
+    /// Accounting for the run `run_id` with publishers `0..publishers`, all of
+    /// which this subscriber should hear.
     pub fn new(run_id: u32, publishers: u32) -> Accounting {
+        Accounting::for_publishers(run_id, (0..publishers).collect())
+    }
+
+    /// Accounting for the run `run_id` when this subscriber should hear the
+    /// publishers `ids` (ascending, distinct).
+    pub fn for_publishers(run_id: u32, ids: Vec<u32>) -> Accounting {
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ascending ids");
         Accounting {
-            run_id,
-            publishers: vec![SeqTracker::default(); publishers as usize],
+            run_id: Some(run_id),
+            trackers: vec![SeqTracker::default(); ids.len()],
+            ids,
+            open: Default::default(),
             foreign: 0,
             corrupt: 0,
         }
     }
 
+    /// Open accounting: publishers of any run, in other processes.
+    pub fn open() -> Accounting {
+        Accounting {
+            run_id: None,
+            ids: Vec::new(),
+            trackers: Vec::new(),
+            open: Default::default(),
+            foreign: 0,
+            corrupt: 0,
+        }
+    }
+
+    /// True for open accounting ([`Accounting::open`]).
+    pub fn is_open(&self) -> bool {
+        self.run_id.is_none()
+    }
+
+    fn slot(&self, publisher: u32) -> Option<usize> {
+        // Fan-in accounts for every publisher 0..n: index directly.
+        match self.ids.get(publisher as usize) {
+            Some(&id) if id == publisher => Some(publisher as usize),
+            _ => self.ids.binary_search(&publisher).ok(),
+        }
+    }
+
     /// Records one arrival. `produced` is how many messages the header's publisher
     /// has produced so far (a bound: a higher sequence number is corrupt, and must
-    /// not make the bitmap grow).
+    /// not make the bitmap grow); open accounting ignores it.
     pub fn record(&mut self, h: &Header, produced: u64) -> Arrival {
-        if h.run_id != self.run_id {
+        let Some(run_id) = self.run_id else {
+            return self.record_open(h);
+        };
+        if h.run_id != run_id {
             self.foreign += 1;
             return Arrival::Foreign;
         }
-        match self.publishers.get_mut(h.publisher as usize) {
-            Some(t) if h.seq < produced => t.record(h.seq),
+        match self.slot(h.publisher) {
+            Some(k) if h.seq < produced => self.trackers[k].record(h.seq),
             _ => {
                 self.corrupt += 1;
                 Arrival::Corrupt
@@ -156,22 +215,49 @@ impl Accounting {
         }
     }
 
-    /// Records a message whose payload is too short to carry a bench header.
+    fn record_open(&mut self, h: &Header) -> Arrival {
+        if h.seq >= OPEN_SEQ_MAX {
+            self.corrupt += 1;
+            return Arrival::Corrupt;
+        }
+        let full = self.open.len() >= OPEN_PUBLISHERS_MAX;
+        match self.open.get_mut(&(h.run_id, h.publisher)) {
+            Some(t) => t.record(h.seq),
+            None if full => {
+                self.foreign += 1;
+                Arrival::Foreign
+            }
+            None => {
+                let mut t = SeqTracker::default();
+                let a = t.record(h.seq);
+                self.open.insert((h.run_id, h.publisher), t);
+                a
+            }
+        }
+    }
+
+    /// Records a message whose payload is too short to carry a bench header:
+    /// corrupt when closed, foreign (someone else's message) when open.
     pub fn record_unparsable(&mut self) -> Arrival {
+        if self.run_id.is_none() {
+            self.foreign += 1;
+            return Arrival::Foreign;
+        }
         self.corrupt += 1;
         Arrival::Corrupt
     }
 
-    /// The totals, given how many messages each publisher sent (`sent[p]` for
-    /// publisher `p`).
+    /// The totals, given how many messages each publisher of the run sent
+    /// (`sent[p]` for publisher `p`; only those this subscriber should hear
+    /// count). Open accounting ignores `sent` and judges loss below the highest
+    /// sequence number seen of each publisher.
     pub fn tally(&self, sent: &[u64]) -> Tally {
-        assert_eq!(sent.len(), self.publishers.len(), "one count per publisher");
         let mut t = Tally {
             foreign: self.foreign,
             corrupt: self.corrupt,
             ..Tally::default()
         };
-        for (tracker, &sent) in self.publishers.iter().zip(sent) {
+        let add = |t: &mut Tally, tracker: &SeqTracker, sent: u64| {
             let distinct = tracker.distinct_below(sent);
             t.expected += sent;
             t.distinct += distinct;
@@ -179,8 +265,61 @@ impl Accounting {
             t.duplicates += tracker.duplicates;
             t.out_of_order += tracker.out_of_order;
             t.gaps += tracker.gaps;
+        };
+        if self.run_id.is_none() {
+            for tracker in self.open.values() {
+                add(&mut t, tracker, tracker.next_expected);
+            }
+            return t;
+        }
+        for (tracker, &id) in self.trackers.iter().zip(&self.ids) {
+            let sent = *sent.get(id as usize).expect("one count per publisher");
+            add(&mut t, tracker, sent);
         }
         t
+    }
+
+    /// The accounting of a shared-subscription group from its members' (closed,
+    /// same publishers): a message is delivered once when exactly one member got
+    /// it once. Copies at several members count as duplicates; out-of-order counts
+    /// are the members' own (each member sees its share of a publisher's
+    /// sequence); gaps, meaningless across members, are not counted.
+    pub fn union(members: &[Accounting]) -> Accounting {
+        let first = members.first().expect("a group has members");
+        let mut u =
+            Accounting::for_publishers(first.run_id.expect("closed accounting"), first.ids.clone());
+        for m in members {
+            assert_eq!(
+                m.ids, u.ids,
+                "members of one group hear the same publishers"
+            );
+            u.foreign += m.foreign;
+            u.corrupt += m.corrupt;
+            for (ut, mt) in u.trackers.iter_mut().zip(&m.trackers) {
+                if ut.seen.len() < mt.seen.len() {
+                    ut.seen.resize(mt.seen.len(), 0);
+                }
+                let mut overlap = 0u64;
+                for (a, &b) in ut.seen.iter_mut().zip(&mt.seen) {
+                    overlap += u64::from((*a & b).count_ones());
+                    *a |= b;
+                }
+                ut.distinct += mt.distinct - overlap;
+                ut.duplicates += mt.duplicates + overlap;
+                ut.out_of_order += mt.out_of_order;
+                ut.next_expected = ut.next_expected.max(mt.next_expected);
+            }
+        }
+        u
+    }
+
+    /// Per publisher: distinct messages and duplicate arrivals, for publishers in
+    /// `ids` order. Used to merge subscribers' results across processes.
+    pub fn per_publisher(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
+        self.ids
+            .iter()
+            .zip(&self.trackers)
+            .map(|(&id, t)| (id, t.distinct, t.duplicates))
     }
 }
 
@@ -200,5 +339,55 @@ mod tests {
         assert_eq!(t.distinct_below(66), 5);
         assert_eq!(t.distinct_below(131), 6);
         assert_eq!(t.distinct_below(10_000), 6);
+    }
+
+    fn header(publisher: u32, seq: u64) -> Header {
+        Header {
+            run_id: 7,
+            publisher,
+            seq,
+            intended_ns: 0,
+        }
+    }
+
+    #[test]
+    fn group_union_counts_each_message_once_and_copies_as_duplicates() {
+        let mut a = Accounting::for_publishers(7, vec![0, 3]);
+        let mut b = Accounting::for_publishers(7, vec![0, 3]);
+        for seq in [0, 2, 4] {
+            a.record(&header(0, seq), 10);
+        }
+        for seq in [1, 3, 4] {
+            b.record(&header(0, seq), 10);
+        }
+        b.record(&header(3, 0), 10);
+        // Publisher 1 is not one this group hears: misrouted.
+        assert_eq!(b.record(&header(1, 0), 10), Arrival::Corrupt);
+        let t = Accounting::union(&[a, b]).tally(&[5, 9, 9, 1]);
+        assert_eq!(t.expected, 6);
+        assert_eq!(t.distinct, 6);
+        assert_eq!(t.lost, 0);
+        assert_eq!(t.duplicates, 1, "seq 4 reached both members");
+        assert_eq!(t.out_of_order, 0);
+        assert_eq!(t.corrupt, 1);
+    }
+
+    #[test]
+    fn open_accounting_tracks_any_run_and_judges_gaps() {
+        let mut o = Accounting::open();
+        for (run, seq) in [(1, 0), (1, 1), (1, 3), (2, 0), (2, 0)] {
+            o.record(
+                &Header {
+                    run_id: run,
+                    publisher: 0,
+                    seq,
+                    intended_ns: 0,
+                },
+                0,
+            );
+        }
+        assert_eq!(o.record_unparsable(), Arrival::Foreign);
+        let t = o.tally(&[]);
+        assert_eq!((t.distinct, t.lost, t.duplicates, t.foreign), (4, 1, 1, 1));
     }
 }

@@ -4,6 +4,7 @@
 //! Common flags are global: they may come before or after the subcommand.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use tessera_proto::{ProtocolVersion, QoS};
@@ -38,9 +39,15 @@ pub struct Cli {
 /// Flags every scenario takes.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// Broker host (an IP address or a name).
-    #[arg(long, global = true, default_value = "127.0.0.1")]
-    pub host: String,
+    /// Broker hosts (IP addresses or names), comma separated; clients are
+    /// spread over them round robin.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1",
+        value_delimiter = ','
+    )]
+    pub host: Vec<String>,
 
     /// Broker port.
     #[arg(long, global = true, default_value_t = 1883)]
@@ -72,9 +79,46 @@ pub struct Common {
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// MQTT protocol version: 3 (3.1.1) or 5.
-    #[arg(long, global = true, default_value = "3", value_parser = parse_version)]
+    /// MQTT protocol version: 3.1, 3.1.1 (or 3, 4) or 5.
+    #[arg(long, global = true, visible_alias = "protocol", default_value = "3.1.1", value_parser = parse_version)]
     pub mqtt_version: ProtocolVersion,
+
+    /// Local source addresses to spread connections over, comma separated, round
+    /// robin (loopback has all of 127.0.0.0/8, so each adds ~28,000 ports).
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub bind: Vec<IpAddr>,
+
+    /// Persistent sessions: CONNECT with Clean Session (3.1.1) / Clean Start (5)
+    /// unset; with MQTT 5 the session outlives the connection by --session-expiry.
+    #[arg(long, global = true)]
+    pub persistent: bool,
+
+    /// MQTT 5 Session Expiry Interval of --persistent sessions, seconds.
+    #[arg(long, global = true, default_value_t = 300)]
+    pub session_expiry: u32,
+
+    /// Prefix of every client id (default `bench-RUNID`, which differs per run;
+    /// set it to resume --persistent sessions across runs). Ids are
+    /// PREFIX-ROLE-INDEX.
+    #[arg(long, global = true)]
+    pub client_id_prefix: Option<String>,
+
+    /// User name sent in every CONNECT.
+    #[arg(long, global = true)]
+    pub username: Option<String>,
+
+    /// Password sent in every CONNECT.
+    #[arg(long, global = true)]
+    pub password: Option<String>,
+
+    /// Write the latency distribution as an HdrHistogram percentile file
+    /// (.hgrm text, values in microseconds).
+    #[arg(long, global = true)]
+    pub hdr_out: Option<PathBuf>,
+
+    /// Write an SVG plot of the latency percentiles and of the rates over time.
+    #[arg(long, global = true)]
+    pub plot: Option<PathBuf>,
 
     /// Exit non-zero when more messages than this are lost. Default: 0 for QoS 1
     /// and 2, unlimited for QoS 0.
@@ -146,6 +190,67 @@ pub enum Scenario {
         /// Messages per second; default: as fast as allowed.
         #[arg(long)]
         rate: Option<f64>,
+        /// MQTT 5 topic aliases: subscribers announce a Topic Alias Maximum so the
+        /// broker may replace the topic by an alias, and the publisher uses one.
+        #[arg(long)]
+        topic_alias: bool,
+    },
+    /// C publishers on a topic template (%i client index, %c client id), and no
+    /// subscriber: the publish rate and, at QoS 1/2, the acknowledgements.
+    Pub {
+        /// Publishers.
+        #[arg(long, default_value_t = 1)]
+        clients: u32,
+        /// Topic template; default PREFIX/%i.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Messages per second per publisher; default: as fast as allowed.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Publish with the retain flag.
+        #[arg(long)]
+        retain: bool,
+    },
+    /// C subscribers on a filter template (%i, %c), for messages published by
+    /// another process (`bench pub`, any client). Bench payloads are accounted
+    /// per publisher (duplicates, order, gaps); others are only counted.
+    Sub {
+        /// Subscribers.
+        #[arg(long, default_value_t = 1)]
+        clients: u32,
+        /// Topic filter template; default PREFIX/#.
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// C publisher/subscriber pairs: publisher i on PREFIX/pair/i, subscriber i
+    /// on the same topic.
+    Pubsub {
+        /// Pairs.
+        #[arg(long, default_value_t = 10)]
+        clients: u32,
+        /// Messages per second per publisher; default: as fast as allowed.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// N publishers on PREFIX/i to G shared-subscription groups
+    /// `$share/gJ/FILTER` of M members each: every message must reach exactly one
+    /// member of every group.
+    Shared {
+        /// Publishers.
+        #[arg(long, default_value_t = 8)]
+        publishers: u32,
+        /// Groups.
+        #[arg(long, default_value_t = 1)]
+        groups: u32,
+        /// Members per group.
+        #[arg(long, default_value_t = 4)]
+        members: u32,
+        /// Filter the groups share; default PREFIX/#.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Messages per second per publisher; default: as fast as allowed.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// One publisher at a fixed rate, one subscriber; latency from each message's
     /// intended send time (coordinated-omission aware).
@@ -164,10 +269,6 @@ pub enum Scenario {
         /// Connections opened per second.
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
-        /// Local source addresses to spread connections over, comma separated
-        /// (loopback has all of 127.0.0.0/8).
-        #[arg(long, value_delimiter = ',')]
-        bind: Vec<IpAddr>,
         /// Exit non-zero when more connections than this fail or drop.
         #[arg(long, default_value_t = 0)]
         max_failures: u64,
@@ -176,9 +277,10 @@ pub enum Scenario {
 
 fn parse_version(s: &str) -> Result<ProtocolVersion, String> {
     match s {
+        "3.1" => Ok(ProtocolVersion::V3_1),
         "3" | "3.1.1" | "4" => Ok(ProtocolVersion::V3_1_1),
         "5" | "5.0" => Ok(ProtocolVersion::V5),
-        _ => Err(format!("{s:?}: expected 3 (3.1.1) or 5")),
+        _ => Err(format!("{s:?}: expected 3.1, 3.1.1 (or 3, 4) or 5")),
     }
 }
 
@@ -254,8 +356,63 @@ impl Cli {
             Scenario::Fanout {
                 subscribers,
                 rate: r,
+                topic_alias,
             } => {
                 role("subscribers", *subscribers)?;
+                if *topic_alias && c.mqtt_version != ProtocolVersion::V5 {
+                    return Err("--topic-alias needs --protocol 5".into());
+                }
+                r.map_or(Ok(()), rate)
+            }
+            Scenario::Pub {
+                clients,
+                topic,
+                rate: r,
+                ..
+            } => {
+                role("clients", *clients)?;
+                if let Some(t) = topic
+                    && (t.is_empty() || t.contains(['#', '+']))
+                {
+                    return Err(format!(
+                        "--topic {t:?}: a publisher's topic has no wildcards"
+                    ));
+                }
+                r.map_or(Ok(()), rate)
+            }
+            Scenario::Sub { clients, topic } => {
+                role("clients", *clients)?;
+                match topic {
+                    Some(t) if t.is_empty() => Err("--topic: must not be empty".into()),
+                    _ => Ok(()),
+                }
+            }
+            Scenario::Pubsub { clients, rate: r } => {
+                role("clients", *clients)?;
+                r.map_or(Ok(()), rate)
+            }
+            Scenario::Shared {
+                publishers,
+                groups,
+                members,
+                filter,
+                rate: r,
+            } => {
+                role("publishers", *publishers)?;
+                role("groups", *groups)?;
+                role("members", *members)?;
+                if u64::from(*groups) * u64::from(*members) > u64::from(CLIENTS_PER_ROLE_MAX) {
+                    return Err(format!(
+                        "--groups {groups} x --members {members}: at most {CLIENTS_PER_ROLE_MAX} subscribers"
+                    ));
+                }
+                if let Some(f) = filter
+                    && (f.is_empty() || f.starts_with("$share/"))
+                {
+                    return Err(format!(
+                        "--filter {f:?}: a plain topic filter (the bench adds $share/GROUP/)"
+                    ));
+                }
                 r.map_or(Ok(()), rate)
             }
             Scenario::Latency { rate: r } => rate(*r),
@@ -333,11 +490,12 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.common.mqtt_version, ProtocolVersion::V5);
-        let Scenario::Conn { bind, .. } = c.scenario else {
-            panic!("conn")
-        };
-        assert_eq!(bind.len(), 2);
+        assert_eq!(c.common.bind.len(), 2);
         assert!(Cli::try_parse_from(["bench", "conn", "--mqtt-version", "4.2"]).is_err());
+        let p = Cli::try_parse_from(["bench", "pub", "--protocol", "3.1"]).unwrap();
+        assert_eq!(p.common.mqtt_version, ProtocolVersion::V3_1);
+        let h = Cli::try_parse_from(["bench", "--host", "a,b", "sub"]).unwrap();
+        assert_eq!(h.common.host, ["a", "b"]);
     }
 
     #[test]
@@ -348,5 +506,12 @@ mod tests {
         assert!(none.validate().unwrap_err().contains("--publishers"));
         let ok = Cli::try_parse_from(["bench", "latency", "--rate", "500"]).unwrap();
         assert_eq!(ok.validate(), Ok(()));
+        let alias = Cli::try_parse_from(["bench", "fanout", "--topic-alias"]).unwrap();
+        assert!(alias.validate().unwrap_err().contains("--protocol 5"));
+        let wild = Cli::try_parse_from(["bench", "pub", "--topic", "a/#"]).unwrap();
+        assert!(wild.validate().unwrap_err().contains("--topic"));
+        let big = Cli::try_parse_from(["bench", "shared", "--groups", "200", "--members", "100"])
+            .unwrap();
+        assert!(big.validate().unwrap_err().contains("--members"));
     }
 }

@@ -8,7 +8,6 @@
 //! the hold ends.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -40,8 +39,6 @@ pub struct ConnPlan {
     pub clients: u32,
     /// Connections opened per second.
     pub rate: f64,
-    /// Local source addresses, used round robin; empty for the default.
-    pub bind: Vec<IpAddr>,
     /// Failures and drops allowed.
     pub max_failures: u64,
 }
@@ -51,13 +48,12 @@ pub struct ConnPlan {
 async fn hold_one(
     i: u32,
     cfg: Arc<RunConfig>,
-    bind: Option<IpAddr>,
     attempts: mpsc::Sender<Result<u64, Failure>>,
     mut stop: watch::Receiver<bool>,
 ) -> Option<Failure> {
-    let id = format!("bench-{:08x}-conn-{i}", cfg.run_id);
+    let id = cfg.client_id("conn", i);
     let started = Instant::now();
-    let mut client = match mqtt::connect(&cfg.opts, &id, bind, IDLE_READ_BYTES, None).await {
+    let mut client = match mqtt::connect(&cfg.opts, &id, i as usize, IDLE_READ_BYTES, None).await {
         Ok(c) => c,
         Err(f) => {
             let _ = attempts.send(Err(f)).await;
@@ -147,11 +143,9 @@ pub async fn run(cfg: RunConfig, plan: ConnPlan) -> anyhow::Result<Report> {
     for i in 0..plan.clients {
         tokio::time::sleep_until(open_start + Duration::from_secs_f64(f64::from(i) / plan.rate))
             .await;
-        let bind = (!plan.bind.is_empty()).then(|| plan.bind[i as usize % plan.bind.len()]);
         tasks.push(tokio::spawn(hold_one(
             i,
             cfg.clone(),
-            bind,
             att_tx.clone(),
             stop_rx.clone(),
         )));

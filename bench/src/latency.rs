@@ -20,6 +20,7 @@ use hdrhistogram::Histogram;
 use tessera_proto::{Publish, QoS, Str, decode};
 use tokio::sync::watch;
 
+use crate::accounting::Accounting;
 use crate::clock;
 use crate::mqtt::{self, BlockingClient, Failure, PACKET_BYTES_MAX};
 use crate::payload::Header;
@@ -52,18 +53,19 @@ pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
     let cfg = Arc::new(cfg);
     let live = Arc::new(Live::new(1));
     let topic = format!("{}/0", cfg.topic_prefix);
-    let (mut subs, granted) = connect_all(&cfg, "sub", 1, Some(topic.clone())).await?;
-    let (opts, id) = (cfg.opts.clone(), format!("bench-{:08x}-pub-0", cfg.run_id));
+    let filters = Arc::new(vec![topic.clone()]);
+    let (mut subs, granted) = connect_all(&cfg, "sub", 1, Some(filters), 0).await?;
+    let (opts, id) = (cfg.opts.clone(), cfg.client_id("pub", 0));
     let publisher = tokio::task::spawn_blocking(move || mqtt::connect_blocking(&opts, &id))
         .await
         .expect("the connect thread does not panic")
-        .with_context(|| format!("setting up the publisher at {}", cfg.opts.addr))?;
+        .with_context(|| format!("setting up the publisher at {}", cfg.opts.addr(0)))?;
 
     let t = cfg.timeline();
     let (stop_tx, stop_rx) = watch::channel(false);
     let sub_task = tokio::spawn(run_subscriber(
         subs.pop().expect("one subscriber"),
-        1,
+        Accounting::new(cfg.run_id, 1),
         cfg.clone(),
         t,
         live.clone(),
@@ -110,6 +112,7 @@ pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
         window_end_ns,
         &paced.series,
         std::slice::from_ref(&sub),
+        &[],
     );
     report.send_lag = Some(LatencySummary::of(&paced.lag));
     report.drain = Some(drain);

@@ -6,9 +6,12 @@
 //! Modules:
 //! - [`cli`]: the command line (stable flags) and its validation.
 //! - [`run`]: settings and timeline shared by every scenario.
-//! - [`throughput`]: the `fanin` and `fanout` scenarios, built from [`publisher`]
-//!   (max-rate, bounded by bytes or by an in-flight window) and [`subscriber`]
-//!   (acknowledges and accounts for every message).
+//! - [`plan`]: who publishes where and subscribes to what in a message scenario
+//!   (topic templates, shared-subscription groups, who should hear whom).
+//! - [`throughput`]: the message scenarios (`fanin`, `fanout`, `pub`, `sub`,
+//!   `pubsub`, `shared`), built from [`publisher`] (max-rate or paced, bounded
+//!   by bytes or by an in-flight window) and [`subscriber`] (acknowledges and
+//!   accounts for every message).
 //! - [`latency`]: the `latency` scenario, with a paced publisher thread.
 //! - [`conn`]: the `conn` scenario, many idle connections.
 //! - [`mqtt`]: connecting and subscribing, blocking and async; failure reasons.
@@ -17,12 +20,13 @@
 //! - [`payload`]: the bench header every message carries.
 //! - [`stats`]: live counters, progress line, time series, latency summaries.
 //! - [`report`]: the result, as text and JSON, and the pass/fail verdict.
+//! - [`output`]: `--hdr-out` percentile files and `--plot` SVGs.
 //! - [`sys`]: open-files limit, CPU and RSS from `/proc`, precise sleep.
 //! - [`clock`]: the process-wide monotonic clock payloads are stamped with.
 //!
-//! What it does not do: TLS, WebSockets, authentication, retained messages, wills,
-//! shared subscriptions, persistent sessions, or reconnecting. A client that loses
-//! its connection counts an error and stops; the run goes on and fails at the end.
+//! What it does not do: TLS, WebSockets, wills, or reconnecting. A client that
+//! loses its connection counts an error and stops; the run goes on and fails at
+//! the end.
 
 pub mod accounting;
 pub mod cli;
@@ -30,7 +34,9 @@ pub mod clock;
 pub mod conn;
 pub mod latency;
 pub mod mqtt;
+pub mod output;
 pub mod payload;
+pub mod plan;
 pub mod publisher;
 pub mod report;
 pub mod run;

@@ -15,10 +15,11 @@ use clap::Parser;
 use tessera_bench::cli::{Cli, Scenario};
 use tessera_bench::conn::ConnPlan;
 use tessera_bench::mqtt::Options;
+use tessera_bench::plan::{Plan, expand};
 use tessera_bench::report::Report;
 use tessera_bench::run::RunConfig;
-use tessera_bench::throughput::Shape;
-use tessera_bench::{clock, conn, latency, sys, throughput};
+use tessera_bench::{clock, conn, latency, output, sys, throughput};
+use tessera_proto::topic::{validate_topic_filter, validate_topic_name};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -47,14 +48,17 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<Report> {
     let c = &cli.common;
-    // Start the clock before anything is stamped with it.
-    clock::now_ns();
     let nofile = sys::raise_nofile_limit().context("raising the open-files limit")?;
-    let addr = (c.host.as_str(), c.port)
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {}", c.host))?
-        .next()
-        .with_context(|| format!("{} has no address", c.host))?;
+    let mut addrs = Vec::with_capacity(c.host.len());
+    for host in &c.host {
+        addrs.push(
+            (host.as_str(), c.port)
+                .to_socket_addrs()
+                .with_context(|| format!("resolving {host}"))?
+                .next()
+                .with_context(|| format!("{host} has no address"))?,
+        );
+    }
     if let Scenario::Conn { clients, .. } = &cli.scenario
         && u64::from(*clients) + 64 > nofile
     {
@@ -62,12 +66,30 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
             "bench conn: {clients} connections need more open files than the limit of {nofile}; expect EMFILE failures"
         );
     }
+    let run_id = run_id();
+    let topic_alias = matches!(
+        cli.scenario,
+        Scenario::Fanout {
+            topic_alias: true,
+            ..
+        }
+    );
     let cfg = RunConfig {
         opts: Options {
-            addr,
+            addrs,
+            binds: c.bind.clone(),
             version: c.mqtt_version,
             keep_alive_s: c.keep_alive,
             timeout: Duration::from_secs_f64(c.timeout),
+            clean_start: !c.persistent,
+            session_expiry_s: c.session_expiry,
+            username: c.username.clone(),
+            password: c.password.clone(),
+            topic_alias_max: if topic_alias {
+                TOPIC_ALIASES_ACCEPTED
+            } else {
+                0
+            },
         },
         qos: cli.qos(),
         size: c.size,
@@ -78,10 +100,14 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
         inflight_bytes: c.inflight_bytes,
         sndbuf_bytes: (c.sndbuf > 0).then_some(c.sndbuf),
         drain_ns: clock::secs_ns(c.drain),
-        run_id: run_id(),
+        run_id,
         broker_pid: c.broker_pid,
         topic_prefix: c.topic_prefix.clone(),
         max_loss: cli.max_loss(),
+        client_id_prefix: c
+            .client_id_prefix
+            .clone()
+            .unwrap_or_else(|| format!("bench-{run_id:08x}")),
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = c.threads {
@@ -91,27 +117,12 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(async {
+    let report = rt.block_on(async {
         match cli.scenario.clone() {
-            Scenario::Fanin {
-                publishers,
-                subscribers,
-                rate,
-            } => {
-                let shape = Shape::Fanin {
-                    publishers,
-                    subscribers,
-                };
-                throughput::run(cfg, shape, rate).await
-            }
-            Scenario::Fanout { subscribers, rate } => {
-                throughput::run(cfg, Shape::Fanout { subscribers }, rate).await
-            }
             Scenario::Latency { rate } => latency::run(cfg, rate).await,
             Scenario::Conn {
                 clients,
                 rate,
-                bind,
                 max_failures,
             } => {
                 conn::run(
@@ -119,14 +130,177 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
                     ConnPlan {
                         clients,
                         rate,
-                        bind,
                         max_failures,
                     },
                 )
                 .await
             }
+            _ => {
+                let plan = message_plan(cli, &cfg)?;
+                throughput::run(cfg, plan).await
+            }
         }
-    })
+    })?;
+    write_outputs(cli, &report)?;
+    Ok(report)
+}
+
+/// Topic aliases subscribers accept with `fanout --topic-alias`.
+const TOPIC_ALIASES_ACCEPTED: u16 = 64;
+
+/// The plan of a message scenario.
+fn message_plan(cli: &Cli, cfg: &RunConfig) -> anyhow::Result<Plan> {
+    let prefix = &cfg.topic_prefix;
+    let ids = |role: &str, n: u32| -> Vec<(u32, String)> {
+        (0..n).map(|i| (i, cfg.client_id(role, i))).collect()
+    };
+    let expand_all = |role: &str, n: u32, template: &str| -> Vec<String> {
+        ids(role, n)
+            .into_iter()
+            .map(|(i, id)| expand(template, i, &id))
+            .collect()
+    };
+    let plan = match cli.scenario.clone() {
+        Scenario::Fanin {
+            publishers,
+            subscribers,
+            rate,
+        } => Plan {
+            scenario: "fanin",
+            pub_topics: expand_all("pub", publishers, &format!("{prefix}/%i")),
+            sub_filters: vec![format!("{prefix}/#"); subscribers as usize],
+            rate,
+            ..Plan::default()
+        },
+        Scenario::Fanout {
+            subscribers,
+            rate,
+            topic_alias,
+        } => Plan {
+            scenario: "fanout",
+            pub_topics: vec![format!("{prefix}/0")],
+            sub_filters: vec![format!("{prefix}/0"); subscribers as usize],
+            rate,
+            topic_alias,
+            ..Plan::default()
+        },
+        Scenario::Pub {
+            clients,
+            topic,
+            rate,
+            retain,
+        } => Plan {
+            scenario: "pub",
+            pub_topics: expand_all(
+                "pub",
+                clients,
+                topic.as_deref().unwrap_or(&format!("{prefix}/%i")),
+            ),
+            rate,
+            retain,
+            ..Plan::default()
+        },
+        Scenario::Sub { clients, topic } => Plan {
+            scenario: "sub",
+            sub_filters: expand_all(
+                "sub",
+                clients,
+                topic.as_deref().unwrap_or(&format!("{prefix}/#")),
+            ),
+            open: true,
+            ..Plan::default()
+        },
+        Scenario::Pubsub { clients, rate } => {
+            let topics = expand_all("pub", clients, &format!("{prefix}/pair/%i"));
+            Plan {
+                scenario: "pubsub",
+                sub_filters: topics.clone(),
+                pub_topics: topics,
+                rate,
+                ..Plan::default()
+            }
+        }
+        Scenario::Shared {
+            publishers,
+            groups,
+            members,
+            filter,
+            rate,
+        } => {
+            let filter = filter.unwrap_or_else(|| format!("{prefix}/#"));
+            let mut sub_filters = Vec::new();
+            let mut group_members = Vec::new();
+            for g in 0..groups {
+                group_members.push((g * members..(g + 1) * members).collect());
+                for _ in 0..members {
+                    sub_filters.push(format!("$share/g{g}/{filter}"));
+                }
+            }
+            Plan {
+                scenario: "shared",
+                pub_topics: expand_all("pub", publishers, &format!("{prefix}/%i")),
+                sub_filters,
+                groups: group_members,
+                rate,
+                ..Plan::default()
+            }
+        }
+        Scenario::Latency { .. } | Scenario::Conn { .. } => {
+            unreachable!("not a message scenario")
+        }
+    };
+    for t in &plan.pub_topics {
+        validate_topic_name(t, TOPIC_LEVELS_MAX)
+            .map_err(|e| anyhow::anyhow!("publisher topic {t:?}: {e}"))?;
+    }
+    for f in &plan.sub_filters {
+        validate_topic_filter(f, TOPIC_LEVELS_MAX)
+            .map_err(|e| anyhow::anyhow!("subscription filter {f:?}: {e}"))?;
+    }
+    Ok(plan)
+}
+
+/// Topic levels the bench accepts in a template's expansion.
+const TOPIC_LEVELS_MAX: usize = 128;
+
+/// Writes --hdr-out and --plot.
+fn write_outputs(cli: &Cli, report: &Report) -> anyhow::Result<()> {
+    let c = &cli.common;
+    if c.hdr_out.is_none() && c.plot.is_none() {
+        return Ok(());
+    }
+    let empty;
+    let (latency, sent, received) = match &report.artifacts {
+        Some(a) => (&a.latency, &a.sent, &a.received),
+        None => {
+            if c.plot.is_some() {
+                eprintln!(
+                    "bench {}: --plot has nothing to draw for this scenario",
+                    report.scenario
+                );
+            }
+            empty = tessera_bench::stats::latency_histogram();
+            if let Some(path) = &c.hdr_out {
+                std::fs::write(path, output::hgrm(&empty))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            return Ok(());
+        }
+    };
+    if let Some(path) = &c.hdr_out {
+        std::fs::write(path, output::hgrm(latency))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &c.plot {
+        let title = format!(
+            "bench {} against {}, MQTT {}, QoS {}, {} B",
+            report.scenario, report.broker, report.mqtt_version, report.qos, report.size_bytes
+        );
+        let warm_ns = sent.start_ns() + (report.warmup_s * 1e9) as u64;
+        std::fs::write(path, output::svg(&title, latency, sent, received, warm_ns))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A run id that differs between runs: process id and wall-clock nanoseconds.

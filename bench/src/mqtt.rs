@@ -34,8 +34,10 @@ const BLOCKING_READ_BYTES: usize = 4096;
 /// How every client of a run connects.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Broker address.
-    pub addr: SocketAddr,
+    /// Broker addresses; client slot `i` connects to `addrs[i % len]`. Never empty.
+    pub addrs: Vec<SocketAddr>,
+    /// Local source addresses; client slot `i` binds `binds[i % len]`. May be empty.
+    pub binds: Vec<IpAddr>,
     /// Protocol version spoken.
     pub version: ProtocolVersion,
     /// Keep alive announced in CONNECT; clients that may be idle send PINGREQ at
@@ -43,6 +45,35 @@ pub struct Options {
     pub keep_alive_s: u16,
     /// Bound on connecting and on each handshake answer.
     pub timeout: Duration,
+    /// Clean Session (3.1.1) / Clean Start (5).
+    pub clean_start: bool,
+    /// MQTT 5 Session Expiry Interval sent in CONNECT (only when not clean).
+    pub session_expiry_s: u32,
+    /// User name sent in CONNECT.
+    pub username: Option<String>,
+    /// Password sent in CONNECT.
+    pub password: Option<String>,
+    /// MQTT 5 Topic Alias Maximum announced in CONNECT: aliases the broker may
+    /// use towards us. 0: none.
+    pub topic_alias_max: u16,
+}
+
+impl Options {
+    /// The broker address of client slot `slot`.
+    pub fn addr(&self, slot: usize) -> SocketAddr {
+        self.addrs[slot % self.addrs.len()]
+    }
+
+    /// The local address of client slot `slot`, when `--bind` was given.
+    pub fn bind(&self, slot: usize) -> Option<IpAddr> {
+        (!self.binds.is_empty()).then(|| self.binds[slot % self.binds.len()])
+    }
+
+    /// The broker addresses, as the report shows them.
+    pub fn brokers(&self) -> String {
+        let v: Vec<String> = self.addrs.iter().map(ToString::to_string).collect();
+        v.join(",")
+    }
 }
 
 /// Why a client could not connect, subscribe or stay connected. `Display` is the
@@ -70,6 +101,10 @@ pub enum Failure {
     /// A packet that has no place at this point of the exchange.
     #[error("unexpected {0:?} from broker")]
     Unexpected(PacketType),
+    /// The broker broke a protocol rule the codec cannot see (e.g. an unknown
+    /// topic alias).
+    #[error("protocol error by broker: {0}")]
+    Protocol(String),
     /// The broker sent DISCONNECT (v5 reason code, or Success for 3.1.1).
     #[error("DISCONNECT from broker: {0:?}")]
     Disconnected(ReasonCode),
@@ -119,17 +154,33 @@ pub fn put(packet: &impl Encode, version: ProtocolVersion, buf: &mut BytesMut) {
         .expect("the bench encodes only valid packets");
 }
 
-/// The CONNECT every bench client sends: clean session, no will, no credentials.
+/// The CONNECT every bench client sends: no will; session, credentials and
+/// topic aliases as `opts` says.
 pub fn connect_packet(client_id: &str, opts: &Options) -> Connect {
+    let mut properties = ConnectProperties::default();
+    if opts.version.is_v5() {
+        if !opts.clean_start {
+            properties.session_expiry_interval = Some(opts.session_expiry_s);
+        }
+        if opts.topic_alias_max > 0 {
+            properties.topic_alias_maximum = Some(opts.topic_alias_max);
+        }
+    }
     Connect {
         version: opts.version,
-        clean_start: true,
+        clean_start: opts.clean_start,
         keep_alive: opts.keep_alive_s,
         client_id: Str::try_from(client_id).expect("bench client ids are valid strings"),
         will: None,
-        username: None,
-        password: None,
-        properties: ConnectProperties::default(),
+        username: opts
+            .username
+            .as_deref()
+            .map(|u| Str::try_from(u).expect("the CLI checked the user name")),
+        password: opts
+            .password
+            .as_ref()
+            .map(|p| bytes::Bytes::copy_from_slice(p.as_bytes())),
+        properties,
     }
 }
 
@@ -139,6 +190,16 @@ pub struct Granted {
     /// QoS 1/2 messages the broker accepts in flight from this client (v5 Receive
     /// Maximum; 65,535 when absent or for 3.1.1).
     pub receive_maximum: u16,
+    /// Topic aliases the broker accepts from this client (v5 Topic Alias
+    /// Maximum; 0 when absent).
+    pub topic_alias_maximum: u16,
+}
+
+impl Granted {
+    const NONE: Granted = Granted {
+        receive_maximum: u16::MAX,
+        topic_alias_maximum: 0,
+    };
 }
 
 fn check_connack(ack: &ConnAck) -> Result<Granted, Failure> {
@@ -147,6 +208,7 @@ fn check_connack(ack: &ConnAck) -> Result<Granted, Failure> {
     }
     Ok(Granted {
         receive_maximum: ack.properties.receive_maximum.unwrap_or(u16::MAX),
+        topic_alias_maximum: ack.properties.topic_alias_maximum.unwrap_or(0),
     })
 }
 
@@ -165,19 +227,21 @@ pub struct Client {
     timeout: Duration,
 }
 
-/// Connects to the broker, from `bind` when given, and completes CONNECT /
-/// CONNACK, all within `opts.timeout`. `rbuf_bytes` is the initial read buffer;
-/// `sndbuf_bytes` sets `SO_SNDBUF` (the kernel doubles it), else the kernel
-/// autotunes it.
+/// Connects client slot `slot` to its broker address, from its `--bind` address
+/// when given, and completes CONNECT / CONNACK, all within `opts.timeout`.
+/// `rbuf_bytes` is the initial read buffer; `sndbuf_bytes` sets `SO_SNDBUF`
+/// (the kernel doubles it), else the kernel autotunes it.
 pub async fn connect(
     opts: &Options,
     client_id: &str,
-    bind: Option<IpAddr>,
+    slot: usize,
     rbuf_bytes: usize,
     sndbuf_bytes: Option<u32>,
 ) -> Result<Client, Failure> {
+    let addr = opts.addr(slot);
+    let bind = opts.bind(slot);
     let handshake = async {
-        let socket = match opts.addr {
+        let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
@@ -187,15 +251,13 @@ pub async fn connect(
         if let Some(bytes) = sndbuf_bytes {
             socket.set_send_buffer_size(bytes)?;
         }
-        let stream = socket.connect(opts.addr).await?;
+        let stream = socket.connect(addr).await?;
         stream.set_nodelay(true)?;
         let mut client = Client {
             stream,
             rbuf: BytesMut::with_capacity(rbuf_bytes),
             version: opts.version,
-            granted: Granted {
-                receive_maximum: u16::MAX,
-            },
+            granted: Granted::NONE,
             timeout: opts.timeout,
         };
         let mut out = BytesMut::new();
@@ -229,7 +291,8 @@ impl Client {
         }
     }
 
-    /// Subscribes to `filter` at `qos` and returns the QoS granted.
+    /// Subscribes to `filter` at `qos` and returns the QoS granted. A 3.1.1 or 3.1
+    /// SUBACK failure (0x80) is a refusal.
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Result<QoS, Failure> {
         let sub = Subscribe {
             packet_id: 1,
@@ -295,7 +358,7 @@ pub struct BlockingClient {
 
 /// The blocking twin of [`connect`].
 pub fn connect_blocking(opts: &Options, client_id: &str) -> Result<BlockingClient, Failure> {
-    let stream = std::net::TcpStream::connect_timeout(&opts.addr, opts.timeout)?;
+    let stream = std::net::TcpStream::connect_timeout(&opts.addr(0), opts.timeout)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(opts.timeout))?;
     stream.set_write_timeout(Some(opts.timeout))?;
@@ -303,9 +366,7 @@ pub fn connect_blocking(opts: &Options, client_id: &str) -> Result<BlockingClien
         stream,
         rbuf: BytesMut::with_capacity(READ_CHUNK_BYTES),
         version: opts.version,
-        granted: Granted {
-            receive_maximum: u16::MAX,
-        },
+        granted: Granted::NONE,
     };
     let mut out = BytesMut::new();
     put(&connect_packet(client_id, opts), opts.version, &mut out);

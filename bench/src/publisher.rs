@@ -82,6 +82,11 @@ pub struct PublisherPlan {
     /// their scheduled time as intended send time, so their latency includes any
     /// delay in sending them (coordinated omission).
     pub rate: Option<f64>,
+    /// Publish with the retain flag.
+    pub retain: bool,
+    /// MQTT 5: publish under topic alias 1 (the topic is sent once), when the
+    /// broker's CONNACK allows aliases.
+    pub topic_alias: bool,
 }
 
 /// Runs one max-rate publisher from `t.start_ns` until `t.end_ns` or `cfg.count`
@@ -106,6 +111,11 @@ pub async fn run_publisher(
     let mut last_ns = t.start_ns;
     let mut stopping = false;
     let mut failure = None;
+    let alias = plan.topic_alias && client.granted.topic_alias_maximum >= 1;
+    if plan.topic_alias && !alias {
+        live.error("the broker's CONNACK allows no topic aliases (Topic Alias Maximum 0)");
+    }
+    let mut alias_set = false;
 
     // Due time of message `seq` when paced.
     let due_ns = |seq: u64| {
@@ -159,11 +169,22 @@ pub async fn run_publisher(
                     let packet_id = window
                         .as_mut()
                         .map_or(0, |w| w.allocate().expect("room was checked"));
-                    let publish = Publish {
+                    // With an alias, only the first PUBLISH carries the topic.
+                    let topic = if alias && alias_set {
+                        Str::new()
+                    } else {
+                        plan.topic.clone()
+                    };
+                    let mut publish = Publish {
                         qos: cfg.qos,
                         packet_id,
-                        ..Publish::new(plan.topic.clone(), payloads.split_to(cfg.size))
+                        retain: plan.retain,
+                        ..Publish::new(topic, payloads.split_to(cfg.size))
                     };
+                    if alias {
+                        publish.properties.topic_alias = Some(1);
+                        alias_set = true;
+                    }
                     mqtt::put(&publish, version, &mut out);
                 }
                 seq += n;

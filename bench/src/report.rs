@@ -29,8 +29,14 @@ pub struct Report {
     pub size_bytes: usize,
     /// Publishers (conn: 0).
     pub publishers: u32,
-    /// Subscribers (conn: 0).
+    /// Subscribers (conn: 0), shared-subscription members included.
     pub subscribers: u32,
+    /// Shared: subscription groups (each message is expected once per group).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<u32>,
+    /// With --topic-alias: deliveries that carried a topic alias.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic_alias_count: Option<u64>,
     /// Warmup before the window.
     pub warmup_s: f64,
     /// Length of the measurement window the rates are over (conn: the hold time).
@@ -114,6 +120,20 @@ pub struct Report {
     pub pass: bool,
     /// The checks that failed, in words.
     pub verdict: Vec<String>,
+    /// Distributions behind the figures, for --hdr-out and --plot; not in JSON.
+    #[serde(skip)]
+    pub artifacts: Option<Box<Artifacts>>,
+}
+
+/// The distributions a message scenario measured.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    /// Latency of messages intended to be sent in the window, ns.
+    pub latency: hdrhistogram::Histogram<u64>,
+    /// Messages published over time, all publishers.
+    pub sent: crate::stats::Series,
+    /// Messages received over time, all subscribers.
+    pub received: crate::stats::Series,
 }
 
 fn mib(b: u64) -> f64 {
@@ -216,8 +236,15 @@ impl Report {
         } else {
             let _ = writeln!(
                 o,
-                "  clients          {} publishers, {} subscribers, {} B payload, window {:.2} s after {:.1} s warmup",
-                self.publishers, self.subscribers, self.size_bytes, self.window_s, self.warmup_s
+                "  clients          {} publishers, {} subscribers{}, {} B payload, window {:.2} s after {:.1} s warmup",
+                self.publishers,
+                self.subscribers,
+                self.groups
+                    .map(|g| format!(" in {g} shared groups"))
+                    .unwrap_or_default(),
+                self.size_bytes,
+                self.window_s,
+                self.warmup_s
             );
             let _ = writeln!(
                 o,
@@ -234,6 +261,9 @@ impl Report {
                 self.duplicate_count,
                 self.out_of_order_count
             );
+            if let Some(n) = self.topic_alias_count {
+                let _ = writeln!(o, "  topic aliases    {n} deliveries used a topic alias");
+            }
             if self.drain == Some(Drain::Deadline) {
                 let _ = writeln!(
                     o,

@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub topic_prefix: String,
     /// Loss allowed before the run fails.
     pub max_loss: Option<u64>,
+    /// Client ids are `PREFIX-ROLE-INDEX`.
+    pub client_id_prefix: String,
 }
 
 impl RunConfig {
@@ -51,7 +53,7 @@ impl RunConfig {
     pub fn report(&self, scenario: &'static str) -> Report {
         Report {
             scenario,
-            broker: self.opts.addr.to_string(),
+            broker: self.opts.brokers(),
             mqtt_version: self.opts.version.to_string(),
             qos: self.qos as u8,
             size_bytes: self.size,
@@ -59,6 +61,11 @@ impl RunConfig {
             max_loss: self.max_loss,
             ..Report::default()
         }
+    }
+
+    /// The client id of client `index` of `role` (`pub`, `sub`, `conn`).
+    pub fn client_id(&self, role: &str, index: u32) -> String {
+        format!("{}-{role}-{index}", self.client_id_prefix)
     }
 
     /// The timeline of a run whose setup is done now.

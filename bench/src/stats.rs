@@ -30,6 +30,8 @@ pub struct Live {
     /// reach the socket, so a subscriber never sees a sequence number at or above it.
     produced: Vec<AtomicU64>,
     reasons: Mutex<BTreeMap<String, u64>>,
+    /// Latencies of messages received so far, coarse, for the progress line's p99.
+    pub latency: CoarseHistogram,
 }
 
 impl Live {
@@ -41,6 +43,7 @@ impl Live {
             errors: AtomicU64::new(0),
             produced: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
             reasons: Mutex::new(BTreeMap::new()),
+            latency: CoarseHistogram::default(),
         }
     }
 
@@ -74,6 +77,116 @@ impl Live {
         self.produced
             .get(p as usize)
             .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+}
+
+/// Sub-buckets per power of two of a [`CoarseHistogram`]: 12.5 % resolution.
+const COARSE_SUB: usize = 8;
+
+/// Buckets of a [`CoarseHistogram`]: every power of two of a u64.
+pub const COARSE_BUCKETS: usize = 64 * COARSE_SUB;
+
+/// The bucket of `ns` in a coarse histogram: its power of two and the next three
+/// bits.
+pub fn coarse_bucket(ns: u64) -> usize {
+    let e = 63 - (ns | 1).leading_zeros() as usize;
+    let sub = if e >= 3 {
+        ((ns >> (e - 3)) & 7) as usize
+    } else {
+        (ns as usize) & 7
+    };
+    e * COARSE_SUB + sub
+}
+
+/// The upper bound of coarse bucket `b`, ns.
+fn coarse_upper(b: usize) -> u64 {
+    let (e, sub) = (b / COARSE_SUB, (b % COARSE_SUB) as u64);
+    if e < 3 {
+        return sub + 1;
+    }
+    let upper = (u128::from(8 + sub + 1) << (e - 3)) - 1;
+    u64::try_from(upper).unwrap_or(u64::MAX)
+}
+
+/// A lock-free latency histogram with 12.5 % resolution that the progress line
+/// reads once a second. Subscribers count into a local [`CoarseBatch`] per read
+/// and flush only its non-empty buckets, so the shared atomics are touched once
+/// per bucket per read, not once per message.
+#[derive(Debug)]
+pub struct CoarseHistogram {
+    counts: Box<[AtomicU64]>,
+}
+
+impl Default for CoarseHistogram {
+    fn default() -> CoarseHistogram {
+        CoarseHistogram {
+            counts: (0..COARSE_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl CoarseHistogram {
+    /// Adds a batch and empties it.
+    pub fn flush(&self, batch: &mut CoarseBatch) {
+        for &b in &batch.touched {
+            let n = std::mem::take(&mut batch.counts[b]);
+            self.counts[b].fetch_add(n, Ordering::Relaxed);
+        }
+        batch.touched.clear();
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// The `q` quantile (0..1) of the counts `now - before` of two snapshots, ns
+/// (upper bucket bound); `None` when nothing was counted in between.
+pub fn coarse_quantile(now: &[u64], before: &[u64], q: f64) -> Option<u64> {
+    let delta: Vec<u64> = now.iter().zip(before).map(|(a, b)| a - b).collect();
+    let total: u64 = delta.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64 * q).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (b, n) in delta.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(coarse_upper(b));
+        }
+    }
+    Some(coarse_upper(COARSE_BUCKETS - 1))
+}
+
+/// One task's latencies since its last flush into a [`CoarseHistogram`].
+#[derive(Debug)]
+pub struct CoarseBatch {
+    counts: Box<[u64]>,
+    touched: Vec<usize>,
+}
+
+impl Default for CoarseBatch {
+    fn default() -> CoarseBatch {
+        CoarseBatch {
+            counts: vec![0; COARSE_BUCKETS].into_boxed_slice(),
+            touched: Vec::with_capacity(16),
+        }
+    }
+}
+
+impl CoarseBatch {
+    /// Counts one latency.
+    pub fn record(&mut self, ns: u64) {
+        let b = coarse_bucket(ns);
+        if self.counts[b] == 0 {
+            self.touched.push(b);
+        }
+        self.counts[b] += 1;
     }
 }
 
@@ -124,6 +237,21 @@ impl Series {
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
             *a += b;
         }
+    }
+
+    /// Start of the first bucket, on the bench clock.
+    pub fn start_ns(&self) -> u64 {
+        self.start_ns
+    }
+
+    /// Width of each bucket, ns.
+    pub fn bucket_ns(&self) -> u64 {
+        self.bucket_ns
+    }
+
+    /// Events per bucket.
+    pub fn counts(&self) -> &[u64] {
+        &self.counts
     }
 
     /// The measurement window `[from_ns, to_ns)` rounded outwards to whole buckets:
@@ -207,6 +335,7 @@ pub fn spawn_progress(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         let (mut sent, mut received) = (0u64, 0u64);
+        let mut latencies = live.latency.snapshot();
         let mut at = tokio::time::Instant::now();
         let mut second = 0u64;
         loop {
@@ -218,11 +347,17 @@ pub fn spawn_progress(
             let r = live.received.load(Ordering::Relaxed);
             let e = live.errors.load(Ordering::Relaxed);
             match labels {
-                ProgressLabels::Messages => eprintln!(
-                    "bench {scenario}: {second:>4}s  out {:>9.0} msg/s  in {:>9.0} msg/s  errors {e}",
-                    (s - sent) as f64 / dt,
-                    (r - received) as f64 / dt,
-                ),
+                ProgressLabels::Messages => {
+                    let now = live.latency.snapshot();
+                    let p99 = coarse_quantile(&now, &latencies, 0.99)
+                        .map_or("-".to_string(), |ns| format!("{:.0} µs", ns as f64 / 1e3));
+                    latencies = now;
+                    eprintln!(
+                        "bench {scenario}: {second:>4}s  out {:>9.0} msg/s  in {:>9.0} msg/s  errors {e}  p99 {p99}",
+                        (s - sent) as f64 / dt,
+                        (r - received) as f64 / dt,
+                    )
+                }
                 ProgressLabels::Connections => eprintln!(
                     "bench {scenario}: {second:>4}s  connected {s}  attempted {r}  failures {e}"
                 ),
@@ -251,6 +386,40 @@ mod tests {
         );
         assert_eq!(s.window(0, u64::MAX).0, 15);
         assert_eq!(s.window(5_000, 5_000), (0, 0));
+    }
+
+    #[test]
+    fn coarse_buckets_bound_their_values() {
+        for ns in [
+            0u64,
+            1,
+            7,
+            8,
+            9,
+            100,
+            1_000,
+            123_456,
+            10_000_000_000,
+            u64::MAX,
+        ] {
+            let b = coarse_bucket(ns);
+            assert!(coarse_upper(b) >= ns, "{ns} in bucket {b}");
+            assert!(
+                coarse_upper(b) as f64 <= (ns as f64 * 1.126).max(8.0),
+                "{ns}"
+            );
+            assert!(b < COARSE_BUCKETS);
+        }
+        let live = CoarseHistogram::default();
+        let before = live.snapshot();
+        let mut batch = CoarseBatch::default();
+        for us in 1..=100u64 {
+            batch.record(us * 1000);
+        }
+        live.flush(&mut batch);
+        let p99 = coarse_quantile(&live.snapshot(), &before, 0.99).unwrap();
+        assert!((99_000..=113_000).contains(&p99), "{p99}");
+        assert_eq!(coarse_quantile(&before, &before, 0.99), None);
     }
 
     #[test]

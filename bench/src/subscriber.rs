@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
-use tessera_proto::{Packet, PubAck, PubComp, PubRec, QoS, decode};
+use tessera_proto::{Packet, PubAck, PubComp, PubRec, QoS, Str, decode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -22,7 +22,7 @@ use crate::clock;
 use crate::mqtt::{self, Client, Failure, PACKET_BYTES_MAX, READ_CHUNK_BYTES};
 use crate::payload::Header;
 use crate::run::{RunConfig, Timeline};
-use crate::stats::{Live, Series, latency_histogram, record_ns};
+use crate::stats::{CoarseBatch, Live, Series, latency_histogram, record_ns};
 
 /// What a subscriber saw.
 #[derive(Debug)]
@@ -35,21 +35,27 @@ pub struct SubscriberResult {
     pub series: Series,
     /// Why it stopped early, if it did.
     pub failure: Option<Failure>,
+    /// Deliveries that carried a topic alias (MQTT 5).
+    pub aliased: u64,
 }
 
-/// Runs one subscriber until `stop` turns true or the connection fails.
-/// `publishers` is how many publishers the run has.
+/// Runs one subscriber until `stop` turns true or the connection fails,
+/// accounting into `accounting`.
 pub async fn run_subscriber(
     mut client: Client,
-    publishers: u32,
+    mut accounting: Accounting,
     cfg: Arc<RunConfig>,
     t: Timeline,
     live: Arc<Live>,
     mut stop: watch::Receiver<bool>,
 ) -> SubscriberResult {
     let version = client.version;
-    let mut accounting = Accounting::new(cfg.run_id, publishers);
+    let any_run = accounting.is_open();
     let mut latency = latency_histogram();
+    let mut coarse = CoarseBatch::default();
+    // Topic aliases the broker set up towards us: index = alias.
+    let mut aliases: Vec<Option<Str>> = vec![None; usize::from(cfg.opts.topic_alias_max) + 1];
+    let mut aliased = 0u64;
     let mut series = Series::new(t.start_ns, t.series_span_ns());
     let mut rbuf = std::mem::take(&mut client.rbuf);
     let mut out = BytesMut::new();
@@ -99,11 +105,20 @@ pub async fn run_subscriber(
             match packet {
                 Packet::Publish(p) => {
                     arrived += 1;
+                    if let Some(alias) = p.properties.topic_alias {
+                        aliased += 1;
+                        if let Err(f) = resolve_alias(&mut aliases, alias, &p.topic) {
+                            failure = Some(f);
+                            break 'run;
+                        }
+                    }
                     match Header::parse(&p.payload) {
                         Some(h) => {
                             accounting.record(&h, live.produced(h.publisher));
-                            if h.run_id == cfg.run_id && h.intended_ns >= t.warm_ns {
-                                record_ns(&mut latency, arrival_ns.saturating_sub(h.intended_ns));
+                            if (any_run || h.run_id == cfg.run_id) && h.intended_ns >= t.warm_ns {
+                                let ns = arrival_ns.saturating_sub(h.intended_ns);
+                                record_ns(&mut latency, ns);
+                                coarse.record(ns);
                             }
                         }
                         None => {
@@ -131,6 +146,7 @@ pub async fn run_subscriber(
         if arrived > 0 {
             series.add(arrival_ns, arrived);
             live.received.fetch_add(arrived, Ordering::Relaxed);
+            live.latency.flush(&mut coarse);
         }
         if !out.is_empty() {
             if let Err(e) = wr.write_all(&out).await {
@@ -149,5 +165,27 @@ pub async fn run_subscriber(
         latency,
         series,
         failure,
+        aliased,
+    }
+}
+
+/// Applies a PUBLISH's topic alias: a topic sets it, an empty topic uses it.
+/// An alias above what we announced, or used before it was set, is the broker's
+/// protocol error.
+fn resolve_alias(aliases: &mut [Option<Str>], alias: u16, topic: &Str) -> Result<(), Failure> {
+    let Some(slot) = aliases.get_mut(usize::from(alias)).filter(|_| alias > 0) else {
+        return Err(Failure::Protocol(format!(
+            "topic alias {alias} above the Topic Alias Maximum we announced"
+        )));
+    };
+    if !topic.is_empty() {
+        *slot = Some(topic.clone());
+        Ok(())
+    } else if slot.is_some() {
+        Ok(())
+    } else {
+        Err(Failure::Protocol(format!(
+            "topic alias {alias} used before the broker set it"
+        )))
     }
 }

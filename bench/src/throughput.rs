@@ -1,11 +1,14 @@
-//! The `fanin` and `fanout` scenarios: max-rate publishers ([`crate::publisher`])
-//! and accounting subscribers ([`crate::subscriber`]), differing only in topics and
-//! client counts.
+//! The message scenarios (`fanin`, `fanout`, `pub`, `sub`, `pubsub`, `shared`):
+//! max-rate or paced publishers ([`crate::publisher`]) and accounting subscribers
+//! ([`crate::subscriber`]), differing only in their [`Plan`]: topics, filters,
+//! shared-subscription groups and client counts.
 //!
 //! Order of a run: connect and subscribe every subscriber, connect every publisher,
 //! start all publishers at one instant, measure between the end of the warmup and
 //! the end of publishing, then wait (at most `--drain`) for deliveries to arrive,
-//! stop the subscribers and account.
+//! stop the subscribers and account. A shared-subscription group is accounted as
+//! one subscriber: the union of its members' deliveries, where a message that
+//! reached two members is a duplicate.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,10 +19,11 @@ use tessera_proto::{QoS, Str};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::accounting::Tally;
+use crate::accounting::{Accounting, Tally};
 use crate::clock;
 use crate::mqtt::{self, Client, READ_CHUNK_BYTES};
-use crate::publisher::{PublisherPlan, run_publisher};
+use crate::plan::Plan;
+use crate::publisher::{PublisherPlan, PublisherResult, run_publisher};
 use crate::report::Report;
 use crate::run::{RunConfig, Timeline, sleep_until_ns, wait_for_deliveries};
 use crate::stats::{
@@ -35,31 +39,16 @@ pub const SETUP_CONCURRENCY_MAX: usize = 64;
 /// How long deliveries may pause before the drain stops waiting for more.
 const DRAIN_QUIET: Duration = Duration::from_secs(1);
 
-/// Which scenario, and its client counts.
-#[derive(Debug, Clone, Copy)]
-pub enum Shape {
-    /// `publishers` on PREFIX/i to `subscribers` on PREFIX/#.
-    Fanin {
-        /// Publishers.
-        publishers: u32,
-        /// Subscribers.
-        subscribers: u32,
-    },
-    /// One publisher on PREFIX/0 to `subscribers` on PREFIX/0.
-    Fanout {
-        /// Subscribers.
-        subscribers: u32,
-    },
-}
-
-/// Connects `n` clients named `bench-RUN-ROLE-i`, at most
-/// [`SETUP_CONCURRENCY_MAX`] at a time; subscribes each to `filter` when given.
-/// Returns them in index order, and the lowest QoS granted.
+/// Connects `n` clients with ids [`RunConfig::client_id`]`(role, i)`, at most
+/// [`SETUP_CONCURRENCY_MAX`] at a time, client `i` in slot `slot0 + i` (which
+/// picks its `--host` and `--bind`); subscribes client `i` to `filters[i]` when
+/// given. Returns them in index order, and the lowest QoS granted.
 pub async fn connect_all(
     cfg: &Arc<RunConfig>,
     role: &'static str,
     n: u32,
-    filter: Option<String>,
+    filters: Option<Arc<Vec<String>>>,
+    slot0: usize,
 ) -> anyhow::Result<(Vec<Client>, QoS)> {
     let mut clients: Vec<Option<Client>> = (0..n).map(|_| None).collect();
     let mut granted = cfg.qos;
@@ -67,16 +56,17 @@ pub async fn connect_all(
     let mut next = 0u32;
     loop {
         while next < n && set.len() < SETUP_CONCURRENCY_MAX {
-            let (cfg, filter, i) = (cfg.clone(), filter.clone(), next);
+            let (cfg, filters, i) = (cfg.clone(), filters.clone(), next);
             set.spawn(async move {
-                let id = format!("bench-{:08x}-{role}-{i}", cfg.run_id);
+                let id = cfg.client_id(role, i);
                 // Only publishers write in bulk; a bounded send buffer keeps what
                 // waits in the kernel small, so the send rate tracks what the broker
                 // takes instead of how much the kernel would queue.
-                let sndbuf = filter.is_none().then_some(cfg.sndbuf_bytes).flatten();
-                let mut c = mqtt::connect(&cfg.opts, &id, None, READ_CHUNK_BYTES, sndbuf).await?;
-                let q = match &filter {
-                    Some(f) => c.subscribe(f, cfg.qos).await?,
+                let sndbuf = filters.is_none().then_some(cfg.sndbuf_bytes).flatten();
+                let slot = slot0 + i as usize;
+                let mut c = mqtt::connect(&cfg.opts, &id, slot, READ_CHUNK_BYTES, sndbuf).await?;
+                let q = match &filters {
+                    Some(f) => c.subscribe(&f[i as usize], cfg.qos).await?,
                     None => cfg.qos,
                 };
                 Ok::<_, mqtt::Failure>((i, c, q))
@@ -88,7 +78,7 @@ pub async fn connect_all(
         };
         let (i, c, q) = done
             .expect("setup tasks do not panic")
-            .with_context(|| format!("setting up a {role} at {}", cfg.opts.addr))?;
+            .with_context(|| format!("setting up a {role} at {}", cfg.opts.brokers()))?;
         granted = granted.min(q);
         clients[i as usize] = Some(c);
     }
@@ -101,37 +91,40 @@ pub async fn connect_all(
     ))
 }
 
-/// Runs `fanin` or `fanout` and reports. `rate` paces each publisher (messages
-/// per second); without it they publish as fast as allowed.
-pub async fn run(cfg: RunConfig, shape: Shape, rate: Option<f64>) -> anyhow::Result<Report> {
+/// Runs a message scenario and reports.
+pub async fn run(cfg: RunConfig, plan: Plan) -> anyhow::Result<Report> {
     let cfg = Arc::new(cfg);
-    let prefix = cfg.topic_prefix.clone();
-    let (scenario, publishers, subscribers, filter) = match shape {
-        Shape::Fanin {
-            publishers,
-            subscribers,
-        } => ("fanin", publishers, subscribers, format!("{prefix}/#")),
-        Shape::Fanout { subscribers } => ("fanout", 1, subscribers, format!("{prefix}/0")),
-    };
+    let scenario = plan.scenario;
+    let publishers = plan.pub_topics.len() as u32;
+    let subscribers = plan.sub_filters.len() as u32;
+    let hears = plan.hears();
+    let group_of = plan.group_of();
     let live = Arc::new(Live::new(publishers));
 
-    let (subs, granted) = connect_all(&cfg, "sub", subscribers, Some(filter)).await?;
-    if granted < cfg.qos {
+    let filters = Arc::new(plan.sub_filters.clone());
+    let (subs, granted) = connect_all(&cfg, "sub", subscribers, Some(filters), 0).await?;
+    if granted < cfg.qos && subscribers > 0 {
         eprintln!(
             "bench {scenario}: the broker granted QoS {} for QoS {} subscriptions",
             granted as u8, cfg.qos as u8
         );
     }
-    let (pubs, _) = connect_all(&cfg, "pub", publishers, None).await?;
+    let (pubs, _) = connect_all(&cfg, "pub", publishers, None, subscribers as usize).await?;
 
     let t = cfg.timeline();
     let (stop_tx, stop_rx) = watch::channel(false);
     let sub_tasks: Vec<_> = subs
         .into_iter()
-        .map(|c| {
+        .zip(&hears)
+        .map(|(c, hears)| {
+            let accounting = if plan.open {
+                Accounting::open()
+            } else {
+                Accounting::for_publishers(cfg.run_id, hears.clone())
+            };
             tokio::spawn(run_subscriber(
                 c,
-                publishers,
+                accounting,
                 cfg.clone(),
                 t,
                 live.clone(),
@@ -141,14 +134,17 @@ pub async fn run(cfg: RunConfig, shape: Shape, rate: Option<f64>) -> anyhow::Res
         .collect();
     let pub_tasks: Vec<_> = pubs
         .into_iter()
+        .zip(&plan.pub_topics)
         .enumerate()
-        .map(|(i, c)| {
-            let plan = PublisherPlan {
+        .map(|(i, (c, topic))| {
+            let pp = PublisherPlan {
                 id: i as u32,
-                topic: Str::try_from(format!("{prefix}/{i}")).expect("valid topic"),
-                rate,
+                topic: Str::try_from(topic.as_str()).expect("the plan checked topics"),
+                rate: plan.rate,
+                retain: plan.retain,
+                topic_alias: plan.topic_alias,
             };
-            tokio::spawn(run_publisher(c, plan, cfg.clone(), t, live.clone()))
+            tokio::spawn(run_publisher(c, pp, cfg.clone(), t, live.clone()))
         })
         .collect();
     let progress = spawn_progress(scenario, live.clone(), ProgressLabels::Messages);
@@ -160,18 +156,42 @@ pub async fn run(cfg: RunConfig, shape: Shape, rate: Option<f64>) -> anyhow::Res
     for task in pub_tasks {
         pub_results.push(task.await.expect("publisher tasks do not panic"));
     }
+    if publishers == 0 {
+        // `bench sub`: receive until the window ends or every subscriber had
+        // --count messages.
+        let want = cfg.count.saturating_mul(u64::from(subscribers));
+        while clock::now_ns() < t.end_ns && live.received.load(Ordering::Relaxed) < want {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let cpu = meter.stop();
     let rss_after = cfg.broker_pid.and_then(process_rss_bytes);
 
     let sent: Vec<u64> = pub_results.iter().map(|r| r.sent).collect();
     let sent_total: u64 = sent.iter().sum();
-    let drain = wait_for_deliveries(
-        sent_total * u64::from(subscribers),
-        || live.received.load(Ordering::Relaxed),
-        DRAIN_QUIET,
-        clock::now_ns() + cfg.drain_ns,
-    )
-    .await;
+    let mut expected = 0u64;
+    let mut group_counted = vec![false; plan.groups.len()];
+    for (s, h) in hears.iter().enumerate() {
+        if let Some(g) = group_of[s]
+            && std::mem::replace(&mut group_counted[g as usize], true)
+        {
+            continue;
+        }
+        expected += h.iter().map(|&p| sent[p as usize]).sum::<u64>();
+    }
+    let drain = if publishers == 0 {
+        None
+    } else {
+        Some(
+            wait_for_deliveries(
+                expected,
+                || live.received.load(Ordering::Relaxed),
+                DRAIN_QUIET,
+                clock::now_ns() + cfg.drain_ns,
+            )
+            .await,
+        )
+    };
     let _ = stop_tx.send(true);
     let mut sub_results = Vec::with_capacity(sub_tasks.len());
     for task in sub_tasks {
@@ -181,7 +201,9 @@ pub async fn run(cfg: RunConfig, shape: Shape, rate: Option<f64>) -> anyhow::Res
 
     // The window closes when publishing ended: at the planned end, or earlier when
     // every publisher reached --count.
-    let window_end_ns = if sent.iter().all(|&s| s >= cfg.count) {
+    let window_end_ns = if publishers == 0 {
+        clock::now_ns().min(t.end_ns)
+    } else if sent.iter().all(|&s| s >= cfg.count) {
         pub_results
             .iter()
             .map(|r| r.last_ns + 1)
@@ -193,17 +215,23 @@ pub async fn run(cfg: RunConfig, shape: Shape, rate: Option<f64>) -> anyhow::Res
     let mut report = cfg.report(scenario);
     report.publishers = publishers;
     report.subscribers = subscribers;
-    report.granted_qos = (granted < cfg.qos).then_some(granted as u8);
+    report.groups = (!plan.groups.is_empty()).then_some(plan.groups.len() as u32);
+    report.granted_qos = (granted < cfg.qos && subscribers > 0).then_some(granted as u8);
     report.sent_count = sent_total;
+    let sent_series = pub_series(&pub_results, &t);
     fill_deliveries(
         &mut report,
         &sent,
         &t,
         window_end_ns,
-        &pub_series(&pub_results),
+        &sent_series,
         &sub_results,
+        &plan.groups,
     );
-    report.drain = Some(drain);
+    if plan.topic_alias {
+        report.topic_alias_count = Some(sub_results.iter().map(|s| s.aliased).sum());
+    }
+    report.drain = drain;
     report.bench_cpu_cores = cpu.bench_cores;
     report.broker_cpu_cores = cpu.broker_cores;
     report.broker_rss_before_bytes = rss_before;
@@ -214,16 +242,17 @@ pub async fn run(cfg: RunConfig, shape: Shape, rate: Option<f64>) -> anyhow::Res
     Ok(report)
 }
 
-fn pub_series(results: &[crate::publisher::PublisherResult]) -> Series {
-    let mut s = results[0].series.clone();
-    for r in &results[1..] {
+fn pub_series(results: &[PublisherResult], t: &Timeline) -> Series {
+    let mut s = Series::new(t.start_ns, t.series_span_ns());
+    for r in results {
         s.merge(&r.series);
     }
     s
 }
 
 /// Fills rates, accounting and latency from the publishers' merged series `sent_series`,
-/// their counts `sent`, and the subscribers' results.
+/// their counts `sent`, and the subscribers' results; the members of each of
+/// `groups` (subscriber indices) are accounted together as one.
 pub fn fill_deliveries(
     report: &mut Report,
     sent: &[u64],
@@ -231,16 +260,28 @@ pub fn fill_deliveries(
     window_end_ns: u64,
     sent_series: &Series,
     subs: &[SubscriberResult],
+    groups: &[Vec<u32>],
 ) {
     let mut tally = Tally::default();
     let mut latency = latency_histogram();
-    let mut received = subs[0].series.clone();
+    let mut received = Series::new(t.start_ns, t.series_span_ns());
+    let mut in_group = vec![false; subs.len()];
+    for members in groups {
+        let accountings: Vec<Accounting> = members
+            .iter()
+            .map(|&m| {
+                in_group[m as usize] = true;
+                subs[m as usize].accounting.clone()
+            })
+            .collect();
+        tally += Accounting::union(&accountings).tally(sent);
+    }
     for (i, s) in subs.iter().enumerate() {
-        tally += s.accounting.tally(sent);
-        latency.add(&s.latency).expect("histograms of one shape");
-        if i > 0 {
-            received.merge(&s.series);
+        if !in_group[i] {
+            tally += s.accounting.tally(sent);
         }
+        latency.add(&s.latency).expect("histograms of one shape");
+        received.merge(&s.series);
     }
     let (sent_in_window, window_ns) = sent_series.window(t.warm_ns, window_end_ns);
     let (received_in_window, _) = received.window(t.warm_ns, window_end_ns);
@@ -267,5 +308,12 @@ pub fn fill_deliveries(
     report.gap_count = tally.gaps;
     report.foreign_count = tally.foreign;
     report.corrupt_count = tally.corrupt;
-    report.latency = Some(LatencySummary::of(&latency));
+    if !subs.is_empty() {
+        report.latency = Some(LatencySummary::of(&latency));
+    }
+    report.artifacts = Some(Box::new(crate::report::Artifacts {
+        latency,
+        sent: sent_series.clone(),
+        received,
+    }));
 }

@@ -5,7 +5,9 @@
 //! the bench's clients, acknowledges QoS 1 publications, and forwards each one to
 //! the subscriber at QoS 0, except that it drops sequence number 20, sends 10
 //! twice, and swaps 30 and 31. The bench publishes exactly 100 messages
-//! (`--count 100`) at QoS 1, so the expected tally is known.
+//! (`--count 100`) at QoS 1, so the expected tally is known. The same fake broker
+//! ignores `$share/`: it forwards every message to every member of a group, which
+//! the `shared` scenario must count as duplicates.
 
 mod common;
 
@@ -156,4 +158,42 @@ fn injected_loss_duplicate_and_reorder_are_reported_and_fail_the_run() {
     let verdict = run.json["verdict"][0].as_str().unwrap_or_default();
     assert!(verdict.starts_with("lost 1 of 100 messages"), "{o}");
     assert_eq!(run.code, 1, "QoS 1 loss must fail the run\n{o}");
+}
+
+#[test]
+fn a_broker_that_delivers_to_every_group_member_is_caught() {
+    let port = fake_broker();
+    let run = bench(
+        port,
+        &[
+            "shared",
+            "--publishers",
+            "1",
+            "--groups",
+            "1",
+            "--members",
+            "2",
+            "--qos",
+            "1",
+            "--count",
+            "100",
+            "--warmup",
+            "0",
+            "--duration",
+            "10",
+            "--drain",
+            "2",
+        ],
+    );
+    let o = &run.output;
+    assert_eq!(run.u("sent_count"), 100, "{o}");
+    // Once per group, not once per member.
+    assert_eq!(run.u("expected_count"), 100, "{o}");
+    assert_eq!(run.u("received_count"), 99, "{o}");
+    assert_eq!(run.u("loss_count"), 1, "{o}");
+    // Both members got the 99 forwarded messages (99 copies too many), and each
+    // got the injected duplicate once more.
+    assert_eq!(run.u("duplicate_count"), 99 + 2, "{o}");
+    assert_eq!(run.json["pass"], false, "{o}");
+    assert_eq!(run.code, 1, "{o}");
 }

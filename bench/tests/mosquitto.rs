@@ -290,6 +290,41 @@ fn latency_reports_percentiles_from_intended_send_times() {
 }
 
 #[test]
+fn shared_group_of_mosquitto_gets_each_message_once() {
+    let m = Mosquitto::start();
+    let run = bench(
+        m.port,
+        &[
+            "shared",
+            "--publishers",
+            "2",
+            "--groups",
+            "2",
+            "--members",
+            "2",
+            "--qos",
+            "1",
+            "--protocol",
+            "5",
+            "--rate",
+            "300",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.5",
+        ],
+    );
+    assert_clean(&run);
+    assert_eq!(run.u("duplicate_count"), 0, "{}", run.output);
+    assert_eq!(
+        run.u("expected_count"),
+        2 * run.u("sent_count"),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
 fn conn_opens_holds_and_measures_broker_memory() {
     let m = Mosquitto::start();
     let pid = m.pid().to_string();

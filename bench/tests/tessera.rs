@@ -1,0 +1,375 @@
+//! Goal: every message scenario measures the real Tessera broker correctly:
+//! nothing lost at QoS 1 and 2, a shared-subscription group gets each message
+//! exactly once, topic aliases are used and resolved, a `bench sub` in one
+//! process accounts for a `bench pub` in another, sessions and credentials reach
+//! the broker, and `--hdr-out` / `--plot` write valid files.
+//!
+//! Method: each test starts the workspace's `broker` binary on `127.0.0.1:0`
+//! (two shards, so shared groups and pairs cross shards), reads the address from
+//! its `tessera: listening mqtt://ADDR` line, runs the `bench` binary for 1-3 s
+//! with `--json`, and checks the JSON line. The broker binary is the one Cargo
+//! built next to `bench` (`cargo test --workspace` builds it); when it is missing
+//! the test builds it with `cargo build -p tessera-broker --bin broker`. Runs are
+//! paced (`--rate`) so the loaded CI machine carries them.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{BenchRun, bench};
+
+/// The Tessera broker on a free loopback port, killed on drop.
+struct Tessera {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+/// The broker binary: next to `bench` in Cargo's target directory, built if absent.
+fn broker_binary() -> PathBuf {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_bench"));
+    let path = bench.with_file_name("broker");
+    if !path.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "tessera-broker", "--bin", "broker"]);
+        if bench.parent().and_then(|d| d.file_name()) == Some("release".as_ref()) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for the broker");
+        assert!(status.success(), "cargo build -p tessera-broker failed");
+    }
+    assert!(path.is_file(), "no broker binary at {}", path.display());
+    path
+}
+
+impl Tessera {
+    fn start() -> Tessera {
+        let dir = std::env::temp_dir().join(format!(
+            "tessera-bench-broker-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut cmd = Command::new(broker_binary());
+        // A TESSERA_* variable of the test runner would change the broker's
+        // configuration.
+        for (name, _) in std::env::vars_os() {
+            if name.as_encoded_bytes().starts_with(b"TESSERA_") {
+                cmd.env_remove(name);
+            }
+        }
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0", "--shards", "2", "--data-dir"])
+            .arg(dir.join("data"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("tessera: listening mqtt://") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the broker did not print its listening line within 10 s");
+            }
+        };
+        let port = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {addr:?}"));
+        Tessera { child, dir, port }
+    }
+}
+
+impl Drop for Tessera {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The checks every clean run with publishers and subscribers passes.
+fn assert_clean(run: &BenchRun) {
+    assert_eq!(run.code, 0, "exit code\n{}", run.output);
+    assert_eq!(run.json["pass"], true, "{}", run.output);
+    for key in [
+        "loss_count",
+        "duplicate_count",
+        "corrupt_count",
+        "foreign_count",
+        "error_count",
+    ] {
+        assert_eq!(run.u(key), 0, "{key}\n{}", run.output);
+    }
+    assert!(run.u("sent_count") > 0, "{}", run.output);
+    assert_eq!(
+        run.u("received_count"),
+        run.u("expected_count"),
+        "{}",
+        run.output
+    );
+    assert_eq!(run.json["drain"], "complete", "{}", run.output);
+}
+
+const SHORT: [&str; 4] = ["--duration", "2", "--warmup", "0.5"];
+
+fn args<'a>(scenario: &[&'a str]) -> Vec<&'a str> {
+    let mut v = scenario.to_vec();
+    v.extend(SHORT);
+    v
+}
+
+#[test]
+fn shared_groups_get_each_message_exactly_once() {
+    let b = Tessera::start();
+    let run = bench(
+        b.port,
+        &args(&[
+            "shared",
+            "--publishers",
+            "4",
+            "--groups",
+            "2",
+            "--members",
+            "3",
+            "--qos",
+            "1",
+            "--protocol",
+            "5",
+            "--rate",
+            "300",
+        ]),
+    );
+    assert_clean(&run);
+    assert_eq!(run.u("groups"), 2, "{}", run.output);
+    assert_eq!(run.u("subscribers"), 6, "{}", run.output);
+    // Once per group: twice the messages sent, not six times.
+    assert_eq!(
+        run.u("expected_count"),
+        2 * run.u("sent_count"),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn fanout_with_topic_aliases_uses_and_resolves_them() {
+    let b = Tessera::start();
+    let run = bench(
+        b.port,
+        &args(&[
+            "fanout",
+            "--subscribers",
+            "5",
+            "--topic-alias",
+            "--protocol",
+            "5",
+            "--qos",
+            "1",
+            "--rate",
+            "300",
+        ]),
+    );
+    assert_clean(&run);
+    // Every subscriber announced aliases, so the broker may alias every delivery;
+    // it must alias some (it sends the topic once per subscriber at least).
+    let aliased = run.u("topic_alias_count");
+    assert!(aliased > 0, "{}", run.output);
+    assert!(aliased <= run.u("received_count"), "{}", run.output);
+}
+
+#[test]
+fn pubsub_pairs_qos2_lose_and_duplicate_nothing() {
+    let b = Tessera::start();
+    let run = bench(
+        b.port,
+        &args(&["pubsub", "--clients", "20", "--qos", "2", "--rate", "50"]),
+    );
+    assert_clean(&run);
+    // Pair i hears only publisher i.
+    assert_eq!(
+        run.u("expected_count"),
+        run.u("sent_count"),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn persistent_sessions_with_credentials_and_two_hosts_qos1_fanin() {
+    let b = Tessera::start();
+    let run = bench(
+        b.port,
+        &args(&[
+            "fanin",
+            "--publishers",
+            "3",
+            "--subscribers",
+            "2",
+            "--qos",
+            "1",
+            "--rate",
+            "300",
+            "--persistent",
+            "--protocol",
+            "5",
+            "--username",
+            "bench",
+            "--password",
+            "secret",
+            "--host",
+            "127.0.0.1,localhost",
+            "--bind",
+            "127.0.0.2,127.0.0.3",
+            "--keep-alive",
+            "5",
+        ]),
+    );
+    assert_clean(&run);
+    assert_eq!(
+        run.u("expected_count"),
+        2 * run.u("sent_count"),
+        "{}",
+        run.output
+    );
+    assert!(
+        run.json["broker"].as_str().is_some_and(|b| b.contains(',')),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn sub_in_one_process_accounts_for_pub_in_another() {
+    let b = Tessera::start();
+    let port = b.port.to_string();
+    // The subscriber runs 3 s; the publisher starts once it is subscribed.
+    let sub = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "sub",
+            "--clients",
+            "2",
+            "--topic",
+            "cross/%i/#",
+            "--qos",
+            "1",
+            "--duration",
+            "3",
+            "--warmup",
+            "0",
+            "--json",
+            "--port",
+            &port,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bench sub");
+    std::thread::sleep(Duration::from_millis(700));
+    let publ = bench(
+        b.port,
+        &[
+            "pub",
+            "--clients",
+            "2",
+            "--topic",
+            "cross/%i/%c",
+            "--qos",
+            "1",
+            "--count",
+            "150",
+            "--rate",
+            "300",
+            "--warmup",
+            "0",
+            "--duration",
+            "2",
+        ],
+    );
+    assert_eq!(publ.code, 0, "{}", publ.output);
+    assert_eq!(publ.u("sent_count"), 300, "{}", publ.output);
+    let out = sub.wait_with_output().expect("bench sub ends");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect(&text);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    // Subscriber i hears publisher i only: 150 each, none lost or duplicated.
+    assert_eq!(json["received_count"], 300, "{text}");
+    assert_eq!(json["loss_count"], 0, "{text}");
+    assert_eq!(json["duplicate_count"], 0, "{text}");
+    assert!(json["latency"]["count"].as_u64().unwrap_or(0) > 0, "{text}");
+}
+
+#[test]
+fn hdr_out_and_plot_write_valid_files() {
+    let b = Tessera::start();
+    let dir = std::env::temp_dir().join(format!("tessera-bench-out-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (hgrm, svg) = (dir.join("lat.hgrm"), dir.join("run.svg"));
+    let run = bench(
+        b.port,
+        &[
+            "latency",
+            "--rate",
+            "500",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--hdr-out",
+            hgrm.to_str().expect("utf-8 path"),
+            "--plot",
+            svg.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.output);
+    let text = std::fs::read_to_string(&hgrm).expect("the .hgrm file");
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .skip(2)
+        .take_while(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().map(|x| x.parse().expect(l)).collect())
+        .collect();
+    assert!(rows.len() > 10, "{text}");
+    assert!(
+        rows.windows(2)
+            .all(|w| w[0][0] <= w[1][0] && w[0][1] <= w[1][1])
+    );
+    let last = rows.last().expect("rows");
+    assert_eq!(last[1], 1.0, "{text}");
+    assert_eq!(
+        last[2] as u64,
+        run.json["latency"]["count"].as_u64().unwrap(),
+        "{text}"
+    );
+    assert!(text.contains("#[Max     ="), "{text}");
+    let svg_text = std::fs::read_to_string(&svg).expect("the svg file");
+    assert!(svg_text.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(svg_text.trim_end().ends_with("</svg>"));
+    assert_eq!(
+        svg_text.matches("<polyline").count(),
+        3,
+        "latency, sent, received"
+    );
+    assert!(!svg_text.contains("NaN") && !svg_text.contains("inf"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
