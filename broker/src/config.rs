@@ -57,6 +57,10 @@ pub struct Config {
     pub mqtt5: Mqtt5Config,
     /// `[sys]`: the `$SYS/broker/...` statistics topics.
     pub sys: SysConfig,
+    /// `[[listener]]` tables: listeners of every kind besides `server.listen`
+    /// (see [`listener`]). Only from the config file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listener: Vec<ListenerConfig>,
 }
 
 /// The `[server]` section.
@@ -272,6 +276,11 @@ macro_rules! config_enum {
         }
     };
 }
+
+mod listener;
+pub use listener::{
+    CertIdentity, LISTENERS_COUNT_MAX, ListenerConfig, ListenerId, ListenerKind, WS_PATH_DEFAULT,
+};
 
 /// What to do when a client's outbound queue is full (`limits.queue_overflow`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -692,6 +701,18 @@ pub enum ConfigError {
         /// Where the value came from, when known.
         origin: Option<Origin>,
     },
+    /// A `[[listener]]` table is inconsistent.
+    #[error("listener #{number} ({kind} {bind}) in the config file is invalid: {message}")]
+    InvalidListener {
+        /// 1-based position among the `[[listener]]` tables.
+        number: usize,
+        /// Its kind.
+        kind: ListenerKind,
+        /// Its address.
+        bind: SocketAddr,
+        /// What is wrong and what to change.
+        message: String,
+    },
 }
 
 /// Formats ` (field a.b)` when a field is known.
@@ -923,9 +944,10 @@ impl Config {
                 origin: None,
             })
         };
-        if s.listen.is_empty() {
+        if s.listen.is_empty() && self.listener.is_empty() {
             return invalid("server.listen", "[]".into(), accepted("server.listen"));
         }
+        self.validate_listeners()?;
         for (i, addr) in s.listen.iter().enumerate() {
             if s.listen[..i].contains(addr) {
                 return invalid(
@@ -1032,6 +1054,51 @@ impl Config {
         self.validate_mqtt5()
     }
 
+    /// Every listener, `server.listen` first (as `mqtt` listeners), then the
+    /// `[[listener]]` tables in file order. The index is the listener's id.
+    pub fn listeners(&self) -> Vec<ListenerConfig> {
+        self.server
+            .listen
+            .iter()
+            .map(|a| ListenerConfig::new(ListenerKind::Mqtt, *a))
+            .chain(self.listener.iter().cloned())
+            .collect()
+    }
+
+    /// Each `[[listener]]` is consistent; no two listeners share an address
+    /// (port 0 excepted: each gets its own port); the admin API is elsewhere.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        for (i, l) in self.listener.iter().enumerate() {
+            let fail = |message: String| ConfigError::InvalidListener {
+                number: i + 1,
+                kind: l.kind,
+                bind: l.bind,
+                message,
+            };
+            l.check().map_err(fail)?;
+            if self.listeners().len() > LISTENERS_COUNT_MAX {
+                return Err(fail(format!(
+                    "more than {LISTENERS_COUNT_MAX} listeners in all"
+                )));
+            }
+            let taken = self
+                .server
+                .listen
+                .iter()
+                .chain(self.listener[..i].iter().map(|o| &o.bind));
+            if l.bind.port() != 0 && taken.clone().any(|a| *a == l.bind) {
+                return Err(fail(format!(
+                    "address {} is used by another listener",
+                    l.bind
+                )));
+            }
+            if l.bind == self.server.admin_listen {
+                return Err(fail(format!("address {} is server.admin_listen", l.bind)));
+            }
+        }
+        Ok(())
+    }
+
     /// The `[mqtt5]` strings go on the wire as MQTT strings (no NUL, at most 65,535
     /// bytes); the prefix starts topic names, so it has no wildcard; a redirect needs a
     /// reference.
@@ -1125,8 +1192,14 @@ fn field_at(text: &str, offset: usize) -> Option<String> {
     let line = text[line_start..line_end].trim();
     let header = |l: &str| {
         let l = l.trim();
-        (l.starts_with('[') && !l.starts_with("[[") && l.contains(']'))
-            .then(|| l[1..l.find(']').expect("checked")].trim().to_owned())
+        (l.starts_with('[') && l.contains(']')).then(|| {
+            l.trim_start_matches('[')[..]
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
     };
     if let Some(section) = header(line) {
         return Some(section);

@@ -8,15 +8,18 @@
 //! - [`cli`]: the `broker` command-line flags, a stable interface.
 //! - [`server`]: boot and shutdown of the shards on glommio, TCP listeners, the
 //!   CONNECT hand-off to the owner shard, and the per-connection tasks.
+//! - [`transport`]: TLS (rustls) and WebSocket layers of the `mqtts`, `ws` and `wss`
+//!   listeners, and the transport state a hand-off carries.
 //! - [`tune`]: `brokerctl tune check`, the read-only comparison of a machine with a
 //!   `kernel-tuning/` profile (the profiles are embedded).
 //!
 //! Binaries: `broker` (`src/main.rs`) and `brokerctl` (`src/bin/brokerctl.rs`).
 //!
-//! Not here yet: TLS/WebSocket/QUIC listeners, persistence, the admin API and the
+//! Not here yet: QUIC listeners, persistence, the admin API and the
 //! `brokerctl` subcommands that use it, metrics export, and authentication/ACLs.
 
 pub mod cli;
 pub mod config;
 pub mod server;
+pub mod transport;
 pub mod tune;

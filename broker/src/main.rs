@@ -4,9 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tessera_broker::cli::Cli;
-use tessera_broker::config::{Config, LogFormat, default_config_toml};
+use tessera_broker::config::{Config, ListenerKind, LogFormat, default_config_toml};
 use tessera_broker::server::Server;
 
 fn main() -> ExitCode {
@@ -33,8 +33,12 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config.log.level.to_string()));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // rustls warns per connection about client quirks it tolerates
+        // (e.g. an IP address sent as SNI by mosquitto clients); refused
+        // handshakes are logged by the broker itself.
+        tracing_subscriber::EnvFilter::new(format!("{},rustls=error", config.log.level))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -45,15 +49,33 @@ fn init_logging(config: &Config) {
 }
 
 fn run(config: &Config) -> anyhow::Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let server = Server::start(config)?;
+    // The other kinds first: scripts and tests read up to the first mqtt:// line.
+    for (kind, url) in &server.urls {
+        if *kind != ListenerKind::Mqtt {
+            println!("tessera: listening {url}");
+        }
+    }
     for addr in &server.mqtt_addrs {
         // Scripts and tests wait for this line; keep its shape.
         println!("tessera: listening mqtt://{addr}");
     }
     tracing::info!(shards = server.shards(), "broker ready");
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            // Reload what can change without a restart; a bad file is logged
+            // and the running configuration stays.
+            match server.reload_tls() {
+                Ok(n) => tracing::info!(tls_listeners = n, "SIGHUP: TLS certificates reloaded"),
+                Err(e) => tracing::error!(
+                    "SIGHUP: TLS reload failed, keeping the current certificates: {e:#}"
+                ),
+            }
+            continue;
+        }
         tracing::info!(signal = sig, "shutting down");
+        break;
     }
     server.stop();
     server.join()

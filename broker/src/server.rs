@@ -7,6 +7,10 @@
 //! asks the shards to shut down (v5 clients get DISCONNECT 0x8B, output is
 //! flushed); [`Server::join`] waits for the executors to exit.
 //!
+//! Every listener kind (`mqtt`, `mqtts`, `ws`, `wss`) runs its transport
+//! handshakes on the accepting shard (`crate::transport`), which then hands
+//! the socket together with the transport state to the owner shard.
+//!
 //! Per connection there are two tasks on the owner shard: a reader that decodes
 //! packets into the engine, and a writer that sends what the engine produced.
 //! They share the connection's one socket, each borrowing it for a single poll
@@ -28,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, future::poll_fn};
+use futures_lite::future::poll_fn;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -44,7 +48,11 @@ use tessera_shard::mesh::{MeshMsg, ShardId};
 use tessera_shard::session::ConnId;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, QueueOverflow, SharedStrategy};
+use crate::config::{
+    Config, ListenerConfig, ListenerId, ListenerKind, QueueOverflow, SharedStrategy,
+};
+use crate::transport::tls::TlsStore;
+use crate::transport::{Transport, TransportState};
 
 /// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
 /// holds one batch, so this bounds batches, not messages.
@@ -95,7 +103,19 @@ enum Envelope {
     Batch(Vec<MeshMsg>),
     /// A connection whose ClientID the receiver owns. Boxed: a CONNECT is
     /// large, and every batch would otherwise take its size.
-    Handoff(Box<Handoff<(Connect, bool)>>),
+    Handoff(Box<Handoff<Accepted>>),
+}
+
+/// What the accepting shard learned about a connection, handed off with it.
+#[derive(Debug)]
+struct Accepted {
+    connect: Connect,
+    /// Whether the ClientID was assigned by the broker.
+    assigned: bool,
+    /// The listener it came in on.
+    listener: ListenerId,
+    /// TLS and WebSocket state (the socket travels as a file descriptor).
+    transport: TransportState,
 }
 
 /// A running broker.
@@ -103,8 +123,12 @@ enum Envelope {
 pub struct Server {
     stop: Arc<AtomicBool>,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
-    /// The MQTT listen addresses, with ports resolved.
+    /// The MQTT over TCP listen addresses, with ports resolved.
     pub mqtt_addrs: Vec<SocketAddr>,
+    /// Every listener with its URL (ports resolved), in listener id order.
+    pub urls: Vec<(ListenerKind, String)>,
+    listeners: Vec<ListenerConfig>,
+    tls: Arc<TlsStore>,
 }
 
 /// Everything a shard needs to boot.
@@ -112,7 +136,9 @@ pub struct Server {
 struct ShardBoot {
     shard_count: usize,
     mesh: MeshBuilder<Envelope, Full>,
-    listen: Vec<SocketAddr>,
+    /// Every listener, by id, with its port resolved.
+    listeners: Vec<ListenerConfig>,
+    tls: Arc<TlsStore>,
     limits: Limits,
     connections_max: usize,
     /// New connections per second per shard; 0 = unlimited.
@@ -134,12 +160,15 @@ impl Server {
         // reserving sockets are bound but never listen, so no connection is
         // queued on them; they close once the shards listen.
         let mut reservations = Vec::new();
-        let mut listen = Vec::new();
-        for addr in &config.server.listen {
-            let sock = reserve_port(*addr).with_context(|| format!("cannot listen on {addr}"))?;
-            listen.push(sock.local_addr()?.as_socket().expect("inet address"));
+        let mut listeners = config.listeners();
+        for l in &mut listeners {
+            let addr = l.bind;
+            let sock = reserve_port(addr)
+                .with_context(|| format!("cannot listen on {addr} ({} listener)", l.kind))?;
+            l.bind = sock.local_addr()?.as_socket().expect("inet address");
             reservations.push(sock);
         }
+        let tls = Arc::new(TlsStore::load(&listeners)?);
 
         // Start the engines' clock now: `$SYS/broker/uptime` counts from here.
         now_ms();
@@ -149,7 +178,8 @@ impl Server {
         let boot = ShardBoot {
             shard_count,
             mesh: MeshBuilder::full(shard_count, MESH_CHANNEL_SLOTS),
-            listen: listen.clone(),
+            listeners: listeners.clone(),
+            tls: tls.clone(),
             limits,
             connections_max: connections_max(config.limits.max_connections as usize)
                 .div_ceil(shard_count),
@@ -192,8 +222,22 @@ impl Server {
         Ok(Server {
             stop,
             executors,
-            mqtt_addrs: listen,
+            mqtt_addrs: listeners
+                .iter()
+                .filter(|l| l.kind == ListenerKind::Mqtt)
+                .map(|l| l.bind)
+                .collect(),
+            urls: listeners.iter().map(|l| (l.kind, l.url(l.bind))).collect(),
+            listeners,
+            tls,
         })
+    }
+
+    /// Re-reads the certificates, keys and CAs of every TLS listener: new
+    /// handshakes use them, established connections are untouched. On any
+    /// error nothing changes. Returns the number of TLS listeners.
+    pub fn reload_tls(&self) -> anyhow::Result<usize> {
+        self.tls.reload(&self.listeners)
     }
 
     /// Number of shards running.
@@ -364,6 +408,11 @@ struct Shard {
     max_packet: usize,
     connect_timeout: Duration,
     id_seed: Cell<u64>,
+    listeners: Vec<ListenerConfig>,
+    tls: Arc<TlsStore>,
+    /// This shard's copy of the TLS configurations and the store generation
+    /// it was taken at (refreshed after a reload).
+    tls_cache: RefCell<(u64, Vec<Option<Arc<rustls::ServerConfig>>>)>,
 }
 
 impl Shard {
@@ -389,6 +438,16 @@ impl Shard {
         if let Some(w) = self.mesh_wakers.borrow_mut()[to].take() {
             w.wake();
         }
+    }
+
+    /// The current TLS configuration of a listener (`None` without TLS).
+    fn tls_config(&self, listener: ListenerId) -> Option<Arc<rustls::ServerConfig>> {
+        let generation = self.tls.generation();
+        let mut cache = self.tls_cache.borrow_mut();
+        if cache.0 != generation {
+            *cache = (generation, self.tls.snapshot());
+        }
+        cache.1.get(usize::from(listener)).cloned().flatten()
     }
 
     fn mesh_backlog(&self) -> usize {
@@ -429,14 +488,20 @@ async fn shard_main(boot: ShardBoot) {
         max_packet: boot.limits.packet_size_bytes_max as usize,
         connect_timeout: boot.connect_timeout,
         id_seed: Cell::new(now_ms() ^ ((id as u64) << 56) ^ u64::from(std::process::id())),
+        tls_cache: RefCell::new((boot.tls.generation(), boot.tls.snapshot())),
+        listeners: boot.listeners.clone(),
+        tls: boot.tls.clone(),
     });
 
     let mut listeners = Vec::new();
-    for addr in &boot.listen {
-        match TcpListener::bind(addr) {
-            Ok(l) => listeners.push(l),
+    for (listener_id, l) in boot.listeners.iter().enumerate() {
+        match TcpListener::bind(l.bind) {
+            Ok(socket) => listeners.push((listener_id as ListenerId, socket)),
             Err(e) => {
-                let _ = ready.send(Err(format!("shard {id}: cannot listen on {addr}: {e}")));
+                let _ = ready.send(Err(format!(
+                    "shard {id}: cannot listen on {} ({} listener): {e}",
+                    l.bind, l.kind
+                )));
                 return;
             }
         }
@@ -457,7 +522,7 @@ async fn shard_main(boot: ShardBoot) {
     for peer in (0..boot.shard_count).filter(|p| *p != id) {
         glommio::spawn_local(mesh_writer(shard.clone(), peer)).detach();
     }
-    for listener in listeners {
+    for (listener_id, listener) in listeners {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             let mut failures = 0u64;
@@ -471,7 +536,8 @@ async fn shard_main(boot: ShardBoot) {
                             drop(stream);
                             continue;
                         }
-                        glommio::spawn_local(accept_connection(shard.clone(), stream)).detach();
+                        glommio::spawn_local(accept_connection(shard.clone(), listener_id, stream))
+                            .detach();
                     }
                     Err(e) => {
                         // Out of file descriptors (EMFILE/ENFILE) repeats until
@@ -521,13 +587,15 @@ fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
             shard.flush_outbox();
         }
         Envelope::Handoff(h) => {
-            let (stream, already_read, (connect, assigned)) = h.into_stream(shard.id);
+            let (stream, already_read, accepted) = h.into_stream(shard.id);
+            let transport = Transport::from_parts(stream, accepted.transport);
             glommio::spawn_local(serve(
                 shard.clone(),
-                stream,
+                transport,
                 already_read,
-                connect,
-                assigned,
+                accepted.connect,
+                accepted.assigned,
+                accepted.listener,
             ))
             .detach();
         }
@@ -563,18 +631,42 @@ async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
     }
 }
 
-/// Reads the CONNECT of a new connection, then serves it here or hands it to
-/// the shard owning its ClientID.
-async fn accept_connection(shard: Rc<Shard>, stream: TcpStream) {
+/// Runs the transport handshakes of a new connection (TLS, WebSocket) and
+/// reads its CONNECT, all within the connect timeout, then serves it here or
+/// hands it to the shard owning its ClientID.
+async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     // TCP keepalive catches peers that vanished without a FIN when the client
     // asked for MQTT keep alive 0 (no broker-side timeout then).
     // SAFETY: the fd belongs to `stream`, which outlives this borrow.
     let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
     let _ = socket2::SockRef::from(&fd).set_keepalive(true);
-    let mut stream = stream;
-    let mut buf = BytesMut::new();
     let deadline = Instant::now() + shard.connect_timeout;
+    let spec = &shard.listeners[usize::from(listener)];
+    let peer = stream.peer_addr().ok();
+    let handshake =
+        async { Some(Transport::accept(stream, spec, shard.tls_config(listener)).await) };
+    let expire = async {
+        glommio::timer::sleep(shard.connect_timeout).await;
+        None
+    };
+    let (mut stream, mut buf, identity) = match futures_lite::future::or(handshake, expire).await {
+        Some(Ok(accepted)) => accepted,
+        Some(Err(e)) => {
+            // Operators need to see refused certificates and upgrades; the
+            // client's address says who.
+            warn!(
+                listener = %spec.url(spec.bind),
+                peer = ?peer,
+                "connection refused: {e}"
+            );
+            return;
+        }
+        None => {
+            debug!(listener = %spec.url(spec.bind), "no handshake within the connect timeout: closing");
+            return;
+        }
+    };
     let connect = loop {
         match tessera_proto::check(&buf, shard.max_packet) {
             Ok(h) if h.packet_type != PacketType::Connect => {
@@ -588,7 +680,7 @@ async fn accept_connection(shard: Rc<Shard>, stream: TcpStream) {
                         // [MQTT-3.1.2-2]: answer an unsupported level with return code
                         // 0x01 (3.1.1 format, which every version can parse) and close.
                         debug!(level, "unsupported protocol level: refusing");
-                        let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+                        let _ = stream.send(&[0x20, 0x02, 0x00, 0x01]).await;
                         return;
                     }
                     other => {
@@ -621,6 +713,26 @@ async fn accept_connection(shard: Rc<Shard>, stream: TcpStream) {
         }
     };
     let mut connect = connect;
+    if let Some(name) = identity {
+        match Str::try_from(name) {
+            Ok(name) => {
+                debug!(listener = %spec.url(spec.bind), username = %name.as_str(), "username from the client certificate");
+                connect.username = Some(name);
+            }
+            Err(e) => {
+                warn!(listener = %spec.url(spec.bind), peer = ?peer, "client certificate identity is not a valid MQTT username ({e:?}): closing");
+                return;
+            }
+        }
+    } else if spec.username_from_cert != crate::config::CertIdentity::None {
+        warn!(
+            listener = %spec.url(spec.bind),
+            peer = ?peer,
+            "client certificate has no {} to use as username: closing",
+            spec.username_from_cert
+        );
+        return;
+    }
     let mut assigned = false;
     if connect.client_id.is_empty() {
         // An assigned id hashes to this shard, so the connection never hops.
@@ -632,9 +744,24 @@ async fn accept_connection(shard: Rc<Shard>, stream: TcpStream) {
     }
     let owner = shard_for(connect.client_id.as_bytes(), shard.shard_count);
     if owner == shard.id {
-        glommio::spawn_local(serve(shard, stream, buf.freeze(), connect, assigned)).detach();
+        glommio::spawn_local(serve(
+            shard,
+            stream,
+            buf.freeze(),
+            connect,
+            assigned,
+            listener,
+        ))
+        .detach();
     } else {
-        match Handoff::detach(stream, buf.freeze(), owner, (connect, assigned)) {
+        let (stream, transport) = stream.into_parts();
+        let accepted = Accepted {
+            connect,
+            assigned,
+            listener,
+            transport,
+        };
+        match Handoff::detach(stream, buf.freeze(), owner, accepted) {
             Ok(h) => shard.send_envelope(owner, Envelope::Handoff(Box::new(h))),
             Err(e) => warn!("hand-off to shard {owner} failed: {e}"),
         }
@@ -642,10 +769,10 @@ async fn accept_connection(shard: Rc<Shard>, stream: TcpStream) {
 }
 
 /// Reads once into `buf`; returns the bytes read (0 at end of stream).
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_more(stream: &mut Transport, buf: &mut BytesMut) -> std::io::Result<usize> {
     let start = buf.len();
     buf.resize(start + READ_CHUNK_BYTES, 0);
-    let r = stream.read(&mut buf[start..]).await;
+    let r = poll_fn(|cx| stream.poll_read(cx, &mut buf[start..])).await;
     let n = *r.as_ref().unwrap_or(&0);
     buf.truncate(start + n);
     r
@@ -654,10 +781,11 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Resul
 /// Serves one connection on its owner shard until it ends.
 async fn serve(
     shard: Rc<Shard>,
-    stream: TcpStream,
+    stream: Transport,
     already_read: Bytes,
     connect: Connect,
     assigned: bool,
+    listener: ListenerId,
 ) {
     let version = connect.version;
     if shard.connections.get() >= shard.connections_max {
@@ -674,11 +802,12 @@ async fn serve(
         let mut out = BytesMut::new();
         if ack.encode(version, &mut out).is_ok() {
             let mut stream = stream;
-            let _ = stream.write_all(&out).await;
+            let _ = stream.send(&out).await;
         }
         warn!(
             shard = shard.id,
             max = shard.connections_max,
+            listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
             "connection limit reached: refusing"
         );
         return;
@@ -714,14 +843,14 @@ async fn serve(
 /// keeps separate readiness sources for reading and writing, so the two tasks
 /// never contend: a client slow to read still has its acknowledgements read.
 struct Link {
-    stream: RefCell<TcpStream>,
+    stream: RefCell<Transport>,
     /// Set by the reader when it stopped reading for good.
     reader_done: Cell<bool>,
 }
 
 impl Link {
     async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        poll_fn(|cx| Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, buf)).await
+        poll_fn(|cx| self.stream.borrow_mut().poll_read(cx, buf)).await
     }
 
     /// Reads once into the spare capacity of `buf`; returns the bytes read.
@@ -735,21 +864,34 @@ impl Link {
 
     async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
-            let n =
-                poll_fn(|cx| Pin::new(&mut *self.stream.borrow_mut()).poll_write(cx, data)).await?;
+            let n = poll_fn(|cx| self.stream.borrow_mut().poll_write_raw(cx, data)).await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
             data = &data[n..];
         }
-        Ok(())
+        poll_fn(|cx| self.stream.borrow_mut().poll_flush(cx)).await
+    }
+
+    /// Wakes the writer when the reader left transport output for it (a
+    /// WebSocket PONG, TLS records).
+    fn wake_writer_if_needed(&self, shard: &Shard, conn: ConnId) {
+        if self.stream.borrow().flush_needed()
+            && let Some(w) = shard
+                .engine
+                .borrow_mut()
+                .output(conn)
+                .and_then(|o| o.waker.take())
+        {
+            w.wake();
+        }
     }
 
     /// Shuts down one or both directions at once (a plain syscall, no await).
     fn shutdown(&self, how: std::net::Shutdown) {
         let stream = self.stream.borrow();
         // SAFETY: the fd belongs to `stream`, borrowed for this statement.
-        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        let fd = unsafe { BorrowedFd::borrow_raw(stream.tcp().as_raw_fd()) };
         let _ = socket2::SockRef::from(&fd).shutdown(how);
     }
 }
@@ -814,6 +956,7 @@ async fn read_loop(
             busy = matches!(r, Ok(n) if n == READ_CHUNK_BYTES);
             r
         };
+        link.wake_writer_if_needed(&shard, conn);
         match read {
             Ok(n) if n > 0 => shard.engine.borrow_mut().record_bytes_received(n),
             _ => {
@@ -859,6 +1002,7 @@ async fn linger(shard: &Shard, link: &Link, conn: ConnId) {
 /// buffer is allocated per write) or reports that the connection closes.
 struct NextOutput<'a> {
     shard: &'a Shard,
+    link: &'a Link,
     conn: ConnId,
     spare: &'a mut BytesMut,
 }
@@ -876,6 +1020,9 @@ impl Future for NextOutput<'_> {
             std::mem::swap(&mut out.buf, this.spare);
             return Poll::Ready(true);
         }
+        if this.link.stream.borrow().flush_needed() {
+            return Poll::Ready(true);
+        }
         if out.close.is_some() {
             return Poll::Ready(false);
         }
@@ -886,10 +1033,14 @@ impl Future for NextOutput<'_> {
 
 async fn write_loop(shard: Rc<Shard>, link: Rc<Link>, conn: ConnId) {
     let mut spare = BytesMut::new();
+    // WebSocket frames are built here (header and payload in one write, so a
+    // TLS record or TCP segment is not spent on a 2-byte header).
+    let mut framed = Vec::new();
     let mut write_failed = false;
     loop {
         let more = NextOutput {
             shard: &shard,
+            link: &link,
             conn,
             spare: &mut spare,
         }
@@ -897,7 +1048,13 @@ async fn write_loop(shard: Rc<Shard>, link: Rc<Link>, conn: ConnId) {
         if !more {
             break;
         }
-        if link.write_all(&spare).await.is_err() {
+        framed.clear();
+        let data: &[u8] = if link.stream.borrow_mut().frame(&spare, &mut framed) {
+            &framed
+        } else {
+            &spare
+        };
+        if link.write_all(data).await.is_err() {
             write_failed = true;
             shard.engine.borrow_mut().connection_lost(now_ms(), conn);
             shard.flush_outbox();
@@ -906,6 +1063,9 @@ async fn write_loop(shard: Rc<Shard>, link: Rc<Link>, conn: ConnId) {
         spare.clear();
         shard.engine.borrow_mut().flushed(now_ms(), conn);
         shard.flush_outbox();
+    }
+    if !write_failed {
+        link.stream.borrow_mut().close_nowait();
     }
     // FIN after the last byte; the reader lingers (see `linger`) and then
     // stops. The engine slot stays held (ended) until then, so the reader never

@@ -1,0 +1,218 @@
+//! TLS for the `mqtts` and `wss` listeners, with rustls (no OpenSSL): loading
+//! PEM certificates and keys, optional client-certificate verification against
+//! a CA (mTLS), the client identity used as username, and reloading.
+//!
+//! Reload: [`TlsStore`] holds the current `rustls::ServerConfig` of every TLS
+//! listener behind a generation counter. Shards keep their own copy
+//! (`Arc`s) and compare generations on each TLS accept, an atomic load; only
+//! after a reload do they take the store's lock once to refresh. A reload
+//! builds every listener's configuration first and swaps all of them only if
+//! all succeeded, so a bad file never leaves a listener half-updated or
+//! without a certificate. Established connections keep the configuration they
+//! were accepted with: their session state does not depend on it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rustls::RootCertStore;
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+use crate::config::{CertIdentity, ListenerConfig};
+
+/// The files one TLS listener is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates for client certificates, PEM; `None` = no client certificates.
+    pub ca: Option<PathBuf>,
+    /// Whether a client without a valid certificate is refused.
+    pub require_client_cert: bool,
+}
+
+impl TlsFiles {
+    /// The TLS files of a listener, if it is a TLS kind.
+    pub fn of(listener: &ListenerConfig) -> Option<TlsFiles> {
+        if !listener.kind.is_tls() {
+            return None;
+        }
+        Some(TlsFiles {
+            cert: listener.cert_file.clone().unwrap_or_default(),
+            key: listener.key_file.clone().unwrap_or_default(),
+            ca: listener.ca_file.clone(),
+            require_client_cert: listener.require_client_cert,
+        })
+    }
+}
+
+/// Why a TLS configuration could not be built; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// A file could not be read or holds no usable PEM item.
+    #[error("{what} {}: {message}", path.display())]
+    File {
+        /// Which file: "cert_file", "key_file" or "ca_file".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the combination (e.g. the key does not match the certificate).
+    #[error("{0}")]
+    Rustls(String),
+}
+
+fn file_error(what: &'static str, path: &Path, message: impl ToString) -> TlsSetupError {
+    TlsSetupError::File {
+        what,
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+fn load_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(what, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(what, path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(what, path, "no PEM CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
+/// Builds the rustls configuration of one listener from its files: TLS 1.2 and
+/// 1.3, the certificate chain and key, and, with a CA, client-certificate
+/// verification (required or optional).
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsSetupError> {
+    let certs = load_certs("cert_file", &files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| file_error("key_file", &files.key, e))?;
+    let builder = ServerConfig::builder();
+    let builder = match &files.ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in load_certs("ca_file", ca)? {
+                roots.add(cert).map_err(|e| file_error("ca_file", ca, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots));
+            let verifier = if files.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier.build().map_err(|e| file_error("ca_file", ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(certs, key).map_err(|e| {
+        TlsSetupError::Rustls(format!(
+            "cert_file {} and key_file {}: {e}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })?;
+    Ok(Arc::new(config))
+}
+
+/// The TLS configurations of every listener (indexed by listener id; `None`
+/// for listeners without TLS), shared by all shards, replaced on reload.
+#[derive(Debug)]
+pub struct TlsStore {
+    files: Vec<Option<TlsFiles>>,
+    generation: AtomicU64,
+    current: Mutex<Vec<Option<Arc<ServerConfig>>>>,
+}
+
+impl TlsStore {
+    /// Loads every TLS listener's files; the first failure names its listener.
+    pub fn load(listeners: &[ListenerConfig]) -> anyhow::Result<TlsStore> {
+        let files: Vec<Option<TlsFiles>> = listeners.iter().map(TlsFiles::of).collect();
+        let current = build_all(listeners, &files)?;
+        Ok(TlsStore {
+            files,
+            generation: AtomicU64::new(0),
+            current: Mutex::new(current),
+        })
+    }
+
+    /// Re-reads every TLS listener's files. All or nothing: on any error the
+    /// current configurations stay. Returns the number of TLS listeners.
+    pub fn reload(&self, listeners: &[ListenerConfig]) -> anyhow::Result<usize> {
+        let fresh = build_all(listeners, &self.files)?;
+        let count = fresh.iter().flatten().count();
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(count)
+    }
+
+    /// Increases on every successful reload.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The current configurations (for a shard's cache).
+    pub fn snapshot(&self) -> Vec<Option<Arc<ServerConfig>>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn build_all(
+    listeners: &[ListenerConfig],
+    files: &[Option<TlsFiles>],
+) -> anyhow::Result<Vec<Option<Arc<ServerConfig>>>> {
+    listeners
+        .iter()
+        .zip(files)
+        .map(|(l, f)| {
+            f.as_ref()
+                .map(|f| {
+                    server_config(f).map_err(|e| {
+                        anyhow::anyhow!("listener {} {}: TLS setup failed: {e}", l.kind, l.bind)
+                    })
+                })
+                .transpose()
+        })
+        .collect()
+}
+
+/// The username a client certificate gives, per `identity`: the subject's
+/// first Common Name, or the first DNS name, e-mail address or URI of its
+/// Subject Alternative Name. `None` if the certificate has none, or cannot be
+/// parsed (it was verified by rustls, so this is unexpected).
+pub fn cert_identity(cert: &CertificateDer<'_>, identity: CertIdentity) -> Option<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    match identity {
+        CertIdentity::None => None,
+        CertIdentity::Cn => cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned),
+        CertIdentity::San => {
+            let san = cert.subject_alternative_name().ok()??;
+            san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
+                    Some((*s).to_owned())
+                }
+                _ => None,
+            })
+        }
+    }
+}
