@@ -1237,8 +1237,31 @@ pub fn default_config_toml() -> String {
             None => out.push_str(&format!("# {} = 2\n", field.key)),
         }
     }
+    out.push_str(LISTENER_EXAMPLE);
     out
 }
+
+/// The `[[listener]]` documentation at the end of the default file.
+const LISTENER_EXAMPLE: &str = "
+# More listeners, of kinds mqtt (TCP), mqtts (TLS), ws (WebSocket) and wss
+# (WebSocket over TLS): one [[listener]] table each, file only (no environment
+# variables). server.listen above declares mqtt listeners; set it to [] to use
+# only these. Fields: kind; bind (ADDR:PORT; conventional ports 1883, 8883,
+# 8083, 8084); path (ws, wss; default \"/mqtt\", subprotocol mqtt); for mqtts and
+# wss: cert_file and key_file (PEM, reloaded on SIGHUP), ca_file (PEM CAs that
+# client certificates must chain to), require_client_cert (true/false),
+# username_from_cert (none, cn or san; needs require_client_cert = true).
+#
+# [[listener]]
+# kind = \"mqtts\"
+# bind = \"0.0.0.0:8883\"
+# cert_file = \"/etc/tessera/server.pem\"
+# key_file = \"/etc/tessera/server.key\"
+#
+# [[listener]]
+# kind = \"ws\"
+# bind = \"0.0.0.0:8083\"
+";
 
 /// Appends `text` as `# ` comment lines wrapped to [`COMMENT_WIDTH_MAX`] columns.
 fn push_comment(out: &mut String, text: &str) {
@@ -1882,6 +1905,84 @@ mod tests {
             msg.ends_with("(set by command-line flag --shards)"),
             "{msg}"
         );
+    }
+
+    fn invalid_listener(mutate: impl FnOnce(&mut Config)) -> String {
+        let mut c = Config::default();
+        mutate(&mut c);
+        let err = c.validate().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::InvalidListener { .. }),
+            "{err:?}"
+        );
+        err.to_string()
+    }
+
+    #[test]
+    fn listener_tables_load_and_are_checked() {
+        let path = file(
+            "listeners",
+            "[server]\nlisten = []\n\n[[listener]]\nkind = \"ws\"\nbind = \"127.0.0.1:8083\"\n\n\
+             [[listener]]\nkind = \"mqtts\"\nbind = \"127.0.0.1:8883\"\ncert_file = \"c.pem\"\n\
+             key_file = \"k.pem\"\n",
+        );
+        let c = Config::load(&cli_with_file(&path), env(&[])).unwrap();
+        let kinds: Vec<ListenerKind> = c.listeners().iter().map(|l| l.kind).collect();
+        assert_eq!(kinds, [ListenerKind::Ws, ListenerKind::Mqtts]);
+        assert_eq!(c.listeners()[0].path, "/mqtt");
+        // --listen adds plain listeners in front; the tables stay.
+        let cli = Cli {
+            listen: vec![addr("127.0.0.1:1883")],
+            ..cli_with_file(&path)
+        };
+        let c = Config::load(&cli, env(&[])).unwrap();
+        assert_eq!(c.listeners().len(), 3);
+        assert_eq!(c.listeners()[0].kind, ListenerKind::Mqtt);
+
+        let msg = invalid_listener(|c| {
+            c.listener.push(ListenerConfig::new(
+                ListenerKind::Mqtts,
+                addr("127.0.0.1:8883"),
+            ))
+        });
+        assert!(
+            msg.starts_with(
+                "listener #1 (mqtts 127.0.0.1:8883) in the config file is invalid: \
+                             kind mqtts needs cert_file and key_file"
+            ),
+            "{msg}"
+        );
+        let msg = invalid_listener(|c| {
+            c.listener.push(ListenerConfig::new(
+                ListenerKind::Ws,
+                addr("127.0.0.1:1883"),
+            ))
+        });
+        assert!(
+            msg.contains("address 127.0.0.1:1883 is used by another listener"),
+            "{msg}"
+        );
+        let msg = invalid_listener(|c| {
+            c.listener.push(ListenerConfig::new(
+                ListenerKind::Ws,
+                addr("127.0.0.1:18083"),
+            ))
+        });
+        assert!(msg.contains("is server.admin_listen"), "{msg}");
+        // Port 0 may repeat: each listener gets its own port.
+        let mut ok = Config::default();
+        ok.server.listen = vec![addr("127.0.0.1:0")];
+        ok.listener
+            .push(ListenerConfig::new(ListenerKind::Ws, addr("127.0.0.1:0")));
+        ok.validate().unwrap();
+        let path = file(
+            "listener-typo",
+            "[[listener]]\nkind = \"ws\"\nbind = \"127.0.0.1:1\"\nport = 2\n",
+        );
+        let err = Config::load(&cli_with_file(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `port`"), "{err}");
     }
 
     #[test]

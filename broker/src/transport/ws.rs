@@ -324,6 +324,11 @@ impl WsDecoder {
                         r += 1;
                         need = header_len(&self.header, len);
                     }
+                    // Refuse an unmasked frame as soon as its second byte
+                    // is known, not after waiting for a mask it lacks.
+                    if len >= 2 && self.header[1] & 0x80 == 0 {
+                        return Err(WsError::Unmasked);
+                    }
                     if len < need {
                         self.state = State::Header { len: len as u8 };
                         break;
@@ -576,6 +581,12 @@ mod tests {
         let huge = vec![b'G'; HANDSHAKE_BYTES_MAX + 1];
         assert_eq!(
             status(&parse_upgrade(&huge, "/mqtt")),
+            "HTTP/1.1 431 Request Header Fields Too Large"
+        );
+        // An MQTT client that connected to the WebSocket port by mistake.
+        let mqtt = b"\x10\x12\x00\x04MQTT\x04\x02\x00\x1e";
+        assert_eq!(
+            status(&parse_upgrade(mqtt, "/mqtt")),
             "HTTP/1.1 400 Bad Request"
         );
         let no_proto = parse_upgrade(request("/mqtt", "").as_bytes(), "/mqtt");
@@ -667,13 +678,14 @@ mod tests {
 
     #[test]
     fn binary_headers_use_the_shortest_length() {
-        let mut h = [0; 10];
-        assert_eq!(&h[..binary_header(125, &mut h)], &[0x82, 125]);
-        assert_eq!(&h[..binary_header(126, &mut h)], &[0x82, 126, 0, 126]);
-        assert_eq!(
-            &h[..binary_header(65_536, &mut h)],
-            &[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]
-        );
+        let header = |len| {
+            let mut h = [0; 10];
+            let n = binary_header(len, &mut h);
+            h[..n].to_vec()
+        };
+        assert_eq!(header(125), [0x82, 125]);
+        assert_eq!(header(126), [0x82, 126, 0, 126]);
+        assert_eq!(header(65_536), [0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
         assert_eq!(close_frame(1000), [0x88, 2, 0x03, 0xe8]);
     }
 }

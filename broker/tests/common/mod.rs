@@ -97,6 +97,8 @@ fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8
 pub struct Broker {
     child: Child,
     addr: SocketAddr,
+    /// The other listeners' URLs (`mqtts://...`, `ws://.../mqtt`), as printed.
+    urls: Vec<String>,
     log: Arc<Mutex<String>>,
     exited: Option<ExitStatus>,
 }
@@ -142,12 +144,16 @@ impl Broker {
         });
 
         let deadline = Instant::now() + READY_TIMEOUT;
+        let mut urls = Vec::new();
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(addr) = line.strip_prefix(READY_PREFIX) {
                         break addr.trim().parse().expect("listen address");
+                    }
+                    if let Some(url) = line.strip_prefix("tessera: listening ") {
+                        urls.push(url.trim().to_owned());
                     }
                 }
                 Err(e) => {
@@ -164,6 +170,7 @@ impl Broker {
         Broker {
             child,
             addr,
+            urls,
             log,
             exited: None,
         }
@@ -172,6 +179,38 @@ impl Broker {
     /// The MQTT address the broker listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The URL of the first non-`mqtt` listener whose URL starts with
+    /// `scheme://` (e.g. `"wss"`).
+    pub fn url(&self, scheme: &str) -> String {
+        let prefix = format!("{scheme}://");
+        self.urls
+            .iter()
+            .find(|u| u.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {scheme} listener in {:?}", self.urls))
+            .clone()
+    }
+
+    /// Sends SIGHUP: reload certificates (and other reloadable files).
+    pub fn sighup(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+        assert_eq!(rc, 0, "kill(SIGHUP): {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits until the log contains `text`; panics after `timeout`.
+    pub fn wait_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the broker log within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Everything the broker wrote to stderr so far.
