@@ -26,6 +26,7 @@ use tessera_proto::{
 };
 
 use crate::alias::OutboundAliases;
+use crate::authz::{Admission, AuthHook};
 use crate::mesh::{MeshMsg, ShardId};
 use crate::message::{Message, SessionUid};
 use crate::session::{
@@ -34,6 +35,7 @@ use crate::session::{
 use crate::sys::{SysPublisher, SysSettings};
 use crate::trie::{ShardSet, Trie, route_match};
 
+mod auth;
 mod mqtt5;
 mod shared;
 mod sys_probe;
@@ -72,6 +74,13 @@ pub struct Limits {
     /// Encoded bytes buffered for one connection before deliveries queue in the
     /// session instead (slow consumers).
     pub write_buffer_bytes_max: usize,
+    /// PUBLISH packets per second one connection may send (token bucket with
+    /// a one-second burst); beyond it v5 QoS 1/2 get 0x97 and the message is
+    /// dropped. 0 = unlimited.
+    pub publish_rate_per_s: u32,
+    /// PUBLISH payload bytes per second one connection may send, likewise.
+    /// 0 = unlimited.
+    pub publish_bytes_per_s: u32,
     /// Whether QoS 0 messages are queued for disconnected persistent sessions.
     pub queue_qos0_offline: bool,
     /// What a full session queue does with one more delivery.
@@ -109,6 +118,8 @@ impl Default for Limits {
             mqtt5: Mqtt5Settings::default(),
             sys: SysSettings::default(),
             keep_alive_s_max: u16::MAX,
+            publish_rate_per_s: 0,
+            publish_bytes_per_s: 0,
             write_buffer_bytes_max: 256 * 1024,
             queue_qos0_offline: false,
             queue_overflow: QueueOverflow::default(),
@@ -158,6 +169,13 @@ pub struct Stats {
     /// Shared QoS 2 deliveries sent to a member whose session ended before it
     /// answered; they go to no other member [MQTT-4.8.2-5].
     pub dropped_shared_qos2_member_ended: u64,
+    /// PUBLISH packets refused because the connection exceeded its publish
+    /// rate or bandwidth (v5: 0x97 Quota Exceeded).
+    pub publishes_rate_limited: u64,
+    /// Re-authentications (AUTH 0x19) that failed and closed the connection.
+    pub reauth_failures: u64,
+    /// Connections closed because their credentials expired (v5: 0xA0).
+    pub credentials_expired: u64,
 }
 
 /// Why a connection ends.
@@ -217,6 +235,9 @@ struct Conn {
     /// The client's Request Problem Information: whether acknowledgements may
     /// carry a Reason String and User Properties.
     problem_info: bool,
+    /// Enhanced authentication, credential expiry and publish rate limits;
+    /// only when the broker has an auth hook or rate limits.
+    guard: Option<Box<auth::ConnGuard>>,
     /// Whether the connection ended at the protocol level (driver still flushing).
     ended: bool,
     out: ConnOutput,
@@ -298,6 +319,8 @@ pub struct Engine {
     sys_due_ms: u64,
     /// Shard 0 only, with `$SYS` enabled: the reports of every shard.
     sys_publisher: Option<Box<SysPublisher>>,
+    /// The broker's authentication and ACL answers; none allows everything.
+    auth_hook: Option<std::rc::Rc<dyn AuthHook>>,
 }
 
 fn delivery_qos(published: QoS, granted: QoS) -> QoS {
@@ -342,6 +365,7 @@ impl Engine {
             stats: Stats::default(),
             sys_due_ms: 0,
             sys_publisher,
+            auth_hook: None,
         }
     }
 
@@ -410,9 +434,24 @@ impl Engine {
     /// connection; its output holds the CONNACK, and `close` is set when the
     /// CONNECT was refused.
     pub fn connect(&mut self, now_ms: u64, connect: Connect, assigned: bool) -> ConnId {
+        self.connect_admitted(now_ms, connect, assigned, Admission::default())
+    }
+
+    /// [`Engine::connect`] for a connection the driver authenticated: the
+    /// CONNECT's `username` is the authenticated user, and `admission` says
+    /// which enhanced authentication succeeded and when the credentials end.
+    pub fn connect_admitted(
+        &mut self,
+        now_ms: u64,
+        connect: Connect,
+        assigned: bool,
+        admission: Admission,
+    ) -> ConnId {
         let conn = self.new_conn(now_ms, &connect);
         let version = connect.version;
-        let refuse = self.connect_refusal(&connect, assigned);
+        let refuse = self
+            .connect_refusal(&connect, assigned)
+            .or_else(|| self.admission_refusal(&connect, &admission));
         if let Some(rc) = refuse {
             self.stats.connects_refused += 1;
             let ack = ConnAck {
@@ -479,6 +518,7 @@ impl Engine {
         s.expiry_interval_s = expiry;
         s.disconnected_at_ms = None;
         s.will = connect.will.as_ref().map(|w| Box::new(compact_will(w)));
+        let (auth_method, auth_data) = self.attach_auth(now_ms, conn, idx, &connect, admission);
 
         let mut props = ConnAckProperties::default();
         if version.is_v5() {
@@ -494,6 +534,8 @@ impl Engine {
                 props.assigned_client_identifier = Some(connect.client_id.clone());
             }
             props.response_information = self.response_information(&connect);
+            props.authentication_method = auth_method;
+            props.authentication_data = auth_data;
         }
         let ack = ConnAck {
             session_present,
@@ -515,11 +557,6 @@ impl Engine {
         // [MQTT-3.1.3-8]: 3.1.1 refuses an empty ClientID with Clean Session 0.
         if assigned && !connect.version.is_v5() && !connect.clean_start {
             return Some(ReasonCode::ClientIdentifierNotValid);
-        }
-        // No extended authentication method is served yet: a client naming one
-        // must not believe it authenticated (MQTT 5 section 3.1.2.11.9).
-        if connect.properties.authentication_method.is_some() {
-            return Some(ReasonCode::BadAuthenticationMethod);
         }
         if let Some(w) = &connect.will
             && topic::validate_topic_name(&w.topic, self.limits.topic_levels_max).is_err()
@@ -550,6 +587,7 @@ impl Engine {
             out_aliases: None,
             problem_info: connect.properties.request_problem_information != Some(false),
             held_acks: VecDeque::new(),
+            guard: None,
             ended: false,
             out: ConnOutput::default(),
         };
@@ -728,6 +766,7 @@ impl Engine {
                 });
             }
         }
+        self.expire_credentials(now_ms);
         for conn in expired_conns {
             if self.conn(conn).version.is_v5() {
                 self.write_packet(
@@ -829,14 +868,13 @@ impl Engine {
             Packet::Unsubscribe(u) => self.on_unsubscribe(conn, idx, u),
             Packet::PingReq => self.write_packet(conn, &Packet::PingResp),
             Packet::Disconnect(d) => self.on_disconnect(now_ms, conn, idx, d),
-            // A second CONNECT [MQTT-3.1.0-2], server-only packets, or AUTH without
-            // an authentication method in CONNECT.
+            // A second CONNECT [MQTT-3.1.0-2] or server-only packets.
             Packet::Connect(_)
             | Packet::ConnAck(_)
             | Packet::SubAck(_)
             | Packet::UnsubAck(_)
-            | Packet::PingResp
-            | Packet::Auth(_) => self.protocol_error(now_ms, conn, ReasonCode::ProtocolError),
+            | Packet::PingResp => self.protocol_error(now_ms, conn, ReasonCode::ProtocolError),
+            Packet::Auth(a) => self.on_auth(now_ms, conn, idx, a),
         }
     }
 
@@ -879,7 +917,9 @@ impl Engine {
         if topic::validate_topic_name(&p.topic, self.limits.topic_levels_max).is_err() {
             return self.protocol_error(now_ms, conn, ReasonCode::TopicNameInvalid);
         }
-        if let Some(rc) = mqtt5::publish_refusal(&p, version) {
+        if let Some(rc) =
+            mqtt5::publish_refusal(&p, version).or_else(|| self.publish_gate(now_ms, conn, idx, &p))
+        {
             return self.refuse_publish(now_ms, conn, &p, rc);
         }
         if p.qos == QoS::ExactlyOnce {
@@ -988,6 +1028,8 @@ impl Engine {
                 topic::validate_topic_filter(f, self.limits.topic_levels_max).is_err()
             }) {
                 Some(ReasonCode::TopicFilterInvalid)
+            } else if let Some(rc) = self.subscribe_refusal(idx, plain.unwrap_or(filter)) {
+                Some(rc)
             } else {
                 let sess = self.session(idx);
                 let exists = sess.subscriptions.contains_key(filter);

@@ -15,6 +15,8 @@
 //!   subscriptions across shards, mesh outboxes.
 //! - [`session`], [`message`], [`mesh`]: the data the engine owns and exchanges.
 //! - [`trie`]: the topic-filter trie behind local subscriptions and routes.
+//! - [`authz`]: the hooks the broker's authentication and ACL code answers for the
+//!   engine, and the per-session ACL cache.
 //! - [`alias`]: the bounded per-connection map of outbound MQTT 5 topic aliases.
 //! - [`sys`]: `$SYS/broker/...` statistics, reported by every shard and
 //!   published by shard 0.
@@ -24,6 +26,7 @@
 //! `tessera-proto`'s job.
 
 pub mod alias;
+pub mod authz;
 pub mod engine;
 pub mod handoff;
 pub mod hash;

@@ -34,6 +34,16 @@ impl std::fmt::Display for ConnId {
     }
 }
 
+/// Who a session's client is, for its ACL checks, and the decisions cached.
+#[derive(Debug, Default)]
+pub struct SessionAuth {
+    /// The authenticated user name of the latest connection (none when
+    /// anonymous).
+    pub username: Option<Str>,
+    /// Publish decisions, per topic.
+    pub acl: crate::authz::AclCache,
+}
+
 /// One subscription of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubscriptionEntry {
@@ -181,6 +191,9 @@ pub struct Session {
     /// Boxed: most sessions have none, and inline it would triple the size of
     /// every session.
     pub will: Option<Box<Will>>,
+    /// The authenticated user and the cached ACL decisions; only with an
+    /// auth hook, boxed so sessions without one pay a pointer.
+    pub auth: Option<Box<SessionAuth>>,
     /// Next outbound packet id to try.
     next_packet_id: u16,
 }
@@ -200,6 +213,7 @@ impl Session {
             queue: DeliveryQueue::default(),
             inbound_qos2: Vec::new(),
             will: None,
+            auth: None,
             next_packet_id: 1,
         }
     }
