@@ -57,6 +57,8 @@ pub struct Config {
     pub mqtt5: Mqtt5Config,
     /// `[sys]`: the `$SYS/broker/...` statistics topics.
     pub sys: SysConfig,
+    /// `[auth]`: authentication, ACL, bans and flapping detection.
+    pub auth: AuthConfig,
     /// `[[listener]]` tables: listeners of every kind besides `server.listen`
     /// (see [`listener`]). Only from the config file.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -121,6 +123,12 @@ pub struct LimitsConfig {
     /// How a shared subscription (`$share/{group}/{filter}`) picks the member that gets
     /// each message.
     pub shared_subscription_strategy: SharedStrategy,
+    /// PUBLISH packets per second one client may send; 0 means unlimited.
+    pub publish_rate_per_s: u32,
+    /// PUBLISH payload bytes per second one client may send; 0 means unlimited.
+    pub publish_bytes_per_s: u32,
+    /// Process resident memory above which new connections are refused; 0 = no limit.
+    pub memory_high_water_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -139,6 +147,9 @@ impl Default for LimitsConfig {
             connect_rate_per_s: 0,
             queue_overflow: QueueOverflow::DropQos0ThenOldest,
             shared_subscription_strategy: SharedStrategy::RoundRobin,
+            publish_rate_per_s: 0,
+            publish_bytes_per_s: 0,
+            memory_high_water_bytes: 0,
         }
     }
 }
@@ -194,6 +205,80 @@ impl Default for Mqtt5Config {
             redirect: Redirect::None,
             server_reference: String::new(),
         }
+    }
+}
+
+/// The `[auth]` section (docs/SECURITY.md). Empty paths mean "not used".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether clients without credentials may connect.
+    pub allow_anonymous: bool,
+    /// Password file (`brokerctl passwd`).
+    pub password_file: String,
+    /// ACL file.
+    pub acl_file: String,
+    /// Ban list file (`brokerctl ban`).
+    pub ban_file: String,
+    /// File holding the HS256 secret for JWT passwords.
+    pub jwt_secret_file: String,
+    /// PEM file with the RS256 public key for JWT passwords.
+    pub jwt_public_key_file: String,
+    /// The JWT claim naming the user.
+    pub jwt_username_claim: String,
+    /// Seconds between checks of the files' modification times; 0 = SIGHUP only.
+    pub reload_interval_s: u32,
+    /// Connects of one ClientID within `flapping_window_s` that ban it; 0 = off.
+    pub flapping_max_connects: u32,
+    /// The flapping window, seconds.
+    pub flapping_window_s: u32,
+    /// How long a flapping ClientID is banned, seconds.
+    pub flapping_ban_s: u32,
+    /// SUBACK reason code (v5) of a subscription the ACL denies: 135 or 128.
+    pub subscribe_denied_code: u8,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: true,
+            password_file: String::new(),
+            acl_file: String::new(),
+            ban_file: String::new(),
+            jwt_secret_file: String::new(),
+            jwt_public_key_file: String::new(),
+            jwt_username_claim: "sub".to_owned(),
+            reload_interval_s: 2,
+            flapping_max_connects: 0,
+            flapping_window_s: 10,
+            flapping_ban_s: 60,
+            subscribe_denied_code: 0x87,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Sets one `[auth]` key from its text form.
+    fn set(&mut self, key: &str, v: &str) -> Result<(), ()> {
+        fn p<T: FromStr>(v: &str) -> Result<T, ()> {
+            v.parse().map_err(|_| ())
+        }
+        match key {
+            "allow_anonymous" => self.allow_anonymous = p(v)?,
+            "password_file" => self.password_file = v.to_owned(),
+            "acl_file" => self.acl_file = v.to_owned(),
+            "ban_file" => self.ban_file = v.to_owned(),
+            "jwt_secret_file" => self.jwt_secret_file = v.to_owned(),
+            "jwt_public_key_file" => self.jwt_public_key_file = v.to_owned(),
+            "jwt_username_claim" => self.jwt_username_claim = v.to_owned(),
+            "reload_interval_s" => self.reload_interval_s = p(v)?,
+            "flapping_max_connects" => self.flapping_max_connects = p(v)?,
+            "flapping_window_s" => self.flapping_window_s = p(v)?,
+            "flapping_ban_s" => self.flapping_ban_s = p(v)?,
+            "subscribe_denied_code" => self.subscribe_denied_code = p(v)?,
+            key => unreachable!("FIELDS entry auth.{key} has no setter"),
+        }
+        Ok(())
     }
 }
 
@@ -540,6 +625,29 @@ pub const FIELDS: &[FieldDoc] = &[
         accepted: "one of round_robin, random, sticky, hash_client_id",
     },
     FieldDoc {
+        section: "limits",
+        key: "publish_rate_per_s",
+        doc: "PUBLISH packets per second one client connection may send (token bucket, \
+              bursts of one second's worth). Beyond it the message is dropped; MQTT 5 \
+              QoS 1/2 publishers get 0x97 Quota exceeded. 0: unlimited.",
+        accepted: "an integer from 0 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "publish_bytes_per_s",
+        doc: "PUBLISH payload bytes per second one client connection may send, handled as \
+              publish_rate_per_s. 0: unlimited.",
+        accepted: "an integer from 0 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "memory_high_water_bytes",
+        doc: "Resident memory of the broker process above which new connections are refused \
+              (MQTT 5 0x89 Server busy, 3.1.1 return code 3) until it falls again, so the \
+              host sheds load before it swaps. 0: no limit.",
+        accepted: "an integer from 0 to 18446744073709551615",
+    },
+    FieldDoc {
         section: "persistence",
         key: "durability",
         doc: "When an acknowledged QoS 1/2 message is on disk: sync = fsynced before the \
@@ -602,6 +710,90 @@ pub const FIELDS: &[FieldDoc] = &[
         doc: "Seconds between two publications of the $SYS/broker/... statistics topics \
               (retained, QoS 0; docs/SYS_TOPICS.md); 0 disables them.",
         accepted: "an integer from 0 to 86400",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "allow_anonymous",
+        doc: "Whether clients that send no password may connect (as anonymous: no user \
+              name, so ACL rules for users do not apply to them). false: they get MQTT 5 \
+              0x87 Not authorized, 3.1.1 return code 5.",
+        accepted: "true or false",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "password_file",
+        doc: "Password file of user:hash lines (PBKDF2-SHA512, the format of \
+              mosquitto_passwd; optional SCRAM-SHA-256 keys), managed with brokerctl passwd. \
+              Reloaded on SIGHUP and when it changes. Empty: no password users.",
+        accepted: "a file path, or empty",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "acl_file",
+        doc: "ACL file (docs/SECURITY.md): allow/deny rules for publish and subscribe per \
+              user, ClientID or pattern, first match wins. Empty: everything is allowed.",
+        accepted: "a file path, or empty",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "ban_file",
+        doc: "Ban list file of clientid/username/ip lines, managed with brokerctl ban. \
+              Banned clients get MQTT 5 0x8A Banned, 3.1.1 return code 5.",
+        accepted: "a file path, or empty",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "jwt_secret_file",
+        doc: "File with the HS256 secret: a password that is a JWT signed with it \
+              authenticates the user its jwt_username_claim names, until its exp.",
+        accepted: "a file path, or empty",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "jwt_public_key_file",
+        doc: "PEM file with the RSA public key for RS256-signed JWT passwords.",
+        accepted: "a file path, or empty",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "jwt_username_claim",
+        doc: "The JWT claim whose string value is the user name.",
+        accepted: "a non-empty claim name",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "reload_interval_s",
+        doc: "Seconds between checks of the password, ACL, ban and JWT key files for \
+              changes (SIGHUP reloads at once). 0: on SIGHUP only.",
+        accepted: "an integer from 0 to 3600",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "flapping_max_connects",
+        doc: "Flapping detection: a ClientID connecting this many times within \
+              flapping_window_s is banned for flapping_ban_s. 0: off.",
+        accepted: "an integer from 0 to 4294967295",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "flapping_window_s",
+        doc: "The flapping detection window, seconds.",
+        accepted: "an integer from 1 to 86400",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "flapping_ban_s",
+        doc: "How long a flapping ClientID is banned, seconds.",
+        accepted: "an integer from 1 to 86400",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "subscribe_denied_code",
+        doc: "SUBACK reason code an MQTT 5 client gets for a subscription the ACL denies: \
+              135 (0x87 Not authorized, what the specification suggests) or 128 (0x80 \
+              Unspecified error, what the Eclipse Paho 5.0 suite's test_subscribe_failure \
+              expects). 3.1.1 clients always get 0x80.",
+        accepted: "135 or 128",
     },
 ];
 
@@ -898,6 +1090,10 @@ impl Config {
             ("mqtt5", "redirect") => m5.redirect = p(v)?,
             ("mqtt5", "server_reference") => m5.server_reference = v.to_owned(),
             ("sys", "interval_s") => self.sys.interval_s = p(v)?,
+            ("limits", "publish_rate_per_s") => l.publish_rate_per_s = p(v)?,
+            ("limits", "publish_bytes_per_s") => l.publish_bytes_per_s = p(v)?,
+            ("limits", "memory_high_water_bytes") => l.memory_high_water_bytes = p(v)?,
+            ("auth", key) => self.auth.set(key, v)?,
             (section, key) => unreachable!("FIELDS entry {section}.{key} has no setter"),
         }
         Ok(())
@@ -974,7 +1170,21 @@ impl Config {
                 accepted("server.data_dir"),
             );
         }
-        let ranges: [(&'static str, u64, u64, u64); 12] = [
+        let a = &self.auth;
+        let ranges: [(&'static str, u64, u64, u64); 15] = [
+            (
+                "auth.reload_interval_s",
+                a.reload_interval_s.into(),
+                0,
+                3600,
+            ),
+            (
+                "auth.flapping_window_s",
+                a.flapping_window_s.into(),
+                1,
+                86_400,
+            ),
+            ("auth.flapping_ban_s", a.flapping_ban_s.into(), 1, 86_400),
             (
                 "limits.max_connections",
                 l.max_connections.into(),
@@ -1116,6 +1326,13 @@ impl Config {
         let prefix = &m.response_information_prefix;
         if !mqtt_string(prefix) || prefix.contains(['+', '#']) {
             return invalid("mqtt5.response_information_prefix", prefix);
+        }
+        if self.auth.jwt_username_claim.is_empty() {
+            return invalid("auth.jwt_username_claim", "");
+        }
+        let code = self.auth.subscribe_denied_code;
+        if code != 0x80 && code != 0x87 {
+            return invalid("auth.subscribe_denied_code", &code.to_string());
         }
         let reference = &m.server_reference;
         if !mqtt_string(reference) || (m.redirect != Redirect::None && reference.is_empty()) {

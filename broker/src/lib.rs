@@ -5,6 +5,8 @@
 //! - [`config`]: the [`config::Config`] settings, their layered loading (defaults, TOML
 //!   file, `TESSERA_*` environment variables, flags), validation and the documented
 //!   default file.
+//! - [`auth`]: password file, JWT, SCRAM-SHA-256, ACL, bans and flapping detection
+//!   (docs/SECURITY.md).
 //! - [`cli`]: the `broker` command-line flags, a stable interface.
 //! - [`server`]: boot and shutdown of the shards on glommio, TCP listeners, the
 //!   CONNECT hand-off to the owner shard, and the per-connection tasks.
@@ -16,8 +18,9 @@
 //! Binaries: `broker` (`src/main.rs`) and `brokerctl` (`src/bin/brokerctl.rs`).
 //!
 //! Not here yet: QUIC listeners, persistence, the admin API and the
-//! `brokerctl` subcommands that use it, metrics export, and authentication/ACLs.
+//! `brokerctl` subcommands that use it, metrics export.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod server;

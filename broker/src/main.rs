@@ -72,6 +72,8 @@ fn run(config: &Config) -> anyhow::Result<()> {
                     "SIGHUP: TLS reload failed, keeping the current certificates: {e:#}"
                 ),
             }
+            // And the password, ACL, ban and JWT key files.
+            server.reload_auth();
             continue;
         }
         tracing::info!(signal = sig, "shutting down");

@@ -35,10 +35,11 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::future::poll_fn;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use tessera_proto::{
     ConnAck, Connect, DecodeError, Encode, Packet, PacketType, ProtocolVersion, ReasonCode, Str,
 };
+use tessera_shard::authz::Admission;
 use tessera_shard::engine::{
     CloseReason, Engine, Limits, QueueOverflow as EngineOverflow, SharedStrategy as EngineShared,
 };
@@ -48,6 +49,7 @@ use tessera_shard::mesh::{MeshMsg, ShardId};
 use tessera_shard::session::ConnId;
 use tracing::{debug, info, warn};
 
+use crate::auth::{AuthHub, ShardAuth, Verdict};
 use crate::config::{
     Config, ListenerConfig, ListenerId, ListenerKind, QueueOverflow, SharedStrategy,
 };
@@ -116,12 +118,15 @@ struct Accepted {
     listener: ListenerId,
     /// TLS and WebSocket state (the socket travels as a file descriptor).
     transport: TransportState,
+    /// What authentication decided (`admit`).
+    admission: Admission,
 }
 
 /// A running broker.
 #[derive(Debug)]
 pub struct Server {
     stop: Arc<AtomicBool>,
+    auth: Arc<AuthHub>,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
     /// The MQTT over TCP listen addresses, with ports resolved.
     pub mqtt_addrs: Vec<SocketAddr>,
@@ -144,6 +149,8 @@ struct ShardBoot {
     /// New connections per second per shard; 0 = unlimited.
     connect_rate_per_s: f64,
     connect_timeout: Duration,
+    auth: Arc<AuthHub>,
+    memory_high_water_bytes: u64,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<usize, String>>,
 }
@@ -170,6 +177,7 @@ impl Server {
         }
         let tls = Arc::new(TlsStore::load(&listeners)?);
 
+        let auth = AuthHub::load(&config.auth)?;
         // Start the engines' clock now: `$SYS/broker/uptime` counts from here.
         now_ms();
         let limits = engine_limits(config);
@@ -185,6 +193,8 @@ impl Server {
                 .div_ceil(shard_count),
             connect_rate_per_s: f64::from(config.limits.connect_rate_per_s) / shard_count as f64,
             connect_timeout: Duration::from_secs(u64::from(config.limits.connect_timeout_s)),
+            auth: auth.clone(),
+            memory_high_water_bytes: config.limits.memory_high_water_bytes,
             stop: stop.clone(),
             ready: ready_tx,
         };
@@ -194,6 +204,9 @@ impl Server {
             let handle = LocalExecutorBuilder::new(Placement::Fixed(*cpu))
                 .name(&format!("shard-{k}"))
                 .io_memory(IO_MEMORY_BYTES)
+                // Password hashing runs here: one thread the OS may place on
+                // any CPU, so a hash never waits behind this shard.
+                .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
                 .spawn(move || shard_main(boot))
                 .map_err(|e| {
                     anyhow!(
@@ -219,8 +232,10 @@ impl Server {
             }
         }
         drop(reservations);
+        spawn_auth_reloader(&auth, &stop);
         Ok(Server {
             stop,
+            auth,
             executors,
             mqtt_addrs: listeners
                 .iter()
@@ -238,6 +253,12 @@ impl Server {
     /// error nothing changes. Returns the number of TLS listeners.
     pub fn reload_tls(&self) -> anyhow::Result<usize> {
         self.tls.reload(&self.listeners)
+    }
+
+    /// Re-reads the password, ACL, ban and JWT key files now (SIGHUP). A
+    /// broken file is logged and the previous ones stay in force.
+    pub fn reload_auth(&self) {
+        self.auth.reload();
     }
 
     /// Number of shards running.
@@ -299,6 +320,33 @@ fn connections_max(configured: usize) -> usize {
     configured
 }
 
+/// Checks the security files' modification times every `reload_interval_s`
+/// until the broker stops.
+fn spawn_auth_reloader(auth: &Arc<AuthHub>, stop: &Arc<AtomicBool>) {
+    let interval = auth.config().reload_interval_s;
+    if interval == 0 || !auth.enabled() {
+        return;
+    }
+    let (auth, stop) = (auth.clone(), stop.clone());
+    let spawned = std::thread::Builder::new()
+        .name("auth-reload".into())
+        .spawn(move || {
+            let step = Duration::from_millis(100);
+            let mut waited = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(step);
+                waited += step;
+                if waited >= Duration::from_secs(u64::from(interval)) {
+                    waited = Duration::ZERO;
+                    auth.reload_if_changed();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start the security file reload thread ({e}); SIGHUP still reloads");
+    }
+}
+
 fn engine_limits(config: &Config) -> Limits {
     let l = &config.limits;
     Limits {
@@ -316,6 +364,8 @@ fn engine_limits(config: &Config) -> Limits {
             version: format!("tessera {}", env!("CARGO_PKG_VERSION")),
         },
         keep_alive_s_max: l.max_keep_alive_s,
+        publish_rate_per_s: l.publish_rate_per_s,
+        publish_bytes_per_s: l.publish_bytes_per_s,
         queue_overflow: match l.queue_overflow {
             QueueOverflow::DropQos0ThenOldest => EngineOverflow::DropQos0ThenOldest,
             QueueOverflow::DropOldest => EngineOverflow::DropOldest,
@@ -408,6 +458,10 @@ struct Shard {
     max_packet: usize,
     connect_timeout: Duration,
     id_seed: Cell<u64>,
+    /// Authentication, ACL, bans and flapping detection of this shard.
+    auth: Rc<ShardAuth>,
+    /// New connections are refused while the process's RSS is above it; 0 = off.
+    memory_high_water_bytes: u64,
     listeners: Vec<ListenerConfig>,
     tls: Arc<TlsStore>,
     /// This shard's copy of the TLS configurations and the store generation
@@ -471,14 +525,15 @@ async fn shard_main(boot: ShardBoot) {
         }
     };
     let id = senders.peer_id();
+    let auth = Rc::new(ShardAuth::new(boot.auth.clone()));
+    let mut engine = Engine::new(id as ShardId, boot.shard_count, boot.limits.clone());
+    if auth.enabled() {
+        engine.set_auth_hook(auth.clone());
+    }
     let shard = Rc::new(Shard {
         id,
         shard_count: boot.shard_count,
-        engine: RefCell::new(Engine::new(
-            id as ShardId,
-            boot.shard_count,
-            boot.limits.clone(),
-        )),
+        engine: RefCell::new(engine),
         senders,
         mesh_out: RefCell::new((0..boot.shard_count).map(|_| VecDeque::new()).collect()),
         mesh_wakers: RefCell::new((0..boot.shard_count).map(|_| None).collect()),
@@ -491,7 +546,10 @@ async fn shard_main(boot: ShardBoot) {
         tls_cache: RefCell::new((boot.tls.generation(), boot.tls.snapshot())),
         listeners: boot.listeners.clone(),
         tls: boot.tls.clone(),
+        auth,
+        memory_high_water_bytes: boot.memory_high_water_bytes,
     });
+    shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
 
     let mut listeners = Vec::new();
     for (listener_id, l) in boot.listeners.iter().enumerate() {
@@ -530,6 +588,13 @@ async fn shard_main(boot: ShardBoot) {
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
+                        if let Ok(peer) = stream.peer_addr()
+                            && shard.auth.ip_banned(peer.ip())
+                        {
+                            debug!(shard = shard.id, "banned address: closing");
+                            drop(stream);
+                            continue;
+                        }
                         if !shard.connect_rate.borrow_mut().take(Instant::now()) {
                             // Over the connect rate: close before reading anything.
                             debug!(shard = shard.id, "connect rate exceeded: closing");
@@ -562,6 +627,7 @@ async fn shard_main(boot: ShardBoot) {
 
     while !stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(TICK).await;
+        shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
         shard.engine.borrow_mut().tick(now_ms());
         shard.flush_outbox();
     }
@@ -596,6 +662,7 @@ fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
                 accepted.connect,
                 accepted.assigned,
                 accepted.listener,
+                accepted.admission,
             ))
             .detach();
         }
@@ -733,6 +800,18 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
         );
         return;
     }
+    let Some(admission) = admit(
+        &shard,
+        &mut stream,
+        &mut buf,
+        &mut connect,
+        spec.username_from_cert != crate::config::CertIdentity::None,
+        deadline,
+    )
+    .await
+    else {
+        return;
+    };
     let mut assigned = false;
     if connect.client_id.is_empty() {
         // An assigned id hashes to this shard, so the connection never hops.
@@ -751,6 +830,7 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
             connect,
             assigned,
             listener,
+            admission,
         ))
         .detach();
     } else {
@@ -760,10 +840,141 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
             assigned,
             listener,
             transport,
+            admission,
         };
         match Handoff::detach(stream, buf.freeze(), owner, accepted) {
             Ok(h) => shard.send_envelope(owner, Envelope::Handoff(Box::new(h))),
             Err(e) => warn!("hand-off to shard {owner} failed: {e}"),
+        }
+    }
+}
+
+/// Writes a refusing CONNACK in the client's version and closes.
+async fn refuse(mut stream: Transport, version: ProtocolVersion, rc: ReasonCode) {
+    let _ = send_connack(&mut stream, version, rc).await;
+}
+
+async fn send_connack(
+    stream: &mut Transport,
+    version: ProtocolVersion,
+    rc: ReasonCode,
+) -> std::io::Result<()> {
+    let ack = ConnAck {
+        session_present: false,
+        reason_code: rc,
+        properties: Default::default(),
+    };
+    let mut out = BytesMut::new();
+    if ack.encode(version, &mut out).is_ok() {
+        stream.send(&out).await?;
+    }
+    Ok(())
+}
+
+/// Authenticates a decoded CONNECT on the accepting shard (so a refused
+/// client never costs a hand-off), running an MQTT 5 enhanced authentication
+/// exchange (AUTH 0x18 both ways) within the connect deadline. Returns what
+/// the engine needs, or `None` after refusing the client (CONNACK written).
+/// Either way the CONNECT no longer holds its password. `cert_identity`: the
+/// listener took the user name from a verified client certificate.
+async fn admit(
+    shard: &Shard,
+    stream: &mut Transport,
+    buf: &mut BytesMut,
+    connect: &mut Connect,
+    cert_identity: bool,
+    deadline: Instant,
+) -> Option<Admission> {
+    if !shard.auth.enabled() {
+        connect.password = None;
+        return Some(Admission::default());
+    }
+    let version = connect.version;
+    let method = connect.properties.authentication_method.clone();
+    let mut verdict = shard.auth.authenticate(connect, cert_identity).await;
+    let mut exchanges = 0;
+    loop {
+        match verdict {
+            Verdict::Accept { expires_unix_s } => {
+                return Some(Admission {
+                    auth_data: connect.properties.authentication_data.take(),
+                    auth_method: method,
+                    expires_at_ms: expires_unix_s.map(engine_ms_of_unix),
+                });
+            }
+            Verdict::Refuse(rc) => {
+                let _ = send_connack(stream, version, rc).await;
+                debug!(reason = ?rc, "CONNECT refused");
+                return None;
+            }
+            Verdict::Continue { data, state } => {
+                // SCRAM needs one round trip; a bound keeps a client from
+                // holding the exchange open.
+                exchanges += 1;
+                let method = method.clone()?;
+                let auth = tessera_proto::Auth {
+                    reason_code: ReasonCode::ContinueAuthentication,
+                    properties: tessera_proto::AuthProperties {
+                        authentication_method: Some(method.clone()),
+                        authentication_data: Some(data),
+                        ..Default::default()
+                    },
+                };
+                let mut out = BytesMut::new();
+                Packet::Auth(auth).encode(version, &mut out).ok()?;
+                stream.send(&out).await.ok()?;
+                let answer = read_packet(stream, buf, version, shard.max_packet, deadline).await?;
+                verdict = match answer {
+                    Packet::Auth(a)
+                        if exchanges <= 2
+                            && a.reason_code == ReasonCode::ContinueAuthentication
+                            && a.properties.authentication_method.as_ref() == Some(&method) =>
+                    {
+                        let data = a.properties.authentication_data.unwrap_or_default();
+                        shard.auth.continue_auth(connect, &state, &data)
+                    }
+                    _ => Verdict::Refuse(ReasonCode::ProtocolError),
+                };
+            }
+        }
+    }
+}
+
+/// The engine clock's value at a Unix time in seconds.
+fn engine_ms_of_unix(unix_s: u64) -> u64 {
+    let now_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    (now_ms() + unix_s.saturating_mul(1000)).saturating_sub(now_unix_ms)
+}
+
+/// Reads one packet before `deadline`; `None` on timeout, close or a decode
+/// error.
+async fn read_packet(
+    stream: &mut Transport,
+    buf: &mut BytesMut,
+    version: ProtocolVersion,
+    max_packet: usize,
+    deadline: Instant,
+) -> Option<Packet> {
+    loop {
+        match tessera_proto::decode(buf, version, max_packet) {
+            Ok(Some(p)) => return Some(p),
+            Ok(None) => {}
+            Err(e) => {
+                debug!("bad packet during authentication: {e}");
+                return None;
+            }
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let read = async { Some(read_more(stream, buf).await) };
+        let expire = async {
+            glommio::timer::sleep(left).await;
+            None
+        };
+        match futures_lite::future::or(read, expire).await {
+            Some(Ok(n)) if n > 0 => {}
+            _ => return None,
         }
     }
 }
@@ -786,24 +997,31 @@ async fn serve(
     connect: Connect,
     assigned: bool,
     listener: ListenerId,
+    admission: Admission,
 ) {
     let version = connect.version;
+    // Refusals for load: 3.1.1 return code 3, v5 0x89.
+    let busy = if version.is_v5() {
+        ReasonCode::ServerBusy
+    } else {
+        ReasonCode::ServerUnavailable
+    };
+    let high_water = shard.memory_high_water_bytes;
+    if high_water > 0 && shard.auth.rss_bytes.get() > high_water {
+        warn!(
+            shard = shard.id,
+            rss_bytes = shard.auth.rss_bytes.get(),
+            high_water,
+            "memory above limits.memory_high_water_bytes: refusing new connections"
+        );
+        return refuse(stream, version, busy).await;
+    }
+    // Flapping is counted here, on the owner shard of the ClientID.
+    if shard.auth.flapping(now_ms(), &connect.client_id) {
+        return refuse(stream, version, ReasonCode::Banned).await;
+    }
     if shard.connections.get() >= shard.connections_max {
-        // Refuse in the client's own version: 3.1.1 return code 3, v5 0x89.
-        let ack = ConnAck {
-            session_present: false,
-            reason_code: if version.is_v5() {
-                ReasonCode::ServerBusy
-            } else {
-                ReasonCode::ServerUnavailable
-            },
-            properties: Default::default(),
-        };
-        let mut out = BytesMut::new();
-        if ack.encode(version, &mut out).is_ok() {
-            let mut stream = stream;
-            let _ = stream.send(&out).await;
-        }
+        refuse(stream, version, busy).await;
         warn!(
             shard = shard.id,
             max = shard.connections_max,
@@ -818,7 +1036,7 @@ async fn serve(
     let conn = {
         let mut engine = shard.engine.borrow_mut();
         engine.record_bytes_received(bytes_read);
-        engine.connect(now_ms(), connect, assigned)
+        engine.connect_admitted(now_ms(), connect, assigned, admission)
     };
     shard.flush_outbox();
     let link = Rc::new(Link {

@@ -3,6 +3,9 @@
 //! Subcommands so far:
 //! - `tune check [--profile NAME] [--proc-root DIR] [--pid PID] [--json]`: compare this
 //!   machine with a `kernel-tuning/` profile, read-only ([`tessera_broker::tune`]).
+//! - `passwd add|delete|list FILE [USER]`: manage a password file (the password is read
+//!   from standard input), like `mosquitto_passwd` ([`tessera_broker::auth::ctl`]).
+//! - `ban add|delete|list FILE [KIND VALUE]`: manage a ban list file.
 //! - `completions SHELL`: print a completion script (bash, zsh, fish, elvish,
 //!   powershell), e.g. `brokerctl completions bash > /etc/bash_completion.d/brokerctl`.
 //!
@@ -26,6 +29,7 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
+use tessera_broker::auth::ctl::{self, BanCommand, PasswdCommand};
 use tessera_broker::tune::{PROC_ROOT_DEFAULT, Profile, ProfileName, SystemView, evaluate};
 
 /// Exit code: success, or every check passed.
@@ -55,6 +59,12 @@ enum Command {
     /// Kernel and process tuning for many connections.
     #[command(subcommand)]
     Tune(TuneCommand),
+    /// Manage a password file (the first line of standard input is the password).
+    #[command(subcommand)]
+    Passwd(PasswdCommand),
+    /// Manage a ban list file (clientid, username, ip).
+    #[command(subcommand)]
+    Ban(BanCommand),
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to generate for.
@@ -100,10 +110,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Tune(TuneCommand::Check(args)) => tune_check(&args),
+        Command::Passwd(cmd) => finish(ctl::passwd(&cmd, &mut io::stdin().lock())),
+        Command::Ban(cmd) => finish(ctl::ban(&cmd)),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "brokerctl", &mut io::stdout());
             ExitCode::from(EXIT_OK)
+        }
+    }
+}
+
+/// Prints a file subcommand's output, or its error with exit code 1.
+fn finish(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::from(EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!("brokerctl: {e}");
+            ExitCode::from(EXIT_PROBLEM)
         }
     }
 }
