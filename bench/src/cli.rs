@@ -259,6 +259,40 @@ pub enum Scenario {
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
     },
+    /// Run a scenario matrix against two brokers, interleaved (A, B, A, B...),
+    /// and print each figure's median with the ratio B/A. Common flags
+    /// (--duration, --warmup, --size, --drain, --threads) apply to every run.
+    Compare {
+        /// Broker A, HOST:PORT (an IP address).
+        #[arg(long)]
+        a: std::net::SocketAddr,
+        /// Broker B, HOST:PORT (an IP address).
+        #[arg(long)]
+        b: std::net::SocketAddr,
+        /// Name of broker A in the output.
+        #[arg(long, default_value = "a")]
+        a_name: String,
+        /// Name of broker B in the output.
+        #[arg(long, default_value = "b")]
+        b_name: String,
+        /// Process id of broker A (CPU and memory figures).
+        #[arg(long)]
+        a_pid: Option<u32>,
+        /// Process id of broker B.
+        #[arg(long)]
+        b_pid: Option<u32>,
+        /// Runs per scenario and broker; each figure is their median.
+        #[arg(long, default_value_t = 3)]
+        reps: u32,
+        /// Matrix entries to run, comma separated (default: all but conn-5k):
+        /// fanin-q0, fanin-q1, fanout-q0, fanout-alias, shared-q1, pubsub-q1,
+        /// latency-q0, latency-q1, conn-5k.
+        #[arg(long, value_delimiter = ',')]
+        scenarios: Vec<String>,
+        /// Also print the results as a Markdown table.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Open C connections at R per second, hold them for --duration, report
     /// connect latency, failures and (with --broker-pid) broker memory per
     /// connection.
@@ -416,6 +450,19 @@ impl Cli {
                 r.map_or(Ok(()), rate)
             }
             Scenario::Latency { rate: r } => rate(*r),
+            Scenario::Compare {
+                reps, scenarios, ..
+            } => {
+                if !(1..=100).contains(reps) {
+                    return Err(format!("--reps {reps}: must be 1..=100"));
+                }
+                for name in scenarios {
+                    if !crate::compare::MATRIX.iter().any(|e| e.name == name) {
+                        return Err(format!("--scenarios: no scenario {name:?} in the matrix"));
+                    }
+                }
+                Ok(())
+            }
             Scenario::Conn {
                 clients, rate: r, ..
             } => {

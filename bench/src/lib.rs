@@ -14,6 +14,7 @@
 //!   accounts for every message).
 //! - [`latency`]: the `latency` scenario, with a paced publisher thread.
 //! - [`conn`]: the `conn` scenario, many idle connections.
+//! - [`compare`]: `bench compare`, a scenario matrix against two brokers.
 //! - [`mqtt`]: connecting and subscribing, blocking and async; failure reasons.
 //! - [`window`]: the QoS 1/2 in-flight window (sans-IO).
 //! - [`accounting`]: loss, duplicate and order accounting (sans-IO).
@@ -31,6 +32,7 @@
 pub mod accounting;
 pub mod cli;
 pub mod clock;
+pub mod compare;
 pub mod conn;
 pub mod latency;
 pub mod mqtt;

@@ -27,6 +27,15 @@ fn main() -> ExitCode {
         eprintln!("bench: {e}");
         return ExitCode::from(2);
     }
+    if let Scenario::Compare { .. } = &cli.scenario {
+        return match compare(&cli) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("bench: {e:#}");
+                ExitCode::from(3)
+            }
+        };
+    }
     match run(&cli) {
         Ok(report) => {
             print!("{}", report.summary());
@@ -145,6 +154,76 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// `bench compare`: exit 0 when every run passed, 1 otherwise.
+fn compare(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let Scenario::Compare {
+        a,
+        b,
+        a_name,
+        b_name,
+        a_pid,
+        b_pid,
+        reps,
+        scenarios,
+        markdown,
+    } = cli.scenario.clone()
+    else {
+        unreachable!("called for compare only")
+    };
+    let c = &cli.common;
+    let mut common: Vec<String> = vec![
+        "--duration".into(),
+        c.duration.to_string(),
+        "--warmup".into(),
+        c.warmup.to_string(),
+        "--size".into(),
+        c.size.to_string(),
+        "--drain".into(),
+        c.drain.to_string(),
+    ];
+    if let Some(t) = c.threads {
+        common.extend(["--threads".into(), t.to_string()]);
+    }
+    let settings = tessera_bench::compare::Settings {
+        a: tessera_bench::compare::Side {
+            name: a_name,
+            addr: a,
+            pid: a_pid,
+        },
+        b: tessera_bench::compare::Side {
+            name: b_name,
+            addr: b,
+            pid: b_pid,
+        },
+        reps,
+        scenarios: if scenarios.is_empty() {
+            tessera_bench::compare::DEFAULT_SCENARIOS
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        } else {
+            scenarios
+        },
+        common,
+        markdown,
+    };
+    let rows = tessera_bench::compare::run(&settings)?;
+    print!("{}", tessera_bench::compare::text(&settings, &rows));
+    if settings.markdown {
+        println!();
+        print!("{}", tessera_bench::compare::markdown(&settings, &rows));
+    }
+    if c.json {
+        println!("{}", tessera_bench::compare::json(&settings, &rows));
+    }
+    let all_passed = rows.iter().all(|r| r.failed == (0, 0));
+    Ok(if all_passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 /// Topic aliases subscribers accept with `fanout --topic-alias`.
 const TOPIC_ALIASES_ACCEPTED: u16 = 64;
 
@@ -245,7 +324,7 @@ fn message_plan(cli: &Cli, cfg: &RunConfig) -> anyhow::Result<Plan> {
                 ..Plan::default()
             }
         }
-        Scenario::Latency { .. } | Scenario::Conn { .. } => {
+        Scenario::Latency { .. } | Scenario::Conn { .. } | Scenario::Compare { .. } => {
             unreachable!("not a message scenario")
         }
     };

@@ -381,3 +381,66 @@ fn conn_failures_are_counted_by_reason() {
     assert_eq!(run.u("connected_count"), 0, "{}", run.output);
     assert_eq!(run.json["failures"]["ECONNREFUSED"], 5, "{}", run.output);
 }
+
+#[test]
+fn compare_runs_both_brokers_and_prints_ratios() {
+    // Two Mosquittos: the matrix machinery, not the brokers, is under test.
+    let (a, b) = (Mosquitto::start(), Mosquitto::start());
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "compare",
+            "--a",
+            &format!("127.0.0.1:{}", a.port),
+            "--a-name",
+            "first",
+            "--a-pid",
+            &a.pid().to_string(),
+            "--b",
+            &format!("127.0.0.1:{}", b.port),
+            "--b-name",
+            "second",
+            "--reps",
+            "2",
+            "--scenarios",
+            "latency-q1,shared-q1",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--markdown",
+            "--json",
+        ])
+        .output()
+        .expect("bench compare runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.code().is_some(), "{text}");
+    // Four interleaved runs per scenario: first, second, first, second.
+    let order: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("rep ") && l.contains("latency-q1"))
+        .map(|l| if l.contains("on first") { "a" } else { "b" })
+        .collect();
+    assert_eq!(order, ["a", "b", "a", "b"], "{text}");
+    assert!(
+        text.contains("| scenario | figure | first | second | second / first |"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect(&text);
+    let rows = json["rows"].as_array().expect(&text);
+    assert_eq!(rows.len(), 2, "{text}");
+    for row in rows {
+        for f in row["figures"].as_array().expect(&text) {
+            // Figures B has no pid for (its CPU) are absent; the rest have ratios.
+            if f["figure"] == "broker cores" {
+                assert!(f["a"].is_number() && f["b"].is_null(), "{text}");
+            } else {
+                assert!(
+                    f["b_over_a"].as_f64().is_some_and(|r| r > 0.0),
+                    "{f}\n{text}"
+                );
+            }
+        }
+    }
+}
