@@ -162,6 +162,16 @@ pub struct Common {
     #[arg(long, global = true)]
     pub threads: Option<usize>,
 
+    /// Split the clients over N bench processes (this binary re-executed), and
+    /// merge their reports: for more connections than one process's open-files
+    /// limit allows, or more load than one process drives.
+    #[arg(long, global = true, default_value_t = 1)]
+    pub procs: u32,
+
+    /// Internal: this process is child K of a --procs run.
+    #[arg(long, global = true, hide = true)]
+    pub child: Option<u32>,
+
     /// First topic level of every bench topic.
     #[arg(long, global = true, default_value = "bench")]
     pub topic_prefix: String,
@@ -348,6 +358,18 @@ impl Cli {
                 c.warmup
             ));
         }
+        if !(1..=crate::procs::PROCS_MAX).contains(&c.procs) {
+            return Err(format!(
+                "--procs {}: must be 1..={}",
+                c.procs,
+                crate::procs::PROCS_MAX
+            ));
+        }
+        if let Some(k) = c.child
+            && k >= c.procs
+        {
+            return Err(format!("--child {k}: must be below --procs {}", c.procs));
+        }
         if c.count == Some(0) {
             return Err("--count 0: must be at least 1".into());
         }
@@ -477,6 +499,48 @@ impl Cli {
                 rate(*r)
             }
         }
+    }
+
+    /// For child `k` of a `--procs` run: the same scenario with its share of
+    /// every client count (at least one of each role) and of the `conn` rate,
+    /// on its own topic subtree and client ids.
+    pub fn child_share(&mut self, k: u32) {
+        use crate::procs::share;
+        let p = self.common.procs;
+        let part = |n: &mut u32| *n = share(*n, k, p).max(1);
+        match &mut self.scenario {
+            Scenario::Fanin {
+                publishers,
+                subscribers,
+                ..
+            } => {
+                part(publishers);
+                part(subscribers);
+            }
+            Scenario::Fanout { subscribers, .. } => part(subscribers),
+            Scenario::Pub { clients, .. }
+            | Scenario::Sub { clients, .. }
+            | Scenario::Pubsub { clients, .. } => part(clients),
+            Scenario::Shared {
+                publishers,
+                members,
+                ..
+            } => {
+                part(publishers);
+                part(members);
+            }
+            Scenario::Conn { clients, rate, .. } => {
+                *clients = share(*clients, k, p);
+                *rate /= f64::from(p);
+            }
+            Scenario::Latency { .. } | Scenario::Compare { .. } => {}
+        }
+        self.common.topic_prefix = format!("{}/p{k}", self.common.topic_prefix);
+        self.common.client_id_prefix = self
+            .common
+            .client_id_prefix
+            .as_ref()
+            .map(|c| format!("{c}-p{k}"));
     }
 
     /// The loss above which the run fails.

@@ -178,6 +178,12 @@ pub async fn run(cfg: RunConfig, plan: ConnPlan) -> anyhow::Result<Report> {
     report.dropped_count = Some(dropped);
     report.connect_per_s = Some((connected as f64 / open_s.max(1e-9)).round());
     report.connect_latency = Some(LatencySummary::of(&latency));
+    report.artifacts = Some(Box::new(crate::report::Artifacts {
+        latency,
+        send_lag: None,
+        sent: None,
+        received: None,
+    }));
     report.failures = failures;
     report.bench_cpu_cores = cpu.bench_cores;
     report.broker_cpu_cores = cpu.broker_cores;

@@ -61,7 +61,7 @@ pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
         .expect("the connect thread does not panic")
         .with_context(|| format!("setting up the publisher at {}", cfg.opts.addr(0)))?;
 
-    let t = cfg.timeline();
+    let t = cfg.timeline().await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let sub_task = tokio::spawn(run_subscriber(
         subs.pop().expect("one subscriber"),
@@ -115,6 +115,9 @@ pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
         &[],
     );
     report.send_lag = Some(LatencySummary::of(&paced.lag));
+    if let Some(a) = report.artifacts.as_mut() {
+        a.send_lag = Some(paced.lag.clone());
+    }
     report.drain = Some(drain);
     report.bench_cpu_cores = cpu.bench_cores;
     report.broker_cpu_cores = cpu.broker_cores;

@@ -22,6 +22,7 @@
 //! - [`stats`]: live counters, progress line, time series, latency summaries.
 //! - [`report`]: the result, as text and JSON, and the pass/fail verdict.
 //! - [`output`]: `--hdr-out` percentile files and `--plot` SVGs.
+//! - [`procs`]: `--procs N`, the run split over N processes, reports merged.
 //! - [`sys`]: open-files limit, CPU and RSS from `/proc`, precise sleep.
 //! - [`clock`]: the process-wide monotonic clock payloads are stamped with.
 //!
@@ -39,6 +40,7 @@ pub mod mqtt;
 pub mod output;
 pub mod payload;
 pub mod plan;
+pub mod procs;
 pub mod publisher;
 pub mod report;
 pub mod run;

@@ -18,14 +18,17 @@ use tessera_bench::mqtt::Options;
 use tessera_bench::plan::{Plan, expand};
 use tessera_bench::report::Report;
 use tessera_bench::run::RunConfig;
-use tessera_bench::{clock, conn, latency, output, sys, throughput};
+use tessera_bench::{clock, conn, latency, output, procs, sys, throughput};
 use tessera_proto::topic::{validate_topic_filter, validate_topic_name};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if let Err(e) = cli.validate() {
         eprintln!("bench: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(k) = cli.common.child {
+        cli.child_share(k);
     }
     if let Scenario::Compare { .. } = &cli.scenario {
         return match compare(&cli) {
@@ -57,6 +60,15 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<Report> {
     let c = &cli.common;
+    if c.procs > 1 && c.child.is_none() {
+        let (barrier, max_failures) = match &cli.scenario {
+            Scenario::Conn { max_failures, .. } => (false, Some(*max_failures)),
+            _ => (true, None),
+        };
+        let report = tessera_bench::procs::run_parent(c.procs, barrier, max_failures)?;
+        write_outputs(cli, &report)?;
+        return Ok(report);
+    }
     let nofile = sys::raise_nofile_limit().context("raising the open-files limit")?;
     let mut addrs = Vec::with_capacity(c.host.len());
     for host in &c.host {
@@ -113,10 +125,11 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
         broker_pid: c.broker_pid,
         topic_prefix: c.topic_prefix.clone(),
         max_loss: cli.max_loss(),
-        client_id_prefix: c
-            .client_id_prefix
-            .clone()
-            .unwrap_or_else(|| format!("bench-{run_id:08x}")),
+        client_id_prefix: c.client_id_prefix.clone().unwrap_or_else(|| match c.child {
+            Some(k) => format!("bench-{run_id:08x}-p{k}"),
+            None => format!("bench-{run_id:08x}"),
+        }),
+        child: c.child.is_some(),
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = c.threads {
@@ -150,6 +163,17 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
             }
         }
     })?;
+    let mut report = report;
+    if c.child.is_some()
+        && let Some(a) = &report.artifacts
+    {
+        let mut h = std::collections::BTreeMap::new();
+        h.insert("latency".to_string(), procs::export(&a.latency));
+        if let Some(lag) = &a.send_lag {
+            h.insert("send_lag".to_string(), procs::export(lag));
+        }
+        report.histograms = h;
+    }
     write_outputs(cli, &report)?;
     Ok(report)
 }
@@ -345,41 +369,35 @@ const TOPIC_LEVELS_MAX: usize = 128;
 /// Writes --hdr-out and --plot.
 fn write_outputs(cli: &Cli, report: &Report) -> anyhow::Result<()> {
     let c = &cli.common;
-    if c.hdr_out.is_none() && c.plot.is_none() {
-        return Ok(());
-    }
-    let empty;
-    let (latency, sent, received) = match &report.artifacts {
-        Some(a) => (&a.latency, &a.sent, &a.received),
-        None => {
-            if c.plot.is_some() {
-                eprintln!(
-                    "bench {}: --plot has nothing to draw for this scenario",
-                    report.scenario
-                );
-            }
-            empty = tessera_bench::stats::latency_histogram();
-            if let Some(path) = &c.hdr_out {
-                std::fs::write(path, output::hgrm(&empty))
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            return Ok(());
-        }
-    };
+    let empty = tessera_bench::stats::latency_histogram();
+    let artifacts = report.artifacts.as_deref();
     if let Some(path) = &c.hdr_out {
+        let latency = artifacts.map_or(&empty, |a| &a.latency);
         std::fs::write(path, output::hgrm(latency))
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    if let Some(path) = &c.plot {
-        let title = format!(
-            "bench {} against {}, MQTT {}, QoS {}, {} B",
-            report.scenario, report.broker, report.mqtt_version, report.qos, report.size_bytes
+    let Some(path) = &c.plot else {
+        return Ok(());
+    };
+    let Some((a, sent, received)) =
+        artifacts.and_then(|a| Some((a, a.sent.as_ref()?, a.received.as_ref()?)))
+    else {
+        eprintln!(
+            "bench {}: --plot draws message scenarios of one process; nothing written",
+            report.scenario
         );
-        let warm_ns = sent.start_ns() + (report.warmup_s * 1e9) as u64;
-        std::fs::write(path, output::svg(&title, latency, sent, received, warm_ns))
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+        return Ok(());
+    };
+    let title = format!(
+        "bench {} against {}, MQTT {}, QoS {}, {} B",
+        report.scenario, report.broker, report.mqtt_version, report.qos, report.size_bytes
+    );
+    let warm_ns = sent.start_ns() + (report.warmup_s * 1e9) as u64;
+    std::fs::write(
+        path,
+        output::svg(&title, &a.latency, sent, received, warm_ns),
+    )
+    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A run id that differs between runs: process id and wall-clock nanoseconds.

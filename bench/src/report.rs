@@ -123,17 +123,24 @@ pub struct Report {
     /// Distributions behind the figures, for --hdr-out and --plot; not in JSON.
     #[serde(skip)]
     pub artifacts: Option<Box<Artifacts>>,
+    /// `--procs` children only: the histograms behind `latency`, `send_lag` and
+    /// `connect_latency` as (ns, count) pairs, for the parent to merge.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub histograms: BTreeMap<String, Vec<(u64, u64)>>,
 }
 
-/// The distributions a message scenario measured.
+/// The distributions a scenario measured.
 #[derive(Debug, Clone)]
 pub struct Artifacts {
-    /// Latency of messages intended to be sent in the window, ns.
+    /// Latency of messages intended to be sent in the window, ns (conn: connect
+    /// latency).
     pub latency: hdrhistogram::Histogram<u64>,
-    /// Messages published over time, all publishers.
-    pub sent: crate::stats::Series,
-    /// Messages received over time, all subscribers.
-    pub received: crate::stats::Series,
+    /// Latency scenario: the paced publisher's lateness, ns.
+    pub send_lag: Option<hdrhistogram::Histogram<u64>>,
+    /// Messages published over time, all publishers (message scenarios).
+    pub sent: Option<crate::stats::Series>,
+    /// Messages received over time, all subscribers (message scenarios).
+    pub received: Option<crate::stats::Series>,
 }
 
 fn mib(b: u64) -> f64 {

@@ -9,9 +9,9 @@ use crate::clock;
 use crate::mqtt::Options;
 use crate::report::Report;
 
-/// Delay between the end of setup and the first message, so every publisher task
+/// Delay between the end of setup (of every `--procs` child) and the first message, so every publisher task
 /// is parked on its start time when it comes.
-const START_DELAY_NS: u64 = 50_000_000;
+pub const START_DELAY_NS: u64 = 50_000_000;
 
 /// Settings of one run.
 #[derive(Debug, Clone)]
@@ -46,6 +46,8 @@ pub struct RunConfig {
     pub max_loss: Option<u64>,
     /// Client ids are `PREFIX-ROLE-INDEX`.
     pub client_id_prefix: String,
+    /// A `--procs` child: start at its parent's signal.
+    pub child: bool,
 }
 
 impl RunConfig {
@@ -68,17 +70,24 @@ impl RunConfig {
         format!("{}-{role}-{index}", self.client_id_prefix)
     }
 
-    /// The timeline of a run whose setup is done now.
-    pub fn timeline(&self) -> Timeline {
-        let start_ns = clock::now_ns() + START_DELAY_NS;
+    /// The timeline of a run whose setup is done now. A `--procs` child first
+    /// tells its parent it is ready and takes the common start time from it.
+    pub async fn timeline(&self) -> anyhow::Result<Timeline> {
+        let start_ns = if self.child {
+            tokio::task::spawn_blocking(crate::procs::child_ready_wait_start)
+                .await
+                .expect("the barrier thread does not panic")?
+        } else {
+            clock::now_ns() + START_DELAY_NS
+        };
         let warm_ns = start_ns + self.warmup_ns;
         let end_ns = warm_ns + self.duration_ns;
-        Timeline {
+        Ok(Timeline {
             start_ns,
             warm_ns,
             end_ns,
             drain_end_ns: end_ns + self.drain_ns,
-        }
+        })
     }
 
     /// The publish packet identifier window, clamped to what the broker accepts.

@@ -111,7 +111,7 @@ pub async fn run(cfg: RunConfig, plan: Plan) -> anyhow::Result<Report> {
     }
     let (pubs, _) = connect_all(&cfg, "pub", publishers, None, subscribers as usize).await?;
 
-    let t = cfg.timeline();
+    let t = cfg.timeline().await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let sub_tasks: Vec<_> = subs
         .into_iter()
@@ -313,7 +313,8 @@ pub fn fill_deliveries(
     }
     report.artifacts = Some(Box::new(crate::report::Artifacts {
         latency,
-        sent: sent_series.clone(),
-        received,
+        send_lag: None,
+        sent: Some(sent_series.clone()),
+        received: Some(received),
     }));
 }

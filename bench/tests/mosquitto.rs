@@ -444,3 +444,74 @@ fn compare_runs_both_brokers_and_prints_ratios() {
         }
     }
 }
+
+#[test]
+fn procs_split_the_clients_and_merge_the_reports() {
+    let m = Mosquitto::start();
+    let run = bench(
+        m.port,
+        &[
+            "fanin",
+            "--publishers",
+            "4",
+            "--qos",
+            "1",
+            "--rate",
+            "300",
+            "--procs",
+            "2",
+            "--duration",
+            "1.5",
+            "--warmup",
+            "0.3",
+        ],
+    );
+    assert_clean(&run);
+    // Two children of 2 publishers and 1 subscriber each, merged.
+    assert_eq!(run.u("publishers"), 4, "{}", run.output);
+    assert_eq!(run.u("subscribers"), 2, "{}", run.output);
+    assert_eq!(
+        run.u("expected_count"),
+        run.u("sent_count"),
+        "{}",
+        run.output
+    );
+    assert_rate_near(&run, 1200.0);
+    assert!(
+        run.json["latency"]["count"].as_u64().unwrap_or_default() > 1000,
+        "{}",
+        run.output
+    );
+
+    let pid = m.pid().to_string();
+    let conn = bench(
+        m.port,
+        &[
+            "conn",
+            "--clients",
+            "301",
+            "--rate",
+            "1000",
+            "--procs",
+            "3",
+            "--duration",
+            "0.5",
+            "--broker-pid",
+            &pid,
+        ],
+    );
+    assert_eq!(conn.code, 0, "{}", conn.output);
+    assert_eq!(conn.u("connected_count"), 301, "{}", conn.output);
+    assert_eq!(conn.u("clients"), 301, "{}", conn.output);
+    assert_eq!(
+        conn.json["connect_latency"]["count"].as_u64(),
+        Some(301),
+        "{}",
+        conn.output
+    );
+    assert!(
+        conn.json["broker_rss_per_connection_bytes"].is_number(),
+        "{}",
+        conn.output
+    );
+}
