@@ -79,13 +79,16 @@ mod tests {
         assert_eq!(
             cli.listen,
             vec![
-                "127.0.0.1:1883".parse().unwrap(),
-                "[::1]:1884".parse().unwrap()
+                "127.0.0.1:1883".parse::<std::net::SocketAddr>().unwrap(),
+                "[::1]:1884".parse::<std::net::SocketAddr>().unwrap()
             ]
         );
         assert_eq!(cli.data_dir, Some(PathBuf::from("/var/lib/tessera")));
         assert_eq!(cli.shards, Some(2));
-        assert_eq!(cli.admin_listen, Some("0.0.0.0:18083".parse().unwrap()));
+        assert_eq!(
+            cli.admin_listen,
+            Some("0.0.0.0:18083".parse::<std::net::SocketAddr>().unwrap())
+        );
         assert_eq!(cli.config, Some(PathBuf::from("/etc/tessera.toml")));
         assert!(cli.print_default_config);
         assert_eq!(cli.log_level, Some(LogLevel::Debug));

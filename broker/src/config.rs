@@ -162,6 +162,8 @@ pub struct PersistenceConfig {
     pub durability: Durability,
     /// Group-commit interval in `batched` mode, milliseconds.
     pub batch_interval_ms: u32,
+    /// Initial LMDB map size per shard, MiB; the map doubles when full.
+    pub map_size_mb: u32,
 }
 
 impl Default for PersistenceConfig {
@@ -169,6 +171,7 @@ impl Default for PersistenceConfig {
         PersistenceConfig {
             durability: Durability::Sync,
             batch_interval_ms: 10,
+            map_size_mb: 1024,
         }
     }
 }
@@ -662,6 +665,13 @@ pub const FIELDS: &[FieldDoc] = &[
         accepted: "an integer from 1 to 1000",
     },
     FieldDoc {
+        section: "persistence",
+        key: "map_size_mb",
+        doc: "Initial size of each shard's store map (LMDB), in MiB. It reserves address \
+              space, not disk; when full, the map doubles and the broker logs it.",
+        accepted: "an integer from 1 to 1048576",
+    },
+    FieldDoc {
         section: "log",
         key: "level",
         doc: "Least severe level logged.",
@@ -1081,6 +1091,7 @@ impl Config {
             }
             ("persistence", "durability") => pe.durability = p(v)?,
             ("persistence", "batch_interval_ms") => pe.batch_interval_ms = p(v)?,
+            ("persistence", "map_size_mb") => pe.map_size_mb = p(v)?,
             ("log", "level") => lg.level = p(v)?,
             ("log", "format") => lg.format = p(v)?,
             ("mqtt5", "reason_strings") => m5.reason_strings = p(v)?,
@@ -1171,7 +1182,7 @@ impl Config {
             );
         }
         let a = &self.auth;
-        let ranges: [(&'static str, u64, u64, u64); 15] = [
+        let ranges: [(&'static str, u64, u64, u64); 16] = [
             (
                 "auth.reload_interval_s",
                 a.reload_interval_s.into(),
@@ -1240,6 +1251,12 @@ impl Config {
                 self.persistence.batch_interval_ms.into(),
                 1,
                 1000,
+            ),
+            (
+                "persistence.map_size_mb",
+                self.persistence.map_size_mb.into(),
+                1,
+                1_048_576,
             ),
             (
                 "limits.connect_rate_per_s",

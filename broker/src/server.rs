@@ -55,6 +55,9 @@ use crate::config::{
 };
 use crate::transport::tls::TlsStore;
 use crate::transport::{Transport, TransportState};
+use persist::{ShardStore, StoreBoot};
+
+mod persist;
 
 /// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
 /// holds one batch, so this bounds batches, not messages.
@@ -127,6 +130,11 @@ struct Accepted {
 pub struct Server {
     stop: Arc<AtomicBool>,
     auth: Arc<AuthHub>,
+    /// The data directory lock, held while the broker runs (persistence on).
+    _data_lock: Option<tessera_shard::store::DirLock>,
+    /// Each shard's store counters (commits, batches, commit latency), for
+    /// metrics; empty with `durability = "memory"`.
+    pub store_stats: Vec<tessera_shard::store::SharedStoreStats>,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
     /// The MQTT over TCP listen addresses, with ports resolved.
     pub mqtt_addrs: Vec<SocketAddr>,
@@ -153,6 +161,8 @@ struct ShardBoot {
     memory_high_water_bytes: u64,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<usize, String>>,
+    /// Each shard's store and what it restores, taken by shard id.
+    stores: StoreBoot,
 }
 
 impl Server {
@@ -180,6 +190,10 @@ impl Server {
         let auth = AuthHub::load(&config.auth)?;
         // Start the engines' clock now: `$SYS/broker/uptime` counts from here.
         now_ms();
+        // Recovery runs before any shard starts, so every shard has its
+        // sessions, the whole route table and retained replica before
+        // listeners open.
+        let (data_lock, stores, store_stats) = persist::boot(config, shard_count, now_ms())?;
         let limits = engine_limits(config);
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -197,6 +211,7 @@ impl Server {
             memory_high_water_bytes: config.limits.memory_high_water_bytes,
             stop: stop.clone(),
             ready: ready_tx,
+            stores,
         };
         let mut executors = Vec::with_capacity(shard_count);
         for (k, cpu) in cpus.iter().enumerate() {
@@ -236,6 +251,8 @@ impl Server {
         Ok(Server {
             stop,
             auth,
+            _data_lock: data_lock,
+            store_stats,
             executors,
             mqtt_addrs: listeners
                 .iter()
@@ -467,11 +484,17 @@ struct Shard {
     /// This shard's copy of the TLS configurations and the store generation
     /// it was taken at (refreshed after a reload).
     tls_cache: RefCell<(u64, Vec<Option<Arc<rustls::ServerConfig>>>)>,
+    /// The shard's store, when persistence is on.
+    store: Option<ShardStore>,
 }
 
 impl Shard {
-    /// Moves what the engine produced for other shards into the peer queues.
+    /// Moves what the engine produced for other shards into the peer queues,
+    /// and what it produced for the store into the writer's queue.
     fn flush_outbox(&self) {
+        if let Some(store) = &self.store {
+            store.take_batch(&mut self.engine.borrow_mut());
+        }
         let mut engine = self.engine.borrow_mut();
         if !engine.has_outbox() {
             return;
@@ -504,6 +527,11 @@ impl Shard {
         cache.1.get(usize::from(listener)).cloned().flatten()
     }
 
+    /// Whether readers should pause: the store writer is behind.
+    fn store_backlogged(&self) -> bool {
+        self.store.as_ref().is_some_and(ShardStore::backlogged)
+    }
+
     fn mesh_backlog(&self) -> usize {
         self.mesh_out
             .borrow()
@@ -530,6 +558,7 @@ async fn shard_main(boot: ShardBoot) {
     if auth.enabled() {
         engine.set_auth_hook(auth.clone());
     }
+    let store = persist::attach(&boot.stores, id, &mut engine, now_ms());
     let shard = Rc::new(Shard {
         id,
         shard_count: boot.shard_count,
@@ -548,8 +577,16 @@ async fn shard_main(boot: ShardBoot) {
         tls: boot.tls.clone(),
         auth,
         memory_high_water_bytes: boot.memory_high_water_bytes,
+        store,
     });
     shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
+    if shard.store.is_some() {
+        glommio::spawn_local(persist::feed_writer(shard.clone())).detach();
+        glommio::spawn_local(persist::receive_commits(shard.clone())).detach();
+        // What the restore produced (records of sessions whose connection the
+        // stop ended, shared-subscription announcements).
+        shard.flush_outbox();
+    }
 
     let mut listeners = Vec::new();
     for (listener_id, l) in boot.listeners.iter().enumerate() {
@@ -637,6 +674,7 @@ async fn shard_main(boot: ShardBoot) {
     while shard.connections.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
+    persist::drain(&shard, SHUTDOWN_FLUSH).await;
     info!(shard = id, "shard stopped");
 }
 
@@ -1148,8 +1186,9 @@ async fn read_loop(
             link.reader_done.set(true);
             return;
         }
-        // Back-pressure: a peer shard that falls behind slows publishers here.
-        while shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX {
+        // Back-pressure: a peer shard or the store writer that falls behind
+        // slows publishers here.
+        while shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX || shard.store_backlogged() {
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
         // glommio is cooperative and a read of a busy socket completes at once:
@@ -1223,6 +1262,8 @@ struct NextOutput<'a> {
     link: &'a Link,
     conn: ConnId,
     spare: &'a mut BytesMut,
+    /// Set to the store epoch the taken bytes wait for.
+    durable_epoch: &'a mut u64,
 }
 
 impl Future for NextOutput<'_> {
@@ -1236,6 +1277,7 @@ impl Future for NextOutput<'_> {
         };
         if !out.buf.is_empty() {
             std::mem::swap(&mut out.buf, this.spare);
+            *this.durable_epoch = out.durable_epoch;
             return Poll::Ready(true);
         }
         if this.link.stream.borrow().flush_needed() {
@@ -1255,17 +1297,21 @@ async fn write_loop(shard: Rc<Shard>, link: Rc<Link>, conn: ConnId) {
     // TLS record or TCP segment is not spent on a 2-byte header).
     let mut framed = Vec::new();
     let mut write_failed = false;
+    let mut durable_epoch = 0;
     loop {
         let more = NextOutput {
             shard: &shard,
             link: &link,
             conn,
             spare: &mut spare,
+            durable_epoch: &mut durable_epoch,
         }
         .await;
         if !more {
             break;
         }
+        // Sync durability: what these bytes acknowledge is committed first.
+        persist::committed(&shard, durable_epoch).await;
         framed.clear();
         let data: &[u8] = if link.stream.borrow_mut().frame(&spare, &mut framed) {
             &framed

@@ -37,6 +37,7 @@ use crate::trie::{ShardSet, Trie, route_match};
 
 mod auth;
 mod mqtt5;
+mod persist;
 mod shared;
 mod sys_probe;
 
@@ -206,6 +207,9 @@ pub struct ConnOutput {
     pub close: Option<CloseReason>,
     /// Woken when `buf` or `close` change.
     pub waker: Option<Waker>,
+    /// The store epoch that must be committed before `buf` is written
+    /// (`sync` durability; see `engine::persist`). Only ever raised.
+    pub durable_epoch: u64,
 }
 
 #[derive(Debug)]
@@ -321,6 +325,8 @@ pub struct Engine {
     sys_publisher: Option<Box<SysPublisher>>,
     /// The broker's authentication and ACL answers; none allows everything.
     auth_hook: Option<std::rc::Rc<dyn AuthHook>>,
+    /// The store side, when persistence is on (`persist`).
+    persist: Option<Box<persist::PersistState>>,
 }
 
 fn delivery_qos(published: QoS, granted: QoS) -> QoS {
@@ -366,6 +372,7 @@ impl Engine {
             sys_due_ms: 0,
             sys_publisher,
             auth_hook: None,
+            persist: None,
         }
     }
 
@@ -481,10 +488,13 @@ impl Engine {
         let existing = self.by_client_id.get(&connect.client_id).copied();
         // A delayed will is dropped when the session resumes within the delay
         // [MQTT-3.1.3-9] and published when Clean Start ends the session.
-        if let Some(d) = existing.and_then(|idx| self.delayed_wills.remove(&idx))
-            && connect.clean_start
+        if let Some(idx) = existing
+            && let Some(d) = self.delayed_wills.remove(&idx)
         {
-            self.publish_will(now_ms, d.will, d.origin);
+            self.persist_delayed_will(idx, None);
+            if connect.clean_start {
+                self.publish_will(now_ms, d.will, d.origin);
+            }
         }
         let (idx, session_present) = match existing {
             Some(idx) if !connect.clean_start => (idx, true),
@@ -519,6 +529,8 @@ impl Engine {
         s.disconnected_at_ms = None;
         s.will = connect.will.as_ref().map(|w| Box::new(compact_will(w)));
         let (auth_method, auth_data) = self.attach_auth(now_ms, conn, idx, &connect, admission);
+        // Stored before the CONNACK is written, so the CONNACK waits for it.
+        self.persist_session(idx);
 
         let mut props = ConnAckProperties::default();
         if version.is_v5() {
@@ -605,11 +617,14 @@ impl Engine {
     }
 
     fn new_session(&mut self, connect: &Connect) -> SessionIdx {
+        // Compact: the decoded id is a view into the CONNECT frame.
+        self.new_session_for(connect.client_id.compact(), connect.version)
+    }
+
+    fn new_session_for(&mut self, client_id: Str, version: ProtocolVersion) -> SessionIdx {
         self.session_counter += 1;
         let uid = SessionUid::new(self.shard, self.session_counter);
-        // Compact: the decoded id is a view into the CONNECT frame.
-        let client_id = connect.client_id.compact();
-        let s = Session::new(client_id.clone(), uid, connect.version);
+        let s = Session::new(client_id.clone(), uid, version);
         let idx = match self.free_sessions.pop() {
             Some(i) => {
                 self.sessions[i as usize] = Some(Box::new(s));
@@ -634,6 +649,7 @@ impl Engine {
         }
         self.by_client_id.remove(&s.client_id);
         self.free_sessions.push(idx);
+        self.persist_session_destroyed(&s);
         // Last, once its memberships are gone, so no group picks it again.
         self.shared_session_ended(now_ms, &mut s);
     }
@@ -680,20 +696,28 @@ impl Engine {
             let delay_s = w.properties.will_delay_interval.unwrap_or(0).min(expiry_s);
             if persistent && delay_s > 0 {
                 let due_ms = now_ms + u64::from(delay_s) * 1000;
-                self.delayed_wills.insert(
-                    idx,
-                    DelayedWill {
-                        due_ms,
-                        will: w,
-                        origin,
-                    },
-                );
+                let d = DelayedWill {
+                    due_ms,
+                    will: w,
+                    origin,
+                };
+                self.persist_delayed_will(idx, Some(&d));
+                self.delayed_wills.insert(idx, d);
             } else {
                 self.publish_will(now_ms, w, origin);
             }
         }
         if persistent {
+            self.persist_session(idx);
             self.shared_member_offline(now_ms, idx);
+            if self
+                .session(idx)
+                .subscriptions
+                .keys()
+                .any(|f| topic::is_shared(f))
+            {
+                self.persist_rewrite_deliveries(idx);
+            }
         } else {
             self.destroy_session(now_ms, idx);
         }
@@ -785,6 +809,7 @@ impl Engine {
         due.sort_unstable(); // HashMap order is random; keep runs reproducible
         for idx in due {
             let d = self.delayed_wills.remove(&idx).expect("due will present");
+            self.persist_delayed_will(idx, None);
             self.publish_will(now_ms, d.will, d.origin);
         }
         let expired_sessions: Vec<SessionIdx> = self
@@ -836,8 +861,12 @@ impl Engine {
             // for a clean DISCONNECT, so treat it like the server closing.
             self.end_conn(now_ms, conn, CloseReason::ServerShutdown);
         }
-        // Sessions live in memory only, so they all end here: delayed wills
-        // are due now (section 3.1.3.2.2).
+        // Without persistence, sessions live in memory only, so they all end
+        // here: delayed wills are due now (section 3.1.3.2.2). With it, the
+        // sessions and their delayed wills outlive the restart.
+        if self.wills_survive_shutdown() {
+            return;
+        }
         let mut delayed: Vec<(SessionIdx, DelayedWill)> = self.delayed_wills.drain().collect();
         delayed.sort_unstable_by_key(|(idx, _)| *idx);
         for (_, d) in delayed {
@@ -934,6 +963,7 @@ impl Engine {
                 return self.protocol_error(now_ms, conn, ReasonCode::ReceiveMaximumExceeded);
             }
             s.inbound_qos2.push(p.packet_id);
+            self.persist_inbound(idx, p.packet_id, true);
         }
         let uid = self.session(idx).uid;
         let (qos, packet_id) = (p.qos, p.packet_id);
@@ -941,15 +971,32 @@ impl Engine {
         // A retained QoS 1/2 publication is acknowledged only once every shard
         // applied it, so a subscriber anywhere sees what the publisher saw
         // acknowledged.
-        let token = (msg.retain && qos != QoS::AtMostOnce && self.shard_count > 1).then(|| {
+        // Under sync durability, shards this publication is forwarded to
+        // acknowledge it after their commit, with the same token.
+        let token = (qos != QoS::AtMostOnce
+            && self.shard_count > 1
+            && (msg.retain || self.durable_forwards()))
+        .then(|| {
             let token = self.next_token;
             self.next_token += 1;
-            self.pending_retains
-                .insert(token, (conn, self.shard_count - 1));
+            self.pending_retains.insert(token, (conn, 0));
             token
         });
         let key = shared::client_key(self.session(idx).client_id.as_bytes());
+        let mark = self.store_mark();
         self.publish_acked(now_ms, msg, token, key);
+        if self.store_mark() != mark {
+            // Something was stored for this publication here: its
+            // acknowledgement waits for the commit.
+            self.hold_output_for_commit(conn);
+        }
+        let token = token.filter(|t| {
+            let waits = self.pending_retains.get(t).is_some_and(|(_, n)| *n > 0);
+            if !waits {
+                self.pending_retains.remove(t);
+            }
+            waits
+        });
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send_ack(conn, Packet::PubAck(PubAck::new(packet_id)), token),
@@ -963,7 +1010,8 @@ impl Engine {
             && s.inflight[pos].state == InflightState::Published
             && s.inflight[pos].delivery.qos == QoS::AtLeastOnce
         {
-            s.inflight.remove(pos);
+            let i = s.inflight.remove(pos).expect("position exists");
+            self.persist_delivery_gone(idx, i.delivery.seq);
             self.pump(now_ms, idx);
         }
     }
@@ -977,10 +1025,15 @@ impl Engine {
         };
         if p.reason_code.is_error() {
             // v5: the receiver refused the message; the exchange ends here.
-            s.inflight.remove(pos);
+            let i = s.inflight.remove(pos).expect("position exists");
+            self.persist_delivery_gone(idx, i.delivery.seq);
             return self.pump(now_ms, idx);
         }
         s.inflight[pos].state = InflightState::Released;
+        if s.inflight[pos].delivery.seq != 0 {
+            let d = s.inflight[pos].delivery.clone();
+            self.persist_released(idx, &d, p.packet_id);
+        }
         self.write_packet(conn, &Packet::PubRel(PubRel::new(p.packet_id)));
     }
 
@@ -990,6 +1043,7 @@ impl Engine {
         match s.inbound_qos2.iter().position(|id| *id == packet_id) {
             Some(pos) => {
                 s.inbound_qos2.swap_remove(pos);
+                self.persist_inbound(idx, packet_id, false);
             }
             None => comp.reason_code = ReasonCode::PacketIdentifierNotFound,
         }
@@ -1001,7 +1055,8 @@ impl Engine {
         if let Some(pos) = s.inflight_position(packet_id)
             && s.inflight[pos].state == InflightState::Released
         {
-            s.inflight.remove(pos);
+            let i = s.inflight.remove(pos).expect("position exists");
+            self.persist_delivery_gone(idx, i.delivery.seq);
             self.pump(now_ms, idx);
         }
     }
@@ -1090,6 +1145,8 @@ impl Engine {
                 self.collect_retained(now_ms, filter, entry, &mut retained);
             }
         }
+        // The subscriptions are stored before the SUBACK is written.
+        self.persist_session(idx);
         let suback = SubAck {
             packet_id: sub.packet_id,
             properties: AckProperties::default(),
@@ -1151,6 +1208,7 @@ impl Engine {
                 reason_codes.push(ReasonCode::NoSubscriptionExisted);
             }
         }
+        self.persist_session(idx);
         let ack = UnsubAck {
             packet_id: u.packet_id,
             properties: AckProperties::default(),
@@ -1202,6 +1260,12 @@ impl Engine {
             // The retained copy outlives the publisher's read buffer: compact it.
             let message = (!msg.payload.is_empty()).then(|| compact_message(&msg));
             self.apply_retain(now_ms, msg.topic.clone(), message.clone(), stamp);
+            self.persist_retained(&msg.topic);
+            if let Some(t) = ack
+                && let Some((_, n)) = self.pending_retains.get_mut(&t)
+            {
+                *n += self.shard_count - 1;
+            }
             for to in 0..self.shard_count as ShardId {
                 if to != self.shard {
                     self.outbox[usize::from(to)].push(MeshMsg::Retain {
@@ -1220,7 +1284,18 @@ impl Engine {
                 continue;
             }
             self.stats.forwards_sent += 1;
-            self.outbox[usize::from(to)].push(MeshMsg::Publish(msg.clone()));
+            let durable = ack.filter(|_| self.durable_forwards());
+            if let Some(t) = durable
+                && let Some((_, n)) = self.pending_retains.get_mut(&t)
+            {
+                *n += 1;
+                self.outbox[usize::from(to)].push(MeshMsg::PublishDurable {
+                    message: msg.clone(),
+                    ack: t,
+                });
+            } else {
+                self.outbox[usize::from(to)].push(MeshMsg::Publish(msg.clone()));
+            }
         }
         let local = set.contains(self.shard);
         self.shard_set = set;
@@ -1234,6 +1309,10 @@ impl Engine {
     pub fn handle_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg) {
         match msg {
             MeshMsg::Publish(m) => self.deliver_local(now_ms, &m),
+            MeshMsg::PublishDurable { message, ack } => {
+                self.deliver_local(now_ms, &message);
+                self.ack_after_commit(from, ack);
+            }
             MeshMsg::SysReport(report) => self.on_sys_report(from, report),
             MeshMsg::RouteAdd { filter, shard, ack } => {
                 self.routes.insert(&filter, shard, ());
@@ -1255,9 +1334,10 @@ impl Engine {
                 ack,
             } => {
                 self.retained_clock_ms = self.retained_clock_ms.max(stamp.0);
-                self.apply_retain(now_ms, topic, message, stamp);
+                self.apply_retain(now_ms, topic.clone(), message, stamp);
+                self.persist_retained(&topic);
                 if let Some(token) = ack {
-                    self.outbox[usize::from(from)].push(MeshMsg::Ack { token });
+                    self.ack_after_commit(from, token);
                 }
             }
             MeshMsg::ShareRoute {
@@ -1430,6 +1510,7 @@ impl Engine {
                 retain: true,
                 subscription_ids: entry.subscription_id.into_iter().collect(),
                 share: None,
+                seq: 0,
             });
         };
         if topic::has_wildcards(filter) {
@@ -1483,6 +1564,7 @@ impl Engine {
                 retain: retain_as_published && msg.retain,
                 subscription_ids,
                 share: None,
+                seq: 0,
             };
             self.enqueue(now_ms, idx, d);
         }
@@ -1506,11 +1588,12 @@ impl Engine {
     }
 
     /// Queues or sends one delivery to a session.
-    fn enqueue(&mut self, now_ms: u64, idx: SessionIdx, d: Delivery) {
+    fn enqueue(&mut self, now_ms: u64, idx: SessionIdx, mut d: Delivery) {
         if d.message.is_expired(now_ms) {
             self.stats.dropped_expired += 1;
             return;
         }
+        self.persist_assign_seq(idx, &mut d);
         let s = self.session(idx);
         match s.conn {
             None if d.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline => {
@@ -1534,7 +1617,8 @@ impl Engine {
         let policy = self.limits.queue_overflow;
         let s = self.session_mut(idx);
         if s.queue.len() < max {
-            s.queue.push_back(d);
+            self.persist_queued(idx, &d);
+            self.session_mut(idx).queue.push_back(d);
             return;
         }
         self.stats.dropped_queue_full += 1;
@@ -1552,13 +1636,17 @@ impl Engine {
         }
         let s = self.session_mut(idx);
         match policy {
-            QueueOverflow::DropQos0ThenOldest => {
-                s.queue.drop_qos0_or_oldest();
-                s.queue.push_back(d);
-            }
-            QueueOverflow::DropOldest => {
-                s.queue.pop_front();
-                s.queue.push_back(d);
+            QueueOverflow::DropQos0ThenOldest | QueueOverflow::DropOldest => {
+                let dropped = if policy == QueueOverflow::DropOldest {
+                    s.queue.pop_front()
+                } else {
+                    s.queue.drop_qos0_or_oldest()
+                };
+                if let Some(old) = dropped {
+                    self.persist_delivery_gone(idx, old.seq);
+                }
+                self.persist_queued(idx, &d);
+                self.session_mut(idx).queue.push_back(d);
             }
             QueueOverflow::DropNew => {}
             QueueOverflow::Disconnect => {
@@ -1595,6 +1683,7 @@ impl Engine {
             let d = s.queue.pop_front().expect("front exists");
             if d.message.is_expired(now_ms) {
                 self.stats.dropped_expired += 1;
+                self.persist_delivery_gone(idx, d.seq);
                 continue;
             }
             self.send_delivery(now_ms, conn, idx, d);
@@ -1612,11 +1701,15 @@ impl Engine {
         if publish.encoded_len(version) > self.conn(conn).client_packet_size_max as usize {
             // [MQTT-3.1.2-25]: never send a packet larger than the client accepts.
             self.stats.dropped_too_large += 1;
+            self.persist_delivery_gone(idx, d.seq);
             return;
         }
         if d.qos != QoS::AtMostOnce {
+            let packet_id = self.session_mut(idx).allocate_packet_id();
+            // Stored with its packet id before the PUBLISH can reach the
+            // client (the write waits for the commit in sync mode).
+            self.persist_published(idx, &d, packet_id);
             let s = self.session_mut(idx);
-            let packet_id = s.allocate_packet_id();
             publish.packet_id = packet_id;
             s.inflight.push_back(Inflight {
                 packet_id,
@@ -1672,6 +1765,7 @@ impl Engine {
             w.wake();
         }
         self.stats.bytes_sent += written as u64;
+        self.hold_if_stored(conn);
     }
 
     // ------------------------------------------------------------------

@@ -20,9 +20,11 @@
 //! - [`alias`]: the bounded per-connection map of outbound MQTT 5 topic aliases.
 //! - [`sys`]: `$SYS/broker/...` statistics, reported by every shard and
 //!   published by shard 0.
+//! - [`store`]: persistence: one heed (LMDB) env per shard, its writer
+//!   thread (group commit), and start-up recovery with re-partitioning.
 //!
 //! Not here: sockets and executors (the broker's driver runs the engine on
-//! glommio), persistence, authentication. Packet bytes are
+//! glommio), authentication. Packet bytes are
 //! `tessera-proto`'s job.
 
 pub mod alias;
@@ -35,5 +37,6 @@ pub mod mesh;
 pub mod message;
 pub mod placement;
 pub mod session;
+pub mod store;
 pub mod sys;
 pub mod trie;

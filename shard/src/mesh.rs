@@ -17,6 +17,16 @@ pub enum MeshMsg {
     /// A publication whose topic matched a route of the destination shard; the
     /// destination matches its own subscription trie.
     Publish(Message),
+    /// A QoS 1/2 publication under `sync` durability: as `Publish`, and the
+    /// receiver answers `Ack { token: ack }` once what it stored for the
+    /// message is committed, so the publisher's PUBACK/PUBREC waits for every
+    /// shard that had subscribers.
+    PublishDurable {
+        /// The message.
+        message: Message,
+        /// Token to echo in `Ack`.
+        ack: u64,
+    },
     /// `shard` gained its first subscriber on `filter`. When `ack` is set, the
     /// receiver answers `Ack` so the subscriber's SUBACK can wait until
     /// every shard routes the filter.

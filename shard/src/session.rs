@@ -77,6 +77,9 @@ pub struct Delivery {
     /// The shared subscription this delivery was chosen for, if any: if the
     /// member leaves before it completes, the group gets it back.
     pub share: Option<Arc<ShareKey>>,
+    /// Sequence number in its session's store (`shard::store`); 0 when the
+    /// delivery is not stored (QoS 0, or a session that does not persist).
+    pub seq: u64,
 }
 
 /// Where an in-flight outbound QoS 1/2 delivery stands.
@@ -196,6 +199,11 @@ pub struct Session {
     pub auth: Option<Box<SessionAuth>>,
     /// Next outbound packet id to try.
     next_packet_id: u16,
+    /// Sequence number of the next stored delivery (starts at 1).
+    pub next_seq: u64,
+    /// Whether the store holds a record of this session (persistence on and
+    /// the session persistent): its deliveries and inbound ids are stored too.
+    pub stored: bool,
 }
 
 impl Session {
@@ -215,6 +223,8 @@ impl Session {
             will: None,
             auth: None,
             next_packet_id: 1,
+            next_seq: 1,
+            stored: false,
         }
     }
 
@@ -303,6 +313,7 @@ mod tests {
             retain: false,
             subscription_ids: Vec::new(),
             share: None,
+            seq: 0,
         }
     }
 

@@ -96,6 +96,8 @@ fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8
 #[derive(Debug)]
 pub struct Broker {
     child: Child,
+    /// The data directory made for this broker when the test gave none.
+    _data_dir: Option<TestDir>,
     addr: SocketAddr,
     /// The other listeners' URLs (`mqtts://...`, `ws://.../mqtt`), as printed.
     urls: Vec<String>,
@@ -109,10 +111,21 @@ impl Broker {
         Broker::start_with(&[], &[])
     }
 
-    /// Starts the broker with extra flags and environment variables.
+    /// Starts the broker with extra flags (`--shards` and `--data-dir`
+    /// replace the defaults) and environment variables.
     pub fn start_with(extra_args: &[&str], envs: &[(&str, &str)]) -> Broker {
-        let mut args = vec!["--listen", "127.0.0.1:0", "--shards", "2"];
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        if !extra_args.contains(&"--shards") {
+            args.extend(["--shards", "2"]);
+        }
         args.extend_from_slice(extra_args);
+        // Each broker gets its own data directory (persistence is on by
+        // default), removed when the guard drops.
+        let data_dir = (!extra_args.contains(&"--data-dir")).then(|| TestDir::new("data"));
+        if let Some(d) = &data_dir {
+            args.push("--data-dir");
+            args.push(d.path_str());
+        }
         let mut child = broker_command(&args, envs)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -169,6 +182,7 @@ impl Broker {
         };
         Broker {
             child,
+            _data_dir: data_dir,
             addr,
             urls,
             log,
@@ -254,6 +268,39 @@ impl Drop for Broker {
             // Captured by the test harness and shown with the failure.
             eprintln!("---- broker log ----\n{}", self.log());
         }
+    }
+}
+
+/// A directory under the system temp dir, unique per process and call,
+/// removed with everything in it on drop.
+#[derive(Debug)]
+pub struct TestDir {
+    path: String,
+}
+
+impl TestDir {
+    /// A new, empty directory whose name contains `tag`.
+    pub fn new(tag: &str) -> TestDir {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("tessera-test-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create test dir");
+        TestDir {
+            path: path.to_str().expect("UTF-8 temp path").to_owned(),
+        }
+    }
+
+    /// The path.
+    pub fn path_str(&self) -> &str {
+        &self.path
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

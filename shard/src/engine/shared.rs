@@ -579,6 +579,7 @@ impl Engine {
             subscription_ids: entry.subscription_id.into_iter().collect(),
             share: Some(self.shared.share(id).key.clone()),
             message: msg,
+            seq: 0,
         };
         self.enqueue(now_ms, idx, d);
     }

@@ -1,0 +1,223 @@
+//! The driver's side of persistence (`tessera_shard::store`): recovery and
+//! writer threads at boot, batches from the engine to the shard's writer
+//! thread, commits back to the engine, and connection writers waiting for the
+//! commit their bytes depend on.
+//!
+//! Per shard: one writer thread (it blocks in LMDB commits, so the shard never
+//! does), a bounded channel to it, and an unbounded channel of committed
+//! epochs back whose async receive wakes the shard's executor. Batches the
+//! channel cannot take wait in a local queue; when that queue is long the
+//! shard's readers pause, which pushes back on publishers through TCP.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::anyhow;
+use futures_lite::future::poll_fn;
+use tessera_shard::engine::Engine;
+use tessera_shard::store::{
+    self, Batch, DirLock, Recovered, SharedStoreStats, StoreConfig, StoreHandle,
+};
+use tracing::{error, info, warn};
+
+use super::Shard;
+use crate::config::{Config, Durability};
+
+/// Batches waiting for the writer's channel before this shard's readers pause.
+const BACKLOG_BATCHES_MAX: usize = 64;
+
+/// One shard's store and what it restores, until the shard takes it.
+pub(super) type StoreSlot = Option<(StoreHandle, Recovered, bool)>;
+
+/// Every shard's slot, taken by shard id (the mesh id, known after joining).
+pub(super) type StoreBoot = Arc<Mutex<Vec<StoreSlot>>>;
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Recovers the data directory and starts one writer thread per shard, unless
+/// durability is `memory`.
+pub(super) fn boot(
+    config: &Config,
+    shard_count: usize,
+    now_ms: u64,
+) -> anyhow::Result<(Option<DirLock>, StoreBoot, Vec<SharedStoreStats>)> {
+    let p = &config.persistence;
+    if p.durability == Durability::Memory {
+        return Ok((None, Arc::new(Mutex::new(Vec::new())), Vec::new()));
+    }
+    let sync = p.durability == Durability::Sync;
+    let wall_base_ms = unix_ms().saturating_sub(now_ms);
+    let map_size = (p.map_size_mb as usize) << 20;
+    let dir = &config.server.data_dir;
+    let (lock, envs, recovered) = store::recover(dir, shard_count, map_size, wall_base_ms)
+        .map_err(|e| anyhow!("persistence: {e}"))?;
+    let sessions: usize = recovered.iter().map(|r| r.sessions.len()).sum();
+    let retained = recovered.first().map_or(0, |r| r.retained.len());
+    info!(
+        data_dir = %dir.display(),
+        sessions,
+        retained,
+        durability = %p.durability,
+        "store recovered"
+    );
+    let mut slots = Vec::with_capacity(shard_count);
+    let mut stats = Vec::with_capacity(shard_count);
+    for (k, ((env, path), rec)) in envs.into_iter().zip(recovered).enumerate() {
+        let config = StoreConfig {
+            sync,
+            batch_interval: Duration::from_millis(u64::from(p.batch_interval_ms)),
+            wall_base_ms,
+        };
+        let handle = store::spawn_writer(k, env, path.clone(), config)
+            .map_err(|e| anyhow!("cannot start the store writer of {}: {e}", path.display()))?;
+        stats.push(handle.stats.clone());
+        slots.push(Some((handle, rec, sync)));
+    }
+    Ok((Some(lock), Arc::new(Mutex::new(slots)), stats))
+}
+
+/// A shard's store, owned by its executor.
+pub(super) struct ShardStore {
+    handle: StoreHandle,
+    /// Batches not yet accepted by the writer's channel, oldest first.
+    backlog: RefCell<VecDeque<Batch>>,
+    feeder: RefCell<Option<Waker>>,
+    /// Highest epoch committed.
+    committed: Cell<u64>,
+    /// Highest epoch handed to the writer side.
+    submitted: Cell<u64>,
+    /// Connection writers waiting for a commit.
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl ShardStore {
+    /// Moves the engine's current batch, if any, to the writer's queue.
+    pub(super) fn take_batch(&self, engine: &mut Engine) {
+        if let Some(b) = engine.take_store_batch() {
+            self.submitted.set(b.epoch);
+            self.backlog.borrow_mut().push_back(b);
+            if let Some(w) = self.feeder.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+
+    pub(super) fn backlogged(&self) -> bool {
+        self.backlog.borrow().len() > BACKLOG_BATCHES_MAX
+    }
+}
+
+/// Takes shard `id`'s store and restores its engine from it. `None` with
+/// `durability = "memory"`.
+pub(super) fn attach(
+    stores: &StoreBoot,
+    id: usize,
+    engine: &mut Engine,
+    now_ms: u64,
+) -> Option<ShardStore> {
+    let (handle, recovered, sync) = stores
+        .lock()
+        .expect("store slots")
+        .get_mut(id)
+        .and_then(Option::take)?;
+    engine.enable_persistence(sync);
+    engine.restore(now_ms, recovered);
+    Some(ShardStore {
+        handle,
+        backlog: RefCell::new(VecDeque::new()),
+        feeder: RefCell::new(None),
+        committed: Cell::new(0),
+        submitted: Cell::new(0),
+        waiters: RefCell::new(Vec::new()),
+    })
+}
+
+/// Hands batches to the writer thread, in order, waiting while its channel is
+/// full.
+pub(super) async fn feed_writer(shard: Rc<Shard>) {
+    let store = shard.store.as_ref().expect("store on");
+    loop {
+        let batch = poll_fn(|cx| match store.backlog.borrow_mut().pop_front() {
+            Some(b) => Poll::Ready(b),
+            None => {
+                *store.feeder.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        if store.handle.batches.send_async(batch).await.is_err() {
+            error!(
+                shard = shard.id,
+                path = %store.handle.path.display(),
+                "store writer thread is gone; nothing more is committed"
+            );
+            return;
+        }
+    }
+}
+
+/// Applies commits reported by the writer thread: the engine releases mesh
+/// acknowledgements, and connection writers waiting for them resume.
+pub(super) async fn receive_commits(shard: Rc<Shard>) {
+    let store = shard.store.as_ref().expect("store on");
+    while let Ok(mut epoch) = store.handle.committed.recv_async().await {
+        while let Ok(more) = store.handle.committed.try_recv() {
+            epoch = epoch.max(more);
+        }
+        store.committed.set(epoch);
+        shard.engine.borrow_mut().store_committed(epoch);
+        shard.flush_outbox();
+        for w in store.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+}
+
+/// Waits until `epoch` is committed (at once without a store).
+pub(super) async fn committed(shard: &Shard, epoch: u64) {
+    let Some(store) = &shard.store else {
+        return;
+    };
+    if store.committed.get() >= epoch {
+        return;
+    }
+    poll_fn(|cx| {
+        if store.committed.get() >= epoch {
+            Poll::Ready(())
+        } else {
+            store.waiters.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// At shutdown: submits the last batch and waits (at most `timeout`) until
+/// everything submitted is committed; then the writer thread stops when the
+/// shard's channel closes.
+pub(super) async fn drain(shard: &Shard, timeout: Duration) {
+    let Some(store) = &shard.store else {
+        return;
+    };
+    shard.flush_outbox();
+    let deadline = Instant::now() + timeout;
+    while store.committed.get() < store.submitted.get() {
+        if Instant::now() >= deadline {
+            warn!(
+                shard = shard.id,
+                path = %store.handle.path.display(),
+                "store: shutdown before the last commit finished"
+            );
+            return;
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,487 @@
+//! Persistence hooks of the engine (`impl Engine`): what each state change of
+//! a persistent session writes to the shard store, the epochs that tie output
+//! to commits, and restoring a shard from its store at start-up.
+//!
+//! The engine stays sans-IO: it appends [`StoreOp`]s to the batch of the
+//! current *epoch*; the driver takes the batch (`take_store_batch`, which
+//! starts the next epoch), a writer thread commits it, and the driver reports
+//! the commit (`store_committed`). In `sync` durability, output that depends
+//! on uncommitted state waits for its epoch:
+//! - bytes written to a connection whose session is stored, while the current
+//!   epoch has ops, and the PUBACK/PUBREC of a publication that produced ops,
+//!   carry the epoch in [`ConnOutput::durable_epoch`]; the driver writes them
+//!   only once that epoch is committed. This covers the publisher's
+//!   acknowledgement (its message is stored for local persistent
+//!   subscribers), an outbound QoS 2 PUBLISH (its packet id is stored before
+//!   the client can see it, so a restart re-sends it with the same id and
+//!   the client does not deliver it twice), CONNACK, SUBACK and PUBCOMP;
+//! - a publication forwarded to another shard is `PublishDurable`; that
+//!   shard answers `Ack` only after committing what it stored, and the
+//!   publisher's acknowledgement is held until every such `Ack` arrived (the
+//!   held-acknowledgement mechanism of retained messages).
+//!
+//! Sessions with Clean Start and expiry 0 (every non-persistent session)
+//! never produce an op. QoS 0 deliveries are not stored.
+
+use std::collections::VecDeque;
+
+use tessera_proto::{QoS, topic};
+
+use super::{DelayedWill, Engine};
+use crate::hash::shard_for;
+use crate::mesh::{MeshMsg, ShardId};
+use crate::session::{ConnId, Delivery, Inflight, InflightState, Session, SessionIdx};
+use crate::store::{
+    Batch, Recovered, STATE_PUBLISHED, STATE_QUEUED, STATE_RELEASED, SessionState, StoreOp,
+};
+
+/// The engine's side of the store.
+#[derive(Debug)]
+pub(super) struct PersistState {
+    /// `sync` durability: output waits for commits.
+    sync: bool,
+    /// Ops of the current epoch.
+    ops: Vec<StoreOp>,
+    /// The current epoch (the one `ops` belong to).
+    epoch: u64,
+    /// Highest epoch committed.
+    committed: u64,
+    /// Mesh `Ack`s to send once their epoch is committed: (epoch, to, token).
+    deferred_acks: VecDeque<(u64, ShardId, u64)>,
+}
+
+impl Engine {
+    /// Turns persistence on (before `restore` and before any connection).
+    /// `sync`: acknowledgements wait for commits; otherwise (`batched`) ops
+    /// are stored in the background.
+    pub fn enable_persistence(&mut self, sync: bool) {
+        self.persist = Some(Box::new(PersistState {
+            sync,
+            ops: Vec::new(),
+            epoch: 1,
+            committed: 0,
+            deferred_acks: VecDeque::new(),
+        }));
+    }
+
+    /// Takes the ops produced since the last call as one batch and starts the
+    /// next epoch. `None` when there is nothing to store.
+    pub fn take_store_batch(&mut self) -> Option<Batch> {
+        let p = self.persist.as_mut()?;
+        if p.ops.is_empty() {
+            return None;
+        }
+        let batch = Batch {
+            epoch: p.epoch,
+            ops: std::mem::take(&mut p.ops),
+        };
+        p.epoch += 1;
+        Some(batch)
+    }
+
+    /// Ops waiting to be taken.
+    pub fn store_ops_pending(&self) -> usize {
+        self.persist.as_ref().map_or(0, |p| p.ops.len())
+    }
+
+    /// The highest epoch committed.
+    pub fn store_committed_epoch(&self) -> u64 {
+        self.persist.as_ref().map_or(u64::MAX, |p| p.committed)
+    }
+
+    /// The store committed every epoch up to `epoch`: mesh acknowledgements
+    /// that waited for it go out (the driver wakes connection writers).
+    pub fn store_committed(&mut self, epoch: u64) {
+        let Some(p) = self.persist.as_mut() else {
+            return;
+        };
+        p.committed = p.committed.max(epoch);
+        while let Some(&(e, to, token)) = p.deferred_acks.front() {
+            if e > p.committed {
+                break;
+            }
+            p.deferred_acks.pop_front();
+            self.outbox[usize::from(to)].push(MeshMsg::Ack { token });
+        }
+    }
+
+    /// Whether publications forwarded to other shards must be acknowledged
+    /// after their commit there.
+    pub(super) fn durable_forwards(&self) -> bool {
+        self.persist.as_ref().is_some_and(|p| p.sync)
+    }
+
+    /// The epoch output must wait for when it depends on what was just
+    /// stored: the current one, in sync mode, when it has ops.
+    fn durable_epoch(&self) -> Option<u64> {
+        let p = self.persist.as_ref()?;
+        (p.sync && !p.ops.is_empty()).then_some(p.epoch)
+    }
+
+    /// Ops produced so far in this epoch (to tell whether a step stored).
+    pub(super) fn store_mark(&self) -> usize {
+        self.persist.as_ref().map_or(0, |p| p.ops.len())
+    }
+
+    /// Output of `conn` written from now on waits for the current epoch.
+    pub(super) fn hold_output_for_commit(&mut self, conn: ConnId) {
+        if let Some(e) = self.durable_epoch()
+            && let Some(c) = self.slot_mut(conn)
+        {
+            c.out.durable_epoch = c.out.durable_epoch.max(e);
+        }
+    }
+
+    /// Called for every packet written: a stored session's output waits for
+    /// the epoch holding the state it reflects.
+    pub(super) fn hold_if_stored(&mut self, conn: ConnId) {
+        if self.durable_epoch().is_none() {
+            return;
+        }
+        let Some(c) = self.slot(conn) else {
+            return;
+        };
+        let idx = c.session;
+        if idx != SessionIdx::MAX
+            && self.sessions[idx as usize]
+                .as_ref()
+                .is_some_and(|s| s.stored)
+        {
+            self.hold_output_for_commit(conn);
+        }
+    }
+
+    /// Sends `Ack { token }` to `to` once what this shard stored so far is
+    /// committed (at once when nothing waits).
+    pub(super) fn ack_after_commit(&mut self, to: ShardId, token: u64) {
+        match self.durable_epoch() {
+            Some(e) => {
+                let p = self.persist.as_mut().expect("persistence on");
+                p.deferred_acks.push_back((e, to, token));
+            }
+            None => self.outbox[usize::from(to)].push(MeshMsg::Ack { token }),
+        }
+    }
+
+    fn store_op(&mut self, op: StoreOp) {
+        if let Some(p) = self.persist.as_mut() {
+            p.ops.push(op);
+        }
+    }
+
+    /// Writes the session record of `idx` when it persists, or deletes the
+    /// record of a stored session that no longer persists.
+    pub(super) fn persist_session(&mut self, idx: SessionIdx) {
+        if self.persist.is_none() {
+            return;
+        }
+        let s = self.session(idx);
+        if s.is_persistent() {
+            let state = session_state(s);
+            self.session_mut(idx).stored = true;
+            self.store_op(StoreOp::PutSession(Box::new(state)));
+        } else if s.stored {
+            let client_id = s.client_id.clone();
+            self.session_mut(idx).stored = false;
+            self.store_op(StoreOp::DelSession { client_id });
+        }
+    }
+
+    /// The session was destroyed: delete its record.
+    pub(super) fn persist_session_destroyed(&mut self, s: &Session) {
+        if s.stored {
+            self.store_op(StoreOp::DelSession {
+                client_id: s.client_id.clone(),
+            });
+        }
+    }
+
+    /// Gives a QoS 1/2 delivery to a stored session its sequence number.
+    pub(super) fn persist_assign_seq(&mut self, idx: SessionIdx, d: &mut Delivery) {
+        if d.qos == QoS::AtMostOnce || d.seq != 0 {
+            return;
+        }
+        let s = self.session_mut(idx);
+        if s.stored {
+            d.seq = s.next_seq;
+            s.next_seq += 1;
+        }
+    }
+
+    /// Stores a delivery of session `idx` in `state`.
+    pub(super) fn persist_delivery(
+        &mut self,
+        idx: SessionIdx,
+        d: &Delivery,
+        state: u8,
+        packet_id: u16,
+    ) {
+        if d.seq == 0 || self.persist.is_none() {
+            return;
+        }
+        let s = self.session(idx);
+        if !s.stored {
+            return;
+        }
+        let client_id = s.client_id.clone();
+        self.store_op(StoreOp::PutMsg {
+            client_id,
+            seq: d.seq,
+            state,
+            packet_id,
+            delivery: d.clone(),
+        });
+    }
+
+    /// Stores a queued delivery.
+    pub(super) fn persist_queued(&mut self, idx: SessionIdx, d: &Delivery) {
+        self.persist_delivery(idx, d, STATE_QUEUED, 0);
+    }
+
+    /// Stores a delivery sent with `packet_id`.
+    pub(super) fn persist_published(&mut self, idx: SessionIdx, d: &Delivery, packet_id: u16) {
+        self.persist_delivery(idx, d, STATE_PUBLISHED, packet_id);
+    }
+
+    /// Stores a QoS 2 delivery released with PUBREL.
+    pub(super) fn persist_released(&mut self, idx: SessionIdx, d: &Delivery, packet_id: u16) {
+        self.persist_delivery(idx, d, STATE_RELEASED, packet_id);
+    }
+
+    /// A delivery left its session (acknowledged, dropped or expired).
+    pub(super) fn persist_delivery_gone(&mut self, idx: SessionIdx, seq: u64) {
+        if seq == 0 || self.persist.is_none() {
+            return;
+        }
+        let s = self.session(idx);
+        if s.stored {
+            let client_id = s.client_id.clone();
+            self.store_op(StoreOp::DelMsg { client_id, seq });
+        }
+    }
+
+    /// Rewrites every delivery of a stored session (after shared deliveries
+    /// went back to their groups, which removes some from the middle).
+    pub(super) fn persist_rewrite_deliveries(&mut self, idx: SessionIdx) {
+        if self.persist.is_none() || !self.session(idx).stored {
+            return;
+        }
+        let s = self.session(idx);
+        let client_id = s.client_id.clone();
+        let mut ops = vec![StoreOp::ClearMsgs {
+            client_id: client_id.clone(),
+        }];
+        for i in &s.inflight {
+            if i.delivery.seq != 0 {
+                let state = match i.state {
+                    InflightState::Published => STATE_PUBLISHED,
+                    InflightState::Released => STATE_RELEASED,
+                };
+                ops.push(StoreOp::PutMsg {
+                    client_id: client_id.clone(),
+                    seq: i.delivery.seq,
+                    state,
+                    packet_id: i.packet_id,
+                    delivery: i.delivery.clone(),
+                });
+            }
+        }
+        for d in s.queue.iter().filter(|d| d.seq != 0) {
+            ops.push(StoreOp::PutMsg {
+                client_id: client_id.clone(),
+                seq: d.seq,
+                state: STATE_QUEUED,
+                packet_id: 0,
+                delivery: d.clone(),
+            });
+        }
+        for op in ops {
+            self.store_op(op);
+        }
+    }
+
+    /// An inbound QoS 2 packet id of session `idx` awaits PUBREL (or was
+    /// released, `stored = false`).
+    pub(super) fn persist_inbound(&mut self, idx: SessionIdx, packet_id: u16, awaiting: bool) {
+        if self.persist.is_none() || !self.session(idx).stored {
+            return;
+        }
+        let client_id = self.session(idx).client_id.clone();
+        self.store_op(if awaiting {
+            StoreOp::PutInbound {
+                client_id,
+                packet_id,
+            }
+        } else {
+            StoreOp::DelInbound {
+                client_id,
+                packet_id,
+            }
+        });
+    }
+
+    /// The retained message of `topic` changed on this shard's replica; the
+    /// shard owning the topic stores it.
+    pub(super) fn persist_retained(&mut self, topic: &tessera_proto::Str) {
+        // `$SYS/` topics are regenerated by the running broker, not stored.
+        if self.persist.is_none()
+            || topic.starts_with("$SYS/")
+            || shard_for(topic.as_bytes(), self.shard_count) != usize::from(self.shard)
+        {
+            return;
+        }
+        let op = match self.retained.get(topic).and_then(|e| e.message.clone()) {
+            Some(m) => StoreOp::PutRetained(m),
+            None => StoreOp::DelRetained(topic.clone()),
+        };
+        self.store_op(op);
+    }
+
+    /// A delayed will of session `idx` was set (`Some`) or removed.
+    pub(super) fn persist_delayed_will(&mut self, idx: SessionIdx, set: Option<&DelayedWill>) {
+        if self.persist.is_none() || !self.session(idx).stored {
+            return;
+        }
+        let client_id = self.session(idx).client_id.clone();
+        self.store_op(match set {
+            Some(d) => StoreOp::PutWill {
+                client_id,
+                due_ms: d.due_ms,
+                will: d.will.clone(),
+            },
+            None => StoreOp::DelWill { client_id },
+        });
+    }
+
+    /// Whether delayed wills stay stored across a shutdown (they are published
+    /// after the restart when due) rather than being published at shutdown.
+    pub(super) fn wills_survive_shutdown(&self) -> bool {
+        self.persist.is_some()
+    }
+
+    /// Restores what the store held, before any connection: sessions with
+    /// their subscriptions, queues, in-flight deliveries, inbound QoS 2 ids and
+    /// delayed wills; every retained message; the other shards' routes.
+    /// Sessions that had a connection when the broker stopped lost it now: the
+    /// will of such a connection is published (or delayed) as for any
+    /// connection that ends without DISCONNECT, and its session expiry counts
+    /// from now.
+    pub fn restore(&mut self, now_ms: u64, r: Recovered) {
+        assert!(self.persist.is_some(), "restore needs persistence on");
+        assert!(
+            self.by_client_id.is_empty(),
+            "restore runs before any session"
+        );
+        for (filter, shard) in &r.routes {
+            assert_ne!(usize::from(*shard), usize::from(self.shard));
+            self.routes.insert(filter, *shard, ());
+        }
+        for m in r.retained {
+            let topic = m.topic.clone();
+            // Stamp (0, 0): any update made after the restart wins.
+            self.apply_retain(now_ms, topic, Some(m), (0, 0));
+        }
+        let mut wills_now = Vec::new();
+        for rs in r.sessions {
+            assert_eq!(
+                shard_for(rs.client_id.as_bytes(), self.shard_count),
+                usize::from(self.shard),
+                "recovery gives each shard its own sessions"
+            );
+            let idx = self.new_session_for(rs.client_id.clone(), rs.version);
+            let uid = self.session(idx).uid;
+            let was_connected = rs.disconnected_at_ms.is_none();
+            {
+                let s = self.session_mut(idx);
+                s.expiry_interval_s = rs.expiry_interval_s;
+                s.disconnected_at_ms = Some(rs.disconnected_at_ms.unwrap_or(now_ms));
+                s.stored = true;
+                s.inbound_qos2 = rs.inbound_qos2;
+                let mut max_seq = 0;
+                for (state, packet_id, d) in rs.deliveries {
+                    max_seq = max_seq.max(d.seq);
+                    match state {
+                        STATE_QUEUED => s.queue.push_back(d),
+                        STATE_RELEASED => s.inflight.push_back(Inflight {
+                            packet_id,
+                            delivery: d,
+                            state: InflightState::Released,
+                        }),
+                        _ => s.inflight.push_back(Inflight {
+                            packet_id,
+                            delivery: d,
+                            state: InflightState::Published,
+                        }),
+                    }
+                }
+                s.next_seq = max_seq + 1;
+            }
+            for (filter, entry) in rs.subscriptions {
+                self.session_mut(idx)
+                    .subscriptions
+                    .insert(filter.clone(), entry);
+                if topic::is_shared(&filter) {
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    self.shared_subscribe(idx, &filter, entry, token);
+                } else {
+                    self.subscriptions.insert(&filter, idx, entry);
+                    self.routes.insert(&filter, self.shard, ());
+                }
+            }
+            if let Some((due_ms, will)) = rs.delayed_will {
+                self.delayed_wills.insert(
+                    idx,
+                    DelayedWill {
+                        due_ms,
+                        will,
+                        origin: uid,
+                    },
+                );
+            }
+            if was_connected {
+                if let Some(w) = rs.will {
+                    wills_now.push((idx, w, uid));
+                }
+                // Record the disconnect time and that the will is gone.
+                self.persist_session(idx);
+            }
+        }
+        // Wills of connections the stop ended, as `end_conn` would.
+        for (idx, w, origin) in wills_now {
+            let expiry_s = self.session(idx).expiry_interval_s;
+            let delay_s = w.properties.will_delay_interval.unwrap_or(0).min(expiry_s);
+            if delay_s > 0 {
+                let d = DelayedWill {
+                    due_ms: now_ms + u64::from(delay_s) * 1000,
+                    will: w,
+                    origin,
+                };
+                self.persist_delayed_will(idx, Some(&d));
+                self.delayed_wills.insert(idx, d);
+            } else {
+                self.publish_will(now_ms, w, origin);
+            }
+        }
+    }
+}
+
+/// The stored form of a session's state.
+fn session_state(s: &Session) -> SessionState {
+    SessionState {
+        client_id: s.client_id.clone(),
+        version: s.version,
+        expiry_interval_s: s.expiry_interval_s,
+        disconnected_at_ms: if s.conn.is_some() {
+            None
+        } else {
+            s.disconnected_at_ms
+        },
+        subscriptions: s
+            .subscriptions
+            .iter()
+            .map(|(f, e)| (f.clone(), *e))
+            .collect(),
+        will: s.will.as_deref().cloned(),
+    }
+}

@@ -1,0 +1,424 @@
+//! The shard store: one heed (LMDB) environment per shard under
+//! `data_dir/shard-K/`, written by a dedicated writer thread per shard.
+//!
+//! - [`StoreOp`]: what the engine asks to be stored, in engine types and
+//!   broker-relative times. The engine appends ops to the batch of the current
+//!   *epoch*; the driver hands each batch to the shard's writer thread.
+//! - [`writer`]: the writer thread. It drains every batch waiting (group
+//!   commit: one write transaction and one commit for all of them), commits,
+//!   and reports the highest committed epoch back to the shard, which then
+//!   releases what waited for it (PUBACK/PUBREC, outbound PUBLISH, mesh acks).
+//!   LMDB commits block, so they never run on the shard thread.
+//! - [`recover`]: start-up, before any listener opens: locks the data
+//!   directory, opens every `shard-K/`, refuses newer formats, re-partitions
+//!   records when the shard count changed, and returns what each shard's
+//!   engine restores.
+//! - [`record`]: the rkyv records, versioned, and their conversions.
+//!
+//! Lifecycle: created by the broker at boot (one env and one writer thread per
+//! shard), dropped at shutdown after the last batch is committed. Not here:
+//! deciding what to store (the engine's `persist` module does).
+
+use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use heed::types::Bytes as RawBytes;
+use heed::{Database, RwTxn};
+use tessera_proto::{ProtocolVersion, Str, Will};
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::message::Message;
+use crate::session::{Delivery, SubscriptionEntry};
+
+pub mod record;
+pub mod recover;
+pub mod writer;
+
+pub use recover::{DirLock, Recovered, RecoveredSession, StoreError, recover};
+pub use writer::{StoreConfig, StoreHandle, spawn_writer};
+
+/// A stored delivery's state: waiting in the queue.
+pub use record::{STATE_PUBLISHED, STATE_QUEUED, STATE_RELEASED};
+
+/// The session part of a persistent session: rewritten whole when it changes
+/// (connect, disconnect, subscribe, unsubscribe), which is rare next to
+/// messages.
+#[derive(Debug, Clone)]
+pub struct SessionState {
+    /// The ClientID.
+    pub client_id: Str,
+    /// Protocol version of the latest connection.
+    pub version: ProtocolVersion,
+    /// Session Expiry Interval in seconds (`u32::MAX`: never).
+    pub expiry_interval_s: u32,
+    /// When the connection ended (broker ms); `None` while connected.
+    pub disconnected_at_ms: Option<u64>,
+    /// Subscriptions with their options.
+    pub subscriptions: Vec<(Str, SubscriptionEntry)>,
+    /// The will of the live connection.
+    pub will: Option<Will>,
+}
+
+/// One change to a shard's store. Times are broker-relative milliseconds; the
+/// writer converts them to wall-clock time.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    /// Create or replace a session record.
+    PutSession(Box<SessionState>),
+    /// Delete a session with its deliveries, inbound QoS 2 ids and delayed will.
+    DelSession {
+        /// The ClientID.
+        client_id: Str,
+    },
+    /// Create or replace one delivery of a session.
+    PutMsg {
+        /// The session's ClientID.
+        client_id: Str,
+        /// The delivery's sequence number in its session.
+        seq: u64,
+        /// `STATE_QUEUED`, `STATE_PUBLISHED` or `STATE_RELEASED`.
+        state: u8,
+        /// Packet id when published or released.
+        packet_id: u16,
+        /// The delivery.
+        delivery: Delivery,
+    },
+    /// Delete every delivery of a session (before they are written again).
+    ClearMsgs {
+        /// The session's ClientID.
+        client_id: Str,
+    },
+    /// Delete one delivery of a session.
+    DelMsg {
+        /// The session's ClientID.
+        client_id: Str,
+        /// The delivery's sequence number.
+        seq: u64,
+    },
+    /// An inbound QoS 2 packet id now awaits PUBREL.
+    PutInbound {
+        /// The session's ClientID.
+        client_id: Str,
+        /// The packet id.
+        packet_id: u16,
+    },
+    /// PUBREL received for an inbound QoS 2 packet id.
+    DelInbound {
+        /// The session's ClientID.
+        client_id: Str,
+        /// The packet id.
+        packet_id: u16,
+    },
+    /// Set the retained message of its topic (this shard owns the topic).
+    PutRetained(Message),
+    /// Clear the retained message of a topic.
+    DelRetained(Str),
+    /// A will now waits for its delay.
+    PutWill {
+        /// The session's ClientID.
+        client_id: Str,
+        /// When it is due (broker ms).
+        due_ms: u64,
+        /// The will.
+        will: Will,
+    },
+    /// A delayed will was published or dropped.
+    DelWill {
+        /// The session's ClientID.
+        client_id: Str,
+    },
+}
+
+/// A batch of ops: everything one shard produced in one epoch.
+#[derive(Debug)]
+pub struct Batch {
+    /// The epoch; strictly increasing per shard.
+    pub epoch: u64,
+    /// The ops, applied in order.
+    pub ops: Vec<StoreOp>,
+}
+
+/// Counters of one shard's store, written by its writer thread and read by
+/// metrics (per commit, not per message, so atomics cost nothing that matters).
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Write transactions committed (each is one LMDB commit: fdatasync of the
+    /// data and of the meta page).
+    pub commits: AtomicU64,
+    /// Batches (shard epochs) committed; `batches / commits` is the group
+    /// commit factor.
+    pub batches: AtomicU64,
+    /// Ops applied.
+    pub ops: AtomicU64,
+    /// Sum of commit latencies (apply + commit), microseconds.
+    pub commit_us_total: AtomicU64,
+    /// Largest commit latency seen, microseconds.
+    pub commit_us_max: AtomicU64,
+    /// Commit latency histogram: bucket `i` counts commits that took less than
+    /// `2^i` microseconds (the last bucket: everything longer).
+    pub commit_us_log2: [AtomicU64; 24],
+    /// Times the map was grown because it was full.
+    pub map_grown: AtomicU64,
+    /// Failed commit attempts (retried; nothing is acknowledged meanwhile).
+    pub commit_errors: AtomicU64,
+}
+
+impl StoreStats {
+    fn record_commit(&self, batches: u64, ops: u64, us: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.batches.fetch_add(batches, Ordering::Relaxed);
+        self.ops.fetch_add(ops, Ordering::Relaxed);
+        self.commit_us_total.fetch_add(us, Ordering::Relaxed);
+        self.commit_us_max.fetch_max(us, Ordering::Relaxed);
+        let bucket = (64 - us.leading_zeros() as usize).min(self.commit_us_log2.len() - 1);
+        self.commit_us_log2[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Shared handle to a shard store's counters.
+pub type SharedStoreStats = Arc<StoreStats>;
+
+// ----------------------------------------------------------------------
+// Keys
+
+/// ClientIDs and topics longer than this are keyed by their 128-bit hash
+/// (LMDB keys are at most 511 bytes); the record still holds the full text.
+const KEY_INLINE_BYTES_MAX: usize = 250;
+
+/// The key of a ClientID or topic. Hashed keys start with 0xFF, a byte UTF-8
+/// never contains, so they cannot collide with inline ones.
+pub(crate) fn text_key(text: &[u8]) -> Vec<u8> {
+    if text.len() <= KEY_INLINE_BYTES_MAX {
+        return text.to_vec();
+    }
+    let mut k = vec![0xFF];
+    k.extend_from_slice(&xxh3_128(text).to_be_bytes());
+    k
+}
+
+/// The prefix of every per-session key (deliveries, inbound ids): the
+/// ClientID key with its length first, so one session's prefix is never the
+/// prefix of another's.
+pub(crate) fn session_prefix(client_id: &[u8]) -> Vec<u8> {
+    let k = text_key(client_id);
+    let mut p = Vec::with_capacity(1 + k.len() + 8);
+    p.push(k.len() as u8);
+    p.extend_from_slice(&k);
+    p
+}
+
+fn msg_key(client_id: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = session_prefix(client_id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn inbound_key(client_id: &[u8], packet_id: u16) -> Vec<u8> {
+    let mut k = session_prefix(client_id);
+    k.extend_from_slice(&packet_id.to_be_bytes());
+    k
+}
+
+/// The smallest key greater than every key starting with `prefix`, if any.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+// ----------------------------------------------------------------------
+// Databases
+
+/// Database names, in `Dbs` order.
+const DB_NAMES: [&str; 6] = [
+    "meta", "sessions", "messages", "inbound", "retained", "wills",
+];
+
+/// The key of the format version in `meta`.
+const META_FORMAT: &[u8] = b"format";
+
+type Db<'e> = Database<'e, RawBytes, RawBytes>;
+
+/// The databases of one env.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dbs<'e> {
+    meta: Db<'e>,
+    sessions: Db<'e>,
+    messages: Db<'e>,
+    inbound: Db<'e>,
+    retained: Db<'e>,
+    wills: Db<'e>,
+}
+
+impl<'e> Dbs<'e> {
+    fn from_array(a: [Db<'e>; 6]) -> Dbs<'e> {
+        let [meta, sessions, messages, inbound, retained, wills] = a;
+        Dbs {
+            meta,
+            sessions,
+            messages,
+            inbound,
+            retained,
+            wills,
+        }
+    }
+
+    fn all(&self) -> [(&'static str, Db<'e>); 6] {
+        [
+            (DB_NAMES[0], self.meta),
+            (DB_NAMES[1], self.sessions),
+            (DB_NAMES[2], self.messages),
+            (DB_NAMES[3], self.inbound),
+            (DB_NAMES[4], self.retained),
+            (DB_NAMES[5], self.wills),
+        ]
+    }
+}
+
+/// Creates (or opens) the databases of `env`.
+pub(crate) fn open_dbs(env: &heed::Env<heed::WithoutTls>) -> heed::Result<Dbs<'_>> {
+    let wtxn = env.write_txn()?;
+    let dbs = env
+        .create_databases_and_commit(wtxn, |opener, wtxn| {
+            let mut out = Vec::with_capacity(DB_NAMES.len());
+            for name in DB_NAMES {
+                out.push(opener.create_database::<RawBytes, RawBytes>(wtxn, Some(name))?);
+            }
+            let array: [Db<'_>; 6] = out.try_into().expect("six databases");
+            Ok::<_, heed::Error>(heed::CommitOrAbort::<_, ()>::Commit(array))
+        })?
+        .unwrap_commit();
+    Ok(Dbs::from_array(dbs))
+}
+
+/// Applies one op inside a write transaction.
+pub(crate) fn apply(
+    dbs: &Dbs<'_>,
+    txn: &mut RwTxn<'_>,
+    op: &StoreOp,
+    wall_base_ms: u64,
+) -> heed::Result<()> {
+    use record::*;
+    match op {
+        StoreOp::PutSession(s) => {
+            let rec = SessionRec {
+                client_id: s.client_id.as_str().to_owned(),
+                level: s.version.level(),
+                expiry_interval_s: s.expiry_interval_s,
+                disconnected_at_wall_ms: s.disconnected_at_ms.map(|t| to_wall(t, wall_base_ms)),
+                subscriptions: s
+                    .subscriptions
+                    .iter()
+                    .map(|(f, e)| SubRec {
+                        filter: f.as_str().to_owned(),
+                        options: options_byte(e.options),
+                        subscription_id: e.subscription_id,
+                    })
+                    .collect(),
+                will: s.will.as_ref().map(will_rec),
+            };
+            dbs.sessions
+                .put(txn, &text_key(s.client_id.as_bytes()), &encode(&rec))
+        }
+        StoreOp::DelSession { client_id } => {
+            let cid = client_id.as_bytes();
+            dbs.sessions.delete(txn, &text_key(cid))?;
+            dbs.wills.delete(txn, &text_key(cid))?;
+            let prefix = session_prefix(cid);
+            let end = prefix_end(&prefix);
+            let range: (Bound<&[u8]>, Bound<&[u8]>) = (
+                Bound::Included(&prefix[..]),
+                end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+            );
+            dbs.messages.delete_range(txn, &range)?;
+            dbs.inbound.delete_range(txn, &range)?;
+            Ok(())
+        }
+        StoreOp::PutMsg {
+            client_id,
+            seq,
+            state,
+            packet_id,
+            delivery,
+        } => {
+            let rec = delivery_rec(delivery, *state, *packet_id, wall_base_ms);
+            dbs.messages
+                .put(txn, &msg_key(client_id.as_bytes(), *seq), &encode(&rec))
+        }
+        StoreOp::ClearMsgs { client_id } => {
+            let prefix = session_prefix(client_id.as_bytes());
+            let end = prefix_end(&prefix);
+            let range: (Bound<&[u8]>, Bound<&[u8]>) = (
+                Bound::Included(&prefix[..]),
+                end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+            );
+            dbs.messages.delete_range(txn, &range).map(drop)
+        }
+        StoreOp::DelMsg { client_id, seq } => dbs
+            .messages
+            .delete(txn, &msg_key(client_id.as_bytes(), *seq))
+            .map(drop),
+        StoreOp::PutInbound {
+            client_id,
+            packet_id,
+        } => dbs
+            .inbound
+            .put(txn, &inbound_key(client_id.as_bytes(), *packet_id), &[]),
+        StoreOp::DelInbound {
+            client_id,
+            packet_id,
+        } => dbs
+            .inbound
+            .delete(txn, &inbound_key(client_id.as_bytes(), *packet_id))
+            .map(drop),
+        StoreOp::PutRetained(m) => dbs.retained.put(
+            txn,
+            &text_key(m.topic.as_bytes()),
+            &encode(&message_rec(m, wall_base_ms)),
+        ),
+        StoreOp::DelRetained(topic) => dbs
+            .retained
+            .delete(txn, &text_key(topic.as_bytes()))
+            .map(drop),
+        StoreOp::PutWill {
+            client_id,
+            due_ms,
+            will,
+        } => {
+            let rec = DelayedWillRec {
+                client_id: client_id.as_str().to_owned(),
+                due_wall_ms: to_wall(*due_ms, wall_base_ms),
+                will: will_rec(will),
+            };
+            dbs.wills
+                .put(txn, &text_key(client_id.as_bytes()), &encode(&rec))
+        }
+        StoreOp::DelWill { client_id } => dbs
+            .wills
+            .delete(txn, &text_key(client_id.as_bytes()))
+            .map(drop),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_long_texts_are_hashed_and_prefixes_do_not_nest() {
+        assert_eq!(text_key(b"abc"), b"abc");
+        let long = vec![b'x'; 1000];
+        assert_eq!(text_key(&long).len(), 17);
+        assert_eq!(text_key(&long)[0], 0xFF);
+        // "a" and "ab" share bytes but not prefixes: the length comes first.
+        assert!(!session_prefix(b"ab").starts_with(&session_prefix(b"a")));
+        assert_eq!(prefix_end(&[1, 2, 0xFF]), Some(vec![1, 3]));
+        assert_eq!(prefix_end(&[0xFF, 0xFF]), None);
+    }
+}

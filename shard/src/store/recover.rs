@@ -1,0 +1,562 @@
+//! Start-up recovery, run on the boot thread before any shard starts.
+//!
+//! 1. Lock `data_dir/LOCK` (`flock`): two brokers on one directory would
+//!    corrupt each other's sessions.
+//! 2. Open every `shard-K/` present and every one the configured shard count
+//!    needs; check the storage format of each (a newer one is refused).
+//! 3. Read and validate every record. A record that does not decode stops the
+//!    start with its path, database and key: nothing is dropped silently.
+//! 4. Re-partition: a session (with its deliveries, inbound ids and delayed
+//!    will) or retained message whose owner under the current shard count is
+//!    another shard is copied there (one transaction per target, committed)
+//!    and only then deleted from its old env. A crash in between leaves the
+//!    same records in both, which the next start resolves the same way.
+//!    Envs beyond the shard count that end up empty are removed.
+//! 5. Return per shard what its engine restores, plus every retained message
+//!    and every route (each engine needs the whole route table and retained
+//!    replica before listeners open).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use heed::{Env, EnvOpenOptions, WithoutTls};
+use tessera_proto::{ProtocolVersion, Str, Will, topic};
+use tracing::{info, warn};
+
+use super::record::{self, FORMAT_VERSION};
+use super::{DB_NAMES, Dbs, META_FORMAT, open_dbs};
+use crate::hash::shard_for;
+use crate::mesh::ShardId;
+use crate::message::Message;
+use crate::session::{Delivery, SubscriptionEntry};
+
+/// The exclusive lock on a data directory; held for the life of the process.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Why the store cannot start. Each names the path and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory cannot be created or read.
+    #[error(
+        "cannot use data directory {path}: {source}. Check that it exists or can be created \
+         and that the broker may write to it (server.data_dir / --data-dir)"
+    )]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Another process holds the directory.
+    #[error(
+        "data directory {path} is in use by another broker process (it holds {path}/LOCK). \
+         Stop that broker, or give this one another --data-dir"
+    )]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// LMDB cannot open or read an env.
+    #[error(
+        "cannot open the store at {path}: {source}. If the disk is full, free space; if the \
+         store is corrupt, restore it from a backup or move the directory away to start \
+         empty (its sessions and retained messages are then lost)"
+    )]
+    Open {
+        /// The env directory.
+        path: PathBuf,
+        /// The cause.
+        source: heed::Error,
+    },
+    /// Written by a newer build.
+    #[error(
+        "the store at {path} was written by a newer Tessera (storage format {found}; this \
+         build reads formats up to {FORMAT_VERSION}). Run that newer Tessera, or move the \
+         directory away to start empty"
+    )]
+    NewerFormat {
+        /// The env directory.
+        path: PathBuf,
+        /// Its format.
+        found: u16,
+    },
+    /// A record does not decode.
+    #[error(
+        "corrupt record in the store at {path} (database {db}, key {key}): {reason}. Restore \
+         the directory from a backup, or move it away to start empty"
+    )]
+    Corrupt {
+        /// The env directory.
+        path: PathBuf,
+        /// The database.
+        db: &'static str,
+        /// The key, escaped.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A session as stored, in engine types.
+#[derive(Debug)]
+pub struct RecoveredSession {
+    /// The ClientID.
+    pub client_id: Str,
+    /// Protocol version of its latest connection.
+    pub version: ProtocolVersion,
+    /// Session Expiry Interval, seconds.
+    pub expiry_interval_s: u32,
+    /// When its connection ended, broker ms; `None`: it was connected when
+    /// the broker stopped (its connection ends at restart).
+    pub disconnected_at_ms: Option<u64>,
+    /// Subscriptions.
+    pub subscriptions: Vec<(Str, SubscriptionEntry)>,
+    /// Deliveries in sequence order with state and packet id; `Delivery::seq`
+    /// is set.
+    pub deliveries: Vec<(u8, u16, Delivery)>,
+    /// Inbound QoS 2 packet ids awaiting PUBREL.
+    pub inbound_qos2: Vec<u16>,
+    /// The will of the connection it had when the broker stopped.
+    pub will: Option<Will>,
+    /// A will waiting for its delay: due time (broker ms) and the will.
+    pub delayed_will: Option<(u64, Will)>,
+}
+
+/// What one shard's engine restores.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// The shard's sessions.
+    pub sessions: Vec<RecoveredSession>,
+    /// Every retained message, all shards' slices (each shard keeps a replica).
+    pub retained: Vec<Message>,
+    /// Routes of the other shards: (filter, shard).
+    pub routes: Vec<(Str, ShardId)>,
+}
+
+/// One session's deliveries: (seq, record, raw key, raw value).
+type RawMessages = Vec<(u64, record::DeliveryRec, Vec<u8>, Vec<u8>)>;
+
+/// A raw record to copy: (database index, key, value).
+type RawPut = (usize, Vec<u8>, Vec<u8>);
+
+/// What `recover` returns: the directory lock, each shard's env and path
+/// (index = shard), and what each shard restores.
+pub type Opened = (DirLock, Vec<(Env<WithoutTls>, PathBuf)>, Vec<Recovered>);
+
+/// Raw records of one env, read at start-up.
+#[derive(Default)]
+struct Raw {
+    /// session key -> (record, raw value)
+    sessions: BTreeMap<Vec<u8>, (record::SessionRec, Vec<u8>)>,
+    /// session key -> [(seq, record, raw key, raw value)]
+    messages: HashMap<Vec<u8>, RawMessages>,
+    /// session key -> [(packet id, raw key)]
+    inbound: HashMap<Vec<u8>, Vec<(u16, Vec<u8>)>>,
+    /// session key -> (record, raw value)
+    wills: HashMap<Vec<u8>, (record::DelayedWillRec, Vec<u8>)>,
+    /// topic key -> (record, raw value)
+    retained: BTreeMap<Vec<u8>, (record::MessageRec, Vec<u8>)>,
+}
+
+fn escape(key: &[u8]) -> String {
+    key.escape_ascii().to_string()
+}
+
+/// Opens (creating if needed) the env at `path`.
+fn open_env(path: &Path, map_size_bytes: usize) -> Result<Env<WithoutTls>, StoreError> {
+    std::fs::create_dir_all(path).map_err(|source| StoreError::Dir {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+    opts.map_size(map_size_bytes).max_dbs(DB_NAMES.len() as u32);
+    // SAFETY: each env directory is opened once in this process (the data
+    // directory lock keeps other processes out), and its files are only
+    // changed through LMDB.
+    unsafe { opts.open(path) }.map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Checks the format of an env, writing ours into a new one.
+fn check_format(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<(), StoreError> {
+    let open = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let rtxn = env.read_txn().map_err(open)?;
+    let found = dbs.meta.get(&rtxn, META_FORMAT).map_err(open)?.map(|v| {
+        let mut b = [0u8; 2];
+        b.copy_from_slice(&v[..2.min(v.len())]);
+        u16::from_le_bytes(b)
+    });
+    drop(rtxn);
+    match found {
+        Some(v) if v > FORMAT_VERSION => Err(StoreError::NewerFormat {
+            path: path.to_owned(),
+            found: v,
+        }),
+        // Format 1 is the first; a future format bump migrates older
+        // versions here, record by record, before anything else reads them.
+        Some(_) => Ok(()),
+        None => {
+            let mut w = env.write_txn().map_err(open)?;
+            dbs.meta
+                .put(&mut w, META_FORMAT, &FORMAT_VERSION.to_le_bytes())
+                .map_err(open)?;
+            w.commit().map_err(open)
+        }
+    }
+}
+
+fn read_raw(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<Raw, StoreError> {
+    let open = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let corrupt = |db: &'static str, key: &[u8], reason: String| StoreError::Corrupt {
+        path: path.to_owned(),
+        db,
+        key: escape(key),
+        reason,
+    };
+    let rtxn = env.read_txn().map_err(open)?;
+    let mut raw = Raw::default();
+    for item in dbs.sessions.iter(&rtxn).map_err(open)? {
+        let (k, v) = item.map_err(open)?;
+        let rec = record::decode::<record::SessionRec>(v)
+            .map_err(|e| corrupt("sessions", k, e.to_string()))?;
+        raw.sessions.insert(k.to_vec(), (rec, v.to_vec()));
+    }
+    let split = |db: &'static str, k: &[u8], tail: usize| {
+        let len = *k
+            .first()
+            .ok_or_else(|| corrupt(db, k, "empty key".into()))? as usize;
+        if k.len() != 1 + len + tail {
+            return Err(corrupt(db, k, "bad key length".into()));
+        }
+        Ok((k[1..1 + len].to_vec(), k[1 + len..].to_vec()))
+    };
+    for item in dbs.messages.iter(&rtxn).map_err(open)? {
+        let (k, v) = item.map_err(open)?;
+        let (session, tail) = split("messages", k, 8)?;
+        let seq = u64::from_be_bytes(tail[..].try_into().expect("8 bytes"));
+        let rec = record::decode::<record::DeliveryRec>(v)
+            .map_err(|e| corrupt("messages", k, e.to_string()))?;
+        raw.messages
+            .entry(session)
+            .or_default()
+            .push((seq, rec, k.to_vec(), v.to_vec()));
+    }
+    for item in dbs.inbound.iter(&rtxn).map_err(open)? {
+        let (k, _) = item.map_err(open)?;
+        let (session, tail) = split("inbound", k, 2)?;
+        let pid = u16::from_be_bytes(tail[..].try_into().expect("2 bytes"));
+        raw.inbound
+            .entry(session)
+            .or_default()
+            .push((pid, k.to_vec()));
+    }
+    for item in dbs.wills.iter(&rtxn).map_err(open)? {
+        let (k, v) = item.map_err(open)?;
+        let rec = record::decode::<record::DelayedWillRec>(v)
+            .map_err(|e| corrupt("wills", k, e.to_string()))?;
+        raw.wills.insert(k.to_vec(), (rec, v.to_vec()));
+    }
+    for item in dbs.retained.iter(&rtxn).map_err(open)? {
+        let (k, v) = item.map_err(open)?;
+        let rec = record::decode::<record::MessageRec>(v)
+            .map_err(|e| corrupt("retained", k, e.to_string()))?;
+        raw.retained.insert(k.to_vec(), (rec, v.to_vec()));
+    }
+    Ok(raw)
+}
+
+/// Writes raw records into env `to` and commits.
+fn write_raw(
+    env: &Env<WithoutTls>,
+    dbs: &Dbs<'_>,
+    path: &Path,
+    puts: &[RawPut],
+) -> Result<(), StoreError> {
+    let open = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let all = dbs.all();
+    let mut w = env.write_txn().map_err(open)?;
+    for (db, k, v) in puts {
+        all[*db].1.put(&mut w, k, v).map_err(open)?;
+    }
+    w.commit().map_err(open)
+}
+
+fn delete_raw(
+    env: &Env<WithoutTls>,
+    dbs: &Dbs<'_>,
+    path: &Path,
+    dels: &[(usize, Vec<u8>)],
+) -> Result<(), StoreError> {
+    let open = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let all = dbs.all();
+    let mut w = env.write_txn().map_err(open)?;
+    for (db, k) in dels {
+        all[*db].1.delete(&mut w, k).map_err(open)?;
+    }
+    w.commit().map_err(open)
+}
+
+/// Indexes of the databases in `Dbs::all`.
+const SESSIONS: usize = 1;
+const MESSAGES: usize = 2;
+const INBOUND: usize = 3;
+const RETAINED: usize = 4;
+const WILLS: usize = 5;
+
+/// Opens and recovers the store under `dir` for `shard_count` shards. Returns
+/// the directory lock, each shard's env and path (index = shard), and what
+/// each shard restores. `now_ms` and `wall_base_ms` place stored wall-clock
+/// times on the broker's clock.
+pub fn recover(
+    dir: &Path,
+    shard_count: usize,
+    map_size_bytes: usize,
+    wall_base_ms: u64,
+) -> Result<Opened, StoreError> {
+    let dir_err = |source| StoreError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(dir_err)?;
+    let lock_file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(dir_err)?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(StoreError::Locked {
+            path: dir.to_owned(),
+        });
+    }
+    let lock = DirLock { _file: lock_file };
+
+    let mut present = 0usize;
+    for entry in std::fs::read_dir(dir).map_err(dir_err)? {
+        let entry = entry.map_err(dir_err)?;
+        if let Some(k) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("shard-"))
+            .and_then(|k| k.parse::<usize>().ok())
+        {
+            present = present.max(k + 1);
+        }
+    }
+    let total = present.max(shard_count);
+    let mut envs = Vec::with_capacity(total);
+    for k in 0..total {
+        let path = dir.join(format!("shard-{k}"));
+        let env = open_env(&path, map_size_bytes)?;
+        envs.push((env, path));
+    }
+    let mut out: Vec<Recovered> = (0..shard_count).map(|_| Recovered::default()).collect();
+    let mut retained_all = Vec::new();
+    let mut routes_all: Vec<(Str, ShardId)> = Vec::new();
+    let mut moved = 0usize;
+    // Everything is read before anything moves, so a record moved to a later
+    // env is not read twice.
+    let mut raws = Vec::with_capacity(total);
+    for (env, path) in &envs {
+        let dbs = open_dbs(env).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        check_format(env, &dbs, path)?;
+        raws.push(read_raw(env, &dbs, path)?);
+    }
+    // A crash during an earlier re-partition can leave a record in two envs:
+    // it counts once, and the copy outside its owner is deleted.
+    let mut seen_sessions = std::collections::HashSet::new();
+    let mut seen_retained = std::collections::HashSet::new();
+    for (from, mut raw) in raws.into_iter().enumerate() {
+        let (env, path) = &envs[from];
+        let open = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let dbs = open_dbs(env).map_err(open)?;
+        let corrupt = |db: &'static str, key: &[u8], e: record::DecodeError| StoreError::Corrupt {
+            path: path.clone(),
+            db,
+            key: escape(key),
+            reason: e.to_string(),
+        };
+        // Moves out of this env, per target shard.
+        let mut puts: Vec<Vec<RawPut>> = vec![Vec::new(); shard_count];
+        let mut dels: Vec<(usize, Vec<u8>)> = Vec::new();
+        for (key, (rec, value)) in std::mem::take(&mut raw.sessions) {
+            let owner = shard_for(rec.client_id.as_bytes(), shard_count);
+            let messages = raw.messages.remove(&key).unwrap_or_default();
+            let inbound = raw.inbound.remove(&key).unwrap_or_default();
+            let will = raw.wills.remove(&key);
+            if owner != from {
+                moved += 1;
+                let p = &mut puts[owner];
+                p.push((SESSIONS, key.clone(), value));
+                dels.push((SESSIONS, key.clone()));
+                for (_, _, k, v) in &messages {
+                    p.push((MESSAGES, k.clone(), v.clone()));
+                    dels.push((MESSAGES, k.clone()));
+                }
+                for (_, k) in &inbound {
+                    p.push((INBOUND, k.clone(), Vec::new()));
+                    dels.push((INBOUND, k.clone()));
+                }
+                if let Some((_, v)) = &will {
+                    p.push((WILLS, key.clone(), v.clone()));
+                    dels.push((WILLS, key.clone()));
+                }
+            }
+            if !seen_sessions.insert(key.clone()) {
+                continue;
+            }
+            let session = restore_session(rec, messages, inbound, will, wall_base_ms)
+                .map_err(|e| corrupt("sessions", &key, e))?;
+            for (filter, _) in &session.subscriptions {
+                if !topic::is_shared(filter) {
+                    routes_all.push((filter.clone(), owner as ShardId));
+                }
+            }
+            out[owner].sessions.push(session);
+        }
+        for (key, _) in raw.messages.iter().filter(|(_, m)| !m.is_empty()) {
+            warn!(
+                path = %path.display(),
+                session_key = %escape(key),
+                "store: deliveries without a session record are left in place"
+            );
+        }
+        for (key, (rec, value)) in std::mem::take(&mut raw.retained) {
+            let owner = shard_for(rec.topic.as_bytes(), shard_count);
+            if owner != from {
+                moved += 1;
+                puts[owner].push((RETAINED, key.clone(), value));
+                dels.push((RETAINED, key.clone()));
+            }
+            if seen_retained.insert(key.clone()) {
+                let m =
+                    record::message(rec, wall_base_ms).map_err(|e| corrupt("retained", &key, e))?;
+                retained_all.push(m);
+            }
+        }
+        for (to, p) in puts.iter().enumerate() {
+            if !p.is_empty() {
+                let (tenv, tpath) = &envs[to];
+                let tdbs = open_dbs(tenv).map_err(|source| StoreError::Open {
+                    path: tpath.clone(),
+                    source,
+                })?;
+                write_raw(tenv, &tdbs, tpath, p)?;
+            }
+        }
+        if !dels.is_empty() {
+            delete_raw(env, &dbs, path, &dels)?;
+        }
+    }
+    if moved > 0 {
+        info!(
+            records = moved,
+            shards = shard_count,
+            "store: re-partitioned records for the new shard count"
+        );
+    }
+    // Envs beyond the shard count: closed, and removed once empty.
+    let extra = envs.split_off(shard_count);
+    for (env, path) in extra {
+        let empty = {
+            let dbs = open_dbs(&env).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            let rtxn = env.read_txn().map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            dbs.all()
+                .iter()
+                .skip(1)
+                .all(|(_, db)| db.is_empty(&rtxn).unwrap_or(false))
+        };
+        env.prepare_for_closing().wait();
+        if empty {
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                warn!(path = %path.display(), "store: cannot remove an emptied store: {e}");
+            }
+        } else {
+            warn!(
+                path = %path.display(),
+                "store: records left in a store beyond the shard count (see the warnings above)"
+            );
+        }
+    }
+    for (k, r) in out.iter_mut().enumerate() {
+        r.retained = retained_all.clone();
+        r.routes = routes_all
+            .iter()
+            .filter(|(_, s)| usize::from(*s) != k)
+            .cloned()
+            .collect();
+    }
+    Ok((lock, envs, out))
+}
+
+fn restore_session(
+    rec: record::SessionRec,
+    mut messages: RawMessages,
+    inbound: Vec<(u16, Vec<u8>)>,
+    will: Option<(record::DelayedWillRec, Vec<u8>)>,
+    wall_base_ms: u64,
+) -> Result<RecoveredSession, record::DecodeError> {
+    messages.sort_unstable_by_key(|m| m.0);
+    let deliveries = messages
+        .into_iter()
+        .map(|(seq, r, _, _)| {
+            let (state, pid) = (r.state, r.packet_id);
+            record::delivery(r, seq, wall_base_ms).map(|d| (state, pid, d))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(RecoveredSession {
+        client_id: Str::try_from(rec.client_id)
+            .map_err(|e| record::DecodeError::Corrupt(format!("client id: {e:?}")))?,
+        version: record::version(rec.level)?,
+        expiry_interval_s: rec.expiry_interval_s,
+        disconnected_at_ms: rec
+            .disconnected_at_wall_ms
+            .map(|t| record::to_broker(t, wall_base_ms)),
+        subscriptions: rec
+            .subscriptions
+            .into_iter()
+            .map(record::subscription)
+            .collect::<Result<_, _>>()?,
+        deliveries,
+        inbound_qos2: inbound.into_iter().map(|(pid, _)| pid).collect(),
+        will: rec.will.map(record::will).transpose()?,
+        delayed_will: will
+            .map(|(w, _)| {
+                record::will(w.will)
+                    .map(|will| (record::to_broker(w.due_wall_ms, wall_base_ms), will))
+            })
+            .transpose()?,
+    })
+}

@@ -1,0 +1,201 @@
+//! The writer thread of one shard store.
+//!
+//! The shard sends [`Batch`]es through a bounded channel; the thread takes
+//! every batch waiting (up to `TXN_OPS_MAX` ops), applies them in one write
+//! transaction, commits (LMDB fsyncs here), and sends the highest epoch it
+//! committed back on an unbounded channel whose async receive wakes the
+//! shard's executor. In `batched` durability it commits at most once per
+//! `batch_interval`.
+//!
+//! Errors never drop data: a full map is grown (doubling) and the transaction
+//! retried; any other failure (full disk, I/O error) is logged with the path
+//! and the fix and retried every second, and nothing waiting for that commit
+//! is acknowledged meanwhile.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use heed::{Env, WithoutTls};
+use tracing::{error, warn};
+
+use super::{Batch, SharedStoreStats, StoreStats, apply, open_dbs};
+
+/// Ops applied in one transaction at most; more waiting go to the next one.
+const TXN_OPS_MAX: usize = 100_000;
+
+/// Batches waiting in the channel to the writer before the shard holds them
+/// back (and pauses its readers).
+pub const CHANNEL_BATCHES_MAX: usize = 64;
+
+/// How a store commits.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `sync`: commit as soon as a batch arrives (acknowledgements wait for
+    /// it); `batched`: commit every `batch_interval`.
+    pub sync: bool,
+    /// Commit interval in batched mode.
+    pub batch_interval: Duration,
+    /// Milliseconds to add to broker time to get wall-clock time.
+    pub wall_base_ms: u64,
+}
+
+/// The shard's end of its writer thread.
+#[derive(Debug)]
+pub struct StoreHandle {
+    /// Batches to commit.
+    pub batches: flume::Sender<Batch>,
+    /// Highest epoch committed, sent after each commit.
+    pub committed: flume::Receiver<u64>,
+    /// The store's counters.
+    pub stats: SharedStoreStats,
+    /// The env directory, for messages.
+    pub path: PathBuf,
+    /// The thread; joined at shutdown.
+    pub thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts the writer thread of shard `shard` on `env`.
+pub fn spawn_writer(
+    shard: usize,
+    env: Env<WithoutTls>,
+    path: PathBuf,
+    config: StoreConfig,
+) -> std::io::Result<StoreHandle> {
+    let (batch_tx, batch_rx) = flume::bounded::<Batch>(CHANNEL_BATCHES_MAX);
+    let (done_tx, done_rx) = flume::unbounded::<u64>();
+    let stats = Arc::new(StoreStats::default());
+    let thread_stats = stats.clone();
+    let thread_path = path.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("store-{shard}"))
+        .spawn(move || run(env, thread_path, config, batch_rx, done_tx, thread_stats))?;
+    Ok(StoreHandle {
+        batches: batch_tx,
+        committed: done_rx,
+        stats,
+        path,
+        thread: Some(thread),
+    })
+}
+
+fn run(
+    env: Env<WithoutTls>,
+    path: PathBuf,
+    config: StoreConfig,
+    rx: flume::Receiver<Batch>,
+    done: flume::Sender<u64>,
+    stats: Arc<StoreStats>,
+) {
+    let dbs = loop {
+        match open_dbs(&env) {
+            Ok(dbs) => break dbs,
+            Err(e) => {
+                error!(path = %path.display(), "store: cannot open databases: {e}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    let mut pending: Vec<Batch> = Vec::new();
+    let mut last_commit = Instant::now();
+    loop {
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(b) => pending.push(b),
+                Err(_) => return, // the shard stopped and everything is committed
+            }
+        }
+        if !config.sync {
+            let due = last_commit + config.batch_interval;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let mut ops: usize = pending.iter().map(|b| b.ops.len()).sum();
+        while ops < TXN_OPS_MAX {
+            match rx.try_recv() {
+                Ok(b) => {
+                    ops += b.ops.len();
+                    pending.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            match commit(&env, &dbs, &pending, config.wall_base_ms) {
+                Ok(()) => break,
+                Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
+                    let size = env.info().map_size;
+                    let grown = size.saturating_mul(2);
+                    // SAFETY: this thread is the only user of the env once
+                    // recovery finished, and no transaction is open here.
+                    match unsafe { env.resize(grown) } {
+                        Ok(()) => {
+                            stats
+                                .map_grown
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            warn!(
+                                path = %path.display(),
+                                from_bytes = size,
+                                to_bytes = grown,
+                                "store: map full, grown; raise persistence.map_size_mb to \
+                                 start larger"
+                            );
+                        }
+                        Err(e) => {
+                            stats
+                                .commit_errors
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            error!(
+                                path = %path.display(),
+                                "store: map full and cannot grow to {grown} bytes: {e}. Free \
+                                 memory or disk space; acknowledgements wait meanwhile"
+                            );
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                }
+                Err(e) => {
+                    attempt += 1;
+                    stats
+                        .commit_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if attempt.is_power_of_two() {
+                        error!(
+                            path = %path.display(),
+                            attempt,
+                            "store: commit failed: {e}. If the disk is full, free space on \
+                             it; nothing is acknowledged until the commit succeeds (retrying \
+                             every second)"
+                        );
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+        let us = started.elapsed().as_micros() as u64;
+        last_commit = Instant::now();
+        let epoch = pending.last().expect("a batch").epoch;
+        stats.record_commit(pending.len() as u64, ops as u64, us);
+        pending.clear();
+        // The shard may be gone at shutdown; nothing left to tell then.
+        let _ = done.send(epoch);
+    }
+}
+
+fn commit(
+    env: &Env<WithoutTls>,
+    dbs: &super::Dbs<'_>,
+    batches: &[Batch],
+    wall_base_ms: u64,
+) -> heed::Result<()> {
+    let mut txn = env.write_txn()?;
+    for b in batches {
+        for op in &b.ops {
+            apply(dbs, &mut txn, op, wall_base_ms)?;
+        }
+    }
+    txn.commit()
+}

@@ -1,0 +1,217 @@
+//! The shard store without a broker: records written by the writer thread
+//! come back from `recover`, and follow a change of the shard count
+//! (2 -> 1 -> 3) to the shard that owns them, with nothing lost or doubled.
+//!
+//! Method: write sessions with deliveries, inbound QoS 2 ids and delayed
+//! wills, and retained messages, through `spawn_writer` on a 2-shard
+//! directory; recover it with 1 and then 3 shards and compare.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tessera_proto::{ProtocolVersion, QoS, Str, SubscriptionOptions, Will};
+use tessera_shard::hash::shard_for;
+use tessera_shard::message::Message;
+use tessera_shard::session::{Delivery, SubscriptionEntry};
+use tessera_shard::store::{
+    Batch, Recovered, STATE_PUBLISHED, STATE_QUEUED, SessionState, StoreConfig, StoreOp, recover,
+    spawn_writer,
+};
+
+const MAP_BYTES: usize = 16 << 20;
+const WALL_BASE_MS: u64 = 1_700_000_000_000;
+
+fn s(text: &str) -> Str {
+    Str::try_from(text).unwrap()
+}
+
+fn message(topic: &str, payload: &str) -> Message {
+    Message {
+        topic: s(topic),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: None,
+        expires_at_ms: Some(3_600_000),
+        origin: None,
+    }
+}
+
+fn delivery(payload: &str, seq: u64) -> Delivery {
+    Delivery {
+        message: message("t", payload),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        subscription_ids: vec![7],
+        share: None,
+        seq,
+    }
+}
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Recovers `dir` for `shards` shards and closes everything again.
+fn recover_closed(dir: &Dir, shards: usize) -> Vec<Recovered> {
+    let (lock, envs, recovered) = recover(&dir.0, shards, MAP_BYTES, WALL_BASE_MS).unwrap();
+    for (env, _) in envs {
+        env.prepare_for_closing().wait();
+    }
+    drop(lock);
+    recovered
+}
+
+fn ids() -> Vec<String> {
+    (0..20).map(|k| format!("client-{k}")).collect()
+}
+
+/// Writes the fixture through each shard's writer thread.
+fn write_fixture(dir: &Dir, shards: usize) {
+    let (lock, envs, _) = recover(&dir.0, shards, MAP_BYTES, WALL_BASE_MS).unwrap();
+    let mut per_shard: Vec<Vec<StoreOp>> = vec![Vec::new(); shards];
+    for id in ids() {
+        let ops = &mut per_shard[shard_for(id.as_bytes(), shards)];
+        ops.push(StoreOp::PutSession(Box::new(SessionState {
+            client_id: s(&id),
+            version: ProtocolVersion::V5,
+            expiry_interval_s: 600,
+            disconnected_at_ms: Some(1_000),
+            subscriptions: vec![(
+                s("t"),
+                SubscriptionEntry {
+                    options: SubscriptionOptions::qos(QoS::ExactlyOnce),
+                    subscription_id: Some(7),
+                },
+            )],
+            will: None,
+        })));
+        ops.push(StoreOp::PutMsg {
+            client_id: s(&id),
+            seq: 1,
+            state: STATE_PUBLISHED,
+            packet_id: 11,
+            delivery: delivery(&format!("{id}/1"), 1),
+        });
+        ops.push(StoreOp::PutMsg {
+            client_id: s(&id),
+            seq: 2,
+            state: STATE_QUEUED,
+            packet_id: 0,
+            delivery: delivery(&format!("{id}/2"), 2),
+        });
+        ops.push(StoreOp::PutInbound {
+            client_id: s(&id),
+            packet_id: 5,
+        });
+        ops.push(StoreOp::PutWill {
+            client_id: s(&id),
+            due_ms: 9_000,
+            will: Will {
+                topic: s("will"),
+                payload: Bytes::from_static(b"w"),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                properties: Default::default(),
+            },
+        });
+    }
+    for k in 0..10 {
+        let topic = format!("r/{k}");
+        let mut m = message(&topic, &format!("r{k}"));
+        m.retain = true;
+        per_shard[shard_for(topic.as_bytes(), shards)].push(StoreOp::PutRetained(m));
+    }
+    for (k, ((env, path), ops)) in envs.into_iter().zip(per_shard).enumerate() {
+        let config = StoreConfig {
+            sync: true,
+            batch_interval: Duration::from_millis(1),
+            wall_base_ms: WALL_BASE_MS,
+        };
+        let mut h = spawn_writer(k, env.clone(), path, config).unwrap();
+        h.batches.send(Batch { epoch: 1, ops }).unwrap();
+        assert_eq!(
+            h.committed.recv_timeout(Duration::from_secs(10)).unwrap(),
+            1
+        );
+        let thread = h.thread.take().unwrap();
+        drop(h);
+        thread.join().unwrap();
+        env.prepare_for_closing().wait();
+    }
+    drop(lock);
+}
+
+fn check(recovered: &[Recovered]) {
+    let shards = recovered.len();
+    let mut seen = Vec::new();
+    for (k, r) in recovered.iter().enumerate() {
+        assert_eq!(
+            r.retained.len(),
+            10,
+            "every shard gets every retained message"
+        );
+        for rs in &r.sessions {
+            let id = rs.client_id.to_string();
+            assert_eq!(shard_for(id.as_bytes(), shards), k, "{id} on its owner");
+            assert_eq!(rs.expiry_interval_s, 600);
+            assert_eq!(rs.disconnected_at_ms, Some(1_000));
+            assert_eq!(rs.subscriptions.len(), 1);
+            assert_eq!(rs.subscriptions[0].1.options.qos, QoS::ExactlyOnce);
+            let got: Vec<(u8, u16, u64, String)> = rs
+                .deliveries
+                .iter()
+                .map(|(st, pid, d)| {
+                    (
+                        *st,
+                        *pid,
+                        d.seq,
+                        String::from_utf8(d.message.payload.to_vec()).unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (STATE_PUBLISHED, 11, 1, format!("{id}/1")),
+                    (STATE_QUEUED, 0, 2, format!("{id}/2"))
+                ]
+            );
+            assert_eq!(rs.deliveries[0].2.message.expires_at_ms, Some(3_600_000));
+            assert_eq!(rs.deliveries[0].2.subscription_ids, [7]);
+            assert_eq!(rs.inbound_qos2, [5]);
+            assert_eq!(rs.delayed_will.as_ref().map(|w| w.0), Some(9_000));
+            seen.push(id);
+        }
+        // Routes name the other shards only.
+        assert!(r.routes.iter().all(|(_, s)| usize::from(*s) != k));
+    }
+    seen.sort();
+    let mut want = ids();
+    want.sort();
+    assert_eq!(seen, want, "every session exactly once");
+}
+
+#[test]
+fn records_follow_the_shard_count_2_to_1_to_3() {
+    let dir = Dir(std::env::temp_dir().join(format!("tessera-store-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    write_fixture(&dir, 2);
+    check(&recover_closed(&dir, 2));
+    check(&recover_closed(&dir, 1));
+    assert!(
+        !dir.0.join("shard-1").exists(),
+        "the emptied store is removed"
+    );
+    check(&recover_closed(&dir, 3));
+    for k in 0..3 {
+        assert!(dir.0.join(format!("shard-{k}")).exists());
+    }
+    // And once more: a start with the same count moves nothing.
+    check(&recover_closed(&dir, 3));
+}
