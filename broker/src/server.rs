@@ -49,6 +49,7 @@ use tessera_shard::mesh::{MeshMsg, ShardId};
 use tessera_shard::session::ConnId;
 use tracing::{debug, info, warn};
 
+use crate::auth::listener_limits::ListenerLimits;
 use crate::auth::{AuthHub, ShardAuth, Verdict};
 use crate::config::{
     Config, ListenerConfig, ListenerId, ListenerKind, QueueOverflow, SharedStrategy,
@@ -187,7 +188,8 @@ impl Server {
         }
         let tls = Arc::new(TlsStore::load(&listeners)?);
 
-        let auth = AuthHub::load(&config.auth)?;
+        let closed = listeners.iter().any(|l| l.allow_anonymous == Some(false));
+        let auth = AuthHub::load(&config.auth, closed)?;
         // Start the engines' clock now: `$SYS/broker/uptime` counts from here.
         now_ms();
         // Recovery runs before any shard starts, so every shard has its
@@ -479,6 +481,8 @@ struct Shard {
     auth: Rc<ShardAuth>,
     /// New connections are refused while the process's RSS is above it; 0 = off.
     memory_high_water_bytes: u64,
+    /// Per-listener connection counts and connect rates of this shard.
+    listener_limits: ListenerLimits,
     listeners: Vec<ListenerConfig>,
     tls: Arc<TlsStore>,
     /// This shard's copy of the TLS configurations and the store generation
@@ -578,6 +582,7 @@ async fn shard_main(boot: ShardBoot) {
         auth,
         memory_high_water_bytes: boot.memory_high_water_bytes,
         store,
+        listener_limits: ListenerLimits::new(&boot.listeners, boot.shard_count),
     });
     shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
     if shard.store.is_some() {
@@ -632,7 +637,12 @@ async fn shard_main(boot: ShardBoot) {
                             drop(stream);
                             continue;
                         }
-                        if !shard.connect_rate.borrow_mut().take(Instant::now()) {
+                        let now = Instant::now();
+                        if !shard.connect_rate.borrow_mut().take(now)
+                            || !shard
+                                .listener_limits
+                                .take_connect(usize::from(listener_id), now)
+                        {
                             // Over the connect rate: close before reading anything.
                             debug!(shard = shard.id, "connect rate exceeded: closing");
                             drop(stream);
@@ -844,6 +854,7 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
         &mut buf,
         &mut connect,
         spec.username_from_cert != crate::config::CertIdentity::None,
+        spec.allow_anonymous,
         deadline,
     )
     .await
@@ -921,6 +932,7 @@ async fn admit(
     buf: &mut BytesMut,
     connect: &mut Connect,
     cert_identity: bool,
+    allow_anonymous: Option<bool>,
     deadline: Instant,
 ) -> Option<Admission> {
     if !shard.auth.enabled() {
@@ -929,7 +941,10 @@ async fn admit(
     }
     let version = connect.version;
     let method = connect.properties.authentication_method.clone();
-    let mut verdict = shard.auth.authenticate(connect, cert_identity).await;
+    let mut verdict = shard
+        .auth
+        .authenticate(connect, cert_identity, allow_anonymous)
+        .await;
     let mut exchanges = 0;
     loop {
         match verdict {
@@ -1068,6 +1083,14 @@ async fn serve(
         );
         return;
     }
+    if !shard.listener_limits.hold(usize::from(listener)) {
+        warn!(
+            shard = shard.id,
+            listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
+            "listener connection limit reached: refusing"
+        );
+        return refuse(stream, version, busy).await;
+    }
     shard.connections.set(shard.connections.get() + 1);
     // What the accepting shard read: the CONNECT and the bytes after it.
     let bytes_read = connect.encoded_len(version) + already_read.len();
@@ -1081,7 +1104,13 @@ async fn serve(
         stream: RefCell::new(stream),
         reader_done: Cell::new(false),
     });
-    glommio::spawn_local(write_loop(shard.clone(), link.clone(), conn)).detach();
+    let writer = write_loop(shard.clone(), link.clone(), conn);
+    let limits_shard = shard.clone();
+    glommio::spawn_local(async move {
+        writer.await;
+        limits_shard.listener_limits.release(usize::from(listener));
+    })
+    .detach();
     // The reader is a task of its own so that the long-lived future holds only
     // what reading needs (an idle connection's memory is mostly these tasks).
     // The bytes left from the CONNECT read are copied into a right-sized buffer

@@ -705,3 +705,119 @@ fn above_the_memory_high_water_mark_new_connections_are_refused() {
             .contains("memory above limits.memory_high_water_bytes")
     );
 }
+
+/// A broker started from a config file; killed on drop.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the broker with `config` and returns it with its mqtt:// addresses
+/// in listener order (`--listen` first, then the `[[listener]]` tables).
+fn start_with_config(
+    dir: &Path,
+    config: &str,
+    mqtt_count: usize,
+) -> (Proc, Vec<std::net::SocketAddr>) {
+    use std::io::{BufRead, BufReader};
+    let path = dir.join("tessera.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = common::broker_command(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--config",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn broker");
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut addrs = Vec::new();
+    while addrs.len() < mqtt_count {
+        let line = rx
+            .recv_timeout(common::READY_TIMEOUT)
+            .expect("listening lines");
+        if let Some(a) = line.strip_prefix("tessera: listening mqtt://") {
+            addrs.push(a.trim().parse().unwrap());
+        }
+    }
+    (proc, addrs)
+}
+
+/// `allow_anonymous` and `max_connections` of a `[[listener]]` apply to it
+/// alone; the other listener keeps the global settings.
+#[test]
+fn per_listener_anonymous_access_and_connection_limit() {
+    let dir = temp_dir("listener");
+    let pw = dir.join("passwd");
+    add_user(&pw, "alice", "pw", false);
+    let config = format!(
+        "[auth]\npassword_file = {:?}\n\n[[listener]]\nkind = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+         allow_anonymous = false\nmax_connections = 2\n",
+        pw.to_str().unwrap()
+    );
+    let (_broker, addrs) = start_with_config(&dir, &config, 2);
+    let (open, closed) = (addrs[0], addrs[1]);
+    RawClient::connect_ok(open, connect_packet(V5, "anon-open", true, 30));
+    let (_, ack) = RawClient::connect(closed, connect_packet(V5, "anon-closed", true, 30));
+    assert_eq!(ack.reason_code, ReasonCode::NotAuthorized);
+    let (_, ack) = RawClient::connect(closed, connect_packet(V311, "anon-closed3", true, 30));
+    assert_eq!(ack.reason_code, ReasonCode::NotAuthorized);
+    // max_connections = 2 over 2 shards: one connection per owner shard.
+    let on = |k| common::id_on_shard("lim", k);
+    let _a = RawClient::connect_ok(closed, login(V5, &on(0), Some("alice"), Some("pw")));
+    let _b = RawClient::connect_ok(closed, login(V5, &on(1), Some("alice"), Some("pw")));
+    let third = format!("{}-x", on(0));
+    let third = (0..100)
+        .map(|k| format!("{third}{k}"))
+        .find(|id| common::shard_of(id) == 0)
+        .unwrap();
+    let (_, ack) = RawClient::connect(closed, login(V5, &third, Some("alice"), Some("pw")));
+    assert_eq!(ack.reason_code, ReasonCode::ServerBusy);
+    // The open listener is not limited by the other's maximum.
+    RawClient::connect_ok(open, connect_packet(V5, &third, true, 30));
+}
+
+/// SIGHUP reloads at once, with the modification-time check turned off.
+#[test]
+fn sighup_reloads_the_security_files() {
+    let dir = temp_dir("sighup");
+    let bans = dir.join("bans");
+    std::fs::write(&bans, "").unwrap();
+    let broker = Broker::start_with(
+        &[],
+        &[
+            ("TESSERA_AUTH__BAN_FILE", bans.to_str().unwrap()),
+            ("TESSERA_AUTH__RELOAD_INTERVAL_S", "0"),
+        ],
+    );
+    RawClient::connect_ok(broker.addr(), connect_packet(V5, "hup", true, 30));
+    std::fs::write(&bans, "clientid hup\n").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    RawClient::connect_ok(broker.addr(), connect_packet(V5, "hup", true, 30));
+    broker.sighup();
+    eventually("the ban applies after SIGHUP", || {
+        let (_, ack) = connack(&broker, connect_packet(V5, "hup", true, 30));
+        ack.reason_code == ReasonCode::Banned
+    });
+}

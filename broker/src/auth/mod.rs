@@ -6,6 +6,7 @@
 //! - [`bans`]: the ban list file behind `brokerctl ban`.
 //! - [`ctl`]: the `brokerctl passwd` and `brokerctl ban` subcommands.
 //! - [`jwt`]: JWT passwords (HS256/RS256).
+//! - [`listener_limits`]: per-listener connection limits and connect rates.
 //! - [`scram`]: SCRAM-SHA-256 for MQTT 5 enhanced authentication.
 //!
 //! Lifecycle and placement: one [`AuthHub`] per process (`Arc`), created at
@@ -24,6 +25,7 @@ pub mod acl;
 pub mod bans;
 pub mod ctl;
 pub mod jwt;
+pub mod listener_limits;
 pub mod passwd;
 pub mod scram;
 
@@ -79,6 +81,8 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct AuthHub {
     config: AuthConfig,
+    /// A listener refuses anonymous clients even if `[auth]` allows them.
+    listener_closed: bool,
     current: Mutex<(Arc<Snapshot>, Vec<Option<SystemTime>>)>,
     generation: AtomicU64,
     /// Per-process random key: fake SCRAM salts and the verified-password
@@ -136,12 +140,14 @@ fn read(path: &str) -> anyhow::Result<Option<String>> {
 
 impl AuthHub {
     /// Loads every configured file; an error names the file and line.
-    pub fn load(config: &AuthConfig) -> anyhow::Result<Arc<AuthHub>> {
+    /// `listener_closed`: some listener sets `allow_anonymous = false`.
+    pub fn load(config: &AuthConfig, listener_closed: bool) -> anyhow::Result<Arc<AuthHub>> {
         let secret: [u8; 32] = passwd::random_bytes(32).try_into().expect("32 bytes");
         let snap = Self::parse(config, 1)?;
         let stamps = files(config).iter().map(|p| mtime(p)).collect();
         Ok(Arc::new(AuthHub {
             config: config.clone(),
+            listener_closed,
             current: Mutex::new((Arc::new(snap), stamps)),
             generation: AtomicU64::new(1),
             secret,
@@ -192,6 +198,7 @@ impl AuthHub {
     /// it no hook is installed and the broker is open, as before.
     pub fn enabled(&self) -> bool {
         !self.config.allow_anonymous
+            || self.listener_closed
             || files(&self.config).iter().any(|p| !p.is_empty())
             || self.config.flapping_max_connects > 0
     }
@@ -337,7 +344,13 @@ impl ShardAuth {
     /// password has been dropped; so it is after a refusal too.
     /// `cert_identity`: the listener set the user name from a verified client
     /// certificate, which authenticates it (bans still apply).
-    pub async fn authenticate(&self, connect: &mut Connect, cert_identity: bool) -> Verdict {
+    /// `allow_anonymous`: the listener's setting, if it has one.
+    pub async fn authenticate(
+        &self,
+        connect: &mut Connect,
+        cert_identity: bool,
+        allow_anonymous: Option<bool>,
+    ) -> Verdict {
         let password = connect.password.take();
         let snap = self.snap.borrow().clone();
         let user = connect.username.as_ref().map(Str::as_str);
@@ -358,7 +371,7 @@ impl ShardAuth {
         }
         let Some(password) = password else {
             connect.username = None;
-            return if self.hub.config().allow_anonymous {
+            return if allow_anonymous.unwrap_or(self.hub.config().allow_anonymous) {
                 Verdict::Accept {
                     expires_unix_s: None,
                 }

@@ -114,6 +114,18 @@ pub struct ListenerConfig {
     /// Use the client certificate's identity as the username.
     #[serde(default)]
     pub username_from_cert: CertIdentity,
+    /// Whether clients without credentials may connect here; unset: the
+    /// `auth.allow_anonymous` setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous: Option<bool>,
+    /// Most concurrent connections on this listener, all shards together
+    /// (`limits.max_connections` applies too); unset: no per-listener limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// New connections per second on this listener, all shards together
+    /// (`limits.connect_rate_per_s` applies too); unset or 0: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_rate_per_s: Option<u32>,
 }
 
 fn ws_path_default() -> String {
@@ -132,6 +144,9 @@ impl ListenerConfig {
             ca_file: None,
             require_client_cert: false,
             username_from_cert: CertIdentity::None,
+            allow_anonymous: None,
+            max_connections: None,
+            connect_rate_per_s: None,
         }
     }
 
@@ -179,6 +194,9 @@ impl ListenerConfig {
                         client without a certificate could choose its username)"
                     .to_owned(),
             );
+        }
+        if self.max_connections == Some(0) {
+            return Err("max_connections must be at least 1 (omit it for no limit)".to_owned());
         }
         if self.kind.is_ws() {
             if !self.path.starts_with('/') || self.path.contains(['?', '#', ' ']) {
