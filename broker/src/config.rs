@@ -229,6 +229,8 @@ pub struct AuthConfig {
     pub jwt_public_key_file: String,
     /// The JWT claim naming the user.
     pub jwt_username_claim: String,
+    /// The JWT claim with the client's ACL rules.
+    pub jwt_acl_claim: String,
     /// Seconds between checks of the files' modification times; 0 = SIGHUP only.
     pub reload_interval_s: u32,
     /// Connects of one ClientID within `flapping_window_s` that ban it; 0 = off.
@@ -251,6 +253,7 @@ impl Default for AuthConfig {
             jwt_secret_file: String::new(),
             jwt_public_key_file: String::new(),
             jwt_username_claim: "sub".to_owned(),
+            jwt_acl_claim: "acl".to_owned(),
             reload_interval_s: 2,
             flapping_max_connects: 0,
             flapping_window_s: 10,
@@ -274,6 +277,7 @@ impl AuthConfig {
             "jwt_secret_file" => self.jwt_secret_file = v.to_owned(),
             "jwt_public_key_file" => self.jwt_public_key_file = v.to_owned(),
             "jwt_username_claim" => self.jwt_username_claim = v.to_owned(),
+            "jwt_acl_claim" => self.jwt_acl_claim = v.to_owned(),
             "reload_interval_s" => self.reload_interval_s = p(v)?,
             "flapping_max_connects" => self.flapping_max_connects = p(v)?,
             "flapping_window_s" => self.flapping_window_s = p(v)?,
@@ -768,6 +772,14 @@ pub const FIELDS: &[FieldDoc] = &[
         section: "auth",
         key: "jwt_username_claim",
         doc: "The JWT claim whose string value is the user name.",
+        accepted: "a non-empty claim name",
+    },
+    FieldDoc {
+        section: "auth",
+        key: "jwt_acl_claim",
+        doc: "The JWT claim with the client's own ACL, {\"publish\": [TOPIC...], \"subscribe\": \
+              [TOPIC...]}; a token that has it is allowed exactly what it lists and the ACL \
+              file does not apply to it.",
         accepted: "a non-empty claim name",
     },
     FieldDoc {
@@ -1346,6 +1358,9 @@ impl Config {
         }
         if self.auth.jwt_username_claim.is_empty() {
             return invalid("auth.jwt_username_claim", "");
+        }
+        if self.auth.jwt_acl_claim.is_empty() {
+            return invalid("auth.jwt_acl_claim", "");
         }
         let code = self.auth.subscribe_denied_code;
         if code != 0x80 && code != 0x87 {

@@ -948,11 +948,15 @@ async fn admit(
     let mut exchanges = 0;
     loop {
         match verdict {
-            Verdict::Accept { expires_unix_s } => {
+            Verdict::Accept {
+                expires_unix_s,
+                token_acl,
+            } => {
                 return Some(Admission {
                     auth_data: connect.properties.authentication_data.take(),
                     auth_method: method,
                     expires_at_ms: expires_unix_s.map(engine_ms_of_unix),
+                    token_acl,
                 });
             }
             Verdict::Refuse(rc) => {

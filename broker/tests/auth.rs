@@ -392,6 +392,33 @@ fn jwt_passwords_are_accepted_until_they_expire() {
         let (_, ack) = connack(&broker, login(V5, "j2", None, Some(token)));
         assert_eq!(ack.reason_code, ReasonCode::BadUserNameOrPassword);
     }
+    // A token with an ACL claim: the claim alone decides for its client.
+    let scoped = jwt(
+        secret,
+        serde_json::json!({"sub": "ann", "exp": unix_now() + 3600,
+            "acl": {"publish": ["up/#"], "subscribe": ["down/#"]}}),
+    );
+    let mut c = RawClient::connect_ok(broker.addr(), login(V5, "j4", None, Some(&scoped)));
+    assert_eq!(
+        c.subscribe(
+            1,
+            &[
+                ("down/x", QoS::AtMostOnce),
+                ("users/ann/#", QoS::AtMostOnce)
+            ]
+        ),
+        [ReasonCode::Success, ReasonCode::NotAuthorized]
+    );
+    for (topic, want) in [
+        ("up/a", ReasonCode::Success),
+        ("users/ann/x", ReasonCode::NotAuthorized),
+    ] {
+        c.send(&publish_packet(topic, b"t", QoS::AtLeastOnce, 5, false));
+        match c.recv() {
+            Packet::PubAck(a) => assert_eq!(a.reason_code, want, "{topic}"),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
     // A token expiring in 2 s: the v5 connection is closed with 0xA0 then.
     let short = jwt(
         secret,

@@ -14,6 +14,7 @@
 //! authentication method (0x8C), as an unauthenticated broker must.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tessera_proto::Str;
@@ -86,6 +87,53 @@ pub struct Admission {
     /// When the credentials expire (a JWT's `exp`), in engine milliseconds:
     /// the connection is closed then (v5: DISCONNECT 0xA0).
     pub expires_at_ms: Option<u64>,
+    /// ACL rules carried by the credentials (a JWT claim); when present they
+    /// alone decide for this client, instead of the hook.
+    pub token_acl: Option<Arc<TokenAcl>>,
+}
+
+/// Topic rules carried by a credential: the topics (with `+`/`#`) the client
+/// may publish to and the filters it may subscribe within. Anything else is
+/// denied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenAcl {
+    /// Topic patterns the client may publish to.
+    pub publish: Vec<String>,
+    /// Topic patterns covering the filters the client may subscribe to.
+    pub subscribe: Vec<String>,
+}
+
+impl TokenAcl {
+    /// Whether the rules allow `action` on `topic`.
+    pub fn allows(&self, action: Action, topic: &str) -> bool {
+        match action {
+            Action::Publish => self
+                .publish
+                .iter()
+                .any(|p| tessera_proto::topic::matches(p, topic)),
+            Action::Subscribe => self.subscribe.iter().any(|p| filter_covers(p, topic)),
+        }
+    }
+}
+
+/// Whether every topic `filter` can match is matched by the pattern `rule`:
+/// `a/#` covers `a/b/+`, `a/+` does not cover `a/#`. A wildcard first level
+/// never covers `$` topics [MQTT-4.7.2-1].
+pub fn filter_covers(rule: &str, filter: &str) -> bool {
+    if filter.starts_with('$') && rule.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut r = rule.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (r.next(), f.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(fl)) if fl != "#" => {}
+            (Some(rl), Some(fl)) if rl != "+" && rl == fl && fl != "+" && fl != "#" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// Topics whose publish decision one session caches. A session publishing to
@@ -142,6 +190,21 @@ mod tests {
 
     fn s(t: &str) -> Str {
         Str::try_from(t).unwrap()
+    }
+
+    #[test]
+    fn token_rules_allow_only_what_they_list() {
+        let t = TokenAcl {
+            publish: vec!["up/+/data".into()],
+            subscribe: vec!["down/#".into()],
+        };
+        assert!(t.allows(Action::Publish, "up/7/data"));
+        assert!(!t.allows(Action::Publish, "up/7/other"));
+        assert!(t.allows(Action::Subscribe, "down/+/cmd"));
+        assert!(!t.allows(Action::Subscribe, "up/7/data"));
+        assert!(filter_covers("a/#", "a"));
+        assert!(!filter_covers("a/+", "a/#"));
+        assert!(!filter_covers("#", "$SYS/x"));
     }
 
     #[test]

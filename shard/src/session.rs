@@ -42,6 +42,8 @@ pub struct SessionAuth {
     pub username: Option<Str>,
     /// Publish decisions, per topic.
     pub acl: crate::authz::AclCache,
+    /// Rules from the credentials, which replace the hook's when present.
+    pub token_acl: Option<std::sync::Arc<crate::authz::TokenAcl>>,
 }
 
 /// One subscription of a session.

@@ -23,7 +23,7 @@
 //! substitution matches a value containing `/`, `+` or `#`, so a client cannot
 //! widen a rule through its own id.
 
-use tessera_shard::authz::Action;
+use tessera_shard::authz::{Action, filter_covers as covers};
 
 /// Most rules one ACL file may hold: checks walk them in order.
 pub const ACL_RULES_MAX: usize = 10_000;
@@ -199,25 +199,6 @@ fn topic_matches(rule: &str, topic: &str, action: Action) -> bool {
     match action {
         Action::Publish => tessera_proto::topic::matches(rule, topic),
         Action::Subscribe => covers(rule, topic),
-    }
-}
-
-/// Whether every topic `filter` matches is matched by `rule`.
-fn covers(rule: &str, filter: &str) -> bool {
-    // [MQTT-4.7.2-1]: a wildcard first level never matches `$` topics.
-    if filter.starts_with('$') && rule.starts_with(['+', '#']) {
-        return false;
-    }
-    let mut r = rule.split('/');
-    let mut f = filter.split('/');
-    loop {
-        match (r.next(), f.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(fl)) if fl != "#" => {}
-            (Some(rl), Some(fl)) if rl != "+" && rl == fl && fl != "+" && fl != "#" => {}
-            (None, None) => return true,
-            _ => return false,
-        }
     }
 }
 

@@ -3,15 +3,37 @@
 //! and carry `exp`; the user name is the configured claim (`sub` by default).
 //! The connection is closed when the token expires (MQTT 5: DISCONNECT 0xA0
 //! Maximum connect time). No clock leeway: an expired token is refused.
+//!
+//! ACL from the token: when the configured ACL claim (`acl` by default) is
+//! present, it is an object `{"publish": [TOPIC...], "subscribe":
+//! [TOPIC...]}` (patterns with `+` and `#`) and it alone decides for that
+//! client: what it lists is allowed, anything else denied; the ACL file does
+//! not apply. A claim of another shape refuses the token.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
+use tessera_shard::authz::TokenAcl;
+
+/// Most topic patterns one token's ACL claim may list.
+pub const TOKEN_ACL_RULES_MAX: usize = 256;
+
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// The user name.
+    pub username: String,
+    /// `exp`, Unix seconds.
+    pub expires_unix_s: u64,
+    /// The ACL claim, if the token has one.
+    pub acl: Option<TokenAcl>,
+}
 
 /// Verifies JWT passwords.
 #[derive(Clone)]
 pub struct JwtVerifier {
     keys: Vec<(Algorithm, DecodingKey)>,
     username_claim: String,
+    acl_claim: String,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -44,6 +66,7 @@ impl JwtVerifier {
         hs256_secret: Option<&[u8]>,
         rs256_pem: Option<&[u8]>,
         username_claim: &str,
+        acl_claim: &str,
     ) -> Result<JwtVerifier, String> {
         let mut keys = Vec::new();
         if let Some(secret) = hs256_secret {
@@ -60,6 +83,7 @@ impl JwtVerifier {
         Ok(JwtVerifier {
             keys,
             username_claim: username_claim.to_owned(),
+            acl_claim: acl_claim.to_owned(),
         })
     }
 
@@ -73,8 +97,8 @@ impl JwtVerifier {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     }
 
-    /// The user name and expiry (Unix seconds) of a valid token.
-    pub fn verify(&self, token: &str) -> Result<(String, u64), JwtError> {
+    /// The claims of a valid token.
+    pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| JwtError::Invalid(e.to_string()))?;
         let Some((alg, key)) = self.keys.iter().find(|(a, _)| *a == header.alg) else {
@@ -105,8 +129,52 @@ impl JwtVerifier {
             .and_then(Value::as_str)
             .filter(|u| !u.is_empty())
             .ok_or_else(|| JwtError::NoUsername(self.username_claim.clone()))?;
-        Ok((user.to_owned(), exp))
+        let acl = match data.claims.get(&self.acl_claim) {
+            None => None,
+            Some(v) => Some(
+                token_acl(v)
+                    .map_err(|e| JwtError::Invalid(format!("claim {:?}: {e}", self.acl_claim)))?,
+            ),
+        };
+        Ok(Claims {
+            username: user.to_owned(),
+            expires_unix_s: exp,
+            acl,
+        })
     }
+}
+
+fn token_acl(v: &Value) -> Result<TokenAcl, String> {
+    let obj = v
+        .as_object()
+        .ok_or("expected {\"publish\": [...], \"subscribe\": [...]}")?;
+    let list = |key: &str| -> Result<Vec<String>, String> {
+        let Some(items) = obj.get(key) else {
+            return Ok(Vec::new());
+        };
+        let items = items.as_array().ok_or(format!("{key} is not a list"))?;
+        if items.len() > TOKEN_ACL_RULES_MAX {
+            return Err(format!(
+                "{key} lists more than {TOKEN_ACL_RULES_MAX} topics"
+            ));
+        }
+        items
+            .iter()
+            .map(|t| {
+                let t = t.as_str().ok_or(format!("{key} holds a non-string"))?;
+                tessera_proto::topic::validate_topic_filter(t, usize::MAX)
+                    .map_err(|e| format!("{key} topic {t:?}: {e}"))?;
+                Ok(t.to_owned())
+            })
+            .collect()
+    };
+    if let Some(k) = obj.keys().find(|k| *k != "publish" && *k != "subscribe") {
+        return Err(format!("unknown key {k:?} (use publish and subscribe)"));
+    }
+    Ok(TokenAcl {
+        publish: list("publish")?,
+        subscribe: list("subscribe")?,
+    })
 }
 
 #[cfg(test)]
@@ -134,19 +202,36 @@ mod tests {
 
     #[test]
     fn valid_expired_and_forged_tokens() {
-        let v = JwtVerifier::new(Some(SECRET), None, "sub").unwrap();
+        let v = JwtVerifier::new(Some(SECRET), None, "sub", "acl").unwrap();
         let good = token(serde_json::json!({"sub": "alice", "exp": now() + 60}));
         assert!(JwtVerifier::looks_like_token(good.as_bytes()));
-        assert_eq!(v.verify(&good).unwrap().0, "alice");
+        assert_eq!(v.verify(&good).unwrap().username, "alice");
+        assert_eq!(v.verify(&good).unwrap().acl, None);
+        let with_acl = token(serde_json::json!({"sub": "a", "exp": now() + 60,
+            "acl": {"publish": ["up/#"], "subscribe": ["down/+"]}}));
+        let acl = v.verify(&with_acl).unwrap().acl.unwrap();
+        assert_eq!(
+            (acl.publish, acl.subscribe),
+            (vec!["up/#".into()], vec!["down/+".into()])
+        );
+        for bad in [
+            serde_json::json!(["x"]),
+            serde_json::json!({"pub": ["x"]}),
+            serde_json::json!({"publish": "x"}),
+            serde_json::json!({"publish": ["a/#/b"]}),
+        ] {
+            let t = token(serde_json::json!({"sub": "a", "exp": now() + 60, "acl": bad}));
+            assert!(matches!(v.verify(&t), Err(JwtError::Invalid(_))), "{bad}");
+        }
         let old = token(serde_json::json!({"sub": "alice", "exp": now() - 1}));
         assert_eq!(v.verify(&old), Err(JwtError::Expired));
         let no_exp = token(serde_json::json!({"sub": "alice"}));
         assert!(matches!(v.verify(&no_exp), Err(JwtError::Invalid(_))));
         let no_sub = token(serde_json::json!({"exp": now() + 60}));
         assert!(matches!(v.verify(&no_sub), Err(JwtError::NoUsername(_))));
-        let other = JwtVerifier::new(Some(&[7u8; 32]), None, "sub").unwrap();
+        let other = JwtVerifier::new(Some(&[7u8; 32]), None, "sub", "acl").unwrap();
         assert!(matches!(other.verify(&good), Err(JwtError::Invalid(_))));
-        assert!(JwtVerifier::new(Some(b"short"), None, "sub").is_err());
+        assert!(JwtVerifier::new(Some(b"short"), None, "sub", "acl").is_err());
         assert!(!JwtVerifier::looks_like_token(b"hunter2"));
     }
 }

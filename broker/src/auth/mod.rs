@@ -40,7 +40,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use tessera_proto::{Connect, ReasonCode, Str};
-use tessera_shard::authz::{Action, AuthHook, AuthStep};
+use tessera_shard::authz::{Action, AuthHook, AuthStep, TokenAcl};
 use tracing::{info, warn};
 
 use crate::config::AuthConfig;
@@ -98,6 +98,8 @@ pub enum Verdict {
     Accept {
         /// When the credentials end (a JWT's `exp`), Unix seconds.
         expires_unix_s: Option<u64>,
+        /// ACL rules the credentials carry (a JWT claim).
+        token_acl: Option<Arc<TokenAcl>>,
     },
     /// The CONNECT needs an enhanced authentication exchange: send the
     /// client AUTH 0x18 with `data`, then call [`ShardAuth::continue_auth`]
@@ -178,6 +180,7 @@ impl AuthHub {
                     .map(|s| s.trim_end_matches(['\n', '\r']).as_bytes()),
                 public.as_deref().map(str::as_bytes),
                 &c.jwt_username_claim,
+                &c.jwt_acl_claim,
             )
             .map_err(anyhow::Error::msg)
             .context("invalid JWT key file")?;
@@ -360,6 +363,7 @@ impl ShardAuth {
         if cert_identity && connect.username.is_some() {
             return Verdict::Accept {
                 expires_unix_s: None,
+                token_acl: None,
             };
         }
         if let Some(method) = &connect.properties.authentication_method {
@@ -374,6 +378,7 @@ impl ShardAuth {
             return if allow_anonymous.unwrap_or(self.hub.config().allow_anonymous) {
                 Verdict::Accept {
                     expires_unix_s: None,
+                    token_acl: None,
                 }
             } else {
                 Verdict::Refuse(ReasonCode::NotAuthorized)
@@ -384,11 +389,12 @@ impl ShardAuth {
         {
             let token = std::str::from_utf8(&password).unwrap_or_default();
             return match jwt.verify(token) {
-                Ok((user, exp)) => match Str::try_from(user) {
+                Ok(claims) => match Str::try_from(claims.username) {
                     Ok(u) => {
                         connect.username = Some(u);
                         Verdict::Accept {
-                            expires_unix_s: Some(exp),
+                            expires_unix_s: Some(claims.expires_unix_s),
+                            token_acl: claims.acl.map(Arc::new),
                         }
                     }
                     Err(_) => Verdict::Refuse(ReasonCode::BadUserNameOrPassword),
@@ -418,6 +424,7 @@ impl ShardAuth {
         if self.verified.borrow().get(&key) == Some(&snap.generation) {
             return Verdict::Accept {
                 expires_unix_s: None,
+                token_acl: None,
             };
         }
         // PBKDF2 takes tens of milliseconds: off the shard thread.
@@ -439,6 +446,7 @@ impl ShardAuth {
         cache.insert(key, snap.generation);
         Verdict::Accept {
             expires_unix_s: None,
+            token_acl: None,
         }
     }
 
@@ -464,6 +472,7 @@ impl ShardAuth {
                 connect.properties.authentication_data = data;
                 Verdict::Accept {
                     expires_unix_s: None,
+                    token_acl: None,
                 }
             }
             AuthStep::Failure(rc) => {

@@ -85,7 +85,11 @@ impl Engine {
         }
         if let (Some(hook), Some(w)) = (&self.auth_hook, &connect.will) {
             let user = connect.username.as_ref().map(Str::as_str);
-            if !hook.allowed(connect.client_id.as_str(), user, Action::Publish, &w.topic) {
+            let allowed = match &admission.token_acl {
+                Some(t) => t.allows(Action::Publish, &w.topic),
+                None => hook.allowed(connect.client_id.as_str(), user, Action::Publish, &w.topic),
+            };
+            if !allowed {
                 return Some(ReasonCode::NotAuthorized);
             }
         }
@@ -106,10 +110,11 @@ impl Engine {
             let s = self.session_mut(idx);
             let auth = s.auth.get_or_insert_with(Box::default);
             let username = connect.username.as_ref().map(Str::compact);
-            if auth.username != username {
-                // Another user resumes the session: its decisions do not apply.
+            if auth.username != username || auth.token_acl != admission.token_acl {
+                // Another user or other token rules: old decisions do not apply.
                 **auth = SessionAuth {
                     username,
+                    token_acl: admission.token_acl.clone(),
                     ..SessionAuth::default()
                 };
             }
@@ -159,13 +164,17 @@ impl Engine {
             return (!allowed).then_some(ReasonCode::NotAuthorized);
         }
         let s = self.session(idx);
-        let user = s.auth.as_ref().and_then(|a| a.username.as_ref());
-        let allowed = hook.allowed(
-            s.client_id.as_str(),
-            user.map(Str::as_str),
-            Action::Publish,
-            &p.topic,
-        );
+        let auth = s.auth.as_ref();
+        let user = auth.and_then(|a| a.username.as_ref());
+        let allowed = match auth.and_then(|a| a.token_acl.as_ref()) {
+            Some(t) => t.allows(Action::Publish, &p.topic),
+            None => hook.allowed(
+                s.client_id.as_str(),
+                user.map(Str::as_str),
+                Action::Publish,
+                &p.topic,
+            ),
+        };
         let auth = self.session_mut(idx).auth.as_mut().expect("created above");
         auth.acl.put(generation, &p.topic, allowed);
         (!allowed).then_some(ReasonCode::NotAuthorized)
@@ -177,13 +186,17 @@ impl Engine {
     pub(super) fn subscribe_refusal(&self, idx: SessionIdx, filter: &str) -> Option<ReasonCode> {
         let hook = self.auth_hook.as_ref()?;
         let s = self.session(idx);
-        let user = s.auth.as_ref().and_then(|a| a.username.as_ref());
-        let allowed = hook.allowed(
-            s.client_id.as_str(),
-            user.map(Str::as_str),
-            Action::Subscribe,
-            filter,
-        );
+        let auth = s.auth.as_ref();
+        let user = auth.and_then(|a| a.username.as_ref());
+        let allowed = match auth.and_then(|a| a.token_acl.as_ref()) {
+            Some(t) => t.allows(Action::Subscribe, filter),
+            None => hook.allowed(
+                s.client_id.as_str(),
+                user.map(Str::as_str),
+                Action::Subscribe,
+                filter,
+            ),
+        };
         (!allowed).then(|| hook.subscribe_denied())
     }
 
@@ -222,7 +235,7 @@ impl Engine {
             AuthStep::Success { data, username } => {
                 let s = self.session_mut(idx);
                 let auth = s.auth.get_or_insert_with(Box::default);
-                if auth.username.as_ref() != Some(&username) {
+                if auth.username.as_ref() != Some(&username) || auth.token_acl.is_some() {
                     **auth = SessionAuth {
                         username: Some(username.compact()),
                         ..SessionAuth::default()
