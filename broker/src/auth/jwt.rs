@@ -200,6 +200,33 @@ mod tests {
             .as_secs()
     }
 
+    /// A key pair made for this test only (`openssl genrsa 2048`).
+    const RS_PRIVATE: &[u8] = include_bytes!("testdata/jwt-rs256-test.key");
+    const RS_PUBLIC: &[u8] = include_bytes!("testdata/jwt-rs256-test.pub");
+
+    #[test]
+    fn rs256_tokens_verify_with_the_public_key_only() {
+        let v = JwtVerifier::new(None, Some(RS_PUBLIC), "sub", "acl").unwrap();
+        let claims = serde_json::json!({"sub": "rsa-user", "exp": now() + 60});
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &claims,
+            &EncodingKey::from_rsa_pem(RS_PRIVATE).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&t).unwrap().username, "rsa-user");
+        // An HS256 token is refused when only RS256 is configured, even one
+        // "signed" with the public key as an HMAC secret (algorithm confusion).
+        let confused = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(RS_PUBLIC),
+        )
+        .unwrap();
+        assert!(matches!(v.verify(&confused), Err(JwtError::Invalid(_))));
+        assert!(JwtVerifier::new(None, Some(b"not a key"), "sub", "acl").is_err());
+    }
+
     #[test]
     fn valid_expired_and_forged_tokens() {
         let v = JwtVerifier::new(Some(SECRET), None, "sub", "acl").unwrap();
