@@ -20,9 +20,9 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256, Sha512};
 use subtle::ConstantTimeEq;
 
-/// Default PBKDF2-SHA512 iterations for new entries. About 60 ms per check on
-/// one core of a 2020s server (measured: docs/SECURITY.md); checks run on the
-/// blocking pool and successful ones are cached.
+/// Default PBKDF2-SHA512 iterations for new entries: 40-60 ms per check here
+/// (measured in docs/SECURITY.md); checks run on the blocking pool and
+/// successful ones are cached.
 pub const ITERATIONS_DEFAULT: u32 = 100_000;
 
 /// Default iterations of new SCRAM-SHA-256 keys (RFC 7677 asks at least 4096;
