@@ -44,3 +44,13 @@ check-ops:
 # Run the Paho interoperability suite (VERSION 311 or 5) against a fresh broker.
 interop PAHO_DIR VERSION="311":
     cd "{{invocation_directory()}}" && "{{justfile_directory()}}/scripts/interop.sh" "{{PAHO_DIR}}" "{{VERSION}}"
+
+# MQTT.js over mqtt, mqtts, ws and wss (needs node and npm).
+interop-mqttjs:
+    cargo build -p tessera-broker --bin broker
+    broker/scripts/interop-mqttjs.sh target/debug/broker
+
+# TLS handshakes/s and QoS 0 fan-in over TLS and TCP, against Mosquitto.
+bench-tls:
+    cargo build --release -p tessera-broker --bin broker
+    broker/scripts/bench-tls.sh target/release/broker
