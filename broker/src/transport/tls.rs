@@ -216,3 +216,90 @@ pub fn cert_identity(cert: &CertificateDer<'_>, identity: CertIdentity) -> Optio
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Goal: the identity rules and the file errors an operator sees.
+    //! Method: certificates generated with rcgen, files in a temporary directory.
+
+    use super::*;
+
+    fn cert(cn: Option<&str>, sans: &[&str]) -> CertificateDer<'static> {
+        let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn identity_is_the_cn_or_the_first_usable_san() {
+        let c = cert(Some("alice"), &["device-7.example", "127.0.0.1"]);
+        assert_eq!(
+            cert_identity(&c, CertIdentity::Cn).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            cert_identity(&c, CertIdentity::San).as_deref(),
+            Some("device-7.example")
+        );
+        assert_eq!(cert_identity(&c, CertIdentity::None), None);
+        let ip_only = cert(None, &["10.0.0.1"]);
+        assert_eq!(cert_identity(&ip_only, CertIdentity::San), None);
+        assert_eq!(cert_identity(&ip_only, CertIdentity::Cn), None);
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x01, 0x01, 0xff]);
+        assert_eq!(cert_identity(&garbage, CertIdentity::Cn), None);
+    }
+
+    #[test]
+    fn setup_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("tessera-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let files = TlsFiles {
+            cert: write("cert.pem", &pem),
+            key: write("key.pem", &key.serialize_pem()),
+            ca: None,
+            require_client_cert: false,
+        };
+        server_config(&files).unwrap();
+        let missing = TlsFiles {
+            cert: dir.join("nope.pem"),
+            ..files.clone()
+        };
+        let e = server_config(&missing).unwrap_err().to_string();
+        assert!(e.starts_with("cert_file ") && e.contains("nope.pem"), "{e}");
+        let empty = TlsFiles {
+            cert: write("empty.pem", "hello\n"),
+            ..files.clone()
+        };
+        let e = server_config(&empty).unwrap_err().to_string();
+        assert!(e.contains("no PEM CERTIFICATE block"), "{e}");
+        let mismatched = TlsFiles {
+            key: write("other.key", &other_key.serialize_pem()),
+            ..files.clone()
+        };
+        let e = server_config(&mismatched).unwrap_err().to_string();
+        assert!(e.contains("key_file"), "{e}");
+        let bad_ca = TlsFiles {
+            ca: Some(write("ca.pem", "garbage")),
+            require_client_cert: true,
+            ..files.clone()
+        };
+        let e = server_config(&bad_ca).unwrap_err().to_string();
+        assert!(e.starts_with("ca_file "), "{e}");
+    }
+}
