@@ -5,9 +5,12 @@
 #     CLIENTS processes in parallel for SECONDS each; the broker sees a TLS
 #     connection that closes without CONNECT, the same for both brokers.
 #   - QoS 0 fan-in: PUBS `mosquitto_pub -l` publishers, MSGS messages of 64 B
-#     each, into one `mosquitto_sub`; msg/s = messages received / (time of the
-#     last one received - start of the publishers). `-F %U` timestamps every
-#     message at the subscriber.
+#     each, into one `mosquitto_sub`. published/s = messages sent / time until
+#     every publisher finished (what the broker took in); received/s =
+#     messages received / (time of the last one received - start), `-F %U`
+#     timestamping every message at the subscriber. A broker that drops QoS 0
+#     messages for a subscriber that falls behind (Tessera's bounded queues)
+#     receives fewer: read `received` with the rate.
 # Runs are interleaved (tessera, mosquitto, tessera, mosquitto) ROUNDS times,
 # because this machine's 2 cores are shared by broker and clients (and by
 # whatever else runs): read ratios, not absolute figures.
@@ -112,16 +115,19 @@ fanin() { # port tls(0/1) -> "received/s received sent"
         pubs+=($!)
     done
     wait "${pubs[@]}" 2>/dev/null || true
+    local sent_at
+    sent_at=$(date +%s.%N)
     wait "$sub" 2>/dev/null || true
     local got last
     got=$(wc -l < "$work/sub.out")
     last=$(tail -n1 "$work/sub.out")
-    awk -v g="$got" -v s="$start" -v l="${last:-$start}" -v t="$total" \
-        'BEGIN { d = l - s; if (d <= 0) d = 1e-9; printf "%d %d %d\n", g / d, g, t }'
+    awk -v g="$got" -v s="$start" -v p="$sent_at" -v l="${last:-$start}" -v t="$total" \
+        'BEGIN { d = l - s; if (d <= 0) d = 1e-9; e = p - s;
+                 printf "%d %d %d %d\n", t / e, g / d, g, t }'
 }
 
 echo "# $(date -u +%FT%TZ) shards=$SHARDS clients=$CLIENTS x ${SECONDS_HS}s, fan-in $PUBS x $MSGS x 64 B"
-echo "round broker transport handshakes_per_s fanin_received_per_s received sent"
+echo "round broker transport handshakes_per_s published_per_s received_per_s received sent"
 for r in $(seq "$ROUNDS"); do
     for b in tessera mosquitto; do
         if [[ $b == tessera ]]; then plain=$T_PLAIN; tlsp=$T_TLS; else plain=$M_PLAIN; tlsp=$M_TLS; fi
