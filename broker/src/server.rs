@@ -11,23 +11,18 @@
 //! handshakes on the accepting shard (`crate::transport`), which then hands
 //! the socket together with the transport state to the owner shard.
 //!
-//! Per connection there are two tasks on the owner shard: a reader that decodes
-//! packets into the engine, and a writer that sends what the engine produced.
-//! They share the connection's one socket, each borrowing it for a single poll
-//! (see `Link`), so a client that is slow to read never blocks the processing
-//! of what it sends (its acknowledgements).
+//! Per connection there is one task on the owner shard (`conn`), which reads
+//! packets into the engine and writes what the engine produced.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -41,12 +36,11 @@ use tessera_proto::{
 };
 use tessera_shard::authz::Admission;
 use tessera_shard::engine::{
-    CloseReason, Engine, Limits, QueueOverflow as EngineOverflow, SharedStrategy as EngineShared,
+    Engine, Limits, QueueOverflow as EngineOverflow, SharedStrategy as EngineShared,
 };
 use tessera_shard::handoff::Handoff;
 use tessera_shard::hash::{assign_client_id, shard_for};
 use tessera_shard::mesh::{MeshMsg, ShardId};
-use tessera_shard::session::ConnId;
 use tracing::{debug, info, warn};
 
 use crate::auth::listener_limits::ListenerLimits;
@@ -58,6 +52,7 @@ use crate::transport::tls::TlsStore;
 use crate::transport::{Transport, TransportState};
 use persist::{ShardStore, StoreBoot};
 
+mod conn;
 mod persist;
 
 /// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
@@ -78,8 +73,9 @@ const MESH_ENVELOPE_MESSAGES_MAX: usize = 512;
 const READ_CHUNK_BYTES: usize = 4096;
 
 /// Bytes of the read an idle connection waits in: small enough to live inside
-/// the reader task, large enough for a PINGREQ, an acknowledgement or a small
-/// PUBLISH in one read.
+/// the connection task, large enough for a PINGREQ, an acknowledgement or a
+/// small PUBLISH in one read. Only a connection whose reads fill it gets a heap
+/// read buffer (`READ_CHUNK_BYTES`).
 const PROBE_BYTES: usize = 128;
 
 /// How often each shard checks keep alives, expiries and the stop flag.
@@ -89,7 +85,7 @@ const TICK: Duration = Duration::from_millis(250);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 
 /// How long a connection the broker closes keeps discarding what the client
-/// still sends before the socket is closed (see `write_loop`).
+/// still sends before the socket is closed (see `conn::close`).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Memory glommio registers for I/O per shard; well under the 8 MiB locked-memory
@@ -611,7 +607,7 @@ async fn shard_main(boot: ShardBoot) {
         glommio::spawn_local(async move {
             while let Some(env) = receiver.recv().await {
                 on_envelope(&shard, peer, env);
-                // As in read_loop: a receive from a busy peer completes at once,
+                // As in `conn::run`: a receive from a busy peer completes at once,
                 // and without yielding, the writers of the subscribers these
                 // batches feed would starve (and their queues overflow).
                 futures_lite::future::yield_now().await;
@@ -1104,282 +1100,15 @@ async fn serve(
         engine.connect_admitted(now_ms(), connect, assigned, admission)
     };
     shard.flush_outbox();
-    let link = Rc::new(Link {
-        stream: RefCell::new(stream),
-        reader_done: Cell::new(false),
-    });
-    let writer = write_loop(shard.clone(), link.clone(), conn);
-    let limits_shard = shard.clone();
+    // The bytes left from the CONNECT read are copied into a right-sized
+    // buffer so the accept-time read buffer is freed now.
+    let input = BytesMut::from(&already_read[..]);
+    drop(already_read);
     glommio::spawn_local(async move {
-        writer.await;
-        limits_shard.listener_limits.release(usize::from(listener));
+        conn::run(shard.clone(), stream, input, conn, version).await;
+        shard.listener_limits.release(usize::from(listener));
     })
     .detach();
-    // The reader is a task of its own so that the long-lived future holds only
-    // what reading needs (an idle connection's memory is mostly these tasks).
-    // The bytes left from the CONNECT read are copied into a right-sized buffer
-    // so the accept-time read buffer is freed now.
-    let buf = BytesMut::from(&already_read[..]);
-    drop(already_read);
-    glommio::spawn_local(read_loop(shard, link, buf, conn, version)).detach();
-}
-
-/// The socket of one connection, shared by its reader and writer tasks.
-///
-/// One descriptor per connection (not a duplicate per task) keeps a process
-/// under its open-files limit with twice the connections. Each read or write
-/// borrows the stream for one poll only, never across an await, and glommio
-/// keeps separate readiness sources for reading and writing, so the two tasks
-/// never contend: a client slow to read still has its acknowledgements read.
-struct Link {
-    stream: RefCell<Transport>,
-    /// Set by the reader when it stopped reading for good.
-    reader_done: Cell<bool>,
-}
-
-impl Link {
-    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        poll_fn(|cx| self.stream.borrow_mut().poll_read(cx, buf)).await
-    }
-
-    /// Reads once into the spare capacity of `buf`; returns the bytes read.
-    async fn read_more(&self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        let start = buf.len();
-        buf.resize(start + READ_CHUNK_BYTES, 0);
-        let r = self.read(&mut buf[start..]).await;
-        buf.truncate(start + *r.as_ref().unwrap_or(&0));
-        r
-    }
-
-    async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
-        while !data.is_empty() {
-            let n = poll_fn(|cx| self.stream.borrow_mut().poll_write_raw(cx, data)).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            data = &data[n..];
-        }
-        poll_fn(|cx| self.stream.borrow_mut().poll_flush(cx)).await
-    }
-
-    /// Wakes the writer when the reader left transport output for it (a
-    /// WebSocket PONG, TLS records).
-    fn wake_writer_if_needed(&self, shard: &Shard, conn: ConnId) {
-        if self.stream.borrow().flush_needed()
-            && let Some(w) = shard
-                .engine
-                .borrow_mut()
-                .output(conn)
-                .and_then(|o| o.waker.take())
-        {
-            w.wake();
-        }
-    }
-
-    /// Shuts down one or both directions at once (a plain syscall, no await).
-    fn shutdown(&self, how: std::net::Shutdown) {
-        let stream = self.stream.borrow();
-        // SAFETY: the fd belongs to `stream`, borrowed for this statement.
-        let fd = unsafe { BorrowedFd::borrow_raw(stream.tcp().as_raw_fd()) };
-        let _ = socket2::SockRef::from(&fd).shutdown(how);
-    }
-}
-
-async fn read_loop(
-    shard: Rc<Shard>,
-    link: Rc<Link>,
-    mut buf: BytesMut,
-    conn: ConnId,
-    version: ProtocolVersion,
-) {
-    let mut busy = false;
-    loop {
-        let now = now_ms();
-        {
-            let mut engine = shard.engine.borrow_mut();
-            loop {
-                if engine.is_ended(conn) {
-                    break;
-                }
-                match tessera_proto::decode(&mut buf, version, shard.max_packet) {
-                    Ok(Some(packet)) => engine.handle_packet(now, conn, packet),
-                    Ok(None) => break,
-                    Err(e) => {
-                        debug!(%conn, "decode error: {e}");
-                        let reason = e.reason_code().unwrap_or(ReasonCode::MalformedPacket);
-                        engine.decode_error(now, conn, reason);
-                        break;
-                    }
-                }
-            }
-        }
-        shard.flush_outbox();
-        if shard.engine.borrow().is_ended(conn) {
-            linger(&shard, &link, conn).await;
-            link.reader_done.set(true);
-            return;
-        }
-        // Back-pressure: a peer shard or the store writer that falls behind
-        // slows publishers here.
-        while shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX || shard.store_backlogged() {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
-        // glommio is cooperative and a read of a busy socket completes at once:
-        // without this, publishers that keep their sockets full would starve
-        // the writers of their subscribers.
-        futures_lite::future::yield_now().await;
-        let read = if buf.is_empty() && !busy {
-            // Idle: wait with a small probe instead of a read buffer, so an idle
-            // connection holds no buffer at all.
-            buf = BytesMut::new();
-            let mut probe = [0u8; PROBE_BYTES];
-            let r = link.read(&mut probe).await;
-            if let Ok(n) = r {
-                buf.extend_from_slice(&probe[..n]);
-                busy = n == PROBE_BYTES;
-            }
-            r
-        } else {
-            let r = link.read_more(&mut buf).await;
-            // Keep the chunk buffer while reads fill it; fall back to probing
-            // once the connection goes quiet.
-            busy = matches!(r, Ok(n) if n == READ_CHUNK_BYTES);
-            r
-        };
-        link.wake_writer_if_needed(&shard, conn);
-        match read {
-            Ok(n) if n > 0 => shard.engine.borrow_mut().record_bytes_received(n),
-            _ => {
-                shard.engine.borrow_mut().connection_lost(now_ms(), conn);
-                shard.flush_outbox();
-                link.reader_done.set(true);
-                return;
-            }
-        }
-    }
-}
-
-/// Lingering close, when the broker ended the connection (refused CONNECT,
-/// protocol error, keep alive, takeover, shutdown): the client may still be
-/// sending, and a socket closed with unread input answers with RST, which can
-/// destroy the CONNACK or DISCONNECT just written before the client reads it.
-/// So the reader keeps reading and discarding until the client closes or
-/// `CLOSE_LINGER` passes, while the writer sends the last bytes and a FIN.
-async fn linger(shard: &Shard, link: &Link, conn: ConnId) {
-    let close = shard.engine.borrow_mut().output(conn).and_then(|o| o.close);
-    if matches!(
-        close,
-        Some(CloseReason::ClientDisconnect | CloseReason::ConnectionLost) | None
-    ) {
-        return;
-    }
-    let deadline = Instant::now() + CLOSE_LINGER;
-    let mut scratch = [0u8; PROBE_BYTES];
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let read = async { Some(link.read(&mut scratch).await) };
-        let expire = async {
-            glommio::timer::sleep(left).await;
-            None
-        };
-        match futures_lite::future::or(read, expire).await {
-            Some(Ok(n)) if n > 0 => {}
-            _ => return,
-        }
-    }
-}
-
-/// Waits for output of `conn`: swaps the engine's buffer with `spare` (so no
-/// buffer is allocated per write) or reports that the connection closes.
-struct NextOutput<'a> {
-    shard: &'a Shard,
-    link: &'a Link,
-    conn: ConnId,
-    spare: &'a mut BytesMut,
-    /// Set to the store epoch the taken bytes wait for.
-    durable_epoch: &'a mut u64,
-}
-
-impl Future for NextOutput<'_> {
-    type Output = bool;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
-        let this = self.get_mut();
-        let mut engine = this.shard.engine.borrow_mut();
-        let Some(out) = engine.output(this.conn) else {
-            return Poll::Ready(false);
-        };
-        if !out.buf.is_empty() {
-            std::mem::swap(&mut out.buf, this.spare);
-            *this.durable_epoch = out.durable_epoch;
-            return Poll::Ready(true);
-        }
-        if this.link.stream.borrow().flush_needed() {
-            return Poll::Ready(true);
-        }
-        if out.close.is_some() {
-            return Poll::Ready(false);
-        }
-        out.waker = Some(cx.waker().clone());
-        Poll::Pending
-    }
-}
-
-async fn write_loop(shard: Rc<Shard>, link: Rc<Link>, conn: ConnId) {
-    let mut spare = BytesMut::new();
-    // WebSocket frames are built here (header and payload in one write, so a
-    // TLS record or TCP segment is not spent on a 2-byte header).
-    let mut framed = Vec::new();
-    let mut write_failed = false;
-    let mut durable_epoch = 0;
-    loop {
-        let more = NextOutput {
-            shard: &shard,
-            link: &link,
-            conn,
-            spare: &mut spare,
-            durable_epoch: &mut durable_epoch,
-        }
-        .await;
-        if !more {
-            break;
-        }
-        // Sync durability: what these bytes acknowledge is committed first.
-        persist::committed(&shard, durable_epoch).await;
-        framed.clear();
-        let data: &[u8] = if link.stream.borrow_mut().frame(&spare, &mut framed) {
-            &framed
-        } else {
-            &spare
-        };
-        if link.write_all(data).await.is_err() {
-            write_failed = true;
-            shard.engine.borrow_mut().connection_lost(now_ms(), conn);
-            shard.flush_outbox();
-            break;
-        }
-        spare.clear();
-        shard.engine.borrow_mut().flushed(now_ms(), conn);
-        shard.flush_outbox();
-    }
-    if !write_failed {
-        link.stream.borrow_mut().close_nowait();
-    }
-    // FIN after the last byte; the reader lingers (see `linger`) and then
-    // stops. The engine slot stays held (ended) until then, so the reader never
-    // reaches a reused slot.
-    link.shutdown(if write_failed {
-        std::net::Shutdown::Both
-    } else {
-        std::net::Shutdown::Write
-    });
-    let deadline = Instant::now() + CLOSE_LINGER + Duration::from_millis(500);
-    while !link.reader_done.get() && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
-    link.shutdown(std::net::Shutdown::Both);
-    shard.engine.borrow_mut().release(now_ms(), conn);
-    shard.flush_outbox();
-    shard.connections.set(shard.connections.get() - 1);
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::anyhow;
@@ -181,23 +181,19 @@ pub(super) async fn receive_commits(shard: Rc<Shard>) {
     }
 }
 
-/// Waits until `epoch` is committed (at once without a store).
-pub(super) async fn committed(shard: &Shard, epoch: u64) {
+/// Ready once `epoch` is committed (at once without a store); otherwise
+/// registers the task to be woken at the next commit. A poll, not a future,
+/// because the connection task waits on it together with its socket.
+pub(super) fn poll_committed(shard: &Shard, epoch: u64, cx: &mut Context<'_>) -> Poll<()> {
     let Some(store) = &shard.store else {
-        return;
+        return Poll::Ready(());
     };
     if store.committed.get() >= epoch {
-        return;
+        Poll::Ready(())
+    } else {
+        store.waiters.borrow_mut().push(cx.waker().clone());
+        Poll::Pending
     }
-    poll_fn(|cx| {
-        if store.committed.get() >= epoch {
-            Poll::Ready(())
-        } else {
-            store.waiters.borrow_mut().push(cx.waker().clone());
-            Poll::Pending
-        }
-    })
-    .await;
 }
 
 /// At shutdown: submits the last batch and waits (at most `timeout`) until

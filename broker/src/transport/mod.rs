@@ -11,12 +11,11 @@
 //! of the connection's I/O (docs/ARCHITECTURE.md, "Hand-off for every
 //! transport").
 //!
-//! Two tasks use one `Transport` (see `server::Link`): the reader only reads
-//! and the writer only writes through glommio, each borrowing for one poll.
-//! Anything the reader must send (a WebSocket PONG, TLS records such as a key
-//! update answer) is flushed without waiting (a non-blocking `send`, which
-//! registers no waker, so the writer's waker is never replaced) and, if the
-//! socket is full, left for the writer: [`Transport::flush_needed`] tells it.
+//! One task per connection uses its `Transport` (`server::conn`): one poll
+//! writes, flushes and reads. Anything a read must send (a WebSocket PONG,
+//! TLS records such as a key update answer) is flushed without waiting (a
+//! non-blocking `send`) and, if the socket is full, left for the write side
+//! of that poll: [`Transport::flush_needed`] tells it.
 
 pub mod tls;
 pub mod ws;

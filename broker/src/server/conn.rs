@@ -1,0 +1,334 @@
+//! The connection task: one task per live connection on its owner shard,
+//! reading packets into the engine and writing what the engine produced.
+//!
+//! One task, not a reader and a writer: a task costs a heap allocation of its
+//! future plus glommio's task header, and an idle connection's memory was
+//! mostly its tasks. The task waits on a single combined poll (`Io::poll_event`)
+//! that tries the pending write, takes new engine output, and reads, so a
+//! client that is slow to read still has its acknowledgements read (glommio
+//! keeps separate readiness sources for reading and writing on one socket, and
+//! both register the same waker here).
+//!
+//! The stream is a [`Transport`] (plain TCP, TLS, WebSocket or both): output
+//! is framed by the transport (`Transport::frame`), written raw and flushed;
+//! transport output the read side produced (a WebSocket PONG, TLS records)
+//! is sent by the same poll (`Transport::flush_needed`).
+//!
+//! Lifecycle: [`run`] starts after the CONNECT was handed to the engine; it
+//! ends after the engine ended the connection (or the socket failed), the last
+//! output was written, the socket was shut down, and the engine slot released.
+
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_lite::future::poll_fn;
+use tessera_proto::{ProtocolVersion, ReasonCode};
+use tessera_shard::engine::CloseReason;
+use tessera_shard::session::ConnId;
+use tracing::debug;
+
+use super::{
+    CLOSE_LINGER, MESH_BACKLOG_BATCHES_MAX, PROBE_BYTES, READ_CHUNK_BYTES, Shard, now_ms, persist,
+};
+use crate::transport::Transport;
+
+/// How long readers pause when a peer shard's mesh queue is over its bound.
+const MESH_BACKOFF: Duration = Duration::from_millis(1);
+
+/// What woke the connection task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    /// Bytes were read into the input buffer.
+    Read(usize),
+    /// The peer closed its side, or reading failed.
+    ReadEnd,
+    /// Writing failed: the peer is gone.
+    WriteFailed,
+    /// The engine ended the connection and every byte of output was written.
+    Closed,
+    /// Only from the callers' timers: time to look again.
+    Timeout,
+}
+
+/// The connection's socket and buffers, polled as one.
+struct Io {
+    stream: Transport,
+    conn: ConnId,
+    /// Bytes read and not yet decoded.
+    input: BytesMut,
+    /// Output taken from the engine, being written.
+    output: BytesMut,
+    /// `output` framed by the transport, when it frames (WebSocket).
+    framed: Vec<u8>,
+    use_framed: bool,
+    /// Bytes of `output` (or `framed`) written.
+    written: usize,
+    /// Something was taken for writing and is not yet written and flushed.
+    in_flight: bool,
+    /// The store epoch that must be committed before `output` is written
+    /// (`sync` durability: what the bytes acknowledge is durable first).
+    durable_epoch: u64,
+    /// Reads fill whole chunks: keep the heap read buffer.
+    busy: bool,
+    probe: [u8; PROBE_BYTES],
+}
+
+impl Io {
+    /// Writes what it can, takes the engine's next output when the last is
+    /// written, and, when `read` is true, reads. Registers the task's waker
+    /// with the socket (both directions) and the engine output.
+    fn poll_event(&mut self, cx: &mut Context<'_>, shard: &Shard, read: bool) -> Poll<Event> {
+        loop {
+            let pending = if self.use_framed {
+                &self.framed[self.written..]
+            } else {
+                &self.output[self.written..]
+            };
+            if !pending.is_empty() {
+                if persist::poll_committed(shard, self.durable_epoch, cx).is_pending() {
+                    break;
+                }
+                match self.stream.poll_write_raw(cx, pending) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.written += n;
+                        continue;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(Event::WriteFailed),
+                    Poll::Pending => break,
+                }
+            }
+            if self.in_flight {
+                match self.stream.poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(Event::WriteFailed),
+                    Poll::Pending => break,
+                }
+                self.in_flight = false;
+                self.written = 0;
+                self.framed.clear();
+                if !self.output.is_empty() {
+                    // All written: the engine may move queued deliveries into
+                    // the freed space. The buffer keeps its capacity for the
+                    // next swap.
+                    self.output.clear();
+                    shard.engine.borrow_mut().flushed(now_ms(), self.conn);
+                    shard.flush_outbox();
+                }
+            }
+            let mut engine = shard.engine.borrow_mut();
+            let Some(out) = engine.output(self.conn) else {
+                return Poll::Ready(Event::Closed);
+            };
+            if !out.buf.is_empty() || self.stream.flush_needed() {
+                std::mem::swap(&mut out.buf, &mut self.output);
+                self.durable_epoch = out.durable_epoch;
+                drop(engine);
+                self.use_framed = self.stream.frame(&self.output, &mut self.framed);
+                self.in_flight = true;
+                continue;
+            }
+            if out.close.is_some() {
+                return Poll::Ready(Event::Closed);
+            }
+            if !out.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                out.waker = Some(cx.waker().clone());
+            }
+            break;
+        }
+        if !read {
+            return Poll::Pending;
+        }
+        let stream = &mut self.stream;
+        if self.input.is_empty() && !self.busy {
+            // Idle: read into the probe, so an idle connection holds no buffer.
+            if self.input.capacity() > 0 {
+                self.input = BytesMut::new();
+            }
+            match stream.poll_read(cx, &mut self.probe) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.input.extend_from_slice(&self.probe[..n]);
+                    self.busy = n == PROBE_BYTES;
+                    Poll::Ready(Event::Read(n))
+                }
+                Poll::Ready(_) => Poll::Ready(Event::ReadEnd),
+                Poll::Pending => Poll::Pending,
+            }
+        } else {
+            let start = self.input.len();
+            self.input.resize(start + READ_CHUNK_BYTES, 0);
+            let r = stream.poll_read(cx, &mut self.input[start..]);
+            let n = match &r {
+                Poll::Ready(Ok(n)) => *n,
+                _ => 0,
+            };
+            self.input.truncate(start + n);
+            match r {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    // Keep the chunk buffer while reads fill it; fall back to
+                    // probing once the connection goes quiet.
+                    self.busy = n == READ_CHUNK_BYTES;
+                    Poll::Ready(Event::Read(n))
+                }
+                Poll::Ready(_) => Poll::Ready(Event::ReadEnd),
+                Poll::Pending => Poll::Pending,
+            }
+        }
+    }
+
+    /// `poll_event` until it fires or `deadline` passes.
+    async fn next_event(&mut self, shard: &Shard, read: bool, deadline: Option<Instant>) -> Event {
+        let io = poll_fn(|cx| self.poll_event(cx, shard, read));
+        match deadline {
+            None => io.await,
+            Some(at) => {
+                let expire = async {
+                    glommio::timer::sleep(at.saturating_duration_since(Instant::now())).await;
+                    Event::Timeout
+                };
+                futures_lite::future::or(io, expire).await
+            }
+        }
+    }
+}
+
+/// Serves one connection until it ends. `input` holds the bytes read after the
+/// CONNECT; the engine already accepted the CONNECT as `conn`.
+pub(super) async fn run(
+    shard: Rc<Shard>,
+    stream: Transport,
+    input: BytesMut,
+    conn: ConnId,
+    version: ProtocolVersion,
+) {
+    let mut io = Io {
+        stream,
+        conn,
+        input,
+        output: BytesMut::new(),
+        framed: Vec::new(),
+        use_framed: false,
+        written: 0,
+        in_flight: false,
+        durable_epoch: 0,
+        busy: false,
+        probe: [0; PROBE_BYTES],
+    };
+    let mut reading = true;
+    let write_failed = loop {
+        handle_input(&shard, &mut io.input, conn, version);
+        if shard.engine.borrow().is_ended(conn) {
+            break false;
+        }
+        // Back-pressure: a peer shard or the store writer that falls behind
+        // slows publishers here.
+        let backlog = shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX || shard.store_backlogged();
+        let deadline = backlog.then(|| Instant::now() + MESH_BACKOFF);
+        match io.next_event(&shard, !backlog, deadline).await {
+            Event::Read(n) => {
+                shard.engine.borrow_mut().record_bytes_received(n);
+                // glommio is cooperative and a read of a busy socket completes
+                // at once: without this, publishers that keep their sockets
+                // full would starve the connections of their subscribers.
+                futures_lite::future::yield_now().await;
+            }
+            Event::Timeout => {}
+            Event::ReadEnd => {
+                reading = false;
+                shard.engine.borrow_mut().connection_lost(now_ms(), conn);
+                shard.flush_outbox();
+                break false;
+            }
+            Event::WriteFailed => break true,
+            Event::Closed => break false,
+        }
+    };
+    let write_failed = write_failed || !close(&shard, &mut io, reading).await;
+    if write_failed {
+        shard.engine.borrow_mut().connection_lost(now_ms(), conn);
+        shard.flush_outbox();
+    }
+    shutdown(&io.stream, Shutdown::Both);
+    shard.engine.borrow_mut().release(now_ms(), conn);
+    shard.flush_outbox();
+    shard.connections.set(shard.connections.get() - 1);
+}
+
+/// Decodes and handles every complete packet in `input`.
+fn handle_input(shard: &Shard, input: &mut BytesMut, conn: ConnId, version: ProtocolVersion) {
+    if input.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    {
+        let mut engine = shard.engine.borrow_mut();
+        while !engine.is_ended(conn) {
+            match tessera_proto::decode(input, version, shard.max_packet) {
+                Ok(Some(packet)) => engine.handle_packet(now, conn, packet),
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(%conn, "decode error: {e}");
+                    let reason = e.reason_code().unwrap_or(ReasonCode::MalformedPacket);
+                    engine.decode_error(now, conn, reason);
+                    break;
+                }
+            }
+        }
+    }
+    shard.flush_outbox();
+}
+
+/// The end of a connection the engine ended: writes the rest of the output and
+/// a FIN. When the broker ended it (refused CONNECT, protocol error, keep
+/// alive, takeover, shutdown), the client may still be sending, and a socket
+/// closed with unread input answers with RST, which can destroy the CONNACK or
+/// DISCONNECT just written before the client reads it. So the task keeps
+/// reading and discarding until the client closes or `CLOSE_LINGER` passes.
+/// Returns false when writing failed.
+async fn close(shard: &Shard, io: &mut Io, mut reading: bool) -> bool {
+    let reason = shard
+        .engine
+        .borrow_mut()
+        .output(io.conn)
+        .and_then(|o| o.close);
+    let linger = !matches!(
+        reason,
+        Some(CloseReason::ClientDisconnect | CloseReason::ConnectionLost) | None
+    );
+    reading &= linger;
+    let deadline = Instant::now() + CLOSE_LINGER;
+    loop {
+        match io.next_event(shard, reading, Some(deadline)).await {
+            Event::Read(_) => io.input.clear(),
+            Event::ReadEnd => reading = false,
+            Event::WriteFailed => return false,
+            Event::Closed => break,
+            Event::Timeout => return true,
+        }
+    }
+    io.stream.close_nowait();
+    shutdown(&io.stream, Shutdown::Write);
+    let mut scratch = [0u8; PROBE_BYTES];
+    while reading {
+        let read = async { Some(poll_fn(|cx| io.stream.poll_read(cx, &mut scratch)).await) };
+        let expire = async {
+            glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+            None
+        };
+        match futures_lite::future::or(read, expire).await {
+            Some(Ok(n)) if n > 0 => {}
+            _ => reading = false,
+        }
+    }
+    true
+}
+
+/// Shuts down one or both directions of the socket at once (no await).
+fn shutdown(stream: &Transport, how: Shutdown) {
+    // SAFETY: the fd belongs to `stream`, borrowed for this statement.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.tcp().as_raw_fd()) };
+    let _ = socket2::SockRef::from(&fd).shutdown(how);
+}
