@@ -49,6 +49,9 @@ wait_port() {
     echo "nothing listens on $1" >&2
     return 1
 }
+# Foreground only: a shell function run with & is a subshell, and $! would be
+# its pid, not the program's (background starts spell out nice and taskset, which
+# both exec, so $! is the program's pid).
 pinned() { local cpu=$1; shift; nice -n "$NICE" taskset -c "$cpu" "$@"; }
 
 pids=()
@@ -60,13 +63,13 @@ start_mosquitto() {
     mport=$(free_port)
     printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$mport" > "$OUT/mosquitto-$mport.conf"
     chmod 755 "$OUT"; chmod 644 "$OUT/mosquitto-$mport.conf"
-    pinned "$BROKER_CPU" mosquitto -c "$OUT/mosquitto-$mport.conf" > "$OUT/mosquitto-$mport.log" 2>&1 &
+    nice -n "$NICE" taskset -c "$BROKER_CPU" mosquitto -c "$OUT/mosquitto-$mport.conf" > "$OUT/mosquitto-$mport.log" 2>&1 &
     mpid=$!; pids+=("$mpid")
     wait_port "$mport"
 }
 start_tessera() {
     tport=$(free_port)
-    pinned "$BROKER_CPU" "$BROKER" --listen "127.0.0.1:$tport" --shards 1 \
+    nice -n "$NICE" taskset -c "$BROKER_CPU" "$BROKER" --listen "127.0.0.1:$tport" --shards 1 \
         --data-dir "$OUT/tessera-data-$tport" > "$OUT/tessera-$tport.log" 2>&1 &
     tpid=$!; pids+=("$tpid")
     wait_port "$tport"
@@ -96,7 +99,7 @@ stop "$mpid"; stop "$tpid"
 for side in mosquitto tessera; do
     if [[ $side == mosquitto ]]; then start_mosquitto; port=$mport pid=$mpid; else start_tessera; port=$tport pid=$tpid; fi
     set -x
-    pinned "$BENCH_CPU" "$BENCH" conn --clients "$CONNS" --rate 2000 --duration 10 \
+    nice -n "$NICE" taskset -c "$BENCH_CPU" "$BENCH" conn --clients "$CONNS" --rate 2000 --duration 10 \
         --bind 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5 --port "$port" --broker-pid "$pid" --json \
         > "$OUT/conn-$side.txt" 2>&1 &
     { set +x; } 2>/dev/null
