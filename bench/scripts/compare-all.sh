@@ -106,7 +106,7 @@ for side in mosquitto tessera; do
     bpid=$!
     # The bench's own RSS at the end of the hold, for its bytes per connection.
     sleep $(( CONNS / 2000 + 8 ))
-    echo "bench VmRSS during the $side hold: $(grep VmRSS "/proc/$bpid/status" 2>/dev/null || echo gone)" | tee -a "$OUT/conn-$side.txt"
+    echo "bench VmRSS during the $side hold: $(grep VmRSS "/proc/$bpid/status" 2>/dev/null || echo gone)" | tee "$OUT/conn-$side-bench-rss.txt"
     wait "$bpid" || true
     grep -v '^bench conn: ' "$OUT/conn-$side.txt"
     stop "$pid"
