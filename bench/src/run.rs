@@ -134,8 +134,15 @@ pub enum Drain {
     Deadline,
 }
 
-/// Waits until `received()` reaches `expected`, no progress was made for
-/// `quiet`, or the clock passes `deadline_ns`, whichever comes first.
+/// How long arrivals must pause, once as many arrived as expected, before the
+/// drain ends: a broker that delivers copies (to two members of a shared group,
+/// say) reaches the expected count before every distinct message arrived, and
+/// stopping right then would count the late ones as lost.
+const SETTLE_AFTER_EXPECTED: Duration = Duration::from_millis(100);
+
+/// Waits until `received()` reaches `expected` and then stays still for
+/// [`SETTLE_AFTER_EXPECTED`], no progress was made for `quiet`, or the clock
+/// passes `deadline_ns`, whichever comes first.
 pub async fn wait_for_deliveries(
     expected: u64,
     received: impl Fn() -> u64,
@@ -146,8 +153,14 @@ pub async fn wait_for_deliveries(
     let mut last = received();
     let mut last_change = tokio::time::Instant::now();
     loop {
-        if last >= expected {
-            return Drain::Complete;
+        if last >= expected && last_change.elapsed() >= SETTLE_AFTER_EXPECTED.min(quiet) {
+            // More arrivals than expected are copies: the run goes on to count
+            // them, and the drain is complete only without them.
+            return if last == expected {
+                Drain::Complete
+            } else {
+                Drain::Quiet
+            };
         }
         if last_change.elapsed() >= quiet {
             return Drain::Quiet;
