@@ -195,7 +195,10 @@ fn a_broker_that_delivers_to_every_group_member_is_caught() {
     // got the injected duplicate once more. The drain waits for arrivals to
     // settle once the expected count is reached, so the late copies are counted.
     assert_eq!(run.u("duplicate_count"), 99 + 2, "{o}");
-    assert_eq!(run.json["drain"], "quiet", "more arrivals than expected\n{o}");
+    assert_eq!(
+        run.json["drain"], "quiet",
+        "more arrivals than expected\n{o}"
+    );
     assert_eq!(run.json["pass"], false, "{o}");
     assert_eq!(run.code, 1, "{o}");
 }
