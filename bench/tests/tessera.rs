@@ -373,3 +373,35 @@ fn hdr_out_and_plot_write_valid_files() {
     assert!(!svg_text.contains("NaN") && !svg_text.contains("inf"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn conn_split_over_processes_holds_every_connection() {
+    let b = Tessera::start();
+    let pid = b.child.id().to_string();
+    let run = bench(
+        b.port,
+        &[
+            "conn",
+            "--clients",
+            "400",
+            "--rate",
+            "2000",
+            "--procs",
+            "2",
+            "--duration",
+            "0.5",
+            "--bind",
+            "127.0.0.2,127.0.0.3",
+            "--broker-pid",
+            &pid,
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.output);
+    assert_eq!(run.u("connected_count"), 400, "{}", run.output);
+    assert_eq!(run.u("dropped_count"), 0, "{}", run.output);
+    assert!(
+        run.u("broker_rss_after_bytes") > run.u("broker_rss_before_bytes"),
+        "{}",
+        run.output
+    );
+}
