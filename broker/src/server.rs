@@ -49,7 +49,7 @@ use crate::config::{
     Config, ListenerConfig, ListenerId, ListenerKind, QueueOverflow, SharedStrategy,
 };
 use crate::transport::tls::TlsStore;
-use crate::transport::{Transport, TransportState};
+use crate::transport::{AcceptError, Transport, TransportState};
 use persist::{ShardStore, StoreBoot};
 
 mod conn;
@@ -763,7 +763,7 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
     };
     let (mut stream, mut buf, identity) = match futures_lite::future::or(handshake, expire).await {
         Some(Ok(accepted)) => accepted,
-        Some(Err(e)) => {
+        Some(Err(e @ (AcceptError::Tls(_) | AcceptError::Upgrade(_)))) => {
             // Operators need to see refused certificates and upgrades; the
             // client's address says who.
             warn!(
@@ -771,6 +771,11 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
                 peer = ?peer,
                 "connection refused: {e}"
             );
+            return;
+        }
+        Some(Err(e)) => {
+            // A client (or a port scanner) that went away mid-handshake.
+            debug!(listener = %spec.url(spec.bind), peer = ?peer, "handshake ended: {e}");
             return;
         }
         None => {

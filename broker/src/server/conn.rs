@@ -36,6 +36,9 @@ use super::{
 };
 use crate::transport::Transport;
 
+/// Capacity of a WebSocket connection's frame buffer kept between writes.
+const FRAMED_RETAINED_BYTES_MAX: usize = 64 * 1024;
+
 /// How long readers pause when a peer shard's mesh queue is over its bound.
 const MESH_BACKOFF: Duration = Duration::from_millis(1);
 
@@ -110,6 +113,11 @@ impl Io {
                 self.in_flight = false;
                 self.written = 0;
                 self.framed.clear();
+                if self.framed.capacity() > FRAMED_RETAINED_BYTES_MAX {
+                    // One large message must not pin a large frame buffer for
+                    // the life of an otherwise quiet WebSocket connection.
+                    self.framed = Vec::new();
+                }
                 if !self.output.is_empty() {
                     // All written: the engine may move queued deliveries into
                     // the freed space. The buffer keeps its capacity for the
