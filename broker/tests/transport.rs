@@ -514,3 +514,63 @@ fn websocket_upgrades_are_checked_and_frames_follow_rfc_6455() {
     };
     assert_eq!(close.map(|c| u16::from(c.code)), Some(1003));
 }
+
+#[test]
+fn wrong_or_silent_clients_on_tls_and_websocket_ports_are_closed_and_logged() {
+    let d = dir("wrong");
+    let ca = Ca::new("wrong CA");
+    let (cert, key) = server_files(&d, &ca, "a");
+    let path = write(&d.join("tessera.toml"), &tls_listeners(&cert, &key));
+    let broker = Broker::start_with(
+        &["--config", path.as_str()],
+        &[("TESSERA_LIMITS__CONNECT_TIMEOUT_S", "1")],
+    );
+    let addr_of = |scheme: &str| {
+        let (host, port) = host_port(&broker.url(scheme));
+        format!("{host}:{port}")
+    };
+    // A plain MQTT client on the TLS port: refused, with the reason logged.
+    let mut s = std::net::TcpStream::connect(addr_of("mqtts")).unwrap();
+    s.set_read_timeout(Some(STEP)).unwrap();
+    s.write_all(&[
+        0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x1e, 0x00, 0x00,
+    ])
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(&[0x20]),
+        "no CONNACK over a TLS port: {answer:02x?}"
+    );
+    broker.wait_log("connection refused: TLS handshake failed", STEP);
+    // Silent connections are closed after the connect timeout (1 s here),
+    // before or after the handshake.
+    for scheme in ["mqtts", "ws", "wss"] {
+        let mut s = std::net::TcpStream::connect(addr_of(scheme)).unwrap();
+        s.set_read_timeout(Some(STEP)).unwrap();
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "{scheme}: closed without data");
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{scheme}: closed in time"
+        );
+    }
+    // And the broker still serves every transport.
+    runtime().block_on(async {
+        for scheme in ["mqtts", "ws", "wss"] {
+            let tls = matches!(scheme, "mqtts" | "wss").then(|| tls_client(&ca, None));
+            let mut c = connect(options(
+                &format!("after-{scheme}"),
+                &broker.url(scheme),
+                tls,
+            ))
+            .await
+            .unwrap();
+            let topic = format!("after/{scheme}");
+            c.subscribe(&topic).await;
+            wait_subscribed(&mut c, &topic).await;
+        }
+    });
+}
