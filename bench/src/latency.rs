@@ -56,10 +56,12 @@ pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
     let filters = Arc::new(vec![topic.clone()]);
     let (mut subs, granted) = connect_all(&cfg, "sub", 1, Some(filters), 0).await?;
     let (opts, id) = (cfg.opts.clone(), cfg.client_id("pub", 0));
-    let publisher = tokio::task::spawn_blocking(move || mqtt::connect_blocking(&opts, &id))
+    // Slot 1: the subscriber took slot 0, so two --host or --bind entries
+    // spread the pair.
+    let publisher = tokio::task::spawn_blocking(move || mqtt::connect_blocking(&opts, &id, 1))
         .await
         .expect("the connect thread does not panic")
-        .with_context(|| format!("setting up the publisher at {}", cfg.opts.addr(0)))?;
+        .with_context(|| format!("setting up the publisher at {}", cfg.opts.addr(1)))?;
 
     let t = cfg.timeline().await?;
     let (stop_tx, stop_rx) = watch::channel(false);

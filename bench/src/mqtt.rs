@@ -356,9 +356,24 @@ pub struct BlockingClient {
     pub granted: Granted,
 }
 
-/// The blocking twin of [`connect`].
-pub fn connect_blocking(opts: &Options, client_id: &str) -> Result<BlockingClient, Failure> {
-    let stream = std::net::TcpStream::connect_timeout(&opts.addr(0), opts.timeout)?;
+/// The blocking twin of [`connect`], for client slot `slot` (its `--host` and
+/// `--bind`).
+pub fn connect_blocking(
+    opts: &Options,
+    client_id: &str,
+    slot: usize,
+) -> Result<BlockingClient, Failure> {
+    let addr = opts.addr(slot);
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if let Some(ip) = opts.bind(slot) {
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    socket.connect_timeout(&addr.into(), opts.timeout)?;
+    let stream = std::net::TcpStream::from(socket);
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(opts.timeout))?;
     stream.set_write_timeout(Some(opts.timeout))?;

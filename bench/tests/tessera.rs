@@ -335,6 +335,9 @@ fn hdr_out_and_plot_write_valid_files() {
             "1",
             "--warmup",
             "0.2",
+            // The paced publisher (a blocking socket) binds too.
+            "--bind",
+            "127.0.0.2,127.0.0.3",
             "--hdr-out",
             hgrm.to_str().expect("utf-8 path"),
             "--plot",
