@@ -574,3 +574,43 @@ fn wrong_or_silent_clients_on_tls_and_websocket_ports_are_closed_and_logged() {
         }
     });
 }
+
+#[test]
+fn websocket_over_mutual_tls_takes_the_username_from_the_san() {
+    let d = dir("wss-mtls");
+    let ca = Ca::new("wss CA");
+    let (cert, key) = server_files(&d, &ca, "a");
+    let ca_file = write(&d.join("ca.pem"), &ca.pem);
+    let config = format!(
+        "[[listener]]\nkind = \"wss\"\nbind = \"127.0.0.1:0\"\ncert_file = \"{cert}\"\n\
+         key_file = \"{key}\"\nca_file = \"{ca_file}\"\nrequire_client_cert = true\n\
+         username_from_cert = \"san\"\n"
+    );
+    let broker = start(&d, &config, &["--log-level", "debug"]);
+    let url = broker.url("wss");
+    let device = ca.sign("not the username", &["sensor-42.devices.example"], true);
+    runtime().block_on(async {
+        let mut c = connect(options(
+            "wss-device",
+            &url,
+            Some(tls_client(&ca, Some(&device))),
+        ))
+        .await
+        .expect("a CA-signed client certificate over wss");
+        c.subscribe("d/t").await;
+        wait_subscribed(&mut c, "d/t").await;
+        let anon = connect(options("wss-anon", &url, Some(tls_client(&ca, None)))).await;
+        assert!(anon.is_err(), "no certificate, no WebSocket");
+    });
+    let log = broker.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("username from the client certificate")
+                && l.contains("sensor-42.devices.example")),
+        "the first DNS SAN became the username:\n{log}"
+    );
+    broker.wait_log(
+        "connection refused: TLS handshake failed: peer sent no certificates",
+        STEP,
+    );
+}
