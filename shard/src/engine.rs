@@ -1765,7 +1765,7 @@ impl Engine {
             w.wake();
         }
         self.stats.bytes_sent += written as u64;
-        self.hold_if_stored(conn);
+        self.hold_if_stored(conn, packet);
     }
 
     // ------------------------------------------------------------------

@@ -215,3 +215,85 @@ fn records_follow_the_shard_count_2_to_1_to_3() {
     // And once more: a start with the same count moves nothing.
     check(&recover_closed(&dir, 3));
 }
+
+/// In one transaction only the last op on a delivery counts: a delivery
+/// stored and deleted in the same commit is never written, one deleted and
+/// written again under a new session (same ClientID, same sequence number)
+/// after `DelSession` is kept.
+#[test]
+fn the_last_op_on_a_delivery_in_a_transaction_wins() {
+    let dir = Dir(std::env::temp_dir().join(format!("tessera-store-last-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let (lock, mut envs, _) = recover(&dir.0, 1, MAP_BYTES, WALL_BASE_MS).unwrap();
+    let (env, path) = envs.pop().unwrap();
+    let session = |id: &str| {
+        StoreOp::PutSession(Box::new(SessionState {
+            client_id: s(id),
+            version: ProtocolVersion::V5,
+            expiry_interval_s: 600,
+            disconnected_at_ms: None,
+            subscriptions: Vec::new(),
+            will: None,
+        }))
+    };
+    let put = |id: &str, seq: u64, text: &str| StoreOp::PutMsg {
+        client_id: s(id),
+        seq,
+        state: STATE_QUEUED,
+        packet_id: 0,
+        delivery: delivery(text, seq),
+    };
+    let del = |id: &str, seq: u64| StoreOp::DelMsg {
+        client_id: s(id),
+        seq,
+    };
+    let ops = vec![
+        session("a"),
+        put("a", 1, "acked in the same commit"),
+        put("a", 2, "kept"),
+        del("a", 1),
+        session("b"),
+        put("b", 1, "old session"),
+        del("b", 1),
+        StoreOp::DelSession { client_id: s("b") },
+        session("b"),
+        put("b", 1, "new session"),
+    ];
+    let config = StoreConfig {
+        sync: true,
+        batch_interval: Duration::from_millis(1),
+        wall_base_ms: WALL_BASE_MS,
+    };
+    let mut h = spawn_writer(0, env.clone(), path, config).unwrap();
+    h.batches.send(Batch { epoch: 1, ops }).unwrap();
+    assert_eq!(
+        h.committed.recv_timeout(Duration::from_secs(10)).unwrap(),
+        1
+    );
+    let thread = h.thread.take().unwrap();
+    drop(h);
+    thread.join().unwrap();
+    env.prepare_for_closing().wait();
+    drop(lock);
+    let r = recover_closed(&dir, 1);
+    let mut got: Vec<(String, Vec<String>)> = r[0]
+        .sessions
+        .iter()
+        .map(|rs| {
+            let texts = rs
+                .deliveries
+                .iter()
+                .map(|(_, _, d)| String::from_utf8(d.message.payload.to_vec()).unwrap())
+                .collect();
+            (rs.client_id.to_string(), texts)
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("a".to_owned(), vec!["kept".to_owned()]),
+            ("b".to_owned(), vec!["new session".to_owned()])
+        ]
+    );
+}

@@ -6,8 +6,9 @@
 //! Per shard: one writer thread (it blocks in LMDB commits, so the shard never
 //! does), a bounded channel to it, and an unbounded channel of committed
 //! epochs back whose async receive wakes the shard's executor. Batches the
-//! channel cannot take wait in a local queue; when that queue is long the
-//! shard's readers pause, which pushes back on publishers through TCP.
+//! channel cannot take wait in a local queue; when that queue holds more
+//! than `BACKLOG_OPS_MAX` ops the shard's readers pause, which pushes back on
+//! publishers through TCP.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -27,8 +28,12 @@ use tracing::{error, info, warn};
 use super::Shard;
 use crate::config::{Config, Durability};
 
-/// Batches waiting for the writer's channel before this shard's readers pause.
-const BACKLOG_BATCHES_MAX: usize = 64;
+/// Ops waiting for the writer's channel before this shard's readers pause
+/// (about 150 bytes each plus the payloads they share with the queues). The
+/// bound is in ops, not batches: a batch is whatever one step produced, often
+/// a single op, and pausing early would also stop reading the PUBACKs that
+/// free subscribers' windows.
+const BACKLOG_OPS_MAX: usize = 200_000;
 
 /// One shard's store and what it restores, until the shard takes it.
 pub(super) type StoreSlot = Option<(StoreHandle, Recovered, bool)>;
@@ -89,6 +94,8 @@ pub(super) struct ShardStore {
     handle: StoreHandle,
     /// Batches not yet accepted by the writer's channel, oldest first.
     backlog: RefCell<VecDeque<Batch>>,
+    /// Ops in `backlog`.
+    backlog_ops: Cell<usize>,
     feeder: RefCell<Option<Waker>>,
     /// Highest epoch committed.
     committed: Cell<u64>,
@@ -103,6 +110,7 @@ impl ShardStore {
     pub(super) fn take_batch(&self, engine: &mut Engine) {
         if let Some(b) = engine.take_store_batch() {
             self.submitted.set(b.epoch);
+            self.backlog_ops.set(self.backlog_ops.get() + b.ops.len());
             self.backlog.borrow_mut().push_back(b);
             if let Some(w) = self.feeder.borrow_mut().take() {
                 w.wake();
@@ -111,7 +119,7 @@ impl ShardStore {
     }
 
     pub(super) fn backlogged(&self) -> bool {
-        self.backlog.borrow().len() > BACKLOG_BATCHES_MAX
+        self.backlog_ops.get() > BACKLOG_OPS_MAX
     }
 }
 
@@ -133,6 +141,7 @@ pub(super) fn attach(
     Some(ShardStore {
         handle,
         backlog: RefCell::new(VecDeque::new()),
+        backlog_ops: Cell::new(0),
         feeder: RefCell::new(None),
         committed: Cell::new(0),
         submitted: Cell::new(0),
@@ -146,7 +155,10 @@ pub(super) async fn feed_writer(shard: Rc<Shard>) {
     let store = shard.store.as_ref().expect("store on");
     loop {
         let batch = poll_fn(|cx| match store.backlog.borrow_mut().pop_front() {
-            Some(b) => Poll::Ready(b),
+            Some(b) => {
+                store.backlog_ops.set(store.backlog_ops.get() - b.ops.len());
+                Poll::Ready(b)
+            }
             None => {
                 *store.feeder.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending

@@ -25,7 +25,7 @@
 
 use std::collections::VecDeque;
 
-use tessera_proto::{QoS, topic};
+use tessera_proto::{Packet, QoS, topic};
 
 use super::{DelayedWill, Engine};
 use crate::hash::shard_for;
@@ -133,9 +133,20 @@ impl Engine {
     }
 
     /// Called for every packet written: a stored session's output waits for
-    /// the epoch holding the state it reflects.
-    pub(super) fn hold_if_stored(&mut self, conn: ConnId) {
+    /// the epoch holding the state it reflects. QoS 0 and QoS 1 PUBLISH do
+    /// not wait: re-sent after a crash with another packet id, they are
+    /// still delivered at least once, which is all they promise. Everything
+    /// else does: QoS 2 PUBLISH and PUBREL (their packet id and state must
+    /// survive, or the client would take a re-send for a new message),
+    /// PUBCOMP (a released inbound id must not come back), CONNACK, SUBACK
+    /// and UNSUBACK (the session as the client was told it is).
+    pub(super) fn hold_if_stored(&mut self, conn: ConnId, packet: &Packet) {
         if self.durable_epoch().is_none() {
+            return;
+        }
+        if let Packet::Publish(p) = packet
+            && p.qos != QoS::ExactlyOnce
+        {
             return;
         }
         let Some(c) = self.slot(conn) else {

@@ -12,6 +12,7 @@
 //! and the fix and retried every second, and nothing waiting for that commit
 //! is acknowledged meanwhile.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,14 +20,14 @@ use std::time::{Duration, Instant};
 use heed::{Env, WithoutTls};
 use tracing::{error, warn};
 
-use super::{Batch, SharedStoreStats, StoreStats, apply, open_dbs};
+use super::{Batch, SharedStoreStats, StoreOp, StoreStats, apply, open_dbs};
 
 /// Ops applied in one transaction at most; more waiting go to the next one.
 const TXN_OPS_MAX: usize = 100_000;
 
 /// Batches waiting in the channel to the writer before the shard holds them
 /// back (and pauses its readers).
-pub const CHANNEL_BATCHES_MAX: usize = 64;
+pub const CHANNEL_BATCHES_MAX: usize = 1024;
 
 /// How a store commits.
 #[derive(Debug, Clone)]
@@ -191,11 +192,34 @@ fn commit(
     batches: &[Batch],
     wall_base_ms: u64,
 ) -> heed::Result<()> {
-    let mut txn = env.write_txn()?;
-    for b in batches {
-        for op in &b.ops {
-            apply(dbs, &mut txn, op, wall_base_ms)?;
+    // Only the last op on a delivery's key decides what the transaction
+    // leaves; earlier ones are skipped. A QoS 1 delivery to a connected
+    // subscriber is typically stored, sent and acknowledged between two
+    // commits: its put (the expensive part: encoding and a dirty page) is
+    // then never made. Range deletes (`ClearMsgs`, `DelSession`) stay in
+    // order, which keeps the result the same as applying everything.
+    let mut last: HashMap<(&[u8], u64), usize> = HashMap::new();
+    for (i, op) in batches.iter().flat_map(|b| &b.ops).enumerate() {
+        if let Some(key) = delivery_key(op) {
+            last.insert(key, i);
         }
     }
+    let mut txn = env.write_txn()?;
+    for (i, op) in batches.iter().flat_map(|b| &b.ops).enumerate() {
+        if delivery_key(op).is_some_and(|k| last[&k] != i) {
+            continue;
+        }
+        apply(dbs, &mut txn, op, wall_base_ms)?;
+    }
     txn.commit()
+}
+
+/// The key of an op on one delivery.
+fn delivery_key(op: &StoreOp) -> Option<(&[u8], u64)> {
+    match op {
+        StoreOp::PutMsg { client_id, seq, .. } | StoreOp::DelMsg { client_id, seq } => {
+            Some((client_id.as_bytes(), *seq))
+        }
+        _ => None,
+    }
 }
