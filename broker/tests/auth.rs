@@ -753,6 +753,7 @@ fn start_with_config(
     use std::io::{BufRead, BufReader};
     let path = dir.join("tessera.toml");
     std::fs::write(&path, config).unwrap();
+    let data = dir.join("data");
     let mut child = common::broker_command(
         &[
             "--listen",
@@ -761,6 +762,8 @@ fn start_with_config(
             "2",
             "--config",
             path.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
         ],
         &[],
     )
