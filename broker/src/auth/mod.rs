@@ -165,7 +165,13 @@ impl AuthHub {
             .map(|t| Acl::parse(&t))
             .transpose()
             .with_context(|| format!("invalid ACL file {}", c.acl_file))?;
-        let bans = read(&c.ban_file)?
+        // A ban file that does not exist yet is an empty list: the first
+        // `brokerctl ban add` or admin API ban creates it.
+        let ban_text = match std::fs::metadata(&c.ban_file) {
+            Err(e) if !c.ban_file.is_empty() && e.kind() == std::io::ErrorKind::NotFound => None,
+            _ => read(&c.ban_file)?,
+        };
+        let bans = ban_text
             .map(|t| BanList::parse(&t))
             .transpose()
             .map_err(anyhow::Error::msg)
@@ -239,6 +245,39 @@ impl AuthHub {
                 warn!("security files not reloaded, the previous ones stay in force: {e:#}");
             }
         }
+    }
+
+    /// The bans in force.
+    pub fn bans(&self) -> BanList {
+        self.current().bans.clone()
+    }
+
+    /// Adds (`add`) or removes a ban: rewrites the ban file (atomically, so
+    /// the file stays the one source of truth and survives restarts) and
+    /// reloads. Returns whether the list changed; an error when no
+    /// `auth.ban_file` is configured or the file cannot be read or written.
+    pub fn edit_ban(&self, ban: bans::Ban, add: bool) -> Result<bool, String> {
+        let path = &self.config.ban_file;
+        if path.is_empty() {
+            return Err("no ban file: set auth.ban_file to manage bans".to_owned());
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(format!("cannot read {path}: {e}")),
+        };
+        let mut list = BanList::parse(&text).map_err(|e| format!("{path}: {e}"))?;
+        let changed = if add {
+            list.add(ban)
+        } else {
+            list.remove(&ban)
+        };
+        if changed {
+            write_private(Path::new(path), &list.to_text())
+                .map_err(|e| format!("cannot write {path}: {e}"))?;
+            self.reload();
+        }
+        Ok(changed)
     }
 
     /// Reloads when a file's modification time changed.
@@ -528,6 +567,37 @@ impl AuthHook for ShardAuth {
         let empty = PasswordFile::default();
         let users = snap.passwords.as_ref().unwrap_or(&empty);
         scram::step(users, &self.hub.secret, state, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bans_edited_through_the_hub_reach_the_file_and_the_snapshot() {
+        let dir = std::env::temp_dir().join(format!("tessera-hub-bans-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bans");
+        let _ = std::fs::remove_file(&file);
+        let config = AuthConfig {
+            ban_file: file.to_str().unwrap().to_owned(),
+            ..AuthConfig::default()
+        };
+        let hub = AuthHub::load(&config, false).unwrap();
+        let ban: bans::Ban = "clientid evil".parse().unwrap();
+        assert_eq!(hub.edit_ban(ban.clone(), true), Ok(true));
+        assert_eq!(hub.edit_ban(ban.clone(), true), Ok(false));
+        assert!(hub.current().bans.client_banned("evil", None));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "clientid evil\n");
+        assert_eq!(hub.edit_ban(ban.clone(), false), Ok(true));
+        assert!(!hub.bans().client_banned("evil", None));
+        let none = AuthHub::load(&AuthConfig::default(), false).unwrap();
+        assert!(
+            none.edit_ban(ban, true)
+                .unwrap_err()
+                .contains("auth.ban_file")
+        );
     }
 }
 
