@@ -296,7 +296,95 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use bytes::Bytes;
+    use tessera_proto::{Connect, Packet, ProtocolVersion, PubAck, Publish, QoS, ReasonCode, Str};
+
     use super::RateBucket;
+    use crate::authz::{Action, AuthHook, AuthStep};
+    use crate::engine::{Engine, Limits};
+
+    /// Denies publishing to `deny/...`; counts its calls.
+    #[derive(Debug, Default)]
+    struct CountingHook {
+        calls: Cell<u32>,
+        generation: Cell<u64>,
+    }
+
+    impl AuthHook for CountingHook {
+        fn generation(&self) -> u64 {
+            self.generation.get()
+        }
+        fn allowed(&self, _: &str, _: Option<&str>, _: Action, topic: &str) -> bool {
+            self.calls.set(self.calls.get() + 1);
+            !topic.starts_with("deny/")
+        }
+        fn auth_step(&self, _: &str, _: Option<&[u8]>, _: &[u8]) -> AuthStep {
+            AuthStep::Failure(ReasonCode::BadAuthenticationMethod)
+        }
+    }
+
+    fn publish(topic: &'static str, id: u16) -> Packet {
+        let mut p = Publish::new(Str::from_static(topic), Bytes::from_static(b"x"));
+        p.qos = QoS::AtLeastOnce;
+        p.packet_id = id;
+        Packet::Publish(p)
+    }
+
+    fn acks(e: &mut Engine, conn: crate::session::ConnId) -> Vec<(u16, ReasonCode)> {
+        let mut buf = e.output(conn).map(|o| o.buf.split()).unwrap_or_default();
+        let mut out = Vec::new();
+        while let Ok(Some(p)) = tessera_proto::decode(&mut buf, ProtocolVersion::V5, usize::MAX) {
+            if let Packet::PubAck(PubAck {
+                packet_id,
+                reason_code,
+                ..
+            }) = p
+            {
+                out.push((packet_id, reason_code));
+            }
+        }
+        out
+    }
+
+    /// The ACL hook is asked once per topic per session, not per message,
+    /// until its generation changes (a reload).
+    #[test]
+    fn publish_decisions_are_cached_per_session_until_a_reload() {
+        let hook = Rc::new(CountingHook::default());
+        let mut e = Engine::new(0, 1, Limits::default());
+        e.set_auth_hook(hook.clone());
+        let c = Connect {
+            version: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: Str::from_static("cached"),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        };
+        let conn = e.connect(1, c, false);
+        for id in 1..=100 {
+            e.handle_packet(2, conn, publish("ok/t", id));
+            e.handle_packet(2, conn, publish("deny/t", id));
+        }
+        assert_eq!(hook.calls.get(), 2, "one check per topic");
+        let got = acks(&mut e, conn);
+        assert_eq!(got.len(), 200);
+        assert!(got.iter().step_by(2).all(|a| a.1 == ReasonCode::Success));
+        assert!(
+            got.iter()
+                .skip(1)
+                .step_by(2)
+                .all(|a| a.1 == ReasonCode::NotAuthorized)
+        );
+        hook.generation.set(1);
+        e.handle_packet(3, conn, publish("ok/t", 1));
+        assert_eq!(hook.calls.get(), 3, "a new generation checks again");
+    }
 
     #[test]
     fn the_rate_bucket_allows_a_burst_then_the_rate() {
