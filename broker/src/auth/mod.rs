@@ -570,37 +570,6 @@ impl AuthHook for ShardAuth {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bans_edited_through_the_hub_reach_the_file_and_the_snapshot() {
-        let dir = std::env::temp_dir().join(format!("tessera-hub-bans-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("bans");
-        let _ = std::fs::remove_file(&file);
-        let config = AuthConfig {
-            ban_file: file.to_str().unwrap().to_owned(),
-            ..AuthConfig::default()
-        };
-        let hub = AuthHub::load(&config, false).unwrap();
-        let ban: bans::Ban = "clientid evil".parse().unwrap();
-        assert_eq!(hub.edit_ban(ban.clone(), true), Ok(true));
-        assert_eq!(hub.edit_ban(ban.clone(), true), Ok(false));
-        assert!(hub.current().bans.client_banned("evil", None));
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), "clientid evil\n");
-        assert_eq!(hub.edit_ban(ban.clone(), false), Ok(true));
-        assert!(!hub.bans().client_banned("evil", None));
-        let none = AuthHub::load(&AuthConfig::default(), false).unwrap();
-        assert!(
-            none.edit_ban(ban, true)
-                .unwrap_err()
-                .contains("auth.ban_file")
-        );
-    }
-}
-
 /// The process's resident set size in bytes (`/proc/self/statm`), 0 if unknown.
 pub fn resident_bytes() -> u64 {
     let Ok(text) = std::fs::read_to_string("/proc/self/statm") else {
@@ -633,4 +602,35 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bans_edited_through_the_hub_reach_the_file_and_the_snapshot() {
+        let dir = std::env::temp_dir().join(format!("tessera-hub-bans-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bans");
+        let _ = std::fs::remove_file(&file);
+        let config = AuthConfig {
+            ban_file: file.to_str().unwrap().to_owned(),
+            ..AuthConfig::default()
+        };
+        let hub = AuthHub::load(&config, false).unwrap();
+        let ban: bans::Ban = "clientid evil".parse().unwrap();
+        assert_eq!(hub.edit_ban(ban.clone(), true), Ok(true));
+        assert_eq!(hub.edit_ban(ban.clone(), true), Ok(false));
+        assert!(hub.current().bans.client_banned("evil", None));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "clientid evil\n");
+        assert_eq!(hub.edit_ban(ban.clone(), false), Ok(true));
+        assert!(!hub.bans().client_banned("evil", None));
+        let none = AuthHub::load(&AuthConfig::default(), false).unwrap();
+        assert!(
+            none.edit_ban(ban, true)
+                .unwrap_err()
+                .contains("auth.ban_file")
+        );
+    }
 }
