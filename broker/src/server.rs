@@ -580,7 +580,7 @@ async fn shard_main(boot: ShardBoot) {
         store,
         listener_limits: ListenerLimits::new(&boot.listeners, boot.shard_count),
     });
-    shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
+    let _ = shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
     if shard.store.is_some() {
         glommio::spawn_local(persist::feed_writer(shard.clone())).detach();
         glommio::spawn_local(persist::receive_commits(shard.clone())).detach();
@@ -670,7 +670,18 @@ async fn shard_main(boot: ShardBoot) {
 
     while !stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(TICK).await;
-        shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
+        if shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0) {
+            // A reload may ban clients that are connected: they go now.
+            let auth = shard.auth.clone();
+            let n = shard.engine.borrow_mut().disconnect_where(
+                now_ms(),
+                ReasonCode::AdministrativeAction,
+                |client_id, user| auth.client_banned(client_id, user),
+            );
+            if n > 0 {
+                info!(shard = shard.id, clients = n, "banned clients disconnected");
+            }
+        }
         shard.engine.borrow_mut().tick(now_ms());
         shard.flush_outbox();
     }

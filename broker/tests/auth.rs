@@ -842,7 +842,8 @@ fn sighup_reloads_the_security_files() {
         ],
     );
     RawClient::connect_ok(broker.addr(), connect_packet(V5, "hup", true, 30));
-    std::fs::write(&bans, "clientid hup\n").unwrap();
+    let mut live = RawClient::connect_ok(broker.addr(), connect_packet(V5, "live", true, 30));
+    std::fs::write(&bans, "clientid hup\nclientid live\n").unwrap();
     std::thread::sleep(Duration::from_millis(600));
     RawClient::connect_ok(broker.addr(), connect_packet(V5, "hup", true, 30));
     broker.sighup();
@@ -850,6 +851,8 @@ fn sighup_reloads_the_security_files() {
         let (_, ack) = connack(&broker, connect_packet(V5, "hup", true, 30));
         ack.reason_code == ReasonCode::Banned
     });
+    // A connected client the reload bans is disconnected (0x98 Administrative action).
+    live.expect_disconnect_then_close(ReasonCode::AdministrativeAction);
 }
 
 #[test]

@@ -327,9 +327,11 @@ impl ShardAuth {
     }
 
     /// Once per tick: take a reloaded snapshot, prune flapping state, sample
-    /// the process's resident memory.
-    pub fn tick(&self, now_ms: u64, sample_rss: bool) {
-        if self.hub.generation() != self.snap.borrow().generation {
+    /// the process's resident memory. Returns true when a new snapshot was
+    /// taken (the caller then disconnects clients it bans).
+    pub fn tick(&self, now_ms: u64, sample_rss: bool) -> bool {
+        let reloaded = self.hub.generation() != self.snap.borrow().generation;
+        if reloaded {
             *self.snap.borrow_mut() = self.hub.current();
         }
         let c = self.hub.config();
@@ -344,6 +346,12 @@ impl ShardAuth {
         if sample_rss {
             self.rss_bytes.set(resident_bytes());
         }
+        reloaded
+    }
+
+    /// Whether the ClientID or user name is banned now.
+    pub fn client_banned(&self, client_id: &str, username: Option<&str>) -> bool {
+        self.snap.borrow().bans.client_banned(client_id, username)
     }
 
     /// Whether connections from `ip` are banned.

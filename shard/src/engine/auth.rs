@@ -265,6 +265,39 @@ impl Engine {
         self.write_packet(conn, &Packet::Auth(auth));
     }
 
+    /// Disconnects every client for which `pred(client_id, username)` holds
+    /// (v5: DISCONNECT with `rc`), e.g. after a ban list reload. Returns how
+    /// many. Their sessions follow the normal rules of an ended connection.
+    pub fn disconnect_where(
+        &mut self,
+        now_ms: u64,
+        rc: ReasonCode,
+        mut pred: impl FnMut(&str, Option<&str>) -> bool,
+    ) -> usize {
+        let mut hit = Vec::new();
+        for (slot, c) in self.conns.iter().enumerate() {
+            let Some(c) = c else { continue };
+            if c.ended || c.session == SessionIdx::MAX {
+                continue;
+            }
+            let s = self.session(c.session);
+            let user = s.auth.as_ref().and_then(|a| a.username.as_ref());
+            if pred(s.client_id.as_str(), user.map(Str::as_str)) {
+                hit.push(ConnId {
+                    slot: slot as u32,
+                    serial: c.serial,
+                });
+            }
+        }
+        for &conn in &hit {
+            if self.conn(conn).version.is_v5() {
+                self.write_packet(conn, &Packet::Disconnect(Disconnect::new(rc)));
+            }
+            self.end_conn(now_ms, conn, CloseReason::ProtocolError(rc));
+        }
+        hit.len()
+    }
+
     /// Closes connections whose credentials expired (a JWT's `exp`): v5
     /// clients get DISCONNECT 0xA0 Maximum connect time.
     pub(super) fn expire_credentials(&mut self, now_ms: u64) {
