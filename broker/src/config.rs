@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Admin HTTP API and /metrics listen address.
     pub admin_listen: SocketAddr,
+    /// Bearer token the admin API requires; empty for none (loopback only).
+    pub admin_token: String,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +89,7 @@ impl Default for ServerConfig {
             shards: None,
             data_dir: PathBuf::from("./data"),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 18083)),
+            admin_token: String::new(),
         }
     }
 }
@@ -541,6 +544,15 @@ pub const FIELDS: &[FieldDoc] = &[
         key: "admin_listen",
         doc: "Admin HTTP API and Prometheus /metrics listen address (ADDR:PORT).",
         accepted: "a socket address not used by server.listen",
+    },
+    FieldDoc {
+        section: "server",
+        key: "admin_token",
+        doc: "Bearer token the admin API and /metrics require (Authorization: Bearer TOKEN); \
+              /health and /ready stay open. Required when server.admin_listen is not a \
+              loopback address. Prefer the TESSERA_SERVER__ADMIN_TOKEN environment variable \
+              to a file others can read.",
+        accepted: "empty (no token), or 16 to 256 visible ASCII characters",
     },
     FieldDoc {
         section: "limits",
@@ -1086,6 +1098,7 @@ impl Config {
             ("server", "shards") => s.shards = Some(p(v)?),
             ("server", "data_dir") => s.data_dir = PathBuf::from(v),
             ("server", "admin_listen") => s.admin_listen = p(v)?,
+            ("server", "admin_token") => s.admin_token = v.to_owned(),
             ("limits", "max_connections") => l.max_connections = p(v)?,
             ("limits", "max_packet_size_bytes") => l.max_packet_size_bytes = p(v)?,
             ("limits", "max_inflight") => l.max_inflight = p(v)?,
@@ -1176,11 +1189,35 @@ impl Config {
                 );
             }
         }
-        if s.listen.contains(&s.admin_listen) {
+        // Port 0 asks the kernel for a free port: distinct ones for each.
+        if s.admin_listen.port() != 0 && s.listen.contains(&s.admin_listen) {
             return invalid(
                 "server.admin_listen",
                 format!("\"{}\"", s.admin_listen),
                 format!("an address not in server.listen = {}", list(&s.listen)),
+            );
+        }
+        let token = &s.admin_token;
+        if !token.is_empty()
+            && (!(16..=256).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            // Never echo the token itself.
+            return invalid(
+                "server.admin_token",
+                format!("<{} bytes, not shown>", token.len()),
+                accepted("server.admin_token"),
+            );
+        }
+        if token.is_empty() && !s.admin_listen.ip().is_loopback() {
+            return invalid(
+                "server.admin_token",
+                "\"\"".into(),
+                format!(
+                    "a token, because server.admin_listen = \"{}\" is not a loopback \
+                     address (set TESSERA_SERVER__ADMIN_TOKEN, or bind the admin API to \
+                     127.0.0.1)",
+                    s.admin_listen
+                ),
             );
         }
         if s.shards == Some(0) {

@@ -12,14 +12,17 @@
 //!   CONNECT hand-off to the owner shard, and the per-connection tasks.
 //! - [`transport`]: TLS (rustls) and WebSocket layers of the `mqtts`, `ws` and `wss`
 //!   listeners, and the transport state a hand-off carries.
+//! - [`admin`]: the admin thread: `/metrics` (Prometheus), `/health`, `/ready` and
+//!   the JSON API under `/api/v1/`, answered by the shards by message; also the
+//!   HTTP client `brokerctl` uses.
 //! - [`tune`]: `brokerctl tune check`, the read-only comparison of a machine with a
 //!   `kernel-tuning/` profile (the profiles are embedded).
 //!
 //! Binaries: `broker` (`src/main.rs`) and `brokerctl` (`src/bin/brokerctl.rs`).
 //!
-//! Not here yet: QUIC listeners, persistence, the admin API and the
-//! `brokerctl` subcommands that use it, metrics export.
+//! Not here yet: QUIC listeners, persistence.
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -3,8 +3,11 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tessera_broker::admin::api::AdminState;
+use tessera_broker::admin::metrics::Exporter;
 use tessera_broker::cli::Cli;
 use tessera_broker::config::{Config, ListenerKind, LogFormat, default_config_toml};
 use tessera_broker::server::Server;
@@ -50,7 +53,27 @@ fn init_logging(config: &Config) {
 
 fn run(config: &Config) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let started = std::time::Instant::now();
+    // Bound before the shards boot, so a busy admin port fails start-up at once.
+    let admin_addr = config.server.admin_listen;
+    let admin_listener = std::net::TcpListener::bind(admin_addr).with_context(|| {
+        format!(
+            "cannot listen on server.admin_listen = {admin_addr} (the admin API and \
+             /metrics); choose another address with --admin-listen"
+        )
+    })?;
     let server = Server::start(config)?;
+    let token = config.server.admin_token.clone();
+    let state = AdminState {
+        exporter: Exporter::new(server.shards(), server.connections_max as u64),
+        links: server.admin_links.clone(),
+        token: (!token.is_empty()).then_some(token),
+        started,
+    };
+    let admin_addr = tessera_broker::admin::spawn(admin_listener, state)?;
+    // Scripts and tests wait for these lines; keep their shape. The admin
+    // line comes first: the listening line means everything is up.
+    println!("tessera: admin http://{admin_addr}");
     // The other kinds first: scripts and tests read up to the first mqtt:// line.
     for (kind, url) in &server.urls {
         if *kind != ListenerKind::Mqtt {
@@ -58,7 +81,6 @@ fn run(config: &Config) -> anyhow::Result<()> {
         }
     }
     for addr in &server.mqtt_addrs {
-        // Scripts and tests wait for this line; keep its shape.
         println!("tessera: listening mqtt://{addr}");
     }
     tracing::info!(shards = server.shards(), "broker ready");

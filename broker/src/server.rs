@@ -43,6 +43,7 @@ use tessera_shard::hash::{assign_client_id, shard_for};
 use tessera_shard::mesh::{MeshMsg, ShardId};
 use tracing::{debug, info, warn};
 
+use crate::admin::shard_call::{self, DriverView, ShardCall, ShardEnds, ShardLinks, ShardUpGuard};
 use crate::auth::listener_limits::ListenerLimits;
 use crate::auth::{AuthHub, ShardAuth, Verdict};
 use crate::config::{
@@ -54,6 +55,7 @@ use persist::{ShardStore, StoreBoot};
 
 mod conn;
 mod persist;
+use tessera_shard::probe::EarlyRefusal;
 
 /// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
 /// holds one batch, so this bounds batches, not messages.
@@ -92,10 +94,17 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// limit common on small hosts (glommio's default of 10 MiB exceeds it).
 const IO_MEMORY_BYTES: usize = 1024 * 1024;
 
+static CLOCK_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 /// Broker-relative milliseconds: the engine's clock.
 fn now_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    CLOCK_START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Broker-relative microseconds, the same clock on every shard: stamps
+/// messages for the publish-to-deliver latency (`Engine::set_now_us`).
+fn now_us() -> u64 {
+    CLOCK_START.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1
 }
 
 /// What travels between shards.
@@ -139,6 +148,10 @@ pub struct Server {
     pub urls: Vec<(ListenerKind, String)>,
     listeners: Vec<ListenerConfig>,
     tls: Arc<TlsStore>,
+    /// The admin thread's channels to the shards (see [`crate::admin`]).
+    pub admin_links: ShardLinks,
+    /// Client connections served at most, all shards together.
+    pub connections_max: usize,
 }
 
 /// Everything a shard needs to boot.
@@ -160,6 +173,8 @@ struct ShardBoot {
     ready: mpsc::Sender<Result<usize, String>>,
     /// Each shard's store and what it restores, taken by shard id.
     stores: StoreBoot,
+    /// Each shard takes the admin channel of its id.
+    admin: ShardEnds,
 }
 
 impl Server {
@@ -195,14 +210,15 @@ impl Server {
         let limits = engine_limits(config);
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
+        let (admin_links, admin_ends) = shard_call::links(shard_count);
+        let connections_total_max = connections_max(config.limits.max_connections as usize);
         let boot = ShardBoot {
             shard_count,
             mesh: MeshBuilder::full(shard_count, MESH_CHANNEL_SLOTS),
             listeners: listeners.clone(),
             tls: tls.clone(),
             limits,
-            connections_max: connections_max(config.limits.max_connections as usize)
-                .div_ceil(shard_count),
+            connections_max: connections_total_max.div_ceil(shard_count),
             connect_rate_per_s: f64::from(config.limits.connect_rate_per_s) / shard_count as f64,
             connect_timeout: Duration::from_secs(u64::from(config.limits.connect_timeout_s)),
             auth: auth.clone(),
@@ -210,6 +226,7 @@ impl Server {
             stop: stop.clone(),
             ready: ready_tx,
             stores,
+            admin: admin_ends,
         };
         let mut executors = Vec::with_capacity(shard_count);
         for (k, cpu) in cpus.iter().enumerate() {
@@ -260,6 +277,8 @@ impl Server {
             urls: listeners.iter().map(|l| (l.kind, l.url(l.bind))).collect(),
             listeners,
             tls,
+            admin_links,
+            connections_max: connections_total_max,
         })
     }
 
@@ -468,6 +487,8 @@ struct Shard {
     mesh_out: RefCell<Vec<VecDeque<Envelope>>>,
     mesh_wakers: RefCell<Vec<Option<Waker>>>,
     connections: Cell<usize>,
+    /// Accepted sockets still reading their CONNECT on this shard.
+    pending_connects: Cell<usize>,
     connections_max: usize,
     connect_rate: RefCell<TokenBucket>,
     max_packet: usize,
@@ -559,6 +580,9 @@ async fn shard_main(boot: ShardBoot) {
         engine.set_auth_hook(auth.clone());
     }
     let store = persist::attach(&boot.stores, id, &mut engine, now_ms());
+    let status = boot.admin.status[id].clone();
+    let _up = ShardUpGuard(status.clone());
+    let admin_rx = boot.admin.receivers[id].clone();
     let shard = Rc::new(Shard {
         id,
         shard_count: boot.shard_count,
@@ -567,6 +591,7 @@ async fn shard_main(boot: ShardBoot) {
         mesh_out: RefCell::new((0..boot.shard_count).map(|_| VecDeque::new()).collect()),
         mesh_wakers: RefCell::new((0..boot.shard_count).map(|_| None).collect()),
         connections: Cell::new(0),
+        pending_connects: Cell::new(0),
         connections_max: boot.connections_max,
         connect_rate: RefCell::new(TokenBucket::new(boot.connect_rate_per_s)),
         max_packet: boot.limits.packet_size_bytes_max as usize,
@@ -626,6 +651,7 @@ async fn shard_main(boot: ShardBoot) {
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
+                        shard.engine.borrow_mut().probe_mut().connection_accepted();
                         if let Ok(peer) = stream.peer_addr()
                             && shard.auth.ip_banned(peer.ip())
                         {
@@ -640,6 +666,7 @@ async fn shard_main(boot: ShardBoot) {
                                 .take_connect(usize::from(listener_id), now)
                         {
                             // Over the connect rate: close before reading anything.
+                            refused_early(&shard, EarlyRefusal::ConnectionRateExceeded);
                             debug!(shard = shard.id, "connect rate exceeded: closing");
                             drop(stream);
                             continue;
@@ -665,6 +692,11 @@ async fn shard_main(boot: ShardBoot) {
         })
         .detach();
     }
+    glommio::spawn_local(admin_task(shard.clone(), admin_rx)).detach();
+    // No state to recover yet: persistence sets `recovered` once its store
+    // is loaded (before listening), and `/ready` waits for it.
+    status.recovered.store(true, Ordering::SeqCst);
+    status.up.store(true, Ordering::SeqCst);
     let _ = ready.send(Ok(id));
     info!(shard = id, "shard running");
 
@@ -695,12 +727,53 @@ async fn shard_main(boot: ShardBoot) {
     info!(shard = id, "shard stopped");
 }
 
+/// Counts a CONNECT the driver refused before the engine saw it.
+fn refused_early(shard: &Shard, why: EarlyRefusal) {
+    shard
+        .engine
+        .borrow_mut()
+        .probe_mut()
+        .connect_refused_early(why);
+}
+
+/// Answers the admin thread's queries on this shard, one at a time between
+/// other tasks (see [`crate::admin::shard_call`]).
+async fn admin_task(shard: Rc<Shard>, rx: flume::Receiver<ShardCall>) {
+    while let Ok(call) = rx.recv_async().await {
+        let view = DriverView {
+            connections_current: shard.connections.get() + shard.pending_connects.get(),
+        };
+        call.answer(&mut shard.engine.borrow_mut(), now_ms(), view);
+        shard.flush_outbox();
+        futures_lite::future::yield_now().await;
+    }
+}
+
+/// Counts a socket reading its CONNECT on this shard while alive.
+struct PendingConnect<'a>(&'a Shard);
+
+impl<'a> PendingConnect<'a> {
+    fn new(shard: &'a Shard) -> PendingConnect<'a> {
+        shard.pending_connects.set(shard.pending_connects.get() + 1);
+        PendingConnect(shard)
+    }
+}
+
+impl Drop for PendingConnect<'_> {
+    fn drop(&mut self) {
+        self.0
+            .pending_connects
+            .set(self.0.pending_connects.get() - 1);
+    }
+}
+
 fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
     match env {
         Envelope::Batch(batch) => {
             let now = now_ms();
             {
                 let mut engine = shard.engine.borrow_mut();
+                engine.set_now_us(now_us());
                 for msg in batch {
                     engine.handle_mesh(now, from as ShardId, msg);
                 }
@@ -757,6 +830,7 @@ async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
 /// reads its CONNECT, all within the connect timeout, then serves it here or
 /// hands it to the shard owning its ClientID.
 async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpStream) {
+    let pending = PendingConnect::new(&shard);
     let _ = stream.set_nodelay(true);
     // TCP keepalive catches peers that vanished without a FIN when the client
     // asked for MQTT keep alive 0 (no broker-side timeout then).
@@ -798,6 +872,7 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
         match tessera_proto::check(&buf, shard.max_packet) {
             Ok(h) if h.packet_type != PacketType::Connect => {
                 debug!("first packet is {:?}, not CONNECT: closing", h.packet_type);
+                refused_early(&shard, EarlyRefusal::Malformed);
                 return;
             }
             Ok(_) => {
@@ -807,11 +882,13 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
                         // [MQTT-3.1.2-2]: answer an unsupported level with return code
                         // 0x01 (3.1.1 format, which every version can parse) and close.
                         debug!(level, "unsupported protocol level: refusing");
+                        refused_early(&shard, EarlyRefusal::UnsupportedProtocolVersion);
                         let _ = stream.send(&[0x20, 0x02, 0x00, 0x01]).await;
                         return;
                     }
                     other => {
                         debug!("bad CONNECT: {other:?}: closing");
+                        refused_early(&shard, EarlyRefusal::Malformed);
                         return;
                     }
                 }
@@ -819,6 +896,7 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
             Err(DecodeError::Incomplete { .. }) => {
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                     debug!("no CONNECT within the connect timeout: closing");
+                    refused_early(&shard, EarlyRefusal::ConnectTimeout);
                     return;
                 };
                 // Dropping a pending read loses nothing: glommio's unbuffered
@@ -830,11 +908,17 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
                 };
                 match futures_lite::future::or(read, expire).await {
                     Some(Ok(n)) if n > 0 => {}
+                    None => {
+                        debug!("no CONNECT within the connect timeout: closing");
+                        refused_early(&shard, EarlyRefusal::ConnectTimeout);
+                        return;
+                    }
                     _ => return,
                 }
             }
             Err(e) => {
                 debug!("bad first packet: {e}: closing");
+                refused_early(&shard, EarlyRefusal::Malformed);
                 return;
             }
         }
@@ -883,6 +967,9 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
         assigned = true;
     }
     let owner = shard_for(connect.client_id.as_bytes(), shard.shard_count);
+    // From here the connection counts in `connections` (of this shard or the
+    // owner): no longer pending.
+    drop(pending);
     if owner == shard.id {
         glommio::spawn_local(serve(
             shard,
@@ -972,6 +1059,7 @@ async fn admit(
                 });
             }
             Verdict::Refuse(rc) => {
+                shard.engine.borrow_mut().probe_mut().connect_result(rc);
                 let _ = send_connack(stream, version, rc).await;
                 debug!(reason = ?rc, "CONNECT refused");
                 return None;
@@ -1083,13 +1171,17 @@ async fn serve(
             high_water,
             "memory above limits.memory_high_water_bytes: refusing new connections"
         );
+        shard.engine.borrow_mut().probe_mut().connect_result(busy);
         return refuse(stream, version, busy).await;
     }
     // Flapping is counted here, on the owner shard of the ClientID.
     if shard.auth.flapping(now_ms(), &connect.client_id) {
-        return refuse(stream, version, ReasonCode::Banned).await;
+        let banned = ReasonCode::Banned;
+        shard.engine.borrow_mut().probe_mut().connect_result(banned);
+        return refuse(stream, version, banned).await;
     }
     if shard.connections.get() >= shard.connections_max {
+        refused_early(&shard, EarlyRefusal::ConnectionLimit);
         refuse(stream, version, busy).await;
         warn!(
             shard = shard.id,

@@ -29,12 +29,14 @@ use crate::alias::OutboundAliases;
 use crate::authz::{Admission, AuthHook};
 use crate::mesh::{MeshMsg, ShardId};
 use crate::message::{Message, SessionUid};
+use crate::probe::Probe;
 use crate::session::{
     ConnId, Delivery, Inflight, InflightState, Session, SessionIdx, ShareKey, SubscriptionEntry,
 };
 use crate::sys::{SysPublisher, SysSettings};
 use crate::trie::{ShardSet, Trie, route_match};
 
+mod admin;
 mod auth;
 mod mqtt5;
 mod persist;
@@ -196,6 +198,8 @@ pub enum CloseReason {
     Refused(ReasonCode),
     /// The broker is shutting down.
     ServerShutdown,
+    /// An operator kicked the client or expired its session (admin API).
+    Administrative,
 }
 
 /// The byte stream the driver writes to one connection's socket.
@@ -319,6 +323,12 @@ pub struct Engine {
     matches: Vec<(SessionIdx, SubscriptionEntry)>,
     shard_set: ShardSet,
     stats: Stats,
+    /// Metrics beyond `stats`: packets by type, CONNECT results, histograms.
+    probe: Probe,
+    /// The driver's clock in microseconds, set before each batch of input
+    /// (`set_now_us`); stamps messages for the publish-to-deliver latency.
+    /// Stays 0 under a driver that does not set it (no latency recorded).
+    now_us: u64,
     /// When this shard next reports its `$SYS` counters.
     sys_due_ms: u64,
     /// Shard 0 only, with `$SYS` enabled: the reports of every shard.
@@ -369,6 +379,8 @@ impl Engine {
             matches: Vec::new(),
             shard_set: ShardSet::default(),
             stats: Stats::default(),
+            probe: Probe::default(),
+            now_us: 0,
             sys_due_ms: 0,
             sys_publisher,
             auth_hook: None,
@@ -384,6 +396,24 @@ impl Engine {
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Metrics beyond the counters (see [`crate::probe`]).
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+
+    /// The probe, for the driver's own events (accepted sockets, CONNECTs it
+    /// refused itself, persistence commits).
+    pub fn probe_mut(&mut self) -> &mut Probe {
+        &mut self.probe
+    }
+
+    /// Sets the clock used for publish-to-deliver latency: broker-relative
+    /// microseconds from a clock every shard shares. The driver calls it once
+    /// per batch of input, not per message; the engine never reads a clock.
+    pub fn set_now_us(&mut self, now_us: u64) {
+        self.now_us = now_us;
     }
 
     /// The limits in force.
@@ -456,11 +486,14 @@ impl Engine {
     ) -> ConnId {
         let conn = self.new_conn(now_ms, &connect);
         let version = connect.version;
+        self.probe
+            .packet_received(tessera_proto::PacketType::Connect);
         let refuse = self
             .connect_refusal(&connect, assigned)
             .or_else(|| self.admission_refusal(&connect, &admission));
         if let Some(rc) = refuse {
             self.stats.connects_refused += 1;
+            self.probe.connect_result(rc);
             let ack = ConnAck {
                 session_present: false,
                 reason_code: rc,
@@ -556,6 +589,7 @@ impl Engine {
         };
         self.write_packet(conn, &Packet::ConnAck(ack));
         self.stats.connects_accepted += 1;
+        self.probe.connect_result(ReasonCode::Success);
         self.shared_member_online(idx);
         self.resend_inflight(now_ms, idx);
         self.pump(now_ms, idx);
@@ -736,6 +770,7 @@ impl Engine {
                 .message_expiry_interval
                 .map(|s| now_ms + u64::from(s) * 1000),
             origin: Some(origin),
+            received_us: self.now_us,
         };
         self.publish(now_ms, msg);
     }
@@ -887,6 +922,7 @@ impl Engine {
         }
         c.last_packet_ms = now_ms;
         let idx = c.session;
+        self.probe.packet_received(packet.packet_type());
         match packet {
             Packet::Publish(p) => self.on_publish(now_ms, conn, idx, p),
             Packet::PubAck(p) => self.on_puback(now_ms, idx, p.packet_id),
@@ -967,7 +1003,9 @@ impl Engine {
         }
         let uid = self.session(idx).uid;
         let (qos, packet_id) = (p.qos, p.packet_id);
-        let msg = message_from_publish(now_ms, p, uid, version);
+        self.probe.published(qos);
+        let mut msg = message_from_publish(now_ms, p, uid, version);
+        msg.received_us = self.now_us;
         // A retained QoS 1/2 publication is acknowledged only once every shard
         // applied it, so a subscriber anywhere sees what the publisher saw
         // acknowledged.
@@ -1252,30 +1290,9 @@ impl Engine {
     /// subscriptions hashes: the publisher's ClientID when known.
     fn publish_acked(&mut self, now_ms: u64, msg: Message, ack: Option<u64>, shared_key: u64) {
         if msg.retain {
-            self.retained_clock_ms = self
-                .retained_clock_ms
-                .max(now_ms)
-                .max(self.retained_clock_ms + 1);
-            let stamp = (self.retained_clock_ms, self.shard);
             // The retained copy outlives the publisher's read buffer: compact it.
             let message = (!msg.payload.is_empty()).then(|| compact_message(&msg));
-            self.apply_retain(now_ms, msg.topic.clone(), message.clone(), stamp);
-            self.persist_retained(&msg.topic);
-            if let Some(t) = ack
-                && let Some((_, n)) = self.pending_retains.get_mut(&t)
-            {
-                *n += self.shard_count - 1;
-            }
-            for to in 0..self.shard_count as ShardId {
-                if to != self.shard {
-                    self.outbox[usize::from(to)].push(MeshMsg::Retain {
-                        topic: msg.topic.clone(),
-                        message: message.clone(),
-                        stamp,
-                        ack,
-                    });
-                }
-            }
+            self.retain_update(now_ms, msg.topic.clone(), message, ack);
         }
         let mut set = std::mem::take(&mut self.shard_set);
         route_match(&self.routes, &msg.topic, &mut set);
@@ -1303,6 +1320,39 @@ impl Engine {
             self.deliver_local(now_ms, &msg);
         }
         self.shared_publish(now_ms, &msg, shared_key);
+    }
+
+    /// Sets (or with `None` clears) the retained message of `topic` here and
+    /// on every other shard, which acknowledge with `ack` if given.
+    fn retain_update(
+        &mut self,
+        now_ms: u64,
+        topic: Str,
+        message: Option<Message>,
+        ack: Option<u64>,
+    ) {
+        self.retained_clock_ms = self
+            .retained_clock_ms
+            .max(now_ms)
+            .max(self.retained_clock_ms + 1);
+        let stamp = (self.retained_clock_ms, self.shard);
+        self.apply_retain(now_ms, topic.clone(), message.clone(), stamp);
+        self.persist_retained(&topic);
+        if let Some(t) = ack
+            && let Some((_, n)) = self.pending_retains.get_mut(&t)
+        {
+            *n += self.shard_count - 1;
+        }
+        for to in 0..self.shard_count as ShardId {
+            if to != self.shard {
+                self.outbox[usize::from(to)].push(MeshMsg::Retain {
+                    topic: topic.clone(),
+                    message: message.clone(),
+                    stamp,
+                    ack,
+                });
+            }
+        }
     }
 
     /// Handles one message from shard `from`.
@@ -1692,6 +1742,7 @@ impl Engine {
 
     fn send_delivery(&mut self, now_ms: u64, conn: ConnId, idx: SessionIdx, d: Delivery) {
         let version = self.conn(conn).version;
+        let (qos, received_us) = (d.qos, d.message.received_us);
         let mut publish = publish_for(now_ms, &d, version, 0);
         if d.qos != QoS::AtMostOnce {
             // Size check before a packet id is spent on it.
@@ -1721,6 +1772,9 @@ impl Engine {
             self.commit_alias(conn, &topic, plan);
         }
         self.stats.publishes_sent += 1;
+        let latency_us =
+            (received_us != 0 && self.now_us != 0).then(|| self.now_us.saturating_sub(received_us));
+        self.probe.delivered(qos, latency_us);
         self.write_packet(conn, &Packet::Publish(publish));
     }
 
@@ -1765,6 +1819,7 @@ impl Engine {
             w.wake();
         }
         self.stats.bytes_sent += written as u64;
+        self.probe.packet_sent(packet.packet_type());
         self.hold_if_stored(conn, packet);
     }
 
@@ -1834,6 +1889,9 @@ fn compact_message(m: &Message) -> Message {
     Message {
         topic: m.topic.compact(),
         payload: Bytes::copy_from_slice(&m.payload),
+        // A retained copy is replayed to later subscribers: its age is not a
+        // delivery latency.
+        received_us: 0,
         ..m.clone()
     }
 }
@@ -1871,6 +1929,7 @@ fn message_from_publish(
         properties,
         expires_at_ms,
         origin: Some(origin),
+        received_us: 0,
     }
 }
 

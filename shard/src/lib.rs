@@ -22,11 +22,16 @@
 //!   published by shard 0.
 //! - [`store`]: persistence: one heed (LMDB) env per shard, its writer
 //!   thread (group commit), and start-up recovery with re-partitioning.
+//! - [`probe`]: shard-local metrics (packets by type, CONNECT results, HDR
+//!   histograms) merged by the broker's admin thread when scraped.
+//! - [`admin`]: what the admin API asks a shard and what it answers (client,
+//!   subscription, retained and session listings; kick; expire).
 //!
 //! Not here: sockets and executors (the broker's driver runs the engine on
 //! glommio), authentication. Packet bytes are
 //! `tessera-proto`'s job.
 
+pub mod admin;
 pub mod alias;
 pub mod authz;
 pub mod engine;
@@ -36,6 +41,7 @@ pub mod memlock;
 pub mod mesh;
 pub mod message;
 pub mod placement;
+pub mod probe;
 pub mod session;
 pub mod store;
 pub mod sys;

@@ -43,6 +43,10 @@ pub struct Message {
     pub expires_at_ms: Option<u64>,
     /// The publishing session, for no-local.
     pub origin: Option<SessionUid>,
+    /// When the PUBLISH was decoded, broker microseconds (the driver's clock,
+    /// see `Engine::set_now_us`); 0 when unknown or not meaningful (a
+    /// retained copy), so no publish-to-deliver latency is recorded for it.
+    pub received_us: u64,
 }
 
 impl Message {

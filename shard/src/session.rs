@@ -310,6 +310,7 @@ mod tests {
                 properties: None,
                 expires_at_ms: None,
                 origin: None,
+                received_us: 0,
             },
             qos,
             retain: false,

@@ -35,6 +35,7 @@ fn message(topic: &str, payload: &str) -> Message {
         properties: None,
         expires_at_ms: Some(3_600_000),
         origin: None,
+        received_us: 0,
     }
 }
 

@@ -32,7 +32,8 @@ use tessera_shard::session::ConnId;
 use tracing::debug;
 
 use super::{
-    CLOSE_LINGER, MESH_BACKLOG_BATCHES_MAX, PROBE_BYTES, READ_CHUNK_BYTES, Shard, now_ms, persist,
+    CLOSE_LINGER, MESH_BACKLOG_BATCHES_MAX, PROBE_BYTES, READ_CHUNK_BYTES, Shard, now_ms, now_us,
+    persist,
 };
 use crate::transport::Transport;
 
@@ -273,6 +274,7 @@ fn handle_input(shard: &Shard, input: &mut BytesMut, conn: ConnId, version: Prot
     let now = now_ms();
     {
         let mut engine = shard.engine.borrow_mut();
+        engine.set_now_us(now_us());
         while !engine.is_ended(conn) {
             match tessera_proto::decode(input, version, shard.max_packet) {
                 Ok(Some(packet)) => engine.handle_packet(now, conn, packet),

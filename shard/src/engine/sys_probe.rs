@@ -58,6 +58,7 @@ impl Engine {
                 properties: None,
                 expires_at_ms: None,
                 origin: None,
+                received_us: self.now_us,
             };
             self.publish(now_ms, msg);
         }

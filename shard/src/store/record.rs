@@ -272,6 +272,8 @@ pub fn message(r: MessageRec, wall_base_ms: u64) -> Result<Message, DecodeError>
         properties,
         expires_at_ms: r.expires_at_wall_ms.map(|t| to_broker(t, wall_base_ms)),
         origin: None,
+        // Restored from disk: its age spans a restart, not a delivery.
+        received_us: 0,
     })
 }
 
@@ -388,6 +390,7 @@ pub fn delivery(r: DeliveryRec, seq: u64, wall_base_ms: u64) -> Result<Delivery,
             properties: None,
             expires_at_ms: None,
             origin: None,
+            received_us: 0,
         },
     };
     Ok(Delivery {

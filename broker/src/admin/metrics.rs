@@ -1,0 +1,372 @@
+//! `/metrics`: the shards' snapshots merged into Prometheus text.
+//!
+//! Counters and gauges go through `metrics` into a local (not global)
+//! `metrics-exporter-prometheus` recorder, which renders them with their
+//! HELP and TYPE lines; the recorder's upkeep runs on every scrape. The three
+//! histograms are rendered here from the shards' HDR bucket counts, because
+//! the exporter's histograms take samples one at a time (`record_many` pushes
+//! `count` copies): replaying a shard's millions of latencies per scrape would
+//! cost memory in proportion to traffic. The names, types and labels are the
+//! contract in `ops/README.md`.
+//!
+//! Exists once, on the admin thread. A shard that does not answer a scrape
+//! keeps its last values (counters never go backwards) and reports
+//! `tessera_shard_up 0`.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tessera_shard::probe::{BucketCounts, LATENCY_BUCKETS_S, RECORDS_BUCKETS};
+
+use super::process::ProcessStats;
+use super::shard_call::{Answer, Query, ShardLinks, ShardSnapshot};
+
+/// Drop reasons exported by `tessera_messages_dropped_total`, with the
+/// counter each reads. A new reason (e.g. `not_authorized` from ACLs,
+/// `shard_unavailable`) is one more line here and a counter in `Stats`.
+const DROP_REASONS: [(&str, fn(&tessera_shard::engine::Stats) -> u64); 5] = [
+    ("queue_full", |s| s.dropped_queue_full),
+    ("expired", |s| s.dropped_expired),
+    ("packet_too_large", |s| s.dropped_too_large),
+    ("shared_no_member", |s| s.dropped_shared_no_member),
+    ("shared_qos2_member_ended", |s| {
+        s.dropped_shared_qos2_member_ended
+    }),
+];
+
+/// The exporter and the last snapshot of every shard.
+#[derive(Debug)]
+pub struct Exporter {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Last snapshot per shard; also serializes scrapes.
+    last: Mutex<Vec<Option<ShardSnapshot>>>,
+    connections_max: u64,
+}
+
+impl Exporter {
+    /// An exporter for `shard_count` shards serving at most `connections_max`
+    /// connections in all.
+    pub fn new(shard_count: usize, connections_max: u64) -> Exporter {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe_all);
+        Exporter {
+            recorder,
+            handle,
+            last: Mutex::new(vec![None; shard_count]),
+            connections_max,
+        }
+    }
+
+    /// Asks every shard for a snapshot and keeps the answers; returns which
+    /// shards answered.
+    pub fn refresh(&self, links: &ShardLinks) -> Vec<bool> {
+        let answers = links.call_all(&Query::Snapshot);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        answers
+            .into_iter()
+            .enumerate()
+            .map(|(k, a)| match a {
+                Ok(Answer::Snapshot(s)) => {
+                    last[k] = Some(*s);
+                    true
+                }
+                _ => false,
+            })
+            .collect()
+    }
+
+    /// The last snapshots, for `/api/v1/status`.
+    pub fn snapshots(&self) -> Vec<Option<ShardSnapshot>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Scrapes the shards and renders the Prometheus text format.
+    pub fn render(&self, links: &ShardLinks) -> String {
+        let answered = self.refresh(links);
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let process = ProcessStats::read();
+        metrics::with_local_recorder(&self.recorder, || {
+            gauge!("tessera_connections_max").set(self.connections_max as f64);
+            gauge!("tessera_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            for (k, snap) in last.iter().enumerate() {
+                let up =
+                    answered[k] && links.status[k].up.load(std::sync::atomic::Ordering::SeqCst);
+                gauge!("tessera_shard_up", "shard" => k.to_string()).set(f64::from(u8::from(up)));
+                if let Some(s) = snap {
+                    record_shard(&k.to_string(), s);
+                }
+            }
+            record_process(&process);
+        });
+        self.handle.run_upkeep();
+        let mut out = self.handle.render();
+        if let Some(cpu) = process.cpu_seconds {
+            // The exporter's counters are integers and CPU time is not: this
+            // one counter is written here.
+            if !out.is_empty() && !out.ends_with("\n\n") {
+                out.push('\n');
+            }
+            let _ = writeln!(
+                out,
+                "# HELP process_cpu_seconds_total User and system CPU time."
+            );
+            let _ = writeln!(out, "# TYPE process_cpu_seconds_total counter");
+            let _ = writeln!(out, "process_cpu_seconds_total {cpu}\n");
+        }
+        let mut latency = BucketCounts::default();
+        for s in last.iter().flatten() {
+            latency.merge(&s.probe.publish_to_deliver);
+        }
+        histogram(
+            &mut out,
+            "tessera_publish_to_deliver_seconds",
+            "Time from decoding a PUBLISH to handing the message to a subscriber's \
+             connection writer.",
+            &[(None, &latency)],
+            &LATENCY_BUCKETS_S,
+            1e-6,
+        );
+        let shards: Vec<(String, &ShardSnapshot)> = last
+            .iter()
+            .enumerate()
+            .filter_map(|(k, s)| Some((k.to_string(), s.as_ref()?)))
+            .collect();
+        let per_shard =
+            |f: fn(&ShardSnapshot) -> &BucketCounts| -> Vec<(Option<&str>, &BucketCounts)> {
+                shards
+                    .iter()
+                    .map(|(k, s)| (Some(k.as_str()), f(s)))
+                    .collect()
+            };
+        histogram(
+            &mut out,
+            "tessera_persistence_commit_seconds",
+            "Duration of one persistence write transaction (a group commit).",
+            &per_shard(|s| &s.probe.persistence_commit),
+            &LATENCY_BUCKETS_S,
+            1e-6,
+        );
+        histogram(
+            &mut out,
+            "tessera_persistence_commit_records",
+            "Records written per persistence commit (the batch size).",
+            &per_shard(|s| &s.probe.persistence_commit_records),
+            &RECORDS_BUCKETS,
+            1.0,
+        );
+        out
+    }
+}
+
+fn describe_all() {
+    describe_gauge!(
+        "tessera_shard_up",
+        "1 while the shard's executor runs and answers, 0 otherwise."
+    );
+    describe_gauge!(
+        "tessera_connections_current",
+        "Open client TCP connections on the shard, including those not yet past CONNECT."
+    );
+    describe_gauge!(
+        "tessera_connections_max",
+        "The connection limit in force (limits.max_connections, capped by the open-files limit)."
+    );
+    describe_gauge!(
+        "tessera_build_info",
+        "Always 1; the version label names the build."
+    );
+    describe_counter!("tessera_connections_total", "TCP connections accepted.");
+    describe_counter!(
+        "tessera_connects_total",
+        "CONNECTs handled, by result: success or the refusal reason."
+    );
+    describe_counter!(
+        "tessera_packets_received_total",
+        "MQTT packets received, by type."
+    );
+    describe_counter!("tessera_packets_sent_total", "MQTT packets sent, by type.");
+    describe_counter!(
+        "tessera_received_bytes_total",
+        Unit::Bytes,
+        "Bytes read from client sockets."
+    );
+    describe_counter!(
+        "tessera_sent_bytes_total",
+        Unit::Bytes,
+        "Bytes written to client connections."
+    );
+    describe_counter!(
+        "tessera_messages_published_total",
+        "PUBLISH messages accepted from clients, by QoS."
+    );
+    describe_counter!(
+        "tessera_messages_delivered_total",
+        "Messages sent to subscribers, by delivery QoS."
+    );
+    describe_counter!(
+        "tessera_messages_dropped_total",
+        "Messages not delivered to a subscriber that should have had them, by reason."
+    );
+    describe_counter!(
+        "tessera_messages_refused_total",
+        "PUBLISH packets refused (to $SYS/, or a payload not matching its format indicator)."
+    );
+    describe_counter!(
+        "tessera_messages_offline_qos0_skipped_total",
+        "QoS 0 messages not queued for disconnected sessions (by design unless \
+         queue_qos0_offline)."
+    );
+    describe_counter!(
+        "tessera_cross_shard_forwards_total",
+        "Messages forwarded from this shard to another over the mesh."
+    );
+    describe_counter!(
+        "tessera_protocol_errors_total",
+        "Connections closed for a protocol violation."
+    );
+    describe_counter!(
+        "tessera_sessions_expired_total",
+        "Sessions ended by their expiry interval or by an operator."
+    );
+    describe_gauge!(
+        "tessera_queue_depth",
+        "Messages waiting in session queues behind the inflight windows."
+    );
+    describe_gauge!(
+        "tessera_inflight_messages",
+        "QoS 1/2 messages sent and not yet acknowledged."
+    );
+    describe_gauge!("tessera_sessions", "Sessions by state: online or offline.");
+    describe_gauge!(
+        "tessera_subscriptions",
+        "Subscriptions held by the shard's sessions."
+    );
+    describe_gauge!(
+        "tessera_retained_messages",
+        "Retained messages in the shard's replica."
+    );
+    describe_gauge!(
+        "tessera_route_index_filters",
+        "Filters in the shard's copy of the route index."
+    );
+    describe_gauge!("process_open_fds", "Open file descriptors.");
+    describe_gauge!("process_max_fds", "The soft open-files limit.");
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory size."
+    );
+    describe_gauge!(
+        "process_start_time_seconds",
+        Unit::Seconds,
+        "Start time of the process since the Unix epoch."
+    );
+}
+
+fn record_shard(shard: &str, s: &ShardSnapshot) {
+    let st = &s.stats;
+    let p = &s.probe;
+    let g = &s.gauges;
+    let sh = || shard.to_owned();
+    gauge!("tessera_connections_current", "shard" => sh()).set(s.connections_current as f64);
+    counter!("tessera_connections_total", "shard" => sh()).absolute(p.connections_accepted);
+    for (result, n) in &p.connects {
+        counter!("tessera_connects_total", "shard" => sh(), "result" => result.clone())
+            .absolute(*n);
+    }
+    for (t, n) in &p.packets_received {
+        counter!("tessera_packets_received_total", "shard" => sh(), "type" => *t).absolute(*n);
+    }
+    for (t, n) in &p.packets_sent {
+        counter!("tessera_packets_sent_total", "shard" => sh(), "type" => *t).absolute(*n);
+    }
+    counter!("tessera_received_bytes_total", "shard" => sh()).absolute(st.bytes_received);
+    counter!("tessera_sent_bytes_total", "shard" => sh()).absolute(st.bytes_sent);
+    for (qos, label) in ["0", "1", "2"].iter().enumerate() {
+        counter!("tessera_messages_published_total", "shard" => sh(), "qos" => *label)
+            .absolute(p.published[qos]);
+        counter!("tessera_messages_delivered_total", "shard" => sh(), "qos" => *label)
+            .absolute(p.delivered[qos]);
+    }
+    for (reason, get) in DROP_REASONS {
+        counter!("tessera_messages_dropped_total", "shard" => sh(), "reason" => reason)
+            .absolute(get(st));
+    }
+    counter!("tessera_messages_refused_total", "shard" => sh()).absolute(st.publishes_refused);
+    counter!("tessera_messages_offline_qos0_skipped_total", "shard" => sh())
+        .absolute(st.dropped_qos0_offline);
+    counter!("tessera_cross_shard_forwards_total", "shard" => sh())
+        .absolute(st.forwards_sent + st.shared_forwards_sent);
+    counter!("tessera_protocol_errors_total", "shard" => sh()).absolute(st.protocol_errors);
+    counter!("tessera_sessions_expired_total", "shard" => sh()).absolute(st.sessions_expired);
+    gauge!("tessera_queue_depth", "shard" => sh()).set(g.queued as f64);
+    gauge!("tessera_inflight_messages", "shard" => sh()).set(g.inflight as f64);
+    gauge!("tessera_sessions", "shard" => sh(), "state" => "online").set(g.sessions_online as f64);
+    gauge!("tessera_sessions", "shard" => sh(), "state" => "offline")
+        .set(g.sessions_offline as f64);
+    gauge!("tessera_subscriptions", "shard" => sh()).set(g.subscriptions as f64);
+    gauge!("tessera_retained_messages", "shard" => sh()).set(g.retained as f64);
+    gauge!("tessera_route_index_filters", "shard" => sh()).set(g.route_filters as f64);
+}
+
+fn record_process(p: &ProcessStats) {
+    if let Some(v) = p.open_fds {
+        gauge!("process_open_fds").set(v as f64);
+    }
+    if let Some(v) = p.max_fds {
+        gauge!("process_max_fds").set(v as f64);
+    }
+    if let Some(v) = p.resident_memory_bytes {
+        gauge!("process_resident_memory_bytes").set(v as f64);
+    }
+    if let Some(v) = p.start_time_seconds {
+        gauge!("process_start_time_seconds").set(v);
+    }
+}
+
+/// Appends one histogram family: `series` are (shard label, counts);
+/// `scale` converts the recorded unit to the exported one (µs -> s).
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: &[(Option<&str>, &BucketCounts)],
+    bounds: &[f64],
+    scale: f64,
+) {
+    if !out.is_empty() && !out.ends_with("\n\n") {
+        out.push('\n');
+    }
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (shard, counts) in series {
+        let labels = |extra: &str| match (shard, extra.is_empty()) {
+            (Some(k), true) => format!("{{shard=\"{k}\"}}"),
+            (Some(k), false) => format!("{{shard=\"{k}\",{extra}}}"),
+            (None, true) => String::new(),
+            (None, false) => format!("{{{extra}}}"),
+        };
+        for (i, b) in bounds.iter().enumerate() {
+            let n = counts.cumulative.get(i).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}_bucket{} {n}", labels(&format!("le=\"{b}\"")));
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{} {}",
+            labels("le=\"+Inf\""),
+            counts.count
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{} {}",
+            labels(""),
+            counts.sum as f64 * scale
+        );
+        let _ = writeln!(out, "{name}_count{} {}", labels(""), counts.count);
+    }
+    out.push('\n');
+}
