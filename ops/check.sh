@@ -13,6 +13,8 @@
 #   syscalls (live)   a broker traced with strace while it boots, serves MQTT
 #                     QoS 1 and shuts down makes no system call outside the
 #                     unit's SystemCallFilter=
+#   metrics (live)    the traced broker's /metrics passes `promtool check
+#                     metrics` and exports every name of the contract
 #   routing (live)    haproxy.cfg in front of two brokers sends each ClientID
 #                     prefix to its node, for MQTT 3.1, 3.1.1 and 5.0 clients
 #
@@ -167,13 +169,19 @@ done < <(grep '^SystemCallFilter=' ops/systemd/tessera.service)
 sort -u "$tmp/allowed" >"$tmp/allowed.sorted"
 sort -u "$tmp/denied" >"$tmp/denied.sorted"
 start_broker traced strace -f -qq -o "$tmp/trace" "$BROKER" \
-    --listen 127.0.0.1:0 --shards 2 --data-dir "$tmp/traced-data"
+    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --shards 2 --data-dir "$tmp/traced-data"
 strace_pid=${pids[-1]}
+admin=$(sed -n 's|^tessera: admin http://\(.*\)$|\1|p' "$tmp/traced.out")
+[[ -n $admin ]] || fail "the broker printed no admin address"
 mosquitto_sub -p "$port" -t 'check/#' -q 1 -C 1 -W 10 -i check-sub >"$tmp/sub.out" &
 sub=$!
 sleep 0.5
 mosquitto_pub -p "$port" -t check/syscalls -q 1 -m traced -i check-pub
 wait "$sub" || fail "the subscriber got nothing from the traced broker"
+# The admin thread's system calls (accept, read, write, thread start) are
+# traced too: scrape /metrics and check it while the trace runs.
+python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+    "http://$admin/metrics" >"$tmp/metrics.txt" || fail "GET /metrics failed"
 broker_pid=$(ps -o pid= --ppid "$strace_pid" | tr -d ' ')
 [[ -n $broker_pid ]] || fail "cannot find the traced broker's pid"
 kill -TERM "$broker_pid"
@@ -186,10 +194,23 @@ echo "$(wc -l <"$tmp/used") distinct system calls, $(wc -l <"$tmp/allowed.sorted
 [[ -z $denied ]] || fail "system calls the filter removes: $denied"
 echo ok
 
+step "live: /metrics passes promtool and exports every name in the contract"
+promtool check metrics <"$tmp/metrics.txt"
+python3 - "$tmp/metrics.txt" <<'EOF'
+import re, sys
+contract = set(re.findall(r"^\| `((?:tessera|process)_[a-z_]+)`", open("ops/README.md").read(), re.M))
+exported = set(re.findall(r"^# TYPE ([a-z_]+) ", open(sys.argv[1]).read(), re.M))
+missing = sorted(contract - exported)
+for name in missing:
+    print(f"not exported: {name}", file=sys.stderr)
+print(f"{len(contract)} names in the contract, {len(exported)} exported")
+sys.exit(1 if missing else 0)
+EOF
+
 step "live: haproxy.cfg routes each ClientID prefix to its node"
-start_broker node-a "$BROKER" --listen 127.0.0.1:0 --shards 1 --data-dir "$tmp/a"
+start_broker node-a "$BROKER" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --shards 1 --data-dir "$tmp/a"
 port_a=$port
-start_broker node-b "$BROKER" --listen 127.0.0.1:0 --shards 1 --data-dir "$tmp/b"
+start_broker node-b "$BROKER" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --shards 1 --data-dir "$tmp/b"
 port_b=$port
 proxy_port=$(free_port)
 # node1 and node2 (fleet a) are broker A, node3 (fleet b) is broker B. maxconn

@@ -74,7 +74,8 @@ trap 'exit 130' INT TERM
 printf 'default allow\ndeny subscribe test/nosubscribe\n' >"$work/acl"
 TESSERA_LIMITS__MAX_KEEP_ALIVE_S=60 TESSERA_AUTH__ACL_FILE="$work/acl" \
     TESSERA_AUTH__SUBSCRIBE_DENIED_CODE=128 "$broker_bin" \
-    --listen 127.0.0.1:0 --shards "${INTEROP_SHARDS:-2}" >"$work/stdout" 2>"$work/stderr" &
+    --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --shards "${INTEROP_SHARDS:-2}" \
+    >"$work/stdout" 2>"$work/stderr" &
 broker_pid=$!
 
 addr=

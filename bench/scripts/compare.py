@@ -99,7 +99,7 @@ def start_broker(kind, port, cpu, tessera_bin, workdir, shards=1):
         os.chmod(conf, 0o644)
         cmd = ["mosquitto", "-c", conf]
     else:
-        cmd = [tessera_bin, "--listen", f"127.0.0.1:{port}",
+        cmd = [tessera_bin, "--listen", f"127.0.0.1:{port}", "--admin-listen", "127.0.0.1:0",
                "--shards", str(shards), "--data-dir", os.path.join(workdir, f"data-{port}")]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]

@@ -118,7 +118,14 @@ fn more_shards_than_allowed_cpus_fails_naming_the_cpus() {
     let allowed = allowed_cpus().expect("affinity mask");
     let too_many = (allowed.len() + 97).to_string();
     let out = run_bounded(
-        &["--listen", "127.0.0.1:0", "--shards", &too_many],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--shards",
+            &too_many,
+        ],
         &[],
         EXIT_TIMEOUT,
     );

@@ -36,6 +36,9 @@ pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 /// The line prefix the broker prints once every shard listens.
 const READY_PREFIX: &str = "tessera: listening mqtt://";
 
+/// The line prefix of the admin API address, printed before the ready line.
+const ADMIN_PREFIX: &str = "tessera: admin http://";
+
 /// A command for the `broker` binary with `args` and `envs`, and no `TESSERA_*`
 /// variable inherited from the test runner's environment (they would change
 /// the configuration under test, or fail its loading).
@@ -101,6 +104,7 @@ pub struct Broker {
     addr: SocketAddr,
     /// The other listeners' URLs (`mqtts://...`, `ws://.../mqtt`), as printed.
     urls: Vec<String>,
+    admin: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
     exited: Option<ExitStatus>,
 }
@@ -112,9 +116,13 @@ impl Broker {
     }
 
     /// Starts the broker with extra flags (`--shards` and `--data-dir`
-    /// replace the defaults) and environment variables.
+    /// replace the defaults) and environment variables. The admin API gets a
+    /// free loopback port unless `extra_args` names one.
     pub fn start_with(extra_args: &[&str], envs: &[(&str, &str)]) -> Broker {
         let mut args = vec!["--listen", "127.0.0.1:0"];
+        if !extra_args.contains(&"--admin-listen") {
+            args.extend(["--admin-listen", "127.0.0.1:0"]);
+        }
         if !extra_args.contains(&"--shards") {
             args.extend(["--shards", "2"]);
         }
@@ -158,10 +166,14 @@ impl Broker {
 
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut urls = Vec::new();
+        let mut admin = None;
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    if let Some(addr) = line.strip_prefix(ADMIN_PREFIX) {
+                        admin = Some(addr.trim().parse().expect("admin address"));
+                    }
                     if let Some(addr) = line.strip_prefix(READY_PREFIX) {
                         break addr.trim().parse().expect("listen address");
                     }
@@ -185,9 +197,15 @@ impl Broker {
             _data_dir: data_dir,
             addr,
             urls,
+            admin,
             log,
             exited: None,
         }
+    }
+
+    /// The admin API address (`ADDR:PORT`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.expect("the broker printed its admin address")
     }
 
     /// The MQTT address the broker listens on.
