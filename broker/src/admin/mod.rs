@@ -20,6 +20,7 @@
 //! to shards and the shard-side handler).
 
 pub mod api;
+pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod process;
