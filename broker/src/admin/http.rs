@@ -98,7 +98,10 @@ pub fn read_request(stream: &TcpStream) -> Result<Request, RequestError> {
     Err(RequestError::Bad("too many headers"))
 }
 
-fn parse_target(target: &str) -> Result<(Vec<String>, Vec<(String, String)>), RequestError> {
+/// Path segments and query parameters of a request target.
+type Target = (Vec<String>, Vec<(String, String)>);
+
+fn parse_target(target: &str) -> Result<Target, RequestError> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if !path.starts_with('/') {
         return Err(RequestError::Bad("target is not an absolute path"));
@@ -123,17 +126,22 @@ fn parse_target(target: &str) -> Result<(Vec<String>, Vec<(String, String)>), Re
     Ok((segments, query))
 }
 
+/// A `%` escape that is not two hex digits, or bytes that are not UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("bad percent-encoding")]
+pub struct BadEncoding;
+
 /// Decodes `%XX` escapes (and `+` as a space in query strings).
-pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, ()> {
+pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, BadEncoding> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         match b[i] {
             b'%' => {
-                let hex = b.get(i + 1..i + 3).ok_or(())?;
-                let hex = std::str::from_utf8(hex).map_err(|_| ())?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
+                let hex = b.get(i + 1..i + 3).ok_or(BadEncoding)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| BadEncoding)?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| BadEncoding)?);
                 i += 3;
             }
             b'+' if plus_is_space => {
@@ -146,7 +154,7 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, ()> {
             }
         }
     }
-    String::from_utf8(out).map_err(|_| ())
+    String::from_utf8(out).map_err(|_| BadEncoding)
 }
 
 /// Encodes everything but unreserved characters (RFC 3986), for one path

@@ -26,7 +26,7 @@ use super::shard_call::{Answer, Query, ShardLinks, ShardSnapshot};
 /// Drop reasons exported by `tessera_messages_dropped_total`, with the
 /// counter each reads. A new reason (e.g. `not_authorized` from ACLs,
 /// `shard_unavailable`) is one more line here and a counter in `Stats`.
-const DROP_REASONS: [(&str, fn(&tessera_shard::engine::Stats) -> u64); 5] = [
+const DROP_REASONS: [(&str, StatsField); 5] = [
     ("queue_full", |s| s.dropped_queue_full),
     ("expired", |s| s.dropped_expired),
     ("packet_too_large", |s| s.dropped_too_large),
@@ -35,6 +35,9 @@ const DROP_REASONS: [(&str, fn(&tessera_shard::engine::Stats) -> u64); 5] = [
         s.dropped_shared_qos2_member_ended
     }),
 ];
+
+/// Reads one counter of a shard's `Stats`.
+type StatsField = fn(&tessera_shard::engine::Stats) -> u64;
 
 /// The exporter and the last snapshot of every shard.
 #[derive(Debug)]

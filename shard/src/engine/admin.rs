@@ -290,8 +290,16 @@ mod tests {
     use crate::session::ConnId;
 
     fn connect(e: &mut Engine, id: &str, version: ProtocolVersion, clean: bool) -> ConnId {
-        let mut c = Connect::new(version, Str::try_from(id).unwrap());
-        c.clean_start = clean;
+        let mut c = Connect {
+            version,
+            clean_start: clean,
+            keep_alive: 30,
+            client_id: Str::try_from(id).unwrap(),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        };
         if version.is_v5() && !clean {
             c.properties.session_expiry_interval = Some(3600);
         }
@@ -366,7 +374,7 @@ mod tests {
                     tessera_proto::ReasonCode::AdministrativeAction
                 );
                 assert_eq!(
-                    d.properties.reason_string.as_deref().map(|s| s.as_str()),
+                    d.properties.reason_string.as_ref().map(Str::as_str),
                     Some("maintenance")
                 );
             }
@@ -411,7 +419,7 @@ mod tests {
             .collect();
         assert_eq!(filters, [("a/#", 1), ("b/+", 0)]);
         let p = connect(&mut e, "pub", ProtocolVersion::V3_1_1, true);
-        let mut publish = Publish::new(Str::from_static("a/x"), "hello".into(), QoS::AtMostOnce);
+        let mut publish = Publish::new(Str::from_static("a/x"), "hello".into());
         publish.retain = true;
         e.handle_packet(3, p, Packet::Publish(publish));
         let r = e.admin_retained(
