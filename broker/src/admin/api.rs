@@ -706,6 +706,31 @@ mod tests {
     }
 
     #[test]
+    fn every_route_is_in_the_openapi_file() {
+        let spec = include_str!("../../../docs/admin-api.openapi.yaml");
+        let paths: Vec<Vec<&str>> = spec
+            .lines()
+            .filter_map(|l| l.strip_prefix("  /")?.strip_suffix(':'))
+            .map(|p| p.split('/').collect())
+            .collect();
+        for r in ROUTES {
+            let found = paths.iter().any(|p| {
+                p.len() == r.path.len()
+                    && p.iter()
+                        .zip(r.path)
+                        .all(|(s, r)| s == r || (*r == "{}" && s.starts_with('{')))
+            });
+            assert!(
+                found,
+                "{} /{} is not in the OpenAPI file",
+                r.method,
+                r.path.join("/")
+            );
+        }
+        assert_eq!(paths.len(), 12, "a path in the OpenAPI file has no route");
+    }
+
+    #[test]
     fn paths_match_with_parameters() {
         let seg = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
