@@ -65,7 +65,9 @@ impl Tessera {
             }
         }
         let mut child = cmd
-            .args(["--listen", "127.0.0.1:0", "--shards", "2", "--data-dir"])
+            // The admin API on a free port too: tests run in parallel.
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--shards", "2", "--data-dir"])
             .arg(dir.join("data"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

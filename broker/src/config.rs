@@ -1368,7 +1368,7 @@ impl Config {
                     l.bind
                 )));
             }
-            if l.bind == self.server.admin_listen {
+            if l.bind.port() != 0 && l.bind == self.server.admin_listen {
                 return Err(fail(format!("address {} is server.admin_listen", l.bind)));
             }
         }
