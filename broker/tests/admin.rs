@@ -543,21 +543,27 @@ fn brokerctl(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
     cmd.env_remove("TESSERA_URL").env_remove("TESSERA_TOKEN");
     cmd.args(args).envs(envs.iter().copied());
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn brokerctl");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
+    // Collect the output on a thread (draining both pipes, so a long output
+    // such as a completion script never blocks the child), bounded in time.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("brokerctl output"),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of our child, not yet reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             panic!("brokerctl {args:?} did not finish");
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().expect("output")
 }
 
 fn out(o: &Output) -> String {
