@@ -152,6 +152,11 @@ fn metrics_parse_cover_the_contract_and_follow_traffic() {
             c.recv_publish();
         }
     }
+    // The publisher's DISCONNECT and socket close reach the broker a moment
+    // after rumqttc returns.
+    eventually("the publisher's connection to close", || {
+        sum(&scrape(admin), "tessera_connections_current", &[]) == 2.0
+    });
     let after = scrape(admin);
     let published = sum(&after, "tessera_messages_published_total", &[("qos", "1")]);
     assert_eq!(published, 10.0);
