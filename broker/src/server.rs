@@ -693,8 +693,8 @@ async fn shard_main(boot: ShardBoot) {
         .detach();
     }
     glommio::spawn_local(admin_task(shard.clone(), admin_rx)).detach();
-    // No state to recover yet: persistence sets `recovered` once its store
-    // is loaded (before listening), and `/ready` waits for it.
+    // Recovery ran in `persist::attach` above, before any listener accepts:
+    // from here the shard serves its restored state, and `/ready` says so.
     status.recovered.store(true, Ordering::SeqCst);
     status.up.store(true, Ordering::SeqCst);
     let _ = ready.send(Ok(id));
