@@ -65,7 +65,11 @@ fn run(config: &Config) -> anyhow::Result<()> {
     let server = Server::start(config)?;
     let token = config.server.admin_token.clone();
     let state = AdminState {
-        exporter: Exporter::new(server.shards(), server.connections_max as u64),
+        exporter: Exporter::new(
+            server.shards(),
+            server.connections_max as u64,
+            server.store_stats.clone(),
+        ),
         links: server.admin_links.clone(),
         token: (!token.is_empty()).then_some(token),
         started,

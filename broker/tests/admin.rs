@@ -192,6 +192,30 @@ fn metrics_parse_cover_the_contract_and_follow_traffic() {
     assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count));
     assert_eq!(buckets.last().unwrap().count, 20.0);
     assert!(buckets.last().unwrap().less_than.is_infinite());
+    // A persistent session's subscription is committed to its shard's store:
+    // the commit histograms count it, with cumulative buckets.
+    let mut persistent = RawClient::connect_ok(
+        broker.addr(),
+        connect_packet(ProtocolVersion::V3_1_1, "metrics-persistent", false, 30),
+    );
+    persistent.subscribe(1, &[("metrics/p", QoS::AtLeastOnce)]);
+    eventually("a persistence commit in /metrics", || {
+        sum(&scrape(admin), "tessera_persistence_commit_seconds", &[]) >= 1.0
+    });
+    let stored = scrape(admin);
+    for name in [
+        "tessera_persistence_commit_seconds",
+        "tessera_persistence_commit_records",
+    ] {
+        for s in stored.samples.iter().filter(|s| s.metric == name) {
+            let prometheus_parse::Value::Histogram(b) = &s.value else {
+                panic!("{name} is not a histogram: {s:?}");
+            };
+            assert!(b.windows(2).all(|w| w[0].count <= w[1].count), "{name}");
+            assert!(s.labels.get("shard").is_some(), "{name} has a shard label");
+        }
+    }
+    assert!(sum(&stored, "tessera_persistence_commit_records", &[]) >= 1.0);
     // Counters never go backwards between scrapes.
     for s in &before.samples {
         if let prometheus_parse::Value::Counter(v) = s.value {

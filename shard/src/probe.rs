@@ -1,7 +1,7 @@
 //! `shard_probe`: the metrics one shard keeps about itself, beyond the plain
 //! [`crate::engine::Stats`] counters: packets by type, CONNECT results, messages
-//! by QoS, and HDR histograms of publish-to-deliver latency and of persistence
-//! commits.
+//! by QoS, and an HDR histogram of publish-to-deliver latency. (Persistence
+//! commits are timed by each store's writer thread: `store::StoreStats`.)
 //!
 //! Exists once per shard inside its [`crate::engine::Engine`]; only that
 //! shard's thread touches it (plain integers, no atomics, no locks). The admin
@@ -11,8 +11,7 @@
 //!
 //! Histograms are HDR (`hdrhistogram`) in microseconds (or records), never
 //! reset: a snapshot carries cumulative counts at fixed bucket bounds, which is
-//! what a Prometheus histogram is. The bounds are [`LATENCY_BUCKETS_S`] and
-//! [`RECORDS_BUCKETS`].
+//! what a Prometheus histogram is. The bounds are [`LATENCY_BUCKETS_S`].
 
 use hdrhistogram::Histogram;
 use tessera_proto::{PacketType, QoS, ReasonCode};
@@ -24,17 +23,9 @@ pub const LATENCY_BUCKETS_S: [f64; 16] = [
     5.0, 10.0,
 ];
 
-/// Upper bounds of the records-per-commit histogram buckets.
-pub const RECORDS_BUCKETS: [f64; 13] = [
-    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
-];
-
 /// Largest latency an HDR latency histogram resolves, microseconds (one
 /// minute); longer values are recorded as this.
 const LATENCY_US_MAX: u64 = 60_000_000;
-
-/// Largest batch size the records histogram resolves.
-const RECORDS_MAX: u64 = 1_000_000;
 
 /// A CONNECT the driver refused before the engine saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,8 +154,6 @@ pub struct Probe {
     delivered: [u64; 3],
     connections_accepted: u64,
     publish_to_deliver_us: HdrSeries,
-    persistence_commit_us: HdrSeries,
-    persistence_commit_records: HdrSeries,
 }
 
 impl Default for Probe {
@@ -178,8 +167,6 @@ impl Default for Probe {
             delivered: [0; 3],
             connections_accepted: 0,
             publish_to_deliver_us: HdrSeries::new(LATENCY_US_MAX),
-            persistence_commit_us: HdrSeries::new(LATENCY_US_MAX),
-            persistence_commit_records: HdrSeries::new(RECORDS_MAX),
         }
     }
 }
@@ -222,13 +209,6 @@ impl Probe {
         if let Some(us) = latency_us {
             self.publish_to_deliver_us.record(us);
         }
-    }
-
-    /// One persistence write transaction (group commit) of `records` records
-    /// that took `duration_us`. For the persistence layer to call.
-    pub fn persistence_commit(&mut self, duration_us: u64, records: u64) {
-        self.persistence_commit_us.record(duration_us);
-        self.persistence_commit_records.record(records);
     }
 
     /// The publish-to-deliver latency histogram, for quantiles.
@@ -277,10 +257,6 @@ impl Probe {
             publish_to_deliver: self.publish_to_deliver_us.buckets(&LATENCY_BUCKETS_S, 1e6),
             publish_to_deliver_p50_us: self.publish_to_deliver_us.quantile(0.5),
             publish_to_deliver_p99_us: self.publish_to_deliver_us.quantile(0.99),
-            persistence_commit: self.persistence_commit_us.buckets(&LATENCY_BUCKETS_S, 1e6),
-            persistence_commit_records: self
-                .persistence_commit_records
-                .buckets(&RECORDS_BUCKETS, 1.0),
         }
     }
 }
@@ -306,10 +282,6 @@ pub struct ProbeSnapshot {
     pub publish_to_deliver_p50_us: u64,
     /// 99th percentile publish-to-deliver latency on this shard, microseconds.
     pub publish_to_deliver_p99_us: u64,
-    /// Persistence commit duration, microseconds, at [`LATENCY_BUCKETS_S`].
-    pub persistence_commit: BucketCounts,
-    /// Records per persistence commit, at [`RECORDS_BUCKETS`].
-    pub persistence_commit_records: BucketCounts,
 }
 
 /// The lower-case name of a packet type, as the `type` label.

@@ -18,7 +18,10 @@ use std::sync::Mutex;
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-use tessera_shard::probe::{BucketCounts, LATENCY_BUCKETS_S, RECORDS_BUCKETS};
+use std::sync::atomic::Ordering::Relaxed;
+
+use tessera_shard::probe::{BucketCounts, LATENCY_BUCKETS_S};
+use tessera_shard::store::{SharedStoreStats, StoreStats};
 
 use super::process::ProcessStats;
 use super::shard_call::{Answer, Query, ShardLinks, ShardSnapshot};
@@ -47,12 +50,19 @@ pub struct Exporter {
     /// Last snapshot per shard; also serializes scrapes.
     last: Mutex<Vec<Option<ShardSnapshot>>>,
     connections_max: u64,
+    /// Each shard's store counters, written by its writer thread (empty with
+    /// `durability = "memory"`).
+    store_stats: Vec<SharedStoreStats>,
 }
 
 impl Exporter {
     /// An exporter for `shard_count` shards serving at most `connections_max`
-    /// connections in all.
-    pub fn new(shard_count: usize, connections_max: u64) -> Exporter {
+    /// connections in all, with their stores' counters (indexed by shard).
+    pub fn new(
+        shard_count: usize,
+        connections_max: u64,
+        store_stats: Vec<SharedStoreStats>,
+    ) -> Exporter {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, describe_all);
@@ -61,6 +71,7 @@ impl Exporter {
             handle,
             last: Mutex::new(vec![None; shard_count]),
             connections_max,
+            store_stats,
         }
     }
 
@@ -133,36 +144,79 @@ impl Exporter {
             &LATENCY_BUCKETS_S,
             1e-6,
         );
-        let shards: Vec<(String, &ShardSnapshot)> = last
-            .iter()
-            .enumerate()
-            .filter_map(|(k, s)| Some((k.to_string(), s.as_ref()?)))
+        // The stores count in power-of-two buckets: bucket i holds values
+        // below 2^i, so the cumulative count up to it is exact at le = 2^i - 1.
+        let log2_bounds: Vec<f64> = (0..LOG2_BUCKETS_EXPORTED)
+            .map(|i| ((1u64 << i) - 1) as f64)
             .collect();
-        let per_shard =
-            |f: fn(&ShardSnapshot) -> &BucketCounts| -> Vec<(Option<&str>, &BucketCounts)> {
-                shards
-                    .iter()
-                    .map(|(k, s)| (Some(k.as_str()), f(s)))
-                    .collect()
-            };
+        let seconds_bounds: Vec<f64> = log2_bounds.iter().map(|b| b * 1e-6).collect();
+        let shard_labels: Vec<String> =
+            (0..self.store_stats.len()).map(|k| k.to_string()).collect();
+        let commits: Vec<(BucketCounts, BucketCounts)> =
+            self.store_stats.iter().map(|s| store_buckets(s)).collect();
+        let series = |pick: fn(&(BucketCounts, BucketCounts)) -> &BucketCounts| {
+            commits
+                .iter()
+                .zip(&shard_labels)
+                .map(|(c, k)| (Some(k.as_str()), pick(c)))
+                .collect::<Vec<_>>()
+        };
         histogram(
             &mut out,
             "tessera_persistence_commit_seconds",
-            "Duration of one persistence write transaction (a group commit).",
-            &per_shard(|s| &s.probe.persistence_commit),
-            &LATENCY_BUCKETS_S,
+            "Duration of one persistence write transaction (a group commit: apply and commit).",
+            &series(|c| &c.0),
+            &seconds_bounds,
             1e-6,
         );
         histogram(
             &mut out,
             "tessera_persistence_commit_records",
-            "Records written per persistence commit (the batch size).",
-            &per_shard(|s| &s.probe.persistence_commit_records),
-            &RECORDS_BUCKETS,
+            "Records (store operations) written per persistence commit (the batch size).",
+            &series(|c| &c.1),
+            &log2_bounds,
             1.0,
         );
         out
     }
+}
+
+/// Power-of-two buckets exported (of the stores' 24; the last one is
+/// open-ended and only counts in +Inf): up to 2^22 - 1 µs, about 4.2 s.
+const LOG2_BUCKETS_EXPORTED: usize = 23;
+
+/// One store's commit latency (µs) and records-per-commit histograms.
+fn store_buckets(s: &StoreStats) -> (BucketCounts, BucketCounts) {
+    let cumulative = |buckets: &[std::sync::atomic::AtomicU64; 24]| {
+        let mut acc = 0;
+        buckets[..LOG2_BUCKETS_EXPORTED]
+            .iter()
+            .map(|b| {
+                acc += b.load(Relaxed);
+                acc
+            })
+            .collect::<Vec<u64>>()
+    };
+    // The writer thread updates these one by one: keep +Inf at least the
+    // buckets' counts, so a scrape never shows a bucket above +Inf.
+    let latency = cumulative(&s.commit_us_log2);
+    let records = cumulative(&s.ops_log2);
+    let count = s.commits.load(Relaxed);
+    let inf = count
+        .max(*latency.last().unwrap_or(&0))
+        .max(*records.last().unwrap_or(&0));
+    (
+        BucketCounts {
+            cumulative: latency,
+            count: inf,
+            sum: s.commit_us_total.load(Relaxed),
+        },
+        BucketCounts {
+            cumulative: records,
+            count: inf,
+            sum: s.ops.load(Relaxed),
+        },
+    )
 }
 
 fn describe_all() {

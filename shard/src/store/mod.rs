@@ -158,6 +158,9 @@ pub struct StoreStats {
     /// Commit latency histogram: bucket `i` counts commits that took less than
     /// `2^i` microseconds (the last bucket: everything longer).
     pub commit_us_log2: [AtomicU64; 24],
+    /// Ops per commit histogram, buckets as `commit_us_log2` (the batch size
+    /// behind `tessera_persistence_commit_records`).
+    pub ops_log2: [AtomicU64; 24],
     /// Times the map was grown because it was full.
     pub map_grown: AtomicU64,
     /// Failed commit attempts (retried; nothing is acknowledged meanwhile).
@@ -173,6 +176,8 @@ impl StoreStats {
         self.commit_us_max.fetch_max(us, Ordering::Relaxed);
         let bucket = (64 - us.leading_zeros() as usize).min(self.commit_us_log2.len() - 1);
         self.commit_us_log2[bucket].fetch_add(1, Ordering::Relaxed);
+        let bucket = (64 - ops.leading_zeros() as usize).min(self.ops_log2.len() - 1);
+        self.ops_log2[bucket].fetch_add(1, Ordering::Relaxed);
     }
 }
 
