@@ -737,3 +737,55 @@ fn brokerctl_drives_the_admin_api_with_documented_exit_codes() {
         assert!(out(&o).contains(word), "completion lacks {word}");
     }
 }
+
+#[test]
+fn expired_sessions_and_deleted_retained_messages_stay_gone_after_a_restart() {
+    let dir = common::TestDir::new("admin-restart");
+    let args = ["--data-dir", dir.path_str()];
+    let mut broker = Broker::start_with(&args, &[]);
+    let admin = broker.admin_addr();
+    for id in ["keep-me", "expire-me"] {
+        let mut c = RawClient::connect_ok(
+            broker.addr(),
+            connect_packet(ProtocolVersion::V3_1_1, id, false, 30),
+        );
+        c.subscribe(1, &[("restart/#", QoS::AtLeastOnce)]);
+        c.disconnect();
+    }
+    let mut p = RawClient::connect_ok(
+        broker.addr(),
+        connect_packet(ProtocolVersion::V3_1_1, "restart-pub", true, 30),
+    );
+    p.publish_retained("restart/keep", b"k", 1);
+    p.publish_retained("restart/drop", b"d", 2);
+    p.disconnect();
+    eventually("both sessions offline", || {
+        get_json(admin, "/api/v1/sessions?connected=false")["total"] == 2
+    });
+    assert_eq!(
+        http(admin, "DELETE", "/api/v1/sessions/expire-me", None).0,
+        200
+    );
+    assert_eq!(
+        http(admin, "DELETE", "/api/v1/retained/restart%2Fdrop", None).0,
+        200
+    );
+    broker.sigterm();
+    assert!(broker.wait_exit(TIMEOUT).success(), "clean shutdown");
+
+    let broker = Broker::start_with(&args, &[]);
+    let admin = broker.admin_addr();
+    assert_eq!(http(admin, "GET", "/api/v1/sessions/keep-me", None).0, 200);
+    assert_eq!(
+        http(admin, "GET", "/api/v1/sessions/expire-me", None).0,
+        404
+    );
+    assert_eq!(
+        http(admin, "GET", "/api/v1/retained/restart%2Fkeep", None).0,
+        200
+    );
+    assert_eq!(
+        http(admin, "GET", "/api/v1/retained/restart%2Fdrop", None).0,
+        404
+    );
+}
