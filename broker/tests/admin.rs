@@ -789,3 +789,38 @@ fn expired_sessions_and_deleted_retained_messages_stay_gone_after_a_restart() {
         404
     );
 }
+
+#[test]
+fn refused_connects_are_counted_by_result() {
+    let broker = Broker::start_with(&[], &[("TESSERA_LIMITS__CONNECT_TIMEOUT_S", "1")]);
+    let admin = broker.admin_addr();
+    // Silent until the connect timeout.
+    let silent = TcpStream::connect(broker.addr()).unwrap();
+    // A first packet that is not CONNECT.
+    let mut garbage = TcpStream::connect(broker.addr()).unwrap();
+    garbage.write_all(&[0xC0, 0x00]).unwrap(); // PINGREQ
+    // A protocol level the broker does not speak (MQTT "level 9").
+    let mut level9 = TcpStream::connect(broker.addr()).unwrap();
+    level9
+        .write_all(&[0x10, 0x0C, 0, 4, b'M', b'Q', b'T', b'T', 9, 2, 0, 30, 0, 0])
+        .unwrap();
+    // A 3.1.1 CONNECT refused by the engine: empty ClientID, Clean Session 0.
+    let (_c, ack) = RawClient::connect(
+        broker.addr(),
+        connect_packet(ProtocolVersion::V3_1_1, "", false, 30),
+    );
+    assert_ne!(ack.reason_code, ReasonCode::Success);
+    let result =
+        |m: &prometheus_parse::Scrape, r: &str| sum(m, "tessera_connects_total", &[("result", r)]);
+    eventually("every refusal counted", || {
+        let m = scrape(admin);
+        result(&m, "connect_timeout") >= 1.0
+            && result(&m, "malformed") >= 1.0
+            && result(&m, "unsupported_protocol_version") >= 1.0
+            && result(&m, "client_identifier_not_valid") >= 1.0
+    });
+    let m = scrape(admin);
+    assert_eq!(result(&m, "success"), 0.0);
+    assert!(sum(&m, "tessera_connections_total", &[]) >= 4.0);
+    drop((silent, garbage, level9));
+}
