@@ -145,7 +145,14 @@ struct Wire {
 }
 
 impl Wire {
-    fn connect(addr: SocketAddr, connect: Connect) -> std::io::Result<(Wire, ConnAck)> {
+    /// Connects and waits at most `connack_wait` for the CONNACK (which a
+    /// stored session's commit holds back: seconds when other processes keep
+    /// the disk busy).
+    fn connect(
+        addr: SocketAddr,
+        connect: Connect,
+        connack_wait: Duration,
+    ) -> std::io::Result<(Wire, ConnAck)> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(Duration::from_secs(2)))?;
@@ -155,7 +162,7 @@ impl Wire {
             version: connect.version,
         };
         w.send(&Packet::Connect(Box::new(connect)))?;
-        match w.recv(Duration::from_secs(5))? {
+        match w.recv(connack_wait)? {
             Some(Packet::ConnAck(a)) => Ok((w, a)),
             other => Err(std::io::Error::other(format!("no CONNACK: {other:?}"))),
         }
@@ -196,6 +203,14 @@ impl Wire {
         }
     }
 }
+
+/// How long the final check waits for a CONNACK: commits hold it, and an
+/// fsync can take seconds while other processes write to the same disk.
+const FINAL_WAIT: Duration = Duration::from_secs(30);
+
+/// The final check stops reading a subscriber after this long without a
+/// packet (QoS 2 PUBLISH and PUBREL wait for commits too).
+const FINAL_IDLE: Duration = Duration::from_secs(4);
 
 /// The receiving side of a persistent subscriber, kept across its
 /// connections: QoS 2 "method B" (deliver on PUBLISH, remember the packet id
@@ -238,8 +253,11 @@ impl Receiver {
     /// Connects as `id` and handles packets until the broker goes away, `stop`
     /// is set, or (with `idle`) nothing arrives for that long.
     fn run(&mut self, addr: SocketAddr, id: &str, stop: &AtomicBool, idle: Option<Duration>) {
-        let Ok((mut w, ack)) = Wire::connect(addr, persistent(id)) else {
-            return;
+        let (mut w, ack) = match Wire::connect(addr, persistent(id), FINAL_WAIT) {
+            Ok(c) => c,
+            // During the crash rounds the broker may die at any moment.
+            Err(_) if idle.is_none() => return,
+            Err(e) => panic!("{id}: cannot connect to the restarted broker: {e}"),
         };
         assert_eq!(ack.reason_code, ReasonCode::Success);
         while !stop.load(Ordering::Relaxed) {
@@ -268,7 +286,11 @@ struct Acked {
 /// QoS 2 (`crash/2`), each acknowledged before the next, until the broker
 /// goes away. Returns the next unused number.
 fn publish_until_gone(addr: SocketAddr, mut next: u64, acked: &mut Acked) -> u64 {
-    let Ok((mut w, _)) = Wire::connect(addr, connect_packet(V4, "crash-pub", true, 0)) else {
+    let Ok((mut w, _)) = Wire::connect(
+        addr,
+        connect_packet(V4, "crash-pub", true, 0),
+        Duration::from_secs(5),
+    ) else {
         return next;
     };
     let mut packet_id = 0u16;
@@ -330,7 +352,8 @@ fn check_delivery(name: &str, r: &Receiver, acked: &Acked) {
     for n in &acked.qos1 {
         assert!(
             count.contains_key(n),
-            "{name}: acknowledged QoS 1 message {n} lost"
+            "{name}: acknowledged QoS 1 message {n} lost; got (first 40) {:?}",
+            &first_order[..first_order.len().min(40)]
         );
     }
     for n in &acked.qos2 {
@@ -414,9 +437,9 @@ fn crash_loop_delivers_every_acknowledged_message() {
     );
     let broker = start(&dir, 2);
     let stop = AtomicBool::new(false);
-    on.run(broker.addr(), online, &stop, Some(Duration::from_secs(2)));
+    on.run(broker.addr(), online, &stop, Some(FINAL_IDLE));
     let mut off = Receiver::default();
-    off.run(broker.addr(), offline, &stop, Some(Duration::from_secs(2)));
+    off.run(broker.addr(), offline, &stop, Some(FINAL_IDLE));
     check_delivery("online subscriber", &on, &acked);
     check_delivery("offline subscriber", &off, &acked);
 }
