@@ -39,6 +39,15 @@ fn start(dir: &TestDir, shards: usize) -> Broker {
     start_env(dir, shards, &[])
 }
 
+/// A broker for the crash loop: queues large enough for every message.
+fn start_crash(dir: &TestDir) -> Broker {
+    start_env(
+        dir,
+        2,
+        &[("TESSERA_LIMITS__MAX_QUEUED_MESSAGES", CRASH_QUEUE_MAX)],
+    )
+}
+
 fn start_env(dir: &TestDir, shards: usize, envs: &[(&str, &str)]) -> Broker {
     let shards = shards.to_string();
     Broker::start_with(&["--data-dir", dir.path_str(), "--shards", &shards], envs)
@@ -204,6 +213,12 @@ impl Wire {
     }
 }
 
+/// Messages the crash loop publishes at most, all rounds together. The
+/// offline subscriber's queue must hold them all (`CRASH_QUEUE_MAX`): a
+/// full queue drops by policy, which is not what this test is about.
+const CRASH_MESSAGES_MAX: u64 = 8_000;
+const CRASH_QUEUE_MAX: &str = "10000";
+
 /// How long the final check waits for a CONNACK: commits hold it, and an
 /// fsync can take seconds while other processes write to the same disk.
 const FINAL_WAIT: Duration = Duration::from_secs(30);
@@ -294,7 +309,7 @@ fn publish_until_gone(addr: SocketAddr, mut next: u64, acked: &mut Acked) -> u64
         return next;
     };
     let mut packet_id = 0u16;
-    loop {
+    while next <= CRASH_MESSAGES_MAX {
         let n = next;
         next += 1;
         packet_id = packet_id % 60_000 + 1;
@@ -331,6 +346,7 @@ fn publish_until_gone(addr: SocketAddr, mut next: u64, acked: &mut Acked) -> u64
             (_, other) => panic!("unexpected reply to message {n}: {other:?}"),
         }
     }
+    next
 }
 
 /// Checks what one subscriber got against what the publisher saw
@@ -387,7 +403,7 @@ fn crash_loop_delivers_every_acknowledged_message() {
     let dir = TestDir::new("crash");
     let (online, offline) = ("crash-online", "crash-offline");
     {
-        let broker = start(&dir, 2);
+        let broker = start_crash(&dir);
         for id in [online, offline] {
             let mut c = RawClient::connect_ok(broker.addr(), persistent(id));
             c.subscribe(1, &[("crash/+", QoS::ExactlyOnce)]);
@@ -399,7 +415,7 @@ fn crash_loop_delivers_every_acknowledged_message() {
     let mut next = 1u64;
     const ROUNDS: usize = 5;
     for round in 0..ROUNDS {
-        let broker = start(&dir, 2);
+        let broker = start_crash(&dir);
         let addr = broker.addr();
         let stop = Arc::new(AtomicBool::new(false));
         let sub = {
@@ -435,7 +451,7 @@ fn crash_loop_delivers_every_acknowledged_message() {
         acked.qos1.len() + acked.qos2.len() >= 20,
         "too few messages acknowledged to test anything"
     );
-    let broker = start(&dir, 2);
+    let broker = start_crash(&dir);
     let stop = AtomicBool::new(false);
     on.run(broker.addr(), online, &stop, Some(FINAL_IDLE));
     let mut off = Receiver::default();
