@@ -73,6 +73,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
         links: server.admin_links.clone(),
         token: (!token.is_empty()).then_some(token),
         started,
+        auth: Some(server.auth_hub()),
     };
     let admin_addr = tessera_broker::admin::spawn(admin_listener, state)?;
     // Scripts and tests wait for these lines; keep their shape. The admin

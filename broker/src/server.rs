@@ -295,6 +295,11 @@ impl Server {
         self.auth.reload();
     }
 
+    /// The security files' hub (the admin API's ban endpoints edit it).
+    pub fn auth_hub(&self) -> Arc<AuthHub> {
+        self.auth.clone()
+    }
+
     /// Number of shards running.
     pub fn shards(&self) -> usize {
         self.executors.len()

@@ -881,3 +881,65 @@ fn publish_bandwidth_limit_answers_quota_exceeded() {
     // exchange may add one more.
     assert!((2..=3).contains(&accepted), "{accepted} accepted");
 }
+
+/// The admin API's ban endpoints edit the ban file, and the broker applies
+/// the result: new connections are refused, a connected client is
+/// disconnected (0x98), and lifting the ban lets it back in.
+#[test]
+fn bans_through_the_admin_api() {
+    use tessera_broker::admin::http::client_request;
+    let dir = temp_dir("admin-bans");
+    let bans = dir.join("bans");
+    let broker = Broker::start_with(&[], &[("TESSERA_AUTH__BAN_FILE", bans.to_str().unwrap())]);
+    let admin = broker.admin_addr().to_string();
+    let call = |method: &str, target: &str| {
+        let r = client_request(&admin, method, target, None, RECV_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{method} {target}: {e}"));
+        (r.status, String::from_utf8(r.body).unwrap())
+    };
+    let mut live = RawClient::connect_ok(broker.addr(), connect_packet(V5, "api-evil", true, 30));
+    assert_eq!(
+        call("POST", "/api/v1/bans?kind=clientid&value=api-evil").0,
+        201
+    );
+    assert_eq!(
+        call("POST", "/api/v1/bans?kind=clientid&value=api-evil").0,
+        200
+    );
+    let (status, body) = call("POST", "/api/v1/bans?kind=ip&value=10.0.0.0%2F33");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        call("POST", "/api/v1/bans?kind=ip&value=10.9.0.0%2F16").0,
+        201
+    );
+    let (status, body) = call("GET", "/api/v1/bans");
+    assert_eq!(status, 200);
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        list["bans"],
+        serde_json::json!([
+            {"kind": "clientid", "value": "api-evil"},
+            {"kind": "ip", "value": "10.9.0.0/16"}
+        ])
+    );
+    assert!(
+        std::fs::read_to_string(&bans)
+            .unwrap()
+            .contains("clientid api-evil")
+    );
+    live.expect_disconnect_then_close(ReasonCode::AdministrativeAction);
+    let (_, ack) = connack(&broker, connect_packet(V5, "api-evil", true, 30));
+    assert_eq!(ack.reason_code, ReasonCode::Banned);
+    assert_eq!(
+        call("DELETE", "/api/v1/bans?kind=clientid&value=api-evil").0,
+        200
+    );
+    assert_eq!(
+        call("DELETE", "/api/v1/bans?kind=clientid&value=api-evil").0,
+        404
+    );
+    eventually("the lifted ban lets the client back", || {
+        let (_, ack) = connack(&broker, connect_packet(V5, "api-evil", true, 30));
+        ack.reason_code == ReasonCode::Success
+    });
+}

@@ -39,6 +39,8 @@ pub struct AdminState {
     pub token: Option<String>,
     /// When the broker started.
     pub started: Instant,
+    /// The security files, for the ban endpoints (`docs/SECURITY.md`).
+    pub auth: Option<std::sync::Arc<crate::auth::AuthHub>>,
 }
 
 type Handler = fn(&AdminState, &Request, &[String]) -> Response;
@@ -92,6 +94,9 @@ const ROUTES: &[Route] = &[
     route("GET", &["api", "v1", "sessions"], sessions_list),
     route("GET", &["api", "v1", "sessions", "{}"], session_show),
     route("DELETE", &["api", "v1", "sessions", "{}"], session_expire),
+    route("GET", &["api", "v1", "bans"], bans_list),
+    route("POST", &["api", "v1", "bans"], bans_add),
+    route("DELETE", &["api", "v1", "bans"], bans_delete),
 ];
 
 /// Answers one request.
@@ -470,6 +475,60 @@ fn client_kick(state: &AdminState, req: &Request, p: &[String]) -> Response {
     }
 }
 
+/// `GET /api/v1/bans`: the ban list in force.
+fn bans_list(state: &AdminState, _: &Request, _: &[String]) -> Response {
+    let Some(auth) = &state.auth else {
+        return Response::json(200, &json!({ "bans": [] }));
+    };
+    let bans: Vec<Value> = auth
+        .bans()
+        .iter()
+        .map(|b| {
+            let text = b.to_string();
+            let (kind, value) = text.split_once(' ').unwrap_or((&text, ""));
+            json!({ "kind": kind, "value": value })
+        })
+        .collect();
+    Response::json(200, &json!({ "bans": bans }))
+}
+
+/// `POST /api/v1/bans?kind=K&value=V` and `DELETE` the same: edit the ban
+/// file (`auth.ban_file`) and reload it; connected clients the new list bans
+/// are disconnected by their shards.
+fn bans_edit(state: &AdminState, req: &Request, add: bool) -> Response {
+    let (Some(kind), Some(value)) = (req.param("kind"), req.param("value")) else {
+        return Response::error(
+            400,
+            "bad_parameter",
+            "kind (clientid, username or ip) and value are required",
+        );
+    };
+    let ban: crate::auth::bans::Ban = match format!("{kind} {value}").parse() {
+        Ok(b) => b,
+        Err(e) => return Response::error(400, "bad_parameter", e),
+    };
+    let Some(auth) = &state.auth else {
+        return Response::error(409, "no_ban_file", "set auth.ban_file to manage bans");
+    };
+    match auth.edit_ban(ban.clone(), add) {
+        Ok(changed) if add => Response::json(
+            if changed { 201 } else { 200 },
+            &json!({ "banned": ban.to_string(), "added": changed }),
+        ),
+        Ok(true) => Response::json(200, &json!({ "unbanned": ban.to_string() })),
+        Ok(false) => Response::error(404, "not_found", format!("no ban {ban}")),
+        Err(e) => Response::error(409, "no_ban_file", e),
+    }
+}
+
+fn bans_add(state: &AdminState, req: &Request, _: &[String]) -> Response {
+    bans_edit(state, req, true)
+}
+
+fn bans_delete(state: &AdminState, req: &Request, _: &[String]) -> Response {
+    bans_edit(state, req, false)
+}
+
 fn session_expire(state: &AdminState, _: &Request, p: &[String]) -> Response {
     let client_id = &p[0];
     match state
@@ -727,7 +786,7 @@ mod tests {
                 r.path.join("/")
             );
         }
-        assert_eq!(paths.len(), 12, "a path in the OpenAPI file has no route");
+        assert_eq!(paths.len(), 13, "a path in the OpenAPI file has no route");
     }
 
     #[test]
