@@ -41,7 +41,8 @@ const ADMIN_PREFIX: &str = "tessera: admin http://";
 
 /// A command for the `broker` binary with `args` and `envs`, and no `TESSERA_*`
 /// variable inherited from the test runner's environment (they would change
-/// the configuration under test, or fail its loading).
+/// the configuration under test, or fail its loading). The admin API gets a
+/// free loopback port unless `args` names one.
 pub fn broker_command(args: &[&str], envs: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_broker"));
     for (name, _) in std::env::vars_os() {
@@ -50,6 +51,11 @@ pub fn broker_command(args: &[&str], envs: &[(&str, &str)]) -> Command {
         }
     }
     cmd.args(args);
+    // Tests run in parallel: a broker on the default admin port (18083)
+    // would refuse to start next to another one.
+    if !args.contains(&"--admin-listen") {
+        cmd.args(["--admin-listen", "127.0.0.1:0"]);
+    }
     for (k, v) in envs {
         cmd.env(k, v);
     }
