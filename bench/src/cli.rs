@@ -158,6 +158,36 @@ pub struct Common {
     #[arg(long, global = true)]
     pub broker_pid: Option<u32>,
 
+    /// Connect over TLS (rustls): needs --ca FILE or --insecure.
+    #[arg(long, global = true)]
+    pub tls: bool,
+
+    /// --tls: PEM file of the CA certificates that verify the broker.
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+
+    /// --tls: do not verify the broker's certificate chain or name (the
+    /// handshake signature is still checked).
+    #[arg(long, global = true)]
+    pub insecure: bool,
+
+    /// --tls: PEM client certificate chain for mutual TLS (with --key).
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+
+    /// --tls: PEM private key of --cert.
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
+
+    /// --tls: server name sent (SNI) and verified; default each --host.
+    #[arg(long, global = true)]
+    pub sni: Option<String>,
+
+    /// --tls: let clients resume TLS sessions; by default every connection
+    /// makes a full handshake.
+    #[arg(long, global = true)]
+    pub tls_resume: bool,
+
     /// Tokio worker threads; default: the CPUs this process may run on.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
@@ -369,6 +399,25 @@ impl Cli {
             && k >= c.procs
         {
             return Err(format!("--child {k}: must be below --procs {}", c.procs));
+        }
+        let tls_only = [
+            ("--ca", c.ca.is_some()),
+            ("--insecure", c.insecure),
+            ("--cert", c.cert.is_some()),
+            ("--key", c.key.is_some()),
+            ("--sni", c.sni.is_some()),
+            ("--tls-resume", c.tls_resume),
+        ];
+        if !c.tls
+            && let Some((name, _)) = tls_only.iter().find(|(_, set)| *set)
+        {
+            return Err(format!("{name}: only with --tls"));
+        }
+        if c.cert.is_some() != c.key.is_some() {
+            return Err("--cert and --key go together".into());
+        }
+        if c.tls && c.ca.is_none() && !c.insecure {
+            return Err("--tls needs --ca FILE (a PEM CA to trust) or --insecure".into());
         }
         if c.count == Some(0) {
             return Err("--count 0: must be at least 1".into());

@@ -82,7 +82,7 @@ async fn hold_one(
             _ = &mut ping, if !ping_every.is_zero() => {
                 out.clear();
                 mqtt::put(&Packet::PingReq, version, &mut out);
-                if let Err(e) = wr.write_all(&out).await {
+                if let Err(e) = async { wr.write_all(&out).await?; wr.flush().await }.await {
                     break Some(e.into());
                 }
                 ping.as_mut().reset(tokio::time::Instant::now() + ping_every);

@@ -144,6 +144,7 @@ fn process_acks(
     }
     if !out.is_empty() {
         c.stream.write_all(out)?;
+        c.stream.flush()?;
         out.clear();
     }
     Ok(())
@@ -208,6 +209,7 @@ fn paced_publisher(
             live.set_produced(0, r.sent + 1);
             sys::sleep_until_precise(clock::instant_at(intended_ns));
             c.stream.write_all(&out)?;
+            c.stream.flush()?;
             let sent_ns = clock::now_ns();
             if intended_ns >= t.warm_ns {
                 record_ns(&mut r.lag, sent_ns.saturating_sub(intended_ns));
@@ -237,8 +239,8 @@ fn paced_publisher(
                 version,
                 &mut bye,
             );
-            let _ = c.stream.write_all(&bye);
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            let _ = c.stream.write_all(&bye).and_then(|()| c.stream.flush());
+            let _ = c.stream.shutdown_write();
         }
         Err(f) => live.error(format!("publisher: {f}")),
     }

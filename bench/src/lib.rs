@@ -1,5 +1,5 @@
 //! `tessera-bench`: the load generator behind the `bench` binary. It speaks MQTT
-//! 3.1.1 or 5.0 through `tessera_proto` over plain TCP to any broker, and measures
+//! 3.1.1 or 5.0 through `tessera_proto` over TCP or TLS to any broker, and measures
 //! what the broker does with the load: delivery rates, end-to-end latency, loss,
 //! duplicates and order, connect latency, and the broker's CPU and memory.
 //!
@@ -16,6 +16,7 @@
 //! - [`conn`]: the `conn` scenario, many idle connections.
 //! - [`compare`]: `bench compare`, a scenario matrix against two brokers.
 //! - [`mqtt`]: connecting and subscribing, blocking and async; failure reasons.
+//! - [`transport`]: plain TCP or TLS (rustls) streams, chosen once per connection.
 //! - [`window`]: the QoS 1/2 in-flight window (sans-IO).
 //! - [`accounting`]: loss, duplicate and order accounting (sans-IO).
 //! - [`payload`]: the bench header every message carries.
@@ -26,7 +27,7 @@
 //! - [`sys`]: open-files limit, CPU and RSS from `/proc`, precise sleep.
 //! - [`clock`]: the process-wide monotonic clock payloads are stamped with.
 //!
-//! What it does not do: TLS, WebSockets, wills, or reconnecting. A client that
+//! What it does not do: WebSockets, QUIC, wills, or reconnecting. A client that
 //! loses its connection counts an error and stops; the run goes on and fails at
 //! the end.
 
@@ -48,4 +49,5 @@ pub mod stats;
 pub mod subscriber;
 pub mod sys;
 pub mod throughput;
+pub mod transport;
 pub mod window;

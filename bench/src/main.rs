@@ -8,6 +8,7 @@
 
 use std::net::ToSocketAddrs;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,6 +19,7 @@ use tessera_bench::mqtt::Options;
 use tessera_bench::plan::{Plan, expand};
 use tessera_bench::report::Report;
 use tessera_bench::run::RunConfig;
+use tessera_bench::transport::{Tls, TlsFlags};
 use tessera_bench::{clock, conn, latency, output, procs, sys, throughput};
 use tessera_proto::topic::{validate_topic_filter, validate_topic_name};
 
@@ -87,6 +89,19 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
             "bench conn: {clients} connections need more open files than the limit of {nofile}; expect EMFILE failures"
         );
     }
+    let tls = if c.tls {
+        let flags = TlsFlags {
+            ca: c.ca.clone(),
+            insecure: c.insecure,
+            cert: c.cert.clone(),
+            key: c.key.clone(),
+            sni: c.sni.clone(),
+            resume: c.tls_resume,
+        };
+        Some(Arc::new(Tls::new(&flags, &c.host)?))
+    } else {
+        None
+    };
     let run_id = run_id();
     let topic_alias = matches!(
         cli.scenario,
@@ -111,6 +126,7 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
             } else {
                 0
             },
+            tls,
         },
         qos: cli.qos(),
         size: c.size,

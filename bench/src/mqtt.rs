@@ -9,6 +9,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -17,9 +18,10 @@ use tessera_proto::{
     ProtocolVersion, QoS, ReasonCode, Str, Subscribe, Subscription, SubscriptionOptions, decode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 
 use crate::payload::PAYLOAD_BYTES_MAX;
+use crate::transport::{BlockingStream, Stream, Tls};
 
 /// Largest packet the bench accepts from a broker: a bench payload plus generous
 /// room for topic, properties and fixed header.
@@ -56,6 +58,8 @@ pub struct Options {
     /// MQTT 5 Topic Alias Maximum announced in CONNECT: aliases the broker may
     /// use towards us. 0: none.
     pub topic_alias_max: u16,
+    /// TLS on every connection (`--tls`), else plain TCP.
+    pub tls: Option<Arc<Tls>>,
 }
 
 impl Options {
@@ -86,6 +90,9 @@ pub enum Failure {
     /// No answer within `Options::timeout`.
     #[error("timeout")]
     Timeout,
+    /// The TLS layer failed: handshake (certificate, protocol) or a record.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The broker closed the connection.
     #[error("closed by broker")]
     Closed,
@@ -115,6 +122,9 @@ impl From<std::io::Error> for Failure {
         if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock {
             return Failure::Timeout;
         }
+        if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            return Failure::Tls(tls_reason(tls));
+        }
         Failure::Io(errno_name(&e))
     }
 }
@@ -122,6 +132,17 @@ impl From<std::io::Error> for Failure {
 impl From<DecodeError> for Failure {
     fn from(e: DecodeError) -> Failure {
         Failure::Decode(e)
+    }
+}
+
+/// A TLS error as a short, bounded reason: the kind, without the details that
+/// differ per connection (so "failures by reason" groups them).
+fn tls_reason(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(c) => format!("invalid certificate: {c:?}"),
+        rustls::Error::AlertReceived(a) => format!("alert from broker: {a:?}"),
+        rustls::Error::NoCertificatesPresented => "no certificate from broker".into(),
+        e => e.to_string(),
     }
 }
 
@@ -217,7 +238,7 @@ fn check_connack(ack: &ConnAck) -> Result<Granted, Failure> {
 #[derive(Debug)]
 pub struct Client {
     /// The connection.
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read but not yet decoded.
     pub rbuf: BytesMut,
     /// Protocol version of the connection.
@@ -228,7 +249,8 @@ pub struct Client {
 }
 
 /// Connects client slot `slot` to its broker address, from its `--bind` address
-/// when given, and completes CONNECT / CONNACK, all within `opts.timeout`.
+/// when given, runs the TLS handshake with `--tls`, and completes CONNECT /
+/// CONNACK, all within `opts.timeout`.
 /// `rbuf_bytes` is the initial read buffer; `sndbuf_bytes` sets `SO_SNDBUF`
 /// (the kernel doubles it), else the kernel autotunes it.
 pub async fn connect(
@@ -251,8 +273,12 @@ pub async fn connect(
         if let Some(bytes) = sndbuf_bytes {
             socket.set_send_buffer_size(bytes)?;
         }
-        let stream = socket.connect(addr).await?;
-        stream.set_nodelay(true)?;
+        let tcp = socket.connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let stream = match &opts.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => tls.connect(slot, tcp).await?,
+        };
         let mut client = Client {
             stream,
             rbuf: BytesMut::with_capacity(rbuf_bytes),
@@ -263,6 +289,7 @@ pub async fn connect(
         let mut out = BytesMut::new();
         put(&connect_packet(client_id, opts), opts.version, &mut out);
         client.stream.write_all(&out).await?;
+        client.stream.flush().await?;
         match client.read_packet().await? {
             Packet::ConnAck(ack) => {
                 client.granted = check_connack(&ack)?;
@@ -307,6 +334,7 @@ impl Client {
         let timeout = self.timeout;
         let exchange = async {
             self.stream.write_all(&out).await?;
+            self.stream.flush().await?;
             match self.read_packet().await? {
                 Packet::SubAck(ack) if ack.packet_id == 1 => {
                     match ack.reason_codes.first().copied() {
@@ -346,8 +374,8 @@ impl Client {
 /// A connected client on a blocking `std` socket, for the paced latency publisher.
 #[derive(Debug)]
 pub struct BlockingClient {
-    /// The connection, in blocking mode.
-    pub stream: std::net::TcpStream,
+    /// The connection, in blocking mode; flush after writing (TLS).
+    pub stream: BlockingStream,
     /// Bytes read but not yet decoded.
     pub rbuf: BytesMut,
     /// Protocol version of the connection.
@@ -373,10 +401,14 @@ pub fn connect_blocking(
         socket.bind(&SocketAddr::new(ip, 0).into())?;
     }
     socket.connect_timeout(&addr.into(), opts.timeout)?;
-    let stream = std::net::TcpStream::from(socket);
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(opts.timeout))?;
-    stream.set_write_timeout(Some(opts.timeout))?;
+    let tcp = std::net::TcpStream::from(socket);
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(opts.timeout))?;
+    tcp.set_write_timeout(Some(opts.timeout))?;
+    let stream = match &opts.tls {
+        None => BlockingStream::Plain(tcp),
+        Some(tls) => tls.connect_blocking(slot, tcp)?,
+    };
     let mut client = BlockingClient {
         stream,
         rbuf: BytesMut::with_capacity(READ_CHUNK_BYTES),
@@ -386,6 +418,7 @@ pub fn connect_blocking(
     let mut out = BytesMut::new();
     put(&connect_packet(client_id, opts), opts.version, &mut out);
     client.stream.write_all(&out)?;
+    client.stream.flush()?;
     loop {
         if let Some(p) = decode(&mut client.rbuf, client.version, PACKET_BYTES_MAX)? {
             return match p {
@@ -417,9 +450,9 @@ impl BlockingClient {
 
     /// Reads whatever is already there without blocking; 0 when nothing is.
     pub fn read_ready(&mut self) -> Result<usize, Failure> {
-        self.stream.set_nonblocking(true)?;
+        self.stream.tcp().set_nonblocking(true)?;
         let r = self.read_some();
-        self.stream.set_nonblocking(false)?;
+        self.stream.tcp().set_nonblocking(false)?;
         match r {
             Err(Failure::Timeout) => Ok(0),
             r => r,

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Buf, BytesMut};
 use tessera_proto::{Packet, PubRel, Publish, QoS, Str, decode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::clock;
 use crate::mqtt::{self, Client, Failure, PACKET_BYTES_MAX, READ_CHUNK_BYTES};
@@ -213,7 +213,8 @@ pub async fn run_publisher(
                     break 'run;
                 }
             },
-            r = wr.write(&out), if !out.is_empty() => match r {
+            // On TLS an emptied `out` may still wait in the session: flush it.
+            r = wr.write_or_flush(&out), if !out.is_empty() || wr.needs_flush() => match r {
                 Ok(n) => out.advance(n),
                 Err(e) => {
                     failure = Some(e.into());

@@ -18,6 +18,8 @@ pub struct Report {
     pub scenario: &'static str,
     /// Broker address.
     pub broker: String,
+    /// `tcp` or `tls`.
+    pub transport: &'static str,
     /// `3.1.1` or `5.0`.
     pub mqtt_version: String,
     /// QoS requested.
@@ -205,9 +207,10 @@ impl Report {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "bench {}: broker {} MQTT {} QoS {}{}",
+            "bench {}: broker {} ({}) MQTT {} QoS {}{}",
             self.scenario,
             self.broker,
+            self.transport,
             self.mqtt_version,
             self.qos,
             self.granted_qos

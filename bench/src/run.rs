@@ -56,6 +56,11 @@ impl RunConfig {
         Report {
             scenario,
             broker: self.opts.brokers(),
+            transport: if self.opts.tls.is_some() {
+                "tls"
+            } else {
+                "tcp"
+            },
             mqtt_version: self.opts.version.to_string(),
             qos: self.qos as u8,
             size_bytes: self.size,

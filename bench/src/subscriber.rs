@@ -149,7 +149,12 @@ pub async fn run_subscriber(
             live.latency.flush(&mut coarse);
         }
         if !out.is_empty() {
-            if let Err(e) = wr.write_all(&out).await {
+            if let Err(e) = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            }
+            .await
+            {
                 failure = Some(e.into());
                 break 'run;
             }

@@ -1,0 +1,452 @@
+//! The byte streams a bench client speaks MQTT over: plain TCP or TLS (rustls,
+//! aws-lc-rs provider), chosen once per connection.
+//!
+//! - [`Tls`]: the client configuration built once per run from `--tls`, `--ca`,
+//!   `--insecure`, `--cert`/`--key`, `--sni` and `--tls-resume`, shared by every
+//!   connection (`Arc`).
+//! - [`Stream`] for the tokio clients, with [`Stream::split`] into a read half and a
+//!   write half that the scenario loops poll from one task, as they did with
+//!   `TcpStream::split`.
+//! - [`BlockingStream`] for the latency publisher's paced thread.
+//!
+//! The plain variants hand every call straight to the TCP stream: the enum costs
+//! one match per call and nothing is allocated per message. On the TLS path rustls
+//! keeps one record buffer per connection and reuses it; our read buffer is the
+//! same `BytesMut` as on the plain path.
+//!
+//! One difference the loops must respect: a TLS write may accept plaintext that
+//! rustls could not yet push to the socket, so after the last write of a batch the
+//! writer must be flushed. [`WriteHalf::needs_flush`] says when, and
+//! [`WriteHalf::write_or_flush`] does either in one future (a `select!` branch).
+//!
+//! Not done here: WebSocket, QUIC, TLS early data.
+
+use std::io;
+use std::net::{IpAddr, TcpStream as StdTcpStream};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::Context as _;
+use rustls::client::Resumption;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// What the TLS flags asked for, before any file is read.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFlags {
+    /// PEM file of CA certificates to trust (else the CA list is empty and
+    /// `insecure` must be set).
+    pub ca: Option<PathBuf>,
+    /// Skip verification of the broker's certificate chain and name (signatures
+    /// on the handshake are still checked).
+    pub insecure: bool,
+    /// PEM client certificate chain for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// Server name sent as SNI and verified against the certificate; default the
+    /// `--host` of each connection.
+    pub sni: Option<String>,
+    /// Let clients resume TLS sessions (tickets / session ids). Off by default so
+    /// every `conn` connection measures a full handshake.
+    pub resume: bool,
+}
+
+/// The TLS side of a run: one client configuration and the name each broker
+/// address is verified against. Built once, shared by every connection.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    config: Arc<ClientConfig>,
+    /// Server name per `--host` slot (same indexing as `Options::addrs`).
+    names: Vec<ServerName<'static>>,
+}
+
+impl Tls {
+    /// Reads the files and builds the client configuration. `hosts` are the
+    /// `--host` values in order; each becomes the server name of its slot unless
+    /// `flags.sni` is set. Errors name the flag and the file.
+    pub fn new(flags: &TlsFlags, hosts: &[String]) -> anyhow::Result<Tls> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?;
+        let builder = if flags.insecure {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert {
+                    algorithms: provider.signature_verification_algorithms,
+                }))
+        } else {
+            let Some(ca) = &flags.ca else {
+                anyhow::bail!("--tls needs --ca FILE (a PEM CA to trust) or --insecure");
+            };
+            let mut roots = RootCertStore::empty();
+            for cert in read_certs(ca, "--ca")? {
+                roots.add(cert).with_context(|| {
+                    format!("--ca {}: not a usable CA certificate", ca.display())
+                })?;
+            }
+            builder.with_root_certificates(roots)
+        };
+        let mut config = match (&flags.cert, &flags.key) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert, "--cert")?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| anyhow::anyhow!("--key {}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .context("--cert/--key: the key does not fit the certificate")?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => anyhow::bail!("--cert and --key go together"),
+        };
+        if !flags.resume {
+            config.resumption = Resumption::disabled();
+        }
+        let mut names = Vec::with_capacity(hosts.len().max(1));
+        for host in hosts {
+            let name = flags.sni.as_deref().unwrap_or(host);
+            names.push(server_name(name)?);
+        }
+        if names.is_empty() {
+            names.push(server_name(flags.sni.as_deref().unwrap_or("127.0.0.1"))?);
+        }
+        Ok(Tls {
+            config: Arc::new(config),
+            names,
+        })
+    }
+
+    fn name(&self, slot: usize) -> ServerName<'static> {
+        self.names[slot % self.names.len()].clone()
+    }
+
+    /// Runs the TLS handshake of client slot `slot` over a connected socket.
+    pub async fn connect(&self, slot: usize, tcp: TcpStream) -> io::Result<Stream> {
+        let connector = TlsConnector::from(self.config.clone());
+        let tls = connector.connect(self.name(slot), tcp).await?;
+        Ok(Stream::Tls(Box::new(tls)))
+    }
+
+    /// Runs the TLS handshake of client slot `slot` over a blocking socket (whose
+    /// read and write timeouts bound it).
+    pub fn connect_blocking(
+        &self,
+        slot: usize,
+        mut tcp: StdTcpStream,
+    ) -> io::Result<BlockingStream> {
+        let mut conn = ClientConnection::new(self.config.clone(), self.name(slot))
+            .map_err(io::Error::other)?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)?;
+        }
+        Ok(BlockingStream::Tls(Box::new(rustls::StreamOwned::new(
+            conn, tcp,
+        ))))
+    }
+}
+
+fn server_name(name: &str) -> anyhow::Result<ServerName<'static>> {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Ok(ServerName::IpAddress(ip.into()));
+    }
+    ServerName::try_from(name.to_string())
+        .map_err(|_| anyhow::anyhow!("--sni/--host {name:?}: not a valid TLS server name"))
+}
+
+fn read_certs(path: &PathBuf, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{flag} {}: no PEM certificate in the file", path.display());
+    }
+    Ok(certs)
+}
+
+/// `--insecure`: accepts any certificate chain and name, but still checks that
+/// the broker signed the handshake with the key of the certificate it sent, so
+/// the handshake costs what a verified one costs minus the chain validation.
+#[derive(Debug)]
+struct AcceptAnyCert {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A connected byte stream on tokio.
+#[derive(Debug)]
+pub enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (boxed: the rustls state is large and idle `conn` clients
+    /// should not pay for it on the plain path).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Splits into halves that one task polls together (both borrow `self`).
+    /// Plain TCP splits without any lock; TLS shares the session between the
+    /// halves through tokio's split.
+    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        match self {
+            Stream::Plain(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(&mut **s);
+                (
+                    ReadHalf::Tls(r),
+                    WriteHalf::Tls {
+                        half: w,
+                        unflushed: false,
+                    },
+                )
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The read half of a [`Stream`].
+#[derive(Debug)]
+pub enum ReadHalf<'a> {
+    /// Plain TCP.
+    Plain(tcp::ReadHalf<'a>),
+    /// TLS.
+    Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ReadHalf<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+/// The write half of a [`Stream`].
+#[derive(Debug)]
+pub enum WriteHalf<'a> {
+    /// Plain TCP: every accepted byte is in the kernel.
+    Plain(tcp::WriteHalf<'a>),
+    /// TLS: accepted bytes may wait in rustls until a flush.
+    Tls {
+        /// The half.
+        half: tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>,
+        /// Bytes were accepted since the last completed flush.
+        unflushed: bool,
+    },
+}
+
+impl WriteHalf<'_> {
+    /// Whether bytes accepted by a write may still wait in the TLS session. Never
+    /// on plain TCP.
+    pub fn needs_flush(&self) -> bool {
+        matches!(
+            self,
+            WriteHalf::Tls {
+                unflushed: true,
+                ..
+            }
+        )
+    }
+
+    /// Writes some of `buf`, or flushes when `buf` is empty; returns the bytes
+    /// of `buf` accepted. For a `select!` branch enabled by
+    /// `!buf.is_empty() || needs_flush()`.
+    pub async fn write_or_flush(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            self.flush().await?;
+            Ok(0)
+        } else {
+            self.write(buf).await
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Tls { half, unflushed } => {
+                let r = Pin::new(half).poll_write(cx, buf);
+                if let Poll::Ready(Ok(n)) = &r
+                    && *n > 0
+                {
+                    *unflushed = true;
+                }
+                r
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Tls { half, unflushed } => {
+                let r = Pin::new(half).poll_flush(cx);
+                if let Poll::Ready(Ok(())) = &r {
+                    *unflushed = false;
+                }
+                r
+            }
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Tls { half, .. } => Pin::new(half).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connected blocking byte stream, for the latency publisher's thread. Every
+/// write is followed by a flush at the call site (a no-op on plain TCP).
+#[derive(Debug)]
+pub enum BlockingStream {
+    /// Plain TCP.
+    Plain(StdTcpStream),
+    /// TLS over TCP.
+    Tls(Box<rustls::StreamOwned<ClientConnection, StdTcpStream>>),
+}
+
+impl BlockingStream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &StdTcpStream {
+        match self {
+            BlockingStream::Plain(s) => s,
+            BlockingStream::Tls(s) => &s.sock,
+        }
+    }
+
+    /// Ends the write side: a TLS close_notify first, then the TCP FIN.
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
+        if let BlockingStream::Tls(s) = self {
+            s.conn.send_close_notify();
+            io::Write::flush(s)?;
+        }
+        self.tcp().shutdown(std::net::Shutdown::Write)
+    }
+}
+
+impl io::Read for BlockingStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            BlockingStream::Plain(s) => s.read(buf),
+            BlockingStream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for BlockingStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            BlockingStream::Plain(s) => s.write(buf),
+            BlockingStream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            BlockingStream::Plain(s) => s.flush(),
+            BlockingStream::Tls(s) => s.flush(),
+        }
+    }
+}

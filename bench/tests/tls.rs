@@ -1,0 +1,403 @@
+//! Goal: `--tls` works end to end: fan-in and conn over TLS against the real
+//! Tessera broker (server certificate verified with `--ca`, and with `--insecure`),
+//! mutual TLS with a client certificate (and a clear failure without one), and
+//! Mosquitto's TLS listener.
+//!
+//! Method: certificates are generated per test with rcgen (a CA, a server
+//! certificate for 127.0.0.1/localhost, a client certificate). The workspace's
+//! `broker` binary runs with `[[listener]]` tables of kind `mqtts` on port 0 and
+//! prints the port it bound; Mosquitto runs with `listener PORT 127.0.0.1`,
+//! `certfile`, `keyfile`. The bench binary runs 2-second scenarios with `--json`,
+//! and the JSON line is checked. Every process is killed on drop.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{BenchRun, bench};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+
+/// A certificate authority that signs server and client certificates.
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca {
+            pem,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for the SANs `names` with Common Name `cn`: (cert, key) PEM.
+    fn sign(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if client {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// One test's files: CA, server and client certificates.
+struct Pki {
+    dir: PathBuf,
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+impl Pki {
+    fn new(test: &str) -> Pki {
+        let dir =
+            std::env::temp_dir().join(format!("tessera-bench-tls-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = Ca::new("bench test CA");
+        let (sc, sk) = ca.sign("bench test server", &["127.0.0.1", "localhost"], false);
+        let (cc, ck) = ca.sign("bench-client", &["bench-client"], true);
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        Pki {
+            ca: write("ca.pem", &ca.pem),
+            server_cert: write("server.pem", &sc),
+            server_key: write("server.key", &sk),
+            client_cert: write("client.pem", &cc),
+            client_key: write("client.key", &ck),
+            dir,
+        }
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A child process killed on drop.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The broker binary: next to `bench` in Cargo's target directory, built if absent.
+fn broker_binary() -> PathBuf {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_bench"));
+    let path = bench.with_file_name("broker");
+    if !path.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "tessera-broker", "--bin", "broker"]);
+        if bench.parent().and_then(|d| d.file_name()) == Some("release".as_ref()) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for the broker");
+        assert!(status.success(), "cargo build -p tessera-broker failed");
+    }
+    assert!(path.is_file(), "no broker binary at {}", path.display());
+    path
+}
+
+/// Starts Tessera (2 shards) with one `mqtts` listener on port 0, with client
+/// certificates required when `mtls`, and returns it with the TLS port.
+fn tessera_tls(pki: &Pki, mtls: bool) -> (Running, u16) {
+    let mut config = format!(
+        "[[listener]]\nkind = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        pki.server_cert, pki.server_key
+    );
+    if mtls {
+        config += &format!("ca_file = \"{}\"\nrequire_client_cert = true\n", pki.ca);
+    }
+    let conf = pki.dir.join("tessera.toml");
+    std::fs::write(&conf, config).unwrap();
+    let mut cmd = Command::new(broker_binary());
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"TESSERA_") {
+            cmd.env_remove(name);
+        }
+    }
+    let mut child = cmd
+        .args(["--listen", "127.0.0.1:0", "--shards", "2", "--config"])
+        .arg(&conf)
+        .arg("--data-dir")
+        .arg(pki.dir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the broker");
+    let stdout = child.stdout.take().expect("stdout");
+    let running = Running(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("tessera: listening mqtts://") {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the broker printed its mqtts listening line within 10 s");
+    let port = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    (running, port)
+}
+
+/// Starts Mosquitto with one TLS listener and waits until it accepts TCP.
+fn mosquitto_tls(pki: &Pki) -> (Running, u16) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let binary = std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+        .expect("mosquitto is installed (apt-get install -y mosquitto; CI installs it)");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let conf = pki.dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\ncertfile {}\nkeyfile {}\n",
+            pki.server_cert, pki.server_key
+        ),
+    )
+    .unwrap();
+    let child = Command::new(&binary)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting mosquitto");
+    let running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "mosquitto did not listen within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (running, port)
+}
+
+const SHORT: [&str; 4] = ["--duration", "2", "--warmup", "0.5"];
+
+fn with<'a>(scenario: &[&'a str], tls: &[&'a str]) -> Vec<&'a str> {
+    let mut v = scenario.to_vec();
+    v.extend(SHORT);
+    v.extend(tls);
+    v
+}
+
+fn assert_clean_fanin(run: &BenchRun) {
+    assert_eq!(run.code, 0, "exit code\n{}", run.output);
+    assert_eq!(run.json["pass"], true, "{}", run.output);
+    for key in [
+        "loss_count",
+        "duplicate_count",
+        "corrupt_count",
+        "error_count",
+    ] {
+        assert_eq!(run.u(key), 0, "{key}\n{}", run.output);
+    }
+    assert!(run.u("sent_count") > 100, "{}", run.output);
+    assert_eq!(
+        run.u("received_count"),
+        run.u("expected_count"),
+        "{}",
+        run.output
+    );
+}
+
+fn assert_conn(run: &BenchRun, clients: u64) {
+    assert_eq!(run.code, 0, "exit code\n{}", run.output);
+    assert_eq!(run.u("connected_count"), clients, "{}", run.output);
+    assert_eq!(run.u("dropped_count"), 0, "{}", run.output);
+    let lat = &run.json["connect_latency"];
+    assert_eq!(lat["count"].as_u64(), Some(clients), "{}", run.output);
+    assert!(lat["p50_us"].as_f64().unwrap() > 0.0, "{}", run.output);
+    assert!(
+        run.json["connect_per_s"].as_f64().unwrap() > 0.0,
+        "{}",
+        run.output
+    );
+    assert_eq!(run.json["transport"], "tls", "{}", run.output);
+}
+
+#[test]
+fn fanin_and_conn_over_tls_against_tessera() {
+    let pki = Pki::new("tessera");
+    let (_broker, port) = tessera_tls(&pki, false);
+    let verified = ["--tls", "--ca", pki.ca.as_str()];
+    for qos in ["0", "1"] {
+        // Paced, as in tests/tessera.rs: at full speed a clean-session
+        // subscriber's bounded queue overflows by design (loss, not a TLS fault).
+        let run = bench(
+            port,
+            &with(
+                &["fanin", "--publishers", "4", "--qos", qos, "--rate", "1000"],
+                &verified,
+            ),
+        );
+        assert_clean_fanin(&run);
+        assert_eq!(run.json["transport"], "tls", "{}", run.output);
+    }
+    let run = bench(
+        port,
+        &with(
+            &["conn", "--clients", "50", "--rate", "500"],
+            &["--tls", "--insecure"],
+        ),
+    );
+    assert_conn(&run, 50);
+    // A latency run over TLS: the paced blocking publisher has its own TLS path.
+    let run = bench(
+        port,
+        &with(&["latency", "--rate", "200", "--qos", "1"], &verified),
+    );
+    assert_eq!(run.code, 0, "{}", run.output);
+    assert!(run.u("received_count") > 100, "{}", run.output);
+}
+
+#[test]
+fn tls_verification_failures_are_counted_not_hidden() {
+    let pki = Pki::new("wrongname");
+    let (_broker, port) = tessera_tls(&pki, false);
+    // The certificate names 127.0.0.1 and localhost, not this.
+    let run = bench(
+        port,
+        &with(
+            &["conn", "--clients", "3", "--rate", "100"],
+            &["--tls", "--ca", pki.ca.as_str(), "--sni", "broker.example"],
+        ),
+    );
+    assert_eq!(run.code, 1, "{}", run.output);
+    assert_eq!(run.u("connected_count"), 0, "{}", run.output);
+    let failures = run.json["failures"].to_string();
+    assert!(
+        failures.contains("certificate"),
+        "{failures}\n{}",
+        run.output
+    );
+}
+
+#[test]
+fn mutual_tls_with_a_client_certificate() {
+    let pki = Pki::new("mtls");
+    let (_broker, port) = tessera_tls(&pki, true);
+    let mtls = [
+        "--tls",
+        "--ca",
+        pki.ca.as_str(),
+        "--cert",
+        pki.client_cert.as_str(),
+        "--key",
+        pki.client_key.as_str(),
+    ];
+    assert_clean_fanin(&bench(
+        port,
+        &with(
+            &["fanin", "--publishers", "2", "--qos", "1", "--rate", "1000"],
+            &mtls,
+        ),
+    ));
+    assert_conn(
+        &bench(
+            port,
+            &with(&["conn", "--clients", "20", "--rate", "200"], &mtls),
+        ),
+        20,
+    );
+    // Without a client certificate the broker refuses every handshake.
+    let run = bench(
+        port,
+        &with(
+            &["conn", "--clients", "3", "--rate", "100"],
+            &["--tls", "--ca", pki.ca.as_str()],
+        ),
+    );
+    assert_eq!(run.code, 1, "{}", run.output);
+    assert_eq!(run.u("connected_count"), 0, "{}", run.output);
+}
+
+#[test]
+fn fanin_and_conn_over_tls_against_mosquitto() {
+    let pki = Pki::new("mosquitto");
+    let (_m, port) = mosquitto_tls(&pki);
+    let verified = ["--tls", "--ca", pki.ca.as_str()];
+    // Paced: at full speed Mosquitto drops QoS 1 beyond max_queued_messages.
+    let run = bench(
+        port,
+        &with(
+            &["fanin", "--publishers", "4", "--qos", "1", "--rate", "500"],
+            &verified,
+        ),
+    );
+    assert_clean_fanin(&run);
+    assert_conn(
+        &bench(
+            port,
+            &with(&["conn", "--clients", "50", "--rate", "500"], &verified),
+        ),
+        50,
+    );
+}
+
+/// The usage errors name the flag.
+#[test]
+fn tls_flags_are_checked() {
+    let pki = Pki::new("flags");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--tls"], "--ca"),
+        (&["--ca", pki.ca.as_str()], "only with --tls"),
+        (
+            &["--tls", "--insecure", "--cert", pki.client_cert.as_str()],
+            "--cert and --key",
+        ),
+    ];
+    for (flags, needle) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+            .args(["conn", "--clients", "1"])
+            .args(flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(needle), "{flags:?}: {err}");
+    }
+}
