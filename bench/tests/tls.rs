@@ -145,13 +145,15 @@ fn tessera_tls(pki: &Pki, mtls: bool) -> (Running, u16) {
         }
     }
     let mut child = cmd
-        .args(["--listen", "127.0.0.1:0", "--shards", "2", "--config"])
+        // The admin API on a free port too: tests run in parallel.
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--shards", "2", "--config"])
         .arg(&conf)
         .arg("--data-dir")
         .arg(pki.dir.join("data"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(pki.dir.join("broker.err")).unwrap())
         .spawn()
         .expect("starting the broker");
     let stdout = child.stdout.take().expect("stdout");
@@ -165,8 +167,13 @@ fn tessera_tls(pki: &Pki, mtls: bool) -> (Running, u16) {
         }
     });
     let addr = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the broker printed its mqtts listening line within 10 s");
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            panic!(
+                "the broker did not print its mqtts listening line within 30 s; stderr:\n{}",
+                std::fs::read_to_string(pki.dir.join("broker.err")).unwrap_or_default()
+            )
+        });
     let port = addr
         .rsplit(':')
         .next()
