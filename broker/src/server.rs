@@ -54,6 +54,7 @@ use crate::transport::{AcceptError, Transport, TransportState};
 use persist::{ShardStore, StoreBoot};
 
 mod conn;
+mod park;
 mod persist;
 use tessera_shard::probe::EarlyRefusal;
 
@@ -505,6 +506,8 @@ struct Shard {
     memory_high_water_bytes: u64,
     /// Per-listener connection counts and connect rates of this shard.
     listener_limits: ListenerLimits,
+    /// Idle connections waiting without a task (`park`).
+    parking: park::Parking,
     listeners: Vec<ListenerConfig>,
     tls: Arc<TlsStore>,
     /// This shard's copy of the TLS configurations and the store generation
@@ -588,6 +591,15 @@ async fn shard_main(boot: ShardBoot) {
     let status = boot.admin.status[id].clone();
     let _up = ShardUpGuard(status.clone());
     let admin_rx = boot.admin.receivers[id].clone();
+    let (parking, doorbell) = match park::Parking::new(id, stop.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "shard {id}: cannot set up parked connections: {e}"
+            )));
+            return;
+        }
+    };
     let shard = Rc::new(Shard {
         id,
         shard_count: boot.shard_count,
@@ -609,7 +621,9 @@ async fn shard_main(boot: ShardBoot) {
         memory_high_water_bytes: boot.memory_high_water_bytes,
         store,
         listener_limits: ListenerLimits::new(&boot.listeners, boot.shard_count),
+        parking,
     });
+    glommio::spawn_local(park::run_unparker(shard.clone(), doorbell)).detach();
     let _ = shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
     if shard.store.is_some() {
         glommio::spawn_local(persist::feed_writer(shard.clone())).detach();
@@ -721,6 +735,8 @@ async fn shard_main(boot: ShardBoot) {
         }
         shard.engine.borrow_mut().tick(now_ms());
         shard.flush_outbox();
+        shard.parking.tick();
+        shard.engine.borrow_mut().wake_outputs(park::is_park_waker);
     }
     shard.engine.borrow_mut().shutdown(now_ms());
     shard.flush_outbox();
@@ -1217,11 +1233,7 @@ async fn serve(
     // buffer so the accept-time read buffer is freed now.
     let input = BytesMut::from(&already_read[..]);
     drop(already_read);
-    glommio::spawn_local(async move {
-        conn::run(shard.clone(), stream, input, conn, version).await;
-        shard.listener_limits.release(usize::from(listener));
-    })
-    .detach();
+    conn::spawn(shard, stream, input, conn, version, listener);
 }
 
 #[cfg(test)]

@@ -33,8 +33,9 @@ use tracing::debug;
 
 use super::{
     CLOSE_LINGER, MESH_BACKLOG_BATCHES_MAX, PROBE_BYTES, READ_CHUNK_BYTES, Shard, now_ms, now_us,
-    persist,
+    park, persist,
 };
+use crate::config::ListenerId;
 use crate::transport::Transport;
 
 /// Capacity of a WebSocket connection's frame buffer kept between writes.
@@ -56,6 +57,18 @@ enum Event {
     Closed,
     /// Only from the callers' timers: time to look again.
     Timeout,
+    /// Idle for `park::PARK_AFTER_TICKS` with nothing buffered: the
+    /// connection may park (see `park`).
+    Park,
+}
+
+/// How a connection task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// The connection is closed and its engine slot released.
+    Ended,
+    /// The connection waits parked, without a task (see `park`).
+    Parked,
 }
 
 /// The connection's socket and buffers, polled as one.
@@ -76,6 +89,8 @@ struct Io {
     /// The store epoch that must be committed before `output` is written
     /// (`sync` durability: what the bytes acknowledge is durable first).
     durable_epoch: u64,
+    /// The parking epoch of the last read or output.
+    last_active: u64,
     /// Reads fill whole chunks: keep the heap read buffer.
     busy: bool,
     probe: [u8; PROBE_BYTES],
@@ -85,7 +100,15 @@ impl Io {
     /// Writes what it can, takes the engine's next output when the last is
     /// written, and, when `read` is true, reads. Registers the task's waker
     /// with the socket (both directions) and the engine output.
-    fn poll_event(&mut self, cx: &mut Context<'_>, shard: &Shard, read: bool) -> Poll<Event> {
+    /// With `park`, reports `Event::Park` instead of waiting when the
+    /// connection has been idle long enough.
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        shard: &Shard,
+        read: bool,
+        park: bool,
+    ) -> Poll<Event> {
         loop {
             let pending = if self.use_framed {
                 &self.framed[self.written..]
@@ -136,6 +159,7 @@ impl Io {
                 std::mem::swap(&mut out.buf, &mut self.output);
                 self.durable_epoch = out.durable_epoch;
                 drop(engine);
+                self.last_active = shard.parking.epoch();
                 self.use_framed = self.stream.frame(&self.output, &mut self.framed);
                 self.in_flight = true;
                 continue;
@@ -148,9 +172,25 @@ impl Io {
             }
             break;
         }
-        if !read {
-            return Poll::Pending;
+        let r = if read {
+            self.poll_read(cx)
+        } else {
+            Poll::Pending
+        };
+        if r.is_pending()
+            && park
+            && self.input.is_empty()
+            && !self.in_flight
+            && !self.busy
+            && shard.parking.epoch() >= self.last_active + park::PARK_AFTER_TICKS
+        {
+            return Poll::Ready(Event::Park);
         }
+        r
+    }
+
+    /// Reads: into the probe when idle, else into the chunk buffer.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let stream = &mut self.stream;
         if self.input.is_empty() && !self.busy {
             // Idle: read into the probe, so an idle connection holds no buffer.
@@ -189,8 +229,14 @@ impl Io {
     }
 
     /// `poll_event` until it fires or `deadline` passes.
-    async fn next_event(&mut self, shard: &Shard, read: bool, deadline: Option<Instant>) -> Event {
-        let io = poll_fn(|cx| self.poll_event(cx, shard, read));
+    async fn next_event(
+        &mut self,
+        shard: &Shard,
+        read: bool,
+        park: bool,
+        deadline: Option<Instant>,
+    ) -> Event {
+        let io = poll_fn(|cx| self.poll_event(cx, shard, read, park));
         match deadline {
             None => io.await,
             Some(at) => {
@@ -204,15 +250,35 @@ impl Io {
     }
 }
 
-/// Serves one connection until it ends. `input` holds the bytes read after the
-/// CONNECT; the engine already accepted the CONNECT as `conn`.
-pub(super) async fn run(
+/// Starts the task of connection `conn` (accepted on `listener`); `input`
+/// holds bytes read and not yet decoded. The listener's connection count is
+/// released when the connection ends, not when it parks.
+pub(super) fn spawn(
     shard: Rc<Shard>,
     stream: Transport,
     input: BytesMut,
     conn: ConnId,
     version: ProtocolVersion,
+    listener: ListenerId,
 ) {
+    glommio::spawn_local(async move {
+        if run(shard.clone(), stream, input, conn, version, listener).await == Outcome::Ended {
+            shard.listener_limits.release(usize::from(listener));
+        }
+    })
+    .detach();
+}
+
+/// Serves one connection until it ends or parks.
+async fn run(
+    shard: Rc<Shard>,
+    stream: Transport,
+    input: BytesMut,
+    conn: ConnId,
+    version: ProtocolVersion,
+    listener: ListenerId,
+) -> Outcome {
+    let last_active = shard.parking.epoch();
     let mut io = Io {
         stream,
         conn,
@@ -223,6 +289,7 @@ pub(super) async fn run(
         written: 0,
         in_flight: false,
         durable_epoch: 0,
+        last_active,
         busy: false,
         probe: [0; PROBE_BYTES],
     };
@@ -236,8 +303,21 @@ pub(super) async fn run(
         // slows publishers here.
         let backlog = shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX || shard.store_backlogged();
         let deadline = backlog.then(|| Instant::now() + MESH_BACKOFF);
-        match io.next_event(&shard, !backlog, deadline).await {
+        let park = !backlog && io.stream.is_plain();
+        match io.next_event(&shard, !backlog, park, deadline).await {
+            Event::Park => match park_conn(&shard, io, version, listener) {
+                None => {
+                    debug!(%conn, "idle: connection parked");
+                    return Outcome::Parked;
+                }
+                Some(back) => {
+                    // Not parked (no fd to spare, or epoll refused): stay.
+                    io = back;
+                    io.last_active = shard.parking.epoch();
+                }
+            },
             Event::Read(n) => {
+                io.last_active = shard.parking.epoch();
                 shard.engine.borrow_mut().record_bytes_received(n);
                 // glommio is cooperative and a read of a busy socket completes
                 // at once: without this, publishers that keep their sockets
@@ -264,6 +344,35 @@ pub(super) async fn run(
     shard.engine.borrow_mut().release(now_ms(), conn);
     shard.flush_outbox();
     shard.connections.set(shard.connections.get() - 1);
+    Outcome::Ended
+}
+
+/// Parks an idle plain-TCP connection: its socket waits in the shard's epoll
+/// set as a duplicate fd, the engine output's waker unparks it, and the task
+/// ends. Gives `io` back when the connection cannot park.
+fn park_conn(shard: &Shard, io: Io, version: ProtocolVersion, listener: ListenerId) -> Option<Io> {
+    // SAFETY: the fd belongs to `io.stream`, borrowed for this statement.
+    let fd = unsafe { BorrowedFd::borrow_raw(io.stream.tcp().as_raw_fd()) };
+    let Ok(fd) = fd.try_clone_to_owned() else {
+        return Some(io);
+    };
+    let parked = park::Parked {
+        fd,
+        conn: io.conn,
+        version,
+        listener,
+    };
+    match shard.parking.park(parked) {
+        Ok(waker) => {
+            if let Some(out) = shard.engine.borrow_mut().output(io.conn) {
+                out.waker = Some(waker);
+            }
+            // Closes the original fd; the duplicate stays in the epoll set.
+            drop(io);
+            None
+        }
+        Err(_) => Some(io),
+    }
 }
 
 /// Decodes and handles every complete packet in `input`.
@@ -311,12 +420,13 @@ async fn close(shard: &Shard, io: &mut Io, mut reading: bool) -> bool {
     reading &= linger;
     let deadline = Instant::now() + CLOSE_LINGER;
     loop {
-        match io.next_event(shard, reading, Some(deadline)).await {
+        match io.next_event(shard, reading, false, Some(deadline)).await {
             Event::Read(_) => io.input.clear(),
             Event::ReadEnd => reading = false,
             Event::WriteFailed => return false,
             Event::Closed => break,
             Event::Timeout => return true,
+            Event::Park => unreachable!("closing connections never park"),
         }
     }
     io.stream.close_nowait();

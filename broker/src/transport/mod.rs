@@ -303,6 +303,13 @@ impl Transport {
         }
     }
 
+    /// Whether this is plain TCP with nothing of its own to send: all its
+    /// state is in the kernel, so the connection may wait as a bare fd
+    /// (`server::park`).
+    pub fn is_plain(&self) -> bool {
+        self.tls.is_none() && self.ws.is_none() && !self.flush_needed
+    }
+
     /// The socket (for socket options and shutdown).
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp
