@@ -203,7 +203,12 @@ pub(super) fn poll_committed(shard: &Shard, epoch: u64, cx: &mut Context<'_>) ->
     if store.committed.get() >= epoch {
         Poll::Ready(())
     } else {
-        store.waiters.borrow_mut().push(cx.waker().clone());
+        // A busy connection is polled again on every read before the commit
+        // arrives; one waker per task is enough.
+        let mut waiters = store.waiters.borrow_mut();
+        if !waiters.last().is_some_and(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
         Poll::Pending
     }
 }
