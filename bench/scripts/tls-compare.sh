@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # TLS against plain TCP, Tessera against Mosquitto, measured with `bench`:
-#   - QoS 0 fan-in: `bench fanin --publishers PUBS --qos 0` for SECONDS, over TCP
+#   - QoS 0 fan-in: `bench fanin --publishers PUBS --qos 0` for DURATION seconds, over TCP
 #     and over TLS (server certificate verified with --ca);
-#   - handshakes/s: `bench conn --clients CONNS --rate 50000` (attempts as fast
-#     as the bench can start them; every connection a full TLS 1.3 handshake,
-#     no resumption, then CONNECT/CONNACK), over TCP and over TLS; the report's
-#     connect_per_s and connect latency percentiles.
+#   - handshakes/s: `bench conn --clients CONNS --rate CONN_RATE` (every
+#     connection a full TLS 1.3 handshake, no resumption, then CONNECT/CONNACK),
+#     over TCP and over TLS; the report's connect_per_s and connect latency
+#     percentiles. Set CONN_RATE above what the pair can do and connect_per_s
+#     is the capacity, but far above it the listen backlog overflows and SYN
+#     retransmits (1 s) dominate the latency: read p50 with the rate.
 # The broker (Tessera --shards 1, or Mosquitto) runs on CPU 1, the bench on
 # CPU 0 with one tokio worker. Both brokers run at once, each with a plain and
 # a TLS listener and the same ECDSA P-256 certificate; runs are interleaved
@@ -14,13 +16,14 @@
 # (prefixed with broker and transport) to OUT, and a summary of medians.
 #
 # Usage: bench/scripts/tls-compare.sh [target/release]
-# Env: ROUNDS (3), SECONDS (5), PUBS (4), CONNS (2000), OUT (tls-compare.jsonl)
+# Env: ROUNDS (3), DURATION (5), PUBS (4), CONNS (2000), CONN_RATE (1500), OUT (tls-compare.jsonl)
 set -euo pipefail
 BIN=${1:-target/release}
 ROUNDS=${ROUNDS:-3}
-SECONDS_RUN=${SECONDS:-5}
+SECONDS_RUN=${DURATION:-5}
 PUBS=${PUBS:-4}
 CONNS=${CONNS:-2000}
+CONN_RATE=${CONN_RATE:-1500}
 OUT=${OUT:-tls-compare.jsonl}
 for tool in openssl mosquitto taskset python3 "$BIN/bench" "$BIN/broker"; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
@@ -90,7 +93,7 @@ run() { # broker transport scenario
     local args
     case $scenario in
         fanin) args=(fanin --publishers "$PUBS" --qos 0 --duration "$SECONDS_RUN" --warmup 1) ;;
-        conn) args=(conn --clients "$CONNS" --rate 50000 --duration 1 --max-failures "$CONNS"
+        conn) args=(conn --clients "$CONNS" --rate "$CONN_RATE" --duration 1 --max-failures "$CONNS"
                     --bind 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5) ;;
     esac
     local line
