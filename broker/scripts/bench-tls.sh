@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # TLS against plain TCP, Tessera against Mosquitto, with third-party clients
-# only (the bench tool has no TLS yet):
+# only (written before the bench tool had TLS; bench/scripts/tls-compare.sh
+# measures the same with `bench --tls`, brokers and bench pinned):
 #   - handshakes/s: `openssl s_time -new` (full handshakes, no resumption),
 #     CLIENTS processes in parallel for SECONDS each; the broker sees a TLS
 #     connection that closes without CONNECT, the same for both brokers.
