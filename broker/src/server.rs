@@ -1160,7 +1160,15 @@ async fn read_packet(
 /// Reads once into `buf`; returns the bytes read (0 at end of stream).
 async fn read_more(stream: &mut Transport, buf: &mut BytesMut) -> std::io::Result<usize> {
     let start = buf.len();
-    buf.resize(start + READ_CHUNK_BYTES, 0);
+    // The first read is small: a CONNECT usually fits, and a burst of
+    // thousands of new connections then holds thousands of small buffers, not
+    // 4 KiB ones that leave the heap fragmented once freed.
+    let chunk = if start == 0 {
+        PROBE_BYTES
+    } else {
+        READ_CHUNK_BYTES
+    };
+    buf.resize(start + chunk, 0);
     let r = poll_fn(|cx| stream.poll_read(cx, &mut buf[start..])).await;
     let n = *r.as_ref().unwrap_or(&0);
     buf.truncate(start + n);
