@@ -300,10 +300,10 @@ struct Acked {
 /// Publishes numbered messages from `next`, alternating QoS 1 (`crash/1`) and
 /// QoS 2 (`crash/2`), each acknowledged before the next, until the broker
 /// goes away. Returns the next unused number.
-fn publish_until_gone(addr: SocketAddr, mut next: u64, acked: &mut Acked) -> u64 {
+fn publish_until_gone(addr: SocketAddr, pub_id: &str, mut next: u64, acked: &mut Acked) -> u64 {
     let Ok((mut w, _)) = Wire::connect(
         addr,
-        connect_packet(V4, "crash-pub", true, 0),
+        connect_packet(V4, pub_id, true, 0),
         Duration::from_secs(5),
     ) else {
         return next;
@@ -385,8 +385,8 @@ fn check_delivery(name: &str, r: &Receiver, acked: &Acked) {
     );
 }
 
-#[test]
-fn crash_loop_delivers_every_acknowledged_message() {
+/// A xorshift generator seeded from the clock; the seed is printed.
+fn crash_random() -> impl FnMut(u64) -> u64 {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -394,49 +394,50 @@ fn crash_loop_delivers_every_acknowledged_message() {
         | 1;
     println!("crash loop seed {seed}");
     let mut rng = seed;
-    let mut random = move |below: u64| {
+    move |below: u64| {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         rng % below
-    };
-    let dir = TestDir::new("crash");
-    let (online, offline) = ("crash-online", "crash-offline");
-    {
-        let broker = start_crash(&dir);
-        for id in [online, offline] {
-            let mut c = RawClient::connect_ok(broker.addr(), persistent(id));
-            c.subscribe(1, &[("crash/+", QoS::ExactlyOnce)]);
-            c.disconnect();
-        }
     }
-    let mut acked = Acked::default();
-    let mut on = Receiver::default();
-    let mut next = 1u64;
+}
+
+/// The crash rounds: each starts the broker on `dir`, runs the publisher
+/// `pub_id` and the persistent subscriber `online` (receiving into `on`),
+/// and kills the broker with SIGKILL at a random point. Returns what the
+/// publisher saw acknowledged.
+fn crash_rounds(dir: &TestDir, pub_id: &str, online: &str, on: &mut Receiver) -> Acked {
     const ROUNDS: usize = 5;
+    let mut random = crash_random();
+    let mut acked = Acked::default();
+    let mut next = 1u64;
     for round in 0..ROUNDS {
-        let broker = start_crash(&dir);
+        let broker = start_crash(dir);
         let addr = broker.addr();
         let stop = Arc::new(AtomicBool::new(false));
         let sub = {
             let stop = stop.clone();
-            let mut r = std::mem::take(&mut on);
+            let mut r = std::mem::take(on);
+            let online = online.to_string();
             std::thread::spawn(move || {
-                r.run(addr, online, &stop, None);
+                r.run(addr, &online, &stop, None);
                 r
             })
         };
-        let publisher = std::thread::spawn(move || {
-            let mut a = Acked::default();
-            let next = publish_until_gone(addr, next, &mut a);
-            (next, a)
-        });
+        let publisher = {
+            let pub_id = pub_id.to_string();
+            std::thread::spawn(move || {
+                let mut a = Acked::default();
+                let next = publish_until_gone(addr, &pub_id, next, &mut a);
+                (next, a)
+            })
+        };
         let life = Duration::from_millis(150 + random(500));
         std::thread::sleep(life);
         drop(broker); // SIGKILL at a random point of the exchange
         let (n, a) = publisher.join().expect("publisher");
         stop.store(true, Ordering::Relaxed);
-        on = sub.join().expect("subscriber");
+        *on = sub.join().expect("subscriber");
         println!(
             "round {round}: killed after {life:?}; published up to {}, acknowledged {} + {}",
             n - 1,
@@ -451,6 +452,23 @@ fn crash_loop_delivers_every_acknowledged_message() {
         acked.qos1.len() + acked.qos2.len() >= 20,
         "too few messages acknowledged to test anything"
     );
+    acked
+}
+
+#[test]
+fn crash_loop_delivers_every_acknowledged_message() {
+    let dir = TestDir::new("crash");
+    let (online, offline) = ("crash-online", "crash-offline");
+    {
+        let broker = start_crash(&dir);
+        for id in [online, offline] {
+            let mut c = RawClient::connect_ok(broker.addr(), persistent(id));
+            c.subscribe(1, &[("crash/+", QoS::ExactlyOnce)]);
+            c.disconnect();
+        }
+    }
+    let mut on = Receiver::default();
+    let acked = crash_rounds(&dir, "crash-pub", online, &mut on);
     let broker = start_crash(&dir);
     let stop = AtomicBool::new(false);
     on.run(broker.addr(), online, &stop, Some(FINAL_IDLE));
@@ -458,6 +476,36 @@ fn crash_loop_delivers_every_acknowledged_message() {
     off.run(broker.addr(), offline, &stop, Some(FINAL_IDLE));
     check_delivery("online subscriber", &on, &acked);
     check_delivery("offline subscriber", &off, &acked);
+}
+
+/// The crash loop through a shared subscription across shards: the
+/// publisher on shard 0 and the group's only member, a persistent session,
+/// on shard 1, so every message reaches the member's shard as
+/// `SharedPublish` (a queued delivery while the member is away between
+/// rounds, an in-flight one while it is connected). Every message the
+/// publisher saw acknowledged reaches the group after the restarts.
+#[test]
+fn crash_loop_delivers_every_acknowledged_shared_message() {
+    let dir = TestDir::new("crash-shared");
+    let (pub_id, member) = (
+        id_on_shard("crash-shpub", 0),
+        id_on_shard("crash-member", 1),
+    );
+    {
+        let broker = start_crash(&dir);
+        let mut c = RawClient::connect_ok(broker.addr(), persistent(&member));
+        assert_eq!(
+            c.subscribe(1, &[("$share/g/crash/+", QoS::ExactlyOnce)]),
+            [ReasonCode::GrantedQoS2]
+        );
+        c.disconnect();
+    }
+    let mut got = Receiver::default();
+    let acked = crash_rounds(&dir, &pub_id, &member, &mut got);
+    let broker = start_crash(&dir);
+    let stop = AtomicBool::new(false);
+    got.run(broker.addr(), &member, &stop, Some(FINAL_IDLE));
+    check_delivery("shared member", &got, &acked);
 }
 
 // ----------------------------------------------------------------------

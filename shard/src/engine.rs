@@ -1194,8 +1194,16 @@ impl Engine {
                 self.collect_retained(now_ms, filter, entry, &mut retained);
             }
         }
-        // The subscriptions are stored before the SUBACK is written.
+        // The subscriptions are stored before the SUBACK is written. A SUBACK
+        // that waits for other shards' route acknowledgements is written
+        // later, maybe after this epoch was taken for commit (when the
+        // current one has no ops to wait for): the connection's output
+        // waits for this epoch from now on.
+        let mark = self.store_mark();
         self.persist_session(idx);
+        if self.store_mark() != mark {
+            self.hold_output_for_commit(conn);
+        }
         let suback = SubAck {
             packet_id: sub.packet_id,
             properties: AckProperties::default(),
@@ -1330,7 +1338,10 @@ impl Engine {
         if local {
             self.deliver_local(now_ms, &msg);
         }
-        self.shared_publish(now_ms, &msg, shared_key);
+        // Under sync durability a shared delivery to another shard is
+        // acknowledged after its commit there, like `PublishDurable`.
+        let shared_ack = ack.filter(|_| self.durable_forwards());
+        self.shared_publish(now_ms, &msg, shared_key, shared_ack);
     }
 
     /// Sets (or with `None` clears) the retained message of `topic` here and
@@ -1420,9 +1431,15 @@ impl Engine {
                 key,
                 tried,
                 hops,
+                ack,
             } => {
                 let share = ShareKey { group, filter };
-                self.shared_on_publish(now_ms, share, message, key, tried, hops);
+                let ack = match ack {
+                    Some((origin, token)) => shared::SharedAck::Remote { origin, token },
+                    None => shared::SharedAck::None,
+                };
+                let chain = shared::Chain { tried, hops, ack };
+                self.shared_on_publish(now_ms, share, message, key, chain);
             }
         }
     }

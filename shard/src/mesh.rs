@@ -101,5 +101,12 @@ pub enum MeshMsg {
         tried: ShardSet,
         /// Forwards so far; bounded by twice the shard count.
         hops: u16,
+        /// Under `sync` durability, for a QoS 1/2 publication: the
+        /// publisher's shard and the token its PUBACK/PUBREC waits on. The
+        /// shard that finally hands the message to a member answers
+        /// `Ack { token }` to that shard after committing what it stored (at
+        /// once when it stored nothing); a shard that drops it answers at
+        /// once; a shard that passes it on passes this on.
+        ack: Option<(ShardId, u64)>,
     },
 }

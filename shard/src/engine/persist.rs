@@ -18,7 +18,10 @@
 //! - a publication forwarded to another shard is `PublishDurable`; that
 //!   shard answers `Ack` only after committing what it stored, and the
 //!   publisher's acknowledgement is held until every such `Ack` arrived (the
-//!   held-acknowledgement mechanism of retained messages).
+//!   held-acknowledgement mechanism of retained messages). A delivery to a
+//!   shared subscription member on another shard (`SharedPublish`) carries
+//!   the same token; the shard that finally hands it to a member answers
+//!   after its commit (see `shared::SharedAck`).
 //!
 //! Sessions with Clean Start and expiry 0 (every non-persistent session)
 //! never produce an op. QoS 0 deliveries are not stored.
@@ -96,11 +99,23 @@ impl Engine {
             return;
         };
         p.committed = p.committed.max(epoch);
-        while let Some(&(e, to, token)) = p.deferred_acks.front() {
-            if e > p.committed {
-                break;
-            }
+        let committed = p.committed;
+        while let Some(p) = self.persist.as_mut()
+            && let Some(&(e, to, token)) = p.deferred_acks.front()
+            && e <= committed
+        {
             p.deferred_acks.pop_front();
+            self.ack_now(to, token);
+        }
+    }
+
+    /// Answers `Ack { token }` to shard `to`. A shared delivery can end on
+    /// the publisher's own shard after passing through others; that shard
+    /// answers itself without the mesh.
+    pub(super) fn ack_now(&mut self, to: ShardId, token: u64) {
+        if to == self.shard {
+            self.on_retain_ack(token);
+        } else {
             self.outbox[usize::from(to)].push(MeshMsg::Ack { token });
         }
     }
@@ -170,7 +185,7 @@ impl Engine {
                 let p = self.persist.as_mut().expect("persistence on");
                 p.deferred_acks.push_back((e, to, token));
             }
-            None => self.outbox[usize::from(to)].push(MeshMsg::Ack { token }),
+            None => self.ack_now(to, token),
         }
     }
 

@@ -15,6 +15,10 @@
 //! member any more (a race with a member leaving) passes the message on; after
 //! `2 * shard_count` hops, or with no member left anywhere, it is dropped and
 //! counted in `Stats::dropped_shared_no_member`.
+//! Under `sync` durability a QoS 1/2 message that leaves the publisher's
+//! shard carries the publisher's acknowledgement token ([`SharedAck`]); the
+//! shard that finally hands it to a member answers after committing what
+//! that stored, a shard that drops it answers at once (docs/PERSISTENCE.md).
 //!
 //! What a member leaves unfinished goes back to the group (MQTT 5.0 section
 //! 4.8.2): every delivery it was not yet sent, and every QoS 1 delivery it did
@@ -88,6 +92,39 @@ struct Share {
     shard_cursor: u64,
     /// Round robin over `members`.
     member_cursor: usize,
+}
+
+/// Who answers for a shared delivery that the publisher's PUBACK/PUBREC waits
+/// for under `sync` durability (persistence, `pending_retains`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum SharedAck {
+    /// Nothing waits: QoS 0, no `sync` durability, a message given back by a
+    /// departed member, or a single shard.
+    None,
+    /// The publisher is on this shard and holds its acknowledgement with this
+    /// token; the message has not left the shard. What this shard stores is
+    /// covered by the publisher's own commit wait.
+    Local(u64),
+    /// The publisher's shard `origin` waits for `Ack { token }` from the
+    /// shard that finally hands the message to a member (after committing
+    /// what that stored) or drops it.
+    Remote {
+        /// The publisher's shard.
+        origin: ShardId,
+        /// The token to answer.
+        token: u64,
+    },
+}
+
+/// Where a shared delivery is on its way between shards.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Chain {
+    /// Shards that found no connected member for it.
+    pub(super) tried: ShardSet,
+    /// Forwards so far; bounded by twice the shard count.
+    pub(super) hops: u16,
+    /// Who waits for it.
+    pub(super) ack: SharedAck,
 }
 
 /// Which members may take a message.
@@ -368,7 +405,19 @@ impl Engine {
 
     /// Sends a publication of this shard to one member of each share whose
     /// filter matches its topic. `key` is the publisher's ClientID hash.
-    pub(super) fn shared_publish(&mut self, now_ms: u64, msg: &Message, key: u64) {
+    /// `ack` is the publisher's acknowledgement token under `sync` durability
+    /// (see [`SharedAck`]).
+    pub(super) fn shared_publish(
+        &mut self,
+        now_ms: u64,
+        msg: &Message,
+        key: u64,
+        ack: Option<u64>,
+    ) {
+        let ack = match ack {
+            Some(token) if msg.qos != QoS::AtMostOnce => SharedAck::Local(token),
+            _ => SharedAck::None,
+        };
         if self.shared.routes.is_empty() {
             return;
         }
@@ -380,7 +429,7 @@ impl Engine {
         for &id in &ids {
             // A will published while delivering may have ended a share.
             if self.shared.shares[id as usize].is_some() {
-                self.shared_send(now_ms, id, msg.clone(), key);
+                self.shared_send(now_ms, id, msg.clone(), key, ack);
             }
         }
         self.shared.matches = ids;
@@ -422,12 +471,30 @@ impl Engine {
         key: ShareKey,
         msg: Message,
         hash: u64,
-        tried: ShardSet,
-        hops: u16,
+        chain: Chain,
     ) {
         match self.shared.by_key.get(&key) {
-            Some(&id) => self.shared_arrive(now_ms, id, msg, hash, tried, hops),
-            None => self.stats.dropped_shared_no_member += 1,
+            Some(&id) => self.shared_arrive(now_ms, id, msg, hash, chain),
+            None => {
+                self.stats.dropped_shared_no_member += 1;
+                self.shared_answer(chain.ack, self.store_mark());
+            }
+        }
+    }
+
+    /// This shard is the last of a delivery's chain (it handed the message to
+    /// a member or dropped it): a publisher on another shard waiting for it
+    /// gets its `Ack`, at once when the delivery stored nothing since `mark`
+    /// (a non-persistent member, QoS 0 granted, a drop), else after the
+    /// commit of what it stored.
+    fn shared_answer(&mut self, ack: SharedAck, mark: usize) {
+        let SharedAck::Remote { origin, token } = ack else {
+            return;
+        };
+        if self.store_mark() == mark {
+            self.ack_now(origin, token);
+        } else {
+            self.ack_after_commit(origin, token);
         }
     }
 
@@ -487,7 +554,7 @@ impl Engine {
             match self.shared.by_key.get(&*key) {
                 Some(&id) => {
                     let hash = origin_key(&msg);
-                    self.shared_send(now_ms, id, msg, hash);
+                    self.shared_send(now_ms, id, msg, hash, SharedAck::None);
                 }
                 None => self.stats.dropped_shared_no_member += 1,
             }
@@ -497,14 +564,19 @@ impl Engine {
 
     /// The publishing side: picks a shard for `msg` by strategy, preferring
     /// shards with connected members.
-    fn shared_send(&mut self, now_ms: u64, id: ShareId, msg: Message, hash: u64) {
+    fn shared_send(&mut self, now_ms: u64, id: ShareId, msg: Message, hash: u64, ack: SharedAck) {
         let none = ShardSet::new();
         let to = self
             .shared_pick_shard(id, hash, Tier::Connected, &none)
             .or_else(|| self.shared_pick_shard(id, hash, Tier::Offline, &none));
+        let chain = Chain {
+            tried: none,
+            hops: 0,
+            ack,
+        };
         match to {
-            Some(to) if to == self.shard => self.shared_arrive(now_ms, id, msg, hash, none, 0),
-            Some(to) => self.shared_forward(to, id, msg, hash, none, 1),
+            Some(to) if to == self.shard => self.shared_arrive(now_ms, id, msg, hash, chain),
+            Some(to) => self.shared_forward(to, id, msg, hash, chain),
             None => self.stats.dropped_shared_no_member += 1,
         }
     }
@@ -518,47 +590,67 @@ impl Engine {
         id: ShareId,
         msg: Message,
         hash: u64,
-        mut tried: ShardSet,
-        hops: u16,
+        mut chain: Chain,
     ) {
+        let mark = self.store_mark();
         if let Some(member) = self.shared_pick_member(id, hash, Tier::Connected) {
-            return self.shared_deliver(now_ms, id, member, msg);
+            self.shared_deliver(now_ms, id, member, msg);
+            return self.shared_answer(chain.ack, mark);
         }
-        tried.insert(self.shard);
+        chain.tried.insert(self.shard);
         // Each forward adds a shard to `tried` for connected members, so those
         // end within shard_count hops; offline ones are bounded by the count.
-        let hops_left = usize::from(hops) < 2 * self.shard_count;
-        if hops_left && let Some(to) = self.shared_pick_shard(id, hash, Tier::Connected, &tried) {
-            return self.shared_forward(to, id, msg, hash, tried, hops + 1);
+        let hops_left = usize::from(chain.hops) < 2 * self.shard_count;
+        if hops_left
+            && let Some(to) = self.shared_pick_shard(id, hash, Tier::Connected, &chain.tried)
+        {
+            return self.shared_forward(to, id, msg, hash, chain);
         }
         if let Some(member) = self.shared_pick_member(id, hash, Tier::Offline) {
-            return self.shared_deliver(now_ms, id, member, msg);
+            self.shared_deliver(now_ms, id, member, msg);
+            return self.shared_answer(chain.ack, mark);
         }
         let mut others = ShardSet::new();
         others.insert(self.shard);
         if hops_left && let Some(to) = self.shared_pick_shard(id, hash, Tier::Offline, &others) {
-            return self.shared_forward(to, id, msg, hash, tried, hops + 1);
+            return self.shared_forward(to, id, msg, hash, chain);
         }
         self.stats.dropped_shared_no_member += 1;
+        self.shared_answer(chain.ack, mark);
     }
 
+    /// Passes `message` on to shard `to`, one hop further. A publisher on
+    /// this shard waiting for it (`SharedAck::Local`) now waits for one more
+    /// `Ack`, from the shard that finally takes the message.
     fn shared_forward(
         &mut self,
         to: ShardId,
         id: ShareId,
         message: Message,
         key: u64,
-        tried: ShardSet,
-        hops: u16,
+        chain: Chain,
     ) {
+        let ack = match chain.ack {
+            SharedAck::None => None,
+            SharedAck::Local(token) => {
+                let (_, missing) = self
+                    .pending_retains
+                    .get_mut(&token)
+                    .expect("a held acknowledgement has its token");
+                *missing += 1;
+                Some((self.shard, token))
+            }
+            SharedAck::Remote { origin, token } => Some((origin, token)),
+        };
         let share = &self.shared.share(id).key;
         let msg = MeshMsg::SharedPublish {
             group: share.group.clone(),
             filter: share.filter.clone(),
             message,
             key,
-            tried,
-            hops,
+            tried: chain.tried,
+            hops: chain.hops + 1,
+            ack,
         };
         self.stats.shared_forwards_sent += 1;
         self.outbox[usize::from(to)].push(msg);
@@ -1173,6 +1265,89 @@ mod tests {
         cl.engines[1].connection_lost(cl.now_ms, y2.conn);
         cl.pump();
         assert_eq!(cl.engines[1].stats().dropped_shared_no_member, 1);
+    }
+
+    /// Commits everything every shard stored so far, as the store writer
+    /// would, and delivers what the commits release.
+    fn commit_all(cl: &mut Cluster) {
+        for e in &mut cl.engines {
+            if let Some(batch) = e.take_store_batch() {
+                e.store_committed(batch.epoch);
+            }
+        }
+        cl.pump();
+    }
+
+    /// The PUBACK of a QoS 1 message for member `member_persistent` of a
+    /// share whose only member is on shard 1, published on shard 0 under
+    /// `sync` durability: whether it is written before shard 1 commits, and
+    /// whether after.
+    fn shared_puback_waits(member_persistent: bool) -> (bool, bool) {
+        let mut cl = Cluster::new(2, SharedStrategy::RoundRobin);
+        for e in &mut cl.engines {
+            e.enable_persistence(true);
+        }
+        let m = cl.connect(1, "m", member_persistent);
+        cl.subscribe(m, "$share/g/t", QoS::AtLeastOnce, None);
+        if member_persistent {
+            cl.drop_connection(m); // offline: the message is queued and stored
+        }
+        commit_all(&mut cl);
+        let p = cl.connect(0, "p", false);
+        let mut publish = Publish::new(Str::from_static("t"), Bytes::from_static(b"x"));
+        publish.qos = QoS::AtLeastOnce;
+        publish.packet_id = 7;
+        cl.send(p, Packet::Publish(publish));
+        let puback = |cl: &mut Cluster| {
+            cl.recv(p)
+                .iter()
+                .any(|x| matches!(x, Packet::PubAck(a) if a.packet_id == 7))
+        };
+        let before = puback(&mut cl);
+        let stored = cl.engines[1].store_ops_pending() > 0;
+        assert_eq!(stored, member_persistent, "what shard 1 stored");
+        commit_all(&mut cl);
+        let after = before || puback(&mut cl);
+        (before, after)
+    }
+
+    /// Under `sync` durability the publisher's PUBACK for a message handed
+    /// to a persistent member on another shard waits for that shard's
+    /// commit; for a non-persistent member it waits for nothing but the
+    /// mesh answer.
+    #[test]
+    fn a_cross_shard_shared_delivery_is_acknowledged_after_its_commit() {
+        assert_eq!(shared_puback_waits(true), (false, true));
+        assert_eq!(shared_puback_waits(false), (true, true));
+    }
+
+    /// A SUBACK that waits for other shards' acknowledgements is written
+    /// after the epoch holding the subscription was taken for commit; it
+    /// still waits for that commit.
+    #[test]
+    fn a_suback_released_by_other_shards_waits_for_its_commit() {
+        let mut cl = Cluster::new(2, SharedStrategy::RoundRobin);
+        for e in &mut cl.engines {
+            e.enable_persistence(true);
+        }
+        let m = cl.connect(1, "m", true);
+        commit_all(&mut cl);
+        let sub = Subscribe {
+            packet_id: 1,
+            properties: SubscribeProperties::default(),
+            subscriptions: vec![Subscription {
+                filter: Str::from_static("$share/g/t"),
+                options: SubscriptionOptions::qos(QoS::AtLeastOnce),
+            }],
+        };
+        cl.engines[1].handle_packet(cl.now_ms, m.conn, Packet::Subscribe(sub));
+        let batch = cl.engines[1]
+            .take_store_batch()
+            .expect("subscription stored");
+        cl.pump(); // shard 0 acknowledges the share route: the SUBACK is written
+        assert!(matches!(cl.recv(m)[..], [Packet::SubAck(_)]));
+        let out = cl.engines[1].output(m.conn).expect("connected");
+        assert!(out.durable_epoch >= batch.epoch, "SUBACK before its commit");
     }
 
     /// A share disappears from every shard's table with its last member.
