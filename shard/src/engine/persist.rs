@@ -398,9 +398,21 @@ impl Engine {
             self.by_client_id.is_empty(),
             "restore runs before any session"
         );
+        // Shared groups with members on other shards are routable at once, as
+        // offline members; each shard announces its real counts once it runs.
+        let mut shared_members: Vec<(&str, ShardId)> = Vec::new();
         for (filter, shard) in &r.routes {
             assert_ne!(usize::from(*shard), usize::from(self.shard));
-            self.routes.insert(filter, *shard, ());
+            if topic::is_shared(filter) {
+                shared_members.push((filter.as_str(), *shard));
+            } else {
+                self.routes.insert(filter, *shard, ());
+            }
+        }
+        shared_members.sort_unstable();
+        for run in shared_members.chunk_by(|a, b| a == b) {
+            let (filter, shard) = run[0];
+            self.shared_restore_remote(filter, shard, run.len() as u32);
         }
         for m in r.retained {
             let topic = m.topic.clone();

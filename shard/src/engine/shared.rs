@@ -345,6 +345,12 @@ impl Engine {
         first
     }
 
+    /// At restore: shard `from` stored `offline` member sessions of the
+    /// validated shared filter `filter`.
+    pub(super) fn shared_restore_remote(&mut self, filter: &str, from: ShardId, offline: u32) {
+        self.shared_on_route(from, share_key(filter), (0, offline), None);
+    }
+
     /// Session `idx` leaves the share of the validated shared filter `filter`.
     /// Deliveries already made to it stay (section 3.10.4).
     pub(super) fn shared_unsubscribe(&mut self, filter: &str, idx: SessionIdx) {
@@ -1348,6 +1354,39 @@ mod tests {
         assert!(matches!(cl.recv(m)[..], [Packet::SubAck(_)]));
         let out = cl.engines[1].output(m.conn).expect("connected");
         assert!(out.durable_epoch >= batch.epoch, "SUBACK before its commit");
+    }
+
+    /// After a restart, a group whose only members are stored sessions of
+    /// another shard takes messages before that shard announces them (the
+    /// listeners open before the mesh has carried any announcement).
+    #[test]
+    fn restored_members_on_other_shards_are_routable_before_they_announce() {
+        let mut cl = Cluster::new(2, SharedStrategy::RoundRobin);
+        cl.engines[0].enable_persistence(true);
+        let recovered = crate::store::Recovered {
+            routes: vec![
+                (Str::from_static("$share/g/t"), 1),
+                (Str::from_static("$share/g/t"), 1),
+            ],
+            ..Default::default()
+        };
+        cl.engines[0].restore(cl.now_ms, recovered);
+        let p = cl.connect(0, "p", false);
+        let mut publish = Publish::new(Str::from_static("t"), Bytes::from_static(b"x"));
+        publish.qos = QoS::AtLeastOnce;
+        publish.packet_id = 1;
+        cl.engines[0].handle_packet(cl.now_ms, p.conn, Packet::Publish(publish));
+        let mut to_member_shard = 0;
+        cl.engines[0].drain_outbox(|to, batch| {
+            if to == 1 {
+                to_member_shard += batch
+                    .iter()
+                    .filter(|m| matches!(m, crate::mesh::MeshMsg::SharedPublish { .. }))
+                    .count();
+            }
+        });
+        assert_eq!(to_member_shard, 1, "the message goes to the members' shard");
+        assert_eq!(cl.engines[0].stats().dropped_shared_no_member, 0);
     }
 
     /// A share disappears from every shard's table with its last member.

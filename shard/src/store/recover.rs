@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use heed::{Env, EnvOpenOptions, WithoutTls};
-use tessera_proto::{ProtocolVersion, Str, Will, topic};
+use tessera_proto::{ProtocolVersion, Str, Will};
 use tracing::{info, warn};
 
 use super::record::{self, FORMAT_VERSION};
@@ -134,7 +134,9 @@ pub struct Recovered {
     pub sessions: Vec<RecoveredSession>,
     /// Every retained message, all shards' slices (each shard keeps a replica).
     pub retained: Vec<Message>,
-    /// Routes of the other shards: (filter, shard).
+    /// Routes of the other shards: (filter, shard), one entry per stored
+    /// subscription. A `$share/...` filter appears once per member session of
+    /// that shard, so the group is routable before listeners open.
     pub routes: Vec<(Str, ShardId)>,
 }
 
@@ -433,10 +435,10 @@ pub fn recover(
             }
             let session = restore_session(rec, messages, inbound, will, wall_base_ms)
                 .map_err(|e| corrupt("sessions", &key, e))?;
+            // One entry per subscription: a shared filter's entries count that
+            // shard's (offline) members of the group.
             for (filter, _) in &session.subscriptions {
-                if !topic::is_shared(filter) {
-                    routes_all.push((filter.clone(), owner as ShardId));
-                }
+                routes_all.push((filter.clone(), owner as ShardId));
             }
             out[owner].sessions.push(session);
         }
