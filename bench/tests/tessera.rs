@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{BenchRun, bench};
+use common::{BenchRun, assert_clean_run, bench};
 
 /// The Tessera broker on a free loopback port, killed on drop.
 struct Tessera {
@@ -110,23 +110,16 @@ impl Drop for Tessera {
 
 /// The checks every clean run with publishers and subscribers passes.
 fn assert_clean(run: &BenchRun) {
-    assert_eq!(run.code, 0, "exit code\n{}", run.output);
-    assert_eq!(run.json["pass"], true, "{}", run.output);
-    for key in [
-        "loss_count",
-        "duplicate_count",
-        "corrupt_count",
-        "foreign_count",
-        "error_count",
-    ] {
-        assert_eq!(run.u(key), 0, "{key}\n{}", run.output);
-    }
-    assert!(run.u("sent_count") > 0, "{}", run.output);
-    assert_eq!(
-        run.u("received_count"),
-        run.u("expected_count"),
-        "{}",
-        run.output
+    assert_clean_run(
+        run,
+        &[
+            "loss_count",
+            "duplicate_count",
+            "corrupt_count",
+            "foreign_count",
+            "error_count",
+        ],
+        0,
     );
     assert_eq!(run.json["drain"], "complete", "{}", run.output);
 }

@@ -45,3 +45,21 @@ pub fn bench(port: u16, args: &[&str]) -> BenchRun {
         output,
     }
 }
+
+/// The checks a clean run passes: exit code 0, `pass`, each of `zero` is 0,
+/// more than `sent_above` messages sent, and every expected message received.
+#[allow(dead_code)] // not every test binary checks runs
+pub fn assert_clean_run(run: &BenchRun, zero: &[&str], sent_above: u64) {
+    assert_eq!(run.code, 0, "exit code\n{}", run.output);
+    assert_eq!(run.json["pass"], true, "{}", run.output);
+    for key in zero {
+        assert_eq!(run.u(key), 0, "{key}\n{}", run.output);
+    }
+    assert!(run.u("sent_count") > sent_above, "{}", run.output);
+    assert_eq!(
+        run.u("received_count"),
+        run.u("expected_count"),
+        "{}",
+        run.output
+    );
+}
