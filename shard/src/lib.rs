@@ -1,7 +1,7 @@
 //! Tessera's per-core engine. A shard is one glommio `LocalExecutor` pinned to one CPU that
 //! owns its sessions, topic trie and store; other shards reach it only by message.
 //!
-//! This crate is at its groundwork stage. Modules:
+//! Modules:
 //! - [`placement`]: the CPUs this process may use (`sched_getaffinity`) and the plan of one
 //!   CPU per shard.
 //! - [`memlock`]: the `RLIMIT_MEMLOCK` check glommio needs, with an actionable error.
