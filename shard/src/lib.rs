@@ -9,7 +9,6 @@
 //!   server-assigned ClientIDs that map to the accepting shard.
 //! - [`handoff`]: moving an accepted TCP connection (fd + bytes already read) to the owner
 //!   shard over a cross-executor channel.
-//!
 //! - [`engine`]: the sans-IO state machine of one shard: sessions, QoS flows,
 //!   subscriptions, the route table and retained replicas, shared
 //!   subscriptions across shards, mesh outboxes.
