@@ -132,6 +132,8 @@ pub struct LimitsConfig {
     pub publish_bytes_per_s: u32,
     /// Process resident memory above which new connections are refused; 0 = no limit.
     pub memory_high_water_bytes: u64,
+    /// Milliseconds freed memory stays with the allocator before it is returned to the OS.
+    pub memory_release_delay_ms: u32,
 }
 
 impl Default for LimitsConfig {
@@ -153,6 +155,7 @@ impl Default for LimitsConfig {
             publish_rate_per_s: 0,
             publish_bytes_per_s: 0,
             memory_high_water_bytes: 0,
+            memory_release_delay_ms: 1000,
         }
     }
 }
@@ -667,6 +670,14 @@ pub const FIELDS: &[FieldDoc] = &[
         accepted: "an integer from 0 to 18446744073709551615",
     },
     FieldDoc {
+        section: "limits",
+        key: "memory_release_delay_ms",
+        doc: "Milliseconds memory the broker freed (e.g. after a connect storm) stays with \
+              its allocator (jemalloc) for reuse before a background thread returns it to \
+              the OS. 0 returns it at once (more madvise calls under churn).",
+        accepted: "an integer from 0 to 3600000",
+    },
+    FieldDoc {
         section: "persistence",
         key: "durability",
         doc: "When an acknowledged QoS 1/2 message is on disk: sync = fsynced before the \
@@ -1129,6 +1140,7 @@ impl Config {
             ("limits", "publish_rate_per_s") => l.publish_rate_per_s = p(v)?,
             ("limits", "publish_bytes_per_s") => l.publish_bytes_per_s = p(v)?,
             ("limits", "memory_high_water_bytes") => l.memory_high_water_bytes = p(v)?,
+            ("limits", "memory_release_delay_ms") => l.memory_release_delay_ms = p(v)?,
             ("auth", key) => self.auth.set(key, v)?,
             (section, key) => unreachable!("FIELDS entry {section}.{key} has no setter"),
         }
@@ -1231,7 +1243,7 @@ impl Config {
             );
         }
         let a = &self.auth;
-        let ranges: [(&'static str, u64, u64, u64); 16] = [
+        let ranges: [(&'static str, u64, u64, u64); 17] = [
             (
                 "auth.reload_interval_s",
                 a.reload_interval_s.into(),
@@ -1321,6 +1333,12 @@ impl Config {
                 u64::from(u16::MAX - 1),
             ),
             ("sys.interval_s", self.sys.interval_s.into(), 0, 86_400),
+            (
+                "limits.memory_release_delay_ms",
+                l.memory_release_delay_ms.into(),
+                0,
+                3_600_000,
+            ),
         ];
         for (field, value, min, max) in ranges {
             if !(min..=max).contains(&value) {
@@ -2088,11 +2106,17 @@ mod tests {
         assert!(invalid(|c| c.limits.max_keep_alive_s = 0).contains("max_keep_alive_s"));
         assert!(invalid(|c| c.persistence.batch_interval_ms = 5000).contains("from 1 to 1000"));
         assert!(invalid(|c| c.server.data_dir = PathBuf::new()).contains("server.data_dir"));
+        assert_eq!(
+            invalid(|c| c.limits.memory_release_delay_ms = 3_600_001),
+            "limits.memory_release_delay_ms = 3600001 is invalid: expected an integer from 0 \
+             to 3600000"
+        );
         // Boundaries are accepted.
         let mut c = Config::default();
         c.limits.max_packet_size_bytes = MQTT_PACKET_SIZE_BYTES_MAX;
         c.limits.max_inflight = u16::MAX;
         c.limits.max_topic_alias = 0;
+        c.limits.memory_release_delay_ms = 0;
         c.server.shards = Some(1);
         c.validate().unwrap();
         c.limits.max_packet_size_bytes = PACKET_SIZE_BYTES_MIN;

@@ -15,6 +15,8 @@
 //! - [`admin`]: the admin thread: `/metrics` (Prometheus), `/health`, `/ready` and
 //!   the JSON API under `/api/v1/`, answered by the shards by message; also the
 //!   HTTP client `brokerctl` uses.
+//! - [`allocator`]: jemalloc's release of freed memory (background purging) and
+//!   its figures for `/metrics`.
 //! - [`tune`]: `brokerctl tune check`, the read-only comparison of a machine with a
 //!   `kernel-tuning/` profile (the profiles are embedded).
 //!
@@ -23,6 +25,7 @@
 //! Not here yet: QUIC listeners, persistence.
 
 pub mod admin;
+pub mod allocator;
 pub mod auth;
 pub mod cli;
 pub mod config;

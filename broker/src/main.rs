@@ -12,6 +12,12 @@ use tessera_broker::cli::Cli;
 use tessera_broker::config::{Config, ListenerKind, LogFormat, default_config_toml};
 use tessera_broker::server::Server;
 
+/// jemalloc returns the memory of connect storms to the OS; glibc's malloc
+/// keeps it fragmented (see `tessera_broker::allocator`).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.print_default_config {
@@ -26,6 +32,11 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
+    #[cfg(feature = "jemalloc")]
+    if let Err(e) = tessera_broker::allocator::configure(config.limits.memory_release_delay_ms) {
+        // The broker works without it; freed memory is then returned later.
+        tracing::warn!("cannot configure the allocator: {e}");
+    }
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

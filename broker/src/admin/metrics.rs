@@ -115,6 +115,7 @@ impl Exporter {
                 }
             }
             record_process(&process);
+            record_allocator();
         });
         self.handle.run_upkeep();
         let mut out = self.handle.render();
@@ -310,6 +311,32 @@ fn describe_all() {
         "tessera_route_index_filters",
         "Filters in the shard's copy of the route index."
     );
+    describe_gauge!(
+        "tessera_allocator_info",
+        "Always 1; the allocator label names the memory allocator (jemalloc or system)."
+    );
+    describe_gauge!(
+        "tessera_allocator_allocated_bytes",
+        Unit::Bytes,
+        "Bytes in live allocations (jemalloc)."
+    );
+    describe_gauge!(
+        "tessera_allocator_resident_bytes",
+        Unit::Bytes,
+        "Bytes of resident pages the allocator holds: live data, metadata and freed pages \
+         not yet returned (jemalloc)."
+    );
+    describe_gauge!(
+        "tessera_allocator_dirty_bytes",
+        Unit::Bytes,
+        "Freed pages waiting for limits.memory_release_delay_ms before they are returned \
+         to the OS (jemalloc)."
+    );
+    describe_counter!(
+        "tessera_allocator_released_bytes_total",
+        Unit::Bytes,
+        "Bytes of freed pages returned to the OS since start (jemalloc)."
+    );
     describe_gauge!("process_open_fds", "Open file descriptors.");
     describe_gauge!("process_max_fds", "The soft open-files limit.");
     describe_gauge!(
@@ -368,6 +395,18 @@ fn record_shard(shard: &str, s: &ShardSnapshot) {
     gauge!("tessera_subscriptions", "shard" => sh()).set(g.subscriptions as f64);
     gauge!("tessera_retained_messages", "shard" => sh()).set(g.retained as f64);
     gauge!("tessera_route_index_filters", "shard" => sh()).set(g.route_filters as f64);
+}
+
+/// The allocator's figures (`crate::allocator`); with the system malloc only
+/// the info series, naming it.
+fn record_allocator() {
+    gauge!("tessera_allocator_info", "allocator" => crate::allocator::name()).set(1.0);
+    if let Some(a) = crate::allocator::stats() {
+        gauge!("tessera_allocator_allocated_bytes").set(a.allocated_bytes as f64);
+        gauge!("tessera_allocator_resident_bytes").set(a.resident_bytes as f64);
+        gauge!("tessera_allocator_dirty_bytes").set(a.dirty_bytes as f64);
+        counter!("tessera_allocator_released_bytes_total").absolute(a.released_bytes_total);
+    }
 }
 
 fn record_process(p: &ProcessStats) {
