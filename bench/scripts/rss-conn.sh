@@ -10,7 +10,8 @@
 #        bench/scripts/rss-conn.sh tessera 41883 19000 10000 --config no-trim.toml
 # Needs release builds of broker and bench (target/release) and mosquitto.
 # Environment: HOLD (seconds the connections are held, default 10); PRELOAD
-# (a library to LD_PRELOAD into Tessera, e.g. another malloc, for comparisons).
+# (a library to LD_PRELOAD into Tessera, e.g. another malloc, for comparisons);
+# BROKER (another Tessera binary, default target/release/broker).
 set -euo pipefail
 kind=$1
 port=$2
@@ -32,7 +33,7 @@ if [[ $kind == mosquitto ]]; then
         "$port" >"$work/mosquitto.conf"
     taskset -c 1 mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
 else
-    env ${PRELOAD:+LD_PRELOAD=$PRELOAD} taskset -c 1 "$bin/broker" --listen "127.0.0.1:$port" --shards 1 \
+    env ${PRELOAD:+LD_PRELOAD=$PRELOAD} taskset -c 1 "${BROKER:-$bin/broker}" --listen "127.0.0.1:$port" --shards 1 \
         --admin-listen 127.0.0.1:0 --data-dir "$work/data" "$@" >"$work/broker.log" 2>&1 &
 fi
 pid=$!

@@ -25,8 +25,8 @@ const PAYLOAD_BYTES: usize = 256 * 1024;
 
 /// One sample of `/metrics` (`name` without labels, or with `label`), if present.
 fn metric(admin: SocketAddr, name: &str) -> Option<(String, f64)> {
-    let r = client_request(&admin.to_string(), "GET", "/metrics", None, TIMEOUT)
-        .expect("GET /metrics");
+    let r =
+        client_request(&admin.to_string(), "GET", "/metrics", None, TIMEOUT).expect("GET /metrics");
     assert_eq!(r.status, 200);
     let body = String::from_utf8(r.body).expect("UTF-8 body");
     body.lines().find_map(|l| {
