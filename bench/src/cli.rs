@@ -298,6 +298,11 @@ pub enum Scenario {
         /// Messages per second.
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
+        /// Publish and read deliveries from one thread that polls both sockets
+        /// without ever sleeping, so the bench's own wake-up is not counted
+        /// against the broker. Costs one busy core.
+        #[arg(long)]
+        busy_poll: bool,
     },
     /// Run a scenario matrix against two brokers, interleaved (A, B, A, B...),
     /// and print each figure's median with the ratio B/A. Common flags
@@ -520,7 +525,7 @@ impl Cli {
                 }
                 r.map_or(Ok(()), rate)
             }
-            Scenario::Latency { rate: r } => rate(*r),
+            Scenario::Latency { rate: r, .. } => rate(*r),
             Scenario::Compare {
                 reps, scenarios, ..
             } => {

@@ -26,12 +26,14 @@ use crate::mqtt::{self, BlockingClient, Failure, PACKET_BYTES_MAX};
 use crate::payload::Header;
 use crate::publisher::on_publisher_packet;
 use crate::report::Report;
-use crate::run::{RunConfig, Timeline, sleep_until_ns, wait_for_deliveries};
+use crate::run::{
+    Drain, RunConfig, SETTLE_AFTER_EXPECTED, Timeline, sleep_until_ns, wait_for_deliveries,
+};
 use crate::stats::{
     LatencySummary, Live, ProgressLabels, Series, latency_histogram, record_ns, spawn_progress,
 };
-use crate::subscriber::run_subscriber;
-use crate::sys::{self, CpuMeter, process_rss_bytes};
+use crate::subscriber::{Deliveries, SubscriberResult, run_subscriber};
+use crate::sys::{self, CpuMeter, CpuUse, process_rss_bytes};
 use crate::throughput::{connect_all, fill_deliveries};
 use crate::window::Window;
 
@@ -49,7 +51,10 @@ struct PacedResult {
 }
 
 /// Runs `latency` at `rate` messages per second and reports.
-pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
+pub async fn run(cfg: RunConfig, rate: f64, busy_poll: bool) -> anyhow::Result<Report> {
+    if busy_poll {
+        return run_busy_poll(cfg, rate).await;
+    }
     let cfg = Arc::new(cfg);
     let live = Arc::new(Live::new(1));
     let topic = format!("{}/0", cfg.topic_prefix);
@@ -97,6 +102,25 @@ pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
     let sub = sub_task.await.expect("subscriber tasks do not panic");
     progress.abort();
 
+    Ok(finish(
+        &cfg, &t, paced, sub, granted, drain, cpu, rss_before, rss_after, &live,
+    ))
+}
+
+/// The report of a latency run.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    cfg: &RunConfig,
+    t: &Timeline,
+    paced: PacedResult,
+    sub: SubscriberResult,
+    granted: QoS,
+    drain: Drain,
+    cpu: CpuUse,
+    rss_before: Option<u64>,
+    rss_after: Option<u64>,
+    live: &Live,
+) -> Report {
     let window_end_ns = if paced.sent >= cfg.count {
         paced.last_ns + 1
     } else {
@@ -110,7 +134,7 @@ pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
     fill_deliveries(
         &mut report,
         &[paced.sent],
-        &t,
+        t,
         window_end_ns,
         &paced.series,
         std::slice::from_ref(&sub),
@@ -128,7 +152,246 @@ pub async fn run(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
     report.error_count = live.errors.load(Ordering::Relaxed);
     report.errors = live.reasons();
     report.judge(None);
-    Ok(report)
+    report
+}
+
+/// `--busy-poll`: the publisher and the subscriber are one thread that never
+/// sleeps. Sends are due as in [`paced_publisher`], and between them the
+/// thread polls both sockets without blocking, so a delivery is read the moment
+/// it arrives instead of after the bench's own wake-up (a sleeping thread on a
+/// virtual machine can take tens of microseconds to run again, and that time
+/// would be counted against the broker). It costs the bench one busy core.
+async fn run_busy_poll(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
+    let cfg = Arc::new(cfg);
+    let live = Arc::new(Live::new(1));
+    let topic = format!("{}/0", cfg.topic_prefix);
+    let (sub, granted, publisher) = {
+        let (cfg, topic) = (cfg.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let id = cfg.client_id("sub", 0);
+            let mut sub = mqtt::connect_blocking(&cfg.opts, &id, 0)
+                .with_context(|| format!("setting up the subscriber at {}", cfg.opts.addr(0)))?;
+            let granted = sub
+                .subscribe(&topic, cfg.qos)
+                .with_context(|| format!("subscribing to {topic}"))?;
+            let id = cfg.client_id("pub", 0);
+            let publisher = mqtt::connect_blocking(&cfg.opts, &id, 1)
+                .with_context(|| format!("setting up the publisher at {}", cfg.opts.addr(1)))?;
+            Ok((sub, granted, publisher))
+        })
+        .await
+        .expect("the connect thread does not panic")?
+    };
+    let t = cfg.timeline().await?;
+    let pair = {
+        let (cfg, live) = (cfg.clone(), live.clone());
+        let topic = Str::try_from(topic).expect("valid topic");
+        tokio::task::spawn_blocking(move || busy_pair(publisher, sub, topic, rate, &cfg, t, &live))
+    };
+    let progress = spawn_progress("latency", live.clone(), ProgressLabels::Messages);
+    let rss_before = cfg.broker_pid.and_then(process_rss_bytes);
+    sleep_until_ns(t.warm_ns).await;
+    let meter = CpuMeter::start(cfg.broker_pid);
+    let (paced, sub) = pair.await.expect("the busy-poll thread does not panic");
+    let cpu = meter.stop();
+    let rss_after = cfg.broker_pid.and_then(process_rss_bytes);
+    // The thread drained already; this only classifies what it saw.
+    let drain = wait_for_deliveries(
+        paced.sent,
+        || live.received.load(Ordering::Relaxed),
+        Duration::ZERO,
+        clock::now_ns(),
+    )
+    .await;
+    progress.abort();
+    Ok(finish(
+        &cfg, &t, paced, sub, granted, drain, cpu, rss_before, rss_after, &live,
+    ))
+}
+
+/// The busy-polling thread of `--busy-poll`: publishes on schedule, reads and
+/// acknowledges deliveries, and drains them after the last send.
+fn busy_pair(
+    mut c: BlockingClient,
+    mut s: BlockingClient,
+    topic: Str,
+    rate: f64,
+    cfg: &RunConfig,
+    t: Timeline,
+    live: &Live,
+) -> (PacedResult, SubscriberResult) {
+    let version = c.version;
+    let mut window = match cfg.qos {
+        QoS::AtMostOnce => None,
+        qos => Some(Window::new(qos, cfg.window(c.granted.receive_maximum))),
+    };
+    let period_ns = 1e9 / rate;
+    let mut r = PacedResult {
+        sent: 0,
+        last_ns: t.start_ns,
+        series: Series::new(t.start_ns, t.series_span_ns()),
+        lag: latency_histogram(),
+    };
+    let mut deliveries = Deliveries::new(Accounting::new(cfg.run_id, 1), cfg, t);
+    let (mut out, mut acks, mut sub_out) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
+    let ping_every_ns = u64::from(cfg.opts.keep_alive_s) * 500_000_000;
+    let mut run = || -> Result<(), Failure> {
+        c.stream.tcp().set_nonblocking(true)?;
+        s.stream.tcp().set_nonblocking(true)?;
+        let mut next_ping_ns = clock::now_ns() + ping_every_ns;
+        let mut publishing = true;
+        let mut settled_since: Option<u64> = None;
+        let mut last_arrival_ns = clock::now_ns();
+        loop {
+            let now_ns = clock::now_ns();
+            if publishing {
+                let intended_ns = t.start_ns + (r.sent as f64 * period_ns) as u64;
+                if intended_ns >= t.end_ns || r.sent >= cfg.count {
+                    publishing = false;
+                    last_arrival_ns = now_ns;
+                } else if now_ns >= intended_ns && window.as_ref().is_none_or(|w| w.room() > 0) {
+                    let mut payload = BytesMut::with_capacity(cfg.size);
+                    Header {
+                        run_id: cfg.run_id,
+                        publisher: 0,
+                        seq: r.sent,
+                        intended_ns,
+                    }
+                    .put(cfg.size, &mut payload);
+                    let packet_id = window
+                        .as_mut()
+                        .map_or(0, |w| w.allocate().expect("room was checked"));
+                    let publish = Publish {
+                        qos: cfg.qos,
+                        packet_id,
+                        ..Publish::new(topic.clone(), payload.freeze())
+                    };
+                    out.clear();
+                    mqtt::put(&publish, version, &mut out);
+                    live.set_produced(0, r.sent + 1);
+                    write_spinning(&mut c, &out)?;
+                    let sent_ns = clock::now_ns();
+                    if intended_ns >= t.warm_ns {
+                        record_ns(&mut r.lag, sent_ns.saturating_sub(intended_ns));
+                    }
+                    r.series.add(intended_ns, 1);
+                    r.sent += 1;
+                    r.last_ns = intended_ns;
+                    live.sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if s.read_nonblocking()? > 0 {
+                let arrival_ns = clock::now_ns();
+                last_arrival_ns = arrival_ns;
+                deliveries.take(
+                    &mut s.rbuf,
+                    version,
+                    arrival_ns,
+                    cfg,
+                    &t,
+                    live,
+                    &mut sub_out,
+                )?;
+                if !sub_out.is_empty() {
+                    write_spinning(&mut s, &sub_out)?;
+                    sub_out.clear();
+                }
+            }
+            if c.read_nonblocking()? > 0 {
+                process_acks_spinning(&mut c, &mut window, &mut acks, live)?;
+            }
+            if now_ns >= next_ping_ns {
+                for client in [&mut c, &mut s] {
+                    acks.clear();
+                    mqtt::put(&tessera_proto::Packet::PingReq, version, &mut acks);
+                    write_spinning(client, &acks)?;
+                }
+                acks.clear();
+                next_ping_ns = now_ns + ping_every_ns;
+            }
+            if !publishing {
+                // Drained: every message arrived and nothing more came for a
+                // while (more would be duplicates, which are counted), the
+                // deliveries went quiet, or the drain deadline passed.
+                let acked = window.as_ref().is_none_or(|w| w.in_flight() == 0);
+                let received = live.received.load(Ordering::Relaxed);
+                settled_since = match settled_since {
+                    None if received >= r.sent && acked => Some(now_ns),
+                    s => s,
+                };
+                let settled = settled_since.is_some_and(|at| {
+                    now_ns.saturating_sub(at) >= SETTLE_AFTER_EXPECTED.as_nanos() as u64
+                });
+                let quiet = now_ns.saturating_sub(last_arrival_ns) >= DRAIN_QUIET.as_nanos() as u64;
+                if settled || quiet {
+                    return Ok(());
+                }
+                if now_ns > t.drain_end_ns {
+                    return Err(Failure::Timeout);
+                }
+            }
+            std::hint::spin_loop();
+        }
+    };
+    let failure = run().err();
+    let _ = c.stream.tcp().set_nonblocking(false);
+    let _ = s.stream.tcp().set_nonblocking(false);
+    if let Some(f) = &failure {
+        live.error(format!("busy-poll: {f}"));
+    }
+    let mut bye = BytesMut::new();
+    mqtt::put(
+        &tessera_proto::Disconnect::new(tessera_proto::ReasonCode::Success),
+        version,
+        &mut bye,
+    );
+    for client in [&mut c, &mut s] {
+        use std::io::Write as _;
+        let _ = client
+            .stream
+            .write_all(&bye)
+            .and_then(|()| client.stream.flush());
+        let _ = client.stream.shutdown_write();
+    }
+    (r, deliveries.finish(failure))
+}
+
+/// Writes all of `bytes` to a non-blocking socket, spinning while it is full.
+fn write_spinning(c: &mut BlockingClient, bytes: &[u8]) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match c.stream.write(rest) {
+            Ok(0) => return Err(Failure::Closed),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    loop {
+        match c.stream.flush() {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// [`process_acks`] for a non-blocking publisher socket.
+fn process_acks_spinning(
+    c: &mut BlockingClient,
+    window: &mut Option<Window>,
+    out: &mut BytesMut,
+    live: &Live,
+) -> Result<(), Failure> {
+    while let Some(p) = decode(&mut c.rbuf, c.version, PACKET_BYTES_MAX)? {
+        on_publisher_packet(p, window, c.version, out, live)?;
+    }
+    if !out.is_empty() {
+        write_spinning(c, out)?;
+        out.clear();
+    }
+    Ok(())
 }
 
 /// Decodes what the broker sent the publisher and writes any PUBREL it calls for.

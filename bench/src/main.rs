@@ -157,7 +157,7 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
         .context("starting the tokio runtime")?;
     let report = rt.block_on(async {
         match cli.scenario.clone() {
-            Scenario::Latency { rate } => latency::run(cfg, rate).await,
+            Scenario::Latency { rate, busy_poll } => latency::run(cfg, rate, busy_poll).await,
             Scenario::Conn {
                 clients,
                 rate,

@@ -321,32 +321,13 @@ impl Client {
     /// Subscribes to `filter` at `qos` and returns the QoS granted. A 3.1.1 or 3.1
     /// SUBACK failure (0x80) is a refusal.
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Result<QoS, Failure> {
-        let sub = Subscribe {
-            packet_id: 1,
-            properties: Default::default(),
-            subscriptions: vec![Subscription {
-                filter: Str::try_from(filter).expect("bench topic filters are valid strings"),
-                options: SubscriptionOptions::qos(qos),
-            }],
-        };
         let mut out = BytesMut::new();
-        put(&sub, self.version, &mut out);
+        put(&subscribe_packet(filter, qos), self.version, &mut out);
         let timeout = self.timeout;
         let exchange = async {
             self.stream.write_all(&out).await?;
             self.stream.flush().await?;
-            match self.read_packet().await? {
-                Packet::SubAck(ack) if ack.packet_id == 1 => {
-                    match ack.reason_codes.first().copied() {
-                        Some(ReasonCode::Success) => Ok(QoS::AtMostOnce),
-                        Some(ReasonCode::GrantedQoS1) => Ok(QoS::AtLeastOnce),
-                        Some(ReasonCode::GrantedQoS2) => Ok(QoS::ExactlyOnce),
-                        Some(rc) => Err(Failure::SubscribeRefused(rc)),
-                        None => Err(Failure::Unexpected(PacketType::SubAck)),
-                    }
-                }
-                p => Err(Failure::Unexpected(p.packet_type())),
-            }
+            granted_qos(self.read_packet().await?)
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(r) => r,
@@ -382,6 +363,33 @@ pub struct BlockingClient {
     pub version: ProtocolVersion,
     /// What CONNACK granted.
     pub granted: Granted,
+}
+
+/// The bench's one SUBSCRIBE: `filter` at `qos`, packet id 1.
+fn subscribe_packet(filter: &str, qos: QoS) -> Subscribe {
+    Subscribe {
+        packet_id: 1,
+        properties: Default::default(),
+        subscriptions: vec![Subscription {
+            filter: Str::try_from(filter).expect("bench topic filters are valid strings"),
+            options: SubscriptionOptions::qos(qos),
+        }],
+    }
+}
+
+/// The QoS a SUBACK to [`subscribe_packet`] granted; a 3.1.1 or 3.1 failure
+/// (0x80) is a refusal.
+fn granted_qos(p: Packet) -> Result<QoS, Failure> {
+    match p {
+        Packet::SubAck(ack) if ack.packet_id == 1 => match ack.reason_codes.first().copied() {
+            Some(ReasonCode::Success) => Ok(QoS::AtMostOnce),
+            Some(ReasonCode::GrantedQoS1) => Ok(QoS::AtLeastOnce),
+            Some(ReasonCode::GrantedQoS2) => Ok(QoS::ExactlyOnce),
+            Some(rc) => Err(Failure::SubscribeRefused(rc)),
+            None => Err(Failure::Unexpected(PacketType::SubAck)),
+        },
+        p => Err(Failure::Unexpected(p.packet_type())),
+    }
 }
 
 /// The blocking twin of [`connect`], for client slot `slot` (its `--host` and
@@ -445,6 +453,30 @@ impl BlockingClient {
             Ok(0) => Err(Failure::Closed),
             Ok(n) => Ok(n),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Subscribes to `filter` at `qos` and returns the QoS granted (blocking,
+    /// bounded by the socket timeouts).
+    pub fn subscribe(&mut self, filter: &str, qos: QoS) -> Result<QoS, Failure> {
+        let mut out = BytesMut::new();
+        put(&subscribe_packet(filter, qos), self.version, &mut out);
+        self.stream.write_all(&out)?;
+        self.stream.flush()?;
+        loop {
+            if let Some(p) = decode(&mut self.rbuf, self.version, PACKET_BYTES_MAX)? {
+                return granted_qos(p);
+            }
+            self.read_some()?;
+        }
+    }
+
+    /// Reads what is there from a socket already in non-blocking mode; 0 when
+    /// nothing is.
+    pub fn read_nonblocking(&mut self) -> Result<usize, Failure> {
+        match self.read_some() {
+            Err(Failure::Timeout) => Ok(0),
+            r => r,
         }
     }
 

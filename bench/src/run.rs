@@ -143,7 +143,7 @@ pub enum Drain {
 /// drain ends: a broker that delivers copies (to two members of a shared group,
 /// say) reaches the expected count before every distinct message arrived, and
 /// stopping right then would count the late ones as lost.
-const SETTLE_AFTER_EXPECTED: Duration = Duration::from_millis(100);
+pub const SETTLE_AFTER_EXPECTED: Duration = Duration::from_millis(100);
 
 /// Waits until `received()` reaches `expected` and then stays still for
 /// [`SETTLE_AFTER_EXPECTED`], no progress was made for `quiet`, or the clock

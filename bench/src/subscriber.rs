@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
-use tessera_proto::{Packet, PubAck, PubComp, PubRec, QoS, Str, decode};
+use tessera_proto::{Packet, ProtocolVersion, PubAck, PubComp, PubRec, QoS, Str, decode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -43,20 +43,14 @@ pub struct SubscriberResult {
 /// accounting into `accounting`.
 pub async fn run_subscriber(
     mut client: Client,
-    mut accounting: Accounting,
+    accounting: Accounting,
     cfg: Arc<RunConfig>,
     t: Timeline,
     live: Arc<Live>,
     mut stop: watch::Receiver<bool>,
 ) -> SubscriberResult {
     let version = client.version;
-    let any_run = accounting.is_open();
-    let mut latency = latency_histogram();
-    let mut coarse = CoarseBatch::default();
-    // Topic aliases the broker set up towards us: index = alias.
-    let mut aliases: Vec<Option<Str>> = vec![None; usize::from(cfg.opts.topic_alias_max) + 1];
-    let mut aliased = 0u64;
-    let mut series = Series::new(t.start_ns, t.series_span_ns());
+    let mut d = Deliveries::new(accounting, &cfg, t);
     let mut rbuf = std::mem::take(&mut client.rbuf);
     let mut out = BytesMut::new();
     let mut failure = None;
@@ -91,62 +85,17 @@ pub async fn run_subscriber(
                 ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
             }
         }
-        let arrival_ns = clock::now_ns();
-        let mut arrived = 0u64;
-        loop {
-            let packet = match decode(&mut rbuf, version, PACKET_BYTES_MAX) {
-                Ok(Some(p)) => p,
-                Ok(None) => break,
-                Err(e) => {
-                    failure = Some(e.into());
-                    break 'run;
-                }
-            };
-            match packet {
-                Packet::Publish(p) => {
-                    arrived += 1;
-                    if let Some(alias) = p.properties.topic_alias {
-                        aliased += 1;
-                        if let Err(f) = resolve_alias(&mut aliases, alias, &p.topic) {
-                            failure = Some(f);
-                            break 'run;
-                        }
-                    }
-                    match Header::parse(&p.payload) {
-                        Some(h) => {
-                            accounting.record(&h, live.produced(h.publisher));
-                            if (any_run || h.run_id == cfg.run_id) && h.intended_ns >= t.warm_ns {
-                                let ns = arrival_ns.saturating_sub(h.intended_ns);
-                                record_ns(&mut latency, ns);
-                                coarse.record(ns);
-                            }
-                        }
-                        None => {
-                            accounting.record_unparsable();
-                        }
-                    }
-                    match p.qos {
-                        QoS::AtMostOnce => {}
-                        QoS::AtLeastOnce => mqtt::put(&PubAck::new(p.packet_id), version, &mut out),
-                        QoS::ExactlyOnce => mqtt::put(&PubRec::new(p.packet_id), version, &mut out),
-                    }
-                }
-                Packet::PubRel(r) => mqtt::put(&PubComp::new(r.packet_id), version, &mut out),
-                Packet::PingResp => {}
-                Packet::Disconnect(d) => {
-                    failure = Some(Failure::Disconnected(d.reason_code));
-                    break 'run;
-                }
-                p => {
-                    failure = Some(Failure::Unexpected(p.packet_type()));
-                    break 'run;
-                }
-            }
-        }
-        if arrived > 0 {
-            series.add(arrival_ns, arrived);
-            live.received.fetch_add(arrived, Ordering::Relaxed);
-            live.latency.flush(&mut coarse);
+        if let Err(f) = d.take(
+            &mut rbuf,
+            version,
+            clock::now_ns(),
+            &cfg,
+            &t,
+            &live,
+            &mut out,
+        ) {
+            failure = Some(f);
+            break 'run;
         }
         if !out.is_empty() {
             if let Err(e) = async {
@@ -165,12 +114,111 @@ pub async fn run_subscriber(
         Some(f) => live.error(format!("subscriber: {f}")),
         None => client.disconnect().await,
     }
-    SubscriberResult {
-        accounting,
-        latency,
-        series,
-        failure,
-        aliased,
+    d.finish(failure)
+}
+
+/// What one subscriber has seen so far: the decoding and accounting shared by
+/// the task above and the latency scenario's busy-polling thread.
+#[derive(Debug)]
+pub struct Deliveries {
+    accounting: Accounting,
+    any_run: bool,
+    latency: Histogram<u64>,
+    coarse: CoarseBatch,
+    /// Topic aliases the broker set up towards us: index = alias.
+    aliases: Vec<Option<Str>>,
+    aliased: u64,
+    series: Series,
+}
+
+impl Deliveries {
+    /// Nothing seen yet.
+    pub fn new(accounting: Accounting, cfg: &RunConfig, t: Timeline) -> Deliveries {
+        Deliveries {
+            any_run: accounting.is_open(),
+            accounting,
+            latency: latency_histogram(),
+            coarse: CoarseBatch::default(),
+            aliases: vec![None; usize::from(cfg.opts.topic_alias_max) + 1],
+            aliased: 0,
+            series: Series::new(t.start_ns, t.series_span_ns()),
+        }
+    }
+
+    /// Decodes every whole packet in `rbuf` (bytes that arrived at
+    /// `arrival_ns`), accounts for each delivery and appends the
+    /// acknowledgements to `out`. An error ends the subscriber.
+    #[allow(clippy::too_many_arguments)]
+    pub fn take(
+        &mut self,
+        rbuf: &mut BytesMut,
+        version: ProtocolVersion,
+        arrival_ns: u64,
+        cfg: &RunConfig,
+        t: &Timeline,
+        live: &Live,
+        out: &mut BytesMut,
+    ) -> Result<(), Failure> {
+        let mut arrived = 0u64;
+        let r = loop {
+            let packet = match decode(rbuf, version, PACKET_BYTES_MAX) {
+                Ok(Some(p)) => p,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.into()),
+            };
+            match packet {
+                Packet::Publish(p) => {
+                    arrived += 1;
+                    if let Some(alias) = p.properties.topic_alias {
+                        self.aliased += 1;
+                        if let Err(f) = resolve_alias(&mut self.aliases, alias, &p.topic) {
+                            break Err(f);
+                        }
+                    }
+                    match Header::parse(&p.payload) {
+                        Some(h) => {
+                            self.accounting.record(&h, live.produced(h.publisher));
+                            if (self.any_run || h.run_id == cfg.run_id)
+                                && h.intended_ns >= t.warm_ns
+                            {
+                                let ns = arrival_ns.saturating_sub(h.intended_ns);
+                                record_ns(&mut self.latency, ns);
+                                self.coarse.record(ns);
+                            }
+                        }
+                        None => {
+                            self.accounting.record_unparsable();
+                        }
+                    }
+                    match p.qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => mqtt::put(&PubAck::new(p.packet_id), version, out),
+                        QoS::ExactlyOnce => mqtt::put(&PubRec::new(p.packet_id), version, out),
+                    }
+                }
+                Packet::PubRel(r) => mqtt::put(&PubComp::new(r.packet_id), version, out),
+                Packet::PingResp => {}
+                Packet::Disconnect(d) => break Err(Failure::Disconnected(d.reason_code)),
+                p => break Err(Failure::Unexpected(p.packet_type())),
+            }
+        };
+        if arrived > 0 {
+            self.series.add(arrival_ns, arrived);
+            live.received.fetch_add(arrived, Ordering::Relaxed);
+            live.latency.flush(&mut self.coarse);
+        }
+        r
+    }
+
+    /// The subscriber's result; `failure` is why it stopped early, if it did.
+    pub fn finish(self, failure: Option<Failure>) -> SubscriberResult {
+        SubscriberResult {
+            accounting: self.accounting,
+            latency: self.latency,
+            series: self.series,
+            failure,
+            aliased: self.aliased,
+        }
     }
 }
 

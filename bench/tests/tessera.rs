@@ -403,3 +403,32 @@ fn conn_split_over_processes_holds_every_connection() {
         run.output
     );
 }
+
+#[test]
+fn busy_poll_latency_accounts_every_message_at_qos_1_and_2() {
+    let b = Tessera::start();
+    for qos in ["1", "2"] {
+        let run = bench(
+            b.port,
+            &[
+                "latency",
+                "--busy-poll",
+                "--rate",
+                "400",
+                "--qos",
+                qos,
+                "--duration",
+                "1",
+                "--warmup",
+                "0.2",
+            ],
+        );
+        assert_clean_run(&run, &["loss_count", "duplicate_count", "error_count"], 300);
+        // Every message sent in the window has a latency, from the one thread
+        // that both published and read it.
+        let l = &run.json["latency"];
+        assert!(l["count"].as_u64().unwrap_or(0) >= 300, "{}", run.output);
+        assert!(l["p50_us"].as_f64().unwrap_or(0.0) > 0.0, "{}", run.output);
+        assert_eq!(run.json["drain"], "complete", "{}", run.output);
+    }
+}
