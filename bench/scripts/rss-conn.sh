@@ -67,6 +67,8 @@ print(f"{sys.argv[2]} rate {sys.argv[3]}: connected {r.get('connected_count')} "
       f"RSS {r.get('broker_rss_before_bytes', 0) / 1e6:.1f} -> "
       f"{r.get('broker_rss_after_bytes', 0) / 1e6:.1f} MB, "
       f"{r.get('broker_rss_per_connection_bytes')} B per connection")
+if fails:
+    print("  failures:", ", ".join(f"{n} x {why}" for why, n in r["failures"].items()))
 EOF
 echo "  held: $(cat "$work/smaps" 2>/dev/null || echo 'no sample')"
 if [[ $kind != mosquitto ]]; then
