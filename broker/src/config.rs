@@ -123,6 +123,13 @@ pub struct LimitsConfig {
     pub connect_rate_per_s: u32,
     /// What to do when a client's queue is full.
     pub queue_overflow: QueueOverflow,
+    /// Queued messages at which a connected client's queue holds the PUBACK/PUBREC of
+    /// QoS 1/2 publishers (back-pressure); 0 disables it. `None`: half of
+    /// `max_queued_messages`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_high_water: Option<u32>,
+    /// Longest a PUBACK/PUBREC is held for back-pressure, milliseconds.
+    pub backpressure_hold_ms_max: u32,
     /// How a shared subscription (`$share/{group}/{filter}`) picks the member that gets
     /// each message.
     pub shared_subscription_strategy: SharedStrategy,
@@ -134,6 +141,15 @@ pub struct LimitsConfig {
     pub memory_high_water_bytes: u64,
     /// Milliseconds freed memory stays with the allocator before it is returned to the OS.
     pub memory_release_delay_ms: u32,
+}
+
+impl LimitsConfig {
+    /// The back-pressure high-water mark in force: the setting, or half of
+    /// `max_queued_messages` when unset.
+    pub fn queue_high_water(&self) -> u32 {
+        self.queue_high_water
+            .unwrap_or(self.max_queued_messages / 2)
+    }
 }
 
 impl Default for LimitsConfig {
@@ -151,6 +167,8 @@ impl Default for LimitsConfig {
             max_keep_alive_s: 65535,
             connect_rate_per_s: 0,
             queue_overflow: QueueOverflow::DropQos0ThenOldest,
+            queue_high_water: None,
+            backpressure_hold_ms_max: 2000,
             shared_subscription_strategy: SharedStrategy::RoundRobin,
             publish_rate_per_s: 0,
             publish_bytes_per_s: 0,
@@ -639,6 +657,23 @@ pub const FIELDS: &[FieldDoc] = &[
     },
     FieldDoc {
         section: "limits",
+        key: "queue_high_water",
+        doc: "Back-pressure: when a QoS 1/2 message reaches a connected client whose queue \
+              holds this many messages, the publisher's PUBACK/PUBREC waits until that queue \
+              drained below half of it (or backpressure_hold_ms_max passed), so publishers \
+              are slowed by their inflight window instead of having messages dropped. \
+              0 disables back-pressure. Unset: half of max_queued_messages.",
+        accepted: "an integer from 0 to max_queued_messages - 1",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "backpressure_hold_ms_max",
+        doc: "Longest a PUBACK/PUBREC is held for back-pressure, in milliseconds; after it the \
+              acknowledgement is sent and queue_overflow applies at max_queued_messages.",
+        accepted: "an integer from 1 to 600000",
+    },
+    FieldDoc {
+        section: "limits",
         key: "shared_subscription_strategy",
         doc: "How a shared subscription ($share/GROUP/FILTER) picks the one member that gets \
               each message: round_robin = members in turn; random; sticky = the same member \
@@ -1122,6 +1157,8 @@ impl Config {
             ("limits", "max_keep_alive_s") => l.max_keep_alive_s = p(v)?,
             ("limits", "connect_rate_per_s") => l.connect_rate_per_s = p(v)?,
             ("limits", "queue_overflow") => l.queue_overflow = p(v)?,
+            ("limits", "queue_high_water") => l.queue_high_water = Some(p(v)?),
+            ("limits", "backpressure_hold_ms_max") => l.backpressure_hold_ms_max = p(v)?,
             ("limits", "shared_subscription_strategy") => {
                 l.shared_subscription_strategy = p(v)?;
             }
@@ -1243,7 +1280,7 @@ impl Config {
             );
         }
         let a = &self.auth;
-        let ranges: [(&'static str, u64, u64, u64); 17] = [
+        let ranges: [(&'static str, u64, u64, u64); 19] = [
             (
                 "auth.reload_interval_s",
                 a.reload_interval_s.into(),
@@ -1338,6 +1375,18 @@ impl Config {
                 l.memory_release_delay_ms.into(),
                 0,
                 3_600_000,
+            ),
+            (
+                "limits.backpressure_hold_ms_max",
+                l.backpressure_hold_ms_max.into(),
+                1,
+                600_000,
+            ),
+            (
+                "limits.queue_high_water",
+                l.queue_high_water().into(),
+                0,
+                u64::from(l.max_queued_messages).saturating_sub(1),
             ),
         ];
         for (field, value, min, max) in ranges {
@@ -1712,6 +1761,7 @@ mod tests {
     fn fields_table_matches_the_struct() {
         let mut full = Config::default();
         full.server.shards = Some(1);
+        full.limits.queue_high_water = Some(1);
         let table = toml::Table::try_from(full).unwrap();
         let from_struct: BTreeSet<String> = table
             .iter()
@@ -2101,6 +2151,12 @@ mod tests {
         assert!(invalid(|c| c.server.shards = Some(0)).starts_with("server.shards = 0"));
         assert!(invalid(|c| c.limits.max_connections = 0).contains("max_connections"));
         assert!(invalid(|c| c.limits.max_queued_messages = 0).contains("max_queued_messages"));
+        assert_eq!(
+            invalid(|c| c.limits.queue_high_water = Some(1000)),
+            "limits.queue_high_water = 1000 is invalid: expected an integer from 0 to \
+             max_queued_messages - 1"
+        );
+        assert!(invalid(|c| c.limits.backpressure_hold_ms_max = 0).contains("from 1 to 600000"));
         assert!(invalid(|c| c.limits.max_topic_levels = 70_000).contains("from 1 to 128"));
         assert!(invalid(|c| c.limits.connect_timeout_s = 0).contains("from 1 to 3600"));
         assert!(invalid(|c| c.limits.max_keep_alive_s = 0).contains("max_keep_alive_s"));

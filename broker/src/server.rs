@@ -412,6 +412,8 @@ fn engine_limits(config: &Config) -> Limits {
             QueueOverflow::DropNew => EngineOverflow::DropNew,
             QueueOverflow::Disconnect => EngineOverflow::Disconnect,
         },
+        queue_high_water: l.queue_high_water() as usize,
+        backpressure_hold_ms_max: u64::from(l.backpressure_hold_ms_max),
         shared_subscription_strategy: match l.shared_subscription_strategy {
             SharedStrategy::RoundRobin => EngineShared::RoundRobin,
             SharedStrategy::Random => EngineShared::Random,

@@ -38,6 +38,7 @@ use crate::trie::{ShardSet, Trie, route_match};
 
 mod admin;
 mod auth;
+mod backpressure;
 mod mqtt5;
 mod persist;
 mod shared;
@@ -90,6 +91,14 @@ pub struct Limits {
     pub queue_overflow: QueueOverflow,
     /// How a shared subscription picks the member for each message.
     pub shared_subscription_strategy: SharedStrategy,
+    /// Per-publisher back-pressure (`engine::backpressure`): a QoS 1/2
+    /// delivery into a connected session with this many deliveries queued
+    /// holds the publisher's PUBACK/PUBREC until the queue drained below half
+    /// of it. 0 disables back-pressure; otherwise below `queued_count_max`.
+    pub queue_high_water: usize,
+    /// Longest a PUBACK/PUBREC is held for back-pressure, milliseconds; then it
+    /// is sent and the overflow policy applies at `queued_count_max`.
+    pub backpressure_hold_ms_max: u64,
 }
 
 /// What a full session queue does with one more delivery.
@@ -127,6 +136,8 @@ impl Default for Limits {
             queue_qos0_offline: false,
             queue_overflow: QueueOverflow::default(),
             shared_subscription_strategy: SharedStrategy::default(),
+            queue_high_water: 500,
+            backpressure_hold_ms_max: 2000,
         }
     }
 }
@@ -179,6 +190,16 @@ pub struct Stats {
     pub reauth_failures: u64,
     /// Connections closed because their credentials expired (v5: 0xA0).
     pub credentials_expired: u64,
+    /// QoS 1/2 publications whose PUBACK/PUBREC was held because a session
+    /// they were delivered to was at its queue high-water mark (on the
+    /// subscriber's shard).
+    pub backpressure_acks_held: u64,
+    /// Held acknowledgements released by `backpressure_hold_ms_max` rather
+    /// than by the subscriber draining its queue.
+    pub backpressure_hold_timeouts: u64,
+    /// Times a connection stopped being read because it had more held
+    /// acknowledgements than the Receive Maximum (counted by the driver).
+    pub backpressure_reads_paused: u64,
 }
 
 /// Why a connection ends.
@@ -337,6 +358,8 @@ pub struct Engine {
     auth_hook: Option<std::rc::Rc<dyn AuthHook>>,
     /// The store side, when persistence is on (`persist`).
     persist: Option<Box<persist::PersistState>>,
+    /// Per-publisher back-pressure state (`backpressure`).
+    bp: backpressure::BackPressure,
 }
 
 fn delivery_qos(published: QoS, granted: QoS) -> QoS {
@@ -351,6 +374,12 @@ impl Engine {
             "shard {shard} of {shard_count}"
         );
         assert!(limits.inflight_count_max >= 1 && limits.receive_maximum >= 1);
+        assert!(
+            limits.queue_high_water == 0 || limits.queue_high_water < limits.queued_count_max,
+            "queue high water {} not below the queue limit {}",
+            limits.queue_high_water,
+            limits.queued_count_max
+        );
         let sys_publisher = (shard == 0 && limits.sys.interval_ms > 0)
             .then(|| Box::new(SysPublisher::new(shard_count)));
         Engine {
@@ -385,6 +414,7 @@ impl Engine {
             sys_publisher,
             auth_hook: None,
             persist: None,
+            bp: backpressure::BackPressure::new(shard_count),
         }
     }
 
@@ -694,6 +724,7 @@ impl Engine {
         }
         self.by_client_id.remove(&s.client_id);
         self.free_sessions.push(idx);
+        self.bp_session_offline(idx);
         self.persist_session_destroyed(&s);
         // Last, once its memberships are gone, so no group picks it again.
         self.shared_session_ended(now_ms, &mut s);
@@ -731,6 +762,8 @@ impl Engine {
         }
         s.conn = None;
         s.disconnected_at_ms = Some(now_ms);
+        self.bp_session_offline(idx);
+        let s = self.session_mut(idx);
         let will = s.will.take().map(|w| *w);
         let persistent = s.is_persistent();
         let (origin, expiry_s) = (s.uid, s.expiry_interval_s);
@@ -879,6 +912,7 @@ impl Engine {
         }
         self.retained
             .retain(|_, e| e.message.is_some() || now_ms < e.cleared_at_ms + RETAINED_TOMBSTONE_MS);
+        self.bp_tick(now_ms);
         self.sys_tick(now_ms);
     }
 
@@ -1033,7 +1067,10 @@ impl Engine {
         });
         let key = shared::client_key(self.session(idx).client_id.as_bytes());
         let mark = self.store_mark();
+        // Deliveries into congested queues hold the acknowledgement too.
+        self.bp_begin_local(conn, idx, qos, token);
         self.publish_acked(now_ms, msg, token, key);
+        let token = self.bp_end_local().or(token);
         if self.store_mark() != mark {
             // Something was stored for this publication here: its
             // acknowledgement waits for the commit.
@@ -1321,7 +1358,12 @@ impl Engine {
             }
             self.stats.forwards_sent += 1;
             let durable = ack.filter(|_| self.durable_forwards());
-            if let Some(t) = durable
+            // A congested peer acknowledges once its queues drained.
+            let held = match durable {
+                None if msg.qos != QoS::AtMostOnce => self.bp_forward_token(to),
+                _ => None,
+            };
+            if let Some(t) = durable.or(held)
                 && let Some((_, n)) = self.pending_retains.get_mut(&t)
             {
                 *n += 1;
@@ -1382,9 +1424,13 @@ impl Engine {
         match msg {
             MeshMsg::Publish(m) => self.deliver_local(now_ms, &m),
             MeshMsg::PublishDurable { message, ack } => {
+                self.bp_begin_remote(from, ack, message.qos);
                 self.deliver_local(now_ms, &message);
-                self.ack_after_commit(from, ack);
+                if !self.bp_end_remote() {
+                    self.ack_after_commit(from, ack);
+                }
             }
+            MeshMsg::Congestion { congested } => self.bp_on_congestion(from, congested),
             MeshMsg::SysReport(report) => self.on_sys_report(from, report),
             MeshMsg::RouteAdd { filter, shard, ack } => {
                 self.routes.insert(&filter, shard, ());
@@ -1671,6 +1717,9 @@ impl Engine {
             self.stats.dropped_expired += 1;
             return;
         }
+        if d.qos != QoS::AtMostOnce {
+            self.bp_on_enqueue(now_ms, idx);
+        }
         self.persist_assign_seq(idx, &mut d);
         let s = self.session(idx);
         match s.conn {
@@ -1766,6 +1815,7 @@ impl Engine {
             }
             self.send_delivery(now_ms, conn, idx, d);
         }
+        self.bp_drained(idx);
     }
 
     fn send_delivery(&mut self, now_ms: u64, conn: ConnId, idx: SessionIdx, d: Delivery) {
@@ -2044,6 +2094,7 @@ mod tests {
     fn overflow_case(policy: QueueOverflow, qos: [QoS; 3]) -> Vec<String> {
         let limits = Limits {
             queued_count_max: 2,
+            queue_high_water: 0,
             queue_overflow: policy,
             queue_qos0_offline: true,
             ..Limits::default()

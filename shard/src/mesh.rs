@@ -50,6 +50,14 @@ pub enum MeshMsg {
         /// The token of the acknowledged message.
         token: u64,
     },
+    /// The sender has sessions whose queues reached the high-water mark
+    /// (`congested`), or no longer has any. While a peer is congested,
+    /// QoS 1/2 publications forwarded to it go as `PublishDurable`, so it can
+    /// hold the publisher's acknowledgement (`engine::backpressure`).
+    Congestion {
+        /// Whether the sender has congested sessions.
+        congested: bool,
+    },
     /// The sender's counters for `$SYS` topics, sent to shard 0 once per `$SYS`
     /// interval.
     SysReport(SysReport),

@@ -55,7 +55,8 @@ enum Event {
     WriteFailed,
     /// The engine ended the connection and every byte of output was written.
     Closed,
-    /// Only from the callers' timers: time to look again.
+    /// From the callers' timers, or the engine released the held
+    /// acknowledgements that paused reading: time to look again.
     Timeout,
     /// Idle for `park::PARK_AFTER_TICKS` with nothing buffered: the
     /// connection may park (see `park`).
@@ -101,13 +102,17 @@ impl Io {
     /// written, and, when `read` is true, reads. Registers the task's waker
     /// with the socket (both directions) and the engine output.
     /// With `park`, reports `Event::Park` instead of waiting when the
-    /// connection has been idle long enough.
+    /// connection has been idle long enough. With `paused` (reading stopped
+    /// for back-pressure), reports `Event::Timeout` once the engine no longer
+    /// pauses the input: releasing acknowledgements writes them, which wakes
+    /// this poll.
     fn poll_event(
         &mut self,
         cx: &mut Context<'_>,
         shard: &Shard,
         read: bool,
         park: bool,
+        paused: bool,
     ) -> Poll<Event> {
         loop {
             let pending = if self.use_framed {
@@ -172,6 +177,9 @@ impl Io {
             }
             break;
         }
+        if paused && !shard.engine.borrow().input_paused(self.conn) {
+            return Poll::Ready(Event::Timeout);
+        }
         let r = if read {
             self.poll_read(cx)
         } else {
@@ -234,9 +242,10 @@ impl Io {
         shard: &Shard,
         read: bool,
         park: bool,
+        paused: bool,
         deadline: Option<Instant>,
     ) -> Event {
-        let io = poll_fn(|cx| self.poll_event(cx, shard, read, park));
+        let io = poll_fn(|cx| self.poll_event(cx, shard, read, park, paused));
         match deadline {
             None => io.await,
             Some(at) => {
@@ -294,17 +303,24 @@ async fn run(
         probe: [0; PROBE_BYTES],
     };
     let mut reading = true;
+    let mut was_paused = false;
     let write_failed = loop {
-        handle_input(&shard, &mut io.input, conn, version);
+        let paused = handle_input(&shard, &mut io.input, conn, version);
         if shard.engine.borrow().is_ended(conn) {
             break false;
         }
+        if paused && !was_paused {
+            shard.engine.borrow_mut().record_reads_paused();
+        }
+        was_paused = paused;
         // Back-pressure: a peer shard or the store writer that falls behind
-        // slows publishers here.
+        // slows publishers here, and so does a client with more held
+        // acknowledgements than its window (`Engine::input_paused`).
         let backlog = shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX || shard.store_backlogged();
         let deadline = backlog.then(|| Instant::now() + MESH_BACKOFF);
-        let park = !backlog && io.stream.is_plain();
-        match io.next_event(&shard, !backlog, park, deadline).await {
+        let park = !backlog && !paused && io.stream.is_plain();
+        let read = !backlog && !paused;
+        match io.next_event(&shard, read, park, paused, deadline).await {
             Event::Park => match park_conn(&shard, io, version, listener) {
                 None => {
                     debug!(%conn, "idle: connection parked");
@@ -375,16 +391,24 @@ fn park_conn(shard: &Shard, io: Io, version: ProtocolVersion, listener: Listener
     }
 }
 
-/// Decodes and handles every complete packet in `input`.
-fn handle_input(shard: &Shard, input: &mut BytesMut, conn: ConnId, version: ProtocolVersion) {
-    if input.is_empty() {
-        return;
+/// Decodes and handles every complete packet in `input`, stopping early
+/// while the engine pauses the connection's input (back-pressure: the rest
+/// stays in `input`). Returns whether the input is paused.
+fn handle_input(
+    shard: &Shard,
+    input: &mut BytesMut,
+    conn: ConnId,
+    version: ProtocolVersion,
+) -> bool {
+    let paused = shard.engine.borrow().input_paused(conn);
+    if input.is_empty() || paused {
+        return paused;
     }
     let now = now_ms();
-    {
+    let paused = {
         let mut engine = shard.engine.borrow_mut();
         engine.set_now_us(now_us());
-        while !engine.is_ended(conn) {
+        while !engine.is_ended(conn) && !engine.input_paused(conn) {
             match tessera_proto::decode(input, version, shard.max_packet) {
                 Ok(Some(packet)) => engine.handle_packet(now, conn, packet),
                 Ok(None) => break,
@@ -396,8 +420,10 @@ fn handle_input(shard: &Shard, input: &mut BytesMut, conn: ConnId, version: Prot
                 }
             }
         }
-    }
+        engine.input_paused(conn)
+    };
     shard.flush_outbox();
+    paused
 }
 
 /// The end of a connection the engine ended: writes the rest of the output and
@@ -420,7 +446,7 @@ async fn close(shard: &Shard, io: &mut Io, mut reading: bool) -> bool {
     reading &= linger;
     let deadline = Instant::now() + CLOSE_LINGER;
     loop {
-        match io.next_event(shard, reading, false, Some(deadline)).await {
+        match io.next_event(shard, reading, false, false, Some(deadline)).await {
             Event::Read(_) => io.input.clear(),
             Event::ReadEnd => reading = false,
             Event::WriteFailed => return false,
