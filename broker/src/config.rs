@@ -124,8 +124,8 @@ pub struct LimitsConfig {
     /// What to do when a client's queue is full.
     pub queue_overflow: QueueOverflow,
     /// Queued messages at which a connected client's queue holds the PUBACK/PUBREC of
-    /// QoS 1/2 publishers (back-pressure); 0 disables it. `None`: half of
-    /// `max_queued_messages`.
+    /// QoS 1/2 publishers (back-pressure); 0 disables it. `None`:
+    /// `max_queued_messages` / 4.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_high_water: Option<u32>,
     /// Longest a PUBACK/PUBREC is held for back-pressure, milliseconds.
@@ -144,11 +144,11 @@ pub struct LimitsConfig {
 }
 
 impl LimitsConfig {
-    /// The back-pressure high-water mark in force: the setting, or half of
-    /// `max_queued_messages` when unset.
+    /// The back-pressure high-water mark in force: the setting, or a quarter
+    /// of `max_queued_messages` when unset.
     pub fn queue_high_water(&self) -> u32 {
         self.queue_high_water
-            .unwrap_or(self.max_queued_messages / 2)
+            .unwrap_or(self.max_queued_messages / 4)
     }
 }
 
@@ -662,7 +662,8 @@ pub const FIELDS: &[FieldDoc] = &[
               holds this many messages, the publisher's PUBACK/PUBREC waits until that queue \
               drained below half of it (or backpressure_hold_ms_max passed), so publishers \
               are slowed by their inflight window instead of having messages dropped. \
-              0 disables back-pressure. Unset: half of max_queued_messages.",
+              0 disables back-pressure. Unset: a quarter of max_queued_messages, which \
+              leaves room for the messages publishers already sent when it is reached.",
         accepted: "an integer from 0 to max_queued_messages - 1",
     },
     FieldDoc {

@@ -136,7 +136,7 @@ impl Default for Limits {
             queue_qos0_offline: false,
             queue_overflow: QueueOverflow::default(),
             shared_subscription_strategy: SharedStrategy::default(),
-            queue_high_water: 500,
+            queue_high_water: 250,
             backpressure_hold_ms_max: 2000,
         }
     }
@@ -190,9 +190,9 @@ pub struct Stats {
     pub reauth_failures: u64,
     /// Connections closed because their credentials expired (v5: 0xA0).
     pub credentials_expired: u64,
-    /// QoS 1/2 publications whose PUBACK/PUBREC was held because a session
-    /// they were delivered to was at its queue high-water mark (on the
-    /// subscriber's shard).
+    /// Deliveries into a session at its queue high-water mark that held the
+    /// publisher's PUBACK/PUBREC (counted on the subscriber's shard; one per
+    /// congested subscriber a publication reached).
     pub backpressure_acks_held: u64,
     /// Held acknowledgements released by `backpressure_hold_ms_max` rather
     /// than by the subscriber draining its queue.

@@ -239,6 +239,18 @@ fn describe_all() {
     );
     describe_counter!("tessera_connections_total", "TCP connections accepted.");
     describe_counter!(
+        "tessera_backpressure_acks_held_total",
+        "Deliveries into a queue at its high-water mark that held the publisher's PUBACK/PUBREC."
+    );
+    describe_counter!(
+        "tessera_backpressure_hold_timeouts_total",
+        "Held PUBACK/PUBREC released by limits.backpressure_hold_ms_max, not by the queue draining."
+    );
+    describe_counter!(
+        "tessera_backpressure_reads_paused_total",
+        "Times a connection stopped being read: more held acknowledgements than the Receive Maximum."
+    );
+    describe_counter!(
         "tessera_connects_total",
         "CONNECTs handled, by result: success or the refusal reason."
     );
@@ -387,6 +399,12 @@ fn record_shard(shard: &str, s: &ShardSnapshot) {
         .absolute(st.forwards_sent + st.shared_forwards_sent);
     counter!("tessera_protocol_errors_total", "shard" => sh()).absolute(st.protocol_errors);
     counter!("tessera_sessions_expired_total", "shard" => sh()).absolute(st.sessions_expired);
+    counter!("tessera_backpressure_acks_held_total", "shard" => sh())
+        .absolute(st.backpressure_acks_held);
+    counter!("tessera_backpressure_hold_timeouts_total", "shard" => sh())
+        .absolute(st.backpressure_hold_timeouts);
+    counter!("tessera_backpressure_reads_paused_total", "shard" => sh())
+        .absolute(st.backpressure_reads_paused);
     gauge!("tessera_queue_depth", "shard" => sh()).set(g.queued as f64);
     gauge!("tessera_inflight_messages", "shard" => sh()).set(g.inflight as f64);
     gauge!("tessera_sessions", "shard" => sh(), "state" => "online").set(g.sessions_online as f64);

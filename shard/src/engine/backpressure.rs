@@ -21,9 +21,9 @@
 //! with unacknowledged messages. Its connection keeps being read, so the
 //! PUBACKs it sends for deliveries to it still free its own queue, and two
 //! clients feeding each other's queues cannot lock each other. Only a client
-//! with more held acknowledgements than the Receive Maximum (a v3 client
-//! with a larger window) stops being read ([`Engine::input_paused`]); that
-//! lasts at most the hold bound.
+//! with more held acknowledgements than four times the Receive Maximum (a
+//! 3.1.1 client with a very large window) stops being read
+//! ([`Engine::input_paused`]); that lasts at most the hold bound.
 //!
 //! A publisher is never throttled by its own session (a client subscribed to
 //! what it publishes). QoS 0 is not affected.
@@ -44,6 +44,14 @@ use tessera_proto::QoS;
 use super::Engine;
 use crate::mesh::{MeshMsg, ShardId};
 use crate::session::{ConnId, SessionIdx};
+
+/// A connection with more held acknowledgements than this many times the
+/// Receive Maximum stops being read. Not 1: a paused client's PUBACKs for
+/// its own deliveries are not read either, so two 3.1.1 clients with windows
+/// above the bound feeding each other's queues would wait for the hold
+/// bound; 4 keeps common 3.1.1 windows (up to 128 with the default 32)
+/// reading, while a client ignoring every window is still stopped.
+const HELD_ACKS_PER_RECEIVE_MAXIMUM: usize = 4;
 
 /// Who published the message being routed, while it is routed.
 #[derive(Debug, Clone, Copy)]
@@ -176,7 +184,6 @@ impl Engine {
         if let Some(r) = self.bp.routing.as_mut() {
             r.token = Some(t);
         }
-        self.stats.backpressure_acks_held += 1;
         Some(t)
     }
 
@@ -197,19 +204,34 @@ impl Engine {
         }
     }
 
-    /// A QoS 1/2 delivery of the publication being routed enters session
-    /// `idx`: at or over the high-water mark, its acknowledgement waits.
+    /// A QoS 1/2 delivery enters session `idx`: at or over the high-water
+    /// mark the session is congested, and the acknowledgement of the
+    /// publication being routed (if any: a plain `Publish` from a shard that
+    /// did not know yet carries no token) waits for it.
     pub(super) fn bp_on_enqueue(&mut self, now_ms: u64, idx: SessionIdx) {
-        let Some(routing) = self.bp.routing else {
+        if !self.bp_on() {
             return;
-        };
-        if matches!(routing.publisher, Publisher::Local { session, .. } if session == idx) {
+        }
+        let routing = self.bp.routing;
+        if let Some(Routing {
+            publisher: Publisher::Local { session, .. },
+            ..
+        }) = routing
+            && session == idx
+        {
             return; // never throttled by its own queue
         }
         let s = self.session(idx);
         if s.conn.is_none() || s.queue.len() < self.limits.queue_high_water {
             return;
         }
+        if !self.bp.congested.contains_key(&idx) {
+            self.bp.congested.insert(idx, VecDeque::new());
+            self.bp_announce();
+        }
+        let Some(routing) = routing else {
+            return;
+        };
         let Some(token) = self.bp_token() else {
             return;
         };
@@ -231,7 +253,7 @@ impl Engine {
             .entry(idx)
             .or_default()
             .push_back(Waiter { deadline_ms, token });
-        self.bp_announce();
+        self.stats.backpressure_acks_held += 1;
     }
 
     /// Session `idx` sent from its queue: below the low-water mark it
@@ -325,18 +347,328 @@ impl Engine {
     }
 
     /// Whether the driver should stop decoding and reading `conn`: it has
-    /// more acknowledgements held than the Receive Maximum, which a client
-    /// honouring it cannot reach. Released acknowledgements wake the
-    /// connection's output waker, so the driver looks again then.
+    /// more acknowledgements held than `HELD_ACKS_PER_RECEIVE_MAXIMUM` times
+    /// the Receive Maximum, which a v5 client honouring it cannot reach, nor
+    /// a 3.1.1 client with a usual window (rumqttc 100, Paho 10-65535 but
+    /// 20 by default). Released acknowledgements wake the connection's output
+    /// waker, so the driver looks again then.
     pub fn input_paused(&self, conn: ConnId) -> bool {
+        let bound = usize::from(self.limits.receive_maximum) * HELD_ACKS_PER_RECEIVE_MAXIMUM;
         self.bp_on()
             && self
                 .slot(conn)
-                .is_some_and(|c| c.held_acks.len() > usize::from(self.limits.receive_maximum))
+                .is_some_and(|c| c.held_acks.len() > bound)
     }
 
     /// The driver stopped reading a connection ([`Engine::input_paused`]).
     pub fn record_reads_paused(&mut self) {
         self.stats.backpressure_reads_paused += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Goal: a fast QoS 1 publisher into a subscriber that does not read loses
+    //! nothing: its acknowledgements are held while the subscriber's queue is
+    //! over the high-water mark and released when it drains or at the hold
+    //! bound, on one shard and across two. Method: engines exchange their
+    //! mesh outboxes until quiet; v5 clients are driven packet by packet and
+    //! the tests assert the packets each is sent and the drop counters.
+
+    use bytes::Bytes;
+    use tessera_proto::{
+        Connect, Packet, ProtocolVersion, PubAck, Publish, QoS, Str, Subscribe, Subscription,
+        SubscriptionOptions,
+    };
+
+    use crate::engine::{Engine, Limits};
+    use crate::mesh::ShardId;
+    use crate::session::ConnId;
+
+    const HIGH: usize = 10;
+    const HOLD_MS: u64 = 1_000;
+
+    struct Cluster {
+        engines: Vec<Engine>,
+        now_ms: u64,
+    }
+
+    #[derive(Clone, Copy)]
+    struct Client {
+        shard: usize,
+        conn: ConnId,
+    }
+
+    impl Cluster {
+        fn new(shards: usize, high: usize) -> Cluster {
+            let limits = Limits {
+                inflight_count_max: 4,
+                queued_count_max: 100,
+                queue_high_water: high,
+                backpressure_hold_ms_max: HOLD_MS,
+                ..Limits::default()
+            };
+            Cluster {
+                engines: (0..shards)
+                    .map(|i| Engine::new(i as ShardId, shards, limits.clone()))
+                    .collect(),
+                now_ms: 1_000,
+            }
+        }
+
+        fn pump(&mut self) {
+            loop {
+                let mut batches = Vec::new();
+                for (from, e) in self.engines.iter_mut().enumerate() {
+                    e.drain_outbox(|to, batch| batches.push((from, to, batch)));
+                }
+                if batches.is_empty() {
+                    return;
+                }
+                for (from, to, batch) in batches {
+                    for msg in batch {
+                        self.engines[usize::from(to)].handle_mesh(
+                            self.now_ms,
+                            from as ShardId,
+                            msg,
+                        );
+                    }
+                }
+            }
+        }
+
+        fn connect(&mut self, shard: usize, id: &'static str) -> Client {
+            let connect = Connect {
+                version: ProtocolVersion::V5,
+                clean_start: true,
+                keep_alive: 0,
+                client_id: Str::from_static(id),
+                will: None,
+                username: None,
+                password: None,
+                properties: Default::default(),
+            };
+            let conn = self.engines[shard].connect(self.now_ms, connect, false);
+            let c = Client { shard, conn };
+            assert!(matches!(self.recv(c).first(), Some(Packet::ConnAck(_))));
+            c
+        }
+
+        fn send(&mut self, c: Client, packet: Packet) {
+            self.engines[c.shard].handle_packet(self.now_ms, c.conn, packet);
+            self.pump();
+        }
+
+        fn subscribe(&mut self, c: Client, filter: &'static str) {
+            let sub = Subscribe {
+                packet_id: 1,
+                properties: Default::default(),
+                subscriptions: vec![Subscription {
+                    filter: Str::from_static(filter),
+                    options: SubscriptionOptions::qos(QoS::AtLeastOnce),
+                }],
+            };
+            self.send(c, Packet::Subscribe(sub));
+            assert!(matches!(self.recv(c).first(), Some(Packet::SubAck(_))));
+        }
+
+        fn publish(&mut self, c: Client, topic: &'static str, n: u16) {
+            let p = Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: Str::from_static(topic),
+                packet_id: n,
+                properties: Default::default(),
+                payload: Bytes::from(n.to_be_bytes().to_vec()),
+            };
+            self.send(c, Packet::Publish(p));
+        }
+
+        /// What `c` was sent since the last call (one write's worth: the
+        /// driver's flush, which moves queued deliveries, is `flushed`).
+        fn recv(&mut self, c: Client) -> Vec<Packet> {
+            let e = &mut self.engines[c.shard];
+            let mut buf = e.output(c.conn).map(|o| o.buf.split()).unwrap_or_default();
+            e.flushed(self.now_ms, c.conn);
+            self.pump();
+            let mut out = Vec::new();
+            while let Ok(Some(p)) = tessera_proto::decode(&mut buf, ProtocolVersion::V5, usize::MAX)
+            {
+                out.push(p);
+            }
+            out
+        }
+
+        fn tick(&mut self, ms: u64) {
+            self.now_ms += ms;
+            for e in &mut self.engines {
+                e.tick(self.now_ms);
+            }
+            self.pump();
+        }
+
+        fn dropped(&self) -> u64 {
+            self.engines
+                .iter()
+                .map(|e| e.stats().dropped_queue_full)
+                .sum()
+        }
+    }
+
+    fn pubacks(packets: &[Packet]) -> Vec<u16> {
+        packets
+            .iter()
+            .filter_map(|p| match p {
+                Packet::PubAck(a) => Some(a.packet_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Acknowledges every PUBLISH in `packets`; returns their payload numbers.
+    fn ack_all(cl: &mut Cluster, c: Client, packets: &[Packet]) -> Vec<u16> {
+        let mut got = Vec::new();
+        for p in packets {
+            if let Packet::Publish(p) = p {
+                got.push(u16::from_be_bytes([p.payload[0], p.payload[1]]));
+                cl.send(c, Packet::PubAck(PubAck::new(p.packet_id)));
+            }
+        }
+        got
+    }
+
+    /// 60 QoS 1 messages into a subscriber with a window of 4 that reads
+    /// nothing: the first 4 are in flight, the next HIGH queue with their
+    /// acks sent, the rest wait with their acks held. When the subscriber
+    /// reads, everything arrives in order, nothing was dropped, and the held
+    /// acks follow in order.
+    fn fan_in(shards: usize) {
+        let mut cl = Cluster::new(shards, HIGH);
+        let sub = cl.connect(shards - 1, "sub");
+        cl.subscribe(sub, "t");
+        let publ = cl.connect(0, "pub");
+        for n in 1..=60 {
+            cl.publish(publ, "t", n);
+        }
+        let acked = pubacks(&cl.recv(publ));
+        // Across shards the delivery that congests the queue arrives before
+        // the publisher's shard knows: that one is not held.
+        let prompt = (4 + HIGH + shards - 1) as u16;
+        assert_eq!(acked, (1..=prompt).collect::<Vec<_>>(), "the rest are held");
+        let held: u64 = cl
+            .engines
+            .iter()
+            .map(|e| e.stats().backpressure_acks_held)
+            .sum();
+        assert_eq!(held, 60 - u64::from(prompt));
+        let mut got = Vec::new();
+        let mut acked = Vec::new();
+        for _ in 0..100 {
+            let packets = cl.recv(sub);
+            got.extend(ack_all(&mut cl, sub, &packets));
+            acked.extend(pubacks(&cl.recv(publ)));
+            if got.len() == 60 {
+                break;
+            }
+        }
+        assert_eq!(got, (1..=60).collect::<Vec<_>>());
+        assert_eq!(acked, (prompt + 1..=60).collect::<Vec<_>>());
+        assert_eq!(cl.dropped(), 0);
+        let timeouts: u64 = cl
+            .engines
+            .iter()
+            .map(|e| e.stats().backpressure_hold_timeouts)
+            .sum();
+        assert_eq!(timeouts, 0);
+    }
+
+    #[test]
+    fn a_full_queue_holds_the_publishers_acks_until_it_drains() {
+        fan_in(1);
+    }
+
+    #[test]
+    fn a_congested_queue_on_another_shard_holds_the_acks_too() {
+        fan_in(2);
+    }
+
+    /// A subscriber that never reads: the held acks go out at the hold bound
+    /// and the overflow policy applies at the hard limit.
+    #[test]
+    fn held_acks_are_released_at_the_hold_bound() {
+        for shards in [1, 2] {
+            let mut cl = Cluster::new(shards, HIGH);
+            let sub = cl.connect(shards - 1, "sub");
+            cl.subscribe(sub, "t");
+            let publ = cl.connect(0, "pub");
+            for n in 1..=30 {
+                cl.publish(publ, "t", n);
+            }
+            let prompt = 4 + HIGH + shards - 1;
+            assert_eq!(pubacks(&cl.recv(publ)).len(), prompt);
+            cl.tick(HOLD_MS / 2);
+            assert!(pubacks(&cl.recv(publ)).is_empty(), "held within the bound");
+            cl.tick(HOLD_MS / 2);
+            assert_eq!(
+                pubacks(&cl.recv(publ)),
+                (prompt as u16 + 1..=30).collect::<Vec<_>>(),
+                "released at the bound ({shards} shards)"
+            );
+            let timeouts: u64 = cl
+                .engines
+                .iter()
+                .map(|e| e.stats().backpressure_hold_timeouts)
+                .sum();
+            assert_eq!(timeouts, 30 - prompt as u64);
+        }
+    }
+
+    /// A client subscribed to its own topic is never throttled by its own
+    /// queue; back-pressure off (high water 0) never holds anything.
+    #[test]
+    fn own_queue_and_disabled_back_pressure_hold_nothing() {
+        for high in [HIGH, 0] {
+            let mut cl = Cluster::new(1, high);
+            let me = cl.connect(0, "me");
+            cl.subscribe(me, "t");
+            if high == 0 {
+                let other = cl.connect(0, "other");
+                cl.subscribe(other, "t");
+            }
+            let mut acked = Vec::new();
+            for n in 1..=40 {
+                cl.publish(me, "t", n);
+                acked.extend(pubacks(&cl.recv(me)));
+            }
+            assert_eq!(acked, (1..=40).collect::<Vec<_>>(), "high water {high}");
+        }
+    }
+
+    /// A client with up to four Receive Maximums of held acks is read; one
+    /// more and it is paused.
+    #[test]
+    fn input_pauses_beyond_the_receive_maximum_of_held_acks() {
+        let mut cl = Cluster::new(1, HIGH);
+        let sub = cl.connect(0, "sub");
+        cl.subscribe(sub, "t");
+        let publ = cl.connect(0, "pub");
+        let rm = cl.engines[0].limits().receive_maximum * 4;
+        let prompt = (4 + HIGH) as u16;
+        for n in 1..=prompt + rm {
+            cl.publish(publ, "t", n);
+        }
+        assert!(!cl.engines[0].input_paused(publ.conn));
+        cl.publish(publ, "t", prompt + rm + 1);
+        assert!(cl.engines[0].input_paused(publ.conn));
+        // The subscriber drains: the acks go out and the pause ends.
+        for _ in 0..100 {
+            let packets = cl.recv(sub);
+            if ack_all(&mut cl, sub, &packets).is_empty() {
+                break;
+            }
+        }
+        assert!(!cl.engines[0].input_paused(publ.conn));
+        assert_eq!(cl.dropped(), 0);
     }
 }
