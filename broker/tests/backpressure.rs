@@ -164,7 +164,11 @@ fn slow_subscriber_fan_in(sub_shard: usize) {
     let mut got = 0;
     while got < publishers * per {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "subscriber got {got} of {}", publishers * per);
+        assert!(
+            !left.is_zero(),
+            "subscriber got {got} of {}",
+            publishers * per
+        );
         match conn.recv_timeout(left) {
             Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
                 let text = String::from_utf8(p.payload.to_vec()).expect("UTF-8");
@@ -284,7 +288,13 @@ fn a_subscriber_that_never_reads_holds_acks_only_for_the_bound() {
     );
     let total = 60u16;
     for id in 1..=total {
-        publ.send(&publish_packet("bp/stuck", b"x", QoS::AtLeastOnce, id, false));
+        publ.send(&publish_packet(
+            "bp/stuck",
+            b"x",
+            QoS::AtLeastOnce,
+            id,
+            false,
+        ));
     }
     let prompt = 32 + 20;
     let start = Instant::now();

@@ -446,7 +446,10 @@ async fn close(shard: &Shard, io: &mut Io, mut reading: bool) -> bool {
     reading &= linger;
     let deadline = Instant::now() + CLOSE_LINGER;
     loop {
-        match io.next_event(shard, reading, false, false, Some(deadline)).await {
+        match io
+            .next_event(shard, reading, false, false, Some(deadline))
+            .await
+        {
             Event::Read(_) => io.input.clear(),
             Event::ReadEnd => reading = false,
             Event::WriteFailed => return false,

@@ -159,10 +159,7 @@ impl Engine {
     /// Ends the delivery of a `PublishDurable`: true when congested sessions
     /// hold its `Ack` (sent when they drain), false when the caller answers.
     pub(super) fn bp_end_remote(&mut self) -> bool {
-        self.bp
-            .routing
-            .take()
-            .is_some_and(|r| r.token.is_some())
+        self.bp.routing.take().is_some_and(|r| r.token.is_some())
     }
 
     /// The token of the publication being routed, allocated on first use.
@@ -225,8 +222,8 @@ impl Engine {
         if s.conn.is_none() || s.queue.len() < self.limits.queue_high_water {
             return;
         }
-        if !self.bp.congested.contains_key(&idx) {
-            self.bp.congested.insert(idx, VecDeque::new());
+        if let std::collections::btree_map::Entry::Vacant(e) = self.bp.congested.entry(idx) {
+            e.insert(VecDeque::new());
             self.bp_announce();
         }
         let Some(routing) = routing else {
@@ -354,10 +351,7 @@ impl Engine {
     /// waker, so the driver looks again then.
     pub fn input_paused(&self, conn: ConnId) -> bool {
         let bound = usize::from(self.limits.receive_maximum) * HELD_ACKS_PER_RECEIVE_MAXIMUM;
-        self.bp_on()
-            && self
-                .slot(conn)
-                .is_some_and(|c| c.held_acks.len() > bound)
+        self.bp_on() && self.slot(conn).is_some_and(|c| c.held_acks.len() > bound)
     }
 
     /// The driver stopped reading a connection ([`Engine::input_paused`]).
