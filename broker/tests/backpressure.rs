@@ -24,11 +24,11 @@ use tessera_proto::{Packet, ProtocolVersion, QoS};
 /// Bound of every test's traffic phase.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Small queues: a queue of 600 with back-pressure from 50. Loss-free needs
+/// A queue of 1000 with back-pressure from 50 (a queue fills fast). Loss-free needs
 /// room above the high-water mark for every publisher's window (the messages
 /// already sent when the acknowledgements start being held): 50 + 4 x 100.
 const LIMITS: [(&str, &str); 2] = [
-    ("TESSERA_LIMITS__MAX_QUEUED_MESSAGES", "600"),
+    ("TESSERA_LIMITS__MAX_QUEUED_MESSAGES", "1000"),
     ("TESSERA_LIMITS__QUEUE_HIGH_WATER", "50"),
 ];
 

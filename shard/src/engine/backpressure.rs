@@ -30,7 +30,7 @@
 //!
 //! Across shards: a shard with congested sessions tells every peer
 //! (`MeshMsg::Congestion`, sent when the first session becomes congested
-//! and when the last drains, so rarely). While a peer is congested, QoS 1/2
+//! and one second after the last drained, so rarely). While a peer is congested, QoS 1/2
 //! publications forwarded to it go as `PublishDurable` with the publisher's
 //! token; the peer delivers, and answers `Ack` when the congested sessions it
 //! delivered to drained (or at the hold bound), after its commit under sync
@@ -52,6 +52,13 @@ use crate::session::{ConnId, SessionIdx};
 /// bound; 4 keeps common 3.1.1 windows (up to 128 with the default 32)
 /// reading, while a client ignoring every window is still stopped.
 const HELD_ACKS_PER_RECEIVE_MAXIMUM: usize = 4;
+
+/// How long a shard keeps telling its peers it is congested after its last
+/// congested session drained. A queue under sustained overload drains below
+/// the low-water mark and refills over and over; withdrawing the announcement
+/// each time would let the peers forward unheld (acknowledged at once) until
+/// the next announcement arrives, a window a busy shard can make long.
+const CONGESTION_LINGER_MS: u64 = 1_000;
 
 /// Who published the message being routed, while it is routed.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +99,9 @@ pub(super) struct BackPressure {
     peer_congested: Vec<bool>,
     /// Whether this shard announced congested sessions to its peers.
     announced: bool,
+    /// When this shard last had a congested session (broker milliseconds);
+    /// the announcement is withdrawn only `CONGESTION_LINGER_MS` later.
+    congested_at_ms: u64,
     /// The publication being routed (set around `publish_acked` and the
     /// delivery of a `PublishDurable`).
     routing: Option<Routing>,
@@ -106,6 +116,7 @@ impl BackPressure {
             congested: BTreeMap::new(),
             peer_congested: vec![false; shard_count],
             announced: false,
+            congested_at_ms: 0,
             routing: None,
             remote: HashMap::new(),
         }
@@ -222,9 +233,10 @@ impl Engine {
         if s.conn.is_none() || s.queue.len() < self.limits.queue_high_water {
             return;
         }
+        self.bp.congested_at_ms = now_ms;
         if let std::collections::btree_map::Entry::Vacant(e) = self.bp.congested.entry(idx) {
             e.insert(VecDeque::new());
-            self.bp_announce();
+            self.bp_announce(true);
         }
         let Some(routing) = routing else {
             return;
@@ -275,8 +287,12 @@ impl Engine {
     /// that drained or went offline by a path `bp_drained` does not see.
     pub(super) fn bp_tick(&mut self, now_ms: u64) {
         if self.bp.congested.is_empty() {
+            if now_ms >= self.bp.congested_at_ms + CONGESTION_LINGER_MS {
+                self.bp_announce(false);
+            }
             return;
         }
+        self.bp.congested_at_ms = now_ms;
         let low = self.bp_low_water();
         let sessions: Vec<SessionIdx> = self.bp.congested.keys().copied().collect();
         for idx in sessions {
@@ -311,7 +327,6 @@ impl Engine {
         for w in waiters {
             self.bp_release_token(w.token);
         }
-        self.bp_announce();
     }
 
     /// One congested session no longer holds `token`.
@@ -328,10 +343,9 @@ impl Engine {
         }
     }
 
-    /// Tells the peers when this shard starts or stops having congested
-    /// sessions.
-    fn bp_announce(&mut self) {
-        let congested = !self.bp.congested.is_empty();
+    /// Tells the peers when this shard starts having congested sessions, or
+    /// (from the tick, `CONGESTION_LINGER_MS` after the last drained) stops.
+    fn bp_announce(&mut self, congested: bool) {
         if congested == self.bp.announced || self.shard_count == 1 {
             return;
         }
@@ -397,7 +411,7 @@ mod tests {
         fn new(shards: usize, high: usize) -> Cluster {
             let limits = Limits {
                 inflight_count_max: 4,
-                queued_count_max: 100,
+                queued_count_max: 1000,
                 queue_high_water: high,
                 backpressure_hold_ms_max: HOLD_MS,
                 ..Limits::default()
