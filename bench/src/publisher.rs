@@ -142,8 +142,13 @@ pub async fn run_publisher(
             }
             if let Some(r) = plan.rate {
                 let due = (now.saturating_sub(t.start_ns) as f64 * r / 1e9) as u64 + 1;
-                n = n.min(due.saturating_sub(seq));
-                if n == 0 {
+                let behind = due.saturating_sub(seq);
+                n = n.min(behind);
+                // Only the schedule arms the pace timer: when the window is
+                // what holds the next message back (a broker holding its
+                // acknowledgements) and the schedule is already due, the
+                // timer would fire at once, again and again, and spin.
+                if behind == 0 {
                     let next = due_ns(seq).expect("paced");
                     pace.as_mut().reset(clock::instant_at(next).into());
                     ahead_of_schedule = true;
