@@ -4,6 +4,7 @@
 #
 #   bench/scripts/bp-fanin.sh full                 # ours, mosquitto, ours, mosquitto at full speed
 #   bench/scripts/bp-fanin.sh paced BROKER RATE... # one 8 s run per per-publisher rate
+#   bench/scripts/bp-fanin.sh pair RATE            # ours at full speed, mosquitto at RATE, twice
 #
 # BROKER is tessera or mosquitto. Prints one JSON report per run (bench --json)
 # preceded by a line naming the run. Needs target/release/{broker,bench}.
@@ -52,6 +53,12 @@ full)
         run mosquitto
     done
     ;;
+pair)
+    for _ in 1 2; do
+        run tessera
+        run mosquitto --rate "$2"
+    done
+    ;;
 paced)
     broker=$2
     shift 2
@@ -60,7 +67,7 @@ paced)
     done
     ;;
 *)
-    echo "usage: $0 full | paced tessera|mosquitto RATE..." >&2
+    echo "usage: $0 full | pair RATE | paced tessera|mosquitto RATE..." >&2
     exit 2
     ;;
 esac
