@@ -1033,7 +1033,7 @@ impl Engine {
             return self.refuse_publish(now_ms, conn, &p, rc);
         }
         if p.qos == QoS::ExactlyOnce {
-            let receive_maximum = usize::from(self.limits.receive_maximum);
+            let receive_maximum = self.inbound_qos2_max(version);
             let s = self.session_mut(idx);
             if s.inbound_qos2.contains(&p.packet_id) {
                 // A re-sent PUBLISH before PUBREL: acknowledge, do not deliver again.

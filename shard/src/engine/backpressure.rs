@@ -39,7 +39,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use tessera_proto::QoS;
+use tessera_proto::{ProtocolVersion, QoS};
 
 use super::Engine;
 use crate::mesh::{MeshMsg, ShardId};
@@ -368,6 +368,22 @@ impl Engine {
         self.bp_on() && self.slot(conn).is_some_and(|c| c.held_acks.len() > bound)
     }
 
+    /// Most inbound QoS 2 publications awaiting PUBREL on a connection of
+    /// `version` before it is closed with Receive Maximum exceeded. A v5
+    /// client keeps to the Receive Maximum we announce. A 3.1.1 client knows
+    /// no such limit, and while back-pressure holds its PUBRECs it cannot
+    /// send PUBREL, so its own window (often above our Receive Maximum: the
+    /// bench uses 64) fills with unreleased ids: it gets the bound at which it
+    /// stops being read, plus the one PUBLISH that reaches it.
+    pub(super) fn inbound_qos2_max(&self, version: ProtocolVersion) -> usize {
+        let rm = usize::from(self.limits.receive_maximum);
+        if version.is_v5() || !self.bp_on() {
+            rm
+        } else {
+            rm * HELD_ACKS_PER_RECEIVE_MAXIMUM + 1
+        }
+    }
+
     /// The driver stopped reading a connection ([`Engine::input_paused`]).
     pub fn record_reads_paused(&mut self) {
         self.stats.backpressure_reads_paused += 1;
@@ -651,6 +667,54 @@ mod tests {
             }
             assert_eq!(acked, (1..=40).collect::<Vec<_>>(), "high water {high}");
         }
+    }
+
+    /// A 3.1.1 QoS 2 publisher with a window above the Receive Maximum (64
+    /// here) into a congested queue: its PUBRECs are held, so its ids stay
+    /// unreleased, and it is not disconnected for exceeding the Receive
+    /// Maximum; when the subscriber drains, the PUBRECs follow in order.
+    #[test]
+    fn a_311_qos2_publisher_with_a_wide_window_is_held_not_disconnected() {
+        let mut cl = Cluster::new(1, HIGH);
+        let sub = cl.connect(0, "sub");
+        cl.subscribe(sub, "t");
+        let connect = Connect {
+            version: ProtocolVersion::V3_1_1,
+            clean_start: true,
+            keep_alive: 0,
+            client_id: Str::from_static("pub311"),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        };
+        let conn = cl.engines[0].connect(cl.now_ms, connect, false);
+        let publ = Client { shard: 0, conn };
+        let window = 64u16;
+        for n in 1..=window {
+            let mut p = Publish::new(Str::from_static("t"), Bytes::from(n.to_be_bytes().to_vec()));
+            p.qos = QoS::ExactlyOnce;
+            p.packet_id = n;
+            cl.send(publ, Packet::Publish(p));
+        }
+        assert!(!cl.engines[0].is_ended(conn), "not disconnected");
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            let packets = cl.recv(sub);
+            got.extend(ack_all(&mut cl, sub, &packets));
+            if got.len() == usize::from(window) {
+                break;
+            }
+        }
+        assert_eq!(got, (1..=window).collect::<Vec<_>>());
+        let mut buf = cl.engines[0].output(conn).map(|o| o.buf.split()).unwrap();
+        let mut recs = Vec::new();
+        while let Ok(Some(p)) = tessera_proto::decode(&mut buf, ProtocolVersion::V3_1_1, 1 << 20) {
+            if let Packet::PubRec(r) = p {
+                recs.push(r.packet_id);
+            }
+        }
+        assert_eq!(recs, (1..=window).collect::<Vec<_>>());
     }
 
     /// A client with up to four Receive Maximums of held acks is read; one
