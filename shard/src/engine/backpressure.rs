@@ -617,6 +617,45 @@ mod tests {
         fan_in(2);
     }
 
+    /// The congestion hint: on when the subscriber's shard gets a congested
+    /// queue, still on right after it drained (a queue under sustained
+    /// overload refills), off a second later; a quiet cluster sends nothing.
+    #[test]
+    fn the_congestion_hint_lingers_a_second_then_goes_off() {
+        let mut cl = Cluster::new(2, HIGH);
+        let sub = cl.connect(1, "sub");
+        cl.subscribe(sub, "t");
+        let publ = cl.connect(0, "pub");
+        for n in 1..=30 {
+            cl.publish(publ, "t", n);
+        }
+        assert!(cl.engines[0].bp.peer_congested[1], "announced");
+        for _ in 0..100 {
+            let packets = cl.recv(sub);
+            if ack_all(&mut cl, sub, &packets).is_empty() {
+                break;
+            }
+        }
+        assert!(cl.engines[1].bp.congested.is_empty(), "drained");
+        assert_eq!(pubacks(&cl.recv(publ)), (1..=30).collect::<Vec<_>>());
+        cl.tick(500);
+        assert!(
+            cl.engines[0].bp.peer_congested[1],
+            "still on within a second"
+        );
+        cl.tick(600);
+        assert!(!cl.engines[0].bp.peer_congested[1], "off after a second");
+        // Quiet: publications are plain again and nothing else is sent.
+        cl.publish(publ, "t", 31);
+        assert_eq!(pubacks(&cl.recv(publ)), [31]);
+        let mut outbox = 0;
+        for e in &mut cl.engines {
+            e.tick(cl.now_ms);
+            e.drain_outbox(|_, batch| outbox += batch.len());
+        }
+        assert_eq!(outbox, 0);
+    }
+
     /// A subscriber that never reads: the held acks go out at the hold bound
     /// and the overflow policy applies at the hard limit.
     #[test]
