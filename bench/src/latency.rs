@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
-use tessera_proto::{Publish, QoS, Str, decode};
+use tessera_proto::{ProtocolVersion, Publish, QoS, Str, decode};
 use tokio::sync::watch;
 
 use crate::accounting::Accounting;
@@ -48,6 +48,61 @@ struct PacedResult {
     series: Series,
     /// Actual send time minus intended send time, ns, for messages in the window.
     lag: Histogram<u64>,
+}
+
+impl PacedResult {
+    /// Nothing sent yet.
+    fn new(t: &Timeline) -> PacedResult {
+        PacedResult {
+            sent: 0,
+            last_ns: t.start_ns,
+            series: Series::new(t.start_ns, t.series_span_ns()),
+            lag: latency_histogram(),
+        }
+    }
+
+    /// Encodes the next message, due at `intended_ns`, into `out` (cleared
+    /// first), taking a packet id from `window` (which must have room).
+    fn encode_next(
+        &self,
+        cfg: &RunConfig,
+        topic: &Str,
+        intended_ns: u64,
+        window: &mut Option<Window>,
+        version: ProtocolVersion,
+        out: &mut BytesMut,
+    ) {
+        let mut payload = BytesMut::with_capacity(cfg.size);
+        Header {
+            run_id: cfg.run_id,
+            publisher: 0,
+            seq: self.sent,
+            intended_ns,
+        }
+        .put(cfg.size, &mut payload);
+        let packet_id = window
+            .as_mut()
+            .map_or(0, |w| w.allocate().expect("room was checked"));
+        let publish = Publish {
+            qos: cfg.qos,
+            packet_id,
+            ..Publish::new(topic.clone(), payload.freeze())
+        };
+        out.clear();
+        mqtt::put(&publish, version, out);
+    }
+
+    /// Accounts for the message due at `intended_ns`, written just now.
+    fn record_sent(&mut self, intended_ns: u64, t: &Timeline, live: &Live) {
+        let sent_ns = clock::now_ns();
+        if intended_ns >= t.warm_ns {
+            record_ns(&mut self.lag, sent_ns.saturating_sub(intended_ns));
+        }
+        self.series.add(intended_ns, 1);
+        self.sent += 1;
+        self.last_ns = intended_ns;
+        live.sent.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Runs `latency` at `rate` messages per second and reports.
@@ -221,17 +276,9 @@ fn busy_pair(
     live: &Live,
 ) -> (PacedResult, SubscriberResult) {
     let version = c.version;
-    let mut window = match cfg.qos {
-        QoS::AtMostOnce => None,
-        qos => Some(Window::new(qos, cfg.window(c.granted.receive_maximum))),
-    };
+    let mut window = publisher_window(cfg, &c);
     let period_ns = 1e9 / rate;
-    let mut r = PacedResult {
-        sent: 0,
-        last_ns: t.start_ns,
-        series: Series::new(t.start_ns, t.series_span_ns()),
-        lag: latency_histogram(),
-    };
+    let mut r = PacedResult::new(&t);
     let mut deliveries = Deliveries::new(Accounting::new(cfg.run_id, 1), cfg, t);
     let (mut out, mut acks, mut sub_out) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
     let ping_every_ns = u64::from(cfg.opts.keep_alive_s) * 500_000_000;
@@ -250,34 +297,10 @@ fn busy_pair(
                     publishing = false;
                     last_arrival_ns = now_ns;
                 } else if now_ns >= intended_ns && window.as_ref().is_none_or(|w| w.room() > 0) {
-                    let mut payload = BytesMut::with_capacity(cfg.size);
-                    Header {
-                        run_id: cfg.run_id,
-                        publisher: 0,
-                        seq: r.sent,
-                        intended_ns,
-                    }
-                    .put(cfg.size, &mut payload);
-                    let packet_id = window
-                        .as_mut()
-                        .map_or(0, |w| w.allocate().expect("room was checked"));
-                    let publish = Publish {
-                        qos: cfg.qos,
-                        packet_id,
-                        ..Publish::new(topic.clone(), payload.freeze())
-                    };
-                    out.clear();
-                    mqtt::put(&publish, version, &mut out);
+                    r.encode_next(cfg, &topic, intended_ns, &mut window, version, &mut out);
                     live.set_produced(0, r.sent + 1);
                     write_spinning(&mut c, &out)?;
-                    let sent_ns = clock::now_ns();
-                    if intended_ns >= t.warm_ns {
-                        record_ns(&mut r.lag, sent_ns.saturating_sub(intended_ns));
-                    }
-                    r.series.add(intended_ns, 1);
-                    r.sent += 1;
-                    r.last_ns = intended_ns;
-                    live.sent.fetch_add(1, Ordering::Relaxed);
+                    r.record_sent(intended_ns, &t, live);
                 }
             }
             if s.read_nonblocking()? > 0 {
@@ -298,7 +321,7 @@ fn busy_pair(
                 }
             }
             if c.read_nonblocking()? > 0 {
-                process_acks_spinning(&mut c, &mut window, &mut acks, live)?;
+                process_acks(&mut c, &mut window, &mut acks, live, write_spinning)?;
             }
             if now_ns >= next_ping_ns {
                 for client in [&mut c, &mut s] {
@@ -377,39 +400,38 @@ fn write_spinning(c: &mut BlockingClient, bytes: &[u8]) -> Result<(), Failure> {
     }
 }
 
-/// [`process_acks`] for a non-blocking publisher socket.
-fn process_acks_spinning(
-    c: &mut BlockingClient,
-    window: &mut Option<Window>,
-    out: &mut BytesMut,
-    live: &Live,
-) -> Result<(), Failure> {
-    while let Some(p) = decode(&mut c.rbuf, c.version, PACKET_BYTES_MAX)? {
-        on_publisher_packet(p, window, c.version, out, live)?;
-    }
-    if !out.is_empty() {
-        write_spinning(c, out)?;
-        out.clear();
-    }
-    Ok(())
-}
-
-/// Decodes what the broker sent the publisher and writes any PUBREL it calls for.
+/// Decodes what the broker sent the publisher and writes any PUBREL it calls
+/// for with `write` ([`write_blocking`] or [`write_spinning`]).
 fn process_acks(
     c: &mut BlockingClient,
     window: &mut Option<Window>,
     out: &mut BytesMut,
     live: &Live,
+    write: fn(&mut BlockingClient, &[u8]) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
-    use std::io::Write as _;
     while let Some(p) = decode(&mut c.rbuf, c.version, PACKET_BYTES_MAX)? {
         on_publisher_packet(p, window, c.version, out, live)?;
     }
     if !out.is_empty() {
-        c.stream.write_all(out)?;
-        c.stream.flush()?;
+        write(c, out)?;
         out.clear();
     }
+    Ok(())
+}
+
+/// The paced publisher's window of unacknowledged messages (none at QoS 0).
+fn publisher_window(cfg: &RunConfig, c: &BlockingClient) -> Option<Window> {
+    match cfg.qos {
+        QoS::AtMostOnce => None,
+        qos => Some(Window::new(qos, cfg.window(c.granted.receive_maximum))),
+    }
+}
+
+/// Writes all of `bytes` to a blocking socket (bounded by its write timeout).
+fn write_blocking(c: &mut BlockingClient, bytes: &[u8]) -> Result<(), Failure> {
+    use std::io::Write as _;
+    c.stream.write_all(bytes)?;
+    c.stream.flush()?;
     Ok(())
 }
 
@@ -425,17 +447,9 @@ fn paced_publisher(
     use std::io::Write as _;
     sys::tighten_timer_slack();
     let version = c.version;
-    let mut window = match cfg.qos {
-        QoS::AtMostOnce => None,
-        qos => Some(Window::new(qos, cfg.window(c.granted.receive_maximum))),
-    };
+    let mut window = publisher_window(cfg, &c);
     let period_ns = 1e9 / rate;
-    let mut r = PacedResult {
-        sent: 0,
-        last_ns: t.start_ns,
-        series: Series::new(t.start_ns, t.series_span_ns()),
-        lag: latency_histogram(),
-    };
+    let mut r = PacedResult::new(&t);
     let mut out = BytesMut::new();
     let mut acks = BytesMut::new();
     let mut run = || -> Result<(), Failure> {
@@ -449,48 +463,24 @@ fn paced_publisher(
                     return Err(Failure::Timeout);
                 }
                 c.read_some()?;
-                process_acks(&mut c, &mut window, &mut acks, live)?;
+                process_acks(&mut c, &mut window, &mut acks, live, write_blocking)?;
             }
-            let mut payload = BytesMut::with_capacity(cfg.size);
-            Header {
-                run_id: cfg.run_id,
-                publisher: 0,
-                seq: r.sent,
-                intended_ns,
-            }
-            .put(cfg.size, &mut payload);
-            let packet_id = window
-                .as_mut()
-                .map_or(0, |w| w.allocate().expect("room was checked"));
-            let publish = Publish {
-                qos: cfg.qos,
-                packet_id,
-                ..Publish::new(topic.clone(), payload.freeze())
-            };
-            out.clear();
-            mqtt::put(&publish, version, &mut out);
+            r.encode_next(cfg, &topic, intended_ns, &mut window, version, &mut out);
             live.set_produced(0, r.sent + 1);
             sys::sleep_until_precise(clock::instant_at(intended_ns));
             c.stream.write_all(&out)?;
             c.stream.flush()?;
-            let sent_ns = clock::now_ns();
-            if intended_ns >= t.warm_ns {
-                record_ns(&mut r.lag, sent_ns.saturating_sub(intended_ns));
-            }
-            r.series.add(intended_ns, 1);
-            r.sent += 1;
-            r.last_ns = intended_ns;
-            live.sent.fetch_add(1, Ordering::Relaxed);
+            r.record_sent(intended_ns, &t, live);
             // Acknowledgements, and a DISCONNECT at QoS 0, are read between sends.
             c.read_ready()?;
-            process_acks(&mut c, &mut window, &mut acks, live)?;
+            process_acks(&mut c, &mut window, &mut acks, live, write_blocking)?;
         }
         while window.as_ref().is_some_and(|w| w.in_flight() > 0) {
             if clock::now_ns() > t.drain_end_ns {
                 return Err(Failure::Timeout);
             }
             c.read_some()?;
-            process_acks(&mut c, &mut window, &mut acks, live)?;
+            process_acks(&mut c, &mut window, &mut acks, live, write_blocking)?;
         }
         Ok(())
     };
