@@ -483,11 +483,8 @@ impl BlockingClient {
     /// Reads whatever is already there without blocking; 0 when nothing is.
     pub fn read_ready(&mut self) -> Result<usize, Failure> {
         self.stream.tcp().set_nonblocking(true)?;
-        let r = self.read_some();
+        let r = self.read_nonblocking();
         self.stream.tcp().set_nonblocking(false)?;
-        match r {
-            Err(Failure::Timeout) => Ok(0),
-            r => r,
-        }
+        r
     }
 }
