@@ -43,6 +43,8 @@ mod mqtt5;
 mod persist;
 mod shared;
 mod sys_probe;
+#[cfg(test)]
+mod testing;
 
 pub use mqtt5::{Mqtt5Settings, Redirect};
 pub use shared::SharedStrategy;
@@ -2045,16 +2047,7 @@ mod tests {
     use tessera_proto::{ConnectProperties, Subscription, SubscriptionOptions};
 
     fn connect_packet(id: &'static str) -> Connect {
-        Connect {
-            version: ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 0,
-            client_id: Str::from_static(id),
-            will: None,
-            username: None,
-            password: None,
-            properties: Default::default(),
-        }
+        super::testing::connect_packet(ProtocolVersion::V5, id, true)
     }
 
     /// A task that outlived its connection (a reader waking after the slot was

@@ -401,7 +401,7 @@ mod tests {
 
     use bytes::Bytes;
     use tessera_proto::{
-        Connect, Packet, ProtocolVersion, PubAck, Publish, QoS, Str, Subscribe, Subscription,
+        Packet, ProtocolVersion, PubAck, Publish, QoS, Str, Subscribe, Subscription,
         SubscriptionOptions,
     };
 
@@ -441,37 +441,11 @@ mod tests {
         }
 
         fn pump(&mut self) {
-            loop {
-                let mut batches = Vec::new();
-                for (from, e) in self.engines.iter_mut().enumerate() {
-                    e.drain_outbox(|to, batch| batches.push((from, to, batch)));
-                }
-                if batches.is_empty() {
-                    return;
-                }
-                for (from, to, batch) in batches {
-                    for msg in batch {
-                        self.engines[usize::from(to)].handle_mesh(
-                            self.now_ms,
-                            from as ShardId,
-                            msg,
-                        );
-                    }
-                }
-            }
+            crate::engine::testing::pump_mesh(&mut self.engines, self.now_ms);
         }
 
         fn connect(&mut self, shard: usize, id: &'static str) -> Client {
-            let connect = Connect {
-                version: ProtocolVersion::V5,
-                clean_start: true,
-                keep_alive: 0,
-                client_id: Str::from_static(id),
-                will: None,
-                username: None,
-                password: None,
-                properties: Default::default(),
-            };
+            let connect = crate::engine::testing::connect_packet(ProtocolVersion::V5, id, true);
             let conn = self.engines[shard].connect(self.now_ms, connect, false);
             let c = Client { shard, conn };
             assert!(matches!(self.recv(c).first(), Some(Packet::ConnAck(_))));
@@ -717,16 +691,8 @@ mod tests {
         let mut cl = Cluster::new(1, HIGH);
         let sub = cl.connect(0, "sub");
         cl.subscribe(sub, "t");
-        let connect = Connect {
-            version: ProtocolVersion::V3_1_1,
-            clean_start: true,
-            keep_alive: 0,
-            client_id: Str::from_static("pub311"),
-            will: None,
-            username: None,
-            password: None,
-            properties: Default::default(),
-        };
+        let connect =
+            crate::engine::testing::connect_packet(ProtocolVersion::V3_1_1, "pub311", true);
         let conn = cl.engines[0].connect(cl.now_ms, connect, false);
         let publ = Client { shard: 0, conn };
         let window = 64u16;

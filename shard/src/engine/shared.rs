@@ -788,8 +788,8 @@ mod tests {
 
     use bytes::Bytes;
     use tessera_proto::{
-        Connect, ConnectProperties, Packet, ProtocolVersion, Publish, QoS, ReasonCode, Str,
-        Subscribe, SubscribeProperties, Subscription, SubscriptionOptions, Unsubscribe,
+        ConnectProperties, Packet, ProtocolVersion, Publish, QoS, ReasonCode, Str, Subscribe,
+        SubscribeProperties, Subscription, SubscriptionOptions, Unsubscribe,
     };
 
     use super::SharedStrategy;
@@ -828,40 +828,16 @@ mod tests {
 
         /// Delivers mesh messages until none is left.
         fn pump(&mut self) {
-            loop {
-                let mut batches = Vec::new();
-                for (from, e) in self.engines.iter_mut().enumerate() {
-                    e.drain_outbox(|to, batch| batches.push((from, to, batch)));
-                }
-                if batches.is_empty() {
-                    return;
-                }
-                for (from, to, batch) in batches {
-                    for msg in batch {
-                        self.engines[usize::from(to)].handle_mesh(
-                            self.now_ms,
-                            from as ShardId,
-                            msg,
-                        );
-                    }
-                }
-            }
+            crate::engine::testing::pump_mesh(&mut self.engines, self.now_ms);
         }
 
         /// Connects `id` on `shard`; a persistent session lives 60 s.
         fn connect(&mut self, shard: usize, id: &str, persistent: bool) -> Client {
-            let connect = Connect {
-                version: ProtocolVersion::V5,
-                clean_start: !persistent,
-                keep_alive: 0,
-                client_id: Str::try_from(id).unwrap(),
-                will: None,
-                username: None,
-                password: None,
-                properties: ConnectProperties {
-                    session_expiry_interval: persistent.then_some(60),
-                    ..Default::default()
-                },
+            let mut connect =
+                crate::engine::testing::connect_packet(ProtocolVersion::V5, id, !persistent);
+            connect.properties = ConnectProperties {
+                session_expiry_interval: persistent.then_some(60),
+                ..Default::default()
             };
             let conn = self.engines[shard].connect(self.now_ms, connect, false);
             let c = Client { shard, conn };

@@ -83,13 +83,12 @@ mod tests {
     //! Method: two engines joined by an in-memory mesh drained until quiet;
     //! the clock is the argument of `tick`.
 
+    use crate::engine::testing::{connect_packet, pump_mesh};
     use tessera_proto::{
-        Connect, Packet, ProtocolVersion, Publish, QoS, Str, Subscribe, Subscription,
-        SubscriptionOptions,
+        Packet, ProtocolVersion, Publish, QoS, Str, Subscribe, Subscription, SubscriptionOptions,
     };
 
     use crate::engine::{Engine, Limits};
-    use crate::mesh::ShardId;
     use crate::session::ConnId;
     use crate::sys::SysSettings;
 
@@ -104,37 +103,10 @@ mod tests {
         (0..2).map(|k| Engine::new(k, 2, limits.clone())).collect()
     }
 
-    /// Delivers mesh messages until no engine has any left.
-    fn pump(engines: &mut [Engine], now_ms: u64) {
-        loop {
-            let mut batches = Vec::new();
-            for (from, e) in engines.iter_mut().enumerate() {
-                e.drain_outbox(|to, batch| batches.push((from as ShardId, to, batch)));
-            }
-            if batches.is_empty() {
-                return;
-            }
-            for (from, to, batch) in batches {
-                for msg in batch {
-                    engines[usize::from(to)].handle_mesh(now_ms, from, msg);
-                }
-            }
-        }
-    }
-
     fn connect(engines: &mut [Engine], shard: usize, id: &'static str) -> ConnId {
-        let c = Connect {
-            version: ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 0,
-            client_id: Str::from_static(id),
-            will: None,
-            username: None,
-            password: None,
-            properties: Default::default(),
-        };
+        let c = connect_packet(ProtocolVersion::V5, id, true);
         let conn = engines[shard].connect(1, c, false);
-        pump(engines, 1);
+        pump_mesh(engines, 1);
         conn
     }
 
@@ -148,7 +120,7 @@ mod tests {
             }],
         };
         engines[shard].handle_packet(1, conn, Packet::Subscribe(sub));
-        pump(engines, 1);
+        pump_mesh(engines, 1);
     }
 
     /// (topic, payload) of the PUBLISH packets written to `conn`.
@@ -169,9 +141,9 @@ mod tests {
     fn one_round(engines: &mut [Engine], now_ms: u64) {
         // Shard 1 first, so that shard 0 publishes with its fresh report.
         engines[1].tick(now_ms);
-        pump(engines, now_ms);
+        pump_mesh(engines, now_ms);
         engines[0].tick(now_ms);
-        pump(engines, now_ms);
+        pump_mesh(engines, now_ms);
     }
 
     #[test]
