@@ -29,7 +29,7 @@ use anyhow::{Context as _, anyhow, bail};
 use bytes::{Bytes, BytesMut};
 use futures_lite::future::poll_fn;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use tessera_proto::{
     ConnAck, Connect, DecodeError, Encode, Packet, PacketType, ProtocolVersion, ReasonCode, Str,
@@ -54,6 +54,7 @@ use crate::transport::{AcceptError, Transport, TransportState};
 use persist::{ShardStore, StoreBoot};
 
 mod conn;
+mod listen;
 mod park;
 mod persist;
 use tessera_shard::probe::EarlyRefusal;
@@ -199,6 +200,15 @@ impl Server {
             reservations.push(sock);
         }
         let tls = Arc::new(TlsStore::load(&listeners)?);
+        if let Some(cap) = listen::somaxconn()
+            && cap < listen::BACKLOG_ADVISED
+        {
+            warn!(
+                "net.core.somaxconn is {cap}: listen backlogs are capped there, and a connect \
+                 storm overflows them (raise it to {} or more, see docs/ARCHITECTURE.md)",
+                listen::BACKLOG_ADVISED
+            );
+        }
 
         let closed = listeners.iter().any(|l| l.allow_anonymous == Some(false));
         let auth = AuthHub::load(&config.auth, closed)?;
@@ -637,7 +647,7 @@ async fn shard_main(boot: ShardBoot) {
 
     let mut listeners = Vec::new();
     for (listener_id, l) in boot.listeners.iter().enumerate() {
-        match TcpListener::bind(l.bind) {
+        match listen::bind(l.bind, boot.connect_timeout) {
             Ok(socket) => listeners.push((listener_id as ListenerId, socket)),
             Err(e) => {
                 let _ = ready.send(Err(format!(
