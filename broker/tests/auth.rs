@@ -697,11 +697,16 @@ fn bans_by_client_id_user_name_and_address() {
     assert_eq!(ack.reason_code, ReasonCode::NotAuthorized);
     RawClient::connect_ok(broker.addr(), connect_packet(V5, "good", true, 30));
 
-    // Banning the loopback address closes new connections before CONNECT.
+    // Banning the loopback address closes new connections before CONNECT is
+    // read: no CONNACK. (The CONNECT is sent: the listener defers accepting
+    // a connection until its first data, `server/listen.rs`.)
     let (code, _, err) = brokerctl(&["ban", "add", b, "ip", "127.0.0.0/8"], "");
     assert_eq!(code, 0, "{err}");
     eventually("the address ban is reloaded", || {
         let mut c = RawClient::open(broker.addr(), V5);
+        c.send(&Packet::Connect(Box::new(connect_packet(
+            V5, "banned", true, 30,
+        ))));
         matches!(
             c.try_recv(Duration::from_millis(500)),
             Err(common::Closed::Eof)
