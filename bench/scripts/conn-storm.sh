@@ -31,7 +31,7 @@ tcpext() {
 }
 
 one() {
-    local kind=$1 port=$2 bin=$3 work pid admin
+    local kind=$1 port=$2 bin=$3 work pid admin sampler
     work=$(mktemp -d)
     tcpext >"$work/ns0"
     if [[ $kind == mosquitto ]]; then
@@ -50,10 +50,11 @@ one() {
         sleep 0.3
         ss -ltnH "sport = :$port" >"$work/ss2"
     ) &
+    sampler=$!
     taskset -c 0 "$bench" conn --clients "$clients" --rate "$rate" --duration "$hold" \
         --bind 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5 --port "$port" --broker-pid "$pid" \
         --json >"$work/report.json" 2>"$work/bench.err"
-    wait
+    wait "$sampler"
     if [[ $kind != mosquitto ]]; then
         admin=$(grep -o 'admin http://[0-9.:]*' "$work/broker.log" | head -1 | sed 's/admin //')
         curl -s "$admin/metrics" | awk '/^tessera_connects_total/ { printf "%s ", $0 } END { print "" }'
