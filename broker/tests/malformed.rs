@@ -316,11 +316,17 @@ fn connection_without_connect_is_closed_after_the_connect_timeout() {
     for (name, bytes) in [("silent", &[][..]), ("partial", &partial[..5])] {
         let mut c = RawClient::open(broker.addr(), V4);
         c.send_bytes(bytes);
+        // A silent socket first waits in the kernel (TCP_DEFER_ACCEPT, set to
+        // the connect timeout and rounded up to the SYN-ACK retransmission
+        // schedule: 1 s, then 2 s more) before the broker's own timeout runs;
+        // a partial CONNECT is in the broker at once. The upper bounds say
+        // "closed, not held forever", with room for a loaded machine.
+        let most = Duration::from_secs(if bytes.is_empty() { 8 } else { 4 });
         let start = std::time::Instant::now();
-        c.expect_closed(CLOSE_TIMEOUT);
+        c.expect_closed(most);
         let took = start.elapsed();
         assert!(
-            took >= Duration::from_millis(800) && took <= Duration::from_secs(3),
+            took >= Duration::from_millis(800) && took <= most,
             "{name}: {took:?}"
         );
         assert_still_serves(broker.addr(), &format!("timeout-{name}"));
