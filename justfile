@@ -52,5 +52,5 @@ interop-mqttjs:
 
 # TLS handshakes/s and QoS 0 fan-in over TLS and TCP, against Mosquitto.
 bench-tls:
-    cargo build --release -p tessera-broker --bin broker
+    cargo build --release -p tessera-broker --bin broker --features jemalloc
     broker/scripts/bench-tls.sh target/release/broker
