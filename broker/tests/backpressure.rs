@@ -18,7 +18,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Broker, RawClient, connect_packet, id_on_shard, publish_packet};
-use tessera_broker::admin::http::client_request;
 use tessera_proto::{Packet, ProtocolVersion, QoS};
 
 /// Bound of every test's traffic phase.
@@ -34,16 +33,7 @@ const LIMITS: [(&str, &str); 2] = [
 
 /// Sum of the samples of counter `name` on every shard (and label).
 fn counter(admin: SocketAddr, name: &str) -> f64 {
-    let r = client_request(
-        &admin.to_string(),
-        "GET",
-        "/metrics",
-        None,
-        Duration::from_secs(5),
-    )
-    .expect("GET /metrics");
-    assert_eq!(r.status, 200);
-    let body = String::from_utf8(r.body).expect("UTF-8");
+    let body = common::metrics_text(admin);
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .expect("/metrics parses");
     scrape

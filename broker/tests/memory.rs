@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{Broker, RawClient, connect_packet};
-use tessera_broker::admin::http::client_request;
 use tessera_proto::{ProtocolVersion, QoS};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,10 +28,7 @@ const PAYLOAD_BYTES: usize = 256 * 1024;
 
 /// One sample of `/metrics` (`name` without labels, or with `label`), if present.
 fn metric(admin: SocketAddr, name: &str) -> Option<(String, f64)> {
-    let r =
-        client_request(&admin.to_string(), "GET", "/metrics", None, TIMEOUT).expect("GET /metrics");
-    assert_eq!(r.status, 200);
-    let body = String::from_utf8(r.body).expect("UTF-8 body");
+    let body = common::metrics_text(admin);
     body.lines().find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;
         let labels = series.strip_prefix(name)?;

@@ -19,22 +19,13 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::{Broker, RawClient, connect_packet};
-use tessera_broker::admin::http::client_request;
 use tessera_proto::{Encode, Packet, ProtocolVersion, ReasonCode};
 
 const V4: ProtocolVersion = ProtocolVersion::V3_1_1;
 
 /// `tessera_connects_total{result}` summed over the shards.
 fn connects(admin: SocketAddr, result: &str) -> u64 {
-    let r = client_request(
-        &admin.to_string(),
-        "GET",
-        "/metrics",
-        None,
-        Duration::from_secs(5),
-    )
-    .expect("GET /metrics");
-    let body = String::from_utf8(r.body).expect("UTF-8 /metrics");
+    let body = common::metrics_text(admin);
     let label = format!("result=\"{result}\"");
     body.lines()
         .filter(|l| l.starts_with("tessera_connects_total{") && l.contains(&label))

@@ -672,3 +672,18 @@ pub fn assert_still_serves(addr: SocketAddr, tag: &str) {
     sub.disconnect();
     publ.disconnect();
 }
+
+/// The Prometheus text of the broker's `/metrics` at admin address `admin`
+/// (answered 200 within 5 s).
+pub fn metrics_text(admin: SocketAddr) -> String {
+    let r = tessera_broker::admin::http::client_request(
+        &admin.to_string(),
+        "GET",
+        "/metrics",
+        None,
+        Duration::from_secs(5),
+    )
+    .expect("GET /metrics");
+    assert_eq!(r.status, 200, "GET /metrics");
+    String::from_utf8(r.body).expect("UTF-8 /metrics")
+}
