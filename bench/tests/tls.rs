@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{BenchRun, assert_clean_run, bench};
+use common::{BenchRun, assert_clean_run, bench, broker_binary};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
@@ -106,24 +106,6 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The broker binary: next to `bench` in Cargo's target directory, built if absent.
-fn broker_binary() -> PathBuf {
-    let bench = PathBuf::from(env!("CARGO_BIN_EXE_bench"));
-    let path = bench.with_file_name("broker");
-    if !path.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "tessera-broker", "--bin", "broker"]);
-        if bench.parent().and_then(|d| d.file_name()) == Some("release".as_ref()) {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build for the broker");
-        assert!(status.success(), "cargo build -p tessera-broker failed");
-    }
-    assert!(path.is_file(), "no broker binary at {}", path.display());
-    path
 }
 
 /// Starts Tessera (2 shards) with one `mqtts` listener on port 0, with client

@@ -1,6 +1,7 @@
 //! Helper for the black-box tests: run the `bench` binary and read the JSON object
 //! on the last line of its stdout.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 /// What one bench run printed and how it ended.
@@ -62,4 +63,23 @@ pub fn assert_clean_run(run: &BenchRun, zero: &[&str], sent_above: u64) {
         "{}",
         run.output
     );
+}
+
+/// The broker binary: next to `bench` in Cargo's target directory, built if absent.
+#[allow(dead_code)] // only the tests that start Tessera
+pub fn broker_binary() -> PathBuf {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_bench"));
+    let path = bench.with_file_name("broker");
+    if !path.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "tessera-broker", "--bin", "broker"]);
+        if bench.parent().and_then(|d| d.file_name()) == Some("release".as_ref()) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for the broker");
+        assert!(status.success(), "cargo build -p tessera-broker failed");
+    }
+    assert!(path.is_file(), "no broker binary at {}", path.display());
+    path
 }
