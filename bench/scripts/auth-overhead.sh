@@ -31,20 +31,11 @@ OUT=${OUT:-$(mktemp -d /tmp/auth-overhead.XXXXXX)}
 mkdir -p "$OUT"
 chmod 755 "$OUT"
 
-for bin in "$BENCH" "$BROKER" "$BROKERCTL"; do
-    [[ -x $bin ]] || { echo "missing $bin: cargo build --release -p tessera-broker -p tessera-bench" >&2; exit 2; }
-done
+# shellcheck source=bench/scripts/lib.sh
+source bench/scripts/lib.sh  # the script runs from the repo root (cd above)
+need_bins "$BENCH" "$BROKER" "$BROKERCTL"
 command -v mosquitto_passwd >/dev/null || { echo "missing mosquitto: apt-get install -y mosquitto" >&2; exit 2; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on $1" >&2
-    return 1
-}
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT

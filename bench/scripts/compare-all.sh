@@ -42,20 +42,11 @@ if [[ $SCHED == fifo ]]; then prio=(chrt -f 10); else prio=(nice -n "$NICE"); fi
 OUT=${OUT:-$(mktemp -d /tmp/compare-all.XXXXXX)}
 mkdir -p "$OUT"
 
-for bin in "$BENCH" "$BROKER"; do
-    [[ -x $bin ]] || { echo "missing $bin: cargo build --release -p tessera-broker -p tessera-bench" >&2; exit 2; }
-done
+# shellcheck source=bench/scripts/lib.sh
+source bench/scripts/lib.sh  # the script runs from the repo root (cd above)
+need_bins "$BENCH" "$BROKER"
 command -v mosquitto >/dev/null || { echo "missing mosquitto: apt-get install -y mosquitto" >&2; exit 2; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listens on $1" >&2
-    return 1
-}
 # Foreground only: a shell function run with & is a subshell, and $! would be
 # its pid, not the program's (background starts spell out nice and taskset, which
 # all exec, so $! is the program's pid).
