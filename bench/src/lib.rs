@@ -12,7 +12,8 @@
 //!   `pubsub`, `shared`), built from [`publisher`] (max-rate or paced, bounded
 //!   by bytes or by an in-flight window) and [`subscriber`] (acknowledges and
 //!   accounts for every message).
-//! - [`latency`]: the `latency` scenario, with a paced publisher thread.
+//! - [`latency`]: the `latency` scenario, with a paced publisher thread, or with
+//!   `--busy-poll` one thread that publishes and reads without sleeping.
 //! - [`conn`]: the `conn` scenario, many idle connections.
 //! - [`compare`]: `bench compare`, a scenario matrix against two brokers.
 //! - [`mqtt`]: connecting and subscribing, blocking and async; failure reasons.

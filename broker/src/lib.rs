@@ -22,7 +22,7 @@
 //!
 //! Binaries: `broker` (`src/main.rs`) and `brokerctl` (`src/bin/brokerctl.rs`).
 //!
-//! Not here yet: QUIC listeners, persistence.
+//! Not here yet: QUIC listeners and the cluster.
 
 pub mod admin;
 pub mod allocator;

@@ -12,7 +12,8 @@
 //! the socket together with the transport state to the owner shard.
 //!
 //! Per connection there is one task on the owner shard (`conn`), which reads
-//! packets into the engine and writes what the engine produced.
+//! packets into the engine and writes what the engine produced. Listen sockets
+//! are set up in `listen` (`TCP_DEFER_ACCEPT`, a `somaxconn`-sized backlog).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;

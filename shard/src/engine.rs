@@ -9,8 +9,12 @@
 //! the driver once per executor tick with [`Engine::drain_outbox`]. The broker's
 //! glommio driver and the simulation test are the two drivers.
 //!
-//! Exists once per shard, created at boot, dropped at shutdown. Does not do I/O,
-//! persistence, authentication or cross-node clustering.
+//! Exists once per shard, created at boot, dropped at shutdown. Does no I/O:
+//! what must be durable it records for the shard's store (`persist`), and
+//! credentials go to a hook the driver installs (`auth`). Per-publisher
+//! back-pressure (`backpressure`), shared subscriptions (`shared`), MQTT 5
+//! features (`mqtt5`), the admin queries (`admin`) and `$SYS` (`sys_probe`)
+//! are its other parts. No cross-node clustering.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
