@@ -80,6 +80,9 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Bearer token the admin API requires; empty for none (loopback only).
     pub admin_token: String,
+    /// Microseconds a shard with nothing to run keeps polling for I/O before it
+    /// sleeps; 0 sleeps at once.
+    pub idle_poll_us: u32,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +93,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 18083)),
             admin_token: String::new(),
+            idle_poll_us: 0,
         }
     }
 }
@@ -574,6 +578,16 @@ pub const FIELDS: &[FieldDoc] = &[
               loopback address. Prefer the TESSERA_SERVER__ADMIN_TOKEN environment variable \
               to a file others can read.",
         accepted: "empty (no token), or 16 to 256 visible ASCII characters",
+    },
+    FieldDoc {
+        section: "server",
+        key: "idle_poll_us",
+        doc: "Microseconds a shard that has run out of work keeps polling its sockets \
+              before it sleeps in the kernel. 0 (the default) sleeps at once: least CPU. A \
+              value above the usual gap between messages (e.g. 2000 at 1,000 msg/s) keeps \
+              that shard's CPU busy while traffic flows and cuts the wake-up out of every \
+              message's latency (see docs/BENCHMARKS.md); an idle shard still sleeps.",
+        accepted: "an integer from 0 to 1000000",
     },
     FieldDoc {
         section: "limits",
@@ -1146,6 +1160,7 @@ impl Config {
             ("server", "data_dir") => s.data_dir = PathBuf::from(v),
             ("server", "admin_listen") => s.admin_listen = p(v)?,
             ("server", "admin_token") => s.admin_token = v.to_owned(),
+            ("server", "idle_poll_us") => s.idle_poll_us = p(v)?,
             ("limits", "max_connections") => l.max_connections = p(v)?,
             ("limits", "max_packet_size_bytes") => l.max_packet_size_bytes = p(v)?,
             ("limits", "max_inflight") => l.max_inflight = p(v)?,
@@ -1281,7 +1296,7 @@ impl Config {
             );
         }
         let a = &self.auth;
-        let ranges: [(&'static str, u64, u64, u64); 19] = [
+        let ranges: [(&'static str, u64, u64, u64); 20] = [
             (
                 "auth.reload_interval_s",
                 a.reload_interval_s.into(),
@@ -1371,6 +1386,12 @@ impl Config {
                 u64::from(u16::MAX - 1),
             ),
             ("sys.interval_s", self.sys.interval_s.into(), 0, 86_400),
+            (
+                "server.idle_poll_us",
+                self.server.idle_poll_us.into(),
+                0,
+                1_000_000,
+            ),
             (
                 "limits.memory_release_delay_ms",
                 l.memory_release_delay_ms.into(),
@@ -2162,6 +2183,10 @@ mod tests {
         assert!(invalid(|c| c.limits.connect_timeout_s = 0).contains("from 1 to 3600"));
         assert!(invalid(|c| c.limits.max_keep_alive_s = 0).contains("max_keep_alive_s"));
         assert!(invalid(|c| c.persistence.batch_interval_ms = 5000).contains("from 1 to 1000"));
+        assert_eq!(
+            invalid(|c| c.server.idle_poll_us = 1_000_001),
+            "server.idle_poll_us = 1000001 is invalid: expected an integer from 0 to 1000000"
+        );
         assert!(invalid(|c| c.server.data_dir = PathBuf::new()).contains("server.data_dir"));
         assert_eq!(
             invalid(|c| c.limits.memory_release_delay_ms = 3_600_001),
@@ -2174,6 +2199,7 @@ mod tests {
         c.limits.max_inflight = u16::MAX;
         c.limits.max_topic_alias = 0;
         c.limits.memory_release_delay_ms = 0;
+        c.server.idle_poll_us = 1_000_000;
         c.server.shards = Some(1);
         c.validate().unwrap();
         c.limits.max_packet_size_bytes = PACKET_SIZE_BYTES_MIN;

@@ -240,10 +240,24 @@ impl Server {
             stores,
             admin: admin_ends,
         };
+        let idle_poll = Duration::from_micros(u64::from(config.server.idle_poll_us));
+        if !idle_poll.is_zero() {
+            info!(
+                idle_poll_us = config.server.idle_poll_us,
+                "shards poll for I/O before they sleep: each shard's CPU stays busy while \
+                 messages arrive closer together than this"
+            );
+        }
         let mut executors = Vec::with_capacity(shard_count);
         for (k, cpu) in cpus.iter().enumerate() {
             let boot = boot.clone();
-            let handle = LocalExecutorBuilder::new(Placement::Fixed(*cpu))
+            let mut builder = LocalExecutorBuilder::new(Placement::Fixed(*cpu));
+            if !idle_poll.is_zero() {
+                // glommio polls its rings (no sleep, no membarrier) until this
+                // long has passed since the shard last ran a task, then parks.
+                builder = builder.spin_before_park(idle_poll);
+            }
+            let handle = builder
                 .name(&format!("shard-{k}"))
                 .io_memory(IO_MEMORY_BYTES)
                 // Password hashing runs here: one thread the OS may place on

@@ -230,6 +230,11 @@ impl Broker {
             .clone()
     }
 
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGHUP: reload certificates (and other reloadable files).
     pub fn sighup(&self) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
