@@ -303,6 +303,14 @@ pub enum Scenario {
         /// against the broker. Costs one busy core.
         #[arg(long)]
         busy_poll: bool,
+        /// With --busy-poll: once every message sent so far was delivered,
+        /// sleep until this many microseconds before the next send is
+        /// due, then poll again. Deliveries are still read while polling, but the
+        /// bench's core is idle between messages: on a small virtual machine two
+        /// always-busy vCPUs stall each other, which would land in the figure of
+        /// a broker that polls its own core.
+        #[arg(long, requires = "busy_poll", value_name = "MICROSECONDS")]
+        busy_poll_lead: Option<u64>,
     },
     /// Run a scenario matrix against two brokers, interleaved (A, B, A, B...),
     /// and print each figure's median with the ratio B/A. Common flags

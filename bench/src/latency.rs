@@ -105,10 +105,21 @@ impl PacedResult {
     }
 }
 
+/// How the bench waits for deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A publisher thread and a tokio subscriber that sleep between messages.
+    Sleeping,
+    /// One thread that polls both sockets. With `lead`, it sleeps once every
+    /// message sent so far was delivered, until `lead` before the
+    /// next send is due.
+    BusyPoll { lead: Option<Duration> },
+}
+
 /// Runs `latency` at `rate` messages per second and reports.
-pub async fn run(cfg: RunConfig, rate: f64, busy_poll: bool) -> anyhow::Result<Report> {
-    if busy_poll {
-        return run_busy_poll(cfg, rate).await;
+pub async fn run(cfg: RunConfig, rate: f64, mode: Mode) -> anyhow::Result<Report> {
+    if let Mode::BusyPoll { lead } = mode {
+        return run_busy_poll(cfg, rate, lead).await;
     }
     let cfg = Arc::new(cfg);
     let live = Arc::new(Live::new(1));
@@ -215,8 +226,13 @@ fn finish(
 /// thread polls both sockets without blocking, so a delivery is read the moment
 /// it arrives instead of after the bench's own wake-up (a sleeping thread on a
 /// virtual machine can take tens of microseconds to run again, and that time
-/// would be counted against the broker). It costs the bench one busy core.
-async fn run_busy_poll(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
+/// would be counted against the broker). It costs the bench one busy core,
+/// unless `lead` lets it rest between messages.
+async fn run_busy_poll(
+    cfg: RunConfig,
+    rate: f64,
+    lead: Option<Duration>,
+) -> anyhow::Result<Report> {
     let cfg = Arc::new(cfg);
     let live = Arc::new(Live::new(1));
     let topic = format!("{}/0", cfg.topic_prefix);
@@ -241,7 +257,9 @@ async fn run_busy_poll(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
     let pair = {
         let (cfg, live) = (cfg.clone(), live.clone());
         let topic = Str::try_from(topic).expect("valid topic");
-        tokio::task::spawn_blocking(move || busy_pair(publisher, sub, topic, rate, &cfg, t, &live))
+        tokio::task::spawn_blocking(move || {
+            busy_pair(publisher, sub, topic, rate, lead, &cfg, t, &live)
+        })
     };
     let progress = spawn_progress("latency", live.clone(), ProgressLabels::Messages);
     let rss_before = cfg.broker_pid.and_then(process_rss_bytes);
@@ -265,12 +283,15 @@ async fn run_busy_poll(cfg: RunConfig, rate: f64) -> anyhow::Result<Report> {
 }
 
 /// The busy-polling thread of `--busy-poll`: publishes on schedule, reads and
-/// acknowledges deliveries, and drains them after the last send.
+/// acknowledges deliveries, and drains them after the last send. With `lead`
+/// it sleeps while nothing is outstanding, until `lead` before the next send.
+#[allow(clippy::too_many_arguments)]
 fn busy_pair(
     mut c: BlockingClient,
     mut s: BlockingClient,
     topic: Str,
     rate: f64,
+    lead: Option<Duration>,
     cfg: &RunConfig,
     t: Timeline,
     live: &Live,
@@ -331,6 +352,23 @@ fn busy_pair(
                 }
                 acks.clear();
                 next_ping_ns = now_ns + ping_every_ns;
+            }
+            if let Some(lead) = lead
+                && publishing
+            {
+                // Rest only when every message sent so far has arrived: a
+                // delivery is never waited for while asleep. The publisher's
+                // acknowledgements may come later (Mosquitto's PUBACK waits for
+                // Nagle's algorithm, so one is outstanding most of the time);
+                // they are read on waking, and the window has room for that.
+                let settled = live.received.load(Ordering::Relaxed) >= r.sent;
+                let next_ns = t.start_ns + (r.sent as f64 * period_ns) as u64;
+                let wake_ns = next_ns.saturating_sub(lead.as_nanos() as u64);
+                let now_ns = clock::now_ns();
+                if settled && wake_ns > now_ns {
+                    std::thread::sleep(Duration::from_nanos(wake_ns - now_ns));
+                    continue;
+                }
             }
             if !publishing {
                 // Drained: every message arrived and nothing more came for a

@@ -157,7 +157,20 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
         .context("starting the tokio runtime")?;
     let report = rt.block_on(async {
         match cli.scenario.clone() {
-            Scenario::Latency { rate, busy_poll } => latency::run(cfg, rate, busy_poll).await,
+            Scenario::Latency {
+                rate,
+                busy_poll,
+                busy_poll_lead,
+            } => {
+                let mode = match (busy_poll, busy_poll_lead) {
+                    (false, _) => latency::Mode::Sleeping,
+                    (true, None) => latency::Mode::BusyPoll { lead: None },
+                    (true, Some(us)) => latency::Mode::BusyPoll {
+                        lead: Some(Duration::from_micros(us)),
+                    },
+                };
+                latency::run(cfg, rate, mode).await
+            }
             Scenario::Conn {
                 clients,
                 rate,

@@ -414,3 +414,42 @@ fn busy_poll_latency_accounts_every_message_at_qos_1_and_2() {
         assert_eq!(run.json["drain"], "complete", "{}", run.output);
     }
 }
+
+#[test]
+fn busy_poll_with_a_lead_rests_between_messages_and_still_accounts_every_one() {
+    let b = Tessera::start();
+    let run = bench(
+        b.port,
+        &[
+            "latency",
+            "--busy-poll",
+            "--busy-poll-lead",
+            "300",
+            "--rate",
+            "400",
+            "--qos",
+            "1",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+        ],
+    );
+    assert_clean_run(&run, &["loss_count", "duplicate_count", "error_count"], 300);
+    assert!(
+        run.json["latency"]["count"].as_u64().unwrap_or(0) >= 300,
+        "{}",
+        run.output
+    );
+    assert_eq!(run.json["drain"], "complete", "{}", run.output);
+    // At 400 msg/s a period is 2.5 ms and the thread polls for about 0.3 ms of
+    // it; without the rest it would use a whole core.
+    let cpu = run.json["bench_cpu_cores"]
+        .as_f64()
+        .expect("bench_cpu_cores");
+    assert!(
+        cpu < 0.75,
+        "the bench used {cpu:.2} cores: it never rested\n{}",
+        run.output
+    );
+}
