@@ -305,9 +305,19 @@ async fn run(
     let mut reading = true;
     let mut was_paused = false;
     let write_failed = loop {
+        let had_input = !io.input.is_empty();
         let paused = handle_input(&shard, &mut io.input, conn, version);
         if shard.engine.borrow().is_ended(conn) {
             break false;
+        }
+        if had_input {
+            // Let the connections this input woke run first: a subscriber's
+            // delivery goes out before this publisher's PUBACK (as Mosquitto
+            // orders them), so the ack's write is not part of the delivery's
+            // latency. glommio is cooperative and a read of a busy socket
+            // completes at once, so this yield also keeps publishers that keep
+            // their sockets full from starving their subscribers' connections.
+            futures_lite::future::yield_now().await;
         }
         if paused && !was_paused {
             shard.engine.borrow_mut().record_reads_paused();
@@ -335,10 +345,6 @@ async fn run(
             Event::Read(n) => {
                 io.last_active = shard.parking.epoch();
                 shard.engine.borrow_mut().record_bytes_received(n);
-                // glommio is cooperative and a read of a busy socket completes
-                // at once: without this, publishers that keep their sockets
-                // full would starve the connections of their subscribers.
-                futures_lite::future::yield_now().await;
             }
             Event::Timeout => {}
             Event::ReadEnd => {
