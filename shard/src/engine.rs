@@ -2046,6 +2046,7 @@ fn publish_for(now_ms: u64, d: &Delivery, version: ProtocolVersion, packet_id: u
 
 #[cfg(test)]
 mod tests {
+    use super::testing::drain;
     use super::*;
     use bytes::Bytes;
     use tessera_proto::{ConnectProperties, Subscription, SubscriptionOptions};
@@ -2075,15 +2076,6 @@ mod tests {
         let first = tessera_proto::decode(&mut buf, ProtocolVersion::V5, usize::MAX);
         assert!(matches!(first, Ok(Some(Packet::ConnAck(_)))));
         assert!(buf.is_empty());
-    }
-
-    fn drain(e: &mut Engine, conn: ConnId, version: ProtocolVersion) -> Vec<Packet> {
-        let mut buf = e.output(conn).map(|o| o.buf.split()).unwrap_or_default();
-        let mut out = Vec::new();
-        while let Ok(Some(p)) = tessera_proto::decode(&mut buf, version, usize::MAX) {
-            out.push(p);
-        }
-        out
     }
 
     /// Queue overflow policies: a persistent subscriber is offline, its queue

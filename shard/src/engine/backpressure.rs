@@ -405,8 +405,7 @@ mod tests {
         SubscriptionOptions,
     };
 
-    use crate::engine::{Engine, Limits};
-    use crate::mesh::ShardId;
+    use crate::engine::{Engine, Limits, Stats};
     use crate::session::ConnId;
 
     const HIGH: usize = 10;
@@ -433,9 +432,7 @@ mod tests {
                 ..Limits::default()
             };
             Cluster {
-                engines: (0..shards)
-                    .map(|i| Engine::new(i as ShardId, shards, limits.clone()))
-                    .collect(),
+                engines: crate::engine::testing::engines(shards, &limits),
                 now_ms: 1_000,
             }
         }
@@ -487,14 +484,9 @@ mod tests {
         /// driver's flush, which moves queued deliveries, is `flushed`).
         fn recv(&mut self, c: Client) -> Vec<Packet> {
             let e = &mut self.engines[c.shard];
-            let mut buf = e.output(c.conn).map(|o| o.buf.split()).unwrap_or_default();
+            let out = crate::engine::testing::drain(e, c.conn, ProtocolVersion::V5);
             e.flushed(self.now_ms, c.conn);
             self.pump();
-            let mut out = Vec::new();
-            while let Ok(Some(p)) = tessera_proto::decode(&mut buf, ProtocolVersion::V5, usize::MAX)
-            {
-                out.push(p);
-            }
             out
         }
 
@@ -506,11 +498,13 @@ mod tests {
             self.pump();
         }
 
+        /// A counter summed over every shard.
+        fn stat(&self, counter: impl Fn(&Stats) -> u64) -> u64 {
+            self.engines.iter().map(|e| counter(e.stats())).sum()
+        }
+
         fn dropped(&self) -> u64 {
-            self.engines
-                .iter()
-                .map(|e| e.stats().dropped_queue_full)
-                .sum()
+            self.stat(|s| s.dropped_queue_full)
         }
     }
 
@@ -554,11 +548,7 @@ mod tests {
         // the publisher's shard knows: that one is not held.
         let prompt = (4 + HIGH + shards - 1) as u16;
         assert_eq!(acked, (1..=prompt).collect::<Vec<_>>(), "the rest are held");
-        let held: u64 = cl
-            .engines
-            .iter()
-            .map(|e| e.stats().backpressure_acks_held)
-            .sum();
+        let held = cl.stat(|s| s.backpressure_acks_held);
         assert_eq!(held, 60 - u64::from(prompt));
         let mut got = Vec::new();
         let mut acked = Vec::new();
@@ -573,11 +563,7 @@ mod tests {
         assert_eq!(got, (1..=60).collect::<Vec<_>>());
         assert_eq!(acked, (prompt + 1..=60).collect::<Vec<_>>());
         assert_eq!(cl.dropped(), 0);
-        let timeouts: u64 = cl
-            .engines
-            .iter()
-            .map(|e| e.stats().backpressure_hold_timeouts)
-            .sum();
+        let timeouts = cl.stat(|s| s.backpressure_hold_timeouts);
         assert_eq!(timeouts, 0);
     }
 
@@ -652,11 +638,7 @@ mod tests {
                 (prompt as u16 + 1..=30).collect::<Vec<_>>(),
                 "released at the bound ({shards} shards)"
             );
-            let timeouts: u64 = cl
-                .engines
-                .iter()
-                .map(|e| e.stats().backpressure_hold_timeouts)
-                .sum();
+            let timeouts = cl.stat(|s| s.backpressure_hold_timeouts);
             assert_eq!(timeouts, 30 - prompt as u64);
         }
     }
@@ -712,13 +694,14 @@ mod tests {
             }
         }
         assert_eq!(got, (1..=window).collect::<Vec<_>>());
-        let mut buf = cl.engines[0].output(conn).map(|o| o.buf.split()).unwrap();
-        let mut recs = Vec::new();
-        while let Ok(Some(p)) = tessera_proto::decode(&mut buf, ProtocolVersion::V3_1_1, 1 << 20) {
-            if let Packet::PubRec(r) = p {
-                recs.push(r.packet_id);
-            }
-        }
+        let recs: Vec<u16> =
+            crate::engine::testing::drain(&mut cl.engines[0], conn, ProtocolVersion::V3_1_1)
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::PubRec(r) => Some(r.packet_id),
+                    _ => None,
+                })
+                .collect();
         assert_eq!(recs, (1..=window).collect::<Vec<_>>());
     }
 

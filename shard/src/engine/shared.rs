@@ -794,7 +794,6 @@ mod tests {
 
     use super::SharedStrategy;
     use crate::engine::{Engine, Limits};
-    use crate::mesh::ShardId;
     use crate::session::ConnId;
 
     struct Cluster {
@@ -818,9 +817,7 @@ mod tests {
                 ..Limits::default()
             };
             Cluster {
-                engines: (0..shards)
-                    .map(|i| Engine::new(i as ShardId, shards, limits.clone()))
-                    .collect(),
+                engines: crate::engine::testing::engines(shards, &limits),
                 now_ms: 1_000,
                 inbox: HashMap::new(),
             }
@@ -865,16 +862,12 @@ mod tests {
             let mut out = self.inbox.remove(&(c.shard, c.conn)).unwrap_or_default();
             // Writing frees room: queued deliveries follow until none is left.
             loop {
-                let mut buf = e.output(c.conn).map(|o| o.buf.split()).unwrap_or_default();
-                if buf.is_empty() {
+                let packets = crate::engine::testing::drain(e, c.conn, ProtocolVersion::V5);
+                if packets.is_empty() {
                     return out;
                 }
                 e.flushed(self.now_ms, c.conn);
-                while let Ok(Some(p)) =
-                    tessera_proto::decode(&mut buf, ProtocolVersion::V5, usize::MAX)
-                {
-                    out.push(p);
-                }
+                out.extend(packets);
             }
         }
 

@@ -1,10 +1,19 @@
-//! What the engine's unit tests share: a CONNECT to start from and a mesh
-//! that delivers between engines on one thread.
+//! What the engine's unit tests share: engines for a cluster, a CONNECT to
+//! start from, a mesh that delivers between engines on one thread, and the
+//! packets an engine wrote to a connection.
 
-use tessera_proto::{Connect, ProtocolVersion, Str};
+use tessera_proto::{Connect, Packet, ProtocolVersion, Str};
 
-use super::Engine;
+use super::{Engine, Limits};
 use crate::mesh::ShardId;
+use crate::session::ConnId;
+
+/// One engine per shard of a `shards`-shard cluster, all with `limits`.
+pub(super) fn engines(shards: usize, limits: &Limits) -> Vec<Engine> {
+    (0..shards)
+        .map(|i| Engine::new(i as ShardId, shards, limits.clone()))
+        .collect()
+}
 
 /// A CONNECT of `version` for `id`: no keep alive, will, credentials or
 /// properties; tests change the fields they care about.
@@ -38,4 +47,15 @@ pub(super) fn pump_mesh(engines: &mut [Engine], now_ms: u64) {
             }
         }
     }
+}
+
+/// Takes what the engine wrote to `conn` since the last call (one write's
+/// worth) and decodes it as `version`.
+pub(super) fn drain(e: &mut Engine, conn: ConnId, version: ProtocolVersion) -> Vec<Packet> {
+    let mut buf = e.output(conn).map(|o| o.buf.split()).unwrap_or_default();
+    let mut out = Vec::new();
+    while let Ok(Some(p)) = tessera_proto::decode(&mut buf, version, usize::MAX) {
+        out.push(p);
+    }
+    out
 }
