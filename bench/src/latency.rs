@@ -9,6 +9,12 @@
 //! tens of microseconds ([`crate::sys::sleep_until_precise`]), and the report
 //! gives its actual lateness (`send_lag`) so the bench's own share is visible.
 //! The subscriber is the same tokio task as in the throughput scenarios.
+//!
+//! [`Mode::BusyPoll`] (`--busy-poll`) instead runs the publisher and the
+//! subscriber on one thread that polls both sockets, so the bench's own
+//! wake-up is not counted against the broker; with a lead
+//! (`--busy-poll-lead`) that thread sleeps once every message sent was
+//! delivered, until the lead before the next send.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

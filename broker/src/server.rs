@@ -14,6 +14,8 @@
 //! Per connection there is one task on the owner shard (`conn`), which reads
 //! packets into the engine and writes what the engine produced. Listen sockets
 //! are set up in `listen` (`TCP_DEFER_ACCEPT`, a `somaxconn`-sized backlog).
+//! With `server.idle_poll_us` each executor polls that long before it sleeps
+//! (glommio's `spin_before_park`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
