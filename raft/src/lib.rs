@@ -1,0 +1,13 @@
+//! `tessera-raft`: the cluster control plane.
+//!
+//! Modules:
+//! - [`transport`]: the seam between raft and the wire. Raft RPCs (and, later, forwarded
+//!   publishes) are request/response byte exchanges on a named [`transport::Channel`]
+//!   between two node ids. The QUIC link between nodes implements it for real processes;
+//!   the deterministic simulation implements it in memory with partitions, delays and
+//!   drops.
+//!
+//! What it does not do: it never touches a glommio shard's state. Shards reach the control
+//! plane only through bounded channels and receive applied results the same way.
+
+pub mod transport;
