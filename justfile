@@ -7,14 +7,22 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# Run the whole test suite (the same command as README and CI).
+# Run the whole test suite (the same command as README and CI): needs only
+# the Rust toolchain and a C toolchain (gcc, make).
 test:
     cargo test --workspace
+
+# The tests that need third-party programs (Mosquitto, promtool, systemd-analyze,
+# haproxy, shellcheck, strace, MQTT.js): installs them with apt-get and npm, then
+# runs the `third-party` cargo tests, ops/check.sh and the MQTT.js interop.
+test-third-party:
+    scripts/test-third-party.sh
 
 # Formatting and lints, as CI runs them.
 lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy -p tessera-bench --all-targets --features third-party -- -D warnings
 
 # Run every fuzz target of the codec for FUZZ_SECONDS each (needs cargo-fuzz;
 # the stable toolchain runs it with RUSTC_BOOTSTRAP=1).

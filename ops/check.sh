@@ -3,7 +3,8 @@
 # claims against a real broker. CI runs it after `cargo test` (which builds the
 # broker). Every check runs; a missing tool is a failure, never a skip.
 #
-#   lint              shellcheck on kernel-tuning/apply.sh and ops/check.sh
+#   lint              shellcheck on kernel-tuning/apply.sh, ops/check.sh and
+#                     scripts/test-third-party.sh
 #   systemd-analyze   verify ops/systemd/tessera.service
 #   promtool          check config, check rules, test rules (alerts_test.yml), and
 #                     every Grafana dashboard query parses as PromQL
@@ -82,7 +83,7 @@ start_broker() {
 }
 
 step "shellcheck"
-shellcheck kernel-tuning/apply.sh ops/check.sh
+shellcheck kernel-tuning/apply.sh ops/check.sh scripts/test-third-party.sh
 echo ok
 
 step "systemd-analyze verify ops/systemd/tessera.service"

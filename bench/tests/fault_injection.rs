@@ -7,7 +7,8 @@
 //! twice, and swaps 30 and 31. The bench publishes exactly 100 messages
 //! (`--count 100`) at QoS 1, so the expected tally is known. The same fake broker
 //! ignores `$share/`: it forwards every message to every member of a group, which
-//! the `shared` scenario must count as duplicates.
+//! the `shared` scenario must count as duplicates. A port nobody listens on
+//! makes every connect of `conn` fail, counted by errno.
 
 mod common;
 
@@ -201,4 +202,28 @@ fn a_broker_that_delivers_to_every_group_member_is_caught() {
     );
     assert_eq!(run.json["pass"], false, "{o}");
     assert_eq!(run.code, 1, "{o}");
+}
+
+#[test]
+fn conn_failures_are_counted_by_reason() {
+    // Nothing listens on this port: every connect is refused, and the run fails.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port();
+    let run = bench(
+        port,
+        &[
+            "conn",
+            "--clients",
+            "5",
+            "--rate",
+            "100",
+            "--duration",
+            "0.1",
+        ],
+    );
+    assert_eq!(run.code, 1, "{}", run.output);
+    assert_eq!(run.u("connected_count"), 0, "{}", run.output);
+    assert_eq!(run.json["failures"]["ECONNREFUSED"], 5, "{}", run.output);
 }

@@ -10,6 +10,10 @@
 //! QoS 1 messages beyond its `max_queued_messages` (1000) by design, which would
 //! test Mosquitto's configuration, not the bench. Mosquitto is required: a missing
 //! one fails the test with the install command.
+//!
+//! A third-party test: compiled only with `--features third-party`
+//! (`scripts/test-third-party.sh` installs Mosquitto and runs it), so the
+//! README's `cargo test --workspace` needs nothing beyond Rust and a C toolchain.
 
 mod common;
 
@@ -41,7 +45,7 @@ fn mosquitto_binary() -> PathBuf {
         .unwrap_or_else(|| {
             panic!(
                 "mosquitto is not installed, and these tests need it as the reference broker: \
-                 install it with `apt-get install -y mosquitto` (CI installs it)"
+                 install it with `apt-get install -y mosquitto` (scripts/test-third-party.sh installs it)"
             )
         })
 }
@@ -352,90 +356,6 @@ fn conn_opens_holds_and_measures_broker_memory() {
             .unwrap_or_default()
             > 0.0
     );
-}
-
-#[test]
-fn conn_failures_are_counted_by_reason() {
-    // Nothing listens on this port: every connect is refused, and the run fails.
-    let port = free_port();
-    let run = bench(
-        port,
-        &[
-            "conn",
-            "--clients",
-            "5",
-            "--rate",
-            "100",
-            "--duration",
-            "0.1",
-        ],
-    );
-    assert_eq!(run.code, 1, "{}", run.output);
-    assert_eq!(run.u("connected_count"), 0, "{}", run.output);
-    assert_eq!(run.json["failures"]["ECONNREFUSED"], 5, "{}", run.output);
-}
-
-#[test]
-fn compare_runs_both_brokers_and_prints_ratios() {
-    // Two Mosquittos: the matrix machinery, not the brokers, is under test.
-    let (a, b) = (Mosquitto::start(), Mosquitto::start());
-    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args([
-            "compare",
-            "--a",
-            &format!("127.0.0.1:{}", a.port),
-            "--a-name",
-            "first",
-            "--a-pid",
-            &a.pid().to_string(),
-            "--b",
-            &format!("127.0.0.1:{}", b.port),
-            "--b-name",
-            "second",
-            "--reps",
-            "2",
-            "--scenarios",
-            "latency-q1,shared-q1",
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0.2",
-            "--markdown",
-            "--json",
-        ])
-        .output()
-        .expect("bench compare runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let text = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.code().is_some(), "{text}");
-    // Four interleaved runs per scenario: first, second, first, second.
-    let order: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("rep ") && l.contains("latency-q1"))
-        .map(|l| if l.contains("on first") { "a" } else { "b" })
-        .collect();
-    assert_eq!(order, ["a", "b", "a", "b"], "{text}");
-    assert!(
-        text.contains("| scenario | figure | first | second | second / first |"),
-        "{text}"
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect(&text);
-    let rows = json["rows"].as_array().expect(&text);
-    assert_eq!(rows.len(), 2, "{text}");
-    for row in rows {
-        for f in row["figures"].as_array().expect(&text) {
-            // Figures B has no pid for (its CPU) are absent; the rest have ratios.
-            if f["figure"] == "broker cores" {
-                assert!(f["a"].is_number() && f["b"].is_null(), "{text}");
-            } else {
-                assert!(
-                    f["b_over_a"].as_f64().is_some_and(|r| r > 0.0),
-                    "{f}\n{text}"
-                );
-            }
-        }
-    }
 }
 
 #[test]

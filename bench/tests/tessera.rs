@@ -2,7 +2,8 @@
 //! nothing lost at QoS 1 and 2, a shared-subscription group gets each message
 //! exactly once, topic aliases are used and resolved, a `bench sub` in one
 //! process accounts for a `bench pub` in another, sessions and credentials reach
-//! the broker, and `--hdr-out` / `--plot` write valid files.
+//! the broker, `--hdr-out` / `--plot` write valid files, and `bench compare`
+//! interleaves its runs on two brokers and prints their ratios.
 //!
 //! Method: each test starts the workspace's `broker` binary on `127.0.0.1:0`
 //! (two shards, so shared groups and pairs cross shards), reads the address from
@@ -17,6 +18,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -31,10 +33,12 @@ struct Tessera {
 
 impl Tessera {
     fn start() -> Tessera {
+        // One directory per broker: a test may run two.
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "tessera-bench-broker-{}-{:?}",
+            "tessera-bench-broker-{}-{}",
             std::process::id(),
-            std::thread::current().id()
+            STARTED.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -79,6 +83,11 @@ impl Tessera {
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("no port in {addr:?}"));
         Tessera { child, dir, port }
+    }
+
+    /// Its process id.
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -452,4 +461,68 @@ fn busy_poll_with_a_lead_rests_between_messages_and_still_accounts_every_one() {
         "the bench used {cpu:.2} cores: it never rested\n{}",
         run.output
     );
+}
+
+#[test]
+fn compare_runs_both_brokers_and_prints_ratios() {
+    // Two brokers of the same build: the matrix machinery, not the brokers,
+    // is under test.
+    let (a, b) = (Tessera::start(), Tessera::start());
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "compare",
+            "--a",
+            &format!("127.0.0.1:{}", a.port),
+            "--a-name",
+            "first",
+            "--a-pid",
+            &a.pid().to_string(),
+            "--b",
+            &format!("127.0.0.1:{}", b.port),
+            "--b-name",
+            "second",
+            "--reps",
+            "2",
+            "--scenarios",
+            "latency-q1,shared-q1",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--markdown",
+            "--json",
+        ])
+        .output()
+        .expect("bench compare runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.code().is_some(), "{text}");
+    // Four interleaved runs per scenario: first, second, first, second.
+    let order: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("rep ") && l.contains("latency-q1"))
+        .map(|l| if l.contains("on first") { "a" } else { "b" })
+        .collect();
+    assert_eq!(order, ["a", "b", "a", "b"], "{text}");
+    assert!(
+        text.contains("| scenario | figure | first | second | second / first |"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect(&text);
+    let rows = json["rows"].as_array().expect(&text);
+    assert_eq!(rows.len(), 2, "{text}");
+    for row in rows {
+        for f in row["figures"].as_array().expect(&text) {
+            // Figures B has no pid for (its CPU) are absent; the rest have ratios.
+            if f["figure"] == "broker cores" {
+                assert!(f["a"].is_number() && f["b"].is_null(), "{text}");
+            } else {
+                assert!(
+                    f["b_over_a"].as_f64().is_some_and(|r| r > 0.0),
+                    "{f}\n{text}"
+                );
+            }
+        }
+    }
 }

@@ -8,16 +8,17 @@
 //! `broker` binary runs with `[[listener]]` tables of kind `mqtts` on port 0 and
 //! prints the port it bound; Mosquitto runs with `listener PORT 127.0.0.1`,
 //! `certfile`, `keyfile`. The bench binary runs 2-second scenarios with `--json`,
-//! and the JSON line is checked. Every process is killed on drop.
+//! and the JSON line is checked. Every process is killed on drop. The Mosquitto
+//! test is a third-party test, compiled only with `--features third-party`
+//! (`scripts/test-third-party.sh`).
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{BenchRun, assert_clean_run, bench, broker_binary};
 use rcgen::{
@@ -164,46 +165,6 @@ fn tessera_tls(pki: &Pki, mtls: bool) -> (Running, u16) {
     (running, port)
 }
 
-/// Starts Mosquitto with one TLS listener and waits until it accepts TCP.
-fn mosquitto_tls(pki: &Pki) -> (Running, u16) {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let binary = std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file())
-        .expect("mosquitto is installed (apt-get install -y mosquitto; CI installs it)");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let conf = pki.dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\ncertfile {}\nkeyfile {}\n",
-            pki.server_cert, pki.server_key
-        ),
-    )
-    .unwrap();
-    let child = Command::new(&binary)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting mosquitto");
-    let running = Running(child);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "mosquitto did not listen within 5 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (running, port)
-}
-
 const SHORT: [&str; 4] = ["--duration", "2", "--warmup", "0.5"];
 
 fn with<'a>(scenario: &[&'a str], tls: &[&'a str]) -> Vec<&'a str> {
@@ -337,29 +298,6 @@ fn mutual_tls_with_a_client_certificate() {
     assert_eq!(run.u("connected_count"), 0, "{}", run.output);
 }
 
-#[test]
-fn fanin_and_conn_over_tls_against_mosquitto() {
-    let pki = Pki::new("mosquitto");
-    let (_m, port) = mosquitto_tls(&pki);
-    let verified = ["--tls", "--ca", pki.ca.as_str()];
-    // Paced: at full speed Mosquitto drops QoS 1 beyond max_queued_messages.
-    let run = bench(
-        port,
-        &with(
-            &["fanin", "--publishers", "4", "--qos", "1", "--rate", "500"],
-            &verified,
-        ),
-    );
-    assert_clean_fanin(&run);
-    assert_conn(
-        &bench(
-            port,
-            &with(&["conn", "--clients", "50", "--rate", "500"], &verified),
-        ),
-        50,
-    );
-}
-
 /// The usage errors name the flag.
 #[test]
 fn tls_flags_are_checked() {
@@ -381,5 +319,77 @@ fn tls_flags_are_checked() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
         assert!(err.contains(needle), "{flags:?}: {err}");
+    }
+}
+
+/// Mosquitto's TLS listener: a third-party test.
+#[cfg(feature = "third-party")]
+mod mosquitto {
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+
+    use super::*;
+
+    /// Starts Mosquitto with one TLS listener and waits until it accepts TCP.
+    fn mosquitto_tls(pki: &Pki) -> (Running, u16) {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let binary = std::env::split_paths(&path)
+            .chain([PathBuf::from("/usr/sbin")])
+            .map(|d| d.join("mosquitto"))
+            .find(|p| p.is_file())
+            .expect("mosquitto is installed (apt-get install -y mosquitto; scripts/test-third-party.sh installs it)");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let conf = pki.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\ncertfile {}\nkeyfile {}\n",
+                pki.server_cert, pki.server_key
+            ),
+        )
+        .unwrap();
+        let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting mosquitto");
+        let running = Running(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (running, port)
+    }
+
+    #[test]
+    fn fanin_and_conn_over_tls_against_mosquitto() {
+        let pki = Pki::new("mosquitto");
+        let (_m, port) = mosquitto_tls(&pki);
+        let verified = ["--tls", "--ca", pki.ca.as_str()];
+        // Paced: at full speed Mosquitto drops QoS 1 beyond max_queued_messages.
+        let run = bench(
+            port,
+            &with(
+                &["fanin", "--publishers", "4", "--qos", "1", "--rate", "500"],
+                &verified,
+            ),
+        );
+        assert_clean_fanin(&run);
+        assert_conn(
+            &bench(
+                port,
+                &with(&["conn", "--clients", "50", "--rate", "500"], &verified),
+            ),
+            50,
+        );
     }
 }

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The tests that need programs beyond Rust and a C toolchain: the second test
+# command beside the README's `cargo test --workspace` (`just test-third-party`;
+# CI runs both). Installs what it needs (apt-get as root, npm into a temporary
+# directory), then runs:
+#
+#   1. the cargo tests behind the `third-party` feature: bench/tests/mosquitto.rs
+#      and the Mosquitto test of bench/tests/tls.rs (Mosquitto is the reference
+#      broker the bench is checked against);
+#   2. ops/check.sh: the ops files checked by systemd-analyze, promtool,
+#      haproxy and shellcheck, the live syscall check under strace, and
+#      `promtool check metrics` on a live broker;
+#   3. broker/scripts/interop-mqttjs.sh: MQTT.js (node) over the mqtt, mqtts, ws
+#      and wss listeners.
+#
+# A program that is still missing fails its step: nothing is skipped.
+# Usage: scripts/test-third-party.sh   (as root, or with the packages below installed)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Debian packages and the commands they bring.
+declare -A package=(
+    [mosquitto]=mosquitto
+    [mosquitto_pub]=mosquitto-clients
+    [mosquitto_sub]=mosquitto-clients
+    [systemd-analyze]=systemd
+    [promtool]=prometheus
+    [haproxy]=haproxy
+    [shellcheck]=shellcheck
+    [strace]=strace
+    [openssl]=openssl
+    [node]=nodejs
+    [npm]=npm
+)
+need=()
+for tool in "${!package[@]}"; do
+    # Debian puts mosquitto in /usr/sbin, which a user's PATH may lack.
+    command -v "$tool" >/dev/null || [[ -x /usr/sbin/$tool ]] || need+=("${package[$tool]}")
+done
+if ((${#need[@]})); then
+    mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+    echo "test-third-party: installing ${need[*]}"
+    if ((EUID != 0)); then
+        echo "test-third-party: run as root, or install: apt-get install -y ${need[*]}" >&2
+        exit 1
+    fi
+    # Package scripts must not start daemons (mosquitto, prometheus, haproxy).
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${need[@]}" >/dev/null
+fi
+
+step() { printf '\n=== test-third-party: %s\n' "$1"; }
+
+step "cargo tests with --features third-party (Mosquitto)"
+# The test targets that use the feature; the others already ran in the README's
+# command, whose build this reuses (--workspace keeps the same dependency features).
+cargo test --workspace --features tessera-bench/third-party --test mosquitto --test tls
+
+step "broker build for the live checks"
+cargo build -p tessera-broker --bin broker
+
+step "ops/check.sh (systemd-analyze, promtool, haproxy, shellcheck, strace)"
+BROKER=target/debug/broker ops/check.sh
+
+step "MQTT.js over mqtt, mqtts, ws and wss"
+broker/scripts/interop-mqttjs.sh target/debug/broker
