@@ -6,8 +6,13 @@
 //!   between two node ids. The QUIC link between nodes implements it for real processes;
 //!   the deterministic simulation implements it in memory with partitions, delays and
 //!   drops.
+//! - [`link`]: the QUIC link between nodes (quinn, mutual TLS with the cluster CA): one
+//!   connection per peer, a stream per channel, framed requests with ids, timeouts,
+//!   reconnects with back-off, peer statistics; and the cluster certificates
+//!   ([`link::certs`]).
 //!
 //! What it does not do: it never touches a glommio shard's state. Shards reach the control
 //! plane only through bounded channels and receive applied results the same way.
 
+pub mod link;
 pub mod transport;
