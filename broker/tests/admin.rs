@@ -15,10 +15,10 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{Broker, RawClient, connect_packet, run_bounded};
+use common::{Broker, RawClient, brokerctl, connect_packet, run_bounded};
 use serde_json::Value;
 use tessera_broker::admin::http::{client_request, percent_encode};
 use tessera_proto::{ProtocolVersion, QoS, ReasonCode};
@@ -566,34 +566,6 @@ fn admin_beyond_loopback_without_a_token_refuses_to_start() {
 
 // ---------------------------------------------------------------------------
 // brokerctl
-
-/// Runs `brokerctl ARGS` with `envs` under a timeout.
-fn brokerctl(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
-    cmd.env_remove("TESSERA_URL").env_remove("TESSERA_TOKEN");
-    cmd.args(args).envs(envs.iter().copied());
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn brokerctl");
-    // Collect the output on a thread (draining both pipes, so a long output
-    // such as a completion script never blocks the child), bounded in time.
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(out) => out.expect("brokerctl output"),
-        Err(_) => {
-            // SAFETY: kill(2) on the pid of our child, not yet reaped.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            panic!("brokerctl {args:?} did not finish");
-        }
-    }
-}
 
 fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -11,10 +11,11 @@
 //! - `ban add|delete|list FILE [KIND VALUE]`: manage a ban list file.
 //! - `tune check [--profile NAME] [--proc-root DIR] [--pid PID] [--json]`: compare this
 //!   machine with a `kernel-tuning/` profile, read-only ([`tessera_broker::tune`]).
+//! - `cluster certs --out DIR --nodes N [--hosts h1,h2,...]`: make the cluster CA and the
+//!   node certificates the cluster links use ([`tessera_raft::link::certs`]).
 //! - `completions SHELL`: print a completion script (bash, zsh, fish, elvish,
 //!   powershell), e.g. `brokerctl completions bash > /etc/bash_completion.d/brokerctl`.
 //!
-//! Room is left for `cluster ...` (a later issue): one more [`Command`] variant.
 //! Adding a subcommand: a variant (with its args) in [`Command`] or a nested
 //! enum, and an arm in `run_admin` calling the API through [`AdminClient`].
 //!
@@ -112,11 +113,32 @@ enum Command {
     /// Kernel and process tuning for many connections.
     #[command(subcommand)]
     Tune(TuneCommand),
+    /// The cluster: certificates.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Print a shell completion script to stdout.
     Completions {
         /// The shell to generate for.
         #[arg(value_enum)]
         shell: Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Make the cluster CA and a certificate per node in DIR (existing files are kept:
+    /// run it again with a larger --nodes to add nodes signed by the same CA).
+    Certs {
+        /// The directory to write (`ca.pem`, `ca.key`, `node-<id>.pem`, `node-<id>.key`).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Make certificates for nodes 1 to N.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000))]
+        nodes: u64,
+        /// Host names or IP addresses added to the certificates: one for every node, or one
+        /// per node in id order.
+        #[arg(long, value_delimiter = ',', value_name = "h1,h2,...")]
+        hosts: Vec<String>,
     },
 }
 
@@ -266,6 +288,9 @@ fn main() -> ExitCode {
         Command::Tune(TuneCommand::Check(args)) => tune_check(args, cli.json),
         Command::Passwd(cmd) => finish(ctl::passwd(cmd, &mut io::stdin().lock())),
         Command::Ban(cmd) => finish(ctl::ban(cmd)),
+        Command::Cluster(ClusterCommand::Certs { out, nodes, hosts }) => {
+            cluster_certs(out, *nodes, hosts)
+        }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(*shell, &mut cmd, "brokerctl", &mut io::stdout());
@@ -292,6 +317,31 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `cluster certs`: makes or completes a certificate directory; a usage error (exit 2) when
+/// `--hosts` names neither one host nor one per node, exit 1 when a file cannot be written.
+fn cluster_certs(out: &std::path::Path, nodes: u64, hosts: &[String]) -> ExitCode {
+    if hosts.len() > 1 && hosts.len() as u64 != nodes {
+        eprintln!(
+            "brokerctl: --hosts names {} hosts for {nodes} nodes: give one for all or one per node",
+            hosts.len()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let result = tessera_raft::link::certs::make_cluster_certs(out, nodes, hosts)
+        .map(|report| {
+            let mut text = String::new();
+            for path in &report.written {
+                text.push_str(&format!("wrote {}\n", path.display()));
+            }
+            for path in &report.kept {
+                text.push_str(&format!("kept  {}\n", path.display()));
+            }
+            text
+        })
+        .map_err(|e| e.to_string());
+    finish(result)
 }
 
 /// Prints a file subcommand's output, or its error with exit code 1.
@@ -434,7 +484,11 @@ fn run_admin(c: &AdminClient, cli: &Cli) -> Result<(), ClientError> {
             print(&format!("expired the session of {client_id}\n"))
         }
         Command::Metrics(m) => metrics(c, m, json),
-        Command::Tune(_) | Command::Passwd(_) | Command::Ban(_) | Command::Completions { .. } => {
+        Command::Tune(_)
+        | Command::Passwd(_)
+        | Command::Ban(_)
+        | Command::Cluster(ClusterCommand::Certs { .. })
+        | Command::Completions { .. } => {
             unreachable!("handled in main")
         }
     }

@@ -692,3 +692,31 @@ pub fn metrics_text(admin: SocketAddr) -> String {
     assert_eq!(r.status, 200, "GET /metrics");
     String::from_utf8(r.body).expect("UTF-8 /metrics")
 }
+
+/// Runs `brokerctl ARGS` with `envs` under a timeout.
+pub fn brokerctl(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_brokerctl"));
+    cmd.env_remove("TESSERA_URL").env_remove("TESSERA_TOKEN");
+    cmd.args(args).envs(envs.iter().copied());
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn brokerctl");
+    // Collect the output on a thread (draining both pipes, so a long output
+    // such as a completion script never blocks the child), bounded in time.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("brokerctl output"),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of our child, not yet reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("brokerctl {args:?} did not finish");
+        }
+    }
+}
