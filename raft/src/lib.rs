@@ -10,9 +10,13 @@
 //!   connection per peer, a stream per channel, framed requests with ids, timeouts,
 //!   reconnects with back-off, peer statistics; and the cluster certificates
 //!   ([`link::certs`]).
+//! - [`types`]: openraft's type configuration and [`types::NodeInfo`].
+//! - [`op`]: the MQTT-aware ops, batches (one batch = one log entry), results.
 //!
 //! What it does not do: it never touches a glommio shard's state. Shards reach the control
 //! plane only through bounded channels and receive applied results the same way.
 
 pub mod link;
+pub mod op;
 pub mod transport;
+pub mod types;
