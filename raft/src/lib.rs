@@ -12,11 +12,16 @@
 //!   ([`link::certs`]).
 //! - [`types`]: openraft's type configuration and [`types::NodeInfo`].
 //! - [`op`]: the MQTT-aware ops, batches (one batch = one log entry), results.
+//! - [`store`]: heed storage: log, vote, committed index, the state machine's tables and
+//!   snapshots under `data_dir/raft/`.
+//! - [`network`]: openraft's network over the transport, and the RPC service.
 //!
 //! What it does not do: it never touches a glommio shard's state. Shards reach the control
 //! plane only through bounded channels and receive applied results the same way.
 
 pub mod link;
+pub mod network;
 pub mod op;
+pub mod store;
 pub mod transport;
 pub mod types;

@@ -1,0 +1,453 @@
+//! Raft storage in heed (LMDB): the log, the vote, the committed index and the state
+//! machine's tables, all in one env under `data_dir/raft/`, plus snapshot files under
+//! `data_dir/raft/snapshots/`.
+//!
+//! Databases of the env (keys big-endian so LMDB's byte order is numeric order):
+//! - `raft_meta`: `format`, `vote`, `committed`, `purged`, `node_id`, `bootstrap`,
+//!   `incarnation` (bincode values).
+//! - `log`: index -> bincode `Entry`.
+//! - the state machine ([`stm`]): `owners` (ClientID -> owner), `routes` (filter, group,
+//!   node -> stamp), `retained` (topic -> record), `nodes` (id -> [`NodeInfo`]), `idem` and
+//!   `idem_time` (the idempotency window), `sm_meta` (`applied`, `membership`,
+//!   `clock_ms`). Every row records the log index that wrote it, and `sm_meta/applied`
+//!   stamps all tables with the index they reflect: they change in the same write
+//!   transaction.
+//!
+//! Errors of the world (a corrupt file, an incompatible format, a full disk) are
+//! [`StoreError`]s naming the file; nothing here panics on bytes read from disk, and
+//! opening never rewrites what it finds.
+//!
+//! [`NodeInfo`]: crate::types::NodeInfo
+
+pub mod log;
+pub mod snapshot;
+pub mod stm;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use heed::types::Bytes as RawBytes;
+use heed::{Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
+use openraft::{AnyError, LogId, StorageError, StorageIOError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::transport::NodeId;
+
+/// The storage format this build writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// One database of the env (keys and values are raw bytes; encodings are ours).
+pub(crate) type Db = Database<'static, RawBytes, RawBytes>;
+
+/// Names of the databases, in [`Dbs`] order.
+const DB_NAMES: [&str; 9] = [
+    "raft_meta",
+    "log",
+    "owners",
+    "routes",
+    "retained",
+    "nodes",
+    "idem",
+    "idem_time",
+    "sm_meta",
+];
+
+/// The state machine's databases, in snapshot order (a snapshot frame names its table by
+/// the position here).
+pub(crate) const SM_TABLES: [&str; 7] = [
+    "owners",
+    "routes",
+    "retained",
+    "nodes",
+    "idem",
+    "idem_time",
+    "sm_meta",
+];
+
+/// Handles to every database.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dbs {
+    pub raft_meta: Db,
+    pub log: Db,
+    pub owners: Db,
+    pub routes: Db,
+    pub retained: Db,
+    pub nodes: Db,
+    pub idem: Db,
+    pub idem_time: Db,
+    pub sm_meta: Db,
+}
+
+impl Dbs {
+    /// The state machine's databases in [`SM_TABLES`] order.
+    pub(crate) fn sm_tables(&self) -> [Db; 7] {
+        [
+            self.owners,
+            self.routes,
+            self.retained,
+            self.nodes,
+            self.idem,
+            self.idem_time,
+            self.sm_meta,
+        ]
+    }
+}
+
+/// Why the store cannot be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// LMDB cannot open the env.
+    #[error(
+        "cannot open the raft store {path}: {source}. If the disk is full, free space; if the \
+         file is corrupt, restore data_dir/raft from a backup, or move it away and rejoin \
+         this node to the cluster as a new member"
+    )]
+    Open {
+        /// The data file.
+        path: PathBuf,
+        /// The cause.
+        source: heed::Error,
+    },
+    /// A file or directory operation failed.
+    #[error("raft store {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Written by a different (newer) build.
+    #[error(
+        "the raft store {path} has storage format {found}; this build reads format \
+         {FORMAT_VERSION}. Run the Tessera that wrote it, or move data_dir/raft away and \
+         rejoin this node as a new member"
+    )]
+    Incompatible {
+        /// The data file.
+        path: PathBuf,
+        /// Its format.
+        found: u16,
+    },
+    /// A record does not decode.
+    #[error(
+        "corrupt record in the raft store {path} (database {db}, key {key}): {reason}. \
+         Restore data_dir/raft from a backup, or move it away and rejoin this node as a new \
+         member"
+    )]
+    Corrupt {
+        /// The data file.
+        path: PathBuf,
+        /// The database.
+        db: &'static str,
+        /// The key, escaped.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// LMDB failed while reading or writing.
+    #[error("raft store {path}: {source}")]
+    Lmdb {
+        /// The data file.
+        path: PathBuf,
+        /// The cause.
+        source: heed::Error,
+    },
+}
+
+/// Counters the store keeps for metrics (read by the control plane).
+#[derive(Debug, Default)]
+pub struct StoreCounters {
+    /// Snapshots built by this node.
+    pub snapshots_built: AtomicU64,
+    /// Snapshots installed from a leader.
+    pub snapshots_installed: AtomicU64,
+    /// Size of the last snapshot built or installed, bytes.
+    pub snapshot_last_bytes: AtomicU64,
+    /// Entries applied.
+    pub entries_applied: AtomicU64,
+    /// Ops applied (duplicates excluded).
+    pub ops_applied: AtomicU64,
+    /// Duplicate batches answered from the idempotency window.
+    pub duplicate_batches: AtomicU64,
+    /// Ops rejected by validation at apply.
+    pub ops_rejected: AtomicU64,
+    /// Last applied log index (0: none).
+    pub applied_index: AtomicU64,
+    /// Last committed log index this node knows of (0: none).
+    pub committed_index: AtomicU64,
+}
+
+/// The opened env, shared by the log store, the state machine and readers.
+pub struct Store {
+    env: Env<WithoutTls>,
+    pub(crate) dbs: Dbs,
+    dir: PathBuf,
+    data_file: PathBuf,
+    /// The committed log id openraft last told us (persisted with the next apply).
+    pub(crate) committed: Mutex<Option<LogId<NodeId>>>,
+    /// Metrics.
+    pub counters: StoreCounters,
+    /// Subscribers to applied entries.
+    pub(crate) applied_subscribers: stm::Subscribers,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+/// Default LMDB map size: virtual address space, not memory (pages are mapped on use).
+pub const MAP_SIZE_BYTES_DEFAULT: usize = 64 << 30;
+
+impl Store {
+    /// Opens (or creates) the store under `raft_dir` (`data_dir/raft`).
+    pub fn open(raft_dir: &Path, map_size_bytes: usize) -> Result<Arc<Store>, StoreError> {
+        let io = |source| StoreError::Io {
+            path: raft_dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(raft_dir).map_err(io)?;
+        std::fs::create_dir_all(raft_dir.join("snapshots")).map_err(|source| StoreError::Io {
+            path: raft_dir.join("snapshots"),
+            source,
+        })?;
+        let data_file = raft_dir.join("data.mdb");
+        let open_err = |source| StoreError::Open {
+            path: data_file.clone(),
+            source,
+        };
+        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+        opts.map_size(map_size_bytes).max_dbs(DB_NAMES.len() as u32);
+        // SAFETY: the env's files are ours alone (data_dir/raft is not shared with another
+        // program), and no transaction outlives the env: every handle holds an Arc<Store>.
+        let env = unsafe { opts.open(raft_dir) }.map_err(open_err)?;
+        let dbs = open_dbs(&env).map_err(|source| StoreError::Open {
+            path: data_file.clone(),
+            source,
+        })?;
+        let store = Store {
+            env,
+            dbs,
+            dir: raft_dir.to_path_buf(),
+            data_file,
+            committed: Mutex::new(None),
+            counters: StoreCounters::default(),
+            applied_subscribers: stm::Subscribers::default(),
+        };
+        store.check_format()?;
+        store.load_indexes()?;
+        snapshot::remove_partial_files(&store.snapshot_dir())?;
+        Ok(Arc::new(store))
+    }
+
+    /// The directory `data_dir/raft`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The LMDB data file (named in errors).
+    pub fn data_file(&self) -> &Path {
+        &self.data_file
+    }
+
+    pub(crate) fn snapshot_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    pub(crate) fn env(&self) -> &Env<WithoutTls> {
+        &self.env
+    }
+
+    fn lmdb(&self, source: heed::Error) -> StoreError {
+        StoreError::Lmdb {
+            path: self.data_file.clone(),
+            source,
+        }
+    }
+
+    /// Writes the format on a new store; refuses a store of another format.
+    fn check_format(&self) -> Result<(), StoreError> {
+        let found: Option<u16> = self.meta_get(self.dbs.raft_meta, "raft_meta", b"format")?;
+        match found {
+            Some(FORMAT_VERSION) => Ok(()),
+            Some(found) => Err(StoreError::Incompatible {
+                path: self.data_file.clone(),
+                found,
+            }),
+            None => {
+                let log_empty = {
+                    let rtxn = self.env.read_txn().map_err(|e| self.lmdb(e))?;
+                    self.dbs
+                        .log
+                        .is_empty(&rtxn)
+                        .map_err(|e| self.lmdb(e))?
+                };
+                if !log_empty {
+                    return Err(StoreError::Corrupt {
+                        path: self.data_file.clone(),
+                        db: "raft_meta",
+                        key: "format".into(),
+                        reason: "missing while the log has entries".into(),
+                    });
+                }
+                self.meta_put(self.dbs.raft_meta, b"format", &FORMAT_VERSION)
+            }
+        }
+    }
+
+    fn load_indexes(&self) -> Result<(), StoreError> {
+        let applied: Option<LogId<NodeId>> = self.meta_get(self.dbs.sm_meta, "sm_meta", b"applied")?;
+        let committed: Option<LogId<NodeId>> =
+            self.meta_get(self.dbs.raft_meta, "raft_meta", b"committed")?;
+        self.counters
+            .applied_index
+            .store(applied.map_or(0, |l| l.index), Ordering::Relaxed);
+        self.counters
+            .committed_index
+            .store(committed.as_ref().map_or(0, |l| l.index), Ordering::Relaxed);
+        *lock(&self.committed) = committed;
+        Ok(())
+    }
+
+    /// Reads a bincode value from a meta database.
+    pub(crate) fn meta_get<T: DeserializeOwned>(
+        &self,
+        db: Db,
+        db_name: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.lmdb(e))?;
+        self.meta_get_in(&rtxn, db, db_name, key)
+    }
+
+    pub(crate) fn meta_get_in<T: DeserializeOwned>(
+        &self,
+        rtxn: &RoTxn<'_, WithoutTls>,
+        db: Db,
+        db_name: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match db.get(rtxn, key).map_err(|e| self.lmdb(e))? {
+            None => Ok(None),
+            Some(bytes) => decode_bincode(bytes).map(Some).map_err(|reason| StoreError::Corrupt {
+                path: self.data_file.clone(),
+                db: db_name,
+                key: String::from_utf8_lossy(key).into_owned(),
+                reason,
+            }),
+        }
+    }
+
+    /// Writes one bincode value in its own (synced) transaction.
+    pub(crate) fn meta_put<T: Serialize>(&self, db: Db, key: &[u8], value: &T) -> Result<(), StoreError> {
+        let mut wtxn = self.env.write_txn().map_err(|e| self.lmdb(e))?;
+        db.put(&mut wtxn, key, &encode_bincode(value))
+            .map_err(|e| self.lmdb(e))?;
+        wtxn.commit().map_err(|e| self.lmdb(e))
+    }
+
+    /// Bumps and returns the proposer incarnation (persisted before it is used, so batch
+    /// keys never repeat across restarts).
+    pub(crate) fn next_incarnation(&self) -> Result<u64, StoreError> {
+        let cur: Option<u64> = self.meta_get(self.dbs.raft_meta, "raft_meta", b"incarnation")?;
+        let next = cur.unwrap_or(0) + 1;
+        self.meta_put(self.dbs.raft_meta, b"incarnation", &next)?;
+        Ok(next)
+    }
+
+    /// A consistent read view of the state machine's tables.
+    pub fn read(self: &Arc<Self>) -> Result<stm::TablesView, StoreError> {
+        stm::TablesView::new(self.clone())
+    }
+}
+
+fn open_dbs(env: &Env<WithoutTls>) -> heed::Result<Dbs> {
+    let wtxn = env.write_txn()?;
+    let dbs = env
+        .create_databases_and_commit(wtxn, |opener, wtxn| {
+            let mut out = Vec::with_capacity(DB_NAMES.len());
+            for name in DB_NAMES {
+                out.push(opener.create_database::<RawBytes, RawBytes>(wtxn, Some(name))?);
+            }
+            let array: [Database<'_, RawBytes, RawBytes>; 9] = match out.try_into() {
+                Ok(a) => a,
+                Err(_) => unreachable!("one database per name"),
+            };
+            Ok::<_, heed::Error>(heed::CommitOrAbort::<_, ()>::Commit(array))
+        })?
+        .unwrap_commit();
+    // SAFETY: a `Database` is an (env identity, dbi) pair; its lifetime only ties it to the
+    // env it came from. The handles live in `Store` beside that env and are only used
+    // with transactions of that env, so extending the lifetime to the store's is sound.
+    let d: Vec<Db> = dbs
+        .into_iter()
+        .map(|db| unsafe { std::mem::transmute::<Database<'_, RawBytes, RawBytes>, Db>(db) })
+        .collect();
+    Ok(Dbs {
+        raft_meta: d[0],
+        log: d[1],
+        owners: d[2],
+        routes: d[3],
+        retained: d[4],
+        nodes: d[5],
+        idem: d[6],
+        idem_time: d[7],
+        sm_meta: d[8],
+    })
+}
+
+/// The bincode options for everything this crate stores or sends: varints, a size limit,
+/// and no trailing bytes (a frame is exactly one value).
+pub(crate) fn bincode_options() -> impl bincode::Options + Copy {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_limit(crate::network::RPC_BYTES_MAX as u64)
+        .reject_trailing_bytes()
+}
+
+pub(crate) fn encode_bincode<T: Serialize>(value: &T) -> Vec<u8> {
+    use bincode::Options;
+    match bincode_options().serialize(value) {
+        Ok(v) => v,
+        // Our values are plain data below the size limit; failing here is a bug.
+        Err(e) => panic!("bincode serialization of an in-memory value failed: {e}"),
+    }
+}
+
+pub(crate) fn decode_bincode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    use bincode::Options;
+    bincode_options().deserialize(bytes).map_err(|e| e.to_string())
+}
+
+/// Locks a mutex, recovering from poisoning (the guarded values stay consistent: every
+/// critical section is a single assignment).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn any_err(e: impl std::fmt::Display) -> AnyError {
+    AnyError::error(e.to_string())
+}
+
+pub(crate) fn read_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::read(any_err(e)).into()
+}
+
+pub(crate) fn write_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::write(any_err(e)).into()
+}
+
+/// Runs blocking store work (LMDB commits fsync) off the async thread.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, StorageError<NodeId>>
+where
+    F: FnOnce() -> Result<T, StorageError<NodeId>> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(write_err(format!("storage task failed: {e}"))),
+    }
+}

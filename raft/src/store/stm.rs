@@ -1,0 +1,714 @@
+//! The MQTT-aware state machine (`*_stm`): ownership, routes, retained index, nodes and
+//! the idempotency window, as LMDB tables stamped with the applied log index.
+//!
+//! `apply` is deterministic: it reads only the entries (their index and the time stamped
+//! at proposal), never the local clock, randomness or anything outside the env, so every
+//! node that applies the same log holds byte-identical tables. One `apply` call is one
+//! write transaction (and one fsync) for however many entries openraft hands over.
+//!
+//! After commit, the changes are broadcast to subscribers (the shards' replica tables)
+//! through bounded channels: a subscriber that does not keep up is dropped (its channel
+//! closes) and must resync from a [`TablesView`], never stalling apply.
+
+use std::ops::Bound;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use heed::{RoTxn, RwTxn, WithoutTls};
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
+    StoredMembership,
+};
+
+use super::{
+    Db, Store, StoreError, blocking, decode_bincode, encode_bincode, lock, read_err, snapshot,
+    write_err,
+};
+use crate::op::{
+    Batch, BatchResult, DecodeError, IDEMPOTENCY_WINDOW_MS, Op, OpResult, Owner, decode_rkyv,
+    encode_rkyv,
+};
+use crate::transport::NodeId;
+use crate::types::{NodeInfo, TypeConfig};
+
+/// Most idempotency records pruned per applied entry (bounds the work of one apply; the
+/// window drains over the following entries).
+const IDEM_PRUNE_PER_ENTRY_MAX: usize = 4096;
+
+/// The ownership of one ClientID, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct OwnerRecord {
+    /// The owning node.
+    pub node: NodeId,
+    /// The claim's epoch.
+    pub epoch: u64,
+    /// Entry time of the claim, ms.
+    pub time_ms: u64,
+}
+
+/// One route: `node` has subscribers to `filter` (in `group` for a shared subscription).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The filter.
+    pub filter: String,
+    /// The shared group.
+    pub group: Option<String>,
+    /// The node.
+    pub node: NodeId,
+    /// The log index that added it.
+    pub index: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct RouteStamp {
+    index: u64,
+    time_ms: u64,
+}
+
+/// A retained message's index entry.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RetainedRecord {
+    /// The node holding the full message.
+    pub origin: NodeId,
+    /// Its size, bytes.
+    pub size: u32,
+    /// The log index that set it (the last writer).
+    pub index: u64,
+    /// Entry time, ms.
+    pub time_ms: u64,
+    /// The record inline, when small.
+    pub inline: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct IdemRecord {
+    time_ms: u64,
+    index: u64,
+    results: Vec<OpResult>,
+}
+
+/// One applied entry's effective changes, as broadcast to subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedEntry {
+    /// The entry's log index: a replica table that applied this is stamped with it.
+    pub index: u64,
+    /// The entry's time (stamped at proposal), ms.
+    pub time_ms: u64,
+    /// The proposing node.
+    pub proposer: NodeId,
+    /// The ops that changed state, with what they did (duplicates and no-ops left out).
+    pub changes: Vec<(Op, OpResult)>,
+}
+
+/// What a subscriber receives.
+#[derive(Debug, Clone)]
+pub enum AppliedEvent {
+    /// An entry was applied.
+    Entry(Arc<AppliedEntry>),
+    /// A snapshot replaced the tables up to `index`: rebuild from a [`TablesView`].
+    SnapshotInstalled {
+        /// The snapshot's last index.
+        index: u64,
+    },
+}
+
+/// Subscribers to applied entries.
+#[derive(Debug, Default)]
+pub(crate) struct Subscribers {
+    list: Mutex<Vec<flume::Sender<AppliedEvent>>>,
+    /// Subscribers dropped because their channel was full.
+    pub(crate) lagged: std::sync::atomic::AtomicU64,
+}
+
+impl Subscribers {
+    pub(crate) fn add(&self, capacity: usize) -> flume::Receiver<AppliedEvent> {
+        let (tx, rx) = flume::bounded(capacity);
+        lock(&self.list).push(tx);
+        rx
+    }
+
+    fn publish(&self, ev: &AppliedEvent) {
+        let mut list = lock(&self.list);
+        list.retain(|tx| match tx.try_send(ev.clone()) {
+            Ok(()) => true,
+            Err(flume::TrySendError::Full(_)) => {
+                self.lagged.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(flume::TrySendError::Disconnected(_)) => false,
+        });
+    }
+}
+
+/// The state machine, in the shared store.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    store: Arc<Store>,
+}
+
+impl StateMachine {
+    /// The state machine of `store`.
+    pub fn new(store: Arc<Store>) -> StateMachine {
+        StateMachine { store }
+    }
+}
+
+fn route_key(filter: &str, group: Option<&str>, node: NodeId) -> Vec<u8> {
+    let g = group.unwrap_or("");
+    let mut k = Vec::with_capacity(filter.len() + g.len() + 10);
+    k.extend_from_slice(filter.as_bytes());
+    k.push(0);
+    k.extend_from_slice(g.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&node.to_be_bytes());
+    k
+}
+
+fn parse_route_key(k: &[u8]) -> Option<(String, Option<String>, NodeId)> {
+    if k.len() < 10 {
+        return None;
+    }
+    let (rest, node) = k.split_at(k.len() - 8);
+    let node = u64::from_be_bytes(node.try_into().ok()?);
+    let rest = rest.strip_suffix(&[0])?;
+    let mut parts = rest.splitn(2, |b| *b == 0);
+    let filter = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    let group = std::str::from_utf8(parts.next()?).ok()?;
+    let group = (!group.is_empty()).then(|| group.to_owned());
+    Some((filter, group, node))
+}
+
+fn idem_key(b: &Batch) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&b.proposer.to_be_bytes());
+    k[8..16].copy_from_slice(&b.incarnation.to_be_bytes());
+    k[16..].copy_from_slice(&b.seq.to_be_bytes());
+    k
+}
+
+/// The epoch of the claim at `position` in the entry at `index`: unique cluster-wide and
+/// increasing with the log, so a later claim always carries a greater fencing token.
+pub fn claim_epoch(index: u64, position: usize) -> u64 {
+    (index << 20) | position as u64
+}
+
+struct Applier<'a> {
+    store: &'a Store,
+    w: RwTxn<'a>,
+}
+
+type SResult<T> = Result<T, StorageError<NodeId>>;
+
+impl Applier<'_> {
+    fn get(&self, db: Db, key: &[u8]) -> SResult<Option<Vec<u8>>> {
+        Ok(db.get(&self.w, key).map_err(read_err)?.map(<[u8]>::to_vec))
+    }
+
+    fn owner(&self, cid: &str) -> SResult<Option<OwnerRecord>> {
+        match self.get(self.store.dbs.owners, cid.as_bytes())? {
+            None => Ok(None),
+            Some(v) => decode_rkyv::<OwnerRecord>(&v, "owner record")
+                .map(Some)
+                .map_err(read_err),
+        }
+    }
+
+    fn apply_op(&mut self, op: &Op, index: u64, pos: usize, time_ms: u64) -> SResult<(OpResult, bool)> {
+        let dbs = self.store.dbs;
+        Ok(match op {
+            Op::ClaimSession { client_id, node } => {
+                let previous = self.owner(client_id)?.map(|o| Owner {
+                    node: o.node,
+                    epoch: o.epoch,
+                });
+                let epoch = claim_epoch(index, pos);
+                // Paired with the assignment: epochs only grow for a ClientID.
+                assert!(previous.is_none_or(|p| p.epoch < epoch), "epoch went backwards");
+                let rec = OwnerRecord {
+                    node: *node,
+                    epoch,
+                    time_ms,
+                };
+                dbs.owners
+                    .put(&mut self.w, client_id.as_bytes(), &encode_rkyv(&rec))
+                    .map_err(write_err)?;
+                (OpResult::Claimed { epoch, previous }, true)
+            }
+            Op::ReleaseSession {
+                client_id,
+                node,
+                epoch,
+            } => match self.owner(client_id)? {
+                Some(o) if o.node == *node && o.epoch == *epoch => {
+                    dbs.owners
+                        .delete(&mut self.w, client_id.as_bytes())
+                        .map_err(write_err)?;
+                    (OpResult::Released, true)
+                }
+                cur => (
+                    OpResult::ReleaseStale {
+                        current: cur.map(|o| Owner {
+                            node: o.node,
+                            epoch: o.epoch,
+                        }),
+                    },
+                    false,
+                ),
+            },
+            Op::RouteDelta {
+                node,
+                filter,
+                group,
+                add,
+            } => {
+                let key = route_key(filter, group.as_deref(), *node);
+                let exists = self.get(dbs.routes, &key)?.is_some();
+                if *add {
+                    if !exists {
+                        let stamp = RouteStamp { index, time_ms };
+                        dbs.routes
+                            .put(&mut self.w, &key, &encode_rkyv(&stamp))
+                            .map_err(write_err)?;
+                    }
+                    (OpResult::RouteAdded(!exists), !exists)
+                } else {
+                    if exists {
+                        dbs.routes.delete(&mut self.w, &key).map_err(write_err)?;
+                    }
+                    (OpResult::RouteRemoved(exists), exists)
+                }
+            }
+            Op::RetainedSet {
+                topic,
+                origin,
+                size,
+                inline,
+            } => {
+                let rec = RetainedRecord {
+                    origin: *origin,
+                    size: *size,
+                    index,
+                    time_ms,
+                    inline: inline.clone(),
+                };
+                dbs.retained
+                    .put(&mut self.w, topic.as_bytes(), &encode_rkyv(&rec))
+                    .map_err(write_err)?;
+                (OpResult::RetainedSet, true)
+            }
+            Op::RetainedClear { topic, .. } => {
+                let existed = dbs
+                    .retained
+                    .delete(&mut self.w, topic.as_bytes())
+                    .map_err(write_err)?;
+                (OpResult::RetainedCleared(existed), existed)
+            }
+            Op::NodeMeta { id, info } => {
+                dbs.nodes
+                    .put(&mut self.w, &id.to_be_bytes(), &encode_rkyv(info))
+                    .map_err(write_err)?;
+                (OpResult::NodeMetaSet, true)
+            }
+        })
+    }
+
+    /// Forgets idempotency records older than the window (entry time).
+    fn prune_idem(&mut self, clock_ms: u64) -> SResult<()> {
+        let Some(cutoff) = clock_ms.checked_sub(IDEMPOTENCY_WINDOW_MS) else {
+            return Ok(());
+        };
+        let dbs = self.store.dbs;
+        let hi = cutoff.to_be_bytes();
+        let range = (Bound::Unbounded, Bound::Excluded(&hi[..]));
+        let mut old: Vec<Vec<u8>> = Vec::new();
+        for row in dbs.idem_time.range(&self.w, &range).map_err(read_err)? {
+            let (k, _) = row.map_err(read_err)?;
+            old.push(k.to_vec());
+            if old.len() >= IDEM_PRUNE_PER_ENTRY_MAX {
+                break;
+            }
+        }
+        for k in old {
+            dbs.idem_time.delete(&mut self.w, &k).map_err(write_err)?;
+            if k.len() == 32 {
+                dbs.idem.delete(&mut self.w, &k[8..]).map_err(write_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_batch(&mut self, index: u64, batch: &Batch, clock: &mut u64) -> SResult<(BatchResult, Option<AppliedEntry>)> {
+        let dbs = self.store.dbs;
+        let key = idem_key(batch);
+        if let Some(v) = self.get(dbs.idem, &key)? {
+            let rec: IdemRecord = decode_bincode(&v).map_err(read_err)?;
+            self.store
+                .counters
+                .duplicate_batches
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok((
+                BatchResult {
+                    index: rec.index,
+                    results: rec.results,
+                    duplicate: true,
+                },
+                None,
+            ));
+        }
+        *clock = (*clock).max(batch.time_ms);
+        let mut results = Vec::with_capacity(batch.ops.len());
+        let mut changes = Vec::new();
+        for (pos, op) in batch.ops.iter().enumerate() {
+            let (r, changed) = match op.validate() {
+                Err(rej) => {
+                    self.store
+                        .counters
+                        .ops_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    (OpResult::Rejected(rej), false)
+                }
+                Ok(()) => self.apply_op(op, index, pos, *clock)?,
+            };
+            if changed {
+                changes.push((op.clone(), r.clone()));
+            }
+            results.push(r);
+        }
+        self.store
+            .counters
+            .ops_applied
+            .fetch_add(batch.ops.len() as u64, Ordering::Relaxed);
+        let rec = IdemRecord {
+            time_ms: *clock,
+            index,
+            results,
+        };
+        dbs.idem
+            .put(&mut self.w, &key, &encode_bincode(&rec))
+            .map_err(write_err)?;
+        let mut tkey = Vec::with_capacity(32);
+        tkey.extend_from_slice(&clock.to_be_bytes());
+        tkey.extend_from_slice(&key);
+        dbs.idem_time.put(&mut self.w, &tkey, &[]).map_err(write_err)?;
+        let entry = (!changes.is_empty()).then(|| AppliedEntry {
+            index,
+            time_ms: *clock,
+            proposer: batch.proposer,
+            changes,
+        });
+        Ok((
+            BatchResult {
+                index,
+                results: rec.results,
+                duplicate: false,
+            },
+            entry,
+        ))
+    }
+}
+
+fn decode_batch(data: &crate::op::EntryData) -> Result<Batch, DecodeError> {
+    let b = data.decode()?;
+    b.validate_shape()?;
+    Ok(b)
+}
+
+/// Applies `entries` in one write transaction; returns one result per entry and the
+/// changes to broadcast.
+fn apply_entries(
+    store: &Store,
+    entries: Vec<Entry<TypeConfig>>,
+) -> SResult<(Vec<BatchResult>, Vec<AppliedEntry>)> {
+    let dbs = store.dbs;
+    let w = store.env().write_txn().map_err(write_err)?;
+    let mut a = Applier { store, w };
+    let mut clock: u64 = match a.get(dbs.sm_meta, b"clock_ms")? {
+        Some(v) => decode_bincode(&v).map_err(read_err)?,
+        None => 0,
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    let mut applied = Vec::new();
+    let mut last: Option<LogId<NodeId>> = None;
+    for e in &entries {
+        let index = e.log_id.index;
+        match &e.payload {
+            EntryPayload::Blank => out.push(BatchResult {
+                index,
+                ..BatchResult::default()
+            }),
+            EntryPayload::Membership(m) => {
+                let sm = StoredMembership::new(Some(e.log_id), m.clone());
+                dbs.sm_meta
+                    .put(&mut a.w, b"membership", &encode_bincode(&sm))
+                    .map_err(write_err)?;
+                out.push(BatchResult {
+                    index,
+                    ..BatchResult::default()
+                });
+            }
+            EntryPayload::Normal(data) => match decode_batch(data) {
+                Err(err) => {
+                    tracing::warn!(index, %err, "raft entry does not decode; applied as empty");
+                    out.push(BatchResult {
+                        index,
+                        ..BatchResult::default()
+                    });
+                }
+                Ok(batch) => {
+                    let (r, entry) = a.apply_batch(index, &batch, &mut clock)?;
+                    out.push(r);
+                    applied.extend(entry);
+                }
+            },
+        }
+        a.prune_idem(clock)?;
+        last = Some(e.log_id);
+    }
+    let Some(last) = last else {
+        return Ok((out, applied));
+    };
+    dbs.sm_meta
+        .put(&mut a.w, b"applied", &encode_bincode(&last))
+        .map_err(write_err)?;
+    dbs.sm_meta
+        .put(&mut a.w, b"clock_ms", &encode_bincode(&clock))
+        .map_err(write_err)?;
+    if let Some(c) = *lock(&store.committed) {
+        dbs.raft_meta
+            .put(&mut a.w, b"committed", &encode_bincode(&c))
+            .map_err(write_err)?;
+    }
+    a.w.commit().map_err(write_err)?;
+    store
+        .counters
+        .entries_applied
+        .fetch_add(entries.len() as u64, Ordering::Relaxed);
+    store
+        .counters
+        .applied_index
+        .store(last.index, Ordering::Release);
+    Ok((out, applied))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError<NodeId>> {
+        let s = &self.store;
+        let applied: Option<LogId<NodeId>> = s.meta_get(s.dbs.sm_meta, "sm_meta", b"applied").map_err(read_err)?;
+        let membership: Option<StoredMembership<NodeId, NodeInfo>> =
+            s.meta_get(s.dbs.sm_meta, "sm_meta", b"membership").map_err(read_err)?;
+        Ok((applied, membership.unwrap_or_default()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResult>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let store = self.store.clone();
+        let (results, applied) = blocking(move || apply_entries(&store, entries)).await?;
+        for entry in applied {
+            self.store
+                .applied_subscribers
+                .publish(&AppliedEvent::Entry(Arc::new(entry)));
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        snapshot::begin_receiving(&self.store).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError<NodeId>> {
+        snapshot::install(&self.store, meta, snapshot).await?;
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        self.store
+            .applied_subscribers
+            .publish(&AppliedEvent::SnapshotInstalled { index });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        snapshot::current(&self.store).await
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        snapshot::build(&self.store).await
+    }
+}
+
+/// A consistent, read-only view of the state machine's tables at one applied index.
+///
+/// Cheap to open (an LMDB read transaction); callable from any thread, including glommio
+/// shards. Hold it briefly: a long-lived view keeps old pages from being reused.
+pub struct TablesView {
+    // Declared before `store` so the transaction ends before the env can close.
+    txn: RoTxn<'static, WithoutTls>,
+    store: Arc<Store>,
+}
+
+impl std::fmt::Debug for TablesView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TablesView").finish_non_exhaustive()
+    }
+}
+
+fn corrupt(store: &Store, db: &'static str, key: &[u8], reason: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        path: store.data_file().to_path_buf(),
+        db,
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+impl TablesView {
+    pub(crate) fn new(store: Arc<Store>) -> Result<TablesView, StoreError> {
+        let txn = store
+            .env()
+            .clone()
+            .static_read_txn()
+            .map_err(|source| StoreError::Lmdb {
+                path: store.data_file().to_path_buf(),
+                source,
+            })?;
+        Ok(TablesView { txn, store })
+    }
+
+    fn lmdb(&self, source: heed::Error) -> StoreError {
+        StoreError::Lmdb {
+            path: self.store.data_file().to_path_buf(),
+            source,
+        }
+    }
+
+    /// The log index every table of this view reflects (0: nothing applied).
+    pub fn applied_index(&self) -> Result<u64, StoreError> {
+        let l: Option<LogId<NodeId>> =
+            self.store
+                .meta_get_in(&self.txn, self.store.dbs.sm_meta, "sm_meta", b"applied")?;
+        Ok(l.map_or(0, |l| l.index))
+    }
+
+    /// The owner of `client_id`.
+    pub fn owner(&self, client_id: &str) -> Result<Option<OwnerRecord>, StoreError> {
+        let k = client_id.as_bytes();
+        match self.store.dbs.owners.get(&self.txn, k).map_err(|e| self.lmdb(e))? {
+            None => Ok(None),
+            Some(v) => decode_rkyv(v, "owner record")
+                .map(Some)
+                .map_err(|e| corrupt(&self.store, "owners", k, e)),
+        }
+    }
+
+    /// How many sessions are owned cluster-wide.
+    pub fn owner_count(&self) -> Result<u64, StoreError> {
+        self.store.dbs.owners.len(&self.txn).map_err(|e| self.lmdb(e))
+    }
+
+    /// Every route (for building a replica table).
+    pub fn routes(&self) -> Result<Vec<Route>, StoreError> {
+        let mut out = Vec::new();
+        for row in self.store.dbs.routes.iter(&self.txn).map_err(|e| self.lmdb(e))? {
+            let (k, v) = row.map_err(|e| self.lmdb(e))?;
+            let (filter, group, node) =
+                parse_route_key(k).ok_or_else(|| corrupt(&self.store, "routes", k, "bad key"))?;
+            let stamp: RouteStamp =
+                decode_rkyv(v, "route stamp").map_err(|e| corrupt(&self.store, "routes", k, e))?;
+            out.push(Route {
+                filter,
+                group,
+                node,
+                index: stamp.index,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The retained index entry of `topic`.
+    pub fn retained(&self, topic: &str) -> Result<Option<RetainedRecord>, StoreError> {
+        let k = topic.as_bytes();
+        match self.store.dbs.retained.get(&self.txn, k).map_err(|e| self.lmdb(e))? {
+            None => Ok(None),
+            Some(v) => decode_rkyv(v, "retained record")
+                .map(Some)
+                .map_err(|e| corrupt(&self.store, "retained", k, e)),
+        }
+    }
+
+    /// Every retained topic with its record.
+    pub fn retained_all(&self) -> Result<Vec<(String, RetainedRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for row in self.store.dbs.retained.iter(&self.txn).map_err(|e| self.lmdb(e))? {
+            let (k, v) = row.map_err(|e| self.lmdb(e))?;
+            let rec = decode_rkyv(v, "retained record")
+                .map_err(|e| corrupt(&self.store, "retained", k, e))?;
+            out.push((String::from_utf8_lossy(k).into_owned(), rec));
+        }
+        Ok(out)
+    }
+
+    /// Every node's metadata (from `NodeMeta` ops).
+    pub fn nodes(&self) -> Result<Vec<(NodeId, NodeInfo)>, StoreError> {
+        let mut out = Vec::new();
+        for row in self.store.dbs.nodes.iter(&self.txn).map_err(|e| self.lmdb(e))? {
+            let (k, v) = row.map_err(|e| self.lmdb(e))?;
+            let id = <[u8; 8]>::try_from(k)
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(&self.store, "nodes", k, "bad key"))?;
+            let info = decode_rkyv(v, "node info").map_err(|e| corrupt(&self.store, "nodes", k, e))?;
+            out.push((id, info));
+        }
+        Ok(out)
+    }
+
+    /// Every row of every state-machine table, in order (for comparing replicas).
+    pub fn dump(&self) -> Result<Vec<(&'static str, Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for (name, db) in super::SM_TABLES.iter().zip(self.store.dbs.sm_tables()) {
+            for row in db.iter(&self.txn).map_err(|e| self.lmdb(e))? {
+                let (k, v) = row.map_err(|e| self.lmdb(e))?;
+                out.push((*name, k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_keys_round_trip() {
+        let k = route_key("a/+/#", Some("g1"), 7);
+        assert_eq!(
+            parse_route_key(&k),
+            Some(("a/+/#".into(), Some("g1".into()), 7))
+        );
+        let k = route_key("x", None, 1);
+        assert_eq!(parse_route_key(&k), Some(("x".into(), None, 1)));
+        assert_eq!(parse_route_key(b"short"), None);
+    }
+
+    #[test]
+    fn epochs_grow_with_the_log_and_the_position() {
+        assert!(claim_epoch(5, 0) < claim_epoch(5, 1));
+        assert!(claim_epoch(5, (1 << 20) - 1) < claim_epoch(6, 0));
+    }
+}
