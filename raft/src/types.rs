@@ -4,8 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::transport::NodeId;
 use crate::op::{BatchResult, EntryData};
+pub use crate::transport::NodeId;
 
 openraft::declare_raft_types!(
     /// Tessera's raft types: entries carry an rkyv-encoded batch of MQTT ops

@@ -6,16 +6,21 @@ use openraft::StorageError;
 use openraft::testing::{StoreBuilder, Suite};
 use tessera_raft::store::log::LogStore;
 use tessera_raft::store::stm::StateMachine;
-use tessera_raft::store::{MAP_SIZE_BYTES_DEFAULT, Store};
+use tessera_raft::store::{MAP_SIZE_BYTES_DEFAULT, Store, StoreOptions};
 use tessera_raft::types::TypeConfig;
 
 struct HeedBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for HeedBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("raft"), MAP_SIZE_BYTES_DEFAULT >> 4)
-            .expect("open a fresh store");
+        let options = StoreOptions {
+            map_size_bytes: MAP_SIZE_BYTES_DEFAULT >> 4,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&dir.path().join("raft"), options).expect("open a fresh store");
         Ok((dir, LogStore::new(store.clone()), StateMachine::new(store)))
     }
 }

@@ -43,7 +43,11 @@ impl LogStore {
             .map_err(read_err)
     }
 
-    fn read_range(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+    fn read_range(
+        &self,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
         let store = &self.store;
         let rtxn = store.env().read_txn().map_err(read_err)?;
         let lo = start.to_be_bytes();
@@ -141,7 +145,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
         let store = self.store.clone();
         let bytes = encode_bincode(vote);
-        blocking(move || {
+        blocking(&self.store, move || {
             let mut w = store.env().write_txn().map_err(write_err)?;
             store
                 .dbs
@@ -157,7 +161,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta(b"vote")
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
         if let Some(c) = &committed {
             self.store
                 .counters
@@ -172,7 +179,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(*lock(&self.store.committed))
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
@@ -182,7 +193,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|e| (e.log_id.index.to_be_bytes(), encode_bincode(&e)))
             .collect();
         let store = self.store.clone();
-        let result = blocking(move || {
+        let result = blocking(&self.store, move || {
             let mut w = store.env().write_txn().map_err(write_err)?;
             for (k, v) in &rows {
                 store.dbs.log.put(&mut w, k, v).map_err(write_err)?;
@@ -199,7 +210,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         let store = self.store.clone();
-        blocking(move || {
+        blocking(&self.store, move || {
             let mut w = store.env().write_txn().map_err(write_err)?;
             let lo = log_id.index.to_be_bytes();
             let range = (Bound::Included(&lo[..]), Bound::Unbounded);
@@ -215,7 +226,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         let store = self.store.clone();
-        blocking(move || {
+        blocking(&self.store, move || {
             let mut w = store.env().write_txn().map_err(write_err)?;
             store
                 .dbs

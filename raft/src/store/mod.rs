@@ -19,6 +19,10 @@
 //!
 //! [`NodeInfo`]: crate::types::NodeInfo
 
+// openraft's trait methods return its `StorageError` (224 bytes); our helpers return the
+// same type so `?` carries it unchanged. Boxing it would only add a conversion.
+#![allow(clippy::result_large_err)]
+
 pub mod log;
 pub mod snapshot;
 pub mod stm;
@@ -146,6 +150,15 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// Another process (or another control plane in this one) uses the directory.
+    #[error(
+        "the raft store {path} is locked by another running broker; stop it first or give \
+         this one its own data dir"
+    )]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// LMDB failed while reading or writing.
     #[error("raft store {path}: {source}")]
     Lmdb {
@@ -181,6 +194,8 @@ pub struct StoreCounters {
 
 /// The opened env, shared by the log store, the state machine and readers.
 pub struct Store {
+    _lock: std::fs::File,
+    inline_io: bool,
     env: Env<WithoutTls>,
     pub(crate) dbs: Dbs,
     dir: PathBuf,
@@ -202,9 +217,33 @@ impl std::fmt::Debug for Store {
 /// Default LMDB map size: virtual address space, not memory (pages are mapped on use).
 pub const MAP_SIZE_BYTES_DEFAULT: usize = 64 << 30;
 
+/// How the store is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// LMDB map size, bytes.
+    pub map_size_bytes: usize,
+    /// fsync every commit (`true` in production). `false` keeps what survives a process
+    /// crash (the page cache) but not a machine crash: tests and the simulation only.
+    pub fsync: bool,
+    /// Run LMDB commits on tokio's blocking pool (`true` in production, so an fsync never
+    /// stalls the control thread). `false` runs them inline: the deterministic simulation
+    /// uses it so a paused clock cannot jump while a commit is in flight.
+    pub io_on_blocking_pool: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            map_size_bytes: MAP_SIZE_BYTES_DEFAULT,
+            fsync: true,
+            io_on_blocking_pool: true,
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store under `raft_dir` (`data_dir/raft`).
-    pub fn open(raft_dir: &Path, map_size_bytes: usize) -> Result<Arc<Store>, StoreError> {
+    pub fn open(raft_dir: &Path, options: StoreOptions) -> Result<Arc<Store>, StoreError> {
         let io = |source| StoreError::Io {
             path: raft_dir.to_path_buf(),
             source,
@@ -220,7 +259,13 @@ impl Store {
             source,
         };
         let mut opts = EnvOpenOptions::new().read_txn_without_tls();
-        opts.map_size(map_size_bytes).max_dbs(DB_NAMES.len() as u32);
+        opts.map_size(options.map_size_bytes)
+            .max_dbs(DB_NAMES.len() as u32);
+        if !options.fsync {
+            // SAFETY: NO_SYNC trades machine-crash durability for speed; only tests and the
+            // simulation ask for it (StoreOptions::fsync).
+            unsafe { opts.flags(heed::EnvFlags::NO_SYNC) };
+        }
         // SAFETY: the env's files are ours alone (data_dir/raft is not shared with another
         // program), and no transaction outlives the env: every handle holds an Arc<Store>.
         let env = unsafe { opts.open(raft_dir) }.map_err(open_err)?;
@@ -228,7 +273,22 @@ impl Store {
             path: data_file.clone(),
             source,
         })?;
+        let lock_path = raft_dir.join("LOCK");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        if lock_file.try_lock().is_err() {
+            return Err(StoreError::Locked { path: lock_path });
+        }
         let store = Store {
+            _lock: lock_file,
+            inline_io: !options.io_on_blocking_pool,
             env,
             dbs,
             dir: raft_dir.to_path_buf(),
@@ -280,10 +340,7 @@ impl Store {
             None => {
                 let log_empty = {
                     let rtxn = self.env.read_txn().map_err(|e| self.lmdb(e))?;
-                    self.dbs
-                        .log
-                        .is_empty(&rtxn)
-                        .map_err(|e| self.lmdb(e))?
+                    self.dbs.log.is_empty(&rtxn).map_err(|e| self.lmdb(e))?
                 };
                 if !log_empty {
                     return Err(StoreError::Corrupt {
@@ -299,7 +356,8 @@ impl Store {
     }
 
     fn load_indexes(&self) -> Result<(), StoreError> {
-        let applied: Option<LogId<NodeId>> = self.meta_get(self.dbs.sm_meta, "sm_meta", b"applied")?;
+        let applied: Option<LogId<NodeId>> =
+            self.meta_get(self.dbs.sm_meta, "sm_meta", b"applied")?;
         let committed: Option<LogId<NodeId>> =
             self.meta_get(self.dbs.raft_meta, "raft_meta", b"committed")?;
         self.counters
@@ -332,17 +390,24 @@ impl Store {
     ) -> Result<Option<T>, StoreError> {
         match db.get(rtxn, key).map_err(|e| self.lmdb(e))? {
             None => Ok(None),
-            Some(bytes) => decode_bincode(bytes).map(Some).map_err(|reason| StoreError::Corrupt {
-                path: self.data_file.clone(),
-                db: db_name,
-                key: String::from_utf8_lossy(key).into_owned(),
-                reason,
-            }),
+            Some(bytes) => decode_bincode(bytes)
+                .map(Some)
+                .map_err(|reason| StoreError::Corrupt {
+                    path: self.data_file.clone(),
+                    db: db_name,
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    reason,
+                }),
         }
     }
 
     /// Writes one bincode value in its own (synced) transaction.
-    pub(crate) fn meta_put<T: Serialize>(&self, db: Db, key: &[u8], value: &T) -> Result<(), StoreError> {
+    pub(crate) fn meta_put<T: Serialize>(
+        &self,
+        db: Db,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), StoreError> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.lmdb(e))?;
         db.put(&mut wtxn, key, &encode_bincode(value))
             .map_err(|e| self.lmdb(e))?;
@@ -419,7 +484,9 @@ pub(crate) fn encode_bincode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub(crate) fn decode_bincode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     use bincode::Options;
-    bincode_options().deserialize(bytes).map_err(|e| e.to_string())
+    bincode_options()
+        .deserialize(bytes)
+        .map_err(|e| e.to_string())
 }
 
 /// Locks a mutex, recovering from poisoning (the guarded values stay consistent: every
@@ -440,12 +507,16 @@ pub(crate) fn write_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write(any_err(e)).into()
 }
 
-/// Runs blocking store work (LMDB commits fsync) off the async thread.
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T, StorageError<NodeId>>
+/// Runs blocking store work (LMDB commits fsync) off the async thread, or inline when
+/// the store was opened so (`StoreOptions::io_on_blocking_pool`).
+pub(crate) async fn blocking<T, F>(store: &Store, f: F) -> Result<T, StorageError<NodeId>>
 where
     F: FnOnce() -> Result<T, StorageError<NodeId>> + Send + 'static,
     T: Send + 'static,
 {
+    if store.inline_io {
+        return f();
+    }
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => Err(write_err(format!("storage task failed: {e}"))),

@@ -20,7 +20,9 @@ use std::sync::atomic::Ordering;
 
 use openraft::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 
-use super::{SM_TABLES, Store, blocking, decode_bincode, encode_bincode, lock, read_err, write_err};
+use super::{
+    SM_TABLES, Store, blocking, decode_bincode, encode_bincode, lock, read_err, write_err,
+};
 use crate::op::{decode_rkyv, encode_rkyv};
 use crate::transport::NodeId;
 use crate::types::{NodeInfo, TypeConfig};
@@ -86,12 +88,18 @@ fn sync_dir(dir: &Path) {
 
 /// Makes `snap-{id}.bin` and `.meta` current (both written under temporary names first)
 /// and removes every other snapshot.
-fn publish(dir: &Path, id: &str, data_tmp: &Path, meta: &Meta) -> Result<PathBuf, StorageError<NodeId>> {
+fn publish(
+    dir: &Path,
+    id: &str,
+    data_tmp: &Path,
+    meta: &Meta,
+) -> Result<PathBuf, StorageError<NodeId>> {
     let bin = dir.join(format!("snap-{id}.bin"));
     let meta_tmp = dir.join(format!("snap-{id}.meta.tmp"));
     let meta_path = dir.join(format!("snap-{id}.meta"));
     let mut f = File::create(&meta_tmp).map_err(|e| io_err(&meta_tmp, e))?;
-    f.write_all(&encode_bincode(meta)).map_err(|e| io_err(&meta_tmp, e))?;
+    f.write_all(&encode_bincode(meta))
+        .map_err(|e| io_err(&meta_tmp, e))?;
     f.sync_all().map_err(|e| io_err(&meta_tmp, e))?;
     std::fs::rename(data_tmp, &bin).map_err(|e| io_err(&bin, e))?;
     std::fs::rename(&meta_tmp, &meta_path).map_err(|e| io_err(&meta_path, e))?;
@@ -124,7 +132,8 @@ fn build_blocking(store: &Store) -> Result<(Meta, PathBuf), StorageError<NodeId>
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let werr = |e| io_err(&tmp, e);
     out.write_all(MAGIC).map_err(werr)?;
-    out.write_all(&SNAPSHOT_FORMAT.to_le_bytes()).map_err(werr)?;
+    out.write_all(&SNAPSHOT_FORMAT.to_le_bytes())
+        .map_err(werr)?;
     for (t, db) in store.dbs.sm_tables().into_iter().enumerate() {
         let mut chunk = SnapChunk {
             table: t as u8,
@@ -165,9 +174,11 @@ fn build_blocking(store: &Store) -> Result<(Meta, PathBuf), StorageError<NodeId>
 }
 
 /// Builds a snapshot of the applied state.
-pub(crate) async fn build(store: &std::sync::Arc<Store>) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+pub(crate) async fn build(
+    store: &std::sync::Arc<Store>,
+) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
     let s = store.clone();
-    let (meta, path) = blocking(move || build_blocking(&s)).await?;
+    let (meta, path) = blocking(store, move || build_blocking(&s)).await?;
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| io_err(&path, e))?;
@@ -178,7 +189,17 @@ pub(crate) async fn build(store: &std::sync::Arc<Store>) -> Result<Snapshot<Type
 }
 
 /// A fresh file to receive a snapshot into.
-pub(crate) async fn begin_receiving(store: &Store) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+pub(crate) async fn begin_receiving(
+    store: &Store,
+) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+    // Only one transfer at a time: whatever an abandoned one left goes.
+    if let Ok(rd) = std::fs::read_dir(store.snapshot_dir()) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("recv-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let n = store.counters.snapshots_installed.load(Ordering::Relaxed);
     let path = store
         .snapshot_dir()
@@ -194,19 +215,29 @@ pub(crate) async fn begin_receiving(store: &Store) -> Result<Box<tokio::fs::File
     Ok(Box::new(f))
 }
 
-fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), StorageError<NodeId>> {
+fn read_exact_or(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    what: &str,
+) -> Result<(), StorageError<NodeId>> {
     r.read_exact(buf)
         .map_err(|e| read_err(format!("snapshot {what}: {e}")))
 }
 
-fn install_blocking(store: &Store, meta: &Meta, mut src: File) -> Result<u64, StorageError<NodeId>> {
+fn install_blocking(
+    store: &Store,
+    meta: &Meta,
+    mut src: File,
+) -> Result<u64, StorageError<NodeId>> {
     let dir = store.snapshot_dir();
     src.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let mut r = BufReader::with_capacity(1 << 20, src);
     let mut head = [0u8; 10];
     read_exact_or(&mut r, &mut head, "header")?;
     if &head[..8] != MAGIC {
-        return Err(read_err("snapshot from the leader is not a Tessera snapshot"));
+        return Err(read_err(
+            "snapshot from the leader is not a Tessera snapshot",
+        ));
     }
     let format = u16::from_le_bytes([head[8], head[9]]);
     if format != SNAPSHOT_FORMAT {
@@ -235,13 +266,18 @@ fn install_blocking(store: &Store, meta: &Meta, mut src: File) -> Result<u64, St
             break;
         }
         if len > FRAME_BYTES_MAX {
-            return Err(read_err(format!("snapshot frame of {len} bytes exceeds the bound")));
+            return Err(read_err(format!(
+                "snapshot frame of {len} bytes exceeds the bound"
+            )));
         }
         frame.resize(len as usize, 0);
         read_exact_or(&mut r, &mut frame, "frame")?;
         let chunk: SnapChunk = decode_rkyv(&frame, "snapshot frame").map_err(read_err)?;
         let Some(db) = tables.get(chunk.table as usize) else {
-            return Err(read_err(format!("snapshot names unknown table {}", chunk.table)));
+            return Err(read_err(format!(
+                "snapshot names unknown table {}",
+                chunk.table
+            )));
         };
         for (k, v) in &chunk.rows {
             if k.is_empty() || k.len() > KEY_BYTES_MAX {
@@ -270,7 +306,11 @@ fn install_blocking(store: &Store, meta: &Meta, mut src: File) -> Result<u64, St
         }
     }
     sm_meta
-        .put(&mut w, b"membership", &encode_bincode(&meta.last_membership))
+        .put(
+            &mut w,
+            b"membership",
+            &encode_bincode(&meta.last_membership),
+        )
         .map_err(write_err)?;
     if let Some(c) = *lock(&store.committed) {
         store
@@ -300,7 +340,7 @@ pub(crate) async fn install(
     let src = src.into_std().await;
     let s = store.clone();
     let m = meta.clone();
-    let size = blocking(move || install_blocking(&s, &m, src)).await?;
+    let size = blocking(store, move || install_blocking(&s, &m, src)).await?;
     let c = &store.counters;
     c.snapshots_installed.fetch_add(1, Ordering::Relaxed);
     c.snapshot_last_bytes.store(size, Ordering::Relaxed);
@@ -310,7 +350,9 @@ pub(crate) async fn install(
 }
 
 /// The newest complete snapshot, if any.
-pub(crate) async fn current(store: &Store) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+pub(crate) async fn current(
+    store: &Store,
+) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
     let dir = store.snapshot_dir();
     let mut best: Option<(Meta, PathBuf)> = None;
     let rd = std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?;
@@ -323,8 +365,12 @@ pub(crate) async fn current(store: &Store) -> Result<Option<Snapshot<TypeConfig>
             continue;
         };
         let bytes = std::fs::read(e.path()).map_err(|err| io_err(&e.path(), err))?;
-        let meta: Meta = decode_bincode(&bytes)
-            .map_err(|reason| read_err(format!("corrupt snapshot meta {}: {reason}", e.path().display())))?;
+        let meta: Meta = decode_bincode(&bytes).map_err(|reason| {
+            read_err(format!(
+                "corrupt snapshot meta {}: {reason}",
+                e.path().display()
+            ))
+        })?;
         let bin = dir.join(format!("snap-{id}.bin"));
         if !bin.exists() {
             continue;

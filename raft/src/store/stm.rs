@@ -214,7 +214,13 @@ impl Applier<'_> {
         }
     }
 
-    fn apply_op(&mut self, op: &Op, index: u64, pos: usize, time_ms: u64) -> SResult<(OpResult, bool)> {
+    fn apply_op(
+        &mut self,
+        op: &Op,
+        index: u64,
+        pos: usize,
+        time_ms: u64,
+    ) -> SResult<(OpResult, bool)> {
         let dbs = self.store.dbs;
         Ok(match op {
             Op::ClaimSession { client_id, node } => {
@@ -224,7 +230,10 @@ impl Applier<'_> {
                 });
                 let epoch = claim_epoch(index, pos);
                 // Paired with the assignment: epochs only grow for a ClientID.
-                assert!(previous.is_none_or(|p| p.epoch < epoch), "epoch went backwards");
+                assert!(
+                    previous.is_none_or(|p| p.epoch < epoch),
+                    "epoch went backwards"
+                );
                 let rec = OwnerRecord {
                     node: *node,
                     epoch,
@@ -338,7 +347,12 @@ impl Applier<'_> {
         Ok(())
     }
 
-    fn apply_batch(&mut self, index: u64, batch: &Batch, clock: &mut u64) -> SResult<(BatchResult, Option<AppliedEntry>)> {
+    fn apply_batch(
+        &mut self,
+        index: u64,
+        batch: &Batch,
+        clock: &mut u64,
+    ) -> SResult<(BatchResult, Option<AppliedEntry>)> {
         let dbs = self.store.dbs;
         let key = idem_key(batch);
         if let Some(v) = self.get(dbs.idem, &key)? {
@@ -390,8 +404,10 @@ impl Applier<'_> {
         let mut tkey = Vec::with_capacity(32);
         tkey.extend_from_slice(&clock.to_be_bytes());
         tkey.extend_from_slice(&key);
-        dbs.idem_time.put(&mut self.w, &tkey, &[]).map_err(write_err)?;
-        let entry = (!changes.is_empty()).then(|| AppliedEntry {
+        dbs.idem_time
+            .put(&mut self.w, &tkey, &[])
+            .map_err(write_err)?;
+        let entry = (!changes.is_empty()).then_some(AppliedEntry {
             index,
             time_ms: *clock,
             proposer: batch.proposer,
@@ -496,11 +512,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError<NodeId>> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError<NodeId>>
+    {
         let s = &self.store;
-        let applied: Option<LogId<NodeId>> = s.meta_get(s.dbs.sm_meta, "sm_meta", b"applied").map_err(read_err)?;
-        let membership: Option<StoredMembership<NodeId, NodeInfo>> =
-            s.meta_get(s.dbs.sm_meta, "sm_meta", b"membership").map_err(read_err)?;
+        let applied: Option<LogId<NodeId>> = s
+            .meta_get(s.dbs.sm_meta, "sm_meta", b"applied")
+            .map_err(read_err)?;
+        let membership: Option<StoredMembership<NodeId, NodeInfo>> = s
+            .meta_get(s.dbs.sm_meta, "sm_meta", b"membership")
+            .map_err(read_err)?;
         Ok((applied, membership.unwrap_or_default()))
     }
 
@@ -511,7 +531,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let entries: Vec<_> = entries.into_iter().collect();
         let store = self.store.clone();
-        let (results, applied) = blocking(move || apply_entries(&store, entries)).await?;
+        let (results, applied) =
+            blocking(&self.store, move || apply_entries(&store, entries)).await?;
         for entry in applied {
             self.store
                 .applied_subscribers
@@ -524,7 +545,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
         snapshot::begin_receiving(&self.store).await
     }
 
@@ -541,7 +564,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         snapshot::current(&self.store).await
     }
 }
@@ -551,6 +576,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         snapshot::build(&self.store).await
     }
 }
+
+/// One raw row of a state-machine table: (table name, key, value).
+pub type TableRow = (&'static str, Vec<u8>, Vec<u8>);
 
 /// A consistent, read-only view of the state machine's tables at one applied index.
 ///
@@ -608,7 +636,13 @@ impl TablesView {
     /// The owner of `client_id`.
     pub fn owner(&self, client_id: &str) -> Result<Option<OwnerRecord>, StoreError> {
         let k = client_id.as_bytes();
-        match self.store.dbs.owners.get(&self.txn, k).map_err(|e| self.lmdb(e))? {
+        match self
+            .store
+            .dbs
+            .owners
+            .get(&self.txn, k)
+            .map_err(|e| self.lmdb(e))?
+        {
             None => Ok(None),
             Some(v) => decode_rkyv(v, "owner record")
                 .map(Some)
@@ -618,13 +652,23 @@ impl TablesView {
 
     /// How many sessions are owned cluster-wide.
     pub fn owner_count(&self) -> Result<u64, StoreError> {
-        self.store.dbs.owners.len(&self.txn).map_err(|e| self.lmdb(e))
+        self.store
+            .dbs
+            .owners
+            .len(&self.txn)
+            .map_err(|e| self.lmdb(e))
     }
 
     /// Every route (for building a replica table).
     pub fn routes(&self) -> Result<Vec<Route>, StoreError> {
         let mut out = Vec::new();
-        for row in self.store.dbs.routes.iter(&self.txn).map_err(|e| self.lmdb(e))? {
+        for row in self
+            .store
+            .dbs
+            .routes
+            .iter(&self.txn)
+            .map_err(|e| self.lmdb(e))?
+        {
             let (k, v) = row.map_err(|e| self.lmdb(e))?;
             let (filter, group, node) =
                 parse_route_key(k).ok_or_else(|| corrupt(&self.store, "routes", k, "bad key"))?;
@@ -643,7 +687,13 @@ impl TablesView {
     /// The retained index entry of `topic`.
     pub fn retained(&self, topic: &str) -> Result<Option<RetainedRecord>, StoreError> {
         let k = topic.as_bytes();
-        match self.store.dbs.retained.get(&self.txn, k).map_err(|e| self.lmdb(e))? {
+        match self
+            .store
+            .dbs
+            .retained
+            .get(&self.txn, k)
+            .map_err(|e| self.lmdb(e))?
+        {
             None => Ok(None),
             Some(v) => decode_rkyv(v, "retained record")
                 .map(Some)
@@ -654,7 +704,13 @@ impl TablesView {
     /// Every retained topic with its record.
     pub fn retained_all(&self) -> Result<Vec<(String, RetainedRecord)>, StoreError> {
         let mut out = Vec::new();
-        for row in self.store.dbs.retained.iter(&self.txn).map_err(|e| self.lmdb(e))? {
+        for row in self
+            .store
+            .dbs
+            .retained
+            .iter(&self.txn)
+            .map_err(|e| self.lmdb(e))?
+        {
             let (k, v) = row.map_err(|e| self.lmdb(e))?;
             let rec = decode_rkyv(v, "retained record")
                 .map_err(|e| corrupt(&self.store, "retained", k, e))?;
@@ -666,19 +722,26 @@ impl TablesView {
     /// Every node's metadata (from `NodeMeta` ops).
     pub fn nodes(&self) -> Result<Vec<(NodeId, NodeInfo)>, StoreError> {
         let mut out = Vec::new();
-        for row in self.store.dbs.nodes.iter(&self.txn).map_err(|e| self.lmdb(e))? {
+        for row in self
+            .store
+            .dbs
+            .nodes
+            .iter(&self.txn)
+            .map_err(|e| self.lmdb(e))?
+        {
             let (k, v) = row.map_err(|e| self.lmdb(e))?;
             let id = <[u8; 8]>::try_from(k)
                 .map(u64::from_be_bytes)
                 .map_err(|_| corrupt(&self.store, "nodes", k, "bad key"))?;
-            let info = decode_rkyv(v, "node info").map_err(|e| corrupt(&self.store, "nodes", k, e))?;
+            let info =
+                decode_rkyv(v, "node info").map_err(|e| corrupt(&self.store, "nodes", k, e))?;
             out.push((id, info));
         }
         Ok(out)
     }
 
     /// Every row of every state-machine table, in order (for comparing replicas).
-    pub fn dump(&self) -> Result<Vec<(&'static str, Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn dump(&self) -> Result<Vec<TableRow>, StoreError> {
         let mut out = Vec::new();
         for (name, db) in super::SM_TABLES.iter().zip(self.store.dbs.sm_tables()) {
             for row in db.iter(&self.txn).map_err(|e| self.lmdb(e))? {

@@ -1,0 +1,215 @@
+//! An in-memory [`Transport`] for tests, benchmarks and the seeded simulation: every
+//! node of one process registers its [`Service`]; calls are delivered through tokio
+//! timers with seeded faults.
+//!
+//! Faults: partitions (a blocked pair of nodes, both directions), crashed nodes (no
+//! service registered: calls fail as unreachable), a random delay per message, and random
+//! loss of the request (the callee never sees it) or of the response (the callee acted
+//! but the caller hears nothing: the case idempotency keys exist for). Decisions come
+//! from one seeded xorshift generator, so a run on a current-thread runtime with a
+//! paused clock draws the same faults for the same sequence of calls.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::store::lock;
+use crate::transport::{BoxFuture, Channel, NodeId, Service, Transport, TransportError};
+
+/// Fault settings of a [`MemNet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Faults {
+    /// Requests lost, per mille.
+    pub drop_request_per_mille: u32,
+    /// Responses lost, per mille.
+    pub drop_response_per_mille: u32,
+    /// Smallest one-way delay, µs.
+    pub delay_min_us: u64,
+    /// Largest one-way delay, µs.
+    pub delay_max_us: u64,
+}
+
+struct State {
+    services: BTreeMap<NodeId, Arc<dyn Service>>,
+    blocked: BTreeSet<(NodeId, NodeId)>,
+    faults: Faults,
+    rng: u64,
+    calls: u64,
+}
+
+impl State {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn chance(&mut self, per_mille: u32) -> bool {
+        per_mille > 0 && (self.next() % 1000) < per_mille as u64
+    }
+
+    fn delay(&mut self) -> Duration {
+        let (lo, hi) = (
+            self.faults.delay_min_us,
+            self.faults.delay_max_us.max(self.faults.delay_min_us),
+        );
+        let us = if hi > lo {
+            lo + self.next() % (hi - lo + 1)
+        } else {
+            lo
+        };
+        Duration::from_micros(us)
+    }
+
+    fn cut(&self, a: NodeId, b: NodeId) -> bool {
+        self.blocked.contains(&(a, b)) || self.blocked.contains(&(b, a))
+    }
+}
+
+/// The in-memory network of one process.
+#[derive(Clone)]
+pub struct MemNet {
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for MemNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemNet").finish_non_exhaustive()
+    }
+}
+
+impl MemNet {
+    /// A network with no faults, drawing fault decisions from `seed`.
+    pub fn new(seed: u64) -> MemNet {
+        MemNet {
+            state: Arc::new(Mutex::new(State {
+                services: BTreeMap::new(),
+                blocked: BTreeSet::new(),
+                faults: Faults::default(),
+                rng: seed | 1,
+                calls: 0,
+            })),
+        }
+    }
+
+    /// The transport node `me` calls through.
+    pub fn transport(&self, me: NodeId) -> Arc<dyn Transport> {
+        Arc::new(MemTransport {
+            net: self.clone(),
+            me,
+        })
+    }
+
+    /// Node `id` is up and serves with `service`.
+    pub fn register(&self, id: NodeId, service: Arc<dyn Service>) {
+        lock(&self.state).services.insert(id, service);
+    }
+
+    /// Node `id` is down: calls to it fail.
+    pub fn unregister(&self, id: NodeId) {
+        lock(&self.state).services.remove(&id);
+    }
+
+    /// Cuts the link between `a` and `b` (both directions).
+    pub fn partition(&self, a: NodeId, b: NodeId) {
+        lock(&self.state).blocked.insert((a, b));
+    }
+
+    /// Cuts `id` from every node in `others`.
+    pub fn isolate(&self, id: NodeId, others: impl IntoIterator<Item = NodeId>) {
+        let mut s = lock(&self.state);
+        for o in others {
+            if o != id {
+                s.blocked.insert((id, o));
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        lock(&self.state).blocked.clear();
+    }
+
+    /// Sets the random faults.
+    pub fn set_faults(&self, faults: Faults) {
+        lock(&self.state).faults = faults;
+    }
+
+    /// A random number from the network's generator (for a harness that wants one
+    /// seeded stream).
+    pub fn random(&self) -> u64 {
+        lock(&self.state).next()
+    }
+
+    /// Calls delivered so far.
+    pub fn calls(&self) -> u64 {
+        lock(&self.state).calls
+    }
+}
+
+struct MemTransport {
+    net: MemNet,
+    me: NodeId,
+}
+
+impl Transport for MemTransport {
+    fn call(
+        &self,
+        to: NodeId,
+        channel: Channel,
+        request: Bytes,
+    ) -> BoxFuture<'_, Result<Bytes, TransportError>> {
+        Box::pin(async move {
+            let me = self.me;
+            let unreachable = || TransportError::Unreachable {
+                node: to,
+                reason: "no route (simulated)".into(),
+            };
+            let (d1, d2, drop_req, drop_resp) = {
+                let mut s = lock(&self.net.state);
+                s.calls += 1;
+                if !s.services.contains_key(&to) || s.cut(me, to) || !s.services.contains_key(&me) {
+                    return Err(unreachable());
+                }
+                let (dq, dr) = (
+                    s.faults.drop_request_per_mille,
+                    s.faults.drop_response_per_mille,
+                );
+                (s.delay(), s.delay(), s.chance(dq), s.chance(dr))
+            };
+            if !d1.is_zero() {
+                tokio::time::sleep(d1).await;
+            }
+            if drop_req {
+                return Err(TransportError::Timeout(to));
+            }
+            let svc = {
+                let s = lock(&self.net.state);
+                if s.cut(me, to) {
+                    return Err(unreachable());
+                }
+                s.services.get(&to).cloned()
+            };
+            let Some(svc) = svc else {
+                return Err(unreachable());
+            };
+            let resp = svc.serve(me, channel, request).await;
+            if !d2.is_zero() {
+                tokio::time::sleep(d2).await;
+            }
+            {
+                let s = lock(&self.net.state);
+                if drop_resp || s.cut(me, to) || !s.services.contains_key(&me) {
+                    return Err(TransportError::Timeout(to));
+                }
+            }
+            resp.map_err(|reason| TransportError::Remote { node: to, reason })
+        })
+    }
+}
