@@ -257,7 +257,8 @@ impl ReasonCode {
             | ServerShuttingDown
             | UseAnotherServer
             | ServerMoved
-            | ConnectionRateExceeded => 0x03,
+            | ConnectionRateExceeded
+            | QuotaExceeded => 0x03,
             BadUserNameOrPassword | BadAuthenticationMethod => 0x04,
             _ => 0x05,
         }

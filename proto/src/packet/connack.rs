@@ -133,6 +133,10 @@ mod tests {
         // Not canonical (0x03 decodes back as ServerUnavailable): encode only.
         let busy = connack(false, ReasonCode::ServerBusy);
         assert_eq!(hex(&encode(&busy, ProtocolVersion::V3_1_1)), "20 02 00 03");
+        // A full quota (e.g. the broker's session limit) is the server being
+        // unavailable to this client, not the client being unauthorized.
+        let quota = connack(false, ReasonCode::QuotaExceeded);
+        assert_eq!(hex(&encode(&quota, ProtocolVersion::V3_1_1)), "20 02 00 03");
         let banned = connack(false, ReasonCode::Banned);
         assert_eq!(
             hex(&encode(&banned, ProtocolVersion::V3_1_1)),
