@@ -13,7 +13,8 @@
 //! what must be durable it records for the shard's store (`persist`), and
 //! credentials go to a hook the driver installs (`auth`). Per-publisher
 //! back-pressure (`backpressure`), shared subscriptions (`shared`), MQTT 5
-//! features (`mqtt5`), the admin queries (`admin`) and `$SYS` (`sys_probe`)
+//! features (`mqtt5`), the quotas on sessions, session expiry and retained
+//! messages (`quota`), the admin queries (`admin`) and `$SYS` (`sys_probe`)
 //! are its other parts. No cross-node clustering.
 
 use std::collections::{HashMap, VecDeque};
@@ -45,12 +46,14 @@ mod auth;
 mod backpressure;
 mod mqtt5;
 mod persist;
+mod quota;
 mod shared;
 mod sys_probe;
 #[cfg(test)]
 mod testing;
 
 pub use mqtt5::{Mqtt5Settings, Redirect};
+pub use quota::{Limit, SessionBudget};
 pub use shared::SharedStrategy;
 
 /// Named limits of one shard (the broker's `[limits]` config section).
@@ -66,7 +69,7 @@ pub struct Limits {
     pub receive_maximum: u16,
     /// Deliveries queued per session behind the in-flight window.
     pub queued_count_max: usize,
-    /// Subscriptions per session.
+    /// Subscriptions per session; `usize::MAX` for no limit.
     pub subscriptions_count_max: usize,
     /// Levels of a topic name or filter.
     pub topic_levels_max: usize,
@@ -105,6 +108,17 @@ pub struct Limits {
     /// Longest a PUBACK/PUBREC is held for back-pressure, milliseconds; then it
     /// is sent and the overflow policy applies at `queued_count_max`.
     pub backpressure_hold_ms_max: u64,
+    // Quotas on state that would otherwise grow without bound (`quota`).
+    /// Longest session expiry interval granted, seconds; `u32::MAX` grants
+    /// "never" (and keeps 3.1.1 persistent sessions forever).
+    pub session_expiry_s_max: u32,
+    /// Sessions of the node (the budget `Engine::set_session_budget` shares
+    /// is made with it); `usize::MAX` for no limit.
+    pub sessions_count_max: usize,
+    /// Retained messages; `usize::MAX` for no limit.
+    pub retained_count_max: usize,
+    /// Bytes of retained topics and payloads; `u64::MAX` for no limit.
+    pub retained_bytes_max: u64,
 }
 
 /// What a full session queue does with one more delivery.
@@ -129,7 +143,7 @@ impl Default for Limits {
             inflight_count_max: 32,
             receive_maximum: 32,
             queued_count_max: 1000,
-            subscriptions_count_max: 100,
+            subscriptions_count_max: usize::MAX,
             topic_levels_max: TOPIC_LEVELS_MAX,
             topic_alias_max: 64,
             outbound_topic_alias_max: 16,
@@ -144,6 +158,10 @@ impl Default for Limits {
             shared_subscription_strategy: SharedStrategy::default(),
             queue_high_water: 250,
             backpressure_hold_ms_max: 2000,
+            session_expiry_s_max: u32::MAX,
+            sessions_count_max: usize::MAX,
+            retained_count_max: usize::MAX,
+            retained_bytes_max: u64::MAX,
         }
     }
 }
@@ -206,6 +224,8 @@ pub struct Stats {
     /// Times a connection stopped being read because it had more held
     /// acknowledgements than the Receive Maximum (counted by the driver).
     pub backpressure_reads_paused: u64,
+    /// Refusals by each configured limit, indexed by [`Limit`] (`quota`).
+    pub limit_refusals: [u64; Limit::COUNT],
 }
 
 /// Why a connection ends.
@@ -366,6 +386,11 @@ pub struct Engine {
     persist: Option<Box<persist::PersistState>>,
     /// Per-publisher back-pressure state (`backpressure`).
     bp: backpressure::BackPressure,
+    /// The node's session count (`quota`): this engine's own until the
+    /// driver shares one with `set_session_budget`.
+    session_budget: Arc<SessionBudget>,
+    /// Live retained messages of the replica and their bytes (`quota`).
+    retained_usage: quota::RetainedUsage,
 }
 
 fn delivery_qos(published: QoS, granted: QoS) -> QoS {
@@ -386,6 +411,7 @@ impl Engine {
             limits.queue_high_water,
             limits.queued_count_max
         );
+        let limits_sessions_max = limits.sessions_count_max;
         let sys_publisher = (shard == 0 && limits.sys.interval_ms > 0)
             .then(|| Box::new(SysPublisher::new(shard_count)));
         Engine {
@@ -421,6 +447,8 @@ impl Engine {
             auth_hook: None,
             persist: None,
             bp: backpressure::BackPressure::new(shard_count),
+            session_budget: Arc::new(SessionBudget::new(limits_sessions_max)),
+            retained_usage: quota::RetainedUsage::default(),
         }
     }
 
@@ -537,7 +565,8 @@ impl Engine {
             .packet_received(tessera_proto::PacketType::Connect);
         let refuse = self
             .connect_refusal(&connect, assigned)
-            .or_else(|| self.admission_refusal(&connect, &admission));
+            .or_else(|| self.admission_refusal(&connect, &admission))
+            .or_else(|| self.session_refusal(&connect.client_id));
         if let Some(rc) = refuse {
             self.stats.connects_refused += 1;
             self.probe.connect_result(rc);
@@ -585,13 +614,14 @@ impl Engine {
             None => (self.new_session(&connect), false),
         };
 
-        let expiry = if version.is_v5() {
+        let requested_expiry = if version.is_v5() {
             connect.properties.session_expiry_interval.unwrap_or(0)
         } else if connect.clean_start {
             0
         } else {
             u32::MAX
         };
+        let expiry = self.granted_expiry(requested_expiry);
         let keep_alive_max = self.limits.keep_alive_s_max;
         let server_keep_alive =
             (version.is_v5() && connect.keep_alive > keep_alive_max).then_some(keep_alive_max);
@@ -622,6 +652,9 @@ impl Engine {
             props.subscription_identifiers_available = Some(true);
             props.shared_subscription_available = Some(true);
             props.server_keep_alive = server_keep_alive;
+            // A granted expiry below the requested one is sent: the client
+            // then uses the server's value (section 3.2.2.3.2).
+            props.session_expiry_interval = (expiry != requested_expiry).then_some(expiry);
             if assigned {
                 props.assigned_client_identifier = Some(connect.client_id.clone());
             }
@@ -717,6 +750,7 @@ impl Engine {
             }
         };
         self.by_client_id.insert(client_id, idx);
+        self.session_created();
         idx
     }
 
@@ -729,6 +763,7 @@ impl Engine {
             self.remove_local_subscription(filter, idx);
         }
         self.by_client_id.remove(&s.client_id);
+        self.session_gone();
         self.free_sessions.push(idx);
         self.bp_session_offline(idx);
         self.persist_session_destroyed(&s);
@@ -995,7 +1030,18 @@ impl Engine {
     }
 
     /// The codec rejected the connection's input: tell a v5 client why and end.
+    /// A packet over the size limit is also counted as a limit refusal.
     pub fn decode_error(&mut self, now_ms: u64, conn: ConnId, reason: ReasonCode) {
+        if reason == ReasonCode::PacketTooLarge
+            && let Some(c) = self.slot(conn)
+        {
+            let client_id = self
+                .sessions
+                .get(c.session as usize)
+                .and_then(Option::as_ref)
+                .map(|s| s.client_id.clone());
+            self.limit_refused(Limit::PacketSize, client_id.as_ref());
+        }
         self.protocol_error(now_ms, conn, reason);
     }
 
@@ -1033,8 +1079,9 @@ impl Engine {
         if topic::validate_topic_name(&p.topic, self.limits.topic_levels_max).is_err() {
             return self.protocol_error(now_ms, conn, ReasonCode::TopicNameInvalid);
         }
-        if let Some(rc) =
-            mqtt5::publish_refusal(&p, version).or_else(|| self.publish_gate(now_ms, conn, idx, &p))
+        if let Some(rc) = mqtt5::publish_refusal(&p, version)
+            .or_else(|| self.publish_gate(now_ms, conn, idx, &p))
+            .or_else(|| self.retained_publish_refusal(idx, &p, version))
         {
             return self.refuse_publish(now_ms, conn, &p, rc);
         }
@@ -1180,8 +1227,13 @@ impl Engine {
             } else {
                 let sess = self.session(idx);
                 let exists = sess.subscriptions.contains_key(filter);
-                (!exists && sess.subscriptions.len() >= self.limits.subscriptions_count_max)
-                    .then_some(ReasonCode::QuotaExceeded)
+                let over =
+                    !exists && sess.subscriptions.len() >= self.limits.subscriptions_count_max;
+                if over {
+                    let client_id = sess.client_id.clone();
+                    self.limit_refused(quota::Limit::Subscriptions, Some(&client_id));
+                }
+                over.then_some(ReasonCode::QuotaExceeded)
             };
             if let Some(rc) = refusal {
                 reason_codes.push(rc);
@@ -1323,6 +1375,7 @@ impl Engine {
             if self.session(idx).expiry_interval_s == 0 && expiry != 0 {
                 return self.protocol_error(now_ms, conn, ReasonCode::ProtocolError);
             }
+            let expiry = self.granted_expiry(expiry);
             self.session_mut(idx).expiry_interval_s = expiry;
         }
         let reason = if d.reason_code == ReasonCode::DisconnectWithWillMessage {
@@ -1352,9 +1405,18 @@ impl Engine {
     /// subscriptions hashes: the publisher's ClientID when known.
     fn publish_acked(&mut self, now_ms: u64, msg: Message, ack: Option<u64>, shared_key: u64) {
         if msg.retain {
-            // The retained copy outlives the publisher's read buffer: compact it.
-            let message = (!msg.payload.is_empty()).then(|| compact_message(&msg));
-            self.retain_update(now_ms, msg.topic.clone(), message, ack);
+            // A client's (or its will's) new retained message must fit the
+            // retained quotas; a clear always goes through (`quota`).
+            let refusal = (msg.origin.is_some() && !msg.payload.is_empty())
+                .then(|| self.retained_refusal(&msg.topic, quota::retained_size(&msg)))
+                .flatten();
+            if let Some(limit) = refusal {
+                self.limit_refused(limit, None);
+            } else {
+                // The retained copy outlives the publisher's read buffer: compact it.
+                let message = (!msg.payload.is_empty()).then(|| compact_message(&msg));
+                self.retain_update(now_ms, msg.topic.clone(), message, ack);
+            }
         }
         let mut set = std::mem::take(&mut self.shard_set);
         route_match(&self.routes, &msg.topic, &mut set);
@@ -1605,11 +1667,15 @@ impl Engine {
         match self.retained.get_mut(&topic) {
             Some(e) if e.stamp >= stamp => {}
             Some(e) => {
+                let old = e.message.as_ref().map(quota::retained_size);
+                let new = message.as_ref().map(quota::retained_size);
                 e.message = message;
                 e.stamp = stamp;
                 e.cleared_at_ms = now_ms;
+                self.retained_changed(old, new);
             }
             None => {
+                self.retained_changed(None, message.as_ref().map(quota::retained_size));
                 self.retained.insert(
                     topic,
                     RetainedEntry {

@@ -428,10 +428,12 @@ impl Engine {
             );
             let idx = self.new_session_for(rs.client_id.clone(), rs.version);
             let uid = self.session(idx).uid;
+            let expiry_s_max = self.limits.session_expiry_s_max;
             let was_connected = rs.disconnected_at_ms.is_none();
             {
                 let s = self.session_mut(idx);
-                s.expiry_interval_s = rs.expiry_interval_s;
+                // A lowered `session_expiry_s_max` applies to stored sessions too.
+                s.expiry_interval_s = rs.expiry_interval_s.min(expiry_s_max);
                 s.disconnected_at_ms = Some(rs.disconnected_at_ms.unwrap_or(now_ms));
                 s.stored = true;
                 s.inbound_qos2 = rs.inbound_qos2;
