@@ -110,7 +110,7 @@ pub struct LimitsConfig {
     pub max_inflight: u16,
     /// Most messages queued for one client beyond the inflight window.
     pub max_queued_messages: u32,
-    /// Most subscriptions one client may hold.
+    /// Most subscriptions one client may hold; 0 means no limit.
     pub max_subscriptions_per_client: u32,
     /// Most levels (`/`-separated parts) in a topic name or filter.
     pub max_topic_levels: u32,
@@ -145,6 +145,19 @@ pub struct LimitsConfig {
     pub memory_high_water_bytes: u64,
     /// Milliseconds freed memory stays with the allocator before it is returned to the OS.
     pub memory_release_delay_ms: u32,
+    // Quotas on state clients could otherwise grow without bound (docs/LIMITS.md).
+    /// Longest session expiry interval granted, seconds (v5 and 3.1.1 persistent
+    /// sessions); 4294967295 grants "never".
+    pub max_session_expiry_s: u32,
+    /// Most sessions (connected, and offline persistent ones) on this node; 0 = no limit.
+    pub max_sessions: u32,
+    /// Most retained messages; 0 = no limit.
+    pub max_retained_messages: u32,
+    /// Most bytes of retained topics and payloads; 0 = no limit.
+    pub max_retained_bytes: u64,
+    /// Most bytes of large packets held in read buffers at once, all connections
+    /// together; 0 = no limit.
+    pub max_read_buffers_bytes: u64,
 }
 
 impl LimitsConfig {
@@ -160,10 +173,10 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 100_000,
-            max_packet_size_bytes: 1_048_576,
+            max_packet_size_bytes: MQTT_PACKET_SIZE_BYTES_MAX,
             max_inflight: 32,
             max_queued_messages: 1000,
-            max_subscriptions_per_client: 100,
+            max_subscriptions_per_client: 0,
             max_topic_levels: 128,
             max_topic_alias: 64,
             max_outbound_topic_alias: 16,
@@ -178,6 +191,11 @@ impl Default for LimitsConfig {
             publish_bytes_per_s: 0,
             memory_high_water_bytes: 0,
             memory_release_delay_ms: 1000,
+            max_session_expiry_s: 86_400,
+            max_sessions: 1_000_000,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 1 << 30,
+            max_read_buffers_bytes: 1 << 30,
         }
     }
 }
@@ -599,7 +617,13 @@ pub const FIELDS: &[FieldDoc] = &[
     FieldDoc {
         section: "limits",
         key: "max_packet_size_bytes",
-        doc: "Largest MQTT packet accepted or sent, in bytes (MQTT 5 Maximum Packet Size).",
+        doc: "Largest MQTT packet accepted from a client, fixed header included, in bytes; \
+              announced to MQTT 5 clients as the Maximum Packet Size. A larger packet ends \
+              the connection: MQTT 5 DISCONNECT 0x95 Packet too large; a 3.1.1 client's \
+              connection is closed (3.1.1 has no code for it), logged and counted. It also \
+              bounds what one connection's read buffer holds. The default is the MQTT \
+              maximum (256 MiB, as Mosquitto and HiveMQ accept); max_read_buffers_bytes \
+              protects the process from many large packets at once.",
         accepted: "an integer from 64 to 268435460",
     },
     FieldDoc {
@@ -619,8 +643,11 @@ pub const FIELDS: &[FieldDoc] = &[
     FieldDoc {
         section: "limits",
         key: "max_subscriptions_per_client",
-        doc: "Most subscriptions one client may hold.",
-        accepted: "an integer from 1 to 4294967295",
+        doc: "Most subscriptions one client may hold; a SUBSCRIBE beyond it gets 0x97 Quota \
+              exceeded for the new filters (3.1.1: 0x80). 0 (the default, as in Mosquitto and \
+              EMQX): no limit; the memory a client's subscriptions take is bounded by what \
+              it can send.",
+        accepted: "an integer from 0 to 4294967295",
     },
     FieldDoc {
         section: "limits",
@@ -726,6 +753,54 @@ pub const FIELDS: &[FieldDoc] = &[
               its allocator (jemalloc) for reuse before a background thread returns it to \
               the OS. 0 returns it at once (more madvise calls under churn).",
         accepted: "an integer from 0 to 3600000",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_session_expiry_s",
+        doc: "Longest a disconnected session is kept, in seconds: caps the MQTT 5 Session \
+              Expiry Interval (also a request for 'never', 4294967295; the client is told \
+              the granted value in CONNACK) and applies to MQTT 3.1.1 Clean Session 0 \
+              sessions, which would otherwise never expire. Lowering it applies to stored \
+              sessions at the next start. 4294967295: no cap.",
+        accepted: "an integer from 0 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_sessions",
+        doc: "Most sessions on this node, connected and offline persistent ones together. A \
+              CONNECT that needs a new session beyond it is refused (MQTT 5 CONNACK 0x97 \
+              Quota exceeded, 3.1.1 return code 3 Server unavailable); resuming an existing \
+              session always works. 0: no limit.",
+        accepted: "an integer from 0 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_retained_messages",
+        doc: "Most retained messages. A retained PUBLISH on a new topic beyond it is not \
+              stored: MQTT 5 QoS 1/2 publishers get PUBACK/PUBREC 0x97 Quota exceeded (the \
+              message is not published); QoS 0 and 3.1.1 messages are published to current \
+              subscribers but not retained. Replacing or clearing a topic's retained \
+              message always works. Every shard holds a copy of the retained table. 0: no \
+              limit.",
+        accepted: "an integer from 0 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_retained_bytes",
+        doc: "Most bytes of retained messages (topic and payload), refused as \
+              max_retained_messages; a replacement is refused only when it grows the total \
+              past the limit. 0: no limit.",
+        accepted: "an integer from 0 to 18446744073709551615",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_read_buffers_bytes",
+        doc: "Most bytes of large packets (over 64 KiB) held in read buffers at once, all \
+              connections together: a packet is reserved in full when its header arrives, \
+              and a connection whose packet does not fit is ended (MQTT 5 DISCONNECT 0x97 \
+              Quota exceeded). Small packets are bounded per connection instead. 0: no \
+              limit.",
+        accepted: "0, or an integer from max_packet_size_bytes to 18446744073709551615",
     },
     FieldDoc {
         section: "persistence",
@@ -1194,6 +1269,11 @@ impl Config {
             ("limits", "publish_bytes_per_s") => l.publish_bytes_per_s = p(v)?,
             ("limits", "memory_high_water_bytes") => l.memory_high_water_bytes = p(v)?,
             ("limits", "memory_release_delay_ms") => l.memory_release_delay_ms = p(v)?,
+            ("limits", "max_session_expiry_s") => l.max_session_expiry_s = p(v)?,
+            ("limits", "max_sessions") => l.max_sessions = p(v)?,
+            ("limits", "max_retained_messages") => l.max_retained_messages = p(v)?,
+            ("limits", "max_retained_bytes") => l.max_retained_bytes = p(v)?,
+            ("limits", "max_read_buffers_bytes") => l.max_read_buffers_bytes = p(v)?,
             ("auth", key) => self.auth.set(key, v)?,
             (section, key) => unreachable!("FIELDS entry {section}.{key} has no setter"),
         }
@@ -1296,7 +1376,7 @@ impl Config {
             );
         }
         let a = &self.auth;
-        let ranges: [(&'static str, u64, u64, u64); 20] = [
+        let ranges: [(&'static str, u64, u64, u64); 19] = [
             (
                 "auth.reload_interval_s",
                 a.reload_interval_s.into(),
@@ -1331,12 +1411,6 @@ impl Config {
             (
                 "limits.max_queued_messages",
                 l.max_queued_messages.into(),
-                1,
-                u32::MAX.into(),
-            ),
-            (
-                "limits.max_subscriptions_per_client",
-                l.max_subscriptions_per_client.into(),
                 1,
                 u32::MAX.into(),
             ),
@@ -1415,6 +1489,18 @@ impl Config {
             if !(min..=max).contains(&value) {
                 return invalid(field, value.to_string(), accepted(field));
             }
+        }
+        // A packet the size limit admits must fit the read buffers' budget.
+        let read = l.max_read_buffers_bytes;
+        if read != 0 && read < u64::from(l.max_packet_size_bytes) {
+            return invalid(
+                "limits.max_read_buffers_bytes",
+                read.to_string(),
+                format!(
+                    "0, or at least limits.max_packet_size_bytes = {}",
+                    l.max_packet_size_bytes
+                ),
+            );
         }
         self.validate_mqtt5()
     }
@@ -1703,10 +1789,15 @@ mod tests {
         assert_eq!(c.server.data_dir, PathBuf::from("./data"));
         assert_eq!(c.server.admin_listen, addr("127.0.0.1:18083"));
         assert_eq!(c.limits.max_connections, 100_000);
-        assert_eq!(c.limits.max_packet_size_bytes, 1_048_576);
+        assert_eq!(c.limits.max_packet_size_bytes, 268_435_460);
+        assert_eq!(c.limits.max_session_expiry_s, 86_400);
+        assert_eq!(c.limits.max_sessions, 1_000_000);
+        assert_eq!(c.limits.max_retained_messages, 1_000_000);
+        assert_eq!(c.limits.max_retained_bytes, 1 << 30);
+        assert_eq!(c.limits.max_read_buffers_bytes, 1 << 30);
         assert_eq!(c.limits.max_inflight, 32);
         assert_eq!(c.limits.max_queued_messages, 1000);
-        assert_eq!(c.limits.max_subscriptions_per_client, 100);
+        assert_eq!(c.limits.max_subscriptions_per_client, 0);
         assert_eq!(c.limits.max_topic_levels, 128);
         assert_eq!(c.limits.max_topic_alias, 64);
         assert_eq!(c.limits.max_outbound_topic_alias, 16);
@@ -2204,6 +2295,72 @@ mod tests {
         c.validate().unwrap();
         c.limits.max_packet_size_bytes = PACKET_SIZE_BYTES_MIN;
         c.validate().unwrap();
+    }
+
+    /// The quotas of issue 20: from the file, overridden by the environment,
+    /// printed in the default file, and checked against each other.
+    #[test]
+    fn quota_settings_load_from_file_and_env_and_are_checked() {
+        let path = file(
+            "quota_settings",
+            "[limits]\nmax_session_expiry_s = 4294967295\nmax_sessions = 10\n\
+             max_retained_messages = 0\nmax_retained_bytes = 2048\n\
+             max_subscriptions_per_client = 5\nmax_packet_size_bytes = 1000\n\
+             max_read_buffers_bytes = 1000\n",
+        );
+        let c = Config::load(
+            &cli_with_file(&path),
+            env(&[
+                ("TESSERA_LIMITS__MAX_SESSIONS", "20"),
+                ("TESSERA_LIMITS__MAX_READ_BUFFERS_BYTES", "0"),
+            ]),
+        )
+        .unwrap();
+        let l = &c.limits;
+        assert_eq!(l.max_session_expiry_s, u32::MAX);
+        assert_eq!(l.max_sessions, 20, "the environment wins");
+        assert_eq!(l.max_retained_messages, 0);
+        assert_eq!(l.max_retained_bytes, 2048);
+        assert_eq!(l.max_subscriptions_per_client, 5);
+        assert_eq!(l.max_packet_size_bytes, 1000);
+        assert_eq!(l.max_read_buffers_bytes, 0);
+
+        let text = default_config_toml();
+        for line in [
+            "max_session_expiry_s = 86400",
+            "max_sessions = 1000000",
+            "max_retained_messages = 1000000",
+            "max_retained_bytes = 1073741824",
+            "max_read_buffers_bytes = 1073741824",
+            "max_subscriptions_per_client = 0",
+            "max_packet_size_bytes = 268435460",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+
+        let err = Config::load(
+            &Cli::default(),
+            env(&[("TESSERA_LIMITS__MAX_SESSIONS", "-1")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("TESSERA_LIMITS__MAX_SESSIONS") && err.contains("0 to 4294967295"),
+            "{err}"
+        );
+        let err = Config::load(
+            &Cli::default(),
+            env(&[("TESSERA_LIMITS__MAX_SESSION_EXPIRY_S", "4294967296")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_session_expiry_s"), "{err}");
+        assert_eq!(
+            invalid(|c| c.limits.max_read_buffers_bytes = 1000),
+            "limits.max_read_buffers_bytes = 1000 is invalid: expected 0, or at least \
+             limits.max_packet_size_bytes = 268435460 (set by the default)"
+                .replace(" (set by the default)", "")
+        );
     }
 
     #[test]

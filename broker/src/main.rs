@@ -80,6 +80,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
             server.shards(),
             server.connections_max as u64,
             server.store_stats.clone(),
+            server.read_budget.clone(),
         ),
         links: server.admin_links.clone(),
         token: (!token.is_empty()).then_some(token),

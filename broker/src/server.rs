@@ -15,7 +15,9 @@
 //! packets into the engine and writes what the engine produced. Listen sockets
 //! are set up in `listen` (`TCP_DEFER_ACCEPT`, a `somaxconn`-sized backlog).
 //! With `server.idle_poll_us` each executor polls that long before it sleeps
-//! (glommio's `spin_before_park`).
+//! (glommio's `spin_before_park`). Large packets draw on the node's
+//! read-buffer budget (`read_budget`); the shards share one count of the
+//! node's sessions (`tessera_shard::engine::SessionBudget`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -39,7 +41,8 @@ use tessera_proto::{
 };
 use tessera_shard::authz::Admission;
 use tessera_shard::engine::{
-    Engine, Limits, QueueOverflow as EngineOverflow, SharedStrategy as EngineShared,
+    Engine, Limit, Limits, QueueOverflow as EngineOverflow, SessionBudget,
+    SharedStrategy as EngineShared,
 };
 use tessera_shard::handoff::Handoff;
 use tessera_shard::hash::{assign_client_id, shard_for};
@@ -60,6 +63,8 @@ mod conn;
 mod listen;
 mod park;
 mod persist;
+mod read_budget;
+pub use read_budget::ReadBudget;
 use tessera_shard::probe::EarlyRefusal;
 
 /// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
@@ -157,6 +162,8 @@ pub struct Server {
     pub admin_links: ShardLinks,
     /// Client connections served at most, all shards together.
     pub connections_max: usize,
+    /// The node's read-buffer budget, for metrics.
+    pub read_budget: Arc<ReadBudget>,
 }
 
 /// Everything a shard needs to boot.
@@ -180,6 +187,10 @@ struct ShardBoot {
     stores: StoreBoot,
     /// Each shard takes the admin channel of its id.
     admin: ShardEnds,
+    /// The node's sessions, counted by every shard (`limits.max_sessions`).
+    sessions: Arc<SessionBudget>,
+    /// The node's bytes of large packets in read buffers.
+    read_budget: Arc<ReadBudget>,
 }
 
 impl Server {
@@ -222,6 +233,8 @@ impl Server {
         // listeners open.
         let (data_lock, stores, store_stats) = persist::boot(config, shard_count, now_ms())?;
         let limits = engine_limits(config);
+        let limits_sessions_max = limits.sessions_count_max;
+        let read_budget = ReadBudget::new(config.limits.max_read_buffers_bytes);
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         let (admin_links, admin_ends) = shard_call::links(shard_count);
@@ -241,6 +254,8 @@ impl Server {
             ready: ready_tx,
             stores,
             admin: admin_ends,
+            sessions: Arc::new(SessionBudget::new(limits_sessions_max)),
+            read_budget: read_budget.clone(),
         };
         let idle_poll = Duration::from_micros(u64::from(config.server.idle_poll_us));
         if !idle_poll.is_zero() {
@@ -307,6 +322,7 @@ impl Server {
             tls,
             admin_links,
             connections_max: connections_total_max,
+            read_budget,
         })
     }
 
@@ -421,7 +437,10 @@ fn engine_limits(config: &Config) -> Limits {
         inflight_count_max: l.max_inflight,
         receive_maximum: l.max_inflight,
         queued_count_max: l.max_queued_messages as usize,
-        subscriptions_count_max: l.max_subscriptions_per_client as usize,
+        subscriptions_count_max: match l.max_subscriptions_per_client {
+            0 => usize::MAX,
+            n => n as usize,
+        },
         topic_levels_max: l.max_topic_levels as usize,
         topic_alias_max: l.max_topic_alias,
         outbound_topic_alias_max: l.max_outbound_topic_alias,
@@ -441,6 +460,10 @@ fn engine_limits(config: &Config) -> Limits {
         },
         queue_high_water: l.queue_high_water() as usize,
         backpressure_hold_ms_max: u64::from(l.backpressure_hold_ms_max),
+        session_expiry_s_max: l.max_session_expiry_s,
+        sessions_count_max: unlimited_if_zero(l.max_sessions.into()) as usize,
+        retained_count_max: unlimited_if_zero(l.max_retained_messages.into()) as usize,
+        retained_bytes_max: unlimited_if_zero(l.max_retained_bytes),
         shared_subscription_strategy: match l.shared_subscription_strategy {
             SharedStrategy::RoundRobin => EngineShared::RoundRobin,
             SharedStrategy::Random => EngineShared::Random,
@@ -449,6 +472,11 @@ fn engine_limits(config: &Config) -> Limits {
         },
         ..Limits::default()
     }
+}
+
+/// A count limit where the config's 0 means "no limit".
+fn unlimited_if_zero(n: u64) -> u64 {
+    if n == 0 { u64::MAX } else { n }
 }
 
 /// The engine's `[mqtt5]` settings; the strings were validated with the config.
@@ -544,6 +572,8 @@ struct Shard {
     tls_cache: RefCell<(u64, Vec<Option<Arc<rustls::ServerConfig>>>)>,
     /// The shard's store, when persistence is on.
     store: Option<ShardStore>,
+    /// The node's bytes of large packets in read buffers (`read_budget`).
+    read_budget: Arc<ReadBudget>,
 }
 
 impl Shard {
@@ -616,6 +646,8 @@ async fn shard_main(boot: ShardBoot) {
     if auth.enabled() {
         engine.set_auth_hook(auth.clone());
     }
+    // Before recovery, so the restored sessions count.
+    engine.set_session_budget(boot.sessions.clone());
     let store = persist::attach(&boot.stores, id, &mut engine, now_ms());
     let status = boot.admin.status[id].clone();
     let _up = ShardUpGuard(status.clone());
@@ -651,6 +683,7 @@ async fn shard_main(boot: ShardBoot) {
         store,
         listener_limits: ListenerLimits::new(&boot.listeners, boot.shard_count),
         parking,
+        read_budget: boot.read_budget.clone(),
     });
     glommio::spawn_local(park::run_unparker(shard.clone(), doorbell)).detach();
     let _ = shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
@@ -918,6 +951,8 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
             return;
         }
     };
+    // A CONNECT may carry a large will: it draws on the read budget too.
+    let mut reservation = read_budget::Reservation::new(shard.read_budget.clone());
     let connect = loop {
         match tessera_proto::check(&buf, shard.max_packet) {
             Ok(h) if h.packet_type != PacketType::Connect => {
@@ -944,6 +979,14 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
                 }
             }
             Err(DecodeError::Incomplete { .. }) => {
+                if reservation.track(&mut buf, shard.max_packet).is_err() {
+                    // No version known yet to answer in: closed, counted, logged.
+                    shard
+                        .engine
+                        .borrow_mut()
+                        .limit_refused(Limit::ReadBuffers, None);
+                    return;
+                }
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                     debug!("no CONNECT within the connect timeout: closing");
                     refused_early(&shard, EarlyRefusal::ConnectTimeout);
@@ -968,6 +1011,12 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
             }
             Err(e) => {
                 debug!("bad first packet: {e}: closing");
+                if matches!(e, DecodeError::PacketTooLarge { .. }) {
+                    shard
+                        .engine
+                        .borrow_mut()
+                        .limit_refused(Limit::PacketSize, None);
+                }
                 refused_early(&shard, EarlyRefusal::Malformed);
                 return;
             }

@@ -18,7 +18,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{Broker, RawClient, brokerctl, connect_packet, run_bounded};
+use common::{
+    Broker, RawClient, brokerctl, connect_packet, metric_sum as sum, run_bounded, scrape,
+};
 use serde_json::Value;
 use tessera_broker::admin::http::{client_request, percent_encode};
 use tessera_proto::{ProtocolVersion, QoS, ReasonCode};
@@ -50,37 +52,9 @@ fn get_json(admin: SocketAddr, target: &str) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {target}: {e}: {body}"))
 }
 
-fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
-    let (status, body) = http(admin, "GET", "/metrics", None);
-    assert_eq!(status, 200, "{body}");
-    let lines = body.lines().map(|l| Ok(l.to_owned()));
-    prometheus_parse::Scrape::parse(lines).expect("/metrics parses as Prometheus text")
-}
-
-/// Sum of the samples of `name` whose labels include `labels`.
-fn sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match &s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            prometheus_parse::Value::Histogram(h) => h.last().map_or(0.0, |b| b.count),
-            prometheus_parse::Value::Summary(_) => 0.0,
-        })
-        .sum()
-}
-
 /// Polls `f` until it returns true or `TIMEOUT` passes.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    common::eventually(what, TIMEOUT, f);
 }
 
 /// rumqttc's synchronous 3.1.1 client: publishes `n` QoS 1 messages to
@@ -127,7 +101,7 @@ fn metrics_parse_cover_the_contract_and_follow_traffic() {
     assert!(missing.is_empty(), "not exported: {missing:?}");
     assert_eq!(
         contract().len(),
-        26,
+        28,
         "the contract table changed: update this test"
     );
     for shard in ["0", "1"] {

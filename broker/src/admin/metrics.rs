@@ -25,6 +25,8 @@ use tessera_shard::store::{SharedStoreStats, StoreStats};
 
 use super::process::ProcessStats;
 use super::shard_call::{Answer, Query, ShardLinks, ShardSnapshot};
+use crate::server::ReadBudget;
+use std::sync::Arc;
 
 /// Drop reasons exported by `tessera_messages_dropped_total`, with the
 /// counter each reads. A new reason (e.g. `not_authorized` from ACLs,
@@ -53,6 +55,8 @@ pub struct Exporter {
     /// Each shard's store counters, written by its writer thread (empty with
     /// `durability = "memory"`).
     store_stats: Vec<SharedStoreStats>,
+    /// The node's read-buffer budget (`limits.max_read_buffers_bytes`).
+    read_budget: Arc<ReadBudget>,
 }
 
 impl Exporter {
@@ -62,6 +66,7 @@ impl Exporter {
         shard_count: usize,
         connections_max: u64,
         store_stats: Vec<SharedStoreStats>,
+        read_budget: Arc<ReadBudget>,
     ) -> Exporter {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
@@ -72,6 +77,7 @@ impl Exporter {
             last: Mutex::new(vec![None; shard_count]),
             connections_max,
             store_stats,
+            read_budget,
         }
     }
 
@@ -105,6 +111,7 @@ impl Exporter {
         let process = ProcessStats::read();
         metrics::with_local_recorder(&self.recorder, || {
             gauge!("tessera_connections_max").set(self.connections_max as f64);
+            gauge!("tessera_read_buffers_bytes").set(self.read_budget.used() as f64);
             gauge!("tessera_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             for (k, snap) in last.iter().enumerate() {
                 let up =
@@ -303,6 +310,16 @@ fn describe_all() {
         "Sessions ended by their expiry interval or by an operator."
     );
     describe_gauge!(
+        "tessera_read_buffers_bytes",
+        Unit::Bytes,
+        "Bytes of large packets held in read buffers now, all shards (limits.max_read_buffers_bytes)."
+    );
+    describe_counter!(
+        "tessera_limit_refusals_total",
+        "Things a configured limit refused, by limit (docs/LIMITS.md): sessions, \
+         subscriptions_per_client, retained_messages, retained_bytes, packet_size, read_buffers."
+    );
+    describe_gauge!(
         "tessera_queue_depth",
         "Messages waiting in session queues behind the inflight windows."
     );
@@ -399,6 +416,10 @@ fn record_shard(shard: &str, s: &ShardSnapshot) {
         .absolute(st.forwards_sent + st.shared_forwards_sent);
     counter!("tessera_protocol_errors_total", "shard" => sh()).absolute(st.protocol_errors);
     counter!("tessera_sessions_expired_total", "shard" => sh()).absolute(st.sessions_expired);
+    for limit in tessera_shard::engine::Limit::ALL {
+        counter!("tessera_limit_refusals_total", "shard" => sh(), "limit" => limit.name())
+            .absolute(st.limit_refusals[limit.index()]);
+    }
     counter!("tessera_backpressure_acks_held_total", "shard" => sh())
         .absolute(st.backpressure_acks_held);
     counter!("tessera_backpressure_hold_timeouts_total", "shard" => sh())

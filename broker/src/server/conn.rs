@@ -27,10 +27,11 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_lite::future::poll_fn;
 use tessera_proto::{ProtocolVersion, ReasonCode};
-use tessera_shard::engine::CloseReason;
+use tessera_shard::engine::{CloseReason, Limit};
 use tessera_shard::session::ConnId;
 use tracing::debug;
 
+use super::read_budget::Reservation;
 use super::{
     CLOSE_LINGER, MESH_BACKLOG_BATCHES_MAX, PROBE_BYTES, READ_CHUNK_BYTES, Shard, now_ms, now_us,
     park, persist,
@@ -95,6 +96,8 @@ struct Io {
     /// Reads fill whole chunks: keep the heap read buffer.
     busy: bool,
     probe: [u8; PROBE_BYTES],
+    /// What the packet being read holds of the node's read budget.
+    reservation: Reservation,
 }
 
 impl Io {
@@ -301,12 +304,13 @@ async fn run(
         last_active,
         busy: false,
         probe: [0; PROBE_BYTES],
+        reservation: Reservation::new(shard.read_budget.clone()),
     };
     let mut reading = true;
     let mut was_paused = false;
     let write_failed = loop {
         let had_input = !io.input.is_empty();
-        let paused = handle_input(&shard, &mut io.input, conn, version);
+        let paused = handle_input(&shard, &mut io.input, &mut io.reservation, conn, version);
         if shard.engine.borrow().is_ended(conn) {
             break false;
         }
@@ -403,6 +407,7 @@ fn park_conn(shard: &Shard, io: Io, version: ProtocolVersion, listener: Listener
 fn handle_input(
     shard: &Shard,
     input: &mut BytesMut,
+    reservation: &mut Reservation,
     conn: ConnId,
     version: ProtocolVersion,
 ) -> bool {
@@ -425,6 +430,11 @@ fn handle_input(
                     break;
                 }
             }
+        }
+        // The packet now at the front of the input, if large, must fit the
+        // node's read budget before more of it is read.
+        if !engine.is_ended(conn) && reservation.track(input, shard.max_packet).is_err() {
+            engine.quota_disconnect(now, conn, Limit::ReadBuffers);
         }
         engine.input_paused(conn)
     };
