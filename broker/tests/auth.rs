@@ -84,13 +84,9 @@ fn connack(broker: &Broker, c: Connect) -> (RawClient, ConnAck) {
     RawClient::connect(broker.addr(), c)
 }
 
-/// Polls `f` every 50 ms until it is true; panics after 5 s.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "not within 5 s: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Polls `f` until it is true; panics after 5 s.
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    common::eventually(what, Duration::from_secs(5), f);
 }
 
 #[test]

@@ -720,3 +720,37 @@ pub fn brokerctl(args: &[&str], envs: &[(&str, &str)]) -> Output {
         }
     }
 }
+
+/// `/metrics` of the broker at admin address `admin`, parsed.
+pub fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let body = metrics_text(admin);
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("/metrics parses as Prometheus text")
+}
+
+/// Sum of the samples of `name` whose labels include `labels` (histograms:
+/// their counts).
+pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(h) => h.last().map_or(0.0, |b| b.count),
+            prometheus_parse::Value::Summary(_) => 0.0,
+        })
+        .sum()
+}
+
+/// Polls `f` every 20 ms until it is true; panics after `timeout`.
+pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
