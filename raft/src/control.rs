@@ -941,9 +941,16 @@ async fn submit(inner: &Inner, proposals: Vec<Proposal>, incarnation: u64, seq: 
                 if tokio::time::Instant::now() + backoff >= deadline {
                     break Err(ClusterError::Unavailable(reason));
                 }
+                // Wake when the known leader changes or after the backoff, whichever is
+                // first (never at once for a change that already happened: that would
+                // spin).
                 let mut rx = inner.shared.metrics_rx.clone();
-                // Wake on a leader change or after the backoff, whichever is first.
-                let _ = tokio::time::timeout(backoff, rx.changed()).await;
+                let seen = rx.borrow_and_update().current_leader;
+                let woke =
+                    tokio::time::timeout(backoff, rx.wait_for(|m| m.current_leader != seen)).await;
+                if let Ok(Err(_)) = woke {
+                    break Err(ClusterError::Shutdown("raft stopped".into()));
+                }
                 backoff = (backoff * 2).min(Duration::from_millis(200));
             }
         }

@@ -37,20 +37,20 @@ impl RaftService {
         let req: RaftRequest = rpc::decode(bytes)?;
         let reply = match req {
             RaftRequest::Append(req) => {
-                if req.vote.leader_id.node_id != from {
+                if req.vote.leader_id.voted_for() != Some(from) {
                     return Err(format!(
-                        "append-entries from node {from} claims to come from leader {}",
-                        req.vote.leader_id.node_id
+                        "append-entries from node {from} claims to come from leader {:?}",
+                        req.vote.leader_id.voted_for()
                     ));
                 }
                 rpc::validate_append(&req)?;
                 RaftReply::Append(self.inner.raft.append_entries(req).await)
             }
             RaftRequest::Vote(req) => {
-                if req.vote.leader_id.node_id != from {
+                if req.vote.leader_id.voted_for() != Some(from) {
                     return Err(format!(
-                        "vote request from node {from} names candidate {}",
-                        req.vote.leader_id.node_id
+                        "vote request from node {from} names candidate {:?}",
+                        req.vote.leader_id.voted_for()
                     ));
                 }
                 RaftReply::Vote(self.inner.raft.vote(req).await)
@@ -77,10 +77,10 @@ impl RaftService {
     async fn snapshot(&self, from: NodeId, bytes: &[u8]) -> Result<Bytes, String> {
         let req: openraft::raft::InstallSnapshotRequest<crate::types::TypeConfig> =
             rpc::decode(bytes)?;
-        if req.vote.leader_id.node_id != from {
+        if req.vote.leader_id.voted_for() != Some(from) {
             return Err(format!(
-                "snapshot from node {from} claims to come from leader {}",
-                req.vote.leader_id.node_id
+                "snapshot from node {from} claims to come from leader {:?}",
+                req.vote.leader_id.voted_for()
             ));
         }
         let reply: SnapshotReply = self.inner.raft.install_snapshot(req).await;
