@@ -383,6 +383,30 @@ mod tests {
         assert_eq!(e.session_count(), 0);
     }
 
+    /// A retained will is a client's retained message like any other: over
+    /// the count it is published but not stored, and counted.
+    #[test]
+    fn a_retained_will_over_the_count_is_not_stored() {
+        let limits = Limits {
+            retained_count_max: 0,
+            ..Limits::default()
+        };
+        let mut e = Engine::new(0, 1, limits);
+        let v5 = ProtocolVersion::V5;
+        let mut c = connect_packet(v5, "w", true);
+        c.will = Some(tessera_proto::Will {
+            topic: Str::from_static("wills/w"),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            properties: Default::default(),
+        });
+        let conn = e.connect(1, c, false);
+        e.connection_lost(2, conn);
+        assert!(e.admin_retained_get(2, "wills/w").is_none());
+        assert_eq!(e.stats().limit_refusals[Limit::RetainedCount.index()], 1);
+    }
+
     fn publish(topic: &'static str, payload: &'static [u8], qos: QoS, id: u16) -> Packet {
         let mut p = Publish::new(Str::from_static(topic), Bytes::from_static(payload));
         p.retain = true;
