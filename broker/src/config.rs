@@ -108,8 +108,15 @@ pub struct LimitsConfig {
     pub max_packet_size_bytes: u32,
     /// Most unacknowledged QoS 1/2 messages per client (MQTT 5 Receive Maximum).
     pub max_inflight: u16,
-    /// Most messages queued for one client beyond the inflight window.
+    /// Most messages queued for one client beyond the inflight window, for sessions that
+    /// end with their connection (persistent sessions have `max_queued_bytes`).
     pub max_queued_messages: u32,
+    /// Bytes one persistent session may have queued (on disk with persistence, in RAM in
+    /// `memory` durability); beyond it new QoS 1/2 messages are refused (v5: 0x97).
+    pub max_queued_bytes: u64,
+    /// Bytes all queues of the node may hold together (split evenly between shards);
+    /// beyond it persistent sessions refuse new QoS 1/2 messages like at `max_queued_bytes`.
+    pub max_queued_bytes_total: u64,
     /// Most subscriptions one client may hold; 0 means no limit.
     pub max_subscriptions_per_client: u32,
     /// Most levels (`/`-separated parts) in a topic name or filter.
@@ -176,6 +183,8 @@ impl Default for LimitsConfig {
             max_packet_size_bytes: MQTT_PACKET_SIZE_BYTES_MAX,
             max_inflight: 32,
             max_queued_messages: 1000,
+            max_queued_bytes: 64 << 20,
+            max_queued_bytes_total: 1 << 30,
             max_subscriptions_per_client: 0,
             max_topic_levels: 128,
             max_topic_alias: 64,
@@ -636,9 +645,30 @@ pub const FIELDS: &[FieldDoc] = &[
     FieldDoc {
         section: "limits",
         key: "max_queued_messages",
-        doc: "Most messages queued for one client beyond the inflight window; see \
-              queue_overflow.",
+        doc: "Most messages queued for one client beyond the inflight window, for sessions \
+              that end with their connection (clean start / clean session); see \
+              queue_overflow. Persistent sessions are bounded by max_queued_bytes instead.",
         accepted: "an integer from 1 to 4294967295",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_queued_bytes",
+        doc: "Bytes (topic + payload + 64 per message) one persistent session may have \
+              queued. With persistence (sync, batched) the queue is on disk and only its \
+              first 64 messages are in memory; with durability = memory it is all RAM. When \
+              full, a new QoS 1/2 message for it is refused: an MQTT 5 publisher gets \
+              PUBACK/PUBREC 0x97 (Quota exceeded), a 3.1.1 publisher no acknowledgement \
+              (its connection is closed after backpressure_hold_ms_max and it re-sends). \
+              Messages already acknowledged are never dropped. See docs/PERSISTENCE.md.",
+        accepted: "an integer from 1024 to 18446744073709551615",
+    },
+    FieldDoc {
+        section: "limits",
+        key: "max_queued_bytes_total",
+        doc: "Bytes all client queues of the node may hold together, split evenly between \
+              the shards; persistent sessions refuse new QoS 1/2 messages beyond it as at \
+              max_queued_bytes. On disk with persistence, RAM with durability = memory.",
+        accepted: "an integer from 1024 to 18446744073709551615",
     },
     FieldDoc {
         section: "limits",
@@ -692,8 +722,10 @@ pub const FIELDS: &[FieldDoc] = &[
     FieldDoc {
         section: "limits",
         key: "queue_overflow",
-        doc: "What to do when a client's queue is full: drop a queued QoS 0 message (else \
-              the oldest), drop the oldest, drop the new message, or disconnect the client.",
+        doc: "What to do when the queue of a session that ends with its connection is full \
+              (max_queued_messages): drop a queued QoS 0 message (else the oldest), drop the \
+              oldest, drop the new message, or disconnect the client. Persistent sessions \
+              never drop an acknowledged message: see max_queued_bytes.",
         accepted: "one of drop_qos0_then_oldest, drop_oldest, drop_new, disconnect",
     },
     FieldDoc {
@@ -1240,6 +1272,8 @@ impl Config {
             ("limits", "max_packet_size_bytes") => l.max_packet_size_bytes = p(v)?,
             ("limits", "max_inflight") => l.max_inflight = p(v)?,
             ("limits", "max_queued_messages") => l.max_queued_messages = p(v)?,
+            ("limits", "max_queued_bytes") => l.max_queued_bytes = p(v)?,
+            ("limits", "max_queued_bytes_total") => l.max_queued_bytes_total = p(v)?,
             ("limits", "max_subscriptions_per_client") => l.max_subscriptions_per_client = p(v)?,
             ("limits", "max_topic_levels") => l.max_topic_levels = p(v)?,
             ("limits", "max_topic_alias") => l.max_topic_alias = p(v)?,
@@ -1376,7 +1410,7 @@ impl Config {
             );
         }
         let a = &self.auth;
-        let ranges: [(&'static str, u64, u64, u64); 19] = [
+        let ranges: [(&'static str, u64, u64, u64); 21] = [
             (
                 "auth.reload_interval_s",
                 a.reload_interval_s.into(),
@@ -1413,6 +1447,18 @@ impl Config {
                 l.max_queued_messages.into(),
                 1,
                 u32::MAX.into(),
+            ),
+            (
+                "limits.max_queued_bytes",
+                l.max_queued_bytes,
+                1024,
+                u64::MAX,
+            ),
+            (
+                "limits.max_queued_bytes_total",
+                l.max_queued_bytes_total,
+                1024,
+                u64::MAX,
             ),
             // The subscription trie bounds its walk by the codec's TOPIC_LEVELS_MAX;
             // a deeper limit here would accept filters the trie refuses.

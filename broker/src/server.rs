@@ -232,7 +232,7 @@ impl Server {
         // sessions, the whole route table and retained replica before
         // listeners open.
         let (data_lock, stores, store_stats) = persist::boot(config, shard_count, now_ms())?;
-        let limits = engine_limits(config);
+        let limits = engine_limits(config, shard_count);
         let limits_sessions_max = limits.sessions_count_max;
         let read_budget = ReadBudget::new(config.limits.max_read_buffers_bytes);
         let stop = Arc::new(AtomicBool::new(false));
@@ -430,7 +430,7 @@ fn spawn_auth_reloader(auth: &Arc<AuthHub>, stop: &Arc<AtomicBool>) {
     }
 }
 
-fn engine_limits(config: &Config) -> Limits {
+fn engine_limits(config: &Config, shard_count: usize) -> Limits {
     let l = &config.limits;
     Limits {
         packet_size_bytes_max: l.max_packet_size_bytes,
@@ -464,6 +464,8 @@ fn engine_limits(config: &Config) -> Limits {
         sessions_count_max: unlimited_if_zero(l.max_sessions.into()) as usize,
         retained_count_max: unlimited_if_zero(l.max_retained_messages.into()) as usize,
         retained_bytes_max: unlimited_if_zero(l.max_retained_bytes),
+        queue_bytes_max: l.max_queued_bytes,
+        queue_bytes_shard_max: l.max_queued_bytes_total / shard_count as u64,
         shared_subscription_strategy: match l.shared_subscription_strategy {
             SharedStrategy::RoundRobin => EngineShared::RoundRobin,
             SharedStrategy::Random => EngineShared::Random,

@@ -153,6 +153,10 @@ pub struct ShardGauges {
     pub queued: usize,
     /// QoS 1/2 deliveries in flight.
     pub inflight: usize,
+    /// Budget bytes of queued deliveries held in memory (queue heads).
+    pub queue_bytes_memory: u64,
+    /// Budget bytes of queued deliveries only in the store (disk tails).
+    pub queue_bytes_disk: u64,
 }
 
 /// Keeps the `limit` smallest items with keys after a cursor, in key order;

@@ -47,6 +47,7 @@ mod backpressure;
 mod mqtt5;
 mod persist;
 mod quota;
+mod queue_budget;
 mod shared;
 mod sys_probe;
 #[cfg(test)]
@@ -106,7 +107,9 @@ pub struct Limits {
     /// of it. 0 disables back-pressure; otherwise below `queued_count_max`.
     pub queue_high_water: usize,
     /// Longest a PUBACK/PUBREC is held for back-pressure, milliseconds; then it
-    /// is sent and the overflow policy applies at `queued_count_max`.
+    /// is sent and the overflow policy applies at `queued_count_max`. Also how
+    /// long a 3.1.1 publisher whose message a full persistent queue refused
+    /// keeps its connection (`engine::queue_budget`).
     pub backpressure_hold_ms_max: u64,
     // Quotas on state that would otherwise grow without bound (`quota`).
     /// Longest session expiry interval granted, seconds; `u32::MAX` grants
@@ -119,6 +122,18 @@ pub struct Limits {
     pub retained_count_max: usize,
     /// Bytes of retained topics and payloads; `u64::MAX` for no limit.
     pub retained_bytes_max: u64,
+    /// Budget bytes (`session::delivery_cost`) one persistent session may
+    /// have queued, in memory and on disk together; a QoS 1/2 delivery beyond
+    /// it is refused (`engine::queue_budget`). In `memory` durability it is
+    /// all RAM.
+    pub queue_bytes_max: u64,
+    /// Budget bytes all queues of this shard may hold together; persistent
+    /// sessions' deliveries beyond it are refused like beyond
+    /// `queue_bytes_max`.
+    pub queue_bytes_shard_max: u64,
+    /// Deliveries of a stored session's queue kept in memory (the head); the
+    /// rest waits in the shard store and is loaded as the head drains.
+    pub queue_head_count_max: usize,
 }
 
 /// What a full session queue does with one more delivery.
@@ -162,6 +177,9 @@ impl Default for Limits {
             sessions_count_max: usize::MAX,
             retained_count_max: usize::MAX,
             retained_bytes_max: u64::MAX,
+            queue_bytes_max: 64 << 20,
+            queue_bytes_shard_max: 512 << 20,
+            queue_head_count_max: 64,
         }
     }
 }
@@ -226,6 +244,25 @@ pub struct Stats {
     pub backpressure_reads_paused: u64,
     /// Refusals by each configured limit, indexed by [`Limit`] (`quota`).
     pub limit_refusals: [u64; Limit::COUNT],
+    /// QoS 1/2 deliveries refused because a persistent session's queue (or
+    /// the shard's queues together) reached its byte budget: the publisher
+    /// got 0x97 (v5) or no acknowledgement (3.1.1). One per full queue.
+    pub queue_refused: u64,
+    /// 3.1.1 publishers whose acknowledgement was withheld for a refused
+    /// message (each is closed at `backpressure_hold_ms_max`).
+    pub queue_refused_acks_held: u64,
+    /// 3.1.1 publishers closed because an acknowledgement withheld for a
+    /// refused message reached `backpressure_hold_ms_max`.
+    pub queue_refused_closes: u64,
+    /// Deliveries queued beyond a byte budget because their publisher could
+    /// not be told any more (acknowledged before they arrived here: a
+    /// cross-shard publication without a token, a will, a retained message
+    /// on subscribe). Kept, never dropped.
+    pub queue_over_budget: u64,
+    /// Deliveries written to a stored session's disk tail instead of memory.
+    pub queue_spilled: u64,
+    /// Deliveries loaded back from disk tails.
+    pub queue_loaded: u64,
 }
 
 /// Why a connection ends.
@@ -391,6 +428,16 @@ pub struct Engine {
     session_budget: Arc<SessionBudget>,
     /// Live retained messages of the replica and their bytes (`quota`).
     retained_usage: quota::RetainedUsage,
+    /// Budget bytes of every queue head on this shard (memory).
+    queue_mem_bytes: u64,
+    /// Budget bytes of every disk tail on this shard.
+    queue_disk_bytes: u64,
+    /// While a publication that can still be refused is routed: whether a
+    /// full persistent queue refused it (`queue_budget`).
+    refusal: Option<bool>,
+    /// 3.1.1 connections holding an acknowledgement for a refused message,
+    /// with when they are closed, in deadline order (`queue_budget`).
+    refused_holds: VecDeque<(u64, ConnId)>,
 }
 
 fn delivery_qos(published: QoS, granted: QoS) -> QoS {
@@ -449,6 +496,10 @@ impl Engine {
             bp: backpressure::BackPressure::new(shard_count),
             session_budget: Arc::new(SessionBudget::new(limits_sessions_max)),
             retained_usage: quota::RetainedUsage::default(),
+            queue_mem_bytes: 0,
+            queue_disk_bytes: 0,
+            refusal: None,
+            refused_holds: VecDeque::new(),
         }
     }
 
@@ -759,6 +810,8 @@ impl Engine {
             .take()
             .expect("destroying a live session");
         debug_assert!(s.conn.is_none());
+        self.queue_mem_bytes -= s.queue.head_bytes();
+        self.queue_disk_bytes -= s.queue.disk_bytes();
         for filter in s.subscriptions.keys() {
             self.remove_local_subscription(filter, idx);
         }
@@ -954,6 +1007,7 @@ impl Engine {
         self.retained
             .retain(|_, e| e.message.is_some() || now_ms < e.cleared_at_ms + RETAINED_TOMBSTONE_MS);
         self.bp_tick(now_ms);
+        self.refused_holds_tick(now_ms);
         self.sys_tick(now_ms);
     }
 
@@ -1122,7 +1176,10 @@ impl Engine {
         let mark = self.store_mark();
         // Deliveries into congested queues hold the acknowledgement too.
         self.bp_begin_local(conn, idx, qos, token);
+        // A full persistent queue refuses it rather than drop an older one.
+        self.refusal = (qos != QoS::AtMostOnce).then_some(false);
         self.publish_acked(now_ms, msg, token, key);
+        let refused = self.refusal.take() == Some(true);
         let token = self.bp_end_local().or(token);
         if self.store_mark() != mark {
             // Something was stored for this publication here: its
@@ -1136,10 +1193,15 @@ impl Engine {
             }
             waits
         });
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send_ack(conn, Packet::PubAck(PubAck::new(packet_id)), token),
-            QoS::ExactlyOnce => self.send_ack(conn, Packet::PubRec(PubRec::new(packet_id)), token),
+        let ack = match qos {
+            QoS::AtMostOnce => return,
+            QoS::AtLeastOnce => Packet::PubAck(PubAck::new(packet_id)),
+            QoS::ExactlyOnce => Packet::PubRec(PubRec::new(packet_id)),
+        };
+        if refused {
+            self.send_refused_ack(now_ms, conn, ack, token);
+        } else {
+            self.send_ack(conn, ack, token);
         }
     }
 
@@ -1493,12 +1555,19 @@ impl Engine {
             MeshMsg::Publish(m) => self.deliver_local(now_ms, &m),
             MeshMsg::PublishDurable { message, ack } => {
                 self.bp_begin_remote(from, ack, message.qos);
+                self.refusal = (message.qos != QoS::AtMostOnce).then_some(false);
                 self.deliver_local(now_ms, &message);
+                if self.refusal.take() == Some(true) {
+                    // Before the `Ack`: the publisher's shard learns it
+                    // while the acknowledgement is still held.
+                    self.outbox[usize::from(from)].push(MeshMsg::Refused { token: ack });
+                }
                 if !self.bp_end_remote() {
                     self.ack_after_commit(from, ack);
                 }
             }
             MeshMsg::Congestion { congested } => self.bp_on_congestion(from, congested),
+            MeshMsg::Refused { token } => self.on_refused(now_ms, token),
             MeshMsg::SysReport(report) => self.on_sys_report(from, report),
             MeshMsg::RouteAdd { filter, shard, ack } => {
                 self.routes.insert(&filter, shard, ());
@@ -1812,12 +1881,16 @@ impl Engine {
     /// Appends to the session queue; a full queue applies the overflow policy.
     /// Every dropped delivery is counted in `Stats::dropped_queue_full`.
     fn queue_push(&mut self, now_ms: u64, idx: SessionIdx, d: Delivery) {
+        if self.session(idx).is_persistent() {
+            // Byte budgets and the disk tail (`queue_budget`).
+            return self.queue_push_persistent(now_ms, idx, d);
+        }
         let max = self.limits.queued_count_max;
         let policy = self.limits.queue_overflow;
         let s = self.session_mut(idx);
         if s.queue.len() < max {
             self.persist_queued(idx, &d);
-            self.session_mut(idx).queue.push_back(d);
+            self.with_queue(idx, |q| q.push_back(d));
             return;
         }
         self.stats.dropped_queue_full += 1;
@@ -1836,16 +1909,19 @@ impl Engine {
         let s = self.session_mut(idx);
         match policy {
             QueueOverflow::DropQos0ThenOldest | QueueOverflow::DropOldest => {
-                let dropped = if policy == QueueOverflow::DropOldest {
-                    s.queue.pop_front()
-                } else {
-                    s.queue.drop_qos0_or_oldest()
-                };
+                let dropped = self.with_queue(idx, |q| {
+                    let old = if policy == QueueOverflow::DropOldest {
+                        q.pop_front()
+                    } else {
+                        q.drop_qos0_or_oldest()
+                    };
+                    q.push_back(d.clone());
+                    old
+                });
                 if let Some(old) = dropped {
                     self.persist_delivery_gone(idx, old.seq);
                 }
                 self.persist_queued(idx, &d);
-                self.session_mut(idx).queue.push_back(d);
             }
             QueueOverflow::DropNew => {}
             QueueOverflow::Disconnect => {
@@ -1879,7 +1955,9 @@ impl Engine {
             if front.qos != QoS::AtMostOnce && s.inflight.len() >= window {
                 break;
             }
-            let d = s.queue.pop_front().expect("front exists");
+            let d = self
+                .with_queue(idx, |q| q.pop_front())
+                .expect("front exists");
             if d.message.is_expired(now_ms) {
                 self.stats.dropped_expired += 1;
                 self.persist_delivery_gone(idx, d.seq);
@@ -1887,6 +1965,7 @@ impl Engine {
             }
             self.send_delivery(now_ms, conn, idx, d);
         }
+        self.queue_refill(idx);
         self.bp_drained(idx);
     }
 
@@ -2115,7 +2194,7 @@ mod tests {
     use super::testing::drain;
     use super::*;
     use bytes::Bytes;
-    use tessera_proto::{ConnectProperties, Subscription, SubscriptionOptions};
+    use tessera_proto::{Subscription, SubscriptionOptions};
 
     fn connect_packet(id: &'static str) -> Connect {
         super::testing::connect_packet(ProtocolVersion::V5, id, true)
@@ -2144,24 +2223,21 @@ mod tests {
         assert!(buf.is_empty());
     }
 
-    /// Queue overflow policies: a persistent subscriber is offline, its queue
-    /// (2 deliveries) overflows, and on reconnect it receives what the policy kept.
-    fn overflow_case(policy: QueueOverflow, qos: [QoS; 3]) -> Vec<String> {
+    /// Queue overflow policies, which apply to the live queues of
+    /// non-persistent sessions: a connected subscriber with a window of one
+    /// does not acknowledge, its queue (2 deliveries) overflows, and once it
+    /// acknowledges it receives what the policy kept.
+    fn overflow_case(policy: QueueOverflow, qos: [QoS; 4]) -> Vec<String> {
         let limits = Limits {
             queued_count_max: 2,
             queue_high_water: 0,
             queue_overflow: policy,
-            queue_qos0_offline: true,
             ..Limits::default()
         };
         let mut e = Engine::new(0, 1, limits);
         let mut sub = connect_packet("sub");
-        sub.clean_start = false;
-        sub.properties = ConnectProperties {
-            session_expiry_interval: Some(60),
-            ..Default::default()
-        };
-        let s = e.connect(1, sub.clone(), false);
+        sub.properties.receive_maximum = Some(1);
+        let s = e.connect(1, sub, false);
         let subscribe = Subscribe {
             packet_id: 1,
             properties: Default::default(),
@@ -2171,7 +2247,7 @@ mod tests {
             }],
         };
         e.handle_packet(1, s, Packet::Subscribe(subscribe));
-        e.release(2, s);
+        drain(&mut e, s, ProtocolVersion::V5);
         let p = e.connect(3, connect_packet("pub"), false);
         for (n, q) in qos.iter().enumerate() {
             let mut publish = Publish::new(Str::from_static("t"), Bytes::from(format!("m{n}")));
@@ -2183,36 +2259,44 @@ mod tests {
             };
             e.handle_packet(4, p, Packet::Publish(publish));
         }
-        let s = e.connect(5, sub, false);
-        drain(&mut e, s, ProtocolVersion::V5)
-            .into_iter()
-            .filter_map(|p| match p {
-                Packet::Publish(p) => Some(String::from_utf8(p.payload.to_vec()).unwrap()),
-                _ => None,
-            })
-            .collect()
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            for packet in drain(&mut e, s, ProtocolVersion::V5) {
+                if let Packet::Publish(p) = packet {
+                    got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                    if p.qos != QoS::AtMostOnce && !e.is_ended(s) {
+                        e.handle_packet(5, s, Packet::PubAck(PubAck::new(p.packet_id)));
+                    }
+                }
+            }
+        }
+        got
     }
 
     #[test]
     fn queue_overflow_policies_keep_what_they_promise() {
-        let q1 = [QoS::AtLeastOnce; 3];
-        assert_eq!(overflow_case(QueueOverflow::DropOldest, q1), ["m1", "m2"]);
-        assert_eq!(overflow_case(QueueOverflow::DropNew, q1), ["m0", "m1"]);
+        let q1 = [QoS::AtLeastOnce; 4];
+        // m0 is in flight; m1 and m2 are queued when m3 arrives.
+        let oldest = ["m0", "m2", "m3"];
+        assert_eq!(overflow_case(QueueOverflow::DropOldest, q1), oldest);
         assert_eq!(
-            overflow_case(QueueOverflow::DropQos0ThenOldest, q1),
-            ["m1", "m2"]
+            overflow_case(QueueOverflow::DropNew, q1),
+            ["m0", "m1", "m2"]
         );
-        assert_eq!(overflow_case(QueueOverflow::Disconnect, q1), ["m0", "m1"]);
+        assert_eq!(overflow_case(QueueOverflow::DropQos0ThenOldest, q1), oldest);
+        assert_eq!(overflow_case(QueueOverflow::Disconnect, q1), ["m0"]);
         // The QoS 0 delivery goes first, though it is not the oldest.
-        let mixed = [QoS::AtLeastOnce, QoS::AtMostOnce, QoS::AtLeastOnce];
+        let mixed = [
+            QoS::AtLeastOnce,
+            QoS::AtLeastOnce,
+            QoS::AtMostOnce,
+            QoS::AtLeastOnce,
+        ];
         assert_eq!(
             overflow_case(QueueOverflow::DropQos0ThenOldest, mixed),
-            ["m0", "m2"]
+            ["m0", "m1", "m3"]
         );
-        assert_eq!(
-            overflow_case(QueueOverflow::DropOldest, mixed),
-            ["m1", "m2"]
-        );
+        assert_eq!(overflow_case(QueueOverflow::DropOldest, mixed), oldest);
     }
 
     #[test]

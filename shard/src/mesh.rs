@@ -50,6 +50,13 @@ pub enum MeshMsg {
         /// The token of the acknowledged message.
         token: u64,
     },
+    /// A full persistent queue on the sender refused the `PublishDurable`
+    /// carrying this token (`engine::queue_budget`); its `Ack` follows. The
+    /// publisher gets 0x97 (v5) or no acknowledgement (3.1.1).
+    Refused {
+        /// The token of the refused publication.
+        token: u64,
+    },
     /// The sender has sessions whose queues reached the high-water mark
     /// (`congested`), or no longer has any. While a peer is congested,
     /// QoS 1/2 publications forwarded to it go as `PublishDurable`, so it can

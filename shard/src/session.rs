@@ -104,45 +104,152 @@ pub struct Inflight {
     pub state: InflightState,
 }
 
+/// What one queued delivery counts against the queue budgets
+/// (`Limits::queue_bytes_max`, `Limits::queue_bytes_shard_max`): its topic and
+/// payload plus a fixed overhead for the rest of the record, so a budget also
+/// bounds how many empty messages fit.
+pub const DELIVERY_OVERHEAD_BYTES: u64 = 64;
+
+/// Bytes a delivery counts against the queue budgets (see
+/// [`DELIVERY_OVERHEAD_BYTES`]). The same on the way to the disk and back.
+pub fn delivery_cost(d: &Delivery) -> u64 {
+    DELIVERY_OVERHEAD_BYTES + d.message.topic.len() as u64 + d.message.payload.len() as u64
+}
+
 /// A session's FIFO of deliveries waiting for window space or a connection.
+///
+/// It has two parts, in order: a *head* in memory and, for a stored session
+/// whose head is full, a *disk tail*: deliveries that are only in the shard
+/// store (their `PutMsg` was written), counted here by number and bytes.
+/// Every delivery on disk is newer than every delivery in the head; the
+/// engine loads the tail back into the head as the head drains
+/// (`engine::persist`, `StoreOp::LoadQueue`). Non-stored sessions never have a
+/// disk tail.
+///
 /// It counts its QoS 0 entries, so the overflow policy that drops QoS 0 first
 /// does not scan a queue that holds none (the common QoS 1 case).
 #[derive(Debug, Default)]
 pub struct DeliveryQueue {
     items: VecDeque<Delivery>,
     qos0: usize,
+    /// `delivery_cost` of `items`.
+    head_bytes: u64,
+    /// Deliveries in the disk tail.
+    disk_count: usize,
+    /// `delivery_cost` of the disk tail.
+    disk_bytes: u64,
+    /// Every delivery of the disk tail has a sequence number at least this.
+    disk_from_seq: u64,
+    /// A load of the disk tail into the head is on its way.
+    pub loading: bool,
 }
 
 impl DeliveryQueue {
-    /// Deliveries queued.
+    /// Deliveries queued, in memory and on disk.
     pub fn len(&self) -> usize {
+        self.items.len() + self.disk_count
+    }
+
+    /// True when nothing is queued, in memory or on disk.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.disk_count == 0
+    }
+
+    /// Deliveries in the head (memory).
+    pub fn head_len(&self) -> usize {
         self.items.len()
     }
 
-    /// True when nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+    /// Deliveries in the disk tail.
+    pub fn disk_len(&self) -> usize {
+        self.disk_count
     }
 
-    /// The oldest delivery.
+    /// Budget bytes of the head (memory).
+    pub fn head_bytes(&self) -> u64 {
+        self.head_bytes
+    }
+
+    /// Budget bytes of the disk tail.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk_bytes
+    }
+
+    /// Budget bytes of the whole queue.
+    pub fn bytes(&self) -> u64 {
+        self.head_bytes + self.disk_bytes
+    }
+
+    /// The lowest sequence number the disk tail can hold.
+    pub fn disk_from_seq(&self) -> u64 {
+        self.disk_from_seq
+    }
+
+    /// The oldest delivery in memory.
     pub fn front(&self) -> Option<&Delivery> {
         self.items.front()
     }
 
-    /// Appends a delivery.
-    pub fn push_back(&mut self, d: Delivery) {
+    fn add(&mut self, d: &Delivery) {
         self.qos0 += usize::from(d.qos == QoS::AtMostOnce);
+        self.head_bytes += delivery_cost(d);
+    }
+
+    fn sub(&mut self, d: &Delivery) {
+        self.qos0 -= usize::from(d.qos == QoS::AtMostOnce);
+        self.head_bytes -= delivery_cost(d);
+    }
+
+    /// Appends a delivery to the head; only while nothing is on disk (order).
+    pub fn push_back(&mut self, d: Delivery) {
+        assert_eq!(self.disk_count, 0, "a delivery behind the disk tail");
+        self.add(&d);
         self.items.push_back(d);
     }
 
-    /// Removes the oldest delivery.
+    /// Appends a stored delivery to the disk tail: only its cost stays.
+    pub fn push_disk(&mut self, d: &Delivery) {
+        assert!(d.seq != 0, "only stored deliveries go to disk");
+        if self.disk_count == 0 {
+            self.disk_from_seq = d.seq;
+        }
+        assert!(d.seq >= self.disk_from_seq, "disk tail out of order");
+        self.disk_count += 1;
+        self.disk_bytes += delivery_cost(d);
+    }
+
+    /// A delivery loaded back from the disk tail: it moves to the end of the
+    /// head. False (and nothing changes) when it is not part of the tail
+    /// (older than the tail, or nothing is on disk).
+    pub fn load(&mut self, d: Delivery) -> bool {
+        if self.disk_count == 0 || d.seq < self.disk_from_seq {
+            return false;
+        }
+        self.disk_count -= 1;
+        self.disk_bytes = self.disk_bytes.saturating_sub(delivery_cost(&d));
+        if self.disk_count == 0 {
+            self.disk_bytes = 0;
+        }
+        self.disk_from_seq = d.seq + 1;
+        self.add(&d);
+        self.items.push_back(d);
+        true
+    }
+
+    /// Forgets the disk tail (its records are gone from the store).
+    pub fn forget_disk(&mut self) {
+        self.disk_count = 0;
+        self.disk_bytes = 0;
+    }
+
+    /// Removes the oldest delivery in memory.
     pub fn pop_front(&mut self) -> Option<Delivery> {
         let d = self.items.pop_front()?;
-        self.qos0 -= usize::from(d.qos == QoS::AtMostOnce);
+        self.sub(&d);
         Some(d)
     }
 
-    /// Removes the oldest QoS 0 delivery, or else the oldest one.
+    /// Removes the oldest QoS 0 delivery in memory, or else the oldest one.
     pub fn drop_qos0_or_oldest(&mut self) -> Option<Delivery> {
         if self.qos0 == 0 {
             return self.pop_front();
@@ -152,17 +259,31 @@ impl DeliveryQueue {
             .iter()
             .position(|d| d.qos == QoS::AtMostOnce)
             .expect("counted");
-        self.qos0 -= 1;
-        self.items.remove(pos)
+        let d = self.items.remove(pos).expect("position exists");
+        self.sub(&d);
+        Some(d)
     }
 
-    /// Takes every delivery out, leaving the queue empty.
-    pub fn take(&mut self) -> VecDeque<Delivery> {
-        self.qos0 = 0;
-        std::mem::take(&mut self.items)
+    /// Takes the deliveries in memory that `take` selects, oldest first; the
+    /// others and the disk tail stay.
+    pub fn take_head_where(&mut self, mut take: impl FnMut(&Delivery) -> bool) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.items.len());
+        for d in std::mem::take(&mut self.items) {
+            if take(&d) {
+                out.push(d);
+            } else {
+                kept.push_back(d);
+            }
+        }
+        for d in &out {
+            self.sub(d);
+        }
+        self.items = kept;
+        out
     }
 
-    /// The deliveries, oldest first.
+    /// The deliveries in memory, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = &Delivery> {
         self.items.iter()
     }
@@ -337,8 +458,9 @@ mod tests {
         assert_eq!(q.drop_qos0_or_oldest().unwrap().message.payload[0], 0);
         assert_eq!(q.len(), 1);
         q.push_back(delivery(4, QoS::AtMostOnce));
-        assert_eq!(q.take().len(), 2);
+        assert_eq!(q.take_head_where(|_| true).len(), 2);
         assert!(q.is_empty());
+        assert_eq!(q.head_bytes(), 0);
         // The count was reset with the items: a QoS 1 queue drops its oldest.
         q.push_back(delivery(5, QoS::AtLeastOnce));
         q.push_back(delivery(6, QoS::AtLeastOnce));

@@ -137,7 +137,10 @@ fn write_fixture(dir: &Dir, shards: usize) {
         let mut h = spawn_writer(k, env.clone(), path, config).unwrap();
         h.batches.send(Batch { epoch: 1, ops }).unwrap();
         assert_eq!(
-            h.committed.recv_timeout(Duration::from_secs(10)).unwrap(),
+            h.committed
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap()
+                .epoch,
             1
         );
         let thread = h.thread.take().unwrap();
@@ -268,7 +271,10 @@ fn the_last_op_on_a_delivery_in_a_transaction_wins() {
     let mut h = spawn_writer(0, env.clone(), path, config).unwrap();
     h.batches.send(Batch { epoch: 1, ops }).unwrap();
     assert_eq!(
-        h.committed.recv_timeout(Duration::from_secs(10)).unwrap(),
+        h.committed
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .epoch,
         1
     );
     let thread = h.thread.take().unwrap();
@@ -297,4 +303,81 @@ fn the_last_op_on_a_delivery_in_a_transaction_wins() {
             ("b".to_owned(), vec!["new session".to_owned()])
         ]
     );
+}
+
+/// A disk tail comes back in order: `LoadQueue` reads, after its batch's
+/// commit, the queued deliveries of one session from a sequence number on,
+/// at most the count asked, skipping deliveries in flight and other
+/// sessions' records; `ClearMsgs` below a sequence number keeps the tail.
+#[test]
+fn a_queue_load_returns_the_disk_tail_in_order_after_its_commit() {
+    let dir = Dir(std::env::temp_dir().join(format!("tessera-store-load-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let (lock, mut envs, _) = recover(&dir.0, 1, MAP_BYTES, WALL_BASE_MS).unwrap();
+    let (env, path) = envs.pop().unwrap();
+    let put = |id: &str, seq: u64, state: u8| StoreOp::PutMsg {
+        client_id: s(id),
+        seq,
+        state,
+        packet_id: if state == STATE_QUEUED { 0 } else { 9 },
+        delivery: delivery(&format!("{id}/{seq}"), seq),
+    };
+    let load = |from_seq: u64, count_max: usize| StoreOp::LoadQueue {
+        client_id: s("a"),
+        session: 42,
+        from_seq,
+        count_max,
+    };
+    let mut ops = vec![put("a", 1, STATE_PUBLISHED)];
+    ops.extend((2..=6).map(|seq| put("a", seq, STATE_QUEUED)));
+    // "ab" sorts right after "a" without the length prefix.
+    ops.push(put("ab", 3, STATE_QUEUED));
+    ops.push(load(1, 3));
+    ops.push(StoreOp::ClearMsgs {
+        client_id: s("a"),
+        below_seq: 5,
+    });
+    let config = StoreConfig {
+        sync: true,
+        batch_interval: Duration::from_millis(1),
+        wall_base_ms: WALL_BASE_MS,
+    };
+    let mut h = spawn_writer(0, env.clone(), path, config).unwrap();
+    h.batches.send(Batch { epoch: 1, ops }).unwrap();
+    let c = h.committed.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(c.epoch, 1);
+    // Read after the commit of the whole batch, the ClearMsgs after the
+    // load included: what is left from seq 1 on is 5 and 6.
+    let texts = |c: &tessera_shard::store::Committed| -> Vec<Vec<String>> {
+        c.loaded
+            .iter()
+            .map(|l| {
+                assert_eq!((l.client_id.as_str(), l.session), ("a", 42));
+                l.deliveries
+                    .iter()
+                    .map(|d| String::from_utf8(d.message.payload.to_vec()).unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(texts(&c), [["a/5", "a/6"]]);
+    h.batches
+        .send(Batch {
+            epoch: 2,
+            ops: vec![
+                put("a", 7, STATE_QUEUED),
+                put("a", 8, STATE_QUEUED),
+                load(6, 2),
+            ],
+        })
+        .unwrap();
+    let c = h.committed.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(texts(&c), [["a/6", "a/7"]], "from seq 6, two of three");
+    let seqs: Vec<u64> = c.loaded[0].deliveries.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, [6, 7]);
+    let thread = h.thread.take().unwrap();
+    drop(h);
+    thread.join().unwrap();
+    env.prepare_for_closing().wait();
+    drop(lock);
 }

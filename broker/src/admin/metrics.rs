@@ -258,6 +258,38 @@ fn describe_all() {
         "Times a connection stopped being read: more held acknowledgements than the Receive Maximum."
     );
     describe_counter!(
+        "tessera_queue_refused_total",
+        "QoS 1/2 deliveries a full persistent queue refused (limits.max_queued_bytes or \
+         max_queued_bytes_total): the publisher got 0x97 (v5) or no acknowledgement (3.1.1)."
+    );
+    describe_counter!(
+        "tessera_queue_refused_acks_held_total",
+        "3.1.1 publishers whose acknowledgement was withheld for a refused message."
+    );
+    describe_counter!(
+        "tessera_queue_refused_closes_total",
+        "3.1.1 publishers closed at limits.backpressure_hold_ms_max holding a refused message's \
+         acknowledgement (they re-send it after reconnecting)."
+    );
+    describe_counter!(
+        "tessera_queue_over_budget_total",
+        "Deliveries queued beyond a byte budget because their publisher was already \
+         acknowledged (kept, never dropped)."
+    );
+    describe_counter!(
+        "tessera_queue_spilled_total",
+        "Deliveries of persistent sessions written to the queue's disk tail instead of memory."
+    );
+    describe_counter!(
+        "tessera_queue_loaded_total",
+        "Deliveries loaded back from disk tails into memory."
+    );
+    describe_gauge!(
+        "tessera_queue_bytes",
+        "Budget bytes (topic + payload + 64 each) of queued deliveries, by location: memory \
+         (queue heads) or disk (tails only in the store)."
+    );
+    describe_counter!(
         "tessera_connects_total",
         "CONNECTs handled, by result: success or the refusal reason."
     );
@@ -426,6 +458,18 @@ fn record_shard(shard: &str, s: &ShardSnapshot) {
         .absolute(st.backpressure_hold_timeouts);
     counter!("tessera_backpressure_reads_paused_total", "shard" => sh())
         .absolute(st.backpressure_reads_paused);
+    counter!("tessera_queue_refused_total", "shard" => sh()).absolute(st.queue_refused);
+    counter!("tessera_queue_refused_acks_held_total", "shard" => sh())
+        .absolute(st.queue_refused_acks_held);
+    counter!("tessera_queue_refused_closes_total", "shard" => sh())
+        .absolute(st.queue_refused_closes);
+    counter!("tessera_queue_over_budget_total", "shard" => sh()).absolute(st.queue_over_budget);
+    counter!("tessera_queue_spilled_total", "shard" => sh()).absolute(st.queue_spilled);
+    counter!("tessera_queue_loaded_total", "shard" => sh()).absolute(st.queue_loaded);
+    gauge!("tessera_queue_bytes", "shard" => sh(), "location" => "memory")
+        .set(g.queue_bytes_memory as f64);
+    gauge!("tessera_queue_bytes", "shard" => sh(), "location" => "disk")
+        .set(g.queue_bytes_disk as f64);
     gauge!("tessera_queue_depth", "shard" => sh()).set(g.queued as f64);
     gauge!("tessera_inflight_messages", "shard" => sh()).set(g.inflight as f64);
     gauge!("tessera_sessions", "shard" => sh(), "state" => "online").set(g.sessions_online as f64);

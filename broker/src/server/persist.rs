@@ -180,12 +180,23 @@ pub(super) async fn feed_writer(shard: Rc<Shard>) {
 /// acknowledgements, and connection writers waiting for them resume.
 pub(super) async fn receive_commits(shard: Rc<Shard>) {
     let store = shard.store.as_ref().expect("store on");
-    while let Ok(mut epoch) = store.handle.committed.recv_async().await {
+    while let Ok(first) = store.handle.committed.recv_async().await {
+        let mut epoch = first.epoch;
+        let mut loaded = first.loaded;
         while let Ok(more) = store.handle.committed.try_recv() {
-            epoch = epoch.max(more);
+            epoch = epoch.max(more.epoch);
+            loaded.extend(more.loaded);
         }
         store.committed.set(epoch);
-        shard.engine.borrow_mut().store_committed(epoch);
+        {
+            let mut engine = shard.engine.borrow_mut();
+            engine.store_committed(epoch);
+            // Disk tails read back: their sessions send what their windows allow.
+            let now = super::now_ms();
+            for l in loaded {
+                engine.queue_loaded(now, l);
+            }
+        }
         shard.flush_outbox();
         for w in store.waiters.borrow_mut().drain(..) {
             w.wake();

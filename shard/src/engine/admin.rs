@@ -32,6 +32,8 @@ impl Engine {
             subscriptions: self.subscription_count(),
             retained: self.retained_count(),
             route_filters: self.routes.filter_count(),
+            queue_bytes_memory: self.queue_bytes_memory(),
+            queue_bytes_disk: self.queue_bytes_disk(),
             ..ShardGauges::default()
         };
         for s in self.sessions.iter().flatten() {

@@ -315,6 +315,15 @@ impl Engine {
         }
     }
 
+    /// A persistent queue here went over its byte budget
+    /// (`engine::queue_budget`): announce congestion, so peers forward QoS
+    /// 1/2 publications with a token this shard can refuse, until
+    /// `CONGESTION_LINGER_MS` after the last such event.
+    pub(super) fn bp_queue_full(&mut self, now_ms: u64) {
+        self.bp.congested_at_ms = self.bp.congested_at_ms.max(now_ms);
+        self.bp_announce(true);
+    }
+
     /// A peer announced whether it has congested sessions.
     pub(super) fn bp_on_congestion(&mut self, from: ShardId, congested: bool) {
         self.bp.peer_congested[usize::from(from)] = congested;

@@ -189,7 +189,7 @@ impl Engine {
         }
     }
 
-    fn store_op(&mut self, op: StoreOp) {
+    pub(super) fn store_op(&mut self, op: StoreOp) {
         if let Some(p) = self.persist.as_mut() {
             p.ops.push(op);
         }
@@ -286,16 +286,23 @@ impl Engine {
         }
     }
 
-    /// Rewrites every delivery of a stored session (after shared deliveries
-    /// went back to their groups, which removes some from the middle).
+    /// Rewrites every delivery of a stored session held in memory (after
+    /// shared deliveries went back to their groups, which removes some from
+    /// the middle). The disk tail stays as it is.
     pub(super) fn persist_rewrite_deliveries(&mut self, idx: SessionIdx) {
         if self.persist.is_none() || !self.session(idx).stored {
             return;
         }
         let s = self.session(idx);
         let client_id = s.client_id.clone();
+        let below_seq = if s.queue.disk_len() > 0 {
+            s.queue.disk_from_seq()
+        } else {
+            u64::MAX
+        };
         let mut ops = vec![StoreOp::ClearMsgs {
             client_id: client_id.clone(),
+            below_seq,
         }];
         for i in &s.inflight {
             if i.delivery.seq != 0 {
@@ -420,6 +427,7 @@ impl Engine {
             self.apply_retain(now_ms, topic, Some(m), (0, 0));
         }
         let mut wills_now = Vec::new();
+        let head_max = self.limits.queue_head_count_max;
         for rs in r.sessions {
             assert_eq!(
                 shard_for(rs.client_id.as_bytes(), self.shard_count),
@@ -441,7 +449,13 @@ impl Engine {
                 for (state, packet_id, d) in rs.deliveries {
                     max_seq = max_seq.max(d.seq);
                     match state {
-                        STATE_QUEUED => s.queue.push_back(d),
+                        // The head in memory, the rest stays on disk.
+                        STATE_QUEUED
+                            if s.queue.disk_len() == 0 && s.queue.head_len() < head_max =>
+                        {
+                            s.queue.push_back(d)
+                        }
+                        STATE_QUEUED => s.queue.push_disk(&d),
                         STATE_RELEASED => s.inflight.push_back(Inflight {
                             packet_id,
                             delivery: d,
@@ -455,6 +469,9 @@ impl Engine {
                     }
                 }
                 s.next_seq = max_seq + 1;
+                let (head, disk) = (s.queue.head_bytes(), s.queue.disk_bytes());
+                self.queue_mem_bytes += head;
+                self.queue_disk_bytes += disk;
             }
             for (filter, entry) in rs.subscriptions {
                 self.session_mut(idx)

@@ -309,12 +309,10 @@ fn take_shared(s: &mut Session) -> (Vec<Returned>, u64) {
             }
         }
     });
-    let queue = s.queue.take();
-    for d in queue {
-        match d.share {
-            Some(key) => out.push((key, d.message)),
-            None => s.queue.push_back(d),
-        }
+    // Shared deliveries in the disk tail stay with the member (see
+    // docs/PERSISTENCE.md, "Offline queues on disk").
+    for d in s.queue.take_head_where(|d| d.share.is_some()) {
+        out.push((d.share.expect("selected shared"), d.message));
     }
     (out, qos2_unanswered)
 }
@@ -372,7 +370,7 @@ impl Engine {
         if !self.shared_announce_session(idx) {
             return;
         }
-        let (returned, _) = take_shared(self.session_mut(idx));
+        let (returned, _) = self.with_session_queue(idx, take_shared);
         self.shared_return(now_ms, returned);
     }
 

@@ -84,10 +84,28 @@ pub enum StoreOp {
         /// The delivery.
         delivery: Delivery,
     },
-    /// Delete every delivery of a session (before they are written again).
+    /// Delete every delivery of a session below a sequence number (before
+    /// they are written again; a disk tail from `below_seq` on stays).
     ClearMsgs {
         /// The session's ClientID.
         client_id: Str,
+        /// Deliveries from this sequence number on are kept.
+        below_seq: u64,
+    },
+    /// After the commit of this op's batch, read up to `count_max` queued
+    /// deliveries of a session with a sequence number from `from_seq` on and
+    /// hand them back with the commit ([`Loaded`]); a no-op in the
+    /// transaction. How a disk tail gets back into memory.
+    LoadQueue {
+        /// The session's ClientID.
+        client_id: Str,
+        /// The session's process-unique id, returned as is, so a load for a
+        /// session that ended meanwhile is recognised.
+        session: u64,
+        /// The lowest sequence number wanted.
+        from_seq: u64,
+        /// Most deliveries returned.
+        count_max: usize,
     },
     /// Delete one delivery of a session.
     DelMsg {
@@ -128,6 +146,26 @@ pub enum StoreOp {
         /// The session's ClientID.
         client_id: Str,
     },
+}
+
+/// Deliveries read for a `StoreOp::LoadQueue`, in sequence order.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The session's ClientID.
+    pub client_id: Str,
+    /// The session id the op carried.
+    pub session: u64,
+    /// Queued deliveries, `Delivery::seq` set.
+    pub deliveries: Vec<Delivery>,
+}
+
+/// What the writer reports after a commit.
+#[derive(Debug)]
+pub struct Committed {
+    /// Highest epoch committed.
+    pub epoch: u64,
+    /// Loads requested by the committed batches.
+    pub loaded: Vec<Loaded>,
 }
 
 /// A batch of ops: everything one shard produced in one epoch.
@@ -356,15 +394,17 @@ pub(crate) fn apply(
             dbs.messages
                 .put(txn, &msg_key(client_id.as_bytes(), *seq), &encode(&rec))
         }
-        StoreOp::ClearMsgs { client_id } => {
+        StoreOp::ClearMsgs {
+            client_id,
+            below_seq,
+        } => {
             let prefix = session_prefix(client_id.as_bytes());
-            let end = prefix_end(&prefix);
-            let range: (Bound<&[u8]>, Bound<&[u8]>) = (
-                Bound::Included(&prefix[..]),
-                end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
-            );
+            let end = msg_key(client_id.as_bytes(), *below_seq);
+            let range: (Bound<&[u8]>, Bound<&[u8]>) =
+                (Bound::Included(&prefix[..]), Bound::Excluded(&end[..]));
             dbs.messages.delete_range(txn, &range).map(drop)
         }
+        StoreOp::LoadQueue { .. } => Ok(()),
         StoreOp::DelMsg { client_id, seq } => dbs
             .messages
             .delete(txn, &msg_key(client_id.as_bytes(), *seq))
@@ -409,6 +449,61 @@ pub(crate) fn apply(
             .delete(txn, &text_key(client_id.as_bytes()))
             .map(drop),
     }
+}
+
+/// Reads what a `StoreOp::LoadQueue` asks for: queued deliveries of
+/// `client_id` from `from_seq` on, at most `count_max`. Deliveries in flight
+/// are skipped (they are in memory). A record that does not decode ends the
+/// read there; the error is returned with what was read before it.
+pub(crate) fn load_queue(
+    env: &heed::Env<heed::WithoutTls>,
+    dbs: &Dbs<'_>,
+    client_id: &Str,
+    from_seq: u64,
+    count_max: usize,
+    wall_base_ms: u64,
+) -> (Vec<Delivery>, Option<String>) {
+    let mut out = Vec::new();
+    let rtxn = match env.read_txn() {
+        Ok(t) => t,
+        Err(e) => return (out, Some(e.to_string())),
+    };
+    let cid = client_id.as_bytes();
+    let start = msg_key(cid, from_seq);
+    let prefix = session_prefix(cid);
+    let end = prefix_end(&prefix);
+    let range: (Bound<&[u8]>, Bound<&[u8]>) = (
+        Bound::Included(&start[..]),
+        end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+    );
+    let iter = match dbs.messages.range(&rtxn, &range) {
+        Ok(i) => i,
+        Err(e) => return (out, Some(e.to_string())),
+    };
+    for item in iter {
+        if out.len() >= count_max {
+            break;
+        }
+        let decoded = item.map_err(|e| e.to_string()).and_then(|(k, v)| {
+            let seq_bytes: [u8; 8] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| "bad key length".to_owned())?;
+            let seq = u64::from_be_bytes(seq_bytes);
+            let rec = record::decode::<record::DeliveryRec>(v).map_err(|e| e.to_string())?;
+            if rec.state != record::STATE_QUEUED {
+                return Ok(None);
+            }
+            record::delivery(rec, seq, wall_base_ms)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        });
+        match decoded {
+            Ok(Some(d)) => out.push(d),
+            Ok(None) => {}
+            Err(e) => return (out, Some(e)),
+        }
+    }
+    (out, None)
 }
 
 #[cfg(test)]

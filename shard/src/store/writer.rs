@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use heed::{Env, WithoutTls};
 use tracing::{error, warn};
 
-use super::{Batch, SharedStoreStats, StoreOp, StoreStats, apply, open_dbs};
+use super::{
+    Batch, Committed, Loaded, SharedStoreStats, StoreOp, StoreStats, apply, load_queue, open_dbs,
+};
 
 /// Ops applied in one transaction at most; more waiting go to the next one.
 const TXN_OPS_MAX: usize = 100_000;
@@ -46,8 +48,9 @@ pub struct StoreConfig {
 pub struct StoreHandle {
     /// Batches to commit.
     pub batches: flume::Sender<Batch>,
-    /// Highest epoch committed, sent after each commit.
-    pub committed: flume::Receiver<u64>,
+    /// Highest epoch committed, sent after each commit with the queue
+    /// loads its batches asked for.
+    pub committed: flume::Receiver<Committed>,
     /// The store's counters.
     pub stats: SharedStoreStats,
     /// The env directory, for messages.
@@ -64,7 +67,7 @@ pub fn spawn_writer(
     config: StoreConfig,
 ) -> std::io::Result<StoreHandle> {
     let (batch_tx, batch_rx) = flume::bounded::<Batch>(CHANNEL_BATCHES_MAX);
-    let (done_tx, done_rx) = flume::unbounded::<u64>();
+    let (done_tx, done_rx) = flume::unbounded::<Committed>();
     let stats = Arc::new(StoreStats::default());
     let thread_stats = stats.clone();
     let thread_path = path.clone();
@@ -85,7 +88,7 @@ fn run(
     path: PathBuf,
     config: StoreConfig,
     rx: flume::Receiver<Batch>,
-    done: flume::Sender<u64>,
+    done: flume::Sender<Committed>,
     stats: Arc<StoreStats>,
 ) {
     let dbs = loop {
@@ -180,10 +183,51 @@ fn run(
         last_commit = Instant::now();
         let epoch = pending.last().expect("a batch").epoch;
         stats.record_commit(pending.len() as u64, ops as u64, us);
+        // Loads read after the commit, so they see every op before them.
+        let loaded = serve_loads(&env, &dbs, &path, &pending, config.wall_base_ms);
         pending.clear();
         // The shard may be gone at shutdown; nothing left to tell then.
-        let _ = done.send(epoch);
+        let _ = done.send(Committed { epoch, loaded });
     }
+}
+
+/// Reads the deliveries every `StoreOp::LoadQueue` of `batches` asks for.
+fn serve_loads(
+    env: &Env<WithoutTls>,
+    dbs: &super::Dbs<'_>,
+    path: &std::path::Path,
+    batches: &[Batch],
+    wall_base_ms: u64,
+) -> Vec<Loaded> {
+    let mut out = Vec::new();
+    for op in batches.iter().flat_map(|b| &b.ops) {
+        let StoreOp::LoadQueue {
+            client_id,
+            session,
+            from_seq,
+            count_max,
+        } = op
+        else {
+            continue;
+        };
+        let (deliveries, err) =
+            load_queue(env, dbs, client_id, *from_seq, *count_max, wall_base_ms);
+        if let Some(e) = err {
+            error!(
+                path = %path.display(),
+                client_id = %client_id,
+                from_seq,
+                "store: cannot read a queued delivery back: {e}. The session gets the \
+                 deliveries before it; restore the directory from a backup to recover the rest"
+            );
+        }
+        out.push(Loaded {
+            client_id: client_id.clone(),
+            session: *session,
+            deliveries,
+        });
+    }
+    out
 }
 
 fn commit(
