@@ -399,6 +399,13 @@ impl RawClient {
         self.send_bytes(&out);
     }
 
+    /// Encodes and sends one packet; false when the connection is gone.
+    pub fn try_send(&mut self, packet: &Packet) -> bool {
+        let mut out = BytesMut::new();
+        packet.encode(self.version, &mut out).expect("encode");
+        self.stream.write_all(&out).is_ok()
+    }
+
     /// Sends bytes as they are.
     pub fn send_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("write to broker");
