@@ -12,7 +12,8 @@
 //! Exists once per shard, created at boot, dropped at shutdown. Does no I/O:
 //! what must be durable it records for the shard's store (`persist`), and
 //! credentials go to a hook the driver installs (`auth`). Per-publisher
-//! back-pressure (`backpressure`), shared subscriptions (`shared`), MQTT 5
+//! back-pressure (`backpressure`), persistent queues with byte budgets and a
+//! disk tail (`queue_budget`), shared subscriptions (`shared`), MQTT 5
 //! features (`mqtt5`), the quotas on sessions, session expiry and retained
 //! messages (`quota`), the admin queries (`admin`) and `$SYS` (`sys_probe`)
 //! are its other parts. No cross-node clustering.
@@ -910,7 +911,12 @@ impl Engine {
             origin: Some(origin),
             received_us: self.now_us,
         };
+        // A will can be published while a client's publication is routed (a
+        // full queue's `disconnect` policy ends a connection): its
+        // deliveries are not that publication's to refuse.
+        let routing = self.refusal.take();
         self.publish(now_ms, msg);
+        self.refusal = routing;
     }
 
     /// Frees the slot of a connection the driver has finished with. Ends it first
