@@ -50,6 +50,20 @@ fn delivery(payload: &str, seq: u64) -> Delivery {
     }
 }
 
+/// A `sync` writer thread for shard `k` on `env`.
+fn sync_writer(
+    k: usize,
+    env: &heed::Env<heed::WithoutTls>,
+    path: PathBuf,
+) -> tessera_shard::store::StoreHandle {
+    let config = StoreConfig {
+        sync: true,
+        batch_interval: Duration::from_millis(1),
+        wall_base_ms: WALL_BASE_MS,
+    };
+    spawn_writer(k, env.clone(), path, config).unwrap()
+}
+
 struct Dir(PathBuf);
 
 impl Drop for Dir {
@@ -129,12 +143,7 @@ fn write_fixture(dir: &Dir, shards: usize) {
         per_shard[shard_for(topic.as_bytes(), shards)].push(StoreOp::PutRetained(m));
     }
     for (k, ((env, path), ops)) in envs.into_iter().zip(per_shard).enumerate() {
-        let config = StoreConfig {
-            sync: true,
-            batch_interval: Duration::from_millis(1),
-            wall_base_ms: WALL_BASE_MS,
-        };
-        let mut h = spawn_writer(k, env.clone(), path, config).unwrap();
+        let mut h = sync_writer(k, &env, path);
         h.batches.send(Batch { epoch: 1, ops }).unwrap();
         assert_eq!(
             h.committed
@@ -263,12 +272,7 @@ fn the_last_op_on_a_delivery_in_a_transaction_wins() {
         session("b"),
         put("b", 1, "new session"),
     ];
-    let config = StoreConfig {
-        sync: true,
-        batch_interval: Duration::from_millis(1),
-        wall_base_ms: WALL_BASE_MS,
-    };
-    let mut h = spawn_writer(0, env.clone(), path, config).unwrap();
+    let mut h = sync_writer(0, &env, path);
     h.batches.send(Batch { epoch: 1, ops }).unwrap();
     assert_eq!(
         h.committed
@@ -337,12 +341,7 @@ fn a_queue_load_returns_the_disk_tail_in_order_after_its_commit() {
         client_id: s("a"),
         below_seq: 5,
     });
-    let config = StoreConfig {
-        sync: true,
-        batch_interval: Duration::from_millis(1),
-        wall_base_ms: WALL_BASE_MS,
-    };
-    let mut h = spawn_writer(0, env.clone(), path, config).unwrap();
+    let mut h = sync_writer(0, &env, path);
     h.batches.send(Batch { epoch: 1, ops }).unwrap();
     let c = h.committed.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(c.epoch, 1);

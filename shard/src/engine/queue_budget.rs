@@ -533,17 +533,24 @@ mod tests {
         assert_eq!(receive_all(&mut e, "sub", None), ["02"]);
     }
 
-    #[test]
-    fn a_stored_queue_keeps_its_head_in_memory_and_the_rest_comes_back_from_disk_in_order() {
+    /// A stored engine (head of 4) whose offline "sub" has `n` QoS 1
+    /// messages queued and committed.
+    fn stored_backlog(n: u16) -> (Engine, Store) {
         let mut e = Engine::new(0, 1, limits(1 << 20));
         e.enable_persistence(true);
         let mut store = Store::default();
         offline_subscriber(&mut e, "sub");
         let p = e.connect(3, connect_packet(ProtocolVersion::V5, "pub", true), false);
-        for n in 1..=40 {
-            publish(&mut e, p, n, QoS::AtLeastOnce);
+        for k in 1..=n {
+            publish(&mut e, p, k, QoS::AtLeastOnce);
         }
         store.commit(&mut e, 3);
+        (e, store)
+    }
+
+    #[test]
+    fn a_stored_queue_keeps_its_head_in_memory_and_the_rest_comes_back_from_disk_in_order() {
+        let (mut e, mut store) = stored_backlog(40);
         assert_eq!(e.queue_bytes_memory(), 4 * COST, "the head: 4 deliveries");
         assert_eq!(e.queue_bytes_disk(), 36 * COST);
         assert_eq!(e.stats().queue_spilled, 36);
@@ -558,15 +565,8 @@ mod tests {
 
     #[test]
     fn new_deliveries_to_a_connected_session_wait_behind_its_disk_tail() {
-        let mut e = Engine::new(0, 1, limits(1 << 20));
-        e.enable_persistence(true);
-        let mut store = Store::default();
-        offline_subscriber(&mut e, "sub");
-        let p = e.connect(3, connect_packet(ProtocolVersion::V5, "pub", true), false);
-        for n in 1..=10 {
-            publish(&mut e, p, n, QoS::AtLeastOnce);
-        }
-        store.commit(&mut e, 3);
+        let (mut e, mut store) = stored_backlog(10);
+        let p = e.connect(3, connect_packet(ProtocolVersion::V5, "pub2", true), false);
         // Reconnect without acknowledging: the window takes the head, a load
         // is asked for, and new messages arrive before it is answered.
         let mut c = connect_packet(ProtocolVersion::V5, "sub", false);
