@@ -31,7 +31,9 @@ else
 fi
 pid=$!
 sleep 1
-rss() { awk '/VmRSS/ {print $2 " kB"}' "/proc/$pid/status"; }
+# RssAnon is the process's own memory; RssFile is mostly LMDB's map (page
+# cache of the data file, which the kernel can reclaim).
+rss() { awk '/^(VmRSS|RssAnon|RssFile)/ {printf "%s %s kB ", $1, $2}' "/proc/$pid/status"; }
 gauges() {
     [[ $mode == mosquitto ]] && return 0
     curl -s "http://127.0.0.1:$admin/metrics" |
@@ -42,7 +44,8 @@ echo "$mode: idle with the offline session: RSS $(rss)"
 per=$((count / steps))
 line=$(printf '%0100d' 0)
 for step in $(seq 1 "$steps"); do
-    yes "$line" | head -n "$per" | mosquitto_pub -p "$port" -i qrss-pub -q 1 -t qrss/t -l
+    awk -v n="$per" -v l="$line" 'BEGIN { for (i = 0; i < n; i++) print l }' |
+        mosquitto_pub -p "$port" -i qrss-pub -q 1 -t qrss/t -l
     du_kb=$(du -sk "$work/data" 2>/dev/null | cut -f1 || echo 0)
     echo "$mode: $((step * per)) queued: RSS $(rss); $(gauges)data_dir ${du_kb:-0} kB"
 done
