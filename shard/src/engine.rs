@@ -47,8 +47,8 @@ mod auth;
 mod backpressure;
 mod mqtt5;
 mod persist;
-mod quota;
 mod queue_budget;
+mod quota;
 mod shared;
 mod sys_probe;
 #[cfg(test)]
