@@ -344,8 +344,40 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let err = intruder
+        .discover(node1.local_addr().unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Unreachable { .. }), "{err:?}");
     node1.shutdown();
     intruder.shutdown();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_found_by_address_alone_is_identified_by_its_certificate() {
+    let ca = ClusterCa::generate().unwrap();
+    let node1 = Link::start(config(1, localhost(), certs(&ca, 1), &[])).unwrap();
+    node1.set_service(Echo::open());
+    // A joining node knows an address, not an id.
+    let joiner = Link::start(config(4, localhost(), certs(&ca, 4), &[])).unwrap();
+    joiner.set_service(Echo::open());
+    assert_eq!(
+        joiner.discover(node1.local_addr().unwrap()).await.unwrap(),
+        1
+    );
+    let answer = joiner
+        .call(1, Channel::Admin, Bytes::from_static(b"join"))
+        .await
+        .unwrap();
+    assert_eq!(answer, Bytes::from_static(b"4:admin:join"));
+    // Node 1 learned node 4 from the connection and can call back on it.
+    let answer = node1
+        .call(4, Channel::Raft, Bytes::from_static(b"welcome"))
+        .await
+        .unwrap();
+    assert_eq!(answer, Bytes::from_static(b"1:raft:welcome"));
+    node1.shutdown();
+    joiner.shutdown();
 }
 
 /// A node on its own thread and runtime, so it can die without closing anything (the

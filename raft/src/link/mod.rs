@@ -247,6 +247,7 @@ struct Inner {
     instance: u64,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
+    any_node_client_config: quinn::ClientConfig,
     config: LinkConfig,
     service: OnceLock<Arc<dyn Service>>,
     peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
@@ -350,6 +351,10 @@ impl Link {
             .map_err(|e| LinkError::Config(format!("QUIC server TLS: {e}")))?;
         let client_tls = QuicClientConfig::try_from(config.certs.client_config()?)
             .map_err(|e| LinkError::Config(format!("QUIC client TLS: {e}")))?;
+        let any_node_tls = QuicClientConfig::try_from(config.certs.any_node_client_config()?)
+            .map_err(|e| LinkError::Config(format!("QUIC client TLS: {e}")))?;
+        let mut any_node_client_config = quinn::ClientConfig::new(Arc::new(any_node_tls));
+        any_node_client_config.transport_config(transport.clone());
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
         server_config.transport_config(transport.clone());
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_tls));
@@ -369,6 +374,7 @@ impl Link {
             instance,
             endpoint,
             client_config,
+            any_node_client_config,
             service: OnceLock::new(),
             peers: Mutex::new(HashMap::new()),
             shutdown: watch::channel(false).0,
@@ -407,6 +413,44 @@ impl Link {
     /// Adds a peer or changes its address, and keeps a connection to it.
     pub fn set_peer(&self, id: NodeId, addr: SocketAddr) {
         self.inner.set_peer(id, addr);
+    }
+
+    /// Connects to `addr` without knowing which node listens there (`--join ADDR`): the
+    /// node is identified by its certificate (which must come from the cluster CA), added
+    /// as a peer at `addr`, and its id returned.
+    pub async fn discover(&self, addr: SocketAddr) -> Result<NodeId, TransportError> {
+        let unreachable = |reason: String| TransportError::Unreachable { node: 0, reason };
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.any_node_client_config.clone(), addr, "node-0")
+            .map_err(|e| unreachable(format!("cannot dial {addr}: {e}")))?;
+        let timeout = self.inner.config.idle_timeout + self.inner.config.hello_timeout;
+        let conn = match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(unreachable(describe_handshake_error(&e, true))),
+            Err(_) => return Err(unreachable(format!("no answer from {addr}"))),
+        };
+        let Some(id) = certificate_node_id(&conn).filter(|id| *id != self.inner.id) else {
+            conn.close(VarInt::from_u32(code::PROTOCOL), b"not another node");
+            return Err(unreachable(format!(
+                "{addr} is not another node of this cluster"
+            )));
+        };
+        let hello = tokio::time::timeout(
+            self.inner.config.hello_timeout,
+            self.inner.hello_as_dialer(&conn),
+        )
+        .await;
+        match hello {
+            Ok(Ok(instance)) => {
+                self.inner.set_peer(id, addr);
+                self.inner.register(id, conn, instance, self.inner.id);
+                Ok(id)
+            }
+            Ok(Err(e)) => Err(unreachable(format!("hello with {addr} failed: {e}"))),
+            Err(_) => Err(unreachable(format!("hello with {addr} timed out"))),
+        }
     }
 
     /// Forgets a peer: closes its connection and stops dialing it.

@@ -210,6 +210,74 @@ impl LinkCerts {
         config.alpn_protocols = vec![ALPN.to_vec()];
         Ok(config)
     }
+
+    /// A client configuration for dialing an address whose node id is not known yet
+    /// (`--join ADDR`): the server must still present a certificate from the CA naming
+    /// some `node-<id>`, and that id is then read from it.
+    pub fn any_node_client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider())
+                .build()
+                .map_err(|e| TlsError::Identity(format!("the CA certificate is unusable: {e}")))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Identity(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyNodeVerifier { inner }))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| {
+                TlsError::Identity(format!("the key does not fit the certificate: {e}"))
+            })?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(config)
+    }
+}
+
+/// Verifies a server certificate against the CA for whatever `node-<id>` it names.
+#[derive(Debug)]
+struct AnyNodeVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for AnyNodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let id = peer_node_id(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName,
+        ))?;
+        let name = ServerName::try_from(node_name(id))
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The node id a (verified) peer certificate names: its first `node-<id>` DNS name, the
