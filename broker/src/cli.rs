@@ -43,6 +43,31 @@ pub struct Cli {
     /// Log level: error, warn, info, debug or trace. Sets `log.level`.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<LogLevel>,
+
+    /// This node's id in a cluster. Sets `cluster.node_id`.
+    #[arg(long, value_name = "N")]
+    pub node_id: Option<u64>,
+
+    /// UDP address of the cluster link (QUIC). Sets `cluster.listen`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub cluster_listen: Option<SocketAddr>,
+
+    /// The initial voters, the same list on every initial node. Sets `cluster.peers`.
+    #[arg(
+        long,
+        value_name = "1=ADDR:PORT,2=ADDR:PORT,...",
+        value_delimiter = ','
+    )]
+    pub cluster_peers: Vec<String>,
+
+    /// Directory with the cluster CA and this node's certificate. Sets `cluster.certs`.
+    #[arg(long, value_name = "DIR")]
+    pub cluster_certs: Option<PathBuf>,
+
+    /// Join the running cluster that has a member at this cluster address. Sets
+    /// `cluster.join`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub join: Option<SocketAddr>,
 }
 
 #[cfg(test)]
@@ -74,6 +99,16 @@ mod tests {
             "--print-default-config",
             "--log-level",
             "debug",
+            "--node-id",
+            "2",
+            "--cluster-listen",
+            "127.0.0.1:7001",
+            "--cluster-peers",
+            "1=127.0.0.1:7000,2=127.0.0.1:7001",
+            "--cluster-certs",
+            "/etc/tessera/certs",
+            "--join",
+            "127.0.0.1:7000",
         ])
         .unwrap();
         assert_eq!(
@@ -92,6 +127,16 @@ mod tests {
         assert_eq!(cli.config, Some(PathBuf::from("/etc/tessera.toml")));
         assert!(cli.print_default_config);
         assert_eq!(cli.log_level, Some(LogLevel::Debug));
+        assert_eq!(cli.node_id, Some(2));
+        assert_eq!(
+            cli.cluster_peers,
+            vec!["1=127.0.0.1:7000", "2=127.0.0.1:7001"]
+        );
+        assert_eq!(cli.cluster_certs, Some(PathBuf::from("/etc/tessera/certs")));
+        assert_eq!(
+            cli.join,
+            Some("127.0.0.1:7000".parse::<std::net::SocketAddr>().unwrap())
+        );
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Config {
     pub sys: SysConfig,
     /// `[auth]`: authentication, ACL, bans and flapping detection.
     pub auth: AuthConfig,
+    /// `[cluster]`: this node's place in a cluster (see [`cluster`]); unset: one node.
+    pub cluster: ClusterConfig,
     /// `[[listener]]` tables: listeners of every kind besides `server.listen`
     /// (see [`listener`]). Only from the config file.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -423,6 +425,9 @@ macro_rules! config_enum {
         }
     };
 }
+
+pub mod cluster;
+pub use cluster::ClusterConfig;
 
 mod listener;
 pub use listener::{
@@ -999,9 +1004,14 @@ pub const FIELDS: &[FieldDoc] = &[
     },
 ];
 
+/// Every setting: [`FIELDS`], then the sections that live in their own modules.
+pub fn all_fields() -> impl Iterator<Item = &'static FieldDoc> {
+    FIELDS.iter().chain(cluster::FIELDS)
+}
+
 /// Looks up a setting by section and key.
 fn field_doc(section: &str, key: &str) -> Option<&'static FieldDoc> {
-    FIELDS.iter().find(|f| f.section == section && f.key == key)
+    all_fields().find(|f| f.section == section && f.key == key)
 }
 
 /// Where a setting's value came from; named in validation errors.
@@ -1309,6 +1319,7 @@ impl Config {
             ("limits", "max_retained_bytes") => l.max_retained_bytes = p(v)?,
             ("limits", "max_read_buffers_bytes") => l.max_read_buffers_bytes = p(v)?,
             ("auth", key) => self.auth.set(key, v)?,
+            ("cluster", key) => self.cluster.set(key, v)?,
             (section, key) => unreachable!("FIELDS entry {section}.{key} has no setter"),
         }
         Ok(())
@@ -1338,6 +1349,27 @@ impl Config {
         if let Some(level) = cli.log_level {
             self.log.level = level;
             set("log.level", "--log-level");
+        }
+        let c = &mut self.cluster;
+        if let Some(id) = cli.node_id {
+            c.node_id = Some(id);
+            set("cluster.node_id", "--node-id");
+        }
+        if let Some(addr) = cli.cluster_listen {
+            c.listen = Some(addr);
+            set("cluster.listen", "--cluster-listen");
+        }
+        if !cli.cluster_peers.is_empty() {
+            c.peers = cli.cluster_peers.clone();
+            set("cluster.peers", "--cluster-peers");
+        }
+        if let Some(dir) = &cli.cluster_certs {
+            c.certs = Some(dir.clone());
+            set("cluster.certs", "--cluster-certs");
+        }
+        if let Some(addr) = cli.join {
+            c.join = Some(addr);
+            set("cluster.join", "--join");
         }
     }
 
@@ -1408,6 +1440,9 @@ impl Config {
                 "\"\"".into(),
                 accepted("server.data_dir"),
             );
+        }
+        if let Err(e) = self.cluster.validate() {
+            return invalid(e.field, e.value, e.expected);
         }
         let a = &self.auth;
         let ranges: [(&'static str, u64, u64, u64); 21] = [
@@ -1649,13 +1684,12 @@ fn list(addrs: &[SocketAddr]) -> String {
 
 /// The error for a `TESSERA_` variable that names no setting, with the likely candidates.
 fn unknown_env(var: &str, section: &str, key: &str) -> ConfigError {
-    let in_section: Vec<String> = FIELDS
-        .iter()
+    let in_section: Vec<String> = all_fields()
         .filter(|f| f.section == section)
         .map(FieldDoc::env_var)
         .collect();
     let hint = if in_section.is_empty() {
-        let mut sections: Vec<&str> = FIELDS.iter().map(|f| f.section).collect();
+        let mut sections: Vec<&str> = all_fields().map(|f| f.section).collect();
         sections.dedup();
         format!("Known sections: {}.", sections.join(", "))
     } else {
@@ -1730,7 +1764,7 @@ pub fn default_config_toml() -> String {
          # Unknown keys and unknown TESSERA_ variables are errors.\n",
     );
     let mut section = "";
-    for field in FIELDS {
+    for field in all_fields() {
         if field.section != section {
             section = field.section;
             out.push_str(&format!("\n[{section}]\n"));
@@ -1879,7 +1913,7 @@ mod tests {
     fn default_config_toml_has_a_comment_above_every_key() {
         let text = default_config_toml();
         let lines: Vec<&str> = text.lines().collect();
-        for field in FIELDS {
+        for field in all_fields() {
             let i = lines
                 .iter()
                 .position(|l| l.starts_with(&format!("{} = ", field.key)))
@@ -1910,9 +1944,7 @@ mod tests {
 
     /// A commented-out example such as `# shards = 2`.
     fn is_commented_key(line: &str) -> bool {
-        FIELDS
-            .iter()
-            .any(|f| line.starts_with(&format!("# {} = ", f.key)))
+        all_fields().any(|f| line.starts_with(&format!("# {} = ", f.key)))
     }
 
     /// FIELDS, the env setter and the struct must list the same settings.
@@ -1921,6 +1953,10 @@ mod tests {
         let mut full = Config::default();
         full.server.shards = Some(1);
         full.limits.queue_high_water = Some(1);
+        full.cluster.node_id = Some(1);
+        full.cluster.listen = Some("127.0.0.1:7000".parse().unwrap());
+        full.cluster.certs = Some("certs".into());
+        full.cluster.join = Some("127.0.0.1:7001".parse().unwrap());
         let table = toml::Table::try_from(full).unwrap();
         let from_struct: BTreeSet<String> = table
             .iter()
@@ -1931,16 +1967,28 @@ mod tests {
                     .map(move |k| format!("{s}.{k}"))
             })
             .collect();
-        let from_fields: BTreeSet<String> = FIELDS.iter().map(FieldDoc::path).collect();
+        let from_fields: BTreeSet<String> = all_fields().map(FieldDoc::path).collect();
         assert_eq!(from_struct, from_fields);
-        assert_eq!(from_fields.len(), FIELDS.len(), "duplicate FIELDS entry");
+        assert_eq!(
+            from_fields.len(),
+            all_fields().count(),
+            "duplicate FIELDS entry"
+        );
     }
 
     /// Every setting can be set from its environment variable (the setter covers FIELDS).
     #[test]
     fn every_field_has_an_env_setter() {
         let default_toml = toml::Table::try_from(Config::default()).unwrap();
-        for field in FIELDS {
+        // A cluster setting alone is incomplete (it turns the cluster on): set it on top
+        // of a complete cluster.
+        let cluster_base = [
+            ("TESSERA_CLUSTER__NODE_ID", "1"),
+            ("TESSERA_CLUSTER__LISTEN", "127.0.0.1:7001"),
+            ("TESSERA_CLUSTER__PEERS", "1=127.0.0.1:7001"),
+            ("TESSERA_CLUSTER__CERTS", "certs"),
+        ];
+        for field in all_fields() {
             let value = match default_toml
                 .get(field.section)
                 .and_then(|t| t.get(field.key))
@@ -1952,10 +2000,20 @@ mod tests {
                     .collect::<Vec<_>>()
                     .join(","),
                 Some(other) => other.to_string(),
+                None if field.path() == "cluster.join" => "127.0.0.1:7002".to_owned(),
                 None => "1".to_owned(),
             };
             let var = field.env_var();
-            Config::load(&Cli::default(), env(&[(&var, &value)]))
+            let mut vars: Vec<(&str, &str)> = Vec::new();
+            if field.section == "cluster" {
+                vars.extend(cluster_base.iter().filter(|(v, _)| *v != var));
+            }
+            let value = match cluster_base.iter().find(|(v, _)| *v == var) {
+                Some((_, v)) => v.to_string(),
+                None => value,
+            };
+            vars.push((&var, &value));
+            Config::load(&Cli::default(), env(&vars))
                 .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
         }
     }
@@ -2036,6 +2094,7 @@ mod tests {
             admin_listen: Some(addr("127.0.0.1:28083")),
             log_level: Some(LogLevel::Trace),
             print_default_config: false,
+            ..Cli::default()
         };
         let c = Config::load(
             &cli,

@@ -1,0 +1,386 @@
+//! The `[cluster]` section: this node's place in a cluster (issue 14). Its own home, as
+//! issue 15 asks: the struct, its documented fields ([`FIELDS`], chained after the
+//! other sections' in the default file and the environment-variable names), its setter
+//! from text and its checks.
+//!
+//! Without `node_id` (and every other cluster setting unset) the broker is a single node,
+//! exactly as before. With it, `listen`, `certs` and either `peers` or `join` are
+//! required. Flags: `--node-id`, `--cluster-listen`, `--cluster-peers`, `--cluster-certs`,
+//! `--join` ([`crate::cli::Cli`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::FieldDoc;
+
+/// The `[cluster]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id; unset: no cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
+    /// The UDP address the cluster link listens on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// The initial voters, `ID=ADDR:PORT` each, the same list on every initial node.
+    pub peers: Vec<String>,
+    /// The directory with `ca.pem`, `node-<id>.pem` and `node-<id>.key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certs: Option<PathBuf>,
+    /// The cluster address of a running member to join through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<SocketAddr>,
+    /// Lower bound of the raft election timeout, ms.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the raft election timeout, ms.
+    pub election_timeout_max_ms: u64,
+    /// Leader heartbeat interval, ms.
+    pub heartbeat_interval_ms: u64,
+    /// Take a raft snapshot (and purge the log) after this many entries.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log behind a snapshot, for slow followers.
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: None,
+            listen: None,
+            peers: Vec::new(),
+            certs: None,
+            join: None,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            heartbeat_interval_ms: 100,
+            snapshot_logs_since_last: 20_000,
+            logs_kept_after_snapshot: 2_000,
+        }
+    }
+}
+
+/// The `[cluster]` settings, in the order of the documented default file.
+pub const FIELDS: &[FieldDoc] = &[
+    FieldDoc {
+        section: "cluster",
+        key: "node_id",
+        doc: "This node's id in the cluster (flag --node-id). Unset: a single node, no \
+              cluster. Stored in data_dir/raft at first start; a later start with another \
+              id is refused.",
+        accepted: "an integer from 1 to 18446744073709551615",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "listen",
+        doc: "UDP address of the cluster link (QUIC with mutual TLS) (flag \
+              --cluster-listen); other nodes reach this node here. Default port 7000.",
+        accepted: "a socket address, e.g. \"10.0.0.1:7000\"",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "peers",
+        doc: "The initial voters (flag --cluster-peers), the same list on every initial \
+              node, as etcd's --initial-cluster. Empty for a node that joins a running \
+              cluster. Later changes go through `brokerctl cluster join/remove`.",
+        accepted: "a list of ID=ADDR:PORT, e.g. [\"1=10.0.0.1:7000\", \"2=10.0.0.2:7000\"] \
+                   (in an environment variable: comma-separated)",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "certs",
+        doc: "Directory with the cluster CA (ca.pem) and this node's certificate and key \
+              (node-<id>.pem, node-<id>.key), made by `brokerctl cluster certs` (flag \
+              --cluster-certs).",
+        accepted: "a directory path",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "join",
+        doc: "Cluster address of a running member (flag --join): this node joins as a \
+              learner, catches up, then becomes a voter.",
+        accepted: "a socket address",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "election_timeout_min_ms",
+        doc: "Lower bound of the randomized raft election timeout, ms. The link's \
+              keep-alive is a quarter of it.",
+        accepted: "an integer from 10 to 60000, below election_timeout_max_ms",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "election_timeout_max_ms",
+        doc: "Upper bound of the raft election timeout, ms; also how long a silent peer \
+              takes to be declared unreachable.",
+        accepted: "an integer from 20 to 120000",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "heartbeat_interval_ms",
+        doc: "Interval of the leader's heartbeats, ms.",
+        accepted: "an integer from 1 to half of election_timeout_min_ms",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "snapshot_logs_since_last",
+        doc: "Entries after which raft snapshots its state machine and purges the log, so \
+              data_dir/raft stays bounded.",
+        accepted: "an integer from 1 to 100000000",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "logs_kept_after_snapshot",
+        doc: "Entries kept in the log behind a snapshot, so a follower slightly behind \
+              catches up from the log instead of a snapshot.",
+        accepted: "an integer from 0 to 100000000",
+    },
+];
+
+/// A `[cluster]` value that cannot work: the field (dotted), the value and what is
+/// accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The dotted field.
+    pub field: &'static str,
+    /// The value as written in TOML.
+    pub value: String,
+    /// What is accepted.
+    pub expected: String,
+}
+
+impl ClusterConfig {
+    /// Whether any cluster setting is given (then the node runs in a cluster).
+    pub fn enabled(&self) -> bool {
+        self.node_id.is_some()
+            || self.listen.is_some()
+            || !self.peers.is_empty()
+            || self.certs.is_some()
+            || self.join.is_some()
+    }
+
+    /// Sets one `[cluster]` key from its text form.
+    pub(super) fn set(&mut self, key: &str, v: &str) -> Result<(), ()> {
+        fn p<T: FromStr>(v: &str) -> Result<T, ()> {
+            v.parse().map_err(|_| ())
+        }
+        match key {
+            "node_id" => self.node_id = Some(p(v)?),
+            "listen" => self.listen = Some(p(v)?),
+            "peers" => {
+                self.peers = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
+            "certs" => self.certs = Some(PathBuf::from(v)),
+            "join" => self.join = Some(p(v)?),
+            "election_timeout_min_ms" => self.election_timeout_min_ms = p(v)?,
+            "election_timeout_max_ms" => self.election_timeout_max_ms = p(v)?,
+            "heartbeat_interval_ms" => self.heartbeat_interval_ms = p(v)?,
+            "snapshot_logs_since_last" => self.snapshot_logs_since_last = p(v)?,
+            "logs_kept_after_snapshot" => self.logs_kept_after_snapshot = p(v)?,
+            key => unreachable!("FIELDS entry cluster.{key} has no setter"),
+        }
+        Ok(())
+    }
+
+    /// The initial voters, parsed: `ID=ADDR:PORT` each, ids distinct and above 0.
+    pub fn peer_map(&self) -> Result<BTreeMap<u64, SocketAddr>, Invalid> {
+        let mut map = BTreeMap::new();
+        for entry in &self.peers {
+            let bad = |why: String| Invalid {
+                field: "cluster.peers",
+                value: format!("{:?}", self.peers),
+                expected: format!("ID=ADDR:PORT entries ({why})"),
+            };
+            let (id, addr) = entry
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{entry:?} has no '='")))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| bad(format!("{entry:?}: the id must be an integer above 0")))?;
+            let addr: SocketAddr = addr
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("{entry:?}: not a socket address")))?;
+            if map.insert(id, addr).is_some() {
+                return Err(bad(format!("node {id} is listed twice")));
+            }
+        }
+        Ok(map)
+    }
+
+    /// Checks the section: nothing when no cluster setting is given; otherwise a node id,
+    /// a listen address, a certificate directory, and peers or a join address that fit.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let invalid = |field: &'static str, value: String, expected: &str| {
+            Err(Invalid {
+                field,
+                value,
+                expected: expected.to_owned(),
+            })
+        };
+        let Some(node_id) = self.node_id else {
+            return invalid(
+                "cluster.node_id",
+                "unset".into(),
+                "a node id (--node-id N) whenever another cluster setting is given",
+            );
+        };
+        if node_id == 0 {
+            return invalid("cluster.node_id", "0".into(), "an integer from 1");
+        }
+        let Some(listen) = self.listen else {
+            return invalid(
+                "cluster.listen",
+                "unset".into(),
+                "the cluster link's UDP address (--cluster-listen ADDR:PORT)",
+            );
+        };
+        if self.certs.is_none() {
+            return invalid(
+                "cluster.certs",
+                "unset".into(),
+                "the certificate directory (--cluster-certs DIR, made by `brokerctl cluster \
+                 certs`)",
+            );
+        }
+        let peers = self.peer_map()?;
+        if peers.is_empty() && self.join.is_none() {
+            return invalid(
+                "cluster.peers",
+                "[]".into(),
+                "the initial voters (--cluster-peers 1=ADDR:PORT,...), or --join ADDR:PORT \
+                 to join a running cluster",
+            );
+        }
+        if let Some(mine) = peers.get(&node_id)
+            && *mine != listen
+        {
+            return Err(Invalid {
+                field: "cluster.peers",
+                value: format!("{:?}", self.peers),
+                expected: format!(
+                    "node {node_id} at its cluster.listen address {listen} (the list says {mine})"
+                ),
+            });
+        }
+        if self.join.is_some() && listen.ip().is_unspecified() {
+            return invalid(
+                "cluster.listen",
+                format!("\"{listen}\""),
+                "a specific address when joining (the cluster dials this node there)",
+            );
+        }
+        let (min, max, hb) = (
+            self.election_timeout_min_ms,
+            self.election_timeout_max_ms,
+            self.heartbeat_interval_ms,
+        );
+        if !(10..=60_000).contains(&min) || min >= max {
+            return invalid(
+                "cluster.election_timeout_min_ms",
+                min.to_string(),
+                "an integer from 10 to 60000, below cluster.election_timeout_max_ms",
+            );
+        }
+        if max > 120_000 {
+            return invalid(
+                "cluster.election_timeout_max_ms",
+                max.to_string(),
+                "an integer up to 120000",
+            );
+        }
+        if hb == 0 || hb * 2 > min {
+            return invalid(
+                "cluster.heartbeat_interval_ms",
+                hb.to_string(),
+                "an integer from 1 to half of cluster.election_timeout_min_ms",
+            );
+        }
+        if !(1..=100_000_000).contains(&self.snapshot_logs_since_last) {
+            return invalid(
+                "cluster.snapshot_logs_since_last",
+                self.snapshot_logs_since_last.to_string(),
+                "an integer from 1 to 100000000",
+            );
+        }
+        if self.logs_kept_after_snapshot > 100_000_000 {
+            return invalid(
+                "cluster.logs_kept_after_snapshot",
+                self.logs_kept_after_snapshot.to_string(),
+                "an integer from 0 to 100000000",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64) -> ClusterConfig {
+        ClusterConfig {
+            node_id: Some(id),
+            listen: Some(format!("127.0.0.1:700{id}").parse().unwrap()),
+            peers: vec!["1=127.0.0.1:7001".into(), "2=127.0.0.1:7002".into()],
+            certs: Some("/tmp/certs".into()),
+            ..ClusterConfig::default()
+        }
+    }
+
+    #[test]
+    fn no_cluster_settings_is_a_single_node() {
+        assert!(!ClusterConfig::default().enabled());
+        ClusterConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_complete_node_validates() {
+        node(1).validate().unwrap();
+        let mut joiner = node(3);
+        joiner.peers.clear();
+        joiner.join = Some("127.0.0.1:7001".parse().unwrap());
+        joiner.validate().unwrap();
+    }
+
+    #[test]
+    fn each_missing_or_contradicting_setting_names_its_field() {
+        let cases: [(fn(&mut ClusterConfig), &str); 7] = [
+            (|c| c.node_id = None, "cluster.node_id"),
+            (|c| c.listen = None, "cluster.listen"),
+            (|c| c.certs = None, "cluster.certs"),
+            (|c| c.peers.clear(), "cluster.peers"),
+            (|c| c.peers.push("1=127.0.0.1:9".into()), "cluster.peers"),
+            (|c| c.peers[0] = "1=127.0.0.1:7999".into(), "cluster.peers"),
+            (
+                |c| c.heartbeat_interval_ms = 300,
+                "cluster.heartbeat_interval_ms",
+            ),
+        ];
+        for (change, field) in cases {
+            let mut c = node(1);
+            change(&mut c);
+            assert_eq!(c.validate().unwrap_err().field, field, "{c:?}");
+        }
+        for junk in ["x", "0=127.0.0.1:1", "1=nowhere", "1"] {
+            let mut c = node(1);
+            c.peers = vec![junk.into()];
+            assert_eq!(c.validate().unwrap_err().field, "cluster.peers", "{junk}");
+        }
+    }
+}
