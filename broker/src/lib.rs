@@ -17,17 +17,20 @@
 //!   HTTP client `brokerctl` uses.
 //! - [`allocator`]: jemalloc's release of freed memory (background purging) and
 //!   its figures for `/metrics`.
+//! - [`cluster`]: the control thread (a current-thread tokio runtime beside the shards)
+//!   running the QUIC link and the raft control plane of `tessera-raft`.
 //! - [`tune`]: `brokerctl tune check`, the read-only comparison of a machine with a
 //!   `kernel-tuning/` profile (the profiles are embedded).
 //!
 //! Binaries: `broker` (`src/main.rs`) and `brokerctl` (`src/bin/brokerctl.rs`).
 //!
-//! Not here yet: QUIC listeners and the cluster.
+//! Not here yet: QUIC listeners, and the data plane across nodes (issue 15).
 
 pub mod admin;
 pub mod allocator;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod server;
 pub mod transport;

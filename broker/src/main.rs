@@ -9,6 +9,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tessera_broker::admin::api::AdminState;
 use tessera_broker::admin::metrics::Exporter;
 use tessera_broker::cli::Cli;
+use tessera_broker::cluster::{ClusterNode, ClusterStartError, NodeAddrs};
 use tessera_broker::config::{Config, ListenerKind, LogFormat, default_config_toml};
 use tessera_broker::server::Server;
 
@@ -39,6 +40,13 @@ fn main() -> ExitCode {
     }
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,
+        // A wrong cluster setting or data dir (another node's id, a peer list that
+        // disagrees with the stored one, certificates from another CA): a configuration
+        // error, like the ones above.
+        Err(e) if e.downcast_ref::<ClusterStartError>().is_some() => {
+            eprintln!("broker: configuration error: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("broker: {e:#}");
             ExitCode::FAILURE
@@ -74,6 +82,23 @@ fn run(config: &Config) -> anyhow::Result<()> {
         )
     })?;
     let server = Server::start(config)?;
+    let cluster = if config.cluster.enabled() {
+        let addrs = NodeAddrs {
+            mqtt: server.mqtt_addrs.first().copied(),
+            admin: admin_listener.local_addr()?,
+            shards: server.shards(),
+        };
+        match ClusterNode::start(&config.cluster, &config.server.data_dir, addrs) {
+            Ok(node) => Some(std::sync::Arc::new(node)),
+            Err(e) => {
+                server.stop();
+                let _ = server.join();
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     let token = config.server.admin_token.clone();
     let state = AdminState {
         exporter: Exporter::new(
@@ -86,6 +111,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
         token: (!token.is_empty()).then_some(token),
         started,
         auth: Some(server.auth_hub()),
+        cluster: cluster.clone(),
     };
     let admin_addr = tessera_broker::admin::spawn(admin_listener, state)?;
     // Scripts and tests wait for these lines; keep their shape. The admin
@@ -117,6 +143,9 @@ fn run(config: &Config) -> anyhow::Result<()> {
         }
         tracing::info!(signal = sig, "shutting down");
         break;
+    }
+    if let Some(cluster) = &cluster {
+        cluster.stop();
     }
     server.stop();
     server.join()

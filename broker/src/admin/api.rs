@@ -41,6 +41,8 @@ pub struct AdminState {
     pub started: Instant,
     /// The security files, for the ban endpoints (`docs/SECURITY.md`).
     pub auth: Option<std::sync::Arc<crate::auth::AuthHub>>,
+    /// The control thread, when the node runs in a cluster.
+    pub cluster: Option<std::sync::Arc<crate::cluster::ClusterNode>>,
 }
 
 type Handler = fn(&AdminState, &Request, &[String]) -> Response;
@@ -97,6 +99,27 @@ const ROUTES: &[Route] = &[
     route("GET", &["api", "v1", "bans"], bans_list),
     route("POST", &["api", "v1", "bans"], bans_add),
     route("DELETE", &["api", "v1", "bans"], bans_delete),
+    route("GET", &["api", "v1", "cluster"], super::cluster::status),
+    route(
+        "POST",
+        &["api", "v1", "cluster", "members"],
+        super::cluster::join,
+    ),
+    route(
+        "DELETE",
+        &["api", "v1", "cluster", "members", "{}"],
+        super::cluster::remove,
+    ),
+    route(
+        "POST",
+        &["api", "v1", "cluster", "leave"],
+        super::cluster::leave,
+    ),
+    route(
+        "POST",
+        &["api", "v1", "cluster", "leader"],
+        super::cluster::transfer_leader,
+    ),
 ];
 
 /// Answers one request.
@@ -204,14 +227,25 @@ fn ready(state: &AdminState, _: &Request, _: &[String]) -> Response {
             json!({ "shard": k, "up": s.up.load(SeqCst), "recovered": s.recovered.load(SeqCst) })
         })
         .collect();
-    let ready = state
+    let shards_ready = state
         .links
         .status
         .iter()
         .all(|s| s.up.load(SeqCst) && s.recovered.load(SeqCst));
+    let Some(cluster) = &state.cluster else {
+        return Response::json(
+            if shards_ready { 200 } else { 503 },
+            &json!({ "ready": shards_ready, "shards": shards }),
+        );
+    };
+    // In a cluster the node is ready once it is a caught-up member that knows a leader.
+    let member_ready = cluster
+        .view(false, super::cluster::VIEW_TIMEOUT)
+        .is_some_and(|v| v.status.ready);
+    let ready = shards_ready && member_ready;
     Response::json(
         if ready { 200 } else { 503 },
-        &json!({ "ready": ready, "shards": shards }),
+        &json!({ "ready": ready, "shards": shards, "cluster_member_ready": member_ready }),
     )
 }
 
@@ -220,7 +254,17 @@ fn metrics(state: &AdminState, _: &Request, _: &[String]) -> Response {
         status: 200,
         content_type: "text/plain; version=0.0.4; charset=utf-8",
         headers: Vec::new(),
-        body: state.exporter.render(&state.links).into_bytes(),
+        body: {
+            let mut text = state.exporter.render(&state.links);
+            if let Some(view) = state
+                .cluster
+                .as_ref()
+                .and_then(|c| c.view(false, super::cluster::VIEW_TIMEOUT))
+            {
+                super::cluster::render_metrics(&view, &mut text);
+            }
+            text.into_bytes()
+        },
     }
 }
 

@@ -15,12 +15,14 @@
 //! `tessera_shard::admin::PAGE_LIMIT_MAX` items.
 //!
 //! Modules: [`http`] (request parsing, responses, the client `brokerctl`
-//! uses), [`api`] (routes, token check, JSON), [`metrics`] (Prometheus
+//! uses), [`api`] (routes, token check, JSON), [`cluster`] (the
+//! `/api/v1/cluster` endpoints and cluster metrics), [`metrics`] (Prometheus
 //! export), [`process`] (`process_*` metrics), [`shard_call`] (the messages
 //! to shards and the shard-side handler).
 
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod http;
 pub mod metrics;
 pub mod process;

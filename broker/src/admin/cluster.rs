@@ -1,0 +1,348 @@
+//! The cluster endpoints of the admin API (`/api/v1/cluster...`) and the cluster metrics
+//! of `/metrics`. Everything asks the control thread ([`crate::cluster::ClusterNode`])
+//! with a timeout; a node without a cluster answers 404 `no_cluster`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tessera_raft::metrics::HistogramSnapshot;
+
+use super::api::AdminState;
+use super::http::{Request, Response};
+use crate::cluster::{Change, ClusterNode, ClusterView};
+
+/// How long a status read may wait for the control thread (and the leader).
+pub const VIEW_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a membership change may take (a joining node catches up first).
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn node(state: &AdminState) -> Result<&ClusterNode, Response> {
+    state.cluster.as_deref().ok_or_else(|| {
+        Response::error(
+            404,
+            "no_cluster",
+            "this broker runs as a single node (no cluster settings)",
+        )
+    })
+}
+
+/// The cluster document (this node's view, members as the leader sees them): members with addresses, role, reachability, match index and
+/// lag; term, commit, applied and leader.
+pub fn document(view: &ClusterView) -> Value {
+    let s = &view.status;
+    let members: Vec<Value> = s
+        .members
+        .iter()
+        .map(|m| {
+            let peer = view.peers.iter().find(|p| p.id == m.id);
+            let reachable = m.id == s.node_id || peer.is_some_and(|p| p.reachable);
+            json!({
+                "id": m.id,
+                "cluster_addr": m.info.cluster_addr,
+                "mqtt_addr": m.info.mqtt_addr,
+                "admin_addr": m.info.admin_addr,
+                "shards": m.info.shards,
+                "role": m.role.as_str(),
+                "reachable": reachable,
+                "rtt_ms": peer.and_then(|p| p.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                "last_error": peer.and_then(|p| p.last_error.clone()),
+                "match_index": m.match_index,
+                "lag": m.lag,
+            })
+        })
+        .collect();
+    json!({
+        "node_id": s.node_id,
+        "role": s.role.as_str(),
+        "term": s.term,
+        "leader": s.leader,
+        "last_log_index": s.last_log_index,
+        "commit_index": s.commit_index,
+        "applied_index": s.applied_index,
+        "snapshot_index": s.snapshot_index,
+        "purged_index": s.purged_index,
+        "ready": s.ready,
+        "error": s.error,
+        "members": members,
+    })
+}
+
+/// `GET /api/v1/cluster`.
+pub fn status(state: &AdminState, _: &Request, _: &[String]) -> Response {
+    let node = match node(state) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match node.view(true, VIEW_TIMEOUT) {
+        Some(view) => Response::json(200, &document(&view)),
+        None => Response::error(
+            503,
+            "cluster_unavailable",
+            "the control thread did not answer",
+        ),
+    }
+}
+
+fn change(state: &AdminState, change: Change) -> Response {
+    let node = match node(state) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match node.change(change.clone(), CHANGE_TIMEOUT) {
+        Ok(index) => Response::json(
+            200,
+            &json!({ "done": format!("{change:?}"), "index": index }),
+        ),
+        Err(e) => Response::error(409, "cluster_refused", e),
+    }
+}
+
+fn id_param(value: Option<&str>, name: &str) -> Result<u64, Response> {
+    value
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|id| *id > 0)
+        .ok_or_else(|| {
+            Response::error(
+                400,
+                "bad_parameter",
+                format!("{name} must be a node id (1 or more)"),
+            )
+        })
+}
+
+/// `POST /api/v1/cluster/members?id=N&addr=ADDR:PORT`: add a node (learner, then voter).
+pub fn join(state: &AdminState, req: &Request, _: &[String]) -> Response {
+    let id = match id_param(req.param("id"), "id") {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let Some(addr) = req.param("addr").and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        return Response::error(
+            400,
+            "bad_parameter",
+            "addr must be the node's cluster ADDR:PORT",
+        );
+    };
+    change(state, Change::Join { id, addr })
+}
+
+/// `DELETE /api/v1/cluster/members/{id}`.
+pub fn remove(state: &AdminState, _: &Request, params: &[String]) -> Response {
+    match id_param(params.first().map(String::as_str), "the member id") {
+        Ok(id) => change(state, Change::Remove(id)),
+        Err(r) => r,
+    }
+}
+
+/// `POST /api/v1/cluster/leave`: this node leaves.
+pub fn leave(state: &AdminState, _: &Request, _: &[String]) -> Response {
+    change(state, Change::Leave)
+}
+
+/// `POST /api/v1/cluster/leader?to=N`.
+pub fn transfer_leader(state: &AdminState, req: &Request, _: &[String]) -> Response {
+    match id_param(req.param("to"), "to") {
+        Ok(to) => change(state, Change::TransferLeader(to)),
+        Err(r) => r,
+    }
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &HistogramSnapshot, scale: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (bound, count) in &h.buckets {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {count}",
+            *bound as f64 * scale
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum as f64 * scale);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+}
+
+/// Appends the cluster metrics to a Prometheus text exposition.
+pub fn render_metrics(view: &ClusterView, out: &mut String) {
+    let m = &view.metrics;
+    let s = &view.status;
+    metric(
+        out,
+        "tessera_cluster_term",
+        "gauge",
+        "Current raft term.",
+        m.term,
+    );
+    metric(
+        out,
+        "tessera_cluster_has_leader",
+        "gauge",
+        "1 when this node knows a leader.",
+        u8::from(m.leader.is_some()),
+    );
+    metric(
+        out,
+        "tessera_cluster_is_leader",
+        "gauge",
+        "1 when this node is the leader.",
+        u8::from(m.leader == Some(s.node_id)),
+    );
+    metric(
+        out,
+        "tessera_cluster_leader_changes_total",
+        "counter",
+        "Times a new leader became known to this node.",
+        m.leader_changes,
+    );
+    metric(
+        out,
+        "tessera_cluster_last_log_index",
+        "gauge",
+        "Last raft log index.",
+        m.last_log_index,
+    );
+    metric(
+        out,
+        "tessera_cluster_commit_index",
+        "gauge",
+        "Committed raft index known here.",
+        m.commit_index,
+    );
+    metric(
+        out,
+        "tessera_cluster_applied_index",
+        "gauge",
+        "Index the tables reflect.",
+        m.applied_index,
+    );
+    metric(
+        out,
+        "tessera_cluster_apply_lag_entries",
+        "gauge",
+        "Committed entries not yet applied here.",
+        m.apply_lag,
+    );
+    metric(
+        out,
+        "tessera_cluster_member_ready",
+        "gauge",
+        "1 when this node is a caught-up member that knows a leader.",
+        u8::from(s.ready),
+    );
+    metric(
+        out,
+        "tessera_cluster_proposals_total",
+        "counter",
+        "Ops proposed by this node.",
+        m.proposals,
+    );
+    metric(
+        out,
+        "tessera_cluster_proposals_busy_total",
+        "counter",
+        "Ops refused because the proposal channel was full.",
+        m.proposals_busy,
+    );
+    metric(
+        out,
+        "tessera_cluster_proposals_failed_total",
+        "counter",
+        "Ops that failed (no leader in time, shutdown).",
+        m.proposals_failed,
+    );
+    metric(
+        out,
+        "tessera_cluster_ops_applied_total",
+        "counter",
+        "Ops applied.",
+        m.ops_applied,
+    );
+    metric(
+        out,
+        "tessera_cluster_entries_applied_total",
+        "counter",
+        "Log entries applied.",
+        m.entries_applied,
+    );
+    histogram(
+        out,
+        "tessera_cluster_ops_per_entry",
+        "Ops per log entry proposed by this node.",
+        &m.ops_per_entry,
+        1.0,
+    );
+    histogram(
+        out,
+        "tessera_cluster_proposal_commit_seconds",
+        "Time from proposal to the op applied on this node.",
+        &m.commit_latency_us,
+        1e-6,
+    );
+    metric(
+        out,
+        "tessera_cluster_snapshots_built_total",
+        "counter",
+        "Raft snapshots built here.",
+        m.snapshots_built,
+    );
+    metric(
+        out,
+        "tessera_cluster_snapshots_installed_total",
+        "counter",
+        "Raft snapshots installed from a leader.",
+        m.snapshots_installed,
+    );
+    metric(
+        out,
+        "tessera_cluster_snapshot_last_bytes",
+        "gauge",
+        "Size of the last raft snapshot.",
+        m.snapshot_last_bytes,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tessera_cluster_peer_reachable 1 when the link to the peer is up.\n\
+         # TYPE tessera_cluster_peer_reachable gauge"
+    );
+    for p in &view.peers {
+        let _ = writeln!(
+            out,
+            "tessera_cluster_peer_reachable{{peer=\"{}\"}} {}",
+            p.id,
+            u8::from(p.reachable)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tessera_cluster_peer_rtt_seconds Smoothed round-trip time of the link to the peer.\n\
+         # TYPE tessera_cluster_peer_rtt_seconds gauge"
+    );
+    for p in view.peers.iter().filter(|p| p.rtt.is_some()) {
+        let rtt = p.rtt.map_or(0.0, |d| d.as_secs_f64());
+        let _ = writeln!(
+            out,
+            "tessera_cluster_peer_rtt_seconds{{peer=\"{}\"}} {rtt}",
+            p.id
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tessera_cluster_peer_calls_failed_total Calls to the peer that failed (timeout, unreachable).\n\
+         # TYPE tessera_cluster_peer_calls_failed_total counter"
+    );
+    for p in &view.peers {
+        let _ = writeln!(
+            out,
+            "tessera_cluster_peer_calls_failed_total{{peer=\"{}\"}} {}",
+            p.id, p.calls_failed
+        );
+    }
+}

@@ -1,0 +1,438 @@
+//! The control thread: this node's part of the cluster (issue 14), beside the glommio
+//! shards.
+//!
+//! Lifecycle: [`ClusterNode::start`] (after the shards are up, so the node's MQTT and
+//! admin addresses are known) spawns the `cluster` thread with a current-thread tokio
+//! runtime and waits until the QUIC link ([`tessera_raft::link`]) and the raft control
+//! plane ([`tessera_raft::ControlPlane`]) are running, or returns why not
+//! ([`ClusterStartError`]: `main` exits with code 2; the control plane refuses a wrong
+//! node id, a peer list that disagrees with the stored one, or bad certificates before it
+//! writes anything). [`ClusterNode::stop`] shuts raft and the link down.
+//!
+//! On the thread: the link serves the control plane's service; a membership watcher keeps
+//! the link's address book equal to the raft membership (nodes added later, nodes
+//! removed); with `--join`, a task dials the given address, learns the node's id from its
+//! certificate and joins through it (learner, catch up, voter), retrying until it is a
+//! voter. The admin thread talks to it only through a bounded channel with a timeout
+//! ([`ClusterNode::view`] and the membership requests), so a stuck control thread costs
+//! a 503, never a hung admin port. Shards do not talk to it yet (the data plane, issue 15).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tessera_raft::link::{Link, LinkCerts, LinkConfig, PeerStats};
+use tessera_raft::{ClusterMetrics, ClusterStatus, ControlPlane, NodeId, NodeInfo, Transport};
+
+use crate::config::ClusterConfig;
+
+/// Requests from the admin thread waiting for the control thread.
+const REQUESTS_QUEUED_MAX: usize = 64;
+/// How long the broker waits for the link and raft to start.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the membership watcher syncs the link's address book.
+const MEMBERSHIP_POLL: Duration = Duration::from_millis(200);
+/// Pause between two join attempts.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
+
+/// Why the cluster did not start: a wrong setting or data dir; `main` exits with code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("cluster: {0}")]
+pub struct ClusterStartError(pub String);
+
+/// What this node's addresses and shape are, for the cluster's `NodeMeta`.
+#[derive(Debug, Clone)]
+pub struct NodeAddrs {
+    /// The first MQTT listener.
+    pub mqtt: Option<SocketAddr>,
+    /// The admin API.
+    pub admin: SocketAddr,
+    /// Shards (cores).
+    pub shards: usize,
+}
+
+/// The cluster as the admin API shows it: raft's status (the leader's view when it can
+/// be asked), this node's link statistics and its metric values.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// Raft status.
+    pub status: ClusterStatus,
+    /// This node's links to its peers.
+    pub peers: Vec<PeerStats>,
+    /// Control-plane metrics of this node.
+    pub metrics: ClusterMetrics,
+}
+
+/// A membership change asked for by an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Add node `id` at cluster address `addr` as a learner, then make it a voter.
+    Join {
+        /// The node.
+        id: NodeId,
+        /// Its cluster address.
+        addr: SocketAddr,
+    },
+    /// Remove node `id`.
+    Remove(NodeId),
+    /// Remove this node.
+    Leave,
+    /// Move leadership to `to`.
+    TransferLeader(NodeId),
+}
+
+enum Request {
+    View {
+        leader_view: bool,
+        reply: flume::Sender<ClusterView>,
+    },
+    Change {
+        change: Change,
+        reply: flume::Sender<Result<u64, String>>,
+    },
+}
+
+/// The running control thread. Shared with the admin thread.
+#[derive(Debug)]
+pub struct ClusterNode {
+    node_id: NodeId,
+    requests: flume::Sender<Request>,
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Request")
+    }
+}
+
+impl ClusterNode {
+    /// Starts the control thread and waits until the link and raft run (or fail).
+    pub fn start(
+        config: &ClusterConfig,
+        data_dir: &Path,
+        addrs: NodeAddrs,
+    ) -> Result<ClusterNode, ClusterStartError> {
+        let error = |m: String| ClusterStartError(m);
+        let (node_id, listen, certs_dir) = match (config.node_id, config.listen, &config.certs) {
+            (Some(id), Some(listen), Some(certs)) => (id, listen, certs.clone()),
+            _ => {
+                return Err(error(
+                    "cluster.node_id, listen and certs are required".into(),
+                ));
+            }
+        };
+        let peers = config
+            .peer_map()
+            .map_err(|e| error(format!("{}: {}", e.field, e.expected)))?;
+        // Certificates first: a wrong file is the likeliest mistake and needs no thread.
+        let certs = LinkCerts::load_dir(&certs_dir, node_id)
+            .map_err(|e| error(format!("certificates in {}: {e}", certs_dir.display())))?;
+        let mut link_config = LinkConfig::new(node_id, listen, certs).tuned_for_election(
+            Duration::from_millis(config.election_timeout_min_ms),
+            Duration::from_millis(config.election_timeout_max_ms),
+        );
+        link_config.peers = peers
+            .iter()
+            .filter(|(id, _)| **id != node_id)
+            .map(|(i, a)| (*i, *a))
+            .collect();
+
+        let self_info = NodeInfo {
+            cluster_addr: listen.to_string(),
+            mqtt_addr: addrs.mqtt.map(|a| a.to_string()).unwrap_or_default(),
+            admin_addr: addrs.admin.to_string(),
+            shards: addrs.shards as u32,
+        };
+        let mut raft_config = tessera_raft::ClusterConfig::new(node_id, data_dir, self_info);
+        raft_config.initial_voters = peers
+            .iter()
+            .map(|(id, addr)| (*id, NodeInfo::with_cluster_addr(addr.to_string())))
+            .collect();
+        raft_config.election_timeout_min_ms = config.election_timeout_min_ms;
+        raft_config.election_timeout_max_ms = config.election_timeout_max_ms;
+        raft_config.heartbeat_interval_ms = config.heartbeat_interval_ms;
+        raft_config.snapshot_logs_since_last = config.snapshot_logs_since_last;
+        raft_config.logs_kept_after_snapshot = config.logs_kept_after_snapshot;
+        raft_config.validate().map_err(|e| error(e.to_string()))?;
+
+        let (requests, inbox) = flume::bounded(REQUESTS_QUEUED_MAX);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let join = config.join;
+        let thread = std::thread::Builder::new()
+            .name("cluster".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(format!(
+                            "cannot start the control thread's runtime: {e}"
+                        )));
+                        return;
+                    }
+                };
+                runtime.block_on(control_thread(
+                    link_config,
+                    raft_config,
+                    join,
+                    inbox,
+                    stop_rx,
+                    started_tx,
+                ));
+            })
+            .map_err(|e| error(format!("cannot spawn the control thread: {e}")))?;
+        match started_rx.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(())) => Ok(ClusterNode {
+                node_id,
+                requests,
+                stop: Mutex::new(Some(stop_tx)),
+                thread: Mutex::new(Some(thread)),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(error(e))
+            }
+            Err(_) => Err(error(format!(
+                "the link and raft did not start within {START_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The cluster now: the leader's view when `leader_view` (members' match index and
+    /// lag), this node's own otherwise; `None` if the control thread did not answer in
+    /// `timeout`.
+    pub fn view(&self, leader_view: bool, timeout: Duration) -> Option<ClusterView> {
+        let (reply, answer) = flume::bounded(1);
+        self.requests
+            .try_send(Request::View { leader_view, reply })
+            .ok()?;
+        answer.recv_timeout(timeout).ok()
+    }
+
+    /// Makes a membership change (through the leader); the log index it committed at.
+    pub fn change(&self, change: Change, timeout: Duration) -> Result<u64, String> {
+        let (reply, answer) = flume::bounded(1);
+        self.requests
+            .try_send(Request::Change { change, reply })
+            .map_err(|_| "the control thread is busy".to_owned())?;
+        answer
+            .recv_timeout(timeout)
+            .map_err(|_| format!("no answer within {timeout:?}"))?
+    }
+
+    /// Stops raft and the link, and waits for the thread.
+    pub fn stop(&self) {
+        if let Some(stop) = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn control_thread(
+    link_config: LinkConfig,
+    raft_config: tessera_raft::ClusterConfig,
+    join: Option<SocketAddr>,
+    inbox: flume::Receiver<Request>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+    started: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let node_id = raft_config.node_id;
+    let initial: BTreeSet<NodeId> = raft_config.initial_voters.keys().copied().collect();
+    let link = match Link::start(link_config) {
+        Ok(link) => link,
+        Err(e) => {
+            let _ = started.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let transport: Arc<dyn Transport> = Arc::new(link.clone());
+    let (cp, service) = match ControlPlane::start(raft_config, transport).await {
+        Ok(started) => started,
+        Err(e) => {
+            link.shutdown();
+            let _ = started.send(Err(e.to_string()));
+            return;
+        }
+    };
+    link.set_service(service);
+    // A node joining through an address learns there at once whether the cluster accepts
+    // its certificate: a certificate from another CA is a wrong setting (exit code 2),
+    // an unreachable seed is retried in the background.
+    if let Some(addr) = join
+        && let Err(e) = link.discover(addr).await
+    {
+        let reason = e.to_string();
+        if reason.contains("not signed by this cluster's CA")
+            || reason.contains("refused this node's certificate")
+        {
+            cp.shutdown().await;
+            link.shutdown();
+            let _ = started.send(Err(format!(
+                "the node at --join {addr} refused the handshake: {reason}"
+            )));
+            return;
+        }
+    }
+    let cp = Arc::new(cp);
+    let _ = started.send(Ok(()));
+    tracing::info!(node = node_id, "cluster control plane running");
+
+    let mut tasks = vec![tokio::spawn(watch_membership(
+        cp.clone(),
+        link.clone(),
+        initial,
+    ))];
+    if let Some(addr) = join {
+        tasks.push(tokio::spawn(join_through(cp.clone(), link.clone(), addr)));
+    }
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            request = inbox.recv_async() => {
+                let Ok(request) = request else { break };
+                // Each request on its own task: a slow membership change never delays a
+                // status read.
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(tokio::spawn(answer(cp.clone(), link.clone(), request)));
+            }
+        }
+    }
+    for task in &tasks {
+        task.abort();
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    match Arc::try_unwrap(cp) {
+        Ok(cp) => cp.shutdown().await,
+        Err(_) => tracing::warn!("the control plane is still referenced; not waiting for it"),
+    }
+    link.shutdown();
+    tracing::info!(node = node_id, "cluster control plane stopped");
+}
+
+async fn answer(cp: Arc<ControlPlane>, link: Link, request: Request) {
+    match request {
+        Request::View { leader_view, reply } => {
+            // This node's own status, with the members as the leader sees them (their
+            // match index and lag are known there) and their addresses from the NodeMeta
+            // table (the membership knows only the cluster address of initial voters).
+            let mut status = cp.status();
+            if leader_view {
+                status.members = cp.cluster_status().await.members;
+            }
+            if let Ok(nodes) = cp.handle().tables().and_then(|t| t.nodes()) {
+                for member in &mut status.members {
+                    if let Some((_, info)) = nodes.iter().find(|(id, _)| *id == member.id) {
+                        member.info = info.clone();
+                    }
+                }
+            }
+            let _ = reply.send(ClusterView {
+                status,
+                peers: link.peers(),
+                metrics: cp.metrics(),
+            });
+        }
+        Request::Change { change, reply } => {
+            let result = match change {
+                Change::Join { id, addr } => {
+                    let info = NodeInfo::with_cluster_addr(addr.to_string());
+                    link.set_peer(id, addr);
+                    match cp.add_learner(id, info).await {
+                        Ok(_) => cp.promote(id).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Change::Remove(id) => cp.remove(id).await,
+                Change::Leave => cp.leave().await,
+                Change::TransferLeader(to) => cp.transfer_leader(to).await.map(|()| 0),
+            };
+            let _ = reply.send(result.map_err(|e| e.to_string()));
+        }
+    }
+}
+
+/// Keeps the link's address book equal to the raft membership: members added later get
+/// dialed, members removed are forgotten (the initial voters stay until the membership
+/// is known).
+async fn watch_membership(cp: Arc<ControlPlane>, link: Link, initial: BTreeSet<NodeId>) {
+    let me = cp.node_id();
+    let mut known: BTreeMap<NodeId, SocketAddr> = BTreeMap::new();
+    let mut ever_members: BTreeSet<NodeId> = initial;
+    loop {
+        let members = cp.handle().members();
+        if !members.is_empty() {
+            for (id, info) in &members {
+                if *id == me {
+                    continue;
+                }
+                ever_members.insert(*id);
+                let Ok(addr) = info.cluster_addr.parse::<SocketAddr>() else {
+                    tracing::warn!(node = me, peer = id, addr = %info.cluster_addr, "member has an unusable cluster address");
+                    continue;
+                };
+                if known.get(id) != Some(&addr) {
+                    link.set_peer(*id, addr);
+                    known.insert(*id, addr);
+                }
+            }
+            let gone: Vec<NodeId> = ever_members
+                .iter()
+                .filter(|id| **id != me && !members.contains_key(id))
+                .copied()
+                .collect();
+            for id in gone {
+                tracing::info!(
+                    node = me,
+                    peer = id,
+                    "node left the cluster; closing its link"
+                );
+                link.remove_peer(id);
+                known.remove(&id);
+                ever_members.remove(&id);
+            }
+        }
+        tokio::time::sleep(MEMBERSHIP_POLL).await;
+    }
+}
+
+/// `--join ADDR`: find which node listens at `addr`, then join through it until this
+/// node is a voter.
+async fn join_through(cp: Arc<ControlPlane>, link: Link, addr: SocketAddr) {
+    let me = cp.node_id();
+    loop {
+        match link.discover(addr).await {
+            Ok(via) => match cp.join(via).await {
+                Ok(index) => {
+                    tracing::info!(node = me, via, index, "joined the cluster as a voter");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(node = me, via, "joining the cluster failed, retrying: {e}")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(node = me, %addr, "cannot reach the node to join through, retrying: {e}")
+            }
+        }
+        tokio::time::sleep(JOIN_RETRY).await;
+    }
+}
