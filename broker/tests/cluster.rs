@@ -1,16 +1,214 @@
-//! Goal: what an operator relies on when running Tessera as a cluster: the certificates
-//! `brokerctl cluster certs` makes are the ones the cluster links accept.
+//! Goal: what an operator relies on when running Tessera as a cluster of real broker
+//! processes on loopback: the certificates `brokerctl cluster certs` makes are the ones
+//! the links accept; a leader is elected and every node becomes ready; when the leader
+//! is killed with -9 another takes over, and the old one rejoins and catches up from its
+//! data dir; a fourth node joins (learner, then voter) and a node leaves; a node with a
+//! certificate from another CA is refused (exit code 2); a node that fell behind a purged
+//! log gets a snapshot.
 //!
-//! Method: run the real binaries as child processes under timeouts, in directories unique
-//! to this process and test.
+//! Method: `broker` processes (one shard each) with the cluster flags, cluster UDP ports
+//! picked free on 127.0.0.1, data dirs in a test directory; the cluster is observed only
+//! through each node's admin API (`/api/v1/cluster`, `/ready`, `/metrics`) and
+//! `brokerctl`. Every wait is bounded; every process is killed when its guard drops, also
+//! when an assertion fails.
 
 mod common;
 
 use std::fs;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use common::{TestDir, brokerctl};
+use common::{Broker, TestDir, brokerctl, run_bounded};
+use serde_json::Value;
+use tessera_broker::admin::client::AdminClient;
 use tessera_raft::link::LinkCerts;
-use tessera_raft::link::certs::{ca_cert_path, node_cert_path, node_key_path};
+use tessera_raft::link::certs::{ca_cert_path, make_cluster_certs, node_cert_path, node_key_path};
+
+/// Bound on elections, catch-up and membership changes in these tests.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn free_udp_addr() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A test cluster: certificates, data dirs and the nodes' processes (killed on drop).
+struct Cluster {
+    dir: TestDir,
+    certs: PathBuf,
+    addrs: Vec<SocketAddr>,
+    nodes: Vec<Option<Broker>>,
+    envs: Vec<(String, String)>,
+}
+
+impl Cluster {
+    /// Certificates for `certs_for` nodes and cluster addresses for `size` initial voters.
+    fn new(tag: &str, size: usize, certs_for: u64, envs: &[(&str, &str)]) -> Cluster {
+        let dir = TestDir::new(tag);
+        let certs = Path::new(dir.path_str()).join("certs");
+        make_cluster_certs(&certs, certs_for, &[]).unwrap();
+        Cluster {
+            certs,
+            addrs: (0..certs_for).map(|_| free_udp_addr()).collect(),
+            nodes: (0..certs_for).map(|_| None).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            dir,
+        }
+        .with_size(size)
+    }
+
+    fn with_size(mut self, size: usize) -> Cluster {
+        self.envs
+            .push(("TESSERA_CLUSTER__PEERS".into(), self.peers(size)));
+        self
+    }
+
+    fn peers(&self, size: usize) -> String {
+        (1..=size)
+            .map(|id| format!("{id}={}", self.addrs[id - 1]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn data_dir(&self, id: u64) -> String {
+        Path::new(self.dir.path_str())
+            .join(format!("node-{id}"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn args(&self, id: u64) -> Vec<String> {
+        [
+            "--shards",
+            "1",
+            "--data-dir",
+            &self.data_dir(id),
+            "--node-id",
+            &id.to_string(),
+            "--cluster-listen",
+            &self.addrs[id as usize - 1].to_string(),
+            "--cluster-certs",
+            self.certs.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Starts node `id` (an initial voter, or with `extra` such as `--join`).
+    fn start(&mut self, id: u64, extra: &[&str], join: bool) {
+        let mut args = self.args(id);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let envs: Vec<(&str, &str)> = self
+            .envs
+            .iter()
+            .filter(|(k, _)| !(join && k == "TESSERA_CLUSTER__PEERS"))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.nodes[id as usize - 1] = Some(Broker::start_with(&args, &envs));
+    }
+
+    /// Kills node `id` with SIGKILL.
+    fn kill(&mut self, id: u64) {
+        self.nodes[id as usize - 1] = None;
+    }
+
+    fn node(&self, id: u64) -> &Broker {
+        self.nodes[id as usize - 1]
+            .as_ref()
+            .expect("node is running")
+    }
+
+    fn admin(&self, id: u64) -> AdminClient {
+        let url = format!("http://{}", self.node(id).admin_addr());
+        AdminClient::new(&url, None, Duration::from_secs(5)).unwrap()
+    }
+
+    /// Node `id`'s `/api/v1/cluster`, or `None` while it cannot answer.
+    fn status(&self, id: u64) -> Option<Value> {
+        self.admin(id)
+            .json("GET", &["api", "v1", "cluster"], &[])
+            .ok()
+    }
+
+    fn ready(&self, id: u64) -> bool {
+        self.admin(id)
+            .raw("GET", &["ready"], &[])
+            .is_ok_and(|r| r.status == 200)
+    }
+
+    fn running(&self) -> Vec<u64> {
+        (1..=self.nodes.len() as u64)
+            .filter(|id| self.nodes[*id as usize - 1].is_some())
+            .collect()
+    }
+
+    /// Waits until every running node is ready and names the same leader; returns it.
+    fn wait_for_leader(&self) -> (u64, Value) {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            let views: Vec<Value> = self
+                .running()
+                .iter()
+                .filter_map(|id| self.status(*id))
+                .collect();
+            let leaders: Vec<Option<u64>> = views.iter().map(|v| v["leader"].as_u64()).collect();
+            if views.len() == self.running().len()
+                && leaders.iter().all(|l| l.is_some() && *l == leaders[0])
+                && leaders[0].is_some_and(|l| self.running().contains(&l))
+                && self.running().iter().all(|id| self.ready(*id))
+            {
+                let leader = leaders[0].unwrap();
+                let view = views
+                    .into_iter()
+                    .find(|v| v["node_id"] == leader)
+                    .expect("the leader runs");
+                return (leader, view);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no common leader within {CLUSTER_TIMEOUT:?}: {views:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_until(&self, what: &str, mut done: impl FnMut(&Cluster) -> bool) {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {CLUSTER_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn member_ids(view: &Value) -> Vec<u64> {
+    view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect()
+}
+
+fn member<'a>(view: &'a Value, id: u64) -> Option<&'a Value> {
+    view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+}
 
 fn code(out: &std::process::Output) -> i32 {
     out.status.code().expect("exit code")
@@ -92,4 +290,211 @@ fn brokerctl_cluster_certs_makes_a_ca_and_node_certificates_and_keeps_existing_o
     );
     assert_eq!(code(&out), 1);
     assert!(String::from_utf8_lossy(&out.stderr).contains("/proc/tessera-certs"));
+}
+
+#[test]
+fn three_nodes_elect_a_leader_that_is_replaced_when_killed_and_rejoins_after_restart() {
+    let mut cluster = Cluster::new("cluster-failover", 3, 3, &[]);
+    for id in 1..=3 {
+        cluster.start(id, &[], false);
+    }
+    let (leader, view) = cluster.wait_for_leader();
+    assert_eq!(member_ids(&view), vec![1, 2, 3]);
+    for id in 1..=3 {
+        let m = member(&view, id).unwrap();
+        assert_eq!(m["role"], if id == leader { "leader" } else { "follower" });
+        assert_eq!(m["reachable"], true, "{view:#}");
+        assert!(
+            m["match_index"].as_u64().is_some() && m["lag"].as_u64().is_some(),
+            "{view:#}"
+        );
+        assert!(
+            !m["mqtt_addr"].as_str().unwrap().is_empty(),
+            "NodeMeta fills the addresses: {view:#}"
+        );
+    }
+    let term = view["term"].as_u64().unwrap();
+
+    // brokerctl shows the same, as a table and as JSON.
+    let url = format!("http://{}", cluster.node(1).admin_addr());
+    let out = brokerctl(&["cluster", "status", "--url", &url], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("ROLE")
+            && table.contains("leader")
+            && table.matches("follower").count() >= 2,
+        "{table}"
+    );
+    let out = brokerctl(&["cluster", "status", "--json", "--url", &url], &[]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["leader"], leader);
+
+    // Kill -9 the leader: the other two elect one of them in a later term.
+    cluster.kill(leader);
+    let (new_leader, view) = cluster.wait_for_leader();
+    assert_ne!(new_leader, leader);
+    assert!(view["term"].as_u64().unwrap() > term, "{view:#}");
+    let reported = member(&view, leader).unwrap();
+    cluster.wait_until("the dead node is reported unreachable", |c| {
+        c.status(new_leader)
+            .and_then(|v| member(&v, leader).map(|m| m["reachable"] == false))
+            .unwrap_or(false)
+    });
+    assert_eq!(reported["role"], "follower");
+
+    // Restarted with its data dir and the same flags, the old leader rejoins and catches
+    // up with what was committed while it was down.
+    cluster.start(leader, &[], false);
+    let (_, view) = cluster.wait_for_leader();
+    let commit = view["commit_index"].as_u64().unwrap();
+    cluster.wait_until("the restarted node catches up", |c| {
+        c.status(leader)
+            .is_some_and(|v| v["applied_index"].as_u64().unwrap() >= commit)
+    });
+    let metrics = cluster.admin(leader).raw("GET", &["metrics"], &[]).unwrap();
+    let text = String::from_utf8_lossy(&metrics.body);
+    for name in [
+        "tessera_cluster_term",
+        "tessera_cluster_leader_changes_total",
+        "tessera_cluster_apply_lag_entries",
+        "tessera_cluster_ops_per_entry_bucket",
+        "tessera_cluster_proposal_commit_seconds_count",
+        "tessera_cluster_peer_reachable{peer=",
+        "tessera_cluster_peer_rtt_seconds{peer=",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+}
+
+#[test]
+fn a_fourth_node_joins_as_a_voter_and_a_node_leaves() {
+    let mut cluster = Cluster::new("cluster-join", 3, 4, &[]);
+    for id in 1..=3 {
+        cluster.start(id, &[], false);
+    }
+    cluster.wait_for_leader();
+    let seed = cluster.addrs[0].to_string();
+    cluster.start(4, &["--join", &seed], true);
+    cluster.wait_until("node 4 becomes a voter", |c| {
+        c.status(1).is_some_and(|v| {
+            member(&v, 4).is_some_and(|m| m["role"] == "follower" || m["role"] == "leader")
+        })
+    });
+    let (_, view) = cluster.wait_for_leader();
+    assert_eq!(member_ids(&view), vec![1, 2, 3, 4]);
+
+    // Node 3 leaves through brokerctl; the others carry on with three voters.
+    let url = format!("http://{}", cluster.node(3).admin_addr());
+    let out = brokerctl(&["cluster", "leave", "--url", &url], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.wait_until("node 3 is no longer a member", |c| {
+        c.status(1).is_some_and(|v| member(&v, 3).is_none())
+    });
+    cluster.kill(3);
+    let (_, view) = cluster.wait_for_leader();
+    assert_eq!(member_ids(&view), vec![1, 2, 4]);
+}
+
+#[test]
+fn a_node_with_a_certificate_from_another_ca_is_refused() {
+    let mut cluster = Cluster::new("cluster-foreign", 1, 1, &[]);
+    cluster.start(1, &[], false);
+    cluster.wait_for_leader();
+
+    // Node 2's certificate comes from a CA of its own.
+    let foreign = Path::new(cluster.dir.path_str()).join("foreign");
+    make_cluster_certs(&foreign, 2, &[]).unwrap();
+    let data = cluster.data_dir(2);
+    let listen = free_udp_addr().to_string();
+    let seed = cluster.addrs[0].to_string();
+    let out = run_bounded(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--data-dir",
+            &data,
+            "--node-id",
+            "2",
+            "--cluster-listen",
+            &listen,
+            "--cluster-certs",
+            foreign.to_str().unwrap(),
+            "--join",
+            &seed,
+        ],
+        &[],
+        CLUSTER_TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("not signed by this cluster's CA"),
+        "{stderr}"
+    );
+    cluster
+        .node(1)
+        .wait_log("refused a cluster connection", Duration::from_secs(5));
+    let view = cluster.status(1).unwrap();
+    assert_eq!(member_ids(&view), vec![1]);
+}
+
+#[test]
+fn a_node_behind_a_purged_log_gets_a_snapshot() {
+    let envs = [
+        ("TESSERA_CLUSTER__SNAPSHOT_LOGS_SINCE_LAST", "2"),
+        ("TESSERA_CLUSTER__LOGS_KEPT_AFTER_SNAPSHOT", "0"),
+    ];
+    let mut cluster = Cluster::new("cluster-snapshot", 3, 3, &envs);
+    for id in 1..=3 {
+        cluster.start(id, &[], false);
+    }
+    let (leader, _) = cluster.wait_for_leader();
+    let behind = if leader == 3 { 2 } else { 3 };
+    cluster.kill(behind);
+    let live: Vec<u64> = (1..=3).filter(|id| *id != behind).collect();
+
+    // Every leadership change appends an entry: move it back and forth until the log
+    // was snapshotted and purged past where the dead node stopped.
+    let mut to = if live[0] == leader { live[1] } else { live[0] };
+    let deadline = Instant::now() + CLUSTER_TIMEOUT;
+    loop {
+        let url = format!("http://{}", cluster.node(to).admin_addr());
+        let _ = brokerctl(
+            &["cluster", "transfer-leader", &to.to_string(), "--url", &url],
+            &[],
+        );
+        let (now, view) = cluster.wait_for_leader();
+        if view["purged_index"].as_u64().unwrap_or(0) >= 8 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log was never purged: {view:#}"
+        );
+        to = if now == live[0] { live[1] } else { live[0] };
+    }
+
+    cluster.start(behind, &[], false);
+    let (_, view) = cluster.wait_for_leader();
+    let commit = view["commit_index"].as_u64().unwrap();
+    cluster.wait_until("the node that fell behind catches up", |c| {
+        c.status(behind)
+            .is_some_and(|v| v["applied_index"].as_u64().unwrap() >= commit)
+    });
+    let metrics = cluster.admin(behind).raw("GET", &["metrics"], &[]).unwrap();
+    let text = String::from_utf8_lossy(&metrics.body);
+    let installed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_cluster_snapshots_installed_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap();
+    assert!(installed >= 1, "no snapshot installed on node {behind}");
 }

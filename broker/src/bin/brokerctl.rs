@@ -11,6 +11,8 @@
 //! - `ban add|delete|list FILE [KIND VALUE]`: manage a ban list file.
 //! - `tune check [--profile NAME] [--proc-root DIR] [--pid PID] [--json]`: compare this
 //!   machine with a `kernel-tuning/` profile, read-only ([`tessera_broker::tune`]).
+//! - `cluster status|join|leave|remove|transfer-leader`: the cluster through the admin
+//!   API of any member (`/api/v1/cluster`).
 //! - `cluster certs --out DIR --nodes N [--hosts h1,h2,...]`: make the cluster CA and the
 //!   node certificates the cluster links use ([`tessera_raft::link::certs`]).
 //! - `completions SHELL`: print a completion script (bash, zsh, fish, elvish,
@@ -113,7 +115,7 @@ enum Command {
     /// Kernel and process tuning for many connections.
     #[command(subcommand)]
     Tune(TuneCommand),
-    /// The cluster: certificates.
+    /// The cluster: status, membership, leadership, certificates.
     #[command(subcommand)]
     Cluster(ClusterCommand),
     /// Print a shell completion script to stdout.
@@ -126,6 +128,30 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
+    /// Members (id, addresses, role, reachable, match index, lag), term, commit, applied
+    /// and leader, as the node at --url sees them.
+    Status,
+    /// Add a node to the cluster (learner, catch up, then voter), through any member.
+    Join {
+        /// The new node's id (its certificate must name it).
+        #[arg(long)]
+        id: u64,
+        /// The new node's cluster address (ADDR:PORT, UDP).
+        #[arg(long)]
+        addr: String,
+    },
+    /// The node at --url leaves the cluster.
+    Leave,
+    /// Remove a node from the cluster.
+    Remove {
+        /// The node's id.
+        id: u64,
+    },
+    /// Move leadership to another voter.
+    TransferLeader {
+        /// The voter to lead.
+        id: u64,
+    },
     /// Make the cluster CA and a certificate per node in DIR (existing files are kept:
     /// run it again with a larger --nodes to add nodes signed by the same CA).
     Certs {
@@ -484,6 +510,56 @@ fn run_admin(c: &AdminClient, cli: &Cli) -> Result<(), ClientError> {
             print(&format!("expired the session of {client_id}\n"))
         }
         Command::Metrics(m) => metrics(c, m, json),
+        Command::Cluster(ClusterCommand::Status) => {
+            let v = c.json("GET", &["api", "v1", "cluster"], &[])?;
+            if json {
+                return print_json(&v);
+            }
+            print(&render_cluster(&v))
+        }
+        Command::Cluster(ClusterCommand::Join { id, addr }) => {
+            let q = [("id", id.to_string()), ("addr", addr.clone())];
+            let v = c.json("POST", &["api", "v1", "cluster", "members"], &q)?;
+            if json {
+                return print_json(&v);
+            }
+            print(&format!(
+                "node {id} joined the cluster as a voter (index {})\n",
+                cell(&v["index"])
+            ))
+        }
+        Command::Cluster(ClusterCommand::Leave) => {
+            let v = c.json("POST", &["api", "v1", "cluster", "leave"], &[])?;
+            if json {
+                return print_json(&v);
+            }
+            print(&format!(
+                "the node left the cluster (index {})\n",
+                cell(&v["index"])
+            ))
+        }
+        Command::Cluster(ClusterCommand::Remove { id }) => {
+            let v = c.json(
+                "DELETE",
+                &["api", "v1", "cluster", "members", &id.to_string()],
+                &[],
+            )?;
+            if json {
+                return print_json(&v);
+            }
+            print(&format!(
+                "node {id} removed (index {})\n",
+                cell(&v["index"])
+            ))
+        }
+        Command::Cluster(ClusterCommand::TransferLeader { id }) => {
+            let q = [("to", id.to_string())];
+            let v = c.json("POST", &["api", "v1", "cluster", "leader"], &q)?;
+            if json {
+                return print_json(&v);
+            }
+            print(&format!("leadership moved to node {id}\n"))
+        }
         Command::Tune(_)
         | Command::Passwd(_)
         | Command::Ban(_)
@@ -688,6 +764,56 @@ fn render_status(v: &Value) -> String {
         .unwrap_or_default();
     let headers: Vec<&str> = cols.iter().map(|(h, _)| *h).collect();
     out.push_str(&table(&headers, &rows));
+    out
+}
+
+fn render_cluster(v: &Value) -> String {
+    let mut out = format!(
+        "node {} ({})  term {}  leader {}  commit {}  applied {}  ready {}\n\n",
+        cell(&v["node_id"]),
+        cell(&v["role"]),
+        cell(&v["term"]),
+        cell(&v["leader"]),
+        cell(&v["commit_index"]),
+        cell(&v["applied_index"]),
+        cell(&v["ready"]),
+    );
+    let rows: Vec<Vec<String>> = v["members"]
+        .as_array()
+        .map(|members| {
+            members
+                .iter()
+                .map(|m| {
+                    [
+                        "id",
+                        "role",
+                        "cluster_addr",
+                        "mqtt_addr",
+                        "admin_addr",
+                        "reachable",
+                        "match_index",
+                        "lag",
+                    ]
+                    .iter()
+                    .map(|k| cell(&m[*k]))
+                    .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push_str(&table(
+        &[
+            "ID",
+            "ROLE",
+            "CLUSTER",
+            "MQTT",
+            "ADMIN",
+            "REACHABLE",
+            "MATCH",
+            "LAG",
+        ],
+        &rows,
+    ));
     out
 }
 
