@@ -62,3 +62,16 @@ interop-mqttjs:
 bench-tls:
     cargo build --release -p tessera-broker --bin broker --features jemalloc
     broker/scripts/bench-tls.sh target/release/broker
+
+# Start N cluster nodes on this machine (MQTT 127.0.0.1:1883.., admin :18083..,
+# cluster :7000..; data and logs under ./data/cluster/), wait for a leader.
+run-cluster N="3":
+    scripts/cluster.sh run {{N}}
+
+# Stop the local cluster gracefully.
+stop-cluster:
+    scripts/cluster.sh stop
+
+# The local cluster's members, roles and indexes (brokerctl cluster status).
+cluster-status:
+    scripts/cluster.sh status

@@ -15,7 +15,10 @@
 #                     QoS 1 and shuts down makes no system call outside the
 #                     unit's SystemCallFilter=
 #   metrics (live)    the traced broker's /metrics passes `promtool check
-#                     metrics` and exports every name of the contract
+#                     metrics` and exports every name of the contract but
+#                     the cluster names (tessera_cluster_*)
+#   cluster (live)    a two-node cluster elects a leader; its /metrics passes
+#                     promtool and exports every cluster name of the contract
 #   routing (live)    haproxy.cfg in front of two brokers sends each ClientID
 #                     prefix to its node, for MQTT 3.1, 3.1.1 and 5.0 clients
 #
@@ -25,6 +28,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BROKER=${BROKER:-target/debug/broker}
+BROKERCTL=${BROKERCTL:-$(dirname "$BROKER")/brokerctl}
 APT="apt-get install -y --no-install-recommends systemd prometheus haproxy shellcheck strace mosquitto-clients"
 
 missing=()
@@ -35,7 +39,7 @@ if ((${#missing[@]})); then
     echo "ops/check.sh: missing ${missing[*]}; install with: $APT" >&2
     exit 1
 fi
-if [[ ! -x $BROKER ]]; then
+if [[ ! -x $BROKER || ! -x $BROKERCTL ]]; then
     echo "ops/check.sh: no broker binary at $BROKER; build it with" \
         "'cargo build -p tessera-broker --bin broker' or set BROKER=" >&2
     exit 1
@@ -83,7 +87,7 @@ start_broker() {
 }
 
 step "shellcheck"
-shellcheck kernel-tuning/apply.sh ops/check.sh scripts/test-third-party.sh
+shellcheck kernel-tuning/apply.sh ops/check.sh scripts/test-third-party.sh scripts/cluster.sh
 echo ok
 
 step "systemd-analyze verify ops/systemd/tessera.service"
@@ -200,11 +204,50 @@ promtool check metrics <"$tmp/metrics.txt"
 python3 - "$tmp/metrics.txt" <<'EOF'
 import re, sys
 contract = set(re.findall(r"^\| `((?:tessera|process)_[a-z_]+)`", open("ops/README.md").read(), re.M))
+# A single node exports no cluster metrics; the cluster step checks those.
+contract = {n for n in contract if not n.startswith("tessera_cluster_")}
 exported = set(re.findall(r"^# TYPE ([a-z_]+) ", open(sys.argv[1]).read(), re.M))
 missing = sorted(contract - exported)
 for name in missing:
     print(f"not exported: {name}", file=sys.stderr)
 print(f"{len(contract)} names in the contract, {len(exported)} exported")
+sys.exit(1 if missing else 0)
+EOF
+
+step "live: a two-node cluster exports every cluster name of the contract"
+"$BROKERCTL" cluster certs --out "$tmp/certs" --nodes 2 >/dev/null
+udp_port() {
+    python3 -c 'import socket; s = socket.socket(type=socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+c1=127.0.0.1:$(udp_port)
+c2=127.0.0.1:$(udp_port)
+for n in 1 2; do
+    listen=$c1
+    [[ $n == 2 ]] && listen=$c2
+    start_broker "cluster-$n" "$BROKER" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+        --shards 1 --data-dir "$tmp/cluster-$n" --node-id "$n" --cluster-listen "$listen" \
+        --cluster-peers "1=$c1,2=$c2" --cluster-certs "$tmp/certs"
+done
+admin=$(sed -n 's|^tessera: admin http://\(.*\)$|\1|p' "$tmp/cluster-1.out")
+for ((i = 0; i < 100; i++)); do
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+        "http://$admin/ready" 2>/dev/null && break
+    sleep 0.2
+done
+python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+    "http://$admin/metrics" >"$tmp/cluster-metrics.txt" || fail "GET /metrics of the cluster node failed"
+promtool check metrics <"$tmp/cluster-metrics.txt"
+python3 - "$tmp/cluster-metrics.txt" <<'EOF'
+import re, sys
+contract = set(re.findall(r"^\| `(tessera_cluster_[a-z_]+)`", open("ops/README.md").read(), re.M))
+text = open(sys.argv[1]).read()
+exported = set(re.findall(r"^# TYPE ([a-z_]+) ", text, re.M))
+missing = sorted(contract - exported)
+for name in missing:
+    print(f"not exported: {name}", file=sys.stderr)
+assert re.search(r"^tessera_cluster_has_leader 1$", text, re.M), "the cluster has no leader"
+assert re.search(r'^tessera_cluster_peer_reachable\{peer="2"\} 1$', text, re.M), "node 2 unreachable"
+print(f"{len(contract)} cluster names in the contract, {len(missing)} missing")
 sys.exit(1 if missing else 0)
 EOF
 

@@ -202,7 +202,7 @@ fn member_ids(view: &Value) -> Vec<u64> {
         .collect()
 }
 
-fn member<'a>(view: &'a Value, id: u64) -> Option<&'a Value> {
+fn member(view: &Value, id: u64) -> Option<&Value> {
     view["members"]
         .as_array()
         .unwrap()

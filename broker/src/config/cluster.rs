@@ -360,7 +360,8 @@ mod tests {
 
     #[test]
     fn each_missing_or_contradicting_setting_names_its_field() {
-        let cases: [(fn(&mut ClusterConfig), &str); 7] = [
+        type Change = fn(&mut ClusterConfig);
+        let cases: [(Change, &str); 7] = [
             (|c| c.node_id = None, "cluster.node_id"),
             (|c| c.listen = None, "cluster.listen"),
             (|c| c.certs = None, "cluster.certs"),
