@@ -8,7 +8,8 @@
 #   scripts/cluster.sh status    `brokerctl cluster status` against node 1
 #
 # Node i listens for MQTT on 127.0.0.1:(1882+i), its admin API on 127.0.0.1:(18082+i)
-# and the cluster link on 127.0.0.1:(6999+i) (UDP). Everything lives under
+# and the cluster link on 127.0.0.1:(6999+i) (UDP); MQTT_BASE, ADMIN_BASE and
+# CLUSTER_BASE move them (node 1's ports). Everything lives under
 # ./data/cluster/ (DIR to change it): certs/, node-<i>/ (data), node-<i>.log and
 # node-<i>.pid. A restarted node rejoins with its data. The number of nodes is fixed
 # when the cluster is first created; to start over with another N, stop it and remove
@@ -19,6 +20,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DIR=${DIR:-data/cluster}
 BIN=${BIN:-target/debug}
 WAIT_S=${WAIT_S:-60}
+MQTT_BASE=${MQTT_BASE:-1883}
+ADMIN_BASE=${ADMIN_BASE:-18083}
+CLUSTER_BASE=${CLUSTER_BASE:-7000}
 
 die() {
     echo "cluster.sh: $*" >&2
@@ -48,15 +52,15 @@ run() {
     [[ -f $DIR/certs/ca.pem ]] || echo "making the cluster's certificates in $DIR/certs"
     "$BIN/brokerctl" cluster certs --out "$DIR/certs" --nodes "$n" >/dev/null
     for ((i = 1; i <= n; i++)); do
-        peers+="${peers:+,}$i=127.0.0.1:$((6999 + i))"
+        peers+="${peers:+,}$i=127.0.0.1:$((CLUSTER_BASE - 1 + i))"
     done
     for ((i = 1; i <= n; i++)); do
         if [[ -f $DIR/node-$i.pid ]] && kill -0 "$(cat "$DIR/node-$i.pid")" 2>/dev/null; then
             echo "node $i already runs (pid $(cat "$DIR/node-$i.pid"))"
             continue
         fi
-        "$BIN/broker" --listen "127.0.0.1:$((1882 + i))" --admin-listen "127.0.0.1:$((18082 + i))" \
-            --data-dir "$DIR/node-$i" --node-id "$i" --cluster-listen "127.0.0.1:$((6999 + i))" \
+        "$BIN/broker" --listen "127.0.0.1:$((MQTT_BASE - 1 + i))" --admin-listen "127.0.0.1:$((ADMIN_BASE - 1 + i))" \
+            --data-dir "$DIR/node-$i" --node-id "$i" --cluster-listen "127.0.0.1:$((CLUSTER_BASE - 1 + i))" \
             --cluster-peers "$peers" --cluster-certs "$DIR/certs" >>"$DIR/node-$i.log" 2>&1 &
         echo $! >"$DIR/node-$i.pid"
     done
@@ -66,15 +70,15 @@ run() {
         for ((i = 1; i <= n; i++)); do
             kill -0 "$(cat "$DIR/node-$i.pid")" 2>/dev/null ||
                 die "node $i exited; see $DIR/node-$i.log: $(tail -n 3 "$DIR/node-$i.log")"
-            ready $((18082 + i)) || all=0
+            ready $((ADMIN_BASE - 1 + i)) || all=0
         done
-        [[ $all == 1 && -n $(leader 18083) ]] && break
+        [[ $all == 1 && -n $(leader "$ADMIN_BASE") ]] && break
         ((SECONDS < deadline)) || die "no leader with every node ready within ${WAIT_S}s; see $DIR/node-*.log"
         sleep 0.2
     done
-    echo "cluster of $n nodes up, leader: node $(leader 18083)"
+    echo "cluster of $n nodes up, leader: node $(leader "$ADMIN_BASE")"
     for ((i = 1; i <= n; i++)); do
-        echo "node $i: mqtt://127.0.0.1:$((1882 + i))  admin http://127.0.0.1:$((18082 + i))  cluster 127.0.0.1:$((6999 + i))/udp  log $DIR/node-$i.log"
+        echo "node $i: mqtt://127.0.0.1:$((MQTT_BASE - 1 + i))  admin http://127.0.0.1:$((ADMIN_BASE - 1 + i))  cluster 127.0.0.1:$((CLUSTER_BASE - 1 + i))/udp  log $DIR/node-$i.log"
     done
 }
 
@@ -98,6 +102,6 @@ stop() {
 case ${1:-} in
 run) run "${2:-3}" ;;
 stop) stop ;;
-status) "$BIN/brokerctl" cluster status --url http://127.0.0.1:18083 ;;
+status) "$BIN/brokerctl" cluster status --url "http://127.0.0.1:$ADMIN_BASE" ;;
 *) die "usage: scripts/cluster.sh run [N] | stop | status" ;;
 esac

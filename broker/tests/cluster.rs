@@ -354,16 +354,26 @@ fn three_nodes_elect_a_leader_that_is_replaced_when_killed_and_rejoins_after_res
     });
     let metrics = cluster.admin(leader).raw("GET", &["metrics"], &[]).unwrap();
     let text = String::from_utf8_lossy(&metrics.body);
-    for name in [
-        "tessera_cluster_term",
-        "tessera_cluster_leader_changes_total",
-        "tessera_cluster_apply_lag_entries",
-        "tessera_cluster_ops_per_entry_bucket",
-        "tessera_cluster_proposal_commit_seconds_count",
+    // Every cluster name of the ops contract (ops/README.md), which the alerts and the
+    // dashboard use.
+    let contract: Vec<&str> = include_str!("../../ops/README.md")
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|n| n.starts_with("tessera_cluster_"))
+        .collect();
+    assert!(contract.len() >= 10, "{contract:?}");
+    for name in contract {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing from /metrics"
+        );
+    }
+    for sample in [
         "tessera_cluster_peer_reachable{peer=",
         "tessera_cluster_peer_rtt_seconds{peer=",
     ] {
-        assert!(text.contains(name), "{name} missing from /metrics");
+        assert!(text.contains(sample), "{sample} missing from /metrics");
     }
 }
 
