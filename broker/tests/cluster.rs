@@ -396,13 +396,21 @@ fn a_fourth_node_joins_as_a_voter_and_a_node_leaves() {
 
     // Node 3 leaves through brokerctl; the others carry on with three voters.
     let url = format!("http://{}", cluster.node(3).admin_addr());
-    let out = brokerctl(&["cluster", "leave", "--url", &url], &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // A membership change is refused (409, exit 4) while the previous one (node 4's
+    // promotion) is still being committed: retry as an operator would.
+    let deadline = Instant::now() + CLUSTER_TIMEOUT;
+    loop {
+        let out = brokerctl(&["cluster", "leave", "--url", &url], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        match out.status.code() {
+            Some(0) => break,
+            Some(4) if Instant::now() < deadline => {
+                eprintln!("leave refused, retrying: {stderr}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            code => panic!("brokerctl cluster leave: {code:?} {stderr}"),
+        }
+    }
     cluster.wait_until("node 3 is no longer a member", |c| {
         c.status(1).is_some_and(|v| member(&v, 3).is_none())
     });
