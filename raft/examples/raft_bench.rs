@@ -1,0 +1,192 @@
+//! Control-plane throughput and latency: N nodes in this process with real fsync (heed
+//! stores on disk) over the in-memory transport, proposers on every node keeping
+//! `--in-flight` ops outstanding, as shards do at a connect storm.
+//!
+//! ```text
+//! cargo run --release -p tessera-raft --example raft_bench -- --kind claim --ops 200000
+//! cargo run --release -p tessera-raft --example raft_bench -- --kind route --ops 400000
+//! ```
+//!
+//! Prints ops/s, proposal-to-applied p50/p99 (µs, measured per op by the proposer), and
+//! the mean ops per log entry (each entry is one fsync on each node). Options:
+//! `--nodes 3 --in-flight 8192 --batch-ops 1024 --window-us 500 --rate OPS_PER_S
+//! --dir PATH` (a directory on the disk to measure; default under `target/`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tessera_raft::memnet::MemNet;
+use tessera_raft::{ClusterConfig, ClusterError, ControlPlane, NodeInfo, Op, Role};
+
+struct Args {
+    kind: String,
+    ops: u64,
+    nodes: u64,
+    in_flight: usize,
+    batch_ops: usize,
+    window_us: u64,
+    rate: Option<u64>,
+    dir: std::path::PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        kind: "claim".into(),
+        ops: 200_000,
+        nodes: 3,
+        in_flight: 8192,
+        batch_ops: 1024,
+        window_us: 500,
+        rate: None,
+        dir: std::path::PathBuf::from("target/raft-bench"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--kind" => a.kind = v,
+            "--ops" => a.ops = v.parse().expect("--ops"),
+            "--nodes" => a.nodes = v.parse().expect("--nodes"),
+            "--in-flight" => a.in_flight = v.parse().expect("--in-flight"),
+            "--batch-ops" => a.batch_ops = v.parse().expect("--batch-ops"),
+            "--window-us" => a.window_us = v.parse().expect("--window-us"),
+            "--rate" => a.rate = Some(v.parse().expect("--rate")),
+            "--dir" => a.dir = v.into(),
+            other => panic!("unknown option {other}"),
+        }
+    }
+    a
+}
+
+fn op(kind: &str, i: u64, node: u64) -> Op {
+    match kind {
+        "claim" => Op::ClaimSession {
+            client_id: format!("client-{i:010}"),
+            node,
+        },
+        "route" => Op::RouteDelta {
+            node,
+            filter: format!("sensors/{}/{}/#", i % 100_000, i / 100_000),
+            group: None,
+            add: true,
+        },
+        other => panic!("--kind claim|route, not {other}"),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = args();
+    let _ = std::fs::remove_dir_all(&a.dir);
+    let net = MemNet::new(1);
+    let voters: BTreeMap<u64, NodeInfo> = (1..=a.nodes)
+        .map(|id| {
+            (
+                id,
+                NodeInfo::with_cluster_addr(format!("127.0.0.1:{}", 7000 + id)),
+            )
+        })
+        .collect();
+    let mut nodes = Vec::new();
+    for id in 1..=a.nodes {
+        let mut c = ClusterConfig::new(id, a.dir.join(format!("node{id}")), voters[&id].clone());
+        c.initial_voters = voters.clone();
+        c.batch_ops_max = a.batch_ops;
+        c.batch_window_us = a.window_us;
+        c.proposal_queue_max = (a.in_flight * 2).max(c.batch_ops_max);
+        c.batches_in_flight_max = 64;
+        c.snapshot_logs_since_last = 100_000;
+        let (cp, svc) = ControlPlane::start(c, net.transport(id))
+            .await
+            .expect("start");
+        net.register(id, svc);
+        nodes.push(cp);
+    }
+    let t0 = Instant::now();
+    while !nodes.iter().any(|n| n.status().role == Role::Leader) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let handles: Vec<_> = nodes.iter().map(|n| n.handle()).collect();
+    let before: Vec<_> = nodes.iter().map(|n| n.metrics()).collect();
+    let permits = Arc::new(tokio::sync::Semaphore::new(a.in_flight));
+    let hist = Arc::new(std::sync::Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+    ));
+    let busy = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(1024);
+    for i in 0..a.ops {
+        if let Some(rate) = a.rate {
+            let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let permit = permits.clone().acquire_owned().await.expect("semaphore");
+        let node = (i % a.nodes) as usize;
+        let h = handles[node].clone();
+        let o = op(&a.kind, i, node as u64 + 1);
+        let hist = hist.clone();
+        let busy = busy.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            loop {
+                match h.propose(o.clone()) {
+                    Ok(p) => {
+                        p.wait().await.expect("applied");
+                        break;
+                    }
+                    Err(ClusterError::Busy) => {
+                        busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::task::yield_now().await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            hist.lock()
+                .expect("histogram")
+                .saturating_record(t.elapsed().as_micros() as u64);
+            drop(permit);
+        }));
+        if tasks.len() >= 1024 {
+            tasks.retain(|t| !t.is_finished());
+        }
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let (p50, p99, max) = {
+        let h = hist.lock().expect("histogram");
+        (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max())
+    };
+    let (mut entries, mut ops) = (0u64, 0u64);
+    for (n, b) in nodes.iter().zip(&before) {
+        let m = n.metrics();
+        entries += m.ops_per_entry.count - b.ops_per_entry.count;
+        ops += m.ops_per_entry.sum - b.ops_per_entry.sum;
+    }
+    println!(
+        "kind={} nodes={} ops={} in_flight={} rate={} : {:.0} ops/s, p50 {} us, p99 {} us, max {} us, {:.1} ops/entry ({} entries), busy retries {}",
+        a.kind,
+        a.nodes,
+        a.ops,
+        a.in_flight,
+        a.rate.map_or("max".to_string(), |r| r.to_string()),
+        a.ops as f64 / secs,
+        p50,
+        p99,
+        max,
+        ops as f64 / entries.max(1) as f64,
+        entries,
+        busy.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&a.dir);
+}
