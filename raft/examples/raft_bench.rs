@@ -9,8 +9,8 @@
 //!
 //! Prints ops/s, proposal-to-applied p50/p99 (µs, measured per op by the proposer), and
 //! the mean ops per log entry (each entry is one fsync on each node). Options:
-//! `--nodes 3 --in-flight 8192 --batch-ops 1024 --window-us 500 --rate OPS_PER_S
-//! --dir PATH` (a directory on the disk to measure; default under `target/`).
+//! `--nodes 3 --in-flight 8192 --batch-ops 1024 --window-us 500 --batches-in-flight 4
+//! --rate OPS_PER_S --dir PATH` (a directory on the disk to measure; default under `target/`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +28,7 @@ struct Args {
     batch_ops: usize,
     window_us: u64,
     rate: Option<u64>,
+    batches_in_flight: usize,
     dir: std::path::PathBuf,
 }
 
@@ -40,6 +41,7 @@ fn args() -> Args {
         batch_ops: 1024,
         window_us: 500,
         rate: None,
+        batches_in_flight: 4,
         dir: std::path::PathBuf::from("target/raft-bench"),
     };
     let mut it = std::env::args().skip(1);
@@ -53,6 +55,7 @@ fn args() -> Args {
             "--batch-ops" => a.batch_ops = v.parse().expect("--batch-ops"),
             "--window-us" => a.window_us = v.parse().expect("--window-us"),
             "--rate" => a.rate = Some(v.parse().expect("--rate")),
+            "--batches-in-flight" => a.batches_in_flight = v.parse().expect("--batches-in-flight"),
             "--dir" => a.dir = v.into(),
             other => panic!("unknown option {other}"),
         }
@@ -96,7 +99,7 @@ async fn main() {
         c.batch_ops_max = a.batch_ops;
         c.batch_window_us = a.window_us;
         c.proposal_queue_max = (a.in_flight * 2).max(c.batch_ops_max);
-        c.batches_in_flight_max = 64;
+        c.batches_in_flight_max = a.batches_in_flight;
         c.snapshot_logs_since_last = 100_000;
         let (cp, svc) = ControlPlane::start(c, net.transport(id))
             .await
