@@ -3,7 +3,8 @@
 //! replicas of shared read-mostly state (the route table and the retained table).
 //!
 //! Inputs are method calls with the time as an argument (`connect`,
-//! `handle_packet`, `connection_lost`, `handle_mesh`, `tick`, `flushed`).
+//! `handle_packet`, `connection_lost`, `handle_mesh`, `tick`, `flushed`);
+//! `poll_timeout` says when `tick` next has work.
 //! Outputs are bytes appended to each connection's [`ConnOutput`] (whose waker
 //! is woken) and messages appended to the per-destination mesh outbox, drained by
 //! the driver once per executor tick with [`Engine::drain_outbox`]. The broker's
@@ -15,8 +16,9 @@
 //! back-pressure (`backpressure`), persistent queues with byte budgets and a
 //! disk tail (`queue_budget`), shared subscriptions (`shared`), MQTT 5
 //! features (`mqtt5`), the quotas on sessions, session expiry and retained
-//! messages (`quota`), the admin queries (`admin`) and `$SYS` (`sys_probe`)
-//! are its other parts. No cross-node clustering.
+//! messages (`quota`), the admin queries (`admin`), `$SYS` (`sys_probe`) and
+//! time-driven work scheduled by deadline (`timers`) are its other parts. No
+//! cross-node clustering.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -53,6 +55,7 @@ mod shared;
 mod sys_probe;
 #[cfg(test)]
 mod testing;
+mod timers;
 
 pub use mqtt5::{Mqtt5Settings, Redirect};
 pub use quota::{Limit, SessionBudget};
@@ -439,6 +442,10 @@ pub struct Engine {
     /// 3.1.1 connections holding an acknowledgement for a refused message,
     /// with when they are closed, in deadline order (`queue_budget`).
     refused_holds: VecDeque<(u64, ConnId)>,
+    /// Deadlines of time-driven work (`timers`).
+    timers: timers::Timers,
+    /// Connections not ended, kept so counting them is O(1).
+    live_conns: usize,
 }
 
 fn delivery_qos(published: QoS, granted: QoS) -> QoS {
@@ -501,6 +508,8 @@ impl Engine {
             queue_disk_bytes: 0,
             refusal: None,
             refused_holds: VecDeque::new(),
+            timers: timers::Timers::default(),
+            live_conns: 0,
         }
     }
 
@@ -539,7 +548,7 @@ impl Engine {
 
     /// Connected clients.
     pub fn connection_count(&self) -> usize {
-        self.conns.iter().flatten().filter(|c| !c.ended).count()
+        self.live_conns
     }
 
     /// Sessions, connected or not.
@@ -554,10 +563,7 @@ impl Engine {
 
     /// Retained messages (this shard's replica).
     pub fn retained_count(&self) -> usize {
-        self.retained
-            .values()
-            .filter(|e| e.message.is_some())
-            .count()
+        self.retained_usage.count()
     }
 
     /// The output of a connection, for the driver to write.
@@ -684,6 +690,7 @@ impl Engine {
                 c.keep_alive_s = k;
             }
         }
+        self.arm_keep_alive(conn);
         let s = self.session_mut(idx);
         s.conn = Some(conn);
         s.version = version;
@@ -779,6 +786,7 @@ impl Engine {
                 (self.conns.len() - 1) as u32
             }
         };
+        self.live_conns += 1;
         ConnId { slot, serial }
     }
 
@@ -819,7 +827,7 @@ impl Engine {
         self.by_client_id.remove(&s.client_id);
         self.session_gone();
         self.free_sessions.push(idx);
-        self.bp_session_offline(idx);
+        self.bp_session_offline(now_ms, idx);
         self.persist_session_destroyed(&s);
         // Last, once its memberships are gone, so no group picks it again.
         self.shared_session_ended(now_ms, &mut s);
@@ -841,6 +849,8 @@ impl Engine {
             return;
         }
         c.ended = true;
+        self.live_conns -= 1;
+        let c = self.slot_mut(conn).expect("checked above");
         if c.out.close.is_none() {
             c.out.close = Some(reason);
         }
@@ -857,7 +867,7 @@ impl Engine {
         }
         s.conn = None;
         s.disconnected_at_ms = Some(now_ms);
-        self.bp_session_offline(idx);
+        self.bp_session_offline(now_ms, idx);
         let s = self.session_mut(idx);
         let will = s.will.take().map(|w| *w);
         let persistent = s.is_persistent();
@@ -875,12 +885,13 @@ impl Engine {
                     origin,
                 };
                 self.persist_delayed_will(idx, Some(&d));
-                self.delayed_wills.insert(idx, d);
+                self.delay_will(idx, d);
             } else {
                 self.publish_will(now_ms, w, origin);
             }
         }
         if persistent {
+            self.arm_session_expiry(idx);
             self.persist_session(idx);
             self.shared_member_offline(now_ms, idx);
             if self
@@ -919,6 +930,12 @@ impl Engine {
         self.refusal = routing;
     }
 
+    /// Holds a will for its Will Delay Interval (section 3.1.3.2.2).
+    fn delay_will(&mut self, idx: SessionIdx, d: DelayedWill) {
+        self.arm_will(idx, d.due_ms);
+        self.delayed_wills.insert(idx, d);
+    }
+
     /// Frees the slot of a connection the driver has finished with. Ends it first
     /// if the protocol side is still open (e.g. the socket died).
     pub fn release(&mut self, now_ms: u64, conn: ConnId) {
@@ -950,71 +967,6 @@ impl Engine {
             let idx = c.session;
             self.pump(now_ms, idx);
         }
-    }
-
-    /// Ends connections silent for 1.5 times their keep alive, publishes delayed
-    /// wills that are due, expires sessions, and drops old retained tombstones.
-    /// Call about once a second.
-    pub fn tick(&mut self, now_ms: u64) {
-        let mut expired_conns = Vec::new();
-        for (slot, c) in self.conns.iter().enumerate() {
-            if let Some(c) = c
-                && !c.ended
-                && c.keep_alive_s > 0
-                && now_ms >= c.last_packet_ms + u64::from(c.keep_alive_s) * 1500
-            {
-                expired_conns.push(ConnId {
-                    slot: slot as u32,
-                    serial: c.serial,
-                });
-            }
-        }
-        self.expire_credentials(now_ms);
-        for conn in expired_conns {
-            if self.conn(conn).version.is_v5() {
-                self.write_packet(
-                    conn,
-                    &Packet::Disconnect(Disconnect::new(ReasonCode::KeepAliveTimeout)),
-                );
-            }
-            self.end_conn(now_ms, conn, CloseReason::KeepAliveTimeout);
-        }
-        let mut due: Vec<SessionIdx> = self
-            .delayed_wills
-            .iter()
-            .filter(|(_, d)| now_ms >= d.due_ms)
-            .map(|(idx, _)| *idx)
-            .collect();
-        due.sort_unstable(); // HashMap order is random; keep runs reproducible
-        for idx in due {
-            let d = self.delayed_wills.remove(&idx).expect("due will present");
-            self.persist_delayed_will(idx, None);
-            self.publish_will(now_ms, d.will, d.origin);
-        }
-        let expired_sessions: Vec<SessionIdx> = self
-            .sessions
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                s.as_ref()
-                    .filter(|s| s.is_expired(now_ms))
-                    .map(|_| i as SessionIdx)
-            })
-            .collect();
-        for idx in expired_sessions {
-            // A will is due no later than its session's end, so none should be
-            // left; if one is, the session's end publishes it [MQTT-3.1.3-9].
-            if let Some(d) = self.delayed_wills.remove(&idx) {
-                self.publish_will(now_ms, d.will, d.origin);
-            }
-            self.stats.sessions_expired += 1;
-            self.destroy_session(now_ms, idx);
-        }
-        self.retained
-            .retain(|_, e| e.message.is_some() || now_ms < e.cleared_at_ms + RETAINED_TOMBSTONE_MS);
-        self.bp_tick(now_ms);
-        self.refused_holds_tick(now_ms);
-        self.sys_tick(now_ms);
     }
 
     /// Ends every connection for shutdown (v5 clients get DISCONNECT 0x8B).
@@ -1740,7 +1692,7 @@ impl Engine {
         stamp: (u64, ShardId),
     ) {
         match self.retained.get_mut(&topic) {
-            Some(e) if e.stamp >= stamp => {}
+            Some(e) if e.stamp >= stamp => return,
             Some(e) => {
                 let old = e.message.as_ref().map(quota::retained_size);
                 let new = message.as_ref().map(quota::retained_size);
@@ -1752,7 +1704,7 @@ impl Engine {
             None => {
                 self.retained_changed(None, message.as_ref().map(quota::retained_size));
                 self.retained.insert(
-                    topic,
+                    topic.clone(),
                     RetainedEntry {
                         message,
                         stamp,
@@ -1761,6 +1713,7 @@ impl Engine {
                 );
             }
         }
+        self.arm_retained(&topic);
     }
 
     fn collect_retained(
@@ -1972,7 +1925,7 @@ impl Engine {
             self.send_delivery(now_ms, conn, idx, d);
         }
         self.queue_refill(idx);
-        self.bp_drained(idx);
+        self.bp_drained(now_ms, idx);
     }
 
     fn send_delivery(&mut self, now_ms: u64, conn: ConnId, idx: SessionIdx, d: Delivery) {

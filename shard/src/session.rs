@@ -20,7 +20,7 @@ pub type SessionIdx = u32;
 /// holding it. Slots are reused, so an id kept by a task that outlived its
 /// connection names a serial that no longer matches, and the engine ignores it
 /// instead of acting on the slot's new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
     /// Index in the shard's connection slab.
     pub slot: u32,
@@ -377,14 +377,20 @@ impl Session {
         self.expiry_interval_s > 0
     }
 
-    /// Whether the session has expired at `now_ms`.
-    pub fn is_expired(&self, now_ms: u64) -> bool {
+    /// When the session expires: its disconnect plus its expiry interval;
+    /// `None` while connected or when it never expires (`u32::MAX`).
+    pub fn expiry_deadline_ms(&self) -> Option<u64> {
         match self.disconnected_at_ms {
             Some(at) if self.expiry_interval_s != u32::MAX => {
-                now_ms >= at.saturating_add(u64::from(self.expiry_interval_s) * 1000)
+                Some(at.saturating_add(u64::from(self.expiry_interval_s) * 1000))
             }
-            _ => false,
+            _ => None,
         }
+    }
+
+    /// Whether the session has expired at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expiry_deadline_ms().is_some_and(|t| now_ms >= t)
     }
 }
 

@@ -132,6 +132,9 @@ impl Engine {
                 publish_bytes: (bytes > 0).then(|| RateBucket::new(bytes, now_ms)),
             };
             self.conn_mut(conn).guard = Some(Box::new(guard));
+            if let Some(t) = admission.expires_at_ms {
+                self.arm_credentials(conn, t);
+            }
         }
         (admission.auth_method, admission.auth_data)
     }
@@ -298,32 +301,25 @@ impl Engine {
         hit.len()
     }
 
-    /// Closes connections whose credentials expired (a JWT's `exp`): v5
-    /// clients get DISCONNECT 0xA0 Maximum connect time.
-    pub(super) fn expire_credentials(&mut self, now_ms: u64) {
-        let mut expired = Vec::new();
-        for (slot, c) in self.conns.iter().enumerate() {
-            if let Some(c) = c
-                && !c.ended
-                && c.guard
-                    .as_ref()
-                    .and_then(|g| g.expires_at_ms)
-                    .is_some_and(|t| now_ms >= t)
-            {
-                expired.push(ConnId {
-                    slot: slot as u32,
-                    serial: c.serial,
-                });
-            }
+    /// The credential expiry timer of `conn` came due (`timers`): closes the
+    /// connection if its credentials expired (a JWT's `exp`); v5 clients get
+    /// DISCONNECT 0xA0 Maximum connect time.
+    pub(super) fn credentials_due(&mut self, now_ms: u64, conn: ConnId) {
+        let expired = self.slot(conn).filter(|c| !c.ended).is_some_and(|c| {
+            c.guard
+                .as_ref()
+                .and_then(|g| g.expires_at_ms)
+                .is_some_and(|t| now_ms >= t)
+        });
+        if !expired {
+            return;
         }
-        for conn in expired {
-            self.stats.credentials_expired += 1;
-            let rc = ReasonCode::MaximumConnectTime;
-            if self.conn(conn).version.is_v5() {
-                self.write_packet(conn, &Packet::Disconnect(Disconnect::new(rc)));
-            }
-            self.end_conn(now_ms, conn, CloseReason::ProtocolError(rc));
+        self.stats.credentials_expired += 1;
+        let rc = ReasonCode::MaximumConnectTime;
+        if self.conn(conn).version.is_v5() {
+            self.write_packet(conn, &Packet::Disconnect(Disconnect::new(rc)));
         }
+        self.end_conn(now_ms, conn, CloseReason::ProtocolError(rc));
     }
 }
 

@@ -87,6 +87,16 @@ struct Waiter {
     token: u64,
 }
 
+/// A congested local session.
+#[derive(Debug, Default)]
+struct Congested {
+    /// The acknowledgements waiting for it, oldest (earliest deadline) first.
+    waiters: VecDeque<Waiter>,
+    /// The deadline of its `Due::HoldBound` timer: the front waiter's
+    /// deadline, or without waiters one hold bound after the last check.
+    timer_due_ms: u64,
+}
+
 /// Back-pressure state of one shard.
 #[derive(Debug)]
 pub(super) struct BackPressure {
@@ -94,13 +104,14 @@ pub(super) struct BackPressure {
     /// oldest first. Ordered so releases are reproducible in the simulation.
     /// Bounded: a publisher has at most its window (or the Receive Maximum,
     /// beyond which it is not read) of held acknowledgements.
-    congested: BTreeMap<SessionIdx, VecDeque<Waiter>>,
+    congested: BTreeMap<SessionIdx, Congested>,
     /// Per shard: whether it announced congested sessions.
     peer_congested: Vec<bool>,
     /// Whether this shard announced congested sessions to its peers.
     announced: bool,
-    /// When this shard last had a congested session (broker milliseconds);
-    /// the announcement is withdrawn only `CONGESTION_LINGER_MS` later.
+    /// When this shard's last congested session drained (broker
+    /// milliseconds); the announcement is withdrawn only
+    /// `CONGESTION_LINGER_MS` later (`Due::CongestionLinger`).
     congested_at_ms: u64,
     /// The publication being routed (set around `publish_acked` and the
     /// delivery of a `PublishDurable`).
@@ -233,9 +244,15 @@ impl Engine {
         if s.conn.is_none() || s.queue.len() < self.limits.queue_high_water {
             return;
         }
-        self.bp.congested_at_ms = now_ms;
+        // Checked again one hold bound from now even without waiters, in case
+        // its queue shrinks by a path `bp_drained` does not see.
+        let due = self.bp_next_check(now_ms);
         if let std::collections::btree_map::Entry::Vacant(e) = self.bp.congested.entry(idx) {
-            e.insert(VecDeque::new());
+            e.insert(Congested {
+                waiters: VecDeque::new(),
+                timer_due_ms: due,
+            });
+            self.arm_hold_bound(idx, due);
             self.bp_announce(true);
         }
         let Some(routing) = routing else {
@@ -257,61 +274,91 @@ impl Engine {
             }
         }
         let deadline_ms = now_ms.saturating_add(self.limits.backpressure_hold_ms_max);
-        self.bp
-            .congested
-            .entry(idx)
-            .or_default()
-            .push_back(Waiter { deadline_ms, token });
+        let c = self.bp.congested.entry(idx).or_default();
+        c.waiters.push_back(Waiter { deadline_ms, token });
+        if c.waiters.len() == 1 && c.timer_due_ms > deadline_ms {
+            c.timer_due_ms = deadline_ms;
+            self.arm_hold_bound(idx, deadline_ms);
+        }
         self.stats.backpressure_acks_held += 1;
     }
 
     /// Session `idx` sent from its queue: below the low-water mark it
     /// releases every acknowledgement waiting for it.
-    pub(super) fn bp_drained(&mut self, idx: SessionIdx) {
+    pub(super) fn bp_drained(&mut self, now_ms: u64, idx: SessionIdx) {
         if self.bp.congested.is_empty() || !self.bp.congested.contains_key(&idx) {
             return;
         }
         if self.session(idx).queue.len() < self.bp_low_water() {
-            self.bp_release_session(idx);
+            self.bp_release_session(now_ms, idx);
         }
     }
 
     /// Session `idx` lost its connection or ended: it throttles no one.
-    pub(super) fn bp_session_offline(&mut self, idx: SessionIdx) {
+    pub(super) fn bp_session_offline(&mut self, now_ms: u64, idx: SessionIdx) {
         if self.bp.congested.contains_key(&idx) {
-            self.bp_release_session(idx);
+            self.bp_release_session(now_ms, idx);
         }
     }
 
-    /// Releases acknowledgements held longer than the bound, and sessions
-    /// that drained or went offline by a path `bp_drained` does not see.
-    pub(super) fn bp_tick(&mut self, now_ms: u64) {
-        if self.bp.congested.is_empty() {
-            if now_ms >= self.bp.congested_at_ms + CONGESTION_LINGER_MS {
-                self.bp_announce(false);
-            }
-            return;
+    /// When a congested session with no waiter due earlier is looked at
+    /// again: one hold bound from now, and never in the past, so a zero
+    /// bound cannot keep one tick busy.
+    fn bp_next_check(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_add(self.limits.backpressure_hold_ms_max.max(1))
+    }
+
+    /// The hold-bound timer of congested session `idx`, armed for `due_ms`,
+    /// came due (`timers`): releases the acknowledgements held longer than
+    /// the bound, or all of them when the session drained or went offline
+    /// by a path `bp_drained` does not see, and re-arms for the next waiter.
+    pub(super) fn bp_hold_bound(&mut self, now_ms: u64, idx: SessionIdx, due_ms: u64) {
+        if !self.bp_hold_armed(idx, due_ms) {
+            return; // released (and maybe congested again) since it was armed
         }
-        self.bp.congested_at_ms = now_ms;
         let low = self.bp_low_water();
-        let sessions: Vec<SessionIdx> = self.bp.congested.keys().copied().collect();
-        for idx in sessions {
-            let live = self.sessions[idx as usize]
-                .as_ref()
-                .is_some_and(|s| s.conn.is_some() && s.queue.len() >= low);
-            if !live {
-                self.bp_release_session(idx);
-                continue;
-            }
-            while let Some(w) = self.bp.congested.get_mut(&idx).and_then(|q| {
-                q.front()
-                    .is_some_and(|w| w.deadline_ms <= now_ms)
-                    .then(|| q.pop_front())
-                    .flatten()
-            }) {
-                self.stats.backpressure_hold_timeouts += 1;
-                self.bp_release_token(w.token);
-            }
+        let live = self.sessions[idx as usize]
+            .as_ref()
+            .is_some_and(|s| s.conn.is_some() && s.queue.len() >= low);
+        if !live {
+            return self.bp_release_session(now_ms, idx);
+        }
+        while let Some(w) = self.bp.congested.get_mut(&idx).and_then(|c| {
+            c.waiters
+                .front()
+                .is_some_and(|w| w.deadline_ms <= now_ms)
+                .then(|| c.waiters.pop_front())
+                .flatten()
+        }) {
+            self.stats.backpressure_hold_timeouts += 1;
+            self.bp_release_token(w.token);
+        }
+        let next = self.bp_next_check(now_ms);
+        let Some(c) = self.bp.congested.get_mut(&idx) else {
+            return;
+        };
+        let due = c
+            .waiters
+            .front()
+            .map_or(next, |w| w.deadline_ms.max(now_ms + 1));
+        c.timer_due_ms = due;
+        self.arm_hold_bound(idx, due);
+    }
+
+    /// Whether the hold-bound timer of `idx` armed for `due_ms` is current.
+    pub(super) fn bp_hold_armed(&self, idx: SessionIdx, due_ms: u64) -> bool {
+        self.bp
+            .congested
+            .get(&idx)
+            .is_some_and(|c| c.timer_due_ms == due_ms)
+    }
+
+    /// The congestion linger timer came due: withdraws the announcement if
+    /// no session was congested since the last one drained.
+    pub(super) fn bp_linger_over(&mut self, now_ms: u64) {
+        if self.bp.congested.is_empty() && now_ms >= self.bp.congested_at_ms + CONGESTION_LINGER_MS
+        {
+            self.bp_announce(false);
         }
     }
 
@@ -329,12 +376,16 @@ impl Engine {
         self.bp.peer_congested[usize::from(from)] = congested;
     }
 
-    fn bp_release_session(&mut self, idx: SessionIdx) {
-        let Some(waiters) = self.bp.congested.remove(&idx) else {
+    fn bp_release_session(&mut self, now_ms: u64, idx: SessionIdx) {
+        let Some(c) = self.bp.congested.remove(&idx) else {
             return;
         };
-        for w in waiters {
+        for w in c.waiters {
             self.bp_release_token(w.token);
+        }
+        if self.bp.congested.is_empty() && self.bp.announced {
+            self.bp.congested_at_ms = now_ms;
+            self.arm_congestion_linger(now_ms + CONGESTION_LINGER_MS);
         }
     }
 
@@ -353,7 +404,7 @@ impl Engine {
     }
 
     /// Tells the peers when this shard starts having congested sessions, or
-    /// (from the tick, `CONGESTION_LINGER_MS` after the last drained) stops.
+    /// (by timer, `CONGESTION_LINGER_MS` after the last drained) stops.
     fn bp_announce(&mut self, congested: bool) {
         if congested == self.bp.announced || self.shard_count == 1 {
             return;

@@ -486,8 +486,9 @@ impl Engine {
                     self.routes.insert(&filter, self.shard, ());
                 }
             }
+            self.arm_session_expiry(idx);
             if let Some((due_ms, will)) = rs.delayed_will {
-                self.delayed_wills.insert(
+                self.delay_will(
                     idx,
                     DelayedWill {
                         due_ms,
@@ -515,7 +516,7 @@ impl Engine {
                     origin,
                 };
                 self.persist_delayed_will(idx, Some(&d));
-                self.delayed_wills.insert(idx, d);
+                self.delay_will(idx, d);
             } else {
                 self.publish_will(now_ms, w, origin);
             }

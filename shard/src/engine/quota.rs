@@ -147,6 +147,13 @@ pub(super) struct RetainedUsage {
     bytes: u64,
 }
 
+impl RetainedUsage {
+    /// Live retained messages (tombstones not included).
+    pub(super) fn count(&self) -> usize {
+        self.count
+    }
+}
+
 /// What a retained message costs the byte budget.
 pub(super) fn retained_size(m: &Message) -> u64 {
     (m.topic.len() + m.payload.len()) as u64
