@@ -1,11 +1,14 @@
 //! Topic trie micro-benchmarks: matching one topic against 10,000 subscriptions, the route
-//! table match, and subscribe/unsubscribe churn.
+//! table match, subscribe/unsubscribe churn, and the retained lookup of a SUBSCRIBE: a
+//! filter walked through 100,000 retained topic names (`retained_lookup_100k`), beside the
+//! scan of a hash map that tests every topic, which is what the engine did before.
 //!
 //! Run with `cargo bench -p tessera-shard --bench trie`. The subscription set mimics a
 //! device fleet: 100 sites x 100 devices, one subscription per (site, device) slot, 70%
 //! exact filters and 30% wildcards (`+` at the device level, `+` at the site level, and a
 //! trailing `#`), spread over 10 keys per wildcard filter so several sessions share them.
 
+use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -115,5 +118,64 @@ fn bench_churn(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_match, bench_route_match, bench_churn);
+/// Retained topics in the lookup benchmark: 1,000 sites x 100 devices.
+const RETAINED_SITES: u32 = 1_000;
+const RETAINED_DEVICES: u32 = 100;
+
+/// Filters of the retained lookup, from all topics to one.
+const RETAINED_FILTERS: [(&str, &str); 5] = [
+    ("hash_all", "#"),
+    ("site_plus_1000", "site/+/dev/7/state"),
+    ("site_subtree_100", "site/42/#"),
+    ("device_plus_100", "site/42/dev/+/state"),
+    ("exact_1", "site/42/dev/7/state"),
+];
+
+fn bench_retained_lookup(c: &mut Criterion) {
+    let mut trie: Trie<(), u32> = Trie::new();
+    let mut map: HashMap<String, u32> = HashMap::new();
+    for site in 0..RETAINED_SITES {
+        for device in 0..RETAINED_DEVICES {
+            let topic = format!("site/{site}/dev/{device}/state");
+            trie.insert(&topic, (), site + device);
+            map.insert(topic, site + device);
+        }
+    }
+    let mut group = c.benchmark_group("retained_lookup_100k");
+    for (name, filter) in RETAINED_FILTERS {
+        let mut hits = 0;
+        trie.for_each_name_matching(filter, |_, _| hits += 1);
+        eprintln!(
+            "retained {name}: {filter:?} matches {hits} of {} topics",
+            map.len()
+        );
+        group.bench_function(format!("{name}/trie_walk"), |b| {
+            b.iter(|| {
+                let mut sum = 0u32;
+                trie.for_each_name_matching(black_box(filter), |_, &v| sum = sum.wrapping_add(v));
+                sum
+            })
+        });
+        group.bench_function(format!("{name}/map_scan"), |b| {
+            b.iter(|| {
+                let mut sum = 0u32;
+                for (topic, &v) in &map {
+                    if tessera_proto::topic::matches(black_box(filter), topic) {
+                        sum = sum.wrapping_add(v);
+                    }
+                }
+                sum
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_match,
+    bench_route_match,
+    bench_churn,
+    bench_retained_lookup
+);
 criterion_main!(benches);

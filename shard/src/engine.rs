@@ -389,8 +389,9 @@ pub struct Engine {
     subscriptions: Trie<SessionIdx, SubscriptionEntry>,
     /// Route table replica: filter -> shards with subscribers.
     routes: Trie<ShardId, ()>,
-    /// Retained table replica: topic -> message.
-    retained: HashMap<Str, RetainedEntry>,
+    /// Retained table replica: topic -> message, in a trie of topic names
+    /// so a wildcard SUBSCRIBE walks only the matching part of it.
+    retained: Trie<(), RetainedEntry>,
     retained_clock_ms: u64,
     pending_subacks: HashMap<u64, PendingSubAck>,
     /// Retained publications waiting for every shard: token -> (publisher
@@ -482,7 +483,7 @@ impl Engine {
             conn_serial: 0,
             subscriptions: Trie::new(),
             routes: Trie::new(),
-            retained: HashMap::new(),
+            retained: Trie::new(),
             retained_clock_ms: 0,
             pending_subacks: HashMap::new(),
             pending_retains: HashMap::new(),
@@ -1691,7 +1692,7 @@ impl Engine {
         message: Option<Message>,
         stamp: (u64, ShardId),
     ) {
-        match self.retained.get_mut(&topic) {
+        match self.retained.get_mut(&topic, ()) {
             Some(e) if e.stamp >= stamp => return,
             Some(e) => {
                 let old = e.message.as_ref().map(quota::retained_size);
@@ -1704,7 +1705,8 @@ impl Engine {
             None => {
                 self.retained_changed(None, message.as_ref().map(quota::retained_size));
                 self.retained.insert(
-                    topic.clone(),
+                    &topic,
+                    (),
                     RetainedEntry {
                         message,
                         stamp,
@@ -1723,6 +1725,7 @@ impl Engine {
         entry: SubscriptionEntry,
         out: &mut Vec<Delivery>,
     ) {
+        let start = out.len();
         let mut push = |m: &Message| {
             if m.is_expired(now_ms) {
                 return;
@@ -1738,16 +1741,17 @@ impl Engine {
             });
         };
         if topic::has_wildcards(filter) {
-            for (t, e) in &self.retained {
-                if let Some(m) = &e.message
-                    && topic::matches(filter, t)
-                {
+            // Only the matching part of the table is walked; sorted by topic
+            // so the order does not depend on the trie's hash maps.
+            self.retained.for_each_name_matching(filter, |_, e| {
+                if let Some(m) = &e.message {
                     push(m);
                 }
-            }
+            });
+            out[start..].sort_unstable_by(|a, b| a.message.topic.cmp(&b.message.topic));
         } else if let Some(m) = self
             .retained
-            .get(filter.as_bytes())
+            .get(filter, ())
             .and_then(|e| e.message.as_ref())
         {
             push(m);
@@ -2256,6 +2260,56 @@ mod tests {
             ["m0", "m1", "m3"]
         );
         assert_eq!(overflow_case(QueueOverflow::DropOldest, mixed), oldest);
+    }
+
+    /// A wildcard SUBSCRIBE gets the retained messages of the topics it
+    /// matches, in topic order; `#` and `+` at the first level do not reach
+    /// `$` topics [MQTT-4.7.2-1], and cleared topics send nothing.
+    #[test]
+    fn a_wildcard_subscribe_gets_the_matching_retained_messages_in_topic_order() {
+        let mut e = Engine::new(0, 1, Limits::default());
+        let p = e.connect(0, connect_packet("pub"), false);
+        let topics = ["b/2", "a/1", "a/2/deep", "$x/1", "a", "gone/1"];
+        for t in topics {
+            let mut publish = Publish::new(Str::try_from(t).unwrap(), Bytes::from(t.to_string()));
+            publish.retain = true;
+            e.handle_packet(1, p, Packet::Publish(publish));
+        }
+        let mut clear = Publish::new(Str::from_static("gone/1"), Bytes::new());
+        clear.retain = true;
+        e.handle_packet(2, p, Packet::Publish(clear));
+        let got = |e: &mut Engine, filter: &'static str| -> Vec<String> {
+            let s = e.connect(3, connect_packet("sub"), false);
+            let subscribe = Subscribe {
+                packet_id: 1,
+                properties: Default::default(),
+                subscriptions: vec![Subscription {
+                    filter: Str::from_static(filter),
+                    options: SubscriptionOptions::qos(QoS::AtMostOnce),
+                }],
+            };
+            e.handle_packet(3, s, Packet::Subscribe(subscribe));
+            let out = drain(e, s, ProtocolVersion::V5)
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::Publish(p) => {
+                        assert!(p.retain, "sent on subscribe: RETAIN 1");
+                        Some(String::from_utf8(p.payload.to_vec()).unwrap())
+                    }
+                    _ => None,
+                })
+                .collect();
+            e.connection_lost(4, s);
+            e.release(4, s);
+            out
+        };
+        assert_eq!(got(&mut e, "#"), ["a", "a/1", "a/2/deep", "b/2"]);
+        assert_eq!(got(&mut e, "a/#"), ["a", "a/1", "a/2/deep"]);
+        assert_eq!(got(&mut e, "+/+"), ["a/1", "b/2"]);
+        assert_eq!(got(&mut e, "$x/#"), ["$x/1"]);
+        assert_eq!(got(&mut e, "+/1"), ["a/1"]);
+        assert_eq!(got(&mut e, "b/2"), ["b/2"]);
+        assert!(got(&mut e, "gone/#").is_empty());
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! The topic-filter trie: filter -> entries, matched against a topic name by MQTT rules.
 //!
-//! Every shard holds two of these, each touched only by its own thread:
+//! Every shard holds three of these, each touched only by its own thread:
 //! - the shard-local **subscription trie**: filter -> the sessions on this shard subscribed
 //!   to it (key: the session's index on the shard, value: its subscription options);
 //! - the **route table**, a replicated read-mostly copy on every shard of "filter -> which
 //!   shards have at least one subscriber" (key: shard id, value: `()`), matched once per
-//!   PUBLISH by [`route_match`] to learn which shards to forward to.
+//!   PUBLISH by [`route_match`] to learn which shards to forward to;
+//! - the **retained table** replica, a trie of topic *names* (no wildcard levels; key `()`,
+//!   value: the retained entry), walked the other way round by
+//!   [`Trie::for_each_name_matching`]: a SUBSCRIBE's filter finds the names it matches
+//!   while visiting only the matching part of the table.
 //!
 //! A node is one filter level. Nodes live in a `Vec` slab addressed by `u32` indices, with a
 //! free list for reuse, and hold their exact-level children in a short list (a map once a
@@ -105,9 +109,10 @@ impl<K, V> Node<K, V> {
 }
 
 /// A topic-filter trie mapping each (filter, key) pair to a value, matched against topic
-/// names by MQTT rules. Two live on every shard for the shard's lifetime: the subscription
-/// trie (`Trie<u32, options>`, sessions on this shard) and the route table
-/// (`Trie<u16, ()>`, shards with a subscriber). Not `Sync`: it belongs to one shard thread.
+/// names by MQTT rules. Three live on every shard for the shard's lifetime: the subscription
+/// trie (`Trie<u32, options>`, sessions on this shard), the route table
+/// (`Trie<u16, ()>`, shards with a subscriber) and the retained table (`Trie<(), entry>`,
+/// topic names). Not `Sync`: it belongs to one shard thread.
 ///
 /// Filters passed in are expected to be valid topic filters (see the module docs); keys are
 /// compared with `==` and kept at most once per filter.
@@ -202,6 +207,16 @@ impl<K: Copy + Eq, V> Trie<K, V> {
             .map(|(_, v)| v)
     }
 
+    /// The value of `key`'s entry under exactly `filter`, mutably.
+    pub fn get_mut(&mut self, filter: &str, key: K) -> Option<&mut V> {
+        let node = self.find(filter)?;
+        self.nodes[node as usize]
+            .entries
+            .iter_mut()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
     /// The number of entries under exactly `filter`. The shard core compares it before and
     /// after an insert or remove to detect the 0 -> 1 and 1 -> 0 transitions that add or
     /// remove this shard's route for the filter.
@@ -265,6 +280,81 @@ impl<K: Copy + Eq, V> Trie<K, V> {
             }
             if let Some(child) = node.children.get(level) {
                 stack.push((child, next));
+            }
+        }
+        self.scratch.set(stack);
+    }
+
+    /// The reverse of [`Trie::for_each_match`], for a trie of topic *names* (no `+` or `#`
+    /// level stored, as in the retained table): calls `f(&key, &value)` for every entry whose
+    /// name the topic filter `filter` matches, by the same rules (a `$` name is not matched
+    /// by a first-level wildcard). Entries under `+` or `#` edges are never reported.
+    ///
+    /// The walk visits only the nodes on matching paths: one node per exact level, every
+    /// child of a node at a `+` level, and the whole subtree below a `#`. So `#` costs the
+    /// size of the table (it matches everything), but `a/b/#` costs the size of `a/b`'s
+    /// subtree, not of the table. Iterative, each node at most once; the stack is the
+    /// trie's scratch vector and grows only past [`TOPIC_LEVELS_MAX`] pending frames.
+    /// `filter` must be a valid filter (callers validate client input); an invalid one
+    /// matches what its levels read literally.
+    pub fn for_each_name_matching(&self, filter: &str, mut f: impl FnMut(&K, &V)) {
+        // A frame whose position is `SUBTREE` reports its node and everything below it.
+        const SUBTREE: usize = usize::MAX;
+        let mut stack = self.scratch.take();
+        stack.clear();
+        stack.push((ROOT, 0));
+        let mut visited: usize = 0;
+        while let Some((id, pos)) = stack.pop() {
+            // Every node has one parent and each node pushes each child at most once,
+            // so no node is visited twice, whatever the filter.
+            visited += 1;
+            assert!(
+                visited <= self.nodes.len(),
+                "trie name walk revisited a node"
+            );
+            let node = &self.nodes[id as usize];
+            if pos == SUBTREE || pos > filter.len() {
+                // Under a `#`, or every filter level consumed: the name ending here matches.
+                for (k, v) in &node.entries {
+                    f(k, v);
+                }
+                if pos == SUBTREE {
+                    for (_, child) in node.children.iter() {
+                        stack.push((child, SUBTREE));
+                    }
+                }
+                continue;
+            }
+            let rest = &filter[pos..];
+            let level_len = rest.find('/').unwrap_or(rest.len());
+            let level = &rest[..level_len];
+            let next = pos + level_len + 1;
+            // Section 4.7.2: wildcards at the first level must not reach `$` names.
+            let wildcard_reaches = |name: &str| id != ROOT || !name.starts_with('$');
+            match level {
+                "#" => {
+                    // `sport/#` matches `sport` itself, then everything below it.
+                    for (k, v) in &node.entries {
+                        f(k, v);
+                    }
+                    for (name, child) in node.children.iter() {
+                        if wildcard_reaches(name) {
+                            stack.push((child, SUBTREE));
+                        }
+                    }
+                }
+                "+" => {
+                    for (name, child) in node.children.iter() {
+                        if wildcard_reaches(name) {
+                            stack.push((child, next));
+                        }
+                    }
+                }
+                _ => {
+                    if let Some(child) = node.children.get(level) {
+                        stack.push((child, next));
+                    }
+                }
             }
         }
         self.scratch.set(stack);
@@ -1439,7 +1529,79 @@ mod tests {
         Ok(())
     }
 
+    /// The names in `trie` (a trie of topic names, value = the name) that `filter` matches,
+    /// sorted.
+    fn names_matching(trie: &Trie<(), String>, filter: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        trie.for_each_name_matching(filter, |_, name| out.push(name.clone()));
+        out.sort();
+        out
+    }
+
+    fn name_trie(names: &[&str]) -> Trie<(), String> {
+        let mut trie = Trie::new();
+        for n in names {
+            trie.insert(n, (), n.to_string());
+        }
+        trie
+    }
+
+    // MQTT 5.0 section 4.7, from the names' side: what a subscribe finds in a retained table.
+    #[test]
+    fn filters_find_the_names_they_match() {
+        let names = [
+            "sport",
+            "sport/tennis",
+            "sport/tennis/player1",
+            "sport/tennis/player1/ranking",
+            "sport/",
+            "/finance",
+            "$SYS/monitor/Clients",
+            "$SYS",
+        ];
+        let trie = name_trie(&names);
+        let expect = |filter: &str, want: &[&str]| {
+            let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+            want.sort();
+            assert_eq!(names_matching(&trie, filter), want, "filter {filter}");
+        };
+        // `#` finds everything but the `$` names [MQTT-4.7.2-1].
+        expect("#", &names[..6]);
+        expect("sport/#", &names[..5]);
+        expect("sport/tennis/+", &["sport/tennis/player1"]);
+        expect("sport/+", &["sport/tennis", "sport/"]);
+        expect("+", &["sport"]);
+        expect("+/+", &["sport/tennis", "sport/", "/finance"]);
+        expect("/+", &["/finance"]);
+        expect("+/tennis/#", &names[1..4]);
+        expect("+/monitor/Clients", &[]);
+        expect("$SYS/#", &["$SYS", "$SYS/monitor/Clients"]);
+        expect("$SYS/monitor/+", &["$SYS/monitor/Clients"]);
+        expect("sport/tennis/player1", &["sport/tennis/player1"]);
+        expect("sport/tennis/player2", &[]);
+        expect("nothing/#", &[]);
+    }
+
     proptest! {
+        /// `for_each_name_matching` finds exactly the stored names `matches` accepts.
+        #[test]
+        fn name_matching_agrees_with_brute_force(
+            names in prop::collection::vec(topic_name(NARROW_LEVELS, 5), 1..40),
+            filters in prop::collection::vec(topic_filter(NARROW_LEVELS, 5), 1..16),
+        ) {
+            let mut trie = Trie::new();
+            for n in &names {
+                trie.insert(n, (), n.clone());
+            }
+            for f in &filters {
+                let mut want: Vec<String> =
+                    names.iter().filter(|n| matches(f, n)).cloned().collect();
+                want.sort();
+                want.dedup();
+                prop_assert_eq!(names_matching(&trie, f), want, "filter {}", f);
+            }
+        }
+
         #[test]
         fn agrees_with_brute_force_matching_deep(
             filters in prop::collection::vec(topic_filter(NARROW_LEVELS, 5), 1..16),

@@ -12,6 +12,7 @@ use crate::admin::{
     Page, PageSelector, RetainedFilter, RetainedInfo, SessionDetail, SessionFilter, SessionInfo,
     ShardGauges, SubscriptionFilter, SubscriptionInfo,
 };
+use crate::message::Message;
 use crate::session::Session;
 
 /// Longest reason text a kick sends in the v5 DISCONNECT (bytes).
@@ -141,45 +142,42 @@ impl Engine {
         sel.finish()
     }
 
-    fn retained_info(&self, now_ms: u64, topic: &Str) -> Option<RetainedInfo> {
-        let m = self.retained.get(topic)?.message.as_ref()?;
-        if m.is_expired(now_ms) {
-            return None;
-        }
-        Some(RetainedInfo {
-            topic: topic.to_string(),
-            payload: m.payload.clone(),
-            qos: m.qos as u8,
-            expires_in_s: m
-                .expires_at_ms
-                .map(|t| t.saturating_sub(now_ms).div_ceil(1000)),
-        })
+    fn retained_info(&self, now_ms: u64, topic: &str) -> Option<RetainedInfo> {
+        let m = self.retained.get(topic, ())?.message.as_ref()?;
+        retained_message_info(now_ms, m)
     }
 
     /// Retained messages (this shard's replica) matching `f`, paged by topic.
+    /// With a topic filter only the matching part of the table is walked.
     pub fn admin_retained(&self, now_ms: u64, f: &RetainedFilter) -> Page<RetainedInfo> {
         let mut sel = PageSelector::new(f.limit);
-        for (t, e) in &self.retained {
-            let Some(m) = &e.message else { continue };
-            if m.is_expired(now_ms)
-                || f.topic_filter
-                    .as_deref()
-                    .is_some_and(|flt| !topic::matches(flt, t))
-            {
-                continue;
-            }
-            let after = f.after.as_deref().is_none_or(|a| t.as_str() > a);
-            sel.offer(t.as_str(), after, || {
-                self.retained_info(now_ms, t).expect("present and live")
-            });
+        let mut offer = |m: &Message| {
+            let Some(info) = retained_message_info(now_ms, m) else {
+                return;
+            };
+            let after = f.after.as_deref().is_none_or(|a| m.topic.as_str() > a);
+            sel.offer(m.topic.clone(), after, || info);
+        };
+        match f.topic_filter.as_deref() {
+            // An invalid filter matches nothing (and must not reach the walk).
+            Some(flt) if topic::validate_topic_filter(flt, topic::TOPIC_LEVELS_MAX).is_err() => {}
+            Some(flt) => self.retained.for_each_name_matching(flt, |_, e| {
+                if let Some(m) = &e.message {
+                    offer(m);
+                }
+            }),
+            None => self.retained.for_each(|_, _, e| {
+                if let Some(m) = &e.message {
+                    offer(m);
+                }
+            }),
         }
         sel.finish()
     }
 
     /// The retained message of `topic`, if any.
     pub fn admin_retained_get(&self, now_ms: u64, topic: &str) -> Option<RetainedInfo> {
-        let t = Str::try_from(topic).ok()?;
-        self.retained_info(now_ms, &t)
+        self.retained_info(now_ms, topic)
     }
 
     /// Clears the retained message of `topic` on every shard, as a retained
@@ -245,6 +243,21 @@ impl Engine {
         tracing::info!(shard = self.shard, client_id, "admin: session expired");
         true
     }
+}
+
+/// What the admin API shows of a retained message, unless it expired.
+fn retained_message_info(now_ms: u64, m: &Message) -> Option<RetainedInfo> {
+    if m.is_expired(now_ms) {
+        return None;
+    }
+    Some(RetainedInfo {
+        topic: m.topic.to_string(),
+        payload: m.payload.clone(),
+        qos: m.qos as u8,
+        expires_in_s: m
+            .expires_at_ms
+            .map(|t| t.saturating_sub(now_ms).div_ceil(1000)),
+    })
 }
 
 fn subscription_info(

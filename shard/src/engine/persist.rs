@@ -363,7 +363,7 @@ impl Engine {
         {
             return;
         }
-        let op = match self.retained.get(topic).and_then(|e| e.message.clone()) {
+        let op = match self.retained.get(topic, ()).and_then(|e| e.message.clone()) {
             Some(m) => StoreOp::PutRetained(m),
             None => StoreOp::DelRetained(topic.clone()),
         };
@@ -422,6 +422,12 @@ impl Engine {
             self.shared_restore_remote(filter, shard, run.len() as u32);
         }
         for m in r.retained {
+            // The retained trie holds topic names only; a stored record that is
+            // not one (a corrupt or foreign store) is skipped, not a panic.
+            if topic::validate_topic_name(&m.topic, topic::TOPIC_LEVELS_MAX).is_err() {
+                tracing::warn!(shard = self.shard, topic = %m.topic, "restore: stored retained message with an invalid topic skipped");
+                continue;
+            }
             let topic = m.topic.clone();
             // Stamp (0, 0): any update made after the restart wins.
             self.apply_retain(now_ms, topic, Some(m), (0, 0));

@@ -239,7 +239,7 @@ impl Engine {
     pub(super) fn retained_refusal(&self, topic: &str, size: u64) -> Option<Limit> {
         let old = self
             .retained
-            .get(topic.as_bytes())
+            .get(topic, ())
             .and_then(|e| e.message.as_ref())
             .map(retained_size);
         let u = &self.retained_usage;

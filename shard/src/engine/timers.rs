@@ -267,7 +267,7 @@ impl Engine {
     /// Arms whatever the retained entry of `topic` now waits for: its
     /// message's expiry, or the end of its tombstone.
     pub(super) fn arm_retained(&mut self, topic: &Str) {
-        let Some(e) = self.retained.get(topic) else {
+        let Some(e) = self.retained.get(topic, ()) else {
             return;
         };
         let due = match &e.message {
@@ -337,7 +337,7 @@ impl Engine {
     }
 
     fn retained_due(&mut self, now_ms: u64, topic: Str) {
-        let Some(e) = self.retained.get_mut(&topic) else {
+        let Some(e) = self.retained.get_mut(&topic, ()) else {
             return;
         };
         match &e.message {
@@ -352,7 +352,7 @@ impl Engine {
                 self.arm_retained(&topic);
             }
             None if now_ms >= e.cleared_at_ms + RETAINED_TOMBSTONE_MS => {
-                self.retained.remove(&topic);
+                self.retained.remove(&topic, ());
             }
             _ => {} // replaced since it was armed
         }
@@ -379,10 +379,12 @@ impl Engine {
             Due::CongestionLinger => true,
         });
         t.retained.compact(|due, topic| {
-            self.retained.get(topic).is_some_and(|e| match &e.message {
-                Some(m) => m.expires_at_ms == Some(due),
-                None => e.cleared_at_ms + RETAINED_TOMBSTONE_MS == due,
-            })
+            self.retained
+                .get(topic, ())
+                .is_some_and(|e| match &e.message {
+                    Some(m) => m.expires_at_ms == Some(due),
+                    None => e.cleared_at_ms + RETAINED_TOMBSTONE_MS == due,
+                })
         });
         self.timers = t;
     }
