@@ -90,7 +90,8 @@ const READ_CHUNK_BYTES: usize = 4096;
 /// read buffer (`READ_CHUNK_BYTES`).
 const PROBE_BYTES: usize = 128;
 
-/// How often each shard checks keep alives, expiries and the stop flag.
+/// How often each shard fires its due timers (keep alives, expiries: see
+/// `Engine::poll_timeout`), advances the parking epoch and checks the stop flag.
 const TICK: Duration = Duration::from_millis(250);
 
 /// How long a shard waits at shutdown for connections to flush.
@@ -797,10 +798,23 @@ async fn shard_main(boot: ShardBoot) {
                 info!(shard = shard.id, clients = n, "banned clients disconnected");
             }
         }
-        shard.engine.borrow_mut().tick(now_ms());
+        // The engine's tick fires only what is due (a bounded batch; nothing
+        // per idle connection). When a batch left more due, the rest runs in
+        // further batches, yielding to connections between them.
+        let now = now_ms();
+        shard.engine.borrow_mut().tick(now);
+        while shard
+            .engine
+            .borrow()
+            .poll_timeout()
+            .is_some_and(|t| t <= now)
+        {
+            shard.flush_outbox();
+            futures_lite::future::yield_now().await;
+            shard.engine.borrow_mut().tick(now);
+        }
         shard.flush_outbox();
         shard.parking.tick();
-        shard.engine.borrow_mut().wake_outputs(park::is_park_waker);
     }
     shard.engine.borrow_mut().shutdown(now_ms());
     shard.flush_outbox();

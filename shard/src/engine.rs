@@ -572,17 +572,6 @@ impl Engine {
         self.slot_mut(conn).map(|c| &mut c.out)
     }
 
-    /// Wakes the output waker of every connection, except the wakers `keep`
-    /// selects: the driver's tick uses it so that idle connection tasks look
-    /// at their state (and may give up their task while idle).
-    pub fn wake_outputs(&mut self, mut keep: impl FnMut(&Waker) -> bool) {
-        for c in self.conns.iter_mut().flatten() {
-            if let Some(w) = c.out.waker.take_if(|w| !keep(w)) {
-                w.wake();
-            }
-        }
-    }
-
     /// Takes the mesh messages produced since the last call, per destination.
     pub fn drain_outbox(&mut self, mut f: impl FnMut(ShardId, Vec<MeshMsg>)) {
         for (to, batch) in self.outbox.iter_mut().enumerate() {

@@ -93,6 +93,9 @@ struct Io {
     durable_epoch: u64,
     /// The parking epoch of the last read or output.
     last_active: u64,
+    /// The parking epoch in which this task last asked the tick to wake it
+    /// (`Parking::watch`), so it asks once per epoch.
+    watched_epoch: u64,
     /// Reads fill whole chunks: keep the heap read buffer.
     busy: bool,
     probe: [u8; PROBE_BYTES],
@@ -188,14 +191,16 @@ impl Io {
         } else {
             Poll::Pending
         };
-        if r.is_pending()
-            && park
-            && self.input.is_empty()
-            && !self.in_flight
-            && !self.busy
-            && shard.parking.epoch() >= self.last_active + park::PARK_AFTER_TICKS
-        {
-            return Poll::Ready(Event::Park);
+        if r.is_pending() && park && self.input.is_empty() && !self.in_flight && !self.busy {
+            let epoch = shard.parking.epoch();
+            if epoch >= self.last_active + park::PARK_AFTER_TICKS {
+                return Poll::Ready(Event::Park);
+            }
+            // Not idle long enough yet: the tick wakes this task to look again.
+            if self.watched_epoch != epoch {
+                self.watched_epoch = epoch;
+                shard.parking.watch(cx.waker());
+            }
         }
         r
     }
@@ -302,6 +307,7 @@ async fn run(
         in_flight: false,
         durable_epoch: 0,
         last_active,
+        watched_epoch: u64::MAX,
         busy: false,
         probe: [0; PROBE_BYTES],
         reservation: Reservation::new(shard.read_budget.clone()),

@@ -90,6 +90,11 @@ pub(super) struct Parking {
     /// Advanced by the shard's tick; connections compare it with their last
     /// activity to know they are idle.
     epoch: Cell<u64>,
+    /// Tasks of connections that may park once the epoch moves on (at most
+    /// one entry per task per epoch, see [`Parking::watch`]); the tick wakes
+    /// them. Parked and TLS/WebSocket connections are not here, so the tick
+    /// costs nothing per idle connection.
+    watch: RefCell<Vec<Waker>>,
 }
 
 impl Parking {
@@ -117,6 +122,7 @@ impl Parking {
                 slots: RefCell::new(Vec::new()),
                 free: RefCell::new(Vec::new()),
                 epoch: Cell::new(0),
+                watch: RefCell::new(Vec::new()),
             },
             doorbell,
         ))
@@ -127,10 +133,23 @@ impl Parking {
         self.epoch.get()
     }
 
-    /// Called by the shard's tick: advances the epoch, so waiting connection
-    /// tasks (woken by the caller through the engine) can see they are idle.
+    /// Called by the shard's tick: advances the epoch and wakes the tasks
+    /// that asked to look again ([`Parking::watch`]), so they can see they
+    /// are idle and park.
     pub(super) fn tick(&self) {
         self.epoch.set(self.epoch.get() + 1);
+        let watch = std::mem::take(&mut *self.watch.borrow_mut());
+        for w in watch {
+            w.wake();
+        }
+    }
+
+    /// A connection task that could park after a few more quiet ticks asks
+    /// to be woken by the next tick. It calls this at most once per epoch
+    /// (`Io::watched_epoch`), so the list holds at most one entry per
+    /// connection that was active in the last ticks.
+    pub(super) fn watch(&self, waker: &Waker) {
+        self.watch.borrow_mut().push(waker.clone());
     }
 
     /// Parks a connection: registers `p.fd` for input and returns the waker
@@ -266,11 +285,6 @@ fn park_waker(token: u64) -> Waker {
     // SAFETY: the vtable's functions ignore the pointer except as an integer,
     // and clone returns a waker with the same vtable.
     unsafe { Waker::from_raw(RawWaker::new(token as usize as *const (), &PARK_VTABLE)) }
-}
-
-/// Whether `w` is a parked connection's waker (the tick must not wake those).
-pub(super) fn is_park_waker(w: &Waker) -> bool {
-    std::ptr::eq(w.vtable(), &PARK_VTABLE)
 }
 
 /// The shard's unparker: restarts the connection task of every parked
