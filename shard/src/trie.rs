@@ -269,10 +269,7 @@ impl<K: Copy + Eq, V> Trie<K, V> {
                 }
                 continue;
             }
-            let rest = &topic[pos..];
-            let level_len = rest.find('/').unwrap_or(rest.len());
-            let level = &rest[..level_len];
-            let next = pos + level_len + 1;
+            let (level, next) = level_at(topic, pos);
             if let Some(plus) = node.plus
                 && wildcards
             {
@@ -325,10 +322,7 @@ impl<K: Copy + Eq, V> Trie<K, V> {
                 }
                 continue;
             }
-            let rest = &filter[pos..];
-            let level_len = rest.find('/').unwrap_or(rest.len());
-            let level = &rest[..level_len];
-            let next = pos + level_len + 1;
+            let (level, next) = level_at(filter, pos);
             // Section 4.7.2: wildcards at the first level must not reach `$` names.
             let wildcard_reaches = |name: &str| id != ROOT || !name.starts_with('$');
             match level {
@@ -520,6 +514,14 @@ impl<K, V> fmt::Debug for Trie<K, V> {
             .field("free_slot_count", &self.free.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The level of `s` starting at byte `pos` and the position of the level after it (past
+/// the end after the last level).
+fn level_at(s: &str, pos: usize) -> (&str, usize) {
+    let rest = &s[pos..];
+    let len = rest.find('/').unwrap_or(rest.len());
+    (&rest[..len], pos + len + 1)
 }
 
 /// Pushes one traversal frame per child of `node` for [`Trie::for_each`].
