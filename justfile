@@ -60,7 +60,7 @@ interop-mqttjs:
 
 # TLS handshakes/s and QoS 0 fan-in over TLS and TCP, against Mosquitto.
 bench-tls:
-    cargo build --release -p tessera-broker --bin broker --features jemalloc
+    cargo build --release -p tessera-broker --bin broker
     broker/scripts/bench-tls.sh target/release/broker
 
 # Start N cluster nodes on this machine (MQTT 127.0.0.1:1883.., admin :18083..,

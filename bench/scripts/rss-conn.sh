@@ -9,7 +9,7 @@
 # e.g.:  bench/scripts/rss-conn.sh tessera 41883 19000 10000
 #        bench/scripts/rss-conn.sh tessera 41883 19000 10000 --config no-trim.toml
 # Needs release builds of broker and bench (target/release) and mosquitto; build the
-# broker as production does: cargo build --release -p tessera-broker -p tessera-bench --features tessera-broker/jemalloc
+# default (production) build, jemalloc included: cargo build --release -p tessera-broker -p tessera-bench
 # Environment: HOLD (seconds the connections are held, default 10); PRELOAD
 # (a library to LD_PRELOAD into Tessera, e.g. another malloc, for comparisons);
 # BROKER (another Tessera binary, default target/release/broker).

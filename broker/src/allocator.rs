@@ -1,5 +1,6 @@
-//! The broker's memory allocator: jemalloc (cargo feature `jemalloc`, opt-in
-//! because building it needs `make`; production builds enable it) with a background thread that returns freed memory to the OS
+//! The broker's memory allocator: jemalloc (cargo feature `jemalloc`, on by
+//! default; `--no-default-features` gives the system malloc) with a background
+//! thread that returns freed memory to the OS
 //! `limits.memory_release_delay_ms` after it was freed, and the allocator's
 //! figures for `/metrics`.
 //!

@@ -8,9 +8,9 @@
 //! subscriber receives them all, so the shard's read and write buffers grow
 //! to megabytes; then everyone disconnects and nothing else happens. The
 //! metric is polled until it grows (bounded wait). No memory figure is
-//! asserted: those are benchmarks (docs/BENCHMARKS.md). Built without the
-//! `jemalloc` feature the broker uses the system malloc, and this file is
-//! empty.
+//! asserted: those are benchmarks (docs/BENCHMARKS.md). jemalloc is the
+//! default; built with `--no-default-features` the broker uses the system
+//! malloc, and this file is empty.
 
 #![cfg(feature = "jemalloc")]
 
