@@ -19,6 +19,8 @@
 //!   its figures for `/metrics`.
 //! - [`cluster`]: the control thread (a current-thread tokio runtime beside the shards)
 //!   running the QUIC link and the raft control plane of `tessera-raft`.
+//! - [`fatal`]: the panic hook that ends the process on any thread's panic (no
+//!   half-alive broker), and the test-only fault injection.
 //! - [`tune`]: `brokerctl tune check`, the read-only comparison of a machine with a
 //!   `kernel-tuning/` profile (the profiles are embedded).
 //!
@@ -32,6 +34,7 @@ pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod fatal;
 pub mod server;
 pub mod transport;
 pub mod tune;

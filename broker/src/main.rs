@@ -33,6 +33,8 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
+    // Before any thread starts: a panic anywhere ends the process.
+    tessera_broker::fatal::install();
     #[cfg(feature = "jemalloc")]
     if let Err(e) = tessera_broker::allocator::configure(config.limits.memory_release_delay_ms) {
         // The broker works without it; freed memory is then returned later.

@@ -1280,6 +1280,8 @@ async fn serve(
     admission: Admission,
 ) {
     let version = connect.version;
+    #[cfg(feature = "fault-injection")]
+    crate::fatal::fault::on_connect(shard.id, connect.client_id.as_str());
     // Refusals for load: 3.1.1 return code 3, v5 0x89.
     let busy = if version.is_v5() {
         ReasonCode::ServerBusy

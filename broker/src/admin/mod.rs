@@ -96,6 +96,8 @@ fn serve(stream: &TcpStream, state: &AdminState) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let response = match http::read_request(stream) {
         Ok(req) => {
+            #[cfg(feature = "fault-injection")]
+            crate::fatal::fault::on_admin_request(&format!("/{}", req.segments.join("/")));
             let resp = api::handle(state, &req);
             // The path may name a ClientID; the token is never logged.
             debug!(method = %req.method, path = ?req.segments, status = resp.status, "admin");
