@@ -65,6 +65,8 @@ mod park;
 mod persist;
 mod read_budget;
 pub use read_budget::ReadBudget;
+mod refusals;
+use refusals::{Refusal, RefusalLog};
 use tessera_shard::probe::EarlyRefusal;
 
 /// Slots of each shard-to-shard channel (one channel per ordered pair). A slot
@@ -566,6 +568,8 @@ struct Shard {
     memory_high_water_bytes: u64,
     /// Per-listener connection counts and connect rates of this shard.
     listener_limits: ListenerLimits,
+    /// The rate limit of WARN lines about refused connections.
+    refusals: RefCell<RefusalLog>,
     /// Idle connections waiting without a task (`park`).
     parking: park::Parking,
     listeners: Vec<ListenerConfig>,
@@ -685,6 +689,7 @@ async fn shard_main(boot: ShardBoot) {
         memory_high_water_bytes: boot.memory_high_water_bytes,
         store,
         listener_limits: ListenerLimits::new(&boot.listeners, boot.shard_count),
+        refusals: RefCell::new(RefusalLog::default()),
         parking,
         read_budget: boot.read_budget.clone(),
     });
@@ -814,6 +819,10 @@ async fn shard_main(boot: ShardBoot) {
             shard.engine.borrow_mut().tick(now);
         }
         shard.flush_outbox();
+        shard
+            .refusals
+            .borrow_mut()
+            .roll(now_ms(), |why, n| log_refusal_summary(shard.id, why, n));
         shard.parking.tick();
     }
     shard.engine.borrow_mut().shutdown(now_ms());
@@ -824,6 +833,25 @@ async fn shard_main(boot: ShardBoot) {
     }
     persist::drain(&shard, SHUTDOWN_FLUSH).await;
     info!(shard = id, "shard stopped");
+}
+
+/// Whether this refused connection gets its own WARN line (at most a few per
+/// second and kind, see `refusals`); logs the summary of a window that ended.
+fn warn_refusal(shard: &Shard, why: Refusal) -> bool {
+    shard.refusals.borrow_mut().admit(now_ms(), why, |why, n| {
+        log_refusal_summary(shard.id, why, n)
+    })
+}
+
+/// The one line for the refusals a window did not log one by one.
+fn log_refusal_summary(shard: usize, why: Refusal, n: u64) {
+    warn!(
+        shard,
+        reason = why.name(),
+        refused = n,
+        "{n} more connections refused ({}) in the last second",
+        why.name()
+    );
 }
 
 /// Counts a CONNECT the driver refused before the engine saw it.
@@ -950,11 +978,14 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
         Some(Err(e @ (AcceptError::Tls(_) | AcceptError::Upgrade(_)))) => {
             // Operators need to see refused certificates and upgrades; the
             // client's address says who.
-            warn!(
-                listener = %spec.url(spec.bind),
-                peer = ?peer,
-                "connection refused: {e}"
-            );
+            if warn_refusal(&shard, Refusal::Handshake) {
+                warn!(
+                    listener = %spec.url(spec.bind),
+                    peer = ?peer,
+                    reason = Refusal::Handshake.name(),
+                    "connection refused: {e}"
+                );
+            }
             return;
         }
         Some(Err(e)) => {
@@ -1046,17 +1077,22 @@ async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpSt
                 connect.username = Some(name);
             }
             Err(e) => {
-                warn!(listener = %spec.url(spec.bind), peer = ?peer, "client certificate identity is not a valid MQTT username ({e:?}): closing");
+                if warn_refusal(&shard, Refusal::CertificateIdentity) {
+                    warn!(listener = %spec.url(spec.bind), peer = ?peer, reason = Refusal::CertificateIdentity.name(), "client certificate identity is not a valid MQTT username ({e:?}): closing");
+                }
                 return;
             }
         }
     } else if spec.username_from_cert != crate::config::CertIdentity::None {
-        warn!(
-            listener = %spec.url(spec.bind),
-            peer = ?peer,
-            "client certificate has no {} to use as username: closing",
-            spec.username_from_cert
-        );
+        if warn_refusal(&shard, Refusal::CertificateIdentity) {
+            warn!(
+                listener = %spec.url(spec.bind),
+                peer = ?peer,
+                reason = Refusal::CertificateIdentity.name(),
+                "client certificate has no {} to use as username: closing",
+                spec.username_from_cert
+            );
+        }
         return;
     }
     let Some(admission) = admit(
@@ -1290,12 +1326,15 @@ async fn serve(
     };
     let high_water = shard.memory_high_water_bytes;
     if high_water > 0 && shard.auth.rss_bytes.get() > high_water {
-        warn!(
-            shard = shard.id,
-            rss_bytes = shard.auth.rss_bytes.get(),
-            high_water,
-            "memory above limits.memory_high_water_bytes: refusing new connections"
-        );
+        if warn_refusal(&shard, Refusal::MemoryHighWater) {
+            warn!(
+                shard = shard.id,
+                rss_bytes = shard.auth.rss_bytes.get(),
+                high_water,
+                reason = Refusal::MemoryHighWater.name(),
+                "memory above limits.memory_high_water_bytes: refusing new connections"
+            );
+        }
         shard.engine.borrow_mut().probe_mut().connect_result(busy);
         return refuse(stream, version, busy).await;
     }
@@ -1308,20 +1347,26 @@ async fn serve(
     if shard.connections.get() >= shard.connections_max {
         refused_early(&shard, EarlyRefusal::ConnectionLimit);
         refuse(stream, version, busy).await;
-        warn!(
-            shard = shard.id,
-            max = shard.connections_max,
-            listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
-            "connection limit reached: refusing"
-        );
+        if warn_refusal(&shard, Refusal::ConnectionLimit) {
+            warn!(
+                shard = shard.id,
+                max = shard.connections_max,
+                listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
+                reason = Refusal::ConnectionLimit.name(),
+                "connection limit reached: refusing"
+            );
+        }
         return;
     }
     if !shard.listener_limits.hold(usize::from(listener)) {
-        warn!(
-            shard = shard.id,
-            listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
-            "listener connection limit reached: refusing"
-        );
+        if warn_refusal(&shard, Refusal::ListenerConnectionLimit) {
+            warn!(
+                shard = shard.id,
+                listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
+                reason = Refusal::ListenerConnectionLimit.name(),
+                "listener connection limit reached: refusing"
+            );
+        }
         return refuse(stream, version, busy).await;
     }
     shard.connections.set(shard.connections.get() + 1);

@@ -267,6 +267,35 @@ pub struct Stats {
     pub queue_spilled: u64,
     /// Deliveries loaded back from disk tails.
     pub queue_loaded: u64,
+    /// Acknowledgements counted down past zero (a route, retained or held
+    /// acknowledgement arriving once more than expected): a bug elsewhere,
+    /// kept at zero instead of wrapping (see [`count_down`]).
+    pub counter_anomalies: u64,
+}
+
+/// Counts down `n`, one of the outstanding-acknowledgement counters (route
+/// acks of a pending SUBACK, retained and held acknowledgements). Zero stays
+/// zero: a wrap would hold the acknowledgement forever, while zero releases
+/// it, which is what every waiter wants. Reaching below zero is a programmer's
+/// error (an acknowledgement counted twice), but not one worth a panic, which
+/// would end the process (`tessera_broker::fatal`) and every client's
+/// connection with it: it is counted in `stats.counter_anomalies`
+/// (`tessera_counter_anomalies_total`) and logged, the first and then every
+/// power of two, so a loop cannot flood the log.
+pub(crate) fn count_down(n: &mut usize, stats: &mut Stats, shard: ShardId, what: &'static str) {
+    if let Some(less) = n.checked_sub(1) {
+        *n = less;
+        return;
+    }
+    stats.counter_anomalies += 1;
+    if stats.counter_anomalies.is_power_of_two() {
+        tracing::warn!(
+            shard,
+            counter = what,
+            anomalies_total = stats.counter_anomalies,
+            "an acknowledgement counter went below zero: kept at zero (a bug, please report it)"
+        );
+    }
 }
 
 /// Why a connection ends.
@@ -1581,7 +1610,12 @@ impl Engine {
         let Some((conn, missing)) = self.pending_retains.get_mut(&token) else {
             return;
         };
-        *missing -= 1;
+        count_down(
+            missing,
+            &mut self.stats,
+            self.shard,
+            "retained or held acks",
+        );
         if *missing > 0 {
             return;
         }
@@ -1624,7 +1658,12 @@ impl Engine {
             let Some(p) = self.pending_subacks.get_mut(&token) else {
                 continue;
             };
-            p.acks_missing -= 1;
+            count_down(
+                &mut p.acks_missing,
+                &mut self.stats,
+                self.shard,
+                "route acks",
+            );
             if p.acks_missing > 0 {
                 continue;
             }
@@ -2150,6 +2189,22 @@ mod tests {
 
     fn connect_packet(id: &'static str) -> Connect {
         super::testing::connect_packet(ProtocolVersion::V5, id, true)
+    }
+
+    /// An acknowledgement counted once more than expected leaves its counter
+    /// at zero (never wrapped to usize::MAX, which would hold the waiter
+    /// forever) and is counted as an anomaly, each time.
+    #[test]
+    fn counting_down_past_zero_stays_at_zero_and_is_counted() {
+        let mut stats = Stats::default();
+        let mut n = 2;
+        count_down(&mut n, &mut stats, 0, "test");
+        count_down(&mut n, &mut stats, 0, "test");
+        assert_eq!((n, stats.counter_anomalies), (0, 0));
+        for k in 1..=3 {
+            count_down(&mut n, &mut stats, 0, "test");
+            assert_eq!((n, stats.counter_anomalies), (0, k));
+        }
     }
 
     /// A task that outlived its connection (a reader waking after the slot was

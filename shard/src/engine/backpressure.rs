@@ -394,7 +394,7 @@ impl Engine {
         if self.pending_retains.contains_key(&token) {
             self.on_retain_ack(token);
         } else if let Some((from, ack, n)) = self.bp.remote.get_mut(&token) {
-            *n -= 1;
+            super::count_down(n, &mut self.stats, self.shard, "held remote acks");
             if *n == 0 {
                 let (from, ack) = (*from, *ack);
                 self.bp.remote.remove(&token);
