@@ -280,7 +280,7 @@ pub struct Stats {
 /// error (an acknowledgement counted twice), but not one worth a panic, which
 /// would end the process (`tessera_broker::fatal`) and every client's
 /// connection with it: it is counted in `stats.counter_anomalies`
-/// (`tessera_counter_anomalies_total`) and logged, the first and then every
+/// (`tessera_ack_underflows_total`) and logged, the first and then every
 /// power of two, so a loop cannot flood the log.
 pub(crate) fn count_down(n: &mut usize, stats: &mut Stats, shard: ShardId, what: &'static str) {
     if let Some(less) = n.checked_sub(1) {

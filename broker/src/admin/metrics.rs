@@ -290,7 +290,7 @@ fn describe_all() {
          (queue heads) or disk (tails only in the store)."
     );
     describe_counter!(
-        "tessera_counter_anomalies_total",
+        "tessera_ack_underflows_total",
         "Acknowledgement counters counted down past zero and kept at zero (a bug; should stay 0)."
     );
     describe_counter!(
@@ -474,7 +474,7 @@ fn record_shard(shard: &str, s: &ShardSnapshot) {
         .set(g.queue_bytes_memory as f64);
     gauge!("tessera_queue_bytes", "shard" => sh(), "location" => "disk")
         .set(g.queue_bytes_disk as f64);
-    counter!("tessera_counter_anomalies_total", "shard" => sh()).absolute(st.counter_anomalies);
+    counter!("tessera_ack_underflows_total", "shard" => sh()).absolute(st.counter_anomalies);
     gauge!("tessera_queue_depth", "shard" => sh()).set(g.queued as f64);
     gauge!("tessera_inflight_messages", "shard" => sh()).set(g.inflight as f64);
     gauge!("tessera_sessions", "shard" => sh(), "state" => "online").set(g.sessions_online as f64);
