@@ -15,7 +15,15 @@
 //! certificate and joins through it (learner, catch up, voter), retrying until it is a
 //! voter. The admin thread talks to it only through a bounded channel with a timeout
 //! ([`ClusterNode::view`] and the membership requests), so a stuck control thread costs
-//! a 503, never a hung admin port. Shards do not talk to it yet (the data plane, issue 15).
+//! a 503, never a hung admin port.
+//!
+//! The shards (the data plane, issue 15) get a [`ClusterPort`] once the control plane
+//! runs (`Server::attach_cluster`): the raft [`ClusterHandle`] (claims, routes, applied
+//! events, the replicated tables) and [`peer::PeerCalls`] to call other nodes on the
+//! link's Forward channel; requests from other nodes reach them through
+//! [`peer::ForwardService`] (see [`peer`]).
+
+pub mod peer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -25,9 +33,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tessera_raft::link::{Link, LinkCerts, LinkConfig, PeerStats};
-use tessera_raft::{ClusterMetrics, ClusterStatus, ControlPlane, NodeId, NodeInfo, Transport};
+use tessera_raft::{
+    Channel, ClusterHandle, ClusterMetrics, ClusterStatus, ControlPlane, NodeId, NodeInfo,
+    Transport,
+};
 
 use crate::config::ClusterConfig;
+use peer::{ForwardService, PeerCall, PeerCalls, PeerRequest};
 
 /// Requests from the admin thread waiting for the control thread.
 const REQUESTS_QUEUED_MAX: usize = 64;
@@ -95,10 +107,23 @@ enum Request {
     },
 }
 
+/// What every shard gets from the control thread once it runs: this node's door to raft
+/// and to the other nodes. `Clone + Send`; nothing in it blocks.
+#[derive(Debug, Clone)]
+pub struct ClusterPort {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Proposals, applied events and the replicated tables.
+    pub handle: ClusterHandle,
+    /// Calls to other nodes on the Forward channel.
+    pub peers: PeerCalls,
+}
+
 /// The running control thread. Shared with the admin thread.
 #[derive(Debug)]
 pub struct ClusterNode {
     node_id: NodeId,
+    port: ClusterPort,
     requests: flume::Sender<Request>,
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -112,10 +137,12 @@ impl std::fmt::Debug for Request {
 
 impl ClusterNode {
     /// Starts the control thread and waits until the link and raft run (or fail).
+    /// `forward`: each shard's queue for requests from other nodes (index = shard id).
     pub fn start(
         config: &ClusterConfig,
         data_dir: &Path,
         addrs: NodeAddrs,
+        forward: Vec<flume::Sender<PeerRequest>>,
     ) -> Result<ClusterNode, ClusterStartError> {
         let error = |m: String| ClusterStartError(m);
         let (node_id, listen, certs_dir) = match (config.node_id, config.listen, &config.certs) {
@@ -163,6 +190,7 @@ impl ClusterNode {
         let (requests, inbox) = flume::bounded(REQUESTS_QUEUED_MAX);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (peers, calls) = PeerCalls::new(peer::PEER_CALLS_QUEUED_MAX);
         let join = config.join;
         let thread = std::thread::Builder::new()
             .name("cluster".to_owned())
@@ -183,15 +211,24 @@ impl ClusterNode {
                     link_config,
                     raft_config,
                     join,
-                    inbox,
+                    Ports {
+                        inbox,
+                        calls,
+                        forward,
+                    },
                     stop_rx,
                     started_tx,
                 ));
             })
             .map_err(|e| error(format!("cannot spawn the control thread: {e}")))?;
         match started_rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(())) => Ok(ClusterNode {
+            Ok(Ok(handle)) => Ok(ClusterNode {
                 node_id,
+                port: ClusterPort {
+                    node_id,
+                    handle,
+                    peers,
+                },
                 requests,
                 stop: Mutex::new(Some(stop_tx)),
                 thread: Mutex::new(Some(thread)),
@@ -209,6 +246,11 @@ impl ClusterNode {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// What the shards need to reach raft and the other nodes.
+    pub fn port(&self) -> ClusterPort {
+        self.port.clone()
     }
 
     /// The cluster now: the leader's view when `leader_view` (members' match index and
@@ -244,14 +286,27 @@ impl ClusterNode {
     }
 }
 
+/// The control thread's queues: admin requests, the shards' calls to other nodes, and
+/// the shards' queues for requests from other nodes.
+struct Ports {
+    inbox: flume::Receiver<Request>,
+    calls: flume::Receiver<PeerCall>,
+    forward: Vec<flume::Sender<PeerRequest>>,
+}
+
 async fn control_thread(
     link_config: LinkConfig,
     raft_config: tessera_raft::ClusterConfig,
     join: Option<SocketAddr>,
-    inbox: flume::Receiver<Request>,
+    ports: Ports,
     stop: tokio::sync::oneshot::Receiver<()>,
-    started: std::sync::mpsc::Sender<Result<(), String>>,
+    started: std::sync::mpsc::Sender<Result<ClusterHandle, String>>,
 ) {
+    let Ports {
+        inbox,
+        calls,
+        forward,
+    } = ports;
     let node_id = raft_config.node_id;
     let initial: BTreeSet<NodeId> = raft_config.initial_voters.keys().copied().collect();
     let link = match Link::start(link_config) {
@@ -271,6 +326,7 @@ async fn control_thread(
         }
     };
     link.set_service(service);
+    cp.serve_forward(Arc::new(ForwardService::new(forward)));
     // A node joining through an address learns there at once whether the cluster accepts
     // its certificate: a certificate from another CA is a wrong setting (exit code 2),
     // an unreachable seed is retried in the background.
@@ -290,7 +346,7 @@ async fn control_thread(
         }
     }
     let cp = Arc::new(cp);
-    let _ = started.send(Ok(()));
+    let _ = started.send(Ok(cp.handle()));
     tracing::info!(node = node_id, "cluster control plane running");
 
     let mut tasks = vec![tokio::spawn(watch_membership(
@@ -301,6 +357,7 @@ async fn control_thread(
     if let Some(addr) = join {
         tasks.push(tokio::spawn(join_through(cp.clone(), link.clone(), addr)));
     }
+    tasks.push(tokio::spawn(serve_calls(link.clone(), calls)));
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -367,6 +424,18 @@ async fn answer(cp: Arc<ControlPlane>, link: Link, request: Request) {
             };
             let _ = reply.send(result.map_err(|e| e.to_string()));
         }
+    }
+}
+
+/// Sends the shards' calls to other nodes, each on its own task (a slow peer never
+/// delays a call to another); the link bounds each call's time.
+async fn serve_calls(link: Link, calls: flume::Receiver<PeerCall>) {
+    while let Ok(call) = calls.recv_async().await {
+        let link = link.clone();
+        tokio::spawn(async move {
+            let answer = link.call(call.to, Channel::Forward, call.request).await;
+            let _ = call.reply.send(answer);
+        });
     }
 }
 

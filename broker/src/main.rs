@@ -90,8 +90,16 @@ fn run(config: &Config) -> anyhow::Result<()> {
             admin: admin_listener.local_addr()?,
             shards: server.shards(),
         };
-        match ClusterNode::start(&config.cluster, &config.server.data_dir, addrs) {
-            Ok(node) => Some(std::sync::Arc::new(node)),
+        match ClusterNode::start(
+            &config.cluster,
+            &config.server.data_dir,
+            addrs,
+            server.peer_request_queues(),
+        ) {
+            Ok(node) => {
+                server.attach_cluster(&node.port());
+                Some(std::sync::Arc::new(node))
+            }
             Err(e) => {
                 server.stop();
                 let _ = server.join();

@@ -5,67 +5,72 @@
 //!
 //! Lifecycle: [`Server::start`] returns once every shard listens; [`Server::stop`]
 //! asks the shards to shut down (v5 clients get DISCONNECT 0x8B, output is
-//! flushed); [`Server::join`] waits for the executors to exit.
+//! flushed); [`Server::join`] waits for the executors to exit. In a cluster,
+//! [`Server::attach_cluster`] gives the shards the control plane once it runs.
 //!
-//! Every listener kind (`mqtt`, `mqtts`, `ws`, `wss`) runs its transport
-//! handshakes on the accepting shard (`crate::transport`), which then hands
-//! the socket together with the transport state to the owner shard.
+//! This file is the boot: the executors, the shard's state ([`Shard`]) and its
+//! main loop (listeners, tick, shutdown). The rest, one home each:
+//! - `accept`: transport handshakes (TLS, WebSocket, on the accepting shard),
+//!   reading and authenticating the CONNECT, the hand-off to the owner shard;
+//! - `mesh`: the shard-to-shard transport (batches of engine messages and
+//!   hand-offs, one writer per peer);
+//! - `serve`: a connection's admission on its owner shard; `conn`: its task,
+//!   which reads packets into the engine and writes what the engine produced;
+//! - `cluster`: a shard's side of the cluster (issue 15): its port to the
+//!   control plane, committed ops and requests from other nodes;
+//! - `listen` (`TCP_DEFER_ACCEPT`, a `somaxconn`-sized backlog), `park` (idle
+//!   connections without a task), `persist` (the shard store), `read_budget`
+//!   (the node's budget of large packets in read buffers), `refusals` (rate
+//!   limited refusal logs).
 //!
-//! Per connection there is one task on the owner shard (`conn`), which reads
-//! packets into the engine and writes what the engine produced. Listen sockets
-//! are set up in `listen` (`TCP_DEFER_ACCEPT`, a `somaxconn`-sized backlog).
 //! With `server.idle_poll_us` each executor polls that long before it sleeps
-//! (glommio's `spin_before_park`). Large packets draw on the node's
-//! read-buffer budget (`read_budget`); the shards share one count of the
-//! node's sessions (`tessera_shard::engine::SessionBudget`).
+//! (glommio's `spin_before_park`). The shards share one count of the node's
+//! sessions (`tessera_shard::engine::SessionBudget`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::task::{Poll, Waker};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use bytes::{Bytes, BytesMut};
-use futures_lite::future::poll_fn;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
-use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
-use tessera_proto::{
-    ConnAck, Connect, DecodeError, Encode, Packet, PacketType, ProtocolVersion, ReasonCode, Str,
-};
+use tessera_proto::{Connect, ReasonCode, Str};
 use tessera_shard::authz::Admission;
 use tessera_shard::engine::{
-    Engine, Limit, Limits, QueueOverflow as EngineOverflow, SessionBudget,
-    SharedStrategy as EngineShared,
+    Engine, Limits, QueueOverflow as EngineOverflow, SessionBudget, SharedStrategy as EngineShared,
 };
-use tessera_shard::handoff::Handoff;
-use tessera_shard::hash::{assign_client_id, shard_for};
-use tessera_shard::mesh::{MeshMsg, ShardId};
+use tessera_shard::mesh::ShardId;
 use tracing::{debug, info, warn};
 
 use crate::admin::shard_call::{self, DriverView, ShardCall, ShardEnds, ShardLinks, ShardUpGuard};
 use crate::auth::listener_limits::ListenerLimits;
-use crate::auth::{AuthHub, ShardAuth, Verdict};
+use crate::auth::{AuthHub, ShardAuth};
 use crate::config::{
     Config, ListenerConfig, ListenerId, ListenerKind, QueueOverflow, SharedStrategy,
 };
+use crate::transport::TransportState;
 use crate::transport::tls::TlsStore;
-use crate::transport::{AcceptError, Transport, TransportState};
 use persist::{ShardStore, StoreBoot};
 
+mod accept;
+mod cluster;
 mod conn;
 mod listen;
+mod mesh;
 mod park;
 mod persist;
 mod read_budget;
 pub use read_budget::ReadBudget;
 mod refusals;
+mod serve;
+use accept::accept_connection;
+use mesh::{Envelope, mesh_writer, on_envelope};
 use refusals::{Refusal, RefusalLog};
 use tessera_shard::probe::EarlyRefusal;
 
@@ -120,16 +125,6 @@ fn now_us() -> u64 {
     CLOCK_START.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1
 }
 
-/// What travels between shards.
-#[derive(Debug)]
-enum Envelope {
-    /// Engine messages, in order.
-    Batch(Vec<MeshMsg>),
-    /// A connection whose ClientID the receiver owns. Boxed: a CONNECT is
-    /// large, and every batch would otherwise take its size.
-    Handoff(Box<Handoff<Accepted>>),
-}
-
 /// What the accepting shard learned about a connection, handed off with it.
 #[derive(Debug)]
 struct Accepted {
@@ -167,6 +162,8 @@ pub struct Server {
     pub connections_max: usize,
     /// The node's read-buffer budget, for metrics.
     pub read_budget: Arc<ReadBudget>,
+    /// With `[cluster]`: the shards' cluster ends.
+    cluster: Option<cluster::ServerClusterEnds>,
 }
 
 /// Everything a shard needs to boot.
@@ -194,6 +191,8 @@ struct ShardBoot {
     sessions: Arc<SessionBudget>,
     /// The node's bytes of large packets in read buffers.
     read_budget: Arc<ReadBudget>,
+    /// With `[cluster]`: where each shard's cluster port arrives.
+    cluster: Option<cluster::ClusterEnds>,
 }
 
 impl Server {
@@ -242,6 +241,12 @@ impl Server {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (admin_links, admin_ends) = shard_call::links(shard_count);
         let connections_total_max = connections_max(config.limits.max_connections as usize);
+        let (server_cluster, shard_cluster) = if config.cluster.enabled() {
+            let (server_ends, shard_ends) = cluster::ends(shard_count);
+            (Some(server_ends), Some(shard_ends))
+        } else {
+            (None, None)
+        };
         let boot = ShardBoot {
             shard_count,
             mesh: MeshBuilder::full(shard_count, MESH_CHANNEL_SLOTS),
@@ -259,6 +264,7 @@ impl Server {
             admin: admin_ends,
             sessions: Arc::new(SessionBudget::new(limits_sessions_max)),
             read_budget: read_budget.clone(),
+            cluster: shard_cluster,
         };
         let idle_poll = Duration::from_micros(u64::from(config.server.idle_poll_us));
         if !idle_poll.is_zero() {
@@ -326,7 +332,28 @@ impl Server {
             admin_links,
             connections_max: connections_total_max,
             read_budget,
+            cluster: server_cluster,
         })
+    }
+
+    /// With `[cluster]`: each shard's queue for requests from other nodes (index = shard
+    /// id), for the control thread's `ForwardService`. Empty without a cluster.
+    pub fn peer_request_queues(&self) -> Vec<flume::Sender<crate::cluster::peer::PeerRequest>> {
+        self.cluster
+            .as_ref()
+            .map(|c| c.requests.clone())
+            .unwrap_or_default()
+    }
+
+    /// Gives every shard this node's cluster port (once the control plane runs). Until
+    /// then a clustered shard refuses what needs the cluster. A no-op without
+    /// `[cluster]`.
+    pub fn attach_cluster(&self, port: &crate::cluster::ClusterPort) {
+        if let Some(c) = &self.cluster {
+            for tx in &c.attach {
+                let _ = tx.try_send(port.clone());
+            }
+        }
     }
 
     /// Re-reads the certificates, keys and CAs of every TLS listener: new
@@ -581,37 +608,15 @@ struct Shard {
     store: Option<ShardStore>,
     /// The node's bytes of large packets in read buffers (`read_budget`).
     read_budget: Arc<ReadBudget>,
+    /// Whether the node runs in a cluster (`[cluster]`): then `cluster` is needed for
+    /// what the data plane guarantees, and is `None` until the control plane runs.
+    clustered: bool,
+    /// The cluster, once attached (`cluster`).
+    cluster: RefCell<Option<Rc<cluster::ShardCluster>>>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Shard {
-    /// Moves what the engine produced for other shards into the peer queues,
-    /// and what it produced for the store into the writer's queue.
-    fn flush_outbox(&self) {
-        if let Some(store) = &self.store {
-            store.take_batch(&mut self.engine.borrow_mut());
-        }
-        let mut engine = self.engine.borrow_mut();
-        if !engine.has_outbox() {
-            return;
-        }
-        let mut out = self.mesh_out.borrow_mut();
-        let mut wakers = self.mesh_wakers.borrow_mut();
-        engine.drain_outbox(|to, batch| {
-            let to = usize::from(to);
-            out[to].push_back(Envelope::Batch(batch));
-            if let Some(w) = wakers[to].take() {
-                w.wake();
-            }
-        });
-    }
-
-    fn send_envelope(&self, to: usize, env: Envelope) {
-        self.mesh_out.borrow_mut()[to].push_back(env);
-        if let Some(w) = self.mesh_wakers.borrow_mut()[to].take() {
-            w.wake();
-        }
-    }
-
     /// The current TLS configuration of a listener (`None` without TLS).
     fn tls_config(&self, listener: ListenerId) -> Option<Arc<rustls::ServerConfig>> {
         let generation = self.tls.generation();
@@ -620,6 +625,17 @@ impl Shard {
             *cache = (generation, self.tls.snapshot());
         }
         cache.1.get(usize::from(listener)).cloned().flatten()
+    }
+
+    /// Whether the shard is shutting down.
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The cluster, when attached.
+    #[allow(dead_code)] // used by the data plane's handlers
+    fn cluster(&self) -> Option<Rc<cluster::ShardCluster>> {
+        self.cluster.borrow().clone()
     }
 
     /// Whether readers should pause: the store writer is behind.
@@ -692,7 +708,13 @@ async fn shard_main(boot: ShardBoot) {
         refusals: RefCell::new(RefusalLog::default()),
         parking,
         read_budget: boot.read_budget.clone(),
+        clustered: boot.cluster.is_some(),
+        cluster: RefCell::new(None),
+        stop: stop.clone(),
     });
+    if let Some(ends) = boot.cluster.clone() {
+        glommio::spawn_local(cluster::run(shard.clone(), ends)).detach();
+    }
     glommio::spawn_local(park::run_unparker(shard.clone(), doorbell)).detach();
     let _ = shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
     if shard.store.is_some() {
@@ -874,515 +896,6 @@ async fn admin_task(shard: Rc<Shard>, rx: flume::Receiver<ShardCall>) {
         shard.flush_outbox();
         futures_lite::future::yield_now().await;
     }
-}
-
-/// Counts a socket reading its CONNECT on this shard while alive.
-struct PendingConnect<'a>(&'a Shard);
-
-impl<'a> PendingConnect<'a> {
-    fn new(shard: &'a Shard) -> PendingConnect<'a> {
-        shard.pending_connects.set(shard.pending_connects.get() + 1);
-        PendingConnect(shard)
-    }
-}
-
-impl Drop for PendingConnect<'_> {
-    fn drop(&mut self) {
-        self.0
-            .pending_connects
-            .set(self.0.pending_connects.get() - 1);
-    }
-}
-
-fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
-    match env {
-        Envelope::Batch(batch) => {
-            let now = now_ms();
-            {
-                let mut engine = shard.engine.borrow_mut();
-                engine.set_now_us(now_us());
-                for msg in batch {
-                    engine.handle_mesh(now, from as ShardId, msg);
-                }
-            }
-            shard.flush_outbox();
-        }
-        Envelope::Handoff(h) => {
-            let (stream, already_read, accepted) = h.into_stream(shard.id);
-            let transport = Transport::from_parts(stream, accepted.transport);
-            glommio::spawn_local(serve(
-                shard.clone(),
-                transport,
-                already_read,
-                accepted.connect,
-                accepted.assigned,
-                accepted.listener,
-                accepted.admission,
-            ))
-            .detach();
-        }
-    }
-}
-
-/// Sends this shard's queued envelopes to `peer`, coalescing batches.
-async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
-    loop {
-        let env = poll_fn(|cx| {
-            let mut out = shard.mesh_out.borrow_mut();
-            let Some(first) = out[peer].pop_front() else {
-                shard.mesh_wakers.borrow_mut()[peer] = Some(cx.waker().clone());
-                return Poll::Pending;
-            };
-            let Envelope::Batch(mut batch) = first else {
-                return Poll::Ready(first);
-            };
-            while batch.len() < MESH_ENVELOPE_MESSAGES_MAX
-                && let Some(Envelope::Batch(_)) = out[peer].front()
-            {
-                if let Some(Envelope::Batch(more)) = out[peer].pop_front() {
-                    batch.extend(more);
-                }
-            }
-            Poll::Ready(Envelope::Batch(batch))
-        })
-        .await;
-        if shard.senders.send_to(peer, env).await.is_err() {
-            debug!(shard = shard.id, peer, "peer channel closed");
-            return;
-        }
-    }
-}
-
-/// Runs the transport handshakes of a new connection (TLS, WebSocket) and
-/// reads its CONNECT, all within the connect timeout, then serves it here or
-/// hands it to the shard owning its ClientID.
-async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, stream: TcpStream) {
-    let pending = PendingConnect::new(&shard);
-    let _ = stream.set_nodelay(true);
-    // TCP keepalive catches peers that vanished without a FIN when the client
-    // asked for MQTT keep alive 0 (no broker-side timeout then).
-    // SAFETY: the fd belongs to `stream`, which outlives this borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-    let _ = socket2::SockRef::from(&fd).set_keepalive(true);
-    let deadline = Instant::now() + shard.connect_timeout;
-    let spec = &shard.listeners[usize::from(listener)];
-    let peer = stream.peer_addr().ok();
-    let handshake =
-        async { Some(Transport::accept(stream, spec, shard.tls_config(listener)).await) };
-    let expire = async {
-        glommio::timer::sleep(shard.connect_timeout).await;
-        None
-    };
-    let (mut stream, mut buf, identity) = match futures_lite::future::or(handshake, expire).await {
-        Some(Ok(accepted)) => accepted,
-        Some(Err(e @ (AcceptError::Tls(_) | AcceptError::Upgrade(_)))) => {
-            // Operators need to see refused certificates and upgrades; the
-            // client's address says who.
-            if warn_refusal(&shard, Refusal::Handshake) {
-                warn!(
-                    listener = %spec.url(spec.bind),
-                    peer = ?peer,
-                    reason = Refusal::Handshake.name(),
-                    "connection refused: {e}"
-                );
-            }
-            return;
-        }
-        Some(Err(e)) => {
-            // A client (or a port scanner) that went away mid-handshake.
-            debug!(listener = %spec.url(spec.bind), peer = ?peer, "handshake ended: {e}");
-            return;
-        }
-        None => {
-            debug!(listener = %spec.url(spec.bind), "no handshake within the connect timeout: closing");
-            return;
-        }
-    };
-    // A CONNECT may carry a large will: it draws on the read budget too.
-    let mut reservation = read_budget::Reservation::new(shard.read_budget.clone());
-    let connect = loop {
-        match tessera_proto::check(&buf, shard.max_packet) {
-            Ok(h) if h.packet_type != PacketType::Connect => {
-                debug!("first packet is {:?}, not CONNECT: closing", h.packet_type);
-                refused_early(&shard, EarlyRefusal::Malformed);
-                return;
-            }
-            Ok(_) => {
-                match tessera_proto::decode(&mut buf, ProtocolVersion::V3_1_1, shard.max_packet) {
-                    Ok(Some(Packet::Connect(c))) => break *c,
-                    Err(DecodeError::UnsupportedProtocol { level, .. }) => {
-                        // [MQTT-3.1.2-2]: answer an unsupported level with return code
-                        // 0x01 (3.1.1 format, which every version can parse) and close.
-                        debug!(level, "unsupported protocol level: refusing");
-                        refused_early(&shard, EarlyRefusal::UnsupportedProtocolVersion);
-                        let _ = stream.send(&[0x20, 0x02, 0x00, 0x01]).await;
-                        return;
-                    }
-                    other => {
-                        debug!("bad CONNECT: {other:?}: closing");
-                        refused_early(&shard, EarlyRefusal::Malformed);
-                        return;
-                    }
-                }
-            }
-            Err(DecodeError::Incomplete { .. }) => {
-                if reservation.track(&mut buf, shard.max_packet).is_err() {
-                    // No version known yet to answer in: closed, counted, logged.
-                    shard
-                        .engine
-                        .borrow_mut()
-                        .limit_refused(Limit::ReadBuffers, None);
-                    return;
-                }
-                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                    debug!("no CONNECT within the connect timeout: closing");
-                    refused_early(&shard, EarlyRefusal::ConnectTimeout);
-                    return;
-                };
-                // Dropping a pending read loses nothing: glommio's unbuffered
-                // read waits for readiness, then copies straight into `buf`.
-                let read = async { Some(read_more(&mut stream, &mut buf).await) };
-                let expire = async {
-                    glommio::timer::sleep(left).await;
-                    None
-                };
-                match futures_lite::future::or(read, expire).await {
-                    Some(Ok(n)) if n > 0 => {}
-                    None => {
-                        debug!("no CONNECT within the connect timeout: closing");
-                        refused_early(&shard, EarlyRefusal::ConnectTimeout);
-                        return;
-                    }
-                    _ => return,
-                }
-            }
-            Err(e) => {
-                debug!("bad first packet: {e}: closing");
-                if matches!(e, DecodeError::PacketTooLarge { .. }) {
-                    shard
-                        .engine
-                        .borrow_mut()
-                        .limit_refused(Limit::PacketSize, None);
-                }
-                refused_early(&shard, EarlyRefusal::Malformed);
-                return;
-            }
-        }
-    };
-    let mut connect = connect;
-    if let Some(name) = identity {
-        match Str::try_from(name) {
-            Ok(name) => {
-                debug!(listener = %spec.url(spec.bind), username = %name.as_str(), "username from the client certificate");
-                connect.username = Some(name);
-            }
-            Err(e) => {
-                if warn_refusal(&shard, Refusal::CertificateIdentity) {
-                    warn!(listener = %spec.url(spec.bind), peer = ?peer, reason = Refusal::CertificateIdentity.name(), "client certificate identity is not a valid MQTT username ({e:?}): closing");
-                }
-                return;
-            }
-        }
-    } else if spec.username_from_cert != crate::config::CertIdentity::None {
-        if warn_refusal(&shard, Refusal::CertificateIdentity) {
-            warn!(
-                listener = %spec.url(spec.bind),
-                peer = ?peer,
-                reason = Refusal::CertificateIdentity.name(),
-                "client certificate has no {} to use as username: closing",
-                spec.username_from_cert
-            );
-        }
-        return;
-    }
-    let Some(admission) = admit(
-        &shard,
-        &mut stream,
-        &mut buf,
-        &mut connect,
-        spec.username_from_cert != crate::config::CertIdentity::None,
-        spec.allow_anonymous,
-        deadline,
-    )
-    .await
-    else {
-        return;
-    };
-    let mut assigned = false;
-    if connect.client_id.is_empty() {
-        // An assigned id hashes to this shard, so the connection never hops.
-        let mut seed = shard.id_seed.get();
-        let id = assign_client_id(shard.id, shard.shard_count, &mut seed);
-        shard.id_seed.set(seed);
-        connect.client_id = Str::try_from(id).expect("assigned ids are ASCII");
-        assigned = true;
-    }
-    let owner = shard_for(connect.client_id.as_bytes(), shard.shard_count);
-    // From here the connection counts in `connections` (of this shard or the
-    // owner): no longer pending.
-    drop(pending);
-    if owner == shard.id {
-        glommio::spawn_local(serve(
-            shard,
-            stream,
-            buf.freeze(),
-            connect,
-            assigned,
-            listener,
-            admission,
-        ))
-        .detach();
-    } else {
-        let (stream, transport) = stream.into_parts();
-        let accepted = Accepted {
-            connect,
-            assigned,
-            listener,
-            transport,
-            admission,
-        };
-        match Handoff::detach(stream, buf.freeze(), owner, accepted) {
-            Ok(h) => shard.send_envelope(owner, Envelope::Handoff(Box::new(h))),
-            Err(e) => warn!("hand-off to shard {owner} failed: {e}"),
-        }
-    }
-}
-
-/// Writes a refusing CONNACK in the client's version and closes.
-async fn refuse(mut stream: Transport, version: ProtocolVersion, rc: ReasonCode) {
-    let _ = send_connack(&mut stream, version, rc).await;
-}
-
-async fn send_connack(
-    stream: &mut Transport,
-    version: ProtocolVersion,
-    rc: ReasonCode,
-) -> std::io::Result<()> {
-    let ack = ConnAck {
-        session_present: false,
-        reason_code: rc,
-        properties: Default::default(),
-    };
-    let mut out = BytesMut::new();
-    if ack.encode(version, &mut out).is_ok() {
-        stream.send(&out).await?;
-    }
-    Ok(())
-}
-
-/// Authenticates a decoded CONNECT on the accepting shard (so a refused
-/// client never costs a hand-off), running an MQTT 5 enhanced authentication
-/// exchange (AUTH 0x18 both ways) within the connect deadline. Returns what
-/// the engine needs, or `None` after refusing the client (CONNACK written).
-/// Either way the CONNECT no longer holds its password. `cert_identity`: the
-/// listener took the user name from a verified client certificate.
-async fn admit(
-    shard: &Shard,
-    stream: &mut Transport,
-    buf: &mut BytesMut,
-    connect: &mut Connect,
-    cert_identity: bool,
-    allow_anonymous: Option<bool>,
-    deadline: Instant,
-) -> Option<Admission> {
-    if !shard.auth.enabled() {
-        connect.password = None;
-        return Some(Admission::default());
-    }
-    let version = connect.version;
-    let method = connect.properties.authentication_method.clone();
-    let mut verdict = shard
-        .auth
-        .authenticate(connect, cert_identity, allow_anonymous)
-        .await;
-    let mut exchanges = 0;
-    loop {
-        match verdict {
-            Verdict::Accept {
-                expires_unix_s,
-                token_acl,
-            } => {
-                return Some(Admission {
-                    auth_data: connect.properties.authentication_data.take(),
-                    auth_method: method,
-                    expires_at_ms: expires_unix_s.map(engine_ms_of_unix),
-                    token_acl,
-                });
-            }
-            Verdict::Refuse(rc) => {
-                shard.engine.borrow_mut().probe_mut().connect_result(rc);
-                let _ = send_connack(stream, version, rc).await;
-                debug!(reason = ?rc, "CONNECT refused");
-                return None;
-            }
-            Verdict::Continue { data, state } => {
-                // SCRAM needs one round trip; a bound keeps a client from
-                // holding the exchange open.
-                exchanges += 1;
-                let method = method.clone()?;
-                let auth = tessera_proto::Auth {
-                    reason_code: ReasonCode::ContinueAuthentication,
-                    properties: tessera_proto::AuthProperties {
-                        authentication_method: Some(method.clone()),
-                        authentication_data: Some(data),
-                        ..Default::default()
-                    },
-                };
-                let mut out = BytesMut::new();
-                Packet::Auth(auth).encode(version, &mut out).ok()?;
-                stream.send(&out).await.ok()?;
-                let answer = read_packet(stream, buf, version, shard.max_packet, deadline).await?;
-                verdict = match answer {
-                    Packet::Auth(a)
-                        if exchanges <= 2
-                            && a.reason_code == ReasonCode::ContinueAuthentication
-                            && a.properties.authentication_method.as_ref() == Some(&method) =>
-                    {
-                        let data = a.properties.authentication_data.unwrap_or_default();
-                        shard.auth.continue_auth(connect, &state, &data)
-                    }
-                    _ => Verdict::Refuse(ReasonCode::ProtocolError),
-                };
-            }
-        }
-    }
-}
-
-/// The engine clock's value at a Unix time in seconds.
-fn engine_ms_of_unix(unix_s: u64) -> u64 {
-    let now_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    (now_ms() + unix_s.saturating_mul(1000)).saturating_sub(now_unix_ms)
-}
-
-/// Reads one packet before `deadline`; `None` on timeout, close or a decode
-/// error.
-async fn read_packet(
-    stream: &mut Transport,
-    buf: &mut BytesMut,
-    version: ProtocolVersion,
-    max_packet: usize,
-    deadline: Instant,
-) -> Option<Packet> {
-    loop {
-        match tessera_proto::decode(buf, version, max_packet) {
-            Ok(Some(p)) => return Some(p),
-            Ok(None) => {}
-            Err(e) => {
-                debug!("bad packet during authentication: {e}");
-                return None;
-            }
-        }
-        let left = deadline.checked_duration_since(Instant::now())?;
-        let read = async { Some(read_more(stream, buf).await) };
-        let expire = async {
-            glommio::timer::sleep(left).await;
-            None
-        };
-        match futures_lite::future::or(read, expire).await {
-            Some(Ok(n)) if n > 0 => {}
-            _ => return None,
-        }
-    }
-}
-
-/// Reads once into `buf`; returns the bytes read (0 at end of stream).
-async fn read_more(stream: &mut Transport, buf: &mut BytesMut) -> std::io::Result<usize> {
-    let start = buf.len();
-    // The first read is small: a CONNECT usually fits, and a burst of
-    // thousands of new connections then holds thousands of small buffers, not
-    // 4 KiB ones that leave the heap fragmented once freed.
-    let chunk = if start == 0 {
-        PROBE_BYTES
-    } else {
-        READ_CHUNK_BYTES
-    };
-    buf.resize(start + chunk, 0);
-    let r = poll_fn(|cx| stream.poll_read(cx, &mut buf[start..])).await;
-    let n = *r.as_ref().unwrap_or(&0);
-    buf.truncate(start + n);
-    r
-}
-
-/// Serves one connection on its owner shard until it ends.
-async fn serve(
-    shard: Rc<Shard>,
-    stream: Transport,
-    already_read: Bytes,
-    connect: Connect,
-    assigned: bool,
-    listener: ListenerId,
-    admission: Admission,
-) {
-    let version = connect.version;
-    #[cfg(feature = "fault-injection")]
-    crate::fatal::fault::on_connect(shard.id, connect.client_id.as_str());
-    // Refusals for load: 3.1.1 return code 3, v5 0x89.
-    let busy = if version.is_v5() {
-        ReasonCode::ServerBusy
-    } else {
-        ReasonCode::ServerUnavailable
-    };
-    let high_water = shard.memory_high_water_bytes;
-    if high_water > 0 && shard.auth.rss_bytes.get() > high_water {
-        if warn_refusal(&shard, Refusal::MemoryHighWater) {
-            warn!(
-                shard = shard.id,
-                rss_bytes = shard.auth.rss_bytes.get(),
-                high_water,
-                reason = Refusal::MemoryHighWater.name(),
-                "memory above limits.memory_high_water_bytes: refusing new connections"
-            );
-        }
-        shard.engine.borrow_mut().probe_mut().connect_result(busy);
-        return refuse(stream, version, busy).await;
-    }
-    // Flapping is counted here, on the owner shard of the ClientID.
-    if shard.auth.flapping(now_ms(), &connect.client_id) {
-        let banned = ReasonCode::Banned;
-        shard.engine.borrow_mut().probe_mut().connect_result(banned);
-        return refuse(stream, version, banned).await;
-    }
-    if shard.connections.get() >= shard.connections_max {
-        refused_early(&shard, EarlyRefusal::ConnectionLimit);
-        refuse(stream, version, busy).await;
-        if warn_refusal(&shard, Refusal::ConnectionLimit) {
-            warn!(
-                shard = shard.id,
-                max = shard.connections_max,
-                listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
-                reason = Refusal::ConnectionLimit.name(),
-                "connection limit reached: refusing"
-            );
-        }
-        return;
-    }
-    if !shard.listener_limits.hold(usize::from(listener)) {
-        if warn_refusal(&shard, Refusal::ListenerConnectionLimit) {
-            warn!(
-                shard = shard.id,
-                listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
-                reason = Refusal::ListenerConnectionLimit.name(),
-                "listener connection limit reached: refusing"
-            );
-        }
-        return refuse(stream, version, busy).await;
-    }
-    shard.connections.set(shard.connections.get() + 1);
-    // What the accepting shard read: the CONNECT and the bytes after it.
-    let bytes_read = connect.encoded_len(version) + already_read.len();
-    let conn = {
-        let mut engine = shard.engine.borrow_mut();
-        engine.record_bytes_received(bytes_read);
-        engine.connect_admitted(now_ms(), connect, assigned, admission)
-    };
-    shard.flush_outbox();
-    // The bytes left from the CONNECT read are copied into a right-sized
-    // buffer so the accept-time read buffer is freed now.
-    let input = BytesMut::from(&already_read[..]);
-    drop(already_read);
-    conn::spawn(shard, stream, input, conn, version, listener);
 }
 
 #[cfg(test)]

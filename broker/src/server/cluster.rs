@@ -1,0 +1,185 @@
+//! A shard's side of the cluster (issue 15): the [`ClusterPort`] it gets once the
+//! control plane runs, the committed ops it reacts to, and the requests other nodes send
+//! it. Without `[cluster]` none of this exists on a shard (`Shard::cluster` stays `None`
+//! and no task runs), so a single node pays nothing.
+//!
+//! Start order: the shards listen before the control plane starts (the node's addresses
+//! go into its `NodeMeta`), so the port arrives at runtime on a per-shard channel
+//! ([`ClusterEnds`]); until it is there, [`Shard::cluster`] is `None` and the data plane
+//! treats the cluster as unavailable (a CONNECT that needs a claim is refused).
+//!
+//! Two tasks per shard once attached:
+//! - **applied events**: the shard's own subscription to the control plane's applied
+//!   entries ([`ClusterHandle::subscribe`]), handed to [`on_applied`] in log order. A
+//!   subscription dropped for lagging is renewed and [`resync`] runs (the tables are
+//!   read, events at or below their index are skipped).
+//! - **peer requests**: requests from other nodes for this shard
+//!   ([`crate::cluster::peer`]), handed to [`on_peer_request`] in arrival order.
+//!
+//! Both dispatchers are the one place where each part of the data plane (session
+//! ownership, routes and forwarding) plugs in its handler.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use tessera_raft::{AppliedEntry, AppliedEvent, ClusterHandle};
+use tracing::{debug, info, warn};
+
+use super::Shard;
+use crate::cluster::ClusterPort;
+use crate::cluster::peer::{PeerKind, PeerRequest};
+
+/// Applied events a shard's subscription holds before it is dropped for lagging.
+const APPLIED_EVENTS_QUEUED_MAX: usize = 16_384;
+
+/// What each shard takes at boot (index = shard id): where its port arrives and where
+/// requests from other nodes are queued for it.
+#[derive(Clone, Debug)]
+pub(crate) struct ClusterEnds {
+    pub(crate) attach: Vec<flume::Receiver<ClusterPort>>,
+    pub(crate) requests: Vec<flume::Receiver<PeerRequest>>,
+}
+
+/// The server's ends: the port's senders and the peer request queues (for the control
+/// thread's `ForwardService`).
+#[derive(Debug)]
+pub(crate) struct ServerClusterEnds {
+    pub(crate) attach: Vec<flume::Sender<ClusterPort>>,
+    pub(crate) requests: Vec<flume::Sender<PeerRequest>>,
+}
+
+/// Both ends for `shard_count` shards.
+pub(crate) fn ends(shard_count: usize) -> (ServerClusterEnds, ClusterEnds) {
+    let (attach_tx, attach_rx): (Vec<_>, Vec<_>) =
+        (0..shard_count).map(|_| flume::bounded(1)).unzip();
+    let (req_tx, req_rx): (Vec<_>, Vec<_>) = (0..shard_count)
+        .map(|_| flume::bounded(crate::cluster::peer::PEER_REQUESTS_QUEUED_MAX))
+        .unzip();
+    (
+        ServerClusterEnds {
+            attach: attach_tx,
+            requests: req_tx,
+        },
+        ClusterEnds {
+            attach: attach_rx,
+            requests: req_rx,
+        },
+    )
+}
+
+/// A shard's cluster state, once the port arrived.
+#[derive(Debug)]
+pub(crate) struct ShardCluster {
+    pub(crate) port: ClusterPort,
+    /// The highest log index this shard has reacted to.
+    pub(crate) applied: Cell<u64>,
+}
+
+impl ShardCluster {
+    pub(crate) fn handle(&self) -> &ClusterHandle {
+        &self.port.handle
+    }
+}
+
+/// Waits for the port, then runs the shard's applied-event and peer-request tasks.
+pub(super) async fn run(shard: Rc<Shard>, ends: ClusterEnds) {
+    let Some(attach) = ends.attach.get(shard.id).cloned() else {
+        return;
+    };
+    let Some(requests) = ends.requests.get(shard.id).cloned() else {
+        return;
+    };
+    let Ok(port) = attach.recv_async().await else {
+        return;
+    };
+    let events = port.handle.subscribe(APPLIED_EVENTS_QUEUED_MAX);
+    let cluster = Rc::new(ShardCluster {
+        applied: Cell::new(port.handle.applied_index()),
+        port,
+    });
+    *shard.cluster.borrow_mut() = Some(cluster.clone());
+    debug!(
+        shard = shard.id,
+        node = cluster.port.node_id,
+        "cluster attached"
+    );
+    resync(&shard, &cluster);
+    glommio::spawn_local(serve_requests(shard.clone(), requests)).detach();
+    applied_events(shard, cluster, events).await;
+}
+
+async fn applied_events(
+    shard: Rc<Shard>,
+    cluster: Rc<ShardCluster>,
+    mut events: flume::Receiver<AppliedEvent>,
+) {
+    loop {
+        match events.recv_async().await {
+            Ok(AppliedEvent::Entry(entry)) => {
+                if entry.index <= cluster.applied.get() {
+                    continue;
+                }
+                cluster.applied.set(entry.index);
+                on_applied(&shard, &cluster, &entry);
+                shard.flush_outbox();
+            }
+            Ok(AppliedEvent::SnapshotInstalled { index }) => {
+                info!(
+                    shard = shard.id,
+                    index, "cluster snapshot installed: rereading the tables"
+                );
+                resync(&shard, &cluster);
+            }
+            Err(_) => {
+                // Dropped for lagging (or the control plane stopped): subscribe again and
+                // reread the tables.
+                if shard.stopping() {
+                    return;
+                }
+                warn!(
+                    shard = shard.id,
+                    "fell behind the cluster's applied entries: rereading the tables"
+                );
+                events = cluster.handle().subscribe(APPLIED_EVENTS_QUEUED_MAX);
+                resync(&shard, &cluster);
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        // Applied entries can come in bursts: let connections run between them.
+        futures_lite::future::yield_now().await;
+    }
+}
+
+/// Rebuilds what the shard derives from the replicated tables (after attaching, a
+/// snapshot, or a dropped subscription); later events at or below the index read are
+/// skipped.
+fn resync(shard: &Shard, cluster: &ShardCluster) {
+    let index = cluster.handle().applied_index();
+    cluster.applied.set(cluster.applied.get().max(index));
+    debug!(shard = shard.id, index, "cluster tables read");
+}
+
+/// One committed entry, in log order, on every shard of this node.
+fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedEntry) {
+    let _ = (shard, cluster, entry);
+}
+
+async fn serve_requests(shard: Rc<Shard>, requests: flume::Receiver<PeerRequest>) {
+    while let Ok(req) = requests.recv_async().await {
+        on_peer_request(&shard, req);
+        futures_lite::future::yield_now().await;
+    }
+}
+
+/// One request from another node, in arrival order.
+fn on_peer_request(shard: &Rc<Shard>, req: PeerRequest) {
+    match req.envelope.kind {
+        PeerKind::Session | PeerKind::Publish => {
+            let _ = shard;
+            let _ = req.reply.send(Err(format!(
+                "this node does not serve {:?} requests",
+                req.envelope.kind
+            )));
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The mesh transport between the shards of this node: what travels
+//! ([`Envelope`]: engine message batches and connection hand-offs), the
+//! per-peer queues a shard fills from its engine's outbox
+//! ([`Shard::flush_outbox`]), the writer task per peer that coalesces batches,
+//! and what a shard does with what it receives.
+
+use std::rc::Rc;
+use std::task::Poll;
+
+use futures_lite::future::poll_fn;
+use tessera_shard::handoff::Handoff;
+use tessera_shard::mesh::{MeshMsg, ShardId};
+use tracing::debug;
+
+use super::serve::serve;
+use super::{Accepted, MESH_ENVELOPE_MESSAGES_MAX, Shard, now_ms, now_us};
+use crate::transport::Transport;
+
+/// What travels between shards.
+#[derive(Debug)]
+pub(super) enum Envelope {
+    /// Engine messages, in order.
+    Batch(Vec<MeshMsg>),
+    /// A connection whose ClientID the receiver owns. Boxed: a CONNECT is
+    /// large, and every batch would otherwise take its size.
+    Handoff(Box<Handoff<Accepted>>),
+}
+
+impl Shard {
+    /// Moves what the engine produced for other shards into the peer queues,
+    /// and what it produced for the store into the writer's queue.
+    pub(super) fn flush_outbox(&self) {
+        if let Some(store) = &self.store {
+            store.take_batch(&mut self.engine.borrow_mut());
+        }
+        let mut engine = self.engine.borrow_mut();
+        if !engine.has_outbox() {
+            return;
+        }
+        let mut out = self.mesh_out.borrow_mut();
+        let mut wakers = self.mesh_wakers.borrow_mut();
+        engine.drain_outbox(|to, batch| {
+            let to = usize::from(to);
+            out[to].push_back(Envelope::Batch(batch));
+            if let Some(w) = wakers[to].take() {
+                w.wake();
+            }
+        });
+    }
+
+    pub(super) fn send_envelope(&self, to: usize, env: Envelope) {
+        self.mesh_out.borrow_mut()[to].push_back(env);
+        if let Some(w) = self.mesh_wakers.borrow_mut()[to].take() {
+            w.wake();
+        }
+    }
+}
+
+pub(super) fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
+    match env {
+        Envelope::Batch(batch) => {
+            let now = now_ms();
+            {
+                let mut engine = shard.engine.borrow_mut();
+                engine.set_now_us(now_us());
+                for msg in batch {
+                    engine.handle_mesh(now, from as ShardId, msg);
+                }
+            }
+            shard.flush_outbox();
+        }
+        Envelope::Handoff(h) => {
+            let (stream, already_read, accepted) = h.into_stream(shard.id);
+            let transport = Transport::from_parts(stream, accepted.transport);
+            glommio::spawn_local(serve(
+                shard.clone(),
+                transport,
+                already_read,
+                accepted.connect,
+                accepted.assigned,
+                accepted.listener,
+                accepted.admission,
+            ))
+            .detach();
+        }
+    }
+}
+
+/// Sends this shard's queued envelopes to `peer`, coalescing batches.
+pub(super) async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
+    loop {
+        let env = poll_fn(|cx| {
+            let mut out = shard.mesh_out.borrow_mut();
+            let Some(first) = out[peer].pop_front() else {
+                shard.mesh_wakers.borrow_mut()[peer] = Some(cx.waker().clone());
+                return Poll::Pending;
+            };
+            let Envelope::Batch(mut batch) = first else {
+                return Poll::Ready(first);
+            };
+            while batch.len() < MESH_ENVELOPE_MESSAGES_MAX
+                && let Some(Envelope::Batch(_)) = out[peer].front()
+            {
+                if let Some(Envelope::Batch(more)) = out[peer].pop_front() {
+                    batch.extend(more);
+                }
+            }
+            Poll::Ready(Envelope::Batch(batch))
+        })
+        .await;
+        if shard.senders.send_to(peer, env).await.is_err() {
+            debug!(shard = shard.id, peer, "peer channel closed");
+            return;
+        }
+    }
+}

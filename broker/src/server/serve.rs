@@ -1,0 +1,108 @@
+//! Serving a connection on the shard that owns its ClientID: the node's
+//! refusals for load (memory, connection limits, flapping), then the engine
+//! takes the CONNECT and the connection's task (`conn`) runs.
+
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use tessera_proto::{Connect, Encode, ReasonCode};
+use tessera_shard::authz::Admission;
+use tessera_shard::probe::EarlyRefusal;
+use tracing::warn;
+
+use super::accept::refuse;
+use super::refusals::Refusal;
+use super::{Shard, conn, now_ms, refused_early, warn_refusal};
+use crate::config::ListenerId;
+use crate::transport::Transport;
+
+/// Serves one connection on its owner shard until it ends.
+pub(super) async fn serve(
+    shard: Rc<Shard>,
+    stream: Transport,
+    already_read: Bytes,
+    connect: Connect,
+    assigned: bool,
+    listener: ListenerId,
+    admission: Admission,
+) {
+    let version = connect.version;
+    #[cfg(feature = "fault-injection")]
+    crate::fatal::fault::on_connect(shard.id, connect.client_id.as_str());
+    // Refusals for load: 3.1.1 return code 3, v5 0x89.
+    let busy = if version.is_v5() {
+        ReasonCode::ServerBusy
+    } else {
+        ReasonCode::ServerUnavailable
+    };
+    let high_water = shard.memory_high_water_bytes;
+    if high_water > 0 && shard.auth.rss_bytes.get() > high_water {
+        if warn_refusal(&shard, Refusal::MemoryHighWater) {
+            warn!(
+                shard = shard.id,
+                rss_bytes = shard.auth.rss_bytes.get(),
+                high_water,
+                reason = Refusal::MemoryHighWater.name(),
+                "memory above limits.memory_high_water_bytes: refusing new connections"
+            );
+        }
+        shard.engine.borrow_mut().probe_mut().connect_result(busy);
+        return refuse(stream, version, busy).await;
+    }
+    // Flapping is counted here, on the owner shard of the ClientID.
+    if shard.auth.flapping(now_ms(), &connect.client_id) {
+        let banned = ReasonCode::Banned;
+        shard.engine.borrow_mut().probe_mut().connect_result(banned);
+        return refuse(stream, version, banned).await;
+    }
+    if shard.connections.get() >= shard.connections_max {
+        refused_early(&shard, EarlyRefusal::ConnectionLimit);
+        refuse(stream, version, busy).await;
+        if warn_refusal(&shard, Refusal::ConnectionLimit) {
+            warn!(
+                shard = shard.id,
+                max = shard.connections_max,
+                listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
+                reason = Refusal::ConnectionLimit.name(),
+                "connection limit reached: refusing"
+            );
+        }
+        return;
+    }
+    if !shard.listener_limits.hold(usize::from(listener)) {
+        if warn_refusal(&shard, Refusal::ListenerConnectionLimit) {
+            warn!(
+                shard = shard.id,
+                listener = %shard.listeners[usize::from(listener)].url(shard.listeners[usize::from(listener)].bind),
+                reason = Refusal::ListenerConnectionLimit.name(),
+                "listener connection limit reached: refusing"
+            );
+        }
+        return refuse(stream, version, busy).await;
+    }
+    // In a cluster, nothing is served before the control plane runs (the data plane's
+    // guarantees need it): refused as unavailable, counted, never a hang.
+    if shard.clustered && shard.cluster.borrow().is_none() {
+        let unavailable = ReasonCode::ServerUnavailable;
+        shard
+            .engine
+            .borrow_mut()
+            .probe_mut()
+            .connect_result(unavailable);
+        return refuse(stream, version, unavailable).await;
+    }
+    shard.connections.set(shard.connections.get() + 1);
+    // What the accepting shard read: the CONNECT and the bytes after it.
+    let bytes_read = connect.encoded_len(version) + already_read.len();
+    let conn = {
+        let mut engine = shard.engine.borrow_mut();
+        engine.record_bytes_received(bytes_read);
+        engine.connect_admitted(now_ms(), connect, assigned, admission)
+    };
+    shard.flush_outbox();
+    // The bytes left from the CONNECT read are copied into a right-sized
+    // buffer so the accept-time read buffer is freed now.
+    let input = BytesMut::from(&already_read[..]);
+    drop(already_read);
+    conn::spawn(shard, stream, input, conn, version, listener);
+}
