@@ -35,6 +35,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod fatal;
+pub mod forward;
 pub mod server;
 pub mod transport;
 pub mod tune;

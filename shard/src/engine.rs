@@ -51,6 +51,7 @@ mod mqtt5;
 mod persist;
 mod queue_budget;
 mod quota;
+mod remote;
 mod shared;
 mod sys_probe;
 #[cfg(test)]
@@ -208,6 +209,11 @@ pub struct Stats {
     pub bytes_sent: u64,
     /// Publications forwarded to other shards (one per destination shard).
     pub forwards_sent: u64,
+    /// Publications handed to the forwarder for other nodes (one per
+    /// publication and shard, whatever the number of nodes; `remote`).
+    pub remote_forwards_sent: u64,
+    /// Publications from other nodes routed by this shard (`remote`).
+    pub remote_publishes_received: u64,
     /// Deliveries dropped because a session queue was full.
     pub dropped_queue_full: u64,
     /// QoS 0 deliveries dropped for a disconnected session.
@@ -476,6 +482,8 @@ pub struct Engine {
     timers: timers::Timers,
     /// Connections not ended, kept so counting them is O(1).
     live_conns: usize,
+    /// In a cluster, the mesh id of the other nodes (`remote`): `shard_count`.
+    remote: Option<ShardId>,
 }
 
 fn delivery_qos(published: QoS, granted: QoS) -> QoS {
@@ -540,6 +548,7 @@ impl Engine {
             refused_holds: VecDeque::new(),
             timers: timers::Timers::default(),
             live_conns: 0,
+            remote: None,
         }
     }
 
@@ -1140,9 +1149,10 @@ impl Engine {
         // acknowledged.
         // Under sync durability, shards this publication is forwarded to
         // acknowledge it after their commit, with the same token.
+        // In a cluster, nodes that get it acknowledge it with the token too.
         let token = (qos != QoS::AtMostOnce
-            && self.shard_count > 1
-            && (msg.retain || self.durable_forwards()))
+            && ((self.shard_count > 1 && (msg.retain || self.durable_forwards()))
+                || self.remote.is_some()))
         .then(|| {
             let token = self.next_token;
             self.next_token += 1;
@@ -1244,6 +1254,7 @@ impl Engine {
         let sub_id = sub.properties.subscription_identifier;
         let mut reason_codes = Vec::with_capacity(sub.subscriptions.len());
         let mut new_routes = 0usize;
+        let mut new_shares = 0usize;
         let mut waits_on: Vec<u64> = Vec::new();
         let token = self.next_token;
         let mut retained = Vec::new();
@@ -1298,8 +1309,17 @@ impl Engine {
                 before == 0
             };
             if new_route {
-                new_routes += 1;
-                if self.shard_count > 1 {
+                if shared {
+                    new_shares += 1;
+                } else {
+                    new_routes += 1;
+                }
+                let peers = if shared {
+                    self.shard_count - 1
+                } else {
+                    self.route_peers()
+                };
+                if peers > 0 {
                     self.routes_unacked.insert(filter.clone(), token);
                 }
             } else if let Some(&earlier) = self.routes_unacked.get(filter)
@@ -1352,7 +1372,10 @@ impl Engine {
                 })
                 .collect(),
         };
-        let acks_missing = new_routes * (self.shard_count - 1) + waits_on.len();
+        // Shares are announced to local shards only; plain routes to the
+        // forwarder too (`remote`).
+        let acks_missing =
+            new_routes * self.route_peers() + new_shares * (self.shard_count - 1) + waits_on.len();
         if acks_missing == 0 {
             self.finish_subscribe(now_ms, conn, idx, suback, retained);
         } else {
@@ -1463,6 +1486,10 @@ impl Engine {
             if to == self.shard {
                 continue;
             }
+            if self.is_remote(to) {
+                self.forward_remote(to, &msg, ack);
+                continue;
+            }
             self.stats.forwards_sent += 1;
             let durable = ack.filter(|_| self.durable_forwards());
             // A congested peer acknowledges once its queues drained.
@@ -1470,17 +1497,7 @@ impl Engine {
                 None if msg.qos != QoS::AtMostOnce => self.bp_forward_token(to),
                 _ => None,
             };
-            if let Some(t) = durable.or(held)
-                && let Some((_, n)) = self.pending_retains.get_mut(&t)
-            {
-                *n += 1;
-                self.outbox[usize::from(to)].push(MeshMsg::PublishDurable {
-                    message: msg.clone(),
-                    ack: t,
-                });
-            } else {
-                self.outbox[usize::from(to)].push(MeshMsg::Publish(msg.clone()));
-            }
+            self.send_publish(to, &msg, durable.or(held));
         }
         let local = set.contains(self.shard);
         self.shard_set = set;
@@ -1491,6 +1508,23 @@ impl Engine {
         // acknowledged after its commit there, like `PublishDurable`.
         let shared_ack = ack.filter(|_| self.durable_forwards());
         self.shared_publish(now_ms, &msg, shared_key, shared_ack);
+    }
+
+    /// Sends `msg` to `to`: as `PublishDurable` with `token` when the token's
+    /// publisher waits for it (one more acknowledgement to wait for), else as
+    /// `Publish`.
+    fn send_publish(&mut self, to: ShardId, msg: &Message, token: Option<u64>) {
+        if let Some(t) = token
+            && let Some((_, n)) = self.pending_retains.get_mut(&t)
+        {
+            *n += 1;
+            self.outbox[usize::from(to)].push(MeshMsg::PublishDurable {
+                message: msg.clone(),
+                ack: t,
+            });
+        } else {
+            self.outbox[usize::from(to)].push(MeshMsg::Publish(msg.clone()));
+        }
     }
 
     /// Sets (or with `None` clears) the retained message of `topic` here and
@@ -1530,6 +1564,7 @@ impl Engine {
     pub fn handle_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg) {
         match msg {
             MeshMsg::Publish(m) => self.deliver_local(now_ms, &m),
+            MeshMsg::Forwarded(m) => self.publish_forwarded(now_ms, m),
             MeshMsg::PublishDurable { message, ack } => {
                 self.bp_begin_remote(from, ack, message.qos);
                 self.refusal = (message.qos != QoS::AtMostOnce).then_some(false);
@@ -1682,7 +1717,7 @@ impl Engine {
 
     fn route_add(&mut self, filter: Str, ack: Option<u64>) {
         self.routes.insert(&filter, self.shard, ());
-        for to in 0..self.shard_count as ShardId {
+        for to in 0..self.shard_count as ShardId + ShardId::from(self.remote.is_some()) {
             if to != self.shard {
                 let msg = MeshMsg::RouteAdd {
                     filter: filter.clone(),
@@ -1701,7 +1736,7 @@ impl Engine {
         self.subscriptions.remove(filter, idx);
         if self.subscriptions.filter_len(filter) == 0 {
             self.routes.remove(filter, self.shard);
-            for to in 0..self.shard_count as ShardId {
+            for to in 0..self.shard_count as ShardId + ShardId::from(self.remote.is_some()) {
                 if to != self.shard {
                     let msg = MeshMsg::RouteRemove {
                         filter: filter.clone(),

@@ -17,6 +17,10 @@ pub enum MeshMsg {
     /// A publication whose topic matched a route of the destination shard; the
     /// destination matches its own subscription trie.
     Publish(Message),
+    /// A publication from another node of the cluster, from the forwarder
+    /// (`engine::remote`): the receiver delivers it to its subscribers and
+    /// to the other local shards that route its topic, never to another node.
+    Forwarded(Message),
     /// A QoS 1/2 publication under `sync` durability: as `Publish`, and the
     /// receiver answers `Ack { token: ack }` once what it stored for the
     /// message is committed, so the publisher's PUBACK/PUBREC waits for every

@@ -21,6 +21,15 @@ impl SessionUid {
         debug_assert!(counter < (1 << 48));
         SessionUid(((shard as u64) << 48) | counter)
     }
+
+    /// The origin of a publication from another node of the cluster: a uid no
+    /// local session has (the shard part is `u16::MAX`, above every shard
+    /// id), derived from the publisher's identity on its own node (`key`), so
+    /// no-local never matches it here and shared subscriptions' hash strategy
+    /// still tells publishers apart.
+    pub fn remote(key: u64) -> SessionUid {
+        SessionUid((u64::from(u16::MAX) << 48) | (key & ((1 << 48) - 1)))
+    }
 }
 
 /// A published application message.

@@ -1,0 +1,974 @@
+//! The cluster data plane's forwarder (issue 15, guarantee 2: "subscribe, then any
+//! publish anywhere is delivered"): routes between nodes, publications to other nodes,
+//! and publications from them. Design and reasons: docs/ARCHITECTURE.md "Cluster data
+//! plane: routes and forwarding".
+//!
+//! Where it runs: on the control thread (tokio), beside raft and the QUIC link. The
+//! shards reach it only through bounded channels ([`Hub`]): each shard's engine treats
+//! the other nodes as one more mesh peer, the *remote id* `shard_count`
+//! (`tessera_shard::engine` module `remote`), so the engine's route acknowledgements,
+//! held PUBACKs and `route_match` work unchanged.
+//!
+//! - **Routes.** A shard's first subscriber to a filter sends `RouteAdd` to the
+//!   forwarder. The node's first shard with the filter makes the forwarder propose
+//!   `RouteDelta{add}` (its last one leaving, `RouteDelta{remove}`); proposals for one
+//!   filter never overlap, so the log's order is the node's order. When the add is
+//!   applied here at index `i`, the forwarder asks every other member for a barrier at
+//!   `i` on the forward channel; a node answers once its forwarder applied `i` and every
+//!   one of its shards took the route changes up to `i`. Only then are the SUBSCRIBEs
+//!   that waited acknowledged (`Ack` to the shard, which sends the SUBACK). A commit is
+//!   not an apply: this is what makes a publication that starts anywhere after the SUBACK
+//!   find the route. Subscriptions to a filter the node already routes answer at once.
+//! - **Other nodes' routes** come from the applied log ([`routes::NodeRoutes`]); when a
+//!   filter gets its first other node the forwarder sends `RouteAdd{shard: remote}` to
+//!   every shard (and `RouteRemove` after the last), each acknowledged so barriers know
+//!   when the shards route it.
+//! - **Publications** the shards hand over are matched once against the node table and
+//!   queued once per matching node ([`PeerQueue`]). One sender task per peer sends the
+//!   queue as batches ([`wire`]) on the link's forward stream, one batch in flight at a
+//!   time (what arrives meanwhile forms the next batch), so order per publisher holds
+//!   and batches grow with load. A failed call is retried with the same bytes (the
+//!   receiver drops a batch it already accepted). QoS 1/2 publications carry the
+//!   publisher's token: when every node it was sent to accepted it, the shard gets
+//!   `Ack` and releases the PUBACK/PUBREC. QoS 0 beyond [`PEER_QUEUE_MESSAGES_MAX`]
+//!   queued for one peer is dropped and counted; QoS 1/2 are never dropped (their
+//!   publishers' windows bound them).
+//! - **Publications from other nodes** ([`ForwardService`], the link's forward channel):
+//!   decoded as untrusted input, each handed as `MeshMsg::Forwarded` to one shard chosen
+//!   by the publisher (so one publisher's messages stay in order), which delivers it and
+//!   passes it to the other local shards, never back out. The batch is answered once
+//!   every shard it went to took it.
+
+pub mod routes;
+pub mod wire;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tessera_proto::Str;
+use tessera_raft::transport::BoxFuture;
+use tessera_raft::{
+    AppliedEvent, Channel, ClusterError, ClusterHandle, NodeId, Op, OpResult, Service, Transport,
+};
+use tessera_shard::mesh::{MeshMsg, ShardId};
+use tessera_shard::message::{Message, SessionUid};
+use tessera_shard::trie::ShardSet;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use routes::{NodeRoutes, Transition};
+use wire::{Answer, BatchWriter, Request};
+
+/// Batches one shard may have queued for the forwarder (each shard's mesh writer waits,
+/// and its readers pause, beyond it).
+pub const FROM_SHARD_BATCHES_MAX: usize = 256;
+/// Batches the forwarder may have queued for one shard.
+pub const TO_SHARD_BATCHES_MAX: usize = 1024;
+/// QoS 0 publications queued for one peer beyond which new ones are dropped.
+pub const PEER_QUEUE_MESSAGES_MAX: usize = 100_000;
+/// Publications per batch sent to a peer.
+const BATCH_MESSAGES_TARGET: usize = 4096;
+/// Bytes per batch sent to a peer (well under the link's 16 MiB forward frame bound;
+/// one large message may exceed it alone).
+const BATCH_BYTES_TARGET: usize = 1 << 20;
+/// How long a barrier waits for this node to apply the asked index.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and largest pause before re-sending a batch a peer did not accept.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Applied events buffered for the forwarder.
+const APPLIED_EVENTS_MAX: usize = 4096;
+
+/// What a shard sends the forwarder: its outbox for the remote id.
+#[derive(Debug)]
+pub struct FromShard {
+    /// The sending shard.
+    pub shard: ShardId,
+    /// The messages, in order.
+    pub msgs: Vec<MeshMsg>,
+}
+
+/// What the forwarder sends a shard.
+#[derive(Debug)]
+pub enum ToShard {
+    /// Messages to handle as coming from the remote id, in order.
+    Mesh(Vec<MeshMsg>),
+    /// Answer once everything before it was handled.
+    Done(flume::Sender<()>),
+}
+
+/// A shard's ends of its channels to and from the forwarder.
+#[derive(Debug, Clone)]
+pub struct ShardEnd {
+    /// To the forwarder.
+    pub to_forwarder: flume::Sender<FromShard>,
+    /// From the forwarder.
+    pub from_forwarder: flume::Receiver<ToShard>,
+}
+
+/// The channels between the shards and the forwarder, made at boot before the shards
+/// (the forwarder starts later, on the control thread).
+#[derive(Debug)]
+pub struct Hub {
+    from_shards_tx: flume::Sender<FromShard>,
+    from_shards: flume::Receiver<FromShard>,
+    to_shards: Vec<flume::Sender<ToShard>>,
+    to_shards_rx: Vec<flume::Receiver<ToShard>>,
+    metrics: Arc<ForwardMetrics>,
+}
+
+impl Hub {
+    /// Channels for `shard_count` shards.
+    pub fn new(shard_count: usize) -> Hub {
+        let (from_shards_tx, from_shards) = flume::bounded(FROM_SHARD_BATCHES_MAX * shard_count);
+        let (to_shards, to_shards_rx) = (0..shard_count)
+            .map(|_| flume::bounded(TO_SHARD_BATCHES_MAX))
+            .unzip();
+        Hub {
+            from_shards_tx,
+            from_shards,
+            to_shards,
+            to_shards_rx,
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Shard `shard`'s ends.
+    pub fn shard_end(&self, shard: usize) -> ShardEnd {
+        ShardEnd {
+            to_forwarder: self.from_shards_tx.clone(),
+            from_forwarder: self.to_shards_rx[shard].clone(),
+        }
+    }
+
+    /// The forwarder's counters.
+    pub fn metrics(&self) -> Arc<ForwardMetrics> {
+        self.metrics.clone()
+    }
+}
+
+/// Counters of one peer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Publications sent (accepted by the peer).
+    pub messages: u64,
+    /// Batches sent.
+    pub batches: u64,
+    /// Bytes of the batches sent.
+    pub bytes: u64,
+    /// Calls that failed and were retried.
+    pub retries: u64,
+    /// QoS 0 publications dropped because the peer's queue was full.
+    pub dropped: u64,
+}
+
+/// The forwarder's counters, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct ForwardMetrics {
+    /// Per peer, sending side.
+    pub peers: Mutex<HashMap<NodeId, PeerCounters>>,
+    /// Routes (filters and shared groups) per other node, from the node table.
+    pub routes_per_node: Mutex<HashMap<NodeId, u64>>,
+    /// Filters this node routes (its own `RouteDelta`s applied).
+    pub local_routes: AtomicU64,
+    /// Publications received from other nodes.
+    pub received: AtomicU64,
+    /// Batches received that repeated one already accepted (a retry).
+    pub duplicates: AtomicU64,
+    /// Barriers answered for other nodes.
+    pub barriers: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The broker's clocks, as the shards use them (engine milliseconds for deadlines,
+/// microseconds for latency stamps).
+#[derive(Debug, Clone, Copy)]
+pub struct Clocks {
+    /// Engine milliseconds.
+    pub now_ms: fn() -> u64,
+    /// Engine microseconds.
+    pub now_us: fn() -> u64,
+}
+
+/// Starts the forwarder on the current tokio runtime (the control thread) and returns
+/// the service to register with `ControlPlane::serve_forward`.
+pub fn start(
+    hub: &Hub,
+    handle: ClusterHandle,
+    transport: Arc<dyn Transport>,
+    remote: ShardId,
+    topic_levels_max: usize,
+    clocks: Clocks,
+) -> Arc<ForwardService> {
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let service = Arc::new(ForwardService {
+        to_shards: hub.to_shards.clone(),
+        accepted: Mutex::new(HashMap::new()),
+        events: events_tx.clone(),
+        topic_levels_max,
+        clocks,
+        metrics: hub.metrics.clone(),
+    });
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let fwd = Forwarder {
+        me: handle.node_id(),
+        routes: NodeRoutes::new(handle.node_id()),
+        handle,
+        transport,
+        to_shards: hub.to_shards.clone(),
+        remote,
+        local: HashMap::new(),
+        peers: HashMap::new(),
+        pending: HashMap::new(),
+        events: events_tx,
+        route_seq: 0,
+        shard_acked: vec![0; hub.to_shards.len()],
+        barriers: Vec::new(),
+        barriers_seq: Vec::new(),
+        match_buf: Vec::new(),
+        incarnation,
+        clocks,
+        metrics: hub.metrics.clone(),
+    };
+    tokio::spawn(fwd.run(hub.from_shards.clone(), events_rx));
+    service
+}
+
+/// Internal events of the forwarder's task.
+enum Event {
+    /// A route proposal of this node was applied at `index` (or failed).
+    Proposed {
+        filter: String,
+        add: bool,
+        result: Result<u64, ClusterError>,
+    },
+    /// Every other member answered (or failed) the barrier of `filter`'s add.
+    BarrierDone { filter: String },
+    /// A peer accepted a batch: the tokens it carried.
+    PeerDone { tokens: Vec<(ShardId, u64)> },
+    /// Another node asks for a barrier at `index`.
+    Barrier {
+        index: u64,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalState {
+    /// No route of this node in the log.
+    Idle,
+    /// An add is being proposed or its barrier is running.
+    Adding,
+    /// The route is in force cluster-wide.
+    Routed,
+    /// A remove is being proposed.
+    Removing,
+}
+
+/// A filter this node's shards subscribe to.
+struct LocalRoute {
+    shards: ShardSet,
+    state: LocalState,
+    /// SUBSCRIBE tokens waiting for the route: (shard, token).
+    waiters: Vec<(ShardId, u64)>,
+}
+
+/// One publication queued for a peer.
+struct Item {
+    message: Message,
+    publisher: u64,
+    token: Option<(ShardId, u64)>,
+}
+
+/// The publications queued for one peer, drained by its sender task.
+#[derive(Default)]
+struct PeerQueue {
+    items: Mutex<VecDeque<Item>>,
+    notify: Notify,
+}
+
+struct Forwarder {
+    me: NodeId,
+    handle: ClusterHandle,
+    transport: Arc<dyn Transport>,
+    to_shards: Vec<flume::Sender<ToShard>>,
+    remote: ShardId,
+    routes: NodeRoutes,
+    local: HashMap<String, LocalRoute>,
+    peers: HashMap<NodeId, Arc<PeerQueue>>,
+    /// QoS 1/2 publications waiting for nodes: (shard, token) -> nodes left.
+    pending: HashMap<(ShardId, u64), usize>,
+    events: mpsc::UnboundedSender<Event>,
+    /// Route adds sent to the shards (each carries its number as ack token).
+    route_seq: u64,
+    /// The last route add each shard acknowledged.
+    shard_acked: Vec<u64>,
+    /// Barriers waiting for the table to reach their index.
+    barriers: Vec<(u64, oneshot::Sender<()>)>,
+    /// Barriers waiting for the shards to acknowledge route adds up to a number.
+    barriers_seq: Vec<(u64, oneshot::Sender<()>)>,
+    match_buf: Vec<NodeId>,
+    incarnation: u64,
+    clocks: Clocks,
+    metrics: Arc<ForwardMetrics>,
+}
+
+impl Forwarder {
+    async fn run(
+        mut self,
+        from_shards: flume::Receiver<FromShard>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
+        let mut applied = self.resync();
+        loop {
+            tokio::select! {
+                batch = from_shards.recv_async() => match batch {
+                    Ok(b) => self.on_shard(b),
+                    Err(_) => return,
+                },
+                ev = applied.recv_async() => match ev {
+                    Ok(AppliedEvent::Entry(e)) => {
+                        if e.index > self.routes.applied() {
+                            for (op, result) in &e.changes {
+                                self.on_applied(op, result);
+                            }
+                            self.routes.stamp(e.index);
+                            self.check_barriers();
+                        }
+                    }
+                    Ok(AppliedEvent::SnapshotInstalled { .. }) | Err(_) => {
+                        applied = self.resync();
+                    }
+                },
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// (Re)subscribes to applied entries and rebuilds the node table from the tables.
+    fn resync(&mut self) -> flume::Receiver<AppliedEvent> {
+        let rx = self.handle.subscribe(APPLIED_EVENTS_MAX);
+        match self
+            .handle
+            .tables()
+            .and_then(|t| Ok((t.applied_index()?, t.routes()?)))
+        {
+            Ok((index, rows)) => {
+                let mine = rows
+                    .iter()
+                    .filter(|r| r.node == self.me && r.group.is_none())
+                    .count();
+                self.metrics
+                    .local_routes
+                    .store(mine as u64, Ordering::Relaxed);
+                let transitions = self
+                    .routes
+                    .rebuild(rows.into_iter().map(|r| (r.node, r.filter, r.group)), index);
+                for t in transitions {
+                    self.transition(t);
+                }
+                self.publish_route_metrics();
+                self.check_barriers();
+            }
+            Err(e) => tracing::error!("cluster route table unreadable: {e}"),
+        }
+        rx
+    }
+
+    fn on_applied(&mut self, op: &Op, result: &OpResult) {
+        let Op::RouteDelta {
+            node,
+            filter,
+            group,
+            add,
+        } = op
+        else {
+            return;
+        };
+        if !matches!(
+            result,
+            OpResult::RouteAdded(true) | OpResult::RouteRemoved(true)
+        ) {
+            return;
+        }
+        if *node == self.me {
+            if group.is_none() {
+                let delta = if *add { 1 } else { u64::MAX };
+                self.metrics
+                    .local_routes
+                    .fetch_add(delta, Ordering::Relaxed);
+            }
+            return;
+        }
+        if let Some(t) = self.routes.apply(*node, filter, group.as_deref(), *add) {
+            self.transition(t);
+        }
+        self.publish_route_metrics();
+    }
+
+    fn publish_route_metrics(&self) {
+        *lock(&self.metrics.routes_per_node) = self.routes.routes_per_node().into_iter().collect();
+    }
+
+    /// Tells every shard that the filter now has (or no longer has) other nodes.
+    fn transition(&mut self, t: Transition) {
+        let (add, filter) = match t {
+            Transition::Add(f) => (true, f),
+            Transition::Remove(f) => (false, f),
+        };
+        let Ok(filter) = Str::try_from(filter) else {
+            tracing::warn!("a route's filter is not a valid MQTT string; not routed");
+            return;
+        };
+        let msg = if add {
+            self.route_seq += 1;
+            MeshMsg::RouteAdd {
+                filter,
+                shard: self.remote,
+                ack: Some(self.route_seq),
+            }
+        } else {
+            MeshMsg::RouteRemove {
+                filter,
+                shard: self.remote,
+            }
+        };
+        for tx in &self.to_shards {
+            // A full channel would mean a shard stopped: the route change waits in
+            // the channel's sender rather than being lost.
+            if let Err(flume::TrySendError::Full(m)) = tx.try_send(ToShard::Mesh(vec![msg.clone()]))
+            {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send_async(m).await;
+                });
+            }
+        }
+    }
+
+    fn check_barriers(&mut self) {
+        let applied = self.routes.applied();
+        let seq = self.route_seq;
+        let mut i = 0;
+        while i < self.barriers.len() {
+            if self.barriers[i].0 <= applied {
+                let (_, reply) = self.barriers.swap_remove(i);
+                self.barriers_seq.push((seq, reply));
+            } else {
+                i += 1;
+            }
+        }
+        let acked = self.shard_acked.iter().copied().min().unwrap_or(u64::MAX);
+        let mut i = 0;
+        while i < self.barriers_seq.len() {
+            if self.barriers_seq[i].0 <= acked {
+                let (_, reply) = self.barriers_seq.swap_remove(i);
+                let _ = reply.send(());
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn on_shard(&mut self, b: FromShard) {
+        let shard = b.shard;
+        for msg in b.msgs {
+            match msg {
+                MeshMsg::Publish(m) => self.forward(shard, m, None),
+                MeshMsg::PublishDurable { message, ack } => self.forward(shard, message, Some(ack)),
+                MeshMsg::RouteAdd { filter, ack, .. } => self.local_add(shard, filter, ack),
+                MeshMsg::RouteRemove { filter, .. } => self.local_remove(shard, filter),
+                MeshMsg::Ack { token } => {
+                    if let Some(a) = self.shard_acked.get_mut(usize::from(shard)) {
+                        *a = (*a).max(token);
+                    }
+                    self.check_barriers();
+                }
+                other => tracing::debug!(shard, "forwarder ignores {other:?}"),
+            }
+        }
+    }
+
+    fn forward(&mut self, shard: ShardId, message: Message, token: Option<u64>) {
+        let mut nodes = std::mem::take(&mut self.match_buf);
+        self.routes.match_nodes(&message.topic, &mut nodes);
+        let publisher = message.origin.map_or(0, |u| u.0 ^ self.me.rotate_left(48));
+        let token = token.map(|t| (shard, t));
+        if let Some(t) = token {
+            if nodes.is_empty() {
+                // The route went away meanwhile: nothing to wait for.
+                self.ack_shard(t);
+            } else {
+                self.pending.insert(t, nodes.len());
+            }
+        }
+        for &node in &nodes {
+            let queue = self.peer(node);
+            let mut items = lock(&queue.items);
+            if token.is_none() && items.len() >= PEER_QUEUE_MESSAGES_MAX {
+                drop(items);
+                let mut peers = lock(&self.metrics.peers);
+                peers.entry(node).or_default().dropped += 1;
+                continue;
+            }
+            items.push_back(Item {
+                message: message.clone(),
+                publisher,
+                token,
+            });
+            let first = items.len() == 1;
+            drop(items);
+            if first {
+                queue.notify.notify_one();
+            }
+        }
+        self.match_buf = nodes;
+    }
+
+    fn peer(&mut self, node: NodeId) -> Arc<PeerQueue> {
+        if let Some(q) = self.peers.get(&node) {
+            return q.clone();
+        }
+        let q = Arc::new(PeerQueue::default());
+        self.peers.insert(node, q.clone());
+        tokio::spawn(send_to_peer(
+            node,
+            q.clone(),
+            self.transport.clone(),
+            self.events.clone(),
+            self.incarnation,
+            self.clocks,
+            self.metrics.clone(),
+            self.handle.clone(),
+        ));
+        q
+    }
+
+    fn ack_shard(&self, (shard, token): (ShardId, u64)) {
+        if let Some(tx) = self.to_shards.get(usize::from(shard)) {
+            let msg = ToShard::Mesh(vec![MeshMsg::Ack { token }]);
+            if let Err(flume::TrySendError::Full(m)) = tx.try_send(msg) {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send_async(m).await;
+                });
+            }
+        }
+    }
+
+    fn local_add(&mut self, shard: ShardId, filter: Str, ack: Option<u64>) {
+        let key = filter.as_str().to_owned();
+        let e = self.local.entry(key.clone()).or_insert_with(|| LocalRoute {
+            shards: ShardSet::new(),
+            state: LocalState::Idle,
+            waiters: Vec::new(),
+        });
+        e.shards.insert(shard);
+        if let Some(t) = ack {
+            e.waiters.push((shard, t));
+        }
+        match e.state {
+            LocalState::Routed => {
+                let waiters = std::mem::take(&mut e.waiters);
+                for w in waiters {
+                    self.ack_shard(w);
+                }
+            }
+            LocalState::Idle => self.propose(key, true),
+            LocalState::Adding | LocalState::Removing => {}
+        }
+    }
+
+    fn local_remove(&mut self, shard: ShardId, filter: Str) {
+        let Some(e) = self.local.get_mut(filter.as_str()) else {
+            return;
+        };
+        e.shards.remove(shard);
+        if e.shards.is_empty() && e.state == LocalState::Routed {
+            self.propose(filter.as_str().to_owned(), false);
+        }
+    }
+
+    /// Proposes this node's route change for `filter` until it is applied, then (for an
+    /// add) runs the barrier on every other member.
+    fn propose(&mut self, filter: String, add: bool) {
+        if let Some(e) = self.local.get_mut(&filter) {
+            e.state = if add {
+                LocalState::Adding
+            } else {
+                LocalState::Removing
+            };
+        }
+        let handle = self.handle.clone();
+        let events = self.events.clone();
+        let me = self.me;
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(10);
+            loop {
+                let op = Op::RouteDelta {
+                    node: me,
+                    filter: filter.clone(),
+                    group: None,
+                    add,
+                };
+                let result = match handle.propose(op) {
+                    Ok(p) => p.wait().await.map(|a| a.index),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Err(ClusterError::Busy) => {}
+                    Err(ClusterError::Invalid(r)) => {
+                        // A filter longer than the cluster's bound: it cannot be routed
+                        // to other nodes; local subscribers still work.
+                        tracing::warn!(%filter, "route not replicated: {r}");
+                        let _ = events.send(Event::Proposed {
+                            filter,
+                            add,
+                            result: Err(ClusterError::Invalid(r)),
+                        });
+                        return;
+                    }
+                    Err(ClusterError::Shutdown(_)) => return,
+                    r => {
+                        let failed = r.is_err();
+                        let _ = events.send(Event::Proposed {
+                            filter: filter.clone(),
+                            add,
+                            result: r,
+                        });
+                        if !failed {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        });
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Proposed {
+                filter,
+                add,
+                result,
+            } => self.on_proposed(filter, add, result),
+            Event::BarrierDone { filter } => {
+                let Some(e) = self.local.get_mut(&filter) else {
+                    return;
+                };
+                if e.state != LocalState::Adding {
+                    return;
+                }
+                e.state = LocalState::Routed;
+                let waiters = std::mem::take(&mut e.waiters);
+                let empty = e.shards.is_empty();
+                for w in waiters {
+                    self.ack_shard(w);
+                }
+                if empty {
+                    self.propose(filter, false);
+                }
+            }
+            Event::PeerDone { tokens } => {
+                for t in tokens {
+                    if let Some(n) = self.pending.get_mut(&t) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.pending.remove(&t);
+                            self.ack_shard(t);
+                        }
+                    }
+                }
+            }
+            Event::Barrier { index, reply } => {
+                self.barriers.push((index, reply));
+                self.check_barriers();
+            }
+        }
+    }
+
+    fn on_proposed(&mut self, filter: String, add: bool, result: Result<u64, ClusterError>) {
+        let Some(e) = self.local.get_mut(&filter) else {
+            return;
+        };
+        match (add, result) {
+            (true, Ok(index)) => {
+                let members: Vec<NodeId> = self
+                    .handle
+                    .members()
+                    .into_keys()
+                    .filter(|n| *n != self.me)
+                    .collect();
+                let transport = self.transport.clone();
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    barrier(&transport, &members, index).await;
+                    let _ = events.send(Event::BarrierDone { filter });
+                });
+            }
+            (true, Err(err)) => {
+                // No quorum (or an invalid filter): the SUBACKs are not held without
+                // bound; the proposal keeps being retried (unless invalid) and the route
+                // lands when the cluster can commit it.
+                tracing::warn!(%filter, "route proposal failed, SUBACK answered without it: {err}");
+                let waiters = std::mem::take(&mut e.waiters);
+                if matches!(err, ClusterError::Invalid(_)) {
+                    e.state = LocalState::Idle;
+                }
+                for w in waiters {
+                    self.ack_shard(w);
+                }
+            }
+            (false, Ok(_)) => {
+                if e.shards.is_empty() {
+                    e.state = LocalState::Idle;
+                    if e.waiters.is_empty() {
+                        self.local.remove(&filter);
+                    }
+                } else {
+                    self.propose(filter, true);
+                }
+            }
+            (false, Err(err)) => {
+                tracing::debug!(%filter, "route removal failed, retrying: {err}");
+            }
+        }
+    }
+}
+
+/// Asks every node of `members` for a barrier at `index`, in parallel; a node that does
+/// not answer (down, partitioned) is logged and skipped.
+async fn barrier(transport: &Arc<dyn Transport>, members: &[NodeId], index: u64) {
+    let mut set = tokio::task::JoinSet::new();
+    for &node in members {
+        let transport = transport.clone();
+        set.spawn(async move {
+            let r = transport
+                .call(node, Channel::Forward, wire::encode_barrier(index))
+                .await;
+            (node, r)
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok((node, Ok(b))) => {
+                if wire::decode_answer(b) != Ok(Answer::Applied { index }) {
+                    tracing::warn!(node, index, "unexpected answer to a route barrier");
+                }
+            }
+            Ok((node, Err(e))) => {
+                tracing::warn!(node, index, "route barrier not answered: {e}")
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Sends `queue` to `node`: one batch in flight, retried until accepted.
+#[allow(clippy::too_many_arguments)]
+async fn send_to_peer(
+    node: NodeId,
+    queue: Arc<PeerQueue>,
+    transport: Arc<dyn Transport>,
+    events: mpsc::UnboundedSender<Event>,
+    incarnation: u64,
+    clocks: Clocks,
+    metrics: Arc<ForwardMetrics>,
+    handle: ClusterHandle,
+) {
+    let mut seq = 0u64;
+    let mut tokens = Vec::new();
+    loop {
+        let notified = queue.notify.notified();
+        let batch = {
+            let mut items = lock(&queue.items);
+            if items.is_empty() {
+                None
+            } else {
+                seq += 1;
+                let mut w = BatchWriter::new(incarnation, seq);
+                let now = (clocks.now_ms)();
+                while w.len() < BATCH_MESSAGES_TARGET
+                    && w.bytes() < BATCH_BYTES_TARGET
+                    && let Some(item) = items.pop_front()
+                {
+                    w.push(now, item.publisher, &item.message);
+                    if let Some(t) = item.token {
+                        tokens.push(t);
+                    }
+                }
+                Some((w.len() as u64, w.finish()))
+            }
+        };
+        let Some((count, bytes)) = batch else {
+            notified.await;
+            continue;
+        };
+        let mut pause = RETRY_MIN;
+        loop {
+            match transport
+                .call(node, Channel::Forward, bytes.clone())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()))
+            {
+                Ok(Answer::Accepted { seq: s }) if s == seq => break,
+                Ok(a) => tracing::warn!(node, seq, "unexpected answer to a batch: {a:?}"),
+                Err(e) => {
+                    if !handle.members().contains_key(&node) {
+                        tracing::info!(node, "peer left the cluster; dropping its queue");
+                        break;
+                    }
+                    tracing::debug!(node, seq, "batch not accepted, retrying: {e}");
+                }
+            }
+            lock(&metrics.peers).entry(node).or_default().retries += 1;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_MAX);
+        }
+        {
+            let mut peers = lock(&metrics.peers);
+            let c = peers.entry(node).or_default();
+            c.messages += count;
+            c.batches += 1;
+            c.bytes += bytes.len() as u64;
+        }
+        if !tokens.is_empty() {
+            let _ = events.send(Event::PeerDone {
+                tokens: std::mem::take(&mut tokens),
+            });
+        }
+    }
+}
+
+/// The receiving side of the forward channel (registered with
+/// `ControlPlane::serve_forward`).
+pub struct ForwardService {
+    to_shards: Vec<flume::Sender<ToShard>>,
+    /// Per sending node: (incarnation, last batch accepted).
+    accepted: Mutex<HashMap<NodeId, (u64, u64)>>,
+    events: mpsc::UnboundedSender<Event>,
+    topic_levels_max: usize,
+    clocks: Clocks,
+    metrics: Arc<ForwardMetrics>,
+}
+
+impl std::fmt::Debug for ForwardService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardService").finish_non_exhaustive()
+    }
+}
+
+impl ForwardService {
+    async fn serve_bytes(&self, from: NodeId, request: Bytes) -> Result<Bytes, String> {
+        match wire::decode_request(request, self.topic_levels_max).map_err(|e| e.to_string())? {
+            Request::Barrier { index } => {
+                let (reply, rx) = oneshot::channel();
+                self.events
+                    .send(Event::Barrier { index, reply })
+                    .map_err(|_| "forwarder stopped".to_owned())?;
+                match tokio::time::timeout(BARRIER_TIMEOUT, rx).await {
+                    Ok(Ok(())) => {
+                        self.metrics.barriers.fetch_add(1, Ordering::Relaxed);
+                        Ok(wire::encode_answer(Answer::Applied { index }))
+                    }
+                    _ => Err(format!("index {index} not applied here in time")),
+                }
+            }
+            Request::Batch {
+                incarnation,
+                seq,
+                records,
+            } => {
+                {
+                    let mut acc = lock(&self.accepted);
+                    let last = acc.entry(from).or_insert((incarnation, 0));
+                    if last.0 == incarnation && seq <= last.1 {
+                        self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                        return Ok(wire::encode_answer(Answer::Accepted { seq }));
+                    }
+                    *last = (incarnation, seq);
+                }
+                self.deliver(records).await?;
+                Ok(wire::encode_answer(Answer::Accepted { seq }))
+            }
+        }
+    }
+
+    /// Hands each record to the shard its publisher maps to, then waits until every
+    /// shard that got some took them.
+    async fn deliver(&self, records: Vec<wire::Record>) -> Result<(), String> {
+        let shards = self.to_shards.len();
+        let (now_ms, now_us) = ((self.clocks.now_ms)(), (self.clocks.now_us)());
+        self.metrics
+            .received
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        let mut per_shard: Vec<Vec<MeshMsg>> = (0..shards).map(|_| Vec::new()).collect();
+        for r in records {
+            let mut m = r.message;
+            m.origin = Some(SessionUid::remote(r.publisher));
+            m.expires_at_ms = r.expiry_ms.map(|e| now_ms + e);
+            m.received_us = now_us;
+            let to = (mix(r.publisher) % shards as u64) as usize;
+            per_shard[to].push(MeshMsg::Forwarded(m));
+        }
+        let mut waits = Vec::new();
+        for (to, msgs) in per_shard.into_iter().enumerate() {
+            if msgs.is_empty() {
+                continue;
+            }
+            let (done, rx) = flume::bounded(1);
+            let tx = &self.to_shards[to];
+            tx.send_async(ToShard::Mesh(msgs))
+                .await
+                .map_err(|_| "shard stopped".to_owned())?;
+            tx.send_async(ToShard::Done(done))
+                .await
+                .map_err(|_| "shard stopped".to_owned())?;
+            waits.push(rx);
+        }
+        for rx in waits {
+            rx.recv_async()
+                .await
+                .map_err(|_| "shard stopped".to_owned())?;
+        }
+        Ok(())
+    }
+}
+
+impl Service for ForwardService {
+    fn serve(
+        &self,
+        from: NodeId,
+        channel: Channel,
+        request: Bytes,
+    ) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            if channel != Channel::Forward {
+                return Err(format!("the forward service got a {channel} request"));
+            }
+            self.serve_bytes(from, request).await
+        })
+    }
+}
+
+/// Spreads publisher identities over shards (splitmix64's finalizer).
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}

@@ -1,0 +1,340 @@
+//! The other nodes of a cluster as one more mesh destination (`impl Engine`;
+//! docs/ARCHITECTURE.md "Cluster data plane").
+//!
+//! In a cluster the driver calls [`Engine::enable_remote`] at boot. The
+//! engine then treats the rest of the cluster as a pseudo-shard with id
+//! `shard_count` (the *remote* id), served by the node's forwarder on the
+//! control thread:
+//!
+//! - **Routes.** A shard's first subscriber to a filter sends `RouteAdd` (with
+//!   the SUBSCRIBE's token) to the remote id as to every local shard, and the
+//!   SUBACK waits for its `Ack` too: the forwarder answers once the node's
+//!   route is applied on every node of the cluster. Its last subscriber sends
+//!   `RouteRemove`. The forwarder sends `RouteAdd`/`RouteRemove` with
+//!   `shard: remote` when the first other node routes a filter or the last
+//!   one stops, so `route_match` yields the remote id beside local shards.
+//! - **Publishes** matching the remote id go to the forwarder once per shard
+//!   (it sends them once per matching node): QoS 0 as `Publish`, QoS 1/2 as
+//!   `PublishDurable` with the publisher's token, so the PUBACK/PUBREC waits
+//!   for the forwarder's `Ack` (every destination node accepted it).
+//! - **Publishes from other nodes** arrive as `MeshMsg::Forwarded`: delivered
+//!   to this shard's subscribers and passed to the other local shards that
+//!   route the topic, never back to the remote id (a message crosses the
+//!   cluster link at most once). Their origin is a [`SessionUid`] no local
+//!   session has ([`SessionUid::remote`]), so no-local never suppresses them
+//!   by mistake.
+
+use tessera_proto::QoS;
+
+use super::Engine;
+use crate::mesh::{MeshMsg, ShardId};
+use crate::message::Message;
+use crate::trie::{SHARDS_MAX, route_match};
+
+impl Engine {
+    /// Makes the rest of the cluster a mesh destination with id
+    /// `shard_count` (see the module). Call once at boot, before any
+    /// connection; returns that id, or `None` when the shard count leaves no
+    /// room for it in a `ShardSet`.
+    pub fn enable_remote(&mut self) -> Option<ShardId> {
+        if let Some(id) = self.remote {
+            return Some(id);
+        }
+        if self.shard_count >= SHARDS_MAX {
+            return None;
+        }
+        let id = ShardId::try_from(self.shard_count).ok()?;
+        self.remote = Some(id);
+        self.outbox.push(Vec::new());
+        Some(id)
+    }
+
+    /// The remote id, when the engine is part of a cluster.
+    pub fn remote_id(&self) -> Option<ShardId> {
+        self.remote
+    }
+
+    /// Destinations that acknowledge a new route: the other local shards and
+    /// the forwarder.
+    pub(super) fn route_peers(&self) -> usize {
+        self.shard_count - 1 + usize::from(self.remote.is_some())
+    }
+
+    /// Whether `to` is the remote id.
+    pub(super) fn is_remote(&self, to: ShardId) -> bool {
+        self.remote == Some(to)
+    }
+
+    /// Hands `msg` to the forwarder: QoS 1/2 with the publisher's token (one
+    /// more acknowledgement its PUBACK/PUBREC waits for), QoS 0 without.
+    pub(super) fn forward_remote(&mut self, to: ShardId, msg: &Message, ack: Option<u64>) {
+        self.stats.remote_forwards_sent += 1;
+        let token = ack.filter(|_| msg.qos != QoS::AtMostOnce);
+        self.send_publish(to, msg, token);
+    }
+
+    /// A publication from another node: this shard's subscribers and the
+    /// other local shards that route it, never the remote id.
+    pub(super) fn publish_forwarded(&mut self, now_ms: u64, msg: Message) {
+        self.stats.remote_publishes_received += 1;
+        let mut set = std::mem::take(&mut self.shard_set);
+        route_match(&self.routes, &msg.topic, &mut set);
+        for to in set.iter() {
+            if to == self.shard || self.is_remote(to) {
+                continue;
+            }
+            self.stats.forwards_sent += 1;
+            self.outbox[usize::from(to)].push(MeshMsg::Publish(msg.clone()));
+        }
+        let local = set.contains(self.shard);
+        self.shard_set = set;
+        if local {
+            self.deliver_local(now_ms, &msg);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The remote pseudo-shard through the engine's own mesh: a SUBACK waits
+    //! for the forwarder, a QoS 1 PUBACK waits for the forwarder's `Ack`, and
+    //! a forwarded publication reaches subscribers on every local shard and
+    //! never goes back to the forwarder.
+
+    use bytes::Bytes;
+    use tessera_proto::{
+        Packet, ProtocolVersion, PubAck, Publish, QoS, Str, Subscribe, SubscribeProperties,
+        Subscription, SubscriptionOptions,
+    };
+
+    use super::super::testing::{connect_packet, drain, engines};
+    use super::super::{Engine, Limits};
+    use crate::mesh::{MeshMsg, ShardId};
+    use crate::message::{Message, SessionUid};
+    use crate::session::ConnId;
+
+    const V5: ProtocolVersion = ProtocolVersion::V5;
+
+    /// Two shards in a cluster; returns the engines and the remote id.
+    fn cluster() -> (Vec<Engine>, ShardId) {
+        let mut es = engines(2, &Limits::default());
+        let r = es[0].enable_remote().expect("room for the remote id");
+        assert_eq!(es[1].enable_remote(), Some(r));
+        (es, r)
+    }
+
+    /// Moves mesh messages between local shards until none is left; returns
+    /// what the shards sent to the remote id, with the sending shard.
+    fn pump(es: &mut [Engine], remote: ShardId) -> Vec<(ShardId, MeshMsg)> {
+        let mut to_remote = Vec::new();
+        loop {
+            let mut batches = Vec::new();
+            for (from, e) in es.iter_mut().enumerate() {
+                e.drain_outbox(|to, b| batches.push((from as ShardId, to, b)));
+            }
+            if batches.is_empty() {
+                return to_remote;
+            }
+            for (from, to, batch) in batches {
+                for m in batch {
+                    if to == remote {
+                        to_remote.push((from, m));
+                    } else {
+                        es[usize::from(to)].handle_mesh(1, from, m);
+                    }
+                }
+            }
+        }
+    }
+
+    fn subscribe(e: &mut Engine, conn: ConnId, filter: &'static str, qos: QoS) {
+        let sub = Subscribe {
+            packet_id: 1,
+            properties: SubscribeProperties::default(),
+            subscriptions: vec![Subscription {
+                filter: Str::from_static(filter),
+                options: SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                },
+            }],
+        };
+        e.handle_packet(1, conn, Packet::Subscribe(sub));
+    }
+
+    fn client(e: &mut Engine, id: &str) -> ConnId {
+        let c = e.connect(1, connect_packet(V5, id, true), false);
+        drain(e, c, V5); // CONNACK
+        c
+    }
+
+    #[test]
+    fn the_suback_of_a_new_route_waits_for_the_forwarder() {
+        let (mut es, remote) = cluster();
+        let c = client(&mut es[0], "s");
+        subscribe(&mut es[0], c, "a/+", QoS::AtLeastOnce);
+        let sent = pump(&mut es, remote);
+        // Shard 1 acknowledged at once; the forwarder has not yet.
+        assert!(
+            drain(&mut es[0], c, V5).is_empty(),
+            "SUBACK before the forwarder's ack"
+        );
+        let token = match &sent[..] {
+            [
+                (
+                    0,
+                    MeshMsg::RouteAdd {
+                        filter,
+                        shard: 0,
+                        ack: Some(t),
+                    },
+                ),
+            ] if filter == "a/+" => *t,
+            other => panic!("expected one RouteAdd to the forwarder, got {other:?}"),
+        };
+        es[0].handle_mesh(1, remote, MeshMsg::Ack { token });
+        let packets = drain(&mut es[0], c, V5);
+        assert!(matches!(packets[..], [Packet::SubAck(_)]), "{packets:?}");
+        // A second subscriber to the routed filter answers at once.
+        let c2 = client(&mut es[0], "s2");
+        subscribe(&mut es[0], c2, "a/+", QoS::AtMostOnce);
+        assert!(pump(&mut es, remote).is_empty());
+        assert!(matches!(drain(&mut es[0], c2, V5)[..], [Packet::SubAck(_)]));
+    }
+
+    #[test]
+    fn a_qos1_publish_to_another_node_is_acked_after_the_forwarder() {
+        let (mut es, remote) = cluster();
+        // Another node routes "t": the forwarder tells every shard.
+        for e in es.iter_mut() {
+            e.handle_mesh(
+                1,
+                remote,
+                MeshMsg::RouteAdd {
+                    filter: Str::from_static("t"),
+                    shard: remote,
+                    ack: None,
+                },
+            );
+        }
+        let p = client(&mut es[1], "p");
+        let mut publish = Publish::new(Str::from_static("t"), Bytes::from_static(b"x"));
+        publish.qos = QoS::AtLeastOnce;
+        publish.packet_id = 7;
+        es[1].handle_packet(1, p, Packet::Publish(publish));
+        let sent = pump(&mut es, remote);
+        let token = match &sent[..] {
+            [(1, MeshMsg::PublishDurable { message, ack })] if message.topic == "t" => *ack,
+            other => panic!("expected one PublishDurable to the forwarder, got {other:?}"),
+        };
+        assert!(
+            drain(&mut es[1], p, V5).is_empty(),
+            "PUBACK before the forwarder's ack"
+        );
+        es[1].handle_mesh(1, remote, MeshMsg::Ack { token });
+        assert_eq!(
+            drain(&mut es[1], p, V5),
+            vec![Packet::PubAck(PubAck::new(7))]
+        );
+        // QoS 0 goes as a plain Publish and is not held.
+        es[1].handle_packet(
+            1,
+            p,
+            Packet::Publish(Publish::new(Str::from_static("t"), Bytes::new())),
+        );
+        let sent = pump(&mut es, remote);
+        assert!(matches!(sent[..], [(1, MeshMsg::Publish(_))]), "{sent:?}");
+    }
+
+    #[test]
+    fn a_forwarded_publish_reaches_every_local_shard_and_never_goes_back() {
+        let (mut es, remote) = cluster();
+        // Subscribers on both shards, one with No Local.
+        let a = client(&mut es[0], "a");
+        subscribe(&mut es[0], a, "f/#", QoS::AtMostOnce);
+        let b = client(&mut es[1], "b");
+        let sub = Subscribe {
+            packet_id: 2,
+            properties: SubscribeProperties::default(),
+            subscriptions: vec![Subscription {
+                filter: Str::from_static("f/#"),
+                options: SubscriptionOptions {
+                    no_local: true,
+                    ..Default::default()
+                },
+            }],
+        };
+        es[1].handle_packet(1, b, Packet::Subscribe(sub));
+        // Ack the route adds the forwarder got.
+        for (from, m) in pump(&mut es, remote) {
+            if let MeshMsg::RouteAdd {
+                ack: Some(token), ..
+            } = m
+            {
+                es[usize::from(from)].handle_mesh(1, remote, MeshMsg::Ack { token });
+            }
+        }
+        drain(&mut es[0], a, V5);
+        drain(&mut es[1], b, V5);
+        // Other nodes route f/# too.
+        for e in es.iter_mut() {
+            e.handle_mesh(
+                1,
+                remote,
+                MeshMsg::RouteAdd {
+                    filter: Str::from_static("f/#"),
+                    shard: remote,
+                    ack: None,
+                },
+            );
+        }
+        let msg = Message {
+            topic: Str::from_static("f/1"),
+            payload: Bytes::from_static(b"hi"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            // The same bits as a session of shard 1 would have: no-local must
+            // not mistake it for one.
+            origin: Some(SessionUid::remote(SessionUid::new(1, 1).0)),
+            received_us: 0,
+        };
+        es[0].handle_mesh(1, remote, MeshMsg::Forwarded(msg));
+        let sent = pump(&mut es, remote);
+        assert!(sent.is_empty(), "sent back to the forwarder: {sent:?}");
+        for (e, c) in [(0, a), (1, b)] {
+            let got = drain(&mut es[e], c, V5);
+            assert!(
+                matches!(&got[..], [Packet::Publish(p)] if p.topic == "f/1"),
+                "shard {e}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unsubscribing_the_last_subscriber_removes_the_route_everywhere() {
+        let (mut es, remote) = cluster();
+        let c = client(&mut es[0], "s");
+        subscribe(&mut es[0], c, "x", QoS::AtMostOnce);
+        for (from, m) in pump(&mut es, remote) {
+            if let MeshMsg::RouteAdd {
+                ack: Some(token), ..
+            } = m
+            {
+                es[usize::from(from)].handle_mesh(1, remote, MeshMsg::Ack { token });
+            }
+        }
+        let u = tessera_proto::Unsubscribe {
+            packet_id: 3,
+            properties: Default::default(),
+            filters: vec![Str::from_static("x")],
+        };
+        es[0].handle_packet(1, c, Packet::Unsubscribe(u));
+        let sent = pump(&mut es, remote);
+        assert!(
+            matches!(&sent[..], [(0, MeshMsg::RouteRemove { filter, shard: 0 })] if filter == "x"),
+            "{sent:?}"
+        );
+    }
+}
