@@ -105,6 +105,12 @@ enum Request {
         change: Change,
         reply: flume::Sender<Result<u64, String>>,
     },
+    /// Start the data plane's forwarder (`crate::forward`).
+    Forward {
+        ends: crate::forward::ForwarderEnds,
+        remote: tessera_shard::mesh::ShardId,
+        clocks: crate::forward::Clocks,
+    },
 }
 
 /// What every shard gets from the control thread once it runs: this node's door to raft
@@ -275,6 +281,23 @@ impl ClusterNode {
             .map_err(|_| format!("no answer within {timeout:?}"))?
     }
 
+    /// Starts the data plane's forwarder on the control thread (`crate::forward`), with
+    /// the shards' ends from `Server::take_forwarder`.
+    pub fn start_forwarder(
+        &self,
+        ends: crate::forward::ForwarderEnds,
+        remote: tessera_shard::mesh::ShardId,
+        clocks: crate::forward::Clocks,
+    ) -> Result<(), String> {
+        self.requests
+            .try_send(Request::Forward {
+                ends,
+                remote,
+                clocks,
+            })
+            .map_err(|_| "the control thread is busy or stopped".to_owned())
+    }
+
     /// Stops raft and the link, and waits for the thread.
     pub fn stop(&self) {
         if let Some(stop) = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -423,6 +446,14 @@ async fn answer(cp: Arc<ControlPlane>, link: Link, request: Request) {
                 Change::TransferLeader(to) => cp.transfer_leader(to).await.map(|()| 0),
             };
             let _ = reply.send(result.map_err(|e| e.to_string()));
+        }
+        Request::Forward {
+            ends,
+            remote,
+            clocks,
+        } => {
+            let transport: Arc<dyn Transport> = Arc::new(link);
+            crate::forward::start(ends, cp.handle(), transport, remote, clocks);
         }
     }
 }

@@ -98,6 +98,14 @@ fn run(config: &Config) -> anyhow::Result<()> {
         ) {
             Ok(node) => {
                 server.attach_cluster(&node.port());
+                if let Some((ends, remote, clocks)) = server.take_forwarder()
+                    && let Err(e) = node.start_forwarder(ends, remote, clocks)
+                {
+                    server.stop();
+                    let _ = server.join();
+                    node.stop();
+                    anyhow::bail!("cluster: cannot start the forwarder: {e}");
+                }
                 Some(std::sync::Arc::new(node))
             }
             Err(e) => {

@@ -68,6 +68,7 @@ mod persist;
 mod read_budget;
 pub use read_budget::ReadBudget;
 mod refusals;
+mod remote;
 mod serve;
 use accept::accept_connection;
 use mesh::{Envelope, mesh_writer, on_envelope};
@@ -345,6 +346,25 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// With `[cluster]`, once: what the control thread needs to start the forwarder
+    /// (`crate::forward::start`): its channel ends, the shards' remote id and the
+    /// broker's clocks.
+    pub fn take_forwarder(
+        &self,
+    ) -> Option<(
+        crate::forward::ForwarderEnds,
+        ShardId,
+        crate::forward::Clocks,
+    )> {
+        let c = self.cluster.as_ref()?;
+        let ends = c
+            .forwarder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        Some((ends, self.shards() as ShardId, remote::CLOCKS))
+    }
+
     /// Gives every shard this node's cluster port (once the control plane runs). Until
     /// then a clustered shard refuses what needs the cluster. A no-op without
     /// `[cluster]`.
@@ -613,6 +633,8 @@ struct Shard {
     clustered: bool,
     /// The cluster, once attached (`cluster`).
     cluster: RefCell<Option<Rc<cluster::ShardCluster>>>,
+    /// With `[cluster]`: the engine's remote id and the forwarder's channels (`remote`).
+    remote: Option<remote::ShardRemote>,
     stop: Arc<AtomicBool>,
 }
 
@@ -671,6 +693,22 @@ async fn shard_main(boot: ShardBoot) {
     }
     // Before recovery, so the restored sessions count.
     engine.set_session_budget(boot.sessions.clone());
+    // In a cluster the other nodes are one more mesh peer (before recovery, whose
+    // routes they need too).
+    let remote = match boot.cluster.as_ref().and_then(|c| c.forward.get(id)) {
+        Some(end) => match engine.enable_remote() {
+            Some(rid) => Some(remote::ShardRemote::new(rid, end.clone())),
+            None => {
+                let _ = ready.send(Err(format!(
+                    "{} shards leave no room for the cluster's remote id",
+                    boot.shard_count
+                )));
+                return;
+            }
+        },
+        None => None,
+    };
+    let mesh_slots = boot.shard_count + usize::from(remote.is_some());
     let store = persist::attach(&boot.stores, id, &mut engine, now_ms());
     let status = boot.admin.status[id].clone();
     let _up = ShardUpGuard(status.clone());
@@ -689,8 +727,8 @@ async fn shard_main(boot: ShardBoot) {
         shard_count: boot.shard_count,
         engine: RefCell::new(engine),
         senders,
-        mesh_out: RefCell::new((0..boot.shard_count).map(|_| VecDeque::new()).collect()),
-        mesh_wakers: RefCell::new((0..boot.shard_count).map(|_| None).collect()),
+        mesh_out: RefCell::new((0..mesh_slots).map(|_| VecDeque::new()).collect()),
+        mesh_wakers: RefCell::new((0..mesh_slots).map(|_| None).collect()),
         connections: Cell::new(0),
         pending_connects: Cell::new(0),
         connections_max: boot.connections_max,
@@ -710,8 +748,10 @@ async fn shard_main(boot: ShardBoot) {
         read_budget: boot.read_budget.clone(),
         clustered: boot.cluster.is_some(),
         cluster: RefCell::new(None),
+        remote,
         stop: stop.clone(),
     });
+    remote::spawn(&shard);
     if let Some(ends) = boot.cluster.clone() {
         glommio::spawn_local(cluster::run(shard.clone(), ends)).detach();
     }

@@ -33,11 +33,11 @@
 //!   `Ack` and releases the PUBACK/PUBREC. QoS 0 beyond [`PEER_QUEUE_MESSAGES_MAX`]
 //!   queued for one peer is dropped and counted; QoS 1/2 are never dropped (their
 //!   publishers' windows bound them).
-//! - **Publications from other nodes** ([`ForwardService`], the link's forward channel):
-//!   decoded as untrusted input, each handed as `MeshMsg::Forwarded` to one shard chosen
-//!   by the publisher (so one publisher's messages stay in order), which delivers it and
-//!   passes it to the other local shards, never back out. The batch is answered once
-//!   every shard it went to took it.
+//! - **Publications from other nodes** arrive on the link's forward channel as requests
+//!   of kind `Publish` (`cluster::peer`), all of one sending node served by one shard in
+//!   order ([`serve_request`]: decoded as untrusted input, retries dropped); that shard
+//!   hands each to its engine as `MeshMsg::Forwarded`, which delivers it and passes it
+//!   to the other local shards, never back out, and then answers the batch.
 
 pub mod routes;
 pub mod wire;
@@ -49,17 +49,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tessera_proto::Str;
-use tessera_raft::transport::BoxFuture;
 use tessera_raft::{
-    AppliedEvent, Channel, ClusterError, ClusterHandle, NodeId, Op, OpResult, Service, Transport,
+    AppliedEvent, Channel, ClusterError, ClusterHandle, NodeId, Op, OpResult, Transport,
 };
 use tessera_shard::mesh::{MeshMsg, ShardId};
 use tessera_shard::message::{Message, SessionUid};
 use tessera_shard::trie::ShardSet;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 
 use routes::{NodeRoutes, Transition};
 use wire::{Answer, BatchWriter, Request};
+
+pub use wire::WireError;
 
 /// Batches one shard may have queued for the forwarder (each shard's mesh writer waits,
 /// and its readers pause, beyond it).
@@ -74,12 +75,17 @@ const BATCH_MESSAGES_TARGET: usize = 4096;
 /// one large message may exceed it alone).
 const BATCH_BYTES_TARGET: usize = 1 << 20;
 /// How long a barrier waits for this node to apply the asked index.
-const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and largest pause before re-sending a batch a peer did not accept.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// Applied events buffered for the forwarder.
 const APPLIED_EVENTS_MAX: usize = 4096;
+/// Barriers from other nodes queued for the forwarder.
+const BARRIERS_QUEUED_MAX: usize = 1024;
+/// The envelope the link's forward channel dispatches on (`cluster::peer`): kind
+/// `Publish`, no key, so every request of one node is served by one shard, in order.
+const ENVELOPE: [u8; 3] = [crate::cluster::peer::PeerKind::Publish as u8, 0, 0];
 
 /// What a shard sends the forwarder: its outbox for the remote id.
 #[derive(Debug)]
@@ -90,13 +96,14 @@ pub struct FromShard {
     pub msgs: Vec<MeshMsg>,
 }
 
-/// What the forwarder sends a shard.
+/// A barrier asked by another node, for the forwarder: `reply` gets `()` once routes up
+/// to `index` are in force on every shard of this node.
 #[derive(Debug)]
-pub enum ToShard {
-    /// Messages to handle as coming from the remote id, in order.
-    Mesh(Vec<MeshMsg>),
-    /// Answer once everything before it was handled.
-    Done(flume::Sender<()>),
+pub struct BarrierAsk {
+    /// The log index.
+    pub index: u64,
+    /// Answered once.
+    pub reply: flume::Sender<()>,
 }
 
 /// A shard's ends of its channels to and from the forwarder.
@@ -104,49 +111,50 @@ pub enum ToShard {
 pub struct ShardEnd {
     /// To the forwarder.
     pub to_forwarder: flume::Sender<FromShard>,
-    /// From the forwarder.
-    pub from_forwarder: flume::Receiver<ToShard>,
+    /// From the forwarder: messages to handle as coming from the remote id, in order.
+    pub from_forwarder: flume::Receiver<Vec<MeshMsg>>,
+    /// Barriers other nodes ask, for the forwarder.
+    pub barriers: flume::Sender<BarrierAsk>,
+    /// The forwarder's counters.
+    pub metrics: Arc<ForwardMetrics>,
+}
+
+/// The forwarder's ends (taken by the control thread).
+#[derive(Debug)]
+pub struct ForwarderEnds {
+    from_shards: flume::Receiver<FromShard>,
+    to_shards: Vec<flume::Sender<Vec<MeshMsg>>>,
+    barriers: flume::Receiver<BarrierAsk>,
+    metrics: Arc<ForwardMetrics>,
 }
 
 /// The channels between the shards and the forwarder, made at boot before the shards
 /// (the forwarder starts later, on the control thread).
-#[derive(Debug)]
-pub struct Hub {
-    from_shards_tx: flume::Sender<FromShard>,
-    from_shards: flume::Receiver<FromShard>,
-    to_shards: Vec<flume::Sender<ToShard>>,
-    to_shards_rx: Vec<flume::Receiver<ToShard>>,
-    metrics: Arc<ForwardMetrics>,
-}
-
-impl Hub {
-    /// Channels for `shard_count` shards.
-    pub fn new(shard_count: usize) -> Hub {
-        let (from_shards_tx, from_shards) = flume::bounded(FROM_SHARD_BATCHES_MAX * shard_count);
-        let (to_shards, to_shards_rx) = (0..shard_count)
-            .map(|_| flume::bounded(TO_SHARD_BATCHES_MAX))
-            .unzip();
-        Hub {
-            from_shards_tx,
-            from_shards,
+pub fn channels(shard_count: usize) -> (ForwarderEnds, Vec<ShardEnd>) {
+    let (from_tx, from_rx) = flume::bounded(FROM_SHARD_BATCHES_MAX * shard_count);
+    let (barrier_tx, barrier_rx) = flume::bounded(BARRIERS_QUEUED_MAX);
+    let metrics: Arc<ForwardMetrics> = Arc::default();
+    let (to_shards, shard_rx): (Vec<_>, Vec<_>) = (0..shard_count)
+        .map(|_| flume::bounded(TO_SHARD_BATCHES_MAX))
+        .unzip();
+    let shard_ends = shard_rx
+        .into_iter()
+        .map(|rx| ShardEnd {
+            to_forwarder: from_tx.clone(),
+            from_forwarder: rx,
+            barriers: barrier_tx.clone(),
+            metrics: metrics.clone(),
+        })
+        .collect();
+    (
+        ForwarderEnds {
+            from_shards: from_rx,
             to_shards,
-            to_shards_rx,
-            metrics: Arc::default(),
-        }
-    }
-
-    /// Shard `shard`'s ends.
-    pub fn shard_end(&self, shard: usize) -> ShardEnd {
-        ShardEnd {
-            to_forwarder: self.from_shards_tx.clone(),
-            from_forwarder: self.to_shards_rx[shard].clone(),
-        }
-    }
-
-    /// The forwarder's counters.
-    pub fn metrics(&self) -> Arc<ForwardMetrics> {
-        self.metrics.clone()
-    }
+            barriers: barrier_rx,
+            metrics,
+        },
+        shard_ends,
+    )
 }
 
 /// Counters of one peer.
@@ -195,25 +203,17 @@ pub struct Clocks {
     pub now_us: fn() -> u64,
 }
 
-/// Starts the forwarder on the current tokio runtime (the control thread) and returns
-/// the service to register with `ControlPlane::serve_forward`.
+/// Starts the forwarder on the current tokio runtime (the control thread). Requests
+/// from other nodes reach the shards through `cluster::peer` (kind `Publish`) and
+/// [`serve_request`].
 pub fn start(
-    hub: &Hub,
+    ends: ForwarderEnds,
     handle: ClusterHandle,
     transport: Arc<dyn Transport>,
     remote: ShardId,
-    topic_levels_max: usize,
     clocks: Clocks,
-) -> Arc<ForwardService> {
+) {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let service = Arc::new(ForwardService {
-        to_shards: hub.to_shards.clone(),
-        accepted: Mutex::new(HashMap::new()),
-        events: events_tx.clone(),
-        topic_levels_max,
-        clocks,
-        metrics: hub.metrics.clone(),
-    });
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
@@ -222,23 +222,22 @@ pub fn start(
         routes: NodeRoutes::new(handle.node_id()),
         handle,
         transport,
-        to_shards: hub.to_shards.clone(),
+        shard_acked: vec![0; ends.to_shards.len()],
+        to_shards: ends.to_shards,
         remote,
         local: HashMap::new(),
         peers: HashMap::new(),
         pending: HashMap::new(),
         events: events_tx,
         route_seq: 0,
-        shard_acked: vec![0; hub.to_shards.len()],
         barriers: Vec::new(),
         barriers_seq: Vec::new(),
         match_buf: Vec::new(),
         incarnation,
         clocks,
-        metrics: hub.metrics.clone(),
+        metrics: ends.metrics,
     };
-    tokio::spawn(fwd.run(hub.from_shards.clone(), events_rx));
-    service
+    tokio::spawn(fwd.run(ends.from_shards, ends.barriers, events_rx));
 }
 
 /// Internal events of the forwarder's task.
@@ -253,11 +252,6 @@ enum Event {
     BarrierDone { filter: String },
     /// A peer accepted a batch: the tokens it carried.
     PeerDone { tokens: Vec<(ShardId, u64)> },
-    /// Another node asks for a barrier at `index`.
-    Barrier {
-        index: u64,
-        reply: oneshot::Sender<()>,
-    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,7 +292,7 @@ struct Forwarder {
     me: NodeId,
     handle: ClusterHandle,
     transport: Arc<dyn Transport>,
-    to_shards: Vec<flume::Sender<ToShard>>,
+    to_shards: Vec<flume::Sender<Vec<MeshMsg>>>,
     remote: ShardId,
     routes: NodeRoutes,
     local: HashMap<String, LocalRoute>,
@@ -311,9 +305,9 @@ struct Forwarder {
     /// The last route add each shard acknowledged.
     shard_acked: Vec<u64>,
     /// Barriers waiting for the table to reach their index.
-    barriers: Vec<(u64, oneshot::Sender<()>)>,
+    barriers: Vec<(u64, flume::Sender<()>)>,
     /// Barriers waiting for the shards to acknowledge route adds up to a number.
-    barriers_seq: Vec<(u64, oneshot::Sender<()>)>,
+    barriers_seq: Vec<(u64, flume::Sender<()>)>,
     match_buf: Vec<NodeId>,
     incarnation: u64,
     clocks: Clocks,
@@ -324,6 +318,7 @@ impl Forwarder {
     async fn run(
         mut self,
         from_shards: flume::Receiver<FromShard>,
+        barriers: flume::Receiver<BarrierAsk>,
         mut events: mpsc::UnboundedReceiver<Event>,
     ) {
         let mut applied = self.resync();
@@ -350,6 +345,13 @@ impl Forwarder {
                 ev = events.recv() => match ev {
                     Some(ev) => self.on_event(ev),
                     None => return,
+                },
+                ask = barriers.recv_async() => match ask {
+                    Ok(BarrierAsk { index, reply }) => {
+                        self.barriers.push((index, reply));
+                        self.check_barriers();
+                    }
+                    Err(_) => return,
                 },
             }
         }
@@ -446,8 +448,7 @@ impl Forwarder {
         for tx in &self.to_shards {
             // A full channel would mean a shard stopped: the route change waits in
             // the channel's sender rather than being lost.
-            if let Err(flume::TrySendError::Full(m)) = tx.try_send(ToShard::Mesh(vec![msg.clone()]))
-            {
+            if let Err(flume::TrySendError::Full(m)) = tx.try_send(vec![msg.clone()]) {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let _ = tx.send_async(m).await;
@@ -556,7 +557,7 @@ impl Forwarder {
 
     fn ack_shard(&self, (shard, token): (ShardId, u64)) {
         if let Some(tx) = self.to_shards.get(usize::from(shard)) {
-            let msg = ToShard::Mesh(vec![MeshMsg::Ack { token }]);
+            let msg = vec![MeshMsg::Ack { token }];
             if let Err(flume::TrySendError::Full(m)) = tx.try_send(msg) {
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -692,10 +693,6 @@ impl Forwarder {
                     }
                 }
             }
-            Event::Barrier { index, reply } => {
-                self.barriers.push((index, reply));
-                self.check_barriers();
-            }
         }
     }
 
@@ -756,7 +753,11 @@ async fn barrier(transport: &Arc<dyn Transport>, members: &[NodeId], index: u64)
         let transport = transport.clone();
         set.spawn(async move {
             let r = transport
-                .call(node, Channel::Forward, wire::encode_barrier(index))
+                .call(
+                    node,
+                    Channel::Forward,
+                    wire::encode_barrier(&ENVELOPE, index),
+                )
                 .await;
             (node, r)
         });
@@ -798,7 +799,7 @@ async fn send_to_peer(
                 None
             } else {
                 seq += 1;
-                let mut w = BatchWriter::new(incarnation, seq);
+                let mut w = BatchWriter::new(&ENVELOPE, incarnation, seq);
                 let now = (clocks.now_ms)();
                 while w.len() < BATCH_MESSAGES_TARGET
                     && w.bytes() < BATCH_BYTES_TARGET
@@ -853,122 +854,75 @@ async fn send_to_peer(
     }
 }
 
-/// The receiving side of the forward channel (registered with
-/// `ControlPlane::serve_forward`).
-pub struct ForwardService {
-    to_shards: Vec<flume::Sender<ToShard>>,
-    /// Per sending node: (incarnation, last batch accepted).
-    accepted: Mutex<HashMap<NodeId, (u64, u64)>>,
-    events: mpsc::UnboundedSender<Event>,
+/// What a request from another node asks of the shard serving it.
+#[derive(Debug)]
+pub enum Incoming {
+    /// Deliver these publications (as `MeshMsg::Forwarded`), then answer `answer`.
+    Deliver {
+        /// The publications, ready for the engine.
+        messages: Vec<Message>,
+        /// The answer once they were handed to the engine.
+        answer: Bytes,
+    },
+    /// A batch already accepted (a retry after a lost answer): answer at once.
+    Duplicate(Bytes),
+    /// Answer `answer` once routes up to `index` are in force here ([`BarrierAsk`]).
+    Barrier {
+        /// The log index.
+        index: u64,
+        /// The answer.
+        answer: Bytes,
+    },
+}
+
+/// The batches a shard accepted, per sending node: (incarnation, last sequence number).
+/// Every request of one node is served by the same shard (`cluster::peer`), in order.
+#[derive(Debug, Default)]
+pub struct Accepted {
+    last: HashMap<NodeId, (u64, u64)>,
+}
+
+/// Decodes a `Publish` request from node `from` (untrusted) and says what to do with it.
+pub fn serve_request(
+    accepted: &mut Accepted,
+    from: NodeId,
+    body: Bytes,
     topic_levels_max: usize,
     clocks: Clocks,
-    metrics: Arc<ForwardMetrics>,
-}
-
-impl std::fmt::Debug for ForwardService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ForwardService").finish_non_exhaustive()
-    }
-}
-
-impl ForwardService {
-    async fn serve_bytes(&self, from: NodeId, request: Bytes) -> Result<Bytes, String> {
-        match wire::decode_request(request, self.topic_levels_max).map_err(|e| e.to_string())? {
-            Request::Barrier { index } => {
-                let (reply, rx) = oneshot::channel();
-                self.events
-                    .send(Event::Barrier { index, reply })
-                    .map_err(|_| "forwarder stopped".to_owned())?;
-                match tokio::time::timeout(BARRIER_TIMEOUT, rx).await {
-                    Ok(Ok(())) => {
-                        self.metrics.barriers.fetch_add(1, Ordering::Relaxed);
-                        Ok(wire::encode_answer(Answer::Applied { index }))
-                    }
-                    _ => Err(format!("index {index} not applied here in time")),
-                }
+    metrics: &ForwardMetrics,
+) -> Result<Incoming, WireError> {
+    match wire::decode_request(body, topic_levels_max)? {
+        Request::Barrier { index } => Ok(Incoming::Barrier {
+            index,
+            answer: wire::encode_answer(Answer::Applied { index }),
+        }),
+        Request::Batch {
+            incarnation,
+            seq,
+            records,
+        } => {
+            let answer = wire::encode_answer(Answer::Accepted { seq });
+            let last = accepted.last.entry(from).or_insert((incarnation, 0));
+            if last.0 == incarnation && seq <= last.1 {
+                metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                return Ok(Incoming::Duplicate(answer));
             }
-            Request::Batch {
-                incarnation,
-                seq,
-                records,
-            } => {
-                {
-                    let mut acc = lock(&self.accepted);
-                    let last = acc.entry(from).or_insert((incarnation, 0));
-                    if last.0 == incarnation && seq <= last.1 {
-                        self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-                        return Ok(wire::encode_answer(Answer::Accepted { seq }));
-                    }
-                    *last = (incarnation, seq);
-                }
-                self.deliver(records).await?;
-                Ok(wire::encode_answer(Answer::Accepted { seq }))
-            }
+            *last = (incarnation, seq);
+            metrics
+                .received
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            let (now_ms, now_us) = ((clocks.now_ms)(), (clocks.now_us)());
+            let messages = records
+                .into_iter()
+                .map(|r| {
+                    let mut m = r.message;
+                    m.origin = Some(SessionUid::remote(r.publisher));
+                    m.expires_at_ms = r.expiry_ms.map(|e| now_ms + e);
+                    m.received_us = now_us;
+                    m
+                })
+                .collect();
+            Ok(Incoming::Deliver { messages, answer })
         }
     }
-
-    /// Hands each record to the shard its publisher maps to, then waits until every
-    /// shard that got some took them.
-    async fn deliver(&self, records: Vec<wire::Record>) -> Result<(), String> {
-        let shards = self.to_shards.len();
-        let (now_ms, now_us) = ((self.clocks.now_ms)(), (self.clocks.now_us)());
-        self.metrics
-            .received
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
-        let mut per_shard: Vec<Vec<MeshMsg>> = (0..shards).map(|_| Vec::new()).collect();
-        for r in records {
-            let mut m = r.message;
-            m.origin = Some(SessionUid::remote(r.publisher));
-            m.expires_at_ms = r.expiry_ms.map(|e| now_ms + e);
-            m.received_us = now_us;
-            let to = (mix(r.publisher) % shards as u64) as usize;
-            per_shard[to].push(MeshMsg::Forwarded(m));
-        }
-        let mut waits = Vec::new();
-        for (to, msgs) in per_shard.into_iter().enumerate() {
-            if msgs.is_empty() {
-                continue;
-            }
-            let (done, rx) = flume::bounded(1);
-            let tx = &self.to_shards[to];
-            tx.send_async(ToShard::Mesh(msgs))
-                .await
-                .map_err(|_| "shard stopped".to_owned())?;
-            tx.send_async(ToShard::Done(done))
-                .await
-                .map_err(|_| "shard stopped".to_owned())?;
-            waits.push(rx);
-        }
-        for rx in waits {
-            rx.recv_async()
-                .await
-                .map_err(|_| "shard stopped".to_owned())?;
-        }
-        Ok(())
-    }
-}
-
-impl Service for ForwardService {
-    fn serve(
-        &self,
-        from: NodeId,
-        channel: Channel,
-        request: Bytes,
-    ) -> BoxFuture<'_, Result<Bytes, String>> {
-        Box::pin(async move {
-            if channel != Channel::Forward {
-                return Err(format!("the forward service got a {channel} request"));
-            }
-            self.serve_bytes(from, request).await
-        })
-    }
-}
-
-/// Spreads publisher identities over shards (splitmix64's finalizer).
-fn mix(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }

@@ -110,17 +110,26 @@ fn err(what: &'static str, reason: impl Into<String>) -> WireError {
 pub struct BatchWriter {
     buf: BytesMut,
     count: u32,
+    /// Where the count field is.
+    count_at: usize,
 }
 
 impl BatchWriter {
-    /// A batch `seq` of sender `incarnation`.
-    pub fn new(incarnation: u64, seq: u64) -> BatchWriter {
+    /// A batch `seq` of sender `incarnation`, after `prefix` (the link envelope's
+    /// header, written here so the batch is never copied to add it).
+    pub fn new(prefix: &[u8], incarnation: u64, seq: u64) -> BatchWriter {
         let mut buf = BytesMut::with_capacity(4096);
+        buf.put_slice(prefix);
         buf.put_u8(REQ_BATCH);
         buf.put_u64(incarnation);
         buf.put_u64(seq);
         buf.put_u32(0); // count, set by `finish`
-        BatchWriter { buf, count: 0 }
+        let count_at = buf.len() - 4;
+        BatchWriter {
+            buf,
+            count: 0,
+            count_at,
+        }
     }
 
     /// Publications in the batch so far.
@@ -177,14 +186,16 @@ impl BatchWriter {
 
     /// The request bytes.
     pub fn finish(mut self) -> Bytes {
-        self.buf[17..21].copy_from_slice(&self.count.to_be_bytes());
+        let at = self.count_at;
+        self.buf[at..at + 4].copy_from_slice(&self.count.to_be_bytes());
         self.buf.freeze()
     }
 }
 
-/// A barrier request.
-pub fn encode_barrier(index: u64) -> Bytes {
-    let mut b = BytesMut::with_capacity(9);
+/// A barrier request, after `prefix`.
+pub fn encode_barrier(prefix: &[u8], index: u64) -> Bytes {
+    let mut b = BytesMut::with_capacity(prefix.len() + 9);
+    b.put_slice(prefix);
     b.put_u8(REQ_BARRIER);
     b.put_u64(index);
     b.freeze()
@@ -365,7 +376,7 @@ mod tests {
     }
 
     fn batch() -> Bytes {
-        let mut w = BatchWriter::new(7, 3);
+        let mut w = BatchWriter::new(&[], 7, 3);
         let mut m = message("a/b", b"hello", 1, true, true);
         m.expires_at_ms = Some(5_000);
         assert!(w.push(1_000, 42, &m));
@@ -404,9 +415,22 @@ mod tests {
     }
 
     #[test]
+    fn a_prefix_goes_in_front_untouched() {
+        let mut w = BatchWriter::new(&[2, 0, 0], 1, 1);
+        assert!(w.push(0, 1, &message("t", b"p", 0, false, false)));
+        let b = w.finish();
+        assert_eq!(&b[..3], &[2, 0, 0]);
+        assert!(matches!(
+            decode_request(b.slice(3..), 16),
+            Ok(Request::Batch { records, .. }) if records.len() == 1
+        ));
+        assert_eq!(&encode_barrier(&[2, 0, 0], 5)[..4], &[2, 0, 0, REQ_BARRIER]);
+    }
+
+    #[test]
     fn barriers_and_answers_round_trip() {
         assert!(matches!(
-            decode_request(encode_barrier(99), 16),
+            decode_request(encode_barrier(&[], 99), 16),
             Ok(Request::Barrier { index: 99 })
         ));
         for a in [Answer::Accepted { seq: 5 }, Answer::Applied { index: 6 }] {
@@ -461,7 +485,7 @@ mod tests {
         v.push(0);
         assert!(decode_request(Bytes::from(v), 16).is_err());
         // A wildcard or too deep a topic.
-        let mut w = BatchWriter::new(1, 1);
+        let mut w = BatchWriter::new(&[], 1, 1);
         assert!(w.push(0, 1, &message("a/b/c/d", b"", 0, false, false)));
         assert!(decode_request(w.finish(), 3).is_err());
         assert!(decode_request(Bytes::new(), 16).is_err());
@@ -476,7 +500,7 @@ mod tests {
                 0..20),
             incarnation in any::<u64>(), seq in any::<u64>(),
         ) {
-            let mut w = BatchWriter::new(incarnation, seq);
+            let mut w = BatchWriter::new(&[], incarnation, seq);
             let now = 10_000_000u64;
             for (t, p, q, r, props, publisher, exp) in &msgs {
                 let mut m = message(t, p, *q, *r, *props);

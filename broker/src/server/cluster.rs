@@ -38,6 +38,8 @@ const APPLIED_EVENTS_QUEUED_MAX: usize = 16_384;
 pub(crate) struct ClusterEnds {
     pub(crate) attach: Vec<flume::Receiver<ClusterPort>>,
     pub(crate) requests: Vec<flume::Receiver<PeerRequest>>,
+    /// Each shard's channels to the forwarder (`crate::forward`).
+    pub(crate) forward: Vec<crate::forward::ShardEnd>,
 }
 
 /// The server's ends: the port's senders and the peer request queues (for the control
@@ -46,6 +48,8 @@ pub(crate) struct ClusterEnds {
 pub(crate) struct ServerClusterEnds {
     pub(crate) attach: Vec<flume::Sender<ClusterPort>>,
     pub(crate) requests: Vec<flume::Sender<PeerRequest>>,
+    /// The forwarder's ends, taken when the control thread starts it.
+    pub(crate) forwarder: std::sync::Mutex<Option<crate::forward::ForwarderEnds>>,
 }
 
 /// Both ends for `shard_count` shards.
@@ -55,14 +59,17 @@ pub(crate) fn ends(shard_count: usize) -> (ServerClusterEnds, ClusterEnds) {
     let (req_tx, req_rx): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| flume::bounded(crate::cluster::peer::PEER_REQUESTS_QUEUED_MAX))
         .unzip();
+    let (forwarder, forward) = crate::forward::channels(shard_count);
     (
         ServerClusterEnds {
             attach: attach_tx,
             requests: req_tx,
+            forwarder: std::sync::Mutex::new(Some(forwarder)),
         },
         ClusterEnds {
             attach: attach_rx,
             requests: req_rx,
+            forward,
         },
     )
 }
@@ -174,7 +181,8 @@ async fn serve_requests(shard: Rc<Shard>, requests: flume::Receiver<PeerRequest>
 /// One request from another node, in arrival order.
 fn on_peer_request(shard: &Rc<Shard>, req: PeerRequest) {
     match req.envelope.kind {
-        PeerKind::Session | PeerKind::Publish => {
+        PeerKind::Publish => super::remote::on_request(shard, req),
+        PeerKind::Session => {
             let _ = shard;
             let _ = req.reply.send(Err(format!(
                 "this node does not serve {:?} requests",

@@ -1,0 +1,175 @@
+//! A shard's side of the forwarder (`crate::forward`, issue 15): the engine's outbox
+//! for the remote id goes to the forwarder, what the forwarder sends comes back as
+//! messages from the remote id, and publications other nodes send are handed to the
+//! engine (`MeshMsg::Forwarded`).
+//!
+//! Only with `[cluster]`: the engine's remote id is enabled at boot and two tasks run
+//! (the writer and the reader below); a single node has neither.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::task::Poll;
+
+use futures_lite::future::poll_fn;
+use tessera_shard::mesh::{MeshMsg, ShardId};
+use tracing::{debug, warn};
+
+use super::mesh::Envelope;
+use super::{MESH_ENVELOPE_MESSAGES_MAX, Shard, now_ms, now_us};
+use crate::cluster::peer::PeerRequest;
+use crate::forward::{self, Accepted, BarrierAsk, Clocks, FromShard, Incoming, ShardEnd};
+
+/// The broker's clocks, for the forwarder.
+pub(crate) const CLOCKS: Clocks = Clocks { now_ms, now_us };
+
+/// A shard's forwarder state.
+#[derive(Debug)]
+pub(crate) struct ShardRemote {
+    /// The engine's remote id (`shard_count`).
+    pub(crate) id: ShardId,
+    end: ShardEnd,
+    /// Batches accepted per sending node (retries are answered, not delivered again).
+    accepted: RefCell<Accepted>,
+}
+
+impl ShardRemote {
+    pub(crate) fn new(id: ShardId, end: ShardEnd) -> ShardRemote {
+        ShardRemote {
+            id,
+            end,
+            accepted: RefCell::new(Accepted::default()),
+        }
+    }
+}
+
+/// Starts the writer and the reader of the shard's remote id.
+pub(super) fn spawn(shard: &Rc<Shard>) {
+    if shard.remote.is_some() {
+        glommio::spawn_local(writer(shard.clone())).detach();
+        glommio::spawn_local(reader(shard.clone())).detach();
+    }
+}
+
+/// Sends the engine's batches for the remote id to the forwarder, coalesced. A full
+/// channel makes this task wait; the batches wait in the shard's queue for it, and the
+/// connection readers pause when it grows (as for a slow peer shard).
+async fn writer(shard: Rc<Shard>) {
+    let Some(remote) = &shard.remote else { return };
+    let peer = usize::from(remote.id);
+    loop {
+        let msgs = poll_fn(|cx| {
+            let mut out = shard.mesh_out.borrow_mut();
+            let mut batch: Vec<MeshMsg> = Vec::new();
+            while batch.len() < MESH_ENVELOPE_MESSAGES_MAX
+                && let Some(Envelope::Batch(_)) = out[peer].front()
+            {
+                if let Some(Envelope::Batch(more)) = out[peer].pop_front() {
+                    if batch.is_empty() {
+                        batch = more;
+                    } else {
+                        batch.extend(more);
+                    }
+                }
+            }
+            if batch.is_empty() {
+                shard.mesh_wakers.borrow_mut()[peer] = Some(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(batch)
+            }
+        })
+        .await;
+        let msg = FromShard {
+            shard: shard.id as ShardId,
+            msgs,
+        };
+        if remote.end.to_forwarder.send_async(msg).await.is_err() {
+            debug!(shard = shard.id, "forwarder channel closed");
+            return;
+        }
+    }
+}
+
+/// Hands what the forwarder sends to the engine, as from the remote id.
+async fn reader(shard: Rc<Shard>) {
+    let Some(remote) = &shard.remote else { return };
+    while let Ok(batch) = remote.end.from_forwarder.recv_async().await {
+        let now = now_ms();
+        {
+            let mut engine = shard.engine.borrow_mut();
+            engine.set_now_us(now_us());
+            for msg in batch {
+                engine.handle_mesh(now, remote.id, msg);
+            }
+        }
+        shard.flush_outbox();
+        futures_lite::future::yield_now().await;
+    }
+}
+
+/// A `Publish` request from another node (`cluster::peer`): a batch of publications to
+/// deliver, or a barrier.
+pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
+    let Some(remote) = &shard.remote else {
+        let _ = req
+            .reply
+            .send(Err("this node forwards no publications".into()));
+        return;
+    };
+    let levels = shard.engine.borrow().limits().topic_levels_max;
+    let decoded = forward::serve_request(
+        &mut remote.accepted.borrow_mut(),
+        req.from,
+        req.envelope.body,
+        levels,
+        CLOCKS,
+        &remote.end.metrics,
+    );
+    match decoded {
+        Err(e) => {
+            warn!(
+                shard = shard.id,
+                node = req.from,
+                "refused a forwarded batch: {e}"
+            );
+            let _ = req.reply.send(Err(e.to_string()));
+        }
+        Ok(Incoming::Duplicate(answer)) => {
+            let _ = req.reply.send(Ok(answer));
+        }
+        Ok(Incoming::Deliver { messages, answer }) => {
+            let now = now_ms();
+            {
+                let mut engine = shard.engine.borrow_mut();
+                engine.set_now_us(now_us());
+                for m in messages {
+                    engine.handle_mesh(now, remote.id, MeshMsg::Forwarded(m));
+                }
+            }
+            shard.flush_outbox();
+            let _ = req.reply.send(Ok(answer));
+        }
+        Ok(Incoming::Barrier { index, answer }) => {
+            let (reply, done) = flume::bounded(1);
+            let barriers = remote.end.barriers.clone();
+            let peer_reply = req.reply;
+            glommio::spawn_local(async move {
+                let asked = barriers.send_async(BarrierAsk { index, reply }).await;
+                let ok = asked.is_ok()
+                    && futures_lite::future::or(async { done.recv_async().await.is_ok() }, async {
+                        glommio::timer::sleep(forward::BARRIER_TIMEOUT).await;
+                        false
+                    })
+                    .await;
+                let _ = peer_reply.send(if ok {
+                    Ok(answer)
+                } else {
+                    Err(format!(
+                        "routes up to index {index} not in force here in time"
+                    ))
+                });
+            })
+            .detach();
+        }
+    }
+}
