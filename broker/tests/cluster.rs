@@ -16,9 +16,9 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::cluster::{CLUSTER_TIMEOUT, Cluster};
+use common::cluster::{CLUSTER_TIMEOUT, Cluster, free_udp_addr};
 use common::{TestDir, brokerctl, run_bounded};
 use serde_json::Value;
 use tessera_raft::link::LinkCerts;

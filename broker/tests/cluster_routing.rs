@@ -47,16 +47,32 @@ async fn until(
 ) -> P5 {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let ev = tokio::time::timeout_at(deadline.into(), events.poll())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: not within {TIMEOUT:?}"))
-            .unwrap_or_else(|e| panic!("{what}: connection failed: {e}"));
+        let Ok(polled) = tokio::time::timeout_at(deadline.into(), events.poll()).await else {
+            panic!("{what}: not within {TIMEOUT:?}");
+        };
+        let ev = match polled {
+            Ok(ev) => ev,
+            Err(e) => panic!("{what}: connection failed: {e}"),
+        };
         if let Event::Incoming(p) = ev
             && f(&p)
         {
             return p;
         }
     }
+}
+
+/// Asserts that no further PUBLISH arrives within half a second.
+async fn nothing_more(events: &mut rumqttc::v5::EventLoop, what: &str) {
+    let extra = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let Ok(Event::Incoming(P5::Publish(p))) = events.poll().await {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "{what}: {extra:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,15 +171,7 @@ async fn a_subscriber_on_node_1_gets_what_nodes_2_and_3_publish_at_every_qos() {
     assert_eq!(from("n2"), want("n2"), "node 2's publications: {got:?}");
     assert_eq!(from("n3"), want("n3"), "node 3's publications: {got:?}");
     // Nothing more (no duplicate from a retry or a loop between nodes).
-    let extra = tokio::time::timeout(Duration::from_millis(500), async {
-        loop {
-            if let Ok(Event::Incoming(P5::Publish(p))) = sub_events.poll().await {
-                return p;
-            }
-        }
-    })
-    .await;
-    assert!(extra.is_err(), "a duplicate on node 1: {extra:?}");
+    nothing_more(&mut sub_events, "a duplicate on node 1").await;
 
     // The subscriber on node 2 got node 2's three and node 3's three, once each.
     let mut local_got = Vec::new();
@@ -181,15 +189,7 @@ async fn a_subscriber_on_node_1_gets_what_nodes_2_and_3_publish_at_every_qos() {
         local_got,
         ["n2-q0", "n2-q1", "n2-q2", "n3-q0", "n3-q1", "n3-q2"]
     );
-    let extra = tokio::time::timeout(Duration::from_millis(500), async {
-        loop {
-            if let Ok(Event::Incoming(P5::Publish(p))) = local_events.poll().await {
-                return p;
-            }
-        }
-    })
-    .await;
-    assert!(extra.is_err(), "a copy came back to node 2: {extra:?}");
+    nothing_more(&mut local_events, "a copy came back to node 2").await;
 }
 
 /// Rounds of: a client subscribes on one node to a topic nobody subscribed to before
