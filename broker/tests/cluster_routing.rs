@@ -240,3 +240,83 @@ fn subscribe_then_publish_holds_under_concurrent_subscribes_and_publishes() {
         s.join().expect("a stream failed");
     }
 }
+
+/// Retained messages go through the log: set on node 2, read on node 3 by a subscriber
+/// that subscribes right after the publisher's PUBACK; overwritten on node 1, the newer
+/// one is what every node serves; cleared on node 3, no node serves it.
+#[test]
+fn retained_messages_are_the_same_on_every_node() {
+    let cluster = three_nodes("cluster-routing-retained");
+    let client = |node: u64, id: &str| {
+        RawClient::connect_ok(
+            cluster.node(node).addr(),
+            connect_packet(ProtocolVersion::V5, id, true, 60),
+        )
+    };
+    let retained_on = |node: u64, id: &str| -> Vec<(String, Vec<u8>)> {
+        let mut sub = client(node, id);
+        sub.subscribe(1, &[("ret/#", PQoS::AtLeastOnce)]);
+        let mut got = Vec::new();
+        while let Ok(Packet::Publish(p)) = sub.try_recv(Duration::from_millis(500)) {
+            assert!(p.retain, "a retained message is sent with RETAIN 1: {p:?}");
+            got.push((p.topic.to_string(), p.payload.to_vec()));
+        }
+        got
+    };
+
+    let mut on2 = client(2, "ret-pub-2");
+    on2.publish_retained("ret/a", b"first", 1);
+    on2.publish_retained("ret/b", b"other", 2);
+    assert_eq!(
+        retained_on(3, "ret-sub-3"),
+        vec![
+            ("ret/a".into(), b"first".to_vec()),
+            ("ret/b".into(), b"other".to_vec())
+        ]
+    );
+
+    let mut on1 = client(1, "ret-pub-1");
+    on1.publish_retained("ret/a", b"second", 1);
+    for node in 1..=3 {
+        assert_eq!(
+            retained_on(node, &format!("ret-read-{node}")),
+            vec![
+                ("ret/a".into(), b"second".to_vec()),
+                ("ret/b".into(), b"other".to_vec())
+            ],
+            "node {node}"
+        );
+    }
+
+    let mut on3 = client(3, "ret-pub-3");
+    on3.publish_retained("ret/a", b"", 1);
+    for node in 1..=3 {
+        assert_eq!(
+            retained_on(node, &format!("ret-cleared-{node}")),
+            vec![("ret/b".into(), b"other".to_vec())],
+            "node {node}"
+        );
+    }
+}
+
+/// A will published on node 1 (its client vanished) reaches a subscriber on node 3.
+#[test]
+fn a_will_from_node_1_reaches_a_subscriber_on_node_3() {
+    let cluster = three_nodes("cluster-routing-will");
+    let mut sub = RawClient::connect_ok(
+        cluster.node(3).addr(),
+        connect_packet(ProtocolVersion::V5, "will-sub", true, 60),
+    );
+    sub.subscribe(1, &[("wills/#", PQoS::AtLeastOnce)]);
+    let mut connect = connect_packet(ProtocolVersion::V5, "will-client", true, 60);
+    connect.will = Some(common::will("wills/1", b"gone", PQoS::AtLeastOnce));
+    let client = RawClient::connect_ok(cluster.node(1).addr(), connect);
+    client.drop_connection();
+    match sub.try_recv(TIMEOUT) {
+        Ok(Packet::Publish(p)) => {
+            assert_eq!(p.topic, "wills/1");
+            assert_eq!(&p.payload[..], b"gone");
+        }
+        other => panic!("no will on node 3: {other:?}"),
+    }
+}

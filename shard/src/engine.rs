@@ -60,6 +60,7 @@ mod timers;
 
 pub use mqtt5::{Mqtt5Settings, Redirect};
 pub use quota::{Limit, SessionBudget};
+pub use remote::raft_stamp;
 pub use shared::SharedStrategy;
 
 /// Named limits of one shard (the broker's `[limits]` config section).
@@ -1536,6 +1537,9 @@ impl Engine {
         message: Option<Message>,
         ack: Option<u64>,
     ) {
+        if self.retain_remote(&topic, &message, ack) {
+            return;
+        }
         self.retained_clock_ms = self
             .retained_clock_ms
             .max(now_ms)

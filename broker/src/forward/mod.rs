@@ -81,6 +81,9 @@ const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// Applied events buffered for the forwarder.
 const APPLIED_EVENTS_MAX: usize = 4096;
+/// Largest retained record (the message as the wire encodes it) carried inline in the
+/// log; larger ones are served on the node they were published on only.
+pub const RETAINED_INLINE_BYTES: usize = 1024;
 /// Barriers from other nodes queued for the forwarder.
 const BARRIERS_QUEUED_MAX: usize = 1024;
 /// The envelope the link's forward channel dispatches on (`cluster::peer`): kind
@@ -236,6 +239,7 @@ pub fn start(
         incarnation,
         clocks,
         metrics: ends.metrics,
+        retained_big: HashMap::new(),
     };
     tokio::spawn(fwd.run(ends.from_shards, ends.barriers, events_rx));
 }
@@ -252,6 +256,13 @@ enum Event {
     BarrierDone { filter: String },
     /// A peer accepted a batch: the tokens it carried.
     PeerDone { tokens: Vec<(ShardId, u64)> },
+    /// A retained update is in force on every node: release its publisher.
+    RetainDone { token: Option<(ShardId, u64)> },
+    /// Answer once this node's shards took what was applied up to `index`.
+    LocalBarrier {
+        index: u64,
+        reply: flume::Sender<()>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,6 +323,9 @@ struct Forwarder {
     incarnation: u64,
     clocks: Clocks,
     metrics: Arc<ForwardMetrics>,
+    /// Retained messages this node proposed that were too large to ride inline, until
+    /// their update is applied.
+    retained_big: HashMap<String, Message>,
 }
 
 impl Forwarder {
@@ -333,6 +347,7 @@ impl Forwarder {
                         if e.index > self.routes.applied() {
                             for (op, result) in &e.changes {
                                 self.on_applied(op, result);
+                                self.on_applied_retained(op, e.index, e.time_ms);
                             }
                             self.routes.stamp(e.index);
                             self.check_barriers();
@@ -384,7 +399,166 @@ impl Forwarder {
             }
             Err(e) => tracing::error!("cluster route table unreadable: {e}"),
         }
+        // Retained messages as the log left them (the shards' own stores may be older).
+        match self.handle.tables().and_then(|t| t.retained_all()) {
+            Ok(all) => {
+                for (topic, rec) in all {
+                    let message =
+                        self.retained_message(&topic, rec.origin, rec.inline, rec.time_ms);
+                    if message.is_some() {
+                        self.send_retained(topic, message, rec.index);
+                    }
+                }
+            }
+            Err(e) => tracing::error!("cluster retained table unreadable: {e}"),
+        }
         rx
+    }
+
+    /// A shard's retained update: proposed to the log (inline when the record is at most
+    /// [`RETAINED_INLINE_BYTES`]); the publisher's token is answered once the update is
+    /// in force on every node.
+    fn retain(&mut self, shard: ShardId, topic: Str, message: Option<Message>, ack: Option<u64>) {
+        let token = ack.map(|t| (shard, t));
+        let op = match &message {
+            Some(m) => {
+                let mut w = BatchWriter::new(&[], 0, 0);
+                w.push((self.clocks.now_ms)(), self.publisher_of(m), m);
+                let record = w.finish();
+                let inline = (record.len() <= RETAINED_INLINE_BYTES).then(|| record.to_vec());
+                if inline.is_none() {
+                    self.retained_big
+                        .insert(topic.as_str().to_owned(), m.clone());
+                }
+                Op::RetainedSet {
+                    topic: topic.as_str().to_owned(),
+                    origin: self.me,
+                    size: u32::try_from(record.len()).unwrap_or(u32::MAX),
+                    inline,
+                }
+            }
+            None => Op::RetainedClear {
+                topic: topic.as_str().to_owned(),
+                origin: self.me,
+            },
+        };
+        let handle = self.handle.clone();
+        let events = self.events.clone();
+        let transport = self.transport.clone();
+        let me = self.me;
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(10);
+            let index = loop {
+                let r = match handle.propose(op.clone()) {
+                    Ok(p) => p.wait().await.map(|a| a.index),
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(index) => break Some(index),
+                    Err(ClusterError::Busy) => {}
+                    Err(e) => {
+                        // No quorum (or a topic beyond the cluster's bound): the
+                        // publisher is answered, not held; the update did not happen.
+                        tracing::warn!(topic = %topic, "retained update not replicated: {e}");
+                        break None;
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            };
+            if let Some(index) = index {
+                let members: Vec<NodeId> =
+                    handle.members().into_keys().filter(|n| *n != me).collect();
+                let (reply, local) = flume::bounded(1);
+                let _ = events.send(Event::LocalBarrier { index, reply });
+                barrier(&transport, &members, index).await;
+                let _ = tokio::time::timeout(BARRIER_TIMEOUT, local.recv_async()).await;
+            }
+            let _ = events.send(Event::RetainDone { token });
+        });
+    }
+
+    /// The publisher identity sent with a message: its session, mixed with this node's
+    /// id so publishers of different nodes differ.
+    fn publisher_of(&self, m: &Message) -> u64 {
+        m.origin.map_or(0, |u| u.0 ^ self.me.rotate_left(48))
+    }
+
+    /// The message of a retained record: decoded from the inline record, or (too large
+    /// to ride inline) the one this node proposed; `None` for a large one of another
+    /// node (not fetched: the topic is served as cleared here).
+    fn retained_message(
+        &self,
+        topic: &str,
+        origin: NodeId,
+        inline: Option<Vec<u8>>,
+        time_ms: u64,
+    ) -> Option<Message> {
+        let Some(bytes) = inline else {
+            return if origin == self.me {
+                self.retained_big.get(topic).cloned()
+            } else {
+                None
+            };
+        };
+        let levels = tessera_proto::topic::TOPIC_LEVELS_MAX;
+        let Ok(Request::Batch { mut records, .. }) =
+            wire::decode_request(Bytes::from(bytes), levels)
+        else {
+            tracing::warn!(
+                topic,
+                "a retained record in the log does not decode; skipped"
+            );
+            return None;
+        };
+        let r = records.pop()?;
+        // The remaining lifetime was measured at proposal; the entry's wall-clock time
+        // says how long ago that was.
+        let wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let age = wall_ms.saturating_sub(time_ms);
+        let mut m = r.message;
+        m.origin = Some(SessionUid::remote(r.publisher));
+        m.expires_at_ms = r
+            .expiry_ms
+            .map(|e| (self.clocks.now_ms)() + e.saturating_sub(age));
+        Some(m)
+    }
+
+    /// Every shard sets (or clears) the retained message of `topic` as applied at
+    /// `index`; each acknowledges, for barriers.
+    fn send_retained(&mut self, topic: String, message: Option<Message>, index: u64) {
+        let Ok(topic) = Str::try_from(topic) else {
+            return;
+        };
+        self.route_seq += 1;
+        let msg = MeshMsg::Retain {
+            topic,
+            message,
+            stamp: tessera_shard::engine::raft_stamp(index),
+            ack: Some(self.route_seq),
+        };
+        self.send_all(msg);
+    }
+
+    fn on_applied_retained(&mut self, op: &Op, index: u64, time_ms: u64) {
+        match op {
+            Op::RetainedSet {
+                topic,
+                origin,
+                inline,
+                ..
+            } => {
+                let m = self.retained_message(topic, *origin, inline.clone(), time_ms);
+                if *origin == self.me && inline.is_none() {
+                    self.retained_big.remove(topic);
+                }
+                self.send_retained(topic.clone(), m, index);
+            }
+            Op::RetainedClear { topic, .. } => self.send_retained(topic.clone(), None, index),
+            _ => {}
+        }
     }
 
     fn on_applied(&mut self, op: &Op, result: &OpResult) {
@@ -445,9 +619,13 @@ impl Forwarder {
                 shard: self.remote,
             }
         };
+        self.send_all(msg);
+    }
+
+    /// Sends `msg` to every shard. A full channel (a shard far behind) makes the
+    /// message wait in a task rather than be lost.
+    fn send_all(&self, msg: MeshMsg) {
         for tx in &self.to_shards {
-            // A full channel would mean a shard stopped: the route change waits in
-            // the channel's sender rather than being lost.
             if let Err(flume::TrySendError::Full(m)) = tx.try_send(vec![msg.clone()]) {
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -489,6 +667,12 @@ impl Forwarder {
                 MeshMsg::PublishDurable { message, ack } => self.forward(shard, message, Some(ack)),
                 MeshMsg::RouteAdd { filter, ack, .. } => self.local_add(shard, filter, ack),
                 MeshMsg::RouteRemove { filter, .. } => self.local_remove(shard, filter),
+                MeshMsg::Retain {
+                    topic,
+                    message,
+                    ack,
+                    ..
+                } => self.retain(shard, topic, message, ack),
                 MeshMsg::Ack { token } => {
                     if let Some(a) = self.shard_acked.get_mut(usize::from(shard)) {
                         *a = (*a).max(token);
@@ -503,7 +687,7 @@ impl Forwarder {
     fn forward(&mut self, shard: ShardId, message: Message, token: Option<u64>) {
         let mut nodes = std::mem::take(&mut self.match_buf);
         self.routes.match_nodes(&message.topic, &mut nodes);
-        let publisher = message.origin.map_or(0, |u| u.0 ^ self.me.rotate_left(48));
+        let publisher = self.publisher_of(&message);
         let token = token.map(|t| (shard, t));
         if let Some(t) = token {
             if nodes.is_empty() {
@@ -681,6 +865,15 @@ impl Forwarder {
                 if empty {
                     self.propose(filter, false);
                 }
+            }
+            Event::RetainDone { token } => {
+                if let Some(t) = token {
+                    self.ack_shard(t);
+                }
+            }
+            Event::LocalBarrier { index, reply } => {
+                self.barriers.push((index, reply));
+                self.check_barriers();
             }
             Event::PeerDone { tokens } => {
                 for t in tokens {

@@ -23,10 +23,19 @@
 //!   cluster link at most once). Their origin is a [`SessionUid`] no local
 //!   session has ([`SessionUid::remote`]), so no-local never suppresses them
 //!   by mistake.
+//! - **Retained updates** go to the forwarder only (the raft log orders them);
+//!   they come back to every shard of every node as `Retain` from the remote
+//!   id, stamped with [`raft_stamp`] of their log index.
 
 use tessera_proto::QoS;
 
 use super::Engine;
+
+/// The stamp of a retained update the raft log applied at `index`: above
+/// every stamp a node makes itself (milliseconds), ordered by the index.
+pub fn raft_stamp(index: u64) -> (u64, ShardId) {
+    ((1 << 62) | index, 0)
+}
 use crate::mesh::{MeshMsg, ShardId};
 use crate::message::Message;
 use crate::trie::{SHARDS_MAX, route_match};
@@ -71,6 +80,37 @@ impl Engine {
         self.stats.remote_forwards_sent += 1;
         let token = ack.filter(|_| msg.qos != QoS::AtMostOnce);
         self.send_publish(to, msg, token);
+    }
+
+    /// In a cluster, a retained update goes to the forwarder only: the raft log
+    /// orders it, and every shard of every node applies it when it is applied
+    /// (stamped with [`raft_stamp`] of its index), so the last writer by log
+    /// index wins everywhere. The publisher's acknowledgement waits for it.
+    /// `$SYS/` topics stay per node. Returns whether it was handed over.
+    pub(super) fn retain_remote(
+        &mut self,
+        topic: &tessera_proto::Str,
+        message: &Option<Message>,
+        ack: Option<u64>,
+    ) -> bool {
+        let Some(to) = self.remote else {
+            return false;
+        };
+        if topic.starts_with("$SYS/") {
+            return false;
+        }
+        if let Some(t) = ack
+            && let Some((_, n)) = self.pending_retains.get_mut(&t)
+        {
+            *n += 1;
+        }
+        self.outbox[usize::from(to)].push(MeshMsg::Retain {
+            topic: topic.clone(),
+            message: message.clone(),
+            stamp: (0, self.shard),
+            ack,
+        });
+        true
     }
 
     /// A publication from another node: this shard's subscribers and the
