@@ -76,6 +76,8 @@ pub struct ClusterView {
     pub peers: Vec<PeerStats>,
     /// Control-plane metrics of this node.
     pub metrics: ClusterMetrics,
+    /// The data plane's forwarder counters (`crate::forward`), once it runs.
+    pub forward: Option<Arc<crate::forward::ForwardMetrics>>,
 }
 
 /// A membership change asked for by an operator.
@@ -131,6 +133,8 @@ pub struct ClusterNode {
     node_id: NodeId,
     port: ClusterPort,
     requests: flume::Sender<Request>,
+    /// The forwarder's counters, once it was started.
+    forward: Mutex<Option<Arc<crate::forward::ForwardMetrics>>>,
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -236,6 +240,7 @@ impl ClusterNode {
                     peers,
                 },
                 requests,
+                forward: Mutex::new(None),
                 stop: Mutex::new(Some(stop_tx)),
                 thread: Mutex::new(Some(thread)),
             }),
@@ -267,7 +272,13 @@ impl ClusterNode {
         self.requests
             .try_send(Request::View { leader_view, reply })
             .ok()?;
-        answer.recv_timeout(timeout).ok()
+        let mut view = answer.recv_timeout(timeout).ok()?;
+        view.forward = self
+            .forward
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Some(view)
     }
 
     /// Makes a membership change (through the leader); the log index it committed at.
@@ -289,6 +300,7 @@ impl ClusterNode {
         remote: tessera_shard::mesh::ShardId,
         clocks: crate::forward::Clocks,
     ) -> Result<(), String> {
+        *self.forward.lock().unwrap_or_else(|e| e.into_inner()) = Some(ends.metrics());
         self.requests
             .try_send(Request::Forward {
                 ends,
@@ -429,6 +441,7 @@ async fn answer(cp: Arc<ControlPlane>, link: Link, request: Request) {
                 status,
                 peers: link.peers(),
                 metrics: cp.metrics(),
+                forward: None,
             });
         }
         Request::Change { change, reply } => {

@@ -190,6 +190,29 @@ async fn a_subscriber_on_node_1_gets_what_nodes_2_and_3_publish_at_every_qos() {
         ["n2-q0", "n2-q1", "n2-q2", "n3-q0", "n3-q1", "n3-q2"]
     );
     nothing_more(&mut local_events, "a copy came back to node 2").await;
+
+    // The operator's view: node 2 routed its publications to node 1 in batches, and
+    // node 1 counts what it received.
+    let on2 = common::scrape(cluster.node(2).admin_addr());
+    let sent = common::metric_sum(
+        &on2,
+        "tessera_cluster_forward_messages_total",
+        &[("peer", "1")],
+    );
+    assert!(sent >= 3.0, "forwarded to node 1: {sent}");
+    let batches = common::metric_sum(
+        &on2,
+        "tessera_cluster_forward_batches_total",
+        &[("peer", "1")],
+    );
+    assert!(
+        (1.0..=sent).contains(&batches),
+        "{batches} batches for {sent}"
+    );
+    assert!(common::metric_sum(&on2, "tessera_cluster_publishes_routed_total", &[]) >= 3.0);
+    let on1 = common::scrape(cluster.node(1).admin_addr());
+    assert!(common::metric_sum(&on1, "tessera_cluster_forward_received_total", &[]) >= 6.0);
+    assert!(common::metric_sum(&on1, "tessera_cluster_routes", &[("node", "self")]) >= 1.0);
 }
 
 /// Rounds of: a client subscribes on one node to a topic nobody subscribed to before

@@ -345,4 +345,90 @@ pub fn render_metrics(view: &ClusterView, out: &mut String) {
             p.id, p.calls_failed
         );
     }
+    if let Some(f) = &view.forward {
+        render_forward(f, out);
+    }
+}
+
+/// The forwarder's counters (`crate::forward`): per peer, and the route tables.
+fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let peers = f.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut peers: Vec<_> = peers.into_iter().collect();
+    peers.sort_by_key(|(id, _)| *id);
+    type Get = fn(&crate::forward::PeerCounters) -> u64;
+    let per_peer: [(&str, &str, Get); 5] = [
+        (
+            "tessera_cluster_forward_messages_total",
+            "Publications sent to the peer (accepted by it).",
+            |c| c.messages,
+        ),
+        (
+            "tessera_cluster_forward_batches_total",
+            "Batches of publications sent to the peer.",
+            |c| c.batches,
+        ),
+        (
+            "tessera_cluster_forward_bytes_total",
+            "Bytes of the batches sent to the peer.",
+            |c| c.bytes,
+        ),
+        (
+            "tessera_cluster_forward_retries_total",
+            "Batches re-sent to the peer after a failed call.",
+            |c| c.retries,
+        ),
+        (
+            "tessera_cluster_forward_dropped_total",
+            "QoS 0 publications dropped because the peer's queue was full.",
+            |c| c.dropped,
+        ),
+    ];
+    for (name, help, get) in per_peer {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (id, c) in &peers {
+            let _ = writeln!(out, "{name}{{peer=\"{id}\"}} {}", get(c));
+        }
+    }
+    let routes = f
+        .routes_per_node
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut routes: Vec<_> = routes.into_iter().collect();
+    routes.sort_by_key(|(id, _)| *id);
+    let _ = writeln!(
+        out,
+        "# HELP tessera_cluster_routes Routes (filters and shared groups) of each node, as this node's table has them.\n\
+         # TYPE tessera_cluster_routes gauge"
+    );
+    let _ = writeln!(
+        out,
+        "tessera_cluster_routes{{node=\"self\"}} {}",
+        f.local_routes.load(Relaxed)
+    );
+    for (id, n) in routes {
+        let _ = writeln!(out, "tessera_cluster_routes{{node=\"{id}\"}} {n}");
+    }
+    metric(
+        out,
+        "tessera_cluster_forward_received_total",
+        "counter",
+        "Publications received from other nodes.",
+        f.received.load(Relaxed),
+    );
+    metric(
+        out,
+        "tessera_cluster_forward_duplicates_total",
+        "counter",
+        "Batches received again after a lost answer (answered, not delivered again).",
+        f.duplicates.load(Relaxed),
+    );
+    metric(
+        out,
+        "tessera_cluster_route_barriers_total",
+        "counter",
+        "Route barriers answered for other nodes.",
+        f.barriers.load(Relaxed),
+    );
 }

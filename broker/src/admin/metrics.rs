@@ -338,6 +338,15 @@ fn describe_all() {
         "Messages forwarded from this shard to another over the mesh."
     );
     describe_counter!(
+        "tessera_cluster_publishes_routed_total",
+        "Publications this shard handed to the forwarder for other nodes (one per \
+         publication, whatever the number of nodes); 0 outside a cluster."
+    );
+    describe_counter!(
+        "tessera_cluster_publishes_received_total",
+        "Publications from other nodes this shard routed; 0 outside a cluster."
+    );
+    describe_counter!(
         "tessera_protocol_errors_total",
         "Connections closed for a protocol violation."
     );
@@ -450,6 +459,10 @@ fn record_shard(shard: &str, s: &ShardSnapshot) {
         .absolute(st.dropped_qos0_offline);
     counter!("tessera_cross_shard_forwards_total", "shard" => sh())
         .absolute(st.forwards_sent + st.shared_forwards_sent);
+    counter!("tessera_cluster_publishes_routed_total", "shard" => sh())
+        .absolute(st.remote_forwards_sent);
+    counter!("tessera_cluster_publishes_received_total", "shard" => sh())
+        .absolute(st.remote_publishes_received);
     counter!("tessera_protocol_errors_total", "shard" => sh()).absolute(st.protocol_errors);
     counter!("tessera_sessions_expired_total", "shard" => sh()).absolute(st.sessions_expired);
     for limit in tessera_shard::engine::Limit::ALL {

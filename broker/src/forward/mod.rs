@@ -131,6 +131,13 @@ pub struct ForwarderEnds {
     metrics: Arc<ForwardMetrics>,
 }
 
+impl ForwarderEnds {
+    /// The forwarder's counters.
+    pub fn metrics(&self) -> Arc<ForwardMetrics> {
+        self.metrics.clone()
+    }
+}
+
 /// The channels between the shards and the forwarder, made at boot before the shards
 /// (the forwarder starts later, on the control thread).
 pub fn channels(shard_count: usize) -> (ForwarderEnds, Vec<ShardEnd>) {

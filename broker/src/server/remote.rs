@@ -153,6 +153,7 @@ pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
             let (reply, done) = flume::bounded(1);
             let barriers = remote.end.barriers.clone();
             let peer_reply = req.reply;
+            let metrics = remote.end.metrics.clone();
             glommio::spawn_local(async move {
                 let asked = barriers.send_async(BarrierAsk { index, reply }).await;
                 let ok = asked.is_ok()
@@ -161,6 +162,11 @@ pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
                         false
                     })
                     .await;
+                if ok {
+                    metrics
+                        .barriers
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let _ = peer_reply.send(if ok {
                     Ok(answer)
                 } else {
