@@ -65,6 +65,10 @@ pub struct Config {
     /// (see [`listener`]). Only from the config file.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub listener: Vec<ListenerConfig>,
+    /// `[[bridge]]` tables: MQTT bridges to other brokers (see [`bridge`]). Only
+    /// from the config file; reloaded on SIGHUP.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bridge: Vec<BridgeConfig>,
 }
 
 /// The `[server]` section.
@@ -426,6 +430,8 @@ macro_rules! config_enum {
     };
 }
 
+pub mod bridge;
+pub use bridge::BridgeConfig;
 pub mod cluster;
 pub use cluster::ClusterConfig;
 
@@ -1105,6 +1111,9 @@ pub enum ConfigError {
         /// Where the value came from, when known.
         origin: Option<Origin>,
     },
+    /// A `[[bridge]]` table is inconsistent; the message names the bridge and field.
+    #[error("invalid [[bridge]] in the config file: {0}")]
+    InvalidBridge(String),
     /// A `[[listener]]` table is inconsistent.
     #[error("listener #{number} ({kind} {bind}) in the config file is invalid: {message}")]
     InvalidListener {
@@ -1391,6 +1400,7 @@ impl Config {
             return invalid("server.listen", "[]".into(), accepted("server.listen"));
         }
         self.validate_listeners()?;
+        bridge::check_all(&self.bridge).map_err(ConfigError::InvalidBridge)?;
         for (i, addr) in s.listen.iter().enumerate() {
             if s.listen[..i].contains(addr) {
                 return invalid(

@@ -31,6 +31,7 @@
 pub mod admin;
 pub mod allocator;
 pub mod auth;
+pub mod bridge;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         // The broker works without it; freed memory is then returned later.
         tracing::warn!("cannot configure the allocator: {e}");
     }
-    match run(&config) {
+    match run(&config, &cli) {
         Ok(()) => ExitCode::SUCCESS,
         // A wrong cluster setting or data dir (another node's id, a peer list that
         // disagrees with the stored one, certificates from another CA): a configuration
@@ -72,7 +72,7 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn run(config: &Config) -> anyhow::Result<()> {
+fn run(config: &Config, cli: &Cli) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let started = std::time::Instant::now();
     // Bound before the shards boot, so a busy admin port fails start-up at once.
@@ -130,6 +130,7 @@ fn run(config: &Config) -> anyhow::Result<()> {
         started,
         auth: Some(server.auth_hub()),
         cluster: cluster.clone(),
+        bridges: Some(server.bridges.clone()),
     };
     let admin_addr = tessera_broker::admin::spawn(admin_listener, state)?;
     // Scripts and tests wait for these lines; keep their shape. The admin
@@ -157,6 +158,17 @@ fn run(config: &Config) -> anyhow::Result<()> {
             }
             // And the password, ACL, ban and JWT key files.
             server.reload_auth();
+            // And the [[bridge]] tables of the config file (other settings
+            // need a restart).
+            match Config::load_from_process(cli) {
+                Ok(c) => {
+                    server.bridges.replace(&c.bridge);
+                    tracing::info!(bridges = c.bridge.len(), "SIGHUP: bridges reloaded");
+                }
+                Err(e) => tracing::error!(
+                    "SIGHUP: the config file is invalid, keeping the current bridges: {e}"
+                ),
+            }
             continue;
         }
         tracing::info!(signal = sig, "shutting down");

@@ -59,6 +59,7 @@ use crate::transport::tls::TlsStore;
 use persist::{ShardStore, StoreBoot};
 
 mod accept;
+mod bridge;
 mod cluster;
 mod conn;
 mod listen;
@@ -165,6 +166,8 @@ pub struct Server {
     pub read_budget: Arc<ReadBudget>,
     /// With `[cluster]`: the shards' cluster ends.
     cluster: Option<cluster::ServerClusterEnds>,
+    /// The bridges and their counters (`[[bridge]]`, reloaded on SIGHUP).
+    pub bridges: Arc<crate::bridge::BridgeHub>,
 }
 
 /// Everything a shard needs to boot.
@@ -194,6 +197,8 @@ struct ShardBoot {
     read_budget: Arc<ReadBudget>,
     /// With `[cluster]`: where each shard's cluster port arrives.
     cluster: Option<cluster::ClusterEnds>,
+    /// The configured bridges; each runs on its ClientID's owner shard.
+    bridges: Arc<crate::bridge::BridgeHub>,
 }
 
 impl Server {
@@ -248,6 +253,7 @@ impl Server {
         } else {
             (None, None)
         };
+        let bridges = crate::bridge::BridgeHub::new(&config.bridge);
         let boot = ShardBoot {
             shard_count,
             mesh: MeshBuilder::full(shard_count, MESH_CHANNEL_SLOTS),
@@ -266,6 +272,7 @@ impl Server {
             sessions: Arc::new(SessionBudget::new(limits_sessions_max)),
             read_budget: read_budget.clone(),
             cluster: shard_cluster,
+            bridges: bridges.clone(),
         };
         let idle_poll = Duration::from_micros(u64::from(config.server.idle_poll_us));
         if !idle_poll.is_zero() {
@@ -334,6 +341,7 @@ impl Server {
             connections_max: connections_total_max,
             read_budget,
             cluster: server_cluster,
+            bridges,
         })
     }
 
@@ -850,6 +858,8 @@ async fn shard_main(boot: ShardBoot) {
     status.up.store(true, Ordering::SeqCst);
     let _ = ready.send(Ok(id));
     info!(shard = id, "shard running");
+    let mut bridges = bridge::Bridges::new(boot.bridges.clone());
+    bridges.tick(&shard);
 
     while !stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(TICK).await;
@@ -886,7 +896,10 @@ async fn shard_main(boot: ShardBoot) {
             .borrow_mut()
             .roll(now_ms(), |why, n| log_refusal_summary(shard.id, why, n));
         shard.parking.tick();
+        bridges.tick(&shard);
     }
+    bridges.stop_all();
+    futures_lite::future::yield_now().await;
     shard.engine.borrow_mut().shutdown(now_ms());
     shard.flush_outbox();
     let deadline = Instant::now() + SHUTDOWN_FLUSH;

@@ -43,6 +43,8 @@ pub struct AdminState {
     pub auth: Option<std::sync::Arc<crate::auth::AuthHub>>,
     /// The control thread, when the node runs in a cluster.
     pub cluster: Option<std::sync::Arc<crate::cluster::ClusterNode>>,
+    /// The bridges (`/api/v1/bridges`, bridge metrics).
+    pub bridges: Option<std::sync::Arc<crate::bridge::BridgeHub>>,
 }
 
 type Handler = fn(&AdminState, &Request, &[String]) -> Response;
@@ -100,6 +102,7 @@ const ROUTES: &[Route] = &[
     route("POST", &["api", "v1", "bans"], bans_add),
     route("DELETE", &["api", "v1", "bans"], bans_delete),
     route("GET", &["api", "v1", "cluster"], super::cluster::status),
+    route("GET", &["api", "v1", "bridges"], bridges_list),
     route(
         "POST",
         &["api", "v1", "cluster", "members"],
@@ -263,8 +266,19 @@ fn metrics(state: &AdminState, _: &Request, _: &[String]) -> Response {
             {
                 super::cluster::render_metrics(&view, &mut text);
             }
+            if let Some(hub) = &state.bridges {
+                crate::bridge::render_metrics(hub, &mut text);
+            }
             text.into_bytes()
         },
+    }
+}
+
+/// `GET /api/v1/bridges`: every configured bridge with its state and counters.
+fn bridges_list(state: &AdminState, _: &Request, _: &[String]) -> Response {
+    match &state.bridges {
+        Some(hub) => Response::json(200, &hub.json()),
+        None => Response::json(200, &json!({ "items": [] })),
     }
 }
 

@@ -104,6 +104,9 @@ enum Command {
     /// Sessions, connected or not.
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// Bridges: remote, shard, connected, queued, in flight, sent, received,
+    /// dropped and the last error.
+    Bridges,
     /// Prometheus metrics: the raw text, or a summary refreshed with --watch.
     Metrics(MetricsArgs),
     /// Manage a password file (the first line of standard input is the password).
@@ -408,6 +411,27 @@ fn run_admin(c: &AdminClient, cli: &Cli) -> Result<(), ClientError> {
             }
             print(&render_status(&v))
         }
+        Command::Bridges => {
+            let v = c.json("GET", &["api", "v1", "bridges"], &[])?;
+            if json {
+                return print_json(&v);
+            }
+            let empty = Vec::new();
+            let items = v["items"].as_array().unwrap_or(&empty);
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|i| BRIDGE_COLUMNS.iter().map(|(_, f)| cell(&i[*f])).collect())
+                .collect();
+            let headers: Vec<&str> = BRIDGE_COLUMNS.iter().map(|(h, _)| *h).collect();
+            let mut text = table(&headers, &rows);
+            for i in items {
+                if let Some(e) = i["last_error"].as_str().filter(|e| !e.is_empty()) {
+                    text.push_str(&format!("{}: last error: {e}\n", cell(&i["name"])));
+                }
+            }
+            text.push_str(&format!("{} bridges\n", items.len()));
+            print(&text)
+        }
         Command::Clients(ClientsCommand::List { prefix, page }) => {
             let mut q = Vec::new();
             opt(&mut q, "prefix", prefix);
@@ -578,6 +602,19 @@ fn opt<'a>(q: &mut Vec<(&'a str, String)>, name: &'a str, v: &Option<String>) {
 
 /// A table column: header and JSON field.
 type Column = (&'static str, &'static str);
+
+const BRIDGE_COLUMNS: [Column; 10] = [
+    ("NAME", "name"),
+    ("REMOTE", "address"),
+    ("SHARD", "shard"),
+    ("CONNECTED", "connected"),
+    ("QUEUED", "queued"),
+    ("INFLIGHT", "in_flight"),
+    ("SENT", "sent"),
+    ("RECEIVED", "received"),
+    ("DROPPED", "dropped"),
+    ("FAILURES", "connect_failures"),
+];
 
 const CLIENT_COLUMNS: [Column; 7] = [
     ("CLIENT ID", "client_id"),

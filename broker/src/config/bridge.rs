@@ -1,0 +1,615 @@
+//! Bridges: `[[bridge]]` tables of the config file, one per remote broker, each
+//! with `[[bridge.out]]` rules (local filter to remote topic) and `[[bridge.in]]`
+//! rules (remote filter to local topic). How a bridge runs is in
+//! [`crate::bridge`] and docs/BRIDGES.md.
+//!
+//! A rule maps topics the way Mosquitto's `topic` lines do, so its users know
+//! it: `topic` is a filter pattern; the local side of the rule is
+//! `local_prefix + topic`, the remote side `remote_prefix + topic`; a message
+//! crosses with its local prefix replaced by the remote one (or the reverse).
+//!
+//! Every check names the field: `bridge "cloud": out[1].topic: ...`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tessera_proto::topic;
+
+/// Most bridges in one config file.
+pub const BRIDGES_COUNT_MAX: usize = 64;
+
+/// Most rules per direction of one bridge.
+pub const RULES_COUNT_MAX: usize = 256;
+
+/// One `[[bridge]]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// The bridge's name: letters, digits, `-` and `_` (in logs, metrics, the API).
+    pub name: String,
+    /// The remote broker, `host:port`.
+    pub address: String,
+    /// `mqtt`, `mqtts`, `ws` or `wss` (`quic` is not available yet).
+    #[serde(default = "transport_default")]
+    pub transport: String,
+    /// MQTT version spoken to the remote: `"3.1.1"` or `"5"`.
+    #[serde(default = "version_default")]
+    pub version: String,
+    /// The ClientID on the remote, and of the bridge's session here (its owner
+    /// shard runs the bridge); default `tessera-bridge-<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Username sent to the remote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password sent to the remote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Username the bridge's local session acts as: the ACL applies to it like
+    /// to a client that authenticated with it. Unset: anonymous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_username: Option<String>,
+    /// Keep alive with the remote, seconds (0: none).
+    #[serde(default = "keep_alive_default")]
+    pub keep_alive_s: u16,
+    /// Clean start on the remote at each connect (the remote session and what it
+    /// queued for the bridge are dropped).
+    #[serde(default)]
+    pub clean_start: bool,
+    /// Session expiry asked of a v5 remote, seconds (3.1.1: the session persists
+    /// unless `clean_start`).
+    #[serde(default = "session_expiry_default")]
+    pub session_expiry_s: u32,
+    /// First reconnect delay, ms; doubles per failure up to `reconnect_max_ms`,
+    /// with up to 50 % random jitter.
+    #[serde(default = "reconnect_min_default")]
+    pub reconnect_min_ms: u32,
+    /// Longest reconnect delay, ms.
+    #[serde(default = "reconnect_max_default")]
+    pub reconnect_max_ms: u32,
+    /// CA certificates (PEM) the remote's certificate is verified against
+    /// (`mqtts`, `wss`); unset: the system's roots are not used, so it is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) presented to the remote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The server name checked against the remote's certificate (and sent as
+    /// SNI); default: the host of `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// WebSocket path (`ws`, `wss`).
+    #[serde(default = "ws_path_default")]
+    pub ws_path: String,
+    /// Local to remote rules.
+    #[serde(default, rename = "out", skip_serializing_if = "Vec::is_empty")]
+    pub out_rules: Vec<RuleConfig>,
+    /// Remote to local rules.
+    #[serde(default, rename = "in", skip_serializing_if = "Vec::is_empty")]
+    pub in_rules: Vec<RuleConfig>,
+}
+
+/// One `[[bridge.out]]` or `[[bridge.in]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// The filter pattern, after the prefixes (`sensors/#`).
+    pub topic: String,
+    /// Prefix on the local side (`""`: none).
+    #[serde(default)]
+    pub local_prefix: String,
+    /// Prefix on the remote side (`""`: none).
+    #[serde(default)]
+    pub remote_prefix: String,
+    /// Highest QoS the rule forwards with (a cap: messages keep a lower one).
+    #[serde(default = "qos_default")]
+    pub qos: u8,
+    /// `"keep"`: the RETAIN flag crosses as published; `"clear"`: never retained
+    /// on the other side.
+    #[serde(default = "retain_default")]
+    pub retain: String,
+}
+
+fn transport_default() -> String {
+    "mqtt".into()
+}
+fn version_default() -> String {
+    "5".into()
+}
+fn keep_alive_default() -> u16 {
+    60
+}
+fn session_expiry_default() -> u32 {
+    86_400
+}
+fn reconnect_min_default() -> u32 {
+    500
+}
+fn reconnect_max_default() -> u32 {
+    30_000
+}
+fn ws_path_default() -> String {
+    "/mqtt".into()
+}
+fn qos_default() -> u8 {
+    1
+}
+fn retain_default() -> String {
+    "keep".into()
+}
+
+/// The transport to the remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeTransport {
+    /// TCP.
+    Mqtt,
+    /// TLS.
+    Mqtts,
+    /// WebSocket.
+    Ws,
+    /// WebSocket over TLS.
+    Wss,
+}
+
+impl BridgeTransport {
+    /// Whether the transport starts with a TLS handshake.
+    pub fn is_tls(self) -> bool {
+        matches!(self, BridgeTransport::Mqtts | BridgeTransport::Wss)
+    }
+
+    /// Whether MQTT travels in WebSocket frames.
+    pub fn is_ws(self) -> bool {
+        matches!(self, BridgeTransport::Ws | BridgeTransport::Wss)
+    }
+}
+
+/// A rule's direction, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// `[[bridge.out]]`.
+    Out,
+    /// `[[bridge.in]]`.
+    In,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Out => "out",
+            Direction::In => "in",
+        }
+    }
+}
+
+impl RuleConfig {
+    /// The filter on the local side.
+    pub fn local_filter(&self) -> String {
+        format!("{}{}", self.local_prefix, self.topic)
+    }
+
+    /// The filter on the remote side.
+    pub fn remote_filter(&self) -> String {
+        format!("{}{}", self.remote_prefix, self.topic)
+    }
+
+    /// Whether the RETAIN flag crosses as published.
+    pub fn keep_retain(&self) -> bool {
+        self.retain == "keep"
+    }
+
+    fn check(&self, dir: Direction, i: usize) -> Result<(), (String, String)> {
+        let field = |f: &str| format!("{}[{i}].{f}", dir.name());
+        for (name, prefix) in [
+            ("local_prefix", &self.local_prefix),
+            ("remote_prefix", &self.remote_prefix),
+        ] {
+            if prefix.contains(['+', '#', '\0']) {
+                return Err((
+                    field(name),
+                    format!("{prefix:?} must not contain '+', '#' or NUL"),
+                ));
+            }
+        }
+        for (side, filter) in [
+            ("local", self.local_filter()),
+            ("remote", self.remote_filter()),
+        ] {
+            if topic::validate_topic_filter(&filter, 128).is_err() || topic::is_shared(&filter) {
+                return Err((
+                    field("topic"),
+                    format!(
+                        "the {side} filter {filter:?} (prefix + topic) is not a valid, \
+                         non-shared topic filter"
+                    ),
+                ));
+            }
+        }
+        if self.qos > 2 {
+            return Err((field("qos"), format!("{} is not 0, 1 or 2", self.qos)));
+        }
+        if self.retain != "keep" && self.retain != "clear" {
+            return Err((
+                field("retain"),
+                format!("{:?}: expected \"keep\" or \"clear\"", self.retain),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BridgeConfig {
+    /// The ClientID on the remote and of the local session.
+    pub fn client_id(&self) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("tessera-bridge-{}", self.name))
+    }
+
+    /// Whether the remote speaks MQTT 5.
+    pub fn is_v5(&self) -> bool {
+        self.version == "5"
+    }
+
+    /// The transport; `check` refused anything else.
+    pub fn transport(&self) -> BridgeTransport {
+        match self.transport.as_str() {
+            "mqtts" => BridgeTransport::Mqtts,
+            "ws" => BridgeTransport::Ws,
+            "wss" => BridgeTransport::Wss,
+            _ => BridgeTransport::Mqtt,
+        }
+    }
+
+    /// The host part of `address` (without brackets for IPv6).
+    pub fn host(&self) -> &str {
+        let host = self
+            .address
+            .rsplit_once(':')
+            .map_or(self.address.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+
+    /// Checks one bridge; the error is `(field, message)`.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let err = |f: &str, m: String| Err((f.to_owned(), m));
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return err(
+                "name",
+                format!("{:?}: 1 to 64 letters, digits, '-' or '_'", self.name),
+            );
+        }
+        match self.address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => {
+                return err(
+                    "address",
+                    format!(
+                        "{:?}: expected host:port (e.g. \"cloud.example.com:1883\")",
+                        self.address
+                    ),
+                );
+            }
+        }
+        match self.transport.as_str() {
+            "mqtt" | "mqtts" | "ws" | "wss" => {}
+            "quic" => {
+                return err(
+                    "transport",
+                    "\"quic\" is not available yet: it needs the QUIC listener (issue 18); \
+                     use mqtt, mqtts, ws or wss"
+                        .into(),
+                );
+            }
+            other => {
+                return err(
+                    "transport",
+                    format!("{other:?}: expected \"mqtt\", \"mqtts\", \"ws\" or \"wss\""),
+                );
+            }
+        }
+        if self.version != "5" && self.version != "3.1.1" {
+            return err(
+                "version",
+                format!("{:?}: expected \"3.1.1\" or \"5\"", self.version),
+            );
+        }
+        let client_id = self.client_id();
+        if client_id.is_empty() || client_id.len() > 65_535 || client_id.contains('\0') {
+            return err(
+                "client_id",
+                format!("{client_id:?}: a non-empty MQTT string without NUL"),
+            );
+        }
+        if self.password.is_some() && self.username.is_none() && !self.is_v5() {
+            return err(
+                "password",
+                "MQTT 3.1.1 sends a password only with a username: set username too".into(),
+            );
+        }
+        let tls = self.transport().is_tls();
+        if tls && self.ca_file.is_none() {
+            return err(
+                "ca_file",
+                format!(
+                    "transport {} needs ca_file (the CA the remote's certificate is verified against)",
+                    self.transport
+                ),
+            );
+        }
+        for (name, set) in [
+            ("ca_file", self.ca_file.is_some()),
+            ("cert_file", self.cert_file.is_some()),
+            ("key_file", self.key_file.is_some()),
+            ("sni", self.sni.is_some()),
+        ] {
+            if set && !tls {
+                return err(
+                    name,
+                    format!(
+                        "applies to TLS transports (mqtts, wss), not {}",
+                        self.transport
+                    ),
+                );
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return err(
+                if self.cert_file.is_some() {
+                    "key_file"
+                } else {
+                    "cert_file"
+                },
+                "a client certificate needs both cert_file and key_file".into(),
+            );
+        }
+        if !self.ws_path.starts_with('/') || self.ws_path.contains([' ', '\r', '\n']) {
+            return err(
+                "ws_path",
+                format!("{:?} must start with '/' and have no space", self.ws_path),
+            );
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
+            return err(
+                "reconnect_min_ms",
+                format!(
+                    "{}: at least 1 and at most reconnect_max_ms ({})",
+                    self.reconnect_min_ms, self.reconnect_max_ms
+                ),
+            );
+        }
+        if self.out_rules.is_empty() && self.in_rules.is_empty() {
+            return err(
+                "out",
+                "a bridge needs at least one [[bridge.out]] or [[bridge.in]] rule".into(),
+            );
+        }
+        for (dir, rules) in [
+            (Direction::Out, &self.out_rules),
+            (Direction::In, &self.in_rules),
+        ] {
+            if rules.len() > RULES_COUNT_MAX {
+                return err(
+                    dir.name(),
+                    format!("{} rules: at most {RULES_COUNT_MAX}", rules.len()),
+                );
+            }
+            for (i, r) in rules.iter().enumerate() {
+                r.check(dir, i)?;
+                // One subscription per filter on the subscribing side: a second
+                // rule with the same filter would replace the first.
+                let side = |r: &RuleConfig| match dir {
+                    Direction::Out => r.local_filter(),
+                    Direction::In => r.remote_filter(),
+                };
+                if let Some(j) = rules[..i].iter().position(|o| side(o) == side(r)) {
+                    return err(
+                        &format!("{}[{i}].topic", dir.name()),
+                        format!(
+                            "subscribes to {:?} like {}[{j}]: merge the two rules",
+                            side(r),
+                            dir.name()
+                        ),
+                    );
+                }
+            }
+        }
+        if !self.is_v5() {
+            // MQTT 3.1.1 has no No Local: what the bridge publishes on the remote
+            // would come back to it through an `in` rule that covers it. The rule:
+            // the remote topics of `out` rules and the remote filters of `in` rules
+            // must not overlap (give them different remote prefixes).
+            for (i, r) in self.in_rules.iter().enumerate() {
+                if let Some(j) = self
+                    .out_rules
+                    .iter()
+                    .position(|o| filters_overlap(&o.remote_filter(), &r.remote_filter()))
+                {
+                    return err(
+                        &format!("in[{i}].topic"),
+                        format!(
+                            "the remote filter {:?} overlaps out[{j}]'s remote topics {:?}: \
+                             MQTT 3.1.1 has no No Local, so what the bridge sends would come \
+                             back; give the two rules different remote prefixes (or use \
+                             version = \"5\")",
+                            r.remote_filter(),
+                            self.out_rules[j].remote_filter()
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether some topic name matches both filters.
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let mut la = topic::levels(a);
+    let mut lb = topic::levels(b);
+    loop {
+        match (la.next(), lb.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some(x), Some(y)) if x == "+" || y == "+" || x == y => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Checks every bridge and their names' uniqueness; the error is the message.
+pub fn check_all(bridges: &[BridgeConfig]) -> Result<(), String> {
+    if bridges.len() > BRIDGES_COUNT_MAX {
+        return Err(format!(
+            "{} [[bridge]] tables: at most {BRIDGES_COUNT_MAX}",
+            bridges.len()
+        ));
+    }
+    for (i, b) in bridges.iter().enumerate() {
+        b.check()
+            .map_err(|(field, m)| format!("bridge {:?} (#{}): {field}: {m}", b.name, i + 1))?;
+        if let Some(o) = bridges[..i].iter().find(|o| o.name == b.name) {
+            return Err(format!(
+                "bridge {:?} (#{}): name: used by another bridge",
+                o.name,
+                i + 1
+            ));
+        }
+        if let Some(o) = bridges[..i].iter().find(|o| o.client_id() == b.client_id()) {
+            return Err(format!(
+                "bridge {:?} (#{}): client_id: {:?} is bridge {:?}'s too",
+                b.name,
+                i + 1,
+                b.client_id(),
+                o.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bridges(text: &str) -> Result<Vec<BridgeConfig>, String> {
+        #[derive(Deserialize)]
+        struct Doc {
+            bridge: Vec<BridgeConfig>,
+        }
+        let d: Doc = toml::from_str(text).map_err(|e| e.to_string())?;
+        check_all(&d.bridge).map(|()| d.bridge)
+    }
+
+    const BASE: &str = "[[bridge]]\nname = \"cloud\"\naddress = \"127.0.0.1:1883\"\n";
+    const OUT: &str = "[[bridge.out]]\ntopic = \"a/#\"\nremote_prefix = \"edge/\"\n";
+
+    #[test]
+    fn defaults_and_rules_parse() {
+        let b = &bridges(&format!("{BASE}{OUT}[[bridge.in]]\ntopic = \"cmd/#\"\n")).unwrap()[0];
+        assert_eq!(b.client_id(), "tessera-bridge-cloud");
+        assert!(b.is_v5());
+        assert_eq!(b.transport(), BridgeTransport::Mqtt);
+        assert_eq!(b.out_rules[0].remote_filter(), "edge/a/#");
+        assert_eq!(b.out_rules[0].local_filter(), "a/#");
+        assert_eq!(b.out_rules[0].qos, 1);
+        assert!(b.out_rules[0].keep_retain());
+        assert_eq!(b.host(), "127.0.0.1");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                format!("{BASE}transport = \"quic\"\n{OUT}"),
+                "transport: \"quic\" is not available yet",
+            ),
+            (
+                format!("{BASE}transport = \"tcp\"\n{OUT}"),
+                "transport: \"tcp\"",
+            ),
+            (format!("{BASE}version = \"4\"\n{OUT}"), "version: \"4\""),
+            (BASE.to_owned(), "out: a bridge needs at least one"),
+            (
+                format!("{BASE}transport = \"mqtts\"\n{OUT}"),
+                "ca_file: transport mqtts needs ca_file",
+            ),
+            (format!("{BASE}sni = \"x\"\n{OUT}"), "sni: applies to TLS"),
+            (
+                format!("{BASE}[[bridge.out]]\ntopic = \"a/#/b\"\n"),
+                "out[0].topic",
+            ),
+            (
+                format!("{BASE}[[bridge.out]]\ntopic = \"a\"\nqos = 3\n"),
+                "out[0].qos",
+            ),
+            (
+                format!("{BASE}[[bridge.out]]\ntopic = \"a\"\nretain = \"no\"\n"),
+                "out[0].retain",
+            ),
+            (
+                format!("{BASE}[[bridge.out]]\ntopic = \"a\"\nlocal_prefix = \"x/+/\"\n"),
+                "out[0].local_prefix",
+            ),
+            (
+                format!("{BASE}{OUT}{OUT}"),
+                "out[1].topic: subscribes to \"a/#\" like out[0]",
+            ),
+            (
+                format!("{BASE}address = \"nohost\"\n{OUT}"),
+                "address: \"nohost\"",
+            ),
+            (
+                format!("{BASE}{OUT}{BASE}{OUT}"),
+                "name: used by another bridge",
+            ),
+            (
+                format!("{BASE}reconnect_min_ms = 0\n{OUT}"),
+                "reconnect_min_ms",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = bridges(&text).unwrap_err();
+            assert!(e.contains(want), "{text}\n=> {e}\nwanted {want}");
+            assert!(e.contains("bridge \"cloud\""), "{e}");
+        }
+        let e = bridges(&format!("{BASE}adress = \"x\"\n{OUT}")).unwrap_err();
+        assert!(e.contains("unknown field `adress`"), "{e}");
+    }
+
+    #[test]
+    fn v311_refuses_rules_that_would_loop() {
+        // Out to edge/a/#, in from edge/#: what goes out comes back in.
+        let looping = format!(
+            "{BASE}version = \"3.1.1\"\n{OUT}[[bridge.in]]\ntopic = \"#\"\nremote_prefix = \"edge/\"\n"
+        );
+        let e = bridges(&looping).unwrap_err();
+        assert!(e.contains("in[0].topic") && e.contains("No Local"), "{e}");
+        // The same rules over MQTT 5 are fine (No Local on the remote subscription).
+        assert!(bridges(&looping.replace("3.1.1", "5")).is_ok());
+        // Distinct remote prefixes are fine over 3.1.1.
+        let ok = format!(
+            "{BASE}version = \"3.1.1\"\n{OUT}[[bridge.in]]\ntopic = \"#\"\nremote_prefix = \"cloud/\"\n"
+        );
+        assert!(bridges(&ok).is_ok());
+    }
+
+    #[test]
+    fn overlap_of_filters() {
+        assert!(filters_overlap("a/#", "a/b"));
+        assert!(filters_overlap("a/+/c", "a/b/+"));
+        assert!(filters_overlap("#", "x"));
+        assert!(!filters_overlap("a/b", "a/c"));
+        assert!(!filters_overlap("a/+", "a/b/c"));
+        assert!(filters_overlap("a/+", "a/#"));
+        assert!(!filters_overlap("edge/a/#", "cloud/#"));
+    }
+}

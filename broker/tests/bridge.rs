@@ -1,0 +1,722 @@
+//! MQTT bridges, black-box: a Tessera bridged to another Tessera, both real
+//! processes, with rumqttc (and, where a test must know exactly what each
+//! acknowledgement was for or must survive the remote's `kill -9`, the raw
+//! test client) as the clients.
+//!
+//! What a user relies on: messages cross in both directions at QoS 0, 1 and 2
+//! with the topic rewritten by the rule's prefixes and the QoS capped by the
+//! rule; every message acknowledged to a local publisher arrives on the remote
+//! although the remote is killed and restarted mid-stream (QoS 2 exactly
+//! once), and although the local broker restarts while messages wait for the
+//! bridge; a two-way bridge with overlapping rules does not loop; a wrong
+//! bridge table is refused with the field named; a remote that lies never
+//! takes the broker down; the bridge's state is in `/metrics`, the admin API
+//! and `brokerctl bridges`; SIGHUP adds and removes bridges.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    Broker, Closed, RawClient, TestDir, connect_packet, eventually, metric_sum, publish_packet,
+    run_bounded, scrape,
+};
+use tessera_proto::{Packet, ProtocolVersion, QoS, ReasonCode};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A port free right now on 127.0.0.1 (for a remote that restarts on it).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Starts a broker with `config` as its config file and `dir` as its data dir.
+fn start(dir: &TestDir, config: &str, extra: &[&str]) -> Broker {
+    let path = format!("{}/tessera.toml", dir.path_str());
+    std::fs::write(&path, config).expect("write config");
+    let data = format!("{}/data", dir.path_str());
+    let mut args = vec!["--config", path.as_str(), "--data-dir", data.as_str()];
+    args.extend_from_slice(extra);
+    Broker::start_with(&args, &[])
+}
+
+fn bridge_value(b: &Broker, name: &str, metric: &str) -> f64 {
+    metric_sum(&scrape(b.admin_addr()), metric, &[("bridge", name)])
+}
+
+fn wait_connected(b: &Broker, name: &str) {
+    eventually(&format!("bridge {name} connected"), WAIT, || {
+        bridge_value(b, name, "tessera_bridge_up") == 1.0
+    });
+}
+
+/// A rumqttc v5 subscriber; what it receives comes out of the channel as
+/// (topic, payload, qos, retain).
+fn subscriber(
+    addr: SocketAddr,
+    id: &str,
+    filters: &[(&str, u8)],
+) -> (
+    rumqttc::v5::Client,
+    mpsc::Receiver<(String, String, u8, bool)>,
+) {
+    use rumqttc::v5::mqttbytes::QoS as Q;
+    use rumqttc::v5::mqttbytes::v5::Packet as P;
+    let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut conn) = rumqttc::v5::Client::new(o, 1000);
+    let (tx, rx) = mpsc::channel();
+    let (subacked_tx, subacked) = mpsc::channel();
+    thread::spawn(move || {
+        for event in conn.iter() {
+            match event {
+                Ok(rumqttc::v5::Event::Incoming(P::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                    if tx.send((topic, payload, p.qos as u8, p.retain)).is_err() {
+                        return;
+                    }
+                }
+                Ok(rumqttc::v5::Event::Incoming(P::SubAck(_))) => {
+                    let _ = subacked_tx.send(());
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    for (f, q) in filters {
+        let q = match q {
+            0 => Q::AtMostOnce,
+            1 => Q::AtLeastOnce,
+            _ => Q::ExactlyOnce,
+        };
+        client.subscribe(*f, q).expect("subscribe");
+        subacked.recv_timeout(WAIT).expect("SUBACK");
+    }
+    (client, rx)
+}
+
+/// A rumqttc v5 publisher whose event loop runs on a thread.
+fn publisher(addr: SocketAddr, id: &str) -> rumqttc::v5::Client {
+    let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (client, mut conn) = rumqttc::v5::Client::new(o, 1000);
+    thread::spawn(move || {
+        for event in conn.iter() {
+            if event.is_err() {
+                return;
+            }
+        }
+    });
+    client
+}
+
+fn qos(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    match q {
+        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+/// Collects `n` messages (or fewer after `timeout`).
+fn collect(
+    rx: &mpsc::Receiver<(String, String, u8, bool)>,
+    n: usize,
+    timeout: Duration,
+) -> Vec<(String, String, u8, bool)> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(m) => got.push(m),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+fn bridge_toml(name: &str, remote: SocketAddr, version: &str, rules: &str) -> String {
+    format!(
+        "[[bridge]]\nname = \"{name}\"\naddress = \"{remote}\"\nversion = \"{version}\"\n\
+         keep_alive_s = 5\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n{rules}"
+    )
+}
+
+#[test]
+fn messages_cross_both_ways_at_every_qos_with_prefixes_and_caps() {
+    for version in ["5", "3.1.1"] {
+        let rdir = TestDir::new("bridge-remote");
+        let remote = start(&rdir, "", &[]);
+        let (_rsub, rrx) = subscriber(
+            remote.addr(),
+            "remote-sub",
+            &[("edge/up/#", 2), ("edge/capped/#", 2)],
+        );
+        let rules = "[[bridge.out]]\ntopic = \"up/#\"\nremote_prefix = \"edge/\"\nqos = 2\n\
+                     [[bridge.out]]\ntopic = \"capped/#\"\nremote_prefix = \"edge/\"\nqos = 1\n\
+                     [[bridge.in]]\ntopic = \"down/#\"\nremote_prefix = \"cloud/\"\nlocal_prefix = \"from-cloud/\"\nqos = 2\n";
+        let ldir = TestDir::new("bridge-local");
+        let local = start(
+            &ldir,
+            &bridge_toml("cloud", remote.addr(), version, rules),
+            &[],
+        );
+        wait_connected(&local, "cloud");
+        let (_lsub, lrx) = subscriber(local.addr(), "local-sub", &[("from-cloud/#", 2)]);
+
+        // Out: local up/qN -> remote edge/up/qN at the published QoS.
+        let lpub = publisher(local.addr(), "local-pub");
+        for q in 0..3u8 {
+            for k in 0..20 {
+                lpub.publish(format!("up/q{q}"), qos(q), false, format!("{q}-{k}"))
+                    .expect("publish");
+            }
+        }
+        lpub.publish("capped/x", qos(2), false, "capped")
+            .expect("publish");
+        let got = collect(&rrx, 61, WAIT);
+        let mut by_payload: HashMap<String, Vec<(String, u8)>> = HashMap::new();
+        for (t, p, q, _) in &got {
+            by_payload
+                .entry(p.clone())
+                .or_default()
+                .push((t.clone(), *q));
+        }
+        for q in 0..3u8 {
+            for k in 0..20 {
+                let seen = by_payload
+                    .get(&format!("{q}-{k}"))
+                    .cloned()
+                    .unwrap_or_default();
+                assert_eq!(
+                    seen,
+                    vec![(format!("edge/up/q{q}"), q)],
+                    "v{version}: message {q}-{k} on the remote (topic, qos), once"
+                );
+            }
+        }
+        // The rule's QoS cap: published at 2, forwarded at 1.
+        assert_eq!(
+            by_payload.get("capped"),
+            Some(&vec![("edge/capped/x".to_owned(), 1)]),
+            "v{version}"
+        );
+
+        // In: remote cloud/down/x -> local from-cloud/down/x.
+        let rpub = publisher(remote.addr(), "remote-pub");
+        for q in 0..3u8 {
+            for k in 0..10 {
+                rpub.publish(
+                    format!("cloud/down/q{q}"),
+                    qos(q),
+                    false,
+                    format!("in-{q}-{k}"),
+                )
+                .expect("publish");
+            }
+        }
+        let got = collect(&lrx, 30, WAIT);
+        let mut seen: Vec<(String, String, u8)> = got
+            .iter()
+            .map(|(t, p, q, _)| (t.clone(), p.clone(), *q))
+            .collect();
+        seen.sort();
+        let mut want: Vec<(String, String, u8)> = (0..3u8)
+            .flat_map(|q| {
+                (0..10).map(move |k| (format!("from-cloud/down/q{q}"), format!("in-{q}-{k}"), q))
+            })
+            .collect();
+        want.sort();
+        assert_eq!(seen, want, "v{version}: remote to local");
+        // Nothing more (no duplicates) arrives.
+        assert!(collect(&lrx, 1, Duration::from_millis(300)).is_empty());
+
+        // The counters say the same.
+        let s = scrape(local.admin_addr());
+        let v = |m: &str| metric_sum(&s, m, &[("bridge", "cloud")]);
+        assert_eq!(v("tessera_bridge_messages_sent_total"), 61.0, "v{version}");
+        assert_eq!(
+            v("tessera_bridge_messages_received_total"),
+            30.0,
+            "v{version}"
+        );
+        assert_eq!(
+            v("tessera_bridge_messages_dropped_total"),
+            0.0,
+            "v{version}"
+        );
+        assert_eq!(v("tessera_bridge_up"), 1.0);
+    }
+}
+
+#[test]
+fn retain_is_kept_or_cleared_by_rule() {
+    let rdir = TestDir::new("bridge-remote");
+    let remote = start(&rdir, "", &[]);
+    let rules = "[[bridge.out]]\ntopic = \"keep/#\"\nqos = 1\n\
+                 [[bridge.out]]\ntopic = \"clear/#\"\nqos = 1\nretain = \"clear\"\n";
+    let ldir = TestDir::new("bridge-local");
+    let local = start(&ldir, &bridge_toml("r", remote.addr(), "5", rules), &[]);
+    wait_connected(&local, "r");
+    let lpub = publisher(local.addr(), "local-pub");
+    lpub.publish("keep/a", qos(1), true, "kept")
+        .expect("publish");
+    lpub.publish("clear/a", qos(1), true, "cleared")
+        .expect("publish");
+    eventually("both crossed", WAIT, || {
+        bridge_value(&local, "r", "tessera_bridge_messages_sent_total") == 2.0
+    });
+    // A late subscriber on the remote gets only the retained one.
+    let (_sub, rx) = subscriber(remote.addr(), "late", &[("keep/#", 1), ("clear/#", 1)]);
+    let got = collect(&rx, 2, Duration::from_secs(2));
+    assert_eq!(
+        got,
+        vec![("keep/a".to_owned(), "kept".to_owned(), 1, true)],
+        "retain = keep crosses retained, retain = clear does not"
+    );
+}
+
+/// What the raw subscriber received, QoS 2 re-sends removed.
+#[derive(Default)]
+struct Received {
+    payloads: Vec<String>,
+    /// QoS 2 packet ids received and not yet released.
+    qos2_open: HashSet<u16>,
+}
+
+/// A persistent-session subscriber (3.1.1, clean session 0) on the raw client
+/// that reconnects when its broker dies, until stopped. Not rumqttc: after a
+/// reconnect rumqttc 0.25 answers the PUBREL a broker re-sends for a released
+/// QoS 2 delivery with a connection error (see tests/queue_budget.rs).
+struct Subscriber {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Subscriber {
+    fn start(addr: SocketAddr, id: &str, filter: &str, log: Arc<Mutex<Received>>) -> Subscriber {
+        let v = ProtocolVersion::V3_1_1;
+        let mut c = RawClient::connect_ok(addr, connect_packet(v, id, false, 0));
+        c.subscribe(1, &[(filter, QoS::ExactlyOnce)]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let id = id.to_owned();
+        let thread = thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut c = Some(c);
+            while Instant::now() < deadline && !stopping.load(Ordering::Relaxed) {
+                let Some(client) = c.as_mut() else {
+                    thread::sleep(Duration::from_millis(100));
+                    if let Ok(s) =
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                    {
+                        drop(s);
+                        let (client, ack) =
+                            RawClient::connect(addr, connect_packet(v, &id, false, 0));
+                        if ack.reason_code == ReasonCode::Success {
+                            c = Some(client);
+                        }
+                    }
+                    continue;
+                };
+                let reply = match client.try_recv(Duration::from_millis(50)) {
+                    Ok(Packet::Publish(p)) if p.qos == QoS::AtLeastOnce => {
+                        let text = String::from_utf8(p.payload.to_vec()).expect("UTF-8");
+                        log.lock().unwrap().payloads.push(text);
+                        Packet::PubAck(tessera_proto::PubAck::new(p.packet_id))
+                    }
+                    Ok(Packet::Publish(p)) => {
+                        let mut log = log.lock().unwrap();
+                        if log.qos2_open.insert(p.packet_id) {
+                            let text = String::from_utf8(p.payload.to_vec()).expect("UTF-8");
+                            log.payloads.push(text);
+                        }
+                        Packet::PubRec(tessera_proto::PubRec::new(p.packet_id))
+                    }
+                    Ok(Packet::PubRel(r)) => {
+                        log.lock().unwrap().qos2_open.remove(&r.packet_id);
+                        Packet::PubComp(tessera_proto::PubComp::new(r.packet_id))
+                    }
+                    Ok(other) => panic!("subscriber got {other:?}"),
+                    Err(Closed::Timeout) => continue,
+                    Err(Closed::Eof) => {
+                        c = None;
+                        continue;
+                    }
+                };
+                if !client.try_send(&reply) {
+                    c = None;
+                }
+            }
+            if let Some(mut client) = c {
+                client.try_send(&Packet::Disconnect(tessera_proto::Disconnect::new(
+                    ReasonCode::Success,
+                )));
+            }
+        });
+        Subscriber { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("subscriber thread");
+    }
+}
+
+/// Publishes one message at a time on the raw client (so the test knows
+/// which were acknowledged); returns the acknowledged payloads.
+fn publish_acked(
+    addr: SocketAddr,
+    id: &str,
+    qos: QoS,
+    topic: &str,
+    payloads: &[String],
+) -> Vec<String> {
+    let v = ProtocolVersion::V5;
+    let mut c = RawClient::connect_ok(addr, connect_packet(v, id, true, 0));
+    let mut acked = Vec::new();
+    for (k, payload) in payloads.iter().enumerate() {
+        let pid = (k % 60_000) as u16 + 1;
+        c.send(&publish_packet(topic, payload.as_bytes(), qos, pid, false));
+        loop {
+            match c.try_recv(WAIT) {
+                Ok(Packet::PubAck(a)) if a.packet_id == pid => {
+                    if !a.reason_code.is_error() {
+                        acked.push(payload.clone());
+                    }
+                    break;
+                }
+                Ok(Packet::PubRec(r)) if r.packet_id == pid => {
+                    if !r.reason_code.is_error() {
+                        acked.push(payload.clone());
+                    }
+                    c.send(&Packet::PubRel(tessera_proto::PubRel::new(pid)));
+                }
+                Ok(Packet::PubComp(x)) if x.packet_id == pid => break,
+                Ok(other) => panic!("publisher got {other:?}"),
+                Err(e) => panic!("publisher: no acknowledgement for {payload} ({e:?})"),
+            }
+        }
+    }
+    c.disconnect();
+    acked
+}
+
+fn assert_all_arrived(log: &Mutex<Received>, acked: &[String], exactly_once: &HashSet<String>) {
+    eventually(
+        "every acknowledged message arrives",
+        Duration::from_secs(60),
+        || {
+            let got: HashSet<String> = log.lock().unwrap().payloads.iter().cloned().collect();
+            acked.iter().all(|p| got.contains(p))
+        },
+    );
+    let log = log.lock().unwrap();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for p in &log.payloads {
+        *counts.entry(p.as_str()).or_default() += 1;
+    }
+    for p in exactly_once {
+        assert!(
+            counts.get(p.as_str()).copied().unwrap_or(0) <= 1,
+            "QoS 2 message {p} arrived {} times",
+            counts[p.as_str()]
+        );
+    }
+}
+
+#[test]
+fn remote_killed_mid_stream_loses_no_acknowledged_message() {
+    let port = free_port();
+    let remote_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listen = remote_addr.to_string();
+    let rdir = TestDir::new("bridge-remote");
+    let mut remote = start(&rdir, "", &["--listen", &listen]);
+    let log = Arc::new(Mutex::new(Received::default()));
+    let sub = Subscriber::start(remote_addr, "remote-sub", "s/#", log.clone());
+
+    let rules = "[[bridge.out]]\ntopic = \"s/#\"\nqos = 2\n";
+    let ldir = TestDir::new("bridge-local");
+    let local = start(&ldir, &bridge_toml("up", remote_addr, "5", rules), &[]);
+    wait_connected(&local, "up");
+
+    // Two publishers (QoS 1 and QoS 2) publish while the remote is killed
+    // with SIGKILL and restarted on the same port and data directory.
+    let addr = local.addr();
+    let publishers: Vec<_> = [QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .map(|q| {
+            thread::spawn(move || {
+                let payloads: Vec<String> = (0..400).map(|k| format!("{q:?}-{k}")).collect();
+                let mut acked = Vec::new();
+                for chunk in payloads.chunks(20) {
+                    acked.extend(publish_acked(addr, &format!("pub-{q:?}"), q, "s/x", chunk));
+                    thread::sleep(Duration::from_millis(10));
+                }
+                (q, acked)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    // kill -9: what the remote acknowledged is on its disk (sync durability).
+    unsafe { libc::kill(remote.pid() as i32, libc::SIGKILL) };
+    remote.wait_exit(WAIT);
+    eventually("the bridge sees the link down", WAIT, || {
+        bridge_value(&local, "up", "tessera_bridge_up") == 0.0
+    });
+    thread::sleep(Duration::from_millis(500));
+    remote = start(&rdir, "", &["--listen", &listen]);
+    let mut acked = Vec::new();
+    let mut qos2 = HashSet::new();
+    for p in publishers {
+        let (q, got) = p.join().expect("publisher");
+        assert_eq!(
+            got.len(),
+            400,
+            "the local broker acknowledges while the remote is down"
+        );
+        if q == QoS::ExactlyOnce {
+            qos2.extend(got.iter().cloned());
+        }
+        acked.extend(got);
+    }
+    assert_all_arrived(&log, &acked, &qos2);
+    assert!(bridge_value(&local, "up", "tessera_bridge_connects_total") >= 2.0);
+    sub.stop();
+    drop(remote);
+}
+
+#[test]
+fn messages_queued_for_the_bridge_are_sent_after_a_local_restart() {
+    let port = free_port();
+    let remote_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let rules = "[[bridge.out]]\ntopic = \"q/#\"\nqos = 1\n";
+    let config = bridge_toml("later", remote_addr, "5", rules);
+    let ldir = TestDir::new("bridge-local");
+    // The remote is not there yet: the messages wait in the bridge's session.
+    let mut local = start(&ldir, &config, &[]);
+    let payloads: Vec<String> = (0..200).map(|k| format!("queued-{k}")).collect();
+    let acked = publish_acked(local.addr(), "pub", QoS::AtLeastOnce, "q/a", &payloads);
+    assert_eq!(acked.len(), 200);
+    eventually("the queue gauge shows them", WAIT, || {
+        bridge_value(&local, "later", "tessera_bridge_queued_messages") >= 199.0
+    });
+    assert_eq!(bridge_value(&local, "later", "tessera_bridge_up"), 0.0);
+    // kill -9 the local broker with everything queued.
+    unsafe { libc::kill(local.pid() as i32, libc::SIGKILL) };
+    local.wait_exit(WAIT);
+
+    let rdir = TestDir::new("bridge-remote");
+    let listen = remote_addr.to_string();
+    let remote = start(&rdir, "", &["--listen", &listen]);
+    let log = Arc::new(Mutex::new(Received::default()));
+    let sub = Subscriber::start(remote_addr, "remote-sub", "q/#", log.clone());
+    let local = start(&ldir, &config, &[]);
+    assert_all_arrived(&log, &acked, &HashSet::new());
+    eventually("the queue drains", WAIT, || {
+        bridge_value(&local, "later", "tessera_bridge_queued_messages") == 0.0
+    });
+    sub.stop();
+    drop(remote);
+}
+
+#[test]
+fn two_way_bridges_with_overlapping_rules_do_not_loop() {
+    // v5: the same topics both ways (No Local stops the echo). 3.1.1: the
+    // documented rule, distinct remote prefixes for the two directions.
+    let cases = [
+        (
+            "5",
+            "[[bridge.out]]\ntopic = \"t/#\"\nqos = 1\n[[bridge.in]]\ntopic = \"t/#\"\nqos = 1\n",
+            "t/#",
+        ),
+        (
+            "3.1.1",
+            "[[bridge.out]]\ntopic = \"t/#\"\nremote_prefix = \"edge/\"\nqos = 1\n\
+             [[bridge.in]]\ntopic = \"t/#\"\nremote_prefix = \"cloud/\"\nqos = 1\n",
+            "#",
+        ),
+    ];
+    for (version, rules, remote_filter) in cases {
+        let rdir = TestDir::new("bridge-remote");
+        let remote = start(&rdir, "", &[]);
+        let ldir = TestDir::new("bridge-local");
+        let local = start(
+            &ldir,
+            &bridge_toml("both", remote.addr(), version, rules),
+            &[],
+        );
+        wait_connected(&local, "both");
+        let (_ls, lrx) = subscriber(local.addr(), "lsub", &[("t/#", 1)]);
+        let (_rs, rrx) = subscriber(remote.addr(), "rsub", &[(remote_filter, 1)]);
+        let lpub = publisher(local.addr(), "lpub");
+        lpub.publish("t/from-local", qos(1), false, "L")
+            .expect("publish");
+        let rpub = publisher(remote.addr(), "rpub");
+        let remote_topic = if version == "5" {
+            "t/from-remote"
+        } else {
+            "cloud/t/from-remote"
+        };
+        rpub.publish(remote_topic, qos(1), false, "R")
+            .expect("publish");
+        // Long enough for a loop to show many copies.
+        thread::sleep(Duration::from_secs(2));
+        let mut l: Vec<String> = collect(&lrx, 100, Duration::from_millis(200))
+            .into_iter()
+            .map(|m| m.1)
+            .collect();
+        let mut r: Vec<String> = collect(&rrx, 100, Duration::from_millis(200))
+            .into_iter()
+            .map(|m| m.1)
+            .collect();
+        l.sort();
+        r.sort();
+        assert_eq!(
+            l,
+            ["L", "R"],
+            "v{version}: local subscriber, each message once"
+        );
+        assert_eq!(
+            r,
+            ["L", "R"],
+            "v{version}: remote subscriber, each message once"
+        );
+        let s = scrape(local.admin_addr());
+        let v = |m: &str| metric_sum(&s, m, &[("bridge", "both")]);
+        assert_eq!(v("tessera_bridge_messages_sent_total"), 1.0, "v{version}");
+        assert_eq!(
+            v("tessera_bridge_messages_received_total"),
+            1.0,
+            "v{version}"
+        );
+    }
+}
+
+#[test]
+fn a_wrong_bridge_table_is_refused_with_the_field_named() {
+    let dir = TestDir::new("bridge-bad");
+    let cases = [
+        (
+            "[[bridge]]\nname = \"c\"\naddress = \"127.0.0.1:1883\"\ntransport = \"quic\"\n[[bridge.out]]\ntopic = \"a\"\n",
+            "bridge \"c\" (#1): transport: \"quic\" is not available yet",
+        ),
+        (
+            "[[bridge]]\nname = \"c\"\naddress = \"127.0.0.1:1883\"\nversion = \"3.1.1\"\n\
+             [[bridge.out]]\ntopic = \"a/#\"\n[[bridge.in]]\ntopic = \"#\"\n",
+            "bridge \"c\" (#1): in[0].topic: the remote filter \"#\" overlaps out[0]",
+        ),
+        (
+            "[[bridge]]\nname = \"c\"\naddress = \"127.0.0.1\"\n[[bridge.out]]\ntopic = \"a\"\n",
+            "bridge \"c\" (#1): address",
+        ),
+        (
+            "[[bridge]]\nname = \"c\"\naddress = \"127.0.0.1:1\"\n[[bridge.out]]\ntopic = \"a\"\nqos = 7\n",
+            "out[0].qos",
+        ),
+    ];
+    for (text, want) in cases {
+        let path = format!("{}/bad.toml", dir.path_str());
+        std::fs::write(&path, text).unwrap();
+        let out = run_bounded(&["--config", &path], &[], WAIT);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(want), "wanted {want:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn a_lying_remote_never_takes_the_broker_down() {
+    // A "remote" that answers CONNECT with garbage, then with a CONNACK and
+    // a malformed PUBLISH, then with a CONNACK and a packet a server never sends.
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_addr = fake.local_addr().unwrap();
+    let answers: Vec<Vec<u8>> = vec![
+        vec![0xFF; 64],
+        vec![0x20, 0x03, 0x00, 0x00, 0x00, 0x30, 0x05, 0x00, 0x09, b'a'],
+        vec![0x20, 0x03, 0x00, 0x00, 0x00, 0x10, 0x00],
+        vec![
+            0x20, 0x03, 0x00, 0x00, 0x00, 0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F,
+        ],
+    ];
+    let served = Arc::new(Mutex::new(0usize));
+    let count = served.clone();
+    thread::spawn(move || {
+        for (stream, answer) in fake.incoming().zip(answers.into_iter().cycle()) {
+            let Ok(mut s) = stream else { return };
+            let mut buf = [0u8; 256];
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(&answer);
+            *count.lock().unwrap() += 1;
+            thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let rules = "[[bridge.out]]\ntopic = \"x/#\"\n[[bridge.in]]\ntopic = \"y/#\"\n";
+    let dir = TestDir::new("bridge-liar");
+    let local = start(&dir, &bridge_toml("liar", fake_addr, "5", rules), &[]);
+    eventually("several lies told", WAIT, || *served.lock().unwrap() >= 6);
+    common::assert_still_serves(local.addr(), "bridge-liar");
+    let failures = bridge_value(&local, "liar", "tessera_bridge_connect_failures_total");
+    assert!(failures >= 4.0, "{failures}");
+    // The admin API and brokerctl show the last error.
+    let url = format!("http://{}", local.admin_addr());
+    let out = common::brokerctl(&["--url", &url, "bridges"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("liar") && text.contains("last error:"),
+        "{text}"
+    );
+    assert!(text.contains(&fake_addr.to_string()), "{text}");
+}
+
+#[test]
+fn sighup_adds_and_removes_bridges() {
+    let rdir = TestDir::new("bridge-remote");
+    let remote = start(&rdir, "", &[]);
+    let ldir = TestDir::new("bridge-local");
+    let local = start(&ldir, "", &[]);
+    assert_eq!(bridge_value(&local, "late", "tessera_bridge_up"), 0.0);
+    let rules = "[[bridge.out]]\ntopic = \"h/#\"\nqos = 1\n";
+    std::fs::write(
+        format!("{}/tessera.toml", ldir.path_str()),
+        bridge_toml("late", remote.addr(), "5", rules),
+    )
+    .unwrap();
+    local.sighup();
+    wait_connected(&local, "late");
+    let (_s, rx) = subscriber(remote.addr(), "rsub", &[("h/#", 1)]);
+    publisher(local.addr(), "lpub")
+        .publish("h/1", qos(1), false, "hup")
+        .expect("publish");
+    assert_eq!(collect(&rx, 1, WAIT).len(), 1);
+    // An invalid file keeps the bridge; an empty one removes it.
+    std::fs::write(
+        format!("{}/tessera.toml", ldir.path_str()),
+        "[[bridge]]\nname = 1\n",
+    )
+    .unwrap();
+    local.sighup();
+    local.wait_log("keeping the current bridges", WAIT);
+    assert_eq!(bridge_value(&local, "late", "tessera_bridge_up"), 1.0);
+    std::fs::write(format!("{}/tessera.toml", ldir.path_str()), "").unwrap();
+    local.sighup();
+    eventually("the bridge is gone", WAIT, || {
+        !common::metrics_text(local.admin_addr()).contains("tessera_bridge_up")
+    });
+    local.wait_log("removed bridge's local session ended", WAIT);
+}
