@@ -16,7 +16,8 @@
 #                     unit's SystemCallFilter=
 #   metrics (live)    the traced broker's /metrics passes `promtool check
 #                     metrics` and exports every name of the contract but
-#                     the cluster names (tessera_cluster_*)
+#                     the cluster and bridge names (tessera_cluster_*,
+#                     tessera_bridge_*: tests/bridge.rs checks those)
 #   cluster (live)    a two-node cluster elects a leader; its /metrics passes
 #                     promtool and exports every cluster name of the contract
 #   routing (live)    haproxy.cfg in front of two brokers sends each ClientID
@@ -205,7 +206,7 @@ python3 - "$tmp/metrics.txt" <<'EOF'
 import re, sys
 contract = set(re.findall(r"^\| `((?:tessera|process)_[a-z_]+)`", open("ops/README.md").read(), re.M))
 # A single node exports no cluster metrics; the cluster step checks those.
-contract = {n for n in contract if not n.startswith("tessera_cluster_")}
+contract = {n for n in contract if not n.startswith(("tessera_cluster_", "tessera_bridge_"))}
 exported = set(re.findall(r"^# TYPE ([a-z_]+) ", open(sys.argv[1]).read(), re.M))
 missing = sorted(contract - exported)
 for name in missing:

@@ -29,7 +29,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The contract of `ops/README.md`: every name the alerts and dashboard use.
 /// The metric contract of a single node (a cluster node adds the `tessera_cluster_*`
-/// names, checked in `tests/cluster.rs`).
+/// names, checked in `tests/cluster.rs`; a node with bridges the `tessera_bridge_*`
+/// names, checked in `tests/bridge.rs`).
 fn contract() -> BTreeSet<String> {
     let readme = include_str!("../../ops/README.md");
     readme
@@ -37,7 +38,7 @@ fn contract() -> BTreeSet<String> {
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split('`').next())
         .filter(|n| n.starts_with("tessera_") || n.starts_with("process_"))
-        .filter(|n| !n.starts_with("tessera_cluster_"))
+        .filter(|n| !n.starts_with("tessera_cluster_") && !n.starts_with("tessera_bridge_"))
         .map(str::to_owned)
         .collect()
 }

@@ -24,8 +24,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    Broker, Closed, RawClient, TestDir, connect_packet, eventually, metric_sum, publish_packet,
-    run_bounded, scrape,
+    Broker, Ca, Closed, RawClient, Received, TestDir, connect_packet, eventually, metric_sum,
+    publish_packet, run_bounded, scrape,
 };
 use tessera_proto::{Packet, ProtocolVersion, QoS, ReasonCode};
 
@@ -259,6 +259,20 @@ fn messages_cross_both_ways_at_every_qos_with_prefixes_and_caps() {
             "v{version}"
         );
         assert_eq!(v("tessera_bridge_up"), 1.0);
+        // Every bridge name of the ops contract (ops/README.md) is exported.
+        let contract: Vec<&str> = include_str!("../../ops/README.md")
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `tessera_bridge_"))
+            .filter_map(|l| l.split('`').next())
+            .collect();
+        assert_eq!(contract.len(), 8);
+        for name in contract {
+            let name = format!("tessera_bridge_{name}");
+            assert!(
+                s.samples.iter().any(|x| x.metric == name),
+                "{name} not exported"
+            );
+        }
     }
 }
 
@@ -287,14 +301,6 @@ fn retain_is_kept_or_cleared_by_rule() {
         vec![("keep/a".to_owned(), "kept".to_owned(), 1, true)],
         "retain = keep crosses retained, retain = clear does not"
     );
-}
-
-/// What the raw subscriber received, QoS 2 re-sends removed.
-#[derive(Default)]
-struct Received {
-    payloads: Vec<String>,
-    /// QoS 2 packet ids received and not yet released.
-    qos2_open: HashSet<u16>,
 }
 
 /// A persistent-session subscriber (3.1.1, clean session 0) on the raw client
@@ -333,24 +339,10 @@ impl Subscriber {
                     continue;
                 };
                 let reply = match client.try_recv(Duration::from_millis(50)) {
-                    Ok(Packet::Publish(p)) if p.qos == QoS::AtLeastOnce => {
-                        let text = String::from_utf8(p.payload.to_vec()).expect("UTF-8");
-                        log.lock().unwrap().payloads.push(text);
-                        Packet::PubAck(tessera_proto::PubAck::new(p.packet_id))
-                    }
-                    Ok(Packet::Publish(p)) => {
-                        let mut log = log.lock().unwrap();
-                        if log.qos2_open.insert(p.packet_id) {
-                            let text = String::from_utf8(p.payload.to_vec()).expect("UTF-8");
-                            log.payloads.push(text);
-                        }
-                        Packet::PubRec(tessera_proto::PubRec::new(p.packet_id))
-                    }
-                    Ok(Packet::PubRel(r)) => {
-                        log.lock().unwrap().qos2_open.remove(&r.packet_id);
-                        Packet::PubComp(tessera_proto::PubComp::new(r.packet_id))
-                    }
-                    Ok(other) => panic!("subscriber got {other:?}"),
+                    Ok(p) => match log.lock().unwrap().answer(p) {
+                        Some(reply) => reply,
+                        None => continue,
+                    },
                     Err(Closed::Timeout) => continue,
                     Err(Closed::Eof) => {
                         c = None;
@@ -719,4 +711,88 @@ fn sighup_adds_and_removes_bridges() {
         !common::metrics_text(local.admin_addr()).contains("tessera_bridge_up")
     });
     local.wait_log("removed bridge's local session ended", WAIT);
+}
+
+#[test]
+fn bridges_reach_the_remote_over_tls_with_a_client_certificate_and_over_websocket() {
+    let rdir = TestDir::new("bridge-remote-tls");
+    let d = rdir.path_str();
+    let ca = Ca::new("bridge test CA");
+    let (cert, key) = ca.sign("remote", &["127.0.0.1", "localhost"], false);
+    let (ccert, ckey) = ca.sign("edge", &["edge"], true);
+    for (name, text) in [
+        ("ca.pem", &ca.pem),
+        ("server.pem", &cert),
+        ("server.key", &key),
+        ("client.pem", &ccert),
+        ("client.key", &ckey),
+    ] {
+        std::fs::write(format!("{d}/{name}"), text).unwrap();
+    }
+    let listeners = format!(
+        "[[listener]]\nkind = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert_file = \"{d}/server.pem\"\n\
+         key_file = \"{d}/server.key\"\nca_file = \"{d}/ca.pem\"\nrequire_client_cert = true\n\
+         [[listener]]\nkind = \"ws\"\nbind = \"127.0.0.1:0\"\n\
+         [[listener]]\nkind = \"wss\"\nbind = \"127.0.0.1:0\"\ncert_file = \"{d}/server.pem\"\n\
+         key_file = \"{d}/server.key\"\nca_file = \"{d}/ca.pem\"\nrequire_client_cert = true\n"
+    );
+    let remote = start(&rdir, &listeners, &[]);
+    let (_sub, rx) = subscriber(remote.addr(), "rsub", &[("tx/#", 1)]);
+    let hostport = |url: &str| {
+        let rest = url.split_once("://").unwrap().1;
+        rest.split('/').next().unwrap().to_owned()
+    };
+    let tls = format!(
+        "ca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/client.pem\"\nkey_file = \"{d}/client.key\"\nsni = \"localhost\"\n"
+    );
+    let mut config = String::new();
+    for transport in ["mqtts", "ws", "wss"] {
+        let addr = hostport(&remote.url(transport));
+        let extra = if transport == "ws" { "" } else { tls.as_str() };
+        config.push_str(&format!(
+            "[[bridge]]\nname = \"via-{transport}\"\naddress = \"{addr}\"\ntransport = \"{transport}\"\n\
+             reconnect_min_ms = 100\nreconnect_max_ms = 1000\n{extra}\
+             [[bridge.out]]\ntopic = \"{transport}/#\"\nremote_prefix = \"tx/\"\nqos = 1\n"
+        ));
+    }
+    let ldir = TestDir::new("bridge-local");
+    let local = start(&ldir, &config, &[]);
+    let lpub = publisher(local.addr(), "lpub");
+    for transport in ["mqtts", "ws", "wss"] {
+        wait_connected(&local, &format!("via-{transport}"));
+        lpub.publish(
+            format!("{transport}/m"),
+            qos(1),
+            false,
+            transport.to_owned(),
+        )
+        .expect("publish");
+    }
+    let mut got: Vec<(String, String)> = collect(&rx, 3, WAIT)
+        .into_iter()
+        .map(|m| (m.0, m.1))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("tx/mqtts/m".to_owned(), "mqtts".to_owned()),
+            ("tx/ws/m".to_owned(), "ws".to_owned()),
+            ("tx/wss/m".to_owned(), "wss".to_owned()),
+        ]
+    );
+    // A bridge whose CA does not sign the remote's certificate never connects.
+    let other = Ca::new("another CA");
+    std::fs::write(format!("{d}/other.pem"), &other.pem).unwrap();
+    let addr = hostport(&remote.url("mqtts"));
+    let bad = format!(
+        "[[bridge]]\nname = \"wrong-ca\"\naddress = \"{addr}\"\ntransport = \"mqtts\"\n\
+         ca_file = \"{d}/other.pem\"\nsni = \"localhost\"\n[[bridge.out]]\ntopic = \"x\"\n"
+    );
+    let bdir = TestDir::new("bridge-bad-ca");
+    let badb = start(&bdir, &bad, &[]);
+    eventually("the TLS failure is recorded", WAIT, || {
+        bridge_value(&badb, "wrong-ca", "tessera_bridge_connect_failures_total") >= 1.0
+    });
+    assert_eq!(bridge_value(&badb, "wrong-ca", "tessera_bridge_up"), 0.0);
 }

@@ -29,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Broker, Closed, RawClient, TestDir, connect_packet, id_on_shard, publish_packet};
+use common::{
+    Broker, Closed, RawClient, Received, TestDir, connect_packet, id_on_shard, publish_packet,
+};
 use tessera_proto::{Packet, ProtocolVersion, PubRel, QoS, ReasonCode};
 
 const V4: ProtocolVersion = ProtocolVersion::V3_1_1;
@@ -37,15 +39,6 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn start(dir: &TestDir, envs: &[(&str, &str)]) -> Broker {
     Broker::start_with(&["--data-dir", dir.path_str(), "--shards", "2"], envs)
-}
-
-/// What the subscriber received, QoS 2 re-sends removed.
-#[derive(Default)]
-struct Received {
-    /// Payloads in arrival order.
-    payloads: Vec<String>,
-    /// QoS 2 packet ids received and not yet released by PUBREL.
-    qos2_open: HashSet<u16>,
 }
 
 /// A subscriber session (3.1.1, clean session 0) connected until `stop`,
@@ -70,25 +63,10 @@ impl Subscriber {
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline && !stopping.load(Ordering::Relaxed) {
                 let reply = match c.try_recv(Duration::from_millis(50)) {
-                    Ok(Packet::Publish(p)) if p.qos == QoS::AtLeastOnce => {
-                        let text = String::from_utf8(p.payload.to_vec()).expect("UTF-8");
-                        log.lock().unwrap().payloads.push(text);
-                        Packet::PubAck(tessera_proto::PubAck::new(p.packet_id))
-                    }
-                    Ok(Packet::Publish(p)) => {
-                        let mut log = log.lock().unwrap();
-                        // A re-send of a message not yet released is not new.
-                        if log.qos2_open.insert(p.packet_id) {
-                            let text = String::from_utf8(p.payload.to_vec()).expect("UTF-8");
-                            log.payloads.push(text);
-                        }
-                        Packet::PubRec(tessera_proto::PubRec::new(p.packet_id))
-                    }
-                    Ok(Packet::PubRel(r)) => {
-                        log.lock().unwrap().qos2_open.remove(&r.packet_id);
-                        Packet::PubComp(tessera_proto::PubComp::new(r.packet_id))
-                    }
-                    Ok(other) => panic!("subscriber got {other:?}"),
+                    Ok(p) => match log.lock().unwrap().answer(p) {
+                        Some(reply) => reply,
+                        None => continue,
+                    },
                     Err(Closed::Timeout) => continue,
                     Err(Closed::Eof) => return, // the broker died
                 };

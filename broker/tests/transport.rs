@@ -16,13 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Broker, id_on_shard};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-};
+use common::{Broker, Ca, id_on_shard};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
+use rustls::pki_types::pem::PemObject;
 use tokio::sync::mpsc;
 
 /// Bound for one client operation (connect, one message).
@@ -30,48 +28,6 @@ const STEP: Duration = Duration::from_secs(5);
 
 /// Largest packet the test clients send or accept (rumqttc's default is 10 KiB).
 const MESSAGE_BYTES_MAX: usize = 256 * 1024;
-
-/// A certificate authority that signs server and client certificates.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca {
-            pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate for `names` (SANs) with Common Name `cn`: (cert PEM, key PEM).
-    fn sign(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        if client {
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn roots(&self) -> rustls::RootCertStore {
-        let mut roots = rustls::RootCertStore::empty();
-        let der = rustls::pki_types::CertificateDer::from_pem_slice(self.pem.as_bytes()).unwrap();
-        roots.add(der).unwrap();
-        roots
-    }
-}
-
-use rustls::pki_types::pem::PemObject;
 
 /// A fresh directory for one test's files.
 fn dir(test: &str) -> PathBuf {

@@ -844,7 +844,7 @@ mod tests {
                 r.path.join("/")
             );
         }
-        assert_eq!(paths.len(), 18, "a path in the OpenAPI file has no route");
+        assert_eq!(paths.len(), 19, "a path in the OpenAPI file has no route");
     }
 
     #[test]

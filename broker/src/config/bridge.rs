@@ -564,7 +564,7 @@ mod tests {
                 "out[1].topic: subscribes to \"a/#\" like out[0]",
             ),
             (
-                format!("{BASE}address = \"nohost\"\n{OUT}"),
+                format!("[[bridge]]\nname = \"cloud\"\naddress = \"nohost\"\n{OUT}"),
                 "address: \"nohost\"",
             ),
             (

@@ -16,7 +16,7 @@
 
 pub mod cluster;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -761,5 +761,90 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a persistent subscriber received, QoS 2 re-sends removed.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Payloads (UTF-8) in arrival order.
+    pub payloads: Vec<String>,
+    /// QoS 2 packet ids received and not yet released by PUBREL.
+    pub qos2_open: HashSet<u16>,
+}
+
+impl Received {
+    /// Records a packet a subscriber got as a receiver must (a QoS 2 PUBLISH
+    /// whose id it holds unreleased is a re-send, not a new message) and
+    /// returns the answer to send (`None` for QoS 0); panics on a packet a
+    /// subscriber never gets.
+    pub fn answer(&mut self, p: Packet) -> Option<Packet> {
+        match p {
+            Packet::Publish(p) if p.qos == QoS::ExactlyOnce => {
+                if self.qos2_open.insert(p.packet_id) {
+                    self.payloads
+                        .push(String::from_utf8(p.payload.to_vec()).expect("UTF-8"));
+                }
+                Some(Packet::PubRec(tessera_proto::PubRec::new(p.packet_id)))
+            }
+            Packet::Publish(p) => {
+                self.payloads
+                    .push(String::from_utf8(p.payload.to_vec()).expect("UTF-8"));
+                (p.qos == QoS::AtLeastOnce)
+                    .then(|| Packet::PubAck(tessera_proto::PubAck::new(p.packet_id)))
+            }
+            Packet::PubRel(r) => {
+                self.qos2_open.remove(&r.packet_id);
+                Some(Packet::PubComp(tessera_proto::PubComp::new(r.packet_id)))
+            }
+            other => panic!("subscriber got {other:?}"),
+        }
+    }
+}
+
+/// A certificate authority that signs server and client certificates.
+pub struct Ca {
+    /// The CA certificate, PEM.
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    /// A self-signed CA named `name`.
+    pub fn new(name: &str) -> Ca {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names` (SANs) with Common Name `cn`: (cert PEM, key PEM).
+    pub fn sign(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        if client {
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// The CA as a rustls root store.
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        let der = <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(self.pem.as_bytes()).unwrap();
+        roots.add(der).unwrap();
+        roots
     }
 }
