@@ -23,6 +23,7 @@
 //! link's Forward channel; requests from other nodes reach them through
 //! [`peer::ForwardService`] (see [`peer`]).
 
+pub mod metrics;
 pub mod peer;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,6 +40,7 @@ use tessera_raft::{
 };
 
 use crate::config::ClusterConfig;
+use metrics::{SessionMetrics, SessionMetricsSnapshot};
 use peer::{ForwardService, PeerCall, PeerCalls, PeerRequest};
 
 /// Requests from the admin thread waiting for the control thread.
@@ -78,6 +80,8 @@ pub struct ClusterView {
     pub metrics: ClusterMetrics,
     /// The data plane's forwarder counters (`crate::forward`), once it runs.
     pub forward: Option<Arc<crate::forward::ForwardMetrics>>,
+    /// Session-ownership metrics of this node's shards.
+    pub sessions: SessionMetricsSnapshot,
 }
 
 /// A membership change asked for by an operator.
@@ -125,6 +129,8 @@ pub struct ClusterPort {
     pub handle: ClusterHandle,
     /// Calls to other nodes on the Forward channel.
     pub peers: PeerCalls,
+    /// Session-ownership metrics, shared by the shards.
+    pub sessions: Arc<SessionMetrics>,
 }
 
 /// The running control thread. Shared with the admin thread.
@@ -238,6 +244,7 @@ impl ClusterNode {
                     node_id,
                     handle,
                     peers,
+                    sessions: Arc::new(SessionMetrics::default()),
                 },
                 requests,
                 forward: Mutex::new(None),
@@ -278,6 +285,7 @@ impl ClusterNode {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        view.sessions = self.port.sessions.snapshot();
         Some(view)
     }
 
@@ -442,6 +450,7 @@ async fn answer(cp: Arc<ControlPlane>, link: Link, request: Request) {
                 peers: link.peers(),
                 metrics: cp.metrics(),
                 forward: None,
+                sessions: SessionMetricsSnapshot::default(),
             });
         }
         Request::Change { change, reply } => {

@@ -60,6 +60,7 @@ use persist::{ShardStore, StoreBoot};
 
 mod accept;
 mod bridge;
+mod claims;
 mod cluster;
 mod conn;
 mod listen;
@@ -71,6 +72,7 @@ pub use read_budget::ReadBudget;
 mod refusals;
 mod remote;
 mod serve;
+mod takeover;
 use accept::accept_connection;
 use mesh::{Envelope, mesh_writer, on_envelope};
 use refusals::{Refusal, RefusalLog};
@@ -663,7 +665,6 @@ impl Shard {
     }
 
     /// The cluster, when attached.
-    #[allow(dead_code)] // used by the data plane's handlers
     fn cluster(&self) -> Option<Rc<cluster::ShardCluster>> {
         self.cluster.borrow().clone()
     }

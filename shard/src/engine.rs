@@ -57,11 +57,13 @@ mod sys_probe;
 #[cfg(test)]
 mod testing;
 mod timers;
+mod transfer;
 
 pub use mqtt5::{Mqtt5Settings, Redirect};
 pub use quota::{Limit, SessionBudget};
 pub use remote::raft_stamp;
 pub use shared::SharedStrategy;
+pub use transfer::TransferError;
 
 /// Named limits of one shard (the broker's `[limits]` config section).
 #[derive(Debug, Clone)]
@@ -441,6 +443,9 @@ pub struct Engine {
     /// Wills of disconnected sessions waiting for their Will Delay Interval;
     /// at most one per session, so bounded by the session count.
     delayed_wills: HashMap<SessionIdx, DelayedWill>,
+    /// ClientIDs of sessions destroyed since the driver last took them; `None`
+    /// unless the driver asked (`transfer`, a cluster node releases ownership).
+    ended_sessions: Option<Vec<Str>>,
     /// Shared subscriptions: the share table replica and local memberships.
     shared: shared::ShareTable,
     next_token: u64,
@@ -528,6 +533,7 @@ impl Engine {
             routes_unacked: HashMap::new(),
             suback_dependents: HashMap::new(),
             delayed_wills: HashMap::new(),
+            ended_sessions: None,
             shared: shared::ShareTable::new(shard),
             next_token: 1,
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -854,6 +860,9 @@ impl Engine {
             self.remove_local_subscription(filter, idx);
         }
         self.by_client_id.remove(&s.client_id);
+        if let Some(ended) = &mut self.ended_sessions {
+            ended.push(s.client_id.clone());
+        }
         self.session_gone();
         self.free_sessions.push(idx);
         self.bp_session_offline(now_ms, idx);

@@ -367,6 +367,16 @@ impl Session {
         }
     }
 
+    /// The next outbound packet id to try (moves with the session to another node).
+    pub fn next_packet_id(&self) -> u16 {
+        self.next_packet_id
+    }
+
+    /// Sets the next outbound packet id to try (0 is taken as 1).
+    pub fn set_next_packet_id(&mut self, id: u16) {
+        self.next_packet_id = id.max(1);
+    }
+
     /// Position of the in-flight delivery with `packet_id`.
     pub fn inflight_position(&self, packet_id: u16) -> Option<usize> {
         self.inflight.iter().position(|i| i.packet_id == packet_id)

@@ -345,6 +345,7 @@ pub fn render_metrics(view: &ClusterView, out: &mut String) {
             p.id, p.calls_failed
         );
     }
+    render_session_metrics(&view.sessions, out);
     if let Some(f) = &view.forward {
         render_forward(f, out);
     }
@@ -430,5 +431,61 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
         "counter",
         "Route barriers answered for other nodes.",
         f.barriers.load(Relaxed),
+    );
+}
+
+/// The data plane's session-ownership metrics (issue 15).
+fn render_session_metrics(m: &crate::cluster::metrics::SessionMetricsSnapshot, out: &mut String) {
+    let counters: [(&str, &str, u64); 8] = [
+        (
+            "tessera_cluster_session_claims_total",
+            "CONNECTs that needed a raft claim and got it.",
+            m.claims,
+        ),
+        (
+            "tessera_cluster_session_claims_held_total",
+            "CONNECTs served by a claim this node already held (no raft write).",
+            m.claims_held,
+        ),
+        (
+            "tessera_cluster_session_claims_refused_total",
+            "CONNECTs refused with 0x88 / 0x03 because no claim committed in time.",
+            m.claims_refused,
+        ),
+        (
+            "tessera_cluster_session_releases_total",
+            "Claims released after their session ended here.",
+            m.releases,
+        ),
+        (
+            "tessera_cluster_session_takeovers_total",
+            "Claims that took a ClientID over from another node.",
+            m.takeovers,
+        ),
+        (
+            "tessera_cluster_session_takeover_failures_total",
+            "Takeovers whose session could not be fetched or imported.",
+            m.takeover_failures,
+        ),
+        (
+            "tessera_cluster_sessions_exported_total",
+            "Sessions handed out to another node.",
+            m.sessions_exported,
+        ),
+        (
+            "tessera_cluster_sessions_taken_over_here_total",
+            "Live connections ended here because another node claimed their ClientID.",
+            m.taken_over_here,
+        ),
+    ];
+    for (name, help, value) in counters {
+        metric(out, name, "counter", help, value);
+    }
+    histogram(
+        out,
+        "tessera_cluster_session_takeover_seconds",
+        "From the new owner's committed claim to the session imported (cross-node takeover).",
+        &m.takeover_us,
+        1e-6,
     );
 }

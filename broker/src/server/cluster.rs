@@ -25,7 +25,7 @@ use std::rc::Rc;
 use tessera_raft::{AppliedEntry, AppliedEvent, ClusterHandle};
 use tracing::{debug, info, warn};
 
-use super::Shard;
+use super::{Shard, claims, takeover};
 use crate::cluster::ClusterPort;
 use crate::cluster::peer::{PeerKind, PeerRequest};
 
@@ -80,11 +80,18 @@ pub(crate) struct ShardCluster {
     pub(crate) port: ClusterPort,
     /// The highest log index this shard has reacted to.
     pub(crate) applied: Cell<u64>,
+    /// This shard's claims on the ClientIDs it owns (`claims`).
+    pub(crate) claims: claims::Claims,
 }
 
 impl ShardCluster {
     pub(crate) fn handle(&self) -> &ClusterHandle {
         &self.port.handle
+    }
+
+    /// This node no longer holds `client_id` (it handed the session out).
+    pub(crate) fn forget_claim(&self, client_id: &str) {
+        self.claims.forget(client_id);
     }
 }
 
@@ -103,7 +110,10 @@ pub(super) async fn run(shard: Rc<Shard>, ends: ClusterEnds) {
     let cluster = Rc::new(ShardCluster {
         applied: Cell::new(port.handle.applied_index()),
         port,
+        claims: claims::Claims::default(),
     });
+    // Sessions that end here have their claims released (`claims::tick`).
+    shard.engine.borrow_mut().track_session_ends();
     *shard.cluster.borrow_mut() = Some(cluster.clone());
     debug!(
         shard = shard.id,
@@ -112,6 +122,7 @@ pub(super) async fn run(shard: Rc<Shard>, ends: ClusterEnds) {
     );
     resync(&shard, &cluster);
     glommio::spawn_local(serve_requests(shard.clone(), requests)).detach();
+    glommio::spawn_local(tick(shard.clone(), cluster.clone())).detach();
     applied_events(shard, cluster, events).await;
 }
 
@@ -168,7 +179,16 @@ fn resync(shard: &Shard, cluster: &ShardCluster) {
 
 /// One committed entry, in log order, on every shard of this node.
 fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedEntry) {
-    let _ = (shard, cluster, entry);
+    claims::on_applied(shard, cluster, entry);
+}
+
+/// Time-driven cluster work of the shard (lazy releases of claims).
+async fn tick(shard: Rc<Shard>, cluster: Rc<ShardCluster>) {
+    while !shard.stopping() {
+        glommio::timer::sleep(super::TICK).await;
+        claims::tick(&shard, &cluster);
+        shard.flush_outbox();
+    }
 }
 
 async fn serve_requests(shard: Rc<Shard>, requests: flume::Receiver<PeerRequest>) {
@@ -182,12 +202,9 @@ async fn serve_requests(shard: Rc<Shard>, requests: flume::Receiver<PeerRequest>
 fn on_peer_request(shard: &Rc<Shard>, req: PeerRequest) {
     match req.envelope.kind {
         PeerKind::Publish => super::remote::on_request(shard, req),
+        // Served on its own task: it may wait for this node to apply the claim.
         PeerKind::Session => {
-            let _ = shard;
-            let _ = req.reply.send(Err(format!(
-                "this node does not serve {:?} requests",
-                req.envelope.kind
-            )));
+            glommio::spawn_local(takeover::serve_fetch(shard.clone(), req)).detach();
         }
     }
 }

@@ -41,7 +41,7 @@ pub(super) type StoreSlot = Option<(StoreHandle, Recovered, bool)>;
 /// Every shard's slot, taken by shard id (the mesh id, known after joining).
 pub(super) type StoreBoot = Arc<Mutex<Vec<StoreSlot>>>;
 
-fn unix_ms() -> u64 {
+pub(super) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::accept::refuse;
 use super::refusals::Refusal;
-use super::{Shard, conn, now_ms, refused_early, warn_refusal};
+use super::{Shard, claims, conn, now_ms, refused_early, warn_refusal};
 use crate::config::ListenerId;
 use crate::transport::Transport;
 
@@ -82,14 +82,17 @@ pub(super) async fn serve(
     }
     // In a cluster, nothing is served before the control plane runs (the data plane's
     // guarantees need it): refused as unavailable, counted, never a hang.
-    if shard.clustered && shard.cluster.borrow().is_none() {
-        let unavailable = ReasonCode::ServerUnavailable;
-        shard
-            .engine
-            .borrow_mut()
-            .probe_mut()
-            .connect_result(unavailable);
-        return refuse(stream, version, unavailable).await;
+    // With the control plane: this node must hold the ClientID in the committed raft
+    // state (a new claim, and the session fetched from its old owner, or one it holds).
+    if shard.clustered {
+        let claimed = match shard.cluster() {
+            Some(cluster) => claims::claim(&shard, &cluster, &connect).await,
+            None => Err(ReasonCode::ServerUnavailable),
+        };
+        if let Err(rc) = claimed {
+            shard.engine.borrow_mut().probe_mut().connect_result(rc);
+            return refuse(stream, version, rc).await;
+        }
     }
     shard.connections.set(shard.connections.get() + 1);
     // What the accepting shard read: the CONNECT and the bytes after it.

@@ -433,78 +433,18 @@ impl Engine {
             self.apply_retain(now_ms, topic, Some(m), (0, 0));
         }
         let mut wills_now = Vec::new();
-        let head_max = self.limits.queue_head_count_max;
-        for rs in r.sessions {
+        for mut rs in r.sessions {
             assert_eq!(
                 shard_for(rs.client_id.as_bytes(), self.shard_count),
                 usize::from(self.shard),
                 "recovery gives each shard its own sessions"
             );
-            let idx = self.new_session_for(rs.client_id.clone(), rs.version);
-            let uid = self.session(idx).uid;
-            let expiry_s_max = self.limits.session_expiry_s_max;
             let was_connected = rs.disconnected_at_ms.is_none();
-            {
-                let s = self.session_mut(idx);
-                // A lowered `session_expiry_s_max` applies to stored sessions too.
-                s.expiry_interval_s = rs.expiry_interval_s.min(expiry_s_max);
-                s.disconnected_at_ms = Some(rs.disconnected_at_ms.unwrap_or(now_ms));
-                s.stored = true;
-                s.inbound_qos2 = rs.inbound_qos2;
-                let mut max_seq = 0;
-                for (state, packet_id, d) in rs.deliveries {
-                    max_seq = max_seq.max(d.seq);
-                    match state {
-                        // The head in memory, the rest stays on disk.
-                        STATE_QUEUED
-                            if s.queue.disk_len() == 0 && s.queue.head_len() < head_max =>
-                        {
-                            s.queue.push_back(d)
-                        }
-                        STATE_QUEUED => s.queue.push_disk(&d),
-                        STATE_RELEASED => s.inflight.push_back(Inflight {
-                            packet_id,
-                            delivery: d,
-                            state: InflightState::Released,
-                        }),
-                        _ => s.inflight.push_back(Inflight {
-                            packet_id,
-                            delivery: d,
-                            state: InflightState::Published,
-                        }),
-                    }
-                }
-                s.next_seq = max_seq + 1;
-                let (head, disk) = (s.queue.head_bytes(), s.queue.disk_bytes());
-                self.queue_mem_bytes += head;
-                self.queue_disk_bytes += disk;
-            }
-            for (filter, entry) in rs.subscriptions {
-                self.session_mut(idx)
-                    .subscriptions
-                    .insert(filter.clone(), entry);
-                if topic::is_shared(&filter) {
-                    let token = self.next_token;
-                    self.next_token += 1;
-                    self.shared_subscribe(idx, &filter, entry, token);
-                } else {
-                    self.subscriptions.insert(&filter, idx, entry);
-                    self.routes.insert(&filter, self.shard, ());
-                }
-            }
-            self.arm_session_expiry(idx);
-            if let Some((due_ms, will)) = rs.delayed_will {
-                self.delay_will(
-                    idx,
-                    DelayedWill {
-                        due_ms,
-                        will,
-                        origin: uid,
-                    },
-                );
-            }
+            let will = rs.will.take();
+            let idx = self.restore_one(now_ms, rs, true);
             if was_connected {
-                if let Some(w) = rs.will {
+                if let Some(w) = will {
+                    let uid = self.session(idx).uid;
                     wills_now.push((idx, w, uid));
                 }
                 // Record the disconnect time and that the will is gone.
@@ -528,10 +468,87 @@ impl Engine {
             }
         }
     }
+
+    /// Creates session `rs` on this shard as stored (`stored`: its deliveries are in
+    /// this shard's store, so a queue beyond the head stays on disk) or as moved here
+    /// from another node (`!stored`: everything in memory; the caller stores it).
+    /// Its will (of a connection that ended elsewhere) is the caller's.
+    pub(super) fn restore_one(
+        &mut self,
+        now_ms: u64,
+        rs: crate::store::RecoveredSession,
+        stored: bool,
+    ) -> SessionIdx {
+        let head_max = self.limits.queue_head_count_max;
+        let idx = self.new_session_for(rs.client_id.clone(), rs.version);
+        let uid = self.session(idx).uid;
+        let expiry_s_max = self.limits.session_expiry_s_max;
+        {
+            let s = self.session_mut(idx);
+            // A lowered `session_expiry_s_max` applies to stored sessions too.
+            s.expiry_interval_s = rs.expiry_interval_s.min(expiry_s_max);
+            s.disconnected_at_ms = Some(rs.disconnected_at_ms.unwrap_or(now_ms));
+            s.stored = stored;
+            s.inbound_qos2 = rs.inbound_qos2;
+            let mut max_seq = 0;
+            for (state, packet_id, d) in rs.deliveries {
+                max_seq = max_seq.max(d.seq);
+                match state {
+                    // The head in memory, the rest stays on disk.
+                    STATE_QUEUED
+                        if !stored
+                            || (s.queue.disk_len() == 0 && s.queue.head_len() < head_max) =>
+                    {
+                        s.queue.push_back(d)
+                    }
+                    STATE_QUEUED => s.queue.push_disk(&d),
+                    STATE_RELEASED => s.inflight.push_back(Inflight {
+                        packet_id,
+                        delivery: d,
+                        state: InflightState::Released,
+                    }),
+                    _ => s.inflight.push_back(Inflight {
+                        packet_id,
+                        delivery: d,
+                        state: InflightState::Published,
+                    }),
+                }
+            }
+            s.next_seq = max_seq + 1;
+            let (head, disk) = (s.queue.head_bytes(), s.queue.disk_bytes());
+            self.queue_mem_bytes += head;
+            self.queue_disk_bytes += disk;
+        }
+        for (filter, entry) in rs.subscriptions {
+            self.session_mut(idx)
+                .subscriptions
+                .insert(filter.clone(), entry);
+            if topic::is_shared(&filter) {
+                let token = self.next_token;
+                self.next_token += 1;
+                self.shared_subscribe(idx, &filter, entry, token);
+            } else {
+                self.subscriptions.insert(&filter, idx, entry);
+                self.routes.insert(&filter, self.shard, ());
+            }
+        }
+        self.arm_session_expiry(idx);
+        if let Some((due_ms, will)) = rs.delayed_will {
+            self.delay_will(
+                idx,
+                DelayedWill {
+                    due_ms,
+                    will,
+                    origin: uid,
+                },
+            );
+        }
+        idx
+    }
 }
 
 /// The stored form of a session's state.
-fn session_state(s: &Session) -> SessionState {
+pub(super) fn session_state(s: &Session) -> SessionState {
     SessionState {
         client_id: s.client_id.clone(),
         version: s.version,

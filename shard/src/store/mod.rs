@@ -350,22 +350,7 @@ pub(crate) fn apply(
     use record::*;
     match op {
         StoreOp::PutSession(s) => {
-            let rec = SessionRec {
-                client_id: s.client_id.as_str().to_owned(),
-                level: s.version.level(),
-                expiry_interval_s: s.expiry_interval_s,
-                disconnected_at_wall_ms: s.disconnected_at_ms.map(|t| to_wall(t, wall_base_ms)),
-                subscriptions: s
-                    .subscriptions
-                    .iter()
-                    .map(|(f, e)| SubRec {
-                        filter: f.as_str().to_owned(),
-                        options: options_byte(e.options),
-                        subscription_id: e.subscription_id,
-                    })
-                    .collect(),
-                will: s.will.as_ref().map(will_rec),
-            };
+            let rec = session_rec(s, wall_base_ms);
             dbs.sessions
                 .put(txn, &text_key(s.client_id.as_bytes()), &encode(&rec))
         }

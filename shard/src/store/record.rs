@@ -110,6 +110,24 @@ pub struct DelayedWillRec {
     pub will: WillRec,
 }
 
+/// A whole session as it moves to another node at a cross-node takeover (issue 15):
+/// the store's records, so the wire format is the storage format (versioned, checked).
+#[derive(Archive, Serialize, Deserialize, Debug, PartialEq)]
+pub struct TransferRec {
+    /// Subscriptions, expiry, protocol level (its `will` is always `None`: the
+    /// connection ended before the export).
+    pub session: SessionRec,
+    /// In-flight deliveries in send order (`STATE_PUBLISHED` / `STATE_RELEASED` with
+    /// their packet ids), then the queue in order (`STATE_QUEUED`).
+    pub deliveries: Vec<DeliveryRec>,
+    /// Inbound QoS 2 packet ids awaiting PUBREL.
+    pub inbound_qos2: Vec<u16>,
+    /// A will waiting for its delay.
+    pub delayed_will: Option<DelayedWillRec>,
+    /// The next outbound packet id the session would use.
+    pub next_packet_id: u16,
+}
+
 /// Why a stored value could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -318,6 +336,26 @@ pub fn will(r: WillRec) -> Result<Will, DecodeError> {
 }
 
 /// The options byte of a subscription (MQTT 5 layout).
+/// The stored form of a session's state.
+pub fn session_rec(s: &crate::store::SessionState, wall_base_ms: u64) -> SessionRec {
+    SessionRec {
+        client_id: s.client_id.as_str().to_owned(),
+        level: s.version.level(),
+        expiry_interval_s: s.expiry_interval_s,
+        disconnected_at_wall_ms: s.disconnected_at_ms.map(|t| to_wall(t, wall_base_ms)),
+        subscriptions: s
+            .subscriptions
+            .iter()
+            .map(|(f, e)| SubRec {
+                filter: f.as_str().to_owned(),
+                options: options_byte(e.options),
+                subscription_id: e.subscription_id,
+            })
+            .collect(),
+        will: s.will.as_ref().map(will_rec),
+    }
+}
+
 pub fn options_byte(o: SubscriptionOptions) -> u8 {
     (o.qos as u8)
         | (u8::from(o.no_local) << 2)

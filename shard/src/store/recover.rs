@@ -531,9 +531,31 @@ fn restore_session(
     wall_base_ms: u64,
 ) -> Result<RecoveredSession, record::DecodeError> {
     messages.sort_unstable_by_key(|m| m.0);
+    recovered_session(
+        rec,
+        messages
+            .into_iter()
+            .map(|(seq, r, _, _)| (seq, r))
+            .collect(),
+        inbound.into_iter().map(|(pid, _)| pid).collect(),
+        will.map(|(w, _)| w),
+        wall_base_ms,
+    )
+}
+
+/// A session in engine types from its records (the store's at start-up, or a peer's
+/// at a takeover): deliveries in order with their sequence numbers. Every field is
+/// checked; a bad one is an error, never a panic.
+pub(crate) fn recovered_session(
+    rec: record::SessionRec,
+    messages: Vec<(u64, record::DeliveryRec)>,
+    inbound_qos2: Vec<u16>,
+    delayed_will: Option<record::DelayedWillRec>,
+    wall_base_ms: u64,
+) -> Result<RecoveredSession, record::DecodeError> {
     let deliveries = messages
         .into_iter()
-        .map(|(seq, r, _, _)| {
+        .map(|(seq, r)| {
             let (state, pid) = (r.state, r.packet_id);
             record::delivery(r, seq, wall_base_ms).map(|d| (state, pid, d))
         })
@@ -552,10 +574,10 @@ fn restore_session(
             .map(record::subscription)
             .collect::<Result<_, _>>()?,
         deliveries,
-        inbound_qos2: inbound.into_iter().map(|(pid, _)| pid).collect(),
+        inbound_qos2,
         will: rec.will.map(record::will).transpose()?,
-        delayed_will: will
-            .map(|(w, _)| {
+        delayed_will: delayed_will
+            .map(|w| {
                 record::will(w.will)
                     .map(|will| (record::to_broker(w.due_wall_ms, wall_base_ms), will))
             })

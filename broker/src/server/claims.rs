@@ -1,0 +1,272 @@
+//! One live session per ClientID, cluster-wide (issue 15, guarantee 1): a shard's
+//! claims on the ClientIDs it owns, taken at CONNECT, released lazily, and given up when
+//! another node's claim commits.
+//!
+//! - **At CONNECT** ([`claim`]), on the ClientID's owner shard, before the engine sees
+//!   the CONNECT: a ClientID this node already holds (and is not releasing) costs no raft
+//!   write, as long as this node knows a leader; otherwise `ClaimSession` is proposed
+//!   (the node's batcher puts every shard's claims into one entry) and the CONNECT waits
+//!   for it to be applied here, at most [`CLAIM_TIMEOUT`]. No leader, a full proposal
+//!   queue or the timeout: CONNACK 0x88 (v5) / 0x03 (3.1.1), never a hang. A claim whose
+//!   previous owner is another node is a takeover (`takeover::fetch`).
+//! - **Applied claims** ([`on_applied`]): every node applies every claim; the owner
+//!   shard of the ClientID on the old owner's node ends the live connection there (v5
+//!   DISCONNECT 0x8E) at once, whether or not the new owner's fetch ever comes.
+//! - **Release** ([`tick`]): a session that ended here (the engine reports it) is
+//!   released after [`RELEASE_LINGER_MS`] without a new session, so a client that
+//!   reconnects soon costs no raft write. The release carries the claim's epoch and is
+//!   a no-op in the state machine if a newer claim exists. While a release is on its
+//!   way, a CONNECT claims again instead of trusting the old claim.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tessera_proto::{Connect, ReasonCode};
+use tessera_raft::{AppliedEntry, ClusterError, Op, OpResult};
+use tracing::{debug, warn};
+
+use super::cluster::ShardCluster;
+use super::{Shard, now_ms, takeover};
+use crate::cluster::metrics::SessionMetrics;
+
+/// Longest a CONNECT waits for its claim to be applied before 0x88 / 0x03.
+pub(super) const CLAIM_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a claim outlives its session before it is released.
+pub(super) const RELEASE_LINGER_MS: u64 = 5_000;
+
+/// Where the release of a claim stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// The session ended; released at this engine time unless a session comes back.
+    Due(u64),
+    /// Proposed; the claim is not trusted until a new claim replaces it.
+    Proposed,
+}
+
+/// The claims of one shard (on ClientIDs it owns by hash).
+#[derive(Debug, Default)]
+pub(crate) struct Claims {
+    /// ClientID -> epoch of this node's committed claim.
+    held: RefCell<HashMap<String, u64>>,
+    /// Claims on their way out.
+    releasing: RefCell<HashMap<String, Release>>,
+}
+
+impl Claims {
+    /// The epoch of this node's claim, if it holds one it can serve a CONNECT with. A
+    /// release not yet proposed is called off; one proposed makes the claim unusable.
+    fn usable(&self, client_id: &str) -> Option<u64> {
+        let mut releasing = self.releasing.borrow_mut();
+        match releasing.get(client_id) {
+            Some(Release::Proposed) => return None,
+            Some(Release::Due(_)) => {
+                releasing.remove(client_id);
+            }
+            None => {}
+        }
+        self.held.borrow().get(client_id).copied()
+    }
+
+    /// Records this node's committed claim (the newest epoch wins).
+    fn hold(&self, client_id: &str, epoch: u64) {
+        let mut held = self.held.borrow_mut();
+        let e = held.entry(client_id.to_owned()).or_insert(epoch);
+        *e = (*e).max(epoch);
+        drop(held);
+        self.releasing.borrow_mut().remove(client_id);
+    }
+
+    /// The claim is gone (another node's claim, or our release, committed).
+    pub(super) fn forget(&self, client_id: &str) {
+        self.held.borrow_mut().remove(client_id);
+        self.releasing.borrow_mut().remove(client_id);
+    }
+
+    /// How many ClientIDs this shard holds claims on.
+    #[allow(dead_code)] // for the admin listing
+    pub(crate) fn count(&self) -> usize {
+        self.held.borrow().len()
+    }
+}
+
+/// The refusal for "no claim": 0x88 in v5, return code 3 in 3.1.1 (the encoder maps
+/// `ServerUnavailable` to the version's code).
+const UNAVAILABLE: ReasonCode = ReasonCode::ServerUnavailable;
+
+/// Makes sure this node holds `connect`'s ClientID in the committed raft state before
+/// the engine accepts the CONNECT; imports the session from its old owner when another
+/// node held it. `Err` is the CONNACK code to refuse with.
+pub(super) async fn claim(
+    shard: &Rc<Shard>,
+    cluster: &ShardCluster,
+    connect: &Connect,
+) -> Result<(), ReasonCode> {
+    let client_id = connect.client_id.as_str();
+    let me = cluster.port.node_id;
+    let metrics = &cluster.port.sessions;
+    if cluster.claims.usable(client_id).is_some() && cluster.handle().leader().is_some() {
+        SessionMetrics::add(&metrics.claims_held);
+        return Ok(());
+    }
+    // After a restart, the committed table knows what this node held.
+    if !cluster.claims.releasing.borrow().contains_key(client_id)
+        && cluster.handle().leader().is_some()
+        && let Ok(Ok(Some(owner))) = cluster.handle().tables().map(|t| t.owner(client_id))
+        && owner.node == me
+    {
+        cluster.claims.hold(client_id, owner.epoch);
+        SessionMetrics::add(&metrics.claims_held);
+        return Ok(());
+    }
+    let refused = |why: &dyn std::fmt::Display| {
+        SessionMetrics::add(&metrics.claims_refused);
+        debug!(shard = shard.id, client_id, "claim refused: {why}");
+        UNAVAILABLE
+    };
+    let pending = cluster
+        .handle()
+        .propose(Op::ClaimSession {
+            client_id: client_id.to_owned(),
+            node: me,
+        })
+        .map_err(|e| refused(&e))?;
+    let wait = async { Some(pending.wait().await) };
+    let expire = async {
+        glommio::timer::sleep(CLAIM_TIMEOUT).await;
+        None
+    };
+    let applied = match futures_lite::future::or(wait, expire).await {
+        None => return Err(refused(&"no answer within the claim timeout")),
+        Some(Err(e)) => return Err(refused(&e)),
+        Some(Ok(applied)) => applied,
+    };
+    let OpResult::Claimed { epoch, previous } = applied.result else {
+        return Err(refused(&ClusterError::Refused(format!(
+            "unexpected claim result {:?}",
+            applied.result
+        ))));
+    };
+    SessionMetrics::add(&metrics.claims);
+    cluster.claims.hold(client_id, epoch);
+    if let Some(previous) = previous
+        && previous.node != me
+    {
+        SessionMetrics::add(&metrics.takeovers);
+        let started = Instant::now();
+        takeover::fetch(shard, cluster, connect, epoch, previous.node).await;
+        metrics.takeover_took(started.elapsed().as_micros() as u64);
+    }
+    Ok(())
+}
+
+/// A committed entry's claims and releases, on the owner shard of each ClientID.
+pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedEntry) {
+    let me = cluster.port.node_id;
+    for (op, result) in &entry.changes {
+        match (op, result) {
+            (Op::ClaimSession { client_id, node }, OpResult::Claimed { epoch, .. }) => {
+                if !owns(shard, client_id) {
+                    continue;
+                }
+                if *node == me {
+                    cluster.claims.hold(client_id, *epoch);
+                } else {
+                    cluster.claims.forget(client_id);
+                    let ended = shard
+                        .engine
+                        .borrow_mut()
+                        .session_taken_over(now_ms(), client_id);
+                    if ended {
+                        SessionMetrics::add(&cluster.port.sessions.taken_over_here);
+                        debug!(
+                            shard = shard.id,
+                            client_id,
+                            new_owner = node,
+                            "session taken over by another node: connection ended"
+                        );
+                    }
+                }
+            }
+            (
+                Op::ReleaseSession {
+                    client_id,
+                    node,
+                    epoch,
+                },
+                OpResult::Released,
+            ) if *node == me
+                && owns(shard, client_id)
+                && cluster.claims.held.borrow().get(client_id) == Some(epoch) =>
+            {
+                cluster.claims.forget(client_id);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn owns(shard: &Shard, client_id: &str) -> bool {
+    tessera_shard::hash::shard_for(client_id.as_bytes(), shard.shard_count) == shard.id
+}
+
+/// Releases the claims of sessions that ended here and stayed gone for
+/// [`RELEASE_LINGER_MS`]. Called every shard tick.
+pub(super) fn tick(shard: &Shard, cluster: &ShardCluster) {
+    let now = now_ms();
+    let ended = shard.engine.borrow_mut().take_ended_sessions();
+    let claims = &cluster.claims;
+    for client_id in ended {
+        if claims.held.borrow().contains_key(client_id.as_str()) {
+            claims.releasing.borrow_mut().insert(
+                client_id.as_str().to_owned(),
+                Release::Due(now + RELEASE_LINGER_MS),
+            );
+        }
+    }
+    let due: Vec<String> = claims
+        .releasing
+        .borrow()
+        .iter()
+        .filter(|(_, r)| matches!(r, Release::Due(t) if *t <= now))
+        .map(|(c, _)| c.clone())
+        .collect();
+    for client_id in due {
+        if shard.engine.borrow().has_session(&client_id) {
+            // A session came back (a reconnect here): the claim stays.
+            claims.releasing.borrow_mut().remove(&client_id);
+            continue;
+        }
+        let Some(epoch) = claims.held.borrow().get(&client_id).copied() else {
+            claims.releasing.borrow_mut().remove(&client_id);
+            continue;
+        };
+        let op = Op::ReleaseSession {
+            client_id: client_id.clone(),
+            node: cluster.port.node_id,
+            epoch,
+        };
+        match cluster.handle().propose(op) {
+            // The answer is not awaited: the applied entry clears the claim
+            // (`on_applied`); until then the claim is not trusted.
+            Ok(_) => {
+                SessionMetrics::add(&cluster.port.sessions.releases);
+                claims
+                    .releasing
+                    .borrow_mut()
+                    .insert(client_id, Release::Proposed);
+            }
+            Err(e) => {
+                warn!(
+                    shard = shard.id,
+                    client_id, "release not proposed, retrying later: {e}"
+                );
+                claims
+                    .releasing
+                    .borrow_mut()
+                    .insert(client_id, Release::Due(now + RELEASE_LINGER_MS));
+            }
+        }
+    }
+}

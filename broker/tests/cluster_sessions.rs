@@ -1,0 +1,364 @@
+//! Goal: one live session per ClientID across a cluster of real broker processes (issue
+//! 15, guarantee 1), as real MQTT clients (rumqttc v5 and v4) see it:
+//! - a ClientID connected to a second node ends its connection on the first (v5:
+//!   DISCONNECT 0x8E), so exactly one connection stays live; a reconnect to the node
+//!   that owns the session costs no raft write;
+//! - a persistent session with messages in flight and queued at QoS 1 and 2 on node 1 is
+//!   taken over from node 2: CONNACK session present, every message exactly once in
+//!   order, the in-flight ones re-sent with their packet ids;
+//! - without a quorum (2 of 3 nodes killed) a CONNECT that needs a claim is refused
+//!   with 0x88 (v5) / return code 3 (3.1.1) within a bound, never left hanging.
+//!
+//! Method: three `broker` processes (one shard each) started by the shared harness
+//! (`common::cluster`); clients are rumqttc's async clients on a tokio runtime; the
+//! node's `/metrics` shows claims. Every wait is bounded.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::{RECV_TIMEOUT, metric_sum, scrape};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet, Publish};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
+use tokio::time::timeout;
+
+/// A 3-node cluster with an elected leader.
+fn three_nodes(tag: &str) -> Cluster {
+    let mut c = Cluster::new(tag, 3, 3, &[]);
+    for id in 1..=3 {
+        c.start(id, &[], false);
+    }
+    c.wait_for_leader();
+    c
+}
+
+fn options(c: &Cluster, node: u64, id: &str, clean: bool) -> MqttOptions {
+    let addr = c.node(node).addr();
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_start(clean);
+    if !clean {
+        o.set_session_expiry_interval(Some(600));
+    }
+    o
+}
+
+/// Polls until `f` picks an event; panics on a connection error or after the timeout.
+async fn until<T>(events: &mut EventLoop, what: &str, mut f: impl FnMut(&Event) -> Option<T>) -> T {
+    let deadline = Instant::now() + RECV_TIMEOUT * 2;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = match timeout(left, events.poll()).await {
+            Ok(Ok(ev)) => ev,
+            Ok(Err(e)) => panic!("{what}: connection error {e:?}"),
+            Err(_) => panic!("{what}: nothing within {:?}", RECV_TIMEOUT * 2),
+        };
+        if let Some(t) = f(&ev) {
+            return t;
+        }
+    }
+}
+
+/// Connects and returns the client, its event loop and whether a session was present.
+async fn connect(o: MqttOptions, what: &str) -> (AsyncClient, EventLoop, bool) {
+    let (client, mut events) = AsyncClient::new(o, 64);
+    let present = until(&mut events, what, |ev| match ev {
+        Event::Incoming(Packet::ConnAck(a)) => {
+            assert_eq!(a.code, ConnectReturnCode::Success, "{what}: {a:?}");
+            Some(a.session_present)
+        }
+        _ => None,
+    })
+    .await;
+    (client, events, present)
+}
+
+/// Polls until the connection ends; returns the DISCONNECT reason the broker sent, if
+/// any.
+async fn ended(events: &mut EventLoop, what: &str) -> Option<DisconnectReasonCode> {
+    let deadline = Instant::now() + RECV_TIMEOUT * 2;
+    let mut reason = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Disconnect(d)))) => reason = Some(d.reason_code),
+            Ok(Ok(_)) => {}
+            // rumqttc reports a DISCONNECT from the broker as this error.
+            Ok(Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                reason_code,
+                ..
+            }))) => return Some(reason_code),
+            Ok(Err(_)) => return reason,
+            Err(_) => panic!("{what}: still connected after {:?}", RECV_TIMEOUT * 2),
+        }
+    }
+}
+
+/// Whether the connection stays up (answers a round trip) for a while.
+async fn alive(client: &AsyncClient, events: &mut EventLoop, topic: &str, what: &str) {
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    client
+        .publish(topic, QoS::AtLeastOnce, false, "ping")
+        .await
+        .unwrap();
+    until(events, what, |ev| match ev {
+        Event::Incoming(Packet::Publish(p)) if p.payload.as_ref() == b"ping" => Some(()),
+        _ => None,
+    })
+    .await;
+}
+
+fn claims(c: &Cluster, node: u64, name: &str) -> f64 {
+    metric_sum(&scrape(c.node(node).admin_addr()), name, &[])
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_id_connected_to_two_nodes_at_once_ends_with_one_live_connection() {
+    let c = three_nodes("sessions-dup");
+
+    // v5: node 1, then node 2; node 1's connection gets DISCONNECT 0x8E.
+    let (_c1, mut e1, _) = connect(options(&c, 1, "dup-v5", true), "dup-v5 @1").await;
+    let (c2, mut e2, _) = connect(options(&c, 2, "dup-v5", true), "dup-v5 @2").await;
+    assert_eq!(
+        ended(&mut e1, "dup-v5 @1").await,
+        Some(DisconnectReasonCode::SessionTakenOver),
+        "the first connection is told its session was taken over"
+    );
+    drop(e1);
+    alive(&c2, &mut e2, "dup/v5", "dup-v5 @2").await;
+
+    // 3.1.1 (rumqttc v4): node 3 takes the ClientID from node 2; node 2 closes.
+    let o4 = |node: u64| {
+        let addr = c.node(node).addr();
+        let mut o = rumqttc::MqttOptions::new("dup-v4", addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    };
+    let (_a, mut ea) = rumqttc::AsyncClient::new(o4(2), 16);
+    let ack = |ev: &rumqttc::Event| match ev {
+        rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)) => Some(a.code),
+        _ => None,
+    };
+    let code = poll4(&mut ea, "dup-v4 @2", ack).await;
+    assert_eq!(code, rumqttc::ConnectReturnCode::Success);
+    let (b, mut eb) = rumqttc::AsyncClient::new(o4(3), 16);
+    let code = poll4(&mut eb, "dup-v4 @3", ack).await;
+    assert_eq!(code, rumqttc::ConnectReturnCode::Success);
+    let deadline = Instant::now() + RECV_TIMEOUT * 2;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, ea.poll()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+            Err(_) => panic!("dup-v4 @2 still connected after node 3 took the ClientID"),
+        }
+    }
+    drop(ea);
+    b.subscribe("dup/v4", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    b.publish("dup/v4", rumqttc::QoS::AtLeastOnce, false, "ping")
+        .await
+        .unwrap();
+    poll4(&mut eb, "dup-v4 @3 round trip", |ev| match ev {
+        rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => Some(p.payload.clone()),
+        _ => None,
+    })
+    .await;
+
+    // A reconnect to the node that owns the session costs no raft write.
+    let claims_before = claims(&c, 2, "tessera_cluster_session_claims_total");
+    let held_before = claims(&c, 2, "tessera_cluster_session_claims_held_total");
+    c2.disconnect().await.unwrap();
+    let _ = ended(&mut e2, "dup-v5 @2 disconnect").await;
+    drop(e2);
+    let (_c2b, _e2b, _) = connect(options(&c, 2, "dup-v5", true), "dup-v5 @2 again").await;
+    assert_eq!(
+        claims(&c, 2, "tessera_cluster_session_claims_total"),
+        claims_before,
+        "no new claim for a ClientID the node holds"
+    );
+    assert_eq!(
+        claims(&c, 2, "tessera_cluster_session_claims_held_total"),
+        held_before + 1.0
+    );
+}
+
+async fn poll4<T>(
+    events: &mut rumqttc::EventLoop,
+    what: &str,
+    mut f: impl FnMut(&rumqttc::Event) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + RECV_TIMEOUT * 2;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = match timeout(left, events.poll()).await {
+            Ok(Ok(ev)) => ev,
+            Ok(Err(e)) => panic!("{what}: connection error {e:?}"),
+            Err(_) => panic!("{what}: nothing within {:?}", RECV_TIMEOUT * 2),
+        };
+        if let Some(t) = f(&ev) {
+            return t;
+        }
+    }
+}
+
+/// What a subscriber saw of one PUBLISH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Got {
+    payload: String,
+    qos: QoS,
+    pkid: u16,
+    dup: bool,
+}
+
+fn got(p: &Publish) -> Got {
+    Got {
+        payload: String::from_utf8_lossy(&p.payload).into_owned(),
+        qos: p.qos,
+        pkid: p.pkid,
+        dup: p.dup,
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_persistent_session_with_queued_qos1_and_qos2_messages_moves_to_another_node() {
+    let c = three_nodes("sessions-move");
+    const N: usize = 10;
+    let qos_of = |i: usize| {
+        if i % 2 == 0 {
+            QoS::ExactlyOnce
+        } else {
+            QoS::AtLeastOnce
+        }
+    };
+
+    // The subscriber on node 1: persistent, QoS 2, a receive maximum of 2, acks by hand.
+    let mut o = options(&c, 1, "mover", false);
+    o.set_manual_acks(true);
+    o.set_receive_maximum(Some(2));
+    let (sub, mut se, present) = connect(o, "mover @1").await;
+    assert!(!present);
+    sub.subscribe("mv/t", QoS::ExactlyOnce).await.unwrap();
+    until(&mut se, "mover SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+
+    // A publisher on node 1 publishes N messages, alternating QoS 2 and 1, each
+    // acknowledged (stored in the subscriber's session) before the next.
+    let (publ, mut pe, _) = connect(options(&c, 1, "mv-pub", true), "mv-pub").await;
+    for i in 0..N {
+        publ.publish("mv/t", qos_of(i), false, format!("m{i}"))
+            .await
+            .unwrap();
+        until(&mut pe, "mv-pub ack", |ev| match ev {
+            Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    // Two are in flight on node 1 (receive maximum 2), unacknowledged; the rest queued.
+    let mut first = Vec::new();
+    while first.len() < 2 {
+        let p = until(&mut se, "mover @1 deliveries", |ev| match ev {
+            Event::Incoming(Packet::Publish(p)) => Some(got(p)),
+            _ => None,
+        })
+        .await;
+        first.push(p);
+    }
+    assert_eq!(
+        first.iter().map(|g| g.payload.as_str()).collect::<Vec<_>>(),
+        ["m0", "m1"]
+    );
+
+    // The same ClientID connects to node 2 without Clean Start: node 1's connection
+    // ends (0x8E) and node 2 resumes the session.
+    let mut o = options(&c, 2, "mover", false);
+    o.set_receive_maximum(Some(20));
+    let (_sub2, mut se2, present) = connect(o, "mover @2").await;
+    assert!(present, "CONNACK session present after the move");
+    assert_eq!(
+        ended(&mut se, "mover @1").await,
+        Some(DisconnectReasonCode::SessionTakenOver)
+    );
+    drop(se);
+
+    let mut after = Vec::new();
+    let deadline = Instant::now() + RECV_TIMEOUT * 2;
+    while after.len() < N {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, se2.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => after.push(got(&p)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("mover @2: {e:?} after {after:?}"),
+            Err(_) => panic!("mover @2: only {after:?}"),
+        }
+    }
+    // Every message once, in order; the two in flight re-sent as duplicates with their
+    // packet ids; nothing more comes.
+    let payloads: Vec<&str> = after.iter().map(|g| g.payload.as_str()).collect();
+    let expected: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    assert_eq!(payloads, expected);
+    for (i, g) in after.iter().enumerate() {
+        assert_eq!(g.qos, qos_of(i), "{g:?}");
+    }
+    for k in 0..2 {
+        assert_eq!((after[k].pkid, after[k].dup), (first[k].pkid, true));
+    }
+    let extra = timeout(Duration::from_millis(500), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = se2.poll().await {
+                return got(&p);
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "a message came twice: {extra:?}");
+    assert!(claims(&c, 2, "tessera_cluster_session_takeovers_total") >= 1.0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn without_a_quorum_a_connect_that_needs_a_claim_is_refused_in_bounded_time() {
+    let mut c = three_nodes("sessions-quorum");
+    c.kill(2);
+    c.kill(3);
+    let bound = Duration::from_secs(10);
+
+    let started = Instant::now();
+    let (_c, mut e) = AsyncClient::new(options(&c, 1, "nq-v5", true), 4);
+    let err = match timeout(bound, e.poll()).await {
+        Ok(Err(err)) => err,
+        other => panic!("v5: expected a refusal within {bound:?}, got {other:?}"),
+    };
+    assert!(
+        matches!(
+            err,
+            ConnectionError::ConnectionRefused(ConnectReturnCode::ServerUnavailable)
+        ),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < bound);
+
+    let addr = c.node(1).addr();
+    let o4 = rumqttc::MqttOptions::new("nq-v4", addr.ip().to_string(), addr.port());
+    let (_c4, mut e4) = rumqttc::AsyncClient::new(o4, 4);
+    let err = match timeout(bound, e4.poll()).await {
+        Ok(Err(err)) => err,
+        other => panic!("3.1.1: expected a refusal within {bound:?}, got {other:?}"),
+    };
+    assert!(
+        matches!(
+            err,
+            rumqttc::ConnectionError::ConnectionRefused(
+                rumqttc::ConnectReturnCode::ServiceUnavailable
+            )
+        ),
+        "{err:?}"
+    );
+    assert!(claims(&c, 1, "tessera_cluster_session_claims_refused_total") >= 2.0);
+}
