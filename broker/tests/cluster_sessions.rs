@@ -45,20 +45,36 @@ fn options(c: &Cluster, node: u64, id: &str, clean: bool) -> MqttOptions {
     o
 }
 
-/// Polls until `f` picks an event; panics on a connection error or after the timeout.
-async fn until<T>(events: &mut EventLoop, what: &str, mut f: impl FnMut(&Event) -> Option<T>) -> T {
-    let deadline = Instant::now() + RECV_TIMEOUT * 2;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ev = match timeout(left, events.poll()).await {
-            Ok(Ok(ev)) => ev,
-            Ok(Err(e)) => panic!("{what}: connection error {e:?}"),
-            Err(_) => panic!("{what}: nothing within {:?}", RECV_TIMEOUT * 2),
-        };
-        if let Some(t) = f(&ev) {
-            return t;
+/// Polls an event loop (rumqttc v5 or v4) until `f` picks an event; panics on a
+/// connection error or after the timeout.
+macro_rules! poll_until {
+    ($events:expr, $what:expr, $f:expr) => {{
+        let deadline = Instant::now() + RECV_TIMEOUT * 2;
+        let mut f = $f;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = match timeout(left, $events.poll()).await {
+                Ok(Ok(ev)) => ev,
+                Ok(Err(e)) => panic!("{}: connection error {e:?}", $what),
+                Err(_) => panic!("{}: nothing within {:?}", $what, RECV_TIMEOUT * 2),
+            };
+            if let Some(t) = f(&ev) {
+                break t;
+            }
         }
-    }
+    }};
+}
+
+async fn until<T>(events: &mut EventLoop, what: &str, f: impl FnMut(&Event) -> Option<T>) -> T {
+    poll_until!(events, what, f)
+}
+
+async fn poll4<T>(
+    events: &mut rumqttc::EventLoop,
+    what: &str,
+    f: impl FnMut(&rumqttc::Event) -> Option<T>,
+) -> T {
+    poll_until!(events, what, f)
 }
 
 /// Connects and returns the client, its event loop and whether a session was present.
@@ -186,25 +202,6 @@ async fn a_client_id_connected_to_two_nodes_at_once_ends_with_one_live_connectio
     );
 }
 
-async fn poll4<T>(
-    events: &mut rumqttc::EventLoop,
-    what: &str,
-    mut f: impl FnMut(&rumqttc::Event) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + RECV_TIMEOUT * 2;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ev = match timeout(left, events.poll()).await {
-            Ok(Ok(ev)) => ev,
-            Ok(Err(e)) => panic!("{what}: connection error {e:?}"),
-            Err(_) => panic!("{what}: nothing within {:?}", RECV_TIMEOUT * 2),
-        };
-        if let Some(t) = f(&ev) {
-            return t;
-        }
-    }
-}
-
 /// What a subscriber saw of one PUBLISH.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Got {
@@ -228,7 +225,7 @@ async fn a_persistent_session_with_queued_qos1_and_qos2_messages_moves_to_anothe
     let c = three_nodes("sessions-move");
     const N: usize = 10;
     let qos_of = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             QoS::ExactlyOnce
         } else {
             QoS::AtLeastOnce

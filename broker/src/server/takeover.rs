@@ -74,19 +74,18 @@ pub(super) async fn fetch(
             }
         }
     };
+    let failed = |why: &dyn std::fmt::Display| {
+        SessionMetrics::add(&metrics.takeover_failures);
+        warn!(
+            shard = shard.id,
+            client_id,
+            old_owner = old,
+            "session not moved from its old owner (the client gets a new session): {why}"
+        );
+    };
     let bytes = match answer {
         Ok(bytes) => bytes,
-        Err(e) => {
-            SessionMetrics::add(&metrics.takeover_failures);
-            warn!(
-                shard = shard.id,
-                client_id,
-                old_owner = old,
-                "the session could not be fetched from its old owner; the client gets a new \
-                 session: {e}"
-            );
-            return;
-        }
+        Err(e) => return failed(&e),
     };
     match bytes.first() {
         Some(1) if !connect.clean_start => {
@@ -103,27 +102,11 @@ pub(super) async fn fetch(
                     old_owner = old,
                     "session moved here"
                 ),
-                Err(e) => {
-                    SessionMetrics::add(&metrics.takeover_failures);
-                    warn!(
-                        shard = shard.id,
-                        client_id,
-                        old_owner = old,
-                        "session from the old owner refused: {e}"
-                    );
-                }
+                Err(e) => failed(&e),
             }
         }
         Some(0 | 1) => {}
-        _ => {
-            SessionMetrics::add(&metrics.takeover_failures);
-            warn!(
-                shard = shard.id,
-                client_id,
-                old_owner = old,
-                "malformed session answer from the old owner"
-            );
-        }
+        _ => failed(&"malformed answer"),
     }
     shard.flush_outbox();
 }
