@@ -1728,7 +1728,7 @@ impl Engine {
         }
     }
 
-    fn route_add(&mut self, filter: Str, ack: Option<u64>) {
+    pub(super) fn route_add(&mut self, filter: Str, ack: Option<u64>) {
         self.routes.insert(&filter, self.shard, ());
         for to in 0..self.shard_count as ShardId + ShardId::from(self.remote.is_some()) {
             if to != self.shard {

@@ -527,9 +527,18 @@ impl Engine {
                 let token = self.next_token;
                 self.next_token += 1;
                 self.shared_subscribe(idx, &filter, entry, token);
-            } else {
+            } else if stored {
+                // At start-up the other shards restore this shard's routes themselves.
                 self.subscriptions.insert(&filter, idx, entry);
                 self.routes.insert(&filter, self.shard, ());
+            } else {
+                // Moved here at runtime: a first subscriber announces the route to the
+                // other shards and the cluster, as a SUBSCRIBE would.
+                let first = self.subscriptions.filter_len(&filter) == 0;
+                self.subscriptions.insert(&filter, idx, entry);
+                if first {
+                    self.route_add(filter, None);
+                }
             }
         }
         self.arm_session_expiry(idx);
