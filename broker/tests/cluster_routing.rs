@@ -343,3 +343,52 @@ fn a_will_from_node_1_reaches_a_subscriber_on_node_3() {
         other => panic!("no will on node 3: {other:?}"),
     }
 }
+
+/// A shared subscription with one member on node 1 and one on node 3: every message a
+/// client on node 2 publishes goes to exactly one of them, and both get some.
+#[test]
+fn a_shared_group_across_nodes_gets_each_message_once() {
+    let cluster = three_nodes("cluster-routing-shared");
+    let mut members: Vec<RawClient> = [1u64, 3]
+        .iter()
+        .map(|node| {
+            let mut m = RawClient::connect_ok(
+                cluster.node(*node).addr(),
+                connect_packet(ProtocolVersion::V5, &format!("member-{node}"), true, 60),
+            );
+            let codes = m.subscribe(1, &[("$share/workers/jobs/#", PQoS::AtLeastOnce)]);
+            assert!(!codes[0].is_error(), "{codes:?}");
+            m
+        })
+        .collect();
+    let mut publisher = RawClient::connect_ok(
+        cluster.node(2).addr(),
+        connect_packet(ProtocolVersion::V5, "jobs-pub", true, 60),
+    );
+    const N: u16 = 20;
+    for i in 1..=N {
+        publisher.publish("jobs/x", format!("{i}").as_bytes(), PQoS::AtLeastOnce, i);
+    }
+    let mut got: Vec<Vec<u16>> = vec![Vec::new(), Vec::new()];
+    let deadline = Instant::now() + TIMEOUT;
+    while got.iter().map(Vec::len).sum::<usize>() < usize::from(N) {
+        assert!(Instant::now() < deadline, "only {got:?} of {N}");
+        for (k, m) in members.iter_mut().enumerate() {
+            if let Ok(Packet::Publish(p)) = m.try_recv(Duration::from_millis(50)) {
+                m.send(&Packet::PubAck(tessera_proto::PubAck::new(p.packet_id)));
+                got[k].push(String::from_utf8_lossy(&p.payload).parse().unwrap());
+            }
+        }
+    }
+    // Nothing more arrives: no message went to both.
+    for m in members.iter_mut() {
+        assert!(m.try_recv(Duration::from_millis(300)).is_err());
+    }
+    let mut all: Vec<u16> = got.concat();
+    all.sort_unstable();
+    assert_eq!(all, (1..=N).collect::<Vec<_>>(), "each once: {got:?}");
+    assert!(
+        got.iter().all(|g| !g.is_empty()),
+        "both nodes' members got some: {got:?}"
+    );
+}

@@ -1264,7 +1264,6 @@ impl Engine {
         let sub_id = sub.properties.subscription_identifier;
         let mut reason_codes = Vec::with_capacity(sub.subscriptions.len());
         let mut new_routes = 0usize;
-        let mut new_shares = 0usize;
         let mut waits_on: Vec<u64> = Vec::new();
         let token = self.next_token;
         let mut retained = Vec::new();
@@ -1319,17 +1318,8 @@ impl Engine {
                 before == 0
             };
             if new_route {
-                if shared {
-                    new_shares += 1;
-                } else {
-                    new_routes += 1;
-                }
-                let peers = if shared {
-                    self.shard_count - 1
-                } else {
-                    self.route_peers()
-                };
-                if peers > 0 {
+                new_routes += 1;
+                if self.route_peers() > 0 {
                     self.routes_unacked.insert(filter.clone(), token);
                 }
             } else if let Some(&earlier) = self.routes_unacked.get(filter)
@@ -1382,10 +1372,9 @@ impl Engine {
                 })
                 .collect(),
         };
-        // Shares are announced to local shards only; plain routes to the
-        // forwarder too (`remote`).
-        let acks_missing =
-            new_routes * self.route_peers() + new_shares * (self.shard_count - 1) + waits_on.len();
+        // New routes and shares are acknowledged by every other shard and, in
+        // a cluster, by the forwarder (`remote`).
+        let acks_missing = new_routes * self.route_peers() + waits_on.len();
         if acks_missing == 0 {
             self.finish_subscribe(now_ms, conn, idx, suback, retained);
         } else {
@@ -1516,7 +1505,7 @@ impl Engine {
         }
         // Under sync durability a shared delivery to another shard is
         // acknowledged after its commit there, like `PublishDurable`.
-        let shared_ack = ack.filter(|_| self.durable_forwards());
+        let shared_ack = ack.filter(|_| self.durable_forwards() || self.remote.is_some());
         self.shared_publish(now_ms, &msg, shared_key, shared_ack);
     }
 

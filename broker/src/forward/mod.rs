@@ -247,6 +247,7 @@ pub fn start(
         clocks,
         metrics: ends.metrics,
         retained_big: HashMap::new(),
+        share_cursor: 0,
     };
     tokio::spawn(fwd.run(ends.from_shards, ends.barriers, events_rx));
 }
@@ -297,6 +298,8 @@ struct Item {
     message: Message,
     publisher: u64,
     token: Option<(ShardId, u64)>,
+    /// For one member of this shared subscription (group, filter).
+    share: Option<(Str, Str)>,
 }
 
 /// The publications queued for one peer, drained by its sender task.
@@ -333,6 +336,8 @@ struct Forwarder {
     /// Retained messages this node proposed that were too large to ride inline, until
     /// their update is applied.
     retained_big: HashMap<String, Message>,
+    /// Turns over the nodes with members of a shared subscription.
+    share_cursor: u64,
 }
 
 impl Forwarder {
@@ -430,7 +435,7 @@ impl Forwarder {
         let op = match &message {
             Some(m) => {
                 let mut w = BatchWriter::new(&[], 0, 0);
-                w.push((self.clocks.now_ms)(), self.publisher_of(m), m);
+                w.push((self.clocks.now_ms)(), self.publisher_of(m), m, None);
                 let record = w.finish();
                 let inline = (record.len() <= RETAINED_INLINE_BYTES).then(|| record.to_vec());
                 if inline.is_none() {
@@ -608,6 +613,26 @@ impl Forwarder {
         let (add, filter) = match t {
             Transition::Add(f) => (true, f),
             Transition::Remove(f) => (false, f),
+            Transition::Share {
+                group,
+                filter,
+                nodes,
+            } => {
+                // The other nodes with members weigh as one member each.
+                let (Ok(group), Ok(filter)) = (Str::try_from(group), Str::try_from(filter)) else {
+                    return;
+                };
+                self.route_seq += 1;
+                let msg = MeshMsg::ShareRoute {
+                    group,
+                    filter,
+                    shard: self.remote,
+                    connected: nodes,
+                    offline: 0,
+                    ack: Some(self.route_seq),
+                };
+                return self.send_all(msg);
+            }
         };
         let Ok(filter) = Str::try_from(filter) else {
             tracing::warn!("a route's filter is not a valid MQTT string; not routed");
@@ -672,8 +697,38 @@ impl Forwarder {
             match msg {
                 MeshMsg::Publish(m) => self.forward(shard, m, None),
                 MeshMsg::PublishDurable { message, ack } => self.forward(shard, message, Some(ack)),
-                MeshMsg::RouteAdd { filter, ack, .. } => self.local_add(shard, filter, ack),
-                MeshMsg::RouteRemove { filter, .. } => self.local_remove(shard, filter),
+                MeshMsg::RouteAdd { filter, ack, .. } => {
+                    self.local_add(shard, route_key(None, &filter), ack)
+                }
+                MeshMsg::RouteRemove { filter, .. } => {
+                    self.local_remove(shard, route_key(None, &filter))
+                }
+                MeshMsg::ShareRoute {
+                    group,
+                    filter,
+                    connected,
+                    offline,
+                    ack,
+                    ..
+                } => {
+                    let key = route_key(Some(&group), &filter);
+                    if connected > 0 || offline > 0 {
+                        self.local_add(shard, key, ack);
+                    } else {
+                        self.local_remove(shard, key);
+                        if let Some(t) = ack {
+                            self.ack_shard((shard, t));
+                        }
+                    }
+                }
+                MeshMsg::SharedPublish {
+                    group,
+                    filter,
+                    message,
+                    key,
+                    ack,
+                    ..
+                } => self.forward_shared(group, filter, message, key, ack),
                 MeshMsg::Retain {
                     topic,
                     message,
@@ -717,6 +772,7 @@ impl Forwarder {
                 message: message.clone(),
                 publisher,
                 token,
+                share: None,
             });
             let first = items.len() == 1;
             drop(items);
@@ -725,6 +781,48 @@ impl Forwarder {
             }
         }
         self.match_buf = nodes;
+    }
+
+    /// A publication for one member of `$share/{group}/{filter}` that a shard chose to
+    /// give to another node: one node with members, in turn, gets it.
+    fn forward_shared(
+        &mut self,
+        group: Str,
+        filter: Str,
+        message: Message,
+        key: u64,
+        ack: Option<(ShardId, u64)>,
+    ) {
+        let node = self.routes.shared_nodes(&group, &filter).and_then(|nodes| {
+            self.share_cursor = self.share_cursor.wrapping_add(1);
+            nodes
+                .iter()
+                .nth((self.share_cursor % nodes.len().max(1) as u64) as usize)
+                .copied()
+        });
+        let Some(node) = node else {
+            // The other nodes' members left meanwhile: nobody to give it to.
+            if let Some(t) = ack {
+                self.ack_shard(t);
+            }
+            return;
+        };
+        if let Some(t) = ack {
+            self.pending.insert(t, 1);
+        }
+        let queue = self.peer(node);
+        let mut items = lock(&queue.items);
+        items.push_back(Item {
+            message,
+            publisher: key,
+            token: ack,
+            share: Some((group, filter)),
+        });
+        let first = items.len() == 1;
+        drop(items);
+        if first {
+            queue.notify.notify_one();
+        }
     }
 
     fn peer(&mut self, node: NodeId) -> Arc<PeerQueue> {
@@ -758,8 +856,7 @@ impl Forwarder {
         }
     }
 
-    fn local_add(&mut self, shard: ShardId, filter: Str, ack: Option<u64>) {
-        let key = filter.as_str().to_owned();
+    fn local_add(&mut self, shard: ShardId, key: String, ack: Option<u64>) {
         let e = self.local.entry(key.clone()).or_insert_with(|| LocalRoute {
             shards: ShardSet::new(),
             state: LocalState::Idle,
@@ -781,13 +878,13 @@ impl Forwarder {
         }
     }
 
-    fn local_remove(&mut self, shard: ShardId, filter: Str) {
-        let Some(e) = self.local.get_mut(filter.as_str()) else {
+    fn local_remove(&mut self, shard: ShardId, key: String) {
+        let Some(e) = self.local.get_mut(&key) else {
             return;
         };
         e.shards.remove(shard);
         if e.shards.is_empty() && e.state == LocalState::Routed {
-            self.propose(filter.as_str().to_owned(), false);
+            self.propose(key, false);
         }
     }
 
@@ -806,11 +903,13 @@ impl Forwarder {
         let me = self.me;
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(10);
+            let (group, plain) = split_key(&filter);
+            let (group, plain) = (group.map(str::to_owned), plain.to_owned());
             loop {
                 let op = Op::RouteDelta {
                     node: me,
-                    filter: filter.clone(),
-                    group: None,
+                    filter: plain.clone(),
+                    group: group.clone(),
                     add,
                 };
                 let result = match handle.propose(op) {
@@ -1005,7 +1104,8 @@ async fn send_to_peer(
                     && w.bytes() < BATCH_BYTES_TARGET
                     && let Some(item) = items.pop_front()
                 {
-                    w.push(now, item.publisher, &item.message);
+                    let share = item.share.as_ref().map(|(g, f)| (g, f));
+                    w.push(now, item.publisher, &item.message, share);
                     if let Some(t) = item.token {
                         tokens.push(t);
                     }
@@ -1057,10 +1157,12 @@ async fn send_to_peer(
 /// What a request from another node asks of the shard serving it.
 #[derive(Debug)]
 pub enum Incoming {
-    /// Deliver these publications (as `MeshMsg::Forwarded`), then answer `answer`.
+    /// Hand these to the engine (as from the remote id), then answer `answer`.
     Deliver {
-        /// The publications, ready for the engine.
-        messages: Vec<Message>,
+        /// The publications, ready for the engine: `Forwarded`, or `SharedPublish`
+        /// for one member of a shared subscription (never passed back to the remote
+        /// id: it is in `tried`).
+        messages: Vec<MeshMsg>,
         /// The answer once they were handed to the engine.
         answer: Bytes,
     },
@@ -1085,6 +1187,7 @@ pub struct Accepted {
 /// Decodes a `Publish` request from node `from` (untrusted) and says what to do with it.
 pub fn serve_request(
     accepted: &mut Accepted,
+    remote: ShardId,
     from: NodeId,
     body: Bytes,
     topic_levels_max: usize,
@@ -1119,10 +1222,42 @@ pub fn serve_request(
                     m.origin = Some(SessionUid::remote(r.publisher));
                     m.expires_at_ms = r.expiry_ms.map(|e| now_ms + e);
                     m.received_us = now_us;
-                    m
+                    match r.share {
+                        None => MeshMsg::Forwarded(m),
+                        Some((group, filter)) => {
+                            let mut tried = ShardSet::new();
+                            tried.insert(remote);
+                            MeshMsg::SharedPublish {
+                                group,
+                                filter,
+                                message: m,
+                                key: r.publisher,
+                                tried,
+                                hops: 0,
+                                ack: None,
+                            }
+                        }
+                    }
                 })
                 .collect();
             Ok(Incoming::Deliver { messages, answer })
         }
+    }
+}
+
+/// The key of one of this node's routes: the filter, or for a shared subscription NUL,
+/// the group, NUL, the filter (a filter never contains NUL).
+fn route_key(group: Option<&str>, filter: &str) -> String {
+    match group {
+        None => filter.to_owned(),
+        Some(g) => format!("\0{g}\0{filter}"),
+    }
+}
+
+/// The group and the filter of a [`route_key`].
+fn split_key(key: &str) -> (Option<&str>, &str) {
+    match key.strip_prefix('\0').and_then(|k| k.split_once('\0')) {
+        Some((g, f)) => (Some(g), f),
+        None => (None, key),
     }
 }

@@ -24,6 +24,15 @@ pub enum Transition {
     Add(String),
     /// The filter's last other node left.
     Remove(String),
+    /// The other nodes with members of `$share/{group}/{filter}` changed: `nodes` now.
+    Share {
+        /// The group.
+        group: String,
+        /// The filter.
+        filter: String,
+        /// Other nodes with members.
+        nodes: u32,
+    },
 }
 
 /// Filter -> other nodes with subscribers.
@@ -75,15 +84,23 @@ impl NodeRoutes {
         }
         if let Some(g) = group {
             let key = (g.to_owned(), filter.to_owned());
-            if add {
-                self.shared.entry(key).or_default().insert(node);
+            let changed = if add {
+                self.shared.entry(key.clone()).or_default().insert(node)
             } else if let Some(set) = self.shared.get_mut(&key) {
-                set.remove(&node);
+                let removed = set.remove(&node);
                 if set.is_empty() {
                     self.shared.remove(&key);
                 }
-            }
-            return None;
+                removed
+            } else {
+                false
+            };
+            let nodes = self.shared.get(&key).map_or(0, |s| s.len() as u32);
+            return changed.then_some(Transition::Share {
+                group: key.0,
+                filter: key.1,
+                nodes,
+            });
         }
         if add {
             if self.trie.insert(filter, node, ()).is_some() {
@@ -112,6 +129,7 @@ impl NodeRoutes {
         index: u64,
     ) -> Vec<Transition> {
         let before: BTreeSet<String> = self.nodes.keys().cloned().collect();
+        let shared_before = std::mem::take(&mut self.shared);
         let mut fresh = NodeRoutes::new(self.me);
         for (node, filter, group) in routes {
             fresh.apply(node, &filter, group.as_deref(), true);
@@ -128,6 +146,26 @@ impl NodeRoutes {
                 .difference(&after)
                 .map(|f| Transition::Remove(f.clone())),
         );
+        // Shares whose node count changed (gone ones count 0).
+        for (key, set) in &self.shared {
+            if shared_before.get(key).map(BTreeSet::len) != Some(set.len()) {
+                out.push(Transition::Share {
+                    group: key.0.clone(),
+                    filter: key.1.clone(),
+                    nodes: set.len() as u32,
+                });
+            }
+        }
+        for key in shared_before
+            .keys()
+            .filter(|k| !self.shared.contains_key(*k))
+        {
+            out.push(Transition::Share {
+                group: key.0.clone(),
+                filter: key.1.clone(),
+                nodes: 0,
+            });
+        }
         out
     }
 
@@ -140,6 +178,13 @@ impl NodeRoutes {
                 out.push(*node);
             }
         });
+    }
+
+    /// The other nodes with members of `$share/{group}/{filter}`.
+    pub fn shared_nodes(&self, group: &str, filter: &str) -> Option<&BTreeSet<NodeId>> {
+        self.shared
+            .get(&(group.to_owned(), filter.to_owned()))
+            .filter(|s| !s.is_empty())
     }
 
     /// Filters routed to other nodes (plain routes).
@@ -209,7 +254,18 @@ mod tests {
     #[test]
     fn shared_routes_do_not_touch_plain_routing() {
         let mut r = routes();
-        assert_eq!(r.apply(2, "s", Some("g"), true), None);
+        let share = |nodes| {
+            Some(Transition::Share {
+                group: "g".into(),
+                filter: "s".into(),
+                nodes,
+            })
+        };
+        assert_eq!(r.apply(2, "s", Some("g"), true), share(1));
+        assert_eq!(r.apply(3, "s", Some("g"), true), share(2));
+        assert_eq!(r.apply(3, "s", Some("g"), true), None, "a repeated add");
+        assert_eq!(r.shared_nodes("g", "s").map(|s| s.len()), Some(2));
+        assert_eq!(r.apply(3, "s", Some("g"), false), share(1));
         let mut out = Vec::new();
         r.match_nodes("s", &mut out);
         assert!(out.is_empty());

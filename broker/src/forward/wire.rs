@@ -7,8 +7,10 @@
 //! request  = tag u8, then
 //!   1 batch   : incarnation u64 | seq u64 | count u32 | record * count
 //!   2 barrier : index u64
-//! record   = flags u8 (bit 0: expiry follows) | publisher u64 | [expiry_ms u64]
-//!            | len u32 | an MQTT 5 PUBLISH frame of len bytes
+//! record   = flags u8 (bit 0: expiry follows, bit 1: share follows) | publisher u64
+//!            | [expiry_ms u64] | [group str | filter str] | len u32
+//!            | an MQTT 5 PUBLISH frame of len bytes
+//! str      = len u16 | UTF-8 bytes
 //! answer   = tag u8, then
 //!   1 accepted : seq u64
 //!   2 applied  : index u64
@@ -33,7 +35,7 @@
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tessera_proto::{Encode, Packet, ProtocolVersion, Publish, PublishProperties, QoS, topic};
+use tessera_proto::{Encode, Packet, ProtocolVersion, Publish, PublishProperties, QoS, Str, topic};
 use tessera_shard::message::Message;
 
 /// Most publications one batch may carry.
@@ -44,6 +46,7 @@ const REQ_BARRIER: u8 = 2;
 const ANS_ACCEPTED: u8 = 1;
 const ANS_APPLIED: u8 = 2;
 const FLAG_EXPIRY: u8 = 1;
+const FLAG_SHARE: u8 = 2;
 
 /// One forwarded publication as decoded.
 #[derive(Debug, Clone)]
@@ -52,6 +55,9 @@ pub struct Record {
     pub publisher: u64,
     /// The remaining lifetime, ms, when the message expires.
     pub expiry_ms: Option<u64>,
+    /// For one member of the shared subscription `$share/{group}/{filter}`: the
+    /// group and the filter.
+    pub share: Option<(Str, Str)>,
     /// The message (origin and `received_us` unset: the receiver sets them).
     pub message: Message,
 }
@@ -150,7 +156,15 @@ impl BatchWriter {
     /// Appends `message` published by `publisher`; `now_ms` is the broker clock its
     /// expiry deadline is relative to. A message that cannot be encoded (it came from a
     /// decoded PUBLISH, so only a bug makes one) is skipped and `false` returned.
-    pub fn push(&mut self, now_ms: u64, publisher: u64, message: &Message) -> bool {
+    /// `share` names the shared subscription (group, filter) the message is for, when it
+    /// is for one member of it.
+    pub fn push(
+        &mut self,
+        now_ms: u64,
+        publisher: u64,
+        message: &Message,
+        share: Option<(&Str, &Str)>,
+    ) -> bool {
         if self.len() >= BATCH_MESSAGES_MAX {
             return false;
         }
@@ -165,11 +179,19 @@ impl BatchWriter {
         }
         let start = self.buf.len();
         let expiry = message.expires_at_ms.map(|t| t.saturating_sub(now_ms));
-        self.buf
-            .put_u8(if expiry.is_some() { FLAG_EXPIRY } else { 0 });
+        let flags = if expiry.is_some() { FLAG_EXPIRY } else { 0 }
+            | if share.is_some() { FLAG_SHARE } else { 0 };
+        self.buf.put_u8(flags);
         self.buf.put_u64(publisher);
         if let Some(e) = expiry {
             self.buf.put_u64(e);
+        }
+        if let Some((group, filter)) = share {
+            for s in [group, filter] {
+                // MQTT strings are at most 65,535 bytes.
+                self.buf.put_u16(s.len() as u16);
+                self.buf.put_slice(s.as_bytes());
+            }
         }
         let len = p.encoded_len(ProtocolVersion::V5);
         let ok = u32::try_from(len).is_ok_and(|len| {
@@ -238,6 +260,17 @@ fn take_u64(b: &mut Bytes, what: &'static str) -> Result<u64, WireError> {
     Ok(b.get_u64())
 }
 
+fn take_str(b: &mut Bytes) -> Result<Str, WireError> {
+    if b.remaining() < 2 {
+        return Err(err("record", "truncated"));
+    }
+    let len = usize::from(b.get_u16());
+    if len > b.remaining() {
+        return Err(err("record", "string longer than the batch"));
+    }
+    Str::from_bytes(b.split_to(len)).map_err(|e| err("record", e.to_string()))
+}
+
 fn take_u32(b: &mut Bytes, what: &'static str) -> Result<u32, WireError> {
     if b.remaining() < 4 {
         return Err(err(what, "truncated"));
@@ -290,12 +323,24 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
         return Err(err("record", "truncated"));
     }
     let flags = b.get_u8();
-    if flags & !FLAG_EXPIRY != 0 {
+    if flags & !(FLAG_EXPIRY | FLAG_SHARE) != 0 {
         return Err(err("record", format!("unknown flags {flags:#04x}")));
     }
     let publisher = take_u64(b, "record")?;
     let expiry_ms = if flags & FLAG_EXPIRY != 0 {
         Some(take_u64(b, "record")?)
+    } else {
+        None
+    };
+    let share = if flags & FLAG_SHARE != 0 {
+        let group = take_str(b)?;
+        let filter = take_str(b)?;
+        if group.is_empty() || group.contains(['/', '+', '#']) {
+            return Err(err("record", "invalid share name"));
+        }
+        topic::validate_topic_filter(&filter, topic_levels_max)
+            .map_err(|e| err("record", format!("shared filter: {e}")))?;
+        Some((group, filter))
     } else {
         None
     };
@@ -330,6 +375,7 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
     Ok(Record {
         publisher,
         expiry_ms,
+        share,
         message: Message {
             topic: p.topic,
             payload: p.payload,
@@ -350,7 +396,6 @@ mod tests {
     //! allocation beyond what arrived.
 
     use proptest::prelude::*;
-    use tessera_proto::Str;
 
     use super::*;
 
@@ -379,8 +424,8 @@ mod tests {
         let mut w = BatchWriter::new(&[], 7, 3);
         let mut m = message("a/b", b"hello", 1, true, true);
         m.expires_at_ms = Some(5_000);
-        assert!(w.push(1_000, 42, &m));
-        assert!(w.push(1_000, 43, &message("c", b"", 0, false, false)));
+        assert!(w.push(1_000, 42, &m, None));
+        assert!(w.push(1_000, 43, &message("c", b"", 0, false, false), None));
         w.finish()
     }
 
@@ -417,7 +462,7 @@ mod tests {
     #[test]
     fn a_prefix_goes_in_front_untouched() {
         let mut w = BatchWriter::new(&[2, 0, 0], 1, 1);
-        assert!(w.push(0, 1, &message("t", b"p", 0, false, false)));
+        assert!(w.push(0, 1, &message("t", b"p", 0, false, false), None));
         let b = w.finish();
         assert_eq!(&b[..3], &[2, 0, 0]);
         assert!(matches!(
@@ -425,6 +470,32 @@ mod tests {
             Ok(Request::Batch { records, .. }) if records.len() == 1
         ));
         assert_eq!(&encode_barrier(&[2, 0, 0], 5)[..4], &[2, 0, 0, REQ_BARRIER]);
+    }
+
+    #[test]
+    fn a_shared_record_names_its_group_and_filter() {
+        let (g, f) = (Str::from_static("workers"), Str::from_static("jobs/+"));
+        let mut w = BatchWriter::new(&[], 1, 1);
+        assert!(w.push(
+            0,
+            9,
+            &message("jobs/1", b"j", 1, false, false),
+            Some((&g, &f))
+        ));
+        let Ok(Request::Batch { records, .. }) = decode_request(w.finish(), 16) else {
+            panic!("not a batch")
+        };
+        assert_eq!(records[0].share, Some((g.clone(), f)));
+        // A share name with a wildcard is refused.
+        let bad = Str::from_static("w+");
+        let mut w = BatchWriter::new(&[], 1, 1);
+        assert!(w.push(
+            0,
+            9,
+            &message("jobs/1", b"j", 1, false, false),
+            Some((&bad, &g))
+        ));
+        assert!(decode_request(w.finish(), 16).is_err());
     }
 
     #[test]
@@ -486,7 +557,7 @@ mod tests {
         assert!(decode_request(Bytes::from(v), 16).is_err());
         // A wildcard or too deep a topic.
         let mut w = BatchWriter::new(&[], 1, 1);
-        assert!(w.push(0, 1, &message("a/b/c/d", b"", 0, false, false)));
+        assert!(w.push(0, 1, &message("a/b/c/d", b"", 0, false, false), None));
         assert!(decode_request(w.finish(), 3).is_err());
         assert!(decode_request(Bytes::new(), 16).is_err());
     }
@@ -505,7 +576,7 @@ mod tests {
             for (t, p, q, r, props, publisher, exp) in &msgs {
                 let mut m = message(t, p, *q, *r, *props);
                 m.expires_at_ms = exp.map(|e| now + e);
-                prop_assert!(w.push(now, *publisher, &m));
+                prop_assert!(w.push(now, *publisher, &m, None));
             }
             prop_assert_eq!(w.len(), msgs.len());
             let Request::Batch { incarnation: i, seq: s, records } =

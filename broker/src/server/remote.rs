@@ -119,6 +119,7 @@ pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
     let levels = shard.engine.borrow().limits().topic_levels_max;
     let decoded = forward::serve_request(
         &mut remote.accepted.borrow_mut(),
+        remote.id,
         req.from,
         req.envelope.body,
         levels,
@@ -143,7 +144,7 @@ pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
                 let mut engine = shard.engine.borrow_mut();
                 engine.set_now_us(now_us());
                 for m in messages {
-                    engine.handle_mesh(now, remote.id, MeshMsg::Forwarded(m));
+                    engine.handle_mesh(now, remote.id, m);
                 }
             }
             shard.flush_outbox();

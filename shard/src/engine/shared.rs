@@ -530,7 +530,9 @@ impl Engine {
         }
         let key = share.key.clone();
         self.shared.set_counts(id, counts);
-        for to in 0..self.shard_count as ShardId {
+        // In a cluster the forwarder (the remote id) learns them too: it routes
+        // the share to this node (`engine::remote`).
+        for to in 0..self.shard_count as ShardId + ShardId::from(self.remote.is_some()) {
             if to != self.shard {
                 self.outbox[usize::from(to)].push(MeshMsg::ShareRoute {
                     group: key.group.clone(),
