@@ -107,3 +107,61 @@ fn parked_connections_get_the_shutdown_disconnect() {
     b.expect_disconnect_then_close(ReasonCode::ServerShuttingDown);
     assert!(broker.wait_exit(Duration::from_secs(10)).success());
 }
+
+#[test]
+fn pings_to_a_parked_connection_are_answered_without_waking_it() {
+    let broker = start();
+    let v4 = ProtocolVersion::V3_1_1;
+    // Keep alive 2 s: the broker closes a connection silent for 3 s.
+    let mut sub = RawClient::connect_ok(broker.addr(), connect_packet(v4, "pinger", true, 2));
+    sub.subscribe(1, &[("pinger/#", QoS::AtLeastOnce)]);
+    wait_parked(&broker, 1);
+
+    // Six seconds of pings, one or two per write: each is answered, and they
+    // keep the connection alive past its keep alive, but never unpark it (an
+    // unparked connection parks again two ticks later and logs it).
+    for round in 0..6 {
+        let pings = if round % 2 == 0 { 1 } else { 2 };
+        sub.send_bytes(&[0xC0, 0x00].repeat(pings));
+        for _ in 0..pings {
+            assert!(
+                matches!(sub.recv(), Packet::PingResp),
+                "PINGRESP in round {round}"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(
+        broker.log().matches(PARKED).count(),
+        1,
+        "a ping woke the parked connection:\n{}",
+        broker.log()
+    );
+
+    // Still served as a parked connection: a delivery wakes it.
+    let mut publisher =
+        RawClient::connect_ok(broker.addr(), connect_packet(v4, "pinger-pub", true, 60));
+    publisher.publish("pinger/a", b"after pings", QoS::AtLeastOnce, 1);
+    let p = sub.recv_publish();
+    assert_eq!(&p.payload[..], b"after pings");
+
+    // Anything but whole PINGREQs goes to the connection task: half a PINGREQ
+    // (the rest follows later), and a PINGREQ followed by another packet.
+    wait_parked(&broker, 3);
+    sub.send_bytes(&[0xC0]);
+    std::thread::sleep(Duration::from_millis(300));
+    sub.send_bytes(&[0x00]);
+    assert!(
+        matches!(sub.recv(), Packet::PingResp),
+        "PINGRESP after a split PINGREQ"
+    );
+    wait_parked(&broker, 4);
+    let mut mixed = vec![0xC0, 0x00];
+    mixed.extend_from_slice(&[0xE0, 0x00]); // DISCONNECT (3.1.1)
+    sub.send_bytes(&mixed);
+    assert!(
+        matches!(sub.recv(), Packet::PingResp),
+        "PINGRESP before the DISCONNECT"
+    );
+    sub.expect_closed(RECV_TIMEOUT);
+}

@@ -61,6 +61,34 @@ const EPOLL_WAIT_MS: i32 = 500;
 /// Tokens read from the doorbell per read.
 const DOORBELL_TOKENS_MAX: usize = 64;
 
+/// PINGREQs a parked connection may have sent for them to be answered without
+/// unparking it (more is not an idle client).
+const PINGS_MAX: usize = 8;
+/// A PINGREQ and a PINGRESP on the wire (the same in every protocol version).
+const PINGREQ: [u8; 2] = [0xC0, 0x00];
+/// [`PINGS_MAX`] PINGRESPs.
+const PINGRESPS: [u8; PINGS_MAX * 2] = {
+    let mut a = [0u8; PINGS_MAX * 2];
+    let mut i = 0;
+    while i < PINGS_MAX {
+        a[2 * i] = 0xD0;
+        i += 1;
+    }
+    a
+};
+
+/// What [`Parking::answer_pings`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Pings {
+    /// The connection is no longer parked under that token.
+    Gone,
+    /// Only PINGREQs were waiting; they were answered and the entry re-armed
+    /// (or the engine took the answers that did not fit and woke it).
+    Answered,
+    /// Something else is waiting: unpark.
+    Unpark,
+}
+
 // Tokens travel in a waker's data pointer.
 const _: () = assert!(usize::BITS >= u64::BITS);
 
@@ -193,6 +221,89 @@ impl Parking {
         Ok(park_waker(token))
     }
 
+    /// Answers the PINGREQs a parked connection sent without unparking it, when
+    /// they are all it sent: a client that only pings (the common idle
+    /// client, every Keep Alive / 2 or so) then costs a peek, a read, a write
+    /// and a re-arm, not a task, a glommio socket and a park again two ticks
+    /// later. Anything else (other bytes, a partial packet, end of stream, an
+    /// error) is left in the socket for the connection task: the caller
+    /// unparks it. An `EPOLLONESHOT` entry stays disarmed until re-armed
+    /// here, so nothing else can look at the socket meanwhile.
+    fn answer_pings(&self, token: u64, shard: &Shard) -> Pings {
+        let slots = self.slots.borrow();
+        let Some(p) = slots
+            .get((token >> 32) as usize)
+            .filter(|s| s.generation == token as u32)
+            .and_then(|s| s.parked.as_ref())
+        else {
+            return Pings::Gone;
+        };
+        let fd = p.fd.as_raw_fd();
+        let mut buf = [0u8; PINGS_MAX * 2];
+        // SAFETY: `fd` is open (the slot owns it); `buf` is valid for its length.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 || n % 2 != 0 || !buf[..n as usize].chunks_exact(2).all(|b| b == PINGREQ) {
+            return Pings::Unpark;
+        }
+        let n = n as usize;
+        // SAFETY: as above; this reads exactly the bytes just peeked, which
+        // nobody else can take (the entry is disarmed).
+        let read = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), n, libc::MSG_DONTWAIT) };
+        if read != n as isize {
+            return Pings::Unpark;
+        }
+        let pings = (n / 2) as u32;
+        // SAFETY: `fd` is open; `PINGRESPS` holds at least `n` bytes.
+        let sent = unsafe {
+            libc::send(
+                fd,
+                PINGRESPS.as_ptr().cast(),
+                n,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        let sent = usize::try_from(sent).unwrap_or(0);
+        if sent % 2 != 0 {
+            // Half a PINGRESP went out (a full send buffer split two bytes):
+            // the stream cannot be continued with whole packets from the
+            // engine. Practically unreachable; end it as a lost connection
+            // (the task sees the shutdown once unparked).
+            // SAFETY: `fd` is open.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            return Pings::Unpark;
+        }
+        let answered = (sent / 2) as u32;
+        if !shard
+            .engine
+            .borrow_mut()
+            .pings_answered(super::now_ms(), p.conn, pings, answered)
+        {
+            return Pings::Unpark;
+        }
+        if answered < pings {
+            // The engine took the rest as output and woke the connection.
+            return Pings::Answered;
+        }
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+            u64: token,
+        };
+        // SAFETY: both fds are open; `ev` is a valid event.
+        let r =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, fd, &mut ev) };
+        if r != 0 {
+            return Pings::Unpark;
+        }
+        Pings::Answered
+    }
+
     /// Takes the connection `token` names, if it is still parked there, and
     /// removes it from the epoll set.
     fn take(&self, token: u64) -> Option<Parked> {
@@ -293,7 +404,10 @@ pub(super) async fn run_unparker(shard: Rc<Shard>, doorbell: UnixStream) {
     let mut doorbell = Some(doorbell);
     let mut bell = [0u8; DOORBELL_TOKENS_MAX * 8];
     let mut have = 0usize;
+    // Input (from the doorbell) and engine output (park wakers) separately:
+    // input that is only PINGREQs is answered in place.
     let mut tokens = Vec::new();
+    let mut woken = Vec::new();
     loop {
         poll_fn(|cx| {
             UNPARKER.with(|u| *u.borrow_mut() = Some(cx.waker().clone()));
@@ -301,7 +415,7 @@ pub(super) async fn run_unparker(shard: Rc<Shard>, doorbell: UnixStream) {
             WOKEN.with(|q| {
                 let mut q = q.borrow_mut();
                 ready = !q.is_empty();
-                tokens.append(&mut q);
+                woken.append(&mut q);
             });
             if let Some(d) = doorbell.as_mut() {
                 match Pin::new(d).poll_read(cx, &mut bell[have..]) {
@@ -333,8 +447,15 @@ pub(super) async fn run_unparker(shard: Rc<Shard>, doorbell: UnixStream) {
             }
         })
         .await;
-        for token in tokens.drain(..) {
+        for token in woken.drain(..) {
             if let Some(p) = shard.parking.take(token) {
+                unpark(&shard, p);
+            }
+        }
+        for token in tokens.drain(..) {
+            if shard.parking.answer_pings(token, &shard) == Pings::Unpark
+                && let Some(p) = shard.parking.take(token)
+            {
                 unpark(&shard, p);
             }
         }

@@ -3,17 +3,53 @@
 //! QoS 0 messages through the normal publish path, so subscribers on any shard
 //! get them like any other message.
 
-use tessera_proto::QoS;
+use tessera_proto::{Packet, PacketType, QoS};
 
 use super::Engine;
 use crate::mesh::{MeshMsg, ShardId};
 use crate::message::Message;
+use crate::session::ConnId;
 use crate::sys::SysReport;
 
 impl Engine {
     /// Counts bytes the driver read from clients, for `$SYS/broker/bytes/received`.
     pub fn record_bytes_received(&mut self, bytes: usize) {
         self.stats.bytes_received += bytes as u64;
+    }
+
+    /// `pings` PINGREQs that the driver read and answered itself for a connection
+    /// that has no task (a parked connection, `broker/src/server/park.rs`): the
+    /// driver read the PINGREQs and wrote `answered` PINGRESPs straight to the
+    /// socket. Keeps the connection alive and counts the packets and bytes as
+    /// [`Engine::handle_packet`] and the output path would; the PINGRESPs that
+    /// were not written (`pings - answered`, the socket's buffer was full) go
+    /// to the connection's output, which wakes it. Returns false, changing
+    /// nothing, when `conn` is gone or ended.
+    ///
+    /// A PINGRESP needs no ordering with the rest of the output: there is no
+    /// output (the connection is parked only with none buffered or held), and
+    /// it acknowledges nothing that must be durable first.
+    pub fn pings_answered(&mut self, now_ms: u64, conn: ConnId, pings: u32, answered: u32) -> bool {
+        let Some(c) = self.slot_mut(conn) else {
+            return false;
+        };
+        if c.ended {
+            return false;
+        }
+        c.last_packet_ms = now_ms;
+        let answered = answered.min(pings);
+        self.stats.bytes_received += 2 * u64::from(pings);
+        self.stats.bytes_sent += 2 * u64::from(answered);
+        for _ in 0..pings {
+            self.probe.packet_received(PacketType::PingReq);
+        }
+        for _ in 0..answered {
+            self.probe.packet_sent(PacketType::PingResp);
+        }
+        for _ in answered..pings {
+            self.write_packet(conn, &Packet::PingResp);
+        }
+        true
     }
 
     /// This shard's counters as they stand.
