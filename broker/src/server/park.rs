@@ -20,7 +20,9 @@
 //!   token for the shard's unparker task (shard-local, no allocation).
 //!
 //! The unparker task takes the entry, removes it from epoll, rebuilds the
-//! glommio stream from the fd and starts a connection task again.
+//! glommio stream from the fd and starts a connection task again, except when
+//! the input is only whole PINGREQs: those it answers in place and re-arms the
+//! entry ([`Parking::answer_pings`]), so an idle client's pings cost no task.
 //!
 //! Lifecycle: one [`Parking`] per shard, created at shard start; parked
 //! entries live until unparked (shutdown ends every connection through the
