@@ -8,9 +8,14 @@
 //! ```
 //!
 //! Prints ops/s, proposal-to-applied p50/p99 (µs, measured per op by the proposer), and
-//! the mean ops per log entry (each entry is one fsync on each node). Options:
+//! the mean ops per log entry (each entry is one synced append on each node). Options:
 //! `--nodes 3 --in-flight 8192 --batch-ops 1024 --window-us 500 --batches-in-flight 4
 //! --rate OPS_PER_S --dir PATH` (a directory on the disk to measure; default under `target/`).
+//!
+//! `--kind failover --rounds 10`: the leader crashes (cut from the network, then stopped
+//! like kill -9 and restarted from its data dir); prints, per round and as p50/max, how
+//! long after the crash a claim proposed on a surviving node at the moment of the crash
+//! was applied: when a new leader accepts claims.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +34,7 @@ struct Args {
     window_us: u64,
     rate: Option<u64>,
     batches_in_flight: usize,
+    rounds: u32,
     dir: std::path::PathBuf,
 }
 
@@ -42,6 +48,7 @@ fn args() -> Args {
         window_us: 500,
         rate: None,
         batches_in_flight: 4,
+        rounds: 10,
         dir: std::path::PathBuf::from("target/raft-bench"),
     };
     let mut it = std::env::args().skip(1);
@@ -56,6 +63,7 @@ fn args() -> Args {
             "--window-us" => a.window_us = v.parse().expect("--window-us"),
             "--rate" => a.rate = Some(v.parse().expect("--rate")),
             "--batches-in-flight" => a.batches_in_flight = v.parse().expect("--batches-in-flight"),
+            "--rounds" => a.rounds = v.parse().expect("--rounds"),
             "--dir" => a.dir = v.into(),
             other => panic!("unknown option {other}"),
         }
@@ -93,6 +101,7 @@ async fn main() {
         })
         .collect();
     let mut nodes = Vec::new();
+    let mut configs = Vec::new();
     for id in 1..=a.nodes {
         let mut c = ClusterConfig::new(id, a.dir.join(format!("node{id}")), voters[&id].clone());
         c.initial_voters = voters.clone();
@@ -101,16 +110,16 @@ async fn main() {
         c.proposal_queue_max = (a.in_flight * 2).max(c.batch_ops_max);
         c.batches_in_flight_max = a.batches_in_flight;
         c.snapshot_logs_since_last = 100_000;
+        configs.push(c.clone());
         let (cp, svc) = ControlPlane::start(c, net.transport(id))
             .await
             .expect("start");
         net.register(id, svc);
         nodes.push(cp);
     }
-    let t0 = Instant::now();
-    while !nodes.iter().any(|n| n.status().role == Role::Leader) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "no leader");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    leader_of(&nodes).await;
+    if a.kind == "failover" {
+        return failover(&a, &net, nodes, configs).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let handles: Vec<_> = nodes.iter().map(|n| n.handle()).collect();
@@ -121,7 +130,6 @@ async fn main() {
     ));
     let busy = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(1024);
     for i in 0..a.ops {
         if let Some(rate) = a.rate {
             let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
@@ -135,7 +143,7 @@ async fn main() {
         let o = op(&a.kind, i, node as u64 + 1);
         let hist = hist.clone();
         let busy = busy.clone();
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             let t = Instant::now();
             loop {
                 match h.propose(o.clone()) {
@@ -154,14 +162,13 @@ async fn main() {
                 .expect("histogram")
                 .saturating_record(t.elapsed().as_micros() as u64);
             drop(permit);
-        }));
-        if tasks.len() >= 1024 {
-            tasks.retain(|t| !t.is_finished());
-        }
+        });
     }
-    for t in tasks {
-        t.await.expect("task");
-    }
+    // Every task holds a permit until its op is applied: all permits back = all done.
+    let _all = permits
+        .acquire_many(a.in_flight as u32)
+        .await
+        .expect("semaphore");
     let secs = start.elapsed().as_secs_f64();
     let (p50, p99, max) = {
         let h = hist.lock().expect("histogram");
@@ -187,6 +194,99 @@ async fn main() {
         ops as f64 / entries.max(1) as f64,
         entries,
         busy.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&a.dir);
+}
+
+/// The leader every node agrees on (waits up to 30 s).
+async fn leader_of(nodes: &[ControlPlane]) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        let views: Vec<_> = nodes.iter().map(|n| n.status()).collect();
+        if let Some(l) = views.iter().find(|s| s.role == Role::Leader)
+            && views.iter().all(|s| s.leader == Some(l.node_id))
+        {
+            return l.node_id;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no leader");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Crashes the leader `a.rounds` times; measures when a claim proposed on a survivor at
+/// the crash is applied.
+async fn failover(
+    a: &Args,
+    net: &MemNet,
+    mut nodes: Vec<ControlPlane>,
+    configs: Vec<ClusterConfig>,
+) {
+    let mut took = Vec::new();
+    for round in 0..a.rounds {
+        let leader = leader_of(&nodes).await;
+        let li = (leader - 1) as usize;
+        let survivor = nodes
+            .iter()
+            .find(|n| n.node_id() != leader)
+            .expect("a survivor")
+            .handle();
+        // Warm: the survivor's proposals reach the leader.
+        survivor
+            .propose(op("claim", u64::from(round), survivor.node_id()))
+            .expect("propose")
+            .wait()
+            .await
+            .expect("claim before the crash");
+        let t0 = Instant::now();
+        net.unregister(leader);
+        let claim = Op::ClaimSession {
+            client_id: format!("failover-{round}"),
+            node: survivor.node_id(),
+        };
+        let applied = survivor.propose(claim).expect("propose").wait().await;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let applied = applied.expect("claim after the crash");
+        let new_leader = survivor.leader().unwrap_or(0);
+        println!(
+            "round {round}: leader {leader} crashed; node {new_leader} leads; a claim proposed on node {} at the crash was applied after {ms:.0} ms (index {})",
+            survivor.node_id(),
+            applied.index
+        );
+        took.push(ms);
+        // The crashed node stops (its process is gone) and restarts from its data dir.
+        let old = nodes.remove(li);
+        old.shutdown().await;
+        let restart = Instant::now();
+        let (cp, svc) = loop {
+            match ControlPlane::start(configs[li].clone(), net.transport(leader)).await {
+                Ok(r) => break r,
+                // The store is still held by calls in flight at the shutdown.
+                Err(e) if restart.elapsed() < Duration::from_secs(10) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("restart of node {leader}: {e}"),
+            }
+        };
+        net.register(leader, svc);
+        nodes.insert(li, cp);
+        let target = applied.index;
+        while nodes.iter().any(|n| n.handle().applied_index() < target) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    took.sort_by(f64::total_cmp);
+    println!(
+        "failover rounds={} : claim accepted after the leader crash p50 {:.0} ms, max {:.0} ms (election timeout {}-{} ms, heartbeat {} ms)",
+        took.len(),
+        took[took.len() / 2],
+        took[took.len() - 1],
+        configs[0].election_timeout_min_ms,
+        configs[0].election_timeout_max_ms,
+        configs[0].heartbeat_interval_ms,
     );
     for n in nodes {
         n.shutdown().await;

@@ -3,7 +3,7 @@
 //! API as the broker uses it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -266,6 +266,11 @@ pub(crate) struct Inner {
     pub(crate) forward: Mutex<Option<Arc<dyn Service>>>,
     stop: Arc<Notify>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// When this node started (the base of `leader_contact_ms`).
+    started: Instant,
+    /// When the current leader last reached this follower (ms since `started`, plus 1;
+    /// 0: never).
+    leader_contact_ms: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -410,6 +415,8 @@ impl ControlPlane {
             forward: Mutex::new(None),
             stop: Arc::new(Notify::new()),
             tasks: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            leader_contact_ms: AtomicU64::new(0),
         });
         let batcher = tokio::spawn(batcher(inner.clone(), rx, incarnation));
         let watcher = tokio::spawn(watch_leader(inner.clone()));
@@ -538,6 +545,34 @@ impl Inner {
         self.shared.metrics_rx.borrow().clone()
     }
 
+    /// The leader's append-entries (or heartbeat) was taken by this node.
+    pub(crate) fn note_leader_contact(&self) {
+        let ms = self.started.elapsed().as_millis() as u64 + 1;
+        self.leader_contact_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// A snapshot from the leader was refused (it did not parse).
+    pub(crate) fn note_snapshot_refused(&self) {
+        self.shared
+            .store
+            .counters
+            .snapshots_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the leader reached this follower recently: within three heartbeats (at
+    /// most the shortest election timeout). A follower whose leader died stops being
+    /// ready then, instead of after the election that follows (openraft keeps the dead
+    /// leader as `current_leader` until a new one is elected: a lease plus an election
+    /// timeout).
+    fn leader_heard_recently(&self) -> bool {
+        let max = (self.config.heartbeat_interval_ms * 3).min(self.config.election_timeout_min_ms);
+        match self.leader_contact_ms.load(Ordering::Relaxed) {
+            0 => false,
+            at => (self.started.elapsed().as_millis() as u64) < at + max,
+        }
+    }
+
     pub(crate) fn local_status(&self) -> ClusterStatus {
         let m = self.metrics_now();
         let counters = &self.shared.store.counters;
@@ -588,7 +623,8 @@ impl Inner {
         let ready = m.running_state.is_ok()
             && m.current_leader.is_some()
             && voters.contains(&m.id)
-            && applied >= commit;
+            && applied >= commit
+            && (role == Role::Leader || self.leader_heard_recently());
         ClusterStatus {
             node_id: m.id,
             role,

@@ -49,8 +49,9 @@
 //!   `proposal_timeout_ms` (retries across leader changes reuse the batch's idempotency
 //!   key, so an op is never applied twice). A [`ClusterError::Unavailable`] is the
 //!   "no quorum" answer (CONNACK 0x88 / 0x03).
-//! - [`ClusterStatus::ready`] is `/ready`: a voter that knows a leader and has applied
-//!   everything it knows committed.
+//! - [`ClusterStatus::ready`] is `/ready`: a voter that knows a leader, heard from it
+//!   within three heartbeats (the leader itself: always), and has applied everything it
+//!   knows committed.
 //!
 //! # Modules
 //! - [`transport`]: the seam between raft and the wire (request/response on named

@@ -85,6 +85,8 @@ pub struct ClusterMetrics {
     pub snapshots_installed: u64,
     /// Size of the last snapshot, bytes.
     pub snapshot_last_bytes: u64,
+    /// Snapshots from a leader refused because they did not parse.
+    pub snapshots_refused: u64,
     /// Entries applied.
     pub entries_applied: u64,
     /// Ops applied.
@@ -170,6 +172,7 @@ impl MetricsCore {
             snapshots_built: c.snapshots_built.load(Ordering::Relaxed),
             snapshots_installed: c.snapshots_installed.load(Ordering::Relaxed),
             snapshot_last_bytes: c.snapshot_last_bytes.load(Ordering::Relaxed),
+            snapshots_refused: c.snapshots_refused.load(Ordering::Relaxed),
             entries_applied: c.entries_applied.load(Ordering::Relaxed),
             ops_applied: c.ops_applied.load(Ordering::Relaxed),
             duplicate_batches: c.duplicate_batches.load(Ordering::Relaxed),

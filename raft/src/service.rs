@@ -5,21 +5,30 @@
 //! the local raft. Admin requests run on the leader (others forward them, at most
 //! `ADMIN_HOPS_MAX` hops); `Forward` requests go to the data plane's handler once one is
 //! registered.
+//!
+//! Snapshot chunks are checked as they stream in ([`SnapshotCheck`]); a snapshot that
+//! does not parse is refused before its last chunk reaches raft (openraft treats a failed
+//! install as a fatal storage error and would stop raft on this node), so a corrupt or
+//! lying peer's snapshot costs a retry, not the node.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use openraft::raft::AppendEntriesResponse;
 
 use crate::control::Inner;
 use crate::rpc::{
     self, AdminReply, AdminRequest, ProposeRefusal, RaftReply, RaftRequest, SnapshotReply,
 };
 use crate::store::lock;
+use crate::store::snapshot::SnapshotCheck;
 use crate::transport::{BoxFuture, Channel, NodeId, Service};
 
 /// Dispatches incoming RPCs to the local raft node.
 pub struct RaftService {
     inner: Arc<Inner>,
+    /// The snapshot stream being received, checked chunk by chunk.
+    snapshot_check: Mutex<Option<SnapshotCheck>>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -30,7 +39,10 @@ impl std::fmt::Debug for RaftService {
 
 impl RaftService {
     pub(crate) fn new(inner: Arc<Inner>) -> RaftService {
-        RaftService { inner }
+        RaftService {
+            inner,
+            snapshot_check: Mutex::new(None),
+        }
     }
 
     async fn raft(&self, from: NodeId, bytes: &[u8]) -> Result<Bytes, String> {
@@ -44,7 +56,17 @@ impl RaftService {
                     ));
                 }
                 rpc::validate_append(&req)?;
-                RaftReply::Append(self.inner.raft.append_entries(req).await)
+                let r = self.inner.raft.append_entries(req).await;
+                if let Ok(
+                    AppendEntriesResponse::Success
+                    | AppendEntriesResponse::PartialSuccess(_)
+                    | AppendEntriesResponse::Conflict,
+                ) = &r
+                {
+                    // The current leader reached us (a stale one gets `HigherVote`).
+                    self.inner.note_leader_contact();
+                }
+                RaftReply::Append(r)
             }
             RaftRequest::Vote(req) => {
                 if req.vote.leader_id.voted_for() != Some(from) {
@@ -82,6 +104,37 @@ impl RaftService {
                 "snapshot from node {from} claims to come from leader {:?}",
                 req.vote.leader_id.voted_for()
             ));
+        }
+        let id = req.meta.snapshot_id.clone();
+        let verdict = {
+            let mut check = lock(&self.snapshot_check);
+            if req.offset == 0 {
+                *check = Some(SnapshotCheck::new(&id));
+            }
+            let verdict = match check.as_mut() {
+                Some(c) if c.continues(&id, req.offset) => c
+                    .feed(&req.data)
+                    .and_then(|()| if req.done { c.finish() } else { Ok(()) }),
+                _ => Err(format!(
+                    "chunk at offset {} does not continue a stream this node checked",
+                    req.offset
+                )),
+            };
+            if verdict.is_err() || req.done {
+                *check = None;
+            }
+            verdict
+        };
+        if let Err(reason) = verdict {
+            self.inner.note_snapshot_refused();
+            tracing::warn!(
+                from,
+                snapshot = %id,
+                %reason,
+                "refused a snapshot from the leader: it does not parse; raft keeps running \
+                 and the leader will send it again"
+            );
+            return Err(format!("snapshot {id} refused by the receiver: {reason}"));
         }
         let reply: SnapshotReply = self.inner.raft.install_snapshot(req).await;
         Ok(rpc::encode(&reply))

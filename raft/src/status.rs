@@ -72,7 +72,8 @@ pub struct ClusterStatus {
     pub purged_index: u64,
     /// Every member (voters and learners), by id.
     pub members: Vec<MemberStatus>,
-    /// A caught-up member that knows a leader: the broker's `/ready`.
+    /// A caught-up voter that knows a leader and heard from it within three heartbeats:
+    /// the broker's `/ready`.
     pub ready: bool,
     /// Why raft stopped, if it did.
     pub error: Option<String>,

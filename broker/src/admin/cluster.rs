@@ -302,6 +302,13 @@ pub fn render_metrics(view: &ClusterView, out: &mut String) {
     );
     metric(
         out,
+        "tessera_cluster_snapshots_refused_total",
+        "counter",
+        "Raft snapshots from a leader refused because they did not parse.",
+        m.snapshots_refused,
+    );
+    metric(
+        out,
         "tessera_cluster_snapshot_last_bytes",
         "gauge",
         "Size of the last raft snapshot.",

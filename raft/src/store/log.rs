@@ -5,10 +5,9 @@
 //! ops: that is how the control plane turns thousands of proposals into one fsync.
 //! The fsync runs on tokio's blocking pool so the control thread keeps serving RPCs.
 //!
-//! The committed log id is kept in memory and persisted by the next state-machine apply
-//! transaction (apply always follows a commit), which saves an fsync per commit; after a
-//! crash openraft re-applies from the last persisted one, which is never ahead of the
-//! truth.
+//! The committed log id is kept in memory and persisted by the next append transaction,
+//! which saves an fsync per commit; after a crash openraft re-applies from the last
+//! persisted one, which is never ahead of the truth.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -192,11 +191,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|e| (e.log_id.index.to_be_bytes(), encode_bincode(&e)))
             .collect();
+        let committed = *lock(&self.store.committed);
         let store = self.store.clone();
         let result = blocking(&self.store, move || {
             let mut w = store.env().write_txn().map_err(write_err)?;
             for (k, v) in &rows {
                 store.dbs.log.put(&mut w, k, v).map_err(write_err)?;
+            }
+            if let Some(c) = committed {
+                store
+                    .dbs
+                    .raft_meta
+                    .put(&mut w, b"committed", &encode_bincode(&c))
+                    .map_err(write_err)?;
             }
             w.commit().map_err(write_err)
         })

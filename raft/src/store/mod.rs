@@ -1,17 +1,30 @@
-//! Raft storage in heed (LMDB): the log, the vote, the committed index and the state
-//! machine's tables, all in one env under `data_dir/raft/`, plus snapshot files under
-//! `data_dir/raft/snapshots/`.
+//! Raft storage in heed (LMDB) under `data_dir/raft/`: two envs and the snapshot files.
 //!
-//! Databases of the env (keys big-endian so LMDB's byte order is numeric order):
-//! - `raft_meta`: `format`, `vote`, `committed`, `purged`, `node_id`, `bootstrap`,
-//!   `incarnation` (bincode values).
-//! - `log`: index -> bincode `Entry`.
-//! - the state machine ([`stm`]): `owners` (ClientID -> owner), `routes` (filter, group,
-//!   node -> stamp), `retained` (topic -> record), `nodes` (id -> [`NodeInfo`]), `idem` and
-//!   `idem_time` (the idempotency window), `sm_meta` (`applied`, `membership`,
-//!   `clock_ms`). Every row records the log index that wrote it, and `sm_meta/applied`
-//!   stamps all tables with the index they reflect: they change in the same write
-//!   transaction.
+//! - The log env (`data_dir/raft/data.mdb`): every commit is synced (two flushes: data,
+//!   then the meta page). Databases (keys big-endian so LMDB's byte order is numeric
+//!   order): `raft_meta` (`format`, `vote`, `committed`, `purged`, `bootstrap`,
+//!   `incarnation`; bincode values) and `log` (index -> bincode `Entry`).
+//! - The state-machine env (`data_dir/raft/sm/data.mdb`): `owners` (ClientID -> owner),
+//!   `routes` (filter, group, node -> stamp), `retained` (topic -> record), `nodes` (id ->
+//!   [`NodeInfo`]), `idem` and `idem_time` (the idempotency window), `sm_meta` (`applied`,
+//!   `membership`, `clock_ms`). Every row records the log index that wrote it, and
+//!   `sm_meta/applied` stamps all tables with the index they reflect: they change in the
+//!   same write transaction.
+//! - `data_dir/raft/snapshots/`: the newest snapshot ([`snapshot`]), synced.
+//!
+//! Why two envs: applying an entry needs no flush of its own. Everything applied is in
+//! the synced log (and the newest snapshot), so the state-machine env commits without
+//! fsync (`NO_SYNC`): a process crash (kill -9) loses nothing, the page cache holds every
+//! commit. A machine crash can leave an unsynced LMDB env torn, so the state machine is
+//! rebuilt from the newest snapshot and the log after one: the file `sm/UNSYNCED` holds
+//! the boot id of the kernel under which unsynced commits were made (written and synced
+//! before the first one, removed after a final sync at a clean close); a store opened
+//! under another boot id discards `sm/`, loads the newest snapshot and lets openraft
+//! re-apply the log from there. The log never loses a committed entry that the snapshot
+//! does not hold: openraft purges only entries a synced snapshot covers. In one env the
+//! apply would have cost two flushes per entry on every node (LMDB cannot mix synced and
+//! unsynced commits in one file without risking the synced ones on a machine crash).
+//! Where the boot id cannot be read, apply commits are synced.
 //!
 //! Errors of the world (a corrupt file, an incompatible format, a full disk) are
 //! [`StoreError`]s naming the file; nothing here panics on bytes read from disk, and
@@ -39,27 +52,18 @@ use serde::de::DeserializeOwned;
 
 use crate::transport::NodeId;
 
-/// The storage format this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The storage format this build writes and reads (2: the state machine in its own env
+/// under `sm/`).
+pub const FORMAT_VERSION: u16 = 2;
 
 /// One database of the env (keys and values are raw bytes; encodings are ours).
 pub(crate) type Db = Database<'static, RawBytes, RawBytes>;
 
-/// Names of the databases, in [`Dbs`] order.
-const DB_NAMES: [&str; 9] = [
-    "raft_meta",
-    "log",
-    "owners",
-    "routes",
-    "retained",
-    "nodes",
-    "idem",
-    "idem_time",
-    "sm_meta",
-];
+/// Names of the log env's databases, in [`Dbs`] order.
+const LOG_DB_NAMES: [&str; 2] = ["raft_meta", "log"];
 
-/// The state machine's databases, in snapshot order (a snapshot frame names its table by
-/// the position here).
+/// The state machine's databases (its env's names), in snapshot order (a snapshot frame
+/// names its table by the position here).
 pub(crate) const SM_TABLES: [&str; 7] = [
     "owners",
     "routes",
@@ -70,7 +74,8 @@ pub(crate) const SM_TABLES: [&str; 7] = [
     "sm_meta",
 ];
 
-/// Handles to every database.
+/// Handles to every database (`raft_meta` and `log` in the log env, the rest in the
+/// state-machine env: use each with a transaction of its own env).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dbs {
     pub raft_meta: Db,
@@ -178,6 +183,8 @@ pub struct StoreCounters {
     pub snapshots_installed: AtomicU64,
     /// Size of the last snapshot built or installed, bytes.
     pub snapshot_last_bytes: AtomicU64,
+    /// Snapshots from a leader refused because they did not parse.
+    pub snapshots_refused: AtomicU64,
     /// Entries applied.
     pub entries_applied: AtomicU64,
     /// Ops applied (duplicates excluded).
@@ -192,14 +199,18 @@ pub struct StoreCounters {
     pub committed_index: AtomicU64,
 }
 
-/// The opened env, shared by the log store, the state machine and readers.
+/// The opened envs, shared by the log store, the state machine and readers.
 pub struct Store {
     _lock: std::fs::File,
     inline_io: bool,
     env: Env<WithoutTls>,
+    sm_env: Env<WithoutTls>,
+    /// `sm/UNSYNCED` while state-machine commits are not synced (removed at a clean close).
+    sm_unsynced_marker: Option<PathBuf>,
     pub(crate) dbs: Dbs,
     dir: PathBuf,
     data_file: PathBuf,
+    sm_data_file: PathBuf,
     /// The committed log id openraft last told us (persisted with the next apply).
     pub(crate) committed: Mutex<Option<LogId<NodeId>>>,
     /// Metrics.
@@ -244,62 +255,90 @@ impl Default for StoreOptions {
 impl Store {
     /// Opens (or creates) the store under `raft_dir` (`data_dir/raft`).
     pub fn open(raft_dir: &Path, options: StoreOptions) -> Result<Arc<Store>, StoreError> {
-        let io = |source| StoreError::Io {
-            path: raft_dir.to_path_buf(),
-            source,
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
         };
-        std::fs::create_dir_all(raft_dir).map_err(io)?;
-        std::fs::create_dir_all(raft_dir.join("snapshots")).map_err(|source| StoreError::Io {
-            path: raft_dir.join("snapshots"),
-            source,
-        })?;
-        let data_file = raft_dir.join("data.mdb");
-        let open_err = |source| StoreError::Open {
-            path: data_file.clone(),
-            source,
-        };
-        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
-        opts.map_size(options.map_size_bytes)
-            .max_dbs(DB_NAMES.len() as u32);
-        if !options.fsync {
-            // SAFETY: NO_SYNC trades machine-crash durability for speed; only tests and the
-            // simulation ask for it (StoreOptions::fsync).
-            unsafe { opts.flags(heed::EnvFlags::NO_SYNC) };
+        let sm_dir = raft_dir.join("sm");
+        for d in [raft_dir.to_path_buf(), raft_dir.join("snapshots")] {
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
-        // SAFETY: the env's files are ours alone (data_dir/raft is not shared with another
-        // program), and no transaction outlives the env: every handle holds an Arc<Store>.
-        let env = unsafe { opts.open(raft_dir) }.map_err(open_err)?;
-        let dbs = open_dbs(&env).map_err(|source| StoreError::Open {
-            path: data_file.clone(),
-            source,
-        })?;
         let lock_path = raft_dir.join("LOCK");
         let lock_file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| StoreError::Io {
-                path: lock_path.clone(),
-                source,
-            })?;
+            .map_err(io(&lock_path))?;
         if lock_file.try_lock().is_err() {
             return Err(StoreError::Locked { path: lock_path });
         }
+        let data_file = raft_dir.join("data.mdb");
+        let env = open_env(raft_dir, &data_file, options, !options.fsync)?;
+        let log_dbs = open_dbs::<2>(&env, LOG_DB_NAMES).map_err(|source| StoreError::Open {
+            path: data_file.clone(),
+            source,
+        })?;
+        // Refuse a store of another format before touching `sm/`.
+        check_format(&env, log_dbs[0], log_dbs[1], &data_file)?;
+
+        // The state machine commits unsynced when a machine crash can be told from a
+        // process crash (the boot id); see the module header.
+        let boot = if options.fsync { boot_id() } else { None };
+        let sm_unsynced_marker = boot.as_ref().map(|_| sm_dir.join("UNSYNCED"));
+        if let (Some(boot), Some(marker)) = (&boot, &sm_unsynced_marker)
+            && let Ok(found) = std::fs::read_to_string(marker)
+            && found.trim() != boot
+        {
+            tracing::warn!(
+                dir = %sm_dir.display(),
+                "the machine restarted while the raft state machine had unsynced commits: \
+                 rebuilding it from the newest snapshot and the log"
+            );
+            std::fs::remove_dir_all(&sm_dir).map_err(io(&sm_dir))?;
+        }
+        std::fs::create_dir_all(&sm_dir).map_err(io(&sm_dir))?;
+        let sm_data_file = sm_dir.join("data.mdb");
+        let sm_env = open_env(
+            &sm_dir,
+            &sm_data_file,
+            options,
+            boot.is_some() || !options.fsync,
+        )?;
+        let sm_dbs = open_dbs::<7>(&sm_env, SM_TABLES).map_err(|source| StoreError::Open {
+            path: sm_data_file.clone(),
+            source,
+        })?;
         let store = Store {
             _lock: lock_file,
             inline_io: !options.io_on_blocking_pool,
             env,
-            dbs,
+            sm_env,
+            sm_unsynced_marker,
+            dbs: Dbs {
+                raft_meta: log_dbs[0],
+                log: log_dbs[1],
+                owners: sm_dbs[0],
+                routes: sm_dbs[1],
+                retained: sm_dbs[2],
+                nodes: sm_dbs[3],
+                idem: sm_dbs[4],
+                idem_time: sm_dbs[5],
+                sm_meta: sm_dbs[6],
+            },
             dir: raft_dir.to_path_buf(),
             data_file,
+            sm_data_file,
             committed: Mutex::new(None),
             counters: StoreCounters::default(),
             applied_subscribers: stm::Subscribers::default(),
         };
-        store.check_format()?;
-        store.load_indexes()?;
         snapshot::remove_partial_files(&store.snapshot_dir())?;
+        snapshot::load_if_empty(&store)?;
+        if let (Some(boot), Some(marker)) = (&boot, &store.sm_unsynced_marker) {
+            write_synced(marker, boot.as_bytes()).map_err(io(marker))?;
+        }
+        store.load_indexes()?;
         Ok(Arc::new(store))
     }
 
@@ -317,8 +356,19 @@ impl Store {
         self.dir.join("snapshots")
     }
 
+    /// The log env (`raft_meta`, `log`).
     pub(crate) fn env(&self) -> &Env<WithoutTls> {
         &self.env
+    }
+
+    /// The state machine's env (every table of [`SM_TABLES`]).
+    pub(crate) fn sm_env(&self) -> &Env<WithoutTls> {
+        &self.sm_env
+    }
+
+    /// The state machine's LMDB data file (named in errors).
+    pub fn sm_data_file(&self) -> &Path {
+        &self.sm_data_file
     }
 
     fn lmdb(&self, source: heed::Error) -> StoreError {
@@ -328,36 +378,15 @@ impl Store {
         }
     }
 
-    /// Writes the format on a new store; refuses a store of another format.
-    fn check_format(&self) -> Result<(), StoreError> {
-        let found: Option<u16> = self.meta_get(self.dbs.raft_meta, "raft_meta", b"format")?;
-        match found {
-            Some(FORMAT_VERSION) => Ok(()),
-            Some(found) => Err(StoreError::Incompatible {
-                path: self.data_file.clone(),
-                found,
-            }),
-            None => {
-                let log_empty = {
-                    let rtxn = self.env.read_txn().map_err(|e| self.lmdb(e))?;
-                    self.dbs.log.is_empty(&rtxn).map_err(|e| self.lmdb(e))?
-                };
-                if !log_empty {
-                    return Err(StoreError::Corrupt {
-                        path: self.data_file.clone(),
-                        db: "raft_meta",
-                        key: "format".into(),
-                        reason: "missing while the log has entries".into(),
-                    });
-                }
-                self.meta_put(self.dbs.raft_meta, b"format", &FORMAT_VERSION)
-            }
+    fn sm_lmdb(&self, source: heed::Error) -> StoreError {
+        StoreError::Lmdb {
+            path: self.sm_data_file.clone(),
+            source,
         }
     }
 
     fn load_indexes(&self) -> Result<(), StoreError> {
-        let applied: Option<LogId<NodeId>> =
-            self.meta_get(self.dbs.sm_meta, "sm_meta", b"applied")?;
+        let applied: Option<LogId<NodeId>> = self.sm_meta_get(b"applied")?;
         let committed: Option<LogId<NodeId>> =
             self.meta_get(self.dbs.raft_meta, "raft_meta", b"committed")?;
         self.counters
@@ -370,7 +399,16 @@ impl Store {
         Ok(())
     }
 
-    /// Reads a bincode value from a meta database.
+    /// Reads a bincode value from the state machine's `sm_meta`.
+    pub(crate) fn sm_meta_get<T: DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        let rtxn = self.sm_env.read_txn().map_err(|e| self.sm_lmdb(e))?;
+        self.meta_get_in(&rtxn, self.dbs.sm_meta, "sm_meta", key)
+    }
+
+    /// Reads a bincode value from the log env's `raft_meta`.
     pub(crate) fn meta_get<T: DeserializeOwned>(
         &self,
         db: Db,
@@ -401,7 +439,8 @@ impl Store {
         }
     }
 
-    /// Writes one bincode value in its own (synced) transaction.
+    /// Writes one bincode value into the log env's `raft_meta`, in its own (synced)
+    /// transaction.
     pub(crate) fn meta_put<T: Serialize>(
         &self,
         db: Db,
@@ -429,15 +468,118 @@ impl Store {
     }
 }
 
-fn open_dbs(env: &Env<WithoutTls>) -> heed::Result<Dbs> {
+fn open_env(
+    dir: &Path,
+    data_file: &Path,
+    options: StoreOptions,
+    no_sync: bool,
+) -> Result<Env<WithoutTls>, StoreError> {
+    let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+    opts.map_size(options.map_size_bytes).max_dbs(8);
+    if no_sync {
+        // SAFETY: NO_SYNC trades machine-crash durability for speed. Asked for by tests
+        // and the simulation (`StoreOptions::fsync`), and for the state-machine env, which
+        // is rebuilt from the synced log and snapshot after a machine crash (module header).
+        unsafe { opts.flags(heed::EnvFlags::NO_SYNC) };
+    }
+    // SAFETY: the env's files are ours alone (data_dir/raft is not shared with another
+    // program, and the LOCK file keeps a second broker out), and no transaction outlives
+    // the env: every handle holds an Arc<Store>.
+    unsafe { opts.open(dir) }.map_err(|source| StoreError::Open {
+        path: data_file.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes the format on a new store; refuses a store of another format.
+fn check_format(
+    env: &Env<WithoutTls>,
+    raft_meta: Db,
+    log: Db,
+    data_file: &Path,
+) -> Result<(), StoreError> {
+    let lmdb = |source| StoreError::Lmdb {
+        path: data_file.to_path_buf(),
+        source,
+    };
+    let rtxn = env.read_txn().map_err(lmdb)?;
+    let found = match raft_meta.get(&rtxn, b"format").map_err(lmdb)? {
+        None => None,
+        Some(v) => Some(
+            decode_bincode::<u16>(v).map_err(|reason| StoreError::Corrupt {
+                path: data_file.to_path_buf(),
+                db: "raft_meta",
+                key: "format".into(),
+                reason,
+            })?,
+        ),
+    };
+    let log_empty = log.is_empty(&rtxn).map_err(lmdb)?;
+    drop(rtxn);
+    match found {
+        Some(FORMAT_VERSION) => Ok(()),
+        Some(found) => Err(StoreError::Incompatible {
+            path: data_file.to_path_buf(),
+            found,
+        }),
+        None if !log_empty => Err(StoreError::Corrupt {
+            path: data_file.to_path_buf(),
+            db: "raft_meta",
+            key: "format".into(),
+            reason: "missing while the log has entries".into(),
+        }),
+        None => {
+            let mut w = env.write_txn().map_err(lmdb)?;
+            raft_meta
+                .put(&mut w, b"format", &encode_bincode(&FORMAT_VERSION))
+                .map_err(lmdb)?;
+            w.commit().map_err(lmdb)
+        }
+    }
+}
+
+/// The running kernel's boot id (Linux), which changes at every boot.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// Writes `bytes` to `path` and syncs the file and its directory.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Drop for Store {
+    /// A clean close: the state machine is synced, so the next open needs no rebuild
+    /// whatever happens to the machine in between.
+    fn drop(&mut self) {
+        if let Some(marker) = &self.sm_unsynced_marker
+            && self.sm_env.force_sync().is_ok()
+            && std::fs::remove_file(marker).is_ok()
+            && let Some(dir) = marker.parent()
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+fn open_dbs<const N: usize>(env: &Env<WithoutTls>, names: [&str; N]) -> heed::Result<[Db; N]> {
     let wtxn = env.write_txn()?;
     let dbs = env
         .create_databases_and_commit(wtxn, |opener, wtxn| {
-            let mut out = Vec::with_capacity(DB_NAMES.len());
-            for name in DB_NAMES {
+            let mut out = Vec::with_capacity(N);
+            for name in names {
                 out.push(opener.create_database::<RawBytes, RawBytes>(wtxn, Some(name))?);
             }
-            let array: [Database<'_, RawBytes, RawBytes>; 9] = match out.try_into() {
+            let array: [Database<'_, RawBytes, RawBytes>; N] = match out.try_into() {
                 Ok(a) => a,
                 Err(_) => unreachable!("one database per name"),
             };
@@ -447,21 +589,7 @@ fn open_dbs(env: &Env<WithoutTls>) -> heed::Result<Dbs> {
     // SAFETY: a `Database` is an (env identity, dbi) pair; its lifetime only ties it to the
     // env it came from. The handles live in `Store` beside that env and are only used
     // with transactions of that env, so extending the lifetime to the store's is sound.
-    let d: Vec<Db> = dbs
-        .into_iter()
-        .map(|db| unsafe { std::mem::transmute::<Database<'_, RawBytes, RawBytes>, Db>(db) })
-        .collect();
-    Ok(Dbs {
-        raft_meta: d[0],
-        log: d[1],
-        owners: d[2],
-        routes: d[3],
-        retained: d[4],
-        nodes: d[5],
-        idem: d[6],
-        idem_time: d[7],
-        sm_meta: d[8],
-    })
+    Ok(dbs.map(|db| unsafe { std::mem::transmute::<Database<'_, RawBytes, RawBytes>, Db>(db) }))
 }
 
 /// The bincode options for everything this crate stores or sends: varints, a size limit,

@@ -20,9 +20,7 @@ use std::sync::atomic::Ordering;
 
 use openraft::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 
-use super::{
-    SM_TABLES, Store, blocking, decode_bincode, encode_bincode, lock, read_err, write_err,
-};
+use super::{SM_TABLES, Store, blocking, decode_bincode, encode_bincode, read_err, write_err};
 use crate::op::{decode_rkyv, encode_rkyv};
 use crate::transport::NodeId;
 use crate::types::{NodeInfo, TypeConfig};
@@ -119,7 +117,7 @@ fn publish(
 
 fn build_blocking(store: &Store) -> Result<(Meta, PathBuf), StorageError<NodeId>> {
     let dir = store.snapshot_dir();
-    let rtxn = store.env().read_txn().map_err(read_err)?;
+    let rtxn = store.sm_env().read_txn().map_err(read_err)?;
     let last_log_id: Option<LogId<NodeId>> = store
         .meta_get_in(&rtxn, store.dbs.sm_meta, "sm_meta", b"applied")
         .map_err(read_err)?;
@@ -224,43 +222,139 @@ fn read_exact_or(
         .map_err(|e| read_err(format!("snapshot {what}: {e}")))
 }
 
-fn install_blocking(
-    store: &Store,
-    meta: &Meta,
-    mut src: File,
-) -> Result<u64, StorageError<NodeId>> {
-    let dir = store.snapshot_dir();
-    src.seek(SeekFrom::Start(0)).map_err(read_err)?;
-    let mut r = BufReader::with_capacity(1 << 20, src);
-    let mut head = [0u8; 10];
-    read_exact_or(&mut r, &mut head, "header")?;
-    if &head[..8] != MAGIC {
-        return Err(read_err(
-            "snapshot from the leader is not a Tessera snapshot",
+/// Checks one frame of a snapshot (bytes from a peer or a file): it decodes, names a
+/// known table, and every key fits LMDB.
+fn check_frame(frame: &[u8]) -> Result<SnapChunk, String> {
+    let chunk: SnapChunk = decode_rkyv(frame, "snapshot frame").map_err(|e| e.to_string())?;
+    let Some(name) = SM_TABLES.get(chunk.table as usize) else {
+        return Err(format!("snapshot names unknown table {}", chunk.table));
+    };
+    if let Some((k, _)) = chunk
+        .rows
+        .iter()
+        .find(|(k, _)| k.is_empty() || k.len() > KEY_BYTES_MAX)
+    {
+        return Err(format!(
+            "snapshot row of table {name} has a key of {} bytes",
+            k.len()
         ));
+    }
+    Ok(chunk)
+}
+
+fn check_header(head: &[u8; 10]) -> Result<(), String> {
+    if &head[..8] != MAGIC {
+        return Err("not a Tessera snapshot (bad magic)".into());
     }
     let format = u16::from_le_bytes([head[8], head[9]]);
     if format != SNAPSHOT_FORMAT {
-        return Err(read_err(format!(
+        return Err(format!(
             "snapshot format {format}; this build reads {SNAPSHOT_FORMAT}"
-        )));
+        ));
     }
-    let id = meta.snapshot_id.replace(['/', '\\'], "_");
-    let tmp = dir.join(format!("installing-{id}.tmp"));
-    let file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let werr = |e| io_err(&tmp, e);
-    out.write_all(&head).map_err(werr)?;
+    Ok(())
+}
 
+/// Checks a snapshot as it streams in from a peer, chunk by chunk, before raft sees the
+/// last chunk: a snapshot that does not parse is refused at the transport (the leader
+/// retries later) instead of failing the install, which openraft treats as a fatal
+/// storage error that stops raft on this node. Memory: at most one frame.
+#[derive(Debug)]
+pub struct SnapshotCheck {
+    id: String,
+    next_offset: u64,
+    buf: Vec<u8>,
+    header_done: bool,
+    ended: bool,
+}
+
+impl SnapshotCheck {
+    /// A check of the stream of snapshot `id`, starting at offset 0.
+    pub fn new(id: &str) -> SnapshotCheck {
+        SnapshotCheck {
+            id: id.to_owned(),
+            next_offset: 0,
+            buf: Vec::new(),
+            header_done: false,
+            ended: false,
+        }
+    }
+
+    /// Whether `(id, offset)` continues this stream.
+    pub fn continues(&self, id: &str, offset: u64) -> bool {
+        self.id == id && self.next_offset == offset
+    }
+
+    /// Feeds the next chunk; an error names what is wrong.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), String> {
+        self.next_offset += data.len() as u64;
+        if self.ended {
+            return if data.is_empty() {
+                Ok(())
+            } else {
+                Err("bytes after the end frame".into())
+            };
+        }
+        self.buf.extend_from_slice(data);
+        if !self.header_done {
+            let Some(head) = self.buf.get(..10) else {
+                return Ok(());
+            };
+            let head: [u8; 10] = head.try_into().map_err(|_| "short header".to_string())?;
+            check_header(&head)?;
+            self.buf.drain(..10);
+            self.header_done = true;
+        }
+        let mut at = 0;
+        while let Some(len) = self.buf.get(at..at + 4) {
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]);
+            if len == 0 {
+                if self.buf.len() > at + 4 {
+                    return Err("bytes after the end frame".into());
+                }
+                self.ended = true;
+                at += 4;
+                break;
+            }
+            if len > FRAME_BYTES_MAX {
+                return Err(format!("snapshot frame of {len} bytes exceeds the bound"));
+            }
+            let Some(frame) = self.buf.get(at + 4..at + 4 + len as usize) else {
+                break;
+            };
+            check_frame(frame)?;
+            at += 4 + len as usize;
+        }
+        self.buf.drain(..at);
+        Ok(())
+    }
+
+    /// Checks that the stream ended with the end frame.
+    pub fn finish(&self) -> Result<(), String> {
+        if self.ended {
+            Ok(())
+        } else {
+            Err("the snapshot ends without its end frame".into())
+        }
+    }
+}
+
+/// Replaces the state machine's tables with the snapshot read from `r` (positioned after
+/// the header) in the write transaction `w`, copying each frame to `copy` if given.
+fn fill_tables(
+    store: &Store,
+    w: &mut heed::RwTxn<'_>,
+    r: &mut impl Read,
+    mut copy: Option<&mut dyn Write>,
+) -> Result<(), StorageError<NodeId>> {
     let tables = store.dbs.sm_tables();
-    let mut w = store.env().write_txn().map_err(write_err)?;
     for db in tables {
-        db.clear(&mut w).map_err(write_err)?;
+        db.clear(w).map_err(write_err)?;
     }
     let mut frame = Vec::new();
     loop {
         let mut len = [0u8; 4];
-        read_exact_or(&mut r, &mut len, "frame length")?;
+        read_exact_or(r, &mut len, "frame length")?;
         let len = u32::from_le_bytes(len);
         if len == 0 {
             break;
@@ -271,54 +365,44 @@ fn install_blocking(
             )));
         }
         frame.resize(len as usize, 0);
-        read_exact_or(&mut r, &mut frame, "frame")?;
-        let chunk: SnapChunk = decode_rkyv(&frame, "snapshot frame").map_err(read_err)?;
-        let Some(db) = tables.get(chunk.table as usize) else {
-            return Err(read_err(format!(
-                "snapshot names unknown table {}",
-                chunk.table
-            )));
-        };
+        read_exact_or(r, &mut frame, "frame")?;
+        let chunk = check_frame(&frame).map_err(read_err)?;
+        let db = tables[chunk.table as usize];
         for (k, v) in &chunk.rows {
-            if k.is_empty() || k.len() > KEY_BYTES_MAX {
-                return Err(read_err(format!(
-                    "snapshot row of table {} has a key of {} bytes",
-                    SM_TABLES[chunk.table as usize],
-                    k.len()
-                )));
-            }
-            db.put(&mut w, k, v).map_err(write_err)?;
+            db.put(w, k, v).map_err(write_err)?;
         }
-        write_frame(&mut out, &frame).map_err(werr)?;
+        if let Some(out) = copy.as_mut() {
+            write_frame(out, &frame).map_err(read_err)?;
+        }
     }
+    Ok(())
+}
+
+fn install_blocking(
+    store: &Store,
+    meta: &Meta,
+    mut src: File,
+) -> Result<u64, StorageError<NodeId>> {
+    let dir = store.snapshot_dir();
+    src.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let mut r = BufReader::with_capacity(1 << 20, src);
+    let mut head = [0u8; 10];
+    read_exact_or(&mut r, &mut head, "header")?;
+    check_header(&head).map_err(read_err)?;
+    let id = meta.snapshot_id.replace(['/', '\\'], "_");
+    let tmp = dir.join(format!("installing-{id}.tmp"));
+    let file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let werr = |e| io_err(&tmp, e);
+    out.write_all(&head).map_err(werr)?;
+
+    let mut w = store.sm_env().write_txn().map_err(write_err)?;
+    fill_tables(store, &mut w, &mut r, Some(&mut out))?;
     write_frame(&mut out, &[]).map_err(werr)?;
     let file = out.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
     file.sync_all().map_err(werr)?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    // The raft meta of the snapshot is authoritative for what the tables now reflect.
-    let sm_meta = store.dbs.sm_meta;
-    match &meta.last_log_id {
-        Some(l) => sm_meta
-            .put(&mut w, b"applied", &encode_bincode(l))
-            .map_err(write_err)?,
-        None => {
-            sm_meta.delete(&mut w, b"applied").map_err(write_err)?;
-        }
-    }
-    sm_meta
-        .put(
-            &mut w,
-            b"membership",
-            &encode_bincode(&meta.last_membership),
-        )
-        .map_err(write_err)?;
-    if let Some(c) = *lock(&store.committed) {
-        store
-            .dbs
-            .raft_meta
-            .put(&mut w, b"committed", &encode_bincode(&c))
-            .map_err(write_err)?;
-    }
+    set_applied(store, &mut w, meta)?;
     w.commit().map_err(write_err)?;
     publish(&dir, &id, &tmp, meta)?;
     if let Ok(rd) = std::fs::read_dir(&dir) {
@@ -329,6 +413,66 @@ fn install_blocking(
         }
     }
     Ok(size)
+}
+
+/// The snapshot's raft meta is authoritative for what the tables now reflect.
+fn set_applied(
+    store: &Store,
+    w: &mut heed::RwTxn<'_>,
+    meta: &Meta,
+) -> Result<(), StorageError<NodeId>> {
+    let sm_meta = store.dbs.sm_meta;
+    match &meta.last_log_id {
+        Some(l) => sm_meta
+            .put(w, b"applied", &encode_bincode(l))
+            .map_err(write_err)?,
+        None => {
+            sm_meta.delete(w, b"applied").map_err(write_err)?;
+        }
+    }
+    sm_meta
+        .put(w, b"membership", &encode_bincode(&meta.last_membership))
+        .map_err(write_err)
+}
+
+/// Loads the newest local snapshot into an empty state machine (one rebuilt after a
+/// machine crash, see the store's header); openraft re-applies the log after it.
+pub(crate) fn load_if_empty(store: &Store) -> Result<(), super::StoreError> {
+    let corrupt = |reason: String| super::StoreError::Corrupt {
+        path: store.snapshot_dir(),
+        db: "snapshots",
+        key: "newest".into(),
+        reason,
+    };
+    let applied: Option<LogId<NodeId>> = store.sm_meta_get(b"applied")?;
+    if applied.is_some() {
+        return Ok(());
+    }
+    let Some((meta, bin)) = newest(store).map_err(|e| corrupt(e.to_string()))? else {
+        return Ok(());
+    };
+    let src = File::open(&bin).map_err(|source| super::StoreError::Io {
+        path: bin.clone(),
+        source,
+    })?;
+    let mut r = BufReader::with_capacity(1 << 20, src);
+    let mut head = [0u8; 10];
+    let mut load = || -> Result<(), StorageError<NodeId>> {
+        read_exact_or(&mut r, &mut head, "header")?;
+        check_header(&head).map_err(read_err)?;
+        let mut w = store.sm_env().write_txn().map_err(write_err)?;
+        fill_tables(store, &mut w, &mut r, None)?;
+        set_applied(store, &mut w, &meta)?;
+        w.commit().map_err(write_err)?;
+        store.sm_env().force_sync().map_err(write_err)
+    };
+    load().map_err(|e| corrupt(format!("{}: {e}", bin.display())))?;
+    tracing::info!(
+        snapshot = %bin.display(),
+        index = meta.last_log_id.map_or(0, |l| l.index),
+        "raft state machine loaded from the newest snapshot"
+    );
+    Ok(())
 }
 
 /// Replaces the tables with the snapshot in `src` (received from the leader).
@@ -349,10 +493,8 @@ pub(crate) async fn install(
     Ok(())
 }
 
-/// The newest complete snapshot, if any.
-pub(crate) async fn current(
-    store: &Store,
-) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+/// The newest complete snapshot's meta and data file, if any.
+fn newest(store: &Store) -> Result<Option<(Meta, PathBuf)>, StorageError<NodeId>> {
     let dir = store.snapshot_dir();
     let mut best: Option<(Meta, PathBuf)> = None;
     let rd = std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))?;
@@ -382,7 +524,14 @@ pub(crate) async fn current(
             best = Some((meta, bin));
         }
     }
-    let Some((meta, bin)) = best else {
+    Ok(best)
+}
+
+/// The newest complete snapshot, if any.
+pub(crate) async fn current(
+    store: &Store,
+) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    let Some((meta, bin)) = newest(store)? else {
         return Ok(None);
     };
     let file = tokio::fs::File::open(&bin)

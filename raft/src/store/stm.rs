@@ -4,7 +4,9 @@
 //! `apply` is deterministic: it reads only the entries (their index and the time stamped
 //! at proposal), never the local clock, randomness or anything outside the env, so every
 //! node that applies the same log holds byte-identical tables. One `apply` call is one
-//! write transaction (and one fsync) for however many entries openraft hands over.
+//! write transaction for however many entries openraft hands over, committed without a
+//! flush of its own (the state-machine env, see the store's header: the log holds every
+//! committed entry, synced).
 //!
 //! After commit, the changes are broadcast to subscribers (the shards' replica tables)
 //! through bounded channels: a subscriber that does not keep up is dropped (its channel
@@ -437,7 +439,7 @@ fn apply_entries(
     entries: Vec<Entry<TypeConfig>>,
 ) -> SResult<(Vec<BatchResult>, Vec<AppliedEntry>)> {
     let dbs = store.dbs;
-    let w = store.env().write_txn().map_err(write_err)?;
+    let w = store.sm_env().write_txn().map_err(write_err)?;
     let mut a = Applier { store, w };
     let mut clock: u64 = match a.get(dbs.sm_meta, b"clock_ms")? {
         Some(v) => decode_bincode(&v).map_err(read_err)?,
@@ -490,11 +492,6 @@ fn apply_entries(
     dbs.sm_meta
         .put(&mut a.w, b"clock_ms", &encode_bincode(&clock))
         .map_err(write_err)?;
-    if let Some(c) = *lock(&store.committed) {
-        dbs.raft_meta
-            .put(&mut a.w, b"committed", &encode_bincode(&c))
-            .map_err(write_err)?;
-    }
     a.w.commit().map_err(write_err)?;
     store
         .counters
@@ -515,12 +512,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StorageError<NodeId>>
     {
         let s = &self.store;
-        let applied: Option<LogId<NodeId>> = s
-            .meta_get(s.dbs.sm_meta, "sm_meta", b"applied")
-            .map_err(read_err)?;
-        let membership: Option<StoredMembership<NodeId, NodeInfo>> = s
-            .meta_get(s.dbs.sm_meta, "sm_meta", b"membership")
-            .map_err(read_err)?;
+        let applied: Option<LogId<NodeId>> = s.sm_meta_get(b"applied").map_err(read_err)?;
+        let membership: Option<StoredMembership<NodeId, NodeInfo>> =
+            s.sm_meta_get(b"membership").map_err(read_err)?;
         Ok((applied, membership.unwrap_or_default()))
     }
 
@@ -598,7 +592,7 @@ impl std::fmt::Debug for TablesView {
 
 fn corrupt(store: &Store, db: &'static str, key: &[u8], reason: impl ToString) -> StoreError {
     StoreError::Corrupt {
-        path: store.data_file().to_path_buf(),
+        path: store.sm_data_file().to_path_buf(),
         db,
         key: String::from_utf8_lossy(key).into_owned(),
         reason: reason.to_string(),
@@ -608,11 +602,11 @@ fn corrupt(store: &Store, db: &'static str, key: &[u8], reason: impl ToString) -
 impl TablesView {
     pub(crate) fn new(store: Arc<Store>) -> Result<TablesView, StoreError> {
         let txn = store
-            .env()
+            .sm_env()
             .clone()
             .static_read_txn()
             .map_err(|source| StoreError::Lmdb {
-                path: store.data_file().to_path_buf(),
+                path: store.sm_data_file().to_path_buf(),
                 source,
             })?;
         Ok(TablesView { txn, store })
@@ -620,7 +614,7 @@ impl TablesView {
 
     fn lmdb(&self, source: heed::Error) -> StoreError {
         StoreError::Lmdb {
-            path: self.store.data_file().to_path_buf(),
+            path: self.store.sm_data_file().to_path_buf(),
             source,
         }
     }
