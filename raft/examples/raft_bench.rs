@@ -12,6 +12,10 @@
 //! `--nodes 3 --in-flight 8192 --batch-ops 1024 --window-us 500 --batches-in-flight 4
 //! --rate OPS_PER_S --dir PATH` (a directory on the disk to measure; default under `target/`).
 //!
+//! `--net quic`: the nodes talk over the real QUIC link (`tessera_raft::link`, mutual TLS
+//! with an in-memory cluster CA, UDP on 127.0.0.1 ports 21701..) instead of the in-memory
+//! transport: the same code path as three broker processes, in one process.
+//!
 //! `--kind failover --rounds 10`: the leader crashes (cut from the network, then stopped
 //! like kill -9 and restarted from its data dir); prints, per round and as p50/max, how
 //! long after the crash a claim proposed on a surviving node at the moment of the crash
@@ -22,6 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use tessera_raft::link::certs::ClusterCa;
+use tessera_raft::link::{Link, LinkCerts, LinkConfig};
 use tessera_raft::memnet::MemNet;
 use tessera_raft::{ClusterConfig, ClusterError, ControlPlane, NodeInfo, Op, Role};
 
@@ -35,6 +41,7 @@ struct Args {
     rate: Option<u64>,
     batches_in_flight: usize,
     rounds: u32,
+    net: String,
     dir: std::path::PathBuf,
 }
 
@@ -49,6 +56,7 @@ fn args() -> Args {
         rate: None,
         batches_in_flight: 4,
         rounds: 10,
+        net: "mem".into(),
         dir: std::path::PathBuf::from("target/raft-bench"),
     };
     let mut it = std::env::args().skip(1);
@@ -64,6 +72,7 @@ fn args() -> Args {
             "--rate" => a.rate = Some(v.parse().expect("--rate")),
             "--batches-in-flight" => a.batches_in_flight = v.parse().expect("--batches-in-flight"),
             "--rounds" => a.rounds = v.parse().expect("--rounds"),
+            "--net" => a.net = v,
             "--dir" => a.dir = v.into(),
             other => panic!("unknown option {other}"),
         }
@@ -100,6 +109,12 @@ async fn main() {
             )
         })
         .collect();
+    let links: Vec<Arc<Link>> = if a.net == "quic" {
+        assert!(a.kind != "failover", "--kind failover runs on --net mem");
+        quic_links(a.nodes)
+    } else {
+        Vec::new()
+    };
     let mut nodes = Vec::new();
     let mut configs = Vec::new();
     for id in 1..=a.nodes {
@@ -111,10 +126,23 @@ async fn main() {
         c.batches_in_flight_max = a.batches_in_flight;
         c.snapshot_logs_since_last = 100_000;
         configs.push(c.clone());
-        let (cp, svc) = ControlPlane::start(c, net.transport(id))
-            .await
-            .expect("start");
-        net.register(id, svc);
+        let (cp, svc) = match a.net.as_str() {
+            "mem" => {
+                let (cp, svc) = ControlPlane::start(c, net.transport(id))
+                    .await
+                    .expect("start");
+                net.register(id, svc.clone());
+                (cp, svc)
+            }
+            "quic" => {
+                let link = links[(id - 1) as usize].clone();
+                let (cp, svc) = ControlPlane::start(c, link.clone()).await.expect("start");
+                link.set_service(svc.clone());
+                (cp, svc)
+            }
+            other => panic!("--net mem|quic, not {other}"),
+        };
+        let _ = svc;
         nodes.push(cp);
     }
     leader_of(&nodes).await;
@@ -292,4 +320,26 @@ async fn failover(
         n.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&a.dir);
+}
+
+/// One QUIC link per node on 127.0.0.1:21700+id, certificates from an in-memory CA.
+fn quic_links(n: u64) -> Vec<Arc<Link>> {
+    let ca = ClusterCa::generate().expect("cluster CA");
+    let addr = |id: u64| -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", 21700 + id)
+            .parse()
+            .expect("address")
+    };
+    (1..=n)
+        .map(|id| {
+            let (cert, key) = ca.node_cert(id, Some("127.0.0.1")).expect("node cert");
+            let certs =
+                LinkCerts::from_pem(ca.cert_pem().as_bytes(), cert.as_bytes(), key.as_bytes())
+                    .expect("certs");
+            let mut c = LinkConfig::new(id, addr(id), certs)
+                .tuned_for_election(Duration::from_millis(400), Duration::from_millis(800));
+            c.peers = (1..=n).filter(|p| *p != id).map(|p| (p, addr(p))).collect();
+            Arc::new(Link::start(c).expect("link"))
+        })
+        .collect()
 }

@@ -12,26 +12,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Cluster, fast, voters};
+use common::{Cluster, claim, fast, three, voters};
 use tessera_raft::{ClusterError, Op, OpResult, StartError};
 
 const T: Duration = Duration::from_secs(20);
-
-fn claim(cid: &str, node: u64) -> Op {
-    Op::ClaimSession {
-        client_id: cid.into(),
-        node,
-    }
-}
-
-async fn three(seed: u64, tweak: fn(&mut tessera_raft::ClusterConfig)) -> Cluster {
-    let mut c = Cluster::new(seed, tweak);
-    let v = voters([1, 2, 3]);
-    for id in 1..=3 {
-        c.start(id, &v).await;
-    }
-    c
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_from_every_node_apply_everywhere_with_unique_epochs() {

@@ -16,7 +16,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, fast, voters};
+use common::{claim, fast, three, voters};
 use openraft::raft::InstallSnapshotRequest;
 use openraft::{CommittedLeaderId, LogId, SnapshotMeta};
 use tessera_raft::transport::Channel;
@@ -24,22 +24,6 @@ use tessera_raft::types::TypeConfig;
 use tessera_raft::{ClusterError, Op, OpResult, Role};
 
 const T: Duration = Duration::from_secs(20);
-
-fn claim(cid: &str, node: u64) -> Op {
-    Op::ClaimSession {
-        client_id: cid.into(),
-        node,
-    }
-}
-
-async fn three(seed: u64, tweak: fn(&mut tessera_raft::ClusterConfig)) -> Cluster {
-    let mut c = Cluster::new(seed, tweak);
-    let v = voters([1, 2, 3]);
-    for id in 1..=3 {
-        c.start(id, &v).await;
-    }
-    c
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_leader_moves_leadership_to_the_named_voter() {

@@ -274,20 +274,18 @@ impl Applier<'_> {
                 add,
             } => {
                 let key = route_key(filter, group.as_deref(), *node);
-                let exists = self.get(dbs.routes, &key)?.is_some();
+                // One B-tree walk per op: insert-if-absent, or delete-if-present.
                 if *add {
-                    if !exists {
-                        let stamp = RouteStamp { index, time_ms };
-                        dbs.routes
-                            .put(&mut self.w, &key, &encode_rkyv(&stamp))
-                            .map_err(write_err)?;
-                    }
-                    (OpResult::RouteAdded(!exists), !exists)
+                    let stamp = encode_rkyv(&RouteStamp { index, time_ms });
+                    let added = dbs
+                        .routes
+                        .get_or_put(&mut self.w, &key, &stamp)
+                        .map_err(write_err)?
+                        .is_none();
+                    (OpResult::RouteAdded(added), added)
                 } else {
-                    if exists {
-                        dbs.routes.delete(&mut self.w, &key).map_err(write_err)?;
-                    }
-                    (OpResult::RouteRemoved(exists), exists)
+                    let existed = dbs.routes.delete(&mut self.w, &key).map_err(write_err)?;
+                    (OpResult::RouteRemoved(existed), existed)
                 }
             }
             Op::RetainedSet {
@@ -352,11 +350,11 @@ impl Applier<'_> {
     fn apply_batch(
         &mut self,
         index: u64,
-        batch: &Batch,
+        batch: Batch,
         clock: &mut u64,
     ) -> SResult<(BatchResult, Option<AppliedEntry>)> {
         let dbs = self.store.dbs;
-        let key = idem_key(batch);
+        let key = idem_key(&batch);
         if let Some(v) = self.get(dbs.idem, &key)? {
             let rec: IdemRecord = decode_bincode(&v).map_err(read_err)?;
             self.store
@@ -373,9 +371,11 @@ impl Applier<'_> {
             ));
         }
         *clock = (*clock).max(batch.time_ms);
-        let mut results = Vec::with_capacity(batch.ops.len());
-        let mut changes = Vec::new();
-        for (pos, op) in batch.ops.iter().enumerate() {
+        let n = batch.ops.len();
+        let mut results = Vec::with_capacity(n);
+        let mut changes = Vec::with_capacity(n);
+        // The decoded ops move into the broadcast: no copy of their strings.
+        for (pos, op) in batch.ops.into_iter().enumerate() {
             let (r, changed) = match op.validate() {
                 Err(rej) => {
                     self.store
@@ -384,17 +384,17 @@ impl Applier<'_> {
                         .fetch_add(1, Ordering::Relaxed);
                     (OpResult::Rejected(rej), false)
                 }
-                Ok(()) => self.apply_op(op, index, pos, *clock)?,
+                Ok(()) => self.apply_op(&op, index, pos, *clock)?,
             };
             if changed {
-                changes.push((op.clone(), r.clone()));
+                changes.push((op, r.clone()));
             }
             results.push(r);
         }
         self.store
             .counters
             .ops_applied
-            .fetch_add(batch.ops.len() as u64, Ordering::Relaxed);
+            .fetch_add(n as u64, Ordering::Relaxed);
         let rec = IdemRecord {
             time_ms: *clock,
             index,
@@ -474,7 +474,7 @@ fn apply_entries(
                     });
                 }
                 Ok(batch) => {
-                    let (r, entry) = a.apply_batch(index, &batch, &mut clock)?;
+                    let (r, entry) = a.apply_batch(index, batch, &mut clock)?;
                     out.push(r);
                     applied.extend(entry);
                 }

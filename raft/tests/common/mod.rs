@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tessera_raft::memnet::MemNet;
 use tessera_raft::store::{Store, StoreError, StoreOptions};
-use tessera_raft::{ClusterConfig, ControlPlane, NodeId, NodeInfo, Role, StartError};
+use tessera_raft::{ClusterConfig, ControlPlane, NodeId, NodeInfo, Op, Role, StartError};
 
 pub fn addr(id: NodeId) -> String {
     format!("127.0.0.1:{}", 7000 + id)
@@ -27,6 +27,23 @@ pub fn voters(ids: impl IntoIterator<Item = NodeId>) -> BTreeMap<NodeId, NodeInf
     ids.into_iter()
         .map(|id| (id, NodeInfo::with_cluster_addr(addr(id))))
         .collect()
+}
+
+pub fn claim(cid: &str, node: u64) -> Op {
+    Op::ClaimSession {
+        client_id: cid.into(),
+        node,
+    }
+}
+
+/// Nodes 1, 2 and 3 started as the initial voters.
+pub async fn three(seed: u64, tweak: fn(&mut ClusterConfig)) -> Cluster {
+    let mut c = Cluster::new(seed, tweak);
+    let v = voters([1, 2, 3]);
+    for id in 1..=3 {
+        c.start(id, &v).await;
+    }
+    c
 }
 
 pub struct Cluster {
