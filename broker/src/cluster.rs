@@ -131,6 +131,9 @@ pub struct ClusterPort {
     pub peers: PeerCalls,
     /// Session-ownership metrics, shared by the shards.
     pub sessions: Arc<SessionMetrics>,
+    /// `cluster.redirect_to_owner`: MQTT 5 clients of a session held elsewhere are
+    /// redirected to its node.
+    pub redirect_to_owner: bool,
 }
 
 /// The running control thread. Shared with the admin thread.
@@ -208,6 +211,7 @@ impl ClusterNode {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (peers, calls) = PeerCalls::new(peer::PEER_CALLS_QUEUED_MAX);
         let join = config.join;
+        let redirect_to_owner = config.redirect_to_owner;
         let thread = std::thread::Builder::new()
             .name("cluster".to_owned())
             .spawn(move || {
@@ -245,6 +249,7 @@ impl ClusterNode {
                     handle,
                     peers,
                     sessions: Arc::new(SessionMetrics::default()),
+                    redirect_to_owner,
                 },
                 requests,
                 forward: Mutex::new(None),

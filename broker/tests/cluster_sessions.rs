@@ -317,6 +317,41 @@ async fn a_persistent_session_with_queued_qos1_and_qos2_messages_moves_to_anothe
     .await;
     assert!(extra.is_err(), "a message came twice: {extra:?}");
     assert!(claims(&c, 2, "tessera_cluster_session_takeovers_total") >= 1.0);
+
+    // The subscription moved with the session: publications from node 3 reach it on
+    // node 2 once its route is applied there (the move announces it; no SUBACK waits
+    // for it, so the publisher retries with new payloads until one arrives).
+    let (p3, mut pe3, _) = connect(options(&c, 3, "mv-pub3", true), "mv-pub3").await;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for k in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "nothing from node 3 reached node 2"
+        );
+        p3.publish("mv/t", QoS::AtLeastOnce, false, format!("late{k}"))
+            .await
+            .unwrap();
+        until(&mut pe3, "mv-pub3 ack", |ev| match ev {
+            Event::Incoming(Packet::PubAck(_)) => Some(()),
+            _ => None,
+        })
+        .await;
+        let wait = timeout(Duration::from_millis(300), async {
+            loop {
+                if let Ok(Event::Incoming(Packet::Publish(p))) = se2.poll().await {
+                    return got(&p);
+                }
+            }
+        })
+        .await;
+        if let Ok(g) = wait {
+            seen.push(g.payload);
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].starts_with("late"), "{seen:?}");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -358,4 +393,38 @@ async fn without_a_quorum_a_connect_that_needs_a_claim_is_refused_in_bounded_tim
         "{err:?}"
     );
     assert!(claims(&c, 1, "tessera_cluster_session_claims_refused_total") >= 2.0);
+}
+
+#[test]
+fn with_redirect_to_owner_a_v5_client_is_sent_to_the_node_holding_its_session() {
+    use common::{RawClient, connect_packet};
+    use tessera_proto::{ProtocolVersion, ReasonCode};
+
+    let mut c = Cluster::new(
+        "sessions-redirect",
+        3,
+        3,
+        &[("TESSERA_CLUSTER__REDIRECT_TO_OWNER", "true")],
+    );
+    for id in 1..=3 {
+        c.start(id, &[], false);
+    }
+    c.wait_for_leader();
+    let mut connect = connect_packet(ProtocolVersion::V5, "redirected", false, 30);
+    connect.properties.session_expiry_interval = Some(600);
+    let _held = RawClient::connect_ok(c.node(1).addr(), connect.clone());
+    let (_c2, ack) = RawClient::connect(c.node(2).addr(), connect.clone());
+    assert_eq!(ack.reason_code, ReasonCode::UseAnotherServer, "{ack:?}");
+    assert_eq!(
+        ack.properties.server_reference.as_deref(),
+        Some(c.node(1).addr().to_string().as_str()),
+        "the Server Reference names the owner's MQTT address"
+    );
+    assert_eq!(
+        claims(&c, 2, "tessera_cluster_session_redirects_total"),
+        1.0
+    );
+    // 3.1.1 has no redirect: its session moves as without the setting.
+    let c311 = connect_packet(ProtocolVersion::V3_1_1, "redirected", false, 30);
+    let _moved = RawClient::connect_ok(c.node(3).addr(), c311);
 }

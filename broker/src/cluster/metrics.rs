@@ -34,6 +34,8 @@ pub struct SessionMetrics {
     pub sessions_exported: AtomicU64,
     /// Live connections ended here because another node claimed their ClientID.
     pub taken_over_here: AtomicU64,
+    /// MQTT 5 CONNECTs redirected to the node holding their session.
+    pub redirects: AtomicU64,
     takeover_us: Mutex<(Histogram<u64>, u64)>,
 }
 
@@ -48,6 +50,7 @@ impl Default for SessionMetrics {
             takeover_failures: AtomicU64::new(0),
             sessions_exported: AtomicU64::new(0),
             taken_over_here: AtomicU64::new(0),
+            redirects: AtomicU64::new(0),
             takeover_us: Mutex::new((
                 Histogram::new_with_bounds(1, 60_000_000, 2).expect("static bounds"),
                 0,
@@ -67,6 +70,7 @@ pub struct SessionMetricsSnapshot {
     pub takeover_failures: u64,
     pub sessions_exported: u64,
     pub taken_over_here: u64,
+    pub redirects: u64,
     /// Claim committed to session imported (the new owner's side of a takeover), µs.
     pub takeover_us: HistogramSnapshot,
 }
@@ -97,6 +101,7 @@ impl SessionMetrics {
             takeover_failures: get(&self.takeover_failures),
             sessions_exported: get(&self.sessions_exported),
             taken_over_here: get(&self.taken_over_here),
+            redirects: get(&self.redirects),
             takeover_us: HistogramSnapshot {
                 count: h.0.len(),
                 sum: h.1,

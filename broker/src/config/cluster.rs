@@ -45,6 +45,8 @@ pub struct ClusterConfig {
     pub snapshot_logs_since_last: u64,
     /// Entries kept in the log behind a snapshot, for slow followers.
     pub logs_kept_after_snapshot: u64,
+    /// MQTT 5 clients whose session another node holds are redirected there.
+    pub redirect_to_owner: bool,
 }
 
 impl Default for ClusterConfig {
@@ -60,6 +62,7 @@ impl Default for ClusterConfig {
             heartbeat_interval_ms: 100,
             snapshot_logs_since_last: 20_000,
             logs_kept_after_snapshot: 2_000,
+            redirect_to_owner: false,
         }
     }
 }
@@ -139,6 +142,15 @@ pub const FIELDS: &[FieldDoc] = &[
               catches up from the log instead of a snapshot.",
         accepted: "an integer from 0 to 100000000",
     },
+    FieldDoc {
+        section: "cluster",
+        key: "redirect_to_owner",
+        doc: "An MQTT 5 client that connects to this node while another node holds its \
+              session is refused with CONNACK 0x9C (use another server) naming that node's \
+              MQTT address (Server Reference), instead of the session moving here. Off: the \
+              session moves to the node the client chose (a takeover).",
+        accepted: "true or false",
+    },
 ];
 
 /// A `[cluster]` value that cannot work: the field (dotted), the value and what is
@@ -186,6 +198,7 @@ impl ClusterConfig {
             "heartbeat_interval_ms" => self.heartbeat_interval_ms = p(v)?,
             "snapshot_logs_since_last" => self.snapshot_logs_since_last = p(v)?,
             "logs_kept_after_snapshot" => self.logs_kept_after_snapshot = p(v)?,
+            "redirect_to_owner" => self.redirect_to_owner = p(v)?,
             key => unreachable!("FIELDS entry cluster.{key} has no setter"),
         }
         Ok(())

@@ -11,7 +11,8 @@ use bytes::BytesMut;
 use futures_lite::future::poll_fn;
 use glommio::net::TcpStream;
 use tessera_proto::{
-    ConnAck, Connect, DecodeError, Encode, Packet, PacketType, ProtocolVersion, ReasonCode, Str,
+    ConnAck, ConnAckProperties, Connect, DecodeError, Encode, Packet, PacketType, ProtocolVersion,
+    ReasonCode, Str,
 };
 use tessera_shard::authz::Admission;
 use tessera_shard::engine::Limit;
@@ -252,10 +253,29 @@ async fn send_connack(
     version: ProtocolVersion,
     rc: ReasonCode,
 ) -> std::io::Result<()> {
+    send_connack_with(stream, version, rc, Default::default()).await
+}
+
+/// A refusing CONNACK with properties (v5: e.g. a Server Reference), then close.
+pub(super) async fn refuse_with(
+    mut stream: Transport,
+    version: ProtocolVersion,
+    rc: ReasonCode,
+    properties: ConnAckProperties,
+) {
+    let _ = send_connack_with(&mut stream, version, rc, properties).await;
+}
+
+async fn send_connack_with(
+    stream: &mut Transport,
+    version: ProtocolVersion,
+    rc: ReasonCode,
+    properties: ConnAckProperties,
+) -> std::io::Result<()> {
     let ack = ConnAck {
         session_present: false,
         reason_code: rc,
-        properties: Default::default(),
+        properties,
     };
     let mut out = BytesMut::new();
     if ack.encode(version, &mut out).is_ok() {

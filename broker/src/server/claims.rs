@@ -95,14 +95,32 @@ impl Claims {
 /// `ServerUnavailable` to the version's code).
 const UNAVAILABLE: ReasonCode = ReasonCode::ServerUnavailable;
 
+/// Why a CONNECT gets no claim: the CONNACK code, and for a redirect the owner node's
+/// MQTT address (v5 Server Reference).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ClaimRefusal {
+    pub(super) rc: ReasonCode,
+    pub(super) server_reference: Option<String>,
+}
+
+impl From<ReasonCode> for ClaimRefusal {
+    fn from(rc: ReasonCode) -> ClaimRefusal {
+        ClaimRefusal {
+            rc,
+            server_reference: None,
+        }
+    }
+}
+
 /// Makes sure this node holds `connect`'s ClientID in the committed raft state before
 /// the engine accepts the CONNECT; imports the session from its old owner when another
-/// node held it. `Err` is the CONNACK code to refuse with.
+/// node held it. With `cluster.redirect_to_owner`, an MQTT 5 client whose session
+/// another node holds is sent there instead (0x9C with a Server Reference).
 pub(super) async fn claim(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
     connect: &Connect,
-) -> Result<(), ReasonCode> {
+) -> Result<(), ClaimRefusal> {
     let client_id = connect.client_id.as_str();
     let me = cluster.port.node_id;
     let metrics = &cluster.port.sessions;
@@ -110,15 +128,37 @@ pub(super) async fn claim(
         SessionMetrics::add(&metrics.claims_held);
         return Ok(());
     }
+    let releasing = cluster.claims.releasing.borrow().contains_key(client_id);
+    let owner = if releasing {
+        None
+    } else {
+        cluster
+            .handle()
+            .tables()
+            .and_then(|t| t.owner(client_id))
+            .ok()
+            .flatten()
+    };
     // After a restart, the committed table knows what this node held.
-    if !cluster.claims.releasing.borrow().contains_key(client_id)
-        && cluster.handle().leader().is_some()
-        && let Ok(Ok(Some(owner))) = cluster.handle().tables().map(|t| t.owner(client_id))
+    if let Some(owner) = owner
         && owner.node == me
+        && cluster.handle().leader().is_some()
     {
         cluster.claims.hold(client_id, owner.epoch);
         SessionMetrics::add(&metrics.claims_held);
         return Ok(());
+    }
+    if cluster.port.redirect_to_owner
+        && connect.version.is_v5()
+        && let Some(owner) = owner
+        && owner.node != me
+        && let Some(addr) = mqtt_address(cluster, owner.node)
+    {
+        SessionMetrics::add(&metrics.redirects);
+        return Err(ClaimRefusal {
+            rc: ReasonCode::UseAnotherServer,
+            server_reference: Some(addr),
+        });
     }
     let refused = |why: &dyn std::fmt::Display| {
         SessionMetrics::add(&metrics.claims_refused);
@@ -131,22 +171,23 @@ pub(super) async fn claim(
             client_id: client_id.to_owned(),
             node: me,
         })
-        .map_err(|e| refused(&e))?;
+        .map_err(|e| ClaimRefusal::from(refused(&e)))?;
     let wait = async { Some(pending.wait().await) };
     let expire = async {
         glommio::timer::sleep(CLAIM_TIMEOUT).await;
         None
     };
     let applied = match futures_lite::future::or(wait, expire).await {
-        None => return Err(refused(&"no answer within the claim timeout")),
-        Some(Err(e)) => return Err(refused(&e)),
+        None => return Err(refused(&"no answer within the claim timeout").into()),
+        Some(Err(e)) => return Err(refused(&e).into()),
         Some(Ok(applied)) => applied,
     };
     let OpResult::Claimed { epoch, previous } = applied.result else {
         return Err(refused(&ClusterError::Refused(format!(
             "unexpected claim result {:?}",
             applied.result
-        ))));
+        )))
+        .into());
     };
     SessionMetrics::add(&metrics.claims);
     cluster.claims.hold(client_id, epoch);
@@ -205,6 +246,19 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
             _ => {}
         }
     }
+}
+
+/// The MQTT address of member `node` (from its `NodeMeta`), if it has one.
+fn mqtt_address(cluster: &ShardCluster, node: tessera_raft::NodeId) -> Option<String> {
+    if !cluster.handle().members().contains_key(&node) {
+        return None;
+    }
+    let nodes = cluster.handle().tables().and_then(|t| t.nodes()).ok()?;
+    nodes
+        .into_iter()
+        .find(|(id, _)| *id == node)
+        .map(|(_, info)| info.mqtt_addr)
+        .filter(|a| !a.is_empty())
 }
 
 fn owns(shard: &Shard, client_id: &str) -> bool {

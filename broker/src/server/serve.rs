@@ -10,7 +10,7 @@ use tessera_shard::authz::Admission;
 use tessera_shard::probe::EarlyRefusal;
 use tracing::warn;
 
-use super::accept::refuse;
+use super::accept::{refuse, refuse_with};
 use super::refusals::Refusal;
 use super::{Shard, claims, conn, now_ms, refused_early, warn_refusal};
 use crate::config::ListenerId;
@@ -87,11 +87,18 @@ pub(super) async fn serve(
     if shard.clustered {
         let claimed = match shard.cluster() {
             Some(cluster) => claims::claim(&shard, &cluster, &connect).await,
-            None => Err(ReasonCode::ServerUnavailable),
+            None => Err(ReasonCode::ServerUnavailable.into()),
         };
-        if let Err(rc) = claimed {
+        if let Err(refusal) = claimed {
+            let rc = refusal.rc;
             shard.engine.borrow_mut().probe_mut().connect_result(rc);
-            return refuse(stream, version, rc).await;
+            let properties = tessera_proto::ConnAckProperties {
+                server_reference: refusal
+                    .server_reference
+                    .and_then(|a| tessera_proto::Str::try_from(a).ok()),
+                ..Default::default()
+            };
+            return refuse_with(stream, version, rc, properties).await;
         }
     }
     shard.connections.set(shard.connections.get() + 1);
