@@ -53,6 +53,11 @@ pub struct Common {
     #[arg(long, global = true, default_value_t = 1883)]
     pub port: u16,
 
+    /// Where publishers connect instead, as HOST:PORT, comma separated, round robin
+    /// (e.g. another node of a cluster than the subscribers' `--host`/`--port`).
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub pub_addr: Vec<String>,
+
     /// QoS of publications and subscriptions.
     #[arg(long, global = true, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,

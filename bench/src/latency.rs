@@ -132,7 +132,7 @@ pub async fn run(cfg: RunConfig, rate: f64, mode: Mode) -> anyhow::Result<Report
     let topic = format!("{}/0", cfg.topic_prefix);
     let filters = Arc::new(vec![topic.clone()]);
     let (mut subs, granted) = connect_all(&cfg, "sub", 1, Some(filters), 0).await?;
-    let (opts, id) = (cfg.opts.clone(), cfg.client_id("pub", 0));
+    let (opts, id) = (cfg.opts.for_publishers(), cfg.client_id("pub", 0));
     // Slot 1: the subscriber took slot 0, so two --host or --bind entries
     // spread the pair.
     let publisher = tokio::task::spawn_blocking(move || mqtt::connect_blocking(&opts, &id, 1))

@@ -82,6 +82,15 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
                 .with_context(|| format!("{host} has no address"))?,
         );
     }
+    let mut pub_addrs = Vec::with_capacity(c.pub_addr.len());
+    for a in &c.pub_addr {
+        pub_addrs.push(
+            a.to_socket_addrs()
+                .with_context(|| format!("resolving --pub-addr {a}"))?
+                .next()
+                .with_context(|| format!("--pub-addr {a} has no address"))?,
+        );
+    }
     if let Scenario::Conn { clients, .. } = &cli.scenario
         && u64::from(*clients) + 64 > nofile
     {
@@ -113,6 +122,7 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
     let cfg = RunConfig {
         opts: Options {
             addrs,
+            pub_addrs,
             binds: c.bind.clone(),
             version: c.mqtt_version,
             keep_alive_s: c.keep_alive,

@@ -38,6 +38,8 @@ const BLOCKING_READ_BYTES: usize = 4096;
 pub struct Options {
     /// Broker addresses; client slot `i` connects to `addrs[i % len]`. Never empty.
     pub addrs: Vec<SocketAddr>,
+    /// Where publishers connect instead (`--pub-addr`); empty: `addrs`.
+    pub pub_addrs: Vec<SocketAddr>,
     /// Local source addresses; client slot `i` binds `binds[i % len]`. May be empty.
     pub binds: Vec<IpAddr>,
     /// Protocol version spoken.
@@ -63,6 +65,15 @@ pub struct Options {
 }
 
 impl Options {
+    /// The options publishers connect with: `pub_addrs` when given.
+    pub fn for_publishers(&self) -> Options {
+        let mut o = self.clone();
+        if !o.pub_addrs.is_empty() {
+            o.addrs = o.pub_addrs.clone();
+        }
+        o
+    }
+
     /// The broker address of client slot `slot`.
     pub fn addr(&self, slot: usize) -> SocketAddr {
         self.addrs[slot % self.addrs.len()]

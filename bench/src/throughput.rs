@@ -54,9 +54,14 @@ pub async fn connect_all(
     let mut granted = cfg.qos;
     let mut set = JoinSet::new();
     let mut next = 0u32;
+    let opts = Arc::new(if role == "pub" {
+        cfg.opts.for_publishers()
+    } else {
+        cfg.opts.clone()
+    });
     loop {
         while next < n && set.len() < SETUP_CONCURRENCY_MAX {
-            let (cfg, filters, i) = (cfg.clone(), filters.clone(), next);
+            let (cfg, filters, i, opts) = (cfg.clone(), filters.clone(), next, opts.clone());
             set.spawn(async move {
                 let id = cfg.client_id(role, i);
                 // Only publishers write in bulk; a bounded send buffer keeps what
@@ -64,7 +69,7 @@ pub async fn connect_all(
                 // takes instead of how much the kernel would queue.
                 let sndbuf = filters.is_none().then_some(cfg.sndbuf_bytes).flatten();
                 let slot = slot0 + i as usize;
-                let mut c = mqtt::connect(&cfg.opts, &id, slot, READ_CHUNK_BYTES, sndbuf).await?;
+                let mut c = mqtt::connect(&opts, &id, slot, READ_CHUNK_BYTES, sndbuf).await?;
                 let q = match &filters {
                     Some(f) => c.subscribe(&f[i as usize], cfg.qos).await?,
                     None => cfg.qos,
