@@ -204,7 +204,7 @@ fn encoded(packet: &Packet, version: ProtocolVersion) -> Vec<u8> {
 
 /// Large packets draw on the node's read-buffer budget when their header
 /// arrives: one that does not fit ends its connection (v5: DISCONNECT 0x97
-/// Quota exceeded; 3.1.1 and a CONNECT: closed), counted; the packet that
+/// Quota exceeded; 3.1.1: closed; a CONNECT: CONNACK 0x97 / 0x03), counted; the packet that
 /// holds the budget completes, and the budget is free again afterwards.
 #[test]
 fn the_read_buffer_budget_refuses_a_large_packet_it_cannot_hold() {
@@ -260,8 +260,25 @@ fn the_read_buffer_budget_refuses_a_large_packet_it_cannot_hold() {
     let connect = encoded(&Packet::Connect(Box::new(will_connect)), V5);
     let mut d = RawClient::open(broker.addr(), V5);
     d.send_bytes(&connect[..1000]);
+    match d.recv() {
+        Packet::ConnAck(ack) => assert_eq!(ack.reason_code, ReasonCode::QuotaExceeded),
+        other => panic!("a CONNACK 0x97 for the over-budget v5 CONNECT, got {other:?}"),
+    }
     d.expect_closed(RECV_TIMEOUT);
-    assert_eq!(refusals(&broker, "read_buffers"), 3);
+    // The same CONNECT in 3.1.1: return code 0x03 (Server unavailable).
+    let mut will_connect = connect_packet(V311, "rb-e", true, 30);
+    will_connect.will = Some(common::will("rb/will", &[b'w'; 60_000], QoS::AtMostOnce));
+    will_connect.username = Some(common::s("u"));
+    will_connect.password = Some(bytes::Bytes::from(vec![b'p'; 60_000]));
+    let connect = encoded(&Packet::Connect(Box::new(will_connect)), V311);
+    let mut e = RawClient::open(broker.addr(), V311);
+    e.send_bytes(&connect[..1000]);
+    match e.recv() {
+        Packet::ConnAck(ack) => assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable),
+        other => panic!("a CONNACK 0x03 for the over-budget 3.1.1 CONNECT, got {other:?}"),
+    }
+    e.expect_closed(RECV_TIMEOUT);
+    assert_eq!(refusals(&broker, "read_buffers"), 4);
 
     // A completes: delivered, and the budget is free again.
     a.send_bytes(&big[1000..]);

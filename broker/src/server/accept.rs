@@ -122,11 +122,16 @@ pub(super) async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, st
             }
             Err(DecodeError::Incomplete { .. }) => {
                 if reservation.track(&mut buf, shard.max_packet).is_err() {
-                    // No version known yet to answer in: closed, counted, logged.
+                    // Counted and logged; answered with a CONNACK when the
+                    // protocol level has arrived (v5: 0x97 Quota exceeded,
+                    // 3.1/3.1.1: 0x03 Server unavailable), then closed.
                     shard
                         .engine
                         .borrow_mut()
                         .limit_refused(Limit::ReadBuffers, None);
+                    if let Some(connack) = over_budget_connack(&buf) {
+                        let _ = stream.send(connack).await;
+                    }
                     return;
                 }
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else {
@@ -417,4 +422,72 @@ async fn read_more(stream: &mut Transport, buf: &mut BytesMut) -> std::io::Resul
     let n = *r.as_ref().unwrap_or(&0);
     buf.truncate(start + n);
     r
+}
+
+/// The CONNACK that refuses a CONNECT the node's read budget cannot hold, in
+/// the CONNECT's protocol version, read from its first bytes (fixed header,
+/// protocol name, level); `None` while the level has not arrived or the bytes
+/// are not a CONNECT's start (then the connection is only closed).
+fn over_budget_connack(buf: &[u8]) -> Option<&'static [u8]> {
+    // The remaining length: 1-4 bytes after the packet type.
+    let mut at = 1;
+    loop {
+        let b = *buf.get(at)?;
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if at > 4 {
+            return None;
+        }
+    }
+    let name_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
+    let name = buf.get(at + 2..at + 2 + name_len)?;
+    if name != b"MQTT" && name != b"MQIsdp" {
+        return None;
+    }
+    match *buf.get(at + 2 + name_len)? {
+        // Session present 0, reason 0x97, no properties.
+        5 => Some(&[0x20, 0x03, 0x00, 0x97, 0x00]),
+        3 | 4 => Some(&[0x20, 0x02, 0x00, 0x03]),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::over_budget_connack;
+
+    #[test]
+    fn an_over_budget_connect_is_answered_in_its_version_once_the_level_is_in() {
+        // CONNECT, remaining length 200,000 (3 bytes), "MQTT", level.
+        let head = [0x10, 0xC0, 0x9A, 0x0C, 0x00, 0x04, b'M', b'Q', b'T', b'T'];
+        let with = |level: u8| [&head[..], &[level, 0x02]].concat();
+        assert_eq!(
+            over_budget_connack(&with(5)),
+            Some(&[0x20, 0x03, 0x00, 0x97, 0x00][..])
+        );
+        assert_eq!(
+            over_budget_connack(&with(4)),
+            Some(&[0x20, 0x02, 0x00, 0x03][..])
+        );
+        let v31 = [
+            0x10, 0xC0, 0x9A, 0x0C, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 3,
+        ];
+        assert_eq!(
+            over_budget_connack(&v31),
+            Some(&[0x20, 0x02, 0x00, 0x03][..])
+        );
+        // Not yet the level, an unknown level, a name that is not MQTT's, or a
+        // remaining length longer than 4 bytes: no CONNACK.
+        assert_eq!(over_budget_connack(&head), None);
+        assert_eq!(over_budget_connack(&with(9)), None);
+        let mut other = with(5);
+        other[6] = b'X';
+        assert_eq!(over_budget_connack(&other), None);
+        assert_eq!(
+            over_budget_connack(&[0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
+            None
+        );
+    }
 }
