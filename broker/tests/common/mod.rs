@@ -14,6 +14,7 @@
 // different subset of it; the rest would warn as dead code in that crate.
 #![allow(dead_code)]
 
+pub mod bridge;
 pub mod cluster;
 
 use std::collections::{HashSet, VecDeque};
