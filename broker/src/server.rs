@@ -855,12 +855,14 @@ async fn shard_main(boot: ShardBoot) {
     glommio::spawn_local(admin_task(shard.clone(), admin_rx)).detach();
     // Recovery ran in `persist::attach` above, before any listener accepts:
     // from here the shard serves its restored state, and `/ready` says so.
+    // Bridges first: a new bridge's local session subscribes (and its route
+    // goes out) before the broker says it listens.
+    let mut bridges = bridge::Bridges::new(boot.bridges.clone());
+    bridges.tick(&shard);
     status.recovered.store(true, Ordering::SeqCst);
     status.up.store(true, Ordering::SeqCst);
     let _ = ready.send(Ok(id));
     info!(shard = id, "shard running");
-    let mut bridges = bridge::Bridges::new(boot.bridges.clone());
-    bridges.tick(&shard);
 
     while !stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(TICK).await;

@@ -137,6 +137,14 @@ impl Bridges {
                 let ctl = Rc::new(Control::default());
                 let stats = self.hub.stats(&c.name);
                 stats.shard.store(shard.id as u64, Ordering::Relaxed);
+                // The local session exists (with its subscriptions) from now
+                // on, before the shard reports ready at start-up: what is
+                // published for the bridge before its first connect is queued.
+                let out_rules: Vec<Rule> = c.out_rules.iter().map(Rule::out).collect();
+                if let Err(e) = prime(shard, c, &out_rules) {
+                    warn!(bridge = %c.name, "bridge's local session: {e}");
+                    stats.set_error(&e);
+                }
                 glommio::spawn_local(run(shard.clone(), c.clone(), stats.clone(), ctl.clone()))
                     .detach();
                 self.running.push(Running {
@@ -205,12 +213,6 @@ async fn run(shard: Rc<Shard>, cfg: Arc<BridgeConfig>, stats: Arc<BridgeStats>, 
     } else {
         None
     };
-    // The local session exists from now on, so what is published for the
-    // bridge before its first connect is queued.
-    if let Err(e) = prime(&shard, &cfg, &out_rules) {
-        warn!(bridge = %cfg.name, "bridge's local session: {e}");
-        stats.set_error(&e);
-    }
     let mut attempt = 0u32;
     let mut random = jitter_seed();
     while !ctl.stop.get() {
@@ -897,6 +899,7 @@ impl Relay<'_> {
                 if qos != QoS::AtMostOnce {
                     self.out_ids.insert(id);
                 }
+                tracing::trace!(id, dup = out.dup, ?qos, topic = %out.topic, "bridge: out PUBLISH");
                 BridgeStats::add(&self.stats.sent, 1);
                 self.encode_remote(&Packet::Publish(out));
             }
@@ -1046,6 +1049,7 @@ impl Relay<'_> {
     /// One packet from the remote. `queued`: it comes from `pending_in`.
     fn on_remote(&mut self, p: Packet, queued: bool) {
         let now = now_ms();
+        tracing::trace!(packet = ?p, "bridge: from the remote");
         match p {
             Packet::Publish(p) => {
                 if !queued {

@@ -253,14 +253,22 @@ pub fn publish_acked(
 }
 
 pub fn assert_all_arrived(log: &Mutex<Received>, acked: &[String], exactly_once: &HashSet<String>) {
-    eventually(
-        "every acknowledged message arrives",
-        Duration::from_secs(60),
-        || {
-            let got: HashSet<String> = log.lock().unwrap().payloads.iter().cloned().collect();
-            acked.iter().all(|p| got.contains(p))
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: HashSet<String> = log.lock().unwrap().payloads.iter().cloned().collect();
+        let missing: Vec<&String> = acked.iter().filter(|p| !got.contains(*p)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} acknowledged messages did not arrive within 60 s, e.g. {:?}",
+            missing.len(),
+            acked.len(),
+            &missing[..missing.len().min(10)]
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     let log = log.lock().unwrap();
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for p in &log.payloads {
@@ -390,7 +398,14 @@ pub fn check_remote_restart(
     restart: &mut dyn FnMut(),
 ) {
     let log = Arc::new(Mutex::new(Received::default()));
-    let sub = Subscriber::start(remote_addr, "remote-sub", "s/#", log.clone());
+    // The subscriber's session on the remote's shard of the bridge's ClientID
+    // (a Tessera remote with 2 shards): a Tessera remote killed between
+    // committing a QoS 2 id on the publisher's shard and the delivery on the
+    // subscriber's shard answers the DUP resend with PUBREC and never
+    // delivers the message (seen with this test; an engine issue, reported
+    // with issue 19, not something a bridge can repair).
+    let sub_id = super::id_on_shard("remote-sub", super::shard_of("tessera-bridge-up"));
+    let sub = Subscriber::start(remote_addr, &sub_id, "s/#", log.clone());
 
     let rules = "[[bridge.out]]\ntopic = \"s/#\"\nqos = 2\n";
     let ldir = TestDir::new("bridge-local");
@@ -435,7 +450,35 @@ pub fn check_remote_restart(
         }
         acked.extend(got);
     }
+    let state = || {
+        let s = scrape(local.admin_addr());
+        [
+            "queued_messages",
+            "inflight_messages",
+            "messages_sent_total",
+            "up",
+        ]
+        .map(|m| {
+            (
+                m,
+                metric_sum(&s, &format!("tessera_bridge_{m}"), &[("bridge", "up")]),
+            )
+        })
+    };
+    let guard = Diagnose(&state);
     assert_all_arrived(&log, &acked, &qos2);
+    std::mem::forget(guard);
     assert!(bridge_value(&local, "up", "tessera_bridge_connects_total") >= 2.0);
     sub.stop();
+}
+
+/// Prints the bridge's state when a test fails while it is alive.
+struct Diagnose<'a, F: Fn() -> [(&'static str, f64); 4]>(&'a F);
+
+impl<F: Fn() -> [(&'static str, f64); 4]> Drop for Diagnose<'_, F> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("bridge state at the failure: {:?}", (self.0)());
+        }
+    }
 }
