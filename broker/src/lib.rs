@@ -23,6 +23,9 @@
 //!   its figures for `/metrics`.
 //! - [`cluster`]: the control thread (a current-thread tokio runtime beside the shards)
 //!   running the QUIC link and the raft control plane of `tessera-raft`.
+//!   [`cluster::peer`] carries the data plane's requests between nodes (Forward channel);
+//!   the shards' side of session ownership (claims at CONNECT, takeover) is in
+//!   `server/claims.rs` and `server/takeover.rs`.
 //! - [`fatal`]: the panic hook that ends the process on any thread's panic (no
 //!   half-alive broker), and the test-only fault injection.
 //! - [`tune`]: `brokerctl tune check`, the read-only comparison of a machine with a
@@ -30,7 +33,7 @@
 //!
 //! Binaries: `broker` (`src/main.rs`) and `brokerctl` (`src/bin/brokerctl.rs`).
 //!
-//! Not here yet: QUIC listeners, and the data plane across nodes (issue 15).
+//! Not here yet: QUIC listeners.
 
 pub mod admin;
 pub mod allocator;

@@ -17,8 +17,11 @@
 //! disk tail (`queue_budget`), shared subscriptions (`shared`), MQTT 5
 //! features (`mqtt5`), the quotas on sessions, session expiry and retained
 //! messages (`quota`), the admin queries (`admin`), `$SYS` (`sys_probe`) and
-//! time-driven work scheduled by deadline (`timers`) are its other parts. No
-//! cross-node clustering.
+//! time-driven work scheduled by deadline (`timers`) are its other parts. In a
+//! cluster, the rest of the cluster is one more mesh destination (`remote`),
+//! and sessions move between nodes at a takeover (`transfer`: export and
+//! import in the store's record format); ownership itself is the driver's
+//! (raft claims).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
