@@ -1623,18 +1623,21 @@ impl Config {
                     "more than {LISTENERS_COUNT_MAX} listeners in all"
                 )));
             }
-            let taken = self
-                .server
-                .listen
-                .iter()
-                .chain(self.listener[..i].iter().map(|o| &o.bind));
+            // A UDP (QUIC) listener may share its port number with a TCP one.
+            let udp = l.kind.is_udp();
+            let taken = self.server.listen.iter().filter(|_| !udp).chain(
+                self.listener[..i]
+                    .iter()
+                    .filter(|o| o.kind.is_udp() == udp)
+                    .map(|o| &o.bind),
+            );
             if l.bind.port() != 0 && taken.clone().any(|a| *a == l.bind) {
                 return Err(fail(format!(
                     "address {} is used by another listener",
                     l.bind
                 )));
             }
-            if l.bind.port() != 0 && l.bind == self.server.admin_listen {
+            if l.bind.port() != 0 && !udp && l.bind == self.server.admin_listen {
                 return Err(fail(format!("address {} is server.admin_listen", l.bind)));
             }
         }
@@ -1794,14 +1797,17 @@ pub fn default_config_toml() -> String {
 
 /// The `[[listener]]` documentation at the end of the default file.
 const LISTENER_EXAMPLE: &str = "
-# More listeners, of kinds mqtt (TCP), mqtts (TLS), ws (WebSocket) and wss
-# (WebSocket over TLS): one [[listener]] table each, file only (no environment
-# variables). server.listen above declares mqtt listeners; set it to [] to use
-# only these. Fields: kind; bind (ADDR:PORT; conventional ports 1883, 8883,
-# 8083, 8084); path (ws, wss; default \"/mqtt\", subprotocol mqtt); for mqtts and
-# wss: cert_file and key_file (PEM, reloaded on SIGHUP), ca_file (PEM CAs that
+# More listeners, of kinds mqtt (TCP), mqtts (TLS), ws (WebSocket), wss
+# (WebSocket over TLS) and quic (MQTT over QUIC, UDP, ALPN mqtt): one
+# [[listener]] table each, file only (no environment variables). server.listen
+# above declares mqtt listeners; set it to [] to use only these. Fields: kind;
+# bind (ADDR:PORT; conventional ports 1883, 8883, 8083, 8084, 14567/udp); path
+# (ws, wss; default \"/mqtt\", subprotocol mqtt); for mqtts, wss and quic:
+# cert_file and key_file (PEM, reloaded on SIGHUP), ca_file (PEM CAs that
 # client certificates must chain to), require_client_cert (true/false),
-# username_from_cert (none, cn or san; needs require_client_cert = true).
+# username_from_cert (none, cn or san; needs require_client_cert = true); for
+# quic: max_streams (streams a client may have open at once, default 10) and
+# zero_rtt (accept 0-RTT data, default false).
 #
 # [[listener]]
 # kind = \"mqtts\"
@@ -1812,6 +1818,12 @@ const LISTENER_EXAMPLE: &str = "
 # [[listener]]
 # kind = \"ws\"
 # bind = \"0.0.0.0:8083\"
+#
+# [[listener]]
+# kind = \"quic\"
+# bind = \"0.0.0.0:14567\"
+# cert_file = \"/etc/tessera/server.pem\"
+# key_file = \"/etc/tessera/server.key\"
 ";
 
 /// Appends `text` as `# ` comment lines wrapped to [`COMMENT_WIDTH_MAX`] columns.

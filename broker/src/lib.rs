@@ -11,7 +11,10 @@
 //! - [`server`]: boot and shutdown of the shards on glommio, TCP listeners, the
 //!   CONNECT hand-off to the owner shard, and the per-connection tasks.
 //! - [`transport`]: TLS (rustls) and WebSocket layers of the `mqtts`, `ws` and `wss`
-//!   listeners, and the transport state a hand-off carries.
+//!   listeners, the pipe of a `quic` listener's stream, and the transport state a
+//!   hand-off carries.
+//! - [`quic`]: MQTT over QUIC: one endpoint thread (quinn on tokio) per `quic`
+//!   listener, handing each connection's MQTT stream to the shards.
 //! - [`admin`]: the admin thread: `/metrics` (Prometheus), `/health`, `/ready` and
 //!   the JSON API under `/api/v1/`, answered by the shards by message; also the
 //!   HTTP client `brokerctl` uses.
@@ -32,8 +35,6 @@
 //!   `kernel-tuning/` profile (the profiles are embedded).
 //!
 //! Binaries: `broker` (`src/main.rs`) and `brokerctl` (`src/bin/brokerctl.rs`).
-//!
-//! Not here yet: QUIC listeners.
 
 pub mod admin;
 pub mod allocator;
@@ -44,6 +45,7 @@ pub mod cluster;
 pub mod config;
 pub mod fatal;
 pub mod forward;
+pub mod quic;
 pub mod server;
 pub mod transport;
 pub mod tune;

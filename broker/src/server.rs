@@ -168,6 +168,8 @@ pub struct Server {
     pub read_budget: Arc<ReadBudget>,
     /// With `[cluster]`: the shards' cluster ends.
     cluster: Option<cluster::ServerClusterEnds>,
+    /// The endpoint threads of the `quic` listeners.
+    quic: Vec<crate::quic::QuicListener>,
     /// The bridges and their counters (`[[bridge]]`, reloaded on SIGHUP).
     pub bridges: Arc<crate::bridge::BridgeHub>,
 }
@@ -201,6 +203,9 @@ struct ShardBoot {
     cluster: Option<cluster::ClusterEnds>,
     /// The configured bridges; each runs on its ClientID's owner shard.
     bridges: Arc<crate::bridge::BridgeHub>,
+    /// Where each shard (by id) takes new QUIC connections from the endpoint
+    /// threads (`quic`).
+    quic: Vec<flume::Receiver<crate::quic::NewQuic>>,
 }
 
 impl Server {
@@ -214,12 +219,20 @@ impl Server {
         // Resolve port 0 once, so every shard binds the same concrete port. The
         // reserving sockets are bound but never listen, so no connection is
         // queued on them; they close once the shards listen.
+        // A QUIC listener's UDP socket is its endpoint's (one per listener).
         let mut reservations = Vec::new();
+        let mut udp_sockets = Vec::new();
         let mut listeners = config.listeners();
-        for l in &mut listeners {
+        for (id, l) in listeners.iter_mut().enumerate() {
             let addr = l.bind;
-            let sock = reserve_port(addr)
-                .with_context(|| format!("cannot listen on {addr} ({} listener)", l.kind))?;
+            let context = || format!("cannot listen on {addr} ({} listener)", l.kind);
+            if l.kind.is_udp() {
+                let sock = crate::quic::bind(addr).with_context(context)?;
+                l.bind = sock.local_addr()?;
+                udp_sockets.push((id as ListenerId, sock));
+                continue;
+            }
+            let sock = reserve_port(addr).with_context(context)?;
             l.bind = sock.local_addr()?.as_socket().expect("inet address");
             reservations.push(sock);
         }
@@ -256,6 +269,9 @@ impl Server {
             (None, None)
         };
         let bridges = crate::bridge::BridgeHub::new(&config.bridge);
+        let (quic_tx, quic_rx): (Vec<_>, Vec<_>) = (0..shard_count)
+            .map(|_| flume::bounded(crate::quic::NEW_CONNECTIONS_QUEUED_MAX))
+            .unzip();
         let boot = ShardBoot {
             shard_count,
             mesh: MeshBuilder::full(shard_count, MESH_CHANNEL_SLOTS),
@@ -275,6 +291,11 @@ impl Server {
             read_budget: read_budget.clone(),
             cluster: shard_cluster,
             bridges: bridges.clone(),
+            quic: if udp_sockets.is_empty() {
+                Vec::new()
+            } else {
+                quic_rx
+            },
         };
         let idle_poll = Duration::from_micros(u64::from(config.server.idle_poll_us));
         if !idle_poll.is_zero() {
@@ -324,6 +345,29 @@ impl Server {
             }
         }
         drop(reservations);
+        let quic_settings = crate::quic::QuicSettings::new(
+            config.limits.connect_timeout_s,
+            config.limits.max_keep_alive_s,
+        );
+        let mut quic = Vec::new();
+        for (id, socket) in udp_sockets {
+            let started = crate::quic::QuicListener::start(
+                id,
+                &listeners[usize::from(id)],
+                socket,
+                tls.clone(),
+                quic_tx.clone(),
+                quic_settings.clone(),
+                stop.clone(),
+            );
+            match started {
+                Ok(q) => quic.push(q),
+                Err(e) => {
+                    stop.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+            }
+        }
         spawn_auth_reloader(&auth, &stop);
         Ok(Server {
             stop,
@@ -343,6 +387,7 @@ impl Server {
             connections_max: connections_total_max,
             read_budget,
             cluster: server_cluster,
+            quic,
             bridges,
         })
     }
@@ -418,6 +463,9 @@ impl Server {
     pub fn join(self) -> anyhow::Result<()> {
         for h in self.executors {
             h.join().map_err(|e| anyhow!("shard failed: {e}"))?;
+        }
+        for q in self.quic {
+            q.join();
         }
         Ok(())
     }
@@ -659,6 +707,29 @@ impl Shard {
         cache.1.get(usize::from(listener)).cloned().flatten()
     }
 
+    /// Counts a new connection on `listener` from `peer` and says whether it
+    /// may go on: not from a banned address, within the connect rates (the
+    /// shard's and the listener's). A refused one is closed before anything
+    /// is read.
+    fn admit_new(&self, listener: ListenerId, peer: Option<SocketAddr>) -> bool {
+        self.engine.borrow_mut().probe_mut().connection_accepted();
+        if peer.is_some_and(|p| self.auth.ip_banned(p.ip())) {
+            debug!(shard = self.id, "banned address: closing");
+            return false;
+        }
+        let now = Instant::now();
+        if !self.connect_rate.borrow_mut().take(now)
+            || !self
+                .listener_limits
+                .take_connect(usize::from(listener), now)
+        {
+            refused_early(self, EarlyRefusal::ConnectionRateExceeded);
+            debug!(shard = self.id, "connect rate exceeded: closing");
+            return false;
+        }
+        true
+    }
+
     /// Whether the shard is shutting down.
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
@@ -776,6 +847,10 @@ async fn shard_main(boot: ShardBoot) {
 
     let mut listeners = Vec::new();
     for (listener_id, l) in boot.listeners.iter().enumerate() {
+        if l.kind.is_udp() {
+            // QUIC: the endpoint thread hands this shard its connections.
+            continue;
+        }
         match listen::bind(l.bind, boot.connect_timeout) {
             Ok(socket) => listeners.push((listener_id as ListenerId, socket)),
             Err(e) => {
@@ -811,23 +886,7 @@ async fn shard_main(boot: ShardBoot) {
             loop {
                 match listener.accept().await {
                     Ok(stream) => {
-                        shard.engine.borrow_mut().probe_mut().connection_accepted();
-                        if let Ok(peer) = stream.peer_addr()
-                            && shard.auth.ip_banned(peer.ip())
-                        {
-                            debug!(shard = shard.id, "banned address: closing");
-                            drop(stream);
-                            continue;
-                        }
-                        let now = Instant::now();
-                        if !shard.connect_rate.borrow_mut().take(now)
-                            || !shard
-                                .listener_limits
-                                .take_connect(usize::from(listener_id), now)
-                        {
-                            // Over the connect rate: close before reading anything.
-                            refused_early(&shard, EarlyRefusal::ConnectionRateExceeded);
-                            debug!(shard = shard.id, "connect rate exceeded: closing");
+                        if !shard.admit_new(listener_id, stream.peer_addr().ok()) {
                             drop(stream);
                             continue;
                         }
@@ -851,6 +910,9 @@ async fn shard_main(boot: ShardBoot) {
             }
         })
         .detach();
+    }
+    if let Some(rx) = boot.quic.get(id) {
+        glommio::spawn_local(quic_accept(shard.clone(), rx.clone())).detach();
     }
     glommio::spawn_local(admin_task(shard.clone(), admin_rx)).detach();
     // Recovery ran in `persist::attach` above, before any listener accepts:
@@ -911,6 +973,22 @@ async fn shard_main(boot: ShardBoot) {
     }
     persist::drain(&shard, SHUTDOWN_FLUSH).await;
     info!(shard = id, "shard stopped");
+}
+
+/// Takes the QUIC connections the endpoint threads give this shard (their
+/// MQTT stream is open), with the same admission checks as a TCP accept.
+async fn quic_accept(shard: Rc<Shard>, rx: flume::Receiver<crate::quic::NewQuic>) {
+    while let Ok(new) = rx.recv_async().await {
+        if shard.admit_new(new.listener, Some(new.pipe.peer())) {
+            glommio::spawn_local(accept::accept_quic(
+                shard.clone(),
+                new.listener,
+                new.pipe,
+                new.identity,
+            ))
+            .detach();
+        }
+    }
 }
 
 /// Whether this refused connection gets its own WARN line (at most a few per

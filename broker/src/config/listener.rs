@@ -1,6 +1,6 @@
 //! Listeners: `[[listener]]` tables of the config file, one per address, of
-//! four kinds: `mqtt` (TCP), `mqtts` (TLS), `ws` (WebSocket) and `wss`
-//! (WebSocket over TLS). `server.listen` (and `--listen`) keep declaring plain
+//! five kinds: `mqtt` (TCP), `mqtts` (TLS), `ws` (WebSocket), `wss`
+//! (WebSocket over TLS) and `quic` (MQTT over QUIC, UDP). `server.listen` (and `--listen`) keep declaring plain
 //! `mqtt` listeners; [`super::Config::listeners`] gives the full list, and a
 //! listener's index in it is its id ([`ListenerId`]), which every connection
 //! carries to the shard that serves it.
@@ -39,18 +39,32 @@ pub enum ListenerKind {
     Ws,
     /// MQTT over WebSocket over TLS (default port 8084).
     Wss,
+    /// MQTT over QUIC (UDP, default port 14567, ALPN `mqtt`).
+    Quic,
 }
 config_enum!(ListenerKind {
     "mqtt" => Mqtt,
     "mqtts" => Mqtts,
     "ws" => Ws,
     "wss" => Wss,
+    "quic" => Quic,
 });
 
 impl ListenerKind {
-    /// Whether connections start with a TLS handshake.
+    /// Whether connections start with a TLS handshake over TCP.
     pub fn is_tls(self) -> bool {
         matches!(self, ListenerKind::Mqtts | ListenerKind::Wss)
+    }
+
+    /// Whether the listener needs a certificate and key: the TLS kinds and
+    /// QUIC (whose handshake is TLS 1.3).
+    pub fn has_certs(self) -> bool {
+        self.is_tls() || self == ListenerKind::Quic
+    }
+
+    /// Whether the listener is a UDP socket (QUIC) rather than TCP.
+    pub fn is_udp(self) -> bool {
+        self == ListenerKind::Quic
     }
 
     /// Whether MQTT travels in WebSocket frames.
@@ -65,6 +79,7 @@ impl ListenerKind {
             ListenerKind::Mqtts => 8883,
             ListenerKind::Ws => 8083,
             ListenerKind::Wss => 8084,
+            ListenerKind::Quic => 14567,
         }
     }
 }
@@ -126,10 +141,28 @@ pub struct ListenerConfig {
     /// (`limits.connect_rate_per_s` applies too); unset or 0: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_rate_per_s: Option<u32>,
+    /// `quic`: most bidirectional streams a client may have open at once
+    /// (the MQTT stream and, in multi-stream mode, data streams).
+    #[serde(default = "quic_max_streams_default")]
+    pub max_streams: u32,
+    /// `quic`: accept 0-RTT data from resuming clients. What arrives in
+    /// 0-RTT is not acted on before the handshake is confirmed (replay).
+    #[serde(default)]
+    pub zero_rtt: bool,
 }
 
 fn ws_path_default() -> String {
     WS_PATH_DEFAULT.to_owned()
+}
+
+/// The default of `max_streams` (EMQX's limit).
+pub const QUIC_MAX_STREAMS_DEFAULT: u32 = 10;
+
+/// The most `max_streams` allowed: each open stream costs buffers.
+pub const QUIC_MAX_STREAMS_MAX: u32 = 1000;
+
+fn quic_max_streams_default() -> u32 {
+    QUIC_MAX_STREAMS_DEFAULT
 }
 
 impl ListenerConfig {
@@ -147,6 +180,8 @@ impl ListenerConfig {
             allow_anonymous: None,
             max_connections: None,
             connect_rate_per_s: None,
+            max_streams: QUIC_MAX_STREAMS_DEFAULT,
+            zero_rtt: false,
         }
     }
 
@@ -161,9 +196,27 @@ impl ListenerConfig {
 
     /// Checks the fields against the kind; the message says what to change.
     pub fn check(&self) -> Result<(), String> {
-        let tls = self.kind.is_tls();
+        let tls = self.kind.has_certs();
         if tls && (self.cert_file.is_none() || self.key_file.is_none()) {
             return Err(format!("kind {} needs cert_file and key_file", self.kind));
+        }
+        let quic = self.kind == ListenerKind::Quic;
+        if !quic && (self.zero_rtt || self.max_streams != QUIC_MAX_STREAMS_DEFAULT) {
+            let field = if self.zero_rtt {
+                "zero_rtt"
+            } else {
+                "max_streams"
+            };
+            return Err(format!(
+                "{field} applies to QUIC listeners (quic), not {}",
+                self.kind
+            ));
+        }
+        if quic && !(1..=QUIC_MAX_STREAMS_MAX).contains(&self.max_streams) {
+            return Err(format!(
+                "max_streams must be 1 to {QUIC_MAX_STREAMS_MAX}, not {}",
+                self.max_streams
+            ));
         }
         let tls_only = [
             ("cert_file", self.cert_file.is_some()),
@@ -177,7 +230,7 @@ impl ListenerConfig {
         ];
         if let Some((field, _)) = tls_only.iter().find(|(_, set)| !tls && *set) {
             return Err(format!(
-                "{field} applies to TLS listeners (mqtts, wss), not {}",
+                "{field} applies to TLS listeners (mqtts, wss, quic), not {}",
                 self.kind
             ));
         }
@@ -254,7 +307,20 @@ mod tests {
         );
         assert_eq!(listener(&ok).unwrap().username_from_cert, CertIdentity::San);
         let e = listener("kind = \"quic\"\nbind = \"127.0.0.1:1\"").unwrap_err();
-        assert!(e.contains("mqtts"), "{e}");
+        assert!(e.contains("kind quic needs cert_file and key_file"), "{e}");
+        let quic = "kind = \"quic\"\nbind = \"127.0.0.1:1\"\ncert_file = \"c\"\nkey_file = \"k\"\n";
+        let q = listener(quic).unwrap();
+        assert_eq!((q.max_streams, q.zero_rtt), (10, false));
+        assert_eq!(
+            q.url("127.0.0.1:14567".parse().unwrap()),
+            "quic://127.0.0.1:14567"
+        );
+        let q = listener(&format!("{quic}max_streams = 1\nzero_rtt = true")).unwrap();
+        assert_eq!((q.max_streams, q.zero_rtt), (1, true));
+        let e = listener(&format!("{quic}max_streams = 0")).unwrap_err();
+        assert!(e.contains("max_streams must be 1 to 1000"), "{e}");
+        let e = listener("kind = \"mqtt\"\nbind = \"127.0.0.1:1\"\nzero_rtt = true").unwrap_err();
+        assert!(e.contains("zero_rtt applies to QUIC listeners"), "{e}");
         let e = listener("kind = \"ws\"\nbind = \"127.0.0.1:1\"\nallow = 1").unwrap_err();
         assert!(e.contains("unknown field"), "{e}");
     }

@@ -31,16 +31,16 @@ use crate::config::ListenerId;
 use crate::transport::{AcceptError, Transport};
 
 /// Counts a socket reading its CONNECT on this shard while alive.
-pub(super) struct PendingConnect<'a>(&'a Shard);
+pub(super) struct PendingConnect(Rc<Shard>);
 
-impl<'a> PendingConnect<'a> {
-    pub(super) fn new(shard: &'a Shard) -> PendingConnect<'a> {
+impl PendingConnect {
+    pub(super) fn new(shard: &Rc<Shard>) -> PendingConnect {
         shard.pending_connects.set(shard.pending_connects.get() + 1);
-        PendingConnect(shard)
+        PendingConnect(shard.clone())
     }
 }
 
-impl Drop for PendingConnect<'_> {
+impl Drop for PendingConnect {
     fn drop(&mut self) {
         self.0
             .pending_connects
@@ -68,7 +68,7 @@ pub(super) async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, st
         glommio::timer::sleep(shard.connect_timeout).await;
         None
     };
-    let (mut stream, mut buf, identity) = match futures_lite::future::or(handshake, expire).await {
+    let (stream, buf, identity) = match futures_lite::future::or(handshake, expire).await {
         Some(Ok(accepted)) => accepted,
         Some(Err(e @ (AcceptError::Tls(_) | AcceptError::Upgrade(_)))) => {
             // Operators need to see refused certificates and upgrades; the
@@ -93,6 +93,54 @@ pub(super) async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, st
             return;
         }
     };
+    read_connect(
+        shard, listener, stream, buf, identity, peer, pending, deadline,
+    )
+    .await;
+}
+
+/// Accepts an MQTT-over-QUIC stream that the endpoint thread gave this shard
+/// (the QUIC handshake is done; `identity` is the username its client
+/// certificate gives, per the listener's `username_from_cert`): reads the
+/// CONNECT within the connect timeout, then serves it here or hands it to the
+/// shard owning its ClientID, like a TCP connection.
+pub(super) async fn accept_quic(
+    shard: Rc<Shard>,
+    listener: ListenerId,
+    pipe: crate::transport::quic::QuicPipe,
+    identity: Option<String>,
+) {
+    let pending = PendingConnect::new(&shard);
+    let deadline = Instant::now() + shard.connect_timeout;
+    let peer = Some(pipe.peer());
+    let stream = Transport::quic(Box::new(pipe));
+    read_connect(
+        shard,
+        listener,
+        stream,
+        BytesMut::new(),
+        identity,
+        peer,
+        pending,
+        deadline,
+    )
+    .await;
+}
+
+/// After the transport handshakes: reads and authenticates the CONNECT, then
+/// serves the connection here or hands it to its owner shard.
+#[allow(clippy::too_many_arguments)]
+async fn read_connect(
+    shard: Rc<Shard>,
+    listener: ListenerId,
+    mut stream: Transport,
+    mut buf: BytesMut,
+    identity: Option<String>,
+    peer: Option<std::net::SocketAddr>,
+    pending: PendingConnect,
+    deadline: Instant,
+) {
+    let spec = &shard.listeners[usize::from(listener)];
     // A CONNECT may carry a large will: it draws on the read budget too.
     let mut reservation = read_budget::Reservation::new(shard.read_budget.clone());
     let connect = loop {
@@ -233,19 +281,45 @@ pub(super) async fn accept_connection(shard: Rc<Shard>, listener: ListenerId, st
         ))
         .detach();
     } else {
-        let (stream, transport) = stream.into_parts();
-        let accepted = Accepted {
-            connect,
-            assigned,
-            listener,
-            transport,
-            admission,
-        };
-        match Handoff::detach(stream, buf.freeze(), owner, accepted) {
-            Ok(h) => shard.send_envelope(owner, Envelope::Handoff(Box::new(h))),
-            Err(e) => warn!("hand-off to shard {owner} failed: {e}"),
+        match stream.into_parts() {
+            Ok((stream, transport)) => {
+                let accepted = Accepted {
+                    connect,
+                    assigned,
+                    listener,
+                    transport,
+                    admission,
+                };
+                match Handoff::detach(stream, buf.freeze(), owner, accepted) {
+                    Ok(h) => shard.send_envelope(owner, Envelope::Handoff(Box::new(h))),
+                    Err(e) => warn!("hand-off to shard {owner} failed: {e}"),
+                }
+            }
+            // QUIC: the pipe to the endpoint thread moves whole.
+            Err(pipe) => shard.send_envelope(
+                owner,
+                Envelope::Moved(Box::new(Moved {
+                    pipe,
+                    already_read: buf.freeze(),
+                    connect,
+                    assigned,
+                    listener,
+                    admission,
+                })),
+            ),
         }
     }
+}
+
+/// A connection without a socket of its own (QUIC) moving to its owner shard.
+#[derive(Debug)]
+pub(super) struct Moved {
+    pub(super) pipe: Box<crate::transport::quic::QuicPipe>,
+    pub(super) already_read: bytes::Bytes,
+    pub(super) connect: Connect,
+    pub(super) assigned: bool,
+    pub(super) listener: ListenerId,
+    pub(super) admission: Admission,
 }
 
 /// Writes a refusing CONNACK in the client's version and closes.
@@ -285,6 +359,10 @@ async fn send_connack_with(
     let mut out = BytesMut::new();
     if ack.encode(version, &mut out).is_ok() {
         stream.send(&out).await?;
+    }
+    // QUIC: the CONNACK says why; the connection then closes as done.
+    if let Some(pipe) = stream.quic_pipe() {
+        pipe.set_done();
     }
     Ok(())
 }

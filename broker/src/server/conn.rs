@@ -372,7 +372,7 @@ async fn run(
         shard.engine.borrow_mut().connection_lost(now_ms(), conn);
         shard.flush_outbox();
     }
-    shutdown(&io.stream, Shutdown::Both);
+    shutdown(&mut io.stream, Shutdown::Both);
     shard.engine.borrow_mut().release(now_ms(), conn);
     shard.flush_outbox();
     shard.connections.set(shard.connections.get() - 1);
@@ -383,8 +383,11 @@ async fn run(
 /// set as a duplicate fd, the engine output's waker unparks it, and the task
 /// ends. Gives `io` back when the connection cannot park.
 fn park_conn(shard: &Shard, io: Io, version: ProtocolVersion, listener: ListenerId) -> Option<Io> {
+    let Some(tcp) = io.stream.tcp() else {
+        return Some(io);
+    };
     // SAFETY: the fd belongs to `io.stream`, borrowed for this statement.
-    let fd = unsafe { BorrowedFd::borrow_raw(io.stream.tcp().as_raw_fd()) };
+    let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
     let Ok(fd) = fd.try_clone_to_owned() else {
         return Some(io);
     };
@@ -481,7 +484,7 @@ async fn close(shard: &Shard, io: &mut Io, mut reading: bool) -> bool {
         }
     }
     io.stream.close_nowait();
-    shutdown(&io.stream, Shutdown::Write);
+    shutdown(&mut io.stream, Shutdown::Write);
     let mut scratch = [0u8; PROBE_BYTES];
     while reading {
         let read = async { Some(poll_fn(|cx| io.stream.poll_read(cx, &mut scratch)).await) };
@@ -497,9 +500,18 @@ async fn close(shard: &Shard, io: &mut Io, mut reading: bool) -> bool {
     true
 }
 
-/// Shuts down one or both directions of the socket at once (no await).
-fn shutdown(stream: &Transport, how: Shutdown) {
+/// Shuts down one or both directions of the socket at once (no await). A
+/// QUIC stream's sending side is finished (the endpoint closes the connection
+/// after the last byte); its receiving side ends when the pipe is dropped.
+fn shutdown(stream: &mut Transport, how: Shutdown) {
+    if let Some(pipe) = stream.quic_pipe() {
+        pipe.shutdown_write();
+        return;
+    }
+    let Some(tcp) = stream.tcp() else {
+        return;
+    };
     // SAFETY: the fd belongs to `stream`, borrowed for this statement.
-    let fd = unsafe { BorrowedFd::borrow_raw(stream.tcp().as_raw_fd()) };
+    let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
     let _ = socket2::SockRef::from(&fd).shutdown(how);
 }

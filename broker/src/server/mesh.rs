@@ -24,6 +24,9 @@ pub(super) enum Envelope {
     /// A connection whose ClientID the receiver owns. Boxed: a CONNECT is
     /// large, and every batch would otherwise take its size.
     Handoff(Box<Handoff<Accepted>>),
+    /// A connection without a socket (QUIC: its pipe to the endpoint thread)
+    /// whose ClientID the receiver owns.
+    Moved(Box<super::accept::Moved>),
 }
 
 impl Shard {
@@ -80,6 +83,18 @@ pub(super) fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
                 accepted.assigned,
                 accepted.listener,
                 accepted.admission,
+            ))
+            .detach();
+        }
+        Envelope::Moved(m) => {
+            glommio::spawn_local(serve(
+                shard.clone(),
+                Transport::quic(m.pipe),
+                m.already_read,
+                m.connect,
+                m.assigned,
+                m.listener,
+                m.admission,
             ))
             .detach();
         }

@@ -1,6 +1,9 @@
 //! Transports: what sits between a TCP socket and the MQTT codec on each
 //! listener kind. `mqtt` is the socket itself; `mqtts` adds TLS (rustls,
-//! [`tls`]); `ws` adds WebSocket framing ([`ws`]); `wss` both.
+//! [`tls`]); `ws` adds WebSocket framing ([`ws`]); `wss` both. `quic` has no
+//! socket on the shard: its bytes come and go through a [`quic::QuicPipe`] to
+//! the QUIC endpoint thread (`crate::quic`), and the pipe travels in a
+//! hand-off whole.
 //!
 //! A [`Transport`] reads and writes MQTT bytes whatever the kind. Its state
 //! (the rustls connection, the WebSocket decoder) is `Send` and small enough
@@ -17,6 +20,7 @@
 //! non-blocking `send`) and, if the socket is full, left for the write side
 //! of that poll: [`Transport::flush_needed`] tells it.
 
+pub mod quic;
 pub mod tls;
 pub mod ws;
 
@@ -34,6 +38,7 @@ use glommio::net::TcpStream;
 use rustls::{ServerConfig, ServerConnection};
 
 use crate::config::{CertIdentity, ListenerConfig};
+use quic::QuicPipe;
 use ws::{Upgrade, WsDecoder};
 
 /// Bytes read per read call while waiting for a WebSocket upgrade request.
@@ -64,6 +69,13 @@ pub struct TransportState {
     ws: Option<Box<WsDecoder>>,
 }
 
+/// What carries a connection's bytes: a TCP socket, or the pipe to a QUIC
+/// stream on the endpoint thread (`quic`).
+enum Lower {
+    Tcp(TcpStream),
+    Quic(Box<QuicPipe>),
+}
+
 impl fmt::Debug for TransportState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TransportState")
@@ -75,7 +87,7 @@ impl fmt::Debug for TransportState {
 
 /// A connection's socket and the layers on it; reads and writes MQTT bytes.
 pub struct Transport {
-    tcp: TcpStream,
+    tcp: Lower,
     tls: Option<Box<ServerConnection>>,
     ws: Option<Box<WsDecoder>>,
     /// Output the reader produced that the writer must send.
@@ -86,11 +98,14 @@ pub struct Transport {
 
 impl fmt::Debug for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Transport")
-            .field("fd", &self.tcp.as_raw_fd())
-            .field("tls", &self.tls.is_some())
-            .field("ws", &self.ws)
-            .finish()
+        let mut d = f.debug_struct("Transport");
+        match &self.tcp {
+            Lower::Tcp(tcp) => d.field("fd", &tcp.as_raw_fd()),
+            Lower::Quic(pipe) => d.field("quic", pipe),
+        }
+        .field("tls", &self.tls.is_some())
+        .field("ws", &self.ws)
+        .finish()
     }
 }
 
@@ -213,7 +228,7 @@ impl Transport {
         tls: Option<Arc<ServerConfig>>,
     ) -> Result<(Transport, BytesMut, Option<String>), AcceptError> {
         let mut t = Transport {
-            tcp,
+            tcp: Lower::Tcp(tcp),
             tls: None,
             ws: None,
             flush_needed: false,
@@ -222,7 +237,10 @@ impl Transport {
         let mut identity = None;
         if let Some(config) = tls {
             let mut conn = Box::new(ServerConnection::new(config).map_err(AcceptError::Tls)?);
-            tls_handshake(&mut t.tcp, &mut conn).await?;
+            let Lower::Tcp(tcp) = &mut t.tcp else {
+                unreachable!("built as TCP above")
+            };
+            tls_handshake(tcp, &mut conn).await?;
             if listener.username_from_cert != CertIdentity::None {
                 identity = conn
                     .peer_certificates()
@@ -269,14 +287,29 @@ impl Transport {
     }
 
     /// Splits off the socket for a hand-off; see [`Transport::from_parts`].
-    pub fn into_parts(self) -> (TcpStream, TransportState) {
-        (
-            self.tcp,
-            TransportState {
-                tls: self.tls,
-                ws: self.ws,
-            },
-        )
+    /// A QUIC transport has no socket: its pipe travels instead (`Err`).
+    pub fn into_parts(self) -> Result<(TcpStream, TransportState), Box<QuicPipe>> {
+        match self.tcp {
+            Lower::Tcp(tcp) => Ok((
+                tcp,
+                TransportState {
+                    tls: self.tls,
+                    ws: self.ws,
+                },
+            )),
+            Lower::Quic(pipe) => Err(pipe),
+        }
+    }
+
+    /// A transport over the pipe of an MQTT-over-QUIC stream.
+    pub fn quic(pipe: Box<QuicPipe>) -> Transport {
+        Transport {
+            tcp: Lower::Quic(pipe),
+            tls: None,
+            ws: None,
+            flush_needed: false,
+            ws_close_code: 1000,
+        }
     }
 
     /// Rebuilds a transport on the owner shard from the handed-off socket and state.
@@ -284,7 +317,7 @@ impl Transport {
         let flush_needed = state.tls.as_ref().is_some_and(|t| t.wants_write())
             || state.ws.as_ref().is_some_and(|w| w.has_pong());
         Transport {
-            tcp,
+            tcp: Lower::Tcp(tcp),
             tls: state.tls,
             ws: state.ws,
             flush_needed,
@@ -295,7 +328,7 @@ impl Transport {
     /// A plain TCP transport.
     pub fn plain(tcp: TcpStream) -> Transport {
         Transport {
-            tcp,
+            tcp: Lower::Tcp(tcp),
             tls: None,
             ws: None,
             flush_needed: false,
@@ -307,12 +340,26 @@ impl Transport {
     /// state is in the kernel, so the connection may wait as a bare fd
     /// (`server::park`).
     pub fn is_plain(&self) -> bool {
-        self.tls.is_none() && self.ws.is_none() && !self.flush_needed
+        matches!(self.tcp, Lower::Tcp(_))
+            && self.tls.is_none()
+            && self.ws.is_none()
+            && !self.flush_needed
     }
 
-    /// The socket (for socket options and shutdown).
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
+    /// The socket (for socket options and shutdown); `None` for QUIC.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match &self.tcp {
+            Lower::Tcp(tcp) => Some(tcp),
+            Lower::Quic(_) => None,
+        }
+    }
+
+    /// The QUIC pipe, for a QUIC transport.
+    pub fn quic_pipe(&mut self) -> Option<&mut QuicPipe> {
+        match &mut self.tcp {
+            Lower::Tcp(_) => None,
+            Lower::Quic(pipe) => Some(pipe),
+        }
     }
 
     /// Whether the writer has output of the reader's to send.
@@ -328,6 +375,10 @@ impl Transport {
             flush_needed,
             ..
         } = self;
+        let tcp = match tcp {
+            Lower::Tcp(tcp) => tcp,
+            Lower::Quic(pipe) => return pipe.poll_read(cx, buf),
+        };
         let Some(tls) = tls else {
             return Pin::new(tcp).poll_read(cx, buf);
         };
@@ -392,6 +443,10 @@ impl Transport {
     /// [`Transport::poll_flush`] sends them.
     pub fn poll_write_raw(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let Transport { tcp, tls, .. } = self;
+        let tcp = match tcp {
+            Lower::Tcp(tcp) => tcp,
+            Lower::Quic(pipe) => return pipe.poll_write(cx, data),
+        };
         let Some(tls) = tls else {
             return Pin::new(tcp).poll_write(cx, data);
         };
@@ -404,9 +459,10 @@ impl Transport {
     /// Sends everything queued below the WebSocket layer.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Transport { tcp, tls, .. } = self;
-        match tls {
-            Some(tls) => poll_flush_tls(tcp, tls, cx),
-            None => Poll::Ready(Ok(())),
+        match (tcp, tls) {
+            (Lower::Quic(pipe), _) => pipe.poll_flush(cx),
+            (Lower::Tcp(tcp), Some(tls)) => poll_flush_tls(tcp, tls, cx),
+            (Lower::Tcp(_), None) => Poll::Ready(Ok(())),
         }
     }
 
@@ -455,6 +511,13 @@ impl Transport {
     /// and a TLS close_notify, sent only if the socket has room. Called once,
     /// after the last data, before the TCP FIN.
     pub fn close_nowait(&mut self) {
+        let tcp = match &mut self.tcp {
+            Lower::Tcp(tcp) => tcp,
+            Lower::Quic(pipe) => {
+                pipe.set_done();
+                return;
+            }
+        };
         let close = self
             .ws
             .as_ref()
@@ -465,11 +528,11 @@ impl Transport {
                     let _ = tls.writer().write_all(&frame);
                 }
                 tls.send_close_notify();
-                flush_tls_nowait(&self.tcp, tls);
+                flush_tls_nowait(tcp, tls);
             }
             None => {
                 if let Some(frame) = close {
-                    let _ = NoWait(&self.tcp).write(&frame);
+                    let _ = NoWait(tcp).write(&frame);
                 }
             }
         }

@@ -21,7 +21,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
-use crate::config::{CertIdentity, ListenerConfig};
+use crate::config::{CertIdentity, ListenerConfig, ListenerKind};
+
+/// The ALPN protocol of MQTT over QUIC (EMQX, NanoSDK and RMQTT use exactly this).
+pub const QUIC_ALPN: &[u8] = b"mqtt";
 
 /// The files one TLS listener is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,12 +37,15 @@ pub struct TlsFiles {
     pub ca: Option<PathBuf>,
     /// Whether a client without a valid certificate is refused.
     pub require_client_cert: bool,
+    /// For a `quic` listener: TLS 1.3 only, ALPN `mqtt`, and whether 0-RTT
+    /// is offered (`Some(zero_rtt)`); `None` for TLS over TCP.
+    pub quic: Option<bool>,
 }
 
 impl TlsFiles {
     /// The TLS files of a listener, if it is a TLS kind.
     pub fn of(listener: &ListenerConfig) -> Option<TlsFiles> {
-        if !listener.kind.is_tls() {
+        if !listener.kind.has_certs() {
             return None;
         }
         Some(TlsFiles {
@@ -47,6 +53,7 @@ impl TlsFiles {
             key: listener.key_file.clone().unwrap_or_default(),
             ca: listener.ca_file.clone(),
             require_client_cert: listener.require_client_cert,
+            quic: (listener.kind == ListenerKind::Quic).then_some(listener.zero_rtt),
         })
     }
 }
@@ -92,13 +99,17 @@ fn load_certs(
 }
 
 /// Builds the rustls configuration of one listener from its files: TLS 1.2 and
-/// 1.3, the certificate chain and key, and, with a CA, client-certificate
-/// verification (required or optional).
+/// 1.3 (QUIC: 1.3 only, ALPN `mqtt`, 0-RTT when asked), the certificate chain
+/// and key, and, with a CA, client-certificate verification (required or
+/// optional).
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let certs = load_certs("cert_file", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| file_error("key_file", &files.key, e))?;
-    let builder = ServerConfig::builder();
+    let builder = match files.quic {
+        Some(_) => ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13]),
+        None => ServerConfig::builder(),
+    };
     let builder = match &files.ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
@@ -116,13 +127,19 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsSetupErro
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder.with_single_cert(certs, key).map_err(|e| {
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
         TlsSetupError::Rustls(format!(
             "cert_file {} and key_file {}: {e}",
             files.cert.display(),
             files.key.display()
         ))
     })?;
+    if let Some(zero_rtt) = files.quic {
+        config.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+        // QUIC takes 0 (no early data) or u32::MAX (early data, bounded by
+        // its own flow control), nothing in between.
+        config.max_early_data_size = if zero_rtt { u32::MAX } else { 0 };
+    }
     Ok(Arc::new(config))
 }
 
@@ -274,6 +291,7 @@ mod tests {
             key: write("key.pem", &key.serialize_pem()),
             ca: None,
             require_client_cert: false,
+            quic: None,
         };
         server_config(&files).unwrap();
         let missing = TlsFiles {

@@ -1,0 +1,458 @@
+//! MQTT over QUIC: the endpoint thread of each `quic` listener.
+//!
+//! Each `[[listener]] kind = "quic"` gets one thread running a current-thread
+//! tokio runtime with a quinn endpoint on the listener's UDP socket (quinn
+//! needs `Send + Sync` sockets, which glommio's are not; the cluster link in
+//! `raft/src/link` runs quinn the same way). The thread does the QUIC work:
+//! packets, TLS 1.3 (ALPN `mqtt`, optional client certificates), loss
+//! recovery, connection migration. The MQTT work stays on the shards: once a
+//! connection's first bidirectional stream is open, the stream's bytes go to
+//! a shard through a [`QuicPipe`] (`crate::transport::quic`), and from there
+//! the connection is accepted like a TCP one (CONNECT, authentication, the
+//! hand-off to the ClientID's owner shard) and served by the same engine and
+//! connection task. docs/ARCHITECTURE.md ("MQTT over QUIC") says why this
+//! layout and what it costs.
+//!
+//! Single-stream mode (EMQX, NanoSDK, RMQTT): the client opens one
+//! bidirectional stream and sends every MQTT packet on it, CONNECT first; the
+//! server opens no stream. A further stream is stopped with
+//! [`close_code::STREAM_REFUSED`] (multi-stream mode is not implemented), and
+//! `max_streams` bounds how many a client may have open at once.
+//!
+//! Bounds: at most [`HANDSHAKES_MAX`] connections between the first packet
+//! and their MQTT stream (a flood beyond that is refused at once; beyond half
+//! of it, clients whose address is not validated are asked to retry, which
+//! costs a spoofed source its answer); a handshake and the first stream must
+//! come within `limits.connect_timeout_s`; a pipe holds at most
+//! [`PIPE_CHUNKS`] chunks each way; 0-RTT data (`zero_rtt = true`) is only
+//! read after the handshake completed, so nothing of it is acted on before
+//! (it could be a replay).
+//!
+//! Lifecycle: [`QuicListener::start`] binds nothing itself (the socket comes
+//! from the boot, which resolved port 0) and returns once the endpoint runs;
+//! after the stop flag it accepts nothing new, waits for its connections to
+//! end (the shards disconnect their clients) and closes the endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
+use rustls::pki_types::CertificateDer;
+use tracing::{debug, info, warn};
+
+use crate::config::{CertIdentity, ListenerConfig, ListenerId};
+use crate::transport::quic::{QuicPipe, close_code};
+use crate::transport::tls::{self, TlsStore};
+
+/// Connections at most between their first packet and their MQTT stream, per
+/// listener.
+pub const HANDSHAKES_MAX: usize = 4096;
+
+/// Chunks a pipe holds in each direction (a chunk is one read of the stream,
+/// at most [`READ_CHUNK_BYTES_MAX`], or one write of the connection task).
+pub const PIPE_CHUNKS: usize = 8;
+
+/// Bytes at most in one chunk read from a stream.
+const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
+
+/// New connections waiting for a shard to take them, per shard.
+pub const NEW_CONNECTIONS_QUEUED_MAX: usize = 1024;
+
+/// How long a finished stream may wait for the client to acknowledge its last
+/// bytes before the connection is closed anyway.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// How often the endpoint looks at the stop flag and the TLS generation.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long a stopping endpoint waits for its connections to end.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// A QUIC connection with its MQTT stream open, for a shard to accept.
+#[derive(Debug)]
+pub struct NewQuic {
+    /// The listener it came in on.
+    pub listener: ListenerId,
+    /// The shard's end of the stream.
+    pub pipe: QuicPipe,
+    /// The username its client certificate gives (per `username_from_cert`).
+    pub identity: Option<String>,
+}
+
+/// Settings of one QUIC listener's endpoint, from the config.
+#[derive(Debug, Clone)]
+pub struct QuicSettings {
+    /// The handshake and the first stream must come within this.
+    pub connect_timeout: Duration,
+    /// The QUIC idle timeout: more than 1.5 times the largest Keep Alive the
+    /// broker accepts, so a client keeping MQTT's keep alive never idles out.
+    pub idle_timeout: Duration,
+}
+
+impl QuicSettings {
+    /// The settings for `limits.connect_timeout_s` and `limits.max_keep_alive_s`.
+    pub fn new(connect_timeout_s: u32, keep_alive_s_max: u16) -> QuicSettings {
+        let keep_alive_ms = u64::from(keep_alive_s_max.max(1)) * 1000;
+        QuicSettings {
+            connect_timeout: Duration::from_secs(u64::from(connect_timeout_s.max(1))),
+            // 1.5x plus a margin for a client that pings late.
+            idle_timeout: Duration::from_millis(keep_alive_ms * 3 / 2 + 5_000),
+        }
+    }
+}
+
+/// A running QUIC listener: its endpoint thread.
+#[derive(Debug)]
+pub struct QuicListener {
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// What every connection task of one listener shares.
+struct Ctx {
+    listener: ListenerId,
+    username_from_cert: CertIdentity,
+    url: String,
+    settings: QuicSettings,
+    shards: Vec<flume::Sender<NewQuic>>,
+    next_shard: AtomicUsize,
+    handshaking: AtomicUsize,
+    live: AtomicUsize,
+    refused_log: std::sync::Mutex<(Instant, u32)>,
+}
+
+impl Ctx {
+    /// Whether a refused handshake gets its own WARN line: the first 3 of each
+    /// second, as for TCP listeners (`server::refusals`).
+    fn warn_refusal(&self) -> bool {
+        let mut log = self.refused_log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.0.elapsed() >= Duration::from_secs(1) {
+            *log = (Instant::now(), 0);
+        }
+        log.1 += 1;
+        log.1 <= 3
+    }
+}
+
+/// Counts a connection in one of the context's gauges while alive.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(n: &'a AtomicUsize) -> Counted<'a> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The quinn server configuration of a listener: its TLS configuration (from
+/// the [`TlsStore`], TLS 1.3 with ALPN `mqtt`), the stream limit and the idle
+/// timeout.
+fn server_config(
+    tls: Arc<rustls::ServerConfig>,
+    spec: &ListenerConfig,
+    settings: &QuicSettings,
+) -> anyhow::Result<quinn::ServerConfig> {
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| anyhow!("the TLS configuration cannot serve QUIC: {e}"))?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(spec.max_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(settings.idle_timeout)
+                .map_err(|e| anyhow!("QUIC idle timeout: {e}"))?,
+        ));
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config
+        .transport_config(Arc::new(transport))
+        .max_incoming(HANDSHAKES_MAX)
+        .migration(true);
+    Ok(config)
+}
+
+impl QuicListener {
+    /// Starts listener `listener` (`spec`) on `socket`; new connections go to
+    /// the shards through `shards`, in turn. Returns once the endpoint runs,
+    /// or why it cannot.
+    pub fn start(
+        listener: ListenerId,
+        spec: &ListenerConfig,
+        socket: std::net::UdpSocket,
+        tls: Arc<TlsStore>,
+        shards: Vec<flume::Sender<NewQuic>>,
+        settings: QuicSettings,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<QuicListener> {
+        let bound = socket.local_addr()?;
+        let generation = tls.generation();
+        let crypto = tls
+            .snapshot()
+            .get(usize::from(listener))
+            .cloned()
+            .flatten()
+            .ok_or_else(|| anyhow!("listener {listener} has no TLS configuration"))?;
+        let config = server_config(crypto, spec, &settings)
+            .with_context(|| format!("quic listener {bound}"))?;
+        let ctx = Arc::new(Ctx {
+            listener,
+            username_from_cert: spec.username_from_cert,
+            url: spec.url(bound),
+            settings,
+            shards,
+            next_shard: AtomicUsize::new(0),
+            handshaking: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            refused_log: std::sync::Mutex::new((Instant::now(), 0)),
+        });
+        let spec = spec.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("quic-{listener}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow!("cannot start its runtime: {e}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let endpoint = match quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        Some(config),
+                        socket,
+                        Arc::new(quinn::TokioRuntime),
+                    ) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(anyhow!("cannot start its endpoint: {e}")));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    run(endpoint, ctx, spec, tls, generation, stop).await;
+                });
+            })?;
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(QuicListener { thread }),
+            Ok(Err(e)) => Err(e.context(format!("quic listener {bound}"))),
+            Err(_) => Err(anyhow!("quic listener {bound} did not start within 10 s")),
+        }
+    }
+
+    /// Waits until the endpoint thread ended (after the stop flag).
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// The endpoint's accept loop until the stop flag, then the drain.
+async fn run(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<Ctx>,
+    spec: ListenerConfig,
+    tls: Arc<TlsStore>,
+    mut generation: u64,
+    stop: Arc<AtomicBool>,
+) {
+    info!(listener = %ctx.url, "QUIC endpoint running");
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = poll.tick() => {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if tls.generation() != generation {
+                    generation = tls.generation();
+                    reload(&endpoint, &ctx, &spec, &tls);
+                }
+                continue;
+            }
+        };
+        let Some(incoming) = incoming else {
+            break;
+        };
+        let handshaking = ctx.handshaking.load(Ordering::Relaxed);
+        if handshaking >= HANDSHAKES_MAX {
+            debug!(listener = %ctx.url, peer = %incoming.remote_address(), "too many handshakes: refused");
+            incoming.refuse();
+            continue;
+        }
+        if handshaking >= HANDSHAKES_MAX / 2
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            // Under a flood, a client must prove it receives at its address
+            // (a spoofed source never answers the retry).
+            let _ = incoming.retry();
+            continue;
+        }
+        tokio::spawn(connection(incoming, ctx.clone()));
+    }
+    // Stopping: nothing new; the shards end the live connections.
+    endpoint.set_server_config(None);
+    let deadline = Instant::now() + STOP_WAIT;
+    while ctx.live.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    endpoint.close(VarInt::from_u32(close_code::BUSY), b"server shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    debug!(listener = %ctx.url, "QUIC endpoint stopped");
+}
+
+/// Takes the listener's new TLS configuration after a reload (SIGHUP): new
+/// handshakes use it, established connections keep theirs.
+fn reload(endpoint: &quinn::Endpoint, ctx: &Ctx, spec: &ListenerConfig, tls: &TlsStore) {
+    let Some(crypto) = tls
+        .snapshot()
+        .get(usize::from(ctx.listener))
+        .cloned()
+        .flatten()
+    else {
+        return;
+    };
+    match server_config(crypto, spec, &ctx.settings) {
+        Ok(config) => {
+            endpoint.set_server_config(Some(config));
+            info!(listener = %ctx.url, "QUIC listener: TLS configuration reloaded");
+        }
+        Err(e) => warn!(listener = %ctx.url, "QUIC listener keeps its TLS configuration: {e:#}"),
+    }
+}
+
+/// One connection: the handshake and the MQTT stream within the connect
+/// timeout, then a shard takes the stream and this task carries its bytes.
+async fn connection(incoming: Incoming, ctx: Arc<Ctx>) {
+    let live = Counted::new(&ctx.live);
+    let handshaking = Counted::new(&ctx.handshaking);
+    let peer = incoming.remote_address();
+    let deadline = tokio::time::Instant::now() + ctx.settings.connect_timeout;
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(listener = %ctx.url, %peer, "QUIC connection not accepted: {e}");
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout_at(deadline, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            if ctx.warn_refusal() {
+                warn!(listener = %ctx.url, %peer, reason = "handshake", "connection refused: QUIC handshake failed: {e}");
+            }
+            return;
+        }
+        Err(_) => {
+            debug!(listener = %ctx.url, %peer, "no QUIC handshake within the connect timeout: closing");
+            return;
+        }
+    };
+    let identity = match ctx.username_from_cert {
+        CertIdentity::None => None,
+        mode => conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| {
+                chain
+                    .first()
+                    .and_then(|leaf| tls::cert_identity(leaf, mode))
+            }),
+    };
+    let (send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            debug!(listener = %ctx.url, %peer, "QUIC connection ended before its MQTT stream: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(listener = %ctx.url, %peer, "no MQTT stream within the connect timeout: closing");
+            conn.close(
+                VarInt::from_u32(close_code::NO_STREAM),
+                b"no MQTT stream opened within the connect timeout",
+            );
+            return;
+        }
+    };
+    drop(handshaking);
+    let (pipe, end) = QuicPipe::new(peer, PIPE_CHUNKS);
+    let shard = ctx.next_shard.fetch_add(1, Ordering::Relaxed) % ctx.shards.len();
+    let new = NewQuic {
+        listener: ctx.listener,
+        pipe,
+        identity,
+    };
+    if ctx.shards[shard].try_send(new).is_err() {
+        debug!(listener = %ctx.url, %peer, shard, "shard queue full: closing");
+        conn.close(VarInt::from_u32(close_code::BUSY), b"server busy");
+        return;
+    }
+    carry(conn, send, recv, end).await;
+    drop(live);
+}
+
+/// Carries the stream's bytes between the client and the shard until the
+/// shard ends the connection (or the connection is lost), then closes it with
+/// the shard's close code. Further streams are stopped (single-stream mode).
+async fn carry(
+    conn: Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    end: crate::transport::quic::QuicPipeEnd,
+) {
+    let to_shard = end.to_shard;
+    let reader = tokio::spawn(async move {
+        // Ends at the end of the stream or of the connection; dropping
+        // `to_shard` tells the shard.
+        while let Ok(Some(chunk)) = recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
+            if to_shard.send_async(chunk.bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let refuser = tokio::spawn(refuse_streams(conn.clone()));
+    // The writer runs here: the connection ends when the shard is done.
+    while let Ok(chunk) = end.from_shard.recv_async().await {
+        if send.write_chunk(chunk).await.is_err() {
+            break;
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(CLOSE_LINGER, send.stopped()).await;
+    let code = end.close.load(Ordering::Relaxed);
+    let reason: &[u8] = match code {
+        close_code::DONE => b"",
+        close_code::BUSY => b"server busy",
+        _ => b"MQTT protocol error",
+    };
+    conn.close(VarInt::from_u32(code), reason);
+    reader.abort();
+    refuser.abort();
+}
+
+/// Stops every further stream the client opens (single-stream mode).
+async fn refuse_streams(conn: Connection) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let code = VarInt::from_u32(close_code::STREAM_REFUSED);
+        let _ = recv.stop(code);
+        let _ = send.reset(code);
+    }
+}
+
+/// Binds the UDP socket of a QUIC listener (port 0 picks one).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    std::net::UdpSocket::bind(addr)
+}

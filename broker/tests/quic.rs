@@ -1,0 +1,630 @@
+//! Goal: the `quic` listener serves MQTT 3.1.1 and 5.0 over QUIC with the
+//! same engine behaviour as TCP (connect, subscribe, QoS 0/1/2 both ways,
+//! retained messages, wills of dropped connections, takeover between a QUIC
+//! and a TCP connection of the same ClientID), on the ClientID's owner shard
+//! whichever shard the endpoint gave the connection to; and a hostile QUIC
+//! peer (garbage datagrams, a first packet that is not CONNECT, extra
+//! streams, a flood of handshakes that never open a stream) gets a clear
+//! close, costs bounded memory and never stops the broker.
+//!
+//! Method: the real broker binary (`--shards 2`) with a `[[listener]] kind =
+//! "quic"` on port 0 and a certificate from a CA generated per test (rcgen).
+//! The QUIC client is quinn (the test drives it from its own tokio runtime)
+//! carrying packets encoded with `tessera_proto`, so the test asserts exact
+//! packets and QUIC close codes; the TCP side is the raw test client and
+//! rumqttc. ClientIDs are chosen on both shards so hand-offs are exercised.
+//! Every wait is bounded.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use common::{
+    Broker, Ca, RawClient, connect_packet, id_on_shard, publish_packet, subscribe_packet,
+};
+use quinn::crypto::rustls::QuicClientConfig;
+use tessera_proto::{
+    ConnAck, Connect, Disconnect, Encode, PACKET_BYTES_MAX, Packet, ProtocolVersion, PubAck,
+    PubComp, PubRec, PubRel, QoS, ReasonCode, Str, Will,
+};
+
+/// Bound for one expected packet or close.
+const STEP: Duration = Duration::from_secs(5);
+
+/// The application close codes of the broker (`transport::quic::close_code`).
+const CLOSE_DONE: u32 = 0;
+const CLOSE_PROTOCOL_ERROR: u32 = 1;
+const CLOSE_NO_STREAM: u32 = 3;
+const CLOSE_STREAM_REFUSED: u32 = 4;
+
+/// The tokio runtime the QUIC clients run on.
+fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// A fresh directory for one test's files.
+fn dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-quic-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write(path: &Path, text: &str) -> String {
+    std::fs::write(path, text).unwrap();
+    path.display().to_string()
+}
+
+/// A broker with a QUIC listener (and the default TCP one) whose certificate
+/// `ca` signed; `extra` goes into the listener table, `tables` after it.
+fn start(test: &str, ca: &Ca, extra: &str, tables: &str) -> (Broker, SocketAddr) {
+    let d = dir(test);
+    let (cert, key) = ca.sign("tessera test server", &["127.0.0.1", "localhost"], false);
+    let cert = write(&d.join("server.pem"), &cert);
+    let key = write(&d.join("server.key"), &key);
+    let config = format!(
+        "[[listener]]\nkind = \"quic\"\nbind = \"127.0.0.1:0\"\ncert_file = \"{cert}\"\n\
+         key_file = \"{key}\"\n{extra}\n{tables}\n"
+    );
+    let path = write(&d.join("tessera.toml"), &config);
+    let broker = Broker::start_with(&["--config", path.as_str()], &[]);
+    let url = broker.url("quic");
+    let addr = url.strip_prefix("quic://").unwrap().parse().unwrap();
+    (broker, addr)
+}
+
+/// How a QUIC client's connection ended, as the client saw it.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The broker closed it with this application code.
+    ByBroker(u32),
+    /// The stream ended (FIN) with the connection still open.
+    StreamEnd,
+    /// Anything else (idle timeout, reset).
+    Other(String),
+    /// Nothing within the wait.
+    Timeout,
+}
+
+/// An MQTT client over one QUIC stream (single-stream mode).
+struct QuicClient {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    version: ProtocolVersion,
+}
+
+fn client_config(ca: &Ca) -> quinn::ClientConfig {
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"mqtt".to_vec()];
+    quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()))
+}
+
+impl QuicClient {
+    /// Completes a QUIC handshake with the broker at `addr`; no stream yet.
+    fn handshake(addr: SocketAddr, ca: &Ca) -> (quinn::Endpoint, quinn::Connection) {
+        rt().block_on(async {
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            endpoint.set_default_client_config(client_config(ca));
+            let conn = tokio::time::timeout(STEP, endpoint.connect(addr, "localhost").unwrap())
+                .await
+                .expect("QUIC handshake within the step")
+                .expect("QUIC handshake");
+            (endpoint, conn)
+        })
+    }
+
+    /// A QUIC connection with its MQTT stream open; nothing sent yet.
+    fn open(addr: SocketAddr, ca: &Ca, version: ProtocolVersion) -> QuicClient {
+        let (endpoint, conn) = QuicClient::handshake(addr, ca);
+        let (send, recv) = rt().block_on(conn.open_bi()).expect("open stream");
+        QuicClient {
+            endpoint,
+            conn,
+            send,
+            recv,
+            buf: BytesMut::new(),
+            version,
+        }
+    }
+
+    /// Opens a connection, sends `connect` and returns the CONNACK.
+    fn connect(addr: SocketAddr, ca: &Ca, connect: Connect) -> (QuicClient, ConnAck) {
+        let mut c = QuicClient::open(addr, ca, connect.version);
+        c.send(&Packet::Connect(Box::new(connect)));
+        match c.recv() {
+            Packet::ConnAck(ack) => (c, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn connect_ok(addr: SocketAddr, ca: &Ca, connect: Connect) -> QuicClient {
+        let id = connect.client_id.to_string();
+        let (c, ack) = QuicClient::connect(addr, ca, connect);
+        assert_eq!(ack.reason_code, ReasonCode::Success, "CONNACK for {id}");
+        c
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8]) {
+        rt().block_on(self.send.write_all(bytes))
+            .expect("write to the broker");
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        let mut out = BytesMut::new();
+        packet.encode(self.version, &mut out).unwrap();
+        self.send_bytes(&out);
+    }
+
+    /// The next packet, or how the connection ended, within `wait`.
+    fn try_recv(&mut self, wait: Duration) -> Result<Packet, Ended> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match tessera_proto::decode(&mut self.buf, self.version, PACKET_BYTES_MAX) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e) => panic!("undecodable bytes from the broker: {e}"),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let read = rt().block_on(async {
+                tokio::time::timeout(left, self.recv.read_chunk(64 * 1024, true)).await
+            });
+            match read {
+                Err(_) => return Err(Ended::Timeout),
+                Ok(Ok(Some(chunk))) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(Ok(None)) => {
+                    // The broker finished the stream: the close follows.
+                    return Err(self.closed(deadline.saturating_duration_since(Instant::now())));
+                }
+                Ok(Err(_)) => return Err(self.closed(Duration::from_millis(10))),
+            }
+        }
+    }
+
+    fn recv(&mut self) -> Packet {
+        self.try_recv(STEP)
+            .unwrap_or_else(|e| panic!("expected a packet, got {e:?}"))
+    }
+
+    /// How the connection closed, waiting at most `wait` for it.
+    fn closed(&self, wait: Duration) -> Ended {
+        let conn = self.conn.clone();
+        rt().block_on(async move {
+            match tokio::time::timeout(wait.max(Duration::from_millis(10)), conn.closed()).await {
+                Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                    Ended::ByBroker(c.error_code.into_inner() as u32)
+                }
+                Ok(other) => Ended::Other(other.to_string()),
+                Err(_) => Ended::StreamEnd,
+            }
+        })
+    }
+
+    /// Waits for the end of the connection (after reading what is left).
+    fn expect_end(&mut self) -> Ended {
+        loop {
+            match self.try_recv(STEP) {
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    }
+
+    /// Drops the connection without DISCONNECT (the application vanished).
+    fn drop_connection(self) {
+        self.conn.close(0x99u32.into(), b"gone");
+        let endpoint = self.endpoint.clone();
+        rt().block_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        });
+    }
+}
+
+fn s(text: &str) -> Str {
+    Str::try_from(text).unwrap()
+}
+
+/// Expects a PUBLISH on `topic` with `payload`; returns it.
+fn expect_publish(p: Packet, topic: &str, payload: &[u8]) -> tessera_proto::Publish {
+    match p {
+        Packet::Publish(p) => {
+            assert_eq!(p.topic.as_str(), topic);
+            assert_eq!(&p.payload[..], payload);
+            p
+        }
+        other => panic!("expected PUBLISH {topic}, got {other:?}"),
+    }
+}
+
+fn pid(p: &tessera_proto::Publish) -> u16 {
+    p.packet_id
+}
+
+/// The MQTT exchange of the goal, in `version`: QUIC and TCP clients on both
+/// shards subscribe and publish to each other at every QoS.
+fn exchange(addr: SocketAddr, tcp: SocketAddr, ca: &Ca, version: ProtocolVersion, tag: &str) {
+    let topic = format!("quic/{tag}");
+    // The QUIC subscriber on shard 1, the TCP publisher on shard 0.
+    let mut sub = QuicClient::connect_ok(
+        addr,
+        ca,
+        connect_packet(version, &id_on_shard(&format!("{tag}-qs"), 1), true, 30),
+    );
+    sub.send(&subscribe_packet(1, &[(&topic, QoS::ExactlyOnce)]));
+    assert!(matches!(sub.recv(), Packet::SubAck(_)));
+    let mut tpub = RawClient::connect_ok(
+        tcp,
+        connect_packet(version, &id_on_shard(&format!("{tag}-tp"), 0), true, 30),
+    );
+    // TCP -> QUIC at QoS 0, 1, 2.
+    tpub.send(&publish_packet(&topic, b"t0", QoS::AtMostOnce, 0, false));
+    expect_publish(sub.recv(), &topic, b"t0");
+    tpub.send(&publish_packet(&topic, b"t1", QoS::AtLeastOnce, 1, false));
+    assert!(matches!(tpub.recv(), Packet::PubAck(_)));
+    let p = expect_publish(sub.recv(), &topic, b"t1");
+    sub.send(&Packet::PubAck(PubAck::new(pid(&p))));
+    tpub.send(&publish_packet(&topic, b"t2", QoS::ExactlyOnce, 2, false));
+    assert!(matches!(tpub.recv(), Packet::PubRec(_)));
+    tpub.send(&Packet::PubRel(PubRel::new(2)));
+    assert!(matches!(tpub.recv(), Packet::PubComp(_)));
+    let p = expect_publish(sub.recv(), &topic, b"t2");
+    assert_eq!(p.qos, QoS::ExactlyOnce);
+    sub.send(&Packet::PubRec(PubRec::new(pid(&p))));
+    assert!(matches!(sub.recv(), Packet::PubRel(_)));
+    sub.send(&Packet::PubComp(PubComp::new(pid(&p))));
+
+    // QUIC -> TCP at QoS 0, 1, 2: a TCP subscriber on shard 1, the QUIC
+    // publisher on shard 0.
+    let mut tsub = RawClient::connect_ok(
+        tcp,
+        connect_packet(version, &id_on_shard(&format!("{tag}-ts"), 1), true, 30),
+    );
+    let back = format!("{topic}/back");
+    tsub.send(&subscribe_packet(1, &[(&back, QoS::ExactlyOnce)]));
+    assert!(matches!(tsub.recv(), Packet::SubAck(_)));
+    let mut qpub = QuicClient::connect_ok(
+        addr,
+        ca,
+        connect_packet(version, &id_on_shard(&format!("{tag}-qp"), 0), true, 30),
+    );
+    qpub.send(&publish_packet(&back, b"q0", QoS::AtMostOnce, 0, false));
+    expect_publish(tsub.recv(), &back, b"q0");
+    qpub.send(&publish_packet(&back, b"q1", QoS::AtLeastOnce, 7, false));
+    assert_eq!(qpub.recv(), Packet::PubAck(PubAck::new(7)));
+    let p = expect_publish(tsub.recv(), &back, b"q1");
+    tsub.send(&Packet::PubAck(PubAck::new(pid(&p))));
+    qpub.send(&publish_packet(&back, b"q2", QoS::ExactlyOnce, 8, false));
+    assert_eq!(qpub.recv(), Packet::PubRec(PubRec::new(8)));
+    qpub.send(&Packet::PubRel(PubRel::new(8)));
+    assert_eq!(qpub.recv(), Packet::PubComp(PubComp::new(8)));
+    let p = expect_publish(tsub.recv(), &back, b"q2");
+    tsub.send(&Packet::PubRec(PubRec::new(pid(&p))));
+    assert!(matches!(tsub.recv(), Packet::PubRel(_)));
+    tsub.send(&Packet::PubComp(PubComp::new(pid(&p))));
+
+    // Retained: set over QUIC, read by a new QUIC subscriber.
+    let retained = format!("{topic}/retained");
+    qpub.send(&publish_packet(
+        &retained,
+        b"kept",
+        QoS::AtLeastOnce,
+        9,
+        true,
+    ));
+    assert_eq!(qpub.recv(), Packet::PubAck(PubAck::new(9)));
+    let mut late = QuicClient::connect_ok(
+        addr,
+        ca,
+        connect_packet(version, &id_on_shard(&format!("{tag}-late"), 1), true, 30),
+    );
+    late.send(&subscribe_packet(1, &[(&retained, QoS::AtMostOnce)]));
+    assert!(matches!(late.recv(), Packet::SubAck(_)));
+    let p = expect_publish(late.recv(), &retained, b"kept");
+    assert!(p.retain, "a retained message arrives with the retain flag");
+
+    // A will of a QUIC connection that vanished, published to the TCP side.
+    let will_topic = format!("{topic}/will");
+    tsub.send(&subscribe_packet(2, &[(&will_topic, QoS::AtLeastOnce)]));
+    assert!(matches!(tsub.recv(), Packet::SubAck(_)));
+    let mut c = connect_packet(version, &id_on_shard(&format!("{tag}-will"), 0), true, 30);
+    c.will = Some(Will {
+        topic: s(&will_topic),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let willing = QuicClient::connect_ok(addr, ca, c);
+    willing.drop_connection();
+    expect_publish(tsub.recv(), &will_topic, b"gone");
+
+    // A clean end: DISCONNECT closes the connection with code 0, no will.
+    qpub.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+    assert_eq!(qpub.expect_end(), Ended::ByBroker(CLOSE_DONE));
+    sub.send(&Packet::PingReq);
+    assert_eq!(sub.recv(), Packet::PingResp);
+}
+
+#[test]
+fn quic_serves_mqtt_3_1_1_and_5_like_tcp() {
+    let ca = Ca::new("tessera quic test CA");
+    let (broker, addr) = start("exchange", &ca, "", "");
+    exchange(addr, broker.addr(), &ca, ProtocolVersion::V3_1_1, "v4");
+    exchange(addr, broker.addr(), &ca, ProtocolVersion::V5, "v5");
+}
+
+/// rumqttc over TCP with ClientID `id`, clean session off; returns its client
+/// and a channel of its events' outcome (connected, or the error that ended it).
+fn rumqttc_client(
+    tcp: SocketAddr,
+    id: &str,
+) -> (
+    rumqttc::Client,
+    std::sync::mpsc::Receiver<Result<(), String>>,
+) {
+    let mut opts = rumqttc::MqttOptions::new(id, tcp.ip().to_string(), tcp.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(false);
+    let (client, mut connection) = rumqttc::Client::new(opts, 10);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    let _ = tx.send(Ok(()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[test]
+fn takeover_between_quic_and_tcp_keeps_the_session() {
+    let ca = Ca::new("tessera quic test CA");
+    let (broker, addr) = start("takeover", &ca, "", "");
+    for (version, shard) in [(ProtocolVersion::V3_1_1, 0), (ProtocolVersion::V5, 1)] {
+        let id = id_on_shard(&format!("takeover-{version:?}"), shard);
+        let topic = format!("takeover/{version:?}");
+        // A persistent QUIC session subscribes.
+        let mut first = QuicClient::connect_ok(addr, &ca, connect_packet(version, &id, false, 30));
+        if version.is_v5() {
+            // v5: a session that outlives the connection needs an expiry.
+            first.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+            first.expect_end();
+            let mut c = connect_packet(version, &id, true, 30);
+            c.properties.session_expiry_interval = Some(300);
+            first = QuicClient::connect_ok(addr, &ca, c);
+        }
+        first.send(&subscribe_packet(1, &[(&topic, QoS::AtLeastOnce)]));
+        assert!(matches!(first.recv(), Packet::SubAck(_)));
+
+        // rumqttc over TCP with the same ClientID takes over (3.1.1, clean
+        // session off): the QUIC connection ends, v5 with DISCONNECT 0x8E.
+        let (tcp_client, events) = rumqttc_client(broker.addr(), &id);
+        assert_eq!(events.recv_timeout(STEP), Ok(Ok(())), "rumqttc connected");
+        match first.try_recv(STEP) {
+            Ok(Packet::Disconnect(d)) => {
+                assert!(version.is_v5());
+                assert_eq!(d.reason_code, ReasonCode::SessionTakenOver);
+                assert_eq!(first.expect_end(), Ended::ByBroker(CLOSE_DONE));
+            }
+            Err(Ended::ByBroker(code)) => {
+                assert!(!version.is_v5(), "v5 gets a DISCONNECT first");
+                assert_eq!(code, CLOSE_DONE);
+            }
+            other => panic!("expected the end of the taken-over connection, got {other:?}"),
+        }
+
+        // The session (its subscription) went to TCP: a message arrives there.
+        let mut publisher = RawClient::connect_ok(
+            broker.addr(),
+            connect_packet(version, &id_on_shard("takeover-pub", 1 - shard), true, 30),
+        );
+        publisher.send(&publish_packet(
+            &topic,
+            b"to tcp",
+            QoS::AtLeastOnce,
+            1,
+            false,
+        ));
+        assert!(matches!(publisher.recv(), Packet::PubAck(_)));
+
+        // And back: QUIC takes over from rumqttc, with the session present.
+        let mut c = connect_packet(version, &id, false, 30);
+        if version.is_v5() {
+            c.properties.session_expiry_interval = Some(300);
+        }
+        let (mut back, ack) = QuicClient::connect(addr, &ca, c);
+        assert_eq!(ack.reason_code, ReasonCode::Success);
+        assert!(ack.session_present, "the session survived both takeovers");
+        let ended = events
+            .recv_timeout(STEP)
+            .expect("rumqttc saw its connection end");
+        assert!(
+            ended.is_err(),
+            "rumqttc's connection was taken over: {ended:?}"
+        );
+        drop(tcp_client);
+        publisher.send(&publish_packet(
+            &topic,
+            b"to quic",
+            QoS::AtLeastOnce,
+            2,
+            false,
+        ));
+        assert!(matches!(publisher.recv(), Packet::PubAck(_)));
+        // What was queued while rumqttc held the session may come first.
+        let p = loop {
+            let p = match back.recv() {
+                Packet::Publish(p) => p,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            };
+            back.send(&Packet::PubAck(PubAck::new(pid(&p))));
+            if &p.payload[..] == b"to quic" {
+                break p;
+            }
+        };
+        assert_eq!(p.topic.as_str(), topic);
+        back.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+        back.expect_end();
+    }
+}
+
+#[test]
+fn a_hostile_quic_peer_is_closed_and_the_broker_serves_on() {
+    let ca = Ca::new("tessera quic test CA");
+    let (broker, addr) = start(
+        "hostile",
+        &ca,
+        "max_streams = 3",
+        "[limits]\nconnect_timeout_s = 1",
+    );
+    let tcp = broker.addr();
+    let rss_before = rss_kib(broker.pid());
+
+    // Garbage datagrams of every size: dropped, nothing answered that a
+    // client could mistake, the broker unharmed.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for n in 0..2000usize {
+        let len = [1, 20, 1200, 1500, 65_000][n % 5];
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let _ = sock.send_to(&bytes, addr);
+    }
+
+    // A first packet that is not CONNECT: closed as a protocol error.
+    let mut c = QuicClient::open(addr, &ca, ProtocolVersion::V3_1_1);
+    c.send(&Packet::PingReq);
+    assert_eq!(c.expect_end(), Ended::ByBroker(CLOSE_PROTOCOL_ERROR));
+    // Bytes that are not MQTT at all: the same.
+    let mut c = QuicClient::open(addr, &ca, ProtocolVersion::V3_1_1);
+    c.send_bytes(b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(c.expect_end(), Ended::ByBroker(CLOSE_PROTOCOL_ERROR));
+
+    // Extra streams (single-stream mode) are stopped one by one, many more
+    // than max_streams over time; the MQTT stream is untouched.
+    let mut c = QuicClient::connect_ok(
+        addr,
+        &ca,
+        connect_packet(ProtocolVersion::V5, "hostile-streams", true, 30),
+    );
+    for _ in 0..30 {
+        let conn = c.conn.clone();
+        let stopped = rt().block_on(async move {
+            let (mut send, _recv) = tokio::time::timeout(STEP, conn.open_bi())
+                .await
+                .expect("a stream within the limit opens")
+                .unwrap();
+            send.write_all(&[0x10, 0x00]).await.ok();
+            tokio::time::timeout(STEP, send.stopped()).await
+        });
+        let code = stopped.expect("the extra stream is stopped").unwrap();
+        assert_eq!(
+            code.map(|c| c.into_inner()),
+            Some(u64::from(CLOSE_STREAM_REFUSED))
+        );
+    }
+    c.send(&Packet::PingReq);
+    assert_eq!(c.recv(), Packet::PingResp);
+
+    // A flood of handshakes that never open a stream: each ends within the
+    // connect timeout (1 s) and a margin: closed with the "no stream" code
+    // once its handshake completed. A client whose handshake is not yet
+    // confirmed when the close comes sees it as a transport APPLICATION_ERROR
+    // without the code (RFC 9000, 10.2.3: "aborted by peer"), and one whose
+    // handshake did not complete within the timeout (a debug build on a
+    // shared CPU) is dropped.
+    let (endpoint, _) = QuicClient::handshake(addr, &ca);
+    let flood = 300;
+    let started = Instant::now();
+    let outcomes = rt().block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..flood {
+            let connecting = endpoint.connect(addr, "localhost").unwrap();
+            tasks.push(tokio::spawn(async move {
+                let conn = match tokio::time::timeout(Duration::from_secs(20), connecting).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => return format!("handshake: {e}"),
+                    Err(_) => return "handshake: no end".to_owned(),
+                };
+                match tokio::time::timeout(Duration::from_secs(20), conn.closed()).await {
+                    Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                        format!("closed {}", c.error_code)
+                    }
+                    Ok(other) => format!("ended: {other}"),
+                    Err(_) => "still open".to_owned(),
+                }
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        outcomes
+    });
+    let elapsed = started.elapsed();
+    let no_stream = format!("closed {CLOSE_NO_STREAM}");
+    let closed = outcomes.iter().filter(|o| **o == no_stream).count();
+    let odd: Vec<&String> = outcomes
+        .iter()
+        .filter(|o| **o != no_stream && !o.contains("timed out") && !o.contains("aborted by peer"))
+        .collect();
+    assert!(odd.is_empty(), "flood outcomes: {odd:?}");
+    assert!(closed > flood / 2, "{closed} of {flood} closed with code 3");
+    assert!(
+        elapsed < Duration::from_secs(15),
+        "the flood took {elapsed:?}"
+    );
+
+    // Still serving, over QUIC and TCP, with bounded memory.
+    let mut q = QuicClient::connect_ok(
+        addr,
+        &ca,
+        connect_packet(ProtocolVersion::V3_1_1, "hostile-after", true, 30),
+    );
+    q.send(&Packet::PingReq);
+    assert_eq!(q.recv(), Packet::PingResp);
+    common::assert_still_serves(tcp, "quic-hostile");
+    let rss_after = rss_kib(broker.pid());
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
+
+/// The resident set of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
