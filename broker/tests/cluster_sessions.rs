@@ -354,6 +354,100 @@ async fn a_persistent_session_with_queued_qos1_and_qos2_messages_moves_to_anothe
     assert!(seen[0].starts_with("late"), "{seen:?}");
 }
 
+/// Node `id`'s session document for `client_id`, `None` when it has none (404).
+fn session_doc(c: &Cluster, id: u64, client_id: &str) -> Option<serde_json::Value> {
+    match c
+        .admin(id)
+        .json("GET", &["api", "v1", "sessions", client_id], &[])
+    {
+        Ok(v) => Some(v),
+        Err(tessera_broker::admin::client::ClientError::NotFound(_)) => None,
+        Err(e) => panic!("node {id}: sessions/{client_id}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_persistent_session_with_a_queue_on_disk_moves_whole_and_the_old_node_keeps_nothing() {
+    // 64 queued deliveries stay in memory per session (`queue_head_count_max`), the
+    // rest only on disk: 200 puts 136 in the disk tail, which must move too.
+    const N: usize = 200;
+    let mut c = three_nodes("sessions-tail");
+    let (sub, mut se, _) = connect(options(&c, 1, "deep", false), "deep @1").await;
+    sub.subscribe("deep/t", QoS::AtLeastOnce).await.unwrap();
+    until(&mut se, "deep SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    sub.disconnect().await.unwrap();
+    let _ = timeout(Duration::from_secs(2), async {
+        while se.poll().await.is_ok() {}
+    })
+    .await;
+    drop(se);
+
+    let (publ, mut pe, _) = connect(options(&c, 1, "deep-pub", true), "deep-pub").await;
+    for i in 0..N {
+        publ.publish("deep/t", QoS::AtLeastOnce, false, format!("d{i}"))
+            .await
+            .unwrap();
+        until(&mut pe, "deep-pub PUBACK", |ev| match ev {
+            Event::Incoming(Packet::PubAck(_)) => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    let doc = session_doc(&c, 1, "deep").expect("the session is on node 1");
+    assert_eq!(doc["queued"], N, "{doc}");
+
+    // The session moves to node 2: every message once, in order.
+    let (_sub2, mut se2, present) = connect(options(&c, 2, "deep", false), "deep @2").await;
+    assert!(present, "CONNACK session present after the move");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + RECV_TIMEOUT * 4;
+    while got.len() < N {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, se2.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                got.push(String::from_utf8_lossy(&p.payload).into_owned())
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("deep @2: {e:?} after {} messages", got.len()),
+            Err(_) => panic!("deep @2: only {} of {N}: {:?}", got.len(), got.last()),
+        }
+    }
+    let expected: Vec<String> = (0..N).map(|i| format!("d{i}")).collect();
+    assert_eq!(got, expected);
+    let extra = timeout(Duration::from_millis(500), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = se2.poll().await {
+                return p.payload;
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "a message came twice: {extra:?}");
+    assert_eq!(
+        claims(&c, 2, "tessera_cluster_session_tail_deliveries_moved_total"),
+        (N - 64) as f64
+    );
+    assert_eq!(
+        claims(&c, 2, "tessera_cluster_session_confirm_failures_total"),
+        0.0
+    );
+
+    // Node 2 confirmed, so node 1 deleted its copy: not even a restart of node 1 brings
+    // the session back there (its store records are gone, not just its memory).
+    assert!(session_doc(&c, 1, "deep").is_none());
+    c.kill(1);
+    c.start(1, &[], false);
+    c.wait_for_leader();
+    assert!(
+        session_doc(&c, 1, "deep").is_none(),
+        "node 1 restored a session it had handed out and that was confirmed"
+    );
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn without_a_quorum_a_connect_that_needs_a_claim_is_refused_in_bounded_time() {
     let mut c = three_nodes("sessions-quorum");

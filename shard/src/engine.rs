@@ -66,7 +66,7 @@ pub use mqtt5::{Mqtt5Settings, Redirect};
 pub use quota::{Limit, SessionBudget};
 pub use remote::raft_stamp;
 pub use shared::SharedStrategy;
-pub use transfer::TransferError;
+pub use transfer::{Imported, TAIL_READ_TAG, TransferError};
 
 /// Named limits of one shard (the broker's `[limits]` config section).
 #[derive(Debug, Clone)]
@@ -449,6 +449,10 @@ pub struct Engine {
     /// ClientIDs of sessions destroyed since the driver last took them; `None`
     /// unless the driver asked (`transfer`, a cluster node releases ownership).
     ended_sessions: Option<Vec<Str>>,
+    /// Sessions handed out to another node and not yet confirmed there (`transfer`).
+    moving: HashMap<Str, transfer::Moving>,
+    /// Sessions taken in from another node whose disk tail is still arriving.
+    importing: HashMap<Str, transfer::Importing>,
     /// Shared subscriptions: the share table replica and local memberships.
     shared: shared::ShareTable,
     next_token: u64,
@@ -537,6 +541,8 @@ impl Engine {
             suback_dependents: HashMap::new(),
             delayed_wills: HashMap::new(),
             ended_sessions: None,
+            moving: HashMap::new(),
+            importing: HashMap::new(),
             shared: shared::ShareTable::new(shard),
             next_token: 1,
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -834,6 +840,10 @@ impl Engine {
     }
 
     fn new_session_for(&mut self, client_id: Str, version: ProtocolVersion) -> SessionIdx {
+        // A copy handed out to another node and never confirmed is superseded: its
+        // records go before the new session writes any.
+        self.drop_moving(&client_id);
+        self.importing.remove(&client_id);
         self.session_counter += 1;
         let uid = SessionUid::new(self.shard, self.session_counter);
         let s = Session::new(client_id.clone(), uid, version);

@@ -236,6 +236,18 @@ impl DeliveryQueue {
         true
     }
 
+    /// Declares a disk tail already in the store (a moving session taken back by the
+    /// node whose store holds it): `count` deliveries costing `bytes`, every sequence
+    /// number at least `from_seq`. Only on a queue without a tail.
+    pub fn set_disk(&mut self, count: usize, bytes: u64, from_seq: u64) {
+        assert_eq!(self.disk_count, 0, "a queue has one disk tail");
+        if count > 0 {
+            self.disk_count = count;
+            self.disk_bytes = bytes;
+            self.disk_from_seq = from_seq;
+        }
+    }
+
     /// Forgets the disk tail (its records are gone from the store).
     pub fn forget_disk(&mut self) {
         self.disk_count = 0;

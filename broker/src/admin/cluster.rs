@@ -443,7 +443,7 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
 
 /// The data plane's session-ownership metrics (issue 15).
 fn render_session_metrics(m: &crate::cluster::metrics::SessionMetricsSnapshot, out: &mut String) {
-    let counters: [(&str, &str, u64); 9] = [
+    let counters: [(&str, &str, u64); 12] = [
         (
             "tessera_cluster_session_claims_total",
             "CONNECTs that needed a raft claim and got it.",
@@ -488,6 +488,21 @@ fn render_session_metrics(m: &crate::cluster::metrics::SessionMetricsSnapshot, o
             "tessera_cluster_session_redirects_total",
             "MQTT 5 CONNECTs redirected to the node holding their session (0x9C).",
             m.redirects,
+        ),
+        (
+            "tessera_cluster_session_tail_deliveries_moved_total",
+            "Queued deliveries read from an old owner's disk tail at takeovers.",
+            m.tail_deliveries_moved,
+        ),
+        (
+            "tessera_cluster_session_confirm_failures_total",
+            "Takeovers not confirmed to the old owner (it keeps its copy until the session would expire).",
+            m.confirm_failures,
+        ),
+        (
+            "tessera_cluster_session_moving_copies_recovered_total",
+            "Sessions recovered from an old owner's copy after the node they went to never confirmed them.",
+            m.moving_copies_recovered,
         ),
     ];
     for (name, help, value) in counters {

@@ -36,6 +36,14 @@ pub struct SessionMetrics {
     pub taken_over_here: AtomicU64,
     /// MQTT 5 CONNECTs redirected to the node holding their session.
     pub redirects: AtomicU64,
+    /// Queued deliveries read from the old owner's disk tail at takeovers.
+    pub tail_deliveries_moved: AtomicU64,
+    /// Takeovers the new owner could not confirm to the old owner (the old owner keeps
+    /// its copy until the session would expire).
+    pub confirm_failures: AtomicU64,
+    /// Sessions recovered from a moving copy after the node they were handed to never
+    /// confirmed them.
+    pub moving_copies_recovered: AtomicU64,
     takeover_us: Mutex<(Histogram<u64>, u64)>,
 }
 
@@ -51,6 +59,9 @@ impl Default for SessionMetrics {
             sessions_exported: AtomicU64::new(0),
             taken_over_here: AtomicU64::new(0),
             redirects: AtomicU64::new(0),
+            tail_deliveries_moved: AtomicU64::new(0),
+            confirm_failures: AtomicU64::new(0),
+            moving_copies_recovered: AtomicU64::new(0),
             takeover_us: Mutex::new((
                 Histogram::new_with_bounds(1, 60_000_000, 2).expect("static bounds"),
                 0,
@@ -71,6 +82,9 @@ pub struct SessionMetricsSnapshot {
     pub sessions_exported: u64,
     pub taken_over_here: u64,
     pub redirects: u64,
+    pub tail_deliveries_moved: u64,
+    pub confirm_failures: u64,
+    pub moving_copies_recovered: u64,
     /// Claim committed to session imported (the new owner's side of a takeover), µs.
     pub takeover_us: HistogramSnapshot,
 }
@@ -102,6 +116,9 @@ impl SessionMetrics {
             sessions_exported: get(&self.sessions_exported),
             taken_over_here: get(&self.taken_over_here),
             redirects: get(&self.redirects),
+            tail_deliveries_moved: get(&self.tail_deliveries_moved),
+            confirm_failures: get(&self.confirm_failures),
+            moving_copies_recovered: get(&self.moving_copies_recovered),
             takeover_us: HistogramSnapshot {
                 count: h.0.len(),
                 sum: h.1,

@@ -198,6 +198,11 @@ pub(super) async fn claim(
         let started = Instant::now();
         takeover::fetch(shard, cluster, connect, epoch, previous.node).await;
         metrics.takeover_took(started.elapsed().as_micros() as u64);
+        // Another node's claim may have committed while the session moved: then this
+        // CONNECT lost the ClientID and must not go live here (the client retries).
+        if cluster.claims.held.borrow().get(client_id) != Some(&epoch) {
+            return Err(refused(&"another node claimed the ClientID during the takeover").into());
+        }
     }
     Ok(())
 }
@@ -269,6 +274,15 @@ fn owns(shard: &Shard, client_id: &str) -> bool {
 /// [`RELEASE_LINGER_MS`]. Called every shard tick.
 pub(super) fn tick(shard: &Shard, cluster: &ShardCluster) {
     let now = now_ms();
+    // Sessions handed out and never confirmed are kept only as long as they would have
+    // lived here.
+    for client_id in shard.engine.borrow_mut().expire_moving(now) {
+        warn!(
+            shard = shard.id,
+            client_id = %client_id,
+            "a session handed to another node was never confirmed there and has expired here"
+        );
+    }
     let ended = shard.engine.borrow_mut().take_ended_sessions();
     let claims = &cluster.claims;
     for client_id in ended {

@@ -202,9 +202,10 @@ async fn serve_requests(shard: Rc<Shard>, requests: flume::Receiver<PeerRequest>
 fn on_peer_request(shard: &Rc<Shard>, req: PeerRequest) {
     match req.envelope.kind {
         PeerKind::Publish => super::remote::on_request(shard, req),
-        // Served on its own task: it may wait for this node to apply the claim.
+        // Served on its own task: it may wait for this node to apply a claim or for
+        // the store to read a disk tail.
         PeerKind::Session => {
-            glommio::spawn_local(takeover::serve_fetch(shard.clone(), req)).detach();
+            glommio::spawn_local(takeover::serve(shard.clone(), req)).detach();
         }
     }
 }

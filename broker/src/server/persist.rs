@@ -103,6 +103,10 @@ pub(super) struct ShardStore {
     submitted: Cell<u64>,
     /// Connection writers waiting for a commit.
     waiters: RefCell<Vec<Waker>>,
+    /// Reads of a moving session's disk tail waiting for their load, by token
+    /// (`takeover`).
+    tail_reads: RefCell<std::collections::HashMap<u64, flume::Sender<store::Loaded>>>,
+    next_tail_read: Cell<u64>,
 }
 
 impl ShardStore {
@@ -120,6 +124,25 @@ impl ShardStore {
 
     pub(super) fn backlogged(&self) -> bool {
         self.backlog_ops.get() > BACKLOG_OPS_MAX
+    }
+
+    /// The highest epoch handed to the writer side.
+    pub(super) fn submitted(&self) -> u64 {
+        self.submitted.get()
+    }
+
+    /// A token for a disk tail read and where its load arrives.
+    pub(super) fn tail_read(&self) -> (u64, flume::Receiver<store::Loaded>) {
+        let token = self.next_tail_read.get() + 1;
+        self.next_tail_read.set(token);
+        let (tx, rx) = flume::bounded(1);
+        self.tail_reads.borrow_mut().insert(token, tx);
+        (token, rx)
+    }
+
+    /// Forgets a tail read that is no longer waited for.
+    pub(super) fn tail_read_done(&self, token: u64) {
+        self.tail_reads.borrow_mut().remove(&token);
     }
 }
 
@@ -146,6 +169,8 @@ pub(super) fn attach(
         committed: Cell::new(0),
         submitted: Cell::new(0),
         waiters: RefCell::new(Vec::new()),
+        tail_reads: RefCell::new(std::collections::HashMap::new()),
+        next_tail_read: Cell::new(0),
     })
 }
 
@@ -194,7 +219,14 @@ pub(super) async fn receive_commits(shard: Rc<Shard>) {
             // Disk tails read back: their sessions send what their windows allow.
             let now = super::now_ms();
             for l in loaded {
-                engine.queue_loaded(now, l);
+                if Engine::is_tail_read(&l) {
+                    let token = l.session & !tessera_shard::engine::TAIL_READ_TAG;
+                    if let Some(tx) = store.tail_reads.borrow_mut().remove(&token) {
+                        let _ = tx.try_send(l);
+                    }
+                } else {
+                    engine.queue_loaded(now, l);
+                }
             }
         }
         shard.flush_outbox();
@@ -222,6 +254,25 @@ pub(super) fn poll_committed(shard: &Shard, epoch: u64, cx: &mut Context<'_>) ->
         }
         Poll::Pending
     }
+}
+
+/// Waits until everything this shard submitted so far is committed (at once without a
+/// store); false after `timeout`.
+pub(super) async fn all_committed(shard: &Shard, timeout: Duration) -> bool {
+    let Some(store) = &shard.store else {
+        return true;
+    };
+    shard.flush_outbox();
+    let epoch = store.submitted();
+    let wait = async {
+        poll_fn(|cx| poll_committed(shard, epoch, cx)).await;
+        true
+    };
+    let expire = async {
+        glommio::timer::sleep(timeout).await;
+        false
+    };
+    futures_lite::future::or(wait, expire).await
 }
 
 /// At shutdown: submits the last batch and waits (at most `timeout`) until

@@ -1,21 +1,40 @@
 //! Cross-node takeover (issue 15): the session moves from its old owner node to the
 //! node whose claim just committed, over the link's Forward channel
-//! (`PeerKind::Session`, keyed by the ClientID so the owner shard serves it).
+//! (`PeerKind::Session`, keyed by the ClientID so the owner shard serves it), in two
+//! phases so that no crash in between loses it.
 //!
-//! The new owner ([`fetch`]), between its committed claim and its CONNACK, asks the old
-//! owner for the session with the claim's epoch and whether the CONNECT starts clean.
-//! The old owner ([`serve_fetch`]) checks the epoch against its own committed table
-//! (waiting until it has applied the claim's entry: the epoch's high bits are its log
-//! index), so a stale or forged request is refused; then it ends the live connection
-//! (v5 DISCONNECT 0x8E, the will as the spec says for a takeover), and either drops the
-//! session (clean start: a delayed will is published now) or exports it and hands the
-//! bytes back. The new owner imports it, so the engine answers CONNACK with session
-//! present and resumes in-flight deliveries with their packet ids.
+//! The new owner ([`fetch`]), between its committed claim and its CONNACK:
+//! 1. asks the old owner for the session (`FETCH`, with the claim's epoch and whether
+//!    the CONNECT starts clean). The old owner ([`serve`]) checks the epoch against its
+//!    own committed table (waiting until it has applied the claim's entry: the epoch's
+//!    high bits are its log index), so a stale or forged request is refused; then it
+//!    ends the live connection (v5 DISCONNECT 0x8E, the will as the spec says for a
+//!    takeover) and either drops the session (clean start: a delayed will is published
+//!    now) or exports it. The export leaves its memory and routes, but its store
+//!    records stay and the export is kept as a *moving copy*;
+//! 2. takes the export in and reads the old owner's disk tail of the queue in chunks
+//!    (`TAIL`, at most [`TAIL_CHUNK_COUNT`] deliveries or about [`TAIL_CHUNK_BYTES`]
+//!    each), appending each to the session (beyond its head, onto its own disk);
+//! 3. waits until its store committed all of it, then confirms (`DONE`): only then
+//!    does the old owner delete its copy and records. Then the engine answers CONNACK
+//!    with session present.
 //!
-//! Request body: `epoch u64 BE | clean_start u8`. Answer: `0` (no session) or `1 |
-//! TransferRec` (the store's record format, validated on import). An old owner that
-//! does not answer within [`FETCH_TIMEOUT`] costs the session (counted, logged): the
-//! claim is committed, and the client is served with a new session rather than refused.
+//! If the new owner dies before confirming, the old owner still has the session. A
+//! later claim (by any node, the old owner included) whose fetch from the previous
+//! owner fails or finds no session looks for a moving copy: its own first
+//! (`Engine::resume_moving`), then on every other member (the same `FETCH`, fenced the
+//! same way), and takes it from there. Copies nobody confirms are dropped when the
+//! session would have expired (`claims::tick`).
+//!
+//! Request body: `op u8 | epoch u64 BE | ...`:
+//! - `FETCH | clean_start u8`: answer `0` (no session) or `1 | TransferRec`;
+//! - `TAIL | from_seq u64 BE | count_max u32 BE`: answer a `TransferTailRec`;
+//! - `DONE`: answer `1` once the copy is deleted.
+//!
+//! Everything a peer sends is validated (the engine decodes records like a corrupt
+//! store's). An old owner that does not answer within [`FETCH_TIMEOUT`] costs the
+//! session here (counted, logged): the claim is committed, and the client is served
+//! with a new session rather than refused.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -23,24 +42,126 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use tessera_proto::Connect;
 use tessera_raft::NodeId;
-use tracing::{debug, warn};
+use tessera_shard::engine::Engine;
+use tessera_shard::session::delivery_cost;
+use tracing::{debug, info, warn};
 
 use super::cluster::ShardCluster;
-use super::persist::unix_ms;
+use super::persist::{all_committed, unix_ms};
 use super::{Shard, now_ms};
 use crate::cluster::metrics::SessionMetrics;
 use crate::cluster::peer::{PeerKind, PeerRequest, encode_envelope};
 
-/// Longest the new owner waits for the old owner's answer.
+/// Longest the new owner waits for one answer of the old owner.
 pub(super) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest the old owner waits to apply the claim a request names.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
+/// Longest the new owner waits for its store to commit the session before confirming.
+const COMMIT_WAIT: Duration = Duration::from_secs(10);
+/// Longest a node waits for its store to read a chunk of a disk tail.
+const READ_WAIT: Duration = Duration::from_secs(5);
+/// Deliveries of a disk tail per chunk at most.
+pub(super) const TAIL_CHUNK_COUNT: u32 = 512;
+/// About this many budget bytes per chunk (at least one delivery), well below the
+/// link's 16 MiB frame bound for the Forward channel.
+const TAIL_CHUNK_BYTES: u64 = 4 << 20;
 /// How many low bits of an epoch are the op's position in its entry.
 const EPOCH_POSITION_BITS: u32 = 20;
+
+const OP_FETCH: u8 = 0;
+const OP_TAIL: u8 = 1;
+const OP_DONE: u8 = 2;
 
 /// The wall-clock time at engine time 0, for times that travel between nodes.
 fn wall_base_ms() -> u64 {
     unix_ms().saturating_sub(now_ms())
+}
+
+fn body(op: u8, epoch: u64, rest: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(9 + rest.len());
+    b.push(op);
+    b.extend_from_slice(&epoch.to_be_bytes());
+    b.extend_from_slice(rest);
+    b
+}
+
+type Answer = flume::Receiver<Result<Bytes, tessera_raft::TransportError>>;
+
+/// Sends a session request for `client_id` to `node`; the answer arrives on the
+/// receiver.
+fn start_call(
+    cluster: &ShardCluster,
+    node: NodeId,
+    client_id: &str,
+    body: &[u8],
+) -> Result<Answer, String> {
+    let request = encode_envelope(PeerKind::Session, client_id.as_bytes(), body);
+    cluster
+        .port
+        .peers
+        .call(node, request)
+        .map_err(|e| e.to_string())
+}
+
+/// The answer of a call started with [`start_call`], or why not, by `deadline`.
+async fn answer_by(rx: Answer, deadline: std::time::Instant) -> Result<Bytes, String> {
+    let wait = async { Some(rx.recv_async().await) };
+    let expire = async {
+        glommio::timer::sleep(deadline.saturating_duration_since(std::time::Instant::now())).await;
+        None
+    };
+    match futures_lite::future::or(wait, expire).await {
+        None => Err(format!("no answer within {FETCH_TIMEOUT:?}")),
+        Some(Err(_)) => Err("the link dropped the call".into()),
+        Some(Ok(Err(e))) => Err(e.to_string()),
+        Some(Ok(Ok(bytes))) => Ok(bytes),
+    }
+}
+
+/// Calls `node` with a session request for `client_id`; the answer or why not.
+async fn call(
+    cluster: &ShardCluster,
+    node: NodeId,
+    client_id: &str,
+    body: &[u8],
+) -> Result<Bytes, String> {
+    let rx = start_call(cluster, node, client_id, body)?;
+    answer_by(rx, std::time::Instant::now() + FETCH_TIMEOUT).await
+}
+
+/// The members but this node and `except`.
+fn other_members(cluster: &ShardCluster, except: NodeId) -> Vec<NodeId> {
+    let me = cluster.port.node_id;
+    cluster
+        .handle()
+        .members()
+        .into_keys()
+        .filter(|n| *n != me && *n != except)
+        .collect()
+}
+
+/// Asks every member but this node and `except` the same request at once; their
+/// answers in member order.
+async fn ask_others(
+    cluster: &ShardCluster,
+    except: NodeId,
+    client_id: &str,
+    body: &[u8],
+) -> Vec<(NodeId, Result<Bytes, String>)> {
+    let calls: Vec<(NodeId, Result<Answer, String>)> = other_members(cluster, except)
+        .into_iter()
+        .map(|n| (n, start_call(cluster, n, client_id, body)))
+        .collect();
+    let deadline = std::time::Instant::now() + FETCH_TIMEOUT;
+    let mut out = Vec::with_capacity(calls.len());
+    for (node, rx) in calls {
+        let answer = match rx {
+            Ok(rx) => answer_by(rx, deadline).await,
+            Err(e) => Err(e),
+        };
+        out.push((node, answer));
+    }
+    out
 }
 
 /// The new owner's side: fetch the session of `connect`'s ClientID from `old` and take
@@ -53,81 +174,261 @@ pub(super) async fn fetch(
     old: NodeId,
 ) {
     let client_id = connect.client_id.as_str();
-    let metrics = &cluster.port.sessions;
-    let mut body = [0u8; 9];
-    body[..8].copy_from_slice(&epoch.to_be_bytes());
-    body[8] = u8::from(connect.clean_start);
-    let request = encode_envelope(PeerKind::Session, client_id.as_bytes(), &body);
-    let answer = match cluster.port.peers.call(old, request) {
-        Err(e) => Err(e.to_string()),
-        Ok(rx) => {
-            let wait = async { Some(rx.recv_async().await) };
-            let expire = async {
-                glommio::timer::sleep(FETCH_TIMEOUT).await;
-                None
-            };
-            match futures_lite::future::or(wait, expire).await {
-                None => Err(format!("no answer within {FETCH_TIMEOUT:?}")),
-                Some(Err(_)) => Err("the link dropped the call".into()),
-                Some(Ok(Err(e))) => Err(e.to_string()),
-                Some(Ok(Ok(bytes))) => Ok(bytes),
-            }
-        }
-    };
-    let failed = |why: &dyn std::fmt::Display| {
-        SessionMetrics::add(&metrics.takeover_failures);
-        warn!(
+    let request = body(OP_FETCH, epoch, &[u8::from(connect.clean_start)]);
+    let answer = call(cluster, old, client_id, &request).await;
+    if let Err(e) = &answer {
+        debug!(
             shard = shard.id,
             client_id,
             old_owner = old,
-            "session not moved from its old owner (the client gets a new session): {why}"
+            "session request failed: {e}"
         );
-    };
-    let bytes = match answer {
-        Ok(bytes) => bytes,
-        Err(e) => return failed(&e),
-    };
-    match bytes.first() {
-        Some(1) if !connect.clean_start => {
-            let imported = shard.engine.borrow_mut().import_session(
-                now_ms(),
-                client_id,
-                &bytes[1..],
-                wall_base_ms(),
-            );
-            match imported {
-                Ok(()) => debug!(
-                    shard = shard.id,
-                    client_id,
-                    old_owner = old,
-                    "session moved here"
-                ),
-                Err(e) => failed(&e),
+    }
+    match answer.as_deref() {
+        Ok([1, rec @ ..]) if !connect.clean_start => {
+            take_in(shard, cluster, client_id, epoch, old, rec).await;
+        }
+        Ok([0]) | Err(_) if connect.clean_start => {
+            // Clean Start ends the session cluster-wide: a moving copy left by a
+            // hand-over nobody confirmed goes too (not waited for).
+            let request = body(OP_FETCH, epoch, &[1]);
+            for n in other_members(cluster, old) {
+                let _ = start_call(cluster, n, client_id, &request);
             }
         }
-        Some(0 | 1) => {}
-        _ => failed(&"malformed answer"),
+        Ok([0]) | Err(_) if !connect.clean_start => {
+            // The previous owner has nothing (it may have died before it confirmed a
+            // move): a copy may still wait on the node the session came from.
+            if !recover_moving_copy(shard, cluster, client_id, epoch, old).await
+                && let Err(e) = answer
+            {
+                failed(shard, cluster, client_id, old, &e);
+            }
+        }
+        Ok(_) => failed(shard, cluster, client_id, old, &"malformed answer"),
+        Err(e) => failed(shard, cluster, client_id, old, &e),
     }
     shard.flush_outbox();
 }
 
-/// The old owner's side: hand the session out to the node whose claim committed.
-pub(super) async fn serve_fetch(shard: Rc<Shard>, req: PeerRequest) {
-    let answer = hand_out(&shard, &req).await;
+fn failed(
+    shard: &Shard,
+    cluster: &ShardCluster,
+    client_id: &str,
+    old: NodeId,
+    why: &dyn std::fmt::Display,
+) {
+    SessionMetrics::add(&cluster.port.sessions.takeover_failures);
+    warn!(
+        shard = shard.id,
+        client_id,
+        old_owner = old,
+        "session not moved from its old owner (the client gets a new session): {why}"
+    );
+}
+
+/// Looks for a moving copy of `client_id` here, then on every member but `old` and
+/// this node; takes the first one found. True when a session was recovered.
+async fn recover_moving_copy(
+    shard: &Rc<Shard>,
+    cluster: &ShardCluster,
+    client_id: &str,
+    epoch: u64,
+    old: NodeId,
+) -> bool {
+    let metrics = &cluster.port.sessions;
+    let resumed = shard
+        .engine
+        .borrow_mut()
+        .resume_moving(now_ms(), client_id, wall_base_ms());
+    match resumed {
+        Ok(true) => {
+            SessionMetrics::add(&metrics.moving_copies_recovered);
+            info!(
+                shard = shard.id,
+                client_id, "session taken back from this node's unconfirmed moving copy"
+            );
+            return true;
+        }
+        Ok(false) => {}
+        Err(e) => warn!(shard = shard.id, client_id, "own moving copy unusable: {e}"),
+    }
+    let request = body(OP_FETCH, epoch, &[0]);
+    for (node, answer) in ask_others(cluster, old, client_id, &request).await {
+        if let Ok([1, rec @ ..]) = answer.as_deref() {
+            SessionMetrics::add(&metrics.moving_copies_recovered);
+            info!(
+                shard = shard.id,
+                client_id,
+                from = node,
+                "session recovered from a node whose hand-over was never confirmed"
+            );
+            take_in(shard, cluster, client_id, epoch, node, rec).await;
+            return true;
+        }
+    }
+    false
+}
+
+/// Takes in the export `rec` from `source`, reads its disk tail from there, waits for
+/// this shard's store to commit it all and confirms to `source`.
+async fn take_in(
+    shard: &Rc<Shard>,
+    cluster: &ShardCluster,
+    client_id: &str,
+    epoch: u64,
+    source: NodeId,
+    rec: &[u8],
+) {
+    let metrics = &cluster.port.sessions;
+    let imported =
+        shard
+            .engine
+            .borrow_mut()
+            .import_session(now_ms(), client_id, rec, wall_base_ms());
+    let imported = match imported {
+        Ok(i) => i,
+        Err(e) => return failed(shard, cluster, client_id, source, &e),
+    };
+    let (mut from_seq, mut left, mut moved) = (imported.tail_from_seq, imported.tail_count, 0u64);
+    while left > 0 {
+        let mut rest = [0u8; 12];
+        rest[..8].copy_from_slice(&from_seq.to_be_bytes());
+        rest[8..].copy_from_slice(&TAIL_CHUNK_COUNT.to_be_bytes());
+        let chunk = call(cluster, source, client_id, &body(OP_TAIL, epoch, &rest)).await;
+        let appended = chunk.map_err(|e| e.to_string()).and_then(|bytes| {
+            shard
+                .engine
+                .borrow_mut()
+                .import_tail(now_ms(), client_id, &bytes, wall_base_ms())
+                .map_err(|e| e.to_string())
+        });
+        match appended {
+            Ok((n, more, next)) => {
+                moved += n as u64;
+                left = left.saturating_sub(n as u64);
+                from_seq = next;
+                // Each chunk goes to the store as it comes: memory holds one chunk.
+                shard.flush_outbox();
+                if !more || n == 0 {
+                    break;
+                }
+            }
+            Err(e) => {
+                // What arrived stays; the rest is still on the old owner, which keeps
+                // its copy (no confirmation follows).
+                SessionMetrics::add(&metrics.takeover_failures);
+                warn!(
+                    shard = shard.id,
+                    client_id,
+                    old_owner = source,
+                    moved,
+                    left,
+                    "session moved without the rest of its queue's disk tail: {e}"
+                );
+                shard.engine.borrow_mut().import_finish(client_id);
+                shard.flush_outbox();
+                return;
+            }
+        }
+    }
+    metrics
+        .tail_deliveries_moved
+        .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
+    shard.engine.borrow_mut().import_finish(client_id);
+    if !all_committed(shard, COMMIT_WAIT).await {
+        SessionMetrics::add(&metrics.confirm_failures);
+        warn!(
+            shard = shard.id,
+            client_id,
+            old_owner = source,
+            "the moved session is not committed here yet: not confirmed, the old owner keeps its copy"
+        );
+        return;
+    }
+    match call(cluster, source, client_id, &body(OP_DONE, epoch, &[])).await {
+        Ok(a) if a.as_ref() == [1] => debug!(
+            shard = shard.id,
+            client_id,
+            old_owner = source,
+            moved_from_disk = moved,
+            "session moved here"
+        ),
+        other => {
+            SessionMetrics::add(&metrics.confirm_failures);
+            warn!(
+                shard = shard.id,
+                client_id,
+                old_owner = source,
+                "session moved here but not confirmed to the old owner, which keeps its copy \
+                 until the session would expire: {other:?}"
+            );
+        }
+    }
+}
+
+/// The old owner's side: a session request from another node.
+pub(super) async fn serve(shard: Rc<Shard>, req: PeerRequest) {
+    let answer = answer(&shard, &req).await;
     if let Err(e) = &answer {
         debug!(shard = shard.id, from = req.from, client_id = %req.envelope.key, "session request refused: {e}");
     }
     let _ = req.reply.send(answer);
 }
 
-async fn hand_out(shard: &Rc<Shard>, req: &PeerRequest) -> Result<Bytes, String> {
+async fn answer(shard: &Rc<Shard>, req: &PeerRequest) -> Result<Bytes, String> {
     let body = &req.envelope.body;
     let client_id = req.envelope.key.as_str();
-    if body.len() != 9 || client_id.is_empty() || body[8] > 1 {
+    if body.len() < 9 || client_id.is_empty() {
         return Err(format!("malformed session request ({} bytes)", body.len()));
     }
-    let epoch = u64::from_be_bytes(body[..8].try_into().map_err(|_| "short epoch")?);
-    let clean_start = body[8] == 1;
+    let op = body[0];
+    let epoch = u64::from_be_bytes(body[1..9].try_into().map_err(|_| "short epoch")?);
+    let rest = &body[9..];
+    let to = (req.from, epoch);
+    match (op, rest) {
+        (OP_FETCH, [clean]) if *clean <= 1 => {
+            hand_out(shard, req, client_id, epoch, *clean == 1).await
+        }
+        (OP_TAIL, [..]) if rest.len() == 12 => {
+            let from_seq = u64::from_be_bytes(rest[..8].try_into().map_err(|_| "short")?);
+            let count = u32::from_be_bytes(rest[8..].try_into().map_err(|_| "short")?);
+            read_tail(
+                shard,
+                client_id,
+                to,
+                from_seq,
+                count.clamp(1, TAIL_CHUNK_COUNT),
+            )
+            .await
+        }
+        (OP_DONE, []) => {
+            let done = shard.engine.borrow_mut().moving_done(client_id, to);
+            shard.flush_outbox();
+            if done {
+                Ok(Bytes::from_static(&[1]))
+            } else {
+                Err(format!(
+                    "no session of this node handed to node {} with epoch {epoch}",
+                    req.from
+                ))
+            }
+        }
+        _ => Err(format!(
+            "malformed session request (op {op}, {} bytes)",
+            body.len()
+        )),
+    }
+}
+
+/// `FETCH`: hands the session (live or a moving copy) to the committed owner.
+async fn hand_out(
+    shard: &Rc<Shard>,
+    req: &PeerRequest,
+    client_id: &str,
+    epoch: u64,
+    clean_start: bool,
+) -> Result<Bytes, String> {
     let cluster = shard
         .cluster()
         .ok_or_else(|| "this node's cluster is not running yet".to_owned())?;
@@ -155,18 +456,27 @@ async fn hand_out(shard: &Rc<Shard>, req: &PeerRequest) -> Result<Bytes, String>
         }
     }
     cluster.forget_claim(client_id);
+    // A session still taking in its disk tail here goes once it has all of it.
+    let deadline = std::time::Instant::now() + FETCH_TIMEOUT;
+    while shard.engine.borrow().is_importing(client_id) && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
     let now = now_ms();
+    let to = (req.from, epoch);
     let mut out = BytesMut::new();
     if clean_start {
         shard.engine.borrow_mut().drop_session(now, client_id);
         out.put_u8(0);
     } else {
-        let exported = shard
-            .engine
-            .borrow_mut()
-            .export_session(now, client_id, wall_base_ms());
+        let mut engine = shard.engine.borrow_mut();
+        let exported = if engine.has_session(client_id) {
+            engine.export_session(now, client_id, wall_base_ms(), to)
+        } else {
+            engine.moving_handout(client_id, to)
+        };
+        drop(engine);
         match exported {
-            Some((bytes, _left_on_disk)) => {
+            Some(bytes) => {
                 SessionMetrics::add(&cluster.port.sessions.sessions_exported);
                 out.reserve(1 + bytes.len());
                 out.put_u8(1);
@@ -177,4 +487,60 @@ async fn hand_out(shard: &Rc<Shard>, req: &PeerRequest) -> Result<Bytes, String>
     }
     shard.flush_outbox();
     Ok(out.freeze())
+}
+
+/// `TAIL`: up to `count` deliveries of the moving copy's disk tail from `from_seq` on,
+/// read from this shard's store, for the node it was handed to.
+async fn read_tail(
+    shard: &Rc<Shard>,
+    client_id: &str,
+    to: (u64, u64),
+    from_seq: u64,
+    count: u32,
+) -> Result<Bytes, String> {
+    let store = shard
+        .store
+        .as_ref()
+        .ok_or_else(|| "no store here: no disk tail".to_owned())?;
+    let (token, rx) = store.tail_read();
+    let asked =
+        shard
+            .engine
+            .borrow_mut()
+            .read_moving_tail(client_id, to, token, from_seq, count as usize);
+    if !asked {
+        store.tail_read_done(token);
+        return Err(format!(
+            "no session of this node handed to node {} with epoch {}",
+            to.0, to.1
+        ));
+    }
+    shard.flush_outbox();
+    let wait = async { rx.recv_async().await.ok() };
+    let expire = async {
+        glommio::timer::sleep(READ_WAIT).await;
+        None
+    };
+    let Some(loaded) = futures_lite::future::or(wait, expire).await else {
+        store.tail_read_done(token);
+        return Err("the store did not read the tail in time".into());
+    };
+    let read = loaded.deliveries.len();
+    let mut deliveries = loaded.deliveries;
+    // At least one delivery, then as many as fit the byte bound.
+    let mut bytes = 0u64;
+    let fit = deliveries
+        .iter()
+        .position(|d| {
+            bytes += delivery_cost(d);
+            bytes > TAIL_CHUNK_BYTES
+        })
+        .map_or(deliveries.len(), |i| i.max(1));
+    deliveries.truncate(fit);
+    let more = fit < read || read == count as usize;
+    Ok(Bytes::from(Engine::encode_tail(
+        &deliveries,
+        more,
+        wall_base_ms(),
+    )))
 }

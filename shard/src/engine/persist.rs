@@ -520,26 +520,7 @@ impl Engine {
             self.queue_disk_bytes += disk;
         }
         for (filter, entry) in rs.subscriptions {
-            self.session_mut(idx)
-                .subscriptions
-                .insert(filter.clone(), entry);
-            if topic::is_shared(&filter) {
-                let token = self.next_token;
-                self.next_token += 1;
-                self.shared_subscribe(idx, &filter, entry, token);
-            } else if stored {
-                // At start-up the other shards restore this shard's routes themselves.
-                self.subscriptions.insert(&filter, idx, entry);
-                self.routes.insert(&filter, self.shard, ());
-            } else {
-                // Moved here at runtime: a first subscriber announces the route to the
-                // other shards and the cluster, as a SUBSCRIBE would.
-                let first = self.subscriptions.filter_len(&filter) == 0;
-                self.subscriptions.insert(&filter, idx, entry);
-                if first {
-                    self.route_add(filter, None);
-                }
-            }
+            self.attach_subscription(idx, filter, entry, stored);
         }
         self.arm_session_expiry(idx);
         if let Some((due_ms, will)) = rs.delayed_will {
@@ -553,6 +534,37 @@ impl Engine {
             );
         }
         idx
+    }
+
+    /// Gives session `idx` a subscription it brings along (restored at start-up when
+    /// `at_boot`, or moved here at runtime).
+    pub(super) fn attach_subscription(
+        &mut self,
+        idx: SessionIdx,
+        filter: tessera_proto::Str,
+        entry: crate::session::SubscriptionEntry,
+        at_boot: bool,
+    ) {
+        self.session_mut(idx)
+            .subscriptions
+            .insert(filter.clone(), entry);
+        if topic::is_shared(&filter) {
+            let token = self.next_token;
+            self.next_token += 1;
+            self.shared_subscribe(idx, &filter, entry, token);
+        } else if at_boot {
+            // At start-up the other shards restore this shard's routes themselves.
+            self.subscriptions.insert(&filter, idx, entry);
+            self.routes.insert(&filter, self.shard, ());
+        } else {
+            // Moved here at runtime: a first subscriber announces the route to the
+            // other shards and the cluster, as a SUBSCRIBE would.
+            let first = self.subscriptions.filter_len(&filter) == 0;
+            self.subscriptions.insert(&filter, idx, entry);
+            if first {
+                self.route_add(filter, None);
+            }
+        }
     }
 }
 

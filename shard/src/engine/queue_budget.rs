@@ -312,89 +312,19 @@ mod tests {
     //! stand-in that applies ops and answers loads after each "commit", and
     //! assertions on the exact packets each client is sent.
 
-    use std::collections::BTreeMap;
-
     use bytes::Bytes;
     use tessera_proto::{
         Packet, ProtocolVersion, PubAck, PubRec, Publish, QoS, ReasonCode, Str, Subscribe,
         Subscription, SubscriptionOptions,
     };
 
-    use crate::engine::testing::{connect_packet, drain, engines, pump_mesh};
+    use crate::engine::testing::{StoreModel as Store, connect_packet, drain, engines, pump_mesh};
     use crate::engine::{Engine, Limits};
     use crate::hash::shard_for;
-    use crate::session::{ConnId, DELIVERY_OVERHEAD_BYTES, Delivery};
-    use crate::store::{Loaded, STATE_QUEUED, StoreOp};
+    use crate::session::{ConnId, DELIVERY_OVERHEAD_BYTES};
 
     /// Payloads are 2 bytes on topic "t": each delivery costs this much.
     const COST: u64 = DELIVERY_OVERHEAD_BYTES + 1 + 2;
-
-    /// The store's messages database, applied batch by batch.
-    #[derive(Default)]
-    struct Store {
-        msgs: BTreeMap<(String, u64), (u8, Delivery)>,
-    }
-
-    impl Store {
-        /// Commits every batch of `e`, then answers its loads.
-        fn commit(&mut self, e: &mut Engine, now_ms: u64) {
-            while let Some(b) = e.take_store_batch() {
-                let mut loads = Vec::new();
-                for op in b.ops {
-                    match op {
-                        StoreOp::PutMsg {
-                            client_id,
-                            seq,
-                            state,
-                            delivery,
-                            ..
-                        } => {
-                            self.msgs
-                                .insert((client_id.to_string(), seq), (state, delivery));
-                        }
-                        StoreOp::DelMsg { client_id, seq } => {
-                            self.msgs.remove(&(client_id.to_string(), seq));
-                        }
-                        StoreOp::DelSession { client_id } => {
-                            self.msgs.retain(|(c, _), _| c != client_id.as_str());
-                        }
-                        StoreOp::ClearMsgs {
-                            client_id,
-                            below_seq,
-                        } => {
-                            self.msgs
-                                .retain(|(c, seq), _| c != client_id.as_str() || *seq >= below_seq);
-                        }
-                        StoreOp::LoadQueue {
-                            client_id,
-                            session,
-                            from_seq,
-                            count_max,
-                        } => loads.push((client_id, session, from_seq, count_max)),
-                        _ => {}
-                    }
-                }
-                e.store_committed(b.epoch);
-                for (client_id, session, from_seq, count_max) in loads {
-                    let deliveries = self
-                        .msgs
-                        .range((client_id.to_string(), from_seq)..(client_id.to_string(), u64::MAX))
-                        .filter(|(_, (state, _))| *state == STATE_QUEUED)
-                        .take(count_max)
-                        .map(|(_, (_, d))| d.clone())
-                        .collect();
-                    e.queue_loaded(
-                        now_ms,
-                        Loaded {
-                            client_id,
-                            session,
-                            deliveries,
-                        },
-                    );
-                }
-            }
-        }
-    }
 
     fn limits(sessions_bytes: u64) -> Limits {
         Limits {

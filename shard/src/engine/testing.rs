@@ -59,3 +59,83 @@ pub(super) fn drain(e: &mut Engine, conn: ConnId, version: ProtocolVersion) -> V
     }
     out
 }
+
+/// A stand-in for a shard store's messages and sessions databases, applied batch by
+/// batch, answering loads after each "commit".
+#[derive(Default)]
+pub(super) struct StoreModel {
+    pub(super) msgs: std::collections::BTreeMap<(String, u64), (u8, crate::session::Delivery)>,
+    /// ClientIDs with a session record.
+    pub(super) sessions: std::collections::BTreeSet<String>,
+}
+
+impl StoreModel {
+    /// Commits every batch of `e`, then answers its loads: a session's own loads go to
+    /// the engine, reads of a moving session's disk tail are returned.
+    pub(super) fn commit(&mut self, e: &mut Engine, now_ms: u64) -> Vec<crate::store::Loaded> {
+        use crate::store::{Loaded, STATE_QUEUED, StoreOp};
+        let mut tail_reads = Vec::new();
+        while let Some(b) = e.take_store_batch() {
+            let mut loads = Vec::new();
+            for op in b.ops {
+                match op {
+                    StoreOp::PutSession(s) => {
+                        self.sessions.insert(s.client_id.to_string());
+                    }
+                    StoreOp::PutMsg {
+                        client_id,
+                        seq,
+                        state,
+                        delivery,
+                        ..
+                    } => {
+                        self.msgs
+                            .insert((client_id.to_string(), seq), (state, delivery));
+                    }
+                    StoreOp::DelMsg { client_id, seq } => {
+                        self.msgs.remove(&(client_id.to_string(), seq));
+                    }
+                    StoreOp::DelSession { client_id } => {
+                        self.msgs.retain(|(c, _), _| c != client_id.as_str());
+                        self.sessions.remove(client_id.as_str());
+                    }
+                    StoreOp::ClearMsgs {
+                        client_id,
+                        below_seq,
+                    } => {
+                        self.msgs
+                            .retain(|(c, seq), _| c != client_id.as_str() || *seq >= below_seq);
+                    }
+                    StoreOp::LoadQueue {
+                        client_id,
+                        session,
+                        from_seq,
+                        count_max,
+                    } => loads.push((client_id, session, from_seq, count_max)),
+                    _ => {}
+                }
+            }
+            e.store_committed(b.epoch);
+            for (client_id, session, from_seq, count_max) in loads {
+                let deliveries = self
+                    .msgs
+                    .range((client_id.to_string(), from_seq)..(client_id.to_string(), u64::MAX))
+                    .filter(|(_, (state, _))| *state == STATE_QUEUED)
+                    .take(count_max)
+                    .map(|(_, (_, d))| d.clone())
+                    .collect();
+                let loaded = Loaded {
+                    client_id,
+                    session,
+                    deliveries,
+                };
+                if Engine::is_tail_read(&loaded) {
+                    tail_reads.push(loaded);
+                } else {
+                    e.queue_loaded(now_ms, loaded);
+                }
+            }
+        }
+        tail_reads
+    }
+}

@@ -7,22 +7,81 @@
 //! ([`Engine::import_session`]) before its CONNECT is accepted, so the CONNACK says
 //! session present and in-flight deliveries resume with their packet ids.
 //!
-//! The wire format is the store's ([`TransferRec`]: versioned rkyv records, checked on
-//! decode); bytes from another node are decoded and validated like a corrupt store's,
-//! never trusted. Times travel as wall-clock milliseconds.
+//! **Two phases.** The old owner does not delete what it handed out: the session
+//! leaves its memory and its routes, but its store records stay, and the export is kept
+//! as a *moving copy* ([`Moving`]) until the new owner confirms that it stored the
+//! session ([`Engine::moving_done`]). If the new owner dies first, the copy is still
+//! here: a later claimant gets it ([`Engine::moving_handout`]), or this node takes it
+//! back itself ([`Engine::resume_moving`]). A copy nobody confirms is dropped when the
+//! session would have expired ([`Engine::expire_moving`]), and any new session for its
+//! ClientID on this shard supersedes it.
 //!
-//! Not moved: deliveries in a queue's disk tail (only the head in memory is exported;
-//! the count left behind is logged and returned), and shared-subscription deliveries
-//! a group handed back when the member went offline.
+//! **The disk tail moves too, in chunks.** The export carries the in-memory part (in
+//! flight, the queue head) and says how much of the queue is on disk; the new owner
+//! reads that tail from the old owner's store in bounded chunks
+//! ([`Engine::read_moving_tail`], [`Engine::encode_tail`]) and appends each one
+//! ([`Engine::import_tail`]), spilling to its own disk tail as the head fills. The
+//! session's subscriptions are attached only when the tail is complete
+//! ([`Engine::import_finish`]), so no new message can get ahead of the old ones.
+//! Sequence numbers travel with the deliveries, so a session keeps one sequence space
+//! wherever it moves.
+//!
+//! The wire format is the store's ([`TransferRec`], [`TransferTailRec`]: versioned rkyv
+//! records, checked on decode); bytes from another node are decoded and validated like
+//! a corrupt store's, never trusted. Times travel as wall-clock milliseconds.
+//!
+//! Not moved: shared-subscription deliveries a group handed back when the member went
+//! offline.
 
-use tessera_proto::{Disconnect, Packet, ReasonCode, Str};
+use tessera_proto::{Disconnect, Packet, ReasonCode, Str, topic};
 
 use super::{CloseReason, Engine};
-use crate::session::{InflightState, SessionIdx};
+use crate::session::{Delivery, InflightState, SessionIdx, SubscriptionEntry};
 use crate::store::record::{
     self, DelayedWillRec, STATE_PUBLISHED, STATE_QUEUED, STATE_RELEASED, TransferRec,
+    TransferTailRec,
 };
 use crate::store::recover::recovered_session;
+use crate::store::{Loaded, StoreOp};
+
+/// Tag on `StoreOp::LoadQueue::session` of a read of a moving session's disk tail: the
+/// driver hands such a load to the request that asked for it (the rest of the value is
+/// its token), not to a session.
+pub const TAIL_READ_TAG: u64 = 1 << 63;
+
+/// A session handed out to another node, kept until that node confirms it stored it.
+#[derive(Debug)]
+pub(super) struct Moving {
+    /// Who it was handed to: (node, claim epoch), opaque to the engine.
+    to: (u64, u64),
+    /// The export, handed out again if a later claimant asks for it.
+    bytes: Vec<u8>,
+    /// When it is dropped unconfirmed (the session's expiry), engine ms.
+    expires_at_ms: Option<u64>,
+    /// Its records are in this shard's store.
+    stored: bool,
+}
+
+/// A session taken in whose disk tail is still arriving from its old owner.
+#[derive(Debug)]
+pub(super) struct Importing {
+    /// The lowest sequence number the next tail delivery may have.
+    next_min_seq: u64,
+    /// Tail deliveries have sequence numbers below this.
+    seq_end: u64,
+    /// Attached when the tail is complete ([`Engine::import_finish`]).
+    subscriptions: Vec<(Str, SubscriptionEntry)>,
+}
+
+/// What a session just taken in still needs from its old owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    /// Deliveries of the old owner's disk tail still to read (0: none; the session is
+    /// complete).
+    pub tail_count: u64,
+    /// The tail's lowest sequence number.
+    pub tail_from_seq: u64,
+}
 
 /// Why a session from another node was not taken in.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +97,13 @@ pub enum TransferError {
         /// The one in the record.
         found: String,
     },
+    /// No session of that ClientID is being taken in here.
+    #[error("no session of that ClientID is being taken in")]
+    NotImporting,
+}
+
+fn malformed(e: record::DecodeError) -> TransferError {
+    TransferError::Malformed(e.to_string())
 }
 
 impl Engine {
@@ -93,12 +159,14 @@ impl Engine {
         true
     }
 
-    /// The new owner connected with Clean Start: the session ends here. A delayed will
-    /// is published now, as the end of a session requires [MQTT-3.1.3-9].
+    /// The new owner connected with Clean Start: the session ends here (a moving copy
+    /// too). A delayed will is published now, as the end of a session requires
+    /// [MQTT-3.1.3-9].
     pub fn drop_session(&mut self, now_ms: u64, client_id: &str) -> bool {
         self.session_taken_over(now_ms, client_id);
+        let dropped_copy = self.drop_moving(client_id);
         let Some(idx) = self.session_idx(client_id) else {
-            return false;
+            return dropped_copy;
         };
         if let Some(d) = self.delayed_wills.remove(&idx) {
             self.publish_will(now_ms, d.will, d.origin);
@@ -107,24 +175,29 @@ impl Engine {
         true
     }
 
-    /// Moves the session of `client_id` out of this shard for another node: ends its
-    /// connection (as [`Engine::session_taken_over`]), encodes subscriptions, expiry,
-    /// in-flight deliveries with packet ids and states, the queue head in order,
-    /// inbound QoS 2 ids and a delayed will, then destroys it here (its store record
-    /// too). `None` when there is no session (or it ended with its connection).
-    /// `wall_base_ms`: the wall-clock time at engine time 0. Also returns how many
-    /// queued deliveries were left on disk (not moved).
+    /// Hands the session of `client_id` out to another node, `to` = (node, claim
+    /// epoch): ends its connection (as [`Engine::session_taken_over`]), encodes
+    /// subscriptions, expiry, in-flight deliveries with packet ids and states, the
+    /// queue head in order, inbound QoS 2 ids, a delayed will, the sequence numbers
+    /// and the size of the queue's disk tail. The session leaves memory and the routes
+    /// here; its store records stay, and the export is kept as a moving copy until
+    /// [`Engine::moving_done`]. `None` when there is no session (or it ended with its
+    /// connection). `wall_base_ms`: the wall-clock time at engine time 0.
     pub fn export_session(
         &mut self,
         now_ms: u64,
         client_id: &str,
         wall_base_ms: u64,
-    ) -> Option<(Vec<u8>, usize)> {
+        to: (u64, u64),
+    ) -> Option<Vec<u8>> {
         self.session_taken_over(now_ms, client_id);
         let idx = self.session_idx(client_id)?;
+        // A session still taking in its own tail goes as far as it got.
+        self.import_finish(client_id);
         let delayed = self.delayed_wills.remove(&idx);
         let s = self.session(idx);
         let mut deliveries = Vec::with_capacity(s.inflight.len() + s.queue.head_len());
+        let mut seqs = Vec::with_capacity(deliveries.capacity());
         for i in &s.inflight {
             let state = match i.state {
                 InflightState::Published => STATE_PUBLISHED,
@@ -136,11 +209,12 @@ impl Engine {
                 i.packet_id,
                 wall_base_ms,
             ));
+            seqs.push(i.delivery.seq);
         }
         for d in s.queue.iter() {
             deliveries.push(record::delivery_rec(d, STATE_QUEUED, 0, wall_base_ms));
+            seqs.push(d.seq);
         }
-        let left_on_disk = s.queue.disk_len();
         let rec = TransferRec {
             session: record::session_rec(&super::persist::session_state(s), wall_base_ms),
             deliveries,
@@ -151,32 +225,178 @@ impl Engine {
                 will: record::will_rec(&d.will),
             }),
             next_packet_id: s.next_packet_id(),
+            seqs,
+            next_seq: s.next_seq,
+            disk_count: s.queue.disk_len() as u64,
+            disk_bytes: s.queue.disk_bytes(),
+            disk_from_seq: s.queue.disk_from_seq(),
         };
-        if left_on_disk > 0 {
-            tracing::warn!(
-                shard = self.shard,
-                client_id,
-                left_on_disk,
-                "session moved to another node without the deliveries of its queue's disk tail"
-            );
-        }
+        let bytes = record::encode(&rec);
+        let moving = Moving {
+            to,
+            bytes: bytes.clone(),
+            expires_at_ms: s.expiry_deadline_ms(),
+            stored: s.stored,
+        };
+        let key = s.client_id.clone();
+        // Out of memory and the routes, not out of the store.
+        self.session_mut(idx).stored = false;
         self.destroy_session(now_ms, idx);
-        Some((record::encode(&rec), left_on_disk))
+        self.moving.insert(key, moving);
+        Some(bytes)
+    }
+
+    /// Whether a session of `client_id` is being taken in (its disk tail still
+    /// arriving).
+    pub fn is_importing(&self, client_id: &str) -> bool {
+        Str::try_from(client_id).is_ok_and(|k| self.importing.contains_key(&k))
+    }
+
+    /// Whom the moving copy of `client_id` was handed to, if this shard keeps one.
+    pub fn moving_to(&self, client_id: &str) -> Option<(u64, u64)> {
+        let key = Str::try_from(client_id).ok()?;
+        self.moving.get(&key).map(|m| m.to)
+    }
+
+    /// How many moving copies this shard keeps.
+    pub fn moving_count(&self) -> usize {
+        self.moving.len()
+    }
+
+    /// Hands the moving copy of `client_id` to a later claimant `to` (the node it went
+    /// to did not confirm): the same bytes, now fenced by the new claim.
+    pub fn moving_handout(&mut self, client_id: &str, to: (u64, u64)) -> Option<Vec<u8>> {
+        let key = Str::try_from(client_id).ok()?;
+        let m = self.moving.get_mut(&key)?;
+        m.to = to;
+        Some(m.bytes.clone())
+    }
+
+    /// Asks the store for up to `count_max` deliveries of the moving copy's disk tail
+    /// from `from_seq` on, for `to` (who must be the one it was handed to). The load
+    /// comes back with the commit, as [`Loaded`] with `session` = `TAIL_READ_TAG |
+    /// token`. False (nothing asked) for anyone else, or without a stored copy.
+    pub fn read_moving_tail(
+        &mut self,
+        client_id: &str,
+        to: (u64, u64),
+        token: u64,
+        from_seq: u64,
+        count_max: usize,
+    ) -> bool {
+        let Ok(key) = Str::try_from(client_id) else {
+            return false;
+        };
+        match self.moving.get(&key) {
+            Some(m) if m.to == to && m.stored && self.persist.is_some() => {}
+            _ => return false,
+        }
+        self.store_op(StoreOp::LoadQueue {
+            client_id: key,
+            session: TAIL_READ_TAG | token,
+            from_seq,
+            count_max,
+        });
+        true
+    }
+
+    /// Encodes deliveries read from a disk tail for the node taking the session.
+    pub fn encode_tail(deliveries: &[Delivery], more: bool, wall_base_ms: u64) -> Vec<u8> {
+        record::encode(&TransferTailRec {
+            seqs: deliveries.iter().map(|d| d.seq).collect(),
+            deliveries: deliveries
+                .iter()
+                .map(|d| record::delivery_rec(d, STATE_QUEUED, 0, wall_base_ms))
+                .collect(),
+            more,
+        })
+    }
+
+    /// The node the session was handed to (`to`) stored it: the copy and its records
+    /// go. False when the copy is not `to`'s (a later claimant's, or none).
+    pub fn moving_done(&mut self, client_id: &str, to: (u64, u64)) -> bool {
+        match self.moving_to(client_id) {
+            Some(t) if t == to => self.drop_moving(client_id),
+            _ => false,
+        }
+    }
+
+    /// Drops the moving copy of `client_id` with its store records.
+    pub(super) fn drop_moving(&mut self, client_id: &str) -> bool {
+        let Ok(key) = Str::try_from(client_id) else {
+            return false;
+        };
+        let Some(m) = self.moving.remove(&key) else {
+            return false;
+        };
+        if m.stored {
+            self.store_op(StoreOp::DelSession { client_id: key });
+        }
+        true
+    }
+
+    /// Drops moving copies whose session would have expired by `now_ms`; returns
+    /// their ClientIDs.
+    pub fn expire_moving(&mut self, now_ms: u64) -> Vec<Str> {
+        let due: Vec<Str> = self
+            .moving
+            .iter()
+            .filter(|(_, m)| m.expires_at_ms.is_some_and(|t| t <= now_ms))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in &due {
+            self.drop_moving(c);
+        }
+        due
+    }
+
+    /// This shard takes its own moving copy of `client_id` back (the node it was
+    /// handed to never confirmed, and this node owns the ClientID again): the session
+    /// is as it was exported, its disk tail still in this shard's store. False when
+    /// there is no copy.
+    pub fn resume_moving(
+        &mut self,
+        now_ms: u64,
+        client_id: &str,
+        wall_base_ms: u64,
+    ) -> Result<bool, TransferError> {
+        let Ok(key) = Str::try_from(client_id) else {
+            return Ok(false);
+        };
+        let Some(m) = self.moving.remove(&key) else {
+            return Ok(false);
+        };
+        self.take_in(now_ms, client_id, &m.bytes, wall_base_ms, Some(m.stored))
+            .map(|_| true)
     }
 
     /// Takes in a session exported by another node ([`Engine::export_session`]) for
-    /// `client_id`, replacing any session this shard still has for it, and stores it
-    /// (persistence on). The next CONNECT without Clean Start resumes it (session
-    /// present, in-flight deliveries re-sent with their packet ids). Malformed bytes
-    /// are an error and change nothing.
+    /// `client_id`, replacing any session (or moving copy) this shard still has for
+    /// it, and stores it (persistence on). When the old owner's queue had a disk
+    /// tail, the session waits for it ([`Engine::import_tail`]) and gets its
+    /// subscriptions at [`Engine::import_finish`]; otherwise it is complete. The next
+    /// CONNECT without Clean Start resumes it (session present, in-flight deliveries
+    /// re-sent with their packet ids). Malformed bytes are an error and change nothing.
     pub fn import_session(
         &mut self,
         now_ms: u64,
         client_id: &str,
         bytes: &[u8],
         wall_base_ms: u64,
-    ) -> Result<(), TransferError> {
-        let malformed = |e: record::DecodeError| TransferError::Malformed(e.to_string());
+    ) -> Result<Imported, TransferError> {
+        self.take_in(now_ms, client_id, bytes, wall_base_ms, None)
+    }
+
+    /// `local`: `Some(stored)` when the bytes are this shard's own moving copy (its
+    /// disk tail, if stored, is still in this store); `None` for another node's.
+    fn take_in(
+        &mut self,
+        now_ms: u64,
+        client_id: &str,
+        bytes: &[u8],
+        wall_base_ms: u64,
+        local: Option<bool>,
+    ) -> Result<Imported, TransferError> {
         let rec: TransferRec = record::decode(bytes).map_err(malformed)?;
         if rec.session.client_id != client_id {
             return Err(TransferError::WrongClient {
@@ -198,13 +418,14 @@ impl Engine {
                 ));
             }
         }
-        let next_packet_id = rec.next_packet_id;
-        let deliveries = rec
-            .deliveries
-            .into_iter()
-            .enumerate()
-            .map(|(i, d)| (i as u64 + 1, d))
-            .collect();
+        let seqs = checked_seqs(&rec)?;
+        let tail = Imported {
+            tail_count: rec.disk_count,
+            tail_from_seq: rec.disk_from_seq,
+        };
+        let (next_packet_id, next_seq, disk_bytes) =
+            (rec.next_packet_id, rec.next_seq, rec.disk_bytes);
+        let deliveries = seqs.into_iter().zip(rec.deliveries).collect();
         let mut rs = recovered_session(
             rec.session,
             deliveries,
@@ -214,7 +435,6 @@ impl Engine {
         )
         .map_err(malformed)?;
         for (filter, _) in &rs.subscriptions {
-            use tessera_proto::topic;
             let levels = self.limits.topic_levels_max;
             let valid = match topic::parse_shared(filter) {
                 Ok(Some(shared)) => topic::validate_topic_filter(shared.filter, levels).is_ok(),
@@ -232,6 +452,7 @@ impl Engine {
         if rs.disconnected_at_ms.is_none() {
             rs.disconnected_at_ms = Some(now_ms);
         }
+        let subscriptions = std::mem::take(&mut rs.subscriptions);
         // A stale copy of the session here (from an earlier ownership) is replaced.
         if let Some(idx) = self.session_idx(client_id) {
             self.session_taken_over(now_ms, client_id);
@@ -241,7 +462,34 @@ impl Engine {
             }
         }
         let idx = self.restore_one(now_ms, rs, false);
-        self.session_mut(idx).set_next_packet_id(next_packet_id);
+        {
+            let s = self.session_mut(idx);
+            s.set_next_packet_id(next_packet_id);
+            s.next_seq = s.next_seq.max(next_seq);
+        }
+        let waits_for_tail = local.is_none() && tail.tail_count > 0;
+        if local == Some(true) && tail.tail_count > 0 {
+            // Taken back where the tail is: it stays on disk and loads as the head
+            // drains.
+            self.session_mut(idx).stored = true;
+            let count = usize::try_from(tail.tail_count).unwrap_or(usize::MAX);
+            self.with_queue(idx, |q| q.set_disk(count, disk_bytes, tail.tail_from_seq));
+        }
+        if waits_for_tail {
+            let key = self.session(idx).client_id.clone();
+            self.importing.insert(
+                key,
+                Importing {
+                    next_min_seq: tail.tail_from_seq,
+                    seq_end: next_seq,
+                    subscriptions,
+                },
+            );
+        } else {
+            for (filter, entry) in subscriptions {
+                self.attach_subscription(idx, filter, entry, false);
+            }
+        }
         // Into this shard's store: the session, its deliveries, inbound ids, delayed
         // will (each a no-op without persistence or for a non-persistent session).
         self.persist_session(idx);
@@ -254,7 +502,144 @@ impl Engine {
             self.persist_delayed_will(idx, Some(&d));
             self.delayed_wills.insert(idx, d);
         }
-        Ok(())
+        Ok(if waits_for_tail {
+            tail
+        } else {
+            Imported {
+                tail_count: 0,
+                tail_from_seq: 0,
+            }
+        })
+    }
+
+    /// Appends a chunk of the old owner's disk tail ([`Engine::encode_tail`]) to the
+    /// session being taken in: validated whole first (queued QoS 1/2 deliveries with
+    /// messages, sequence numbers increasing within the tail's range), then queued in
+    /// order, beyond the head on this shard's own disk tail. Returns how many were
+    /// appended, whether the old owner has more, and the sequence number to ask from.
+    pub fn import_tail(
+        &mut self,
+        now_ms: u64,
+        client_id: &str,
+        bytes: &[u8],
+        wall_base_ms: u64,
+    ) -> Result<(usize, bool, u64), TransferError> {
+        let key = Str::try_from(client_id).map_err(|_| TransferError::NotImporting)?;
+        let (Some(imp), Some(idx)) = (self.importing.get(&key), self.session_idx(client_id)) else {
+            return Err(TransferError::NotImporting);
+        };
+        let rec: TransferTailRec = record::decode(bytes).map_err(malformed)?;
+        if rec.seqs.len() != rec.deliveries.len() {
+            return Err(TransferError::Malformed(format!(
+                "{} sequence numbers for {} deliveries",
+                rec.seqs.len(),
+                rec.deliveries.len()
+            )));
+        }
+        let mut min = imp.next_min_seq;
+        for (seq, d) in rec.seqs.iter().zip(&rec.deliveries) {
+            if *seq < min || *seq >= imp.seq_end {
+                return Err(TransferError::Malformed(format!(
+                    "tail delivery {seq} outside {min}..{}",
+                    imp.seq_end
+                )));
+            }
+            if d.state != STATE_QUEUED || d.packet_id != 0 || d.message.is_none() {
+                return Err(TransferError::Malformed(
+                    "a tail delivery must be queued, with its message".into(),
+                ));
+            }
+            if !matches!(d.qos, 1 | 2) {
+                return Err(TransferError::Malformed(format!(
+                    "a tail delivery of QoS {}",
+                    d.qos
+                )));
+            }
+            min = seq + 1;
+        }
+        let deliveries: Vec<Delivery> = rec
+            .seqs
+            .into_iter()
+            .zip(rec.deliveries)
+            .map(|(seq, d)| record::delivery(d, seq, wall_base_ms))
+            .collect::<Result<_, _>>()
+            .map_err(malformed)?;
+        let n = deliveries.len();
+        for d in deliveries {
+            // Already acknowledged to their publishers: queued even over a budget.
+            self.queue_push_persistent(now_ms, idx, d);
+        }
+        if let Some(imp) = self.importing.get_mut(&key) {
+            imp.next_min_seq = min;
+        }
+        Ok((n, rec.more, min))
+    }
+
+    /// The session taken in is complete (or as complete as it will get): it gets its
+    /// subscriptions, and its record is stored with them. False when no import of
+    /// `client_id` was waiting.
+    pub fn import_finish(&mut self, client_id: &str) -> bool {
+        let Ok(key) = Str::try_from(client_id) else {
+            return false;
+        };
+        let Some(imp) = self.importing.remove(&key) else {
+            return false;
+        };
+        let Some(idx) = self.session_idx(client_id) else {
+            return false;
+        };
+        for (filter, entry) in imp.subscriptions {
+            self.attach_subscription(idx, filter, entry, false);
+        }
+        self.persist_session(idx);
+        true
+    }
+
+    /// Hands a tail read to its waiter: true when `loaded` is one
+    /// ([`Engine::read_moving_tail`]) rather than a session's own load.
+    pub fn is_tail_read(loaded: &Loaded) -> bool {
+        loaded.session & TAIL_READ_TAG != 0
+    }
+}
+
+/// The sequence numbers the deliveries of `rec` keep here: as exported when they are
+/// consistent (increasing, below the disk tail and the next one, every stored delivery
+/// numbered); otherwise, when there is no disk tail to line up with, numbered afresh in
+/// order. A tail with inconsistent numbers is refused.
+fn checked_seqs(rec: &TransferRec) -> Result<Vec<u64>, TransferError> {
+    let n = rec.deliveries.len();
+    let mut consistent = rec.seqs.len() == n;
+    let mut last = 0u64;
+    if consistent {
+        for (seq, d) in rec.seqs.iter().zip(&rec.deliveries) {
+            if *seq == 0 {
+                // Only QoS 0 deliveries go unstored.
+                if d.qos != 0 {
+                    consistent = false;
+                    break;
+                }
+                continue;
+            }
+            if *seq <= last || *seq >= rec.next_seq {
+                consistent = false;
+                break;
+            }
+            last = *seq;
+        }
+    }
+    if rec.disk_count > 0 {
+        let ok = consistent && rec.disk_from_seq > last && rec.disk_from_seq < rec.next_seq;
+        if !ok {
+            return Err(TransferError::Malformed(format!(
+                "a disk tail from {} with deliveries up to {last} and the next at {}",
+                rec.disk_from_seq, rec.next_seq
+            )));
+        }
+    }
+    if consistent {
+        Ok(rec.seqs.clone())
+    } else {
+        Ok((1..=n as u64).collect())
     }
 }
 
@@ -337,14 +722,19 @@ mod tests {
         a.handle_packet(4, sub, Packet::PubRec(PubRec::new(ids[0])));
         drain(&mut a, sub, ProtocolVersion::V5);
 
-        let (bytes, left) = a.export_session(5, "mover", WALL_A).expect("a session");
-        assert_eq!(left, 0);
+        let bytes = a
+            .export_session(5, "mover", WALL_A, (2, 7))
+            .expect("a session");
+        assert_eq!(a.moving_to("mover"), Some((2, 7)));
         let kicked = drain(&mut a, sub, ProtocolVersion::V5);
         assert!(
             kicked.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.reason_code == ReasonCode::SessionTakenOver)),
             "{kicked:?}"
         );
-        assert!(!a.has_session("mover"), "the old node keeps nothing");
+        assert!(
+            !a.has_session("mover"),
+            "the old node keeps no live session"
+        );
 
         let mut b = Engine::new(0, 1, limits);
         assert!(b.import_session(9, "other", &bytes, WALL_B).is_err());
@@ -352,7 +742,8 @@ mod tests {
             b.import_session(9, "mover", &bytes[..bytes.len() / 2], WALL_B)
                 .is_err()
         );
-        b.import_session(9, "mover", &bytes, WALL_B).unwrap();
+        let imported = b.import_session(9, "mover", &bytes, WALL_B).unwrap();
+        assert_eq!(imported.tail_count, 0);
         let mut c = connect_packet(ProtocolVersion::V5, "mover", false);
         c.properties.session_expiry_interval = Some(600);
         c.properties.receive_maximum = Some(10);
@@ -400,12 +791,265 @@ mod tests {
     fn a_non_persistent_session_is_not_exported_and_garbage_is_refused() {
         let mut a = Engine::new(0, 1, Limits::default());
         let conn = a.connect(1, connect_packet(ProtocolVersion::V3_1_1, "c", true), false);
-        assert!(a.export_session(2, "c", WALL_A).is_none());
+        assert!(a.export_session(2, "c", WALL_A, (2, 1)).is_none());
+        assert_eq!(a.moving_count(), 0);
         assert!(a.is_ended(conn));
         let mut b = Engine::new(0, 1, Limits::default());
         for junk in [&b""[..], &[1, 0][..], &[1, 0, 0xff, 0xff, 0xff][..]] {
             assert!(b.import_session(3, "c", junk, WALL_B).is_err());
         }
         assert!(!b.has_session("c"));
+    }
+
+    // ------------------------------------------------------------------
+    // Two-phase hand-over and the disk tail, with a store stand-in per node.
+
+    use super::super::testing::StoreModel;
+    use tessera_proto::PubAck;
+
+    /// A node's shard with persistence (sync) and a queue head of 4 in memory.
+    fn stored_node() -> (Engine, StoreModel) {
+        let limits = Limits {
+            queue_head_count_max: 4,
+            ..Limits::default()
+        };
+        let mut e = Engine::new(0, 1, limits);
+        e.enable_persistence(true);
+        (e, StoreModel::default())
+    }
+
+    /// A persistent v5 session "mover" subscribed to "t" at QoS 1, offline, with `n`
+    /// QoS 1 messages queued ("m0".."m{n-1}"): 4 in memory, the rest on disk.
+    fn offline_with_queue(e: &mut Engine, st: &mut StoreModel, n: usize) {
+        let mut c = connect_packet(ProtocolVersion::V5, "mover", false);
+        c.properties.session_expiry_interval = Some(600);
+        let conn = e.connect(1, c, false);
+        e.handle_packet(
+            1,
+            conn,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                properties: Default::default(),
+                subscriptions: vec![Subscription {
+                    filter: Str::from_static("t"),
+                    options: SubscriptionOptions::qos(QoS::AtLeastOnce),
+                }],
+            }),
+        );
+        e.connection_lost(2, conn);
+        e.release(2, conn);
+        let pubc = e.connect(2, connect_packet(ProtocolVersion::V5, "pub", true), false);
+        for i in 0..n {
+            publish(e, pubc, &format!("m{i}"), QoS::AtLeastOnce, i as u16 + 1);
+            st.commit(e, 3);
+        }
+    }
+
+    /// "mover" connects to `e`; returns the payloads it is sent (each acknowledged)
+    /// until nothing more comes, and whether the CONNACK said session present.
+    fn receive_all(e: &mut Engine, st: &mut StoreModel, now: u64) -> (bool, Vec<String>) {
+        let mut c = connect_packet(ProtocolVersion::V5, "mover", false);
+        c.properties.session_expiry_interval = Some(600);
+        let conn = e.connect(now, c, false);
+        let mut present = None;
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            st.commit(e, now);
+            let packets = drain(e, conn, ProtocolVersion::V5);
+            if packets.is_empty() {
+                break;
+            }
+            for p in packets {
+                match p {
+                    Packet::ConnAck(a) => present = Some(a.session_present),
+                    Packet::Publish(p) => {
+                        got.push(String::from_utf8_lossy(&p.payload).into_owned());
+                        e.handle_packet(now, conn, Packet::PubAck(PubAck::new(p.packet_id)));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (present.expect("a CONNACK"), got)
+    }
+
+    /// Moves the disk tail of the moving copy on `from` (handed to `who`) into the
+    /// session being taken in on `to`, 3 deliveries per chunk.
+    fn move_tail(
+        from: (&mut Engine, &mut StoreModel),
+        to: (&mut Engine, &mut StoreModel),
+        who: (u64, u64),
+        from_seq: u64,
+    ) -> usize {
+        let (a, ast) = from;
+        let (b, bst) = to;
+        let (mut from_seq, mut more, mut moved) = (from_seq, true, 0);
+        while more {
+            assert!(a.read_moving_tail("mover", who, 1, from_seq, 3));
+            let reads = ast.commit(a, 20);
+            assert_eq!(reads.len(), 1);
+            let chunk = &reads[0].deliveries;
+            let bytes = Engine::encode_tail(chunk, chunk.len() == 3, WALL_A);
+            let (n, m, next) = b.import_tail(21, "mover", &bytes, WALL_B).unwrap();
+            (from_seq, more, moved) = (next, m, moved + n);
+            bst.commit(b, 21);
+        }
+        assert!(b.import_finish("mover"));
+        bst.commit(b, 21);
+        moved
+    }
+
+    fn expected(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("m{i}")).collect()
+    }
+
+    fn stored_msgs(st: &StoreModel) -> usize {
+        st.msgs.keys().filter(|(c, _)| c == "mover").count()
+    }
+
+    #[test]
+    fn a_handed_out_session_stays_until_confirmed_and_a_later_claimant_gets_it_with_its_disk_tail()
+    {
+        const N: usize = 11;
+        let (mut a, mut ast) = stored_node();
+        offline_with_queue(&mut a, &mut ast, N);
+        assert_eq!(stored_msgs(&ast), N);
+
+        // Handed to node 2 (epoch 5): gone from memory, still in the store.
+        let bytes = a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        ast.commit(&mut a, 10);
+        assert!(!a.has_session("mover"));
+        assert_eq!(stored_msgs(&ast), N, "the records stay until confirmed");
+        assert!(ast.sessions.contains("mover"));
+
+        // Node 2 takes the head in and dies before the tail and the confirmation.
+        {
+            let (mut b, mut bst) = stored_node();
+            let imported = b.import_session(11, "mover", &bytes, WALL_B).unwrap();
+            assert_eq!(imported.tail_count, (N - 4) as u64);
+            bst.commit(&mut b, 11);
+        }
+
+        // A later claim by node 3 (epoch 9) gets the same copy; node 2's epoch no
+        // longer reads the tail nor confirms.
+        let bytes = a.moving_handout("mover", (3, 9)).unwrap();
+        assert!(!a.read_moving_tail("mover", (2, 5), 1, 0, 3));
+        assert!(!a.moving_done("mover", (2, 5)));
+        let (mut c, mut cst) = stored_node();
+        let imported = c.import_session(12, "mover", &bytes, WALL_B).unwrap();
+        let moved = move_tail(
+            (&mut a, &mut ast),
+            (&mut c, &mut cst),
+            (3, 9),
+            imported.tail_from_seq,
+        );
+        assert_eq!(moved, N - 4);
+        // Node 3 stored it (its own head of 4, the rest on its disk): confirmed, the
+        // old node deletes its records.
+        assert_eq!(stored_msgs(&cst), N);
+        assert!(a.moving_done("mover", (3, 9)));
+        ast.commit(&mut a, 22);
+        assert_eq!(stored_msgs(&ast), 0);
+        assert!(!ast.sessions.contains("mover"));
+        assert_eq!(a.moving_count(), 0);
+
+        // Every message once, in order, on node 3.
+        let (present, got) = receive_all(&mut c, &mut cst, 30);
+        assert!(present);
+        assert_eq!(got, expected(N));
+        // The subscription came along once the tail was in.
+        let pubc = c.connect(31, connect_packet(ProtocolVersion::V5, "p3", true), false);
+        publish(&mut c, pubc, "late", QoS::AtLeastOnce, 1);
+        cst.commit(&mut c, 31);
+        let (_, got) = receive_all(&mut c, &mut cst, 32);
+        assert_eq!(got, ["late"]);
+    }
+
+    #[test]
+    fn a_node_takes_its_unconfirmed_moving_copy_back_with_the_tail_still_on_its_disk() {
+        const N: usize = 9;
+        let (mut a, mut ast) = stored_node();
+        offline_with_queue(&mut a, &mut ast, N);
+        a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        ast.commit(&mut a, 10);
+        assert!(a.resume_moving(11, "mover", WALL_A).unwrap());
+        assert_eq!(a.moving_count(), 0);
+        ast.commit(&mut a, 11);
+        assert_eq!(stored_msgs(&ast), N, "nothing of the tail was deleted");
+        let (present, got) = receive_all(&mut a, &mut ast, 12);
+        assert!(present);
+        assert_eq!(got, expected(N));
+        assert_eq!(stored_msgs(&ast), 0, "all acknowledged");
+    }
+
+    #[test]
+    fn a_moving_copy_is_superseded_by_a_new_session_and_dropped_at_its_expiry() {
+        let (mut a, mut ast) = stored_node();
+        offline_with_queue(&mut a, &mut ast, 6);
+        a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        // Nothing expires before the session would have (expiry 600 s).
+        assert!(a.expire_moving(10 + 599_000).is_empty());
+        assert_eq!(a.expire_moving(10 + 600_000).len(), 1);
+        ast.commit(&mut a, 10);
+        assert_eq!(stored_msgs(&ast), 0);
+
+        let (mut a, mut ast) = stored_node();
+        offline_with_queue(&mut a, &mut ast, 6);
+        a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        // A clean session of the same ClientID here: the copy and its records go first.
+        let conn = a.connect(
+            11,
+            connect_packet(ProtocolVersion::V5, "mover", true),
+            false,
+        );
+        ast.commit(&mut a, 11);
+        assert_eq!(a.moving_count(), 0);
+        assert_eq!(stored_msgs(&ast), 0);
+        assert!(!a.is_ended(conn));
+    }
+
+    #[test]
+    fn a_lying_tail_chunk_is_refused_and_appends_nothing() {
+        let (mut a, mut ast) = stored_node();
+        offline_with_queue(&mut a, &mut ast, 8);
+        let bytes = a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        ast.commit(&mut a, 10);
+        let (mut b, mut bst) = stored_node();
+        let imported = b.import_session(11, "mover", &bytes, WALL_B).unwrap();
+        assert!(a.read_moving_tail("mover", (2, 5), 1, imported.tail_from_seq, 8));
+        let mut chunk = ast.commit(&mut a, 12).remove(0).deliveries;
+        assert_eq!(chunk.len(), 4);
+        // Out of order, below the tail, beyond the session's sequence numbers, QoS 0.
+        let mut swapped = chunk.clone();
+        swapped.swap(0, 1);
+        let mut below = chunk.clone();
+        below[0].seq = imported.tail_from_seq - 1;
+        let mut beyond = chunk.clone();
+        beyond[3].seq = u64::MAX - 1;
+        let mut qos0 = chunk.clone();
+        qos0[2].qos = QoS::AtMostOnce;
+        for bad in [swapped, below, beyond, qos0] {
+            let bytes = Engine::encode_tail(&bad, false, WALL_A);
+            assert!(b.import_tail(12, "mover", &bytes, WALL_B).is_err());
+        }
+        for junk in [&b""[..], &[1, 0, 9, 9][..]] {
+            assert!(b.import_tail(12, "mover", junk, WALL_B).is_err());
+        }
+        assert!(
+            b.import_tail(
+                12,
+                "other",
+                &Engine::encode_tail(&chunk, false, WALL_A),
+                WALL_B
+            )
+            .is_err()
+        );
+        // The honest chunk still goes in after all that.
+        chunk.truncate(4);
+        let bytes = Engine::encode_tail(&chunk, false, WALL_A);
+        assert_eq!(b.import_tail(12, "mover", &bytes, WALL_B).unwrap().0, 4);
+        assert!(b.import_finish("mover"));
+        let (_, got) = receive_all(&mut b, &mut bst, 13);
+        assert_eq!(got, expected(8));
     }
 }

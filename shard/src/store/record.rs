@@ -126,6 +126,29 @@ pub struct TransferRec {
     pub delayed_will: Option<DelayedWillRec>,
     /// The next outbound packet id the session would use.
     pub next_packet_id: u16,
+    /// Each delivery's sequence number in its session (0: not stored, QoS 0), so the
+    /// session keeps one sequence space wherever it moves.
+    pub seqs: Vec<u64>,
+    /// The sequence number the session gives its next stored delivery.
+    pub next_seq: u64,
+    /// Deliveries of the queue's disk tail, not in `deliveries`: the new owner reads
+    /// them from the old owner's store in chunks ([`TransferTailRec`]).
+    pub disk_count: u64,
+    /// Their `delivery_cost` in total.
+    pub disk_bytes: u64,
+    /// Every delivery of the disk tail has a sequence number at least this.
+    pub disk_from_seq: u64,
+}
+
+/// A chunk of a moving session's disk tail, in sequence order (all `STATE_QUEUED`).
+#[derive(Archive, Serialize, Deserialize, Debug, PartialEq)]
+pub struct TransferTailRec {
+    /// Each delivery's sequence number.
+    pub seqs: Vec<u64>,
+    /// The deliveries.
+    pub deliveries: Vec<DeliveryRec>,
+    /// Whether more of the tail follows this chunk.
+    pub more: bool,
 }
 
 /// Why a stored value could not be read.
