@@ -68,6 +68,17 @@ fn write(path: &Path, text: &str) -> String {
 /// A broker with a QUIC listener (and the default TCP one) whose certificate
 /// `ca` signed; `extra` goes into the listener table, `tables` after it.
 fn start(test: &str, ca: &Ca, extra: &str, tables: &str) -> (Broker, SocketAddr) {
+    start_with(test, ca, extra, tables, &[])
+}
+
+/// [`start`] with extra broker flags.
+fn start_with(
+    test: &str,
+    ca: &Ca,
+    extra: &str,
+    tables: &str,
+    args: &[&str],
+) -> (Broker, SocketAddr) {
     let d = dir(test);
     let (cert, key) = ca.sign("tessera test server", &["127.0.0.1", "localhost"], false);
     let cert = write(&d.join("server.pem"), &cert);
@@ -77,7 +88,9 @@ fn start(test: &str, ca: &Ca, extra: &str, tables: &str) -> (Broker, SocketAddr)
          key_file = \"{key}\"\n{extra}\n{tables}\n"
     );
     let path = write(&d.join("tessera.toml"), &config);
-    let broker = Broker::start_with(&["--config", path.as_str()], &[]);
+    let mut all = vec!["--config", path.as_str()];
+    all.extend_from_slice(args);
+    let broker = Broker::start_with(&all, &[]);
     let url = broker.url("quic");
     let addr = url.strip_prefix("quic://").unwrap().parse().unwrap();
     (broker, addr)
@@ -106,10 +119,20 @@ struct QuicClient {
     version: ProtocolVersion,
 }
 
-fn client_config(ca: &Ca) -> quinn::ClientConfig {
-    let mut tls = rustls::ClientConfig::builder()
-        .with_root_certificates(ca.roots())
-        .with_no_client_auth();
+/// A quinn client configuration trusting `ca`, with ALPN `mqtt` and, if
+/// given, a client certificate (PEM cert, PEM key).
+fn client_config(ca: &Ca, cert: Option<&(String, String)>) -> quinn::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let builder = rustls::ClientConfig::builder().with_root_certificates(ca.roots());
+    let mut tls = match cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
     tls.alpn_protocols = vec![b"mqtt".to_vec()];
     quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()))
 }
@@ -117,20 +140,37 @@ fn client_config(ca: &Ca) -> quinn::ClientConfig {
 impl QuicClient {
     /// Completes a QUIC handshake with the broker at `addr`; no stream yet.
     fn handshake(addr: SocketAddr, ca: &Ca) -> (quinn::Endpoint, quinn::Connection) {
+        QuicClient::try_handshake(addr, client_config(ca, None)).expect("QUIC handshake")
+    }
+
+    /// A QUIC handshake with `config`, or why it failed.
+    fn try_handshake(
+        addr: SocketAddr,
+        config: quinn::ClientConfig,
+    ) -> Result<(quinn::Endpoint, quinn::Connection), String> {
         rt().block_on(async {
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            endpoint.set_default_client_config(client_config(ca));
+            endpoint.set_default_client_config(config);
             let conn = tokio::time::timeout(STEP, endpoint.connect(addr, "localhost").unwrap())
                 .await
-                .expect("QUIC handshake within the step")
-                .expect("QUIC handshake");
-            (endpoint, conn)
+                .map_err(|_| "no handshake within the step".to_owned())?
+                .map_err(|e| e.to_string())?;
+            Ok((endpoint, conn))
         })
     }
 
     /// A QUIC connection with its MQTT stream open; nothing sent yet.
     fn open(addr: SocketAddr, ca: &Ca, version: ProtocolVersion) -> QuicClient {
-        let (endpoint, conn) = QuicClient::handshake(addr, ca);
+        QuicClient::open_with(addr, client_config(ca, None), version)
+    }
+
+    /// [`QuicClient::open`] with a client configuration of the test's.
+    fn open_with(
+        addr: SocketAddr,
+        config: quinn::ClientConfig,
+        version: ProtocolVersion,
+    ) -> QuicClient {
+        let (endpoint, conn) = QuicClient::try_handshake(addr, config).expect("QUIC handshake");
         let (send, recv) = rt().block_on(conn.open_bi()).expect("open stream");
         QuicClient {
             endpoint,
@@ -627,4 +667,68 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/PID/status")
+}
+
+#[test]
+fn mutual_tls_names_the_user_and_sighup_swaps_the_certificate() {
+    let ca = Ca::new("tessera quic mTLS CA");
+    let d = dir("mtls");
+    let ca_file = write(&d.join("ca.pem"), &ca.pem);
+    let (broker, addr) = start_with(
+        "mtls",
+        &ca,
+        &format!(
+            "ca_file = \"{ca_file}\"\nrequire_client_cert = true\nusername_from_cert = \"cn\""
+        ),
+        "",
+        &["--log-level", "debug"],
+    );
+    let alice = ca.sign("alice", &[], true);
+    let v = ProtocolVersion::V5;
+    let mut ok = QuicClient::open_with(addr, client_config(&ca, Some(&alice)), v);
+    ok.send(&Packet::Connect(Box::new(connect_packet(
+        v, "alice-1", true, 30,
+    ))));
+    assert!(matches!(ok.recv(), Packet::ConnAck(a) if a.reason_code == ReasonCode::Success));
+    ok.send(&subscribe_packet(1, &[("m/t", QoS::AtLeastOnce)]));
+    assert!(matches!(ok.recv(), Packet::SubAck(_)));
+    let none = QuicClient::try_handshake(addr, client_config(&ca, None));
+    let mallory = Ca::new("someone else").sign("mallory", &[], true);
+    let other = QuicClient::try_handshake(addr, client_config(&ca, Some(&mallory)));
+    // A QUIC client may finish its side of the handshake before the server
+    // refuses its certificate: then the connection is closed at once.
+    for (who, attempt) in [("no certificate", none), ("another CA", other)] {
+        if let Ok((_, conn)) = attempt {
+            let why = rt().block_on(async { tokio::time::timeout(STEP, conn.closed()).await });
+            assert!(why.is_ok(), "{who}: the broker closes the connection");
+        }
+    }
+    broker.wait_log("connection refused: QUIC handshake failed", STEP);
+    broker.wait_log("username from the client certificate", STEP);
+    assert!(
+        broker
+            .log()
+            .lines()
+            .any(|l| l.contains("username from the client certificate") && l.contains("alice")),
+        "the CN became the username"
+    );
+
+    // SIGHUP: new handshakes get the new certificate, the live connection stays.
+    let new_ca = Ca::new("tessera quic new CA");
+    let (cert, key) = new_ca.sign("tessera test server", &["127.0.0.1", "localhost"], false);
+    write(&d.join("server.pem"), &cert);
+    write(&d.join("server.key"), &key);
+    // Client certificates stay verified against the same ca_file.
+    broker.sighup();
+    broker.wait_log("QUIC listener: TLS configuration reloaded", STEP);
+    let fresh = QuicClient::try_handshake(addr, client_config(&new_ca, Some(&alice)));
+    assert!(
+        fresh.is_ok(),
+        "the new certificate is served: {:?}",
+        fresh.err()
+    );
+    let stale = QuicClient::try_handshake(addr, client_config(&ca, Some(&alice)));
+    assert!(stale.is_err(), "the old certificate is no longer served");
+    ok.send(&Packet::PingReq);
+    assert_eq!(ok.recv(), Packet::PingResp);
 }
