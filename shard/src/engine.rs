@@ -748,7 +748,17 @@ impl Engine {
         let mut props = ConnAckProperties::default();
         if version.is_v5() {
             props.receive_maximum = Some(self.limits.receive_maximum);
-            props.maximum_packet_size = Some(self.limits.packet_size_bytes_max);
+            // At the protocol's own maximum the property is left out (absent:
+            // no limit beyond the remaining-length encoding, MQTT 5 3.2.2.3.6).
+            // Sent as 268,435,460, paho-mqtt 2.x refuses the whole CONNACK as
+            // malformed: it checks the value against 268,435,455.
+            props.maximum_packet_size = (self.limits.packet_size_bytes_max
+                < tessera_proto::PACKET_BYTES_MAX as u32)
+                .then_some(
+                    self.limits
+                        .packet_size_bytes_max
+                        .min(tessera_proto::VARINT_MAX),
+                );
             props.topic_alias_maximum = Some(self.limits.topic_alias_max);
             props.retain_available = Some(true);
             props.wildcard_subscription_available = Some(true);
