@@ -58,6 +58,11 @@ interop-mqttjs:
     cargo build -p tessera-broker --bin broker
     broker/scripts/interop-mqttjs.sh target/debug/broker
 
+# paho-mqtt over aioquic streams against the quic listener (pip-installs both).
+interop-quic:
+    cargo build -p tessera-broker --bin broker
+    broker/scripts/interop-quic.sh target/debug/broker
+
 # TLS handshakes/s and QoS 0 fan-in over TLS and TCP, against Mosquitto.
 bench-tls:
     cargo build --release -p tessera-broker --bin broker

@@ -12,7 +12,9 @@
 #      haproxy and shellcheck, the live syscall check under strace, and
 #      `promtool check metrics` on a live broker;
 #   3. broker/scripts/interop-mqttjs.sh: MQTT.js (node) over the mqtt, mqtts, ws
-#      and wss listeners.
+#      and wss listeners;
+#   4. broker/scripts/interop-quic.sh: paho-mqtt over aioquic (both pip-installed
+#      into a temporary directory) against the quic listener, MQTT 3.1.1 and 5.0.
 #
 # A program that is still missing fails its step: nothing is skipped.
 # Usage: scripts/test-third-party.sh   (as root, or with the packages below installed)
@@ -71,3 +73,6 @@ BROKER=target/debug/broker ops/check.sh
 
 step "MQTT.js over mqtt, mqtts, ws and wss"
 broker/scripts/interop-mqttjs.sh target/debug/broker
+
+step "paho-mqtt over aioquic against the quic listener"
+broker/scripts/interop-quic.sh target/debug/broker
