@@ -392,3 +392,121 @@ fn a_shared_group_across_nodes_gets_each_message_once() {
         "both nodes' members got some: {got:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_a_subscribe_whose_route_cannot_be_committed_gets_a_failure() {
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::mqttbytes::v5::{Filter, SubscribeReasonCode as R5};
+    let mut cluster = three_nodes("cluster-routing-noquorum");
+
+    // With the quorum: "ok/#" routed cluster-wide.
+    let (sub, mut events) = AsyncClient::new(v5_options(&cluster, 1, "nq-5"), 100);
+    sub.subscribe("ok/#", Q5::AtLeastOnce).await.unwrap();
+    until(&mut events, "SUBACK ok/#", |p| matches!(p, P5::SubAck(_))).await;
+    let a1 = cluster.node(1).addr();
+    let mut o4 = rumqttc::MqttOptions::new("nq-4", a1.ip().to_string(), a1.port());
+    o4.set_keep_alive(Duration::from_secs(30));
+    let (sub4, mut events4) = rumqttc::AsyncClient::new(o4, 100);
+    sub4.subscribe("ok/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let ev = tokio::time::timeout_at(deadline.into(), events4.poll())
+            .await
+            .expect("v4 SUBACK in time")
+            .expect("v4 connection");
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = ev {
+            break;
+        }
+    }
+
+    // Nodes 2 and 3 gone: a new filter's route cannot be committed. The SUBACK comes
+    // within a bound and says so for that filter (v5 0x80, 3.1.1 0x80), while a filter
+    // already routed is granted; the session does not keep the refused one.
+    cluster.kill(2);
+    cluster.kill(3);
+    let started = Instant::now();
+    sub.subscribe_many([
+        Filter::new("cut/#", Q5::AtLeastOnce),
+        Filter::new("ok/#", Q5::AtLeastOnce),
+    ])
+    .await
+    .unwrap();
+    let P5::SubAck(ack) = until(&mut events, "SUBACK without quorum", |p| {
+        matches!(p, P5::SubAck(_))
+    })
+    .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        ack.return_codes,
+        [R5::Unspecified, R5::Success(Q5::AtLeastOnce)],
+        "{ack:?}"
+    );
+    assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
+    sub4.subscribe("cut/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let ack4 = loop {
+        let ev = tokio::time::timeout_at((Instant::now() + TIMEOUT).into(), events4.poll())
+            .await
+            .expect("v4 SUBACK without quorum in time")
+            .expect("v4 connection");
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)) = ev {
+            break a;
+        }
+    };
+    assert_eq!(
+        ack4.return_codes,
+        [rumqttc::SubscribeReasonCode::Failure],
+        "{ack4:?}"
+    );
+    for client in ["nq-5", "nq-4"] {
+        let subs = cluster
+            .admin(1)
+            .json("GET", &["api", "v1", "subscriptions", client], &[])
+            .unwrap()
+            .to_string();
+        assert!(subs.contains("ok/#"), "{client}: {subs}");
+        assert!(
+            !subs.contains("cut/#"),
+            "{client} kept a refused filter: {subs}"
+        );
+    }
+
+    // The quorum back, the same SUBSCRIBE is granted and publications from node 2
+    // reach it.
+    cluster.start(2, &[], false);
+    cluster.wait_until("a leader with node 2 back", |c| {
+        c.status(1).is_some_and(|s| s["leader"].as_u64().is_some()) && c.ready(1) && c.ready(2)
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        sub.subscribe("cut/#", Q5::AtLeastOnce).await.unwrap();
+        let P5::SubAck(ack) = until(&mut events, "SUBACK with quorum", |p| {
+            matches!(p, P5::SubAck(_))
+        })
+        .await
+        else {
+            unreachable!()
+        };
+        if ack.return_codes == [R5::Success(Q5::AtLeastOnce)] {
+            break;
+        }
+        // The first proposal after the restart may still time out.
+        assert!(Instant::now() < deadline, "{ack:?}");
+    }
+    let (publ, mut pe) = AsyncClient::new(v5_options(&cluster, 2, "nq-pub"), 100);
+    publ.publish("cut/x", Q5::AtLeastOnce, false, "after")
+        .await
+        .unwrap();
+    until(&mut pe, "PUBACK on node 2", |p| matches!(p, P5::PubAck(_))).await;
+    let got = until(&mut events, "publication from node 2", |p| {
+        matches!(p, P5::Publish(_))
+    })
+    .await;
+    let P5::Publish(p) = got else { unreachable!() };
+    assert_eq!(&p.payload[..], b"after");
+}

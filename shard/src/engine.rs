@@ -387,6 +387,13 @@ struct PendingSubAck {
     acks_missing: usize,
     suback: SubAck,
     retained: Vec<Delivery>,
+    /// The SUBSCRIBE's filters, in the order of `suback.reason_codes`.
+    filters: Vec<Str>,
+    /// For each of `retained`, the index of the filter it was collected for.
+    retained_of: Vec<usize>,
+    /// Filters whose route the cluster could not commit (`MeshMsg::RouteFailed`),
+    /// with the reason code their SUBACK gets.
+    failed: Vec<(Str, ReasonCode)>,
 }
 
 #[derive(Debug)]
@@ -1290,7 +1297,8 @@ impl Engine {
         let mut waits_on: Vec<u64> = Vec::new();
         let token = self.next_token;
         let mut retained = Vec::new();
-        for s in &sub.subscriptions {
+        let mut retained_of = Vec::new();
+        for (i, s) in sub.subscriptions.iter().enumerate() {
             let filter = &s.filter;
             // `$share/{group}/{filter}` (section 4.8.2), for 3.1.1 clients too:
             // the share name is checked, then the filter as any filter.
@@ -1369,6 +1377,7 @@ impl Engine {
                 };
             if send_retained {
                 self.collect_retained(now_ms, filter, entry, &mut retained);
+                retained_of.resize(retained.len(), i);
             }
         }
         // The subscriptions are stored before the SUBACK is written. A SUBACK
@@ -1415,6 +1424,13 @@ impl Engine {
                     acks_missing,
                     suback,
                     retained,
+                    filters: sub
+                        .subscriptions
+                        .iter()
+                        .map(|s| s.filter.compact())
+                        .collect(),
+                    retained_of,
+                    failed: Vec::new(),
                 },
             );
         }
@@ -1619,6 +1635,16 @@ impl Engine {
                 self.on_retain_ack(token)
             }
             MeshMsg::Ack { token } => self.on_route_ack(now_ms, token),
+            MeshMsg::RouteFailed {
+                token,
+                filter,
+                reason,
+            } => {
+                if let Some(p) = self.pending_subacks.get_mut(&token) {
+                    p.failed.push((filter, reason));
+                }
+                self.on_route_ack(now_ms, token);
+            }
             MeshMsg::Retain {
                 topic,
                 message,
@@ -1727,17 +1753,77 @@ impl Engine {
             if p.acks_missing > 0 {
                 continue;
             }
-            let p = self
+            let mut p = self
                 .pending_subacks
                 .remove(&token)
                 .expect("pending SUBACK present");
             self.routes_unacked.retain(|_, t| *t != token);
-            acked.extend(self.suback_dependents.remove(&token).unwrap_or_default());
+            let dependents = self.suback_dependents.remove(&token).unwrap_or_default();
+            // A SUBSCRIBE that waited on this one's route for the same filter did not
+            // get it either.
+            for d in &dependents {
+                if let Some(dp) = self.pending_subacks.get_mut(d) {
+                    for (f, rc) in &p.failed {
+                        if dp.filters.contains(f) && !dp.failed.iter().any(|(g, _)| g == f) {
+                            dp.failed.push((f.clone(), *rc));
+                        }
+                    }
+                }
+            }
+            acked.extend(dependents);
             let live = self.slot(p.conn).filter(|c| !c.ended).map(|c| c.session);
             if let Some(idx) = live {
+                if !p.failed.is_empty() {
+                    self.route_failures(idx, &mut p);
+                }
                 self.finish_subscribe(now_ms, p.conn, idx, p.suback, p.retained);
             }
         }
+    }
+
+    /// The cluster could not commit the routes of `p.failed`: those filters get a
+    /// failure in the SUBACK (v5: the reason the forwarder gave; 3.1.1: 0x80), the
+    /// session does not keep them, and no retained message is sent for them.
+    fn route_failures(&mut self, idx: SessionIdx, p: &mut PendingSubAck) {
+        let v5 = self.conn(p.conn).version.is_v5();
+        let mut failed_at = Vec::new();
+        for (i, filter) in p.filters.iter().enumerate() {
+            let Some((_, rc)) = p.failed.iter().find(|(f, _)| f == filter) else {
+                continue;
+            };
+            let Some(code) = p.suback.reason_codes.get_mut(i) else {
+                continue;
+            };
+            if code.is_error() {
+                continue;
+            }
+            *code = if v5 {
+                *rc
+            } else {
+                ReasonCode::UnspecifiedError
+            };
+            failed_at.push(i);
+            if self.session_mut(idx).subscriptions.remove(filter).is_some() {
+                self.remove_local_subscription(filter, idx);
+            }
+        }
+        if failed_at.is_empty() {
+            return;
+        }
+        self.persist_session(idx);
+        let retained = std::mem::take(&mut p.retained);
+        p.retained = retained
+            .into_iter()
+            .zip(&p.retained_of)
+            .filter(|(_, i)| !failed_at.contains(i))
+            .map(|(d, _)| d)
+            .collect();
+        tracing::warn!(
+            shard = self.shard,
+            client_id = %self.session(idx).client_id,
+            filters = ?p.failed.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(),
+            "SUBSCRIBE refused for filters whose cluster route could not be committed"
+        );
     }
 
     pub(super) fn route_add(&mut self, filter: Str, ack: Option<u64>) {

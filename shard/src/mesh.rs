@@ -54,6 +54,18 @@ pub enum MeshMsg {
         /// The token of the acknowledged message.
         token: u64,
     },
+    /// In place of the `Ack` of a route add (from the cluster's forwarder): the
+    /// route of `filter` could not be committed (no quorum, timeout, or a filter
+    /// the cluster cannot hold), so the SUBSCRIBE that waits for `token` answers
+    /// `reason` for it instead of success.
+    RouteFailed {
+        /// The token of the route add.
+        token: u64,
+        /// The filter as subscribed (`$share/{group}/{filter}` for a share).
+        filter: Str,
+        /// The reason code for that filter in a v5 SUBACK.
+        reason: tessera_proto::ReasonCode,
+    },
     /// A full persistent queue on the sender refused the `PublishDurable`
     /// carrying this token (`engine::queue_budget`); its `Ack` follows. The
     /// publisher gets 0x97 (v5) or no acknowledgement (3.1.1).

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tessera_proto::Str;
+use tessera_proto::{ReasonCode, Str};
 use tessera_raft::{
     AppliedEvent, Channel, ClusterError, ClusterHandle, NodeId, Op, OpResult, Transport,
 };
@@ -74,6 +74,9 @@ const BATCH_MESSAGES_TARGET: usize = 4096;
 /// Bytes per batch sent to a peer (well under the link's 16 MiB forward frame bound;
 /// one large message may exceed it alone).
 const BATCH_BYTES_TARGET: usize = 1 << 20;
+/// How long SUBSCRIBEs wait for their route's proposal before they get a failure for
+/// its filter (the proposal goes on).
+pub const ROUTE_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// How long a barrier waits for this node to apply the asked index.
 pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and largest pause before re-sending a batch a peer did not accept.
@@ -845,8 +848,12 @@ impl Forwarder {
     }
 
     fn ack_shard(&self, (shard, token): (ShardId, u64)) {
+        self.send_shard(shard, MeshMsg::Ack { token });
+    }
+
+    fn send_shard(&self, shard: ShardId, msg: MeshMsg) {
         if let Some(tx) = self.to_shards.get(usize::from(shard)) {
-            let msg = vec![MeshMsg::Ack { token }];
+            let msg = vec![msg];
             if let Err(flume::TrySendError::Full(m)) = tx.try_send(msg) {
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -913,7 +920,27 @@ impl Forwarder {
                     add,
                 };
                 let result = match handle.propose(op) {
-                    Ok(p) => p.wait().await.map(|a| a.index),
+                    Ok(p) => {
+                        let mut wait = std::pin::pin!(p.wait());
+                        loop {
+                            match tokio::time::timeout(ROUTE_ANSWER_WAIT, &mut wait).await {
+                                Ok(r) => break r.map(|a| a.index),
+                                // A leader that lost its quorum may never answer (openraft
+                                // keeps the write): the SUBSCRIBEs waiting by now get
+                                // their failure, and the proposal is awaited on.
+                                Err(_) if add => {
+                                    let _ = events.send(Event::Proposed {
+                                        filter: filter.clone(),
+                                        add,
+                                        result: Err(ClusterError::Unavailable(format!(
+                                            "not committed within {ROUTE_ANSWER_WAIT:?}"
+                                        ))),
+                                    });
+                                }
+                                Err(_) => {}
+                            }
+                        }
+                    }
                     Err(e) => Err(e),
                 };
                 match result {
@@ -1015,16 +1042,42 @@ impl Forwarder {
                 });
             }
             (true, Err(err)) => {
-                // No quorum (or an invalid filter): the SUBACKs are not held without
-                // bound; the proposal keeps being retried (unless invalid) and the route
-                // lands when the cluster can commit it.
-                tracing::warn!(%filter, "route proposal failed, SUBACK answered without it: {err}");
+                // No quorum, a timeout or a filter the cluster cannot hold: the SUBACKs
+                // that wait are not held without bound, and they must not claim a route
+                // that is not there, so they answer a failure for this filter (the
+                // shards drop the subscription). The proposal keeps being retried
+                // (unless invalid) and the route lands when the cluster can commit it.
+                tracing::warn!(%filter, "route proposal failed, SUBSCRIBE refused for this filter: {err}");
                 let waiters = std::mem::take(&mut e.waiters);
-                if matches!(err, ClusterError::Invalid(_)) {
+                let reason = if matches!(err, ClusterError::Invalid(_)) {
                     e.state = LocalState::Idle;
-                }
-                for w in waiters {
-                    self.ack_shard(w);
+                    ReasonCode::TopicFilterInvalid
+                } else {
+                    ReasonCode::UnspecifiedError
+                };
+                let (group, plain) = split_key(&filter);
+                let subscribed = match group {
+                    Some(g) => format!("$share/{g}/{plain}"),
+                    None => plain.to_owned(),
+                };
+                match Str::try_from(subscribed) {
+                    Ok(subscribed) => {
+                        for (shard, token) in waiters {
+                            self.send_shard(
+                                shard,
+                                MeshMsg::RouteFailed {
+                                    token,
+                                    filter: subscribed.clone(),
+                                    reason,
+                                },
+                            );
+                        }
+                    }
+                    Err(_) => {
+                        for w in waiters {
+                            self.ack_shard(w);
+                        }
+                    }
                 }
             }
             (false, Ok(_)) => {

@@ -243,6 +243,66 @@ mod tests {
     }
 
     #[test]
+    fn a_route_the_cluster_could_not_commit_fails_the_subscribes_that_waited_for_it() {
+        let (mut es, remote) = cluster();
+        let c = client(&mut es[0], "s");
+        subscribe(&mut es[0], c, "a/+", QoS::AtLeastOnce);
+        let sent = pump(&mut es, remote);
+        let [
+            (
+                0,
+                MeshMsg::RouteAdd {
+                    ack: Some(token), ..
+                },
+            ),
+        ] = &sent[..]
+        else {
+            panic!("expected one RouteAdd to the forwarder, got {sent:?}");
+        };
+        let token = *token;
+        // A second session subscribes the same filter while the route is pending: its
+        // SUBACK waits on the first one's route.
+        let c2 = client(&mut es[0], "s2");
+        subscribe(&mut es[0], c2, "a/+", QoS::AtLeastOnce);
+        assert!(pump(&mut es, remote).is_empty());
+        es[0].handle_mesh(
+            1,
+            remote,
+            MeshMsg::RouteFailed {
+                token,
+                filter: Str::from_static("a/+"),
+                reason: tessera_proto::ReasonCode::UnspecifiedError,
+            },
+        );
+        for conn in [c, c2] {
+            let packets = drain(&mut es[0], conn, V5);
+            let [Packet::SubAck(ack)] = &packets[..] else {
+                panic!("{packets:?}");
+            };
+            assert_eq!(
+                ack.reason_codes,
+                [tessera_proto::ReasonCode::UnspecifiedError]
+            );
+        }
+        // Neither session keeps the filter: the route goes away everywhere, and a
+        // publication does not reach them.
+        let sent = pump(&mut es, remote);
+        assert!(
+            sent.iter()
+                .any(|(_, m)| matches!(m, MeshMsg::RouteRemove { filter, .. } if filter == "a/+")),
+            "{sent:?}"
+        );
+        let p = es[1].connect(1, connect_packet(V5, "p", true), false);
+        drain(&mut es[1], p, V5);
+        let mut publish = Publish::new(Str::from_static("a/x"), Bytes::from_static(b"x"));
+        publish.qos = QoS::AtMostOnce;
+        es[1].handle_packet(1, p, Packet::Publish(publish));
+        pump(&mut es, remote);
+        assert!(drain(&mut es[0], c, V5).is_empty());
+        assert!(drain(&mut es[0], c2, V5).is_empty());
+    }
+
+    #[test]
     fn a_qos1_publish_to_another_node_is_acked_after_the_forwarder() {
         let (mut es, remote) = cluster();
         // Another node routes "t": the forwarder tells every shard.
