@@ -2,7 +2,10 @@
 //! same engine behaviour as TCP (connect, subscribe, QoS 0/1/2 both ways,
 //! retained messages, wills of dropped connections, takeover between a QUIC
 //! and a TCP connection of the same ClientID), on the ClientID's owner shard
-//! whichever shard the endpoint gave the connection to; and a hostile QUIC
+//! whichever shard the endpoint gave the connection to; mutual TLS with the
+//! certificate's CN as username and SIGHUP reload as for `mqtts`; a client
+//! that changes its UDP port keeps its connection and session; 0-RTT only
+//! when configured; and a hostile QUIC
 //! peer (garbage datagrams, a first packet that is not CONNECT, extra
 //! streams, a flood of handshakes that never open a stream) gets a clear
 //! close, costs bounded memory and never stops the broker.
@@ -731,4 +734,130 @@ fn mutual_tls_names_the_user_and_sighup_swaps_the_certificate() {
     assert!(stale.is_err(), "the old certificate is no longer served");
     ok.send(&Packet::PingReq);
     assert_eq!(ok.recv(), Packet::PingResp);
+}
+
+#[test]
+fn a_client_that_changes_its_udp_port_keeps_its_connection_and_session() {
+    let ca = Ca::new("tessera quic migration CA");
+    let (broker, addr) = start("migration", &ca, "", "");
+    let v = ProtocolVersion::V5;
+    let mut mobile = QuicClient::connect_ok(
+        addr,
+        &ca,
+        connect_packet(v, &id_on_shard("mobile", 1), true, 30),
+    );
+    mobile.send(&subscribe_packet(1, &[("m/down", QoS::AtLeastOnce)]));
+    assert!(matches!(mobile.recv(), Packet::SubAck(_)));
+    let mut tcp = RawClient::connect_ok(
+        broker.addr(),
+        connect_packet(v, &id_on_shard("fixed", 0), true, 30),
+    );
+    tcp.send(&subscribe_packet(1, &[("m/up", QoS::AtLeastOnce)]));
+    assert!(matches!(tcp.recv(), Packet::SubAck(_)));
+    let connection = mobile.conn.stable_id();
+    for round in 0..3u16 {
+        // NAT rebinding / Wi-Fi to mobile: a new local UDP port.
+        let before = mobile.endpoint.local_addr().unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let _guard = rt().enter();
+        mobile.endpoint.rebind(socket).expect("rebind");
+        let after = mobile.endpoint.local_addr().unwrap();
+        assert_ne!(before.port(), after.port());
+        // Publishing and receiving go on with no reconnect.
+        let up = format!("up {round}");
+        mobile.send(&publish_packet(
+            "m/up",
+            up.as_bytes(),
+            QoS::AtLeastOnce,
+            10 + round,
+            false,
+        ));
+        assert_eq!(mobile.recv(), Packet::PubAck(PubAck::new(10 + round)));
+        let p = expect_publish(tcp.recv(), "m/up", up.as_bytes());
+        tcp.send(&Packet::PubAck(PubAck::new(pid(&p))));
+        let down = format!("down {round}");
+        tcp.send(&publish_packet(
+            "m/down",
+            down.as_bytes(),
+            QoS::AtLeastOnce,
+            20 + round,
+            false,
+        ));
+        assert!(matches!(tcp.recv(), Packet::PubAck(_)));
+        let p = expect_publish(mobile.recv(), "m/down", down.as_bytes());
+        mobile.send(&Packet::PubAck(PubAck::new(pid(&p))));
+        assert_eq!(
+            mobile.conn.stable_id(),
+            connection,
+            "the same QUIC connection"
+        );
+        assert_eq!(mobile.conn.remote_address(), addr);
+    }
+}
+
+/// Connects twice to `addr` with one client configuration (so the second
+/// resumes), the second time sending CONNECT as 0-RTT early data: whether the
+/// broker accepted the early data, and the packet that answered the CONNECT;
+/// `None` when the broker's ticket does not allow early data at all.
+fn early_connect(addr: SocketAddr, ca: &Ca, id: &str) -> Option<(bool, Packet)> {
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"mqtt".to_vec()];
+    tls.enable_early_data = true;
+    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let v = ProtocolVersion::V3_1_1;
+    let mut first = QuicClient::open_with(addr, config.clone(), v);
+    first.send(&Packet::Connect(Box::new(connect_packet(v, id, true, 30))));
+    assert!(matches!(first.recv(), Packet::ConnAck(a) if a.reason_code == ReasonCode::Success));
+    first.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+    assert_eq!(first.expect_end(), Ended::ByBroker(CLOSE_DONE));
+    let endpoint = first.endpoint.clone();
+    let id = id.to_owned();
+    rt().block_on(async move {
+        let connecting = endpoint.connect_with(config, addr, "localhost").unwrap();
+        let Ok((conn, accepted)) = connecting.into_0rtt() else {
+            return None;
+        };
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut out = BytesMut::new();
+        Packet::Connect(Box::new(connect_packet(v, &id, true, 30)))
+            .encode(v, &mut out)
+            .unwrap();
+        // Written before the handshake completes: early data (resent in
+        // 1-RTT by quinn if the broker refuses it).
+        send.write_all(&out).await.unwrap();
+        let accepted = tokio::time::timeout(STEP, accepted).await.unwrap();
+        let mut buf = BytesMut::new();
+        let packet = loop {
+            if let Some(p) = tessera_proto::decode(&mut buf, v, PACKET_BYTES_MAX).unwrap() {
+                break p;
+            }
+            let chunk = tokio::time::timeout(STEP, recv.read_chunk(4096, true))
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("a CONNACK before the end");
+            buf.extend_from_slice(&chunk.bytes);
+        };
+        Some((accepted, packet))
+    })
+}
+
+#[test]
+fn zero_rtt_only_when_configured_and_a_connect_in_early_data_is_served() {
+    let ca = Ca::new("tessera quic 0-RTT CA");
+    let (_broker, addr) = start("zero-rtt", &ca, "zero_rtt = true", "");
+    let (accepted, packet) =
+        early_connect(addr, &ca, "early-1").expect("a ticket that allows early data");
+    assert!(accepted, "zero_rtt = true: the broker accepts early data");
+    assert!(
+        matches!(&packet, Packet::ConnAck(a) if a.reason_code == ReasonCode::Success),
+        "the CONNECT sent as early data was served (after the handshake): {packet:?}"
+    );
+    let (_plain, addr) = start("no-zero-rtt", &ca, "", "");
+    assert!(
+        early_connect(addr, &ca, "early-2").is_none(),
+        "by default the broker's tickets allow no early data"
+    );
 }
