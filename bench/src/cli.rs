@@ -167,6 +167,16 @@ pub struct Common {
     #[arg(long, global = true)]
     pub tls: bool,
 
+    /// Connect with MQTT over QUIC (UDP, one stream per connection, ALPN
+    /// mqtt): needs --ca FILE or --insecure, like --tls.
+    #[arg(long, global = true)]
+    pub quic: bool,
+
+    /// --quic: resume sessions and send CONNECT as 0-RTT early data (the
+    /// broker's listener needs zero_rtt = true).
+    #[arg(long = "quic-0rtt", global = true)]
+    pub quic_0rtt: bool,
+
     /// --tls: PEM file of the CA certificates that verify the broker.
     #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
@@ -427,9 +437,19 @@ impl Cli {
             ("--tls-resume", c.tls_resume),
         ];
         if !c.tls
+            && !c.quic
             && let Some((name, _)) = tls_only.iter().find(|(_, set)| *set)
         {
-            return Err(format!("{name}: only with --tls"));
+            return Err(format!("{name}: only with --tls or --quic"));
+        }
+        if c.tls && c.quic {
+            return Err("--tls and --quic: choose one".into());
+        }
+        if c.quic_0rtt && !c.quic {
+            return Err("--quic-0rtt: only with --quic".into());
+        }
+        if c.quic && c.ca.is_none() && !c.insecure {
+            return Err("--quic needs --ca FILE (a PEM CA to trust) or --insecure".into());
         }
         if c.cert.is_some() != c.key.is_some() {
             return Err("--cert and --key go together".into());

@@ -98,8 +98,10 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
             "bench conn: {clients} connections need more open files than the limit of {nofile}; expect EMFILE failures"
         );
     }
-    let tls = if c.tls {
+    let tls = if c.tls || c.quic {
         let flags = TlsFlags {
+            quic: c.quic,
+            quic_0rtt: c.quic_0rtt,
             ca: c.ca.clone(),
             insecure: c.insecure,
             cert: c.cert.clone(),

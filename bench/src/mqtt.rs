@@ -60,7 +60,8 @@ pub struct Options {
     /// MQTT 5 Topic Alias Maximum announced in CONNECT: aliases the broker may
     /// use towards us. 0: none.
     pub topic_alias_max: u16,
-    /// TLS on every connection (`--tls`), else plain TCP.
+    /// TLS on every connection (`--tls`) or MQTT over QUIC (`--quic`), else
+    /// plain TCP.
     pub tls: Option<Arc<Tls>>,
 }
 
@@ -104,6 +105,9 @@ pub enum Failure {
     /// The TLS layer failed: handshake (certificate, protocol) or a record.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The QUIC connection failed (handshake, refused, closed with a code).
+    #[error("QUIC: {0}")]
+    Quic(String),
     /// The broker closed the connection.
     #[error("closed by broker")]
     Closed,
@@ -135,6 +139,18 @@ impl From<std::io::Error> for Failure {
         }
         if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
             return Failure::Tls(tls_reason(tls));
+        }
+        if let Some(quic) = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<quinn::ConnectionError>())
+        {
+            return Failure::Quic(quic.to_string());
+        }
+        if let Some(quic) = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<quinn::ConnectError>())
+        {
+            return Failure::Quic(quic.to_string());
         }
         Failure::Io(errno_name(&e))
     }
@@ -274,6 +290,10 @@ pub async fn connect(
     let addr = opts.addr(slot);
     let bind = opts.bind(slot);
     let handshake = async {
+        if let Some(tls) = opts.tls.as_ref().filter(|t| t.is_quic()) {
+            let stream = tls.connect_quic(slot, addr, bind).await?;
+            return handshake_over(stream, client_id, opts, rbuf_bytes).await;
+        }
         let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -290,28 +310,38 @@ pub async fn connect(
             None => Stream::Plain(tcp),
             Some(tls) => tls.connect(slot, tcp).await?,
         };
-        let mut client = Client {
-            stream,
-            rbuf: BytesMut::with_capacity(rbuf_bytes),
-            version: opts.version,
-            granted: Granted::NONE,
-            timeout: opts.timeout,
-        };
-        let mut out = BytesMut::new();
-        put(&connect_packet(client_id, opts), opts.version, &mut out);
-        client.stream.write_all(&out).await?;
-        client.stream.flush().await?;
-        match client.read_packet().await? {
-            Packet::ConnAck(ack) => {
-                client.granted = check_connack(&ack)?;
-                Ok(client)
-            }
-            p => Err(Failure::Unexpected(p.packet_type())),
-        }
+        handshake_over(stream, client_id, opts, rbuf_bytes).await
     };
     match tokio::time::timeout(opts.timeout, handshake).await {
         Ok(r) => r,
         Err(_) => Err(Failure::Timeout),
+    }
+}
+
+/// CONNECT / CONNACK over a connected stream.
+async fn handshake_over(
+    stream: Stream,
+    client_id: &str,
+    opts: &Options,
+    rbuf_bytes: usize,
+) -> Result<Client, Failure> {
+    let mut client = Client {
+        stream,
+        rbuf: BytesMut::with_capacity(rbuf_bytes),
+        version: opts.version,
+        granted: Granted::NONE,
+        timeout: opts.timeout,
+    };
+    let mut out = BytesMut::new();
+    put(&connect_packet(client_id, opts), opts.version, &mut out);
+    client.stream.write_all(&out).await?;
+    client.stream.flush().await?;
+    match client.read_packet().await? {
+        Packet::ConnAck(ack) => {
+            client.granted = check_connack(&ack)?;
+            Ok(client)
+        }
+        p => Err(Failure::Unexpected(p.packet_type())),
     }
 }
 
@@ -424,6 +454,11 @@ pub fn connect_blocking(
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(opts.timeout))?;
     tcp.set_write_timeout(Some(opts.timeout))?;
+    if opts.tls.as_ref().is_some_and(|t| t.is_quic()) {
+        return Err(Failure::Io(
+            "the latency scenario's paced publisher does not speak QUIC".into(),
+        ));
+    }
     let stream = match &opts.tls {
         None => BlockingStream::Plain(tcp),
         Some(tls) => tls.connect_blocking(slot, tcp)?,

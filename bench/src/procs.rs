@@ -227,10 +227,10 @@ pub fn merge(vs: &[Value], max_failures: Option<u64>) -> anyhow::Result<Report> 
     let mut r = Report {
         scenario: scenario_name(first["scenario"].as_str().unwrap_or_default()),
         broker: first["broker"].as_str().unwrap_or_default().to_string(),
-        transport: if first["transport"] == "tls" {
-            "tls"
-        } else {
-            "tcp"
+        transport: match first["transport"].as_str() {
+            Some("tls") => "tls",
+            Some("quic") => "quic",
+            _ => "tcp",
         },
         mqtt_version: first["mqtt_version"]
             .as_str()

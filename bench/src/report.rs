@@ -18,7 +18,7 @@ pub struct Report {
     pub scenario: &'static str,
     /// Broker address.
     pub broker: String,
-    /// `tcp` or `tls`.
+    /// `tcp`, `tls` or `quic`.
     pub transport: &'static str,
     /// `3.1.1` or `5.0`.
     pub mqtt_version: String,

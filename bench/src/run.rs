@@ -56,10 +56,10 @@ impl RunConfig {
         Report {
             scenario,
             broker: self.opts.brokers(),
-            transport: if self.opts.tls.is_some() {
-                "tls"
-            } else {
-                "tcp"
+            transport: match &self.opts.tls {
+                Some(t) if t.is_quic() => "quic",
+                Some(_) => "tls",
+                None => "tcp",
             },
             mqtt_version: self.opts.version.to_string(),
             qos: self.qos as u8,

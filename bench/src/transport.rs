@@ -1,5 +1,6 @@
-//! The byte streams a bench client speaks MQTT over: plain TCP or TLS (rustls,
-//! aws-lc-rs provider), chosen once per connection.
+//! The byte streams a bench client speaks MQTT over: plain TCP, TLS (rustls,
+//! aws-lc-rs provider) or MQTT over QUIC (quinn, one bidirectional stream,
+//! ALPN `mqtt`, `--quic`), chosen once per run.
 //!
 //! - [`Tls`]: the client configuration built once per run from `--tls`, `--ca`,
 //!   `--insecure`, `--cert`/`--key`, `--sni` and `--tls-resume`, shared by every
@@ -19,7 +20,13 @@
 //! writer must be flushed. [`WriteHalf::needs_flush`] says when, and
 //! [`WriteHalf::write_or_flush`] does either in one future (a `select!` branch).
 //!
-//! Not done here: WebSocket, QUIC, TLS early data.
+//! QUIC: every connection has its own quinn endpoint (its own UDP socket, as a
+//! TCP client has its own socket) and opens one stream (single-stream mode).
+//! With `--quic-0rtt` the client configuration keeps session tickets and a
+//! resuming connection sends its CONNECT as 0-RTT early data. The blocking
+//! clients (the latency scenario's paced publisher) do not speak QUIC.
+//!
+//! Not done here: WebSocket, TLS early data.
 
 use std::io;
 use std::net::{IpAddr, TcpStream as StdTcpStream};
@@ -46,6 +53,10 @@ use tokio_rustls::client::TlsStream;
 /// What the TLS flags asked for, before any file is read.
 #[derive(Debug, Clone, Default)]
 pub struct TlsFlags {
+    /// MQTT over QUIC (`--quic`) instead of TLS over TCP: TLS 1.3, ALPN `mqtt`.
+    pub quic: bool,
+    /// `--quic-0rtt`: resume and send CONNECT as early data.
+    pub quic_0rtt: bool,
     /// PEM file of CA certificates to trust (else the CA list is empty and
     /// `insecure` must be set).
     pub ca: Option<PathBuf>,
@@ -69,6 +80,10 @@ pub struct TlsFlags {
 #[derive(Debug, Clone)]
 pub struct Tls {
     config: Arc<ClientConfig>,
+    /// With `--quic`: the quinn client configuration (over `config`).
+    quic: Option<quinn::ClientConfig>,
+    /// `--quic-0rtt`.
+    quic_0rtt: bool,
     /// Server name per `--host` slot (same indexing as `Options::addrs`).
     names: Vec<ServerName<'static>>,
 }
@@ -79,9 +94,13 @@ impl Tls {
     /// `flags.sni` is set. Errors name the flag and the file.
     pub fn new(flags: &TlsFlags, hosts: &[String]) -> anyhow::Result<Tls> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?;
+        let builder = ClientConfig::builder_with_provider(provider.clone());
+        let builder = if flags.quic {
+            builder.with_protocol_versions(&[&rustls::version::TLS13])
+        } else {
+            builder.with_safe_default_protocol_versions()
+        }
+        .context("TLS protocol versions")?;
         let builder = if flags.insecure {
             builder
                 .dangerous()
@@ -112,9 +131,19 @@ impl Tls {
             (None, None) => builder.with_no_client_auth(),
             _ => anyhow::bail!("--cert and --key go together"),
         };
-        if !flags.resume {
+        if !flags.resume && !flags.quic_0rtt {
             config.resumption = Resumption::disabled();
         }
+        let quic = if flags.quic {
+            config.alpn_protocols = vec![b"mqtt".to_vec()];
+            config.enable_early_data = flags.quic_0rtt;
+            let crypto =
+                quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(config.clone()))
+                    .context("QUIC client configuration")?;
+            Some(quinn::ClientConfig::new(Arc::new(crypto)))
+        } else {
+            None
+        };
         let mut names = Vec::with_capacity(hosts.len().max(1));
         for host in hosts {
             let name = flags.sni.as_deref().unwrap_or(host);
@@ -125,8 +154,60 @@ impl Tls {
         }
         Ok(Tls {
             config: Arc::new(config),
+            quic,
+            quic_0rtt: flags.quic_0rtt,
             names,
         })
+    }
+
+    /// Whether connections are MQTT over QUIC.
+    pub fn is_quic(&self) -> bool {
+        self.quic.is_some()
+    }
+
+    /// Opens an MQTT-over-QUIC connection for client slot `slot` to `addr`
+    /// from `bind` (its own endpoint and UDP socket) and its one stream. With
+    /// `--quic-0rtt` and a ticket, the stream is usable before the handshake
+    /// completes (what is written first goes as early data).
+    pub async fn connect_quic(
+        &self,
+        slot: usize,
+        addr: std::net::SocketAddr,
+        bind: Option<IpAddr>,
+    ) -> io::Result<Stream> {
+        let config = self
+            .quic
+            .clone()
+            .ok_or_else(|| io::Error::other("not a QUIC run"))?;
+        let local = match (bind, addr) {
+            (Some(ip), _) => std::net::SocketAddr::new(ip, 0),
+            (None, std::net::SocketAddr::V4(_)) => "0.0.0.0:0".parse().expect("address"),
+            (None, std::net::SocketAddr::V6(_)) => "[::]:0".parse().expect("address"),
+        };
+        let endpoint = quinn::Endpoint::client(local)?;
+        let name = match self.name(slot) {
+            ServerName::DnsName(n) => n.as_ref().to_owned(),
+            ServerName::IpAddress(ip) => IpAddr::from(ip).to_string(),
+            _ => "localhost".to_owned(),
+        };
+        let connecting = endpoint
+            .connect_with(config, addr, &name)
+            .map_err(io::Error::other)?;
+        let conn = if self.quic_0rtt {
+            match connecting.into_0rtt() {
+                Ok((conn, _accepted)) => conn,
+                Err(connecting) => connecting.await.map_err(io::Error::other)?,
+            }
+        } else {
+            connecting.await.map_err(io::Error::other)?
+        };
+        let (send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
+        Ok(Stream::Quic(Box::new(QuicStream {
+            send,
+            recv,
+            _conn: conn,
+            _endpoint: endpoint,
+        })))
     }
 
     fn name(&self, slot: usize) -> ServerName<'static> {
@@ -220,9 +301,20 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
+/// One MQTT-over-QUIC connection: its stream, and what keeps it open.
+#[derive(Debug)]
+pub struct QuicStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    _conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
 /// A connected byte stream on tokio.
 #[derive(Debug)]
 pub enum Stream {
+    /// MQTT over QUIC: one bidirectional stream (boxed like TLS).
+    Quic(Box<QuicStream>),
     /// Plain TCP.
     Plain(TcpStream),
     /// TLS over TCP (boxed: the rustls state is large and idle `conn` clients
@@ -240,6 +332,7 @@ impl Stream {
                 let (r, w) = s.split();
                 (ReadHalf::Plain(r), WriteHalf::Plain(w))
             }
+            Stream::Quic(q) => (ReadHalf::Quic(&mut q.recv), WriteHalf::Quic(&mut q.send)),
             Stream::Tls(s) => {
                 let (r, w) = tokio::io::split(&mut **s);
                 (
@@ -263,6 +356,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Stream::Quic(q) => Pin::new(&mut q.recv).poll_read(cx, buf),
         }
     }
 }
@@ -276,6 +370,9 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Stream::Quic(q) => Pin::new(&mut q.send)
+                .poll_write(cx, buf)
+                .map_err(io::Error::from),
         }
     }
 
@@ -283,6 +380,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            Stream::Quic(q) => Pin::new(&mut q.send).poll_flush(cx),
         }
     }
 
@@ -290,6 +388,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            Stream::Quic(q) => Pin::new(&mut q.send).poll_shutdown(cx),
         }
     }
 }
@@ -301,6 +400,8 @@ pub enum ReadHalf<'a> {
     Plain(tcp::ReadHalf<'a>),
     /// TLS.
     Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+    /// QUIC: the stream's receiving side.
+    Quic(&'a mut quinn::RecvStream),
 }
 
 impl AsyncRead for ReadHalf<'_> {
@@ -312,6 +413,7 @@ impl AsyncRead for ReadHalf<'_> {
         match self.get_mut() {
             ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ReadHalf::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Quic(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -328,6 +430,8 @@ pub enum WriteHalf<'a> {
         /// Bytes were accepted since the last completed flush.
         unflushed: bool,
     },
+    /// QUIC: accepted bytes are in quinn's send buffer, sent without a flush.
+    Quic(&'a mut quinn::SendStream),
 }
 
 impl WriteHalf<'_> {
@@ -373,12 +477,16 @@ impl AsyncWrite for WriteHalf<'_> {
                 }
                 r
             }
+            WriteHalf::Quic(s) => Pin::new(&mut **s)
+                .poll_write(cx, buf)
+                .map_err(io::Error::from),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Quic(s) => Pin::new(&mut **s).poll_flush(cx),
             WriteHalf::Tls { half, unflushed } => {
                 let r = Pin::new(half).poll_flush(cx);
                 if let Poll::Ready(Ok(())) = &r {
@@ -393,6 +501,7 @@ impl AsyncWrite for WriteHalf<'_> {
         match self.get_mut() {
             WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
             WriteHalf::Tls { half, .. } => Pin::new(half).poll_shutdown(cx),
+            WriteHalf::Quic(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Goal: `--tls` works end to end: fan-in and conn over TLS against the real
 //! Tessera broker (server certificate verified with `--ca`, and with `--insecure`),
 //! mutual TLS with a client certificate (and a clear failure without one), and
-//! Mosquitto's TLS listener.
+//! Mosquitto's TLS listener; and `--quic` (with `--quic-0rtt`) against Tessera's
+//! `quic` listener.
 //!
 //! Method: certificates are generated per test with rcgen (a CA, a server
 //! certificate for 127.0.0.1/localhost, a client certificate). The workspace's
@@ -112,13 +113,21 @@ impl Drop for Running {
 /// Starts Tessera (2 shards) with one `mqtts` listener on port 0, with client
 /// certificates required when `mtls`, and returns it with the TLS port.
 fn tessera_tls(pki: &Pki, mtls: bool) -> (Running, u16) {
-    let mut config = format!(
-        "[[listener]]\nkind = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+    let mut extra = String::new();
+    if mtls {
+        extra = format!("ca_file = \"{}\"\nrequire_client_cert = true\n", pki.ca);
+    }
+    tessera_listener(pki, "mqtts", &extra)
+}
+
+/// Starts Tessera (2 shards) with one listener of `kind` (`mqtts`, `quic`) on
+/// port 0 with the test's server certificate and `extra` lines; returns it
+/// with the listener's port.
+fn tessera_listener(pki: &Pki, kind: &str, extra: &str) -> (Running, u16) {
+    let config = format!(
+        "[[listener]]\nkind = \"{kind}\"\nbind = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n{extra}",
         pki.server_cert, pki.server_key
     );
-    if mtls {
-        config += &format!("ca_file = \"{}\"\nrequire_client_cert = true\n", pki.ca);
-    }
     let conf = pki.dir.join("tessera.toml");
     std::fs::write(&conf, config).unwrap();
     let mut cmd = Command::new(broker_binary());
@@ -142,9 +151,10 @@ fn tessera_tls(pki: &Pki, mtls: bool) -> (Running, u16) {
     let stdout = child.stdout.take().expect("stdout");
     let running = Running(child);
     let (tx, rx) = mpsc::channel();
+    let prefix = format!("tessera: listening {kind}://");
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("tessera: listening mqtts://") {
+            if let Some(addr) = line.strip_prefix(&prefix) {
                 let _ = tx.send(addr.to_string());
             }
         }
@@ -153,7 +163,7 @@ fn tessera_tls(pki: &Pki, mtls: bool) -> (Running, u16) {
         .recv_timeout(Duration::from_secs(30))
         .unwrap_or_else(|_| {
             panic!(
-                "the broker did not print its mqtts listening line within 30 s; stderr:\n{}",
+                "the broker did not print its {kind} listening line within 30 s; stderr:\n{}",
                 std::fs::read_to_string(pki.dir.join("broker.err")).unwrap_or_default()
             )
         });
@@ -199,7 +209,6 @@ fn assert_conn(run: &BenchRun, clients: u64) {
         "{}",
         run.output
     );
-    assert_eq!(run.json["transport"], "tls", "{}", run.output);
 }
 
 #[test]
@@ -228,6 +237,7 @@ fn fanin_and_conn_over_tls_against_tessera() {
         ),
     );
     assert_conn(&run, 50);
+    assert_eq!(run.json["transport"], "tls", "{}", run.output);
     // A latency run over TLS: the paced blocking publisher has its own TLS path.
     let run = bench(
         port,
@@ -235,6 +245,36 @@ fn fanin_and_conn_over_tls_against_tessera() {
     );
     assert_eq!(run.code, 0, "{}", run.output);
     assert!(run.u("received_count") > 100, "{}", run.output);
+}
+
+#[test]
+fn fanin_and_conn_over_quic_against_tessera() {
+    let pki = Pki::new("quic");
+    let (_broker, port) = tessera_listener(&pki, "quic", "zero_rtt = true\n");
+    let verified = ["--quic", "--ca", pki.ca.as_str()];
+    for qos in ["0", "1"] {
+        let run = bench(
+            port,
+            &with(
+                &["fanin", "--publishers", "4", "--qos", qos, "--rate", "1000"],
+                &verified,
+            ),
+        );
+        assert_clean_fanin(&run);
+        assert_eq!(run.json["transport"], "quic", "{}", run.output);
+    }
+    for zero_rtt in [false, true] {
+        let mut flags = verified.to_vec();
+        if zero_rtt {
+            flags.push("--quic-0rtt");
+        }
+        let run = bench(
+            port,
+            &with(&["conn", "--clients", "20", "--rate", "100"], &flags),
+        );
+        assert_conn(&run, 20);
+        assert_eq!(run.json["transport"], "quic", "{}", run.output);
+    }
 }
 
 #[test]
@@ -302,8 +342,11 @@ fn mutual_tls_with_a_client_certificate() {
 #[test]
 fn tls_flags_are_checked() {
     let pki = Pki::new("flags");
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--tls"], "--ca"),
+        (&["--quic"], "--quic needs --ca"),
+        (&["--quic-0rtt"], "only with --quic"),
+        (&["--quic", "--tls", "--insecure"], "choose one"),
         (&["--ca", pki.ca.as_str()], "only with --tls"),
         (
             &["--tls", "--insecure", "--cert", pki.client_cert.as_str()],
