@@ -509,6 +509,211 @@ fn crash_loop_delivers_every_acknowledged_shared_message() {
 }
 
 // ----------------------------------------------------------------------
+// QoS 2 re-sends of a persistent publisher across shards
+
+/// Messages the QoS 2 crash loop publishes at most.
+const RESEND_MESSAGES_MAX: u64 = 6_000;
+/// QoS 2 publications the publisher keeps in flight (unacknowledged): more
+/// than one, so a kill finds several between their commits on the two shards.
+const RESEND_WINDOW: usize = 16;
+
+/// A persistent QoS 2 publisher that behaves as MQTT-4.4.0-1 asks: after a
+/// reconnect with session present it re-sends every PUBLISH not yet answered
+/// with PUBREC (DUP set, same packet id) and every PUBREL not yet answered
+/// with PUBCOMP, in order, before anything new.
+#[derive(Default)]
+struct Qos2Publisher {
+    next: u64,
+    /// In flight, in publish order: (packet id, message number, PUBREC seen).
+    inflight: Vec<(u16, u64, bool)>,
+    last_packet_id: u16,
+    /// Numbers of the messages the broker answered with PUBREC.
+    acked: Vec<u64>,
+}
+
+impl Qos2Publisher {
+    fn new() -> Qos2Publisher {
+        Qos2Publisher {
+            next: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Connects as `id` and publishes until the broker goes away or, with
+    /// `finish`, until nothing is in flight any more (no new messages then).
+    /// Returns whether the connection was established.
+    fn run(&mut self, addr: SocketAddr, id: &str, finish: bool) -> bool {
+        let wait = if finish {
+            FINAL_WAIT
+        } else {
+            Duration::from_secs(5)
+        };
+        let Ok((mut w, ack)) = Wire::connect(addr, persistent(id), wait) else {
+            assert!(!finish, "{id}: cannot connect to the restarted broker");
+            return false;
+        };
+        assert!(
+            ack.session_present || self.next == 1,
+            "{id}: the session was lost"
+        );
+        for &(packet_id, n, recd) in &self.inflight {
+            let p = if recd {
+                Packet::PubRel(PubRel::new(packet_id))
+            } else {
+                let mut p = publish_packet(
+                    "resend/t",
+                    n.to_string().as_bytes(),
+                    QoS::ExactlyOnce,
+                    packet_id,
+                    false,
+                );
+                if let Packet::Publish(p) = &mut p {
+                    p.dup = true;
+                }
+                p
+            };
+            if w.send(&p).is_err() {
+                return true;
+            }
+        }
+        loop {
+            while !finish && self.inflight.len() < RESEND_WINDOW && self.next <= RESEND_MESSAGES_MAX
+            {
+                let n = self.next;
+                self.next += 1;
+                self.last_packet_id = self.last_packet_id % 60_000 + 1;
+                let packet_id = self.last_packet_id;
+                self.inflight.push((packet_id, n, false));
+                let p = publish_packet(
+                    "resend/t",
+                    n.to_string().as_bytes(),
+                    QoS::ExactlyOnce,
+                    packet_id,
+                    false,
+                );
+                if w.send(&p).is_err() {
+                    return true;
+                }
+            }
+            if self.inflight.is_empty() {
+                return true;
+            }
+            let wait = if finish {
+                FINAL_WAIT
+            } else {
+                Duration::from_secs(5)
+            };
+            let reply = match w.recv(wait) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    assert!(!finish, "{id}: no answer from the restarted broker");
+                    return true;
+                }
+                Err(_) => {
+                    assert!(!finish, "{id}: the restarted broker went away");
+                    return true;
+                }
+            };
+            match reply {
+                Packet::PubRec(r) => {
+                    let Some(entry) = self.inflight.iter_mut().find(|e| e.0 == r.packet_id) else {
+                        panic!("{id}: PUBREC for unknown packet id {}", r.packet_id);
+                    };
+                    assert_eq!(r.reason_code, ReasonCode::Success);
+                    if !entry.2 {
+                        entry.2 = true;
+                        self.acked.push(entry.1);
+                    }
+                    if w.send(&Packet::PubRel(PubRel::new(r.packet_id))).is_err() {
+                        return true;
+                    }
+                }
+                Packet::PubComp(c) => {
+                    self.inflight.retain(|e| !(e.0 == c.packet_id && e.2));
+                }
+                other => panic!("{id}: unexpected packet for the publisher: {other:?}"),
+            }
+        }
+    }
+}
+
+/// The bug the bridge tests found: a persistent QoS 2 publisher on shard 0,
+/// a persistent subscriber on shard 1, the broker killed mid-stream five
+/// times. After each restart the publisher re-sends what was not answered;
+/// at the end it completes every exchange. Every message the broker answered
+/// with PUBREC reaches the subscriber exactly once, in order. Before the fix
+/// a kill between the two shards' commits made the restarted broker answer
+/// the re-sent PUBLISH with PUBREC and never deliver it.
+#[test]
+fn crash_loop_delivers_resent_qos2_messages_exactly_once_across_shards() {
+    const ROUNDS: usize = 5;
+    let dir = TestDir::new("crash-resend");
+    let (pub_id, sub_id) = (id_on_shard("resend-pub", 0), id_on_shard("resend-sub", 1));
+    {
+        let broker = start_crash(&dir);
+        let mut c = RawClient::connect_ok(broker.addr(), persistent(&sub_id));
+        assert_eq!(
+            c.subscribe(1, &[("resend/t", QoS::ExactlyOnce)]),
+            [ReasonCode::GrantedQoS2]
+        );
+        c.disconnect();
+    }
+    let mut random = crash_random();
+    let mut publisher = Qos2Publisher::new();
+    let mut got = Receiver::default();
+    for round in 0..ROUNDS {
+        let broker = start_crash(&dir);
+        let addr = broker.addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sub = {
+            let stop = stop.clone();
+            let mut r = std::mem::take(&mut got);
+            let sub_id = sub_id.clone();
+            std::thread::spawn(move || {
+                r.run(addr, &sub_id, &stop, None);
+                r
+            })
+        };
+        let publishing = {
+            let mut p = std::mem::take(&mut publisher);
+            let pub_id = pub_id.clone();
+            std::thread::spawn(move || {
+                p.run(addr, &pub_id, false);
+                p
+            })
+        };
+        let life = Duration::from_millis(150 + random(500));
+        std::thread::sleep(life);
+        drop(broker); // SIGKILL mid-stream
+        publisher = publishing.join().expect("publisher");
+        stop.store(true, Ordering::Relaxed);
+        got = sub.join().expect("subscriber");
+        println!(
+            "round {round}: killed after {life:?}; published up to {}, PUBREC for {}, {} in flight",
+            publisher.next - 1,
+            publisher.acked.len(),
+            publisher.inflight.len()
+        );
+    }
+    let broker = start_crash(&dir);
+    assert!(publisher.run(broker.addr(), &pub_id, true));
+    assert!(publisher.inflight.is_empty());
+    assert!(
+        publisher.acked.len() >= 20,
+        "too few messages acknowledged to test anything"
+    );
+    let stop = AtomicBool::new(false);
+    got.run(broker.addr(), &sub_id, &stop, Some(FINAL_IDLE));
+    let acked = Acked {
+        qos1: Vec::new(),
+        qos2: publisher.acked.clone(),
+    };
+    check_delivery("subscriber on the other shard", &got, &acked);
+    // Every message published was completed in the end, so all of them.
+    assert_eq!(publisher.acked.len() as u64, publisher.next - 1);
+}
+
+// ----------------------------------------------------------------------
 // Shard count changes, wills, bad disk states
 
 fn shard_dirs(dir: &TestDir) -> Vec<String> {

@@ -42,7 +42,8 @@ use crate::mesh::{MeshMsg, ShardId};
 use crate::message::{Message, SessionUid};
 use crate::probe::Probe;
 use crate::session::{
-    ConnId, Delivery, Inflight, InflightState, Session, SessionIdx, ShareKey, SubscriptionEntry,
+    ConnId, Delivery, InboundQos2, Inflight, InflightState, Session, SessionIdx, ShareKey,
+    SubscriptionEntry,
 };
 use crate::sys::{SysPublisher, SysSettings};
 use crate::trie::{ShardSet, Trie, route_match};
@@ -50,6 +51,7 @@ use crate::trie::{ShardSet, Trie, route_match};
 mod admin;
 mod auth;
 mod backpressure;
+mod exactly_once;
 mod mqtt5;
 mod persist;
 mod queue_budget;
@@ -495,6 +497,9 @@ pub struct Engine {
     /// While a publication that can still be refused is routed: whether a
     /// full persistent queue refused it (`queue_budget`).
     refusal: Option<bool>,
+    /// While a client's QoS 2 publication is routed: its origin sequence
+    /// number (`exactly_once`), 0 for everything else.
+    publish_seq: u64,
     /// 3.1.1 connections holding an acknowledgement for a refused message,
     /// with when they are closed, in deadline order (`queue_budget`).
     refused_holds: VecDeque<(u64, ConnId)>,
@@ -568,6 +573,7 @@ impl Engine {
             queue_mem_bytes: 0,
             queue_disk_bytes: 0,
             refusal: None,
+            publish_seq: 0,
             refused_holds: VecDeque::new(),
             timers: timers::Timers::default(),
             live_conns: 0,
@@ -1165,19 +1171,26 @@ impl Engine {
         {
             return self.refuse_publish(now_ms, conn, &p, rc);
         }
+        let mut seq = 0;
         if p.qos == QoS::ExactlyOnce {
             let receive_maximum = self.inbound_qos2_max(version);
             let s = self.session_mut(idx);
-            if s.inbound_qos2.contains(&p.packet_id) {
-                // A re-sent PUBLISH before PUBREL: acknowledge, do not deliver again.
-                self.send_ack(conn, Packet::PubRec(PubRec::new(p.packet_id)), None);
-                return;
+            if let Some(pos) = s.inbound_position(p.packet_id) {
+                // A re-sent PUBLISH before PUBREL: acknowledged, delivered
+                // again only where a crash may have lost it.
+                return self.on_publish_again(now_ms, conn, idx, pos, p);
             }
             if s.inbound_qos2.len() >= receive_maximum {
                 return self.protocol_error(now_ms, conn, ReasonCode::ReceiveMaximumExceeded);
             }
-            s.inbound_qos2.push(p.packet_id);
-            self.persist_inbound(idx, p.packet_id, true);
+            s.inbound_qos2.push(InboundQos2::new(p.packet_id));
+            seq = self.origin_seq_for(idx);
+            let mark = self.store_mark();
+            self.persist_inbound(idx, p.packet_id, Some((seq, None)));
+            if self.store_mark() != mark {
+                // The PUBREC waits for the id's commit, whenever it is written.
+                self.hold_output_for_commit(conn);
+            }
         }
         let uid = self.session(idx).uid;
         let (qos, packet_id) = (p.qos, p.packet_id);
@@ -1205,7 +1218,9 @@ impl Engine {
         self.bp_begin_local(conn, idx, qos, token);
         // A full persistent queue refuses it rather than drop an older one.
         self.refusal = (qos != QoS::AtMostOnce).then_some(false);
+        self.publish_seq = seq;
         self.publish_acked(now_ms, msg, token, key);
+        self.publish_seq = 0;
         let refused = self.refusal.take() == Some(true);
         let token = self.bp_end_local().or(token);
         if self.store_mark() != mark {
@@ -1220,6 +1235,9 @@ impl Engine {
             }
             waits
         });
+        if qos == QoS::ExactlyOnce {
+            self.note_inbound_wait(idx, packet_id, token);
+        }
         let ack = match qos {
             QoS::AtMostOnce => return,
             QoS::AtLeastOnce => Packet::PubAck(PubAck::new(packet_id)),
@@ -1268,10 +1286,10 @@ impl Engine {
     fn on_pubrel(&mut self, conn: ConnId, idx: SessionIdx, packet_id: u16) {
         let s = self.session_mut(idx);
         let mut comp = PubComp::new(packet_id);
-        match s.inbound_qos2.iter().position(|id| *id == packet_id) {
+        match s.inbound_position(packet_id) {
             Some(pos) => {
                 s.inbound_qos2.swap_remove(pos);
-                self.persist_inbound(idx, packet_id, false);
+                self.persist_inbound(idx, packet_id, None);
             }
             None => comp.reason_code = ReasonCode::PacketIdentifierNotFound,
         }
@@ -1556,10 +1574,7 @@ impl Engine {
             && let Some((_, n)) = self.pending_retains.get_mut(&t)
         {
             *n += 1;
-            self.outbox[usize::from(to)].push(MeshMsg::PublishDurable {
-                message: msg.clone(),
-                ack: t,
-            });
+            self.send_durable(to, msg.clone(), t, self.publish_seq);
         } else {
             self.outbox[usize::from(to)].push(MeshMsg::Publish(msg.clone()));
         }
@@ -1606,7 +1621,8 @@ impl Engine {
         match msg {
             MeshMsg::Publish(m) => self.deliver_local(now_ms, &m),
             MeshMsg::Forwarded(m) => self.publish_forwarded(now_ms, m),
-            MeshMsg::PublishDurable { message, ack } => {
+            MeshMsg::PublishDurable { message, ack, seq } => {
+                self.note_origin(from, seq);
                 self.bp_begin_remote(from, ack, message.qos);
                 self.refusal = (message.qos != QoS::AtMostOnce).then_some(false);
                 self.deliver_local(now_ms, &message);

@@ -30,6 +30,12 @@ pub enum MeshMsg {
         message: Message,
         /// Token to echo in `Ack`.
         ack: u64,
+        /// The publication's origin sequence number on the sending shard
+        /// (0: none): a QoS 2 publication of a stored session. Sent only
+        /// after the sender committed the publisher's packet id with it, in
+        /// increasing order; the receiver stores the highest it handled
+        /// with what it stored (`StoreOp::PutOrigin`).
+        seq: u64,
     },
     /// `shard` gained its first subscriber on `filter`. When `ack` is set, the
     /// receiver answers `Ack` so the subscriber's SUBACK can wait until

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tessera_proto::{ProtocolVersion, QoS, Str, SubscriptionOptions, Will};
 
 use crate::message::{Message, SessionUid};
+use crate::trie::ShardSet;
 
 /// Index of a session in its shard's session slab.
 pub type SessionIdx = u32;
@@ -91,6 +92,44 @@ pub enum InflightState {
     Published,
     /// PUBREC received and PUBREL sent; waiting for PUBCOMP.
     Released,
+}
+
+/// An inbound QoS 2 packet id awaiting PUBREL (`Session::inbound_qos2`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundQos2 {
+    /// The packet id.
+    pub packet_id: u16,
+    /// The held PUBREC's token while other shards have not all acknowledged
+    /// the publication: a re-sent PUBLISH's PUBREC waits for it too.
+    pub token: Option<u64>,
+    /// The store epoch holding the id (0: not stored): a re-sent PUBLISH's
+    /// PUBREC waits for its commit too.
+    pub epoch: u64,
+    /// After a restart: the other shards that may lack the publication
+    /// (recovery's answer). The next re-sent PUBLISH is delivered again
+    /// there, once; boxed because it is almost always `None`.
+    pub redeliver: Option<Box<ShardSet>>,
+}
+
+impl InboundQos2 {
+    /// A packet id just received.
+    pub fn new(packet_id: u16) -> InboundQos2 {
+        InboundQos2 {
+            packet_id,
+            token: None,
+            epoch: 0,
+            redeliver: None,
+        }
+    }
+
+    /// A packet id restored from a store or another node, with the shards
+    /// that may lack its publication.
+    pub fn restored(packet_id: u16, redeliver: ShardSet) -> InboundQos2 {
+        InboundQos2 {
+            redeliver: (!redeliver.is_empty()).then(|| Box::new(redeliver)),
+            ..InboundQos2::new(packet_id)
+        }
+    }
 }
 
 /// One in-flight outbound delivery.
@@ -324,7 +363,7 @@ pub struct Session {
     /// Deliveries waiting for window space or a connection.
     pub queue: DeliveryQueue,
     /// QoS 2 packet ids received and not yet released by PUBREL.
-    pub inbound_qos2: Vec<u16>,
+    pub inbound_qos2: Vec<InboundQos2>,
     /// The will of the live connection.
     /// Boxed: most sessions have none, and inline it would triple the size of
     /// every session.
@@ -342,6 +381,13 @@ pub struct Session {
 }
 
 impl Session {
+    /// Where inbound QoS 2 packet id `packet_id` is in `inbound_qos2`.
+    pub fn inbound_position(&self, packet_id: u16) -> Option<usize> {
+        self.inbound_qos2
+            .iter()
+            .position(|i| i.packet_id == packet_id)
+    }
+
     /// A new, empty session.
     pub fn new(client_id: Str, uid: SessionUid, version: ProtocolVersion) -> Session {
         Session {

@@ -18,6 +18,7 @@ use tessera_shard::store::{
     Batch, Recovered, STATE_PUBLISHED, STATE_QUEUED, SessionState, StoreConfig, StoreOp, recover,
     spawn_writer,
 };
+use tessera_shard::trie::ShardSet;
 
 const MAP_BYTES: usize = 16 << 20;
 const WALL_BASE_MS: u64 = 1_700_000_000_000;
@@ -123,6 +124,8 @@ fn write_fixture(dir: &Dir, shards: usize) {
         ops.push(StoreOp::PutInbound {
             client_id: s(&id),
             packet_id: 5,
+            seq: 3,
+            redeliver: None,
         });
         ops.push(StoreOp::PutWill {
             client_id: s(&id),
@@ -160,7 +163,11 @@ fn write_fixture(dir: &Dir, shards: usize) {
     drop(lock);
 }
 
-fn check(recovered: &[Recovered]) {
+/// `redeliver`: whether the inbound QoS 2 id (written with origin sequence
+/// number 3 and no origin marks anywhere) is to be delivered again to the
+/// other shard: at the first start with the count it was written with; after
+/// a change of the count, never.
+fn check(recovered: &[Recovered], redeliver: bool) {
     let shards = recovered.len();
     let mut seen = Vec::new();
     for (k, r) in recovered.iter().enumerate() {
@@ -197,7 +204,11 @@ fn check(recovered: &[Recovered]) {
             );
             assert_eq!(rs.deliveries[0].2.message.expires_at_ms, Some(3_600_000));
             assert_eq!(rs.deliveries[0].2.subscription_ids, [7]);
-            assert_eq!(rs.inbound_qos2, [5]);
+            let mut others = ShardSet::new();
+            if redeliver {
+                others.insert(1 - k as u16);
+            }
+            assert_eq!(rs.inbound_qos2, [(5, others)]);
             assert_eq!(rs.delayed_will.as_ref().map(|w| w.0), Some(9_000));
             seen.push(id);
         }
@@ -215,18 +226,18 @@ fn records_follow_the_shard_count_2_to_1_to_3() {
     let dir = Dir(std::env::temp_dir().join(format!("tessera-store-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir.0);
     write_fixture(&dir, 2);
-    check(&recover_closed(&dir, 2));
-    check(&recover_closed(&dir, 1));
+    check(&recover_closed(&dir, 2), true);
+    check(&recover_closed(&dir, 1), false);
     assert!(
         !dir.0.join("shard-1").exists(),
         "the emptied store is removed"
     );
-    check(&recover_closed(&dir, 3));
+    check(&recover_closed(&dir, 3), false);
     for k in 0..3 {
         assert!(dir.0.join(format!("shard-{k}")).exists());
     }
     // And once more: a start with the same count moves nothing.
-    check(&recover_closed(&dir, 3));
+    check(&recover_closed(&dir, 3), false);
 }
 
 /// In one transaction only the last op on a delivery counts: a delivery

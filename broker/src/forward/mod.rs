@@ -699,7 +699,9 @@ impl Forwarder {
         for msg in b.msgs {
             match msg {
                 MeshMsg::Publish(m) => self.forward(shard, m, None),
-                MeshMsg::PublishDurable { message, ack } => self.forward(shard, message, Some(ack)),
+                MeshMsg::PublishDurable { message, ack, .. } => {
+                    self.forward(shard, message, Some(ack))
+                }
                 MeshMsg::RouteAdd { filter, ack, .. } => {
                     self.local_add(shard, route_key(None, &filter), ack)
                 }

@@ -22,6 +22,10 @@
 //!   shared subscription member on another shard (`SharedPublish`) carries
 //!   the same token; the shard that finally hands it to a member answers
 //!   after its commit (see `shared::SharedAck`).
+//! - a QoS 2 publication of a stored session leaves for other shards only
+//!   once its packet id is committed, numbered, and receivers store a mark
+//!   per sender with their ops (`send_durable`, `note_origin`; the protocol
+//!   is in `exactly_once`).
 //!
 //! Sessions with Clean Start and expiry 0 (every non-persistent session)
 //! never produce an op. QoS 0 deliveries are not stored.
@@ -33,10 +37,12 @@ use tessera_proto::{Packet, QoS, topic};
 use super::{DelayedWill, Engine};
 use crate::hash::shard_for;
 use crate::mesh::{MeshMsg, ShardId};
-use crate::session::{ConnId, Delivery, Inflight, InflightState, Session, SessionIdx};
+use crate::message::Message;
+use crate::session::{ConnId, Delivery, InboundQos2, Inflight, InflightState, Session, SessionIdx};
 use crate::store::{
     Batch, Recovered, STATE_PUBLISHED, STATE_QUEUED, STATE_RELEASED, SessionState, StoreOp,
 };
+use crate::trie::ShardSet;
 
 /// The engine's side of the store.
 #[derive(Debug)]
@@ -51,6 +57,16 @@ pub(super) struct PersistState {
     committed: u64,
     /// Mesh `Ack`s to send once their epoch is committed: (epoch, to, token).
     deferred_acks: VecDeque<(u64, ShardId, u64)>,
+    /// Publications with an origin sequence number, sent once the epoch
+    /// holding their publisher's packet id is committed: (epoch, to, message).
+    deferred_sends: VecDeque<(u64, ShardId, MeshMsg)>,
+    /// The next origin sequence number this shard gives out.
+    origin_next: u64,
+    /// Per sending shard: the highest origin sequence number handled here,
+    /// and the highest stored (`StoreOp::PutOrigin`).
+    origin_marks: Vec<(u64, u64)>,
+    /// Whether a mark is above its stored value.
+    origin_marks_dirty: bool,
 }
 
 impl Engine {
@@ -64,6 +80,10 @@ impl Engine {
             epoch: 1,
             committed: 0,
             deferred_acks: VecDeque::new(),
+            deferred_sends: VecDeque::new(),
+            origin_next: 1,
+            origin_marks: Vec::new(),
+            origin_marks_dirty: false,
         }));
     }
 
@@ -73,6 +93,21 @@ impl Engine {
         let p = self.persist.as_mut()?;
         if p.ops.is_empty() {
             return None;
+        }
+        // The origin marks ride with ops that are committed anyway: a mark
+        // is stored in the commit of what the publications up to it stored
+        // here, or a later one, never an earlier one.
+        if p.origin_marks_dirty {
+            p.origin_marks_dirty = false;
+            for (from, (handled, stored)) in p.origin_marks.iter_mut().enumerate() {
+                if *handled > *stored {
+                    *stored = *handled;
+                    p.ops.push(StoreOp::PutOrigin {
+                        from: from as ShardId,
+                        seq: *handled,
+                    });
+                }
+            }
         }
         let batch = Batch {
             epoch: p.epoch,
@@ -107,6 +142,79 @@ impl Engine {
             p.deferred_acks.pop_front();
             self.ack_now(to, token);
         }
+        while let Some(p) = self.persist.as_mut()
+            && p.deferred_sends
+                .front()
+                .is_some_and(|(e, _, _)| *e <= committed)
+        {
+            let (_, to, msg) = p.deferred_sends.pop_front().expect("front exists");
+            self.outbox[usize::from(to)].push(msg);
+        }
+    }
+
+    /// The origin sequence number of a QoS 2 publication of session `idx`
+    /// that may go to other shards (or nodes) under `sync` durability, when
+    /// the session is stored; 0 otherwise. See `exactly_once`.
+    pub(super) fn origin_seq_for(&mut self, idx: SessionIdx) -> u64 {
+        let others = self.shard_count > 1 || self.remote.is_some();
+        if !others || !self.durable_forwards() || !self.session(idx).stored {
+            return 0;
+        }
+        let p = self
+            .persist
+            .as_mut()
+            .expect("durable forwards need persistence");
+        let seq = p.origin_next;
+        p.origin_next += 1;
+        seq
+    }
+
+    /// Sends a `PublishDurable` to `to`: at once, or, carrying an origin
+    /// sequence number, once the current epoch (which holds its publisher's
+    /// packet id) is committed, so no other shard ever has a publication
+    /// whose packet id this shard could lose in a crash.
+    pub(super) fn send_durable(&mut self, to: ShardId, message: Message, ack: u64, seq: u64) {
+        let msg = MeshMsg::PublishDurable { message, ack, seq };
+        match self.persist.as_mut() {
+            Some(p) if seq != 0 => p.deferred_sends.push_back((p.epoch, to, msg)),
+            _ => self.outbox[usize::from(to)].push(msg),
+        }
+    }
+
+    /// A `PublishDurable` from shard `from` with origin sequence number `seq`
+    /// was handled: its mark goes into the next batch with ops.
+    pub(super) fn note_origin(&mut self, from: ShardId, seq: u64) {
+        let Some(p) = self.persist.as_mut() else {
+            return;
+        };
+        if seq == 0 || usize::from(from) >= self.shard_count {
+            return;
+        }
+        if p.origin_marks.len() < self.shard_count {
+            p.origin_marks.resize(self.shard_count, (0, 0));
+        }
+        let mark = &mut p.origin_marks[usize::from(from)].0;
+        if seq > *mark {
+            *mark = seq;
+            p.origin_marks_dirty = true;
+        }
+    }
+
+    /// Output of `conn` waits for the commit of `epoch` (0: nothing).
+    pub(super) fn hold_output_for_epoch(&mut self, conn: ConnId, epoch: u64) {
+        let sync = self
+            .persist
+            .as_ref()
+            .is_some_and(|p| p.sync && p.committed < epoch);
+        if sync && let Some(c) = self.slot_mut(conn) {
+            c.out.durable_epoch = c.out.durable_epoch.max(epoch);
+        }
+    }
+
+    /// The current epoch when it has ops (what output written now waits for
+    /// under `sync`), else 0.
+    pub(super) fn current_durable_epoch(&self) -> u64 {
+        self.durable_epoch().unwrap_or(0)
     }
 
     /// Answers `Ack { token }` to shard `to`. A shared delivery can end on
@@ -333,23 +441,31 @@ impl Engine {
         }
     }
 
-    /// An inbound QoS 2 packet id of session `idx` awaits PUBREL (or was
-    /// released, `stored = false`).
-    pub(super) fn persist_inbound(&mut self, idx: SessionIdx, packet_id: u16, awaiting: bool) {
+    /// An inbound QoS 2 packet id of session `idx` awaits PUBREL
+    /// (`awaiting`: its origin sequence number, and for a re-delivery the
+    /// shards it was for; see `StoreOp::PutInbound`) or was released
+    /// (`None`).
+    pub(super) fn persist_inbound(
+        &mut self,
+        idx: SessionIdx,
+        packet_id: u16,
+        awaiting: Option<(u64, Option<ShardSet>)>,
+    ) {
         if self.persist.is_none() || !self.session(idx).stored {
             return;
         }
         let client_id = self.session(idx).client_id.clone();
-        self.store_op(if awaiting {
-            StoreOp::PutInbound {
+        self.store_op(match awaiting {
+            Some((seq, redeliver)) => StoreOp::PutInbound {
                 client_id,
                 packet_id,
-            }
-        } else {
-            StoreOp::DelInbound {
+                seq,
+                redeliver,
+            },
+            None => StoreOp::DelInbound {
                 client_id,
                 packet_id,
-            }
+            },
         });
     }
 
@@ -405,6 +521,9 @@ impl Engine {
             self.by_client_id.is_empty(),
             "restore runs before any session"
         );
+        if let Some(p) = self.persist.as_mut() {
+            p.origin_next = p.origin_next.max(r.origin_seq_floor);
+        }
         // Shared groups with members on other shards are routable at once, as
         // offline members; each shard announces its real counts once it runs.
         let mut shared_members: Vec<(&str, ShardId)> = Vec::new();
@@ -489,7 +608,11 @@ impl Engine {
             s.expiry_interval_s = rs.expiry_interval_s.min(expiry_s_max);
             s.disconnected_at_ms = Some(rs.disconnected_at_ms.unwrap_or(now_ms));
             s.stored = stored;
-            s.inbound_qos2 = rs.inbound_qos2;
+            s.inbound_qos2 = rs
+                .inbound_qos2
+                .into_iter()
+                .map(|(packet_id, redeliver)| InboundQos2::restored(packet_id, redeliver))
+                .collect();
             let mut max_seq = 0;
             for (state, packet_id, d) in rs.deliveries {
                 max_seq = max_seq.max(d.seq);

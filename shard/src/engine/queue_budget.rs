@@ -285,9 +285,9 @@ impl Engine {
         };
         let idx = self.conn(conn).session;
         let s = self.session_mut(idx);
-        if let Some(pos) = s.inbound_qos2.iter().position(|id| *id == rec.packet_id) {
+        if let Some(pos) = s.inbound_position(rec.packet_id) {
             s.inbound_qos2.swap_remove(pos);
-            self.persist_inbound(idx, rec.packet_id, false);
+            self.persist_inbound(idx, rec.packet_id, None);
         }
     }
 }
@@ -313,10 +313,7 @@ mod tests {
     //! assertions on the exact packets each client is sent.
 
     use bytes::Bytes;
-    use tessera_proto::{
-        Packet, ProtocolVersion, PubAck, PubRec, Publish, QoS, ReasonCode, Str, Subscribe,
-        Subscription, SubscriptionOptions,
-    };
+    use tessera_proto::{Packet, ProtocolVersion, PubAck, PubRec, Publish, QoS, ReasonCode, Str};
 
     use crate::engine::testing::{StoreModel as Store, connect_packet, drain, engines, pump_mesh};
     use crate::engine::{Engine, Limits};
@@ -340,15 +337,8 @@ mod tests {
         let mut c = connect_packet(ProtocolVersion::V5, id, false);
         c.properties.session_expiry_interval = Some(600);
         let conn = e.connect(1, c, false);
-        let subscribe = Subscribe {
-            packet_id: 1,
-            properties: Default::default(),
-            subscriptions: vec![Subscription {
-                filter: Str::from_static("t"),
-                options: SubscriptionOptions::qos(QoS::ExactlyOnce),
-            }],
-        };
-        e.handle_packet(1, conn, Packet::Subscribe(subscribe));
+        let subscribe = crate::engine::testing::subscribe_packet("t", QoS::ExactlyOnce);
+        e.handle_packet(1, conn, subscribe);
         e.connection_lost(2, conn);
         e.release(2, conn);
     }

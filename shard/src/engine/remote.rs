@@ -324,7 +324,7 @@ mod tests {
         es[1].handle_packet(1, p, Packet::Publish(publish));
         let sent = pump(&mut es, remote);
         let token = match &sent[..] {
-            [(1, MeshMsg::PublishDurable { message, ack })] if message.topic == "t" => *ack,
+            [(1, MeshMsg::PublishDurable { message, ack, .. })] if message.topic == "t" => *ack,
             other => panic!("expected one PublishDurable to the forwarder, got {other:?}"),
         };
         assert!(

@@ -2,7 +2,9 @@
 //! start from, a mesh that delivers between engines on one thread, and the
 //! packets an engine wrote to a connection.
 
-use tessera_proto::{Connect, Packet, ProtocolVersion, Str};
+use tessera_proto::{
+    Connect, Packet, ProtocolVersion, QoS, Str, Subscribe, Subscription, SubscriptionOptions,
+};
 
 use super::{Engine, Limits};
 use crate::mesh::ShardId;
@@ -28,6 +30,18 @@ pub(super) fn connect_packet(version: ProtocolVersion, id: &str, clean_start: bo
         password: None,
         properties: Default::default(),
     }
+}
+
+/// A SUBSCRIBE (packet id 1) to `filter` at `qos`.
+pub(super) fn subscribe_packet(filter: &'static str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        properties: Default::default(),
+        subscriptions: vec![Subscription {
+            filter: Str::from_static(filter),
+            options: SubscriptionOptions::qos(qos),
+        }],
+    })
 }
 
 /// Delivers mesh messages between `engines` (index = shard id) until no

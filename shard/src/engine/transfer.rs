@@ -43,6 +43,7 @@ use crate::store::record::{
 };
 use crate::store::recover::recovered_session;
 use crate::store::{Loaded, StoreOp};
+use crate::trie::ShardSet;
 
 /// Tag on `StoreOp::LoadQueue::session` of a read of a moving session's disk tail: the
 /// driver hands such a load to the request that asked for it (the rest of the value is
@@ -218,7 +219,7 @@ impl Engine {
         let rec = TransferRec {
             session: record::session_rec(&super::persist::session_state(s), wall_base_ms),
             deliveries,
-            inbound_qos2: s.inbound_qos2.clone(),
+            inbound_qos2: s.inbound_qos2.iter().map(|i| i.packet_id).collect(),
             delayed_will: delayed.map(|d| DelayedWillRec {
                 client_id: client_id.to_owned(),
                 due_wall_ms: record::to_wall(d.due_ms, wall_base_ms),
@@ -429,7 +430,12 @@ impl Engine {
         let mut rs = recovered_session(
             rec.session,
             deliveries,
-            rec.inbound_qos2,
+            // Another node's shards are not this node's: nothing to deliver
+            // again here (docs/PERSISTENCE.md, "Cross-shard QoS 2 after a crash").
+            rec.inbound_qos2
+                .into_iter()
+                .map(|pid| (pid, ShardSet::new()))
+                .collect(),
             rec.delayed_will,
             wall_base_ms,
         )
@@ -494,9 +500,14 @@ impl Engine {
         // will (each a no-op without persistence or for a non-persistent session).
         self.persist_session(idx);
         self.persist_rewrite_deliveries(idx);
-        let inbound = self.session(idx).inbound_qos2.clone();
+        let inbound: Vec<u16> = self
+            .session(idx)
+            .inbound_qos2
+            .iter()
+            .map(|i| i.packet_id)
+            .collect();
         for packet_id in inbound {
-            self.persist_inbound(idx, packet_id, true);
+            self.persist_inbound(idx, packet_id, Some((0, None)));
         }
         if let Some(d) = self.delayed_wills.remove(&idx) {
             self.persist_delayed_will(idx, Some(&d));

@@ -28,8 +28,10 @@ use heed::{Database, RwTxn};
 use tessera_proto::{ProtocolVersion, Str, Will};
 use xxhash_rust::xxh3::xxh3_128;
 
+use crate::mesh::ShardId;
 use crate::message::Message;
 use crate::session::{Delivery, SubscriptionEntry};
+use crate::trie::{SHARDS_MAX, ShardSet};
 
 pub mod record;
 pub mod recover;
@@ -114,12 +116,29 @@ pub enum StoreOp {
         /// The delivery's sequence number.
         seq: u64,
     },
-    /// An inbound QoS 2 packet id now awaits PUBREL.
+    /// An inbound QoS 2 packet id now awaits PUBREL (or, again, for a
+    /// re-sent PUBLISH delivered again after a restart).
     PutInbound {
         /// The session's ClientID.
         client_id: Str,
         /// The packet id.
         packet_id: u16,
+        /// The publication's origin sequence number on this shard (0: none,
+        /// it went to no other shard under `sync` durability); recovery
+        /// compares it with the other shards' [`StoreOp::PutOrigin`] marks.
+        seq: u64,
+        /// For a re-delivery: the shards it was for (`None`: a first
+        /// delivery, which was for every shard).
+        redeliver: Option<ShardSet>,
+    },
+    /// Every publication another shard sent with an origin sequence number
+    /// up to `seq` was handled here, and what it stored is in this commit or
+    /// an earlier one (see `InboundRecord`).
+    PutOrigin {
+        /// The sending shard.
+        from: ShardId,
+        /// Its highest origin sequence number handled here.
+        seq: u64,
     },
     /// PUBREL received for an inbound QoS 2 packet id.
     DelInbound {
@@ -263,6 +282,80 @@ fn inbound_key(client_id: &[u8], packet_id: u16) -> Vec<u8> {
     k
 }
 
+/// The `meta` key of the origin mark of shard `from` (`StoreOp::PutOrigin`).
+fn origin_key(from: ShardId) -> Vec<u8> {
+    let mut k = META_ORIGIN_PREFIX.to_vec();
+    k.extend_from_slice(&from.to_be_bytes());
+    k
+}
+
+/// The value of an inbound QoS 2 id: what recovery needs to tell which
+/// shards may lack the publication after a crash (docs/PERSISTENCE.md,
+/// "Cross-shard QoS 2 after a crash").
+///
+/// Encoded as nothing (written before origin sequence numbers: nothing to
+/// deliver again), 8 bytes (the sequence number, little-endian: a first
+/// delivery, for every shard) or 8 + 32 bytes (the sequence number and the
+/// shards it was for, one bit per shard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundRecord {
+    /// The origin sequence number (0: none).
+    pub seq: u64,
+    /// The shards the publication was for.
+    pub shards: ShardSet,
+}
+
+const SHARD_SET_BYTES: usize = SHARDS_MAX / 8;
+
+impl InboundRecord {
+    /// A first delivery with origin sequence number `seq` (for every shard).
+    pub fn first(seq: u64) -> InboundRecord {
+        let mut shards = ShardSet::new();
+        if seq != 0 {
+            for k in 0..SHARDS_MAX as u16 {
+                shards.insert(k);
+            }
+        }
+        InboundRecord { seq, shards }
+    }
+
+    pub(crate) fn encode(seq: u64, redeliver: Option<&ShardSet>) -> Vec<u8> {
+        if seq == 0 && redeliver.is_none_or(ShardSet::is_empty) {
+            return Vec::new();
+        }
+        let mut v = Vec::with_capacity(8 + SHARD_SET_BYTES);
+        v.extend_from_slice(&seq.to_le_bytes());
+        if let Some(set) = redeliver {
+            let mut bits = [0u8; SHARD_SET_BYTES];
+            for k in set.iter() {
+                bits[usize::from(k) / 8] |= 1 << (k % 8);
+            }
+            v.extend_from_slice(&bits);
+        }
+        v
+    }
+
+    pub(crate) fn decode(v: &[u8]) -> Option<InboundRecord> {
+        match v.len() {
+            0 => Some(InboundRecord::first(0)),
+            8 => Some(InboundRecord::first(u64::from_le_bytes(v.try_into().ok()?))),
+            n if n == 8 + SHARD_SET_BYTES => {
+                let seq = u64::from_le_bytes(v[..8].try_into().ok()?);
+                let mut shards = ShardSet::new();
+                for (i, byte) in v[8..].iter().enumerate() {
+                    for bit in 0..8 {
+                        if byte & (1 << bit) != 0 {
+                            shards.insert((i * 8 + bit) as u16);
+                        }
+                    }
+                }
+                Some(InboundRecord { seq, shards })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The smallest key greater than every key starting with `prefix`, if any.
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
@@ -285,6 +378,10 @@ const DB_NAMES: [&str; 6] = [
 
 /// The key of the format version in `meta`.
 const META_FORMAT: &[u8] = b"format";
+
+/// The prefix of origin marks in `meta`, followed by the sending shard (u16
+/// big-endian); the value is the sequence number (u64 little-endian).
+const META_ORIGIN_PREFIX: &[u8] = b"origin/";
 
 type Db<'e> = Database<'e, RawBytes, RawBytes>;
 
@@ -397,9 +494,16 @@ pub(crate) fn apply(
         StoreOp::PutInbound {
             client_id,
             packet_id,
-        } => dbs
-            .inbound
-            .put(txn, &inbound_key(client_id.as_bytes(), *packet_id), &[]),
+            seq,
+            redeliver,
+        } => dbs.inbound.put(
+            txn,
+            &inbound_key(client_id.as_bytes(), *packet_id),
+            &InboundRecord::encode(*seq, redeliver.as_ref()),
+        ),
+        StoreOp::PutOrigin { from, seq } => {
+            dbs.meta.put(txn, &origin_key(*from), &seq.to_le_bytes())
+        }
         StoreOp::DelInbound {
             client_id,
             packet_id,
@@ -505,5 +609,29 @@ mod tests {
         assert!(!session_prefix(b"ab").starts_with(&session_prefix(b"a")));
         assert_eq!(prefix_end(&[1, 2, 0xFF]), Some(vec![1, 3]));
         assert_eq!(prefix_end(&[0xFF, 0xFF]), None);
+    }
+
+    /// Inbound values of older builds (empty) mean nothing to deliver again;
+    /// a first delivery is for every shard; a re-delivery keeps its set.
+    #[test]
+    fn inbound_values_round_trip() {
+        assert_eq!(InboundRecord::encode(0, None), b"");
+        assert_eq!(InboundRecord::decode(b""), Some(InboundRecord::first(0)));
+        assert!(InboundRecord::first(0).shards.is_empty());
+        let first = InboundRecord::decode(&InboundRecord::encode(9, None)).unwrap();
+        assert_eq!((first.seq, first.shards.len()), (9, SHARDS_MAX));
+        let mut set = ShardSet::new();
+        set.insert(1);
+        set.insert(200);
+        let again = InboundRecord::decode(&InboundRecord::encode(10, Some(&set))).unwrap();
+        assert_eq!(
+            again,
+            InboundRecord {
+                seq: 10,
+                shards: set
+            }
+        );
+        assert_eq!(InboundRecord::encode(0, Some(&ShardSet::new())), b"");
+        assert_eq!(InboundRecord::decode(&[0; 5]), None, "a corrupt value");
     }
 }

@@ -26,11 +26,12 @@ use tessera_proto::{ProtocolVersion, Str, Will};
 use tracing::{info, warn};
 
 use super::record::{self, FORMAT_VERSION};
-use super::{DB_NAMES, Dbs, META_FORMAT, open_dbs};
+use super::{DB_NAMES, Dbs, InboundRecord, META_FORMAT, META_ORIGIN_PREFIX, open_dbs};
 use crate::hash::shard_for;
 use crate::mesh::ShardId;
 use crate::message::Message;
 use crate::session::{Delivery, SubscriptionEntry};
+use crate::trie::ShardSet;
 
 /// The exclusive lock on a data directory; held for the life of the process.
 #[derive(Debug)]
@@ -119,8 +120,10 @@ pub struct RecoveredSession {
     /// Deliveries in sequence order with state and packet id; `Delivery::seq`
     /// is set.
     pub deliveries: Vec<(u8, u16, Delivery)>,
-    /// Inbound QoS 2 packet ids awaiting PUBREL.
-    pub inbound_qos2: Vec<u16>,
+    /// Inbound QoS 2 packet ids awaiting PUBREL, each with the other shards
+    /// that may lack its publication after a crash (a re-sent PUBLISH is
+    /// delivered again there; usually none).
+    pub inbound_qos2: Vec<(u16, ShardSet)>,
     /// The will of the connection it had when the broker stopped.
     pub will: Option<Will>,
     /// A will waiting for its delay: due time (broker ms) and the will.
@@ -138,10 +141,16 @@ pub struct Recovered {
     /// subscription. A `$share/...` filter appears once per member session of
     /// that shard, so the group is routable before listeners open.
     pub routes: Vec<(Str, ShardId)>,
+    /// Above every origin sequence number stored anywhere: where the shard's
+    /// own numbering starts (`StoreOp::PutOrigin`).
+    pub origin_seq_floor: u64,
 }
 
 /// One session's deliveries: (seq, record, raw key, raw value).
 type RawMessages = Vec<(u64, record::DeliveryRec, Vec<u8>, Vec<u8>)>;
+
+/// An inbound QoS 2 id: (packet id, raw key, value).
+type RawInbound = (u16, Vec<u8>, InboundRecord);
 
 /// A raw record to copy: (database index, key, value).
 type RawPut = (usize, Vec<u8>, Vec<u8>);
@@ -157,8 +166,10 @@ struct Raw {
     sessions: BTreeMap<Vec<u8>, (record::SessionRec, Vec<u8>)>,
     /// session key -> [(seq, record, raw key, raw value)]
     messages: HashMap<Vec<u8>, RawMessages>,
-    /// session key -> [(packet id, raw key)]
-    inbound: HashMap<Vec<u8>, Vec<(u16, Vec<u8>)>>,
+    /// session key -> [(packet id, raw key, value)]
+    inbound: HashMap<Vec<u8>, Vec<RawInbound>>,
+    /// sending shard -> its origin mark here
+    origins: HashMap<ShardId, u64>,
     /// session key -> (record, raw value)
     wills: HashMap<Vec<u8>, (record::DelayedWillRec, Vec<u8>)>,
     /// topic key -> (record, raw value)
@@ -257,13 +268,24 @@ fn read_raw(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<Raw, St
             .push((seq, rec, k.to_vec(), v.to_vec()));
     }
     for item in dbs.inbound.iter(&rtxn).map_err(open)? {
-        let (k, _) = item.map_err(open)?;
+        let (k, v) = item.map_err(open)?;
         let (session, tail) = split("inbound", k, 2)?;
         let pid = u16::from_be_bytes(tail[..].try_into().expect("2 bytes"));
+        let rec = InboundRecord::decode(v)
+            .ok_or_else(|| corrupt("inbound", k, format!("value of {} bytes", v.len())))?;
         raw.inbound
             .entry(session)
             .or_default()
-            .push((pid, k.to_vec()));
+            .push((pid, k.to_vec(), rec));
+    }
+    for item in dbs.meta.iter(&rtxn).map_err(open)? {
+        let (k, v) = item.map_err(open)?;
+        if let Some(from) = k.strip_prefix(META_ORIGIN_PREFIX) {
+            let bad = || corrupt("meta", k, "bad origin mark".into());
+            let from = ShardId::from_be_bytes(from.try_into().map_err(|_| bad())?);
+            let seq = u64::from_le_bytes(v.try_into().map_err(|_| bad())?);
+            raw.origins.insert(from, seq);
+        }
     }
     for item in dbs.wills.iter(&rtxn).map_err(open)? {
         let (k, v) = item.map_err(open)?;
@@ -387,6 +409,7 @@ pub fn recover(
         check_format(env, &dbs, path)?;
         raws.push(read_raw(env, &dbs, path)?);
     }
+    let origin_seq_floor = resolve_inbound(&envs, &mut raws, present, shard_count)?;
     // A crash during an earlier re-partition can leave a record in two envs:
     // it counts once, and the copy outside its owner is deleted.
     let mut seen_sessions = std::collections::HashSet::new();
@@ -421,7 +444,9 @@ pub fn recover(
                     p.push((MESSAGES, k.clone(), v.clone()));
                     dels.push((MESSAGES, k.clone()));
                 }
-                for (_, k) in &inbound {
+                for (_, k, _) in &inbound {
+                    // Resolved below the shard count's change: nothing to
+                    // deliver again (`resolve_inbound`).
                     p.push((INBOUND, k.clone(), Vec::new()));
                     dels.push((INBOUND, k.clone()));
                 }
@@ -519,14 +544,80 @@ pub fn recover(
             .filter(|(_, s)| usize::from(*s) != k)
             .cloned()
             .collect();
+        r.origin_seq_floor = origin_seq_floor;
     }
     Ok((lock, envs, out))
+}
+
+/// Decides, for every inbound QoS 2 id with an origin sequence number, which
+/// other shards may lack its publication: those whose origin mark for the
+/// id's shard is below the number (a shard handles one sender's
+/// publications in order and stores its mark with what they stored, so a
+/// mark at or above it means the publication is committed there or was
+/// never for it). The answer replaces the record, committed before any
+/// shard runs, so that marks raised after this start never shrink it;
+/// a re-sent PUBLISH is delivered again to those shards only
+/// (docs/PERSISTENCE.md, "Cross-shard QoS 2 after a crash"). After a change
+/// of the shard count the marks name other shards: nothing is delivered
+/// again (a clean stop leaves nothing to deliver again). Returns where the
+/// shards' own origin numbering starts: above every number stored.
+fn resolve_inbound(
+    envs: &[(Env<WithoutTls>, PathBuf)],
+    raws: &mut [Raw],
+    present: usize,
+    shard_count: usize,
+) -> Result<u64, StoreError> {
+    let changed = present > 0 && present != shard_count;
+    let mut floor = 0u64;
+    for raw in raws.iter() {
+        floor = floor.max(raw.origins.values().copied().max().unwrap_or(0));
+        for (_, _, rec) in raw.inbound.values().flatten() {
+            floor = floor.max(rec.seq);
+        }
+    }
+    let marks: Vec<HashMap<ShardId, u64>> = raws.iter().map(|r| r.origins.clone()).collect();
+    for (a, raw) in raws.iter_mut().enumerate() {
+        let mut rewrites: Vec<RawPut> = Vec::new();
+        for (_, key, rec) in raw.inbound.values_mut().flatten() {
+            if rec.seq == 0 && (!changed || rec.shards.is_empty()) {
+                continue; // resolved at an earlier start
+            }
+            let mut left = ShardSet::new();
+            if !changed {
+                for b in rec.shards.iter() {
+                    let b_idx = usize::from(b);
+                    let mark = marks
+                        .get(b_idx)
+                        .and_then(|m| m.get(&(a as ShardId)))
+                        .copied()
+                        .unwrap_or(0);
+                    if b_idx != a && b_idx < shard_count && mark < rec.seq {
+                        left.insert(b);
+                    }
+                }
+            }
+            *rec = InboundRecord {
+                seq: 0,
+                shards: left,
+            };
+            rewrites.push((INBOUND, key.clone(), InboundRecord::encode(0, Some(&left))));
+        }
+        if !rewrites.is_empty() {
+            let (env, path) = &envs[a];
+            let dbs = open_dbs(env).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            write_raw(env, &dbs, path, &rewrites)?;
+        }
+    }
+    Ok(floor + 1)
 }
 
 fn restore_session(
     rec: record::SessionRec,
     mut messages: RawMessages,
-    inbound: Vec<(u16, Vec<u8>)>,
+    inbound: Vec<RawInbound>,
     will: Option<(record::DelayedWillRec, Vec<u8>)>,
     wall_base_ms: u64,
 ) -> Result<RecoveredSession, record::DecodeError> {
@@ -537,7 +628,10 @@ fn restore_session(
             .into_iter()
             .map(|(seq, r, _, _)| (seq, r))
             .collect(),
-        inbound.into_iter().map(|(pid, _)| pid).collect(),
+        inbound
+            .into_iter()
+            .map(|(pid, _, rec)| (pid, rec.shards))
+            .collect(),
         will.map(|(w, _)| w),
         wall_base_ms,
     )
@@ -549,7 +643,7 @@ fn restore_session(
 pub(crate) fn recovered_session(
     rec: record::SessionRec,
     messages: Vec<(u64, record::DeliveryRec)>,
-    inbound_qos2: Vec<u16>,
+    inbound_qos2: Vec<(u16, ShardSet)>,
     delayed_will: Option<record::DelayedWillRec>,
     wall_base_ms: u64,
 ) -> Result<RecoveredSession, record::DecodeError> {

@@ -1,0 +1,523 @@
+//! QoS 2 exactly once across shards and crashes (`impl Engine`;
+//! docs/PERSISTENCE.md, "Cross-shard QoS 2 after a crash").
+//!
+//! A QoS 2 publication stores its packet id on the publisher's shard and its
+//! deliveries on each subscriber's shard: separate LMDB envs, separate
+//! commits, no transaction across them. Before this module a `kill -9`
+//! between the two commits lost the message (id committed, delivery not: the
+//! re-sent PUBLISH was taken for a duplicate and only acknowledged) or
+//! duplicated it (delivery committed, id not: the re-send was new). The
+//! protocol:
+//!
+//! 1. **The id first.** A QoS 2 publication of a stored session that goes to
+//!    other shards (or nodes) under `sync` durability gets an *origin
+//!    sequence number* from its shard, stored with the packet id
+//!    (`StoreOp::PutInbound`), and its `PublishDurable` copies leave the
+//!    shard only once that epoch is committed (`send_durable`). No other
+//!    shard ever holds a publication whose id a crash could still take away,
+//!    so a re-send the publisher's shard does not know is new everywhere.
+//!    Cost: the cross-shard delivery starts one commit later (commits stay
+//!    batched; nothing else waits).
+//! 2. **Marks, not per-message records, on the receivers.** A shard handles
+//!    one sender's publications in order (the mesh is FIFO per pair, and the
+//!    deferred copies leave in sequence order), so "everything up to `seq`
+//!    from shard A was handled here" is one number per sender. It rides in
+//!    the next batch that has ops anyway (`StoreOp::PutOrigin`), so it is
+//!    committed with what those publications stored, never before; it adds
+//!    no commit and no write per message.
+//! 3. **Recovery decides, once.** At start-up every env is read before any
+//!    shard runs: an id with number `seq` may lack its deliveries exactly on
+//!    the shards whose mark for its shard is below `seq` (a shard at or above
+//!    it committed it, or was not a destination). That set replaces the
+//!    record, committed before the shards start, so marks raised later
+//!    cannot hide an old loss.
+//! 4. **The re-send.** The first re-sent PUBLISH of such an id after the
+//!    restart is delivered again to those shards only (those whose routes
+//!    match it now), with a new number and the set stored again, so another
+//!    crash during it is resolved the same way; its PUBREC waits for their
+//!    commits like a first delivery's. Nothing is delivered again on the
+//!    publisher's shard (its deliveries were in the id's commit).
+//!
+//! A re-sent PUBLISH while the first delivery still waits for other shards
+//! (the client reconnected meanwhile) is acknowledged when that delivery is,
+//! not at once: a PUBREC means every copy is committed.
+
+use tessera_proto::{Packet, PubRec, Publish};
+
+use super::{Engine, message_from_publish};
+use crate::session::{ConnId, SessionIdx};
+use crate::trie::{ShardSet, route_match};
+
+impl Engine {
+    /// Remembers what the PUBREC of inbound QoS 2 id `packet_id` waits for:
+    /// `token` (other shards) and the current epoch (the id's commit).
+    pub(super) fn note_inbound_wait(
+        &mut self,
+        idx: SessionIdx,
+        packet_id: u16,
+        token: Option<u64>,
+    ) {
+        let epoch = if self.session(idx).stored {
+            self.current_durable_epoch()
+        } else {
+            0
+        };
+        let s = self.session_mut(idx);
+        if let Some(pos) = s.inbound_position(packet_id) {
+            let entry = &mut s.inbound_qos2[pos];
+            entry.token = token;
+            entry.epoch = epoch;
+        }
+    }
+
+    /// A PUBLISH whose QoS 2 packet id (`inbound_qos2[pos]`) awaits PUBREL.
+    pub(super) fn on_publish_again(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        idx: SessionIdx,
+        pos: usize,
+        p: Publish,
+    ) {
+        let durable = self.durable_forwards();
+        let entry = &mut self.session_mut(idx).inbound_qos2[pos];
+        if let Some(shards) = entry.redeliver.take()
+            && durable
+        {
+            return self.redeliver(now_ms, conn, idx, p, *shards);
+        }
+        let (token, epoch) = (entry.token, entry.epoch);
+        let ack = Packet::PubRec(PubRec::new(p.packet_id));
+        self.hold_output_for_epoch(conn, epoch);
+        let token = token.filter(|t| self.pending_retains.contains_key(t));
+        if let Some(t) = token {
+            if self
+                .slot(conn)
+                .is_some_and(|c| c.held_acks.iter().any(|(h, _)| *h == Some(t)))
+            {
+                return; // this connection's PUBREC is already held for it
+            }
+            if let Some((c, _)) = self.pending_retains.get_mut(&t) {
+                *c = conn;
+            }
+        }
+        self.send_ack(conn, ack, token);
+    }
+
+    /// Delivers a re-sent PUBLISH again to the other shards in `shards` that
+    /// route its topic (see the module), and acknowledges it once they
+    /// committed it.
+    fn redeliver(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        idx: SessionIdx,
+        p: Publish,
+        shards: ShardSet,
+    ) {
+        let packet_id = p.packet_id;
+        let (uid, version) = (self.session(idx).uid, self.session(idx).version);
+        let mut msg = message_from_publish(now_ms, p, uid, version);
+        msg.received_us = self.now_us;
+        let seq = self.origin_seq_for(idx);
+        self.persist_inbound(idx, packet_id, Some((seq, Some(shards))));
+        self.hold_output_for_commit(conn);
+        let token = self.next_token;
+        self.next_token += 1;
+        self.pending_retains.insert(token, (conn, 0));
+        let mut set = std::mem::take(&mut self.shard_set);
+        route_match(&self.routes, &msg.topic, &mut set);
+        self.publish_seq = seq;
+        let mut sent = 0u32;
+        for to in set.iter() {
+            if to != self.shard && shards.contains(to) && !self.is_remote(to) {
+                self.stats.forwards_sent += 1;
+                self.send_publish(to, &msg, Some(token));
+                sent += 1;
+            }
+        }
+        self.publish_seq = 0;
+        self.shard_set = set;
+        tracing::debug!(
+            shard = self.shard,
+            packet_id,
+            shards = sent,
+            "re-sent QoS 2 PUBLISH delivered again to shards that may have lost it in a crash"
+        );
+        if sent == 0 {
+            self.pending_retains.remove(&token);
+        }
+        let token = (sent > 0).then_some(token);
+        self.note_inbound_wait(idx, packet_id, token);
+        self.send_ack(conn, Packet::PubRec(PubRec::new(packet_id)), token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Goal: a QoS 2 publication from a persistent session to a persistent
+    //! subscriber on another shard is delivered exactly once whatever point a
+    //! `kill -9` cuts the two shards' commits at, when the client re-sends the
+    //! PUBLISH (DUP) after the restart. Method: two engines on a real store
+    //! (LMDB in a temporary directory); the test plays the driver: it takes
+    //! each shard's batch and commits it (or drops it: the crash), restarts
+    //! by recovering the directory into new engines, and counts what the
+    //! subscriber gets when it finally connects.
+
+    use std::path::PathBuf;
+
+    use bytes::Bytes;
+    use heed::{Env, WithoutTls};
+    use tessera_proto::{Packet, ProtocolVersion, PubRel, Publish, QoS, Str};
+
+    use crate::engine::{Engine, Limits};
+    use crate::hash::shard_for;
+    use crate::session::ConnId;
+    use crate::store::{DirLock, open_dbs, recover};
+
+    const MAP_BYTES: usize = 16 << 20;
+    const WALL_BASE_MS: u64 = 1_700_000_000_000;
+    const V: ProtocolVersion = ProtocolVersion::V3_1_1;
+
+    /// A broker of two shards on a data directory, driven by hand.
+    struct Node {
+        engines: Vec<Engine>,
+        envs: Vec<Env<WithoutTls>>,
+        _lock: DirLock,
+        now_ms: u64,
+    }
+
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(name: &str) -> Dir {
+        let path = std::env::temp_dir().join(format!(
+            "tessera-exactly-once-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        Dir(path)
+    }
+
+    /// A ClientID starting with `prefix` that shard `shard` of two owns.
+    fn id_on(shard: usize, prefix: &str) -> &'static str {
+        (0..)
+            .map(|n| format!("{prefix}-{n}"))
+            .find(|id| shard_for(id.as_bytes(), 2) == shard)
+            .map(|id| &*Box::leak(id.into_boxed_str()))
+            .expect("some id hashes to each shard")
+    }
+
+    impl Node {
+        /// Starts on `dir` as the broker does: recover, then restore each engine.
+        fn boot(dir: &Dir) -> Node {
+            let (lock, envs, recovered) = recover(&dir.0, 2, MAP_BYTES, WALL_BASE_MS).unwrap();
+            let limits = Limits::default();
+            let mut engines = crate::engine::testing::engines(2, &limits);
+            let now_ms = 1_000;
+            for (e, r) in engines.iter_mut().zip(recovered) {
+                e.enable_persistence(true);
+                e.restore(now_ms, r);
+            }
+            let mut node = Node {
+                engines,
+                envs: envs.into_iter().map(|(env, _)| env).collect(),
+                _lock: lock,
+                now_ms,
+            };
+            node.settle();
+            node
+        }
+
+        /// `kill -9`: what is not committed is gone.
+        fn crash(self) {
+            for env in self.envs {
+                env.prepare_for_closing().wait();
+            }
+        }
+
+        fn pump(&mut self) {
+            crate::engine::testing::pump_mesh(&mut self.engines, self.now_ms);
+        }
+
+        /// Commits what shard `k` stored so far, as its writer thread would.
+        fn commit(&mut self, k: usize) {
+            let Some(batch) = self.engines[k].take_store_batch() else {
+                return;
+            };
+            let env = &self.envs[k];
+            let dbs = open_dbs(env).unwrap();
+            let mut txn = env.write_txn().unwrap();
+            for op in &batch.ops {
+                crate::store::apply(&dbs, &mut txn, op, WALL_BASE_MS).unwrap();
+            }
+            txn.commit().unwrap();
+            self.engines[k].store_committed(batch.epoch);
+        }
+
+        /// Loses what shard `k` stored since its last commit (its writer
+        /// never got it).
+        fn lose(&mut self, k: usize) {
+            let _ = self.engines[k].take_store_batch();
+        }
+
+        /// Commits and exchanges mesh messages until both shards are quiet.
+        fn settle(&mut self) {
+            for _ in 0..16 {
+                self.pump();
+                self.commit(0);
+                self.commit(1);
+            }
+            self.pump();
+            assert_eq!(self.engines[0].store_ops_pending(), 0, "settled");
+            assert_eq!(self.engines[1].store_ops_pending(), 0, "settled");
+        }
+
+        /// A persistent 3.1.1 session of `id` connects; its CONNACK is read.
+        fn connect(&mut self, id: &'static str) -> (usize, ConnId) {
+            self.connect_and_read(id).0
+        }
+
+        /// `connect`, returning what followed the CONNACK in the same write.
+        fn connect_and_read(&mut self, id: &'static str) -> ((usize, ConnId), Vec<Packet>) {
+            let shard = shard_for(id.as_bytes(), 2);
+            let connect = crate::engine::testing::connect_packet(V, id, false);
+            let conn = self.engines[shard].connect(self.now_ms, connect, false);
+            self.settle();
+            let mut got = self.recv((shard, conn)).into_iter();
+            let first = got.next();
+            assert!(matches!(first, Some(Packet::ConnAck(_))), "{first:?}");
+            ((shard, conn), got.collect())
+        }
+
+        fn send(&mut self, (shard, conn): (usize, ConnId), packet: Packet) {
+            self.engines[shard].handle_packet(self.now_ms, conn, packet);
+        }
+
+        fn recv(&mut self, (shard, conn): (usize, ConnId)) -> Vec<Packet> {
+            let e = &mut self.engines[shard];
+            let out = crate::engine::testing::drain(e, conn, V);
+            e.flushed(self.now_ms, conn);
+            out
+        }
+
+        fn disconnect(&mut self, (shard, conn): (usize, ConnId)) {
+            self.engines[shard].connection_lost(self.now_ms, conn);
+            self.settle();
+        }
+    }
+
+    fn publish(packet_id: u16, dup: bool) -> Packet {
+        Packet::Publish(Publish {
+            dup,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: Str::from_static("t"),
+            packet_id,
+            properties: Default::default(),
+            payload: Bytes::from(format!("m{packet_id}")),
+        })
+    }
+
+    /// A subscriber on shard 1 and a publisher on shard 0, both persistent,
+    /// both disconnected; returns their ClientIDs.
+    fn set_up(dir: &Dir) -> (&'static str, &'static str) {
+        let (sub, publisher) = (id_on(1, "sub"), id_on(0, "pub"));
+        let mut node = Node::boot(dir);
+        let s = node.connect(sub);
+        let subscribe = crate::engine::testing::subscribe_packet("t", QoS::ExactlyOnce);
+        node.send(s, subscribe);
+        node.settle();
+        assert!(matches!(node.recv(s)[..], [Packet::SubAck(_)]));
+        node.disconnect(s);
+        node.crash();
+        (sub, publisher)
+    }
+
+    /// The publisher reconnects, re-sends `packet_id` with DUP and completes
+    /// the exchange; returns what it was answered.
+    fn resend_and_complete(node: &mut Node, publisher: &'static str, packet_id: u16) {
+        let p = node.connect(publisher);
+        node.send(p, publish(packet_id, true));
+        node.settle();
+        let got = node.recv(p);
+        assert!(
+            matches!(got[..], [Packet::PubRec(ref r)] if r.packet_id == packet_id),
+            "PUBREC for the re-sent PUBLISH: {got:?}"
+        );
+        node.send(p, Packet::PubRel(PubRel::new(packet_id)));
+        node.settle();
+        assert!(matches!(node.recv(p)[..], [Packet::PubComp(_)]));
+        node.disconnect(p);
+    }
+
+    /// Publishes `packet_id` and crashes after the publisher's shard
+    /// committed, before the subscriber's shard did.
+    fn publish_and_crash_between_commits(dir: &Dir, publisher: &'static str, packet_id: u16) {
+        let mut node = Node::boot(dir);
+        let p = node.connect(publisher);
+        node.send(p, publish(packet_id, false));
+        node.pump();
+        node.commit(0);
+        node.pump();
+        node.lose(1);
+        assert!(node.recv(p).is_empty(), "no PUBREC before both commits");
+        node.crash();
+    }
+
+    /// Restarts, lets the publisher re-send `packet_id`, and returns what the
+    /// subscriber gets.
+    fn restart_and_resend(
+        dir: &Dir,
+        publisher: &'static str,
+        sub: &'static str,
+        packet_id: u16,
+    ) -> Vec<Bytes> {
+        let mut node = Node::boot(dir);
+        resend_and_complete(&mut node, publisher, packet_id);
+        let mut got = delivered(&mut node, sub);
+        node.crash();
+        got.sort();
+        got
+    }
+
+    /// Payloads the subscriber is sent when it connects (its whole queue).
+    fn delivered(node: &mut Node, sub: &'static str) -> Vec<Bytes> {
+        let (s, mut got) = node.connect_and_read(sub);
+        let mut payloads = Vec::new();
+        for _ in 0..8 {
+            if got.is_empty() {
+                break;
+            }
+            for p in got {
+                if let Packet::Publish(p) = p {
+                    payloads.push(p.payload.clone());
+                    node.send(s, Packet::PubRec(tessera_proto::PubRec::new(p.packet_id)));
+                } else if let Packet::PubRel(r) = p {
+                    node.send(s, Packet::PubComp(tessera_proto::PubComp::new(r.packet_id)));
+                }
+            }
+            node.settle();
+            got = node.recv(s);
+        }
+        payloads
+    }
+
+    /// The crash the bridge test found: the publisher's shard committed the
+    /// inbound packet id, the subscriber's shard had not committed the
+    /// delivery. The re-sent PUBLISH is delivered, once.
+    #[test]
+    fn a_resend_after_a_crash_between_the_shards_commits_is_delivered_once() {
+        let dir = temp_dir("between");
+        let (sub, publisher) = set_up(&dir);
+        publish_and_crash_between_commits(&dir, publisher, 7);
+        assert_eq!(restart_and_resend(&dir, publisher, sub, 7), ["m7"]);
+    }
+
+    /// Both shards committed, the PUBREC did not reach the client: the
+    /// re-sent PUBLISH is not delivered a second time.
+    #[test]
+    fn a_resend_after_both_commits_is_not_delivered_again() {
+        let dir = temp_dir("both");
+        let (sub, publisher) = set_up(&dir);
+        let mut node = Node::boot(&dir);
+        let p = node.connect(publisher);
+        node.send(p, publish(7, false));
+        node.settle();
+        node.crash();
+        assert_eq!(restart_and_resend(&dir, publisher, sub, 7), ["m7"]);
+    }
+
+    /// The subscriber's shard committed first and the publisher's shard lost
+    /// the packet id: the re-sent PUBLISH is a new one for the broker, and the
+    /// subscriber still gets the message once.
+    #[test]
+    fn a_resend_after_only_the_subscribers_shard_committed_is_delivered_once() {
+        let dir = temp_dir("receiver-first");
+        let (sub, publisher) = set_up(&dir);
+        let mut node = Node::boot(&dir);
+        let p = node.connect(publisher);
+        node.send(p, publish(7, false));
+        for _ in 0..4 {
+            node.pump();
+            node.commit(1);
+        }
+        node.lose(0);
+        node.crash();
+        assert_eq!(restart_and_resend(&dir, publisher, sub, 7), ["m7"]);
+    }
+
+    /// The publisher reconnects and re-sends while the subscriber's shard has
+    /// not committed the first delivery: the PUBREC waits for that commit (a
+    /// PUBREC means every copy is on disk), and nothing is delivered twice.
+    #[test]
+    fn a_resend_while_the_first_delivery_waits_is_acknowledged_after_it() {
+        let dir = temp_dir("waits");
+        let (sub, publisher) = set_up(&dir);
+        let mut node = Node::boot(&dir);
+        let p = node.connect(publisher);
+        node.send(p, publish(7, false));
+        node.pump();
+        node.commit(0);
+        node.pump();
+        assert!(node.recv(p).is_empty(), "no PUBREC before both commits");
+        node.engines[0].connection_lost(node.now_ms, p.1);
+        node.pump();
+        node.commit(0);
+        let connect = crate::engine::testing::connect_packet(V, publisher, false);
+        let p = (0, node.engines[0].connect(node.now_ms, connect, false));
+        node.pump();
+        node.commit(0);
+        assert!(matches!(node.recv(p)[..], [Packet::ConnAck(_)]));
+        node.send(p, publish(7, true));
+        node.pump();
+        node.commit(0);
+        node.pump();
+        assert!(
+            node.recv(p).is_empty(),
+            "PUBREC before the subscriber's commit"
+        );
+        node.commit(1);
+        node.pump();
+        let got = node.recv(p);
+        assert!(matches!(got[..], [Packet::PubRec(_)]), "{got:?}");
+        node.send(p, Packet::PubRel(PubRel::new(7)));
+        node.settle();
+        assert!(matches!(node.recv(p)[..], [Packet::PubComp(_)]));
+        node.disconnect(p);
+        assert_eq!(delivered(&mut node, sub), ["m7"]);
+        node.crash();
+    }
+
+    /// A second crash while the re-sent PUBLISH is being delivered again,
+    /// after newer publications reached the subscriber's shard: the next
+    /// re-send still delivers it, once.
+    #[test]
+    fn a_second_crash_during_the_redelivery_loses_nothing() {
+        let dir = temp_dir("twice");
+        let (sub, publisher) = set_up(&dir);
+        publish_and_crash_between_commits(&dir, publisher, 7);
+
+        // Restarted: a newer publication goes through first, then the
+        // re-send of 7, which the crash cuts before any commit.
+        let mut node = Node::boot(&dir);
+        let p = node.connect(publisher);
+        node.send(p, publish(8, false));
+        node.settle();
+        assert!(matches!(node.recv(p)[..], [Packet::PubRec(_)]));
+        node.send(p, Packet::PubRel(PubRel::new(8)));
+        node.settle();
+        assert!(matches!(node.recv(p)[..], [Packet::PubComp(_)]));
+        node.send(p, publish(7, true));
+        node.pump();
+        node.lose(0);
+        node.lose(1);
+        node.crash();
+        assert_eq!(restart_and_resend(&dir, publisher, sub, 7), ["m7", "m8"]);
+    }
+}
