@@ -263,7 +263,8 @@ impl Server {
         let (admin_links, admin_ends) = shard_call::links(shard_count);
         let connections_total_max = connections_max(config.limits.max_connections as usize);
         let (server_cluster, shard_cluster) = if config.cluster.enabled() {
-            let (server_ends, shard_ends) = cluster::ends(shard_count);
+            let (server_ends, shard_ends) =
+                cluster::ends(shard_count, config.cluster.retained_inline_bytes);
             (Some(server_ends), Some(shard_ends))
         } else {
             (None, None)

@@ -510,3 +510,113 @@ async fn without_a_quorum_a_subscribe_whose_route_cannot_be_committed_gets_a_fai
     let P5::Publish(p) = got else { unreachable!() };
     assert_eq!(&p.payload[..], b"after");
 }
+
+/// A retained message above `cluster.retained_inline_bytes` (1 KiB by default) stays on
+/// the node it was published on; the log names it (node, index, size, digest) and every
+/// other node fetches it from there. When the origin is gone, a node that still needs
+/// it serves the topic as cleared and says so in its log: never a wrong payload.
+#[test]
+fn a_retained_message_above_the_inline_bound_is_fetched_from_its_origin() {
+    let mut cluster = three_nodes("cluster-routing-retained-big");
+    let client = |cluster: &Cluster, node: u64, id: &str| {
+        RawClient::connect_ok(
+            cluster.node(node).addr(),
+            connect_packet(ProtocolVersion::V5, id, true, 60),
+        )
+    };
+    let retained_in = |cluster: &Cluster, node: u64, id: &str, filter: &str| {
+        let mut sub = client(cluster, node, id);
+        sub.subscribe(1, &[(filter, PQoS::AtLeastOnce)]);
+        let mut got = Vec::new();
+        while let Ok(Packet::Publish(p)) = sub.try_recv(Duration::from_millis(500)) {
+            got.push((p.topic.to_string(), p.payload.to_vec()));
+        }
+        got.sort();
+        got
+    };
+    let retained_on = |cluster: &Cluster, node: u64, id: &str| -> Vec<(String, Vec<u8>)> {
+        retained_in(cluster, node, id, "big/#")
+    };
+    let payload = |seed: u32| -> Vec<u8> {
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(seed) % 251) as u8)
+            .collect()
+    };
+
+    let mut on2 = client(&cluster, 2, "big-pub-2");
+    on2.publish_retained("big/a", &payload(7), 1);
+    let summary = |got: &[(String, Vec<u8>)]| -> Vec<(String, usize, u128)> {
+        got.iter()
+            .map(|(t, p)| (t.clone(), p.len(), xxhash_rust::xxh3::xxh3_128(p)))
+            .collect()
+    };
+    let expect = |items: &[(&str, Vec<u8>)]| {
+        summary(
+            &items
+                .iter()
+                .map(|(t, p)| (t.to_string(), p.clone()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    for node in [3, 1] {
+        let got = retained_on(&cluster, node, &format!("big-read-{node}"));
+        assert_eq!(
+            summary(&got),
+            expect(&[("big/a", payload(7))]),
+            "node {node}"
+        );
+    }
+    // A newer one replaces it everywhere: the digest names the version.
+    on2.publish_retained("big/a", &payload(13), 2);
+    assert_eq!(
+        summary(&retained_on(&cluster, 3, "big-read-3b")),
+        expect(&[("big/a", payload(13))])
+    );
+
+    // Node 3 is down while node 2 sets another one (on a topic no subscriber of node 3
+    // ever had: a dead node's routes linger and would hold the PUBACK); then node 2 goes
+    // away for good and node 3 comes back: it cannot fetch what node 2 kept.
+    cluster.kill(3);
+    // Its PUBACK waits for the barrier of the dead node 3 (skipped after 5 s).
+    on2.send(&common::publish_packet(
+        "huge/gone",
+        &payload(29),
+        PQoS::AtLeastOnce,
+        3,
+        true,
+    ));
+    match on2.try_recv(Duration::from_secs(20)) {
+        Ok(Packet::PubAck(a)) => assert_eq!(a.packet_id, 3),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    drop(on2);
+    cluster.kill(2);
+    cluster.start(3, &[], false);
+    cluster.wait_until("node 3 back with a leader", |c| c.ready(3));
+    cluster
+        .node(3)
+        .wait_log("could not be fetched", Duration::from_secs(20));
+    assert!(
+        retained_in(&cluster, 3, "huge-read-3", "huge/#").is_empty(),
+        "node 3 served a message it could not fetch"
+    );
+    // What node 3 serves of "big/a" (its copy from before the restart is fetched again
+    // from node 2 and, that failing, served as cleared) is never a wrong payload.
+    for (topic, p) in retained_on(&cluster, 3, "big-read-3c") {
+        assert_eq!(topic, "big/a");
+        assert!(
+            p == payload(13),
+            "a wrong payload on node 3 ({} bytes)",
+            p.len()
+        );
+    }
+    // Node 1 fetched both while node 2 was there.
+    assert_eq!(
+        summary(&retained_in(&cluster, 1, "huge-read-1", "huge/#")),
+        expect(&[("huge/gone", payload(29))])
+    );
+    assert_eq!(
+        summary(&retained_on(&cluster, 1, "big-read-1c")),
+        expect(&[("big/a", payload(13))])
+    );
+}

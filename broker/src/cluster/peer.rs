@@ -40,6 +40,9 @@ pub enum PeerKind {
     Session = 1,
     /// Forwarded publishes and their acknowledgements.
     Publish = 2,
+    /// A retained message too large for the log, fetched from the node that keeps it
+    /// (keyed by its topic).
+    Retained = 3,
 }
 
 impl PeerKind {
@@ -48,6 +51,7 @@ impl PeerKind {
         match tag {
             1 => Some(PeerKind::Session),
             2 => Some(PeerKind::Publish),
+            3 => Some(PeerKind::Retained),
             _ => None,
         }
     }

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use super::FieldDoc;
 
+/// The largest `retained_inline_bytes`: the record (payload plus topic, properties and
+/// framing) must stay within raft's 64 KiB bound for an inline retained record.
+pub const RETAINED_INLINE_BYTES_MAX: usize = 60_000;
+
 /// The `[cluster]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -47,6 +51,9 @@ pub struct ClusterConfig {
     pub logs_kept_after_snapshot: u64,
     /// MQTT 5 clients whose session another node holds are redirected there.
     pub redirect_to_owner: bool,
+    /// Retained payloads up to this many bytes ride in the raft entry; larger ones stay
+    /// on the node they were published on and the entry carries a reference.
+    pub retained_inline_bytes: usize,
 }
 
 impl Default for ClusterConfig {
@@ -63,6 +70,7 @@ impl Default for ClusterConfig {
             snapshot_logs_since_last: 20_000,
             logs_kept_after_snapshot: 2_000,
             redirect_to_owner: false,
+            retained_inline_bytes: 1024,
         }
     }
 }
@@ -151,6 +159,17 @@ pub const FIELDS: &[FieldDoc] = &[
               session moves to the node the client chose (a takeover).",
         accepted: "true or false",
     },
+    FieldDoc {
+        section: "cluster",
+        key: "retained_inline_bytes",
+        doc: "Retained messages whose payload is at most this many bytes are replicated \
+              inside the raft entry that sets them. Larger ones stay on the node they were \
+              published on: the entry carries a reference (node, log index, size, digest) \
+              and every other node fetches the message from there once, checks its digest \
+              and keeps it (served as cleared, with an ERROR line, if the origin cannot \
+              give it).",
+        accepted: "an integer from 0 to 60000",
+    },
 ];
 
 /// A `[cluster]` value that cannot work: the field (dotted), the value and what is
@@ -199,6 +218,7 @@ impl ClusterConfig {
             "snapshot_logs_since_last" => self.snapshot_logs_since_last = p(v)?,
             "logs_kept_after_snapshot" => self.logs_kept_after_snapshot = p(v)?,
             "redirect_to_owner" => self.redirect_to_owner = p(v)?,
+            "retained_inline_bytes" => self.retained_inline_bytes = p(v)?,
             key => unreachable!("FIELDS entry cluster.{key} has no setter"),
         }
         Ok(())
@@ -255,6 +275,13 @@ impl ClusterConfig {
         };
         if node_id == 0 {
             return invalid("cluster.node_id", "0".into(), "an integer from 1");
+        }
+        if self.retained_inline_bytes > RETAINED_INLINE_BYTES_MAX {
+            return invalid(
+                "cluster.retained_inline_bytes",
+                self.retained_inline_bytes.to_string(),
+                "an integer from 0 to 60000",
+            );
         }
         let Some(listen) = self.listen else {
             return invalid(

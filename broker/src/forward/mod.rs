@@ -58,7 +58,7 @@ use tessera_shard::trie::ShardSet;
 use tokio::sync::{Notify, mpsc};
 
 use routes::{NodeRoutes, Transition};
-use wire::{Answer, BatchWriter, Request};
+use wire::{Answer, BatchWriter, Request, RetainedRef};
 
 pub use wire::WireError;
 
@@ -84,9 +84,11 @@ const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// Applied events buffered for the forwarder.
 const APPLIED_EVENTS_MAX: usize = 4096;
-/// Largest retained record (the message as the wire encodes it) carried inline in the
-/// log; larger ones are served on the node they were published on only.
-pub const RETAINED_INLINE_BYTES: usize = 1024;
+/// Largest retained record carried inline in the log whatever the setting (raft's
+/// bound for an inline record is 64 KiB).
+const RETAINED_RECORD_INLINE_MAX: usize = 63 * 1024;
+/// How long a node waits for the origin of a large retained message to send it.
+const RETAINED_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Barriers from other nodes queued for the forwarder.
 const BARRIERS_QUEUED_MAX: usize = 1024;
 /// The envelope the link's forward channel dispatches on (`cluster::peer`): kind
@@ -128,6 +130,8 @@ pub struct ShardEnd {
 /// The forwarder's ends (taken by the control thread).
 #[derive(Debug)]
 pub struct ForwarderEnds {
+    /// `cluster.retained_inline_bytes`.
+    retained_inline_bytes: usize,
     from_shards: flume::Receiver<FromShard>,
     to_shards: Vec<flume::Sender<Vec<MeshMsg>>>,
     barriers: flume::Receiver<BarrierAsk>,
@@ -143,7 +147,10 @@ impl ForwarderEnds {
 
 /// The channels between the shards and the forwarder, made at boot before the shards
 /// (the forwarder starts later, on the control thread).
-pub fn channels(shard_count: usize) -> (ForwarderEnds, Vec<ShardEnd>) {
+pub fn channels(
+    shard_count: usize,
+    retained_inline_bytes: usize,
+) -> (ForwarderEnds, Vec<ShardEnd>) {
     let (from_tx, from_rx) = flume::bounded(FROM_SHARD_BATCHES_MAX * shard_count);
     let (barrier_tx, barrier_rx) = flume::bounded(BARRIERS_QUEUED_MAX);
     let metrics: Arc<ForwardMetrics> = Arc::default();
@@ -161,6 +168,7 @@ pub fn channels(shard_count: usize) -> (ForwarderEnds, Vec<ShardEnd>) {
         .collect();
     (
         ForwarderEnds {
+            retained_inline_bytes,
             from_shards: from_rx,
             to_shards,
             barriers: barrier_rx,
@@ -250,6 +258,8 @@ pub fn start(
         clocks,
         metrics: ends.metrics,
         retained_big: HashMap::new(),
+        retained_inline_bytes: ends.retained_inline_bytes,
+        fetching: std::collections::BTreeMap::new(),
         share_cursor: 0,
     };
     tokio::spawn(fwd.run(ends.from_shards, ends.barriers, events_rx));
@@ -269,6 +279,13 @@ enum Event {
     PeerDone { tokens: Vec<(ShardId, u64)> },
     /// A retained update is in force on every node: release its publisher.
     RetainDone { token: Option<(ShardId, u64)> },
+    /// A large retained message applied at `index` was fetched from its origin (or
+    /// could not be: `None`, served as cleared).
+    RetainedFetched {
+        topic: String,
+        index: u64,
+        message: Option<Message>,
+    },
     /// Answer once this node's shards took what was applied up to `index`.
     LocalBarrier {
         index: u64,
@@ -339,6 +356,11 @@ struct Forwarder {
     /// Retained messages this node proposed that were too large to ride inline, until
     /// their update is applied.
     retained_big: HashMap<String, Message>,
+    /// `cluster.retained_inline_bytes`: larger payloads go by reference.
+    retained_inline_bytes: usize,
+    /// Large retained messages being fetched from their origins: log index -> how many.
+    /// Barriers at or above such an index wait for them.
+    fetching: std::collections::BTreeMap<u64, u32>,
     /// Turns over the nodes with members of a shared subscription.
     share_cursor: u64,
 }
@@ -418,6 +440,14 @@ impl Forwarder {
         match self.handle.tables().and_then(|t| t.retained_all()) {
             Ok(all) => {
                 for (topic, rec) in all {
+                    if let Some(r) = rec.inline.as_deref().and_then(RetainedRef::decode) {
+                        // Kept by its origin: this node's shards have it if it is the
+                        // origin (their store), else it is fetched.
+                        if rec.origin != self.me {
+                            self.fetch_retained(topic, rec.origin, rec.index, r);
+                        }
+                        continue;
+                    }
                     let message =
                         self.retained_message(&topic, rec.origin, rec.inline, rec.time_ms);
                     if message.is_some() {
@@ -430,21 +460,29 @@ impl Forwarder {
         rx
     }
 
-    /// A shard's retained update: proposed to the log (inline when the record is at most
-    /// [`RETAINED_INLINE_BYTES`]); the publisher's token is answered once the update is
+    /// A shard's retained update: proposed to the log (inline when the payload is at most
+    /// `cluster.retained_inline_bytes`, else as a [`RetainedRef`]); the publisher's token is answered once the update is
     /// in force on every node.
     fn retain(&mut self, shard: ShardId, topic: Str, message: Option<Message>, ack: Option<u64>) {
         let token = ack.map(|t| (shard, t));
         let op = match &message {
             Some(m) => {
-                let mut w = BatchWriter::new(&[], 0, 0);
-                w.push((self.clocks.now_ms)(), self.publisher_of(m), m, None);
-                let record = w.finish();
-                let inline = (record.len() <= RETAINED_INLINE_BYTES).then(|| record.to_vec());
-                if inline.is_none() {
+                let record = wire::retained_record((self.clocks.now_ms)(), self.publisher_of(m), m);
+                let small = m.payload.len() <= self.retained_inline_bytes
+                    && record.len() <= RETAINED_RECORD_INLINE_MAX;
+                let inline = if small {
+                    record.to_vec()
+                } else {
+                    // Too large for the log: it stays here, the log names it.
                     self.retained_big
                         .insert(topic.as_str().to_owned(), m.clone());
-                }
+                    RetainedRef {
+                        size: u32::try_from(record.len()).unwrap_or(u32::MAX),
+                        digest: wire::retained_digest(m),
+                    }
+                    .encode()
+                };
+                let inline = Some(inline);
                 Op::RetainedSet {
                     topic: topic.as_str().to_owned(),
                     origin: self.me,
@@ -499,9 +537,9 @@ impl Forwarder {
         m.origin.map_or(0, |u| u.0 ^ self.me.rotate_left(48))
     }
 
-    /// The message of a retained record: decoded from the inline record, or (too large
-    /// to ride inline) the one this node proposed; `None` for a large one of another
-    /// node (not fetched: the topic is served as cleared here).
+    /// The message of an inline retained record, or (a record without one, written
+    /// before references existed) the one this node proposed; `None` for such a record
+    /// of another node. References are handled before (`fetch_retained`).
     fn retained_message(
         &self,
         topic: &str,
@@ -541,6 +579,63 @@ impl Forwarder {
         Some(m)
     }
 
+    /// Fetches the retained message of `topic` applied at `index` from `origin`, which
+    /// keeps it (`r` names it); its shards get it (or, if it cannot be had, a clear)
+    /// when it arrives. Never a wrong payload: the digest must match.
+    fn fetch_retained(&mut self, topic: String, origin: NodeId, index: u64, r: RetainedRef) {
+        *self.fetching.entry(index).or_default() += 1;
+        let transport = self.transport.clone();
+        let events = self.events.clone();
+        let now_ms = self.clocks.now_ms;
+        tokio::spawn(async move {
+            let mut body = Vec::with_capacity(28);
+            body.extend_from_slice(&index.to_be_bytes());
+            body.extend_from_slice(&r.size.to_be_bytes());
+            body.extend_from_slice(&r.digest.to_be_bytes());
+            let request = crate::cluster::peer::encode_envelope(
+                crate::cluster::peer::PeerKind::Retained,
+                topic.as_bytes(),
+                &body,
+            );
+            // The origin's shards may not have applied the update yet when this node
+            // asks (or an older version is still there): asked again until the bound.
+            let deadline = tokio::time::Instant::now() + RETAINED_FETCH_TIMEOUT;
+            let mut pause = Duration::from_millis(10);
+            let got = loop {
+                let call = transport.call(origin, Channel::Forward, request.clone());
+                let got = match tokio::time::timeout_at(deadline, call).await {
+                    Err(_) => Err(format!("no answer within {RETAINED_FETCH_TIMEOUT:?}")),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(Ok(bytes)) => checked_retained(bytes, &topic, r, now_ms),
+                };
+                if got.is_ok() || tokio::time::Instant::now() + pause >= deadline {
+                    break got;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            };
+            let message = match got {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!(
+                        topic,
+                        origin,
+                        index,
+                        size = r.size,
+                        "a retained message kept on another node could not be fetched; the \
+                         topic is served as cleared here: {e}"
+                    );
+                    None
+                }
+            };
+            let _ = events.send(Event::RetainedFetched {
+                topic,
+                index,
+                message,
+            });
+        });
+    }
+
     /// Every shard sets (or clears) the retained message of `topic` as applied at
     /// `index`; each acknowledges, for barriers.
     fn send_retained(&mut self, topic: String, message: Option<Message>, index: u64) {
@@ -565,6 +660,18 @@ impl Forwarder {
                 inline,
                 ..
             } => {
+                if let Some(r) = inline.as_deref().and_then(RetainedRef::decode) {
+                    if *origin == self.me {
+                        // This node's shards get the message it kept; if it is gone
+                        // (a restart in between), they keep what they have.
+                        if let Some(m) = self.retained_big.remove(topic) {
+                            self.send_retained(topic.clone(), Some(m), index);
+                        }
+                    } else {
+                        self.fetch_retained(topic.clone(), *origin, index, r);
+                    }
+                    return;
+                }
                 let m = self.retained_message(topic, *origin, inline.clone(), time_ms);
                 if *origin == self.me && inline.is_none() {
                     self.retained_big.remove(topic);
@@ -673,9 +780,12 @@ impl Forwarder {
     fn check_barriers(&mut self) {
         let applied = self.routes.applied();
         let seq = self.route_seq;
+        // A large retained message applied at or below a barrier's index and still
+        // being fetched holds the barrier: its update is not in force here yet.
+        let fetching = self.fetching.keys().next().copied().unwrap_or(u64::MAX);
         let mut i = 0;
         while i < self.barriers.len() {
-            if self.barriers[i].0 <= applied {
+            if self.barriers[i].0 <= applied && self.barriers[i].0 < fetching {
                 let (_, reply) = self.barriers.swap_remove(i);
                 self.barriers_seq.push((seq, reply));
             } else {
@@ -1001,6 +1111,20 @@ impl Forwarder {
                     self.propose(filter, false);
                 }
             }
+            Event::RetainedFetched {
+                topic,
+                index,
+                message,
+            } => {
+                if let Some(n) = self.fetching.get_mut(&index) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.fetching.remove(&index);
+                    }
+                }
+                self.send_retained(topic, message, index);
+                self.check_barriers();
+            }
             Event::RetainDone { token } => {
                 if let Some(t) = token {
                     self.ack_shard(t);
@@ -1097,6 +1221,32 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// The message of a fetched retained record, if it is the one the log names: the topic
+/// asked for, RETAIN set, the digest in the reference.
+fn checked_retained(
+    bytes: Bytes,
+    topic: &str,
+    r: RetainedRef,
+    now_ms: fn() -> u64,
+) -> Result<Message, String> {
+    let rec = wire::decode_retained_record(bytes).map_err(|e| e.to_string())?;
+    let mut m = rec.message;
+    if m.topic.as_str() != topic {
+        return Err(format!("a record for topic {:?}", m.topic.as_str()));
+    }
+    if !m.retain {
+        return Err("a record without RETAIN".into());
+    }
+    if wire::retained_digest(&m) != r.digest {
+        return Err(
+            "a message whose digest is not the one in the log (it changed or is gone there)".into(),
+        );
+    }
+    m.origin = Some(SessionUid::remote(rec.publisher));
+    m.expires_at_ms = rec.expiry_ms.map(|e| now_ms() + e);
+    Ok(m)
 }
 
 /// Asks every node of `members` for a barrier at `index`, in parallel; a node that does

@@ -29,6 +29,12 @@
 //! receiver drop a batch it already accepted when the sender retries it after a lost
 //! link: a retried batch is the same bytes.
 //!
+//! A retained message too large to ride in the raft log is replaced there by a
+//! *reference* ([`RetainedRef`]): `0xA5 | size u32 | digest u128` (the record's size on
+//! its origin node and [`retained_digest`] of the message), which no request starts
+//! with. Another node fetches the message from the origin with it and keeps it only if
+//! its digest matches.
+//!
 //! Bytes from a peer are untrusted: [`decode_request`] and [`decode_answer`] check every
 //! length, bound and field and return an error, never panic.
 
@@ -389,6 +395,72 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
     })
 }
 
+/// First byte of a retained reference (never the first byte of a request).
+const RETAINED_REF: u8 = 0xA5;
+/// Bytes of an encoded [`RetainedRef`].
+pub const RETAINED_REF_BYTES: usize = 21;
+
+/// What the raft log carries for a retained message kept on its origin node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainedRef {
+    /// The retained record's size on the origin, bytes.
+    pub size: u32,
+    /// [`retained_digest`] of the message.
+    pub digest: u128,
+}
+
+impl RetainedRef {
+    /// The reference as the log carries it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RETAINED_REF_BYTES);
+        out.push(RETAINED_REF);
+        out.extend_from_slice(&self.size.to_be_bytes());
+        out.extend_from_slice(&self.digest.to_be_bytes());
+        out
+    }
+
+    /// The reference in `bytes`, `None` when they are not one (an inline record).
+    pub fn decode(bytes: &[u8]) -> Option<RetainedRef> {
+        if bytes.len() != RETAINED_REF_BYTES || bytes[0] != RETAINED_REF {
+            return None;
+        }
+        Some(RetainedRef {
+            size: u32::from_be_bytes(bytes[1..5].try_into().ok()?),
+            digest: u128::from_be_bytes(bytes[5..21].try_into().ok()?),
+        })
+    }
+}
+
+/// The digest of a retained message: its topic, QoS and payload (what a subscriber
+/// gets), so a fetched message that is not the version the log names is refused.
+pub fn retained_digest(m: &Message) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(m.topic.len() as u32).to_be_bytes());
+    h.update(m.topic.as_bytes());
+    h.update(&[m.qos as u8]);
+    h.update(&m.payload);
+    h.digest128()
+}
+
+/// Encodes `m` as one retained record (a batch of one publication, `publisher` as
+/// given, the remaining expiry relative to `now_ms`): inline in the log, or the answer
+/// to a fetch of a large one.
+pub fn retained_record(now_ms: u64, publisher: u64, m: &Message) -> Bytes {
+    let mut w = BatchWriter::new(&[], 0, 0);
+    w.push(now_ms, publisher, m, None);
+    w.finish()
+}
+
+/// The single publication of a retained record, checked like any request.
+pub fn decode_retained_record(bytes: Bytes) -> Result<Record, WireError> {
+    match decode_request(bytes, topic::TOPIC_LEVELS_MAX)? {
+        Request::Batch { mut records, .. } if records.len() == 1 => {
+            Ok(records.pop().expect("one record"))
+        }
+        _ => Err(err("retained record", "not exactly one publication")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Round trips of generated batches, and the decoder against every truncation,
@@ -398,6 +470,37 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn retained_references_and_records_are_checked() {
+        let m = message("big/a", &[7u8; 4096], 1, true, true);
+        let r = RetainedRef {
+            size: 4200,
+            digest: retained_digest(&m),
+        };
+        assert_eq!(RetainedRef::decode(&r.encode()), Some(r));
+        // An inline record is not a reference, nor is anything of another length.
+        let record = retained_record(0, 9, &m);
+        assert_eq!(RetainedRef::decode(&record), None);
+        assert_eq!(RetainedRef::decode(&r.encode()[..20]), None);
+        assert_eq!(RetainedRef::decode(&[]), None);
+        // Another payload, topic or QoS is another digest.
+        for other in [
+            message("big/a", &[8u8; 4096], 1, true, true),
+            message("big/b", &[7u8; 4096], 1, true, true),
+            message("big/a", &[7u8; 4096], 2, true, true),
+        ] {
+            assert_ne!(retained_digest(&other), r.digest);
+        }
+        let back = decode_retained_record(record.clone()).unwrap();
+        assert_eq!(retained_digest(&back.message), r.digest);
+        assert_eq!(back.publisher, 9);
+        // Truncations and a barrier are errors, never a panic.
+        for n in 0..record.len() {
+            assert!(decode_retained_record(record.slice(..n)).is_err());
+        }
+        assert!(decode_retained_record(encode_barrier(&[], 5)).is_err());
+    }
 
     fn message(topic: &str, payload: &[u8], qos: u8, retain: bool, props: bool) -> Message {
         let properties = props.then(|| {

@@ -53,13 +53,16 @@ pub(crate) struct ServerClusterEnds {
 }
 
 /// Both ends for `shard_count` shards.
-pub(crate) fn ends(shard_count: usize) -> (ServerClusterEnds, ClusterEnds) {
+pub(crate) fn ends(
+    shard_count: usize,
+    retained_inline_bytes: usize,
+) -> (ServerClusterEnds, ClusterEnds) {
     let (attach_tx, attach_rx): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| flume::bounded(1)).unzip();
     let (req_tx, req_rx): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| flume::bounded(crate::cluster::peer::PEER_REQUESTS_QUEUED_MAX))
         .unzip();
-    let (forwarder, forward) = crate::forward::channels(shard_count);
+    let (forwarder, forward) = crate::forward::channels(shard_count, retained_inline_bytes);
     (
         ServerClusterEnds {
             attach: attach_tx,
@@ -202,6 +205,7 @@ async fn serve_requests(shard: Rc<Shard>, requests: flume::Receiver<PeerRequest>
 fn on_peer_request(shard: &Rc<Shard>, req: PeerRequest) {
     match req.envelope.kind {
         PeerKind::Publish => super::remote::on_request(shard, req),
+        PeerKind::Retained => super::remote::on_retained_fetch(shard, req),
         // Served on its own task: it may wait for this node to apply a claim or for
         // the store to read a disk tail.
         PeerKind::Session => {

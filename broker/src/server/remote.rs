@@ -180,3 +180,37 @@ pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
         }
     }
 }
+
+/// Another node fetches a retained message too large for the log that this node keeps
+/// (`PeerKind::Retained`, keyed by the topic). Body: `index u64 | size u32 | digest u128`
+/// as the log's reference names it; answered with the message as one retained record
+/// only if this shard's replica holds that very message (its digest matches).
+pub(super) fn on_retained_fetch(shard: &Shard, req: PeerRequest) {
+    let answer = retained_answer(shard, &req);
+    if let Err(e) = &answer {
+        debug!(shard = shard.id, from = req.from, topic = %req.envelope.key, "retained fetch refused: {e}");
+    }
+    let _ = req.reply.send(answer);
+}
+
+fn retained_answer(shard: &Shard, req: &PeerRequest) -> Result<bytes::Bytes, String> {
+    let body = &req.envelope.body;
+    if body.len() != 28 || req.envelope.key.is_empty() {
+        return Err(format!("malformed retained fetch ({} bytes)", body.len()));
+    }
+    let digest = u128::from_be_bytes(body[12..28].try_into().map_err(|_| "short digest")?);
+    let message = shard
+        .engine
+        .borrow()
+        .retained_message(&req.envelope.key)
+        .ok_or_else(|| "no retained message for this topic here".to_owned())?;
+    if forward::wire::retained_digest(&message) != digest {
+        return Err("the retained message here is not the one asked for (it changed)".into());
+    }
+    let publisher = message.origin.map_or(0, |u| u.0);
+    Ok(forward::wire::retained_record(
+        now_ms(),
+        publisher,
+        &message,
+    ))
+}

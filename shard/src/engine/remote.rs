@@ -115,6 +115,12 @@ impl Engine {
 
     /// A publication from another node: this shard's subscribers and the
     /// other local shards that route it, never the remote id.
+    /// The retained message of `topic` in this shard's replica (another node fetches a
+    /// retained message too large to ride in the log from the node that keeps it).
+    pub fn retained_message(&self, topic: &str) -> Option<Message> {
+        self.retained.get(topic, ())?.message.clone()
+    }
+
     pub(super) fn publish_forwarded(&mut self, now_ms: u64, msg: Message) {
         self.stats.remote_publishes_received += 1;
         let mut set = std::mem::take(&mut self.shard_set);
