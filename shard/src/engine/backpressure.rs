@@ -117,8 +117,9 @@ pub(super) struct BackPressure {
     /// delivery of a `PublishDurable`).
     routing: Option<Routing>,
     /// Tokens of publications from other shards held here: token -> (the
-    /// publisher's shard, its token, congested sessions still waited for).
-    remote: HashMap<u64, (ShardId, u64, usize)>,
+    /// publisher's shard, its token, congested sessions still waited for,
+    /// the epoch holding what the delivery stored, 0: nothing).
+    remote: HashMap<u64, (ShardId, u64, usize, u64)>,
 }
 
 impl BackPressure {
@@ -181,7 +182,17 @@ impl Engine {
     /// Ends the delivery of a `PublishDurable`: true when congested sessions
     /// hold its `Ack` (sent when they drain), false when the caller answers.
     pub(super) fn bp_end_remote(&mut self) -> bool {
-        self.bp.routing.take().is_some_and(|r| r.token.is_some())
+        let Some(token) = self.bp.routing.take().and_then(|r| r.token) else {
+            return false;
+        };
+        // What the delivery stored is in the current epoch: the `Ack`, sent
+        // when the sessions drain, waits for its commit too (a drain itself
+        // may store nothing).
+        let epoch = self.current_durable_epoch();
+        if let Some(entry) = self.bp.remote.get_mut(&token) {
+            entry.3 = epoch;
+        }
+        true
     }
 
     /// The token of the publication being routed, allocated on first use.
@@ -197,7 +208,7 @@ impl Engine {
                 self.pending_retains.insert(t, (conn, 0));
             }
             Publisher::Remote { from, ack } => {
-                self.bp.remote.insert(t, (from, ack, 0));
+                self.bp.remote.insert(t, (from, ack, 0, 0));
             }
         }
         if let Some(r) = self.bp.routing.as_mut() {
@@ -268,7 +279,7 @@ impl Engine {
                 }
             }
             Publisher::Remote { .. } => {
-                if let Some((_, _, n)) = self.bp.remote.get_mut(&token) {
+                if let Some((_, _, n, _)) = self.bp.remote.get_mut(&token) {
                     *n += 1;
                 }
             }
@@ -393,12 +404,12 @@ impl Engine {
     fn bp_release_token(&mut self, token: u64) {
         if self.pending_retains.contains_key(&token) {
             self.on_retain_ack(token);
-        } else if let Some((from, ack, n)) = self.bp.remote.get_mut(&token) {
+        } else if let Some((from, ack, n, epoch)) = self.bp.remote.get_mut(&token) {
             super::count_down(n, &mut self.stats, self.shard, "held remote acks");
             if *n == 0 {
-                let (from, ack) = (*from, *ack);
+                let (from, ack, epoch) = (*from, *ack, *epoch);
                 self.bp.remote.remove(&token);
-                self.ack_after_commit(from, ack);
+                self.ack_after_epoch(from, ack, epoch);
             }
         }
     }
@@ -674,6 +685,59 @@ mod tests {
             e.drain_outbox(|_, batch| outbox += batch.len());
         }
         assert_eq!(outbox, 0);
+    }
+
+    /// Under `sync` durability an acknowledgement that a congested session on
+    /// another shard held waits, when released, for the commit of what the
+    /// publication stored on that shard (here for a persistent offline
+    /// subscriber), even when the release itself stores nothing.
+    #[test]
+    fn a_held_ack_released_by_a_drain_still_waits_for_its_commit() {
+        fn commit_all(cl: &mut Cluster) {
+            for _ in 0..4 {
+                for e in &mut cl.engines {
+                    if let Some(b) = e.take_store_batch() {
+                        e.store_committed(b.epoch);
+                    }
+                }
+                cl.pump();
+            }
+        }
+        let mut cl = Cluster::new(2, HIGH);
+        for e in &mut cl.engines {
+            e.enable_persistence(true);
+        }
+        let sub = cl.connect(1, "sub");
+        cl.subscribe(sub, "t");
+        let mut stored = crate::engine::testing::connect_packet(ProtocolVersion::V5, "st", false);
+        stored.properties.session_expiry_interval = Some(600);
+        let conn = cl.engines[1].connect(cl.now_ms, stored, false);
+        let st = Client { shard: 1, conn };
+        cl.recv(st);
+        cl.subscribe(st, "t");
+        cl.engines[1].connection_lost(cl.now_ms, conn);
+        cl.engines[1].release(cl.now_ms, conn);
+        commit_all(&mut cl);
+        let publ = cl.connect(0, "pub");
+        for n in 1..=20 {
+            cl.publish(publ, "t", n);
+            commit_all(&mut cl);
+        }
+        assert!(cl.engines[0].bp.peer_congested[1], "congested");
+        cl.publish(publ, "t", 21);
+        let batch = cl.engines[1].take_store_batch().expect("21 stored for st");
+        for _ in 0..100 {
+            let packets = cl.recv(sub);
+            if ack_all(&mut cl, sub, &packets).is_empty() {
+                break;
+            }
+        }
+        assert!(cl.engines[1].bp.congested.is_empty(), "drained");
+        let acked = pubacks(&cl.recv(publ));
+        assert!(!acked.contains(&21), "PUBACK before the commit: {acked:?}");
+        cl.engines[1].store_committed(batch.epoch);
+        cl.pump();
+        assert!(pubacks(&cl.recv(publ)).contains(&21));
     }
 
     /// A subscriber that never reads: the held acks go out at the hold bound

@@ -288,12 +288,17 @@ impl Engine {
     /// Sends `Ack { token }` to `to` once what this shard stored so far is
     /// committed (at once when nothing waits).
     pub(super) fn ack_after_commit(&mut self, to: ShardId, token: u64) {
-        match self.durable_epoch() {
-            Some(e) => {
-                let p = self.persist.as_mut().expect("persistence on");
-                p.deferred_acks.push_back((e, to, token));
-            }
-            None => self.ack_now(to, token),
+        self.ack_after_epoch(to, token, 0);
+    }
+
+    /// `ack_after_commit`, waiting for the commit of `epoch` too (what an
+    /// earlier step stored for the acknowledged publication; 0: nothing).
+    pub(super) fn ack_after_epoch(&mut self, to: ShardId, token: u64, epoch: u64) {
+        let e = self.durable_epoch().unwrap_or(0).max(epoch);
+        match self.persist.as_mut() {
+            // Behind a later epoch it waits a little longer, never less.
+            Some(p) if p.sync && e > p.committed => p.deferred_acks.push_back((e, to, token)),
+            _ => self.ack_now(to, token),
         }
     }
 
