@@ -124,13 +124,15 @@ fn run(config: &Config, cli: &Cli) -> anyhow::Result<()> {
             server.connections_max as u64,
             server.store_stats.clone(),
             server.read_budget.clone(),
-        ),
+        )
+        .with_listeners(&server.urls),
         links: server.admin_links.clone(),
         token: (!token.is_empty()).then_some(token),
         started,
         auth: Some(server.auth_hub()),
         cluster: cluster.clone(),
         bridges: Some(server.bridges.clone()),
+        listeners: server.urls.clone(),
     };
     let admin_addr = tessera_broker::admin::spawn(admin_listener, state)?;
     // Scripts and tests wait for these lines; keep their shape. The admin

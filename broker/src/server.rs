@@ -1026,6 +1026,7 @@ async fn admin_task(shard: Rc<Shard>, rx: flume::Receiver<ShardCall>) {
     while let Ok(call) = rx.recv_async().await {
         let view = DriverView {
             connections_current: shard.connections.get() + shard.pending_connects.get(),
+            listener_connections: shard.listener_limits.held(),
         };
         call.answer(&mut shard.engine.borrow_mut(), now_ms(), view);
         shard.flush_outbox();

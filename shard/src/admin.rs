@@ -54,6 +54,9 @@ pub struct SessionInfo {
     pub protocol: &'static str,
     /// The keep alive in force, when connected.
     pub keep_alive_s: Option<u16>,
+    /// The driver's listener of the connection, when connected
+    /// (`Engine::set_listener`).
+    pub listener: Option<u16>,
     /// Session Expiry Interval (`u32::MAX`: never; 0: ends with the connection).
     pub expiry_interval_s: u32,
     /// Seconds since the client disconnected, when it is not connected.

@@ -379,6 +379,9 @@ struct Conn {
     guard: Option<Box<auth::ConnGuard>>,
     /// Whether the connection ended at the protocol level (driver still flushing).
     ended: bool,
+    /// The driver's listener the connection came in on (`Engine::set_listener`),
+    /// for the admin listing; the engine gives it no meaning.
+    listener: u16,
     out: ConnOutput,
 }
 
@@ -841,6 +844,7 @@ impl Engine {
             held_acks: VecDeque::new(),
             guard: None,
             ended: false,
+            listener: 0,
             out: ConnOutput::default(),
         };
         let slot = match self.free_conns.pop() {
@@ -2207,6 +2211,15 @@ impl Engine {
 
     // ------------------------------------------------------------------
     // Accessors with the invariants they assume
+
+    /// Records the driver's listener `conn` came in on (shown by the admin
+    /// listing as [`crate::admin::SessionInfo::listener`]). A no-op for a
+    /// connection that already ended.
+    pub fn set_listener(&mut self, conn: ConnId, listener: u16) {
+        if let Some(c) = self.slot_mut(conn) {
+            c.listener = listener;
+        }
+    }
 
     /// The connection `conn` names, unless its slot was freed or reused.
     fn slot(&self, conn: ConnId) -> Option<&Conn> {

@@ -45,6 +45,9 @@ pub struct AdminState {
     pub cluster: Option<std::sync::Arc<crate::cluster::ClusterNode>>,
     /// The bridges (`/api/v1/bridges`, bridge metrics).
     pub bridges: Option<std::sync::Arc<crate::bridge::BridgeHub>>,
+    /// Every listener's kind and URL, by listener id (the `transport` and
+    /// `listener` of a connected client).
+    pub listeners: Vec<(crate::config::ListenerKind, String)>,
 }
 
 type Handler = fn(&AdminState, &Request, &[String]) -> Response;
@@ -419,11 +422,14 @@ fn merge_pages<T>(
 // ---------------------------------------------------------------------------
 // Clients and sessions
 
-fn session_json(s: &SessionInfo) -> Value {
+fn session_json(state: &AdminState, s: &SessionInfo) -> Value {
+    let listener = s.listener.and_then(|l| state.listeners.get(usize::from(l)));
     json!({
         "client_id": s.client_id,
         "shard": s.shard,
         "connected": s.connected,
+        "transport": listener.map(|(kind, _)| kind.to_string()),
+        "listener": listener.map(|(_, url)| url),
         "protocol": s.protocol,
         "keep_alive_s": s.keep_alive_s,
         "session_expiry_interval_s": s.expiry_interval_s,
@@ -458,7 +464,12 @@ fn sessions_page(state: &AdminState, req: &Request, connected: Option<bool>) -> 
             Err(e) => return shard_error(e),
         }
     }
-    merge_pages(pages, page.limit, |s| s.client_id.clone(), session_json)
+    merge_pages(
+        pages,
+        page.limit,
+        |s| s.client_id.clone(),
+        |s| session_json(state, s),
+    )
 }
 
 fn clients_list(state: &AdminState, req: &Request, _: &[String]) -> Response {
@@ -495,7 +506,7 @@ fn session_detail(state: &AdminState, client_id: &str) -> Result<SessionDetail, 
 fn session_show(state: &AdminState, _: &Request, p: &[String]) -> Response {
     match session_detail(state, &p[0]) {
         Ok(d) => {
-            let mut v = session_json(&d.info);
+            let mut v = session_json(state, &d.info);
             v["has_will"] = json!(d.has_will);
             v["subscription_list"] = d.subscriptions.iter().map(subscription_json).collect();
             Response::json(200, &v)

@@ -57,6 +57,8 @@ pub struct Exporter {
     store_stats: Vec<SharedStoreStats>,
     /// The node's read-buffer budget (`limits.max_read_buffers_bytes`).
     read_budget: Arc<ReadBudget>,
+    /// Every listener's transport (kind) and URL, by listener id.
+    listeners: Vec<(String, String)>,
 }
 
 impl Exporter {
@@ -78,7 +80,21 @@ impl Exporter {
             connections_max,
             store_stats,
             read_budget,
+            listeners: Vec::new(),
         }
+    }
+
+    /// Labels `tessera_listener_connections` with each listener's transport
+    /// (its kind: mqtt, mqtts, ws, wss, quic) and URL, by listener id.
+    pub fn with_listeners(
+        mut self,
+        listeners: &[(crate::config::ListenerKind, String)],
+    ) -> Exporter {
+        self.listeners = listeners
+            .iter()
+            .map(|(kind, url)| (kind.to_string(), url.clone()))
+            .collect();
+        self
     }
 
     /// Asks every shard for a snapshot and keeps the answers; returns which
@@ -119,6 +135,16 @@ impl Exporter {
                 gauge!("tessera_shard_up", "shard" => k.to_string()).set(f64::from(u8::from(up)));
                 if let Some(s) = snap {
                     record_shard(&k.to_string(), s);
+                    for ((transport, url), n) in self.listeners.iter().zip(&s.listener_connections)
+                    {
+                        gauge!(
+                            "tessera_listener_connections",
+                            "shard" => k.to_string(),
+                            "transport" => transport.clone(),
+                            "listener" => url.clone()
+                        )
+                        .set(*n as f64);
+                    }
                 }
             }
             record_process(&process);
@@ -235,6 +261,10 @@ fn describe_all() {
     describe_gauge!(
         "tessera_connections_current",
         "Open client TCP connections on the shard, including those not yet past CONNECT."
+    );
+    describe_gauge!(
+        "tessera_listener_connections",
+        "Client connections served on the shard (past CONNECT), per listener; transport is the listener kind (mqtt, mqtts, ws, wss, quic)."
     );
     describe_gauge!(
         "tessera_connections_max",

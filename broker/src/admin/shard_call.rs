@@ -85,6 +85,8 @@ pub struct ShardSnapshot {
     pub gauges: ShardGauges,
     /// Open client sockets on the shard, those before CONNECT included.
     pub connections_current: usize,
+    /// Connections served on the shard per listener (by listener id).
+    pub listener_connections: Vec<usize>,
 }
 
 /// A query and where to answer it.
@@ -97,10 +99,12 @@ pub struct ShardCall {
 }
 
 /// What the driver knows about a shard that the engine does not.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DriverView {
     /// Open client sockets, those before CONNECT included.
     pub connections_current: usize,
+    /// Connections served per listener (by listener id).
+    pub listener_connections: Vec<usize>,
 }
 
 impl ShardCall {
@@ -113,6 +117,7 @@ impl ShardCall {
                 probe: engine.probe().snapshot(),
                 gauges: engine.gauges(),
                 connections_current: view.connections_current,
+                listener_connections: view.listener_connections,
             })),
             Query::Sessions(f) => Answer::Sessions(engine.admin_sessions(now_ms, &f)),
             Query::Session(id) => Answer::Session(engine.admin_session(now_ms, &id).map(Box::new)),

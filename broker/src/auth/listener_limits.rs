@@ -91,6 +91,11 @@ impl ListenerLimits {
         true
     }
 
+    /// Connections held per listener (by listener id), for metrics.
+    pub fn held(&self) -> Vec<usize> {
+        self.slots.iter().map(|s| s.held.get()).collect()
+    }
+
     /// A connection counted by [`ListenerLimits::hold`] ended.
     pub fn release(&self, listener: usize) {
         let s = &self.slots[listener];

@@ -107,7 +107,9 @@ pub(super) async fn serve(
     let conn = {
         let mut engine = shard.engine.borrow_mut();
         engine.record_bytes_received(bytes_read);
-        engine.connect_admitted(now_ms(), connect, assigned, admission)
+        let conn = engine.connect_admitted(now_ms(), connect, assigned, admission);
+        engine.set_listener(conn, listener);
+        conn
     };
     shard.flush_outbox();
     // The bytes left from the CONNECT read are copied into a right-sized

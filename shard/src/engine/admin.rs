@@ -51,6 +51,7 @@ impl Engine {
 
     fn session_info(&self, now_ms: u64, s: &Session) -> SessionInfo {
         let keep_alive_s = s.conn.and_then(|c| self.slot(c)).map(|c| c.keep_alive_s);
+        let listener = s.conn.and_then(|c| self.slot(c)).map(|c| c.listener);
         let disconnected_for_s = s
             .disconnected_at_ms
             .filter(|_| s.conn.is_none())
@@ -68,6 +69,7 @@ impl Engine {
             connected: s.conn.is_some(),
             protocol: protocol_name(s.version),
             keep_alive_s,
+            listener,
             expiry_interval_s: s.expiry_interval_s,
             disconnected_for_s,
             expires_in_s,
