@@ -54,6 +54,9 @@ pub struct ClusterConfig {
     /// Run storage commits on tokio's blocking pool (always `true` in the broker; the
     /// deterministic simulation sets `false`, see `StoreOptions::io_on_blocking_pool`).
     pub io_on_blocking_pool: bool,
+    /// Seed of this node's election-timeout draws. `None` (the broker): a random seed
+    /// per start. The deterministic simulation sets one so a seed replays its elections.
+    pub election_seed: Option<u64>,
 }
 
 impl ClusterConfig {
@@ -82,6 +85,7 @@ impl ClusterConfig {
             map_size_bytes: crate::store::MAP_SIZE_BYTES_DEFAULT,
             fsync: true,
             io_on_blocking_pool: true,
+            election_seed: None,
         }
     }
 

@@ -266,8 +266,9 @@ pub(crate) struct Inner {
     pub(crate) forward: Mutex<Option<Arc<dyn Service>>>,
     stop: Arc<Notify>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// When this node started (the base of `leader_contact_ms`).
-    started: Instant,
+    /// When this node started (the base of `leader_contact_ms`). tokio's clock, so the
+    /// paused clock of the simulation drives it too.
+    started: tokio::time::Instant,
     /// When the current leader last reached this follower (ms since `started`, plus 1;
     /// 0: never).
     leader_contact_ms: AtomicU64,
@@ -367,6 +368,9 @@ impl ControlPlane {
             max_in_snapshot_log_to_keep: config.logs_kept_after_snapshot,
             snapshot_max_chunk_size: config.snapshot_chunk_bytes,
             purge_batch_size: (config.snapshot_logs_since_last / 2).clamp(1, 1024),
+            // Elections are started by `election_timer` (a fresh random timeout per
+            // round, not ticks): see there.
+            enable_elect: false,
             ..openraft::Config::default()
         }
         .validate()
@@ -415,13 +419,14 @@ impl ControlPlane {
             forward: Mutex::new(None),
             stop: Arc::new(Notify::new()),
             tasks: Mutex::new(Vec::new()),
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
             leader_contact_ms: AtomicU64::new(0),
         });
         let batcher = tokio::spawn(batcher(inner.clone(), rx, incarnation));
         let watcher = tokio::spawn(watch_leader(inner.clone()));
         let meta = tokio::spawn(announce_self(inner.clone()));
-        lock(&inner.tasks).extend([batcher, watcher, meta]);
+        let elections = tokio::spawn(election_timer(inner.clone()));
+        lock(&inner.tasks).extend([batcher, watcher, meta, elections]);
         let service: Arc<dyn Service> = Arc::new(RaftService::new(inner.clone()));
         Ok((ControlPlane { inner }, service))
     }
@@ -549,6 +554,14 @@ impl Inner {
     pub(crate) fn note_leader_contact(&self) {
         let ms = self.started.elapsed().as_millis() as u64 + 1;
         self.leader_contact_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the leader last reached this node (None: never since start).
+    fn last_leader_contact(&self) -> Option<tokio::time::Instant> {
+        match self.leader_contact_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.started + Duration::from_millis(at - 1)),
+        }
     }
 
     /// A snapshot from the leader was refused (it did not parse).
@@ -839,18 +852,33 @@ impl Inner {
     }
 
     /// One attempt to get `data` committed and applied.
-    async fn propose_once(&self, data: &EntryData) -> Result<BatchResult, Attempt> {
+    async fn propose_once(
+        &self,
+        data: &EntryData,
+        deadline: tokio::time::Instant,
+    ) -> Result<BatchResult, Attempt> {
         let leader = self.shared.metrics_rx.borrow().current_leader;
         match leader {
             None => Err(Attempt::Retry("no leader is known".into())),
-            Some(l) if l == self.shared.node_id => self
-                .write_as_leader(data.clone())
-                .await
-                .map_err(|r| match r {
-                    ProposeRefusal::NotLeader { .. } => Attempt::Retry("leadership moved".into()),
-                    ProposeRefusal::Malformed(e) => Attempt::Fail(ClusterError::Refused(e)),
-                    ProposeRefusal::Failed(e) => Attempt::Fail(ClusterError::Shutdown(e)),
-                }),
+            // Bounded by the batch's deadline: openraft answers a leader's write when the
+            // entry is applied or truncated, but not when this node, having stepped
+            // down, installs a snapshot that covers the entry (its answer never comes;
+            // the seeded simulation's seed 104 hung here). The batch's idempotency key
+            // keeps a retry from applying it twice.
+            Some(l) if l == self.shared.node_id => {
+                match tokio::time::timeout_at(deadline, self.write_as_leader(data.clone())).await {
+                    Err(_) => Err(Attempt::Retry(
+                        "this node's raft did not answer the write in time".into(),
+                    )),
+                    Ok(r) => r.map_err(|r| match r {
+                        ProposeRefusal::NotLeader { .. } => {
+                            Attempt::Retry("leadership moved".into())
+                        }
+                        ProposeRefusal::Malformed(e) => Attempt::Fail(ClusterError::Refused(e)),
+                        ProposeRefusal::Failed(e) => Attempt::Fail(ClusterError::Shutdown(e)),
+                    }),
+                }
+            }
             Some(l) => {
                 let req = rpc::encode(&RaftRequest::Propose(data.clone()));
                 let timeout = Duration::from_millis(self.config.proposal_timeout_ms);
@@ -970,7 +998,7 @@ async fn submit(inner: &Inner, proposals: Vec<Proposal>, incarnation: u64, seq: 
         tokio::time::Instant::now() + Duration::from_millis(inner.config.proposal_timeout_ms);
     let mut backoff = Duration::from_millis(5);
     let outcome = loop {
-        match inner.propose_once(&data).await {
+        match inner.propose_once(&data, deadline).await {
             Ok(r) => break Ok(r),
             Err(Attempt::Fail(e)) => break Err(e),
             Err(Attempt::Retry(reason)) => {
@@ -1041,6 +1069,107 @@ async fn watch_leader(inner: Arc<Inner>) {
                     .fetch_add(1, Ordering::Relaxed);
             }
             last = m.current_leader;
+        }
+    }
+}
+
+/// xorshift64* (the election timer's draws; no dependency, seedable).
+struct XorShift(u64);
+
+impl XorShift {
+    fn seeded(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+/// Starts elections: a voter that has heard from no leader, and changed its vote, for a
+/// random election timeout campaigns, with a new random timeout for every round. While
+/// it knows a leader (its vote is committed) it waits the leader lease on top, as
+/// openraft's own timer does, since voters refuse to vote during the lease.
+///
+/// Why not openraft's timer: openraft 0.9 draws a node's election timeout once, when the
+/// node starts, and checks it only on its tick (every 1.5 heartbeats). With the default
+/// 300-600 ms timeout and 150 ms ticks that leaves three possible timeouts; two voters
+/// with the same one whose ticks fall within a vote round trip of each other campaign in
+/// the same instant, split the vote, and do it again every round, for as long as both
+/// run. The seeded simulation found it (5 nodes, 300 terms with no leader); on real
+/// machines tick phases are random, so it is rarer, not impossible. A timeout redrawn per
+/// round with full resolution breaks every tie within a round or two (Raft §5.2).
+async fn election_timer(inner: Arc<Inner>) {
+    use tokio::time::Instant;
+    let seed = inner.config.election_seed.unwrap_or_else(|| {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    });
+    let mut rng = XorShift::seeded(seed ^ inner.shared.node_id.rotate_left(32));
+    let (min, max) = (
+        inner.config.election_timeout_min_ms,
+        inner.config.election_timeout_max_ms,
+    );
+    let lease = Duration::from_millis(max);
+    let mut rx = inner.raft.metrics();
+    let mut timeout = Duration::from_millis(min + rng.below(max - min + 1));
+    let (mut vote, mut vote_changed) = (rx.borrow().vote, Instant::now());
+    loop {
+        let due = {
+            let m = rx.borrow();
+            if m.vote != vote {
+                vote = m.vote;
+                vote_changed = Instant::now();
+            }
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|id| id == m.id);
+            if m.state == ServerState::Leader || !voter || m.running_state.is_err() {
+                None
+            } else {
+                let heard = inner
+                    .last_leader_contact()
+                    .map_or(vote_changed, |t| t.max(vote_changed));
+                let wait = if vote.is_committed() {
+                    lease + timeout
+                } else {
+                    timeout
+                };
+                Some(heard + wait)
+            }
+        };
+        match due {
+            Some(due) if due <= Instant::now() => {
+                timeout = Duration::from_millis(min + rng.below(max - min + 1));
+                if inner.raft.trigger().elect().await.is_err() {
+                    return;
+                }
+                // The new vote is seen on the next turn; until then the old base would
+                // be due again at once.
+                vote_changed = Instant::now();
+            }
+            Some(due) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = inner.stop.notified() => return,
+                }
+            }
+            None => {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = inner.stop.notified() => return,
+                }
+            }
         }
     }
 }

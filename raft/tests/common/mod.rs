@@ -78,6 +78,8 @@ impl Cluster {
         let mut c = ClusterConfig::new(id, self.dir(id), info(id));
         c.self_info.cluster_addr = addr(id);
         c.initial_voters = initial.clone();
+        // Elections drawn from the network's seeded generator: a seed replays them.
+        c.election_seed = Some(self.net.random());
         (self.tweak)(&mut c);
         c
     }
