@@ -207,6 +207,7 @@ fn check(recovered: &[Recovered], redeliver: bool) {
             let mut others = ShardSet::new();
             if redeliver {
                 others.insert(1 - k as u16);
+                others.insert(2); // the other nodes of a cluster (the remote id)
             }
             assert_eq!(rs.inbound_qos2, [(5, others)]);
             assert_eq!(rs.delayed_will.as_ref().map(|w| w.0), Some(9_000));

@@ -36,7 +36,9 @@
 //!    match it now), with a new number and the set stored again, so another
 //!    crash during it is resolved the same way; its PUBREC waits for their
 //!    commits like a first delivery's. Nothing is delivered again on the
-//!    publisher's shard (its deliveries were in the id's commit).
+//!    publisher's shard (its deliveries were in the id's commit). Other
+//!    nodes of a cluster keep no marks here: a re-send matching their
+//!    routes is forwarded to them again (at least once there, not lost).
 //!
 //! A re-sent PUBLISH while the first delivery still waits for other shards
 //! (the client reconnected meanwhile) is acknowledged when that delivery is,
@@ -130,11 +132,17 @@ impl Engine {
         self.publish_seq = seq;
         let mut sent = 0u32;
         for to in set.iter() {
-            if to != self.shard && shards.contains(to) && !self.is_remote(to) {
+            if to == self.shard || !shards.contains(to) {
+                continue;
+            }
+            if self.is_remote(to) {
+                // No marks for other nodes: at least once there.
+                self.forward_remote(to, &msg, Some(token));
+            } else {
                 self.stats.forwards_sent += 1;
                 self.send_publish(to, &msg, Some(token));
-                sent += 1;
             }
+            sent += 1;
         }
         self.publish_seq = 0;
         self.shard_set = set;
@@ -494,7 +502,83 @@ mod tests {
         node.crash();
     }
 
-    /// A second crash while the re-sent PUBLISH is being delivered again,
+    /// In a cluster the other nodes keep no marks: after a restart a re-sent
+    /// PUBLISH whose topic other nodes route is forwarded to them again (once
+    /// its number is committed), and its PUBREC waits for the forwarder's
+    /// answer; a later re-send is only acknowledged.
+    #[test]
+    fn a_resend_after_a_restart_goes_to_the_other_nodes_again() {
+        use crate::mesh::MeshMsg;
+        use crate::store::{Recovered, RecoveredSession};
+        use crate::trie::ShardSet;
+
+        let mut es = crate::engine::testing::engines(1, &Limits::default());
+        let e = &mut es[0];
+        let remote = e.enable_remote().expect("room for the remote id");
+        e.enable_persistence(true);
+        let mut lacking = ShardSet::new();
+        lacking.insert(remote);
+        let session = RecoveredSession {
+            client_id: Str::from_static("p"),
+            version: V,
+            expiry_interval_s: u32::MAX,
+            disconnected_at_ms: Some(0),
+            subscriptions: Vec::new(),
+            deliveries: Vec::new(),
+            inbound_qos2: vec![(7, lacking)],
+            will: None,
+            delayed_will: None,
+        };
+        let recovered = Recovered {
+            sessions: vec![session],
+            origin_seq_floor: 40,
+            ..Default::default()
+        };
+        e.restore(1, recovered);
+        let route = MeshMsg::RouteAdd {
+            filter: Str::from_static("t"),
+            shard: remote,
+            ack: None,
+        };
+        e.handle_mesh(1, remote, route);
+        let to_remote = |e: &mut Engine| {
+            let mut sent = Vec::new();
+            e.drain_outbox(|to, batch| {
+                if to == remote {
+                    sent.extend(batch);
+                }
+            });
+            sent
+        };
+        let conn = e.connect(
+            1,
+            crate::engine::testing::connect_packet(V, "p", false),
+            false,
+        );
+        let _ = crate::engine::testing::drain(e, conn, V);
+        e.handle_packet(1, conn, publish(7, true));
+        assert!(to_remote(e).is_empty(), "sent before its number's commit");
+        let batch = e.take_store_batch().expect("the number is stored");
+        e.store_committed(batch.epoch);
+        let sent = to_remote(e);
+        let [MeshMsg::PublishDurable { ack, seq: 40, .. }] = &sent[..] else {
+            panic!("expected the message to the forwarder again: {sent:?}");
+        };
+        assert!(
+            crate::engine::testing::drain(e, conn, V).is_empty(),
+            "PUBREC before the forwarder's answer"
+        );
+        e.handle_mesh(1, remote, MeshMsg::Ack { token: *ack });
+        let got = crate::engine::testing::drain(e, conn, V);
+        assert!(matches!(got[..], [Packet::PubRec(_)]), "{got:?}");
+        // Once is enough.
+        e.handle_packet(1, conn, publish(7, true));
+        assert!(to_remote(e).is_empty());
+        let got = crate::engine::testing::drain(e, conn, V);
+        assert!(matches!(got[..], [Packet::PubRec(_)]), "{got:?}");
+    }
+
+    /// A second crash while the re-sent PUBLISH    /// A second crash while the re-sent PUBLISH is being delivered again,
     /// after newer publications reached the subscriber's shard: the next
     /// re-send still delivers it, once.
     #[test]

@@ -594,6 +594,12 @@ fn resolve_inbound(
                     if b_idx != a && b_idx < shard_count && mark < rec.seq {
                         left.insert(b);
                     }
+                    // The other nodes of a cluster (the remote id, the shard
+                    // count) keep no marks here: a re-send goes to them again
+                    // (at least once rather than lost).
+                    if b_idx == shard_count {
+                        left.insert(b);
+                    }
                 }
             }
             *rec = InboundRecord {
