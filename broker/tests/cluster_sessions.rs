@@ -522,3 +522,109 @@ fn with_redirect_to_owner_a_v5_client_is_sent_to_the_node_holding_its_session() 
     let c311 = connect_packet(ProtocolVersion::V3_1_1, "redirected", false, 30);
     let _moved = RawClient::connect_ok(c.node(3).addr(), c311);
 }
+
+/// `brokerctl clients|sessions|subs|retained list` against any member lists the whole
+/// cluster with a NODE column (each session on the node that holds it), or one node
+/// with `--node N`.
+#[test]
+fn brokerctl_lists_clients_sessions_and_subscriptions_cluster_wide_or_per_node() {
+    use common::{RawClient, brokerctl, connect_packet};
+    use tessera_proto::{ProtocolVersion, QoS as PQoS};
+
+    let c = three_nodes("sessions-listing");
+    let mut held = Vec::new();
+    for node in 1..=3u64 {
+        let mut connect = connect_packet(ProtocolVersion::V5, &format!("lister-{node}"), false, 60);
+        connect.properties.session_expiry_interval = Some(600);
+        let mut client = RawClient::connect_ok(c.node(node).addr(), connect);
+        client.subscribe(1, &[(&format!("list/{node}/#"), PQoS::AtLeastOnce)]);
+        held.push(client);
+    }
+    let mut on2 = RawClient::connect_ok(
+        c.node(2).addr(),
+        connect_packet(ProtocolVersion::V5, "lister-pub", true, 60),
+    );
+    on2.publish_retained("list/r", b"kept", 1);
+    drop(on2);
+
+    let url = format!("http://{}", c.node(1).admin_addr());
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--url", url.as_str(), "--json"];
+        all.extend_from_slice(args);
+        let out = brokerctl(&all, &[]);
+        assert!(
+            out.status.success(),
+            "brokerctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // (node, ClientID) of the listed items that belong to this test.
+    let listed = |v: &serde_json::Value| -> Vec<(u64, String)> {
+        let mut got: Vec<(u64, String)> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| {
+                i["client_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("lister-") && id != "lister-pub")
+            })
+            .map(|i| {
+                (
+                    i["node"].as_u64().unwrap(),
+                    i["client_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    let everyone: Vec<(u64, String)> = (1..=3).map(|n| (n, format!("lister-{n}"))).collect();
+
+    assert_eq!(listed(&json(&["clients", "list"])), everyone);
+    assert_eq!(listed(&json(&["sessions", "list"])), everyone);
+    assert_eq!(
+        listed(&json(&["sessions", "list", "--node", "3"])),
+        vec![(3, "lister-3".to_owned())]
+    );
+    let subs = json(&["subs", "list"]);
+    assert_eq!(listed(&subs), everyone);
+    for i in subs["items"].as_array().unwrap() {
+        if let (Some(n), Some(f)) = (i["node"].as_u64(), i["filter"].as_str())
+            && f.starts_with("list/")
+        {
+            assert_eq!(f, format!("list/{n}/#"), "{i}");
+        }
+    }
+    assert_eq!(
+        listed(&json(&["clients", "list", "--node", "2"])),
+        vec![(2, "lister-2".to_owned())]
+    );
+    // Retained messages are the same on every node: one node's replica, with its id.
+    let retained = json(&["retained", "list", "--node", "3"]);
+    let items = retained["items"].as_array().unwrap();
+    assert!(
+        items
+            .iter()
+            .any(|i| i["topic"] == "list/r" && i["node"] == 3),
+        "{retained}"
+    );
+
+    // Each node's own admin API names itself in what it lists.
+    let own = c
+        .admin(2)
+        .json("GET", &["api", "v1", "sessions"], &[])
+        .unwrap();
+    assert_eq!(listed(&own), vec![(2, "lister-2".to_owned())]);
+
+    // The table has the NODE column; a node that is not a member is an error.
+    let out = brokerctl(&["--url", &url, "clients", "list"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.starts_with("NODE"), "{text}");
+    assert!(text.contains("lister-3"), "{text}");
+    let out = brokerctl(&["--url", &url, "clients", "list", "--node", "9"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    drop(held);
+}

@@ -396,13 +396,24 @@ fn bool_param(req: &Request, name: &str) -> Result<Option<bool>, Response> {
     }
 }
 
-/// Merges the shards' pages (each sorted by key) into one page of `limit`.
+/// Merges the shards' pages (each sorted by key) into one page of `limit`. In a
+/// cluster each item names this node (`node`), so listings of several members can be
+/// put together (`brokerctl ... list` does).
 fn merge_pages<T>(
+    state: &AdminState,
     pages: Vec<(Vec<T>, usize)>,
     limit: usize,
     key: impl Fn(&T) -> String,
     to_json: impl Fn(&T) -> Value,
 ) -> Response {
+    let node = state.cluster.as_deref().map(|c| c.node_id());
+    let to_json = |i: &T| {
+        let mut v = to_json(i);
+        if let (Some(n), Value::Object(o)) = (node, &mut v) {
+            o.insert("node".into(), Value::from(n));
+        }
+        v
+    };
     let total: usize = pages.iter().map(|(_, t)| t).sum();
     let mut items: Vec<T> = pages.into_iter().flat_map(|(i, _)| i).collect();
     items.sort_by_key(|i| key(i));
@@ -465,6 +476,7 @@ fn sessions_page(state: &AdminState, req: &Request, connected: Option<bool>) -> 
         }
     }
     merge_pages(
+        state,
         pages,
         page.limit,
         |s| s.client_id.clone(),
@@ -670,6 +682,7 @@ fn subscriptions_list(state: &AdminState, req: &Request, _: &[String]) -> Respon
         }
     }
     merge_pages(
+        state,
         pages,
         page.limit,
         |s| format!("{}{CURSOR_SEPARATOR}{}", s.client_id, s.filter),
@@ -728,6 +741,7 @@ fn retained_list(state: &AdminState, req: &Request, _: &[String]) -> Response {
     };
     match state.links.call(0, Query::Retained(filter)) {
         Ok(Answer::Retained(p)) => merge_pages(
+            state,
             vec![(p.items, p.total)],
             page.limit,
             |r| r.topic.clone(),

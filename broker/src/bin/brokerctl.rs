@@ -5,7 +5,9 @@
 //!   `sessions list|show|expire`, `metrics [--watch]`: talk to a running broker
 //!   over its admin API (`docs/ADMIN_API.md`), with `--url` (`TESSERA_URL`,
 //!   default `http://127.0.0.1:18083`) and `--token` (`TESSERA_TOKEN`). Human
-//!   tables by default, the API's JSON with `--json`.
+//!   tables by default, the API's JSON with `--json`. In a cluster the listings ask
+//!   every member (found through `/api/v1/cluster`) and add a NODE column, or one
+//!   member with `--node N`.
 //! - `passwd add|delete|list FILE [USER]`: manage a password file (the password is read
 //!   from standard input), like `mosquitto_passwd` ([`tessera_broker::auth::ctl`]).
 //! - `ban add|delete|list FILE [KIND VALUE]`: manage a ban list file.
@@ -183,6 +185,11 @@ struct PageArgs {
     /// Follow the pages to the end.
     #[arg(long)]
     all: bool,
+    /// In a cluster: only this node (through its admin address from the cluster's
+    /// membership). Without it, every member is listed, with a NODE column (retained
+    /// messages, the same on every node: the node at --url).
+    #[arg(long, value_name = "N")]
+    node: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -435,7 +442,16 @@ fn run_admin(c: &AdminClient, cli: &Cli) -> Result<(), ClientError> {
         Command::Clients(ClientsCommand::List { prefix, page }) => {
             let mut q = Vec::new();
             opt(&mut q, "prefix", prefix);
-            list(c, &["api", "v1", "clients"], q, page, json, &CLIENT_COLUMNS)
+            let to = Listing::Every;
+            list(
+                c,
+                cli,
+                to,
+                &["api", "v1", "clients"],
+                q,
+                page,
+                &CLIENT_COLUMNS,
+            )
         }
         Command::Clients(ClientsCommand::Show { client_id })
         | Command::Sessions(SessionsCommand::Show { client_id }) => {
@@ -462,24 +478,28 @@ fn run_admin(c: &AdminClient, cli: &Cli) -> Result<(), ClientError> {
             let mut q = Vec::new();
             opt(&mut q, "client_id", client);
             opt(&mut q, "filter", filter);
+            let to = Listing::Every;
             list(
                 c,
+                cli,
+                to,
                 &["api", "v1", "subscriptions"],
                 q,
                 page,
-                json,
                 &SUB_COLUMNS,
             )
         }
         Command::Retained(RetainedCommand::List { filter, page }) => {
             let mut q = Vec::new();
             opt(&mut q, "filter", filter);
+            let to = Listing::Replicated;
             list(
                 c,
+                cli,
+                to,
                 &["api", "v1", "retained"],
                 q,
                 page,
-                json,
                 &RETAINED_COLUMNS,
             )
         }
@@ -517,12 +537,14 @@ fn run_admin(c: &AdminClient, cli: &Cli) -> Result<(), ClientError> {
             if let Some(b) = connected {
                 q.push(("connected", b.to_string()));
             }
+            let to = Listing::Every;
             list(
                 c,
+                cli,
+                to,
                 &["api", "v1", "sessions"],
                 q,
                 page,
-                json,
                 &SESSION_COLUMNS,
             )
         }
@@ -652,22 +674,93 @@ const RETAINED_COLUMNS: [Column; 4] = [
     ("PAYLOAD", "payload"),
 ];
 
-/// Fetches one page, or all of them with `--all`, and prints them.
-fn list(
+/// Which nodes of a cluster a listing asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    /// Every member (sessions, clients, subscriptions live on one node each).
+    Every,
+    /// The node at --url (retained messages are the same on every node).
+    Replicated,
+}
+
+/// The admin APIs a listing asks, each with its node id (`None`: a single node, no
+/// cluster). `--node N` picks member N through its admin address.
+fn listing_targets(
+    c: &AdminClient,
+    cli: &Cli,
+    to: Listing,
+    node: Option<u64>,
+) -> Result<Vec<(Option<u64>, AdminClient)>, ClientError> {
+    let view = match c.json("GET", &["api", "v1", "cluster"], &[]) {
+        Ok(v) => v,
+        Err(ClientError::NotFound(_)) => {
+            if let Some(n) = node {
+                return Err(ClientError::Usage(format!(
+                    "--node {n}: the broker at --url runs as a single node"
+                )));
+            }
+            return Ok(vec![(None, c.clone())]);
+        }
+        Err(e) => return Err(e),
+    };
+    let me = view["node_id"].as_u64();
+    let empty = Vec::new();
+    let members: Vec<(u64, String)> = view["members"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|m| Some((m["id"].as_u64()?, m["admin_addr"].as_str()?.to_owned())))
+        .collect();
+    let client_of = |id: u64, addr: &str| -> Result<(Option<u64>, AdminClient), ClientError> {
+        if Some(id) == me {
+            return Ok((Some(id), c.clone()));
+        }
+        if addr.is_empty() {
+            return Err(ClientError::Connection(format!(
+                "node {id} has no admin address in the cluster's membership"
+            )));
+        }
+        let url = format!("http://{addr}");
+        let client = AdminClient::new(&url, cli.token.clone(), Duration::from_secs(cli.timeout))?;
+        Ok((Some(id), client))
+    };
+    match (node, to) {
+        (Some(n), _) => {
+            let addr = members
+                .iter()
+                .find(|(id, _)| *id == n)
+                .map(|(_, a)| a.as_str())
+                .ok_or_else(|| ClientError::NotFound(format!("node {n} is not a member")))?;
+            Ok(vec![client_of(n, addr)?])
+        }
+        (None, Listing::Replicated) => Ok(vec![(me, c.clone())]),
+        (None, Listing::Every) => {
+            let mut out = Vec::with_capacity(members.len());
+            for (id, addr) in &members {
+                match client_of(*id, addr) {
+                    Ok(t) => out.push(t),
+                    Err(e) => eprintln!("node {id}: {e}"),
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// One node's pages of a listing: its items, total and next cursor.
+fn list_node(
     c: &AdminClient,
     path: &[&str],
-    mut query: Vec<(&str, String)>,
+    query: &[(&str, String)],
     page: &PageArgs,
-    json: bool,
-    columns: &[Column],
-) -> Result<(), ClientError> {
-    query.push(("limit", page.limit.to_string()));
+) -> Result<(Vec<Value>, Value, Value), ClientError> {
     let mut after = page.after.clone();
     let mut items: Vec<Value> = Vec::new();
     let mut total = Value::Null;
     let mut next = Value::Null;
     for _ in 0..PAGES_MAX {
-        let mut q = query.clone();
+        let mut q = query.to_vec();
+        q.push(("limit", page.limit.to_string()));
         if let Some(a) = &after {
             q.push(("after", a.clone()));
         }
@@ -682,21 +775,103 @@ fn list(
             _ => break,
         }
     }
-    if json {
-        return print_json(&serde_json::json!({ "items": items, "total": total, "next": next }));
+    Ok((items, total, next))
+}
+
+/// Fetches one page, or all of them with `--all`, and prints them; in a cluster, of
+/// every member (a NODE column, totals summed) or of `--node N`.
+fn list(
+    c: &AdminClient,
+    cli: &Cli,
+    to: Listing,
+    path: &[&str],
+    query: Vec<(&str, String)>,
+    page: &PageArgs,
+    columns: &[Column],
+) -> Result<(), ClientError> {
+    let targets = listing_targets(c, cli, to, page.node)?;
+    let clustered = targets.iter().any(|(n, _)| n.is_some());
+    if page.after.is_some() && targets.len() > 1 {
+        return Err(ClientError::Usage(
+            "--after is a cursor of one node: give --node N with it".into(),
+        ));
     }
-    let rows: Vec<Vec<String>> = items
-        .iter()
-        .map(|i| columns.iter().map(|(_, f)| cell(&i[*f])).collect())
-        .collect();
-    let headers: Vec<&str> = columns.iter().map(|(h, _)| *h).collect();
-    let mut text = table(&headers, &rows);
-    text.push_str(&format!("{} shown, {} in total", items.len(), cell(&total)));
-    if let Value::String(n) = &next {
-        text.push_str(&format!("; more with --after {}", shell_quote(n)));
+    let mut items: Vec<Value> = Vec::new();
+    let mut total: u64 = 0;
+    let mut nodes: Vec<Value> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let single = targets.len() == 1;
+    let mut last_next = Value::Null;
+    let mut last_total = Value::Null;
+    for (node, client) in &targets {
+        match list_node(client, path, &query, page) {
+            Ok((mut got, t, next)) => {
+                if let Some(n) = node {
+                    for i in &mut got {
+                        if let Value::Object(o) = i {
+                            o.insert("node".into(), Value::from(*n));
+                        }
+                    }
+                }
+                total += t.as_u64().unwrap_or(0);
+                nodes.push(serde_json::json!({ "node": node, "total": t, "next": next }));
+                items.extend(got);
+                last_next = next;
+                last_total = t;
+            }
+            Err(e) if single => return Err(e),
+            Err(e) => {
+                nodes.push(serde_json::json!({ "node": node, "error": e.to_string() }));
+                failed.push(format!("node {}: {e}", node.map_or(0, |n| n)));
+            }
+        }
     }
-    text.push('\n');
-    print(&text)
+    if cli.json {
+        let doc = if clustered {
+            serde_json::json!({ "items": items, "total": total, "nodes": nodes })
+        } else {
+            serde_json::json!({ "items": items, "total": last_total, "next": last_next })
+        };
+        print_json(&doc)?;
+    } else {
+        let mut columns: Vec<Column> = columns.to_vec();
+        if clustered {
+            columns.insert(0, ("NODE", "node"));
+        }
+        let rows: Vec<Vec<String>> = items
+            .iter()
+            .map(|i| columns.iter().map(|(_, f)| cell(&i[*f])).collect())
+            .collect();
+        let headers: Vec<&str> = columns.iter().map(|(h, _)| *h).collect();
+        let mut text = table(&headers, &rows);
+        let total = if clustered {
+            total.to_string()
+        } else {
+            cell(&last_total)
+        };
+        text.push_str(&format!("{} shown, {total} in total", items.len()));
+        for n in &nodes {
+            if let Value::String(next) = &n["next"] {
+                match n["node"].as_u64() {
+                    Some(id) => text.push_str(&format!(
+                        "; more on node {id} with --node {id} --after {}",
+                        shell_quote(next)
+                    )),
+                    None => text.push_str(&format!("; more with --after {}", shell_quote(next))),
+                }
+            }
+        }
+        text.push('\n');
+        print(&text)?;
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(ClientError::Server(format!(
+            "not every node answered: {}",
+            failed.join("; ")
+        )))
+    }
 }
 
 fn shell_quote(s: &str) -> String {
