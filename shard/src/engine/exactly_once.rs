@@ -335,10 +335,15 @@ mod tests {
     /// A subscriber on shard 1 and a publisher on shard 0, both persistent,
     /// both disconnected; returns their ClientIDs.
     fn set_up(dir: &Dir) -> (&'static str, &'static str) {
+        set_up_with(dir, "t")
+    }
+
+    /// `set_up` with the subscriber on `filter`.
+    fn set_up_with(dir: &Dir, filter: &'static str) -> (&'static str, &'static str) {
         let (sub, publisher) = (id_on(1, "sub"), id_on(0, "pub"));
         let mut node = Node::boot(dir);
         let s = node.connect(sub);
-        let subscribe = crate::engine::testing::subscribe_packet("t", QoS::ExactlyOnce);
+        let subscribe = crate::engine::testing::subscribe_packet(filter, QoS::ExactlyOnce);
         node.send(s, subscribe);
         node.settle();
         assert!(matches!(node.recv(s)[..], [Packet::SubAck(_)]));
@@ -448,6 +453,26 @@ mod tests {
     fn a_resend_after_only_the_subscribers_shard_committed_is_delivered_once() {
         let dir = temp_dir("receiver-first");
         let (sub, publisher) = set_up(&dir);
+        let mut node = Node::boot(&dir);
+        let p = node.connect(publisher);
+        node.send(p, publish(7, false));
+        for _ in 0..4 {
+            node.pump();
+            node.commit(1);
+        }
+        node.lose(0);
+        node.crash();
+        assert_eq!(restart_and_resend(&dir, publisher, sub, 7), ["m7"]);
+    }
+
+    /// The same for the only member of a shared subscription on the other
+    /// shard: its copy also leaves only after the packet id's commit, so a
+    /// re-send the publisher's shard forgot is not a second copy for the
+    /// group.
+    #[test]
+    fn a_shared_member_on_another_shard_gets_a_forgotten_resend_once() {
+        let dir = temp_dir("shared-receiver-first");
+        let (sub, publisher) = set_up_with(&dir, "$share/g/t");
         let mut node = Node::boot(&dir);
         let p = node.connect(publisher);
         node.send(p, publish(7, false));

@@ -175,8 +175,15 @@ impl Engine {
     /// whose packet id this shard could lose in a crash.
     pub(super) fn send_durable(&mut self, to: ShardId, message: Message, ack: u64, seq: u64) {
         let msg = MeshMsg::PublishDurable { message, ack, seq };
+        self.send_after_id_commit(to, msg, seq != 0);
+    }
+
+    /// Sends `msg` to `to`, after the commit of the current epoch when
+    /// `after_commit` (it carries a publication whose packet id that epoch
+    /// holds), in order with the others waiting.
+    pub(super) fn send_after_id_commit(&mut self, to: ShardId, msg: MeshMsg, after_commit: bool) {
         match self.persist.as_mut() {
-            Some(p) if seq != 0 => p.deferred_sends.push_back((p.epoch, to, msg)),
+            Some(p) if after_commit => p.deferred_sends.push_back((p.epoch, to, msg)),
             _ => self.outbox[usize::from(to)].push(msg),
         }
     }

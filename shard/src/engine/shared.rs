@@ -636,6 +636,9 @@ impl Engine {
         key: u64,
         chain: Chain,
     ) {
+        // The publisher's own QoS 2 publication with a number leaves after
+        // its packet id's commit, like `PublishDurable` (`exactly_once`).
+        let after_commit = self.publish_seq != 0 && matches!(chain.ack, SharedAck::Local(_));
         let ack = match chain.ack {
             SharedAck::None => None,
             SharedAck::Local(token) => {
@@ -659,7 +662,7 @@ impl Engine {
             ack,
         };
         self.stats.shared_forwards_sent += 1;
-        self.outbox[usize::from(to)].push(msg);
+        self.send_after_id_commit(to, msg, after_commit);
     }
 
     /// Hands `msg` to one member with that member's subscription options:
