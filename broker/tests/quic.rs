@@ -940,3 +940,20 @@ fn metrics_and_the_admin_api_show_quic_connections_with_their_transport() {
     q.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
     q.expect_end();
 }
+
+#[test]
+fn a_stopping_broker_disconnects_quic_clients_and_exits() {
+    let ca = Ca::new("tessera quic shutdown CA");
+    let (mut broker, addr) = start("shutdown", &ca, "", "");
+    let v = ProtocolVersion::V5;
+    let mut q = QuicClient::connect_ok(addr, &ca, connect_packet(v, "stopping-quic", true, 30));
+    q.send(&Packet::PingReq);
+    assert_eq!(q.recv(), Packet::PingResp);
+    broker.sigterm();
+    match q.try_recv(STEP) {
+        Ok(Packet::Disconnect(d)) => assert_eq!(d.reason_code, ReasonCode::ServerShuttingDown),
+        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+    }
+    assert_eq!(q.expect_end(), Ended::ByBroker(CLOSE_DONE));
+    assert!(broker.wait_exit(Duration::from_secs(15)).success());
+}
