@@ -125,7 +125,8 @@ fn run(config: &Config, cli: &Cli) -> anyhow::Result<()> {
             server.store_stats.clone(),
             server.read_budget.clone(),
         )
-        .with_listeners(&server.urls),
+        .with_listeners(&server.urls)
+        .with_quic(server.quic_counters()),
         links: server.admin_links.clone(),
         token: (!token.is_empty()).then_some(token),
         started,

@@ -15,9 +15,11 @@
 //!
 //! Single-stream mode (EMQX, NanoSDK, RMQTT): the client opens one
 //! bidirectional stream and sends every MQTT packet on it, CONNECT first; the
-//! server opens no stream. A further stream is stopped with
-//! [`close_code::STREAM_REFUSED`] (multi-stream mode is not implemented), and
-//! `max_streams` bounds how many a client may have open at once.
+//! server opens no stream. Multi-stream mode (EMQX 5.0.18+): the client opens
+//! further bidirectional data streams for PUBLISH and SUBSCRIBE; their
+//! packets wait for the CONNACK, then join the shard's byte stream whole, and
+//! the answers go back on the stream the rules of [`mux`] name. `max_streams`
+//! bounds the streams a client has open at once (QUIC's stream limit).
 //!
 //! Bounds: at most [`HANDSHAKES_MAX`] connections between the first packet
 //! and their MQTT stream (a flood beyond that is refused at once; beyond half
@@ -33,6 +35,7 @@
 //! after the stop flag it accepts nothing new, waits for its connections to
 //! end (the shards disconnect their clients) and closes the endpoint.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -47,6 +50,8 @@ use tracing::{debug, info, warn};
 use crate::config::{CertIdentity, ListenerConfig, ListenerId};
 use crate::transport::quic::{QuicPipe, close_code};
 use crate::transport::tls::{self, TlsStore};
+
+mod mux;
 
 /// Connections at most between their first packet and their MQTT stream, per
 /// listener.
@@ -109,6 +114,19 @@ impl QuicSettings {
 #[derive(Debug)]
 pub struct QuicListener {
     thread: std::thread::JoinHandle<()>,
+    /// Its URL and gauges, for `/metrics`.
+    pub counters: (String, Arc<QuicCounters>),
+}
+
+/// The gauges of one QUIC listener, written by its endpoint thread.
+#[derive(Debug, Default)]
+pub struct QuicCounters {
+    /// QUIC connections the endpoint holds, from their first packet until
+    /// their close (handshaking ones included).
+    pub live: AtomicUsize,
+    /// Of those, the ones before their MQTT stream opened (handshake, or
+    /// waiting for the stream); bounded by [`HANDSHAKES_MAX`].
+    pub handshaking: AtomicUsize,
 }
 
 /// What every connection task of one listener shares.
@@ -119,8 +137,7 @@ struct Ctx {
     settings: QuicSettings,
     shards: Vec<flume::Sender<NewQuic>>,
     next_shard: AtomicUsize,
-    handshaking: AtomicUsize,
-    live: AtomicUsize,
+    counters: Arc<QuicCounters>,
     refused_log: std::sync::Mutex<(Instant, u32)>,
 }
 
@@ -209,10 +226,10 @@ impl QuicListener {
             settings,
             shards,
             next_shard: AtomicUsize::new(0),
-            handshaking: AtomicUsize::new(0),
-            live: AtomicUsize::new(0),
+            counters: Arc::new(QuicCounters::default()),
             refused_log: std::sync::Mutex::new((Instant::now(), 0)),
         });
+        let counters = (ctx.url.clone(), ctx.counters.clone());
         let spec = spec.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -246,7 +263,7 @@ impl QuicListener {
                 });
             })?;
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(QuicListener { thread }),
+            Ok(Ok(())) => Ok(QuicListener { thread, counters }),
             Ok(Err(e)) => Err(e.context(format!("quic listener {bound}"))),
             Err(_) => Err(anyhow!("quic listener {bound} did not start within 10 s")),
         }
@@ -286,7 +303,7 @@ async fn run(
         let Some(incoming) = incoming else {
             break;
         };
-        let handshaking = ctx.handshaking.load(Ordering::Relaxed);
+        let handshaking = ctx.counters.handshaking.load(Ordering::Relaxed);
         if handshaking >= HANDSHAKES_MAX {
             debug!(listener = %ctx.url, peer = %incoming.remote_address(), "too many handshakes: refused");
             incoming.refuse();
@@ -306,7 +323,7 @@ async fn run(
     // Stopping: nothing new; the shards end the live connections.
     endpoint.set_server_config(None);
     let deadline = Instant::now() + STOP_WAIT;
-    while ctx.live.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    while ctx.counters.live.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     endpoint.close(VarInt::from_u32(close_code::BUSY), b"server shutting down");
@@ -337,8 +354,8 @@ fn reload(endpoint: &quinn::Endpoint, ctx: &Ctx, spec: &ListenerConfig, tls: &Tl
 /// One connection: the handshake and the MQTT stream within the connect
 /// timeout, then a shard takes the stream and this task carries its bytes.
 async fn connection(incoming: Incoming, ctx: Arc<Ctx>) {
-    let live = Counted::new(&ctx.live);
-    let handshaking = Counted::new(&ctx.handshaking);
+    let live = Counted::new(&ctx.counters.live);
+    let handshaking = Counted::new(&ctx.counters.handshaking);
     let peer = incoming.remote_address();
     let deadline = tokio::time::Instant::now() + ctx.settings.connect_timeout;
     let connecting = match incoming.accept() {
@@ -404,9 +421,20 @@ async fn connection(incoming: Incoming, ctx: Arc<Ctx>) {
     drop(live);
 }
 
-/// Carries the stream's bytes between the client and the shard until the
-/// shard ends the connection (or the connection is lost), then closes it with
-/// the shard's close code. Further streams are stopped (single-stream mode).
+/// What the tasks of one connection share: the protocol version (from the
+/// CONNECT) and, once a data stream opened, the multi-stream router.
+#[derive(Debug, Default)]
+struct Streams {
+    version: Option<tessera_proto::ProtocolVersion>,
+    router: Option<mux::Router>,
+}
+
+/// Carries the MQTT bytes between the client and the shard until the shard
+/// ends the connection (or the connection is lost), then closes it with the
+/// shard's close code. The first stream's bytes go to the shard cut at packet
+/// boundaries; further streams are data streams (multi-stream mode, `mux`),
+/// whose packets join the same pipe and whose answers the router sends back
+/// on them.
 async fn carry(
     conn: Connection,
     mut send: SendStream,
@@ -414,20 +442,95 @@ async fn carry(
     end: crate::transport::quic::QuicPipeEnd,
 ) {
     let to_shard = end.to_shard;
-    let reader = tokio::spawn(async move {
-        // Ends at the end of the stream or of the connection; dropping
-        // `to_shard` tells the shard.
-        while let Ok(Some(chunk)) = recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
-            if to_shard.send_async(chunk.bytes).await.is_err() {
-                break;
+    let shared = Arc::new(std::sync::Mutex::new(Streams::default()));
+    let (connacked_tx, connacked_rx) = tokio::sync::watch::channel(false);
+    let (streams_tx, mut streams_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = {
+        let (to_shard, shared, conn) = (to_shard.clone(), shared.clone(), conn.clone());
+        tokio::spawn(async move {
+            // Ends at the end of the stream or of the connection; dropping
+            // `to_shard` tells the shard.
+            let mut framer = mux::Framer::default();
+            while let Ok(Some(chunk)) = recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
+                let frames = match framer.push(chunk.bytes) {
+                    Ok(Some(frames)) => frames,
+                    Ok(None) => continue,
+                    Err(_) => {
+                        conn.close(
+                            VarInt::from_u32(close_code::PROTOCOL_ERROR),
+                            b"malformed MQTT packet",
+                        );
+                        break;
+                    }
+                };
+                {
+                    let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    if s.version.is_none() {
+                        s.version = mux::connect_version(&frames);
+                    }
+                }
+                if to_shard.send_async(frames).await.is_err() {
+                    break;
+                }
             }
-        }
-    });
-    let refuser = tokio::spawn(refuse_streams(conn.clone()));
+        })
+    };
+    let data = tokio::spawn(data_streams(
+        conn.clone(),
+        to_shard,
+        shared.clone(),
+        connacked_rx,
+        streams_tx,
+    ));
     // The writer runs here: the connection ends when the shard is done.
-    while let Ok(chunk) = end.from_shard.recv_async().await {
-        if send.write_chunk(chunk).await.is_err() {
-            break;
+    let mut data_senders: HashMap<mux::StreamNo, SendStream> = HashMap::new();
+    'write: loop {
+        let chunk = tokio::select! {
+            biased;
+            // A data stream is known here before the shard can answer it.
+            Some(event) = streams_rx.recv() => {
+                match event {
+                    DataStream::Opened(no, sender) => {
+                        data_senders.insert(no, sender);
+                    }
+                    // The client finished or reset it: finish ours, so the
+                    // stream closes and its credit returns to the client.
+                    DataStream::Ended(no) => {
+                        if let Some(mut sender) = data_senders.remove(&no) {
+                            let _ = sender.finish();
+                        }
+                    }
+                }
+                continue;
+            }
+            chunk = end.from_shard.recv_async() => match chunk {
+                Ok(chunk) => chunk,
+                Err(_) => break,
+            },
+        };
+        if !*connacked_tx.borrow() && mux::starts_with_connack(&chunk) {
+            let _ = connacked_tx.send(true);
+        }
+        let routed = {
+            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            match s.router.as_mut() {
+                Some(router) => router.outbound(chunk),
+                None => vec![(0, chunk)],
+            }
+        };
+        for (no, bytes) in routed {
+            let stream = match data_senders.get_mut(&no) {
+                Some(stream) if no != 0 => stream,
+                _ => &mut send,
+            };
+            if stream.write_chunk(bytes).await.is_err() {
+                if no == 0 || !data_senders.contains_key(&no) {
+                    break 'write;
+                }
+                // A data stream the client stopped: its answers are lost,
+                // the connection goes on.
+                data_senders.remove(&no);
+            }
         }
     }
     let _ = send.finish();
@@ -440,15 +543,79 @@ async fn carry(
     };
     conn.close(VarInt::from_u32(code), reason);
     reader.abort();
-    refuser.abort();
+    data.abort();
 }
 
-/// Stops every further stream the client opens (single-stream mode).
-async fn refuse_streams(conn: Connection) {
-    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let code = VarInt::from_u32(close_code::STREAM_REFUSED);
-        let _ = recv.stop(code);
-        let _ = send.reset(code);
+/// What the data stream tasks tell the writer.
+#[derive(Debug)]
+enum DataStream {
+    /// A new data stream and its sending side.
+    Opened(mux::StreamNo, SendStream),
+    /// The client's side of the stream ended.
+    Ended(mux::StreamNo),
+}
+
+/// Multi-stream mode: every further bidirectional stream the client opens is
+/// a data stream. Its packets wait until the CONNACK went out, then join the
+/// pipe whole; its sending side goes to the writer for the router's answers.
+async fn data_streams(
+    conn: Connection,
+    to_shard: flume::Sender<bytes::Bytes>,
+    shared: Arc<std::sync::Mutex<Streams>>,
+    connacked: tokio::sync::watch::Receiver<bool>,
+    senders: tokio::sync::mpsc::UnboundedSender<DataStream>,
+) {
+    let mut no: mux::StreamNo = 0;
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        no += 1;
+        if senders.send(DataStream::Opened(no, send)).is_err() {
+            return;
+        }
+        let (conn, to_shard, shared) = (conn.clone(), to_shard.clone(), shared.clone());
+        let (connacked, senders) = (connacked.clone(), senders.clone());
+        tokio::spawn(async move {
+            data_stream(no, recv, conn, to_shard, shared, connacked).await;
+            let _ = senders.send(DataStream::Ended(no));
+        });
+    }
+}
+
+/// Reads one data stream into the pipe (see [`data_streams`]).
+async fn data_stream(
+    no: mux::StreamNo,
+    mut recv: RecvStream,
+    conn: Connection,
+    to_shard: flume::Sender<bytes::Bytes>,
+    shared: Arc<std::sync::Mutex<Streams>>,
+    mut connacked: tokio::sync::watch::Receiver<bool>,
+) {
+    // Data streams opened before the CONNACK wait for it.
+    if connacked.wait_for(|c| *c).await.is_err() {
+        return;
+    }
+    let mut framer = mux::Framer::default();
+    while let Ok(Some(chunk)) = recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
+        let frames = match framer.push(chunk.bytes) {
+            Ok(Some(frames)) => frames,
+            Ok(None) => continue,
+            Err(_) => {
+                conn.close(
+                    VarInt::from_u32(close_code::PROTOCOL_ERROR),
+                    b"malformed MQTT packet on a data stream",
+                );
+                return;
+            }
+        };
+        {
+            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+            let version = s.version.unwrap_or(tessera_proto::ProtocolVersion::V3_1_1);
+            s.router
+                .get_or_insert_with(|| mux::Router::new(version))
+                .inbound(no, &frames);
+        }
+        if to_shard.send_async(frames).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -450,6 +450,11 @@ impl Server {
         self.auth.clone()
     }
 
+    /// Each QUIC listener's URL and gauges (for `/metrics`).
+    pub fn quic_counters(&self) -> Vec<(String, Arc<crate::quic::QuicCounters>)> {
+        self.quic.iter().map(|q| q.counters.clone()).collect()
+    }
+
     /// Number of shards running.
     pub fn shards(&self) -> usize {
         self.executors.len()

@@ -6,8 +6,9 @@
 //! certificate's CN as username and SIGHUP reload as for `mqtts`; a client
 //! that changes its UDP port keeps its connection and session; 0-RTT only
 //! when configured; and a hostile QUIC
-//! peer (garbage datagrams, a first packet that is not CONNECT, extra
-//! streams, a flood of handshakes that never open a stream) gets a clear
+//! peer (garbage datagrams, a first packet that is not CONNECT, too many
+//! streams, garbage on a data stream, a flood of handshakes that never open
+//! a stream) gets a clear
 //! close, costs bounded memory and never stops the broker.
 //!
 //! Method: the real broker binary (`--shards 2`) with a `[[listener]] kind =
@@ -42,7 +43,6 @@ const STEP: Duration = Duration::from_secs(5);
 const CLOSE_DONE: u32 = 0;
 const CLOSE_PROTOCOL_ERROR: u32 = 1;
 const CLOSE_NO_STREAM: u32 = 3;
-const CLOSE_STREAM_REFUSED: u32 = 4;
 
 /// The tokio runtime the QUIC clients run on.
 fn rt() -> &'static tokio::runtime::Runtime {
@@ -571,31 +571,42 @@ fn a_hostile_quic_peer_is_closed_and_the_broker_serves_on() {
     c.send_bytes(b"GET / HTTP/1.1\r\n\r\n");
     assert_eq!(c.expect_end(), Ended::ByBroker(CLOSE_PROTOCOL_ERROR));
 
-    // Extra streams (single-stream mode) are stopped one by one, many more
-    // than max_streams over time; the MQTT stream is untouched.
+    // Too many streams: max_streams = 3 holds the MQTT stream and two data
+    // streams; a fourth stream gets no credit while they are open.
     let mut c = QuicClient::connect_ok(
         addr,
         &ca,
         connect_packet(ProtocolVersion::V5, "hostile-streams", true, 30),
     );
-    for _ in 0..30 {
-        let conn = c.conn.clone();
-        let stopped = rt().block_on(async move {
-            let (mut send, _recv) = tokio::time::timeout(STEP, conn.open_bi())
-                .await
-                .expect("a stream within the limit opens")
-                .unwrap();
-            send.write_all(&[0x10, 0x00]).await.ok();
-            tokio::time::timeout(STEP, send.stopped()).await
-        });
-        let code = stopped.expect("the extra stream is stopped").unwrap();
-        assert_eq!(
-            code.map(|c| c.into_inner()),
-            Some(u64::from(CLOSE_STREAM_REFUSED))
-        );
-    }
-    c.send(&Packet::PingReq);
+    let conn = c.conn.clone();
+    let (held, fourth_waits) = rt().block_on(async move {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            // PINGREQ: the stream exists at the broker once data arrives.
+            send.write_all(&[0xC0, 0x00]).await.unwrap();
+            held.push((send, recv));
+        }
+        let fourth = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+        (held, fourth.is_err())
+    });
+    assert!(
+        fourth_waits,
+        "a stream beyond max_streams must wait for credit"
+    );
+    // The PINGREQs of the data streams were answered (on the first stream).
     assert_eq!(c.recv(), Packet::PingResp);
+    assert_eq!(c.recv(), Packet::PingResp);
+    drop(held);
+    // A data stream with bytes that are not MQTT: the connection is closed as
+    // a protocol error.
+    let conn = c.conn.clone();
+    rt().block_on(async move {
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"GET / HTTP/1.1\r\n\r\n").await.ok();
+        std::mem::forget(_recv);
+    });
+    assert_eq!(c.expect_end(), Ended::ByBroker(CLOSE_PROTOCOL_ERROR));
 
     // A handshake that never opens a stream: closed after the connect
     // timeout (1 s) with the "no stream" code.
@@ -613,9 +624,11 @@ fn a_hostile_quic_peer_is_closed_and_the_broker_serves_on() {
     // got in time on this shared CPU: the close with code 3; the same close
     // before the client confirmed the handshake, which QUIC turns into a bare
     // APPLICATION_ERROR ("aborted by peer", RFC 9000 10.2.3); a handshake
-    // the broker dropped unfinished ("timed out"). A client that still thinks
-    // it is connected after that sends on a stream and must get a stateless
-    // reset: the broker holds no state for it.
+    // the broker dropped unfinished ("timed out"), or, for a client whose
+    // handshake the broker dropped before the client completed it, nothing
+    // at all ("still open" until the client's own idle timeout). What must
+    // hold is on the broker's side: its endpoint holds none of them once the
+    // connect timeout passed (`tessera_quic_connections` back to 0).
     let (endpoint, _) = QuicClient::handshake(addr, &ca);
     let flood = 300;
     let started = Instant::now();
@@ -667,6 +680,7 @@ fn a_hostile_quic_peer_is_closed_and_the_broker_serves_on() {
                 && !o.contains("timed out")
                 && !o.contains("aborted by peer")
                 && !o.contains("reset by peer")
+                && o.as_str() != "still open"
         })
         .collect();
     assert!(odd.is_empty(), "flood outcomes: {odd:?}");
@@ -674,6 +688,23 @@ fn a_hostile_quic_peer_is_closed_and_the_broker_serves_on() {
         elapsed < Duration::from_secs(40),
         "the flood took {elapsed:?}"
     );
+    let held = |name: &str| -> f64 {
+        common::metrics_text(broker.admin_addr())
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held("tessera_quic_connections") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the broker still holds {} QUIC connections and {} handshakes after the flood",
+            held("tessera_quic_connections"),
+            held("tessera_quic_handshakes")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Still serving, over QUIC and TCP, with bounded memory.
     let mut q = QuicClient::connect_ok(
@@ -956,4 +987,120 @@ fn a_stopping_broker_disconnects_quic_clients_and_exits() {
     }
     assert_eq!(q.expect_end(), Ended::ByBroker(CLOSE_DONE));
     assert!(broker.wait_exit(Duration::from_secs(15)).success());
+}
+
+/// Reads the next packet of a data stream's receiving side.
+async fn recv_on(recv: &mut quinn::RecvStream, buf: &mut BytesMut, v: ProtocolVersion) -> Packet {
+    loop {
+        if let Some(p) = tessera_proto::decode(buf, v, PACKET_BYTES_MAX).unwrap() {
+            return p;
+        }
+        let chunk = tokio::time::timeout(STEP, recv.read_chunk(4096, true))
+            .await
+            .expect("a packet on the data stream within the step")
+            .unwrap()
+            .expect("the data stream is open");
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+fn encoded(p: &Packet, v: ProtocolVersion) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    p.encode(v, &mut out).unwrap();
+    out.to_vec()
+}
+
+#[test]
+fn multi_stream_mode_answers_on_the_stream_of_the_packet() {
+    let ca = Ca::new("tessera quic multi-stream CA");
+    let (broker, addr) = start("multi", &ca, "", "");
+    for v in [ProtocolVersion::V3_1_1, ProtocolVersion::V5] {
+        let id = id_on_shard(&format!("multi-{v:?}"), 1);
+        let mut c = QuicClient::open(addr, &ca, v);
+        let conn = c.conn.clone();
+        // A data stream opened and used before CONNECT: it waits for the
+        // CONNACK.
+        let (mut sub_send, mut sub_recv) = rt().block_on(async {
+            let (mut s, r) = conn.open_bi().await.unwrap();
+            s.write_all(&encoded(
+                &subscribe_packet(3, &[("ms/#", QoS::ExactlyOnce)]),
+                v,
+            ))
+            .await
+            .unwrap();
+            (s, r)
+        });
+        c.send(&Packet::Connect(Box::new(connect_packet(v, &id, true, 30))));
+        assert!(matches!(c.recv(), Packet::ConnAck(a) if a.reason_code == ReasonCode::Success));
+        let conn = c.conn.clone();
+        let mut tcp = RawClient::connect_ok(
+            broker.addr(),
+            connect_packet(v, &id_on_shard("multi-tcp", 0), true, 30),
+        );
+        rt().block_on(async {
+            let mut sub_buf = BytesMut::new();
+            assert!(
+                matches!(recv_on(&mut sub_recv, &mut sub_buf, v).await, Packet::SubAck(a) if a.packet_id == 3),
+                "the SUBACK on the SUBSCRIBE's stream"
+            );
+            // A second data stream publishes QoS 1 and 2: acks on it.
+            let (mut pub_send, mut pub_recv) = conn.open_bi().await.unwrap();
+            let mut pub_buf = BytesMut::new();
+            pub_send
+                .write_all(&encoded(&publish_packet("ms/1", b"one", QoS::AtLeastOnce, 5, false), v))
+                .await
+                .unwrap();
+            assert_eq!(recv_on(&mut pub_recv, &mut pub_buf, v).await, Packet::PubAck(PubAck::new(5)));
+            pub_send
+                .write_all(&encoded(&publish_packet("other", b"two", QoS::ExactlyOnce, 6, false), v))
+                .await
+                .unwrap();
+            assert_eq!(recv_on(&mut pub_recv, &mut pub_buf, v).await, Packet::PubRec(PubRec::new(6)));
+            pub_send.write_all(&encoded(&Packet::PubRel(PubRel::new(6)), v)).await.unwrap();
+            assert_eq!(recv_on(&mut pub_recv, &mut pub_buf, v).await, Packet::PubComp(PubComp::new(6)));
+            // The delivery of ms/1 goes on the SUBSCRIBE's stream.
+            let p = match recv_on(&mut sub_recv, &mut sub_buf, v).await {
+                Packet::Publish(p) => p,
+                other => panic!("expected the delivery, got {other:?}"),
+            };
+            assert_eq!((p.topic.as_str(), &p.payload[..]), ("ms/1", &b"one"[..]));
+            sub_send.write_all(&encoded(&Packet::PubAck(PubAck::new(p.packet_id)), v)).await.unwrap();
+        });
+        // A QoS 2 delivery from TCP: PUBLISH and PUBREL on the SUBSCRIBE's stream.
+        tcp.send(&publish_packet(
+            "ms/2",
+            b"three",
+            QoS::ExactlyOnce,
+            1,
+            false,
+        ));
+        assert!(matches!(tcp.recv(), Packet::PubRec(_)));
+        tcp.send(&Packet::PubRel(PubRel::new(1)));
+        assert!(matches!(tcp.recv(), Packet::PubComp(_)));
+        rt().block_on(async {
+            let mut sub_buf = BytesMut::new();
+            let p = match recv_on(&mut sub_recv, &mut sub_buf, v).await {
+                Packet::Publish(p) => p,
+                other => panic!("expected the QoS 2 delivery, got {other:?}"),
+            };
+            assert_eq!(p.topic.as_str(), "ms/2");
+            sub_send
+                .write_all(&encoded(&Packet::PubRec(PubRec::new(p.packet_id)), v))
+                .await
+                .unwrap();
+            assert_eq!(
+                recv_on(&mut sub_recv, &mut sub_buf, v).await,
+                Packet::PubRel(PubRel::new(p.packet_id))
+            );
+            sub_send
+                .write_all(&encoded(&Packet::PubComp(PubComp::new(p.packet_id)), v))
+                .await
+                .unwrap();
+        });
+        // The first stream still answers PINGREQ.
+        c.send(&Packet::PingReq);
+        assert_eq!(c.recv(), Packet::PingResp);
+        c.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+        assert_eq!(c.expect_end(), Ended::ByBroker(CLOSE_DONE));
+    }
 }

@@ -59,6 +59,8 @@ pub struct Exporter {
     read_budget: Arc<ReadBudget>,
     /// Every listener's transport (kind) and URL, by listener id.
     listeners: Vec<(String, String)>,
+    /// Each QUIC listener's URL and endpoint gauges.
+    quic: Vec<(String, Arc<crate::quic::QuicCounters>)>,
 }
 
 impl Exporter {
@@ -81,7 +83,14 @@ impl Exporter {
             store_stats,
             read_budget,
             listeners: Vec::new(),
+            quic: Vec::new(),
         }
+    }
+
+    /// Exports each QUIC endpoint's connections and handshakes in progress.
+    pub fn with_quic(mut self, quic: Vec<(String, Arc<crate::quic::QuicCounters>)>) -> Exporter {
+        self.quic = quic;
+        self
     }
 
     /// Labels `tessera_listener_connections` with each listener's transport
@@ -146,6 +155,13 @@ impl Exporter {
                         .set(*n as f64);
                     }
                 }
+            }
+            for (url, c) in &self.quic {
+                use std::sync::atomic::Ordering::Relaxed;
+                gauge!("tessera_quic_connections", "listener" => url.clone())
+                    .set(c.live.load(Relaxed) as f64);
+                gauge!("tessera_quic_handshakes", "listener" => url.clone())
+                    .set(c.handshaking.load(Relaxed) as f64);
             }
             record_process(&process);
             record_allocator();
@@ -265,6 +281,14 @@ fn describe_all() {
     describe_gauge!(
         "tessera_listener_connections",
         "Client connections served on the shard (past CONNECT), per listener; transport is the listener kind (mqtt, mqtts, ws, wss, quic)."
+    );
+    describe_gauge!(
+        "tessera_quic_connections",
+        "QUIC connections the listener's endpoint holds, handshaking ones included."
+    );
+    describe_gauge!(
+        "tessera_quic_handshakes",
+        "QUIC connections of the listener before their MQTT stream (bounded by 4096)."
     );
     describe_gauge!(
         "tessera_connections_max",

@@ -44,9 +44,6 @@ pub mod close_code {
     pub const BUSY: u32 = 2;
     /// No MQTT stream was opened within the connect timeout.
     pub const NO_STREAM: u32 = 3;
-    /// A stream the broker does not serve (a second stream in single-stream
-    /// mode) is stopped with this code; the connection stays up.
-    pub const STREAM_REFUSED: u32 = 4;
 }
 
 /// The shard's end of one MQTT-over-QUIC stream (see the module doc).
