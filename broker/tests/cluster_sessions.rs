@@ -628,3 +628,62 @@ fn brokerctl_lists_clients_sessions_and_subscriptions_cluster_wide_or_per_node()
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     drop(held);
 }
+
+/// A node that restarts with a session in its store that another node took over while
+/// it was down does not serve that stale copy: it is parked (not listed, not routed) and
+/// the next CONNECT there takes the owner's session over as usual.
+#[tokio::test(flavor = "current_thread")]
+async fn a_restarted_node_does_not_serve_a_session_another_node_took_over_meanwhile() {
+    let mut c = three_nodes("sessions-park");
+    let (sub, mut se, _) = connect(options(&c, 1, "parked", false), "parked @1").await;
+    sub.subscribe("park/t", QoS::AtLeastOnce).await.unwrap();
+    until(&mut se, "parked SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    drop(sub);
+    drop(se);
+    assert!(session_doc(&c, 1, "parked").is_some());
+
+    // Node 1 dies; the client goes to node 2, which cannot fetch the session and gives
+    // it a new one (subscribed afresh).
+    c.kill(1);
+    let (sub2, mut se2, present) = connect(options(&c, 2, "parked", false), "parked @2").await;
+    assert!(!present, "node 1 is down: nothing to move");
+    sub2.subscribe("park/new", QoS::AtLeastOnce).await.unwrap();
+    until(&mut se2, "parked @2 SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    sub2.disconnect().await.unwrap();
+    let _ = timeout(Duration::from_secs(2), async {
+        while se2.poll().await.is_ok() {}
+    })
+    .await;
+    drop(se2);
+
+    // Node 1 back: its stored copy is not a session there.
+    c.start(1, &[], false);
+    c.wait_for_leader();
+    c.wait_until("node 1 parks the copy", |c| {
+        session_doc(c, 1, "parked").is_none()
+    });
+    assert!(session_doc(&c, 2, "parked").is_some());
+
+    // Connecting to node 1 moves node 2's session there (its subscription, not the old
+    // one's).
+    let (_sub1, _se1, present) = connect(options(&c, 1, "parked", false), "parked @1 again").await;
+    assert!(present);
+    let doc = session_doc(&c, 1, "parked").expect("the session is on node 1 now");
+    let subs = c
+        .admin(1)
+        .json("GET", &["api", "v1", "subscriptions", "parked"], &[])
+        .unwrap()
+        .to_string();
+    assert!(
+        subs.contains("park/new") && !subs.contains("park/t"),
+        "{doc} {subs}"
+    );
+}

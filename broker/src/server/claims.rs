@@ -126,6 +126,7 @@ pub(super) async fn claim(
     let metrics = &cluster.port.sessions;
     if cluster.claims.usable(client_id).is_some() && cluster.handle().leader().is_some() {
         SessionMetrics::add(&metrics.claims_held);
+        takeover::resume_own_copy(shard, client_id);
         return Ok(());
     }
     let releasing = cluster.claims.releasing.borrow().contains_key(client_id);
@@ -146,6 +147,7 @@ pub(super) async fn claim(
     {
         cluster.claims.hold(client_id, owner.epoch);
         SessionMetrics::add(&metrics.claims_held);
+        takeover::resume_own_copy(shard, client_id);
         return Ok(());
     }
     if cluster.port.redirect_to_owner
@@ -224,6 +226,10 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
                         .engine
                         .borrow_mut()
                         .session_taken_over(now_ms(), client_id);
+                    // Kept for the new owner's fetch as a moving copy, also when that
+                    // fetch came while this node was down (it restarted with the
+                    // session in its store).
+                    takeover::park(shard, client_id, (*node, *epoch));
                     if ended {
                         SessionMetrics::add(&cluster.port.sessions.taken_over_here);
                         debug!(

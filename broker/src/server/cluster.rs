@@ -124,6 +124,7 @@ pub(super) async fn run(shard: Rc<Shard>, ends: ClusterEnds) {
         "cluster attached"
     );
     resync(&shard, &cluster);
+    takeover::park_sessions_owned_elsewhere(&shard, &cluster);
     glommio::spawn_local(serve_requests(shard.clone(), requests)).detach();
     glommio::spawn_local(tick(shard.clone(), cluster.clone())).detach();
     applied_events(shard, cluster, events).await;

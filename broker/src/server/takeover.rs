@@ -367,6 +367,76 @@ async fn take_in(
     }
 }
 
+/// When the cluster attaches after a start: a session this shard restored from its
+/// store whose ClientID the committed table gives to another node is not served here.
+/// It is the copy of a hand-over this node made before it stopped (the new owner's
+/// confirmation or the deletion did not land), so it becomes a moving copy: out of the
+/// routes, its will held, handed to a later claimant whose previous owner has nothing,
+/// dropped when the session would expire.
+pub(super) fn park_sessions_owned_elsewhere(shard: &Shard, cluster: &ShardCluster) {
+    let me = cluster.port.node_id;
+    let tables = match cluster.handle().tables() {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(
+                shard = shard.id,
+                "cannot read the ownership table at start: {e}"
+            );
+            return;
+        }
+    };
+    let ids = shard.engine.borrow().client_ids();
+    let mut parked = 0usize;
+    for client_id in ids {
+        let Ok(Some(owner)) = tables.owner(client_id.as_str()) else {
+            continue;
+        };
+        if owner.node == me || shard.engine.borrow().is_connected(client_id.as_str()) {
+            continue;
+        }
+        parked += usize::from(park(shard, client_id.as_str(), (owner.node, owner.epoch)));
+    }
+    if parked > 0 {
+        info!(
+            shard = shard.id,
+            parked,
+            "sessions restored here that another node owns are kept as moving copies, not served"
+        );
+        shard.flush_outbox();
+    }
+}
+
+/// Another node's claim (`to` = its node and epoch) on `client_id` committed: a session
+/// of it here leaves memory and the routes and waits as a moving copy for that node's
+/// fetch (or, if that never comes, for a later claimant). Not while it is still being
+/// taken in here (the fetch waits for that). True when a session was parked.
+pub(super) fn park(shard: &Shard, client_id: &str, to: (u64, u64)) -> bool {
+    let mut engine = shard.engine.borrow_mut();
+    if !engine.has_session(client_id) || engine.is_importing(client_id) {
+        return false;
+    }
+    engine
+        .export_session(now_ms(), client_id, wall_base_ms(), to)
+        .is_some()
+}
+
+/// This node holds the claim on `client_id` and kept a moving copy of its session (a
+/// copy parked at start-up while the table it read was behind): the session is that
+/// copy, taken back, not a new one.
+pub(super) fn resume_own_copy(shard: &Shard, client_id: &str) {
+    let mut engine = shard.engine.borrow_mut();
+    if engine.has_session(client_id) || engine.moving_to(client_id).is_none() {
+        return;
+    }
+    match engine.resume_moving(now_ms(), client_id, wall_base_ms()) {
+        Ok(_) => info!(
+            shard = shard.id,
+            client_id, "session taken back from this node's moving copy"
+        ),
+        Err(e) => warn!(shard = shard.id, client_id, "own moving copy unusable: {e}"),
+    }
+}
+
 /// The old owner's side: a session request from another node.
 pub(super) async fn serve(shard: Rc<Shard>, req: PeerRequest) {
     let answer = answer(&shard, &req).await;

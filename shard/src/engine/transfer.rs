@@ -247,6 +247,11 @@ impl Engine {
         Some(bytes)
     }
 
+    /// The ClientIDs of this shard's sessions.
+    pub fn client_ids(&self) -> Vec<Str> {
+        self.by_client_id.keys().cloned().collect()
+    }
+
     /// Whether a session of `client_id` is being taken in (its disk tail still
     /// arriving).
     pub fn is_importing(&self, client_id: &str) -> bool {
