@@ -502,6 +502,14 @@ async fn hand_out(
     let cluster = shard
         .cluster()
         .ok_or_else(|| "this node's cluster is not running yet".to_owned())?;
+    // Nothing here (the common answer to a claimant looking for a moving copy): said at
+    // once, without waiting to apply the claim.
+    {
+        let engine = shard.engine.borrow();
+        if !engine.has_session(client_id) && engine.moving_to(client_id).is_none() {
+            return Ok(Bytes::from_static(&[0]));
+        }
+    }
     // The epoch is a fencing token: only the committed owner may take the session.
     let index = epoch >> EPOCH_POSITION_BITS;
     let deadline = std::time::Instant::now() + APPLY_WAIT;
