@@ -543,8 +543,23 @@ fn a_retained_message_above_the_inline_bound_is_fetched_from_its_origin() {
             .collect()
     };
 
+    // The PUBACK waits until every node fetched the message: on a loaded machine that
+    // can take longer than a plain reply.
+    let publish_retained = |on: &mut RawClient, topic: &str, payload: &[u8], id: u16| {
+        on.send(&common::publish_packet(
+            topic,
+            payload,
+            PQoS::AtLeastOnce,
+            id,
+            true,
+        ));
+        match on.try_recv(Duration::from_secs(20)) {
+            Ok(Packet::PubAck(a)) => assert_eq!(a.packet_id, id),
+            other => panic!("expected PUBACK for {topic}, got {other:?}"),
+        }
+    };
     let mut on2 = client(&cluster, 2, "big-pub-2");
-    on2.publish_retained("big/a", &payload(7), 1);
+    publish_retained(&mut on2, "big/a", &payload(7), 1);
     let summary = |got: &[(String, Vec<u8>)]| -> Vec<(String, usize, u128)> {
         got.iter()
             .map(|(t, p)| (t.clone(), p.len(), xxhash_rust::xxh3::xxh3_128(p)))
@@ -567,7 +582,7 @@ fn a_retained_message_above_the_inline_bound_is_fetched_from_its_origin() {
         );
     }
     // A newer one replaces it everywhere: the digest names the version.
-    on2.publish_retained("big/a", &payload(13), 2);
+    publish_retained(&mut on2, "big/a", &payload(13), 2);
     assert_eq!(
         summary(&retained_on(&cluster, 3, "big-read-3b")),
         expect(&[("big/a", payload(13))])
@@ -578,17 +593,7 @@ fn a_retained_message_above_the_inline_bound_is_fetched_from_its_origin() {
     // away for good and node 3 comes back: it cannot fetch what node 2 kept.
     cluster.kill(3);
     // Its PUBACK waits for the barrier of the dead node 3 (skipped after 5 s).
-    on2.send(&common::publish_packet(
-        "huge/gone",
-        &payload(29),
-        PQoS::AtLeastOnce,
-        3,
-        true,
-    ));
-    match on2.try_recv(Duration::from_secs(20)) {
-        Ok(Packet::PubAck(a)) => assert_eq!(a.packet_id, 3),
-        other => panic!("expected PUBACK, got {other:?}"),
-    }
+    publish_retained(&mut on2, "huge/gone", &payload(29), 3);
     drop(on2);
     cluster.kill(2);
     cluster.start(3, &[], false);
