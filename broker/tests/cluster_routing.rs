@@ -526,7 +526,13 @@ fn a_retained_message_above_the_inline_bound_is_fetched_from_its_origin() {
     };
     let retained_in = |cluster: &Cluster, node: u64, id: &str, filter: &str| {
         let mut sub = client(cluster, node, id);
-        sub.subscribe(1, &[(filter, PQoS::AtLeastOnce)]);
+        // A new route's SUBACK waits for every member's barrier; a dead member is
+        // skipped after 5 s, longer than a plain reply.
+        sub.send(&common::subscribe_packet(1, &[(filter, PQoS::AtLeastOnce)]));
+        match sub.try_recv(Duration::from_secs(20)) {
+            Ok(Packet::SubAck(_)) => {}
+            other => panic!("expected SUBACK for {filter} on node {node}, got {other:?}"),
+        }
         let mut got = Vec::new();
         while let Ok(Packet::Publish(p)) = sub.try_recv(Duration::from_millis(500)) {
             got.push((p.topic.to_string(), p.payload.to_vec()));
