@@ -450,6 +450,14 @@ pub struct Engine {
     /// Retained publications waiting for every shard: token -> (publisher
     /// connection, acknowledgements missing).
     pending_retains: HashMap<u64, (ConnId, usize)>,
+    /// Batches another node forwarded, waiting for the local commits and
+    /// shards' `Ack`s of what they delivered: token -> answers missing
+    /// (`remote`, "Forwarded batches").
+    pending_forwards: HashMap<u64, usize>,
+    /// Tokens of forwarded batches whose answer may go out now.
+    forwards_done: Vec<u64>,
+    /// The forwarded batch being handled, under `sync` durability.
+    forward_batch: Option<u64>,
     /// Filters whose route add other shards have not all acknowledged yet, with
     /// the token of the SUBSCRIBE that sent it. Only with several shards.
     routes_unacked: HashMap<Str, u64>,
@@ -552,6 +560,9 @@ impl Engine {
             retained_clock_ms: 0,
             pending_subacks: HashMap::new(),
             pending_retains: HashMap::new(),
+            pending_forwards: HashMap::new(),
+            forwards_done: Vec::new(),
+            forward_batch: None,
             routes_unacked: HashMap::new(),
             suback_dependents: HashMap::new(),
             delayed_wills: HashMap::new(),
@@ -1624,20 +1635,15 @@ impl Engine {
     pub fn handle_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg) {
         match msg {
             MeshMsg::Publish(m) => self.deliver_local(now_ms, &m),
-            MeshMsg::Forwarded(m) => self.publish_forwarded(now_ms, m),
+            MeshMsg::Forwarded { message, mark, .. } if self.is_remote(from) => {
+                self.publish_forwarded(now_ms, message, mark)
+            }
+            MeshMsg::Forwarded { message, mark, ack } => {
+                self.forwarded_copy(now_ms, from, message, mark, ack)
+            }
             MeshMsg::PublishDurable { message, ack, seq } => {
                 self.note_origin(from, seq);
-                self.bp_begin_remote(from, ack, message.qos);
-                self.refusal = (message.qos != QoS::AtMostOnce).then_some(false);
-                self.deliver_local(now_ms, &message);
-                if self.refusal.take() == Some(true) {
-                    // Before the `Ack`: the publisher's shard learns it
-                    // while the acknowledgement is still held.
-                    self.outbox[usize::from(from)].push(MeshMsg::Refused { token: ack });
-                }
-                if !self.bp_end_remote() {
-                    self.ack_after_commit(from, ack);
-                }
+                self.deliver_durable(now_ms, from, &message, ack);
             }
             MeshMsg::Congestion { congested } => self.bp_on_congestion(from, congested),
             MeshMsg::Refused { token } => self.on_refused(now_ms, token),
@@ -1650,6 +1656,9 @@ impl Engine {
             }
             MeshMsg::RouteRemove { filter, shard } => {
                 self.routes.remove(&filter, shard);
+            }
+            MeshMsg::Ack { token } if self.pending_forwards.contains_key(&token) => {
+                self.on_forward_ack(token)
             }
             MeshMsg::Ack { token } if self.pending_retains.contains_key(&token) => {
                 self.on_retain_ack(token)
@@ -1707,6 +1716,22 @@ impl Engine {
                 let chain = shared::Chain { tried, hops, ack };
                 self.shared_on_publish(now_ms, share, message, key, chain);
             }
+        }
+    }
+
+    /// Delivers a publication shard `from` sent with `ack` here, and answers
+    /// `Ack` once what it stored is committed (or congested sessions drained).
+    fn deliver_durable(&mut self, now_ms: u64, from: ShardId, message: &Message, ack: u64) {
+        self.bp_begin_remote(from, ack, message.qos);
+        self.refusal = (message.qos != QoS::AtMostOnce).then_some(false);
+        self.deliver_local(now_ms, message);
+        if self.refusal.take() == Some(true) {
+            // Before the `Ack`: the publisher's shard learns it
+            // while the acknowledgement is still held.
+            self.outbox[usize::from(from)].push(MeshMsg::Refused { token: ack });
+        }
+        if !self.bp_end_remote() {
+            self.ack_after_commit(from, ack);
         }
     }
 

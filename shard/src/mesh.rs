@@ -11,16 +11,51 @@ use crate::trie::ShardSet;
 /// Index of a shard, 0-based.
 pub type ShardId = u16;
 
+/// The place of a publication in the batches another node forwarded: node,
+/// incarnation of its forwarder, batch sequence number, index in the batch.
+/// A shard stores the highest it handled per node with what the publications
+/// stored (`StoreOp::PutForwardMark`), so a batch retried after a restart is
+/// not delivered twice (docs/PERSISTENCE.md, "Forwarded batches").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardMark {
+    /// The sending node.
+    pub node: u64,
+    /// Its forwarder's incarnation (a restarted sender numbers from 1 again).
+    pub incarnation: u64,
+    /// The batch sequence number.
+    pub seq: u64,
+    /// The publication's index in the batch.
+    pub index: u32,
+}
+
+impl ForwardMark {
+    /// Whether `self` comes at or before `other` (same node), in one
+    /// incarnation of the sender.
+    pub fn handled_by(&self, other: &ForwardMark) -> bool {
+        self.incarnation == other.incarnation && (self.seq, self.index) <= (other.seq, other.index)
+    }
+}
+
 /// One message from one shard to another.
 #[derive(Debug, Clone)]
 pub enum MeshMsg {
     /// A publication whose topic matched a route of the destination shard; the
     /// destination matches its own subscription trie.
     Publish(Message),
-    /// A publication from another node of the cluster, from the forwarder
-    /// (`engine::remote`): the receiver delivers it to its subscribers and
-    /// to the other local shards that route its topic, never to another node.
-    Forwarded(Message),
+    /// A publication from another node of the cluster. From the forwarder
+    /// (the remote id, `engine::remote`): the receiver delivers it to its
+    /// subscribers and to the other local shards that route its topic, never
+    /// to another node. From another local shard: a copy to deliver here,
+    /// answered `Ack { token: ack }` after the commit of what it stored when
+    /// `ack` is set (as `PublishDurable`).
+    Forwarded {
+        /// The message.
+        message: Message,
+        /// Where it was in the sending node's batches (`None`: not numbered).
+        mark: Option<ForwardMark>,
+        /// Token to echo in `Ack` (a copy from the shard serving the batch).
+        ack: Option<u64>,
+    },
     /// A QoS 1/2 publication under `sync` durability: as `Publish`, and the
     /// receiver answers `Ack { token: ack }` once what it stored for the
     /// message is committed, so the publisher's PUBACK/PUBREC waits for every

@@ -36,8 +36,10 @@
 //! - **Publications from other nodes** arrive on the link's forward channel as requests
 //!   of kind `Publish` (`cluster::peer`), all of one sending node served by one shard in
 //!   order ([`serve_request`]: decoded as untrusted input, retries dropped); that shard
-//!   hands each to its engine as `MeshMsg::Forwarded`, which delivers it and passes it
-//!   to the other local shards, never back out, and then answers the batch.
+//!   hands each to its engine as `MeshMsg::Forwarded` with its [`ForwardMark`], which
+//!   delivers it and passes it to the other local shards, never back out, and then
+//!   answers the batch (under `sync` durability once what the shards stored for it is
+//!   committed; the marks make a retry after the receiver restarted a duplicate).
 
 pub mod routes;
 pub mod wire;
@@ -52,7 +54,7 @@ use tessera_proto::{ReasonCode, Str};
 use tessera_raft::{
     AppliedEvent, Channel, ClusterError, ClusterHandle, NodeId, Op, OpResult, Transport,
 };
-use tessera_shard::mesh::{MeshMsg, ShardId};
+use tessera_shard::mesh::{ForwardMark, MeshMsg, ShardId};
 use tessera_shard::message::{Message, SessionUid};
 use tessera_shard::trie::ShardSet;
 use tokio::sync::{Notify, mpsc};
@@ -1368,11 +1370,20 @@ pub enum Incoming {
         /// for one member of a shared subscription (never passed back to the remote
         /// id: it is in `tried`).
         messages: Vec<MeshMsg>,
-        /// The answer once they were handed to the engine.
+        /// The answer once they were handed to the engine (under `sync`
+        /// durability: once what they stored is committed).
         answer: Bytes,
+        /// The batch's sequence number.
+        seq: u64,
     },
-    /// A batch already accepted (a retry after a lost answer): answer at once.
-    Duplicate(Bytes),
+    /// A batch already accepted (a retry after a lost answer): answer when the
+    /// first one is answered (at once unless it still waits for commits).
+    Duplicate {
+        /// The answer.
+        answer: Bytes,
+        /// The batch's sequence number.
+        seq: u64,
+    },
     /// Answer `answer` once routes up to `index` are in force here ([`BarrierAsk`]).
     Barrier {
         /// The log index.
@@ -1413,7 +1424,7 @@ pub fn serve_request(
             let last = accepted.last.entry(from).or_insert((incarnation, 0));
             if last.0 == incarnation && seq <= last.1 {
                 metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-                return Ok(Incoming::Duplicate(answer));
+                return Ok(Incoming::Duplicate { answer, seq });
             }
             *last = (incarnation, seq);
             metrics
@@ -1422,13 +1433,23 @@ pub fn serve_request(
             let (now_ms, now_us) = ((clocks.now_ms)(), (clocks.now_us)());
             let messages = records
                 .into_iter()
-                .map(|r| {
+                .enumerate()
+                .map(|(index, r)| {
                     let mut m = r.message;
                     m.origin = Some(SessionUid::remote(r.publisher));
                     m.expires_at_ms = r.expiry_ms.map(|e| now_ms + e);
                     m.received_us = now_us;
                     match r.share {
-                        None => MeshMsg::Forwarded(m),
+                        None => MeshMsg::Forwarded {
+                            message: m,
+                            mark: Some(ForwardMark {
+                                node: from,
+                                incarnation,
+                                seq,
+                                index: index as u32,
+                            }),
+                            ack: None,
+                        },
                         Some((group, filter)) => {
                             let mut tried = ShardSet::new();
                             tried.insert(remote);
@@ -1445,7 +1466,11 @@ pub fn serve_request(
                     }
                 })
                 .collect();
-            Ok(Incoming::Deliver { messages, answer })
+            Ok(Incoming::Deliver {
+                messages,
+                answer,
+                seq,
+            })
         }
     }
 }

@@ -36,6 +36,9 @@ impl Shard {
         if let Some(store) = &self.store {
             store.take_batch(&mut self.engine.borrow_mut());
         }
+        if self.remote.is_some() {
+            super::remote::answer_forwarded(self);
+        }
         let mut engine = self.engine.borrow_mut();
         if !engine.has_outbox() {
             return;

@@ -1,7 +1,10 @@
 //! A shard's side of the forwarder (`crate::forward`, issue 15): the engine's outbox
 //! for the remote id goes to the forwarder, what the forwarder sends comes back as
 //! messages from the remote id, and publications other nodes send are handed to the
-//! engine (`MeshMsg::Forwarded`).
+//! engine (`MeshMsg::Forwarded`). Under `sync` durability a batch is answered only
+//! once the engine reports what it delivered committed on every local shard that
+//! stored a copy ([`answer_forwarded`], after each flush); a retry of a batch that
+//! still waits waits with it.
 //!
 //! Only with `[cluster]`: the engine's remote id is enabled at boot and two tasks run
 //! (the writer and the reader below); a single node has neither.
@@ -30,6 +33,20 @@ pub(crate) struct ShardRemote {
     end: ShardEnd,
     /// Batches accepted per sending node (retries are answered, not delivered again).
     accepted: RefCell<Accepted>,
+    /// Batches handed to the engine whose answer waits for commits (`sync`
+    /// durability): the engine's token, the sending node and batch, the answer,
+    /// and where it goes (a retry that arrived meanwhile waits too).
+    waiting: RefCell<Vec<Waiting>>,
+}
+
+/// A forwarded batch answered once the engine says its deliveries are committed.
+#[derive(Debug)]
+struct Waiting {
+    token: u64,
+    node: u64,
+    seq: u64,
+    answer: bytes::Bytes,
+    replies: Vec<flume::Sender<Result<bytes::Bytes, String>>>,
 }
 
 impl ShardRemote {
@@ -38,6 +55,7 @@ impl ShardRemote {
             id,
             end,
             accepted: RefCell::new(Accepted::default()),
+            waiting: RefCell::new(Vec::new()),
         }
     }
 }
@@ -135,20 +153,52 @@ pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
             );
             let _ = req.reply.send(Err(e.to_string()));
         }
-        Ok(Incoming::Duplicate(answer)) => {
-            let _ = req.reply.send(Ok(answer));
-        }
-        Ok(Incoming::Deliver { messages, answer }) => {
-            let now = now_ms();
+        Ok(Incoming::Duplicate { answer, seq }) => {
+            let mut waiting = remote.waiting.borrow_mut();
+            match waiting
+                .iter_mut()
+                .find(|w| w.node == req.from && w.seq == seq)
             {
+                // The first one still waits for its commits: so does this.
+                Some(w) => w.replies.push(req.reply),
+                None => {
+                    let _ = req.reply.send(Ok(answer));
+                }
+            }
+        }
+        Ok(Incoming::Deliver {
+            messages,
+            answer,
+            seq,
+        }) => {
+            let now = now_ms();
+            let token = {
                 let mut engine = shard.engine.borrow_mut();
                 engine.set_now_us(now_us());
+                let token = engine.begin_forward_batch();
                 for m in messages {
                     engine.handle_mesh(now, remote.id, m);
                 }
+                if let Some(t) = token {
+                    engine.end_forward_batch(t);
+                }
+                token
+            };
+            match token {
+                // Answered in `answer_forwarded` once every local shard that stored a
+                // copy committed it.
+                Some(token) => remote.waiting.borrow_mut().push(Waiting {
+                    token,
+                    node: req.from,
+                    seq,
+                    answer,
+                    replies: vec![req.reply],
+                }),
+                None => {
+                    let _ = req.reply.send(Ok(answer));
+                }
             }
             shard.flush_outbox();
-            let _ = req.reply.send(Ok(answer));
         }
         Ok(Incoming::Barrier { index, answer }) => {
             let (reply, done) = flume::bounded(1);
@@ -177,6 +227,29 @@ pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
                 });
             })
             .detach();
+        }
+    }
+}
+
+/// Answers the forwarded batches whose deliveries the engine reports committed
+/// (called after each flush of the outbox: commits and mesh acknowledgements
+/// arrive before one).
+pub(super) fn answer_forwarded(shard: &Shard) {
+    let Some(remote) = &shard.remote else { return };
+    let done = {
+        let mut engine = shard.engine.borrow_mut();
+        if !engine.has_forwards_done() {
+            return;
+        }
+        engine.take_forwards_done()
+    };
+    let mut waiting = remote.waiting.borrow_mut();
+    for token in done {
+        if let Some(i) = waiting.iter().position(|w| w.token == token) {
+            let w = waiting.swap_remove(i);
+            for reply in w.replies {
+                let _ = reply.send(Ok(w.answer.clone()));
+            }
         }
     }
 }

@@ -180,6 +180,7 @@ mod tests {
 
     use crate::engine::{Engine, Limits};
     use crate::hash::shard_for;
+    use crate::mesh::{ForwardMark, MeshMsg, ShardId};
     use crate::session::ConnId;
     use crate::store::{DirLock, open_dbs, recover};
 
@@ -224,11 +225,20 @@ mod tests {
     impl Node {
         /// Starts on `dir` as the broker does: recover, then restore each engine.
         fn boot(dir: &Dir) -> Node {
+            Node::boot_with(dir, false)
+        }
+
+        /// `boot` as a node of a cluster (the engines' remote id enabled; the
+        /// forwarder answers route adds at once and drops the rest).
+        fn boot_with(dir: &Dir, cluster: bool) -> Node {
             let (lock, envs, recovered) = recover(&dir.0, 2, MAP_BYTES, WALL_BASE_MS).unwrap();
             let limits = Limits::default();
             let mut engines = crate::engine::testing::engines(2, &limits);
             let now_ms = 1_000;
             for (e, r) in engines.iter_mut().zip(recovered) {
+                if cluster {
+                    e.enable_remote().expect("room for the remote id");
+                }
                 e.enable_persistence(true);
                 e.restore(now_ms, r);
             }
@@ -250,7 +260,33 @@ mod tests {
         }
 
         fn pump(&mut self) {
-            crate::engine::testing::pump_mesh(&mut self.engines, self.now_ms);
+            let n = self.engines.len();
+            loop {
+                let mut batches = Vec::new();
+                for (from, e) in self.engines.iter_mut().enumerate() {
+                    e.drain_outbox(|to, batch| batches.push((from, to, batch)));
+                }
+                if batches.is_empty() {
+                    return;
+                }
+                for (from, to, batch) in batches {
+                    for msg in batch {
+                        if usize::from(to) < n {
+                            self.engines[usize::from(to)].handle_mesh(
+                                self.now_ms,
+                                from as ShardId,
+                                msg,
+                            );
+                        } else if let MeshMsg::RouteAdd {
+                            ack: Some(token), ..
+                        } = msg
+                        {
+                            // The forwarder: the route is in force everywhere.
+                            self.engines[from].handle_mesh(self.now_ms, to, MeshMsg::Ack { token });
+                        }
+                    }
+                }
+            }
         }
 
         /// Commits what shard `k` stored so far, as its writer thread would.
@@ -340,8 +376,13 @@ mod tests {
 
     /// `set_up` with the subscriber on `filter`.
     fn set_up_with(dir: &Dir, filter: &'static str) -> (&'static str, &'static str) {
+        set_up_on(dir, filter, false)
+    }
+
+    /// `set_up_with`, as a node of a cluster when `cluster`.
+    fn set_up_on(dir: &Dir, filter: &'static str, cluster: bool) -> (&'static str, &'static str) {
         let (sub, publisher) = (id_on(1, "sub"), id_on(0, "pub"));
-        let mut node = Node::boot(dir);
+        let mut node = Node::boot_with(dir, cluster);
         let s = node.connect(sub);
         let subscribe = crate::engine::testing::subscribe_packet(filter, QoS::ExactlyOnce);
         node.send(s, subscribe);
@@ -603,7 +644,7 @@ mod tests {
         assert!(matches!(got[..], [Packet::PubRec(_)]), "{got:?}");
     }
 
-    /// A second crash while the re-sent PUBLISH    /// A second crash while the re-sent PUBLISH is being delivered again,
+    /// A second crash while the re-sent PUBLISH is being delivered again,
     /// after newer publications reached the subscriber's shard: the next
     /// re-send still delivers it, once.
     #[test]
@@ -628,5 +669,93 @@ mod tests {
         node.lose(1);
         node.crash();
         assert_eq!(restart_and_resend(&dir, publisher, sub, 7), ["m7", "m8"]);
+    }
+
+    /// A batch another node forwarded, served by shard 0 for a persistent
+    /// subscriber on shard 1 (`MeshMsg::Forwarded` from the remote id).
+    fn forward_batch(node: &mut Node, seq: u64, payloads: &[&'static str]) -> Option<u64> {
+        let remote = node.engines[0].remote_id().expect("a cluster node");
+        let token = node.engines[0].begin_forward_batch();
+        for (index, payload) in payloads.iter().enumerate() {
+            let message = crate::message::Message {
+                topic: Str::from_static("t"),
+                payload: Bytes::from_static(payload.as_bytes()),
+                qos: QoS::ExactlyOnce,
+                retain: false,
+                properties: None,
+                expires_at_ms: None,
+                origin: Some(crate::message::SessionUid::remote(1)),
+                received_us: 0,
+            };
+            let mark = ForwardMark {
+                node: 9,
+                incarnation: 5,
+                seq,
+                index: index as u32,
+            };
+            node.engines[0].handle_mesh(
+                node.now_ms,
+                remote,
+                MeshMsg::Forwarded {
+                    message,
+                    mark: Some(mark),
+                    ack: None,
+                },
+            );
+        }
+        if let Some(t) = token {
+            node.engines[0].end_forward_batch(t);
+        }
+        token
+    }
+
+    /// A receiving node answers a forwarded batch only once the shard that
+    /// stored its copies for a persistent session committed them, and a batch
+    /// retried after a restart (the answer was lost, or never sent) is
+    /// delivered once: the forward mark is committed with the copies.
+    #[test]
+    fn a_forwarded_batch_is_answered_after_the_commits_and_a_retry_after_a_restart_is_delivered_once()
+     {
+        // Cut before shard 1's commit: the batch was not answered, and its retry
+        // after the restart delivers it.
+        let dir = temp_dir("forward-lost");
+        let (sub, _) = set_up_on(&dir, "t", true);
+        let mut node = Node::boot_with(&dir, true);
+        forward_batch(&mut node, 1, &["a", "b"]).expect("sync durability waits");
+        node.pump();
+        node.commit(0);
+        node.pump();
+        assert!(
+            !node.engines[0].has_forwards_done(),
+            "answered before shard 1 committed the copies"
+        );
+        node.lose(1);
+        node.crash();
+        let mut node = Node::boot_with(&dir, true);
+        forward_batch(&mut node, 1, &["a", "b"]);
+        node.settle();
+        assert_eq!(node.engines[0].take_forwards_done().len(), 1);
+        assert_eq!(delivered(&mut node, sub), ["a", "b"]);
+        node.crash();
+
+        // Cut after the answer: the retry after the restart is answered and not
+        // delivered again; the next batch is.
+        let dir = temp_dir("forward-answered");
+        let (sub, _) = set_up_on(&dir, "t", true);
+        let mut node = Node::boot_with(&dir, true);
+        let token = forward_batch(&mut node, 1, &["a", "b"]).expect("sync durability waits");
+        node.pump();
+        assert!(!node.engines[0].has_forwards_done());
+        node.commit(1);
+        node.pump();
+        assert_eq!(node.engines[0].take_forwards_done(), [token]);
+        node.crash();
+        let mut node = Node::boot_with(&dir, true);
+        forward_batch(&mut node, 1, &["a", "b"]);
+        forward_batch(&mut node, 2, &["c"]);
+        node.settle();
+        assert_eq!(node.engines[0].take_forwards_done().len(), 2);
+        assert_eq!(delivered(&mut node, sub), ["a", "b", "c"]);
+        node.crash();
     }
 }

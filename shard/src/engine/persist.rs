@@ -36,7 +36,7 @@ use tessera_proto::{Packet, QoS, topic};
 
 use super::{DelayedWill, Engine};
 use crate::hash::shard_for;
-use crate::mesh::{MeshMsg, ShardId};
+use crate::mesh::{ForwardMark, MeshMsg, ShardId};
 use crate::message::Message;
 use crate::session::{ConnId, Delivery, InboundQos2, Inflight, InflightState, Session, SessionIdx};
 use crate::store::{
@@ -67,6 +67,11 @@ pub(super) struct PersistState {
     origin_marks: Vec<(u64, u64)>,
     /// Whether a mark is above its stored value.
     origin_marks_dirty: bool,
+    /// Per node that forwarded here: the last publication handled, and
+    /// whether that is stored (`StoreOp::PutForwardMark`).
+    forward_marks: Vec<(ForwardMark, bool)>,
+    /// Whether a forward mark is above its stored value.
+    forward_marks_dirty: bool,
 }
 
 impl Engine {
@@ -84,6 +89,8 @@ impl Engine {
             origin_next: 1,
             origin_marks: Vec::new(),
             origin_marks_dirty: false,
+            forward_marks: Vec::new(),
+            forward_marks_dirty: false,
         }));
     }
 
@@ -107,6 +114,13 @@ impl Engine {
                         seq: *handled,
                     });
                 }
+            }
+        }
+        if p.forward_marks_dirty {
+            p.forward_marks_dirty = false;
+            for (mark, stored) in p.forward_marks.iter_mut().filter(|(_, s)| !*s) {
+                *stored = true;
+                p.ops.push(StoreOp::PutForwardMark(*mark));
             }
         }
         let batch = Batch {
@@ -207,6 +221,32 @@ impl Engine {
         }
     }
 
+    /// Whether the publication at `mark` was handled here before (a batch
+    /// another node retried after this node restarted); if not, notes it:
+    /// the mark goes into the next batch with ops, with what it stores.
+    /// Without persistence nothing is noted (nothing survives a restart).
+    pub(super) fn forward_seen(&mut self, mark: &ForwardMark) -> bool {
+        let Some(p) = self.persist.as_mut() else {
+            return false;
+        };
+        match p
+            .forward_marks
+            .iter_mut()
+            .find(|(m, _)| m.node == mark.node)
+        {
+            Some((m, stored)) => {
+                if mark.handled_by(m) {
+                    return true;
+                }
+                *m = *mark;
+                *stored = false;
+            }
+            None => p.forward_marks.push((*mark, false)),
+        }
+        p.forward_marks_dirty = true;
+        false
+    }
+
     /// Output of `conn` waits for the commit of `epoch` (0: nothing).
     pub(super) fn hold_output_for_epoch(&mut self, conn: ConnId, epoch: u64) {
         let sync = self
@@ -228,7 +268,9 @@ impl Engine {
     /// the publisher's own shard after passing through others; that shard
     /// answers itself without the mesh.
     pub(super) fn ack_now(&mut self, to: ShardId, token: u64) {
-        if to == self.shard {
+        if to == self.shard && self.pending_forwards.contains_key(&token) {
+            self.on_forward_ack(token);
+        } else if to == self.shard {
             self.on_retain_ack(token);
         } else {
             self.outbox[usize::from(to)].push(MeshMsg::Ack { token });
@@ -535,6 +577,7 @@ impl Engine {
         );
         if let Some(p) = self.persist.as_mut() {
             p.origin_next = p.origin_next.max(r.origin_seq_floor);
+            p.forward_marks = r.forward_marks.iter().map(|m| (*m, true)).collect();
         }
         // Shared groups with members on other shards are routable at once, as
         // offline members; each shard announces its real counts once it runs.

@@ -22,7 +22,16 @@
 //!   route the topic, never back to the remote id (a message crosses the
 //!   cluster link at most once). Their origin is a [`SessionUid`] no local
 //!   session has ([`SessionUid::remote`]), so no-local never suppresses them
-//!   by mistake.
+//!   by mistake. Under `sync` durability the driver wraps a batch in
+//!   [`Engine::begin_forward_batch`] / [`Engine::end_forward_batch`]: QoS 1/2
+//!   copies for other local shards carry the batch's token and are answered
+//!   after their commit there, and the batch completes
+//!   ([`Engine::take_forwards_done`]) once this shard's commit and every such
+//!   answer are in; the node answers the sending node only then. Each
+//!   publication carries a [`ForwardMark`]; every shard stores the last one
+//!   it handled per sending node with its commits and skips what is at or
+//!   below it, so a batch retried after a restart is delivered once
+//!   (docs/PERSISTENCE.md, "Forwarded batches").
 //! - **Retained updates** go to the forwarder only (the raft log orders them);
 //!   they come back to every shard of every node as `Retain` from the remote
 //!   id, stamped with [`raft_stamp`] of their log index.
@@ -36,7 +45,7 @@ use super::Engine;
 pub fn raft_stamp(index: u64) -> (u64, ShardId) {
     ((1 << 62) | index, 0)
 }
-use crate::mesh::{MeshMsg, ShardId};
+use crate::mesh::{ForwardMark, MeshMsg, ShardId};
 use crate::message::Message;
 use crate::trie::{SHARDS_MAX, route_match};
 
@@ -121,22 +130,108 @@ impl Engine {
         self.retained.get(topic, ())?.message.clone()
     }
 
-    pub(super) fn publish_forwarded(&mut self, now_ms: u64, msg: Message) {
+    pub(super) fn publish_forwarded(
+        &mut self,
+        now_ms: u64,
+        msg: Message,
+        mark: Option<ForwardMark>,
+    ) {
         self.stats.remote_publishes_received += 1;
         let mut set = std::mem::take(&mut self.shard_set);
         route_match(&self.routes, &msg.topic, &mut set);
+        // In a batch answered after the commits, a QoS 1/2 copy for another
+        // shard is answered by it after its commit, like `PublishDurable`.
+        let token = self.forward_batch.filter(|_| msg.qos != QoS::AtMostOnce);
         for to in set.iter() {
             if to == self.shard || self.is_remote(to) {
                 continue;
             }
             self.stats.forwards_sent += 1;
-            self.outbox[usize::from(to)].push(MeshMsg::Publish(msg.clone()));
+            if let Some(t) = token
+                && let Some(n) = self.pending_forwards.get_mut(&t)
+            {
+                *n += 1;
+            }
+            self.outbox[usize::from(to)].push(MeshMsg::Forwarded {
+                message: msg.clone(),
+                mark,
+                ack: token,
+            });
         }
         let local = set.contains(self.shard);
         self.shard_set = set;
-        if local {
+        if local && !mark.is_some_and(|m| self.forward_seen(&m)) {
             self.deliver_local(now_ms, &msg);
         }
+    }
+
+    /// A copy of a forwarded publication from the local shard that served its
+    /// batch: delivered unless this shard handled it before a restart, and
+    /// answered after the commit of what it stored when `ack` is set.
+    pub(super) fn forwarded_copy(
+        &mut self,
+        now_ms: u64,
+        from: ShardId,
+        message: Message,
+        mark: Option<ForwardMark>,
+        ack: Option<u64>,
+    ) {
+        let seen = mark.is_some_and(|m| self.forward_seen(&m));
+        match ack {
+            Some(token) if seen => self.ack_after_commit(from, token),
+            Some(token) => self.deliver_durable(now_ms, from, &message, token),
+            None if seen => {}
+            None => self.deliver_local(now_ms, &message),
+        }
+    }
+
+    /// Starts handling a batch of publications another node forwarded (as
+    /// `Forwarded` from the remote id). Under `sync` durability returns the
+    /// token whose completion ([`Engine::take_forwards_done`]) says every
+    /// copy stored for a persistent session here or on another local shard
+    /// is committed; the node answers the batch only then. `None`: answer at
+    /// once (nothing waits for commits).
+    pub fn begin_forward_batch(&mut self) -> Option<u64> {
+        if !self.durable_forwards() {
+            return None;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        // One answer for this shard's own commit (`end_forward_batch`).
+        self.pending_forwards.insert(token, 1);
+        self.forward_batch = Some(token);
+        Some(token)
+    }
+
+    /// Ends the batch begun with `token`: its own part completes with the
+    /// commit of what this shard stored for it.
+    pub fn end_forward_batch(&mut self, token: u64) {
+        self.forward_batch = None;
+        self.ack_after_commit(self.shard, token);
+    }
+
+    /// One answer of a forwarded batch arrived (a shard's `Ack`, or this
+    /// shard's commit).
+    pub(super) fn on_forward_ack(&mut self, token: u64) {
+        let Some(missing) = self.pending_forwards.get_mut(&token) else {
+            return;
+        };
+        *missing = missing.saturating_sub(1);
+        if *missing == 0 {
+            self.pending_forwards.remove(&token);
+            self.forwards_done.push(token);
+        }
+    }
+
+    /// Whether forwarded batches completed since the last
+    /// [`Engine::take_forwards_done`].
+    pub fn has_forwards_done(&self) -> bool {
+        !self.forwards_done.is_empty()
+    }
+
+    /// Tokens of forwarded batches whose answers may go out now.
+    pub fn take_forwards_done(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.forwards_done)
     }
 }
 
@@ -406,7 +501,15 @@ mod tests {
             origin: Some(SessionUid::remote(SessionUid::new(1, 1).0)),
             received_us: 0,
         };
-        es[0].handle_mesh(1, remote, MeshMsg::Forwarded(msg));
+        es[0].handle_mesh(
+            1,
+            remote,
+            MeshMsg::Forwarded {
+                message: msg,
+                mark: None,
+                ack: None,
+            },
+        );
         let sent = pump(&mut es, remote);
         assert!(sent.is_empty(), "sent back to the forwarder: {sent:?}");
         for (e, c) in [(0, a), (1, b)] {

@@ -140,6 +140,10 @@ pub enum StoreOp {
         /// Its highest origin sequence number handled here.
         seq: u64,
     },
+    /// Every publication node `mark.node` forwarded up to `mark` was handled
+    /// here, and what it stored is in this commit or an earlier one (the
+    /// batch dedup of a receiving node across a restart).
+    PutForwardMark(crate::mesh::ForwardMark),
     /// PUBREL received for an inbound QoS 2 packet id.
     DelInbound {
         /// The session's ClientID.
@@ -289,6 +293,36 @@ fn origin_key(from: ShardId) -> Vec<u8> {
     k
 }
 
+/// The `meta` key of the forward mark of node `node` (`StoreOp::PutForwardMark`).
+fn forward_mark_key(node: u64) -> Vec<u8> {
+    let mut k = META_FORWARD_PREFIX.to_vec();
+    k.extend_from_slice(&node.to_be_bytes());
+    k
+}
+
+/// The value of a forward mark: incarnation, seq (u64 little-endian), index
+/// (u32 little-endian).
+fn forward_mark_value(m: &crate::mesh::ForwardMark) -> [u8; 20] {
+    let mut v = [0u8; 20];
+    v[..8].copy_from_slice(&m.incarnation.to_le_bytes());
+    v[8..16].copy_from_slice(&m.seq.to_le_bytes());
+    v[16..].copy_from_slice(&m.index.to_le_bytes());
+    v
+}
+
+/// Decodes a forward mark of `meta` (key without its prefix, value).
+pub(crate) fn decode_forward_mark(node: &[u8], v: &[u8]) -> Option<crate::mesh::ForwardMark> {
+    if v.len() != 20 {
+        return None;
+    }
+    Some(crate::mesh::ForwardMark {
+        node: u64::from_be_bytes(node.try_into().ok()?),
+        incarnation: u64::from_le_bytes(v[..8].try_into().ok()?),
+        seq: u64::from_le_bytes(v[8..16].try_into().ok()?),
+        index: u32::from_le_bytes(v[16..].try_into().ok()?),
+    })
+}
+
 /// The value of an inbound QoS 2 id: what recovery needs to tell which
 /// shards may lack the publication after a crash (docs/PERSISTENCE.md,
 /// "Cross-shard QoS 2 after a crash").
@@ -382,6 +416,10 @@ const META_FORMAT: &[u8] = b"format";
 /// The prefix of origin marks in `meta`, followed by the sending shard (u16
 /// big-endian); the value is the sequence number (u64 little-endian).
 const META_ORIGIN_PREFIX: &[u8] = b"origin/";
+
+/// The prefix of forward marks in `meta`, followed by the sending node (u64
+/// big-endian); the value is [`forward_mark_value`].
+pub(crate) const META_FORWARD_PREFIX: &[u8] = b"fwd/";
 
 type Db<'e> = Database<'e, RawBytes, RawBytes>;
 
@@ -503,6 +541,10 @@ pub(crate) fn apply(
         ),
         StoreOp::PutOrigin { from, seq } => {
             dbs.meta.put(txn, &origin_key(*from), &seq.to_le_bytes())
+        }
+        StoreOp::PutForwardMark(m) => {
+            dbs.meta
+                .put(txn, &forward_mark_key(m.node), &forward_mark_value(m))
         }
         StoreOp::DelInbound {
             client_id,

@@ -144,6 +144,9 @@ pub struct Recovered {
     /// Above every origin sequence number stored anywhere: where the shard's
     /// own numbering starts (`StoreOp::PutOrigin`).
     pub origin_seq_floor: u64,
+    /// The highest publication handled here per node that forwarded to this
+    /// shard (`StoreOp::PutForwardMark`).
+    pub forward_marks: Vec<crate::mesh::ForwardMark>,
 }
 
 /// One session's deliveries: (seq, record, raw key, raw value).
@@ -170,6 +173,8 @@ struct Raw {
     inbound: HashMap<Vec<u8>, Vec<RawInbound>>,
     /// sending shard -> its origin mark here
     origins: HashMap<ShardId, u64>,
+    /// forward marks of the nodes that forwarded here
+    forwards: Vec<crate::mesh::ForwardMark>,
     /// session key -> (record, raw value)
     wills: HashMap<Vec<u8>, (record::DelayedWillRec, Vec<u8>)>,
     /// topic key -> (record, raw value)
@@ -285,6 +290,10 @@ fn read_raw(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<Raw, St
             let from = ShardId::from_be_bytes(from.try_into().map_err(|_| bad())?);
             let seq = u64::from_le_bytes(v.try_into().map_err(|_| bad())?);
             raw.origins.insert(from, seq);
+        } else if let Some(node) = k.strip_prefix(super::META_FORWARD_PREFIX) {
+            let mark = super::decode_forward_mark(node, v)
+                .ok_or_else(|| corrupt("meta", k, "bad forward mark".into()))?;
+            raw.forwards.push(mark);
         }
     }
     for item in dbs.wills.iter(&rtxn).map_err(open)? {
@@ -414,7 +423,13 @@ pub fn recover(
     // it counts once, and the copy outside its owner is deleted.
     let mut seen_sessions = std::collections::HashSet::new();
     let mut seen_retained = std::collections::HashSet::new();
+    // Forward marks stay with their shard; after a change of the shard count
+    // they are dropped (a batch retried then is delivered again: at least once).
+    let same_shards = present == 0 || present == shard_count;
     for (from, mut raw) in raws.into_iter().enumerate() {
+        if same_shards && from < shard_count {
+            out[from].forward_marks = std::mem::take(&mut raw.forwards);
+        }
         let (env, path) = &envs[from];
         let open = |source| StoreError::Open {
             path: path.clone(),
