@@ -1711,6 +1711,7 @@ impl Engine {
                 let share = ShareKey { group, filter };
                 let ack = match ack {
                     Some((origin, token)) => shared::SharedAck::Remote { origin, token },
+                    None if self.is_remote(from) => self.forward_batch_share(message.qos),
                     None => shared::SharedAck::None,
                 };
                 let chain = shared::Chain { tried, hops, ack };

@@ -279,9 +279,12 @@ mod tests {
                             );
                         } else if let MeshMsg::RouteAdd {
                             ack: Some(token), ..
+                        }
+                        | MeshMsg::ShareRoute {
+                            ack: Some(token), ..
                         } = msg
                         {
-                            // The forwarder: the route is in force everywhere.
+                            // The forwarder: the route (or share) is in force everywhere.
                             self.engines[from].handle_mesh(self.now_ms, to, MeshMsg::Ack { token });
                         }
                     }
@@ -756,6 +759,61 @@ mod tests {
         node.settle();
         assert_eq!(node.engines[0].take_forwards_done().len(), 2);
         assert_eq!(delivered(&mut node, sub), ["a", "b", "c"]);
+        node.crash();
+    }
+
+    /// A shared record of a forwarded batch whose member is on another shard
+    /// of the receiving node: the batch is answered only once that shard
+    /// committed the delivery (a QoS 1/2 shared delivery acknowledged to the
+    /// publisher on the other node is on disk).
+    #[test]
+    fn a_forwarded_shared_record_is_answered_after_the_members_commit() {
+        let dir = temp_dir("forward-shared");
+        let (sub, _) = set_up_on(&dir, "$share/g/t", true);
+        let mut node = Node::boot_with(&dir, true);
+        let remote = node.engines[0].remote_id().expect("a cluster node");
+        let token = node.engines[0]
+            .begin_forward_batch()
+            .expect("sync durability waits");
+        let mut tried = crate::trie::ShardSet::new();
+        tried.insert(remote);
+        let message = crate::message::Message {
+            topic: Str::from_static("t"),
+            payload: Bytes::from_static(b"s"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            origin: Some(crate::message::SessionUid::remote(1)),
+            received_us: 0,
+        };
+        node.engines[0].handle_mesh(
+            node.now_ms,
+            remote,
+            MeshMsg::SharedPublish {
+                group: Str::from_static("g"),
+                filter: Str::from_static("t"),
+                message,
+                key: 1,
+                tried,
+                hops: 0,
+                ack: None,
+            },
+        );
+        node.engines[0].end_forward_batch(token);
+        node.pump();
+        node.commit(0);
+        node.pump();
+        assert!(
+            !node.engines[0].has_forwards_done(),
+            "answered before the member's shard committed the delivery"
+        );
+        node.commit(1);
+        node.pump();
+        assert_eq!(node.engines[0].take_forwards_done(), [token]);
+        node.crash();
+        let mut node = Node::boot_with(&dir, true);
+        assert_eq!(delivered(&mut node, sub), ["s"]);
         node.crash();
     }
 }

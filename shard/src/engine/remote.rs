@@ -203,6 +203,25 @@ impl Engine {
         Some(token)
     }
 
+    /// A shared record of the forwarded batch being handled: under `sync`
+    /// durability a QoS 1/2 one is one more answer the batch waits for, from
+    /// the shard that finally hands it to a member (after its commit) or
+    /// drops it, as for a publisher's shard within a node.
+    pub(super) fn forward_batch_share(&mut self, qos: QoS) -> super::shared::SharedAck {
+        match self.forward_batch {
+            Some(token) if qos != QoS::AtMostOnce => {
+                if let Some(n) = self.pending_forwards.get_mut(&token) {
+                    *n += 1;
+                }
+                super::shared::SharedAck::Remote {
+                    origin: self.shard,
+                    token,
+                }
+            }
+            _ => super::shared::SharedAck::None,
+        }
+    }
+
     /// Ends the batch begun with `token`: its own part completes with the
     /// commit of what this shard stored for it.
     pub fn end_forward_batch(&mut self, token: u64) {
