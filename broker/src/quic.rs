@@ -450,29 +450,13 @@ async fn carry(
         tokio::spawn(async move {
             // Ends at the end of the stream or of the connection; dropping
             // `to_shard` tells the shard.
-            let mut framer = mux::Framer::default();
-            while let Ok(Some(chunk)) = recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
-                let frames = match framer.push(chunk.bytes) {
-                    Ok(Some(frames)) => frames,
-                    Ok(None) => continue,
-                    Err(_) => {
-                        conn.close(
-                            VarInt::from_u32(close_code::PROTOCOL_ERROR),
-                            b"malformed MQTT packet",
-                        );
-                        break;
-                    }
-                };
-                {
-                    let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
-                    if s.version.is_none() {
-                        s.version = mux::connect_version(&frames);
-                    }
+            let seen = |s: &mut Streams, frames: &bytes::Bytes| {
+                if s.version.is_none() {
+                    s.version = mux::connect_version(frames);
                 }
-                if to_shard.send_async(frames).await.is_err() {
-                    break;
-                }
-            }
+            };
+            let malformed = b"malformed MQTT packet";
+            pump_packets(&mut recv, &conn, &to_shard, &shared, malformed, seen).await;
         })
     };
     let data = tokio::spawn(data_streams(
@@ -593,26 +577,42 @@ async fn data_stream(
     if connacked.wait_for(|c| *c).await.is_err() {
         return;
     }
+    let seen = |s: &mut Streams, frames: &bytes::Bytes| {
+        let version = s.version.unwrap_or(tessera_proto::ProtocolVersion::V3_1_1);
+        s.router
+            .get_or_insert_with(|| mux::Router::new(version))
+            .inbound(no, frames);
+    };
+    let malformed = b"malformed MQTT packet on a data stream";
+    pump_packets(&mut recv, &conn, &to_shard, &shared, malformed, seen).await;
+}
+
+/// Reads a stream into whole MQTT packets for the shard: each run of complete
+/// packets is shown to `seen` (under the streams' lock), then sent on. A
+/// malformed packet closes the connection with `malformed`. Returns at the
+/// end of the stream or the connection, or when the shard is gone.
+async fn pump_packets(
+    recv: &mut RecvStream,
+    conn: &Connection,
+    to_shard: &flume::Sender<bytes::Bytes>,
+    shared: &std::sync::Mutex<Streams>,
+    malformed: &'static [u8],
+    mut seen: impl FnMut(&mut Streams, &bytes::Bytes),
+) {
     let mut framer = mux::Framer::default();
     while let Ok(Some(chunk)) = recv.read_chunk(READ_CHUNK_BYTES_MAX, true).await {
         let frames = match framer.push(chunk.bytes) {
             Ok(Some(frames)) => frames,
             Ok(None) => continue,
             Err(_) => {
-                conn.close(
-                    VarInt::from_u32(close_code::PROTOCOL_ERROR),
-                    b"malformed MQTT packet on a data stream",
-                );
+                conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), malformed);
                 return;
             }
         };
-        {
-            let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
-            let version = s.version.unwrap_or(tessera_proto::ProtocolVersion::V3_1_1);
-            s.router
-                .get_or_insert_with(|| mux::Router::new(version))
-                .inbound(no, &frames);
-        }
+        seen(
+            &mut shared.lock().unwrap_or_else(|e| e.into_inner()),
+            &frames,
+        );
         if to_shard.send_async(frames).await.is_err() {
             return;
         }

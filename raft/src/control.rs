@@ -580,10 +580,8 @@ impl Inner {
     /// timeout).
     fn leader_heard_recently(&self) -> bool {
         let max = (self.config.heartbeat_interval_ms * 3).min(self.config.election_timeout_min_ms);
-        match self.leader_contact_ms.load(Ordering::Relaxed) {
-            0 => false,
-            at => (self.started.elapsed().as_millis() as u64) < at + max,
-        }
+        self.last_leader_contact()
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(max))
     }
 
     pub(crate) fn local_status(&self) -> ClusterStatus {
