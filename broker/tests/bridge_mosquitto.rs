@@ -61,7 +61,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {d}/\nmax_queued_messages 0\n{user}"
+                 persistence_location {d}/\nmax_queued_messages 0\nlog_dest file {d}/mosquitto.log\nlog_type all\n{user}"
             ),
         )
         .expect("write mosquitto.conf");
@@ -109,10 +109,29 @@ fn tessera_bridged_to_mosquitto_both_ways_at_every_qos() {
     }
 }
 
+/// Prints the end of Mosquitto's log when the test fails while `dir` lives.
+struct MosquittoLog<'a>(&'a TestDir);
+
+impl Drop for MosquittoLog<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(format!("{}/mosquitto.log", self.0.path_str()))
+                .unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(200)..];
+            eprintln!("---- mosquitto log (last {} lines) ----", tail.len());
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 #[test]
 fn mosquitto_restarted_mid_stream_loses_no_acknowledged_message() {
     for version in ["3.1.1", "5"] {
         let dir = TestDir::new("bridge-mosquitto");
+        let _log = MosquittoLog(&dir);
         let port = free_port();
         let m = RefCell::new(Some(Mosquitto::start(port, &dir)));
         let remote: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

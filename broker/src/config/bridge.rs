@@ -67,6 +67,13 @@ pub struct BridgeConfig {
     /// Longest reconnect delay, ms.
     #[serde(default = "reconnect_max_default")]
     pub reconnect_max_ms: u32,
+    /// QoS 1 and 2 messages in flight to the remote at once. A v5 remote's
+    /// Receive Maximum lowers it further. Unset: that Receive Maximum (v5), or
+    /// [`V311_MAX_INFLIGHT_DEFAULT`] for a 3.1.1 remote, which advertises no
+    /// limit although it has one (Mosquitto's is 20: over it, it drops the
+    /// message yet answers a 3.1.1 PUBREC, and closes the connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inflight: Option<u16>,
     /// CA certificates (PEM) the remote's certificate is verified against
     /// (`mqtts`, `wss`); unset: the system's roots are not used, so it is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,6 +132,10 @@ fn keep_alive_default() -> u16 {
 fn session_expiry_default() -> u32 {
     86_400
 }
+/// In flight to a 3.1.1 remote when `max_inflight` is unset: Mosquitto's
+/// default incoming limit (`max_inflight_messages`, 20), and below EMQX's (32).
+pub const V311_MAX_INFLIGHT_DEFAULT: u16 = 20;
+
 fn reconnect_min_default() -> u32 {
     500
 }
@@ -241,6 +252,18 @@ impl RuleConfig {
 }
 
 impl BridgeConfig {
+    /// QoS 1 and 2 messages the bridge keeps in flight to a remote that speaks
+    /// v5 (`v5`) and advertised `receive_maximum` in its CONNACK.
+    pub fn max_inflight_to(&self, v5: bool, receive_maximum: Option<u16>) -> u16 {
+        let own = self.max_inflight.unwrap_or(if v5 {
+            u16::MAX
+        } else {
+            V311_MAX_INFLIGHT_DEFAULT
+        });
+        // A v5 CONNACK without Receive Maximum means 65,535 [MQTT-3.2.2.3.3].
+        own.min(receive_maximum.unwrap_or(u16::MAX)).max(1)
+    }
+
     /// The ClientID on the remote and of the local session.
     pub fn client_id(&self) -> String {
         self.client_id
@@ -385,6 +408,9 @@ impl BridgeConfig {
                     self.reconnect_min_ms, self.reconnect_max_ms
                 ),
             );
+        }
+        if self.max_inflight == Some(0) {
+            return err("max_inflight", "0: at least 1".into());
         }
         if self.out_rules.is_empty() && self.in_rules.is_empty() {
             return err(
@@ -575,6 +601,10 @@ mod tests {
                 format!("{BASE}reconnect_min_ms = 0\n{OUT}"),
                 "reconnect_min_ms",
             ),
+            (
+                format!("{BASE}max_inflight = 0\n{OUT}"),
+                "max_inflight: 0: at least 1",
+            ),
         ];
         for (text, want) in cases {
             let e = bridges(&text).unwrap_err();
@@ -583,6 +613,24 @@ mod tests {
         }
         let e = bridges(&format!("{BASE}adress = \"x\"\n{OUT}")).unwrap_err();
         assert!(e.contains("unknown field `adress`"), "{e}");
+    }
+
+    #[test]
+    fn max_inflight_defaults_to_a_limit_for_311_remotes() {
+        let cfg = |extra: &str| bridges(&format!("{BASE}{extra}{OUT}")).unwrap().remove(0);
+        let unset = cfg("");
+        // 3.1.1 advertises no limit: Mosquitto's default applies.
+        assert_eq!(
+            unset.max_inflight_to(false, None),
+            V311_MAX_INFLIGHT_DEFAULT
+        );
+        // v5: the remote's Receive Maximum, 65,535 when absent.
+        assert_eq!(unset.max_inflight_to(true, Some(10)), 10);
+        assert_eq!(unset.max_inflight_to(true, None), u16::MAX);
+        let set = cfg("max_inflight = 100\n");
+        assert_eq!(set.max_inflight_to(false, None), 100);
+        assert_eq!(set.max_inflight_to(true, Some(10)), 10);
+        assert_eq!(set.max_inflight_to(true, Some(500)), 100);
     }
 
     #[test]

@@ -592,7 +592,7 @@ async fn link(
         }
     };
     let props = &ack.properties;
-    let remote_receive_max = props.receive_maximum.unwrap_or(u16::MAX);
+    let remote_receive_max = cfg.max_inflight_to(version.is_v5(), props.receive_maximum);
     let remote_packet_max = props.maximum_packet_size.unwrap_or(u32::MAX);
     let retain_available = props.retain_available != Some(false);
     let keep_alive = props.server_keep_alive.unwrap_or(cfg.keep_alive_s);
