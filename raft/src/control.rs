@@ -579,9 +579,27 @@ impl Inner {
     /// leader as `current_leader` until a new one is elected: a lease plus an election
     /// timeout).
     fn leader_heard_recently(&self) -> bool {
-        let max = (self.config.heartbeat_interval_ms * 3).min(self.config.election_timeout_min_ms);
         self.last_leader_contact()
-            .is_some_and(|at| at.elapsed() < Duration::from_millis(max))
+            .is_some_and(|at| at.elapsed() < self.contact_window())
+    }
+
+    /// How recent a leader's contact with a follower, or a quorum's answer to a
+    /// leader, must be for it to count as ready: three heartbeats, at most the
+    /// shortest election timeout.
+    fn contact_window(&self) -> Duration {
+        Duration::from_millis(
+            (self.config.heartbeat_interval_ms * 3).min(self.config.election_timeout_min_ms),
+        )
+    }
+
+    /// Whether a quorum of voters answered this leader recently. A leader cut off
+    /// from its followers stays leader until its lease ends and someone else is
+    /// elected; it cannot commit anything meanwhile, so it must not say it is ready.
+    /// openraft refreshes `millis_since_quorum_ack` every time its loop runs, and a
+    /// leader's loop runs at least every heartbeat (the heartbeat and its failures).
+    fn quorum_heard_recently(m: &RaftMetrics<NodeId, NodeInfo>, window: Duration) -> bool {
+        m.millis_since_quorum_ack
+            .is_some_and(|ms| Duration::from_millis(ms) < window)
     }
 
     pub(crate) fn local_status(&self) -> ClusterStatus {
@@ -635,7 +653,11 @@ impl Inner {
             && m.current_leader.is_some()
             && voters.contains(&m.id)
             && applied >= commit
-            && (role == Role::Leader || self.leader_heard_recently());
+            && if role == Role::Leader {
+                Self::quorum_heard_recently(&m, self.contact_window())
+            } else {
+                self.leader_heard_recently()
+            };
         ClusterStatus {
             node_id: m.id,
             role,

@@ -8,7 +8,8 @@
 //! snapshot sent by the leader is refused with an error while raft keeps running on the
 //! receiver (it still applies claims), counted in `snapshots_refused`; a follower stops
 //! being ready (`/ready`) within a few heartbeats of its leader's death, before the
-//! election that follows; a state machine torn by a machine crash (its unsynced-commit
+//! election that follows, and a leader cut off from its followers stops being ready
+//! within a few heartbeats, before it steps down; a state machine torn by a machine crash (its unsynced-commit
 //! marker from another boot) is rebuilt from the newest snapshot and the log.
 
 mod common;
@@ -239,6 +240,54 @@ async fn followers_stop_being_ready_soon_after_the_leader_dies() {
     let deadline = Instant::now() + T;
     while !c.nodes.values().all(|n| n.status().ready) {
         assert!(Instant::now() < deadline, "not ready under the new leader");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.shutdown_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_followers_stops_being_ready_before_it_steps_down() {
+    // Long election timeouts: a partitioned leader keeps its role for its lease plus an
+    // election timeout (seconds), and cannot commit anything meanwhile; /ready (what a
+    // load balancer routes CONNECTs by) must turn false within a few heartbeats.
+    let c = three(26, |c| {
+        fast(c);
+        c.election_timeout_min_ms = 1500;
+        c.election_timeout_max_ms = 3000;
+        c.heartbeat_interval_ms = 50;
+    })
+    .await;
+    let old = c.leader(T).await;
+    let deadline = Instant::now() + T;
+    while !c.nodes.values().all(|n| n.status().ready) {
+        assert!(Instant::now() < deadline, "not every node became ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A leader with its followers stays ready (no false alarm between heartbeats).
+    for _ in 0..50 {
+        assert!(c.node(old).status().ready, "{:?}", c.node(old).status());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.net.isolate(old, (1..=3).filter(|i| *i != old));
+    let cut = Instant::now();
+    loop {
+        let s = c.node(old).status();
+        if !s.ready {
+            assert_eq!(
+                s.role,
+                Role::Leader,
+                "it turned unready only by stepping down"
+            );
+            break;
+        }
+        assert!(cut.elapsed() < T, "the cut-off leader stayed ready: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Healed, it (or whoever leads then) is ready again.
+    c.net.heal();
+    let deadline = Instant::now() + T;
+    while !c.nodes.values().all(|n| n.status().ready) {
+        assert!(Instant::now() < deadline, "not ready after the heal");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     c.shutdown_all().await;
