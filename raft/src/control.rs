@@ -514,9 +514,39 @@ impl ControlPlane {
         }
     }
 
-    /// Removes this node from the cluster (through the leader).
+    /// Removes this node from the cluster (through the leader). Returns the log index
+    /// of the change, or (when the answer was lost) an applied index that includes it.
+    ///
+    /// The leader stops talking to a node as soon as the change that removes it
+    /// commits, which may be before its answer reaches this node: a lost answer is
+    /// checked with the other members, and a leave that is done is reported done.
     pub async fn leave(&self) -> Result<u64, ClusterError> {
-        self.remove(self.inner.shared.node_id).await
+        let me = self.inner.shared.node_id;
+        let error = match self.remove(me).await {
+            Ok(index) => return Ok(index),
+            Err(e @ ClusterError::Unavailable(_)) => e,
+            Err(e) => return Err(e),
+        };
+        let others: Vec<NodeId> = self
+            .inner
+            .metrics_now()
+            .membership_config
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != me)
+            .collect();
+        for peer in others {
+            // A member forwards Status to its leader: the membership as the leader sees it.
+            if let Ok(AdminReply::Status(s)) =
+                self.inner.send_admin(peer, AdminRequest::Status, 0).await
+            {
+                if s.members.iter().all(|m| m.id != me) {
+                    return Ok(s.applied_index);
+                }
+                break;
+            }
+        }
+        Err(error)
     }
 
     async fn done(&self, req: AdminRequest) -> Result<u64, ClusterError> {

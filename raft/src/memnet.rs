@@ -5,7 +5,8 @@
 //! Faults: partitions (a blocked pair of nodes, both directions), crashed nodes (no
 //! service registered: calls fail as unreachable), a random delay per message, and random
 //! loss of the request (the callee never sees it) or of the response (the callee acted
-//! but the caller hears nothing: the case idempotency keys exist for). Decisions come
+//! but the caller hears nothing: the case idempotency keys exist for), also one chosen
+//! answer at a time ([`MemNet::lose_next_answer`]). Decisions come
 //! from one seeded xorshift generator, so a run on a current-thread runtime with a
 //! paused clock draws the same faults for the same sequence of calls.
 
@@ -34,6 +35,8 @@ pub struct Faults {
 struct State {
     services: BTreeMap<NodeId, Arc<dyn Service>>,
     blocked: BTreeSet<(NodeId, NodeId)>,
+    /// (caller, channel) pairs whose next answer is lost after the callee acted.
+    lose_next: BTreeSet<(NodeId, u8)>,
     faults: Faults,
     rng: u64,
     calls: u64,
@@ -91,6 +94,7 @@ impl MemNet {
             state: Arc::new(Mutex::new(State {
                 services: BTreeMap::new(),
                 blocked: BTreeSet::new(),
+                lose_next: BTreeSet::new(),
                 faults: Faults::default(),
                 rng: seed | 1,
                 calls: 0,
@@ -129,6 +133,12 @@ impl MemNet {
                 s.blocked.insert((id, o));
             }
         }
+    }
+
+    /// Loses the next answer to `caller` on `channel`: the callee acts on the request,
+    /// the caller hears a timeout (a link that drops right after the callee acted).
+    pub fn lose_next_answer(&self, caller: NodeId, channel: Channel) {
+        lock(&self.state).lose_next.insert((caller, channel as u8));
     }
 
     /// Restores every link.
@@ -204,8 +214,9 @@ impl Transport for MemTransport {
                 tokio::time::sleep(d2).await;
             }
             {
-                let s = lock(&self.net.state);
-                if drop_resp || s.cut(me, to) || !s.services.contains_key(&me) {
+                let mut s = lock(&self.net.state);
+                let lost = s.lose_next.remove(&(me, channel as u8));
+                if lost || drop_resp || s.cut(me, to) || !s.services.contains_key(&me) {
                     return Err(TransportError::Timeout(to));
                 }
             }
