@@ -30,9 +30,13 @@
 //!   and batches grow with load. A failed call is retried with the same bytes (the
 //!   receiver drops a batch it already accepted). QoS 1/2 publications carry the
 //!   publisher's token: when every node it was sent to accepted it, the shard gets
-//!   `Ack` and releases the PUBACK/PUBREC. QoS 0 beyond [`PEER_QUEUE_MESSAGES_MAX`]
-//!   queued for one peer is dropped and counted; QoS 1/2 are never dropped (their
-//!   publishers' windows bound them).
+//!   `Ack` and releases the PUBACK/PUBREC (the receiver holds its answer while a
+//!   subscriber queue there is congested: back-pressure across nodes). At
+//!   [`PEER_QUEUE_HIGH_WATER`] queued for a live peer the forwarder stops taking the
+//!   shards' batches until the peer's sender takes the next one, so the shards pause
+//!   their readers and publishers are slowed through TCP. QoS 0 beyond
+//!   [`PEER_QUEUE_MESSAGES_MAX`] queued for a peer whose calls fail is dropped and
+//!   counted; QoS 1/2 are never dropped (their publishers' windows bound them).
 //! - **Publications from other nodes** arrive on the link's forward channel as requests
 //!   of kind `Publish` (`cluster::peer`), all of one sending node served by one shard in
 //!   order ([`serve_request`]: decoded as untrusted input, retries dropped); that shard
@@ -69,8 +73,16 @@ pub use wire::WireError;
 pub const FROM_SHARD_BATCHES_MAX: usize = 256;
 /// Batches the forwarder may have queued for one shard.
 pub const TO_SHARD_BATCHES_MAX: usize = 1024;
-/// QoS 0 publications queued for one peer beyond which new ones are dropped.
+/// QoS 0 publications queued for one peer beyond which new ones are dropped (reached
+/// only while the peer does not accept batches: a live peer's queue stops the
+/// forwarder's intake at [`PEER_QUEUE_HIGH_WATER`] first).
 pub const PEER_QUEUE_MESSAGES_MAX: usize = 100_000;
+/// Publications queued for a live peer at which the forwarder stops taking the shards'
+/// batches until its sender took the next batch: the shards' channels fill, their mesh
+/// backlog grows and their connection readers pause, so publishers faster than the
+/// link are slowed through TCP (as by a slow peer shard) instead of having their QoS 0
+/// messages dropped here. Two batches: one being sent, the next one full.
+pub const PEER_QUEUE_HIGH_WATER: usize = 2 * BATCH_MESSAGES_TARGET;
 /// Publications per batch sent to a peer.
 const BATCH_MESSAGES_TARGET: usize = 4096;
 /// Bytes per batch sent to a peer (well under the link's 16 MiB forward frame bound;
@@ -250,6 +262,7 @@ pub fn start(
         remote,
         local: HashMap::new(),
         peers: HashMap::new(),
+        drained: Arc::new(Notify::new()),
         pending: HashMap::new(),
         events: events_tx,
         route_seq: 0,
@@ -329,6 +342,17 @@ struct Item {
 struct PeerQueue {
     items: Mutex<VecDeque<Item>>,
     notify: Notify,
+    /// Whether the last call to the peer failed (it is being retried): a peer that does
+    /// not accept batches does not stop the intake; its QoS 0 messages are dropped at
+    /// [`PEER_QUEUE_MESSAGES_MAX`] instead.
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl PeerQueue {
+    /// Whether this queue stops the forwarder's intake.
+    fn full(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed) && lock(&self.items).len() >= PEER_QUEUE_HIGH_WATER
+    }
 }
 
 struct Forwarder {
@@ -340,6 +364,9 @@ struct Forwarder {
     routes: NodeRoutes,
     local: HashMap<String, LocalRoute>,
     peers: HashMap<NodeId, Arc<PeerQueue>>,
+    /// Notified by a peer's sender when it took a batch from a queue
+    /// (`PEER_QUEUE_HIGH_WATER`: the intake may go on).
+    drained: Arc<Notify>,
     /// QoS 1/2 publications waiting for nodes: (shard, token) -> nodes left.
     pending: HashMap<(ShardId, u64), usize>,
     events: mpsc::UnboundedSender<Event>,
@@ -376,11 +403,15 @@ impl Forwarder {
     ) {
         let mut applied = self.resync();
         loop {
+            // A live peer's full queue stops the intake (`PEER_QUEUE_HIGH_WATER`).
+            let intake = !self.peers.values().any(|q| q.full());
+            let drained = self.drained.clone();
             tokio::select! {
-                batch = from_shards.recv_async() => match batch {
+                batch = from_shards.recv_async(), if intake => match batch {
                     Ok(b) => self.on_shard(b),
                     Err(_) => return,
                 },
+                () = drained.notified(), if !intake => {}
                 ev = applied.recv_async() => match ev {
                     Ok(AppliedEvent::Entry(e)) => {
                         if e.index > self.routes.applied() {
@@ -951,6 +982,7 @@ impl Forwarder {
         tokio::spawn(send_to_peer(
             node,
             q.clone(),
+            self.drained.clone(),
             self.transport.clone(),
             self.events.clone(),
             self.incarnation,
@@ -1288,6 +1320,7 @@ async fn barrier(transport: &Arc<dyn Transport>, members: &[NodeId], index: u64)
 async fn send_to_peer(
     node: NodeId,
     queue: Arc<PeerQueue>,
+    drained: Arc<Notify>,
     transport: Arc<dyn Transport>,
     events: mpsc::UnboundedSender<Event>,
     incarnation: u64,
@@ -1317,6 +1350,9 @@ async fn send_to_peer(
                         tokens.push(t);
                     }
                 }
+                if items.len() < PEER_QUEUE_HIGH_WATER {
+                    drained.notify_one();
+                }
                 Some((w.len() as u64, w.finish()))
             }
         };
@@ -1326,13 +1362,18 @@ async fn send_to_peer(
         };
         let mut pause = RETRY_MIN;
         loop {
-            match transport
+            let result = transport
                 .call(node, Channel::Forward, bytes.clone())
                 .await
                 .map_err(|e| e.to_string())
-                .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()))
-            {
-                Ok(Answer::Accepted { seq: s }) if s == seq => break,
+                .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()));
+            match result {
+                Ok(Answer::Accepted { seq: s }) if s == seq => {
+                    if queue.failing.swap(false, Ordering::Relaxed) {
+                        drained.notify_one();
+                    }
+                    break;
+                }
                 Ok(a) => tracing::warn!(node, seq, "unexpected answer to a batch: {a:?}"),
                 Err(e) => {
                     if !handle.members().contains_key(&node) {
@@ -1341,6 +1382,10 @@ async fn send_to_peer(
                     }
                     tracing::debug!(node, seq, "batch not accepted, retrying: {e}");
                 }
+            }
+            // While it fails, its queue does not stop the intake.
+            if !queue.failing.swap(true, Ordering::Relaxed) {
+                drained.notify_one();
             }
             lock(&metrics.peers).entry(node).or_default().retries += 1;
             tokio::time::sleep(pause).await;

@@ -36,6 +36,11 @@
 //! delivered to drained (or at the hold bound), after its commit under sync
 //! durability. With no congested peer the mesh carries nothing extra.
 //! Deliveries to shared-subscription members on other shards are not held.
+//!
+//! Across nodes: a batch another node forwarded is the publisher
+//! (`Publisher::Remote` with the serving shard and the batch's token,
+//! `remote`): congested sessions hold the batch's answer, and the sending
+//! node holds its publishers' acknowledgements until it arrives.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -136,8 +141,17 @@ impl BackPressure {
 }
 
 impl Engine {
-    fn bp_on(&self) -> bool {
+    pub(super) fn bp_on(&self) -> bool {
         self.limits.queue_high_water > 0
+    }
+
+    /// Whether shard `to` announced congested sessions.
+    pub(super) fn bp_peer_congested(&self, to: ShardId) -> bool {
+        self.bp
+            .peer_congested
+            .get(usize::from(to))
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Low-water mark: a congested session below it releases its waiters.

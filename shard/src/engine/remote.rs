@@ -31,7 +31,11 @@
 //!   publication carries a [`ForwardMark`]; every shard stores the last one
 //!   it handled per sending node with its commits and skips what is at or
 //!   below it, so a batch retried after a restart is delivered once
-//!   (docs/PERSISTENCE.md, "Forwarded batches").
+//!   (docs/PERSISTENCE.md, "Forwarded batches"). With back-pressure on, the
+//!   batch also waits for the congested sessions its QoS 1/2 publications
+//!   reached (`backpressure`): a full subscriber queue here holds the
+//!   publishers' acknowledgements on the sending node, with the same bound
+//!   as a local publisher's.
 //! - **Retained updates** go to the forwarder only (the raft log orders them);
 //!   they come back to every shard of every node as `Retain` from the remote
 //!   id, stamped with [`raft_stamp`] of their log index.
@@ -139,15 +143,17 @@ impl Engine {
         self.stats.remote_publishes_received += 1;
         let mut set = std::mem::take(&mut self.shard_set);
         route_match(&self.routes, &msg.topic, &mut set);
-        // In a batch answered after the commits, a QoS 1/2 copy for another
-        // shard is answered by it after its commit, like `PublishDurable`.
+        // In a batch whose answer waits, a QoS 1/2 copy for another shard is
+        // answered by it after its commit (sync durability) or once the
+        // congested sessions it reached there drained, like `PublishDurable`.
         let token = self.forward_batch.filter(|_| msg.qos != QoS::AtMostOnce);
         for to in set.iter() {
             if to == self.shard || self.is_remote(to) {
                 continue;
             }
             self.stats.forwards_sent += 1;
-            if let Some(t) = token
+            let ack = token.filter(|_| self.durable_forwards() || self.bp_peer_congested(to));
+            if let Some(t) = ack
                 && let Some(n) = self.pending_forwards.get_mut(&t)
             {
                 *n += 1;
@@ -155,13 +161,25 @@ impl Engine {
             self.outbox[usize::from(to)].push(MeshMsg::Forwarded {
                 message: msg.clone(),
                 mark,
-                ack: token,
+                ack,
             });
         }
         let local = set.contains(self.shard);
         self.shard_set = set;
         if local && !mark.is_some_and(|m| self.forward_seen(&m)) {
+            // A congested session here holds the batch's answer, as it holds a
+            // local publisher's acknowledgement (`backpressure`): the sending
+            // node holds the publisher's PUBACK/PUBREC until then.
+            if let Some(t) = token {
+                self.bp_begin_remote(self.shard, t, msg.qos);
+            }
             self.deliver_local(now_ms, &msg);
+            if token.is_some()
+                && self.bp_end_remote()
+                && let Some(n) = token.and_then(|t| self.pending_forwards.get_mut(&t))
+            {
+                *n += 1;
+            }
         }
     }
 
@@ -186,13 +204,17 @@ impl Engine {
     }
 
     /// Starts handling a batch of publications another node forwarded (as
-    /// `Forwarded` from the remote id). Under `sync` durability returns the
-    /// token whose completion ([`Engine::take_forwards_done`]) says every
-    /// copy stored for a persistent session here or on another local shard
-    /// is committed; the node answers the batch only then. `None`: answer at
-    /// once (nothing waits for commits).
+    /// `Forwarded` from the remote id). Returns the token whose completion
+    /// ([`Engine::take_forwards_done`]) says the batch may be answered: under
+    /// `sync` durability once every copy stored for a persistent session here
+    /// or on another local shard is committed, and with back-pressure on once
+    /// every congested session a QoS 1/2 publication of the batch reached
+    /// (here or on another local shard) drained below its low-water mark or
+    /// held it `backpressure_hold_ms_max`, so the sending node holds the
+    /// publishers' PUBACK/PUBREC as a local publisher's would be. `None`:
+    /// answer at once (neither applies).
     pub fn begin_forward_batch(&mut self) -> Option<u64> {
-        if !self.durable_forwards() {
+        if !self.durable_forwards() && !self.bp_on() {
             return None;
         }
         let token = self.next_token;
@@ -209,7 +231,7 @@ impl Engine {
     /// drops it, as for a publisher's shard within a node.
     pub(super) fn forward_batch_share(&mut self, qos: QoS) -> super::shared::SharedAck {
         match self.forward_batch {
-            Some(token) if qos != QoS::AtMostOnce => {
+            Some(token) if qos != QoS::AtMostOnce && self.durable_forwards() => {
                 if let Some(n) = self.pending_forwards.get_mut(&token) {
                     *n += 1;
                 }
@@ -538,6 +560,90 @@ mod tests {
                 "shard {e}: {got:?}"
             );
         }
+    }
+
+    /// A QoS 1 publication forwarded from another node to `e`, as the driver
+    /// hands a batch's records to the engine.
+    fn forwarded(e: &mut Engine, remote: ShardId, n: u32) {
+        let msg = Message {
+            topic: Str::from_static("t"),
+            payload: Bytes::from(n.to_string()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            origin: Some(SessionUid::remote(7)),
+            received_us: 0,
+        };
+        e.handle_mesh(
+            1,
+            remote,
+            MeshMsg::Forwarded {
+                message: msg,
+                mark: None,
+                ack: None,
+            },
+        );
+    }
+
+    #[test]
+    fn a_congested_subscriber_holds_the_answer_of_a_forwarded_batch_until_it_drains() {
+        let limits = Limits {
+            inflight_count_max: 1,
+            queued_count_max: 100,
+            queue_high_water: 4,
+            ..Limits::default()
+        };
+        let mut es = super::super::testing::engines(1, &limits);
+        let remote = es[0].enable_remote().expect("room for the remote id");
+        let c = client(&mut es[0], "s");
+        subscribe(&mut es[0], c, "t", QoS::AtLeastOnce);
+        for (_, m) in pump(&mut es, remote) {
+            if let MeshMsg::RouteAdd {
+                ack: Some(token), ..
+            } = m
+            {
+                es[0].handle_mesh(1, remote, MeshMsg::Ack { token });
+            }
+        }
+        drain(&mut es[0], c, V5); // SUBACK
+        let e = &mut es[0];
+
+        // A batch into a queue below the high-water mark is answered at once.
+        let t1 = e.begin_forward_batch().expect("back-pressure is on");
+        for n in 0..3 {
+            forwarded(e, remote, n);
+        }
+        e.end_forward_batch(t1);
+        assert_eq!(e.take_forwards_done(), vec![t1]);
+
+        // The next one fills the queue past the mark: its answer waits (the sending
+        // node holds the publishers' acknowledgements meanwhile).
+        let t2 = e.begin_forward_batch().expect("back-pressure is on");
+        for n in 3..8 {
+            forwarded(e, remote, n);
+        }
+        e.end_forward_batch(t2);
+        assert!(
+            !e.has_forwards_done(),
+            "answered while the queue is congested"
+        );
+
+        // The subscriber reads and acknowledges: below the low-water mark the
+        // batch is answered, and nothing was dropped.
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            for p in drain(e, c, V5) {
+                if let Packet::Publish(p) = p {
+                    got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                    e.handle_packet(1, c, Packet::PubAck(PubAck::new(p.packet_id)));
+                }
+            }
+        }
+        assert_eq!(e.take_forwards_done(), vec![t2]);
+        let want: Vec<String> = (0..8).map(|n| n.to_string()).collect();
+        assert_eq!(got, want);
+        assert_eq!(e.stats().dropped_queue_full, 0);
     }
 
     #[test]
