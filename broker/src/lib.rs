@@ -20,8 +20,8 @@
 //!   HTTP client `brokerctl` uses.
 //! - [`bridge`]: MQTT bridges to other brokers (`[[bridge]]`, docs/BRIDGES.md): the
 //!   configured set and counters shared with the admin thread, the remote link's
-//!   TLS and WebSocket client layers; the relay itself runs on the bridge's owner
-//!   shard (`server::bridge`).
+//!   TLS and WebSocket client layers and its QUIC client thread; the relay itself
+//!   runs on the bridge's owner shard (`server::bridge`).
 //! - [`allocator`]: jemalloc's release of freed memory (background purging) and
 //!   its figures for `/metrics`.
 //! - [`cluster`]: the control thread (a current-thread tokio runtime beside the shards)

@@ -62,14 +62,14 @@ pub const HANDSHAKES_MAX: usize = 4096;
 pub const PIPE_CHUNKS: usize = 8;
 
 /// Bytes at most in one chunk read from a stream.
-const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
+pub(crate) const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
 
 /// New connections waiting for a shard to take them, per shard.
 pub const NEW_CONNECTIONS_QUEUED_MAX: usize = 1024;
 
 /// How long a finished stream may wait for the client to acknowledge its last
 /// bytes before the connection is closed anyway.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// How often the endpoint looks at the stop flag and the TLS generation.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -232,36 +232,29 @@ impl QuicListener {
         let counters = (ctx.url.clone(), ctx.counters.clone());
         let spec = spec.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("quic-{listener}"))
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(r) => r,
+        let failed = ready_tx.clone();
+        let thread = runtime_thread(
+            format!("quic-{listener}"),
+            move |e| {
+                let _ = failed.send(Err(anyhow!("cannot start its runtime: {e}")));
+            },
+            move || async move {
+                let endpoint = match quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                ) {
+                    Ok(e) => e,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow!("cannot start its runtime: {e}")));
+                        let _ = ready_tx.send(Err(anyhow!("cannot start its endpoint: {e}")));
                         return;
                     }
                 };
-                runtime.block_on(async move {
-                    let endpoint = match quinn::Endpoint::new(
-                        quinn::EndpointConfig::default(),
-                        Some(config),
-                        socket,
-                        Arc::new(quinn::TokioRuntime),
-                    ) {
-                        Ok(e) => e,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(anyhow!("cannot start its endpoint: {e}")));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    run(endpoint, ctx, spec, tls, generation, stop).await;
-                });
-            })?;
+                let _ = ready_tx.send(Ok(()));
+                run(endpoint, ctx, spec, tls, generation, stop).await;
+            },
+        )?;
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => Ok(QuicListener { thread, counters }),
             Ok(Err(e)) => Err(e.context(format!("quic listener {bound}"))),
@@ -273,6 +266,28 @@ impl QuicListener {
     pub fn join(self) {
         let _ = self.thread.join();
     }
+}
+
+/// Starts thread `name` running `main` on a current-thread tokio runtime
+/// (what quinn needs: the shards' glommio executors are not one); calls
+/// `failed` instead when the runtime cannot start.
+pub(crate) fn runtime_thread<F>(
+    name: String,
+    failed: impl FnOnce(std::io::Error) + Send + 'static,
+    main: impl FnOnce() -> F + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: std::future::Future<Output = ()>,
+{
+    std::thread::Builder::new().name(name).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(main()),
+            Err(e) => failed(e),
+        }
+    })
 }
 
 /// The endpoint's accept loop until the stop flag, then the drain.

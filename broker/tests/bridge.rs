@@ -211,12 +211,16 @@ fn a_wrong_bridge_table_is_refused_with_the_field_named() {
     let cases = [
         (
             "[[bridge]]\nname = \"c\"\naddress = \"127.0.0.1:1883\"\ntransport = \"quic\"\n[[bridge.out]]\ntopic = \"a\"\n",
-            "bridge \"c\" (#1): transport: \"quic\" is not available yet",
+            "bridge \"c\" (#1): ca_file: transport quic needs ca_file",
         ),
         (
             "[[bridge]]\nname = \"c\"\naddress = \"127.0.0.1:1883\"\nversion = \"3.1.1\"\n\
              [[bridge.out]]\ntopic = \"a/#\"\n[[bridge.in]]\ntopic = \"#\"\n",
             "bridge \"c\" (#1): in[0].topic: the remote filter \"#\" overlaps out[0]",
+        ),
+        (
+            "[[bridge]]\nname = \"c\"\naddress = \"127.0.0.1:1883\"\ntransport = \"udp\"\n[[bridge.out]]\ntopic = \"a\"\n",
+            "transport: \"udp\": expected \"mqtt\", \"mqtts\", \"ws\", \"wss\" or \"quic\"",
         ),
         (
             "[[bridge]]\nname = \"c\"\naddress = \"127.0.0.1\"\n[[bridge.out]]\ntopic = \"a\"\n",
@@ -320,10 +324,10 @@ fn sighup_adds_and_removes_bridges() {
     local.wait_log("removed bridge's local session ended", WAIT);
 }
 
-#[test]
-fn bridges_reach_the_remote_over_tls_with_a_client_certificate_and_over_websocket() {
-    let rdir = TestDir::new("bridge-remote-tls");
-    let d = rdir.path_str();
+/// Writes into `d` a test CA (ca.pem), the remote's certificate for
+/// 127.0.0.1 and localhost (server.pem, server.key) and the bridge's client
+/// certificate (client.pem, client.key).
+fn write_certificates(d: &str) {
     let ca = Ca::new("bridge test CA");
     let (cert, key) = ca.sign("remote", &["127.0.0.1", "localhost"], false);
     let (ccert, ckey) = ca.sign("edge", &["edge"], true);
@@ -336,6 +340,13 @@ fn bridges_reach_the_remote_over_tls_with_a_client_certificate_and_over_websocke
     ] {
         std::fs::write(format!("{d}/{name}"), text).unwrap();
     }
+}
+
+#[test]
+fn bridges_reach_the_remote_over_tls_with_a_client_certificate_and_over_websocket() {
+    let rdir = TestDir::new("bridge-remote-tls");
+    let d = rdir.path_str();
+    write_certificates(d);
     let listeners = format!(
         "[[listener]]\nkind = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert_file = \"{d}/server.pem\"\n\
          key_file = \"{d}/server.key\"\nca_file = \"{d}/ca.pem\"\nrequire_client_cert = true\n\
@@ -402,4 +413,84 @@ fn bridges_reach_the_remote_over_tls_with_a_client_certificate_and_over_websocke
         bridge_value(&badb, "wrong-ca", "tessera_bridge_connect_failures_total") >= 1.0
     });
     assert_eq!(bridge_value(&badb, "wrong-ca", "tessera_bridge_up"), 0.0);
+}
+
+/// A UDP port free right now on 127.0.0.1 (for a QUIC listener that restarts
+/// on it).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[test]
+fn bridges_cross_over_quic_both_ways_and_survive_the_remote_killed() {
+    // The remote: TCP for the test's clients, a QUIC listener (fixed ports,
+    // it restarts on them) that wants a client certificate.
+    let rdir = TestDir::new("bridge-remote-quic");
+    let d = rdir.path_str();
+    write_certificates(d);
+    let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let quic: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let listeners = format!(
+        "[[listener]]\nkind = \"quic\"\nbind = \"{quic}\"\ncert_file = \"{d}/server.pem\"\n\
+         key_file = \"{d}/server.key\"\nca_file = \"{d}/ca.pem\"\nrequire_client_cert = true\n"
+    );
+    let listen = tcp.to_string();
+    let remote = std::cell::RefCell::new(Some(start(&rdir, &listeners, &["--listen", &listen])));
+    assert_eq!(
+        remote.borrow().as_ref().unwrap().url("quic"),
+        format!("quic://{quic}")
+    );
+    let extra = format!(
+        "transport = \"quic\"\nca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/client.pem\"\n\
+         key_file = \"{d}/client.key\"\nsni = \"localhost\"\n"
+    );
+    let via = Via {
+        address: Some(quic),
+        extra: &extra,
+    };
+
+    // Both directions at QoS 0, 1 and 2, over MQTT 5 and 3.1.1.
+    for version in ["5", "3.1.1"] {
+        let local = check_both_ways_via(tcp, via, version);
+        // Over QUIC indeed: the remote holds the bridge's QUIC connection.
+        let s = scrape(remote.borrow().as_ref().unwrap().admin_addr());
+        assert!(metric_sum(&s, "tessera_quic_connections", &[]) >= 1.0);
+        drop(local);
+    }
+
+    // kill -9 the remote mid-stream: no close reaches the bridge (QUIC has no
+    // RST), its idle timeout ends the link; every acknowledged message
+    // arrives after the restart, QoS 2 once.
+    check_remote_restart_via(
+        tcp,
+        via,
+        "5",
+        &mut || {
+            let mut r = remote.borrow_mut().take().expect("running");
+            unsafe { libc::kill(r.pid() as i32, libc::SIGKILL) };
+            r.wait_exit(WAIT);
+        },
+        &mut || {
+            *remote.borrow_mut() = Some(start(&rdir, &listeners, &["--listen", &listen]));
+        },
+    );
+
+    // A bridge whose CA does not sign the remote's certificate never connects.
+    let other = Ca::new("another CA");
+    std::fs::write(format!("{d}/other.pem"), &other.pem).unwrap();
+    let bad = format!(
+        "[[bridge]]\nname = \"wrong-ca\"\naddress = \"{quic}\"\ntransport = \"quic\"\n\
+         ca_file = \"{d}/other.pem\"\nsni = \"localhost\"\n[[bridge.out]]\ntopic = \"x\"\n"
+    );
+    let bdir = TestDir::new("bridge-bad-ca-quic");
+    let badb = start(&bdir, &bad, &[]);
+    eventually("the QUIC handshake failure is recorded", WAIT, || {
+        bridge_value(&badb, "wrong-ca", "tessera_bridge_connect_failures_total") >= 1.0
+    });
+    assert_eq!(bridge_value(&badb, "wrong-ca", "tessera_bridge_up"), 0.0);
+    drop(remote);
 }

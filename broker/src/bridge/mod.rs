@@ -21,6 +21,7 @@
 //! written by the one shard that runs the bridge; the locks here are taken on
 //! reload, on errors and by the admin thread, never per message.
 
+pub mod quic;
 pub mod stream;
 pub mod ws;
 

@@ -1,8 +1,10 @@
 //! The bridge's connection to the remote broker: TCP, optionally TLS
 //! (rustls client: the remote's certificate verified against `ca_file`, a
 //! client certificate when configured, SNI), optionally WebSocket frames
-//! (binary frames, masked as a client must; [`ws`]). Poll-based, so the bridge
-//! task waits on reading, writing and the engine in one poll.
+//! (binary frames, masked as a client must; [`ws`]); or a QUIC stream, whose
+//! connection runs on the bridges' QUIC thread ([`super::quic`]) and reaches
+//! the shard through a pipe. Poll-based, so the bridge task waits on reading,
+//! writing and the engine in one poll.
 
 use std::io::{self, Read as _, Write as _};
 use std::pin::Pin;
@@ -19,6 +21,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use super::ws::{WsClient, upgrade_request};
 use crate::config::BridgeConfig;
+use crate::transport::quic::QuicPipe;
 
 /// Ciphertext read per TLS read call.
 const TLS_READ_BYTES: usize = 16 * 1024;
@@ -57,9 +60,49 @@ pub fn tls_config(c: &BridgeConfig) -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// What carries the bytes: a TCP socket, or the pipe to a QUIC stream.
+enum Socket {
+    Tcp(TcpStream),
+    Quic(Box<QuicPipe>),
+}
+
+impl Socket {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Quic(p) => p.poll_read(cx, buf),
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Socket::Tcp(s) => Pin::new(s).poll_write(cx, data),
+            Socket::Quic(p) => p.poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Quic(p) => p.poll_flush(cx),
+        }
+    }
+}
+
+/// Where the remote is, resolved, and the TLS settings of its transport.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The remote's address.
+    pub addr: std::net::SocketAddr,
+    /// TLS over TCP (`mqtts`, `wss`).
+    pub tls: Option<&'a Arc<ClientConfig>>,
+    /// QUIC (`quic`): the quinn client settings, TLS included.
+    pub quic: Option<&'a quinn::ClientConfig>,
+}
+
 /// A connection to the remote.
 pub struct LinkStream {
-    tcp: TcpStream,
+    socket: Socket,
     tls: Option<Box<ClientConnection>>,
     /// TLS records waiting to be written to the socket.
     tls_out: Vec<u8>,
@@ -73,6 +116,7 @@ pub struct LinkStream {
 impl std::fmt::Debug for LinkStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinkStream")
+            .field("quic", &matches!(self.socket, Socket::Quic(_)))
             .field("tls", &self.tls.is_some())
             .field("ws", &self.ws.is_some())
             .finish()
@@ -80,22 +124,36 @@ impl std::fmt::Debug for LinkStream {
 }
 
 impl LinkStream {
-    /// Connects to the remote and runs the TLS handshake and WebSocket upgrade.
-    pub async fn connect(
-        c: &BridgeConfig,
-        addr: std::net::SocketAddr,
-        tls: Option<&Arc<ClientConfig>>,
-    ) -> Result<LinkStream, String> {
-        let tcp = glommio::timer::timeout(CONNECT_TIMEOUT, async {
-            TcpStream::connect(addr)
+    /// Connects to the remote and runs the TLS handshake and WebSocket
+    /// upgrade, or the QUIC handshake and opens the MQTT stream.
+    pub async fn connect(c: &BridgeConfig, target: Target<'_>) -> Result<LinkStream, String> {
+        let Target { addr, tls, quic } = target;
+        let name = c.sni.clone().unwrap_or_else(|| c.host().to_owned());
+        let socket = match quic {
+            Some(config) => {
+                // Checked here as for TLS over TCP: the QUIC thread's error
+                // would say less.
+                ServerName::try_from(name.clone())
+                    .map_err(|e| format!("sni {name:?} is not a valid server name: {e}"))?;
+                let pipe =
+                    super::quic::connect(addr, name.clone(), config.clone(), CONNECT_TIMEOUT)
+                        .await?;
+                Socket::Quic(Box::new(pipe))
+            }
+            None => {
+                let tcp = glommio::timer::timeout(CONNECT_TIMEOUT, async {
+                    TcpStream::connect(addr).await.map_err(|e| {
+                        glommio::GlommioError::IoError(io::Error::other(e.to_string()))
+                    })
+                })
                 .await
-                .map_err(|e| glommio::GlommioError::IoError(io::Error::other(e.to_string())))
-        })
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+                let _ = tcp.set_nodelay(true);
+                Socket::Tcp(tcp)
+            }
+        };
         let mut s = LinkStream {
-            tcp,
+            socket,
             tls: None,
             tls_out: Vec::new(),
             tls_out_pos: 0,
@@ -103,8 +161,7 @@ impl LinkStream {
             ws_out: Vec::new(),
             ws_out_pos: 0,
         };
-        if let Some(config) = tls {
-            let name = c.sni.clone().unwrap_or_else(|| c.host().to_owned());
+        if let Some(config) = tls.filter(|_| quic.is_none()) {
             let server_name = ServerName::try_from(name.clone())
                 .map_err(|e| format!("sni {name:?} is not a valid server name: {e}"))?;
             let conn = ClientConnection::new(config.clone(), server_name)
@@ -147,7 +204,7 @@ impl LinkStream {
             }
             if tls.wants_read() {
                 let mut buf = vec![0u8; TLS_READ_BYTES];
-                let n = poll_fn(|cx| Pin::new(&mut self.tcp).poll_read(cx, &mut buf))
+                let n = poll_fn(|cx| self.socket.poll_read(cx, &mut buf))
                     .await
                     .map_err(|e| e.to_string())?;
                 if n == 0 {
@@ -196,8 +253,10 @@ impl LinkStream {
 
     fn poll_flush_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.tls_out_pos < self.tls_out.len() {
-            let n =
-                ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.tls_out[self.tls_out_pos..]))?;
+            let n = ready!(
+                self.socket
+                    .poll_write(cx, &self.tls_out[self.tls_out_pos..])
+            )?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -212,7 +271,7 @@ impl LinkStream {
     fn poll_read_lower(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         loop {
             let Some(tls) = self.tls.as_mut() else {
-                return Pin::new(&mut self.tcp).poll_read(cx, buf);
+                return self.socket.poll_read(cx, buf);
             };
             match tls.reader().read(buf) {
                 Ok(n) => return Poll::Ready(Ok(n)),
@@ -220,7 +279,7 @@ impl LinkStream {
                 Err(e) => return Poll::Ready(Err(e)),
             }
             let mut cipher = [0u8; TLS_READ_BYTES];
-            let n = ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut cipher))?;
+            let n = ready!(self.socket.poll_read(cx, &mut cipher))?;
             if n == 0 {
                 return Poll::Ready(Ok(0));
             }
@@ -238,7 +297,7 @@ impl LinkStream {
     /// Writes bytes below the WebSocket layer.
     fn poll_write_lower(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         if self.tls.is_none() {
-            return Pin::new(&mut self.tcp).poll_write(cx, data);
+            return self.socket.poll_write(cx, data);
         }
         ready!(self.poll_flush_tls(cx))?;
         let tls = self.tls.as_mut().expect("TLS");
@@ -313,13 +372,23 @@ impl LinkStream {
         if self.tls.is_some() {
             ready!(self.poll_flush_tls(cx))?;
         }
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        self.socket.poll_flush(cx)
     }
 
-    /// Shuts the socket down without waiting (the fd closes on drop).
+    /// Shuts the socket down without waiting (the fd closes on drop); a
+    /// QUIC stream is finished after what was written, and its connection
+    /// closed.
     pub fn close(&mut self) {
         use std::os::fd::AsRawFd as _;
-        // SAFETY: shutdown(2) on the fd this stream owns and keeps open.
-        unsafe { libc::shutdown(self.tcp.as_raw_fd(), libc::SHUT_RDWR) };
+        match &mut self.socket {
+            // SAFETY: shutdown(2) on the fd this stream owns and keeps open.
+            Socket::Tcp(tcp) => unsafe {
+                libc::shutdown(tcp.as_raw_fd(), libc::SHUT_RDWR);
+            },
+            Socket::Quic(pipe) => {
+                pipe.set_done();
+                pipe.shutdown_write();
+            }
+        }
     }
 }

@@ -29,7 +29,8 @@ pub struct BridgeConfig {
     pub name: String,
     /// The remote broker, `host:port`.
     pub address: String,
-    /// `mqtt`, `mqtts`, `ws` or `wss` (`quic` is not available yet).
+    /// `mqtt`, `mqtts`, `ws`, `wss` or `quic` (MQTT over QUIC, TLS 1.3, ALPN
+    /// `mqtt`: a `quic` listener of another Tessera, EMQX, NanoMQ).
     #[serde(default = "transport_default")]
     pub transport: String,
     /// MQTT version spoken to the remote: `"3.1.1"` or `"5"`.
@@ -75,7 +76,8 @@ pub struct BridgeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<u16>,
     /// CA certificates (PEM) the remote's certificate is verified against
-    /// (`mqtts`, `wss`); unset: the system's roots are not used, so it is required.
+    /// (`mqtts`, `wss`, `quic`); unset: the system's roots are not used, so it
+    /// is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// Client certificate chain (PEM) presented to the remote.
@@ -163,12 +165,23 @@ pub enum BridgeTransport {
     Ws,
     /// WebSocket over TLS.
     Wss,
+    /// MQTT over QUIC (one bidirectional stream; TLS 1.3 inside QUIC).
+    Quic,
 }
 
 impl BridgeTransport {
-    /// Whether the transport starts with a TLS handshake.
+    /// Whether the transport is encrypted with TLS, so takes the TLS fields
+    /// (`ca_file`, `cert_file`, `key_file`, `sni`): over TCP, or QUIC's.
     pub fn is_tls(self) -> bool {
-        matches!(self, BridgeTransport::Mqtts | BridgeTransport::Wss)
+        matches!(
+            self,
+            BridgeTransport::Mqtts | BridgeTransport::Wss | BridgeTransport::Quic
+        )
+    }
+
+    /// Whether MQTT travels over QUIC (UDP) instead of TCP.
+    pub fn is_quic(self) -> bool {
+        self == BridgeTransport::Quic
     }
 
     /// Whether MQTT travels in WebSocket frames.
@@ -282,6 +295,7 @@ impl BridgeConfig {
             "mqtts" => BridgeTransport::Mqtts,
             "ws" => BridgeTransport::Ws,
             "wss" => BridgeTransport::Wss,
+            "quic" => BridgeTransport::Quic,
             _ => BridgeTransport::Mqtt,
         }
     }
@@ -323,19 +337,11 @@ impl BridgeConfig {
             }
         }
         match self.transport.as_str() {
-            "mqtt" | "mqtts" | "ws" | "wss" => {}
-            "quic" => {
-                return err(
-                    "transport",
-                    "\"quic\" is not available yet: it needs the QUIC listener (issue 18); \
-                     use mqtt, mqtts, ws or wss"
-                        .into(),
-                );
-            }
+            "mqtt" | "mqtts" | "ws" | "wss" | "quic" => {}
             other => {
                 return err(
                     "transport",
-                    format!("{other:?}: expected \"mqtt\", \"mqtts\", \"ws\" or \"wss\""),
+                    format!("{other:?}: expected \"mqtt\", \"mqtts\", \"ws\", \"wss\" or \"quic\""),
                 );
             }
         }
@@ -378,7 +384,7 @@ impl BridgeConfig {
                 return err(
                     name,
                     format!(
-                        "applies to TLS transports (mqtts, wss), not {}",
+                        "applies to TLS transports (mqtts, wss, quic), not {}",
                         self.transport
                     ),
                 );
@@ -556,7 +562,7 @@ mod tests {
         let cases = [
             (
                 format!("{BASE}transport = \"quic\"\n{OUT}"),
-                "transport: \"quic\" is not available yet",
+                "ca_file: transport quic needs ca_file",
             ),
             (
                 format!("{BASE}transport = \"tcp\"\n{OUT}"),
@@ -613,6 +619,18 @@ mod tests {
         }
         let e = bridges(&format!("{BASE}adress = \"x\"\n{OUT}")).unwrap_err();
         assert!(e.contains("unknown field `adress`"), "{e}");
+    }
+
+    #[test]
+    fn quic_takes_the_tls_fields() {
+        let b = &bridges(&format!(
+            "{BASE}transport = \"quic\"\nca_file = \"/ca.pem\"\ncert_file = \"/c.pem\"\n\
+             key_file = \"/c.key\"\nsni = \"cloud\"\n{OUT}"
+        ))
+        .unwrap()[0];
+        assert_eq!(b.transport(), BridgeTransport::Quic);
+        assert!(b.transport().is_tls() && b.transport().is_quic());
+        assert!(!b.transport().is_ws());
     }
 
     #[test]

@@ -35,8 +35,8 @@ use tessera_shard::session::ConnId;
 use tracing::{info, warn};
 
 use super::{Shard, now_ms, persist};
-use crate::bridge::stream::{CONNECT_TIMEOUT, LinkStream, tls_config};
-use crate::bridge::{BridgeHub, BridgeStats, Rule, backoff, jitter_seed};
+use crate::bridge::stream::{CONNECT_TIMEOUT, LinkStream, Target, tls_config};
+use crate::bridge::{BridgeHub, BridgeStats, Rule, backoff, jitter_seed, quic};
 use crate::config::BridgeConfig;
 
 /// Bytes read from the remote per read call.
@@ -199,7 +199,15 @@ async fn run(shard: Rc<Shard>, cfg: Arc<BridgeConfig>, stats: Arc<BridgeStats>, 
         "bridge starting"
     );
     let tls = if cfg.transport().is_tls() {
-        match tls_config(&cfg) {
+        let quic = |tls: Arc<rustls::ClientConfig>| {
+            let quic = cfg
+                .transport()
+                .is_quic()
+                .then(|| quic::client_config(&cfg, &tls))
+                .transpose()?;
+            Ok::<_, String>((tls, quic))
+        };
+        match tls_config(&cfg).and_then(quic) {
             Ok(c) => Some(c),
             Err(e) => {
                 warn!(bridge = %cfg.name, "bridge cannot start: {e}");
@@ -223,7 +231,8 @@ async fn run(shard: Rc<Shard>, cfg: Arc<BridgeConfig>, stats: Arc<BridgeStats>, 
             &in_rules,
             &stats,
             &ctl,
-            tls.as_ref(),
+            tls.as_ref().map(|t| &t.0),
+            tls.as_ref().and_then(|t| t.1.as_ref()),
         )
         .await;
         stats.connected.store(false, Ordering::Relaxed);
@@ -458,12 +467,13 @@ async fn link(
     stats: &BridgeStats,
     ctl: &Control,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    quic: Option<&quinn::ClientConfig>,
 ) -> Result<(), LinkEnd> {
     let addr = match resolve(&cfg.address).await {
         Ok(a) => a,
         Err(e) => return fail(e),
     };
-    let mut stream = match LinkStream::connect(cfg, addr, tls).await {
+    let mut stream = match LinkStream::connect(cfg, Target { addr, tls, quic }).await {
         Ok(s) => s,
         Err(e) => return fail(e),
     };

@@ -137,10 +137,39 @@ pub fn collect(
 }
 
 pub fn bridge_toml(name: &str, remote: SocketAddr, version: &str, rules: &str) -> String {
+    bridge_toml_with(name, remote, version, "", rules)
+}
+
+/// A bridge table with `extra` lines (transport, TLS files) before the rules.
+pub fn bridge_toml_with(
+    name: &str,
+    remote: SocketAddr,
+    version: &str,
+    extra: &str,
+    rules: &str,
+) -> String {
     format!(
         "[[bridge]]\nname = \"{name}\"\naddress = \"{remote}\"\nversion = \"{version}\"\n\
-         keep_alive_s = 5\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n{rules}"
+         keep_alive_s = 5\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n{extra}{rules}"
     )
+}
+
+/// How the bridge reaches the remote, when not over plain TCP at the
+/// address the test's clients use.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Via<'a> {
+    /// The bridge's `address` (default: the clients' address).
+    pub address: Option<SocketAddr>,
+    /// Lines of the bridge table (transport, TLS files).
+    pub extra: &'a str,
+}
+
+impl Via<'_> {
+    /// Bridge `name`'s table to the remote whose clients use `remote`.
+    pub fn toml(&self, name: &str, remote: SocketAddr, version: &str, rules: &str) -> String {
+        let address = self.address.unwrap_or(remote);
+        bridge_toml_with(name, address, version, self.extra, rules)
+    }
 }
 
 /// A persistent-session subscriber (3.1.1, clean session 0) on the raw client
@@ -287,6 +316,11 @@ pub fn assert_all_arrived(log: &Mutex<Received>, acked: &[String], exactly_once:
 /// `remote` speaking `version`: prefixes rewritten, the rule's QoS cap, each
 /// message once, and the bridge's counters. Returns the local broker.
 pub fn check_both_ways(remote: SocketAddr, version: &str) -> Broker {
+    check_both_ways_via(remote, Via::default(), version)
+}
+
+/// [`check_both_ways`] with the bridge reaching the remote `via`.
+pub fn check_both_ways_via(remote: SocketAddr, via: Via<'_>, version: &str) -> Broker {
     {
         let (_rsub, rrx) = subscriber(
             remote,
@@ -297,7 +331,7 @@ pub fn check_both_ways(remote: SocketAddr, version: &str) -> Broker {
                  [[bridge.out]]\ntopic = \"capped/#\"\nremote_prefix = \"edge/\"\nqos = 1\n\
                  [[bridge.in]]\ntopic = \"down/#\"\nremote_prefix = \"cloud/\"\nlocal_prefix = \"from-cloud/\"\nqos = 2\n";
         let ldir = TestDir::new("bridge-local");
-        let local = start(&ldir, &bridge_toml("cloud", remote, version, rules), &[]);
+        let local = start(&ldir, &via.toml("cloud", remote, version, rules), &[]);
         wait_connected(&local, "cloud");
         let (_lsub, lrx) = subscriber(local.addr(), "local-sub", &[("from-cloud/#", 2)]);
 
@@ -397,6 +431,17 @@ pub fn check_remote_restart(
     stop: &mut dyn FnMut(),
     restart: &mut dyn FnMut(),
 ) {
+    check_remote_restart_via(remote_addr, Via::default(), version, stop, restart);
+}
+
+/// [`check_remote_restart`] with the bridge reaching the remote `via`.
+pub fn check_remote_restart_via(
+    remote_addr: SocketAddr,
+    via: Via<'_>,
+    version: &str,
+    stop: &mut dyn FnMut(),
+    restart: &mut dyn FnMut(),
+) {
     let log = Arc::new(Mutex::new(Received::default()));
     // The subscriber's session on the other shard than the bridge's ClientID
     // (a Tessera remote with 2 shards), so every message crosses shards on
@@ -408,7 +453,7 @@ pub fn check_remote_restart(
 
     let rules = "[[bridge.out]]\ntopic = \"s/#\"\nqos = 2\n";
     let ldir = TestDir::new("bridge-local");
-    let local = start(&ldir, &bridge_toml("up", remote_addr, version, rules), &[]);
+    let local = start(&ldir, &via.toml("up", remote_addr, version, rules), &[]);
     wait_connected(&local, "up");
 
     // Two publishers (QoS 1 and QoS 2) publish while the remote is stopped
