@@ -157,11 +157,15 @@ impl std::fmt::Debug for Request {
 impl ClusterNode {
     /// Starts the control thread and waits until the link and raft run (or fail).
     /// `forward`: each shard's queue for requests from other nodes (index = shard id).
+    /// `forward_hold`: the longest a node holds its answer to a forwarded batch for a
+    /// congested subscriber (`limits.backpressure_hold_ms_max`); a forward call may take
+    /// that much longer than the link's default before the peer counts as failing.
     pub fn start(
         config: &ClusterConfig,
         data_dir: &Path,
         addrs: NodeAddrs,
         forward: Vec<flume::Sender<PeerRequest>>,
+        forward_hold: Duration,
     ) -> Result<ClusterNode, ClusterStartError> {
         let error = |m: String| ClusterStartError(m);
         let (node_id, listen, certs_dir) = match (config.node_id, config.listen, &config.certs) {
@@ -182,6 +186,10 @@ impl ClusterNode {
             Duration::from_millis(config.election_timeout_min_ms),
             Duration::from_millis(config.election_timeout_max_ms),
         );
+        // A held answer (back-pressure across nodes) is not a dead peer: a forward call
+        // that times out makes the forwarder retry and take its peer for failing.
+        link_config.call_timeout
+            [tessera_raft::link::channel_index(tessera_raft::Channel::Forward)] += forward_hold;
         link_config.peers = peers
             .iter()
             .filter(|(id, _)| **id != node_id)

@@ -95,6 +95,7 @@ fn run(config: &Config, cli: &Cli) -> anyhow::Result<()> {
             &config.server.data_dir,
             addrs,
             server.peer_request_queues(),
+            std::time::Duration::from_millis(u64::from(config.limits.backpressure_hold_ms_max)),
         ) {
             Ok(node) => {
                 server.attach_cluster(&node.port());

@@ -5,7 +5,7 @@
 //! again, every message the publisher got a PUBACK for arrives, once and in order.
 //!
 //! Method: 2 real broker processes (`common::cluster`, one shard each) with small queue
-//! limits (100 queued, high-water mark 20, hold bound 4 s), real rumqttc 3.1.1 clients:
+//! limits (100 queued, high-water mark 20, hold bound 3 s), real rumqttc 3.1.1 clients:
 //! a subscriber on node 2 that stops polling its connection (it neither reads nor
 //! acknowledges, so its in-flight window and then its queue fill) and a publisher on
 //! node 1 with a window of 20 that queues 300 messages at once. While the subscriber is
@@ -13,8 +13,15 @@
 //! (in flight plus queued); before this change node 2 answered every forwarded batch at
 //! once and the publisher had all 300 PUBACKs while node 2 dropped most of them. Then
 //! the subscriber polls again and must get 0..300 in order, the publisher all its
-//! PUBACKs, and node 2 must have counted held acknowledgements and no drop. Every wait
-//! is bounded.
+//! PUBACKs, and node 2 must have counted held acknowledgements and no drop.
+//!
+//! QoS 0 across nodes is slowed, not dropped, while the peer answers: with node 2's
+//! answers held as above (so the link carries nothing for a while), a raw QoS 0
+//! publisher on node 1 writes 200,000 messages for a second subscriber on node 2 at
+//! once. Node 1 must stop reading it (its forwarder stops taking the shards' batches at
+//! two batches queued for the peer) rather than queue 100,000 and drop the rest: node
+//! 1's `tessera_cluster_forward_dropped_total` stays 0. Before this change it counted
+//! the excess. Every wait is bounded.
 
 mod common;
 
@@ -25,9 +32,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
+use tessera_proto::Encode;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const MESSAGES: usize = 300;
+/// QoS 0 messages of the flood (more than the 100,000 a forwarder queued for a peer
+/// before dropping).
+const FLOOD: usize = 200_000;
 /// The subscriber's queue bound and high-water mark on node 2, and the broker's
 /// in-flight window per subscriber (the default).
 const QUEUED_MAX: usize = 100;
@@ -36,7 +47,7 @@ const LIMITS: [(&str, &str); 3] = [
     ("TESSERA_LIMITS__MAX_QUEUED_MESSAGES", "100"),
     ("TESSERA_LIMITS__QUEUE_HIGH_WATER", "20"),
     // Longer than the pause below: no acknowledgement is released by the bound.
-    ("TESSERA_LIMITS__BACKPRESSURE_HOLD_MS_MAX", "4000"),
+    ("TESSERA_LIMITS__BACKPRESSURE_HOLD_MS_MAX", "3000"),
 ];
 
 fn options(addr: SocketAddr, id: &str) -> rumqttc::MqttOptions {
@@ -49,15 +60,14 @@ fn counter(cluster: &Cluster, node: u64, name: &str) -> f64 {
     common::metric_sum(&common::scrape(cluster.node(node).admin_addr()), name, &[])
 }
 
-#[test]
-fn a_full_queue_on_another_node_holds_the_publishers_acks_and_loses_nothing() {
-    let mut cluster = Cluster::new("cluster-bp", 2, 2, &LIMITS);
+/// A 2-node cluster with `LIMITS` and a rumqttc subscriber to `bp/x` on node 2 that
+/// got its SUBACK; from then on nobody polls it (it is paused) until the caller does.
+fn cluster_with_paused_subscriber(tag: &str) -> (Cluster, rumqttc::Client, rumqttc::Connection) {
+    let mut cluster = Cluster::new(tag, 2, 2, &LIMITS);
     for id in 1..=2 {
         cluster.start(id, &[], false);
     }
     cluster.wait_for_leader();
-
-    // The subscriber on node 2.
     let (sub, mut sub_conn) = rumqttc::Client::new(options(cluster.node(2).addr(), "bp-sub"), 10);
     sub.subscribe("bp/x", rumqttc::QoS::AtLeastOnce)
         .expect("subscribe");
@@ -69,66 +79,54 @@ fn a_full_queue_on_another_node_holds_the_publishers_acks_and_loses_nothing() {
             other => panic!("subscriber: no SUBACK: {other:?}"),
         }
     }
-    // From here the subscriber is paused: nobody polls `sub_conn`.
+    (cluster, sub, sub_conn)
+}
 
-    // The publisher on node 1: 300 QoS 1 messages, 20 in flight, PUBACKs counted.
-    let acked = Arc::new(AtomicUsize::new(0));
-    let publisher = {
-        let acked = acked.clone();
-        let mut o = options(cluster.node(1).addr(), "bp-pub");
-        o.set_inflight(20);
-        thread::spawn(move || {
-            let (client, mut conn) = rumqttc::Client::new(o, MESSAGES + 10);
-            for i in 0..MESSAGES {
-                client
-                    .publish("bp/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
-                    .expect("queue publish");
-            }
-            let deadline = Instant::now() + TIMEOUT;
-            while acked.load(Ordering::Relaxed) < MESSAGES {
-                let left = deadline.saturating_duration_since(Instant::now());
-                assert!(
-                    !left.is_zero(),
-                    "publisher: {} of {MESSAGES} PUBACKs",
-                    acked.load(Ordering::Relaxed)
-                );
-                match conn.recv_timeout(left) {
-                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Ok(_)) => {}
-                    other => panic!("publisher: {other:?}"),
+/// The QoS 1 publisher on node 1: `MESSAGES` messages `0..` to `bp/x`, 20 in flight,
+/// its PUBACKs counted in `acked`; the thread ends once it has all of them.
+fn qos1_publisher(addr: SocketAddr, acked: Arc<AtomicUsize>) -> thread::JoinHandle<()> {
+    let mut o = options(addr, "bp-pub");
+    o.set_inflight(20);
+    thread::spawn(move || {
+        let (client, mut conn) = rumqttc::Client::new(o, MESSAGES + 10);
+        for i in 0..MESSAGES {
+            client
+                .publish("bp/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
+                .expect("queue publish");
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        while acked.load(Ordering::Relaxed) < MESSAGES {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "publisher: {} of {MESSAGES} PUBACKs",
+                acked.load(Ordering::Relaxed)
+            );
+            match conn.recv_timeout(left) {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
+                    acked.fetch_add(1, Ordering::Relaxed);
                 }
+                Ok(Ok(_)) => {}
+                other => panic!("publisher: {other:?}"),
             }
-            let _ = client.disconnect();
-            let _ = conn.recv_timeout(Duration::from_millis(200));
-        })
-    };
+        }
+        let _ = client.disconnect();
+        let _ = conn.recv_timeout(Duration::from_millis(200));
+    })
+}
 
-    // Node 2 starts holding the batch answers once the subscriber's queue is congested
-    // (asserted below, after the count that shows what an unheld forwarder does).
+/// Waits (at most 3 s) until node 2 counted a held acknowledgement.
+fn wait_for_held(cluster: &Cluster) {
     let deadline = Instant::now() + Duration::from_secs(3);
-    while counter(&cluster, 2, "tessera_backpressure_acks_held_total") == 0.0
+    while counter(cluster, 2, "tessera_backpressure_acks_held_total") == 0.0
         && Instant::now() < deadline
     {
         thread::sleep(Duration::from_millis(20));
     }
-    // Give an unheld forwarder time to acknowledge everything.
-    thread::sleep(Duration::from_millis(700));
-    let during_pause = acked.load(Ordering::Relaxed);
-    assert!(
-        during_pause <= INFLIGHT_MAX + QUEUED_MAX,
-        "while node 2's subscriber was paused its publisher on node 1 got {during_pause} \
-         PUBACKs: more than node 2 can hold for it ({INFLIGHT_MAX} in flight + {QUEUED_MAX} \
-         queued) without dropping acknowledged messages"
-    );
+}
 
-    assert!(
-        counter(&cluster, 2, "tessera_backpressure_acks_held_total") > 0.0,
-        "node 2 never held an acknowledgement for its paused subscriber"
-    );
-
-    // The subscriber reads again: everything acknowledged arrives, once, in order.
+/// Polls the paused subscriber again until it has `MESSAGES` messages; returns them.
+fn resume(sub_conn: &mut rumqttc::Connection, acked: &AtomicUsize) -> Vec<usize> {
     let mut got = Vec::new();
     let deadline = Instant::now() + TIMEOUT;
     while got.len() < MESSAGES {
@@ -151,6 +149,34 @@ fn a_full_queue_on_another_node_holds_the_publishers_acks_and_loses_nothing() {
             other => panic!("subscriber: {other:?}"),
         }
     }
+    got
+}
+
+#[test]
+fn a_full_queue_on_another_node_holds_the_publishers_acks_and_loses_nothing() {
+    let (cluster, sub, mut sub_conn) = cluster_with_paused_subscriber("cluster-bp");
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publisher = qos1_publisher(cluster.node(1).addr(), acked.clone());
+    // Node 2 starts holding the batch answers once the subscriber's queue is congested
+    // (asserted below, after the count that shows what an unheld forwarder does).
+    wait_for_held(&cluster);
+    // Give an unheld forwarder time to acknowledge everything.
+    thread::sleep(Duration::from_millis(700));
+    let during_pause = acked.load(Ordering::Relaxed);
+    assert!(
+        during_pause <= INFLIGHT_MAX + QUEUED_MAX,
+        "while node 2's subscriber was paused its publisher on node 1 got {during_pause} \
+         PUBACKs: more than node 2 can hold for it ({INFLIGHT_MAX} in flight + {QUEUED_MAX} \
+         queued) without dropping acknowledged messages"
+    );
+
+    assert!(
+        counter(&cluster, 2, "tessera_backpressure_acks_held_total") > 0.0,
+        "node 2 never held an acknowledgement for its paused subscriber"
+    );
+
+    // The subscriber reads again: everything acknowledged arrives, once, in order.
+    let got = resume(&mut sub_conn, &acked);
     publisher.join().expect("publisher got every PUBACK");
     assert_eq!(
         got,
@@ -167,4 +193,97 @@ fn a_full_queue_on_another_node_holds_the_publishers_acks_and_loses_nothing() {
         0.0
     );
     let _ = sub.disconnect();
+}
+
+#[test]
+fn a_qos0_flood_for_a_stalled_peer_is_slowed_not_dropped() {
+    let (cluster, sub, mut sub_conn) = cluster_with_paused_subscriber("cluster-bp-q0");
+    // The flood's subscriber on node 2 reads all along.
+    let (flood_sub, mut flood_conn) =
+        rumqttc::Client::new(options(cluster.node(2).addr(), "bp-flood-sub"), 10);
+    flood_sub
+        .subscribe("bp/flood", rumqttc::QoS::AtMostOnce)
+        .expect("subscribe");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match flood_conn.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            // From here node 1 routes bp/flood to node 2 (the SUBACK waits for it).
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("flood subscriber: no SUBACK: {other:?}"),
+        }
+    }
+    let flood_got = Arc::new(AtomicUsize::new(0));
+    let flood_reader = {
+        let got = flood_got.clone();
+        thread::spawn(move || {
+            // Until nothing came for 3 s (QoS 0: what arrives is counted, not required).
+            while let Ok(ev) = flood_conn.recv_timeout(Duration::from_secs(3)) {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                        got.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("flood subscriber: {e}"),
+                }
+            }
+        })
+    };
+
+    // Node 2's answers are held (its paused subscriber's queue is congested)...
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publisher = qos1_publisher(cluster.node(1).addr(), acked.clone());
+    wait_for_held(&cluster);
+    assert!(
+        counter(&cluster, 2, "tessera_backpressure_acks_held_total") > 0.0,
+        "node 2 never held an acknowledgement for its paused subscriber"
+    );
+    // ... when a raw QoS 0 publisher on node 1 writes its flood at once.
+    let mut bytes = bytes::BytesMut::new();
+    let connect =
+        common::connect_packet(tessera_proto::ProtocolVersion::V3_1_1, "bp-flood", true, 30);
+    tessera_proto::Packet::Connect(Box::new(connect))
+        .encode(tessera_proto::ProtocolVersion::V3_1_1, &mut bytes)
+        .expect("encode");
+    for _ in 0..FLOOD {
+        common::publish_packet("bp/flood", b"q0", tessera_proto::QoS::AtMostOnce, 0, false)
+            .encode(tessera_proto::ProtocolVersion::V3_1_1, &mut bytes)
+            .expect("encode");
+    }
+    let flood_started = Instant::now();
+    let flood = {
+        let addr = cluster.node(1).addr();
+        thread::spawn(move || {
+            let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+            stream
+                .set_write_timeout(Some(TIMEOUT))
+                .expect("write timeout");
+            std::io::Write::write_all(&mut stream, &bytes).expect("the flood is written");
+            stream
+        })
+    };
+    // The paused subscriber resumes after a while (node 1 stopped reading the flood if
+    // it is slowed; an unslowed node 1 took it all by then and dropped the excess).
+    while !flood.is_finished() && flood_started.elapsed() < Duration::from_millis(2500) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let got = resume(&mut sub_conn, &acked);
+    let _stream = flood.join().expect("flood");
+    publisher.join().expect("publisher got every PUBACK");
+    assert_eq!(
+        got,
+        (0..MESSAGES).collect::<Vec<_>>(),
+        "lost, repeated or reordered"
+    );
+    let dropped = counter(&cluster, 1, "tessera_cluster_forward_dropped_total");
+    flood_reader.join().expect("flood subscriber");
+    assert_eq!(
+        dropped,
+        0.0,
+        "node 1 dropped QoS 0 messages for a peer that answers (the flood's subscriber got {} \
+         of {FLOOD}; node 1 retried {} batches)",
+        flood_got.load(Ordering::Relaxed),
+        counter(&cluster, 1, "tessera_cluster_forward_retries_total")
+    );
+    let _ = (sub.disconnect(), flood_sub.disconnect());
 }
