@@ -134,6 +134,9 @@ pub struct ClusterPort {
     /// `cluster.redirect_to_owner`: MQTT 5 clients of a session held elsewhere are
     /// redirected to its node.
     pub redirect_to_owner: bool,
+    /// `cluster.session_lease_ms`: how long the node serves its ClientIDs without
+    /// contact with the cluster (`server::claims`).
+    pub session_lease: std::time::Duration,
 }
 
 /// The running control thread. Shared with the admin thread.
@@ -220,6 +223,7 @@ impl ClusterNode {
         let (peers, calls) = PeerCalls::new(peer::PEER_CALLS_QUEUED_MAX);
         let join = config.join;
         let redirect_to_owner = config.redirect_to_owner;
+        let session_lease = config.session_lease();
         let thread = std::thread::Builder::new()
             .name("cluster".to_owned())
             .spawn(move || {
@@ -258,6 +262,7 @@ impl ClusterNode {
                     peers,
                     sessions: Arc::new(SessionMetrics::default()),
                     redirect_to_owner,
+                    session_lease,
                 },
                 requests,
                 forward: Mutex::new(None),

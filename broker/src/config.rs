@@ -1979,6 +1979,7 @@ mod tests {
         full.cluster.listen = Some("127.0.0.1:7000".parse().unwrap());
         full.cluster.certs = Some("certs".into());
         full.cluster.join = Some("127.0.0.1:7001".parse().unwrap());
+        full.cluster.session_lease_ms = Some(3000);
         let table = toml::Table::try_from(full).unwrap();
         let from_struct: BTreeSet<String> = table
             .iter()
@@ -2023,6 +2024,7 @@ mod tests {
                     .join(","),
                 Some(other) => other.to_string(),
                 None if field.path() == "cluster.join" => "127.0.0.1:7002".to_owned(),
+                None if field.path() == "cluster.session_lease_ms" => "3000".to_owned(),
                 None => "1".to_owned(),
             };
             let var = field.env_var();

@@ -24,7 +24,11 @@ use tessera_proto::{Packet, ProtocolVersion, QoS as PQoS};
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn three_nodes(tag: &str) -> Cluster {
-    let mut cluster = Cluster::new(tag, 3, 3, &[]);
+    three_nodes_with(tag, &[])
+}
+
+fn three_nodes_with(tag: &str, envs: &[(&str, &str)]) -> Cluster {
+    let mut cluster = Cluster::new(tag, 3, 3, envs);
     for id in 1..=3 {
         cluster.start(id, &[], false);
     }
@@ -397,7 +401,13 @@ fn a_shared_group_across_nodes_gets_each_message_once() {
 async fn without_a_quorum_a_subscribe_whose_route_cannot_be_committed_gets_a_failure() {
     use rumqttc::v5::mqttbytes::QoS as Q5;
     use rumqttc::v5::mqttbytes::v5::{Filter, SubscribeReasonCode as R5};
-    let mut cluster = three_nodes("cluster-routing-noquorum");
+    // What a node without quorum answers while it still serves its clients: within its
+    // session lease (then it ends their connections, tests/cluster_sessions.rs), here
+    // longer than the route's commit timeout.
+    let mut cluster = three_nodes_with(
+        "cluster-routing-noquorum",
+        &[("TESSERA_CLUSTER__SESSION_LEASE_MS", "30000")],
+    );
 
     // With the quorum: "ok/#" routed cluster-wide.
     let (sub, mut events) = AsyncClient::new(v5_options(&cluster, 1, "nq-5"), 100);

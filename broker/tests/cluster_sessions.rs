@@ -7,7 +7,10 @@
 //!   taken over from node 2: CONNACK session present, every message exactly once in
 //!   order, the in-flight ones re-sent with their packet ids;
 //! - without a quorum (2 of 3 nodes killed) a CONNECT that needs a claim is refused
-//!   with 0x88 (v5) / return code 3 (3.1.1) within a bound, never left hanging.
+//!   with 0x88 (v5) / return code 3 (3.1.1) within a bound, never left hanging;
+//! - a node cut off from its cluster for longer than its session lease ends the
+//!   connections of the ClientIDs it holds (v5: DISCONNECT 0x9C) and refuses their
+//!   reconnects, since the majority may have given them to other nodes.
 //!
 //! Method: three `broker` processes (one shard each) started by the shared harness
 //! (`common::cluster`); clients are rumqttc's async clients on a tokio runtime; the
@@ -487,6 +490,61 @@ async fn without_a_quorum_a_connect_that_needs_a_claim_is_refused_in_bounded_tim
         "{err:?}"
     );
     assert!(claims(&c, 1, "tessera_cluster_session_claims_refused_total") >= 2.0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_cut_off_from_its_cluster_ends_its_clients_connections_after_the_lease() {
+    // Node 3 holds two ClientIDs; nodes 1 and 2 (a majority) die, so the rest of a real
+    // cluster could give those ClientIDs to other nodes. After its session lease (3 s by
+    // default) node 3 must stop serving them: the connections end (v5: DISCONNECT 0x9C)
+    // and a reconnect there is refused instead of served from the claim it held.
+    let mut c = three_nodes("sessions-fence");
+    let (c5, mut e5, _) = connect(options(&c, 3, "fence-v5", false), "fence-v5 @3").await;
+    alive(&c5, &mut e5, "fence/v5", "fence-v5 @3").await;
+    let addr = c.node(3).addr();
+    let mut o4 = rumqttc::MqttOptions::new("fence-v4", addr.ip().to_string(), addr.port());
+    o4.set_keep_alive(Duration::from_secs(30));
+    let (_c4, mut e4) = rumqttc::AsyncClient::new(o4.clone(), 16);
+    let ack = |ev: &rumqttc::Event| match ev {
+        rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)) => Some(a.code),
+        _ => None,
+    };
+    assert_eq!(
+        poll4(&mut e4, "fence-v4 @3", ack).await,
+        rumqttc::ConnectReturnCode::Success
+    );
+
+    c.kill(1);
+    c.kill(2);
+    assert_eq!(
+        ended(&mut e5, "fence-v5 @3").await,
+        Some(DisconnectReasonCode::UseAnotherServer),
+        "the v5 client is told to use another server"
+    );
+    let deadline = Instant::now() + RECV_TIMEOUT * 2;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, e4.poll()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+            Err(_) => panic!("fence-v4 @3: still connected after {:?}", RECV_TIMEOUT * 2),
+        }
+    }
+    assert_eq!(claims(&c, 3, "tessera_cluster_sessions_fenced_total"), 2.0);
+
+    // The claim node 3 held is not trusted without contact: the reconnect is refused.
+    let (_c, mut e) = AsyncClient::new(options(&c, 3, "fence-v5", false), 4);
+    let err = match timeout(RECV_TIMEOUT * 2, e.poll()).await {
+        Ok(Err(err)) => err,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(
+        matches!(
+            err,
+            ConnectionError::ConnectionRefused(ConnectReturnCode::ServerUnavailable)
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -150,6 +150,23 @@ struct Shared {
     store: Arc<Store>,
     metrics_rx: watch::Receiver<RaftMetrics<NodeId, NodeInfo>>,
     core: Arc<MetricsCore>,
+    /// When this node started (the base of `leader_contact_ms`). tokio's clock, so the
+    /// paused clock of the simulation drives it too (outside a runtime it is the
+    /// system's monotonic clock).
+    started: tokio::time::Instant,
+    /// When the current leader last reached this follower (ms since `started`, plus 1;
+    /// 0: never).
+    leader_contact_ms: AtomicU64,
+}
+
+impl Shared {
+    /// When the leader last reached this node (None: never since start).
+    fn last_leader_contact(&self) -> Option<tokio::time::Instant> {
+        match self.leader_contact_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.started + Duration::from_millis(at - 1)),
+        }
+    }
 }
 
 /// The shards' door to the control plane: `Clone + Send + Sync`, never blocks.
@@ -232,6 +249,24 @@ impl ClusterHandle {
         self.shared.metrics_rx.borrow().current_leader
     }
 
+    /// Whether this node was in touch with a working cluster within `within`: as a
+    /// leader, a quorum of voters answered it; otherwise its leader reached it. A node
+    /// cut off for longer than its session lease must stop serving the ClientIDs it
+    /// holds, since the rest of the cluster may have given them to another node.
+    pub fn in_contact(&self, within: Duration) -> bool {
+        let leading = {
+            let m = self.shared.metrics_rx.borrow();
+            (m.state == ServerState::Leader).then_some(m.millis_since_quorum_ack)
+        };
+        match leading {
+            Some(quorum_ack) => quorum_ack.is_some_and(|ms| Duration::from_millis(ms) < within),
+            None => self
+                .shared
+                .last_leader_contact()
+                .is_some_and(|at| at.elapsed() < within),
+        }
+    }
+
     /// Addresses of every member, from the latest membership (the link's address book
     /// for nodes that joined after start).
     pub fn members(&self) -> BTreeMap<NodeId, NodeInfo> {
@@ -266,12 +301,6 @@ pub(crate) struct Inner {
     pub(crate) forward: Mutex<Option<Arc<dyn Service>>>,
     stop: Arc<Notify>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// When this node started (the base of `leader_contact_ms`). tokio's clock, so the
-    /// paused clock of the simulation drives it too.
-    started: tokio::time::Instant,
-    /// When the current leader last reached this follower (ms since `started`, plus 1;
-    /// 0: never).
-    leader_contact_ms: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -404,6 +433,8 @@ impl ControlPlane {
             store: store.clone(),
             metrics_rx: raft.metrics(),
             core: core.clone(),
+            started: tokio::time::Instant::now(),
+            leader_contact_ms: AtomicU64::new(0),
         });
         let (tx, rx) = flume::bounded(config.proposal_queue_max);
         let handle = ClusterHandle {
@@ -419,8 +450,6 @@ impl ControlPlane {
             forward: Mutex::new(None),
             stop: Arc::new(Notify::new()),
             tasks: Mutex::new(Vec::new()),
-            started: tokio::time::Instant::now(),
-            leader_contact_ms: AtomicU64::new(0),
         });
         let batcher = tokio::spawn(batcher(inner.clone(), rx, incarnation));
         let watcher = tokio::spawn(watch_leader(inner.clone()));
@@ -582,16 +611,13 @@ impl Inner {
 
     /// The leader's append-entries (or heartbeat) was taken by this node.
     pub(crate) fn note_leader_contact(&self) {
-        let ms = self.started.elapsed().as_millis() as u64 + 1;
-        self.leader_contact_ms.store(ms, Ordering::Relaxed);
+        let ms = self.shared.started.elapsed().as_millis() as u64 + 1;
+        self.shared.leader_contact_ms.store(ms, Ordering::Relaxed);
     }
 
     /// When the leader last reached this node (None: never since start).
     fn last_leader_contact(&self) -> Option<tokio::time::Instant> {
-        match self.leader_contact_ms.load(Ordering::Relaxed) {
-            0 => None,
-            at => Some(self.started + Duration::from_millis(at - 1)),
-        }
+        self.shared.last_leader_contact()
     }
 
     /// A snapshot from the leader was refused (it did not parse).

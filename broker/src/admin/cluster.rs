@@ -443,7 +443,7 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
 
 /// The data plane's session-ownership metrics (issue 15).
 fn render_session_metrics(m: &crate::cluster::metrics::SessionMetricsSnapshot, out: &mut String) {
-    let counters: [(&str, &str, u64); 12] = [
+    let counters: [(&str, &str, u64); 13] = [
         (
             "tessera_cluster_session_claims_total",
             "CONNECTs that needed a raft claim and got it.",
@@ -483,6 +483,11 @@ fn render_session_metrics(m: &crate::cluster::metrics::SessionMetricsSnapshot, o
             "tessera_cluster_sessions_taken_over_here_total",
             "Live connections ended here because another node claimed their ClientID.",
             m.taken_over_here,
+        ),
+        (
+            "tessera_cluster_sessions_fenced_total",
+            "Live connections ended because the node was out of touch with its cluster for longer than cluster.session_lease_ms.",
+            m.fenced,
         ),
         (
             "tessera_cluster_session_redirects_total",

@@ -44,6 +44,9 @@ pub struct SessionMetrics {
     /// Sessions recovered from a moving copy after the node they were handed to never
     /// confirmed them.
     pub moving_copies_recovered: AtomicU64,
+    /// Live connections ended because the node was out of touch with its cluster for
+    /// longer than its session lease.
+    pub fenced: AtomicU64,
     takeover_us: Mutex<(Histogram<u64>, u64)>,
 }
 
@@ -62,6 +65,7 @@ impl Default for SessionMetrics {
             tail_deliveries_moved: AtomicU64::new(0),
             confirm_failures: AtomicU64::new(0),
             moving_copies_recovered: AtomicU64::new(0),
+            fenced: AtomicU64::new(0),
             takeover_us: Mutex::new((
                 Histogram::new_with_bounds(1, 60_000_000, 2).expect("static bounds"),
                 0,
@@ -85,6 +89,7 @@ pub struct SessionMetricsSnapshot {
     pub tail_deliveries_moved: u64,
     pub confirm_failures: u64,
     pub moving_copies_recovered: u64,
+    pub fenced: u64,
     /// Claim committed to session imported (the new owner's side of a takeover), µs.
     pub takeover_us: HistogramSnapshot,
 }
@@ -93,6 +98,11 @@ impl SessionMetrics {
     /// Counts one.
     pub fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n`.
+    pub fn add_n(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Records one takeover's duration.
@@ -119,6 +129,7 @@ impl SessionMetrics {
             tail_deliveries_moved: get(&self.tail_deliveries_moved),
             confirm_failures: get(&self.confirm_failures),
             moving_copies_recovered: get(&self.moving_copies_recovered),
+            fenced: get(&self.fenced),
             takeover_us: HistogramSnapshot {
                 count: h.0.len(),
                 sum: h.1,

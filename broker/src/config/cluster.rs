@@ -54,6 +54,11 @@ pub struct ClusterConfig {
     /// Retained payloads up to this many bytes ride in the raft entry; larger ones stay
     /// on the node they were published on and the entry carries a reference.
     pub retained_inline_bytes: usize,
+    /// How long this node keeps serving the ClientIDs it holds without contact with
+    /// its cluster (its leader, or as leader a quorum), ms. Unset: see
+    /// [`ClusterConfig::session_lease`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_lease_ms: Option<u64>,
 }
 
 impl Default for ClusterConfig {
@@ -71,6 +76,7 @@ impl Default for ClusterConfig {
             logs_kept_after_snapshot: 2_000,
             redirect_to_owner: false,
             retained_inline_bytes: 1024,
+            session_lease_ms: None,
         }
     }
 }
@@ -170,6 +176,20 @@ pub const FIELDS: &[FieldDoc] = &[
               give it).",
         accepted: "an integer from 0 to 60000",
     },
+    FieldDoc {
+        section: "cluster",
+        key: "session_lease_ms",
+        doc: "How long this node keeps serving its clients without contact with its \
+              cluster (no word from the leader; as leader, no answer from a quorum), ms. \
+              Then the rest of the cluster may have given their ClientIDs to other nodes, \
+              so their connections end (v5 DISCONNECT 0x9C, use another server) and reconnects here are \
+              refused until contact is back. A node that takes a ClientID over from an \
+              unreachable node waits this long before its CONNACK, so two live \
+              connections of one ClientID never overlap. Longer than a leader failover, \
+              so an election does not end connections.",
+        accepted: "an integer from twice election_timeout_max_ms to 600000; unset: 3000 or \
+                   twice election_timeout_max_ms, whichever is larger",
+    },
 ];
 
 /// A `[cluster]` value that cannot work: the field (dotted), the value and what is
@@ -192,6 +212,16 @@ impl ClusterConfig {
             || !self.peers.is_empty()
             || self.certs.is_some()
             || self.join.is_some()
+    }
+
+    /// The session lease: `session_lease_ms`, or 3 s or two longest election timeouts,
+    /// whichever is longer (a failover takes about one lease of the old leader plus one
+    /// election timeout; the lease must outlast it).
+    pub fn session_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.session_lease_ms
+                .unwrap_or(3000.max(2 * self.election_timeout_max_ms)),
+        )
     }
 
     /// Sets one `[cluster]` key from its text form.
@@ -219,6 +249,7 @@ impl ClusterConfig {
             "logs_kept_after_snapshot" => self.logs_kept_after_snapshot = p(v)?,
             "redirect_to_owner" => self.redirect_to_owner = p(v)?,
             "retained_inline_bytes" => self.retained_inline_bytes = p(v)?,
+            "session_lease_ms" => self.session_lease_ms = Some(p(v)?),
             key => unreachable!("FIELDS entry cluster.{key} has no setter"),
         }
         Ok(())
@@ -351,6 +382,16 @@ impl ClusterConfig {
                 "an integer from 1 to half of cluster.election_timeout_min_ms",
             );
         }
+        if let Some(lease) = self.session_lease_ms
+            && (lease < 2 * max || lease > 600_000)
+        {
+            return invalid(
+                "cluster.session_lease_ms",
+                lease.to_string(),
+                "an integer from twice cluster.election_timeout_max_ms to 600000 (a lease \
+                 shorter than a failover would end every connection at each election)",
+            );
+        }
         if !(1..=100_000_000).contains(&self.snapshot_logs_since_last) {
             return invalid(
                 "cluster.snapshot_logs_since_last",
@@ -399,9 +440,21 @@ mod tests {
     }
 
     #[test]
+    fn the_session_lease_outlasts_a_failover_by_default() {
+        let mut c = node(1);
+        assert_eq!(c.session_lease(), std::time::Duration::from_secs(3));
+        c.election_timeout_max_ms = 2500;
+        c.election_timeout_min_ms = 1000;
+        assert_eq!(c.session_lease(), std::time::Duration::from_secs(5));
+        c.session_lease_ms = Some(8000);
+        assert_eq!(c.session_lease(), std::time::Duration::from_secs(8));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
     fn each_missing_or_contradicting_setting_names_its_field() {
         type Change = fn(&mut ClusterConfig);
-        let cases: [(Change, &str); 7] = [
+        let cases: [(Change, &str); 9] = [
             (|c| c.node_id = None, "cluster.node_id"),
             (|c| c.listen = None, "cluster.listen"),
             (|c| c.certs = None, "cluster.certs"),
@@ -411,6 +464,15 @@ mod tests {
             (
                 |c| c.heartbeat_interval_ms = 300,
                 "cluster.heartbeat_interval_ms",
+            ),
+            // A lease shorter than two election timeouts would fence at each failover.
+            (
+                |c| c.session_lease_ms = Some(1000),
+                "cluster.session_lease_ms",
+            ),
+            (
+                |c| c.session_lease_ms = Some(600_001),
+                "cluster.session_lease_ms",
             ),
         ];
         for (change, field) in cases {

@@ -124,7 +124,9 @@ pub(super) async fn claim(
     let client_id = connect.client_id.as_str();
     let me = cluster.port.node_id;
     let metrics = &cluster.port.sessions;
-    if cluster.claims.usable(client_id).is_some() && cluster.handle().leader().is_some() {
+    let lease = cluster.port.session_lease;
+    let in_contact = cluster.handle().leader().is_some() && cluster.handle().in_contact(lease);
+    if cluster.claims.usable(client_id).is_some() && in_contact {
         SessionMetrics::add(&metrics.claims_held);
         takeover::resume_own_copy(shard, client_id);
         return Ok(());
@@ -143,7 +145,7 @@ pub(super) async fn claim(
     // After a restart, the committed table knows what this node held.
     if let Some(owner) = owner
         && owner.node == me
-        && cluster.handle().leader().is_some()
+        && in_contact
     {
         cluster.claims.hold(client_id, owner.epoch);
         SessionMetrics::add(&metrics.claims_held);
@@ -198,8 +200,24 @@ pub(super) async fn claim(
     {
         SessionMetrics::add(&metrics.takeovers);
         let started = Instant::now();
-        takeover::fetch(shard, cluster, connect, epoch, previous.node).await;
+        let answered = takeover::fetch(shard, cluster, connect, epoch, previous.node).await;
         metrics.takeover_took(started.elapsed().as_micros() as u64);
+        if !answered {
+            // The old owner did not answer: cut off from this node, it may still serve
+            // the ClientID until its own lease runs out and it ends the connection
+            // (`tick`). This connection goes live only after that.
+            let until = started + lease + super::TICK;
+            let now = Instant::now();
+            if until > now {
+                debug!(
+                    shard = shard.id,
+                    client_id,
+                    old_owner = previous.node,
+                    "old owner unreachable: waiting out its session lease"
+                );
+                glommio::timer::sleep(until - now).await;
+            }
+        }
         // Another node's claim may have committed while the session moved: then this
         // CONNECT lost the ClientID and must not go live here (the client retries).
         if cluster.claims.held.borrow().get(client_id) != Some(&epoch) {
@@ -277,9 +295,12 @@ fn owns(shard: &Shard, client_id: &str) -> bool {
 }
 
 /// Releases the claims of sessions that ended here and stayed gone for
-/// [`RELEASE_LINGER_MS`]. Called every shard tick.
+/// [`RELEASE_LINGER_MS`], and ends the connections of held ClientIDs when the node has
+/// been out of touch with its cluster for longer than its session lease. Called every
+/// shard tick.
 pub(super) fn tick(shard: &Shard, cluster: &ShardCluster) {
     let now = now_ms();
+    fence(shard, cluster, now);
     // Sessions handed out and never confirmed are kept only as long as they would have
     // lived here.
     for client_id in shard.engine.borrow_mut().expire_moving(now) {
@@ -342,5 +363,34 @@ pub(super) fn tick(shard: &Shard, cluster: &ShardCluster) {
                     .insert(client_id, Release::Due(now + RELEASE_LINGER_MS));
             }
         }
+    }
+}
+
+/// The session lease ran out: this node has not heard from its cluster for
+/// `cluster.session_lease_ms`, so the majority may have given its ClientIDs to other
+/// nodes (whose takeovers wait out this lease when this node does not answer). The
+/// connections of the ClientIDs it holds end (v5: DISCONNECT 0x9C), and CONNECTs here are
+/// refused until contact is back (`claim`). Their sessions stay for a later takeover.
+fn fence(shard: &Shard, cluster: &ShardCluster, now: u64) {
+    let lease = cluster.port.session_lease;
+    if cluster.handle().in_contact(lease) {
+        return;
+    }
+    let held = cluster.claims.held.borrow();
+    if held.is_empty() {
+        return;
+    }
+    let ended = shard
+        .engine
+        .borrow_mut()
+        .fence(now, |client_id| held.contains_key(client_id));
+    if ended > 0 {
+        SessionMetrics::add_n(&cluster.port.sessions.fenced, ended as u64);
+        warn!(
+            shard = shard.id,
+            connections = ended,
+            "no contact with the cluster for longer than the session lease ({lease:?}): \
+             connections ended, their ClientIDs may be given to other nodes"
+        );
     }
 }

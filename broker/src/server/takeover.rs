@@ -165,17 +165,19 @@ async fn ask_others(
 }
 
 /// The new owner's side: fetch the session of `connect`'s ClientID from `old` and take
-/// it in (unless the CONNECT starts clean, which only ends it there).
+/// it in (unless the CONNECT starts clean, which only ends it there). Returns whether
+/// `old` answered (then its connection of the ClientID has ended).
 pub(super) async fn fetch(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
     connect: &Connect,
     epoch: u64,
     old: NodeId,
-) {
+) -> bool {
     let client_id = connect.client_id.as_str();
     let request = body(OP_FETCH, epoch, &[u8::from(connect.clean_start)]);
     let answer = call(cluster, old, client_id, &request).await;
+    let answered = answer.is_ok();
     if let Err(e) = &answer {
         debug!(
             shard = shard.id,
@@ -209,6 +211,7 @@ pub(super) async fn fetch(
         Err(e) => failed(shard, cluster, client_id, old, &e),
     }
     shard.flush_outbox();
+    answered
 }
 
 fn failed(

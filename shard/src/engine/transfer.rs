@@ -36,7 +36,7 @@
 use tessera_proto::{Disconnect, Packet, ReasonCode, Str, topic};
 
 use super::{CloseReason, Engine};
-use crate::session::{Delivery, InflightState, SessionIdx, SubscriptionEntry};
+use crate::session::{ConnId, Delivery, InflightState, SessionIdx, SubscriptionEntry};
 use crate::store::record::{
     self, DelayedWillRec, STATE_PUBLISHED, STATE_QUEUED, STATE_RELEASED, TransferRec,
     TransferTailRec,
@@ -158,6 +158,37 @@ impl Engine {
         }
         self.end_conn(now_ms, conn, CloseReason::TakenOver);
         true
+    }
+
+    /// This node lost touch with its cluster for longer than its session lease: the
+    /// rest of the cluster may have given these ClientIDs to another node, so every
+    /// live connection for which `pred(client_id)` holds ends (v5: DISCONNECT 0x9C Use
+    /// another server, for a while: 0x88 is not a DISCONNECT code), as at a shutdown: the will follows the usual rules and the
+    /// session stays here (a later takeover moves it). Returns how many ended.
+    pub fn fence(&mut self, now_ms: u64, mut pred: impl FnMut(&str) -> bool) -> usize {
+        let mut hit = Vec::new();
+        for (slot, c) in self.conns.iter().enumerate() {
+            let Some(c) = c else { continue };
+            if c.ended || c.session == SessionIdx::MAX {
+                continue;
+            }
+            if pred(self.session(c.session).client_id.as_str()) {
+                hit.push(ConnId {
+                    slot: slot as u32,
+                    serial: c.serial,
+                });
+            }
+        }
+        for &conn in &hit {
+            if self.conn(conn).version.is_v5() {
+                self.write_packet(
+                    conn,
+                    &Packet::Disconnect(Disconnect::new(ReasonCode::UseAnotherServer)),
+                );
+            }
+            self.end_conn(now_ms, conn, CloseReason::ServerShutdown);
+        }
+        hit.len()
     }
 
     /// The new owner connected with Clean Start: the session ends here (a moving copy
