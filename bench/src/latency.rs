@@ -310,8 +310,8 @@ fn busy_pair(
     let (mut out, mut acks, mut sub_out) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
     let ping_every_ns = u64::from(cfg.opts.keep_alive_s) * 500_000_000;
     let mut run = || -> Result<(), Failure> {
-        c.stream.tcp().set_nonblocking(true)?;
-        s.stream.tcp().set_nonblocking(true)?;
+        c.stream.set_nonblocking(true)?;
+        s.stream.set_nonblocking(true)?;
         let mut next_ping_ns = clock::now_ns() + ping_every_ns;
         let mut publishing = true;
         let mut settled_since: Option<u64> = None;
@@ -401,8 +401,8 @@ fn busy_pair(
         }
     };
     let failure = run().err();
-    let _ = c.stream.tcp().set_nonblocking(false);
-    let _ = s.stream.tcp().set_nonblocking(false);
+    let _ = c.stream.set_nonblocking(false);
+    let _ = s.stream.set_nonblocking(false);
     if let Some(f) = &failure {
         live.error(format!("busy-poll: {f}"));
     }

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
 use crate::payload::PAYLOAD_BYTES_MAX;
-use crate::transport::{BlockingStream, Stream, Tls};
+use crate::transport::{BlockingQuic, BlockingStream, Stream, Tls};
 
 /// Largest packet the bench accepts from a broker: a bench payload plus generous
 /// room for topic, properties and fixed header.
@@ -441,27 +441,36 @@ pub fn connect_blocking(
     slot: usize,
 ) -> Result<BlockingClient, Failure> {
     let addr = opts.addr(slot);
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    if let Some(ip) = opts.bind(slot) {
-        socket.bind(&SocketAddr::new(ip, 0).into())?;
-    }
-    socket.connect_timeout(&addr.into(), opts.timeout)?;
-    let tcp = std::net::TcpStream::from(socket);
-    tcp.set_nodelay(true)?;
-    tcp.set_read_timeout(Some(opts.timeout))?;
-    tcp.set_write_timeout(Some(opts.timeout))?;
-    if opts.tls.as_ref().is_some_and(|t| t.is_quic()) {
-        return Err(Failure::Io(
-            "the latency scenario's paced publisher does not speak QUIC".into(),
-        ));
-    }
     let stream = match &opts.tls {
-        None => BlockingStream::Plain(tcp),
-        Some(tls) => tls.connect_blocking(slot, tcp)?,
+        Some(tls) if tls.is_quic() => {
+            // On a blocking thread of the runtime: its workers drive quinn.
+            let handle = tokio::runtime::Handle::try_current()
+                .map_err(|e| Failure::Io(format!("a QUIC client needs the runtime: {e}")))?;
+            let connect = tls.connect_quic(slot, addr, opts.bind(slot));
+            let stream = handle
+                .block_on(async { tokio::time::timeout(opts.timeout, connect).await })
+                .map_err(|_| Failure::Timeout)??;
+            BlockingStream::Quic(Box::new(BlockingQuic::new(stream, handle, opts.timeout)?))
+        }
+        tls => {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            if let Some(ip) = opts.bind(slot) {
+                socket.bind(&SocketAddr::new(ip, 0).into())?;
+            }
+            socket.connect_timeout(&addr.into(), opts.timeout)?;
+            let tcp = std::net::TcpStream::from(socket);
+            tcp.set_nodelay(true)?;
+            tcp.set_read_timeout(Some(opts.timeout))?;
+            tcp.set_write_timeout(Some(opts.timeout))?;
+            match tls {
+                None => BlockingStream::Plain(tcp),
+                Some(tls) => tls.connect_blocking(slot, tcp)?,
+            }
+        }
     };
     let mut client = BlockingClient {
         stream,
@@ -528,9 +537,9 @@ impl BlockingClient {
 
     /// Reads whatever is already there without blocking; 0 when nothing is.
     pub fn read_ready(&mut self) -> Result<usize, Failure> {
-        self.stream.tcp().set_nonblocking(true)?;
+        self.stream.set_nonblocking(true)?;
         let r = self.read_nonblocking();
-        self.stream.tcp().set_nonblocking(false)?;
+        self.stream.set_nonblocking(false)?;
         r
     }
 }

@@ -24,7 +24,9 @@
 //! TCP client has its own socket) and opens one stream (single-stream mode).
 //! With `--quic-0rtt` the client configuration keeps session tickets and a
 //! resuming connection sends its CONNECT as 0-RTT early data. The blocking
-//! clients (the latency scenario's paced publisher) do not speak QUIC.
+//! clients (the latency scenario's threads) reach their QUIC stream through
+//! [`BlockingQuic`]: the connection stays on the tokio runtime, whose workers
+//! drive quinn, and each blocking call waits on it.
 //!
 //! Not done here: WebSocket, TLS early data.
 
@@ -506,7 +508,7 @@ impl AsyncWrite for WriteHalf<'_> {
     }
 }
 
-/// A connected blocking byte stream, for the latency publisher's thread. Every
+/// A connected blocking byte stream, for the latency scenario's threads. Every
 /// write is followed by a flush at the call site (a no-op on plain TCP).
 #[derive(Debug)]
 pub enum BlockingStream {
@@ -514,24 +516,39 @@ pub enum BlockingStream {
     Plain(StdTcpStream),
     /// TLS over TCP.
     Tls(Box<rustls::StreamOwned<ClientConnection, StdTcpStream>>),
+    /// MQTT over QUIC.
+    Quic(Box<BlockingQuic>),
 }
 
 impl BlockingStream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &StdTcpStream {
+    /// Non-blocking mode: a read or write that cannot proceed at once fails
+    /// with `WouldBlock` instead of waiting (up to the timeout).
+    pub fn set_nonblocking(&mut self, on: bool) -> io::Result<()> {
         match self {
-            BlockingStream::Plain(s) => s,
-            BlockingStream::Tls(s) => &s.sock,
+            BlockingStream::Plain(s) => s.set_nonblocking(on),
+            BlockingStream::Tls(s) => s.sock.set_nonblocking(on),
+            BlockingStream::Quic(q) => {
+                q.nonblocking = on;
+                Ok(())
+            }
         }
     }
 
-    /// Ends the write side: a TLS close_notify first, then the TCP FIN.
+    /// Ends the write side: a TLS close_notify first, then the TCP FIN; on
+    /// QUIC, the stream's FIN.
     pub fn shutdown_write(&mut self) -> io::Result<()> {
-        if let BlockingStream::Tls(s) = self {
-            s.conn.send_close_notify();
-            io::Write::flush(s)?;
-        }
-        self.tcp().shutdown(std::net::Shutdown::Write)
+        let tcp = match self {
+            BlockingStream::Plain(s) => s,
+            BlockingStream::Tls(s) => {
+                s.conn.send_close_notify();
+                io::Write::flush(s)?;
+                &s.sock
+            }
+            BlockingStream::Quic(q) => {
+                return q.stream.send.finish().map_err(io::Error::other);
+            }
+        };
+        tcp.shutdown(std::net::Shutdown::Write)
     }
 }
 
@@ -540,6 +557,7 @@ impl io::Read for BlockingStream {
         match self {
             BlockingStream::Plain(s) => s.read(buf),
             BlockingStream::Tls(s) => s.read(buf),
+            BlockingStream::Quic(q) => q.read(buf),
         }
     }
 }
@@ -549,6 +567,7 @@ impl io::Write for BlockingStream {
         match self {
             BlockingStream::Plain(s) => s.write(buf),
             BlockingStream::Tls(s) => s.write(buf),
+            BlockingStream::Quic(q) => q.write(buf),
         }
     }
 
@@ -556,6 +575,75 @@ impl io::Write for BlockingStream {
         match self {
             BlockingStream::Plain(s) => s.flush(),
             BlockingStream::Tls(s) => s.flush(),
+            // quinn sends what it accepted without a flush.
+            BlockingStream::Quic(_) => Ok(()),
         }
+    }
+}
+
+/// An MQTT-over-QUIC stream used from a blocking thread (not a runtime
+/// worker): quinn's connection is driven by the runtime's workers, and a
+/// blocking read or write waits on the stream through the runtime's handle,
+/// for at most `timeout` (a read then fails with `TimedOut`, as a TCP socket's
+/// read timeout does). In non-blocking mode a call polls the stream once and
+/// fails with `WouldBlock` when it cannot proceed.
+#[derive(Debug)]
+pub struct BlockingQuic {
+    stream: Box<QuicStream>,
+    handle: tokio::runtime::Handle,
+    timeout: std::time::Duration,
+    nonblocking: bool,
+}
+
+impl BlockingQuic {
+    /// Wraps `stream`, whose runtime `handle` drives it; blocking calls wait
+    /// at most `timeout`.
+    pub fn new(
+        stream: Stream,
+        handle: tokio::runtime::Handle,
+        timeout: std::time::Duration,
+    ) -> io::Result<BlockingQuic> {
+        match stream {
+            Stream::Quic(stream) => Ok(BlockingQuic {
+                stream,
+                handle,
+                timeout,
+                nonblocking: false,
+            }),
+            _ => Err(io::Error::other("not a QUIC stream")),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let recv = &mut self.stream.recv;
+        let mut read = ReadBuf::new(buf);
+        let r = if self.nonblocking {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match Pin::new(recv).poll_read(&mut cx, &mut read) {
+                Poll::Ready(r) => r,
+                Poll::Pending => return Err(io::ErrorKind::WouldBlock.into()),
+            }
+        } else {
+            let wait = std::future::poll_fn(|cx| Pin::new(&mut *recv).poll_read(cx, &mut read));
+            self.handle
+                .block_on(async { tokio::time::timeout(self.timeout, wait).await })
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+        };
+        r.map(|()| read.filled().len())
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let send = &mut self.stream.send;
+        if self.nonblocking {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            return match Pin::new(send).poll_write(&mut cx, buf) {
+                Poll::Ready(r) => r.map_err(io::Error::from),
+                Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            };
+        }
+        self.handle
+            .block_on(async { tokio::time::timeout(self.timeout, send.write(buf)).await })
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+            .map_err(io::Error::from)
     }
 }

@@ -2,7 +2,8 @@
 //! Tessera broker (server certificate verified with `--ca`, and with `--insecure`),
 //! mutual TLS with a client certificate (and a clear failure without one), and
 //! Mosquitto's TLS listener; and `--quic` (with `--quic-0rtt`) against Tessera's
-//! `quic` listener.
+//! `quic` listener: fan-in at QoS 0 and 1 without loss, conn, and the latency
+//! scenario's blocking clients.
 //!
 //! Method: certificates are generated per test with rcgen (a CA, a server
 //! certificate for 127.0.0.1/localhost, a client certificate). The workspace's
@@ -288,6 +289,20 @@ fn fanin_and_conn_over_quic_against_tessera() {
         );
         assert_conn(&run, 20);
         assert_eq!(run.json["transport"], "quic", "{}", run.output);
+    }
+    // The latency scenario's blocking clients over QUIC, sleeping and
+    // busy-polling: every message arrives and has a latency.
+    for mode in [&[][..], &["--busy-poll", "--busy-poll-lead", "200"]] {
+        let mut scenario = vec!["latency", "--rate", "200", "--qos", "1"];
+        scenario.extend(mode);
+        let run = bench(port, &with(&scenario, &verified));
+        assert_eq!(run.code, 0, "{}", run.output);
+        assert_eq!(run.json["transport"], "quic", "{}", run.output);
+        assert_eq!(run.u("loss_count"), 0, "{}", run.output);
+        assert!(run.u("received_count") > 100, "{}", run.output);
+        let lat = &run.json["latency"];
+        assert!(lat["count"].as_u64().unwrap() > 100, "{}", run.output);
+        assert!(lat["p99_us"].as_f64().unwrap() > 0.0, "{}", run.output);
     }
 }
 
