@@ -261,21 +261,10 @@ fn fanin_and_conn_over_quic_against_tessera() {
                 &verified,
             ),
         );
-        if qos == "1" {
-            assert_clean_fanin(&run);
-        } else {
-            // QoS 0 is at most once, and over QUIC a subscriber whose stream is slow
-            // (its shard -> endpoint-thread pipe is far smaller than a TCP socket's
-            // buffers) has QoS 0 dropped by the overflow policy: a clean-clone CI run
-            // lost 1 of 9,998 with the machine loaded. What holds: no duplicate, no
-            // corruption, no error, and the messages flow.
-            assert_eq!(run.code, 0, "{}", run.output);
-            for key in ["duplicate_count", "corrupt_count", "error_count"] {
-                assert_eq!(run.u(key), 0, "{key}\n{}", run.output);
-            }
-            let (got, want) = (run.u("received_count"), run.u("expected_count"));
-            assert!(want > 1000 && got * 100 >= want * 99, "{}", run.output);
-        }
+        // QoS 0 too: the shard -> endpoint-thread pipe holds a TCP send
+        // buffer's worth of bytes, so a subscriber whose endpoint thread is
+        // briefly off the CPU is not a full socket to the overflow policy.
+        assert_clean_fanin(&run);
         assert_eq!(run.json["transport"], "quic", "{}", run.output);
     }
     for zero_rtt in [false, true] {

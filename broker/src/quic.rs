@@ -26,7 +26,8 @@
 //! of it, clients whose address is not validated are asked to retry, which
 //! costs a spoofed source its answer); a handshake and the first stream must
 //! come within `limits.connect_timeout_s`; a pipe holds at most
-//! [`PIPE_CHUNKS`] chunks each way; 0-RTT data (`zero_rtt = true`) is only
+//! [`PIPE_IN_CHUNKS`] chunks from the client and [`PIPE_OUT_BYTES_MAX`]
+//! bytes for it; 0-RTT data (`zero_rtt = true`) is only
 //! read after the handshake completed, so nothing of it is acted on before
 //! (it could be a replay).
 //!
@@ -57,9 +58,21 @@ mod mux;
 /// listener.
 pub const HANDSHAKES_MAX: usize = 4096;
 
-/// Chunks a pipe holds in each direction (a chunk is one read of the stream,
-/// at most [`READ_CHUNK_BYTES_MAX`], or one write of the connection task).
-pub const PIPE_CHUNKS: usize = 8;
+/// Chunks a pipe holds from the client (a chunk is one read of the stream,
+/// at most [`READ_CHUNK_BYTES_MAX`]). Beyond them the stream is not read and
+/// QUIC flow control holds the client back.
+pub const PIPE_IN_CHUNKS: usize = 8;
+
+/// Bytes a pipe holds for the client: output the shard wrote that the
+/// endpoint thread has not yet handed to quinn. It is the QUIC connection's
+/// counterpart of a TCP socket's send buffer (Linux autotunes that up to
+/// `net.ipv4.tcp_wmem`'s 4 MiB), so a subscriber whose endpoint thread is
+/// off the CPU for a moment is not taken for a slow one: at the QoS 0
+/// fan-in rate of docs/BENCHMARKS.md (about 1.2 M messages/s of 64 bytes,
+/// ~100 MB/s to one subscriber) it covers a stall of about 10 ms, a
+/// scheduler time slice on a loaded machine. Only a backlogged connection
+/// holds it; an idle one holds nothing (the channel is empty).
+pub const PIPE_OUT_BYTES_MAX: usize = 1 << 20;
 
 /// Bytes at most in one chunk read from a stream.
 pub(crate) const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
@@ -420,7 +433,7 @@ async fn connection(incoming: Incoming, ctx: Arc<Ctx>) {
         }
     };
     drop(handshaking);
-    let (pipe, end) = QuicPipe::new(peer, PIPE_CHUNKS);
+    let (pipe, end) = QuicPipe::new(peer, PIPE_IN_CHUNKS, PIPE_OUT_BYTES_MAX);
     let shard = ctx.next_shard.fetch_add(1, Ordering::Relaxed) % ctx.shards.len();
     let new = NewQuic {
         listener: ctx.listener,
@@ -502,14 +515,15 @@ async fn carry(
                 }
                 continue;
             }
-            chunk = end.from_shard.recv_async() => match chunk {
-                Ok(chunk) => chunk,
-                Err(_) => break,
+            chunk = end.from_shard.recv() => match chunk {
+                Some(chunk) => chunk,
+                None => break,
             },
         };
         if !*connacked_tx.borrow() && mux::starts_with_connack(&chunk) {
             let _ = connacked_tx.send(true);
         }
+        let chunk_len = chunk.len();
         let routed = {
             let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
             match s.router.as_mut() {
@@ -517,6 +531,7 @@ async fn carry(
                 None => vec![(0, chunk)],
             }
         };
+        let mut lost = false;
         for (no, bytes) in routed {
             let stream = match data_senders.get_mut(&no) {
                 Some(stream) if no != 0 => stream,
@@ -524,12 +539,19 @@ async fn carry(
             };
             if stream.write_chunk(bytes).await.is_err() {
                 if no == 0 || !data_senders.contains_key(&no) {
-                    break 'write;
+                    lost = true;
+                    break;
                 }
                 // A data stream the client stopped: its answers are lost,
                 // the connection goes on.
                 data_senders.remove(&no);
             }
+        }
+        // The chunk is quinn's now (or lost with the stream): its room in
+        // the pipe goes back to the shard.
+        end.from_shard.written(chunk_len);
+        if lost {
+            break 'write;
         }
     }
     let _ = send.finish();

@@ -28,7 +28,9 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tracing::debug;
 
 use crate::config::BridgeConfig;
-use crate::quic::{CLOSE_LINGER, PIPE_CHUNKS, READ_CHUNK_BYTES_MAX, runtime_thread};
+use crate::quic::{
+    CLOSE_LINGER, PIPE_IN_CHUNKS, PIPE_OUT_BYTES_MAX, READ_CHUNK_BYTES_MAX, runtime_thread,
+};
 use crate::transport::quic::{QuicPipe, QuicPipeEnd, close_code};
 
 /// Connect requests waiting for the client thread.
@@ -167,7 +169,7 @@ async fn serve(rx: flume::Receiver<Request>) {
             };
             match opened.await {
                 Ok((conn, send, recv)) => {
-                    let (pipe, end) = QuicPipe::new(addr, PIPE_CHUNKS);
+                    let (pipe, end) = QuicPipe::new(addr, PIPE_IN_CHUNKS, PIPE_OUT_BYTES_MAX);
                     // The shard gave up waiting: nothing to carry.
                     if reply.send(Ok(pipe)).is_err() {
                         conn.close(VarInt::from_u32(close_code::DONE), b"");
@@ -202,8 +204,13 @@ async fn carry(conn: Connection, mut send: SendStream, mut recv: RecvStream, end
         // Dropping `to_shard`: the bridge reads the end of the stream.
     });
     let mut lost = false;
-    while let Ok(chunk) = from_shard.recv_async().await {
-        if send.write_chunk(chunk).await.is_err() {
+    while let Some(chunk) = from_shard.recv().await {
+        let len = chunk.len();
+        let written = send.write_chunk(chunk).await;
+        // quinn holds the chunk now (or it is lost with the stream): its
+        // room in the pipe goes back to the bridge task.
+        from_shard.written(len);
+        if written.is_err() {
             lost = true;
             break;
         }

@@ -2,32 +2,41 @@
 //! the MQTT bytes of the connection's stream between the QUIC endpoint thread
 //! (`crate::quic`, quinn on tokio) and the shard that serves the connection.
 //!
-//! A pipe is two bounded channels of byte chunks, so it is `Send` and moves
-//! between shards in a hand-off like a socket's fd does. The endpoint thread
-//! feeds what the client's stream delivers (`Bytes` chunks straight from
-//! quinn, no copy) and writes what the shard sends to the stream. Both
-//! channels are bounded: a shard that stops reading stops the endpoint
-//! reading the stream, so QUIC flow control holds the client back; a client
-//! that stops reading fills the stream's send window, then the channel, and
-//! the shard's connection task waits as it would on a full TCP socket.
+//! A pipe is two channels of byte chunks, so it is `Send` and moves between
+//! shards in a hand-off like a socket's fd does. The endpoint thread feeds
+//! what the client's stream delivers (`Bytes` chunks straight from quinn, no
+//! copy) and writes what the shard sends to the stream. Both directions are
+//! bounded, so nothing buffers without limit:
+//! - client to shard: at most `chunks` chunks (the endpoint reads at most 64
+//!   KiB at a time); a shard that stops reading stops the endpoint reading
+//!   the stream, and QUIC flow control holds the client back.
+//! - shard to client: at most `out_bytes_max` bytes taken from the shard and
+//!   not yet handed to quinn ([`OutGate`]). This direction plays the part of a
+//!   TCP socket's send buffer: a write takes what fits, like `send(2)`, and
+//!   waits only when the pipe is full. A bound in bytes, not chunks, keeps
+//!   the room independent of how the connection task happened to cut its
+//!   writes: eight small writes once filled a pipe of eight chunks, so a
+//!   QUIC subscriber whose endpoint thread was briefly off the CPU looked
+//!   like a full socket and lost QoS 0 messages to the overflow policy.
 //!
 //! The end of either side is the channel's disconnection: the endpoint drops
 //! its sender when the stream ends or the connection is lost (the shard reads
-//! end of stream); the shard drops its sender when it ends the connection
-//! (the endpoint finishes the stream after the last chunk and closes the QUIC
+//! end of stream), and its receiver when it stops writing (the shard's next
+//! write fails); the shard drops its sender when it ends the connection (the
+//! endpoint finishes the stream after the last chunk and closes the QUIC
 //! connection with the pipe's close code).
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
+use atomic_waker::AtomicWaker;
 use bytes::Bytes;
-use flume::r#async::{RecvStream, SendFut};
+use flume::r#async::RecvStream;
 use futures_lite::Stream;
 
 /// Application close codes of the QUIC connection (`CONNECTION_CLOSE` of
@@ -52,11 +61,13 @@ pub struct QuicPipe {
     rx: RecvStream<'static, Bytes>,
     /// The unread part of the last chunk received.
     rest: Bytes,
-    /// Where output goes; `None` once the shard shut its sending side.
+    /// Where output goes; `None` once the shard shut its sending side. The
+    /// channel itself is unbounded: `out` bounds what is in it.
     tx: Option<flume::Sender<Bytes>>,
-    /// A chunk accepted by [`QuicPipe::poll_write`] that waits for room in the
-    /// channel ([`QuicPipe::poll_flush`] sends it).
-    pending: Option<SendFut<'static, Bytes>>,
+    /// The bytes of output in flight to the endpoint, and the room left.
+    out: Arc<OutGate>,
+    /// Most bytes of output in flight.
+    out_bytes_max: usize,
     /// The close code the endpoint uses when the shard's side ends.
     close: Arc<AtomicU32>,
     peer: SocketAddr,
@@ -68,7 +79,53 @@ impl fmt::Debug for QuicPipe {
             .field("peer", &self.peer)
             .field("rest", &self.rest.len())
             .field("open", &self.tx.is_some())
+            .field("out_bytes", &self.out.queued.load(Ordering::Relaxed))
             .finish()
+    }
+}
+
+/// The bound of the shard-to-client direction, shared by both ends: the
+/// bytes the shard wrote that the endpoint has not yet handed to quinn. One
+/// writer (the shard's connection task) adds, one reader (the endpoint's
+/// writer) subtracts; no lock, no allocation per write beyond the chunk.
+#[derive(Debug, Default)]
+pub struct OutGate {
+    /// Bytes in flight.
+    queued: AtomicUsize,
+    /// The endpoint stopped taking output (connection lost or ended).
+    closed: AtomicBool,
+    /// The shard's connection task, when it waits for room.
+    room: AtomicWaker,
+}
+
+/// The endpoint's side of the shard-to-client direction: chunks to write to
+/// the stream; [`OutReceiver::written`] gives their room back.
+#[derive(Debug)]
+pub struct OutReceiver {
+    rx: flume::Receiver<Bytes>,
+    gate: Arc<OutGate>,
+}
+
+impl OutReceiver {
+    /// The next chunk the shard sent; `None` once the shard shut its side
+    /// and every chunk was taken.
+    pub async fn recv(&self) -> Option<Bytes> {
+        self.rx.recv_async().await.ok()
+    }
+
+    /// `bytes` of output were handed to quinn (or dropped with the stream):
+    /// their room goes back to the shard, which is woken if it waited.
+    pub fn written(&self, bytes: usize) {
+        self.gate.queued.fetch_sub(bytes, Ordering::AcqRel);
+        self.gate.room.wake();
+    }
+}
+
+impl Drop for OutReceiver {
+    fn drop(&mut self) {
+        // A shard waiting for room would otherwise wait for ever.
+        self.gate.closed.store(true, Ordering::Release);
+        self.gate.room.wake();
     }
 }
 
@@ -79,30 +136,35 @@ pub struct QuicPipeEnd {
     /// Chunks the client sent, for the shard.
     pub to_shard: flume::Sender<Bytes>,
     /// Chunks the shard sends to the client.
-    pub from_shard: flume::Receiver<Bytes>,
+    pub from_shard: OutReceiver,
     /// The close code for the connection once `from_shard` is disconnected.
     pub close: Arc<AtomicU32>,
 }
 
 impl QuicPipe {
     /// A pipe for a connection from `peer`, holding at most `chunks` chunks
-    /// in each direction.
-    pub fn new(peer: SocketAddr, chunks: usize) -> (QuicPipe, QuicPipeEnd) {
+    /// from the client and `out_bytes_max` bytes (at least 1) for it.
+    pub fn new(peer: SocketAddr, chunks: usize, out_bytes_max: usize) -> (QuicPipe, QuicPipeEnd) {
         let (to_shard, rx) = flume::bounded(chunks);
-        let (tx, from_shard) = flume::bounded(chunks);
+        let (tx, from_shard) = flume::unbounded();
         let close = Arc::new(AtomicU32::new(close_code::PROTOCOL_ERROR));
+        let out = Arc::new(OutGate::default());
         (
             QuicPipe {
                 rx: rx.into_stream(),
                 rest: Bytes::new(),
                 tx: Some(tx),
-                pending: None,
+                out: out.clone(),
+                out_bytes_max: out_bytes_max.max(1),
                 close: close.clone(),
                 peer,
             },
             QuicPipeEnd {
                 to_shard,
-                from_shard,
+                from_shard: OutReceiver {
+                    rx: from_shard,
+                    gate: out,
+                },
                 close,
             },
         )
@@ -131,49 +193,42 @@ impl QuicPipe {
         Poll::Ready(Ok(n))
     }
 
-    /// Accepts `data` for sending (all of it, once the previous chunk went
-    /// into the channel); [`QuicPipe::poll_flush`] finishes the send.
+    /// Takes as much of `data` for sending as the pipe has room for (as
+    /// `send(2)` on a socket does); `Pending` only when it is full.
     pub fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        if let Err(e) = std::task::ready!(self.poll_flush(cx)) {
-            return Poll::Ready(Err(e));
-        }
+        let broken = || Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         let Some(tx) = &self.tx else {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            return broken();
         };
-        match tx.try_send(Bytes::copy_from_slice(data)) {
-            Ok(()) => {}
-            Err(flume::TrySendError::Full(chunk)) => {
-                let mut send = tx.clone().into_send_async(chunk);
-                match Pin::new(&mut send).poll(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(_)) => {
-                        return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-                    }
-                    Poll::Pending => self.pending = Some(send),
-                }
-            }
-            Err(flume::TrySendError::Disconnected(_)) => {
-                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let gate = &self.out;
+        let mut queued = gate.queued.load(Ordering::Acquire);
+        if queued >= self.out_bytes_max {
+            gate.room.register(cx.waker());
+            // The endpoint may have made room (or gone) before the register.
+            queued = gate.queued.load(Ordering::Acquire);
+            if queued >= self.out_bytes_max && !gate.closed.load(Ordering::Acquire) {
+                return Poll::Pending;
             }
         }
-        Poll::Ready(Ok(data.len()))
+        if gate.closed.load(Ordering::Acquire) {
+            return broken();
+        }
+        // Only this side adds, so the room does not shrink under us.
+        let n = data.len().min(self.out_bytes_max - queued);
+        gate.queued.fetch_add(n, Ordering::AcqRel);
+        if tx.send(Bytes::copy_from_slice(&data[..n])).is_err() {
+            return broken();
+        }
+        Poll::Ready(Ok(n))
     }
 
-    /// Completes the send of a chunk that waited for room.
-    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(send) = &mut self.pending {
-            let r = std::task::ready!(Pin::new(send).poll(cx));
-            self.pending = None;
-            if r.is_err() {
-                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-            }
-        }
+    /// Nothing waits on the shard's side: what [`QuicPipe::poll_write`] took
+    /// is with the endpoint (as a socket's accepted bytes are with the kernel).
+    pub fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
-    }
-
-    /// Whether a chunk waits for room in the channel.
-    pub fn flush_needed(&self) -> bool {
-        self.pending.is_some()
     }
 
     /// Marks the connection as ended normally: the endpoint closes it with
@@ -183,21 +238,17 @@ impl QuicPipe {
     }
 
     /// Shuts the sending side: the endpoint finishes the stream after what
-    /// was sent, then closes the connection. A chunk still waiting for room
-    /// is sent first if it fits now, else dropped (as a full socket's unsent
-    /// bytes are at a shutdown).
+    /// was sent, then closes the connection.
     pub fn shutdown_write(&mut self) {
-        if let Some(mut send) = self.pending.take() {
-            let _ = Pin::new(&mut send).poll(&mut Context::from_waker(std::task::Waker::noop()));
-        }
         self.tx = None;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    //! Goal: bytes cross the pipe in order in both directions, a full channel
-    //! holds the writer back, and either end's drop is an end of stream.
+    //! Goal: bytes cross the pipe in order in both directions, a full pipe
+    //! holds the writer back (by bytes, not by how the writes were cut), and
+    //! either end's drop is an end of stream (or a failed write).
     //! Method: poll the pipe by hand with a no-op waker.
 
     use std::task::Waker;
@@ -209,8 +260,8 @@ mod tests {
     }
 
     #[test]
-    fn chunks_cross_in_order_and_the_channel_bounds_the_writer() {
-        let (mut pipe, end) = QuicPipe::new("127.0.0.1:1".parse().unwrap(), 2);
+    fn chunks_cross_in_order_and_the_byte_bound_holds_the_writer() {
+        let (mut pipe, end) = QuicPipe::new("127.0.0.1:1".parse().unwrap(), 2, 4);
         end.to_shard
             .try_send(Bytes::from_static(b"hello "))
             .unwrap();
@@ -231,29 +282,52 @@ mod tests {
             Poll::Ready(Ok(0))
         ));
 
-        // Two chunks fill the channel; the third is accepted and waits.
-        for chunk in [&b"a"[..], b"b", b"c"] {
-            assert!(matches!(
-                pipe.poll_write(&mut cx(), chunk),
-                Poll::Ready(Ok(1))
-            ));
-        }
-        assert!(pipe.flush_needed());
-        assert!(pipe.poll_flush(&mut cx()).is_pending());
-        assert!(pipe.poll_write(&mut cx(), b"d").is_pending());
-        assert_eq!(end.from_shard.try_recv().unwrap(), &b"a"[..]);
+        // Four bytes of room: a write takes what fits, then the writer waits
+        // however its writes were cut.
+        assert!(matches!(
+            pipe.poll_write(&mut cx(), b"a"),
+            Poll::Ready(Ok(1))
+        ));
+        assert!(matches!(
+            pipe.poll_write(&mut cx(), b"bcdef"),
+            Poll::Ready(Ok(3))
+        ));
+        assert!(pipe.poll_write(&mut cx(), b"e").is_pending());
         assert!(pipe.poll_flush(&mut cx()).is_ready());
-        assert!(!pipe.flush_needed());
+        let out = &end.from_shard;
+        assert_eq!(out.rx.try_recv().unwrap(), &b"a"[..]);
+        assert!(pipe.poll_write(&mut cx(), b"e").is_pending());
+        out.written(1);
+        assert!(matches!(
+            pipe.poll_write(&mut cx(), b"ef"),
+            Poll::Ready(Ok(1))
+        ));
         assert_eq!(
             end.close.load(Ordering::Relaxed),
             close_code::PROTOCOL_ERROR
         );
         pipe.set_done();
         pipe.shutdown_write();
-        assert_eq!(end.from_shard.try_recv().unwrap(), &b"b"[..]);
-        assert_eq!(end.from_shard.try_recv().unwrap(), &b"c"[..]);
-        assert!(end.from_shard.try_recv().is_err());
-        assert!(end.from_shard.is_disconnected());
+        assert_eq!(out.rx.try_recv().unwrap(), &b"bcd"[..]);
+        assert_eq!(out.rx.try_recv().unwrap(), &b"e"[..]);
+        assert!(out.rx.try_recv().is_err());
+        assert!(out.rx.is_disconnected());
         assert_eq!(end.close.load(Ordering::Relaxed), close_code::DONE);
+        assert!(pipe.poll_write(&mut cx(), b"x").is_ready());
+    }
+
+    #[test]
+    fn a_full_pipe_fails_the_writer_once_the_endpoint_is_gone() {
+        let (mut pipe, end) = QuicPipe::new("127.0.0.1:1".parse().unwrap(), 2, 2);
+        assert!(matches!(
+            pipe.poll_write(&mut cx(), b"ab"),
+            Poll::Ready(Ok(2))
+        ));
+        assert!(pipe.poll_write(&mut cx(), b"c").is_pending());
+        drop(end);
+        assert!(matches!(
+            pipe.poll_write(&mut cx(), b"c"),
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe
+        ));
     }
 }
