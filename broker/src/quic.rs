@@ -196,7 +196,9 @@ fn server_config(
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(spec.max_streams))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // Unidirectional data streams: mqtt-lib's multi-stream mode sends
+        // PUBLISH and SUBSCRIBE on them (see `data_streams`).
+        .max_concurrent_uni_streams(VarInt::from_u32(spec.max_streams))
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(settings.idle_timeout)
                 .map_err(|e| anyhow!("QUIC idle timeout: {e}"))?,
@@ -576,9 +578,13 @@ enum DataStream {
     Ended(mux::StreamNo),
 }
 
-/// Multi-stream mode: every further bidirectional stream the client opens is
-/// a data stream. Its packets wait until the CONNACK went out, then join the
-/// pipe whole; its sending side goes to the writer for the router's answers.
+/// Multi-stream mode: every further stream the client opens is a data
+/// stream. Its packets wait until the CONNACK went out, then join the pipe
+/// whole. A bidirectional one's sending side goes to the writer for the
+/// router's answers (EMQX's convention); a unidirectional one (mqtt-lib's,
+/// e.g. `mqttv5 --quic-stream-strategy per-topic`) has none, so what the
+/// router would send on it goes on the first stream, where that client reads
+/// its answers.
 async fn data_streams(
     conn: Connection,
     to_shard: flume::Sender<bytes::Bytes>,
@@ -587,9 +593,23 @@ async fn data_streams(
     senders: tokio::sync::mpsc::UnboundedSender<DataStream>,
 ) {
     let mut no: mux::StreamNo = 0;
-    while let Ok((send, recv)) = conn.accept_bi().await {
+    loop {
+        // Both accepts are cancel-safe: a stream is taken only when one
+        // returns it.
+        let (send, recv) = tokio::select! {
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => (Some(send), recv),
+                Err(_) => return,
+            },
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => (None, recv),
+                Err(_) => return,
+            },
+        };
         no += 1;
-        if senders.send(DataStream::Opened(no, send)).is_err() {
+        if let Some(send) = send
+            && senders.send(DataStream::Opened(no, send)).is_err()
+        {
             return;
         }
         let (conn, to_shard, shared) = (conn.clone(), to_shard.clone(), shared.clone());

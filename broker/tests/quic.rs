@@ -5,7 +5,9 @@
 //! whichever shard the endpoint gave the connection to; mutual TLS with the
 //! certificate's CN as username and SIGHUP reload as for `mqtts`; a client
 //! that changes its UDP port keeps its connection and session; 0-RTT only
-//! when configured; and a hostile QUIC
+//! when configured; multi-stream mode on bidirectional data streams (answers
+//! on the packet's stream) and unidirectional ones (answers on the first
+//! stream); and a hostile QUIC
 //! peer (garbage datagrams, a first packet that is not CONNECT, too many
 //! streams, garbage on a data stream, a flood of handshakes that never open
 //! a stream) gets a clear
@@ -1097,6 +1099,17 @@ fn multi_stream_mode_answers_on_the_stream_of_the_packet() {
                 .await
                 .unwrap();
         });
+        // A unidirectional data stream (mqtt-lib's multi-stream mode): its
+        // packets are served, and their answers go on the first stream.
+        rt().block_on(async {
+            let mut uni = conn.open_uni().await.unwrap();
+            let publish = publish_packet("uni/1", b"four", QoS::AtLeastOnce, 7, false);
+            uni.write_all(&encoded(&publish, v)).await.unwrap();
+            let subscribe = subscribe_packet(8, &[("uni-sub/#", QoS::AtMostOnce)]);
+            uni.write_all(&encoded(&subscribe, v)).await.unwrap();
+        });
+        assert_eq!(c.recv(), Packet::PubAck(PubAck::new(7)));
+        assert!(matches!(c.recv(), Packet::SubAck(a) if a.packet_id == 8));
         // The first stream still answers PINGREQ.
         c.send(&Packet::PingReq);
         assert_eq!(c.recv(), Packet::PingResp);
