@@ -647,6 +647,71 @@ mod tests {
     }
 
     #[test]
+    fn a_congested_subscriber_on_another_local_shard_holds_the_batch_answer_too() {
+        let limits = Limits {
+            inflight_count_max: 1,
+            queued_count_max: 100,
+            queue_high_water: 4,
+            ..Limits::default()
+        };
+        let mut es = super::super::testing::engines(2, &limits);
+        let remote = es[0].enable_remote().expect("room for the remote id");
+        assert_eq!(es[1].enable_remote(), Some(remote));
+        // The subscriber is on shard 1; shard 0 serves the other node's batches.
+        let c = client(&mut es[1], "s");
+        subscribe(&mut es[1], c, "t", QoS::AtLeastOnce);
+        for (from, m) in pump(&mut es, remote) {
+            if let MeshMsg::RouteAdd {
+                ack: Some(token), ..
+            } = m
+            {
+                es[usize::from(from)].handle_mesh(1, remote, MeshMsg::Ack { token });
+            }
+        }
+        pump(&mut es, remote);
+        drain(&mut es[1], c, V5); // SUBACK
+
+        // The first batch congests the queue on shard 1 before shard 0 knows: it is
+        // answered at once (the margin above the high-water mark absorbs it, as
+        // within a node), and shard 1 announces its congestion.
+        let t1 = es[0].begin_forward_batch().expect("back-pressure is on");
+        for n in 0..6 {
+            forwarded(&mut es[0], remote, n);
+        }
+        es[0].end_forward_batch(t1);
+        assert!(pump(&mut es, remote).is_empty());
+        assert_eq!(es[0].take_forwards_done(), vec![t1]);
+
+        // The next batch's copies carry its token: shard 1 holds it.
+        let t2 = es[0].begin_forward_batch().expect("back-pressure is on");
+        for n in 6..8 {
+            forwarded(&mut es[0], remote, n);
+        }
+        es[0].end_forward_batch(t2);
+        assert!(pump(&mut es, remote).is_empty());
+        assert!(
+            !es[0].has_forwards_done(),
+            "answered while shard 1's queue is congested"
+        );
+
+        // The subscriber reads: the batch is answered, nothing was dropped.
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            for p in drain(&mut es[1], c, V5) {
+                if let Packet::Publish(p) = p {
+                    got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                    es[1].handle_packet(1, c, Packet::PubAck(PubAck::new(p.packet_id)));
+                }
+            }
+            pump(&mut es, remote);
+        }
+        assert_eq!(es[0].take_forwards_done(), vec![t2]);
+        let want: Vec<String> = (0..8).map(|n| n.to_string()).collect();
+        assert_eq!(got, want);
+        assert_eq!(es[1].stats().dropped_queue_full, 0);
+    }
+
+    #[test]
     fn unsubscribing_the_last_subscriber_removes_the_route_everywhere() {
         let (mut es, remote) = cluster();
         let c = client(&mut es[0], "s");
