@@ -120,8 +120,12 @@ for round in $(seq "$ROUNDS"); do
         done
     done
 done
-echo "== node 2 forwarding counters" >&2
+echo "== node 1 forwarding counters (the sending node)" >&2
 curl -s "http://127.0.0.1:$((base + 21))/metrics" | grep -E '^tessera_cluster_forward' | head -20 >&2 || true
+echo "== node 2 drops and held acknowledgements (the receiving node)" >&2
+curl -s "http://127.0.0.1:$((base + 22))/metrics" |
+    grep -E '^tessera_(messages_dropped_total|backpressure_acks_held_total|backpressure_hold_timeouts_total)' |
+    grep -v ' 0$' >&2 || true
 
 python3 - "$OUT" <<'PY'
 import json, statistics, sys
