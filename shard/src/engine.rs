@@ -1643,7 +1643,7 @@ impl Engine {
             }
             MeshMsg::PublishDurable { message, ack, seq } => {
                 self.note_origin(from, seq);
-                self.deliver_durable(now_ms, from, &message, ack);
+                self.deliver_durable(now_ms, from, &message, ack, false);
             }
             MeshMsg::Congestion { congested } => self.bp_on_congestion(from, congested),
             MeshMsg::Refused { token } => self.on_refused(now_ms, token),
@@ -1722,8 +1722,17 @@ impl Engine {
 
     /// Delivers a publication shard `from` sent with `ack` here, and answers
     /// `Ack` once what it stored is committed (or congested sessions drained).
-    fn deliver_durable(&mut self, now_ms: u64, from: ShardId, message: &Message, ack: u64) {
-        self.bp_begin_remote(from, ack, message.qos);
+    /// `forwarded`: a copy of a publication another node forwarded (`ack`
+    /// is its batch's token on `from`).
+    fn deliver_durable(
+        &mut self,
+        now_ms: u64,
+        from: ShardId,
+        message: &Message,
+        ack: u64,
+        forwarded: bool,
+    ) {
+        self.bp_begin_remote(from, ack, message.qos, forwarded);
         self.refusal = (message.qos != QoS::AtMostOnce).then_some(false);
         self.deliver_local(now_ms, message);
         if self.refusal.take() == Some(true) {

@@ -40,7 +40,10 @@
 //! Across nodes: a batch another node forwarded is the publisher
 //! (`Publisher::Remote` with the serving shard and the batch's token,
 //! `remote`): congested sessions hold the batch's answer, and the sending
-//! node holds its publishers' acknowledgements until it arrives.
+//! node holds its publishers' acknowledgements until it arrives. A session
+//! that held an acknowledgement the whole bound (`Congested::stuck`) holds no
+//! further forwarded batch until it drains: the batch's answer delays the
+//! whole stream from that node.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -80,6 +83,8 @@ enum Publisher {
 struct Routing {
     publisher: Publisher,
     token: Option<u64>,
+    /// A publication another node forwarded (held as its batch's answer).
+    forwarded: bool,
 }
 
 /// A held acknowledgement waiting for a congested session.
@@ -100,6 +105,12 @@ struct Congested {
     /// The deadline of its `Due::HoldBound` timer: the front waiter's
     /// deadline, or without waiters one hold bound after the last check.
     timer_due_ms: u64,
+    /// Whether an acknowledgement waited for it the whole hold bound since it
+    /// became congested (it is not draining): it holds no further forwarded
+    /// batch until it drains. A batch's answer delays everything its node
+    /// sends this one (one ordered stream per node pair), so a subscriber
+    /// that stopped reading must not hold the link one bound per batch.
+    stuck: bool,
 }
 
 /// Back-pressure state of one shard.
@@ -173,6 +184,7 @@ impl Engine {
             self.bp.routing = Some(Routing {
                 publisher: Publisher::Local { conn, session },
                 token,
+                forwarded: false,
             });
         }
     }
@@ -183,12 +195,14 @@ impl Engine {
         self.bp.routing.take().and_then(|r| r.token)
     }
 
-    /// A `PublishDurable` from `from` is delivered here.
-    pub(super) fn bp_begin_remote(&mut self, from: ShardId, ack: u64, qos: QoS) {
+    /// A `PublishDurable` from `from` is delivered here (`forwarded`: a
+    /// publication of a batch another node forwarded, `ack` the batch's).
+    pub(super) fn bp_begin_remote(&mut self, from: ShardId, ack: u64, qos: QoS, forwarded: bool) {
         if self.bp_on() && qos != QoS::AtMostOnce {
             self.bp.routing = Some(Routing {
                 publisher: Publisher::Remote { from, ack },
                 token: None,
+                forwarded,
             });
         }
     }
@@ -276,6 +290,7 @@ impl Engine {
             e.insert(Congested {
                 waiters: VecDeque::new(),
                 timer_due_ms: due,
+                stuck: false,
             });
             self.arm_hold_bound(idx, due);
             self.bp_announce(true);
@@ -283,6 +298,9 @@ impl Engine {
         let Some(routing) = routing else {
             return;
         };
+        if routing.forwarded && self.bp.congested.get(&idx).is_some_and(|c| c.stuck) {
+            return;
+        }
         let Some(token) = self.bp_token() else {
             return;
         };
@@ -357,6 +375,9 @@ impl Engine {
         }) {
             self.stats.backpressure_hold_timeouts += 1;
             self.bp_release_token(w.token);
+            if let Some(c) = self.bp.congested.get_mut(&idx) {
+                c.stuck = true;
+            }
         }
         let next = self.bp_next_check(now_ms);
         let Some(c) = self.bp.congested.get_mut(&idx) else {

@@ -171,7 +171,7 @@ impl Engine {
             // local publisher's acknowledgement (`backpressure`): the sending
             // node holds the publisher's PUBACK/PUBREC until then.
             if let Some(t) = token {
-                self.bp_begin_remote(self.shard, t, msg.qos);
+                self.bp_begin_remote(self.shard, t, msg.qos, true);
             }
             self.deliver_local(now_ms, &msg);
             if token.is_some()
@@ -197,7 +197,7 @@ impl Engine {
         let seen = mark.is_some_and(|m| self.forward_seen(&m));
         match ack {
             Some(token) if seen => self.ack_after_commit(from, token),
-            Some(token) => self.deliver_durable(now_ms, from, &message, token),
+            Some(token) => self.deliver_durable(now_ms, from, &message, token, true),
             None if seen => {}
             None => self.deliver_local(now_ms, &message),
         }
@@ -644,6 +644,69 @@ mod tests {
         let want: Vec<String> = (0..8).map(|n| n.to_string()).collect();
         assert_eq!(got, want);
         assert_eq!(e.stats().dropped_queue_full, 0);
+    }
+
+    #[test]
+    fn a_subscriber_that_held_a_batch_for_the_whole_bound_holds_no_more_batches() {
+        let limits = Limits {
+            inflight_count_max: 1,
+            queued_count_max: 100,
+            queue_high_water: 4,
+            backpressure_hold_ms_max: 1_000,
+            ..Limits::default()
+        };
+        let mut es = super::super::testing::engines(1, &limits);
+        let remote = es[0].enable_remote().expect("room for the remote id");
+        let c = client(&mut es[0], "s");
+        subscribe(&mut es[0], c, "t", QoS::AtLeastOnce);
+        for (_, m) in pump(&mut es, remote) {
+            if let MeshMsg::RouteAdd {
+                ack: Some(token), ..
+            } = m
+            {
+                es[0].handle_mesh(1, remote, MeshMsg::Ack { token });
+            }
+        }
+        drain(&mut es[0], c, V5); // SUBACK
+        let e = &mut es[0];
+        let batch = |e: &mut Engine, ns: std::ops::Range<u32>| {
+            let t = e.begin_forward_batch().expect("back-pressure is on");
+            for n in ns {
+                forwarded(e, remote, n);
+            }
+            e.end_forward_batch(t);
+            t
+        };
+        // The subscriber never reads: the batch that congested it is held for the
+        // bound, then answered.
+        let t1 = batch(e, 0..8);
+        assert!(!e.has_forwards_done());
+        e.tick(1 + 999);
+        assert!(!e.has_forwards_done(), "released before the bound");
+        e.tick(1 + 1_000);
+        assert_eq!(e.take_forwards_done(), vec![t1]);
+        // It is not draining: the next batches are answered at once, so the
+        // stream from the other node is not held one bound per batch.
+        let t2 = batch(e, 8..10);
+        assert_eq!(e.take_forwards_done(), vec![t2]);
+        // Once it drains, a new congestion holds batches again.
+        for _ in 0..20 {
+            for p in drain(e, c, V5) {
+                if let Packet::Publish(p) = p {
+                    e.handle_packet(1_001, c, Packet::PubAck(PubAck::new(p.packet_id)));
+                }
+            }
+        }
+        let t3 = batch(e, 10..18);
+        assert!(!e.has_forwards_done(), "a new congestion holds the batch");
+        for _ in 0..20 {
+            for p in drain(e, c, V5) {
+                if let Packet::Publish(p) = p {
+                    e.handle_packet(1_001, c, Packet::PubAck(PubAck::new(p.packet_id)));
+                }
+            }
+        }
+        assert_eq!(e.take_forwards_done(), vec![t3]);
     }
 
     #[test]
