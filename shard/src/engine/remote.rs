@@ -586,143 +586,35 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_congested_subscriber_holds_the_answer_of_a_forwarded_batch_until_it_drains() {
-        let limits = Limits {
-            inflight_count_max: 1,
-            queued_count_max: 100,
-            queue_high_water: 4,
-            ..Limits::default()
-        };
-        let mut es = super::super::testing::engines(1, &limits);
-        let remote = es[0].enable_remote().expect("room for the remote id");
-        let c = client(&mut es[0], "s");
-        subscribe(&mut es[0], c, "t", QoS::AtLeastOnce);
-        for (_, m) in pump(&mut es, remote) {
-            if let MeshMsg::RouteAdd {
-                ack: Some(token), ..
-            } = m
-            {
-                es[0].handle_mesh(1, remote, MeshMsg::Ack { token });
-            }
-        }
-        drain(&mut es[0], c, V5); // SUBACK
-        let e = &mut es[0];
-
-        // A batch into a queue below the high-water mark is answered at once.
-        let t1 = e.begin_forward_batch().expect("back-pressure is on");
-        for n in 0..3 {
+    /// A batch of publications `ns` another node forwarded, served by `e`: its
+    /// token.
+    fn batch(e: &mut Engine, remote: ShardId, ns: std::ops::Range<u32>) -> u64 {
+        let t = e.begin_forward_batch().expect("back-pressure is on");
+        for n in ns {
             forwarded(e, remote, n);
         }
-        e.end_forward_batch(t1);
-        assert_eq!(e.take_forwards_done(), vec![t1]);
-
-        // The next one fills the queue past the mark: its answer waits (the sending
-        // node holds the publishers' acknowledgements meanwhile).
-        let t2 = e.begin_forward_batch().expect("back-pressure is on");
-        for n in 3..8 {
-            forwarded(e, remote, n);
-        }
-        e.end_forward_batch(t2);
-        assert!(
-            !e.has_forwards_done(),
-            "answered while the queue is congested"
-        );
-
-        // The subscriber reads and acknowledges: below the low-water mark the
-        // batch is answered, and nothing was dropped.
-        let mut got = Vec::new();
-        for _ in 0..20 {
-            for p in drain(e, c, V5) {
-                if let Packet::Publish(p) = p {
-                    got.push(String::from_utf8(p.payload.to_vec()).unwrap());
-                    e.handle_packet(1, c, Packet::PubAck(PubAck::new(p.packet_id)));
-                }
-            }
-        }
-        assert_eq!(e.take_forwards_done(), vec![t2]);
-        let want: Vec<String> = (0..8).map(|n| n.to_string()).collect();
-        assert_eq!(got, want);
-        assert_eq!(e.stats().dropped_queue_full, 0);
+        e.end_forward_batch(t);
+        t
     }
 
-    #[test]
-    fn a_subscriber_that_held_a_batch_for_the_whole_bound_holds_no_more_batches() {
+    /// `shards` engines in a cluster with a small queue (in flight 1, high-water
+    /// mark 4) and a QoS 1 subscriber to `t` on shard `on` whose route the
+    /// forwarder acknowledged: the engines, the remote id and the subscriber.
+    fn congestible(shards: usize, on: usize, hold_ms: u64) -> (Vec<Engine>, ShardId, ConnId) {
         let limits = Limits {
             inflight_count_max: 1,
             queued_count_max: 100,
             queue_high_water: 4,
-            backpressure_hold_ms_max: 1_000,
+            backpressure_hold_ms_max: hold_ms,
             ..Limits::default()
         };
-        let mut es = super::super::testing::engines(1, &limits);
+        let mut es = super::super::testing::engines(shards, &limits);
         let remote = es[0].enable_remote().expect("room for the remote id");
-        let c = client(&mut es[0], "s");
-        subscribe(&mut es[0], c, "t", QoS::AtLeastOnce);
-        for (_, m) in pump(&mut es, remote) {
-            if let MeshMsg::RouteAdd {
-                ack: Some(token), ..
-            } = m
-            {
-                es[0].handle_mesh(1, remote, MeshMsg::Ack { token });
-            }
+        for e in es.iter_mut().skip(1) {
+            assert_eq!(e.enable_remote(), Some(remote));
         }
-        drain(&mut es[0], c, V5); // SUBACK
-        let e = &mut es[0];
-        let batch = |e: &mut Engine, ns: std::ops::Range<u32>| {
-            let t = e.begin_forward_batch().expect("back-pressure is on");
-            for n in ns {
-                forwarded(e, remote, n);
-            }
-            e.end_forward_batch(t);
-            t
-        };
-        // The subscriber never reads: the batch that congested it is held for the
-        // bound, then answered.
-        let t1 = batch(e, 0..8);
-        assert!(!e.has_forwards_done());
-        e.tick(1 + 999);
-        assert!(!e.has_forwards_done(), "released before the bound");
-        e.tick(1 + 1_000);
-        assert_eq!(e.take_forwards_done(), vec![t1]);
-        // It is not draining: the next batches are answered at once, so the
-        // stream from the other node is not held one bound per batch.
-        let t2 = batch(e, 8..10);
-        assert_eq!(e.take_forwards_done(), vec![t2]);
-        // Once it drains, a new congestion holds batches again.
-        for _ in 0..20 {
-            for p in drain(e, c, V5) {
-                if let Packet::Publish(p) = p {
-                    e.handle_packet(1_001, c, Packet::PubAck(PubAck::new(p.packet_id)));
-                }
-            }
-        }
-        let t3 = batch(e, 10..18);
-        assert!(!e.has_forwards_done(), "a new congestion holds the batch");
-        for _ in 0..20 {
-            for p in drain(e, c, V5) {
-                if let Packet::Publish(p) = p {
-                    e.handle_packet(1_001, c, Packet::PubAck(PubAck::new(p.packet_id)));
-                }
-            }
-        }
-        assert_eq!(e.take_forwards_done(), vec![t3]);
-    }
-
-    #[test]
-    fn a_congested_subscriber_on_another_local_shard_holds_the_batch_answer_too() {
-        let limits = Limits {
-            inflight_count_max: 1,
-            queued_count_max: 100,
-            queue_high_water: 4,
-            ..Limits::default()
-        };
-        let mut es = super::super::testing::engines(2, &limits);
-        let remote = es[0].enable_remote().expect("room for the remote id");
-        assert_eq!(es[1].enable_remote(), Some(remote));
-        // The subscriber is on shard 1; shard 0 serves the other node's batches.
-        let c = client(&mut es[1], "s");
-        subscribe(&mut es[1], c, "t", QoS::AtLeastOnce);
+        let c = client(&mut es[on], "s");
+        subscribe(&mut es[on], c, "t", QoS::AtLeastOnce);
         for (from, m) in pump(&mut es, remote) {
             if let MeshMsg::RouteAdd {
                 ack: Some(token), ..
@@ -732,45 +624,97 @@ mod tests {
             }
         }
         pump(&mut es, remote);
-        drain(&mut es[1], c, V5); // SUBACK
+        drain(&mut es[on], c, V5); // SUBACK
+        (es, remote, c)
+    }
 
+    /// The subscriber on shard `on` reads and acknowledges whatever it is sent,
+    /// 20 rounds (the engines exchanging their mesh messages between them);
+    /// returns the payloads.
+    fn read_all(es: &mut [Engine], remote: ShardId, on: usize, c: ConnId) -> Vec<String> {
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            for p in drain(&mut es[on], c, V5) {
+                if let Packet::Publish(p) = p {
+                    got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                    es[on].handle_packet(1_001, c, Packet::PubAck(PubAck::new(p.packet_id)));
+                }
+            }
+            pump(es, remote);
+        }
+        got
+    }
+
+    fn numbers(ns: std::ops::Range<u32>) -> Vec<String> {
+        ns.map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_congested_subscriber_holds_the_answer_of_a_forwarded_batch_until_it_drains() {
+        let (mut es, remote, c) = congestible(1, 0, 2_000);
+        // A batch into a queue below the high-water mark is answered at once.
+        let t1 = batch(&mut es[0], remote, 0..3);
+        assert_eq!(es[0].take_forwards_done(), vec![t1]);
+        // The next one fills the queue past the mark: its answer waits (the sending
+        // node holds the publishers' acknowledgements meanwhile).
+        let t2 = batch(&mut es[0], remote, 3..8);
+        assert!(
+            !es[0].has_forwards_done(),
+            "answered while the queue is congested"
+        );
+        // The subscriber reads and acknowledges: below the low-water mark the
+        // batch is answered, and nothing was dropped.
+        assert_eq!(read_all(&mut es, remote, 0, c), numbers(0..8));
+        assert_eq!(es[0].take_forwards_done(), vec![t2]);
+        assert_eq!(es[0].stats().dropped_queue_full, 0);
+    }
+
+    #[test]
+    fn a_subscriber_that_held_a_batch_for_the_whole_bound_holds_no_more_batches() {
+        let (mut es, remote, c) = congestible(1, 0, 1_000);
+        // The subscriber does not read: the batch that congested it is held for
+        // the bound, then answered.
+        let t1 = batch(&mut es[0], remote, 0..8);
+        assert!(!es[0].has_forwards_done());
+        es[0].tick(1 + 999);
+        assert!(!es[0].has_forwards_done(), "released before the bound");
+        es[0].tick(1 + 1_000);
+        assert_eq!(es[0].take_forwards_done(), vec![t1]);
+        // It is not draining: the next batch is answered at once, so the stream
+        // from the other node is not held one bound per batch.
+        let t2 = batch(&mut es[0], remote, 8..10);
+        assert_eq!(es[0].take_forwards_done(), vec![t2]);
+        // Once it drained, a new congestion holds batches again.
+        assert_eq!(read_all(&mut es, remote, 0, c), numbers(0..10));
+        let t3 = batch(&mut es[0], remote, 10..18);
+        assert!(
+            !es[0].has_forwards_done(),
+            "a new congestion holds the batch"
+        );
+        assert_eq!(read_all(&mut es, remote, 0, c), numbers(10..18));
+        assert_eq!(es[0].take_forwards_done(), vec![t3]);
+    }
+
+    #[test]
+    fn a_congested_subscriber_on_another_local_shard_holds_the_batch_answer_too() {
+        // The subscriber is on shard 1; shard 0 serves the other node's batches.
+        let (mut es, remote, c) = congestible(2, 1, 2_000);
         // The first batch congests the queue on shard 1 before shard 0 knows: it is
         // answered at once (the margin above the high-water mark absorbs it, as
         // within a node), and shard 1 announces its congestion.
-        let t1 = es[0].begin_forward_batch().expect("back-pressure is on");
-        for n in 0..6 {
-            forwarded(&mut es[0], remote, n);
-        }
-        es[0].end_forward_batch(t1);
+        let t1 = batch(&mut es[0], remote, 0..6);
         assert!(pump(&mut es, remote).is_empty());
         assert_eq!(es[0].take_forwards_done(), vec![t1]);
-
         // The next batch's copies carry its token: shard 1 holds it.
-        let t2 = es[0].begin_forward_batch().expect("back-pressure is on");
-        for n in 6..8 {
-            forwarded(&mut es[0], remote, n);
-        }
-        es[0].end_forward_batch(t2);
+        let t2 = batch(&mut es[0], remote, 6..8);
         assert!(pump(&mut es, remote).is_empty());
         assert!(
             !es[0].has_forwards_done(),
             "answered while shard 1's queue is congested"
         );
-
         // The subscriber reads: the batch is answered, nothing was dropped.
-        let mut got = Vec::new();
-        for _ in 0..20 {
-            for p in drain(&mut es[1], c, V5) {
-                if let Packet::Publish(p) = p {
-                    got.push(String::from_utf8(p.payload.to_vec()).unwrap());
-                    es[1].handle_packet(1, c, Packet::PubAck(PubAck::new(p.packet_id)));
-                }
-            }
-            pump(&mut es, remote);
-        }
+        assert_eq!(read_all(&mut es, remote, 1, c), numbers(0..8));
         assert_eq!(es[0].take_forwards_done(), vec![t2]);
-        let want: Vec<String> = (0..8).map(|n| n.to_string()).collect();
-        assert_eq!(got, want);
         assert_eq!(es[1].stats().dropped_queue_full, 0);
     }
 
