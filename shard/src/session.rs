@@ -181,6 +181,10 @@ pub struct DeliveryQueue {
     disk_from_seq: u64,
     /// A load of the disk tail into the head is on its way.
     pub loading: bool,
+    /// Deliveries this queue keeps in memory before spilling to its disk
+    /// tail, when not the engine's `Limits::queue_head_count_max` (0).
+    /// Set by [`crate::engine::Engine::set_queue_head`]; not stored.
+    pub head_max: u16,
 }
 
 impl DeliveryQueue {

@@ -50,6 +50,15 @@ const WRITE_BUFFER_MAX: usize = 256 * 1024;
 /// remote pauses beyond it (TCP then slows the remote).
 const PENDING_IN_MAX: usize = 1024;
 
+/// Deliveries the local session keeps in memory before its disk tail
+/// (`Engine::set_queue_head`; other sessions keep 64). A disk tail comes back
+/// one load per store commit, at most a head's worth: with 64, a bridge
+/// draining a backlog (after an outage, or behind a burst) sent at most ~64
+/// messages per commit, 3-6K msg/s on a disk whose commits took 10-20 ms.
+/// Every queued message is in the store either way; this costs memory, a
+/// few MB per bridge at most.
+const QUEUE_HEAD: u16 = 4096;
+
 /// The packet identifier of the bridge's own SUBSCRIBE/UNSUBSCRIBE packets
 /// (sent before any relayed publication on that connection).
 const OWN_PACKET_ID: u16 = 1;
@@ -295,11 +304,12 @@ fn attach(
             ..ConnectProperties::default()
         },
     };
-    let conn =
-        shard
-            .engine
-            .borrow_mut()
-            .connect_admitted(now_ms(), connect, false, Admission::default());
+    let conn = {
+        let mut engine = shard.engine.borrow_mut();
+        let conn = engine.connect_admitted(now_ms(), connect, false, Admission::default());
+        engine.set_queue_head(conn, QUEUE_HEAD);
+        conn
+    };
     shard.flush_outbox();
     conn
 }

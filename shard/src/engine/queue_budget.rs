@@ -126,7 +126,7 @@ impl Engine {
         let spill = d.seq != 0
             && s.stored
             && self.persist.is_some()
-            && (s.queue.disk_len() > 0 || s.queue.head_len() >= self.limits.queue_head_count_max);
+            && (s.queue.disk_len() > 0 || s.queue.head_len() >= self.queue_head_max(s));
         if spill {
             self.persist_queued(idx, &d);
             self.with_queue(idx, |q| q.push_disk(&d));
@@ -142,11 +142,39 @@ impl Engine {
         self.with_queue(idx, |q| q.push_back(d));
     }
 
+    /// Deliveries session `s` keeps in memory before its disk tail.
+    fn queue_head_max(&self, s: &Session) -> usize {
+        match s.queue.head_max {
+            0 => self.limits.queue_head_count_max,
+            n => usize::from(n),
+        }
+    }
+
+    /// Lets the session of `conn` keep `head_max` deliveries in memory
+    /// instead of `Limits::queue_head_count_max` (until the session leaves
+    /// memory). For a consumer that must drain a long queue fast: a disk
+    /// tail is read one load per store commit, at most a head's worth, so a
+    /// head of 64 bounds the drain at 64 deliveries per commit (a bridge's
+    /// catch-up after an outage, docs/BRIDGES.md). Every queued delivery of
+    /// a stored session is written to the store anyway: a larger head costs
+    /// memory, not durability.
+    pub fn set_queue_head(&mut self, conn: ConnId, head_max: u16) {
+        let Some(c) = self.slot(conn) else {
+            return;
+        };
+        let idx = c.session;
+        if idx == SessionIdx::MAX {
+            return;
+        }
+        self.session_mut(idx).queue.head_max = head_max;
+        self.queue_refill(idx);
+    }
+
     /// Asks the store for the next deliveries of session `idx`'s disk tail
     /// when its head is at most half full and no load is on its way.
     pub(super) fn queue_refill(&mut self, idx: SessionIdx) {
-        let head_max = self.limits.queue_head_count_max;
         let s = self.session(idx);
+        let head_max = self.queue_head_max(s);
         if s.queue.disk_len() == 0 || s.queue.loading || s.queue.head_len() > head_max / 2 {
             return;
         }
@@ -481,6 +509,28 @@ mod tests {
         assert_eq!(e.stats().queue_loaded, 36);
         assert_eq!((e.queue_bytes_memory(), e.queue_bytes_disk()), (0, 0));
         assert!(store.msgs.is_empty(), "every delivery acknowledged");
+    }
+
+    #[test]
+    fn a_larger_head_set_for_a_consumer_loads_its_disk_tail_in_one_commit() {
+        let (mut e, mut store) = stored_backlog(40);
+        let mut c = connect_packet(ProtocolVersion::V5, "sub", false);
+        c.properties.session_expiry_interval = Some(600);
+        // One in flight: 3 of the head of 4 wait, more than half a head,
+        // so nothing is loaded (and at most 4 would be per commit).
+        c.properties.receive_maximum = Some(1);
+        let conn = e.connect(10, c, false);
+        store.commit(&mut e, 10);
+        assert_eq!(e.stats().queue_loaded, 0);
+        // With a head of 64 the whole tail comes in the next commit.
+        e.set_queue_head(conn, 64);
+        store.commit(&mut e, 10);
+        assert_eq!(e.stats().queue_loaded, 36, "the rest in one load");
+        assert_eq!(e.queue_bytes_disk(), 0);
+        // Same messages, same order, none lost (a takeover keeps the head).
+        let want: Vec<String> = (1..=40).map(|n| format!("{n:02}")).collect();
+        assert_eq!(receive_all(&mut e, "sub", Some(&mut store)), want);
+        assert!(store.msgs.is_empty());
     }
 
     #[test]
