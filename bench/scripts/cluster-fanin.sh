@@ -46,15 +46,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_ready() {
-    for _ in $(seq 150); do
-        curl -sf "http://127.0.0.1:$1/ready" >/dev/null && return 0
-        sleep 0.2
-    done
-    echo "not ready: admin port $1" >&2
-    return 1
-}
-
 printf '[log]\nlevel = "warn"\n' >"$work/tessera.toml"
 "$BIN/brokerctl" cluster certs --out "$work/certs" --nodes 2 >/dev/null
 N1=$((base + 1)) N2=$((base + 2)) SINGLE=$((base + 3)) MOSQ=$((base + 4))
@@ -96,19 +87,11 @@ run() {
         lat-q0) args=(latency --rate 1000 --qos 0) ;;
         lat-q1) args=(latency --rate 1000 --qos 1) ;;
     esac
-    # The last stdout line is the JSON report; a run the bench judges FAIL (exit 1) is
-    # recorded too (its report says why: loss, errors, an unfinished drain).
-    local line rc=0
+    local rc=0
     "$BIN/bench" "${args[@]}" "${addr[@]}" --host 127.0.0.1 \
         --duration "$DURATION" --warmup "$WARMUP" --topic-prefix "cf/$setup/$scenario/$RANDOM" \
         --json >"$work/bench.out" 2>"$work/bench.err" || rc=$?
-    line=$(tail -n 1 "$work/bench.out")
-    if [[ $line != "{"* ]]; then
-        echo "bench gave no report (exit $rc): $setup $scenario: $(tail -5 "$work/bench.err")" >&2
-        return 0
-    fi
-    ((rc == 0)) || echo "bench judged FAIL: $setup $scenario: $(grep -E 'FAIL|lost' "$work/bench.out" | head -3)" >&2
-    printf '{"setup":"%s","case":"%s","report":%s}\n' "$setup" "$scenario" "$line" >>"$OUT"
+    record_report "$setup" "$scenario" "$rc" "$work/bench.out" "$work/bench.err" "$OUT"
 }
 
 : >"$OUT"

@@ -21,3 +21,28 @@ wait_port() {
     echo "nothing listens on $1" >&2
     return 1
 }
+
+# Waits up to 30 s for a Tessera's admin port $1 to answer /ready (needs curl).
+wait_ready() {
+    for _ in $(seq 150); do
+        curl -sf "http://127.0.0.1:$1/ready" >/dev/null && return 0
+        sleep 0.2
+    done
+    echo "not ready: admin port $1" >&2
+    return 1
+}
+
+# record_report SETUP CASE RC BENCH_OUT BENCH_ERR OUT: appends the JSON report (the last
+# line of BENCH_OUT) of one `bench --json` run as {"setup","case","report"} to OUT; a run
+# the bench judged FAIL (exit RC != 0) is recorded too (its report says why: loss,
+# errors, an unfinished drain). Says on stderr when there is no report or a FAIL.
+record_report() {
+    local setup=$1 case=$2 rc=$3 out=$4 err=$5 dest=$6 line
+    line=$(tail -n 1 "$out")
+    if [[ $line != "{"* ]]; then
+        echo "bench gave no report (exit $rc): $setup $case: $(tail -5 "$err")" >&2
+        return 0
+    fi
+    ((rc == 0)) || echo "bench judged FAIL: $setup $case: $(grep -E 'FAIL|lost' "$out" | head -3)" >&2
+    printf '{"setup":"%s","case":"%s","report":%s}\n' "$setup" "$case" "$line" >>"$dest"
+}

@@ -146,6 +146,14 @@ pub struct Common {
     #[arg(long, global = true, default_value_t = 64 * 1024)]
     pub sndbuf: u32,
 
+    /// Subscribers whose connection is lost (the broker restarted) connect
+    /// again every 200 ms until the run ends, subscribe again and go on with
+    /// the same accounting; with --persistent they resume their session and
+    /// get what was queued meanwhile. Without it a lost connection ends the
+    /// subscriber.
+    #[arg(long, global = true)]
+    pub reconnect: bool,
+
     /// Keep alive announced in CONNECT, seconds; idle clients ping at half of it.
     #[arg(long, global = true, default_value_t = 60)]
     pub keep_alive: u16,

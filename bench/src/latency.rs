@@ -149,6 +149,7 @@ pub async fn run(cfg: RunConfig, rate: f64, mode: Mode) -> anyhow::Result<Report
         t,
         live.clone(),
         stop_rx,
+        None,
     ));
     let pub_task = {
         let (cfg, live) = (cfg.clone(), live.clone());

@@ -28,9 +28,10 @@
 //! - [`sys`]: open-files limit, CPU and RSS from `/proc`, precise sleep.
 //! - [`clock`]: the process-wide monotonic clock payloads are stamped with.
 //!
-//! What it does not do: WebSockets, QUIC, wills, or reconnecting. A client that
-//! loses its connection counts an error and stops; the run goes on and fails at
-//! the end.
+//! What it does not do: WebSockets, wills, or reconnecting publishers. A client
+//! that loses its connection counts an error and stops; the run goes on and
+//! fails at the end. With `--reconnect` a subscriber connects again instead (a
+//! broker restarted mid-run, `bench/scripts/bridge.sh`).
 
 pub mod accounting;
 pub mod cli;

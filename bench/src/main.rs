@@ -158,6 +158,7 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
             None => format!("bench-{run_id:08x}"),
         }),
         child: c.child.is_some(),
+        reconnect: c.reconnect,
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = c.threads {

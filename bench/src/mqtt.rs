@@ -241,12 +241,15 @@ pub struct Granted {
     /// Topic aliases the broker accepts from this client (v5 Topic Alias
     /// Maximum; 0 when absent).
     pub topic_alias_maximum: u16,
+    /// The broker resumed a session (CONNACK Session Present).
+    pub session_present: bool,
 }
 
 impl Granted {
     const NONE: Granted = Granted {
         receive_maximum: u16::MAX,
         topic_alias_maximum: 0,
+        session_present: false,
     };
 }
 
@@ -257,6 +260,7 @@ fn check_connack(ack: &ConnAck) -> Result<Granted, Failure> {
     Ok(Granted {
         receive_maximum: ack.properties.receive_maximum.unwrap_or(u16::MAX),
         topic_alias_maximum: ack.properties.topic_alias_maximum.unwrap_or(0),
+        session_present: ack.session_present,
     })
 }
 

@@ -48,6 +48,8 @@ pub struct RunConfig {
     pub client_id_prefix: String,
     /// A `--procs` child: start at its parent's signal.
     pub child: bool,
+    /// `--reconnect`: subscribers connect again after a lost connection.
+    pub reconnect: bool,
 }
 
 impl RunConfig {

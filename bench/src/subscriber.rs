@@ -39,63 +39,116 @@ pub struct SubscriberResult {
     pub aliased: u64,
 }
 
+/// How a subscriber connects again after a lost connection (`--reconnect`).
+#[derive(Debug, Clone)]
+pub struct Redial {
+    /// Its client id.
+    pub id: String,
+    /// Its client slot (picks `--host` and `--bind`).
+    pub slot: usize,
+    /// What it subscribes to.
+    pub filter: String,
+}
+
+/// How often a `--reconnect` subscriber tries to connect again.
+const REDIAL_EVERY: Duration = Duration::from_millis(200);
+
 /// Runs one subscriber until `stop` turns true or the connection fails,
-/// accounting into `accounting`.
+/// accounting into `accounting`. With `redial`, a lost connection is made
+/// again (until `stop`) and the accounting goes on.
 pub async fn run_subscriber(
-    mut client: Client,
+    client: Client,
     accounting: Accounting,
     cfg: Arc<RunConfig>,
     t: Timeline,
     live: Arc<Live>,
     mut stop: watch::Receiver<bool>,
+    redial: Option<Redial>,
 ) -> SubscriberResult {
-    let version = client.version;
     let mut d = Deliveries::new(accounting, &cfg, t);
+    // One `changed()` future for the whole run: creating it per iteration
+    // registers and unregisters a waiter each time, a measurable cost per read.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
+    let mut client = client;
+    let failure = loop {
+        let Some(f) = serve(&mut client, &mut d, &cfg, &t, &live, stopped.as_mut()).await else {
+            client.disconnect().await;
+            break None;
+        };
+        let Some(r) = &redial else {
+            break Some(f);
+        };
+        eprintln!("bench: subscriber {}: {f}; connecting again", r.id);
+        let again = async {
+            loop {
+                let c = async {
+                    let mut c =
+                        mqtt::connect(&cfg.opts, &r.id, r.slot, READ_CHUNK_BYTES, None).await?;
+                    // A resumed session has the subscription (and may send
+                    // queued messages before a SUBACK would come).
+                    if !c.granted.session_present {
+                        c.subscribe(&r.filter, cfg.qos).await?;
+                    }
+                    Ok::<_, Failure>(c)
+                };
+                match c.await {
+                    Ok(c) => return c,
+                    Err(_) => tokio::time::sleep(REDIAL_EVERY).await,
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = stopped.as_mut() => break Some(f),
+            c = again => {
+                eprintln!("bench: subscriber {}: connected again", r.id);
+                client = c;
+            }
+        }
+    };
+    if let Some(f) = &failure {
+        live.error(format!("subscriber: {f}"));
+    }
+    d.finish(failure)
+}
+
+/// Serves one connection of a subscriber: `None` when `stopped` fired, else
+/// why the connection ended.
+async fn serve(
+    client: &mut Client,
+    d: &mut Deliveries,
+    cfg: &RunConfig,
+    t: &Timeline,
+    live: &Live,
+    mut stopped: std::pin::Pin<&mut impl std::future::Future>,
+) -> Option<Failure> {
+    let version = client.version;
     let mut rbuf = std::mem::take(&mut client.rbuf);
     let mut out = BytesMut::new();
-    let mut failure = None;
     let ping_every = Duration::from_millis(u64::from(cfg.opts.keep_alive_s) * 500);
     let (mut rd, mut wr) = client.stream.split();
     let ping = tokio::time::sleep(ping_every);
-    // One `changed()` future for the whole loop: creating it per iteration
-    // registers and unregisters a waiter each time, a measurable cost per read.
-    let stopped = stop.changed();
-    tokio::pin!(ping, stopped);
-
-    'run: loop {
+    tokio::pin!(ping);
+    loop {
         if rbuf.capacity() - rbuf.len() < READ_CHUNK_BYTES / 4 {
             rbuf.reserve(READ_CHUNK_BYTES);
         }
         tokio::select! {
             biased;
-            _ = &mut stopped => break 'run,
+            _ = &mut stopped => return None,
             r = rd.read_buf(&mut rbuf) => match r {
-                Ok(0) => {
-                    failure = Some(Failure::Closed);
-                    break 'run;
-                }
+                Ok(0) => return Some(Failure::Closed),
                 Ok(_) => {}
-                Err(e) => {
-                    failure = Some(e.into());
-                    break 'run;
-                }
+                Err(e) => return Some(e.into()),
             },
             _ = &mut ping, if !ping_every.is_zero() => {
                 mqtt::put(&Packet::PingReq, version, &mut out);
                 ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
             }
         }
-        if let Err(f) = d.take(
-            &mut rbuf,
-            version,
-            clock::now_ns(),
-            &cfg,
-            &t,
-            &live,
-            &mut out,
-        ) {
-            failure = Some(f);
-            break 'run;
+        if let Err(f) = d.take(&mut rbuf, version, clock::now_ns(), cfg, t, live, &mut out) {
+            return Some(f);
         }
         if !out.is_empty() {
             if let Err(e) = async {
@@ -104,17 +157,11 @@ pub async fn run_subscriber(
             }
             .await
             {
-                failure = Some(e.into());
-                break 'run;
+                return Some(e.into());
             }
             out.clear();
         }
     }
-    match &failure {
-        Some(f) => live.error(format!("subscriber: {f}")),
-        None => client.disconnect().await,
-    }
-    d.finish(failure)
 }
 
 /// What one subscriber has seen so far: the decoding and accounting shared by

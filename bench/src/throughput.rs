@@ -29,7 +29,7 @@ use crate::run::{RunConfig, Timeline, sleep_until_ns, wait_for_deliveries};
 use crate::stats::{
     LatencySummary, Live, ProgressLabels, Series, latency_histogram, spawn_progress,
 };
-use crate::subscriber::{SubscriberResult, run_subscriber};
+use crate::subscriber::{Redial, SubscriberResult, run_subscriber};
 use crate::sys::{CpuMeter, process_rss_bytes};
 
 /// Connections set up at once during setup, so a thousand subscribers do not
@@ -121,7 +121,8 @@ pub async fn run(cfg: RunConfig, plan: Plan) -> anyhow::Result<Report> {
     let sub_tasks: Vec<_> = subs
         .into_iter()
         .zip(&hears)
-        .map(|(c, hears)| {
+        .enumerate()
+        .map(|(i, (c, hears))| {
             let accounting = if plan.open {
                 Accounting::open()
             } else {
@@ -134,6 +135,11 @@ pub async fn run(cfg: RunConfig, plan: Plan) -> anyhow::Result<Report> {
                 t,
                 live.clone(),
                 stop_rx.clone(),
+                cfg.reconnect.then(|| Redial {
+                    id: cfg.client_id("sub", i as u32),
+                    slot: i,
+                    filter: plan.sub_filters[i].clone(),
+                }),
             ))
         })
         .collect();
