@@ -35,7 +35,10 @@
 #      WARMUP (1), OUT (bridge.jsonl), PORT_BASE (23100),
 #      SCENARIOS (q0,q1,outage), REMOTE (tessera|mosquitto), RATE (500 per publisher),
 #      OUTAGE_S (60), BRIDGE_VERSION (5: Tessera's bridge protocol), MOSQ_BRIDGE_VERSION
-#      (mqttv311, Mosquitto's default; or mqttv50)
+#      (mqttv311, Mosquitto's default; or mqttv50), MAX_INFLIGHT (unset: the defaults;
+#      else limits.max_inflight of every Tessera, local and remote, which is also the
+#      Receive Maximum a Tessera remote announces, and Mosquitto's
+#      max_inflight_messages)
 # Build first: cargo build --release -p tessera-broker -p tessera-bench
 set -euo pipefail
 BIN=${1:-target/release}
@@ -45,6 +48,13 @@ WARMUP=${WARMUP:-1}
 OUT=${OUT:-bridge.jsonl}
 SCENARIOS=${SCENARIOS:-q0,q1,outage}
 SETUPS=${SETUPS:-tessera-sync,tessera-batched,mosquitto}
+MAX_INFLIGHT=${MAX_INFLIGHT:-}
+limits_toml=""
+mosquitto_limits=""
+if [[ -n $MAX_INFLIGHT ]]; then
+    limits_toml=$(printf '[limits]\nmax_inflight = %s\n' "$MAX_INFLIGHT")
+    mosquitto_limits="max_inflight_messages $MAX_INFLIGHT"
+fi
 REMOTE=${REMOTE:-tessera}
 RATE=${RATE:-500}
 OUTAGE_S=${OUTAGE_S:-60}
@@ -99,7 +109,7 @@ start_remote() {
         pid[remote-$setup]=$!
         wait_port "$port"
     else
-        printf '[log]\nlevel = "warn"\n' >"$work/remote.toml"
+        printf '[log]\nlevel = "warn"\n%s\n' "$limits_toml" >"$work/remote.toml"
         taskset -c 1 "$BIN/broker" --shards 1 --listen "127.0.0.1:$port" \
             --admin-listen "127.0.0.1:$admin" --data-dir "$work/remote-$setup" \
             --config "$work/remote.toml" >>"$work/remote-$setup.log" 2>&1 &
@@ -131,6 +141,7 @@ log_dest file $work/local-$setup.log
 persistence true
 persistence_location $work/local-$setup/
 max_queued_messages 0
+$mosquitto_limits
 
 connection bench
 address 127.0.0.1:$remote
@@ -153,6 +164,8 @@ level = "warn"
 
 [persistence]
 durability = "${setup#tessera-}"
+
+$limits_toml
 
 [[bridge]]
 name = "bench"
