@@ -42,15 +42,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_ready() {
-    for _ in $(seq 150); do
-        curl -sf "http://127.0.0.1:$1/ready" >/dev/null && return 0
-        sleep 0.2
-    done
-    echo "not ready: admin port $1" >&2
-    return 1
-}
-
 # anon KiB and file KiB of a process.
 mem() { awk '/^Anonymous:/ {a=$2} /^Rss:/ {r=$2} END {print a, r - a}' "/proc/$1/smaps_rollup"; }
 
