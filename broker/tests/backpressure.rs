@@ -14,6 +14,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -57,6 +58,9 @@ fn options(addr: SocketAddr, id: &str) -> rumqttc::MqttOptions {
 /// goes (its default window of 100, beyond our Receive Maximum of 32) and
 /// waits for every PUBACK. Also counts PUBLISHes it receives (for clients
 /// subscribed to something) and returns when it has `expect` of them too.
+/// With `start`, it publishes only once every client sharing the barrier got
+/// its SUBACK: a message published before its subscriber subscribed is not
+/// for that subscriber.
 fn publisher(
     addr: SocketAddr,
     id: String,
@@ -64,6 +68,7 @@ fn publisher(
     n: usize,
     subscribe: Option<String>,
     expect: usize,
+    start: Option<Arc<Barrier>>,
 ) -> thread::JoinHandle<Vec<String>> {
     thread::spawn(move || {
         let (client, mut conn) = rumqttc::Client::new(options(addr, &id), 1000);
@@ -80,6 +85,9 @@ fn publisher(
                     other => panic!("{id}: no SUBACK: {other:?}"),
                 }
             }
+        }
+        if let Some(b) = &start {
+            b.wait();
         }
         let sender = {
             let client = client.clone();
@@ -147,7 +155,7 @@ fn slow_subscriber_fan_in(sub_shard: usize) {
     let pubs: Vec<_> = (0..publishers)
         .map(|k| {
             let id = id_on_shard(&format!("bp-pub{k}"), 0);
-            publisher(addr, id, "bp/fanin".into(), per, None, 0)
+            publisher(addr, id, "bp/fanin".into(), per, None, 0, None)
         })
         .collect();
     let mut next: HashMap<String, usize> = HashMap::new();
@@ -206,6 +214,8 @@ fn no_deadlock(clients: &[(&str, usize, &str, &str)], n: usize, lossless: bool) 
     let broker = Broker::start_with(&["--shards", "2"], &LIMITS);
     let addr = broker.addr();
     let started = Instant::now();
+    // Every client subscribed before any publishes (each feeds another's filter).
+    let start = Arc::new(Barrier::new(clients.len()));
     let handles: Vec<_> = clients
         .iter()
         .map(|(prefix, shard, topic, filter)| {
@@ -216,6 +226,7 @@ fn no_deadlock(clients: &[(&str, usize, &str, &str)], n: usize, lossless: bool) 
                 n,
                 Some((*filter).into()),
                 if lossless { n } else { 0 },
+                Some(start.clone()),
             )
         })
         .collect();
