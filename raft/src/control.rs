@@ -253,6 +253,8 @@ impl ClusterHandle {
     /// leader, a quorum of voters answered it; otherwise its leader reached it. A node
     /// cut off for longer than its session lease must stop serving the ClientIDs it
     /// holds, since the rest of the cluster may have given them to another node.
+    /// (openraft refreshes `millis_since_quorum_ack` every time its loop runs, at
+    /// least every tick.)
     pub fn in_contact(&self, within: Duration) -> bool {
         let leading = {
             let m = self.shared.metrics_rx.borrow();
@@ -615,11 +617,6 @@ impl Inner {
         self.shared.leader_contact_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// When the leader last reached this node (None: never since start).
-    fn last_leader_contact(&self) -> Option<tokio::time::Instant> {
-        self.shared.last_leader_contact()
-    }
-
     /// A snapshot from the leader was refused (it did not parse).
     pub(crate) fn note_snapshot_refused(&self) {
         self.shared
@@ -629,33 +626,16 @@ impl Inner {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Whether the leader reached this follower recently: within three heartbeats (at
-    /// most the shortest election timeout). A follower whose leader died stops being
-    /// ready then, instead of after the election that follows (openraft keeps the dead
-    /// leader as `current_leader` until a new one is elected: a lease plus an election
-    /// timeout).
-    fn leader_heard_recently(&self) -> bool {
-        self.last_leader_contact()
-            .is_some_and(|at| at.elapsed() < self.contact_window())
-    }
-
     /// How recent a leader's contact with a follower, or a quorum's answer to a
     /// leader, must be for it to count as ready: three heartbeats, at most the
-    /// shortest election timeout.
+    /// shortest election timeout. A follower whose leader died stops being ready
+    /// then, instead of after the election that follows (openraft keeps the dead
+    /// leader as `current_leader` until a new one is elected); a leader cut off from
+    /// its followers, which keeps its role but cannot commit, stops being ready too.
     fn contact_window(&self) -> Duration {
         Duration::from_millis(
             (self.config.heartbeat_interval_ms * 3).min(self.config.election_timeout_min_ms),
         )
-    }
-
-    /// Whether a quorum of voters answered this leader recently. A leader cut off
-    /// from its followers stays leader until its lease ends and someone else is
-    /// elected; it cannot commit anything meanwhile, so it must not say it is ready.
-    /// openraft refreshes `millis_since_quorum_ack` every time its loop runs, and a
-    /// leader's loop runs at least every heartbeat (the heartbeat and its failures).
-    fn quorum_heard_recently(m: &RaftMetrics<NodeId, NodeInfo>, window: Duration) -> bool {
-        m.millis_since_quorum_ack
-            .is_some_and(|ms| Duration::from_millis(ms) < window)
     }
 
     pub(crate) fn local_status(&self) -> ClusterStatus {
@@ -709,11 +689,7 @@ impl Inner {
             && m.current_leader.is_some()
             && voters.contains(&m.id)
             && applied >= commit
-            && if role == Role::Leader {
-                Self::quorum_heard_recently(&m, self.contact_window())
-            } else {
-                self.leader_heard_recently()
-            };
+            && self.handle.in_contact(self.contact_window());
         ClusterStatus {
             node_id: m.id,
             role,
@@ -1213,6 +1189,7 @@ async fn election_timer(inner: Arc<Inner>) {
                 None
             } else {
                 let heard = inner
+                    .shared
                     .last_leader_contact()
                     .map_or(vote_changed, |t| t.max(vote_changed));
                 let wait = if vote.is_committed() {

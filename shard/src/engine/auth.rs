@@ -275,6 +275,18 @@ impl Engine {
         &mut self,
         now_ms: u64,
         rc: ReasonCode,
+        pred: impl FnMut(&str, Option<&str>) -> bool,
+    ) -> usize {
+        self.end_conns_where(now_ms, rc, CloseReason::ProtocolError(rc), pred)
+    }
+
+    /// Ends every live connection for which `pred(client_id, username)` holds,
+    /// v5 clients with DISCONNECT `rc`, as `reason`. Returns how many.
+    pub(super) fn end_conns_where(
+        &mut self,
+        now_ms: u64,
+        rc: ReasonCode,
+        reason: CloseReason,
         mut pred: impl FnMut(&str, Option<&str>) -> bool,
     ) -> usize {
         let mut hit = Vec::new();
@@ -296,7 +308,7 @@ impl Engine {
             if self.conn(conn).version.is_v5() {
                 self.write_packet(conn, &Packet::Disconnect(Disconnect::new(rc)));
             }
-            self.end_conn(now_ms, conn, CloseReason::ProtocolError(rc));
+            self.end_conn(now_ms, conn, reason);
         }
         hit.len()
     }

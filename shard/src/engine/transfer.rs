@@ -36,7 +36,7 @@
 use tessera_proto::{Disconnect, Packet, ReasonCode, Str, topic};
 
 use super::{CloseReason, Engine};
-use crate::session::{ConnId, Delivery, InflightState, SessionIdx, SubscriptionEntry};
+use crate::session::{Delivery, InflightState, SessionIdx, SubscriptionEntry};
 use crate::store::record::{
     self, DelayedWillRec, STATE_PUBLISHED, STATE_QUEUED, STATE_RELEASED, TransferRec,
     TransferTailRec,
@@ -166,29 +166,12 @@ impl Engine {
     /// another server, for a while: 0x88 is not a DISCONNECT code), as at a shutdown: the will follows the usual rules and the
     /// session stays here (a later takeover moves it). Returns how many ended.
     pub fn fence(&mut self, now_ms: u64, mut pred: impl FnMut(&str) -> bool) -> usize {
-        let mut hit = Vec::new();
-        for (slot, c) in self.conns.iter().enumerate() {
-            let Some(c) = c else { continue };
-            if c.ended || c.session == SessionIdx::MAX {
-                continue;
-            }
-            if pred(self.session(c.session).client_id.as_str()) {
-                hit.push(ConnId {
-                    slot: slot as u32,
-                    serial: c.serial,
-                });
-            }
-        }
-        for &conn in &hit {
-            if self.conn(conn).version.is_v5() {
-                self.write_packet(
-                    conn,
-                    &Packet::Disconnect(Disconnect::new(ReasonCode::UseAnotherServer)),
-                );
-            }
-            self.end_conn(now_ms, conn, CloseReason::ServerShutdown);
-        }
-        hit.len()
+        self.end_conns_where(
+            now_ms,
+            ReasonCode::UseAnotherServer,
+            CloseReason::ServerShutdown,
+            |client_id, _| pred(client_id),
+        )
     }
 
     /// The new owner connected with Clean Start: the session ends here (a moving copy
