@@ -7,10 +7,18 @@
 //! cargo run --release -p tessera-raft --example raft_bench -- --kind route --ops 400000
 //! ```
 //!
-//! Prints ops/s, proposal-to-applied p50/p99 (µs, measured per op by the proposer), and
-//! the mean ops per log entry (each entry is one synced append on each node). Options:
+//! Prints ops/s (route deltas/s for `--kind route`), proposal-to-applied p50/p99 (µs,
+//! measured per op by the proposer, counted once per delta), and the mean ops and deltas
+//! per log entry (each entry is one synced append on each node). Options:
 //! `--nodes 3 --in-flight 8192 --batch-ops 1024 --window-us 500 --batches-in-flight 4
 //! --rate OPS_PER_S --dir PATH` (a directory on the disk to measure; default under `target/`).
+//!
+//! `--kind route --deltas-per-op 512` (the default): each proposal is one
+//! `Op::RouteDeltas` of 512 filters, as the broker's forwarder sends the route changes
+//! that accumulated while its earlier route proposals were in flight (a subscribe storm);
+//! every filter counts as one delta. `--deltas-per-op 1` proposes one `Op::RouteDelta`
+//! per filter (the forwarder's shape when changes arrive one at a time).
+//! `--in-flight` counts deltas.
 //!
 //! `--net quic`: the nodes talk over the real QUIC link (`tessera_raft::link`, mutual TLS
 //! with an in-memory cluster CA, UDP on 127.0.0.1 ports 21701..) instead of the in-memory
@@ -29,7 +37,7 @@ use hdrhistogram::Histogram;
 use tessera_raft::link::certs::ClusterCa;
 use tessera_raft::link::{Link, LinkCerts, LinkConfig};
 use tessera_raft::memnet::MemNet;
-use tessera_raft::{ClusterConfig, ClusterError, ControlPlane, NodeInfo, Op, Role};
+use tessera_raft::{ClusterConfig, ClusterError, ControlPlane, NodeInfo, Op, Role, RouteChange};
 
 struct Args {
     kind: String,
@@ -41,6 +49,7 @@ struct Args {
     rate: Option<u64>,
     batches_in_flight: usize,
     rounds: u32,
+    deltas_per_op: usize,
     net: String,
     dir: std::path::PathBuf,
 }
@@ -56,6 +65,7 @@ fn args() -> Args {
         rate: None,
         batches_in_flight: 4,
         rounds: 10,
+        deltas_per_op: 512,
         net: "mem".into(),
         dir: std::path::PathBuf::from("target/raft-bench"),
     };
@@ -72,12 +82,35 @@ fn args() -> Args {
             "--rate" => a.rate = Some(v.parse().expect("--rate")),
             "--batches-in-flight" => a.batches_in_flight = v.parse().expect("--batches-in-flight"),
             "--rounds" => a.rounds = v.parse().expect("--rounds"),
+            "--deltas-per-op" => a.deltas_per_op = v.parse().expect("--deltas-per-op"),
             "--net" => a.net = v,
             "--dir" => a.dir = v.into(),
             other => panic!("unknown option {other}"),
         }
     }
     a
+}
+
+/// The op starting at delta `i` (`n` deltas: a `RouteDeltas` of `n` changes for
+/// `--kind route` with `--deltas-per-op` above 1, else one op per delta).
+fn op_of(kind: &str, i: u64, n: u64, node: u64) -> Op {
+    if kind != "route" || n == 1 {
+        return op(kind, i, node);
+    }
+    Op::RouteDeltas {
+        node,
+        changes: (i..i + n)
+            .map(|j| RouteChange {
+                filter: route_filter(j),
+                group: None,
+                add: true,
+            })
+            .collect(),
+    }
+}
+
+fn route_filter(i: u64) -> String {
+    format!("sensors/{}/{}/#", i % 100_000, i / 100_000)
 }
 
 fn op(kind: &str, i: u64, node: u64) -> Op {
@@ -88,7 +121,7 @@ fn op(kind: &str, i: u64, node: u64) -> Op {
         },
         "route" => Op::RouteDelta {
             node,
-            filter: format!("sensors/{}/{}/#", i % 100_000, i / 100_000),
+            filter: route_filter(i),
             group: None,
             add: true,
         },
@@ -157,18 +190,32 @@ async fn main() {
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
     ));
     let busy = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let per_op = if a.kind == "route" {
+        a.deltas_per_op
+            .clamp(1, tessera_raft::op::ROUTE_CHANGES_MAX) as u64
+    } else {
+        1
+    };
     let start = Instant::now();
-    for i in 0..a.ops {
+    let mut i = 0u64;
+    let mut proposed = 0u64;
+    while i < a.ops {
+        let n = per_op.min(a.ops - i);
         if let Some(rate) = a.rate {
             let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 tokio::time::sleep(wait).await;
             }
         }
-        let permit = permits.clone().acquire_owned().await.expect("semaphore");
-        let node = (i % a.nodes) as usize;
+        // Permits count deltas: `--in-flight` deltas outstanding, whatever the op size.
+        let permit = permits
+            .clone()
+            .acquire_many_owned(n as u32)
+            .await
+            .expect("semaphore");
+        let node = (proposed % a.nodes) as usize;
         let h = handles[node].clone();
-        let o = op(&a.kind, i, node as u64 + 1);
+        let o = op_of(&a.kind, i, n, node as u64 + 1);
         let hist = hist.clone();
         let busy = busy.clone();
         tokio::spawn(async move {
@@ -186,11 +233,14 @@ async fn main() {
                     Err(e) => panic!("{e}"),
                 }
             }
+            // Every delta of the op waited as long as the op.
             hist.lock()
                 .expect("histogram")
-                .saturating_record(t.elapsed().as_micros() as u64);
+                .saturating_record_n(t.elapsed().as_micros() as u64, n);
             drop(permit);
         });
+        i += n;
+        proposed += 1;
     }
     // Every task holds a permit until its op is applied: all permits back = all done.
     let _all = permits
@@ -208,18 +258,23 @@ async fn main() {
         entries += m.ops_per_entry.count - b.ops_per_entry.count;
         ops += m.ops_per_entry.sum - b.ops_per_entry.sum;
     }
+    // `ops` counts the ops of committed entries; each op of this run carried `per_op`
+    // deltas (the last one perhaps fewer).
     println!(
-        "kind={} nodes={} ops={} in_flight={} rate={} : {:.0} ops/s, p50 {} us, p99 {} us, max {} us, {:.1} ops/entry ({} entries), busy retries {}",
+        "kind={} nodes={} ops={} deltas_per_op={} in_flight={} rate={} : {:.0} {}/s, p50 {} us, p99 {} us, max {} us, {:.1} ops/entry, {:.0} deltas/entry ({} entries), busy retries {}",
         a.kind,
         a.nodes,
         a.ops,
+        per_op,
         a.in_flight,
         a.rate.map_or("max".to_string(), |r| r.to_string()),
         a.ops as f64 / secs,
+        if a.kind == "route" { "deltas" } else { "ops" },
         p50,
         p99,
         max,
         ops as f64 / entries.max(1) as f64,
+        a.ops as f64 / entries.max(1) as f64,
         entries,
         busy.load(std::sync::atomic::Ordering::Relaxed),
     );

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::{ClusterConfig, ConfigError};
 use crate::metrics::{ClusterMetrics, MetricsCore};
 use crate::network::Network;
-use crate::op::{Batch, BatchResult, EntryData, Op, OpResult, Rejection};
+use crate::op::{Batch, BatchResult, EntryData, Op, OpResult, Rejection, RouteChange};
 use crate::rpc::{self, AdminReply, AdminRequest, ProposeRefusal, RaftReply, RaftRequest};
 use crate::service::RaftService;
 use crate::status::{ClusterStatus, MemberStatus, Role};
@@ -1022,6 +1022,7 @@ fn approx_bytes(op: &Op) -> usize {
         Op::RouteDelta { filter, group, .. } => {
             filter.len() + group.as_ref().map_or(0, String::len)
         }
+        Op::RouteDeltas { changes, .. } => changes.iter().map(RouteChange::approx_bytes).sum(),
         Op::RetainedSet { topic, inline, .. } => topic.len() + inline.as_ref().map_or(0, Vec::len),
         Op::RetainedClear { topic, .. } => topic.len(),
         Op::NodeMeta { info, .. } => {

@@ -91,7 +91,7 @@ pub mod types;
 pub use config::{ClusterConfig, ConfigError};
 pub use control::{Applied, ClusterError, ClusterHandle, ControlPlane, PendingOp, StartError};
 pub use metrics::{ClusterMetrics, HistogramSnapshot};
-pub use op::{Op, OpResult, Owner};
+pub use op::{Op, OpResult, Owner, RouteChange};
 pub use status::{ClusterStatus, MemberStatus, Role};
 pub use store::stm::{AppliedEntry, AppliedEvent, TablesView};
 pub use transport::{Channel, NodeId, Service, Transport, TransportError};

@@ -38,6 +38,9 @@ pub const RETAINED_INLINE_BYTES_MAX: usize = 64 * 1024;
 pub const ADDRESS_BYTES_MAX: usize = 256;
 /// Most ops one entry may carry (epochs reserve 20 bits for the position in the entry).
 pub const BATCH_OPS_HARD_MAX: usize = 1 << 20;
+/// Most route changes one [`Op::RouteDeltas`] carries (a node's aggregated changes; with
+/// [`FILTER_BYTES_MAX`] filters this keeps an op under half of the batcher's byte bound).
+pub const ROUTE_CHANGES_MAX: usize = 1024;
 /// How long (entry time) the state machine remembers a batch's results for duplicates.
 /// A proposer stops retrying a batch long before this (`proposal_timeout_ms`).
 pub const IDEMPOTENCY_WINDOW_MS: u64 = 120_000;
@@ -75,6 +78,17 @@ pub enum Op {
         /// Add (first subscriber) or remove (last one gone).
         add: bool,
     },
+    /// `node`'s route changes, aggregated: each change is what one [`Op::RouteDelta`]
+    /// would do (one per node and filter), applied in order. The broker's forwarder sends
+    /// what accumulated while its earlier route proposals were in flight as one of these,
+    /// so a storm of first subscribers costs one op, one reply and one task per
+    /// aggregate instead of per filter. Valid only whole: one bad change rejects the op.
+    RouteDeltas {
+        /// The node.
+        node: NodeId,
+        /// The changes, 1 to [`ROUTE_CHANGES_MAX`].
+        changes: Vec<RouteChange>,
+    },
     /// Set the retained message of `topic`; the last writer by log index wins everywhere.
     RetainedSet {
         /// The topic.
@@ -100,6 +114,33 @@ pub enum Op {
         /// Its addresses and shape.
         info: NodeInfo,
     },
+}
+
+/// One change of a node's routes in an [`Op::RouteDeltas`].
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RouteChange {
+    /// The topic filter (without a `$share/group/` prefix).
+    pub filter: String,
+    /// The shared-subscription group, for a `$share/{group}/{filter}` member.
+    pub group: Option<String>,
+    /// Add (the node's first subscriber) or remove (its last one gone).
+    pub add: bool,
+}
+
+impl RouteChange {
+    /// Checks the change's bounds (those of [`Op::RouteDelta`]).
+    pub fn validate(&self) -> Result<(), Rejection> {
+        check_str(&self.filter, FILTER_BYTES_MAX, Field::Filter)?;
+        if let Some(g) = &self.group {
+            check_str(g, GROUP_BYTES_MAX, Field::Group)?;
+        }
+        Ok(())
+    }
+
+    /// Approximate encoded size, bytes (the batcher's byte bound).
+    pub fn approx_bytes(&self) -> usize {
+        16 + self.filter.len() + self.group.as_ref().map_or(0, String::len)
+    }
 }
 
 /// One log entry's worth of ops from one proposer.
@@ -182,6 +223,9 @@ pub enum Rejection {
     /// Retained inline record too large or larger than its declared size.
     #[error("retained inline record exceeds its bound")]
     InlineTooLarge,
+    /// A `RouteDeltas` op with no change or more than [`ROUTE_CHANGES_MAX`].
+    #[error("a route-deltas op carries 0 or more than {ROUTE_CHANGES_MAX} changes")]
+    BadRouteCount,
 }
 
 /// What applying one op did.
@@ -206,6 +250,9 @@ pub enum OpResult {
     RouteAdded(bool),
     /// The route was removed (`true`) or was not there (`false`).
     RouteRemoved(bool),
+    /// Per change of a `RouteDeltas`, in order: whether it changed the table (an add of a
+    /// route that was absent, a remove of one that was there).
+    RoutesChanged(Vec<bool>),
     /// The retained message is set.
     RetainedSet,
     /// The retained message was cleared (`true`) or there was none (`false`).
@@ -329,6 +376,15 @@ impl Op {
                 }
                 check_node(*node)
             }
+            Op::RouteDeltas { node, changes } => {
+                if changes.is_empty() || changes.len() > ROUTE_CHANGES_MAX {
+                    return Err(Rejection::BadRouteCount);
+                }
+                for c in changes {
+                    c.validate()?;
+                }
+                check_node(*node)
+            }
             Op::RetainedSet {
                 topic,
                 origin,
@@ -361,12 +417,22 @@ impl Op {
         }
     }
 
+    /// How many deltas the op is: its changes for a `RouteDeltas`, else 1 (benchmarks
+    /// and metrics count route deltas, not ops).
+    pub fn deltas(&self) -> usize {
+        match self {
+            Op::RouteDeltas { changes, .. } => changes.len(),
+            _ => 1,
+        }
+    }
+
     /// Short name, for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
             Op::ClaimSession { .. } => "claim",
             Op::ReleaseSession { .. } => "release",
             Op::RouteDelta { .. } => "route",
+            Op::RouteDeltas { .. } => "routes",
             Op::RetainedSet { .. } => "retained_set",
             Op::RetainedClear { .. } => "retained_clear",
             Op::NodeMeta { .. } => "node_meta",
@@ -441,6 +507,21 @@ mod tests {
                 size: 3,
                 inline: Some(vec![1, 2, 3]),
             },
+            Op::RouteDeltas {
+                node: 2,
+                changes: vec![
+                    RouteChange {
+                        filter: "x/#".into(),
+                        group: None,
+                        add: true,
+                    },
+                    RouteChange {
+                        filter: "y".into(),
+                        group: Some("g".into()),
+                        add: false,
+                    },
+                ],
+            },
         ]);
         let data = b.encode();
         assert_eq!(data.decode().unwrap(), b);
@@ -453,10 +534,20 @@ mod tests {
 
     #[test]
     fn garbage_and_truncated_entries_are_errors_not_panics() {
-        let data = batch(vec![Op::ClaimSession {
-            client_id: "c".into(),
-            node: 1,
-        }])
+        let data = batch(vec![
+            Op::ClaimSession {
+                client_id: "c".into(),
+                node: 1,
+            },
+            Op::RouteDeltas {
+                node: 1,
+                changes: vec![RouteChange {
+                    filter: "f/+".into(),
+                    group: Some("g".into()),
+                    add: true,
+                }],
+            },
+        ])
         .encode();
         for cut in 0..data.0.len() {
             let _ = EntryData(data.0.slice(..cut)).decode();

@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use common::{Cluster, voters};
 use tessera_raft::memnet::Faults;
-use tessera_raft::{AppliedEvent, ClusterConfig, NodeId, Op, OpResult, Role};
+use tessera_raft::{AppliedEvent, ClusterConfig, NodeId, Op, OpResult, Role, RouteChange};
 
 struct Rng(u64);
 
@@ -156,11 +156,23 @@ fn random_op(rng: &mut Rng, node: NodeId, epochs: &BTreeMap<String, (NodeId, u64
                 epoch: 1,
             },
         },
-        5..=7 => Op::RouteDelta {
+        5..=6 => Op::RouteDelta {
             node,
             filter: format!("f/{}", rng.below(6)),
             group: (rng.below(3) == 0).then(|| "g".to_string()),
             add: rng.below(3) != 0,
+        },
+        // A node's aggregated route changes (the forwarder's shape under load), one key
+        // possibly twice.
+        7 => Op::RouteDeltas {
+            node,
+            changes: (0..1 + rng.below(4))
+                .map(|_| RouteChange {
+                    filter: format!("f/{}", rng.below(6)),
+                    group: (rng.below(3) == 0).then(|| "g".to_string()),
+                    add: rng.below(3) != 0,
+                })
+                .collect(),
         },
         8 => Op::RetainedSet {
             topic: format!("r/{}", rng.below(5)),
@@ -304,11 +316,28 @@ async fn run(seed: u64) {
                 | OpResult::RetainedCleared(false)
                 | OpResult::Rejected(_)
         );
+        // A route-deltas op is broadcast cut down to the changes that changed the table.
+        let (changed, needle) = match (op, result) {
+            (Op::RouteDeltas { node, changes }, OpResult::RoutesChanged(yes)) => {
+                let effective: Vec<RouteChange> = changes
+                    .iter()
+                    .zip(yes)
+                    .filter(|(_, y)| **y)
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                let r = OpResult::RoutesChanged(vec![true; effective.len()]);
+                let op = Op::RouteDeltas {
+                    node: *node,
+                    changes: effective,
+                };
+                (yes.contains(&true), format!("({op:?}, {r:?})"))
+            }
+            _ => (changed, format!("({op:?}, {result:?})")),
+        };
         if changed {
             let text = g.applied.get(index).unwrap_or_else(|| {
                 panic!("acked op {op:?} at {index}: no node applied that index")
             });
-            let needle = format!("({op:?}, {result:?})");
             assert!(
                 text.contains(&needle),
                 "acked {needle} missing from index {index}: {text}"

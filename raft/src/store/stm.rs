@@ -28,8 +28,8 @@ use super::{
     write_err,
 };
 use crate::op::{
-    Batch, BatchResult, DecodeError, IDEMPOTENCY_WINDOW_MS, Op, OpResult, Owner, decode_rkyv,
-    encode_rkyv,
+    Batch, BatchResult, DecodeError, IDEMPOTENCY_WINDOW_MS, Op, OpResult, Owner, RouteChange,
+    decode_rkyv, encode_rkyv,
 };
 use crate::transport::NodeId;
 use crate::types::{NodeInfo, TypeConfig};
@@ -157,14 +157,18 @@ impl StateMachine {
 }
 
 fn route_key(filter: &str, group: Option<&str>, node: NodeId) -> Vec<u8> {
-    let g = group.unwrap_or("");
-    let mut k = Vec::with_capacity(filter.len() + g.len() + 10);
+    let mut k = Vec::with_capacity(filter.len() + group.map_or(0, str::len) + 10);
+    push_route_key(&mut k, filter, group, node);
+    k
+}
+
+/// Appends the LMDB key of a route to `k`: `filter \0 group \0 node(be)`.
+fn push_route_key(k: &mut Vec<u8>, filter: &str, group: Option<&str>, node: NodeId) {
     k.extend_from_slice(filter.as_bytes());
     k.push(0);
-    k.extend_from_slice(g.as_bytes());
+    k.extend_from_slice(group.unwrap_or("").as_bytes());
     k.push(0);
     k.extend_from_slice(&node.to_be_bytes());
-    k
 }
 
 fn parse_route_key(k: &[u8]) -> Option<(String, Option<String>, NodeId)> {
@@ -198,6 +202,12 @@ pub fn claim_epoch(index: u64, position: usize) -> u64 {
 struct Applier<'a> {
     store: &'a Store,
     w: RwTxn<'a>,
+    /// The route stamp of the entry being applied (one encoding per entry, not per op).
+    stamp: Vec<u8>,
+    /// Keys of a `RouteDeltas` op being applied, back to back (reused across ops).
+    keys: Vec<u8>,
+    /// Per change of that op: (key start, key end, position in the op).
+    order: Vec<(usize, usize, usize)>,
 }
 
 type SResult<T> = Result<T, StorageError<NodeId>>;
@@ -274,19 +284,18 @@ impl Applier<'_> {
                 add,
             } => {
                 let key = route_key(filter, group.as_deref(), *node);
-                // One B-tree walk per op: insert-if-absent, or delete-if-present.
-                if *add {
-                    let stamp = encode_rkyv(&RouteStamp { index, time_ms });
-                    let added = dbs
-                        .routes
-                        .get_or_put(&mut self.w, &key, &stamp)
-                        .map_err(write_err)?
-                        .is_none();
-                    (OpResult::RouteAdded(added), added)
+                let changed = self.route(&key, *add)?;
+                let r = if *add {
+                    OpResult::RouteAdded(changed)
                 } else {
-                    let existed = dbs.routes.delete(&mut self.w, &key).map_err(write_err)?;
-                    (OpResult::RouteRemoved(existed), existed)
-                }
+                    OpResult::RouteRemoved(changed)
+                };
+                (r, changed)
+            }
+            Op::RouteDeltas { node, changes } => {
+                let changed = self.routes(*node, changes)?;
+                let any = changed.contains(&true);
+                (OpResult::RoutesChanged(changed), any)
             }
             Op::RetainedSet {
                 topic,
@@ -320,6 +329,51 @@ impl Applier<'_> {
                 (OpResult::NodeMetaSet, true)
             }
         })
+    }
+
+    /// Adds (if absent) or removes (if present) the route `key`; whether it changed.
+    /// One B-tree walk per change.
+    fn route(&mut self, key: &[u8], add: bool) -> SResult<bool> {
+        let routes = self.store.dbs.routes;
+        if add {
+            Ok(routes
+                .get_or_put(&mut self.w, key, &self.stamp)
+                .map_err(write_err)?
+                .is_none())
+        } else {
+            routes.delete(&mut self.w, key).map_err(write_err)
+        }
+    }
+
+    /// Applies `node`'s route changes in key order (neighbouring keys share B-tree pages,
+    /// which stay in cache; the sort is stable, so changes to one key keep their order
+    /// and the result is the one of applying them in the op's order). Returns, per change
+    /// in the op's order, whether it changed the table.
+    fn routes(&mut self, node: NodeId, changes: &[RouteChange]) -> SResult<Vec<bool>> {
+        self.keys.clear();
+        self.order.clear();
+        for (pos, c) in changes.iter().enumerate() {
+            let start = self.keys.len();
+            push_route_key(&mut self.keys, &c.filter, c.group.as_deref(), node);
+            self.order.push((start, self.keys.len(), pos));
+        }
+        let keys = std::mem::take(&mut self.keys);
+        let mut order = std::mem::take(&mut self.order);
+        order.sort_by(|a, b| keys[a.0..a.1].cmp(&keys[b.0..b.1]));
+        let mut changed = vec![false; changes.len()];
+        let mut result = Ok(());
+        for &(start, end, pos) in &order {
+            match self.route(&keys[start..end], changes[pos].add) {
+                Ok(c) => changed[pos] = c,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.keys = keys;
+        self.order = order;
+        result.map(|()| changed)
     }
 
     /// Forgets idempotency records older than the window (entry time).
@@ -371,6 +425,11 @@ impl Applier<'_> {
             ));
         }
         *clock = (*clock).max(batch.time_ms);
+        self.stamp.clear();
+        self.stamp.extend_from_slice(&encode_rkyv(&RouteStamp {
+            index,
+            time_ms: *clock,
+        }));
         let n = batch.ops.len();
         let mut results = Vec::with_capacity(n);
         let mut changes = Vec::with_capacity(n);
@@ -387,7 +446,7 @@ impl Applier<'_> {
                 Ok(()) => self.apply_op(&op, index, pos, *clock)?,
             };
             if changed {
-                changes.push((op, r.clone()));
+                changes.push(effective(op, &r));
             }
             results.push(r);
         }
@@ -426,6 +485,23 @@ impl Applier<'_> {
     }
 }
 
+/// What a changed op broadcasts: the op and its result, a `RouteDeltas` cut down to the
+/// changes that changed the table (subscribers see only effective route changes).
+fn effective(op: Op, r: &OpResult) -> (Op, OpResult) {
+    match (op, r) {
+        (Op::RouteDeltas { node, changes }, OpResult::RoutesChanged(changed)) => {
+            let changes: Vec<RouteChange> = changes
+                .into_iter()
+                .zip(changed)
+                .filter_map(|(c, yes)| yes.then_some(c))
+                .collect();
+            let r = OpResult::RoutesChanged(vec![true; changes.len()]);
+            (Op::RouteDeltas { node, changes }, r)
+        }
+        (op, r) => (op, r.clone()),
+    }
+}
+
 fn decode_batch(data: &crate::op::EntryData) -> Result<Batch, DecodeError> {
     let b = data.decode()?;
     b.validate_shape()?;
@@ -440,7 +516,13 @@ fn apply_entries(
 ) -> SResult<(Vec<BatchResult>, Vec<AppliedEntry>)> {
     let dbs = store.dbs;
     let w = store.sm_env().write_txn().map_err(write_err)?;
-    let mut a = Applier { store, w };
+    let mut a = Applier {
+        store,
+        w,
+        stamp: Vec::new(),
+        keys: Vec::new(),
+        order: Vec::new(),
+    };
     let mut clock: u64 = match a.get(dbs.sm_meta, b"clock_ms")? {
         Some(v) => decode_bincode(&v).map_err(read_err)?,
         None => 0,
@@ -761,6 +843,230 @@ mod tests {
         let k = route_key("x", None, 1);
         assert_eq!(parse_route_key(&k), Some(("x".into(), None, 1)));
         assert_eq!(parse_route_key(b"short"), None);
+    }
+
+    use crate::op::{EntryData, ROUTE_CHANGES_MAX, Rejection};
+    use crate::store::StoreOptions;
+    use openraft::CommittedLeaderId;
+
+    fn store(dir: &std::path::Path) -> Arc<Store> {
+        Store::open(
+            dir,
+            StoreOptions {
+                map_size_bytes: 64 << 20,
+                fsync: false,
+                io_on_blocking_pool: false,
+            },
+        )
+        .unwrap()
+    }
+
+    fn entry(index: u64, data: EntryData) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(data),
+        }
+    }
+
+    fn batch(seq: u64, ops: Vec<Op>) -> Batch {
+        Batch {
+            proposer: 2,
+            incarnation: 1,
+            seq,
+            time_ms: 1_000 + seq,
+            ops,
+        }
+    }
+
+    fn change(filter: &str, group: Option<&str>, add: bool) -> RouteChange {
+        RouteChange {
+            filter: filter.into(),
+            group: group.map(Into::into),
+            add,
+        }
+    }
+
+    fn route_rows(s: &Arc<Store>) -> Vec<TableRow> {
+        let v = TablesView::new(s.clone()).unwrap();
+        v.dump()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.0 == "routes")
+            .collect()
+    }
+
+    /// A `RouteDeltas` op does exactly what its changes do as single `RouteDelta` ops in
+    /// the same order (same tables, same per-change outcome), even with several changes
+    /// to one key in one op, and broadcasts only the changes that changed the table.
+    #[test]
+    fn route_deltas_apply_like_the_same_single_deltas_in_order() {
+        let changes = vec![
+            change("z/#", None, true),
+            change("a/+", Some("g"), true),
+            change("z/#", None, true),
+            change("m", None, true),
+            change("z/#", None, false),
+            change("gone", None, false),
+            change("z/#", None, true),
+            change("a/+", None, true),
+        ];
+        let multi = tempfile::tempdir().unwrap();
+        let single = tempfile::tempdir().unwrap();
+        let (sm, ss) = (store(multi.path()), store(single.path()));
+        // One route existed before: its add is no change.
+        let pre = Op::RouteDelta {
+            node: 2,
+            filter: "m".into(),
+            group: None,
+            add: true,
+        };
+        for s in [&sm, &ss] {
+            apply_entries(s, vec![entry(1, batch(1, vec![pre.clone()]).encode())]).unwrap();
+        }
+        let op = Op::RouteDeltas {
+            node: 2,
+            changes: changes.clone(),
+        };
+        let (res, applied) =
+            apply_entries(&sm, vec![entry(2, batch(2, vec![op]).encode())]).unwrap();
+        let expected = vec![true, true, false, false, true, false, true, true];
+        assert_eq!(
+            res[0].results,
+            vec![OpResult::RoutesChanged(expected.clone())]
+        );
+        let singles: Vec<Op> = changes
+            .iter()
+            .map(|c| Op::RouteDelta {
+                node: 2,
+                filter: c.filter.clone(),
+                group: c.group.clone(),
+                add: c.add,
+            })
+            .collect();
+        let (sres, _) = apply_entries(&ss, vec![entry(2, batch(2, singles).encode())]).unwrap();
+        let single_changed: Vec<bool> = sres[0]
+            .results
+            .iter()
+            .map(|r| matches!(r, OpResult::RouteAdded(true) | OpResult::RouteRemoved(true)))
+            .collect();
+        assert_eq!(single_changed, expected);
+        assert_eq!(route_rows(&sm), route_rows(&ss));
+        assert_eq!(route_rows(&sm).len(), 4, "z/#, a/+ in g, a/+, m");
+        // Broadcast: the effective changes, in the op's order.
+        assert_eq!(applied.len(), 1);
+        let effective: Vec<RouteChange> = changes
+            .iter()
+            .zip(&expected)
+            .filter(|(_, yes)| **yes)
+            .map(|(c, _)| c.clone())
+            .collect();
+        assert_eq!(
+            applied[0].changes,
+            vec![(
+                Op::RouteDeltas {
+                    node: 2,
+                    changes: effective
+                },
+                OpResult::RoutesChanged(vec![true; 5])
+            )]
+        );
+    }
+
+    /// A lying (or buggy) peer's entry with a bad `RouteDeltas` is rejected op by op: the
+    /// bad op changes nothing, the good ops of the same entry apply, nothing panics.
+    #[test]
+    fn a_bad_route_deltas_op_is_rejected_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let good = Op::RouteDeltas {
+            node: 3,
+            changes: vec![change("ok/1", None, true)],
+        };
+        let bad = [
+            (
+                Op::RouteDeltas {
+                    node: 3,
+                    changes: vec![change("ok/2", None, true), change("a\0b", None, true)],
+                },
+                Rejection::BadString(crate::op::Field::Filter),
+            ),
+            (
+                Op::RouteDeltas {
+                    node: 3,
+                    changes: vec![change("ok/3", Some(""), true)],
+                },
+                Rejection::BadString(crate::op::Field::Group),
+            ),
+            (
+                Op::RouteDeltas {
+                    node: 0,
+                    changes: vec![change("ok/4", None, true)],
+                },
+                Rejection::BadNode,
+            ),
+            (
+                Op::RouteDeltas {
+                    node: 3,
+                    changes: Vec::new(),
+                },
+                Rejection::BadRouteCount,
+            ),
+            (
+                Op::RouteDeltas {
+                    node: 3,
+                    changes: (0..=ROUTE_CHANGES_MAX)
+                        .map(|i| change(&format!("f/{i}"), None, true))
+                        .collect(),
+                },
+                Rejection::BadRouteCount,
+            ),
+        ];
+        let mut ops = vec![good.clone()];
+        ops.extend(bad.iter().map(|(op, _)| op.clone()));
+        ops.push(good);
+        let (res, applied) = apply_entries(&s, vec![entry(1, batch(1, ops).encode())]).unwrap();
+        let r = &res[0].results;
+        assert_eq!(r[0], OpResult::RoutesChanged(vec![true]));
+        for (i, (_, why)) in bad.iter().enumerate() {
+            assert_eq!(r[i + 1], OpResult::Rejected(*why), "op {}", i + 1);
+        }
+        assert_eq!(r[bad.len() + 1], OpResult::RoutesChanged(vec![false]));
+        let rows = route_rows(&s);
+        assert_eq!(rows.len(), 1, "only ok/1: {rows:?}");
+        assert_eq!(applied[0].changes.len(), 1);
+        assert_eq!(s.counters.ops_rejected.load(Ordering::Relaxed), 5);
+    }
+
+    /// A batch retried after a leader change (the same bytes, a later index) is answered
+    /// with the first results and applies nothing twice: a remove in between stays.
+    #[test]
+    fn a_retried_route_deltas_batch_applies_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let data = batch(
+            7,
+            vec![Op::RouteDeltas {
+                node: 2,
+                changes: vec![change("r/1", None, true), change("r/2", None, true)],
+            }],
+        )
+        .encode();
+        let (first, _) = apply_entries(&s, vec![entry(1, data.clone())]).unwrap();
+        let remove = Op::RouteDelta {
+            node: 2,
+            filter: "r/1".into(),
+            group: None,
+            add: false,
+        };
+        apply_entries(&s, vec![entry(2, batch(8, vec![remove]).encode())]).unwrap();
+        let (again, applied) = apply_entries(&s, vec![entry(3, data)]).unwrap();
+        assert!(again[0].duplicate);
+        assert_eq!(again[0].index, 1);
+        assert_eq!(again[0].results, first[0].results);
+        assert!(applied.is_empty(), "a duplicate broadcasts nothing");
+        let rows = route_rows(&s);
+        assert_eq!(rows.len(), 1, "r/1 stays removed: {rows:?}");
+        assert_eq!(s.counters.duplicate_batches.load(Ordering::Relaxed), 1);
     }
 
     #[test]
