@@ -268,6 +268,71 @@ fn subscribe_then_publish_holds_under_concurrent_subscribes_and_publishes() {
     }
 }
 
+/// A subscribe storm: one SUBSCRIBE with 200 filters nobody subscribed to before, on
+/// node 1. Its SUBACK comes once every route is in force cluster-wide, so a publication
+/// to each filter from node 2 right after it reaches the subscriber, every one. Node 1
+/// proposes the 200 route changes aggregated (`RouteDeltas`, one op per aggregate), not
+/// one op per filter: its proposal counter grows by far fewer than 200.
+#[test]
+fn a_subscribe_storm_is_proposed_aggregated_and_every_route_holds() {
+    let cluster = three_nodes("cluster-routing-storm");
+    const FILTERS: usize = 200;
+    let proposals = || {
+        common::metric_sum(
+            &common::scrape(cluster.node(1).admin_addr()),
+            "tessera_cluster_proposals_total",
+            &[],
+        )
+    };
+    let mut sub = RawClient::connect_ok(
+        cluster.node(1).addr(),
+        connect_packet(ProtocolVersion::V5, "storm-sub", true, 60),
+    );
+    // After the CONNECT (its claim is an op of its own).
+    let before = proposals();
+    let filters: Vec<String> = (0..FILTERS).map(|i| format!("storm/{i}/+")).collect();
+    let list: Vec<(&str, PQoS)> = filters
+        .iter()
+        .map(|f| (f.as_str(), PQoS::AtLeastOnce))
+        .collect();
+    let codes = sub.subscribe(1, &list);
+    assert_eq!(codes.len(), FILTERS);
+    assert!(codes.iter().all(|c| !c.is_error()), "{codes:?}");
+    let ops = proposals() - before;
+    assert!(
+        (1.0..50.0).contains(&ops),
+        "{ops} route proposals for {FILTERS} new filters"
+    );
+    let mut publisher = RawClient::connect_ok(
+        cluster.node(2).addr(),
+        connect_packet(ProtocolVersion::V5, "storm-pub", true, 60),
+    );
+    for i in 0..FILTERS {
+        publisher.publish(
+            &format!("storm/{i}/x"),
+            b"s",
+            PQoS::AtLeastOnce,
+            i as u16 + 1,
+        );
+    }
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < FILTERS {
+        match sub.try_recv(TIMEOUT) {
+            Ok(Packet::Publish(p)) => {
+                assert!(
+                    got.insert(p.topic.as_str().to_owned()),
+                    "twice: {}",
+                    p.topic.as_str()
+                );
+                sub.send(&Packet::PubAck(tessera_proto::PubAck::new(p.packet_id)));
+            }
+            other => panic!("{} of {FILTERS} delivered, then {other:?}", got.len()),
+        }
+    }
+    sub.disconnect();
+    publisher.disconnect();
+}
+
 /// Retained messages go through the log: set on node 2, read on node 3 by a subscriber
 /// that subscribes right after the publisher's PUBACK; overwritten on node 1, the newer
 /// one is what every node serves; cleared on node 3, no node serves it.

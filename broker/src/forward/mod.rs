@@ -12,7 +12,11 @@
 //! - **Routes.** A shard's first subscriber to a filter sends `RouteAdd` to the
 //!   forwarder. The node's first shard with the filter makes the forwarder propose
 //!   `RouteDelta{add}` (its last one leaving, `RouteDelta{remove}`); proposals for one
-//!   filter never overlap, so the log's order is the node's order. When the add is
+//!   filter never overlap, so the log's order is the node's order. Route changes are
+//!   aggregated: up to [`ROUTE_PROPOSALS_IN_FLIGHT_MAX`] proposals are in flight, and
+//!   the changes that arrive meanwhile go out together as one `RouteDeltas` op (one
+//!   answer, one barrier for all its adds), so a subscribe storm costs per aggregate,
+//!   not per filter; a lone change goes out at once. When the add is
 //!   applied here at index `i`, the forwarder asks every other member for a barrier at
 //!   `i` on the forward channel; a node answers once its forwarder applied `i` and every
 //!   one of its shards took the route changes up to `i`. Only then are the SUBSCRIBEs
@@ -56,7 +60,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tessera_proto::{ReasonCode, Str};
 use tessera_raft::{
-    AppliedEvent, Channel, ClusterError, ClusterHandle, NodeId, Op, OpResult, Transport,
+    AppliedEvent, Channel, ClusterError, ClusterHandle, NodeId, Op, OpResult, RouteChange,
+    Transport,
 };
 use tessera_shard::mesh::{ForwardMark, MeshMsg, ShardId};
 use tessera_shard::message::{Message, SessionUid};
@@ -91,6 +96,11 @@ const BATCH_BYTES_TARGET: usize = 1 << 20;
 /// How long SUBSCRIBEs wait for their route's proposal before they get a failure for
 /// its filter (the proposal goes on).
 pub const ROUTE_ANSWER_WAIT: Duration = Duration::from_secs(5);
+/// Route proposals (each one `Op::RouteDeltas` of up to `ROUTE_CHANGES_MAX` changes) in
+/// flight at once; the route changes that arrive meanwhile wait and form the next ones,
+/// so a subscribe storm costs one proposal, one answer and one barrier per aggregate
+/// instead of per filter, while a lone change still goes out at once.
+pub const ROUTE_PROPOSALS_IN_FLIGHT_MAX: usize = 4;
 /// How long a barrier waits for this node to apply the asked index.
 pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and largest pause before re-sending a batch a peer did not accept.
@@ -276,20 +286,23 @@ pub fn start(
         retained_inline_bytes: ends.retained_inline_bytes,
         fetching: std::collections::BTreeMap::new(),
         share_cursor: 0,
+        route_queue: Vec::new(),
+        route_proposals: 0,
     };
     tokio::spawn(fwd.run(ends.from_shards, ends.barriers, events_rx));
 }
 
 /// Internal events of the forwarder's task.
 enum Event {
-    /// A route proposal of this node was applied at `index` (or failed).
+    /// Route changes of this node (route key, add) were applied at `index` (or failed).
     Proposed {
-        filter: String,
-        add: bool,
+        changes: Vec<(String, bool)>,
         result: Result<u64, ClusterError>,
     },
-    /// Every other member answered (or failed) the barrier of `filter`'s add.
-    BarrierDone { filter: String },
+    /// A route proposal's task ended: another may start.
+    ProposalEnded,
+    /// Every other member answered (or failed) the barrier of these filters' adds.
+    BarrierDone { filters: Vec<String> },
     /// A peer accepted a batch: the tokens it carried.
     PeerDone { tokens: Vec<(ShardId, u64)> },
     /// A retained update is in force on every node: release its publisher.
@@ -392,6 +405,10 @@ struct Forwarder {
     fetching: std::collections::BTreeMap<u64, u32>,
     /// Turns over the nodes with members of a shared subscription.
     share_cursor: u64,
+    /// Route changes (route key, add) waiting to be proposed, in the order they came.
+    route_queue: Vec<(String, bool)>,
+    /// Route proposals in flight ([`ROUTE_PROPOSALS_IN_FLIGHT_MAX`]).
+    route_proposals: usize,
 }
 
 impl Forwarder {
@@ -439,6 +456,7 @@ impl Forwarder {
                     Err(_) => return,
                 },
             }
+            self.flush_routes();
         }
     }
 
@@ -717,31 +735,37 @@ impl Forwarder {
     }
 
     fn on_applied(&mut self, op: &Op, result: &OpResult) {
-        let Op::RouteDelta {
-            node,
-            filter,
-            group,
-            add,
-        } = op
-        else {
-            return;
-        };
-        if !matches!(
-            result,
-            OpResult::RouteAdded(true) | OpResult::RouteRemoved(true)
-        ) {
-            return;
+        match (op, result) {
+            (
+                Op::RouteDelta {
+                    node,
+                    filter,
+                    group,
+                    add,
+                },
+                OpResult::RouteAdded(true) | OpResult::RouteRemoved(true),
+            ) => self.on_applied_route(*node, filter, group.as_deref(), *add),
+            (Op::RouteDeltas { node, changes }, OpResult::RoutesChanged(changed)) => {
+                for (c, _) in changes.iter().zip(changed).filter(|(_, yes)| **yes) {
+                    self.on_applied_route(*node, &c.filter, c.group.as_deref(), c.add);
+                }
+            }
+            _ => {}
         }
-        if *node == self.me {
+    }
+
+    /// One route change that changed the table.
+    fn on_applied_route(&mut self, node: NodeId, filter: &str, group: Option<&str>, add: bool) {
+        if node == self.me {
             if group.is_none() {
-                let delta = if *add { 1 } else { u64::MAX };
+                let delta = if add { 1 } else { u64::MAX };
                 self.metrics
                     .local_routes
                     .fetch_add(delta, Ordering::Relaxed);
             }
             return;
         }
-        if let Some(t) = self.routes.apply(*node, filter, group.as_deref(), *add) {
+        if let Some(t) = self.routes.apply(node, filter, group, add) {
             self.transition(t);
         }
         self.publish_route_metrics();
@@ -1041,8 +1065,9 @@ impl Forwarder {
         }
     }
 
-    /// Proposes this node's route change for `filter` until it is applied, then (for an
-    /// add) runs the barrier on every other member.
+    /// Queues this node's route change for `filter` (a route key); [`Self::flush_routes`]
+    /// proposes it until it is applied, then (for an add) the barrier runs on every other
+    /// member.
     fn propose(&mut self, filter: String, add: bool) {
         if let Some(e) = self.local.get_mut(&filter) {
             e.state = if add {
@@ -1051,21 +1076,56 @@ impl Forwarder {
                 LocalState::Removing
             };
         }
+        let (group, plain) = split_key(&filter);
+        let change = RouteChange {
+            filter: plain.to_owned(),
+            group: group.map(str::to_owned),
+            add,
+        };
+        if let Err(r) = change.validate() {
+            // A filter longer than the cluster's bound: it cannot be routed to other
+            // nodes; local subscribers still work.
+            tracing::warn!(%filter, "route not replicated: {r}");
+            self.on_proposed(filter, add, Err(ClusterError::Invalid(r)));
+            return;
+        }
+        self.route_queue.push((filter, add));
+    }
+
+    /// Proposes the queued route changes, up to [`ROUTE_PROPOSALS_IN_FLIGHT_MAX`]
+    /// proposals at once, each with up to `ROUTE_CHANGES_MAX` changes: one
+    /// `Op::RouteDeltas` (a lone change: `Op::RouteDelta`), retried until applied.
+    fn flush_routes(&mut self) {
+        while !self.route_queue.is_empty() && self.route_proposals < ROUTE_PROPOSALS_IN_FLIGHT_MAX {
+            let n = self
+                .route_queue
+                .len()
+                .min(tessera_raft::op::ROUTE_CHANGES_MAX);
+            let rest = self.route_queue.split_off(n);
+            let changes = std::mem::replace(&mut self.route_queue, rest);
+            self.route_proposals += 1;
+            self.spawn_route_proposal(changes);
+        }
+    }
+
+    fn spawn_route_proposal(&self, changes: Vec<(String, bool)>) {
         let handle = self.handle.clone();
         let events = self.events.clone();
         let me = self.me;
+        let op = route_op(me, &changes);
+        // Whatever ends the task (an answer, a shutdown, a panic), the forwarder learns.
+        struct Ended(mpsc::UnboundedSender<Event>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                let _ = self.0.send(Event::ProposalEnded);
+            }
+        }
         tokio::spawn(async move {
+            let _ended = Ended(events.clone());
+            let adds: Vec<(String, bool)> = changes.iter().filter(|c| c.1).cloned().collect();
             let mut pause = Duration::from_millis(10);
-            let (group, plain) = split_key(&filter);
-            let (group, plain) = (group.map(str::to_owned), plain.to_owned());
             loop {
-                let op = Op::RouteDelta {
-                    node: me,
-                    filter: plain.clone(),
-                    group: group.clone(),
-                    add,
-                };
-                let result = match handle.propose(op) {
+                let result = match handle.propose(op.clone()) {
                     Ok(p) => {
                         let mut wait = std::pin::pin!(p.wait());
                         loop {
@@ -1074,10 +1134,9 @@ impl Forwarder {
                                 // A leader that lost its quorum may never answer (openraft
                                 // keeps the write): the SUBSCRIBEs waiting by now get
                                 // their failure, and the proposal is awaited on.
-                                Err(_) if add => {
+                                Err(_) if !adds.is_empty() => {
                                     let _ = events.send(Event::Proposed {
-                                        filter: filter.clone(),
-                                        add,
+                                        changes: adds.clone(),
                                         result: Err(ClusterError::Unavailable(format!(
                                             "not committed within {ROUTE_ANSWER_WAIT:?}"
                                         ))),
@@ -1091,26 +1150,16 @@ impl Forwarder {
                 };
                 match result {
                     Err(ClusterError::Busy) => {}
-                    Err(ClusterError::Invalid(r)) => {
-                        // A filter longer than the cluster's bound: it cannot be routed
-                        // to other nodes; local subscribers still work.
-                        tracing::warn!(%filter, "route not replicated: {r}");
-                        let _ = events.send(Event::Proposed {
-                            filter,
-                            add,
-                            result: Err(ClusterError::Invalid(r)),
-                        });
-                        return;
-                    }
                     Err(ClusterError::Shutdown(_)) => return,
                     r => {
-                        let failed = r.is_err();
+                        // Invalid cannot happen (every change was checked when queued);
+                        // if it does, the changes get their failure and are not retried.
+                        let done = r.is_ok() || matches!(r, Err(ClusterError::Invalid(_)));
                         let _ = events.send(Event::Proposed {
-                            filter: filter.clone(),
-                            add,
+                            changes: changes.clone(),
                             result: r,
                         });
-                        if !failed {
+                        if done {
                             return;
                         }
                     }
@@ -1123,26 +1172,22 @@ impl Forwarder {
 
     fn on_event(&mut self, ev: Event) {
         match ev {
-            Event::Proposed {
-                filter,
-                add,
-                result,
-            } => self.on_proposed(filter, add, result),
-            Event::BarrierDone { filter } => {
-                let Some(e) = self.local.get_mut(&filter) else {
-                    return;
-                };
-                if e.state != LocalState::Adding {
-                    return;
+            Event::Proposed { changes, result } => {
+                // One barrier for every add of the proposal: they share its index.
+                let mut barrier = Vec::new();
+                for (filter, add) in changes {
+                    if let Some(f) = self.on_proposed(filter, add, result.clone()) {
+                        barrier.push(f);
+                    }
                 }
-                e.state = LocalState::Routed;
-                let waiters = std::mem::take(&mut e.waiters);
-                let empty = e.shards.is_empty();
-                for w in waiters {
-                    self.ack_shard(w);
+                if let (Ok(index), false) = (result, barrier.is_empty()) {
+                    self.run_barrier(index, barrier);
                 }
-                if empty {
-                    self.propose(filter, false);
+            }
+            Event::ProposalEnded => self.route_proposals = self.route_proposals.saturating_sub(1),
+            Event::BarrierDone { filters } => {
+                for filter in filters {
+                    self.barrier_done(filter);
                 }
             }
             Event::RetainedFetched {
@@ -1182,25 +1227,52 @@ impl Forwarder {
         }
     }
 
-    fn on_proposed(&mut self, filter: String, add: bool, result: Result<u64, ClusterError>) {
+    /// The barrier of route adds applied at `index`: when every other member applied it
+    /// (or failed to answer), their SUBSCRIBEs are acknowledged.
+    fn run_barrier(&self, index: u64, filters: Vec<String>) {
+        let members: Vec<NodeId> = self
+            .handle
+            .members()
+            .into_keys()
+            .filter(|n| *n != self.me)
+            .collect();
+        let transport = self.transport.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            barrier(&transport, &members, index).await;
+            let _ = events.send(Event::BarrierDone { filters });
+        });
+    }
+
+    fn barrier_done(&mut self, filter: String) {
         let Some(e) = self.local.get_mut(&filter) else {
             return;
         };
+        if e.state != LocalState::Adding {
+            return;
+        }
+        e.state = LocalState::Routed;
+        let waiters = std::mem::take(&mut e.waiters);
+        let empty = e.shards.is_empty();
+        for w in waiters {
+            self.ack_shard(w);
+        }
+        if empty {
+            self.propose(filter, false);
+        }
+    }
+
+    /// What a route change's proposal did. Returns the filter when its add was applied
+    /// and its barrier must run.
+    fn on_proposed(
+        &mut self,
+        filter: String,
+        add: bool,
+        result: Result<u64, ClusterError>,
+    ) -> Option<String> {
+        let e = self.local.get_mut(&filter)?;
         match (add, result) {
-            (true, Ok(index)) => {
-                let members: Vec<NodeId> = self
-                    .handle
-                    .members()
-                    .into_keys()
-                    .filter(|n| *n != self.me)
-                    .collect();
-                let transport = self.transport.clone();
-                let events = self.events.clone();
-                tokio::spawn(async move {
-                    barrier(&transport, &members, index).await;
-                    let _ = events.send(Event::BarrierDone { filter });
-                });
-            }
+            (true, Ok(_)) => return Some(filter),
             (true, Err(err)) => {
                 // No quorum, a timeout or a filter the cluster cannot hold: the SUBACKs
                 // that wait are not held without bound, and they must not claim a route
@@ -1254,6 +1326,35 @@ impl Forwarder {
                 tracing::debug!(%filter, "route removal failed, retrying: {err}");
             }
         }
+        None
+    }
+}
+
+/// The op of `me`'s route changes (route key, add): one `RouteDelta` for a lone change
+/// (the op every version of the log knows), else one `RouteDeltas`.
+fn route_op(me: NodeId, changes: &[(String, bool)]) -> Op {
+    let change = |(key, add): &(String, bool)| {
+        let (group, plain) = split_key(key);
+        RouteChange {
+            filter: plain.to_owned(),
+            group: group.map(str::to_owned),
+            add: *add,
+        }
+    };
+    match changes {
+        [one] => {
+            let c = change(one);
+            Op::RouteDelta {
+                node: me,
+                filter: c.filter,
+                group: c.group,
+                add: c.add,
+            }
+        }
+        many => Op::RouteDeltas {
+            node: me,
+            changes: many.iter().map(change).collect(),
+        },
     }
 }
 
