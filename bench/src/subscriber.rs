@@ -130,21 +130,30 @@ async fn serve(
     let (mut rd, mut wr) = client.stream.split();
     let ping = tokio::time::sleep(ping_every);
     tokio::pin!(ping);
+    // What the handshake read past its CONNACK / SUBACK is served before the
+    // first read: a resumed session's broker sends queued messages right
+    // behind its CONNACK, and once they fill the window it sends nothing more
+    // until they are acknowledged (waiting for a read first deadlocked).
+    let mut buffered = !rbuf.is_empty();
     loop {
-        if rbuf.capacity() - rbuf.len() < READ_CHUNK_BYTES / 4 {
-            rbuf.reserve(READ_CHUNK_BYTES);
-        }
-        tokio::select! {
-            biased;
-            _ = &mut stopped => return None,
-            r = rd.read_buf(&mut rbuf) => match r {
-                Ok(0) => return Some(Failure::Closed),
-                Ok(_) => {}
-                Err(e) => return Some(e.into()),
-            },
-            _ = &mut ping, if !ping_every.is_zero() => {
-                mqtt::put(&Packet::PingReq, version, &mut out);
-                ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
+        if buffered {
+            buffered = false;
+        } else {
+            if rbuf.capacity() - rbuf.len() < READ_CHUNK_BYTES / 4 {
+                rbuf.reserve(READ_CHUNK_BYTES);
+            }
+            tokio::select! {
+                biased;
+                _ = &mut stopped => return None,
+                r = rd.read_buf(&mut rbuf) => match r {
+                    Ok(0) => return Some(Failure::Closed),
+                    Ok(_) => {}
+                    Err(e) => return Some(e.into()),
+                },
+                _ = &mut ping, if !ping_every.is_zero() => {
+                    mqtt::put(&Packet::PingReq, version, &mut out);
+                    ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
+                }
             }
         }
         if let Err(f) = d.take(&mut rbuf, version, clock::now_ns(), cfg, t, live, &mut out) {

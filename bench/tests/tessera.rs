@@ -2,8 +2,11 @@
 //! nothing lost at QoS 1 and 2, a shared-subscription group gets each message
 //! exactly once, topic aliases are used and resolved, a `bench sub` in one
 //! process accounts for a `bench pub` in another, sessions and credentials reach
-//! the broker, `--hdr-out` / `--plot` write valid files, and `bench compare`
-//! interleaves its runs on two brokers and prints their ratios.
+//! the broker, `--hdr-out` / `--plot` write valid files, `bench compare`
+//! interleaves its runs on two brokers and prints their ratios, and a
+//! `--reconnect` subscriber whose connection is cut mid-run resumes its
+//! persistent session and accounts for every message (without `--reconnect`
+//! the cut fails the run).
 //!
 //! Method: each test starts the workspace's `broker` binary on `127.0.0.1:0`
 //! (two shards, so shared groups and pairs cross shards), reads the address from
@@ -15,7 +18,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,10 +33,18 @@ struct Tessera {
     child: Child,
     dir: PathBuf,
     port: u16,
+    /// The admin API's address.
+    admin: String,
 }
 
 impl Tessera {
     fn start() -> Tessera {
+        Tessera::start_with("")
+    }
+
+    /// With `config` as its config file (`config` may name `{dir}`, the
+    /// broker's directory).
+    fn start_with(config: &str) -> Tessera {
         // One directory per broker: a test may run two.
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -42,6 +54,10 @@ impl Tessera {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = config.replace("{dir}", &dir.display().to_string());
+        std::fs::write(dir.join("tessera.toml"), config).expect("config file");
+        // An empty ban list, for a config that names `{dir}/bans`.
+        std::fs::write(dir.join("bans"), "").expect("ban file");
         let mut cmd = Command::new(broker_binary());
         // A TESSERA_* variable of the test runner would change the broker's
         // configuration.
@@ -55,6 +71,8 @@ impl Tessera {
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(["--shards", "2", "--data-dir"])
             .arg(dir.join("data"))
+            .arg("--config")
+            .arg(dir.join("tessera.toml"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -62,19 +80,25 @@ impl Tessera {
             .expect("starting the broker");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
+        let (admin_tx, admin_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("tessera: listening mqtt://") {
                     let _ = tx.send(addr.to_string());
+                } else if let Some(addr) = line.strip_prefix("tessera: admin http://") {
+                    let _ = admin_tx.send(addr.to_string());
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(10)) {
+        let lines = rx
+            .recv_timeout(Duration::from_secs(10))
+            .and_then(|a| Ok((a, admin_rx.recv_timeout(Duration::from_secs(1))?)));
+        let (addr, admin) = match lines {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("the broker did not print its listening line within 10 s");
+                panic!("the broker did not print its listening and admin lines within 10 s");
             }
         };
         let port = addr
@@ -82,7 +106,41 @@ impl Tessera {
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("no port in {addr:?}"));
-        Tessera { child, dir, port }
+        Tessera {
+            child,
+            dir,
+            port,
+            admin,
+        }
+    }
+
+    /// One admin API request; the status code.
+    fn admin(&self, method: &str, path: &str) -> u16 {
+        let mut s = TcpStream::connect(&self.admin).expect("admin API");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.admin
+        )
+        .expect("admin request");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in the admin API's answer {answer:?}"))
+    }
+
+    /// Waits (10 s at most) until client `id` is connected.
+    fn wait_connected(&self, id: &str) {
+        for _ in 0..200 {
+            if self.admin("GET", &format!("/api/v1/clients/{id}")) == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{id} did not connect within 10 s");
     }
 
     /// Its process id.
@@ -197,6 +255,96 @@ fn pubsub_pairs_qos2_lose_and_duplicate_nothing() {
         "{}",
         run.output
     );
+}
+
+/// The ban file of a broker started with [`BANS`].
+const BANS: &str = "[auth]\nban_file = \"{dir}/bans\"\n";
+
+/// A 3 s QoS 1 fan-in (2 x 300 msg/s, persistent sessions) whose subscriber
+/// `{prefix}-sub-0` is disconnected mid-run and kept out for about a second:
+/// banned through the admin API (which disconnects it and refuses its
+/// reconnection attempts), then let in again.
+fn fanin_with_subscriber_kept_out(b: &Tessera, prefix: &str, reconnect: bool) -> BenchRun {
+    let port = b.port;
+    let mut a = vec![
+        "fanin",
+        "--publishers",
+        "2",
+        "--subscribers",
+        "1",
+        "--qos",
+        "1",
+        "--rate",
+        "300",
+        "--persistent",
+        "--protocol",
+        "5",
+        "--client-id-prefix",
+        prefix,
+        "--duration",
+        "3",
+        "--warmup",
+        "0",
+    ];
+    if reconnect {
+        a.push("--reconnect");
+    }
+    let a: Vec<String> = a.into_iter().map(String::from).collect();
+    let run = std::thread::spawn(move || {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        bench(port, &a)
+    });
+    let sub = format!("{prefix}-sub-0");
+    b.wait_connected(&sub);
+    std::thread::sleep(Duration::from_millis(500));
+    let ban = format!("/api/v1/bans?kind=clientid&value={sub}");
+    assert_eq!(b.admin("POST", &ban), 201, "ban {sub}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(b.admin("DELETE", &ban), 200, "lift the ban of {sub}");
+    run.join().expect("the bench thread")
+}
+
+#[test]
+fn reconnect_subscriber_resumes_its_session_and_accounts_every_message() {
+    let b = Tessera::start_with(BANS);
+    let run = fanin_with_subscriber_kept_out(&b, "reconnect", true);
+    // Messages published while it was kept out (about 600) were queued in its
+    // session and arrived after it connected again: nothing lost, the run
+    // passes. (QoS 1 allows duplicates: a delivery whose PUBACK the
+    // disconnection cut off comes again.)
+    assert_clean_run(
+        &run,
+        &[
+            "loss_count",
+            "corrupt_count",
+            "foreign_count",
+            "error_count",
+        ],
+        0,
+    );
+    // "quiet" rather than "complete" when there were such duplicates.
+    assert_ne!(run.json["drain"], "deadline", "{}", run.output);
+    assert_eq!(
+        run.output
+            .matches("reconnect-sub-0: connected again")
+            .count(),
+        1,
+        "{}",
+        run.output
+    );
+    // The publishers kept going while it was out.
+    assert!(run.u("sent_count") >= 1500, "{}", run.output);
+}
+
+#[test]
+fn without_reconnect_a_lost_subscriber_fails_the_run() {
+    let b = Tessera::start_with(BANS);
+    let run = fanin_with_subscriber_kept_out(&b, "noreconnect", false);
+    assert_ne!(run.code, 0, "{}", run.output);
+    assert_eq!(run.json["pass"], false, "{}", run.output);
+    assert!(run.u("error_count") > 0, "{}", run.output);
+    assert!(run.u("loss_count") > 0, "{}", run.output);
+    assert!(!run.output.contains("connected again"), "{}", run.output);
 }
 
 #[test]
