@@ -128,6 +128,11 @@ fn messages_queued_for_the_bridge_are_sent_after_a_local_restart() {
     eventually("the queue drains", WAIT, || {
         bridge_value(&local, "later", "tessera_bridge_queued_messages") == 0.0
     });
+    // Every one acknowledged by the remote: nothing is in flight any more
+    // (the gauge kept the window of the last batch sent before).
+    eventually("the in-flight gauge drops to 0", WAIT, || {
+        bridge_value(&local, "later", "tessera_bridge_inflight_messages") == 0.0
+    });
     sub.stop();
     drop(remote);
 }

@@ -778,6 +778,12 @@ impl Relay<'_> {
                 return Poll::Ready(Err(e));
             }
             if !progress {
+                // Here rather than where deliveries are sent: the remote's
+                // acknowledgements empty the window too (the gauge kept the
+                // last value sent after the queue emptied).
+                self.stats
+                    .in_flight
+                    .store(self.out_ids.len() as u64, Ordering::Relaxed);
                 return Poll::Pending;
             }
         }
@@ -864,9 +870,6 @@ impl Relay<'_> {
             engine.flushed(now_ms(), self.conn);
         }
         self.shard.flush_outbox();
-        self.stats
-            .in_flight
-            .store(self.out_ids.len() as u64, Ordering::Relaxed);
         Poll::Ready(Ok(true))
     }
 
