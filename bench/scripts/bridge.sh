@@ -216,16 +216,41 @@ for setup in "${setups[@]}"; do
     wait_bridge "$setup"
 done
 
-# run SETUP SCENARIO: one q0/q1 bench run, one JSON line to OUT.
+# remote_drops SETUP: messages a Tessera remote dropped so far (every reason; at a
+# full queue of the bench's clean-session subscriber, say), or -1 for a Mosquitto remote.
+remote_drops() {
+    [[ $REMOTE == tessera ]] || { echo -1; return; }
+    curl -s "http://127.0.0.1:${remote_admin[$1]}/metrics" |
+        awk '/^tessera_messages_dropped_total/ {s += $2} END {print s + 0}'
+}
+
+# run SETUP SCENARIO: one q0/q1 bench run, one JSON line to OUT (with the remote's drops
+# during the run as "remote_dropped": the bench's loss_count says what did not arrive,
+# this where a Tessera remote dropped it).
 run() {
     local setup=$1 scenario=$2 qos=${2#q}
-    local rc=0
+    local rc=0 d0 d1
+    d0=$(remote_drops "$setup")
     "$BIN/bench" fanin --publishers 4 --subscribers 1 --qos "$qos" \
         --pub-addr "127.0.0.1:${local_port[$setup]}" --host 127.0.0.1 \
         --port "${remote_port[$setup]}" --duration "$DURATION" --warmup "$WARMUP" --drain 30 \
         --topic-prefix "br/$setup/$scenario/$RANDOM" \
         --json >"$work/bench.out" 2>"$work/bench.err" || rc=$?
+    d1=$(remote_drops "$setup")
+    local before
+    before=$(wc -l <"$OUT")
     record_report "$setup" "$scenario" "$rc" "$work/bench.out" "$work/bench.err" "$OUT"
+    if (($(wc -l <"$OUT") > before)); then
+        python3 - "$OUT" "$d0" "$d1" <<'PY'
+import json, sys
+path, d0, d1 = sys.argv[1], int(float(sys.argv[2])), int(float(sys.argv[3]))
+lines = open(path).read().splitlines()
+r = json.loads(lines[-1])
+r["remote_dropped"] = None if d0 < 0 else d1 - d0
+lines[-1] = json.dumps(r)
+open(path, "w").write("\n".join(lines) + "\n")
+PY
+    fi
 }
 
 # outage SETUP: the remote stopped OUTAGE_S s while the publishers go on; one JSON line
@@ -310,7 +335,7 @@ for line in open(sys.argv[1]):
     if r["case"] == "outage":
         outages[r["setup"]] = r
     else:
-        runs[(r["case"], r["setup"])].append(r["report"])
+        runs[(r["case"], r["setup"])].append(dict(r["report"], remote_dropped=r.get("remote_dropped")))
 def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -323,7 +348,9 @@ def cell(case, s):
     rs = runs[(case, s)]
     m = med([r["received_msg_per_s"] for r in rs])
     lost = sum(r["loss_count"] for r in rs)
-    return m, f"{m:,.0f} {[round(r['received_msg_per_s']) for r in rs]} (lost {lost})"
+    drops = [r["remote_dropped"] for r in rs if r.get("remote_dropped") is not None]
+    dropped = f", remote dropped {sum(drops)}" if drops else ""
+    return m, f"{m:,.0f} {[round(r['received_msg_per_s']) for r in rs]} (lost {lost}{dropped})"
 for case in ["q0", "q1"]:
     if not runs[(case, "mosquitto")]:
         continue

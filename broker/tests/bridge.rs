@@ -292,6 +292,88 @@ fn a_lying_remote_never_takes_the_broker_down() {
     assert!(text.contains(&fake_addr.to_string()), "{text}");
 }
 
+/// A fake remote: answers the first connection's CONNECT with a v5 CONNACK
+/// announcing Receive Maximum `receive_max`, then counts the QoS 1 PUBLISH
+/// packets it gets and acknowledges none.
+fn silent_remote(receive_max: u16) -> (SocketAddr, Arc<Mutex<usize>>) {
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    let count = Arc::new(Mutex::new(0usize));
+    let counted = count.clone();
+    thread::spawn(move || {
+        let Ok((mut s, _)) = fake.accept() else { return };
+        let mut buf = bytes::BytesMut::new();
+        let mut chunk = [0u8; 16 * 1024];
+        let mut connected = false;
+        loop {
+            loop {
+                match tessera_proto::decode(&mut buf, tessera_proto::ProtocolVersion::V5, 1 << 20) {
+                    Ok(Some(tessera_proto::Packet::Connect(_))) if !connected => {
+                        connected = true;
+                        let ack = tessera_proto::ConnAck {
+                            session_present: false,
+                            reason_code: tessera_proto::ReasonCode::Success,
+                            properties: tessera_proto::ConnAckProperties {
+                                receive_maximum: Some(receive_max),
+                                ..Default::default()
+                            },
+                        };
+                        let mut out = bytes::BytesMut::new();
+                        tessera_proto::Encode::encode(
+                            &tessera_proto::Packet::ConnAck(ack),
+                            tessera_proto::ProtocolVersion::V5,
+                            &mut out,
+                        )
+                        .unwrap();
+                        if s.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(tessera_proto::Packet::Publish(p))) if p.qos == QoS::AtLeastOnce => {
+                        *counted.lock().unwrap() += 1;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+fn the_bridge_keeps_the_remotes_window_in_flight_not_the_local_client_limit() {
+    // The remote lets 100 be in flight and acknowledges nothing. The local
+    // broker's limits.max_inflight (32 by default) is what it lets its own
+    // clients have; the bridge's window is the remote's: 100, no more.
+    let (remote, got) = silent_remote(100);
+    let rules = "[[bridge.out]]\ntopic = \"w/#\"\nqos = 1\n";
+    let dir = TestDir::new("bridge-window");
+    let local = start(&dir, &bridge_toml("window", remote, "5", rules), &[]);
+    wait_connected(&local, "window");
+    let payloads: Vec<String> = (0..150).map(|k| format!("w-{k}")).collect();
+    let acked = publish_acked(local.addr(), "pub", QoS::AtLeastOnce, "w/a", &payloads);
+    assert_eq!(acked.len(), 150, "queued for the bridge, so acknowledged");
+    eventually("the remote got the bridge's window", WAIT, || {
+        *got.lock().unwrap() >= 100
+    });
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(*got.lock().unwrap(), 100, "no more than its Receive Maximum");
+    eventually("the gauge shows them in flight", WAIT, || {
+        bridge_value(&local, "window", "tessera_bridge_inflight_messages") == 100.0
+    });
+    assert_eq!(
+        bridge_value(&local, "window", "tessera_bridge_queued_messages"),
+        50.0,
+        "the rest waits in the bridge's queue"
+    );
+}
+
 #[test]
 fn sighup_adds_and_removes_bridges() {
     let rdir = TestDir::new("bridge-remote");

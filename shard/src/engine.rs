@@ -357,6 +357,9 @@ struct Conn {
     last_packet_ms: u64,
     /// The client's Receive Maximum: outbound in-flight window.
     client_receive_max: u16,
+    /// Our cap on that window: `Limits::inflight_count_max`, or what
+    /// `Engine::set_window_max` set (a bridge's window is its remote's).
+    window_max: u16,
     /// The client's Maximum Packet Size.
     client_packet_size_max: u32,
     /// PUBACK/PUBREC held back, in order: an entry with a token waits until
@@ -842,6 +845,7 @@ impl Engine {
             keep_alive_s: connect.keep_alive,
             last_packet_ms: now_ms,
             client_receive_max: connect.properties.receive_maximum.unwrap_or(u16::MAX),
+            window_max: self.limits.inflight_count_max,
             client_packet_size_max: connect.properties.maximum_packet_size.unwrap_or(u32::MAX),
             aliases: Vec::new(),
             out_alias_max: connect
@@ -2032,11 +2036,24 @@ impl Engine {
     // Outbound delivery
 
     fn window(&self, conn: ConnId) -> usize {
-        usize::from(
-            self.conn(conn)
-                .client_receive_max
-                .min(self.limits.inflight_count_max),
-        )
+        let c = self.conn(conn);
+        usize::from(c.client_receive_max.min(c.window_max))
+    }
+
+    /// Sets our cap on the outbound in-flight window of `conn` (by default
+    /// `Limits::inflight_count_max`), still within the client's Receive
+    /// Maximum, and fills a larger window from the queue. For a connection
+    /// the broker makes itself: a bridge's local session has its remote's
+    /// window (docs/BRIDGES.md), which a limit meant for clients would cap.
+    pub fn set_window_max(&mut self, now_ms: u64, conn: ConnId, max: u16) {
+        let Some(c) = self.slot_mut(conn) else {
+            return;
+        };
+        c.window_max = max.max(1);
+        let idx = c.session;
+        if idx != SessionIdx::MAX {
+            self.pump(now_ms, idx);
+        }
     }
 
     fn writable(&self, conn: ConnId) -> bool {

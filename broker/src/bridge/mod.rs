@@ -291,6 +291,11 @@ impl Rule {
         }
     }
 
+    /// Whether a topic crosses as it is (no prefix replaced).
+    pub fn keeps_topics(&self) -> bool {
+        self.from_prefix == self.to_prefix
+    }
+
     /// The topic on the other side; `None` when the topic does not carry the
     /// prefix (cannot happen for a topic the filter matched) or the result is
     /// not a valid MQTT string. Allocates only when the prefixes differ.

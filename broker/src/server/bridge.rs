@@ -22,11 +22,12 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::future::poll_fn;
 use tessera_proto::packet::{Connect, Publish, Subscribe, Subscription, Unsubscribe};
 use tessera_proto::{
-    ConnectProperties, DecodeError, Encode, Packet, ProtocolVersion, PublishProperties, QoS,
+    ConnectProperties, DecodeError, Encode, FrameHeader, Packet, PacketType, ProtocolVersion,
+    PublishProperties, QoS,
     ReasonCode, RetainHandling, Str, SubscribeProperties, SubscriptionOptions,
 };
 use tessera_shard::authz::Admission;
@@ -45,6 +46,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Engine output is taken only while less than this waits for the remote:
 /// beyond it deliveries stay in the session's queue (memory and disk).
 const WRITE_BUFFER_MAX: usize = 256 * 1024;
+
+/// The largest engine output buffer kept for reuse (see `Relay::spare`).
+const SPARE_BUFFER_MAX: usize = 4 * WRITE_BUFFER_MAX;
 
 /// Remote publications waiting for the engine's Receive Maximum; reading the
 /// remote pauses beyond it (TCP then slows the remote).
@@ -308,6 +312,10 @@ fn attach(
         let mut engine = shard.engine.borrow_mut();
         let conn = engine.connect_admitted(now_ms(), connect, false, Admission::default());
         engine.set_queue_head(conn, QUEUE_HEAD);
+        // The bridge's window is the remote's (its Receive Maximum or the
+        // bridge's `max_inflight`), not `limits.max_inflight`, which caps
+        // what this broker sends its clients.
+        engine.set_window_max(now_ms(), conn, receive_max);
         conn
     };
     shard.flush_outbox();
@@ -339,7 +347,16 @@ fn take_local(shard: &Shard, conn: ConnId) -> Vec<Packet> {
     packets
 }
 
+/// Whether `out` deliveries can cross as the engine encodes them for a v5
+/// remote: no rule rewrites topics and all treat RETAIN alike, so no
+/// delivery needs to name its rule.
+fn verbatim_rules(rules: &[Rule]) -> bool {
+    rules.iter().all(Rule::keeps_topics)
+        && rules.windows(2).all(|w| w[0].keep_retain == w[1].keep_retain)
+}
+
 fn local_subscribes(rules: &[Rule]) -> Vec<Packet> {
+    let name_rules = !verbatim_rules(rules);
     rules
         .iter()
         .enumerate()
@@ -347,8 +364,10 @@ fn local_subscribes(rules: &[Rule]) -> Vec<Packet> {
             Packet::Subscribe(Subscribe {
                 packet_id: OWN_PACKET_ID,
                 properties: SubscribeProperties {
-                    // The delivery names the rule that matched.
-                    subscription_identifier: Some(i as u32 + 1),
+                    // The delivery names the rule that matched, when the rule
+                    // matters (a client's PUBLISH never carries one, so a
+                    // verbatim delivery must not either).
+                    subscription_identifier: name_rules.then_some(i as u32 + 1),
                     user_properties: Vec::new(),
                 },
                 subscriptions: vec![Subscription {
@@ -634,6 +653,9 @@ async fn link(
         wbuf: BytesMut::new(),
         written: 0,
         taken: None,
+        spare: BytesMut::new(),
+        to_engine: Vec::new(),
+        verbatim: version.is_v5() && verbatim_rules(out_rules),
         pending_in: early,
         in_ids: HashSet::new(),
         local_receive_max: local_receive_max.max(1),
@@ -691,6 +713,13 @@ struct Relay<'a> {
     written: usize,
     /// Engine output taken, waiting for its store epoch (`sync` durability).
     taken: Option<(BytesMut, u64)>,
+    /// The buffer the engine writes into next (see `poll_local`).
+    spare: BytesMut,
+    /// Packets for the engine, kept for their capacity.
+    to_engine: Vec<Packet>,
+    /// Deliveries cross as the engine encoded them (`out_verbatim`): a v5
+    /// remote and `out` rules that leave topics as they are.
+    verbatim: bool,
     /// Remote packets waiting for the engine's Receive Maximum, in order.
     pending_in: VecDeque<Packet>,
     /// Ids of `in` QoS 1/2 publications handed to the engine and not completed
@@ -847,30 +876,90 @@ impl Relay<'_> {
                 }
                 return Poll::Ready(Ok(false));
             }
-            self.taken = Some((std::mem::take(&mut out.buf), out.durable_epoch));
+            // The engine writes on into the spare buffer (emptied, with its
+            // capacity) while this one is relayed: no allocation per batch.
+            let buf = std::mem::replace(&mut out.buf, std::mem::take(&mut self.spare));
+            self.taken = Some((buf, out.durable_epoch));
         }
         let epoch = self.taken.as_ref().map_or(0, |t| t.1);
         if persist::poll_committed(&self.shard, epoch, cx).is_pending() {
             return Poll::Pending;
         }
         let (mut buf, _) = self.taken.take().expect("taken");
-        let mut to_engine = Vec::new();
+        let mut to_engine = std::mem::take(&mut self.to_engine);
         loop {
+            let header = match tessera_proto::check(&buf, usize::MAX) {
+                Ok(h) => h,
+                Err(DecodeError::Incomplete { .. }) => break,
+                Err(e) => return Poll::Ready(Err(format!("local session output: {e}"))),
+            };
+            if buf.len() < header.frame_len() {
+                break;
+            }
+            if self.verbatim && header.packet_type == PacketType::Publish {
+                self.out_verbatim(&buf[..header.frame_len()], &header)?;
+                buf.advance(header.frame_len());
+                continue;
+            }
             match tessera_proto::decode(&mut buf, ProtocolVersion::V5, usize::MAX) {
                 Ok(Some(p)) => self.on_local(p, &mut to_engine)?,
                 Ok(None) => break,
                 Err(e) => return Poll::Ready(Err(format!("local session output: {e}"))),
             }
         }
+        buf.clear();
+        if buf.capacity() <= SPARE_BUFFER_MAX {
+            self.spare = buf;
+        }
         {
             let mut engine = self.shard.engine.borrow_mut();
-            for p in to_engine {
+            for p in to_engine.drain(..) {
                 engine.handle_packet(now_ms(), self.conn, p);
             }
             engine.flushed(now_ms(), self.conn);
         }
+        self.to_engine = to_engine;
         self.shard.flush_outbox();
         Poll::Ready(Ok(true))
+    }
+
+    /// A delivery of the local session relayed as the engine encoded it
+    /// (`verbatim`): its bytes are the PUBLISH the remote gets (same topic,
+    /// packet id, QoS, DUP and v5 properties; no subscription identifier,
+    /// no topic alias), so it is copied once into the write buffer instead
+    /// of being decoded and encoded again.
+    fn out_verbatim(&mut self, frame: &[u8], header: &FrameHeader) -> Result<(), String> {
+        let qos = (header.flags >> 1) & 0b11;
+        let body = &frame[header.header_len..];
+        let id = if qos == 0 {
+            None
+        } else {
+            let topic_len = body
+                .get(..2)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+                .ok_or("local session output: PUBLISH without a topic")?;
+            let at = 2 + topic_len;
+            let id = body
+                .get(at..at + 2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                .ok_or("local session output: PUBLISH without a packet id")?;
+            Some(id)
+        };
+        let start = self.wbuf.len();
+        self.wbuf.extend_from_slice(frame);
+        // RETAIN as `on_local` sets it: the engine kept it as published
+        // (Retain As Published = the rules' `keep_retain`) but sets it on
+        // retained messages sent at subscribe time.
+        let keep_retain = self.out_rules.first().is_some_and(|r| r.keep_retain);
+        if !(keep_retain && self.retain_available) {
+            self.wbuf[start] &= !1;
+        }
+        if let Some(id) = id {
+            self.out_ids.insert(id);
+        }
+        tracing::trace!(?id, qos, "bridge: out PUBLISH (verbatim)");
+        BridgeStats::add(&self.stats.sent, 1);
+        Ok(())
     }
 
     /// One packet the engine sent the bridge's local session.
