@@ -301,7 +301,9 @@ fn silent_remote(receive_max: u16) -> (SocketAddr, Arc<Mutex<usize>>) {
     let count = Arc::new(Mutex::new(0usize));
     let counted = count.clone();
     thread::spawn(move || {
-        let Ok((mut s, _)) = fake.accept() else { return };
+        let Ok((mut s, _)) = fake.accept() else {
+            return;
+        };
         let mut buf = bytes::BytesMut::new();
         let mut chunk = [0u8; 16 * 1024];
         let mut connected = false;
@@ -363,7 +365,11 @@ fn the_bridge_keeps_the_remotes_window_in_flight_not_the_local_client_limit() {
         *got.lock().unwrap() >= 100
     });
     thread::sleep(Duration::from_millis(500));
-    assert_eq!(*got.lock().unwrap(), 100, "no more than its Receive Maximum");
+    assert_eq!(
+        *got.lock().unwrap(),
+        100,
+        "no more than its Receive Maximum"
+    );
     eventually("the gauge shows them in flight", WAIT, || {
         bridge_value(&local, "window", "tessera_bridge_inflight_messages") == 100.0
     });

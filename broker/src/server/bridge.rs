@@ -27,8 +27,8 @@ use futures_lite::future::poll_fn;
 use tessera_proto::packet::{Connect, Publish, Subscribe, Subscription, Unsubscribe};
 use tessera_proto::{
     ConnectProperties, DecodeError, Encode, FrameHeader, Packet, PacketType, ProtocolVersion,
-    PublishProperties, QoS,
-    ReasonCode, RetainHandling, Str, SubscribeProperties, SubscriptionOptions,
+    PublishProperties, QoS, ReasonCode, RetainHandling, Str, SubscribeProperties,
+    SubscriptionOptions,
 };
 use tessera_shard::authz::Admission;
 use tessera_shard::hash::shard_for;
@@ -352,7 +352,9 @@ fn take_local(shard: &Shard, conn: ConnId) -> Vec<Packet> {
 /// delivery needs to name its rule.
 fn verbatim_rules(rules: &[Rule]) -> bool {
     rules.iter().all(Rule::keeps_topics)
-        && rules.windows(2).all(|w| w[0].keep_retain == w[1].keep_retain)
+        && rules
+            .windows(2)
+            .all(|w| w[0].keep_retain == w[1].keep_retain)
 }
 
 fn local_subscribes(rules: &[Rule]) -> Vec<Packet> {
