@@ -13,12 +13,14 @@
 //! `--nodes 3 --in-flight 8192 --batch-ops 1024 --window-us 500 --batches-in-flight 4
 //! --rate OPS_PER_S --dir PATH` (a directory on the disk to measure; default under `target/`).
 //!
-//! `--kind route --deltas-per-op 512` (the default): each proposal is one
-//! `Op::RouteDeltas` of 512 filters, as the broker's forwarder sends the route changes
-//! that accumulated while its earlier route proposals were in flight (a subscribe storm);
-//! every filter counts as one delta. `--deltas-per-op 1` proposes one `Op::RouteDelta`
-//! per filter (the forwarder's shape when changes arrive one at a time).
-//! `--in-flight` counts deltas.
+//! `--kind route --deltas-per-op 1024` (the default): each proposal is one
+//! `Op::RouteDeltas` of 1,024 filters, as the broker's forwarder sends the route changes
+//! that accumulated while its earlier route proposals were in flight (a subscribe storm:
+//! at most `ROUTE_PROPOSALS_IN_FLIGHT_MAX` = 8 of them per node, so `--in-flight 24576`
+//! is three nodes' forwarders in a storm); every filter counts as one delta.
+//! `--deltas-per-op 1` proposes one `Op::RouteDelta` per filter (the forwarder's shape
+//! when changes arrive one at a time). `--in-flight` counts deltas. The ops are built
+//! before the clock starts (the forwarder gets its filters from the shards).
 //!
 //! `--net quic`: the nodes talk over the real QUIC link (`tessera_raft::link`, mutual TLS
 //! with an in-memory cluster CA, UDP on 127.0.0.1 ports 21701..) instead of the in-memory
@@ -65,7 +67,7 @@ fn args() -> Args {
         rate: None,
         batches_in_flight: 4,
         rounds: 10,
-        deltas_per_op: 512,
+        deltas_per_op: 1024,
         net: "mem".into(),
         dir: std::path::PathBuf::from("target/raft-bench"),
     };
@@ -196,11 +198,16 @@ async fn main() {
     } else {
         1
     };
-    let start = Instant::now();
+    let mut prepared = std::collections::VecDeque::new();
     let mut i = 0u64;
-    let mut proposed = 0u64;
     while i < a.ops {
         let n = per_op.min(a.ops - i);
+        let node = (prepared.len() as u64 % a.nodes) as usize;
+        prepared.push_back((i, n, node, op_of(&a.kind, i, n, node as u64 + 1)));
+        i += n;
+    }
+    let start = Instant::now();
+    while let Some((i, n, node, o)) = prepared.pop_front() {
         if let Some(rate) = a.rate {
             let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -213,9 +220,7 @@ async fn main() {
             .acquire_many_owned(n as u32)
             .await
             .expect("semaphore");
-        let node = (proposed % a.nodes) as usize;
         let h = handles[node].clone();
-        let o = op_of(&a.kind, i, n, node as u64 + 1);
         let hist = hist.clone();
         let busy = busy.clone();
         tokio::spawn(async move {
@@ -239,8 +244,6 @@ async fn main() {
                 .saturating_record_n(t.elapsed().as_micros() as u64, n);
             drop(permit);
         });
-        i += n;
-        proposed += 1;
     }
     // Every task holds a permit until its op is applied: all permits back = all done.
     let _all = permits

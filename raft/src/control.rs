@@ -980,6 +980,14 @@ async fn batcher(inner: Arc<Inner>, rx: flume::Receiver<Proposal>, incarnation: 
     let permits = Arc::new(Semaphore::new(inner.config.batches_in_flight_max));
     let mut seq = 0u64;
     loop {
+        // The permit first, then the batch: while every permit is out, proposals wait in
+        // the channel and the next batch takes all of them (up to its bounds) when one
+        // returns, so entries grow with the load instead of a small batch, formed
+        // early, waiting for a permit while later proposals queue behind it.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = inner.stop.notified() => return,
+        };
         let first = tokio::select! {
             r = rx.recv_async() => match r { Ok(p) => p, Err(_) => return },
             _ = inner.stop.notified() => return,
@@ -1001,10 +1009,6 @@ async fn batcher(inner: Arc<Inner>, rx: flume::Receiver<Proposal>, incarnation: 
             bytes += approx_bytes(&next.op);
             batch.push(next);
         }
-        let permit = match permits.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return,
-        };
         seq += 1;
         let inner = inner.clone();
         tokio::spawn(async move {
@@ -1077,8 +1081,12 @@ async fn submit(inner: &Inner, proposals: Vec<Proposal>, incarnation: u64, seq: 
         Ok(r) if r.results.len() == n => {
             core.record_entry(n);
             let now = Instant::now();
-            for ((reply, queued), result) in replies.into_iter().zip(r.results) {
-                core.record_latency(now.duration_since(queued));
+            core.record_latencies(
+                replies
+                    .iter()
+                    .map(|(_, queued)| now.duration_since(*queued)),
+            );
+            for ((reply, _), result) in replies.into_iter().zip(r.results) {
                 let _ = reply.send(Ok(Applied {
                     index: r.index,
                     result,

@@ -131,11 +131,14 @@ impl MetricsCore {
         g.1 += ops as u64;
     }
 
-    pub(crate) fn record_latency(&self, d: Duration) {
-        let us = d.as_micros().min(u64::MAX as u128) as u64;
+    /// Records the proposal-to-applied latency of every op of a batch (one lock).
+    pub(crate) fn record_latencies(&self, ds: impl Iterator<Item = Duration>) {
         let mut g = lock(&self.latency_us);
-        g.0.saturating_record(us.max(1));
-        g.1 = g.1.saturating_add(us);
+        for d in ds {
+            let us = d.as_micros().min(u64::MAX as u128) as u64;
+            g.0.saturating_record(us.max(1));
+            g.1 = g.1.saturating_add(us);
+        }
     }
 
     pub(crate) fn observe(&self, _m: &RaftMetrics<NodeId, NodeInfo>) {}
