@@ -574,6 +574,7 @@ fn engine_limits(config: &Config, shard_count: usize) -> Limits {
         },
         queue_high_water: l.queue_high_water() as usize,
         backpressure_hold_ms_max: u64::from(l.backpressure_hold_ms_max),
+        forward_pace_ms_max: config.cluster.forward_pace_ms_max,
         session_expiry_s_max: l.max_session_expiry_s,
         sessions_count_max: unlimited_if_zero(l.max_sessions.into()) as usize,
         retained_count_max: unlimited_if_zero(l.max_retained_messages.into()) as usize,

@@ -53,6 +53,7 @@ mod auth;
 mod backpressure;
 mod exactly_once;
 mod mqtt5;
+mod pace;
 mod persist;
 mod queue_budget;
 mod quota;
@@ -65,6 +66,7 @@ mod timers;
 mod transfer;
 
 pub use mqtt5::{Mqtt5Settings, Redirect};
+pub use pace::{FORWARD_PACE_SLICE, FORWARD_PACE_SLOW_MS};
 pub use quota::{Limit, SessionBudget};
 pub use remote::raft_stamp;
 pub use shared::SharedStrategy;
@@ -124,6 +126,10 @@ pub struct Limits {
     /// long a 3.1.1 publisher whose message a full persistent queue refused
     /// keeps its connection (`engine::queue_budget`).
     pub backpressure_hold_ms_max: u64,
+    /// Longest the driver waits, before the next slice of a batch another
+    /// node forwarded, for a subscriber here that a QoS 0 delivery of it found
+    /// behind (`engine::pace`), milliseconds; 0 waits for none.
+    pub forward_pace_ms_max: u64,
     // Quotas on state that would otherwise grow without bound (`quota`).
     /// Longest session expiry interval granted, seconds; `u32::MAX` grants
     /// "never" (and keeps 3.1.1 persistent sessions forever).
@@ -186,6 +192,7 @@ impl Default for Limits {
             shared_subscription_strategy: SharedStrategy::default(),
             queue_high_water: 250,
             backpressure_hold_ms_max: 2000,
+            forward_pace_ms_max: 20,
             session_expiry_s_max: u32::MAX,
             sessions_count_max: usize::MAX,
             retained_count_max: usize::MAX,
@@ -260,6 +267,11 @@ pub struct Stats {
     /// Times a connection stopped being read because it had more held
     /// acknowledgements than the Receive Maximum (counted by the driver).
     pub backpressure_reads_paused: u64,
+    /// Slices of forwarded batches that waited for a subscriber here to
+    /// catch up (`engine::pace`).
+    pub forward_paced: u64,
+    /// Such waits that reached `Limits::forward_pace_ms_max`.
+    pub forward_pace_timeouts: u64,
     /// Refusals by each configured limit, indexed by [`Limit`] (`quota`).
     pub limit_refusals: [u64; Limit::COUNT],
     /// QoS 1/2 deliveries refused because a persistent session's queue (or
@@ -499,6 +511,8 @@ pub struct Engine {
     persist: Option<Box<persist::PersistState>>,
     /// Per-publisher back-pressure state (`backpressure`).
     bp: backpressure::BackPressure,
+    /// Pacing of forwarded batches (`pace`).
+    pace: pace::ForwardPace,
     /// The node's session count (`quota`): this engine's own until the
     /// driver shares one with `set_session_budget`.
     session_budget: Arc<SessionBudget>,
@@ -585,6 +599,7 @@ impl Engine {
             auth_hook: None,
             persist: None,
             bp: backpressure::BackPressure::new(shard_count),
+            pace: pace::ForwardPace::default(),
             session_budget: Arc::new(SessionBudget::new(limits_sessions_max)),
             retained_usage: quota::RetainedUsage::default(),
             queue_mem_bytes: 0,
@@ -951,6 +966,7 @@ impl Engine {
             w.wake();
         }
         let idx = c.session;
+        self.pace_wake();
         if idx == SessionIdx::MAX {
             return; // refused at CONNECT: no session attached
         }
@@ -1060,6 +1076,7 @@ impl Engine {
             let idx = c.session;
             self.pump(now_ms, idx);
         }
+        self.pace_wake();
     }
 
     /// Ends every connection for shutdown (v5 clients get DISCONNECT 0x8B).
@@ -2082,6 +2099,11 @@ impl Engine {
                 } else {
                     self.queue_push(now_ms, idx, d);
                 }
+            }
+            Some(conn) if d.qos == QoS::AtMostOnce => {
+                // Its output is over the bound: a forwarded batch waits for it.
+                self.pace_note(now_ms, idx, conn);
+                self.queue_push(now_ms, idx, d);
             }
             _ => self.queue_push(now_ms, idx, d),
         }

@@ -308,6 +308,15 @@ fn describe_all() {
         "Held PUBACK/PUBREC released by limits.backpressure_hold_ms_max, not by the queue draining."
     );
     describe_counter!(
+        "tessera_cluster_forward_paced_total",
+        "Slices of batches another node forwarded that waited for a subscriber here to catch up \
+         (cluster.forward_pace_ms_max)."
+    );
+    describe_counter!(
+        "tessera_cluster_forward_pace_timeouts_total",
+        "Such waits that reached cluster.forward_pace_ms_max (a subscriber that did not keep up)."
+    );
+    describe_counter!(
         "tessera_backpressure_reads_paused_total",
         "Times a connection stopped being read: more held acknowledgements than the Receive Maximum."
     );
@@ -529,6 +538,9 @@ fn record_shard(shard: &str, s: &ShardSnapshot) {
         .absolute(st.backpressure_hold_timeouts);
     counter!("tessera_backpressure_reads_paused_total", "shard" => sh())
         .absolute(st.backpressure_reads_paused);
+    counter!("tessera_cluster_forward_paced_total", "shard" => sh()).absolute(st.forward_paced);
+    counter!("tessera_cluster_forward_pace_timeouts_total", "shard" => sh())
+        .absolute(st.forward_pace_timeouts);
     counter!("tessera_queue_refused_total", "shard" => sh()).absolute(st.queue_refused);
     counter!("tessera_queue_refused_acks_held_total", "shard" => sh())
         .absolute(st.queue_refused_acks_held);

@@ -21,6 +21,9 @@ use super::FieldDoc;
 /// framing) must stay within raft's 64 KiB bound for an inline retained record.
 pub const RETAINED_INLINE_BYTES_MAX: usize = 60_000;
 
+/// The largest `forward_pace_ms_max`: a wait holds the whole stream from another node.
+pub const FORWARD_PACE_MS_MAX: u64 = 1_000;
+
 /// The `[cluster]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +57,9 @@ pub struct ClusterConfig {
     /// Retained payloads up to this many bytes ride in the raft entry; larger ones stay
     /// on the node they were published on and the entry carries a reference.
     pub retained_inline_bytes: usize,
+    /// Longest a forwarded batch waits, before its next slice, for a subscriber here
+    /// that its QoS 0 messages found behind, ms; 0: never waits.
+    pub forward_pace_ms_max: u64,
     /// How long this node keeps serving the ClientIDs it holds without contact with
     /// its cluster (its leader, or as leader a quorum), ms. Unset: see
     /// [`ClusterConfig::session_lease`].
@@ -76,6 +82,7 @@ impl Default for ClusterConfig {
             logs_kept_after_snapshot: 2_000,
             redirect_to_owner: false,
             retained_inline_bytes: 1024,
+            forward_pace_ms_max: 20,
             session_lease_ms: None,
         }
     }
@@ -178,6 +185,12 @@ pub const FIELDS: &[FieldDoc] = &[
     },
     FieldDoc {
         section: "cluster",
+        key: "forward_pace_ms_max",
+        doc: "A batch of messages another node forwarded is delivered here in slices;               before each slice, a subscriber that the QoS 0 messages before it found               behind (its connection's output over its bound) is waited for, at most               this long, so a subscriber that reads gets them instead of its queue               overflowing. The wait holds everything that node sends this one (other               subscribers' messages, route barriers, session hand-overs), so it is               short, and a subscriber that did not catch up in time is not waited for               during the next second (its queue overflows by its policy). 0: never wait.",
+        accepted: "an integer from 0 to 1000",
+    },
+    FieldDoc {
+        section: "cluster",
         key: "session_lease_ms",
         doc: "How long this node keeps serving its clients without contact with its \
               cluster (no word from the leader; as leader, no answer from a quorum), ms. \
@@ -249,6 +262,7 @@ impl ClusterConfig {
             "logs_kept_after_snapshot" => self.logs_kept_after_snapshot = p(v)?,
             "redirect_to_owner" => self.redirect_to_owner = p(v)?,
             "retained_inline_bytes" => self.retained_inline_bytes = p(v)?,
+            "forward_pace_ms_max" => self.forward_pace_ms_max = p(v)?,
             "session_lease_ms" => self.session_lease_ms = Some(p(v)?),
             key => unreachable!("FIELDS entry cluster.{key} has no setter"),
         }
@@ -306,6 +320,13 @@ impl ClusterConfig {
         };
         if node_id == 0 {
             return invalid("cluster.node_id", "0".into(), "an integer from 1");
+        }
+        if self.forward_pace_ms_max > FORWARD_PACE_MS_MAX {
+            return invalid(
+                "cluster.forward_pace_ms_max",
+                self.forward_pace_ms_max.to_string(),
+                "an integer from 0 to 1000",
+            );
         }
         if self.retained_inline_bytes > RETAINED_INLINE_BYTES_MAX {
             return invalid(

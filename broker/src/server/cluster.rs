@@ -197,15 +197,15 @@ async fn tick(shard: Rc<Shard>, cluster: Rc<ShardCluster>) {
 
 async fn serve_requests(shard: Rc<Shard>, requests: flume::Receiver<PeerRequest>) {
     while let Ok(req) = requests.recv_async().await {
-        on_peer_request(&shard, req);
+        on_peer_request(&shard, req).await;
         futures_lite::future::yield_now().await;
     }
 }
 
 /// One request from another node, in arrival order.
-fn on_peer_request(shard: &Rc<Shard>, req: PeerRequest) {
+async fn on_peer_request(shard: &Rc<Shard>, req: PeerRequest) {
     match req.envelope.kind {
-        PeerKind::Publish => super::remote::on_request(shard, req),
+        PeerKind::Publish => super::remote::on_request(shard, req).await,
         PeerKind::Retained => super::remote::on_retained_fetch(shard, req),
         // Served on its own task: it may wait for this node to apply a claim or for
         // the store to read a disk tail.

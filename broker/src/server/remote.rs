@@ -12,8 +12,10 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::task::Poll;
+use std::time::Duration;
 
 use futures_lite::future::poll_fn;
+use tessera_shard::engine::FORWARD_PACE_SLICE;
 use tessera_shard::mesh::{MeshMsg, ShardId};
 use tracing::{debug, warn};
 
@@ -126,8 +128,10 @@ async fn reader(shard: Rc<Shard>) {
 }
 
 /// A `Publish` request from another node (`cluster::peer`): a batch of publications to
-/// deliver, or a barrier.
-pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
+/// deliver, or a barrier. A batch is handed to the engine in slices, each after the
+/// subscribers here that the QoS 0 messages before it found behind caught up (or
+/// `cluster.forward_pace_ms_max` passed: [`pace`]).
+pub(super) async fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
     let Some(remote) = &shard.remote else {
         let _ = req
             .reply
@@ -171,19 +175,28 @@ pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
             answer,
             seq,
         }) => {
-            let now = now_ms();
-            let token = {
-                let mut engine = shard.engine.borrow_mut();
-                engine.set_now_us(now_us());
-                let token = engine.begin_forward_batch();
-                for m in messages {
-                    engine.handle_mesh(now, remote.id, m);
+            let token = shard.engine.borrow_mut().begin_forward_batch();
+            let mut messages = messages.into_iter();
+            while messages.len() > 0 {
+                pace(shard).await;
+                {
+                    let now = now_ms();
+                    let mut engine = shard.engine.borrow_mut();
+                    engine.set_now_us(now_us());
+                    for m in messages.by_ref().take(FORWARD_PACE_SLICE) {
+                        engine.handle_mesh(now, remote.id, m);
+                    }
                 }
-                if let Some(t) = token {
-                    engine.end_forward_batch(t);
+                if messages.len() > 0 {
+                    // The subscribers' connections write out this slice, and other
+                    // shards get their copies, before the next one.
+                    shard.flush_outbox();
+                    futures_lite::future::yield_now().await;
                 }
-                token
-            };
+            }
+            if let Some(t) = token {
+                shard.engine.borrow_mut().end_forward_batch(t);
+            }
             match token {
                 // Answered in `answer_forwarded` once every local shard that stored a
                 // copy committed it.
@@ -228,6 +241,32 @@ pub(super) fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
             })
             .detach();
         }
+    }
+}
+
+/// Waits until every subscriber of this shard that a QoS 0 delivery of a forwarded batch
+/// found behind caught up, at most `cluster.forward_pace_ms_max`; one still behind then
+/// is not waited for during the next second (`tessera_shard::engine` module `pace`).
+async fn pace(shard: &Shard) {
+    let bound = shard.engine.borrow().limits().forward_pace_ms_max;
+    let mut counted = false;
+    let caught_up = poll_fn(|cx| {
+        let mut engine = shard.engine.borrow_mut();
+        if engine.forward_pace_poll(cx.waker()) {
+            return Poll::Ready(true);
+        }
+        if !counted {
+            counted = true;
+            engine.record_forward_paced();
+        }
+        Poll::Pending
+    });
+    let expired = async {
+        glommio::timer::sleep(Duration::from_millis(bound)).await;
+        false
+    };
+    if !futures_lite::future::or(caught_up, expired).await {
+        shard.engine.borrow_mut().forward_pace_expired(now_ms());
     }
 }
 

@@ -173,7 +173,11 @@ impl Engine {
             if let Some(t) = token {
                 self.bp_begin_remote(self.shard, t, msg.qos, true);
             }
+            // A QoS 0 delivery that finds a subscriber behind makes the driver
+            // wait for it before the next slice (`pace`).
+            self.pace.active = true;
             self.deliver_local(now_ms, &msg);
+            self.pace.active = false;
             if token.is_some()
                 && self.bp_end_remote()
                 && let Some(n) = token.and_then(|t| self.pending_forwards.get_mut(&t))
