@@ -90,6 +90,10 @@ pub const PEER_QUEUE_MESSAGES_MAX: usize = 100_000;
 pub const PEER_QUEUE_HIGH_WATER: usize = 2 * BATCH_MESSAGES_TARGET;
 /// Publications per batch sent to a peer.
 const BATCH_MESSAGES_TARGET: usize = 4096;
+/// Batches sent to one peer before the first is answered: the next batch is encoded
+/// and on its way while the peer delivers the one before (with one, each node waited
+/// for the other in turn).
+const BATCHES_IN_FLIGHT: usize = 2;
 /// Bytes per batch sent to a peer (well under the link's 16 MiB forward frame bound;
 /// one large message may exceed it alone).
 const BATCH_BYTES_TARGET: usize = 1 << 20;
@@ -1419,7 +1423,57 @@ async fn barrier(transport: &Arc<dyn Transport>, members: &[NodeId], index: u64)
     }
 }
 
-/// Sends `queue` to `node`: one batch in flight, retried until accepted.
+/// A batch sent to a peer and not yet answered.
+struct Sent {
+    seq: u64,
+    count: u64,
+    bytes: Bytes,
+    /// The QoS 1/2 publications it carries: (shard, token).
+    tokens: Vec<(ShardId, u64)>,
+    /// The call, while one is running (none after a failure, until it is sent again).
+    call: Option<tokio::task::JoinHandle<Result<Answer, String>>>,
+}
+
+/// Takes the next batch from `queue`: `seq`, sent while the batches from `base` on are
+/// unanswered. `None` when the queue is empty.
+fn take_batch(
+    queue: &PeerQueue,
+    drained: &Notify,
+    incarnation: u64,
+    (seq, base): (u64, u64),
+    now_ms: u64,
+) -> Option<Sent> {
+    let mut items = lock(&queue.items);
+    if items.is_empty() {
+        return None;
+    }
+    let mut w = BatchWriter::with_base(&ENVELOPE, incarnation, seq, base);
+    let mut tokens = Vec::new();
+    while w.len() < BATCH_MESSAGES_TARGET
+        && w.bytes() < BATCH_BYTES_TARGET
+        && let Some(item) = items.pop_front()
+    {
+        let share = item.share.as_ref().map(|(g, f)| (g, f));
+        w.push(now_ms, item.publisher, &item.message, share);
+        if let Some(t) = item.token {
+            tokens.push(t);
+        }
+    }
+    if items.len() < PEER_QUEUE_HIGH_WATER {
+        drained.notify_one();
+    }
+    Some(Sent {
+        seq,
+        count: w.len() as u64,
+        bytes: w.finish(),
+        tokens,
+        call: None,
+    })
+}
+
+/// Sends `queue` to `node`: up to [`BATCHES_IN_FLIGHT`] batches in flight, in order;
+/// after a failure they are sent again one at a time, oldest first, until each is
+/// accepted (the receiver refuses a batch after one it did not accept, `wire`).
 #[allow(clippy::too_many_arguments)]
 async fn send_to_peer(
     node: NodeId,
@@ -1427,86 +1481,129 @@ async fn send_to_peer(
     drained: Arc<Notify>,
     transport: Arc<dyn Transport>,
     events: mpsc::UnboundedSender<Event>,
-    incarnation: u64,
+    mut incarnation: u64,
     clocks: Clocks,
     metrics: Arc<ForwardMetrics>,
     handle: ClusterHandle,
 ) {
+    let call = |bytes: Bytes| {
+        let transport = transport.clone();
+        tokio::spawn(async move {
+            transport
+                .call(node, Channel::Forward, bytes)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()))
+        })
+    };
     let mut seq = 0u64;
-    let mut tokens = Vec::new();
+    let mut sent: VecDeque<Sent> = VecDeque::new();
+    let mut retrying = false;
+    let mut pause = RETRY_MIN;
     loop {
         let notified = queue.notify.notified();
-        let batch = {
-            let mut items = lock(&queue.items);
-            if items.is_empty() {
-                None
-            } else {
-                seq += 1;
-                let mut w = BatchWriter::new(&ENVELOPE, incarnation, seq);
-                let now = (clocks.now_ms)();
-                while w.len() < BATCH_MESSAGES_TARGET
-                    && w.bytes() < BATCH_BYTES_TARGET
-                    && let Some(item) = items.pop_front()
-                {
-                    let share = item.share.as_ref().map(|(g, f)| (g, f));
-                    w.push(now, item.publisher, &item.message, share);
-                    if let Some(t) = item.token {
-                        tokens.push(t);
-                    }
-                }
-                if items.len() < PEER_QUEUE_HIGH_WATER {
-                    drained.notify_one();
-                }
-                Some((w.len() as u64, w.finish()))
-            }
-        };
-        let Some((count, bytes)) = batch else {
+        while !retrying && sent.len() < BATCHES_IN_FLIGHT {
+            let base = sent.front().map_or(seq + 1, |s| s.seq);
+            let now = (clocks.now_ms)();
+            let Some(mut batch) = take_batch(&queue, &drained, incarnation, (seq + 1, base), now)
+            else {
+                break;
+            };
+            seq += 1;
+            batch.call = Some(call(batch.bytes.clone()));
+            sent.push_back(batch);
+        }
+        let room = !retrying && sent.len() < BATCHES_IN_FLIGHT;
+        let Some(front) = sent.front_mut() else {
             notified.await;
             continue;
         };
-        let mut pause = RETRY_MIN;
-        loop {
-            let result = transport
-                .call(node, Channel::Forward, bytes.clone())
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()));
-            match result {
-                Ok(Answer::Accepted { seq: s }) if s == seq => {
-                    if queue.failing.swap(false, Ordering::Relaxed) {
-                        drained.notify_one();
-                    }
-                    break;
-                }
-                Ok(a) => tracing::warn!(node, seq, "unexpected answer to a batch: {a:?}"),
-                Err(e) => {
-                    if !handle.members().contains_key(&node) {
-                        tracing::info!(node, "peer left the cluster; dropping its queue");
-                        break;
-                    }
-                    tracing::debug!(node, seq, "batch not accepted, retrying: {e}");
-                }
+        let running = match &mut front.call {
+            Some(c) => c,
+            // Sent again after a failure, alone: every batch before it was answered.
+            None => {
+                let bytes = wire::rebase(&front.bytes, ENVELOPE.len(), front.seq)
+                    .unwrap_or_else(|| front.bytes.clone());
+                front.call.insert(call(bytes))
             }
-            // While it fails, its queue does not stop the intake.
-            if !queue.failing.swap(true, Ordering::Relaxed) {
+        };
+        let result = if room {
+            tokio::select! {
+                r = running => r,
+                () = notified => continue,
+            }
+        } else {
+            running.await
+        };
+        let result = result.unwrap_or_else(|e| Err(format!("the call's task failed: {e}")));
+        let accepted = match result {
+            Ok(Answer::Accepted { seq: s }) if s == front.seq => true,
+            Ok(a) => {
+                tracing::warn!(node, seq = front.seq, "unexpected answer to a batch: {a:?}");
+                false
+            }
+            Err(e) => {
+                if !handle.members().contains_key(&node) {
+                    tracing::info!(node, "peer left the cluster; dropping its queue");
+                    // What was sent is given up; a later batch starts a new sequence.
+                    for b in sent.drain(..) {
+                        if let Some(c) = &b.call {
+                            c.abort();
+                        }
+                        done(node, &b, &metrics, &events);
+                    }
+                    incarnation = incarnation.wrapping_add(1);
+                    retrying = false;
+                    continue;
+                }
+                tracing::debug!(node, seq = front.seq, "batch not accepted, retrying: {e}");
+                false
+            }
+        };
+        if accepted {
+            if queue.failing.swap(false, Ordering::Relaxed) {
                 drained.notify_one();
             }
-            lock(&metrics.peers).entry(node).or_default().retries += 1;
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(RETRY_MAX);
+            if let Some(b) = sent.pop_front() {
+                done(node, &b, &metrics, &events);
+            }
+            if sent.is_empty() {
+                retrying = false;
+                pause = RETRY_MIN;
+            }
+            continue;
         }
-        {
-            let mut peers = lock(&metrics.peers);
-            let c = peers.entry(node).or_default();
-            c.messages += count;
-            c.batches += 1;
-            c.bytes += bytes.len() as u64;
+        // The batches after it are sent again after it, one at a time.
+        for b in sent.iter_mut() {
+            if let Some(c) = b.call.take() {
+                c.abort();
+            }
         }
-        if !tokens.is_empty() {
-            let _ = events.send(Event::PeerDone {
-                tokens: std::mem::take(&mut tokens),
-            });
+        retrying = true;
+        // While it fails, its queue does not stop the intake.
+        if !queue.failing.swap(true, Ordering::Relaxed) {
+            drained.notify_one();
         }
+        lock(&metrics.peers).entry(node).or_default().retries += 1;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+}
+
+/// A batch was accepted (or given up with its peer): counted, and its QoS 1/2
+/// publications answered.
+fn done(node: NodeId, b: &Sent, metrics: &ForwardMetrics, events: &mpsc::UnboundedSender<Event>) {
+    {
+        let mut peers = lock(&metrics.peers);
+        let c = peers.entry(node).or_default();
+        c.messages += b.count;
+        c.batches += 1;
+        c.bytes += b.bytes.len() as u64;
+    }
+    if !b.tokens.is_empty() {
+        let _ = events.send(Event::PeerDone {
+            tokens: b.tokens.clone(),
+        });
     }
 }
 
@@ -1567,15 +1664,33 @@ pub fn serve_request(
         Request::Batch {
             incarnation,
             seq,
+            base,
             records,
         } => {
             let answer = wire::encode_answer(Answer::Accepted { seq });
-            let last = accepted.last.entry(from).or_insert((incarnation, 0));
-            if last.0 == incarnation && seq <= last.1 {
-                metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-                return Ok(Incoming::Duplicate { answer, seq });
+            // Batches of one sender are accepted in order, each once (`wire`, the
+            // sender keeps several in flight): a retry of one accepted is answered
+            // again, one after a batch that was not accepted is refused.
+            match accepted.last.get(&from) {
+                Some(&(inc, last)) if inc == incarnation => {
+                    if seq <= last {
+                        metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Incoming::Duplicate { answer, seq });
+                    }
+                    if seq != last + 1 {
+                        return Err(wire::out_of_order(format!(
+                            "batch {seq} of node {from} after its batch {last}"
+                        )));
+                    }
+                }
+                _ if base != seq => {
+                    return Err(wire::out_of_order(format!(
+                        "batch {seq} of node {from} before its batch {base}"
+                    )));
+                }
+                _ => {}
             }
-            *last = (incarnation, seq);
+            accepted.last.insert(from, (incarnation, seq));
             metrics
                 .received
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -1638,5 +1753,78 @@ fn split_key(key: &str) -> (Option<&str>, &str) {
     match key.strip_prefix('\0').and_then(|k| k.split_once('\0')) {
         Some((g, f)) => (Some(g), f),
         None => (None, key),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Goal: a receiver accepts one sender's batches in order and each once, though the
+    //! sender keeps several in flight: a retry of an accepted batch is answered again
+    //! (not delivered), a batch after one it did not accept is refused (so it is sent
+    //! again after it, never delivered first), and a receiver that knows nothing of the
+    //! sender (it restarted) accepts only the sender's oldest unanswered batch.
+
+    use super::*;
+
+    fn clocks() -> Clocks {
+        fn zero() -> u64 {
+            0
+        }
+        Clocks {
+            now_ms: zero,
+            now_us: zero,
+        }
+    }
+
+    fn batch(incarnation: u64, seq: u64, base: u64) -> Bytes {
+        let mut w = BatchWriter::with_base(&[], incarnation, seq, base);
+        let m = Message {
+            topic: Str::from_static("t"),
+            payload: Bytes::from(seq.to_string()),
+            qos: tessera_proto::QoS::AtMostOnce,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            origin: None,
+            received_us: 0,
+        };
+        assert!(w.push(0, 1, &m, None));
+        w.finish()
+    }
+
+    /// What the receiver does with `body` from node 5: "deliver", "duplicate" or
+    /// "refused".
+    fn serve(accepted: &mut Accepted, body: Bytes) -> &'static str {
+        let metrics = ForwardMetrics::default();
+        match serve_request(accepted, 2, 5, body, 16, clocks(), &metrics) {
+            Ok(Incoming::Deliver { .. }) => "deliver",
+            Ok(Incoming::Duplicate { .. }) => "duplicate",
+            Ok(Incoming::Barrier { .. }) => "barrier",
+            Err(_) => "refused",
+        }
+    }
+
+    #[test]
+    fn batches_in_flight_are_accepted_in_order_and_once() {
+        let mut a = Accepted::default();
+        // A receiver that knows nothing of the sender: only its oldest unanswered batch.
+        assert_eq!(serve(&mut a, batch(1, 8, 7)), "refused", "8 before 7");
+        assert_eq!(serve(&mut a, batch(1, 7, 7)), "deliver");
+        assert_eq!(serve(&mut a, batch(1, 8, 7)), "deliver");
+        // 9 was lost: 10 (sent with 9 in flight) is refused, then both come again.
+        assert_eq!(serve(&mut a, batch(1, 10, 9)), "refused", "10 before 9");
+        assert_eq!(serve(&mut a, batch(1, 9, 9)), "deliver");
+        assert_eq!(serve(&mut a, batch(1, 10, 10)), "deliver");
+        // A retry of an accepted batch (its answer was lost) is answered, not delivered.
+        assert_eq!(serve(&mut a, batch(1, 9, 9)), "duplicate");
+        assert_eq!(serve(&mut a, batch(1, 10, 9)), "duplicate");
+        // The sender restarted (or gave batches up): a new incarnation starts again.
+        assert_eq!(serve(&mut a, batch(2, 1, 1)), "deliver");
+        assert_eq!(serve(&mut a, batch(2, 3, 2)), "refused", "3 after 1");
+        // A batch of one in flight (tag 1) reads as its own base.
+        assert_eq!(
+            serve(&mut a, BatchWriter::new(&[], 3, 4).finish()),
+            "deliver"
+        );
     }
 }

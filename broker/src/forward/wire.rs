@@ -7,6 +7,7 @@
 //! request  = tag u8, then
 //!   1 batch   : incarnation u64 | seq u64 | count u32 | record * count
 //!   2 barrier : index u64
+//!   3 batch   : incarnation u64 | seq u64 | base u64 | count u32 | record * count
 //! record   = flags u8 (bit 0: expiry follows, bit 1: share follows) | publisher u64
 //!            | [expiry_ms u64] | [group str | filter str] | len u32
 //!            | an MQTT 5 PUBLISH frame of len bytes
@@ -27,7 +28,13 @@
 //!
 //! `incarnation` (the sender's boot time in ns) and `seq` (from 1, one per batch) let the
 //! receiver drop a batch it already accepted when the sender retries it after a lost
-//! link: a retried batch is the same bytes.
+//! link: a retried batch carries the same publications. A sender keeps several batches
+//! in flight (tag 3); `base` is the oldest of its batches not yet answered when it sent
+//! this one, so a receiver that knows nothing of the sender (it restarted) accepts only
+//! a batch whose `base` is its own `seq`, and one that does accepts only the batch after
+//! the last it accepted: a batch after a lost one is refused and sent again after it,
+//! never delivered before it. Tag 1 (one batch in flight, and the retained records in
+//! the raft log) reads as `base = seq`.
 //!
 //! A retained message too large to ride in the raft log is replaced there by a
 //! *reference* ([`RetainedRef`]): `0xA5 | size u32 | digest u128` (the record's size on
@@ -49,6 +56,7 @@ pub const BATCH_MESSAGES_MAX: usize = 1 << 16;
 
 const REQ_BATCH: u8 = 1;
 const REQ_BARRIER: u8 = 2;
+const REQ_BATCH_BASE: u8 = 3;
 const ANS_ACCEPTED: u8 = 1;
 const ANS_APPLIED: u8 = 2;
 const FLAG_EXPIRY: u8 = 1;
@@ -77,6 +85,8 @@ pub enum Request {
         incarnation: u64,
         /// The batch's number, from 1.
         seq: u64,
+        /// The sender's oldest batch without an answer when it sent this one.
+        base: u64,
         /// The publications.
         records: Vec<Record>,
     },
@@ -110,6 +120,12 @@ pub struct WireError {
     reason: String,
 }
 
+/// A batch that does not come next from its sender (see the module): refused, so the
+/// sender sends it again after the one before it.
+pub fn out_of_order(reason: String) -> WireError {
+    err("batch", reason)
+}
+
 fn err(what: &'static str, reason: impl Into<String>) -> WireError {
     WireError {
         what,
@@ -130,11 +146,28 @@ impl BatchWriter {
     /// A batch `seq` of sender `incarnation`, after `prefix` (the link envelope's
     /// header, written here so the batch is never copied to add it).
     pub fn new(prefix: &[u8], incarnation: u64, seq: u64) -> BatchWriter {
+        BatchWriter::start(prefix, incarnation, seq, None)
+    }
+
+    /// A batch `seq` sent while the sender's batches from `base` on are unanswered
+    /// (tag 3; see the module).
+    pub fn with_base(prefix: &[u8], incarnation: u64, seq: u64, base: u64) -> BatchWriter {
+        BatchWriter::start(prefix, incarnation, seq, Some(base))
+    }
+
+    fn start(prefix: &[u8], incarnation: u64, seq: u64, base: Option<u64>) -> BatchWriter {
         let mut buf = BytesMut::with_capacity(4096);
         buf.put_slice(prefix);
-        buf.put_u8(REQ_BATCH);
+        buf.put_u8(if base.is_some() {
+            REQ_BATCH_BASE
+        } else {
+            REQ_BATCH
+        });
         buf.put_u64(incarnation);
         buf.put_u64(seq);
+        if let Some(base) = base {
+            buf.put_u64(base);
+        }
         buf.put_u32(0); // count, set by `finish`
         let count_at = buf.len() - 4;
         BatchWriter {
@@ -220,6 +253,19 @@ impl BatchWriter {
     }
 }
 
+/// The batch request `batch` (made by [`BatchWriter::with_base`] after `prefix_len`
+/// bytes of prefix) with its `base` set to `base`: a retry after the batches before it
+/// were answered. A copy (a retry is rare); `None` if `batch` is not such a request.
+pub fn rebase(batch: &Bytes, prefix_len: usize, base: u64) -> Option<Bytes> {
+    let at = prefix_len + 1 + 16;
+    if batch.get(prefix_len) != Some(&REQ_BATCH_BASE) || batch.len() < at + 8 {
+        return None;
+    }
+    let mut b = BytesMut::from(&batch[..]);
+    b[at..at + 8].copy_from_slice(&base.to_be_bytes());
+    Some(b.freeze())
+}
+
 /// A barrier request, after `prefix`.
 pub fn encode_barrier(prefix: &[u8], index: u64) -> Bytes {
     let mut b = BytesMut::with_capacity(prefix.len() + 9);
@@ -298,9 +344,17 @@ pub fn decode_request(mut b: Bytes, topic_levels_max: usize) -> Result<Request, 
             }
             Ok(Request::Barrier { index })
         }
-        REQ_BATCH => {
+        tag @ (REQ_BATCH | REQ_BATCH_BASE) => {
             let incarnation = take_u64(&mut b, "batch header")?;
             let seq = take_u64(&mut b, "batch header")?;
+            let base = if tag == REQ_BATCH_BASE {
+                take_u64(&mut b, "batch header")?
+            } else {
+                seq
+            };
+            if base > seq {
+                return Err(err("batch header", format!("base {base} above seq {seq}")));
+            }
             let count = take_u32(&mut b, "batch header")? as usize;
             if count > BATCH_MESSAGES_MAX {
                 return Err(err("batch", format!("{count} records exceed the bound")));
@@ -317,6 +371,7 @@ pub fn decode_request(mut b: Bytes, topic_levels_max: usize) -> Result<Request, 
             Ok(Request::Batch {
                 incarnation,
                 seq,
+                base,
                 records,
             })
         }
@@ -538,12 +593,13 @@ mod tests {
         let Request::Batch {
             incarnation,
             seq,
+            base,
             records,
         } = decode_request(bytes.clone(), 16).unwrap()
         else {
             panic!("not a batch")
         };
-        assert_eq!((incarnation, seq, records.len()), (7, 3, 2));
+        assert_eq!((incarnation, seq, base, records.len()), (7, 3, 3, 2));
         let r = &records[0];
         assert_eq!(r.publisher, 42);
         assert_eq!(r.expiry_ms, Some(4_000));
@@ -665,6 +721,38 @@ mod tests {
         assert!(decode_request(Bytes::new(), 16).is_err());
     }
 
+    #[test]
+    fn a_batch_with_a_base_round_trips_and_is_rebased_for_a_retry() {
+        let mut w = BatchWriter::with_base(&[2, 0, 0], 9, 5, 3);
+        assert!(w.push(0, 1, &message("a", b"x", 0, false, false), None));
+        let bytes = w.finish();
+        let header = |b: &Bytes| match decode_request(b.slice(3..), 16) {
+            Ok(Request::Batch {
+                incarnation,
+                seq,
+                base,
+                records,
+            }) => (incarnation, seq, base, records.len()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(header(&bytes), (9, 5, 3, 1));
+        // A retry once the batches before it were answered.
+        assert_eq!(header(&rebase(&bytes, 3, 5).unwrap()), (9, 5, 5, 1));
+        // A base above the batch's own number is malformed; a batch of tag 1 (one in
+        // flight, retained records) has no base to change and reads as its own.
+        assert!(decode_request(rebase(&bytes, 3, 6).unwrap().slice(3..), 16).is_err());
+        let plain = BatchWriter::new(&[], 1, 4).finish();
+        assert_eq!(rebase(&plain, 0, 1), None);
+        assert!(matches!(
+            decode_request(plain, 16),
+            Ok(Request::Batch {
+                seq: 4,
+                base: 4,
+                ..
+            })
+        ));
+    }
+
     proptest! {
         #[test]
         fn generated_batches_round_trip(
@@ -682,9 +770,9 @@ mod tests {
                 prop_assert!(w.push(now, *publisher, &m, None));
             }
             prop_assert_eq!(w.len(), msgs.len());
-            let Request::Batch { incarnation: i, seq: s, records } =
+            let Request::Batch { incarnation: i, seq: s, base: b, records } =
                 decode_request(w.finish(), 16).unwrap() else { panic!("not a batch") };
-            prop_assert_eq!((i, s, records.len()), (incarnation, seq, msgs.len()));
+            prop_assert_eq!((i, s, b, records.len()), (incarnation, seq, seq, msgs.len()));
             for (rec, (t, p, q, r, props, publisher, exp)) in records.iter().zip(&msgs) {
                 prop_assert_eq!(rec.message.topic.as_str(), t.as_str());
                 prop_assert_eq!(&rec.message.payload[..], &p[..]);
