@@ -105,9 +105,9 @@ for round in $(seq "$ROUNDS"); do
 done
 echo "== node 1 forwarding counters (the sending node)" >&2
 curl -s "http://127.0.0.1:$((base + 21))/metrics" | grep -E '^tessera_cluster_forward' | head -20 >&2 || true
-echo "== node 2 drops and held acknowledgements (the receiving node)" >&2
+echo "== node 2 drops, held acknowledgements and paced slices (the receiving node)" >&2
 curl -s "http://127.0.0.1:$((base + 22))/metrics" |
-    grep -E '^tessera_(messages_dropped_total|backpressure_acks_held_total|backpressure_hold_timeouts_total)' |
+    grep -E '^tessera_(messages_dropped_total|backpressure_acks_held_total|backpressure_hold_timeouts_total|cluster_forward_pace[a-z_]*)' |
     grep -v ' 0$' >&2 || true
 
 python3 - "$OUT" <<'PY'
