@@ -224,29 +224,47 @@ remote_drops() {
         awk '/^tessera_messages_dropped_total/ {s += $2} END {print s + 0}'
 }
 
+# local_store SETUP: "commits seconds records" of a Tessera local broker's store so far
+# (tessera_persistence_commit_seconds count and sum, tessera_persistence_commit_records
+# sum), or "-1 0 0" for Mosquitto.
+local_store() {
+    [[ $1 != mosquitto ]] || { echo "-1 0 0"; return; }
+    curl -s "http://127.0.0.1:${local_admin[$1]}/metrics" | awk '
+        /^tessera_persistence_commit_seconds_count/ {c += $2}
+        /^tessera_persistence_commit_seconds_sum/ {s += $2}
+        /^tessera_persistence_commit_records_sum/ {r += $2}
+        END {print c + 0, s + 0, r + 0}'
+}
+
 # run SETUP SCENARIO: one q0/q1 bench run, one JSON line to OUT (with the remote's drops
 # during the run as "remote_dropped": the bench's loss_count says what did not arrive,
 # this where a Tessera remote dropped it).
 run() {
     local setup=$1 scenario=$2 qos=${2#q}
-    local rc=0 d0 d1
+    local rc=0 d0 d1 s0 s1
     d0=$(remote_drops "$setup")
+    s0=$(local_store "$setup")
     "$BIN/bench" fanin --publishers 4 --subscribers 1 --qos "$qos" \
         --pub-addr "127.0.0.1:${local_port[$setup]}" --host 127.0.0.1 \
         --port "${remote_port[$setup]}" --duration "$DURATION" --warmup "$WARMUP" --drain 30 \
         --topic-prefix "br/$setup/$scenario/$RANDOM" \
         --json >"$work/bench.out" 2>"$work/bench.err" || rc=$?
     d1=$(remote_drops "$setup")
+    s1=$(local_store "$setup")
     local before
     before=$(wc -l <"$OUT")
     record_report "$setup" "$scenario" "$rc" "$work/bench.out" "$work/bench.err" "$OUT"
     if (($(wc -l <"$OUT") > before)); then
-        python3 - "$OUT" "$d0" "$d1" <<'PY'
+        python3 - "$OUT" "$d0" "$d1" "$s0" "$s1" <<'PY'
 import json, sys
 path, d0, d1 = sys.argv[1], int(float(sys.argv[2])), int(float(sys.argv[3]))
+s0, s1 = [list(map(float, a.split())) for a in sys.argv[4:6]]
 lines = open(path).read().splitlines()
 r = json.loads(lines[-1])
 r["remote_dropped"] = None if d0 < 0 else d1 - d0
+# The local store's commits during the run (warmup, window and drain).
+r["local_store"] = None if s0[0] < 0 else {
+    "commits": s1[0] - s0[0], "commit_seconds": s1[1] - s0[1], "records": s1[2] - s0[2]}
 lines[-1] = json.dumps(r)
 open(path, "w").write("\n".join(lines) + "\n")
 PY
@@ -358,6 +376,22 @@ for case in ["q0", "q1"]:
     cells = [cell(case, s) for s in tess if runs[(case, s)]]
     print(f"| QoS {case[1]} fan-in 4 -> 1 | " + " | ".join(c[1] for c in cells) + f" | {mtext} | " +
           " | ".join(f"{c[0]/m:.2f}" for c in cells) + " |")
+store = defaultdict(list)
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["case"] != "outage" and r.get("local_store") and r["local_store"]["commits"] > 0:
+        store[(r["case"], r["setup"])].append((r["local_store"], r["report"]))
+if store:
+    print()
+    print("| local store, per run (median) | commits/s | store ops per commit | ms per commit | store ops per message |")
+    print("|---|---|---|---|---|")
+    for (case, setup), xs in sorted(store.items()):
+        span = [r["window_s"] + r.get("warmup_s", 0) for _, r in xs]
+        cps = med([st["commits"] / max(sp, 1e-9) for (st, _), sp in zip(xs, span)])
+        rpc = med([st["records"] / st["commits"] for st, _ in xs])
+        mpc = med([1000 * st["commit_seconds"] / st["commits"] for st, _ in xs])
+        rpm = med([st["records"] / max(1, r["sent_count"]) for st, r in xs])
+        print(f"| {case} {setup} | {cps:,.0f} | {rpc:,.0f} | {mpc:.2f} | {rpm:.2f} |")
 if outages:
     print()
     order = [s for s in tess + ["mosquitto"] if s in outages]
