@@ -28,7 +28,9 @@
 #            by the bench (every message the publishers sent, acknowledged by the
 #            local broker, must reach the subscriber: 0 lost).
 # q0/q1 runs are interleaved (one per setup in turn) ROUNDS times; the summary prints
-# medians and each Tessera setup's ratio to mosquitto.
+# medians and each Tessera setup's ratio to mosquitto, the messages lost (the bench's
+# count) and dropped by a Tessera remote (its tessera_messages_dropped_total), and the
+# local Tessera store's commit cadence (commits/s, ops per commit, ms per commit).
 #
 # Usage: bench/scripts/bridge.sh [target/release]
 # Env: SETUPS (tessera-sync,tessera-batched,mosquitto), ROUNDS (3), DURATION (5),
@@ -37,8 +39,8 @@
 #      OUTAGE_S (60), BRIDGE_VERSION (5: Tessera's bridge protocol), MOSQ_BRIDGE_VERSION
 #      (mqttv311, Mosquitto's default; or mqttv50), MAX_INFLIGHT (unset: the defaults;
 #      else limits.max_inflight of every Tessera, local and remote, which is also the
-#      Receive Maximum a Tessera remote announces, and Mosquitto's
-#      max_inflight_messages)
+#      Receive Maximum a Tessera remote announces and so the Tessera bridge's window,
+#      and Mosquitto's max_inflight_messages, its bridge's window)
 # Build first: cargo build --release -p tessera-broker -p tessera-bench
 set -euo pipefail
 BIN=${1:-target/release}
