@@ -1,7 +1,8 @@
 //! `tessera-raft`: the cluster control plane (docs/ARCHITECTURE.md "Cluster").
 //!
 //! One raft group (openraft 0.9, storage v2) orders MQTT-aware ops: session claims with
-//! fencing epochs, per-node routes (with shared-group membership), the retained index and
+//! fencing epochs, per-node routes (with shared-group membership; a node's aggregated
+//! route changes travel as one `RouteDeltas` op), the retained index and
 //! node metadata. Ops from every shard are batched into one log entry per window (one
 //! fsync), applied deterministically into LMDB tables that every node holds identically,
 //! and broadcast to the shards' replica tables.
