@@ -520,7 +520,15 @@ impl<K, V> fmt::Debug for Trie<K, V> {
 /// the end after the last level).
 fn level_at(s: &str, pos: usize) -> (&str, usize) {
     let rest = &s[pos..];
-    let len = rest.find('/').unwrap_or(rest.len());
+    // A byte search: `str::find('/')` goes through the char searcher, which compares
+    // each candidate with a `memcmp` call; it was ~25 % of a shard's time routing
+    // publications (perf, cluster fan-in). '/' is ASCII, so the byte position is a
+    // char boundary.
+    let len = rest
+        .as_bytes()
+        .iter()
+        .position(|&b| b == b'/')
+        .unwrap_or(rest.len());
     (&rest[..len], pos + len + 1)
 }
 
