@@ -938,8 +938,17 @@ impl Forwarder {
                 self.pending.insert(t, nodes.len());
             }
         }
-        for &node in &nodes {
-            let queue = self.peer(node);
+        // The last node gets the message itself, the others a clone: with one node (the
+        // common case) its topic and payload are not cloned and dropped again here.
+        let mut message = Some(message);
+        let last = nodes.len().saturating_sub(1);
+        for (i, &node) in nodes.iter().enumerate() {
+            if !self.peers.contains_key(&node) {
+                self.peer(node);
+            }
+            let Some(queue) = self.peers.get(&node) else {
+                continue;
+            };
             let mut items = lock(&queue.items);
             if token.is_none() && items.len() >= PEER_QUEUE_MESSAGES_MAX {
                 drop(items);
@@ -947,8 +956,16 @@ impl Forwarder {
                 peers.entry(node).or_default().dropped += 1;
                 continue;
             }
+            let message = if i == last {
+                message.take()
+            } else {
+                message.clone()
+            };
+            let Some(message) = message else {
+                continue;
+            };
             items.push_back(Item {
-                message: message.clone(),
+                message,
                 publisher,
                 token,
                 share: None,
