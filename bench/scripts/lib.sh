@@ -46,3 +46,16 @@ record_report() {
     ((rc == 0)) || echo "bench judged FAIL: $setup $case: $(grep -E 'FAIL|lost' "$out" | head -3)" >&2
     printf '{"setup":"%s","case":"%s","report":%s}\n' "$setup" "$case" "$line" >>"$dest"
 }
+
+# A throw-away CA (DIR/ca.pem, ca.key) and a server certificate for IP signed by
+# it (DIR/srv.pem, srv.key; CN and subjectAltName IP), valid two days.
+make_server_cert() {
+    local dir=$1 ip=$2
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -keyout "$dir/ca.key" -out "$dir/ca.pem" -subj /CN=bench-ca 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$dir/srv.key" -out "$dir/srv.csr" -subj "/CN=$ip" 2>/dev/null
+    printf 'subjectAltName=IP:%s\n' "$ip" > "$dir/ext"
+    openssl x509 -req -in "$dir/srv.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+        -CAcreateserial -days 2 -extfile "$dir/ext" -out "$dir/srv.pem" 2>/dev/null
+}

@@ -107,13 +107,9 @@ grep -q "nfq-delay: queue" "$work/delay.err" || { cat "$work/delay.err" >&2; exi
 in_ns $NS_MID iptables -A FORWARD -m statistic --mode random --probability "$LOSS" -j DROP
 in_ns $NS_MID iptables -A FORWARD -j NFQUEUE --queue-num 0
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -keyout "$work/ca.key" -out "$work/ca.pem" -subj /CN=bench-ca 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$work/srv.key" -out "$work/srv.csr" -subj /CN=10.77.2.2 2>/dev/null
-printf 'subjectAltName=IP:10.77.2.2\n' > "$work/ext"
-openssl x509 -req -in "$work/srv.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
-    -CAcreateserial -days 2 -extfile "$work/ext" -out "$work/srv.pem" 2>/dev/null
+# shellcheck source=bench/scripts/lib.sh
+source "$HERE/lib.sh"
+make_server_cert "$work" 10.77.2.2
 
 P_QUIC=22501; P_TLS=22502
 cat > "$work/tessera.toml" <<TOML

@@ -39,13 +39,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -keyout "$work/ca.key" -out "$work/ca.pem" -subj /CN=bench-ca 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$work/srv.key" -out "$work/srv.csr" -subj /CN=127.0.0.1 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1\n' > "$work/ext"
-openssl x509 -req -in "$work/srv.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
-    -CAcreateserial -days 2 -extfile "$work/ext" -out "$work/srv.pem" 2>/dev/null
+# shellcheck source=bench/scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+make_server_cert "$work" 127.0.0.1
 chmod 644 "$work"/*
 
 T_PLAIN=21883; T_TLS=28883; M_PLAIN=31883; M_TLS=38883
