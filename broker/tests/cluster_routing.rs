@@ -462,6 +462,203 @@ fn a_shared_group_across_nodes_gets_each_message_once() {
     );
 }
 
+/// A QoS 1 publication on node 2 for a plain subscriber on node 1 and for a shared
+/// group whose only member is on node 3: the publisher's PUBACK waits for both nodes
+/// (sync durability, the default) and comes. (The forwarder kept one count per token,
+/// so the second registration of the same token overwrote the first and one of the
+/// two `Ack`s the publisher's shard waited for never came: no PUBACK, ever.)
+#[test]
+fn a_publication_for_a_plain_and_a_shared_subscriber_on_other_nodes_is_acknowledged() {
+    let cluster = three_nodes("cluster-routing-mixed");
+    let mut plain = RawClient::connect_ok(
+        cluster.node(1).addr(),
+        connect_packet(ProtocolVersion::V5, "mixed-plain", true, 60),
+    );
+    assert!(!plain.subscribe(1, &[("mix/#", PQoS::AtLeastOnce)])[0].is_error());
+    let mut member = RawClient::connect_ok(
+        cluster.node(3).addr(),
+        connect_packet(ProtocolVersion::V5, "mixed-member", true, 60),
+    );
+    let codes = member.subscribe(1, &[("$share/g/mix/#", PQoS::AtLeastOnce)]);
+    assert!(!codes[0].is_error(), "{codes:?}");
+    let mut publisher = RawClient::connect_ok(
+        cluster.node(2).addr(),
+        connect_packet(ProtocolVersion::V5, "mixed-pub", true, 60),
+    );
+    for i in 1..=5u16 {
+        // `publish` waits for the PUBACK (the client's receive timeout bounds it).
+        publisher.publish("mix/a", format!("{i}").as_bytes(), PQoS::AtLeastOnce, i);
+        for (who, c) in [("plain", &mut plain), ("member", &mut member)] {
+            match c.try_recv(TIMEOUT) {
+                Ok(Packet::Publish(p)) => {
+                    assert_eq!(&p.payload[..], format!("{i}").as_bytes(), "{who}");
+                    c.send(&Packet::PubAck(tessera_proto::PubAck::new(p.packet_id)));
+                }
+                other => panic!("{who}: no message {i}: {other:?}"),
+            }
+        }
+    }
+}
+
+/// A shared group with members on nodes 1 and 3, a publisher on node 2 streaming QoS 1:
+/// node 1's member leaves and comes back again and again. A message node 2 chose node 1
+/// for after the member left (node 2's table still named node 1) is handed back to the
+/// group by node 1 and reaches node 3's member: every acknowledged message arrives,
+/// once. The leave/join rounds go on until node 1 counts such a late message, handed
+/// back (or dropped for want of a member, as before hand-backs; bounded).
+#[test]
+fn a_shared_message_that_arrives_after_the_nodes_members_left_goes_to_another_node() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let cluster = three_nodes("cluster-routing-handback");
+    let filter = "$share/hb/work/#";
+    let connect = |node: u64, id: &str| {
+        RawClient::connect_ok(
+            cluster.node(node).addr(),
+            connect_packet(ProtocolVersion::V5, id, true, 60),
+        )
+    };
+    let mut leaver = connect(1, "hb-member-1");
+    assert!(!leaver.subscribe(1, &[(filter, PQoS::AtLeastOnce)])[0].is_error());
+    let mut stayer = connect(3, "hb-member-3");
+    assert!(!stayer.subscribe(1, &[(filter, PQoS::AtLeastOnce)])[0].is_error());
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    // The publisher: numbered QoS 1 messages, 32 in flight, until told to stop; then
+    // it waits for every PUBACK.
+    let mut publisher = connect(2, "hb-pub");
+    let publishing = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        std::thread::spawn(move || {
+            let (mut sent, mut in_flight) = (0u64, 0u64);
+            loop {
+                let stopping = stop.load(Ordering::Relaxed);
+                if !stopping && in_flight < 32 {
+                    sent += 1;
+                    let id = (sent % 60_000 + 1) as u16;
+                    let p = common::publish_packet(
+                        "work/x",
+                        sent.to_string().as_bytes(),
+                        PQoS::AtLeastOnce,
+                        id,
+                        false,
+                    );
+                    publisher.send(&p);
+                    in_flight += 1;
+                    continue;
+                }
+                if in_flight == 0 {
+                    return sent;
+                }
+                match publisher.try_recv(TIMEOUT) {
+                    Ok(Packet::PubAck(_)) => {
+                        in_flight -= 1;
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => panic!("publisher: {other:?} with {in_flight} in flight"),
+                }
+            }
+        })
+    };
+    // Reads what a member got for `for_ms`, acknowledging it; returns the other
+    // packets.
+    fn read(c: &mut RawClient, got: &mut Vec<u64>, for_ms: u64) -> Vec<Packet> {
+        let until = Instant::now() + Duration::from_millis(for_ms);
+        let mut other = Vec::new();
+        while Instant::now() < until {
+            match c.try_recv(Duration::from_millis(10)) {
+                Ok(Packet::Publish(p)) => {
+                    c.send(&Packet::PubAck(tessera_proto::PubAck::new(p.packet_id)));
+                    got.push(String::from_utf8_lossy(&p.payload).parse().unwrap());
+                }
+                Ok(p) => other.push(p),
+                Err(_) => {}
+            }
+        }
+        other
+    }
+    let (mut got1, mut got3) = (Vec::new(), Vec::new());
+    // Node 1's count of messages it handed back, and of shared messages it dropped
+    // for want of a member: either says a message arrived after the member left.
+    let node1_counts = |cluster: &Cluster| {
+        let text = common::metrics_text(cluster.node(1).admin_addr());
+        let value = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok());
+        let handed_back = text
+            .lines()
+            .filter(|l| l.starts_with("tessera_cluster_shared_handed_back_total"))
+            .find_map(value)
+            .unwrap_or(0);
+        let dropped: u64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("tessera_messages_dropped_total{")
+                    && l.contains("reason=\"shared_no_member\"")
+            })
+            .filter_map(value)
+            .sum();
+        (handed_back, dropped)
+    };
+    let mut rounds = 0;
+    while node1_counts(&cluster) == (0, 0) {
+        rounds += 1;
+        assert!(
+            rounds <= 40,
+            "no message arrived late in 40 leave/join rounds"
+        );
+        read(&mut leaver, &mut got1, 100);
+        read(&mut stayer, &mut got3, 0);
+        leaver.send(&Packet::Unsubscribe(tessera_proto::Unsubscribe {
+            packet_id: 2,
+            properties: Default::default(),
+            filters: vec![common::s(filter)],
+        }));
+        let mut unsubacked = false;
+        let deadline = Instant::now() + TIMEOUT;
+        while !unsubacked {
+            assert!(Instant::now() < deadline, "no UNSUBACK");
+            let other = read(&mut leaver, &mut got1, 20);
+            unsubacked = other.iter().any(|p| matches!(p, Packet::UnsubAck(_)));
+            read(&mut stayer, &mut got3, 20);
+        }
+        read(&mut stayer, &mut got3, 50);
+        leaver.send(&common::subscribe_packet(3, &[(filter, PQoS::AtLeastOnce)]));
+        let mut subacked = false;
+        while !subacked {
+            assert!(Instant::now() < deadline, "no SUBACK");
+            let other = read(&mut leaver, &mut got1, 20);
+            subacked = other.iter().any(|p| matches!(p, Packet::SubAck(_)));
+            read(&mut stayer, &mut got3, 20);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = publishing.join().expect("publisher");
+    assert_eq!(
+        acked.load(Ordering::Relaxed),
+        sent,
+        "every message acknowledged"
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    while (got1.len() + got3.len()) < sent as usize && Instant::now() < deadline {
+        read(&mut leaver, &mut got1, 20);
+        read(&mut stayer, &mut got3, 20);
+    }
+    let mut all: Vec<u64> = got1.iter().chain(&got3).copied().collect();
+    all.sort_unstable();
+    let want: Vec<u64> = (1..=sent).collect();
+    let (handed_back, dropped) = node1_counts(&cluster);
+    assert!(
+        all == want,
+        "{} of {sent} messages, {} distinct, after {rounds} rounds; node 1 handed back \
+         {handed_back} and dropped {dropped}",
+        all.len(),
+        {
+            let mut d = all.clone();
+            d.dedup();
+            d.len()
+        }
+    );
+    assert!(handed_back > 0 && dropped == 0, "{handed_back} {dropped}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_quorum_a_subscribe_whose_route_cannot_be_committed_gets_a_failure() {
     use rumqttc::v5::mqttbytes::QoS as Q5;

@@ -247,6 +247,9 @@ pub struct Stats {
     pub shared_returned: u64,
     /// Shared-subscription publications no member was left to take.
     pub dropped_shared_no_member: u64,
+    /// Shared-subscription publications another node gave this node after
+    /// its members left, handed back to the group through the forwarder.
+    pub shared_handed_back: u64,
     /// Shared QoS 2 deliveries sent to a member whose session ended before it
     /// answered; they go to no other member [MQTT-4.8.2-5].
     pub dropped_shared_qos2_member_ended: u64,
@@ -1727,6 +1730,7 @@ impl Engine {
                 key,
                 tried,
                 hops,
+                handed_back,
                 ack,
             } => {
                 let share = ShareKey { group, filter };
@@ -1735,7 +1739,12 @@ impl Engine {
                     None if self.is_remote(from) => self.forward_batch_share(message.qos),
                     None => shared::SharedAck::None,
                 };
-                let chain = shared::Chain { tried, hops, ack };
+                let chain = shared::Chain {
+                    tried,
+                    hops,
+                    handed_back,
+                    ack,
+                };
                 self.shared_on_publish(now_ms, share, message, key, chain);
             }
         }

@@ -173,6 +173,10 @@ pub enum MeshMsg {
         tried: ShardSet,
         /// Forwards so far; bounded by twice the shard count.
         hops: u16,
+        /// The message came from another node that had no member left to take
+        /// it and handed it back to the group: a node that cannot place it
+        /// either drops it instead of handing it back again.
+        handed_back: bool,
         /// Under `sync` durability, for a QoS 1/2 publication: the
         /// publisher's shard and the token its PUBACK/PUBREC waits on. The
         /// shard that finally hands the message to a member answers

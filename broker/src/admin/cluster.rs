@@ -439,6 +439,20 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
         "Route barriers answered for other nodes.",
         f.barriers.load(Relaxed),
     );
+    metric(
+        out,
+        "tessera_cluster_shared_handed_back_total",
+        "counter",
+        "Shared-subscription publications another node chose this node for after its members left, handed back to the group on another node.",
+        f.shared_handed_back.load(Relaxed),
+    );
+    metric(
+        out,
+        "tessera_cluster_shared_dropped_total",
+        "counter",
+        "Shared-subscription publications for other nodes that no node had members for any more.",
+        f.shared_dropped.load(Relaxed),
+    );
 }
 
 /// The data plane's session-ownership metrics (issue 15).

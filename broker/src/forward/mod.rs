@@ -239,6 +239,12 @@ pub struct ForwardMetrics {
     pub duplicates: AtomicU64,
     /// Barriers answered for other nodes.
     pub barriers: AtomicU64,
+    /// Shared-subscription publications this node's members left before they arrived,
+    /// handed back to the group on another node.
+    pub shared_handed_back: AtomicU64,
+    /// Shared-subscription publications for other nodes that no node had members for
+    /// any more (the group's last members left meanwhile).
+    pub shared_dropped: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -353,8 +359,8 @@ struct Item {
     message: Message,
     publisher: u64,
     token: Option<(ShardId, u64)>,
-    /// For one member of this shared subscription (group, filter).
-    share: Option<(Str, Str)>,
+    /// For one member of this shared subscription.
+    share: Option<wire::ShareFor>,
 }
 
 /// The publications queued for one peer, drained by its sender task.
@@ -387,8 +393,12 @@ struct Forwarder {
     /// Notified by a peer's sender when it took a batch from a queue
     /// (`PEER_QUEUE_HIGH_WATER`: the intake may go on).
     drained: Arc<Notify>,
-    /// QoS 1/2 publications waiting for nodes: (shard, token) -> nodes left.
-    pending: HashMap<(ShardId, u64), usize>,
+    /// QoS 1/2 publications waiting for nodes: (shard, token) -> (answers missing,
+    /// `Ack`s owed). One token can wait for several things at once, each owed its own
+    /// `Ack` (the shard counts them): a publication for plain routes and for a shared
+    /// group's member on another node, or for two groups; records of one forwarded
+    /// batch handed back to their groups. The `Ack`s go out when every answer is in.
+    pending: HashMap<(ShardId, u64), (usize, usize)>,
     events: mpsc::UnboundedSender<Event>,
     /// Route adds sent to the shards (each carries its number as ack token).
     route_seq: u64,
@@ -905,9 +915,17 @@ impl Forwarder {
                     filter,
                     message,
                     key,
+                    handed_back,
                     ack,
                     ..
-                } => self.forward_shared(group, filter, message, key, ack),
+                } => {
+                    let share = wire::ShareFor {
+                        group,
+                        filter,
+                        handed_back,
+                    };
+                    self.forward_shared(share, message, key, ack)
+                }
                 MeshMsg::Retain {
                     topic,
                     message,
@@ -935,7 +953,7 @@ impl Forwarder {
                 // The route went away meanwhile: nothing to wait for.
                 self.ack_shard(t);
             } else {
-                self.pending.insert(t, nodes.len());
+                self.wait_for(t, nodes.len());
             }
         }
         // The last node gets the message itself, the others a clone: with one node (the
@@ -980,31 +998,52 @@ impl Forwarder {
     }
 
     /// A publication for one member of `$share/{group}/{filter}` that a shard chose to
-    /// give to another node: one node with members, in turn, gets it.
+    /// give to another node (or handed back: this node's members left after another
+    /// node chose it): one node with members, in turn, gets it. Nodes whose calls fail
+    /// (down, partitioned) are passed over while another node with members answers, so
+    /// a dead node's share goes to the rest of the group; what is already queued for it
+    /// waits for it (QoS 1/2 are never dropped).
     fn forward_shared(
         &mut self,
-        group: Str,
-        filter: Str,
+        share: wire::ShareFor,
         message: Message,
         key: u64,
         ack: Option<(ShardId, u64)>,
     ) {
-        let node = self.routes.shared_nodes(&group, &filter).and_then(|nodes| {
-            self.share_cursor = self.share_cursor.wrapping_add(1);
-            nodes
-                .iter()
-                .nth((self.share_cursor % nodes.len().max(1) as u64) as usize)
-                .copied()
-        });
+        let node = self
+            .routes
+            .shared_nodes(&share.group, &share.filter)
+            .and_then(|nodes| {
+                let answering = |n: &&NodeId| {
+                    self.peers
+                        .get(*n)
+                        .is_none_or(|q| !q.failing.load(Ordering::Relaxed))
+                };
+                let live = nodes.iter().filter(answering).count();
+                self.share_cursor = self.share_cursor.wrapping_add(1);
+                if live > 0 {
+                    let nth = (self.share_cursor % live as u64) as usize;
+                    nodes.iter().filter(answering).nth(nth).copied()
+                } else {
+                    let nth = (self.share_cursor % nodes.len().max(1) as u64) as usize;
+                    nodes.iter().nth(nth).copied()
+                }
+            });
         let Some(node) = node else {
             // The other nodes' members left meanwhile: nobody to give it to.
+            self.metrics.shared_dropped.fetch_add(1, Ordering::Relaxed);
             if let Some(t) = ack {
                 self.ack_shard(t);
             }
             return;
         };
+        if share.handed_back {
+            self.metrics
+                .shared_handed_back
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(t) = ack {
-            self.pending.insert(t, 1);
+            self.wait_for(t, 1);
         }
         let queue = self.peer(node);
         let mut items = lock(&queue.items);
@@ -1012,7 +1051,7 @@ impl Forwarder {
             message,
             publisher: key,
             token: ack,
-            share: Some((group, filter)),
+            share: Some(share),
         });
         let first = items.len() == 1;
         drop(items);
@@ -1039,6 +1078,13 @@ impl Forwarder {
             self.handle.clone(),
         ));
         q
+    }
+
+    /// Token `t` waits for `answers` more peer answers and is owed one more `Ack`.
+    fn wait_for(&mut self, t: (ShardId, u64), answers: usize) {
+        let (missing, acks) = self.pending.entry(t).or_insert((0, 0));
+        *missing += answers;
+        *acks += 1;
     }
 
     fn ack_shard(&self, (shard, token): (ShardId, u64)) {
@@ -1239,11 +1285,14 @@ impl Forwarder {
             }
             Event::PeerDone { tokens } => {
                 for t in tokens {
-                    if let Some(n) = self.pending.get_mut(&t) {
-                        *n -= 1;
-                        if *n == 0 {
+                    if let Some((missing, acks)) = self.pending.get_mut(&t) {
+                        *missing -= 1;
+                        if *missing == 0 {
+                            let acks = *acks;
                             self.pending.remove(&t);
-                            self.ack_shard(t);
+                            for _ in 0..acks {
+                                self.ack_shard(t);
+                            }
                         }
                     }
                 }
@@ -1470,8 +1519,7 @@ fn take_batch(
         && w.bytes() < BATCH_BYTES_TARGET
         && let Some(item) = items.pop_front()
     {
-        let share = item.share.as_ref().map(|(g, f)| (g, f));
-        w.push(now_ms, item.publisher, &item.message, share);
+        w.push(now_ms, item.publisher, &item.message, item.share.as_ref());
         if let Some(t) = item.token {
             tokens.push(t);
         }
@@ -1731,16 +1779,17 @@ pub fn serve_request(
                             }),
                             ack: None,
                         },
-                        Some((group, filter)) => {
+                        Some(share) => {
                             let mut tried = ShardSet::new();
                             tried.insert(remote);
                             MeshMsg::SharedPublish {
-                                group,
-                                filter,
+                                group: share.group,
+                                filter: share.filter,
                                 message: m,
                                 key: r.publisher,
                                 tried,
                                 hops: 0,
+                                handed_back: share.handed_back,
                                 ack: None,
                             }
                         }

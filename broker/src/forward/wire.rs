@@ -8,7 +8,8 @@
 //!   1 batch   : incarnation u64 | seq u64 | count u32 | record * count
 //!   2 barrier : index u64
 //!   3 batch   : incarnation u64 | seq u64 | base u64 | count u32 | record * count
-//! record   = flags u8 (bit 0: expiry follows, bit 1: share follows) | publisher u64
+//! record   = flags u8 (bit 0: expiry follows, bit 1: share follows, bit 2: handed
+//!            back, only with bit 1) | publisher u64
 //!            | [expiry_ms u64] | [group str | filter str] | len u32
 //!            | an MQTT 5 PUBLISH frame of len bytes
 //! str      = len u16 | UTF-8 bytes
@@ -25,6 +26,11 @@
 //! `expiry_ms` is the remaining lifetime, relative, so clocks of the two nodes need not
 //! agree. `publisher` identifies the publishing session on its node (no-local and the
 //! hash strategy of shared subscriptions use it; see `SessionUid::remote`).
+//!
+//! A shared record (bit 1) is for one member of `$share/{group}/{filter}`; bit 2 says
+//! that the sending node got it from another node and had no member left to take it,
+//! so it handed it back to the group: the receiver drops rather than hands back what it
+//! cannot place.
 //!
 //! `incarnation` (the sender's boot time in ns) and `seq` (from 1, one per batch) let the
 //! receiver drop a batch it already accepted when the sender retries it after a lost
@@ -61,6 +67,19 @@ const ANS_ACCEPTED: u8 = 1;
 const ANS_APPLIED: u8 = 2;
 const FLAG_EXPIRY: u8 = 1;
 const FLAG_SHARE: u8 = 2;
+const FLAG_HANDED_BACK: u8 = 4;
+
+/// The shared subscription a record is for: one member of `$share/{group}/{filter}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareFor {
+    /// The ShareName.
+    pub group: Str,
+    /// The topic filter after `$share/{group}/`.
+    pub filter: Str,
+    /// Another node had no member left for it and handed it back to the group (it is
+    /// not handed back again).
+    pub handed_back: bool,
+}
 
 /// One forwarded publication as decoded.
 #[derive(Debug, Clone)]
@@ -69,9 +88,8 @@ pub struct Record {
     pub publisher: u64,
     /// The remaining lifetime, ms, when the message expires.
     pub expiry_ms: Option<u64>,
-    /// For one member of the shared subscription `$share/{group}/{filter}`: the
-    /// group and the filter.
-    pub share: Option<(Str, Str)>,
+    /// For one member of a shared subscription.
+    pub share: Option<ShareFor>,
     /// The message (origin and `received_us` unset: the receiver sets them).
     pub message: Message,
 }
@@ -195,14 +213,14 @@ impl BatchWriter {
     /// Appends `message` published by `publisher`; `now_ms` is the broker clock its
     /// expiry deadline is relative to. A message that cannot be encoded (it came from a
     /// decoded PUBLISH, so only a bug makes one) is skipped and `false` returned.
-    /// `share` names the shared subscription (group, filter) the message is for, when it
-    /// is for one member of it.
+    /// `share` names the shared subscription the message is for, when it is for one
+    /// member of it.
     pub fn push(
         &mut self,
         now_ms: u64,
         publisher: u64,
         message: &Message,
-        share: Option<(&Str, &Str)>,
+        share: Option<&ShareFor>,
     ) -> bool {
         if self.len() >= BATCH_MESSAGES_MAX {
             return false;
@@ -219,14 +237,18 @@ impl BatchWriter {
         let start = self.buf.len();
         let expiry = message.expires_at_ms.map(|t| t.saturating_sub(now_ms));
         let flags = if expiry.is_some() { FLAG_EXPIRY } else { 0 }
-            | if share.is_some() { FLAG_SHARE } else { 0 };
+            | match share {
+                Some(s) if s.handed_back => FLAG_SHARE | FLAG_HANDED_BACK,
+                Some(_) => FLAG_SHARE,
+                None => 0,
+            };
         self.buf.put_u8(flags);
         self.buf.put_u64(publisher);
         if let Some(e) = expiry {
             self.buf.put_u64(e);
         }
-        if let Some((group, filter)) = share {
-            for s in [group, filter] {
+        if let Some(share) = share {
+            for s in [&share.group, &share.filter] {
                 // MQTT strings are at most 65,535 bytes.
                 self.buf.put_u16(s.len() as u16);
                 self.buf.put_slice(s.as_bytes());
@@ -384,7 +406,9 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
         return Err(err("record", "truncated"));
     }
     let flags = b.get_u8();
-    if flags & !(FLAG_EXPIRY | FLAG_SHARE) != 0 {
+    if flags & !(FLAG_EXPIRY | FLAG_SHARE | FLAG_HANDED_BACK) != 0
+        || flags & (FLAG_SHARE | FLAG_HANDED_BACK) == FLAG_HANDED_BACK
+    {
         return Err(err("record", format!("unknown flags {flags:#04x}")));
     }
     let publisher = take_u64(b, "record")?;
@@ -401,7 +425,11 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
         }
         topic::validate_topic_filter(&filter, topic_levels_max)
             .map_err(|e| err("record", format!("shared filter: {e}")))?;
-        Some((group, filter))
+        Some(ShareFor {
+            group,
+            filter,
+            handed_back: flags & FLAG_HANDED_BACK != 0,
+        })
     } else {
         None
     };
@@ -633,28 +661,35 @@ mod tests {
 
     #[test]
     fn a_shared_record_names_its_group_and_filter() {
-        let (g, f) = (Str::from_static("workers"), Str::from_static("jobs/+"));
-        let mut w = BatchWriter::new(&[], 1, 1);
-        assert!(w.push(
-            0,
-            9,
-            &message("jobs/1", b"j", 1, false, false),
-            Some((&g, &f))
-        ));
-        let Ok(Request::Batch { records, .. }) = decode_request(w.finish(), 16) else {
-            panic!("not a batch")
+        let share = |group: &'static str, handed_back| ShareFor {
+            group: Str::from_static(group),
+            filter: Str::from_static("jobs/+"),
+            handed_back,
         };
-        assert_eq!(records[0].share, Some((g.clone(), f)));
+        for handed_back in [false, true] {
+            let s = share("workers", handed_back);
+            let mut w = BatchWriter::new(&[], 1, 1);
+            assert!(w.push(0, 9, &message("jobs/1", b"j", 1, false, false), Some(&s)));
+            assert!(w.push(0, 9, &message("jobs/2", b"j", 1, false, false), None));
+            let Ok(Request::Batch { records, .. }) = decode_request(w.finish(), 16) else {
+                panic!("not a batch")
+            };
+            assert_eq!(records[0].share, Some(s));
+            assert_eq!(records[1].share, None);
+        }
         // A share name with a wildcard is refused.
-        let bad = Str::from_static("w+");
         let mut w = BatchWriter::new(&[], 1, 1);
-        assert!(w.push(
-            0,
-            9,
-            &message("jobs/1", b"j", 1, false, false),
-            Some((&bad, &g))
-        ));
+        let bad = share("w+", false);
+        assert!(w.push(0, 9, &message("jobs/1", b"j", 1, false, false), Some(&bad)));
         assert!(decode_request(w.finish(), 16).is_err());
+        // "Handed back" without a share is malformed.
+        let mut w = BatchWriter::new(&[], 1, 1);
+        assert!(w.push(0, 9, &message("jobs/1", b"j", 1, false, false), None));
+        let mut bytes = BytesMut::from(&w.finish()[..]);
+        let flags_at = 1 + 8 + 8 + 4;
+        assert_eq!(bytes[flags_at], 0, "the record's flags");
+        bytes[flags_at] = FLAG_HANDED_BACK;
+        assert!(decode_request(bytes.freeze(), 16).is_err());
     }
 
     #[test]

@@ -194,6 +194,8 @@ mod tests {
         envs: Vec<Env<WithoutTls>>,
         _lock: DirLock,
         now_ms: u64,
+        /// What the shards gave the forwarder, except route changes: (from, msg).
+        to_forwarder: Vec<(usize, MeshMsg)>,
     }
 
     struct Dir(PathBuf);
@@ -229,7 +231,8 @@ mod tests {
         }
 
         /// `boot` as a node of a cluster (the engines' remote id enabled; the
-        /// forwarder answers route adds at once and drops the rest).
+        /// forwarder answers route adds at once and keeps the rest in
+        /// `to_forwarder`).
         fn boot_with(dir: &Dir, cluster: bool) -> Node {
             let (lock, envs, recovered) = recover(&dir.0, 2, MAP_BYTES, WALL_BASE_MS).unwrap();
             let limits = Limits::default();
@@ -247,6 +250,7 @@ mod tests {
                 envs: envs.into_iter().map(|(env, _)| env).collect(),
                 _lock: lock,
                 now_ms,
+                to_forwarder: Vec::new(),
             };
             node.settle();
             node
@@ -286,6 +290,13 @@ mod tests {
                         {
                             // The forwarder: the route (or share) is in force everywhere.
                             self.engines[from].handle_mesh(self.now_ms, to, MeshMsg::Ack { token });
+                        } else if !matches!(
+                            msg,
+                            MeshMsg::RouteAdd { .. }
+                                | MeshMsg::RouteRemove { .. }
+                                | MeshMsg::ShareRoute { .. }
+                        ) {
+                            self.to_forwarder.push((from, msg));
                         }
                     }
                 }
@@ -797,6 +808,7 @@ mod tests {
                 key: 1,
                 tried,
                 hops: 0,
+                handed_back: false,
                 ack: None,
             },
         );
@@ -814,6 +826,82 @@ mod tests {
         node.crash();
         let mut node = Node::boot_with(&dir, true);
         assert_eq!(delivered(&mut node, sub), ["s"]);
+        node.crash();
+    }
+
+    /// A shared record another node chose this node for, arriving after the
+    /// group's members here left: it goes back to the forwarder marked handed
+    /// back, and the batch's answer waits for the forwarder's `Ack` (the node
+    /// that finally takes it). A handed-back record this node cannot place
+    /// either is dropped, not handed back again, and the batch answered.
+    #[test]
+    fn a_forwarded_shared_record_without_a_member_here_is_handed_back_once() {
+        let dir = temp_dir("forward-shared-back");
+        let mut node = Node::boot_with(&dir, true);
+        let remote = node.engines[0].remote_id().expect("a cluster node");
+        let record = |handed_back| {
+            let mut tried = crate::trie::ShardSet::new();
+            tried.insert(remote);
+            MeshMsg::SharedPublish {
+                group: Str::from_static("g"),
+                filter: Str::from_static("t"),
+                message: crate::message::Message {
+                    topic: Str::from_static("t"),
+                    payload: Bytes::from_static(b"s"),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    properties: None,
+                    expires_at_ms: None,
+                    origin: Some(crate::message::SessionUid::remote(1)),
+                    received_us: 0,
+                },
+                key: 1,
+                tried,
+                hops: 0,
+                handed_back,
+                ack: None,
+            }
+        };
+        let token = node.engines[0]
+            .begin_forward_batch()
+            .expect("sync durability waits");
+        node.engines[0].handle_mesh(node.now_ms, remote, record(false));
+        node.engines[0].end_forward_batch(token);
+        node.settle();
+        let back: Vec<_> = std::mem::take(&mut node.to_forwarder);
+        let [
+            (
+                0,
+                MeshMsg::SharedPublish {
+                    handed_back: true,
+                    ack: Some((0, t)),
+                    group,
+                    ..
+                },
+            ),
+        ] = &back[..]
+        else {
+            panic!("not handed back: {back:?}");
+        };
+        assert_eq!((*t, &**group), (token, "g"));
+        assert_eq!(node.engines[0].stats().shared_handed_back, 1);
+        assert_eq!(node.engines[0].stats().dropped_shared_no_member, 0);
+        assert!(
+            !node.engines[0].has_forwards_done(),
+            "answered before the node that took it answered"
+        );
+        node.engines[0].handle_mesh(node.now_ms, remote, MeshMsg::Ack { token });
+        node.settle();
+        assert_eq!(node.engines[0].take_forwards_done(), [token]);
+
+        // Handed back already: dropped here, the batch answered without waiting.
+        let token = node.engines[0].begin_forward_batch().expect("waits");
+        node.engines[0].handle_mesh(node.now_ms, remote, record(true));
+        node.engines[0].end_forward_batch(token);
+        node.settle();
+        assert!(node.to_forwarder.is_empty(), "{:?}", node.to_forwarder);
+        assert_eq!(node.engines[0].stats().dropped_shared_no_member, 1);
+        assert_eq!(node.engines[0].take_forwards_done(), [token]);
         node.crash();
     }
 }

@@ -123,6 +123,9 @@ pub(super) struct Chain {
     pub(super) tried: ShardSet,
     /// Forwards so far; bounded by twice the shard count.
     pub(super) hops: u16,
+    /// Another node handed it back to the group already (see
+    /// [`Engine::shared_unplaced`]).
+    pub(super) handed_back: bool,
     /// Who waits for it.
     pub(super) ack: SharedAck,
 }
@@ -480,8 +483,8 @@ impl Engine {
         match self.shared.by_key.get(&key) {
             Some(&id) => self.shared_arrive(now_ms, id, msg, hash, chain),
             None => {
-                self.stats.dropped_shared_no_member += 1;
-                self.shared_answer(chain.ack, self.store_mark());
+                let mark = self.store_mark();
+                self.shared_unplaced(key, msg, hash, chain, mark);
             }
         }
     }
@@ -578,6 +581,7 @@ impl Engine {
         let chain = Chain {
             tried: none,
             hops: 0,
+            handed_back: false,
             ack,
         };
         match to {
@@ -621,6 +625,49 @@ impl Engine {
         if hops_left && let Some(to) = self.shared_pick_shard(id, hash, Tier::Offline, &others) {
             return self.shared_forward(to, id, msg, hash, chain);
         }
+        let key = ShareKey::clone(&self.shared.share(id).key);
+        self.shared_unplaced(key, msg, hash, chain, mark);
+    }
+
+    /// No member on this node takes `msg` (its members left after the
+    /// sender chose this node, or none is left on the shards it could try).
+    /// A message another node gave this node goes back to the group through
+    /// the forwarder, which gives it to another node with members of the
+    /// share (once: a node that cannot place a handed-back message drops it,
+    /// so two nodes whose tables are both stale cannot pass it to and fro);
+    /// whoever waits for it (the batch that brought it, under `sync`
+    /// durability) now waits for that node's answer. Anything else is
+    /// dropped and counted, and its waiter answered.
+    fn shared_unplaced(
+        &mut self,
+        key: ShareKey,
+        msg: Message,
+        hash: u64,
+        chain: Chain,
+        mark: usize,
+    ) {
+        let from_node = self.remote.filter(|r| chain.tried.contains(*r));
+        let ack = match chain.ack {
+            SharedAck::None => Some(None),
+            SharedAck::Remote { origin, token } => Some(Some((origin, token))),
+            // A publisher on this shard: the message never came from a node.
+            SharedAck::Local(_) => None,
+        };
+        if let (Some(remote), Some(ack), false) = (from_node, ack, chain.handed_back) {
+            self.stats.shared_handed_back += 1;
+            let msg = MeshMsg::SharedPublish {
+                group: key.group,
+                filter: key.filter,
+                message: msg,
+                key: hash,
+                tried: chain.tried,
+                hops: chain.hops.saturating_add(1),
+                handed_back: true,
+                ack,
+            };
+            self.outbox[usize::from(remote)].push(msg);
+            return;
+        }
         self.stats.dropped_shared_no_member += 1;
         self.shared_answer(chain.ack, mark);
     }
@@ -659,6 +706,7 @@ impl Engine {
             key,
             tried: chain.tried,
             hops: chain.hops + 1,
+            handed_back: chain.handed_back,
             ack,
         };
         self.stats.shared_forwards_sent += 1;
