@@ -308,6 +308,41 @@ impl EntryData {
     pub fn decode(&self) -> Result<Batch, DecodeError> {
         decode_rkyv::<Batch>(&self.0, "log entry batch")
     }
+
+    /// Checks the archive and the batch's shape ([`Batch::validate_shape`]) without
+    /// deserializing its ops, and returns the proposer: what a leader checks of a
+    /// follower's batch before proposing it. The same bytes checked as [`Self::decode`]
+    /// checks them (rkyv validates the whole archive either way); only the copy of every
+    /// filter and ClientID into a `String`, thrown away at once, is saved.
+    pub fn check_shape(&self) -> Result<NodeId, DecodeError> {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(self.0.len());
+        aligned.extend_from_slice(&self.0);
+        let b = rkyv::access::<ArchivedBatch, rkyv::rancor::Error>(&aligned).map_err(|e| {
+            DecodeError {
+                what: "log entry batch",
+                reason: e.to_string(),
+            }
+        })?;
+        let proposer = b.proposer.to_native();
+        check_batch_shape(proposer, b.ops.len())?;
+        Ok(proposer)
+    }
+}
+
+fn check_batch_shape(proposer: NodeId, ops: usize) -> Result<(), DecodeError> {
+    if proposer == 0 {
+        return Err(DecodeError {
+            what: "batch",
+            reason: "proposer node id 0".into(),
+        });
+    }
+    if ops > BATCH_OPS_HARD_MAX {
+        return Err(DecodeError {
+            what: "batch",
+            reason: format!("{ops} ops exceed {BATCH_OPS_HARD_MAX}"),
+        });
+    }
+    Ok(())
 }
 
 impl Batch {
@@ -319,19 +354,7 @@ impl Batch {
     /// Checks the batch's shape (not its ops: those are validated one by one so a bad op
     /// is rejected alone).
     pub fn validate_shape(&self) -> Result<(), DecodeError> {
-        if self.proposer == 0 {
-            return Err(DecodeError {
-                what: "batch",
-                reason: "proposer node id 0".into(),
-            });
-        }
-        if self.ops.len() > BATCH_OPS_HARD_MAX {
-            return Err(DecodeError {
-                what: "batch",
-                reason: format!("{} ops exceed {BATCH_OPS_HARD_MAX}", self.ops.len()),
-            });
-        }
-        Ok(())
+        check_batch_shape(self.proposer, self.ops.len())
     }
 }
 
@@ -549,8 +572,18 @@ mod tests {
             },
         ])
         .encode();
+        // The leader's check of a follower's batch (no deserializing) accepts exactly
+        // what decoding and the shape check accept, with the same proposer.
+        let agree = |d: &EntryData| {
+            let full = d
+                .decode()
+                .and_then(|b| b.validate_shape().map(|()| b.proposer));
+            assert_eq!(d.check_shape().ok(), full.ok());
+        };
+        agree(&data);
+        assert_eq!(data.check_shape(), Ok(1));
         for cut in 0..data.0.len() {
-            let _ = EntryData(data.0.slice(..cut)).decode();
+            agree(&EntryData(data.0.slice(..cut)));
         }
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..2000 {
@@ -560,9 +593,12 @@ mod tests {
             rng ^= rng << 17;
             let i = (rng as usize) % bytes.len();
             bytes[i] ^= (rng >> 32) as u8 | 1;
-            let _ = EntryData(Bytes::from(bytes)).decode();
+            agree(&EntryData(Bytes::from(bytes)));
         }
         assert!(EntryData(Bytes::from_static(&[0xff; 7])).decode().is_err());
+        let mut anonymous = batch(Vec::new());
+        anonymous.proposer = 0;
+        assert!(anonymous.encode().check_shape().is_err());
     }
 
     #[test]

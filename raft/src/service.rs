@@ -78,15 +78,10 @@ impl RaftService {
                 RaftReply::Vote(self.inner.raft.vote(req).await)
             }
             RaftRequest::Propose(data) => {
-                let checked = data.decode().and_then(|b| {
-                    b.validate_shape()?;
-                    Ok(b)
-                });
-                let r = match checked {
+                let r = match data.check_shape() {
                     Err(e) => Err(ProposeRefusal::Malformed(e.to_string())),
-                    Ok(b) if b.proposer != from => Err(ProposeRefusal::Malformed(format!(
-                        "batch of node {} sent by node {from}",
-                        b.proposer
+                    Ok(proposer) if proposer != from => Err(ProposeRefusal::Malformed(format!(
+                        "batch of node {proposer} sent by node {from}"
                     ))),
                     Ok(_) => self.inner.write_as_leader(data).await,
                 };
