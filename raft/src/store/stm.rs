@@ -237,24 +237,36 @@ impl Applier<'_> {
         let dbs = self.store.dbs;
         Ok(match op {
             Op::ClaimSession { client_id, node } => {
-                let previous = self.owner(client_id)?.map(|o| Owner {
-                    node: o.node,
-                    epoch: o.epoch,
-                });
                 let epoch = claim_epoch(index, pos);
+                let rec = encode_rkyv(&OwnerRecord {
+                    node: *node,
+                    epoch,
+                    time_ms,
+                });
+                // One B-tree walk for a ClientID never claimed (a connect storm's case):
+                // insert if absent, else read the owner and overwrite it.
+                let key = client_id.as_bytes();
+                let previous = match dbs
+                    .owners
+                    .get_or_put(&mut self.w, key, &rec)
+                    .map_err(write_err)?
+                {
+                    None => None,
+                    Some(old) => {
+                        let o =
+                            decode_rkyv::<OwnerRecord>(old, "owner record").map_err(read_err)?;
+                        dbs.owners.put(&mut self.w, key, &rec).map_err(write_err)?;
+                        Some(Owner {
+                            node: o.node,
+                            epoch: o.epoch,
+                        })
+                    }
+                };
                 // Paired with the assignment: epochs only grow for a ClientID.
                 assert!(
                     previous.is_none_or(|p| p.epoch < epoch),
                     "epoch went backwards"
                 );
-                let rec = OwnerRecord {
-                    node: *node,
-                    epoch,
-                    time_ms,
-                };
-                dbs.owners
-                    .put(&mut self.w, client_id.as_bytes(), &encode_rkyv(&rec))
-                    .map_err(write_err)?;
                 (OpResult::Claimed { epoch, previous }, true)
             }
             Op::ReleaseSession {
@@ -1216,6 +1228,81 @@ mod tests {
         let rows = route_rows(&s);
         assert_eq!(rows.len(), 1, "r/1 stays removed: {rows:?}");
         assert_eq!(s.counters.duplicate_batches.load(Ordering::Relaxed), 1);
+    }
+
+    /// A claim answers the owner it displaced (node and epoch), within one entry and
+    /// across entries; the table holds the last claim; a release with an old epoch is
+    /// stale and changes nothing.
+    #[test]
+    fn a_claim_returns_the_owner_it_displaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let claim = |cid: &str, node| Op::ClaimSession {
+            client_id: cid.into(),
+            node,
+        };
+        let (r, _) = apply_entries(
+            &s,
+            vec![entry(
+                3,
+                batch(1, vec![claim("c", 1), claim("d", 1), claim("c", 2)]).encode(),
+            )],
+        )
+        .unwrap();
+        let (e0, e2) = (claim_epoch(3, 0), claim_epoch(3, 2));
+        assert_eq!(
+            r[0].results,
+            vec![
+                OpResult::Claimed {
+                    epoch: e0,
+                    previous: None
+                },
+                OpResult::Claimed {
+                    epoch: claim_epoch(3, 1),
+                    previous: None
+                },
+                OpResult::Claimed {
+                    epoch: e2,
+                    previous: Some(Owner { node: 1, epoch: e0 })
+                },
+            ]
+        );
+        let (r, _) = apply_entries(
+            &s,
+            vec![entry(
+                4,
+                batch(
+                    2,
+                    vec![
+                        claim("c", 3),
+                        Op::ReleaseSession {
+                            client_id: "c".into(),
+                            node: 2,
+                            epoch: e2,
+                        },
+                    ],
+                )
+                .encode(),
+            )],
+        )
+        .unwrap();
+        let e3 = claim_epoch(4, 0);
+        assert_eq!(
+            r[0].results,
+            vec![
+                OpResult::Claimed {
+                    epoch: e3,
+                    previous: Some(Owner { node: 2, epoch: e2 })
+                },
+                OpResult::ReleaseStale {
+                    current: Some(Owner { node: 3, epoch: e3 })
+                },
+            ]
+        );
+        let v = TablesView::new(s.clone()).unwrap();
+        let o = v.owner("c").unwrap().unwrap();
+        assert_eq!((o.node, o.epoch), (3, e3));
+        assert_eq!(v.owner_count().unwrap(), 2);
     }
 
     #[test]
