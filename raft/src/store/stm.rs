@@ -963,6 +963,24 @@ mod tests {
         }
     }
 
+    /// `c` as a single `RouteDelta` of node 2.
+    fn single_delta(c: &RouteChange) -> Op {
+        Op::RouteDelta {
+            node: 2,
+            filter: c.filter.clone(),
+            group: c.group.clone(),
+            add: c.add,
+        }
+    }
+
+    /// Per single `RouteDelta` op of `r`: did it change the table.
+    fn single_changed(r: &BatchResult) -> Vec<bool> {
+        r.results
+            .iter()
+            .map(|r| matches!(r, OpResult::RouteAdded(true) | OpResult::RouteRemoved(true)))
+            .collect()
+    }
+
     fn route_rows(s: &Arc<Store>) -> Vec<TableRow> {
         let v = TablesView::new(s.clone()).unwrap();
         v.dump()
@@ -1011,21 +1029,9 @@ mod tests {
             res[0].results,
             vec![OpResult::RoutesChanged(expected.clone())]
         );
-        let singles: Vec<Op> = changes
-            .iter()
-            .map(|c| Op::RouteDelta {
-                node: 2,
-                filter: c.filter.clone(),
-                group: c.group.clone(),
-                add: c.add,
-            })
-            .collect();
+        let singles: Vec<Op> = changes.iter().map(single_delta).collect();
         let (sres, _) = apply_entries(&ss, vec![entry(2, batch(2, singles).encode())]).unwrap();
-        let single_changed: Vec<bool> = sres[0]
-            .results
-            .iter()
-            .map(|r| matches!(r, OpResult::RouteAdded(true) | OpResult::RouteRemoved(true)))
-            .collect();
+        let single_changed = single_changed(&sres[0]);
         assert_eq!(single_changed, expected);
         assert_eq!(route_rows(&sm), route_rows(&ss));
         assert_eq!(route_rows(&sm).len(), 4, "z/#, a/+ in g, a/+, m");
@@ -1099,16 +1105,7 @@ mod tests {
                     changes: c.clone(),
                 })
                 .collect();
-            let single_ops: Vec<Op> = ops
-                .iter()
-                .flatten()
-                .map(|c| Op::RouteDelta {
-                    node: 2,
-                    filter: c.filter.clone(),
-                    group: c.group.clone(),
-                    add: c.add,
-                })
-                .collect();
+            let single_ops: Vec<Op> = ops.iter().flatten().map(single_delta).collect();
             let (mres, _) =
                 apply_entries(&sm, vec![entry(index, batch(index, multi_ops).encode())]).unwrap();
             let (sres, _) =
@@ -1121,12 +1118,7 @@ mod tests {
                     other => panic!("unexpected {other:?}"),
                 })
                 .collect();
-            let single_changed: Vec<bool> = sres[0]
-                .results
-                .iter()
-                .map(|r| matches!(r, OpResult::RouteAdded(true) | OpResult::RouteRemoved(true)))
-                .collect();
-            assert_eq!(multi_changed, single_changed, "round {round}");
+            assert_eq!(multi_changed, single_changed(&sres[0]), "round {round}");
             assert!(multi_changed.contains(&true) && multi_changed.contains(&false));
             assert_eq!(route_rows(&sm), route_rows(&ss), "round {round}");
         }
