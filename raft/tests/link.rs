@@ -3,7 +3,8 @@
 //! Goal: what raft and the data plane rely on from the link. Calls on every channel reach
 //! the peer's service with the caller's id taken from its certificate; a stalled snapshot
 //! transfer does not hold up raft calls on the same connection; a node whose certificate
-//! comes from another CA is refused both ways; a peer that dies without a word (its runtime
+//! comes from another CA is refused both ways, as is a node of another cluster protocol
+//! version (with a reason that says so); a peer that dies without a word (its runtime
 //! dropped, like kill -9) is reported unreachable and reconnected once it is back; hostile
 //! bytes from an authenticated peer are refused without harm.
 //!
@@ -536,5 +537,69 @@ async fn hostile_bytes_from_an_authenticated_peer_are_refused_without_harm() {
     .await;
     assert_eq!(answer, Bytes::from_static(b"3:raft:still here"));
     good.shutdown();
+    node1.shutdown();
+}
+
+/// A node of another Tessera version (another cluster protocol, a different ALPN) is
+/// refused at the handshake both ways, and the dialing node says why: nodes of two
+/// versions never exchange raft entries or forwarded batches they would misread.
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_of_another_cluster_protocol_version_is_refused_with_a_clear_reason() {
+    let ca = ClusterCa::generate().unwrap();
+    let old_alpn = b"tessera-cluster/1".to_vec();
+    assert_ne!(tessera_raft::link::tls::ALPN, &old_alpn[..]);
+
+    // An "old" node 2: a raw QUIC server with node 2's valid certificate that speaks the
+    // old protocol. Node 1 dials it.
+    let node2 = certs(&ca, 2);
+    let mut server_tls = node2.server_config().unwrap();
+    server_tls.alpn_protocols = vec![old_alpn.clone()];
+    let server_tls = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap();
+    let old = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(server_tls)),
+        localhost(),
+    )
+    .unwrap();
+    let old_addr = old.local_addr().unwrap();
+    let accepting = tokio::spawn(async move {
+        let incoming = old.accept().await.expect("node 1 dials");
+        incoming.await.map(|_| ()).map_err(|e| e.to_string())
+    });
+    let node1 = Link::start(config(1, localhost(), certs(&ca, 1), &[(2, old_addr)])).unwrap();
+    node1.set_service(Echo::open());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        let stats = node1.peers().into_iter().find(|p| p.id == 2).unwrap();
+        assert!(!stats.reachable);
+        if let Some(reason) = stats.last_error {
+            break reason;
+        }
+        assert!(Instant::now() < deadline, "node 1 never tried node 2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        reason.contains("another cluster protocol version"),
+        "{reason}"
+    );
+    let refused = accepting.await.unwrap();
+    assert!(refused.is_err(), "the old node's handshake completed");
+
+    // An old node 3 dialing node 1: refused at the handshake.
+    let node3 = certs(&ca, 3);
+    let mut client_tls = node3.client_config().unwrap();
+    client_tls.alpn_protocols = vec![old_alpn];
+    let client_tls = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client(localhost()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(client_tls)));
+    let dialed = endpoint
+        .connect(node1.local_addr().unwrap(), "node-1")
+        .unwrap()
+        .await;
+    let err = dialed.map(|_| ()).unwrap_err();
+    assert!(
+        tessera_raft::link::describe_handshake_error(&err, true)
+            .contains("another cluster protocol version"),
+        "{err}"
+    );
     node1.shutdown();
 }

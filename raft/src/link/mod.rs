@@ -1252,10 +1252,21 @@ fn certificate_node_id(conn: &Connection) -> Option<NodeId> {
 
 /// A handshake failure in words an operator can act on; a certificate from another CA
 /// says so.
-fn describe_handshake_error(e: &ConnectionError, dialing: bool) -> String {
+/// Says in words why a link handshake failed (`dialing`: this node opened the
+/// connection): a certificate of another CA or node, or a node of another Tessera version.
+pub fn describe_handshake_error(e: &ConnectionError, dialing: bool) -> String {
     let text = e.to_string();
     let foreign_ca = text.contains("UnknownIssuer") || text.contains("BadSignature");
-    if foreign_ca && dialing {
+    // No ALPN in common: TLS alert 120, no_application_protocol (quinn: "the
+    // cryptographic handshake failed: error 120: peer doesn't support any known protocol").
+    let other_version = text.contains("error 120") || text.contains("known protocol");
+    if other_version {
+        format!(
+            "the peer speaks another cluster protocol version (this node: {}): every node \
+             of a cluster must run the same Tessera version ({text})",
+            String::from_utf8_lossy(tls::ALPN)
+        )
+    } else if foreign_ca && dialing {
         format!("the peer's certificate is not signed by this cluster's CA ({text})")
     } else if foreign_ca {
         format!(

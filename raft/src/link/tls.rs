@@ -20,8 +20,22 @@ use rustls::server::WebPkiClientVerifier;
 use super::certs::{self, node_id_from_name, node_name};
 use crate::transport::NodeId;
 
-/// ALPN protocol of the link, so a link endpoint is never mistaken for MQTT over QUIC.
-pub const ALPN: &[u8] = b"tessera-cluster/1";
+/// The cluster protocol version: what every node of a cluster must speak alike (the raft
+/// ops and state-machine tables, the link's channels, the forward wire). A cluster runs
+/// one Tessera version; nodes of two versions could misread each other's entries and
+/// batches (a node without `RouteDeltas` would apply one as empty and its routes table
+/// would diverge), so the version is the link's ALPN and a node of another version fails
+/// the handshake, both ways, with a reason that says so. Bump it with any incompatible
+/// change of those formats.
+///
+/// - 1: the first cluster (sessions 6-8).
+/// - 2: `RouteDeltas` ops (8df49cf), forward batches with a base (tag 3, d25b824),
+///   shared records handed back (flag bit 2, fc424d6).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// ALPN protocol of the link: `tessera-cluster/` and [`PROTOCOL_VERSION`]. It also keeps
+/// a link endpoint from being mistaken for MQTT over QUIC.
+pub const ALPN: &[u8] = b"tessera-cluster/2";
 
 /// A node's TLS material: the CA that signs every node, this node's chain and key.
 #[derive(Debug)]
