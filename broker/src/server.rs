@@ -30,6 +30,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::os::fd::{FromRawFd as _, IntoRawFd as _};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,6 +72,7 @@ mod read_budget;
 pub use read_budget::ReadBudget;
 mod refusals;
 mod remote;
+mod rt;
 mod serve;
 mod takeover;
 use accept::accept_connection;
@@ -120,13 +122,19 @@ static CLOCK_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
 /// Broker-relative milliseconds: the engine's clock.
 fn now_ms() -> u64 {
-    CLOCK_START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    clock_elapsed().as_millis() as u64 + 1
 }
 
 /// Broker-relative microseconds, the same clock on every shard: stamps
 /// messages for the publish-to-deliver latency (`Engine::set_now_us`).
 fn now_us() -> u64 {
-    CLOCK_START.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1
+    clock_elapsed().as_micros() as u64 + 1
+}
+
+/// Time since the broker's clock started (`rt::now`: simulated in the simulation).
+fn clock_elapsed() -> Duration {
+    let start = *CLOCK_START.get_or_init(Instant::now);
+    rt::now().saturating_duration_since(start)
 }
 
 /// What the accepting shard learned about a connection, handed off with it.
@@ -662,7 +670,8 @@ struct Shard {
     id: usize,
     shard_count: usize,
     engine: RefCell<Engine>,
-    senders: Senders<Envelope>,
+    /// The shard mesh (`None` only in the simulation, whose nodes have one shard).
+    senders: Option<Senders<Envelope>>,
     /// Envelopes waiting for each peer's channel, in order.
     mesh_out: RefCell<Vec<VecDeque<Envelope>>>,
     mesh_wakers: RefCell<Vec<Option<Waker>>>,
@@ -762,17 +771,17 @@ impl Shard {
     }
 }
 
-async fn shard_main(boot: ShardBoot) {
-    let stop = boot.stop.clone();
-    let ready = boot.ready.clone();
-    let (senders, mut receivers) = match boot.mesh.join().await {
-        Ok(pair) => pair,
-        Err(e) => {
-            let _ = ready.send(Err(format!("cannot join the shard mesh: {e}")));
-            return;
-        }
-    };
-    let id = senders.peer_id();
+/// The part of a shard's start that needs no sockets and no glommio mesh (the
+/// data-plane simulation starts its shards with it too): the engine, its remote id in a
+/// cluster, the restore from the store, the [`Shard`], and the tasks of the cluster
+/// glue and the store (spawned through `rt`). `senders` is `None` only in the
+/// simulation (one shard per node: no peer shards).
+fn start_shard(
+    boot: &ShardBoot,
+    id: usize,
+    senders: Option<Senders<Envelope>>,
+    parking: park::Parking,
+) -> Result<Rc<Shard>, String> {
     let auth = Rc::new(ShardAuth::new(boot.auth.clone()));
     let mut engine = Engine::new(id as ShardId, boot.shard_count, boot.limits.clone());
     if auth.enabled() {
@@ -786,29 +795,16 @@ async fn shard_main(boot: ShardBoot) {
         Some(end) => match engine.enable_remote() {
             Some(rid) => Some(remote::ShardRemote::new(rid, end.clone())),
             None => {
-                let _ = ready.send(Err(format!(
+                return Err(format!(
                     "{} shards leave no room for the cluster's remote id",
                     boot.shard_count
-                )));
-                return;
+                ));
             }
         },
         None => None,
     };
     let mesh_slots = boot.shard_count + usize::from(remote.is_some());
     let store = persist::attach(&boot.stores, id, &mut engine, now_ms());
-    let status = boot.admin.status[id].clone();
-    let _up = ShardUpGuard(status.clone());
-    let admin_rx = boot.admin.receivers[id].clone();
-    let (parking, doorbell) = match park::Parking::new(id, stop.clone()) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = ready.send(Err(format!(
-                "shard {id}: cannot set up parked connections: {e}"
-            )));
-            return;
-        }
-    };
     let shard = Rc::new(Shard {
         id,
         shard_count: boot.shard_count,
@@ -836,21 +832,75 @@ async fn shard_main(boot: ShardBoot) {
         clustered: boot.cluster.is_some(),
         cluster: RefCell::new(None),
         remote,
-        stop: stop.clone(),
+        stop: boot.stop.clone(),
     });
     remote::spawn(&shard);
     if let Some(ends) = boot.cluster.clone() {
-        glommio::spawn_local(cluster::run(shard.clone(), ends)).detach();
+        rt::spawn_local(cluster::run(shard.clone(), ends));
     }
-    glommio::spawn_local(park::run_unparker(shard.clone(), doorbell)).detach();
-    let _ = shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
     if shard.store.is_some() {
-        glommio::spawn_local(persist::feed_writer(shard.clone())).detach();
-        glommio::spawn_local(persist::receive_commits(shard.clone())).detach();
+        rt::spawn_local(persist::feed_writer(shard.clone()));
+        rt::spawn_local(persist::receive_commits(shard.clone()));
         // What the restore produced (records of sessions whose connection the
         // stop ended, shared-subscription announcements).
         shard.flush_outbox();
     }
+    Ok(shard)
+}
+
+/// Fires the engine's due timers (keep alives, expiries): a bounded batch at a time;
+/// when a batch left more due, the rest runs in further batches, yielding to
+/// connections between them.
+async fn tick_engine(shard: &Shard) {
+    let now = now_ms();
+    shard.engine.borrow_mut().tick(now);
+    while shard
+        .engine
+        .borrow()
+        .poll_timeout()
+        .is_some_and(|t| t <= now)
+    {
+        shard.flush_outbox();
+        futures_lite::future::yield_now().await;
+        shard.engine.borrow_mut().tick(now);
+    }
+    shard.flush_outbox();
+}
+
+async fn shard_main(boot: ShardBoot) {
+    let stop = boot.stop.clone();
+    let ready = boot.ready.clone();
+    let (senders, mut receivers) = match boot.mesh.clone().join().await {
+        Ok(pair) => pair,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot join the shard mesh: {e}")));
+            return;
+        }
+    };
+    let id = senders.peer_id();
+    let status = boot.admin.status[id].clone();
+    let _up = ShardUpGuard(status.clone());
+    let admin_rx = boot.admin.receivers[id].clone();
+    let (parking, doorbell) = match park::Parking::new(id, stop.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "shard {id}: cannot set up parked connections: {e}"
+            )));
+            return;
+        }
+    };
+    // SAFETY: the fd comes from a std stream we own and give up here.
+    let doorbell = unsafe { glommio::net::UnixStream::from_raw_fd(doorbell.into_raw_fd()) };
+    let shard = match start_shard(&boot, id, Some(senders), parking) {
+        Ok(shard) => shard,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    rt::spawn_local(park::run_unparker(shard.clone(), doorbell));
+    let _ = shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
 
     let mut listeners = Vec::new();
     for (listener_id, l) in boot.listeners.iter().enumerate() {
@@ -947,22 +997,8 @@ async fn shard_main(boot: ShardBoot) {
                 info!(shard = shard.id, clients = n, "banned clients disconnected");
             }
         }
-        // The engine's tick fires only what is due (a bounded batch; nothing
-        // per idle connection). When a batch left more due, the rest runs in
-        // further batches, yielding to connections between them.
-        let now = now_ms();
-        shard.engine.borrow_mut().tick(now);
-        while shard
-            .engine
-            .borrow()
-            .poll_timeout()
-            .is_some_and(|t| t <= now)
-        {
-            shard.flush_outbox();
-            futures_lite::future::yield_now().await;
-            shard.engine.borrow_mut().tick(now);
-        }
-        shard.flush_outbox();
+        // The engine's tick fires only what is due (nothing per idle connection).
+        tick_engine(&shard).await;
         shard
             .refusals
             .borrow_mut()

@@ -21,14 +21,14 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tessera_proto::{Connect, ReasonCode};
 use tessera_raft::{AppliedEntry, ClusterError, Op, OpResult};
 use tracing::{debug, warn};
 
 use super::cluster::ShardCluster;
-use super::{Shard, now_ms, takeover};
+use super::{Shard, now_ms, rt, takeover};
 use crate::cluster::metrics::SessionMetrics;
 
 /// Longest a CONNECT waits for its claim to be applied before 0x88 / 0x03.
@@ -178,7 +178,7 @@ pub(super) async fn claim(
         .map_err(|e| ClaimRefusal::from(refused(&e)))?;
     let wait = async { Some(pending.wait().await) };
     let expire = async {
-        glommio::timer::sleep(CLAIM_TIMEOUT).await;
+        rt::sleep(CLAIM_TIMEOUT).await;
         None
     };
     let applied = match futures_lite::future::or(wait, expire).await {
@@ -199,15 +199,15 @@ pub(super) async fn claim(
         && previous.node != me
     {
         SessionMetrics::add(&metrics.takeovers);
-        let started = Instant::now();
+        let started = rt::now();
         let answered = takeover::fetch(shard, cluster, connect, epoch, previous.node).await;
-        metrics.takeover_took(started.elapsed().as_micros() as u64);
+        metrics.takeover_took(rt::now().saturating_duration_since(started).as_micros() as u64);
         if !answered {
             // The old owner did not answer: cut off from this node, it may still serve
             // the ClientID until its own lease runs out and it ends the connection
             // (`tick`). This connection goes live only after that.
             let until = started + lease + super::TICK;
-            let now = Instant::now();
+            let now = rt::now();
             if until > now {
                 debug!(
                     shard = shard.id,
@@ -215,7 +215,7 @@ pub(super) async fn claim(
                     old_owner = previous.node,
                     "old owner unreachable: waiting out its session lease"
                 );
-                glommio::timer::sleep(until - now).await;
+                rt::sleep(until - now).await;
             }
         }
         // Another node's claim may have committed while the session moved: then this

@@ -25,7 +25,7 @@ use std::rc::Rc;
 use tessera_raft::{AppliedEntry, AppliedEvent, ClusterHandle};
 use tracing::{debug, info, warn};
 
-use super::{Shard, claims, takeover};
+use super::{Shard, claims, rt, takeover};
 use crate::cluster::ClusterPort;
 use crate::cluster::peer::{PeerKind, PeerRequest};
 
@@ -125,8 +125,8 @@ pub(super) async fn run(shard: Rc<Shard>, ends: ClusterEnds) {
     );
     resync(&shard, &cluster);
     takeover::park_sessions_owned_elsewhere(&shard, &cluster);
-    glommio::spawn_local(serve_requests(shard.clone(), requests)).detach();
-    glommio::spawn_local(tick(shard.clone(), cluster.clone())).detach();
+    rt::spawn_local(serve_requests(shard.clone(), requests));
+    rt::spawn_local(tick(shard.clone(), cluster.clone()));
     applied_events(shard, cluster, events).await;
 }
 
@@ -164,7 +164,7 @@ async fn applied_events(
                 );
                 events = cluster.handle().subscribe(APPLIED_EVENTS_QUEUED_MAX);
                 resync(&shard, &cluster);
-                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                rt::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
         // Applied entries can come in bursts: let connections run between them.
@@ -189,7 +189,7 @@ fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedEntry) {
 /// Time-driven cluster work of the shard (lazy releases of claims).
 async fn tick(shard: Rc<Shard>, cluster: Rc<ShardCluster>) {
     while !shard.stopping() {
-        glommio::timer::sleep(super::TICK).await;
+        rt::sleep(super::TICK).await;
         claims::tick(&shard, &cluster);
         shard.flush_outbox();
     }
@@ -210,7 +210,7 @@ async fn on_peer_request(shard: &Rc<Shard>, req: PeerRequest) {
         // Served on its own task: it may wait for this node to apply a claim or for
         // the store to read a disk tail.
         PeerKind::Session => {
-            glommio::spawn_local(takeover::serve(shard.clone(), req)).detach();
+            rt::spawn_local(takeover::serve(shard.clone(), req));
         }
     }
 }

@@ -126,7 +126,10 @@ pub(super) async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
             Poll::Ready(Envelope::Batch(batch))
         })
         .await;
-        if shard.senders.send_to(peer, env).await.is_err() {
+        let Some(senders) = &shard.senders else {
+            return;
+        };
+        if senders.send_to(peer, env).await.is_err() {
             debug!(shard = shard.id, peer, "peer channel closed");
             return;
         }

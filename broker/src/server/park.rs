@@ -128,9 +128,14 @@ pub(super) struct Parking {
 }
 
 impl Parking {
-    /// The epoll set, its helper thread, and the doorbell's read end (to be
-    /// given to [`run_unparker`]). Call on the shard's executor.
-    pub(super) fn new(shard_id: usize, stop: Arc<AtomicBool>) -> io::Result<(Parking, UnixStream)> {
+    /// The epoll set, its helper thread, and the doorbell's read end
+    /// (non-blocking; the shard makes it a glommio stream for [`run_unparker`]).
+    /// Needs no executor: the simulation's shards, which park nothing, drop the
+    /// doorbell, which ends the helper thread.
+    pub(super) fn new(
+        shard_id: usize,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<(Parking, StdUnixStream)> {
         // SAFETY: epoll_create1 with a valid flag; the result is checked.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if epfd < 0 {
@@ -144,8 +149,6 @@ impl Parking {
             .name(format!("park-{shard_id}"))
             .spawn(move || watch(thread_epoll, bell_tx, stop))?;
         bell_rx.set_nonblocking(true)?;
-        // SAFETY: the fd comes from a std stream we own and give up here.
-        let doorbell = unsafe { UnixStream::from_raw_fd(bell_rx.into_raw_fd()) };
         Ok((
             Parking {
                 epoll,
@@ -154,7 +157,7 @@ impl Parking {
                 epoch: Cell::new(0),
                 watch: RefCell::new(Vec::new()),
             },
-            doorbell,
+            bell_rx,
         ))
     }
 

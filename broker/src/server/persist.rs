@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::anyhow;
 use futures_lite::future::poll_fn;
@@ -25,7 +25,7 @@ use tessera_shard::store::{
 };
 use tracing::{error, info, warn};
 
-use super::Shard;
+use super::{Shard, rt};
 use crate::config::{Config, Durability};
 
 /// Ops waiting for the writer's channel before this shard's readers pause
@@ -269,7 +269,7 @@ pub(super) async fn all_committed(shard: &Shard, timeout: Duration) -> bool {
         true
     };
     let expire = async {
-        glommio::timer::sleep(timeout).await;
+        rt::sleep(timeout).await;
         false
     };
     futures_lite::future::or(wait, expire).await
@@ -283,9 +283,9 @@ pub(super) async fn drain(shard: &Shard, timeout: Duration) {
         return;
     };
     shard.flush_outbox();
-    let deadline = Instant::now() + timeout;
+    let deadline = rt::now() + timeout;
     while store.committed.get() < store.submitted.get() {
-        if Instant::now() >= deadline {
+        if rt::now() >= deadline {
             warn!(
                 shard = shard.id,
                 path = %store.handle.path.display(),
@@ -293,6 +293,6 @@ pub(super) async fn drain(shard: &Shard, timeout: Duration) {
             );
             return;
         }
-        glommio::timer::sleep(Duration::from_millis(5)).await;
+        rt::sleep(Duration::from_millis(5)).await;
     }
 }

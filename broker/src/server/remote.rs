@@ -20,6 +20,7 @@ use tessera_shard::mesh::{MeshMsg, ShardId};
 use tracing::{debug, warn};
 
 use super::mesh::Envelope;
+use super::rt;
 use super::{MESH_ENVELOPE_MESSAGES_MAX, Shard, now_ms, now_us};
 use crate::cluster::peer::PeerRequest;
 use crate::forward::{self, Accepted, BarrierAsk, Clocks, FromShard, Incoming, ShardEnd};
@@ -65,8 +66,8 @@ impl ShardRemote {
 /// Starts the writer and the reader of the shard's remote id.
 pub(super) fn spawn(shard: &Rc<Shard>) {
     if shard.remote.is_some() {
-        glommio::spawn_local(writer(shard.clone())).detach();
-        glommio::spawn_local(reader(shard.clone())).detach();
+        rt::spawn_local(writer(shard.clone()));
+        rt::spawn_local(reader(shard.clone()));
     }
 }
 
@@ -218,11 +219,11 @@ pub(super) async fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
             let barriers = remote.end.barriers.clone();
             let peer_reply = req.reply;
             let metrics = remote.end.metrics.clone();
-            glommio::spawn_local(async move {
+            rt::spawn_local(async move {
                 let asked = barriers.send_async(BarrierAsk { index, reply }).await;
                 let ok = asked.is_ok()
                     && futures_lite::future::or(async { done.recv_async().await.is_ok() }, async {
-                        glommio::timer::sleep(forward::BARRIER_TIMEOUT).await;
+                        rt::sleep(forward::BARRIER_TIMEOUT).await;
                         false
                     })
                     .await;
@@ -238,8 +239,7 @@ pub(super) async fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
                         "routes up to index {index} not in force here in time"
                     ))
                 });
-            })
-            .detach();
+            });
         }
     }
 }
@@ -262,7 +262,7 @@ async fn pace(shard: &Shard) {
         Poll::Pending
     });
     let expired = async {
-        glommio::timer::sleep(Duration::from_millis(bound)).await;
+        rt::sleep(Duration::from_millis(bound)).await;
         false
     };
     if !futures_lite::future::or(caught_up, expired).await {

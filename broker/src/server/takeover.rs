@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 
 use super::cluster::ShardCluster;
 use super::persist::{all_committed, unix_ms};
-use super::{Shard, now_ms};
+use super::{Shard, now_ms, rt};
 use crate::cluster::metrics::SessionMetrics;
 use crate::cluster::peer::{PeerKind, PeerRequest, encode_envelope};
 
@@ -107,7 +107,7 @@ fn start_call(
 async fn answer_by(rx: Answer, deadline: std::time::Instant) -> Result<Bytes, String> {
     let wait = async { Some(rx.recv_async().await) };
     let expire = async {
-        glommio::timer::sleep(deadline.saturating_duration_since(std::time::Instant::now())).await;
+        rt::sleep(deadline.saturating_duration_since(rt::now())).await;
         None
     };
     match futures_lite::future::or(wait, expire).await {
@@ -126,7 +126,7 @@ async fn call(
     body: &[u8],
 ) -> Result<Bytes, String> {
     let rx = start_call(cluster, node, client_id, body)?;
-    answer_by(rx, std::time::Instant::now() + FETCH_TIMEOUT).await
+    answer_by(rx, rt::now() + FETCH_TIMEOUT).await
 }
 
 /// The members but this node and `except`.
@@ -152,7 +152,7 @@ async fn ask_others(
         .into_iter()
         .map(|n| (n, start_call(cluster, n, client_id, body)))
         .collect();
-    let deadline = std::time::Instant::now() + FETCH_TIMEOUT;
+    let deadline = rt::now() + FETCH_TIMEOUT;
     let mut out = Vec::with_capacity(calls.len());
     for (node, rx) in calls {
         let answer = match rx {
@@ -515,12 +515,12 @@ async fn hand_out(
     }
     // The epoch is a fencing token: only the committed owner may take the session.
     let index = epoch >> EPOCH_POSITION_BITS;
-    let deadline = std::time::Instant::now() + APPLY_WAIT;
+    let deadline = rt::now() + APPLY_WAIT;
     while cluster.handle().applied_index() < index {
-        if std::time::Instant::now() >= deadline {
+        if rt::now() >= deadline {
             return Err(format!("log index {index} not applied here in time"));
         }
-        glommio::timer::sleep(Duration::from_millis(2)).await;
+        rt::sleep(Duration::from_millis(2)).await;
     }
     let owner = cluster
         .handle()
@@ -538,9 +538,9 @@ async fn hand_out(
     }
     cluster.forget_claim(client_id);
     // A session still taking in its disk tail here goes once it has all of it.
-    let deadline = std::time::Instant::now() + FETCH_TIMEOUT;
-    while shard.engine.borrow().is_importing(client_id) && std::time::Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
+    let deadline = rt::now() + FETCH_TIMEOUT;
+    while shard.engine.borrow().is_importing(client_id) && rt::now() < deadline {
+        rt::sleep(Duration::from_millis(5)).await;
     }
     let now = now_ms();
     let to = (req.from, epoch);
@@ -599,7 +599,7 @@ async fn read_tail(
     shard.flush_outbox();
     let wait = async { rx.recv_async().await.ok() };
     let expire = async {
-        glommio::timer::sleep(READ_WAIT).await;
+        rt::sleep(READ_WAIT).await;
         None
     };
     let Some(loaded) = futures_lite::future::or(wait, expire).await else {
