@@ -418,7 +418,7 @@ async fn control_thread(
     if let Some(addr) = join {
         tasks.push(tokio::spawn(join_through(cp.clone(), link.clone(), addr)));
     }
-    tasks.push(tokio::spawn(serve_calls(link.clone(), calls)));
+    tasks.push(tokio::spawn(serve_calls(Arc::new(link.clone()), calls)));
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -500,11 +500,14 @@ async fn answer(cp: Arc<ControlPlane>, link: Link, request: Request) {
 
 /// Sends the shards' calls to other nodes, each on its own task (a slow peer never
 /// delays a call to another); the link bounds each call's time.
-async fn serve_calls(link: Link, calls: flume::Receiver<PeerCall>) {
+/// (The data-plane simulation serves its nodes' calls over `MemNet` with it too.)
+pub(crate) async fn serve_calls(transport: Arc<dyn Transport>, calls: flume::Receiver<PeerCall>) {
     while let Ok(call) = calls.recv_async().await {
-        let link = link.clone();
+        let transport = transport.clone();
         tokio::spawn(async move {
-            let answer = link.call(call.to, Channel::Forward, call.request).await;
+            let answer = transport
+                .call(call.to, Channel::Forward, call.request)
+                .await;
             let _ = call.reply.send(answer);
         });
     }

@@ -8,9 +8,11 @@ use bytes::{Bytes, BytesMut};
 use tessera_proto::{Connect, Encode, ReasonCode};
 use tessera_shard::authz::Admission;
 use tessera_shard::probe::EarlyRefusal;
+use tessera_shard::session::ConnId;
 use tracing::warn;
 
 use super::accept::{refuse, refuse_with};
+use super::claims::ClaimRefusal;
 use super::refusals::Refusal;
 use super::{Shard, claims, conn, now_ms, refused_early, warn_refusal};
 use crate::config::ListenerId;
@@ -80,30 +82,56 @@ pub(super) async fn serve(
         }
         return refuse(stream, version, busy).await;
     }
-    // In a cluster, nothing is served before the control plane runs (the data plane's
-    // guarantees need it): refused as unavailable, counted, never a hang.
-    // With the control plane: this node must hold the ClientID in the committed raft
-    // state (a new claim, and the session fetched from its old owner, or one it holds).
-    if shard.clustered {
-        let claimed = match shard.cluster() {
-            Some(cluster) => claims::claim(&shard, &cluster, &connect).await,
-            None => Err(ReasonCode::ServerUnavailable.into()),
-        };
-        if let Err(refusal) = claimed {
-            let rc = refusal.rc;
-            shard.engine.borrow_mut().probe_mut().connect_result(rc);
+    let bytes_read = connect.encoded_len(version) + already_read.len();
+    let conn = match admit(&shard, connect, assigned, listener, admission, bytes_read).await {
+        Ok(conn) => conn,
+        Err(refusal) => {
             let properties = tessera_proto::ConnAckProperties {
                 server_reference: refusal
                     .server_reference
                     .and_then(|a| tessera_proto::Str::try_from(a).ok()),
                 ..Default::default()
             };
-            return refuse_with(stream, version, rc, properties).await;
+            return refuse_with(stream, version, refusal.rc, properties).await;
+        }
+    };
+    // The bytes left from the CONNECT read are copied into a right-sized
+    // buffer so the accept-time read buffer is freed now.
+    let input = BytesMut::from(&already_read[..]);
+    drop(already_read);
+    conn::spawn(shard, stream, input, conn, version, listener);
+}
+
+/// The CONNECT's admission past the node's load checks: in a cluster, this node must
+/// hold the ClientID in the committed raft state first (a new claim, and the session
+/// fetched from its old owner, or one it holds; nothing is served before the control
+/// plane runs: refused as unavailable, counted, never a hang); then the engine takes
+/// the CONNECT (its CONNACK is in the connection's output). `bytes_read`: what the
+/// accepting shard read (the CONNECT and the bytes after it). The data-plane
+/// simulation admits its clients here too.
+pub(super) async fn admit(
+    shard: &Rc<Shard>,
+    connect: Connect,
+    assigned: bool,
+    listener: ListenerId,
+    admission: Admission,
+    bytes_read: usize,
+) -> Result<ConnId, ClaimRefusal> {
+    if shard.clustered {
+        let claimed = match shard.cluster() {
+            Some(cluster) => claims::claim(shard, &cluster, &connect).await,
+            None => Err(ReasonCode::ServerUnavailable.into()),
+        };
+        if let Err(refusal) = claimed {
+            shard
+                .engine
+                .borrow_mut()
+                .probe_mut()
+                .connect_result(refusal.rc);
+            return Err(refusal);
         }
     }
     shard.connections.set(shard.connections.get() + 1);
-    // What the accepting shard read: the CONNECT and the bytes after it.
-    let bytes_read = connect.encoded_len(version) + already_read.len();
     let conn = {
         let mut engine = shard.engine.borrow_mut();
         engine.record_bytes_received(bytes_read);
@@ -112,9 +140,5 @@ pub(super) async fn serve(
         conn
     };
     shard.flush_outbox();
-    // The bytes left from the CONNECT read are copied into a right-sized
-    // buffer so the accept-time read buffer is freed now.
-    let input = BytesMut::from(&already_read[..]);
-    drop(already_read);
-    conn::spawn(shard, stream, input, conn, version, listener);
+    Ok(conn)
 }
