@@ -1539,6 +1539,9 @@ fn take_batch(
 /// Sends `queue` to `node`: up to [`BATCHES_IN_FLIGHT`] batches in flight, in order;
 /// after a failure they are sent again one at a time, oldest first, until each is
 /// accepted (the receiver refuses a batch after one it did not accept, `wire`).
+/// Ends when the forwarder's task ended (its events channel closed), so nothing of a
+/// stopped forwarder keeps calling peers or holds the raft handle (the data-plane
+/// simulation stops and restarts nodes in one process).
 #[allow(clippy::too_many_arguments)]
 async fn send_to_peer(
     node: NodeId,
@@ -1566,6 +1569,10 @@ async fn send_to_peer(
     let mut retrying = false;
     let mut pause = RETRY_MIN;
     loop {
+        // The forwarder is gone (it ended): so is this peer's sender, with its handle.
+        if events.is_closed() {
+            return;
+        }
         let notified = queue.notify.notified();
         while !retrying && sent.len() < BATCHES_IN_FLIGHT {
             let base = sent.front().map_or(seq + 1, |s| s.seq);
@@ -1580,7 +1587,10 @@ async fn send_to_peer(
         }
         let room = !retrying && sent.len() < BATCHES_IN_FLIGHT;
         let Some(front) = sent.front_mut() else {
-            notified.await;
+            tokio::select! {
+                () = notified => {}
+                () = events.closed() => return,
+            }
             continue;
         };
         let running = match &mut front.call {
