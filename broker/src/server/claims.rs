@@ -3,8 +3,9 @@
 //! another node's claim commits.
 //!
 //! - **At CONNECT** ([`claim`]), on the ClientID's owner shard, before the engine sees
-//!   the CONNECT: a ClientID this node already holds (and is not releasing) costs no raft
-//!   write, as long as this node knows a leader; otherwise `ClaimSession` is proposed
+//!   the CONNECT: a ClientID this node already holds (and is not releasing, and which its
+//!   committed table still gives to this node with that epoch: a local read) costs no
+//!   raft write, as long as this node knows a leader; otherwise `ClaimSession` is proposed
 //!   (the node's batcher puts every shard's claims into one entry) and the CONNECT waits
 //!   for it to be applied here, at most [`CLAIM_TIMEOUT`]. No leader, a full proposal
 //!   queue or the timeout: CONNACK 0x88 (v5) / 0x03 (3.1.1), never a hang. A claim whose
@@ -126,7 +127,18 @@ pub(super) async fn claim(
     let metrics = &cluster.port.sessions;
     let lease = cluster.port.session_lease;
     let in_contact = cluster.handle().leader().is_some() && cluster.handle().in_contact(lease);
-    if cluster.claims.usable(client_id).is_some() && in_contact {
+    // The claim this shard holds must still be the committed one: another node's claim
+    // may be applied to the table already while this shard has not seen its applied
+    // event yet (`on_applied`, which forgets ours). Serving then would CONNACK on an
+    // older epoch than one committed (the same race as at the end of this function).
+    let committed = |epoch: u64| {
+        cluster
+            .handle()
+            .tables()
+            .and_then(|t| t.owner(client_id))
+            .is_ok_and(|o| o.is_some_and(|o| o.node == me && o.epoch == epoch))
+    };
+    if in_contact && cluster.claims.usable(client_id).is_some_and(committed) {
         SessionMetrics::add(&metrics.claims_held);
         takeover::resume_own_copy(shard, client_id);
         return Ok(());
@@ -186,6 +198,7 @@ pub(super) async fn claim(
         Some(Err(e)) => return Err(refused(&e).into()),
         Some(Ok(applied)) => applied,
     };
+    let index = applied.index;
     let OpResult::Claimed { epoch, previous } = applied.result else {
         return Err(refused(&ClusterError::Refused(format!(
             "unexpected claim result {:?}",
@@ -223,6 +236,22 @@ pub(super) async fn claim(
         if cluster.claims.held.borrow().get(client_id) != Some(&epoch) {
             return Err(refused(&"another node claimed the ClientID during the takeover").into());
         }
+    }
+    // A later claim of another node may have been applied here before this one's answer
+    // arrived (the answer comes after the apply, and other entries may follow it): then
+    // this claim is no longer the committed one and the CONNECT must not go live on it
+    // (found by the data-plane simulation, seed 2). The client retries. The answer may
+    // come from the leader before this node applied the entry: its table is read once it
+    // has (bounded like the claim).
+    let deadline = rt::now() + CLAIM_TIMEOUT;
+    while cluster.handle().applied_index() < index {
+        if rt::now() >= deadline {
+            return Err(refused(&"the claim is not applied on this node in time").into());
+        }
+        rt::sleep(Duration::from_millis(1)).await;
+    }
+    if !committed(epoch) {
+        return Err(refused(&"another node claimed the ClientID meanwhile").into());
     }
     Ok(())
 }
