@@ -21,7 +21,8 @@
 //! - `listen` (`TCP_DEFER_ACCEPT`, a `somaxconn`-sized backlog), `park` (idle
 //!   connections without a task), `persist` (the shard store), `read_budget`
 //!   (the node's budget of large packets in read buffers), `refusals` (rate
-//!   limited refusal logs).
+//!   limited refusal logs), `rt` (the runtime seam of the cluster glue: glommio
+//!   here, tokio's paused clock in the data-plane simulation, `sim`).
 //!
 //! With `server.idle_poll_us` each executor polls that long before it sleeps
 //! (glommio's `spin_before_park`). The shards share one count of the node's
@@ -74,6 +75,8 @@ mod refusals;
 mod remote;
 mod rt;
 mod serve;
+#[cfg(test)]
+mod sim;
 mod takeover;
 use accept::accept_connection;
 use mesh::{Envelope, mesh_writer, on_envelope};
