@@ -9,6 +9,10 @@
 //! answer at a time ([`MemNet::lose_next_answer`]). Decisions come
 //! from one seeded xorshift generator, so a run on a current-thread runtime with a
 //! paused clock draws the same faults for the same sequence of calls.
+//!
+//! The simulations (raft's `tests/simulation.rs`, the broker's data-plane `server::sim`)
+//! also share their schedule generator ([`SimRng`]) and seed runner ([`run_seeds`]:
+//! `SIM_SEED`, `SIM_SEEDS`, regression seeds, a failure names its seed).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -222,5 +226,60 @@ impl Transport for MemTransport {
             }
             resp.map_err(|reason| TransportError::Remote { node: to, reason })
         })
+    }
+}
+
+/// The seeded generator of the simulations' schedules (xorshift64*): one stream per run,
+/// so a seed replays its schedule.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    /// The stream of `seed`.
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// The next number.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (0 for `n` = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Runs a seeded simulation over its seeds: `SIM_SEED=n` runs seed `n` alone; otherwise
+/// seeds `1..=SIM_SEEDS` (default `default_seeds`) and then `regression`. A failing
+/// seed panics with its number and the command that reruns it.
+pub fn run_seeds(name: &str, default_seeds: u64, regression: &[u64], run: impl Fn(u64)) {
+    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
+        Ok(s) => vec![s.parse().expect("SIM_SEED is a number")],
+        Err(_) => {
+            let n: u64 = std::env::var("SIM_SEEDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(default_seeds);
+            (1..=n).chain(regression.iter().copied()).collect()
+        }
+    };
+    for seed in seeds {
+        eprintln!("{name} seed {seed}");
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed))) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("{name} seed {seed} failed (rerun: SIM_SEED={seed}): {msg}");
+        }
     }
 }

@@ -42,24 +42,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Cluster, voters};
-use tessera_raft::memnet::Faults;
+use tessera_raft::memnet::{Faults, SimRng, run_seeds};
 use tessera_raft::{AppliedEvent, ClusterConfig, NodeId, Op, OpResult, Role, RouteChange};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn sim_config(c: &mut ClusterConfig) {
     common::fast(c);
@@ -137,7 +121,7 @@ fn watch_node(cluster: &Cluster, id: NodeId, obs: &Shared) {
     });
 }
 
-fn random_op(rng: &mut Rng, node: NodeId, epochs: &BTreeMap<String, (NodeId, u64)>) -> Op {
+fn random_op(rng: &mut SimRng, node: NodeId, epochs: &BTreeMap<String, (NodeId, u64)>) -> Op {
     let cid = format!("c{}", rng.below(12));
     match rng.below(10) {
         0..=3 => Op::ClaimSession {
@@ -188,7 +172,7 @@ fn random_op(rng: &mut Rng, node: NodeId, epochs: &BTreeMap<String, (NodeId, u64
 }
 
 async fn run(seed: u64) {
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = SimRng::new(seed);
     let n = 3 + rng.below(3);
     let ids: Vec<NodeId> = (1..=n).collect();
     let initial = voters(ids.clone());
@@ -392,25 +376,5 @@ fn seeded_simulation_keeps_raft_and_table_invariants() {
             .with_test_writer()
             .try_init();
     }
-    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("SIM_SEED is a number")],
-        Err(_) => {
-            let n: u64 = std::env::var("SIM_SEEDS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(6);
-            (1..=n).chain(REGRESSION_SEEDS.iter().copied()).collect()
-        }
-    };
-    for seed in seeds {
-        eprintln!("simulation seed {seed}");
-        if let Err(e) = std::panic::catch_unwind(|| run_seed(seed)) {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!("simulation seed {seed} failed (rerun: SIM_SEED={seed}): {msg}");
-        }
-    }
+    run_seeds("simulation", 6, REGRESSION_SEEDS, run_seed);
 }

@@ -63,7 +63,7 @@ use tessera_proto::{
     Connect, Packet, ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish, QoS, ReasonCode,
     Str, Subscribe, Subscription, SubscriptionOptions,
 };
-use tessera_raft::memnet::{Faults, MemNet};
+use tessera_raft::memnet::{Faults, MemNet, SimRng, run_seeds};
 use tessera_raft::{ControlPlane, NodeId, NodeInfo};
 use tessera_shard::authz::Admission;
 use tessera_shard::engine::SessionBudget;
@@ -88,22 +88,6 @@ const TOPICS: u64 = 3;
 const FILTERS: [&str; 5] = ["t/0", "t/1", "t/2", "t/#", "t/+"];
 /// How often the harness reads what the engines wrote to the clients.
 const PUMP: Duration = Duration::from_millis(5);
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn trace() -> bool {
     std::env::var("SIM_TRACE").is_ok()
@@ -233,7 +217,7 @@ struct Node {
 struct World {
     net: MemNet,
     root: tempfile::TempDir,
-    rng: Rng,
+    rng: SimRng,
     nodes: BTreeMap<NodeId, Node>,
     clients: Vec<ClientRef>,
     chk: Chk,
@@ -806,7 +790,7 @@ async fn run(seed: u64) {
     let mut w = World {
         net: MemNet::new(seed),
         root: tempfile::tempdir().expect("tempdir"),
-        rng: Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+        rng: SimRng::new(seed),
         nodes: BTreeMap::new(),
         clients: (0..CLIENTS)
             .map(|i| {
@@ -1061,27 +1045,7 @@ fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
             .with_test_writer()
             .try_init();
     }
-    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("SIM_SEED is a number")],
-        Err(_) => {
-            let n: u64 = std::env::var("SIM_SEEDS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(4);
-            (1..=n).chain(REGRESSION_SEEDS.iter().copied()).collect()
-        }
-    };
-    for seed in seeds {
-        eprintln!("data-plane simulation seed {seed}");
-        if let Err(e) = std::panic::catch_unwind(|| run_seed(seed)) {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!("data-plane simulation seed {seed} failed (rerun: SIM_SEED={seed}): {msg}");
-        }
-    }
+    run_seeds("data-plane simulation", 4, REGRESSION_SEEDS, run_seed);
 }
 
 #[test]
