@@ -648,10 +648,19 @@ impl Forwarder {
     }
 
     /// Fetches the retained message of `topic` applied at `index` from `origin`, which
-    /// keeps it (`r` names it); its shards get it (or, if it cannot be had, a clear)
-    /// when it arrives. Never a wrong payload: the digest must match.
+    /// keeps it (`r` names it), or from any other member that holds that very message
+    /// (every node fetches each update, so each is a replica: a node that restarts after
+    /// the origin died still gets it); its shards get it (or, if no node can give it, a
+    /// clear) when it arrives. Never a wrong payload: the digest must match.
     fn fetch_retained(&mut self, topic: String, origin: NodeId, index: u64, r: RetainedRef) {
         *self.fetching.entry(index).or_default() += 1;
+        let mut from = vec![origin];
+        from.extend(
+            self.handle
+                .members()
+                .into_keys()
+                .filter(|n| *n != origin && *n != self.me),
+        );
         let transport = self.transport.clone();
         let events = self.events.clone();
         let now_ms = self.clocks.now_ms;
@@ -666,22 +675,43 @@ impl Forwarder {
                 &body,
             );
             // The origin's shards may not have applied the update yet when this node
-            // asks (or an older version is still there): asked again until the bound.
+            // asks (or an older version is still there): the origin first, then each
+            // other member in turn, asked again until the bound.
             let deadline = tokio::time::Instant::now() + RETAINED_FETCH_TIMEOUT;
             let mut pause = Duration::from_millis(10);
-            let got = loop {
-                let call = transport.call(origin, Channel::Forward, request.clone());
-                let got = match tokio::time::timeout_at(deadline, call).await {
-                    Err(_) => Err(format!("no answer within {RETAINED_FETCH_TIMEOUT:?}")),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Ok(Ok(bytes)) => checked_retained(bytes, &topic, r, now_ms),
-                };
-                if got.is_ok() || tokio::time::Instant::now() + pause >= deadline {
-                    break got;
+            let mut errors = Vec::new();
+            let got = 'rounds: loop {
+                for &node in &from {
+                    let call = transport.call(node, Channel::Forward, request.clone());
+                    let got = match tokio::time::timeout_at(deadline, call).await {
+                        Err(_) => Err(format!("no answer within {RETAINED_FETCH_TIMEOUT:?}")),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Ok(Ok(bytes)) => checked_retained(bytes, &topic, r, now_ms),
+                    };
+                    match got {
+                        Ok(m) => break 'rounds Ok(m),
+                        Err(e) => {
+                            errors.retain(|(n, _)| *n != node);
+                            errors.push((node, e));
+                        }
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        break 'rounds Err(());
+                    }
+                }
+                if tokio::time::Instant::now() + pause >= deadline {
+                    break Err(());
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(500));
             };
+            let got = got.map_err(|()| {
+                errors
+                    .iter()
+                    .map(|(n, e)| format!("node {n}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            });
             let message = match got {
                 Ok(m) => Some(m),
                 Err(e) => {
@@ -690,8 +720,8 @@ impl Forwarder {
                         origin,
                         index,
                         size = r.size,
-                        "a retained message kept on another node could not be fetched; the \
-                         topic is served as cleared here: {e}"
+                        "a retained message kept on other nodes could not be fetched from its \
+                         origin or any other member; the topic is served as cleared here: {e}"
                     );
                     None
                 }
