@@ -462,6 +462,53 @@ fn a_shared_group_across_nodes_gets_each_message_once() {
     );
 }
 
+/// `$SYS/broker/cluster/...` on node 3: its node id, the leader it knows, the members,
+/// and the publications it received from other nodes (one from node 1 here).
+#[test]
+fn sys_topics_show_the_nodes_view_of_the_cluster() {
+    let cluster = three_nodes_with("cluster-routing-sys", &[("TESSERA_SYS__INTERVAL_S", "1")]);
+    let mut sys = RawClient::connect_ok(
+        cluster.node(3).addr(),
+        connect_packet(ProtocolVersion::V5, "sys-reader", true, 60),
+    );
+    let codes = sys.subscribe(1, &[("$SYS/broker/cluster/#", PQoS::AtMostOnce)]);
+    assert!(!codes[0].is_error(), "{codes:?}");
+    let mut sub = RawClient::connect_ok(
+        cluster.node(3).addr(),
+        connect_packet(ProtocolVersion::V5, "sys-sub", true, 60),
+    );
+    assert!(!sub.subscribe(1, &[("sys/t", PQoS::AtMostOnce)])[0].is_error());
+    let mut publisher = RawClient::connect_ok(
+        cluster.node(1).addr(),
+        connect_packet(ProtocolVersion::V5, "sys-pub", true, 60),
+    );
+    publisher.publish("sys/t", b"x", PQoS::AtLeastOnce, 1);
+    assert!(matches!(sub.try_recv(TIMEOUT), Ok(Packet::Publish(_))));
+    let mut latest = std::collections::HashMap::new();
+    let deadline = Instant::now() + TIMEOUT;
+    let done = |latest: &std::collections::HashMap<String, String>| {
+        let get = |k: &str| latest.get(&format!("$SYS/broker/cluster/{k}")).cloned();
+        get("node_id").as_deref() == Some("3")
+            && get("members").as_deref() == Some("3")
+            && get("leader")
+                .and_then(|l| l.parse::<u64>().ok())
+                .is_some_and(|l| (1..=3).contains(&l))
+            && get("messages/received")
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n >= 1)
+            && get("messages/forwarded").is_some()
+    };
+    while !done(&latest) {
+        assert!(Instant::now() < deadline, "{latest:?}");
+        if let Ok(Packet::Publish(p)) = sys.try_recv(Duration::from_millis(200)) {
+            latest.insert(
+                p.topic.to_string(),
+                String::from_utf8_lossy(&p.payload).into_owned(),
+            );
+        }
+    }
+}
+
 /// A QoS 1 publication on node 2 for a plain subscriber on node 1 and for a shared
 /// group whose only member is on node 3: the publisher's PUBACK waits for both nodes
 /// (sync durability, the default) and comes. (The forwarder kept one count per token,

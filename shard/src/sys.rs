@@ -43,6 +43,10 @@ pub struct SysReport {
     pub bytes_received: u64,
     /// Counter: bytes of packets written to clients.
     pub bytes_sent: u64,
+    /// Counter: publications handed to the forwarder for other nodes (a cluster).
+    pub cluster_forwarded: u64,
+    /// Counter: publications received from other nodes (a cluster).
+    pub cluster_received: u64,
 }
 
 impl SysReport {
@@ -54,7 +58,21 @@ impl SysReport {
         self.messages_sent += o.messages_sent;
         self.bytes_received += o.bytes_received;
         self.bytes_sent += o.bytes_sent;
+        self.cluster_forwarded += o.cluster_forwarded;
+        self.cluster_received += o.cluster_received;
     }
+}
+
+/// What a node of a cluster publishes about the cluster under `$SYS/broker/cluster/`,
+/// set on shard 0 by the broker's cluster glue (the engine knows nothing of raft).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SysCluster {
+    /// This node's id.
+    pub node_id: u64,
+    /// The leader this node knows, if any.
+    pub leader: Option<u64>,
+    /// Members of the cluster (voters and learners) in this node's view.
+    pub members: u64,
 }
 
 /// Windows of the load averages, in seconds.
@@ -95,7 +113,10 @@ fn load_value(r: &SysReport, series: usize) -> u64 {
 }
 
 /// Topics published, bounded: 12 values and 4 series of 3 load averages.
-pub const SYS_TOPICS_MAX: usize = 12 + LOAD_TOPICS.len() * LOAD_WINDOWS_S.len();
+pub const SYS_TOPICS_MAX: usize = 12 + CLUSTER_TOPICS + LOAD_TOPICS.len() * LOAD_WINDOWS_S.len();
+
+/// Topics under `cluster/`, published once the node is in a cluster.
+const CLUSTER_TOPICS: usize = 5;
 
 /// Shard 0's aggregation of the reports into `$SYS` messages. Exists on shard 0
 /// only, when `$SYS` topics are enabled; created with the engine.
@@ -111,6 +132,8 @@ pub struct SysPublisher {
     loads: [[f64; LOAD_WINDOWS_S.len()]; LOAD_TOPICS.len()],
     /// The payload last published on each topic, in publication order.
     published: Vec<(Str, Bytes)>,
+    /// The cluster's view, once the node runs in a cluster.
+    cluster: Option<SysCluster>,
 }
 
 impl SysPublisher {
@@ -122,7 +145,13 @@ impl SysPublisher {
             previous: None,
             loads: Default::default(),
             published: Vec::with_capacity(SYS_TOPICS_MAX),
+            cluster: None,
         }
+    }
+
+    /// The node's cluster view: from the next round on, `cluster/...` topics too.
+    pub fn set_cluster(&mut self, cluster: SysCluster) {
+        self.cluster = Some(cluster);
     }
 
     /// Records the latest report of `shard`.
@@ -157,6 +186,24 @@ impl SysPublisher {
             ("subscriptions/count", total.subscriptions.to_string()),
             ("retained messages/count", retained.to_string()),
         ];
+        if let Some(c) = self.cluster {
+            let leader = c
+                .leader
+                .map_or_else(|| "none".to_owned(), |l| l.to_string());
+            values.extend([
+                ("cluster/node_id", c.node_id.to_string()),
+                ("cluster/leader", leader),
+                ("cluster/members", c.members.to_string()),
+                (
+                    "cluster/messages/forwarded",
+                    total.cluster_forwarded.to_string(),
+                ),
+                (
+                    "cluster/messages/received",
+                    total.cluster_received.to_string(),
+                ),
+            ]);
+        }
         // Rates only from rounds where every shard had reported: a shard's
         // first report would otherwise look like a burst.
         if complete {
@@ -217,6 +264,8 @@ mod tests {
             messages_sent: 2 * received,
             bytes_received: 100 * received,
             bytes_sent: 200 * received,
+            cluster_forwarded: 3 * received,
+            cluster_received: 4 * received,
         }
     }
 
@@ -289,8 +338,37 @@ mod tests {
     }
 
     #[test]
+    fn a_node_of_a_cluster_publishes_its_view_and_the_traffic_between_nodes() {
+        let mut p = SysPublisher::new(2);
+        p.report(0, report(1, 10));
+        p.report(1, report(1, 5));
+        let single = p.round(1000, 0, "v");
+        assert_eq!(value(&single, "cluster/node_id"), None, "not in a cluster");
+        p.set_cluster(SysCluster {
+            node_id: 2,
+            leader: None,
+            members: 3,
+        });
+        let first = p.round(2000, 0, "v");
+        assert_eq!(value(&first, "cluster/node_id"), Some("2"));
+        assert_eq!(value(&first, "cluster/leader"), Some("none"));
+        assert_eq!(value(&first, "cluster/members"), Some("3"));
+        assert_eq!(value(&first, "cluster/messages/forwarded"), Some("45"));
+        assert_eq!(value(&first, "cluster/messages/received"), Some("60"));
+        p.set_cluster(SysCluster {
+            node_id: 2,
+            leader: Some(1),
+            members: 3,
+        });
+        let next = p.round(3000, 0, "v");
+        assert_eq!(value(&next, "cluster/leader"), Some("1"));
+        assert_eq!(value(&next, "cluster/members"), None, "unchanged");
+    }
+
+    #[test]
     fn every_topic_fits_the_bound() {
         let mut p = SysPublisher::new(1);
+        p.set_cluster(SysCluster::default());
         p.report(0, report(1, 1));
         p.round(0, 0, "v");
         p.report(0, report(2, 2));

@@ -188,12 +188,30 @@ fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedEntry) {
 
 /// Time-driven cluster work of the shard (lazy releases of claims).
 async fn tick(shard: Rc<Shard>, cluster: Rc<ShardCluster>) {
+    let mut ticks = 0u64;
     while !shard.stopping() {
         rt::sleep(super::TICK).await;
         claims::tick(&shard, &cluster);
+        // Shard 0 publishes `$SYS/broker/cluster/...`: the node's view, refreshed about
+        // once a second (a `$SYS` round is at least a second apart).
+        if shard.id == 0 && ticks.is_multiple_of(SYS_VIEW_TICKS) {
+            let handle = cluster.handle();
+            shard
+                .engine
+                .borrow_mut()
+                .set_sys_cluster(tessera_shard::sys::SysCluster {
+                    node_id: cluster.port.node_id,
+                    leader: handle.leader(),
+                    members: handle.members().len() as u64,
+                });
+        }
+        ticks = ticks.wrapping_add(1);
         shard.flush_outbox();
     }
 }
+
+/// Ticks between two refreshes of the cluster view `$SYS` publishes.
+const SYS_VIEW_TICKS: u64 = 4;
 
 async fn serve_requests(shard: Rc<Shard>, requests: flume::Receiver<PeerRequest>) {
     while let Ok(req) = requests.recv_async().await {

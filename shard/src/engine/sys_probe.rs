@@ -62,6 +62,16 @@ impl Engine {
             messages_sent: self.stats.publishes_sent,
             bytes_received: self.stats.bytes_received,
             bytes_sent: self.stats.bytes_sent,
+            cluster_forwarded: self.stats.remote_forwards_sent,
+            cluster_received: self.stats.remote_publishes_received,
+        }
+    }
+
+    /// On shard 0 of a node in a cluster: the cluster's view for `$SYS/broker/cluster/`
+    /// (a no-op on other shards or with `$SYS` off).
+    pub fn set_sys_cluster(&mut self, cluster: crate::sys::SysCluster) {
+        if let Some(p) = self.sys_publisher.as_mut() {
+            p.set_cluster(cluster);
         }
     }
 
