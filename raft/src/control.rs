@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, RaftMetrics, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{ClusterConfig, ConfigError};
@@ -111,36 +111,47 @@ pub struct Applied {
 
 struct Proposal {
     op: Op,
-    reply: flume::Sender<Result<Applied, ClusterError>>,
+    reply: oneshot::Sender<Result<Applied, ClusterError>>,
     queued: Instant,
 }
 
 /// The answer to a proposal, ready later. Awaitable from any executor (glommio shards
-/// included): it is a flume receiver.
+/// included): it is a tokio oneshot receiver, which needs no tokio runtime (one
+/// allocation per proposal; a flume channel per proposal, the earlier reply, cost its
+/// shared queue state and lock on every claim).
 #[derive(Debug)]
 pub struct PendingOp {
-    rx: flume::Receiver<Result<Applied, ClusterError>>,
+    /// `None` once `try_result` has handed the answer out (a tokio receiver must not
+    /// be awaited after that).
+    rx: Option<oneshot::Receiver<Result<Applied, ClusterError>>>,
 }
 
 impl PendingOp {
     /// Waits for the op to be applied on this node (or to fail). Never hangs: every
     /// proposal is answered within `proposal_timeout_ms` (plus one RPC timeout).
     pub async fn wait(self) -> Result<Applied, ClusterError> {
-        match self.rx.recv_async().await {
+        let Some(rx) = self.rx else {
+            return Err(ClusterError::Shutdown("proposal answered already".into()));
+        };
+        match rx.await {
             Ok(r) => r,
             Err(_) => Err(ClusterError::Shutdown("proposal dropped".into())),
         }
     }
 
-    /// The answer if it is there.
-    pub fn try_result(&self) -> Option<Result<Applied, ClusterError>> {
-        match self.rx.try_recv() {
-            Ok(r) => Some(r),
-            Err(flume::TryRecvError::Empty) => None,
-            Err(flume::TryRecvError::Disconnected) => {
-                Some(Err(ClusterError::Shutdown("proposal dropped".into())))
+    /// The answer if it is there. Once it has returned the answer, later calls return
+    /// `None` and `wait` answers `ClusterError::Shutdown`.
+    pub fn try_result(&mut self) -> Option<Result<Applied, ClusterError>> {
+        let rx = self.rx.as_mut()?;
+        let r = match rx.try_recv() {
+            Ok(r) => r,
+            Err(oneshot::error::TryRecvError::Empty) => return None,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                Err(ClusterError::Shutdown("proposal dropped".into()))
             }
-        }
+        };
+        self.rx = None;
+        Some(r)
     }
 }
 
@@ -192,7 +203,7 @@ impl ClusterHandle {
     /// [`PendingOp`] answered when the op is applied on this node.
     pub fn propose(&self, op: Op) -> Result<PendingOp, ClusterError> {
         op.validate().map_err(ClusterError::Invalid)?;
-        let (reply, rx) = flume::bounded(1);
+        let (reply, rx) = oneshot::channel();
         let p = Proposal {
             op,
             reply,
@@ -201,7 +212,7 @@ impl ClusterHandle {
         match self.tx.try_send(p) {
             Ok(()) => {
                 self.shared.core.proposals.fetch_add(1, Ordering::Relaxed);
-                Ok(PendingOp { rx })
+                Ok(PendingOp { rx: Some(rx) })
             }
             Err(flume::TrySendError::Full(_)) => {
                 self.shared
