@@ -22,7 +22,7 @@
 //! // On every glommio shard (ClusterHandle: Clone + Send + Sync, never blocks):
 //! let h = cp.handle();
 //! let pending = h.propose(Op::ClaimSession { client_id, node })?; // Err(Busy): counted
-//! let Applied { index, result } = pending.wait().await?;  // flume: any executor
+//! let Applied { index, result } = pending.wait().await?;  // a oneshot: any executor
 //! let events = h.subscribe(4096);        // AppliedEvent::{Entry, SnapshotInstalled}
 //! let view = h.tables()?;                // LMDB read view: owner(), routes(), retained()
 //! h.applied_index();                     // what this node's tables reflect
