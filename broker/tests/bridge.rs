@@ -392,6 +392,105 @@ fn the_bridge_keeps_the_remotes_window_in_flight_not_the_local_client_limit() {
     );
 }
 
+/// What a fake remote received, in order.
+type Payloads = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// A fake v5 remote that reads at most 8 KiB per `pause` (2 ms: about
+/// 4 MB/s, slower than the local clients publish). Answers CONNACK and
+/// PINGREQ (counted), records the payloads of the PUBLISH packets it gets,
+/// in order.
+fn fake_remote(pause: Duration) -> (SocketAddr, Payloads, Arc<Mutex<usize>>) {
+    use tessera_proto::{Encode, Packet, ProtocolVersion};
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let log = got.clone();
+    let pings = Arc::new(Mutex::new(0));
+    let pinged = pings.clone();
+    thread::spawn(move || {
+        let Ok((mut s, _)) = fake.accept() else {
+            return;
+        };
+        let mut buf = bytes::BytesMut::new();
+        let mut chunk = [0u8; 8 * 1024];
+        loop {
+            loop {
+                let reply = match tessera_proto::decode(&mut buf, ProtocolVersion::V5, 1 << 20) {
+                    Ok(Some(Packet::Connect(_))) => Packet::ConnAck(tessera_proto::ConnAck {
+                        session_present: false,
+                        reason_code: tessera_proto::ReasonCode::Success,
+                        properties: Default::default(),
+                    }),
+                    Ok(Some(Packet::PingReq)) => {
+                        *pinged.lock().unwrap() += 1;
+                        Packet::PingResp
+                    }
+                    Ok(Some(Packet::Publish(p))) => {
+                        log.lock().unwrap().push(p.payload.to_vec());
+                        continue;
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(_) => return,
+                };
+                let mut out = bytes::BytesMut::new();
+                reply.encode(ProtocolVersion::V5, &mut out).unwrap();
+                if s.write_all(&out).is_err() {
+                    return;
+                }
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            thread::sleep(pause);
+        }
+    });
+    (addr, got, pings)
+}
+
+#[test]
+fn a_bridge_streaming_qos0_pings_the_remote_and_keeps_its_link() {
+    // QoS 0 out gets no answer from the remote. With a keep alive of 2 s the
+    // bridge must hear from it within 3 s, so it pings although it writes
+    // all the time (before, it pinged only when idle, and a steady stream
+    // ended the link every 1.5 keep alives: "nothing from the remote").
+    let (remote, got, pings) = fake_remote(Duration::ZERO);
+    let config = format!(
+        "[[bridge]]\nname = \"steady\"\naddress = \"{remote}\"\nversion = \"5\"\n\
+         keep_alive_s = 2\n[[bridge.out]]\ntopic = \"steady/#\"\nqos = 0\n"
+    );
+    let dir = TestDir::new("bridge-steady");
+    let local = start(&dir, &config, &[]);
+    wait_connected(&local, "steady");
+    let mut o = rumqttc::MqttOptions::new("steady-pub", "127.0.0.1", local.addr().port());
+    o.set_keep_alive(Duration::from_secs(60));
+    let (client, mut conn) = rumqttc::Client::new(o, 100);
+    let events = thread::spawn(move || for _ in conn.iter().take_while(Result::is_ok) {});
+    // A message every millisecond or so for 5 s: more than 1.5 keep alives
+    // without a pause of half of one.
+    let start_at = std::time::Instant::now();
+    let mut sent = 0;
+    while start_at.elapsed() < Duration::from_secs(5) {
+        client
+            .publish("steady/x", rumqttc::QoS::AtMostOnce, false, vec![b'x'; 64])
+            .expect("publish");
+        sent += 1;
+        thread::sleep(Duration::from_millis(1));
+    }
+    eventually("the remote got the stream", WAIT, || {
+        got.lock().unwrap().len() == sent
+    });
+    assert!(*pings.lock().unwrap() > 0, "the bridge never pinged");
+    assert_eq!(
+        bridge_value(&local, "steady", "tessera_bridge_connects_total"),
+        1.0,
+        "the link ended during the stream"
+    );
+    client.disconnect().expect("disconnect");
+    events.join().expect("events");
+}
+
 #[test]
 fn sighup_adds_and_removes_bridges() {
     let rdir = TestDir::new("bridge-remote");

@@ -673,6 +673,7 @@ async fn link(
         keep_alive: Duration::from_secs(u64::from(keep_alive)),
         last_sent: Instant::now(),
         last_received: Instant::now(),
+        last_ping: Instant::now(),
         timer: None,
         reading_done: false,
     };
@@ -743,6 +744,8 @@ struct Relay<'a> {
     keep_alive: Duration,
     last_sent: Instant,
     last_received: Instant,
+    /// When the last PINGREQ was written into `wbuf`.
+    last_ping: Instant,
     timer: Option<glommio::timer::Timer>,
     reading_done: bool,
 }
@@ -832,11 +835,17 @@ impl Relay<'_> {
                 self.keep_alive.as_secs()
             ));
         }
-        if now.duration_since(self.last_sent) >= self.keep_alive / 2
-            && self.written == self.wbuf.len()
-        {
+        // Idle towards the remote, or nothing heard from it (a stream of
+        // QoS 0 gets no answer: without a ping now and then, the check above
+        // ended a busy link every 1.5 keep alives).
+        let idle = now.duration_since(self.last_sent) >= self.keep_alive / 2
+            && self.written == self.wbuf.len();
+        let unheard = now.duration_since(self.last_received) >= self.keep_alive / 2
+            && now.duration_since(self.last_ping) >= self.keep_alive / 2;
+        if idle || unheard {
             self.encode_remote(&Packet::PingReq);
             self.last_sent = now;
+            self.last_ping = now;
             cx.waker().wake_by_ref();
         }
         let timer = self
