@@ -927,6 +927,9 @@ async fn shard_main(boot: ShardBoot) {
         glommio::spawn_local(async move {
             while let Some(env) = receiver.recv().await {
                 on_envelope(&shard, peer, env);
+                // A QoS 0 publication of this peer found a bridge behind:
+                // its stream waits (bounded), so its readers pause.
+                mesh::feed_pace(&shard, peer).await;
                 // As in `conn::run`: a receive from a busy peer completes at once,
                 // and without yielding, the writers of the subscribers these
                 // batches feed would starve (and their queues overflow).

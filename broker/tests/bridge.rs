@@ -11,7 +11,9 @@
 //! bridge; a two-way bridge with overlapping rules does not loop; a wrong
 //! bridge table is refused with the field named; a remote that lies never
 //! takes the broker down; the bridge's state is in `/metrics`, the admin API
-//! and `brokerctl bridges`; SIGHUP adds and removes bridges.
+//! and `brokerctl bridges`; SIGHUP adds and removes bridges; QoS 0
+//! publishers faster than the remote are slowed, not dropped; a steady QoS 0
+//! stream keeps the link up (the bridge pings).
 
 mod common;
 
@@ -39,7 +41,7 @@ fn messages_cross_both_ways_at_every_qos_with_prefixes_and_caps() {
             .filter_map(|l| l.strip_prefix("| `tessera_bridge_"))
             .filter_map(|l| l.split('`').next())
             .collect();
-        assert_eq!(contract.len(), 8);
+        assert_eq!(contract.len(), 10);
         for name in contract {
             let name = format!("tessera_bridge_{name}");
             assert!(
@@ -447,6 +449,121 @@ fn fake_remote(pause: Duration) -> (SocketAddr, Payloads, Arc<Mutex<usize>>) {
         }
     });
     (addr, got, pings)
+}
+
+/// Publishes `n` QoS 0 messages of `size` bytes (`"{id}:{k}:"` then
+/// padding) to `topic` with rumqttc as fast as it goes, then disconnects.
+fn qos0_flood(addr: SocketAddr, id: String, topic: &'static str, n: usize, size: usize) {
+    let mut o = rumqttc::MqttOptions::new(&id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(60));
+    let (client, mut conn) = rumqttc::Client::new(o, 100);
+    let sender = thread::spawn(move || {
+        for k in 0..n {
+            let mut payload = format!("{id}:{k}:").into_bytes();
+            payload.resize(size, b'.');
+            client
+                .publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+                .expect("queue publish");
+        }
+        client.disconnect().expect("queue disconnect");
+    });
+    for event in conn.iter() {
+        match event {
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(e) => panic!("QoS 0 publisher: {e}"),
+        }
+    }
+    sender.join().expect("sender");
+}
+
+#[test]
+fn qos0_publishers_are_slowed_to_a_remote_that_reads_slower_not_dropped() {
+    // Four rumqttc publishers (two on the bridge's shard, two on the other,
+    // whose publications reach the bridge through the mesh) flood QoS 0 at
+    // a remote reading ~4 MB/s. The bridge's queue budget is 1 MiB, a
+    // quarter of what they send: without pacing, QoS 0 beyond it is dropped.
+    // With it, the publishers are not read while the bridge is behind, and
+    // everything arrives, in each publisher's order. The bound (10 s here)
+    // only ends waits for a remote that takes nothing at all.
+    const PUBLISHERS: usize = 4;
+    const MESSAGES: usize = 4_000;
+    const SIZE: usize = 1024;
+    let (remote, got, _) = fake_remote(Duration::from_millis(2));
+    let config = format!(
+        "[limits]\nmax_queued_bytes = 1048576\n\n\
+         [[bridge]]\nname = \"paced\"\naddress = \"{remote}\"\nversion = \"5\"\n\
+         keep_alive_s = 30\nqos0_pace_ms_max = 10000\n\
+         [[bridge.out]]\ntopic = \"paced/#\"\nqos = 0\n"
+    );
+    let dir = TestDir::new("bridge-paced");
+    let local = start(&dir, &config, &[]);
+    wait_connected(&local, "paced");
+    let bridge_shard = common::shard_of("tessera-bridge-paced");
+    let ids: Vec<String> = (0..PUBLISHERS)
+        .map(|k| {
+            let shard = if k % 2 == 0 {
+                bridge_shard
+            } else {
+                1 - bridge_shard
+            };
+            common::id_on_shard(&format!("flood{k}"), shard)
+        })
+        .collect();
+    let floods: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (addr, id) = (local.addr(), id.clone());
+            thread::spawn(move || qos0_flood(addr, id, "paced/x", MESSAGES, SIZE))
+        })
+        .collect();
+    for f in floods {
+        f.join().expect("publisher");
+    }
+    let total = PUBLISHERS * MESSAGES;
+    let dropped = || {
+        metric_sum(
+            &scrape(local.admin_addr()),
+            "tessera_messages_dropped_total",
+            &[],
+        )
+    };
+    eventually(
+        "every message reaches the remote",
+        Duration::from_secs(90),
+        || {
+            let n = got.lock().unwrap().len();
+            assert!(n <= total, "{n} messages for {total} sent");
+            assert_eq!(dropped(), 0.0, "dropped with {n} of {total} at the remote");
+            n == total
+        },
+    );
+    let got = got.lock().unwrap();
+    for id in &ids {
+        let seq: Vec<usize> = got
+            .iter()
+            .filter_map(|p| {
+                let text = std::str::from_utf8(&p[..p.len().min(64)]).ok()?;
+                let mut parts = text.split(':');
+                (parts.next()? == id).then(|| parts.next()?.parse().ok())?
+            })
+            .collect();
+        assert_eq!(
+            seq,
+            (0..MESSAGES).collect::<Vec<_>>(),
+            "{id}: lost or reordered"
+        );
+    }
+    let paced = metric_sum(
+        &scrape(local.admin_addr()),
+        "tessera_bridge_publishers_paced_total",
+        &[],
+    );
+    assert!(paced > 0.0, "the publishers were never paced");
+    assert_eq!(
+        bridge_value(&local, "paced", "tessera_bridge_connects_total"),
+        1.0
+    );
 }
 
 #[test]

@@ -52,6 +52,7 @@ mod admin;
 mod auth;
 mod backpressure;
 mod exactly_once;
+mod feed_pace;
 mod mqtt5;
 mod pace;
 mod persist;
@@ -65,6 +66,7 @@ mod testing;
 mod timers;
 mod transfer;
 
+pub use feed_pace::{FEED_PACE_HIGH_WATER_DEFAULT, FEED_PACE_SLOW_MS};
 pub use mqtt5::{Mqtt5Settings, Redirect};
 pub use pace::{FORWARD_PACE_SLICE, FORWARD_PACE_SLOW_MS};
 pub use quota::{Limit, SessionBudget};
@@ -275,6 +277,12 @@ pub struct Stats {
     pub forward_paced: u64,
     /// Such waits that reached `Limits::forward_pace_ms_max`.
     pub forward_pace_timeouts: u64,
+    /// QoS 0 publishers (clients, or another shard's stream) paused because
+    /// a paced session (a bridge's) was behind (`engine::feed_pace`).
+    pub feed_paced: u64,
+    /// Paced sessions still behind at their bound: their publishers resumed
+    /// and they were not waited for during `FEED_PACE_SLOW_MS`.
+    pub feed_pace_timeouts: u64,
     /// Refusals by each configured limit, indexed by [`Limit`] (`quota`).
     pub limit_refusals: [u64; Limit::COUNT],
     /// QoS 1/2 deliveries refused because a persistent session's queue (or
@@ -516,6 +524,8 @@ pub struct Engine {
     bp: backpressure::BackPressure,
     /// Pacing of forwarded batches (`pace`).
     pace: pace::ForwardPace,
+    /// Pacing of QoS 0 publishers to a bridge's session (`feed_pace`).
+    feed: feed_pace::FeedPace,
     /// The node's session count (`quota`): this engine's own until the
     /// driver shares one with `set_session_budget`.
     session_budget: Arc<SessionBudget>,
@@ -603,6 +613,7 @@ impl Engine {
             persist: None,
             bp: backpressure::BackPressure::new(shard_count),
             pace: pace::ForwardPace::default(),
+            feed: feed_pace::FeedPace::default(),
             session_budget: Arc::new(SessionBudget::new(limits_sessions_max)),
             retained_usage: quota::RetainedUsage::default(),
             queue_mem_bytes: 0,
@@ -970,6 +981,7 @@ impl Engine {
         }
         let idx = c.session;
         self.pace_wake();
+        self.feed_conn_ended(conn, idx);
         if idx == SessionIdx::MAX {
             return; // refused at CONNECT: no session attached
         }
@@ -1258,7 +1270,9 @@ impl Engine {
         // A full persistent queue refuses it rather than drop an older one.
         self.refusal = (qos != QoS::AtMostOnce).then_some(false);
         self.publish_seq = seq;
+        self.feed.source = feed_pace::FeedSource::Local(conn);
         self.publish_acked(now_ms, msg, token, key);
+        self.feed.source = feed_pace::FeedSource::None;
         self.publish_seq = 0;
         let refused = self.refusal.take() == Some(true);
         let token = self.bp_end_local().or(token);
@@ -1658,7 +1672,11 @@ impl Engine {
     /// Handles one message from shard `from`.
     pub fn handle_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg) {
         match msg {
-            MeshMsg::Publish(m) => self.deliver_local(now_ms, &m),
+            MeshMsg::Publish(m) => {
+                self.feed.source = feed_pace::FeedSource::Peer(from);
+                self.deliver_local(now_ms, &m);
+                self.feed.source = feed_pace::FeedSource::None;
+            }
             MeshMsg::Forwarded { message, mark, .. } if self.is_remote(from) => {
                 self.publish_forwarded(now_ms, message, mark)
             }
@@ -2113,6 +2131,10 @@ impl Engine {
                 // Its output is over the bound: a forwarded batch waits for it.
                 self.pace_note(now_ms, idx, conn);
                 self.queue_push(now_ms, idx, d);
+                if self.feed_on() {
+                    // A bridge's session behind: its publisher pauses.
+                    self.feed_note(now_ms, idx, conn);
+                }
             }
             _ => self.queue_push(now_ms, idx, d),
         }
@@ -2186,6 +2208,7 @@ impl Engine {
         let Some(conn) = self.session(idx).conn else {
             return;
         };
+        let mut moved = false;
         while self.writable(conn) {
             let window = self.window(conn);
             let s = self.session_mut(idx);
@@ -2198,6 +2221,7 @@ impl Engine {
             let d = self
                 .with_queue(idx, |q| q.pop_front())
                 .expect("front exists");
+            moved = true;
             if d.message.is_expired(now_ms) {
                 self.stats.dropped_expired += 1;
                 self.persist_delivery_gone(idx, d.seq);
@@ -2207,6 +2231,7 @@ impl Engine {
         }
         self.queue_refill(idx);
         self.bp_drained(now_ms, idx);
+        self.feed_drained(now_ms, idx, moved);
     }
 
     fn send_delivery(&mut self, now_ms: u64, conn: ConnId, idx: SessionIdx, d: Delivery) {

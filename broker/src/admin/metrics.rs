@@ -317,6 +317,16 @@ fn describe_all() {
         "Such waits that reached cluster.forward_pace_ms_max (a subscriber that did not keep up)."
     );
     describe_counter!(
+        "tessera_bridge_publishers_paced_total",
+        "QoS 0 publishers (a client, or another shard's stream) paused because a bridge's queue \
+         was behind (bridge qos0_pace_ms_max)."
+    );
+    describe_counter!(
+        "tessera_bridge_pace_timeouts_total",
+        "Bridges still behind at qos0_pace_ms_max: their publishers resumed and they were not \
+         waited for during the next second."
+    );
+    describe_counter!(
         "tessera_backpressure_reads_paused_total",
         "Times a connection stopped being read: more held acknowledgements than the Receive Maximum."
     );
@@ -541,6 +551,8 @@ fn record_shard(shard: &str, s: &ShardSnapshot) {
     counter!("tessera_cluster_forward_paced_total", "shard" => sh()).absolute(st.forward_paced);
     counter!("tessera_cluster_forward_pace_timeouts_total", "shard" => sh())
         .absolute(st.forward_pace_timeouts);
+    counter!("tessera_bridge_publishers_paced_total", "shard" => sh()).absolute(st.feed_paced);
+    counter!("tessera_bridge_pace_timeouts_total", "shard" => sh()).absolute(st.feed_pace_timeouts);
     counter!("tessera_queue_refused_total", "shard" => sh()).absolute(st.queue_refused);
     counter!("tessera_queue_refused_acks_held_total", "shard" => sh())
         .absolute(st.queue_refused_acks_held);

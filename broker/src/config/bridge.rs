@@ -75,6 +75,15 @@ pub struct BridgeConfig {
     /// message yet answers a 3.1.1 PUBREC, and closes the connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<u16>,
+    /// Longest a QoS 0 publisher feeding this bridge is paused, ms, while
+    /// the bridge's queue is behind (`queue_high_water` deliveries, until
+    /// half of it): its connection is not read, so TCP slows it. A bridge
+    /// still behind at the bound (a remote that stopped reading) is not
+    /// waited for during the next second, and QoS 0 beyond its queue's
+    /// budget is dropped and counted. 0: never paused (QoS 0 is dropped at
+    /// the budget, as before).
+    #[serde(default = "qos0_pace_ms_max_default")]
+    pub qos0_pace_ms_max: u32,
     /// CA certificates (PEM) the remote's certificate is verified against
     /// (`mqtts`, `wss`, `quic`); unset: the system's roots are not used, so it
     /// is required.
@@ -144,6 +153,15 @@ fn reconnect_min_default() -> u32 {
 fn reconnect_max_default() -> u32 {
     30_000
 }
+fn qos0_pace_ms_max_default() -> u32 {
+    QOS0_PACE_MS_MAX_DEFAULT
+}
+/// `qos0_pace_ms_max` when unset: a remote that stopped reading (until its
+/// keep alive ends the link) costs its QoS 0 publishers at most a tenth of a
+/// second per second.
+pub const QOS0_PACE_MS_MAX_DEFAULT: u32 = 100;
+/// The largest `qos0_pace_ms_max` accepted.
+pub const QOS0_PACE_MS_MAX_LIMIT: u32 = 60_000;
 fn ws_path_default() -> String {
     "/mqtt".into()
 }
@@ -418,6 +436,15 @@ impl BridgeConfig {
         if self.max_inflight == Some(0) {
             return err("max_inflight", "0: at least 1".into());
         }
+        if self.qos0_pace_ms_max > QOS0_PACE_MS_MAX_LIMIT {
+            return err(
+                "qos0_pace_ms_max",
+                format!(
+                    "{}: at most {QOS0_PACE_MS_MAX_LIMIT}",
+                    self.qos0_pace_ms_max
+                ),
+            );
+        }
         if self.out_rules.is_empty() && self.in_rules.is_empty() {
             return err(
                 "out",
@@ -610,6 +637,10 @@ mod tests {
             (
                 format!("{BASE}max_inflight = 0\n{OUT}"),
                 "max_inflight: 0: at least 1",
+            ),
+            (
+                format!("{BASE}qos0_pace_ms_max = 60001\n{OUT}"),
+                "qos0_pace_ms_max: 60001: at most 60000",
             ),
         ];
         for (text, want) in cases {

@@ -638,6 +638,12 @@ async fn link(
     let retain_available = props.retain_available != Some(false);
     let keep_alive = props.server_keep_alive.unwrap_or(cfg.keep_alive_s);
     let conn = attach(shard, cfg, false, remote_receive_max, remote_packet_max);
+    // QoS 0 publishers feeding the bridge are slowed while it is behind
+    // (bounded), rather than outrunning the remote into the queue's budget.
+    shard
+        .engine
+        .borrow_mut()
+        .set_feed_pace(conn, u64::from(cfg.qos0_pace_ms_max));
     stats.connected.store(true, Ordering::Relaxed);
     BridgeStats::add(&stats.connects, 1);
     info!(

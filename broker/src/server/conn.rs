@@ -337,7 +337,16 @@ async fn run(
         // slows publishers here, and so does a client with more held
         // acknowledgements than its window (`Engine::input_paused`).
         let backlog = shard.mesh_backlog() > MESH_BACKLOG_BATCHES_MAX || shard.store_backlogged();
-        let deadline = backlog.then(|| Instant::now() + MESH_BACKOFF);
+        let mut deadline = backlog.then(|| Instant::now() + MESH_BACKOFF);
+        // A QoS 0 publisher paused for a bridge that is behind waits at most
+        // the bridge's bound (`Engine::feed_pace_deadline`).
+        let feed_bound = paused
+            .then(|| shard.engine.borrow().feed_pace_deadline(conn))
+            .flatten();
+        if let Some(at_ms) = feed_bound {
+            let at = Instant::now() + Duration::from_millis(at_ms.saturating_sub(now_ms()));
+            deadline = Some(deadline.map_or(at, |d| d.min(at)));
+        }
         let park = !backlog && !paused && io.stream.is_plain();
         let read = !backlog && !paused;
         match io.next_event(&shard, read, park, paused, deadline).await {
@@ -356,7 +365,12 @@ async fn run(
                 io.last_active = shard.parking.epoch();
                 shard.engine.borrow_mut().record_bytes_received(n);
             }
-            Event::Timeout => {}
+            Event::Timeout => {
+                if feed_bound.is_some() {
+                    shard.engine.borrow_mut().feed_pace_expire(now_ms());
+                    shard.flush_outbox();
+                }
+            }
             Event::ReadEnd => {
                 reading = false;
                 shard.engine.borrow_mut().connection_lost(now_ms(), conn);

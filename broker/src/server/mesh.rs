@@ -6,6 +6,7 @@
 
 use std::rc::Rc;
 use std::task::Poll;
+use std::time::Duration;
 
 use futures_lite::future::poll_fn;
 use tessera_shard::handoff::Handoff;
@@ -100,6 +101,38 @@ pub(super) fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
                 m.admission,
             ))
             .detach();
+        }
+    }
+}
+
+/// While a QoS 0 publication `peer` sent is queued at a bridge's session that
+/// is behind, waits until the session caught up or its bound passed
+/// (`tessera_shard::engine` module `feed_pace`): the peer's queue to this
+/// shard then fills and its readers pause, which slows its publishers.
+pub(super) async fn feed_pace(shard: &Shard, peer: usize) {
+    let peer_id = peer as ShardId;
+    loop {
+        let Some(at_ms) = shard.engine.borrow().feed_pace_peer_deadline(peer_id) else {
+            return;
+        };
+        let released = poll_fn(|cx| {
+            if shard
+                .engine
+                .borrow_mut()
+                .feed_pace_peer_poll(peer_id, cx.waker())
+            {
+                Poll::Ready(true)
+            } else {
+                Poll::Pending
+            }
+        });
+        let expired = async {
+            glommio::timer::sleep(Duration::from_millis(at_ms.saturating_sub(now_ms()))).await;
+            false
+        };
+        if !futures_lite::future::or(released, expired).await {
+            shard.engine.borrow_mut().feed_pace_expire(now_ms());
+            shard.flush_outbox();
         }
     }
 }

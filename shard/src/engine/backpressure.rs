@@ -468,10 +468,14 @@ impl Engine {
     /// the Receive Maximum, which a v5 client honouring it cannot reach, nor
     /// a 3.1.1 client with a usual window (rumqttc 100, Paho 10-65535 but
     /// 20 by default). Released acknowledgements wake the connection's output
-    /// waker, so the driver looks again then.
+    /// waker, so the driver looks again then. Also while it is a QoS 0
+    /// publisher paused for a bridge's session (`feed_pace`; woken likewise,
+    /// and the driver calls `Engine::feed_pace_expire` at
+    /// `Engine::feed_pace_deadline`).
     pub fn input_paused(&self, conn: ConnId) -> bool {
         let bound = usize::from(self.limits.receive_maximum) * HELD_ACKS_PER_RECEIVE_MAXIMUM;
-        self.bp_on() && self.slot(conn).is_some_and(|c| c.held_acks.len() > bound)
+        (self.bp_on() && self.slot(conn).is_some_and(|c| c.held_acks.len() > bound))
+            || self.feed_paused(conn)
     }
 
     /// Most inbound QoS 2 publications awaiting PUBREL on a connection of
