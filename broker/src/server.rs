@@ -34,7 +34,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd as _, IntoRawFd as _};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -214,6 +214,9 @@ struct ShardBoot {
     cluster: Option<cluster::ClusterEnds>,
     /// The configured bridges; each runs on its ClientID's owner shard.
     bridges: Arc<crate::bridge::BridgeHub>,
+    /// Shards whose bridges are not subscribed yet: no shard listens before
+    /// it is 0 (`bridge::Bridges::primed`).
+    bridges_pending: Arc<AtomicUsize>,
     /// Where each shard (by id) takes new QUIC connections from the endpoint
     /// threads (`quic`).
     quic: Vec<flume::Receiver<crate::quic::NewQuic>>,
@@ -303,6 +306,7 @@ impl Server {
             read_budget: read_budget.clone(),
             cluster: shard_cluster,
             bridges: bridges.clone(),
+            bridges_pending: Arc::new(AtomicUsize::new(shard_count)),
             quic: if udp_sockets.is_empty() {
                 Vec::new()
             } else {
@@ -905,23 +909,6 @@ async fn shard_main(boot: ShardBoot) {
     rt::spawn_local(park::run_unparker(shard.clone(), doorbell));
     let _ = shard.auth.tick(now_ms(), shard.memory_high_water_bytes > 0);
 
-    let mut listeners = Vec::new();
-    for (listener_id, l) in boot.listeners.iter().enumerate() {
-        if l.kind.is_udp() {
-            // QUIC: the endpoint thread hands this shard its connections.
-            continue;
-        }
-        match listen::bind(l.bind, boot.connect_timeout) {
-            Ok(socket) => listeners.push((listener_id as ListenerId, socket)),
-            Err(e) => {
-                let _ = ready.send(Err(format!(
-                    "shard {id}: cannot listen on {} ({} listener): {e}",
-                    l.bind, l.kind
-                )));
-                return;
-            }
-        }
-    }
     for (peer, receiver) in receivers.streams() {
         let shard = shard.clone();
         glommio::spawn_local(async move {
@@ -940,6 +927,37 @@ async fn shard_main(boot: ShardBoot) {
     }
     for peer in (0..boot.shard_count).filter(|p| *p != id) {
         glommio::spawn_local(mesh_writer(shard.clone(), peer)).detach();
+    }
+    // Bridges before any listener: a bridge's local session subscribes and
+    // waits for its SUBACK (every shard has its routes), and no shard listens
+    // before every shard's bridges did, so what a client publishes once the
+    // broker accepts connections is queued for the bridges it matches.
+    let mut bridges = bridge::Bridges::new(boot.bridges.clone());
+    bridges.tick(&shard);
+    bridges.primed().await;
+    boot.bridges_pending.fetch_sub(1, Ordering::SeqCst);
+    let barrier_deadline = Instant::now() + bridge::ROUTES_WAIT;
+    while boot.bridges_pending.load(Ordering::SeqCst) > 0 && Instant::now() < barrier_deadline {
+        // A shard that failed to start never counts down: the main thread
+        // reports that failure, the deadline only ends this wait.
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let mut listeners = Vec::new();
+    for (listener_id, l) in boot.listeners.iter().enumerate() {
+        if l.kind.is_udp() {
+            // QUIC: the endpoint thread hands this shard its connections.
+            continue;
+        }
+        match listen::bind(l.bind, boot.connect_timeout) {
+            Ok(socket) => listeners.push((listener_id as ListenerId, socket)),
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "shard {id}: cannot listen on {} ({} listener): {e}",
+                    l.bind, l.kind
+                )));
+                return;
+            }
+        }
     }
     for (listener_id, listener) in listeners {
         let shard = shard.clone();
@@ -980,10 +998,6 @@ async fn shard_main(boot: ShardBoot) {
     glommio::spawn_local(admin_task(shard.clone(), admin_rx)).detach();
     // Recovery ran in `persist::attach` above, before any listener accepts:
     // from here the shard serves its restored state, and `/ready` says so.
-    // Bridges first: a new bridge's local session subscribes (and its route
-    // goes out) before the broker says it listens.
-    let mut bridges = bridge::Bridges::new(boot.bridges.clone());
-    bridges.tick(&shard);
     status.recovered.store(true, Ordering::SeqCst);
     status.up.store(true, Ordering::SeqCst);
     let _ = ready.send(Ok(id));

@@ -108,24 +108,25 @@ fn messages_queued_for_the_bridge_are_sent_after_a_local_restart() {
     let config = bridge_toml("later", remote_addr, "5", rules);
     let ldir = TestDir::new("bridge-local");
     // The remote is not there yet: the messages wait in the bridge's session.
+    // Published as soon as the broker accepts connections, by a client on
+    // each shard: no shard listens before the bridge's routes are on every
+    // shard (at a first start they cross the mesh), so none misses it.
     let mut local = start(&ldir, &config, &[]);
-    // At a first start the bridge's route reaches the other shards through the
-    // mesh, so a publication on another shard in the first milliseconds may miss
-    // it (docs/BRIDGES.md, "Limits"). A loaded .ci/run once failed the queue
-    // check below (not reproduced in 16 loaded runs; this window is the likely
-    // cause): probes first, until one is in the bridge's queue.
-    let mut probes = 0;
-    eventually("a probe reaches the bridge's queue", WAIT, || {
-        probes += 1;
-        let probe = [format!("probe-{probes}")];
-        publish_acked(local.addr(), "pub", QoS::AtLeastOnce, "q/probe", &probe);
-        bridge_value(&local, "later", "tessera_bridge_queued_messages") >= 1.0
-    });
-    let payloads: Vec<String> = (0..200).map(|k| format!("queued-{k}")).collect();
-    let acked = publish_acked(local.addr(), "pub", QoS::AtLeastOnce, "q/a", &payloads);
+    let mut acked = Vec::new();
+    for shard in 0..2 {
+        let payloads: Vec<String> = (0..100).map(|k| format!("queued-{shard}-{k}")).collect();
+        let id = common::id_on_shard("pub", shard);
+        acked.extend(publish_acked(
+            local.addr(),
+            &id,
+            QoS::AtLeastOnce,
+            "q/a",
+            &payloads,
+        ));
+    }
     assert_eq!(acked.len(), 200);
     eventually("the queue gauge shows them", WAIT, || {
-        bridge_value(&local, "later", "tessera_bridge_queued_messages") >= 199.0
+        bridge_value(&local, "later", "tessera_bridge_queued_messages") >= 200.0
     });
     assert_eq!(bridge_value(&local, "later", "tessera_bridge_up"), 0.0);
     // kill -9 the local broker with everything queued.

@@ -63,6 +63,11 @@ const PENDING_IN_MAX: usize = 1024;
 /// few MB per bridge at most.
 const QUEUE_HEAD: u16 = 4096;
 
+/// Longest a bridge's local session waits at start for its SUBACK, i.e. for
+/// every shard (and in a cluster, the forwarder) to have its routes. Beyond
+/// it the bridge starts anyway (a cluster that is not formed yet) and says so.
+pub(super) const ROUTES_WAIT: Duration = Duration::from_secs(5);
+
 /// The packet identifier of the bridge's own SUBSCRIBE/UNSUBSCRIBE packets
 /// (sent before any relayed publication on that connection).
 const OWN_PACKET_ID: u16 = 1;
@@ -86,6 +91,8 @@ struct Control {
     stop: Cell<bool>,
     /// On stop, end the local session too (the bridge was removed).
     forget: Cell<bool>,
+    /// The local session is subscribed (`prime` done).
+    primed: Cell<bool>,
     waker: RefCell<Option<Waker>>,
 }
 
@@ -150,14 +157,9 @@ impl Bridges {
                 let ctl = Rc::new(Control::default());
                 let stats = self.hub.stats(&c.name);
                 stats.shard.store(shard.id as u64, Ordering::Relaxed);
-                // The local session exists (with its subscriptions) from now
-                // on, before the shard reports ready at start-up: what is
-                // published for the bridge before its first connect is queued.
-                let out_rules: Vec<Rule> = c.out_rules.iter().map(Rule::out).collect();
-                if let Err(e) = prime(shard, c, &out_rules) {
-                    warn!(bridge = %c.name, "bridge's local session: {e}");
-                    stats.set_error(&e);
-                }
+                // The task first makes the local session exist with its
+                // subscriptions (`prime`); at start-up the shard waits for
+                // that (`Bridges::primed`) before it listens.
                 glommio::spawn_local(run(shard.clone(), c.clone(), stats.clone(), ctl.clone()))
                     .detach();
                 self.running.push(Running {
@@ -176,6 +178,16 @@ impl Bridges {
                 .admin_session(now_ms(), &r.config.client_id())
                 .map_or(0, |d| d.info.queued);
             r.stats.queued.store(queued as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// At start-up: waits until every bridge of this shard has its local
+    /// session subscribed, every shard having its routes (its SUBACK), so
+    /// that what is published once the broker listens is queued for it.
+    /// `prime` bounds each wait by [`ROUTES_WAIT`].
+    pub(super) async fn primed(&self) {
+        while self.running.iter().any(|r| !r.ctl.primed.get()) {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -204,6 +216,14 @@ fn fail<T>(error: impl Into<String>) -> Result<T, LinkEnd> {
 async fn run(shard: Rc<Shard>, cfg: Arc<BridgeConfig>, stats: Arc<BridgeStats>, ctl: Rc<Control>) {
     let out_rules: Vec<Rule> = cfg.out_rules.iter().map(Rule::out).collect();
     let in_rules: Vec<Rule> = cfg.in_rules.iter().map(Rule::inward).collect();
+    // The local session exists (with its subscriptions routed on every
+    // shard) from now on: what is published for the bridge before its first
+    // connect is queued.
+    if let Err(e) = prime(&shard, &cfg, &out_rules, &ctl).await {
+        warn!(bridge = %cfg.name, "bridge's local session: {e}");
+        stats.set_error(&e);
+    }
+    ctl.primed.set(true);
     info!(
         bridge = %cfg.name,
         shard = shard.id,
@@ -388,8 +408,14 @@ fn local_subscribes(rules: &[Rule]) -> Vec<Packet> {
 }
 
 /// Makes the local session exist with the `out` rules' subscriptions (and
-/// without those of rules removed since), then detaches it.
-fn prime(shard: &Shard, cfg: &BridgeConfig, rules: &[Rule]) -> Result<(), String> {
+/// without those of rules removed since), waits for their SUBACK (every
+/// shard has the routes; at most [`ROUTES_WAIT`]), then detaches it.
+async fn prime(
+    shard: &Shard,
+    cfg: &BridgeConfig,
+    rules: &[Rule],
+    ctl: &Control,
+) -> Result<(), String> {
     let conn = attach(shard, cfg, false, 1, u32::MAX);
     let refused = take_local(shard, conn).into_iter().find_map(|p| match p {
         Packet::ConnAck(a) if a.reason_code != ReasonCode::Success => Some(a.reason_code),
@@ -419,14 +445,47 @@ fn prime(shard: &Shard, cfg: &BridgeConfig, rules: &[Rule]) -> Result<(), String
             filters: stale,
         }));
     }
+    let expected = packets.len();
     {
         let mut engine = shard.engine.borrow_mut();
         for p in packets {
             engine.handle_packet(now_ms(), conn, p);
         }
     }
+    shard.flush_outbox();
+    let deadline = Instant::now() + ROUTES_WAIT;
+    let (mut answered, mut result) = (0, Ok(()));
+    loop {
+        for p in take_local(shard, conn) {
+            match p {
+                Packet::SubAck(a) => {
+                    answered += 1;
+                    if let Some(code) = a.reason_codes.iter().find(|c| c.is_error()) {
+                        result = Err(format!(
+                            "a local subscription of the bridge was refused: {code:?}"
+                        ));
+                    }
+                }
+                Packet::UnsubAck(_) => answered += 1,
+                _ => {}
+            }
+        }
+        if answered >= expected || ctl.stop.get() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                bridge = %cfg.name,
+                "the bridge's routes were not acknowledged everywhere within {} s; starting \
+                 anyway (a publication elsewhere may miss the bridge until its route arrives)",
+                ROUTES_WAIT.as_secs()
+            );
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
     detach(shard, conn);
-    Ok(())
+    result
 }
 
 /// Ends the local session of a removed bridge (what it queued is dropped).

@@ -62,7 +62,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -325,6 +325,8 @@ impl World {
             read_budget: ReadBudget::new(u64::MAX),
             cluster: Some(ends),
             bridges: crate::bridge::BridgeHub::new(&[]),
+            // No bridges, and no listener waits for them here.
+            bridges_pending: Arc::new(AtomicUsize::new(0)),
             quic: Vec::new(),
         };
         let local = Rc::new(LocalSet::new());
