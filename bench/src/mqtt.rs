@@ -391,7 +391,12 @@ impl Client {
         );
         let bye = async {
             let _ = self.stream.write_all(&out).await;
-            let _ = self.stream.shutdown().await;
+            match &mut self.stream {
+                crate::transport::Stream::Quic(q) => q.close().await,
+                other => {
+                    let _ = other.shutdown().await;
+                }
+            }
         };
         let _ = tokio::time::timeout(self.timeout, bye).await;
     }
