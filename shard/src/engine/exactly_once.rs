@@ -773,6 +773,32 @@ mod tests {
         node.crash();
     }
 
+    /// A QoS 1 record for one member of `$share/g/t`, as the forwarder hands it
+    /// to the serving shard from another node (`remote`).
+    fn shared_record(remote: ShardId, handed_back: bool) -> MeshMsg {
+        let mut tried = crate::trie::ShardSet::new();
+        tried.insert(remote);
+        MeshMsg::SharedPublish {
+            group: Str::from_static("g"),
+            filter: Str::from_static("t"),
+            message: crate::message::Message {
+                topic: Str::from_static("t"),
+                payload: Bytes::from_static(b"s"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: None,
+                expires_at_ms: None,
+                origin: Some(crate::message::SessionUid::remote(1)),
+                received_us: 0,
+            },
+            key: 1,
+            tried,
+            hops: 0,
+            handed_back,
+            ack: None,
+        }
+    }
+
     /// A shared record of a forwarded batch whose member is on another shard
     /// of the receiving node: the batch is answered only once that shard
     /// committed the delivery (a QoS 1/2 shared delivery acknowledged to the
@@ -786,32 +812,7 @@ mod tests {
         let token = node.engines[0]
             .begin_forward_batch()
             .expect("sync durability waits");
-        let mut tried = crate::trie::ShardSet::new();
-        tried.insert(remote);
-        let message = crate::message::Message {
-            topic: Str::from_static("t"),
-            payload: Bytes::from_static(b"s"),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: None,
-            expires_at_ms: None,
-            origin: Some(crate::message::SessionUid::remote(1)),
-            received_us: 0,
-        };
-        node.engines[0].handle_mesh(
-            node.now_ms,
-            remote,
-            MeshMsg::SharedPublish {
-                group: Str::from_static("g"),
-                filter: Str::from_static("t"),
-                message,
-                key: 1,
-                tried,
-                hops: 0,
-                handed_back: false,
-                ack: None,
-            },
-        );
+        node.engines[0].handle_mesh(node.now_ms, remote, shared_record(remote, false));
         node.engines[0].end_forward_batch(token);
         node.pump();
         node.commit(0);
@@ -839,29 +840,7 @@ mod tests {
         let dir = temp_dir("forward-shared-back");
         let mut node = Node::boot_with(&dir, true);
         let remote = node.engines[0].remote_id().expect("a cluster node");
-        let record = |handed_back| {
-            let mut tried = crate::trie::ShardSet::new();
-            tried.insert(remote);
-            MeshMsg::SharedPublish {
-                group: Str::from_static("g"),
-                filter: Str::from_static("t"),
-                message: crate::message::Message {
-                    topic: Str::from_static("t"),
-                    payload: Bytes::from_static(b"s"),
-                    qos: QoS::AtLeastOnce,
-                    retain: false,
-                    properties: None,
-                    expires_at_ms: None,
-                    origin: Some(crate::message::SessionUid::remote(1)),
-                    received_us: 0,
-                },
-                key: 1,
-                tried,
-                hops: 0,
-                handed_back,
-                ack: None,
-            }
-        };
+        let record = |handed_back| shared_record(remote, handed_back);
         let token = node.engines[0]
             .begin_forward_batch()
             .expect("sync durability waits");
