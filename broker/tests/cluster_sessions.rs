@@ -41,6 +41,11 @@ fn options(c: &Cluster, node: u64, id: &str, clean: bool) -> MqttOptions {
     let addr = c.node(node).addr();
     let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(30));
+    // rumqttc's default of 5 s to CONNACK is thinner than what a takeover from a dead
+    // node takes by design: a new raft leader, then the session lease of the
+    // unreachable old owner waited out (`cluster.session_lease_ms`, 3 s at least); a
+    // loaded .ci/run once took longer ("parked @2: connection error Timeout").
+    o.set_connection_timeout(RECV_TIMEOUT.as_secs() * 2);
     o.set_clean_start(clean);
     if !clean {
         o.set_session_expiry_interval(Some(600));
