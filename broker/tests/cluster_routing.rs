@@ -627,22 +627,14 @@ fn a_shared_message_that_arrives_after_the_nodes_members_left_goes_to_another_no
     // Node 1's count of messages it handed back, and of shared messages it dropped
     // for want of a member: either says a message arrived after the member left.
     let node1_counts = |cluster: &Cluster| {
-        let text = common::metrics_text(cluster.node(1).admin_addr());
-        let value = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok());
-        let handed_back = text
-            .lines()
-            .filter(|l| l.starts_with("tessera_cluster_shared_handed_back_total"))
-            .find_map(value)
-            .unwrap_or(0);
-        let dropped: u64 = text
-            .lines()
-            .filter(|l| {
-                l.starts_with("tessera_messages_dropped_total{")
-                    && l.contains("reason=\"shared_no_member\"")
-            })
-            .filter_map(value)
-            .sum();
-        (handed_back, dropped)
+        let m = common::scrape(cluster.node(1).admin_addr());
+        let handed_back = common::metric_sum(&m, "tessera_cluster_shared_handed_back_total", &[]);
+        let dropped = common::metric_sum(
+            &m,
+            "tessera_messages_dropped_total",
+            &[("reason", "shared_no_member")],
+        );
+        (handed_back as u64, dropped as u64)
     };
     let mut rounds = 0;
     while node1_counts(&cluster) == (0, 0) {
