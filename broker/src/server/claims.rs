@@ -243,12 +243,8 @@ pub(super) async fn claim(
     // (found by the data-plane simulation, seed 2). The client retries. The answer may
     // come from the leader before this node applied the entry: its table is read once it
     // has (bounded like the claim).
-    let deadline = rt::now() + CLAIM_TIMEOUT;
-    while cluster.handle().applied_index() < index {
-        if rt::now() >= deadline {
-            return Err(refused(&"the claim is not applied on this node in time").into());
-        }
-        rt::sleep(Duration::from_millis(1)).await;
+    if !cluster.applied(index, CLAIM_TIMEOUT).await {
+        return Err(refused(&"the claim is not applied on this node in time").into());
     }
     if !committed(epoch) {
         return Err(refused(&"another node claimed the ClientID meanwhile").into());

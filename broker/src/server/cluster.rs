@@ -96,6 +96,19 @@ impl ShardCluster {
     pub(crate) fn forget_claim(&self, client_id: &str) {
         self.claims.forget(client_id);
     }
+
+    /// Waits until this node applied log index `index`, at most `bound`; whether it did.
+    /// (A proposal's answer and a peer's epoch can come before the local apply.)
+    pub(crate) async fn applied(&self, index: u64, bound: std::time::Duration) -> bool {
+        let deadline = rt::now() + bound;
+        while self.handle().applied_index() < index {
+            if rt::now() >= deadline {
+                return false;
+            }
+            rt::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        true
+    }
 }
 
 /// Waits for the port, then runs the shard's applied-event and peer-request tasks.

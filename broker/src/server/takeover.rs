@@ -515,12 +515,8 @@ async fn hand_out(
     }
     // The epoch is a fencing token: only the committed owner may take the session.
     let index = epoch >> EPOCH_POSITION_BITS;
-    let deadline = rt::now() + APPLY_WAIT;
-    while cluster.handle().applied_index() < index {
-        if rt::now() >= deadline {
-            return Err(format!("log index {index} not applied here in time"));
-        }
-        rt::sleep(Duration::from_millis(2)).await;
+    if !cluster.applied(index, APPLY_WAIT).await {
+        return Err(format!("log index {index} not applied here in time"));
     }
     let owner = cluster
         .handle()
