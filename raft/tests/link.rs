@@ -296,6 +296,20 @@ async fn a_stalled_snapshot_transfer_does_not_delay_raft_calls() {
     }
 }
 
+/// Why `node` cannot reach `peer`, once it tried (the peer must stay unreachable).
+async fn refusal_reason(node: &Link, peer: NodeId) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = node.peers().into_iter().find(|p| p.id == peer).unwrap();
+        assert!(!stats.reachable);
+        if let Some(reason) = stats.last_error {
+            return reason;
+        }
+        assert!(Instant::now() < deadline, "never tried node {peer}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_node_with_a_certificate_from_another_ca_is_refused() {
     let ca = ClusterCa::generate().unwrap();
@@ -313,16 +327,7 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() {
     node1.set_service(Echo::open());
     intruder.set_service(Echo::open());
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let reason = loop {
-        let stats = node1.peers().into_iter().find(|p| p.id == 3).unwrap();
-        assert!(!stats.reachable);
-        if let Some(reason) = stats.last_error {
-            break reason;
-        }
-        assert!(Instant::now() < deadline, "node 1 never tried node 3");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let reason = refusal_reason(&node1, 3).await;
     assert!(
         reason.contains("not signed by this cluster's CA"),
         "{reason}"
@@ -567,16 +572,7 @@ async fn a_node_of_another_cluster_protocol_version_is_refused_with_a_clear_reas
     });
     let node1 = Link::start(config(1, localhost(), certs(&ca, 1), &[(2, old_addr)])).unwrap();
     node1.set_service(Echo::open());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let reason = loop {
-        let stats = node1.peers().into_iter().find(|p| p.id == 2).unwrap();
-        assert!(!stats.reachable);
-        if let Some(reason) = stats.last_error {
-            break reason;
-        }
-        assert!(Instant::now() < deadline, "node 1 never tried node 2");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let reason = refusal_reason(&node1, 2).await;
     assert!(
         reason.contains("another cluster protocol version"),
         "{reason}"
