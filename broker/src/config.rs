@@ -1806,8 +1806,10 @@ const LISTENER_EXAMPLE: &str = "
 # cert_file and key_file (PEM, reloaded on SIGHUP), ca_file (PEM CAs that
 # client certificates must chain to), require_client_cert (true/false),
 # username_from_cert (none, cn or san; needs require_client_cert = true); for
-# quic: max_streams (streams a client may have open at once, default 10) and
-# zero_rtt (accept 0-RTT data, default false).
+# quic: max_streams (streams a client may have open at once, default 10),
+# zero_rtt (accept 0-RTT data, default false) and endpoints (threads with a UDP
+# socket each on the one port, datagrams steered by connection id; default one
+# per shard).
 #
 # [[listener]]
 # kind = \"mqtts\"

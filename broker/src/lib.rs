@@ -13,8 +13,10 @@
 //! - [`transport`]: TLS (rustls) and WebSocket layers of the `mqtts`, `ws` and `wss`
 //!   listeners, the pipe of a `quic` listener's stream, and the transport state a
 //!   hand-off carries.
-//! - [`quic`]: MQTT over QUIC: one endpoint thread (quinn on tokio) per `quic`
-//!   listener, handing each connection's MQTT stream to the shards.
+//! - [`quic`]: MQTT over QUIC: N endpoint threads (quinn on tokio) per `quic`
+//!   listener on `SO_REUSEPORT` sockets of one port, datagrams steered in the
+//!   kernel to the endpoint their connection id names, handing each
+//!   connection's MQTT stream to the shards.
 //! - [`admin`]: the admin thread: `/metrics` (Prometheus), `/health`, `/ready` and
 //!   the JSON API under `/api/v1/`, answered by the shards by message; also the
 //!   HTTP client `brokerctl` uses.

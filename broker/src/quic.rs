@@ -1,9 +1,15 @@
-//! MQTT over QUIC: the endpoint thread of each `quic` listener.
+//! MQTT over QUIC: the endpoint threads of each `quic` listener.
 //!
-//! Each `[[listener]] kind = "quic"` gets one thread running a current-thread
-//! tokio runtime with a quinn endpoint on the listener's UDP socket (quinn
-//! needs `Send + Sync` sockets, which glommio's are not; the cluster link in
-//! `raft/src/link` runs quinn the same way). The thread does the QUIC work:
+//! Each `[[listener]] kind = "quic"` gets N endpoint threads (`endpoints`,
+//! default one per shard), each running a current-thread tokio runtime with
+//! a quinn endpoint on its own UDP socket, all N bound to the listener's
+//! address with `SO_REUSEPORT` (quinn needs `Send + Sync` sockets, which
+//! glommio's are not; the cluster link in `raft/src/link` runs quinn the
+//! same way). Endpoint k issues connection ids whose first byte is k, and a
+//! BPF program on the sockets' reuseport group steers every datagram to the
+//! endpoint its connection id names ([`steer`]), so a client whose address
+//! changes still reaches the endpoint that holds its connection. A thread
+//! does the QUIC work of its connections:
 //! packets, TLS 1.3 (ALPN `mqtt`, optional client certificates), loss
 //! recovery, connection migration. The MQTT work stays on the shards: once a
 //! connection's first bidirectional stream is open, the stream's bytes go to
@@ -21,7 +27,8 @@
 //! the answers go back on the stream the rules of [`mux`] name. `max_streams`
 //! bounds the streams a client has open at once (QUIC's stream limit).
 //!
-//! Bounds: at most [`HANDSHAKES_MAX`] connections between the first packet
+//! Bounds: at most [`HANDSHAKES_MAX`] connections of the listener (all its
+//! endpoints together) between the first packet
 //! and their MQTT stream (a flood beyond that is refused at once; beyond half
 //! of it, clients whose address is not validated are asked to retry, which
 //! costs a spoofed source its answer); a handshake and the first stream must
@@ -31,10 +38,11 @@
 //! read after the handshake completed, so nothing of it is acted on before
 //! (it could be a replay).
 //!
-//! Lifecycle: [`QuicListener::start`] binds nothing itself (the socket comes
-//! from the boot, which resolved port 0) and returns once the endpoint runs;
-//! after the stop flag it accepts nothing new, waits for its connections to
-//! end (the shards disconnect their clients) and closes the endpoint.
+//! Lifecycle: [`QuicListener::start`] binds nothing itself (the sockets come
+//! from the boot, which resolved port 0 with [`bind`]) and returns once every
+//! endpoint runs; after the stop flag they accept nothing new, wait for the
+//! listener's connections to end (the shards disconnect their clients) and
+//! close.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -53,10 +61,20 @@ use crate::transport::quic::{QuicPipe, close_code};
 use crate::transport::tls::{self, TlsStore};
 
 mod mux;
+mod steer;
+
+pub use steer::{Bound, CID_LEN, ENDPOINTS_MAX};
 
 /// Connections at most between their first packet and their MQTT stream, per
-/// listener.
+/// listener (all its endpoints together). quinn's own bound on connection
+/// attempts not yet accepted (`max_incoming`) and on the datagrams they
+/// buffer is split between the endpoints, so the listener's total stays the
+/// same whatever their number.
 pub const HANDSHAKES_MAX: usize = 4096;
+
+/// The datagrams quinn buffers for connection attempts not yet accepted, per
+/// listener (quinn's default per endpoint), split between its endpoints.
+const INCOMING_BUFFER_BYTES_MAX: u64 = 100 << 20;
 
 /// Chunks a pipe holds from the client (a chunk is one read of the stream,
 /// at most [`READ_CHUNK_BYTES_MAX`]). Beyond them the stream is not read and
@@ -123,17 +141,20 @@ impl QuicSettings {
     }
 }
 
-/// A running QUIC listener: its endpoint thread.
+/// A running QUIC listener: its endpoint threads.
 #[derive(Debug)]
 pub struct QuicListener {
-    thread: std::thread::JoinHandle<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     /// Its URL and gauges, for `/metrics`.
     pub counters: (String, Arc<QuicCounters>),
 }
 
-/// The gauges of one QUIC listener, written by its endpoint thread.
+/// The gauges of one QUIC listener, written by its endpoint threads (all
+/// of them count in the same gauges).
 #[derive(Debug, Default)]
 pub struct QuicCounters {
+    /// Endpoint threads (UDP sockets) the listener runs.
+    pub endpoints: AtomicUsize,
     /// QUIC connections the endpoint holds, from their first packet until
     /// their close (handshaking ones included).
     pub live: AtomicUsize,
@@ -142,12 +163,18 @@ pub struct QuicCounters {
     pub handshaking: AtomicUsize,
 }
 
-/// What every connection task of one listener shares.
+/// What every endpoint and connection task of one listener shares.
 struct Ctx {
     listener: ListenerId,
     username_from_cert: CertIdentity,
     url: String,
     settings: QuicSettings,
+    /// The quinn server configuration every endpoint starts from, one for
+    /// the listener so all endpoints share its token key: a Retry or
+    /// NEW_TOKEN token one endpoint issued is valid at any other (a client
+    /// that reconnects with a new random connection id may land elsewhere).
+    /// A TLS reload replaces only its `crypto`.
+    base: quinn::ServerConfig,
     shards: Vec<flume::Sender<NewQuic>>,
     next_shard: AtomicUsize,
     counters: Arc<QuicCounters>,
@@ -183,16 +210,24 @@ impl Drop for Counted<'_> {
     }
 }
 
-/// The quinn server configuration of a listener: its TLS configuration (from
-/// the [`TlsStore`], TLS 1.3 with ALPN `mqtt`), the stream limit and the idle
-/// timeout.
+/// quinn's view of a listener's TLS configuration (from the [`TlsStore`],
+/// TLS 1.3 with ALPN `mqtt`).
+fn quic_crypto(tls: Arc<rustls::ServerConfig>) -> anyhow::Result<Arc<QuicServerConfig>> {
+    QuicServerConfig::try_from(tls)
+        .map(Arc::new)
+        .map_err(|e| anyhow!("the TLS configuration cannot serve QUIC: {e}"))
+}
+
+/// The quinn server configuration of a listener with `endpoints` endpoints:
+/// its TLS configuration, the stream limit, the idle timeout and each
+/// endpoint's share of the bounds on connection attempts.
 fn server_config(
     tls: Arc<rustls::ServerConfig>,
     spec: &ListenerConfig,
     settings: &QuicSettings,
+    endpoints: usize,
 ) -> anyhow::Result<quinn::ServerConfig> {
-    let crypto = QuicServerConfig::try_from(tls)
-        .map_err(|e| anyhow!("the TLS configuration cannot serve QUIC: {e}"))?;
+    let crypto = quic_crypto(tls)?;
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(VarInt::from_u32(spec.max_streams))
@@ -203,28 +238,35 @@ fn server_config(
             quinn::IdleTimeout::try_from(settings.idle_timeout)
                 .map_err(|e| anyhow!("QUIC idle timeout: {e}"))?,
         ));
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut config = quinn::ServerConfig::with_crypto(crypto);
+    let share = endpoints.max(1);
     config
         .transport_config(Arc::new(transport))
-        .max_incoming(HANDSHAKES_MAX)
+        .max_incoming(HANDSHAKES_MAX.div_ceil(share))
+        .incoming_buffer_size_total(INCOMING_BUFFER_BYTES_MAX / share as u64)
         .migration(true);
     Ok(config)
 }
 
 impl QuicListener {
-    /// Starts listener `listener` (`spec`) on `socket`; new connections go to
-    /// the shards through `shards`, in turn. Returns once the endpoint runs,
-    /// or why it cannot.
+    /// Starts listener `listener` (`spec`) with one endpoint thread on each
+    /// of `sockets` (from [`bind`]: endpoint k on `sockets[k]`); new
+    /// connections go to the shards through `shards`, in turn. Returns once
+    /// every endpoint runs, or why one cannot (the others then end at the
+    /// stop flag).
     pub fn start(
         listener: ListenerId,
         spec: &ListenerConfig,
-        socket: std::net::UdpSocket,
+        sockets: Vec<std::net::UdpSocket>,
         tls: Arc<TlsStore>,
         shards: Vec<flume::Sender<NewQuic>>,
         settings: QuicSettings,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<QuicListener> {
-        let bound = socket.local_addr()?;
+        let bound = sockets
+            .first()
+            .ok_or_else(|| anyhow!("quic listener {listener} has no socket"))?
+            .local_addr()?;
         let generation = tls.generation();
         let crypto = tls
             .snapshot()
@@ -232,54 +274,73 @@ impl QuicListener {
             .cloned()
             .flatten()
             .ok_or_else(|| anyhow!("listener {listener} has no TLS configuration"))?;
-        let config = server_config(crypto, spec, &settings)
+        let base = server_config(crypto, spec, &settings, sockets.len())
             .with_context(|| format!("quic listener {bound}"))?;
         let ctx = Arc::new(Ctx {
             listener,
             username_from_cert: spec.username_from_cert,
             url: spec.url(bound),
             settings,
+            base,
             shards,
             next_shard: AtomicUsize::new(0),
             counters: Arc::new(QuicCounters::default()),
             refused_log: std::sync::Mutex::new((Instant::now(), 0)),
         });
+        ctx.counters
+            .endpoints
+            .store(sockets.len(), Ordering::Relaxed);
         let counters = (ctx.url.clone(), ctx.counters.clone());
-        let spec = spec.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let failed = ready_tx.clone();
-        let thread = runtime_thread(
-            format!("quic-{listener}"),
-            move |e| {
-                let _ = failed.send(Err(anyhow!("cannot start its runtime: {e}")));
-            },
-            move || async move {
-                let endpoint = match quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    Some(config),
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                ) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow!("cannot start its endpoint: {e}")));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                run(endpoint, ctx, spec, tls, generation, stop).await;
-            },
-        )?;
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(QuicListener { thread, counters }),
-            Ok(Err(e)) => Err(e.context(format!("quic listener {bound}"))),
-            Err(_) => Err(anyhow!("quic listener {bound} did not start within 10 s")),
+        let mut threads = Vec::with_capacity(sockets.len());
+        let endpoints = sockets.len();
+        for (index, socket) in sockets.into_iter().enumerate() {
+            let index = u8::try_from(index).map_err(|_| anyhow!("too many endpoints"))?;
+            let (ready_tx, failed) = (ready_tx.clone(), ready_tx.clone());
+            let (ctx, tls, stop) = (ctx.clone(), tls.clone(), stop.clone());
+            let config = ctx.base.clone();
+            let thread = runtime_thread(
+                format!("quic-{listener}-{index}"),
+                move |e| {
+                    let _ = failed.send(Err(anyhow!("cannot start its runtime: {e}")));
+                },
+                move || async move {
+                    let mut endpoint_config = quinn::EndpointConfig::default();
+                    endpoint_config
+                        .cid_generator(move || Box::new(steer::EndpointCids::new(index)));
+                    let endpoint = match quinn::Endpoint::new(
+                        endpoint_config,
+                        Some(config),
+                        socket,
+                        Arc::new(quinn::TokioRuntime),
+                    ) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(anyhow!("cannot start its endpoint: {e}")));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    run(endpoint, index, ctx, tls, generation, stop).await;
+                },
+            )?;
+            threads.push(thread);
         }
+        for _ in 0..endpoints {
+            match ready_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.context(format!("quic listener {bound}"))),
+                Err(_) => return Err(anyhow!("quic listener {bound} did not start within 10 s")),
+            }
+        }
+        Ok(QuicListener { threads, counters })
     }
 
-    /// Waits until the endpoint thread ended (after the stop flag).
+    /// Waits until the endpoint threads ended (after the stop flag).
     pub fn join(self) {
-        let _ = self.thread.join();
+        for thread in self.threads {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -305,16 +366,16 @@ where
     })
 }
 
-/// The endpoint's accept loop until the stop flag, then the drain.
+/// Endpoint `index`'s accept loop until the stop flag, then the drain.
 async fn run(
     endpoint: quinn::Endpoint,
+    index: u8,
     ctx: Arc<Ctx>,
-    spec: ListenerConfig,
     tls: Arc<TlsStore>,
     mut generation: u64,
     stop: Arc<AtomicBool>,
 ) {
-    info!(listener = %ctx.url, "QUIC endpoint running");
+    debug!(listener = %ctx.url, endpoint = index, "QUIC endpoint running");
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     loop {
         let incoming = tokio::select! {
@@ -325,7 +386,7 @@ async fn run(
                 }
                 if tls.generation() != generation {
                     generation = tls.generation();
-                    reload(&endpoint, &ctx, &spec, &tls);
+                    reload(&endpoint, index, &ctx, &tls);
                 }
                 continue;
             }
@@ -350,7 +411,8 @@ async fn run(
         }
         tokio::spawn(connection(incoming, ctx.clone()));
     }
-    // Stopping: nothing new; the shards end the live connections.
+    // Stopping: nothing new; the shards end the live connections (of all
+    // endpoints: each waits for the listener's count).
     endpoint.set_server_config(None);
     let deadline = Instant::now() + STOP_WAIT;
     while ctx.counters.live.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
@@ -358,12 +420,13 @@ async fn run(
     }
     endpoint.close(VarInt::from_u32(close_code::BUSY), b"server shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    debug!(listener = %ctx.url, "QUIC endpoint stopped");
+    debug!(listener = %ctx.url, endpoint = index, "QUIC endpoint stopped");
 }
 
-/// Takes the listener's new TLS configuration after a reload (SIGHUP): new
-/// handshakes use it, established connections keep theirs.
-fn reload(endpoint: &quinn::Endpoint, ctx: &Ctx, spec: &ListenerConfig, tls: &TlsStore) {
+/// Takes the listener's new TLS configuration after a reload (SIGHUP) into
+/// endpoint `index` (each endpoint sees the store's generation change
+/// itself): new handshakes use it, established connections keep theirs.
+fn reload(endpoint: &quinn::Endpoint, index: u8, ctx: &Ctx, tls: &TlsStore) {
     let Some(crypto) = tls
         .snapshot()
         .get(usize::from(ctx.listener))
@@ -372,12 +435,16 @@ fn reload(endpoint: &quinn::Endpoint, ctx: &Ctx, spec: &ListenerConfig, tls: &Tl
     else {
         return;
     };
-    match server_config(crypto, spec, &ctx.settings) {
-        Ok(config) => {
+    match quic_crypto(crypto) {
+        Ok(crypto) => {
+            let mut config = ctx.base.clone();
+            config.crypto = crypto;
             endpoint.set_server_config(Some(config));
-            info!(listener = %ctx.url, "QUIC listener: TLS configuration reloaded");
+            info!(listener = %ctx.url, endpoint = index, "QUIC listener: TLS configuration reloaded");
         }
-        Err(e) => warn!(listener = %ctx.url, "QUIC listener keeps its TLS configuration: {e:#}"),
+        Err(e) => {
+            warn!(listener = %ctx.url, endpoint = index, "QUIC listener keeps its TLS configuration: {e:#}")
+        }
     }
 }
 
@@ -676,7 +743,7 @@ async fn pump_packets(
     }
 }
 
-/// Receive buffer asked for the listener's UDP socket. A burst of new
+/// Receive buffer asked for each UDP socket of a listener. A burst of new
 /// clients is a burst of 1,200-byte Initial datagrams (each costs about 2.3
 /// KB of buffer accounting); with the kernel's default 208 KiB about 90 fit,
 /// the rest are dropped (`RcvbufErrors` in /proc/net/snmp) and those clients
@@ -686,30 +753,11 @@ async fn pump_packets(
 /// asked with `CAP_NET_ADMIN` (`SO_RCVBUFFORCE`).
 pub const UDP_RCVBUF_BYTES: usize = 16 << 20;
 
-/// Binds the UDP socket of a QUIC listener (port 0 picks one), with a
-/// receive buffer sized for handshake bursts ([`UDP_RCVBUF_BYTES`]).
-pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use std::os::fd::AsRawFd as _;
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    let bytes = libc::c_int::try_from(UDP_RCVBUF_BYTES).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a valid socket and a c_int option value of the right size.
-    let forced = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const bytes).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
-    if !forced {
-        // Without CAP_NET_ADMIN: as much as net.core.rmem_max allows.
-        let _ = sock.set_recv_buffer_size(UDP_RCVBUF_BYTES);
-    }
-    sock.bind(&addr.into())?;
-    Ok(sock.into())
+/// Binds the `endpoints` UDP sockets of a QUIC listener on `addr` (port 0
+/// picks one, the same for all), each with a receive buffer sized for
+/// handshake bursts ([`UDP_RCVBUF_BYTES`]), steered by connection id
+/// ([`steer`]). When steering cannot be set up there is one socket, and
+/// `fallback` says why.
+pub fn bind(addr: SocketAddr, endpoints: usize) -> std::io::Result<Bound> {
+    steer::bind(addr, endpoints, UDP_RCVBUF_BYTES)
 }

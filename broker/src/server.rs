@@ -233,7 +233,8 @@ impl Server {
         // Resolve port 0 once, so every shard binds the same concrete port. The
         // reserving sockets are bound but never listen, so no connection is
         // queued on them; they close once the shards listen.
-        // A QUIC listener's UDP socket is its endpoint's (one per listener).
+        // A QUIC listener's UDP sockets are its endpoints' (`endpoints`,
+        // default one per shard, on one port).
         let mut reservations = Vec::new();
         let mut udp_sockets = Vec::new();
         let mut listeners = config.listeners();
@@ -241,9 +242,13 @@ impl Server {
             let addr = l.bind;
             let context = || format!("cannot listen on {addr} ({} listener)", l.kind);
             if l.kind.is_udp() {
-                let sock = crate::quic::bind(addr).with_context(context)?;
-                l.bind = sock.local_addr()?;
-                udp_sockets.push((id as ListenerId, sock));
+                let endpoints = l.endpoints.map_or(shard_count, |n| n as usize);
+                let bound = crate::quic::bind(addr, endpoints).with_context(context)?;
+                if let Some(why) = &bound.fallback {
+                    warn!(listener = %addr, "QUIC listener: {why}");
+                }
+                l.bind = bound.sockets[0].local_addr()?;
+                udp_sockets.push((id as ListenerId, bound.sockets));
                 continue;
             }
             let sock = reserve_port(addr).with_context(context)?;
@@ -366,11 +371,11 @@ impl Server {
             config.limits.max_keep_alive_s,
         );
         let mut quic = Vec::new();
-        for (id, socket) in udp_sockets {
+        for (id, sockets) in udp_sockets {
             let started = crate::quic::QuicListener::start(
                 id,
                 &listeners[usize::from(id)],
-                socket,
+                sockets,
                 tls.clone(),
                 quic_tx.clone(),
                 quic_settings.clone(),

@@ -690,13 +690,7 @@ fn a_hostile_quic_peer_is_closed_and_the_broker_serves_on() {
         elapsed < Duration::from_secs(40),
         "the flood took {elapsed:?}"
     );
-    let held = |name: &str| -> f64 {
-        common::metrics_text(broker.admin_addr())
-            .lines()
-            .find(|l| l.starts_with(&format!("{name}{{")))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in /metrics"))
-    };
+    let held = |name: &str| quic_gauge(&broker, name);
     let deadline = Instant::now() + Duration::from_secs(10);
     while held("tessera_quic_connections") > 0.0 {
         assert!(
@@ -798,10 +792,28 @@ fn mutual_tls_names_the_user_and_sighup_swaps_the_certificate() {
     assert_eq!(ok.recv(), Packet::PingResp);
 }
 
+/// One gauge of the QUIC listener from `/metrics`.
+fn quic_gauge(broker: &Broker, name: &str) -> f64 {
+    common::metrics_text(broker.admin_addr())
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+/// Rebinds of the migration test: with 4 endpoints the kernel's 4-tuple
+/// hash alone would keep the client on its endpoint each time with
+/// probability 1/4, so all rebinds would pass by luck with 1/4^6 = 1/4096.
+const REBINDS: u16 = 6;
+
 #[test]
 fn a_client_that_changes_its_udp_port_keeps_its_connection_and_session() {
     let ca = Ca::new("tessera quic migration CA");
-    let (broker, addr) = start("migration", &ca, "", "");
+    // Four endpoint threads with their UDP sockets on the listener's port: a
+    // new client port lands at another socket unless the listener steers
+    // datagrams by connection id to the endpoint that holds the connection.
+    let (broker, addr) = start("migration", &ca, "endpoints = 4", "");
+    assert_eq!(quic_gauge(&broker, "tessera_quic_endpoints"), 4.0);
     let v = ProtocolVersion::V5;
     let mut mobile = QuicClient::connect_ok(
         addr,
@@ -817,7 +829,7 @@ fn a_client_that_changes_its_udp_port_keeps_its_connection_and_session() {
     tcp.send(&subscribe_packet(1, &[("m/up", QoS::AtLeastOnce)]));
     assert!(matches!(tcp.recv(), Packet::SubAck(_)));
     let connection = mobile.conn.stable_id();
-    for round in 0..3u16 {
+    for round in 0..REBINDS {
         // NAT rebinding / Wi-Fi to mobile: a new local UDP port.
         let before = mobile.endpoint.local_addr().unwrap();
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -930,6 +942,17 @@ fn metrics_and_the_admin_api_show_quic_connections_with_their_transport() {
     let (broker, addr) = start("admin", &ca, "", "");
     let url = broker.url("quic");
     let v = ProtocolVersion::V5;
+    // Connections of both endpoints (one per shard) count in the listener's
+    // gauges.
+    assert_eq!(quic_gauge(&broker, "tessera_quic_endpoints"), 2.0);
+    let more: Vec<QuicClient> = (0..6)
+        .map(|k| {
+            QuicClient::connect_ok(addr, &ca, connect_packet(v, &format!("more-{k}"), true, 30))
+        })
+        .collect();
+    assert_eq!(quic_gauge(&broker, "tessera_quic_connections"), 6.0);
+    assert_eq!(quic_gauge(&broker, "tessera_quic_handshakes"), 0.0);
+    drop(more);
     let mut q = QuicClient::connect_ok(addr, &ca, connect_packet(v, "listed-quic", true, 30));
     let mut t = RawClient::connect_ok(broker.addr(), connect_packet(v, "listed-tcp", true, 30));
     q.send(&Packet::PingReq);

@@ -162,6 +162,8 @@ impl Exporter {
                     .set(c.live.load(Relaxed) as f64);
                 gauge!("tessera_quic_handshakes", "listener" => url.clone())
                     .set(c.handshaking.load(Relaxed) as f64);
+                gauge!("tessera_quic_endpoints", "listener" => url.clone())
+                    .set(c.endpoints.load(Relaxed) as f64);
             }
             record_process(&process);
             record_allocator();
@@ -284,11 +286,15 @@ fn describe_all() {
     );
     describe_gauge!(
         "tessera_quic_connections",
-        "QUIC connections the listener's endpoint holds, handshaking ones included."
+        "QUIC connections the listener's endpoints hold, handshaking ones included."
     );
     describe_gauge!(
         "tessera_quic_handshakes",
-        "QUIC connections of the listener before their MQTT stream (bounded by 4096)."
+        "QUIC connections of the listener before their MQTT stream (bounded by 4096, all endpoints together)."
+    );
+    describe_gauge!(
+        "tessera_quic_endpoints",
+        "Endpoint threads (UDP sockets on the listener's port, datagrams steered by connection id) of the QUIC listener."
     );
     describe_gauge!(
         "tessera_connections_max",

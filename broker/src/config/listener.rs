@@ -149,6 +149,10 @@ pub struct ListenerConfig {
     /// 0-RTT is not acted on before the handshake is confirmed (replay).
     #[serde(default)]
     pub zero_rtt: bool,
+    /// `quic`: endpoint threads (UDP sockets on the one port, datagrams
+    /// steered by connection id); unset: one per shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<u32>,
 }
 
 fn ws_path_default() -> String {
@@ -160,6 +164,10 @@ pub const QUIC_MAX_STREAMS_DEFAULT: u32 = 10;
 
 /// The most `max_streams` allowed: each open stream costs buffers.
 pub const QUIC_MAX_STREAMS_MAX: u32 = 1000;
+
+/// The most `endpoints` a QUIC listener may have (`quic::ENDPOINTS_MAX`:
+/// a connection id names its endpoint in one byte).
+pub const QUIC_ENDPOINTS_MAX: u32 = 64;
 
 fn quic_max_streams_default() -> u32 {
     QUIC_MAX_STREAMS_DEFAULT
@@ -182,6 +190,7 @@ impl ListenerConfig {
             connect_rate_per_s: None,
             max_streams: QUIC_MAX_STREAMS_DEFAULT,
             zero_rtt: false,
+            endpoints: None,
         }
     }
 
@@ -201,9 +210,15 @@ impl ListenerConfig {
             return Err(format!("kind {} needs cert_file and key_file", self.kind));
         }
         let quic = self.kind == ListenerKind::Quic;
-        if !quic && (self.zero_rtt || self.max_streams != QUIC_MAX_STREAMS_DEFAULT) {
+        if !quic
+            && (self.zero_rtt
+                || self.max_streams != QUIC_MAX_STREAMS_DEFAULT
+                || self.endpoints.is_some())
+        {
             let field = if self.zero_rtt {
                 "zero_rtt"
+            } else if self.endpoints.is_some() {
+                "endpoints"
             } else {
                 "max_streams"
             };
@@ -216,6 +231,13 @@ impl ListenerConfig {
             return Err(format!(
                 "max_streams must be 1 to {QUIC_MAX_STREAMS_MAX}, not {}",
                 self.max_streams
+            ));
+        }
+        if let Some(n) = self.endpoints
+            && !(1..=QUIC_ENDPOINTS_MAX).contains(&n)
+        {
+            return Err(format!(
+                "endpoints must be 1 to {QUIC_ENDPOINTS_MAX}, not {n}"
             ));
         }
         let tls_only = [
@@ -319,6 +341,15 @@ mod tests {
         assert_eq!((q.max_streams, q.zero_rtt), (1, true));
         let e = listener(&format!("{quic}max_streams = 0")).unwrap_err();
         assert!(e.contains("max_streams must be 1 to 1000"), "{e}");
+        assert_eq!(q.endpoints, None);
+        let q = listener(&format!("{quic}endpoints = 4")).unwrap();
+        assert_eq!(q.endpoints, Some(4));
+        let e = listener(&format!("{quic}endpoints = 0")).unwrap_err();
+        assert!(e.contains("endpoints must be 1 to 64"), "{e}");
+        let e = listener(&format!("{quic}endpoints = 65")).unwrap_err();
+        assert!(e.contains("endpoints must be 1 to 64"), "{e}");
+        let e = listener("kind = \"mqtts\"\nbind = \"127.0.0.1:1\"\ncert_file = \"c\"\nkey_file = \"k\"\nendpoints = 2").unwrap_err();
+        assert!(e.contains("endpoints applies to QUIC listeners"), "{e}");
         let e = listener("kind = \"mqtt\"\nbind = \"127.0.0.1:1\"\nzero_rtt = true").unwrap_err();
         assert!(e.contains("zero_rtt applies to QUIC listeners"), "{e}");
         let e = listener("kind = \"ws\"\nbind = \"127.0.0.1:1\"\nallow = 1").unwrap_err();
