@@ -805,7 +805,10 @@ fn start_shard(
     // routes they need too).
     let remote = match boot.cluster.as_ref().and_then(|c| c.forward.get(id)) {
         Some(end) => match engine.enable_remote() {
-            Some(rid) => Some(remote::ShardRemote::new(rid, end.clone())),
+            Some(rid) => {
+                engine.set_origin(end.origin);
+                Some(remote::ShardRemote::new(rid, end.clone()))
+            }
             None => {
                 return Err(format!(
                     "{} shards leave no room for the cluster's remote id",

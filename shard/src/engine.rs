@@ -53,6 +53,7 @@ mod auth;
 mod backpressure;
 mod exactly_once;
 mod feed_pace;
+mod moved;
 mod mqtt5;
 mod pace;
 mod persist;
@@ -67,6 +68,7 @@ mod timers;
 mod transfer;
 
 pub use feed_pace::{FEED_PACE_HIGH_WATER_DEFAULT, FEED_PACE_SLOW_MS};
+pub use moved::MOVED_WINDOW_MS;
 pub use mqtt5::{Mqtt5Settings, Redirect};
 pub use pace::{FORWARD_PACE_SLICE, FORWARD_PACE_SLOW_MS};
 pub use quota::{Limit, SessionBudget};
@@ -499,6 +501,8 @@ pub struct Engine {
     moving: HashMap<Str, transfer::Moving>,
     /// Sessions taken in from another node whose disk tail is still arriving.
     importing: HashMap<Str, transfer::Importing>,
+    /// Publications around sessions that moved between nodes (`moved`).
+    moved: moved::Moved,
     /// Shared subscriptions: the share table replica and local memberships.
     shared: shared::ShareTable,
     next_token: u64,
@@ -599,6 +603,7 @@ impl Engine {
             ended_sessions: None,
             moving: HashMap::new(),
             importing: HashMap::new(),
+            moved: moved::Moved::default(),
             shared: shared::ShareTable::new(shard),
             next_token: 1,
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
@@ -915,6 +920,7 @@ impl Engine {
         // records go before the new session writes any.
         self.drop_moving(&client_id);
         self.importing.remove(&client_id);
+        self.drop_ghost(&client_id);
         self.session_counter += 1;
         let uid = SessionUid::new(self.shard, self.session_counter);
         let s = Session::new(client_id.clone(), uid, version);
@@ -1591,6 +1597,9 @@ impl Engine {
         }
         let mut set = std::mem::take(&mut self.shard_set);
         route_match(&self.routes, &msg.topic, &mut set);
+        // A session that moved away may still get it here (`moved`).
+        self.moved.current = None;
+        self.moved.ack = ack.map(moved::RedirectAck::Publisher);
         for to in set.iter() {
             if to == self.shard {
                 continue;
@@ -1613,6 +1622,8 @@ impl Engine {
         if local {
             self.deliver_local(now_ms, &msg);
         }
+        self.moved.current = None;
+        self.moved.ack = None;
         // Under sync durability a shared delivery to another shard is
         // acknowledged after its commit there, like `PublishDurable`.
         let shared_ack = ack.filter(|_| self.durable_forwards() || self.remote.is_some());
@@ -1677,11 +1688,21 @@ impl Engine {
                 self.deliver_local(now_ms, &m);
                 self.feed.source = feed_pace::FeedSource::None;
             }
-            MeshMsg::Forwarded { message, mark, .. } if self.is_remote(from) => {
-                self.publish_forwarded(now_ms, message, mark)
-            }
-            MeshMsg::Forwarded { message, mark, ack } => {
-                self.forwarded_copy(now_ms, from, message, mark, ack)
+            MeshMsg::Forwarded {
+                message, mark, id, ..
+            } if self.is_remote(from) => self.publish_forwarded(now_ms, message, mark, id),
+            MeshMsg::Forwarded {
+                message, mark, ack, ..
+            } => self.forwarded_copy(now_ms, from, message, mark, ack),
+            MeshMsg::Redirect {
+                client_id,
+                message,
+                id,
+                ack,
+                ..
+            } => self.on_redirect(now_ms, from, client_id, message, id, ack),
+            MeshMsg::PublishRemote { .. } => {
+                tracing::warn!(shard = self.shard, from, "a publication for other nodes came to a shard; dropped");
             }
             MeshMsg::PublishDurable { message, ack, seq } => {
                 self.note_origin(from, seq);
@@ -2060,12 +2081,21 @@ impl Engine {
                 }
                 i += 1;
             }
+            if idx >= moved::GHOST_BASE {
+                // A session that moved to another node: the copy follows it.
+                self.redirect(idx, msg);
+                continue;
+            }
             if no_local && msg.origin == Some(self.session(idx).uid) {
                 continue;
             }
+            let qos = delivery_qos(msg.qos, qos);
+            if self.has_moved() && self.moved_skip(idx, qos) {
+                continue; // it got this one on the node it came from
+            }
             let d = Delivery {
                 message: msg.clone(),
-                qos: delivery_qos(msg.qos, qos),
+                qos,
                 retain: retain_as_published && msg.retain,
                 subscription_ids,
                 share: None,

@@ -11,6 +11,22 @@ use crate::trie::ShardSet;
 /// Index of a shard, 0-based.
 pub type ShardId = u16;
 
+/// A QoS 2 publication's identity across the cluster, given once where it
+/// entered it (the publisher's shard, when it first goes to another node): the
+/// process's origin tag (random per process start, so a restarted node never
+/// reuses one), the shard and that shard's count of such publications. It
+/// travels with every copy, so the node a session moved to can tell a copy the
+/// session already got on its old node (`engine::moved`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PubId {
+    /// The origin process's tag.
+    pub origin: u64,
+    /// The publisher's shard there.
+    pub shard: ShardId,
+    /// The shard's count of identified publications, from 1.
+    pub seq: u64,
+}
+
 /// The place of a publication in the batches another node forwarded: node,
 /// incarnation of its forwarder, batch sequence number, index in the batch.
 /// A shard stores the highest it handled per node with what the publications
@@ -54,6 +70,40 @@ pub enum MeshMsg {
         /// Where it was in the sending node's batches (`None`: not numbered).
         mark: Option<ForwardMark>,
         /// Token to echo in `Ack` (a copy from the shard serving the batch).
+        ack: Option<u64>,
+        /// The publication's identity, when it has one (QoS 2).
+        id: Option<PubId>,
+    },
+    /// A QoS 1/2 publication for other nodes (to the remote id only): as
+    /// `PublishDurable`, with its identity (QoS 2; `None` otherwise), and `ack`
+    /// unset when no publisher waits for it.
+    PublishRemote {
+        /// The message.
+        message: Message,
+        /// Token to echo in `Ack`.
+        ack: Option<u64>,
+        /// The publication's identity.
+        id: Option<PubId>,
+    },
+    /// A publication for one session that moved to another node
+    /// (`engine::moved`). To the remote id: a publication that matched the
+    /// session's subscriptions here after it left, for `node`, which holds it
+    /// on claim `epoch`; the forwarder answers `Ack { token: ack }` once that
+    /// node accepted it. From the remote id (`node` is 0): such a publication
+    /// another node sent on, for the session here. From another local shard:
+    /// one passed to the session's shard, answered `Ack` as `Forwarded` is.
+    Redirect {
+        /// The session's ClientID.
+        client_id: Str,
+        /// The node it moved to.
+        node: u64,
+        /// Its claim epoch there.
+        epoch: u64,
+        /// The message.
+        message: Message,
+        /// The publication's identity, when it has one (QoS 2).
+        id: Option<PubId>,
+        /// Token to echo in `Ack`.
         ack: Option<u64>,
     },
     /// A QoS 1/2 publication under `sync` durability: as `Publish`, and the

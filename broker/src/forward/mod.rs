@@ -63,7 +63,7 @@ use tessera_raft::{
     AppliedEvent, Channel, ClusterError, ClusterHandle, NodeId, Op, OpResult, RouteChange,
     Transport,
 };
-use tessera_shard::mesh::{ForwardMark, MeshMsg, ShardId};
+use tessera_shard::mesh::{ForwardMark, MeshMsg, PubId, ShardId};
 use tessera_shard::message::{Message, SessionUid};
 use tessera_shard::trie::ShardSet;
 use tokio::sync::{Notify, mpsc};
@@ -156,6 +156,8 @@ pub struct ShardEnd {
     pub barriers: flume::Sender<BarrierAsk>,
     /// The forwarder's counters.
     pub metrics: Arc<ForwardMetrics>,
+    /// This process's origin tag for publication ids (`Engine::set_origin`).
+    pub origin: u64,
 }
 
 /// The forwarder's ends (taken by the control thread).
@@ -188,6 +190,7 @@ pub fn channels(
     let (to_shards, shard_rx): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| flume::bounded(TO_SHARD_BATCHES_MAX))
         .unzip();
+    let origin = origin_tag();
     let shard_ends = shard_rx
         .into_iter()
         .map(|rx| ShardEnd {
@@ -195,6 +198,7 @@ pub fn channels(
             from_forwarder: rx,
             barriers: barrier_tx.clone(),
             metrics: metrics.clone(),
+            origin,
         })
         .collect();
     (
@@ -207,6 +211,22 @@ pub fn channels(
         },
         shard_ends,
     )
+}
+
+/// A tag for this process's publication ids: the boot time in ns mixed with a
+/// counter (the data-plane simulation starts several nodes in one process), never 0.
+fn origin_tag() -> u64 {
+    static STARTED: AtomicU64 = AtomicU64::new(0);
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = STARTED.fetch_add(1, Ordering::Relaxed);
+    // splitmix64 of both, so nearby boot times give unrelated tags.
+    let mut z = ns ^ n.rotate_left(40) ^ u64::from(std::process::id()).rotate_left(20);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).max(1)
 }
 
 /// Counters of one peer.
@@ -245,6 +265,9 @@ pub struct ForwardMetrics {
     /// Shared-subscription publications for other nodes that no node had members for
     /// any more (the group's last members left meanwhile).
     pub shared_dropped: AtomicU64,
+    /// Publications sent on to the node a session moved to (they matched it here
+    /// after it left).
+    pub redirected: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -361,6 +384,10 @@ struct Item {
     token: Option<(ShardId, u64)>,
     /// For one member of this shared subscription.
     share: Option<wire::ShareFor>,
+    /// The publication's id (QoS 2).
+    id: Option<PubId>,
+    /// For one session that moved to the peer: (ClientID, claim epoch).
+    session: Option<(Str, u64)>,
 }
 
 /// The publications queued for one peer, drained by its sender task.
@@ -912,10 +939,21 @@ impl Forwarder {
         let shard = b.shard;
         for msg in b.msgs {
             match msg {
-                MeshMsg::Publish(m) => self.forward(shard, m, None),
+                MeshMsg::Publish(m) => self.forward(shard, m, None, None),
                 MeshMsg::PublishDurable { message, ack, .. } => {
-                    self.forward(shard, message, Some(ack))
+                    self.forward(shard, message, Some(ack), None)
                 }
+                MeshMsg::PublishRemote { message, ack, id } => {
+                    self.forward(shard, message, ack, id)
+                }
+                MeshMsg::Redirect {
+                    client_id,
+                    node,
+                    epoch,
+                    message,
+                    id,
+                    ack,
+                } => self.redirect(shard, node, (client_id, epoch), message, id, ack),
                 MeshMsg::RouteAdd { filter, ack, .. } => {
                     self.local_add(shard, route_key(None, &filter), ack)
                 }
@@ -973,7 +1011,49 @@ impl Forwarder {
         }
     }
 
-    fn forward(&mut self, shard: ShardId, message: Message, token: Option<u64>) {
+    /// A publication for one session that moved from a shard here to `node`
+    /// (`tessera_shard::engine` module `moved`): queued for that node alone, the
+    /// shard's token answered once it accepted it.
+    fn redirect(
+        &mut self,
+        shard: ShardId,
+        node: NodeId,
+        session: (Str, u64),
+        message: Message,
+        id: Option<PubId>,
+        token: Option<u64>,
+    ) {
+        let token = token.map(|t| (shard, t));
+        if node == self.me {
+            // Never: a session moves to another node. Answered, not held.
+            if let Some(t) = token {
+                self.ack_shard(t);
+            }
+            return;
+        }
+        if let Some(t) = token {
+            self.wait_for(t, 1);
+        }
+        self.metrics.redirected.fetch_add(1, Ordering::Relaxed);
+        let publisher = self.publisher_of(&message);
+        let queue = self.peer(node);
+        let mut items = lock(&queue.items);
+        items.push_back(Item {
+            message,
+            publisher,
+            token,
+            share: None,
+            id,
+            session: Some(session),
+        });
+        let first = items.len() == 1;
+        drop(items);
+        if first {
+            queue.notify.notify_one();
+        }
+    }
+
+    fn forward(&mut self, shard: ShardId, message: Message, token: Option<u64>, id: Option<PubId>) {
         let mut nodes = std::mem::take(&mut self.match_buf);
         self.routes.match_nodes(&message.topic, &mut nodes);
         let publisher = self.publisher_of(&message);
@@ -1017,6 +1097,8 @@ impl Forwarder {
                 publisher,
                 token,
                 share: None,
+                id,
+                session: None,
             });
             let first = items.len() == 1;
             drop(items);
@@ -1082,6 +1164,8 @@ impl Forwarder {
             publisher: key,
             token: ack,
             share: Some(share),
+            id: None,
+            session: None,
         });
         let first = items.len() == 1;
         drop(items);
@@ -1549,7 +1633,14 @@ fn take_batch(
         && w.bytes() < BATCH_BYTES_TARGET
         && let Some(item) = items.pop_front()
     {
-        w.push(now_ms, item.publisher, &item.message, item.share.as_ref());
+        w.push_for(
+            now_ms,
+            item.publisher,
+            &item.message,
+            item.share.as_ref(),
+            item.id,
+            item.session.as_ref().map(|(c, e)| (c, *e)),
+        );
         if let Some(t) = item.token {
             tokens.push(t);
         }
@@ -1808,8 +1899,16 @@ pub fn serve_request(
                     m.origin = Some(SessionUid::remote(r.publisher));
                     m.expires_at_ms = r.expiry_ms.map(|e| now_ms + e);
                     m.received_us = now_us;
-                    match r.share {
-                        None => MeshMsg::Forwarded {
+                    match (r.share, r.session) {
+                        (None, Some((client_id, epoch))) => MeshMsg::Redirect {
+                            client_id,
+                            node: 0,
+                            epoch,
+                            message: m,
+                            id: r.id,
+                            ack: None,
+                        },
+                        (None, None) => MeshMsg::Forwarded {
                             message: m,
                             mark: Some(ForwardMark {
                                 node: from,
@@ -1818,8 +1917,9 @@ pub fn serve_request(
                                 index: index as u32,
                             }),
                             ack: None,
+                            id: r.id,
                         },
-                        Some(share) => {
+                        (Some(share), _) => {
                             let mut tried = ShardSet::new();
                             tried.insert(remote);
                             MeshMsg::SharedPublish {

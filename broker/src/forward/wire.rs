@@ -9,9 +9,11 @@
 //!   2 barrier : index u64
 //!   3 batch   : incarnation u64 | seq u64 | base u64 | count u32 | record * count
 //! record   = flags u8 (bit 0: expiry follows, bit 1: share follows, bit 2: handed
-//!            back, only with bit 1) | publisher u64
-//!            | [expiry_ms u64] | [group str | filter str] | len u32
-//!            | an MQTT 5 PUBLISH frame of len bytes
+//!            back, only with bit 1, bit 3: id follows, bit 4: session follows, not
+//!            with bit 1) | publisher u64
+//!            | [expiry_ms u64] | [group str | filter str]
+//!            | [origin u64 | shard u16 | seq u64] | [epoch u64 | client_id str]
+//!            | len u32 | an MQTT 5 PUBLISH frame of len bytes
 //! str      = len u16 | UTF-8 bytes
 //! answer   = tag u8, then
 //!   1 accepted : seq u64
@@ -26,6 +28,11 @@
 //! `expiry_ms` is the remaining lifetime, relative, so clocks of the two nodes need not
 //! agree. `publisher` identifies the publishing session on its node (no-local and the
 //! hash strategy of shared subscriptions use it; see `SessionUid::remote`).
+//!
+//! The id (bit 3) is a QoS 2 publication's cluster-wide identity
+//! (`tessera_shard::mesh::PubId`); a record for one session (bit 4) is a publication
+//! its old node sends on to the node the session moved to (`tessera_shard::engine`
+//! module `moved`). Both came with cluster protocol version 3.
 //!
 //! A shared record (bit 1) is for one member of `$share/{group}/{filter}`; bit 2 says
 //! that the sending node got it from another node and had no member left to take it,
@@ -55,6 +62,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tessera_proto::{Encode, Packet, ProtocolVersion, Publish, PublishProperties, QoS, Str, topic};
+use tessera_shard::mesh::PubId;
 use tessera_shard::message::Message;
 
 /// Most publications one batch may carry.
@@ -68,6 +76,8 @@ const ANS_APPLIED: u8 = 2;
 const FLAG_EXPIRY: u8 = 1;
 const FLAG_SHARE: u8 = 2;
 const FLAG_HANDED_BACK: u8 = 4;
+const FLAG_ID: u8 = 8;
+const FLAG_SESSION: u8 = 16;
 
 /// The shared subscription a record is for: one member of `$share/{group}/{filter}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +100,10 @@ pub struct Record {
     pub expiry_ms: Option<u64>,
     /// For one member of a shared subscription.
     pub share: Option<ShareFor>,
+    /// The publication's cluster-wide identity (QoS 2).
+    pub id: Option<PubId>,
+    /// For one session that moved to the receiver: (ClientID, its claim epoch).
+    pub session: Option<(Str, u64)>,
     /// The message (origin and `received_us` unset: the receiver sets them).
     pub message: Message,
 }
@@ -222,6 +236,20 @@ impl BatchWriter {
         message: &Message,
         share: Option<&ShareFor>,
     ) -> bool {
+        self.push_for(now_ms, publisher, message, share, None, None)
+    }
+
+    /// [`BatchWriter::push`] with the publication's id and, for a publication sent
+    /// on to the node a session moved to, the session (ClientID, claim epoch).
+    pub fn push_for(
+        &mut self,
+        now_ms: u64,
+        publisher: u64,
+        message: &Message,
+        share: Option<&ShareFor>,
+        id: Option<PubId>,
+        session: Option<(&Str, u64)>,
+    ) -> bool {
         if self.len() >= BATCH_MESSAGES_MAX {
             return false;
         }
@@ -241,6 +269,12 @@ impl BatchWriter {
                 Some(s) if s.handed_back => FLAG_SHARE | FLAG_HANDED_BACK,
                 Some(_) => FLAG_SHARE,
                 None => 0,
+            }
+            | if id.is_some() { FLAG_ID } else { 0 }
+            | if session.is_some() && share.is_none() {
+                FLAG_SESSION
+            } else {
+                0
             };
         self.buf.put_u8(flags);
         self.buf.put_u64(publisher);
@@ -253,6 +287,16 @@ impl BatchWriter {
                 self.buf.put_u16(s.len() as u16);
                 self.buf.put_slice(s.as_bytes());
             }
+        }
+        if let Some(id) = id {
+            self.buf.put_u64(id.origin);
+            self.buf.put_u16(id.shard);
+            self.buf.put_u64(id.seq);
+        }
+        if let (Some((client_id, epoch)), None) = (session, share) {
+            self.buf.put_u64(epoch);
+            self.buf.put_u16(client_id.len() as u16);
+            self.buf.put_slice(client_id.as_bytes());
         }
         let len = p.encoded_len(ProtocolVersion::V5);
         let ok = u32::try_from(len).is_ok_and(|len| {
@@ -406,8 +450,9 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
         return Err(err("record", "truncated"));
     }
     let flags = b.get_u8();
-    if flags & !(FLAG_EXPIRY | FLAG_SHARE | FLAG_HANDED_BACK) != 0
+    if flags & !(FLAG_EXPIRY | FLAG_SHARE | FLAG_HANDED_BACK | FLAG_ID | FLAG_SESSION) != 0
         || flags & (FLAG_SHARE | FLAG_HANDED_BACK) == FLAG_HANDED_BACK
+        || flags & (FLAG_SHARE | FLAG_SESSION) == FLAG_SHARE | FLAG_SESSION
     {
         return Err(err("record", format!("unknown flags {flags:#04x}")));
     }
@@ -430,6 +475,27 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
             filter,
             handed_back: flags & FLAG_HANDED_BACK != 0,
         })
+    } else {
+        None
+    };
+    let id = if flags & FLAG_ID != 0 {
+        let origin = take_u64(b, "record")?;
+        if b.remaining() < 2 {
+            return Err(err("record", "truncated"));
+        }
+        let shard = b.get_u16();
+        let seq = take_u64(b, "record")?;
+        Some(PubId { origin, shard, seq })
+    } else {
+        None
+    };
+    let session = if flags & FLAG_SESSION != 0 {
+        let epoch = take_u64(b, "record")?;
+        let client_id = take_str(b)?;
+        if client_id.is_empty() {
+            return Err(err("record", "empty ClientID"));
+        }
+        Some((client_id, epoch))
     } else {
         None
     };
@@ -465,6 +531,8 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
         publisher,
         expiry_ms,
         share,
+        id,
+        session,
         message: Message {
             topic: p.topic,
             payload: p.payload,

@@ -328,6 +328,8 @@ pub(super) fn tick(shard: &Shard, cluster: &ShardCluster) {
     fence(shard, cluster, now);
     // Sessions handed out and never confirmed are kept only as long as they would have
     // lived here.
+    // Ghosts and dedup windows of sessions that moved (`engine` module `moved`).
+    shard.engine.borrow_mut().expire_moved(now);
     for client_id in shard.engine.borrow_mut().expire_moving(now) {
         warn!(
             shard = shard.id,

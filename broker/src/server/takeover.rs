@@ -27,7 +27,10 @@
 //! session would have expired (`claims::tick`).
 //!
 //! Request body: `op u8 | epoch u64 BE | ...`:
-//! - `FETCH | clean_start u8`: answer `0` (no session) or `1 | TransferRec`;
+//! - `FETCH | clean_start u8`: answer `0` (no session), `1 | TransferRec`, or (cluster
+//!   protocol 3) `2 | len u32 BE | TransferRec of len bytes | window`: the window lets
+//!   the new owner tell copies of publications the session already got here
+//!   (`tessera_shard::engine` module `moved`);
 //! - `TAIL | from_seq u64 BE | count_max u32 BE`: answer a `TransferTailRec`;
 //! - `DONE`: answer `1` once the copy is deleted.
 //!
@@ -187,9 +190,10 @@ pub(super) async fn fetch(
         );
     }
     match answer.as_deref() {
-        Ok([1, rec @ ..]) if !connect.clean_start => {
-            take_in(shard, cluster, client_id, epoch, old, rec).await;
-        }
+        Ok(a @ [1 | 2, ..]) if !connect.clean_start => match split_export(a) {
+            Some((rec, window)) => take_in(shard, cluster, client_id, epoch, old, rec, window).await,
+            None => failed(shard, cluster, client_id, old, &"malformed answer"),
+        },
         Ok([0]) | Err(_) if connect.clean_start => {
             // Clean Start ends the session cluster-wide: a moving copy left by a
             // hand-over nobody confirmed goes too (not waited for).
@@ -258,7 +262,7 @@ async fn recover_moving_copy(
     }
     let request = body(OP_FETCH, epoch, &[0]);
     for (node, answer) in ask_others(cluster, old, client_id, &request).await {
-        if let Ok([1, rec @ ..]) = answer.as_deref() {
+        if let Some((rec, window)) = answer.as_deref().ok().and_then(split_export) {
             SessionMetrics::add(&metrics.moving_copies_recovered);
             info!(
                 shard = shard.id,
@@ -266,15 +270,28 @@ async fn recover_moving_copy(
                 from = node,
                 "session recovered from a node whose hand-over was never confirmed"
             );
-            take_in(shard, cluster, client_id, epoch, node, rec).await;
+            take_in(shard, cluster, client_id, epoch, node, rec, window).await;
             return true;
         }
     }
     false
 }
 
-/// Takes in the export `rec` from `source`, reads its disk tail from there, waits for
-/// this shard's store to commit it all and confirms to `source`.
+/// The export and the window of a `FETCH` answer that carries a session.
+fn split_export(answer: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    match answer {
+        [1, rec @ ..] => Some((rec, None)),
+        [2, len @ .., ] if len.len() >= 4 => {
+            let n = u32::from_be_bytes(len[..4].try_into().ok()?) as usize;
+            let rest = &len[4..];
+            (n <= rest.len()).then(|| (&rest[..n], Some(&rest[n..])))
+        }
+        _ => None,
+    }
+}
+
+/// Takes in the export `rec` (and its `window`) from `source`, reads its disk tail
+/// from there, waits for this shard's store to commit it all and confirms to `source`.
 async fn take_in(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
@@ -282,6 +299,7 @@ async fn take_in(
     epoch: u64,
     source: NodeId,
     rec: &[u8],
+    window: Option<&[u8]>,
 ) {
     let metrics = &cluster.port.sessions;
     let imported =
@@ -293,6 +311,19 @@ async fn take_in(
         Ok(i) => i,
         Err(e) => return failed(shard, cluster, client_id, source, &e),
     };
+    if let Some(w) = window
+        && !shard
+            .engine
+            .borrow_mut()
+            .import_window(now_ms(), client_id, w)
+    {
+        warn!(
+            shard = shard.id,
+            client_id,
+            old_owner = source,
+            "the moved session's window is malformed: QoS 2 copies it got there may come again"
+        );
+    }
     let (mut from_seq, mut left, mut moved) = (imported.tail_from_seq, imported.tail_count, 0u64);
     while left > 0 {
         let mut rest = [0u8; 12];
@@ -551,13 +582,16 @@ async fn hand_out(
         } else {
             engine.moving_handout(client_id, to)
         };
+        let window = engine.moving_window(client_id).unwrap_or_default();
         drop(engine);
         match exported {
             Some(bytes) => {
                 SessionMetrics::add(&cluster.port.sessions.sessions_exported);
-                out.reserve(1 + bytes.len());
-                out.put_u8(1);
+                out.reserve(5 + bytes.len() + window.len());
+                out.put_u8(2);
+                out.put_u32(u32::try_from(bytes.len()).map_err(|_| "export too large")?);
                 out.put_slice(&bytes);
+                out.put_slice(&window);
             }
             None => out.put_u8(0),
         }

@@ -31,11 +31,13 @@ use crate::transport::NodeId;
 /// - 1: the first cluster (sessions 6-8).
 /// - 2: `RouteDeltas` ops (8df49cf), forward batches with a base (tag 3, d25b824),
 ///   shared records handed back (flag bit 2, fc424d6).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// - 3: forward records with a publication id (flag bit 3) or for one moved session
+///   (flag bit 4), and session transfers with a dedup window (`FETCH` answer 2).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// ALPN protocol of the link: `tessera-cluster/` and [`PROTOCOL_VERSION`]. It also keeps
 /// a link endpoint from being mistaken for MQTT over QUIC.
-pub const ALPN: &[u8] = b"tessera-cluster/2";
+pub const ALPN: &[u8] = b"tessera-cluster/3";
 
 /// A node's TLS material: the CA that signs every node, this node's chain and key.
 #[derive(Debug)]

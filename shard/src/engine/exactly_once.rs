@@ -714,6 +714,7 @@ mod tests {
                     message,
                     mark: Some(mark),
                     ack: None,
+                    id: None,
                 },
             );
         }

@@ -227,6 +227,7 @@ mod tests {
                 message,
                 mark,
                 ack: None,
+                id: None,
             },
         );
     }

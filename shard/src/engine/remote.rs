@@ -49,7 +49,7 @@ use super::Engine;
 pub fn raft_stamp(index: u64) -> (u64, ShardId) {
     ((1 << 62) | index, 0)
 }
-use crate::mesh::{ForwardMark, MeshMsg, ShardId};
+use crate::mesh::{ForwardMark, MeshMsg, PubId, ShardId};
 use crate::message::Message;
 use crate::trie::{SHARDS_MAX, route_match};
 
@@ -89,10 +89,30 @@ impl Engine {
 
     /// Hands `msg` to the forwarder: QoS 1/2 with the publisher's token (one
     /// more acknowledgement its PUBACK/PUBREC waits for), QoS 0 without.
+    /// A QoS 2 publication gets its cluster-wide id here (`moved`).
     pub(super) fn forward_remote(&mut self, to: ShardId, msg: &Message, ack: Option<u64>) {
         self.stats.remote_forwards_sent += 1;
-        let token = ack.filter(|_| msg.qos != QoS::AtMostOnce);
-        self.send_publish(to, msg, token);
+        if msg.qos == QoS::AtMostOnce {
+            return self.send_publish(to, msg, None);
+        }
+        let id = if msg.qos == QoS::ExactlyOnce {
+            self.new_pub_id()
+        } else {
+            None
+        };
+        let token = ack.filter(|t| {
+            self.pending_retains
+                .get_mut(t)
+                .map(|(_, n)| *n += 1)
+                .is_some()
+        });
+        let msg = MeshMsg::PublishRemote {
+            message: msg.clone(),
+            ack: token,
+            id,
+        };
+        let after_commit = token.is_some() && self.publish_seq != 0;
+        self.send_after_id_commit(to, msg, after_commit);
     }
 
     /// In a cluster, a retained update goes to the forwarder only: the raft log
@@ -139,8 +159,11 @@ impl Engine {
         now_ms: u64,
         msg: Message,
         mark: Option<ForwardMark>,
+        id: Option<PubId>,
     ) {
         self.stats.remote_publishes_received += 1;
+        self.note_pub_id(id);
+        self.moved.ack = self.forward_batch.map(super::moved::RedirectAck::Batch);
         let mut set = std::mem::take(&mut self.shard_set);
         route_match(&self.routes, &msg.topic, &mut set);
         // In a batch whose answer waits, a QoS 1/2 copy for another shard is
@@ -162,6 +185,7 @@ impl Engine {
                 message: msg.clone(),
                 mark,
                 ack,
+                id,
             });
         }
         let local = set.contains(self.shard);
@@ -185,6 +209,8 @@ impl Engine {
                 *n += 1;
             }
         }
+        self.moved.current = None;
+        self.moved.ack = None;
     }
 
     /// A copy of a forwarded publication from the local shard that served its
@@ -217,8 +243,11 @@ impl Engine {
     /// held it `backpressure_hold_ms_max`, so the sending node holds the
     /// publishers' PUBACK/PUBREC as a local publisher's would be. `None`:
     /// answer at once (neither applies).
+    /// Also while this shard keeps a moved session's ghost: a publication of the
+    /// batch redirected to the session's new node holds the answer until that node
+    /// accepted it (`moved`).
     pub fn begin_forward_batch(&mut self) -> Option<u64> {
-        if !self.durable_forwards() && !self.bp_on() {
+        if !self.durable_forwards() && !self.bp_on() && self.ghost_count() == 0 {
             return None;
         }
         let token = self.next_token;
@@ -553,6 +582,7 @@ mod tests {
                 message: msg,
                 mark: None,
                 ack: None,
+                id: None,
             },
         );
         let sent = pump(&mut es, remote);
@@ -586,6 +616,7 @@ mod tests {
                 message: msg,
                 mark: None,
                 ack: None,
+                id: None,
             },
         );
     }

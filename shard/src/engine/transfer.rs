@@ -61,6 +61,9 @@ pub(super) struct Moving {
     expires_at_ms: Option<u64>,
     /// Its records are in this shard's store.
     stored: bool,
+    /// What the new owner needs to tell copies the session already got
+    /// (`moved`), sent beside the export.
+    window: Vec<u8>,
 }
 
 /// A session taken in whose disk tail is still arriving from its old owner.
@@ -247,13 +250,17 @@ impl Engine {
             disk_from_seq: s.queue.disk_from_seq(),
         };
         let bytes = record::encode(&rec);
+        let (expires_at_ms, stored) = (s.expiry_deadline_ms(), s.stored);
+        // Before it leaves the routes: what still comes for it here follows it.
+        let window = self.leave_ghost(now_ms, idx, to);
         let moving = Moving {
             to,
             bytes: bytes.clone(),
-            expires_at_ms: s.expiry_deadline_ms(),
-            stored: s.stored,
+            expires_at_ms,
+            stored,
+            window,
         };
-        let key = s.client_id.clone();
+        let key = self.session(idx).client_id.clone();
         // Out of memory and the routes, not out of the store.
         self.session_mut(idx).stored = false;
         self.destroy_session(now_ms, idx);
@@ -289,7 +296,16 @@ impl Engine {
         let key = Str::try_from(client_id).ok()?;
         let m = self.moving.get_mut(&key)?;
         m.to = to;
-        Some(m.bytes.clone())
+        let bytes = m.bytes.clone();
+        self.ghost_moves_on(&key, to);
+        Some(bytes)
+    }
+
+    /// The window of the moving copy of `client_id` (see `moved`), for the node
+    /// it is handed to beside the export.
+    pub fn moving_window(&self, client_id: &str) -> Option<Vec<u8>> {
+        let key = Str::try_from(client_id).ok()?;
+        self.moving.get(&key).map(|m| m.window.clone())
     }
 
     /// Asks the store for up to `count_max` deliveries of the moving copy's disk tail
@@ -478,6 +494,10 @@ impl Engine {
             rs.disconnected_at_ms = Some(now_ms);
         }
         let subscriptions = std::mem::take(&mut rs.subscriptions);
+        // It is here again: its ghost goes (`moved`).
+        if let Ok(key) = Str::try_from(client_id) {
+            self.drop_ghost(&key);
+        }
         // A stale copy of the session here (from an earlier ownership) is replaced.
         if let Some(idx) = self.session_idx(client_id) {
             self.session_taken_over(now_ms, client_id);
@@ -621,6 +641,7 @@ impl Engine {
         for (filter, entry) in imp.subscriptions {
             self.attach_subscription(idx, filter, entry, false);
         }
+        self.window_attached(&key);
         self.persist_session(idx);
         true
     }
