@@ -1702,7 +1702,11 @@ impl Engine {
                 ..
             } => self.on_redirect(now_ms, from, client_id, message, id, ack),
             MeshMsg::PublishRemote { .. } => {
-                tracing::warn!(shard = self.shard, from, "a publication for other nodes came to a shard; dropped");
+                tracing::warn!(
+                    shard = self.shard,
+                    from,
+                    "a publication for other nodes came to a shard; dropped"
+                );
             }
             MeshMsg::PublishDurable { message, ack, seq } => {
                 self.note_origin(from, seq);

@@ -1723,13 +1723,19 @@ async fn send_to_peer(
                 front.call.insert(call(bytes))
             }
         };
+        // A call may wait long for its answer (the peer holds it while it sends a
+        // moved session's publications on): the forwarder's end ends it too.
         let result = if room {
             tokio::select! {
                 r = running => r,
                 () = notified => continue,
+                () = events.closed() => return,
             }
         } else {
-            running.await
+            tokio::select! {
+                r = running => r,
+                () = events.closed() => return,
+            }
         };
         let result = result.unwrap_or_else(|e| Err(format!("the call's task failed: {e}")));
         let accepted = match result {

@@ -50,14 +50,13 @@
 //! runs one, `SIM_TRACE=1` prints the schedule (connects, SUBACKs, publications with their
 //! event numbers), `SIM_LOG=...` sets a tracing filter. A failure names its seed.
 //!
-//! Found and fixed: seed 2 (a CONNECT live on a claim older than one applied; see
-//! `REGRESSION_SEEDS`). Found and **not fixed** (real bugs, described in
-//! docs/ARCHITECTURE.md, "the data-plane simulation"; their seeds fail, so they are not
-//! in the default set): `SIM_SEED=11` (a QoS 2 message delivered twice across a
-//! takeover: the local delivery on the old owner and a forwarded copy that reached the
-//! new owner after the session did) and `SIM_SEED=19` (an acknowledged QoS 2 message
-//! lost: forwarded to the subscriber's old node, accepted there after the session had
-//! moved away).
+//! Found and fixed (see `REGRESSION_SEEDS`): seed 2 (a CONNECT live on a claim older
+//! than one applied); seed 11 (a QoS 2 message delivered twice across a takeover: the
+//! local delivery on the old owner and a forwarded copy that reached the new owner
+//! after the session did) and seed 19 (an acknowledged QoS 2 message lost: forwarded to
+//! the subscriber's old node, accepted there after the session had moved away), both
+//! fixed by `tessera_shard::engine` module `moved` (docs/ARCHITECTURE.md, "Cluster:
+//! publications around a moving session").
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -1090,7 +1089,11 @@ fn run_seed(seed: u64, with_bursts: bool) {
 /// on its claim although another node's later claim had been applied here before the
 /// claim's answer arrived: a CONNACK on an older epoch than a committed one
 /// (`claims::claim` now checks its claim against the committed table before it returns).
-const REGRESSION_SEEDS: &[u64] = &[2];
+/// 11: a QoS 2 publication delivered on the old owner and again, by a forwarded copy,
+/// on the node the session moved to; 19: an acknowledged QoS 2 publication accepted by
+/// the subscriber's old node after the session had left it (`engine::moved`: the old
+/// owner's ghost sends it on, the new owner's window skips what the session got).
+const REGRESSION_SEEDS: &[u64] = &[2, 11, 19];
 
 #[test]
 fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {

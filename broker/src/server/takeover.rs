@@ -191,7 +191,9 @@ pub(super) async fn fetch(
     }
     match answer.as_deref() {
         Ok(a @ [1 | 2, ..]) if !connect.clean_start => match split_export(a) {
-            Some((rec, window)) => take_in(shard, cluster, client_id, epoch, old, rec, window).await,
+            Some((rec, window)) => {
+                take_in(shard, cluster, client_id, epoch, old, rec, window).await
+            }
             None => failed(shard, cluster, client_id, old, &"malformed answer"),
         },
         Ok([0]) | Err(_) if connect.clean_start => {
@@ -281,7 +283,7 @@ async fn recover_moving_copy(
 fn split_export(answer: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
     match answer {
         [1, rec @ ..] => Some((rec, None)),
-        [2, len @ .., ] if len.len() >= 4 => {
+        [2, len @ ..] if len.len() >= 4 => {
             let n = u32::from_be_bytes(len[..4].try_into().ok()?) as usize;
             let rest = &len[4..];
             (n <= rest.len()).then(|| (&rest[..n], Some(&rest[n..])))

@@ -595,6 +595,7 @@ mod tests {
         let mut es = crate::engine::testing::engines(1, &Limits::default());
         let e = &mut es[0];
         let remote = e.enable_remote().expect("room for the remote id");
+        e.set_origin(1);
         e.enable_persistence(true);
         let mut lacking = ShardSet::new();
         lacking.insert(remote);
@@ -641,7 +642,15 @@ mod tests {
         let batch = e.take_store_batch().expect("the number is stored");
         e.store_committed(batch.epoch);
         let sent = to_remote(e);
-        let [MeshMsg::PublishDurable { ack, seq: 40, .. }] = &sent[..] else {
+        // Again with the cluster-wide id of a QoS 2 publication (`moved`).
+        let [
+            MeshMsg::PublishRemote {
+                ack: Some(ack),
+                id: Some(_),
+                ..
+            },
+        ] = &sent[..]
+        else {
             panic!("expected the message to the forwarder again: {sent:?}");
         };
         assert!(

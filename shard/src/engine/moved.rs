@@ -281,10 +281,9 @@ impl Engine {
             filters: subs.into_iter().map(|(f, _)| f).collect(),
         });
         self.moved.by_client.insert(client_id.clone(), slot);
-        self.moved.expiring.push_back((
-            now_ms + MOVED_WINDOW_MS,
-            Expiring::Ghost(slot, client_id),
-        ));
+        self.moved
+            .expiring
+            .push_back((now_ms + MOVED_WINDOW_MS, Expiring::Ghost(slot, client_id)));
         out
     }
 
@@ -341,9 +340,10 @@ impl Engine {
         for id in ids {
             w.seen(id, false);
         }
-        self.moved
-            .expiring
-            .push_back((now_ms + MOVED_WINDOW_MS, Expiring::Window(key.clone(), w.uid)));
+        self.moved.expiring.push_back((
+            now_ms + MOVED_WINDOW_MS,
+            Expiring::Window(key.clone(), w.uid),
+        ));
         self.moved.windows.insert(key, w);
         true
     }
@@ -371,7 +371,12 @@ impl Engine {
                     }
                 }
                 Expiring::Window(client_id, uid) => {
-                    if self.moved.windows.get(&client_id).is_some_and(|w| w.uid == uid) {
+                    if self
+                        .moved
+                        .windows
+                        .get(&client_id)
+                        .is_some_and(|w| w.uid == uid)
+                    {
                         self.moved.windows.remove(&client_id);
                     }
                 }
@@ -494,6 +499,17 @@ impl Engine {
         let Some(&idx) = self.by_client_id.get(&client_id) else {
             return; // the session ended meanwhile
         };
+        // Only for the session that moved here with a window: not for a new one
+        // (a clean start after it moved) nor past the window.
+        let uid = self.session(idx).uid;
+        if !self
+            .moved
+            .windows
+            .get(&client_id)
+            .is_some_and(|w| w.uid == uid)
+        {
+            return;
+        }
         // What the session subscribes to here decides, as for any delivery.
         let mut qos = None;
         let mut retain = false;
@@ -510,21 +526,16 @@ impl Engine {
             return; // unsubscribed meanwhile
         };
         let qos = message.qos.min(granted);
+        let origin = self.moved.origin;
         if let Some(id) = id
             && qos == QoS::ExactlyOnce
+            && let Some(w) = self.moved.windows.get_mut(&client_id)
         {
-            let s = self.session(idx);
-            let (client_id, uid) = (s.client_id.clone(), s.uid);
-            let origin = self.moved.origin;
-            if let Some(w) = self.moved.windows.get_mut(&client_id)
-                && w.uid == uid
-            {
-                // A publication of this shard made after the session's
-                // subscriptions were attached here reached it here.
-                let here = id.origin == origin && id.shard == self.shard;
-                if (here && id.seq > w.local_mark) || w.seen(id, false) {
-                    return;
-                }
+            // A publication of this shard made after the session's subscriptions
+            // were attached here reached it here.
+            let here = id.origin == origin && id.shard == self.shard;
+            if (here && id.seq > w.local_mark) || w.seen(id, false) {
+                return;
             }
         }
         let d = Delivery {

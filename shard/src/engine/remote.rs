@@ -499,8 +499,17 @@ mod tests {
         es[1].handle_packet(1, p, Packet::Publish(publish));
         let sent = pump(&mut es, remote);
         let token = match &sent[..] {
-            [(1, MeshMsg::PublishDurable { message, ack, .. })] if message.topic == "t" => *ack,
-            other => panic!("expected one PublishDurable to the forwarder, got {other:?}"),
+            [
+                (
+                    1,
+                    MeshMsg::PublishRemote {
+                        message,
+                        ack: Some(ack),
+                        id: None,
+                    },
+                ),
+            ] if message.topic == "t" => *ack,
+            other => panic!("expected one PublishRemote to the forwarder, got {other:?}"),
         };
         assert!(
             drain(&mut es[1], p, V5).is_empty(),

@@ -183,6 +183,10 @@ impl Engine {
     pub fn drop_session(&mut self, now_ms: u64, client_id: &str) -> bool {
         self.session_taken_over(now_ms, client_id);
         let dropped_copy = self.drop_moving(client_id);
+        // Ended cluster-wide: nothing follows it any more (`moved`).
+        if let Ok(key) = Str::try_from(client_id) {
+            self.drop_ghost(&key);
+        }
         let Some(idx) = self.session_idx(client_id) else {
             return dropped_copy;
         };
