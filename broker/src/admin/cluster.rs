@@ -453,6 +453,13 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
         "Shared-subscription publications for other nodes that no node had members for any more.",
         f.shared_dropped.load(Relaxed),
     );
+    metric(
+        out,
+        "tessera_cluster_redirected_total",
+        "counter",
+        "Publications that matched a session after it moved to another node, sent on to that node.",
+        f.redirected.load(Relaxed),
+    );
 }
 
 /// The data plane's session-ownership metrics (issue 15).

@@ -715,6 +715,59 @@ mod tests {
     }
 
     #[test]
+    fn ids_and_moved_sessions_round_trip_and_lies_are_refused() {
+        let id = PubId {
+            origin: u64::MAX - 3,
+            shard: 7,
+            seq: 1 << 40,
+        };
+        let c = Str::from_static("c1");
+        let mut w = BatchWriter::new(&[], 1, 1);
+        let m = message("t", b"p", 2, false, false);
+        assert!(w.push_for(0, 1, &m, None, Some(id), None));
+        assert!(w.push_for(0, 2, &m, None, Some(id), Some((&c, 99))));
+        assert!(w.push_for(0, 3, &m, None, None, Some((&c, 5))));
+        let share = ShareFor {
+            group: Str::from_static("g"),
+            filter: Str::from_static("t"),
+            handed_back: false,
+        };
+        // A shared record is never for one session: the session is left out.
+        assert!(w.push_for(0, 4, &m, Some(&share), None, Some((&c, 5))));
+        let bytes = w.finish();
+        let Ok(Request::Batch { records, .. }) = decode_request(bytes.clone(), 16) else {
+            panic!("not a batch")
+        };
+        let got: Vec<_> = records
+            .iter()
+            .map(|r| (r.id, r.session.as_ref().map(|(c, e)| (c.to_string(), *e))))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(id), None),
+                (Some(id), Some(("c1".into(), 99))),
+                (None, Some(("c1".into(), 5))),
+                (None, None),
+            ]
+        );
+        for n in 0..bytes.len() {
+            assert!(decode_request(bytes.slice(..n), 16).is_err());
+        }
+        // A record that is both shared and for one session, or for an empty ClientID.
+        let mut w = BatchWriter::new(&[], 1, 1);
+        assert!(w.push_for(0, 1, &m, Some(&share), None, None));
+        let mut lie = BytesMut::from(&w.finish()[..]);
+        let flags_at = 1 + 8 + 8 + 4;
+        lie[flags_at] |= FLAG_SESSION;
+        assert!(decode_request(lie.freeze(), 16).is_err());
+        let empty = Str::from_static("");
+        let mut w = BatchWriter::new(&[], 1, 1);
+        assert!(w.push_for(0, 1, &m, None, None, Some((&empty, 1))));
+        assert!(decode_request(w.finish(), 16).is_err());
+    }
+
+    #[test]
     fn a_prefix_goes_in_front_untouched() {
         let mut w = BatchWriter::new(&[2, 0, 0], 1, 1);
         assert!(w.push(0, 1, &message("t", b"p", 0, false, false), None));

@@ -502,11 +502,11 @@ impl Engine {
         // Only for the session that moved here with a window: not for a new one
         // (a clean start after it moved) nor past the window.
         let uid = self.session(idx).uid;
-        if !self
+        if self
             .moved
             .windows
             .get(&client_id)
-            .is_some_and(|w| w.uid == uid)
+            .is_none_or(|w| w.uid != uid)
         {
             return;
         }
