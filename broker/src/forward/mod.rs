@@ -1036,16 +1036,22 @@ impl Forwarder {
         }
         self.metrics.redirected.fetch_add(1, Ordering::Relaxed);
         let publisher = self.publisher_of(&message);
-        let queue = self.peer(node);
-        let mut items = lock(&queue.items);
-        items.push_back(Item {
+        let item = Item {
             message,
             publisher,
             token,
             share: None,
             id,
             session: Some(session),
-        });
+        };
+        self.queue_for(node, item);
+    }
+
+    /// Queues `item` for `node` (its sender wakes when the queue was empty).
+    fn queue_for(&mut self, node: NodeId, item: Item) {
+        let queue = self.peer(node);
+        let mut items = lock(&queue.items);
+        items.push_back(item);
         let first = items.len() == 1;
         drop(items);
         if first {
@@ -1157,21 +1163,15 @@ impl Forwarder {
         if let Some(t) = ack {
             self.wait_for(t, 1);
         }
-        let queue = self.peer(node);
-        let mut items = lock(&queue.items);
-        items.push_back(Item {
+        let item = Item {
             message,
             publisher: key,
             token: ack,
             share: Some(share),
             id: None,
             session: None,
-        });
-        let first = items.len() == 1;
-        drop(items);
-        if first {
-            queue.notify.notify_one();
-        }
+        };
+        self.queue_for(node, item);
     }
 
     fn peer(&mut self, node: NodeId) -> Arc<PeerQueue> {
