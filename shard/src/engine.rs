@@ -1312,10 +1312,10 @@ impl Engine {
     fn on_puback(&mut self, now_ms: u64, idx: SessionIdx, packet_id: u16) {
         let s = self.session_mut(idx);
         if let Some(pos) = s.inflight_position(packet_id)
-            && s.inflight[pos].state == InflightState::Published
-            && s.inflight[pos].delivery.qos == QoS::AtLeastOnce
+            && s.inflight()[pos].state == InflightState::Published
+            && s.inflight()[pos].delivery.qos == QoS::AtLeastOnce
         {
-            let i = s.inflight.remove(pos).expect("position exists");
+            let i = s.remove_inflight(pos).expect("position exists");
             self.persist_delivery_gone(idx, i.delivery.seq);
             self.pump(now_ms, idx);
         }
@@ -1330,13 +1330,13 @@ impl Engine {
         };
         if p.reason_code.is_error() {
             // v5: the receiver refused the message; the exchange ends here.
-            let i = s.inflight.remove(pos).expect("position exists");
+            let i = s.remove_inflight(pos).expect("position exists");
             self.persist_delivery_gone(idx, i.delivery.seq);
             return self.pump(now_ms, idx);
         }
-        s.inflight[pos].state = InflightState::Released;
-        if s.inflight[pos].delivery.seq != 0 {
-            let d = s.inflight[pos].delivery.clone();
+        s.set_inflight_state(pos, InflightState::Released);
+        if s.inflight()[pos].delivery.seq != 0 {
+            let d = s.inflight()[pos].delivery.clone();
             self.persist_released(idx, &d, p.packet_id);
         }
         self.write_packet(conn, &Packet::PubRel(PubRel::new(p.packet_id)));
@@ -1358,9 +1358,9 @@ impl Engine {
     fn on_pubcomp(&mut self, now_ms: u64, idx: SessionIdx, packet_id: u16) {
         let s = self.session_mut(idx);
         if let Some(pos) = s.inflight_position(packet_id)
-            && s.inflight[pos].state == InflightState::Released
+            && s.inflight()[pos].state == InflightState::Released
         {
-            let i = s.inflight.remove(pos).expect("position exists");
+            let i = s.remove_inflight(pos).expect("position exists");
             self.persist_delivery_gone(idx, i.delivery.seq);
             self.pump(now_ms, idx);
         }
@@ -2155,7 +2155,7 @@ impl Engine {
                 self.stats.dropped_qos0_offline += 1;
             }
             Some(conn) if s.queue.is_empty() && self.writable(conn) => {
-                if d.qos == QoS::AtMostOnce || s.inflight.len() < self.window(conn) {
+                if d.qos == QoS::AtMostOnce || s.inflight().len() < self.window(conn) {
                     self.send_delivery(now_ms, conn, idx, d);
                 } else {
                     self.queue_push(now_ms, idx, d);
@@ -2249,7 +2249,7 @@ impl Engine {
             let Some(front) = s.queue.front() else {
                 break;
             };
-            if front.qos != QoS::AtMostOnce && s.inflight.len() >= window {
+            if front.qos != QoS::AtMostOnce && s.inflight().len() >= window {
                 break;
             }
             let d = self
@@ -2290,7 +2290,7 @@ impl Engine {
             self.persist_published(idx, &d, packet_id);
             let s = self.session_mut(idx);
             publish.packet_id = packet_id;
-            s.inflight.push_back(Inflight {
+            s.push_inflight(Inflight {
                 packet_id,
                 delivery: d,
                 state: InflightState::Published,
@@ -2315,7 +2315,7 @@ impl Engine {
         let version = self.conn(conn).version;
         let packets: Vec<Packet> = self
             .session(idx)
-            .inflight
+            .inflight()
             .iter()
             .map(|i| match i.state {
                 InflightState::Published => {

@@ -362,8 +362,16 @@ pub struct Session {
     pub disconnected_at_ms: Option<u64>,
     /// Subscriptions by filter.
     pub subscriptions: HashMap<Str, SubscriptionEntry>,
-    /// In-flight outbound QoS 1/2 deliveries, in send order.
-    pub inflight: VecDeque<Inflight>,
+    /// In-flight outbound QoS 1/2 deliveries, in send order (changed only
+    /// through the methods below, which keep `inflight_sorted`).
+    inflight: VecDeque<Inflight>,
+    /// The packet ids of `inflight` increase strictly along it, in wrapping
+    /// order from the front's (each one's `wrapping_sub` of the front's is
+    /// larger than the one before): an id past the back's is then free without
+    /// a scan. True as ids are allocated (in order) and acknowledged (in any
+    /// order: a removal keeps it); false only after a push out of that order
+    /// (a restore, a window near 65,535), until the window empties.
+    inflight_sorted: bool,
     /// Deliveries waiting for window space or a connection.
     pub queue: DeliveryQueue,
     /// QoS 2 packet ids received and not yet released by PUBREL.
@@ -403,6 +411,7 @@ impl Session {
             disconnected_at_ms: None,
             subscriptions: HashMap::new(),
             inflight: VecDeque::new(),
+            inflight_sorted: true,
             queue: DeliveryQueue::default(),
             inbound_qos2: Vec::new(),
             will: None,
@@ -423,10 +432,57 @@ impl Session {
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
-            if !self.inflight.iter().any(|i| i.packet_id == id) {
+            if self.packet_id_free(id) {
                 return id;
             }
         }
+    }
+
+    /// Whether no in-flight delivery uses `id`. Usually without a scan: ids
+    /// are allocated in order, so the next one is past the window's last
+    /// (a scan of a bridge's 256 in-flight entries per send was ~5 % of
+    /// the broker's core).
+    fn packet_id_free(&self, id: u16) -> bool {
+        let (Some(front), Some(back)) = (self.inflight.front(), self.inflight.back()) else {
+            return true;
+        };
+        if self.inflight_sorted
+            && id.wrapping_sub(front.packet_id) > back.packet_id.wrapping_sub(front.packet_id)
+        {
+            return true;
+        }
+        !self.inflight.iter().any(|i| i.packet_id == id)
+    }
+
+    /// The in-flight outbound deliveries, in send order.
+    pub fn inflight(&self) -> &VecDeque<Inflight> {
+        &self.inflight
+    }
+
+    /// Appends an in-flight delivery (its packet id not in use).
+    pub fn push_inflight(&mut self, i: Inflight) {
+        if let (Some(front), Some(back)) = (self.inflight.front(), self.inflight.back()) {
+            let past = i.packet_id.wrapping_sub(front.packet_id);
+            self.inflight_sorted &= past > back.packet_id.wrapping_sub(front.packet_id);
+        } else {
+            self.inflight_sorted = true;
+        }
+        self.inflight.push_back(i);
+    }
+
+    /// Removes the in-flight delivery at `pos`.
+    pub fn remove_inflight(&mut self, pos: usize) -> Option<Inflight> {
+        self.inflight.remove(pos)
+    }
+
+    /// Keeps the in-flight deliveries for which `keep` is true.
+    pub fn retain_inflight(&mut self, keep: impl FnMut(&mut Inflight) -> bool) {
+        self.inflight.retain_mut(keep);
+    }
+
+    /// Sets the state of the in-flight delivery at `pos`.
+    pub fn set_inflight_state(&mut self, pos: usize, state: InflightState) {
+        self.inflight[pos].state = state;
     }
 
     /// The next outbound packet id to try (moves with the session to another node).
@@ -485,6 +541,68 @@ mod tests {
         let first = s.allocate_packet_id();
         assert_eq!(first, u16::MAX);
         assert_eq!(s.allocate_packet_id(), 1, "wraps to 1, never 0");
+    }
+
+    fn in_flight(packet_id: u16) -> Inflight {
+        Inflight {
+            packet_id,
+            delivery: delivery(0, QoS::AtLeastOnce),
+            state: InflightState::Published,
+        }
+    }
+
+    /// Allocation never hands out an id in flight, whatever the window went
+    /// through: ids in order, acknowledgements in any order, restored ids
+    /// out of order, the wrap past 65,535; and it takes the next id in order
+    /// when that one is free (what a client sees).
+    #[test]
+    fn allocated_ids_are_never_in_flight() {
+        let mut random = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            random
+        };
+        for start in [1, 200, u16::MAX - 300, u16::MAX] {
+            let mut s = session();
+            s.set_next_packet_id(start);
+            for step in 0..20_000u32 {
+                let r = next();
+                match r % 10 {
+                    // Acknowledged: the oldest usually, any one sometimes.
+                    0..=3 if !s.inflight().is_empty() => {
+                        let pos = if r % 3 == 0 {
+                            (r >> 8) as usize % s.inflight().len()
+                        } else {
+                            0
+                        };
+                        s.remove_inflight(pos);
+                    }
+                    // Restored out of order (now and then): a free id just
+                    // ahead of the allocation, which must skip it later.
+                    4 if step % 13 == 0 => {
+                        let id = s.next_packet_id.wrapping_add((r >> 16) as u16 % 8).max(1);
+                        if !s.inflight().iter().any(|i| i.packet_id == id) {
+                            s.push_inflight(in_flight(id));
+                        }
+                    }
+                    _ if s.inflight().len() < 300 => {
+                        let expected = {
+                            let mut id = s.next_packet_id;
+                            while s.inflight().iter().any(|i| i.packet_id == id) {
+                                id = if id == u16::MAX { 1 } else { id + 1 };
+                            }
+                            id
+                        };
+                        let id = s.allocate_packet_id();
+                        assert_eq!(id, expected, "start {start}, step {step}");
+                        s.push_inflight(in_flight(id));
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     #[test]

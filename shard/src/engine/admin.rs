@@ -44,7 +44,7 @@ impl Engine {
                 g.sessions_offline += 1;
             }
             g.queued += s.queue.len();
-            g.inflight += s.inflight.len();
+            g.inflight += s.inflight().len();
         }
         g
     }
@@ -74,7 +74,7 @@ impl Engine {
             disconnected_for_s,
             expires_in_s,
             subscriptions: s.subscriptions.len(),
-            inflight: s.inflight.len(),
+            inflight: s.inflight().len(),
             queued: s.queue.len(),
         }
     }

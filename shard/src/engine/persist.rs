@@ -466,7 +466,7 @@ impl Engine {
             client_id: client_id.clone(),
             below_seq,
         }];
-        for i in &s.inflight {
+        for i in s.inflight() {
             if i.delivery.seq != 0 {
                 let state = match i.state {
                     InflightState::Published => STATE_PUBLISHED,
@@ -680,12 +680,12 @@ impl Engine {
                         s.queue.push_back(d)
                     }
                     STATE_QUEUED => s.queue.push_disk(&d),
-                    STATE_RELEASED => s.inflight.push_back(Inflight {
+                    STATE_RELEASED => s.push_inflight(Inflight {
                         packet_id,
                         delivery: d,
                         state: InflightState::Released,
                     }),
-                    _ => s.inflight.push_back(Inflight {
+                    _ => s.push_inflight(Inflight {
                         packet_id,
                         delivery: d,
                         state: InflightState::Published,

@@ -295,7 +295,7 @@ pub(super) fn origin_key(msg: &Message) -> u64 {
 fn take_shared(s: &mut Session) -> (Vec<Returned>, u64) {
     let mut out = Vec::new();
     let mut qos2_unanswered = 0;
-    s.inflight.retain_mut(|i| {
+    s.retain_inflight(|i| {
         let Some(key) = &i.delivery.share else {
             return true;
         };

@@ -218,9 +218,9 @@ impl Engine {
         self.import_finish(client_id);
         let delayed = self.delayed_wills.remove(&idx);
         let s = self.session(idx);
-        let mut deliveries = Vec::with_capacity(s.inflight.len() + s.queue.head_len());
+        let mut deliveries = Vec::with_capacity(s.inflight().len() + s.queue.head_len());
         let mut seqs = Vec::with_capacity(deliveries.capacity());
-        for i in &s.inflight {
+        for i in s.inflight() {
             let state = match i.state {
                 InflightState::Published => STATE_PUBLISHED,
                 InflightState::Released => STATE_RELEASED,
