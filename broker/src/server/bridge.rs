@@ -724,9 +724,9 @@ async fn link(
         to_engine: Vec::new(),
         verbatim: version.is_v5() && verbatim_rules(out_rules),
         pending_in: early,
-        in_ids: HashSet::new(),
+        in_ids: IdSet::default(),
         local_receive_max: local_receive_max.max(1),
-        out_ids: HashSet::new(),
+        out_ids: IdSet::default(),
         local_only: HashSet::new(),
         remote_only: HashSet::new(),
         out_rules,
@@ -769,6 +769,56 @@ async fn link(
     }
 }
 
+/// A set of packet identifiers: one bit each (8 KiB), so the relay's
+/// per-message bookkeeping is a bit flip instead of a hash-set insert and
+/// remove (SipHash, ~2 % of the local broker's core at 265K QoS 1 msg/s).
+struct IdSet {
+    bits: Box<[u64; 1024]>,
+    len: usize,
+}
+
+impl Default for IdSet {
+    fn default() -> IdSet {
+        IdSet {
+            bits: Box::new([0; 1024]),
+            len: 0,
+        }
+    }
+}
+
+impl IdSet {
+    fn slot(id: u16) -> (usize, u64) {
+        (usize::from(id >> 6), 1 << (id & 63))
+    }
+
+    fn contains(&self, id: u16) -> bool {
+        let (w, b) = IdSet::slot(id);
+        self.bits[w] & b != 0
+    }
+
+    /// Adds `id`; false when it was there already.
+    fn insert(&mut self, id: u16) -> bool {
+        let (w, b) = IdSet::slot(id);
+        let new = self.bits[w] & b == 0;
+        self.bits[w] |= b;
+        self.len += usize::from(new);
+        new
+    }
+
+    /// Removes `id`; false when it was not there.
+    fn remove(&mut self, id: u16) -> bool {
+        let (w, b) = IdSet::slot(id);
+        let had = self.bits[w] & b != 0;
+        self.bits[w] &= !b;
+        self.len -= usize::from(had);
+        had
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 /// One link's relay state.
 struct Relay<'a> {
     shard: Rc<Shard>,
@@ -792,10 +842,10 @@ struct Relay<'a> {
     pending_in: VecDeque<Packet>,
     /// Ids of `in` QoS 1/2 publications handed to the engine and not completed
     /// (a set: a resent duplicate counts once).
-    in_ids: HashSet<u16>,
+    in_ids: IdSet,
     local_receive_max: u16,
     /// `out` packet ids in flight on the remote.
-    out_ids: HashSet<u16>,
+    out_ids: IdSet,
     /// Local QoS 2 ids the bridge completes itself (the message could not cross).
     local_only: HashSet<u16>,
     /// Remote QoS 2 ids the bridge completes itself (no rule matched).
@@ -1147,7 +1197,7 @@ impl Relay<'_> {
     }
 
     fn in_done(&mut self, id: u16, code: ReasonCode) {
-        self.in_ids.remove(&id);
+        self.in_ids.remove(id);
         if code.is_error() {
             BridgeStats::add(&self.stats.dropped, 1);
         }
@@ -1155,17 +1205,21 @@ impl Relay<'_> {
 
     /// Hands waiting remote publications to the engine while its window allows.
     fn feed_pending(&mut self) -> bool {
+        if self.pending_in.is_empty() {
+            return false;
+        }
+        let now = now_ms();
         let mut fed = false;
         while let Some(p) = self.pending_in.front() {
             if let Packet::Publish(p) = p
                 && p.qos != QoS::AtMostOnce
                 && self.in_ids.len() >= usize::from(self.local_receive_max)
-                && !self.in_ids.contains(&p.packet_id)
+                && !self.in_ids.contains(p.packet_id)
             {
                 break;
             }
             let p = self.pending_in.pop_front().expect("front");
-            self.on_remote(p, true);
+            self.on_remote(now, p, true);
             fed = true;
         }
         if fed {
@@ -1195,13 +1249,16 @@ impl Relay<'_> {
             Poll::Ready(Ok(_)) => {}
         }
         self.last_received = Instant::now();
+        // One clock read per read, not per packet (a read holds hundreds of
+        // PUBACKs at full speed).
+        let now = now_ms();
         loop {
             match tessera_proto::decode(&mut self.rbuf, self.version, self.max_packet) {
                 Ok(Some(p)) => {
                     if let Some(e) = self.protocol_error(&p) {
                         return Poll::Ready(Err(e));
                     }
-                    self.on_remote(p, false);
+                    self.on_remote(now, p, false);
                 }
                 Ok(None) => break,
                 Err(DecodeError::PacketTooLarge { size, max }) => {
@@ -1234,9 +1291,9 @@ impl Relay<'_> {
         }
     }
 
-    /// One packet from the remote. `queued`: it comes from `pending_in`.
-    fn on_remote(&mut self, p: Packet, queued: bool) {
-        let now = now_ms();
+    /// One packet from the remote at `now` (broker milliseconds). `queued`:
+    /// it comes from `pending_in`.
+    fn on_remote(&mut self, now: u64, p: Packet, queued: bool) {
         tracing::trace!(packet = ?p, "bridge: from the remote");
         match p {
             Packet::Publish(p) => {
@@ -1246,7 +1303,7 @@ impl Relay<'_> {
                 // In order: behind publications already waiting.
                 let full = p.qos != QoS::AtMostOnce
                     && self.in_ids.len() >= usize::from(self.local_receive_max)
-                    && !self.in_ids.contains(&p.packet_id);
+                    && !self.in_ids.contains(p.packet_id);
                 if !queued && (full || !self.pending_in.is_empty()) {
                     self.pending_in.push_back(Packet::Publish(p));
                     return;
@@ -1331,9 +1388,30 @@ impl Relay<'_> {
     }
 
     fn out_done(&mut self, id: u16, code: ReasonCode) {
-        self.out_ids.remove(&id);
+        self.out_ids.remove(id);
         if code.is_error() {
             BridgeStats::add(&self.stats.dropped, 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdSet;
+
+    #[test]
+    fn an_id_set_counts_each_id_once() {
+        let mut s = IdSet::default();
+        for id in [0, 1, 63, 64, 65_535] {
+            assert!(!s.contains(id));
+            assert!(s.insert(id));
+            assert!(!s.insert(id), "a resent id counts once");
+            assert!(s.contains(id));
+        }
+        assert_eq!(s.len(), 5);
+        assert!(s.remove(64));
+        assert!(!s.remove(64), "an unknown id does not count down");
+        assert!(!s.contains(64) && s.contains(63) && s.contains(65_535));
+        assert_eq!(s.len(), 4);
     }
 }
