@@ -244,7 +244,8 @@ fn records_follow_the_shard_count_2_to_1_to_3() {
 /// In one transaction only the last op on a delivery counts: a delivery
 /// stored and deleted in the same commit is never written, one deleted and
 /// written again under a new session (same ClientID, same sequence number)
-/// after `DelSession` is kept.
+/// after `DelSession` is kept; ops whose ClientIDs share a buffer (as the
+/// engine's do) and ops with their own copy of it end the same.
 #[test]
 fn the_last_op_on_a_delivery_in_a_transaction_wins() {
     let dir = Dir(std::env::temp_dir().join(format!("tessera-store-last-{}", std::process::id())));
@@ -272,7 +273,28 @@ fn the_last_op_on_a_delivery_in_a_transaction_wins() {
         client_id: s(id),
         seq,
     };
+    // The engine's ops of one session share its ClientID's buffer (the
+    // writer keys them by it); other ops here each have their own.
+    let c = s("c");
+    let put_c = |seq: u64, text: &str| StoreOp::PutMsg {
+        client_id: c.clone(),
+        seq,
+        state: STATE_QUEUED,
+        packet_id: 0,
+        delivery: delivery(text, seq),
+    };
     let ops = vec![
+        session("c"),
+        put_c(1, "c: acked in the same commit"),
+        put_c(2, "c: deleted by a copy of the ClientID"),
+        put_c(3, "c: replaced by a copy of the ClientID"),
+        StoreOp::DelMsg {
+            client_id: c.clone(),
+            seq: 1,
+        },
+        del("c", 2),
+        put_c(2, "c: written again"),
+        put("c", 3, "c: last"),
         session("a"),
         put("a", 1, "acked in the same commit"),
         put("a", 2, "kept"),
@@ -316,7 +338,11 @@ fn the_last_op_on_a_delivery_in_a_transaction_wins() {
         got,
         [
             ("a".to_owned(), vec!["kept".to_owned()]),
-            ("b".to_owned(), vec!["new session".to_owned()])
+            ("b".to_owned(), vec!["new session".to_owned()]),
+            (
+                "c".to_owned(),
+                vec!["c: written again".to_owned(), "c: last".to_owned()]
+            )
         ]
     );
 }
