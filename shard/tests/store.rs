@@ -130,13 +130,13 @@ fn write_fixture(dir: &Dir, shards: usize) {
         ops.push(StoreOp::PutWill {
             client_id: s(&id),
             due_ms: 9_000,
-            will: Will {
+            will: Box::new(Will {
                 topic: s("will"),
                 payload: Bytes::from_static(b"w"),
                 qos: QoS::AtMostOnce,
                 retain: false,
                 properties: Default::default(),
-            },
+            }),
         });
     }
     for k in 0..10 {

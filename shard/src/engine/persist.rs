@@ -44,6 +44,10 @@ use crate::store::{
 };
 use crate::trie::ShardSet;
 
+/// The most ops a new epoch makes room for before it has any
+/// (`take_store_batch`).
+const OPS_ROOM_MAX: usize = 1024;
+
 /// The engine's side of the store.
 #[derive(Debug)]
 pub(super) struct PersistState {
@@ -123,9 +127,13 @@ impl Engine {
                 p.ops.push(StoreOp::PutForwardMark(*mark));
             }
         }
+        // The next epoch's ops start with room for as many as this one had
+        // (up to a bound): growing from empty reallocated and moved every
+        // 216-byte op several times per batch.
+        let room = p.ops.len().min(OPS_ROOM_MAX);
         let batch = Batch {
             epoch: p.epoch,
-            ops: std::mem::take(&mut p.ops),
+            ops: std::mem::replace(&mut p.ops, Vec::with_capacity(room)),
         };
         p.epoch += 1;
         Some(batch)
@@ -550,7 +558,7 @@ impl Engine {
             Some(d) => StoreOp::PutWill {
                 client_id,
                 due_ms: d.due_ms,
-                will: d.will.clone(),
+                will: Box::new(d.will.clone()),
             },
             None => StoreOp::DelWill { client_id },
         });
