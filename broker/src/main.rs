@@ -99,8 +99,12 @@ fn run(config: &Config, cli: &Cli) -> anyhow::Result<()> {
         ) {
             Ok(node) => {
                 server.attach_cluster(&node.port());
-                if let Some((ends, remote, clocks)) = server.take_forwarder()
-                    && let Err(e) = node.start_forwarder(ends, remote, clocks)
+                if let Some((mut ends, remote, clocks)) = server.take_forwarder()
+                    && let Err(e) = {
+                        // A route barrier waits out an unreachable member's lease.
+                        ends.set_unanswered_wait(config.cluster.session_lease());
+                        node.start_forwarder(ends, remote, clocks)
+                    }
                 {
                     server.stop();
                     let _ = server.join();

@@ -169,9 +169,21 @@ pub struct ForwarderEnds {
     to_shards: Vec<flume::Sender<Vec<MeshMsg>>>,
     barriers: flume::Receiver<BarrierAsk>,
     metrics: Arc<ForwardMetrics>,
+    /// How long a barrier waits for a member that does not answer.
+    unanswered_wait: Duration,
 }
 
+/// How long a barrier waits for a member that does not answer, unless set: the
+/// default session lease (`cluster.session_lease_ms`).
+pub const UNANSWERED_WAIT_DEFAULT: Duration = Duration::from_secs(3);
+
 impl ForwarderEnds {
+    /// A barrier asks a member that does not answer again until it has been
+    /// unreachable for `wait`: the node's session lease ([`barrier`]).
+    pub fn set_unanswered_wait(&mut self, wait: Duration) {
+        self.unanswered_wait = wait;
+    }
+
     /// The forwarder's counters.
     pub fn metrics(&self) -> Arc<ForwardMetrics> {
         self.metrics.clone()
@@ -208,6 +220,7 @@ pub fn channels(
             to_shards,
             barriers: barrier_rx,
             metrics,
+            unanswered_wait: UNANSWERED_WAIT_DEFAULT,
         },
         shard_ends,
     )
@@ -324,6 +337,10 @@ pub fn start(
         share_cursor: 0,
         route_queue: Vec::new(),
         route_proposals: 0,
+        reach: Reach {
+            wait: ends.unanswered_wait,
+            since: Arc::default(),
+        },
     };
     tokio::spawn(fwd.run(ends.from_shards, ends.barriers, events_rx));
 }
@@ -453,6 +470,8 @@ struct Forwarder {
     route_queue: Vec<(String, bool)>,
     /// Route proposals in flight ([`ROUTE_PROPOSALS_IN_FLIGHT_MAX`]).
     route_proposals: usize,
+    /// Members that do not answer barriers ([`barrier`]).
+    reach: Reach,
 }
 
 impl Forwarder {
@@ -593,6 +612,7 @@ impl Forwarder {
         let handle = self.handle.clone();
         let events = self.events.clone();
         let transport = self.transport.clone();
+        let reach = self.reach.clone();
         let me = self.me;
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(10);
@@ -619,7 +639,7 @@ impl Forwarder {
                     handle.members().into_keys().filter(|n| *n != me).collect();
                 let (reply, local) = flume::bounded(1);
                 let _ = events.send(Event::LocalBarrier { index, reply });
-                barrier(&transport, &members, index).await;
+                barrier(&transport, &members, index, &reach).await;
                 let _ = tokio::time::timeout(BARRIER_TIMEOUT, local.recv_async()).await;
             }
             let _ = events.send(Event::RetainDone { token });
@@ -1425,8 +1445,9 @@ impl Forwarder {
             .collect();
         let transport = self.transport.clone();
         let events = self.events.clone();
+        let reach = self.reach.clone();
         tokio::spawn(async move {
-            barrier(&transport, &members, index).await;
+            barrier(&transport, &members, index, &reach).await;
             let _ = events.send(Event::BarrierDone { filters });
         });
     }
@@ -1573,19 +1594,44 @@ fn checked_retained(
 
 /// Asks every node of `members` for a barrier at `index`, in parallel; a node that does
 /// not answer (down, partitioned) is logged and skipped.
-async fn barrier(transport: &Arc<dyn Transport>, members: &[NodeId], index: u64) {
+///
+/// Not at once: a member that does not answer is asked again until it has been
+/// unreachable (from here) for [`Reach::wait`], the session lease. A node that misses
+/// a route add may take a publication for it and acknowledge it without forwarding
+/// it; once it has been out of touch for its lease it has ended its clients'
+/// connections and refuses new ones (`server::claims::fence`), and a node that is in
+/// touch with the rest has applied the route within that time. Before, a member that
+/// failed to answer was skipped at once, and the simulation (seeds 293, 294) found a
+/// SUBACK followed by an acknowledged publication on the partitioned node that never
+/// arrived.
+async fn barrier(transport: &Arc<dyn Transport>, members: &[NodeId], index: u64, reach: &Reach) {
     let mut set = tokio::task::JoinSet::new();
     for &node in members {
         let transport = transport.clone();
+        let reach = reach.clone();
         set.spawn(async move {
-            let r = transport
-                .call(
+            let mut pause = Duration::from_millis(20);
+            loop {
+                let call = transport.call(
                     node,
                     Channel::Forward,
                     wire::encode_barrier(&ENVELOPE, index),
-                )
-                .await;
-            (node, r)
+                );
+                let r = match tokio::time::timeout(reach.wait, call).await {
+                    Ok(r) => r,
+                    Err(_) => Err(tessera_raft::TransportError::Timeout(node)),
+                };
+                match r {
+                    Ok(b) => {
+                        reach.answered(node);
+                        break (node, Ok(b));
+                    }
+                    Err(e) if reach.given_up(node) => break (node, Err(e)),
+                    Err(_) => {}
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
         });
     }
     while let Some(done) = set.join_next().await {
@@ -1600,6 +1646,27 @@ async fn barrier(transport: &Arc<dyn Transport>, members: &[NodeId], index: u64)
             }
             Err(_) => {}
         }
+    }
+}
+
+/// Since when each member has not answered a barrier, and how long a barrier waits
+/// for one that does not ([`barrier`]).
+#[derive(Debug, Clone)]
+struct Reach {
+    wait: Duration,
+    since: Arc<Mutex<HashMap<NodeId, tokio::time::Instant>>>,
+}
+
+impl Reach {
+    fn answered(&self, node: NodeId) {
+        lock(&self.since).remove(&node);
+    }
+
+    /// A call to `node` failed: whether it has been unreachable for the wait.
+    fn given_up(&self, node: NodeId) -> bool {
+        let now = tokio::time::Instant::now();
+        let since = *lock(&self.since).entry(node).or_insert(now);
+        now.duration_since(since) >= self.wait
     }
 }
 

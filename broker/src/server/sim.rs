@@ -95,6 +95,8 @@ const CLIENTS: usize = 6;
 const STEPS: usize = 120;
 const TOPICS: u64 = 3;
 const FILTERS: [&str; 5] = ["t/0", "t/1", "t/2", "t/#", "t/+"];
+/// The nodes' session lease (and how long a route barrier waits for a member).
+const SESSION_LEASE: Duration = Duration::from_millis(3_000);
 /// How often the harness reads what the engines wrote to the clients.
 const PUMP: Duration = Duration::from_millis(5);
 
@@ -285,12 +287,13 @@ impl World {
 
         let (server_ends, ends) = cluster::ends(1, 1024);
         cp.serve_forward(Arc::new(ForwardService::new(server_ends.requests.clone())));
-        let forwarder = server_ends
+        let mut forwarder = server_ends
             .forwarder
             .lock()
             .expect("forwarder ends")
             .take()
             .expect("once");
+        forwarder.set_unanswered_wait(SESSION_LEASE);
         crate::forward::start(forwarder, cp.handle(), transport.clone(), 1, remote::CLOCKS);
         let (peers, calls) = PeerCalls::new(crate::cluster::peer::PEER_CALLS_QUEUED_MAX);
         let port = ClusterPort {
@@ -299,7 +302,7 @@ impl World {
             peers,
             sessions: Arc::default(),
             redirect_to_owner: false,
-            session_lease: Duration::from_millis(3_000),
+            session_lease: SESSION_LEASE,
         };
         let _ = server_ends.attach[0].try_send(port);
 
