@@ -272,10 +272,18 @@ impl World {
         let mut tries = 0;
         let (cp, service) = loop {
             match ControlPlane::start(c.clone(), transport.clone()).await {
-                Ok(started) => break started,
-                Err(e) if tries < 100 => {
+                Ok(started) => {
+                    if trace() && tries > 0 {
+                        eprintln!(
+                            "  node {id} restarted after {} ms waiting for its store",
+                            tries * 10
+                        );
+                    }
+                    break started;
+                }
+                Err(e) if tries < 1000 => {
                     tries += 1;
-                    if tries == 100 {
+                    if tries == 1000 {
                         panic!("node {id} does not restart: {e}");
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -509,7 +509,10 @@ async fn answer(shard: &Rc<Shard>, req: &PeerRequest) -> Result<Bytes, String> {
             .await
         }
         (OP_DONE, []) => {
-            let done = shard.engine.borrow_mut().moving_done(client_id, to);
+            let done = shard
+                .engine
+                .borrow_mut()
+                .moving_done(now_ms(), client_id, to);
             shard.flush_outbox();
             if done {
                 Ok(Bytes::from_static(&[1]))

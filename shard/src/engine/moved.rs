@@ -62,7 +62,15 @@ struct Ghost {
     /// (node, claim epoch) it moved to.
     to: (u64, u64),
     filters: Vec<Str>,
+    /// That node confirmed it stored the session: what matches goes there at once.
+    /// Until then it is held here (the session may come back here, or go to a
+    /// later claimant), with who waits for it.
+    confirmed: bool,
+    held: Vec<Held>,
 }
+
+/// A publication a ghost holds: the message, its id, who waits for it.
+type Held = (Message, Option<PubId>, Option<u64>);
 
 #[derive(Debug)]
 struct Window {
@@ -230,7 +238,7 @@ impl Engine {
     /// The session `idx` leaves for `to` (node, epoch): its plain subscriptions
     /// stay as a ghost's (call before the session is destroyed, so its routes
     /// stay), and returns its window for the new owner.
-    pub(super) fn leave_ghost(&mut self, now_ms: u64, idx: SessionIdx, to: (u64, u64)) -> Vec<u8> {
+    pub(super) fn leave_ghost(&mut self, idx: SessionIdx, to: (u64, u64)) -> Vec<u8> {
         let s = self.session(idx);
         let client_id = s.client_id.clone();
         let uid = s.uid;
@@ -279,12 +287,78 @@ impl Engine {
             client_id: client_id.clone(),
             to,
             filters: subs.into_iter().map(|(f, _)| f).collect(),
+            confirmed: false,
+            held: Vec::new(),
         });
-        self.moved.by_client.insert(client_id.clone(), slot);
-        self.moved
-            .expiring
-            .push_back((now_ms + MOVED_WINDOW_MS, Expiring::Ghost(slot, client_id)));
+        self.moved.by_client.insert(client_id, slot);
         out
+    }
+
+    /// The node the session went to confirmed it stored it: what the ghost held goes
+    /// there now, and the ghost lives [`MOVED_WINDOW_MS`] from now.
+    pub(super) fn ghost_confirmed(&mut self, now_ms: u64, client_id: &Str) {
+        let Some(&slot) = self.moved.by_client.get(client_id) else {
+            return;
+        };
+        let Some(Some(g)) = self.moved.ghosts.get_mut(slot as usize) else {
+            return;
+        };
+        if g.confirmed {
+            return;
+        }
+        g.confirmed = true;
+        let held = std::mem::take(&mut g.held);
+        let (node, epoch) = g.to;
+        self.moved.expiring.push_back((
+            now_ms + MOVED_WINDOW_MS,
+            Expiring::Ghost(slot, client_id.clone()),
+        ));
+        let Some(remote) = self.remote else {
+            return;
+        };
+        for (message, id, ack) in held {
+            self.stats.remote_forwards_sent += 1;
+            self.outbox[usize::from(remote)].push(MeshMsg::Redirect {
+                client_id: client_id.clone(),
+                node,
+                epoch,
+                message,
+                id,
+                ack,
+            });
+        }
+    }
+
+    /// What the ghost of `client_id` held (its session is back here): the caller
+    /// delivers it with [`Engine::deliver_held`].
+    pub(super) fn take_ghost_held(&mut self, client_id: &Str) -> Vec<Held> {
+        match self.moved.by_client.get(client_id) {
+            Some(&slot) => self.moved.ghosts[slot as usize]
+                .as_mut()
+                .map(|g| std::mem::take(&mut g.held))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Delivers what a ghost held to its session, back here (`idx`), and answers
+    /// whoever waited for each.
+    pub(super) fn deliver_held(&mut self, now_ms: u64, idx: SessionIdx, held: Vec<Held>) {
+        for (message, _, ack) in held {
+            self.deliver_to_session(now_ms, idx, message);
+            if let Some(t) = ack {
+                self.release_waiter(t);
+            }
+        }
+    }
+
+    /// One answer for `token`, a publisher's or a forwarded batch's.
+    fn release_waiter(&mut self, token: u64) {
+        if self.pending_forwards.contains_key(&token) {
+            self.on_forward_ack(token);
+        } else if self.pending_retains.contains_key(&token) {
+            self.on_retain_ack(token);
+        }
     }
 
     /// The moved session's ghost follows its moving copy to a later claimant.
@@ -309,6 +383,13 @@ impl Engine {
             self.remove_local_subscription(f, GHOST_BASE + slot);
         }
         self.moved.free.push(slot);
+        // Nobody takes what it still held: its waiters are answered, not held for
+        // ever (said in docs/ARCHITECTURE.md).
+        for (_, _, ack) in g.held {
+            if let Some(t) = ack {
+                self.release_waiter(t);
+            }
+        }
     }
 
     /// The session `client_id` just taken in gets the window its old owner sent
@@ -416,13 +497,19 @@ impl Engine {
         let Some(Some(g)) = self.moved.ghosts.get((gidx - GHOST_BASE) as usize) else {
             return;
         };
-        let (client_id, (node, epoch)) = (g.client_id.clone(), g.to);
+        let (client_id, (node, epoch), confirmed) = (g.client_id.clone(), g.to, g.confirmed);
         let id = match self.moved.current {
             Some(id) => Some(id),
             None if msg.qos == QoS::ExactlyOnce => self.new_pub_id(),
             None => None,
         };
         let ack = self.redirect_ack(msg.qos);
+        if !confirmed {
+            if let Some(Some(g)) = self.moved.ghosts.get_mut((gidx - GHOST_BASE) as usize) {
+                g.held.push((msg.clone(), id, ack));
+            }
+            return;
+        }
         self.stats.remote_forwards_sent += 1;
         self.outbox[usize::from(remote)].push(MeshMsg::Redirect {
             client_id,
@@ -510,7 +597,25 @@ impl Engine {
         {
             return;
         }
-        // What the session subscribes to here decides, as for any delivery.
+        let origin = self.moved.origin;
+        if let Some(id) = id
+            && message.qos == QoS::ExactlyOnce
+            && let Some(w) = self.moved.windows.get_mut(&client_id)
+        {
+            // A publication of this shard made after the session's subscriptions
+            // were attached here reached it here.
+            let here = id.origin == origin && id.shard == self.shard;
+            if (here && id.seq > w.local_mark) || w.seen(id, false) {
+                return;
+            }
+        }
+        self.deliver_to_session(now_ms, idx, message);
+    }
+
+    /// Delivers `message` to session `idx` as its subscriptions here say (QoS,
+    /// subscription ids, retain as published, what the session subscribes to
+    /// here decides); nothing when none matches.
+    fn deliver_to_session(&mut self, now_ms: u64, idx: SessionIdx, message: Message) {
         let mut qos = None;
         let mut retain = false;
         let mut subscription_ids = Vec::new();
@@ -526,18 +631,6 @@ impl Engine {
             return; // unsubscribed meanwhile
         };
         let qos = message.qos.min(granted);
-        let origin = self.moved.origin;
-        if let Some(id) = id
-            && qos == QoS::ExactlyOnce
-            && let Some(w) = self.moved.windows.get_mut(&client_id)
-        {
-            // A publication of this shard made after the session's subscriptions
-            // were attached here reached it here.
-            let here = id.origin == origin && id.shard == self.shard;
-            if (here && id.seq > w.local_mark) || w.seen(id, false) {
-                return;
-            }
-        }
         let d = Delivery {
             message,
             qos,

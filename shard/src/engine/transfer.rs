@@ -256,7 +256,7 @@ impl Engine {
         let bytes = record::encode(&rec);
         let (expires_at_ms, stored) = (s.expiry_deadline_ms(), s.stored);
         // Before it leaves the routes: what still comes for it here follows it.
-        let window = self.leave_ghost(now_ms, idx, to);
+        let window = self.leave_ghost(idx, to);
         let moving = Moving {
             to,
             bytes: bytes.clone(),
@@ -354,9 +354,15 @@ impl Engine {
 
     /// The node the session was handed to (`to`) stored it: the copy and its records
     /// go. False when the copy is not `to`'s (a later claimant's, or none).
-    pub fn moving_done(&mut self, client_id: &str, to: (u64, u64)) -> bool {
+    pub fn moving_done(&mut self, now_ms: u64, client_id: &str, to: (u64, u64)) -> bool {
         match self.moving_to(client_id) {
-            Some(t) if t == to => self.drop_moving(client_id),
+            Some(t) if t == to => {
+                // What came for it meanwhile follows it now (`moved`).
+                if let Ok(key) = Str::try_from(client_id) {
+                    self.ghost_confirmed(now_ms, &key);
+                }
+                self.drop_moving(client_id)
+            }
             _ => false,
         }
     }
@@ -386,6 +392,8 @@ impl Engine {
             .collect();
         for c in &due {
             self.drop_moving(c);
+            // What its ghost held goes with it (`moved`).
+            self.drop_ghost(c);
         }
         due
     }
@@ -498,10 +506,16 @@ impl Engine {
             rs.disconnected_at_ms = Some(now_ms);
         }
         let subscriptions = std::mem::take(&mut rs.subscriptions);
-        // It is here again: its ghost goes (`moved`).
-        if let Ok(key) = Str::try_from(client_id) {
-            self.drop_ghost(&key);
-        }
+        // It is here again: its ghost goes (`moved`), what the ghost held is
+        // delivered to it below.
+        let held = match Str::try_from(client_id) {
+            Ok(key) => {
+                let held = self.take_ghost_held(&key);
+                self.drop_ghost(&key);
+                held
+            }
+            Err(_) => Vec::new(),
+        };
         // A stale copy of the session here (from an earlier ownership) is replaced.
         if let Some(idx) = self.session_idx(client_id) {
             self.session_taken_over(now_ms, client_id);
@@ -556,6 +570,7 @@ impl Engine {
             self.persist_delayed_will(idx, Some(&d));
             self.delayed_wills.insert(idx, d);
         }
+        self.deliver_held(now_ms, idx, held);
         Ok(if waits_for_tail {
             tail
         } else {
@@ -989,7 +1004,7 @@ mod tests {
         // longer reads the tail nor confirms.
         let bytes = a.moving_handout("mover", (3, 9)).unwrap();
         assert!(!a.read_moving_tail("mover", (2, 5), 1, 0, 3));
-        assert!(!a.moving_done("mover", (2, 5)));
+        assert!(!a.moving_done(9, "mover", (2, 5)));
         let (mut c, mut cst) = stored_node();
         let imported = c.import_session(12, "mover", &bytes, WALL_B).unwrap();
         let moved = move_tail(
@@ -1002,7 +1017,7 @@ mod tests {
         // Node 3 stored it (its own head of 4, the rest on its disk): confirmed, the
         // old node deletes its records.
         assert_eq!(stored_msgs(&cst), N);
-        assert!(a.moving_done("mover", (3, 9)));
+        assert!(a.moving_done(9, "mover", (3, 9)));
         ast.commit(&mut a, 22);
         assert_eq!(stored_msgs(&ast), 0);
         assert!(!ast.sessions.contains("mover"));
