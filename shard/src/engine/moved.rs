@@ -645,7 +645,162 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
+    //! Goal: a publication that matches a session after it left for another node
+    //! follows it there, once that node confirmed it has the session, and its
+    //! publisher's acknowledgement waits for that node; the new node does not deliver
+    //! to the session again what it got on its old node, whichever path a copy took.
+
+    use bytes::Bytes;
+    use tessera_proto::{Packet, ProtocolVersion, PubRec, Publish};
+
+    use super::super::Limits;
+    use super::super::testing::{connect_packet, drain, engines, subscribe_packet};
     use super::*;
+
+    const V: ProtocolVersion = ProtocolVersion::V3_1_1;
+
+    fn remote_out(e: &mut Engine) -> Vec<MeshMsg> {
+        let r = usize::from(e.remote.expect("remote"));
+        std::mem::take(&mut e.outbox[r])
+    }
+
+    /// A cluster engine with a persistent session "s" subscribed to "t" at QoS 2.
+    fn node(origin: u64) -> (Engine, ShardId, crate::session::ConnId) {
+        let mut e = engines(1, &Limits::default()).remove(0);
+        let remote = e.enable_remote().expect("room for the remote id");
+        e.set_origin(origin);
+        let s = e.connect(1, connect_packet(V, "s", false), false);
+        e.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut e, s, V);
+        remote_out(&mut e);
+        (e, remote, s)
+    }
+
+    fn message(payload: &'static str) -> Message {
+        let mut p = Publish::new(
+            Str::from_static("t"),
+            Bytes::from_static(payload.as_bytes()),
+        );
+        p.qos = QoS::ExactlyOnce;
+        p.packet_id = 1;
+        super::super::message_from_publish(1, p, SessionUid(0), ProtocolVersion::V5)
+    }
+
+    fn forwarded(payload: &'static str, seq: u64) -> MeshMsg {
+        MeshMsg::Forwarded {
+            message: message(payload),
+            mark: None,
+            ack: None,
+            id: Some(PubId {
+                origin: 5,
+                shard: 0,
+                seq,
+            }),
+        }
+    }
+
+    fn payloads(e: &mut Engine, conn: crate::session::ConnId) -> Vec<Bytes> {
+        drain(e, conn, V)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => Some(p.payload),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_ghost_holds_what_matches_until_confirmed_and_the_publisher_waits_for_the_new_node() {
+        let (mut a, remote, _) = node(7);
+        assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
+        assert_eq!(a.ghost_count(), 1);
+        let p = a.connect(2, connect_packet(V, "p", true), false);
+        drain(&mut a, p, V);
+        let mut publish = Publish::new(Str::from_static("t"), Bytes::from_static(b"x"));
+        publish.qos = QoS::ExactlyOnce;
+        publish.packet_id = 5;
+        a.handle_packet(3, p, Packet::Publish(publish));
+        assert!(
+            !remote_out(&mut a)
+                .iter()
+                .any(|m| matches!(m, MeshMsg::Redirect { .. })),
+            "sent on before the new node confirmed it has the session"
+        );
+        assert!(
+            drain(&mut a, p, V).is_empty(),
+            "PUBREC while the ghost holds it"
+        );
+        assert!(a.moving_done(4, "s", (2, 99)));
+        let token = match &remote_out(&mut a)[..] {
+            [
+                MeshMsg::Redirect {
+                    client_id,
+                    node: 2,
+                    epoch: 99,
+                    id: Some(_),
+                    ack: Some(t),
+                    ..
+                },
+            ] if client_id == "s" => *t,
+            other => panic!("expected one redirect to node 2: {other:?}"),
+        };
+        assert!(
+            drain(&mut a, p, V).is_empty(),
+            "PUBREC before node 2 took it"
+        );
+        a.handle_mesh(5, remote, MeshMsg::Ack { token });
+        assert_eq!(drain(&mut a, p, V), vec![Packet::PubRec(PubRec::new(5))]);
+        // The ghost goes when it expires, and with it the route.
+        a.expire_moved(5 + MOVED_WINDOW_MS);
+        assert_eq!(a.ghost_count(), 0);
+    }
+
+    #[test]
+    fn the_new_node_skips_what_the_session_got_on_its_old_node_by_either_path() {
+        let (mut a, remote_a, s) = node(7);
+        a.handle_mesh(1, remote_a, forwarded("before", 3));
+        assert_eq!(payloads(&mut a, s), vec![Bytes::from_static(b"before")]);
+        let bytes = a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        let window = a.moving_window("s").expect("a window");
+
+        let mut b = engines(1, &Limits::default()).remove(0);
+        let remote_b = b.enable_remote().expect("room for the remote id");
+        b.set_origin(8);
+        b.import_session(3, "s", &bytes, 0).expect("imported");
+        assert!(b.import_window(3, "s", &window));
+        assert!(!b.import_window(3, "s", &window[..window.len() - 1]));
+        let s = b.connect(3, connect_packet(V, "s", false), false);
+        drain(&mut b, s, V);
+        // The copy the old node handled comes late: not again.
+        b.handle_mesh(4, remote_b, forwarded("before", 3));
+        assert!(payloads(&mut b, s).is_empty(), "delivered twice");
+        // A later one directly, then redirected by the old node: once.
+        b.handle_mesh(4, remote_b, forwarded("direct first", 4));
+        let redirect = |payload, seq| MeshMsg::Redirect {
+            client_id: Str::from_static("s"),
+            node: 0,
+            epoch: 99,
+            message: message(payload),
+            id: Some(PubId {
+                origin: 5,
+                shard: 0,
+                seq,
+            }),
+            ack: None,
+        };
+        b.handle_mesh(4, remote_b, redirect("direct first", 4));
+        assert_eq!(
+            payloads(&mut b, s),
+            vec![Bytes::from_static(b"direct first")]
+        );
+        // The other order.
+        b.handle_mesh(4, remote_b, redirect("redirected first", 5));
+        b.handle_mesh(4, remote_b, forwarded("redirected first", 5));
+        assert_eq!(
+            payloads(&mut b, s),
+            vec![Bytes::from_static(b"redirected first")]
+        );
+    }
 
     #[test]
     fn a_window_skips_what_the_old_owner_handled_and_what_it_delivered_once() {
