@@ -324,7 +324,16 @@ fn priority(channel: Channel) -> i32 {
 
 /// Whether a channel's requests are served one at a time in arrival order.
 fn ordered(channel: Channel) -> bool {
-    matches!(channel, Channel::Forward | Channel::Snapshot)
+    matches!(channel, Channel::Snapshot)
+}
+
+/// Whether a channel's requests reach the service in arrival order while their answers
+/// go back as each is ready: the link polls a request's `serve` future once before it
+/// reads the next request, and the service orders requests in that first poll (the
+/// broker's forward service queues each for its shard there). A request whose answer
+/// waits (a forwarded batch waiting for its commit) so holds up no other.
+fn ordered_dispatch(channel: Channel) -> bool {
+    matches!(channel, Channel::Forward)
 }
 
 impl Link {
@@ -1053,6 +1062,35 @@ impl Inner {
                 let answer = self.answer(from, channel, body, bound).await;
                 if writer.send(answer_frame(header.id, answer)).await.is_err() {
                     return;
+                }
+            } else if ordered_dispatch(channel) {
+                let Ok(permit) = concurrency.clone().acquire_owned().await else {
+                    return;
+                };
+                let this = self.clone();
+                let mut answer = Box::pin(async move {
+                    let answer = this.answer(from, channel, body, bound).await;
+                    drop(permit);
+                    answer
+                });
+                // The first poll hands the request to the service, before the next is read.
+                let first = {
+                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                    answer.as_mut().poll(&mut cx)
+                };
+                match first {
+                    std::task::Poll::Ready(answer) => {
+                        if writer.send(answer_frame(header.id, answer)).await.is_err() {
+                            return;
+                        }
+                    }
+                    std::task::Poll::Pending => {
+                        let writer = writer.clone();
+                        tokio::spawn(async move {
+                            let answer = answer.await;
+                            let _ = writer.send(answer_frame(header.id, answer)).await;
+                        });
+                    }
                 }
             } else {
                 let Ok(permit) = concurrency.clone().acquire_owned().await else {
