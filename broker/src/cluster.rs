@@ -189,8 +189,8 @@ impl ClusterNode {
             Duration::from_millis(config.election_timeout_min_ms),
             Duration::from_millis(config.election_timeout_max_ms),
         );
-        // A held answer (back-pressure across nodes) is not a dead peer: a forward call
-        // that times out makes the forwarder retry and take its peer for failing.
+        // A held batch (back-pressure across nodes) is not a dead peer: its done request
+        // waits up to the hold, and one that times out is asked again.
         link_config.call_timeout
             [tessera_raft::link::channel_index(tessera_raft::Channel::Forward)] += forward_hold;
         link_config.peers = peers

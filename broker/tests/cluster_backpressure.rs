@@ -15,8 +15,16 @@
 //! the subscriber polls again and must get 0..300 in order, the publisher all its
 //! PUBACKs, and node 2 must have counted held acknowledgements and no drop.
 //!
+//! Only the publications for the congested subscriber wait: with node 2 holding them
+//! as above (and a hold bound of 120 s, beyond the test's deadline), a second QoS 1
+//! publisher on node 1 whose subscriber on node 2 reads gets all its 300 PUBACKs, and
+//! its subscriber every message, while the first subscriber is still paused. Node 2
+//! answers a held batch *received* at once and *done* later (forward answers in two
+//! steps); before, a held answer stopped the whole stream between the nodes and this
+//! test timed out.
+//!
 //! QoS 0 across nodes is slowed, not dropped, while the peer answers: with node 2's
-//! answers held as above (so the link carries nothing for a while), a raw QoS 0
+//! acknowledgements held as above, a raw QoS 0
 //! publisher on node 1 writes 200,000 messages for a second subscriber on node 2 at
 //! once. Node 1 must stop reading it (its forwarder stops taking the shards' batches at
 //! two batches queued for the peer) rather than queue 100,000 and drop the rest: node
@@ -79,25 +87,40 @@ fn counter(cluster: &Cluster, node: u64, name: &str) -> f64 {
     common::metric_sum(&common::scrape(cluster.node(node).admin_addr()), name, &[])
 }
 
-/// A 2-node cluster with `LIMITS` and a rumqttc subscriber to `bp/x` on node 2 that
+/// A rumqttc client `id` at `addr` subscribed to `filter` (it got its SUBACK: from here
+/// the other node routes the filter here).
+fn subscribed(
+    addr: SocketAddr,
+    id: &str,
+    filter: &str,
+    qos: rumqttc::QoS,
+) -> (rumqttc::Client, rumqttc::Connection) {
+    let (client, mut conn) = rumqttc::Client::new(options(addr, id), 10);
+    client.subscribe(filter, qos).expect("subscribe");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match conn.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("{id}: no SUBACK: {other:?}"),
+        }
+    }
+    (client, conn)
+}
+
+/// A 2-node cluster with `limits` and a rumqttc subscriber to `bp/x` on node 2 that
 /// got its SUBACK; from then on nobody polls it (it is paused) until the caller does.
-fn cluster_with_paused_subscriber(tag: &str) -> (Cluster, rumqttc::Client, rumqttc::Connection) {
-    let mut cluster = Cluster::new(tag, 2, 2, &LIMITS);
+fn cluster_with_paused_subscriber(
+    tag: &str,
+    limits: &[(&str, &str)],
+) -> (Cluster, rumqttc::Client, rumqttc::Connection) {
+    let mut cluster = Cluster::new(tag, 2, 2, limits);
     for id in 1..=2 {
         cluster.start(id, &[], false);
     }
     cluster.wait_for_leader();
-    let (sub, mut sub_conn) = rumqttc::Client::new(options(cluster.node(2).addr(), "bp-sub"), 10);
-    sub.subscribe("bp/x", rumqttc::QoS::AtLeastOnce)
-        .expect("subscribe");
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match sub_conn.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => break,
-            Ok(Ok(_)) => {}
-            other => panic!("subscriber: no SUBACK: {other:?}"),
-        }
-    }
+    let addr = cluster.node(2).addr();
+    let (sub, sub_conn) = subscribed(addr, "bp-sub", "bp/x", rumqttc::QoS::AtLeastOnce);
     (cluster, sub, sub_conn)
 }
 
@@ -132,6 +155,36 @@ fn qos1_publisher(addr: SocketAddr, acked: Arc<AtomicUsize>) -> thread::JoinHand
         let _ = client.disconnect();
         let _ = conn.recv_timeout(Duration::from_millis(200));
     })
+}
+
+/// Node 2 counted a held acknowledgement.
+fn assert_held(cluster: &Cluster) {
+    assert!(
+        counter(cluster, 2, "tessera_backpressure_acks_held_total") > 0.0,
+        "node 2 never held an acknowledgement for its paused subscriber"
+    );
+}
+
+/// The paused subscriber reads again: everything its publisher was acknowledged arrives,
+/// once, in order, the publisher gets every PUBACK and node 2 dropped nothing.
+fn resume_all_in_order(
+    cluster: &Cluster,
+    sub_conn: &mut rumqttc::Connection,
+    publisher: thread::JoinHandle<()>,
+    acked: &AtomicUsize,
+) {
+    let got = resume(sub_conn, acked);
+    publisher.join().expect("publisher got every PUBACK");
+    assert_eq!(
+        got,
+        (0..MESSAGES).collect::<Vec<_>>(),
+        "lost, repeated or reordered"
+    );
+    assert_eq!(
+        counter(cluster, 2, "tessera_messages_dropped_total"),
+        0.0,
+        "node 2 dropped messages"
+    );
 }
 
 /// Waits (at most 3 s) until node 2 counted a held acknowledgement.
@@ -189,7 +242,7 @@ fn resume(sub_conn: &mut rumqttc::Connection, acked: &AtomicUsize) -> Vec<usize>
 
 #[test]
 fn a_full_queue_on_another_node_holds_the_publishers_acks_and_loses_nothing() {
-    let (cluster, sub, mut sub_conn) = cluster_with_paused_subscriber("cluster-bp");
+    let (cluster, sub, mut sub_conn) = cluster_with_paused_subscriber("cluster-bp", &LIMITS);
     let acked = Arc::new(AtomicUsize::new(0));
     let publisher = qos1_publisher(cluster.node(1).addr(), acked.clone());
     // Node 2 starts holding the batch answers once the subscriber's queue is congested
@@ -205,24 +258,10 @@ fn a_full_queue_on_another_node_holds_the_publishers_acks_and_loses_nothing() {
          queued) without dropping acknowledged messages"
     );
 
-    assert!(
-        counter(&cluster, 2, "tessera_backpressure_acks_held_total") > 0.0,
-        "node 2 never held an acknowledgement for its paused subscriber"
-    );
+    assert_held(&cluster);
 
     // The subscriber reads again: everything acknowledged arrives, once, in order.
-    let got = resume(&mut sub_conn, &acked);
-    publisher.join().expect("publisher got every PUBACK");
-    assert_eq!(
-        got,
-        (0..MESSAGES).collect::<Vec<_>>(),
-        "lost, repeated or reordered"
-    );
-    assert_eq!(
-        counter(&cluster, 2, "tessera_messages_dropped_total"),
-        0.0,
-        "node 2 dropped messages"
-    );
+    resume_all_in_order(&cluster, &mut sub_conn, publisher, &acked);
     assert_eq!(
         counter(&cluster, 1, "tessera_cluster_forward_dropped_total"),
         0.0
@@ -230,24 +269,95 @@ fn a_full_queue_on_another_node_holds_the_publishers_acks_and_loses_nothing() {
     let _ = sub.disconnect();
 }
 
+/// Limits with a hold bound far beyond the test's deadline: nothing is released by it.
+const LONG_HOLD: [(&str, &str); 3] = [
+    ("TESSERA_LIMITS__MAX_QUEUED_MESSAGES", "100"),
+    ("TESSERA_LIMITS__QUEUE_HIGH_WATER", "20"),
+    ("TESSERA_LIMITS__BACKPRESSURE_HOLD_MS_MAX", "120000"),
+];
+
 #[test]
-fn a_qos0_flood_for_a_stalled_peer_is_slowed_not_dropped() {
-    let (cluster, sub, mut sub_conn) = cluster_with_paused_subscriber("cluster-bp-q0");
-    // The flood's subscriber on node 2 reads all along.
-    let (flood_sub, mut flood_conn) =
-        rumqttc::Client::new(options(cluster.node(2).addr(), "bp-flood-sub"), 10);
-    flood_sub
-        .subscribe("bp/flood", rumqttc::QoS::AtMostOnce)
-        .expect("subscribe");
+fn a_congested_subscriber_on_another_node_holds_only_the_publications_for_it() {
+    let (cluster, sub, mut sub_conn) = cluster_with_paused_subscriber("cluster-bp-2", &LONG_HOLD);
+    // A second subscriber on node 2 reads all along.
+    let addr = cluster.node(2).addr();
+    let (other_sub, mut other_conn) =
+        subscribed(addr, "bp-other-sub", "bp/other", rumqttc::QoS::AtLeastOnce);
+    let other_got = Arc::new(AtomicUsize::new(0));
+    let other_reader = {
+        let got = other_got.clone();
+        thread::spawn(move || {
+            let deadline = Instant::now() + TIMEOUT;
+            while got.load(Ordering::Relaxed) < MESSAGES {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match other_conn.recv_timeout(left) {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_)))) => {
+                        got.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Ok(_)) => {}
+                    other => return other.map(|_| ()).map_err(|e| format!("{e:?}")),
+                }
+            }
+            Ok(())
+        })
+    };
+    // Node 2 holds the acknowledgements of the paused subscriber's publisher...
+    let acked = Arc::new(AtomicUsize::new(0));
+    let publisher = qos1_publisher(cluster.node(1).addr(), acked.clone());
+    wait_for_held(&cluster);
+    assert_held(&cluster);
+    // ... while another publisher on node 1, whose subscriber on node 2 reads, gets every
+    // PUBACK and its subscriber every message before the paused subscriber reads again.
+    let mut o = options(cluster.node(1).addr(), "bp-other-pub");
+    o.set_inflight(20);
+    let (client, mut conn) = rumqttc::Client::new(o, MESSAGES + 10);
+    for i in 0..MESSAGES {
+        client
+            .publish("bp/other", rumqttc::QoS::AtLeastOnce, false, i.to_string())
+            .expect("queue publish");
+    }
+    let mut other_acked = 0;
     let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match flood_conn.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            // From here node 1 routes bp/flood to node 2 (the SUBACK waits for it).
-            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => break,
+    while other_acked < MESSAGES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "a publisher whose subscriber reads got {other_acked} of {MESSAGES} PUBACKs while \
+             another node held a congested subscriber's (its subscriber got {})",
+            other_got.load(Ordering::Relaxed)
+        );
+        match conn.recv_timeout(left) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => other_acked += 1,
             Ok(Ok(_)) => {}
-            other => panic!("flood subscriber: no SUBACK: {other:?}"),
+            other => panic!("second publisher: {other:?}"),
         }
     }
+    let reader = other_reader.join().expect("second subscriber's thread");
+    assert_eq!(
+        (reader, other_got.load(Ordering::Relaxed)),
+        (Ok(()), MESSAGES),
+        "the second subscriber's messages"
+    );
+    assert!(
+        acked.load(Ordering::Relaxed) <= INFLIGHT_MAX + QUEUED_MAX,
+        "the paused subscriber's publisher got more PUBACKs than node 2 can hold for it"
+    );
+    // The paused subscriber reads again: everything acknowledged arrives, once, in order.
+    resume_all_in_order(&cluster, &mut sub_conn, publisher, &acked);
+    let _ = (
+        client.disconnect(),
+        sub.disconnect(),
+        other_sub.disconnect(),
+    );
+}
+
+#[test]
+fn a_qos0_flood_for_a_stalled_peer_is_slowed_not_dropped() {
+    let (cluster, sub, mut sub_conn) = cluster_with_paused_subscriber("cluster-bp-q0", &LIMITS);
+    // The flood's subscriber on node 2 reads all along.
+    let addr = cluster.node(2).addr();
+    let (flood_sub, mut flood_conn) =
+        subscribed(addr, "bp-flood-sub", "bp/flood", rumqttc::QoS::AtMostOnce);
     let flood_got = Arc::new(AtomicUsize::new(0));
     let flood_reader = {
         let got = flood_got.clone();
@@ -269,10 +379,7 @@ fn a_qos0_flood_for_a_stalled_peer_is_slowed_not_dropped() {
     let acked = Arc::new(AtomicUsize::new(0));
     let publisher = qos1_publisher(cluster.node(1).addr(), acked.clone());
     wait_for_held(&cluster);
-    assert!(
-        counter(&cluster, 2, "tessera_backpressure_acks_held_total") > 0.0,
-        "node 2 never held an acknowledgement for its paused subscriber"
-    );
+    assert_held(&cluster);
     // ... when a raw QoS 0 publisher on node 1 writes its flood at once.
     let mut bytes = bytes::BytesMut::new();
     let connect =

@@ -1670,19 +1670,52 @@ impl Reach {
     }
 }
 
-/// A batch sent to a peer and not yet answered.
+/// A batch from being taken off a peer's queue until it is complete at the peer.
 struct Sent {
     seq: u64,
     count: u64,
-    bytes: Bytes,
+    /// The batch as first sent; `None` once it is done (sent again after a failure,
+    /// it goes without records, see `wire`).
+    bytes: Option<Bytes>,
+    /// Its size, for the counters.
+    size: u64,
     /// The QoS 1/2 publications it carries: (shard, token).
     tokens: Vec<(ShardId, u64)>,
-    /// The call, while one is running (none after a failure, until it is sent again).
-    call: Option<tokio::task::JoinHandle<Result<Answer, String>>>,
+    state: SentState,
+    /// Counted as sent (the peer accepted it once).
+    counted: bool,
 }
 
+/// Where a [`Sent`] batch is.
+enum SentState {
+    /// To be sent (again, after a failure).
+    Idle,
+    /// Its call is running.
+    Sending(tokio::task::JoinHandle<Result<Answer, String>>),
+    /// The peer answered received; a done request is running.
+    Received(tokio::task::AbortHandle),
+    /// Complete at the peer: its publications are answered.
+    Done,
+}
+
+impl Sent {
+    fn abort(&mut self) {
+        match std::mem::replace(&mut self.state, SentState::Idle) {
+            SentState::Sending(call) => call.abort(),
+            SentState::Received(done) => done.abort(),
+            SentState::Done => self.state = SentState::Done,
+            SentState::Idle => {}
+        }
+    }
+}
+
+/// Batches that are not done that a sender keeps (sent, received or to send again):
+/// the batches' bytes are kept until they are done, so this bounds them. Below the
+/// link's requests served at once per stream (64), which their done requests take.
+const BATCHES_NOT_DONE_MAX: usize = 32;
+
 /// Takes the next batch from `queue`: `seq`, sent while the batches from `base` on are
-/// unanswered. `None` when the queue is empty.
+/// not done. `None` when the queue is empty.
 fn take_batch(
     queue: &PeerQueue,
     drained: &Notify,
@@ -1715,21 +1748,28 @@ fn take_batch(
     if items.len() < PEER_QUEUE_HIGH_WATER {
         drained.notify_one();
     }
+    let count = w.len() as u64;
+    let bytes = w.finish();
     Some(Sent {
         seq,
-        count: w.len() as u64,
-        bytes: w.finish(),
+        count,
+        size: bytes.len() as u64,
+        bytes: Some(bytes),
         tokens,
-        call: None,
+        state: SentState::Idle,
+        counted: false,
     })
 }
 
-/// Sends `queue` to `node`: up to [`BATCHES_IN_FLIGHT`] batches in flight, in order;
-/// after a failure they are sent again one at a time, oldest first, until each is
-/// accepted (the receiver refuses a batch after one it did not accept, `wire`).
-/// Ends when the forwarder's task ended (its events channel closed), so nothing of a
-/// stopped forwarder keeps calling peers or holds the raft handle (the data-plane
-/// simulation stops and restarts nodes in one process).
+/// Sends `queue` to `node`, in order, with answers in two steps (`wire`, "Answers in
+/// two steps"): up to [`BATCHES_IN_FLIGHT`] batches wait for their first answer; a
+/// batch answered received waits for its done request while the next ones go, up to
+/// [`BATCHES_NOT_DONE_MAX`]. Its QoS 1/2 publications are answered when it is done.
+/// After any failure (a call, a done request, a peer that restarted) every batch from
+/// the oldest one not done is sent again, one at a time, in order (done ones with no
+/// records), until each is answered. Ends when the forwarder's task ended (its events
+/// channel closed), so nothing of a stopped forwarder keeps calling peers or holds the
+/// raft handle (the data-plane simulation stops and restarts nodes in one process).
 #[allow(clippy::too_many_arguments)]
 async fn send_to_peer(
     node: NodeId,
@@ -1737,13 +1777,119 @@ async fn send_to_peer(
     drained: Arc<Notify>,
     transport: Arc<dyn Transport>,
     events: mpsc::UnboundedSender<Event>,
-    mut incarnation: u64,
+    incarnation: u64,
     clocks: Clocks,
     metrics: Arc<ForwardMetrics>,
     handle: ClusterHandle,
 ) {
-    let call = |bytes: Bytes| {
-        let transport = transport.clone();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut p = PeerSender {
+        node,
+        queue,
+        drained,
+        transport,
+        events,
+        incarnation,
+        metrics,
+        done_tx,
+        seq: 0,
+        window: VecDeque::new(),
+        resend: None,
+        round: 0,
+        pause: RETRY_MIN,
+    };
+    let queue = p.queue.clone();
+    let events = p.events.clone();
+    loop {
+        // The forwarder is gone (it ended): so is this peer's sender, with its handle.
+        if events.is_closed() {
+            p.abort_all();
+            return;
+        }
+        let notified = queue.notify.notified();
+        p.tidy();
+        p.send_more((clocks.now_ms)());
+        // The oldest batch waiting for its first answer.
+        let sending = p
+            .window
+            .iter()
+            .position(|b| matches!(b.state, SentState::Sending(_)));
+        let room = p.resend.is_none() && p.sending() < BATCHES_IN_FLIGHT;
+        let woke = match sending {
+            Some(at) => {
+                let SentState::Sending(running) = &mut p.window[at].state else {
+                    unreachable!("found sending above");
+                };
+                // A call may wait long for its answer (the peer holds it while it
+                // sends a moved session's publications on): the forwarder's end ends
+                // it too.
+                tokio::select! {
+                    r = running => Woke::Answer(at, r.unwrap_or_else(|e| Err(format!("the call's task failed: {e}")))),
+                    Some(d) = done_rx.recv() => Woke::Done(d),
+                    () = notified, if room => Woke::More,
+                    () = events.closed() => {
+                        p.abort_all();
+                        return;
+                    }
+                }
+            }
+            None if p.window.is_empty() => {
+                tokio::select! {
+                    () = notified => Woke::More,
+                    () = events.closed() => return,
+                }
+            }
+            None => {
+                tokio::select! {
+                    () = notified => Woke::More,
+                    Some(d) = done_rx.recv() => Woke::Done(d),
+                    () = events.closed() => return,
+                }
+            }
+        };
+        match woke {
+            Woke::Answer(at, result) => p.on_answer(at, result, &handle).await,
+            Woke::Done(d) => p.on_done(d, &handle).await,
+            Woke::More => {}
+        }
+    }
+}
+
+/// What woke a peer's sender.
+enum Woke {
+    /// The first answer to the batch at this place in the window.
+    Answer(usize, Result<Answer, String>),
+    /// An answer to a done request: (round, seq, answer).
+    Done((u64, u64, Result<Answer, String>)),
+    /// More to send, or room for it.
+    More,
+}
+
+/// One peer's sender (see [`send_to_peer`]).
+struct PeerSender {
+    node: NodeId,
+    queue: Arc<PeerQueue>,
+    drained: Arc<Notify>,
+    transport: Arc<dyn Transport>,
+    events: mpsc::UnboundedSender<Event>,
+    incarnation: u64,
+    metrics: Arc<ForwardMetrics>,
+    /// Answers to done requests: (round, seq, answer). A round ends at each failure;
+    /// what a request of an earlier round answers is ignored.
+    done_tx: mpsc::UnboundedSender<(u64, u64, Result<Answer, String>)>,
+    /// The last batch number taken.
+    seq: u64,
+    /// From the oldest batch not done (the front is never done) to the newest taken.
+    window: VecDeque<Sent>,
+    /// After a failure: the next batch to send again, until past the last one taken.
+    resend: Option<u64>,
+    round: u64,
+    pause: Duration,
+}
+
+impl PeerSender {
+    fn call(&self, bytes: Bytes) -> tokio::task::JoinHandle<Result<Answer, String>> {
+        let (transport, node) = (self.transport.clone(), self.node);
         tokio::spawn(async move {
             transport
                 .call(node, Channel::Forward, bytes)
@@ -1751,127 +1897,274 @@ async fn send_to_peer(
                 .map_err(|e| e.to_string())
                 .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()))
         })
-    };
-    let mut seq = 0u64;
-    let mut sent: VecDeque<Sent> = VecDeque::new();
-    let mut retrying = false;
-    let mut pause = RETRY_MIN;
-    loop {
-        // The forwarder is gone (it ended): so is this peer's sender, with its handle.
-        if events.is_closed() {
-            return;
-        }
-        let notified = queue.notify.notified();
-        while !retrying && sent.len() < BATCHES_IN_FLIGHT {
-            let base = sent.front().map_or(seq + 1, |s| s.seq);
-            let now = (clocks.now_ms)();
-            let Some(mut batch) = take_batch(&queue, &drained, incarnation, (seq + 1, base), now)
-            else {
-                break;
-            };
-            seq += 1;
-            batch.call = Some(call(batch.bytes.clone()));
-            sent.push_back(batch);
-        }
-        let room = !retrying && sent.len() < BATCHES_IN_FLIGHT;
-        let Some(front) = sent.front_mut() else {
-            tokio::select! {
-                () = notified => {}
-                () = events.closed() => return,
+    }
+
+    /// Asks (after `after`) whether batch `seq` is done.
+    fn ask_done(&self, seq: u64, after: Duration) -> tokio::task::AbortHandle {
+        let (transport, node, done_tx) = (self.transport.clone(), self.node, self.done_tx.clone());
+        let (round, incarnation) = (self.round, self.incarnation);
+        tokio::spawn(async move {
+            if !after.is_zero() {
+                tokio::time::sleep(after).await;
             }
-            continue;
-        };
-        let running = match &mut front.call {
-            Some(c) => c,
-            // Sent again after a failure, alone: every batch before it was answered.
+            let bytes = wire::encode_done(&ENVELOPE, incarnation, seq);
+            let answer = transport
+                .call(node, Channel::Forward, bytes)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()));
+            let _ = done_tx.send((round, seq, answer));
+        })
+        .abort_handle()
+    }
+
+    fn sending(&self) -> usize {
+        self.window
+            .iter()
+            .filter(|b| matches!(b.state, SentState::Sending(_)))
+            .count()
+    }
+
+    fn frontier(&self) -> u64 {
+        self.window.front().map_or(self.seq + 1, |b| b.seq)
+    }
+
+    /// Pops the done batches at the front; ends a round of sending again once it
+    /// passed the last batch (the peer answers again: its queue stops the intake again).
+    fn tidy(&mut self) {
+        while self
+            .window
+            .front()
+            .is_some_and(|b| matches!(b.state, SentState::Done))
+        {
+            self.window.pop_front();
+        }
+        let frontier = self.frontier();
+        if let Some(next) = self.resend.as_mut() {
+            *next = (*next).max(frontier);
+        }
+        if self.resend.is_some_and(|next| next > self.seq) {
+            self.resend = None;
+            if self.queue.failing.swap(false, Ordering::Relaxed) {
+                self.drained.notify_one();
+            }
+            self.pause = RETRY_MIN;
+        }
+    }
+
+    /// Starts the calls there is room for: new batches, or after a failure the next
+    /// one to send again (one at a time: the peer takes a batch only after the one
+    /// before it).
+    fn send_more(&mut self, now_ms: u64) {
+        let frontier = self.frontier();
+        match self.resend {
             None => {
-                let bytes = wire::rebase(&front.bytes, ENVELOPE.len(), front.seq)
-                    .unwrap_or_else(|| front.bytes.clone());
-                front.call.insert(call(bytes))
+                let mut not_done = self
+                    .window
+                    .iter()
+                    .filter(|b| !matches!(b.state, SentState::Done))
+                    .count();
+                let mut sending = self.sending();
+                while sending < BATCHES_IN_FLIGHT && not_done < BATCHES_NOT_DONE_MAX {
+                    let taken = take_batch(
+                        &self.queue,
+                        &self.drained,
+                        self.incarnation,
+                        (self.seq + 1, frontier),
+                        now_ms,
+                    );
+                    let Some(mut batch) = taken else {
+                        break;
+                    };
+                    self.seq += 1;
+                    let bytes = batch.bytes.clone().unwrap_or_default();
+                    batch.state = SentState::Sending(self.call(bytes));
+                    self.window.push_back(batch);
+                    sending += 1;
+                    not_done += 1;
+                }
             }
-        };
-        // A call may wait long for its answer (the peer holds it while it sends a
-        // moved session's publications on): the forwarder's end ends it too.
-        let result = if room {
-            tokio::select! {
-                r = running => r,
-                () = notified => continue,
-                () = events.closed() => return,
+            Some(next) if self.sending() == 0 => {
+                let Some(at) = next.checked_sub(frontier).map(|at| at as usize) else {
+                    return;
+                };
+                let incarnation = self.incarnation;
+                let bytes = match self.window.get(at).map(|b| &b.bytes) {
+                    Some(Some(bytes)) => wire::rebase(bytes, ENVELOPE.len(), frontier)
+                        .unwrap_or_else(|| bytes.clone()),
+                    // Done meanwhile: it goes with no records.
+                    Some(None) => {
+                        BatchWriter::with_base(&ENVELOPE, incarnation, next, frontier).finish()
+                    }
+                    None => return,
+                };
+                let call = self.call(bytes);
+                let b = &mut self.window[at];
+                if let SentState::Received(done) = &b.state {
+                    done.abort();
+                }
+                b.state = SentState::Sending(call);
             }
-        } else {
-            tokio::select! {
-                r = running => r,
-                () = events.closed() => return,
+            Some(_) => {}
+        }
+    }
+
+    /// The first answer to the batch at `at`.
+    async fn on_answer(
+        &mut self,
+        at: usize,
+        result: Result<Answer, String>,
+        handle: &ClusterHandle,
+    ) {
+        let node = self.node;
+        let seq = self.window[at].seq;
+        let done_already = self.window[at].bytes.is_none();
+        match result {
+            Ok(Answer::Accepted { seq: s }) if s == seq => {
+                let b = &mut self.window[at];
+                b.state = SentState::Done;
+                settle(node, b, &self.metrics, &self.events);
             }
-        };
-        let result = result.unwrap_or_else(|e| Err(format!("the call's task failed: {e}")));
-        let accepted = match result {
-            Ok(Answer::Accepted { seq: s }) if s == front.seq => true,
+            // Sent again with no records: it was done already.
+            Ok(Answer::Received { seq: s }) if s == seq && done_already => {
+                self.window[at].state = SentState::Done;
+            }
+            Ok(Answer::Received { seq: s }) if s == seq => {
+                let done = self.ask_done(seq, Duration::ZERO);
+                let b = &mut self.window[at];
+                count(node, b, &self.metrics);
+                b.state = SentState::Received(done);
+            }
             Ok(a) => {
-                tracing::warn!(node, seq = front.seq, "unexpected answer to a batch: {a:?}");
-                false
+                tracing::warn!(node, seq, "unexpected answer to a batch: {a:?}");
+                return self.fail().await;
             }
             Err(e) => {
-                if !handle.members().contains_key(&node) {
-                    tracing::info!(node, "peer left the cluster; dropping its queue");
-                    // What was sent is given up; a later batch starts a new sequence.
-                    for b in sent.drain(..) {
-                        if let Some(c) = &b.call {
-                            c.abort();
-                        }
-                        done(node, &b, &metrics, &events);
-                    }
-                    incarnation = incarnation.wrapping_add(1);
-                    retrying = false;
-                    continue;
+                if self.left(handle) {
+                    return;
                 }
-                tracing::debug!(node, seq = front.seq, "batch not accepted, retrying: {e}");
-                false
+                tracing::debug!(node, seq, "batch not accepted, retrying: {e}");
+                return self.fail().await;
             }
+        }
+        if let Some(next) = self.resend.as_mut()
+            && *next == seq
+        {
+            *next += 1;
+        }
+    }
+
+    /// An answer to a done request.
+    async fn on_done(
+        &mut self,
+        (round, seq, answer): (u64, u64, Result<Answer, String>),
+        handle: &ClusterHandle,
+    ) {
+        if round != self.round {
+            return;
+        }
+        let node = self.node;
+        let Some(at) = self.window.iter().position(|b| b.seq == seq) else {
+            return;
         };
-        if accepted {
-            if queue.failing.swap(false, Ordering::Relaxed) {
-                drained.notify_one();
-            }
-            if let Some(b) = sent.pop_front() {
-                done(node, &b, &metrics, &events);
-            }
-            if sent.is_empty() {
-                retrying = false;
-                pause = RETRY_MIN;
-            }
-            continue;
+        if !matches!(self.window[at].state, SentState::Received(_)) {
+            return;
         }
-        // The batches after it are sent again after it, one at a time.
-        for b in sent.iter_mut() {
-            if let Some(c) = b.call.take() {
-                c.abort();
+        match answer {
+            Ok(Answer::Accepted { seq: s }) if s == seq => {
+                let b = &mut self.window[at];
+                b.state = SentState::Done;
+                settle(node, b, &self.metrics, &self.events);
+            }
+            Ok(a) => {
+                tracing::debug!(node, seq, "batch not known to the peer any more: {a:?}");
+                self.fail().await;
+            }
+            // A timeout (the batch waits longer than a call may) or the link is down: ask
+            // again, a little later. A peer that restarted answers unknown.
+            Err(e) => {
+                if self.left(handle) {
+                    return;
+                }
+                tracing::debug!(node, seq, "done request failed, asking again: {e}");
+                let again = self.ask_done(seq, RETRY_MIN);
+                self.window[at].state = SentState::Received(again);
             }
         }
-        retrying = true;
+    }
+
+    /// Whether the peer left the cluster: then everything queued for it is given up, and
+    /// a later batch starts a new sequence.
+    fn left(&mut self, handle: &ClusterHandle) -> bool {
+        if handle.members().contains_key(&self.node) {
+            return false;
+        }
+        tracing::info!(
+            node = self.node,
+            "peer left the cluster; dropping its queue"
+        );
+        for mut b in self.window.drain(..) {
+            b.abort();
+            settle(self.node, &mut b, &self.metrics, &self.events);
+        }
+        self.incarnation = self.incarnation.wrapping_add(1);
+        self.seq = 0;
+        self.resend = None;
+        self.round += 1;
+        true
+    }
+
+    /// A failure: every call stops, and every batch from the oldest not done on is sent
+    /// again, one at a time, after a pause.
+    async fn fail(&mut self) {
+        self.abort_all();
+        self.round += 1;
+        self.resend = self.window.front().map(|b| b.seq);
         // While it fails, its queue does not stop the intake.
-        if !queue.failing.swap(true, Ordering::Relaxed) {
-            drained.notify_one();
+        if !self.queue.failing.swap(true, Ordering::Relaxed) {
+            self.drained.notify_one();
         }
-        lock(&metrics.peers).entry(node).or_default().retries += 1;
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(RETRY_MAX);
+        lock(&self.metrics.peers)
+            .entry(self.node)
+            .or_default()
+            .retries += 1;
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(RETRY_MAX);
+    }
+
+    fn abort_all(&mut self) {
+        for b in self.window.iter_mut() {
+            b.abort();
+        }
     }
 }
 
-/// A batch was accepted (or given up with its peer): counted, and its QoS 1/2
-/// publications answered.
-fn done(node: NodeId, b: &Sent, metrics: &ForwardMetrics, events: &mpsc::UnboundedSender<Event>) {
-    {
-        let mut peers = lock(&metrics.peers);
-        let c = peers.entry(node).or_default();
-        c.messages += b.count;
-        c.batches += 1;
-        c.bytes += b.bytes.len() as u64;
+/// A batch the peer accepted (received or complete) for the first time: counted.
+fn count(node: NodeId, b: &mut Sent, metrics: &ForwardMetrics) {
+    if b.counted {
+        return;
     }
+    b.counted = true;
+    let mut peers = lock(&metrics.peers);
+    let c = peers.entry(node).or_default();
+    c.messages += b.count;
+    c.batches += 1;
+    c.bytes += b.size;
+}
+
+/// A batch is done (or given up with its peer): counted, its bytes dropped, and its
+/// QoS 1/2 publications answered.
+fn settle(
+    node: NodeId,
+    b: &mut Sent,
+    metrics: &ForwardMetrics,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    count(node, b, metrics);
+    b.bytes = None;
     if !b.tokens.is_empty() {
         let _ = events.send(Event::PeerDone {
-            tokens: b.tokens.clone(),
+            tokens: std::mem::take(&mut b.tokens),
         });
     }
 }
@@ -1888,16 +2181,34 @@ pub enum Incoming {
         /// The answer once they were handed to the engine (under `sync`
         /// durability: once what they stored is committed).
         answer: Bytes,
+        /// The sender's incarnation.
+        incarnation: u64,
         /// The batch's sequence number.
         seq: u64,
     },
-    /// A batch already accepted (a retry after a lost answer): answer when the
-    /// first one is answered (at once unless it still waits for commits).
+    /// A batch already accepted (a retry after a lost answer): answer `answer`
+    /// (accepted) if it is complete, else received.
     Duplicate {
         /// The answer.
         answer: Bytes,
+        /// The sender's incarnation.
+        incarnation: u64,
         /// The batch's sequence number.
         seq: u64,
+    },
+    /// The sender asks whether batch `seq`, answered received, is complete: answer
+    /// `answer` (accepted) once it is. `known`: this shard accepted that batch (in this
+    /// life); if it no longer waits for it, it is complete. Not known: answer
+    /// [`Answer::Unknown`] (this node restarted since, the sender sends it again).
+    Done {
+        /// The sender's incarnation.
+        incarnation: u64,
+        /// The batch's sequence number.
+        seq: u64,
+        /// Whether this shard accepted the batch.
+        known: bool,
+        /// The answer once it is complete.
+        answer: Bytes,
     },
     /// Answer `answer` once routes up to `index` are in force here ([`BarrierAsk`]).
     Barrier {
@@ -1930,6 +2241,15 @@ pub fn serve_request(
             index,
             answer: wire::encode_answer(Answer::Applied { index }),
         }),
+        Request::Done { incarnation, seq } => Ok(Incoming::Done {
+            incarnation,
+            seq,
+            known: accepted
+                .last
+                .get(&from)
+                .is_some_and(|&(inc, last)| inc == incarnation && seq <= last),
+            answer: wire::encode_answer(Answer::Accepted { seq }),
+        }),
         Request::Batch {
             incarnation,
             seq,
@@ -1944,7 +2264,11 @@ pub fn serve_request(
                 Some(&(inc, last)) if inc == incarnation => {
                     if seq <= last {
                         metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-                        return Ok(Incoming::Duplicate { answer, seq });
+                        return Ok(Incoming::Duplicate {
+                            answer,
+                            incarnation,
+                            seq,
+                        });
                     }
                     if seq != last + 1 {
                         return Err(wire::out_of_order(format!(
@@ -2012,6 +2336,7 @@ pub fn serve_request(
             Ok(Incoming::Deliver {
                 messages,
                 answer,
+                incarnation,
                 seq,
             })
         }
@@ -2071,16 +2396,37 @@ mod tests {
         w.finish()
     }
 
-    /// What the receiver does with `body` from node 5: "deliver", "duplicate" or
-    /// "refused".
+    /// What the receiver does with `body` from node 5: "deliver", "duplicate",
+    /// "known" or "unknown" (a done request), or "refused".
     fn serve(accepted: &mut Accepted, body: Bytes) -> &'static str {
         let metrics = ForwardMetrics::default();
         match serve_request(accepted, 2, 5, body, 16, clocks(), &metrics) {
             Ok(Incoming::Deliver { .. }) => "deliver",
             Ok(Incoming::Duplicate { .. }) => "duplicate",
             Ok(Incoming::Barrier { .. }) => "barrier",
+            Ok(Incoming::Done { known: true, .. }) => "known",
+            Ok(Incoming::Done { known: false, .. }) => "unknown",
             Err(_) => "refused",
         }
+    }
+
+    #[test]
+    fn a_done_request_is_known_only_for_a_batch_accepted_in_this_life() {
+        let mut a = Accepted::default();
+        let done = |inc, seq| wire::encode_done(&[], inc, seq);
+        // A receiver that restarted knows nothing: the sender sends again.
+        assert_eq!(serve(&mut a, done(1, 3)), "unknown");
+        assert_eq!(serve(&mut a, batch(1, 3, 3)), "deliver");
+        assert_eq!(serve(&mut a, done(1, 3)), "known");
+        // Not yet accepted, or of another incarnation of the sender.
+        assert_eq!(serve(&mut a, done(1, 4)), "unknown");
+        assert_eq!(serve(&mut a, done(2, 3)), "unknown");
+        // A batch sent again with no records (it was done) keeps the numbering.
+        assert_eq!(
+            serve(&mut a, BatchWriter::with_base(&[], 1, 4, 4).finish()),
+            "deliver"
+        );
+        assert_eq!(serve(&mut a, batch(1, 5, 4)), "deliver");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!   1 batch   : incarnation u64 | seq u64 | count u32 | record * count
 //!   2 barrier : index u64
 //!   3 batch   : incarnation u64 | seq u64 | base u64 | count u32 | record * count
+//!   4 done    : incarnation u64 | seq u64
 //! record   = flags u8 (bit 0: expiry follows, bit 1: share follows, bit 2: handed
 //!            back, only with bit 1, bit 3: id follows, bit 4: session follows, not
 //!            with bit 1) | publisher u64
@@ -18,6 +19,8 @@
 //! answer   = tag u8, then
 //!   1 accepted : seq u64
 //!   2 applied  : index u64
+//!   3 received : seq u64
+//!   4 unknown  : seq u64
 //! ```
 //!
 //! Integers are big-endian. The publication travels as an MQTT 5 PUBLISH (QoS and
@@ -49,6 +52,18 @@
 //! never delivered before it. Tag 1 (one batch in flight, and the retained records in
 //! the raft log) reads as `base = seq`.
 //!
+//! **Answers in two steps.** A batch whose publications the receiver must still wait
+//! for (their commit under `sync` durability, or a congested subscriber holding its
+//! publishers' acknowledgements under back-pressure) is answered *received* at once:
+//! it is accepted, in order, and the sender may send the next; the sender then asks
+//! *done* (tag 4) for it, which the receiver answers *accepted* once the batch is
+//! complete, so one held batch never stops the stream between two nodes. A batch
+//! with nothing to wait for is answered *accepted* at once. *Unknown* answers a done
+//! request for a batch the receiver has no record of (it restarted): the sender sends
+//! it again. `base` is the sender's oldest batch that is not done; after a failure the
+//! sender sends every batch from there again, in order, and a batch that was done
+//! meanwhile goes again with no records, so the numbering stays without gaps.
+//!
 //! A retained message too large to ride in the raft log is replaced there by a
 //! *reference* ([`RetainedRef`]): `0xA5 | size u32 | digest u128` (the record's size on
 //! its origin node and [`retained_digest`] of the message), which no request starts
@@ -71,8 +86,11 @@ pub const BATCH_MESSAGES_MAX: usize = 1 << 16;
 const REQ_BATCH: u8 = 1;
 const REQ_BARRIER: u8 = 2;
 const REQ_BATCH_BASE: u8 = 3;
+const REQ_DONE: u8 = 4;
 const ANS_ACCEPTED: u8 = 1;
 const ANS_APPLIED: u8 = 2;
+const ANS_RECEIVED: u8 = 3;
+const ANS_UNKNOWN: u8 = 4;
 const FLAG_EXPIRY: u8 = 1;
 const FLAG_SHARE: u8 = 2;
 const FLAG_HANDED_BACK: u8 = 4;
@@ -127,6 +145,13 @@ pub enum Request {
         /// The raft log index.
         index: u64,
     },
+    /// "Answer once batch `seq`, which you answered received, is complete."
+    Done {
+        /// The sender's boot instance.
+        incarnation: u64,
+        /// The batch's number.
+        seq: u64,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -141,6 +166,18 @@ pub enum Answer {
     Applied {
         /// The index asked about.
         index: u64,
+    },
+    /// The batch `seq` was accepted, in order, and is not complete yet: ask
+    /// [`Request::Done`] for it.
+    Received {
+        /// The batch's number.
+        seq: u64,
+    },
+    /// A done request for batch `seq`, of which the receiver has no record (it
+    /// restarted): send it again.
+    Unknown {
+        /// The batch's number.
+        seq: u64,
     },
 }
 
@@ -341,19 +378,27 @@ pub fn encode_barrier(prefix: &[u8], index: u64) -> Bytes {
     b.freeze()
 }
 
+/// A done request, after `prefix`.
+pub fn encode_done(prefix: &[u8], incarnation: u64, seq: u64) -> Bytes {
+    let mut b = BytesMut::with_capacity(prefix.len() + 17);
+    b.put_slice(prefix);
+    b.put_u8(REQ_DONE);
+    b.put_u64(incarnation);
+    b.put_u64(seq);
+    b.freeze()
+}
+
 /// An answer.
 pub fn encode_answer(a: Answer) -> Bytes {
+    let (tag, v) = match a {
+        Answer::Accepted { seq } => (ANS_ACCEPTED, seq),
+        Answer::Applied { index } => (ANS_APPLIED, index),
+        Answer::Received { seq } => (ANS_RECEIVED, seq),
+        Answer::Unknown { seq } => (ANS_UNKNOWN, seq),
+    };
     let mut b = BytesMut::with_capacity(9);
-    match a {
-        Answer::Accepted { seq } => {
-            b.put_u8(ANS_ACCEPTED);
-            b.put_u64(seq);
-        }
-        Answer::Applied { index } => {
-            b.put_u8(ANS_APPLIED);
-            b.put_u64(index);
-        }
-    }
+    b.put_u8(tag);
+    b.put_u64(v);
     b.freeze()
 }
 
@@ -367,6 +412,8 @@ pub fn decode_answer(mut b: Bytes) -> Result<Answer, WireError> {
     match tag {
         ANS_ACCEPTED => Ok(Answer::Accepted { seq: v }),
         ANS_APPLIED => Ok(Answer::Applied { index: v }),
+        ANS_RECEIVED => Ok(Answer::Received { seq: v }),
+        ANS_UNKNOWN => Ok(Answer::Unknown { seq: v }),
         t => Err(err("answer", format!("unknown tag {t}"))),
     }
 }
@@ -409,6 +456,14 @@ pub fn decode_request(mut b: Bytes, topic_levels_max: usize) -> Result<Request, 
                 return Err(err("barrier", "trailing bytes"));
             }
             Ok(Request::Barrier { index })
+        }
+        REQ_DONE => {
+            let incarnation = take_u64(&mut b, "done")?;
+            let seq = take_u64(&mut b, "done")?;
+            if b.has_remaining() {
+                return Err(err("done", "trailing bytes"));
+            }
+            Ok(Request::Done { incarnation, seq })
         }
         tag @ (REQ_BATCH | REQ_BATCH_BASE) => {
             let incarnation = take_u64(&mut b, "batch header")?;
@@ -819,7 +874,26 @@ mod tests {
             decode_request(encode_barrier(&[], 99), 16),
             Ok(Request::Barrier { index: 99 })
         ));
-        for a in [Answer::Accepted { seq: 5 }, Answer::Applied { index: 6 }] {
+        let done = encode_done(&[], 7, 42);
+        assert!(matches!(
+            decode_request(done.clone(), 16),
+            Ok(Request::Done {
+                incarnation: 7,
+                seq: 42
+            })
+        ));
+        for cut in 0..done.len() {
+            assert!(decode_request(done.slice(..cut), 16).is_err(), "cut {cut}");
+        }
+        let mut long = BytesMut::from(&done[..]);
+        long.put_u8(0);
+        assert!(decode_request(long.freeze(), 16).is_err());
+        for a in [
+            Answer::Accepted { seq: 5 },
+            Answer::Applied { index: 6 },
+            Answer::Received { seq: 7 },
+            Answer::Unknown { seq: 8 },
+        ] {
             assert_eq!(decode_answer(encode_answer(a)), Ok(a));
         }
         assert!(decode_answer(Bytes::from_static(&[9; 9])).is_err());

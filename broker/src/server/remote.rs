@@ -1,10 +1,13 @@
 //! A shard's side of the forwarder (`crate::forward`, issue 15): the engine's outbox
 //! for the remote id goes to the forwarder, what the forwarder sends comes back as
 //! messages from the remote id, and publications other nodes send are handed to the
-//! engine (`MeshMsg::Forwarded`). Under `sync` durability a batch is answered only
-//! once the engine reports what it delivered committed on every local shard that
-//! stored a copy ([`answer_forwarded`], after each flush); a retry of a batch that
-//! still waits waits with it.
+//! engine (`MeshMsg::Forwarded`). A batch is complete once the engine reports what it
+//! delivered committed on every local shard that stored a copy (`sync` durability) and
+//! the congested sessions it reached released it (back-pressure); [`answer_forwarded`]
+//! notices that after each flush. A batch complete by the end of its handling is
+//! answered *accepted*; one that is not is answered *received* at once, so the next
+//! batch of its sender comes in meanwhile, and its sender's *done* request for it is
+//! answered once it is complete (`forward::wire`, "Answers in two steps").
 //!
 //! Only with `[cluster]`: the engine's remote id is enabled at boot and two tasks run
 //! (the writer and the reader below); a single node has neither.
@@ -42,11 +45,14 @@ pub(crate) struct ShardRemote {
     waiting: RefCell<Vec<Waiting>>,
 }
 
-/// A forwarded batch answered once the engine says its deliveries are committed.
+/// A forwarded batch that is not complete yet: the engine's token, the sending node,
+/// its incarnation and the batch's number, the answer (accepted) and who waits for it
+/// (the batch's own request until it is answered received, then done requests).
 #[derive(Debug)]
 struct Waiting {
     token: u64,
     node: u64,
+    incarnation: u64,
     seq: u64,
     answer: bytes::Bytes,
     replies: Vec<flume::Sender<Result<bytes::Bytes, String>>>,
@@ -158,22 +164,48 @@ pub(super) async fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
             );
             let _ = req.reply.send(Err(e.to_string()));
         }
-        Ok(Incoming::Duplicate { answer, seq }) => {
+        Ok(Incoming::Duplicate {
+            answer,
+            incarnation,
+            seq,
+        }) => {
+            let waits = remote
+                .waiting
+                .borrow()
+                .iter()
+                .any(|w| w.node == req.from && w.incarnation == incarnation && w.seq == seq);
+            let answer = if waits {
+                forward::wire::encode_answer(forward::wire::Answer::Received { seq })
+            } else {
+                answer
+            };
+            let _ = req.reply.send(Ok(answer));
+        }
+        Ok(Incoming::Done {
+            incarnation,
+            seq,
+            known,
+            answer,
+        }) => {
             let mut waiting = remote.waiting.borrow_mut();
             match waiting
                 .iter_mut()
-                .find(|w| w.node == req.from && w.seq == seq)
+                .find(|w| w.node == req.from && w.incarnation == incarnation && w.seq == seq)
             {
-                // The first one still waits for its commits: so does this.
                 Some(w) => w.replies.push(req.reply),
-                None => {
+                None if known => {
                     let _ = req.reply.send(Ok(answer));
+                }
+                None => {
+                    let unknown = forward::wire::Answer::Unknown { seq };
+                    let _ = req.reply.send(Ok(forward::wire::encode_answer(unknown)));
                 }
             }
         }
         Ok(Incoming::Deliver {
             messages,
             answer,
+            incarnation,
             seq,
         }) => {
             let token = shard.engine.borrow_mut().begin_forward_batch();
@@ -199,20 +231,33 @@ pub(super) async fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
                 shard.engine.borrow_mut().end_forward_batch(t);
             }
             match token {
-                // Answered in `answer_forwarded` once every local shard that stored a
-                // copy committed it.
-                Some(token) => remote.waiting.borrow_mut().push(Waiting {
-                    token,
-                    node: req.from,
-                    seq,
-                    answer,
-                    replies: vec![req.reply],
-                }),
+                // Answered accepted in `answer_forwarded` once it is complete.
+                Some(token) => {
+                    remote.waiting.borrow_mut().push(Waiting {
+                        token,
+                        node: req.from,
+                        incarnation,
+                        seq,
+                        answer,
+                        replies: vec![req.reply],
+                    });
+                    shard.flush_outbox();
+                    // Not complete by now (a commit to wait for, a congested
+                    // subscriber): received, so the sender goes on with its next batch.
+                    let mut waiting = remote.waiting.borrow_mut();
+                    if let Some(w) = waiting.iter_mut().find(|w| w.token == token) {
+                        let received = forward::wire::Answer::Received { seq };
+                        let received = forward::wire::encode_answer(received);
+                        for reply in w.replies.drain(..) {
+                            let _ = reply.send(Ok(received.clone()));
+                        }
+                    }
+                }
                 None => {
                     let _ = req.reply.send(Ok(answer));
+                    shard.flush_outbox();
                 }
             }
-            shard.flush_outbox();
         }
         Ok(Incoming::Barrier { index, answer }) => {
             let (reply, done) = flume::bounded(1);

@@ -33,6 +33,8 @@ use crate::transport::NodeId;
 ///   shared records handed back (flag bit 2, fc424d6).
 /// - 3: forward records with a publication id (flag bit 3) or for one moved session
 ///   (flag bit 4), and session transfers with a dedup window (`FETCH` answer 2).
+///   Forward answers in two steps (answers *received* and *unknown*, the *done*
+///   request) and the forward channel's answers out of order.
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// ALPN protocol of the link: `tessera-cluster/` and [`PROTOCOL_VERSION`]. It also keeps
