@@ -45,12 +45,13 @@
 //! `select!` polls branches in random order, so a failing seed reproduces often, not
 //! always (as in raft's simulation).
 //!
-//! CI runs `SIM_SEEDS` seeds (default 4) and the regression seeds (those without the
-//! publication bursts, which came later; `SIM_BURSTS=0` turns bursts off); `SIM_SEED=n`
+//! CI runs `SIM_SEEDS` seeds (default 4) and the regression seeds (each on the schedule
+//! that found it: with or without the publication bursts, which came later;
+//! `SIM_BURSTS=0` turns bursts off); `SIM_SEED=n`
 //! runs one, `SIM_TRACE=1` prints the schedule (connects, SUBACKs, publications with their
 //! event numbers), `SIM_LOG=...` sets a tracing filter. A failure names its seed.
 //!
-//! Found and fixed (see `REGRESSION_SEEDS`): seed 2 (a CONNECT live on a claim older
+//! Found and fixed (see `REGRESSION_SEEDS` and `BURST_REGRESSION_SEEDS`): seed 2 (a CONNECT live on a claim older
 //! than one applied); seed 11 (a QoS 2 message delivered twice across a takeover: the
 //! local delivery on the old owner and a forwarded copy that reached the new owner
 //! after the session did) and seed 19 (an acknowledged QoS 2 message lost: forwarded to
@@ -1106,6 +1107,17 @@ fn run_seed(seed: u64, with_bursts: bool) {
 /// owner's ghost sends it on, the new owner's window skips what the session got).
 const REGRESSION_SEEDS: &[u64] = &[2, 11, 19];
 
+/// Seeds that found a bug with publication bursts on (the default schedule). 36: a
+/// redirect reached a new session after a clean start (a clean start drops the old
+/// owner's ghost); 194: the new owner crashed before it fetched the session and what
+/// the ghost had sent on was lost (the ghost holds until the new owner confirmed);
+/// 242, 293, 294: a SUBACK while a partitioned node had not applied the route, which
+/// then acknowledged a publication it never forwarded (route barriers wait out an
+/// unreachable member's lease); 61, 76: an acknowledged QoS 2 publication for a session
+/// that moved never arrived once forward answers came in two steps (passing since the
+/// route-barrier and ghost-holds fixes).
+const BURST_REGRESSION_SEEDS: &[u64] = &[36, 61, 76, 194, 242, 293, 294];
+
 #[test]
 fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
     if let Ok(filter) = std::env::var("SIM_LOG") {
@@ -1120,13 +1132,17 @@ fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
     });
 }
 
-/// The regression seeds, on the schedule that found them (without bursts: they came
-/// later). Replay one with `SIM_BURSTS=0 SIM_SEED=n`.
+/// The regression seeds, each on the schedule that found it: without bursts (they came
+/// later; replay with `SIM_BURSTS=0 SIM_SEED=n`), then with them (`SIM_SEED=n`).
 #[test]
 fn the_data_plane_simulation_regression_seeds() {
     for &seed in REGRESSION_SEEDS {
         eprintln!("regression seed {seed} (replay: SIM_BURSTS=0 SIM_SEED={seed})");
         run_seed(seed, false);
+    }
+    for &seed in BURST_REGRESSION_SEEDS {
+        eprintln!("regression seed {seed} (replay: SIM_SEED={seed})");
+        run_seed(seed, true);
     }
 }
 
