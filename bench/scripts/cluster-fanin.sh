@@ -39,12 +39,7 @@ done
 work=$(mktemp -d)
 chmod 755 "$work"
 pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap cleanup_pids_and_work EXIT
 
 printf '[log]\nlevel = "warn"\n' >"$work/tessera.toml"
 "$BIN/brokerctl" cluster certs --out "$work/certs" --nodes 2 >/dev/null

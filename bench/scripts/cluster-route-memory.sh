@@ -35,12 +35,7 @@ done
 work=$(mktemp -d)
 chmod 755 "$work"
 pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap cleanup_pids_and_work EXIT
 
 # anon KiB and file KiB of a process.
 mem() { awk '/^Anonymous:/ {a=$2} /^Rss:/ {r=$2} END {print a, r - a}' "/proc/$1/smaps_rollup"; }

@@ -18,14 +18,11 @@ broker=${BROKER:-$root/target/release/broker}
 brokerctl=${BROKERCTL:-$(dirname "$broker")/brokerctl}
 bench=${BENCH:-$root/target/release/bench}
 takeover=${TAKEOVER:-$root/target/release/examples/takeover}
+# shellcheck source=bench/scripts/lib.sh
+source "$root/bench/scripts/lib.sh"
 work=$(mktemp -d)
 pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap cleanup_pids_and_work EXIT
 
 "$brokerctl" cluster certs --out "$work/certs" --nodes 3 >/dev/null
 peers="1=127.0.0.1:$((base + 11)),2=127.0.0.1:$((base + 12)),3=127.0.0.1:$((base + 13))"

@@ -30,12 +30,7 @@ need_bins "$broker" "$bench"
 command -v mosquitto >/dev/null || { echo "missing mosquitto (apt-get install mosquitto)" >&2; exit 2; }
 work=$(mktemp -d)
 pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap cleanup_pids_and_work EXIT
 tport=${TESSERA_PORT:-$(free_port)}
 mport=${MOSQUITTO_PORT:-$(free_port)}
 printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_connections -1\n' "$mport" >"$work/mosquitto.conf"

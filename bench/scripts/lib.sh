@@ -9,6 +9,16 @@ need_bins() {
     done
 }
 
+# The scripts' EXIT trap (`trap cleanup_pids_and_work EXIT`): ends every process in
+# the caller's `pids` array and removes its `work` directory.
+# shellcheck disable=SC2154 # pids is the caller's
+cleanup_pids_and_work() {
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "${work:-}"
+}
+
 # A free TCP port on 127.0.0.1.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

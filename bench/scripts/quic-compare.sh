@@ -40,12 +40,7 @@ done
 
 work=$(mktemp -d)
 pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap cleanup_pids_and_work EXIT
 make_server_cert "$work" 127.0.0.1
 
 declare -A tcp_port tls_port quic_port broker_pid

@@ -29,18 +29,14 @@ for tool in openssl mosquitto taskset python3 "$BIN/bench" "$BIN/broker"; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
 done
 
+# shellcheck source=bench/scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
 work=$(mktemp -d)
 # Mosquitto started as root drops to its own user, which must read the files.
 chmod 755 "$work"
 pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
+trap cleanup_pids_and_work EXIT
 
-# shellcheck source=bench/scripts/lib.sh
-source "$(dirname "$0")/lib.sh"
 make_server_cert "$work" 127.0.0.1
 chmod 644 "$work"/*
 
