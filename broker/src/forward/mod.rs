@@ -1200,15 +1200,26 @@ impl Forwarder {
         }
         let q = Arc::new(PeerQueue::default());
         self.peers.insert(node, q.clone());
-        tokio::spawn(send_to_peer(
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let sender = PeerSender {
             node,
-            q.clone(),
-            self.drained.clone(),
-            self.transport.clone(),
-            self.events.clone(),
-            self.incarnation,
+            queue: q.clone(),
+            drained: self.drained.clone(),
+            transport: self.transport.clone(),
+            events: self.events.clone(),
+            incarnation: self.incarnation,
+            metrics: self.metrics.clone(),
+            done_tx,
+            seq: 0,
+            window: VecDeque::new(),
+            resend: None,
+            round: 0,
+            pause: RETRY_MIN,
+        };
+        tokio::spawn(send_to_peer(
+            sender,
+            done_rx,
             self.clocks,
-            self.metrics.clone(),
             self.handle.clone(),
         ));
         q
@@ -1761,7 +1772,7 @@ fn take_batch(
     })
 }
 
-/// Sends `queue` to `node`, in order, with answers in two steps (`wire`, "Answers in
+/// Sends the peer's queue to it, in order, with answers in two steps (`wire`, "Answers in
 /// two steps"): up to [`BATCHES_IN_FLIGHT`] batches wait for their first answer; a
 /// batch answered received waits for its done request while the next ones go, up to
 /// [`BATCHES_NOT_DONE_MAX`]. Its QoS 1/2 publications are answered when it is done.
@@ -1770,34 +1781,12 @@ fn take_batch(
 /// records), until each is answered. Ends when the forwarder's task ended (its events
 /// channel closed), so nothing of a stopped forwarder keeps calling peers or holds the
 /// raft handle (the data-plane simulation stops and restarts nodes in one process).
-#[allow(clippy::too_many_arguments)]
 async fn send_to_peer(
-    node: NodeId,
-    queue: Arc<PeerQueue>,
-    drained: Arc<Notify>,
-    transport: Arc<dyn Transport>,
-    events: mpsc::UnboundedSender<Event>,
-    incarnation: u64,
+    mut p: PeerSender,
+    mut done_rx: mpsc::UnboundedReceiver<(u64, u64, Result<Answer, String>)>,
     clocks: Clocks,
-    metrics: Arc<ForwardMetrics>,
     handle: ClusterHandle,
 ) {
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let mut p = PeerSender {
-        node,
-        queue,
-        drained,
-        transport,
-        events,
-        incarnation,
-        metrics,
-        done_tx,
-        seq: 0,
-        window: VecDeque::new(),
-        resend: None,
-        round: 0,
-        pause: RETRY_MIN,
-    };
     let queue = p.queue.clone();
     let events = p.events.clone();
     loop {
@@ -1865,6 +1854,19 @@ enum Woke {
     More,
 }
 
+/// One request on the forward channel to `node`, its answer decoded.
+async fn forward_call(
+    transport: &dyn Transport,
+    node: NodeId,
+    bytes: Bytes,
+) -> Result<Answer, String> {
+    transport
+        .call(node, Channel::Forward, bytes)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()))
+}
+
 /// One peer's sender (see [`send_to_peer`]).
 struct PeerSender {
     node: NodeId,
@@ -1890,13 +1892,7 @@ struct PeerSender {
 impl PeerSender {
     fn call(&self, bytes: Bytes) -> tokio::task::JoinHandle<Result<Answer, String>> {
         let (transport, node) = (self.transport.clone(), self.node);
-        tokio::spawn(async move {
-            transport
-                .call(node, Channel::Forward, bytes)
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()))
-        })
+        tokio::spawn(async move { forward_call(&*transport, node, bytes).await })
     }
 
     /// Asks (after `after`) whether batch `seq` is done.
@@ -1908,11 +1904,7 @@ impl PeerSender {
                 tokio::time::sleep(after).await;
             }
             let bytes = wire::encode_done(&ENVELOPE, incarnation, seq);
-            let answer = transport
-                .call(node, Channel::Forward, bytes)
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()));
+            let answer = forward_call(&*transport, node, bytes).await;
             let _ = done_tx.send((round, seq, answer));
         })
         .abort_handle()
