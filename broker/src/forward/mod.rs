@@ -29,13 +29,16 @@
 //!   when the shards route it.
 //! - **Publications** the shards hand over are matched once against the node table and
 //!   queued once per matching node ([`PeerQueue`]). One sender task per peer sends the
-//!   queue as batches ([`wire`]) on the link's forward stream, one batch in flight at a
-//!   time (what arrives meanwhile forms the next batch), so order per publisher holds
-//!   and batches grow with load. A failed call is retried with the same bytes (the
+//!   queue as batches ([`wire`]) on the link's forward stream, up to
+//!   [`BATCHES_IN_FLIGHT`] awaiting their first answer (what arrives meanwhile forms
+//!   the next batch), so order per publisher holds and batches grow with load. Answers
+//!   come in two steps ([`wire`], "Answers in two steps"): a batch the receiver must
+//!   still wait for is *received* at once and *done* later, so a held batch does not
+//!   stop the stream. After a failure every batch not done is sent again, in order (the
 //!   receiver drops a batch it already accepted). QoS 1/2 publications carry the
-//!   publisher's token: when every node it was sent to accepted it, the shard gets
-//!   `Ack` and releases the PUBACK/PUBREC (the receiver holds its answer while a
-//!   subscriber queue there is congested: back-pressure across nodes). At
+//!   publisher's token: when every node it was sent to is done with it, the shard gets
+//!   `Ack` and releases the PUBACK/PUBREC (the receiver keeps a batch from being done
+//!   while a subscriber queue there is congested: back-pressure across nodes). At
 //!   [`PEER_QUEUE_HIGH_WATER`] queued for a live peer the forwarder stops taking the
 //!   shards' batches until the peer's sender takes the next one, so the shards pause
 //!   their readers and publishers are slowed through TCP. QoS 0 beyond
@@ -46,8 +49,9 @@
 //!   order ([`serve_request`]: decoded as untrusted input, retries dropped); that shard
 //!   hands each to its engine as `MeshMsg::Forwarded` with its [`ForwardMark`], which
 //!   delivers it and passes it to the other local shards, never back out, and then
-//!   answers the batch (under `sync` durability once what the shards stored for it is
-//!   committed; the marks make a retry after the receiver restarted a duplicate).
+//!   answers the batch, accepted or received (done under `sync` durability once what
+//!   the shards stored for it is committed; the marks make a retry after the receiver
+//!   restarted a duplicate).
 
 pub mod routes;
 pub mod wire;
