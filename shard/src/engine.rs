@@ -2087,7 +2087,7 @@ impl Engine {
             }
             if idx >= moved::GHOST_BASE {
                 // A session that moved to another node: the copy follows it.
-                self.redirect(idx, msg);
+                self.redirect(idx, msg, true);
                 continue;
             }
             if no_local && msg.origin == Some(self.session(idx).uid) {

@@ -1115,8 +1115,12 @@ const REGRESSION_SEEDS: &[u64] = &[2, 11, 19];
 /// then acknowledged a publication it never forwarded (route barriers wait out an
 /// unreachable member's lease); 61, 76: an acknowledged QoS 2 publication for a session
 /// that moved never arrived once forward answers came in two steps (passing since the
-/// route-barrier and ghost-holds fixes).
-const BURST_REGRESSION_SEEDS: &[u64] = &[36, 61, 76, 194, 242, 293, 294];
+/// route-barrier and ghost-holds fixes); 160: a QoS 2 publication reached a parked
+/// session's node directly and redirected by the session's older ghost on a third node,
+/// the ghost held both and the session, taken back, got it twice (a ghost holds a
+/// publication once, filtered by the session's window, which the session taken back
+/// keeps).
+const BURST_REGRESSION_SEEDS: &[u64] = &[36, 61, 76, 160, 194, 242, 293, 294];
 
 #[test]
 fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {

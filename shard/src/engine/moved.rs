@@ -26,6 +26,11 @@
 //!   publication made here after the session's subscriptions were attached is a
 //!   copy of one it got here.
 //!
+//! Until the new node confirmed, the ghost holds what matches (the session may
+//! come back here) and filters it with the session's window the same way, so a
+//! publication that arrives directly and redirected by an older ghost on a third
+//! node is held once; a session taken back keeps that window.
+//!
 //! Per-origin marks alone cannot tell the two paths apart (a publication can reach
 //! the new node directly and redirected, in either order), hence the set; ids alone
 //! would need every session to remember what it got, hence the marks. Sessions that
@@ -67,13 +72,18 @@ struct Ghost {
     /// later claimant), with who waits for it.
     confirmed: bool,
     held: Vec<Held>,
+    /// Until confirmed: the session's window as exported, and the ids of what the
+    /// ghost held since, so a publication reaching this node twice (directly and
+    /// redirected by an older ghost on another node) or one the session already
+    /// got is held once at most (seed 160 of the data-plane simulation).
+    seen: Option<Window>,
 }
 
 /// A publication a ghost holds: the message, its id, who waits for it.
 type Held = (Message, Option<PubId>, Option<u64>);
 
 #[derive(Debug)]
-struct Window {
+pub(super) struct Window {
     /// The session it is for (a new session of the ClientID has none).
     uid: SessionUid,
     /// Highest id per origin shard the old owner had handled.
@@ -272,6 +282,16 @@ impl Engine {
         if self.moved.origin == 0 || subs.is_empty() {
             return out;
         }
+        let mut seen = Window {
+            uid,
+            marks,
+            local_mark: u64::MAX,
+            delivered: HashSet::new(),
+            order: VecDeque::new(),
+        };
+        for id in ids {
+            seen.seen(id, false);
+        }
         let slot = match self.moved.free.pop() {
             Some(s) => s,
             None => {
@@ -289,6 +309,7 @@ impl Engine {
             filters: subs.into_iter().map(|(f, _)| f).collect(),
             confirmed: false,
             held: Vec::new(),
+            seen: Some(seen),
         });
         self.moved.by_client.insert(client_id, slot);
         out
@@ -307,6 +328,8 @@ impl Engine {
             return;
         }
         g.confirmed = true;
+        // The new owner's window filters from now on.
+        g.seen = None;
         let held = std::mem::take(&mut g.held);
         let (node, epoch) = g.to;
         self.moved.expiring.push_back((
@@ -329,21 +352,47 @@ impl Engine {
         }
     }
 
-    /// What the ghost of `client_id` held (its session is back here): the caller
-    /// delivers it with [`Engine::deliver_held`].
-    pub(super) fn take_ghost_held(&mut self, client_id: &Str) -> Vec<Held> {
+    /// What the ghost of `client_id` held (its session is back here), with the
+    /// window the ghost filtered it with: the caller delivers it with
+    /// [`Engine::deliver_held`].
+    pub(super) fn take_ghost_held(&mut self, client_id: &Str) -> (Vec<Held>, Option<Window>) {
         match self.moved.by_client.get(client_id) {
             Some(&slot) => self.moved.ghosts[slot as usize]
                 .as_mut()
-                .map(|g| std::mem::take(&mut g.held))
+                .map(|g| (std::mem::take(&mut g.held), g.seen.take()))
                 .unwrap_or_default(),
-            None => Vec::new(),
+            None => (Vec::new(), None),
         }
     }
 
     /// Delivers what a ghost held to its session, back here (`idx`), and answers
-    /// whoever waited for each.
-    pub(super) fn deliver_held(&mut self, now_ms: u64, idx: SessionIdx, held: Vec<Held>) {
+    /// whoever waited for each. `seen`: the ghost's window (what the session got
+    /// and what the ghost held); it stays the session's window for
+    /// [`MOVED_WINDOW_MS`], so copies still on their way (redirected by an older
+    /// ghost on another node) that it already got are skipped, and the others are
+    /// delivered.
+    pub(super) fn deliver_held(
+        &mut self,
+        now_ms: u64,
+        idx: SessionIdx,
+        held: Vec<Held>,
+        seen: Option<Window>,
+    ) {
+        if let Some(mut w) = seen {
+            let s = self.session(idx);
+            let key = s.client_id.clone();
+            w.uid = s.uid;
+            w.local_mark = if self.importing.contains_key(&key) {
+                u64::MAX
+            } else {
+                self.moved.next_seq
+            };
+            self.moved.expiring.push_back((
+                now_ms + MOVED_WINDOW_MS,
+                Expiring::Window(key.clone(), w.uid),
+            ));
+            self.moved.windows.insert(key, w);
+        }
         for (message, _, ack) in held {
             self.deliver_to_session(now_ms, idx, message);
             if let Some(t) = ack {
@@ -421,6 +470,17 @@ impl Engine {
         for id in ids {
             w.seen(id, false);
         }
+        // What a ghost here held for it (delivered as it came back) stays known.
+        if let Some(old) = self.moved.windows.remove(&key)
+            && old.uid == w.uid
+        {
+            for (o, sh, q) in old.marks {
+                raise(&mut w.marks, o, sh, q);
+            }
+            for id in old.order {
+                w.seen(id, false);
+            }
+        }
         self.moved.expiring.push_back((
             now_ms + MOVED_WINDOW_MS,
             Expiring::Window(key.clone(), w.uid),
@@ -490,7 +550,7 @@ impl Engine {
     /// A publication matched the ghost `gidx` with QoS `qos`: it goes to the node
     /// the session moved to, and whoever waits for the publication waits for that
     /// node too.
-    pub(super) fn redirect(&mut self, gidx: SessionIdx, msg: &Message) {
+    pub(super) fn redirect(&mut self, gidx: SessionIdx, msg: &Message, direct: bool) {
         let Some(remote) = self.remote else {
             return;
         };
@@ -503,13 +563,25 @@ impl Engine {
             None if msg.qos == QoS::ExactlyOnce => self.new_pub_id(),
             None => None,
         };
-        let ack = self.redirect_ack(msg.qos);
         if !confirmed {
+            let Some(Some(g)) = self.moved.ghosts.get_mut((gidx - GHOST_BASE) as usize) else {
+                return;
+            };
+            // Held once: a copy the session got before it left, or one the ghost
+            // holds already (it came by both paths), is not held again.
+            if let (Some(id), Some(w)) = (id, g.seen.as_mut())
+                && msg.qos == QoS::ExactlyOnce
+                && w.seen(id, direct)
+            {
+                return;
+            }
+            let ack = self.redirect_ack(msg.qos);
             if let Some(Some(g)) = self.moved.ghosts.get_mut((gidx - GHOST_BASE) as usize) {
                 g.held.push((msg.clone(), id, ack));
             }
             return;
         }
+        let ack = self.redirect_ack(msg.qos);
         self.stats.remote_forwards_sent += 1;
         self.outbox[usize::from(remote)].push(MeshMsg::Redirect {
             client_id,
@@ -568,7 +640,7 @@ impl Engine {
         self.moved.current = id;
         // It moved on from here too: on it goes.
         if let Some(&slot) = self.moved.by_client.get(&client_id) {
-            return self.redirect(GHOST_BASE + slot, &message);
+            return self.redirect(GHOST_BASE + slot, &message, false);
         }
         let owner = crate::hash::shard_for(client_id.as_bytes(), self.shard_count) as ShardId;
         if owner != self.shard {
@@ -699,6 +771,23 @@ mod tests {
         }
     }
 
+    /// A copy of publication `seq` (origin 5) redirected to session "s" by its old
+    /// node.
+    fn redirect(payload: &'static str, seq: u64) -> MeshMsg {
+        MeshMsg::Redirect {
+            client_id: Str::from_static("s"),
+            node: 0,
+            epoch: 99,
+            message: message(payload),
+            id: Some(PubId {
+                origin: 5,
+                shard: 0,
+                seq,
+            }),
+            ack: None,
+        }
+    }
+
     fn payloads(e: &mut Engine, conn: crate::session::ConnId) -> Vec<Bytes> {
         drain(e, conn, V)
             .into_iter()
@@ -776,18 +865,6 @@ mod tests {
         assert!(payloads(&mut b, s).is_empty(), "delivered twice");
         // A later one directly, then redirected by the old node: once.
         b.handle_mesh(4, remote_b, forwarded("direct first", 4));
-        let redirect = |payload, seq| MeshMsg::Redirect {
-            client_id: Str::from_static("s"),
-            node: 0,
-            epoch: 99,
-            message: message(payload),
-            id: Some(PubId {
-                origin: 5,
-                shard: 0,
-                seq,
-            }),
-            ack: None,
-        };
         b.handle_mesh(4, remote_b, redirect("direct first", 4));
         assert_eq!(
             payloads(&mut b, s),
@@ -800,6 +877,40 @@ mod tests {
             payloads(&mut b, s),
             vec![Bytes::from_static(b"redirected first")]
         );
+    }
+
+    /// Seed 160 of the data-plane simulation: the session left this node and the
+    /// node it went to died before confirming. A publication reached this node both
+    /// directly and redirected by the session's older ghost on a third node; the
+    /// ghost held both, and the session, taken back here, got it twice.
+    #[test]
+    fn a_ghost_holds_a_publication_once_whichever_paths_it_took_and_the_session_taken_back_keeps_its_window()
+     {
+        let (mut a, remote, _) = node(7);
+        assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
+        a.handle_mesh(3, remote, forwarded("both paths", 4));
+        a.handle_mesh(3, remote, redirect("both paths", 4));
+        a.handle_mesh(3, remote, redirect("redirected first", 5));
+        a.handle_mesh(3, remote, forwarded("redirected first", 5));
+        assert!(
+            remote_out(&mut a).is_empty(),
+            "sent on before a confirmation"
+        );
+        // Node 2 never confirms: the session comes back here.
+        assert_eq!(a.resume_moving(4, "s", 0).ok(), Some(true));
+        let s = a.connect(4, connect_packet(V, "s", false), false);
+        assert_eq!(
+            payloads(&mut a, s),
+            vec![
+                Bytes::from_static(b"both paths"),
+                Bytes::from_static(b"redirected first")
+            ]
+        );
+        // Redirects still on their way from an older ghost: what it got is skipped,
+        // the rest delivered.
+        a.handle_mesh(5, remote, redirect("both paths", 4));
+        a.handle_mesh(5, remote, redirect("new", 6));
+        assert_eq!(payloads(&mut a, s), vec![Bytes::from_static(b"new")]);
     }
 
     #[test]

@@ -508,13 +508,13 @@ impl Engine {
         let subscriptions = std::mem::take(&mut rs.subscriptions);
         // It is here again: its ghost goes (`moved`), what the ghost held is
         // delivered to it below.
-        let held = match Str::try_from(client_id) {
+        let (held, seen) = match Str::try_from(client_id) {
             Ok(key) => {
                 let held = self.take_ghost_held(&key);
                 self.drop_ghost(&key);
                 held
             }
-            Err(_) => Vec::new(),
+            Err(_) => (Vec::new(), None),
         };
         // A stale copy of the session here (from an earlier ownership) is replaced.
         if let Some(idx) = self.session_idx(client_id) {
@@ -570,7 +570,7 @@ impl Engine {
             self.persist_delayed_will(idx, Some(&d));
             self.delayed_wills.insert(idx, d);
         }
-        self.deliver_held(now_ms, idx, held);
+        self.deliver_held(now_ms, idx, held, seen);
         Ok(if waits_for_tail {
             tail
         } else {
