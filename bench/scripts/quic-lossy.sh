@@ -11,8 +11,10 @@
 #     so that the subscriber's queue does not overflow (with the defaults a
 #     clean-session queue dropped QoS 1 once back-pressure's hold ran out):
 #     messages/s received.
-# Interleaved QUIC, TLS, QUIC, TLS... ROUNDS times against one broker with a
-# `quic` and an `mqtts` listener (same certificate), one shard.
+# Interleaved QUIC (CUBIC), QUIC (BBR), TLS... ROUNDS times against one broker
+# with two `quic` listeners (`congestion = "cubic"` and `"bbr"`; the bench's
+# client uses the same controller, `--quic-congestion`) and an `mqtts` listener
+# (same certificate), one shard. The table compares each QUIC variant with TLS.
 #
 # The link: three network namespaces in a row,
 #   tq-cli (bench, 10.77.1.2) -- veth -- tq-mid (router) -- veth -- tq-brk (broker, 10.77.2.2)
@@ -111,7 +113,7 @@ in_ns $NS_MID iptables -A FORWARD -j NFQUEUE --queue-num 0
 source "$HERE/lib.sh"
 make_server_cert "$work" 10.77.2.2
 
-P_QUIC=22501; P_TLS=22502
+P_QUIC=22501; P_TLS=22502; P_QUICB=22503
 cat > "$work/tessera.toml" <<TOML
 [log]
 level = "warn"
@@ -125,6 +127,13 @@ kind = "quic"
 bind = "10.77.2.2:$P_QUIC"
 cert_file = "$work/srv.pem"
 key_file = "$work/srv.key"
+
+[[listener]]
+kind = "quic"
+bind = "10.77.2.2:$P_QUICB"
+cert_file = "$work/srv.pem"
+key_file = "$work/srv.key"
+congestion = "bbr"
 
 [[listener]]
 kind = "mqtts"
@@ -142,10 +151,11 @@ in_ns $NS_CLI bash -c "exec 3<>/dev/tcp/10.77.2.2/$P_TLS" ||
     { echo "the link does not carry TCP" >&2; exit 1; }
 
 run() { # transport scenario
-    local transport=$1 scenario=$2 port args
+    local transport=$1 scenario=$2 port args flags
     case $transport in
-        quic) port=$P_QUIC ;;
-        tls) port=$P_TLS ;;
+        quic) port=$P_QUIC; flags=(--quic) ;;
+        quic-bbr) port=$P_QUICB; flags=(--quic --quic-congestion bbr) ;;
+        tls) port=$P_TLS; flags=(--tls) ;;
     esac
     case $scenario in
         latency) args=(latency --rate "$LAT_RATE") ;;
@@ -153,7 +163,7 @@ run() { # transport scenario
     esac
     local line
     line=$(in_ns $NS_CLI taskset -c 0 "$BIN/bench" --threads 1 --host 10.77.2.2 --port "$port" \
-        "--$transport" --ca "$work/ca.pem" --qos 1 --duration "$SECONDS_RUN" --warmup 2 \
+        "${flags[@]}" --ca "$work/ca.pem" --qos 1 --duration "$SECONDS_RUN" --warmup 2 \
         --drain 10 --broker-pid "$B_PID" --json "${args[@]}" 2>>"$work/bench.err" | tail -1) || true
     printf '{"transport_name":"%s","run":%s}\n' "$transport" "${line:-null}" >> "$OUT"
 }
@@ -162,7 +172,7 @@ run() { # transport scenario
 echo "link: loss $LOSS each way, ${DELAY_MS} ms each way; uptime: $(uptime)" >&2
 for round in $(seq "$ROUNDS"); do
     for scenario in latency fanin; do
-        for transport in quic tls; do
+        for transport in quic quic-bbr tls; do
             run "$transport" "$scenario"
         done
     done
@@ -194,11 +204,12 @@ figures = [
     ("fanin", "lost", lambda r: r["loss_count"]),
     ("fanin", "broker cores", lambda r: r.get("broker_cpu_cores") or 0),
 ]
-print("| scenario | figure | QUIC (median, n) | TLS (median, n) | QUIC / TLS | QUIC runs | TLS runs |")
-print("|---|---|---|---|---|---|---|")
-for sc, name, f in figures:
-    q, nq = med("quic", sc, f); t, nt = med("tls", sc, f)
-    ratio = f"{q / t:.2f}" if t else "-"
-    each = lambda tr: ", ".join(f"{x:,.1f}" for x in vals(tr, sc, f))
-    print(f"| {sc} | {name} | {q:,.1f} (n={nq}) | {t:,.1f} (n={nt}) | {ratio} | {each('quic')} | {each('tls')} |")
+each = lambda tr, sc, f: ", ".join(f"{x:,.1f}" for x in vals(tr, sc, f))
+for quic, label in (("quic", "QUIC (cubic)"), ("quic-bbr", "QUIC (bbr)")):
+    print(f"\n| scenario | figure | {label} (median, n) | TLS (median, n) | QUIC / TLS | QUIC runs | TLS runs |")
+    print("|---|---|---|---|---|---|---|")
+    for sc, name, f in figures:
+        q, nq = med(quic, sc, f); t, nt = med("tls", sc, f)
+        ratio = f"{q / t:.2f}" if t else "-"
+        print(f"| {sc} | {name} | {q:,.1f} (n={nq}) | {t:,.1f} (n={nt}) | {ratio} | {each(quic, sc, f)} | {each('tls', sc, f)} |")
 PY

@@ -185,6 +185,11 @@ pub struct Common {
     #[arg(long = "quic-0rtt", global = true)]
     pub quic_0rtt: bool,
 
+    /// --quic: the congestion controller of the client's connections (the
+    /// broker's side is the listener's `congestion`).
+    #[arg(long = "quic-congestion", global = true, value_enum)]
+    pub quic_congestion: Option<crate::transport::QuicCongestion>,
+
     /// --tls: PEM file of the CA certificates that verify the broker.
     #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
@@ -455,6 +460,9 @@ impl Cli {
         }
         if c.quic_0rtt && !c.quic {
             return Err("--quic-0rtt: only with --quic".into());
+        }
+        if c.quic_congestion.is_some() && !c.quic {
+            return Err("--quic-congestion: only with --quic".into());
         }
         if c.quic && c.ca.is_none() && !c.insecure {
             return Err("--quic needs --ca FILE (a PEM CA to trust) or --insecure".into());

@@ -102,6 +102,7 @@ fn run(cli: &Cli) -> anyhow::Result<Report> {
         let flags = TlsFlags {
             quic: c.quic,
             quic_0rtt: c.quic_0rtt,
+            quic_congestion: c.quic_congestion.unwrap_or_default(),
             ca: c.ca.clone(),
             insecure: c.insecure,
             cert: c.cert.clone(),

@@ -52,6 +52,19 @@ use tokio::net::tcp;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+/// quinn's congestion controllers (`--quic-congestion`), as the broker's
+/// `congestion` setting names them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuicCongestion {
+    /// CUBIC, quinn's default.
+    #[default]
+    Cubic,
+    /// NewReno.
+    NewReno,
+    /// BBR (quinn's, experimental).
+    Bbr,
+}
+
 /// What the TLS flags asked for, before any file is read.
 #[derive(Debug, Clone, Default)]
 pub struct TlsFlags {
@@ -59,6 +72,8 @@ pub struct TlsFlags {
     pub quic: bool,
     /// `--quic-0rtt`: resume and send CONNECT as early data.
     pub quic_0rtt: bool,
+    /// `--quic-congestion`.
+    pub quic_congestion: QuicCongestion,
     /// PEM file of CA certificates to trust (else the CA list is empty and
     /// `insecure` must be set).
     pub ca: Option<PathBuf>,
@@ -142,7 +157,15 @@ impl Tls {
             let crypto =
                 quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(config.clone()))
                     .context("QUIC client configuration")?;
-            Some(quinn::ClientConfig::new(Arc::new(crypto)))
+            let mut transport = quinn::TransportConfig::default();
+            transport.congestion_controller_factory(match flags.quic_congestion {
+                QuicCongestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+                QuicCongestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+                QuicCongestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            });
+            let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+            quic.transport_config(Arc::new(transport));
+            Some(quic)
         } else {
             None
         };

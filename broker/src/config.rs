@@ -437,7 +437,8 @@ pub use cluster::ClusterConfig;
 
 mod listener;
 pub use listener::{
-    CertIdentity, LISTENERS_COUNT_MAX, ListenerConfig, ListenerId, ListenerKind, WS_PATH_DEFAULT,
+    CertIdentity, LISTENERS_COUNT_MAX, ListenerConfig, ListenerId, ListenerKind, QuicCongestion,
+    WS_PATH_DEFAULT,
 };
 
 /// What to do when a client's outbound queue is full (`limits.queue_overflow`).
@@ -1807,9 +1808,10 @@ const LISTENER_EXAMPLE: &str = "
 # client certificates must chain to), require_client_cert (true/false),
 # username_from_cert (none, cn or san; needs require_client_cert = true); for
 # quic: max_streams (streams a client may have open at once, default 10),
-# zero_rtt (accept 0-RTT data, default false) and endpoints (threads with a UDP
+# zero_rtt (accept 0-RTT data, default false), endpoints (threads with a UDP
 # socket each on the one port, datagrams steered by connection id; default one
-# per shard).
+# per shard) and congestion (cubic, new_reno or bbr; default cubic; bbr keeps
+# throughput on links with random loss).
 #
 # [[listener]]
 # kind = \"mqtts\"

@@ -56,7 +56,7 @@ use quinn::{Connection, Incoming, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
 use tracing::{debug, info, warn};
 
-use crate::config::{CertIdentity, ListenerConfig, ListenerId};
+use crate::config::{CertIdentity, ListenerConfig, ListenerId, QuicCongestion};
 use crate::transport::quic::{QuicPipe, close_code};
 use crate::transport::tls::{self, TlsStore};
 
@@ -238,6 +238,7 @@ fn server_config(
             quinn::IdleTimeout::try_from(settings.idle_timeout)
                 .map_err(|e| anyhow!("QUIC idle timeout: {e}"))?,
         ));
+    transport.congestion_controller_factory(congestion_factory(spec.congestion));
     let mut config = quinn::ServerConfig::with_crypto(crypto);
     let share = endpoints.max(1);
     config
@@ -246,6 +247,17 @@ fn server_config(
         .incoming_buffer_size_total(INCOMING_BUFFER_BYTES_MAX / share as u64)
         .migration(true);
     Ok(config)
+}
+
+/// quinn's controller for `congestion` (the listener's, or a bridge's).
+pub fn congestion_factory(
+    congestion: QuicCongestion,
+) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+    match congestion {
+        QuicCongestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+        QuicCongestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+        QuicCongestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+    }
 }
 
 impl QuicListener {

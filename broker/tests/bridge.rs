@@ -775,8 +775,14 @@ fn bridges_cross_over_quic_both_ways_and_survive_the_remote_killed() {
         extra: &extra,
     };
 
-    // Both directions at QoS 0, 1 and 2, over MQTT 5 and 3.1.1.
-    for version in ["5", "3.1.1"] {
+    // Both directions at QoS 0, 1 and 2, over MQTT 5 and 3.1.1; the 3.1.1
+    // bridge's connection runs BBR (`congestion`), the listener's CUBIC.
+    let extra_bbr = format!("{extra}congestion = \"bbr\"\n");
+    for (version, extra) in [("5", &extra), ("3.1.1", &extra_bbr)] {
+        let via = Via {
+            address: Some(quic),
+            extra,
+        };
         let local = check_both_ways_via(tcp, via, version);
         // Over QUIC indeed: the remote holds the bridge's QUIC connection.
         let s = scrape(remote.borrow().as_ref().unwrap().admin_addr());

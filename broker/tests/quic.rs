@@ -412,6 +412,20 @@ fn quic_serves_mqtt_3_1_1_and_5_like_tcp() {
     exchange(addr, broker.addr(), &ca, ProtocolVersion::V5, "v5");
 }
 
+#[test]
+fn each_congestion_controller_serves_the_exchange() {
+    let ca = Ca::new("tessera quic test CA");
+    for congestion in ["bbr", "new_reno"] {
+        let (broker, addr) = start(
+            &format!("congestion-{congestion}"),
+            &ca,
+            &format!("congestion = \"{congestion}\""),
+            "",
+        );
+        exchange(addr, broker.addr(), &ca, ProtocolVersion::V5, congestion);
+    }
+}
+
 /// rumqttc over TCP with ClientID `id`, clean session off; returns its client
 /// and a channel of its events' outcome (connected, or the error that ended it).
 fn rumqttc_client(

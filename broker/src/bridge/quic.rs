@@ -62,7 +62,8 @@ pub fn client_config(
         .keep_alive_interval(Some(idle / 3))
         // The remote opens no stream towards a client.
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .congestion_controller_factory(crate::quic::congestion_factory(c.congestion));
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
     Ok(config)

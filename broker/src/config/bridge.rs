@@ -15,6 +15,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tessera_proto::topic;
 
+use super::QuicCongestion;
+
 /// Most bridges in one config file.
 pub const BRIDGES_COUNT_MAX: usize = 64;
 
@@ -102,6 +104,10 @@ pub struct BridgeConfig {
     /// WebSocket path (`ws`, `wss`).
     #[serde(default = "ws_path_default")]
     pub ws_path: String,
+    /// `quic`: the congestion controller of the connection to the remote
+    /// (`cubic`, `new_reno` or `bbr`, as a `quic` listener's `congestion`).
+    #[serde(default)]
+    pub congestion: QuicCongestion,
     /// Local to remote rules.
     #[serde(default, rename = "out", skip_serializing_if = "Vec::is_empty")]
     pub out_rules: Vec<RuleConfig>,
@@ -408,6 +414,12 @@ impl BridgeConfig {
                 );
             }
         }
+        if self.congestion != QuicCongestion::Cubic && !self.transport().is_quic() {
+            return err(
+                "congestion",
+                format!("applies to transport quic, not {}", self.transport),
+            );
+        }
         if self.cert_file.is_some() != self.key_file.is_some() {
             return err(
                 if self.cert_file.is_some() {
@@ -603,6 +615,10 @@ mod tests {
             ),
             (format!("{BASE}sni = \"x\"\n{OUT}"), "sni: applies to TLS"),
             (
+                format!("{BASE}congestion = \"bbr\"\n{OUT}"),
+                "congestion: applies to transport quic, not mqtt",
+            ),
+            (
                 format!("{BASE}[[bridge.out]]\ntopic = \"a/#/b\"\n"),
                 "out[0].topic",
             ),
@@ -661,7 +677,13 @@ mod tests {
         .unwrap()[0];
         assert_eq!(b.transport(), BridgeTransport::Quic);
         assert!(b.transport().is_tls() && b.transport().is_quic());
+        assert_eq!(b.congestion, QuicCongestion::Cubic);
         assert!(!b.transport().is_ws());
+        let b = &bridges(&format!(
+            "{BASE}transport = \"quic\"\nca_file = \"/ca.pem\"\ncongestion = \"bbr\"\n{OUT}"
+        ))
+        .unwrap()[0];
+        assert_eq!(b.congestion, QuicCongestion::Bbr);
     }
 
     #[test]

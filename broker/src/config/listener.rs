@@ -102,6 +102,29 @@ config_enum!(CertIdentity {
     "san" => San,
 });
 
+/// The congestion controller of a `quic` listener's connections (quinn's):
+/// what decides how fast the broker sends to a client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuicCongestion {
+    /// CUBIC (RFC 9438), quinn's default: backs off on every loss, as Linux
+    /// TCP does by default.
+    #[default]
+    Cubic,
+    /// NewReno (RFC 9002's reference controller).
+    NewReno,
+    /// BBR (model-based: paces to the measured bottleneck rate and does not
+    /// treat random loss as congestion). On a link with 5 % random loss it
+    /// carried 4-5x CUBIC's QoS 1 throughput (docs/BENCHMARKS.md); quinn calls
+    /// its implementation experimental, so it is not the default.
+    Bbr,
+}
+config_enum!(QuicCongestion {
+    "cubic" => Cubic,
+    "new_reno" => NewReno,
+    "bbr" => Bbr,
+});
+
 /// One `[[listener]]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +176,9 @@ pub struct ListenerConfig {
     /// steered by connection id); unset: one per shard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<u32>,
+    /// `quic`: the congestion controller of the listener's connections.
+    #[serde(default)]
+    pub congestion: QuicCongestion,
 }
 
 fn ws_path_default() -> String {
@@ -191,6 +217,7 @@ impl ListenerConfig {
             max_streams: QUIC_MAX_STREAMS_DEFAULT,
             zero_rtt: false,
             endpoints: None,
+            congestion: QuicCongestion::Cubic,
         }
     }
 
@@ -213,12 +240,15 @@ impl ListenerConfig {
         if !quic
             && (self.zero_rtt
                 || self.max_streams != QUIC_MAX_STREAMS_DEFAULT
-                || self.endpoints.is_some())
+                || self.endpoints.is_some()
+                || self.congestion != QuicCongestion::Cubic)
         {
             let field = if self.zero_rtt {
                 "zero_rtt"
             } else if self.endpoints.is_some() {
                 "endpoints"
+            } else if self.congestion != QuicCongestion::Cubic {
+                "congestion"
             } else {
                 "max_streams"
             };
@@ -344,6 +374,14 @@ mod tests {
         assert_eq!(q.endpoints, None);
         let q = listener(&format!("{quic}endpoints = 4")).unwrap();
         assert_eq!(q.endpoints, Some(4));
+        let q = listener(&format!("{quic}congestion = \"bbr\"")).unwrap();
+        assert_eq!(q.congestion, QuicCongestion::Bbr);
+        assert_eq!(listener(quic).unwrap().congestion, QuicCongestion::Cubic);
+        let e = listener(&format!("{quic}congestion = \"vegas\"")).unwrap_err();
+        assert!(e.contains("vegas"), "{e}");
+        let e =
+            listener("kind = \"mqtt\"\nbind = \"127.0.0.1:1\"\ncongestion = \"bbr\"").unwrap_err();
+        assert!(e.contains("congestion applies to QUIC listeners"), "{e}");
         let e = listener(&format!("{quic}endpoints = 0")).unwrap_err();
         assert!(e.contains("endpoints must be 1 to 64"), "{e}");
         let e = listener(&format!("{quic}endpoints = 65")).unwrap_err();
