@@ -750,3 +750,63 @@ async fn a_restarted_node_does_not_serve_a_session_another_node_took_over_meanwh
         "{doc} {subs}"
     );
 }
+
+/// Seed 46 of the data-plane simulation with real processes: a node must not resume its
+/// own copy of a session as "session present" when the ClientID has had a newer session
+/// that started afresh on another node since, even when that node is dead and cannot be
+/// asked. The client would get its old subscriptions back and miss what its newer
+/// session subscribed to.
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_does_not_resume_an_older_session_after_a_newer_fresh_one_elsewhere() {
+    let mut c = three_nodes("sessions-stale");
+    let (sub, mut se, _) = connect(options(&c, 1, "stale", false), "stale @1").await;
+    sub.subscribe("stale/old", QoS::AtLeastOnce).await.unwrap();
+    until(&mut se, "stale SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    drop(sub);
+    drop(se);
+
+    // Node 1 dies; node 2 cannot fetch the session and gives the client a new one.
+    c.kill(1);
+    let (sub2, mut se2, present) = connect(options(&c, 2, "stale", false), "stale @2").await;
+    assert!(!present, "node 1 is down: nothing to move");
+    sub2.subscribe("stale/new", QoS::AtLeastOnce).await.unwrap();
+    until(&mut se2, "stale @2 SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    sub2.disconnect().await.unwrap();
+    let _ = timeout(Duration::from_secs(2), async {
+        while se2.poll().await.is_ok() {}
+    })
+    .await;
+    drop(se2);
+
+    // Node 1 comes back with the old session in its store; then node 2 dies with the
+    // new one.
+    c.start(1, &[], false);
+    c.wait_for_leader();
+    c.wait_until("node 1 does not serve the old copy", |c| {
+        session_doc(c, 1, "stale").is_none()
+    });
+    c.kill(2);
+    c.wait_for_leader();
+
+    // Node 1 cannot ask node 2; its own copy is older than the session node 2 started
+    // afresh, so the client is told its session is gone.
+    let (_sub1, _se1, present) = connect(options(&c, 1, "stale", false), "stale @1 again").await;
+    assert!(
+        !present,
+        "node 1 resumed a session older than the client's last one"
+    );
+    let subs = c
+        .admin(1)
+        .json("GET", &["api", "v1", "subscriptions", "stale"], &[])
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(!subs.contains("stale/old"), "{subs}");
+}

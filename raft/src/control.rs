@@ -1031,9 +1031,10 @@ async fn batcher(inner: Arc<Inner>, rx: flume::Receiver<Proposal>, incarnation: 
 
 fn approx_bytes(op: &Op) -> usize {
     24 + match op {
-        Op::ClaimSession { client_id, .. } | Op::ReleaseSession { client_id, .. } => {
-            client_id.len()
-        }
+        Op::ClaimSession { client_id, .. }
+        | Op::ClaimCleanStart { client_id, .. }
+        | Op::ReleaseSession { client_id, .. }
+        | Op::SessionFresh { client_id, .. } => client_id.len(),
         Op::RouteDelta { filter, group, .. } => {
             filter.len() + group.as_ref().map_or(0, String::len)
         }

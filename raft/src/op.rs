@@ -114,6 +114,27 @@ pub enum Op {
         /// Its addresses and shape.
         info: NodeInfo,
     },
+    /// A [`Op::ClaimSession`] for a CONNECT with Clean Start: the session the claim
+    /// serves starts afresh, so its record's `fresh` is the new epoch at once (no
+    /// moving copy of an older session may be resumed after it; docs/ARCHITECTURE.md
+    /// "Cluster: one live session per ClientID"). Cluster protocol 4.
+    ClaimCleanStart {
+        /// The ClientID.
+        client_id: String,
+        /// The claiming node.
+        node: NodeId,
+    },
+    /// `node`, owning `client_id` with `epoch`, serves a session it started afresh (its
+    /// takeover found nothing to continue): the record's `fresh` becomes `epoch`, if
+    /// `node` still owns it with `epoch` (else a no-op). Cluster protocol 4.
+    SessionFresh {
+        /// The ClientID.
+        client_id: String,
+        /// The owning node.
+        node: NodeId,
+        /// The epoch of its claim.
+        epoch: u64,
+    },
 }
 
 /// One change of a node's routes in an [`Op::RouteDeltas`].
@@ -261,6 +282,9 @@ pub enum OpResult {
     NodeMetaSet,
     /// The op was refused; nothing changed.
     Rejected(Rejection),
+    /// A [`Op::SessionFresh`] marked the owner's session fresh (`true`), or the
+    /// ClientID has another owner or epoch now (`false`: nothing changed).
+    MarkedFresh(bool),
 }
 
 /// The results of one applied entry: its log index and one result per op (empty for
@@ -377,11 +401,14 @@ impl Op {
     /// Checks every bound of the op. Pure, so every node decides the same.
     pub fn validate(&self) -> Result<(), Rejection> {
         match self {
-            Op::ClaimSession { client_id, node } => {
+            Op::ClaimSession { client_id, node } | Op::ClaimCleanStart { client_id, node } => {
                 check_str(client_id, CLIENT_ID_BYTES_MAX, Field::ClientId)?;
                 check_node(*node)
             }
             Op::ReleaseSession {
+                client_id, node, ..
+            }
+            | Op::SessionFresh {
                 client_id, node, ..
             } => {
                 check_str(client_id, CLIENT_ID_BYTES_MAX, Field::ClientId)?;
@@ -452,8 +479,9 @@ impl Op {
     /// Short name, for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
-            Op::ClaimSession { .. } => "claim",
+            Op::ClaimSession { .. } | Op::ClaimCleanStart { .. } => "claim",
             Op::ReleaseSession { .. } => "release",
+            Op::SessionFresh { .. } => "session_fresh",
             Op::RouteDelta { .. } => "route",
             Op::RouteDeltas { .. } => "routes",
             Op::RetainedSet { .. } => "retained_set",

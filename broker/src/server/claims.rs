@@ -53,6 +53,10 @@ pub(crate) struct Claims {
     held: RefCell<HashMap<String, u64>>,
     /// Claims on their way out.
     releasing: RefCell<HashMap<String, Release>>,
+    /// ClientID -> epoch of a held claim whose session came from another node that
+    /// confirmed it deleted its copy: no copy of an older session is left anywhere, so
+    /// a new session under this claim needs no [`Op::SessionFresh`].
+    settled: RefCell<HashMap<String, u64>>,
 }
 
 impl Claims {
@@ -83,6 +87,15 @@ impl Claims {
     pub(super) fn forget(&self, client_id: &str) {
         self.held.borrow_mut().remove(client_id);
         self.releasing.borrow_mut().remove(client_id);
+        self.settled.borrow_mut().remove(client_id);
+    }
+
+    /// No other copy of the session under the claim of `epoch` is left (see
+    /// `settled`).
+    fn settle(&self, client_id: &str, epoch: u64) {
+        self.settled
+            .borrow_mut()
+            .insert(client_id.to_owned(), epoch);
     }
 
     /// How many ClientIDs this shard holds claims on.
@@ -138,10 +151,10 @@ pub(super) async fn claim(
             .and_then(|t| t.owner(client_id))
             .is_ok_and(|o| o.is_some_and(|o| o.node == me && o.epoch == epoch))
     };
-    if in_contact && cluster.claims.usable(client_id).is_some_and(committed) {
+    if in_contact && let Some(epoch) = cluster.claims.usable(client_id).filter(|e| committed(*e)) {
         SessionMetrics::add(&metrics.claims_held);
-        takeover::resume_own_copy(shard, client_id);
-        return Ok(());
+        takeover::resume_own_copy(shard, cluster, client_id);
+        return settle(shard, cluster, connect, epoch).await;
     }
     let releasing = cluster.claims.releasing.borrow().contains_key(client_id);
     let owner = if releasing {
@@ -161,8 +174,8 @@ pub(super) async fn claim(
     {
         cluster.claims.hold(client_id, owner.epoch);
         SessionMetrics::add(&metrics.claims_held);
-        takeover::resume_own_copy(shard, client_id);
-        return Ok(());
+        takeover::resume_own_copy(shard, cluster, client_id);
+        return settle(shard, cluster, connect, owner.epoch).await;
     }
     if cluster.port.redirect_to_owner
         && connect.version.is_v5()
@@ -181,12 +194,21 @@ pub(super) async fn claim(
         debug!(shard = shard.id, client_id, "claim refused: {why}");
         UNAVAILABLE
     };
-    let pending = cluster
-        .handle()
-        .propose(Op::ClaimSession {
+    // A Clean Start says in the claim itself that the session starts afresh.
+    let op = if connect.clean_start {
+        Op::ClaimCleanStart {
             client_id: client_id.to_owned(),
             node: me,
-        })
+        }
+    } else {
+        Op::ClaimSession {
+            client_id: client_id.to_owned(),
+            node: me,
+        }
+    };
+    let pending = cluster
+        .handle()
+        .propose(op)
         .map_err(|e| ClaimRefusal::from(refused(&e)))?;
     let wait = async { Some(pending.wait().await) };
     let expire = async {
@@ -208,14 +230,20 @@ pub(super) async fn claim(
     };
     SessionMetrics::add(&metrics.claims);
     cluster.claims.hold(client_id, epoch);
+    // The answer may come from the leader before this node applied the entry: the table
+    // is read (for a moving copy's staleness, and below) once it has, bounded like the
+    // claim.
+    if !cluster.applied(index, CLAIM_TIMEOUT).await {
+        return Err(refused(&"the claim is not applied on this node in time").into());
+    }
     if let Some(previous) = previous
         && previous.node != me
     {
         SessionMetrics::add(&metrics.takeovers);
         let started = rt::now();
-        let answered = takeover::fetch(shard, cluster, connect, epoch, previous.node).await;
+        let fetched = takeover::fetch(shard, cluster, connect, epoch, previous.node).await;
         metrics.takeover_took(rt::now().saturating_duration_since(started).as_micros() as u64);
-        if !answered {
+        if !fetched.answered {
             // The old owner did not answer: cut off from this node, it may still serve
             // the ClientID until its own lease runs out and it ends the connection
             // (`tick`). This connection goes live only after that.
@@ -236,19 +264,125 @@ pub(super) async fn claim(
         if cluster.claims.held.borrow().get(client_id) != Some(&epoch) {
             return Err(refused(&"another node claimed the ClientID during the takeover").into());
         }
+        match fetched.session {
+            Some(takeover::Settled::Yes) => cluster.claims.settle(client_id, epoch),
+            Some(takeover::Settled::No) => {}
+            // Nothing to continue: the client gets a new session, which the log must
+            // know before the CONNACK says so (seed 46, `mark_fresh`). A Clean Start's
+            // claim said it already.
+            None if !connect.clean_start => mark_fresh(shard, cluster, client_id, epoch).await?,
+            None => {}
+        }
+    } else {
+        settle(shard, cluster, connect, epoch).await?;
     }
     // A later claim of another node may have been applied here before this one's answer
     // arrived (the answer comes after the apply, and other entries may follow it): then
     // this claim is no longer the committed one and the CONNECT must not go live on it
-    // (found by the data-plane simulation, seed 2). The client retries. The answer may
-    // come from the leader before this node applied the entry: its table is read once it
-    // has (bounded like the claim).
-    if !cluster.applied(index, CLAIM_TIMEOUT).await {
-        return Err(refused(&"the claim is not applied on this node in time").into());
-    }
+    // (found by the data-plane simulation, seed 2). The client retries.
     if !committed(epoch) {
         return Err(refused(&"another node claimed the ClientID meanwhile").into());
     }
+    Ok(())
+}
+
+/// This node serves `connect` under its committed claim of `epoch` without a takeover
+/// (a claim it held, or one with no other previous owner): makes sure that a new
+/// session started here is known as fresh in the committed table before the CONNACK,
+/// unless it already is. Costs nothing when the session continues here, when the claim
+/// is known fresh (a Clean Start's, or a ClientID nobody owned) or when the session
+/// came from a node that confirmed it deleted its copy; otherwise (this node restarted
+/// without the session, or a session taken in unconfirmed ends with a Clean Start) a
+/// moving copy that another member keeps for this claim is taken in, and failing that
+/// the new session is marked fresh (`mark_fresh`).
+async fn settle(
+    shard: &Rc<Shard>,
+    cluster: &ShardCluster,
+    connect: &Connect,
+    epoch: u64,
+) -> Result<(), ClaimRefusal> {
+    let client_id = connect.client_id.as_str();
+    if !connect.clean_start && shard.engine.borrow().has_session(client_id) {
+        return Ok(());
+    }
+    if cluster.claims.settled.borrow().get(client_id) == Some(&epoch) {
+        return Ok(());
+    }
+    let fresh = cluster
+        .handle()
+        .tables()
+        .and_then(|t| t.owner(client_id))
+        .ok()
+        .flatten()
+        .map_or(0, |o| o.fresh);
+    if fresh >= epoch {
+        return Ok(());
+    }
+    if !connect.clean_start {
+        let me = cluster.port.node_id;
+        match takeover::recover_moving_copy(shard, cluster, client_id, epoch, me).await {
+            Some(takeover::Settled::Yes) => {
+                cluster.claims.settle(client_id, epoch);
+                return Ok(());
+            }
+            Some(takeover::Settled::No) => return Ok(()),
+            None => {}
+        }
+    }
+    mark_fresh(shard, cluster, client_id, epoch).await
+}
+
+/// Records in the committed table that this node's session of `client_id` under its
+/// claim of `epoch` starts afresh (`Op::SessionFresh`), and waits until it is applied
+/// here: from then on no node resumes a moving copy of an older session of it (such a
+/// copy was handed to this claim or an older one), which would answer CONNACK session
+/// present 1 with state older than the session the client last had (data-plane
+/// simulation, seed 46). Proposed only when a session starts here without one to
+/// continue under a claim not known fresh, so it is batched with the node's claims and
+/// costs nothing on a reconnect that continues a session.
+async fn mark_fresh(
+    shard: &Shard,
+    cluster: &ShardCluster,
+    client_id: &str,
+    epoch: u64,
+) -> Result<(), ClaimRefusal> {
+    let refused = |why: &dyn std::fmt::Display| {
+        SessionMetrics::add(&cluster.port.sessions.claims_refused);
+        debug!(
+            shard = shard.id,
+            client_id, "new session not recorded: {why}"
+        );
+        ClaimRefusal::from(UNAVAILABLE)
+    };
+    let pending = cluster
+        .handle()
+        .propose(Op::SessionFresh {
+            client_id: client_id.to_owned(),
+            node: cluster.port.node_id,
+            epoch,
+        })
+        .map_err(|e| refused(&e))?;
+    let wait = async { Some(pending.wait().await) };
+    let expire = async {
+        rt::sleep(CLAIM_TIMEOUT).await;
+        None
+    };
+    let applied = match futures_lite::future::or(wait, expire).await {
+        None => return Err(refused(&"no answer within the claim timeout")),
+        Some(Err(e)) => return Err(refused(&e)),
+        Some(Ok(applied)) => applied,
+    };
+    if applied.result != OpResult::MarkedFresh(true) {
+        return Err(refused(&"another node claimed the ClientID meanwhile"));
+    }
+    if !cluster.applied(applied.index, CLAIM_TIMEOUT).await {
+        return Err(refused(&"the mark is not applied on this node in time"));
+    }
+    cluster.claims.settle(client_id, epoch);
+    debug!(
+        shard = shard.id,
+        client_id, epoch, "a new session recorded as fresh in the log"
+    );
     Ok(())
 }
 
@@ -257,7 +391,10 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
     let me = cluster.port.node_id;
     for (op, result) in &entry.changes {
         match (op, result) {
-            (Op::ClaimSession { client_id, node }, OpResult::Claimed { epoch, .. }) => {
+            (
+                Op::ClaimSession { client_id, node } | Op::ClaimCleanStart { client_id, node },
+                OpResult::Claimed { epoch, .. },
+            ) => {
                 if !owns(shard, client_id) {
                     continue;
                 }
@@ -269,10 +406,19 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
                         .engine
                         .borrow_mut()
                         .session_taken_over(now_ms(), client_id);
-                    // Kept for the new owner's fetch as a moving copy, also when that
-                    // fetch came while this node was down (it restarted with the
-                    // session in its store).
-                    takeover::park(shard, client_id, (*node, *epoch));
+                    if matches!(op, Op::ClaimCleanStart { .. })
+                        && !shard.engine.borrow().is_importing(client_id)
+                    {
+                        // A Clean Start ends the session cluster-wide: nothing to keep
+                        // for the new owner, also when its request never comes (a
+                        // delayed will is published now, as at any session's end).
+                        shard.engine.borrow_mut().drop_session(now_ms(), client_id);
+                    } else {
+                        // Kept for the new owner's fetch as a moving copy, also when
+                        // that fetch came while this node was down (it restarted with
+                        // the session in its store).
+                        takeover::park(shard, client_id, (*node, *epoch));
+                    }
                     if ended {
                         SessionMetrics::add(&cluster.port.sessions.taken_over_here);
                         debug!(
@@ -296,6 +442,16 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
                 && cluster.claims.held.borrow().get(client_id) == Some(epoch) =>
             {
                 cluster.claims.forget(client_id);
+            }
+            // A new session of the ClientID started afresh: a moving copy of an older
+            // one kept here is never resumed, so it goes now.
+            (
+                Op::SessionFresh {
+                    client_id, epoch, ..
+                },
+                OpResult::MarkedFresh(true),
+            ) if owns(shard, client_id) => {
+                takeover::drop_stale_copy(shard, client_id, *epoch);
             }
             _ => {}
         }

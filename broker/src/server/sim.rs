@@ -57,7 +57,10 @@
 //! after the session did) and seed 19 (an acknowledged QoS 2 message lost: forwarded to
 //! the subscriber's old node, accepted there after the session had moved away), both
 //! fixed by `tessera_shard::engine` module `moved` (docs/ARCHITECTURE.md, "Cluster:
-//! publications around a moving session").
+//! publications around a moving session"); the later ones are listed at
+//! `BURST_REGRESSION_SEEDS` (46: a stale moving copy resumed as session present after a
+//! newer fresh session; 160: a QoS 2 publication held twice by a parked session's
+//! ghost).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -1119,8 +1122,11 @@ const REGRESSION_SEEDS: &[u64] = &[2, 11, 19];
 /// session's node directly and redirected by the session's older ghost on a third node,
 /// the ghost held both and the session, taken back, got it twice (a ghost holds a
 /// publication once, filtered by the session's window, which the session taken back
-/// keeps).
-const BURST_REGRESSION_SEEDS: &[u64] = &[36, 61, 76, 160, 194, 242, 293, 294];
+/// keeps); 46: a node whose fetch from an unreachable previous owner failed resumed its
+/// own older moving copy as session present 1, although the ClientID had had a newer,
+/// fresh session on that owner (the log now records which epoch started a session
+/// afresh, `Op::SessionFresh` / `Op::ClaimCleanStart`, and older copies are dropped).
+const BURST_REGRESSION_SEEDS: &[u64] = &[36, 46, 61, 76, 160, 194, 242, 293, 294];
 
 #[test]
 fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {

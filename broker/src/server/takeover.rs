@@ -167,20 +167,39 @@ async fn ask_others(
     out
 }
 
+/// What a takeover's fetch came to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Fetched {
+    /// The old owner answered (then its connection of the ClientID has ended).
+    pub(super) answered: bool,
+    /// A session was taken in here (from the old owner or a moving copy).
+    pub(super) session: Option<Settled>,
+}
+
+/// Whether every other copy of a session taken in is known gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Settled {
+    /// The node it came from confirmed it deleted its copy (or it was this node's
+    /// own copy).
+    Yes,
+    /// Not confirmed: the node it came from may still keep a copy.
+    No,
+}
+
 /// The new owner's side: fetch the session of `connect`'s ClientID from `old` and take
-/// it in (unless the CONNECT starts clean, which only ends it there). Returns whether
-/// `old` answered (then its connection of the ClientID has ended).
+/// it in (unless the CONNECT starts clean, which only ends it there).
 pub(super) async fn fetch(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
     connect: &Connect,
     epoch: u64,
     old: NodeId,
-) -> bool {
+) -> Fetched {
     let client_id = connect.client_id.as_str();
     let request = body(OP_FETCH, epoch, &[u8::from(connect.clean_start)]);
     let answer = call(cluster, old, client_id, &request).await;
     let answered = answer.is_ok();
+    let mut session = None;
     if let Err(e) = &answer {
         debug!(
             shard = shard.id,
@@ -192,7 +211,7 @@ pub(super) async fn fetch(
     match answer.as_deref() {
         Ok(a @ [1 | 2, ..]) if !connect.clean_start => match split_export(a) {
             Some((rec, window)) => {
-                take_in(shard, cluster, client_id, epoch, old, rec, window).await
+                session = take_in(shard, cluster, client_id, epoch, old, rec, window).await;
             }
             None => failed(shard, cluster, client_id, old, &"malformed answer"),
         },
@@ -207,7 +226,8 @@ pub(super) async fn fetch(
         Ok([0]) | Err(_) if !connect.clean_start => {
             // The previous owner has nothing (it may have died before it confirmed a
             // move): a copy may still wait on the node the session came from.
-            if !recover_moving_copy(shard, cluster, client_id, epoch, old).await
+            session = recover_moving_copy(shard, cluster, client_id, epoch, old).await;
+            if session.is_none()
                 && let Err(e) = answer
             {
                 failed(shard, cluster, client_id, old, &e);
@@ -217,7 +237,40 @@ pub(super) async fn fetch(
         Err(e) => failed(shard, cluster, client_id, old, &e),
     }
     shard.flush_outbox();
-    answered
+    Fetched { answered, session }
+}
+
+/// The epoch at or below which a moving copy of `client_id` is stale: the newest
+/// epoch at which a session of it started afresh, as the committed table says (0:
+/// none known). A copy handed to a claim of that epoch or an older one belongs to a
+/// session the client was told is gone (CONNACK session present 0 after it).
+fn fresh_epoch(cluster: &ShardCluster, client_id: &str) -> u64 {
+    cluster
+        .handle()
+        .tables()
+        .and_then(|t| t.owner(client_id))
+        .ok()
+        .flatten()
+        .map_or(0, |o| o.fresh)
+}
+
+/// Drops this shard's moving copy of `client_id` if it is stale (handed to a claim at
+/// or below `fresh`); true when it did.
+pub(super) fn drop_stale_copy(shard: &Shard, client_id: &str, fresh: u64) -> bool {
+    let mut engine = shard.engine.borrow_mut();
+    match engine.moving_to(client_id) {
+        Some((_, e)) if e <= fresh && !engine.has_session(client_id) => {
+            engine.drop_moving_copy(client_id);
+            drop(engine);
+            info!(
+                shard = shard.id,
+                client_id,
+                "a moving copy of an older session dropped: the ClientID started a new session since"
+            );
+            true
+        }
+        _ => false,
+    }
 }
 
 fn failed(
@@ -237,15 +290,17 @@ fn failed(
 }
 
 /// Looks for a moving copy of `client_id` here, then on every member but `old` and
-/// this node; takes the first one found. True when a session was recovered.
-async fn recover_moving_copy(
+/// this node; takes the first one found that is not stale. `Some` when a session was
+/// recovered (whether its source confirmed).
+pub(super) async fn recover_moving_copy(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
     client_id: &str,
     epoch: u64,
     old: NodeId,
-) -> bool {
+) -> Option<Settled> {
     let metrics = &cluster.port.sessions;
+    drop_stale_copy(shard, client_id, fresh_epoch(cluster, client_id));
     let resumed = shard
         .engine
         .borrow_mut()
@@ -257,7 +312,7 @@ async fn recover_moving_copy(
                 shard = shard.id,
                 client_id, "session taken back from this node's unconfirmed moving copy"
             );
-            return true;
+            return Some(Settled::Yes);
         }
         Ok(false) => {}
         Err(e) => warn!(shard = shard.id, client_id, "own moving copy unusable: {e}"),
@@ -272,11 +327,10 @@ async fn recover_moving_copy(
                 from = node,
                 "session recovered from a node whose hand-over was never confirmed"
             );
-            take_in(shard, cluster, client_id, epoch, node, rec, window).await;
-            return true;
+            return take_in(shard, cluster, client_id, epoch, node, rec, window).await;
         }
     }
-    false
+    None
 }
 
 /// The export and the window of a `FETCH` answer that carries a session.
@@ -294,6 +348,7 @@ fn split_export(answer: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
 
 /// Takes in the export `rec` (and its `window`) from `source`, reads its disk tail
 /// from there, waits for this shard's store to commit it all and confirms to `source`.
+/// `None` when the export could not be taken in.
 async fn take_in(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
@@ -302,7 +357,7 @@ async fn take_in(
     source: NodeId,
     rec: &[u8],
     window: Option<&[u8]>,
-) {
+) -> Option<Settled> {
     let metrics = &cluster.port.sessions;
     let imported =
         shard
@@ -311,7 +366,10 @@ async fn take_in(
             .import_session(now_ms(), client_id, rec, wall_base_ms());
     let imported = match imported {
         Ok(i) => i,
-        Err(e) => return failed(shard, cluster, client_id, source, &e),
+        Err(e) => {
+            failed(shard, cluster, client_id, source, &e);
+            return None;
+        }
     };
     if let Some(w) = window
         && !shard
@@ -364,7 +422,7 @@ async fn take_in(
                 );
                 shard.engine.borrow_mut().import_finish(client_id);
                 shard.flush_outbox();
-                return;
+                return Some(Settled::No);
             }
         }
     }
@@ -380,16 +438,19 @@ async fn take_in(
             old_owner = source,
             "the moved session is not committed here yet: not confirmed, the old owner keeps its copy"
         );
-        return;
+        return Some(Settled::No);
     }
     match call(cluster, source, client_id, &body(OP_DONE, epoch, &[])).await {
-        Ok(a) if a.as_ref() == [1] => debug!(
-            shard = shard.id,
-            client_id,
-            old_owner = source,
-            moved_from_disk = moved,
-            "session moved here"
-        ),
+        Ok(a) if a.as_ref() == [1] => {
+            debug!(
+                shard = shard.id,
+                client_id,
+                old_owner = source,
+                moved_from_disk = moved,
+                "session moved here"
+            );
+            Some(Settled::Yes)
+        }
         other => {
             SessionMetrics::add(&metrics.confirm_failures);
             warn!(
@@ -399,6 +460,7 @@ async fn take_in(
                 "session moved here but not confirmed to the old owner, which keeps its copy \
                  until the session would expire: {other:?}"
             );
+            Some(Settled::No)
         }
     }
 }
@@ -430,7 +492,11 @@ pub(super) fn park_sessions_owned_elsewhere(shard: &Shard, cluster: &ShardCluste
         if owner.node == me || shard.engine.borrow().is_connected(client_id.as_str()) {
             continue;
         }
-        parked += usize::from(park(shard, client_id.as_str(), (owner.node, owner.epoch)));
+        if park(shard, client_id.as_str(), (owner.node, owner.epoch)) {
+            parked += 1;
+            // The owner started a new session afresh since: this one is gone for good.
+            drop_stale_copy(shard, client_id.as_str(), owner.fresh);
+        }
     }
     if parked > 0 {
         info!(
@@ -459,7 +525,10 @@ pub(super) fn park(shard: &Shard, client_id: &str, to: (u64, u64)) -> bool {
 /// This node holds the claim on `client_id` and kept a moving copy of its session (a
 /// copy parked at start-up while the table it read was behind): the session is that
 /// copy, taken back, not a new one.
-pub(super) fn resume_own_copy(shard: &Shard, client_id: &str) {
+pub(super) fn resume_own_copy(shard: &Shard, cluster: &ShardCluster, client_id: &str) {
+    if drop_stale_copy(shard, client_id, fresh_epoch(cluster, client_id)) {
+        return;
+    }
     let mut engine = shard.engine.borrow_mut();
     if engine.has_session(client_id) || engine.moving_to(client_id).is_none() {
         return;
@@ -560,7 +629,14 @@ async fn hand_out(
         .and_then(|t| t.owner(client_id))
         .map_err(|e| format!("cannot read the ownership table: {e}"))?;
     match owner {
-        Some(o) if o.node == req.from && o.epoch == epoch => {}
+        Some(o) if o.node == req.from && o.epoch == epoch => {
+            // A copy of a session older than the ClientID's last fresh start is not
+            // handed out: the client was told it is gone.
+            if drop_stale_copy(shard, client_id, o.fresh) {
+                shard.flush_outbox();
+                return Ok(Bytes::from_static(&[0]));
+            }
+        }
         other => {
             return Err(format!(
                 "node {} with epoch {epoch} is not the committed owner ({other:?})",

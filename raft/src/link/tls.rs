@@ -35,11 +35,13 @@ use crate::transport::NodeId;
 ///   (flag bit 4), and session transfers with a dedup window (`FETCH` answer 2).
 ///   Forward answers in two steps (answers *received* and *unknown*, the *done*
 ///   request) and the forward channel's answers out of order.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// - 4: ops `ClaimCleanStart` and `SessionFresh`, and owner records with `fresh`
+///   (which epoch started a session afresh, so a stale moving copy is never resumed).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// ALPN protocol of the link: `tessera-cluster/` and [`PROTOCOL_VERSION`]. It also keeps
 /// a link endpoint from being mistaken for MQTT over QUIC.
-pub const ALPN: &[u8] = b"tessera-cluster/3";
+pub const ALPN: &[u8] = b"tessera-cluster/4";
 
 /// A node's TLS material: the CA that signs every node, this node's chain and key.
 #[derive(Debug)]

@@ -48,20 +48,61 @@ pub struct OwnerRecord {
     pub epoch: u64,
     /// Entry time of the claim, ms.
     pub time_ms: u64,
+    /// The newest epoch at which a session of this ClientID started afresh (a claim
+    /// for Clean Start, the first claim of a ClientID nobody owned, or an owner's
+    /// [`Op::SessionFresh`]): a moving copy of an older session, handed to a claim of
+    /// this epoch or an older one, is stale and is never resumed. 0: none known (also
+    /// every record stored before this field existed).
+    pub fresh: u64,
 }
+
+/// Bytes of an owner record stored before `fresh` existed (read as `fresh` 0).
+const OWNER_RECORD_V1_BYTES: usize = 24;
+/// Bytes of an owner record.
+const OWNER_RECORD_BYTES: usize = 32;
 
 impl OwnerRecord {
     /// The record as stored: exactly the bytes `encode_rkyv` makes of it (rkyv's archive
-    /// of three `u64`s is the three in field order, little-endian; a test pins the
+    /// of four `u64`s is the four in field order, little-endian; a test pins the
     /// equality), built on the stack. Every claim writes one on every node, and rkyv's
     /// serializer (a thread-local arena, an aligned vector, its copy into `Bytes`) was
     /// ~5 % of the CPU of `raft_bench --kind claim` at half the top rate.
-    fn encode(&self) -> [u8; 24] {
-        let mut b = [0u8; 24];
+    fn encode(&self) -> [u8; OWNER_RECORD_BYTES] {
+        let mut b = [0u8; OWNER_RECORD_BYTES];
         b[..8].copy_from_slice(&self.node.to_le_bytes());
         b[8..16].copy_from_slice(&self.epoch.to_le_bytes());
-        b[16..].copy_from_slice(&self.time_ms.to_le_bytes());
+        b[16..24].copy_from_slice(&self.time_ms.to_le_bytes());
+        b[24..].copy_from_slice(&self.fresh.to_le_bytes());
         b
+    }
+
+    /// A stored record: this build's 32 bytes, or the 24 of a store written before
+    /// `fresh` existed (`fresh` 0, as if no fresh start were known). Anything else is
+    /// malformed.
+    pub fn decode(b: &[u8]) -> Result<OwnerRecord, DecodeError> {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        match b.len() {
+            OWNER_RECORD_BYTES | OWNER_RECORD_V1_BYTES => Ok(OwnerRecord {
+                node: word(0),
+                epoch: word(1),
+                time_ms: word(2),
+                fresh: if b.len() == OWNER_RECORD_BYTES {
+                    word(3)
+                } else {
+                    0
+                },
+            }),
+            n => Err(DecodeError {
+                what: "owner record",
+                reason: format!(
+                    "{n} bytes, expected {OWNER_RECORD_BYTES} or {OWNER_RECORD_V1_BYTES}"
+                ),
+            }),
+        }
     }
 }
 
@@ -236,9 +277,7 @@ impl Applier<'_> {
     fn owner(&self, cid: &str) -> SResult<Option<OwnerRecord>> {
         match self.get(self.store.dbs.owners, cid.as_bytes())? {
             None => Ok(None),
-            Some(v) => decode_rkyv::<OwnerRecord>(&v, "owner record")
-                .map(Some)
-                .map_err(read_err),
+            Some(v) => OwnerRecord::decode(&v).map(Some).map_err(read_err),
         }
     }
 
@@ -251,27 +290,35 @@ impl Applier<'_> {
     ) -> SResult<(OpResult, bool)> {
         let dbs = self.store.dbs;
         Ok(match op {
-            Op::ClaimSession { client_id, node } => {
+            Op::ClaimSession { client_id, node } | Op::ClaimCleanStart { client_id, node } => {
                 let epoch = claim_epoch(index, pos);
-                let rec = OwnerRecord {
+                // A ClientID nobody owns, or a Clean Start, starts a session afresh.
+                let mut rec = OwnerRecord {
                     node: *node,
                     epoch,
                     time_ms,
-                }
-                .encode();
+                    fresh: epoch,
+                };
+                let clean = matches!(op, Op::ClaimCleanStart { .. });
                 // One B-tree walk for a ClientID never claimed (a connect storm's case):
                 // insert if absent, else read the owner and overwrite it.
                 let key = client_id.as_bytes();
                 let previous = match dbs
                     .owners
-                    .get_or_put(&mut self.w, key, &rec)
+                    .get_or_put(&mut self.w, key, &rec.encode())
                     .map_err(write_err)?
                 {
                     None => None,
                     Some(old) => {
-                        let o =
-                            decode_rkyv::<OwnerRecord>(old, "owner record").map_err(read_err)?;
-                        dbs.owners.put(&mut self.w, key, &rec).map_err(write_err)?;
+                        let o = OwnerRecord::decode(old).map_err(read_err)?;
+                        // A takeover continues the session (if it finds it): only what
+                        // was known fresh before stays so.
+                        if !clean {
+                            rec.fresh = o.fresh;
+                        }
+                        dbs.owners
+                            .put(&mut self.w, key, &rec.encode())
+                            .map_err(write_err)?;
                         Some(Owner {
                             node: o.node,
                             epoch: o.epoch,
@@ -305,6 +352,21 @@ impl Applier<'_> {
                     },
                     false,
                 ),
+            },
+            Op::SessionFresh {
+                client_id,
+                node,
+                epoch,
+            } => match self.owner(client_id)? {
+                Some(mut o) if o.node == *node && o.epoch == *epoch => {
+                    let changed = o.fresh != *epoch;
+                    o.fresh = *epoch;
+                    dbs.owners
+                        .put(&mut self.w, client_id.as_bytes(), &o.encode())
+                        .map_err(write_err)?;
+                    (OpResult::MarkedFresh(true), changed)
+                }
+                _ => (OpResult::MarkedFresh(false), false),
             },
             Op::RouteDelta {
                 node,
@@ -813,7 +875,7 @@ impl TablesView {
             .map_err(|e| self.lmdb(e))?
         {
             None => Ok(None),
-            Some(v) => decode_rkyv(v, "owner record")
+            Some(v) => OwnerRecord::decode(v)
                 .map(Some)
                 .map_err(|e| corrupt(&self.store, "owners", k, e)),
         }
@@ -956,12 +1018,21 @@ mod tests {
                 node,
                 epoch,
                 time_ms,
+                fresh: epoch ^ time_ms,
             };
             assert_eq!(rec.encode()[..], encode_rkyv(&rec)[..], "{rec:?}");
             assert_eq!(
                 decode_rkyv::<OwnerRecord>(&rec.encode(), "owner").unwrap(),
                 rec
             );
+            assert_eq!(OwnerRecord::decode(&rec.encode()).unwrap(), rec);
+            // A record of a store written before `fresh` existed: its first 24 bytes.
+            assert_eq!(
+                OwnerRecord::decode(&rec.encode()[..24]).unwrap(),
+                OwnerRecord { fresh: 0, ..rec }
+            );
+            assert!(OwnerRecord::decode(&rec.encode()[..23]).is_err());
+            assert!(OwnerRecord::decode(&[0; 40]).is_err());
         }
     }
 
@@ -1338,6 +1409,71 @@ mod tests {
         let o = v.owner("c").unwrap().unwrap();
         assert_eq!((o.node, o.epoch), (3, e3));
         assert_eq!(v.owner_count().unwrap(), 2);
+    }
+
+    /// Which session a claim serves is in the record: a ClientID nobody owned and a
+    /// Clean Start start afresh (`fresh` = the claim's epoch), a takeover keeps what
+    /// was known before until its owner marks its session fresh, and a mark of an
+    /// owner or epoch that is no longer the committed one changes nothing.
+    #[test]
+    fn claims_and_marks_record_which_epoch_started_a_session_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let claim = |node| Op::ClaimSession {
+            client_id: "c".into(),
+            node,
+        };
+        let fresh = |node, epoch| Op::SessionFresh {
+            client_id: "c".into(),
+            node,
+            epoch,
+        };
+        let owner = || {
+            let v = TablesView::new(s.clone()).unwrap();
+            let o = v.owner("c").unwrap().unwrap();
+            (o.node, o.epoch, o.fresh)
+        };
+        apply_entries(&s, vec![entry(3, batch(1, vec![claim(1)]).encode())]).unwrap();
+        let e1 = claim_epoch(3, 0);
+        assert_eq!(owner(), (1, e1, e1), "nobody owned it: a fresh session");
+        apply_entries(&s, vec![entry(4, batch(2, vec![claim(2)]).encode())]).unwrap();
+        let e2 = claim_epoch(4, 0);
+        assert_eq!(owner(), (2, e2, e1), "a takeover continues, unknown yet");
+        let (r, applied) = apply_entries(
+            &s,
+            vec![entry(
+                5,
+                batch(3, vec![fresh(1, e1), fresh(2, e2)]).encode(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            r[0].results,
+            vec![OpResult::MarkedFresh(false), OpResult::MarkedFresh(true)]
+        );
+        assert_eq!(owner(), (2, e2, e2));
+        assert_eq!(
+            applied[0].changes,
+            vec![(fresh(2, e2), OpResult::MarkedFresh(true))],
+            "only the mark that changed the table is broadcast"
+        );
+        apply_entries(&s, vec![entry(6, batch(4, vec![claim(3)]).encode())]).unwrap();
+        let e3 = claim_epoch(6, 0);
+        assert_eq!(owner(), (3, e3, e2));
+        let clean = Op::ClaimCleanStart {
+            client_id: "c".into(),
+            node: 1,
+        };
+        let (r, _) = apply_entries(&s, vec![entry(7, batch(5, vec![clean]).encode())]).unwrap();
+        let e4 = claim_epoch(7, 0);
+        assert_eq!(
+            r[0].results,
+            vec![OpResult::Claimed {
+                epoch: e4,
+                previous: Some(Owner { node: 3, epoch: e3 })
+            }]
+        );
+        assert_eq!(owner(), (1, e4, e4), "a Clean Start is fresh at once");
     }
 
     #[test]

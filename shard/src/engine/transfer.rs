@@ -367,6 +367,18 @@ impl Engine {
         }
     }
 
+    /// The moving copy of `client_id` is of a session that ended cluster-wide (its
+    /// ClientID started afresh since it was handed out): it goes with its store records
+    /// and its ghost (whoever waited for what the ghost held is answered). False when
+    /// there is no copy.
+    pub fn drop_moving_copy(&mut self, client_id: &str) -> bool {
+        let dropped = self.drop_moving(client_id);
+        if let Ok(key) = Str::try_from(client_id) {
+            self.drop_ghost(&key);
+        }
+        dropped
+    }
+
     /// Drops the moving copy of `client_id` with its store records.
     pub(super) fn drop_moving(&mut self, client_id: &str) -> bool {
         let Ok(key) = Str::try_from(client_id) else {
