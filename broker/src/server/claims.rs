@@ -10,6 +10,11 @@
 //!   for it to be applied here, at most [`CLAIM_TIMEOUT`]. No leader, a full proposal
 //!   queue or the timeout: CONNACK 0x88 (v5) / 0x03 (3.1.1), never a hang. A claim whose
 //!   previous owner is another node is a takeover (`takeover::fetch`).
+//! - **Fresh starts** ([`settle`], [`mark_fresh`]): the committed owner record says which
+//!   epoch last started a session of the ClientID afresh (a Clean Start's claim, a first
+//!   claim, or `Op::SessionFresh` proposed before the CONNACK when a session starts here
+//!   with nothing to continue), so no node ever resumes a moving copy of an older
+//!   session as "session present" (data-plane simulation, seed 46).
 //! - **Applied claims** ([`on_applied`]): every node applies every claim; the owner
 //!   shard of the ClientID on the old owner's node ends the live connection there (v5
 //!   DISCONNECT 0x8E) at once, whether or not the new owner's fetch ever comes.
