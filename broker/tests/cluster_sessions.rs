@@ -11,6 +11,9 @@
 //! - a node cut off from its cluster for longer than its session lease ends the
 //!   connections of the ClientIDs it holds (v5: DISCONNECT 0x9C) and refuses their
 //!   reconnects, since the majority may have given them to other nodes.
+//! - a node that cannot reach the ClientID's last owner does not resume its own older
+//!   copy of the session as "session present" when that owner had started a new
+//!   session afresh (the log says so).
 //!
 //! Method: three `broker` processes (one shard each) started by the shared harness
 //! (`common::cluster`); clients are rumqttc's async clients on a tokio runtime; the
@@ -695,27 +698,32 @@ fn brokerctl_lists_clients_sessions_and_subscriptions_cluster_wide_or_per_node()
 /// A node that restarts with a session in its store that another node took over while
 /// it was down does not serve that stale copy: it is parked (not listed, not routed) and
 /// the next CONNECT there takes the owner's session over as usual.
-#[tokio::test(flavor = "current_thread")]
-async fn a_restarted_node_does_not_serve_a_session_another_node_took_over_meanwhile() {
-    let mut c = three_nodes("sessions-park");
-    let (sub, mut se, _) = connect(options(&c, 1, "parked", false), "parked @1").await;
-    sub.subscribe("park/t", QoS::AtLeastOnce).await.unwrap();
-    until(&mut se, "parked SUBACK", |ev| match ev {
+/// `id` subscribes to `old` with a persistent session on node 1; node 1 dies, so node 2
+/// cannot fetch the session and gives the client a new one, which subscribes to `new`
+/// and disconnects; node 1 comes back with the old session in its store and does not
+/// serve it.
+async fn new_session_on_node_2_while_node_1_was_down(
+    c: &mut Cluster,
+    id: &str,
+    old: &str,
+    new: &str,
+) {
+    let (sub, mut se, _) = connect(options(c, 1, id, false), "@1").await;
+    sub.subscribe(old, QoS::AtLeastOnce).await.unwrap();
+    until(&mut se, "SUBACK @1", |ev| match ev {
         Event::Incoming(Packet::SubAck(_)) => Some(()),
         _ => None,
     })
     .await;
     drop(sub);
     drop(se);
-    assert!(session_doc(&c, 1, "parked").is_some());
+    assert!(session_doc(c, 1, id).is_some());
 
-    // Node 1 dies; the client goes to node 2, which cannot fetch the session and gives
-    // it a new one (subscribed afresh).
     c.kill(1);
-    let (sub2, mut se2, present) = connect(options(&c, 2, "parked", false), "parked @2").await;
+    let (sub2, mut se2, present) = connect(options(c, 2, id, false), "@2").await;
     assert!(!present, "node 1 is down: nothing to move");
-    sub2.subscribe("park/new", QoS::AtLeastOnce).await.unwrap();
-    until(&mut se2, "parked @2 SUBACK", |ev| match ev {
+    sub2.subscribe(new, QoS::AtLeastOnce).await.unwrap();
+    until(&mut se2, "SUBACK @2", |ev| match ev {
         Event::Incoming(Packet::SubAck(_)) => Some(()),
         _ => None,
     })
@@ -727,12 +735,17 @@ async fn a_restarted_node_does_not_serve_a_session_another_node_took_over_meanwh
     .await;
     drop(se2);
 
-    // Node 1 back: its stored copy is not a session there.
     c.start(1, &[], false);
     c.wait_for_leader();
-    c.wait_until("node 1 parks the copy", |c| {
-        session_doc(c, 1, "parked").is_none()
+    c.wait_until("node 1 does not serve its old copy", |c| {
+        session_doc(c, 1, id).is_none()
     });
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_restarted_node_does_not_serve_a_session_another_node_took_over_meanwhile() {
+    let mut c = three_nodes("sessions-park");
+    new_session_on_node_2_while_node_1_was_down(&mut c, "parked", "park/t", "park/new").await;
     assert!(session_doc(&c, 2, "parked").is_some());
 
     // Connecting to node 1 moves node 2's session there (its subscription, not the old
@@ -759,40 +772,9 @@ async fn a_restarted_node_does_not_serve_a_session_another_node_took_over_meanwh
 #[tokio::test(flavor = "current_thread")]
 async fn a_node_does_not_resume_an_older_session_after_a_newer_fresh_one_elsewhere() {
     let mut c = three_nodes("sessions-stale");
-    let (sub, mut se, _) = connect(options(&c, 1, "stale", false), "stale @1").await;
-    sub.subscribe("stale/old", QoS::AtLeastOnce).await.unwrap();
-    until(&mut se, "stale SUBACK", |ev| match ev {
-        Event::Incoming(Packet::SubAck(_)) => Some(()),
-        _ => None,
-    })
-    .await;
-    drop(sub);
-    drop(se);
-
-    // Node 1 dies; node 2 cannot fetch the session and gives the client a new one.
-    c.kill(1);
-    let (sub2, mut se2, present) = connect(options(&c, 2, "stale", false), "stale @2").await;
-    assert!(!present, "node 1 is down: nothing to move");
-    sub2.subscribe("stale/new", QoS::AtLeastOnce).await.unwrap();
-    until(&mut se2, "stale @2 SUBACK", |ev| match ev {
-        Event::Incoming(Packet::SubAck(_)) => Some(()),
-        _ => None,
-    })
-    .await;
-    sub2.disconnect().await.unwrap();
-    let _ = timeout(Duration::from_secs(2), async {
-        while se2.poll().await.is_ok() {}
-    })
-    .await;
-    drop(se2);
-
     // Node 1 comes back with the old session in its store; then node 2 dies with the
     // new one.
-    c.start(1, &[], false);
-    c.wait_for_leader();
-    c.wait_until("node 1 does not serve the old copy", |c| {
-        session_doc(c, 1, "stale").is_none()
-    });
+    new_session_on_node_2_while_node_1_was_down(&mut c, "stale", "stale/old", "stale/new").await;
     c.kill(2);
     c.wait_for_leader();
 

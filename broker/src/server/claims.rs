@@ -151,10 +151,8 @@ pub(super) async fn claim(
     // older epoch than one committed (the same race as at the end of this function).
     let committed = |epoch: u64| {
         cluster
-            .handle()
-            .tables()
-            .and_then(|t| t.owner(client_id))
-            .is_ok_and(|o| o.is_some_and(|o| o.node == me && o.epoch == epoch))
+            .owner(client_id)
+            .is_some_and(|o| o.node == me && o.epoch == epoch)
     };
     if in_contact && let Some(epoch) = cluster.claims.usable(client_id).filter(|e| committed(*e)) {
         SessionMetrics::add(&metrics.claims_held);
@@ -165,12 +163,7 @@ pub(super) async fn claim(
     let owner = if releasing {
         None
     } else {
-        cluster
-            .handle()
-            .tables()
-            .and_then(|t| t.owner(client_id))
-            .ok()
-            .flatten()
+        cluster.owner(client_id)
     };
     // After a restart, the committed table knows what this node held.
     if let Some(owner) = owner
@@ -313,13 +306,7 @@ async fn settle(
     if cluster.claims.settled.borrow().get(client_id) == Some(&epoch) {
         return Ok(());
     }
-    let fresh = cluster
-        .handle()
-        .tables()
-        .and_then(|t| t.owner(client_id))
-        .ok()
-        .flatten()
-        .map_or(0, |o| o.fresh);
+    let fresh = cluster.owner(client_id).map_or(0, |o| o.fresh);
     if fresh >= epoch {
         return Ok(());
     }

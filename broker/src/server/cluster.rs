@@ -92,6 +92,16 @@ impl ShardCluster {
         &self.port.handle
     }
 
+    /// The owner of `client_id` in this node's committed table (`None` also when the
+    /// table cannot be read: callers treat that as "not known").
+    pub(crate) fn owner(&self, client_id: &str) -> Option<tessera_raft::store::stm::OwnerRecord> {
+        self.handle()
+            .tables()
+            .and_then(|t| t.owner(client_id))
+            .ok()
+            .flatten()
+    }
+
     /// This node no longer holds `client_id` (it handed the session out).
     pub(crate) fn forget_claim(&self, client_id: &str) {
         self.claims.forget(client_id);

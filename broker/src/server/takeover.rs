@@ -245,13 +245,7 @@ pub(super) async fn fetch(
 /// none known). A copy handed to a claim of that epoch or an older one belongs to a
 /// session the client was told is gone (CONNACK session present 0 after it).
 fn fresh_epoch(cluster: &ShardCluster, client_id: &str) -> u64 {
-    cluster
-        .handle()
-        .tables()
-        .and_then(|t| t.owner(client_id))
-        .ok()
-        .flatten()
-        .map_or(0, |o| o.fresh)
+    cluster.owner(client_id).map_or(0, |o| o.fresh)
 }
 
 /// Drops this shard's moving copy of `client_id` if it is stale (handed to a claim at
