@@ -127,8 +127,12 @@ pub struct PendingOp {
 }
 
 impl PendingOp {
-    /// Waits for the op to be applied on this node (or to fail). Never hangs: every
-    /// proposal is answered within `proposal_timeout_ms` (plus one RPC timeout).
+    /// Waits for the op's answer: committed and applied on the leader that took the
+    /// proposal (or failed). This node may not have applied it yet, and may apply later
+    /// entries before the waiting task runs: read local tables only once
+    /// [`ClusterHandle::applied_index`] reaches [`Applied::index`], and check them then
+    /// (the broker's claims do both). Never hangs: every proposal is answered within
+    /// `proposal_timeout_ms` (plus one RPC timeout).
     pub async fn wait(self) -> Result<Applied, ClusterError> {
         let Some(rx) = self.rx else {
             return Err(ClusterError::Shutdown("proposal answered already".into()));
