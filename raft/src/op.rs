@@ -11,7 +11,7 @@
 //! answers a duplicate with the first results, never applying it twice. `incarnation`
 //! grows at every start of the node (it is persisted), so sequence numbers never repeat.
 //!
-//! Limits are named and checked by [`Batch::validate`] both when a shard proposes and when
+//! Limits are named and checked by [`Op::validate`] both when a shard proposes and when
 //! an entry is applied (a lying peer's entry is rejected op by op, deterministically).
 //! LMDB keys are at most 511 bytes, which bounds ClientIDs, filters and topics.
 
