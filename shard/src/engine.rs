@@ -2094,7 +2094,7 @@ impl Engine {
                 continue;
             }
             let qos = delivery_qos(msg.qos, qos);
-            if self.has_moved() && self.moved_skip(idx, qos) {
+            if self.has_moved() && self.moved_skip(idx) {
                 continue; // it got this one on the node it came from
             }
             let d = Delivery {

@@ -11,19 +11,22 @@ use crate::trie::ShardSet;
 /// Index of a shard, 0-based.
 pub type ShardId = u16;
 
-/// A QoS 2 publication's identity across the cluster, given once where it
-/// entered it (the publisher's shard, when it first goes to another node): the
-/// process's origin tag (random per process start, so a restarted node never
-/// reuses one), the shard and that shard's count of such publications. It
+/// A publication's identity across the cluster, given once where it entered it
+/// (the publisher's shard, when it first goes to another node): the process's
+/// origin tag (random per process start, so a restarted node never reuses one),
+/// the shard and that shard's count of such publications at the publication's
+/// QoS (the QoS in the top two bits of `seq`: each QoS is its own sequence). It
 /// travels with every copy, so the node a session moved to can tell a copy the
-/// session already got on its old node (`engine::moved`).
+/// session already got on its old node, or one older than a publication it got
+/// there (`engine::moved`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PubId {
     /// The origin process's tag.
     pub origin: u64,
     /// The publisher's shard there.
     pub shard: ShardId,
-    /// The shard's count of identified publications, from 1.
+    /// The QoS (bits 62-63) and the shard's count of identified publications
+    /// at that QoS (from 1).
     pub seq: u64,
 }
 
@@ -71,12 +74,12 @@ pub enum MeshMsg {
         mark: Option<ForwardMark>,
         /// Token to echo in `Ack` (a copy from the shard serving the batch).
         ack: Option<u64>,
-        /// The publication's identity, when it has one (QoS 2).
+        /// The publication's identity, when it has one.
         id: Option<PubId>,
     },
-    /// A QoS 1/2 publication for other nodes (to the remote id only): as
-    /// `PublishDurable`, with its identity (QoS 2; `None` otherwise), and `ack`
-    /// unset when no publisher waits for it.
+    /// A publication for other nodes (to the remote id only): as
+    /// `PublishDurable`, with its identity (`None` outside a cluster), and `ack`
+    /// unset when no publisher waits for it (always at QoS 0).
     PublishRemote {
         /// The message.
         message: Message,
@@ -101,7 +104,7 @@ pub enum MeshMsg {
         epoch: u64,
         /// The message.
         message: Message,
-        /// The publication's identity, when it has one (QoS 2).
+        /// The publication's identity, when it has one.
         id: Option<PubId>,
         /// Token to echo in `Ack`.
         ack: Option<u64>,

@@ -405,7 +405,7 @@ struct Item {
     token: Option<(ShardId, u64)>,
     /// For one member of this shared subscription.
     share: Option<wire::ShareFor>,
-    /// The publication's id (QoS 2).
+    /// The publication's cluster-wide id.
     id: Option<PubId>,
     /// For one session that moved to the peer: (ClientID, claim epoch).
     session: Option<(Str, u64)>,

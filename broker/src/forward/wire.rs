@@ -32,7 +32,7 @@
 //! agree. `publisher` identifies the publishing session on its node (no-local and the
 //! hash strategy of shared subscriptions use it; see `SessionUid::remote`).
 //!
-//! The id (bit 3) is a QoS 2 publication's cluster-wide identity
+//! The id (bit 3) is a publication's cluster-wide identity (every QoS)
 //! (`tessera_shard::mesh::PubId`); a record for one session (bit 4) is a publication
 //! its old node sends on to the node the session moved to (`tessera_shard::engine`
 //! module `moved`). Both came with cluster protocol version 3.
@@ -118,7 +118,7 @@ pub struct Record {
     pub expiry_ms: Option<u64>,
     /// For one member of a shared subscription.
     pub share: Option<ShareFor>,
-    /// The publication's cluster-wide identity (QoS 2).
+    /// The publication's cluster-wide identity.
     pub id: Option<PubId>,
     /// For one session that moved to the receiver: (ClientID, its claim epoch).
     pub session: Option<(Str, u64)>,

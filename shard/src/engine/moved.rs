@@ -16,15 +16,25 @@
 //! - **The session already got a copy on its old node** (the publisher's node sent
 //!   one copy there and one to the new node, or the session's own publication was
 //!   delivered locally and forwarded), and the other copy reaches the new node after
-//!   the session. Every QoS 2 publication has a [`PubId`] from the shard where it
-//!   entered the cluster. The export carries, per origin shard, the highest id the
-//!   old owner's shard had handled (each origin's copies arrive there in id order),
-//!   its own count, and the ids the session got within its own window if it moved
-//!   before. For [`MOVED_WINDOW_MS`] the new owner does not deliver to the session
-//!   a copy (by the normal path) at or below those marks, nor (by either path) one
-//!   it already delivered while the window lasts; a redirected copy of a
-//!   publication made here after the session's subscriptions were attached is a
-//!   copy of one it got here.
+//!   the session. Every publication that goes to another node has a [`PubId`] from
+//!   the shard where it entered the cluster (one sequence per QoS). The export
+//!   carries, per origin shard and QoS, the highest id the old owner's shard had
+//!   handled (each origin's copies of one QoS arrive there in id order), its own
+//!   counts, and the ids the session got within its own window if it moved before.
+//!   For [`MOVED_WINDOW_MS`] the new owner does not deliver to the session a copy
+//!   (by the normal path) at or below those marks, nor (by either path) one it
+//!   already delivered while the window lasts; a redirected copy of a publication
+//!   made here after the session's subscriptions were attached is a copy of one it
+//!   got here.
+//! - **A stale copy reaches the new node after later ones reached the session**
+//!   (sim seed 250): a copy sent to the new node before the session lived there
+//!   (for another subscriber, or by a route a crashed node left) waits out a
+//!   partition and arrives after the session got later publications of the same
+//!   publisher elsewhere. Delivered, it would break the publisher's order (MQTT 5
+//!   §4.6) and, if the session had got it too, deliver a QoS 0 message twice. The
+//!   marks above skip it: the old owner's mark for its origin and QoS is at least
+//!   the later publication's id (the old owner handled that one). That is why QoS 0
+//!   and 1 carry ids too, not only QoS 2.
 //!
 //! Until the new node confirmed, the ghost holds what matches (the session may
 //! come back here) and filters it with the session's window the same way, so a
@@ -34,7 +44,8 @@
 //! Per-origin marks alone cannot tell the two paths apart (a publication can reach
 //! the new node directly and redirected, in either order), hence the set; ids alone
 //! would need every session to remember what it got, hence the marks. Sessions that
-//! do not move pay nothing but the marks' update per forwarded QoS 2 publication.
+//! do not move pay nothing but an 18-byte id per forwarded record and the marks'
+//! update per forwarded publication.
 //!
 //! Bounded, and said: a copy delayed longer than the window (a partition between
 //! the publisher's node and the old owner that outlasts it) finds no ghost and is
@@ -88,9 +99,9 @@ pub(super) struct Window {
     uid: SessionUid,
     /// Highest id per origin shard the old owner had handled.
     marks: Vec<(u64, ShardId, u64)>,
-    /// This shard's own count when the session's subscriptions were attached
-    /// here (`u64::MAX` until then).
-    local_mark: u64,
+    /// This shard's own counts (per QoS) when the session's subscriptions were
+    /// attached here (`u64::MAX` until then).
+    local_mark: [u64; 3],
     /// QoS 2 publications delivered to the session within the window.
     delivered: HashSet<PubId>,
     order: VecDeque<PubId>,
@@ -110,8 +121,9 @@ pub(super) enum RedirectAck {
 pub(super) struct Moved {
     /// This process's origin tag (0: not in a cluster, no ids).
     origin: u64,
-    /// Identified publications this shard gave so far.
-    next_seq: u64,
+    /// Identified publications this shard gave so far, per QoS (each QoS is its
+    /// own sequence: see [`id_seq`]).
+    next_seq: [u64; 3],
     /// Highest id handled here per origin shard.
     marks: Vec<(u64, ShardId, u64)>,
     ghosts: Vec<Option<Ghost>>,
@@ -178,8 +190,32 @@ fn decode_marks(b: &[u8]) -> Option<(Vec<(u64, ShardId, u64)>, Vec<PubId>)> {
     Some((marks, ids))
 }
 
+/// Bits of a [`PubId`]'s `seq` above which its QoS sits.
+const QOS_SHIFT: u32 = 62;
+
+/// The `seq` of a shard's `n`th identified publication at QoS `qos`. Each QoS is its
+/// own sequence, so the copies of one origin shard and QoS reach another node in
+/// sequence order even when the QoS 1/2 ones wait for a commit (`sync` durability)
+/// and the QoS 0 ones do not; MQTT orders one publisher's messages per QoS too.
+fn id_seq(qos: QoS, n: u64) -> u64 {
+    ((qos as u64) << QOS_SHIFT) | n
+}
+
+/// The QoS sequence `seq` belongs to.
+fn id_class(seq: u64) -> u64 {
+    seq >> QOS_SHIFT
+}
+
+/// A mark covers `seq`: same origin shard and QoS sequence, not above it.
+fn covers(m: &(u64, ShardId, u64), origin: u64, shard: ShardId, seq: u64) -> bool {
+    m.0 == origin && m.1 == shard && id_class(m.2) == id_class(seq) && seq <= m.2
+}
+
 fn raise(marks: &mut Vec<(u64, ShardId, u64)>, origin: u64, shard: ShardId, seq: u64) {
-    match marks.iter_mut().find(|m| m.0 == origin && m.1 == shard) {
+    match marks
+        .iter_mut()
+        .find(|m| m.0 == origin && m.1 == shard && id_class(m.2) == id_class(seq))
+    {
         Some(m) => m.2 = m.2.max(seq),
         None => marks.push((origin, shard, seq)),
     }
@@ -193,7 +229,7 @@ impl Window {
             && self
                 .marks
                 .iter()
-                .any(|m| m.0 == id.origin && m.1 == id.shard && id.seq <= m.2)
+                .any(|m| covers(m, id.origin, id.shard, id.seq))
         {
             return true;
         }
@@ -217,16 +253,18 @@ impl Engine {
         self.moved.origin = origin;
     }
 
-    /// A new id for the publication being routed (none outside a cluster).
-    pub(super) fn new_pub_id(&mut self) -> Option<PubId> {
+    /// A new id for the publication being routed, at QoS `qos` (none outside a
+    /// cluster).
+    pub(super) fn new_pub_id(&mut self, qos: QoS) -> Option<PubId> {
         if self.moved.origin == 0 {
             return None;
         }
-        self.moved.next_seq += 1;
+        let n = &mut self.moved.next_seq[qos as usize];
+        *n += 1;
         let id = PubId {
             origin: self.moved.origin,
             shard: self.shard,
-            seq: self.moved.next_seq,
+            seq: id_seq(qos, *n),
         };
         self.moved.current = Some(id);
         Some(id)
@@ -261,12 +299,10 @@ impl Engine {
         // The window: what this shard handled, its own count, and what the session
         // got within a window of its own.
         let mut marks = self.moved.marks.clone();
-        raise(
-            &mut marks,
-            self.moved.origin,
-            self.shard,
-            self.moved.next_seq,
-        );
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let seq = id_seq(qos, self.moved.next_seq[qos as usize]);
+            raise(&mut marks, self.moved.origin, self.shard, seq);
+        }
         let mut ids = Vec::new();
         if let Some(w) = self.moved.windows.remove(&client_id)
             && w.uid == uid
@@ -285,7 +321,7 @@ impl Engine {
         let mut seen = Window {
             uid,
             marks,
-            local_mark: u64::MAX,
+            local_mark: [u64::MAX; 3],
             delivered: HashSet::new(),
             order: VecDeque::new(),
         };
@@ -383,7 +419,7 @@ impl Engine {
             let key = s.client_id.clone();
             w.uid = s.uid;
             w.local_mark = if self.importing.contains_key(&key) {
-                u64::MAX
+                [u64::MAX; 3]
             } else {
                 self.moved.next_seq
             };
@@ -456,7 +492,7 @@ impl Engine {
         let s = self.session(idx);
         let key = s.client_id.clone();
         let local_mark = if self.importing.contains_key(&key) {
-            u64::MAX
+            [u64::MAX; 3]
         } else {
             self.moved.next_seq
         };
@@ -530,13 +566,14 @@ impl Engine {
         self.moved.by_client.len()
     }
 
-    /// Whether the delivery of the publication being routed (QoS `qos`) to
-    /// session `idx` by the normal path is one it already got (see the module).
-    pub(super) fn moved_skip(&mut self, idx: SessionIdx, qos: QoS) -> bool {
+    /// Whether the delivery of the publication being routed to session `idx` by
+    /// the normal path is one it already got, or one older than a publication of
+    /// the same origin it got on its old node (see the module).
+    pub(super) fn moved_skip(&mut self, idx: SessionIdx) -> bool {
         let Some(id) = self.moved.current else {
             return false;
         };
-        if qos != QoS::ExactlyOnce || self.moved.windows.is_empty() {
+        if self.moved.windows.is_empty() {
             return false;
         }
         let s = self.session(idx);
@@ -560,8 +597,7 @@ impl Engine {
         let (client_id, (node, epoch), confirmed) = (g.client_id.clone(), g.to, g.confirmed);
         let id = match self.moved.current {
             Some(id) => Some(id),
-            None if msg.qos == QoS::ExactlyOnce => self.new_pub_id(),
-            None => None,
+            None => self.new_pub_id(msg.qos),
         };
         if !confirmed {
             let Some(Some(g)) = self.moved.ghosts.get_mut((gidx - GHOST_BASE) as usize) else {
@@ -570,7 +606,6 @@ impl Engine {
             // Held once: a copy the session got before it left, or one the ghost
             // holds already (it came by both paths), is not held again.
             if let (Some(id), Some(w)) = (id, g.seen.as_mut())
-                && msg.qos == QoS::ExactlyOnce
                 && w.seen(id, direct)
             {
                 return;
@@ -671,13 +706,14 @@ impl Engine {
         }
         let origin = self.moved.origin;
         if let Some(id) = id
-            && message.qos == QoS::ExactlyOnce
             && let Some(w) = self.moved.windows.get_mut(&client_id)
         {
             // A publication of this shard made after the session's subscriptions
             // were attached here reached it here.
             let here = id.origin == origin && id.shard == self.shard;
-            if (here && id.seq > w.local_mark) || w.seen(id, false) {
+            let n = id.seq & ((1 << QOS_SHIFT) - 1);
+            let attached = w.local_mark.get(id_class(id.seq) as usize);
+            if (here && attached.is_some_and(|m| n > *m)) || w.seen(id, false) {
                 return;
             }
         }
@@ -913,6 +949,54 @@ mod tests {
         assert_eq!(payloads(&mut a, s), vec![Bytes::from_static(b"new")]);
     }
 
+    /// A forwarded copy at QoS `qos` from origin 5, shard 0, with its `n`th id there.
+    fn forwarded_at(payload: &'static str, qos: QoS, n: u64) -> MeshMsg {
+        let mut message = message(payload);
+        message.qos = qos;
+        MeshMsg::Forwarded {
+            message,
+            mark: None,
+            ack: None,
+            id: Some(PubId {
+                origin: 5,
+                shard: 0,
+                seq: id_seq(qos, n),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_new_node_skips_a_stale_copy_older_than_what_the_session_got_at_any_qos() {
+        // Sim seed 250: a QoS 0 copy sent to node B before the session was there (a
+        // retry across a partition) reached it there after the session had got later
+        // publications of the same publisher on node A: out of order. And a QoS 0 copy
+        // the session got on A came again on B: twice.
+        let (mut a, remote_a, s) = node(7);
+        a.handle_mesh(1, remote_a, forwarded_at("a3", QoS::AtMostOnce, 3));
+        assert_eq!(payloads(&mut a, s), vec![Bytes::from_static(b"a3")]);
+        let bytes = a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        let window = a.moving_window("s").expect("a window");
+
+        let mut b = engines(1, &Limits::default()).remove(0);
+        let remote_b = b.enable_remote().expect("room for the remote id");
+        b.set_origin(8);
+        b.import_session(3, "s", &bytes, 0).expect("imported");
+        assert!(b.import_window(3, "s", &window));
+        let s = b.connect(3, connect_packet(V, "s", false), false);
+        drain(&mut b, s, V);
+        // Older than what it got on A, and the one it got: neither.
+        b.handle_mesh(4, remote_b, forwarded_at("a2", QoS::AtMostOnce, 2));
+        b.handle_mesh(4, remote_b, forwarded_at("a3", QoS::AtMostOnce, 3));
+        // Later ones at QoS 0, and QoS 1 (its own sequence: not covered by the QoS 0
+        // mark): delivered.
+        b.handle_mesh(4, remote_b, forwarded_at("a4", QoS::AtMostOnce, 4));
+        b.handle_mesh(4, remote_b, forwarded_at("b1", QoS::AtLeastOnce, 1));
+        assert_eq!(
+            payloads(&mut b, s),
+            vec![Bytes::from_static(b"a4"), Bytes::from_static(b"b1")]
+        );
+    }
+
     #[test]
     fn a_window_skips_what_the_old_owner_handled_and_what_it_delivered_once() {
         let id = |origin, seq| PubId {
@@ -923,7 +1007,7 @@ mod tests {
         let mut w = Window {
             uid: SessionUid(1),
             marks: vec![(7, 0, 10)],
-            local_mark: 0,
+            local_mark: [0; 3],
             delivered: HashSet::new(),
             order: VecDeque::new(),
         };

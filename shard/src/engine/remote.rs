@@ -89,17 +89,21 @@ impl Engine {
 
     /// Hands `msg` to the forwarder: QoS 1/2 with the publisher's token (one
     /// more acknowledgement its PUBACK/PUBREC waits for), QoS 0 without.
-    /// A QoS 2 publication gets its cluster-wide id here (`moved`).
+    /// Every publication gets its cluster-wide id here (`moved`: a session that
+    /// moved is not given a copy again, nor one older than a publication of the
+    /// same publisher it already got).
     pub(super) fn forward_remote(&mut self, to: ShardId, msg: &Message, ack: Option<u64>) {
         self.stats.remote_forwards_sent += 1;
+        let id = self.new_pub_id(msg.qos);
         if msg.qos == QoS::AtMostOnce {
-            return self.send_publish(to, msg, None);
+            let msg = MeshMsg::PublishRemote {
+                message: msg.clone(),
+                ack: None,
+                id,
+            };
+            self.outbox[usize::from(to)].push(msg);
+            return;
         }
-        let id = if msg.qos == QoS::ExactlyOnce {
-            self.new_pub_id()
-        } else {
-            None
-        };
         let token = ack.filter(|t| {
             self.pending_retains
                 .get_mut(t)
@@ -520,14 +524,17 @@ mod tests {
             drain(&mut es[1], p, V5),
             vec![Packet::PubAck(PubAck::new(7))]
         );
-        // QoS 0 goes as a plain Publish and is not held.
+        // QoS 0 goes without a token and is not held.
         es[1].handle_packet(
             1,
             p,
             Packet::Publish(Publish::new(Str::from_static("t"), Bytes::new())),
         );
         let sent = pump(&mut es, remote);
-        assert!(matches!(sent[..], [(1, MeshMsg::Publish(_))]), "{sent:?}");
+        assert!(
+            matches!(sent[..], [(1, MeshMsg::PublishRemote { ack: None, .. })]),
+            "{sent:?}"
+        );
     }
 
     #[test]
