@@ -880,22 +880,28 @@ mod tests {
         assert_eq!(a.ghost_count(), 0);
     }
 
-    #[test]
-    fn the_new_node_skips_what_the_session_got_on_its_old_node_by_either_path() {
-        let (mut a, remote_a, s) = node(7);
-        a.handle_mesh(1, remote_a, forwarded("before", 3));
-        assert_eq!(payloads(&mut a, s), vec![Bytes::from_static(b"before")]);
+    /// Session "s" moves from `a` to a new node B (origin 8) with its window and
+    /// connects there: B, its remote id, the connection, the window's bytes.
+    fn moved_to_b(a: &mut Engine) -> (Engine, ShardId, crate::session::ConnId, Vec<u8>) {
         let bytes = a.export_session(2, "s", 0, (2, 99)).expect("exported");
         let window = a.moving_window("s").expect("a window");
-
         let mut b = engines(1, &Limits::default()).remove(0);
         let remote_b = b.enable_remote().expect("room for the remote id");
         b.set_origin(8);
         b.import_session(3, "s", &bytes, 0).expect("imported");
         assert!(b.import_window(3, "s", &window));
-        assert!(!b.import_window(3, "s", &window[..window.len() - 1]));
         let s = b.connect(3, connect_packet(V, "s", false), false);
         drain(&mut b, s, V);
+        (b, remote_b, s, window)
+    }
+
+    #[test]
+    fn the_new_node_skips_what_the_session_got_on_its_old_node_by_either_path() {
+        let (mut a, remote_a, s) = node(7);
+        a.handle_mesh(1, remote_a, forwarded("before", 3));
+        assert_eq!(payloads(&mut a, s), vec![Bytes::from_static(b"before")]);
+        let (mut b, remote_b, s, window) = moved_to_b(&mut a);
+        assert!(!b.import_window(3, "s", &window[..window.len() - 1]));
         // The copy the old node handled comes late: not again.
         b.handle_mesh(4, remote_b, forwarded("before", 3));
         assert!(payloads(&mut b, s).is_empty(), "delivered twice");
@@ -974,16 +980,7 @@ mod tests {
         let (mut a, remote_a, s) = node(7);
         a.handle_mesh(1, remote_a, forwarded_at("a3", QoS::AtMostOnce, 3));
         assert_eq!(payloads(&mut a, s), vec![Bytes::from_static(b"a3")]);
-        let bytes = a.export_session(2, "s", 0, (2, 99)).expect("exported");
-        let window = a.moving_window("s").expect("a window");
-
-        let mut b = engines(1, &Limits::default()).remove(0);
-        let remote_b = b.enable_remote().expect("room for the remote id");
-        b.set_origin(8);
-        b.import_session(3, "s", &bytes, 0).expect("imported");
-        assert!(b.import_window(3, "s", &window));
-        let s = b.connect(3, connect_packet(V, "s", false), false);
-        drain(&mut b, s, V);
+        let (mut b, remote_b, s, _) = moved_to_b(&mut a);
         // Older than what it got on A, and the one it got: neither.
         b.handle_mesh(4, remote_b, forwarded_at("a2", QoS::AtMostOnce, 2));
         b.handle_mesh(4, remote_b, forwarded_at("a3", QoS::AtMostOnce, 3));
