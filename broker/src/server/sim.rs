@@ -769,6 +769,9 @@ impl World {
                     if let Some(p) = g.pubs.get_mut(&(client, seq)) {
                         p.acked = true;
                         p.acked_at = at;
+                        if trace() {
+                            eprintln!("  {} acknowledged {client}/{seq} (event {at})", cl.cid);
+                        }
                     }
                 }
             }
@@ -791,6 +794,9 @@ impl World {
                     if let Some(p) = g.pubs.get_mut(&(client, seq)) {
                         p.acked = true;
                         p.acked_at = at;
+                        if trace() {
+                            eprintln!("  {} acknowledged {client}/{seq} (event {at})", cl.cid);
+                        }
                     }
                 }
             }
