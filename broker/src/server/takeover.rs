@@ -26,6 +26,11 @@
 //! same way), and takes it from there. Copies nobody confirms are dropped when the
 //! session would have expired (`claims::tick`).
 //!
+//! A copy handed to a claim at or below the epoch at which the ClientID last started a
+//! session afresh (the committed owner record's `fresh`, `claims::settle`) is stale: it
+//! is dropped, never resumed or handed out ([`drop_stale_copy`]), since the client was
+//! told after it that its session was gone (data-plane simulation, seed 46).
+//!
 //! Request body: `op u8 | epoch u64 BE | ...`:
 //! - `FETCH | clean_start u8`: answer `0` (no session), `1 | TransferRec`, or (cluster
 //!   protocol 3) `2 | len u32 BE | TransferRec of len bytes | window`: the window lets
