@@ -770,7 +770,9 @@ impl Shard {
 
     /// Whether readers should pause: the store writer is behind.
     fn store_backlogged(&self) -> bool {
-        self.store.as_ref().is_some_and(ShardStore::backlogged)
+        self.store
+            .as_ref()
+            .is_some_and(|s| s.backlogged(&self.engine.borrow()))
     }
 
     fn mesh_backlog(&self) -> usize {

@@ -104,6 +104,120 @@ fn acknowledged_state_survives_kill_9() {
     assert!(p.retain);
 }
 
+/// `batched` durability keeps what changed more than one commit interval
+/// before a `kill -9` (docs/PERSISTENCE.md). The engine holds one pending op
+/// per delivery until its epoch is taken (once per interval) and cancels the
+/// put of a delivery acknowledged within the epoch that numbered it; this
+/// checks each case after the crash: acknowledged within the interval (a*)
+/// or after their put was committed (b*: the delete must reach the disk) are
+/// never sent again; in flight (c*) come back with DUP, a QoS 2 delivery
+/// released within one interval (its put changed in place) comes back as
+/// PUBREL, and those queued for the offline session (d*) come back in order.
+#[test]
+fn batched_durability_keeps_what_is_an_interval_old_across_kill_9() {
+    let dir = TestDir::new("batched");
+    let envs = [("TESSERA_PERSISTENCE__DURABILITY", "batched")];
+    let (sub_id, pub_id) = (id_on_shard("bt-sub", 0), id_on_shard("bt-pub", 1));
+    // 30 commit intervals (10 ms) and more than any commit of this test.
+    let settle = Duration::from_millis(300);
+    let publish_id = |c: &mut RawClient| match c.recv() {
+        Packet::Publish(p) => (String::from_utf8(p.payload.to_vec()).unwrap(), p.packet_id),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    let released_id;
+    {
+        let broker = start_env(&dir, 2, &envs);
+        let mut sub = RawClient::connect_ok(broker.addr(), persistent(&sub_id));
+        assert_eq!(
+            sub.subscribe(
+                1,
+                &[("bt/q1", QoS::AtLeastOnce), ("bt/q2", QoS::ExactlyOnce)]
+            ),
+            [ReasonCode::GrantedQoS1, ReasonCode::GrantedQoS2]
+        );
+        let mut publ = RawClient::connect_ok(broker.addr(), connect_packet(V4, &pub_id, true, 0));
+        let mut next_id = 0u16;
+        let mut publish = |publ: &mut RawClient, topic: &str, text: &str, qos: QoS| {
+            next_id += 1;
+            publ.publish(topic, text.as_bytes(), qos, next_id);
+        };
+        for n in 1..=5 {
+            publish(&mut publ, "bt/q1", &format!("a{n}"), QoS::AtLeastOnce);
+            let (text, id) = publish_id(&mut sub);
+            assert_eq!(text, format!("a{n}"));
+            sub.send(&Packet::PubAck(PubAck::new(id)));
+        }
+        let mut held = Vec::new();
+        for n in 1..=5 {
+            publish(&mut publ, "bt/q1", &format!("b{n}"), QoS::AtLeastOnce);
+            held.push(publish_id(&mut sub).1);
+        }
+        std::thread::sleep(settle);
+        for id in held {
+            sub.send(&Packet::PubAck(PubAck::new(id)));
+        }
+        for n in 1..=5 {
+            publish(&mut publ, "bt/q1", &format!("c{n}"), QoS::AtLeastOnce);
+            assert_eq!(publish_id(&mut sub).0, format!("c{n}"));
+        }
+        publish(&mut publ, "bt/q2", "e1", QoS::ExactlyOnce);
+        let (text, id) = publish_id(&mut sub);
+        assert_eq!(text, "e1");
+        sub.send(&Packet::PubRec(PubRec::new(id)));
+        match sub.recv() {
+            Packet::PubRel(r) => assert_eq!(r.packet_id, id),
+            other => panic!("expected PUBREL, got {other:?}"),
+        }
+        released_id = id;
+        // No PUBCOMP, no DISCONNECT: the session goes offline with c* and e1
+        // in flight.
+        sub.drop_connection();
+        std::thread::sleep(settle);
+        for n in 1..=5 {
+            publish(&mut publ, "bt/q1", &format!("d{n}"), QoS::AtLeastOnce);
+        }
+        std::thread::sleep(settle);
+        // Dropped here: SIGKILL, no shutdown path.
+    }
+    let broker = start_env(&dir, 2, &envs);
+    let (mut sub, ack) = RawClient::connect(broker.addr(), persistent(&sub_id));
+    assert!(ack.session_present, "the session came back");
+    let mut texts = Vec::new();
+    let mut releases = Vec::new();
+    while texts.len() + releases.len() < 11 {
+        match sub.recv() {
+            Packet::Publish(p) => {
+                let text = String::from_utf8(p.payload.to_vec()).unwrap();
+                assert_eq!(p.dup, text.starts_with('c'), "DUP on re-sent {text}");
+                sub.send(&Packet::PubAck(PubAck::new(p.packet_id)));
+                texts.push(text);
+            }
+            Packet::PubRel(r) => {
+                sub.send(&Packet::PubComp(PubComp::new(r.packet_id)));
+                releases.push(r.packet_id);
+            }
+            other => panic!("expected PUBLISH or PUBREL, got {other:?}"),
+        }
+    }
+    let expected: Vec<String> = (1..=5)
+        .map(|n| format!("c{n}"))
+        .chain((1..=5).map(|n| format!("d{n}")))
+        .collect();
+    assert_eq!(
+        texts, expected,
+        "in flight, then queued; nothing acknowledged"
+    );
+    assert_eq!(
+        releases,
+        [released_id],
+        "the released QoS 2 delivery as PUBREL"
+    );
+    match sub.try_recv(settle) {
+        Err(common::Closed::Timeout) => {}
+        other => panic!("nothing else is sent again, got {other:?}"),
+    }
+}
+
 #[test]
 fn an_unacknowledged_delivery_is_resent_with_its_packet_id_after_a_crash() {
     let dir = TestDir::new("inflight");

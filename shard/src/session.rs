@@ -387,6 +387,12 @@ pub struct Session {
     next_packet_id: u16,
     /// Sequence number of the next stored delivery (starts at 1).
     pub next_seq: u64,
+    /// The store generation in which this session last gave out a sequence
+    /// number, and the first number it gave out in it: deliveries numbered
+    /// from there on in that generation have never reached the store, so an
+    /// acknowledgement before the generation ends cancels their put instead
+    /// of deleting a record (`engine::persist`, "Pending deliveries").
+    pub fresh_from: (u64, u64),
     /// Whether the store holds a record of this session (persistence on and
     /// the session persistent): its deliveries and inbound ids are stored too.
     pub stored: bool,
@@ -418,6 +424,7 @@ impl Session {
             auth: None,
             next_packet_id: 1,
             next_seq: 1,
+            fresh_from: (0, 0),
             stored: false,
         }
     }

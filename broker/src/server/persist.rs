@@ -9,6 +9,17 @@
 //! channel cannot take wait in a local queue; when that queue holds more
 //! than `BACKLOG_OPS_MAX` ops the shard's readers pause, which pushes back on
 //! publishers through TCP.
+//!
+//! When batches are taken from the engine: in `sync` durability after every
+//! step (`Shard::flush_outbox`), since acknowledgements wait for their commit;
+//! in `batched` durability once per commit interval, when the writer has
+//! committed the batch before ([`feed_writer`]): nothing waits for those
+//! commits, and an epoch that spans the interval lets the engine keep one op
+//! per delivery for it (a delivery queued, sent and acknowledged within it
+//! costs no op at all; `engine::persist`, "Pending deliveries"). A change is
+//! then on disk at most one interval plus one commit after it was made, as
+//! when the writer slept through the interval with the batches waiting in its
+//! channel.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -101,6 +112,11 @@ pub(super) struct ShardStore {
     committed: Cell<u64>,
     /// Highest epoch handed to the writer side.
     submitted: Cell<u64>,
+    /// `sync` durability: batches are taken after every step; otherwise
+    /// (`batched`) by the feeder, once per `interval`.
+    sync: bool,
+    /// The commit interval of `batched` durability.
+    interval: Duration,
     /// Connection writers waiting for a commit.
     waiters: RefCell<Vec<Waker>>,
     /// Reads of a moving session's disk tail waiting for their load, by token
@@ -110,8 +126,21 @@ pub(super) struct ShardStore {
 }
 
 impl ShardStore {
-    /// Moves the engine's current batch, if any, to the writer's queue.
+    /// After a step: in `sync` durability moves the engine's current batch,
+    /// if any, to the writer's queue; in `batched` wakes the feeder, which
+    /// takes it when the interval is over.
     pub(super) fn take_batch(&self, engine: &mut Engine) {
+        if self.sync {
+            self.take_batch_now(engine);
+        } else if engine.store_epoch_recorded()
+            && let Some(w) = self.feeder.borrow_mut().take()
+        {
+            w.wake();
+        }
+    }
+
+    /// Moves the engine's current batch, if any, to the writer's queue now.
+    pub(super) fn take_batch_now(&self, engine: &mut Engine) {
         if let Some(b) = engine.take_store_batch() {
             self.submitted.set(b.epoch);
             self.backlog_ops.set(self.backlog_ops.get() + b.ops.len());
@@ -122,8 +151,11 @@ impl ShardStore {
         }
     }
 
-    pub(super) fn backlogged(&self) -> bool {
+    /// Whether the writer is behind: more than `BACKLOG_OPS_MAX` ops wait
+    /// for its channel, or (`batched`) in the engine's epoch.
+    pub(super) fn backlogged(&self, engine: &Engine) -> bool {
         self.backlog_ops.get() > BACKLOG_OPS_MAX
+            || (!self.sync && engine.store_ops_pending() > BACKLOG_OPS_MAX)
     }
 
     /// The highest epoch handed to the writer side.
@@ -159,6 +191,7 @@ pub(super) fn attach(
         .expect("store slots")
         .get_mut(id)
         .and_then(Option::take)?;
+    let interval = handle.batch_interval;
     engine.enable_persistence(sync);
     engine.restore(now_ms, recovered);
     Some(ShardStore {
@@ -168,6 +201,8 @@ pub(super) fn attach(
         feeder: RefCell::new(None),
         committed: Cell::new(0),
         submitted: Cell::new(0),
+        sync,
+        interval,
         waiters: RefCell::new(Vec::new()),
         tail_reads: RefCell::new(std::collections::HashMap::new()),
         next_tail_read: Cell::new(0),
@@ -175,10 +210,37 @@ pub(super) fn attach(
 }
 
 /// Hands batches to the writer thread, in order, waiting while its channel is
-/// full.
+/// full. In `batched` durability it also takes them from the engine: once
+/// the engine's epoch recorded something, at most once per commit interval
+/// and only when the writer committed the batch before, so the epoch spans
+/// the interval (and a slow commit) instead of one step.
 pub(super) async fn feed_writer(shard: Rc<Shard>) {
     let store = shard.store.as_ref().expect("store on");
+    let mut last_sent = rt::now();
     loop {
+        if !store.sync {
+            poll_fn(|cx| {
+                if !store.backlog.borrow().is_empty()
+                    || shard.engine.borrow().store_epoch_recorded()
+                {
+                    Poll::Ready(())
+                } else {
+                    *store.feeder.borrow_mut() = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+            if store.backlog.borrow().is_empty() {
+                let due = last_sent + store.interval;
+                let now = rt::now();
+                if due > now {
+                    rt::sleep(due - now).await;
+                }
+                let submitted = store.submitted();
+                poll_fn(|cx| poll_committed(&shard, submitted, cx)).await;
+                store.take_batch_now(&mut shard.engine.borrow_mut());
+            }
+        }
         let batch = poll_fn(|cx| match store.backlog.borrow_mut().pop_front() {
             Some(b) => {
                 store.backlog_ops.set(store.backlog_ops.get() - b.ops.len());
@@ -190,6 +252,7 @@ pub(super) async fn feed_writer(shard: Rc<Shard>) {
             }
         })
         .await;
+        last_sent = rt::now();
         if store.handle.batches.send_async(batch).await.is_err() {
             error!(
                 shard = shard.id,
@@ -263,6 +326,7 @@ pub(super) async fn all_committed(shard: &Shard, timeout: Duration) -> bool {
         return true;
     };
     shard.flush_outbox();
+    store.take_batch_now(&mut shard.engine.borrow_mut());
     let epoch = store.submitted();
     let wait = async {
         poll_fn(|cx| poll_committed(shard, epoch, cx)).await;
@@ -283,6 +347,7 @@ pub(super) async fn drain(shard: &Shard, timeout: Duration) {
         return;
     };
     shard.flush_outbox();
+    store.take_batch_now(&mut shard.engine.borrow_mut());
     let deadline = rt::now() + timeout;
     while store.committed.get() < store.submitted.get() {
         if rt::now() >= deadline {

@@ -401,8 +401,12 @@ async fn take_in(
                 moved += n as u64;
                 left = left.saturating_sub(n as u64);
                 from_seq = next;
-                // Each chunk goes to the store as it comes: memory holds one chunk.
+                // Each chunk goes to the store as it comes (in `batched`
+                // durability too): memory holds one chunk.
                 shard.flush_outbox();
+                if let Some(store) = &shard.store {
+                    store.take_batch_now(&mut shard.engine.borrow_mut());
+                }
                 if !more || n == 0 {
                     break;
                 }

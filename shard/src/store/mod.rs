@@ -247,6 +247,36 @@ impl StoreStats {
 /// Shared handle to a shard store's counters.
 pub type SharedStoreStats = Arc<StoreStats>;
 
+/// Mixes keys made of a few integers (a delivery's ClientID buffer address
+/// and length and its sequence number: the store writer's last-op map, the
+/// engine's pending deliveries) for hashbrown, which uses the high bits.
+#[derive(Default)]
+pub(crate) struct MixHasher(u64);
+
+impl std::hash::Hasher for MixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(23) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        // Every bit of the state reaches the high bits hashbrown uses.
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        x ^ (x >> 33)
+    }
+}
+
 // ----------------------------------------------------------------------
 // Keys
 

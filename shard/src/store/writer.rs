@@ -22,7 +22,8 @@ use heed::{Env, WithoutTls};
 use tracing::{error, warn};
 
 use super::{
-    Batch, Committed, Loaded, SharedStoreStats, StoreOp, StoreStats, apply, load_queue, open_dbs,
+    Batch, Committed, Loaded, MixHasher, SharedStoreStats, StoreOp, StoreStats, apply, load_queue,
+    open_dbs,
 };
 
 /// Ops applied in one transaction at most; more waiting go to the next one.
@@ -56,6 +57,9 @@ pub struct StoreHandle {
     pub stats: SharedStoreStats,
     /// The env directory, for messages.
     pub path: PathBuf,
+    /// The commit interval of `batched` durability (the driver takes the
+    /// shard's batches at that pace).
+    pub batch_interval: Duration,
     /// The thread; joined at shutdown.
     pub thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -72,6 +76,7 @@ pub fn spawn_writer(
     let stats = Arc::new(StoreStats::default());
     let thread_stats = stats.clone();
     let thread_path = path.clone();
+    let batch_interval = config.batch_interval;
     let thread = std::thread::Builder::new()
         .name(format!("store-{shard}"))
         .spawn(move || run(env, thread_path, config, batch_rx, done_tx, thread_stats))?;
@@ -80,6 +85,7 @@ pub fn spawn_writer(
         committed: done_rx,
         stats,
         path,
+        batch_interval,
         thread: Some(thread),
     })
 }
@@ -238,22 +244,36 @@ fn commit(
     wall_base_ms: u64,
 ) -> heed::Result<()> {
     // Only the last op on a delivery's key decides what the transaction
-    // leaves; earlier ones are skipped. A QoS 1 delivery to a connected
-    // subscriber is typically stored, sent and acknowledged between two
-    // commits: its put (the expensive part: encoding and a dirty page) is
-    // then never made. Range deletes (`ClearMsgs`, `DelSession`) stay in
-    // order, which keeps the result the same as applying everything.
-    let ops = batches.iter().map(|b| b.ops.len()).sum();
-    let mut last: HashMap<DeliveryKey<'_>, usize, BuildHasherDefault<KeyHasher>> =
-        HashMap::with_capacity_and_hasher(ops, BuildHasherDefault::default());
-    for (i, op) in batches.iter().flat_map(|b| &b.ops).enumerate() {
-        if let Some(key) = delivery_key(op) {
-            last.insert(key, i);
+    // leaves; earlier ones are skipped. In `sync` durability a QoS 1
+    // delivery to a connected subscriber is typically stored, sent and
+    // acknowledged in different batches of one commit: its put (the
+    // expensive part: encoding and a dirty page) is then never made. Range
+    // deletes (`ClearMsgs`, `DelSession`) stay in order, which keeps the
+    // result the same as applying everything.
+    //
+    // One batch holds at most one op per delivery between two range deletes
+    // (the engine keeps a delivery's latest op until the batch is taken:
+    // `engine::persist`, "Pending deliveries"), so the map is built only
+    // when several batches meet in one commit. A batch can be empty (its
+    // ops cancelled each other; its epoch is still reported committed):
+    // then no transaction is opened.
+    let ops: usize = batches.iter().map(|b| b.ops.len()).sum();
+    if ops == 0 {
+        return Ok(());
+    }
+    let mut last: HashMap<DeliveryKey<'_>, usize, BuildHasherDefault<MixHasher>> =
+        HashMap::with_hasher(BuildHasherDefault::default());
+    if batches.len() > 1 {
+        last.reserve(ops);
+        for (i, op) in batches.iter().flat_map(|b| &b.ops).enumerate() {
+            if let Some(key) = delivery_key(op) {
+                last.insert(key, i);
+            }
         }
     }
     let mut txn = env.write_txn()?;
     for (i, op) in batches.iter().flat_map(|b| &b.ops).enumerate() {
-        if delivery_key(op).is_some_and(|k| last[&k] != i) {
+        if !last.is_empty() && delivery_key(op).is_some_and(|k| last[&k] != i) {
             continue;
         }
         apply(dbs, &mut txn, op, wall_base_ms)?;
@@ -285,34 +305,6 @@ impl std::hash::Hash for DeliveryKey<'_> {
     fn hash<H: Hasher>(&self, h: &mut H) {
         h.write_u64(self.client_id as u64 ^ ((self.len as u64) << 48));
         h.write_u64(self.seq);
-    }
-}
-
-/// Mixes [`DeliveryKey`]s for hashbrown (which uses the high bits).
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(23) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        // Every bit of the state reaches the high bits hashbrown uses.
-        let mut x = self.0;
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-        x ^ (x >> 33)
     }
 }
 
