@@ -290,9 +290,8 @@ pub(super) async fn claim(
 /// unless it already is. Costs nothing when the session continues here, when the claim
 /// is known fresh (a Clean Start's, or a ClientID nobody owned) or when the session
 /// came from a node that confirmed it deleted its copy; otherwise (this node restarted
-/// without the session, or a session taken in unconfirmed ends with a Clean Start) a
-/// moving copy that another member keeps for this claim is taken in, and failing that
-/// the new session is marked fresh (`mark_fresh`).
+/// without the session, or a session taken in unconfirmed ends with a Clean Start) the
+/// new session is marked fresh (`mark_fresh`).
 async fn settle(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
@@ -310,17 +309,9 @@ async fn settle(
     if fresh >= epoch {
         return Ok(());
     }
-    if !connect.clean_start {
-        let me = cluster.port.node_id;
-        match takeover::recover_moving_copy(shard, cluster, client_id, epoch, me).await {
-            Some(takeover::Settled::Yes) => {
-                cluster.claims.settle(client_id, epoch);
-                return Ok(());
-            }
-            Some(takeover::Settled::No) => return Ok(()),
-            None => {}
-        }
-    }
+    // No moving copy is taken from another member here: one kept for an older claim
+    // may be older than the session this claim continued and handed on before this
+    // node lost it (a confirmation lost, then this node restarted: seed 444).
     mark_fresh(shard, cluster, client_id, epoch).await
 }
 

@@ -1162,7 +1162,10 @@ const REGRESSION_SEEDS: &[u64] = &[2, 11, 19];
 /// its publisher had reached it on its old node (and other QoS 0 copies came twice):
 /// every forwarded publication now carries an id and the new node skips what is at or
 /// below the old owner's marks, at every QoS.
-const BURST_REGRESSION_SEEDS: &[u64] = &[36, 46, 61, 76, 160, 194, 242, 250, 293, 294];
+/// 444: a node restarted without a session it held the claim of took an older moving
+/// copy from another member (a lost confirmation) and resumed the client's older state
+/// (a session started under a held claim is marked fresh, never recovered from others).
+const BURST_REGRESSION_SEEDS: &[u64] = &[36, 46, 61, 76, 160, 194, 242, 250, 293, 294, 444];
 
 #[test]
 fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
