@@ -258,19 +258,23 @@ impl SimRng {
 }
 
 /// Runs a seeded simulation over its seeds: `SIM_SEED=n` runs seed `n` alone; otherwise
-/// seeds `1..=SIM_SEEDS` (default `default_seeds`) and then `regression`. A failing
-/// seed panics with its number and the command that reruns it.
+/// seeds `1..=SIM_SEEDS` (default `default_seeds`; `SIM_SEEDS=a..b` runs `a..=b`) and
+/// then `regression`. A failing seed panics with its number and the command that reruns
+/// it; with `SIM_KEEP_GOING=1` every seed runs and the panic at the end names all the
+/// failing ones (a sweep).
 pub fn run_seeds(name: &str, default_seeds: u64, regression: &[u64], run: impl Fn(u64)) {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
         Ok(s) => vec![s.parse().expect("SIM_SEED is a number")],
         Err(_) => {
-            let n: u64 = std::env::var("SIM_SEEDS")
+            let range = std::env::var("SIM_SEEDS")
                 .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(default_seeds);
-            (1..=n).chain(regression.iter().copied()).collect()
+                .map(|s| seed_range(&s).expect("SIM_SEEDS is a count N or a range A..B"))
+                .unwrap_or(1..=default_seeds);
+            range.chain(regression.iter().copied()).collect()
         }
     };
+    let keep_going = std::env::var("SIM_KEEP_GOING").is_ok_and(|v| v != "0");
+    let mut failed = Vec::new();
     for seed in seeds {
         eprintln!("{name} seed {seed}");
         if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed))) {
@@ -279,7 +283,39 @@ pub fn run_seeds(name: &str, default_seeds: u64, regression: &[u64], run: impl F
                 .cloned()
                 .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            panic!("{name} seed {seed} failed (rerun: SIM_SEED={seed}): {msg}");
+            if !keep_going {
+                panic!("{name} seed {seed} failed (rerun: SIM_SEED={seed}): {msg}");
+            }
+            eprintln!("{name} seed {seed} FAILED: {msg}");
+            failed.push(seed);
         }
+    }
+    assert!(
+        failed.is_empty(),
+        "{name}: seeds {failed:?} failed (rerun one: SIM_SEED=n)"
+    );
+}
+
+/// `SIM_SEEDS`: a count `N` (seeds `1..=N`) or a range `A..B` (`A..=B`).
+fn seed_range(s: &str) -> Option<std::ops::RangeInclusive<u64>> {
+    match s.split_once("..") {
+        Some((a, b)) => {
+            let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+            (a <= b).then_some(a..=b)
+        }
+        None => Some(1..=s.trim().parse().ok()?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sim_seeds_is_a_count_or_a_range() {
+        assert_eq!(super::seed_range("4"), Some(1..=4));
+        assert_eq!(super::seed_range("401..1000"), Some(401..=1000));
+        assert_eq!(super::seed_range("7..7"), Some(7..=7));
+        assert_eq!(super::seed_range("9..3"), None);
+        assert_eq!(super::seed_range("x"), None);
+        assert_eq!(super::seed_range("1..y"), None);
     }
 }

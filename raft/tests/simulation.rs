@@ -32,7 +32,8 @@
 //! torn write is LMDB's to survive, not simulated here).
 //!
 //! CI runs `SIM_SEEDS` seeds (default 6, a few seconds) and the regression seeds;
-//! `SIM_SEEDS=300` sweeps more, `SIM_SEED=n` runs one, `SIM_LOG=openraft=info` prints
+//! `SIM_SEEDS=300` (or `SIM_SEEDS=301..600`) sweeps more, `SIM_KEEP_GOING=1` runs every
+//! seed and names all that failed, `SIM_SEED=n` runs one, `SIM_LOG=openraft=info` prints
 //! raft's log, `SIM_TRACE=1` the schedule. A failure names its seed.
 
 mod common;

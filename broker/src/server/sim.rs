@@ -48,7 +48,8 @@
 //!
 //! CI runs `SIM_SEEDS` seeds (default 4) and the regression seeds (each on the schedule
 //! that found it: with or without the publication bursts, which came later;
-//! `SIM_BURSTS=0` turns bursts off); `SIM_SEED=n`
+//! `SIM_BURSTS=0` turns bursts off); `SIM_SEEDS=a..b` runs seeds `a` to `b`, and with
+//! `SIM_KEEP_GOING=1` every one of them and names all that failed (a sweep); `SIM_SEED=n`
 //! runs one, `SIM_TRACE=1` prints the schedule (connects, SUBACKs, publications with their
 //! event numbers), `SIM_LOG=...` sets a tracing filter. A failure names its seed.
 //!
