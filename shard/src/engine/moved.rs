@@ -102,7 +102,7 @@ pub(super) struct Window {
     /// This shard's own counts (per QoS) when the session's subscriptions were
     /// attached here (`u64::MAX` until then).
     local_mark: [u64; 3],
-    /// QoS 2 publications delivered to the session within the window.
+    /// Publications delivered to the session within the window.
     delivered: HashSet<PubId>,
     order: VecDeque<PubId>,
 }
@@ -206,6 +206,11 @@ fn id_class(seq: u64) -> u64 {
     seq >> QOS_SHIFT
 }
 
+/// The publication's number within its QoS sequence (`n` of [`id_seq`]).
+fn id_number(seq: u64) -> u64 {
+    seq & ((1 << QOS_SHIFT) - 1)
+}
+
 /// A mark covers `seq`: same origin shard and QoS sequence, not above it.
 fn covers(m: &(u64, ShardId, u64), origin: u64, shard: ShardId, seq: u64) -> bool {
     m.0 == origin && m.1 == shard && id_class(m.2) == id_class(seq) && seq <= m.2
@@ -222,6 +227,27 @@ fn raise(marks: &mut Vec<(u64, ShardId, u64)>, origin: u64, shard: ShardId, seq:
 }
 
 impl Window {
+    /// A window for session `uid` with the old owner's `marks`, this shard's
+    /// `local_mark` and the `ids` the session already got.
+    fn new(
+        uid: SessionUid,
+        marks: Vec<(u64, ShardId, u64)>,
+        local_mark: [u64; 3],
+        ids: impl IntoIterator<Item = PubId>,
+    ) -> Window {
+        let mut w = Window {
+            uid,
+            marks,
+            local_mark,
+            delivered: HashSet::new(),
+            order: VecDeque::new(),
+        };
+        for id in ids {
+            w.seen(id, false);
+        }
+        w
+    }
+
     /// Whether the publication `id` (by the normal path: `direct`) is one the
     /// session already got; records it otherwise.
     fn seen(&mut self, id: PubId, direct: bool) -> bool {
@@ -318,16 +344,7 @@ impl Engine {
         if self.moved.origin == 0 || subs.is_empty() {
             return out;
         }
-        let mut seen = Window {
-            uid,
-            marks,
-            local_mark: [u64::MAX; 3],
-            delivered: HashSet::new(),
-            order: VecDeque::new(),
-        };
-        for id in ids {
-            seen.seen(id, false);
-        }
+        let seen = Window::new(uid, marks, [u64::MAX; 3], ids);
         let slot = match self.moved.free.pop() {
             Some(s) => s,
             None => {
@@ -418,16 +435,8 @@ impl Engine {
             let s = self.session(idx);
             let key = s.client_id.clone();
             w.uid = s.uid;
-            w.local_mark = if self.importing.contains_key(&key) {
-                [u64::MAX; 3]
-            } else {
-                self.moved.next_seq
-            };
-            self.moved.expiring.push_back((
-                now_ms + MOVED_WINDOW_MS,
-                Expiring::Window(key.clone(), w.uid),
-            ));
-            self.moved.windows.insert(key, w);
+            w.local_mark = self.local_mark_for(&key);
+            self.keep_window(now_ms, key, w);
         }
         for (message, _, ack) in held {
             self.deliver_to_session(now_ms, idx, message);
@@ -491,21 +500,7 @@ impl Engine {
         };
         let s = self.session(idx);
         let key = s.client_id.clone();
-        let local_mark = if self.importing.contains_key(&key) {
-            [u64::MAX; 3]
-        } else {
-            self.moved.next_seq
-        };
-        let mut w = Window {
-            uid: s.uid,
-            marks,
-            local_mark,
-            delivered: HashSet::new(),
-            order: VecDeque::new(),
-        };
-        for id in ids {
-            w.seen(id, false);
-        }
+        let mut w = Window::new(s.uid, marks, self.local_mark_for(&key), ids);
         // What a ghost here held for it (delivered as it came back) stays known.
         if let Some(old) = self.moved.windows.remove(&key)
             && old.uid == w.uid
@@ -517,12 +512,28 @@ impl Engine {
                 w.seen(id, false);
             }
         }
+        self.keep_window(now_ms, key, w);
+        true
+    }
+
+    /// This shard's counts as the local mark of `key`'s window: none yet while
+    /// its session is still being imported (its subscriptions are attached with
+    /// its disk tail, `window_attached`).
+    fn local_mark_for(&self, key: &Str) -> [u64; 3] {
+        if self.importing.contains_key(key) {
+            [u64::MAX; 3]
+        } else {
+            self.moved.next_seq
+        }
+    }
+
+    /// Keeps `w` as `key`'s window for [`MOVED_WINDOW_MS`].
+    fn keep_window(&mut self, now_ms: u64, key: Str, w: Window) {
         self.moved.expiring.push_back((
             now_ms + MOVED_WINDOW_MS,
             Expiring::Window(key.clone(), w.uid),
         ));
         self.moved.windows.insert(key, w);
-        true
     }
 
     /// The session's subscriptions were attached here (its disk tail arrived).
@@ -711,7 +722,7 @@ impl Engine {
             // A publication of this shard made after the session's subscriptions
             // were attached here reached it here.
             let here = id.origin == origin && id.shard == self.shard;
-            let n = id.seq & ((1 << QOS_SHIFT) - 1);
+            let n = id_number(id.seq);
             let attached = w.local_mark.get(id_class(id.seq) as usize);
             if (here && attached.is_some_and(|m| n > *m)) || w.seen(id, false) {
                 return;
