@@ -26,6 +26,10 @@
 //! packets wait for the CONNACK, then join the shard's byte stream whole, and
 //! the answers go back on the stream the rules of [`mux`] name. `max_streams`
 //! bounds the streams a client has open at once (QUIC's stream limit).
+//! `congestion` picks quinn's congestion controller for what the broker sends
+//! ([`congestion_factory`]: CUBIC by default, NewReno, or BBR, which keeps its
+//! rate on links with random loss; docs/ARCHITECTURE.md says why CUBIC stays
+//! the default).
 //!
 //! Bounds: at most [`HANDSHAKES_MAX`] connections of the listener (all its
 //! endpoints together) between the first packet
