@@ -3,7 +3,7 @@
 //! API as the broker uses it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -132,7 +132,8 @@ impl PendingOp {
     /// entries before the waiting task runs: read local tables only once
     /// [`ClusterHandle::applied_index`] reaches [`Applied::index`], and check them then
     /// (the broker's claims do both). Never hangs: every proposal is answered within
-    /// `proposal_timeout_ms` (plus one RPC timeout).
+    /// `proposal_timeout_ms` (plus one RPC timeout), and one still queued when the
+    /// control plane stops is answered `ClusterError::Shutdown` then.
     pub async fn wait(self) -> Result<Applied, ClusterError> {
         let Some(rx) = self.rx else {
             return Err(ClusterError::Shutdown("proposal answered already".into()));
@@ -172,9 +173,33 @@ struct Shared {
     /// When the current leader last reached this follower (ms since `started`, plus 1;
     /// 0: never).
     leader_contact_ms: AtomicU64,
+    /// The proposal channel's receiving end, beside the batcher's: to answer what is
+    /// still queued when the batcher ends ([`Shared::close_proposals`]).
+    proposals: flume::Receiver<Proposal>,
+    /// The batcher ended: proposals are refused, and one queued in the same instant is
+    /// answered by its proposer.
+    stopped: AtomicBool,
 }
 
 impl Shared {
+    /// Refuses proposals from now on and answers every queued one with
+    /// `ClusterError::Shutdown`. Without it a proposal queued when the batcher ended
+    /// stayed in the channel, which every `ClusterHandle` keeps alive: its waiter,
+    /// holding a handle (and through it the raft store and its lock), waited forever, so
+    /// the node could not be started again in the same process (data-plane simulation
+    /// seed 335: a crashed node's route proposal).
+    fn close_proposals(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let mut n = 0;
+        for p in self.proposals.drain() {
+            n += 1;
+            let _ = p.reply.send(Err(ClusterError::Shutdown(
+                "the control plane stopped before the proposal was batched".into(),
+            )));
+        }
+        self.core.proposals_failed.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// When the leader last reached this node (None: never since start).
     fn last_leader_contact(&self) -> Option<tokio::time::Instant> {
         match self.leader_contact_ms.load(Ordering::Relaxed) {
@@ -207,6 +232,9 @@ impl ClusterHandle {
     /// [`PendingOp`] answered when the op is applied on this node.
     pub fn propose(&self, op: Op) -> Result<PendingOp, ClusterError> {
         op.validate().map_err(ClusterError::Invalid)?;
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return Err(ClusterError::Shutdown("control plane stopped".into()));
+        }
         let (reply, rx) = oneshot::channel();
         let p = Proposal {
             op,
@@ -216,6 +244,12 @@ impl ClusterHandle {
         match self.tx.try_send(p) {
             Ok(()) => {
                 self.shared.core.proposals.fetch_add(1, Ordering::Relaxed);
+                // The batcher may have ended (and drained the queue) since the check
+                // above: then nothing takes this one, so answer it here. (Either the
+                // drain saw it, or this load sees `stopped`: both are `SeqCst`.)
+                if self.shared.stopped.load(Ordering::SeqCst) {
+                    self.shared.close_proposals();
+                }
                 Ok(PendingOp { rx: Some(rx) })
             }
             Err(flume::TrySendError::Full(_)) => {
@@ -445,6 +479,7 @@ impl ControlPlane {
         }
 
         let core = Arc::new(MetricsCore::default());
+        let (tx, rx) = flume::bounded(config.proposal_queue_max);
         let shared = Arc::new(Shared {
             node_id: config.node_id,
             store: store.clone(),
@@ -452,8 +487,9 @@ impl ControlPlane {
             core: core.clone(),
             started: tokio::time::Instant::now(),
             leader_contact_ms: AtomicU64::new(0),
+            proposals: rx.clone(),
+            stopped: AtomicBool::new(false),
         });
-        let (tx, rx) = flume::bounded(config.proposal_queue_max);
         let handle = ClusterHandle {
             tx,
             shared: shared.clone(),
@@ -990,6 +1026,14 @@ impl Inner {
 /// `batch_window_us` or `batch_ops_max` ops, with up to `batches_in_flight_max`
 /// entries proposed at once.
 async fn batcher(inner: Arc<Inner>, rx: flume::Receiver<Proposal>, incarnation: u64) {
+    // However the batcher ends (a shutdown aborts it), what is still queued is answered.
+    struct Closing(Arc<Shared>);
+    impl Drop for Closing {
+        fn drop(&mut self) {
+            self.0.close_proposals();
+        }
+    }
+    let _closing = Closing(inner.shared.clone());
     let max = inner.config.batch_ops_max;
     let window = Duration::from_micros(inner.config.batch_window_us);
     let permits = Arc::new(Semaphore::new(inner.config.batches_in_flight_max));

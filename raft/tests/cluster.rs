@@ -234,6 +234,43 @@ async fn a_full_proposal_channel_answers_busy_at_once() {
     c.shutdown_all().await;
 }
 
+/// A proposal still in the channel when the control plane stops is answered, so its
+/// waiter, which keeps a handle (a shard's claim, the forwarder's route proposal), lets
+/// the store go and the node can start again in the same process. Before, it waited
+/// forever: the queued proposal lived in the channel every handle keeps (data-plane
+/// simulation seed 335: a crashed node could not restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_queued_when_the_control_plane_stops_is_answered() {
+    let mut c = Cluster::new(7, |c| {
+        fast(c);
+        c.batch_ops_max = 1;
+        c.batches_in_flight_max = 1;
+        c.proposal_timeout_ms = 60_000;
+    });
+    // Node 1 alone of three voters: no leader, so the first batch waits for one and
+    // keeps the only permit, and the second proposal stays in the channel.
+    let v = voters([1, 2, 3]);
+    c.start(1, &v).await;
+    let h = c.node(1).handle();
+    let first = h.propose(claim("first", 1)).unwrap();
+    let queued = h.propose(claim("queued", 1)).unwrap();
+    let waiter = tokio::spawn(async move {
+        let r = queued.wait().await;
+        drop(h);
+        r
+    });
+    // Waits until nothing holds the store any more.
+    c.stop(1).await;
+    let r = waiter.await.unwrap();
+    assert!(matches!(r, Err(ClusterError::Shutdown(_))), "{r:?}");
+    let r = first.wait().await;
+    assert!(matches!(r, Err(ClusterError::Shutdown(_))), "{r:?}");
+    c.start(1, &v).await;
+    let r = c.node(1).handle().propose(claim("again", 1));
+    assert!(r.is_ok(), "{r:?}");
+    c.shutdown_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_restart_settings_and_corrupt_stores_are_refused_untouched() {
     let mut c = three(6, fast).await;
