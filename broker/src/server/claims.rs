@@ -62,6 +62,10 @@ pub(crate) struct Claims {
     /// confirmed it deleted its copy: no copy of an older session is left anywhere, so
     /// a new session under this claim needs no [`Op::SessionFresh`].
     settled: RefCell<HashMap<String, u64>>,
+    /// ClientID -> epoch of a held claim whose session was taken in without its
+    /// source's confirmation and is not yet recorded in the log as served here (the
+    /// mark failed): the next CONNECT that continues it marks it first (seed 876).
+    unconfirmed: RefCell<HashMap<String, u64>>,
 }
 
 impl Claims {
@@ -93,6 +97,7 @@ impl Claims {
         self.held.borrow_mut().remove(client_id);
         self.releasing.borrow_mut().remove(client_id);
         self.settled.borrow_mut().remove(client_id);
+        self.unconfirmed.borrow_mut().remove(client_id);
     }
 
     /// No other copy of the session under the claim of `epoch` is left (see
@@ -264,7 +269,18 @@ pub(super) async fn claim(
         }
         match fetched.session {
             Some(takeover::Settled::Yes) => cluster.claims.settle(client_id, epoch),
-            Some(takeover::Settled::No) => {}
+            // Taken in, but the node it came from may still keep its copy (its
+            // confirmation did not arrive): before the CONNACK, the log records that
+            // this claim serves the session, so that copy is never resumed after the
+            // client got newer state here (seed 876; `mark_fresh`).
+            Some(takeover::Settled::No) => {
+                cluster
+                    .claims
+                    .unconfirmed
+                    .borrow_mut()
+                    .insert(client_id.to_owned(), epoch);
+                mark_fresh(shard, cluster, client_id, epoch).await?;
+            }
             // Nothing to continue: the client gets a new session, which the log must
             // know before the CONNACK says so (seed 46, `mark_fresh`). A Clean Start's
             // claim said it already.
@@ -300,6 +316,10 @@ async fn settle(
 ) -> Result<(), ClaimRefusal> {
     let client_id = connect.client_id.as_str();
     if !connect.clean_start && shard.engine.borrow().has_session(client_id) {
+        // A session taken in unconfirmed whose mark failed is marked now (seed 876).
+        if cluster.claims.unconfirmed.borrow().get(client_id) == Some(&epoch) {
+            return mark_fresh(shard, cluster, client_id, epoch).await;
+        }
         return Ok(());
     }
     if cluster.claims.settled.borrow().get(client_id) == Some(&epoch) {
@@ -321,8 +341,11 @@ async fn settle(
 /// copy was handed to this claim or an older one), which would answer CONNACK session
 /// present 1 with state older than the session the client last had (data-plane
 /// simulation, seed 46). Proposed only when a session starts here without one to
-/// continue under a claim not known fresh, so it is batched with the node's claims and
-/// costs nothing on a reconnect that continues a session.
+/// continue under a claim not known fresh, or when a takeover took the session in
+/// without the old owner's confirmation (then a copy that owner keeps for this claim is
+/// confirmed by the entry, and no older copy is ever resumed after this node served the
+/// client: seed 876), so it is batched with the node's claims and costs nothing on a
+/// reconnect that continues a session.
 async fn mark_fresh(
     shard: &Shard,
     cluster: &ShardCluster,
@@ -362,9 +385,10 @@ async fn mark_fresh(
         return Err(refused(&"the mark is not applied on this node in time"));
     }
     cluster.claims.settle(client_id, epoch);
+    cluster.claims.unconfirmed.borrow_mut().remove(client_id);
     debug!(
         shard = shard.id,
-        client_id, epoch, "a new session recorded as fresh in the log"
+        client_id, epoch, "the session this claim serves recorded in the log"
     );
     Ok(())
 }
@@ -426,15 +450,36 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
             {
                 cluster.claims.forget(client_id);
             }
-            // A new session of the ClientID started afresh: a moving copy of an older
-            // one kept here is never resumed, so it goes now.
+            // The owner serves the ClientID under this claim, a session started afresh
+            // or one taken in without the old owner's confirmation: a moving copy kept
+            // here is never resumed. The copy handed to exactly this claim is
+            // confirmed by the log (what its ghost held goes to the owner, as after
+            // `DONE`; a fresh session there ignores it, having no window); an older
+            // one is stale and goes.
             (
                 Op::SessionFresh {
-                    client_id, epoch, ..
+                    client_id,
+                    node,
+                    epoch,
                 },
                 OpResult::MarkedFresh(true),
             ) if owns(shard, client_id) => {
-                takeover::drop_stale_copy(shard, client_id, *epoch);
+                let to = (*node, *epoch);
+                let mut engine = shard.engine.borrow_mut();
+                if engine.moving_to(client_id) == Some(to) && !engine.has_session(client_id) {
+                    engine.moving_done(now_ms(), client_id, to);
+                    drop(engine);
+                    shard.flush_outbox();
+                    debug!(
+                        shard = shard.id,
+                        client_id,
+                        owner = node,
+                        "a moving copy confirmed by the log: its owner serves the session"
+                    );
+                } else {
+                    drop(engine);
+                    takeover::drop_stale_copy(shard, client_id, *epoch);
+                }
             }
             _ => {}
         }
