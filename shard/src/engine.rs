@@ -53,6 +53,7 @@ mod auth;
 mod backpressure;
 mod exactly_once;
 mod feed_pace;
+mod handed_qos2;
 mod moved;
 mod mqtt5;
 mod pace;
@@ -499,6 +500,9 @@ pub struct Engine {
     ended_sessions: Option<Vec<Str>>,
     /// Sessions handed out to another node and not yet confirmed there (`transfer`).
     moving: HashMap<Str, transfer::Moving>,
+    /// Inbound QoS 2 publications of sessions handed to other nodes while their
+    /// forward still waited (`handed_qos2`).
+    handed: Vec<handed_qos2::Handed>,
     /// Sessions taken in from another node whose disk tail is still arriving.
     importing: HashMap<Str, transfer::Importing>,
     /// Publications around sessions that moved between nodes (`moved`).
@@ -602,6 +606,7 @@ impl Engine {
             delayed_wills: HashMap::new(),
             ended_sessions: None,
             moving: HashMap::new(),
+            handed: Vec::new(),
             importing: HashMap::new(),
             moved: moved::Moved::default(),
             shared: shared::ShareTable::new(shard),
@@ -1229,13 +1234,24 @@ impl Engine {
             return self.refuse_publish(now_ms, conn, &p, rc);
         }
         let mut seq = 0;
+        // The original's id when this re-sent PUBLISH is routed here in its place
+        // (`handed_qos2`).
+        let mut again = None;
         if p.qos == QoS::ExactlyOnce {
             let receive_maximum = self.inbound_qos2_max(version);
             let s = self.session_mut(idx);
             if let Some(pos) = s.inbound_position(p.packet_id) {
-                // A re-sent PUBLISH before PUBREL: acknowledged, delivered
-                // again only where a crash may have lost it.
-                return self.on_publish_again(now_ms, conn, idx, pos, p);
+                match s.inbound_qos2[pos].pending.as_deref() {
+                    // The node that held the original forgot it: this copy is
+                    // routed from here with the original's id, as a new one.
+                    Some(w) if w.lost => {
+                        again = Some(w.id);
+                        s.inbound_qos2.swap_remove(pos);
+                    }
+                    // A re-sent PUBLISH before PUBREL: acknowledged, delivered
+                    // again only where a crash may have lost it.
+                    _ => return self.on_publish_again(now_ms, conn, idx, pos, p),
+                }
             }
             if s.inbound_qos2.len() >= receive_maximum {
                 return self.protocol_error(now_ms, conn, ReasonCode::ReceiveMaximumExceeded);
@@ -1277,7 +1293,11 @@ impl Engine {
         self.refusal = (qos != QoS::AtMostOnce).then_some(false);
         self.publish_seq = seq;
         self.feed.source = feed_pace::FeedSource::Local(conn);
+        self.moved.again = again;
+        self.moved.given = None;
         self.publish_acked(now_ms, msg, token, key);
+        self.moved.again = None;
+        let given = self.moved.given.take();
         self.feed.source = feed_pace::FeedSource::None;
         self.publish_seq = 0;
         let refused = self.refusal.take() == Some(true);
@@ -1295,7 +1315,7 @@ impl Engine {
             waits
         });
         if qos == QoS::ExactlyOnce {
-            self.note_inbound_wait(idx, packet_id, token);
+            self.note_inbound_wait(idx, packet_id, token, given);
         }
         let ack = match qos {
             QoS::AtMostOnce => return,
@@ -1619,7 +1639,9 @@ impl Engine {
         }
         let local = set.contains(self.shard);
         self.shard_set = set;
-        if local {
+        // A re-sent PUBLISH routed in place of its original (`handed_qos2`) skips
+        // this shard if the original reached it.
+        if local && !self.moved.again.is_some_and(|id| self.pub_id_handled(id)) {
             self.deliver_local(now_ms, &msg);
         }
         self.moved.current = None;

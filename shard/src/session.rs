@@ -9,8 +9,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use tessera_proto::{ProtocolVersion, QoS, Str, SubscriptionOptions, Will};
+use tessera_proto::{ProtocolVersion, Publish, QoS, Str, SubscriptionOptions, Will};
 
+use crate::mesh::PubId;
 use crate::message::{Message, SessionUid};
 use crate::trie::ShardSet;
 
@@ -109,6 +110,29 @@ pub struct InboundQos2 {
     /// (recovery's answer). The next re-sent PUBLISH is delivered again
     /// there, once; boxed because it is almost always `None`.
     pub redeliver: Option<Box<ShardSet>>,
+    /// The publication's cluster-wide id, when it went to another node
+    /// (`engine::handed_qos2`: a session that moves while its PUBREC waits).
+    pub id: Option<PubId>,
+    /// The session came from another node while the original publication was
+    /// still on its way from there (`engine::handed_qos2`): the PUBREC of a
+    /// re-sent PUBLISH waits until that node says the original arrived. Boxed
+    /// because it is almost always `None`.
+    pub pending: Option<Box<PendingForward>>,
+}
+
+/// An inbound QoS 2 publication whose original is still being forwarded by the
+/// node it was published on (see `InboundQos2::pending`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingForward {
+    /// The node that holds the original (opaque to the engine).
+    pub holder: u64,
+    /// The original's id.
+    pub id: PubId,
+    /// The holder no longer knows the original (it restarted, or forgot it): the
+    /// re-sent PUBLISH is routed here, with the original's id.
+    pub lost: bool,
+    /// The re-sent PUBLISH waiting for the holder's answer, with its connection.
+    pub resent: Option<(ConnId, Publish)>,
 }
 
 impl InboundQos2 {
@@ -119,6 +143,8 @@ impl InboundQos2 {
             token: None,
             epoch: 0,
             redeliver: None,
+            id: None,
+            pending: None,
         }
     }
 

@@ -38,6 +38,18 @@
 //!   (`tessera_shard::engine` module `moved`);
 //! - `TAIL | from_seq u64 BE | count_max u32 BE`: answer a `TransferTailRec`;
 //! - `DONE`: answer `1` once the copy is deleted.
+//! - (cluster protocol 5) `INBOUND | packet_id u16 BE | origin u64 BE | shard u16 BE |
+//!   seq u64 BE`: about an inbound QoS 2 publication of the session handed over while
+//!   its forward still waited (`tessera_shard::engine` module `handed_qos2`): answer
+//!   `1` (its forward is complete), `0` (unknown here: this process never handed it
+//!   out, or forgot it long after it was done), or `2` (still waiting, after at most
+//!   [`INBOUND_WAIT`]; ask again). The epoch is not checked: the answer is about one
+//!   publication, not the session.
+//!
+//! A `FETCH` answer `3 | len u32 BE | TransferRec | wlen u32 BE | window | pending`
+//! (cluster protocol 5) adds the inbound QoS 2 ids whose PUBREC still waits for an
+//! original's forward, with the node that holds each: the new owner holds a re-sent
+//! PUBLISH's PUBREC until that node answers `INBOUND` (data-plane simulation, seed 899).
 //!
 //! Everything a peer sends is validated (the engine decodes records like a corrupt
 //! store's). An old owner that does not answer within [`FETCH_TIMEOUT`] costs the
@@ -79,6 +91,11 @@ const EPOCH_POSITION_BITS: u32 = 20;
 const OP_FETCH: u8 = 0;
 const OP_TAIL: u8 = 1;
 const OP_DONE: u8 = 2;
+const OP_INBOUND: u8 = 3;
+/// Longest the old owner holds an `INBOUND` request whose original still waits.
+const INBOUND_WAIT: Duration = Duration::from_secs(2);
+/// How long the new owner waits before it asks an old owner that did not answer again.
+const INBOUND_RETRY: Duration = Duration::from_secs(1);
 
 /// The wall-clock time at engine time 0, for times that travel between nodes.
 fn wall_base_ms() -> u64 {
@@ -214,9 +231,9 @@ pub(super) async fn fetch(
         );
     }
     match answer.as_deref() {
-        Ok(a @ [1 | 2, ..]) if !connect.clean_start => match split_export(a) {
-            Some((rec, window)) => {
-                session = take_in(shard, cluster, client_id, epoch, old, rec, window).await;
+        Ok(a @ [1..=3, ..]) if !connect.clean_start => match split_export(a) {
+            Some(export) => {
+                session = take_in(shard, cluster, client_id, epoch, old, export).await;
             }
             None => failed(shard, cluster, client_id, old, &"malformed answer"),
         },
@@ -318,7 +335,7 @@ pub(super) async fn recover_moving_copy(
     }
     let request = body(OP_FETCH, epoch, &[0]);
     for (node, answer) in ask_others(cluster, old, client_id, &request).await {
-        if let Some((rec, window)) = answer.as_deref().ok().and_then(split_export) {
+        if let Some(export) = answer.as_deref().ok().and_then(split_export) {
             SessionMetrics::add(&metrics.moving_copies_recovered);
             info!(
                 shard = shard.id,
@@ -326,37 +343,157 @@ pub(super) async fn recover_moving_copy(
                 from = node,
                 "session recovered from a node whose hand-over was never confirmed"
             );
-            return take_in(shard, cluster, client_id, epoch, node, rec, window).await;
+            return take_in(shard, cluster, client_id, epoch, node, export).await;
         }
     }
     None
 }
 
-/// The export and the window of a `FETCH` answer that carries a session.
-fn split_export(answer: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+/// The parts of a `FETCH` answer that carries a session.
+struct Export<'a> {
+    rec: &'a [u8],
+    window: Option<&'a [u8]>,
+    pending: Option<&'a [u8]>,
+}
+
+/// A `len u32 BE`-prefixed part of `b` and what follows it.
+fn split_len(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let rest = &b[4..];
+    (n <= rest.len()).then(|| rest.split_at(n))
+}
+
+/// The export, the window and the pending ids of a `FETCH` answer that carries a
+/// session.
+fn split_export(answer: &[u8]) -> Option<Export<'_>> {
     match answer {
-        [1, rec @ ..] => Some((rec, None)),
-        [2, len @ ..] if len.len() >= 4 => {
-            let n = u32::from_be_bytes(len[..4].try_into().ok()?) as usize;
-            let rest = &len[4..];
-            (n <= rest.len()).then(|| (&rest[..n], Some(&rest[n..])))
+        [1, rec @ ..] => Some(Export {
+            rec,
+            window: None,
+            pending: None,
+        }),
+        [2, rest @ ..] => {
+            let (rec, window) = split_len(rest)?;
+            Some(Export {
+                rec,
+                window: Some(window),
+                pending: None,
+            })
+        }
+        [3, rest @ ..] => {
+            let (rec, rest) = split_len(rest)?;
+            let (window, pending) = split_len(rest)?;
+            Some(Export {
+                rec,
+                window: Some(window),
+                pending: Some(pending),
+            })
         }
         _ => None,
     }
 }
 
-/// Takes in the export `rec` (and its `window`) from `source`, reads its disk tail
-/// from there, waits for this shard's store to commit it all and confirms to `source`.
-/// `None` when the export could not be taken in.
+/// Takes in the export (its record, window and pending ids) from `source`, reads its
+/// disk tail from there, waits for this shard's store to commit it all and confirms to
+/// `source`. `None` when the export could not be taken in.
 async fn take_in(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
     client_id: &str,
     epoch: u64,
     source: NodeId,
-    rec: &[u8],
-    window: Option<&[u8]>,
+    export: Export<'_>,
 ) -> Option<Settled> {
+    let settled = take_in_parts(shard, cluster, client_id, epoch, source, export).await;
+    // Inbound QoS 2 ids whose original was still on its way from an older owner: their
+    // PUBREC waits for that node's word (`handed_qos2`), asked for on a task of its own.
+    if settled.is_some() && !shard.engine.borrow().pending_inbound(client_id).is_empty() {
+        rt::spawn_local(follow_pending(shard.clone(), client_id.to_owned()));
+    }
+    settled
+}
+
+/// Asks the holders of `client_id`'s pending inbound QoS 2 originals whether their
+/// forward is complete, until none is pending here (answered, or the session left).
+async fn follow_pending(shard: Rc<Shard>, client_id: String) {
+    loop {
+        let next = shard
+            .engine
+            .borrow()
+            .pending_inbound(&client_id)
+            .into_iter()
+            .next();
+        let Some((packet_id, holder, id)) = next else {
+            return;
+        };
+        let Some(cluster) = shard.cluster() else {
+            return;
+        };
+        let answer = if holder == cluster.port.node_id {
+            // Carried back here: this shard knows it itself.
+            let state = shard.engine.borrow_mut().inbound_forward_state(
+                now_ms(),
+                &client_id,
+                packet_id,
+                id,
+            );
+            match state {
+                Some(true) => Ok(Bytes::from_static(&[1])),
+                Some(false) => Ok(Bytes::from_static(&[2])),
+                None => Ok(Bytes::from_static(&[0])),
+            }
+        } else {
+            let mut rest = Vec::with_capacity(20);
+            rest.extend_from_slice(&packet_id.to_be_bytes());
+            rest.extend_from_slice(&id.origin.to_be_bytes());
+            rest.extend_from_slice(&id.shard.to_be_bytes());
+            rest.extend_from_slice(&id.seq.to_be_bytes());
+            call(&cluster, holder, &client_id, &body(OP_INBOUND, 0, &rest)).await
+        };
+        match answer.as_deref() {
+            Ok([1]) => {
+                shard
+                    .engine
+                    .borrow_mut()
+                    .inbound_forward_done(&client_id, packet_id, id);
+                debug!(
+                    shard = shard.id,
+                    client_id, packet_id, holder, "a moved QoS 2 original arrived: PUBREC"
+                );
+            }
+            Ok([0]) => {
+                shard
+                    .engine
+                    .borrow_mut()
+                    .inbound_forward_lost(now_ms(), &client_id, packet_id, id);
+                info!(
+                    shard = shard.id,
+                    client_id,
+                    packet_id,
+                    holder,
+                    "the node holding a moved QoS 2 original forgot it: the re-sent PUBLISH is routed here"
+                );
+            }
+            Ok([2]) if holder != cluster.port.node_id => {}
+            _ => rt::sleep(INBOUND_RETRY).await,
+        }
+        shard.flush_outbox();
+    }
+}
+
+async fn take_in_parts(
+    shard: &Rc<Shard>,
+    cluster: &ShardCluster,
+    client_id: &str,
+    epoch: u64,
+    source: NodeId,
+    export: Export<'_>,
+) -> Option<Settled> {
+    let Export {
+        rec,
+        window,
+        pending,
+    } = export;
     let metrics = &cluster.port.sessions;
     let imported =
         shard
@@ -381,6 +518,16 @@ async fn take_in(
             client_id,
             old_owner = source,
             "the moved session's window is malformed: QoS 2 copies it got there may come again"
+        );
+    }
+    if let Some(p) = pending
+        && !shard.engine.borrow_mut().import_pending(client_id, p)
+    {
+        warn!(
+            shard = shard.id,
+            client_id,
+            old_owner = source,
+            "the moved session's pending QoS 2 ids are malformed: a re-sent PUBLISH is acknowledged at once"
         );
     }
     let (mut from_seq, mut left, mut moved) = (imported.tail_from_seq, imported.tail_count, 0u64);
@@ -580,6 +727,15 @@ async fn answer(shard: &Rc<Shard>, req: &PeerRequest) -> Result<Bytes, String> {
             )
             .await
         }
+        (OP_INBOUND, [..]) if rest.len() == 20 => {
+            let packet_id = u16::from_be_bytes(rest[..2].try_into().map_err(|_| "short")?);
+            let id = tessera_shard::mesh::PubId {
+                origin: u64::from_be_bytes(rest[2..10].try_into().map_err(|_| "short")?),
+                shard: u16::from_be_bytes(rest[10..12].try_into().map_err(|_| "short")?),
+                seq: u64::from_be_bytes(rest[12..].try_into().map_err(|_| "short")?),
+            };
+            Ok(inbound_state(shard, client_id, packet_id, id).await)
+        }
         (OP_DONE, []) => {
             let done = shard
                 .engine
@@ -599,6 +755,30 @@ async fn answer(shard: &Rc<Shard>, req: &PeerRequest) -> Result<Bytes, String> {
             "malformed session request (op {op}, {} bytes)",
             body.len()
         )),
+    }
+}
+
+/// `INBOUND`: whether the forward of a handed-over inbound QoS 2 publication is
+/// complete, waiting up to [`INBOUND_WAIT`] for it.
+async fn inbound_state(
+    shard: &Shard,
+    client_id: &str,
+    packet_id: u16,
+    id: tessera_shard::mesh::PubId,
+) -> Bytes {
+    let deadline = rt::now() + INBOUND_WAIT;
+    loop {
+        let state =
+            shard
+                .engine
+                .borrow_mut()
+                .inbound_forward_state(now_ms(), client_id, packet_id, id);
+        match state {
+            Some(true) => return Bytes::from_static(&[1]),
+            None => return Bytes::from_static(&[0]),
+            Some(false) if rt::now() >= deadline => return Bytes::from_static(&[2]),
+            Some(false) => rt::sleep(Duration::from_millis(20)).await,
+        }
     }
 }
 
@@ -667,15 +847,20 @@ async fn hand_out(
             engine.moving_handout(client_id, to)
         };
         let window = engine.moving_window(client_id).unwrap_or_default();
+        let pending = engine
+            .moving_pending(client_id, cluster.port.node_id)
+            .unwrap_or_default();
         drop(engine);
         match exported {
             Some(bytes) => {
                 SessionMetrics::add(&cluster.port.sessions.sessions_exported);
-                out.reserve(5 + bytes.len() + window.len());
-                out.put_u8(2);
+                out.reserve(9 + bytes.len() + window.len() + pending.len());
+                out.put_u8(3);
                 out.put_u32(u32::try_from(bytes.len()).map_err(|_| "export too large")?);
                 out.put_slice(&bytes);
+                out.put_u32(u32::try_from(window.len()).map_err(|_| "window too large")?);
                 out.put_slice(&window);
+                out.put_slice(&pending);
             }
             None => out.put_u8(0),
         }

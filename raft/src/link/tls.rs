@@ -37,11 +37,14 @@ use crate::transport::NodeId;
 ///   request) and the forward channel's answers out of order.
 /// - 4: ops `ClaimCleanStart` and `SessionFresh`, and owner records with `fresh`
 ///   (which epoch started a session afresh, so a stale moving copy is never resumed).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// - 5: session transfers that say which inbound QoS 2 ids still wait for their
+///   original's forward (`FETCH` answer 3) and the `INBOUND` session request (the new
+///   owner holds a re-sent PUBLISH's PUBREC until the old owner's word).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// ALPN protocol of the link: `tessera-cluster/` and [`PROTOCOL_VERSION`]. It also keeps
 /// a link endpoint from being mistaken for MQTT over QUIC.
-pub const ALPN: &[u8] = b"tessera-cluster/4";
+pub const ALPN: &[u8] = b"tessera-cluster/5";
 
 /// A node's TLS material: the CA that signs every node, this node's chain and key.
 #[derive(Debug)]

@@ -58,6 +58,7 @@ impl Engine {
         idx: SessionIdx,
         packet_id: u16,
         token: Option<u64>,
+        id: Option<crate::mesh::PubId>,
     ) {
         let epoch = if self.session(idx).stored {
             self.current_durable_epoch()
@@ -69,6 +70,7 @@ impl Engine {
             let entry = &mut s.inbound_qos2[pos];
             entry.token = token;
             entry.epoch = epoch;
+            entry.id = id.or(entry.id);
         }
     }
 
@@ -83,6 +85,12 @@ impl Engine {
     ) {
         let durable = self.durable_forwards();
         let entry = &mut self.session_mut(idx).inbound_qos2[pos];
+        if let Some(waiting) = entry.pending.as_deref_mut() {
+            // The original is still on its way from the node the session came from
+            // (`handed_qos2`): the PUBREC waits for that node's word.
+            waiting.resent = Some((conn, p));
+            return;
+        }
         if let Some(shards) = entry.redeliver.take()
             && durable
         {
@@ -156,7 +164,7 @@ impl Engine {
             self.pending_retains.remove(&token);
         }
         let token = (sent > 0).then_some(token);
-        self.note_inbound_wait(idx, packet_id, token);
+        self.note_inbound_wait(idx, packet_id, token, None);
         self.send_ack(conn, Packet::PubRec(PubRec::new(packet_id)), token);
     }
 }

@@ -135,6 +135,11 @@ pub(super) struct Moved {
     /// While a publication is routed: its id, and who waits for a redirect.
     pub(super) current: Option<PubId>,
     pub(super) ack: Option<RedirectAck>,
+    /// While a re-sent QoS 2 PUBLISH is routed in place of its original
+    /// (`handed_qos2`): the original's id, which it gets instead of a new one.
+    pub(super) again: Option<PubId>,
+    /// The id the publication being routed got, if it went to another node.
+    pub(super) given: Option<PubId>,
 }
 
 #[derive(Debug)]
@@ -285,6 +290,11 @@ impl Engine {
         if self.moved.origin == 0 {
             return None;
         }
+        if let Some(id) = self.moved.again {
+            self.moved.current = Some(id);
+            self.moved.given = Some(id);
+            return Some(id);
+        }
         let n = &mut self.moved.next_seq[qos as usize];
         *n += 1;
         let id = PubId {
@@ -293,7 +303,23 @@ impl Engine {
             seq: id_seq(qos, *n),
         };
         self.moved.current = Some(id);
+        self.moved.given = Some(id);
         Some(id)
+    }
+
+    /// Whether this shard handled the publication `id` already: one of its own, or
+    /// a copy from another node at or below its mark for that origin (the copies of
+    /// one origin shard and QoS arrive in id order, so a copy at or below the mark is
+    /// one handled before, or one that was not sent here).
+    pub(super) fn pub_id_handled(&self, id: PubId) -> bool {
+        if id.origin == self.moved.origin && id.shard == self.shard {
+            let count = self.moved.next_seq.get(id_class(id.seq) as usize);
+            return count.is_some_and(|n| id_number(id.seq) <= *n);
+        }
+        self.moved
+            .marks
+            .iter()
+            .any(|m| covers(m, id.origin, id.shard, id.seq))
     }
 
     /// A publication from another node with `id` is handled here.
@@ -546,6 +572,7 @@ impl Engine {
 
     /// Ghosts and windows past [`MOVED_WINDOW_MS`] go.
     pub fn expire_moved(&mut self, now_ms: u64) {
+        self.expire_handed(now_ms);
         while let Some((due, _)) = self.moved.expiring.front()
             && *due <= now_ms
         {

@@ -166,6 +166,13 @@ impl Engine {
         id: Option<PubId>,
     ) {
         self.stats.remote_publishes_received += 1;
+        if id.is_some_and(|id| self.pub_id_handled(id)) {
+            // A copy of a publication handled here already: a QoS 2 PUBLISH re-sent
+            // on the node its session moved to and routed there in place of an
+            // original that reached this shard before the node holding it died
+            // (`handed_qos2`). Copies of one origin never come out of order otherwise.
+            return;
+        }
         self.note_pub_id(id);
         self.moved.ack = self.forward_batch.map(super::moved::RedirectAck::Batch);
         let mut set = std::mem::take(&mut self.shard_set);

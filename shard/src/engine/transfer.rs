@@ -64,6 +64,9 @@ pub(super) struct Moving {
     /// What the new owner needs to tell copies the session already got
     /// (`moved`), sent beside the export.
     window: Vec<u8>,
+    /// Inbound QoS 2 ids it carried in still waiting for an older owner's word
+    /// (`handed_qos2`).
+    relayed: Vec<super::handed_qos2::Relayed>,
 }
 
 /// A session taken in whose disk tail is still arriving from its old owner.
@@ -136,7 +139,7 @@ impl Engine {
             .is_some_and(|idx| self.session(idx).conn.is_some())
     }
 
-    fn session_idx(&self, client_id: &str) -> Option<SessionIdx> {
+    pub(super) fn session_idx(&self, client_id: &str) -> Option<SessionIdx> {
         let key = Str::try_from(client_id).ok()?;
         self.by_client_id.get(&key).copied()
     }
@@ -257,12 +260,15 @@ impl Engine {
         let (expires_at_ms, stored) = (s.expiry_deadline_ms(), s.stored);
         // Before it leaves the routes: what still comes for it here follows it.
         let window = self.leave_ghost(idx, to);
+        // Inbound QoS 2 ids whose PUBREC still waits: the new owner holds it too.
+        let relayed = self.hand_inbound(idx);
         let moving = Moving {
             to,
             bytes: bytes.clone(),
             expires_at_ms,
             stored,
             window,
+            relayed,
         };
         let key = self.session(idx).client_id.clone();
         // Out of memory and the routes, not out of the store.
@@ -310,6 +316,15 @@ impl Engine {
     pub fn moving_window(&self, client_id: &str) -> Option<Vec<u8>> {
         let key = Str::try_from(client_id).ok()?;
         self.moving.get(&key).map(|m| m.window.clone())
+    }
+
+    /// The inbound QoS 2 ids of the moving copy of `client_id` whose PUBREC still
+    /// waits for an original's forward (see `handed_qos2`), for the node it is handed
+    /// to beside the export; `me` is this node (the holder of this shard's own).
+    pub fn moving_pending(&self, client_id: &str, me: u64) -> Option<Vec<u8>> {
+        let key = Str::try_from(client_id).ok()?;
+        let m = self.moving.get(&key)?;
+        Some(self.pending_for(&key, me, &m.relayed))
     }
 
     /// Asks the store for up to `count_max` deliveries of the moving copy's disk tail
@@ -426,8 +441,11 @@ impl Engine {
         let Some(m) = self.moving.remove(&key) else {
             return Ok(false);
         };
-        self.take_in(now_ms, client_id, &m.bytes, wall_base_ms, Some(m.stored))
-            .map(|_| true)
+        self.take_in(now_ms, client_id, &m.bytes, wall_base_ms, Some(m.stored))?;
+        if let Some(idx) = self.session_idx(client_id) {
+            self.take_back_inbound(idx, &m.relayed);
+        }
+        Ok(true)
     }
 
     /// Takes in a session exported by another node ([`Engine::export_session`]) for

@@ -1,0 +1,522 @@
+//! An inbound QoS 2 publication whose PUBREC still waits when its session moves to
+//! another node (`impl Engine`, issue 15; data-plane simulation seed 899;
+//! docs/ARCHITECTURE.md "Cluster: publications around a moving session").
+//!
+//! A QoS 2 PUBLISH on node A that must reach another node gets its PUBREC only once
+//! that node accepted it (the token in `pending_retains`). If the session moves to B
+//! meanwhile, the original stays in A's forwarder, and the client re-sends the PUBLISH
+//! (DUP) to B. B knows the packet id (the transfer carries it) but, before this module,
+//! not that its PUBREC was still owed: it answered at once, the client completed the
+//! exchange, and A crashed with the original in its queue: acknowledged, never
+//! delivered. Now:
+//!
+//! - **A says which ids still wait.** The export notes every inbound id whose token
+//!   is still pending and whose publication has a cluster-wide id
+//!   ([`Engine::export_session`] keeps them here as [`Handed`]); the hand-out sends
+//!   them beside the transfer ([`Engine::moving_pending`]), with A as their holder.
+//! - **B holds the re-sent PUBLISH's PUBREC** ([`InboundQos2::pending`]) and asks the
+//!   holder until it answers ([`Engine::inbound_forward_state`] there): *done* (every
+//!   destination accepted the original: the PUBREC goes, [`Engine::inbound_forward_done`])
+//!   or *unknown* (the holder restarted, or forgot it long after it was done: then B
+//!   routes the re-sent PUBLISH itself, [`Engine::inbound_forward_lost`], with the
+//!   original's id, and a shard whose marks show it handled that id skips it, so an
+//!   original that did arrive before the holder died is not delivered twice).
+//! - A session that moves on from B carries its pending ids on (same holder); one
+//!   that A takes back gets its tokens back, so its re-sent PUBLISH waits as on one
+//!   node.
+//!
+//! Bounds: the pending state lives in memory, so B restarting (under `sync`
+//! durability) forgets it and answers a re-send at once, as before; a holder that
+//! never answers again (dead and never restarted) leaves the id unacknowledged (the
+//! client keeps it in flight; nothing is acknowledged that was not delivered); an
+//! original still in flight on the network when its holder died and arriving after
+//! the re-routed copy is delivered twice.
+
+use tessera_proto::{Packet, PubRec, Str};
+
+use super::Engine;
+use super::moved::MOVED_WINDOW_MS;
+use crate::mesh::{PubId, ShardId};
+use crate::session::{PendingForward, SessionIdx};
+
+/// How long the old owner still answers about a handed-over publication after its
+/// forward completed: the new owner asks right after it took the session in.
+const HANDED_KEEP_MS: u64 = MOVED_WINDOW_MS;
+/// Bytes of one pending id on the wire: packet id, holder, origin, shard, seq.
+const PENDING_LEN: usize = 2 + 8 + 8 + 2 + 8;
+/// Pending ids one transfer may carry (a session has at most 65,535 inbound ids).
+const PENDING_MAX: usize = 65_535;
+
+/// An inbound QoS 2 publication of a session this shard handed to another node while
+/// its forward still waited.
+#[derive(Debug)]
+pub(super) struct Handed {
+    client_id: Str,
+    packet_id: u16,
+    id: PubId,
+    /// The publisher's token (`pending_retains`) the original's PUBREC waited for.
+    token: u64,
+    /// When its forward was first seen complete (engine ms), for expiry.
+    done_at_ms: Option<u64>,
+}
+
+/// A pending id a session carries on: (packet id, holder node, original's id).
+pub(super) type Relayed = (u16, u64, PubId);
+
+/// Encodes `ids` for the transfer: `count u32 | (packet_id u16, holder u64, origin
+/// u64, shard u16, seq u64)*`, big-endian.
+pub(super) fn encode_pending(ids: &[Relayed]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + ids.len() * PENDING_LEN);
+    out.extend_from_slice(&(ids.len() as u32).to_be_bytes());
+    for (packet_id, holder, id) in ids {
+        out.extend_from_slice(&packet_id.to_be_bytes());
+        out.extend_from_slice(&holder.to_be_bytes());
+        out.extend_from_slice(&id.origin.to_be_bytes());
+        out.extend_from_slice(&id.shard.to_be_bytes());
+        out.extend_from_slice(&id.seq.to_be_bytes());
+    }
+    out
+}
+
+/// Decodes [`encode_pending`]; untrusted: every length is checked, packet id 0 and
+/// an origin of 0 are refused.
+pub(super) fn decode_pending(b: &[u8]) -> Option<Vec<Relayed>> {
+    let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let rest = &b[4..];
+    if n > PENDING_MAX || rest.len() != n.checked_mul(PENDING_LEN)? {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for e in rest.chunks_exact(PENDING_LEN) {
+        let packet_id = u16::from_be_bytes(e[..2].try_into().ok()?);
+        let holder = u64::from_be_bytes(e[2..10].try_into().ok()?);
+        let origin = u64::from_be_bytes(e[10..18].try_into().ok()?);
+        let shard = ShardId::from_be_bytes(e[18..20].try_into().ok()?);
+        let seq = u64::from_be_bytes(e[20..28].try_into().ok()?);
+        if packet_id == 0 || origin == 0 {
+            return None;
+        }
+        out.push((packet_id, holder, PubId { origin, shard, seq }));
+    }
+    Some(out)
+}
+
+impl Engine {
+    /// At the export of session `idx`: its inbound ids whose PUBREC still waits for
+    /// other nodes are remembered here (the new owner asks about them), and the ones
+    /// it carried in from an older owner are returned, to go on with it.
+    pub(super) fn hand_inbound(&mut self, idx: SessionIdx) -> Vec<Relayed> {
+        let s = self.session(idx);
+        let client_id = s.client_id.clone();
+        let mut relayed = Vec::new();
+        let mut handed = Vec::new();
+        for e in &s.inbound_qos2 {
+            if let Some(p) = &e.pending {
+                relayed.push((e.packet_id, p.holder, p.id));
+            } else if let (Some(id), Some(token)) = (e.id, e.token)
+                && self
+                    .pending_retains
+                    .get(&token)
+                    .is_some_and(|(_, n)| *n > 0)
+            {
+                handed.push(Handed {
+                    client_id: client_id.clone(),
+                    packet_id: e.packet_id,
+                    id,
+                    token,
+                    done_at_ms: None,
+                });
+            }
+        }
+        // A newer hand-over of the same ids replaces an older one.
+        self.handed.retain(|h| {
+            h.client_id != client_id || !handed.iter().any(|n| n.packet_id == h.packet_id)
+        });
+        self.handed.extend(handed);
+        relayed
+    }
+
+    /// The pending ids of `client_id`'s moving copy for the node it is handed to:
+    /// this shard's own (holder `me`) while their forward still waits, and those it
+    /// carried in.
+    pub(super) fn pending_for(&self, client_id: &Str, me: u64, relayed: &[Relayed]) -> Vec<u8> {
+        let mut ids: Vec<Relayed> = self
+            .handed
+            .iter()
+            .filter(|h| &h.client_id == client_id && self.pending_retains.contains_key(&h.token))
+            .map(|h| (h.packet_id, me, h.id))
+            .collect();
+        ids.extend_from_slice(relayed);
+        encode_pending(&ids)
+    }
+
+    /// Whether the forward of `client_id`'s inbound publication `packet_id` with id
+    /// `id`, handed over from here, is complete: `Some(true)` done, `Some(false)` still
+    /// waiting, `None` unknown here (never handed from this process, or forgotten
+    /// [`HANDED_KEEP_MS`] after it was done).
+    pub fn inbound_forward_state(
+        &mut self,
+        now_ms: u64,
+        client_id: &str,
+        packet_id: u16,
+        id: PubId,
+    ) -> Option<bool> {
+        let pending = &self.pending_retains;
+        let h = self
+            .handed
+            .iter_mut()
+            .find(|h| h.client_id == client_id && h.packet_id == packet_id && h.id == id)?;
+        if pending.contains_key(&h.token) {
+            return Some(false);
+        }
+        h.done_at_ms.get_or_insert(now_ms);
+        Some(true)
+    }
+
+    /// Forgets handed-over publications done for [`HANDED_KEEP_MS`].
+    pub(super) fn expire_handed(&mut self, now_ms: u64) {
+        let pending = &self.pending_retains;
+        self.handed.retain_mut(|h| {
+            if pending.contains_key(&h.token) {
+                return true;
+            }
+            let done = *h.done_at_ms.get_or_insert(now_ms);
+            now_ms < done.saturating_add(HANDED_KEEP_MS)
+        });
+    }
+
+    /// This shard takes its own moving copy of session `idx` back: the ids it handed
+    /// out wait for their tokens again (a re-sent PUBLISH's PUBREC is held as on one
+    /// node), and those it had carried in from an older owner are pending again.
+    pub(super) fn take_back_inbound(&mut self, idx: SessionIdx, relayed: &[Relayed]) {
+        let client_id = self.session(idx).client_id.clone();
+        let mine: Vec<Handed> = {
+            let (mine, rest): (Vec<Handed>, Vec<Handed>) = std::mem::take(&mut self.handed)
+                .into_iter()
+                .partition(|h| h.client_id == client_id);
+            self.handed = rest;
+            mine
+        };
+        for h in mine {
+            let live = self.pending_retains.contains_key(&h.token);
+            let s = self.session_mut(idx);
+            if let Some(pos) = s.inbound_position(h.packet_id) {
+                let e = &mut s.inbound_qos2[pos];
+                e.id = Some(h.id);
+                e.token = live.then_some(h.token);
+            }
+        }
+        self.set_pending(idx, relayed);
+    }
+
+    /// The pending ids the old owner sent beside the transfer of `client_id`
+    /// ([`Engine::moving_pending`]): their re-sent PUBLISH waits for the holder's word.
+    /// Malformed bytes are refused and change nothing.
+    pub fn import_pending(&mut self, client_id: &str, bytes: &[u8]) -> bool {
+        let Some(ids) = decode_pending(bytes) else {
+            return false;
+        };
+        let Some(idx) = self.session_idx(client_id) else {
+            return false;
+        };
+        self.set_pending(idx, &ids);
+        true
+    }
+
+    fn set_pending(&mut self, idx: SessionIdx, ids: &[Relayed]) {
+        let s = self.session_mut(idx);
+        for &(packet_id, holder, id) in ids {
+            if let Some(pos) = s.inbound_position(packet_id) {
+                let e = &mut s.inbound_qos2[pos];
+                e.id = Some(id);
+                e.token = None;
+                e.pending = Some(Box::new(PendingForward {
+                    holder,
+                    id,
+                    lost: false,
+                    resent: None,
+                }));
+            }
+        }
+    }
+
+    /// The inbound ids of `client_id` still waiting for their holder's word: (packet
+    /// id, holder node, original's id).
+    pub fn pending_inbound(&self, client_id: &str) -> Vec<(u16, u64, PubId)> {
+        let Some(idx) = self.session_idx(client_id) else {
+            return Vec::new();
+        };
+        self.session(idx)
+            .inbound_qos2
+            .iter()
+            .filter_map(|e| {
+                let p = e.pending.as_deref()?;
+                (!p.lost).then_some((e.packet_id, p.holder, p.id))
+            })
+            .collect()
+    }
+
+    /// The pending entry of `client_id`'s inbound `packet_id` for the original `id`.
+    fn pending_entry(&mut self, client_id: &str, packet_id: u16, id: PubId) -> Option<SessionIdx> {
+        let idx = self.session_idx(client_id)?;
+        let s = self.session(idx);
+        let pos = s.inbound_position(packet_id)?;
+        s.inbound_qos2[pos]
+            .pending
+            .as_deref()
+            .is_some_and(|p| p.id == id && !p.lost)
+            .then_some(idx)
+    }
+
+    /// The holder says the original of `client_id`'s inbound `packet_id` reached
+    /// every destination: a re-sent PUBLISH that waits gets its PUBREC, a later one
+    /// gets it at once.
+    pub fn inbound_forward_done(&mut self, client_id: &str, packet_id: u16, id: PubId) {
+        let Some(idx) = self.pending_entry(client_id, packet_id, id) else {
+            return;
+        };
+        let conn = self.session(idx).conn;
+        let s = self.session_mut(idx);
+        let Some(pos) = s.inbound_position(packet_id) else {
+            return;
+        };
+        let resent = s.inbound_qos2[pos].pending.take().and_then(|p| p.resent);
+        if let Some((c, _)) = resent
+            && conn == Some(c)
+        {
+            self.send_ack(c, Packet::PubRec(PubRec::new(packet_id)), None);
+        }
+    }
+
+    /// The holder no longer knows the original of `client_id`'s inbound `packet_id`
+    /// (it restarted): the re-sent PUBLISH is routed from here with the original's id
+    /// (now, if one waits; else when the client sends it again).
+    pub fn inbound_forward_lost(
+        &mut self,
+        now_ms: u64,
+        client_id: &str,
+        packet_id: u16,
+        id: PubId,
+    ) {
+        let Some(idx) = self.pending_entry(client_id, packet_id, id) else {
+            return;
+        };
+        let conn = self.session(idx).conn;
+        let s = self.session_mut(idx);
+        let Some(pos) = s.inbound_position(packet_id) else {
+            return;
+        };
+        let Some(p) = s.inbound_qos2[pos].pending.as_deref_mut() else {
+            return;
+        };
+        p.lost = true;
+        if let Some((c, publish)) = p.resent.take()
+            && conn == Some(c)
+        {
+            tracing::debug!(
+                shard = self.shard,
+                client_id,
+                packet_id,
+                "the node holding a QoS 2 original forgot it: its re-sent PUBLISH is routed here"
+            );
+            self.handle_packet(now_ms, c, Packet::Publish(publish));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Goal: a QoS 2 publication whose PUBREC waited for another node when its session
+    //! moved is acknowledged on the new node only once the original arrived, or is
+    //! routed from the new node with the original's id when the old node forgot it
+    //! (and a node that got the original does not deliver it again).
+
+    use bytes::Bytes;
+    use tessera_proto::{Packet, ProtocolVersion, PubComp, PubRec, PubRel, Publish, QoS, Str};
+
+    use super::super::testing::{connect_packet, drain, engines, subscribe_packet};
+    use super::super::{Engine, Limits};
+    use super::*;
+    use crate::mesh::MeshMsg;
+    use crate::session::ConnId;
+
+    const V: ProtocolVersion = ProtocolVersion::V3_1_1;
+
+    fn remote_out(e: &mut Engine) -> Vec<MeshMsg> {
+        let r = usize::from(e.remote_id().expect("remote"));
+        std::mem::take(&mut e.outbox[r])
+    }
+
+    /// A cluster engine with origin `origin` to which another node routes "t".
+    fn node(origin: u64) -> Engine {
+        let mut e = engines(1, &Limits::default()).remove(0);
+        let remote = e.enable_remote().expect("room for the remote id");
+        e.set_origin(origin);
+        e.handle_mesh(
+            1,
+            remote,
+            MeshMsg::RouteAdd {
+                filter: Str::from_static("t"),
+                shard: remote,
+                ack: None,
+            },
+        );
+        e
+    }
+
+    fn publish(packet_id: u16, dup: bool) -> Packet {
+        let mut p = Publish::new(Str::from_static("t"), Bytes::from_static(b"x"));
+        p.qos = QoS::ExactlyOnce;
+        p.packet_id = packet_id;
+        p.dup = dup;
+        Packet::Publish(p)
+    }
+
+    /// The publisher's token and the publication's id of the one `PublishRemote` sent.
+    fn sent_remote(e: &mut Engine) -> (u64, PubId) {
+        match &remote_out(e)[..] {
+            [
+                MeshMsg::PublishRemote {
+                    ack: Some(t),
+                    id: Some(id),
+                    ..
+                },
+            ] => (*t, *id),
+            other => panic!("expected one PublishRemote, got {other:?}"),
+        }
+    }
+
+    /// Node A (origin 7, node id 1) takes publisher "p"'s QoS 2 PUBLISH 3, whose
+    /// forward waits, and hands the session to node 2: the export, the pending ids,
+    /// the publisher's token and the publication's id.
+    fn moved_while_waiting(a: &mut Engine) -> (Vec<u8>, Vec<u8>, u64, PubId) {
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        drain(a, p, V);
+        a.handle_packet(2, p, publish(3, false));
+        let (token, id) = sent_remote(a);
+        assert!(drain(a, p, V).is_empty(), "PUBREC before the other node");
+        let bytes = a.export_session(3, "p", 0, (2, 9)).expect("a session");
+        let pending = a.moving_pending("p", 1).expect("a moving copy");
+        assert_eq!(decode_pending(&pending), Some(vec![(3, 1, id)]));
+        (bytes, pending, token, id)
+    }
+
+    /// Node B (origin 8) takes the session in and the client re-sends PUBLISH 3.
+    fn resent_on(b: &mut Engine, bytes: &[u8], pending: &[u8]) -> ConnId {
+        b.import_session(4, "p", bytes, 0).expect("taken in");
+        assert!(b.import_pending("p", pending));
+        let c = b.connect(5, connect_packet(V, "p", false), false);
+        drain(b, c, V);
+        b.handle_packet(5, c, publish(3, true));
+        c
+    }
+
+    #[test]
+    fn a_re_sent_publish_waits_on_the_new_node_until_the_old_node_delivered_the_original() {
+        let mut a = node(7);
+        let (bytes, pending, token, id) = moved_while_waiting(&mut a);
+        let mut b = node(8);
+        let c = resent_on(&mut b, &bytes, &pending);
+        assert!(
+            drain(&mut b, c, V).is_empty(),
+            "PUBREC while the original may still be lost on the old node"
+        );
+        assert!(remote_out(&mut b).is_empty(), "routed again while A has it");
+        assert_eq!(b.pending_inbound("p"), vec![(3, 1, id)]);
+        assert_eq!(a.inbound_forward_state(6, "p", 3, id), Some(false));
+        // The other node accepted the original.
+        let remote = a.remote_id().expect("remote");
+        a.handle_mesh(6, remote, MeshMsg::Ack { token });
+        assert_eq!(a.inbound_forward_state(6, "p", 3, id), Some(true));
+        b.inbound_forward_done("p", 3, id);
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+        assert!(b.pending_inbound("p").is_empty());
+        b.handle_packet(7, c, Packet::PubRel(PubRel::new(3)));
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubComp(PubComp::new(3))]);
+        // Forgotten once done for the keep time; an unknown id is unknown.
+        a.expire_moved(6 + HANDED_KEEP_MS);
+        assert_eq!(a.inbound_forward_state(7, "p", 3, id), None);
+    }
+
+    #[test]
+    fn a_re_sent_publish_is_routed_with_the_originals_id_when_the_old_node_forgot_it() {
+        let mut a = node(7);
+        let (bytes, pending, _token, id) = moved_while_waiting(&mut a);
+        let mut b = node(8);
+        let c = resent_on(&mut b, &bytes, &pending);
+        assert!(drain(&mut b, c, V).is_empty());
+        // A restarted: it does not know the original any more.
+        b.inbound_forward_lost(6, "p", 3, id);
+        let (token, routed) = sent_remote(&mut b);
+        assert_eq!(routed, id, "routed with the original's id");
+        assert!(
+            drain(&mut b, c, V).is_empty(),
+            "PUBREC before it is accepted"
+        );
+        let remote = b.remote_id().expect("remote");
+        b.handle_mesh(7, remote, MeshMsg::Ack { token });
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+
+        // A node whose subscriber got the original before A died skips the re-routed
+        // copy; one that never got it delivers it.
+        let forwarded = |id| MeshMsg::Forwarded {
+            message: super::super::message_from_publish(
+                1,
+                Publish::new(Str::from_static("t"), Bytes::from_static(b"x")),
+                crate::message::SessionUid(0),
+                V,
+            ),
+            mark: None,
+            ack: None,
+            id: Some(id),
+        };
+        for got_original in [true, false] {
+            let mut n = node(9);
+            let remote = n.remote_id().expect("remote");
+            let s = n.connect(1, connect_packet(V, "s", false), false);
+            n.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+            drain(&mut n, s, V);
+            if got_original {
+                n.handle_mesh(2, remote, forwarded(id));
+                assert_eq!(drain(&mut n, s, V).len(), 1);
+            }
+            n.handle_mesh(3, remote, forwarded(routed));
+            let again = drain(&mut n, s, V);
+            assert_eq!(again.len(), usize::from(!got_original), "{again:?}");
+        }
+    }
+
+    #[test]
+    fn a_session_taken_back_holds_its_re_sent_publish_for_its_own_token_again() {
+        let mut a = node(7);
+        let (_, _, token, _) = moved_while_waiting(&mut a);
+        assert!(a.resume_moving(4, "p", 0).expect("its own copy"));
+        let c = a.connect(5, connect_packet(V, "p", false), false);
+        drain(&mut a, c, V);
+        a.handle_packet(5, c, publish(3, true));
+        assert!(
+            drain(&mut a, c, V).is_empty(),
+            "PUBREC before the other node"
+        );
+        let remote = a.remote_id().expect("remote");
+        a.handle_mesh(6, remote, MeshMsg::Ack { token });
+        assert_eq!(drain(&mut a, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+    }
+
+    #[test]
+    fn malformed_pending_ids_are_refused() {
+        let id = PubId {
+            origin: 7,
+            shard: 0,
+            seq: 5,
+        };
+        let good = encode_pending(&[(3, 1, id)]);
+        assert!(decode_pending(&good).is_some());
+        assert!(decode_pending(&good[..good.len() - 1]).is_none());
+        assert!(decode_pending(&[0, 0, 0]).is_none());
+        assert!(decode_pending(&encode_pending(&[(0, 1, id)])).is_none());
+        let mut huge = good.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_pending(&huge).is_none());
+    }
+}
