@@ -1170,7 +1170,18 @@ const REGRESSION_SEEDS: &[u64] = &[2, 11, 19];
 /// still queued in the control plane's channel at the crash was never answered, and its
 /// waiting task kept a handle, so the store (the batcher now answers what is queued when
 /// it ends).
-const BURST_REGRESSION_SEEDS: &[u64] = &[36, 46, 61, 76, 160, 194, 242, 250, 293, 294, 335, 444];
+/// 876: a session taken in without the old owner's confirmation (its `DONE` timed out)
+/// was served, the new owner crashed, and the old owner resumed its older copy, whose
+/// ghost had held QoS 2 publications the client already got: delivered twice (the new
+/// owner now records in the log that its claim serves the session before the CONNACK,
+/// and the old owner's copy is confirmed by that entry). 899: a QoS 2 PUBLISH whose
+/// PUBREC waited for a forward moved with its session; the new owner answered the
+/// re-sent PUBLISH at once and the old owner crashed with the original in its queue
+/// (the transfer now says which ids still wait, and the new owner holds the PUBREC
+/// until the old owner's word, or routes the re-send with the original's id).
+const BURST_REGRESSION_SEEDS: &[u64] = &[
+    36, 46, 61, 76, 160, 194, 242, 250, 293, 294, 335, 444, 876, 899,
+];
 
 #[test]
 fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
