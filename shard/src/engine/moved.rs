@@ -39,7 +39,10 @@
 //! Until the new node confirmed, the ghost holds what matches (the session may
 //! come back here) and filters it with the session's window the same way, so a
 //! publication that arrives directly and redirected by an older ghost on a third
-//! node is held once; a session taken back keeps that window.
+//! node is held once; a session taken back keeps that window. After the
+//! confirmation the ghost keeps the window's marks: a copy that reaches it by the
+//! normal path at or below them is not sent on (the new owner skips such a copy
+//! when it comes directly, but cannot tell a redirect's path: sim seed 655).
 //!
 //! Per-origin marks alone cannot tell the two paths apart (a publication can reach
 //! the new node directly and redirected, in either order), hence the set; ids alone
@@ -253,15 +256,19 @@ impl Window {
         w
     }
 
+    /// Whether a copy of publication `id` that came by the normal path is at or
+    /// below the marks: the session got it on an earlier node, or got a later
+    /// publication of the same origin and class there.
+    fn handled(&self, id: PubId) -> bool {
+        self.marks
+            .iter()
+            .any(|m| covers(m, id.origin, id.shard, id.seq))
+    }
+
     /// Whether the publication `id` (by the normal path: `direct`) is one the
     /// session already got; records it otherwise.
     fn seen(&mut self, id: PubId, direct: bool) -> bool {
-        if direct
-            && self
-                .marks
-                .iter()
-                .any(|m| covers(m, id.origin, id.shard, id.seq))
-        {
+        if direct && self.handled(id) {
             return true;
         }
         if !self.delivered.insert(id) {
@@ -407,8 +414,13 @@ impl Engine {
             return;
         }
         g.confirmed = true;
-        // The new owner's window filters from now on.
-        g.seen = None;
+        // The new owner's window filters from now on, but it cannot apply the marks
+        // to a redirect (see the module), so the ghost keeps them for the copies that
+        // reach it by the normal path (sim seed 655); the ids are the new owner's.
+        if let Some(w) = g.seen.as_mut() {
+            w.delivered = HashSet::new();
+            w.order = VecDeque::new();
+        }
         let held = std::mem::take(&mut g.held);
         let (node, epoch) = g.to;
         self.moved.expiring.push_back((
@@ -438,7 +450,12 @@ impl Engine {
         match self.moved.by_client.get(client_id) {
             Some(&slot) => self.moved.ghosts[slot as usize]
                 .as_mut()
-                .map(|g| (std::mem::take(&mut g.held), g.seen.take()))
+                .map(|g| {
+                    // A confirmed ghost's window is its marks only: the session has
+                    // the new owner's.
+                    let seen = g.seen.take().filter(|_| !g.confirmed);
+                    (std::mem::take(&mut g.held), seen)
+                })
                 .unwrap_or_default(),
             None => (Vec::new(), None),
         }
@@ -652,6 +669,20 @@ impl Engine {
             if let Some(Some(g)) = self.moved.ghosts.get_mut((gidx - GHOST_BASE) as usize) {
                 g.held.push((msg.clone(), id, ack));
             }
+            return;
+        }
+        // A copy that came here by the normal path at or below the marks the
+        // session left with: the new owner would skip it had it gone there
+        // directly, but it cannot tell a redirect's path, so it is not sent on.
+        // (Sim seed 655: the session got its own QoS 0 publications on node 2 and
+        // moved 2 -> 1 -> 3; their copies for node 1 waited out a partition, reached
+        // node 1 after the session left it and its ghost sent them on to node 3,
+        // where the session got them again.)
+        if direct
+            && let (Some(id), Some(Some(g))) =
+                (id, self.moved.ghosts.get((gidx - GHOST_BASE) as usize))
+            && g.seen.as_ref().is_some_and(|w| w.handled(id))
+        {
             return;
         }
         let ack = self.redirect_ack(msg.qos);
@@ -1007,6 +1038,54 @@ mod tests {
                 seq: id_seq(qos, n),
             }),
         }
+    }
+
+    /// Sim seed 655: the session got a publication on node A and moved A -> B -> C.
+    /// A copy of it (sent to B before the session was there, across a partition)
+    /// reached B after B's ghost was confirmed: the ghost sent it on to C, where a
+    /// redirect is checked against the ids the session got, not the marks, and the
+    /// session got it again. A confirmed ghost keeps the marks for what reaches it by
+    /// the normal path.
+    #[test]
+    fn a_confirmed_ghost_does_not_send_on_a_copy_the_session_got_before_it_came() {
+        let (mut a, remote_a, s) = node(7);
+        a.handle_mesh(1, remote_a, forwarded_at("on A", QoS::AtMostOnce, 3));
+        assert_eq!(payloads(&mut a, s), vec![Bytes::from_static(b"on A")]);
+        let (mut b, remote_b, _, _) = moved_to_b(&mut a);
+        assert!(b.export_session(4, "s", 0, (3, 100)).is_some());
+        assert!(b.moving_done(5, "s", (3, 100)));
+        remote_out(&mut b);
+        // The late copy of what it got on A, and an older one: not sent on.
+        b.handle_mesh(6, remote_b, forwarded_at("on A", QoS::AtMostOnce, 3));
+        b.handle_mesh(6, remote_b, forwarded_at("older", QoS::AtMostOnce, 2));
+        let out = remote_out(&mut b);
+        assert!(
+            !out.iter().any(|m| matches!(m, MeshMsg::Redirect { .. })),
+            "sent on to the session's node: {out:?}"
+        );
+        // A later one is, and so is a redirect from an older ghost (its path is not
+        // known here: the new owner checks it against what the session got).
+        b.handle_mesh(6, remote_b, forwarded_at("later", QoS::AtMostOnce, 4));
+        b.handle_mesh(6, remote_b, redirect("redirected", 2));
+        let sent: Vec<_> = remote_out(&mut b)
+            .into_iter()
+            .filter_map(|m| match m {
+                MeshMsg::Redirect {
+                    node: 3,
+                    epoch: 100,
+                    message,
+                    ..
+                } => Some(message.payload),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                Bytes::from_static(b"later"),
+                Bytes::from_static(b"redirected")
+            ]
+        );
     }
 
     #[test]
