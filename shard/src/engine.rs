@@ -1617,8 +1617,10 @@ impl Engine {
         }
         let mut set = std::mem::take(&mut self.shard_set);
         route_match(&self.routes, &msg.topic, &mut set);
-        // A session that moved away may still get it here (`moved`).
-        self.moved.current = None;
+        // In a cluster the publication gets its id here, and every copy carries it,
+        // to other local shards as to other nodes: a session that moved between
+        // shards of any nodes is not given it twice (`moved`).
+        self.new_pub_id(msg.qos);
         self.moved.ack = ack.map(moved::RedirectAck::Publisher);
         for to in set.iter() {
             if to == self.shard {
@@ -1654,15 +1656,17 @@ impl Engine {
 
     /// Sends `msg` to `to`: as `PublishDurable` with `token` when the token's
     /// publisher waits for it (one more acknowledgement to wait for), else as
-    /// `Publish`.
+    /// `Publish`; with the id of the publication being routed.
     fn send_publish(&mut self, to: ShardId, msg: &Message, token: Option<u64>) {
+        let id = self.moved.current;
         if let Some(t) = token
             && let Some((_, n)) = self.pending_retains.get_mut(&t)
         {
             *n += 1;
-            self.send_durable(to, msg.clone(), t, self.publish_seq);
+            self.send_durable(to, msg.clone(), t, self.publish_seq, id);
         } else {
-            self.outbox[usize::from(to)].push(MeshMsg::Publish(msg.clone()));
+            let message = msg.clone();
+            self.outbox[usize::from(to)].push(MeshMsg::Publish { message, id });
         }
     }
 
@@ -1705,17 +1709,22 @@ impl Engine {
     /// Handles one message from shard `from`.
     pub fn handle_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg) {
         match msg {
-            MeshMsg::Publish(m) => {
+            MeshMsg::Publish { message, id } => {
+                self.note_pub_id(id);
                 self.feed.source = feed_pace::FeedSource::Peer(from);
-                self.deliver_local(now_ms, &m);
+                self.deliver_local(now_ms, &message);
                 self.feed.source = feed_pace::FeedSource::None;
+                self.moved.current = None;
             }
             MeshMsg::Forwarded {
                 message, mark, id, ..
             } if self.is_remote(from) => self.publish_forwarded(now_ms, message, mark, id),
             MeshMsg::Forwarded {
-                message, mark, ack, ..
-            } => self.forwarded_copy(now_ms, from, message, mark, ack),
+                message,
+                mark,
+                ack,
+                id,
+            } => self.forwarded_copy(now_ms, from, message, mark, ack, id),
             MeshMsg::Redirect {
                 client_id,
                 message,
@@ -1730,9 +1739,16 @@ impl Engine {
                     "a publication for other nodes came to a shard; dropped"
                 );
             }
-            MeshMsg::PublishDurable { message, ack, seq } => {
+            MeshMsg::PublishDurable {
+                message,
+                ack,
+                seq,
+                id,
+            } => {
                 self.note_origin(from, seq);
+                self.note_pub_id(id);
                 self.deliver_durable(now_ms, from, &message, ack, false);
+                self.moved.current = None;
             }
             MeshMsg::Congestion { congested } => self.bp_on_congestion(from, congested),
             MeshMsg::Refused { token } => self.on_refused(now_ms, token),

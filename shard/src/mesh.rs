@@ -12,21 +12,23 @@ use crate::trie::ShardSet;
 pub type ShardId = u16;
 
 /// A publication's identity across the cluster, given once where it entered it
-/// (the publisher's shard, when it first goes to another node): the process's
-/// origin tag (random per process start, so a restarted node never reuses one),
-/// the shard and that shard's count of such publications at the publication's
-/// QoS (the QoS in the top two bits of `seq`: each QoS is its own sequence). It
-/// travels with every copy, so the node a session moved to can tell a copy the
-/// session already got on its old node, or one older than a publication it got
-/// there (`engine::moved`).
+/// (the publisher's shard, to every publication it routes in a cluster): the
+/// process's origin tag (random per process start, so a restarted node never
+/// reuses one), the shard and that shard's count of publications of its class
+/// (in the top two bits of `seq`: QoS 0, 1 and 2, and 3 for a QoS 2 publication
+/// sent only after its publisher's commit under `sync` durability; each class is
+/// its own sequence, sent in order to every destination). It travels with every
+/// copy, to other local shards as to other nodes, so the shard a session moved to
+/// can tell a copy the session already got on its old shard, or one older than a
+/// publication it got there (`engine::moved`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PubId {
     /// The origin process's tag.
     pub origin: u64,
     /// The publisher's shard there.
     pub shard: ShardId,
-    /// The QoS (bits 62-63) and the shard's count of identified publications
-    /// at that QoS (from 1).
+    /// The class (bits 62-63: the QoS, or 3) and the shard's count of
+    /// publications of that class (from 1).
     pub seq: u64,
 }
 
@@ -60,7 +62,12 @@ impl ForwardMark {
 pub enum MeshMsg {
     /// A publication whose topic matched a route of the destination shard; the
     /// destination matches its own subscription trie.
-    Publish(Message),
+    Publish {
+        /// The message.
+        message: Message,
+        /// The publication's identity (`None` outside a cluster).
+        id: Option<PubId>,
+    },
     /// A publication from another node of the cluster. From the forwarder
     /// (the remote id, `engine::remote`): the receiver delivers it to its
     /// subscribers and to the other local shards that route its topic, never
@@ -124,6 +131,8 @@ pub enum MeshMsg {
         /// increasing order; the receiver stores the highest it handled
         /// with what it stored (`StoreOp::PutOrigin`).
         seq: u64,
+        /// The publication's identity (`None` outside a cluster).
+        id: Option<PubId>,
     },
     /// `shard` gained its first subscriber on `filter`. When `ack` is set, the
     /// receiver answers `Ack` so the subscriber's SUBACK can wait until

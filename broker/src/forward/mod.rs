@@ -963,10 +963,10 @@ impl Forwarder {
         let shard = b.shard;
         for msg in b.msgs {
             match msg {
-                MeshMsg::Publish(m) => self.forward(shard, m, None, None),
-                MeshMsg::PublishDurable { message, ack, .. } => {
-                    self.forward(shard, message, Some(ack), None)
-                }
+                MeshMsg::Publish { message, id } => self.forward(shard, message, None, id),
+                MeshMsg::PublishDurable {
+                    message, ack, id, ..
+                } => self.forward(shard, message, Some(ack), id),
                 MeshMsg::PublishRemote { message, ack, id } => {
                     self.forward(shard, message, ack, id)
                 }

@@ -138,6 +138,8 @@ impl Engine {
         let mut set = std::mem::take(&mut self.shard_set);
         route_match(&self.routes, &msg.topic, &mut set);
         self.publish_seq = seq;
+        // A new id: a copy of the first delivery's may have been lost with a crash.
+        self.new_pub_id(msg.qos);
         let mut sent = 0u32;
         for to in set.iter() {
             if to == self.shard || !shards.contains(to) {
@@ -153,6 +155,7 @@ impl Engine {
             sent += 1;
         }
         self.publish_seq = 0;
+        self.moved.current = None;
         self.shard_set = set;
         tracing::debug!(
             shard = self.shard,

@@ -487,10 +487,24 @@ mod tests {
             received_us: 0,
         };
         for k in 0..HIGH {
-            e.handle_mesh(10, from, MeshMsg::Publish(message(k)));
+            e.handle_mesh(
+                10,
+                from,
+                MeshMsg::Publish {
+                    message: message(k),
+                    id: None,
+                },
+            );
         }
         assert!(e.feed_pace_peer_poll(from, &waker));
-        e.handle_mesh(10, from, MeshMsg::Publish(message(HIGH)));
+        e.handle_mesh(
+            10,
+            from,
+            MeshMsg::Publish {
+                message: message(HIGH),
+                id: None,
+            },
+        );
         assert!(!e.feed_pace_peer_poll(from, &waker), "the stream waits");
         assert_eq!(e.feed_pace_peer_deadline(from), Some(10 + BOUND_MS));
         write_out(&mut e, b, 11, 3);

@@ -38,7 +38,7 @@ use tessera_proto::{Packet, QoS, Str, topic};
 
 use super::{DelayedWill, Engine};
 use crate::hash::shard_for;
-use crate::mesh::{ForwardMark, MeshMsg, ShardId};
+use crate::mesh::{ForwardMark, MeshMsg, PubId, ShardId};
 use crate::message::Message;
 use crate::session::{ConnId, Delivery, InboundQos2, Inflight, InflightState, Session, SessionIdx};
 use crate::store::{
@@ -306,8 +306,20 @@ impl Engine {
     /// sequence number, once the current epoch (which holds its publisher's
     /// packet id) is committed, so no other shard ever has a publication
     /// whose packet id this shard could lose in a crash.
-    pub(super) fn send_durable(&mut self, to: ShardId, message: Message, ack: u64, seq: u64) {
-        let msg = MeshMsg::PublishDurable { message, ack, seq };
+    pub(super) fn send_durable(
+        &mut self,
+        to: ShardId,
+        message: Message,
+        ack: u64,
+        seq: u64,
+        id: Option<PubId>,
+    ) {
+        let msg = MeshMsg::PublishDurable {
+            message,
+            ack,
+            seq,
+            id,
+        };
         self.send_after_id_commit(to, msg, seq != 0);
     }
 

@@ -89,12 +89,15 @@ impl Engine {
 
     /// Hands `msg` to the forwarder: QoS 1/2 with the publisher's token (one
     /// more acknowledgement its PUBACK/PUBREC waits for), QoS 0 without.
-    /// Every publication gets its cluster-wide id here (`moved`: a session that
-    /// moved is not given a copy again, nor one older than a publication of the
-    /// same publisher it already got).
+    /// With the publication's cluster-wide id, given where it was routed
+    /// (`moved`: a session that moved is not given a copy again, nor one older
+    /// than a publication of the same publisher it already got).
     pub(super) fn forward_remote(&mut self, to: ShardId, msg: &Message, ack: Option<u64>) {
         self.stats.remote_forwards_sent += 1;
-        let id = self.new_pub_id(msg.qos);
+        let id = match self.moved.current {
+            Some(id) => Some(id),
+            None => self.new_pub_id(msg.qos),
+        };
         if msg.qos == QoS::AtMostOnce {
             let msg = MeshMsg::PublishRemote {
                 message: msg.clone(),
@@ -226,7 +229,9 @@ impl Engine {
 
     /// A copy of a forwarded publication from the local shard that served its
     /// batch: delivered unless this shard handled it before a restart, and
-    /// answered after the commit of what it stored when `ack` is set.
+    /// answered after the commit of what it stored when `ack` is set. Its id
+    /// is noted here as on the serving shard (`moved`: the session it reaches
+    /// here may have moved, and may move on).
     pub(super) fn forwarded_copy(
         &mut self,
         now_ms: u64,
@@ -234,7 +239,9 @@ impl Engine {
         message: Message,
         mark: Option<ForwardMark>,
         ack: Option<u64>,
+        id: Option<PubId>,
     ) {
+        self.note_pub_id(id);
         let seen = mark.is_some_and(|m| self.forward_seen(&m));
         match ack {
             Some(token) if seen => self.ack_after_commit(from, token),
@@ -242,6 +249,7 @@ impl Engine {
             None if seen => {}
             None => self.deliver_local(now_ms, &message),
         }
+        self.moved.current = None;
     }
 
     /// Starts handling a batch of publications another node forwarded (as
