@@ -14,8 +14,11 @@
 //! - a node that cannot reach the ClientID's last owner does not resume its own older
 //!   copy of the session as "session present" when that owner had started a new
 //!   session afresh (the log says so).
+//! - with two shards per node, a QoS 2 subscriber whose session moved to another node
+//!   gets each publication of a publisher on the other shard of its old node once
+//!   (its old shard redirects them, and the new node gets them directly too).
 //!
-//! Method: three `broker` processes (one shard each) started by the shared harness
+//! Method: three `broker` processes (one shard each unless said) started by the shared harness
 //! (`common::cluster`); clients are rumqttc's async clients on a tokio runtime; the
 //! node's `/metrics` shows claims. Every wait is bounded.
 
@@ -25,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::{RECV_TIMEOUT, metric_sum, scrape};
+use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet, Publish};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
@@ -791,4 +795,124 @@ async fn a_node_does_not_resume_an_older_session_after_a_newer_fresh_one_elsewhe
         .map(|v| v.to_string())
         .unwrap_or_default();
     assert!(!subs.contains("stale/old"), "{subs}");
+}
+
+/// A ClientID starting with `prefix` whose session lives on shard `shard` of two.
+fn client_on(shard: usize, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|c| tessera_shard::hash::shard_for(c.as_bytes(), 2) == shard)
+        .expect("some name hashes to each shard")
+}
+
+/// Issue 15's bound "ids and marks are per shard": node 1 runs two shards, the
+/// subscriber's session on one, a publisher on the other. After the session moved to
+/// node 2, its old shard's ghost redirected each publication to it with an id of its
+/// own while node 2 (which routes the topic) also got it directly with the
+/// publisher's shard's id: every QoS 2 message came twice.
+#[tokio::test(flavor = "current_thread")]
+async fn a_session_that_moved_off_a_node_of_two_shards_gets_the_other_shards_publications_once() {
+    let mut c = Cluster::new("sessions-shards", 3, 3, &[]).with_shards(2);
+    for id in 1..=3 {
+        c.start(id, &[], false);
+    }
+    c.wait_for_leader();
+    let (sub_id, pub_id) = (client_on(1, "mover"), client_on(0, "pub"));
+    const N: usize = 10;
+
+    // Node 2 routes the topic (another subscriber there), so node 1 sends it there.
+    let (other, mut oe, _) = connect(options(&c, 2, "other", true), "other @2").await;
+    other.subscribe("sh/t", QoS::ExactlyOnce).await.unwrap();
+    until(&mut oe, "other SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    // Keep the other subscriber's connection served.
+    let other_task = tokio::spawn(async move { while oe.poll().await.is_ok() {} });
+
+    let (sub, mut se, _) = connect(options(&c, 1, &sub_id, false), "mover @1").await;
+    sub.subscribe("sh/t", QoS::ExactlyOnce).await.unwrap();
+    until(&mut se, "mover SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    let (publ, mut pe, _) = connect(options(&c, 1, &pub_id, true), "pub @1").await;
+    let publish_all = async |prefix: &str, pe: &mut EventLoop| {
+        for i in 0..N {
+            publ.publish("sh/t", QoS::ExactlyOnce, false, format!("{prefix}{i}"))
+                .await
+                .unwrap();
+            until(pe, "pub PUBCOMP", |ev| match ev {
+                Event::Incoming(Packet::PubComp(_)) => Some(()),
+                _ => None,
+            })
+            .await;
+        }
+    };
+    publish_all("before", &mut pe).await;
+    // Each delivered and its exchange complete (PUBCOMP sent): nothing in flight
+    // moves with the session (a new rumqttc client would not know a PUBREL for it).
+    let (mut delivered, mut completed) = (0, 0);
+    while completed < N {
+        let complete = until(&mut se, "mover @1 deliveries", |ev| match ev {
+            Event::Incoming(Packet::Publish(_)) => Some(false),
+            Event::Outgoing(Outgoing::PubComp(_)) => Some(true),
+            _ => None,
+        })
+        .await;
+        if complete {
+            completed += 1;
+        } else {
+            delivered += 1;
+        }
+    }
+    assert_eq!(delivered, N);
+    // A round trip after the last PUBCOMP: node 1 has taken them all.
+    sub.unsubscribe("sh/none").await.unwrap();
+    until(&mut se, "mover UNSUBACK", |ev| match ev {
+        Event::Incoming(Packet::UnsubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+
+    // The session moves to node 2.
+    let (_sub2, mut se2, present) = connect(options(&c, 2, &sub_id, false), "mover @2").await;
+    assert!(present, "CONNACK session present after the move");
+    assert_eq!(
+        ended(&mut se, "mover @1").await,
+        Some(DisconnectReasonCode::SessionTakenOver)
+    );
+    drop(se);
+
+    // The publisher on node 1's other shard goes on.
+    let publishing = publish_all("after", &mut pe);
+    let mut after = Vec::new();
+    let receiving = async {
+        let deadline = Instant::now() + RECV_TIMEOUT * 2;
+        // Every message, then a pause: a copy would come within it.
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = if after.len() >= N {
+                Duration::from_millis(1_000)
+            } else {
+                left
+            };
+            match timeout(wait, se2.poll()).await {
+                // A "before" one still in flight at the move is re-sent (DUP): fine.
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.payload.starts_with(b"after") => {
+                    after.push(got(&p).payload)
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("mover @2: {e:?} after {after:?}"),
+                Err(_) if after.len() >= N => break,
+                Err(_) => panic!("mover @2: only {after:?}"),
+            }
+        }
+    };
+    tokio::join!(publishing, receiving);
+    let expected: Vec<String> = (0..N).map(|i| format!("after{i}")).collect();
+    assert_eq!(after, expected, "each once, in order");
+    other_task.abort();
 }

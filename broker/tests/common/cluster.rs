@@ -30,6 +30,8 @@ pub struct Cluster {
     pub addrs: Vec<SocketAddr>,
     pub nodes: Vec<Option<Broker>>,
     pub envs: Vec<(String, String)>,
+    /// Shards per node (1 unless [`Cluster::with_shards`]).
+    pub shards: usize,
 }
 
 impl Cluster {
@@ -47,6 +49,7 @@ impl Cluster {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             dir,
+            shards: 1,
         }
         .with_size(size)
     }
@@ -54,6 +57,12 @@ impl Cluster {
     pub fn with_size(mut self, size: usize) -> Cluster {
         self.envs
             .push(("TESSERA_CLUSTER__PEERS".into(), self.peers(size)));
+        self
+    }
+
+    /// Nodes started from now on run `shards` shards.
+    pub fn with_shards(mut self, shards: usize) -> Cluster {
+        self.shards = shards;
         self
     }
 
@@ -75,7 +84,7 @@ impl Cluster {
     pub fn args(&self, id: u64) -> Vec<String> {
         [
             "--shards",
-            "1",
+            &self.shards.to_string(),
             "--data-dir",
             &self.data_dir(id),
             "--node-id",
