@@ -1710,6 +1710,9 @@ impl Engine {
     pub fn handle_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg) {
         match msg {
             MeshMsg::Publish { message, id } => {
+                if self.rerouted_handled(id) {
+                    return;
+                }
                 self.note_pub_id(id);
                 self.feed.source = feed_pace::FeedSource::Peer(from);
                 self.deliver_local(now_ms, &message);
@@ -1746,6 +1749,9 @@ impl Engine {
                 id,
             } => {
                 self.note_origin(from, seq);
+                if self.rerouted_handled(id) {
+                    return self.ack_after_commit(from, ack);
+                }
                 self.note_pub_id(id);
                 self.deliver_durable(now_ms, from, &message, ack, false);
                 self.moved.current = None;

@@ -369,6 +369,14 @@ impl Engine {
             .any(|m| covers(m, id.origin, id.shard, id.seq))
     }
 
+    /// Whether a copy from another shard of this node with `id` is a re-sent QoS 2
+    /// PUBLISH routed in place of its original (`handed_qos2`: it carries another
+    /// process's id, which a publication of this node never does) and this shard
+    /// handled that original already: skipped, as the forwarded batch's shard skips it.
+    pub(super) fn rerouted_handled(&self, id: Option<PubId>) -> bool {
+        id.is_some_and(|id| id.origin != self.moved.origin && self.pub_id_handled(id))
+    }
+
     /// A publication with `id` (from another node, or another shard of this one) is
     /// handled here: it is the one being routed, and this shard's mark for its
     /// origin shard and class rises to it.
@@ -1433,6 +1441,43 @@ mod tests {
         assert_eq!(
             payloads(&mut b, s_b),
             vec![Bytes::from_static(b"after commit")]
+        );
+    }
+
+    /// Sim seed 899's fix with several shards: a re-sent QoS 2 PUBLISH routed with its
+    /// original's id (`handed_qos2`) goes from the publisher's shard to the others over
+    /// the mesh; a shard that got the original (forwarded from the old node, through
+    /// the shard serving its batches) skips it, and one that did not delivers it.
+    #[test]
+    fn a_local_copy_rerouted_in_place_of_an_original_this_shard_handled_is_skipped() {
+        let sub = client_on(1, "s");
+        let mut n = two_shards(8);
+        let s = n[1].connect(1, connect_packet(V, &sub, false), false);
+        n[1].handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        pump_node(&mut n, 1);
+        drain(&mut n[1], s, V);
+        // The original, from node 5's shard 0, through shard 0 (its batches' server).
+        let remote: ShardId = 2;
+        n[0].handle_mesh(2, remote, forwarded("original", id_seq(2, 7)));
+        pump_node(&mut n, 2);
+        assert_eq!(
+            payloads(&mut n[1], s),
+            vec![Bytes::from_static(b"original")]
+        );
+        let rerouted = |payload, n| MeshMsg::Publish {
+            message: message(payload),
+            id: Some(PubId {
+                origin: 5,
+                shard: 0,
+                seq: id_seq(2, n),
+            }),
+        };
+        n[1].handle_mesh(3, 0, rerouted("original", 7));
+        assert!(payloads(&mut n[1], s).is_empty(), "the original came twice");
+        n[1].handle_mesh(3, 0, rerouted("lost with its node", 8));
+        assert_eq!(
+            payloads(&mut n[1], s),
+            vec![Bytes::from_static(b"lost with its node")]
         );
     }
 
