@@ -648,6 +648,10 @@ impl ControlPlane {
         for t in tasks {
             let _ = t.await;
         }
+        // The batcher answers what is queued when it ends, but a batcher aborted before
+        // it first ran never set that up (a shutdown right after the start): a proposal
+        // queued meanwhile kept its waiter, and the handle it holds kept the store open.
+        self.inner.shared.close_proposals();
         let _ = self.inner.raft.shutdown().await;
     }
 }
@@ -1034,6 +1038,11 @@ async fn batcher(inner: Arc<Inner>, rx: flume::Receiver<Proposal>, incarnation: 
         }
     }
     let _closing = Closing(inner.shared.clone());
+    // The batches being proposed. They end with the batcher (dropping the set aborts
+    // them, and their waiters get `Shutdown`): a batch still waiting for a leader kept
+    // the raft store, and its lock, open for up to `proposal_timeout_ms` after a
+    // shutdown, so the node could not start again in the same process meanwhile.
+    let mut submits = tokio::task::JoinSet::new();
     let max = inner.config.batch_ops_max;
     let window = Duration::from_micros(inner.config.batch_window_us);
     let permits = Arc::new(Semaphore::new(inner.config.batches_in_flight_max));
@@ -1070,7 +1079,8 @@ async fn batcher(inner: Arc<Inner>, rx: flume::Receiver<Proposal>, incarnation: 
         }
         seq += 1;
         let inner = inner.clone();
-        tokio::spawn(async move {
+        while submits.try_join_next().is_some() {}
+        submits.spawn(async move {
             submit(&inner, batch, incarnation, seq).await;
             drop(permit);
         });
