@@ -577,6 +577,16 @@ fn with_redirect_to_owner_a_v5_client_is_sent_to_the_node_holding_its_session() 
     let mut connect = connect_packet(ProtocolVersion::V5, "redirected", false, 30);
     connect.properties.session_expiry_interval = Some(600);
     let _held = RawClient::connect_ok(c.node(1).addr(), connect.clone());
+    // Node 1 answered CONNACK once it applied its claim; node 2 redirects only once it
+    // applied it too (before, it would claim for itself: a takeover, not a redirect).
+    let claimed = c.status(1).expect("node 1 answers")["applied_index"]
+        .as_u64()
+        .expect("applied_index");
+    c.wait_until("node 2 applies node 1's claim", |c| {
+        c.status(2)
+            .and_then(|v| v["applied_index"].as_u64())
+            .is_some_and(|i| i >= claimed)
+    });
     let (_c2, ack) = RawClient::connect(c.node(2).addr(), connect.clone());
     assert_eq!(ack.reason_code, ReasonCode::UseAnotherServer, "{ack:?}");
     assert_eq!(
