@@ -37,7 +37,7 @@ use tessera_proto::{Packet, PubRec, Str};
 use super::Engine;
 use super::moved::MOVED_WINDOW_MS;
 use crate::mesh::{PubId, ShardId};
-use crate::session::{PendingForward, SessionIdx};
+use crate::session::{ConnId, PendingForward, SessionIdx};
 
 /// How long the old owner still answers about a handed-over publication after its
 /// forward completed: the new owner asks right after it took the session in.
@@ -256,31 +256,32 @@ impl Engine {
             .collect()
     }
 
-    /// The pending entry of `client_id`'s inbound `packet_id` for the original `id`.
-    fn pending_entry(&mut self, client_id: &str, packet_id: u16, id: PubId) -> Option<SessionIdx> {
+    /// The pending entry of `client_id`'s inbound `packet_id` for the original `id`:
+    /// its session's connection and the entry's slot (which holds it).
+    fn pending_entry(
+        &mut self,
+        client_id: &str,
+        packet_id: u16,
+        id: PubId,
+    ) -> Option<(Option<ConnId>, &mut Option<Box<PendingForward>>)> {
         let idx = self.session_idx(client_id)?;
-        let s = self.session(idx);
+        let conn = self.session(idx).conn;
+        let s = self.session_mut(idx);
         let pos = s.inbound_position(packet_id)?;
-        s.inbound_qos2[pos]
-            .pending
-            .as_deref()
+        let slot = &mut s.inbound_qos2[pos].pending;
+        slot.as_deref()
             .is_some_and(|p| p.id == id && !p.lost)
-            .then_some(idx)
+            .then_some((conn, slot))
     }
 
     /// The holder says the original of `client_id`'s inbound `packet_id` reached
     /// every destination: a re-sent PUBLISH that waits gets its PUBREC, a later one
     /// gets it at once.
     pub fn inbound_forward_done(&mut self, client_id: &str, packet_id: u16, id: PubId) {
-        let Some(idx) = self.pending_entry(client_id, packet_id, id) else {
+        let Some((conn, slot)) = self.pending_entry(client_id, packet_id, id) else {
             return;
         };
-        let conn = self.session(idx).conn;
-        let s = self.session_mut(idx);
-        let Some(pos) = s.inbound_position(packet_id) else {
-            return;
-        };
-        let resent = s.inbound_qos2[pos].pending.take().and_then(|p| p.resent);
+        let resent = slot.take().and_then(|p| p.resent);
         if let Some((c, _)) = resent
             && conn == Some(c)
         {
@@ -298,15 +299,7 @@ impl Engine {
         packet_id: u16,
         id: PubId,
     ) {
-        let Some(idx) = self.pending_entry(client_id, packet_id, id) else {
-            return;
-        };
-        let conn = self.session(idx).conn;
-        let s = self.session_mut(idx);
-        let Some(pos) = s.inbound_position(packet_id) else {
-            return;
-        };
-        let Some(p) = s.inbound_qos2[pos].pending.as_deref_mut() else {
+        let Some((conn, Some(p))) = self.pending_entry(client_id, packet_id, id) else {
             return;
         };
         p.lost = true;
