@@ -18,7 +18,8 @@
 #
 # Usage: bench/scripts/hop-latency.sh [target/release]
 # Env: ROUNDS (5), DURATION (5), WARMUP (1), OUT (hop-latency.jsonl), PORT_BASE (24600),
-#      SETUPS (one-shard,same-shard,cross-shard,cross-node,mosquitto,mosq-bridge)
+#      SETUPS (one-shard,same-shard,cross-shard,cross-node,mosquitto,mosq-bridge),
+#      IDLE_POLL_US (unset: the default, 0; else every Tessera's server.idle_poll_us)
 # Build first: cargo build --release -p tessera-broker -p tessera-bench
 set -euo pipefail
 BIN=${1:-target/release}
@@ -44,6 +45,9 @@ trap cleanup_pids_and_work EXIT
 ONE=$((base + 1)) TWO=$((base + 2)) N1=$((base + 3)) N2=$((base + 4))
 MOSQ=$((base + 5)) MB_LOCAL=$((base + 6)) MB_REMOTE=$((base + 7))
 printf '[log]\nlevel = "warn"\n' >"$work/tessera.toml"
+if [[ -n ${IDLE_POLL_US:-} ]]; then
+    printf '[server]\nidle_poll_us = %s\n' "$IDLE_POLL_US" >>"$work/tessera.toml"
+fi
 taskset -c 1 "$BIN/broker" --shards 1 --listen "127.0.0.1:$ONE" \
     --admin-listen "127.0.0.1:$((base + 21))" --data-dir "$work/one" \
     --config "$work/tessera.toml" >"$work/one.log" 2>&1 &
