@@ -79,7 +79,7 @@ mod serve;
 mod sim;
 mod takeover;
 use accept::accept_connection;
-use mesh::{Envelope, mesh_writer, on_envelope};
+use mesh::{Envelope, mesh_writer};
 use refusals::{Refusal, RefusalLog};
 use tessera_shard::probe::EarlyRefusal;
 
@@ -682,7 +682,8 @@ struct Shard {
     id: usize,
     shard_count: usize,
     engine: RefCell<Engine>,
-    /// The shard mesh (`None` only in the simulation, whose nodes have one shard).
+    /// The shard mesh (`None` only in the simulation, which carries the envelopes
+    /// between its shards itself: `sim`, over `mesh::next_envelope`).
     senders: Option<Senders<Envelope>>,
     /// Envelopes waiting for each peer's channel, in order.
     mesh_out: RefCell<Vec<VecDeque<Envelope>>>,
@@ -789,7 +790,7 @@ impl Shard {
 /// data-plane simulation starts its shards with it too): the engine, its remote id in a
 /// cluster, the restore from the store, the [`Shard`], and the tasks of the cluster
 /// glue and the store (spawned through `rt`). `senders` is `None` only in the
-/// simulation (one shard per node: no peer shards).
+/// simulation (its own ordered channels carry the envelopes between a node's shards).
 fn start_shard(
     boot: &ShardBoot,
     id: usize,
@@ -923,14 +924,7 @@ async fn shard_main(boot: ShardBoot) {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(env) = receiver.recv().await {
-                on_envelope(&shard, peer, env);
-                // A QoS 0 publication of this peer found a bridge behind:
-                // its stream waits (bounded), so its readers pause.
-                mesh::feed_pace(&shard, peer).await;
-                // As in `conn::run`: a receive from a busy peer completes at once,
-                // and without yielding, the writers of the subscribers these
-                // batches feed would starve (and their queues overflow).
-                futures_lite::future::yield_now().await;
+                mesh::received(&shard, peer, env).await;
             }
         })
         .detach();

@@ -13,6 +13,7 @@ use tessera_shard::handoff::Handoff;
 use tessera_shard::mesh::{MeshMsg, ShardId};
 use tracing::debug;
 
+use super::rt;
 use super::serve::serve;
 use super::{Accepted, MESH_ENVELOPE_MESSAGES_MAX, Shard, now_ms, now_us};
 use crate::transport::Transport;
@@ -63,7 +64,7 @@ impl Shard {
     }
 }
 
-pub(super) fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
+fn on_envelope(shard: &Rc<Shard>, from: usize, env: Envelope) {
     match env {
         Envelope::Batch(batch) => {
             let now = now_ms();
@@ -127,7 +128,7 @@ pub(super) async fn feed_pace(shard: &Shard, peer: usize) {
             }
         });
         let expired = async {
-            glommio::timer::sleep(Duration::from_millis(at_ms.saturating_sub(now_ms()))).await;
+            rt::sleep(Duration::from_millis(at_ms.saturating_sub(now_ms()))).await;
             false
         };
         if !futures_lite::future::or(released, expired).await {
@@ -140,25 +141,7 @@ pub(super) async fn feed_pace(shard: &Shard, peer: usize) {
 /// Sends this shard's queued envelopes to `peer`, coalescing batches.
 pub(super) async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
     loop {
-        let env = poll_fn(|cx| {
-            let mut out = shard.mesh_out.borrow_mut();
-            let Some(first) = out[peer].pop_front() else {
-                shard.mesh_wakers.borrow_mut()[peer] = Some(cx.waker().clone());
-                return Poll::Pending;
-            };
-            let Envelope::Batch(mut batch) = first else {
-                return Poll::Ready(first);
-            };
-            while batch.len() < MESH_ENVELOPE_MESSAGES_MAX
-                && let Some(Envelope::Batch(_)) = out[peer].front()
-            {
-                if let Some(Envelope::Batch(more)) = out[peer].pop_front() {
-                    batch.extend(more);
-                }
-            }
-            Poll::Ready(Envelope::Batch(batch))
-        })
-        .await;
+        let env = next_envelope(&shard, peer).await;
         let Some(senders) = &shard.senders else {
             return;
         };
@@ -167,4 +150,43 @@ pub(super) async fn mesh_writer(shard: Rc<Shard>, peer: usize) {
             return;
         }
     }
+}
+
+/// The next envelope of this shard's queue for `peer`, consecutive batches coalesced up
+/// to `MESH_ENVELOPE_MESSAGES_MAX` messages (waits while the queue is empty). The
+/// writer's half that knows nothing of the channel: the data-plane simulation's shard
+/// mesh (`sim`) takes its envelopes here too.
+pub(super) async fn next_envelope(shard: &Shard, peer: usize) -> Envelope {
+    poll_fn(|cx| {
+        let mut out = shard.mesh_out.borrow_mut();
+        let Some(first) = out[peer].pop_front() else {
+            shard.mesh_wakers.borrow_mut()[peer] = Some(cx.waker().clone());
+            return Poll::Pending;
+        };
+        let Envelope::Batch(mut batch) = first else {
+            return Poll::Ready(first);
+        };
+        while batch.len() < MESH_ENVELOPE_MESSAGES_MAX
+            && let Some(Envelope::Batch(_)) = out[peer].front()
+        {
+            if let Some(Envelope::Batch(more)) = out[peer].pop_front() {
+                batch.extend(more);
+            }
+        }
+        Poll::Ready(Envelope::Batch(batch))
+    })
+    .await
+}
+
+/// What a shard does with each envelope its stream from `peer` brings, in order, before
+/// it takes the next one (the receive loop of `shard_main`; the simulation's too).
+pub(super) async fn received(shard: &Rc<Shard>, peer: usize, env: Envelope) {
+    on_envelope(shard, peer, env);
+    // A QoS 0 publication of this peer found a bridge behind: its stream waits
+    // (bounded), so its readers pause.
+    feed_pace(shard, peer).await;
+    // As in `conn::run`: a receive from a busy peer completes at once, and without
+    // yielding, the writers of the subscribers these batches feed would starve (and
+    // their queues overflow).
+    futures_lite::future::yield_now().await;
 }
