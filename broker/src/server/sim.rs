@@ -1,9 +1,14 @@
 //! Deterministic, seeded simulation of the data plane (issue 15), with the real code:
 //! per node, raft (`tessera_raft::ControlPlane`, heed storage in a temp dir) and the
-//! forwarder (`crate::forward`) over `MemNet`, and one shard started by
-//! [`super::start_shard`] with a real engine and the real cluster glue (`cluster`,
+//! forwarder (`crate::forward`) over `MemNet`, and one to three shards, each started
+//! by [`super::start_shard`] with a real engine and the real cluster glue (`cluster`,
 //! `claims`, `takeover`, `remote`), run through `rt` on one current-thread tokio
-//! runtime with a paused clock. Clients are simulated at the engine: CONNECTs are
+//! runtime with a paused clock. A node's shards are joined by a shard mesh of the
+//! simulation's: one ordered, bounded channel per ordered pair of shards (as glommio's
+//! channel mesh), written from the shard's queues by `mesh::next_envelope` (the
+//! production writer's half) and read by `mesh::received` (the production receive
+//! loop). Clients are simulated at the engine: a CONNECT goes to its ClientID's owner
+//! shard on the node (`shard_for`, as the broker hands a connection over) and is
 //! admitted by [`super::serve::admit`] (the claim, the takeover, then the engine), the
 //! client hands packets to `Engine::handle_packet` and decodes what the engine writes
 //! to its connection, as `conn` does with a socket.
@@ -38,8 +43,18 @@
 //! asserts delivery only to a subscriber session that lived to the end (a session that
 //! was lost shows as CONNACK session present = 0 at the client's next connect, which
 //! starts a new session in the checker). QoS 0 delivery is not asserted (it may be
-//! dropped under faults by design). One shard per node (the shard mesh is glommio's);
-//! no retained messages, shared subscriptions, wills or MQTT 5 clients.
+//! dropped under faults by design). No retained messages, shared subscriptions, wills,
+//! MQTT 5 clients or connection hand-offs between shards (a client connects to its
+//! owner shard directly).
+//!
+//! **Shards per node** (`SIM_SHARDS`): `1` (the default of
+//! `seeded_data_plane_simulation_keeps_sessions_routes_and_qos` and of the regression
+//! seeds: the configuration every seed had before, so a seed number keeps its run),
+//! `2` or `3` on every node, or `mix`: each node's count drawn from the seed (1 to 3,
+//! from a generator of its own, `seed ^ 0x54a2d5`, so the schedule's draws are the
+//! seed's as before). `seeded_data_plane_simulation_with_several_shards_per_node` runs
+//! the same seeds as `mix` always; a run prints its counts when one is above 1. A
+//! restarted node keeps its count.
 //!
 //! Deterministic: the schedule and every fault decision come from one seeded generator,
 //! timers from the paused clock, election timeouts from the seed. Not fully: tokio's
@@ -50,8 +65,9 @@
 //! that found it: with or without the publication bursts, which came later;
 //! `SIM_BURSTS=0` turns bursts off); `SIM_SEEDS=a..b` runs seeds `a` to `b`, and with
 //! `SIM_KEEP_GOING=1` every one of them and names all that failed (a sweep); `SIM_SEED=n`
-//! runs one, `SIM_TRACE=1` prints the schedule (connects, SUBACKs, publications with their
-//! event numbers), `SIM_LOG=...` sets a tracing filter. A failure names its seed.
+//! runs one, `SIM_TRACE=1` prints the schedule (connects, with the owner shard when a node
+//! has several, SUBACKs, publications with their event numbers), `SIM_LOG=...` sets a
+//! tracing filter. A failure names its seed (and the test, which says the shards).
 //!
 //! Found and fixed (see `REGRESSION_SEEDS` and `BURST_REGRESSION_SEEDS`): seed 2 (a CONNECT live on a claim older
 //! than one applied); seed 11 (a QoS 2 message delivered twice across a takeover: the
@@ -82,12 +98,14 @@ use tessera_raft::memnet::{Faults, MemNet, SimRng, run_seeds};
 use tessera_raft::{ControlPlane, NodeId, NodeInfo};
 use tessera_shard::authz::Admission;
 use tessera_shard::engine::SessionBudget;
+use tessera_shard::hash::shard_for;
+use tessera_shard::mesh::ShardId;
 use tessera_shard::session::ConnId;
 use tokio::task::LocalSet;
 
 use super::{
-    ReadBudget, Shard, ShardBoot, TICK, cluster, engine_limits, now_ms, park, remote, rt, serve,
-    start_shard, tick_engine,
+    MESH_CHANNEL_SLOTS, ReadBudget, Shard, ShardBoot, TICK, cluster, engine_limits, mesh, now_ms,
+    park, remote, rt, serve, start_shard, tick_engine,
 };
 use crate::admin::shard_call;
 use crate::auth::AuthHub;
@@ -108,6 +126,42 @@ const PUMP: Duration = Duration::from_millis(5);
 
 fn trace() -> bool {
     std::env::var("SIM_TRACE").is_ok()
+}
+
+/// How many shards each node runs (`SIM_SHARDS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shards {
+    /// This many on every node (`SIM_SHARDS=n`, 1 to 3; 1 when unset: the configuration
+    /// of every seed before several shards were simulated).
+    Each(usize),
+    /// Each node's count drawn from the seed, 1 to 3 (`SIM_SHARDS=mix`), on a stream of
+    /// its own, so the schedule's draws stay what they are for the seed.
+    FromSeed,
+}
+
+impl Shards {
+    /// `SIM_SHARDS`, or `default` when it is unset.
+    fn from_env(default: Shards) -> Shards {
+        match std::env::var("SIM_SHARDS") {
+            Err(_) => default,
+            Ok(v) if v == "mix" => Shards::FromSeed,
+            Ok(v) => match v.parse() {
+                Ok(n @ 1..=3) => Shards::Each(n),
+                _ => panic!("SIM_SHARDS is 1, 2, 3 or mix, not {v:?}"),
+            },
+        }
+    }
+
+    /// The shard count of nodes 1..=NODES (index 0 is node 1).
+    fn per_node(self, seed: u64) -> Vec<usize> {
+        match self {
+            Shards::Each(n) => vec![n; NODES as usize],
+            Shards::FromSeed => {
+                let mut r = SimRng::new(seed ^ 0x0054_a2d5);
+                (0..NODES).map(|_| 1 + r.below(3) as usize).collect()
+            }
+        }
+    }
 }
 
 /// A publication as its publisher saw it.
@@ -182,6 +236,8 @@ struct Out {
 #[derive(Debug, Clone, Copy)]
 struct Conn {
     node: NodeId,
+    /// The node's shard that owns the ClientID (`shard_for`, as the broker places it).
+    shard: usize,
     id: ConnId,
     generation: u64,
     /// CONNACK seen.
@@ -231,7 +287,8 @@ struct Node {
     local: Rc<LocalSet>,
     driver: tokio::task::JoinHandle<()>,
     cp: ControlPlane,
-    shard: Rc<RefCell<Option<Rc<Shard>>>>,
+    /// The node's shards, by id (empty until they started, and after a crash).
+    shards: Rc<RefCell<Vec<Rc<Shard>>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -240,6 +297,8 @@ struct World {
     root: tempfile::TempDir,
     rng: SimRng,
     nodes: BTreeMap<NodeId, Node>,
+    /// Shards per node (index 0 is node 1), fixed for the run: a restart keeps it.
+    shard_counts: Vec<usize>,
     clients: Vec<ClientRef>,
     chk: Chk,
 }
@@ -250,6 +309,14 @@ fn dir(root: &tempfile::TempDir, id: NodeId) -> PathBuf {
 
 fn addr(id: NodeId) -> String {
     format!("127.0.0.1:{}", 24000 + id)
+}
+
+/// A shard's main loop, as far as the data plane needs it (`shard_main`'s tick).
+async fn shard_loop(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        rt::sleep(TICK).await;
+        tick_engine(&shard).await;
+    }
 }
 
 impl World {
@@ -299,7 +366,8 @@ impl World {
         };
         self.net.register(id, service);
 
-        let (server_ends, ends) = cluster::ends(1, 1024);
+        let shard_count = self.shard_count(id);
+        let (server_ends, ends) = cluster::ends(shard_count, 1024);
         cp.serve_forward(Arc::new(ForwardService::new(server_ends.requests.clone())));
         let mut forwarder = server_ends
             .forwarder
@@ -308,7 +376,13 @@ impl World {
             .take()
             .expect("once");
         forwarder.set_unanswered_wait(SESSION_LEASE);
-        crate::forward::start(forwarder, cp.handle(), transport.clone(), 1, remote::CLOCKS);
+        crate::forward::start(
+            forwarder,
+            cp.handle(),
+            transport.clone(),
+            shard_count as ShardId,
+            remote::CLOCKS,
+        );
         let (peers, calls) = PeerCalls::new(crate::cluster::peer::PEER_CALLS_QUEUED_MAX);
         let port = ClusterPort {
             node_id: id,
@@ -318,17 +392,20 @@ impl World {
             redirect_to_owner: false,
             session_lease: SESSION_LEASE,
         };
-        let _ = server_ends.attach[0].try_send(port);
+        for attach in &server_ends.attach {
+            let _ = attach.try_send(port.clone());
+        }
 
         let stop = Arc::new(AtomicBool::new(false));
         let config = Config::default();
         let (ready, _) = std::sync::mpsc::channel();
         let boot = ShardBoot {
-            shard_count: 1,
-            mesh: MeshBuilder::full(1, 1),
+            shard_count,
+            // Not joined: the simulation carries the envelopes itself (below).
+            mesh: MeshBuilder::full(shard_count, 1),
             listeners: Vec::new(),
             tls: Arc::new(TlsStore::load(&[]).expect("no TLS")),
-            limits: engine_limits(&config, 1),
+            limits: engine_limits(&config, shard_count),
             connections_max: 1 << 20,
             connect_rate_per_s: 0.0,
             connect_timeout: Duration::from_secs(10),
@@ -337,7 +414,7 @@ impl World {
             stop: stop.clone(),
             ready,
             stores: Arc::new(Mutex::new(Vec::new())),
-            admin: shard_call::links(1).1,
+            admin: shard_call::links(shard_count).1,
             sessions: Arc::new(SessionBudget::new(usize::MAX)),
             read_budget: ReadBudget::new(u64::MAX),
             cluster: Some(ends),
@@ -347,19 +424,48 @@ impl World {
             quic: Vec::new(),
         };
         let local = Rc::new(LocalSet::new());
-        let slot: Rc<RefCell<Option<Rc<Shard>>>> = Rc::default();
+        let slot: Rc<RefCell<Vec<Rc<Shard>>>> = Rc::default();
         let s = slot.clone();
         let stop2 = stop.clone();
         local.spawn_local(async move {
             tokio::task::spawn_local(crate::cluster::serve_calls(transport, calls));
-            let (parking, _doorbell) = park::Parking::new(0, stop2.clone()).expect("parking");
-            let shard = start_shard(&boot, 0, None, parking).expect("shard starts");
-            *s.borrow_mut() = Some(shard.clone());
-            // The shard's main loop, as far as the data plane needs it.
-            while !stop2.load(Ordering::Relaxed) {
-                rt::sleep(TICK).await;
-                tick_engine(&shard).await;
+            let mut shards = Vec::with_capacity(shard_count);
+            for k in 0..shard_count {
+                let (parking, _doorbell) = park::Parking::new(k, stop2.clone()).expect("parking");
+                shards.push(start_shard(&boot, k, None, parking).expect("shard starts"));
             }
+            s.borrow_mut().clone_from(&shards);
+            // The shard mesh: one ordered, bounded channel per ordered pair of shards, as
+            // glommio's channel mesh is, fed by the writer's half of `mesh_writer` and
+            // read by the receive loop of `shard_main`.
+            for from in &shards {
+                for to in shards.iter().filter(|t| t.id != from.id) {
+                    let (tx, rx) = flume::bounded(MESH_CHANNEL_SLOTS);
+                    let (f, peer) = (from.clone(), to.id);
+                    tokio::task::spawn_local(async move {
+                        loop {
+                            let env = mesh::next_envelope(&f, peer).await;
+                            if tx.send_async(env).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let (t, sender) = (to.clone(), from.id);
+                    tokio::task::spawn_local(async move {
+                        while let Ok(env) = rx.recv_async().await {
+                            mesh::received(&t, sender, env).await;
+                        }
+                    });
+                }
+            }
+            // Each shard's main loop, as far as the data plane needs it: shard 0's in
+            // this task (as with one shard before: the same schedule for the same seed).
+            let mut shards = shards.into_iter();
+            let first = shards.next().expect("a node runs a shard");
+            for shard in shards {
+                tokio::task::spawn_local(shard_loop(shard, stop2.clone()));
+            }
+            shard_loop(first, stop2).await;
             drop(boot);
         });
         let l = local.clone();
@@ -372,7 +478,7 @@ impl World {
                 local,
                 driver,
                 cp,
-                shard: slot,
+                shards: slot,
                 stop,
             },
         );
@@ -386,7 +492,7 @@ impl World {
         node.stop.store(true, Ordering::Relaxed);
         node.driver.abort();
         drop(node.local);
-        *node.shard.borrow_mut() = None;
+        node.shards.borrow_mut().clear();
         self.net.unregister(id);
         node.cp.shutdown().await;
         // Let the aborted tasks go (and the forwarder see its channels closed).
@@ -400,8 +506,12 @@ impl World {
         }
     }
 
-    fn shard(&self, id: NodeId) -> Option<Rc<Shard>> {
-        self.nodes.get(&id)?.shard.borrow().clone()
+    fn shard(&self, id: NodeId, shard: usize) -> Option<Rc<Shard>> {
+        self.nodes.get(&id)?.shards.borrow().get(shard).cloned()
+    }
+
+    fn shard_count(&self, id: NodeId) -> usize {
+        self.shard_counts[id as usize - 1]
     }
 
     fn up(&self) -> Vec<NodeId> {
@@ -409,10 +519,12 @@ impl World {
     }
 
     fn connect(&mut self, client: usize, node: NodeId, clean_start: bool) {
-        let Some(shard) = self.shard(node) else {
+        let c = self.clients[client].clone();
+        // The ClientID's owner shard on that node, where the broker hands its connection.
+        let on_shard = shard_for(c.borrow().cid.as_bytes(), self.shard_count(node));
+        let Some(shard) = self.shard(node, on_shard) else {
             return;
         };
-        let c = self.clients[client].clone();
         let cid = {
             let mut cl = c.borrow_mut();
             if cl.connecting.is_some() {
@@ -433,7 +545,11 @@ impl World {
             properties: Default::default(),
         };
         if trace() {
-            eprintln!("  connect {cid} to node {node} clean={clean_start}");
+            if self.shard_count(node) > 1 {
+                eprintln!("  connect {cid} to node {node} (shard {on_shard}) clean={clean_start}");
+            } else {
+                eprintln!("  connect {cid} to node {node} clean={clean_start}");
+            }
         }
         self.nodes[&node].local.spawn_local(async move {
             let admitted = serve::admit(&shard, connect, false, 0, Admission::default(), 0).await;
@@ -473,6 +589,7 @@ impl World {
             let generation = cl.generation;
             cl.conns.push(Conn {
                 node,
+                shard: on_shard,
                 id,
                 generation,
                 up: false,
@@ -484,7 +601,7 @@ impl World {
     fn drop_conns(&mut self, client: usize) {
         let conns = std::mem::take(&mut self.clients[client].borrow_mut().conns);
         for k in conns {
-            if let Some(shard) = self.shard(k.node) {
+            if let Some(shard) = self.shard(k.node, k.shard) {
                 let now = now_ms();
                 let mut e = shard.engine.borrow_mut();
                 e.connection_lost(now, k.id);
@@ -499,7 +616,7 @@ impl World {
         let Some(k) = client.current() else {
             return false;
         };
-        let Some(shard) = self.shard(k.node) else {
+        let Some(shard) = self.shard(k.node, k.shard) else {
             return false;
         };
         let mut e = shard.engine.borrow_mut();
@@ -602,7 +719,7 @@ impl World {
     }
 
     fn pump_conn(&self, c: &ClientRef, k: Conn) {
-        let Some(shard) = self.shard(k.node) else {
+        let Some(shard) = self.shard(k.node, k.shard) else {
             c.borrow_mut()
                 .conns
                 .retain(|x| x.id != k.id || x.node != k.node);
@@ -855,13 +972,17 @@ fn qos(n: u64) -> QoS {
     }
 }
 
-async fn run(seed: u64, with_bursts: bool) {
+async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>) {
     let _sim = rt::enter_sim();
+    if shard_counts.iter().any(|n| *n > 1) {
+        eprintln!("  shards per node (nodes 1-{NODES}): {shard_counts:?}");
+    }
     let mut w = World {
         net: MemNet::new(seed),
         root: tempfile::tempdir().expect("tempdir"),
         rng: SimRng::new(seed),
         nodes: BTreeMap::new(),
+        shard_counts,
         clients: (0..CLIENTS)
             .map(|i| {
                 Rc::new(RefCell::new(Client {
@@ -1126,14 +1247,14 @@ fn check(w: &World, errors: &mut Vec<String>) {
     }
 }
 
-fn run_seed(seed: u64, with_bursts: bool) {
+fn run_seed(seed: u64, with_bursts: bool, shards: Shards) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
         .build()
         .expect("runtime");
     let local = LocalSet::new();
-    local.block_on(&runtime, run(seed, with_bursts));
+    local.block_on(&runtime, run(seed, with_bursts, shards.per_node(seed)));
 }
 
 /// Seeds that found a bug, run without bursts (the schedule that found them). 2: a CONNECT went live
@@ -1200,9 +1321,30 @@ fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
             .try_init();
     }
     let with_bursts = std::env::var("SIM_BURSTS").map_or(true, |v| v != "0");
+    let shards = Shards::from_env(Shards::Each(1));
     run_seeds("data-plane simulation", 4, &[], |seed| {
-        run_seed(seed, with_bursts)
+        run_seed(seed, with_bursts, shards)
     });
+}
+
+/// The same seeds with several shards per node: each node's count drawn from the seed
+/// (`SIM_SHARDS=mix` in the test above), so copies also travel the shard mesh, a
+/// ClientID lives on its owner shard, and peer requests reach the shard that serves them.
+#[test]
+fn seeded_data_plane_simulation_with_several_shards_per_node() {
+    if let Ok(filter) = std::env::var("SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+    let with_bursts = std::env::var("SIM_BURSTS").map_or(true, |v| v != "0");
+    run_seeds(
+        "data-plane simulation with shards per node from the seed (SIM_SHARDS=mix)",
+        4,
+        &[],
+        |seed| run_seed(seed, with_bursts, Shards::FromSeed),
+    );
 }
 
 /// The regression seeds, each on the schedule that found it: without bursts (they came
@@ -1211,11 +1353,11 @@ fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
 fn the_data_plane_simulation_regression_seeds() {
     for &seed in REGRESSION_SEEDS {
         eprintln!("regression seed {seed} (replay: SIM_BURSTS=0 SIM_SEED={seed})");
-        run_seed(seed, false);
+        run_seed(seed, false, Shards::Each(1));
     }
     for &seed in BURST_REGRESSION_SEEDS {
         eprintln!("regression seed {seed} (replay: SIM_SEED={seed})");
-        run_seed(seed, true);
+        run_seed(seed, true, Shards::Each(1));
     }
 }
 
