@@ -11,9 +11,11 @@
 //!   4 done    : incarnation u64 | seq u64
 //! record   = flags u8 (bit 0: expiry follows, bit 1: share follows, bit 2: handed
 //!            back, only with bit 1, bit 3: id follows, bit 4: session follows, not
-//!            with bit 1) | publisher u64
+//!            with bit 1, bit 5: routes index follows, not with bit 1 or 4)
+//!            | publisher u64
 //!            | [expiry_ms u64] | [group str | filter str]
 //!            | [origin u64 | shard u16 | seq u64] | [epoch u64 | client_id str]
+//!            | [routes u64]
 //!            | len u32 | an MQTT 5 PUBLISH frame of len bytes
 //! str      = len u16 | UTF-8 bytes
 //! answer   = tag u8, then
@@ -36,6 +38,16 @@
 //! (`tessera_shard::mesh::PubId`); a record for one session (bit 4) is a publication
 //! its old node sends on to the node the session moved to (`tessera_shard::engine`
 //! module `moved`). Both came with cluster protocol version 3.
+//!
+//! The routes index (bit 5, cluster protocol version 6) is the raft log index up to
+//! which the sender had applied the route table when it matched the publication
+//! against the receiver's routes: a plain record always carries it. The receiver
+//! gives a publication matched before the sender had applied any route add of the
+//! receiver's present life only to subscriptions older than that life (restored from
+//! its store, or brought along by a session that moved in), never to one a SUBSCRIBE
+//! made since: that publication was matched against routes of sessions the receiver
+//! had before it restarted (docs/ARCHITECTURE.md, "Cluster data plane", *copies
+//! matched for an earlier life*; seed 632).
 //!
 //! A shared record (bit 1) is for one member of `$share/{group}/{filter}`; bit 2 says
 //! that the sending node got it from another node and had no member left to take it,
@@ -96,6 +108,7 @@ const FLAG_SHARE: u8 = 2;
 const FLAG_HANDED_BACK: u8 = 4;
 const FLAG_ID: u8 = 8;
 const FLAG_SESSION: u8 = 16;
+const FLAG_ROUTES: u8 = 32;
 
 /// The shared subscription a record is for: one member of `$share/{group}/{filter}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +135,9 @@ pub struct Record {
     pub id: Option<PubId>,
     /// For one session that moved to the receiver: (ClientID, its claim epoch).
     pub session: Option<(Str, u64)>,
+    /// The sender's applied raft log index when it matched the publication against
+    /// the receiver's routes (a plain record; see the module).
+    pub routes: Option<u64>,
     /// The message (origin and `received_us` unset: the receiver sets them).
     pub message: Message,
 }
@@ -200,6 +216,22 @@ fn err(what: &'static str, reason: impl Into<String>) -> WireError {
         what,
         reason: reason.into(),
     }
+}
+
+/// What a record carries beside its publication (see the module); the default is a
+/// plain record with none of it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tags<'a> {
+    /// For one member of this shared subscription.
+    pub share: Option<&'a ShareFor>,
+    /// The publication's cluster-wide id.
+    pub id: Option<PubId>,
+    /// For one session that moved to the receiver: (ClientID, claim epoch). Left out
+    /// of a shared record.
+    pub session: Option<(&'a Str, u64)>,
+    /// The sender's applied log index when it matched the publication against the
+    /// receiver's routes. Written for a plain record only.
+    pub routes: Option<u64>,
 }
 
 /// Builds one batch request, record by record, into one buffer.
@@ -287,6 +319,31 @@ impl BatchWriter {
         id: Option<PubId>,
         session: Option<(&Str, u64)>,
     ) -> bool {
+        let tags = Tags {
+            share,
+            id,
+            session,
+            routes: None,
+        };
+        self.push_tagged(now_ms, publisher, message, tags)
+    }
+
+    /// [`BatchWriter::push`] with everything a record may carry ([`Tags`]).
+    pub fn push_tagged(
+        &mut self,
+        now_ms: u64,
+        publisher: u64,
+        message: &Message,
+        tags: Tags<'_>,
+    ) -> bool {
+        let Tags {
+            share,
+            id,
+            session,
+            routes,
+        } = tags;
+        // Only a plain record is matched against the receiver's routes.
+        let routes = routes.filter(|_| share.is_none() && session.is_none());
         if self.len() >= BATCH_MESSAGES_MAX {
             return false;
         }
@@ -312,7 +369,8 @@ impl BatchWriter {
                 FLAG_SESSION
             } else {
                 0
-            };
+            }
+            | if routes.is_some() { FLAG_ROUTES } else { 0 };
         self.buf.put_u8(flags);
         self.buf.put_u64(publisher);
         if let Some(e) = expiry {
@@ -334,6 +392,9 @@ impl BatchWriter {
             self.buf.put_u64(epoch);
             self.buf.put_u16(client_id.len() as u16);
             self.buf.put_slice(client_id.as_bytes());
+        }
+        if let Some(index) = routes {
+            self.buf.put_u64(index);
         }
         let len = p.encoded_len(ProtocolVersion::V5);
         let ok = u32::try_from(len).is_ok_and(|len| {
@@ -505,9 +566,11 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
         return Err(err("record", "truncated"));
     }
     let flags = b.get_u8();
-    if flags & !(FLAG_EXPIRY | FLAG_SHARE | FLAG_HANDED_BACK | FLAG_ID | FLAG_SESSION) != 0
+    if flags & !(FLAG_EXPIRY | FLAG_SHARE | FLAG_HANDED_BACK | FLAG_ID | FLAG_SESSION | FLAG_ROUTES)
+        != 0
         || flags & (FLAG_SHARE | FLAG_HANDED_BACK) == FLAG_HANDED_BACK
         || flags & (FLAG_SHARE | FLAG_SESSION) == FLAG_SHARE | FLAG_SESSION
+        || flags & FLAG_ROUTES != 0 && flags & (FLAG_SHARE | FLAG_SESSION) != 0
     {
         return Err(err("record", format!("unknown flags {flags:#04x}")));
     }
@@ -554,6 +617,11 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
     } else {
         None
     };
+    let routes = if flags & FLAG_ROUTES != 0 {
+        Some(take_u64(b, "record")?)
+    } else {
+        None
+    };
     let len = take_u32(b, "record")? as usize;
     if len > b.remaining() {
         return Err(err("record", "PUBLISH longer than the batch"));
@@ -588,6 +656,7 @@ fn decode_record(b: &mut Bytes, topic_levels_max: usize) -> Result<Record, WireE
         share,
         id,
         session,
+        routes,
         message: Message {
             topic: p.topic,
             payload: p.payload,
@@ -820,6 +889,86 @@ mod tests {
         let mut w = BatchWriter::new(&[], 1, 1);
         assert!(w.push_for(0, 1, &m, None, None, Some((&empty, 1))));
         assert!(decode_request(w.finish(), 16).is_err());
+    }
+
+    #[test]
+    fn a_plain_record_carries_its_routes_index_and_lies_are_refused() {
+        let m = message("t/1", b"p", 2, false, false);
+        let share = ShareFor {
+            group: Str::from_static("g"),
+            filter: Str::from_static("t/+"),
+            handed_back: false,
+        };
+        let c = Str::from_static("c3");
+        let plain = |routes| Tags {
+            routes,
+            ..Tags::default()
+        };
+        let mut w = BatchWriter::new(&[], 1, 1);
+        assert!(w.push_tagged(0, 1, &m, plain(Some(77))));
+        assert!(w.push_tagged(0, 1, &m, plain(Some(u64::MAX))));
+        assert!(w.push_tagged(0, 1, &m, plain(None)));
+        // Only a plain record is matched against the receiver's routes: a shared or a
+        // moved session's record leaves the index out.
+        let shared = Tags {
+            share: Some(&share),
+            routes: Some(5),
+            ..Tags::default()
+        };
+        assert!(w.push_tagged(0, 1, &m, shared));
+        let moved = Tags {
+            session: Some((&c, 4)),
+            routes: Some(5),
+            ..Tags::default()
+        };
+        assert!(w.push_tagged(0, 1, &m, moved));
+        let bytes = w.finish();
+        let Ok(Request::Batch { records, .. }) = decode_request(bytes.clone(), 16) else {
+            panic!("not a batch")
+        };
+        let got: Vec<_> = records.iter().map(|r| r.routes).collect();
+        assert_eq!(got, vec![Some(77), Some(u64::MAX), None, None, None]);
+        assert!(records[3].share.is_some() && records[4].session.is_some());
+        for n in 0..bytes.len() {
+            assert!(decode_request(bytes.slice(..n), 16).is_err(), "cut {n}");
+        }
+        // The index beside a share or a session is malformed (eight bytes follow
+        // where the sender put them, so only the flags lie).
+        let flags_at = 1 + 8 + 8 + 4;
+        for tags in [
+            Tags {
+                share: Some(&share),
+                ..Tags::default()
+            },
+            Tags {
+                session: Some((&c, 4)),
+                ..Tags::default()
+            },
+        ] {
+            let mut w = BatchWriter::new(&[], 1, 1);
+            assert!(w.push_tagged(0, 1, &m, tags));
+            let mut v = w.finish().to_vec();
+            assert!(decode_request(Bytes::from(v.clone()), 16).is_ok());
+            v[flags_at] |= FLAG_ROUTES;
+            let at = v.len() - m_len(&m);
+            v.splice(at - 4..at - 4, 9u64.to_be_bytes());
+            assert!(decode_request(Bytes::from(v), 16).is_err());
+        }
+        // A plain record whose flags hide its index does not decode either.
+        let mut w = BatchWriter::new(&[], 1, 1);
+        assert!(w.push_tagged(0, 1, &m, plain(Some(3))));
+        let mut v = w.finish().to_vec();
+        assert_eq!(v[flags_at], FLAG_ROUTES);
+        v[flags_at] = 0;
+        assert!(decode_request(Bytes::from(v), 16).is_err());
+    }
+
+    /// Bytes of `m`'s PUBLISH frame in a record.
+    fn m_len(m: &Message) -> usize {
+        let mut p = Publish::new(m.topic.clone(), m.payload.clone());
+        p.qos = m.qos;
+        p.packet_id = u16::from(m.qos != QoS::AtMostOnce);
+        p.encoded_len(ProtocolVersion::V5)
     }
 
     #[test]

@@ -40,11 +40,14 @@ use crate::transport::NodeId;
 /// - 5: session transfers that say which inbound QoS 2 ids still wait for their
 ///   original's forward (`FETCH` answer 3) and the `INBOUND` session request (the new
 ///   owner holds a re-sent PUBLISH's PUBREC until the old owner's word).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// - 6: plain forward records carry the sender's applied log index when it matched
+///   them (flag bit 5), so a restarted node gives a copy matched for its earlier life
+///   only to the subscriptions it kept from it (seed 632).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// ALPN protocol of the link: `tessera-cluster/` and [`PROTOCOL_VERSION`]. It also keeps
 /// a link endpoint from being mistaken for MQTT over QUIC.
-pub const ALPN: &[u8] = b"tessera-cluster/5";
+pub const ALPN: &[u8] = b"tessera-cluster/6";
 
 /// A node's TLS material: the CA that signs every node, this node's chain and key.
 #[derive(Debug)]
