@@ -512,6 +512,10 @@ pub struct Engine {
     next_token: u64,
     outbox: Vec<Vec<MeshMsg>>,
     matches: Vec<(SessionIdx, SubscriptionEntry)>,
+    /// The publication being delivered came from another node, which matched it
+    /// against routes of this node's earlier life (`MeshMsg::Forwarded`): fresh
+    /// subscriptions do not get it. Set around the delivery, like `moved.current`.
+    earlier_life: bool,
     shard_set: ShardSet,
     stats: Stats,
     /// Metrics beyond `stats`: packets by type, CONNECT results, histograms.
@@ -613,6 +617,7 @@ impl Engine {
             next_token: 1,
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             matches: Vec::new(),
+            earlier_life: false,
             shard_set: ShardSet::default(),
             stats: Stats::default(),
             probe: Probe::default(),
@@ -1426,9 +1431,17 @@ impl Engine {
                 reason_codes.push(rc);
                 continue;
             }
+            // Fresh (in a cluster) unless a subscription to the filter on this
+            // shard is not: then the filter's route may be one of the node's
+            // earlier life (it stays in the raft log), which this SUBSCRIBE does
+            // not wait for, so it must get what other nodes match against it.
+            let fresh = self.remote.is_some()
+                && !shared
+                && self.subscriptions.first(filter).is_none_or(|e| e.fresh);
             let entry = SubscriptionEntry {
                 options: s.options,
                 subscription_id: sub_id,
+                fresh,
             };
             let existed = self
                 .session_mut(idx)
@@ -1720,14 +1733,27 @@ impl Engine {
                 self.moved.current = None;
             }
             MeshMsg::Forwarded {
-                message, mark, id, ..
-            } if self.is_remote(from) => self.publish_forwarded(now_ms, message, mark, id),
+                message,
+                mark,
+                id,
+                earlier_life,
+                ..
+            } if self.is_remote(from) => {
+                self.earlier_life = earlier_life;
+                self.publish_forwarded(now_ms, message, mark, id);
+                self.earlier_life = false;
+            }
             MeshMsg::Forwarded {
                 message,
                 mark,
                 ack,
                 id,
-            } => self.forwarded_copy(now_ms, from, message, mark, ack, id),
+                earlier_life,
+            } => {
+                self.earlier_life = earlier_life;
+                self.forwarded_copy(now_ms, from, message, mark, ack, id);
+                self.earlier_life = false;
+            }
             MeshMsg::Redirect {
                 client_id,
                 message,
@@ -2119,8 +2145,10 @@ impl Engine {
             let mut retain_as_published = false;
             let mut no_local = false;
             let mut subscription_ids = Vec::new();
+            let mut fresh = true;
             while i < matches.len() && matches[i].0 == idx {
                 let e = matches[i].1;
+                fresh &= e.fresh;
                 qos = qos.max(e.options.qos);
                 retain_as_published |= e.options.retain_as_published;
                 no_local |= e.options.no_local;
@@ -2128,6 +2156,12 @@ impl Engine {
                     subscription_ids.push(id);
                 }
                 i += 1;
+            }
+            if self.earlier_life && fresh {
+                // Another node matched it against routes of this node's earlier life
+                // (before its first route add of this life was applied there): meant
+                // for sessions of that life, not for one subscribed since (seed 632).
+                continue;
             }
             if idx >= moved::GHOST_BASE {
                 // A session that moved to another node: the copy follows it.

@@ -83,6 +83,12 @@ pub enum MeshMsg {
         ack: Option<u64>,
         /// The publication's identity, when it has one.
         id: Option<PubId>,
+        /// The sending node matched it before it had applied any route add of
+        /// this node's present life: against routes of sessions this node had
+        /// before it restarted. Delivered only to subscriptions older than this
+        /// life (restored, or brought along by a session that moved in), never
+        /// to one a SUBSCRIBE made since (`SubscriptionEntry::fresh`; seed 632).
+        earlier_life: bool,
     },
     /// A publication for other nodes (to the remote id only): as
     /// `PublishDurable`, with its identity (`None` outside a cluster), and `ack`

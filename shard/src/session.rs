@@ -55,6 +55,13 @@ pub struct SubscriptionEntry {
     pub options: SubscriptionOptions,
     /// v5 subscription identifier.
     pub subscription_id: Option<u32>,
+    /// Made by a SUBSCRIBE in this life of the node, in a cluster, under a route
+    /// this life added (not restored from the store, not brought along by a
+    /// session that moved in, not beside such a subscription to the filter on
+    /// this shard): it never gets a publication another node matched against
+    /// routes of this node's earlier life (`MeshMsg::Forwarded::earlier_life`).
+    /// Not stored: what is restored or moved in is not fresh.
+    pub fresh: bool,
 }
 
 /// A shared subscription `$share/{group}/{filter}` (MQTT 5.0 section 4.8.2),

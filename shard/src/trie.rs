@@ -217,6 +217,13 @@ impl<K: Copy + Eq, V> Trie<K, V> {
             .map(|(_, v)| v)
     }
 
+    /// The value of some entry under exactly `filter` (the oldest one unless entries
+    /// were removed since), if it has any.
+    pub fn first(&self, filter: &str) -> Option<&V> {
+        let node = self.find(filter)?;
+        self.nodes[node as usize].entries.first().map(|(_, v)| v)
+    }
+
     /// The number of entries under exactly `filter`. The shard core compares it before and
     /// after an insert or remove to detect the 0 -> 1 and 1 -> 0 transitions that add or
     /// remove this shard's route for the filter.

@@ -103,6 +103,7 @@ fn write_fixture(dir: &Dir, shards: usize) {
                 SubscriptionEntry {
                     options: SubscriptionOptions::qos(QoS::ExactlyOnce),
                     subscription_id: Some(7),
+                    fresh: false,
                 },
             )],
             will: None,

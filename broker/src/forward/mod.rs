@@ -162,6 +162,10 @@ pub struct ShardEnd {
     pub metrics: Arc<ForwardMetrics>,
     /// This process's origin tag for publication ids (`Engine::set_origin`).
     pub origin: u64,
+    /// The lowest log index of a route add of this node's present life (`u64::MAX`
+    /// until one was applied): a forwarded record whose routes index is below it was
+    /// matched for the node's earlier life ([`serve_request`]).
+    pub own_routes_from: Arc<AtomicU64>,
 }
 
 /// The forwarder's ends (taken by the control thread).
@@ -175,6 +179,8 @@ pub struct ForwarderEnds {
     metrics: Arc<ForwardMetrics>,
     /// How long a barrier waits for a member that does not answer.
     unanswered_wait: Duration,
+    /// See [`ShardEnd::own_routes_from`].
+    own_routes_from: Arc<AtomicU64>,
 }
 
 /// How long a barrier waits for a member that does not answer, unless set: the
@@ -207,6 +213,7 @@ pub fn channels(
         .map(|_| flume::bounded(TO_SHARD_BATCHES_MAX))
         .unzip();
     let origin = origin_tag();
+    let own_routes_from = Arc::new(AtomicU64::new(u64::MAX));
     let shard_ends = shard_rx
         .into_iter()
         .map(|rx| ShardEnd {
@@ -215,6 +222,7 @@ pub fn channels(
             barriers: barrier_tx.clone(),
             metrics: metrics.clone(),
             origin,
+            own_routes_from: own_routes_from.clone(),
         })
         .collect();
     (
@@ -225,6 +233,7 @@ pub fn channels(
             barriers: barrier_rx,
             metrics,
             unanswered_wait: UNANSWERED_WAIT_DEFAULT,
+            own_routes_from,
         },
         shard_ends,
     )
@@ -345,6 +354,7 @@ pub fn start(
             wait: ends.unanswered_wait,
             since: Arc::default(),
         },
+        own_routes_from: ends.own_routes_from,
     };
     tokio::spawn(fwd.run(ends.from_shards, ends.barriers, events_rx));
 }
@@ -409,6 +419,9 @@ struct Item {
     id: Option<PubId>,
     /// For one session that moved to the peer: (ClientID, claim epoch).
     session: Option<(Str, u64)>,
+    /// This node's applied log index when it matched the publication against the
+    /// peer's routes (`wire`: the routes index).
+    routes: Option<u64>,
 }
 
 /// The publications queued for one peer, drained by its sender task.
@@ -476,6 +489,8 @@ struct Forwarder {
     route_proposals: usize,
     /// Members that do not answer barriers ([`barrier`]).
     reach: Reach,
+    /// See [`ShardEnd::own_routes_from`].
+    own_routes_from: Arc<AtomicU64>,
 }
 
 impl Forwarder {
@@ -1067,6 +1082,7 @@ impl Forwarder {
             share: None,
             id,
             session: Some(session),
+            routes: None,
         };
         self.queue_for(node, item);
     }
@@ -1087,6 +1103,10 @@ impl Forwarder {
         let mut nodes = std::mem::take(&mut self.match_buf);
         self.routes.match_nodes(&message.topic, &mut nodes);
         let publisher = self.publisher_of(&message);
+        // The table it was matched in: the receiver gives a copy matched before this
+        // node applied any route add of the receiver's present life only to the
+        // subscriptions the receiver kept from its earlier one (`wire`).
+        let routes = Some(self.routes.applied());
         let token = token.map(|t| (shard, t));
         if let Some(t) = token {
             if nodes.is_empty() {
@@ -1129,6 +1149,7 @@ impl Forwarder {
                 share: None,
                 id,
                 session: None,
+                routes,
             });
             let first = items.len() == 1;
             drop(items);
@@ -1194,6 +1215,7 @@ impl Forwarder {
             share: Some(share),
             id: None,
             session: None,
+            routes: None,
         };
         self.queue_for(node, item);
     }
@@ -1400,6 +1422,10 @@ impl Forwarder {
                     }
                 }
                 if let (Ok(index), false) = (result, barrier.is_empty()) {
+                    // Before any SUBACK that waits for this add: from here a copy
+                    // another node matched below `index` is one for this node's
+                    // earlier life ([`serve_request`]).
+                    self.own_routes_from.fetch_min(index, Ordering::SeqCst);
                     self.run_barrier(index, barrier);
                 }
             }
@@ -1748,14 +1774,13 @@ fn take_batch(
         && w.bytes() < BATCH_BYTES_TARGET
         && let Some(item) = items.pop_front()
     {
-        w.push_for(
-            now_ms,
-            item.publisher,
-            &item.message,
-            item.share.as_ref(),
-            item.id,
-            item.session.as_ref().map(|(c, e)| (c, *e)),
-        );
+        let tags = wire::Tags {
+            share: item.share.as_ref(),
+            id: item.id,
+            session: item.session.as_ref().map(|(c, e)| (c, *e)),
+            routes: item.routes,
+        };
+        w.push_tagged(now_ms, item.publisher, &item.message, tags);
         if let Some(t) = item.token {
             tokens.push(t);
         }
@@ -2223,6 +2248,10 @@ pub struct Accepted {
 }
 
 /// Decodes a `Publish` request from node `from` (untrusted) and says what to do with it.
+/// `own_routes_from`: [`ShardEnd::own_routes_from`] now; a plain record matched on
+/// `from` below it is marked `earlier_life` (the engine gives it only to subscriptions
+/// older than this node's present life).
+#[allow(clippy::too_many_arguments)]
 pub fn serve_request(
     accepted: &mut Accepted,
     remote: ShardId,
@@ -2231,6 +2260,7 @@ pub fn serve_request(
     topic_levels_max: usize,
     clocks: Clocks,
     metrics: &ForwardMetrics,
+    own_routes_from: u64,
 ) -> Result<Incoming, WireError> {
     match wire::decode_request(body, topic_levels_max)? {
         Request::Barrier { index } => Ok(Incoming::Barrier {
@@ -2311,6 +2341,7 @@ pub fn serve_request(
                             }),
                             ack: None,
                             id: r.id,
+                            earlier_life: r.routes.is_some_and(|i| i < own_routes_from),
                         },
                         (Some(share), _) => {
                             let mut tried = ShardSet::new();
@@ -2396,7 +2427,7 @@ mod tests {
     /// "known" or "unknown" (a done request), or "refused".
     fn serve(accepted: &mut Accepted, body: Bytes) -> &'static str {
         let metrics = ForwardMetrics::default();
-        match serve_request(accepted, 2, 5, body, 16, clocks(), &metrics) {
+        match serve_request(accepted, 2, 5, body, 16, clocks(), &metrics, u64::MAX) {
             Ok(Incoming::Deliver { .. }) => "deliver",
             Ok(Incoming::Duplicate { .. }) => "duplicate",
             Ok(Incoming::Barrier { .. }) => "barrier",
@@ -2404,6 +2435,75 @@ mod tests {
             Ok(Incoming::Done { known: false, .. }) => "unknown",
             Err(_) => "refused",
         }
+    }
+
+    /// Seed 632: a node matched publications against a restarted node's routes of
+    /// its earlier life (still in the log) and queued them while it was down; the
+    /// restarted node must not hand them to a session subscribed since.
+    #[test]
+    fn a_copy_matched_before_the_receivers_first_route_add_is_for_its_earlier_life() {
+        let m = Message {
+            topic: Str::from_static("t/1"),
+            payload: Bytes::from_static(b"x"),
+            qos: tessera_proto::QoS::ExactlyOnce,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            origin: None,
+            received_us: 0,
+        };
+        let share = wire::ShareFor {
+            group: Str::from_static("g"),
+            filter: Str::from_static("t/+"),
+            handed_back: false,
+        };
+        let c = Str::from_static("c");
+        let mut w = BatchWriter::new(&[], 1, 1);
+        let plain = |routes| wire::Tags {
+            routes,
+            ..wire::Tags::default()
+        };
+        for tags in [
+            plain(Some(9)),
+            plain(Some(10)),
+            plain(Some(11)),
+            plain(None),
+            wire::Tags {
+                share: Some(&share),
+                routes: Some(1),
+                ..wire::Tags::default()
+            },
+            wire::Tags {
+                session: Some((&c, 3)),
+                routes: Some(1),
+                ..wire::Tags::default()
+            },
+        ] {
+            assert!(w.push_tagged(0, 1, &m, tags));
+        }
+        let body = w.finish();
+        // What each record becomes when this node's first route add of its life was
+        // applied at `from` (u64::MAX: none yet).
+        let served = |from| {
+            let metrics = ForwardMetrics::default();
+            let mut a = Accepted::default();
+            let Ok(Incoming::Deliver { messages, .. }) =
+                serve_request(&mut a, 2, 5, body.clone(), 16, clocks(), &metrics, from)
+            else {
+                panic!("not delivered")
+            };
+            messages
+                .iter()
+                .map(|m| match m {
+                    MeshMsg::Forwarded { earlier_life, .. } => Some(*earlier_life),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let (t, f) = (Some(true), Some(false));
+        assert_eq!(served(10), vec![t, f, f, f, None, None]);
+        assert_eq!(served(u64::MAX), vec![t, t, t, f, None, None]);
+        assert_eq!(served(0), vec![f, f, f, f, None, None]);
     }
 
     #[test]

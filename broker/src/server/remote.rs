@@ -154,6 +154,10 @@ pub(super) async fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
         levels,
         CLOCKS,
         &remote.end.metrics,
+        remote
+            .end
+            .own_routes_from
+            .load(std::sync::atomic::Ordering::SeqCst),
     );
     match decoded {
         Err(e) => {

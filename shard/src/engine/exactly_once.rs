@@ -735,6 +735,7 @@ mod tests {
                     mark: Some(mark),
                     ack: None,
                     id: None,
+                    earlier_life: false,
                 },
             );
         }

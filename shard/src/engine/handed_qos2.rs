@@ -462,6 +462,7 @@ mod tests {
             mark: None,
             ack: None,
             id: Some(id),
+            earlier_life: false,
         };
         for got_original in [true, false] {
             let mut n = node(9);

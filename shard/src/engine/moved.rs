@@ -944,6 +944,7 @@ mod tests {
                 shard: 0,
                 seq,
             }),
+            earlier_life: false,
         }
     }
 
@@ -1108,6 +1109,7 @@ mod tests {
                 shard: 0,
                 seq: id_seq(qos as u64, n),
             }),
+            earlier_life: false,
         }
     }
 
@@ -1331,6 +1333,7 @@ mod tests {
                 mark: None,
                 ack: None,
                 id: Some(id),
+                earlier_life: false,
             };
             b[b_serves].handle_mesh(4, remote, copy(x, *x_id));
             pump_node(&mut b, 4);
@@ -1418,6 +1421,7 @@ mod tests {
                     mark: None,
                     ack: None,
                     id,
+                    earlier_life: false,
                 }),
                 _ => None,
             })

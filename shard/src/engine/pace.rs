@@ -228,6 +228,7 @@ mod tests {
                 mark,
                 ack: None,
                 id: None,
+                earlier_life: false,
             },
         );
     }

@@ -904,6 +904,12 @@ impl Engine {
         entry: crate::session::SubscriptionEntry,
         at_boot: bool,
     ) {
+        // It existed before (in this node's earlier life, or on another node): it gets
+        // what other nodes matched against this node's earlier routes too.
+        let entry = crate::session::SubscriptionEntry {
+            fresh: false,
+            ..entry
+        };
         self.session_mut(idx)
             .subscriptions
             .insert(filter.clone(), entry);

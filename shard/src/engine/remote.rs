@@ -39,6 +39,15 @@
 //! - **Retained updates** go to the forwarder only (the raft log orders them);
 //!   they come back to every shard of every node as `Retain` from the remote
 //!   id, stamped with [`raft_stamp`] of their log index.
+//! - **Copies matched for an earlier life.** A publication another node
+//!   matched before it had applied any route add of this node's present life
+//!   (`Forwarded::earlier_life`, decided by the driver from the record's
+//!   routes index) was meant for this node's sessions of before its restart:
+//!   it reaches only subscriptions that are not `fresh` (restored from the
+//!   store, brought along by a session that moved in), on this shard and on
+//!   the others its copies go to. A subscription a SUBSCRIBE made since waited
+//!   for a route add of this life, which every other node applied before the
+//!   SUBACK, so what is published after the SUBACK is never such a copy.
 
 use tessera_proto::QoS;
 
@@ -200,6 +209,7 @@ impl Engine {
                 mark,
                 ack,
                 id,
+                earlier_life: self.earlier_life,
             });
         }
         let local = set.contains(self.shard);
@@ -614,6 +624,7 @@ mod tests {
                 mark: None,
                 ack: None,
                 id: None,
+                earlier_life: false,
             },
         );
         let sent = pump(&mut es, remote);
@@ -625,6 +636,107 @@ mod tests {
                 "shard {e}: {got:?}"
             );
         }
+    }
+
+    /// Seed 632: another node matched publications against this node's routes of
+    /// its earlier life (they stay in the log) and held them while this node was
+    /// down. Such a copy (`earlier_life`) reaches the subscriptions kept from that
+    /// life (restored from the store) and one beside them on their filter, but not
+    /// one a SUBSCRIBE made since under a route of this life, on this shard or on
+    /// another it goes to; a copy matched in this life reaches all of them.
+    #[test]
+    fn a_copy_matched_for_the_earlier_life_reaches_only_subscriptions_kept_from_it() {
+        use crate::session::SubscriptionEntry;
+        use crate::store::{Recovered, RecoveredSession};
+
+        let (mut es, remote) = cluster();
+        es[0].enable_persistence(false);
+        let kept = SubscriptionEntry {
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+            subscription_id: None,
+            // Whatever a restored entry says: it existed before this life.
+            fresh: true,
+        };
+        // A ClientID whose sessions live on shard 0 (recovery gives each shard its own).
+        let old_id = [
+            "old", "old1", "old2", "old3", "old4", "old5", "old6", "old7",
+        ]
+        .into_iter()
+        .find(|c| crate::hash::shard_for(c.as_bytes(), 2) == 0)
+        .expect("one of them hashes to shard 0");
+        let restored = RecoveredSession {
+            client_id: Str::from_static(old_id),
+            version: V5,
+            expiry_interval_s: u32::MAX,
+            disconnected_at_ms: Some(0),
+            subscriptions: vec![(Str::from_static("t/1"), kept)],
+            deliveries: Vec::new(),
+            inbound_qos2: Vec::new(),
+            will: None,
+            delayed_will: None,
+        };
+        let recovered = Recovered {
+            sessions: vec![restored],
+            ..Default::default()
+        };
+        es[0].restore(1, recovered);
+        let old = es[0].connect(1, connect_packet(V5, old_id, false), false);
+        drain(&mut es[0], old, V5); // CONNACK, session present
+        let new = client(&mut es[0], "new");
+        subscribe(&mut es[0], new, "t/#", QoS::AtLeastOnce);
+        let beside = client(&mut es[0], "beside");
+        subscribe(&mut es[0], beside, "t/1", QoS::AtLeastOnce);
+        let other = client(&mut es[1], "other");
+        subscribe(&mut es[1], other, "t/+", QoS::AtLeastOnce);
+        // The forwarder answers this life's route adds.
+        for (shard, m) in pump(&mut es, remote) {
+            if let MeshMsg::RouteAdd {
+                ack: Some(token), ..
+            } = m
+            {
+                es[usize::from(shard)].handle_mesh(1, remote, MeshMsg::Ack { token });
+            }
+        }
+        assert!(pump(&mut es, remote).is_empty());
+        for (e, c) in [(0, new), (0, beside), (1, other)] {
+            let got = drain(&mut es[e], c, V5);
+            assert!(matches!(got[..], [Packet::SubAck(_)]), "{got:?}");
+        }
+        let copy = |payload: &'static str, earlier_life| MeshMsg::Forwarded {
+            message: Message {
+                topic: Str::from_static("t/1"),
+                payload: Bytes::from_static(payload.as_bytes()),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: None,
+                expires_at_ms: None,
+                origin: Some(SessionUid::remote(7)),
+                received_us: 0,
+            },
+            mark: None,
+            ack: None,
+            id: None,
+            earlier_life,
+        };
+        es[0].handle_mesh(1, remote, copy("earlier", true));
+        es[0].handle_mesh(1, remote, copy("this", false));
+        assert!(pump(&mut es, remote).is_empty());
+        let got = |e: &mut Engine, c| {
+            drain(e, c, V5)
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::Publish(p) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(got(&mut es[0], old), ["earlier", "this"]);
+        assert_eq!(got(&mut es[0], beside), ["earlier", "this"]);
+        assert_eq!(got(&mut es[0], new), ["this"]);
+        assert_eq!(got(&mut es[1], other), ["this"]);
     }
 
     /// A QoS 1 publication forwarded from another node to `e`, as the driver
@@ -648,6 +760,7 @@ mod tests {
                 mark: None,
                 ack: None,
                 id: None,
+                earlier_life: false,
             },
         );
     }

@@ -408,6 +408,8 @@ pub fn subscription(r: SubRec) -> Result<(Str, SubscriptionEntry), DecodeError> 
         SubscriptionEntry {
             options: options(r.options)?,
             subscription_id: r.subscription_id,
+            // Restored or moved in: it existed before this life of the node.
+            fresh: false,
         },
     ))
 }
