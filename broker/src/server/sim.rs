@@ -1307,9 +1307,15 @@ const REGRESSION_SEEDS: &[u64] = &[2, 11, 19];
 /// session's own QoS 0 publications reached it twice: their copies for its second node
 /// arrived there after it had moved on to a third, and that node's confirmed ghost sent
 /// them on, where a redirect is checked against ids, not marks (a confirmed ghost keeps
-/// its window's marks for what reaches it directly).
+/// its window's marks for what reaches it directly). 632: a node restarted (its
+/// sessions lost) and delivered copies another node had matched against its earlier
+/// life's routes and held while it was down to a client's new session subscribed
+/// since, which had got its own QoS 2 publications on its old node already (a
+/// forwarded record now carries the log index its sender matched it at, and a copy
+/// matched before the receiver's first route add of its present life reaches only
+/// subscriptions kept from the earlier one).
 const BURST_REGRESSION_SEEDS: &[u64] = &[
-    36, 46, 61, 76, 160, 194, 242, 250, 293, 294, 335, 444, 655, 876, 899,
+    36, 46, 61, 76, 160, 194, 242, 250, 293, 294, 335, 444, 632, 655, 876, 899,
 ];
 
 #[test]
