@@ -241,19 +241,26 @@ impl Engine {
     }
 
     /// The inbound ids of `client_id` still waiting for their holder's word: (packet
-    /// id, holder node, original's id).
+    /// id, holder node, original's id), in the order of the originals' ids. The new
+    /// owner asks (and routes what the holder forgot) in that order: a shard skips a
+    /// re-routed copy its marks cover, so one routed after a later one of the same
+    /// origin and class would be skipped as handled (sim seed 1431). The session's
+    /// list is in no order (a completed id is swap-removed).
     pub fn pending_inbound(&self, client_id: &str) -> Vec<(u16, u64, PubId)> {
         let Some(idx) = self.session_idx(client_id) else {
             return Vec::new();
         };
-        self.session(idx)
+        let mut pending: Vec<(u16, u64, PubId)> = self
+            .session(idx)
             .inbound_qos2
             .iter()
             .filter_map(|e| {
                 let p = e.pending.as_deref()?;
                 (!p.lost).then_some((e.packet_id, p.holder, p.id))
             })
-            .collect()
+            .collect();
+        pending.sort_unstable_by_key(|&(_, _, id)| id);
+        pending
     }
 
     /// The pending entry of `client_id`'s inbound `packet_id` for the original `id`:
@@ -478,6 +485,44 @@ mod tests {
             let again = drain(&mut n, s, V);
             assert_eq!(again.len(), usize::from(!got_original), "{again:?}");
         }
+    }
+
+    #[test]
+    fn pending_ids_are_asked_about_in_the_order_of_their_originals() {
+        // Sim seed 1431: the new owner routed re-sent PUBLISHes 4, 6, 5 (its list had
+        // swap-removed 4 when it completed); the subscriber's shard, its mark raised by
+        // 6, skipped 5 as handled: acknowledged, never delivered.
+        let mut a = node(7);
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        drain(&mut a, p, V);
+        let mut ids = Vec::new();
+        for packet_id in [3, 4, 5] {
+            a.handle_packet(2, p, publish(packet_id, false));
+            ids.push(sent_remote(&mut a).1);
+        }
+        let bytes = a.export_session(3, "p", 0, (2, 9)).expect("a session");
+        let pending = a.moving_pending("p", 1).expect("a moving copy");
+        let mut b = node(8);
+        b.import_session(4, "p", &bytes, 0).expect("taken in");
+        assert!(b.import_pending("p", &pending));
+        let c = b.connect(5, connect_packet(V, "p", false), false);
+        drain(&mut b, c, V);
+        for packet_id in [3, 4, 5] {
+            b.handle_packet(5, c, publish(packet_id, true));
+        }
+        // A forgot the first: routed from B, accepted, and the client completes it.
+        b.inbound_forward_lost(6, "p", 3, ids[0]);
+        let (token, _) = sent_remote(&mut b);
+        let remote = b.remote_id().expect("remote");
+        b.handle_mesh(7, remote, MeshMsg::Ack { token });
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+        b.handle_packet(8, c, Packet::PubRel(PubRel::new(3)));
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubComp(PubComp::new(3))]);
+        assert_eq!(
+            b.pending_inbound("p"),
+            vec![(4, 1, ids[1]), (5, 1, ids[2])],
+            "the rest in their originals' order"
+        );
     }
 
     #[test]
