@@ -69,11 +69,37 @@ pub(super) fn boot(
     if p.durability == Durability::Memory {
         return Ok((None, Arc::new(Mutex::new(Vec::new())), Vec::new()));
     }
-    let sync = p.durability == Durability::Sync;
-    let wall_base_ms = unix_ms().saturating_sub(now_ms);
+    let store_config = StoreConfig {
+        sync: p.durability == Durability::Sync,
+        batch_interval: Duration::from_millis(u64::from(p.batch_interval_ms)),
+        wall_base_ms: unix_ms().saturating_sub(now_ms),
+    };
     let map_size = (p.map_size_mb as usize) << 20;
-    let dir = &config.server.data_dir;
-    let (lock, envs, recovered) = store::recover(dir, shard_count, map_size, wall_base_ms)
+    let (lock, slots, stats) = open(
+        &config.server.data_dir,
+        shard_count,
+        map_size,
+        &store_config,
+        store::spawn_writer,
+    )?;
+    Ok((Some(lock), slots, stats))
+}
+
+/// Recovers `dir` for `shard_count` shards and starts each shard's writer with `writer`
+/// (the writer thread; the data-plane simulation's writer task, `sim`).
+pub(super) fn open(
+    dir: &std::path::Path,
+    shard_count: usize,
+    map_size: usize,
+    config: &StoreConfig,
+    mut writer: impl FnMut(
+        usize,
+        store::StoreEnv,
+        std::path::PathBuf,
+        StoreConfig,
+    ) -> std::io::Result<StoreHandle>,
+) -> anyhow::Result<(DirLock, StoreBoot, Vec<SharedStoreStats>)> {
+    let (lock, envs, recovered) = store::recover(dir, shard_count, map_size, config.wall_base_ms)
         .map_err(|e| anyhow!("persistence: {e}"))?;
     let sessions: usize = recovered.iter().map(|r| r.sessions.len()).sum();
     let retained = recovered.first().map_or(0, |r| r.retained.len());
@@ -81,23 +107,18 @@ pub(super) fn boot(
         data_dir = %dir.display(),
         sessions,
         retained,
-        durability = %p.durability,
+        durability = if config.sync { "sync" } else { "batched" },
         "store recovered"
     );
     let mut slots = Vec::with_capacity(shard_count);
     let mut stats = Vec::with_capacity(shard_count);
     for (k, ((env, path), rec)) in envs.into_iter().zip(recovered).enumerate() {
-        let config = StoreConfig {
-            sync,
-            batch_interval: Duration::from_millis(u64::from(p.batch_interval_ms)),
-            wall_base_ms,
-        };
-        let handle = store::spawn_writer(k, env, path.clone(), config)
+        let handle = writer(k, env, path.clone(), config.clone())
             .map_err(|e| anyhow!("cannot start the store writer of {}: {e}", path.display()))?;
         stats.push(handle.stats.clone());
-        slots.push(Some((handle, rec, sync)));
+        slots.push(Some((handle, rec, config.sync)));
     }
-    Ok((Some(lock), Arc::new(Mutex::new(slots)), stats))
+    Ok((lock, Arc::new(Mutex::new(slots)), stats))
 }
 
 /// A shard's store, owned by its executor.
@@ -156,6 +177,12 @@ impl ShardStore {
     pub(super) fn backlogged(&self, engine: &Engine) -> bool {
         self.backlog_ops.get() > BACKLOG_OPS_MAX
             || (!self.sync && engine.store_ops_pending() > BACKLOG_OPS_MAX)
+    }
+
+    /// The highest epoch committed.
+    #[cfg(test)]
+    pub(super) fn committed(&self) -> u64 {
+        self.committed.get()
     }
 
     /// The highest epoch handed to the writer side.

@@ -38,11 +38,19 @@
 //!   (messages the publisher sent again after a reconnect are left out).
 //!
 //! What it does not cover (said, not hidden): the shards run with `durability =
-//! "memory"` (the store's writer thread works in real time, which a paused clock
-//! cannot order), so a crashed node loses the sessions it held; the checker therefore
-//! asserts delivery only to a subscriber session that lived to the end (a session that
-//! was lost shows as CONNACK session present = 0 at the client's next connect, which
-//! starts a new session in the checker). QoS 0 delivery is not asserted (it may be
+//! "memory"` unless `SIM_DURABILITY=sync` (below), so a crashed node loses the sessions
+//! it held; the checker therefore asserts delivery only to a subscriber session that
+//! lived to the end (a session that was lost shows as CONNACK session present = 0 at
+//! the client's next connect, which starts a new session in the checker).
+//!
+//! **Durability** (`SIM_DURABILITY`): `memory` (the default, every seed's configuration
+//! so far) or `sync`: each shard has a store (heed, in the node's directory) whose
+//! writer is a task of the node ([`SimWriter`], the writer thread's commit through
+//! `store::commit_now`, [`COMMIT`] after a batch arrives: a thread commits in real
+//! time, which the paused clock cannot order); a connection's output waits for the
+//! epoch it depends on, as `conn` waits; a crash loses what was not committed, and a
+//! restarted node restores its sessions from the store. Not in CI yet: many seeds fail
+//! with it (docs/ARCHITECTURE.md, the data-plane simulation). QoS 0 delivery is not asserted (it may be
 //! dropped under faults by design). No retained messages, shared subscriptions, wills,
 //! MQTT 5 clients or connection hand-offs between shards (a client connects to its
 //! owner shard directly).
@@ -101,11 +109,12 @@ use tessera_shard::engine::SessionBudget;
 use tessera_shard::hash::shard_for;
 use tessera_shard::mesh::ShardId;
 use tessera_shard::session::ConnId;
+use tessera_shard::store::{self, Batch, Committed, DirLock, StoreConfig, StoreHandle, StoreStats};
 use tokio::task::LocalSet;
 
 use super::{
     MESH_CHANNEL_SLOTS, ReadBudget, Shard, ShardBoot, TICK, cluster, engine_limits, mesh, now_ms,
-    park, remote, rt, serve, start_shard, tick_engine,
+    park, persist, remote, rt, serve, start_shard, tick_engine,
 };
 use crate::admin::shard_call;
 use crate::auth::AuthHub;
@@ -126,6 +135,50 @@ const PUMP: Duration = Duration::from_millis(5);
 
 fn trace() -> bool {
     std::env::var("SIM_TRACE").is_ok()
+}
+
+/// Whether the nodes' shards keep their sessions in a store with `sync` durability
+/// (`SIM_DURABILITY=sync`; `memory`, the default, is every seed's configuration before).
+fn sync_from_env() -> bool {
+    match std::env::var("SIM_DURABILITY").as_deref() {
+        Err(_) => false,
+        Ok("sync") => true,
+        Ok("memory") => false,
+        Ok(v) => panic!("SIM_DURABILITY is sync or memory, not {v:?}"),
+    }
+}
+
+/// How long the simulated store takes to commit what waits for it (the writer thread's
+/// LMDB commit, an fsync on a fast disk).
+const COMMIT: Duration = Duration::from_millis(1);
+
+/// One shard's store writer in the simulation: the writer thread's work
+/// (`store::commit_now`), as a task of the node, so the paused clock orders commits.
+struct SimWriter {
+    env: store::StoreEnv,
+    path: PathBuf,
+    config: StoreConfig,
+    stats: Arc<StoreStats>,
+    batches: flume::Receiver<Batch>,
+    done: flume::Sender<Committed>,
+}
+
+impl SimWriter {
+    /// Takes every batch waiting, commits them after [`COMMIT`] (with what came
+    /// meanwhile), and reports the commit, as the thread does; ends with the shard.
+    async fn run(self) {
+        while let Ok(first) = self.batches.recv_async().await {
+            let mut pending = vec![first];
+            rt::sleep(COMMIT).await;
+            pending.extend(self.batches.drain());
+            let committed =
+                store::commit_now(&self.env, &self.path, &self.config, &self.stats, &pending)
+                    .expect("the simulated store commits");
+            if self.done.send(committed).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// How many shards each node runs (`SIM_SHARDS`).
@@ -290,6 +343,8 @@ struct Node {
     /// The node's shards, by id (empty until they started, and after a crash).
     shards: Rc<RefCell<Vec<Rc<Shard>>>>,
     stop: Arc<AtomicBool>,
+    /// The store's directory lock (`sync` durability), released by a crash.
+    _store_lock: Option<DirLock>,
 }
 
 struct World {
@@ -299,6 +354,9 @@ struct World {
     nodes: BTreeMap<NodeId, Node>,
     /// Shards per node (index 0 is node 1), fixed for the run: a restart keeps it.
     shard_counts: Vec<usize>,
+    /// The shards keep their sessions in a store (`sync` durability), which a restarted
+    /// node restores.
+    sync: bool,
     clients: Vec<ClientRef>,
     chk: Chk,
 }
@@ -396,6 +454,7 @@ impl World {
             let _ = attach.try_send(port.clone());
         }
 
+        let (store_lock, stores, writers) = self.open_stores(id, shard_count).await;
         let stop = Arc::new(AtomicBool::new(false));
         let config = Config::default();
         let (ready, _) = std::sync::mpsc::channel();
@@ -413,7 +472,7 @@ impl World {
             memory_high_water_bytes: 0,
             stop: stop.clone(),
             ready,
-            stores: Arc::new(Mutex::new(Vec::new())),
+            stores,
             admin: shard_call::links(shard_count).1,
             sessions: Arc::new(SessionBudget::new(usize::MAX)),
             read_budget: ReadBudget::new(u64::MAX),
@@ -429,6 +488,9 @@ impl World {
         let stop2 = stop.clone();
         local.spawn_local(async move {
             tokio::task::spawn_local(crate::cluster::serve_calls(transport, calls));
+            for w in writers {
+                tokio::task::spawn_local(w.run());
+            }
             let mut shards = Vec::with_capacity(shard_count);
             for k in 0..shard_count {
                 let (parking, _doorbell) = park::Parking::new(k, stop2.clone()).expect("parking");
@@ -480,8 +542,59 @@ impl World {
                 cp,
                 shards: slot,
                 stop,
+                _store_lock: store_lock,
             },
         );
+    }
+
+    /// With `sync` durability: the node's store (recovered from what its last
+    /// incarnation committed), each shard's slot for `persist::attach` and the writers.
+    async fn open_stores(
+        &self,
+        id: NodeId,
+        shard_count: usize,
+    ) -> (Option<DirLock>, persist::StoreBoot, Vec<SimWriter>) {
+        if !self.sync {
+            return (None, Arc::new(Mutex::new(Vec::new())), Vec::new());
+        }
+        let config = StoreConfig {
+            sync: true,
+            batch_interval: Duration::from_millis(10),
+            wall_base_ms: persist::unix_ms().saturating_sub(now_ms()),
+        };
+        let dir = dir(&self.root, id).join("store");
+        // As for raft's store: the crashed incarnation's env goes with its last tasks.
+        for tries in 0.. {
+            let mut writers = Vec::new();
+            let opened = persist::open(&dir, shard_count, 64 << 20, &config, |_, env, path, c| {
+                let (batches, batches_rx) = flume::bounded(store::writer::CHANNEL_BATCHES_MAX);
+                let (done, committed) = flume::unbounded();
+                let stats = Arc::new(StoreStats::default());
+                let batch_interval = c.batch_interval;
+                writers.push(SimWriter {
+                    env,
+                    path: path.clone(),
+                    config: c,
+                    stats: stats.clone(),
+                    batches: batches_rx,
+                    done,
+                });
+                Ok(StoreHandle {
+                    batches,
+                    committed,
+                    stats,
+                    path,
+                    batch_interval,
+                    thread: None,
+                })
+            });
+            match opened {
+                Ok((lock, slots, _)) => return (Some(lock), slots, writers),
+                Err(e) if tries == 1000 => panic!("node {id}: the store does not open: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// Everything of the node goes at once (its connections too).
@@ -726,9 +839,13 @@ impl World {
             return;
         };
         let now = now_ms();
+        // As `conn` does: output is written once the store epoch it depends on is
+        // committed (`sync` durability); until then it waits in the engine.
+        let committed = shard.store.as_ref().map_or(u64::MAX, |s| s.committed());
         let (mut buf, closed) = {
             let mut e = shard.engine.borrow_mut();
             match e.output(k.id) {
+                Some(out) if out.durable_epoch > committed => (bytes::BytesMut::new(), false),
                 Some(out) => (out.buf.split(), out.close.is_some()),
                 None => (bytes::BytesMut::new(), true),
             }
@@ -972,10 +1089,13 @@ fn qos(n: u64) -> QoS {
     }
 }
 
-async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>) {
+async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>, sync: bool) {
     let _sim = rt::enter_sim();
     if shard_counts.iter().any(|n| *n > 1) {
         eprintln!("  shards per node (nodes 1-{NODES}): {shard_counts:?}");
+    }
+    if sync {
+        eprintln!("  durability: sync (a store per shard, restored at restart)");
     }
     let mut w = World {
         net: MemNet::new(seed),
@@ -983,6 +1103,7 @@ async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>) {
         rng: SimRng::new(seed),
         nodes: BTreeMap::new(),
         shard_counts,
+        sync,
         clients: (0..CLIENTS)
             .map(|i| {
                 Rc::new(RefCell::new(Client {
@@ -1051,7 +1172,12 @@ async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>) {
                     w.net.partition(a, b);
                 }
             }
-            15 => w.net.heal(),
+            15 => {
+                if trace() {
+                    eprintln!("  heal");
+                }
+                w.net.heal();
+            }
             16 => {
                 let faults = Faults {
                     drop_request_per_mille: w.rng.below(20) as u32,
@@ -1247,14 +1373,17 @@ fn check(w: &World, errors: &mut Vec<String>) {
     }
 }
 
-fn run_seed(seed: u64, with_bursts: bool, shards: Shards) {
+fn run_seed(seed: u64, with_bursts: bool, shards: Shards, sync: bool) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
         .build()
         .expect("runtime");
     let local = LocalSet::new();
-    local.block_on(&runtime, run(seed, with_bursts, shards.per_node(seed)));
+    local.block_on(
+        &runtime,
+        run(seed, with_bursts, shards.per_node(seed), sync),
+    );
 }
 
 /// Seeds that found a bug, run without bursts (the schedule that found them). 2: a CONNECT went live
@@ -1332,8 +1461,9 @@ fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
     }
     let with_bursts = std::env::var("SIM_BURSTS").map_or(true, |v| v != "0");
     let shards = Shards::from_env(Shards::Each(1));
+    let sync = sync_from_env();
     run_seeds("data-plane simulation", 4, &[], |seed| {
-        run_seed(seed, with_bursts, shards)
+        run_seed(seed, with_bursts, shards, sync)
     });
 }
 
@@ -1353,7 +1483,7 @@ fn seeded_data_plane_simulation_with_several_shards_per_node() {
         "data-plane simulation with shards per node from the seed (SIM_SHARDS=mix)",
         4,
         &[],
-        |seed| run_seed(seed, with_bursts, Shards::FromSeed),
+        |seed| run_seed(seed, with_bursts, Shards::FromSeed, sync_from_env()),
     );
 }
 
@@ -1363,11 +1493,11 @@ fn seeded_data_plane_simulation_with_several_shards_per_node() {
 fn the_data_plane_simulation_regression_seeds() {
     for &seed in REGRESSION_SEEDS {
         eprintln!("regression seed {seed} (replay: SIM_BURSTS=0 SIM_SEED={seed})");
-        run_seed(seed, false, Shards::Each(1));
+        run_seed(seed, false, Shards::Each(1), false);
     }
     for &seed in BURST_REGRESSION_SEEDS {
         eprintln!("regression seed {seed} (replay: SIM_SEED={seed})");
-        run_seed(seed, true, Shards::Each(1));
+        run_seed(seed, true, Shards::Each(1), false);
     }
 }
 

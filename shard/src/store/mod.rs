@@ -38,7 +38,10 @@ pub mod recover;
 pub mod writer;
 
 pub use recover::{DirLock, Recovered, RecoveredSession, StoreError, recover};
-pub use writer::{StoreConfig, StoreHandle, spawn_writer};
+pub use writer::{StoreConfig, StoreHandle, commit_now, spawn_writer};
+
+/// One shard's LMDB env, as `recover` opens it and a writer commits to it.
+pub type StoreEnv = heed::Env<heed::WithoutTls>;
 
 /// A stored delivery's state: waiting in the queue.
 pub use record::{STATE_PUBLISHED, STATE_QUEUED, STATE_RELEASED};

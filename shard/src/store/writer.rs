@@ -132,70 +132,109 @@ fn run(
                 Err(_) => break,
             }
         }
-        let started = Instant::now();
-        let mut attempt = 0u32;
-        loop {
-            match commit(&env, &dbs, &pending, config.wall_base_ms) {
-                Ok(()) => break,
-                Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
-                    let size = env.info().map_size;
-                    let grown = size.saturating_mul(2);
-                    // SAFETY: this thread is the only user of the env once
-                    // recovery finished, and no transaction is open here.
-                    match unsafe { env.resize(grown) } {
-                        Ok(()) => {
-                            stats
-                                .map_grown
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            warn!(
-                                path = %path.display(),
-                                from_bytes = size,
-                                to_bytes = grown,
-                                "store: map full, grown; raise persistence.map_size_mb to \
-                                 start larger"
-                            );
-                        }
-                        Err(e) => {
-                            stats
-                                .commit_errors
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            error!(
-                                path = %path.display(),
-                                "store: map full and cannot grow to {grown} bytes: {e}. Free \
-                                 memory or disk space; acknowledgements wait meanwhile"
-                            );
-                            std::thread::sleep(Duration::from_secs(1));
-                        }
-                    }
-                }
-                Err(e) => {
-                    attempt += 1;
-                    stats
-                        .commit_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if attempt.is_power_of_two() {
-                        error!(
-                            path = %path.display(),
-                            attempt,
-                            "store: commit failed: {e}. If the disk is full, free space on \
-                             it; nothing is acknowledged until the commit succeeds (retrying \
-                             every second)"
-                        );
-                    }
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
-        }
-        let us = started.elapsed().as_micros() as u64;
+        let committed = commit_pending(&env, &dbs, &path, &config, &stats, &pending, ops);
         last_commit = Instant::now();
-        let epoch = pending.last().expect("a batch").epoch;
-        stats.record_commit(pending.len() as u64, ops as u64, us);
-        // Loads read after the commit, so they see every op before them.
-        let loaded = serve_loads(&env, &dbs, &path, &pending, config.wall_base_ms);
         pending.clear();
         // The shard may be gone at shutdown; nothing left to tell then.
-        let _ = done.send(Committed { epoch, loaded });
+        let _ = done.send(committed);
     }
+}
+
+/// Commits `pending` (`ops` ops; at least one batch) in one transaction, retrying as
+/// long as it fails (a full map is grown), then reads the loads the batches ask for.
+fn commit_pending(
+    env: &Env<WithoutTls>,
+    dbs: &super::Dbs<'_>,
+    path: &std::path::Path,
+    config: &StoreConfig,
+    stats: &StoreStats,
+    pending: &[Batch],
+    ops: usize,
+) -> Committed {
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        match commit(env, dbs, pending, config.wall_base_ms) {
+            Ok(()) => break,
+            Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
+                let size = env.info().map_size;
+                let grown = size.saturating_mul(2);
+                // SAFETY: the writer (its thread, or `commit_now`'s caller) is
+                // the only user of the env once recovery finished, and no
+                // transaction is open here.
+                match unsafe { env.resize(grown) } {
+                    Ok(()) => {
+                        stats
+                            .map_grown
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        warn!(
+                            path = %path.display(),
+                            from_bytes = size,
+                            to_bytes = grown,
+                            "store: map full, grown; raise persistence.map_size_mb to \
+                             start larger"
+                        );
+                    }
+                    Err(e) => {
+                        stats
+                            .commit_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        error!(
+                            path = %path.display(),
+                            "store: map full and cannot grow to {grown} bytes: {e}. Free \
+                             memory or disk space; acknowledgements wait meanwhile"
+                        );
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+            Err(e) => {
+                attempt += 1;
+                stats
+                    .commit_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if attempt.is_power_of_two() {
+                    error!(
+                        path = %path.display(),
+                        attempt,
+                        "store: commit failed: {e}. If the disk is full, free space on \
+                         it; nothing is acknowledged until the commit succeeds (retrying \
+                         every second)"
+                    );
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    let us = started.elapsed().as_micros() as u64;
+    let epoch = pending.last().expect("a batch").epoch;
+    stats.record_commit(pending.len() as u64, ops as u64, us);
+    // Loads read after the commit, so they see every op before them.
+    let loaded = serve_loads(env, dbs, path, pending, config.wall_base_ms);
+    Committed { epoch, loaded }
+}
+
+/// Commits `batches` on the caller's thread as the writer thread does (one transaction,
+/// the same retries, then the loads they ask for). For a driver that orders commits
+/// itself: the data-plane simulation (`tessera-broker`, `server::sim`) runs its shards'
+/// stores with it, since a thread's commits come in real time, which its paused clock
+/// cannot order.
+pub fn commit_now(
+    env: &Env<WithoutTls>,
+    path: &std::path::Path,
+    config: &StoreConfig,
+    stats: &StoreStats,
+    batches: &[Batch],
+) -> heed::Result<Committed> {
+    if batches.is_empty() {
+        return Ok(Committed {
+            epoch: 0,
+            loaded: Vec::new(),
+        });
+    }
+    let dbs = open_dbs(env)?;
+    let ops = batches.iter().map(|b| b.ops.len()).sum();
+    Ok(commit_pending(env, &dbs, path, config, stats, batches, ops))
 }
 
 /// Reads the deliveries every `StoreOp::LoadQueue` of `batches` asks for.
