@@ -35,7 +35,9 @@
 //! token; the peer delivers, and answers `Ack` when the congested sessions it
 //! delivered to drained (or at the hold bound), after its commit under sync
 //! durability. With no congested peer the mesh carries nothing extra.
-//! Deliveries to shared-subscription members on other shards are not held.
+//! Deliveries to shared-subscription members are held the same way: on this
+//! shard through the publisher's routing, on another shard through the token
+//! a `SharedPublish` carries (`shared`, `Engine::shared_take`).
 //!
 //! Across nodes: a batch another node forwarded is the publisher
 //! (`Publisher::Remote` with the serving shard and the batch's token,
@@ -255,7 +257,7 @@ impl Engine {
                 ..
             })
         );
-        if local && self.bp.peer_congested[usize::from(to)] {
+        if local && self.bp_peer_congested(to) {
             self.bp_token()
         } else {
             None
@@ -644,11 +646,12 @@ mod tests {
     /// nothing: the first 4 are in flight, the next HIGH queue with their
     /// acks sent, the rest wait with their acks held. When the subscriber
     /// reads, everything arrives in order, nothing was dropped, and the held
-    /// acks follow in order.
-    fn fan_in(shards: usize) {
+    /// acks follow in order. `filter`: the subscriber's (a shared one makes it
+    /// the group's only member).
+    fn fan_in(shards: usize, filter: &'static str) {
         let mut cl = Cluster::new(shards, HIGH);
         let sub = cl.connect(shards - 1, "sub");
-        cl.subscribe(sub, "t");
+        cl.subscribe(sub, filter);
         let publ = cl.connect(0, "pub");
         for n in 1..=60 {
             cl.publish(publ, "t", n);
@@ -679,12 +682,71 @@ mod tests {
 
     #[test]
     fn a_full_queue_holds_the_publishers_acks_until_it_drains() {
-        fan_in(1);
+        fan_in(1, "t");
     }
 
     #[test]
     fn a_congested_queue_on_another_shard_holds_the_acks_too() {
-        fan_in(2);
+        fan_in(2, "t");
+    }
+
+    /// A shared-subscription member is held for like a plain subscriber, on
+    /// the publisher's shard and on another one. Before, a `SharedPublish` to
+    /// another shard never carried a token: every PUBACK went out at once and
+    /// the member's queue took all 60 (a queue bound of 20 would have dropped
+    /// acknowledged messages).
+    #[test]
+    fn a_congested_shared_member_holds_the_acks_like_a_subscriber() {
+        fan_in(1, "$share/g/t");
+        fan_in(2, "$share/g/t");
+    }
+
+    /// Round robin passes over a member whose queue is at the high-water mark
+    /// while another member reads: the publisher is not held at all, nothing
+    /// is dropped, and each message goes to one member. Sticky keeps its
+    /// member (the first to join) and holds the publisher instead.
+    #[test]
+    fn a_shared_group_prefers_a_member_below_the_high_water_mark() {
+        for strategy in [
+            super::super::shared::SharedStrategy::RoundRobin,
+            super::super::shared::SharedStrategy::Sticky,
+        ] {
+            let mut cl = Cluster::new(1, HIGH);
+            for e in &mut cl.engines {
+                e.limits.shared_subscription_strategy = strategy;
+            }
+            let slow = cl.connect(0, "slow");
+            cl.subscribe(slow, "$share/g/t");
+            let reader = cl.connect(0, "reader");
+            cl.subscribe(reader, "$share/g/t");
+            let publ = cl.connect(0, "pub");
+            let (mut acked, mut got) = (Vec::new(), Vec::new());
+            for n in 1..=100 {
+                cl.publish(publ, "t", n);
+                acked.extend(pubacks(&cl.recv(publ)));
+                let packets = cl.recv(reader);
+                got.extend(ack_all(&mut cl, reader, &packets));
+            }
+            let slow_got = cl.recv(slow);
+            let slow_got: Vec<_> = slow_got
+                .iter()
+                .filter(|p| matches!(p, Packet::Publish(_)))
+                .collect();
+            let e = &cl.engines[0];
+            let queued = e.session(e.conn(slow.conn).session).queue.len();
+            if strategy == super::super::shared::SharedStrategy::RoundRobin {
+                assert_eq!(acked, (1..=100).collect::<Vec<_>>(), "none held");
+                assert_eq!(cl.stat(|s| s.backpressure_acks_held), 0);
+                // In flight (4) and queued up to the mark (10).
+                assert_eq!(slow_got.len() + queued, 4 + HIGH);
+                assert_eq!(got.len() + slow_got.len() + queued, 100);
+            } else {
+                assert!(got.is_empty(), "sticky: the first member takes all");
+                assert!(acked.len() < 100, "sticky: held by its member");
+                assert!(cl.stat(|s| s.backpressure_acks_held) > 0);
+            }
+            assert_eq!(cl.dropped(), 0);
+        }
     }
 
     /// The congestion hint: on when the subscriber's shard gets a congested

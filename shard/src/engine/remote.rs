@@ -287,13 +287,16 @@ impl Engine {
         Some(token)
     }
 
-    /// A shared record of the forwarded batch being handled: under `sync`
-    /// durability a QoS 1/2 one is one more answer the batch waits for, from
-    /// the shard that finally hands it to a member (after its commit) or
-    /// drops it, as for a publisher's shard within a node.
+    /// A shared record of the forwarded batch being handled: a QoS 1/2 one is
+    /// one more answer the batch waits for, from the shard that finally hands
+    /// it to a member or drops it, as for a publisher's shard within a node:
+    /// under `sync` durability after its commit, and with back-pressure on
+    /// once the member it made congested drained (or at the hold bound), so
+    /// the sending node holds the publisher's PUBACK/PUBREC as for a plain
+    /// subscriber's congestion (`backpressure`).
     pub(super) fn forward_batch_share(&mut self, qos: QoS) -> super::shared::SharedAck {
         match self.forward_batch {
-            Some(token) if qos != QoS::AtMostOnce && self.durable_forwards() => {
+            Some(token) if qos != QoS::AtMostOnce && (self.durable_forwards() || self.bp_on()) => {
                 if let Some(n) = self.pending_forwards.get_mut(&token) {
                     *n += 1;
                 }
@@ -776,10 +779,53 @@ mod tests {
         t
     }
 
+    /// A batch of QoS 1 records `ns` for the only member of `$share/g/t` another
+    /// node forwarded, served by `e` (as the forwarder hands them over): its token.
+    fn shared_batch(e: &mut Engine, remote: ShardId, ns: std::ops::Range<u32>) -> u64 {
+        let t = e.begin_forward_batch().expect("back-pressure is on");
+        for n in ns {
+            let mut tried = crate::trie::ShardSet::new();
+            tried.insert(remote);
+            let record = MeshMsg::SharedPublish {
+                group: Str::from_static("g"),
+                filter: Str::from_static("t"),
+                message: Message {
+                    topic: Str::from_static("t"),
+                    payload: Bytes::from(n.to_string()),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    properties: None,
+                    expires_at_ms: None,
+                    origin: Some(SessionUid::remote(7)),
+                    received_us: 0,
+                },
+                key: 7,
+                tried,
+                hops: 0,
+                handed_back: false,
+                ack: None,
+            };
+            e.handle_mesh(1, remote, record);
+        }
+        e.end_forward_batch(t);
+        t
+    }
+
     /// `shards` engines in a cluster with a small queue (in flight 1, high-water
     /// mark 4) and a QoS 1 subscriber to `t` on shard `on` whose route the
     /// forwarder acknowledged: the engines, the remote id and the subscriber.
     fn congestible(shards: usize, on: usize, hold_ms: u64) -> (Vec<Engine>, ShardId, ConnId) {
+        congestible_on(shards, on, hold_ms, "t")
+    }
+
+    /// `congestible` with the subscriber's filter `filter` (a shared one makes
+    /// it the group's only member).
+    fn congestible_on(
+        shards: usize,
+        on: usize,
+        hold_ms: u64,
+        filter: &'static str,
+    ) -> (Vec<Engine>, ShardId, ConnId) {
         let limits = Limits {
             inflight_count_max: 1,
             queued_count_max: 100,
@@ -793,9 +839,12 @@ mod tests {
             assert_eq!(e.enable_remote(), Some(remote));
         }
         let c = client(&mut es[on], "s");
-        subscribe(&mut es[on], c, "t", QoS::AtLeastOnce);
+        subscribe(&mut es[on], c, filter, QoS::AtLeastOnce);
         for (from, m) in pump(&mut es, remote) {
             if let MeshMsg::RouteAdd {
+                ack: Some(token), ..
+            }
+            | MeshMsg::ShareRoute {
                 ack: Some(token), ..
             } = m
             {
@@ -803,7 +852,8 @@ mod tests {
             }
         }
         pump(&mut es, remote);
-        drain(&mut es[on], c, V5); // SUBACK
+        let suback = drain(&mut es[on], c, V5);
+        assert!(matches!(suback[..], [Packet::SubAck(_)]), "{suback:?}");
         (es, remote, c)
     }
 
@@ -895,6 +945,38 @@ mod tests {
         assert_eq!(read_all(&mut es, remote, 1, c), numbers(0..8));
         assert_eq!(es[0].take_forwards_done(), vec![t2]);
         assert_eq!(es[1].stats().dropped_queue_full, 0);
+    }
+
+    /// A shared-subscription member is held for like a plain subscriber when
+    /// another node forwards to it, on the serving shard and on another local
+    /// shard: the batch whose record made it congested is answered once it
+    /// drained (the sending node holds the publisher's PUBACK meanwhile), and
+    /// nothing is dropped. Before, a shared record waited for nothing outside
+    /// `sync` durability: the batch was answered at once and the member's queue
+    /// overflowed with acknowledged messages.
+    #[test]
+    fn a_congested_shared_member_holds_the_answer_of_a_forwarded_batch() {
+        for (shards, on) in [(1, 0), (2, 1)] {
+            let (mut es, remote, c) = congestible_on(shards, on, 2_000, "$share/g/t");
+            // Below the high-water mark: answered once the member's shard took it.
+            let t1 = shared_batch(&mut es[0], remote, 0..3);
+            assert!(pump(&mut es, remote).is_empty());
+            assert_eq!(es[0].take_forwards_done(), vec![t1]);
+            // Past the mark: the answer waits for the member to drain.
+            let t2 = shared_batch(&mut es[0], remote, 3..8);
+            assert!(pump(&mut es, remote).is_empty());
+            assert!(
+                !es[0].has_forwards_done(),
+                "answered while the member is congested ({shards} shards)"
+            );
+            assert_eq!(read_all(&mut es, remote, on, c), numbers(0..8));
+            assert_eq!(es[0].take_forwards_done(), vec![t2]);
+            for e in &es {
+                assert_eq!(e.stats().dropped_queue_full, 0);
+            }
+            let held: u64 = es.iter().map(|e| e.stats().backpressure_acks_held).sum();
+            assert!(held > 0, "the member never held an answer");
+        }
     }
 
     #[test]

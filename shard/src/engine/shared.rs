@@ -19,6 +19,11 @@
 //! shard carries the publisher's acknowledgement token ([`SharedAck`]); the
 //! shard that finally hands it to a member answers after committing what
 //! that stored, a shard that drops it answers at once (docs/PERSISTENCE.md).
+//! In a cluster it always carries one, and otherwise while the chosen shard
+//! announced congestion: a member whose queue the message makes congested
+//! holds the answer until it drained (per-publisher back-pressure, as for a
+//! plain subscriber). Round robin and random prefer a member below the
+//! high-water mark (`Engine::shared_pick_member`).
 //!
 //! What a member leaves unfinished goes back to the group (MQTT 5.0 section
 //! 4.8.2): every delivery it was not yet sent, and every QoS 1 delivery it did
@@ -604,8 +609,7 @@ impl Engine {
     ) {
         let mark = self.store_mark();
         if let Some(member) = self.shared_pick_member(id, hash, Tier::Connected) {
-            self.shared_deliver(now_ms, id, member, msg);
-            return self.shared_answer(chain.ack, mark);
+            return self.shared_take(now_ms, id, member, msg, &chain, mark);
         }
         chain.tried.insert(self.shard);
         // Each forward adds a shard to `tried` for connected members, so those
@@ -617,8 +621,7 @@ impl Engine {
             return self.shared_forward(to, id, msg, hash, chain);
         }
         if let Some(member) = self.shared_pick_member(id, hash, Tier::Offline) {
-            self.shared_deliver(now_ms, id, member, msg);
-            return self.shared_answer(chain.ack, mark);
+            return self.shared_take(now_ms, id, member, msg, &chain, mark);
         }
         let mut others = ShardSet::new();
         others.insert(self.shard);
@@ -627,6 +630,37 @@ impl Engine {
         }
         let key = ShareKey::clone(&self.shared.share(id).key);
         self.shared_unplaced(key, msg, hash, chain, mark);
+    }
+
+    /// Hands `msg` to `member`, this shard being the last of its chain, and
+    /// answers whoever waits for it on another shard (`SharedAck::Remote`):
+    /// when the delivery made the member congested (back-pressure), once the
+    /// member drained or at the hold bound, as a `PublishDurable` for a plain
+    /// subscriber is answered; else as [`Engine::shared_answer`] says. A
+    /// publisher on this shard (`SharedAck::Local`) is held by the routing
+    /// `bp_begin_local` started already.
+    fn shared_take(
+        &mut self,
+        now_ms: u64,
+        id: ShareId,
+        member: (SessionIdx, SubscriptionEntry),
+        msg: Message,
+        chain: &Chain,
+        mark: usize,
+    ) {
+        let SharedAck::Remote { origin, token } = chain.ack else {
+            self.shared_deliver(now_ms, id, member, msg);
+            return self.shared_answer(chain.ack, mark);
+        };
+        // A record another node forwarded: a member that held a batch the
+        // whole bound holds no further batch until it drains, as for plain
+        // subscribers (`backpressure`, `Congested::stuck`).
+        let forwarded = self.remote.is_some_and(|r| chain.tried.contains(r));
+        self.bp_begin_remote(origin, token, msg.qos, forwarded);
+        self.shared_deliver(now_ms, id, member, msg);
+        if !self.bp_end_remote() {
+            self.shared_answer(chain.ack, mark);
+        }
     }
 
     /// No member on this node takes `msg` (its members left after the
@@ -686,7 +720,17 @@ impl Engine {
         // The publisher's own QoS 2 publication with a number leaves after
         // its packet id's commit, like `PublishDurable` (`exactly_once`).
         let after_commit = self.publish_seq != 0 && matches!(chain.ack, SharedAck::Local(_));
-        let ack = match chain.ack {
+        // A QoS 1/2 publication of a client of this shard that carries no token
+        // yet (no `sync` durability, no cluster) gets one while `to` announced
+        // congested sessions, so `to` can hold the acknowledgement if the
+        // member is one of them, as for a plain subscriber (`backpressure`).
+        let chain_ack = match chain.ack {
+            SharedAck::None if message.qos != QoS::AtMostOnce => self
+                .bp_forward_token(to)
+                .map_or(SharedAck::None, SharedAck::Local),
+            ack => ack,
+        };
+        let ack = match chain_ack {
             SharedAck::None => None,
             SharedAck::Local(token) => {
                 let (_, missing) = self
@@ -782,7 +826,15 @@ impl Engine {
 
     /// A local member of `tier`, by strategy: the scan starts where the
     /// strategy says and takes the first member that qualifies, so it is
-    /// O(1) while most members are connected.
+    /// O(1) while most members are connected. Round robin and random pass
+    /// over connected members whose queue is at the high-water mark (a
+    /// QoS 1/2 delivery would make them congested and hold its publisher,
+    /// `backpressure`) while another connected member here is below it, so
+    /// a slow member does not hold publishers a reading one could serve;
+    /// only when every connected member here is at the mark does the
+    /// strategy's own pick take one (and hold the publisher). Sticky and
+    /// hash keep their member: they promise the same member for the group
+    /// or the publisher, and the order that gives.
     fn shared_pick_member(
         &mut self,
         id: ShareId,
@@ -793,6 +845,20 @@ impl Engine {
         let random = match strategy {
             SharedStrategy::Random => self.shared.next_random(),
             _ => 0,
+        };
+        // While back-pressure is on, a pass over the connected members that
+        // a delivery would not make congested comes first.
+        let full = match tier {
+            Tier::Connected
+                if self.bp_on()
+                    && matches!(
+                        strategy,
+                        SharedStrategy::RoundRobin | SharedStrategy::Random
+                    ) =>
+            {
+                self.limits.queue_high_water
+            }
+            _ => usize::MAX,
         };
         let sessions = &self.sessions;
         let share = self.shared.shares[id as usize].as_mut()?;
@@ -807,19 +873,22 @@ impl Engine {
             // Remixed: the shard pick already used `hash % total`.
             SharedStrategy::HashClientId => (mix(hash) % n as u64) as usize,
         };
-        for k in 0..n {
-            let i = (start + k) % n;
-            let (idx, entry) = share.members[i];
-            let s = sessions[idx as usize]
-                .as_ref()
-                .expect("members are live sessions");
-            let qualifies = match tier {
-                Tier::Connected => s.conn.is_some(),
-                Tier::Offline => s.conn.is_none() && s.is_persistent(),
-            };
-            if qualifies {
-                share.member_cursor = i + 1;
-                return Some((idx, entry));
+        for pass in 0..1 + usize::from(full != usize::MAX) {
+            let bound = if pass == 0 { full } else { usize::MAX };
+            for k in 0..n {
+                let i = (start + k) % n;
+                let (idx, entry) = share.members[i];
+                let s = sessions[idx as usize]
+                    .as_ref()
+                    .expect("members are live sessions");
+                let qualifies = match tier {
+                    Tier::Connected => s.conn.is_some(),
+                    Tier::Offline => s.conn.is_none() && s.is_persistent(),
+                };
+                if qualifies && s.queue.len() < bound {
+                    share.member_cursor = i + 1;
+                    return Some((idx, entry));
+                }
             }
         }
         None
