@@ -325,3 +325,116 @@ fn a_subscriber_that_never_reads_holds_acks_only_for_the_bound() {
     );
     assert_eq!(counter(admin, "tessera_messages_dropped_total"), 0.0);
 }
+
+/// A shared-subscription member on another shard than its publisher that does not
+/// read holds the publisher's PUBACKs as a plain subscriber does: a rumqttc member of
+/// `$share/g/bp/shared` on shard 1 stops polling after its SUBACK, a rumqttc publisher
+/// on shard 0 (window 20) queues 300 QoS 1 messages, more than the member's queue bound
+/// (100). While the member is paused the publisher may have been acknowledged at most
+/// what the broker holds for the member (32 in flight + 100 queued); then the member
+/// reads again and gets every message, once, in order, with nothing dropped. Before,
+/// a delivery to a shared member on another shard was acknowledged at once: the
+/// publisher had all 300 PUBACKs and the member's queue dropped most of them.
+#[test]
+fn a_shared_member_on_another_shard_that_does_not_read_holds_its_publisher() {
+    const N: usize = 300;
+    let broker = Broker::start_with(
+        &["--shards", "2"],
+        &[
+            ("TESSERA_LIMITS__MAX_QUEUED_MESSAGES", "100"),
+            ("TESSERA_LIMITS__QUEUE_HIGH_WATER", "20"),
+            // Far beyond the pause below: nothing is released by the bound.
+            ("TESSERA_LIMITS__BACKPRESSURE_HOLD_MS_MAX", "20000"),
+        ],
+    );
+    let (addr, admin) = (broker.addr(), broker.admin_addr());
+    let (member, mut member_conn) =
+        rumqttc::Client::new(options(addr, &id_on_shard("bp-member", 1)), 10);
+    member
+        .subscribe("$share/g/bp/shared", rumqttc::QoS::AtLeastOnce)
+        .expect("subscribe");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match member_conn.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("member: no SUBACK: {other:?}"),
+        }
+    }
+    // From here nobody polls the member until it resumes.
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let publishing = {
+        let acked = acked.clone();
+        let mut o = options(addr, &id_on_shard("bp-shared-pub", 0));
+        o.set_inflight(20);
+        thread::spawn(move || {
+            let (client, mut conn) = rumqttc::Client::new(o, N + 10);
+            for i in 0..N {
+                client
+                    .publish("bp/shared", rumqttc::QoS::AtLeastOnce, false, i.to_string())
+                    .expect("queue publish");
+            }
+            let deadline = Instant::now() + TIMEOUT;
+            while acked.load(std::sync::atomic::Ordering::Relaxed) < N {
+                let left = deadline.saturating_duration_since(Instant::now());
+                assert!(!left.is_zero(), "publisher: {acked:?} of {N} PUBACKs");
+                match conn.recv_timeout(left) {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
+                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(Ok(_)) => {}
+                    other => panic!("publisher: {other:?}"),
+                }
+            }
+            let _ = client.disconnect();
+        })
+    };
+    // The member's queue reaches the high-water mark and the broker starts holding.
+    let held_deadline = Instant::now() + Duration::from_secs(10);
+    while counter(admin, "tessera_backpressure_acks_held_total") == 0.0 {
+        assert!(
+            Instant::now() < held_deadline,
+            "no acknowledgement held; the publisher got {} PUBACKs and the broker dropped {}",
+            acked.load(std::sync::atomic::Ordering::Relaxed),
+            counter(admin, "tessera_messages_dropped_total")
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Give an unheld broker time to acknowledge everything: the PUBACKs stop.
+    thread::sleep(Duration::from_millis(700));
+    let during_pause = acked.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        during_pause <= 32 + 100,
+        "while the shared member was paused its publisher got {during_pause} PUBACKs: more \
+         than the broker holds for it (32 in flight + 100 queued)"
+    );
+    // The member reads again: everything acknowledged arrives, once, in order.
+    let mut got = Vec::new();
+    while got.len() < N {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "member got {} of {N} (publisher acknowledged {during_pause} while it was paused)",
+            got.len()
+        );
+        match member_conn.recv_timeout(left) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                let n: usize = std::str::from_utf8(&p.payload)
+                    .expect("UTF-8")
+                    .parse()
+                    .expect("a number");
+                got.push(n);
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("member: {other:?}"),
+        }
+    }
+    publishing.join().expect("the publisher got every PUBACK");
+    assert_eq!(
+        got,
+        (0..N).collect::<Vec<_>>(),
+        "lost, repeated or reordered"
+    );
+    assert_eq!(counter(admin, "tessera_messages_dropped_total"), 0.0);
+    let _ = member.disconnect();
+}

@@ -15,6 +15,11 @@
 //! the subscriber polls again and must get 0..300 in order, the publisher all its
 //! PUBACKs, and node 2 must have counted held acknowledgements and no drop.
 //!
+//! The same holds when the subscriber is the only member of a shared group
+//! (`$share/g/bp/x`): node 2 holds the answer of a batch whose shared record made the
+//! member congested. Before (session 14), a shared record was answered once the
+//! member's shard took it, and the member's queue dropped acknowledged messages.
+//!
 //! Only the publications for the congested subscriber wait: with node 2 holding them
 //! as above (and a hold bound of 120 s, beyond the test's deadline), a second QoS 1
 //! publisher on node 1 whose subscriber on node 2 reads gets all its 300 PUBACKs, and
@@ -114,13 +119,23 @@ fn cluster_with_paused_subscriber(
     tag: &str,
     limits: &[(&str, &str)],
 ) -> (Cluster, rumqttc::Client, rumqttc::Connection) {
+    cluster_with_paused(tag, limits, "bp/x")
+}
+
+/// `cluster_with_paused_subscriber` subscribed to `filter` (a shared one, matching
+/// `bp/x`, makes the subscriber the group's only member).
+fn cluster_with_paused(
+    tag: &str,
+    limits: &[(&str, &str)],
+    filter: &str,
+) -> (Cluster, rumqttc::Client, rumqttc::Connection) {
     let mut cluster = Cluster::new(tag, 2, 2, limits);
     for id in 1..=2 {
         cluster.start(id, &[], false);
     }
     cluster.wait_for_leader();
     let addr = cluster.node(2).addr();
-    let (sub, sub_conn) = subscribed(addr, "bp-sub", "bp/x", rumqttc::QoS::AtLeastOnce);
+    let (sub, sub_conn) = subscribed(addr, "bp-sub", filter, rumqttc::QoS::AtLeastOnce);
     (cluster, sub, sub_conn)
 }
 
@@ -257,7 +272,22 @@ fn resume(sub_conn: &mut rumqttc::Connection, acked: &AtomicUsize) -> Vec<usize>
 
 #[test]
 fn a_full_queue_on_another_node_holds_the_publishers_acks_and_loses_nothing() {
-    let (cluster, sub, mut sub_conn) = cluster_with_paused_subscriber("cluster-bp", &LIMITS);
+    full_queue_on_another_node("cluster-bp", "bp/x");
+}
+
+/// The same with the subscriber the only member of a shared group: node 2 holds the
+/// answer of a batch whose shared record made the member congested, as for a plain
+/// subscriber. Before, a shared record was answered once the member's shard took it:
+/// the publisher had all 300 PUBACKs while node 2 dropped most of them.
+#[test]
+fn a_full_queue_of_a_shared_member_on_another_node_holds_the_publishers_acks() {
+    full_queue_on_another_node("cluster-bp-shared", "$share/g/bp/x");
+}
+
+/// A QoS 1 publisher on node 1 into a paused subscriber of `filter` on node 2 is held
+/// while the subscriber's queue is congested, and loses nothing.
+fn full_queue_on_another_node(tag: &str, filter: &str) {
+    let (cluster, sub, mut sub_conn) = cluster_with_paused(tag, &LIMITS, filter);
     let acked = Arc::new(AtomicUsize::new(0));
     let publisher = qos1_publisher(cluster.node(1).addr(), acked.clone());
     // Node 2 starts holding the batch answers once the subscriber's queue is congested
