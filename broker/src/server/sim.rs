@@ -1479,12 +1479,16 @@ fn seeded_data_plane_simulation_with_several_shards_per_node() {
             .try_init();
     }
     let with_bursts = std::env::var("SIM_BURSTS").map_or(true, |v| v != "0");
-    run_seeds(
-        "data-plane simulation with shards per node from the seed (SIM_SHARDS=mix)",
-        4,
-        &[],
-        |seed| run_seed(seed, with_bursts, Shards::FromSeed, sync_from_env()),
-    );
+    let sync = sync_from_env();
+    let name = if sync {
+        "data-plane simulation with shards per node from the seed (SIM_SHARDS=mix), \
+         SIM_DURABILITY=sync"
+    } else {
+        "data-plane simulation with shards per node from the seed (SIM_SHARDS=mix)"
+    };
+    run_seeds(name, 4, &[], |seed| {
+        run_seed(seed, with_bursts, Shards::FromSeed, sync)
+    });
 }
 
 /// The regression seeds, each on the schedule that found it: without bursts (they came
