@@ -962,3 +962,146 @@ fn a_retained_message_above_the_inline_bound_is_fetched_from_its_origin() {
         expect(&[("big/a", payload(13))])
     );
 }
+
+/// The routes of node `of` in node `on`'s table (`tessera_cluster_routes{node}`).
+fn routes_of(cluster: &Cluster, on: u64, of: u64) -> f64 {
+    let scrape = common::scrape(cluster.node(on).admin_addr());
+    common::metric_sum(
+        &scrape,
+        "tessera_cluster_routes",
+        &[("node", &of.to_string())],
+    )
+}
+
+/// Waits (bounded) until node `on`'s table holds `n` routes of node `of`.
+fn until_routes_of(cluster: &Cluster, on: u64, of: u64, n: f64, what: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let now = routes_of(cluster, on, of);
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: node {on} still has {now} routes of node {of}, not {n}:\n{}",
+            cluster.node(of).log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A node's routes outlive it in the log. After a restart, node 1's forwarder counts
+/// the subscriptions its shards restored, so when the restored session unsubscribes,
+/// the route goes (before, the forwarder did not know the filter: the route stayed in
+/// the log for ever and the other nodes kept forwarding its publications to node 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_session_that_unsubscribes_after_a_restart_takes_its_route_along() {
+    let mut cluster = three_nodes("cluster-routing-restored-unsub");
+    let options = |cluster: &Cluster| {
+        let mut o = v5_options(cluster, 1, "restored-sub");
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(600));
+        o
+    };
+    {
+        let (sub, mut events) = AsyncClient::new(options(&cluster), 10);
+        sub.subscribe("restored/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        until(&mut events, "SUBACK on node 1", |p| {
+            matches!(p, P5::SubAck(_))
+        })
+        .await;
+    }
+    until_routes_of(&cluster, 2, 1, 1.0, "the route of the SUBSCRIBE");
+
+    cluster.kill(1);
+    cluster.start(1, &[], false);
+    cluster.wait_until("node 1 back", |c| c.ready(1));
+    let (sub, mut events) = AsyncClient::new(options(&cluster), 10);
+    let connack = until(&mut events, "CONNACK on node 1", |p| {
+        matches!(p, P5::ConnAck(_))
+    })
+    .await;
+    let P5::ConnAck(connack) = connack else {
+        unreachable!()
+    };
+    assert!(connack.session_present, "the session was restored");
+    // The route is still there for the restored subscription.
+    assert_eq!(routes_of(&cluster, 2, 1), 1.0);
+    sub.unsubscribe("restored/#").await.unwrap();
+    until(&mut events, "UNSUBACK on node 1", |p| {
+        matches!(p, P5::UnsubAck(_))
+    })
+    .await;
+    until_routes_of(&cluster, 2, 1, 0.0, "the route after the UNSUBSCRIBE");
+}
+
+/// With `memory` durability no session survives a restart, so none of the node's
+/// routes in the log is needed any more: the restarted node removes them (before,
+/// nothing ever did). A SUBSCRIBE after that gets its route again, and a publication
+/// from another node after its SUBACK reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_without_its_sessions_removes_their_routes() {
+    let mut cluster = three_nodes_with(
+        "cluster-routing-memory-restart",
+        &[("TESSERA_PERSISTENCE__DURABILITY", "memory")],
+    );
+    {
+        let mut o = v5_options(&cluster, 1, "memory-sub");
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(600));
+        let (sub, mut events) = AsyncClient::new(o, 10);
+        for f in ["orphan/a", "orphan/b/#", "$share/g/orphan/c"] {
+            sub.subscribe(f, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            until(&mut events, "SUBACK on node 1", |p| {
+                matches!(p, P5::SubAck(_))
+            })
+            .await;
+        }
+    }
+    until_routes_of(&cluster, 2, 1, 3.0, "the routes of the SUBSCRIBEs");
+
+    cluster.kill(1);
+    cluster.start(1, &[], false);
+    cluster.wait_until("node 1 back", |c| c.ready(1));
+    until_routes_of(&cluster, 2, 1, 0.0, "the routes of sessions node 1 lost");
+
+    // Subscribe, then publish on node 2: delivered.
+    let (sub, mut events) = AsyncClient::new(v5_options(&cluster, 1, "memory-sub-2"), 10);
+    sub.subscribe("orphan/a", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut events, "SUBACK on node 1", |p| {
+        matches!(p, P5::SubAck(_))
+    })
+    .await;
+    let (publisher, mut pub_events) = AsyncClient::new(v5_options(&cluster, 2, "memory-pub"), 10);
+    publisher
+        .publish(
+            "orphan/a",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "after",
+        )
+        .await
+        .unwrap();
+    let pub_task = tokio::spawn(async move {
+        until(&mut pub_events, "PUBACK on node 2", |p| {
+            matches!(p, P5::PubAck(_))
+        })
+        .await;
+    });
+    let got = until(&mut events, "the publication on node 1", |p| {
+        matches!(p, P5::Publish(_))
+    })
+    .await;
+    let P5::Publish(got) = got else {
+        unreachable!()
+    };
+    assert_eq!(&got.payload[..], b"after");
+    pub_task.await.unwrap();
+    assert_eq!(routes_of(&cluster, 2, 1), 1.0);
+}

@@ -137,6 +137,32 @@ pub struct FromShard {
     pub shard: ShardId,
     /// The messages, in order.
     pub msgs: Vec<MeshMsg>,
+    /// Sent once per shard at boot, before anything else ([`FromShard::restored`]): the
+    /// route keys its restored sessions subscribe to.
+    pub restored: Option<Vec<String>>,
+}
+
+impl FromShard {
+    /// A shard's report at boot of the filters its restored sessions subscribe to
+    /// (`Engine::subscribed_filters`; shared ones as subscribed, `$share/{group}/{filter}`).
+    /// The forwarder counts them as the shard's routes and, once every shard reported,
+    /// proposes the removal of this node's routes in the log that none of them needs
+    /// (`Forwarder::reconcile`).
+    pub fn restored(shard: ShardId, filters: &[Str]) -> FromShard {
+        let restored = filters
+            .iter()
+            .filter_map(|f| match tessera_proto::topic::parse_shared(f) {
+                Ok(Some(s)) => Some(route_key(Some(s.group), s.filter)),
+                Ok(None) => Some(route_key(None, f)),
+                Err(_) => None,
+            })
+            .collect();
+        FromShard {
+            shard,
+            msgs: Vec::new(),
+            restored: Some(restored),
+        }
+    }
 }
 
 /// A barrier asked by another node, for the forwarder: `reply` gets `()` once routes up
@@ -324,6 +350,7 @@ pub fn start(
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
+    let to_shards_len = ends.to_shards.len();
     let fwd = Forwarder {
         me: handle.node_id(),
         routes: NodeRoutes::new(handle.node_id()),
@@ -355,6 +382,8 @@ pub fn start(
             since: Arc::default(),
         },
         own_routes_from: ends.own_routes_from,
+        unreported: to_shards_len,
+        reconciled: false,
     };
     tokio::spawn(fwd.run(ends.from_shards, ends.barriers, events_rx));
 }
@@ -491,6 +520,12 @@ struct Forwarder {
     reach: Reach,
     /// See [`ShardEnd::own_routes_from`].
     own_routes_from: Arc<AtomicU64>,
+    /// Shards that have not yet reported what their restored sessions subscribe to
+    /// ([`FromShard::restored`]).
+    unreported: usize,
+    /// Whether every shard reported and this node's routes in the log were reconciled
+    /// with them ([`Self::reconcile`]).
+    reconciled: bool,
 }
 
 impl Forwarder {
@@ -876,6 +911,13 @@ impl Forwarder {
                     .local_routes
                     .fetch_add(delta, Ordering::Relaxed);
             }
+            // An add of this node's earlier life that this node applies only now (its
+            // apply was behind the log at boot), and no subscriber here needs it. (Or an
+            // add of this life applied after the answer to its removal came: the
+            // removal proposed again changes nothing.)
+            if add && self.reconciled && self.remove_orphan(route_key(group, filter)) {
+                tracing::info!(%filter, "this node's route has no subscriber here: removing it");
+            }
             return;
         }
         if let Some(t) = self.routes.apply(node, filter, group, add) {
@@ -976,6 +1018,9 @@ impl Forwarder {
 
     fn on_shard(&mut self, b: FromShard) {
         let shard = b.shard;
+        if let Some(keys) = b.restored {
+            self.on_restored(shard, keys);
+        }
         for msg in b.msgs {
             match msg {
                 MeshMsg::Publish { message, id } => self.forward(shard, message, None, id),
@@ -1294,6 +1339,76 @@ impl Forwarder {
             LocalState::Idle => self.propose(key, true),
             LocalState::Adding | LocalState::Removing => {}
         }
+    }
+
+    /// Shard `shard`'s report at boot: the route keys its restored sessions subscribe
+    /// to. Each counts as the shard's first subscriber to it, with no SUBSCRIBE
+    /// waiting: the route is proposed again unless a SUBSCRIBE since already did (an
+    /// add the log already holds changes nothing there, but its commit index marks this
+    /// life, [`ShardEnd::own_routes_from`], and its barrier has every other member
+    /// apply the route before a SUBSCRIBE beside these subscriptions is acknowledged).
+    /// After the last shard's report, [`Self::reconcile`].
+    fn on_restored(&mut self, shard: ShardId, keys: Vec<String>) {
+        for key in keys {
+            self.local_add(shard, key, None);
+        }
+        self.unreported = self.unreported.saturating_sub(1);
+        if self.unreported == 0 && !self.reconciled {
+            self.reconcile();
+        }
+    }
+
+    /// Once every shard reported what its restored sessions subscribe to: proposes the
+    /// removal of each route of this node in the committed table that no local
+    /// subscription needs (left by sessions that were not restored: `memory`
+    /// durability, a session that expired or ended while the node was down, a crash
+    /// between an unsubscribe and its route removal). A key with a local entry is left
+    /// alone: a subscriber has it (restored, or a SUBSCRIBE that came meanwhile), or a
+    /// change of it is on its way; so no remove is ever proposed for a filter a
+    /// subscriber needs, and the per-key order of proposals holds (a SUBSCRIBE that
+    /// comes while the remove is proposed waits for it, then proposes its add).
+    /// Own adds applied later (this node's apply was behind the log at boot) are
+    /// checked as they are applied ([`Self::on_applied_route`]).
+    fn reconcile(&mut self) {
+        self.reconciled = true;
+        let rows = match self.handle.tables().and_then(|t| t.routes()) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!("cluster route table unreadable: {e}");
+                return;
+            }
+        };
+        let me = self.me;
+        let mut orphans = 0usize;
+        for r in rows.into_iter().filter(|r| r.node == me) {
+            if self.remove_orphan(route_key(r.group.as_deref(), &r.filter)) {
+                orphans += 1;
+            }
+        }
+        tracing::info!(
+            node = self.me,
+            kept = self.local.len(),
+            removing = orphans,
+            "this node's routes reconciled with its restored subscriptions"
+        );
+    }
+
+    /// Proposes the removal of this node's route `key` when no local entry has it
+    /// (see [`Self::reconcile`]); whether it did.
+    fn remove_orphan(&mut self, key: String) -> bool {
+        if self.local.contains_key(&key) {
+            return false;
+        }
+        self.local.insert(
+            key.clone(),
+            LocalRoute {
+                shards: ShardSet::new(),
+                state: LocalState::Idle,
+                waiters: Vec::new(),
+            },
+        );
+        self.propose(key, false);
+        true
     }
 
     fn local_remove(&mut self, shard: ShardId, key: String) {
@@ -2547,5 +2662,179 @@ mod tests {
             serve(&mut a, BatchWriter::new(&[], 3, 4).finish()),
             "deliver"
         );
+    }
+}
+
+#[cfg(test)]
+mod reconcile_tests {
+    //! Goal: after a restart the forwarder reconciles this node's routes in the log with
+    //! what its restored sessions subscribe to: routes nobody here needs are removed, the
+    //! ones a restored session needs stay and are counted (so the last unsubscribe
+    //! removes them), and a SUBSCRIBE that comes meanwhile is neither lost nor refused,
+    //! nor does its route get removed.
+    //!
+    //! Method: a one-node control plane (in memory) with this node's routes of an
+    //! "earlier life" committed, then a forwarder for two shards fed the shards' boot
+    //! reports and route changes as the shards would send them; the committed table is
+    //! read until it is as expected (bounded).
+
+    use std::collections::BTreeSet;
+
+    use tessera_raft::memnet::MemNet;
+    use tessera_raft::{ClusterConfig, ControlPlane, NodeInfo, op::Op};
+
+    use super::*;
+
+    async fn one_node(dir: &std::path::Path) -> ControlPlane {
+        let info = NodeInfo::with_cluster_addr("127.0.0.1:1".to_string());
+        let mut c = ClusterConfig::new(1, dir.to_path_buf(), info.clone());
+        c.initial_voters = [(1, info)].into_iter().collect();
+        c.election_timeout_min_ms = 50;
+        c.election_timeout_max_ms = 100;
+        c.heartbeat_interval_ms = 20;
+        c.fsync = false;
+        let net = MemNet::new(1);
+        let (cp, service) = ControlPlane::start(c, net.transport(1)).await.unwrap();
+        net.register(1, service);
+        cp
+    }
+
+    async fn commit(cp: &ControlPlane, op: Op) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(p) = cp.handle().propose(op.clone())
+                && p.wait().await.is_ok()
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no commit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn own_routes(cp: &ControlPlane) -> BTreeSet<String> {
+        cp.handle()
+            .tables()
+            .and_then(|t| t.routes())
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.node == 1)
+            .map(|r| route_key(r.group.as_deref(), &r.filter))
+            .collect()
+    }
+
+    fn add(shard: ShardId, filter: &'static str, ack: u64) -> FromShard {
+        FromShard {
+            shard,
+            msgs: vec![MeshMsg::RouteAdd {
+                filter: Str::from_static(filter),
+                shard: 2,
+                ack: Some(ack),
+            }],
+            restored: None,
+        }
+    }
+
+    fn remove(shard: ShardId, filter: &'static str) -> FromShard {
+        FromShard {
+            shard,
+            msgs: vec![MeshMsg::RouteRemove {
+                filter: Str::from_static(filter),
+                shard: 2,
+            }],
+            restored: None,
+        }
+    }
+
+    /// Waits until shard `rx` got `Ack{token}` (bounded); panics on `RouteFailed`.
+    async fn acked(rx: &flume::Receiver<Vec<MeshMsg>>, token: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let batch = tokio::time::timeout_at(deadline, rx.recv_async())
+                .await
+                .expect("no Ack in time")
+                .unwrap();
+            for m in batch {
+                match m {
+                    MeshMsg::Ack { token: t } if t == token => return,
+                    MeshMsg::RouteFailed { .. } => panic!("SUBSCRIBE refused: {m:?}"),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    async fn until_routes(cp: &ControlPlane, want: &[&str]) {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while own_routes(cp) != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "own routes {:?}, want {want:?}",
+                own_routes(cp)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn zero() -> u64 {
+        0
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_restarted_nodes_routes_follow_its_restored_subscriptions() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = one_node(dir.path()).await;
+        // The earlier life's routes: kept/1 (a restored session still has it), the
+        // shared group g on s (a restored member), and five no session here needs any
+        // more, one of which a SUBSCRIBE asks for again before and one after the
+        // reconciliation.
+        let delta = |filter: &str, group: Option<&str>| Op::RouteDelta {
+            node: 1,
+            filter: filter.to_string(),
+            group: group.map(str::to_string),
+            add: true,
+        };
+        for f in ["kept/1", "gone/1", "gone/2", "again/before", "again/after"] {
+            commit(&cp, delta(f, None)).await;
+        }
+        commit(&cp, delta("s", Some("g"))).await;
+        commit(&cp, delta("t", Some("gone"))).await;
+
+        let (mut ends, shard_ends) = channels(2, 1024);
+        ends.set_unanswered_wait(Duration::from_millis(100));
+        let net = MemNet::new(2);
+        start(
+            ends,
+            cp.handle(),
+            net.transport(1),
+            2,
+            Clocks {
+                now_ms: zero,
+                now_us: zero,
+            },
+        );
+        let to_forwarder = shard_ends[0].to_forwarder.clone();
+        let send = |b: FromShard| to_forwarder.try_send(b).unwrap();
+
+        // Shard 1 reports first, then a SUBSCRIBE on it for a route no restored
+        // session needs; shard 0's report comes after it: the reconciliation must
+        // not remove that route.
+        send(FromShard::restored(1, &[Str::from_static("$share/g/s")]));
+        send(add(1, "again/before", 1));
+        send(FromShard::restored(0, &[Str::from_static("kept/1")]));
+        // A SUBSCRIBE right after the reconciliation, for a route it removes: it waits
+        // for the removal, then the route is added again.
+        send(add(0, "again/after", 2));
+        acked(&shard_ends[1].from_forwarder, 1).await;
+        acked(&shard_ends[0].from_forwarder, 2).await;
+        until_routes(&cp, &["kept/1", "\0g\0s", "again/before", "again/after"]).await;
+
+        // The restored subscriber of kept/1 unsubscribes: the route goes (before the
+        // reconciliation counted it, the forwarder did not know the filter and the
+        // route stayed in the log for ever).
+        send(remove(0, "kept/1"));
+        until_routes(&cp, &["\0g\0s", "again/before", "again/after"]).await;
+        cp.shutdown().await;
     }
 }

@@ -83,6 +83,14 @@ pub(super) fn spawn(shard: &Rc<Shard>) {
 async fn writer(shard: Rc<Shard>) {
     let Some(remote) = &shard.remote else { return };
     let peer = usize::from(remote.id);
+    // First of all, what the restored sessions subscribe to: the forwarder keeps the
+    // node's routes in the log that they need and removes the others.
+    let filters = shard.engine.borrow().subscribed_filters();
+    let report = FromShard::restored(shard.id as ShardId, &filters);
+    if remote.end.to_forwarder.send_async(report).await.is_err() {
+        debug!(shard = shard.id, "forwarder channel closed");
+        return;
+    }
     loop {
         let msgs = poll_fn(|cx| {
             let mut out = shard.mesh_out.borrow_mut();
@@ -109,6 +117,7 @@ async fn writer(shard: Rc<Shard>) {
         let msg = FromShard {
             shard: shard.id as ShardId,
             msgs,
+            restored: None,
         };
         if remote.end.to_forwarder.send_async(msg).await.is_err() {
             debug!(shard = shard.id, "forwarder channel closed");

@@ -80,6 +80,20 @@ impl Engine {
         Some(id)
     }
 
+    /// The filters this shard's sessions subscribe to, each once (shared ones
+    /// as subscribed, `$share/{group}/{filter}`): at boot, what the restored
+    /// sessions need routed. The driver hands it to the forwarder before
+    /// anything else the shard sends it, which keeps the node's routes in the
+    /// log that these need and removes the others (docs/ARCHITECTURE.md,
+    /// "Cluster data plane", *a node's own routes at boot*).
+    pub fn subscribed_filters(&self) -> Vec<tessera_proto::Str> {
+        let mut out: std::collections::BTreeSet<&tessera_proto::Str> = Default::default();
+        for s in self.sessions.iter().flatten() {
+            out.extend(s.subscriptions.keys());
+        }
+        out.into_iter().cloned().collect()
+    }
+
     /// The remote id, when the engine is part of a cluster.
     pub fn remote_id(&self) -> Option<ShardId> {
         self.remote
