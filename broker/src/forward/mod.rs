@@ -23,6 +23,10 @@
 //!   that waited acknowledged (`Ack` to the shard, which sends the SUBACK). A commit is
 //!   not an apply: this is what makes a publication that starts anywhere after the SUBACK
 //!   find the route. Subscriptions to a filter the node already routes answer at once.
+//!   At boot each shard first reports what its restored sessions subscribe to
+//!   ([`FromShard::restored`]): those count as its routes (proposed again), and once
+//!   every shard reported, this node's routes in the log that no local entry has are
+//!   removed (`Forwarder::reconcile`).
 //! - **Other nodes' routes** come from the applied log ([`routes::NodeRoutes`]); when a
 //!   filter gets its first other node the forwarder sends `RouteAdd{shard: remote}` to
 //!   every shard (and `RouteRemove` after the last), each acknowledged so barriers know
