@@ -1386,6 +1386,7 @@ impl Forwarder {
         let mut orphans = 0usize;
         for r in rows.into_iter().filter(|r| r.node == me) {
             if self.remove_orphan(route_key(r.group.as_deref(), &r.filter)) {
+                tracing::debug!(filter = %r.filter, group = ?r.group, "this node's route has no subscriber here: removing it");
                 orphans += 1;
             }
         }

@@ -80,18 +80,33 @@ impl Engine {
         Some(id)
     }
 
-    /// The filters this shard's sessions subscribe to, each once (shared ones
-    /// as subscribed, `$share/{group}/{filter}`): at boot, what the restored
-    /// sessions need routed. The driver hands it to the forwarder before
-    /// anything else the shard sends it, which keeps the node's routes in the
-    /// log that these need and removes the others (docs/ARCHITECTURE.md,
-    /// "Cluster data plane", *a node's own routes at boot*).
+    /// The filters this shard routes for its own subscriptions, each once
+    /// (shared ones as subscribed, `$share/{group}/{filter}`): at boot, what the
+    /// restored sessions need routed. Plain filters come from the subscription
+    /// trie, so a subscription a session left there under a ghost index
+    /// (`moved`: a restored session parked for another node's committed claim)
+    /// counts too: its route must stay while the ghost holds and redirects
+    /// copies. The driver hands this to the forwarder before anything else the
+    /// shard sends it, which keeps the node's routes in the log that these need
+    /// and removes the others (docs/ARCHITECTURE.md, "Cluster data plane", *a
+    /// node's own routes at boot*).
     pub fn subscribed_filters(&self) -> Vec<tessera_proto::Str> {
-        let mut out: std::collections::BTreeSet<&tessera_proto::Str> = Default::default();
+        let mut out: std::collections::BTreeSet<String> = Default::default();
+        self.subscriptions.for_each(|filter, _, _| {
+            if !out.contains(filter) {
+                out.insert(filter.to_owned());
+            }
+        });
         for s in self.sessions.iter().flatten() {
-            out.extend(s.subscriptions.keys());
+            for f in s.subscriptions.keys() {
+                if tessera_proto::topic::is_shared(f) {
+                    out.insert(f.to_string());
+                }
+            }
         }
-        out.into_iter().cloned().collect()
+        out.into_iter()
+            .filter_map(|f| tessera_proto::Str::try_from(f).ok())
+            .collect()
     }
 
     /// The remote id, when the engine is part of a cluster.
