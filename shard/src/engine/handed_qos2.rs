@@ -24,6 +24,12 @@
 //! - A session that moves on from B carries its pending ids on (same holder); one
 //!   that A takes back gets its tokens back, so its re-sent PUBLISH waits as on one
 //!   node.
+//! - **An id A restored after a crash** with other nodes among those that may lack
+//!   it (`InboundQos2::redeliver`: its forward died with the process) goes as
+//!   pending too, with an id A gives it at the export and no [`Handed`] entry: A
+//!   answers *unknown* and B routes the re-send (at least once, as a re-send on A
+//!   is; sim seeds 25, 71, 272 under `sync`). A's own shard skips the copy that
+//!   comes back (its count covers the id).
 //!
 //! Bounds: the pending state lives in memory, so B restarting (under `sync`
 //! durability) forgets it and answers a re-send at once, as before; a holder that
@@ -62,6 +68,10 @@ pub(super) struct Handed {
 
 /// A pending id a session carries on: (packet id, holder node, original's id).
 pub(super) type Relayed = (u16, u64, PubId);
+
+/// The holder of a [`Relayed`] id given at the export for an id restored after a
+/// crash (see `hand_inbound`): this node, whose number `pending_for` puts in.
+const HOLDER_THIS_NODE: u64 = u64::MAX;
 
 /// Encodes `ids` for the transfer: `count u32 | (packet_id u16, holder u64, origin
 /// u64, shard u16, seq u64)*`, big-endian.
@@ -110,9 +120,16 @@ impl Engine {
         let client_id = s.client_id.clone();
         let mut relayed = Vec::new();
         let mut handed = Vec::new();
+        let remote = self.remote;
+        let mut orphans = Vec::new();
         for e in &s.inbound_qos2 {
             if let Some(p) = &e.pending {
                 relayed.push((e.packet_id, p.holder, p.id));
+            } else if e.token.is_none()
+                && let (Some(set), Some(remote)) = (e.redeliver.as_deref(), remote)
+                && set.contains(remote)
+            {
+                orphans.push(e.packet_id);
             } else if let (Some(id), Some(token)) = (e.id, e.token)
                 && self
                     .pending_retains
@@ -133,6 +150,21 @@ impl Engine {
             h.client_id != client_id || !handed.iter().any(|n| n.packet_id == h.packet_id)
         });
         self.handed.extend(handed);
+        // Restored after a crash with other nodes among those that may lack the
+        // publication (the forwarder's queue died with the process): the new owner
+        // must route the re-send, or the PUBREC it answers acknowledges a message
+        // that never left (sim seeds 17, 71, ... under `sync`). This node is their
+        // holder and answers *unknown* for them, so the new owner routes the re-sent
+        // PUBLISH with the id given here: one of this shard's own, so this shard
+        // (which delivered it in the id's commit) skips the copy that comes back.
+        for packet_id in orphans {
+            let (current, given) = (self.moved.current, self.moved.given);
+            let id = self.new_pub_id(tessera_proto::QoS::ExactlyOnce);
+            (self.moved.current, self.moved.given) = (current, given);
+            if let Some(id) = id {
+                relayed.push((packet_id, HOLDER_THIS_NODE, id));
+            }
+        }
         relayed
     }
 
@@ -146,7 +178,14 @@ impl Engine {
             .filter(|h| &h.client_id == client_id && self.pending_retains.contains_key(&h.token))
             .map(|h| (h.packet_id, me, h.id))
             .collect();
-        ids.extend_from_slice(relayed);
+        ids.extend(relayed.iter().map(|&(packet_id, holder, id)| {
+            let holder = if holder == HOLDER_THIS_NODE {
+                me
+            } else {
+                holder
+            };
+            (packet_id, holder, id)
+        }));
         encode_pending(&ids)
     }
 
@@ -206,7 +245,15 @@ impl Engine {
                 e.token = live.then_some(h.token);
             }
         }
-        self.set_pending(idx, relayed);
+        // Ids restored with a redelivery set that this node would have to answer
+        // about itself: the session is back where its store says what may be lacking,
+        // but the set did not travel (an id answered at once, as before).
+        let relayed: Vec<Relayed> = relayed
+            .iter()
+            .copied()
+            .filter(|&(_, holder, _)| holder != HOLDER_THIS_NODE)
+            .collect();
+        self.set_pending(idx, &relayed);
     }
 
     /// The pending ids the old owner sent beside the transfer of `client_id`
@@ -436,6 +483,58 @@ mod tests {
         // Forgotten once done for the keep time; an unknown id is unknown.
         a.expire_moved(6 + HANDED_KEEP_MS);
         assert_eq!(a.inbound_forward_state(7, "p", 3, id), None);
+    }
+
+    /// Sim seeds 25, 71, 272 under `sync` (and the losses of 17, 116, 154, 187, 201,
+    /// 209, 252): node A crashed while a QoS 2 publication's forward waited, and
+    /// restored the packet id with the other nodes among the shards that may lack it
+    /// (the forwarder's queue died with the process). The session then moved to B:
+    /// the transfer carried the packet id only, B answered the re-sent PUBLISH at
+    /// once, and the publication never left. Now A hands the id over as pending with
+    /// itself as the holder (it answers *unknown*) and an id of its own, so B routes
+    /// the re-send, and the copy that comes back to A is skipped there (A delivered
+    /// it in the id's commit).
+    #[test]
+    fn an_id_restored_as_maybe_lacking_on_other_nodes_is_routed_by_the_new_owner() {
+        let mut a = node(7);
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        drain(&mut a, p, V);
+        let remote = a.remote_id().expect("remote");
+        let mut lacking = crate::trie::ShardSet::new();
+        lacking.insert(remote);
+        let idx = a.session_idx("p").expect("the session");
+        a.session_mut(idx)
+            .inbound_qos2
+            .push(crate::session::InboundQos2::restored(3, lacking));
+        // And one restored with no other node lacking it: answered at once on B.
+        a.session_mut(idx)
+            .inbound_qos2
+            .push(crate::session::InboundQos2::new(4));
+        let bytes = a.export_session(3, "p", 0, (2, 9)).expect("a session");
+        let pending = a.moving_pending("p", 1).expect("a moving copy");
+        let ids = decode_pending(&pending).expect("well-formed");
+        let [(3, 1, id)] = ids[..] else {
+            panic!("expected packet id 3 held by node 1, got {ids:?}");
+        };
+        assert_eq!((id.origin, id.shard), (7, a.shard), "one of A's own ids");
+        assert_eq!(a.inbound_forward_state(4, "p", 3, id), None, "unknown on A");
+
+        let mut b = node(8);
+        let c = resent_on(&mut b, &bytes, &pending);
+        assert!(
+            drain(&mut b, c, V).is_empty(),
+            "PUBREC before the re-send was routed"
+        );
+        b.inbound_forward_lost(6, "p", 3, id);
+        let (token, routed) = sent_remote(&mut b);
+        assert_eq!(routed, id);
+        b.handle_mesh(7, remote, MeshMsg::Ack { token });
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+        b.handle_packet(8, c, publish(4, true));
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(4))]);
+        assert!(remote_out(&mut b).is_empty(), "packet id 4 is not routed");
+        // The copy B routed reaches A again: A handled it (its own id).
+        assert!(a.pub_id_handled(id));
     }
 
     #[test]
