@@ -28,7 +28,7 @@
 //!   it (`InboundQos2::redeliver`: its forward died with the process) goes as
 //!   pending too, with an id A gives it at the export and no [`Handed`] entry: A
 //!   answers *unknown* and B routes the re-send (at least once, as a re-send on A
-//!   is; sim seeds 25, 71, 272 under `sync`). A's own shard skips the copy that
+//!   is; sim seeds 25, 71 under `sync`). A's own shard skips the copy that
 //!   comes back (its count covers the id).
 //!
 //! Bounds: the pending state lives in memory, so B restarting (under `sync`
@@ -485,8 +485,8 @@ mod tests {
         assert_eq!(a.inbound_forward_state(7, "p", 3, id), None);
     }
 
-    /// Sim seeds 25, 71, 272 under `sync` (and the losses of 17, 116, 154, 187, 201,
-    /// 209, 252): node A crashed while a QoS 2 publication's forward waited, and
+    /// Sim seeds 25, 71 under `sync` (and the losses of 17, 116, 154, 187, 201, 209,
+    /// 252, 272): node A crashed while a QoS 2 publication's forward waited, and
     /// restored the packet id with the other nodes among the shards that may lack it
     /// (the forwarder's queue died with the process). The session then moved to B:
     /// the transfer carried the packet id only, B answered the re-sent PUBLISH at
