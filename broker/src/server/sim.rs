@@ -1451,15 +1451,22 @@ const BURST_REGRESSION_SEEDS: &[u64] = &[
     36, 46, 61, 76, 160, 194, 242, 250, 293, 294, 335, 444, 632, 655, 876, 899, 1431,
 ];
 
-#[test]
-fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
+/// What the seeded tests take from the environment: `SIM_LOG` (a tracing filter for the
+/// run's logs) is installed here; returns whether bursts are on (`SIM_BURSTS=0` turns
+/// them off).
+fn sim_env() -> bool {
     if let Ok(filter) = std::env::var("SIM_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_test_writer()
             .try_init();
     }
-    let with_bursts = std::env::var("SIM_BURSTS").map_or(true, |v| v != "0");
+    std::env::var("SIM_BURSTS").map_or(true, |v| v != "0")
+}
+
+#[test]
+fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
+    let with_bursts = sim_env();
     let shards = Shards::from_env(Shards::Each(1));
     let sync = sync_from_env();
     run_seeds("data-plane simulation", 4, &[], |seed| {
@@ -1472,13 +1479,7 @@ fn seeded_data_plane_simulation_keeps_sessions_routes_and_qos() {
 /// ClientID lives on its owner shard, and peer requests reach the shard that serves them.
 #[test]
 fn seeded_data_plane_simulation_with_several_shards_per_node() {
-    if let Ok(filter) = std::env::var("SIM_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
-            .try_init();
-    }
-    let with_bursts = std::env::var("SIM_BURSTS").map_or(true, |v| v != "0");
+    let with_bursts = sim_env();
     let sync = sync_from_env();
     let name = if sync {
         "data-plane simulation with shards per node from the seed (SIM_SHARDS=mix), \

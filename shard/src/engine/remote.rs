@@ -423,6 +423,23 @@ mod tests {
         }
     }
 
+    /// Pumps the mesh, and answers as the forwarder does every route add and
+    /// shared-group route the shards sent it (the rest of what they sent it is
+    /// dropped).
+    fn ack_route_adds(es: &mut [Engine], remote: ShardId) {
+        for (from, m) in pump(es, remote) {
+            if let MeshMsg::RouteAdd {
+                ack: Some(token), ..
+            }
+            | MeshMsg::ShareRoute {
+                ack: Some(token), ..
+            } = m
+            {
+                es[usize::from(from)].handle_mesh(1, remote, MeshMsg::Ack { token });
+            }
+        }
+    }
+
     fn subscribe(e: &mut Engine, conn: ConnId, filter: &'static str, qos: QoS) {
         let sub = Subscribe {
             packet_id: 1,
@@ -614,14 +631,7 @@ mod tests {
         };
         es[1].handle_packet(1, b, Packet::Subscribe(sub));
         // Ack the route adds the forwarder got.
-        for (from, m) in pump(&mut es, remote) {
-            if let MeshMsg::RouteAdd {
-                ack: Some(token), ..
-            } = m
-            {
-                es[usize::from(from)].handle_mesh(1, remote, MeshMsg::Ack { token });
-            }
-        }
+        ack_route_adds(&mut es, remote);
         drain(&mut es[0], a, V5);
         drain(&mut es[1], b, V5);
         // Other nodes route f/# too.
@@ -724,14 +734,7 @@ mod tests {
         let other = client(&mut es[1], "other");
         subscribe(&mut es[1], other, "t/+", QoS::AtLeastOnce);
         // The forwarder answers this life's route adds.
-        for (shard, m) in pump(&mut es, remote) {
-            if let MeshMsg::RouteAdd {
-                ack: Some(token), ..
-            } = m
-            {
-                es[usize::from(shard)].handle_mesh(1, remote, MeshMsg::Ack { token });
-            }
-        }
+        ack_route_adds(&mut es, remote);
         assert!(pump(&mut es, remote).is_empty());
         for (e, c) in [(0, new), (0, beside), (1, other)] {
             let got = drain(&mut es[e], c, V5);
@@ -869,17 +872,7 @@ mod tests {
         }
         let c = client(&mut es[on], "s");
         subscribe(&mut es[on], c, filter, QoS::AtLeastOnce);
-        for (from, m) in pump(&mut es, remote) {
-            if let MeshMsg::RouteAdd {
-                ack: Some(token), ..
-            }
-            | MeshMsg::ShareRoute {
-                ack: Some(token), ..
-            } = m
-            {
-                es[usize::from(from)].handle_mesh(1, remote, MeshMsg::Ack { token });
-            }
-        }
+        ack_route_adds(&mut es, remote);
         pump(&mut es, remote);
         let suback = drain(&mut es[on], c, V5);
         assert!(matches!(suback[..], [Packet::SubAck(_)]), "{suback:?}");
@@ -1013,14 +1006,7 @@ mod tests {
         let (mut es, remote) = cluster();
         let c = client(&mut es[0], "s");
         subscribe(&mut es[0], c, "x", QoS::AtMostOnce);
-        for (from, m) in pump(&mut es, remote) {
-            if let MeshMsg::RouteAdd {
-                ack: Some(token), ..
-            } = m
-            {
-                es[usize::from(from)].handle_mesh(1, remote, MeshMsg::Ack { token });
-            }
-        }
+        ack_route_adds(&mut es, remote);
         let u = tessera_proto::Unsubscribe {
             packet_id: 3,
             properties: Default::default(),
