@@ -305,25 +305,9 @@ impl BatchWriter {
         message: &Message,
         share: Option<&ShareFor>,
     ) -> bool {
-        self.push_for(now_ms, publisher, message, share, None, None)
-    }
-
-    /// [`BatchWriter::push`] with the publication's id and, for a publication sent
-    /// on to the node a session moved to, the session (ClientID, claim epoch).
-    pub fn push_for(
-        &mut self,
-        now_ms: u64,
-        publisher: u64,
-        message: &Message,
-        share: Option<&ShareFor>,
-        id: Option<PubId>,
-        session: Option<(&Str, u64)>,
-    ) -> bool {
         let tags = Tags {
             share,
-            id,
-            session,
-            routes: None,
+            ..Tags::default()
         };
         self.push_tagged(now_ms, publisher, message, tags)
     }
@@ -746,6 +730,20 @@ mod tests {
 
     use super::*;
 
+    /// A record's tags without a routes index.
+    fn tags<'a>(
+        share: Option<&'a ShareFor>,
+        id: Option<PubId>,
+        session: Option<(&'a Str, u64)>,
+    ) -> Tags<'a> {
+        Tags {
+            share,
+            id,
+            session,
+            routes: None,
+        }
+    }
+
     #[test]
     fn retained_references_and_records_are_checked() {
         let m = message("big/a", &[7u8; 4096], 1, true, true);
@@ -848,16 +846,16 @@ mod tests {
         let c = Str::from_static("c1");
         let mut w = BatchWriter::new(&[], 1, 1);
         let m = message("t", b"p", 2, false, false);
-        assert!(w.push_for(0, 1, &m, None, Some(id), None));
-        assert!(w.push_for(0, 2, &m, None, Some(id), Some((&c, 99))));
-        assert!(w.push_for(0, 3, &m, None, None, Some((&c, 5))));
+        assert!(w.push_tagged(0, 1, &m, tags(None, Some(id), None)));
+        assert!(w.push_tagged(0, 2, &m, tags(None, Some(id), Some((&c, 99)))));
+        assert!(w.push_tagged(0, 3, &m, tags(None, None, Some((&c, 5)))));
         let share = ShareFor {
             group: Str::from_static("g"),
             filter: Str::from_static("t"),
             handed_back: false,
         };
         // A shared record is never for one session: the session is left out.
-        assert!(w.push_for(0, 4, &m, Some(&share), None, Some((&c, 5))));
+        assert!(w.push_tagged(0, 4, &m, tags(Some(&share), None, Some((&c, 5)))));
         let bytes = w.finish();
         let Ok(Request::Batch { records, .. }) = decode_request(bytes.clone(), 16) else {
             panic!("not a batch")
@@ -880,14 +878,14 @@ mod tests {
         }
         // A record that is both shared and for one session, or for an empty ClientID.
         let mut w = BatchWriter::new(&[], 1, 1);
-        assert!(w.push_for(0, 1, &m, Some(&share), None, None));
+        assert!(w.push_tagged(0, 1, &m, tags(Some(&share), None, None)));
         let mut lie = BytesMut::from(&w.finish()[..]);
         let flags_at = 1 + 8 + 8 + 4;
         lie[flags_at] |= FLAG_SESSION;
         assert!(decode_request(lie.freeze(), 16).is_err());
         let empty = Str::from_static("");
         let mut w = BatchWriter::new(&[], 1, 1);
-        assert!(w.push_for(0, 1, &m, None, None, Some((&empty, 1))));
+        assert!(w.push_tagged(0, 1, &m, tags(None, None, Some((&empty, 1)))));
         assert!(decode_request(w.finish(), 16).is_err());
     }
 
