@@ -65,6 +65,21 @@ pub struct SessionState {
     pub will: Option<Will>,
 }
 
+/// A moved session's confirmed ghost as stored ([`StoreOp::PutGhost`]).
+#[derive(Debug, Clone)]
+pub struct GhostState {
+    /// The ClientID.
+    pub client_id: Str,
+    /// The node the session moved to, and its claim epoch.
+    pub to: (u64, u64),
+    /// Its plain subscriptions with their options.
+    pub subscriptions: Vec<(Str, SubscriptionEntry)>,
+    /// When the new owner confirmed (broker ms; stored as wall-clock time).
+    pub confirmed_ms: u64,
+    /// The window the ghost filters with, encoded (`moved`).
+    pub window: Vec<u8>,
+}
+
 /// One change to a shard's store. Times are broker-relative milliseconds; the
 /// writer converts them to wall-clock time.
 #[derive(Debug, Clone)]
@@ -172,6 +187,14 @@ pub enum StoreOp {
     /// A delayed will was published or dropped.
     DelWill {
         /// The session's ClientID.
+        client_id: Str,
+    },
+    /// A session that moved to another node left a confirmed ghost here (in the
+    /// commit of the session's delete: a crash cannot lose one without the other).
+    PutGhost(Box<GhostState>),
+    /// The ghost of a ClientID went (expired, dropped, or its session is back).
+    DelGhost {
+        /// The ClientID.
         client_id: Str,
     },
 }
@@ -335,6 +358,13 @@ fn forward_mark_key(node: u64) -> Vec<u8> {
     k
 }
 
+/// The `meta` key of the ghost of `client_id` (`StoreOp::PutGhost`).
+fn ghost_key(client_id: &[u8]) -> Vec<u8> {
+    let mut k = META_GHOST_PREFIX.to_vec();
+    k.extend_from_slice(&text_key(client_id));
+    k
+}
+
 /// The value of a forward mark: incarnation, seq (u64 little-endian), index
 /// (u32 little-endian).
 fn forward_mark_value(m: &crate::mesh::ForwardMark) -> [u8; 20] {
@@ -456,12 +486,17 @@ const META_ORIGIN_PREFIX: &[u8] = b"origin/";
 /// big-endian); the value is [`forward_mark_value`].
 pub(crate) const META_FORWARD_PREFIX: &[u8] = b"fwd/";
 
+/// The prefix of moved sessions' ghosts in `meta`, followed by the ClientID key; the
+/// value is a [`record::GhostRec`]. In `meta` rather than a database of its own, so a
+/// data directory keeps its databases (and an older build reads it, skipping these).
+pub(crate) const META_GHOST_PREFIX: &[u8] = b"ghost/";
+
 type Db<'e> = Database<'e, RawBytes, RawBytes>;
 
 /// The databases of one env.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dbs<'e> {
-    meta: Db<'e>,
+    pub(crate) meta: Db<'e>,
     sessions: Db<'e>,
     messages: Db<'e>,
     inbound: Db<'e>,
@@ -613,6 +648,15 @@ pub(crate) fn apply(
         StoreOp::DelWill { client_id } => dbs
             .wills
             .delete(txn, &text_key(client_id.as_bytes()))
+            .map(drop),
+        StoreOp::PutGhost(g) => dbs.meta.put(
+            txn,
+            &ghost_key(g.client_id.as_bytes()),
+            &encode(&ghost_rec(g, wall_base_ms)),
+        ),
+        StoreOp::DelGhost { client_id } => dbs
+            .meta
+            .delete(txn, &ghost_key(client_id.as_bytes()))
             .map(drop),
     }
 }

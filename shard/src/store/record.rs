@@ -151,6 +151,24 @@ pub struct TransferTailRec {
     pub more: bool,
 }
 
+/// A moved session's confirmed ghost (`meta` database, key `ghost/` + the ClientID
+/// key; issue 15, cause E): what the old owner needs after a crash to send on what
+/// was matched for the session while it lived here (`engine::stored_ghost`).
+#[derive(Archive, Serialize, Deserialize, Debug, PartialEq)]
+pub struct GhostRec {
+    pub client_id: String,
+    /// The node the session moved to, and its claim epoch.
+    pub to_node: u64,
+    pub to_epoch: u64,
+    /// The session's plain subscriptions as they were when it left.
+    pub subscriptions: Vec<SubRec>,
+    /// When the new owner confirmed it stored the session (wall clock): the ghost
+    /// lives `MOVED_WINDOW_MS` from then.
+    pub confirmed_wall_ms: u64,
+    /// The window the ghost filters with (`moved::encode_marks`: marks, no ids).
+    pub window: Vec<u8>,
+}
+
 /// Why a stored value could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -377,6 +395,41 @@ pub fn session_rec(s: &crate::store::SessionState, wall_base_ms: u64) -> Session
             .collect(),
         will: s.will.as_ref().map(will_rec),
     }
+}
+
+/// The stored form of a ghost.
+pub fn ghost_rec(g: &crate::store::GhostState, wall_base_ms: u64) -> GhostRec {
+    GhostRec {
+        client_id: string(&g.client_id),
+        to_node: g.to.0,
+        to_epoch: g.to.1,
+        subscriptions: g
+            .subscriptions
+            .iter()
+            .map(|(f, e)| SubRec {
+                filter: string(f),
+                options: options_byte(e.options),
+                subscription_id: e.subscription_id,
+            })
+            .collect(),
+        confirmed_wall_ms: to_wall(g.confirmed_ms, wall_base_ms),
+        window: g.window.clone(),
+    }
+}
+
+/// The ghost of a record (its confirmation on the broker's clock).
+pub fn ghost(r: GhostRec, wall_base_ms: u64) -> Result<crate::store::GhostState, DecodeError> {
+    Ok(crate::store::GhostState {
+        client_id: to_str(r.client_id)?,
+        to: (r.to_node, r.to_epoch),
+        subscriptions: r
+            .subscriptions
+            .into_iter()
+            .map(subscription)
+            .collect::<Result<_, _>>()?,
+        confirmed_ms: to_broker(r.confirmed_wall_ms, wall_base_ms),
+        window: r.window,
+    })
 }
 
 pub fn options_byte(o: SubscriptionOptions) -> u8 {

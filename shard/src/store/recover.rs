@@ -147,6 +147,9 @@ pub struct Recovered {
     /// The highest publication handled here per node that forwarded to this
     /// shard (`StoreOp::PutForwardMark`).
     pub forward_marks: Vec<crate::mesh::ForwardMark>,
+    /// Confirmed ghosts of sessions that moved to other nodes (`StoreOp::PutGhost`):
+    /// the engine restores those still within their window (`stored_ghost`).
+    pub ghosts: Vec<super::GhostState>,
 }
 
 /// One session's deliveries: (seq, record, raw key, raw value).
@@ -175,6 +178,10 @@ struct Raw {
     origins: HashMap<ShardId, u64>,
     /// forward marks of the nodes that forwarded here
     forwards: Vec<crate::mesh::ForwardMark>,
+    /// ghost key -> (record, raw value)
+    ghosts: BTreeMap<Vec<u8>, (record::GhostRec, Vec<u8>)>,
+    /// ghost keys whose value does not decode (skipped with a warning, deleted)
+    bad_ghosts: Vec<Vec<u8>>,
     /// session key -> (record, raw value)
     wills: HashMap<Vec<u8>, (record::DelayedWillRec, Vec<u8>)>,
     /// topic key -> (record, raw value)
@@ -294,6 +301,22 @@ fn read_raw(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<Raw, St
             let mark = super::decode_forward_mark(node, v)
                 .ok_or_else(|| corrupt("meta", k, "bad forward mark".into()))?;
             raw.forwards.push(mark);
+        } else if k.starts_with(super::META_GHOST_PREFIX) {
+            // A ghost is worth its window (30 s) at most: one that does not read is
+            // skipped and deleted, with a warning, rather than stopping the start.
+            match record::decode::<record::GhostRec>(v) {
+                Ok(rec) => {
+                    raw.ghosts.insert(k.to_vec(), (rec, v.to_vec()));
+                }
+                Err(e) => {
+                    warn!(
+                        path = %path.display(),
+                        key = %escape(k),
+                        "store: a moved session's ghost does not decode ({e}); skipped and deleted"
+                    );
+                    raw.bad_ghosts.push(k.to_vec());
+                }
+            }
         }
     }
     for item in dbs.wills.iter(&rtxn).map_err(open)? {
@@ -349,6 +372,7 @@ fn delete_raw(
 }
 
 /// Indexes of the databases in `Dbs::all`.
+const META: usize = 0;
 const SESSIONS: usize = 1;
 const MESSAGES: usize = 2;
 const INBOUND: usize = 3;
@@ -423,6 +447,7 @@ pub fn recover(
     // it counts once, and the copy outside its owner is deleted.
     let mut seen_sessions = std::collections::HashSet::new();
     let mut seen_retained = std::collections::HashSet::new();
+    let mut seen_ghosts = std::collections::HashSet::new();
     // Forward marks stay with their shard; after a change of the shard count
     // they are dropped (a batch retried then is delivered again: at least once).
     let same_shards = present == 0 || present == shard_count;
@@ -481,6 +506,42 @@ pub fn recover(
                 routes_all.push((filter.clone(), owner as ShardId));
             }
             out[owner].sessions.push(session);
+        }
+        // A ghost goes with its ClientID's shard, as its session did.
+        for key in std::mem::take(&mut raw.bad_ghosts) {
+            dels.push((META, key));
+        }
+        for (key, (rec, value)) in std::mem::take(&mut raw.ghosts) {
+            let owner = shard_for(rec.client_id.as_bytes(), shard_count);
+            if owner != from {
+                moved += 1;
+                puts[owner].push((META, key.clone(), value));
+                dels.push((META, key.clone()));
+            }
+            if !seen_ghosts.insert(key.clone()) {
+                continue;
+            }
+            match record::ghost(rec, wall_base_ms) {
+                Ok(ghost) => {
+                    // Its filters stay routed to its shard, as a session's do.
+                    for (filter, _) in &ghost.subscriptions {
+                        routes_all.push((filter.clone(), owner as ShardId));
+                    }
+                    out[owner].ghosts.push(ghost);
+                }
+                Err(e) => {
+                    warn!(
+                        path = %path.display(),
+                        key = %escape(&key),
+                        "store: a moved session's ghost is not valid ({e}); skipped and deleted"
+                    );
+                    if owner != from {
+                        puts[owner].pop();
+                    } else {
+                        dels.push((META, key));
+                    }
+                }
+            }
         }
         for (key, _) in raw.messages.iter().filter(|(_, m)| !m.is_empty()) {
             warn!(
