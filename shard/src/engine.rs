@@ -62,6 +62,7 @@ mod queue_budget;
 mod quota;
 mod remote;
 mod shared;
+mod stored_ghost;
 mod sys_probe;
 #[cfg(test)]
 mod testing;

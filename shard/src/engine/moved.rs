@@ -84,32 +84,34 @@ pub(super) const GHOST_BASE: SessionIdx = 1 << 31;
 const WINDOW_IDS_MAX: usize = 65_536;
 
 #[derive(Debug)]
-struct Ghost {
-    client_id: Str,
+pub(super) struct Ghost {
+    pub(super) client_id: Str,
     /// (node, claim epoch) it moved to.
-    to: (u64, u64),
-    filters: Vec<Str>,
+    pub(super) to: (u64, u64),
+    pub(super) filters: Vec<Str>,
     /// That node confirmed it stored the session: what matches goes there at once.
     /// Until then it is held here (the session may come back here, or go to a
     /// later claimant), with who waits for it.
-    confirmed: bool,
-    held: Vec<Held>,
+    pub(super) confirmed: bool,
+    pub(super) held: Vec<Held>,
     /// Until confirmed: the session's window as exported, and the ids of what the
     /// ghost held since, so a publication reaching this node twice (directly and
     /// redirected by an older ghost on another node) or one the session already
     /// got is held once at most (seed 160 of the data-plane simulation).
-    seen: Option<Window>,
+    pub(super) seen: Option<Window>,
+    /// A record of it is in the store (`stored_ghost`): its end deletes it.
+    pub(super) stored: bool,
 }
 
 /// A publication a ghost holds: the message, its id, who waits for it.
-type Held = (Message, Option<PubId>, Option<u64>);
+pub(super) type Held = (Message, Option<PubId>, Option<u64>);
 
 #[derive(Debug)]
 pub(super) struct Window {
     /// The session it is for (a new session of the ClientID has none).
     uid: SessionUid,
     /// Highest id per origin shard the old owner had handled.
-    marks: Vec<(u64, ShardId, u64)>,
+    pub(super) marks: Vec<(u64, ShardId, u64)>,
     /// This shard's own counts (per class) when the session's subscriptions were
     /// attached here (`u64::MAX` until then).
     local_mark: [u64; CLASSES],
@@ -140,12 +142,12 @@ pub(super) struct Moved {
     /// Highest id number handled here per shard of this process (the index) and
     /// class: the local mesh's copies, noted without a search.
     local_marks: Vec<[u64; CLASSES]>,
-    ghosts: Vec<Option<Ghost>>,
-    free: Vec<u32>,
-    by_client: HashMap<Str, u32>,
+    pub(super) ghosts: Vec<Option<Ghost>>,
+    pub(super) free: Vec<u32>,
+    pub(super) by_client: HashMap<Str, u32>,
     windows: HashMap<Str, Window>,
     /// (expiry, ghost slot or window ClientID), in expiry order (one duration).
-    expiring: VecDeque<(u64, Expiring)>,
+    pub(super) expiring: VecDeque<(u64, Expiring)>,
     /// While a publication is routed: its id, and who waits for a redirect.
     pub(super) current: Option<PubId>,
     pub(super) ack: Option<RedirectAck>,
@@ -157,12 +159,12 @@ pub(super) struct Moved {
 }
 
 #[derive(Debug)]
-enum Expiring {
+pub(super) enum Expiring {
     Ghost(u32, Str),
     Window(Str, SessionUid),
 }
 
-fn encode_marks(out: &mut Vec<u8>, marks: &[(u64, ShardId, u64)], ids: &[PubId]) {
+pub(super) fn encode_marks(out: &mut Vec<u8>, marks: &[(u64, ShardId, u64)], ids: &[PubId]) {
     out.extend_from_slice(&(marks.len() as u32).to_be_bytes());
     for (o, s, q) in marks {
         out.extend_from_slice(&o.to_be_bytes());
@@ -180,7 +182,7 @@ fn encode_marks(out: &mut Vec<u8>, marks: &[(u64, ShardId, u64)], ids: &[PubId])
 /// Decodes what [`Engine::export_session`] kept as the moved session's window.
 /// Untrusted: every length is checked.
 #[allow(clippy::type_complexity)]
-fn decode_marks(b: &[u8]) -> Option<(Vec<(u64, ShardId, u64)>, Vec<PubId>)> {
+pub(super) fn decode_marks(b: &[u8]) -> Option<(Vec<(u64, ShardId, u64)>, Vec<PubId>)> {
     fn entry(b: &[u8]) -> (u64, ShardId, u64) {
         let o = u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
         let s = ShardId::from_be_bytes(b[8..10].try_into().unwrap_or_default());
@@ -213,7 +215,7 @@ fn decode_marks(b: &[u8]) -> Option<(Vec<(u64, ShardId, u64)>, Vec<PubId>)> {
 const QOS_SHIFT: u32 = 62;
 /// Id classes: QoS 0, 1 and 2 sent at once, and QoS 2 sent after its publisher's
 /// commit ([`AFTER_COMMIT`]).
-const CLASSES: usize = 4;
+pub(super) const CLASSES: usize = 4;
 /// The class of a QoS 2 publication of a stored session under `sync` durability:
 /// its copies for other shards and nodes wait for the commit of its publisher's
 /// packet id (`Engine::send_after_id_commit`), while other QoS 2 publications of
@@ -260,7 +262,7 @@ fn raise(marks: &mut Vec<(u64, ShardId, u64)>, origin: u64, shard: ShardId, seq:
 impl Window {
     /// A window for session `uid` with the old owner's `marks`, this shard's
     /// `local_mark` and the `ids` the session already got.
-    fn new(
+    pub(super) fn new(
         uid: SessionUid,
         marks: Vec<(u64, ShardId, u64)>,
         local_mark: [u64; CLASSES],
@@ -467,6 +469,7 @@ impl Engine {
             confirmed: false,
             held: Vec::new(),
             seen: Some(seen),
+            stored: false,
         });
         self.moved.by_client.insert(client_id, slot);
         out
@@ -587,6 +590,9 @@ impl Engine {
         let Some(g) = self.moved.ghosts[slot as usize].take() else {
             return;
         };
+        if g.stored {
+            self.unstore_ghost(client_id);
+        }
         for f in &g.filters {
             self.remove_local_subscription(f, GHOST_BASE + slot);
         }

@@ -141,6 +141,9 @@ pub(super) struct PersistState {
     forward_marks: Vec<(ForwardMark, bool)>,
     /// Whether a forward mark is above its stored value.
     forward_marks_dirty: bool,
+    /// Ghost records to delete (`StoreOp::DelGhost`): they ride with the next
+    /// commit that has ops anyway (`stored_ghost`).
+    pub(super) ghost_dels: Vec<Str>,
 }
 
 impl PersistState {
@@ -191,6 +194,7 @@ impl Engine {
             origin_marks_dirty: false,
             forward_marks: Vec::new(),
             forward_marks_dirty: false,
+            ghost_dels: Vec::new(),
         }));
     }
 
@@ -221,6 +225,14 @@ impl Engine {
                 }
             }
         }
+        // A ghost's delete needs no commit of its own: until it is committed, the
+        // record outlives the ghost only as one a restart drops or finds harmless
+        // (`stored_ghost`).
+        p.ops.extend(
+            p.ghost_dels
+                .drain(..)
+                .map(|client_id| StoreOp::DelGhost { client_id }),
+        );
         if p.forward_marks_dirty {
             p.forward_marks_dirty = false;
             for (mark, stored) in p.forward_marks.iter_mut().filter(|(_, s)| !*s) {
@@ -750,7 +762,7 @@ impl Engine {
     /// will of such a connection is published (or delayed) as for any
     /// connection that ends without DISCONNECT, and its session expiry counts
     /// from now.
-    pub fn restore(&mut self, now_ms: u64, r: Recovered) {
+    pub fn restore(&mut self, now_ms: u64, mut r: Recovered) {
         assert!(self.persist.is_some(), "restore needs persistence on");
         assert!(
             self.by_client_id.is_empty(),
@@ -760,6 +772,7 @@ impl Engine {
             p.origin_next = p.origin_next.max(r.origin_seq_floor);
             p.forward_marks = r.forward_marks.iter().map(|m| (*m, true)).collect();
         }
+        let ghosts = std::mem::take(&mut r.ghosts);
         // Shared groups with members on other shards are routable at once, as
         // offline members; each shard announces its real counts once it runs.
         let mut shared_members: Vec<(&str, ShardId)> = Vec::new();
@@ -822,6 +835,8 @@ impl Engine {
                 self.publish_will(now_ms, w, origin);
             }
         }
+        // After the sessions: a ghost of a ClientID with a session here is stale.
+        self.restore_ghosts(now_ms, ghosts);
     }
 
     /// Creates session `rs` on this shard as stored (`stored`: its deliveries are in

@@ -375,6 +375,9 @@ impl Engine {
                 // What came for it meanwhile follows it now (`moved`).
                 if let Ok(key) = Str::try_from(client_id) {
                     self.ghost_confirmed(now_ms, &key);
+                    // In the commit of the session's delete below: a crash keeps
+                    // the ghost whenever it loses the session (`stored_ghost`).
+                    self.store_ghost(now_ms, &key);
                 }
                 self.drop_moving(client_id)
             }
