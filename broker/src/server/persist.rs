@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::anyhow;
 use futures_lite::future::poll_fn;
@@ -52,10 +52,10 @@ pub(super) type StoreSlot = Option<(StoreHandle, Recovered, bool)>;
 /// Every shard's slot, taken by shard id (the mesh id, known after joining).
 pub(super) type StoreBoot = Arc<Mutex<Vec<StoreSlot>>>;
 
+/// Wall-clock milliseconds since the Unix epoch (`rt::unix_ms`: simulated in the
+/// simulation).
 pub(super) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    super::rt::unix_ms()
 }
 
 /// Recovers the data directory and starts one writer thread per shard, unless

@@ -56,6 +56,28 @@ pub(super) fn now() -> Instant {
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch. In the simulation they follow [`now`]
+/// (the real wall clock at a fixed instant, plus the simulated time since), so the
+/// wall-clock times the store and the takeover keep (expiries, a ghost's window) move
+/// with the simulated clock across a node's restart, as they do in production.
+pub(super) fn unix_ms() -> u64 {
+    fn system_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+    if sim().is_none() {
+        return system_ms();
+    }
+    static ANCHOR: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    let (at, ms) = *ANCHOR.get_or_init(|| (Instant::now(), system_ms()));
+    let t = now();
+    match t.checked_duration_since(at) {
+        Some(d) => ms + d.as_millis() as u64,
+        None => ms.saturating_sub(at.duration_since(t).as_millis() as u64),
+    }
+}
+
 /// Marks this thread as a simulation thread until the guard drops: [`sleep`],
 /// [`spawn_local`] and [`now`] use tokio (call inside the runtime and its `LocalSet`).
 #[cfg(test)]
