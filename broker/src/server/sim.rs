@@ -1511,8 +1511,12 @@ fn the_data_plane_simulation_regression_seeds() {
 /// publication's forward waited, restored the id as maybe lacking on other nodes, and
 /// the session moved on before the client re-sent it; the new owner acknowledged the
 /// re-send without routing it (the export now hands such an id over as pending, and
-/// the new owner routes it: `handed_qos2`).
-const SYNC_REGRESSION_SEEDS: &[u64] = &[25, 71];
+/// the new owner routes it: `handed_qos2`). 212: a node crashed within the window of a
+/// session that had moved off it (confirmed, its records deleted), restarted without
+/// the session's ghost, and accepted the batches another node held for it, matched
+/// for that session: acknowledged QoS 1/2 lost (the ghost is stored since:
+/// `stored_ghost`).
+const SYNC_REGRESSION_SEEDS: &[u64] = &[25, 71, 212];
 
 #[test]
 fn the_data_plane_simulation_sync_regression_seeds() {
