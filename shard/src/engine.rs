@@ -1801,6 +1801,10 @@ impl Engine {
             MeshMsg::Ack { token } if self.pending_retains.contains_key(&token) => {
                 self.on_retain_ack(token)
             }
+            // A ghost's redirect with a peer's token, accepted by the new node.
+            MeshMsg::Ack { token } if self.bp_holds_remote(token) => {
+                self.bp_release_held_remote(token);
+            }
             MeshMsg::Ack { token } => self.on_route_ack(now_ms, token),
             MeshMsg::RouteFailed {
                 token,
@@ -1878,7 +1882,13 @@ impl Engine {
     ) {
         self.bp_begin_remote(from, ack, message.qos, forwarded);
         self.refusal = (message.qos != QoS::AtMostOnce).then_some(false);
+        // A ghost here that holds the copy, or sends it on to the session's new
+        // node, holds the `Ack` until it lets go of it (`moved`): under `sync`
+        // durability the publisher is answered only once the copy is stored where
+        // the session lives, not while it sits in a ghost's memory (sim seed 13).
+        self.moved.ack = Some(moved::RedirectAck::Peer);
         self.deliver_local(now_ms, message);
+        self.moved.ack = None;
         if self.refusal.take() == Some(true) {
             // Before the `Ack`: the publisher's shard learns it
             // while the acknowledgement is still held.

@@ -199,8 +199,10 @@ impl Engine {
 
     /// A `PublishDurable` from `from` is delivered here (`forwarded`: a
     /// publication of a batch another node forwarded, `ack` the batch's).
+    /// Also with back-pressure off: a moved session's ghost here holds the `Ack`
+    /// the same way while it holds the copy (`moved`, [`Engine::bp_hold_remote`]).
     pub(super) fn bp_begin_remote(&mut self, from: ShardId, ack: u64, qos: QoS, forwarded: bool) {
-        if self.bp_on() && qos != QoS::AtMostOnce {
+        if qos != QoS::AtMostOnce {
             self.bp.routing = Some(Routing {
                 publisher: Publisher::Remote { from, ack },
                 token: None,
@@ -245,6 +247,45 @@ impl Engine {
             r.token = Some(t);
         }
         Some(t)
+    }
+
+    /// A moved session's ghost holds (or sends on to its new node) the copy of the
+    /// `PublishDurable` being delivered: its `Ack` waits until the ghost lets go of
+    /// it ([`Engine::bp_release_held_remote`]), as for a congested session. `None`
+    /// when no other shard waits for this delivery.
+    pub(super) fn bp_hold_remote(&mut self) -> Option<u64> {
+        if !matches!(
+            self.bp.routing,
+            Some(Routing {
+                publisher: Publisher::Remote { .. },
+                ..
+            })
+        ) {
+            return None;
+        }
+        let token = self.bp_token()?;
+        let (_, _, n, _) = self.bp.remote.get_mut(&token)?;
+        *n += 1;
+        Some(token)
+    }
+
+    /// Whether `token` is one this shard holds another shard's `Ack` with.
+    pub(super) fn bp_holds_remote(&self, token: u64) -> bool {
+        self.bp.remote.contains_key(&token)
+    }
+
+    /// A ghost let go of a copy it held for `token` ([`Engine::bp_hold_remote`]):
+    /// delivered to its session taken back here, sent on and accepted by the new
+    /// node, or dropped with the ghost. The `Ack` waits for the commit of what is
+    /// stored now too. False when `token` is not such a token.
+    pub(super) fn bp_release_held_remote(&mut self, token: u64) -> bool {
+        let epoch = self.current_durable_epoch();
+        let Some(entry) = self.bp.remote.get_mut(&token) else {
+            return false;
+        };
+        entry.3 = entry.3.max(epoch);
+        self.bp_release_token(token);
+        true
     }
 
     /// The token a QoS 1/2 publication forwarded to `to` must carry so `to`

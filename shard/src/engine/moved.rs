@@ -127,6 +127,11 @@ pub(super) enum RedirectAck {
     Publisher(u64),
     /// A forwarded batch (`pending_forwards`).
     Batch(u64),
+    /// The `Ack` another local shard waits for (a `PublishDurable`, a forwarded
+    /// copy or a redirect it sent with its token): held through a back-pressure
+    /// remote token (`Engine::bp_hold_remote`), so the publisher's PUBACK/PUBREC or
+    /// the batch's answer waits for what the ghost does with the copy.
+    Peer,
 }
 
 /// The module's state in the engine.
@@ -569,6 +574,10 @@ impl Engine {
             self.on_forward_ack(token);
         } else if self.pending_retains.contains_key(&token) {
             self.on_retain_ack(token);
+        } else {
+            // Another shard's `Ack`: after the commit of what the release stored
+            // (a held copy delivered to its session, taken back here).
+            self.bp_release_held_remote(token);
         }
     }
 
@@ -790,6 +799,7 @@ impl Engine {
                 *n += 1;
                 Some(t)
             }
+            RedirectAck::Peer => self.bp_hold_remote(),
         }
     }
 
@@ -808,11 +818,18 @@ impl Engine {
         let from_remote = self.is_remote(from);
         if from_remote {
             self.moved.ack = self.forward_batch.map(RedirectAck::Batch);
+        } else if let Some(t) = ack {
+            // The shard that sent it waits for this shard's word: a ghost here that
+            // holds or sends the copy on holds that word too.
+            self.bp_begin_remote(from, t, message.qos, false);
+            self.moved.ack = Some(RedirectAck::Peer);
         }
         self.redirected(now_ms, client_id, message, id);
         self.moved.ack = None;
         self.moved.current = None;
-        if let Some(t) = ack {
+        if let Some(t) = ack
+            && (from_remote || !self.bp_end_remote())
+        {
             self.ack_after_commit(from, t);
         }
     }
@@ -1489,6 +1506,91 @@ mod tests {
             payloads(&mut n[1], s),
             vec![Bytes::from_static(b"lost with its node")]
         );
+    }
+
+    /// Commits every shard's store batch and exchanges mesh messages until neither
+    /// has anything left; returns what went to the remote id.
+    fn settle(es: &mut [Engine], now_ms: u64) -> Vec<(ShardId, MeshMsg)> {
+        let mut out = Vec::new();
+        loop {
+            let sent = pump_node(es, now_ms);
+            let mut committed = false;
+            for e in es.iter_mut() {
+                while let Some(b) = e.take_store_batch() {
+                    e.store_committed(b.epoch);
+                    committed = true;
+                }
+            }
+            let quiet = sent.is_empty() && !committed;
+            out.extend(sent);
+            if quiet {
+                return out;
+            }
+        }
+    }
+
+    /// Sim seed 13 (`sync`): a session parked on shard a1 of node A for another node's
+    /// claim held a QoS 1 publication of a0's publisher in its ghost, in memory only,
+    /// while a1 answered a0's `PublishDurable` at once: the publisher got its PUBACK,
+    /// node A crashed, and the publication was gone. Now the ghost holds a1's `Ack`
+    /// until it lets go of the copy: sent on and accepted by the new node, or
+    /// delivered to the session taken back here (and committed).
+    #[test]
+    fn a_ghost_holds_the_acknowledgement_of_another_shards_publisher_until_it_lets_go() {
+        let sub = client_on(1, "s");
+        let publisher = client_on(0, "p");
+        let remote: ShardId = 2;
+        let puback = Packet::PubAck(tessera_proto::PubAck::new(1));
+        for taken_back in [false, true] {
+            let mut a = two_shards(7);
+            for e in &mut a {
+                e.enable_persistence(true);
+            }
+            let s = a[1].connect(1, connect_packet(V, &sub, false), false);
+            a[1].handle_packet(1, s, subscribe_packet("t", QoS::AtLeastOnce));
+            settle(&mut a, 1);
+            drain(&mut a[1], s, V);
+            let p = a[0].connect(1, connect_packet(V, &publisher, false), false);
+            settle(&mut a, 1);
+            drain(&mut a[0], p, V);
+
+            // Node 2's claim committed: the session is handed out, its ghost holds.
+            assert!(a[1].export_session(2, &sub, 0, (2, 99)).is_some());
+            let mut x = Publish::new(Str::from_static("t"), Bytes::from_static(b"x"));
+            x.qos = QoS::AtLeastOnce;
+            x.packet_id = 1;
+            a[0].handle_packet(3, p, Packet::Publish(x));
+            settle(&mut a, 3);
+            assert!(
+                drain(&mut a[0], p, V).is_empty(),
+                "PUBACK while only a ghost's memory holds the publication"
+            );
+
+            if taken_back {
+                // Node 2 never confirmed, and the client came back to node A.
+                assert!(a[1].resume_moving(4, &sub, 0).expect("resumed"));
+                let s = a[1].connect(4, connect_packet(V, &sub, false), false);
+                settle(&mut a, 4);
+                assert_eq!(payloads(&mut a[1], s), vec![Bytes::from_static(b"x")]);
+                assert_eq!(drain(&mut a[0], p, V), vec![puback.clone()]);
+                continue;
+            }
+            assert!(a[1].moving_done(4, &sub, (2, 99)));
+            let token = settle(&mut a, 4)
+                .into_iter()
+                .find_map(|(_, m)| match m {
+                    MeshMsg::Redirect { ack: Some(t), .. } => Some(t),
+                    _ => None,
+                })
+                .expect("x sent on to node 2 with a token");
+            assert!(
+                drain(&mut a[0], p, V).is_empty(),
+                "PUBACK before node 2 accepted it"
+            );
+            a[1].handle_mesh(5, remote, MeshMsg::Ack { token });
+            settle(&mut a, 5);
+            assert_eq!(drain(&mut a[0], p, V), vec![puback.clone()]);
+        }
     }
 
     #[test]
