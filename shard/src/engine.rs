@@ -1243,6 +1243,8 @@ impl Engine {
         // The original's id when this re-sent PUBLISH is routed here in its place
         // (`handed_qos2`).
         let mut again = None;
+        // Where the store op of a QoS 2 packet id is, to add the publication's id.
+        let mut inbound_op = None;
         if p.qos == QoS::ExactlyOnce {
             let receive_maximum = self.inbound_qos2_max(version);
             let s = self.session_mut(idx);
@@ -1265,7 +1267,7 @@ impl Engine {
             s.inbound_qos2.push(InboundQos2::new(p.packet_id));
             seq = self.origin_seq_for(idx);
             let mark = self.store_mark();
-            self.persist_inbound(idx, p.packet_id, Some((seq, None)));
+            inbound_op = self.persist_inbound(idx, p.packet_id, Some((seq, None)), None);
             if self.store_mark() != mark {
                 // The PUBREC waits for the id's commit, whenever it is written.
                 self.hold_output_for_commit(conn);
@@ -1304,6 +1306,11 @@ impl Engine {
         self.publish_acked(now_ms, msg, token, key);
         self.moved.again = None;
         let given = self.moved.given.take();
+        if let (Some(op), Some(id)) = (inbound_op, given) {
+            // Stored with the packet id (same commit): a re-send after a crash
+            // goes out with it (`exactly_once`).
+            self.persist_inbound_id(op, id);
+        }
         self.feed.source = feed_pace::FeedSource::None;
         self.publish_seq = 0;
         let refused = self.refusal.take() == Some(true);
@@ -1374,7 +1381,7 @@ impl Engine {
         match s.inbound_position(packet_id) {
             Some(pos) => {
                 s.inbound_qos2.swap_remove(pos);
-                self.persist_inbound(idx, packet_id, None);
+                self.persist_inbound(idx, packet_id, None, None);
             }
             None => comp.reason_code = ReasonCode::PacketIdentifierNotFound,
         }
@@ -1659,6 +1666,9 @@ impl Engine {
         // this shard if the original reached it.
         if local && !self.moved.again.is_some_and(|id| self.pub_id_handled(id)) {
             self.deliver_local(now_ms, &msg);
+        }
+        if let Some(id) = self.moved.again {
+            self.note_resent_handled(id);
         }
         self.moved.current = None;
         self.moved.ack = None;

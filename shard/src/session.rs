@@ -157,9 +157,10 @@ impl InboundQos2 {
 
     /// A packet id restored from a store or another node, with the shards
     /// that may lack its publication.
-    pub fn restored(packet_id: u16, redeliver: ShardSet) -> InboundQos2 {
+    pub fn restored(packet_id: u16, redeliver: ShardSet, id: Option<PubId>) -> InboundQos2 {
         InboundQos2 {
             redeliver: (!redeliver.is_empty()).then(|| Box::new(redeliver)),
+            id,
             ..InboundQos2::new(packet_id)
         }
     }

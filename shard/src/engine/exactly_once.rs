@@ -70,7 +70,7 @@ impl Engine {
             let entry = &mut s.inbound_qos2[pos];
             entry.token = token;
             entry.epoch = epoch;
-            entry.id = id.or(entry.id);
+            entry.id = id.map(super::moved::original).or(entry.id);
         }
     }
 
@@ -94,7 +94,8 @@ impl Engine {
         if let Some(shards) = entry.redeliver.take()
             && durable
         {
-            return self.redeliver(now_ms, conn, idx, p, *shards);
+            let original = entry.id;
+            return self.redeliver(now_ms, conn, idx, p, *shards, original);
         }
         let (token, epoch) = (entry.token, entry.epoch);
         let ack = Packet::PubRec(PubRec::new(p.packet_id));
@@ -116,7 +117,9 @@ impl Engine {
 
     /// Delivers a re-sent PUBLISH again to the other shards in `shards` that
     /// route its topic (see the module), and acknowledges it once they
-    /// committed it.
+    /// committed it. With the `original` publication's cluster-wide id when it
+    /// was stored: a re-sent copy of it (`moved::RESENT`), which another node
+    /// that got the original skips.
     fn redeliver(
         &mut self,
         now_ms: u64,
@@ -124,13 +127,14 @@ impl Engine {
         idx: SessionIdx,
         p: Publish,
         shards: ShardSet,
+        original: Option<crate::mesh::PubId>,
     ) {
         let packet_id = p.packet_id;
         let (uid, version) = (self.session(idx).uid, self.session(idx).version);
         let mut msg = message_from_publish(now_ms, p, uid, version);
         msg.received_us = self.now_us;
         let seq = self.origin_seq_for(idx);
-        self.persist_inbound(idx, packet_id, Some((seq, Some(shards))));
+        self.persist_inbound(idx, packet_id, Some((seq, Some(shards))), original);
         self.hold_output_for_commit(conn);
         let token = self.next_token;
         self.next_token += 1;
@@ -138,15 +142,20 @@ impl Engine {
         let mut set = std::mem::take(&mut self.shard_set);
         route_match(&self.routes, &msg.topic, &mut set);
         self.publish_seq = seq;
-        // A new id: a copy of the first delivery's may have been lost with a crash.
+        // The original's id, as a re-sent copy's: a node (or a shard) that got the
+        // original skips it. Without one (stored by an older build) a new id: at
+        // least once on other nodes.
+        self.moved.again = original;
         self.new_pub_id(msg.qos);
+        self.moved.again = None;
         let mut sent = 0u32;
         for to in set.iter() {
             if to == self.shard || !shards.contains(to) {
                 continue;
             }
             if self.is_remote(to) {
-                // No marks for other nodes: at least once there.
+                // The other nodes' marks are in memory: one that did not restart
+                // and got the original skips the re-sent copy.
                 self.forward_remote(to, &msg, Some(token));
             } else {
                 self.stats.forwards_sent += 1;
@@ -167,7 +176,7 @@ impl Engine {
             self.pending_retains.remove(&token);
         }
         let token = (sent > 0).then_some(token);
-        self.note_inbound_wait(idx, packet_id, token, None);
+        self.note_inbound_wait(idx, packet_id, token, original);
         self.send_ack(conn, Packet::PubRec(PubRec::new(packet_id)), token);
     }
 }
@@ -617,7 +626,7 @@ mod tests {
             disconnected_at_ms: Some(0),
             subscriptions: Vec::new(),
             deliveries: Vec::new(),
-            inbound_qos2: vec![(7, lacking)],
+            inbound_qos2: vec![(7, lacking, None)],
             will: None,
             delayed_will: None,
         };
@@ -676,6 +685,149 @@ mod tests {
         assert!(to_remote(e).is_empty());
         let got = crate::engine::testing::drain(e, conn, V);
         assert!(matches!(got[..], [Packet::PubRec(_)]), "{got:?}");
+    }
+
+    /// The cluster's other nodes for `node`'s engines: origin `origin` (a new one
+    /// per process start) and another node routing "t".
+    fn in_cluster(node: &mut Node, origin: u64) {
+        for e in &mut node.engines {
+            e.set_origin(origin);
+            let remote = e.remote_id().expect("a cluster node");
+            e.handle_mesh(
+                1,
+                remote,
+                MeshMsg::RouteAdd {
+                    filter: Str::from_static("t"),
+                    shard: remote,
+                    ack: None,
+                },
+            );
+        }
+    }
+
+    /// The one publication shard 0 gave the forwarder: its token and id.
+    fn forwarded_by_0(node: &mut Node) -> (u64, crate::mesh::PubId) {
+        let sent = std::mem::take(&mut node.to_forwarder);
+        match &sent[..] {
+            [
+                (
+                    0,
+                    MeshMsg::PublishRemote {
+                        ack: Some(token),
+                        id: Some(id),
+                        ..
+                    },
+                ),
+            ] => (*token, *id),
+            other => panic!("expected one PublishRemote from shard 0: {other:?}"),
+        }
+    }
+
+    /// Another node of the cluster (origin 9) with a subscriber on "t": how many
+    /// publications it is given when a copy with `id` reaches it.
+    fn other_node_gets(other: &mut (Engine, ConnId), id: crate::mesh::PubId) -> usize {
+        let (e, s) = other;
+        let remote = e.remote_id().expect("a cluster node");
+        let message = crate::message::Message {
+            topic: Str::from_static("t"),
+            payload: Bytes::from_static(b"m7"),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            properties: None,
+            expires_at_ms: None,
+            origin: Some(crate::message::SessionUid::remote(1)),
+            received_us: 0,
+        };
+        e.handle_mesh(
+            1,
+            remote,
+            MeshMsg::Forwarded {
+                message,
+                mark: None,
+                ack: None,
+                id: Some(id),
+                earlier_life: false,
+            },
+        );
+        crate::engine::testing::drain(e, *s, V)
+            .iter()
+            .filter(|p| matches!(p, Packet::Publish(_)))
+            .count()
+    }
+
+    fn other_node() -> (Engine, ConnId) {
+        let mut e = crate::engine::testing::engines(1, &Limits::default()).remove(0);
+        e.enable_remote().expect("room for the remote id");
+        e.set_origin(9);
+        let s = e.connect(
+            1,
+            crate::engine::testing::connect_packet(V, "s", false),
+            false,
+        );
+        e.handle_packet(
+            1,
+            s,
+            crate::engine::testing::subscribe_packet("t", QoS::ExactlyOnce),
+        );
+        let _ = crate::engine::testing::drain(&mut e, s, V);
+        (e, s)
+    }
+
+    /// Cause A of the `sync` simulation failures (seeds 28, 119, 141, 253, 282,
+    /// ...): the copy of a QoS 2 publication reached another node, and the
+    /// publisher's node crashed before that node's answer, so its PUBREC never
+    /// went. After the restart the re-sent PUBLISH is forwarded again (recovery
+    /// counts the other nodes as "may lack it"), and it went with a new id, so the
+    /// node that had the original delivered it twice. Now the inbound record keeps
+    /// the original's id and the re-send goes out as a re-sent copy of it, which
+    /// that node skips (one that never got the original delivers it); the local
+    /// shards that have it (the publisher's, the subscriber's that committed it)
+    /// are told so at restore.
+    #[test]
+    fn a_resend_after_a_restart_goes_to_the_other_nodes_with_the_originals_id() {
+        use super::super::moved::resent;
+
+        let dir = temp_dir("original-id");
+        let (sub, publisher) = set_up_on(&dir, "t", true);
+        let mut node = Node::boot_with(&dir, true);
+        in_cluster(&mut node, 1);
+        let p = node.connect(publisher);
+        node.send(p, publish(7, false));
+        node.settle();
+        let (_, original) = forwarded_by_0(&mut node);
+        assert!(
+            node.recv(p).is_empty(),
+            "PUBREC before the other node's answer"
+        );
+        let mut got_it = other_node();
+        assert_eq!(other_node_gets(&mut got_it, original), 1);
+        node.crash();
+
+        let mut node = Node::boot_with(&dir, true);
+        in_cluster(&mut node, 2);
+        for k in 0..2 {
+            assert!(
+                node.engines[k].pub_id_handled(resent(original)),
+                "shard {k} has the publication"
+            );
+        }
+        let p = node.connect(publisher);
+        node.send(p, publish(7, true));
+        node.settle();
+        let (token, again) = forwarded_by_0(&mut node);
+        assert_eq!(again, resent(original), "re-sent with the original's id");
+        let remote = node.engines[0].remote_id().expect("a cluster node");
+        node.engines[0].handle_mesh(node.now_ms, remote, MeshMsg::Ack { token });
+        node.settle();
+        assert!(matches!(node.recv(p)[..], [Packet::PubRec(_)]));
+        node.send(p, Packet::PubRel(PubRel::new(7)));
+        node.settle();
+        assert!(matches!(node.recv(p)[..], [Packet::PubComp(_)]));
+        node.disconnect(p);
+        assert_eq!(other_node_gets(&mut got_it, again), 0, "delivered twice");
+        assert_eq!(other_node_gets(&mut other_node(), again), 1);
+        assert_eq!(delivered(&mut node, sub), ["m7"]);
+        node.crash();
     }
 
     /// A second crash while the re-sent PUBLISH is being delivered again,

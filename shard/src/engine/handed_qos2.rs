@@ -129,7 +129,7 @@ impl Engine {
                 && let (Some(set), Some(remote)) = (e.redeliver.as_deref(), remote)
                 && set.contains(remote)
             {
-                orphans.push(e.packet_id);
+                orphans.push((e.packet_id, e.id));
             } else if let (Some(id), Some(token)) = (e.id, e.token)
                 && self
                     .pending_retains
@@ -157,10 +157,17 @@ impl Engine {
         // holder and answers *unknown* for them, so the new owner routes the re-sent
         // PUBLISH with the id given here: one of this shard's own, so this shard
         // (which delivered it in the id's commit) skips the copy that comes back.
-        for packet_id in orphans {
-            let (current, given) = (self.moved.current, self.moved.given);
-            let id = self.new_pub_id(tessera_proto::QoS::ExactlyOnce);
-            (self.moved.current, self.moved.given) = (current, given);
+        // With the original's id when it was stored (cause A of the `sync` failures:
+        // a node that got the original before this one crashed skips the re-send,
+        // and this node's shards that have it were told so at restore); else one
+        // given here, as before: at least once on other nodes.
+        for (packet_id, original) in orphans {
+            let id = original.or_else(|| {
+                let (current, given) = (self.moved.current, self.moved.given);
+                let id = self.new_pub_id(tessera_proto::QoS::ExactlyOnce);
+                (self.moved.current, self.moved.given) = (current, given);
+                id
+            });
             if let Some(id) = id {
                 relayed.push((packet_id, HOLDER_THIS_NODE, id));
             }
@@ -306,7 +313,7 @@ impl Engine {
                 (!p.lost).then_some((e.packet_id, p.holder, p.id))
             })
             .collect();
-        pending.sort_unstable_by_key(|&(_, _, id)| id);
+        pending.sort_unstable_by_key(|&(_, _, id)| super::moved::original(id));
         pending
     }
 
@@ -505,7 +512,7 @@ mod tests {
         let idx = a.session_idx("p").expect("the session");
         a.session_mut(idx)
             .inbound_qos2
-            .push(crate::session::InboundQos2::restored(3, lacking));
+            .push(crate::session::InboundQos2::restored(3, lacking, None));
         // And one restored with no other node lacking it: answered at once on B.
         a.session_mut(idx)
             .inbound_qos2
@@ -527,7 +534,7 @@ mod tests {
         );
         b.inbound_forward_lost(6, "p", 3, id);
         let (token, routed) = sent_remote(&mut b);
-        assert_eq!(routed, id);
+        assert_eq!(routed, super::super::moved::resent(id));
         b.handle_mesh(7, remote, MeshMsg::Ack { token });
         assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(3))]);
         b.handle_packet(8, c, publish(4, true));
@@ -535,6 +542,79 @@ mod tests {
         assert!(remote_out(&mut b).is_empty(), "packet id 4 is not routed");
         // The copy B routed reaches A again: A handled it (its own id).
         assert!(a.pub_id_handled(id));
+    }
+
+    /// Cause A with a move (session 15; the QoS 2 duplicates of sim seeds 39, 77, 132,
+    /// 160, 297 and the former losses of cause B under `sync`): A restored the id with
+    /// the original's id from its store, so it hands that id over (not one of its own),
+    /// and B routes the re-send as a re-sent copy of it: a node that got the original
+    /// before A crashed skips it, one that did not delivers it, and A's shard, told at
+    /// restore that it has the publication, skips it too.
+    #[test]
+    fn an_id_restored_with_its_originals_id_is_routed_by_the_new_owner_with_that_id() {
+        use super::super::moved::resent;
+
+        // The original, routed by A's earlier life (origin 6).
+        let original = PubId {
+            origin: 6,
+            shard: 0,
+            seq: (3 << 62) | 12,
+        };
+        let mut a = node(7);
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        drain(&mut a, p, V);
+        let remote = a.remote_id().expect("remote");
+        let mut lacking = crate::trie::ShardSet::new();
+        lacking.insert(remote);
+        let idx = a.session_idx("p").expect("the session");
+        a.session_mut(idx)
+            .inbound_qos2
+            .push(crate::session::InboundQos2::restored(
+                3,
+                lacking,
+                Some(original),
+            ));
+        a.note_resent_handled(original);
+        let bytes = a.export_session(3, "p", 0, (2, 9)).expect("a session");
+        let pending = a.moving_pending("p", 1).expect("a moving copy");
+        assert_eq!(decode_pending(&pending), Some(vec![(3, 1, original)]));
+        assert_eq!(a.inbound_forward_state(4, "p", 3, original), None);
+
+        let mut b = node(8);
+        let c = resent_on(&mut b, &bytes, &pending);
+        b.inbound_forward_lost(6, "p", 3, original);
+        let (token, routed) = sent_remote(&mut b);
+        assert_eq!(routed, resent(original), "a re-sent copy of the original");
+        b.handle_mesh(7, remote, MeshMsg::Ack { token });
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+        assert!(a.pub_id_handled(routed), "A's shard has it");
+
+        let forwarded = |id| MeshMsg::Forwarded {
+            message: super::super::message_from_publish(
+                1,
+                Publish::new(Str::from_static("t"), Bytes::from_static(b"x")),
+                crate::message::SessionUid(0),
+                V,
+            ),
+            mark: None,
+            ack: None,
+            id: Some(id),
+            earlier_life: false,
+        };
+        for got_original in [true, false] {
+            let mut n = node(9);
+            let remote = n.remote_id().expect("remote");
+            let s = n.connect(1, connect_packet(V, "s", false), false);
+            n.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+            drain(&mut n, s, V);
+            if got_original {
+                n.handle_mesh(2, remote, forwarded(original));
+                assert_eq!(drain(&mut n, s, V).len(), 1);
+            }
+            n.handle_mesh(3, remote, forwarded(routed));
+            let again = drain(&mut n, s, V);
+            assert_eq!(again.len(), usize::from(!got_original), "{again:?}");
+        }
     }
 
     #[test]
@@ -547,7 +627,11 @@ mod tests {
         // A restarted: it does not know the original any more.
         b.inbound_forward_lost(6, "p", 3, id);
         let (token, routed) = sent_remote(&mut b);
-        assert_eq!(routed, id, "routed with the original's id");
+        assert_eq!(
+            routed,
+            super::super::moved::resent(id),
+            "routed with the original's id, as a re-sent copy"
+        );
         assert!(
             drain(&mut b, c, V).is_empty(),
             "PUBREC before it is accepted"

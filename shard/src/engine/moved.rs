@@ -82,6 +82,10 @@ pub(super) const GHOST_BASE: SessionIdx = 1 << 31;
 /// Ids one window keeps at most (a session that gets more QoS 2 publications
 /// within a window than this keeps only the newest).
 const WINDOW_IDS_MAX: usize = 65_536;
+/// Ids of re-sent copies ([`RESENT`]) one shard remembers handling (the oldest
+/// go first): a second copy of one is skipped, and so is an original that comes
+/// after its re-sent copy.
+const RESENT_IDS_MAX: usize = 4_096;
 
 #[derive(Debug)]
 pub(super) struct Ghost {
@@ -161,6 +165,11 @@ pub(super) struct Moved {
     pub(super) again: Option<PubId>,
     /// The id the publication being routed got, if it went to another node.
     pub(super) given: Option<PubId>,
+    /// Originals' ids of the re-sent copies ([`RESENT`]) this shard handled, and
+    /// of restored publications it has (`Recovered::resent_handled`), oldest first,
+    /// at most [`RESENT_IDS_MAX`]. A re-sent copy raises no mark: see [`RESENT`].
+    resent: HashSet<PubId>,
+    resent_order: VecDeque<PubId>,
 }
 
 #[derive(Debug)]
@@ -218,6 +227,45 @@ pub(super) fn decode_marks(b: &[u8]) -> Option<(Vec<(u64, ShardId, u64)>, Vec<Pu
 
 /// Bits of a [`PubId`]'s `seq` above which its class sits.
 const QOS_SHIFT: u32 = 62;
+/// Bit 61 of a [`PubId`]'s `seq` (below the class, above any count a shard
+/// reaches): the copy is of a QoS 2 PUBLISH its client re-sent, routed again with
+/// its original's id because the node that routed the original restarted
+/// (`exactly_once::redeliver` there, `handed_qos2` on the node the session moved
+/// to). Cause A of the `sync` simulation failures: such a re-send went out with a
+/// new id, so a node that got the original delivered it twice.
+///
+/// A receiving shard skips a re-sent copy when its marks cover the original's id
+/// (it handled the original, or a later publication of that origin and class
+/// before it) or it handled a re-sent copy of it already ([`Moved::resent`]). It
+/// never raises a mark with one: the originals of one origin shard and class
+/// arrive in id order, re-sent copies do not (the clients of a dead process
+/// re-send in any order, on the restarted node or on the ones their sessions
+/// moved to), and a mark raised by a re-sent copy would make a lower id, re-sent
+/// later, look handled: acknowledged and lost (the trap of sim seed 1431). The
+/// bit travels inside the id (no wire change); a node of an older build reads it
+/// as an id above its marks: delivered, at least once, as before.
+const RESENT: u64 = 1 << 61;
+
+/// `id` as carried by a re-sent copy of its publication.
+pub(super) fn resent(id: PubId) -> PubId {
+    PubId {
+        seq: id.seq | RESENT,
+        ..id
+    }
+}
+
+/// Whether `id` is a re-sent copy's ([`RESENT`]).
+pub(super) fn is_resent(id: PubId) -> bool {
+    id.seq & RESENT != 0
+}
+
+/// The original publication's id of a copy (re-sent or not).
+pub(super) fn original(id: PubId) -> PubId {
+    PubId {
+        seq: id.seq & !RESENT,
+        ..id
+    }
+}
 /// Id classes: QoS 0, 1 and 2 sent at once, and QoS 2 sent after its publisher's
 /// commit ([`AFTER_COMMIT`]).
 pub(super) const CLASSES: usize = 4;
@@ -244,14 +292,16 @@ fn id_class(seq: u64) -> u64 {
     seq >> QOS_SHIFT
 }
 
-/// The publication's number within its class (`n` of [`id_seq`]).
+/// The publication's number within its class (`n` of [`id_seq`]; a re-sent
+/// copy's is its original's).
 fn id_number(seq: u64) -> u64 {
-    seq & ((1 << QOS_SHIFT) - 1)
+    seq & (RESENT - 1)
 }
 
-/// A mark covers `seq`: same origin shard and class, not above it.
+/// A mark covers `seq` (a re-sent copy's: its original's): same origin shard and
+/// class, not above it.
 fn covers(m: &(u64, ShardId, u64), origin: u64, shard: ShardId, seq: u64) -> bool {
-    m.0 == origin && m.1 == shard && id_class(m.2) == id_class(seq) && seq <= m.2
+    m.0 == origin && m.1 == shard && id_class(m.2) == id_class(seq) && seq & !RESENT <= m.2
 }
 
 fn raise(marks: &mut Vec<(u64, ShardId, u64)>, origin: u64, shard: ShardId, seq: u64) {
@@ -298,6 +348,8 @@ impl Window {
     /// Whether the publication `id` (by the normal path: `direct`) is one the
     /// session already got; records it otherwise.
     fn seen(&mut self, id: PubId, direct: bool) -> bool {
+        // A re-sent copy is the same publication as its original.
+        let id = original(id);
         if direct && self.handled(id) {
             return true;
         }
@@ -331,6 +383,7 @@ impl Engine {
             return None;
         }
         if let Some(id) = self.moved.again {
+            let id = resent(id);
             self.moved.current = Some(id);
             self.moved.given = Some(id);
             return Some(id);
@@ -358,6 +411,10 @@ impl Engine {
     /// copy at or below the mark is one handled before, or one that was not sent
     /// here).
     pub(super) fn pub_id_handled(&self, id: PubId) -> bool {
+        let id = original(id);
+        if self.resent_seen(id) {
+            return true;
+        }
         if id.origin == self.moved.origin {
             let class = id_class(id.seq) as usize;
             let count = if id.shard == self.shard {
@@ -376,22 +433,55 @@ impl Engine {
             .any(|m| covers(m, id.origin, id.shard, id.seq))
     }
 
-    /// Whether a copy from another shard of this node with `id` is a re-sent QoS 2
-    /// PUBLISH routed in place of its original (`handed_qos2`: it carries another
-    /// process's id, which a publication of this node never does) and this shard
-    /// handled that original already: skipped, as the forwarded batch's shard skips it.
+    /// Whether a copy with `id` from another shard of this node (or the shard that
+    /// served another node's batch) was handled here: a re-sent QoS 2 PUBLISH routed
+    /// in place of its original ([`RESENT`]) whose original (or an earlier re-sent
+    /// copy) this shard handled, or an original whose re-sent copy came first.
+    /// Skipped, as the forwarded batch's shard skips it. Originals of one origin
+    /// shard and class come in id order, so they need no look at the marks.
     pub(super) fn rerouted_handled(&self, id: Option<PubId>) -> bool {
-        id.is_some_and(|id| id.origin != self.moved.origin && self.pub_id_handled(id))
+        id.is_some_and(|id| {
+            if is_resent(id) {
+                self.pub_id_handled(id)
+            } else {
+                self.resent_seen(id)
+            }
+        })
+    }
+
+    /// Whether this shard handled a re-sent copy of publication `id` (an original's),
+    /// or has that restored publication.
+    fn resent_seen(&self, id: PubId) -> bool {
+        !self.moved.resent.is_empty() && self.moved.resent.contains(&id)
+    }
+
+    /// This shard handled publication `id` (a re-sent copy's, or a restored one it
+    /// has): a later copy with it is skipped. No mark rises (see [`RESENT`]).
+    pub(super) fn note_resent_handled(&mut self, id: PubId) {
+        let id = original(id);
+        if !self.moved.resent.insert(id) {
+            return;
+        }
+        self.moved.resent_order.push_back(id);
+        if self.moved.resent_order.len() > RESENT_IDS_MAX
+            && let Some(old) = self.moved.resent_order.pop_front()
+        {
+            self.moved.resent.remove(&old);
+        }
     }
 
     /// A publication with `id` (from another node, or another shard of this one) is
     /// handled here: it is the one being routed, and this shard's mark for its
-    /// origin shard and class rises to it.
+    /// origin shard and class rises to it; a re-sent copy's id is remembered
+    /// instead (see [`RESENT`]).
     pub(super) fn note_pub_id(&mut self, id: Option<PubId>) {
         self.moved.current = id;
         let Some(id) = id else {
             return;
         };
+        if is_resent(id) {
+            return self.note_resent_handled(id);
+        }
         let local = (id.origin == self.moved.origin)
             .then(|| self.moved.local_marks.get_mut(usize::from(id.shard)))
             .flatten()
@@ -448,6 +538,12 @@ impl Engine {
                 raise(&mut marks, o, sh, q);
             }
             ids.extend(w.order);
+        }
+        // Re-sent copies this shard handled raise no mark: the new owner learns them
+        // as ids the session got (or, as a mark says, that did not reach it here).
+        ids.extend(self.moved.resent_order.iter().copied());
+        if ids.len() > WINDOW_IDS_MAX {
+            ids.drain(..ids.len() - WINDOW_IDS_MAX);
         }
         let mut out = Vec::new();
         encode_marks(&mut out, &marks, &ids);
@@ -1493,11 +1589,11 @@ mod tests {
         );
         let rerouted = |payload, n| MeshMsg::Publish {
             message: message(payload),
-            id: Some(PubId {
+            id: Some(resent(PubId {
                 origin: 5,
                 shard: 0,
                 seq: id_seq(2, n),
-            }),
+            })),
         };
         n[1].handle_mesh(3, 0, rerouted("original", 7));
         assert!(payloads(&mut n[1], s).is_empty(), "the original came twice");
@@ -1610,5 +1706,74 @@ mod tests {
         let mut long = out.clone();
         long.push(0);
         assert!(decode_marks(&long).is_none());
+    }
+
+    /// Cause A's trap (session 15): re-sent copies of one dead origin ([`RESENT`])
+    /// come in any order (their clients re-send on the restarted node or on the
+    /// nodes their sessions moved to, each when it reconnects), so none may raise
+    /// the mark: one that did would make a lower id re-sent later look handled
+    /// (acknowledged and lost, as in sim seed 1431). Each is delivered once, a copy
+    /// whose original arrived is skipped, and so are a second re-sent copy and an
+    /// original that arrives after its re-sent copy.
+    #[test]
+    fn re_sent_copies_of_one_dead_origin_in_reverse_order_are_each_delivered_once() {
+        let (mut e, remote, s) = node(7);
+        let id = |n| PubId {
+            origin: 5,
+            shard: 0,
+            seq: id_seq(AFTER_COMMIT, n),
+        };
+        let copy = |payload, id| MeshMsg::Forwarded {
+            message: message(payload),
+            mark: None,
+            ack: None,
+            id: Some(id),
+            earlier_life: false,
+        };
+        // Original 3 arrived before its node died; 4 and 5 did not.
+        e.handle_mesh(1, remote, copy("o3", id(3)));
+        assert_eq!(payloads(&mut e, s), [Bytes::from_static(b"o3")]);
+        e.handle_mesh(2, remote, copy("r5", resent(id(5))));
+        e.handle_mesh(2, remote, copy("r4", resent(id(4))));
+        e.handle_mesh(2, remote, copy("r3", resent(id(3))));
+        assert_eq!(
+            payloads(&mut e, s),
+            [Bytes::from_static(b"r5"), Bytes::from_static(b"r4")]
+        );
+        // Again (another node re-sent them too), and original 4 late off the network.
+        e.handle_mesh(3, remote, copy("r4", resent(id(4))));
+        e.handle_mesh(3, remote, copy("r5", resent(id(5))));
+        e.handle_mesh(3, remote, copy("o4", id(4)));
+        assert!(payloads(&mut e, s).is_empty());
+        // The mark stayed at the originals': a later original is delivered.
+        e.handle_mesh(4, remote, copy("o6", id(6)));
+        assert_eq!(payloads(&mut e, s), [Bytes::from_static(b"o6")]);
+    }
+
+    /// The same over the local mesh: a re-sent copy the node routing it passes to
+    /// its other shards (`Publish`) is skipped where the original arrived, and two
+    /// of one dead origin in reverse order are each delivered once.
+    #[test]
+    fn re_sent_copies_over_the_local_mesh_are_each_delivered_once() {
+        let (mut e, remote, s) = node(7);
+        let id = |n| PubId {
+            origin: 5,
+            shard: 0,
+            seq: id_seq(2, n),
+        };
+        e.handle_mesh(1, remote, forwarded("o1", id(1).seq));
+        assert_eq!(payloads(&mut e, s), [Bytes::from_static(b"o1")]);
+        let local = |payload, id| MeshMsg::Publish {
+            message: message(payload),
+            id: Some(id),
+        };
+        // As from another shard of this node (the handler does not ask which).
+        for (payload, n) in [("r3", 3), ("r2", 2), ("r1", 1), ("r2", 2)] {
+            e.handle_mesh(2, 0, local(payload, resent(id(n))));
+        }
+        assert_eq!(
+            payloads(&mut e, s),
+            [Bytes::from_static(b"r3"), Bytes::from_static(b"r2")]
+        );
     }
 }

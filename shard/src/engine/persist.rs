@@ -690,16 +690,18 @@ impl Engine {
 
     /// An inbound QoS 2 packet id of session `idx` awaits PUBREL
     /// (`awaiting`: its origin sequence number, and for a re-delivery the
-    /// shards it was for; see `StoreOp::PutInbound`) or was released
-    /// (`None`).
+    /// shards it was for; see `StoreOp::PutInbound`; `id`: the publication's
+    /// cluster-wide id) or was released (`None`). Returns where the op is in
+    /// the current epoch's batch, for [`Engine::persist_inbound_id`].
     pub(super) fn persist_inbound(
         &mut self,
         idx: SessionIdx,
         packet_id: u16,
         awaiting: Option<(u64, Option<ShardSet>)>,
-    ) {
+        id: Option<PubId>,
+    ) -> Option<usize> {
         if self.persist.is_none() || !self.session(idx).stored {
-            return;
+            return None;
         }
         let client_id = self.session(idx).client_id.clone();
         self.store_op(match awaiting {
@@ -708,12 +710,25 @@ impl Engine {
                 packet_id,
                 seq,
                 redeliver,
+                id: id.map(super::moved::original),
             },
             None => StoreOp::DelInbound {
                 client_id,
                 packet_id,
             },
         });
+        self.persist.as_ref().map(|p| p.ops.len() - 1)
+    }
+
+    /// The publication whose packet id op `op` (of the current epoch, from
+    /// [`Engine::persist_inbound`]) stores got cluster-wide id `id` when it was
+    /// routed: stored with it, in the same commit.
+    pub(super) fn persist_inbound_id(&mut self, op: usize, id: PubId) {
+        if let Some(StoreOp::PutInbound { id: slot, .. }) =
+            self.persist.as_mut().and_then(|p| p.ops.get_mut(op))
+        {
+            *slot = Some(super::moved::original(id));
+        }
     }
 
     /// The retained message of `topic` changed on this shard's replica; the
@@ -773,6 +788,9 @@ impl Engine {
             p.forward_marks = r.forward_marks.iter().map(|m| (*m, true)).collect();
         }
         let ghosts = std::mem::take(&mut r.ghosts);
+        for id in std::mem::take(&mut r.resent_handled) {
+            self.note_resent_handled(id);
+        }
         // Shared groups with members on other shards are routable at once, as
         // offline members; each shard announces its real counts once it runs.
         let mut shared_members: Vec<(&str, ShardId)> = Vec::new();
@@ -862,7 +880,7 @@ impl Engine {
             s.inbound_qos2 = rs
                 .inbound_qos2
                 .into_iter()
-                .map(|(packet_id, redeliver)| InboundQos2::restored(packet_id, redeliver))
+                .map(|(packet_id, redeliver, id)| InboundQos2::restored(packet_id, redeliver, id))
                 .collect();
             let mut max_seq = 0;
             for (state, packet_id, d) in rs.deliveries {

@@ -315,7 +315,7 @@ impl Engine {
         let s = self.session_mut(idx);
         if let Some(pos) = s.inbound_position(rec.packet_id) {
             s.inbound_qos2.swap_remove(pos);
-            self.persist_inbound(idx, rec.packet_id, None);
+            self.persist_inbound(idx, rec.packet_id, None, None);
         }
     }
 }

@@ -209,9 +209,11 @@ impl Engine {
         self.stats.remote_publishes_received += 1;
         if id.is_some_and(|id| self.pub_id_handled(id)) {
             // A copy of a publication handled here already: a QoS 2 PUBLISH re-sent
-            // on the node its session moved to and routed there in place of an
-            // original that reached this shard before the node holding it died
-            // (`handed_qos2`). Copies of one origin never come out of order otherwise.
+            // after the node that routed its original died, routed again with the
+            // original's id (`moved::RESENT`: by that node restarted, or by the node
+            // its session moved to), whose original (or an earlier re-sent copy)
+            // reached this shard; or an original after its re-sent copy. Originals
+            // of one origin never come out of order otherwise.
             return;
         }
         self.note_pub_id(id);
@@ -280,6 +282,15 @@ impl Engine {
         ack: Option<u64>,
         id: Option<PubId>,
     ) {
+        // A re-sent copy (`moved::RESENT`) this shard handled the original of: the
+        // serving shard's marks are its own (another node's batches may be served by
+        // another shard than the original's were), so this shard looks at its own.
+        if self.rerouted_handled(id) {
+            if let Some(token) = ack {
+                self.ack_after_commit(from, token);
+            }
+            return;
+        }
         self.note_pub_id(id);
         let seen = mark.is_some_and(|m| self.forward_seen(&m));
         match ack {

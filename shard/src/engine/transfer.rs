@@ -514,7 +514,7 @@ impl Engine {
             // again here (docs/PERSISTENCE.md, "Cross-shard QoS 2 after a crash").
             rec.inbound_qos2
                 .into_iter()
-                .map(|pid| (pid, ShardSet::new()))
+                .map(|pid| (pid, ShardSet::new(), None))
                 .collect(),
             rec.delayed_will,
             wall_base_ms,
@@ -597,7 +597,7 @@ impl Engine {
             .map(|i| i.packet_id)
             .collect();
         for packet_id in inbound {
-            self.persist_inbound(idx, packet_id, Some((0, None)));
+            self.persist_inbound(idx, packet_id, Some((0, None)), None);
         }
         if let Some(d) = self.delayed_wills.remove(&idx) {
             self.persist_delayed_will(idx, Some(&d));

@@ -148,6 +148,12 @@ pub enum StoreOp {
         /// For a re-delivery: the shards it was for (`None`: a first
         /// delivery, which was for every shard).
         redeliver: Option<ShardSet>,
+        /// In a cluster, the publication's cluster-wide id (its first routing's):
+        /// a re-send after a crash goes out with it, so a node that got the
+        /// original skips it (docs/ARCHITECTURE.md, "A store with `sync`
+        /// durability", cause A). Stored only with an origin sequence number or a
+        /// redelivery set (nothing is sent again otherwise).
+        id: Option<crate::mesh::PubId>,
     },
     /// Every publication another shard sent with an origin sequence number
     /// up to `seq` was handled here, and what it stored is in this commit or
@@ -395,16 +401,41 @@ pub(crate) fn decode_forward_mark(node: &[u8], v: &[u8]) -> Option<crate::mesh::
 /// Encoded as nothing (written before origin sequence numbers: nothing to
 /// deliver again), 8 bytes (the sequence number, little-endian: a first
 /// delivery, for every shard) or 8 + 32 bytes (the sequence number and the
-/// shards it was for, one bit per shard).
+/// shards it was for, one bit per shard); either of the last two followed by
+/// 18 bytes of the publication's cluster-wide id (origin u64, shard u16, seq
+/// u64, little-endian; session 15: 26 or 58 bytes). A value of an older build
+/// decodes with no id, so its re-send goes out with a new one, as before
+/// (at least once on other nodes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboundRecord {
     /// The origin sequence number (0: none).
     pub seq: u64,
     /// The shards the publication was for.
     pub shards: ShardSet,
+    /// The publication's cluster-wide id, when it had one and it was stored.
+    pub id: Option<crate::mesh::PubId>,
 }
 
 const SHARD_SET_BYTES: usize = SHARDS_MAX / 8;
+/// Bytes of a stored publication id.
+const PUB_ID_BYTES: usize = 8 + 2 + 8;
+
+fn encode_pub_id(v: &mut Vec<u8>, id: &crate::mesh::PubId) {
+    v.extend_from_slice(&id.origin.to_le_bytes());
+    v.extend_from_slice(&id.shard.to_le_bytes());
+    v.extend_from_slice(&id.seq.to_le_bytes());
+}
+
+fn decode_pub_id(v: &[u8]) -> Option<crate::mesh::PubId> {
+    if v.len() != PUB_ID_BYTES {
+        return None;
+    }
+    let origin = u64::from_le_bytes(v[..8].try_into().ok()?);
+    let shard = ShardId::from_le_bytes(v[8..10].try_into().ok()?);
+    let seq = u64::from_le_bytes(v[10..].try_into().ok()?);
+    // Origin tags are never 0 (`Engine::set_origin`).
+    (origin != 0).then_some(crate::mesh::PubId { origin, shard, seq })
+}
 
 impl InboundRecord {
     /// A first delivery with origin sequence number `seq` (for every shard).
@@ -415,14 +446,22 @@ impl InboundRecord {
                 shards.insert(k);
             }
         }
-        InboundRecord { seq, shards }
+        InboundRecord {
+            seq,
+            shards,
+            id: None,
+        }
     }
 
-    pub(crate) fn encode(seq: u64, redeliver: Option<&ShardSet>) -> Vec<u8> {
+    pub(crate) fn encode(
+        seq: u64,
+        redeliver: Option<&ShardSet>,
+        id: Option<&crate::mesh::PubId>,
+    ) -> Vec<u8> {
         if seq == 0 && redeliver.is_none_or(ShardSet::is_empty) {
             return Vec::new();
         }
-        let mut v = Vec::with_capacity(8 + SHARD_SET_BYTES);
+        let mut v = Vec::with_capacity(8 + SHARD_SET_BYTES + PUB_ID_BYTES);
         v.extend_from_slice(&seq.to_le_bytes());
         if let Some(set) = redeliver {
             let mut bits = [0u8; SHARD_SET_BYTES];
@@ -431,27 +470,42 @@ impl InboundRecord {
             }
             v.extend_from_slice(&bits);
         }
+        if let Some(id) = id {
+            encode_pub_id(&mut v, id);
+        }
         v
     }
 
     pub(crate) fn decode(v: &[u8]) -> Option<InboundRecord> {
-        match v.len() {
-            0 => Some(InboundRecord::first(0)),
-            8 => Some(InboundRecord::first(u64::from_le_bytes(v.try_into().ok()?))),
+        let (body, id) = match v.len() {
+            n if n == 8 + PUB_ID_BYTES || n == 8 + SHARD_SET_BYTES + PUB_ID_BYTES => {
+                let (body, id) = v.split_at(n - PUB_ID_BYTES);
+                (body, Some(decode_pub_id(id)?))
+            }
+            _ => (v, None),
+        };
+        let rec = match body.len() {
+            0 => InboundRecord::first(0),
+            8 => InboundRecord::first(u64::from_le_bytes(body.try_into().ok()?)),
             n if n == 8 + SHARD_SET_BYTES => {
-                let seq = u64::from_le_bytes(v[..8].try_into().ok()?);
+                let seq = u64::from_le_bytes(body[..8].try_into().ok()?);
                 let mut shards = ShardSet::new();
-                for (i, byte) in v[8..].iter().enumerate() {
+                for (i, byte) in body[8..].iter().enumerate() {
                     for bit in 0..8 {
                         if byte & (1 << bit) != 0 {
                             shards.insert((i * 8 + bit) as u16);
                         }
                     }
                 }
-                Some(InboundRecord { seq, shards })
+                InboundRecord {
+                    seq,
+                    shards,
+                    id: None,
+                }
             }
-            _ => None,
-        }
+            _ => return None,
+        };
+        Some(InboundRecord { id, ..rec })
     }
 }
 
@@ -604,10 +658,11 @@ pub(crate) fn apply(
             packet_id,
             seq,
             redeliver,
+            id,
         } => dbs.inbound.put(
             txn,
             &inbound_key(client_id.as_bytes(), *packet_id),
-            &InboundRecord::encode(*seq, redeliver.as_ref()),
+            &InboundRecord::encode(*seq, redeliver.as_ref(), id.as_ref()),
         ),
         StoreOp::PutOrigin { from, seq } => {
             dbs.meta.put(txn, &origin_key(*from), &seq.to_le_bytes())
@@ -736,23 +791,81 @@ mod tests {
     /// a first delivery is for every shard; a re-delivery keeps its set.
     #[test]
     fn inbound_values_round_trip() {
-        assert_eq!(InboundRecord::encode(0, None), b"");
+        assert_eq!(InboundRecord::encode(0, None, None), b"");
         assert_eq!(InboundRecord::decode(b""), Some(InboundRecord::first(0)));
         assert!(InboundRecord::first(0).shards.is_empty());
-        let first = InboundRecord::decode(&InboundRecord::encode(9, None)).unwrap();
+        let first = InboundRecord::decode(&InboundRecord::encode(9, None, None)).unwrap();
         assert_eq!((first.seq, first.shards.len()), (9, SHARDS_MAX));
         let mut set = ShardSet::new();
         set.insert(1);
         set.insert(200);
-        let again = InboundRecord::decode(&InboundRecord::encode(10, Some(&set))).unwrap();
+        let again = InboundRecord::decode(&InboundRecord::encode(10, Some(&set), None)).unwrap();
         assert_eq!(
             again,
             InboundRecord {
                 seq: 10,
-                shards: set
+                shards: set,
+                id: None,
             }
         );
-        assert_eq!(InboundRecord::encode(0, Some(&ShardSet::new())), b"");
+        assert_eq!(InboundRecord::encode(0, Some(&ShardSet::new()), None), b"");
         assert_eq!(InboundRecord::decode(&[0; 5]), None, "a corrupt value");
+    }
+
+    /// Cause A of the `sync` simulation failures: the inbound record keeps the
+    /// publication's cluster-wide id, so a re-send after a crash goes out with it.
+    /// Values written by the build before it (8 and 40 bytes, literal here) still
+    /// decode, with no id; a value that only an id would explain is refused when
+    /// the id is malformed (origin 0).
+    #[test]
+    fn inbound_values_keep_the_publications_id_and_older_values_still_decode() {
+        let id = crate::mesh::PubId {
+            origin: 0x0102_0304_0506_0708,
+            shard: 3,
+            seq: (2 << 62) | 41,
+        };
+        let first = InboundRecord::encode(9, None, Some(&id));
+        assert_eq!(first.len(), 26);
+        let first = InboundRecord::decode(&first).unwrap();
+        assert_eq!(
+            (first.seq, first.shards.len(), first.id),
+            (9, SHARDS_MAX, Some(id))
+        );
+        let mut set = ShardSet::new();
+        set.insert(2);
+        let again = InboundRecord::encode(0, Some(&set), Some(&id));
+        assert_eq!(again.len(), 58);
+        assert_eq!(
+            InboundRecord::decode(&again),
+            Some(InboundRecord {
+                seq: 0,
+                shards: set,
+                id: Some(id),
+            })
+        );
+        // Nothing to send again: no id stored either.
+        assert_eq!(InboundRecord::encode(0, None, Some(&id)), b"");
+
+        // The previous build's values, byte for byte.
+        let old_first = 9u64.to_le_bytes();
+        let old = InboundRecord::decode(&old_first).unwrap();
+        assert_eq!((old.seq, old.shards.len(), old.id), (9, SHARDS_MAX, None));
+        let mut old_again = 0u64.to_le_bytes().to_vec();
+        let mut bits = [0u8; SHARD_SET_BYTES];
+        bits[0] = 1 << 2;
+        old_again.extend_from_slice(&bits);
+        assert_eq!(old_again.len(), 40);
+        assert_eq!(
+            InboundRecord::decode(&old_again),
+            Some(InboundRecord {
+                seq: 0,
+                shards: set,
+                id: None,
+            })
+        );
+
+        let mut bad = InboundRecord::encode(9, None, Some(&id));
+        bad[8..16].fill(0);
+        assert_eq!(InboundRecord::decode(&bad), None, "an id with origin 0");
     }
 }

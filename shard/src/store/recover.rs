@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use super::record::{self, FORMAT_VERSION};
 use super::{DB_NAMES, Dbs, InboundRecord, META_FORMAT, META_ORIGIN_PREFIX, open_dbs};
 use crate::hash::shard_for;
-use crate::mesh::ShardId;
+use crate::mesh::{PubId, ShardId};
 use crate::message::Message;
 use crate::session::{Delivery, SubscriptionEntry};
 use crate::trie::ShardSet;
@@ -122,8 +122,9 @@ pub struct RecoveredSession {
     pub deliveries: Vec<(u8, u16, Delivery)>,
     /// Inbound QoS 2 packet ids awaiting PUBREL, each with the other shards
     /// that may lack its publication after a crash (a re-sent PUBLISH is
-    /// delivered again there; usually none).
-    pub inbound_qos2: Vec<(u16, ShardSet)>,
+    /// delivered again there; usually none) and, when stored, the
+    /// publication's cluster-wide id (the re-send goes out with it).
+    pub inbound_qos2: Vec<(u16, ShardSet, Option<PubId>)>,
     /// The will of the connection it had when the broker stopped.
     pub will: Option<Will>,
     /// A will waiting for its delay: due time (broker ms) and the will.
@@ -150,6 +151,11 @@ pub struct Recovered {
     /// Confirmed ghosts of sessions that moved to other nodes (`StoreOp::PutGhost`):
     /// the engine restores those still within their window (`stored_ghost`).
     pub ghosts: Vec<super::GhostState>,
+    /// Cluster-wide ids of restored inbound QoS 2 publications (of any shard of
+    /// this node) that this shard has, committed, or was not a destination of:
+    /// a re-send routed again with that id is skipped here
+    /// (`Engine::note_resent_handled`; cause A of the `sync` simulation failures).
+    pub resent_handled: Vec<PubId>,
 }
 
 /// One session's deliveries: (seq, record, raw key, raw value).
@@ -442,7 +448,11 @@ pub fn recover(
         check_format(env, &dbs, path)?;
         raws.push(read_raw(env, &dbs, path)?);
     }
-    let origin_seq_floor = resolve_inbound(&envs, &mut raws, present, shard_count)?;
+    let (origin_seq_floor, resent_handled) =
+        resolve_inbound(&envs, &mut raws, present, shard_count)?;
+    for (r, ids) in out.iter_mut().zip(resent_handled) {
+        r.resent_handled = ids;
+    }
     // A crash during an earlier re-partition can leave a record in two envs:
     // it counts once, and the copy outside its owner is deleted.
     let mut seen_sessions = std::collections::HashSet::new();
@@ -636,13 +646,18 @@ pub fn recover(
 /// (docs/PERSISTENCE.md, "Cross-shard QoS 2 after a crash"). After a change
 /// of the shard count the marks name other shards: nothing is delivered
 /// again (a clean stop leaves nothing to deliver again). Returns where the
-/// shards' own origin numbering starts: above every number stored.
+/// shards' own origin numbering starts: above every number stored, and per
+/// shard the cluster-wide ids of the restored publications it has (or was not
+/// a destination of): every shard of this node outside an id's set, its
+/// publisher's included (it delivered in the id's commit), so a re-send routed
+/// again with that id (from the node its session moved to) is skipped there.
 fn resolve_inbound(
     envs: &[(Env<WithoutTls>, PathBuf)],
     raws: &mut [Raw],
     present: usize,
     shard_count: usize,
-) -> Result<u64, StoreError> {
+) -> Result<(u64, Vec<Vec<PubId>>), StoreError> {
+    let mut handled: Vec<Vec<PubId>> = vec![Vec::new(); shard_count];
     let changed = present > 0 && present != shard_count;
     let mut floor = 0u64;
     for raw in raws.iter() {
@@ -656,7 +671,9 @@ fn resolve_inbound(
         let mut rewrites: Vec<RawPut> = Vec::new();
         for (_, key, rec) in raw.inbound.values_mut().flatten() {
             if rec.seq == 0 && (!changed || rec.shards.is_empty()) {
-                continue; // resolved at an earlier start
+                // Resolved at an earlier start.
+                note_handled(&mut handled, rec, changed);
+                continue;
             }
             let mut left = ShardSet::new();
             if !changed {
@@ -681,8 +698,14 @@ fn resolve_inbound(
             *rec = InboundRecord {
                 seq: 0,
                 shards: left,
+                id: rec.id,
             };
-            rewrites.push((INBOUND, key.clone(), InboundRecord::encode(0, Some(&left))));
+            note_handled(&mut handled, rec, changed);
+            rewrites.push((
+                INBOUND,
+                key.clone(),
+                InboundRecord::encode(0, Some(&left), rec.id.as_ref()),
+            ));
         }
         if !rewrites.is_empty() {
             let (env, path) = &envs[a];
@@ -693,7 +716,21 @@ fn resolve_inbound(
             write_raw(env, &dbs, path, &rewrites)?;
         }
     }
-    Ok(floor + 1)
+    Ok((floor + 1, handled))
+}
+
+/// The shards of this node outside `rec`'s set have its publication (see
+/// `resolve_inbound`); after a change of the shard count nothing is delivered
+/// again, so every shard counts as having it.
+fn note_handled(handled: &mut [Vec<PubId>], rec: &InboundRecord, changed: bool) {
+    let Some(id) = rec.id else {
+        return;
+    };
+    for (k, ids) in handled.iter_mut().enumerate() {
+        if changed || !rec.shards.contains(k as ShardId) {
+            ids.push(id);
+        }
+    }
 }
 
 fn restore_session(
@@ -712,7 +749,7 @@ fn restore_session(
             .collect(),
         inbound
             .into_iter()
-            .map(|(pid, _, rec)| (pid, rec.shards))
+            .map(|(pid, _, rec)| (pid, rec.shards, rec.id))
             .collect(),
         will.map(|(w, _)| w),
         wall_base_ms,
@@ -725,7 +762,7 @@ fn restore_session(
 pub(crate) fn recovered_session(
     rec: record::SessionRec,
     messages: Vec<(u64, record::DeliveryRec)>,
-    inbound_qos2: Vec<(u16, ShardSet)>,
+    inbound_qos2: Vec<(u16, ShardSet, Option<PubId>)>,
     delayed_will: Option<record::DelayedWillRec>,
     wall_base_ms: u64,
 ) -> Result<RecoveredSession, record::DecodeError> {
