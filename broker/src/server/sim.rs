@@ -1515,8 +1515,15 @@ fn the_data_plane_simulation_regression_seeds() {
 /// session that had moved off it (confirmed, its records deleted), restarted without
 /// the session's ghost, and accepted the batches another node held for it, matched
 /// for that session: acknowledged QoS 1/2 lost (the ghost is stored since:
-/// `stored_ghost`).
-const SYNC_REGRESSION_SEEDS: &[u64] = &[25, 71, 212];
+/// `stored_ghost`). 119, 282 (cause A): a QoS 2 copy reached another node, the
+/// publisher's node crashed before that node's answer, and the client's re-send after
+/// the restart was forwarded again with a new id: delivered twice there. 39, 160 (the
+/// original had arrived) and 116 (it had not: cause B, a loss before 25's fix): the
+/// same with the session moved on, the new owner routing the re-send (twice since
+/// 25's fix). Now the inbound record keeps the original's id and every re-send goes
+/// out as a re-sent copy of it, which a node that got the original skips
+/// (`moved::RESENT`; each fails on b6099e3, one shard per node).
+const SYNC_REGRESSION_SEEDS: &[u64] = &[25, 71, 212, 39, 116, 119, 160, 282];
 
 #[test]
 fn the_data_plane_simulation_sync_regression_seeds() {
