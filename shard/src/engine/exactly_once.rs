@@ -38,7 +38,10 @@
 //!    commits like a first delivery's. Nothing is delivered again on the
 //!    publisher's shard (its deliveries were in the id's commit). Other
 //!    nodes of a cluster keep no marks here: a re-send matching their
-//!    routes is forwarded to them again (at least once there, not lost).
+//!    routes is forwarded to them again, never lost; with the original's
+//!    cluster-wide id, stored with the packet id, as a re-sent copy of it
+//!    (`moved::RESENT`), so a node that got the original skips it (its marks
+//!    are in memory: once, unless that node restarted too).
 //!
 //! A re-sent PUBLISH while the first delivery still waits for other shards
 //! (the client reconnected meanwhile) is acknowledged when that delivery is,

@@ -26,10 +26,13 @@
 //!   node.
 //! - **An id A restored after a crash** with other nodes among those that may lack
 //!   it (`InboundQos2::redeliver`: its forward died with the process) goes as
-//!   pending too, with an id A gives it at the export and no [`Handed`] entry: A
-//!   answers *unknown* and B routes the re-send (at least once, as a re-send on A
-//!   is; sim seeds 25, 71 under `sync`). A's own shard skips the copy that
-//!   comes back (its count covers the id).
+//!   pending too, with the original's id from A's store and no [`Handed`] entry: A
+//!   answers *unknown* and B routes the re-send as a re-sent copy of the original
+//!   (`moved::RESENT`), which a node that got the original skips (sim seeds 25, 71,
+//!   and exactly once: 39, 116, 160 under `sync`). A's shards that have it were told
+//!   so at restore. An id stored by an older build has no original's id: A gives it
+//!   one at the export (at least once), and A's own shard skips the copy that comes
+//!   back (its count covers the id).
 //!
 //! Bounds: the pending state lives in memory, so B restarting (under `sync`
 //! durability) forgets it and answers a re-send at once, as before; a holder that
