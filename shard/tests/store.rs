@@ -22,6 +22,12 @@ use tessera_shard::trie::ShardSet;
 
 const MAP_BYTES: usize = 16 << 20;
 const WALL_BASE_MS: u64 = 1_700_000_000_000;
+/// The cluster-wide id of the stored QoS 2 publication (kept with its packet id).
+const PUB_ID: tessera_shard::mesh::PubId = tessera_shard::mesh::PubId {
+    origin: 77,
+    shard: 0,
+    seq: (3 << 62) | 3,
+};
 
 fn s(text: &str) -> Str {
     Str::try_from(text).unwrap()
@@ -127,6 +133,7 @@ fn write_fixture(dir: &Dir, shards: usize) {
             packet_id: 5,
             seq: 3,
             redeliver: None,
+            id: Some(PUB_ID),
         });
         ops.push(StoreOp::PutWill {
             client_id: s(&id),
@@ -210,7 +217,9 @@ fn check(recovered: &[Recovered], redeliver: bool) {
                 others.insert(1 - k as u16);
                 others.insert(2); // the other nodes of a cluster (the remote id)
             }
-            assert_eq!(rs.inbound_qos2, [(5, others)]);
+            // The publication's id stays with what may be delivered again.
+            let pub_id = redeliver.then_some(PUB_ID);
+            assert_eq!(rs.inbound_qos2, [(5, others, pub_id)]);
             assert_eq!(rs.delayed_will.as_ref().map(|w| w.0), Some(9_000));
             seen.push(id);
         }

@@ -701,6 +701,10 @@ fn resolve_inbound(
                 id: rec.id,
             };
             note_handled(&mut handled, rec, changed);
+            if left.is_empty() {
+                // Nothing to send again: the value is empty, with no id (as stored).
+                rec.id = None;
+            }
             rewrites.push((
                 INBOUND,
                 key.clone(),
