@@ -428,3 +428,172 @@ fn a_queue_load_returns_the_disk_tail_in_order_after_its_commit() {
     env.prepare_for_closing().wait();
     drop(lock);
 }
+
+/// The bytes of a window part as the engine stores it: marks, then ids, each
+/// (origin, shard, seq) big-endian, each list after its u32 count.
+fn window_part(marks: &[(u64, u16, u64)], ids: &[(u64, u16, u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for list in [marks, ids] {
+        out.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        for (o, sh, q) in list {
+            out.extend_from_slice(&o.to_be_bytes());
+            out.extend_from_slice(&sh.to_be_bytes());
+            out.extend_from_slice(&q.to_be_bytes());
+        }
+    }
+    out
+}
+
+/// Commits `ops` as shard 0's batch 1 in the one-shard store at `dir`.
+fn commit_ops(dir: &Dir, ops: Vec<StoreOp>) {
+    let (lock, mut envs, _) = recover(&dir.0, 1, MAP_BYTES, WALL_BASE_MS).unwrap();
+    let (env, path) = envs.pop().unwrap();
+    let mut h = sync_writer(0, &env, path);
+    h.batches.send(Batch { epoch: 1, ops }).unwrap();
+    let committed = h.committed.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(committed.epoch, 1);
+    let thread = h.thread.take().unwrap();
+    drop(h);
+    thread.join().unwrap();
+    env.prepare_for_closing().wait();
+    drop(lock);
+}
+
+/// Puts `value` under `key` in shard 0's `meta` as is (without `recover`,
+/// which refuses a corrupt store).
+fn put_raw_meta(dir: &Dir, key: &[u8], value: &[u8]) {
+    let mut opts = heed::EnvOpenOptions::new().read_txn_without_tls();
+    opts.map_size(MAP_BYTES).max_dbs(6);
+    // SAFETY: the test's own store, opened once at a time.
+    let env = unsafe { opts.open(dir.0.join("shard-0")) }.unwrap();
+    let w = env.write_txn().unwrap();
+    env.create_databases_and_commit(w, |opener, w| {
+        let meta =
+            opener.create_database::<heed::types::Bytes, heed::types::Bytes>(w, Some("meta"))?;
+        meta.put(w, key, value)?;
+        Ok::<_, heed::Error>(heed::CommitOrAbort::<_, ()>::Commit(()))
+    })
+    .unwrap();
+    env.prepare_for_closing().wait();
+}
+
+/// Issue 15, cause C: the `PubId` marks a shard handled and the windows of
+/// sessions that moved to it come back from its store (a mark of the same
+/// origin shard and class replaces the one before; window parts in order).
+/// A mark not raised within `PUB_MARK_KEEP_MS` before the start, a window
+/// whose session is gone, and all of them after a change of the shard count
+/// are dropped and deleted. A corrupt value stops the start with its key.
+#[test]
+fn publication_marks_and_windows_come_back_and_age_out() {
+    use tessera_shard::mesh::PubId;
+    use tessera_shard::store::PUB_MARK_KEEP_MS;
+
+    let dir = Dir(std::env::temp_dir().join(format!("tessera-store-pid-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let session = |id: &str| {
+        StoreOp::PutSession(Box::new(SessionState {
+            client_id: s(id),
+            version: ProtocolVersion::V5,
+            expiry_interval_s: 600,
+            disconnected_at_ms: Some(1_000),
+            subscriptions: Vec::new(),
+            will: None,
+        }))
+    };
+    let mark = |origin: u64, shard: u16, seq: u64, at_ms: u64| StoreOp::PutPubMark {
+        origin,
+        shard,
+        seq,
+        at_ms,
+    };
+    let part = |id: &str, part: u32, bytes: Vec<u8>| StoreOp::PutWindow {
+        client_id: s(id),
+        part,
+        expires_ms: 40_000,
+        bytes,
+    };
+    let qos2 = |n: u64| (2 << 62) | n;
+    commit_ops(
+        &dir,
+        vec![
+            session("s"),
+            session("gone"),
+            session("ended"),
+            mark(7, 0, qos2(5), 1_000),
+            mark(7, 0, qos2(9), 2_000),
+            mark(7, 1, 3, 1_000),
+            part("s", 0, window_part(&[(5, 0, 3)], &[(5, 0, 4)])),
+            part("s", 1, window_part(&[], &[(5, 0, 6)])),
+            part("gone", 0, window_part(&[], &[(5, 0, 7)])),
+            StoreOp::DelSession {
+                client_id: s("gone"),
+            },
+            part("ended", 0, window_part(&[], &[(5, 0, 8)])),
+            StoreOp::DelWindow {
+                client_id: s("ended"),
+            },
+            part("nobody", 0, window_part(&[], &[(5, 0, 9)])),
+        ],
+    );
+    let r = recover_closed(&dir, 1);
+    let mut marks = r[0].pub_marks.clone();
+    marks.sort();
+    assert_eq!(marks, [(7, 0, qos2(9)), (7, 1, 3)]);
+    let [w] = &r[0].windows[..] else {
+        panic!("one window: {:?}", r[0].windows);
+    };
+    assert_eq!(w.client_id, s("s"));
+    assert_eq!((w.expires_ms, w.parts), (40_000, 2));
+    assert_eq!(w.marks, [(5, 0, 3)]);
+    let id = |seq| PubId {
+        origin: 5,
+        shard: 0,
+        seq,
+    };
+    assert_eq!(w.ids, [id(4), id(6)]);
+
+    // Started later: a mark raised at 1 000 is older than the bound; the one
+    // raised at 2 000 is not yet. The one dropped is deleted.
+    let later = WALL_BASE_MS + PUB_MARK_KEEP_MS + 1_500;
+    let (lock, envs, r) = recover(&dir.0, 1, MAP_BYTES, later).unwrap();
+    assert_eq!(r[0].pub_marks, [(7, 0, qos2(9))]);
+    for (env, _) in envs {
+        env.prepare_for_closing().wait();
+    }
+    drop(lock);
+    assert_eq!(recover_closed(&dir, 1)[0].pub_marks, [(7, 0, qos2(9))]);
+
+    // Corrupt values: an error naming the key, no panic.
+    let mut key = b"pid/".to_vec();
+    key.extend_from_slice(&7u64.to_be_bytes());
+    key.extend_from_slice(&0u16.to_be_bytes());
+    key.push(2);
+    put_raw_meta(&dir, &key, &[1, 2, 3]);
+    let err = recover(&dir.0, 1, MAP_BYTES, WALL_BASE_MS).unwrap_err();
+    assert!(err.to_string().contains("publication id mark"), "{err}");
+    let mut value = qos2(9).to_le_bytes().to_vec();
+    value.extend_from_slice(&WALL_BASE_MS.to_le_bytes());
+    put_raw_meta(&dir, &key, &value);
+    let mut key = b"win/".to_vec();
+    key.push(1);
+    key.push(b's');
+    key.extend_from_slice(&1u32.to_be_bytes());
+    let mut truncated = 0u64.to_le_bytes().to_vec();
+    truncated.extend_from_slice(&window_part(&[], &[(5, 0, 6)])[..20]);
+    put_raw_meta(&dir, &key, &truncated);
+    let err = recover(&dir.0, 1, MAP_BYTES, WALL_BASE_MS).unwrap_err();
+    assert!(err.to_string().contains("window part"), "{err}");
+    let mut fixed = 0u64.to_le_bytes().to_vec();
+    fixed.extend_from_slice(&window_part(&[], &[(5, 0, 6)]));
+    put_raw_meta(&dir, &key, &fixed);
+    assert_eq!(recover_closed(&dir, 1)[0].windows.len(), 1);
+
+    // Another shard count: they name what other shards handled; gone for good.
+    let r = recover_closed(&dir, 2);
+    assert!(
+        r.iter()
+            .all(|r| r.pub_marks.is_empty() && r.windows.is_empty())
+    );
+    let r = recover_closed(&dir, 1);
+    assert!(r[0].pub_marks.is_empty() && r[0].windows.is_empty());
+}

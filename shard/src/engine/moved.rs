@@ -72,6 +72,7 @@ use super::Engine;
 use crate::mesh::{MeshMsg, PubId, ShardId};
 use crate::message::{Message, SessionUid};
 use crate::session::{Delivery, SessionIdx, SubscriptionEntry};
+use crate::store::{RecoveredWindow, StoreOp};
 
 /// How long the old owner keeps a moved session's ghost and the new owner its
 /// dedup window: longer than a forwarded batch is normally in flight, retries
@@ -122,6 +123,25 @@ pub(super) struct Window {
     /// Publications delivered to the session within the window.
     delivered: HashSet<PubId>,
     order: VecDeque<PubId>,
+    /// Its store state (a window of a stored session is stored with it in the
+    /// next commit that has ops: `Engine::moved_store_ops`).
+    stored: WindowStored,
+}
+
+/// How much of a window the store has (meta `win/` parts, see
+/// `StoreOp::PutWindow`).
+#[derive(Debug, Default)]
+struct WindowStored {
+    /// When the window ends (broker ms; 0 for a ghost's, never stored).
+    expires_ms: u64,
+    /// Parts stored (0: none; part 0 has the marks).
+    parts: u32,
+    /// Ids in the stored parts.
+    ids: usize,
+    /// Ids recorded since the last part (the newest of `order`).
+    unstored: usize,
+    /// In `Moved::windows_unstored`.
+    queued: bool,
 }
 
 /// Who waits for a redirected QoS 1/2 publication.
@@ -170,6 +190,28 @@ pub(super) struct Moved {
     /// at most [`RESENT_IDS_MAX`]. A re-sent copy raises no mark: see [`RESENT`].
     resent: HashSet<PubId>,
     resent_order: VecDeque<PubId>,
+    /// What the store has of `marks` (same order: entries are only appended),
+    /// `local_marks` and `next_seq` (`Engine::moved_store_ops`).
+    marks_stored: Vec<u64>,
+    local_marks_stored: Vec<[u64; CLASSES]>,
+    next_seq_stored: [u64; CLASSES],
+    /// Windows with something the store lacks.
+    windows_unstored: Vec<Str>,
+    /// The latest time this module saw (broker ms): the stamp of stored marks,
+    /// by which they age out.
+    clock_ms: u64,
+}
+
+impl Moved {
+    /// The window of `key` recorded an id: the store gets it with the next commit.
+    fn window_changed(&mut self, key: Str) {
+        if let Some(w) = self.windows.get_mut(&key)
+            && !w.stored.queued
+        {
+            w.stored.queued = true;
+            self.windows_unstored.push(key);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -178,7 +220,12 @@ pub(super) enum Expiring {
     Window(Str, SessionUid),
 }
 
-pub(super) fn encode_marks(out: &mut Vec<u8>, marks: &[(u64, ShardId, u64)], ids: &[PubId]) {
+pub(super) fn encode_marks<'a>(
+    out: &mut Vec<u8>,
+    marks: &[(u64, ShardId, u64)],
+    ids: impl ExactSizeIterator<Item = &'a PubId>,
+) {
+    out.reserve(8 + 18 * (marks.len() + ids.len()));
     out.extend_from_slice(&(marks.len() as u32).to_be_bytes());
     for (o, s, q) in marks {
         out.extend_from_slice(&o.to_be_bytes());
@@ -193,10 +240,11 @@ pub(super) fn encode_marks(out: &mut Vec<u8>, marks: &[(u64, ShardId, u64)], ids
     }
 }
 
-/// Decodes what [`Engine::export_session`] kept as the moved session's window.
-/// Untrusted: every length is checked.
+/// Decodes what [`Engine::export_session`] kept as the moved session's window, or
+/// a part of a stored window (`StoreOp::PutWindow`). Untrusted: every length is
+/// checked.
 #[allow(clippy::type_complexity)]
-pub(super) fn decode_marks(b: &[u8]) -> Option<(Vec<(u64, ShardId, u64)>, Vec<PubId>)> {
+pub(crate) fn decode_marks(b: &[u8]) -> Option<(Vec<(u64, ShardId, u64)>, Vec<PubId>)> {
     fn entry(b: &[u8]) -> (u64, ShardId, u64) {
         let o = u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
         let s = ShardId::from_be_bytes(b[8..10].try_into().unwrap_or_default());
@@ -329,10 +377,12 @@ impl Window {
             local_mark,
             delivered: HashSet::new(),
             order: VecDeque::new(),
+            stored: WindowStored::default(),
         };
         for id in ids {
             w.seen(id, false);
         }
+        w.stored.unstored = 0;
         w
     }
 
@@ -357,6 +407,7 @@ impl Window {
             return true;
         }
         self.order.push_back(id);
+        self.stored.unstored += 1;
         if self.order.len() > WINDOW_IDS_MAX
             && let Some(old) = self.order.pop_front()
         {
@@ -531,13 +582,14 @@ impl Engine {
             );
         }
         let mut ids = Vec::new();
-        if let Some(w) = self.moved.windows.remove(&client_id)
-            && w.uid == uid
-        {
-            for (o, sh, q) in w.marks {
-                raise(&mut marks, o, sh, q);
+        if let Some(w) = self.moved.windows.remove(&client_id) {
+            if w.uid == uid {
+                for &(o, sh, q) in &w.marks {
+                    raise(&mut marks, o, sh, q);
+                }
+                ids.extend(w.order.iter().copied());
             }
-            ids.extend(w.order);
+            self.window_gone(&client_id, &w);
         }
         // Re-sent copies this shard handled raise no mark: the new owner learns them
         // as ids the session got (or, as a mark says, that did not reach it here).
@@ -546,7 +598,7 @@ impl Engine {
             ids.drain(..ids.len() - WINDOW_IDS_MAX);
         }
         let mut out = Vec::new();
-        encode_marks(&mut out, &marks, &ids);
+        encode_marks(&mut out, &marks, ids.iter());
         self.drop_ghost(&client_id);
         if self.moved.origin == 0 || subs.is_empty() {
             return out;
@@ -727,15 +779,16 @@ impl Engine {
         let key = s.client_id.clone();
         let mut w = Window::new(s.uid, marks, self.local_mark_for(&key), ids);
         // What a ghost here held for it (delivered as it came back) stays known.
-        if let Some(old) = self.moved.windows.remove(&key)
-            && old.uid == w.uid
-        {
-            for (o, sh, q) in old.marks {
-                raise(&mut w.marks, o, sh, q);
+        if let Some(old) = self.moved.windows.remove(&key) {
+            if old.uid == w.uid {
+                for &(o, sh, q) in &old.marks {
+                    raise(&mut w.marks, o, sh, q);
+                }
+                for id in &old.order {
+                    w.seen(*id, false);
+                }
             }
-            for id in old.order {
-                w.seen(id, false);
-            }
+            self.window_gone(&key, &old);
         }
         self.keep_window(now_ms, key, w);
         true
@@ -754,11 +807,193 @@ impl Engine {
 
     /// Keeps `w` as `key`'s window for [`MOVED_WINDOW_MS`].
     fn keep_window(&mut self, now_ms: u64, key: Str, w: Window) {
-        self.moved.expiring.push_back((
-            now_ms + MOVED_WINDOW_MS,
-            Expiring::Window(key.clone(), w.uid),
-        ));
-        self.moved.windows.insert(key, w);
+        self.moved.clock_ms = self.moved.clock_ms.max(now_ms);
+        self.keep_window_until(now_ms + MOVED_WINDOW_MS, key, w);
+    }
+
+    /// Keeps `w` as `key`'s window until `expires_ms` (at or after every expiry
+    /// queued before: the queue is in expiry order). A window not in the store yet
+    /// goes there with the next commit that has ops, if its session is stored.
+    fn keep_window_until(&mut self, expires_ms: u64, key: Str, mut w: Window) {
+        self.moved
+            .expiring
+            .push_back((expires_ms, Expiring::Window(key.clone(), w.uid)));
+        w.stored.expires_ms = expires_ms;
+        if w.stored.parts == 0 {
+            w.stored.queued = true;
+            self.moved.windows_unstored.push(key.clone());
+        }
+        if let Some(old) = self.moved.windows.insert(key.clone(), w) {
+            self.window_gone(&key, &old);
+        }
+    }
+
+    /// Window `w` of `key` is no longer kept: its parts leave the store (in the
+    /// current epoch, so before any part of a window kept after it).
+    fn window_gone(&mut self, key: &Str, w: &Window) {
+        if w.stored.parts > 0 {
+            self.store_op(StoreOp::DelWindow {
+                client_id: key.clone(),
+            });
+        }
+    }
+
+    /// The marks and windows the store lacks, appended to `ops`, the batch being
+    /// taken (`take_store_batch`: only one that has ops anyway). They ride with
+    /// those ops, so a mark is never stored before what the copies it covers stored
+    /// here, nor a window's id before the delivery it records. Per commit: a
+    /// compare per mark, a put per mark raised since the last one, a part per
+    /// window that got ids; nothing per message.
+    ///
+    /// The marks: every origin shard and class this shard handled copies of, this
+    /// node's other shards' and its own counts included, under this process's
+    /// origin (`StoreOp::PutPubMark`); a restart brings them back as marks of a
+    /// foreign origin (`restore_moved`), so what a restored session got before the
+    /// crash is covered by the window it exports (issue 15, cause C).
+    pub(super) fn moved_store_ops(&mut self, ops: &mut Vec<StoreOp>) {
+        let m = &mut self.moved;
+        if m.origin == 0 {
+            return;
+        }
+        let at_ms = m.clock_ms;
+        let mut put = |origin, shard, seq| {
+            ops.push(StoreOp::PutPubMark {
+                origin,
+                shard,
+                seq,
+                at_ms,
+            })
+        };
+        m.marks_stored.resize(m.marks.len(), 0);
+        for (&(origin, shard, seq), stored) in m.marks.iter().zip(&mut m.marks_stored) {
+            if seq != *stored {
+                *stored = seq;
+                put(origin, shard, seq);
+            }
+        }
+        m.local_marks_stored
+            .resize(m.local_marks.len(), [0; CLASSES]);
+        for (shard, (handled, stored)) in m
+            .local_marks
+            .iter()
+            .zip(&mut m.local_marks_stored)
+            .enumerate()
+        {
+            // This shard's own are its counts, below.
+            if shard == usize::from(self.shard) {
+                continue;
+            }
+            for class in 0..CLASSES {
+                if handled[class] != stored[class] {
+                    stored[class] = handled[class];
+                    put(
+                        m.origin,
+                        shard as ShardId,
+                        id_seq(class as u64, handled[class]),
+                    );
+                }
+            }
+        }
+        for class in 0..CLASSES {
+            if m.next_seq[class] != m.next_seq_stored[class] {
+                m.next_seq_stored[class] = m.next_seq[class];
+                put(
+                    m.origin,
+                    self.shard,
+                    id_seq(class as u64, m.next_seq[class]),
+                );
+            }
+        }
+        if m.windows_unstored.is_empty() {
+            return;
+        }
+        for key in std::mem::take(&mut self.moved.windows_unstored) {
+            let Some(w) = self.moved.windows.get_mut(&key) else {
+                continue;
+            };
+            w.stored.queued = false;
+            let uid = w.uid;
+            let stored = self
+                .by_client_id
+                .get(&key)
+                .and_then(|&i| self.sessions.get(i as usize))
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.stored && s.uid == uid);
+            let Some(w) = self.moved.windows.get_mut(&key).filter(|_| stored) else {
+                continue;
+            };
+            let st = &mut w.stored;
+            let n = st.unstored.min(w.order.len());
+            st.unstored = 0;
+            let mut bytes = Vec::new();
+            // Part 0 has the marks and every id; later parts the ids recorded since.
+            // Rewritten whole once the parts hold twice the ids a window keeps.
+            let part = if st.parts == 0 || st.ids + n > 2 * WINDOW_IDS_MAX {
+                if st.parts > 0 {
+                    ops.push(StoreOp::DelWindow {
+                        client_id: key.clone(),
+                    });
+                }
+                encode_marks(&mut bytes, &w.marks, w.order.iter());
+                st.parts = 0;
+                st.ids = w.order.len();
+                0
+            } else if n > 0 {
+                encode_marks(&mut bytes, &[], w.order.range(w.order.len() - n..));
+                st.ids += n;
+                st.parts
+            } else {
+                continue;
+            };
+            st.parts += 1;
+            ops.push(StoreOp::PutWindow {
+                client_id: key,
+                part,
+                expires_ms: st.expires_ms,
+                bytes,
+            });
+        }
+    }
+
+    /// Restores what the store kept of this module, after the sessions
+    /// (`Engine::restore`, in a cluster: after `set_origin`): the marks of earlier
+    /// lives come back as marks of foreign origins (this process's origin is new),
+    /// and restored sessions get the windows they had, till their end.
+    pub(super) fn restore_moved(
+        &mut self,
+        now_ms: u64,
+        marks: Vec<(u64, ShardId, u64)>,
+        mut windows: Vec<RecoveredWindow>,
+    ) {
+        self.moved.clock_ms = self.moved.clock_ms.max(now_ms);
+        if self.moved.origin == 0 {
+            return;
+        }
+        for (origin, shard, seq) in marks {
+            if origin != self.moved.origin {
+                raise(&mut self.moved.marks, origin, shard, seq);
+            }
+        }
+        self.moved.marks_stored = self.moved.marks.iter().map(|m| m.2).collect();
+        windows.sort_unstable_by_key(|w| w.expires_ms);
+        for rw in windows {
+            let Some(&idx) = self.by_client_id.get(&rw.client_id) else {
+                continue;
+            };
+            if rw.expires_ms <= now_ms {
+                self.store_op(StoreOp::DelWindow {
+                    client_id: rw.client_id,
+                });
+                continue;
+            }
+            let s = self.session(idx);
+            let (key, uid) = (s.client_id.clone(), s.uid);
+            let stored_ids = rw.ids.len();
+            let mut w = Window::new(uid, rw.marks, self.local_mark_for(&key), rw.ids);
+            w.stored.parts = rw.parts;
+            w.stored.ids = stored_ids;
+            self.keep_window_until(rw.expires_ms, key, w);
+        }
     }
 
     /// The session's subscriptions were attached here (its disk tail arrived).
@@ -771,6 +1006,7 @@ impl Engine {
 
     /// Ghosts and windows past [`MOVED_WINDOW_MS`] go.
     pub fn expire_moved(&mut self, now_ms: u64) {
+        self.moved.clock_ms = self.moved.clock_ms.max(now_ms);
         self.expire_handed(now_ms);
         while let Some((due, _)) = self.moved.expiring.front()
             && *due <= now_ms
@@ -790,8 +1026,9 @@ impl Engine {
                         .windows
                         .get(&client_id)
                         .is_some_and(|w| w.uid == uid)
+                        && let Some(w) = self.moved.windows.remove(&client_id)
                     {
-                        self.moved.windows.remove(&client_id);
+                        self.window_gone(&client_id, &w);
                     }
                 }
             }
@@ -816,7 +1053,13 @@ impl Engine {
         let s = self.session(idx);
         let (client_id, uid) = (s.client_id.clone(), s.uid);
         match self.moved.windows.get_mut(&client_id) {
-            Some(w) if w.uid == uid => w.seen(id, true),
+            Some(w) if w.uid == uid => {
+                let skip = w.seen(id, true);
+                if !skip {
+                    self.moved.window_changed(client_id);
+                }
+                skip
+            }
             _ => false,
         }
     }
@@ -975,6 +1218,7 @@ impl Engine {
             if (here && attached.is_some_and(|m| n > *m)) || w.seen(id, false) {
                 return;
             }
+            self.moved.window_changed(client_id);
         }
         self.deliver_to_session(now_ms, idx, message);
     }
@@ -1316,6 +1560,7 @@ mod tests {
             local_mark: [0; CLASSES],
             delivered: HashSet::new(),
             order: VecDeque::new(),
+            stored: WindowStored::default(),
         };
         // Handled on the old owner: a direct copy is skipped, a redirected one is not
         // (redirects come only for what arrived there after the session left).
@@ -1697,7 +1942,7 @@ mod tests {
             shard: 1,
             seq: 9,
         }];
-        encode_marks(&mut out, &[(5, 2, 40)], &ids);
+        encode_marks(&mut out, &[(5, 2, 40)], ids.iter());
         let (marks, got) = decode_marks(&out).expect("decodes");
         assert_eq!(marks, vec![(5, 2, 40)]);
         assert_eq!(got, ids.to_vec());
@@ -1775,5 +2020,240 @@ mod tests {
             payloads(&mut e, s),
             [Bytes::from_static(b"r3"), Bytes::from_static(b"r2")]
         );
+    }
+
+    /// A data directory of one test, removed after it.
+    struct Dir(std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(name: &str) -> Dir {
+        let path =
+            std::env::temp_dir().join(format!("tessera-moved-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        Dir(path)
+    }
+
+    const WALL_BASE_MS: u64 = 1_700_000_000_000;
+
+    /// A one-shard node of a cluster on `dir` under `sync` durability, started as
+    /// the broker starts one: recover, the origin of this process, restore.
+    fn boot(
+        dir: &Dir,
+        origin: u64,
+    ) -> (
+        Engine,
+        ShardId,
+        crate::store::StoreEnv,
+        crate::store::DirLock,
+    ) {
+        let (lock, mut envs, mut recovered) =
+            crate::store::recover(&dir.0, 1, 16 << 20, WALL_BASE_MS).expect("recovers");
+        let mut e = engines(1, &Limits::default()).remove(0);
+        let remote = e.enable_remote().expect("room for the remote id");
+        e.set_origin(origin);
+        e.enable_persistence(true);
+        e.restore(1, recovered.remove(0));
+        (e, remote, envs.remove(0).0, lock)
+    }
+
+    /// Commits what `e` stored, as its writer thread would.
+    fn commit(e: &mut Engine, env: &crate::store::StoreEnv) {
+        while let Some(batch) = e.take_store_batch() {
+            let dbs = crate::store::open_dbs(env).expect("dbs");
+            let mut txn = env.write_txn().expect("txn");
+            for op in &batch.ops {
+                crate::store::apply(&dbs, &mut txn, op, WALL_BASE_MS).expect("applied");
+            }
+            txn.commit().expect("committed");
+            e.store_committed(batch.epoch);
+        }
+    }
+
+    /// `kill -9`: what is not committed is gone.
+    fn crash(e: Engine, env: crate::store::StoreEnv, lock: crate::store::DirLock) {
+        drop(e);
+        env.prepare_for_closing().wait();
+        drop(lock);
+    }
+
+    fn texts(got: Vec<Bytes>) -> Vec<String> {
+        got.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    /// Issue 15, cause C (sim seed 264): a shard's `PubId` marks and its own counts
+    /// lived in memory, and its counts are under an origin that is new at every
+    /// start. A session restored after a crash moved on with a window that covered
+    /// nothing it got before the crash, and the new owner delivered the direct
+    /// copies of those publications again: one from another node, one published on
+    /// the session's own shard (its id of the shard's earlier life).
+    #[test]
+    fn a_restored_sessions_export_covers_what_its_shard_handled_before_the_crash() {
+        let dir = temp_dir("marks");
+        let (mut a, remote, env, lock) = boot(&dir, 7);
+        // Node B routes "t": A's own publications go there too.
+        let add = MeshMsg::RouteAdd {
+            filter: Str::from_static("t"),
+            shard: remote,
+            ack: None,
+        };
+        a.handle_mesh(1, remote, add);
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        let p = a.connect(1, connect_packet(V, "p", true), false);
+        commit(&mut a, &env);
+        drain(&mut a, s, V);
+        drain(&mut a, p, V);
+        a.handle_mesh(2, remote, forwarded("from node 5", 3));
+        a.handle_packet(2, p, publish_packet("published on A", 1));
+        commit(&mut a, &env);
+        assert_eq!(
+            texts(payloads(&mut a, s)),
+            ["from node 5", "published on A"]
+        );
+        let own = remote_out(&mut a)
+            .into_iter()
+            .find_map(|m| match m {
+                MeshMsg::PublishRemote {
+                    message,
+                    id: Some(id),
+                    ..
+                } => Some(MeshMsg::Forwarded {
+                    message,
+                    mark: None,
+                    ack: None,
+                    id: Some(id),
+                    earlier_life: false,
+                }),
+                _ => None,
+            })
+            .expect("A's publication went to node B");
+        crash(a, env, lock);
+
+        // A restarts (a new origin) with "s" from its store; "s" moves to B, and
+        // the direct copies of both reach B after it.
+        let (mut a, _, _env, _lock) = boot(&dir, 17);
+        let (mut b, remote_b, s_b, _) = moved_to_b(&mut a);
+        b.handle_mesh(4, remote_b, forwarded("from node 5", 3));
+        b.handle_mesh(4, remote_b, own);
+        assert!(
+            payloads(&mut b, s_b).is_empty(),
+            "delivered again what the session got before its node crashed"
+        );
+        b.handle_mesh(4, remote_b, forwarded("later", 4));
+        assert_eq!(texts(payloads(&mut b, s_b)), ["later"]);
+    }
+
+    /// Issue 15, cause C (sim seeds 4 and 95): a session that moved here knows,
+    /// for its window, what it got on its old node (the old owner's marks) and here
+    /// (ids, a redirected copy's among them: a redirect raises no mark). The window
+    /// lived in memory: after a crash the restored session took the direct copies
+    /// of those again, and its export on to another node covered none of them.
+    #[test]
+    fn a_restored_sessions_window_covers_what_it_got_before_the_crash() {
+        let dir = temp_dir("window");
+        let (mut a, remote_a, s) = node(7);
+        a.handle_mesh(1, remote_a, forwarded("on A", 3));
+        assert_eq!(texts(payloads(&mut a, s)), ["on A"]);
+        let bytes = a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        let window = a.moving_window("s").expect("a window");
+        let (mut b, remote_b, env, lock) = boot(&dir, 8);
+        b.import_session(3, "s", &bytes, 0).expect("imported");
+        assert!(b.import_window(3, "s", &window));
+        let s_b = b.connect(3, connect_packet(V, "s", false), false);
+        commit(&mut b, &env);
+        drain(&mut b, s_b, V);
+        b.handle_mesh(4, remote_b, redirect("redirected 4", 4));
+        b.handle_mesh(4, remote_b, redirect("redirected 5", 5));
+        commit(&mut b, &env);
+        assert_eq!(
+            texts(payloads(&mut b, s_b)),
+            ["redirected 4", "redirected 5"]
+        );
+        crash(b, env, lock);
+
+        // B restarts: the direct copies reach it; none is the session's again.
+        let (mut b, remote_b, env, _lock) = boot(&dir, 18);
+        let s_b = b.connect(5, connect_packet(V, "s", false), false);
+        commit(&mut b, &env);
+        drain(&mut b, s_b, V);
+        b.handle_mesh(5, remote_b, forwarded("on A", 3));
+        b.handle_mesh(5, remote_b, forwarded("redirected 4", 4));
+        commit(&mut b, &env);
+        assert!(
+            payloads(&mut b, s_b).is_empty(),
+            "delivered again after the restart"
+        );
+        // The session moves on to C, which gets the direct copy of 5 late.
+        let bytes = b.export_session(6, "s", 0, (3, 100)).expect("exported");
+        let window = b.moving_window("s").expect("a window");
+        let mut c = engines(1, &Limits::default()).remove(0);
+        let remote_c = c.enable_remote().expect("room for the remote id");
+        c.set_origin(9);
+        c.import_session(7, "s", &bytes, 0).expect("imported");
+        assert!(c.import_window(7, "s", &window));
+        let s_c = c.connect(7, connect_packet(V, "s", false), false);
+        drain(&mut c, s_c, V);
+        c.handle_mesh(8, remote_c, forwarded("redirected 5", 5));
+        assert!(
+            payloads(&mut c, s_c).is_empty(),
+            "the export of the restored window did not cover it"
+        );
+        c.handle_mesh(8, remote_c, forwarded("later", 6));
+        assert_eq!(texts(payloads(&mut c, s_c)), ["later"]);
+    }
+
+    /// A window's ids go to the store in parts, one per commit that recorded some,
+    /// and are rewritten from part 0 once the parts hold twice what a window keeps;
+    /// the window leaves the store when it ends.
+    #[test]
+    fn a_stored_window_grows_by_parts_and_leaves_the_store_when_it_ends() {
+        let dir = temp_dir("parts");
+        let (mut a, remote_a, s) = node(7);
+        a.handle_mesh(1, remote_a, forwarded("on A", 3));
+        drain(&mut a, s, V);
+        let bytes = a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        let window = a.moving_window("s").expect("a window");
+        let (mut b, remote_b, env, lock) = boot(&dir, 8);
+        b.import_session(3, "s", &bytes, 0).expect("imported");
+        assert!(b.import_window(3, "s", &window));
+        let parts = |b: &mut Engine| -> Vec<(u32, usize)> {
+            let mut got = Vec::new();
+            while let Some(batch) = b.take_store_batch() {
+                for op in &batch.ops {
+                    match op {
+                        StoreOp::PutWindow { part, bytes, .. } => {
+                            let (_, ids) = decode_marks(bytes).expect("a valid part");
+                            got.push((*part, ids.len()));
+                        }
+                        StoreOp::DelWindow { .. } => got.push((u32::MAX, 0)),
+                        _ => {}
+                    }
+                }
+                b.store_committed(batch.epoch);
+            }
+            got
+        };
+        assert_eq!(parts(&mut b), [(0, 0)]);
+        b.handle_mesh(4, remote_b, redirect("r", 4));
+        b.handle_mesh(4, remote_b, redirect("r", 5));
+        // With the epoch of their deliveries.
+        assert_eq!(parts(&mut b), [(1, 2)]);
+        // Past twice the bound: rewritten from part 0.
+        if let Some(w) = b.moved.windows.get_mut(&Str::from_static("s")) {
+            w.stored.ids = 2 * WINDOW_IDS_MAX;
+        }
+        b.handle_mesh(5, remote_b, redirect("r", 6));
+        assert_eq!(parts(&mut b), [(u32::MAX, 0), (0, 3)]);
+        // The window ends: its parts go.
+        b.expire_moved(3 + MOVED_WINDOW_MS);
+        assert_eq!(parts(&mut b), [(u32::MAX, 0)]);
+        crash(b, env, lock);
     }
 }

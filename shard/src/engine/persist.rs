@@ -240,13 +240,18 @@ impl Engine {
                 p.ops.push(StoreOp::PutForwardMark(*mark));
             }
         }
+        // So do the `PubId` marks and the moved sessions' windows (`moved`).
+        let mut ops = std::mem::take(&mut p.ops);
+        self.moved_store_ops(&mut ops);
+        let p = self.persist.as_mut().expect("persistence is on");
         // The next epoch's ops start with room for as many as this one had
         // (up to a bound): growing from empty reallocated and moved every
         // 216-byte op several times per batch.
-        let room = p.ops.len().min(OPS_ROOM_MAX);
+        let room = ops.len().min(OPS_ROOM_MAX);
+        p.ops = Vec::with_capacity(room);
         let batch = Batch {
             epoch: p.epoch,
-            ops: std::mem::replace(&mut p.ops, Vec::with_capacity(room)),
+            ops,
         };
         p.epoch += 1;
         Some(batch)
@@ -837,6 +842,9 @@ impl Engine {
                 self.persist_session(idx);
             }
         }
+        // The `PubId` marks of earlier lives, and the windows of sessions that
+        // moved here shortly before the stop.
+        self.restore_moved(now_ms, r.pub_marks, r.windows);
         // Wills of connections the stop ended, as `end_conn` would.
         for (idx, w, origin) in wills_now {
             let expiry_s = self.session(idx).expiry_interval_s;

@@ -67,7 +67,7 @@ impl Engine {
             .collect();
         let mut window = Vec::new();
         let marks = g.seen.as_ref().map_or(&[][..], |w| &w.marks[..]);
-        encode_marks(&mut window, marks, &[]);
+        encode_marks(&mut window, marks, [].iter());
         let state = GhostState {
             client_id: g.client_id.clone(),
             to: g.to,

@@ -37,7 +37,7 @@ pub mod record;
 pub mod recover;
 pub mod writer;
 
-pub use recover::{DirLock, Recovered, RecoveredSession, StoreError, recover};
+pub use recover::{DirLock, Recovered, RecoveredSession, RecoveredWindow, StoreError, recover};
 pub use writer::{StoreConfig, StoreHandle, commit_now, spawn_writer};
 
 /// One shard's LMDB env, as `recover` opens it and a writer commits to it.
@@ -168,6 +168,39 @@ pub enum StoreOp {
     /// here, and what it stored is in this commit or an earlier one (the
     /// batch dedup of a receiving node across a restart).
     PutForwardMark(crate::mesh::ForwardMark),
+    /// Every publication of origin shard (`origin`, `shard`) of `seq`'s class
+    /// (its top bits) up to `seq` was handled here (a `PubId` mark: the engine's
+    /// `moved` module), and what those publications stored here is in this commit
+    /// or an earlier one. Restored at start-up as a mark of an earlier life; one
+    /// not raised for [`PUB_MARK_KEEP_MS`] is dropped then.
+    PutPubMark {
+        /// The origin process's tag.
+        origin: u64,
+        /// The publisher's shard there.
+        shard: ShardId,
+        /// Class and count (`PubId::seq`).
+        seq: u64,
+        /// When it was raised (broker ms; stored as wall-clock time).
+        at_ms: u64,
+    },
+    /// One part of the dedup window of a session that moved here (the ids it got
+    /// within the window, and for part 0 the old owner's marks): parts are
+    /// appended as ids come, and rewritten from part 0 when they grow large.
+    PutWindow {
+        /// The session's ClientID.
+        client_id: Str,
+        /// The part's number.
+        part: u32,
+        /// When the window ends (broker ms; stored as wall-clock time).
+        expires_ms: u64,
+        /// The marks and ids, as a window travels (`moved::encode_marks`).
+        bytes: Vec<u8>,
+    },
+    /// Delete every part of a session's window (it ended, or is rewritten).
+    DelWindow {
+        /// The session's ClientID.
+        client_id: Str,
+    },
     /// PUBREL received for an inbound QoS 2 packet id.
     DelInbound {
         /// The session's ClientID.
@@ -371,6 +404,57 @@ fn ghost_key(client_id: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The `meta` key of the `PubId` mark of origin shard (`origin`, `shard`) and
+/// class `class` (`StoreOp::PutPubMark`).
+fn pub_mark_key(origin: u64, shard: ShardId, class: u8) -> Vec<u8> {
+    let mut k = META_PUB_MARK_PREFIX.to_vec();
+    k.extend_from_slice(&origin.to_be_bytes());
+    k.extend_from_slice(&shard.to_be_bytes());
+    k.push(class);
+    k
+}
+
+/// The class of a `PubId` seq (its top two bits).
+fn pub_class(seq: u64) -> u8 {
+    (seq >> 62) as u8
+}
+
+/// A `PubId` mark of `meta` (key without its prefix, value): (origin, shard,
+/// seq, wall-clock ms it was raised). `None` when malformed.
+pub(crate) fn decode_pub_mark(key: &[u8], v: &[u8]) -> Option<(u64, ShardId, u64, u64)> {
+    if key.len() != 11 || v.len() != 16 {
+        return None;
+    }
+    let origin = u64::from_be_bytes(key[..8].try_into().ok()?);
+    let shard = ShardId::from_be_bytes(key[8..10].try_into().ok()?);
+    let seq = u64::from_le_bytes(v[..8].try_into().ok()?);
+    let at = u64::from_le_bytes(v[8..].try_into().ok()?);
+    (pub_class(seq) == key[10]).then_some((origin, shard, seq, at))
+}
+
+/// The `meta` key prefix of every part of `client_id`'s window.
+fn window_prefix(client_id: &[u8]) -> Vec<u8> {
+    let mut k = META_WINDOW_PREFIX.to_vec();
+    k.extend_from_slice(&session_prefix(client_id));
+    k
+}
+
+/// A window part of `meta` (key without its prefix, value): (session key,
+/// part, wall-clock ms the window ends, the part's bytes). `None` when
+/// malformed (the bytes are checked by the caller).
+pub(crate) fn split_window_part<'v>(
+    key: &[u8],
+    v: &'v [u8],
+) -> Option<(Vec<u8>, u32, u64, &'v [u8])> {
+    let len = usize::from(*key.first()?);
+    if key.len() != 1 + len + 4 || v.len() < 8 {
+        return None;
+    }
+    let part = u32::from_be_bytes(key[1 + len..].try_into().ok()?);
+    let ends = u64::from_le_bytes(v[..8].try_into().ok()?);
+    Some((key[1..1 + len].to_vec(), part, ends, &v[8..]))
+}
+
 /// The value of a forward mark: incarnation, seq (u64 little-endian), index
 /// (u32 little-endian).
 fn forward_mark_value(m: &crate::mesh::ForwardMark) -> [u8; 20] {
@@ -545,6 +629,23 @@ pub(crate) const META_FORWARD_PREFIX: &[u8] = b"fwd/";
 /// data directory keeps its databases (and an older build reads it, skipping these).
 pub(crate) const META_GHOST_PREFIX: &[u8] = b"ghost/";
 
+/// The prefix of `PubId` marks in `meta`, followed by the origin (u64
+/// big-endian), its shard (u16 big-endian) and the class (u8); the value is
+/// the seq and the wall-clock ms it was stored at (u64 little-endian each).
+pub(crate) const META_PUB_MARK_PREFIX: &[u8] = b"pid/";
+
+/// The prefix of windows' parts in `meta`, followed by the session prefix
+/// (`session_prefix`) and the part (u32 big-endian); the value is the
+/// wall-clock ms the window ends (u64 little-endian) and its marks and ids.
+pub(crate) const META_WINDOW_PREFIX: &[u8] = b"win/";
+
+/// How long a stored `PubId` mark is kept after it was last raised: at
+/// start-up older ones are dropped (an origin that sent nothing here for so
+/// long is a process that ended, or one whose copies no longer come by way of
+/// this shard; a copy of it older still, a re-sent QoS 2 PUBLISH of a client
+/// that stayed away longer, is delivered again: at least once).
+pub const PUB_MARK_KEEP_MS: u64 = 10 * 60 * 1000;
+
 type Db<'e> = Database<'e, RawBytes, RawBytes>;
 
 /// The databases of one env.
@@ -625,7 +726,7 @@ pub(crate) fn apply(
             );
             dbs.messages.delete_range(txn, &range)?;
             dbs.inbound.delete_range(txn, &range)?;
-            Ok(())
+            delete_window(dbs, txn, cid)
         }
         StoreOp::PutMsg {
             client_id,
@@ -671,6 +772,32 @@ pub(crate) fn apply(
             dbs.meta
                 .put(txn, &forward_mark_key(m.node), &forward_mark_value(m))
         }
+        StoreOp::PutPubMark {
+            origin,
+            shard,
+            seq,
+            at_ms,
+        } => {
+            let mut v = [0u8; 16];
+            v[..8].copy_from_slice(&seq.to_le_bytes());
+            v[8..].copy_from_slice(&to_wall(*at_ms, wall_base_ms).to_le_bytes());
+            dbs.meta
+                .put(txn, &pub_mark_key(*origin, *shard, pub_class(*seq)), &v)
+        }
+        StoreOp::PutWindow {
+            client_id,
+            part,
+            expires_ms,
+            bytes,
+        } => {
+            let mut k = window_prefix(client_id.as_bytes());
+            k.extend_from_slice(&part.to_be_bytes());
+            let mut v = Vec::with_capacity(8 + bytes.len());
+            v.extend_from_slice(&to_wall(*expires_ms, wall_base_ms).to_le_bytes());
+            v.extend_from_slice(bytes);
+            dbs.meta.put(txn, &k, &v)
+        }
+        StoreOp::DelWindow { client_id } => delete_window(dbs, txn, client_id.as_bytes()),
         StoreOp::DelInbound {
             client_id,
             packet_id,
@@ -714,6 +841,17 @@ pub(crate) fn apply(
             .delete(txn, &ghost_key(client_id.as_bytes()))
             .map(drop),
     }
+}
+
+/// Deletes every part of `client_id`'s window.
+fn delete_window(dbs: &Dbs<'_>, txn: &mut RwTxn<'_>, client_id: &[u8]) -> heed::Result<()> {
+    let prefix = window_prefix(client_id);
+    let end = prefix_end(&prefix);
+    let range: (Bound<&[u8]>, Bound<&[u8]>) = (
+        Bound::Included(&prefix[..]),
+        end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+    );
+    dbs.meta.delete_range(txn, &range).map(drop)
 }
 
 /// Reads what a `StoreOp::LoadQueue` asks for: queued deliveries of

@@ -156,6 +156,27 @@ pub struct Recovered {
     /// a re-send routed again with that id is skipped here
     /// (`Engine::note_resent_handled`; cause A of the `sync` simulation failures).
     pub resent_handled: Vec<PubId>,
+    /// The `PubId` marks this shard stored in its earlier lives and raised
+    /// within [`super::PUB_MARK_KEEP_MS`]: (origin, shard, seq)
+    /// (`StoreOp::PutPubMark`).
+    pub pub_marks: Vec<(u64, ShardId, u64)>,
+    /// The dedup windows of this shard's sessions (`StoreOp::PutWindow`).
+    pub windows: Vec<RecoveredWindow>,
+}
+
+/// A stored session's dedup window (it moved here shortly before the stop).
+#[derive(Debug)]
+pub struct RecoveredWindow {
+    /// The session's ClientID.
+    pub client_id: Str,
+    /// When the window ends, broker ms.
+    pub expires_ms: u64,
+    /// The old owner's marks: (origin, shard, seq).
+    pub marks: Vec<(u64, ShardId, u64)>,
+    /// The ids the session got within the window, oldest first.
+    pub ids: Vec<crate::mesh::PubId>,
+    /// Parts stored (the next one appended gets this number).
+    pub parts: u32,
 }
 
 /// One session's deliveries: (seq, record, raw key, raw value).
@@ -166,6 +187,15 @@ type RawInbound = (u16, Vec<u8>, InboundRecord);
 
 /// A raw record to copy: (database index, key, value).
 type RawPut = (usize, Vec<u8>, Vec<u8>);
+
+/// A part of a stored window: part, wall ms it ends, marks, ids, raw key.
+type RawWindowPart = (
+    u32,
+    u64,
+    Vec<(u64, ShardId, u64)>,
+    Vec<crate::mesh::PubId>,
+    Vec<u8>,
+);
 
 /// What `recover` returns: the directory lock, each shard's env and path
 /// (index = shard), and what each shard restores.
@@ -188,6 +218,10 @@ struct Raw {
     ghosts: BTreeMap<Vec<u8>, (record::GhostRec, Vec<u8>)>,
     /// ghost keys whose value does not decode (skipped with a warning, deleted)
     bad_ghosts: Vec<Vec<u8>>,
+    /// `PubId` marks: (origin, shard, seq, wall ms raised, raw key)
+    pub_marks: Vec<(u64, ShardId, u64, u64, Vec<u8>)>,
+    /// session key -> its window's parts
+    windows: HashMap<Vec<u8>, Vec<RawWindowPart>>,
     /// session key -> (record, raw value)
     wills: HashMap<Vec<u8>, (record::DelayedWillRec, Vec<u8>)>,
     /// topic key -> (record, raw value)
@@ -323,6 +357,18 @@ fn read_raw(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<Raw, St
                     raw.bad_ghosts.push(k.to_vec());
                 }
             }
+        } else if let Some(tail) = k.strip_prefix(super::META_PUB_MARK_PREFIX) {
+            let (origin, shard, seq, at) = super::decode_pub_mark(tail, v)
+                .ok_or_else(|| corrupt("meta", k, "bad publication id mark".into()))?;
+            raw.pub_marks.push((origin, shard, seq, at, k.to_vec()));
+        } else if let Some(tail) = k.strip_prefix(super::META_WINDOW_PREFIX) {
+            let bad = || corrupt("meta", k, "bad window part".into());
+            let (session, part, ends, bytes) = super::split_window_part(tail, v).ok_or_else(bad)?;
+            let (marks, ids) = crate::engine::decode_window(bytes).ok_or_else(bad)?;
+            raw.windows
+                .entry(session)
+                .or_default()
+                .push((part, ends, marks, ids, k.to_vec()));
         }
     }
     for item in dbs.wills.iter(&rtxn).map_err(open)? {
@@ -462,8 +508,20 @@ pub fn recover(
     // they are dropped (a batch retried then is delivered again: at least once).
     let same_shards = present == 0 || present == shard_count;
     for (from, mut raw) in raws.into_iter().enumerate() {
-        if same_shards && from < shard_count {
+        // So do `PubId` marks and windows (deleted then: they name what other
+        // shards handled), and a mark not raised within `PUB_MARK_KEEP_MS`
+        // before this start goes.
+        let mut dels: Vec<(usize, Vec<u8>)> = Vec::new();
+        let keep = same_shards && from < shard_count;
+        if keep {
             out[from].forward_marks = std::mem::take(&mut raw.forwards);
+        }
+        for (origin, shard, seq, at, key) in std::mem::take(&mut raw.pub_marks) {
+            if keep && at.saturating_add(super::PUB_MARK_KEEP_MS) >= wall_base_ms {
+                out[from].pub_marks.push((origin, shard, seq));
+            } else {
+                dels.push((META, key));
+            }
         }
         let (env, path) = &envs[from];
         let open = |source| StoreError::Open {
@@ -479,7 +537,6 @@ pub fn recover(
         };
         // Moves out of this env, per target shard.
         let mut puts: Vec<Vec<RawPut>> = vec![Vec::new(); shard_count];
-        let mut dels: Vec<(usize, Vec<u8>)> = Vec::new();
         for (key, (rec, value)) in std::mem::take(&mut raw.sessions) {
             let owner = shard_for(rec.client_id.as_bytes(), shard_count);
             let messages = raw.messages.remove(&key).unwrap_or_default();
@@ -510,6 +567,14 @@ pub fn recover(
             }
             let session = restore_session(rec, messages, inbound, will, wall_base_ms)
                 .map_err(|e| corrupt("sessions", &key, e))?;
+            if keep
+                && owner == from
+                && let Some(parts) = raw.windows.remove(&key)
+            {
+                out[owner]
+                    .windows
+                    .push(recovered_window(&session.client_id, parts, wall_base_ms));
+            }
             // One entry per subscription: a shared filter's entries count that
             // shard's (offline) members of the group.
             for (filter, _) in &session.subscriptions {
@@ -552,6 +617,10 @@ pub fn recover(
                     }
                 }
             }
+        }
+        // Windows of no session here (or not kept) go.
+        for (_, _, _, _, key) in raw.windows.into_values().flatten() {
+            dels.push((META, key));
         }
         for (key, _) in raw.messages.iter().filter(|(_, m)| !m.is_empty()) {
             warn!(
@@ -735,6 +804,28 @@ fn note_handled(handled: &mut [Vec<PubId>], rec: &InboundRecord, changed: bool) 
             ids.push(id);
         }
     }
+}
+
+/// A window from its stored parts: part 0 has the marks, ids come in part order.
+fn recovered_window(
+    client_id: &Str,
+    mut parts: Vec<RawWindowPart>,
+    wall_base_ms: u64,
+) -> RecoveredWindow {
+    parts.sort_unstable_by_key(|p| p.0);
+    let mut w = RecoveredWindow {
+        client_id: client_id.clone(),
+        expires_ms: 0,
+        marks: Vec::new(),
+        ids: Vec::new(),
+        parts: parts.last().map_or(0, |p| p.0.saturating_add(1)),
+    };
+    for (_, ends, marks, ids, _) in parts {
+        w.expires_ms = w.expires_ms.max(record::to_broker(ends, wall_base_ms));
+        w.marks.extend(marks);
+        w.ids.extend(ids);
+    }
+    w
 }
 
 fn restore_session(
