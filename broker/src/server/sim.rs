@@ -1522,8 +1522,13 @@ fn the_data_plane_simulation_regression_seeds() {
 /// same with the session moved on, the new owner routing the re-send (twice since
 /// 25's fix). Now the inbound record keeps the original's id and every re-send goes
 /// out as a re-sent copy of it, which a node that got the original skips
-/// (`moved::RESENT`; each fails on b6099e3, one shard per node).
-const SYNC_REGRESSION_SEEDS: &[u64] = &[25, 71, 212, 39, 116, 119, 160, 282];
+/// (`moved::RESENT`; each fails on b6099e3, one shard per node). 4, 95, 264 (issue
+/// 15, cause C): a session restored after its node crashed moved on with a window
+/// that covered nothing it had got before the crash (ids it got by a redirect, what
+/// it got on its node before, the node's own earlier-life ids), and the new owner
+/// delivered QoS 2 again; the `PubId` marks and windows are now stored with the
+/// commits and restored (`moved::moved_store_ops`, `restore_moved`).
+const SYNC_REGRESSION_SEEDS: &[u64] = &[25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264];
 
 #[test]
 fn the_data_plane_simulation_sync_regression_seeds() {
