@@ -60,6 +60,14 @@
 //! it came with, never a new one (which the direct copy to the new node would not
 //! share).
 //!
+//! Across a restart (with a store): the marks, this shard's own counts and the windows
+//! of stored sessions go to the store with the next commit that has ops
+//! ([`Engine::moved_store_ops`]), never before what they cover, and come back at the
+//! next start as marks of earlier-life origins and the restored sessions' windows
+//! ([`Engine::restore_moved`]), so a session restored after a crash exports a window
+//! that covers what it got before it (issue 15, cause C). Marks not raised within
+//! `store::PUB_MARK_KEEP_MS` before a start are dropped then.
+//!
 //! Bounded, and said: a copy delayed longer than the window (a partition between
 //! the publisher's node and the old owner that outlasts it) finds no ghost and is
 //! lost for the session, as before.
