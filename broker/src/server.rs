@@ -134,8 +134,13 @@ fn now_us() -> u64 {
     clock_elapsed().as_micros() as u64 + 1
 }
 
-/// Time since the broker's clock started (`rt::now`: simulated in the simulation).
+/// Time since the broker's clock started (`rt::now`), or in the simulation since its
+/// anchor (`rt::sim_elapsed`: a phase against the simulated clock that is the same in
+/// every run, so a seed replays).
 fn clock_elapsed() -> Duration {
+    if let Some(d) = rt::sim_elapsed() {
+        return d;
+    }
     let start = *CLOCK_START.get_or_init(Instant::now);
     rt::now().saturating_duration_since(start)
 }
@@ -282,8 +287,11 @@ impl Server {
         let (admin_links, admin_ends) = shard_call::links(shard_count);
         let connections_total_max = connections_max(config.limits.max_connections as usize);
         let (server_cluster, shard_cluster) = if config.cluster.enabled() {
-            let (server_ends, shard_ends) =
-                cluster::ends(shard_count, config.cluster.retained_inline_bytes);
+            let (server_ends, shard_ends) = cluster::ends(
+                shard_count,
+                config.cluster.retained_inline_bytes,
+                crate::forward::origin_tag(),
+            );
             (Some(server_ends), Some(shard_ends))
         } else {
             (None, None)

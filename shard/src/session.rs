@@ -6,7 +6,7 @@
 //! FIFO queue behind it. The inbound side remembers QoS 2 packet ids awaiting
 //! PUBREL so a re-sent PUBLISH is not delivered twice.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use tessera_proto::{ProtocolVersion, Publish, QoS, Str, SubscriptionOptions, Will};
@@ -394,8 +394,12 @@ pub struct Session {
     pub expiry_interval_s: u32,
     /// When the last connection ended, in broker milliseconds.
     pub disconnected_at_ms: Option<u64>,
-    /// Subscriptions by filter.
-    pub subscriptions: HashMap<Str, SubscriptionEntry>,
+    /// Subscriptions by filter, in filter order: the engine walks them to remove a
+    /// session's routes, to export and store it, to leave a ghost; a hash map's order
+    /// would differ per process (so would the order of route proposals and records,
+    /// and a simulation seed would not replay). Not on a message's path (deliveries
+    /// match in the shard's trie); a session has few.
+    pub subscriptions: BTreeMap<Str, SubscriptionEntry>,
     /// In-flight outbound QoS 1/2 deliveries, in send order (changed only
     /// through the methods below, which keep `inflight_sorted`).
     inflight: VecDeque<Inflight>,
@@ -449,7 +453,7 @@ impl Session {
             conn: None,
             expiry_interval_s: 0,
             disconnected_at_ms: None,
-            subscriptions: HashMap::new(),
+            subscriptions: BTreeMap::new(),
             inflight: VecDeque::new(),
             inflight_sorted: true,
             queue: DeliveryQueue::default(),

@@ -231,18 +231,30 @@ impl ForwarderEnds {
 }
 
 /// The channels between the shards and the forwarder, made at boot before the shards
-/// (the forwarder starts later, on the control thread).
+/// (the forwarder starts later, on the control thread), with this process's origin
+/// tag ([`origin_tag`]).
 pub fn channels(
     shard_count: usize,
     retained_inline_bytes: usize,
 ) -> (ForwarderEnds, Vec<ShardEnd>) {
+    channels_with_origin(shard_count, retained_inline_bytes, origin_tag())
+}
+
+/// [`channels`] with the origin tag given: the data-plane simulation draws a node
+/// incarnation's tag from its seed, so a seed replays (the tag orders maps of marks and
+/// ids); it must still differ per process start, and be non-zero.
+pub fn channels_with_origin(
+    shard_count: usize,
+    retained_inline_bytes: usize,
+    origin: u64,
+) -> (ForwarderEnds, Vec<ShardEnd>) {
+    let origin = origin.max(1);
     let (from_tx, from_rx) = flume::bounded(FROM_SHARD_BATCHES_MAX * shard_count);
     let (barrier_tx, barrier_rx) = flume::bounded(BARRIERS_QUEUED_MAX);
     let metrics: Arc<ForwardMetrics> = Arc::default();
     let (to_shards, shard_rx): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| flume::bounded(TO_SHARD_BATCHES_MAX))
         .unzip();
-    let origin = origin_tag();
     let own_routes_from = Arc::new(AtomicU64::new(u64::MAX));
     let shard_ends = shard_rx
         .into_iter()
@@ -270,8 +282,8 @@ pub fn channels(
 }
 
 /// A tag for this process's publication ids: the boot time in ns mixed with a
-/// counter (the data-plane simulation starts several nodes in one process), never 0.
-fn origin_tag() -> u64 {
+/// counter (tests start several forwarders in one process), never 0.
+pub fn origin_tag() -> u64 {
     static STARTED: AtomicU64 = AtomicU64::new(0);
     let ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -531,13 +531,16 @@ pub(super) fn tick(shard: &Shard, cluster: &ShardCluster) {
             );
         }
     }
-    let due: Vec<String> = claims
+    let mut due: Vec<String> = claims
         .releasing
         .borrow()
         .iter()
         .filter(|(_, r)| matches!(r, Release::Due(t) if *t <= now))
         .map(|(c, _)| c.clone())
         .collect();
+    // Released in ClientID order, not the map's (which differs per process, and the
+    // releases are proposals in this order).
+    due.sort_unstable();
     for client_id in due {
         if shard.engine.borrow().has_session(&client_id) {
             // A session came back (a reconnect here): the claim stays.

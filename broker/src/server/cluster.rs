@@ -52,17 +52,19 @@ pub(crate) struct ServerClusterEnds {
     pub(crate) forwarder: std::sync::Mutex<Option<crate::forward::ForwarderEnds>>,
 }
 
-/// Both ends for `shard_count` shards.
+/// Both ends for `shard_count` shards; `origin` is the process's origin tag for
+/// publication ids (`forward::origin_tag` in production; see `forward::channels_with_origin`).
 pub(crate) fn ends(
     shard_count: usize,
     retained_inline_bytes: usize,
+    origin: u64,
 ) -> (ServerClusterEnds, ClusterEnds) {
     let (attach_tx, attach_rx): (Vec<_>, Vec<_>) =
         (0..shard_count).map(|_| flume::bounded(1)).unzip();
     let (req_tx, req_rx): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| flume::bounded(crate::cluster::peer::PEER_REQUESTS_QUEUED_MAX))
         .unzip();
-    let (forwarder, forward) = crate::forward::channels(shard_count, retained_inline_bytes);
+    let (forwarder, forward) = crate::forward::channels_with_origin(shard_count, retained_inline_bytes, origin);
     (
         ServerClusterEnds {
             attach: attach_tx,

@@ -15,18 +15,38 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// A simulation thread's clock: where it started and tokio's (paused) instant then.
+#[derive(Clone, Copy)]
+struct SimClock {
+    /// The real instant the simulated clock started at: [`ANCHOR`] plus `since_anchor`.
+    real: Instant,
+    /// Tokio's (paused) instant at entry.
+    paused: tokio::time::Instant,
+    /// Whole milliseconds from [`ANCHOR`] to `real`.
+    since_anchor: Duration,
+}
+
 thread_local! {
-    /// On a simulation thread: the real instant and tokio's (paused) instant at entry.
-    static SIM: Cell<Option<(Instant, tokio::time::Instant)>> = const { Cell::new(None) };
+    /// Set on a simulation thread.
+    static SIM: Cell<Option<SimClock>> = const { Cell::new(None) };
     /// Where the last simulation on this thread left [`now`]: the next one starts no
     /// earlier, so the clock never goes back between two simulations.
     #[cfg(test)]
     static SIM_LAST: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-fn sim() -> Option<(Instant, tokio::time::Instant)> {
+/// The simulations' common origin (the first simulation's start) and the wall clock
+/// then, in Unix milliseconds. Every simulation starts a whole number of milliseconds
+/// after it, so the engine's milliseconds ([`sim_elapsed`]) and the wall clock
+/// ([`unix_ms`]) have the same phase against the simulated clock in every run: a
+/// seed's run does not depend on the real instant it started at (a tick that falls in
+/// the next millisecond in one run and not in another would change its schedule).
+static ANCHOR: OnceLock<(Instant, u64)> = OnceLock::new();
+
+fn sim() -> Option<SimClock> {
     SIM.with(Cell::get)
 }
 
@@ -52,29 +72,31 @@ pub(super) fn spawn_local(task: impl Future<Output = ()> + 'static) {
 pub(super) fn now() -> Instant {
     match sim() {
         None => Instant::now(),
-        Some((real, paused)) => real + paused.elapsed(),
+        Some(c) => c.real + c.paused.elapsed(),
     }
 }
 
+/// In the simulation, the time since [`ANCHOR`] (whole milliseconds at entry plus
+/// the simulated time since): the engine's clock there (`server::clock_elapsed`), the
+/// same in every run of a seed up to the whole milliseconds at entry. `None` outside.
+pub(super) fn sim_elapsed() -> Option<Duration> {
+    sim().map(|c| c.since_anchor + c.paused.elapsed())
+}
+
+fn system_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Wall-clock milliseconds since the Unix epoch. In the simulation they follow [`now`]
-/// (the real wall clock at a fixed instant, plus the simulated time since), so the
-/// wall-clock times the store and the takeover keep (expiries, a ghost's window) move
-/// with the simulated clock across a node's restart, as they do in production.
+/// (the real wall clock at [`ANCHOR`], plus [`sim_elapsed`]), so the wall-clock times
+/// the store and the takeover keep (expiries, a ghost's window) move with the
+/// simulated clock across a node's restart, as they do in production.
 pub(super) fn unix_ms() -> u64 {
-    fn system_ms() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    }
-    if sim().is_none() {
-        return system_ms();
-    }
-    static ANCHOR: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
-    let (at, ms) = *ANCHOR.get_or_init(|| (Instant::now(), system_ms()));
-    let t = now();
-    match t.checked_duration_since(at) {
-        Some(d) => ms + d.as_millis() as u64,
-        None => ms.saturating_sub(at.duration_since(t).as_millis() as u64),
+    match (sim_elapsed(), ANCHOR.get()) {
+        (Some(d), Some(&(_, ms))) => ms + d.as_millis() as u64,
+        _ => system_ms(),
     }
 }
 
@@ -82,10 +104,20 @@ pub(super) fn unix_ms() -> u64 {
 /// [`spawn_local`] and [`now`] use tokio (call inside the runtime and its `LocalSet`).
 #[cfg(test)]
 pub(super) fn enter_sim() -> SimGuard {
-    let real = SIM_LAST
+    let (anchor, _) = *ANCHOR.get_or_init(|| (Instant::now(), system_ms()));
+    let from = SIM_LAST
         .with(Cell::get)
         .map_or_else(Instant::now, |last| last.max(Instant::now()));
-    SIM.with(|s| s.set(Some((real, tokio::time::Instant::now()))));
+    // Up to the next whole millisecond after the anchor.
+    let since_anchor =
+        Duration::from_millis(from.saturating_duration_since(anchor).as_millis() as u64 + 1);
+    SIM.with(|s| {
+        s.set(Some(SimClock {
+            real: anchor + since_anchor,
+            paused: tokio::time::Instant::now(),
+            since_anchor,
+        }))
+    });
     SimGuard(())
 }
 
@@ -104,6 +136,34 @@ impl Drop for SimGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine's milliseconds in a simulation have the same phase against the
+    /// simulated clock whenever the simulation starts: a seed's run does not depend on
+    /// the real instant it began at (before, the engine clock was the real time since
+    /// the process's clock start plus the simulated time, so a deadline fell into one
+    /// millisecond in one run and the next in another).
+    #[test]
+    fn a_simulations_engine_clock_has_the_same_phase_whenever_it_starts() {
+        let phase = || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .expect("runtime");
+            let _enter = runtime.enter();
+            let _sim = enter_sim();
+            (
+                super::super::clock_elapsed().subsec_nanos() % 1_000_000,
+                unix_ms(),
+                super::super::now_ms(),
+            )
+        };
+        let (a, wall_a, ms_a) = phase();
+        std::thread::sleep(Duration::from_micros(300));
+        let (b, wall_b, ms_b) = phase();
+        assert_eq!(a, b, "the phase within a millisecond");
+        assert!(wall_b - wall_a == ms_b - ms_a, "the wall clock follows the engine's");
+    }
 
     #[test]
     fn in_the_simulation_timers_and_now_follow_the_paused_clock() {

@@ -278,9 +278,13 @@ impl Engine {
         Some(bytes)
     }
 
-    /// The ClientIDs of this shard's sessions.
+    /// The ClientIDs of this shard's sessions, sorted: the caller acts on each in turn
+    /// (parking at start), and an order that is the map's would differ per process, so a
+    /// simulation seed would not replay.
     pub fn client_ids(&self) -> Vec<Str> {
-        self.by_client_id.keys().cloned().collect()
+        let mut ids: Vec<Str> = self.by_client_id.keys().cloned().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Whether a session of `client_id` is being taken in (its disk tail still
@@ -414,12 +418,15 @@ impl Engine {
     /// Drops moving copies whose session would have expired by `now_ms`; returns
     /// their ClientIDs.
     pub fn expire_moving(&mut self, now_ms: u64) -> Vec<Str> {
-        let due: Vec<Str> = self
+        let mut due: Vec<Str> = self
             .moving
             .iter()
             .filter(|(_, m)| m.expires_at_ms.is_some_and(|t| t <= now_ms))
             .map(|(c, _)| c.clone())
             .collect();
+        // In ClientID order, not the map's (which differs per process): each drop
+        // writes to the store and its ghost's copies go on, in this order.
+        due.sort_unstable();
         for c in &due {
             self.drop_moving(c);
             // What its ghost held goes with it (`moved`).
