@@ -64,7 +64,8 @@ pub(crate) fn ends(
     let (req_tx, req_rx): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| flume::bounded(crate::cluster::peer::PEER_REQUESTS_QUEUED_MAX))
         .unzip();
-    let (forwarder, forward) = crate::forward::channels_with_origin(shard_count, retained_inline_bytes, origin);
+    let (forwarder, forward) =
+        crate::forward::channels_with_origin(shard_count, retained_inline_bytes, origin);
     (
         ServerClusterEnds {
             attach: attach_tx,

@@ -162,7 +162,11 @@ mod tests {
         std::thread::sleep(Duration::from_micros(300));
         let (b, wall_b, ms_b) = phase();
         assert_eq!(a, b, "the phase within a millisecond");
-        assert!(wall_b - wall_a == ms_b - ms_a, "the wall clock follows the engine's");
+        assert_eq!(
+            wall_b - wall_a,
+            ms_b - ms_a,
+            "the wall clock follows the engine's"
+        );
     }
 
     #[test]
