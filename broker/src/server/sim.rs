@@ -65,9 +65,12 @@
 //! restarted node keeps its count.
 //!
 //! Deterministic: the schedule and every fault decision come from one seeded generator,
-//! timers from the paused clock, election timeouts from the seed. Not fully: tokio's
-//! `select!` polls branches in random order, so a failing seed reproduces often, not
-//! always (as in raft's simulation).
+//! timers from the paused clock, election timeouts and the nodes' origin tags from the
+//! seed, the engine clock's phase is the same in every run (`rt::enter_sim`), and what
+//! the engine walks in order is ordered (`a_data_plane_simulation_seed_replays`). Not
+//! fully: tokio's `select!` (ours and openraft's) picks among ready branches at random,
+//! so a failing seed reproduces often, not always (as in raft's simulation;
+//! docs/ARCHITECTURE.md, the data-plane simulation, *Replay*).
 //!
 //! CI runs `SIM_SEEDS` seeds (default 4) and the regression seeds (each on the schedule
 //! that found it: with or without the publication bursts, which came later;
@@ -1575,7 +1578,9 @@ fn the_data_plane_simulation_sync_regression_seeds() {
 /// walked in a hash map's order (route removals, exports, ghosts: now a `BTreeMap`).
 /// What still is not replayable is in docs/ARCHITECTURE.md (the data-plane simulation,
 /// *Replay*).
-const REPLAY_SEEDS: &[(u64, Shards)] = &[(5, Shards::FromSeed)];
+/// Seeds of the replay test, one per configuration; each replayed in every one of
+/// 3 x 2 runs of seeds 1-10 (one shard, and `mix`) on the fixed code.
+const REPLAY_SEEDS: &[(u64, Shards)] = &[(1, Shards::Each(1)), (5, Shards::FromSeed)];
 
 #[test]
 fn a_data_plane_simulation_seed_replays() {
