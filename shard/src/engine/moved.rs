@@ -370,6 +370,14 @@ fn raise(marks: &mut Vec<(u64, ShardId, u64)>, origin: u64, shard: ShardId, seq:
     }
 }
 
+/// `seq` (a mark of `origin`'s `shard`), not above the cap [`Engine::held_caps`]
+/// gives for its class.
+fn held_cap(caps: &[(u64, ShardId, u64)], origin: u64, shard: ShardId, seq: u64) -> u64 {
+    caps.iter()
+        .find(|c| c.0 == origin && c.1 == shard && id_class(c.2) == id_class(seq))
+        .map_or(seq, |c| seq.min(c.2))
+}
+
 impl Window {
     /// A window for session `uid` with the old owner's `marks`, this shard's
     /// `local_mark` and the `ids` the session already got.
@@ -846,6 +854,41 @@ impl Engine {
         }
     }
 
+    /// Per origin shard and class, the highest id a stored mark may cover while
+    /// an unconfirmed ghost holds copies of it in memory: one below the lowest
+    /// held (sim seed 154, `sync`). A held copy is in no store record, and its
+    /// waiter (the batch's answer, the publisher's PUBREC) still waits for it; a
+    /// stored mark covering it would make this shard, restarted after a crash,
+    /// skip the copy sent again (the retried batch, or the publisher's re-send
+    /// routed with the original's id): acknowledged, never delivered. Capped, the
+    /// mark it stores is raised with the first commit after the ghost let go.
+    /// Empty unless a ghost holds something: nothing per message otherwise.
+    fn held_caps(&self) -> Vec<(u64, ShardId, u64)> {
+        let mut caps: Vec<(u64, ShardId, u64)> = Vec::new();
+        let held = self
+            .moved
+            .ghosts
+            .iter()
+            .flatten()
+            .filter(|g| !g.confirmed)
+            .flat_map(|g| g.held.iter().filter_map(|(_, id, _)| *id));
+        for id in held {
+            // A re-sent copy raised no mark (see [`RESENT`]).
+            if is_resent(id) {
+                continue;
+            }
+            let below = id_seq(id_class(id.seq), id_number(id.seq).saturating_sub(1));
+            match caps
+                .iter_mut()
+                .find(|c| c.0 == id.origin && c.1 == id.shard && id_class(c.2) == id_class(id.seq))
+            {
+                Some(c) => c.2 = c.2.min(below),
+                None => caps.push((id.origin, id.shard, below)),
+            }
+        }
+        caps
+    }
+
     /// The marks and windows the store lacks, appended to `ops`, the batch being
     /// taken (`take_store_batch`: only one that has ops anyway). They ride with
     /// those ops, so a mark is never stored before what the copies it covers stored
@@ -859,10 +902,11 @@ impl Engine {
     /// foreign origin (`restore_moved`), so what a restored session got before the
     /// crash is covered by the window it exports (issue 15, cause C).
     pub(super) fn moved_store_ops(&mut self, ops: &mut Vec<StoreOp>) {
-        let m = &mut self.moved;
-        if m.origin == 0 {
+        if self.moved.origin == 0 {
             return;
         }
+        let caps = self.held_caps();
+        let m = &mut self.moved;
         let at_ms = m.clock_ms;
         let mut put = |origin, shard, seq| {
             ops.push(StoreOp::PutPubMark {
@@ -872,8 +916,10 @@ impl Engine {
                 at_ms,
             })
         };
+        let capped = |origin, shard, seq| held_cap(&caps, origin, shard, seq);
         m.marks_stored.resize(m.marks.len(), 0);
         for (&(origin, shard, seq), stored) in m.marks.iter().zip(&mut m.marks_stored) {
+            let seq = capped(origin, shard, seq);
             if seq != *stored {
                 *stored = seq;
                 put(origin, shard, seq);
@@ -892,24 +938,26 @@ impl Engine {
                 continue;
             }
             for class in 0..CLASSES {
-                if handled[class] != stored[class] {
-                    stored[class] = handled[class];
-                    put(
-                        m.origin,
-                        shard as ShardId,
-                        id_seq(class as u64, handled[class]),
-                    );
+                let seq = capped(
+                    m.origin,
+                    shard as ShardId,
+                    id_seq(class as u64, handled[class]),
+                );
+                if id_number(seq) != stored[class] {
+                    stored[class] = id_number(seq);
+                    put(m.origin, shard as ShardId, seq);
                 }
             }
         }
         for class in 0..CLASSES {
-            if m.next_seq[class] != m.next_seq_stored[class] {
-                m.next_seq_stored[class] = m.next_seq[class];
-                put(
-                    m.origin,
-                    self.shard,
-                    id_seq(class as u64, m.next_seq[class]),
-                );
+            let seq = capped(
+                m.origin,
+                self.shard,
+                id_seq(class as u64, m.next_seq[class]),
+            );
+            if id_number(seq) != m.next_seq_stored[class] {
+                m.next_seq_stored[class] = id_number(seq);
+                put(m.origin, self.shard, seq);
             }
         }
         if m.windows_unstored.is_empty() {
@@ -2215,6 +2263,56 @@ mod tests {
         );
         c.handle_mesh(8, remote_c, forwarded("later", 6));
         assert_eq!(texts(payloads(&mut c, s_c)), ["later"]);
+    }
+
+    /// Sim seed 154 (`sync`): an unconfirmed ghost held a QoS 2 copy from another
+    /// node (the batch's answer waiting for it) when its node crashed. The shard's
+    /// mark for that origin, stored with the next commit after the hold, covered
+    /// the copy, so the restarted node skipped the publisher's re-send, routed with
+    /// the original's id after the sending node died too: acknowledged, never
+    /// delivered. A stored mark stays below what an unconfirmed ghost holds.
+    #[test]
+    fn a_copy_an_unconfirmed_ghost_held_at_a_crash_is_not_covered_by_the_stored_marks() {
+        let dir = temp_dir("held");
+        let (mut a, remote, env, lock) = boot(&dir, 7);
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut a, s, V);
+        commit(&mut a, &env);
+        // Parked for node 2's claim: unconfirmed, its records still in the store.
+        a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        commit(&mut a, &env);
+        let token = a.begin_forward_batch().expect("a ghost opens a token");
+        a.handle_mesh(3, remote, forwarded_at("held", QoS::ExactlyOnce, 1));
+        a.end_forward_batch(token);
+        // Another session's record: a commit with ops, which the marks ride.
+        let q = a.connect(3, connect_packet(V, "q", false), false);
+        drain(&mut a, q, V);
+        commit(&mut a, &env);
+        assert!(
+            a.take_forwards_done().is_empty(),
+            "the batch waits for the held copy"
+        );
+        crash(a, env, lock);
+
+        // Restarted with the session (node 2 never confirmed): the re-send comes.
+        let (mut a, remote, env, _lock) = boot(&dir, 8);
+        let s = a.connect(4, connect_packet(V, "s", false), false);
+        commit(&mut a, &env);
+        drain(&mut a, s, V);
+        let mut again = forwarded_at("held", QoS::ExactlyOnce, 1);
+        if let MeshMsg::Forwarded { id: Some(id), .. } = &mut again {
+            *id = resent(*id);
+        }
+        a.handle_mesh(5, remote, again.clone());
+        commit(&mut a, &env);
+        assert_eq!(
+            texts(payloads(&mut a, s)),
+            ["held"],
+            "the stored mark said the held copy was handled"
+        );
+        a.handle_mesh(5, remote, again);
+        assert!(payloads(&mut a, s).is_empty(), "once");
     }
 
     /// A window's ids go to the store in parts, one per commit that recorded some,
