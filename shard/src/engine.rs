@@ -2194,7 +2194,12 @@ impl Engine {
                 continue;
             }
             let qos = delivery_qos(msg.qos, qos);
-            if self.has_moved() && self.moved_skip(idx) {
+            let direct = if self.has_moved() {
+                self.moved_direct(idx, &msg.topic)
+            } else {
+                moved::Direct::Deliver
+            };
+            if direct == moved::Direct::Skip {
                 continue; // it got this one on the node it came from
             }
             let d = Delivery {
@@ -2205,7 +2210,11 @@ impl Engine {
                 share: None,
                 seq: 0,
             };
-            self.enqueue(now_ms, idx, d);
+            match direct {
+                // Behind what its old owner redirects (`moved`, sim seed 1508).
+                moved::Direct::Hold(redirected) => self.hold_direct(now_ms, idx, d, redirected),
+                _ => self.enqueue(now_ms, idx, d),
+            }
         }
         self.matches = matches;
     }

@@ -95,6 +95,12 @@ const WINDOW_IDS_MAX: usize = 65_536;
 /// go first): a second copy of one is skipped, and so is an original that comes
 /// after its re-sent copy.
 const RESENT_IDS_MAX: usize = 4_096;
+/// How long the new owner holds a direct delivery to a moved-in session for the
+/// old owner's redirect of it (sim seed 1508, see [`Engine::moved_direct`]). The
+/// first one held this long ends the window's holding: the old owner's path is
+/// taken as gone (it crashed, or a partition outlasts this), and the session gets
+/// its direct copies at once again. As long as the default session lease.
+pub const HOLD_MAX_MS: u64 = 3_000;
 
 #[derive(Debug)]
 pub(super) struct Ghost {
@@ -134,6 +140,15 @@ pub(super) struct Window {
     /// Its store state (a window of a stored session is stored with it in the
     /// next commit that has ops: `Engine::moved_store_ops`).
     stored: WindowStored,
+    /// The session's plain filters as it moved in (its old owner's ghost has the
+    /// same): a direct copy matching one also reaches that ghost, which redirects it
+    /// here after every older copy of its origin it got (empty: nothing is held).
+    filters: Vec<Str>,
+    /// Direct deliveries held until the old owner's redirect of them (or of a later
+    /// publication of their origin shard and class) arrived, in arrival order.
+    held: VecDeque<HeldDirect>,
+    /// Whether direct deliveries are held (until one waited [`HOLD_MAX_MS`]).
+    holding: bool,
 }
 
 /// How much of a window the store has (meta `win/` parts, see
@@ -150,6 +165,29 @@ struct WindowStored {
     unstored: usize,
     /// In `Moved::windows_unstored`.
     queued: bool,
+}
+
+/// A direct delivery a moved-in session's window holds (see [`Engine::moved_direct`]).
+#[derive(Debug)]
+struct HeldDirect {
+    id: PubId,
+    /// Its old owner's redirect of it is expected (it matches a ghost filter); a
+    /// copy that does not only keeps its place behind held ones of its origin.
+    redirected: bool,
+    /// When it is released whatever comes.
+    due_ms: u64,
+    delivery: Delivery,
+}
+
+/// What the new owner does with a copy for a moved-in session that came by the
+/// normal path ([`Engine::moved_direct`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Direct {
+    Deliver,
+    /// The session got it, or a later one of its origin, already.
+    Skip,
+    /// Held for the old owner's redirects (`true`: its own redirect is expected).
+    Hold(bool),
 }
 
 /// Who waits for a redirected QoS 1/2 publication.
@@ -185,6 +223,8 @@ pub(super) struct Moved {
     windows: HashMap<Str, Window>,
     /// (expiry, ghost slot or window ClientID), in expiry order (one duration).
     pub(super) expiring: VecDeque<(u64, Expiring)>,
+    /// (due, window ClientID and session) per held direct delivery, in due order.
+    holds: VecDeque<(u64, Str, SessionUid)>,
     /// While a publication is routed: its id, and who waits for a redirect.
     pub(super) current: Option<PubId>,
     pub(super) ack: Option<RedirectAck>,
@@ -360,6 +400,12 @@ fn covers(m: &(u64, ShardId, u64), origin: u64, shard: ShardId, seq: u64) -> boo
     m.0 == origin && m.1 == shard && id_class(m.2) == id_class(seq) && seq & !RESENT <= m.2
 }
 
+/// Whether `a` and `b` are of one origin shard and class: one stream, whose copies
+/// reach any shard in id order.
+fn same_stream(a: PubId, b: PubId) -> bool {
+    a.origin == b.origin && a.shard == b.shard && id_class(a.seq) == id_class(b.seq)
+}
+
 fn raise(marks: &mut Vec<(u64, ShardId, u64)>, origin: u64, shard: ShardId, seq: u64) {
     match marks
         .iter_mut()
@@ -394,6 +440,9 @@ impl Window {
             delivered: HashSet::new(),
             order: VecDeque::new(),
             stored: WindowStored::default(),
+            filters: Vec::new(),
+            held: VecDeque::new(),
+            holding: false,
         };
         for id in ids {
             w.seen(id, false);
@@ -430,6 +479,33 @@ impl Window {
             self.delivered.remove(&old);
         }
         false
+    }
+
+    /// Takes the held deliveries a redirect of `upto` releases (those of its stream
+    /// up to it, and after them those of the stream that wait for no redirect, up to
+    /// the first that still waits), or all of them (`None`), in the order they came.
+    fn release(&mut self, upto: Option<PubId>) -> Vec<Delivery> {
+        if self.held.is_empty() {
+            return Vec::new();
+        }
+        let Some(r) = upto else {
+            return self.held.drain(..).map(|h| h.delivery).collect();
+        };
+        let mut out = Vec::new();
+        let mut blocked = false;
+        let mut kept = VecDeque::with_capacity(self.held.len());
+        for h in self.held.drain(..) {
+            if !same_stream(h.id, r) {
+                kept.push_back(h);
+            } else if !blocked && (h.id.seq <= r.seq || !h.redirected) {
+                out.push(h.delivery);
+            } else {
+                blocked = true;
+                kept.push_back(h);
+            }
+        }
+        self.held = kept;
+        out
     }
 }
 
@@ -794,9 +870,23 @@ impl Engine {
         let s = self.session(idx);
         let key = s.client_id.clone();
         let mut w = Window::new(s.uid, marks, self.local_mark_for(&key), ids);
+        // Its plain filters, attached or waiting for its disk tail: the old owner's
+        // ghost has them, so what matches one comes redirected too (`moved_direct`).
+        let attached = s.subscriptions.iter().map(|(f, _)| f);
+        let waiting = self.importing.get(&key).into_iter();
+        let waiting = waiting.flat_map(|i| i.subscription_filters());
+        w.filters = attached
+            .chain(waiting)
+            .filter(|f| !topic::is_shared(f))
+            .cloned()
+            .collect();
+        w.holding = !w.filters.is_empty() && self.moved.origin != 0;
         // What a ghost here held for it (delivered as it came back) stays known.
-        if let Some(old) = self.moved.windows.remove(&key) {
+        if let Some(mut old) = self.moved.windows.remove(&key) {
             if old.uid == w.uid {
+                for d in old.release(None) {
+                    self.enqueue(now_ms, idx, d);
+                }
                 for &(o, sh, q) in &old.marks {
                     raise(&mut w.marks, o, sh, q);
                 }
@@ -1064,6 +1154,7 @@ impl Engine {
     pub fn expire_moved(&mut self, now_ms: u64) {
         self.moved.clock_ms = self.moved.clock_ms.max(now_ms);
         self.expire_handed(now_ms);
+        self.expire_holds(now_ms);
         while let Some((due, _)) = self.moved.expiring.front()
             && *due <= now_ms
         {
@@ -1082,9 +1173,11 @@ impl Engine {
                         .windows
                         .get(&client_id)
                         .is_some_and(|w| w.uid == uid)
-                        && let Some(w) = self.moved.windows.remove(&client_id)
                     {
-                        self.window_gone(&client_id, &w);
+                        self.release_held(now_ms, &client_id, None);
+                        if let Some(w) = self.moved.windows.remove(&client_id) {
+                            self.window_gone(&client_id, &w);
+                        }
                     }
                 }
             }
@@ -1096,28 +1189,141 @@ impl Engine {
         self.moved.by_client.len()
     }
 
-    /// Whether the delivery of the publication being routed to session `idx` by
-    /// the normal path is one it already got, or one older than a publication of
-    /// the same origin it got on its old node (see the module).
-    pub(super) fn moved_skip(&mut self, idx: SessionIdx) -> bool {
+    /// What becomes of the delivery of the publication being routed (on `topic`) to
+    /// session `idx` by the normal path: skipped when the session got it already, or
+    /// got a later one of its origin on its old node (see the module); held when the
+    /// session moved in with a window and its old owner's ghost will redirect the
+    /// same publication here (sim seed 1508).
+    ///
+    /// Why held: a copy its origin sent to the old owner before this node routed the
+    /// session's filters there (or before the session lived here) is redirected by
+    /// the old owner's ghost, and when that path is slow (a partition between the
+    /// origin and the old owner, the origin's retries) a later publication of the same
+    /// publisher reaches the session here directly first, and the older one is
+    /// delivered after it (MQTT 5 4.6, ordered topics). Nobody here can tell such a
+    /// copy from the gaps of ids that were never meant for the session, but the old
+    /// owner keeps the session's filters routed for its ghost, so the origin sends it
+    /// every later publication matching them too, after the older ones (the copies of
+    /// one origin shard and class arrive in id order), and the ghost redirects them
+    /// here in that order. So a direct copy matching one of those filters waits for
+    /// the redirect of itself (or of a later one of its stream): what the ghost had
+    /// older comes first. A direct copy matching none waits only behind held ones of
+    /// its stream. Bounded: [`HOLD_MAX_MS`] (then the window stops holding), and the
+    /// window's life; a session that never moved pays nothing (no window).
+    pub(super) fn moved_direct(&mut self, idx: SessionIdx, topic: &str) -> Direct {
         let Some(id) = self.moved.current else {
-            return false;
+            return Direct::Deliver;
         };
         if self.moved.windows.is_empty() {
-            return false;
+            return Direct::Deliver;
         }
         let s = self.session(idx);
         let (client_id, uid) = (s.client_id.clone(), s.uid);
-        match self.moved.windows.get_mut(&client_id) {
-            Some(w) if w.uid == uid => {
-                let skip = w.seen(id, true);
-                if !skip {
-                    self.moved.window_changed(client_id);
-                }
-                skip
-            }
-            _ => false,
+        let Some(w) = self.moved.windows.get_mut(&client_id) else {
+            return Direct::Deliver;
+        };
+        if w.uid != uid {
+            return Direct::Deliver;
         }
+        if w.seen(id, true) {
+            return Direct::Skip;
+        }
+        let direct = if !w.holding {
+            Direct::Deliver
+        } else if w.filters.iter().any(|f| topic::matches(f, topic)) {
+            Direct::Hold(true)
+        } else if w.held.iter().any(|h| same_stream(h.id, id)) {
+            Direct::Hold(false)
+        } else {
+            Direct::Deliver
+        };
+        // It recorded the id (the store keeps a stored session's window).
+        self.moved.window_changed(client_id);
+        direct
+    }
+
+    /// Holds `delivery` (the publication being routed) in session `idx`'s window
+    /// ([`Engine::moved_direct`] said so).
+    pub(super) fn hold_direct(
+        &mut self,
+        now_ms: u64,
+        idx: SessionIdx,
+        delivery: Delivery,
+        redirected: bool,
+    ) {
+        let s = self.session(idx);
+        let (key, uid) = (s.client_id.clone(), s.uid);
+        let (Some(id), Some(w)) = (self.moved.current, self.moved.windows.get_mut(&key)) else {
+            return self.enqueue(now_ms, idx, delivery);
+        };
+        if w.uid != uid || w.held.len() >= WINDOW_IDS_MAX {
+            // Bounded like the window's ids: what is held goes, and holding ends.
+            w.holding = false;
+            let out = w.release(None);
+            for d in out.into_iter().chain(Some(delivery)) {
+                self.enqueue(now_ms, idx, d);
+            }
+            return;
+        }
+        let due_ms = now_ms + HOLD_MAX_MS;
+        w.held.push_back(HeldDirect {
+            id,
+            redirected,
+            due_ms,
+            delivery,
+        });
+        self.moved.holds.push_back((due_ms, key, uid));
+    }
+
+    /// Delivers what `key`'s window holds that a redirect of `upto` releases (all of
+    /// it for `None`) to its session, if it is still the window's.
+    fn release_held(&mut self, now_ms: u64, key: &Str, upto: Option<PubId>) {
+        let Some(w) = self.moved.windows.get_mut(key) else {
+            return;
+        };
+        let uid = w.uid;
+        let out = w.release(upto);
+        if out.is_empty() {
+            return;
+        }
+        let Some(&idx) = self.by_client_id.get(key) else {
+            return;
+        };
+        if self.session(idx).uid != uid {
+            return;
+        }
+        for d in out {
+            self.enqueue(now_ms, idx, d);
+        }
+    }
+
+    /// A held delivery waited [`HOLD_MAX_MS`]: its window delivers all it holds and
+    /// stops holding (the old owner's path is taken as gone).
+    fn expire_holds(&mut self, now_ms: u64) {
+        while let Some((due, _, _)) = self.moved.holds.front()
+            && *due <= now_ms
+        {
+            let Some((_, key, uid)) = self.moved.holds.pop_front() else {
+                break;
+            };
+            let Some(w) = self.moved.windows.get_mut(&key) else {
+                continue;
+            };
+            if w.uid == uid && w.held.front().is_some_and(|h| h.due_ms <= now_ms) {
+                w.holding = false;
+                self.release_held(now_ms, &key, None);
+            }
+        }
+    }
+
+    /// Session `idx` leaves this shard: what its window holds goes into its queue
+    /// first (it travels with it).
+    pub(super) fn release_all_held(&mut self, now_ms: u64, idx: SessionIdx) {
+        if self.moved.windows.is_empty() {
+            return;
+        }
+        let key = self.session(idx).client_id.clone();
+        self.release_held(now_ms, &key, None);
     }
 
     /// A publication matched the ghost `gidx` with QoS `qos`: it goes to the node
@@ -1261,6 +1467,11 @@ impl Engine {
             .is_none_or(|w| w.uid != uid)
         {
             return;
+        }
+        // The old owner got this far in the stream of its origin: what is held of
+        // that stream up to it was not overtaken by anything older (`moved_direct`).
+        if let Some(id) = id {
+            self.release_held(now_ms, &client_id, Some(id));
         }
         let origin = self.moved.origin;
         if let Some(id) = id
@@ -1597,10 +1808,97 @@ mod tests {
         // mark): delivered.
         b.handle_mesh(4, remote_b, forwarded_at("a4", QoS::AtMostOnce, 4));
         b.handle_mesh(4, remote_b, forwarded_at("b1", QoS::AtLeastOnce, 1));
+        // (Held for A's redirects of them, sim seed 1508; none comes here.)
+        assert!(payloads(&mut b, s).is_empty());
+        b.expire_moved(4 + HOLD_MAX_MS);
         assert_eq!(
             payloads(&mut b, s),
             vec![Bytes::from_static(b"a4"), Bytes::from_static(b"b1")]
         );
+    }
+
+    /// Sim seed 1508: a QoS 2 copy for the session's old node A waited out a
+    /// partition there while the session moved to B; later publications of the same
+    /// publisher reached B directly, and the late one, redirected by A's ghost, came
+    /// after them. B now holds a direct copy until A's redirect of it (A routes the
+    /// session's filters for its ghost, so it gets every later one too, after the
+    /// older ones), and the older one comes first.
+    #[test]
+    fn a_late_redirect_of_an_older_publication_is_delivered_before_later_direct_ones() {
+        let qos2 = QoS::ExactlyOnce;
+        let (mut a, remote_a, s) = node(7);
+        a.handle_mesh(1, remote_a, forwarded_at("3", qos2, 3));
+        assert_eq!(payloads(&mut a, s), vec![Bytes::from_static(b"3")]);
+        let (mut b, remote_b, s_b, _) = moved_to_b(&mut a);
+        assert!(a.moving_done(4, "s", (2, 99)));
+        // 5 and 6 reach B directly while 4 is still on its way to A.
+        b.handle_mesh(5, remote_b, forwarded_at("5", qos2, 5));
+        b.handle_mesh(5, remote_b, forwarded_at("6", qos2, 6));
+        assert!(
+            payloads(&mut b, s_b).is_empty(),
+            "delivered before the old node's older ones"
+        );
+        // A gets 4, 5, 6 (it routes the session's filter for its ghost) and sends
+        // them on: 4 is delivered, then 5 and 6, each once.
+        for n in [4, 5, 6] {
+            let label = ["4", "5", "6"][n as usize - 4];
+            a.handle_mesh(6, remote_a, forwarded_at(label, qos2, n));
+        }
+        let redirects = remote_out(&mut a);
+        assert_eq!(redirects.len(), 3, "{redirects:?}");
+        let mut got = Vec::new();
+        for r in redirects {
+            b.handle_mesh(7, remote_b, r);
+            got.extend(payloads(&mut b, s_b));
+        }
+        assert_eq!(
+            got,
+            vec![
+                Bytes::from_static(b"4"),
+                Bytes::from_static(b"5"),
+                Bytes::from_static(b"6")
+            ]
+        );
+        // The next direct one waits for its redirect too.
+        b.handle_mesh(8, remote_b, forwarded_at("7", qos2, 7));
+        assert!(payloads(&mut b, s_b).is_empty(), "7 waits for its redirect");
+    }
+
+    /// The hold is bounded: a direct copy whose redirect does not come (the old
+    /// node died, or a partition outlasts the bound) is delivered after
+    /// [`HOLD_MAX_MS`], and the window holds nothing after that.
+    #[test]
+    fn a_held_direct_copy_goes_at_the_bound_and_the_window_then_holds_nothing() {
+        let qos1 = QoS::AtLeastOnce;
+        let (mut a, _, _) = node(7);
+        let (mut b, remote_b, s_b, _) = moved_to_b(&mut a);
+        b.handle_mesh(10, remote_b, forwarded_at("1", qos1, 1));
+        b.handle_mesh(20, remote_b, forwarded_at("2", qos1, 2));
+        b.expire_moved(10 + HOLD_MAX_MS - 1);
+        assert!(payloads(&mut b, s_b).is_empty());
+        b.expire_moved(10 + HOLD_MAX_MS);
+        assert_eq!(
+            payloads(&mut b, s_b),
+            vec![Bytes::from_static(b"1"), Bytes::from_static(b"2")]
+        );
+        b.handle_mesh(10 + HOLD_MAX_MS, remote_b, forwarded_at("3", qos1, 3));
+        assert_eq!(payloads(&mut b, s_b), vec![Bytes::from_static(b"3")]);
+    }
+
+    /// What a window holds travels with a session that moves on, in its queue.
+    #[test]
+    fn a_session_that_moves_on_takes_what_its_window_held() {
+        let (mut a, _, _) = node(7);
+        let (mut b, remote_b, s_b, _) = moved_to_b(&mut a);
+        b.handle_mesh(4, remote_b, forwarded_at("held", QoS::AtLeastOnce, 1));
+        assert!(payloads(&mut b, s_b).is_empty());
+        let bytes = b.export_session(5, "s", 0, (3, 100)).expect("exported");
+        let mut c = engines(1, &Limits::default()).remove(0);
+        c.enable_remote().expect("room for the remote id");
+        c.set_origin(9);
+        c.import_session(6, "s", &bytes, 0).expect("imported");
+        let s_c = c.connect(6, connect_packet(V, "s", false), false);
+        assert_eq!(payloads(&mut c, s_c), vec![Bytes::from_static(b"held")]);
     }
 
     #[test]
@@ -1610,14 +1908,7 @@ mod tests {
             shard: 0,
             seq,
         };
-        let mut w = Window {
-            uid: SessionUid(1),
-            marks: vec![(7, 0, 10)],
-            local_mark: [0; CLASSES],
-            delivered: HashSet::new(),
-            order: VecDeque::new(),
-            stored: WindowStored::default(),
-        };
+        let mut w = Window::new(SessionUid(1), vec![(7, 0, 10)], [0; CLASSES], []);
         // Handled on the old owner: a direct copy is skipped, a redirected one is not
         // (redirects come only for what arrived there after the session left).
         assert!(w.seen(id(7, 10), true));

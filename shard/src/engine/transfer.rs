@@ -80,6 +80,13 @@ pub(super) struct Importing {
     subscriptions: Vec<(Str, SubscriptionEntry)>,
 }
 
+impl Importing {
+    /// The filters it waits to attach.
+    pub(super) fn subscription_filters(&self) -> impl Iterator<Item = &Str> {
+        self.subscriptions.iter().map(|(f, _)| f)
+    }
+}
+
 /// What a session just taken in still needs from its old owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Imported {
@@ -217,6 +224,8 @@ impl Engine {
     ) -> Option<Vec<u8>> {
         self.session_taken_over(now_ms, client_id);
         let idx = self.session_idx(client_id)?;
+        // What its window held for its old owner's redirects goes with it, in order.
+        self.release_all_held(now_ms, idx);
         // A session still taking in its own tail goes as far as it got.
         self.import_finish(client_id);
         let delayed = self.delayed_wills.remove(&idx);
