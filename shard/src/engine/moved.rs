@@ -38,6 +38,15 @@
 //!   the later publication's id (the old owner handled that one). That is why QoS 0
 //!   and 1 carry ids too, not only QoS 2.
 //!
+//! - **An older copy comes redirected after later ones came directly** (sim seed
+//!   1508): a copy on its way to the old node when the session left (delayed by a
+//!   partition) is redirected late, after later publications of its publisher
+//!   reached the session on the new node directly. The old node keeps the session's
+//!   filters routed for the ghost, so it gets those later ones too, after the older
+//!   one, and redirects them in that order: the new node holds a direct copy until
+//!   the redirect of it, or of a later one of its stream, arrives (at most
+//!   [`HOLD_MAX_MS`]; see [`Engine::moved_direct`]).
+//!
 //! Until the new node confirmed, the ghost holds what matches (the session may
 //! come back here) and filters it with the session's window the same way, so a
 //! publication that arrives directly and redirected by an older ghost on a third
