@@ -881,7 +881,7 @@ impl Engine {
         let mut w = Window::new(s.uid, marks, self.local_mark_for(&key), ids);
         // Its plain filters, attached or waiting for its disk tail: the old owner's
         // ghost has them, so what matches one comes redirected too (`moved_direct`).
-        let attached = s.subscriptions.iter().map(|(f, _)| f);
+        let attached = s.subscriptions.keys();
         let waiting = self.importing.get(&key).into_iter();
         let waiting = waiting.flat_map(|i| i.subscription_filters());
         w.filters = attached
