@@ -1227,7 +1227,8 @@ impl Engine {
     /// the redirect of itself (or of a later one of its stream): what the ghost had
     /// older comes first. A direct copy matching none waits only behind held ones of
     /// its stream. Bounded: [`HOLD_MAX_MS`] (then the window stops holding), and the
-    /// window's life; a session that never moved pays nothing (no window).
+    /// window's life; a session that never moved pays nothing (no window). Not under
+    /// `sync` durability (see `import_window`).
     pub(super) fn moved_direct(&mut self, idx: SessionIdx, topic: &str) -> Direct {
         let Some(id) = self.moved.current else {
             return Direct::Deliver;
