@@ -1929,6 +1929,59 @@ mod tests {
         assert_eq!(payloads(&mut b, s_b), vec![Bytes::from_static(b"3")]);
     }
 
+    /// A held copy holds its publisher's acknowledgement: a local publisher on the
+    /// new node (sim seed 1508's shape: the publisher's node is the new owner) gets
+    /// its PUBACK once the copy is in the session's queue, not while only the window
+    /// has it.
+    #[test]
+    fn a_held_copy_of_a_local_publication_holds_its_publishers_puback() {
+        let (mut a, _, _) = node(7);
+        let (mut b, remote_b, s_b, _) = moved_to_b(&mut a);
+        // The old node routes "t" for the session's ghost.
+        let add = MeshMsg::RouteAdd {
+            filter: Str::from_static("t"),
+            shard: remote_b,
+            ack: None,
+        };
+        b.handle_mesh(4, remote_b, add);
+        remote_out(&mut b);
+        let p = b.connect(4, connect_packet(V, "p", true), false);
+        drain(&mut b, p, V);
+        let mut publish = Publish::new(Str::from_static("t"), Bytes::from_static(b"y"));
+        publish.qos = QoS::AtLeastOnce;
+        publish.packet_id = 9;
+        b.handle_packet(5, p, Packet::Publish(publish));
+        let (message, token, id) = match &remote_out(&mut b)[..] {
+            [
+                MeshMsg::PublishRemote {
+                    message,
+                    ack: Some(t),
+                    id,
+                },
+            ] => (message.clone(), *t, *id),
+            other => panic!("one copy for the old node: {other:?}"),
+        };
+        assert!(payloads(&mut b, s_b).is_empty(), "held for the redirect");
+        // The old node accepted its copy: still held, no PUBACK.
+        b.handle_mesh(6, remote_b, MeshMsg::Ack { token });
+        assert!(drain(&mut b, p, V).is_empty(), "PUBACK while only held");
+        // Its ghost sends it back: delivered, and the publisher answered.
+        let back = MeshMsg::Redirect {
+            client_id: Str::from_static("s"),
+            node: 0,
+            epoch: 0,
+            message,
+            id,
+            ack: None,
+        };
+        b.handle_mesh(7, remote_b, back);
+        assert_eq!(payloads(&mut b, s_b), vec![Bytes::from_static(b"y")]);
+        assert_eq!(
+            drain(&mut b, p, V),
+            vec![Packet::PubAck(tessera_proto::PubAck::new(9))]
+        );
+    }
+
     /// What a window holds travels with a session that moves on, in its queue.
     #[test]
     fn a_session_that_moves_on_takes_what_its_window_held() {
