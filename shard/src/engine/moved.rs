@@ -2591,6 +2591,8 @@ mod tests {
             "delivered again what the session got before its node crashed"
         );
         b.handle_mesh(4, remote_b, forwarded("later", 4));
+        // (Held for the old node's redirect of it, sim seed 1508: none comes here.)
+        b.expire_moved(4 + HOLD_MAX_MS);
         assert_eq!(texts(payloads(&mut b, s_b)), ["later"]);
     }
 
@@ -2650,6 +2652,8 @@ mod tests {
             "the export of the restored window did not cover it"
         );
         c.handle_mesh(8, remote_c, forwarded("later", 6));
+        // (Held for the old node's redirect of it, sim seed 1508: none comes here.)
+        c.expire_moved(8 + HOLD_MAX_MS);
         assert_eq!(texts(payloads(&mut c, s_c)), ["later"]);
     }
 
