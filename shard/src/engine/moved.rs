@@ -129,6 +129,12 @@ pub(super) struct Ghost {
     pub(super) seen: Option<Window>,
     /// A record of it is in the store (`stored_ghost`): its end deletes it.
     pub(super) stored: bool,
+    /// The session had a window here when it left (it had moved in, or was taken
+    /// back, within `MOVED_WINDOW_MS`): a redirect addressed to it by an older
+    /// ghost on another node goes on to its new node. Without one, the session
+    /// started afresh here, and such a redirect was for an earlier session of the
+    /// ClientID, which ended (sim seed 400).
+    pub(super) passes_redirects: bool,
 }
 
 /// A publication a ghost holds: the message, its id, who waits for it.
@@ -689,6 +695,11 @@ impl Engine {
             );
         }
         let mut ids = Vec::new();
+        let had_window = self
+            .moved
+            .windows
+            .get(&client_id)
+            .is_some_and(|w| w.uid == uid);
         if let Some(w) = self.moved.windows.remove(&client_id) {
             if w.uid == uid {
                 for &(o, sh, q) in &w.marks {
@@ -730,6 +741,7 @@ impl Engine {
             held: Vec::new(),
             seen: Some(seen),
             stored: false,
+            passes_redirects: had_window,
         });
         self.moved.by_client.insert(client_id, slot);
         out
@@ -1481,8 +1493,18 @@ impl Engine {
 
     fn redirected(&mut self, now_ms: u64, client_id: Str, message: Message, id: Option<PubId>) {
         self.moved.current = id;
-        // It moved on from here too: on it goes.
+        // It moved on from here too: on it goes, unless it started afresh here,
+        // where the redirect was for an earlier session of the ClientID (as the
+        // session would drop it had it stayed, below).
         if let Some(&slot) = self.moved.by_client.get(&client_id) {
+            if self
+                .moved
+                .ghosts
+                .get(slot as usize)
+                .is_some_and(|g| g.as_ref().is_some_and(|g| !g.passes_redirects))
+            {
+                return;
+            }
             return self.redirect(GHOST_BASE + slot, &message, false);
         }
         let owner = crate::hash::shard_for(client_id.as_bytes(), self.shard_count) as ShardId;
@@ -2376,6 +2398,44 @@ mod tests {
             settle(&mut a, 5);
             assert_eq!(drain(&mut a[0], p, V), vec![puback.clone()]);
         }
+    }
+
+    /// Sim seed 400: node 2's copy of c5's session was handed to node 3's claim, but
+    /// node 3 never got it and started c5 afresh; the log confirmed node 2's copy, so
+    /// its ghost sent what matched the old session on to node 3. The fresh session
+    /// would have dropped those redirects (it has no window), but it had moved on to
+    /// node 1 with a window of its own, and node 3's ghost passed them on: node 1
+    /// delivered them to the new session, which had got them already (QoS 2 twice).
+    /// A ghost of a session that started afresh on its node passes no redirect on;
+    /// one of a session that had moved in does.
+    #[test]
+    fn a_ghost_passes_on_redirects_only_for_a_session_that_had_moved_in() {
+        // Fresh here: the redirect stops at the ghost.
+        let (mut a, remote_a, _) = node(7);
+        assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
+        assert!(a.moving_done(3, "s", (2, 99)));
+        remote_out(&mut a);
+        a.handle_mesh(4, remote_a, redirect("for an earlier session", 3));
+        assert!(
+            !remote_out(&mut a)
+                .iter()
+                .any(|m| matches!(m, MeshMsg::Redirect { .. })),
+            "a redirect for an earlier session sent on"
+        );
+
+        // Moved in here with a window, then on again: the redirect follows it.
+        let (mut a, _, _) = node(7);
+        let (mut b, remote_b, _, _) = moved_to_b(&mut a);
+        assert!(b.export_session(4, "s", 0, (3, 100)).is_some());
+        assert!(b.moving_done(5, "s", (3, 100)));
+        remote_out(&mut b);
+        b.handle_mesh(6, remote_b, redirect("for this session", 3));
+        assert!(
+            remote_out(&mut b)
+                .iter()
+                .any(|m| matches!(m, MeshMsg::Redirect { node: 3, .. })),
+            "a redirect for the session that moved on was not sent on"
+        );
     }
 
     #[test]

@@ -147,6 +147,8 @@ impl Engine {
                 held: Vec::new(),
                 seen: Some(Window::new(SessionUid(0), marks, [u64::MAX; CLASSES], [])),
                 stored: true,
+                // Not stored: a restored ghost passes redirects on, as before.
+                passes_redirects: true,
             });
             tracing::debug!(
                 shard = self.shard,
