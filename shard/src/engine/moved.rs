@@ -1493,16 +1493,17 @@ impl Engine {
 
     fn redirected(&mut self, now_ms: u64, client_id: Str, message: Message, id: Option<PubId>) {
         self.moved.current = id;
-        // It moved on from here too: on it goes, unless it started afresh here,
-        // where the redirect was for an earlier session of the ClientID (as the
-        // session would drop it had it stayed, below).
+        // It moved on from here too: on it goes, unless it started afresh here and
+        // its new node has it, where the redirect was for an earlier session of the
+        // ClientID (as the session would drop it had it stayed, below). An
+        // unconfirmed ghost holds it either way: the session may come back here
+        // (sync sim seed 194: a parked session whose window had not come back with
+        // it dropped a redirect for itself, acknowledged QoS 2 lost).
         if let Some(&slot) = self.moved.by_client.get(&client_id) {
-            if self
-                .moved
-                .ghosts
-                .get(slot as usize)
-                .is_some_and(|g| g.as_ref().is_some_and(|g| !g.passes_redirects))
-            {
+            if self.moved.ghosts.get(slot as usize).is_some_and(|g| {
+                g.as_ref()
+                    .is_some_and(|g| g.confirmed && !g.passes_redirects)
+            }) {
                 return;
             }
             return self.redirect(GHOST_BASE + slot, &message, false);
