@@ -195,8 +195,6 @@ mod tests {
     //! by recovering the directory into new engines, and counts what the
     //! subscriber gets when it finally connects.
 
-    use std::path::PathBuf;
-
     use bytes::Bytes;
     use heed::{Env, WithoutTls};
     use tessera_proto::{Packet, ProtocolVersion, PubRel, Publish, QoS, Str};
@@ -221,21 +219,10 @@ mod tests {
         to_forwarder: Vec<(usize, MeshMsg)>,
     }
 
-    struct Dir(PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use super::super::testing::Dir;
 
     fn temp_dir(name: &str) -> Dir {
-        let path = std::env::temp_dir().join(format!(
-            "tessera-exactly-once-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        Dir(path)
+        super::super::testing::temp_dir_in("exactly-once", name)
     }
 
     /// A ClientID starting with `prefix` that shard `shard` of two owns.

@@ -468,6 +468,37 @@ mod tests {
         c
     }
 
+    /// A node whose subscriber got the original (`original`) skips the copy routed in
+    /// its place (`routed`); one that never got it delivers it.
+    fn another_node_gets_the_routed_copy_once(original: PubId, routed: PubId) {
+        let forwarded = |id| MeshMsg::Forwarded {
+            message: super::super::message_from_publish(
+                1,
+                Publish::new(Str::from_static("t"), Bytes::from_static(b"x")),
+                crate::message::SessionUid(0),
+                V,
+            ),
+            mark: None,
+            ack: None,
+            id: Some(id),
+            earlier_life: false,
+        };
+        for got_original in [true, false] {
+            let mut n = node(9);
+            let remote = n.remote_id().expect("remote");
+            let s = n.connect(1, connect_packet(V, "s", false), false);
+            n.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+            drain(&mut n, s, V);
+            if got_original {
+                n.handle_mesh(2, remote, forwarded(original));
+                assert_eq!(drain(&mut n, s, V).len(), 1);
+            }
+            n.handle_mesh(3, remote, forwarded(routed));
+            let again = drain(&mut n, s, V);
+            assert_eq!(again.len(), usize::from(!got_original), "{again:?}");
+        }
+    }
+
     #[test]
     fn a_re_sent_publish_waits_on_the_new_node_until_the_old_node_delivered_the_original() {
         let mut a = node(7);
@@ -592,32 +623,7 @@ mod tests {
         assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(3))]);
         assert!(a.pub_id_handled(routed), "A's shard has it");
 
-        let forwarded = |id| MeshMsg::Forwarded {
-            message: super::super::message_from_publish(
-                1,
-                Publish::new(Str::from_static("t"), Bytes::from_static(b"x")),
-                crate::message::SessionUid(0),
-                V,
-            ),
-            mark: None,
-            ack: None,
-            id: Some(id),
-            earlier_life: false,
-        };
-        for got_original in [true, false] {
-            let mut n = node(9);
-            let remote = n.remote_id().expect("remote");
-            let s = n.connect(1, connect_packet(V, "s", false), false);
-            n.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
-            drain(&mut n, s, V);
-            if got_original {
-                n.handle_mesh(2, remote, forwarded(original));
-                assert_eq!(drain(&mut n, s, V).len(), 1);
-            }
-            n.handle_mesh(3, remote, forwarded(routed));
-            let again = drain(&mut n, s, V);
-            assert_eq!(again.len(), usize::from(!got_original), "{again:?}");
-        }
+        another_node_gets_the_routed_copy_once(original, routed);
     }
 
     #[test]
@@ -645,32 +651,7 @@ mod tests {
 
         // A node whose subscriber got the original before A died skips the re-routed
         // copy; one that never got it delivers it.
-        let forwarded = |id| MeshMsg::Forwarded {
-            message: super::super::message_from_publish(
-                1,
-                Publish::new(Str::from_static("t"), Bytes::from_static(b"x")),
-                crate::message::SessionUid(0),
-                V,
-            ),
-            mark: None,
-            ack: None,
-            id: Some(id),
-            earlier_life: false,
-        };
-        for got_original in [true, false] {
-            let mut n = node(9);
-            let remote = n.remote_id().expect("remote");
-            let s = n.connect(1, connect_packet(V, "s", false), false);
-            n.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
-            drain(&mut n, s, V);
-            if got_original {
-                n.handle_mesh(2, remote, forwarded(id));
-                assert_eq!(drain(&mut n, s, V).len(), 1);
-            }
-            n.handle_mesh(3, remote, forwarded(routed));
-            let again = drain(&mut n, s, V);
-            assert_eq!(again.len(), usize::from(!got_original), "{again:?}");
-        }
+        another_node_gets_the_routed_copy_once(id, routed);
     }
 
     #[test]

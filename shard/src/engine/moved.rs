@@ -2527,20 +2527,10 @@ mod tests {
         );
     }
 
-    /// A data directory of one test, removed after it.
-    struct Dir(std::path::PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use super::super::testing::Dir;
 
     fn temp_dir(name: &str) -> Dir {
-        let path =
-            std::env::temp_dir().join(format!("tessera-moved-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        Dir(path)
+        super::super::testing::temp_dir_in("moved", name)
     }
 
     const WALL_BASE_MS: u64 = 1_700_000_000_000;

@@ -174,8 +174,6 @@ mod tests {
     //! directory); the test plays the driver (commits each batch, crashes by
     //! dropping the env, restarts by recovering the directory into a new engine).
 
-    use std::path::PathBuf;
-
     use bytes::Bytes;
     use heed::{Env, WithoutTls};
     use tessera_proto::{ProtocolVersion, QoS, Str};
@@ -190,21 +188,10 @@ mod tests {
     const WALL_BASE_MS: u64 = 1_700_000_000_000;
     const V: ProtocolVersion = ProtocolVersion::V3_1_1;
 
-    struct Dir(PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use super::super::testing::Dir;
 
     fn temp_dir(name: &str) -> Dir {
-        let path = std::env::temp_dir().join(format!(
-            "tessera-stored-ghost-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        Dir(path)
+        super::super::testing::temp_dir_in("stored-ghost", name)
     }
 
     /// A broker of one shard in a cluster on a data directory, driven by hand.

@@ -153,3 +153,19 @@ impl StoreModel {
         tail_reads
     }
 }
+
+/// A data directory of one test (`tessera-{module}-{name}-{pid}` under the system's
+/// temp dir, emptied first), removed after it.
+pub(super) struct Dir(pub(super) std::path::PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(super) fn temp_dir_in(module: &str, name: &str) -> Dir {
+    let path = std::env::temp_dir().join(format!("tessera-{module}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    Dir(path)
+}
