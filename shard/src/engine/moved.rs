@@ -722,13 +722,7 @@ impl Engine {
             return out;
         }
         let seen = Window::new(uid, marks, [u64::MAX; CLASSES], ids);
-        let slot = match self.moved.free.pop() {
-            Some(s) => s,
-            None => {
-                self.moved.ghosts.push(None);
-                (self.moved.ghosts.len() - 1) as u32
-            }
-        };
+        let slot = self.ghost_slot();
         let gidx = GHOST_BASE + slot;
         for (f, e) in &subs {
             self.subscriptions.insert(f, gidx, *e);
@@ -745,6 +739,17 @@ impl Engine {
         });
         self.moved.by_client.insert(client_id, slot);
         out
+    }
+
+    /// A free ghost slot (reused, or a new one).
+    pub(super) fn ghost_slot(&mut self) -> u32 {
+        match self.moved.free.pop() {
+            Some(s) => s,
+            None => {
+                self.moved.ghosts.push(None);
+                (self.moved.ghosts.len() - 1) as u32
+            }
+        }
     }
 
     /// The node the session went to confirmed it stored it: what the ghost held goes

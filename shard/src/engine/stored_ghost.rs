@@ -125,13 +125,7 @@ impl Engine {
                     Vec::new()
                 }
             };
-            let slot = match self.moved.free.pop() {
-                Some(s) => s,
-                None => {
-                    self.moved.ghosts.push(None);
-                    (self.moved.ghosts.len() - 1) as u32
-                }
-            };
+            let slot = self.ghost_slot();
             let gidx = GHOST_BASE + slot;
             for (f, e) in &filters {
                 // As a restored session's: the other shards restore the route
