@@ -468,6 +468,23 @@ mod tests {
         c
     }
 
+    /// Node A (origin 7) after a restart: session "p" with inbound QoS 2 packet id 3
+    /// restored as maybe lacking on the other nodes (with its original's id, if the
+    /// record kept one). Returns A, its remote id and the session.
+    fn restored_maybe_lacking(original: Option<PubId>) -> (Engine, ShardId, SessionIdx) {
+        let mut a = node(7);
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        drain(&mut a, p, V);
+        let remote = a.remote_id().expect("remote");
+        let mut lacking = crate::trie::ShardSet::new();
+        lacking.insert(remote);
+        let idx = a.session_idx("p").expect("the session");
+        a.session_mut(idx)
+            .inbound_qos2
+            .push(crate::session::InboundQos2::restored(3, lacking, original));
+        (a, remote, idx)
+    }
+
     /// A node whose subscriber got the original (`original`) skips the copy routed in
     /// its place (`routed`); one that never got it delivers it.
     fn another_node_gets_the_routed_copy_once(original: PubId, routed: PubId) {
@@ -537,16 +554,7 @@ mod tests {
     /// it in the id's commit).
     #[test]
     fn an_id_restored_as_maybe_lacking_on_other_nodes_is_routed_by_the_new_owner() {
-        let mut a = node(7);
-        let p = a.connect(1, connect_packet(V, "p", false), false);
-        drain(&mut a, p, V);
-        let remote = a.remote_id().expect("remote");
-        let mut lacking = crate::trie::ShardSet::new();
-        lacking.insert(remote);
-        let idx = a.session_idx("p").expect("the session");
-        a.session_mut(idx)
-            .inbound_qos2
-            .push(crate::session::InboundQos2::restored(3, lacking, None));
+        let (mut a, remote, idx) = restored_maybe_lacking(None);
         // And one restored with no other node lacking it: answered at once on B.
         a.session_mut(idx)
             .inbound_qos2
@@ -594,20 +602,7 @@ mod tests {
             shard: 0,
             seq: (3 << 62) | 12,
         };
-        let mut a = node(7);
-        let p = a.connect(1, connect_packet(V, "p", false), false);
-        drain(&mut a, p, V);
-        let remote = a.remote_id().expect("remote");
-        let mut lacking = crate::trie::ShardSet::new();
-        lacking.insert(remote);
-        let idx = a.session_idx("p").expect("the session");
-        a.session_mut(idx)
-            .inbound_qos2
-            .push(crate::session::InboundQos2::restored(
-                3,
-                lacking,
-                Some(original),
-            ));
+        let (mut a, remote, _) = restored_maybe_lacking(Some(original));
         a.note_resent_handled(original);
         let bytes = a.export_session(3, "p", 0, (2, 9)).expect("a session");
         let pending = a.moving_pending("p", 1).expect("a moving copy");
