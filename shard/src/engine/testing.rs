@@ -169,3 +169,48 @@ pub(super) fn temp_dir_in(module: &str, name: &str) -> Dir {
     let _ = std::fs::remove_dir_all(&path);
     Dir(path)
 }
+
+/// The wall clock at engine time 0 in the store-backed tests.
+pub(super) const WALL_BASE_MS: u64 = 1_700_000_000_000;
+
+/// A one-shard node of a cluster on `dir` under `sync` durability, started as the
+/// broker starts one: recover, the origin of this process, restore. Returns the
+/// engine, its remote id, its store and the directory's lock.
+pub(super) fn boot(
+    dir: &Dir,
+    origin: u64,
+) -> (
+    Engine,
+    ShardId,
+    crate::store::StoreEnv,
+    crate::store::DirLock,
+) {
+    let (lock, mut envs, mut recovered) =
+        crate::store::recover(&dir.0, 1, 16 << 20, WALL_BASE_MS).expect("recovers");
+    let mut e = engines(1, &Limits::default()).remove(0);
+    let remote = e.enable_remote().expect("room for the remote id");
+    e.set_origin(origin);
+    e.enable_persistence(true);
+    e.restore(1, recovered.remove(0));
+    (e, remote, envs.remove(0).0, lock)
+}
+
+/// Commits what `e` stored, as its writer thread would.
+pub(super) fn commit(e: &mut Engine, env: &crate::store::StoreEnv) {
+    while let Some(batch) = e.take_store_batch() {
+        let dbs = crate::store::open_dbs(env).expect("dbs");
+        let mut txn = env.write_txn().expect("txn");
+        for op in &batch.ops {
+            crate::store::apply(&dbs, &mut txn, op, WALL_BASE_MS).expect("applied");
+        }
+        txn.commit().expect("committed");
+        e.store_committed(batch.epoch);
+    }
+}
+
+/// `kill -9`: what is not committed is gone.
+pub(super) fn crash(e: Engine, env: crate::store::StoreEnv, lock: crate::store::DirLock) {
+    drop(e);
+    env.prepare_for_closing().wait();
+    drop(lock);
+}
