@@ -1572,8 +1572,18 @@ fn the_data_plane_simulation_regression_seeds() {
 /// claim never arrived, node 3 started c5 afresh, and the log confirmed the copy, so
 /// its ghost sent what matched the old session on to node 3, whose ghost (c5 had moved
 /// on to node 1) passed it on: the new session got QoS 2 twice (a ghost of a session
-/// that started afresh passes no redirect on: `Ghost::passes_redirects`).
-const SYNC_REGRESSION_SEEDS: &[u64] = &[25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400];
+/// that started afresh passes no redirect on: `Ghost::passes_redirects`). 969: a node
+/// restarted after a crash that took a QoS 2 forward, parked the session for another
+/// node's claim (never confirmed) and took it back; the take-back lost the ids'
+/// redelivery sets, and the re-send was answered at once: acknowledged, never
+/// delivered. 1300, 1321: a session taken in with ids still pending on the old owner
+/// (`handed_qos2`), whose new owner crashed before the old owner's word: the ids were
+/// stored as resolved, and after the restart the re-send was answered at once, the
+/// old owner's forward dead too (pending ids are stored as "other nodes may lack it",
+/// and a take-back restores the sets: `handed_qos2::set_pending`, `take_back_inbound`).
+const SYNC_REGRESSION_SEEDS: &[u64] = &[
+    25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321,
+];
 
 #[test]
 fn the_data_plane_simulation_sync_regression_seeds() {

@@ -34,8 +34,15 @@
 //!   one at the export (at least once), and A's own shard skips the copy that comes
 //!   back (its count covers the id).
 //!
-//! Bounds: the pending state lives in memory, so B restarting (under `sync`
-//! durability) forgets it and answers a re-send at once, as before; a holder that
+//! - **What survives a crash.** The pending state lives in memory; B stores a pending
+//!   id as "other nodes may lack it" with the original's id (the record recovery
+//!   writes after a crash), so B restarting before the holder's word routes the
+//!   re-send again as a re-sent copy (sim seeds 1300, 1321 under `sync`), and the
+//!   word *done* stores it as resolved. A moving copy keeps the redelivery sets of
+//!   ids restored after a crash, and a take-back restores them (seed 969): the
+//!   export does not carry them.
+//!
+//! Bounds: a holder that
 //! never answers again (dead and never restarted) leaves the id unacknowledged (the
 //! client keeps it in flight; nothing is acknowledged that was not delivered); an
 //! original still in flight on the network when its holder died and arriving after
@@ -47,6 +54,7 @@ use super::Engine;
 use super::moved::MOVED_WINDOW_MS;
 use crate::mesh::{PubId, ShardId};
 use crate::session::{ConnId, PendingForward, SessionIdx};
+use crate::trie::ShardSet;
 
 /// How long the old owner still answers about a handed-over publication after its
 /// forward completed: the new owner asks right after it took the session in.
@@ -71,6 +79,11 @@ pub(super) struct Handed {
 
 /// A pending id a session carries on: (packet id, holder node, original's id).
 pub(super) type Relayed = (u16, u64, PubId);
+
+/// An inbound id restored after a crash with the shards (the remote id among them:
+/// other nodes) that may lack its publication, kept with a moving copy so that a
+/// take-back restores it: (packet id, shards, original's id).
+pub(super) type Redeliver = (u16, ShardSet, Option<PubId>);
 
 /// The holder of a [`Relayed`] id given at the export for an id restored after a
 /// crash (see `hand_inbound`): this node, whose number `pending_for` puts in.
@@ -234,10 +247,31 @@ impl Engine {
         });
     }
 
+    /// The redelivery sets of session `idx`'s inbound ids (restored after a crash),
+    /// for its moving copy: the export does not carry them.
+    pub(super) fn redeliver_sets(&self, idx: SessionIdx) -> Vec<Redeliver> {
+        self.session(idx)
+            .inbound_qos2
+            .iter()
+            .filter_map(|e| Some((e.packet_id, **e.redeliver.as_ref()?, e.id)))
+            .collect()
+    }
+
     /// This shard takes its own moving copy of session `idx` back: the ids it handed
     /// out wait for their tokens again (a re-sent PUBLISH's PUBREC is held as on one
-    /// node), and those it had carried in from an older owner are pending again.
-    pub(super) fn take_back_inbound(&mut self, idx: SessionIdx, relayed: &[Relayed]) {
+    /// node), those it had carried in from an older owner are pending again, and
+    /// those restored after a crash with shards or nodes that may lack them
+    /// (`redeliver`) get that set back, in memory and in the store (the take-in
+    /// rewrote their records as resolved): their re-sent PUBLISH is routed again
+    /// as on a node the session never left. Before, the set did not come back and
+    /// the re-send was answered at once: acknowledged, while the forward that the
+    /// crash took never left (`sync` sim seed 969).
+    pub(super) fn take_back_inbound(
+        &mut self,
+        idx: SessionIdx,
+        relayed: &[Relayed],
+        redeliver: Vec<Redeliver>,
+    ) {
         let client_id = self.session(idx).client_id.clone();
         let mine: Vec<Handed> = {
             let (mine, rest): (Vec<Handed>, Vec<Handed>) = std::mem::take(&mut self.handed)
@@ -255,9 +289,18 @@ impl Engine {
                 e.token = live.then_some(h.token);
             }
         }
-        // Ids restored with a redelivery set that this node would have to answer
-        // about itself: the session is back where its store says what may be lacking,
-        // but the set did not travel (an id answered at once, as before).
+        for (packet_id, set, id) in redeliver {
+            let s = self.session_mut(idx);
+            let Some(pos) = s.inbound_position(packet_id) else {
+                continue;
+            };
+            let e = &mut s.inbound_qos2[pos];
+            e.redeliver = Some(Box::new(set));
+            e.id = id.or(e.id);
+            self.persist_inbound(idx, packet_id, Some((0, Some(set))), id);
+        }
+        // Ids restored with a redelivery set this node answers about itself: the set
+        // came back above.
         let relayed: Vec<Relayed> = relayed
             .iter()
             .copied()
@@ -280,19 +323,34 @@ impl Engine {
         true
     }
 
+    /// Ids `ids` of session `idx` wait for their holder's word. Each is stored as
+    /// "other nodes may lack it", with the original's id: the word lives in this
+    /// process's memory, and a crash here before it came (or before a re-send
+    /// this node routed in its place left) would otherwise restore the id as
+    /// resolved and answer the next re-send at once, acknowledging a publication
+    /// whose forward died with the holder (`sync` sim seeds 1300, 1321). Restored
+    /// so, the re-send is routed again as a re-sent copy of the original
+    /// (`exactly_once::redeliver`), which a node that got the original skips.
     fn set_pending(&mut self, idx: SessionIdx, ids: &[Relayed]) {
-        let s = self.session_mut(idx);
+        let remote = self.remote;
         for &(packet_id, holder, id) in ids {
-            if let Some(pos) = s.inbound_position(packet_id) {
-                let e = &mut s.inbound_qos2[pos];
-                e.id = Some(id);
-                e.token = None;
-                e.pending = Some(Box::new(PendingForward {
-                    holder,
-                    id,
-                    lost: false,
-                    resent: None,
-                }));
+            let s = self.session_mut(idx);
+            let Some(pos) = s.inbound_position(packet_id) else {
+                continue;
+            };
+            let e = &mut s.inbound_qos2[pos];
+            e.id = Some(id);
+            e.token = None;
+            e.pending = Some(Box::new(PendingForward {
+                holder,
+                id,
+                lost: false,
+                resent: None,
+            }));
+            if let Some(remote) = remote {
+                let mut others = ShardSet::new();
+                others.insert(remote);
+                self.persist_inbound(idx, packet_id, Some((0, Some(others))), Some(id));
             }
         }
     }
@@ -346,6 +404,10 @@ impl Engine {
             return;
         };
         let resent = slot.take().and_then(|p| p.resent);
+        // Every destination has it: resolved in the store too (`set_pending`).
+        if let Some(idx) = self.session_idx(client_id) {
+            self.persist_inbound(idx, packet_id, Some((0, None)), None);
+        }
         if let Some((c, _)) = resent
             && conn == Some(c)
         {
@@ -391,7 +453,9 @@ mod tests {
     use bytes::Bytes;
     use tessera_proto::{Packet, ProtocolVersion, PubComp, PubRec, PubRel, Publish, QoS, Str};
 
-    use super::super::testing::{connect_packet, drain, engines, subscribe_packet};
+    use super::super::testing::{
+        Dir, boot, commit, connect_packet, crash, drain, engines, subscribe_packet, temp_dir_in,
+    };
     use super::super::{Engine, Limits};
     use super::*;
     use crate::mesh::MeshMsg;
@@ -702,6 +766,122 @@ mod tests {
         let remote = a.remote_id().expect("remote");
         a.handle_mesh(6, remote, MeshMsg::Ack { token });
         assert_eq!(drain(&mut a, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+    }
+
+    /// A store-backed node (`testing::boot`, `sync` durability) with origin `origin`
+    /// to which another node routes "t".
+    fn stored_node(
+        dir: &Dir,
+        origin: u64,
+    ) -> (
+        Engine,
+        ShardId,
+        crate::store::StoreEnv,
+        crate::store::DirLock,
+    ) {
+        let (mut e, remote, env, lock) = boot(dir, origin);
+        e.handle_mesh(
+            1,
+            remote,
+            MeshMsg::RouteAdd {
+                filter: Str::from_static("t"),
+                shard: remote,
+                ack: None,
+            },
+        );
+        (e, remote, env, lock)
+    }
+
+    /// The client re-sends PUBLISH 3 on `e` (store on `env`): it is routed to the
+    /// other nodes as a re-sent copy of `original`, and its PUBREC waits until they
+    /// accepted it.
+    fn resend_is_routed_again(e: &mut Engine, env: &crate::store::StoreEnv, original: PubId) {
+        let remote = e.remote_id().expect("remote");
+        let c = e.connect(5, connect_packet(V, "p", false), false);
+        drain(e, c, V);
+        e.handle_packet(5, c, publish(3, true));
+        commit(e, env);
+        assert!(
+            drain(e, c, V).is_empty(),
+            "PUBREC before the re-send was routed"
+        );
+        let (token, routed) = sent_remote(e);
+        assert_eq!(routed, super::super::moved::resent(original));
+        e.handle_mesh(6, remote, MeshMsg::Ack { token });
+        commit(e, env);
+        assert_eq!(drain(e, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+    }
+
+    /// Sim seed 969 under `sync`: node A crashed while a QoS 2 publication's forward
+    /// waited; restarted, it parked the session as a moving copy for another node's
+    /// claim, which never confirmed, and took it back. The take-back rebuilt the
+    /// session from its export, which does not carry the ids' redelivery sets: the
+    /// re-sent PUBLISH was answered at once and the publication never left.
+    #[test]
+    fn a_session_taken_back_after_a_restart_routes_the_re_send_other_nodes_may_lack() {
+        let dir = temp_dir_in("handed_qos2", "taken-back");
+        let (mut a, _, env, lock) = stored_node(&dir, 6);
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        drain(&mut a, p, V);
+        a.handle_packet(2, p, publish(3, false));
+        commit(&mut a, &env);
+        let (_, original) = sent_remote(&mut a);
+        assert!(
+            drain(&mut a, p, V).is_empty(),
+            "PUBREC before the other node"
+        );
+        crash(a, env, lock);
+
+        let (mut a, _, env, _lock) = stored_node(&dir, 7);
+        a.export_session(3, "p", 0, (2, 9)).expect("a session");
+        commit(&mut a, &env);
+        assert!(a.resume_moving(4, "p", 0).expect("its own copy"));
+        commit(&mut a, &env);
+        resend_is_routed_again(&mut a, &env, original);
+    }
+
+    /// Sim seeds 1300 and 1321 under `sync`: B took the session in while the
+    /// original's forward still waited on A (a pending id) and crashed before A's
+    /// word; the id was stored as resolved at the import, so after B's restart the
+    /// re-sent PUBLISH was answered at once, though A (crashed too) never forwarded
+    /// the original. Now the pending id is stored as "other nodes may lack it".
+    #[test]
+    fn an_id_pending_when_its_new_owner_crashes_is_routed_again_after_the_restart() {
+        let mut a = node(7);
+        let (bytes, pending, _token, id) = moved_while_waiting(&mut a);
+        let dir = temp_dir_in("handed_qos2", "pending-crash");
+        let (mut b, _, env, lock) = stored_node(&dir, 8);
+        b.import_session(4, "p", &bytes, 0).expect("taken in");
+        assert!(b.import_pending("p", &pending));
+        commit(&mut b, &env);
+        crash(b, env, lock);
+
+        let (mut b, _, env, _lock) = stored_node(&dir, 9);
+        resend_is_routed_again(&mut b, &env, id);
+    }
+
+    /// Once the holder said the original reached every destination, the id is
+    /// resolved in the store too: after a restart its re-send is answered at once,
+    /// not routed again.
+    #[test]
+    fn an_id_whose_holder_said_done_is_answered_at_once_after_a_restart() {
+        let mut a = node(7);
+        let (bytes, pending, _token, id) = moved_while_waiting(&mut a);
+        let dir = temp_dir_in("handed_qos2", "pending-done");
+        let (mut b, _, env, lock) = stored_node(&dir, 8);
+        b.import_session(4, "p", &bytes, 0).expect("taken in");
+        assert!(b.import_pending("p", &pending));
+        b.inbound_forward_done("p", 3, id);
+        commit(&mut b, &env);
+        crash(b, env, lock);
+
+        let (mut b, _, env, _lock) = stored_node(&dir, 9);
+        let c = b.connect(5, connect_packet(V, "p", false), false);
+        drain(&mut b, c, V);
+        b.handle_packet(5, c, publish(3, true));
+        commit(&mut b, &env);
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+        assert!(remote_out(&mut b).is_empty(), "not routed again");
     }
 
     #[test]

@@ -67,6 +67,10 @@ pub(super) struct Moving {
     /// Inbound QoS 2 ids it carried in still waiting for an older owner's word
     /// (`handed_qos2`).
     relayed: Vec<super::handed_qos2::Relayed>,
+    /// Inbound QoS 2 ids restored after a crash with the shards (and the remote
+    /// id: other nodes) that may lack their publication, for a take-back
+    /// (`handed_qos2::take_back_inbound`): (packet id, set, original's id).
+    redeliver: Vec<super::handed_qos2::Redeliver>,
 }
 
 /// A session taken in whose disk tail is still arriving from its old owner.
@@ -271,6 +275,7 @@ impl Engine {
         let window = self.leave_ghost(idx, to);
         // Inbound QoS 2 ids whose PUBREC still waits: the new owner holds it too.
         let relayed = self.hand_inbound(idx);
+        let redeliver = self.redeliver_sets(idx);
         let moving = Moving {
             to,
             bytes: bytes.clone(),
@@ -278,6 +283,7 @@ impl Engine {
             stored,
             window,
             relayed,
+            redeliver,
         };
         let key = self.session(idx).client_id.clone();
         // Out of memory and the routes, not out of the store.
@@ -462,7 +468,7 @@ impl Engine {
         };
         self.take_in(now_ms, client_id, &m.bytes, wall_base_ms, Some(m.stored))?;
         if let Some(idx) = self.session_idx(client_id) {
-            self.take_back_inbound(idx, &m.relayed);
+            self.take_back_inbound(idx, &m.relayed, m.redeliver);
         }
         Ok(true)
     }
