@@ -1581,8 +1581,12 @@ fn the_data_plane_simulation_regression_seeds() {
 /// stored as resolved, and after the restart the re-send was answered at once, the
 /// old owner's forward dead too (pending ids are stored as "other nodes may lack it",
 /// and a take-back restores the sets: `handed_qos2::set_pending`, `take_back_inbound`).
+/// 842: the first version of that stored the pending id with only the other nodes in
+/// its set, so recovery told the new owner's shard it had the publication; the shard
+/// put the id in the window of a session moving off, and that session's new owner
+/// dropped its queued copy (the set names this node's shards too now).
 const SYNC_REGRESSION_SEEDS: &[u64] = &[
-    25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321,
+    25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321, 842,
 ];
 
 #[test]

@@ -330,9 +330,19 @@ impl Engine {
     /// resolved and answer the next re-send at once, acknowledging a publication
     /// whose forward died with the holder (`sync` sim seeds 1300, 1321). Restored
     /// so, the re-send is routed again as a re-sent copy of the original
-    /// (`exactly_once::redeliver`), which a node that got the original skips.
+    /// (`exactly_once::redeliver`), which a node or shard that got the original
+    /// skips. The set names this node's shards too: recovery takes a shard outside
+    /// the set for one that has the publication (it delivered it in the id's
+    /// commit, on the node that routed it), which is not so here, where the
+    /// original was routed by another node; a shard told so passes the id on in
+    /// the window of a session that moves off it, and the new owner drops the
+    /// session's queued copy of it (seed 842, with the first version of this).
     fn set_pending(&mut self, idx: SessionIdx, ids: &[Relayed]) {
         let remote = self.remote;
+        let mut others = ShardSet::new();
+        for k in 0..self.shard_count {
+            others.insert(k as ShardId);
+        }
         for &(packet_id, holder, id) in ids {
             let s = self.session_mut(idx);
             let Some(pos) = s.inbound_position(packet_id) else {
@@ -348,7 +358,7 @@ impl Engine {
                 resent: None,
             }));
             if let Some(remote) = remote {
-                let mut others = ShardSet::new();
+                let mut others = others;
                 others.insert(remote);
                 self.persist_inbound(idx, packet_id, Some((0, Some(others))), Some(id));
             }
@@ -857,6 +867,13 @@ mod tests {
         crash(b, env, lock);
 
         let (mut b, _, env, _lock) = stored_node(&dir, 9);
+        // B's shard never delivered the original (A routed it): it must not count
+        // it as handled, or a session moving off B would take that on in its
+        // window and its new owner would drop the session's copy (sim seed 842).
+        assert!(
+            !b.pub_id_handled(id),
+            "B's shard does not have the original"
+        );
         resend_is_routed_again(&mut b, &env, id);
     }
 
