@@ -1567,8 +1567,8 @@ fn the_data_plane_simulation_regression_seeds() {
 /// them, a node's stored mark covered a QoS 2 copy that an unconfirmed ghost there
 /// held in memory when the node crashed (the sending node died too), so the
 /// restarted node skipped the publisher's re-send routed with the original's id:
-/// acknowledged, never delivered (a stored mark now stays below what an unconfirmed
-/// ghost holds: `moved::held_caps`). 400: a copy of c5's session handed to node 3's
+/// acknowledged, never delivered (first fixed by a stored mark capped below what an
+/// unconfirmed ghost holds; since 748's fix the held copy is stored instead). 400: a copy of c5's session handed to node 3's
 /// claim never arrived, node 3 started c5 afresh, and the log confirmed the copy, so
 /// its ghost sent what matched the old session on to node 3, whose ghost (c5 had moved
 /// on to node 1) passed it on: the new session got QoS 2 twice (a ghost of a session
@@ -1585,8 +1585,14 @@ fn the_data_plane_simulation_regression_seeds() {
 /// its set, so recovery told the new owner's shard it had the publication; the shard
 /// put the id in the window of a session moving off, and that session's new owner
 /// dropped its queued copy (the set names this node's shards too now).
+/// 748: an unconfirmed ghost on node 1 held c2's QoS 2 2/5 (node 2's batch, its
+/// answer waiting), node 2 crashed, c2 moved to node 1, whose routing of the re-send
+/// with the original's id was skipped as handled (the shard's mark covered it) and
+/// PUBCOMPed; node 1 crashed and c3's session came back without it: acknowledged,
+/// never delivered (what an unconfirmed ghost holds is now stored with its session's
+/// records, still in the store until the confirmation: `moved::store_held`).
 const SYNC_REGRESSION_SEEDS: &[u64] = &[
-    25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321, 842,
+    25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321, 842, 748,
 ];
 
 #[test]

@@ -48,7 +48,9 @@
 //!   [`HOLD_MAX_MS`]; see [`Engine::moved_direct`]).
 //!
 //! Until the new node confirmed, the ghost holds what matches (the session may
-//! come back here) and filters it with the session's window the same way, so a
+//! come back here; with a store, a QoS 1/2 copy is stored with the session's
+//! records too, which stay until the confirmation: [`Engine::store_held`]) and
+//! filters it with the session's window the same way, so a
 //! publication that arrives directly and redirected by an older ghost on a third
 //! node is held once; a session taken back keeps that window. After the
 //! confirmation the ghost keeps the window's marks: a copy that reaches it by the
@@ -122,6 +124,12 @@ pub(super) struct Ghost {
     /// later claimant), with who waits for it.
     pub(super) confirmed: bool,
     pub(super) held: Vec<Held>,
+    /// Its session's records stay in this shard's store until the confirmation
+    /// (a stored session, persistence on): a QoS 1/2 copy it holds is stored
+    /// there too, as a queued delivery (sim seed 748), with these sequence
+    /// numbers.
+    pub(super) stores_held: bool,
+    pub(super) held_seqs: Vec<u64>,
     /// Until confirmed: the session's window as exported, and the ids of what the
     /// ghost held since, so a publication reaching this node twice (directly and
     /// redirected by an older ghost on another node) or one the session already
@@ -437,14 +445,6 @@ fn raise(marks: &mut Vec<(u64, ShardId, u64)>, origin: u64, shard: ShardId, seq:
     }
 }
 
-/// `seq` (a mark of `origin`'s `shard`), not above the cap [`Engine::held_caps`]
-/// gives for its class.
-fn held_cap(caps: &[(u64, ShardId, u64)], origin: u64, shard: ShardId, seq: u64) -> u64 {
-    caps.iter()
-        .find(|c| c.0 == origin && c.1 == shard && id_class(c.2) == id_class(seq))
-        .map_or(seq, |c| seq.min(c.2))
-}
-
 impl Window {
     /// A window for session `uid` with the old owner's `marks`, this shard's
     /// `local_mark` and the `ids` the session already got.
@@ -667,7 +667,7 @@ impl Engine {
     pub(super) fn leave_ghost(&mut self, idx: SessionIdx, to: (u64, u64)) -> Vec<u8> {
         let s = self.session(idx);
         let client_id = s.client_id.clone();
-        let uid = s.uid;
+        let (uid, s_stored) = (s.uid, s.stored);
         let subs: Vec<(Str, SubscriptionEntry)> = s
             .subscriptions
             .iter()
@@ -717,6 +717,7 @@ impl Engine {
         }
         let mut out = Vec::new();
         encode_marks(&mut out, &marks, ids.iter());
+        let stores_held = s_stored && self.persist.is_some();
         self.drop_ghost(&client_id);
         if self.moved.origin == 0 || subs.is_empty() {
             return out;
@@ -733,6 +734,8 @@ impl Engine {
             filters: subs.into_iter().map(|(f, _)| f).collect(),
             confirmed: false,
             held: Vec::new(),
+            stores_held,
+            held_seqs: Vec::new(),
             seen: Some(seen),
             stored: false,
             passes_redirects: had_window,
@@ -805,7 +808,19 @@ impl Engine {
                     // A confirmed ghost's window is its marks only: the session has
                     // the new owner's.
                     let seen = g.seen.take().filter(|_| !g.confirmed);
-                    (std::mem::take(&mut g.held), seen)
+                    let seqs = std::mem::take(&mut g.held_seqs);
+                    (std::mem::take(&mut g.held), seen, seqs)
+                })
+                .map(|(held, seen, seqs)| {
+                    // Stored as deliveries of the records the session is taken back
+                    // with: out, before it gets them as its own again.
+                    for seq in seqs {
+                        self.store_op(StoreOp::DelMsg {
+                            client_id: client_id.clone(),
+                            seq,
+                        });
+                    }
+                    (held, seen)
                 })
                 .unwrap_or_default(),
             None => (Vec::new(), None),
@@ -979,41 +994,6 @@ impl Engine {
         }
     }
 
-    /// Per origin shard and class, the highest id a stored mark may cover while
-    /// an unconfirmed ghost holds copies of it in memory: one below the lowest
-    /// held (sim seed 154, `sync`). A held copy is in no store record, and its
-    /// waiter (the batch's answer, the publisher's PUBREC) still waits for it; a
-    /// stored mark covering it would make this shard, restarted after a crash,
-    /// skip the copy sent again (the retried batch, or the publisher's re-send
-    /// routed with the original's id): acknowledged, never delivered. Capped, the
-    /// mark it stores is raised with the first commit after the ghost let go.
-    /// Empty unless a ghost holds something: nothing per message otherwise.
-    fn held_caps(&self) -> Vec<(u64, ShardId, u64)> {
-        let mut caps: Vec<(u64, ShardId, u64)> = Vec::new();
-        let held = self
-            .moved
-            .ghosts
-            .iter()
-            .flatten()
-            .filter(|g| !g.confirmed)
-            .flat_map(|g| g.held.iter().filter_map(|(_, id, _)| *id));
-        for id in held {
-            // A re-sent copy raised no mark (see [`RESENT`]).
-            if is_resent(id) {
-                continue;
-            }
-            let below = id_seq(id_class(id.seq), id_number(id.seq).saturating_sub(1));
-            match caps
-                .iter_mut()
-                .find(|c| c.0 == id.origin && c.1 == id.shard && id_class(c.2) == id_class(id.seq))
-            {
-                Some(c) => c.2 = c.2.min(below),
-                None => caps.push((id.origin, id.shard, below)),
-            }
-        }
-        caps
-    }
-
     /// The marks and windows the store lacks, appended to `ops`, the batch being
     /// taken (`take_store_batch`: only one that has ops anyway). They ride with
     /// those ops, so a mark is never stored before what the copies it covers stored
@@ -1030,7 +1010,6 @@ impl Engine {
         if self.moved.origin == 0 {
             return;
         }
-        let caps = self.held_caps();
         let m = &mut self.moved;
         let at_ms = m.clock_ms;
         let mut put = |origin, shard, seq| {
@@ -1041,10 +1020,8 @@ impl Engine {
                 at_ms,
             })
         };
-        let capped = |origin, shard, seq| held_cap(&caps, origin, shard, seq);
         m.marks_stored.resize(m.marks.len(), 0);
         for (&(origin, shard, seq), stored) in m.marks.iter().zip(&mut m.marks_stored) {
-            let seq = capped(origin, shard, seq);
             if seq != *stored {
                 *stored = seq;
                 put(origin, shard, seq);
@@ -1063,26 +1040,24 @@ impl Engine {
                 continue;
             }
             for class in 0..CLASSES {
-                let seq = capped(
-                    m.origin,
-                    shard as ShardId,
-                    id_seq(class as u64, handled[class]),
-                );
-                if id_number(seq) != stored[class] {
-                    stored[class] = id_number(seq);
-                    put(m.origin, shard as ShardId, seq);
+                if handled[class] != stored[class] {
+                    stored[class] = handled[class];
+                    put(
+                        m.origin,
+                        shard as ShardId,
+                        id_seq(class as u64, handled[class]),
+                    );
                 }
             }
         }
         for class in 0..CLASSES {
-            let seq = capped(
-                m.origin,
-                self.shard,
-                id_seq(class as u64, m.next_seq[class]),
-            );
-            if id_number(seq) != m.next_seq_stored[class] {
-                m.next_seq_stored[class] = id_number(seq);
-                put(m.origin, self.shard, seq);
+            if m.next_seq[class] != m.next_seq_stored[class] {
+                m.next_seq_stored[class] = m.next_seq[class];
+                put(
+                    m.origin,
+                    self.shard,
+                    id_seq(class as u64, m.next_seq[class]),
+                );
             }
         }
         if m.windows_unstored.is_empty() {
@@ -1414,8 +1389,10 @@ impl Engine {
                 return;
             }
             let ack = self.redirect_ack(msg.qos);
+            let seq = self.store_held(gidx, &client_id, msg);
             if let Some(Some(g)) = self.moved.ghosts.get_mut((gidx - GHOST_BASE) as usize) {
                 g.held.push((msg.clone(), id, ack));
+                g.held_seqs.extend(seq);
             }
             return;
         }
@@ -1443,6 +1420,55 @@ impl Engine {
             id,
             ack,
         });
+    }
+
+    /// Stores `msg`, which the unconfirmed ghost `gidx` of `client_id` holds, as a
+    /// queued delivery of its session's records (still in the store until the new
+    /// node confirms), at the QoS its subscriptions here grant. Returns its
+    /// sequence number; `None` for a QoS 0 delivery or a session with no records.
+    ///
+    /// Why (sim seed 748, `sync`): once a copy is held, this shard counts it as
+    /// handled (its `PubId` mark, the batch's forward mark), so a re-sent copy of
+    /// it (the publisher's re-send routed with the original's id after the
+    /// sending node died) is skipped and acknowledged. Held in memory only, the copy
+    /// was gone when this node crashed before the ghost let go: acknowledged and
+    /// lost. Stored, it comes back with the session, and every mark that covers it
+    /// is true: what the session holds is in the same commit or an earlier one.
+    fn store_held(&mut self, gidx: SessionIdx, client_id: &Str, msg: &Message) -> Option<u64> {
+        let g = self
+            .moved
+            .ghosts
+            .get((gidx - GHOST_BASE) as usize)?
+            .as_ref()?;
+        if !g.stores_held || msg.qos == QoS::AtMostOnce {
+            return None;
+        }
+        let mut granted = None;
+        let mut retain = false;
+        let mut subscription_ids = Vec::new();
+        for f in &g.filters {
+            if !topic::matches(f, &msg.topic) {
+                continue;
+            }
+            if let Some(e) = self.subscriptions.get(f, gidx) {
+                granted = Some(granted.unwrap_or(QoS::AtMostOnce).max(e.options.qos));
+                retain |= e.options.retain_as_published && msg.retain;
+                subscription_ids.extend(e.subscription_id);
+            }
+        }
+        let qos = msg.qos.min(granted?);
+        if qos == QoS::AtMostOnce {
+            return None;
+        }
+        let delivery = Delivery {
+            message: msg.clone(),
+            qos,
+            retain,
+            subscription_ids,
+            share: None,
+            seq: 0,
+        };
+        self.store_moving_delivery(client_id, delivery)
     }
 
     /// One more answer the routed QoS 1/2 publication's waiter waits for.
@@ -2677,9 +2703,11 @@ mod tests {
     /// mark for that origin, stored with the next commit after the hold, covered
     /// the copy, so the restarted node skipped the publisher's re-send, routed with
     /// the original's id after the sending node died too: acknowledged, never
-    /// delivered. A stored mark stays below what an unconfirmed ghost holds.
+    /// delivered. The held copy is stored with the session's records (sim seed 748,
+    /// which replaced the first fix, a stored mark capped below what a ghost
+    /// holds): the session comes back with it, and the re-send is skipped.
     #[test]
-    fn a_copy_an_unconfirmed_ghost_held_at_a_crash_is_not_covered_by_the_stored_marks() {
+    fn a_copy_an_unconfirmed_ghost_held_at_a_crash_comes_back_with_its_session_once() {
         let dir = temp_dir("held");
         let (mut a, remote, env, lock) = boot(&dir, 7);
         let s = a.connect(1, connect_packet(V, "s", false), false);
@@ -2706,20 +2734,149 @@ mod tests {
         let (mut a, remote, env, _lock) = boot(&dir, 8);
         let s = a.connect(4, connect_packet(V, "s", false), false);
         commit(&mut a, &env);
-        drain(&mut a, s, V);
+        assert_eq!(
+            texts(payloads(&mut a, s)),
+            ["held"],
+            "the held copy was in memory only"
+        );
         let mut again = forwarded_at("held", QoS::ExactlyOnce, 1);
         if let MeshMsg::Forwarded { id: Some(id), .. } = &mut again {
             *id = resent(*id);
         }
         a.handle_mesh(5, remote, again.clone());
         commit(&mut a, &env);
+        a.handle_mesh(5, remote, again);
+        assert!(payloads(&mut a, s).is_empty(), "once");
+    }
+
+    /// Sim seed 748 (`sync`): while an unconfirmed ghost held a QoS 2 copy from
+    /// another node (the batch's answer waiting), the publisher's re-send came,
+    /// routed with the original's id (its node had died and its session moved):
+    /// the shard's mark covered it, so it was skipped as handled and acknowledged.
+    /// Then this node crashed, and the held copy, in memory only, was gone with it:
+    /// the session came back without it. The held copy is stored with the
+    /// session's records, so "handled" is true of it.
+    #[test]
+    fn a_resend_skipped_while_an_unconfirmed_ghost_holds_its_original_is_not_lost_at_a_crash() {
+        let dir = temp_dir("resent-held");
+        let (mut a, remote, env, lock) = boot(&dir, 7);
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut a, s, V);
+        commit(&mut a, &env);
+        a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        commit(&mut a, &env);
+        let token = a.begin_forward_batch().expect("a ghost opens a token");
+        a.handle_mesh(3, remote, forwarded_at("held", QoS::ExactlyOnce, 1));
+        a.end_forward_batch(token);
+        commit(&mut a, &env);
+        // The re-send, in a batch of its own: skipped (the mark covers it) and
+        // answered once committed, while the ghost still holds the original.
+        let mut again = forwarded_at("held", QoS::ExactlyOnce, 1);
+        if let MeshMsg::Forwarded { id: Some(id), .. } = &mut again {
+            *id = resent(*id);
+        }
+        let resend = a.begin_forward_batch().expect("a ghost opens a token");
+        a.handle_mesh(4, remote, again);
+        a.end_forward_batch(resend);
+        commit(&mut a, &env);
+        assert_eq!(
+            a.take_forwards_done(),
+            [resend],
+            "the re-send is answered, the original's batch waits"
+        );
+        crash(a, env, lock);
+
+        let (mut a, _remote, env, _lock) = boot(&dir, 8);
+        let s = a.connect(5, connect_packet(V, "s", false), false);
+        commit(&mut a, &env);
         assert_eq!(
             texts(payloads(&mut a, s)),
             ["held"],
-            "the stored mark said the held copy was handled"
+            "acknowledged while only the ghost's memory had it"
         );
-        a.handle_mesh(5, remote, again);
-        assert!(payloads(&mut a, s).is_empty(), "once");
+    }
+
+    /// One of h154's "not covered" cases (sim seed 154's analysis): the batch's
+    /// forward mark, stored with the commit that handled it, made the sending
+    /// node's retry of it (the batch was never answered: the ghost held a copy)
+    /// skip the copy after this node's restart, while the copy had been in the
+    /// ghost's memory only. Stored with the session's records, it is not lost.
+    #[test]
+    fn a_batch_retried_after_a_crash_finds_the_copy_an_unconfirmed_ghost_held_stored() {
+        let dir = temp_dir("retried");
+        let (mut a, remote, env, lock) = boot(&dir, 7);
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut a, s, V);
+        commit(&mut a, &env);
+        a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        commit(&mut a, &env);
+        let mut copy = forwarded_at("held", QoS::ExactlyOnce, 1);
+        if let MeshMsg::Forwarded { mark, .. } = &mut copy {
+            *mark = Some(crate::mesh::ForwardMark {
+                node: 5,
+                incarnation: 1,
+                seq: 1,
+                index: 0,
+            });
+        }
+        let token = a.begin_forward_batch().expect("a ghost opens a token");
+        a.handle_mesh(3, remote, copy.clone());
+        a.end_forward_batch(token);
+        // Another session's record: a commit with ops, which the marks ride.
+        let q = a.connect(3, connect_packet(V, "q", false), false);
+        drain(&mut a, q, V);
+        commit(&mut a, &env);
+        assert!(a.take_forwards_done().is_empty(), "the batch waits");
+        crash(a, env, lock);
+
+        let (mut a, remote, env, _lock) = boot(&dir, 8);
+        let s = a.connect(4, connect_packet(V, "s", false), false);
+        commit(&mut a, &env);
+        // The sending node retries the unanswered batch.
+        let token = a.begin_forward_batch();
+        a.handle_mesh(5, remote, copy);
+        if let Some(t) = token {
+            a.end_forward_batch(t);
+        }
+        commit(&mut a, &env);
+        assert_eq!(
+            texts(payloads(&mut a, s)),
+            ["held"],
+            "the forward mark covered a copy only the ghost's memory had"
+        );
+    }
+
+    /// What an unconfirmed ghost stored of what it held leaves the store when the
+    /// session is taken back here (and gets it as its own delivery): a crash after
+    /// that does not bring it back twice, nor a QoS 0 copy, which is not stored.
+    #[test]
+    fn a_session_taken_back_from_its_ghost_gets_the_stored_held_copies_once_across_a_crash() {
+        let dir = temp_dir("taken-back");
+        let (mut a, remote, env, lock) = boot(&dir, 7);
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut a, s, V);
+        commit(&mut a, &env);
+        a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        commit(&mut a, &env);
+        let token = a.begin_forward_batch().expect("a ghost opens a token");
+        a.handle_mesh(3, remote, forwarded_at("one", QoS::ExactlyOnce, 1));
+        a.handle_mesh(3, remote, forwarded_at("zero", QoS::AtMostOnce, 1));
+        a.handle_mesh(3, remote, forwarded_at("two", QoS::ExactlyOnce, 2));
+        a.end_forward_batch(token);
+        commit(&mut a, &env);
+        // Node 2 never confirmed; this node owns the ClientID again.
+        assert!(a.resume_moving(4, "s", 0).expect("taken back"));
+        commit(&mut a, &env);
+        assert_eq!(a.take_forwards_done(), [token]);
+        crash(a, env, lock);
+
+        let (mut a, _remote, env, _lock) = boot(&dir, 8);
+        let s = a.connect(5, connect_packet(V, "s", false), false);
+        commit(&mut a, &env);
+        assert_eq!(texts(payloads(&mut a, s)), ["one", "two"]);
     }
 
     /// A window's ids go to the store in parts, one per commit that recorded some,

@@ -27,9 +27,10 @@
 //! session that ended (its redirects reach no session with a window at the new
 //! owner, which drops them, as it would have).
 //!
-//! Bounds: the ghost holds what it held before the confirmation in memory only, but
-//! a confirmed ghost holds nothing (it sends at once); a node restarted outside a
-//! cluster drops its ghosts.
+//! Bounds: what the ghost held before the confirmation is stored with its session's
+//! records (`moved::store_held`), which go with the confirmation, and a confirmed
+//! ghost holds nothing (it sends at once): a redirect still on its way when the node
+//! crashes after that is lost; a node restarted outside a cluster drops its ghosts.
 
 use tessera_proto::{Str, topic};
 
@@ -139,6 +140,8 @@ impl Engine {
                 filters: filters.into_iter().map(|(f, _)| f).collect(),
                 confirmed: true,
                 held: Vec::new(),
+                stores_held: false,
+                held_seqs: Vec::new(),
                 seen: Some(Window::new(SessionUid(0), marks, [u64::MAX; CLASSES], [])),
                 stored: true,
                 // Not stored: a restored ghost passes redirects on, as before.

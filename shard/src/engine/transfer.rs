@@ -71,6 +71,10 @@ pub(super) struct Moving {
     /// id: other nodes) that may lack their publication, for a take-back
     /// (`handed_qos2::take_back_inbound`): (packet id, set, original's id).
     redeliver: Vec<super::handed_qos2::Redeliver>,
+    /// The sequence number of the next copy its unconfirmed ghost holds and
+    /// stores as a queued delivery of these records (`moved`, sim seed 748):
+    /// after the export's.
+    next_seq: u64,
 }
 
 /// A session taken in whose disk tail is still arriving from its old owner.
@@ -270,7 +274,7 @@ impl Engine {
             disk_from_seq: s.queue.disk_from_seq(),
         };
         let bytes = record::encode(&rec);
-        let (expires_at_ms, stored) = (s.expiry_deadline_ms(), s.stored);
+        let (expires_at_ms, stored, next_seq) = (s.expiry_deadline_ms(), s.stored, s.next_seq);
         // Before it leaves the routes: what still comes for it here follows it.
         let window = self.leave_ghost(idx, to);
         // Inbound QoS 2 ids whose PUBREC still waits: the new owner holds it too.
@@ -284,6 +288,7 @@ impl Engine {
             window,
             relayed,
             redeliver,
+            next_seq,
         };
         let key = self.session(idx).client_id.clone();
         // Out of memory and the routes, not out of the store.
@@ -312,6 +317,31 @@ impl Engine {
     pub fn moving_to(&self, client_id: &str) -> Option<(u64, u64)> {
         let key = Str::try_from(client_id).ok()?;
         self.moving.get(&key).map(|m| m.to)
+    }
+
+    /// Stores `delivery` as a queued delivery of the moving copy of `client_id`
+    /// (what its unconfirmed ghost holds, `moved`): the copy's records are in the
+    /// store until the confirmation, so a crash brings the session back with it.
+    /// Returns its sequence number; `None` when the copy has no records here (or
+    /// persistence is off).
+    pub(super) fn store_moving_delivery(
+        &mut self,
+        client_id: &Str,
+        mut delivery: Delivery,
+    ) -> Option<u64> {
+        self.persist.as_ref()?;
+        let m = self.moving.get_mut(client_id).filter(|m| m.stored)?;
+        let seq = m.next_seq;
+        m.next_seq += 1;
+        delivery.seq = seq;
+        self.store_op(StoreOp::PutMsg {
+            client_id: client_id.clone(),
+            seq,
+            state: STATE_QUEUED,
+            packet_id: 0,
+            delivery,
+        });
+        Some(seq)
     }
 
     /// How many moving copies this shard keeps.
