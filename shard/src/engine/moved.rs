@@ -776,6 +776,8 @@ impl Engine {
             w.order = VecDeque::new();
         }
         let held = std::mem::take(&mut g.held);
+        // Stored with the session's records, which go with the confirmation.
+        g.held_seqs = Vec::new();
         let (node, epoch) = g.to;
         self.moved.expiring.push_back((
             now_ms + MOVED_WINDOW_MS,
