@@ -130,6 +130,10 @@ pub(super) struct Ghost {
     /// numbers.
     pub(super) stores_held: bool,
     pub(super) held_seqs: Vec<u64>,
+    /// Parts of its window (`seen`) stored as the session's, with the held copies'
+    /// ids (`StoreOp::PutWindow`): a session restored after a crash has the copies
+    /// in its queue, and its window says so.
+    pub(super) window_parts: u32,
     /// Until confirmed: the session's window as exported, and the ids of what the
     /// ghost held since, so a publication reaching this node twice (directly and
     /// redirected by an older ghost on another node) or one the session already
@@ -736,6 +740,7 @@ impl Engine {
             held: Vec::new(),
             stores_held,
             held_seqs: Vec::new(),
+            window_parts: 0,
             seen: Some(seen),
             stored: false,
             passes_redirects: had_window,
@@ -778,6 +783,7 @@ impl Engine {
         let held = std::mem::take(&mut g.held);
         // Stored with the session's records, which go with the confirmation.
         g.held_seqs = Vec::new();
+        g.window_parts = 0;
         let (node, epoch) = g.to;
         self.moved.expiring.push_back((
             now_ms + MOVED_WINDOW_MS,
@@ -811,11 +817,18 @@ impl Engine {
                     // the new owner's.
                     let seen = g.seen.take().filter(|_| !g.confirmed);
                     let seqs = std::mem::take(&mut g.held_seqs);
-                    (std::mem::take(&mut g.held), seen, seqs)
+                    let parts = std::mem::take(&mut g.window_parts);
+                    (std::mem::take(&mut g.held), seen, seqs, parts)
                 })
-                .map(|(held, seen, seqs)| {
+                .map(|(held, seen, seqs, parts)| {
                     // Stored as deliveries of the records the session is taken back
-                    // with: out, before it gets them as its own again.
+                    // with (and their ids as its window): out, before it gets them as
+                    // its own again (and keeps the window as its own).
+                    if parts > 0 {
+                        self.store_op(StoreOp::DelWindow {
+                            client_id: client_id.clone(),
+                        });
+                    }
                     for seq in seqs {
                         self.store_op(StoreOp::DelMsg {
                             client_id: client_id.clone(),
@@ -1396,6 +1409,9 @@ impl Engine {
                 g.held.push((msg.clone(), id, ack));
                 g.held_seqs.extend(seq);
             }
+            if seq.is_some() {
+                self.store_held_window(gidx, &client_id, id);
+            }
             return;
         }
         // A copy that came here by the normal path at or below the marks the
@@ -1471,6 +1487,40 @@ impl Engine {
             seq: 0,
         };
         self.store_moving_delivery(client_id, delivery)
+    }
+
+    /// The ghost `gidx` of `client_id` stored a held copy with `id`: its window
+    /// goes to the store as the session's (`StoreOp::PutWindow`; the session's
+    /// own left the store at the export), whole with the first such copy, then
+    /// one part per id. A crash before the confirmation restores the session with
+    /// the copy in its queue and the id in its window, so the copy sent again (a
+    /// retried batch, an older ghost's redirect) is not held and stored again when
+    /// the session is parked again (sim seed 194 with the held copies stored: QoS 2
+    /// twice).
+    fn store_held_window(&mut self, gidx: SessionIdx, client_id: &Str, id: Option<PubId>) {
+        let expires_ms = self.moved.clock_ms + MOVED_WINDOW_MS;
+        let Some(Some(g)) = self.moved.ghosts.get_mut((gidx - GHOST_BASE) as usize) else {
+            return;
+        };
+        let Some(w) = g.seen.as_ref() else {
+            return;
+        };
+        let mut bytes = Vec::new();
+        let part = g.window_parts;
+        if part == 0 {
+            encode_marks(&mut bytes, &w.marks, w.order.iter());
+        } else if let Some(id) = id {
+            encode_marks(&mut bytes, &[], std::iter::once(&original(id)));
+        } else {
+            return;
+        }
+        g.window_parts += 1;
+        self.store_op(StoreOp::PutWindow {
+            client_id: client_id.clone(),
+            part,
+            expires_ms,
+            bytes,
+        });
     }
 
     /// One more answer the routed QoS 1/2 publication's waiter waits for.
@@ -2848,6 +2898,46 @@ mod tests {
             ["held"],
             "the forward mark covered a copy only the ghost's memory had"
         );
+    }
+
+    /// Sim seed 194 with the held copies stored (before their ids were): the node
+    /// crashed while an unconfirmed ghost held a copy, restarted with the session
+    /// (the copy in its queue) but without a window saying it had it, parked it
+    /// again for the claim, and an older ghost's redirect of the same publication
+    /// was held and stored again: the session, taken back, got QoS 2 twice. The
+    /// ghost stores its window (the held copies' ids) as the session's.
+    #[test]
+    fn a_session_restored_with_a_held_copy_knows_it_has_it_when_parked_again() {
+        let dir = temp_dir("parked-again");
+        let (mut a, remote, env, lock) = boot(&dir, 7);
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut a, s, V);
+        commit(&mut a, &env);
+        a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        commit(&mut a, &env);
+        let token = a.begin_forward_batch().expect("a ghost opens a token");
+        a.handle_mesh(3, remote, forwarded_at("held", QoS::ExactlyOnce, 1));
+        a.end_forward_batch(token);
+        commit(&mut a, &env);
+        crash(a, env, lock);
+
+        let (mut a, remote, env, _lock) = boot(&dir, 8);
+        // Parked again for a claim, before its client came back.
+        a.export_session(4, "s", 0, (2, 100)).expect("exported");
+        commit(&mut a, &env);
+        // An older ghost on another node redirects the same publication here.
+        a.handle_mesh(
+            5,
+            remote,
+            redirect("held", id_seq(QoS::ExactlyOnce as u64, 1)),
+        );
+        commit(&mut a, &env);
+        // The claim never completes: taken back.
+        assert!(a.resume_moving(6, "s", 0).expect("taken back"));
+        let s = a.connect(6, connect_packet(V, "s", false), false);
+        commit(&mut a, &env);
+        assert_eq!(texts(payloads(&mut a, s)), ["held"]);
     }
 
     /// What an unconfirmed ghost stored of what it held leaves the store when the

@@ -142,6 +142,7 @@ impl Engine {
                 held: Vec::new(),
                 stores_held: false,
                 held_seqs: Vec::new(),
+                window_parts: 0,
                 seen: Some(Window::new(SessionUid(0), marks, [u64::MAX; CLASSES], [])),
                 stored: true,
                 // Not stored: a restored ghost passes redirects on, as before.
