@@ -244,6 +244,12 @@ mod tests {
         /// forwarder answers route adds at once and keeps the rest in
         /// `to_forwarder`).
         fn boot_with(dir: &Dir, cluster: bool) -> Node {
+            Self::boot_as(dir, cluster, 0)
+        }
+
+        /// `boot_with`; a cluster node with `origin` as its process's origin tag
+        /// (0: none), as the broker sets it before the restore.
+        fn boot_as(dir: &Dir, cluster: bool, origin: u64) -> Node {
             let (lock, envs, recovered) = recover(&dir.0, 2, MAP_BYTES, WALL_BASE_MS).unwrap();
             let limits = Limits::default();
             let mut engines = crate::engine::testing::engines(2, &limits);
@@ -251,6 +257,9 @@ mod tests {
             for (e, r) in engines.iter_mut().zip(recovered) {
                 if cluster {
                     e.enable_remote().expect("room for the remote id");
+                    if origin != 0 {
+                        e.set_origin(origin);
+                    }
                 }
                 e.enable_persistence(true);
                 e.restore(now_ms, r);
@@ -850,6 +859,18 @@ mod tests {
     /// A batch another node forwarded, served by shard 0 for a persistent
     /// subscriber on shard 1 (`MeshMsg::Forwarded` from the remote id).
     fn forward_batch(node: &mut Node, seq: u64, payloads: &[&'static str]) -> Option<u64> {
+        forward_batch_from(node, seq, payloads, None)
+    }
+
+    /// `forward_batch`, each record with its publication's id (QoS 2 class, number
+    /// `seq * 100 + index + 1` of shard 0 of `origin`) when `origin` is given, as a
+    /// cluster's forwarder sends them.
+    fn forward_batch_from(
+        node: &mut Node,
+        seq: u64,
+        payloads: &[&'static str],
+        origin: Option<u64>,
+    ) -> Option<u64> {
         let remote = node.engines[0].remote_id().expect("a cluster node");
         let token = node.engines[0].begin_forward_batch();
         for (index, payload) in payloads.iter().enumerate() {
@@ -876,7 +897,11 @@ mod tests {
                     message,
                     mark: Some(mark),
                     ack: None,
-                    id: None,
+                    id: origin.map(|origin| crate::mesh::PubId {
+                        origin,
+                        shard: 0,
+                        seq: (2 << 62) | (seq * 100 + index as u64 + 1),
+                    }),
                     earlier_life: false,
                 },
             );
@@ -934,6 +959,52 @@ mod tests {
         node.settle();
         assert_eq!(node.engines[0].take_forwards_done().len(), 2);
         assert_eq!(delivered(&mut node, sub), ["a", "b", "c"]);
+        node.crash();
+    }
+
+    /// The same as a cluster runs it: the node has an origin (its shards store
+    /// `PubId` marks), every record carries its publication's id, and a session on
+    /// the serving shard gets the batch too, so that shard's mark for the sending
+    /// origin, which covers the copies it passed on to shard 1, is stored with its
+    /// own commit. Cut between the two shards' commits, the retry after the restart
+    /// was skipped whole on the serving shard by that mark, and the batch answered:
+    /// shard 1's session never got the copies. Each shard's forward mark decides.
+    #[test]
+    fn a_batch_retried_after_a_crash_between_the_shards_commits_reaches_the_shard_that_lost_it() {
+        let dir = temp_dir("forward-ids-lost");
+        let (sub, _) = set_up_on(&dir, "t", true);
+        let here = id_on(0, "here");
+        let mut node = Node::boot_as(&dir, true, 7);
+        let h = node.connect(here);
+        let subscribe = crate::engine::testing::subscribe_packet("t", QoS::ExactlyOnce);
+        node.send(h, subscribe);
+        node.settle();
+        assert!(matches!(node.recv(h)[..], [Packet::SubAck(_)]));
+        node.disconnect(h);
+        forward_batch_from(&mut node, 1, &["a", "b"], Some(5)).expect("sync durability waits");
+        node.pump();
+        node.commit(0);
+        node.pump();
+        assert!(
+            !node.engines[0].has_forwards_done(),
+            "answered before shard 1 committed the copies"
+        );
+        node.lose(1);
+        node.crash();
+        let mut node = Node::boot_as(&dir, true, 8);
+        forward_batch_from(&mut node, 1, &["a", "b"], Some(5));
+        node.settle();
+        assert_eq!(node.engines[0].take_forwards_done().len(), 1);
+        assert_eq!(
+            delivered(&mut node, sub),
+            ["a", "b"],
+            "the retry was skipped"
+        );
+        assert_eq!(
+            delivered(&mut node, here),
+            ["a", "b"],
+            "once on the serving shard"
+        );
         node.crash();
     }
 

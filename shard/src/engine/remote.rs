@@ -207,7 +207,18 @@ impl Engine {
         id: Option<PubId>,
     ) {
         self.stats.remote_publishes_received += 1;
-        if id.is_some_and(|id| self.pub_id_handled(id)) {
+        let handled = if mark.is_some() {
+            // An original of a numbered batch is not skipped by this shard's `PubId`
+            // marks: they cover the copies it passed on to other shards too, stored
+            // with this shard's commit, so a batch retried after a crash between this
+            // shard's commit and theirs was skipped whole here and answered, and the
+            // sessions there never got it. Each shard's forward mark sorts out a
+            // retried batch (`forward_seen`); re-sent copies are checked as before.
+            self.rerouted_handled(id)
+        } else {
+            id.is_some_and(|id| self.pub_id_handled(id))
+        };
+        if handled {
             // A copy of a publication handled here already: a QoS 2 PUBLISH re-sent
             // after the node that routed its original died, routed again with the
             // original's id (`moved::RESENT`: by that node restarted, or by the node
