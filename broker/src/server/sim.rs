@@ -1591,8 +1591,17 @@ fn the_data_plane_simulation_regression_seeds() {
 /// PUBCOMPed; node 1 crashed and c3's session came back without it: acknowledged,
 /// never delivered (what an unconfirmed ghost holds is now stored with its session's
 /// records, still in the store until the confirmation: `moved::store_held`).
+/// 1340, 1284, 1369: the same kind of ghost on node 1 (a session parked for a claim
+/// whose node waited out its lease) held copies of another node's forwarded batches,
+/// node 1's forward mark covering them was stored with its next commit, node 1
+/// crashed, and the sender, told the batch was unknown, sent it again: the restored
+/// mark skipped it, and the session was recovered elsewhere (1340: c1's 5/4-5/11;
+/// 1284: c2's 4/7, 4/8) or taken back on node 1 (1369: c4's ten QoS 2 copies, two
+/// crashes) without them (h154's "not covered" forward-mark case; with 748's fix the
+/// held copies are in the store, committed with or before the mark).
 const SYNC_REGRESSION_SEEDS: &[u64] = &[
-    25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321, 842, 748,
+    25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321, 842, 748, 1340,
+    1284, 1369,
 ];
 
 #[test]
