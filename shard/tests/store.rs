@@ -597,3 +597,81 @@ fn publication_marks_and_windows_come_back_and_age_out() {
     let r = recover_closed(&dir, 1);
     assert!(r[0].pub_marks.is_empty() && r[0].windows.is_empty());
 }
+
+/// Sim seeds 70 and 660 (`sync`): the deliveries a moved-in session's window held
+/// back for its old owner's redirects come back with their session, in the order
+/// they were held, and follow it to another shard after a change of the shard
+/// count. One released (`DelHeld`) or whose session was deleted does not come back;
+/// one of no session is deleted.
+#[test]
+fn held_deliveries_come_back_with_their_session_and_follow_it() {
+    let dir = Dir(std::env::temp_dir().join(format!("tessera-store-held-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let session = |id: &str| {
+        StoreOp::PutSession(Box::new(SessionState {
+            client_id: s(id),
+            version: ProtocolVersion::V5,
+            expiry_interval_s: 600,
+            disconnected_at_ms: Some(1_000),
+            subscriptions: Vec::new(),
+            will: None,
+        }))
+    };
+    let held = |id: &str, seq: u64, payload: &str| StoreOp::PutHeld {
+        client_id: s(id),
+        seq,
+        delivery: delivery(payload, 0),
+    };
+    commit_ops(
+        &dir,
+        vec![
+            session("s"),
+            session("gone"),
+            held("s", 2, "second"),
+            held("s", 1, "first"),
+            held("s", 3, "released"),
+            StoreOp::DelHeld {
+                client_id: s("s"),
+                seq: 3,
+            },
+            held("gone", 4, "of a deleted session"),
+            StoreOp::DelSession {
+                client_id: s("gone"),
+            },
+            held("nobody", 5, "of no session"),
+        ],
+    );
+    let got = |r: &Recovered| -> Vec<(String, u64, String)> {
+        r.held
+            .iter()
+            .map(|(c, d)| {
+                let text = String::from_utf8_lossy(&d.message.payload).into_owned();
+                (c.to_string(), d.seq, text)
+            })
+            .collect()
+    };
+    let want = [
+        ("s".to_owned(), 1, "first".to_owned()),
+        ("s".to_owned(), 2, "second".to_owned()),
+    ];
+    assert_eq!(got(&recover_closed(&dir, 1)[0]), want);
+    // With their session on whichever shard owns it now.
+    for shards in [3, 1] {
+        let r = recover_closed(&dir, shards);
+        let owner = r
+            .iter()
+            .position(|r| r.sessions.iter().any(|x| x.client_id == s("s")))
+            .expect("the session");
+        for (k, r) in r.iter().enumerate() {
+            if k == owner {
+                assert_eq!(got(r), want, "{shards} shards");
+            } else {
+                assert!(r.held.is_empty(), "{shards} shards, shard {k}");
+            }
+        }
+    }
+    // The one of no session was deleted at the first start: a session of that
+    // ClientID made since does not get it.
+    commit_ops(&dir, vec![session("nobody")]);
+    assert_eq!(got(&recover_closed(&dir, 1)[0]), want);
+}

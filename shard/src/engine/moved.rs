@@ -77,7 +77,10 @@
 //! next start as marks of earlier-life origins and the restored sessions' windows
 //! ([`Engine::restore_moved`]), so a session restored after a crash exports a window
 //! that covers what it got before it (issue 15, cause C). Marks not raised within
-//! `store::PUB_MARK_KEEP_MS` before a start are dropped then.
+//! `store::PUB_MARK_KEEP_MS` before a start are dropped then. A direct copy a window
+//! holds for the old owner's redirects is stored in the epoch of the marks that say
+//! it was handled, and comes back in its session's queue ([`Engine::restore_held`];
+//! sim seeds 70 and 660).
 //!
 //! Bounded, and said: a copy delayed longer than the window (a partition between
 //! the publisher's node and the old owner that outlasts it) finds no ghost and is
@@ -207,10 +210,14 @@ struct HeldDirect {
     /// Who waits for it (a QoS 1/2 delivery): answered once it is in the session's
     /// queue, after the commit of what that stored.
     ack: Option<u64>,
+    /// Its number in the store (`StoreOp::PutHeld`; 0: not stored, the session
+    /// is not).
+    stored: u64,
 }
 
-/// Held deliveries let go of, with who waits for each.
-type Released = Vec<(Delivery, Option<u64>)>;
+/// Held deliveries let go of, with who waits for each and their number in the
+/// store (0: none).
+type Released = Vec<(Delivery, Option<u64>, u64)>;
 
 /// What the new owner does with a copy for a moved-in session that came by the
 /// normal path ([`Engine::moved_direct`]).
@@ -258,6 +265,8 @@ pub(super) struct Moved {
     pub(super) expiring: VecDeque<(u64, Expiring)>,
     /// (due, window ClientID and session) per held direct delivery, in due order.
     holds: VecDeque<(u64, Str, SessionUid)>,
+    /// The last number a held delivery was stored under (`StoreOp::PutHeld`).
+    held_stored: u64,
     /// While a publication is routed: its id, and who waits for a redirect.
     pub(super) current: Option<PubId>,
     pub(super) ack: Option<RedirectAck>,
@@ -514,7 +523,11 @@ impl Window {
             return Vec::new();
         }
         let Some(r) = upto else {
-            return self.held.drain(..).map(|h| (h.delivery, h.ack)).collect();
+            return self
+                .held
+                .drain(..)
+                .map(|h| (h.delivery, h.ack, h.stored))
+                .collect();
         };
         let mut out = Vec::new();
         let mut blocked = false;
@@ -523,7 +536,7 @@ impl Window {
             if !same_stream(h.id, r) {
                 kept.push_back(h);
             } else if !blocked && (h.id.seq <= r.seq || !h.redirected) {
-                out.push((h.delivery, h.ack));
+                out.push((h.delivery, h.ack, h.stored));
             } else {
                 blocked = true;
                 kept.push_back(h);
@@ -942,16 +955,14 @@ impl Engine {
             .filter(|f| !topic::is_shared(f))
             .cloned()
             .collect();
-        // Not under `sync` durability: a forwarded batch's mark is stored when it is
-        // handled, so after a crash its retry counts as accepted while a copy held
-        // here was only in memory (sim seed 70 with `SIM_DURABILITY=sync`: an
-        // acknowledged QoS 2 publication lost). There the order is as before.
-        w.holding = !w.filters.is_empty() && self.moved.origin != 0 && !self.durable_forwards();
+        // With a store too: a held copy of a stored session is stored with what the
+        // batch that brought it stored (`hold_direct`, sim seeds 70 and 660).
+        w.holding = !w.filters.is_empty() && self.moved.origin != 0;
         // What a ghost here held for it (delivered as it came back) stays known.
         if let Some(mut old) = self.moved.windows.remove(&key) {
             if old.uid == w.uid {
                 let out = old.release(None);
-                self.deliver_released(now_ms, Some(idx), out);
+                self.deliver_released(now_ms, &key, Some(idx), out);
                 for &(o, sh, q) in &old.marks {
                     raise(&mut w.marks, o, sh, q);
                 }
@@ -1005,6 +1016,14 @@ impl Engine {
         if w.stored.parts > 0 {
             self.store_op(StoreOp::DelWindow {
                 client_id: key.clone(),
+            });
+        }
+        // Every path releases what a window held before it goes; should one not,
+        // what is gone from memory leaves the store too.
+        for h in w.held.iter().filter(|h| h.stored != 0) {
+            self.store_op(StoreOp::DelHeld {
+                client_id: key.clone(),
+                seq: h.stored,
             });
         }
     }
@@ -1167,6 +1186,26 @@ impl Engine {
         }
     }
 
+    /// Deliveries restored sessions' windows held when the broker stopped
+    /// (`Recovered::held`, `Delivery::seq` their number in the store): into their
+    /// sessions' queues, in the order they were held, and out of the store. The
+    /// window held them for older redirects of the old owner's ghost; one of those
+    /// that comes after the restart is delivered after them (the window does not
+    /// hold after a restart), as at the bound [`HOLD_MAX_MS`]: order, not loss.
+    pub(super) fn restore_held(&mut self, now_ms: u64, held: Vec<(Str, Delivery)>) {
+        for (key, mut d) in held {
+            self.moved.held_stored = self.moved.held_stored.max(d.seq);
+            self.store_op(StoreOp::DelHeld {
+                client_id: key.clone(),
+                seq: d.seq,
+            });
+            d.seq = 0;
+            if let Some(&idx) = self.by_client_id.get(&key) {
+                self.enqueue(now_ms, idx, d);
+            }
+        }
+    }
+
     /// The session's subscriptions were attached here (its disk tail arrived).
     pub(super) fn window_attached(&mut self, client_id: &Str) {
         let next = self.moved.next_seq;
@@ -1234,8 +1273,8 @@ impl Engine {
     /// the redirect of itself (or of a later one of its stream): what the ghost had
     /// older comes first. A direct copy matching none waits only behind held ones of
     /// its stream. Bounded: [`HOLD_MAX_MS`] (then the window stops holding), and the
-    /// window's life; a session that never moved pays nothing (no window). Not under
-    /// `sync` durability (see `import_window`).
+    /// window's life; a session that never moved pays nothing (no window). With a
+    /// store, a held QoS 1/2 copy of a stored session is stored (`hold_direct`).
     pub(super) fn moved_direct(&mut self, idx: SessionIdx, topic: &str) -> Direct {
         let Some(id) = self.moved.current else {
             return Direct::Deliver;
@@ -1286,13 +1325,33 @@ impl Engine {
             // Bounded like the window's ids: what is held goes, and holding ends.
             w.holding = false;
             let mut out = w.release(None);
-            out.push((delivery, None));
-            return self.deliver_released(now_ms, Some(idx), out);
+            out.push((delivery, None, 0));
+            return self.deliver_released(now_ms, &key, Some(idx), out);
         }
         // Whoever waits for the publication waits for this delivery too, as for a
         // ghost's redirect: under `sync` durability its publisher is answered once
         // it is stored in the session's queue, not while only this window has it.
         let ack = self.redirect_ack(delivery.qos);
+        // A stored session's held copy is stored, in the epoch of whatever the copy's
+        // arrival stored (the batch's forward mark, the `PubId` marks, the window's
+        // ids: they say it was handled, and they are committed with it, sim seed 70),
+        // and comes back at a restart in the session's queue (`restore_held`).
+        // (A QoS 0 delivery is not stored, queued or held.)
+        let stored = if delivery.qos != QoS::AtMostOnce
+            && self.persist.is_some()
+            && self.session(idx).stored
+        {
+            self.moved.held_stored += 1;
+            let seq = self.moved.held_stored;
+            self.store_op(StoreOp::PutHeld {
+                client_id: key.clone(),
+                seq,
+                delivery: delivery.clone(),
+            });
+            seq
+        } else {
+            0
+        };
         let due_ms = now_ms + HOLD_MAX_MS;
         if let Some(w) = self.moved.windows.get_mut(&key) {
             w.held.push_back(HeldDirect {
@@ -1301,6 +1360,7 @@ impl Engine {
                 due_ms,
                 delivery,
                 ack,
+                stored,
             });
         }
         self.moved.holds.push_back((due_ms, key, uid));
@@ -1322,14 +1382,21 @@ impl Engine {
             .get(key)
             .copied()
             .filter(|&idx| self.session(idx).uid == uid);
-        self.deliver_released(now_ms, idx, out);
+        self.deliver_released(now_ms, key, idx, out);
     }
 
     /// Queues released deliveries for session `idx` (none: it is gone, they are
-    /// dropped) and answers whoever waited for each, after the commit of what the
-    /// queueing stored.
-    fn deliver_released(&mut self, now_ms: u64, idx: Option<SessionIdx>, out: Released) {
-        for (d, ack) in out {
+    /// dropped) of `key`'s window and answers whoever waited for each, after the
+    /// commit of what the queueing stored. A stored one leaves the store in the
+    /// epoch that queues it.
+    fn deliver_released(&mut self, now_ms: u64, key: &Str, idx: Option<SessionIdx>, out: Released) {
+        for (d, ack, stored) in out {
+            if stored != 0 {
+                self.store_op(StoreOp::DelHeld {
+                    client_id: key.clone(),
+                    seq: stored,
+                });
+            }
             if let Some(idx) = idx {
                 self.enqueue(now_ms, idx, d);
             }
@@ -2969,6 +3036,76 @@ mod tests {
         let s = a.connect(5, connect_packet(V, "s", false), false);
         commit(&mut a, &env);
         assert_eq!(texts(payloads(&mut a, s)), ["one", "two"]);
+    }
+
+    /// Sim seeds 660 and 70 (`sync`): the new owner holds a moved-in session's direct
+    /// copies for the old owner's redirects under `sync` durability too (660: a QoS 2
+    /// publication delivered after later ones of its publisher), and a held copy
+    /// survives a crash. The first hold kept it in memory only while the batch's
+    /// forward mark, the `PubId` mark and the window's ids that say it was handled
+    /// were stored (70: the node crashed, the restored mark skipped the retried
+    /// batch, which was answered: acknowledged, never delivered).
+    #[test]
+    fn a_copy_held_for_the_old_owners_redirects_is_held_with_a_store_and_survives_a_crash() {
+        let qos2 = QoS::ExactlyOnce;
+        let dir = temp_dir("held-direct");
+        let (mut a, _, _) = node(7);
+        let bytes = a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        let window = a.moving_window("s").expect("a window");
+        let (mut b, remote_b, env, lock) = boot(&dir, 8);
+        b.import_session(3, "s", &bytes, 0).expect("imported");
+        assert!(b.import_window(3, "s", &window));
+        let s = b.connect(3, connect_packet(V, "s", false), false);
+        drain(&mut b, s, V);
+        commit(&mut b, &env);
+        // Node 3's batch brings 5 directly while 4 is still on its way to the old node.
+        let batch = |payload| {
+            let mut m = forwarded_at(payload, qos2, 5);
+            if let MeshMsg::Forwarded { mark, .. } = &mut m {
+                *mark = Some(crate::mesh::ForwardMark {
+                    node: 3,
+                    incarnation: 1,
+                    seq: 1,
+                    index: 0,
+                });
+            }
+            m
+        };
+        let token = b.begin_forward_batch().expect("a token");
+        b.handle_mesh(4, remote_b, batch("5"));
+        b.end_forward_batch(token);
+        // Another session's record: a commit with ops, which the marks ride.
+        let q = b.connect(4, connect_packet(V, "q", false), false);
+        drain(&mut b, q, V);
+        commit(&mut b, &env);
+        assert!(
+            payloads(&mut b, s).is_empty(),
+            "delivered before the old owner's older ones"
+        );
+        assert!(b.take_forwards_done().is_empty(), "the batch waits for it");
+        crash(b, env, lock);
+
+        // Restarted: the batch comes again and is skipped as handled (its marks
+        // were stored), and the held copy is in the session's queue.
+        let (mut b, remote_b, env, lock) = boot(&dir, 9);
+        let s = b.connect(5, connect_packet(V, "s", false), false);
+        let token = b.begin_forward_batch();
+        b.handle_mesh(5, remote_b, batch("5"));
+        if let Some(t) = token {
+            b.end_forward_batch(t);
+        }
+        commit(&mut b, &env);
+        assert_eq!(
+            texts(payloads(&mut b, s)),
+            ["5"],
+            "held in memory only, while its marks were stored"
+        );
+        // Its record went with the restart's first commit: not restored twice.
+        crash(b, env, lock);
+        let (_, _, mut recovered) =
+            crate::store::recover(&dir.0, 1, 16 << 20, super::super::testing::WALL_BASE_MS)
+                .expect("recovers");
+        assert!(recovered.remove(0).held.is_empty());
     }
 
     /// A window's ids go to the store in parts, one per commit that recorded some,

@@ -845,6 +845,8 @@ impl Engine {
         // The `PubId` marks of earlier lives, and the windows of sessions that
         // moved here shortly before the stop.
         self.restore_moved(now_ms, r.pub_marks, r.windows);
+        // What their windows held, into their queues.
+        self.restore_held(now_ms, std::mem::take(&mut r.held));
         // Wills of connections the stop ended, as `end_conn` would.
         for (idx, w, origin) in wills_now {
             let expiry_s = self.session(idx).expiry_interval_s;

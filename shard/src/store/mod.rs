@@ -201,6 +201,26 @@ pub enum StoreOp {
         /// The session's ClientID.
         client_id: Str,
     },
+    /// A direct delivery a moved-in session's window holds back for its old
+    /// owner's redirects (the engine's `moved`, sim seeds 1508 and 660): stored with
+    /// what the batch that brought it stored (its forward mark, the `PubId` marks,
+    /// the window's ids), so a crash cannot lose it while those say it was handled.
+    /// Restored into its session's queue; deleted when it goes into that queue.
+    PutHeld {
+        /// The session's ClientID.
+        client_id: Str,
+        /// The hold's number on its shard (not a queue sequence number).
+        seq: u64,
+        /// The delivery.
+        delivery: Delivery,
+    },
+    /// A held delivery went into its session's queue (or was dropped with it).
+    DelHeld {
+        /// The session's ClientID.
+        client_id: Str,
+        /// The hold's number.
+        seq: u64,
+    },
     /// PUBREL received for an inbound QoS 2 packet id.
     DelInbound {
         /// The session's ClientID.
@@ -439,6 +459,31 @@ fn window_prefix(client_id: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The `meta` key prefix of every delivery `client_id`'s window holds.
+fn held_prefix(client_id: &[u8]) -> Vec<u8> {
+    let mut k = META_HELD_PREFIX.to_vec();
+    k.extend_from_slice(&session_prefix(client_id));
+    k
+}
+
+/// The `meta` key of held delivery `seq` of `client_id` (`StoreOp::PutHeld`).
+fn held_key(client_id: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = held_prefix(client_id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// A held delivery's key without its prefix: (session key, hold number). `None`
+/// when malformed.
+pub(crate) fn split_held_key(key: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let len = usize::from(*key.first()?);
+    if key.len() != 1 + len + 8 {
+        return None;
+    }
+    let seq = u64::from_be_bytes(key[1 + len..].try_into().ok()?);
+    Some((key[1..1 + len].to_vec(), seq))
+}
+
 /// A window part of `meta` (key without its prefix, value): (session key,
 /// part, wall-clock ms the window ends, the part's bytes). `None` when
 /// malformed (the bytes are checked by the caller).
@@ -639,6 +684,13 @@ pub(crate) const META_PUB_MARK_PREFIX: &[u8] = b"pid/";
 /// wall-clock ms the window ends (u64 little-endian) and its marks and ids.
 pub(crate) const META_WINDOW_PREFIX: &[u8] = b"win/";
 
+/// The prefix of deliveries held by moved-in sessions' windows in `meta`
+/// (`StoreOp::PutHeld`), followed by the session prefix (`session_prefix`) and
+/// the hold's number (u64 big-endian); the value is a queued delivery's record.
+/// In `meta`, not `messages`, so a session's queue reads never meet one; an
+/// older build skips these.
+pub(crate) const META_HELD_PREFIX: &[u8] = b"held/";
+
 /// How long a stored `PubId` mark is kept after it was last raised: at
 /// start-up older ones are dropped (an origin that sent nothing here for so
 /// long is a process that ended, or one whose copies no longer come by way of
@@ -726,7 +778,8 @@ pub(crate) fn apply(
             );
             dbs.messages.delete_range(txn, &range)?;
             dbs.inbound.delete_range(txn, &range)?;
-            delete_window(dbs, txn, cid)
+            delete_window(dbs, txn, cid)?;
+            delete_held(dbs, txn, cid)
         }
         StoreOp::PutMsg {
             client_id,
@@ -798,6 +851,19 @@ pub(crate) fn apply(
             dbs.meta.put(txn, &k, &v)
         }
         StoreOp::DelWindow { client_id } => delete_window(dbs, txn, client_id.as_bytes()),
+        StoreOp::PutHeld {
+            client_id,
+            seq,
+            delivery,
+        } => {
+            let rec = delivery_rec(delivery, STATE_QUEUED, 0, wall_base_ms);
+            dbs.meta
+                .put(txn, &held_key(client_id.as_bytes(), *seq), &encode(&rec))
+        }
+        StoreOp::DelHeld { client_id, seq } => dbs
+            .meta
+            .delete(txn, &held_key(client_id.as_bytes(), *seq))
+            .map(drop),
         StoreOp::DelInbound {
             client_id,
             packet_id,
@@ -846,6 +912,17 @@ pub(crate) fn apply(
 /// Deletes every part of `client_id`'s window.
 fn delete_window(dbs: &Dbs<'_>, txn: &mut RwTxn<'_>, client_id: &[u8]) -> heed::Result<()> {
     let prefix = window_prefix(client_id);
+    let end = prefix_end(&prefix);
+    let range: (Bound<&[u8]>, Bound<&[u8]>) = (
+        Bound::Included(&prefix[..]),
+        end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+    );
+    dbs.meta.delete_range(txn, &range).map(drop)
+}
+
+/// Deletes every delivery `client_id`'s window held.
+fn delete_held(dbs: &Dbs<'_>, txn: &mut RwTxn<'_>, client_id: &[u8]) -> heed::Result<()> {
+    let prefix = held_prefix(client_id);
     let end = prefix_end(&prefix);
     let range: (Bound<&[u8]>, Bound<&[u8]>) = (
         Bound::Included(&prefix[..]),

@@ -162,6 +162,11 @@ pub struct Recovered {
     pub pub_marks: Vec<(u64, ShardId, u64)>,
     /// The dedup windows of this shard's sessions (`StoreOp::PutWindow`).
     pub windows: Vec<RecoveredWindow>,
+    /// Deliveries moved-in sessions' windows held back when the broker stopped
+    /// (`StoreOp::PutHeld`): (ClientID, delivery), each session's in the order
+    /// they were held; `Delivery::seq` is the hold's number (the engine queues
+    /// them and deletes their records).
+    pub held: Vec<(Str, Delivery)>,
 }
 
 /// A stored session's dedup window (it moved here shortly before the stop).
@@ -222,6 +227,8 @@ struct Raw {
     pub_marks: Vec<(u64, ShardId, u64, u64, Vec<u8>)>,
     /// session key -> its window's parts
     windows: HashMap<Vec<u8>, Vec<RawWindowPart>>,
+    /// session key -> deliveries its window held (`StoreOp::PutHeld`)
+    held: HashMap<Vec<u8>, RawMessages>,
     /// session key -> (record, raw value)
     wills: HashMap<Vec<u8>, (record::DelayedWillRec, Vec<u8>)>,
     /// topic key -> (record, raw value)
@@ -369,6 +376,15 @@ fn read_raw(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<Raw, St
                 .entry(session)
                 .or_default()
                 .push((part, ends, marks, ids, k.to_vec()));
+        } else if let Some(tail) = k.strip_prefix(super::META_HELD_PREFIX) {
+            let (session, seq) = super::split_held_key(tail)
+                .ok_or_else(|| corrupt("meta", k, "bad held delivery key".into()))?;
+            let rec = record::decode::<record::DeliveryRec>(v)
+                .map_err(|e| corrupt("meta", k, e.to_string()))?;
+            raw.held
+                .entry(session)
+                .or_default()
+                .push((seq, rec, k.to_vec(), v.to_vec()));
         }
     }
     for item in dbs.wills.iter(&rtxn).map_err(open)? {
@@ -542,6 +558,7 @@ pub fn recover(
             let messages = raw.messages.remove(&key).unwrap_or_default();
             let inbound = raw.inbound.remove(&key).unwrap_or_default();
             let will = raw.wills.remove(&key);
+            let mut held = raw.held.remove(&key).unwrap_or_default();
             if owner != from {
                 moved += 1;
                 let p = &mut puts[owner];
@@ -550,6 +567,11 @@ pub fn recover(
                 for (_, _, k, v) in &messages {
                     p.push((MESSAGES, k.clone(), v.clone()));
                     dels.push((MESSAGES, k.clone()));
+                }
+                // Held deliveries go with their session (a window does not).
+                for (_, _, k, v) in &held {
+                    p.push((META, k.clone(), v.clone()));
+                    dels.push((META, k.clone()));
                 }
                 for (_, k, _) in &inbound {
                     // Resolved below the shard count's change: nothing to
@@ -567,6 +589,12 @@ pub fn recover(
             }
             let session = restore_session(rec, messages, inbound, will, wall_base_ms)
                 .map_err(|e| corrupt("sessions", &key, e))?;
+            held.sort_unstable_by_key(|h| h.0);
+            for (seq, rec, k, _) in held {
+                let d =
+                    record::delivery(rec, seq, wall_base_ms).map_err(|e| corrupt("meta", &k, e))?;
+                out[owner].held.push((session.client_id.clone(), d));
+            }
             if keep
                 && owner == from
                 && let Some(parts) = raw.windows.remove(&key)
@@ -620,6 +648,10 @@ pub fn recover(
         }
         // Windows of no session here (or not kept) go.
         for (_, _, _, _, key) in raw.windows.into_values().flatten() {
+            dels.push((META, key));
+        }
+        // So do held deliveries of no session (its delete took them along).
+        for (_, _, key, _) in raw.held.into_values().flatten() {
             dels.push((META, key));
         }
         for (key, _) in raw.messages.iter().filter(|(_, m)| !m.is_empty()) {
