@@ -287,6 +287,11 @@ impl Engine {
                 let e = &mut s.inbound_qos2[pos];
                 e.id = Some(h.id);
                 e.token = live.then_some(h.token);
+                // The take-in stored the id as resolved; its forward still waits,
+                // and a crash now takes it: stored as maybe lacking, as a pending id.
+                if live {
+                    self.persist_maybe_lacking(idx, h.packet_id, h.id);
+                }
             }
         }
         for (packet_id, set, id) in redeliver {
@@ -338,11 +343,6 @@ impl Engine {
     /// the window of a session that moves off it, and the new owner drops the
     /// session's queued copy of it (seed 842, with the first version of this).
     fn set_pending(&mut self, idx: SessionIdx, ids: &[Relayed]) {
-        let remote = self.remote;
-        let mut others = ShardSet::new();
-        for k in 0..self.shard_count {
-            others.insert(k as ShardId);
-        }
         for &(packet_id, holder, id) in ids {
             let s = self.session_mut(idx);
             let Some(pos) = s.inbound_position(packet_id) else {
@@ -357,12 +357,24 @@ impl Engine {
                 lost: false,
                 resent: None,
             }));
-            if let Some(remote) = remote {
-                let mut others = others;
-                others.insert(remote);
-                self.persist_inbound(idx, packet_id, Some((0, Some(others))), Some(id));
-            }
+            self.persist_maybe_lacking(idx, packet_id, id);
         }
+    }
+
+    /// Stores session `idx`'s inbound `packet_id` as maybe lacking on every shard of
+    /// this node and on the other nodes, with the original's id `id` (see
+    /// [`Engine::set_pending`]): what recovery writes for an id whose forward died
+    /// with the process.
+    fn persist_maybe_lacking(&mut self, idx: SessionIdx, packet_id: u16, id: PubId) {
+        let Some(remote) = self.remote else {
+            return;
+        };
+        let mut set = ShardSet::new();
+        for k in 0..self.shard_count {
+            set.insert(k as ShardId);
+        }
+        set.insert(remote);
+        self.persist_inbound(idx, packet_id, Some((0, Some(set))), Some(id));
     }
 
     /// The inbound ids of `client_id` still waiting for their holder's word: (packet
@@ -875,6 +887,29 @@ mod tests {
             "B's shard does not have the original"
         );
         resend_is_routed_again(&mut b, &env, id);
+    }
+
+    /// A take-back of a session whose QoS 2 forward still waits (its token live):
+    /// the take-in stored the id as resolved, so a crash before the forward left
+    /// made the re-send after the restart look done: answered at once, never
+    /// delivered (found by h660 reading the take-back; no seed showed it).
+    #[test]
+    fn a_taken_back_id_whose_forward_still_waits_is_routed_again_after_a_crash() {
+        let dir = temp_dir_in("handed_qos2", "taken-back-live");
+        let (mut a, _, env, lock) = stored_node(&dir, 6);
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        drain(&mut a, p, V);
+        a.handle_packet(2, p, publish(3, false));
+        commit(&mut a, &env);
+        let (_, original) = sent_remote(&mut a);
+        a.export_session(3, "p", 0, (2, 9)).expect("a session");
+        commit(&mut a, &env);
+        assert!(a.resume_moving(4, "p", 0).expect("its own copy"));
+        commit(&mut a, &env);
+        crash(a, env, lock);
+
+        let (mut a, _, env, _lock) = stored_node(&dir, 7);
+        resend_is_routed_again(&mut a, &env, original);
     }
 
     /// Once the holder said the original reached every destination, the id is
