@@ -80,7 +80,11 @@
 //! `store::PUB_MARK_KEEP_MS` before a start are dropped then. A direct copy a window
 //! holds for the old owner's redirects is stored in the epoch of the marks that say
 //! it was handled, and comes back in its session's queue ([`Engine::restore_held`];
-//! sim seeds 70 and 660).
+//! sim seeds 70 and 660). That knowledge is the restored sessions': a session that
+//! came after the start was elsewhere when the earlier life routed a publication
+//! whose forward died with it, and the window it leaves with claims no such
+//! publication (restored as maybe lacking on other nodes, so its publisher's re-send
+//! comes again: sim seed 703).
 //!
 //! Bounded, and said: a copy delayed longer than the window (a partition between
 //! the publisher's node and the old owner that outlasts it) finds no ghost and is
@@ -290,6 +294,14 @@ pub(super) struct Moved {
     /// The latest time this module saw (broker ms): the stamp of stored marks,
     /// by which they age out.
     clock_ms: u64,
+    /// The sessions restored from the store at this start have a uid counter at or
+    /// below this ([`Engine::restore_moved`]): what this shard knew in its earlier
+    /// life (its restored marks, `Recovered::resent_handled`) is true for them.
+    restored_upto: u64,
+    /// Ids of restored publications whose re-sends may come
+    /// (`Recovered::resent_pending`, at most [`RESENT_IDS_MAX`]): a window exported
+    /// for a session that came later does not claim them (sim seed 703).
+    restored_pending: Vec<PubId>,
 }
 
 impl Moved {
@@ -711,6 +723,21 @@ impl Engine {
                 id_seq(class as u64, *n),
             );
         }
+        // What this shard knew in its earlier life is the sessions' it restored: a
+        // session that came since was elsewhere when that life routed or got a
+        // publication restored as maybe lacking on other nodes, so the window does
+        // not say it got one (its re-sent copy is for it: sim seed 703).
+        let restored = self.restored_here(uid);
+        if !restored {
+            for id in &self.moved.restored_pending {
+                let below = id_seq(id_class(id.seq), id_number(id.seq).saturating_sub(1));
+                for m in marks.iter_mut().filter(|m| {
+                    m.0 == id.origin && m.1 == id.shard && id_class(m.2) == id_class(id.seq)
+                }) {
+                    m.2 = m.2.min(below);
+                }
+            }
+        }
         let mut ids = Vec::new();
         let had_window = self
             .moved
@@ -728,7 +755,14 @@ impl Engine {
         }
         // Re-sent copies this shard handled raise no mark: the new owner learns them
         // as ids the session got (or, as a mark says, that did not reach it here).
-        ids.extend(self.moved.resent_order.iter().copied());
+        let pending = &self.moved.restored_pending;
+        ids.extend(
+            self.moved
+                .resent_order
+                .iter()
+                .filter(|id| restored || !pending.contains(id))
+                .copied(),
+        );
         if ids.len() > WINDOW_IDS_MAX {
             ids.drain(..ids.len() - WINDOW_IDS_MAX);
         }
@@ -760,6 +794,11 @@ impl Engine {
         });
         self.moved.by_client.insert(client_id, slot);
         out
+    }
+
+    /// Whether the session with `uid` was restored from the store at this start.
+    fn restored_here(&self, uid: SessionUid) -> bool {
+        uid.0 & ((1 << 48) - 1) <= self.moved.restored_upto
     }
 
     /// A free ghost slot (reused, or a new one).
@@ -1154,11 +1193,18 @@ impl Engine {
         now_ms: u64,
         marks: Vec<(u64, ShardId, u64)>,
         mut windows: Vec<RecoveredWindow>,
+        mut pending: Vec<PubId>,
     ) {
         self.moved.clock_ms = self.moved.clock_ms.max(now_ms);
+        // Every session so far is a restored one.
+        self.moved.restored_upto = self.session_counter;
         if self.moved.origin == 0 {
             return;
         }
+        if pending.len() > RESENT_IDS_MAX {
+            pending.drain(..pending.len() - RESENT_IDS_MAX);
+        }
+        self.moved.restored_pending = pending;
         for (origin, shard, seq) in marks {
             if origin != self.moved.origin {
                 raise(&mut self.moved.marks, origin, shard, seq);
@@ -3154,5 +3200,117 @@ mod tests {
         b.expire_moved(3 + MOVED_WINDOW_MS);
         assert_eq!(parts(&mut b), [(u32::MAX, 0)]);
         crash(b, env, lock);
+    }
+
+    /// A one-shard cluster engine with origin `origin` and no session: its remote id.
+    fn bare(origin: u64) -> (Engine, ShardId) {
+        let mut e = engines(1, &Limits::default()).remove(0);
+        let remote = e.enable_remote().expect("room for the remote id");
+        e.set_origin(origin);
+        (e, remote)
+    }
+
+    /// Session `client_id` moves from `from` to `to` with its window, and connects:
+    /// the connection, and the payloads it was sent from the session's queue.
+    fn move_session(
+        from: &mut Engine,
+        to: &mut Engine,
+        now_ms: u64,
+        client_id: &str,
+    ) -> (crate::session::ConnId, Vec<String>) {
+        let bytes = from
+            .export_session(now_ms, client_id, 0, (2, now_ms))
+            .expect("exported");
+        let window = from.moving_window(client_id).expect("a window");
+        to.import_session(now_ms, client_id, &bytes, 0)
+            .expect("imported");
+        assert!(to.import_window(now_ms, client_id, &window));
+        let c = to.connect(now_ms, connect_packet(V, client_id, false), false);
+        let queued = texts(payloads(to, c));
+        (c, queued)
+    }
+
+    /// The same publication as `m` (a `Forwarded`), as its re-sent copy carries it.
+    fn as_resent(mut m: MeshMsg) -> MeshMsg {
+        if let MeshMsg::Forwarded { id: Some(id), .. } = &mut m {
+            *id = resent(*id);
+        }
+        m
+    }
+
+    /// Sim seed 703 (`sync`): c3 published a QoS 2 message on node A, whose forward
+    /// to the subscriber's node died in A's crash; A restarted with the packet id as
+    /// maybe lacking on other nodes. The subscriber then moved in to A and on to B,
+    /// and A's export claimed what A's earlier life knew: its own count covering
+    /// the publication, and the restored id among the re-sent ones it has. B skipped
+    /// the re-sent copy for the session, which never got the publication:
+    /// acknowledged and lost. That knowledge is the restored sessions' only: a
+    /// session that got it before the crash still does not get it twice.
+    #[test]
+    fn a_session_that_came_after_a_restart_gets_a_re_sent_copy_its_earlier_life_routed() {
+        let dir = temp_dir("came-after");
+        let (mut a, remote, env, lock) = boot(&dir, 7);
+        // Another node routes "t" (the subscriber's), and "r" here subscribes too.
+        let add = MeshMsg::RouteAdd {
+            filter: Str::from_static("t"),
+            shard: remote,
+            ack: None,
+        };
+        a.handle_mesh(1, remote, add);
+        let r = a.connect(1, connect_packet(V, "r", false), false);
+        a.handle_packet(1, r, subscribe_packet("t", QoS::ExactlyOnce));
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        commit(&mut a, &env);
+        drain(&mut a, r, V);
+        drain(&mut a, p, V);
+        a.handle_packet(2, p, publish_packet("x", 1));
+        commit(&mut a, &env);
+        let original = remote_out(&mut a)
+            .into_iter()
+            .find_map(|m| match m {
+                MeshMsg::PublishRemote {
+                    message,
+                    id: Some(id),
+                    ..
+                } => Some(MeshMsg::Forwarded {
+                    message,
+                    mark: None,
+                    ack: None,
+                    id: Some(id),
+                    earlier_life: false,
+                }),
+                _ => None,
+            })
+            .expect("the forward, which never leaves");
+        crash(a, env, lock);
+
+        // A restarts; the subscriber "s" comes from node C, and goes on to B.
+        let (mut a, _, env, _lock) = boot(&dir, 17);
+        let (mut c, _, _) = node(9);
+        let (s_a, _) = move_session(&mut c, &mut a, 3, "s");
+        commit(&mut a, &env);
+        assert!(payloads(&mut a, s_a).is_empty());
+        let (mut b, remote_b) = bare(8);
+        let (s_b, _) = move_session(&mut a, &mut b, 4, "s");
+        // The publisher's re-send, routed again with the original's id.
+        b.handle_mesh(5, remote_b, as_resent(original.clone()));
+        // (Held for the old node's redirect of it, sim seed 1508: none comes here.)
+        b.expire_moved(5 + HOLD_MAX_MS);
+        assert_eq!(
+            texts(payloads(&mut b, s_b)),
+            ["x"],
+            "skipped for a session that came to A after its crash"
+        );
+        b.handle_mesh(6, remote_b, as_resent(original.clone()));
+        b.expire_moved(6 + HOLD_MAX_MS);
+        assert!(payloads(&mut b, s_b).is_empty(), "once");
+
+        // "r" got it on A before the crash: its export still says so.
+        let (mut d, remote_d) = bare(10);
+        let (r_d, queued) = move_session(&mut a, &mut d, 7, "r");
+        assert_eq!(queued, ["x"], "the restored session's copy, from its queue");
+        d.handle_mesh(8, remote_d, as_resent(original));
+        d.expire_moved(8 + HOLD_MAX_MS);
+        assert!(payloads(&mut d, r_d).is_empty(), "delivered twice");
     }
 }

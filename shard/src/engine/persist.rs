@@ -844,7 +844,7 @@ impl Engine {
         }
         // The `PubId` marks of earlier lives, and the windows of sessions that
         // moved here shortly before the stop.
-        self.restore_moved(now_ms, r.pub_marks, r.windows);
+        self.restore_moved(now_ms, r.pub_marks, r.windows, r.resent_pending);
         // What their windows held, into their queues.
         self.restore_held(now_ms, std::mem::take(&mut r.held));
         // Wills of connections the stop ended, as `end_conn` would.

@@ -156,6 +156,13 @@ pub struct Recovered {
     /// a re-send routed again with that id is skipped here
     /// (`Engine::note_resent_handled`; cause A of the `sync` simulation failures).
     pub resent_handled: Vec<PubId>,
+    /// Cluster-wide ids of restored inbound QoS 2 publications (of any shard of
+    /// this node) that some shard or node may lack, so their publishers' re-sends
+    /// are routed again (`moved::RESENT`). What this node knew of them in its
+    /// earlier life (marks, `resent_handled`) is true for the sessions it restored,
+    /// not for one that came later: `Engine::leave_ghost` leaves it out of such a
+    /// session's window (sim seed 703).
+    pub resent_pending: Vec<PubId>,
     /// The `PubId` marks this shard stored in its earlier lives and raised
     /// within [`super::PUB_MARK_KEEP_MS`]: (origin, shard, seq)
     /// (`StoreOp::PutPubMark`).
@@ -510,10 +517,11 @@ pub fn recover(
         check_format(env, &dbs, path)?;
         raws.push(read_raw(env, &dbs, path)?);
     }
-    let (origin_seq_floor, resent_handled) =
-        resolve_inbound(&envs, &mut raws, present, shard_count)?;
-    for (r, ids) in out.iter_mut().zip(resent_handled) {
+    let resolved = resolve_inbound(&envs, &mut raws, present, shard_count)?;
+    let origin_seq_floor = resolved.origin_seq_floor;
+    for (r, ids) in out.iter_mut().zip(resolved.handled) {
         r.resent_handled = ids;
+        r.resent_pending = resolved.pending.clone();
     }
     // A crash during an earlier re-partition can leave a record in two envs:
     // it counts once, and the copy outside its owner is deleted.
@@ -751,14 +759,16 @@ pub fn recover(
 /// shard the cluster-wide ids of the restored publications it has (or was not
 /// a destination of): every shard of this node outside an id's set, its
 /// publisher's included (it delivered in the id's commit), so a re-send routed
-/// again with that id (from the node its session moved to) is skipped there.
+/// again with that id (from the node its session moved to) is skipped there;
+/// and the ids a re-send may still come for.
 fn resolve_inbound(
     envs: &[(Env<WithoutTls>, PathBuf)],
     raws: &mut [Raw],
     present: usize,
     shard_count: usize,
-) -> Result<(u64, Vec<Vec<PubId>>), StoreError> {
+) -> Result<Resolved, StoreError> {
     let mut handled: Vec<Vec<PubId>> = vec![Vec::new(); shard_count];
+    let mut pending: Vec<PubId> = Vec::new();
     let changed = present > 0 && present != shard_count;
     let mut floor = 0u64;
     for raw in raws.iter() {
@@ -774,6 +784,7 @@ fn resolve_inbound(
             if rec.seq == 0 && (!changed || rec.shards.is_empty()) {
                 // Resolved at an earlier start.
                 note_handled(&mut handled, rec, changed);
+                note_pending(&mut pending, rec);
                 continue;
             }
             let mut left = ShardSet::new();
@@ -802,6 +813,7 @@ fn resolve_inbound(
                 id: rec.id,
             };
             note_handled(&mut handled, rec, changed);
+            note_pending(&mut pending, rec);
             if left.is_empty() {
                 // Nothing to send again: the value is empty, with no id (as stored).
                 rec.id = None;
@@ -821,7 +833,32 @@ fn resolve_inbound(
             write_raw(env, &dbs, path, &rewrites)?;
         }
     }
-    Ok((floor + 1, handled))
+    Ok(Resolved {
+        origin_seq_floor: floor + 1,
+        handled,
+        pending,
+    })
+}
+
+/// What [`resolve_inbound`] found.
+struct Resolved {
+    /// Above every origin number stored: where the shards' own numbering starts.
+    origin_seq_floor: u64,
+    /// Per shard, the restored publications it has (`Recovered::resent_handled`).
+    handled: Vec<Vec<PubId>>,
+    /// The restored publications some shard or node may lack
+    /// (`Recovered::resent_pending`).
+    pending: Vec<PubId>,
+}
+
+/// `rec`'s publication may be re-sent (a shard or node may lack it): its id is
+/// one of `Recovered::resent_pending`.
+fn note_pending(pending: &mut Vec<PubId>, rec: &InboundRecord) {
+    if let Some(id) = rec.id
+        && !rec.shards.is_empty()
+    {
+        pending.push(id);
+    }
 }
 
 /// The shards of this node outside `rec`'s set have its publication (see
