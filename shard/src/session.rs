@@ -434,6 +434,11 @@ pub struct Session {
     /// Whether the store holds a record of this session (persistence on and
     /// the session persistent): its deliveries and inbound ids are stored too.
     pub stored: bool,
+    /// Restored from this shard's store at this start (and not replaced since; a
+    /// take-back of its own moving copy keeps it): what the shard knew in its
+    /// earlier life is true for it, not for a session that came later (the engine's
+    /// `moved` module, sim seed 703).
+    pub restored: bool,
 }
 
 impl Session {
@@ -464,6 +469,7 @@ impl Session {
             next_seq: 1,
             fresh_from: (0, 0),
             stored: false,
+            restored: false,
         }
     }
 

@@ -294,10 +294,6 @@ pub(super) struct Moved {
     /// The latest time this module saw (broker ms): the stamp of stored marks,
     /// by which they age out.
     clock_ms: u64,
-    /// The sessions restored from the store at this start have a uid counter at or
-    /// below this ([`Engine::restore_moved`]): what this shard knew in its earlier
-    /// life (its restored marks, `Recovered::resent_handled`) is true for them.
-    restored_upto: u64,
     /// Ids of restored publications whose re-sends may come
     /// (`Recovered::resent_pending`, at most [`RESENT_IDS_MAX`]): a window exported
     /// for a session that came later does not claim them (sim seed 703).
@@ -697,6 +693,8 @@ impl Engine {
         let s = self.session(idx);
         let client_id = s.client_id.clone();
         let (uid, s_stored) = (s.uid, s.stored);
+        // Restored at this start: what this shard knew in its earlier life is its.
+        let restored = s.restored;
         let subs: Vec<(Str, SubscriptionEntry)> = s
             .subscriptions
             .iter()
@@ -727,7 +725,6 @@ impl Engine {
         // session that came since was elsewhere when that life routed or got a
         // publication restored as maybe lacking on other nodes, so the window does
         // not say it got one (its re-sent copy is for it: sim seed 703).
-        let restored = self.restored_here(uid);
         if !restored {
             for id in &self.moved.restored_pending {
                 let below = id_seq(id_class(id.seq), id_number(id.seq).saturating_sub(1));
@@ -794,11 +791,6 @@ impl Engine {
         });
         self.moved.by_client.insert(client_id, slot);
         out
-    }
-
-    /// Whether the session with `uid` was restored from the store at this start.
-    fn restored_here(&self, uid: SessionUid) -> bool {
-        uid.0 & ((1 << 48) - 1) <= self.moved.restored_upto
     }
 
     /// A free ghost slot (reused, or a new one).
@@ -1196,8 +1188,6 @@ impl Engine {
         mut pending: Vec<PubId>,
     ) {
         self.moved.clock_ms = self.moved.clock_ms.max(now_ms);
-        // Every session so far is a restored one.
-        self.moved.restored_upto = self.session_counter;
         if self.moved.origin == 0 {
             return;
         }
@@ -3305,12 +3295,18 @@ mod tests {
         b.expire_moved(6 + HOLD_MAX_MS);
         assert!(payloads(&mut b, s_b).is_empty(), "once");
 
-        // "r" got it on A before the crash: its export still says so.
+        // "r" got it on A before the crash: its export still says so, also after a
+        // claim that never confirmed parked it and A took it back (and the window the
+        // take-back kept ended).
+        a.export_session(7, "r", 0, (3, 77)).expect("parked");
+        assert!(a.resume_moving(7, "r", 0).expect("taken back"));
+        let later = 8 + MOVED_WINDOW_MS;
+        a.expire_moved(later);
         let (mut d, remote_d) = bare(10);
-        let (r_d, queued) = move_session(&mut a, &mut d, 7, "r");
+        let (r_d, queued) = move_session(&mut a, &mut d, later, "r");
         assert_eq!(queued, ["x"], "the restored session's copy, from its queue");
-        d.handle_mesh(8, remote_d, as_resent(original));
-        d.expire_moved(8 + HOLD_MAX_MS);
+        d.handle_mesh(later, remote_d, as_resent(original));
+        d.expire_moved(later + HOLD_MAX_MS);
         assert!(payloads(&mut d, r_d).is_empty(), "delivered twice");
     }
 }

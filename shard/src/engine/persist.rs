@@ -833,6 +833,7 @@ impl Engine {
             let was_connected = rs.disconnected_at_ms.is_none();
             let will = rs.will.take();
             let idx = self.restore_one(now_ms, rs, true);
+            self.session_mut(idx).restored = true;
             if was_connected {
                 if let Some(w) = will {
                     let uid = self.session(idx).uid;

@@ -75,6 +75,9 @@ pub(super) struct Moving {
     /// stores as a queued delivery of these records (`moved`, sim seed 748):
     /// after the export's.
     next_seq: u64,
+    /// The session was restored at this start (`Session::restored`), and is again
+    /// when taken back.
+    restored: bool,
 }
 
 /// A session taken in whose disk tail is still arriving from its old owner.
@@ -274,7 +277,8 @@ impl Engine {
             disk_from_seq: s.queue.disk_from_seq(),
         };
         let bytes = record::encode(&rec);
-        let (expires_at_ms, stored, next_seq) = (s.expiry_deadline_ms(), s.stored, s.next_seq);
+        let (expires_at_ms, stored, next_seq, restored) =
+            (s.expiry_deadline_ms(), s.stored, s.next_seq, s.restored);
         // Before it leaves the routes: what still comes for it here follows it.
         let window = self.leave_ghost(idx, to);
         // Inbound QoS 2 ids whose PUBREC still waits: the new owner holds it too.
@@ -289,6 +293,7 @@ impl Engine {
             relayed,
             redeliver,
             next_seq,
+            restored,
         };
         let key = self.session(idx).client_id.clone();
         // Out of memory and the routes, not out of the store.
@@ -499,6 +504,7 @@ impl Engine {
         self.take_in(now_ms, client_id, &m.bytes, wall_base_ms, Some(m.stored))?;
         if let Some(idx) = self.session_idx(client_id) {
             self.take_back_inbound(idx, &m.relayed, m.redeliver);
+            self.session_mut(idx).restored = m.restored;
         }
         Ok(true)
     }
