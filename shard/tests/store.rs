@@ -33,6 +33,18 @@ fn s(text: &str) -> Str {
     Str::try_from(text).unwrap()
 }
 
+/// A persistent v5 session `id` (expiry 600 s) that went offline at 1,000 ms.
+fn offline_session(id: &str) -> StoreOp {
+    StoreOp::PutSession(Box::new(SessionState {
+        client_id: s(id),
+        version: ProtocolVersion::V5,
+        expiry_interval_s: 600,
+        disconnected_at_ms: Some(1_000),
+        subscriptions: Vec::new(),
+        will: None,
+    }))
+}
+
 fn message(topic: &str, payload: &str) -> Message {
     Message {
         topic: s(topic),
@@ -490,16 +502,7 @@ fn publication_marks_and_windows_come_back_and_age_out() {
 
     let dir = Dir(std::env::temp_dir().join(format!("tessera-store-pid-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir.0);
-    let session = |id: &str| {
-        StoreOp::PutSession(Box::new(SessionState {
-            client_id: s(id),
-            version: ProtocolVersion::V5,
-            expiry_interval_s: 600,
-            disconnected_at_ms: Some(1_000),
-            subscriptions: Vec::new(),
-            will: None,
-        }))
-    };
+    let session = |id: &str| offline_session(id);
     let mark = |origin: u64, shard: u16, seq: u64, at_ms: u64| StoreOp::PutPubMark {
         origin,
         shard,
@@ -607,16 +610,7 @@ fn publication_marks_and_windows_come_back_and_age_out() {
 fn held_deliveries_come_back_with_their_session_and_follow_it() {
     let dir = Dir(std::env::temp_dir().join(format!("tessera-store-held-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir.0);
-    let session = |id: &str| {
-        StoreOp::PutSession(Box::new(SessionState {
-            client_id: s(id),
-            version: ProtocolVersion::V5,
-            expiry_interval_s: 600,
-            disconnected_at_ms: Some(1_000),
-            subscriptions: Vec::new(),
-            will: None,
-        }))
-    };
+    let session = |id: &str| offline_session(id);
     let held = |id: &str, seq: u64, payload: &str| StoreOp::PutHeld {
         client_id: s(id),
         seq,

@@ -219,7 +219,7 @@ mod tests {
         to_forwarder: Vec<(usize, MeshMsg)>,
     }
 
-    use super::super::testing::Dir;
+    use super::super::testing::{Dir, routed_elsewhere};
 
     fn temp_dir(name: &str) -> Dir {
         super::super::testing::temp_dir_in("exactly-once", name)
@@ -691,16 +691,7 @@ mod tests {
     fn in_cluster(node: &mut Node, origin: u64) {
         for e in &mut node.engines {
             e.set_origin(origin);
-            let remote = e.remote_id().expect("a cluster node");
-            e.handle_mesh(
-                1,
-                remote,
-                MeshMsg::RouteAdd {
-                    filter: Str::from_static("t"),
-                    shard: remote,
-                    ack: None,
-                },
-            );
+            routed_elsewhere(e, "t");
         }
     }
 

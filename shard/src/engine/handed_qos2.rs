@@ -476,7 +476,8 @@ mod tests {
     use tessera_proto::{Packet, ProtocolVersion, PubComp, PubRec, PubRel, Publish, QoS, Str};
 
     use super::super::testing::{
-        Dir, boot, commit, connect_packet, crash, drain, engines, subscribe_packet, temp_dir_in,
+        Dir, StoredNode, boot, commit, connect_packet, crash, drain, engines, routed_elsewhere,
+        subscribe_packet, temp_dir_in,
     };
     use super::super::{Engine, Limits};
     use super::*;
@@ -493,17 +494,9 @@ mod tests {
     /// A cluster engine with origin `origin` to which another node routes "t".
     fn node(origin: u64) -> Engine {
         let mut e = engines(1, &Limits::default()).remove(0);
-        let remote = e.enable_remote().expect("room for the remote id");
+        e.enable_remote().expect("room for the remote id");
         e.set_origin(origin);
-        e.handle_mesh(
-            1,
-            remote,
-            MeshMsg::RouteAdd {
-                filter: Str::from_static("t"),
-                shard: remote,
-                ack: None,
-            },
-        );
+        routed_elsewhere(&mut e, "t");
         e
     }
 
@@ -792,26 +785,48 @@ mod tests {
 
     /// A store-backed node (`testing::boot`, `sync` durability) with origin `origin`
     /// to which another node routes "t".
-    fn stored_node(
-        dir: &Dir,
-        origin: u64,
-    ) -> (
-        Engine,
-        ShardId,
-        crate::store::StoreEnv,
-        crate::store::DirLock,
-    ) {
+    fn stored_node(dir: &Dir, origin: u64) -> StoredNode {
         let (mut e, remote, env, lock) = boot(dir, origin);
-        e.handle_mesh(
-            1,
-            remote,
-            MeshMsg::RouteAdd {
-                filter: Str::from_static("t"),
-                shard: remote,
-                ack: None,
-            },
-        );
+        routed_elsewhere(&mut e, "t");
         (e, remote, env, lock)
+    }
+
+    /// A store-backed node A (origin 6, store on `dir`) whose stored publisher "p"
+    /// sent QoS 2 PUBLISH 3, routed to another node that has not answered: A and
+    /// the original's id.
+    fn published_waiting(dir: &Dir) -> (StoredNode, PubId) {
+        let (mut a, remote, env, lock) = stored_node(dir, 6);
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        drain(&mut a, p, V);
+        a.handle_packet(2, p, publish(3, false));
+        commit(&mut a, &env);
+        let (_, original) = sent_remote(&mut a);
+        assert!(
+            drain(&mut a, p, V).is_empty(),
+            "PUBREC before the other node"
+        );
+        ((a, remote, env, lock), original)
+    }
+
+    /// Node B (store on `dir`) takes "p" in from A with packet id 3 pending there
+    /// (`moved_while_waiting`), hears A's *done* if `done`, crashes and restarts:
+    /// B restarted, its store, its lock and the original's id.
+    fn pending_on_b_across_a_crash(
+        dir: &Dir,
+        done: bool,
+    ) -> (Engine, crate::store::StoreEnv, crate::store::DirLock, PubId) {
+        let mut a = node(7);
+        let (bytes, pending, _token, id) = moved_while_waiting(&mut a);
+        let (mut b, _, env, lock) = stored_node(dir, 8);
+        b.import_session(4, "p", &bytes, 0).expect("taken in");
+        assert!(b.import_pending("p", &pending));
+        if done {
+            b.inbound_forward_done("p", 3, id);
+        }
+        commit(&mut b, &env);
+        crash(b, env, lock);
+        let (b, _, env, lock) = stored_node(dir, 9);
+        (b, env, lock, id)
     }
 
     /// The client re-sends PUBLISH 3 on `e` (store on `env`): it is routed to the
@@ -842,16 +857,7 @@ mod tests {
     #[test]
     fn a_session_taken_back_after_a_restart_routes_the_re_send_other_nodes_may_lack() {
         let dir = temp_dir_in("handed_qos2", "taken-back");
-        let (mut a, _, env, lock) = stored_node(&dir, 6);
-        let p = a.connect(1, connect_packet(V, "p", false), false);
-        drain(&mut a, p, V);
-        a.handle_packet(2, p, publish(3, false));
-        commit(&mut a, &env);
-        let (_, original) = sent_remote(&mut a);
-        assert!(
-            drain(&mut a, p, V).is_empty(),
-            "PUBREC before the other node"
-        );
+        let ((a, _, env, lock), original) = published_waiting(&dir);
         crash(a, env, lock);
 
         let (mut a, _, env, _lock) = stored_node(&dir, 7);
@@ -869,16 +875,8 @@ mod tests {
     /// the original. Now the pending id is stored as "other nodes may lack it".
     #[test]
     fn an_id_pending_when_its_new_owner_crashes_is_routed_again_after_the_restart() {
-        let mut a = node(7);
-        let (bytes, pending, _token, id) = moved_while_waiting(&mut a);
         let dir = temp_dir_in("handed_qos2", "pending-crash");
-        let (mut b, _, env, lock) = stored_node(&dir, 8);
-        b.import_session(4, "p", &bytes, 0).expect("taken in");
-        assert!(b.import_pending("p", &pending));
-        commit(&mut b, &env);
-        crash(b, env, lock);
-
-        let (mut b, _, env, _lock) = stored_node(&dir, 9);
+        let (mut b, env, _lock, id) = pending_on_b_across_a_crash(&dir, false);
         // B's shard never delivered the original (A routed it): it must not count
         // it as handled, or a session moving off B would take that on in its
         // window and its new owner would drop the session's copy (sim seed 842).
@@ -896,12 +894,7 @@ mod tests {
     #[test]
     fn a_taken_back_id_whose_forward_still_waits_is_routed_again_after_a_crash() {
         let dir = temp_dir_in("handed_qos2", "taken-back-live");
-        let (mut a, _, env, lock) = stored_node(&dir, 6);
-        let p = a.connect(1, connect_packet(V, "p", false), false);
-        drain(&mut a, p, V);
-        a.handle_packet(2, p, publish(3, false));
-        commit(&mut a, &env);
-        let (_, original) = sent_remote(&mut a);
+        let ((mut a, _, env, lock), original) = published_waiting(&dir);
         a.export_session(3, "p", 0, (2, 9)).expect("a session");
         commit(&mut a, &env);
         assert!(a.resume_moving(4, "p", 0).expect("its own copy"));
@@ -917,17 +910,8 @@ mod tests {
     /// not routed again.
     #[test]
     fn an_id_whose_holder_said_done_is_answered_at_once_after_a_restart() {
-        let mut a = node(7);
-        let (bytes, pending, _token, id) = moved_while_waiting(&mut a);
         let dir = temp_dir_in("handed_qos2", "pending-done");
-        let (mut b, _, env, lock) = stored_node(&dir, 8);
-        b.import_session(4, "p", &bytes, 0).expect("taken in");
-        assert!(b.import_pending("p", &pending));
-        b.inbound_forward_done("p", 3, id);
-        commit(&mut b, &env);
-        crash(b, env, lock);
-
-        let (mut b, _, env, _lock) = stored_node(&dir, 9);
+        let (mut b, env, _lock, _) = pending_on_b_across_a_crash(&dir, true);
         let c = b.connect(5, connect_packet(V, "p", false), false);
         drain(&mut b, c, V);
         b.handle_packet(5, c, publish(3, true));

@@ -2719,7 +2719,40 @@ mod tests {
         super::super::testing::temp_dir_in("moved", name)
     }
 
-    use super::super::testing::{boot, commit, crash};
+    use super::super::testing::{StoredNode, boot, commit, crash, routed_elsewhere};
+
+    /// A store-backed node (origin 7) whose stored subscriber "s" (`t`, QoS 2) is
+    /// parked for node 2's claim: an unconfirmed ghost, its records still in the
+    /// store.
+    fn parked_subscriber(dir: &Dir) -> StoredNode {
+        let (mut a, remote, env, lock) = boot(dir, 7);
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut a, s, V);
+        commit(&mut a, &env);
+        a.export_session(2, "s", 0, (2, 99)).expect("exported");
+        commit(&mut a, &env);
+        (a, remote, env, lock)
+    }
+
+    /// The publication `e` forwarded to the other nodes, as the receiving node's
+    /// forwarder hands it to a shard there.
+    fn sent_on_as_forwarded(e: &mut Engine) -> Option<MeshMsg> {
+        remote_out(e).into_iter().find_map(|m| match m {
+            MeshMsg::PublishRemote {
+                message,
+                id: Some(id),
+                ..
+            } => Some(MeshMsg::Forwarded {
+                message,
+                mark: None,
+                ack: None,
+                id: Some(id),
+                earlier_life: false,
+            }),
+            _ => None,
+        })
+    }
 
     fn texts(got: Vec<Bytes>) -> Vec<String> {
         got.iter()
@@ -2738,12 +2771,7 @@ mod tests {
         let dir = temp_dir("marks");
         let (mut a, remote, env, lock) = boot(&dir, 7);
         // Node B routes "t": A's own publications go there too.
-        let add = MeshMsg::RouteAdd {
-            filter: Str::from_static("t"),
-            shard: remote,
-            ack: None,
-        };
-        a.handle_mesh(1, remote, add);
+        routed_elsewhere(&mut a, "t");
         let s = a.connect(1, connect_packet(V, "s", false), false);
         a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
         let p = a.connect(1, connect_packet(V, "p", true), false);
@@ -2757,23 +2785,7 @@ mod tests {
             texts(payloads(&mut a, s)),
             ["from node 5", "published on A"]
         );
-        let own = remote_out(&mut a)
-            .into_iter()
-            .find_map(|m| match m {
-                MeshMsg::PublishRemote {
-                    message,
-                    id: Some(id),
-                    ..
-                } => Some(MeshMsg::Forwarded {
-                    message,
-                    mark: None,
-                    ack: None,
-                    id: Some(id),
-                    earlier_life: false,
-                }),
-                _ => None,
-            })
-            .expect("A's publication went to node B");
+        let own = sent_on_as_forwarded(&mut a).expect("A's publication went to node B");
         crash(a, env, lock);
 
         // A restarts (a new origin) with "s" from its store; "s" moves to B, and
@@ -2864,14 +2876,7 @@ mod tests {
     #[test]
     fn a_copy_an_unconfirmed_ghost_held_at_a_crash_comes_back_with_its_session_once() {
         let dir = temp_dir("held");
-        let (mut a, remote, env, lock) = boot(&dir, 7);
-        let s = a.connect(1, connect_packet(V, "s", false), false);
-        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
-        drain(&mut a, s, V);
-        commit(&mut a, &env);
-        // Parked for node 2's claim: unconfirmed, its records still in the store.
-        a.export_session(2, "s", 0, (2, 99)).expect("exported");
-        commit(&mut a, &env);
+        let (mut a, remote, env, lock) = parked_subscriber(&dir);
         let token = a.begin_forward_batch().expect("a ghost opens a token");
         a.handle_mesh(3, remote, forwarded_at("held", QoS::ExactlyOnce, 1));
         a.end_forward_batch(token);
@@ -2914,13 +2919,7 @@ mod tests {
     #[test]
     fn a_resend_skipped_while_an_unconfirmed_ghost_holds_its_original_is_not_lost_at_a_crash() {
         let dir = temp_dir("resent-held");
-        let (mut a, remote, env, lock) = boot(&dir, 7);
-        let s = a.connect(1, connect_packet(V, "s", false), false);
-        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
-        drain(&mut a, s, V);
-        commit(&mut a, &env);
-        a.export_session(2, "s", 0, (2, 99)).expect("exported");
-        commit(&mut a, &env);
+        let (mut a, remote, env, lock) = parked_subscriber(&dir);
         let token = a.begin_forward_batch().expect("a ghost opens a token");
         a.handle_mesh(3, remote, forwarded_at("held", QoS::ExactlyOnce, 1));
         a.end_forward_batch(token);
@@ -2960,13 +2959,7 @@ mod tests {
     #[test]
     fn a_batch_retried_after_a_crash_finds_the_copy_an_unconfirmed_ghost_held_stored() {
         let dir = temp_dir("retried");
-        let (mut a, remote, env, lock) = boot(&dir, 7);
-        let s = a.connect(1, connect_packet(V, "s", false), false);
-        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
-        drain(&mut a, s, V);
-        commit(&mut a, &env);
-        a.export_session(2, "s", 0, (2, 99)).expect("exported");
-        commit(&mut a, &env);
+        let (mut a, remote, env, lock) = parked_subscriber(&dir);
         let mut copy = forwarded_at("held", QoS::ExactlyOnce, 1);
         if let MeshMsg::Forwarded { mark, .. } = &mut copy {
             *mark = Some(crate::mesh::ForwardMark {
@@ -3012,13 +3005,7 @@ mod tests {
     #[test]
     fn a_session_restored_with_a_held_copy_knows_it_has_it_when_parked_again() {
         let dir = temp_dir("parked-again");
-        let (mut a, remote, env, lock) = boot(&dir, 7);
-        let s = a.connect(1, connect_packet(V, "s", false), false);
-        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
-        drain(&mut a, s, V);
-        commit(&mut a, &env);
-        a.export_session(2, "s", 0, (2, 99)).expect("exported");
-        commit(&mut a, &env);
+        let (mut a, remote, env, lock) = parked_subscriber(&dir);
         let token = a.begin_forward_batch().expect("a ghost opens a token");
         a.handle_mesh(3, remote, forwarded_at("held", QoS::ExactlyOnce, 1));
         a.end_forward_batch(token);
@@ -3049,13 +3036,7 @@ mod tests {
     #[test]
     fn a_session_taken_back_from_its_ghost_gets_the_stored_held_copies_once_across_a_crash() {
         let dir = temp_dir("taken-back");
-        let (mut a, remote, env, lock) = boot(&dir, 7);
-        let s = a.connect(1, connect_packet(V, "s", false), false);
-        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
-        drain(&mut a, s, V);
-        commit(&mut a, &env);
-        a.export_session(2, "s", 0, (2, 99)).expect("exported");
-        commit(&mut a, &env);
+        let (mut a, remote, env, lock) = parked_subscriber(&dir);
         let token = a.begin_forward_batch().expect("a ghost opens a token");
         a.handle_mesh(3, remote, forwarded_at("one", QoS::ExactlyOnce, 1));
         a.handle_mesh(3, remote, forwarded_at("zero", QoS::AtMostOnce, 1));
@@ -3239,14 +3220,9 @@ mod tests {
     #[test]
     fn a_session_that_came_after_a_restart_gets_a_re_sent_copy_its_earlier_life_routed() {
         let dir = temp_dir("came-after");
-        let (mut a, remote, env, lock) = boot(&dir, 7);
+        let (mut a, _, env, lock) = boot(&dir, 7);
         // Another node routes "t" (the subscriber's), and "r" here subscribes too.
-        let add = MeshMsg::RouteAdd {
-            filter: Str::from_static("t"),
-            shard: remote,
-            ack: None,
-        };
-        a.handle_mesh(1, remote, add);
+        routed_elsewhere(&mut a, "t");
         let r = a.connect(1, connect_packet(V, "r", false), false);
         a.handle_packet(1, r, subscribe_packet("t", QoS::ExactlyOnce));
         let p = a.connect(1, connect_packet(V, "p", false), false);
@@ -3255,23 +3231,7 @@ mod tests {
         drain(&mut a, p, V);
         a.handle_packet(2, p, publish_packet("x", 1));
         commit(&mut a, &env);
-        let original = remote_out(&mut a)
-            .into_iter()
-            .find_map(|m| match m {
-                MeshMsg::PublishRemote {
-                    message,
-                    id: Some(id),
-                    ..
-                } => Some(MeshMsg::Forwarded {
-                    message,
-                    mark: None,
-                    ack: None,
-                    id: Some(id),
-                    earlier_life: false,
-                }),
-                _ => None,
-            })
-            .expect("the forward, which never leaves");
+        let original = sent_on_as_forwarded(&mut a).expect("the forward, which never leaves");
         crash(a, env, lock);
 
         // A restarts; the subscriber "s" comes from node C, and goes on to B.

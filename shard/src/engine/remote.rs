@@ -405,7 +405,7 @@ mod tests {
         Subscription, SubscriptionOptions,
     };
 
-    use super::super::testing::{connect_packet, drain, engines};
+    use super::super::testing::{connect_packet, drain, engines, routed_elsewhere};
     use super::super::{Engine, Limits};
     use crate::mesh::{MeshMsg, ShardId};
     use crate::message::{Message, SessionUid};
@@ -582,15 +582,7 @@ mod tests {
         let (mut es, remote) = cluster();
         // Another node routes "t": the forwarder tells every shard.
         for e in es.iter_mut() {
-            e.handle_mesh(
-                1,
-                remote,
-                MeshMsg::RouteAdd {
-                    filter: Str::from_static("t"),
-                    shard: remote,
-                    ack: None,
-                },
-            );
+            routed_elsewhere(e, "t");
         }
         let p = client(&mut es[1], "p");
         let mut publish = Publish::new(Str::from_static("t"), Bytes::from_static(b"x"));
@@ -658,15 +650,7 @@ mod tests {
         drain(&mut es[1], b, V5);
         // Other nodes route f/# too.
         for e in es.iter_mut() {
-            e.handle_mesh(
-                1,
-                remote,
-                MeshMsg::RouteAdd {
-                    filter: Str::from_static("f/#"),
-                    shard: remote,
-                    ack: None,
-                },
-            );
+            routed_elsewhere(e, "f/#");
         }
         let msg = Message {
             topic: Str::from_static("f/1"),

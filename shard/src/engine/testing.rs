@@ -173,18 +173,18 @@ pub(super) fn temp_dir_in(module: &str, name: &str) -> Dir {
 /// The wall clock at engine time 0 in the store-backed tests.
 pub(super) const WALL_BASE_MS: u64 = 1_700_000_000_000;
 
-/// A one-shard node of a cluster on `dir` under `sync` durability, started as the
-/// broker starts one: recover, the origin of this process, restore. Returns the
-/// engine, its remote id, its store and the directory's lock.
-pub(super) fn boot(
-    dir: &Dir,
-    origin: u64,
-) -> (
+/// A store-backed one-shard cluster node: the engine, its remote id, its store and
+/// the data directory's lock.
+pub(super) type StoredNode = (
     Engine,
     ShardId,
     crate::store::StoreEnv,
     crate::store::DirLock,
-) {
+);
+
+/// A one-shard node of a cluster on `dir` under `sync` durability, started as the
+/// broker starts one: recover, the origin of this process, restore.
+pub(super) fn boot(dir: &Dir, origin: u64) -> StoredNode {
     let (lock, mut envs, mut recovered) =
         crate::store::recover(&dir.0, 1, 16 << 20, WALL_BASE_MS).expect("recovers");
     let mut e = engines(1, &Limits::default()).remove(0);
@@ -213,4 +213,19 @@ pub(super) fn crash(e: Engine, env: crate::store::StoreEnv, lock: crate::store::
     drop(e);
     env.prepare_for_closing().wait();
     drop(lock);
+}
+
+/// Another node routes `filter`: the forwarder's `RouteAdd` for the remote id, as
+/// each shard of a cluster node gets it.
+pub(super) fn routed_elsewhere(e: &mut Engine, filter: &'static str) {
+    let remote = e.remote_id().expect("a cluster node");
+    e.handle_mesh(
+        1,
+        remote,
+        crate::mesh::MeshMsg::RouteAdd {
+            filter: Str::from_static(filter),
+            shard: remote,
+            ack: None,
+        },
+    );
 }
