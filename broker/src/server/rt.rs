@@ -137,6 +137,15 @@ impl Drop for SimGuard {
 mod tests {
     use super::*;
 
+    /// A current-thread runtime whose clock starts paused, as the simulation runs one.
+    fn paused_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime")
+    }
+
     /// The engine's milliseconds in a simulation have the same phase against the
     /// simulated clock whenever the simulation starts: a seed's run does not depend on
     /// the real instant it began at (before, the engine clock was the real time since
@@ -145,11 +154,7 @@ mod tests {
     #[test]
     fn a_simulations_engine_clock_has_the_same_phase_whenever_it_starts() {
         let phase = || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .start_paused(true)
-                .build()
-                .expect("runtime");
+            let runtime = paused_runtime();
             let _enter = runtime.enter();
             let _sim = enter_sim();
             (
@@ -171,11 +176,7 @@ mod tests {
 
     #[test]
     fn in_the_simulation_timers_and_now_follow_the_paused_clock() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("runtime");
+        let runtime = paused_runtime();
         let real = Instant::now();
         let local = tokio::task::LocalSet::new();
         let (t0, t1) = local.block_on(&runtime, async {
@@ -194,11 +195,7 @@ mod tests {
             "the hour was simulated"
         );
         // A later simulation on this thread starts where the last one ended.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("runtime");
+        let runtime = paused_runtime();
         let _enter = runtime.enter();
         let _sim = enter_sim();
         assert!(now() >= t1);
