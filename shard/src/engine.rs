@@ -70,8 +70,8 @@ mod timers;
 mod transfer;
 
 pub use feed_pace::{FEED_PACE_HIGH_WATER_DEFAULT, FEED_PACE_SLOW_MS};
-pub use moved::MOVED_WINDOW_MS;
 pub(crate) use moved::decode_marks as decode_window;
+pub use moved::{HOLD_MAX_MS, MOVED_WINDOW_MS};
 pub use mqtt5::{Mqtt5Settings, Redirect};
 pub use pace::{FORWARD_PACE_SLICE, FORWARD_PACE_SLOW_MS};
 pub use quota::{Limit, SessionBudget};
