@@ -36,7 +36,12 @@
 //!    match it now), with a new number and the set stored again, so another
 //!    crash during it is resolved the same way; its PUBREC waits for their
 //!    commits like a first delivery's. Nothing is delivered again on the
-//!    publisher's shard (its deliveries were in the id's commit). Other
+//!    publisher's shard when it routed the original (its deliveries were in
+//!    the id's commit, and recovery leaves it out of the set); an id a node
+//!    took in with its session while the original's forward still waited
+//!    elsewhere (`handed_qos2`) names that node's every shard, the
+//!    publisher's too, which delivers it unless its marks cover the
+//!    original (cause B′ of the `sync` triage). Other
 //!    nodes of a cluster keep no marks here: a re-send matching their
 //!    routes is forwarded to them again, never lost; with the original's
 //!    cluster-wide id, stored with the packet id, as a re-sent copy of it
@@ -118,9 +123,9 @@ impl Engine {
         self.send_ack(conn, ack, token);
     }
 
-    /// Delivers a re-sent PUBLISH again to the other shards in `shards` that
-    /// route its topic (see the module), and acknowledges it once they
-    /// committed it. With the `original` publication's cluster-wide id when it
+    /// Delivers a re-sent PUBLISH again to the shards in `shards` that route
+    /// its topic (this one only if the original's id is known and not covered
+    /// here; see the module), and acknowledges it once they committed it. With the `original` publication's cluster-wide id when it
     /// was stored: a re-sent copy of it (`moved::RESENT`), which another node
     /// that got the original skips.
     fn redeliver(
@@ -152,6 +157,14 @@ impl Engine {
         self.new_pub_id(msg.qos);
         self.moved.again = None;
         let mut sent = 0u32;
+        // This shard only when the set names it and its marks do not cover the
+        // original: recovery leaves the publisher's shard out (it delivered the
+        // publication in the id's commit), but an id stored as pending on a node
+        // that took the session in (`handed_qos2`) names every shard of that node,
+        // whose shard never routed the original (cause B′).
+        let local = set.contains(self.shard)
+            && shards.contains(self.shard)
+            && original.is_some_and(|id| !self.pub_id_handled(id));
         for to in set.iter() {
             if to == self.shard || !shards.contains(to) {
                 continue;
@@ -167,18 +180,32 @@ impl Engine {
             sent += 1;
         }
         self.publish_seq = 0;
-        self.moved.current = None;
         self.shard_set = set;
+        if local {
+            // A ghost's redirect of it holds the PUBREC as a forward does.
+            self.moved.ack = Some(super::moved::RedirectAck::Publisher(token));
+            self.deliver_local(now_ms, &msg);
+            self.moved.ack = None;
+            if let Some(id) = original {
+                self.note_resent_handled(id);
+            }
+            sent += 1;
+        }
+        self.moved.current = None;
         tracing::debug!(
             shard = self.shard,
             packet_id,
             shards = sent,
             "re-sent QoS 2 PUBLISH delivered again to shards that may have lost it in a crash"
         );
-        if sent == 0 {
+        let waits = self
+            .pending_retains
+            .get(&token)
+            .is_some_and(|(_, n)| *n > 0);
+        if !waits {
             self.pending_retains.remove(&token);
         }
-        let token = (sent > 0).then_some(token);
+        let token = waits.then_some(token);
         self.note_inbound_wait(idx, packet_id, token, original);
         self.send_ack(conn, Packet::PubRec(PubRec::new(packet_id)), token);
     }

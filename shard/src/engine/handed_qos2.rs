@@ -920,6 +920,197 @@ mod tests {
         assert!(remote_out(&mut b).is_empty(), "not routed again");
     }
 
+    /// A QoS 2 copy of publication `id` ("t", "x") as the forwarder hands it to a
+    /// shard of the receiving node.
+    fn forwarded_qos2(id: PubId) -> MeshMsg {
+        let mut p = Publish::new(Str::from_static("t"), Bytes::from_static(b"x"));
+        p.qos = QoS::ExactlyOnce;
+        MeshMsg::Forwarded {
+            message: super::super::message_from_publish(1, p, crate::message::SessionUid(0), V),
+            mark: None,
+            ack: None,
+            id: Some(id),
+            earlier_life: false,
+        }
+    }
+
+    /// The PUBLISH packets in `packets`.
+    fn publishes(packets: &[Packet]) -> usize {
+        packets
+            .iter()
+            .filter(|p| matches!(p, Packet::Publish(_)))
+            .count()
+    }
+
+    /// Cause B′ of the `sync` triage, on the new owner: node B took "p" in while
+    /// the forward of its QoS 2 PUBLISH 3 still waited on A, and stored the id as
+    /// maybe lacking on every shard of B and on the other nodes; B crashed before
+    /// A's word. After the restart the client's re-send is delivered again
+    /// (`exactly_once::redeliver`) to the other nodes but, before the fix, never
+    /// on the publisher's own shard ("its deliveries were in the id's commit",
+    /// true where the original was routed, not here): subscriber "s" of that shard,
+    /// which the original never reached, lost it, and the publisher had its PUBREC.
+    /// Now that shard is in the set like any other: it delivers the re-sent copy
+    /// unless its marks cover the original, so one that got the original before
+    /// the crash does not get it twice.
+    #[test]
+    fn a_re_send_routed_again_after_the_new_owners_crash_reaches_its_own_shards_subscriber() {
+        for got_original in [false, true] {
+            let name = if got_original {
+                "own-had"
+            } else {
+                "own-lacked"
+            };
+            let dir = temp_dir_in("handed_qos2", name);
+            let (mut b, remote, env, lock) = stored_node(&dir, 8);
+            let s = b.connect(1, connect_packet(V, "s", false), false);
+            b.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+            commit(&mut b, &env);
+            drain(&mut b, s, V);
+            let mut a = node(7);
+            let (bytes, pending, _token, id) = moved_while_waiting(&mut a);
+            if got_original {
+                // A's forward reached B before B crashed (A's answer did not).
+                b.handle_mesh(2, remote, forwarded_qos2(id));
+                commit(&mut b, &env);
+                assert_eq!(publishes(&drain(&mut b, s, V)), 1);
+            }
+            b.import_session(4, "p", &bytes, 0).expect("taken in");
+            assert!(b.import_pending("p", &pending));
+            commit(&mut b, &env);
+            crash(b, env, lock);
+
+            let (mut b, _, env, _lock) = stored_node(&dir, 9);
+            let s = b.connect(5, connect_packet(V, "s", false), false);
+            let before = publishes(&drain(&mut b, s, V));
+            assert_eq!(before, usize::from(got_original), "what s had, restored");
+            remote_out(&mut b); // the restored route, for the forwarder
+            resend_is_routed_again(&mut b, &env, id);
+            let again = drain(&mut b, s, V);
+            assert_eq!(
+                publishes(&again),
+                usize::from(!got_original),
+                "got the original: {got_original}; {again:?}"
+            );
+        }
+    }
+
+    /// The other side of the fix above: a take-back stores the id as maybe lacking
+    /// on every shard of A too, the publisher's included, which delivered the
+    /// original when it routed it. After a crash the re-send is routed again, and
+    /// that shard's restored count covers the original: its subscriber does not
+    /// get it twice.
+    #[test]
+    fn a_taken_back_id_routed_again_after_a_crash_is_not_delivered_twice_on_its_own_shard() {
+        let dir = temp_dir_in("handed_qos2", "taken-back-own");
+        let (mut a, _, env, lock) = stored_node(&dir, 6);
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        commit(&mut a, &env);
+        drain(&mut a, s, V);
+        remote_out(&mut a);
+        let p = a.connect(2, connect_packet(V, "p", false), false);
+        drain(&mut a, p, V);
+        a.handle_packet(2, p, publish(3, false));
+        commit(&mut a, &env);
+        let (_, original) = sent_remote(&mut a);
+        assert_eq!(publishes(&drain(&mut a, s, V)), 1, "the original, here");
+        a.export_session(3, "p", 0, (2, 9)).expect("a session");
+        commit(&mut a, &env);
+        assert!(a.resume_moving(4, "p", 0).expect("its own copy"));
+        commit(&mut a, &env);
+        crash(a, env, lock);
+
+        let (mut a, _, env, _lock) = stored_node(&dir, 7);
+        let s = a.connect(5, connect_packet(V, "s", false), false);
+        assert_eq!(publishes(&drain(&mut a, s, V)), 1, "restored in flight");
+        remote_out(&mut a);
+        resend_is_routed_again(&mut a, &env, original);
+        let again = drain(&mut a, s, V);
+        assert_eq!(publishes(&again), 0, "{again:?}");
+    }
+
+    /// A session node B took over while its old owner A was down: no export ran on
+    /// A, so B has nothing of it (the client gets a new session, CONNACK session
+    /// present 0, which the committed table knows as fresh before the CONNACK:
+    /// `claims::mark_fresh`). When A comes back, its store restores the session
+    /// with packet id 3 maybe lacking on other nodes (the original's forward died
+    /// with A); A parks it for B's claim (`takeover::park_sessions_owned_elsewhere`,
+    /// an export) and drops it as stale (`takeover::drop_stale_copy`): nothing of
+    /// the publication is routed, and neither the session nor the id comes back
+    /// at a later start. The publication was never acknowledged (its PUBREC
+    /// waited for the forward).
+    #[test]
+    fn a_session_lost_to_a_fresh_start_while_its_node_was_down_routes_nothing_when_it_returns() {
+        let dir = temp_dir_in("handed_qos2", "lost-while-down");
+        let ((a, _, env, lock), _) = published_waiting(&dir);
+        crash(a, env, lock);
+
+        let (mut a, _, env, lock) = stored_node(&dir, 7);
+        assert!(a.has_session("p"), "restored from the store");
+        a.export_session(3, "p", 0, (2, 9))
+            .expect("parked for node 2's claim");
+        assert!(a.drop_moving_copy("p"), "stale: node 2 started afresh");
+        commit(&mut a, &env);
+        let routed: Vec<MeshMsg> = remote_out(&mut a)
+            .into_iter()
+            .filter(|m| matches!(m, MeshMsg::PublishRemote { .. } | MeshMsg::Redirect { .. }))
+            .collect();
+        assert!(routed.is_empty(), "{routed:?}");
+        crash(a, env, lock);
+
+        let (mut a, _, env, _lock) = stored_node(&dir, 8);
+        assert!(!a.has_session("p"), "the stale copy's records are gone");
+        let c = a.connect(5, connect_packet(V, "p", false), false);
+        let connack = drain(&mut a, c, V);
+        assert!(
+            matches!(&connack[..], [Packet::ConnAck(ack)] if !ack.session_present),
+            "{connack:?}"
+        );
+        commit(&mut a, &env);
+    }
+
+    /// The same take-over seen from B: a client that keeps its state against
+    /// CONNACK session present 0 (MQTT 3.1.1 lets it go on; MQTT 5 says it must
+    /// discard it, [MQTT-3.2.2-5]) re-sends PUBLISH 3 with DUP. For B it is a new
+    /// publication of a new session: nothing says which original it repeats (its
+    /// id is in A's store), so it is routed with an id of B's and acknowledged once
+    /// accepted (nothing acknowledged is lost), and a node whose subscriber got the
+    /// original before A died delivers it again: at least once, not exactly once,
+    /// for such a client.
+    #[test]
+    fn a_re_send_on_a_session_started_afresh_is_a_new_publication() {
+        let mut a = node(7);
+        let (_, _, _, original) = moved_while_waiting(&mut a);
+        let mut b = node(8);
+        let c = b.connect(5, connect_packet(V, "p", false), false);
+        let connack = drain(&mut b, c, V);
+        assert!(
+            matches!(&connack[..], [Packet::ConnAck(ack)] if !ack.session_present),
+            "{connack:?}"
+        );
+        b.handle_packet(6, c, publish(3, true));
+        assert!(
+            drain(&mut b, c, V).is_empty(),
+            "PUBREC before the other nodes"
+        );
+        let (token, routed) = sent_remote(&mut b);
+        assert!(!super::super::moved::is_resent(routed), "{routed:?}");
+        assert_eq!(routed.origin, 8, "an id of B's");
+        let remote = b.remote_id().expect("remote");
+        b.handle_mesh(7, remote, MeshMsg::Ack { token });
+        assert_eq!(drain(&mut b, c, V), vec![Packet::PubRec(PubRec::new(3))]);
+
+        let mut n = node(9);
+        let remote = n.remote_id().expect("remote");
+        let s = n.connect(1, connect_packet(V, "s", false), false);
+        n.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut n, s, V);
+        n.handle_mesh(2, remote, forwarded_qos2(original));
+        n.handle_mesh(3, remote, forwarded_qos2(routed));
+        assert_eq!(publishes(&drain(&mut n, s, V)), 2, "at least once");
+    }
+
     #[test]
     fn malformed_pending_ids_are_refused() {
         let id = PubId {
