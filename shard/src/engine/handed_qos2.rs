@@ -37,8 +37,10 @@
 //! - **What survives a crash.** The pending state lives in memory; B stores a pending
 //!   id as "other nodes may lack it" with the original's id (the record recovery
 //!   writes after a crash), so B restarting before the holder's word routes the
-//!   re-send again as a re-sent copy (sim seeds 1300, 1321 under `sync`), and the
-//!   word *done* stores it as resolved. A moving copy keeps the redelivery sets of
+//!   re-send again as a re-sent copy (sim seeds 1300, 1321 under `sync`), to
+//!   every shard of B whose marks do not cover the original, the publisher's own
+//!   included (`exactly_once::redeliver`; it used to skip that one, cause B′ of
+//!   the `sync` triage), and the word *done* stores it as resolved. A moving copy keeps the redelivery sets of
 //!   ids restored after a crash, and a take-back restores them (seed 969): the
 //!   export does not carry them.
 //!
@@ -46,7 +48,11 @@
 //! never answers again (dead and never restarted) leaves the id unacknowledged (the
 //! client keeps it in flight; nothing is acknowledged that was not delivered); an
 //! original still in flight on the network when its holder died and arriving after
-//! the re-routed copy is delivered twice.
+//! the re-routed copy is delivered twice. A session taken over while its old owner
+//! was down had no export: the client gets a new session (CONNACK session present
+//! 0), and a re-send it makes anyway is a new publication there, at least once (the
+//! original's id is in the old owner's store only; docs/ARCHITECTURE.md, *A session
+//! B took over while A was down*).
 
 use tessera_proto::{Packet, PubRec, Str};
 
