@@ -468,6 +468,88 @@ fn a_shared_group_across_nodes_gets_each_message_once() {
     );
 }
 
+/// A shared group with one member on node 1 and three on node 2, and a publisher on
+/// node 3 (no member there), then one on node 1: round robin gives each member a
+/// quarter, because a node weighs as many members as it told the others it has (the
+/// forward channel's shares). Before, another node weighed one member: node 1's member
+/// got half of everything.
+#[test]
+fn a_node_weighs_as_many_members_of_a_shared_group_as_it_has() {
+    let cluster = three_nodes("cluster-routing-shared-weight");
+    let mut members: Vec<RawClient> = [(1u64, "w1"), (2, "w2a"), (2, "w2b"), (2, "w2c")]
+        .iter()
+        .map(|(node, id)| {
+            let mut m = RawClient::connect_ok(
+                cluster.node(*node).addr(),
+                connect_packet(ProtocolVersion::V5, id, true, 60),
+            );
+            let codes = m.subscribe(1, &[("$share/pool/tasks/#", PQoS::AtLeastOnce)]);
+            assert!(!codes[0].is_error(), "{codes:?}");
+            m
+        })
+        .collect();
+    // Node 3 learns the counts within a send of the tables (50 ms after a change).
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let m = common::scrape(cluster.node(3).admin_addr());
+        let on = |node: &str| {
+            common::metric_sum(&m, "tessera_cluster_shared_members", &[("node", node)])
+        };
+        if on("1") == 1.0 && on("2") == 3.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 never learned the members: node 1 {}, node 2 {}",
+            on("1"),
+            on("2")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // From node 3 (no member: the other nodes' weights decide) and from node 1 (its
+    // shard weighs its own member against the other nodes' three).
+    for (node, id) in [(3u64, "tasks-pub-3"), (1, "tasks-pub-1")] {
+        let mut publisher = RawClient::connect_ok(
+            cluster.node(node).addr(),
+            connect_packet(ProtocolVersion::V5, id, true, 60),
+        );
+        const N: u16 = 400;
+        for i in 1..=N {
+            publisher.publish("tasks/x", format!("{i}").as_bytes(), PQoS::AtLeastOnce, i);
+        }
+        let mut got: Vec<Vec<u16>> = vec![Vec::new(); members.len()];
+        let deadline = Instant::now() + TIMEOUT;
+        while got.iter().map(Vec::len).sum::<usize>() < usize::from(N) {
+            let counts: Vec<usize> = got.iter().map(Vec::len).collect();
+            assert!(
+                Instant::now() < deadline,
+                "from node {node}: only {counts:?} of {N}"
+            );
+            for (k, m) in members.iter_mut().enumerate() {
+                while let Ok(Packet::Publish(p)) = m.try_recv(Duration::from_millis(20)) {
+                    m.send(&Packet::PubAck(tessera_proto::PubAck::new(p.packet_id)));
+                    got[k].push(String::from_utf8_lossy(&p.payload).parse().unwrap());
+                }
+            }
+        }
+        let mut all: Vec<u16> = got.concat();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (1..=N).collect::<Vec<_>>(),
+            "from node {node}: each once"
+        );
+        let counts: Vec<usize> = got.iter().map(Vec::len).collect();
+        // A quarter each (100), give or take; weighing node 2 as one member gives
+        // node 1's member 200.
+        assert!(
+            counts.iter().all(|&c| (75..=125).contains(&c)),
+            "from node {node}: a quarter each wanted: w1 (node 1), w2a, w2b, w2c (node 2) \
+             got {counts:?}"
+        );
+    }
+}
+
 /// `$SYS/broker/cluster/...` on node 3: its node id, the leader it knows, the members,
 /// and the publications it received from other nodes (one from node 1 here).
 #[test]

@@ -418,6 +418,26 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
     for (id, n) in routes {
         let _ = writeln!(out, "tessera_cluster_routes{{node=\"{id}\"}} {n}");
     }
+    let mut members: Vec<_> = f
+        .shared_members
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .into_iter()
+        .collect();
+    members.sort_by_key(|(id, _)| *id);
+    let _ = writeln!(
+        out,
+        "# HELP tessera_cluster_shared_members Connected members of shared subscriptions on each node (summed over its groups), as it last told this node; node=\"self\" for this node's own.\n\
+         # TYPE tessera_cluster_shared_members gauge"
+    );
+    for (id, n) in members {
+        if id == 0 {
+            let _ = writeln!(out, "tessera_cluster_shared_members{{node=\"self\"}} {n}");
+        } else {
+            let _ = writeln!(out, "tessera_cluster_shared_members{{node=\"{id}\"}} {n}");
+        }
+    }
     metric(
         out,
         "tessera_cluster_forward_received_total",

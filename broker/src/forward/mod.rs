@@ -128,6 +128,13 @@ const APPLIED_EVENTS_MAX: usize = 4096;
 const RETAINED_RECORD_INLINE_MAX: usize = 63 * 1024;
 /// How long a node waits for the origin of a large retained message to send it.
 const RETAINED_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a node sends its table of shared members to every other member while it
+/// has any (besides at once, after [`SHARES_PAUSE`], when it changes): a node that
+/// restarted, or joined, learns it within this.
+const SHARES_REFRESH: Duration = Duration::from_secs(5);
+/// Least pause between two sends of the table of shared members: a burst of member
+/// changes (a fleet of workers connecting) costs one send per pause, not one per change.
+const SHARES_PAUSE: Duration = Duration::from_millis(50);
 /// Barriers from other nodes queued for the forwarder.
 const BARRIERS_QUEUED_MAX: usize = 1024;
 /// The envelope the link's forward channel dispatches on (`cluster::peer`): kind
@@ -144,6 +151,9 @@ pub struct FromShard {
     /// Sent once per shard at boot, before anything else ([`FromShard::restored`]): the
     /// route keys its restored sessions subscribe to.
     pub restored: Option<Vec<String>>,
+    /// Another node's table of its shared subscriptions' connected members, which it
+    /// sent this shard ([`wire::Request::Shares`]): (that node, the table).
+    pub peer_shares: Option<(NodeId, Vec<wire::ShareCount>)>,
 }
 
 impl FromShard {
@@ -165,6 +175,7 @@ impl FromShard {
             shard,
             msgs: Vec::new(),
             restored: Some(restored),
+            peer_shares: None,
         }
     }
 }
@@ -319,6 +330,9 @@ pub struct ForwardMetrics {
     pub peers: Mutex<HashMap<NodeId, PeerCounters>>,
     /// Routes (filters and shared groups) per other node, from the node table.
     pub routes_per_node: Mutex<HashMap<NodeId, u64>>,
+    /// Connected shared-subscription members per node (summed over its shares): what
+    /// each other node last said, and this node's own under [`NodeId`] 0.
+    pub shared_members: Mutex<HashMap<NodeId, u64>>,
     /// Filters this node routes (its own `RouteDelta`s applied).
     pub local_routes: AtomicU64,
     /// Publications received from other nodes.
@@ -391,6 +405,10 @@ pub fn start(
         retained_inline_bytes: ends.retained_inline_bytes,
         fetching: std::collections::BTreeMap::new(),
         share_cursor: 0,
+        share_members: HashMap::new(),
+        shares_next: None,
+        peer_shares: HashMap::new(),
+        share_weights: HashMap::new(),
         route_queue: Vec::new(),
         route_proposals: 0,
         reach: Reach {
@@ -526,8 +544,20 @@ struct Forwarder {
     /// Large retained messages being fetched from their origins: log index -> how many.
     /// Barriers at or above such an index wait for them.
     fetching: std::collections::BTreeMap<u64, u32>,
-    /// Turns over the nodes with members of a shared subscription.
+    /// Turns over the nodes with members of a shared subscription (by their weight).
     share_cursor: u64,
+    /// This node's shared subscriptions: route key -> per shard (connected, offline)
+    /// members, as the shards announce them (`ShareRoute`).
+    share_members: HashMap<String, Vec<(u32, u32)>>,
+    /// When the table of shared members goes to the other nodes next (`None`: only at
+    /// the refresh, [`SHARES_REFRESH`], or when it changes).
+    shares_next: Option<tokio::time::Instant>,
+    /// What each other node said of its shared members (route key -> connected
+    /// members); a node not in it weighs one member per share it has a route for.
+    peer_shares: HashMap<NodeId, HashMap<String, u32>>,
+    /// The weight of the other nodes in each share, as the shards were last told:
+    /// route key -> (connected members, offline-only nodes).
+    share_weights: HashMap<String, (u32, u32)>,
     /// Route changes (route key, add) waiting to be proposed, in the order they came.
     route_queue: Vec<(String, bool)>,
     /// Route proposals in flight ([`ROUTE_PROPOSALS_IN_FLIGHT_MAX`]).
@@ -588,6 +618,7 @@ impl Forwarder {
                     }
                     Err(_) => return,
                 },
+                () = sleep_until_some(self.shares_next) => self.send_shares(),
             }
             self.flush_routes();
         }
@@ -951,25 +982,9 @@ impl Forwarder {
         let (add, filter) = match t {
             Transition::Add(f) => (true, f),
             Transition::Remove(f) => (false, f),
-            Transition::Share {
-                group,
-                filter,
-                nodes,
-            } => {
-                // The other nodes with members weigh as one member each.
-                let (Ok(group), Ok(filter)) = (Str::try_from(group), Str::try_from(filter)) else {
-                    return;
-                };
-                self.route_seq += 1;
-                let msg = MeshMsg::ShareRoute {
-                    group,
-                    filter,
-                    shard: self.remote,
-                    connected: nodes,
-                    offline: 0,
-                    ack: Some(self.route_seq),
-                };
-                return self.send_all(msg);
+            Transition::Share { group, filter, .. } => {
+                // The other nodes weigh as many members as they said they have.
+                return self.send_share_weight(&group, &filter, true);
             }
         };
         let Ok(filter) = Str::try_from(filter) else {
@@ -990,6 +1005,145 @@ impl Forwarder {
             }
         };
         self.send_all(msg);
+    }
+
+    /// The other nodes' weight in `$share/{group}/{filter}`: (connected members,
+    /// nodes with offline members only). A node that said nothing of its members yet
+    /// (an older table, a restart) weighs one member, as every node did before nodes
+    /// told their counts.
+    fn share_weight(&self, group: &str, filter: &str) -> (u32, u32) {
+        let Some(nodes) = self.routes.shared_nodes(group, filter) else {
+            return (0, 0);
+        };
+        let key = route_key(Some(group), filter);
+        let (mut connected, mut offline) = (0u32, 0u32);
+        for n in nodes {
+            match self.peer_shares.get(n).map(|t| t.get(&key).copied()) {
+                None => connected = connected.saturating_add(1),
+                Some(Some(c)) if c > 0 => connected = connected.saturating_add(c),
+                Some(_) => offline += 1,
+            }
+        }
+        (connected, offline)
+    }
+
+    /// Tells every shard the other nodes' weight in a share if it changed (`always`:
+    /// also if not, after a route change, with a number the shards acknowledge).
+    fn send_share_weight(&mut self, group: &str, filter: &str, always: bool) {
+        let key = route_key(Some(group), filter);
+        let weight = self.share_weight(group, filter);
+        let before = if weight == (0, 0) {
+            self.share_weights.remove(&key)
+        } else {
+            self.share_weights.insert(key, weight)
+        };
+        if !always && before.unwrap_or((0, 0)) == weight {
+            return;
+        }
+        let (Ok(group), Ok(filter)) = (Str::try_from(group), Str::try_from(filter)) else {
+            return;
+        };
+        self.route_seq += 1;
+        let msg = MeshMsg::ShareRoute {
+            group,
+            filter,
+            shard: self.remote,
+            connected: weight.0,
+            offline: weight.1,
+            ack: Some(self.route_seq),
+        };
+        self.send_all(msg);
+    }
+
+    /// A shard announced its members of a share: this node's table changed, the other
+    /// nodes hear of it (after [`SHARES_PAUSE`]).
+    fn local_share_members(&mut self, shard: ShardId, key: &str, connected: u32, offline: u32) {
+        let shards = self.to_shards.len();
+        let entry = self
+            .share_members
+            .entry(key.to_owned())
+            .or_insert_with(|| vec![(0, 0); shards]);
+        let Some(slot) = entry.get_mut(usize::from(shard)) else {
+            return;
+        };
+        if *slot == (connected, offline) {
+            return;
+        }
+        *slot = (connected, offline);
+        if entry.iter().all(|&(c, o)| c == 0 && o == 0) {
+            self.share_members.remove(key);
+        }
+        let soon = tokio::time::Instant::now() + SHARES_PAUSE;
+        if self.shares_next.is_none_or(|t| t > soon) {
+            self.shares_next = Some(soon);
+        }
+    }
+
+    /// Sends this node's table of shared members to every other member, and plans the
+    /// next send: the refresh while it has shares.
+    fn send_shares(&mut self) {
+        let own: u64 = self
+            .share_members
+            .values()
+            .flat_map(|shards| shards.iter().map(|&(c, _)| u64::from(c)))
+            .sum();
+        lock(&self.metrics.shared_members).insert(0, own);
+        self.shares_next =
+            (!self.share_members.is_empty()).then(|| tokio::time::Instant::now() + SHARES_REFRESH);
+        let counts: Vec<(&str, &str, u32)> = self
+            .share_members
+            .iter()
+            .filter_map(|(key, shards)| {
+                let (group, filter) = split_key(key);
+                let connected = shards.iter().map(|&(c, _)| c).sum();
+                Some((group?, filter, connected))
+            })
+            .collect();
+        let request = wire::encode_shares(&ENVELOPE, counts.into_iter());
+        for node in self.handle.members().into_keys().filter(|n| *n != self.me) {
+            let transport = self.transport.clone();
+            let request = request.clone();
+            let wait = self.reach.wait;
+            tokio::spawn(async move {
+                let call = transport.call(node, Channel::Forward, request);
+                match tokio::time::timeout(wait, call).await {
+                    Ok(Ok(b)) if wire::decode_answer(b.clone()) == Ok(Answer::Noted) => {}
+                    Ok(Ok(_)) => tracing::warn!(node, "unexpected answer to this node's shares"),
+                    // The refresh sends them again.
+                    Ok(Err(e)) => tracing::debug!(node, "shares not sent: {e}"),
+                    Err(_) => tracing::debug!(node, "shares not answered in time"),
+                }
+            });
+        }
+    }
+
+    /// Another node's table of its shared members: it replaces what that node said
+    /// before, and the shares whose weight changed are told to the shards.
+    fn on_peer_shares(&mut self, from: NodeId, counts: Vec<wire::ShareCount>) {
+        if from == self.me {
+            return;
+        }
+        let table: HashMap<String, u32> = counts
+            .into_iter()
+            .map(|c| (route_key(Some(&c.group), &c.filter), c.members))
+            .collect();
+        let members = table.values().map(|&c| u64::from(c)).sum();
+        lock(&self.metrics.shared_members).insert(from, members);
+        let mut keys: Vec<String> = table.keys().cloned().collect();
+        if let Some(old) = self.peer_shares.insert(from, table) {
+            keys.extend(old.into_keys());
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            let (Some(group), filter) = split_key(&key) else {
+                continue;
+            };
+            let (group, filter) = (group.to_owned(), filter.to_owned());
+            if self.routes.shared_nodes(&group, &filter).is_some() {
+                self.send_share_weight(&group, &filter, false);
+            }
+        }
     }
 
     /// Sends `msg` to every shard. A full channel (a shard far behind) makes the
@@ -1037,6 +1191,9 @@ impl Forwarder {
         if let Some(keys) = b.restored {
             self.on_restored(shard, keys);
         }
+        if let Some((from, counts)) = b.peer_shares {
+            self.on_peer_shares(from, counts);
+        }
         for msg in b.msgs {
             match msg {
                 MeshMsg::Publish { message, id } => self.forward(shard, message, None, id),
@@ -1069,6 +1226,7 @@ impl Forwarder {
                     ..
                 } => {
                     let key = route_key(Some(&group), &filter);
+                    self.local_share_members(shard, &key, connected, offline);
                     if connected > 0 || offline > 0 {
                         self.local_add(shard, key, ack);
                     } else {
@@ -1243,15 +1401,21 @@ impl Forwarder {
                         .get(*n)
                         .is_none_or(|q| !q.failing.load(Ordering::Relaxed))
                 };
-                let live = nodes.iter().filter(answering).count();
                 self.share_cursor = self.share_cursor.wrapping_add(1);
-                if live > 0 {
-                    let nth = (self.share_cursor % live as u64) as usize;
-                    nodes.iter().filter(answering).nth(nth).copied()
+                let key = route_key(Some(&share.group), &share.filter);
+                // Each node by its connected members (one if it said nothing yet).
+                let weight = |n: &NodeId| -> u64 {
+                    self.peer_shares
+                        .get(n)
+                        .map_or(1, |t| u64::from(t.get(&key).copied().unwrap_or(0)))
+                };
+                let live: Vec<NodeId> = nodes.iter().filter(answering).copied().collect();
+                let pool = if live.is_empty() {
+                    nodes.iter().copied().collect()
                 } else {
-                    let nth = (self.share_cursor % nodes.len().max(1) as u64) as usize;
-                    nodes.iter().nth(nth).copied()
-                }
+                    live
+                };
+                pick_weighted(&pool, self.share_cursor, weight)
             });
         let Some(node) = node else {
             // The other nodes' members left meanwhile: nobody to give it to.
@@ -2370,6 +2534,14 @@ pub enum Incoming {
         /// The answer.
         answer: Bytes,
     },
+    /// The sending node's table of its shared members: give it to the forwarder
+    /// ([`FromShard::peer_shares`]) and answer `answer`.
+    Shares {
+        /// The table.
+        counts: Vec<wire::ShareCount>,
+        /// The answer.
+        answer: Bytes,
+    },
 }
 
 /// The batches a shard accepted, per sending node: (incarnation, last sequence number).
@@ -2395,6 +2567,10 @@ pub fn serve_request(
     own_routes_from: u64,
 ) -> Result<Incoming, WireError> {
     match wire::decode_request(body, topic_levels_max)? {
+        Request::Shares { counts } => Ok(Incoming::Shares {
+            counts,
+            answer: wire::encode_answer(Answer::Noted),
+        }),
         Request::Barrier { index } => Ok(Incoming::Barrier {
             index,
             answer: wire::encode_answer(Answer::Applied { index }),
@@ -2504,6 +2680,33 @@ pub fn serve_request(
 
 /// The key of one of this node's routes: the filter, or for a shared subscription NUL,
 /// the group, NUL, the filter (a filter never contains NUL).
+/// The node at `cursor` of a turn over `nodes` in which each takes as many slots as
+/// its weight; nodes of weight 0 (members all offline) only when every one has 0.
+fn pick_weighted(nodes: &[NodeId], cursor: u64, weight: impl Fn(&NodeId) -> u64) -> Option<NodeId> {
+    let total: u64 = nodes.iter().map(&weight).sum();
+    if total == 0 {
+        let n = nodes.len().max(1) as u64;
+        return nodes.get((cursor % n) as usize).copied();
+    }
+    let mut slot = cursor % total;
+    for n in nodes {
+        let w = weight(n);
+        if slot < w {
+            return Some(*n);
+        }
+        slot -= w;
+    }
+    None
+}
+
+/// Waits until `at`, forever for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn route_key(group: Option<&str>, filter: &str) -> String {
     match group {
         None => filter.to_owned(),
@@ -2563,6 +2766,7 @@ mod tests {
             Ok(Incoming::Deliver { .. }) => "deliver",
             Ok(Incoming::Duplicate { .. }) => "duplicate",
             Ok(Incoming::Barrier { .. }) => "barrier",
+            Ok(Incoming::Shares { .. }) => "shares",
             Ok(Incoming::Done { known: true, .. }) => "known",
             Ok(Incoming::Done { known: false, .. }) => "unknown",
             Err(_) => "refused",
@@ -2657,6 +2861,21 @@ mod tests {
         assert_eq!(serve(&mut a, batch(1, 5, 4)), "deliver");
     }
 
+    /// A turn over nodes gives each as many slots as its weight, in one cycle of the
+    /// total; nodes of weight 0 only when all are.
+    #[test]
+    fn a_turn_over_nodes_follows_their_weights() {
+        let nodes = [1, 2, 3];
+        let weight = |n: &NodeId| [0, 1, 3, 0][*n as usize];
+        let turn: Vec<_> = (0..8).map(|c| pick_weighted(&nodes, c, weight)).collect();
+        let s = |n| Some(n);
+        assert_eq!(turn, [s(1), s(2), s(2), s(2), s(1), s(2), s(2), s(2)]);
+        let none = |_: &NodeId| 0;
+        let turn: Vec<_> = (0..4).map(|c| pick_weighted(&nodes, c, none)).collect();
+        assert_eq!(turn, [s(1), s(2), s(3), s(1)]);
+        assert_eq!(pick_weighted(&[], 5, none), None);
+    }
+
     #[test]
     fn batches_in_flight_are_accepted_in_order_and_once() {
         let mut a = Accepted::default();
@@ -2749,6 +2968,7 @@ mod reconcile_tests {
                 ack: Some(ack),
             }],
             restored: None,
+            peer_shares: None,
         }
     }
 
@@ -2760,6 +2980,7 @@ mod reconcile_tests {
                 shard: 2,
             }],
             restored: None,
+            peer_shares: None,
         }
     }
 

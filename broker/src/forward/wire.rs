@@ -9,6 +9,7 @@
 //!   2 barrier : index u64
 //!   3 batch   : incarnation u64 | seq u64 | base u64 | count u32 | record * count
 //!   4 done    : incarnation u64 | seq u64
+//!   5 shares  : count u32 | (group str | filter str | members u32) * count
 //! record   = flags u8 (bit 0: expiry follows, bit 1: share follows, bit 2: handed
 //!            back, only with bit 1, bit 3: id follows, bit 4: session follows, not
 //!            with bit 1, bit 5: routes index follows, not with bit 1 or 4)
@@ -23,6 +24,7 @@
 //!   2 applied  : index u64
 //!   3 received : seq u64
 //!   4 unknown  : seq u64
+//!   5 noted    : 0 u64
 //! ```
 //!
 //! Integers are big-endian. The publication travels as an MQTT 5 PUBLISH (QoS and
@@ -76,6 +78,14 @@
 //! sender sends every batch from there again, in order, and a batch that was done
 //! meanwhile goes again with no records, so the numbering stays without gaps.
 //!
+//! **Shares** (cluster protocol version 7): the sender's whole table of its shared
+//! subscriptions' connected members, per (group, filter) with members on it (a share
+//! whose members are all offline counts 0), sent to every other member when it changes
+//! and again every few seconds. It replaces what the receiver knew of the sender, which
+//! weighs the sender by those counts when it gives a shared message to another node, so
+//! a member is one member whichever node it is on (docs/ARCHITECTURE.md, "Cluster data
+//! plane", shared subscriptions).
+//!
 //! A retained message too large to ride in the raft log is replaced there by a
 //! *reference* ([`RetainedRef`]): `0xA5 | size u32 | digest u128` (the record's size on
 //! its origin node and [`retained_digest`] of the message), which no request starts
@@ -94,15 +104,19 @@ use tessera_shard::message::Message;
 
 /// Most publications one batch may carry.
 pub const BATCH_MESSAGES_MAX: usize = 1 << 16;
+/// Most shares one shares request may list.
+pub const SHARES_MAX: usize = 1 << 16;
 
 const REQ_BATCH: u8 = 1;
 const REQ_BARRIER: u8 = 2;
 const REQ_BATCH_BASE: u8 = 3;
 const REQ_DONE: u8 = 4;
+const REQ_SHARES: u8 = 5;
 const ANS_ACCEPTED: u8 = 1;
 const ANS_APPLIED: u8 = 2;
 const ANS_RECEIVED: u8 = 3;
 const ANS_UNKNOWN: u8 = 4;
+const ANS_NOTED: u8 = 5;
 const FLAG_EXPIRY: u8 = 1;
 const FLAG_SHARE: u8 = 2;
 const FLAG_HANDED_BACK: u8 = 4;
@@ -168,6 +182,23 @@ pub enum Request {
         /// The batch's number.
         seq: u64,
     },
+    /// The sender's shared subscriptions and their connected members (all of them:
+    /// it replaces what the receiver knew).
+    Shares {
+        /// One per (group, filter) the sender has members of.
+        counts: Vec<ShareCount>,
+    },
+}
+
+/// One shared subscription of a node and its connected members there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareCount {
+    /// The ShareName.
+    pub group: Str,
+    /// The topic filter after `$share/{group}/`.
+    pub filter: Str,
+    /// Connected members on the sending node.
+    pub members: u32,
 }
 
 /// The answer to a [`Request`].
@@ -195,6 +226,8 @@ pub enum Answer {
         /// The batch's number.
         seq: u64,
     },
+    /// A shares request was taken.
+    Noted,
 }
 
 /// Why bytes from a peer were refused.
@@ -433,6 +466,34 @@ pub fn encode_done(prefix: &[u8], incarnation: u64, seq: u64) -> Bytes {
     b.freeze()
 }
 
+/// A shares request, after `prefix`: `(group, filter, connected members)` each.
+/// Strings longer than an MQTT string can be are left out (a valid subscription's
+/// never are).
+pub fn encode_shares<'a>(
+    prefix: &[u8],
+    counts: impl ExactSizeIterator<Item = (&'a str, &'a str, u32)>,
+) -> Bytes {
+    let mut b = BytesMut::with_capacity(prefix.len() + 5 + counts.len() * 32);
+    b.put_slice(prefix);
+    b.put_u8(REQ_SHARES);
+    let at = b.len();
+    b.put_u32(0);
+    let mut n: u32 = 0;
+    for (group, filter, members) in counts.take(SHARES_MAX) {
+        let (Ok(g), Ok(f)) = (u16::try_from(group.len()), u16::try_from(filter.len())) else {
+            continue;
+        };
+        b.put_u16(g);
+        b.put_slice(group.as_bytes());
+        b.put_u16(f);
+        b.put_slice(filter.as_bytes());
+        b.put_u32(members);
+        n += 1;
+    }
+    b[at..at + 4].copy_from_slice(&n.to_be_bytes());
+    b.freeze()
+}
+
 /// An answer.
 pub fn encode_answer(a: Answer) -> Bytes {
     let (tag, v) = match a {
@@ -440,6 +501,7 @@ pub fn encode_answer(a: Answer) -> Bytes {
         Answer::Applied { index } => (ANS_APPLIED, index),
         Answer::Received { seq } => (ANS_RECEIVED, seq),
         Answer::Unknown { seq } => (ANS_UNKNOWN, seq),
+        Answer::Noted => (ANS_NOTED, 0),
     };
     let mut b = BytesMut::with_capacity(9);
     b.put_u8(tag);
@@ -459,6 +521,7 @@ pub fn decode_answer(mut b: Bytes) -> Result<Answer, WireError> {
         ANS_APPLIED => Ok(Answer::Applied { index: v }),
         ANS_RECEIVED => Ok(Answer::Received { seq: v }),
         ANS_UNKNOWN => Ok(Answer::Unknown { seq: v }),
+        ANS_NOTED if v == 0 => Ok(Answer::Noted),
         t => Err(err("answer", format!("unknown tag {t}"))),
     }
 }
@@ -501,6 +564,28 @@ pub fn decode_request(mut b: Bytes, topic_levels_max: usize) -> Result<Request, 
                 return Err(err("barrier", "trailing bytes"));
             }
             Ok(Request::Barrier { index })
+        }
+        REQ_SHARES => {
+            let count = take_u32(&mut b, "shares")? as usize;
+            if count > SHARES_MAX {
+                return Err(err("shares", format!("{count} shares exceed the bound")));
+            }
+            // Each takes at least 8 bytes: never reserve more than the bytes could hold.
+            let mut counts = Vec::with_capacity(count.min(b.remaining() / 8));
+            for _ in 0..count {
+                let group = take_str(&mut b)?;
+                let filter = take_str(&mut b)?;
+                let members = take_u32(&mut b, "shares")?;
+                counts.push(ShareCount {
+                    group,
+                    filter,
+                    members,
+                });
+            }
+            if b.has_remaining() {
+                return Err(err("shares", "trailing bytes"));
+            }
+            Ok(Request::Shares { counts })
         }
         REQ_DONE => {
             let incarnation = take_u64(&mut b, "done")?;
@@ -1040,11 +1125,59 @@ mod tests {
             Answer::Applied { index: 6 },
             Answer::Received { seq: 7 },
             Answer::Unknown { seq: 8 },
+            Answer::Noted,
         ] {
             assert_eq!(decode_answer(encode_answer(a)), Ok(a));
         }
         assert!(decode_answer(Bytes::from_static(&[9; 9])).is_err());
         assert!(decode_answer(Bytes::from_static(&[1; 3])).is_err());
+        assert!(decode_answer(Bytes::from_static(&[5, 0, 0, 0, 0, 0, 0, 0, 1])).is_err());
+    }
+
+    /// A node's share table round-trips; every truncation, a count above the bound or
+    /// beyond the bytes, trailing bytes and a string that is not UTF-8 are errors,
+    /// never a panic.
+    #[test]
+    fn shares_round_trip_and_bad_ones_are_errors() {
+        let table = [("workers", "jobs/#", 3u32), ("g", "a/+/b", 0)];
+        let shares = encode_shares(&[2, 0, 0], table.iter().copied());
+        assert_eq!(&shares[..4], &[2, 0, 0, REQ_SHARES]);
+        let shares = shares.slice(3..);
+        let Ok(Request::Shares { counts }) = decode_request(shares.clone(), 16) else {
+            panic!("not decoded");
+        };
+        let got: Vec<(&str, &str, u32)> = counts
+            .iter()
+            .map(|c| (&*c.group, &*c.filter, c.members))
+            .collect();
+        assert_eq!(got, table);
+        assert!(matches!(
+            decode_request(encode_shares(&[], std::iter::empty()), 16),
+            Ok(Request::Shares { counts }) if counts.is_empty()
+        ));
+        for cut in 1..shares.len() {
+            assert!(
+                decode_request(shares.slice(..cut), 16).is_err(),
+                "cut {cut}"
+            );
+        }
+        let mut long = BytesMut::from(&shares[..]);
+        long.put_u8(0);
+        assert!(decode_request(long.freeze(), 16).is_err());
+        let mut many = BytesMut::from(&[REQ_SHARES][..]);
+        many.put_u32(u32::MAX);
+        assert!(decode_request(many.freeze(), 16).is_err());
+        let mut beyond = BytesMut::from(&[REQ_SHARES][..]);
+        beyond.put_u32(1000);
+        assert!(decode_request(beyond.freeze(), 16).is_err());
+        let mut bad = BytesMut::from(&[REQ_SHARES][..]);
+        bad.put_u32(1);
+        bad.put_u16(1);
+        bad.put_u8(0xff);
+        bad.put_u16(1);
+        bad.put_u8(b'a');
+        bad.put_u32(1);
+        assert!(decode_request(bad.freeze(), 16).is_err());
     }
 
     #[test]

@@ -118,6 +118,7 @@ async fn writer(shard: Rc<Shard>) {
             shard: shard.id as ShardId,
             msgs,
             restored: None,
+            peer_shares: None,
         };
         if remote.end.to_forwarder.send_async(msg).await.is_err() {
             debug!(shard = shard.id, "forwarder channel closed");
@@ -271,6 +272,24 @@ pub(super) async fn on_request(shard: &Rc<Shard>, req: PeerRequest) {
                     shard.flush_outbox();
                 }
             }
+        }
+        Ok(Incoming::Shares { counts, answer }) => {
+            let msg = FromShard {
+                shard: shard.id as ShardId,
+                msgs: Vec::new(),
+                restored: None,
+                peer_shares: Some((req.from, counts)),
+            };
+            let to_forwarder = remote.end.to_forwarder.clone();
+            let peer_reply = req.reply;
+            rt::spawn_local(async move {
+                let taken = to_forwarder.send_async(msg).await.is_ok();
+                let _ = peer_reply.send(if taken {
+                    Ok(answer)
+                } else {
+                    Err("this node's forwarder has stopped".to_owned())
+                });
+            });
         }
         Ok(Incoming::Barrier { index, answer }) => {
             let (reply, done) = flume::bounded(1);

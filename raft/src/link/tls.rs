@@ -43,11 +43,14 @@ use crate::transport::NodeId;
 /// - 6: plain forward records carry the sender's applied log index when it matched
 ///   them (flag bit 5), so a restarted node gives a copy matched for its earlier life
 ///   only to the subscriptions it kept from it (seed 632).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// - 7: the forward channel's *shares* request (tag 5, answer *noted*): each node tells
+///   the others how many connected members its shared subscriptions have, so a node
+///   weighs as many members as it has in a shared group.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// ALPN protocol of the link: `tessera-cluster/` and [`PROTOCOL_VERSION`]. It also keeps
 /// a link endpoint from being mistaken for MQTT over QUIC.
-pub const ALPN: &[u8] = b"tessera-cluster/6";
+pub const ALPN: &[u8] = b"tessera-cluster/7";
 
 /// A node's TLS material: the CA that signs every node, this node's chain and key.
 #[derive(Debug)]
