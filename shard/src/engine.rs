@@ -282,6 +282,11 @@ pub struct Stats {
     pub forward_paced: u64,
     /// Such waits that reached `Limits::forward_pace_ms_max`.
     pub forward_pace_timeouts: u64,
+    /// Moved-in sessions whose hold for their old node's redirects ran out
+    /// (`HOLD_MAX_MS`, or the window's bound of held copies): the old node's path is
+    /// taken as gone, and what it still redirects comes after later publications
+    /// (`engine` module `moved`: per-publisher order across that move given up).
+    pub moved_order_given_up: u64,
     /// QoS 0 publishers (clients, or another shard's stream) paused because
     /// a paced session (a bridge's) was behind (`engine::feed_pace`).
     pub feed_paced: u64,

@@ -323,6 +323,11 @@ fn describe_all() {
         "Such waits that reached cluster.forward_pace_ms_max (a subscriber that did not keep up)."
     );
     describe_counter!(
+        "tessera_cluster_move_order_given_up_total",
+        "Sessions moved in from another node whose hold for the old node's redirects ran out: \
+         what that node still sends on comes after later publications (order, not loss)."
+    );
+    describe_counter!(
         "tessera_bridge_publishers_paced_total",
         "QoS 0 publishers (a client, or another shard's stream) paused because a bridge's queue \
          was behind (bridge qos0_pace_ms_max)."
@@ -557,6 +562,8 @@ fn record_shard(shard: &str, s: &ShardSnapshot) {
     counter!("tessera_cluster_forward_paced_total", "shard" => sh()).absolute(st.forward_paced);
     counter!("tessera_cluster_forward_pace_timeouts_total", "shard" => sh())
         .absolute(st.forward_pace_timeouts);
+    counter!("tessera_cluster_move_order_given_up_total", "shard" => sh())
+        .absolute(st.moved_order_given_up);
     counter!("tessera_bridge_publishers_paced_total", "shard" => sh()).absolute(st.feed_paced);
     counter!("tessera_bridge_pace_timeouts_total", "shard" => sh()).absolute(st.feed_pace_timeouts);
     counter!("tessera_queue_refused_total", "shard" => sh()).absolute(st.queue_refused);

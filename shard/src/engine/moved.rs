@@ -1359,6 +1359,9 @@ impl Engine {
         };
         if w.uid != uid || w.held.len() >= WINDOW_IDS_MAX {
             // Bounded like the window's ids: what is held goes, and holding ends.
+            if w.holding && w.uid == uid {
+                self.stats.moved_order_given_up += 1;
+            }
             w.holding = false;
             let mut out = w.release(None);
             out.push((delivery, None, 0));
@@ -1464,6 +1467,9 @@ impl Engine {
                 continue;
             };
             if w.uid == uid && w.held.front().is_some_and(|h| h.due_ms <= now_ms) {
+                if w.holding {
+                    self.stats.moved_order_given_up += 1;
+                }
                 w.holding = false;
                 self.release_held(now_ms, &key, None);
             }
