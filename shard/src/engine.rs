@@ -1821,6 +1821,10 @@ impl Engine {
             MeshMsg::Ack { token } if self.bp_holds_remote(token) => {
                 self.bp_release_held_remote(token);
             }
+            // A confirmed ghost's stored redirect, accepted by the new node.
+            MeshMsg::Ack { token } if self.is_stored_redirect(token) => {
+                self.stored_redirect_accepted(token)
+            }
             MeshMsg::Ack { token } => self.on_route_ack(now_ms, token),
             MeshMsg::RouteFailed {
                 token,

@@ -12,11 +12,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use tessera_proto::{ProtocolVersion, QoS, Str, SubscriptionOptions, Will};
 use tessera_shard::hash::shard_for;
+use tessera_shard::mesh::PubId;
 use tessera_shard::message::Message;
 use tessera_shard::session::{Delivery, SubscriptionEntry};
 use tessera_shard::store::{
-    Batch, Recovered, STATE_PUBLISHED, STATE_QUEUED, SessionState, StoreConfig, StoreOp, recover,
-    spawn_writer,
+    Batch, Recovered, RedirectState, STATE_PUBLISHED, STATE_QUEUED, SessionState, StoreConfig,
+    StoreOp, recover, spawn_writer,
 };
 use tessera_shard::trie::ShardSet;
 
@@ -668,4 +669,74 @@ fn held_deliveries_come_back_with_their_session_and_follow_it() {
     // ClientID made since does not get it.
     commit_ops(&dir, vec![session("nobody")]);
     assert_eq!(got(&recover_closed(&dir, 1)[0]), want);
+}
+
+/// Issue 15 (h154's last "not covered" case): what a moved session's confirmed ghost
+/// sent on and its new node had not accepted comes back in the order it was sent,
+/// with its destination and id, whatever became of the session's records (their
+/// delete does not take it), and goes to the shard that owns its ClientID after a
+/// change of the shard count. One accepted (`DelRedirect`) does not come back.
+#[test]
+fn stored_redirects_come_back_in_order_and_follow_their_client_id() {
+    let dir =
+        Dir(std::env::temp_dir().join(format!("tessera-store-redirects-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let id = |n: u64| PubId {
+        origin: 5,
+        shard: 1,
+        seq: 2 << 62 | n,
+    };
+    let redirect = |seq: u64, payload: &str| StoreOp::PutRedirect {
+        seq,
+        redirect: Box::new(RedirectState {
+            client_id: s("s"),
+            to: (2, 99),
+            message: message("t", payload),
+            id: Some(id(seq)),
+        }),
+    };
+    commit_ops(
+        &dir,
+        vec![
+            offline_session("s"),
+            redirect(2, "second"),
+            redirect(1, "first"),
+            redirect(3, "accepted"),
+            StoreOp::DelRedirect {
+                client_id: s("s"),
+                seq: 3,
+            },
+            StoreOp::DelSession { client_id: s("s") },
+        ],
+    );
+    type Sent = (u64, String, (u64, u64), Option<PubId>);
+    let got = |r: &Recovered| -> Vec<Sent> {
+        let mut v: Vec<_> = r
+            .redirects
+            .iter()
+            .map(|(seq, r)| {
+                let text = String::from_utf8_lossy(&r.message.payload).into_owned();
+                assert_eq!(r.client_id, s("s"));
+                (*seq, text, r.to, r.id)
+            })
+            .collect();
+        v.sort_by_key(|r| r.0);
+        v
+    };
+    let want = vec![
+        (1, "first".to_owned(), (2, 99), Some(id(1))),
+        (2, "second".to_owned(), (2, 99), Some(id(2))),
+    ];
+    assert_eq!(got(&recover_closed(&dir, 1)[0]), want);
+    for shards in [3, 1] {
+        let r = recover_closed(&dir, shards);
+        let owner = shard_for(b"s", shards);
+        for (k, r) in r.iter().enumerate() {
+            if k == owner {
+                assert_eq!(got(r), want, "{shards} shards");
+            } else {
+                assert!(r.redirects.is_empty(), "{shards} shards, shard {k}");
+            }
+        }
+    }
 }

@@ -55,7 +55,10 @@
 //! node is held once; a session taken back keeps that window. After the
 //! confirmation the ghost keeps the window's marks: a copy that reaches it by the
 //! normal path at or below them is not sent on (the new owner skips such a copy
-//! when it comes directly, but cannot tell a redirect's path: sim seed 655).
+//! when it comes directly, but cannot tell a redirect's path: sim seed 655). With
+//! a store, a QoS 1/2 copy a confirmed ghost sends on stays stored until the new node
+//! accepted it ([`Engine::send_on`]): the session's records are gone by then, and the
+//! marks that say this node handled the copy are not.
 //!
 //! Per-origin marks alone cannot tell the two paths apart (a publication can reach
 //! the new node directly and redirected, in either order), hence the set; ids alone
@@ -98,7 +101,7 @@ use super::Engine;
 use crate::mesh::{MeshMsg, PubId, ShardId};
 use crate::message::{Message, SessionUid};
 use crate::session::{Delivery, SessionIdx, SubscriptionEntry};
-use crate::store::{RecoveredWindow, StoreOp};
+use crate::store::{RecoveredWindow, RedirectState, StoreOp};
 
 /// How long the old owner keeps a moved session's ghost and the new owner its
 /// dedup window: longer than a forwarded batch is normally in flight, retries
@@ -271,6 +274,12 @@ pub(super) struct Moved {
     holds: VecDeque<(u64, Str, SessionUid)>,
     /// The last number a held delivery was stored under (`StoreOp::PutHeld`).
     held_stored: u64,
+    /// QoS 1/2 copies confirmed ghosts sent on with a store, kept there until the new
+    /// node accepted them (`StoreOp::PutRedirect`): the token the forwarder answers ->
+    /// (ClientID, the record's number, who waits for the acceptance).
+    redirects_stored: HashMap<u64, (Str, u64, Option<u64>)>,
+    /// The last number a redirect was stored under.
+    redirect_seq: u64,
     /// While a publication is routed: its id, and who waits for a redirect.
     pub(super) current: Option<PubId>,
     pub(super) ack: Option<RedirectAck>,
@@ -837,15 +846,7 @@ impl Engine {
             return;
         };
         for (message, id, ack) in held {
-            self.stats.remote_forwards_sent += 1;
-            self.outbox[usize::from(remote)].push(MeshMsg::Redirect {
-                client_id: client_id.clone(),
-                node,
-                epoch,
-                message,
-                id,
-                ack,
-            });
+            self.send_on(remote, client_id.clone(), (node, epoch), message, id, ack);
         }
     }
 
@@ -1538,15 +1539,119 @@ impl Engine {
             return;
         }
         let ack = self.redirect_ack(msg.qos);
+        self.send_on(remote, client_id, (node, epoch), msg.clone(), id, ack);
+    }
+
+    /// A confirmed ghost of `client_id` sends `message` on to the session's new node
+    /// `to` through the forwarder (`remote`); `waiter` (a publisher's token, a
+    /// forwarded batch's, another shard's `Ack`) waits for that node's acceptance.
+    ///
+    /// With a store, a QoS 1/2 copy is stored ([`StoreOp::PutRedirect`], in the epoch
+    /// of whatever its arrival stored here) until that node accepted it, and sent
+    /// again after a restart ([`Engine::restore_redirects`]). Why (h154's last "not
+    /// covered" case): the confirmation deleted the session's records, while the marks
+    /// that say this node handled the copy (the batch's forward mark, the `PubId`
+    /// marks) are stored with the next commit; a crash with the redirect in the
+    /// forwarder's memory then made the sending node's retry (or the publisher's
+    /// re-send) be skipped as handled and answered: acknowledged, never delivered.
+    /// The forwarder answers a token of its own, so the record goes when this copy
+    /// was accepted, and then the waiter gets its answer.
+    fn send_on(
+        &mut self,
+        remote: ShardId,
+        client_id: Str,
+        to: (u64, u64),
+        message: Message,
+        id: Option<PubId>,
+        waiter: Option<u64>,
+    ) {
         self.stats.remote_forwards_sent += 1;
+        let ack = if self.persist.is_some() && message.qos != QoS::AtMostOnce {
+            self.moved.redirect_seq += 1;
+            let seq = self.moved.redirect_seq;
+            let token = self.next_token;
+            self.next_token += 1;
+            self.store_op(StoreOp::PutRedirect {
+                seq,
+                redirect: Box::new(RedirectState {
+                    client_id: client_id.clone(),
+                    to,
+                    message: message.clone(),
+                    id,
+                }),
+            });
+            self.moved
+                .redirects_stored
+                .insert(token, (client_id.clone(), seq, waiter));
+            Some(token)
+        } else {
+            waiter
+        };
         self.outbox[usize::from(remote)].push(MeshMsg::Redirect {
             client_id,
-            node,
-            epoch,
-            message: msg.clone(),
+            node: to.0,
+            epoch: to.1,
+            message,
             id,
             ack,
         });
+    }
+
+    /// Whether `token` is a stored redirect's ([`Engine::send_on`]).
+    pub(super) fn is_stored_redirect(&self, token: u64) -> bool {
+        self.moved.redirects_stored.contains_key(&token)
+    }
+
+    /// The new node accepted the stored redirect of `token`: its record goes, and
+    /// whoever waited for it gets its answer.
+    pub(super) fn stored_redirect_accepted(&mut self, token: u64) {
+        let Some((client_id, seq, waiter)) = self.moved.redirects_stored.remove(&token) else {
+            return;
+        };
+        self.store_op(StoreOp::DelRedirect { client_id, seq });
+        if let Some(t) = waiter {
+            self.release_waiter(t);
+        }
+    }
+
+    /// Sends again the redirects the store kept (a crash came before their new
+    /// nodes accepted them), in the order they were first sent; nobody waits for
+    /// them (their waiters died with the process), and each record goes with its
+    /// acceptance. The new node's window skips one it got (by its id); past the
+    /// window, or for a session that ended there, it drops it. Outside a cluster
+    /// they are deleted.
+    pub(super) fn restore_redirects(&mut self, mut redirects: Vec<(u64, RedirectState)>) {
+        redirects.sort_unstable_by_key(|r| r.0);
+        for (seq, r) in redirects {
+            self.moved.redirect_seq = self.moved.redirect_seq.max(seq);
+            let Some(remote) = self.remote else {
+                self.store_op(StoreOp::DelRedirect {
+                    client_id: r.client_id,
+                    seq,
+                });
+                continue;
+            };
+            tracing::debug!(
+                shard = self.shard,
+                client_id = %r.client_id,
+                to_node = r.to.0,
+                "restore: a redirect its new node had not accepted, sent again"
+            );
+            let token = self.next_token;
+            self.next_token += 1;
+            self.moved
+                .redirects_stored
+                .insert(token, (r.client_id.clone(), seq, None));
+            self.stats.remote_forwards_sent += 1;
+            self.outbox[usize::from(remote)].push(MeshMsg::Redirect {
+                client_id: r.client_id,
+                node: r.to.0,
+                epoch: r.to.1,
+                message: r.message,
+                id: r.id,
+                ack: Some(token),
+            });
+        }
     }
 
     /// Stores `msg`, which the unconfirmed ghost `gidx` of `client_id` holds, as a
@@ -3129,6 +3234,149 @@ mod tests {
             crate::store::recover(&dir.0, 1, 16 << 20, super::super::testing::WALL_BASE_MS)
                 .expect("recovers");
         assert!(recovered.remove(0).held.is_empty());
+    }
+
+    /// `m` as a record of node 5's batch `seq` (its forward mark).
+    fn with_mark(mut m: MeshMsg, seq: u64) -> MeshMsg {
+        if let MeshMsg::Forwarded { mark, .. } = &mut m {
+            *mark = Some(crate::mesh::ForwardMark {
+                node: 5,
+                incarnation: 1,
+                seq,
+                index: 0,
+            });
+        }
+        m
+    }
+
+    /// The redirects `e` handed its forwarder: (payload, (node, epoch), id, token).
+    type SentOn = (String, (u64, u64), Option<PubId>, Option<u64>);
+    fn redirects_out(e: &mut Engine) -> Vec<SentOn> {
+        remote_out(e)
+            .into_iter()
+            .filter_map(|m| match m {
+                MeshMsg::Redirect {
+                    node,
+                    epoch,
+                    message,
+                    id,
+                    ack,
+                    ..
+                } => Some((
+                    String::from_utf8_lossy(&message.payload).into_owned(),
+                    (node, epoch),
+                    id,
+                    ack,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Issue 15, the last of h154's "not covered" places: a confirmed ghost sent a
+    /// QoS 2 copy of another node's batch on to the session's new node (the batch's
+    /// answer waiting for that node's acceptance), and this node crashed while the
+    /// redirect was still in its forwarder's memory. The confirmation had deleted the
+    /// session's records, while the batch's forward mark (and the `PubId` mark),
+    /// stored with the next commit, covered the copy: the sending node's retry after
+    /// the restart was skipped as handled and answered, and the publisher got its
+    /// PUBCOMP for a copy nobody had. The redirect is stored until the new node
+    /// accepted it, sent again after a restart with its id (the new owner's window
+    /// skips it if it had it), and not after its acceptance.
+    #[test]
+    fn a_confirmed_ghosts_redirect_in_the_forwarder_at_a_crash_is_sent_again_after_the_restart() {
+        let dir = temp_dir("redirect-crash");
+        let (mut a, remote, env, lock) = parked_subscriber(&dir);
+        assert!(a.moving_done(3, "s", (2, 99)));
+        commit(&mut a, &env);
+        let copy = with_mark(forwarded_at("sent on", QoS::ExactlyOnce, 1), 1);
+        let token = a.begin_forward_batch().expect("a ghost opens a token");
+        a.handle_mesh(4, remote, copy.clone());
+        a.end_forward_batch(token);
+        // Another session's record: a commit with ops, which the marks ride.
+        let q = a.connect(4, connect_packet(V, "q", false), false);
+        drain(&mut a, q, V);
+        commit(&mut a, &env);
+        assert!(
+            a.take_forwards_done().is_empty(),
+            "the batch waits for node 2"
+        );
+        let sent = redirects_out(&mut a);
+        assert_eq!(sent.len(), 1);
+        let (_, _, id, _) = sent[0].clone();
+        assert!(id.is_some());
+        // The forwarder has it in memory; node 2 has not accepted it yet.
+        crash(a, env, lock);
+
+        let (mut a, remote, env, lock) = boot(&dir, 8);
+        // The sending node retries the unanswered batch.
+        let token = a.begin_forward_batch();
+        a.handle_mesh(5, remote, copy);
+        if let Some(t) = token {
+            a.end_forward_batch(t);
+        }
+        commit(&mut a, &env);
+        // Skipped as handled (its forward mark is stored) and answered at once: the
+        // publisher gets its PUBCOMP, so the copy must be on its way.
+        assert_eq!(a.take_forwards_done(), Vec::from_iter(token));
+        let again = redirects_out(&mut a);
+        assert_eq!(
+            again
+                .iter()
+                .map(|r| (&r.0[..], r.1, r.2))
+                .collect::<Vec<_>>(),
+            [("sent on", (2, 99), id)],
+            "the stored marks covered a copy only the forwarder's memory had"
+        );
+        // Node 2 accepts it: it leaves the store, and a crash does not send it again.
+        let accepted = again[0].3.expect("the redirect waits for node 2");
+        a.handle_mesh(6, remote, MeshMsg::Ack { token: accepted });
+        commit(&mut a, &env);
+        crash(a, env, lock);
+        let (mut a, _, _env, _lock) = boot(&dir, 9);
+        assert!(redirects_out(&mut a).is_empty(), "sent again once accepted");
+    }
+
+    /// The same crash for what an unconfirmed ghost held: stored as deliveries of the
+    /// session's records until the confirmation, whose delete took them while they
+    /// went on to the new node from memory.
+    #[test]
+    fn what_a_ghost_held_sent_on_at_the_confirmation_survives_a_crash_before_its_acceptance() {
+        let dir = temp_dir("held-sent-on");
+        let (mut a, remote, env, lock) = parked_subscriber(&dir);
+        let copy = with_mark(forwarded_at("held", QoS::ExactlyOnce, 1), 1);
+        let token = a.begin_forward_batch().expect("a ghost opens a token");
+        a.handle_mesh(3, remote, copy.clone());
+        a.end_forward_batch(token);
+        commit(&mut a, &env);
+        assert!(a.moving_done(4, "s", (2, 99)));
+        commit(&mut a, &env);
+        assert_eq!(
+            redirects_out(&mut a).len(),
+            1,
+            "sent on at the confirmation"
+        );
+        assert!(
+            a.take_forwards_done().is_empty(),
+            "the batch waits for node 2"
+        );
+        crash(a, env, lock);
+
+        let (mut a, remote, env, _lock) = boot(&dir, 8);
+        let token = a.begin_forward_batch();
+        a.handle_mesh(5, remote, copy);
+        if let Some(t) = token {
+            a.end_forward_batch(t);
+        }
+        commit(&mut a, &env);
+        assert_eq!(
+            redirects_out(&mut a)
+                .iter()
+                .map(|r| (&r.0[..], r.1))
+                .collect::<Vec<_>>(),
+            [("held", (2, 99))],
+            "the confirmation's delete took the held copy while it was in memory only"
+        );
     }
 
     /// A window's ids go to the store in parts, one per commit that recorded some,

@@ -866,6 +866,8 @@ impl Engine {
         }
         // After the sessions: a ghost of a ClientID with a session here is stale.
         self.restore_ghosts(now_ms, ghosts);
+        // What confirmed ghosts sent on and their new nodes had not accepted.
+        self.restore_redirects(std::mem::take(&mut r.redirects));
     }
 
     /// Creates session `rs` on this shard as stored (`stored`: its deliveries are in

@@ -27,10 +27,14 @@
 //! session that ended (its redirects reach no session with a window at the new
 //! owner, which drops them, as it would have).
 //!
-//! Bounds: what the ghost held before the confirmation is stored with its session's
-//! records (`moved::store_held`), which go with the confirmation, and a confirmed
-//! ghost holds nothing (it sends at once): a redirect still on its way when the node
-//! crashes after that is lost; a node restarted outside a cluster drops its ghosts.
+//! What the ghost held before the confirmation is stored with its session's records
+//! (`moved::store_held`), which go with the confirmation; a confirmed ghost holds
+//! nothing (it sends at once), and with a store a QoS 1/2 copy it sends on (the held
+//! ones at the confirmation among them) is stored until the new owner accepted it and
+//! sent again after a restart (`moved::send_on`, `Engine::restore_redirects`): the
+//! marks that say this node handled it are stored, so a retry would not bring it
+//! again. Bounds: a node restarted outside a cluster drops its ghosts (and deletes
+//! their stored redirects).
 
 use tessera_proto::{Str, topic};
 
@@ -335,6 +339,9 @@ mod tests {
                 _ => None,
             })
             .collect();
+        // (With a token of its own: the copy is stored until the new owner accepted
+        // it, `moved::send_on`.)
+        let accepted = redirects.first().and_then(|r| r.4).expect("a token");
         assert_eq!(
             redirects,
             vec![(
@@ -342,7 +349,7 @@ mod tests {
                 2,
                 99,
                 Bytes::from_static(b"held"),
-                Some(token)
+                Some(accepted)
             )],
             "sent on to the session's new owner"
         );
@@ -350,8 +357,10 @@ mod tests {
             n.e.take_forwards_done().is_empty(),
             "the batch is answered only once the new owner accepted the copy"
         );
-        n.e.handle_mesh(5_001, remote, MeshMsg::Ack { token });
+        n.e.handle_mesh(5_001, remote, MeshMsg::Ack { token: accepted });
         assert_eq!(n.e.take_forwards_done(), vec![token]);
+        // (The stored copy's delete.)
+        n.commit();
 
         // The window ends 30 s after the confirmation: the ghost goes, and its
         // record with the next commit that has ops (none of its own).

@@ -80,6 +80,20 @@ pub struct GhostState {
     pub window: Vec<u8>,
 }
 
+/// A publication a moved session's confirmed ghost sent on to the session's new node,
+/// as stored until that node accepted it ([`StoreOp::PutRedirect`]).
+#[derive(Debug, Clone)]
+pub struct RedirectState {
+    /// The session's ClientID.
+    pub client_id: Str,
+    /// The node the session moved to, and its claim epoch.
+    pub to: (u64, u64),
+    /// The publication.
+    pub message: Message,
+    /// Its cluster-wide id (the new owner's window skips a copy it got).
+    pub id: Option<crate::mesh::PubId>,
+}
+
 /// One change to a shard's store. Times are broker-relative milliseconds; the
 /// writer converts them to wall-clock time.
 #[derive(Debug, Clone)]
@@ -255,6 +269,25 @@ pub enum StoreOp {
     DelGhost {
         /// The ClientID.
         client_id: Str,
+    },
+    /// A moved session's confirmed ghost sent a QoS 1/2 publication on to the
+    /// session's new node (the engine's `moved`): stored in the epoch of what says it
+    /// was handled here (the batch's forward mark, the `PubId` marks), until that
+    /// node accepted it, so a crash of this node in between cannot lose it (the
+    /// session's own records went with the confirmation). Restored as a redirect to
+    /// send again.
+    PutRedirect {
+        /// Its number on its shard.
+        seq: u64,
+        /// The redirect.
+        redirect: Box<RedirectState>,
+    },
+    /// The new node accepted a stored redirect.
+    DelRedirect {
+        /// The session's ClientID.
+        client_id: Str,
+        /// Its number.
+        seq: u64,
     },
 }
 
@@ -473,8 +506,16 @@ fn held_key(client_id: &[u8], seq: u64) -> Vec<u8> {
     k
 }
 
-/// A held delivery's key without its prefix: (session key, hold number). `None`
-/// when malformed.
+/// The `meta` key of stored redirect `seq` of `client_id` (`StoreOp::PutRedirect`).
+fn redirect_key(client_id: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = META_REDIRECT_PREFIX.to_vec();
+    k.extend_from_slice(&session_prefix(client_id));
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// A held delivery's (or stored redirect's) key without its prefix: (session key,
+/// number). `None` when malformed.
 pub(crate) fn split_held_key(key: &[u8]) -> Option<(Vec<u8>, u64)> {
     let len = usize::from(*key.first()?);
     if key.len() != 1 + len + 8 {
@@ -691,6 +732,12 @@ pub(crate) const META_WINDOW_PREFIX: &[u8] = b"win/";
 /// older build skips these.
 pub(crate) const META_HELD_PREFIX: &[u8] = b"held/";
 
+/// The prefix of redirects a confirmed ghost sent on and the new node has not
+/// accepted yet, in `meta` (`StoreOp::PutRedirect`), followed by the session prefix
+/// (`session_prefix`) and the redirect's number on its shard (u64 big-endian); the
+/// value is a [`record::RedirectRec`]. An older build skips these.
+pub(crate) const META_REDIRECT_PREFIX: &[u8] = b"redir/";
+
 /// How long a stored `PubId` mark is kept after it was last raised: at
 /// start-up older ones are dropped (an origin that sent nothing here for so
 /// long is a process that ended, or one whose copies no longer come by way of
@@ -905,6 +952,15 @@ pub(crate) fn apply(
         StoreOp::DelGhost { client_id } => dbs
             .meta
             .delete(txn, &ghost_key(client_id.as_bytes()))
+            .map(drop),
+        StoreOp::PutRedirect { seq, redirect } => dbs.meta.put(
+            txn,
+            &redirect_key(redirect.client_id.as_bytes(), *seq),
+            &encode(&redirect_rec(redirect, wall_base_ms)),
+        ),
+        StoreOp::DelRedirect { client_id, seq } => dbs
+            .meta
+            .delete(txn, &redirect_key(client_id.as_bytes(), *seq))
             .map(drop),
     }
 }

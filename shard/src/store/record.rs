@@ -169,6 +169,20 @@ pub struct GhostRec {
     pub window: Vec<u8>,
 }
 
+/// A publication a moved session's confirmed ghost sent on to the session's new node,
+/// not yet accepted there (`meta` database, key `redir/` + the session prefix + its
+/// number; issue 15, `engine::moved`): sent again after a crash.
+#[derive(Archive, Serialize, Deserialize, Debug, PartialEq)]
+pub struct RedirectRec {
+    pub client_id: String,
+    /// The node the session moved to, and its claim epoch.
+    pub to_node: u64,
+    pub to_epoch: u64,
+    pub message: MessageRec,
+    /// Its cluster-wide id: origin, origin shard, class and count.
+    pub id: Option<(u64, u16, u64)>,
+}
+
 /// Why a stored value could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -429,6 +443,32 @@ pub fn ghost(r: GhostRec, wall_base_ms: u64) -> Result<crate::store::GhostState,
             .collect::<Result<_, _>>()?,
         confirmed_ms: to_broker(r.confirmed_wall_ms, wall_base_ms),
         window: r.window,
+    })
+}
+
+/// The stored form of a redirect.
+pub fn redirect_rec(r: &crate::store::RedirectState, wall_base_ms: u64) -> RedirectRec {
+    RedirectRec {
+        client_id: string(&r.client_id),
+        to_node: r.to.0,
+        to_epoch: r.to.1,
+        message: message_rec(&r.message, wall_base_ms),
+        id: r.id.map(|id| (id.origin, id.shard, id.seq)),
+    }
+}
+
+/// The redirect of a record.
+pub fn redirect(
+    r: RedirectRec,
+    wall_base_ms: u64,
+) -> Result<crate::store::RedirectState, DecodeError> {
+    Ok(crate::store::RedirectState {
+        client_id: to_str(r.client_id)?,
+        to: (r.to_node, r.to_epoch),
+        message: message(r.message, wall_base_ms)?,
+        id: r
+            .id
+            .map(|(origin, shard, seq)| crate::mesh::PubId { origin, shard, seq }),
     })
 }
 

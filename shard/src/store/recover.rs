@@ -174,6 +174,10 @@ pub struct Recovered {
     /// they were held; `Delivery::seq` is the hold's number (the engine queues
     /// them and deletes their records).
     pub held: Vec<(Str, Delivery)>,
+    /// Redirects confirmed ghosts of this shard sent on that their new nodes had
+    /// not accepted (`StoreOp::PutRedirect`): (number, redirect), in number order
+    /// (the engine sends them again).
+    pub redirects: Vec<(u64, super::RedirectState)>,
 }
 
 /// A stored session's dedup window (it moved here shortly before the stop).
@@ -236,6 +240,8 @@ struct Raw {
     windows: HashMap<Vec<u8>, Vec<RawWindowPart>>,
     /// session key -> deliveries its window held (`StoreOp::PutHeld`)
     held: HashMap<Vec<u8>, RawMessages>,
+    /// Stored redirects: (number, record, raw key, raw value)
+    redirects: Vec<(u64, record::RedirectRec, Vec<u8>, Vec<u8>)>,
     /// session key -> (record, raw value)
     wills: HashMap<Vec<u8>, (record::DelayedWillRec, Vec<u8>)>,
     /// topic key -> (record, raw value)
@@ -383,6 +389,12 @@ fn read_raw(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<Raw, St
                 .entry(session)
                 .or_default()
                 .push((part, ends, marks, ids, k.to_vec()));
+        } else if let Some(tail) = k.strip_prefix(super::META_REDIRECT_PREFIX) {
+            let (_, seq) = super::split_held_key(tail)
+                .ok_or_else(|| corrupt("meta", k, "bad redirect key".into()))?;
+            let rec = record::decode::<record::RedirectRec>(v)
+                .map_err(|e| corrupt("meta", k, e.to_string()))?;
+            raw.redirects.push((seq, rec, k.to_vec(), v.to_vec()));
         } else if let Some(tail) = k.strip_prefix(super::META_HELD_PREFIX) {
             let (session, seq) = super::split_held_key(tail)
                 .ok_or_else(|| corrupt("meta", k, "bad held delivery key".into()))?;
@@ -528,6 +540,7 @@ pub fn recover(
     let mut seen_sessions = std::collections::HashSet::new();
     let mut seen_retained = std::collections::HashSet::new();
     let mut seen_ghosts = std::collections::HashSet::new();
+    let mut seen_redirects = std::collections::HashSet::new();
     // Forward marks stay with their shard; after a change of the shard count
     // they are dropped (a batch retried then is delivered again: at least once).
     let same_shards = present == 0 || present == shard_count;
@@ -653,6 +666,21 @@ pub fn recover(
                     }
                 }
             }
+        }
+        // A redirect goes with its ClientID's shard, as its ghost did (only that
+        // shard's ghost makes them, so numbers do not collide there).
+        for (seq, rec, key, value) in std::mem::take(&mut raw.redirects) {
+            let owner = shard_for(rec.client_id.as_bytes(), shard_count);
+            if owner != from {
+                moved += 1;
+                puts[owner].push((META, key.clone(), value));
+                dels.push((META, key.clone()));
+            }
+            if !seen_redirects.insert(key.clone()) {
+                continue;
+            }
+            let r = record::redirect(rec, wall_base_ms).map_err(|e| corrupt("meta", &key, e))?;
+            out[owner].redirects.push((seq, r));
         }
         // Windows of no session here (or not kept) go.
         for (_, _, _, _, key) in raw.windows.into_values().flatten() {
