@@ -967,6 +967,7 @@ impl Engine {
             self.remove_local_subscription(filter, idx);
         }
         self.by_client_id.remove(&s.client_id);
+        self.arrival_gone(&s.client_id, s.uid);
         if let Some(ended) = &mut self.ended_sessions {
             ended.push(s.client_id.clone());
         }
@@ -1669,9 +1670,12 @@ impl Engine {
         let local = set.contains(self.shard);
         self.shard_set = set;
         // A re-sent PUBLISH routed in place of its original (`handed_qos2`) skips
-        // this shard if the original reached it.
+        // this shard if the original reached it, but for the sessions that moved in
+        // since without it (`moved::Arrival`).
         if local && !self.moved.again.is_some_and(|id| self.pub_id_handled(id)) {
             self.deliver_local(now_ms, &msg);
+        } else if local {
+            self.resent_to_arrivals(now_ms, &msg, self.moved.current);
         }
         if let Some(id) = self.moved.again {
             self.note_resent_handled(id);
@@ -1741,7 +1745,7 @@ impl Engine {
         match msg {
             MeshMsg::Publish { message, id } => {
                 if self.rerouted_handled(id) {
-                    return;
+                    return self.resent_to_arrivals(now_ms, &message, id);
                 }
                 self.note_pub_id(id);
                 self.feed.source = feed_pace::FeedSource::Peer(from);
@@ -1793,6 +1797,7 @@ impl Engine {
             } => {
                 self.note_origin(from, seq);
                 if self.rerouted_handled(id) {
+                    self.resent_to_arrivals(now_ms, &message, id);
                     return self.ack_after_commit(from, ack);
                 }
                 self.note_pub_id(id);

@@ -439,6 +439,12 @@ pub struct Session {
     /// earlier life is true for it, not for a session that came later (the engine's
     /// `moved` module, sim seed 703).
     pub restored: bool,
+    /// Taken in from another node in this life (`Engine::import_session`; a
+    /// take-back of its own moving copy keeps it): it was elsewhere when this
+    /// shard's earlier life routed what it restored as maybe lacking on other
+    /// nodes. A session neither restored nor moved in started here after those
+    /// publications (the engine's `moved` module, sim seeds 703 and 663).
+    pub moved_in: bool,
 }
 
 impl Session {
@@ -470,6 +476,7 @@ impl Session {
             fresh_from: (0, 0),
             stored: false,
             restored: false,
+            moved_in: false,
         }
     }
 

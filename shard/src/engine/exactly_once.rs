@@ -180,6 +180,7 @@ impl Engine {
             sent += 1;
         }
         self.publish_seq = 0;
+        let here = set.contains(self.shard);
         self.shard_set = set;
         if local {
             // A ghost's redirect of it holds the PUBREC as a forward does.
@@ -190,6 +191,11 @@ impl Engine {
                 self.note_resent_handled(id);
             }
             sent += 1;
+        } else if here {
+            // This shard delivered the original (or the recovery says it has it),
+            // but not to a session that moved in since without it
+            // (`moved::Arrival`).
+            self.resent_to_arrivals(now_ms, &msg, self.moved.current);
         }
         self.moved.current = None;
         tracing::debug!(

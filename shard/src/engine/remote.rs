@@ -224,8 +224,9 @@ impl Engine {
             // original's id (`moved::RESENT`: by that node restarted, or by the node
             // its session moved to), whose original (or an earlier re-sent copy)
             // reached this shard; or an original after its re-sent copy. Originals
-            // of one origin never come out of order otherwise.
-            return;
+            // of one origin never come out of order otherwise. A session that moved
+            // in here since, without it, still gets it (`moved::Arrival`).
+            return self.resent_to_arrivals(now_ms, &msg, id);
         }
         self.note_pub_id(id);
         self.moved.ack = self.forward_batch.map(super::moved::RedirectAck::Batch);
@@ -297,6 +298,9 @@ impl Engine {
         // serving shard's marks are its own (another node's batches may be served by
         // another shard than the original's were), so this shard looks at its own.
         if self.rerouted_handled(id) {
+            // Not for the sessions that moved in after the original came
+            // (`moved::Arrival`).
+            self.resent_to_arrivals(now_ms, &message, id);
             if let Some(token) = ack {
                 self.ack_after_commit(from, token);
             }

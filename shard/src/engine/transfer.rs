@@ -78,6 +78,9 @@ pub(super) struct Moving {
     /// The session was restored at this start (`Session::restored`), and is again
     /// when taken back.
     restored: bool,
+    /// The session had moved in from another node (`Session::moved_in`), and has
+    /// again when taken back.
+    moved_in: bool,
 }
 
 /// A session taken in whose disk tail is still arriving from its old owner.
@@ -277,8 +280,13 @@ impl Engine {
             disk_from_seq: s.queue.disk_from_seq(),
         };
         let bytes = record::encode(&rec);
-        let (expires_at_ms, stored, next_seq, restored) =
-            (s.expiry_deadline_ms(), s.stored, s.next_seq, s.restored);
+        let (expires_at_ms, stored, next_seq, restored, moved_in) = (
+            s.expiry_deadline_ms(),
+            s.stored,
+            s.next_seq,
+            s.restored,
+            s.moved_in,
+        );
         // Before it leaves the routes: what still comes for it here follows it.
         let window = self.leave_ghost(idx, to);
         // Inbound QoS 2 ids whose PUBREC still waits: the new owner holds it too.
@@ -294,6 +302,7 @@ impl Engine {
             redeliver,
             next_seq,
             restored,
+            moved_in,
         };
         let key = self.session(idx).client_id.clone();
         // Out of memory and the routes, not out of the store.
@@ -504,7 +513,9 @@ impl Engine {
         self.take_in(now_ms, client_id, &m.bytes, wall_base_ms, Some(m.stored))?;
         if let Some(idx) = self.session_idx(client_id) {
             self.take_back_inbound(idx, &m.relayed, m.redeliver);
-            self.session_mut(idx).restored = m.restored;
+            let s = self.session_mut(idx);
+            s.restored = m.restored;
+            s.moved_in = m.moved_in;
         }
         Ok(true)
     }
@@ -523,7 +534,11 @@ impl Engine {
         bytes: &[u8],
         wall_base_ms: u64,
     ) -> Result<Imported, TransferError> {
-        self.take_in(now_ms, client_id, bytes, wall_base_ms, None)
+        let imported = self.take_in(now_ms, client_id, bytes, wall_base_ms, None)?;
+        if let Some(idx) = self.session_idx(client_id) {
+            self.session_mut(idx).moved_in = true;
+        }
+        Ok(imported)
     }
 
     /// `local`: `Some(stored)` when the bytes are this shard's own moving copy (its
