@@ -523,6 +523,10 @@ pub struct Engine {
     /// against routes of this node's earlier life (`MeshMsg::Forwarded`): fresh
     /// subscriptions do not get it. Set around the delivery, like `moved.current`.
     earlier_life: bool,
+    /// The routes index of the publication being delivered, when it came from
+    /// another node (`MeshMsg::Forwarded::routes_index`; 0: not known). Set around
+    /// the delivery, like `earlier_life`.
+    routes_index: u64,
     shard_set: ShardSet,
     stats: Stats,
     /// Metrics beyond `stats`: packets by type, CONNECT results, histograms.
@@ -625,6 +629,7 @@ impl Engine {
             outbox: (0..shard_count).map(|_| Vec::new()).collect(),
             matches: Vec::new(),
             earlier_life: false,
+            routes_index: 0,
             shard_set: ShardSet::default(),
             stats: Stats::default(),
             probe: Probe::default(),
@@ -1758,11 +1763,14 @@ impl Engine {
                 mark,
                 id,
                 earlier_life,
+                routes_index,
                 ..
             } if self.is_remote(from) => {
                 self.earlier_life = earlier_life;
+                self.routes_index = routes_index;
                 self.publish_forwarded(now_ms, message, mark, id);
                 self.earlier_life = false;
+                self.routes_index = 0;
             }
             MeshMsg::Forwarded {
                 message,
@@ -1770,10 +1778,13 @@ impl Engine {
                 ack,
                 id,
                 earlier_life,
+                routes_index,
             } => {
                 self.earlier_life = earlier_life;
+                self.routes_index = routes_index;
                 self.forwarded_copy(now_ms, from, message, mark, ack, id);
                 self.earlier_life = false;
+                self.routes_index = 0;
             }
             MeshMsg::Redirect {
                 client_id,
@@ -2209,7 +2220,7 @@ impl Engine {
             }
             let qos = delivery_qos(msg.qos, qos);
             let direct = if self.has_moved() {
-                self.moved_direct(idx, &msg.topic)
+                self.moved_direct(idx, &msg.topic, qos)
             } else {
                 moved::Direct::Deliver
             };

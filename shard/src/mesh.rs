@@ -89,6 +89,11 @@ pub enum MeshMsg {
         /// life (restored, or brought along by a session that moved in), never
         /// to one a SUBSCRIBE made since (`SubscriptionEntry::fresh`; seed 632).
         earlier_life: bool,
+        /// The raft log index up to which the sending node had applied its route
+        /// table when it matched the publication (0: not known, e.g. a shared
+        /// record): a QoS 0 copy matched before a moved-in session's claim here is
+        /// not delivered to it by this path (`moved`, sim seed 2172).
+        routes_index: u64,
     },
     /// A publication for other nodes (to the remote id only): as
     /// `PublishDurable`, with its identity (`None` outside a cluster), and `ack`

@@ -2650,6 +2650,7 @@ pub fn serve_request(
                             ack: None,
                             id: r.id,
                             earlier_life: r.routes.is_some_and(|i| i < own_routes_from),
+                            routes_index: r.routes.unwrap_or(0),
                         },
                         (Some(share), _) => {
                             let mut tried = ShardSet::new();

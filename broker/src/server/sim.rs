@@ -1747,9 +1747,15 @@ fn the_data_plane_simulation_regression_seeds() {
 /// by the ghosts that redirect it there, acknowledged and lost (a window exported for a
 /// session that came after a restart leaves out what the earlier life knew of
 /// re-sendable ids: `Session::restored`, `Recovered::resent_pending`).
+/// 2172: c1 got c3's QoS 0 3/13 and 3/14 on node 1, and node 1 crashed before a commit
+/// stored the marks and window ids that said so (a QoS 0 delivery stores nothing); c1
+/// moved 1 -> 2 -> 3, and node 3's copies for node 2, retried across a partition for
+/// 5 s, reached node 2 after c1 left: its ghost sent them on to node 3, and c1 got them
+/// twice (a QoS 0 copy matched before the session's claim on a node is not its by that
+/// node's path: `Engine::window_claim`).
 const SYNC_REGRESSION_SEEDS: &[u64] = &[
     25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321, 842, 748, 1340,
-    1284, 1369, 70, 703,
+    1284, 1369, 70, 703, 2172,
 ];
 
 /// Sync seeds that fail only with several shards per node, replayed so (the shard

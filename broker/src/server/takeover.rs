@@ -520,6 +520,12 @@ async fn take_in_parts(
             "the moved session's window is malformed: QoS 2 copies it got there may come again"
         );
     }
+    // A QoS 0 copy another node matched before this claim is not the session's by
+    // this node's path (`Engine::window_claim`, sim seed 2172).
+    shard
+        .engine
+        .borrow_mut()
+        .window_claim(client_id, epoch >> EPOCH_POSITION_BITS);
     if let Some(p) = pending
         && !shard.engine.borrow_mut().import_pending(client_id, p)
     {

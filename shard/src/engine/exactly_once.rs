@@ -770,6 +770,7 @@ mod tests {
                 ack: None,
                 id: Some(id),
                 earlier_life: false,
+                routes_index: 0,
             },
         );
         crate::engine::testing::drain(e, *s, V)
@@ -927,6 +928,7 @@ mod tests {
                         seq: (2 << 62) | (seq * 100 + index as u64 + 1),
                     }),
                     earlier_life: false,
+                    routes_index: 0,
                 },
             );
         }

@@ -584,6 +584,7 @@ mod tests {
             ack: None,
             id: Some(id),
             earlier_life: false,
+            routes_index: 0,
         };
         for got_original in [true, false] {
             let mut n = node(9);
@@ -937,6 +938,7 @@ mod tests {
             ack: None,
             id: Some(id),
             earlier_life: false,
+            routes_index: 0,
         }
     }
 

@@ -194,6 +194,10 @@ pub(super) struct Window {
     held: VecDeque<HeldDirect>,
     /// Whether direct deliveries are held (until one waited [`HOLD_MAX_MS`]).
     holding: bool,
+    /// The raft log index of the claim that brought the session here (0: not
+    /// known): a QoS 0 copy another node matched before it is not the session's by
+    /// the normal path here ([`Engine::window_claim`], sim seed 2172).
+    claim_index: u64,
 }
 
 /// How much of a window the store has (meta `win/` parts, see
@@ -527,6 +531,13 @@ fn same_stream(a: PubId, b: PubId) -> bool {
     a.origin == b.origin && a.shard == b.shard && id_class(a.seq) == id_class(b.seq)
 }
 
+/// Whether a copy another node matched with its routes applied up to `routes_index`
+/// was matched before the claim at raft log index `claim_index` (either 0: not
+/// known, no).
+fn matched_before(routes_index: u64, claim_index: u64) -> bool {
+    routes_index != 0 && routes_index < claim_index
+}
+
 fn raise(marks: &mut Vec<(u64, ShardId, u64)>, origin: u64, shard: ShardId, seq: u64) {
     match marks
         .iter_mut()
@@ -556,6 +567,7 @@ impl Window {
             filters: Vec::new(),
             held: VecDeque::new(),
             holding: false,
+            claim_index: 0,
         };
         for id in ids {
             w.seen(id, false);
@@ -798,7 +810,11 @@ impl Engine {
             .windows
             .get(&client_id)
             .is_some_and(|w| w.uid == uid);
+        let mut claim_index = 0;
         if let Some(w) = self.moved.windows.remove(&client_id) {
+            if w.uid == uid {
+                claim_index = w.claim_index;
+            }
             if w.uid == uid {
                 for &(o, sh, q) in &w.marks {
                     raise(&mut marks, o, sh, q);
@@ -835,7 +851,8 @@ impl Engine {
         if self.moved.origin == 0 || subs.is_empty() {
             return out;
         }
-        let seen = Window::new(uid, marks, [u64::MAX; CLASSES], ids);
+        let mut seen = Window::new(uid, marks, [u64::MAX; CLASSES], ids);
+        seen.claim_index = claim_index;
         let slot = self.ghost_slot();
         let gidx = GHOST_BASE + slot;
         for (f, e) in &subs {
@@ -1226,6 +1243,32 @@ impl Engine {
         true
     }
 
+    /// The session `client_id` just taken in came with the claim at raft log index
+    /// `claim_index` (the log index of its epoch): a QoS 0 copy another node matched
+    /// before that index reaches neither the session here by the normal path
+    /// (`moved_direct`) nor, once it moved on, its ghost here (`redirect`). Such a
+    /// copy was matched while another node owned the session, and was sent there too
+    /// (that node routed the session's filters, or the session was not subscribed
+    /// yet): the session got it there, or gets it from that node's ghost, or it was
+    /// lost with that node, which QoS 0 allows. Why (sim seed 2172): the marks and
+    /// window ids that say a QoS 0 copy reached a session go to the store only with
+    /// the next commit that has ops, so a node that crashed in between restored the
+    /// session with marks below it, and the copy, retried to another node for
+    /// seconds, was delivered to the session a second time after it moved on. The
+    /// routes index a forwarded record carries needs nothing stored and no commit per
+    /// QoS 0 delivery: it dates the copy on the log that orders the claims. Only for
+    /// QoS 0 (a QoS 1/2 copy is at least once: the marks, committed with what it
+    /// stored, sort it out) and for forwarded copies (a local publication has no
+    /// routes index, and was made after the claim here).
+    pub fn window_claim(&mut self, client_id: &str, claim_index: u64) {
+        if let Some(w) = Str::try_from(client_id)
+            .ok()
+            .and_then(|k| self.moved.windows.get_mut(&k))
+        {
+            w.claim_index = claim_index;
+        }
+    }
+
     /// This shard's counts as the local mark of `key`'s window: none yet while
     /// its session is still being imported (its subscriptions are attached with
     /// its disk tail, `window_attached`).
@@ -1531,7 +1574,10 @@ impl Engine {
     /// its stream. Bounded: [`HOLD_MAX_MS`] (then the window stops holding), and the
     /// window's life; a session that never moved pays nothing (no window). With a
     /// store, a held QoS 1/2 copy of a stored session is stored (`hold_direct`).
-    pub(super) fn moved_direct(&mut self, idx: SessionIdx, topic: &str) -> Direct {
+    ///
+    /// A QoS 0 delivery of a copy its sending node matched before the session's claim
+    /// here is skipped ([`Engine::window_claim`]).
+    pub(super) fn moved_direct(&mut self, idx: SessionIdx, topic: &str, qos: QoS) -> Direct {
         let Some(id) = self.moved.current else {
             return Direct::Deliver;
         };
@@ -1545,6 +1591,9 @@ impl Engine {
         };
         if w.uid != uid {
             return Direct::Deliver;
+        }
+        if qos == QoS::AtMostOnce && matched_before(self.routes_index, w.claim_index) {
+            return Direct::Skip;
         }
         if w.seen(id, true) {
             return Direct::Skip;
@@ -1717,6 +1766,16 @@ impl Engine {
             return;
         };
         let (client_id, (node, epoch), confirmed) = (g.client_id.clone(), g.to, g.confirmed);
+        // A QoS 0 copy matched before the session's claim here was sent to the node
+        // that had it then too: not the session's by this path (sim seed 2172).
+        if direct
+            && msg.qos == QoS::AtMostOnce
+            && g.seen
+                .as_ref()
+                .is_some_and(|w| matched_before(self.routes_index, w.claim_index))
+        {
+            return;
+        }
         let id = match self.moved.current {
             Some(id) => Some(id),
             None => self.new_pub_id(msg.qos),
@@ -2158,6 +2217,7 @@ mod tests {
                 seq,
             }),
             earlier_life: false,
+            routes_index: 0,
         }
     }
 
@@ -2323,6 +2383,7 @@ mod tests {
                 seq: id_seq(qos as u64, n),
             }),
             earlier_life: false,
+            routes_index: 0,
         }
     }
 
@@ -2445,6 +2506,74 @@ mod tests {
         // The next direct one waits for its redirect too.
         b.handle_mesh(8, remote_b, forwarded_at("7", qos2, 7));
         assert!(payloads(&mut b, s_b).is_empty(), "7 waits for its redirect");
+    }
+
+    /// A QoS 0 copy from origin 5, shard 0, with its `n`th id there, that its sending
+    /// node matched with its routes applied up to `routes_index`.
+    fn qos0_matched_at(payload: &'static str, n: u64, routes_index: u64) -> MeshMsg {
+        match forwarded_at(payload, QoS::AtMostOnce, n) {
+            MeshMsg::Forwarded {
+                message,
+                mark,
+                ack,
+                id,
+                earlier_life,
+                ..
+            } => MeshMsg::Forwarded {
+                message,
+                mark,
+                ack,
+                id,
+                earlier_life,
+                routes_index,
+            },
+            other => other,
+        }
+    }
+
+    /// Sim seed 2172: the session got QoS 0 copies on node A, which crashed before a
+    /// commit stored the marks and window ids that said so (a QoS 0 delivery stores
+    /// nothing), and moved on A -> B -> C. A copy of one, sent to B before the
+    /// session was ever there and retried for seconds, reached B after it left: B's
+    /// ghost redirected it to C (its marks, from A's restored ones, did not cover it),
+    /// and the session got it twice. A QoS 0 copy matched before the session's claim
+    /// on a node (its routes index below the claim's log index) is not the session's
+    /// by that node's path, neither while it lives there nor for its ghost.
+    #[test]
+    fn a_qos0_copy_matched_before_the_sessions_claim_here_is_not_its_by_this_path() {
+        let (mut a, _, _) = node(7);
+        let (mut b, remote_b, s_b, _) = moved_to_b(&mut a);
+        b.window_claim("s", 100);
+        // (Nothing of origin 5 is held or covered here: marks stay out of it.)
+        b.handle_mesh(4, remote_b, qos0_matched_at("stale", 1, 99));
+        assert!(payloads(&mut b, s_b).is_empty(), "matched before the claim");
+        b.handle_mesh(4, remote_b, qos0_matched_at("after", 2, 100));
+        b.handle_mesh(4, remote_b, qos0_matched_at("unknown", 3, 0));
+        b.expire_moved(4 + HOLD_MAX_MS);
+        assert_eq!(
+            payloads(&mut b, s_b),
+            vec![Bytes::from_static(b"after"), Bytes::from_static(b"unknown")]
+        );
+        // It moves on to C: B's ghost does not send on a stale one either.
+        assert!(b.export_session(5, "s", 0, (3, 200 << 20)).is_some());
+        assert!(b.moving_done(6, "s", (3, 200 << 20)));
+        remote_out(&mut b);
+        b.handle_mesh(7, remote_b, qos0_matched_at("stale too", 4, 99));
+        assert!(
+            !remote_out(&mut b)
+                .iter()
+                .any(|m| matches!(m, MeshMsg::Redirect { .. })),
+            "a copy matched before the claim sent on"
+        );
+        b.handle_mesh(7, remote_b, qos0_matched_at("later", 5, 150));
+        let sent: Vec<_> = remote_out(&mut b)
+            .into_iter()
+            .filter_map(|m| match m {
+                MeshMsg::Redirect { message, .. } => Some(message.payload),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, vec![Bytes::from_static(b"later")]);
     }
 
     /// The hold is bounded: a direct copy whose redirect does not come (the old
@@ -2681,6 +2810,7 @@ mod tests {
                 ack: None,
                 id: Some(id),
                 earlier_life: false,
+                routes_index: 0,
             };
             b[b_serves].handle_mesh(4, remote, copy(x, *x_id));
             pump_node(&mut b, 4);
@@ -2769,6 +2899,7 @@ mod tests {
                     ack: None,
                     id,
                     earlier_life: false,
+                    routes_index: 0,
                 }),
                 _ => None,
             })
@@ -2995,6 +3126,7 @@ mod tests {
             ack: None,
             id: Some(id),
             earlier_life: false,
+            routes_index: 0,
         };
         // Original 3 arrived before its node died; 4 and 5 did not.
         e.handle_mesh(1, remote, copy("o3", id(3)));
@@ -3079,6 +3211,7 @@ mod tests {
                 ack: None,
                 id: Some(id),
                 earlier_life: false,
+                routes_index: 0,
             }),
             _ => None,
         })

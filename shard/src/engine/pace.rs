@@ -229,6 +229,7 @@ mod tests {
                 ack: None,
                 id: None,
                 earlier_life: false,
+                routes_index: 0,
             },
         );
     }

@@ -253,6 +253,7 @@ impl Engine {
                 ack,
                 id,
                 earlier_life: self.earlier_life,
+                routes_index: self.routes_index,
             });
         }
         let local = set.contains(self.shard);
@@ -677,6 +678,7 @@ mod tests {
                 ack: None,
                 id: None,
                 earlier_life: false,
+                routes_index: 0,
             },
         );
         let sent = pump(&mut es, remote);
@@ -765,6 +767,7 @@ mod tests {
             ack: None,
             id: None,
             earlier_life,
+            routes_index: 0,
         };
         es[0].handle_mesh(1, remote, copy("earlier", true));
         es[0].handle_mesh(1, remote, copy("this", false));
@@ -806,6 +809,7 @@ mod tests {
                 ack: None,
                 id: None,
                 earlier_life: false,
+                routes_index: 0,
             },
         );
     }

@@ -298,6 +298,7 @@ mod tests {
                 seq: 1 << 62 | 1,
             }),
             earlier_life: true,
+            routes_index: 0,
         }
     }
 
