@@ -814,8 +814,6 @@ impl Engine {
         if let Some(w) = self.moved.windows.remove(&client_id) {
             if w.uid == uid {
                 claim_index = w.claim_index;
-            }
-            if w.uid == uid {
                 for &(o, sh, q) in &w.marks {
                     raise(&mut marks, o, sh, q);
                 }
