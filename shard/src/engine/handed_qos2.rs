@@ -790,6 +790,15 @@ mod tests {
         assert_eq!(drain(&mut a, c, V), vec![Packet::PubRec(PubRec::new(3))]);
     }
 
+    /// "p"'s session is exported for node 2 and taken back here before the move
+    /// was confirmed (its own moving copy resumed), each step committed.
+    fn take_back(a: &mut Engine, env: &crate::store::StoreEnv) {
+        a.export_session(3, "p", 0, (2, 9)).expect("a session");
+        commit(a, env);
+        assert!(a.resume_moving(4, "p", 0).expect("its own copy"));
+        commit(a, env);
+    }
+
     /// A store-backed node (`testing::boot`, `sync` durability) with origin `origin`
     /// to which another node routes "t".
     fn stored_node(dir: &Dir, origin: u64) -> StoredNode {
@@ -868,10 +877,7 @@ mod tests {
         crash(a, env, lock);
 
         let (mut a, _, env, _lock) = stored_node(&dir, 7);
-        a.export_session(3, "p", 0, (2, 9)).expect("a session");
-        commit(&mut a, &env);
-        assert!(a.resume_moving(4, "p", 0).expect("its own copy"));
-        commit(&mut a, &env);
+        take_back(&mut a, &env);
         resend_is_routed_again(&mut a, &env, original);
     }
 
@@ -902,10 +908,7 @@ mod tests {
     fn a_taken_back_id_whose_forward_still_waits_is_routed_again_after_a_crash() {
         let dir = temp_dir_in("handed_qos2", "taken-back-live");
         let ((mut a, _, env, lock), original) = published_waiting(&dir);
-        a.export_session(3, "p", 0, (2, 9)).expect("a session");
-        commit(&mut a, &env);
-        assert!(a.resume_moving(4, "p", 0).expect("its own copy"));
-        commit(&mut a, &env);
+        take_back(&mut a, &env);
         crash(a, env, lock);
 
         let (mut a, _, env, _lock) = stored_node(&dir, 7);
@@ -1023,10 +1026,7 @@ mod tests {
         commit(&mut a, &env);
         let (_, original) = sent_remote(&mut a);
         assert_eq!(publishes(&drain(&mut a, s, V)), 1, "the original, here");
-        a.export_session(3, "p", 0, (2, 9)).expect("a session");
-        commit(&mut a, &env);
-        assert!(a.resume_moving(4, "p", 0).expect("its own copy"));
-        commit(&mut a, &env);
+        take_back(&mut a, &env);
         crash(a, env, lock);
 
         let (mut a, _, env, _lock) = stored_node(&dir, 7);

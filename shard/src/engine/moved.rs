@@ -2509,24 +2509,14 @@ mod tests {
     /// A QoS 0 copy from origin 5, shard 0, with its `n`th id there, that its sending
     /// node matched with its routes applied up to `routes_index`.
     fn qos0_matched_at(payload: &'static str, n: u64, routes_index: u64) -> MeshMsg {
-        match forwarded_at(payload, QoS::AtMostOnce, n) {
-            MeshMsg::Forwarded {
-                message,
-                mark,
-                ack,
-                id,
-                earlier_life,
-                ..
-            } => MeshMsg::Forwarded {
-                message,
-                mark,
-                ack,
-                id,
-                earlier_life,
-                routes_index,
-            },
-            other => other,
+        let mut copy = forwarded_at(payload, QoS::AtMostOnce, n);
+        if let MeshMsg::Forwarded {
+            routes_index: at, ..
+        } = &mut copy
+        {
+            *at = routes_index;
         }
+        copy
     }
 
     /// Sim seed 2172: the session got QoS 0 copies on node A, which crashed before a
@@ -3412,6 +3402,17 @@ mod tests {
         );
     }
 
+    /// The sending node retries its unanswered forwarded batch of `copy` (after this
+    /// node restarted): its token, if it waits for anything.
+    fn retried_batch(a: &mut Engine, remote: ShardId, copy: MeshMsg) -> Option<u64> {
+        let token = a.begin_forward_batch();
+        a.handle_mesh(5, remote, copy);
+        if let Some(t) = token {
+            a.end_forward_batch(t);
+        }
+        token
+    }
+
     /// One of h154's "not covered" cases (sim seed 154's analysis): the batch's
     /// forward mark, stored with the commit that handled it, made the sending
     /// node's retry of it (the batch was never answered: the ghost held a copy)
@@ -3444,11 +3445,7 @@ mod tests {
         let s = a.connect(4, connect_packet(V, "s", false), false);
         commit(&mut a, &env);
         // The sending node retries the unanswered batch.
-        let token = a.begin_forward_batch();
-        a.handle_mesh(5, remote, copy);
-        if let Some(t) = token {
-            a.end_forward_batch(t);
-        }
+        retried_batch(&mut a, remote, copy);
         commit(&mut a, &env);
         assert_eq!(
             texts(payloads(&mut a, s)),
@@ -3660,11 +3657,7 @@ mod tests {
 
         let (mut a, remote, env, lock) = boot(&dir, 8);
         // The sending node retries the unanswered batch.
-        let token = a.begin_forward_batch();
-        a.handle_mesh(5, remote, copy);
-        if let Some(t) = token {
-            a.end_forward_batch(t);
-        }
+        let token = retried_batch(&mut a, remote, copy);
         commit(&mut a, &env);
         // Skipped as handled (its forward mark is stored) and answered at once: the
         // publisher gets its PUBCOMP, so the copy must be on its way.
@@ -3713,11 +3706,7 @@ mod tests {
         crash(a, env, lock);
 
         let (mut a, remote, env, _lock) = boot(&dir, 8);
-        let token = a.begin_forward_batch();
-        a.handle_mesh(5, remote, copy);
-        if let Some(t) = token {
-            a.end_forward_batch(t);
-        }
+        retried_batch(&mut a, remote, copy);
         commit(&mut a, &env);
         assert_eq!(
             redirects_out(&mut a)
@@ -3918,6 +3907,22 @@ mod tests {
         assert!(a.moved.arrivals.is_empty());
     }
 
+    /// Node A (origin 7, a store in `dir`): "p" publishes "x" (QoS 2, packet id 1)
+    /// for another node's route of "t", and A crashes before that forward leaves:
+    /// the forward, which A's next life does not send again.
+    fn a_forward_that_died_with_its_node(dir: &Dir) -> MeshMsg {
+        let (mut a, _, env, lock) = boot(dir, 7);
+        routed_elsewhere(&mut a, "t");
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        commit(&mut a, &env);
+        drain(&mut a, p, V);
+        a.handle_packet(2, p, publish_packet("x", 1));
+        commit(&mut a, &env);
+        let original = sent_on_as_forwarded(&mut a).expect("the forward, which never leaves");
+        crash(a, env, lock);
+        original
+    }
+
     /// The other side of [`Arrival`] (sim seed 663, where giving a re-sent copy to
     /// every session whose window lacked it delivered QoS 2 twice): a session that
     /// started clean on the restarted publisher's node after the originals were
@@ -3928,15 +3933,7 @@ mod tests {
     #[test]
     fn a_re_sent_copy_does_not_reach_a_moved_in_session_that_had_it_or_came_after_it() {
         let dir = temp_dir("came-after-clean");
-        let (mut a, _, env, lock) = boot(&dir, 7);
-        routed_elsewhere(&mut a, "t");
-        let p = a.connect(1, connect_packet(V, "p", false), false);
-        commit(&mut a, &env);
-        drain(&mut a, p, V);
-        a.handle_packet(2, p, publish_packet("x", 1));
-        commit(&mut a, &env);
-        let original = sent_on_as_forwarded(&mut a).expect("the forward");
-        crash(a, env, lock);
+        let original = a_forward_that_died_with_its_node(&dir);
 
         // Node B: the first session of "s" gets the original there.
         let (mut b, remote_b, s_b) = node(8);
@@ -3999,15 +3996,7 @@ mod tests {
     #[test]
     fn a_session_that_got_a_re_send_on_the_restarted_node_claims_it_when_it_moves_on() {
         let dir = temp_dir("got-resend");
-        let (mut a, _, env, lock) = boot(&dir, 7);
-        routed_elsewhere(&mut a, "t");
-        let p = a.connect(1, connect_packet(V, "p", false), false);
-        commit(&mut a, &env);
-        drain(&mut a, p, V);
-        a.handle_packet(2, p, publish_packet("x", 1));
-        commit(&mut a, &env);
-        let original = sent_on_as_forwarded(&mut a).expect("the forward, which never leaves");
-        crash(a, env, lock);
+        let original = a_forward_that_died_with_its_node(&dir);
 
         let (mut a, _, env, _lock) = boot(&dir, 17);
         let (mut c, _, _) = node(9);
