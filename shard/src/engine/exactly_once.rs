@@ -938,6 +938,20 @@ mod tests {
         token
     }
 
+    /// A forwarded batch's copies reach both shards; shard 0 commits them, shard 1's
+    /// commit is cut by a crash: the batch was not answered before that.
+    fn crash_before_shard_1_commits(mut node: Node) {
+        node.pump();
+        node.commit(0);
+        node.pump();
+        assert!(
+            !node.engines[0].has_forwards_done(),
+            "answered before shard 1 committed the copies"
+        );
+        node.lose(1);
+        node.crash();
+    }
+
     /// A receiving node answers a forwarded batch only once the shard that
     /// stored its copies for a persistent session committed them, and a batch
     /// retried after a restart (the answer was lost, or never sent) is
@@ -951,15 +965,7 @@ mod tests {
         let (sub, _) = set_up_on(&dir, "t", true);
         let mut node = Node::boot_with(&dir, true);
         forward_batch(&mut node, 1, &["a", "b"]).expect("sync durability waits");
-        node.pump();
-        node.commit(0);
-        node.pump();
-        assert!(
-            !node.engines[0].has_forwards_done(),
-            "answered before shard 1 committed the copies"
-        );
-        node.lose(1);
-        node.crash();
+        crash_before_shard_1_commits(node);
         let mut node = Node::boot_with(&dir, true);
         forward_batch(&mut node, 1, &["a", "b"]);
         node.settle();
@@ -1008,15 +1014,7 @@ mod tests {
         assert!(matches!(node.recv(h)[..], [Packet::SubAck(_)]));
         node.disconnect(h);
         forward_batch_from(&mut node, 1, &["a", "b"], Some(5)).expect("sync durability waits");
-        node.pump();
-        node.commit(0);
-        node.pump();
-        assert!(
-            !node.engines[0].has_forwards_done(),
-            "answered before shard 1 committed the copies"
-        );
-        node.lose(1);
-        node.crash();
+        crash_before_shard_1_commits(node);
         let mut node = Node::boot_as(&dir, true, 8);
         forward_batch_from(&mut node, 1, &["a", "b"], Some(5));
         node.settle();
