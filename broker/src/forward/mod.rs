@@ -554,7 +554,8 @@ struct Forwarder {
     shares_next: Option<tokio::time::Instant>,
     /// What each other node said of its shared members (route key -> connected
     /// members); a node not in it weighs one member per share it has a route for.
-    peer_shares: HashMap<NodeId, HashMap<String, u32>>,
+    /// (node -> group -> filter -> connected members).
+    peer_shares: HashMap<NodeId, HashMap<String, HashMap<String, u32>>>,
     /// The weight of the other nodes in each share, as the shards were last told:
     /// route key -> (connected members, offline-only nodes).
     share_weights: HashMap<String, (u32, u32)>,
@@ -1015,16 +1016,28 @@ impl Forwarder {
         let Some(nodes) = self.routes.shared_nodes(group, filter) else {
             return (0, 0);
         };
-        let key = route_key(Some(group), filter);
         let (mut connected, mut offline) = (0u32, 0u32);
         for n in nodes {
-            match self.peer_shares.get(n).map(|t| t.get(&key).copied()) {
+            match self.peer_members(n, group, filter) {
                 None => connected = connected.saturating_add(1),
-                Some(Some(c)) if c > 0 => connected = connected.saturating_add(c),
+                Some(c) if c > 0 => connected = connected.saturating_add(c),
                 Some(_) => offline += 1,
             }
         }
         (connected, offline)
+    }
+
+    /// The connected members `node` said it has in `$share/{group}/{filter}` (0 for a
+    /// share its table leaves out), `None` if it said nothing yet.
+    fn peer_members(&self, node: &NodeId, group: &str, filter: &str) -> Option<u32> {
+        let table = self.peer_shares.get(node)?;
+        Some(
+            table
+                .get(group)
+                .and_then(|g| g.get(filter))
+                .copied()
+                .unwrap_or(0),
+        )
     }
 
     /// Tells every shard the other nodes' weight in a share if it changed (`always`:
@@ -1123,23 +1136,28 @@ impl Forwarder {
         if from == self.me {
             return;
         }
-        let table: HashMap<String, u32> = counts
-            .into_iter()
-            .map(|c| (route_key(Some(&c.group), &c.filter), c.members))
-            .collect();
-        let members = table.values().map(|&c| u64::from(c)).sum();
+        let mut table: HashMap<String, HashMap<String, u32>> = HashMap::new();
+        let mut members = 0u64;
+        for c in counts {
+            members += u64::from(c.members);
+            table
+                .entry(c.group.to_string())
+                .or_default()
+                .insert(c.filter.to_string(), c.members);
+        }
         lock(&self.metrics.shared_members).insert(from, members);
-        let mut keys: Vec<String> = table.keys().cloned().collect();
+        let shares = |t: &HashMap<String, HashMap<String, u32>>| -> Vec<(String, String)> {
+            t.iter()
+                .flat_map(|(g, fs)| fs.keys().map(move |f| (g.clone(), f.clone())))
+                .collect()
+        };
+        let mut keys = shares(&table);
         if let Some(old) = self.peer_shares.insert(from, table) {
-            keys.extend(old.into_keys());
+            keys.extend(shares(&old));
         }
         keys.sort_unstable();
         keys.dedup();
-        for key in keys {
-            let (Some(group), filter) = split_key(&key) else {
-                continue;
-            };
-            let (group, filter) = (group.to_owned(), filter.to_owned());
+        for (group, filter) in keys {
             if self.routes.shared_nodes(&group, &filter).is_some() {
                 self.send_share_weight(&group, &filter, false);
             }
@@ -1392,30 +1410,28 @@ impl Forwarder {
         key: u64,
         ack: Option<(ShardId, u64)>,
     ) {
+        self.share_cursor = self.share_cursor.wrapping_add(1);
+        let cursor = self.share_cursor;
         let node = self
             .routes
             .shared_nodes(&share.group, &share.filter)
             .and_then(|nodes| {
-                let answering = |n: &&NodeId| {
+                let answering = |n: &NodeId| {
                     self.peers
-                        .get(*n)
+                        .get(n)
                         .is_none_or(|q| !q.failing.load(Ordering::Relaxed))
                 };
-                self.share_cursor = self.share_cursor.wrapping_add(1);
-                let key = route_key(Some(&share.group), &share.filter);
                 // Each node by its connected members (one if it said nothing yet).
                 let weight = |n: &NodeId| -> u64 {
-                    self.peer_shares
-                        .get(n)
-                        .map_or(1, |t| u64::from(t.get(&key).copied().unwrap_or(0)))
+                    self.peer_members(n, &share.group, &share.filter)
+                        .map_or(1, u64::from)
                 };
-                let live: Vec<NodeId> = nodes.iter().filter(answering).copied().collect();
-                let pool = if live.is_empty() {
-                    nodes.iter().copied().collect()
+                if nodes.iter().any(answering) {
+                    let live = nodes.iter().copied().filter(|n| answering(n));
+                    pick_weighted(live, cursor, weight)
                 } else {
-                    live
-                };
-                pick_weighted(&pool, self.share_cursor, weight)
+                    pick_weighted(nodes.iter().copied(), cursor, weight)
+                }
             });
         let Some(node) = node else {
             // The other nodes' members left meanwhile: nobody to give it to.
@@ -2683,17 +2699,21 @@ pub fn serve_request(
 /// the group, NUL, the filter (a filter never contains NUL).
 /// The node at `cursor` of a turn over `nodes` in which each takes as many slots as
 /// its weight; nodes of weight 0 (members all offline) only when every one has 0.
-fn pick_weighted(nodes: &[NodeId], cursor: u64, weight: impl Fn(&NodeId) -> u64) -> Option<NodeId> {
-    let total: u64 = nodes.iter().map(&weight).sum();
+fn pick_weighted(
+    nodes: impl Iterator<Item = NodeId> + Clone,
+    cursor: u64,
+    weight: impl Fn(&NodeId) -> u64,
+) -> Option<NodeId> {
+    let total: u64 = nodes.clone().map(|n| weight(&n)).sum();
     if total == 0 {
-        let n = nodes.len().max(1) as u64;
-        return nodes.get((cursor % n) as usize).copied();
+        let n = nodes.clone().count().max(1) as u64;
+        return nodes.clone().nth((cursor % n) as usize);
     }
     let mut slot = cursor % total;
     for n in nodes {
-        let w = weight(n);
+        let w = weight(&n);
         if slot < w {
-            return Some(*n);
+            return Some(n);
         }
         slot -= w;
     }
@@ -2868,13 +2888,17 @@ mod tests {
     fn a_turn_over_nodes_follows_their_weights() {
         let nodes = [1, 2, 3];
         let weight = |n: &NodeId| [0, 1, 3, 0][*n as usize];
-        let turn: Vec<_> = (0..8).map(|c| pick_weighted(&nodes, c, weight)).collect();
+        let turn: Vec<_> = (0..8)
+            .map(|c| pick_weighted(nodes.iter().copied(), c, weight))
+            .collect();
         let s = |n| Some(n);
         assert_eq!(turn, [s(1), s(2), s(2), s(2), s(1), s(2), s(2), s(2)]);
         let none = |_: &NodeId| 0;
-        let turn: Vec<_> = (0..4).map(|c| pick_weighted(&nodes, c, none)).collect();
+        let turn: Vec<_> = (0..4)
+            .map(|c| pick_weighted(nodes.iter().copied(), c, none))
+            .collect();
         assert_eq!(turn, [s(1), s(2), s(3), s(1)]);
-        assert_eq!(pick_weighted(&[], 5, none), None);
+        assert_eq!(pick_weighted(std::iter::empty(), 5, none), None);
     }
 
     #[test]
