@@ -45,7 +45,17 @@
 //!   filters routed for the ghost, so it gets those later ones too, after the older
 //!   one, and redirects them in that order: the new node holds a direct copy until
 //!   the redirect of it, or of a later one of its stream, arrives (at most
-//!   [`HOLD_MAX_MS`]; see [`Engine::moved_direct`]).
+//!   [`HOLD_MAX_MS`]; see [`Engine::moved_direct`]). A hold that runs out ends the
+//!   window's holding (the old node's path is taken as gone) and is counted
+//!   (`Stats::moved_order_given_up`): order per topic across the move is kept within
+//!   that bound, and what comes later is delivered late and once (sim seeds 1047,
+//!   3150).
+//! - **A QoS 0 copy that the old node already delivered comes again** after a crash
+//!   took the marks that said so (a QoS 0 delivery stores nothing; sim seed 2172): a
+//!   QoS 0 copy another node matched before the session's claim here (its routes
+//!   index below the claim's log index, [`Engine::window_claim`]) was sent to the
+//!   old owner too, so neither this node's path nor the session's ghost here gives
+//!   it to the session.
 //!
 //! Until the new node confirmed, the ghost holds what matches (the session may
 //! come back here; with a store, a QoS 1/2 copy is stored with the session's
