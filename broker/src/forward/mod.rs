@@ -225,8 +225,9 @@ pub struct ForwarderEnds {
 }
 
 /// How long a barrier waits for a member that does not answer, unless set: the
-/// default session lease (`cluster.session_lease_ms`).
-pub const UNANSWERED_WAIT_DEFAULT: Duration = Duration::from_secs(3);
+/// default session lease (`cluster.session_lease_ms`; the broker sets the node's own).
+pub const UNANSWERED_WAIT_DEFAULT: Duration =
+    Duration::from_millis(crate::config::cluster::SESSION_LEASE_DEFAULT_MS);
 
 impl ForwarderEnds {
     /// A barrier asks a member that does not answer again until it has been
