@@ -507,7 +507,8 @@ pub enum LogLevel {
     Error,
     /// Warnings and errors.
     Warn,
-    /// Lifecycle events, warnings and errors.
+    /// Lifecycle events (with one line per client connect and disconnect, target
+    /// `tessera::clients`), warnings and errors.
     #[default]
     Info,
     /// Per-connection events too.

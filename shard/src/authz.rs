@@ -90,6 +90,9 @@ pub struct Admission {
     /// ACL rules carried by the credentials (a JWT claim); when present they
     /// alone decide for this client, instead of the hook.
     pub token_acl: Option<Arc<TokenAcl>>,
+    /// In a cluster, the epoch of this node's committed claim of the ClientID the
+    /// connection is served under (named in the client log line).
+    pub claim_epoch: Option<u64>,
 }
 
 /// Topic rules carried by a credential: the topics (with `+`/`#`) the client

@@ -364,7 +364,41 @@ pub enum CloseReason {
     ServerShutdown,
     /// An operator kicked the client or expired its session (admin API).
     Administrative,
+    /// The node lost touch with its cluster for longer than its session lease
+    /// ([`Engine::fence`]); the session stays for a later takeover.
+    Fenced,
 }
+
+impl CloseReason {
+    /// The reason's name in the client log lines (`tessera::clients`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseReason::ClientDisconnect => "client_disconnect",
+            CloseReason::ConnectionLost => "connection_lost",
+            CloseReason::KeepAliveTimeout => "keep_alive_timeout",
+            CloseReason::TakenOver => "taken_over",
+            CloseReason::ProtocolError(_) => "protocol_error",
+            CloseReason::Refused(_) => "refused",
+            CloseReason::ServerShutdown => "server_shutdown",
+            CloseReason::Administrative => "administrative",
+            CloseReason::Fenced => "fenced",
+        }
+    }
+
+    /// The reason code of a protocol error or a refused CONNECT.
+    pub fn code(self) -> Option<ReasonCode> {
+        match self {
+            CloseReason::ProtocolError(rc) | CloseReason::Refused(rc) => Some(rc),
+            _ => None,
+        }
+    }
+}
+
+/// The tracing target of the client log lines: one line when a client's session goes
+/// live on this node and one when that connection ends, so an operator (or the fault
+/// tests' history checker) can tell which node served a ClientID when. Connect and
+/// disconnect only; `RUST_LOG=info,tessera::clients=off` silences them.
+pub const CLIENTS_LOG_TARGET: &str = "tessera::clients";
 
 /// The byte stream the driver writes to one connection's socket.
 #[derive(Debug, Default)]
@@ -505,6 +539,9 @@ pub struct Engine {
     /// ClientIDs of sessions destroyed since the driver last took them; `None`
     /// unless the driver asked (`transfer`, a cluster node releases ownership).
     ended_sessions: Option<Vec<Str>>,
+    /// The cluster node this engine serves on, for the client log lines
+    /// (`CLIENTS_LOG_TARGET`); `None` outside a cluster.
+    node_id: Option<u64>,
     /// Sessions handed out to another node and not yet confirmed there (`transfer`).
     moving: HashMap<Str, transfer::Moving>,
     /// Inbound QoS 2 publications of sessions handed to other nodes while their
@@ -620,6 +657,7 @@ impl Engine {
             suback_dependents: HashMap::new(),
             delayed_wills: HashMap::new(),
             ended_sessions: None,
+            node_id: None,
             moving: HashMap::new(),
             handed: Vec::new(),
             importing: HashMap::new(),
@@ -749,6 +787,7 @@ impl Engine {
     ) -> ConnId {
         let conn = self.new_conn(now_ms, &connect);
         let version = connect.version;
+        let admission_epoch = admission.claim_epoch;
         self.probe
             .packet_received(tessera_proto::PacketType::Connect);
         let refuse = self
@@ -830,6 +869,16 @@ impl Engine {
         let (auth_method, auth_data) = self.attach_auth(now_ms, conn, idx, &connect, admission);
         // Stored before the CONNACK is written, so the CONNACK waits for it.
         self.persist_session(idx);
+        tracing::info!(
+            target: CLIENTS_LOG_TARGET,
+            client_id = ?connect.client_id.as_str(),
+            node = self.node_id,
+            shard = self.shard,
+            conn = %conn,
+            epoch = admission_epoch,
+            session_present,
+            "client live"
+        );
 
         let mut props = ConnAckProperties::default();
         if version.is_v5() {
@@ -1020,6 +1069,17 @@ impl Engine {
         }
         s.conn = None;
         s.disconnected_at_ms = Some(now_ms);
+        let s = self.session(idx);
+        tracing::info!(
+            target: CLIENTS_LOG_TARGET,
+            client_id = ?s.client_id.as_str(),
+            node = self.node_id,
+            shard = self.shard,
+            conn = %conn,
+            reason = %reason.name(),
+            code = reason.code().map(tracing::field::debug),
+            "client ended"
+        );
         self.bp_session_offline(now_ms, idx);
         let s = self.session_mut(idx);
         let will = s.will.take().map(|w| *w);

@@ -404,6 +404,7 @@ async fn admit(
                     auth_method: method,
                     expires_at_ms: expires_unix_s.map(engine_ms_of_unix),
                     token_acl,
+                    claim_epoch: None,
                 });
             }
             Verdict::Refuse(rc) => {

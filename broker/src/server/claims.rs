@@ -144,7 +144,7 @@ pub(super) async fn claim(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
     connect: &Connect,
-) -> Result<(), ClaimRefusal> {
+) -> Result<u64, ClaimRefusal> {
     let client_id = connect.client_id.as_str();
     let me = cluster.port.node_id;
     let metrics = &cluster.port.sessions;
@@ -162,7 +162,7 @@ pub(super) async fn claim(
     if in_contact && let Some(epoch) = cluster.claims.usable(client_id).filter(|e| committed(*e)) {
         SessionMetrics::add(&metrics.claims_held);
         takeover::resume_own_copy(shard, cluster, client_id);
-        return settle(shard, cluster, connect, epoch).await;
+        return settle(shard, cluster, connect, epoch).await.map(|()| epoch);
     }
     let releasing = cluster.claims.releasing.borrow().contains_key(client_id);
     let owner = if releasing {
@@ -178,7 +178,9 @@ pub(super) async fn claim(
         cluster.claims.hold(client_id, owner.epoch);
         SessionMetrics::add(&metrics.claims_held);
         takeover::resume_own_copy(shard, cluster, client_id);
-        return settle(shard, cluster, connect, owner.epoch).await;
+        return settle(shard, cluster, connect, owner.epoch)
+            .await
+            .map(|()| owner.epoch);
     }
     if cluster.port.redirect_to_owner
         && connect.version.is_v5()
@@ -297,7 +299,7 @@ pub(super) async fn claim(
     if !committed(epoch) {
         return Err(refused(&"another node claimed the ClientID meanwhile").into());
     }
-    Ok(())
+    Ok(epoch)
 }
 
 /// This node serves `connect` under its committed claim of `epoch` without a takeover

@@ -143,6 +143,8 @@ pub(super) async fn run(shard: Rc<Shard>, ends: ClusterEnds) {
     });
     // Sessions that end here have their claims released (`claims::tick`).
     shard.engine.borrow_mut().track_session_ends();
+    // The client log lines name the node (`tessera::clients`).
+    shard.engine.borrow_mut().set_node_id(cluster.port.node_id);
     *shard.cluster.borrow_mut() = Some(cluster.clone());
     debug!(
         shard = shard.id,

@@ -114,7 +114,7 @@ pub(super) async fn admit(
     connect: Connect,
     assigned: bool,
     listener: ListenerId,
-    admission: Admission,
+    mut admission: Admission,
     bytes_read: usize,
 ) -> Result<ConnId, ClaimRefusal> {
     if shard.clustered {
@@ -122,13 +122,17 @@ pub(super) async fn admit(
             Some(cluster) => claims::claim(shard, &cluster, &connect).await,
             None => Err(ReasonCode::ServerUnavailable.into()),
         };
-        if let Err(refusal) = claimed {
-            shard
-                .engine
-                .borrow_mut()
-                .probe_mut()
-                .connect_result(refusal.rc);
-            return Err(refusal);
+        match claimed {
+            // Named in the engine's client log line.
+            Ok(epoch) => admission.claim_epoch = Some(epoch),
+            Err(refusal) => {
+                shard
+                    .engine
+                    .borrow_mut()
+                    .probe_mut()
+                    .connect_result(refusal.rc);
+                return Err(refusal);
+            }
         }
     }
     shard.connections.set(shard.connections.get() + 1);

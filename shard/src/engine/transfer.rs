@@ -135,6 +135,12 @@ fn malformed(e: record::DecodeError) -> TransferError {
 }
 
 impl Engine {
+    /// This engine serves on cluster node `node`: its client log lines
+    /// (`CLIENTS_LOG_TARGET`) name it.
+    pub fn set_node_id(&mut self, node: u64) {
+        self.node_id = Some(node);
+    }
+
     /// Keeps the ClientIDs of sessions destroyed from now on, for
     /// [`Engine::take_ended_sessions`] (a cluster node releases their ownership).
     pub fn track_session_ends(&mut self) {
@@ -196,7 +202,7 @@ impl Engine {
         self.end_conns_where(
             now_ms,
             ReasonCode::UseAnotherServer,
-            CloseReason::ServerShutdown,
+            CloseReason::Fenced,
             |client_id, _| pred(client_id),
         )
     }
@@ -865,6 +871,32 @@ mod tests {
         );
         drain(e, conn, ProtocolVersion::V5);
         conn
+    }
+
+    #[test]
+    fn the_lease_fences_the_held_client_ids_and_says_so_as_its_close_reason() {
+        let mut e = Engine::new(0, 1, Limits::default());
+        let held = subscriber(&mut e, "held");
+        let other = e.connect(
+            1,
+            connect_packet(ProtocolVersion::V3_1_1, "other", false),
+            false,
+        );
+        drain(&mut e, other, ProtocolVersion::V3_1_1);
+        assert_eq!(e.fence(5, |client_id| client_id == "held"), 1);
+        assert!(e.is_ended(held));
+        assert!(!e.is_ended(other));
+        // The reason the client log line names (`fenced`), not a shutdown.
+        let close = e.output(held).and_then(|o| o.close);
+        assert_eq!(close, Some(super::super::CloseReason::Fenced));
+        assert_eq!(close.map(|c| c.name()), Some("fenced"));
+        let sent = drain(&mut e, held, ProtocolVersion::V5);
+        assert!(
+            matches!(&sent[..], [Packet::Disconnect(d)] if d.reason_code == ReasonCode::UseAnotherServer),
+            "{sent:?}"
+        );
+        // The session stays for a later takeover.
+        assert!(e.has_session("held"));
     }
 
     #[test]
