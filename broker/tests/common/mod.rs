@@ -16,6 +16,7 @@
 
 pub mod bridge;
 pub mod cluster;
+pub mod history;
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
