@@ -134,6 +134,10 @@ pub struct ClusterPort {
     /// `cluster.redirect_to_owner`: MQTT 5 clients of a session held elsewhere are
     /// redirected to its node.
     pub redirect_to_owner: bool,
+    /// `cluster.wait_for_session_owner`: a takeover whose old owner cannot be reached
+    /// refuses the CONNECT (the session and its messages stay there) instead of giving
+    /// the client a new session after the lease (`server::claims`).
+    pub wait_for_session_owner: bool,
     /// `cluster.session_lease_ms`: how long the node serves its ClientIDs without
     /// contact with the cluster (`server::claims`).
     pub session_lease: std::time::Duration,
@@ -223,6 +227,7 @@ impl ClusterNode {
         let (peers, calls) = PeerCalls::new(peer::PEER_CALLS_QUEUED_MAX);
         let join = config.join;
         let redirect_to_owner = config.redirect_to_owner;
+        let wait_for_session_owner = config.wait_for_session_owner;
         let session_lease = config.session_lease();
         let thread = std::thread::Builder::new()
             .name("cluster".to_owned())
@@ -262,6 +267,7 @@ impl ClusterNode {
                     peers,
                     sessions: Arc::new(SessionMetrics::default()),
                     redirect_to_owner,
+                    wait_for_session_owner,
                     session_lease,
                 },
                 requests,

@@ -38,7 +38,12 @@ use tokio::time::timeout;
 
 /// A 3-node cluster with an elected leader.
 fn three_nodes(tag: &str) -> Cluster {
-    let mut c = Cluster::new(tag, 3, 3, &[]);
+    three_nodes_with(tag, &[])
+}
+
+/// A 3-node cluster with an elected leader, with these settings.
+fn three_nodes_with(tag: &str, envs: &[(&str, &str)]) -> Cluster {
+    let mut c = Cluster::new(tag, 3, 3, envs);
     for id in 1..=3 {
         c.start(id, &[], false);
     }
@@ -746,6 +751,104 @@ fn brokerctl_lists_clients_sessions_and_subscriptions_cluster_wide_or_per_node()
 /// A node that restarts with a session in its store that another node took over while
 /// it was down does not serve that stale copy: it is parked (not listed, not routed) and
 /// the next CONNECT there takes the owner's session over as usual.
+/// Availability first (`cluster.wait_for_session_owner = false`): a takeover whose old
+/// owner is down gives the client a new session after the lease.
+const NEW_SESSION_IF_OWNER_DOWN: &[(&str, &str)] =
+    &[("TESSERA_CLUSTER__WAIT_FOR_SESSION_OWNER", "false")];
+
+/// Issue 16, "node killed and restarted with its disk", with the default
+/// `cluster.wait_for_session_owner`: a persistent session with acknowledged QoS 1 and
+/// QoS 2 messages queued on node 1, which is killed. Its client, reconnecting to node 2
+/// while node 1 is down, is refused (0x88 Server unavailable: a new session there
+/// would leave the messages on node 1's disk behind, and node 1 would drop them as
+/// stale when it came back); once node 1 is back, the next CONNECT to node 2 gets the
+/// session (present 1) with every message, once and in order.
+#[tokio::test(flavor = "current_thread")]
+async fn a_session_on_a_killed_node_waits_for_it_and_keeps_every_acknowledged_message() {
+    use common::{RawClient, connect_packet};
+    use tessera_proto::{Packet as P, ProtocolVersion, PubAck, PubComp, PubRec, ReasonCode};
+
+    let mut c = three_nodes("sessions-wait");
+    const N: usize = 6;
+    let (sub, mut se, _) = connect(options(&c, 1, "waiter", false), "waiter @1").await;
+    sub.subscribe("wait/t", QoS::ExactlyOnce).await.unwrap();
+    until(&mut se, "waiter SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    sub.disconnect().await.unwrap();
+    let _ = timeout(Duration::from_secs(2), async {
+        while se.poll().await.is_ok() {}
+    })
+    .await;
+    drop(se);
+
+    // Published on node 3, acknowledged once node 1 stored them for the offline session.
+    let (publ, mut pe, _) = connect(options(&c, 3, "wait-pub", true), "wait-pub").await;
+    for i in 0..N {
+        let qos = if i % 2 == 0 {
+            QoS::ExactlyOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        publ.publish("wait/t", qos, false, format!("w{i}"))
+            .await
+            .unwrap();
+        until(&mut pe, "wait-pub ack", |ev| match ev {
+            Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_)) => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    c.kill(1);
+    c.wait_for_leader();
+
+    let mut connect = connect_packet(ProtocolVersion::V5, "waiter", false, 30);
+    connect.properties.session_expiry_interval = Some(600);
+    // The takeover cannot reach node 1: refused, not a new session (bounded tries: a
+    // refusal comes within the fetch timeout).
+    let (_refused, ack) = RawClient::connect(c.node(2).addr(), connect.clone());
+    assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
+    let (_refused, ack) = RawClient::connect(c.node(2).addr(), connect.clone());
+    assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
+    assert!(claims(&c, 2, "tessera_cluster_session_owner_waits_total") >= 2.0);
+
+    c.start(1, &[], false);
+    c.wait_for_leader();
+    let deadline = Instant::now() + RECV_TIMEOUT * 4;
+    let mut client = loop {
+        let (client, ack) = RawClient::connect(c.node(2).addr(), connect.clone());
+        if ack.reason_code == ReasonCode::Success {
+            assert!(ack.session_present, "the session came from node 1: {ack:?}");
+            break client;
+        }
+        assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
+        assert!(
+            Instant::now() < deadline,
+            "node 1 is back, yet still refused"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let mut got = Vec::new();
+    while got.len() < N {
+        match client.recv() {
+            P::Publish(p) => {
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+                if p.qos == tessera_proto::QoS::ExactlyOnce {
+                    client.send(&P::PubRec(PubRec::new(p.packet_id)));
+                } else {
+                    client.send(&P::PubAck(PubAck::new(p.packet_id)));
+                }
+            }
+            P::PubRel(r) => client.send(&P::PubComp(PubComp::new(r.packet_id))),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let expected: Vec<String> = (0..N).map(|i| format!("w{i}")).collect();
+    assert_eq!(got, expected, "every acknowledged message, once, in order");
+}
+
 /// `id` subscribes to `old` with a persistent session on node 1; node 1 dies, so node 2
 /// cannot fetch the session and gives the client a new one, which subscribes to `new`
 /// and disconnects; node 1 comes back with the old session in its store and does not
@@ -792,7 +895,7 @@ async fn new_session_on_node_2_while_node_1_was_down(
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_restarted_node_does_not_serve_a_session_another_node_took_over_meanwhile() {
-    let mut c = three_nodes("sessions-park");
+    let mut c = three_nodes_with("sessions-park", NEW_SESSION_IF_OWNER_DOWN);
     new_session_on_node_2_while_node_1_was_down(&mut c, "parked", "park/t", "park/new").await;
     assert!(session_doc(&c, 2, "parked").is_some());
 
@@ -819,7 +922,7 @@ async fn a_restarted_node_does_not_serve_a_session_another_node_took_over_meanwh
 /// session subscribed to.
 #[tokio::test(flavor = "current_thread")]
 async fn a_node_does_not_resume_an_older_session_after_a_newer_fresh_one_elsewhere() {
-    let mut c = three_nodes("sessions-stale");
+    let mut c = three_nodes_with("sessions-stale", NEW_SESSION_IF_OWNER_DOWN);
     // Node 1 comes back with the old session in its store; then node 2 dies with the
     // new one.
     new_session_on_node_2_while_node_1_was_down(&mut c, "stale", "stale/old", "stale/new").await;

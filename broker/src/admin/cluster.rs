@@ -484,7 +484,7 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
 
 /// The data plane's session-ownership metrics (issue 15).
 fn render_session_metrics(m: &crate::cluster::metrics::SessionMetricsSnapshot, out: &mut String) {
-    let counters: [(&str, &str, u64); 13] = [
+    let counters: [(&str, &str, u64); 14] = [
         (
             "tessera_cluster_session_claims_total",
             "CONNECTs that needed a raft claim and got it.",
@@ -499,6 +499,11 @@ fn render_session_metrics(m: &crate::cluster::metrics::SessionMetricsSnapshot, o
             "tessera_cluster_session_claims_refused_total",
             "CONNECTs refused with 0x88 / 0x03 because no claim committed in time.",
             m.claims_refused,
+        ),
+        (
+            "tessera_cluster_session_owner_waits_total",
+            "CONNECTs refused with 0x88 / 0x03 because the node holding their session could not be reached (cluster.wait_for_session_owner): the session moves once that node is back.",
+            m.owner_waits,
         ),
         (
             "tessera_cluster_session_releases_total",

@@ -23,7 +23,10 @@ pub struct SessionMetrics {
     /// CONNECTs served by a claim this node already held (no raft write).
     pub claims_held: AtomicU64,
     /// CONNECTs refused because no claim could be committed in time (0x88 / 0x03).
+    /// CONNECTs refused because the node holding their session could not be reached
+    /// (`cluster.wait_for_session_owner`).
     pub claims_refused: AtomicU64,
+    pub owner_waits: AtomicU64,
     /// Releases proposed for sessions that ended here.
     pub releases: AtomicU64,
     /// Claims whose previous owner was another node (a cross-node takeover).
@@ -56,6 +59,7 @@ impl Default for SessionMetrics {
             claims: AtomicU64::new(0),
             claims_held: AtomicU64::new(0),
             claims_refused: AtomicU64::new(0),
+            owner_waits: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             takeovers: AtomicU64::new(0),
             takeover_failures: AtomicU64::new(0),
@@ -80,6 +84,7 @@ pub struct SessionMetricsSnapshot {
     pub claims: u64,
     pub claims_held: u64,
     pub claims_refused: u64,
+    pub owner_waits: u64,
     pub releases: u64,
     pub takeovers: u64,
     pub takeover_failures: u64,
@@ -120,6 +125,7 @@ impl SessionMetrics {
             claims: get(&self.claims),
             claims_held: get(&self.claims_held),
             claims_refused: get(&self.claims_refused),
+            owner_waits: get(&self.owner_waits),
             releases: get(&self.releases),
             takeovers: get(&self.takeovers),
             takeover_failures: get(&self.takeover_failures),

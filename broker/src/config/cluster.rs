@@ -59,6 +59,10 @@ pub struct ClusterConfig {
     pub logs_kept_after_snapshot: u64,
     /// MQTT 5 clients whose session another node holds are redirected there.
     pub redirect_to_owner: bool,
+    /// A takeover whose old owner cannot be reached refuses the CONNECT until that
+    /// node is back (or removed from the cluster), instead of starting a new session
+    /// that would leave the acknowledged messages kept there behind.
+    pub wait_for_session_owner: bool,
     /// Retained payloads up to this many bytes ride in the raft entry; larger ones stay
     /// on the node they were published on and the entry carries a reference.
     pub retained_inline_bytes: usize,
@@ -86,6 +90,7 @@ impl Default for ClusterConfig {
             snapshot_logs_since_last: 20_000,
             logs_kept_after_snapshot: 2_000,
             redirect_to_owner: false,
+            wait_for_session_owner: true,
             retained_inline_bytes: 1024,
             forward_pace_ms_max: 20,
             session_lease_ms: None,
@@ -175,6 +180,19 @@ pub const FIELDS: &[FieldDoc] = &[
               session is refused with CONNACK 0x9C (use another server) naming that node's \
               MQTT address (Server Reference), instead of the session moving here. Off: the \
               session moves to the node the client chose (a takeover).",
+        accepted: "true or false",
+    },
+    FieldDoc {
+        section: "cluster",
+        key: "wait_for_session_owner",
+        doc: "A client that reconnects without Clean Start to this node while the node \
+              holding its session cannot be reached (killed, cut off) is refused with \
+              CONNACK 0x88 / return code 3 (server unavailable) until that node is back or \
+              removed from the cluster, and then gets its session (session present 1) \
+              with every message acknowledged for it: nothing acknowledged is left behind. \
+              Off: after that node's session lease the client gets a new, empty session \
+              here (availability first), and what the unreachable node kept for it is \
+              dropped when it returns.",
         accepted: "true or false",
     },
     FieldDoc {
@@ -275,6 +293,7 @@ impl ClusterConfig {
             "snapshot_logs_since_last" => self.snapshot_logs_since_last = p(v)?,
             "logs_kept_after_snapshot" => self.logs_kept_after_snapshot = p(v)?,
             "redirect_to_owner" => self.redirect_to_owner = p(v)?,
+            "wait_for_session_owner" => self.wait_for_session_owner = p(v)?,
             "retained_inline_bytes" => self.retained_inline_bytes = p(v)?,
             "forward_pace_ms_max" => self.forward_pace_ms_max = p(v)?,
             "session_lease_ms" => self.session_lease_ms = Some(p(v)?),

@@ -30,8 +30,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use tessera_proto::{Connect, ReasonCode};
-use tessera_raft::{AppliedEntry, ClusterError, Op, OpResult};
-use tracing::{debug, warn};
+use tessera_raft::{AppliedEntry, ClusterError, NodeId, Op, OpResult};
+use tracing::{debug, info, warn};
 
 use super::cluster::ShardCluster;
 use super::{Shard, now_ms, rt, takeover};
@@ -66,6 +66,12 @@ pub(crate) struct Claims {
     /// source's confirmation and is not yet recorded in the log as served here (the
     /// mark failed): the next CONNECT that continues it marks it first (seed 876).
     unconfirmed: RefCell<HashMap<String, u64>>,
+    /// ClientID -> (epoch of a held claim, the node it was taken from) whose takeover
+    /// could not reach that node (`cluster.wait_for_session_owner`): the session and
+    /// its acknowledged messages are still there, so a CONNECT under this claim is
+    /// refused until the fetch succeeds, and a member asking this node for the session
+    /// is told to ask again later rather than "nothing here".
+    awaiting: RefCell<HashMap<String, (u64, NodeId)>>,
 }
 
 impl Claims {
@@ -98,6 +104,13 @@ impl Claims {
         self.releasing.borrow_mut().remove(client_id);
         self.settled.borrow_mut().remove(client_id);
         self.unconfirmed.borrow_mut().remove(client_id);
+        self.awaiting.borrow_mut().remove(client_id);
+    }
+
+    /// The node this shard still waits to fetch `client_id`'s session from, under its
+    /// held claim (`awaiting`).
+    pub(super) fn awaiting_from(&self, client_id: &str) -> Option<NodeId> {
+        self.awaiting.borrow().get(client_id).map(|(_, node)| *node)
     }
 
     /// No other copy of the session under the claim of `epoch` is left (see
@@ -161,6 +174,27 @@ pub(super) async fn claim(
     };
     if in_contact && let Some(epoch) = cluster.claims.usable(client_id).filter(|e| committed(*e)) {
         SessionMetrics::add(&metrics.claims_held);
+        let awaited = cluster.claims.awaiting.borrow().get(client_id).copied();
+        if connect.clean_start {
+            // A new session: the one kept on the unreachable node is stale once this
+            // claim is marked fresh (`settle`), and dropped where it is kept.
+            cluster.claims.awaiting.borrow_mut().remove(client_id);
+        } else if let Some((e, old)) = awaited
+            && e == epoch
+        {
+            // The session is still on the node this claim took it from: ask again.
+            take_over(shard, cluster, connect, epoch, old).await?;
+            return if committed(epoch) {
+                Ok(())
+            } else {
+                Err(refused_by(
+                    shard,
+                    cluster,
+                    client_id,
+                    &"another node claimed the ClientID meanwhile",
+                ))
+            };
+        }
         takeover::resume_own_copy(shard, cluster, client_id);
         return settle(shard, cluster, connect, epoch).await.map(|()| epoch);
     }
@@ -194,11 +228,7 @@ pub(super) async fn claim(
             server_reference: Some(addr),
         });
     }
-    let refused = |why: &dyn std::fmt::Display| {
-        SessionMetrics::add(&metrics.claims_refused);
-        debug!(shard = shard.id, client_id, "claim refused: {why}");
-        UNAVAILABLE
-    };
+    let refused = |why: &dyn std::fmt::Display| refused_by(shard, cluster, client_id, why).rc;
     // A Clean Start says in the claim itself that the session starts afresh.
     let op = if connect.clean_start {
         Op::ClaimCleanStart {
@@ -244,51 +274,7 @@ pub(super) async fn claim(
     if let Some(previous) = previous
         && previous.node != me
     {
-        SessionMetrics::add(&metrics.takeovers);
-        let started = rt::now();
-        let fetched = takeover::fetch(shard, cluster, connect, epoch, previous.node).await;
-        metrics.takeover_took(rt::now().saturating_duration_since(started).as_micros() as u64);
-        if !fetched.answered {
-            // The old owner did not answer: cut off from this node, it may still serve
-            // the ClientID until its own lease runs out and it ends the connection
-            // (`tick`). This connection goes live only after that.
-            let until = started + lease + super::TICK;
-            let now = rt::now();
-            if until > now {
-                debug!(
-                    shard = shard.id,
-                    client_id,
-                    old_owner = previous.node,
-                    "old owner unreachable: waiting out its session lease"
-                );
-                rt::sleep(until - now).await;
-            }
-        }
-        // Another node's claim may have committed while the session moved: then this
-        // CONNECT lost the ClientID and must not go live here (the client retries).
-        if cluster.claims.held.borrow().get(client_id) != Some(&epoch) {
-            return Err(refused(&"another node claimed the ClientID during the takeover").into());
-        }
-        match fetched.session {
-            Some(takeover::Settled::Yes) => cluster.claims.settle(client_id, epoch),
-            // Taken in, but the node it came from may still keep its copy (its
-            // confirmation did not arrive): before the CONNACK, the log records that
-            // this claim serves the session, so that copy is never resumed after the
-            // client got newer state here (seed 876; `mark_fresh`).
-            Some(takeover::Settled::No) => {
-                cluster
-                    .claims
-                    .unconfirmed
-                    .borrow_mut()
-                    .insert(client_id.to_owned(), epoch);
-                mark_fresh(shard, cluster, client_id, epoch).await?;
-            }
-            // Nothing to continue: the client gets a new session, which the log must
-            // know before the CONNACK says so (seed 46, `mark_fresh`). A Clean Start's
-            // claim said it already.
-            None if !connect.clean_start => mark_fresh(shard, cluster, client_id, epoch).await?,
-            None => {}
-        }
+        take_over(shard, cluster, connect, epoch, previous.node).await?;
     } else {
         settle(shard, cluster, connect, epoch).await?;
     }
@@ -300,6 +286,107 @@ pub(super) async fn claim(
         return Err(refused(&"another node claimed the ClientID meanwhile").into());
     }
     Ok(epoch)
+}
+
+/// Refuses a CONNECT (0x88 / 3): counted and logged with why.
+fn refused_by(
+    shard: &Shard,
+    cluster: &ShardCluster,
+    client_id: &str,
+    why: &dyn std::fmt::Display,
+) -> ClaimRefusal {
+    SessionMetrics::add(&cluster.port.sessions.claims_refused);
+    debug!(shard = shard.id, client_id, "claim refused: {why}");
+    UNAVAILABLE.into()
+}
+
+/// Moves `connect`'s session here from `old`, which held it before this node's claim
+/// of `epoch`. When `old` cannot be reached and `cluster.wait_for_session_owner` is on
+/// (the default) and `old` is still a member, the CONNECT is refused and the claim
+/// remembers `old` (`Claims::awaiting`): the session and the messages acknowledged for
+/// it stay on `old`'s disk until it is back (then the next CONNECT moves them here,
+/// session present 1) or an operator removes it from the cluster. Otherwise, after
+/// `old`'s lease, the client gets a new session here.
+async fn take_over(
+    shard: &Rc<Shard>,
+    cluster: &ShardCluster,
+    connect: &Connect,
+    epoch: u64,
+    old: NodeId,
+) -> Result<(), ClaimRefusal> {
+    let client_id = connect.client_id.as_str();
+    let metrics = &cluster.port.sessions;
+    let lease = cluster.port.session_lease;
+    let refused = |why: &dyn std::fmt::Display| refused_by(shard, cluster, client_id, why).rc;
+    SessionMetrics::add(&metrics.takeovers);
+    let started = rt::now();
+    let fetched = takeover::fetch(shard, cluster, connect, epoch, old).await;
+    metrics.takeover_took(rt::now().saturating_duration_since(started).as_micros() as u64);
+    if !fetched.answered && fetched.session.is_none() && !connect.clean_start {
+        let member = cluster.handle().members().contains_key(&old);
+        if cluster.port.wait_for_session_owner && member {
+            // The session, with what was acknowledged for it, is on `old`'s disk or in
+            // its memory: a new session here would leave that behind for good (the copy
+            // is stale once this claim is marked fresh). The claim stays; the client
+            // is refused until `old` answers.
+            cluster
+                .claims
+                .awaiting
+                .borrow_mut()
+                .insert(client_id.to_owned(), (epoch, old));
+            SessionMetrics::add(&metrics.owner_waits);
+            info!(
+                shard = shard.id,
+                client_id,
+                old_owner = old,
+                "session's node unreachable: CONNECT refused until it is back"
+            );
+            return Err(UNAVAILABLE.into());
+        }
+    }
+    if !fetched.answered {
+        // The old owner did not answer: cut off from this node, it may still serve
+        // the ClientID until its own lease runs out and it ends the connection
+        // (`tick`). This connection goes live only after that.
+        let until = started + lease + super::TICK;
+        let now = rt::now();
+        if until > now {
+            debug!(
+                shard = shard.id,
+                client_id,
+                old_owner = old,
+                "old owner unreachable: waiting out its session lease"
+            );
+            rt::sleep(until - now).await;
+        }
+    }
+    // Another node's claim may have committed while the session moved: then this
+    // CONNECT lost the ClientID and must not go live here (the client retries).
+    if cluster.claims.held.borrow().get(client_id) != Some(&epoch) {
+        return Err(refused(&"another node claimed the ClientID during the takeover").into());
+    }
+    cluster.claims.awaiting.borrow_mut().remove(client_id);
+    match fetched.session {
+        Some(takeover::Settled::Yes) => cluster.claims.settle(client_id, epoch),
+        // Taken in, but the node it came from may still keep its copy (its
+        // confirmation did not arrive): before the CONNACK, the log records that
+        // this claim serves the session, so that copy is never resumed after the
+        // client got newer state here (seed 876; `mark_fresh`).
+        Some(takeover::Settled::No) => {
+            cluster
+                .claims
+                .unconfirmed
+                .borrow_mut()
+                .insert(client_id.to_owned(), epoch);
+            mark_fresh(shard, cluster, client_id, epoch).await?;
+        }
+        // Nothing to continue: the client gets a new session, which the log must
+        // know before the CONNACK says so (seed 46, `mark_fresh`). A Clean Start's
+        // claim said it already.
+        None if !connect.clean_start => mark_fresh(shard, cluster, client_id, epoch).await?,
+        None => {}
+    }
+    Ok(())
 }
 
 /// This node serves `connect` under its committed claim of `epoch` without a takeover

@@ -484,6 +484,7 @@ impl World {
             peers,
             sessions: Arc::default(),
             redirect_to_owner: false,
+            wait_for_session_owner: false,
             session_lease: SESSION_LEASE,
         };
         for attach in &server_ends.attach {

@@ -52,9 +52,11 @@
 //! PUBLISH's PUBREC until that node answers `INBOUND` (data-plane simulation, seed 899).
 //!
 //! Everything a peer sends is validated (the engine decodes records like a corrupt
-//! store's). An old owner that does not answer within [`FETCH_TIMEOUT`] costs the
-//! session here (counted, logged): the claim is committed, and the client is served
-//! with a new session rather than refused.
+//! store's). An old owner that does not answer within [`FETCH_TIMEOUT`] keeps the
+//! session: the claim is committed, and the CONNECT is refused until a later one
+//! reaches it (`cluster.wait_for_session_owner`, the default; `claims::take_over`), or,
+//! with that setting off, the client is served with a new session after the old
+//! owner's lease (counted, logged).
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -249,7 +251,12 @@ pub(super) async fn fetch(
             // The previous owner has nothing (it may have died before it confirmed a
             // move): a copy may still wait on the node the session came from.
             session = recover_moving_copy(shard, cluster, client_id, epoch, old).await;
+            // With `cluster.wait_for_session_owner` the claimant waits for a member that
+            // did not answer (`claims::take_over`): no new session, not a failure.
+            let waits = cluster.port.wait_for_session_owner
+                && cluster.handle().members().contains_key(&old);
             if session.is_none()
+                && !waits
                 && let Err(e) = answer
             {
                 failed(shard, cluster, client_id, old, &e);
@@ -799,6 +806,14 @@ async fn hand_out(
     let cluster = shard
         .cluster()
         .ok_or_else(|| "this node's cluster is not running yet".to_owned())?;
+    // This node holds the claim but still waits for the session from the node it was
+    // taken from (`cluster.wait_for_session_owner`): "nothing here" would let the asker
+    // start a new session and leave the acknowledged messages there behind.
+    if let Some(from) = cluster.claims.awaiting_from(client_id) {
+        return Err(format!(
+            "the session is not here yet: its node {from} has not answered this node's takeover"
+        ));
+    }
     // Nothing here (the common answer to a claimant looking for a moving copy): said at
     // once, without waiting to apply the claim.
     {
