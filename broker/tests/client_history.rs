@@ -6,8 +6,9 @@
 //!   expected, a QoS 2 re-send of an unreleased packet id is one delivery, an inversion
 //!   past a move's hold is late, not wrong, and a paused or killed node's span is cut;
 //! - the broker's client log lines (`tessera::clients`): a connect, a takeover on one
-//!   node and a clean disconnect, and a takeover across two cluster nodes, each with
-//!   the fields the checker reads; and the recorder on real rumqttc event loops
+//!   node and a clean disconnect, a takeover across two cluster nodes, and a node out
+//!   of contact fencing its client, each with the fields the checker reads; and the
+//!   recorder on real rumqttc event loops
 //!   (publishers and a subscriber at QoS 1 and 2), whose history checks clean.
 //!
 //! Every wait is bounded.
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::history::synthetic::{At, rfc3339};
-use common::history::{self, ClientLine, Fault, History, NodeLog, Recorder};
+use common::history::{self, ClientLine, Fault, History, LineKind, NodeLog, Recorder};
 use common::{Broker, RECV_TIMEOUT};
 
 const LEASE: Duration = Duration::from_secs(2);
@@ -224,6 +225,26 @@ fn order_ignores_resent_publications_and_allows_late_copies_past_a_moves_hold() 
     a.delivered(30, "s", "t/a", 1, 1, false, "p", 2);
     a.delivered(1_030, "s", "t/a", 1, 2, false, "p", 1);
     assert_eq!(a.check(&[], LEASE, 4_000).order.len(), 1);
+    // Its node gave the client's hold up (logged) after its CONNACK there: late.
+    let a = base();
+    a.sent(21, "p", "t/a", 1, 1);
+    a.sent(22, "p", "t/a", 1, 2);
+    a.connack(25, "s", 2, true);
+    a.delivered(30, "s", "t/a", 1, 1, false, "p", 2);
+    a.delivered(1_030, "s", "t/a", 1, 2, false, "p", 1);
+    let gave_up = |ms: u64, node: u64| NodeLog {
+        node,
+        text: a.line(
+            ms,
+            &format!("client order hold given up client_id=\"s\" node={node} shard=0"),
+        ),
+    };
+    let r = a.check(&[gave_up(1_000, 2)], LEASE, 4_000);
+    r.assert_clean();
+    assert_eq!((r.late.len(), r.counts.holds_given_up), (1, 1), "{r}");
+    // Another node's, or before the client came: an error.
+    assert_eq!(a.check(&[gave_up(1_000, 1)], LEASE, 4_000).order.len(), 1);
+    assert_eq!(a.check(&[gave_up(20, 2)], LEASE, 4_000).order.len(), 1);
     // Its node killed between: late.
     let a = base();
     a.sent(21, "p", "t/a", 1, 1);
@@ -392,7 +413,7 @@ fn client_lines_are_read_from_coloured_text_logs() {
         lines,
         [ClientLine {
             at_us: us,
-            live: true,
+            kind: LineKind::Live,
             client_id: "a b\"c".into(),
             node: Some(2),
             shard: 1,
@@ -458,14 +479,28 @@ async fn connected(events: &mut rumqttc::EventLoop, rec: Option<&Recorder>) -> b
 
 /// Polls until the connection ends (the broker closed it).
 async fn closed(events: &mut rumqttc::EventLoop) {
-    let deadline = Instant::now() + RECV_TIMEOUT;
+    closed_within(events, RECV_TIMEOUT).await;
+}
+
+async fn closed_within(events: &mut rumqttc::EventLoop, bound: Duration) {
+    let deadline = Instant::now() + bound;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, events.poll()).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return,
-            Err(_) => panic!("still connected after {RECV_TIMEOUT:?}"),
+            Err(_) => panic!("still connected after {bound:?}"),
         }
+    }
+}
+
+/// Sends SIGCONT to a stopped process when dropped (also when the test fails).
+struct Resume(libc::pid_t);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with the pid of a broker this test spawned and still holds.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
     }
 }
 
@@ -475,7 +510,7 @@ async fn a_connect_a_takeover_and_a_disconnect_are_logged_with_their_reasons() {
     let (c1, mut e1) = rumqttc::AsyncClient::new(options4(broker.addr(), "logged"), 10);
     assert!(!connected(&mut e1, None).await);
     let lines = wait_lines(&broker, "logged", 1);
-    assert!(lines[0].live, "{lines:?}");
+    assert_eq!(lines[0].kind, LineKind::Live, "{lines:?}");
     assert_eq!(lines[0].session_present, Some(false), "{lines:?}");
     assert_eq!(lines[0].node, None, "one node: no node id");
     assert_eq!(lines[0].epoch, None, "one node: no claim");
@@ -484,17 +519,17 @@ async fn a_connect_a_takeover_and_a_disconnect_are_logged_with_their_reasons() {
     assert!(connected(&mut e2, None).await);
     closed(&mut e1).await;
     let lines = wait_lines(&broker, "logged", 3);
-    assert!(!lines[1].live, "{lines:?}");
+    assert_eq!(lines[1].kind, LineKind::Ended, "{lines:?}");
     assert_eq!(lines[1].conn, lines[0].conn, "{lines:?}");
     assert_eq!(lines[1].reason.as_deref(), Some("taken_over"), "{lines:?}");
-    assert!(lines[2].live, "{lines:?}");
+    assert_eq!(lines[2].kind, LineKind::Live, "{lines:?}");
     assert_eq!(lines[2].session_present, Some(true), "{lines:?}");
     assert_ne!(lines[2].conn, lines[0].conn, "{lines:?}");
     // A clean disconnect.
     c2.disconnect().await.unwrap();
     closed(&mut e2).await;
     let lines = wait_lines(&broker, "logged", 4);
-    assert!(!lines[3].live, "{lines:?}");
+    assert_eq!(lines[3].kind, LineKind::Ended, "{lines:?}");
     assert_eq!(lines[3].conn, lines[2].conn, "{lines:?}");
     assert_eq!(
         lines[3].reason.as_deref(),
@@ -532,10 +567,11 @@ async fn a_takeover_across_nodes_is_logged_on_both_with_node_and_epoch() {
     closed(&mut e1).await;
     let on1 = wait_lines(c.node(1), "moving", 2);
     let on2 = wait_lines(c.node(2), "moving", 1);
-    assert!(on1[0].live && !on1[1].live, "{on1:?}");
+    assert_eq!(on1[0].kind, LineKind::Live, "{on1:?}");
+    assert_eq!(on1[1].kind, LineKind::Ended, "{on1:?}");
     assert_eq!(on1[0].node, Some(1), "{on1:?}");
     assert_eq!(on1[1].reason.as_deref(), Some("taken_over"), "{on1:?}");
-    assert!(on2[0].live, "{on2:?}");
+    assert_eq!(on2[0].kind, LineKind::Live, "{on2:?}");
     assert_eq!(on2[0].node, Some(2), "{on2:?}");
     assert_eq!(on2[0].session_present, Some(true), "{on2:?}");
     let (e1, e2) = (
@@ -555,6 +591,29 @@ async fn a_takeover_across_nodes_is_logged_on_both_with_node_and_epoch() {
     r.assert_clean();
     assert_eq!(r.counts.live_spans, 2, "{r}");
     assert_eq!(r.counts.overlaps, 0, "{r}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_out_of_contact_logs_the_clients_it_fenced() {
+    let mut c = Cluster::new("client-fence", 2, 2, &[]);
+    for id in 1..=2 {
+        c.start(id, &[], false);
+    }
+    c.wait_for_leader();
+    let (_c1, mut e1) = rumqttc::AsyncClient::new(options4(c.node(1).addr(), "fenced"), 10);
+    assert!(!connected(&mut e1, None).await);
+    // Node 1 alone is no majority: out of contact for the session lease (2 s), it
+    // ends the connection.
+    let pid = libc::pid_t::try_from(c.node(2).pid()).expect("pid fits pid_t");
+    // SAFETY: kill(2) with the pid of a broker this test spawned and still holds.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let resume = Resume(pid);
+    closed_within(&mut e1, RECV_TIMEOUT * 2).await;
+    let lines = wait_lines(c.node(1), "fenced", 2);
+    assert_eq!(lines[1].kind, LineKind::Ended, "{lines:?}");
+    assert_eq!(lines[1].conn, lines[0].conn, "{lines:?}");
+    assert_eq!(lines[1].reason.as_deref(), Some("fenced"), "{lines:?}");
+    drop(resume);
 }
 
 /// Runs a rumqttc v4 client's event loop on its own thread, recording every event,

@@ -38,8 +38,9 @@
 //!   `broker/src/server/sim.rs`): publications the publisher sent again after a
 //!   reconnect are left out, and an inversion is late (counted and printed, not an
 //!   error) when the subscriber was served by two nodes and either the late copy came
-//!   more than the new owner's hold ([`HOLD_MAX`]) after the first later one or its
-//!   node was killed in between.
+//!   more than the new owner's hold ([`HOLD_MAX`]) after the first later one, or its
+//!   node was killed in between, or its node logged that the client's hold ran out
+//!   ("client order hold given up") after the client's last CONNACK there.
 //! - **two nodes**: a ClientID live on two nodes at once (from the node logs) for
 //!   longer than the tolerance given to [`check`] (the session lease); a node's live
 //!   intervals end at its kill ([`Fault::Kill`]) when its log has no end line, and
@@ -526,17 +527,29 @@ pub struct NodeLog {
     pub text: String,
 }
 
+/// What a client log line says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineKind {
+    /// "client live": the session went live on the node.
+    Live,
+    /// "client ended": that connection ended.
+    Ended,
+    /// "client order hold given up": a moved-in session's hold for its old node's
+    /// redirects ended before they all came (late copies may follow).
+    OrderGivenUp,
+}
+
 /// One client log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientLine {
     /// Unix microseconds.
     pub at_us: u64,
-    /// True for "client live", false for "client ended".
-    pub live: bool,
+    pub kind: LineKind,
     pub client_id: String,
     /// The `node` field (absent outside a cluster).
     pub node: Option<u64>,
     pub shard: u64,
+    /// The connection (`slot#serial`); empty for [`LineKind::OrderGivenUp`].
     pub conn: String,
     pub epoch: Option<u64>,
     pub session_present: Option<bool>,
@@ -650,21 +663,27 @@ pub fn client_lines(text: &str) -> Vec<ClientLine> {
             let line = strip_ansi(raw);
             let (head, rest) = line.split_once(&marker)?;
             let at_us = parse_timestamp(head.split_whitespace().next()?)?;
-            let (live, fields) = if let Some(f) = rest.strip_prefix("client live") {
-                (true, f)
+            let (kind, fields) = if let Some(f) = rest.strip_prefix("client live") {
+                (LineKind::Live, f)
             } else if let Some(f) = rest.strip_prefix("client ended") {
-                (false, f)
+                (LineKind::Ended, f)
+            } else if let Some(f) = rest.strip_prefix("client order hold given up") {
+                (LineKind::OrderGivenUp, f)
             } else {
                 return None;
             };
             let f = parse_fields(fields);
+            let conn = match kind {
+                LineKind::OrderGivenUp => String::new(),
+                _ => f.get("conn")?.clone(),
+            };
             Some(ClientLine {
                 at_us,
-                live,
+                kind,
                 client_id: f.get("client_id")?.clone(),
                 node: f.get("node").and_then(|v| v.parse().ok()),
                 shard: f.get("shard")?.parse().ok()?,
-                conn: f.get("conn")?.clone(),
+                conn,
                 epoch: f.get("epoch").and_then(|v| v.parse().ok()),
                 session_present: f.get("session_present").and_then(|v| v.parse().ok()),
                 reason: f.get("reason").cloned(),
@@ -702,7 +721,10 @@ pub fn live_spans(logs: &[NodeLog], faults: &[(u64, Fault)], end_us: u64) -> Vec
         let mut open: BTreeMap<(u64, String), (String, u64)> = BTreeMap::new();
         for l in client_lines(&log.text) {
             let key = (l.shard, l.conn.clone());
-            if l.live {
+            if l.kind == LineKind::OrderGivenUp {
+                continue;
+            }
+            if l.kind == LineKind::Live {
                 if let Some((client_id, from_us)) = open.remove(&key) {
                     // The same connection id again: a restarted process (a log of
                     // several lifetimes); the earlier one ended with its process.
@@ -806,6 +828,8 @@ pub struct Counts {
     pub overlaps: usize,
     /// The longest such overlap.
     pub overlap_max: Duration,
+    /// "client order hold given up" lines in the node logs.
+    pub holds_given_up: usize,
     /// Deliveries whose payload is not `<publisher>/<seq>` (wills, retained from
     /// elsewhere): ignored.
     pub foreign: usize,
@@ -901,8 +925,8 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "{} live spans in the node logs; {} overlaps on two nodes, longest {:?} \
-             (tolerance {:?})",
-            c.live_spans, c.overlaps, c.overlap_max, self.tolerance
+             (tolerance {:?}); {} moved-in sessions' holds given up",
+            c.live_spans, c.overlaps, c.overlap_max, self.tolerance, c.holds_given_up
         )?;
         section(f, "acknowledged but lost", &self.acked_lost)?;
         match &self.lost_sessions_allowed {
@@ -1253,7 +1277,18 @@ fn check_recs(
     }
 
     // Order: first deliveries per (subscriber, session, publisher connection, topic,
-    // QoS) in publication order, as the simulation checks it.
+    // QoS) in publication order, as the simulation checks it. A node's word that a
+    // client's hold ran out: (node, client, when).
+    let given_up: Vec<(u64, String, u64)> = logs
+        .iter()
+        .flat_map(|log| {
+            client_lines(&log.text)
+                .into_iter()
+                .filter(|l| l.kind == LineKind::OrderGivenUp)
+                .map(move |l| (log.node, l.client_id, l.at_us))
+        })
+        .collect();
+    r.counts.holds_given_up = given_up.len();
     type Stream<'a> = (&'a str, u64, &'a str, u64, &'a str, u8);
     let mut streams: HashMap<Stream, Vec<(u64, &Got)>> = HashMap::new();
     let mut seen: BTreeSet<(&str, u64, (&str, u64))> = BTreeSet::new();
@@ -1289,6 +1324,22 @@ fn check_recs(
             let killed = faults.iter().any(|(at, f)| {
                 *f == Fault::Kill(d.node) && *at >= first_later.at_us && *at < d.at_us
             });
+            // Its node said the client's hold ran out after its last CONNACK there.
+            let arrived = recs
+                .iter()
+                .filter(|x| x.at_us <= d.at_us)
+                .filter_map(|x| match &x.what {
+                    What::ConnAck { client, node, .. } if client == d.client && *node == d.node => {
+                        Some(x.at_us)
+                    }
+                    _ => None,
+                })
+                .max();
+            let gave_up = arrived.is_some_and(|from| {
+                given_up.iter().any(|(n, c, at)| {
+                    *n == d.node && c == d.client && *at >= from && *at <= d.at_us
+                })
+            });
             let text = format!(
                 "{} (session {}): {publisher}/{seq} (QoS {}, {}) at {} after {publisher}/{max} \
                  ({} ms after {publisher}/{} at {})",
@@ -1301,11 +1352,13 @@ fn check_recs(
                 first_later.key.1,
                 t(first_later.at_us)
             );
-            if moved && (waited || killed) {
+            if moved && (waited || killed || gave_up) {
                 let why = if killed {
                     "its node was killed between"
-                } else {
+                } else if waited {
                     "past the hold's bound"
+                } else {
+                    "after its node gave up the hold"
                 };
                 r.late.push(format!("{text}: {why}"));
             } else {

@@ -653,6 +653,20 @@ impl Window {
     }
 }
 
+/// The client log line of a moved-in session whose hold for its old node's redirects
+/// ended before they all came (`Stats::moved_order_given_up`): what comes late from
+/// the old node may come after later messages of its publisher (the fault tests'
+/// history checker reads this line; docs/ADMIN_API.md "Client log lines").
+fn order_given_up(node: Option<u64>, shard: ShardId, client_id: &Str) {
+    tracing::info!(
+        target: super::CLIENTS_LOG_TARGET,
+        client_id = ?client_id.as_str(),
+        node,
+        shard,
+        "client order hold given up"
+    );
+}
+
 impl Engine {
     /// Gives this shard's publications cluster-wide ids with `origin` (random per
     /// process start, never 0). Called at boot in a cluster.
@@ -1643,6 +1657,7 @@ impl Engine {
             // Bounded like the window's ids: what is held goes, and holding ends.
             if w.holding && w.uid == uid {
                 self.stats.moved_order_given_up += 1;
+                order_given_up(self.node_id, self.shard, &key);
             }
             w.holding = false;
             let mut out = w.release(None);
@@ -1751,6 +1766,7 @@ impl Engine {
             if w.uid == uid && w.held.front().is_some_and(|h| h.due_ms <= now_ms) {
                 if w.holding {
                     self.stats.moved_order_given_up += 1;
+                    order_given_up(self.node_id, self.shard, &key);
                 }
                 w.holding = false;
                 self.release_held(now_ms, &key, None);
