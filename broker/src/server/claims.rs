@@ -185,7 +185,7 @@ pub(super) async fn claim(
             // The session is still on the node this claim took it from: ask again.
             take_over(shard, cluster, connect, epoch, old).await?;
             return if committed(epoch) {
-                Ok(())
+                Ok(epoch)
             } else {
                 Err(refused_by(
                     shard,
