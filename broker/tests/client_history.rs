@@ -425,6 +425,26 @@ fn client_lines_are_read_from_coloured_text_logs() {
     );
 }
 
+#[test]
+fn client_lines_are_read_from_json_logs() {
+    let text = "{\"timestamp\":\"2026-12-07T16:15:04.051432Z\",\"level\":\"INFO\",\"fields\":{\"message\":\"client ended\",\"client_id\":\"x y\",\"node\":3,\"shard\":1,\"conn\":\"0#1\",\"reason\":\"fenced\"},\"target\":\"tessera::clients\"}\n\
+                {\"timestamp\":\"2026-12-07T16:15:04.051433Z\",\"level\":\"INFO\",\"fields\":{\"message\":\"client ended\"},\"target\":\"broker\"}\n";
+    assert_eq!(
+        history::client_lines(text),
+        [ClientLine {
+            at_us: 1_796_660_104_051_432,
+            kind: LineKind::Ended,
+            client_id: "x y".into(),
+            node: Some(3),
+            shard: 1,
+            conn: "0#1".into(),
+            epoch: None,
+            session_present: None,
+            reason: Some("fenced".into()),
+        }]
+    );
+}
+
 // ----------------------------------------------------------------------------
 // The broker's client log lines, and the recorder on real clients
 
@@ -547,6 +567,25 @@ async fn a_connect_a_takeover_and_a_disconnect_are_logged_with_their_reasons() {
     );
     assert_eq!(spans.len(), 2, "{spans:?}");
     assert!(spans[0].to_us <= spans[1].from_us, "{spans:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_json_log_format_gives_the_same_lines() {
+    let broker = Broker::start_with(&[], &[("TESSERA_LOG__FORMAT", "json")]);
+    let (c, mut e) = rumqttc::AsyncClient::new(options4(broker.addr(), "a \"json\" id"), 10);
+    assert!(!connected(&mut e, None).await);
+    c.disconnect().await.unwrap();
+    closed(&mut e).await;
+    let lines = wait_lines(&broker, "a \"json\" id", 2);
+    assert_eq!(lines[0].kind, LineKind::Live, "{lines:?}");
+    assert_eq!(lines[0].session_present, Some(false), "{lines:?}");
+    assert_eq!(lines[1].kind, LineKind::Ended, "{lines:?}");
+    assert_eq!(lines[1].conn, lines[0].conn, "{lines:?}");
+    assert_eq!(
+        lines[1].reason.as_deref(),
+        Some("client_disconnect"),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]

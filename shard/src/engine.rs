@@ -871,7 +871,7 @@ impl Engine {
         self.persist_session(idx);
         tracing::info!(
             target: CLIENTS_LOG_TARGET,
-            client_id = ?connect.client_id.as_str(),
+            client_id = connect.client_id.as_str(),
             node = self.node_id,
             shard = self.shard,
             conn = %conn,
@@ -1072,7 +1072,7 @@ impl Engine {
         let s = self.session(idx);
         tracing::info!(
             target: CLIENTS_LOG_TARGET,
-            client_id = ?s.client_id.as_str(),
+            client_id = s.client_id.as_str(),
             node = self.node_id,
             shard = self.shard,
             conn = %conn,

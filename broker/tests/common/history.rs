@@ -655,11 +655,43 @@ fn parse_fields(s: &str) -> BTreeMap<String, String> {
     out
 }
 
-/// The client log lines of a node's log text, in order.
+/// A client log line in the JSON log format (`log.format = "json"`).
+fn json_line(line: &str) -> Option<ClientLine> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["target"] != CLIENTS_TARGET {
+        return None;
+    }
+    let f = &v["fields"];
+    let kind = match f["message"].as_str()? {
+        "client live" => LineKind::Live,
+        "client ended" => LineKind::Ended,
+        "client order hold given up" => LineKind::OrderGivenUp,
+        _ => return None,
+    };
+    Some(ClientLine {
+        at_us: parse_timestamp(v["timestamp"].as_str()?)?,
+        kind,
+        client_id: f["client_id"].as_str()?.to_owned(),
+        node: f["node"].as_u64(),
+        shard: f["shard"].as_u64()?,
+        conn: match kind {
+            LineKind::OrderGivenUp => String::new(),
+            _ => f["conn"].as_str()?.to_owned(),
+        },
+        epoch: f["epoch"].as_u64(),
+        session_present: f["session_present"].as_bool(),
+        reason: f["reason"].as_str().map(str::to_owned),
+    })
+}
+
+/// The client log lines of a node's log text (the text or the JSON format), in order.
 pub fn client_lines(text: &str) -> Vec<ClientLine> {
     let marker = format!("{CLIENTS_TARGET}: ");
     text.lines()
         .filter_map(|raw| {
+            if raw.starts_with('{') {
+                return json_line(raw);
+            }
             let line = strip_ansi(raw);
             let (head, rest) = line.split_once(&marker)?;
             let at_us = parse_timestamp(head.split_whitespace().next()?)?;

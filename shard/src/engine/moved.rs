@@ -660,7 +660,7 @@ impl Window {
 fn order_given_up(node: Option<u64>, shard: ShardId, client_id: &Str) {
     tracing::info!(
         target: super::CLIENTS_LOG_TARGET,
-        client_id = ?client_id.as_str(),
+        client_id = client_id.as_str(),
         node,
         shard,
         "client order hold given up"
