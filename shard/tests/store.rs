@@ -264,6 +264,30 @@ fn records_follow_the_shard_count_2_to_1_to_3() {
     check(&recover_closed(&dir, 3), false);
 }
 
+/// A truncated env (a copy cut short) stops the start with an error naming it. Before,
+/// LMDB read the missing pages through its map and the process died of SIGBUS.
+#[test]
+fn a_truncated_store_is_refused_naming_it_not_a_sigbus() {
+    let dir = Dir(std::env::temp_dir().join(format!("tessera-store-cut-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    write_fixture(&dir, 1);
+    let data = dir.0.join("shard-0").join("data.mdb");
+    let len = std::fs::metadata(&data).unwrap().len();
+    assert!(len > 4 * 4096, "{len}");
+    // The two meta pages and one more remain.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(3 * 4096)
+        .unwrap();
+    let Err(e) = recover(&dir.0, 1, MAP_BYTES, WALL_BASE_MS) else {
+        panic!("a truncated store is refused");
+    };
+    let text = e.to_string();
+    assert!(text.contains("shard-0"), "{text}");
+}
+
 /// In one transaction only the last op on a delivery counts: a delivery
 /// stored and deleted in the same commit is never written, one deleted and
 /// written again under a new session (same ClientID, same sequence number)

@@ -164,6 +164,21 @@ pub enum StoreError {
         /// The lock file.
         path: PathBuf,
     },
+    /// The log env's data file is empty while the rest of `data_dir/raft` shows the node
+    /// was a member: its vote and log are gone. Starting blank would let it vote a second
+    /// time in a term it already voted in, so it is refused.
+    #[error(
+        "the raft store {path} is empty, but {evidence} shows this node was a cluster \
+         member: its vote and log are lost. Restore data_dir/raft from a backup, or rejoin \
+         this node as a new member: `brokerctl cluster remove <id>` on a live node, move \
+         data_dir/raft away, and start this node with --join <a live node's cluster address>"
+    )]
+    Emptied {
+        /// The empty data file.
+        path: PathBuf,
+        /// What shows the directory was in use.
+        evidence: PathBuf,
+    },
     /// LMDB failed while reading or writing.
     #[error("raft store {path}: {source}")]
     Lmdb {
@@ -274,6 +289,7 @@ impl Store {
             return Err(StoreError::Locked { path: lock_path });
         }
         let data_file = raft_dir.join("data.mdb");
+        refuse_emptied(&data_file, &sm_dir)?;
         let env = open_env(raft_dir, &data_file, options, !options.fsync)?;
         let log_dbs = open_dbs::<2>(&env, LOG_DB_NAMES).map_err(|source| StoreError::Open {
             path: data_file.clone(),
@@ -485,10 +501,71 @@ fn open_env(
     // SAFETY: the env's files are ours alone (data_dir/raft is not shared with another
     // program, and the LOCK file keeps a second broker out), and no transaction outlives
     // the env: every handle holds an Arc<Store>.
-    unsafe { opts.open(dir) }.map_err(|source| StoreError::Open {
+    let env = unsafe { opts.open(dir) }.map_err(|source| StoreError::Open {
         path: data_file.to_path_buf(),
         source,
-    })
+    })?;
+    fill_to_last_page(&env, data_file)?;
+    Ok(env)
+}
+
+/// Makes the data file at least as long as its meta page says, with zeros.
+///
+/// LMDB maps the file and reads pages through the map: a page past the end of a
+/// truncated file (a copy cut short, a filesystem that lost its end) is a SIGBUS, and
+/// the process dies without a word at the first read there. Extended with zeros, such a
+/// page reads as a page of no type, which LMDB reports as `MDB_CORRUPTED` and the store
+/// as a corrupt store naming the file. A healthy file can be shorter too (LMDB does not
+/// write a page it allocated and freed in the same transaction, and it may be the last
+/// one); the zeros there are never read. (The shard store does the same:
+/// `tessera_shard::store::recover::open_env`.)
+fn fill_to_last_page(env: &Env<WithoutTls>, data_file: &Path) -> Result<(), StoreError> {
+    let page = env.unnamed_database_stat().page_size as u64;
+    let needed = (env.info().last_page_number as u64 + 1).saturating_mul(page);
+    let io = |source| StoreError::Io {
+        path: data_file.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(data_file).map_err(io)?.len();
+    if len < needed {
+        tracing::warn!(
+            path = %data_file.display(),
+            len,
+            needed,
+            "the raft store's data file ends before its last page: extended with zeros \
+             (a truncated store is reported as corrupt below, not a crash)"
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(data_file)
+            .and_then(|f| f.set_len(needed))
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Refuses an empty log env in a raft dir whose state machine or snapshots show it was
+/// in use (see [`StoreError::Emptied`]). An empty file alone (a crash while LMDB created
+/// it, before anything else existed) is a new store.
+fn refuse_emptied(data_file: &Path, sm_dir: &Path) -> Result<(), StoreError> {
+    if !std::fs::metadata(data_file).is_ok_and(|m| m.len() == 0) {
+        return Ok(());
+    }
+    let sm_data = sm_dir.join("data.mdb");
+    if std::fs::metadata(&sm_data).is_ok_and(|m| m.len() > 0) {
+        return Err(StoreError::Emptied {
+            path: data_file.to_path_buf(),
+            evidence: sm_data,
+        });
+    }
+    let snapshots = data_file.with_file_name("snapshots");
+    if std::fs::read_dir(&snapshots).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(StoreError::Emptied {
+            path: data_file.to_path_buf(),
+            evidence: snapshots,
+        });
+    }
+    Ok(())
 }
 
 /// Writes the format on a new store; refuses a store of another format.
@@ -648,5 +725,104 @@ where
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => Err(write_err(format!("storage task failed: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPTIONS: StoreOptions = StoreOptions {
+        map_size_bytes: 64 << 20,
+        fsync: false,
+        io_on_blocking_pool: false,
+    };
+
+    /// A store with some 60 pages of log rows, closed.
+    fn filled(dir: &Path) {
+        let store = Store::open(dir, OPTIONS).unwrap();
+        let mut w = store.env().write_txn().unwrap();
+        for i in 0u64..200 {
+            store
+                .dbs
+                .log
+                .put(&mut w, &i.to_be_bytes(), &[i as u8; 1000])
+                .unwrap();
+        }
+        w.commit().unwrap();
+        let mut w = store.sm_env.write_txn().unwrap();
+        for i in 0u64..200 {
+            store
+                .dbs
+                .owners
+                .put(&mut w, &i.to_be_bytes(), &[i as u8; 1000])
+                .unwrap();
+        }
+        w.commit().unwrap();
+    }
+
+    /// Reads every row of the log and of `owners`; the first error.
+    fn read_all(store: &Store) -> Result<(), heed::Error> {
+        let r = store.env().read_txn()?;
+        for row in store.dbs.log.iter(&r)? {
+            row?;
+        }
+        let r = store.sm_env.read_txn()?;
+        for row in store.dbs.owners.iter(&r)? {
+            row?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_truncated_data_file_is_an_error_not_a_sigbus() {
+        for file in ["data.mdb", "sm/data.mdb"] {
+            let dir = tempfile::tempdir().unwrap();
+            filled(dir.path());
+            let path = dir.path().join(file);
+            assert!(std::fs::metadata(&path).unwrap().len() > 40 * 4096);
+            // Three pages left: the two meta pages and one more. Before the fill, LMDB
+            // read past the end through its map and the process died of SIGBUS here.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(3 * 4096)
+                .unwrap();
+            match Store::open(dir.path(), OPTIONS) {
+                Err(e) => assert!(e.to_string().contains(file), "{file}: {e}"),
+                Ok(store) => {
+                    let e = read_all(&store).expect_err("the lost pages read as corrupt");
+                    assert!(e.to_string().contains("MDB_CORRUPTED"), "{file}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_emptied_log_env_of_a_member_is_refused_and_a_new_one_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        filled(dir.path());
+        let data = dir.path().join("data.mdb");
+        std::fs::write(&data, b"").unwrap();
+        let Err(e) = Store::open(dir.path(), OPTIONS) else {
+            panic!("an emptied store is refused");
+        };
+        assert!(matches!(e, StoreError::Emptied { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("data.mdb") && text.contains("sm/data.mdb") && text.contains("--join"),
+            "{text}"
+        );
+        assert_eq!(
+            std::fs::metadata(&data).unwrap().len(),
+            0,
+            "nothing written"
+        );
+
+        // An empty file in a directory with nothing else is a new store.
+        let fresh = tempfile::tempdir().unwrap();
+        std::fs::write(fresh.path().join("data.mdb"), b"").unwrap();
+        Store::open(fresh.path(), OPTIONS).expect("a new store");
     }
 }

@@ -263,10 +263,47 @@ fn open_env(path: &Path, map_size_bytes: usize) -> Result<Env<WithoutTls>, Store
     // SAFETY: each env directory is opened once in this process (the data
     // directory lock keeps other processes out), and its files are only
     // changed through LMDB.
-    unsafe { opts.open(path) }.map_err(|source| StoreError::Open {
+    let env = unsafe { opts.open(path) }.map_err(|source| StoreError::Open {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    fill_to_last_page(&env, path)?;
+    Ok(env)
+}
+
+/// Makes the env's data file at least as long as its meta page says, with zeros.
+///
+/// LMDB reads pages through a map of the file: a page past the end of a truncated
+/// file (a copy cut short, a filesystem that lost its end) is a SIGBUS that kills the
+/// broker without a word. Extended with zeros, such a page reads as a page of no type,
+/// which LMDB reports as `MDB_CORRUPTED`, and the start is refused naming the env. A
+/// healthy file can be shorter too (LMDB does not write a page it allocated and freed
+/// in the same transaction, and it may be the last one); its zeros are never read. (The
+/// raft store does the same: `tessera_raft::store`'s `fill_to_last_page`.)
+fn fill_to_last_page(env: &Env<WithoutTls>, path: &Path) -> Result<(), StoreError> {
+    let page = env.unnamed_database_stat().page_size as u64;
+    let needed = (env.info().last_page_number as u64 + 1).saturating_mul(page);
+    let data = path.join("data.mdb");
+    let dir_err = |source| StoreError::Dir {
+        path: data.clone(),
+        source,
+    };
+    let len = std::fs::metadata(&data).map_err(dir_err)?.len();
+    if len < needed {
+        tracing::warn!(
+            path = %data.display(),
+            len,
+            needed,
+            "the store's data file ends before its last page: extended with zeros (a \
+             truncated store is reported as corrupt below, not a crash)"
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&data)
+            .and_then(|f| f.set_len(needed))
+            .map_err(dir_err)?;
+    }
+    Ok(())
 }
 
 /// Checks the format of an env, writing ours into a new one.
