@@ -375,6 +375,7 @@ async fn control_thread(
         forward,
     } = ports;
     let node_id = raft_config.node_id;
+    let raft_dir = raft_config.data_dir.join("raft");
     let initial: BTreeSet<NodeId> = raft_config.initial_voters.keys().copied().collect();
     let link = match Link::start(link_config) {
         Ok(link) => link,
@@ -425,6 +426,7 @@ async fn control_thread(
         tasks.push(tokio::spawn(join_through(cp.clone(), link.clone(), addr)));
     }
     tasks.push(tokio::spawn(serve_calls(Arc::new(link.clone()), calls)));
+    tasks.push(tokio::spawn(exit_when_raft_stops(cp.clone(), raft_dir)));
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -502,6 +504,31 @@ async fn answer(cp: Arc<ControlPlane>, link: Link, request: Request) {
             crate::forward::start(ends, cp.handle(), transport, remote, clocks);
         }
     }
+}
+
+/// Ends the process when raft stops on this node by itself (a storage error: a full
+/// disk, an I/O error). openraft never restarts a stopped raft, so the node would stay
+/// up as a member that can neither vote nor commit: every CONNECT refused (no claim can
+/// commit), its sessions fenced after the lease, and nothing to recover it but a
+/// restart. Ending it at once, with one line naming the store and what to do, lets its
+/// clients reconnect to other nodes now and its supervisor start it again (after the
+/// operator freed space, it rejoins and catches up). Not a graceful stop: the shard
+/// stores on the same full disk may never commit again, and an end without waiting is
+/// the state of a `kill -9` that persistence is built for (nothing acknowledged lost).
+async fn exit_when_raft_stops(cp: Arc<ControlPlane>, raft_dir: std::path::PathBuf) {
+    let Some(reason) = cp.stopped().await else {
+        return;
+    };
+    let code = crate::fatal::RAFT_STOPPED_EXIT_CODE;
+    tracing::error!(
+        node = cp.node_id(),
+        "raft stopped on this node: {reason}; the raft store is {}. A member that cannot \
+         write its raft store cannot vote or commit: the node ends now (exit code {code}) \
+         and its clients reconnect to the other nodes. If the disk is full, free space on \
+         it and start the node again: it rejoins and catches up",
+        raft_dir.display()
+    );
+    crate::fatal::exit_now(code)
 }
 
 /// Sends the shards' calls to other nodes, each on its own task (a slow peer never

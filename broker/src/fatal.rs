@@ -19,6 +19,20 @@ use std::panic::PanicHookInfo;
 /// The exit code after a panic (Rust's own code for a panicking `main`).
 pub const EXIT_CODE: i32 = 101;
 
+/// The exit code of a cluster node whose raft stopped on a storage error (a full disk,
+/// an I/O error): `crate::cluster` ends the process with it, as a panic would, and the
+/// unit's `Restart=on-failure` starts it again (docs/ARCHITECTURE.md "Cluster: disks,
+/// certificates and clocks").
+pub const RAFT_STOPPED_EXIT_CODE: i32 = 3;
+
+/// Ends the process at once with `code`: no unwinding, no destructors, no waiting for
+/// a store commit that may never succeed (a full disk). The state of a `kill -9`, which
+/// persistence is built for.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit ends the process at once; it touches no Rust state.
+    unsafe { libc::_exit(code) }
+}
+
 /// Makes any panic, on any thread, log and end the process with
 /// [`EXIT_CODE`]. Call once, after logging is set up and before any thread
 /// starts.
@@ -35,8 +49,7 @@ pub fn install() {
             "panic: {message}; ending the process (exit code {EXIT_CODE}) so that its \
              supervisor restarts it"
         );
-        // SAFETY: _exit ends the process at once; it touches no Rust state.
-        unsafe { libc::_exit(EXIT_CODE) }
+        exit_now(EXIT_CODE)
     }));
 }
 

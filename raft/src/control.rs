@@ -548,6 +548,25 @@ impl ControlPlane {
         }
     }
 
+    /// Waits until raft stops on this node by itself and says why: a storage error (a
+    /// full disk, an I/O error: openraft's fatal path, after which this node's raft
+    /// never runs again) or a panic in openraft's core. Returns `None` if raft was shut
+    /// down ([`ControlPlane::shutdown`]); never returns while raft runs.
+    pub async fn stopped(&self) -> Option<String> {
+        let mut rx = self.inner.shared.metrics_rx.clone();
+        loop {
+            if let Err(fatal) = &rx.borrow_and_update().running_state {
+                return match fatal {
+                    openraft::error::Fatal::Stopped => None,
+                    other => Some(other.to_string()),
+                };
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
     /// Current metric values.
     pub fn metrics(&self) -> ClusterMetrics {
         let m = self.inner.shared.metrics_rx.borrow().clone();
