@@ -6,8 +6,9 @@
 #
 #   1. the cargo tests behind the `third-party` feature: bench/tests/mosquitto.rs
 #      and the Mosquitto test of bench/tests/tls.rs (Mosquitto is the reference
-#      broker the bench is checked against), and broker/tests/bridge_mosquitto.rs
-#      (bridges to Mosquitto 3.1.1 and 5);
+#      broker the bench is checked against), broker/tests/bridge_mosquitto.rs
+#      (bridges to Mosquitto 3.1.1 and 5), and the disk-full (a tmpfs: root) and
+#      clock-jump (libfaketime) tests of broker/tests/cluster_failures.rs;
 #   2. ops/check.sh: the ops files checked by systemd-analyze, promtool,
 #      haproxy and shellcheck, the live syscall check under strace, and
 #      `promtool check metrics` on a live broker;
@@ -36,6 +37,7 @@ declare -A package=(
     [openssl]=openssl
     [node]=nodejs
     [npm]=npm
+    [faketime]=faketime
 )
 need=()
 for tool in "${!package[@]}"; do
@@ -61,11 +63,11 @@ fi
 
 step() { printf '\n=== test-third-party: %s\n' "$1"; }
 
-step "cargo tests with --features third-party (Mosquitto)"
+step "cargo tests with --features third-party (Mosquitto, tmpfs, libfaketime)"
 # The test targets that use the feature; the others already ran in the README's
 # command, whose build this reuses (--workspace keeps the same dependency features).
 cargo test --workspace --features tessera-bench/third-party --test mosquitto --test tls
-cargo test -p tessera-broker --features third-party --test bridge_mosquitto
+cargo test -p tessera-broker --features third-party --test bridge_mosquitto --test cluster_failures
 
 step "broker build for the live checks"
 cargo build -p tessera-broker --bin broker

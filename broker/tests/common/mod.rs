@@ -273,6 +273,13 @@ impl Broker {
         assert_eq!(rc, 0, "kill(SIGTERM): {}", std::io::Error::last_os_error());
     }
 
+    /// The exit status if the process has ended, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        let status = self.child.try_wait().expect("try_wait")?;
+        self.exited = Some(status);
+        Some(status)
+    }
+
     /// Waits for the process to exit; panics after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
