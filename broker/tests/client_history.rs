@@ -322,6 +322,11 @@ fn a_takeover_with_the_old_end_first_does_not_overlap() {
     r.assert_clean();
     assert_eq!(r.counts.live_spans, 3, "{r}");
     assert_eq!(r.counts.overlaps, 0, "{r}");
+    assert!(
+        r.to_string()
+            .contains("live spans ended: open 1, taken_over 2"),
+        "{r}"
+    );
 }
 
 #[test]

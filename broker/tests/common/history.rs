@@ -860,6 +860,9 @@ pub struct Counts {
     pub overlaps: usize,
     /// The longest such overlap.
     pub overlap_max: Duration,
+    /// How the live spans ended: reason (`taken_over`, `fenced`, ..., `killed`,
+    /// `open`) -> count.
+    pub span_ends: BTreeMap<String, usize>,
     /// "client order hold given up" lines in the node logs.
     pub holds_given_up: usize,
     /// Deliveries whose payload is not `<publisher>/<seq>` (wills, retained from
@@ -960,6 +963,14 @@ impl fmt::Display for Report {
              (tolerance {:?}); {} moved-in sessions' holds given up",
             c.live_spans, c.overlaps, c.overlap_max, self.tolerance, c.holds_given_up
         )?;
+        if !c.span_ends.is_empty() {
+            let ends: Vec<String> = c
+                .span_ends
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            writeln!(f, "live spans ended: {}", ends.join(", "))?;
+        }
         section(f, "acknowledged but lost", &self.acked_lost)?;
         match &self.lost_sessions_allowed {
             Some(why) => section(
@@ -1321,8 +1332,16 @@ fn check_recs(
         })
         .collect();
     r.counts.holds_given_up = given_up.len();
+    // Each client's CONNACKs: (when, node), in time order.
+    let mut connacks: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+    for x in recs {
+        if let What::ConnAck { client, node, .. } = &x.what {
+            connacks.entry(client).or_default().push((x.at_us, *node));
+        }
+    }
     type Stream<'a> = (&'a str, u64, &'a str, u64, &'a str, u8);
-    let mut streams: HashMap<Stream, Vec<(u64, &Got)>> = HashMap::new();
+    // Per stream: the highest sequence number delivered, and the deliveries.
+    let mut streams: HashMap<Stream, (u64, Vec<(u64, &Got)>)> = HashMap::new();
     let mut seen: BTreeSet<(&str, u64, (&str, u64))> = BTreeSet::new();
     for d in &got {
         if !seen.insert((d.client, d.session, d.key)) {
@@ -1340,33 +1359,28 @@ fn check_recs(
             p.topic.as_str(),
             p.qos,
         );
-        let before = streams.entry(k).or_default();
-        if let Some(&(_, first_later)) = before.iter().find(|(s, _)| *s > seq) {
-            let max = before.iter().map(|(s, _)| *s).max().unwrap_or(seq);
-            // The subscriber was served by two nodes before this delivery.
-            let mut nodes =
-                recs.iter()
-                    .filter(|x| x.at_us <= d.at_us)
-                    .filter_map(|x| match &x.what {
-                        What::ConnAck { client, node, .. } if client == d.client => Some(*node),
-                        _ => None,
-                    });
-            let moved = nodes.next().is_some_and(|n| nodes.any(|m| m != n));
+        let (max, before) = streams.entry(k).or_default();
+        if *max > seq
+            && let Some(&(_, first_later)) = before.iter().find(|(s, _)| *s > seq)
+        {
+            let max = *max;
+            // The subscriber's CONNACKs before this delivery.
+            let came: &[(u64, u64)] = connacks.get(d.client).map_or(&[], |c| {
+                let n = c.partition_point(|(at, _)| *at <= d.at_us);
+                &c[..n]
+            });
+            // It was served by two nodes.
+            let moved = came.iter().any(|(_, n)| *n != came[0].1);
             let waited = d.at_us.saturating_sub(first_later.at_us) > HOLD_MAX.as_micros() as u64;
             let killed = faults.iter().any(|(at, f)| {
                 *f == Fault::Kill(d.node) && *at >= first_later.at_us && *at < d.at_us
             });
             // Its node said the client's hold ran out after its last CONNACK there.
-            let arrived = recs
+            let arrived = came
                 .iter()
-                .filter(|x| x.at_us <= d.at_us)
-                .filter_map(|x| match &x.what {
-                    What::ConnAck { client, node, .. } if client == d.client && *node == d.node => {
-                        Some(x.at_us)
-                    }
-                    _ => None,
-                })
-                .max();
+                .rev()
+                .find(|(_, n)| *n == d.node)
+                .map(|(at, _)| *at);
             let gave_up = arrived.is_some_and(|from| {
                 given_up.iter().any(|(n, c, at)| {
                     *n == d.node && c == d.client && *at >= from && *at <= d.at_us
@@ -1397,12 +1411,16 @@ fn check_recs(
                 r.order.push(text);
             }
         }
+        *max = (*max).max(seq);
         before.push((seq, d));
     }
 
     // Two nodes at once, from the node logs.
     let spans = live_spans(logs, &faults, end_us);
     r.counts.live_spans = spans.len();
+    for s in &spans {
+        *r.counts.span_ends.entry(s.end.clone()).or_default() += 1;
+    }
     let mut by_client: BTreeMap<&str, Vec<&Live>> = BTreeMap::new();
     for s in &spans {
         by_client.entry(&s.client_id).or_default().push(s);
