@@ -1341,7 +1341,8 @@ fn check_recs(
     }
     type Stream<'a> = (&'a str, u64, &'a str, u64, &'a str, u8);
     // Per stream: the highest sequence number delivered, and the deliveries.
-    let mut streams: HashMap<Stream, (u64, Vec<(u64, &Got)>)> = HashMap::new();
+    type Delivered<'a, 'b> = (u64, Vec<(u64, &'b Got<'a>)>);
+    let mut streams: HashMap<Stream, Delivered> = HashMap::new();
     let mut seen: BTreeSet<(&str, u64, (&str, u64))> = BTreeSet::new();
     for d in &got {
         if !seen.insert((d.client, d.session, d.key)) {
