@@ -7,23 +7,25 @@
 //!   every 20 ms against the survivors (MQTT: a CONNECT of a new ClientID, which is a
 //!   raft claim; etcd: a `PUT` through its HTTP gateway) and prints the time from the
 //!   kill to the first probe that succeeded: when a new leader accepts writes.
-//! - `sessions PID VICTIM OTHERS N [CMD AFTER_MS]`: N persistent MQTT 5 sessions (one
-//!   QoS 1 subscription each) on VICTIM; kills PID (VICTIM's node); every client
-//!   reconnects (no clean start, 100 ms between tries) to the other nodes in turn until
-//!   a CONNACK accepts it; prints kill-to-CONNACK p50/p99/max and how many came back
-//!   with session present. With CMD, `sh -c CMD` runs AFTER_MS after the kill (the
-//!   script restarts the node with its disk there).
+//! - `sessions PID VICTIM OTHERS N [CMD AFTER_MS FIRST_TRY_MS]`: N persistent MQTT 5
+//!   sessions (one QoS 1 subscription each) on VICTIM; kills PID (VICTIM's node); every
+//!   client reconnects (no clean start, 100 ms between tries) to the other nodes in turn
+//!   until a CONNACK accepts it; prints kill-to-CONNACK p50/p99/max and how many came
+//!   back with session present. With CMD, `sh -c CMD` runs AFTER_MS after the kill (the
+//!   script restarts the node with its disk there) and the clients first try
+//!   FIRST_TRY_MS after the kill (a client's reconnect back-off).
 //! - `lease PIDS VICTIM N`: N MQTT 5 clients on VICTIM; kills PIDS (the other nodes, a
 //!   majority) at once; prints the time from the kill to each client's DISCONNECT (or
 //!   the connection's end) with the reason codes: the session lease as observed.
-//! - `load PID PUBS SUBS TK_A TK_B SECONDS KILL_AT [PUBLISHERS WINDOW]`: QoS 1
-//!   publishers (PUBLISHERS per address of PUBS, WINDOW in flight each, as fast as
-//!   acknowledged) and one QoS 1 subscriber per address of SUBS to all of them, plus a
-//!   persistent session taken over between TK_A and TK_B every 20 ms; PID is killed
-//!   KILL_AT s in. Prints PUBACKs/s and deliveries/s (subscribers on the survivors)
-//!   before, in the 3 s after and after the kill, the slowest 500 ms after it, takeover
-//!   p50/p99/max in the same three spans, and every connection of a survivor that ended
-//!   (there should be none).
+//! - `load PID PUBS SUBS VICTIM_SUB TK_A TK_B SECONDS KILL_AT [PUBLISHERS WINDOW]`:
+//!   QoS 1 publishers (PUBLISHERS per address of PUBS, WINDOW in flight each, as fast
+//!   as acknowledged) and one QoS 1 subscriber per address of SUBS to all of them (and
+//!   one on VICTIM_SUB, the node to be killed, unless it is `-`), plus a persistent
+//!   session taken over between TK_A and TK_B every 20 ms; PID is killed KILL_AT s
+//!   in. Prints PUBACKs/s and deliveries/s (subscribers on the survivors) before, in
+//!   the 3 s after and after the kill, the slowest 500 ms after it, takeover
+//!   p50/p99/max in the same three spans (by when each ended), and every connection of
+//!   a survivor that ended (there should be none).
 //!
 //! Every mode prints one JSON line last (`{"mode":...}`). Bounded: every wait has a
 //! deadline.
@@ -257,11 +259,20 @@ fn failover(args: &[String]) {
 }
 
 fn sessions(args: &[String]) {
-    let (pid, victim, others, n, then) = match args {
-        [p, v, o, n] => (p, v, o, n, None),
-        [p, v, o, n, cmd, after] => (p, v, o, n, Some((cmd.clone(), after.clone()))),
-        _ => usage("sessions PID VICTIM OTHERS N [CMD AFTER_MS]"),
+    let (pid, victim, others, n, then, first_try) = match args {
+        [p, v, o, n] => (p, v, o, n, None, "0"),
+        [p, v, o, n, cmd, after, first] => (
+            p,
+            v,
+            o,
+            n,
+            Some((cmd.clone(), after.clone())),
+            first.as_str(),
+        ),
+        _ => usage("sessions PID VICTIM OTHERS N [CMD AFTER_MS FIRST_TRY_MS]"),
     };
+    let first_try =
+        Duration::from_millis(first_try.parse().unwrap_or_else(|_| usage("FIRST_TRY_MS")));
     let pid: i32 = pid.parse().unwrap_or_else(|_| usage("PID"));
     let victim: SocketAddr = victim.parse().unwrap_or_else(|_| usage("VICTIM"));
     let others = Arc::new(addrs(others));
@@ -297,6 +308,7 @@ fn sessions(args: &[String]) {
                 let id = format!("fs-{tag}-{i}");
                 let mut tries = 0usize;
                 let mut refusals = Vec::new();
+                thread::sleep(first_try.saturating_sub(t0.elapsed()));
                 while Instant::now() < deadline {
                     let addr = others[(i + tries) % others.len()];
                     tries += 1;
@@ -334,15 +346,21 @@ fn sessions(args: &[String]) {
             None => unserved += 1,
         }
     }
+    let mut from_try: Vec<Duration> = times.iter().map(|t| t.saturating_sub(first_try)).collect();
     let (p50, p99, max) = spread(&mut times);
+    let (t50, t99, tmax) = spread(&mut from_try);
     println!(
-        "sessions: {n} on the killed node; served again elsewhere: {} (session present: \
-         {present}), not within 60 s: {unserved}; kill to CONNACK p50 {p50:.0} ms, p99 \
-         {p99:.0} ms, max {max:.0} ms; {tries} CONNECTs, refusals/errors: {why:?}",
+        "sessions: {n} on the killed node, first reconnect {} ms after the kill; served \
+         again elsewhere: {} (session present: {present}), not within 60 s: {unserved}; \
+         kill to CONNACK p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms (from the first \
+         try: p50 {t50:.0}, p99 {t99:.0}, max {tmax:.0}); {tries} CONNECTs, refusals/errors: \
+         {why:?}",
+        first_try.as_millis(),
         times.len()
     );
     println!(
-        r#"{{"mode":"sessions","n":{n},"served":{},"present":{present},"p50_ms":{p50:.1},"p99_ms":{p99:.1},"max_ms":{max:.1},"connects":{tries}}}"#,
+        r#"{{"mode":"sessions","n":{n},"first_try_ms":{},"served":{},"present":{present},"p50_ms":{p50:.1},"p99_ms":{p99:.1},"max_ms":{max:.1},"try_p50_ms":{t50:.1},"try_p99_ms":{t99:.1},"try_max_ms":{tmax:.1},"connects":{tries}}}"#,
+        first_try.as_millis(),
         times.len()
     );
     if unserved > 0 {
@@ -595,14 +613,17 @@ fn takeovers(
 }
 
 fn load(args: &[String]) {
-    let (pid, pubs, subs, tk_a, tk_b, secs, kill_at, per, window) = match args {
-        [p, pu, su, a, b, s, k] => (p, pu, su, a, b, s, k, "2", "16"),
-        [p, pu, su, a, b, s, k, per, w] => (p, pu, su, a, b, s, k, per.as_str(), w.as_str()),
-        _ => usage("load PID PUBS SUBS TK_A TK_B SECONDS KILL_AT [PUBLISHERS WINDOW]"),
+    let (pid, pubs, subs, vsub, tk_a, tk_b, secs, kill_at, per, window) = match args {
+        [p, pu, su, v, a, b, s, k] => (p, pu, su, v, a, b, s, k, "2", "16"),
+        [p, pu, su, v, a, b, s, k, per, w] => (p, pu, su, v, a, b, s, k, per.as_str(), w.as_str()),
+        _ => usage("load PID PUBS SUBS VICTIM_SUB TK_A TK_B SECONDS KILL_AT [PUBLISHERS WINDOW]"),
     };
     let pid: i32 = pid.parse().unwrap_or_else(|_| usage("PID"));
     let pubs = addrs(pubs);
-    let subs = addrs(subs);
+    let mut subs: Vec<(SocketAddr, bool)> = addrs(subs).into_iter().map(|a| (a, true)).collect();
+    if vsub != "-" {
+        subs.push((vsub.parse().unwrap_or_else(|_| usage("VICTIM_SUB")), false));
+    }
     let tk_a: SocketAddr = tk_a.parse().unwrap_or_else(|_| usage("TK_A"));
     let tk_b: SocketAddr = tk_b.parse().unwrap_or_else(|_| usage("TK_B"));
     let secs = Duration::from_secs(secs.parse().unwrap_or_else(|_| usage("SECONDS")));
@@ -620,11 +641,9 @@ fn load(args: &[String]) {
         deliveries: Buckets::new(secs),
         ended: Arc::default(),
     });
-    let victim_pos = subs.len() - 1; // the script lists the victim last
     let mut threads = Vec::new();
-    for (i, addr) in subs.iter().enumerate() {
-        let (load, addr) = (load.clone(), *addr);
-        let count = i != victim_pos;
+    for (i, (addr, count)) in subs.iter().enumerate() {
+        let (load, addr, count) = (load.clone(), *addr, *count);
         threads.push(thread::spawn(move || {
             subscriber(
                 load,
@@ -669,16 +688,23 @@ fn load(args: &[String]) {
         ("0-3 s after the kill", killed, during),
         ("after", during, secs),
     ];
-    let mut json = format!(r#"{{"mode":"load","kill_at_ms":{:.0}"#, ms(killed));
+    let mut json = format!(
+        r#"{{"mode":"load","victim_subscribed":{},"kill_at_ms":{:.0}"#,
+        vsub != "-",
+        ms(killed)
+    );
     for (name, from, to) in spans {
+        // A takeover counts where it ended: one waiting through the election is the
+        // fault's.
+        let within = |at: &Duration, d: &Duration| *at + *d >= from && *at + *d < to;
         let mut t: Vec<Duration> = tks
             .iter()
-            .filter(|(at, _, _)| *at >= from && *at < to)
+            .filter(|(at, d, _)| within(at, d))
             .map(|(_, d, _)| *d)
             .collect();
         let failed = tks
             .iter()
-            .filter(|(at, _, ok)| *at >= from && *at < to && !ok)
+            .filter(|(at, d, ok)| within(at, d) && !ok)
             .count();
         let (p50, p99, max) = spread(&mut t);
         let (acks, dels) = (load.acks.rate(from, to), load.deliveries.rate(from, to));
