@@ -928,6 +928,13 @@ async fn read_tail(
     };
     let read = loaded.deliveries.len();
     let mut deliveries = loaded.deliveries;
+    // What the copy's ghost stored after the export is not tail: the store read
+    // returns it after the tail, and the new owner would refuse the chunk.
+    let cut = shard
+        .engine
+        .borrow()
+        .cut_moving_tail(client_id, &mut deliveries);
+    let tail = deliveries.len();
     // At least one delivery, then as many as fit the byte bound.
     let mut bytes = 0u64;
     let fit = deliveries
@@ -938,7 +945,7 @@ async fn read_tail(
         })
         .map_or(deliveries.len(), |i| i.max(1));
     deliveries.truncate(fit);
-    let more = fit < read || read == count as usize;
+    let more = fit < tail || (!cut && read == count as usize);
     Ok(Bytes::from(Engine::encode_tail(
         &deliveries,
         more,

@@ -75,6 +75,9 @@ pub(super) struct Moving {
     /// stores as a queued delivery of these records (`moved`, sim seed 748):
     /// after the export's.
     next_seq: u64,
+    /// The export's next sequence number: its disk tail is below it, and what the
+    /// ghost stored since is at or above it ([`Engine::cut_moving_tail`]).
+    tail_end: u64,
     /// The session was restored at this start (`Session::restored`), and is again
     /// when taken back.
     restored: bool,
@@ -307,6 +310,7 @@ impl Engine {
             relayed,
             redeliver,
             next_seq,
+            tail_end: next_seq,
             restored,
             moved_in,
         };
@@ -422,6 +426,32 @@ impl Engine {
             count_max,
         });
         true
+    }
+
+    /// Cuts `deliveries`, read from the store for the disk tail of the moving copy of
+    /// `client_id` ([`Engine::read_moving_tail`]), at the export's sequence numbers;
+    /// true when it cut something (the tail ends in this chunk).
+    ///
+    /// Why (found by the process fault test `cluster_faults`, a subscriber's session
+    /// moving under load, no crash): the copy's unconfirmed ghost stores what it holds
+    /// as queued deliveries of the same records (sim seed 748), numbered from the
+    /// export's next sequence number, so the store read returns them after the tail.
+    /// The new owner refuses a tail delivery beyond the export's numbers, so the whole
+    /// chunk was refused and the session moved without its tail: acknowledged
+    /// messages lost. They are not tail: what the ghost holds follows the session once
+    /// the new owner confirms (`moved`).
+    pub fn cut_moving_tail(&self, client_id: &str, deliveries: &mut Vec<Delivery>) -> bool {
+        let Some(end) = Str::try_from(client_id)
+            .ok()
+            .and_then(|k| self.moving.get(&k))
+            .map(|m| m.tail_end)
+        else {
+            return false;
+        };
+        let keep = deliveries.partition_point(|d| d.seq < end);
+        let cut = keep < deliveries.len();
+        deliveries.truncate(keep);
+        cut
     }
 
     /// Encodes deliveries read from a disk tail for the node taking the session.
@@ -1214,6 +1244,63 @@ mod tests {
         assert_eq!(a.moving_count(), 0);
         assert_eq!(stored_msgs(&ast), 0);
         assert!(!a.is_ended(conn));
+    }
+
+    /// Found by the process fault test (`cluster_faults`: a subscriber's session moved
+    /// under load, no crash; the new node logged "tail delivery 993 outside
+    /// 993..993" and served the session without its 20 queued messages): a
+    /// publication for the session after the export is held by its ghost and stored
+    /// with the copy's records, numbered from the export's next sequence number, so
+    /// the store's tail read returns it after the tail and the new owner refused the
+    /// whole chunk. The old owner cuts the chunk at the export's numbers.
+    #[test]
+    fn a_tail_read_leaves_out_what_the_ghost_stored_after_the_export() {
+        const N: usize = 8;
+        let (mut a, mut ast) = stored_node();
+        // A cluster node's shard: the exported session leaves a ghost here.
+        a.enable_remote().expect("room for the remote id");
+        a.set_origin(7);
+        offline_with_queue(&mut a, &mut ast, N);
+        let bytes = a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        ast.commit(&mut a, 10);
+        let pubc = a.connect(11, connect_packet(ProtocolVersion::V5, "pub2", true), false);
+        publish(&mut a, pubc, "late", QoS::AtLeastOnce, 1);
+        ast.commit(&mut a, 11);
+        assert_eq!(
+            stored_msgs(&ast),
+            N + 1,
+            "the ghost stored the copy it holds"
+        );
+
+        let (mut b, mut bst) = stored_node();
+        let imported = b.import_session(12, "mover", &bytes, WALL_B).unwrap();
+        assert_eq!(imported.tail_count, (N - 4) as u64);
+        assert!(a.read_moving_tail("mover", (2, 5), 1, imported.tail_from_seq, 64));
+        let mut chunk = ast.commit(&mut a, 13).remove(0).deliveries;
+        assert_eq!(
+            chunk.len(),
+            N - 4 + 1,
+            "the store read returns the held copy too"
+        );
+        let uncut = Engine::encode_tail(&chunk, false, WALL_A);
+        assert!(
+            b.import_tail(13, "mover", &uncut, WALL_B).is_err(),
+            "uncut, the new owner refuses the chunk (and so the whole tail)"
+        );
+        assert!(a.cut_moving_tail("mover", &mut chunk));
+        assert_eq!(chunk.len(), N - 4);
+        let bytes = Engine::encode_tail(&chunk, false, WALL_A);
+        let (n, more, _) = b.import_tail(13, "mover", &bytes, WALL_B).unwrap();
+        assert_eq!((n, more), (N - 4, false));
+        assert!(b.import_finish("mover"));
+        bst.commit(&mut b, 13);
+        let (present, got) = receive_all(&mut b, &mut bst, 14);
+        assert!(present);
+        assert_eq!(got, expected(N), "the whole tail, in order");
+        // A chunk with nothing of the copy's beyond the tail is not cut.
+        let mut tail_only = chunk.clone();
+        assert!(!a.cut_moving_tail("mover", &mut tail_only));
+        assert_eq!(tail_only.len(), N - 4);
     }
 
     #[test]
