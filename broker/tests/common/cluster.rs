@@ -1,9 +1,11 @@
 //! A cluster of real broker processes for the black-box tests (`cluster`,
 //! `cluster_routing`): certificates, data dirs, cluster UDP ports picked free on
 //! 127.0.0.1, and each node's process (killed when the guard drops, also when an
-//! assertion fails). Every wait is bounded.
+//! assertion fails). Every wait is bounded. With [`Cluster::on_hosts`] each node
+//! runs through a command prefix (`ip netns exec NS`, `common::netns`) with all its
+//! listeners (MQTT, admin, cluster) on its own address.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,19 @@ pub fn free_udp_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// Where a node runs when it is not on loopback: the command prefix that starts a
+/// program there and the address its listeners bind.
+#[derive(Debug, Clone)]
+pub struct NodeHost {
+    pub prefix: Vec<String>,
+    pub ip: IpAddr,
+}
+
+/// The fixed ports of a node on its own address ([`Cluster::on_hosts`]).
+pub const HOST_MQTT_PORT: u16 = 1883;
+pub const HOST_ADMIN_PORT: u16 = 18083;
+pub const HOST_CLUSTER_PORT: u16 = 7946;
+
 /// A test cluster: certificates, data dirs and the nodes' processes (killed on drop).
 pub struct Cluster {
     pub dir: TestDir,
@@ -32,6 +47,13 @@ pub struct Cluster {
     pub envs: Vec<(String, String)>,
     /// Shards per node (1 unless [`Cluster::with_shards`]).
     pub shards: usize,
+    /// Per node, where it runs (empty: every node on loopback).
+    pub hosts: Vec<NodeHost>,
+    /// The logs of the node processes killed so far, per node, oldest first.
+    pub past_logs: Vec<Vec<String>>,
+    /// The admin API's token ([`Cluster::on_hosts`]: the admin listener is not on
+    /// loopback, which requires one).
+    pub admin_token: Option<String>,
 }
 
 impl Cluster {
@@ -50,6 +72,43 @@ impl Cluster {
                 .collect(),
             dir,
             shards: 1,
+            hosts: Vec::new(),
+            past_logs: (0..certs_for).map(|_| Vec::new()).collect(),
+            admin_token: None,
+        }
+        .with_size(size)
+    }
+
+    /// A cluster whose node `i` (from 1) runs on `hosts[i - 1]`, `size` of them initial
+    /// voters.
+    pub fn on_hosts(
+        tag: &str,
+        size: usize,
+        hosts: Vec<NodeHost>,
+        envs: &[(&str, &str)],
+    ) -> Cluster {
+        let dir = TestDir::new(tag);
+        let certs = Path::new(dir.path_str()).join("certs");
+        make_cluster_certs(&certs, hosts.len() as u64, &[]).unwrap();
+        let token = format!("test-admin-token-{}", std::process::id());
+        let mut envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        envs.push(("TESSERA_SERVER__ADMIN_TOKEN".into(), token.clone()));
+        Cluster {
+            certs,
+            addrs: hosts
+                .iter()
+                .map(|h| SocketAddr::new(h.ip, HOST_CLUSTER_PORT))
+                .collect(),
+            nodes: hosts.iter().map(|_| None).collect(),
+            envs,
+            dir,
+            shards: 1,
+            past_logs: hosts.iter().map(|_| Vec::new()).collect(),
+            hosts,
+            admin_token: Some(token),
         }
         .with_size(size)
     }
@@ -96,6 +155,14 @@ impl Cluster {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(self.hosts.get(id as usize - 1).into_iter().flat_map(|h| {
+            [
+                "--listen".to_owned(),
+                SocketAddr::new(h.ip, HOST_MQTT_PORT).to_string(),
+                "--admin-listen".to_owned(),
+                SocketAddr::new(h.ip, HOST_ADMIN_PORT).to_string(),
+            ]
+        }))
         .collect()
     }
 
@@ -110,12 +177,21 @@ impl Cluster {
             .filter(|(k, _)| !(join && k == "TESSERA_CLUSTER__PEERS"))
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        self.nodes[id as usize - 1] = Some(Broker::start_with(&args, &envs));
+        let prefix = self
+            .hosts
+            .get(id as usize - 1)
+            .map(|h| h.prefix.clone())
+            .unwrap_or_default();
+        self.nodes[id as usize - 1] = Some(Broker::start_via(&prefix, &args, &envs));
     }
 
-    /// Kills node `id` with SIGKILL.
+    /// Kills node `id` with SIGKILL (its log kept in [`Cluster::past_logs`]).
     pub fn kill(&mut self, id: u64) {
-        self.nodes[id as usize - 1] = None;
+        if let Some(node) = self.nodes[id as usize - 1].take() {
+            let log = node.log();
+            drop(node);
+            self.past_logs[id as usize - 1].push(log);
+        }
     }
 
     pub fn node(&self, id: u64) -> &Broker {
@@ -126,7 +202,7 @@ impl Cluster {
 
     pub fn admin(&self, id: u64) -> AdminClient {
         let url = format!("http://{}", self.node(id).admin_addr());
-        AdminClient::new(&url, None, Duration::from_secs(5)).unwrap()
+        AdminClient::new(&url, self.admin_token.clone(), Duration::from_secs(5)).unwrap()
     }
 
     /// Node `id`'s `/api/v1/cluster`, or `None` while it cannot answer.

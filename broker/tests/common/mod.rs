@@ -17,6 +17,8 @@
 pub mod bridge;
 pub mod cluster;
 pub mod history;
+#[cfg(feature = "third-party")]
+pub mod netns;
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -48,7 +50,20 @@ const ADMIN_PREFIX: &str = "tessera: admin http://";
 /// the configuration under test, or fail its loading). The admin API gets a
 /// free loopback port unless `args` names one.
 pub fn broker_command(args: &[&str], envs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_broker"));
+    broker_command_via(&[], args, envs)
+}
+
+/// [`broker_command`] run through `prefix` (e.g. `ip netns exec NS`, which execs
+/// the broker, so the child's pid is the broker's).
+pub fn broker_command_via(prefix: &[String], args: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut cmd = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(env!("CARGO_BIN_EXE_broker"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_broker")),
+    };
     for (name, _) in std::env::vars_os() {
         if name.as_encoded_bytes().starts_with(b"TESSERA_") {
             cmd.env_remove(name);
@@ -129,7 +144,16 @@ impl Broker {
     /// replace the defaults) and environment variables. The admin API gets a
     /// free loopback port unless `extra_args` names one.
     pub fn start_with(extra_args: &[&str], envs: &[(&str, &str)]) -> Broker {
-        let mut args = vec!["--listen", "127.0.0.1:0"];
+        Broker::start_via(&[], extra_args, envs)
+    }
+
+    /// [`Broker::start_with`] through a command `prefix` (see
+    /// [`broker_command_via`]); `--listen` in `extra_args` replaces the default.
+    pub fn start_via(prefix: &[String], extra_args: &[&str], envs: &[(&str, &str)]) -> Broker {
+        let mut args = Vec::new();
+        if !extra_args.contains(&"--listen") {
+            args.extend(["--listen", "127.0.0.1:0"]);
+        }
         if !extra_args.contains(&"--admin-listen") {
             args.extend(["--admin-listen", "127.0.0.1:0"]);
         }
@@ -144,7 +168,7 @@ impl Broker {
             args.push("--data-dir");
             args.push(d.path_str());
         }
-        let mut child = broker_command(&args, envs)
+        let mut child = broker_command_via(prefix, &args, envs)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -265,6 +289,14 @@ impl Broker {
         self.log.lock().unwrap().clone()
     }
 
+    /// Sends `signal` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({signal}): {}", std::io::Error::last_os_error());
+    }
+
     /// Sends SIGTERM: the broker's graceful shutdown.
     pub fn sigterm(&self) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
@@ -379,6 +411,23 @@ impl RawClient {
             stash: VecDeque::new(),
             version,
         }
+    }
+
+    /// Opens a TCP connection within `timeout`, or says why not.
+    pub fn try_open(
+        addr: SocketAddr,
+        version: ProtocolVersion,
+        timeout: Duration,
+    ) -> std::io::Result<RawClient> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(RECV_TIMEOUT))?;
+        Ok(RawClient {
+            stream,
+            buf: BytesMut::new(),
+            stash: VecDeque::new(),
+            version,
+        })
     }
 
     /// Opens a connection, sends `connect` and returns the CONNACK.
