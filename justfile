@@ -18,6 +18,13 @@ test:
 test-third-party:
     scripts/test-third-party.sh
 
+# The cluster fault scenarios (broker/tests/cluster_faults.rs: nodes in network
+# namespaces under kill -9, SIGSTOP, partitions, loss and delay) for SECONDS each
+# instead of CI's 30, ignored ones included; CHAOS_SEED=N replays a fault schedule.
+# Needs root, ip, iptables and python3.
+chaos SECONDS="120":
+    CHAOS_SECONDS={{SECONDS}} cargo test -p tessera-broker --features third-party --test cluster_faults -- --nocapture --test-threads 1 --include-ignored
+
 # Formatting and lints, as CI runs them.
 lint:
     cargo fmt --all --check

@@ -9,6 +9,9 @@
 #      broker the bench is checked against), broker/tests/bridge_mosquitto.rs
 #      (bridges to Mosquitto 3.1.1 and 5), and the disk-full (a tmpfs: root) and
 #      clock-jump (libfaketime) tests of broker/tests/cluster_failures.rs;
+#   1b. broker/tests/cluster_faults.rs: broker nodes in network namespaces under
+#      kill -9, SIGSTOP, partitions, loss and delay (`ip`, `iptables`, `python3`
+#      for bench/scripts/nfq-delay.py; as root), one scenario at a time;
 #   2. ops/check.sh: the ops files checked by systemd-analyze, promtool,
 #      haproxy and shellcheck, the live syscall check under strace, and
 #      `promtool check metrics` on a live broker;
@@ -38,6 +41,9 @@ declare -A package=(
     [node]=nodejs
     [npm]=npm
     [faketime]=faketime
+    [ip]=iproute2
+    [iptables]=iptables
+    [python3]=python3
 )
 need=()
 for tool in "${!package[@]}"; do
@@ -68,6 +74,10 @@ step "cargo tests with --features third-party (Mosquitto, tmpfs, libfaketime)"
 # command, whose build this reuses (--workspace keeps the same dependency features).
 cargo test --workspace --features tessera-bench/third-party --test mosquitto --test tls
 cargo test -p tessera-broker --features third-party --test bridge_mosquitto --test cluster_failures
+
+step "cluster fault scenarios in network namespaces (root, ip, iptables)"
+# One at a time: each runs three nodes and a client load on a machine of two cores.
+cargo test -p tessera-broker --features third-party --test cluster_faults -- --test-threads 1
 
 step "broker build for the live checks"
 cargo build -p tessera-broker --bin broker
