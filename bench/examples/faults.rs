@@ -17,6 +17,13 @@
 //! - `lease PIDS VICTIM N`: N MQTT 5 clients on VICTIM; kills PIDS (the other nodes, a
 //!   majority) at once; prints the time from the kill to each client's DISCONNECT (or
 //!   the connection's end) with the reason codes: the session lease as observed.
+//! - `partition CUT_CMD VICTIM OTHERS N`: N persistent MQTT 5 sessions on VICTIM;
+//!   runs `sh -c CUT_CMD` (the script drops VICTIM's cluster traffic with iptables),
+//!   and at once every client connects its ClientID to the majority (OTHERS in turn)
+//!   while its old connection stays open; prints when the old connections ended (the
+//!   lease, with the majority alive), when the majority served them, and whether any
+//!   ClientID was served by both at once (a new CONNACK before the old connection's
+//!   end): there must be none.
 //! - `load PID PUBS SUBS VICTIM_SUB TK_A TK_B SECONDS KILL_AT [PUBLISHERS WINDOW]`:
 //!   QoS 1 publishers (PUBLISHERS per address of PUBS, WINDOW in flight each, as fast
 //!   as acknowledged) and one QoS 1 subscriber per address of SUBS to all of them (and
@@ -364,6 +371,130 @@ fn sessions(args: &[String]) {
         times.len()
     );
     if unserved > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// Runs `sh -c cmd`; exits when it fails.
+fn sh(cmd: &str) {
+    match std::process::Command::new("sh").arg("-c").arg(cmd).status() {
+        Ok(st) if st.success() => {}
+        other => {
+            eprintln!("`{cmd}`: {other:?}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn partition(args: &[String]) {
+    let [cut, victim, others, n] = args else {
+        usage("partition CUT_CMD VICTIM OTHERS N")
+    };
+    let victim: SocketAddr = victim.parse().unwrap_or_else(|_| usage("VICTIM"));
+    let others = Arc::new(addrs(others));
+    let n: usize = n.parse().unwrap_or_else(|_| usage("N"));
+    let tag = std::process::id();
+    let go = Arc::new(AtomicBool::new(false));
+    let t0 = Arc::new(Mutex::new(Instant::now()));
+    // The old connections, each watched until it ends.
+    let readers: Vec<_> = (0..n)
+        .map(|i| {
+            let id = format!("fp-{tag}-{i}");
+            let (mut s, mut buf, ack) = connect(victim, &id, false, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{id} @ victim: {e}"));
+            assert_eq!(ack.reason_code, ReasonCode::Success, "{id}: {ack:?}");
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let (go, t0) = (go.clone(), t0.clone());
+            thread::spawn(move || {
+                let got = recv(&mut s, &mut buf);
+                let at = Instant::now();
+                while !go.load(Ordering::Acquire) {
+                    thread::yield_now();
+                }
+                let how = match got {
+                    Ok(Packet::Disconnect(d)) => format!("DISCONNECT {:?}", d.reason_code),
+                    Ok(p) => format!("{:?}", p.packet_type()),
+                    Err(e) => e,
+                };
+                (at.saturating_duration_since(*t0.lock().unwrap()), how)
+            })
+        })
+        .collect();
+    {
+        let mut t = t0.lock().unwrap();
+        *t = Instant::now();
+        sh(cut);
+    }
+    go.store(true, Ordering::Release);
+    let start = *t0.lock().unwrap();
+    let deadline = start + Duration::from_secs(60);
+    // The same ClientIDs connect to the majority at once.
+    let movers: Vec<_> = (0..n)
+        .map(|i| {
+            let others = others.clone();
+            thread::spawn(move || {
+                let id = format!("fp-{tag}-{i}");
+                let mut tries = 0usize;
+                while Instant::now() < deadline {
+                    let addr = others[(i + tries) % others.len()];
+                    tries += 1;
+                    if let Ok((s, _, a)) = connect(addr, &id, false, Duration::from_secs(20))
+                        && a.reason_code == ReasonCode::Success
+                    {
+                        return Some((start.elapsed(), a.session_present, s));
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+                None
+            })
+        })
+        .collect();
+    let mut old = Vec::new();
+    let mut how: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in readers {
+        let (t, h) = r.join().expect("reader");
+        old.push(t);
+        *how.entry(h).or_default() += 1;
+    }
+    let mut new = Vec::new();
+    let (mut unserved, mut present, mut overlap) = (0, 0, 0);
+    let mut margin = Duration::MAX;
+    let mut keep = Vec::new();
+    for (i, m) in movers.into_iter().enumerate() {
+        match m.join().expect("mover") {
+            Some((t, sp, s)) => {
+                new.push(t);
+                present += usize::from(sp);
+                if t < old[i] {
+                    overlap += 1;
+                }
+                margin = margin.min(t.saturating_sub(old[i]));
+                keep.push(s);
+            }
+            None => unserved += 1,
+        }
+    }
+    let (o50, _, omax) = spread(&mut old);
+    let omin = old.first().map_or(0.0, |t| ms(*t));
+    let (n50, n99, nmax) = spread(&mut new);
+    let margin = if margin == Duration::MAX {
+        0.0
+    } else {
+        ms(margin)
+    };
+    println!(
+        "partition: {n} clients of the cut-off node: old connections ended after min \
+         {omin:.0}, p50 {o50:.0}, max {omax:.0} ms ({how:?}); served on the majority after \
+         p50 {n50:.0}, p99 {n99:.0}, max {nmax:.0} ms ({} served, {present} with session \
+         present, {unserved} not within 60 s); live on both at once: {overlap}, smallest gap \
+         between the old end and the new CONNACK {margin:.0} ms",
+        new.len()
+    );
+    println!(
+        r#"{{"mode":"partition","n":{n},"old_min_ms":{omin:.1},"old_p50_ms":{o50:.1},"old_max_ms":{omax:.1},"served":{},"present":{present},"new_p50_ms":{n50:.1},"new_p99_ms":{n99:.1},"new_max_ms":{nmax:.1},"overlap":{overlap},"min_gap_ms":{margin:.1}}}"#,
+        new.len()
+    );
+    if overlap > 0 || unserved > 0 {
         std::process::exit(1);
     }
 }
@@ -741,12 +872,13 @@ fn load(args: &[String]) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = args.split_first() else {
-        usage("a mode: failover, sessions, lease or load")
+        usage("a mode: failover, sessions, lease, partition or load")
     };
     match mode.as_str() {
         "failover" => failover(rest),
         "sessions" => sessions(rest),
         "lease" => lease(rest),
+        "partition" => partition(rest),
         "load" => load(rest),
         m => usage(&format!("unknown mode {m}")),
     }

@@ -13,7 +13,12 @@
 #      clients back RECONNECT_MS after it, a reconnect back-off: session present);
 #   3. lease: the two other nodes killed, time until the cut-off node's clients get
 #      DISCONNECT (0x9C): the session lease as observed;
-#   4. load: QoS 1 publishers and a takeover loop on two nodes, subscribers on both
+#   4. partition: a follower's cluster traffic dropped with iptables (its UDP port, both
+#      ways, on loopback), its LEASE_CLIENTS persistent clients connect their ClientIDs
+#      to the majority at once while their old connections stay open: when the old
+#      ones end (the lease, the majority alive), when the majority serves the new ones,
+#      and whether any ClientID was served by both at once (needs root and iptables);
+#   5. load: QoS 1 publishers and a takeover loop on two nodes, subscribers on both
 #      (and in a first run on the third too), the leader (the third) killed KILL_AT s in: PUBACKs/s and deliveries/s before, in the
 #      3 s after and after the kill, takeover p50/p99/max in the same spans, and any
 #      connection of a survivor that ended (none should: a failover is shorter than
@@ -23,7 +28,7 @@
 # usage: bench/scripts/cluster-faults.sh [target/release]
 # Env: ROUNDS (5, failover rounds per system), SESSIONS (100), LEASE_CLIENTS (50),
 #      RESTART_MS (500), RECONNECT_MS (3000), LOAD_SECONDS (14), KILL_AT (5), PUBLISHERS (2 per node),
-#      WINDOW (16), SCENARIOS (failover,sessions,lease,load), ETCD_ELECTION_MS (unset:
+#      WINDOW (16), SCENARIOS (failover,sessions,lease,partition,load), ETCD_ELECTION_MS (unset:
 #      etcd's default 1000), PORT_BASE (23500), OUT (cluster-faults.jsonl).
 # Needs: a release build (`cargo build --release -p tessera-broker -p tessera-bench
 # --bins --example faults`), curl, python3, and etcd (`apt-get install etcd-server`)
@@ -44,7 +49,7 @@ LOAD_SECONDS=${LOAD_SECONDS:-14}
 KILL_AT=${KILL_AT:-5}
 PUBLISHERS=${PUBLISHERS:-2}
 WINDOW=${WINDOW:-16}
-SCENARIOS=${SCENARIOS:-failover,sessions,lease,load}
+SCENARIOS=${SCENARIOS:-failover,sessions,lease,partition,load}
 base=${PORT_BASE:-23500}
 OUT=${OUT:-cluster-faults.jsonl}
 # shellcheck source=bench/scripts/lib.sh
@@ -55,16 +60,35 @@ for tool in curl python3; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
 done
 has() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+# Deletes every INPUT rule whose comment is $1.
+heal_rules() {
+    local r
+    iptables -S INPUT | { grep -- "--comment $1 " || true; } | sed 's/^-A /-D /' | while read -r r; do
+        # shellcheck disable=SC2086 # the rule's words, as iptables -S printed them
+        iptables $r
+    done
+}
 if has failover && ! command -v etcd >/dev/null; then
     echo "missing: etcd (apt-get install -y etcd-server), or SCENARIOS without failover" >&2
     exit 2
 fi
 
+if has partition; then
+    if ! command -v iptables >/dev/null || [[ $(id -u) != 0 ]]; then
+        echo "partition needs root and iptables (apt-get install -y iptables), or SCENARIOS without it" >&2
+        exit 2
+    fi
+    # Rules of runs that died (their pid is in the rule's comment) go first.
+    iptables -S INPUT | { grep -o -- '--comment cluster-faults-[0-9]*' || true; } | sort -u | while read -r _ c; do
+        kill -0 "${c#cluster-faults-}" 2>/dev/null || heal_rules "$c"
+    done
+fi
 work=$(mktemp -d)
 pids=()
 # Processes this run started: the array for the trap, plus the pid files of nodes
 # restarted by the faults tool.
 cleanup() {
+    has partition && heal_rules "cluster-faults-$$"
     local f
     for f in "$work"/*.pid; do
         [[ -e $f ]] && pids+=("$(cat "$f")")
@@ -245,6 +269,21 @@ if has lease; then
     line=$("$faults" lease "$(IFS=,; echo "${kills[*]}")" "$(mqtt "$v")" "$LEASE_CLIENTS" | tail -1)
     echo "node $v cut off: $line"
     record lease "$line"
+    echo "node $v fenced: $(fenced "$v")"
+    stop_cluster
+fi
+
+if has partition; then
+    echo "== partition: a follower's cluster traffic dropped, its $LEASE_CLIENTS clients move to the majority"
+    start_cluster partition
+    v=$(follower)
+    port=$((base + 10 + v))
+    c="cluster-faults-$$"
+    cut="iptables -I INPUT -p udp --dport $port -m comment --comment $c -j DROP && iptables -I INPUT -p udp --sport $port -m comment --comment $c -j DROP"
+    line=$("$faults" partition "$cut" "$(mqtt "$v")" "$(others "$v")" "$LEASE_CLIENTS" | tail -1) || true
+    heal_rules "$c"
+    echo "node $v cut off: $line"
+    record partition "$line"
     echo "node $v fenced: $(fenced "$v")"
     stop_cluster
 fi
