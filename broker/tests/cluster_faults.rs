@@ -687,7 +687,7 @@ impl Scenario {
 }
 
 #[test]
-#[ignore = "issue 16: fails on QoS 2 duplicates right after a takeover in a session that started afresh after a lost session (CHAOS_SEED=269197, 446833, 682107; /work/coord/NOTICE.md 16:22 hnet BUG 2); run it with `just chaos`"]
+#[ignore = "issue 16: QoS 2 duplicates right after a subscriber's session moved with a disk tail, on the new owner (CHAOS_SEED=269197, 446833, 682107); the tail is imported since the tail-read fix (before, it was lost: 29 acked messages in 1 of 3 runs without the fix, no duplicate); run it with `just chaos`"]
 fn kill_9_any_node_under_load_loses_nothing_acked() {
     let mut s = Scenario::start("chaos-kill");
     let end = Instant::now() + s.run_for;
@@ -750,7 +750,7 @@ fn a_node_paused_10_s_under_load_loses_nothing_acked() {
 /// a one-way partition, 200 ms delay with 5% loss on one link. An isolated node stays
 /// reachable for the test's clients, so they see it fence them.
 #[test]
-#[ignore = "issue 16: fails on QoS 2 duplicates right after a takeover in a session that started afresh after a lost session (CHAOS_SEED=269197, 446833, 682107; /work/coord/NOTICE.md 16:22 hnet BUG 2); run it with `just chaos`"]
+#[ignore = "issue 16: QoS 2 duplicates right after a subscriber's session moved with a disk tail, on the new owner (CHAOS_SEED=269197, 446833, 682107); the tail is imported since the tail-read fix (before, it was lost: 29 acked messages in 1 of 3 runs without the fix, no duplicate); run it with `just chaos`"]
 fn network_faults_under_load_lose_nothing_acked() {
     let mut s = Scenario::start("chaos-net");
     let hold = fault_time(s.run_for);
