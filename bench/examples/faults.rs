@@ -24,7 +24,8 @@
 //!   lease, with the majority alive), when the majority served them, and whether any
 //!   ClientID was served by both at once (a new CONNACK before the old connection's
 //!   end): there must be none.
-//! - `load PID PUBS SUBS VICTIM_SUB TK_A TK_B SECONDS KILL_AT [PUBLISHERS WINDOW]`:
+//! - `load PID PUBS SUBS VICTIM_SUB TK_A TK_B SECONDS KILL_AT [PUBLISHERS WINDOW
+//!   [RESTART_CMD RESTART_AFTER_MS]]`:
 //!   QoS 1 publishers (PUBLISHERS per address of PUBS, WINDOW in flight each, as fast
 //!   as acknowledged) and one QoS 1 subscriber per address of SUBS to all of them (and
 //!   one on VICTIM_SUB, the node to be killed, unless it is `-`), plus a persistent
@@ -32,7 +33,9 @@
 //!   in. Prints PUBACKs/s and deliveries/s (subscribers on the survivors) before, in
 //!   the 3 s after and after the kill, the slowest 500 ms after it, takeover
 //!   p50/p99/max in the same three spans (by when each ended), and every connection of
-//!   a survivor that ended (there should be none).
+//!   a survivor that ended (there should be none). With RESTART_CMD, `sh -c` runs it
+//!   RESTART_AFTER_MS after the kill (the script restarts the node with its disk) and
+//!   prints when PUBACKs came back to half their rate before the kill.
 //!
 //! Every mode prints one JSON line last (`{"mode":...}`). Bounded: every wait has a
 //! deadline.
@@ -744,10 +747,24 @@ fn takeovers(
 }
 
 fn load(args: &[String]) {
-    let (pid, pubs, subs, vsub, tk_a, tk_b, secs, kill_at, per, window) = match args {
-        [p, pu, su, v, a, b, s, k] => (p, pu, su, v, a, b, s, k, "2", "16"),
-        [p, pu, su, v, a, b, s, k, per, w] => (p, pu, su, v, a, b, s, k, per.as_str(), w.as_str()),
-        _ => usage("load PID PUBS SUBS VICTIM_SUB TK_A TK_B SECONDS KILL_AT [PUBLISHERS WINDOW]"),
+    const USAGE: &str = "load PID PUBS SUBS VICTIM_SUB TK_A TK_B SECONDS KILL_AT \
+                         [PUBLISHERS WINDOW [RESTART_CMD RESTART_AFTER_MS]]";
+    let (fixed, rest) = args.split_at(args.len().min(8));
+    let [pid, pubs, subs, vsub, tk_a, tk_b, secs, kill_at] = fixed else {
+        usage(USAGE)
+    };
+    let (per, window, restart) = match rest {
+        [] => ("2", "16", None),
+        [per, w] => (per.as_str(), w.as_str(), None),
+        [per, w, cmd, after] => (
+            per.as_str(),
+            w.as_str(),
+            Some((
+                cmd.clone(),
+                Duration::from_millis(after.parse().unwrap_or_else(|_| usage(USAGE))),
+            )),
+        ),
+        _ => usage(USAGE),
     };
     let pid: i32 = pid.parse().unwrap_or_else(|_| usage("PID"));
     let pubs = addrs(pubs);
@@ -807,6 +824,12 @@ fn load(args: &[String]) {
     thread::sleep(kill_at.saturating_sub(load.start.elapsed()));
     let killed = load.start.elapsed();
     kill(pid);
+    let restarted = restart.map(|(cmd, after)| {
+        thread::sleep((killed + after).saturating_sub(load.start.elapsed()));
+        let at = load.start.elapsed();
+        sh(&cmd);
+        at
+    });
     thread::sleep(secs.saturating_sub(load.start.elapsed()));
     load.stop.store(true, Ordering::Relaxed);
     let tks = tk.join().expect("takeovers");
@@ -862,6 +885,29 @@ fn load(args: &[String]) {
             .map(|(at, who, why)| format!(" [{:.2} s {who}: {why}]", at.as_secs_f64()))
             .collect::<String>()
     );
+    if let Some(at) = restarted {
+        // The first 500 ms after the restart at half the rate before the kill, or more.
+        let half = load.acks.rate(Duration::from_secs(1), killed) / 2.0;
+        let mut from = at;
+        let mut back = None;
+        while from + BUCKET * 5 <= secs {
+            if load.acks.rate(from, from + BUCKET * 5) >= half {
+                back = Some(from - at);
+                break;
+            }
+            from += BUCKET;
+        }
+        let back_ms = back.map_or("null".to_owned(), |d| format!("{:.0}", ms(d)));
+        println!(
+            "the killed node restarted {:.1} s after the kill; PUBACKs back at half the \
+             rate before the kill {back_ms} ms after the restart (null: not by the end)",
+            (at - killed).as_secs_f64()
+        );
+        json.push_str(&format!(
+            r#","restart_after_kill_ms":{:.0},"back_after_restart_ms":{back_ms}"#,
+            ms(at - killed)
+        ));
+    }
     json.push_str(&format!(
         r#","slowest_500ms_acks_per_s":{low:.0},"survivors_ended":{}}}"#,
         ended.len()

@@ -22,12 +22,14 @@
 #      (and in a first run on the third too), the leader (the third) killed KILL_AT s in: PUBACKs/s and deliveries/s before, in the
 #      3 s after and after the kill, takeover p50/p99/max in the same spans, and any
 #      connection of a survivor that ended (none should: a failover is shorter than
-#      the lease); then `tessera_cluster_sessions_fenced_total` of the survivors.
+#      the lease); then `tessera_cluster_sessions_fenced_total` of the survivors; a
+#      third run restarts the killed leader (with a subscriber) LOAD_RESTART_MS after
+#      the kill: when PUBACKs come back to half their rate.
 # Everything shares the machine (no pinning): the brokers, etcd and the clients.
 #
 # usage: bench/scripts/cluster-faults.sh [target/release]
 # Env: ROUNDS (5, failover rounds per system), SESSIONS (100), LEASE_CLIENTS (50),
-#      RESTART_MS (500), RECONNECT_MS (3000), LOAD_SECONDS (14), KILL_AT (5), PUBLISHERS (2 per node),
+#      RESTART_MS (500), RECONNECT_MS (3000), LOAD_RESTART_MS (4000), LOAD_SECONDS (14), KILL_AT (5), PUBLISHERS (2 per node),
 #      WINDOW (16), SCENARIOS (failover,sessions,lease,partition,load), ETCD_ELECTION_MS (unset:
 #      etcd's default 1000), PORT_BASE (23500), OUT (cluster-faults.jsonl).
 # Needs: a release build (`cargo build --release -p tessera-broker -p tessera-bench
@@ -45,6 +47,7 @@ SESSIONS=${SESSIONS:-100}
 LEASE_CLIENTS=${LEASE_CLIENTS:-50}
 RESTART_MS=${RESTART_MS:-500}
 RECONNECT_MS=${RECONNECT_MS:-3000}
+LOAD_RESTART_MS=${LOAD_RESTART_MS:-4000}
 LOAD_SECONDS=${LOAD_SECONDS:-14}
 KILL_AT=${KILL_AT:-5}
 PUBLISHERS=${PUBLISHERS:-2}
@@ -291,15 +294,19 @@ fi
 # The load twice: the killed leader with a subscriber of the publishers' topics (a
 # QoS 1 PUBACK waits for every node it was forwarded to: ARCHITECTURE "QoS across
 # nodes"), and without one.
-load_run() { # RUN VICTIM_SUBSCRIBED(1/0)
-    echo "== load ($1): QoS 1 publishers ($PUBLISHERS per survivor, window $WINDOW) and takeovers, the leader killed at ${KILL_AT} s"
+load_run() { # RUN VICTIM_SUBSCRIBED(1/0) [RESTART_MS]
+    echo "== load ($1): QoS 1 publishers ($PUBLISHERS per survivor, window $WINDOW) and takeovers, the leader killed at ${KILL_AT} s${3:+, restarted $3 ms later}"
     start_cluster "$1"
-    local l s vsub=-
+    local l s vsub=- restart=()
     l=$(leader)
     s=$(others "$l")
     (($2)) && vsub=$(mqtt "$l")
+    if [[ -n ${3:-} ]]; then
+        node_args "$l" "$1"
+        restart=("$(printf '%q ' "${cmd[@]}") >>$work/$1-node-$l.log 2>&1 & echo \$! > $work/restart-$l.pid" "$3")
+    fi
     line=$("$faults" load "${node_pid[$l]}" "$s" "$s" "$vsub" "${s%,*}" "${s#*,}" \
-        "$LOAD_SECONDS" "$KILL_AT" "$PUBLISHERS" "$WINDOW" | tee /dev/stderr | tail -1)
+        "$LOAD_SECONDS" "$KILL_AT" "$PUBLISHERS" "$WINDOW" "${restart[@]}" | tee /dev/stderr | tail -1)
     record "$1" "$line"
     for id in 1 2 3; do
         ((id == l)) || echo "node $id (survivor) tessera_cluster_sessions_fenced_total: $(fenced "$id")"
@@ -309,5 +316,7 @@ load_run() { # RUN VICTIM_SUBSCRIBED(1/0)
 if has load; then
     load_run load-victim-subscribed 1
     load_run load-victim-not-subscribed 0
+    # How long the stall behind a dead subscriber's node lasts once it is back.
+    LOAD_SECONDS=$((LOAD_SECONDS + 4)) load_run load-victim-subscribed-restarted 1 "$LOAD_RESTART_MS"
 fi
 echo "results in $OUT"
