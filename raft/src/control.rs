@@ -304,17 +304,27 @@ impl ClusterHandle {
     /// holds, since the rest of the cluster may have given them to another node.
     /// (openraft refreshes `millis_since_quorum_ack` every time its loop runs, at
     /// least every tick.)
+    ///
+    /// A new leader knows no quorum acknowledgement until its first heartbeats are
+    /// answered (`millis_since_quorum_ack` is `None` for a round trip or more): until
+    /// then the contact it had as a follower counts, as it did a moment before. Without
+    /// that, a shard tick in the window ended every connection of the new leader after
+    /// any election or leader transfer. Safe for the lease: that contact is older than
+    /// the votes that made it leader, and once it is older than `within` only a quorum's
+    /// answer keeps the leader in contact.
     pub fn in_contact(&self, within: Duration) -> bool {
         let leading = {
             let m = self.shared.metrics_rx.borrow();
             (m.state == ServerState::Leader).then_some(m.millis_since_quorum_ack)
         };
-        match leading {
-            Some(quorum_ack) => quorum_ack.is_some_and(|ms| Duration::from_millis(ms) < within),
-            None => self
-                .shared
+        let as_follower = || {
+            self.shared
                 .last_leader_contact()
-                .is_some_and(|at| at.elapsed() < within),
+                .is_some_and(|at| at.elapsed() < within)
+        };
+        match leading {
+            Some(Some(ms)) => Duration::from_millis(ms) < within,
+            Some(None) | None => as_follower(),
         }
     }
 

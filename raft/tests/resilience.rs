@@ -26,6 +26,59 @@ use tessera_raft::{ClusterError, Op, OpResult, Role};
 
 const T: Duration = Duration::from_secs(20);
 
+/// A node that becomes leader stays in contact (the session lease, `in_contact`) through
+/// the change: before its first quorum acknowledgement as leader is known, the contact
+/// it had as a follower counts. It did not: a broker shard tick in that window ended
+/// every connection of the new leader as if it had been cut off (seen as `fenced` right
+/// after a leader transfer in `broker/tests/cluster_failures.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_stays_in_contact_through_the_change() {
+    let lease = Duration::from_secs(2);
+    let c = three(23, fast).await;
+    // 10-20 ms each way: the new leader's first quorum acknowledgement comes some 30 ms
+    // after its election, a window a shard tick can fall into.
+    c.net.set_faults(tessera_raft::memnet::Faults {
+        delay_min_us: 10_000,
+        delay_max_us: 20_000,
+        ..Default::default()
+    });
+    for round in 0..3 {
+        let old = c.leader(T).await;
+        let to = (1..=3).find(|i| *i != old).unwrap();
+        let handle = c.node(to).handle();
+        assert!(handle.in_contact(lease), "round {round}: node {to} before");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut lost = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if !handle.in_contact(lease) {
+                        lost += 1;
+                    }
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                lost
+            })
+        };
+        // A transfer over the slow network may time out: asked again, bounded.
+        let mut tries = 0;
+        while let Err(e) = c.node(old).transfer_leader(to).await {
+            tries += 1;
+            assert!(tries < 5, "round {round}: transfer to {to}: {e}");
+        }
+        assert_eq!(c.leader(T).await, to);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let lost = sampler.await.unwrap();
+        assert_eq!(
+            lost, 0,
+            "round {round}: node {to} out of contact {lost} times"
+        );
+    }
+    c.shutdown_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_leader_moves_leadership_to_the_named_voter() {
     let c = three(21, fast).await;
