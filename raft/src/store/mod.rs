@@ -164,11 +164,11 @@ pub enum StoreError {
         /// The lock file.
         path: PathBuf,
     },
-    /// The log env's data file is empty while the rest of `data_dir/raft` shows the node
-    /// was a member: its vote and log are gone. Starting blank would let it vote a second
+    /// The log env's data file is empty or missing while the rest of `data_dir/raft`
+    /// shows the node was a member: its vote and log are gone. Starting blank would let it vote a second
     /// time in a term it already voted in, so it is refused.
     #[error(
-        "the raft store {path} is empty, but {evidence} shows this node was a cluster \
+        "the raft store {path} is empty or missing, but {evidence} shows this node was a cluster \
          member: its vote and log are lost. Restore data_dir/raft from a backup, or rejoin \
          this node as a new member: `brokerctl cluster remove <id>` on a live node, move \
          data_dir/raft away, and start this node with --join <a live node's cluster address>"
@@ -212,7 +212,19 @@ pub struct StoreCounters {
     pub applied_index: AtomicU64,
     /// Last committed log index this node knows of (0: none).
     pub committed_index: AtomicU64,
+    /// Batches applied whose proposer's wall clock was more than [`CLOCK_AHEAD_WARN_MS`]
+    /// ahead of this node's (see [`Store::note_batch_time`]).
+    pub batches_clock_ahead: AtomicU64,
+    /// When each proposer's clock was last reported (one WARN a minute per proposer).
+    clock_warned: Mutex<std::collections::BTreeMap<NodeId, std::time::Instant>>,
 }
+
+/// A batch whose proposer's wall clock is this far ahead of the applying node's is
+/// reported: raft's entry time is the most advanced proposer's clock, and the
+/// idempotency window (`IDEMPOTENCY_WINDOW_MS` of entry time) shrinks by the lead.
+pub const CLOCK_AHEAD_WARN_MS: u64 = 30_000;
+/// At most one clock warning per proposer this often.
+const CLOCK_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The opened envs, shared by the log store, the state machine and readers.
 pub struct Store {
@@ -478,6 +490,42 @@ impl Store {
         Ok(next)
     }
 
+    /// Reports a batch stamped more than [`CLOCK_AHEAD_WARN_MS`] after this node's wall
+    /// clock: one of the two clocks is wrong (a node whose clock is ahead moves the entry
+    /// time of the whole cluster forward, and with it the pruning of idempotency records,
+    /// docs/ARCHITECTURE.md "Cluster: disks, certificates and clocks"). Apply does not
+    /// depend on it (the local clock is read for this report only).
+    pub(crate) fn note_batch_time(&self, proposer: NodeId, time_ms: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let Some(ahead) = time_ms
+            .checked_sub(now)
+            .filter(|a| *a > CLOCK_AHEAD_WARN_MS)
+        else {
+            return;
+        };
+        self.counters
+            .batches_clock_ahead
+            .fetch_add(1, Ordering::Relaxed);
+        let mut warned = lock(&self.counters.clock_warned);
+        if warned
+            .get(&proposer)
+            .is_none_or(|t| t.elapsed() >= CLOCK_WARN_EVERY)
+        {
+            warned.insert(proposer, std::time::Instant::now());
+            tracing::warn!(
+                proposer,
+                ahead_ms = ahead,
+                "node {proposer}'s wall clock is {} s ahead of this node's (its raft batches \
+                 carry its time): the cluster's entry time follows the most advanced clock, \
+                 so raft's 120 s idempotency window is cut short by that much; fix the time \
+                 (NTP) on node {proposer} or on this node",
+                ahead / 1000
+            );
+        }
+    }
+
     /// A consistent read view of the state machine's tables.
     pub fn read(self: &Arc<Self>) -> Result<stm::TablesView, StoreError> {
         stm::TablesView::new(self.clone())
@@ -544,11 +592,11 @@ fn fill_to_last_page(env: &Env<WithoutTls>, data_file: &Path) -> Result<(), Stor
     Ok(())
 }
 
-/// Refuses an empty log env in a raft dir whose state machine or snapshots show it was
-/// in use (see [`StoreError::Emptied`]). An empty file alone (a crash while LMDB created
-/// it, before anything else existed) is a new store.
+/// Refuses an empty or missing log env in a raft dir whose state machine or snapshots
+/// show it was in use (see [`StoreError::Emptied`]). An empty file alone (a crash while
+/// LMDB created it, before anything else existed) is a new store, and so is a new dir.
 fn refuse_emptied(data_file: &Path, sm_dir: &Path) -> Result<(), StoreError> {
-    if !std::fs::metadata(data_file).is_ok_and(|m| m.len() == 0) {
+    if std::fs::metadata(data_file).is_ok_and(|m| m.len() > 0) {
         return Ok(());
     }
     let sm_data = sm_dir.join("data.mdb");
@@ -819,6 +867,13 @@ mod tests {
             0,
             "nothing written"
         );
+        // Deleted instead of emptied: the same.
+        std::fs::remove_file(&data).unwrap();
+        let Err(e) = Store::open(dir.path(), OPTIONS) else {
+            panic!("a store without its log env is refused");
+        };
+        assert!(matches!(e, StoreError::Emptied { .. }), "{e}");
+        assert!(!data.exists(), "nothing created");
 
         // An empty file in a directory with nothing else is a new store.
         let fresh = tempfile::tempdir().unwrap();

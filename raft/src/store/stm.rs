@@ -539,6 +539,7 @@ impl Applier<'_> {
                 None,
             ));
         }
+        self.store.note_batch_time(batch.proposer, batch.time_ms);
         *clock = (*clock).max(batch.time_ms);
         self.stamp.clear();
         self.stamp.extend_from_slice(&encode_rkyv(&RouteStamp {
@@ -1102,6 +1103,35 @@ mod tests {
             .into_iter()
             .filter(|r| r.0 == "routes")
             .collect()
+    }
+
+    /// A batch stamped an hour after this node's clock is counted (and logged); one
+    /// stamped now, or long ago (a log being caught up), is not.
+    #[test]
+    fn a_batch_from_a_clock_ahead_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let op = |n: &str| Op::RouteDelta {
+            node: 2,
+            filter: n.into(),
+            group: None,
+            add: true,
+        };
+        let stamped = |seq: u64, time_ms: u64| Batch {
+            time_ms,
+            ..batch(seq, vec![op(&seq.to_string())])
+        };
+        for (index, b) in [stamped(1, 1_000), stamped(2, now)].into_iter().enumerate() {
+            apply_entries(&s, vec![entry(index as u64 + 1, b.encode())]).unwrap();
+        }
+        assert_eq!(s.counters.batches_clock_ahead.load(Ordering::Relaxed), 0);
+        let ahead = stamped(3, now + 3_600_000);
+        apply_entries(&s, vec![entry(3, ahead.encode())]).unwrap();
+        assert_eq!(s.counters.batches_clock_ahead.load(Ordering::Relaxed), 1);
     }
 
     /// A `RouteDeltas` op does exactly what its changes do as single `RouteDelta` ops in
