@@ -1974,6 +1974,18 @@ mod tests {
         all_fields().any(|f| line.starts_with(&format!("# {} = ", f.key)))
     }
 
+    /// The documentation of every setting reads as prose in the default file: no run of
+    /// spaces from a string literal continued without `\` (cluster.forward_pace_ms_max's
+    /// had them).
+    #[test]
+    fn field_docs_have_no_runs_of_spaces() {
+        for f in all_fields() {
+            for text in [f.doc, f.accepted] {
+                assert!(!text.contains("  "), "{}: {text:?}", f.path());
+            }
+        }
+    }
+
     /// FIELDS, the env setter and the struct must list the same settings.
     #[test]
     fn fields_table_matches_the_struct() {

@@ -209,7 +209,14 @@ pub const FIELDS: &[FieldDoc] = &[
     FieldDoc {
         section: "cluster",
         key: "forward_pace_ms_max",
-        doc: "A batch of messages another node forwarded is delivered here in slices;               before each slice, a subscriber that the QoS 0 messages before it found               behind (its connection's output over its bound) is waited for, at most               this long, so a subscriber that reads gets them instead of its queue               overflowing. The wait holds everything that node sends this one (other               subscribers' messages, route barriers, session hand-overs), so it is               short, and a subscriber that did not catch up in time is not waited for               during the next second (its queue overflows by its policy). 0: never wait.",
+        doc: "A batch of messages another node forwarded is delivered here in slices; before \
+              each slice, a subscriber that the QoS 0 messages before it found behind (its \
+              connection's output over its bound) is waited for, at most this long, so a \
+              subscriber that reads gets them instead of its queue overflowing. The wait \
+              holds everything that node sends this one (other subscribers' messages, route \
+              barriers, session hand-overs), so it is short, and a subscriber that did not \
+              catch up in time is not waited for during the next second (its queue overflows \
+              by its policy). 0: never wait.",
         accepted: "an integer from 0 to 1000",
     },
     FieldDoc {
