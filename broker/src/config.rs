@@ -245,6 +245,11 @@ pub struct LogConfig {
     pub level: LogLevel,
     /// Output format.
     pub format: LogFormat,
+    /// Whether each client's session start and connection end on this node is logged
+    /// (INFO, target `tessera::clients`): which node served a ClientID when. Off by
+    /// default: two synchronous stderr writes per connection cost a connect storm
+    /// (docs/BENCHMARKS.md); the fault tests turn it on.
+    pub clients: bool,
 }
 
 /// The `[mqtt5]` section.
@@ -507,8 +512,7 @@ pub enum LogLevel {
     Error,
     /// Warnings and errors.
     Warn,
-    /// Lifecycle events (with one line per client connect and disconnect, target
-    /// `tessera::clients`), warnings and errors.
+    /// Lifecycle events, warnings and errors.
     #[default]
     Info,
     /// Per-connection events too.
@@ -879,6 +883,15 @@ pub const FIELDS: &[FieldDoc] = &[
         key: "format",
         doc: "Log output: text = human-readable lines, json = one JSON object per line.",
         accepted: "one of text, json",
+    },
+    FieldDoc {
+        section: "log",
+        key: "clients",
+        doc: "Log each client's session start and connection end on this node (INFO, target \
+              tessera::clients: ClientID, node, shard, claim epoch, session present, end \
+              reason), to tell which node served a ClientID when. RUST_LOG, when set, \
+              replaces the log settings.",
+        accepted: "true or false",
     },
     FieldDoc {
         section: "mqtt5",
@@ -1313,6 +1326,7 @@ impl Config {
             ("persistence", "map_size_mb") => pe.map_size_mb = p(v)?,
             ("log", "level") => lg.level = p(v)?,
             ("log", "format") => lg.format = p(v)?,
+            ("log", "clients") => lg.clients = p(v)?,
             ("mqtt5", "reason_strings") => m5.reason_strings = p(v)?,
             ("mqtt5", "response_information_prefix") => {
                 m5.response_information_prefix = v.to_owned();
@@ -2144,6 +2158,7 @@ mod tests {
                 ("TESSERA_SERVER__LISTEN", "127.0.0.1:3883"),
                 ("TESSERA_LOG__LEVEL", "warn"),
                 ("TESSERA_LOG__FORMAT", "json"),
+                ("TESSERA_LOG__CLIENTS", "true"),
             ]),
         )
         .unwrap();
@@ -2154,6 +2169,7 @@ mod tests {
         assert_eq!(c.log.level, LogLevel::Trace);
         // No flag for the format: the environment wins over the default.
         assert_eq!(c.log.format, LogFormat::Json);
+        assert!(c.log.clients);
     }
 
     #[test]

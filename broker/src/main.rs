@@ -61,7 +61,13 @@ fn init_logging(config: &Config) {
         // rustls warns per connection about client quirks it tolerates
         // (e.g. an IP address sent as SNI by mosquitto clients); refused
         // handshakes are logged by the broker itself.
-        tracing_subscriber::EnvFilter::new(format!("{},rustls=error", config.log.level))
+        // The client lines (`tessera::clients`) only when `log.clients` asks for them.
+        let clients = if config.log.clients {
+            ""
+        } else {
+            ",tessera::clients=off"
+        };
+        tracing_subscriber::EnvFilter::new(format!("{},rustls=error{clients}", config.log.level))
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -24,6 +24,9 @@ use common::{Broker, RECV_TIMEOUT};
 
 const LEASE: Duration = Duration::from_secs(2);
 
+/// The client log lines are off by default (`log.clients`).
+const CLIENT_LOG: &[(&str, &str)] = &[("TESSERA_LOG__CLIENTS", "true")];
+
 // ----------------------------------------------------------------------------
 // The checker on synthetic histories
 
@@ -531,7 +534,7 @@ impl Drop for Resume {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_connect_a_takeover_and_a_disconnect_are_logged_with_their_reasons() {
-    let broker = Broker::start();
+    let broker = Broker::start_with(&[], CLIENT_LOG);
     let (c1, mut e1) = rumqttc::AsyncClient::new(options4(broker.addr(), "logged"), 10);
     assert!(!connected(&mut e1, None).await);
     let lines = wait_lines(&broker, "logged", 1);
@@ -575,8 +578,29 @@ async fn a_connect_a_takeover_and_a_disconnect_are_logged_with_their_reasons() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn the_client_lines_are_off_by_default() {
+    let mut broker = Broker::start();
+    let (c, mut e) = rumqttc::AsyncClient::new(options4(broker.addr(), "quiet"), 10);
+    assert!(!connected(&mut e, None).await);
+    c.disconnect().await.unwrap();
+    closed(&mut e).await;
+    // Everything the broker logged, up to its exit.
+    broker.sigterm();
+    broker.wait_exit(RECV_TIMEOUT);
+    let log = broker.log();
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(!log.contains(history::CLIENTS_TARGET), "{log}");
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn the_json_log_format_gives_the_same_lines() {
-    let broker = Broker::start_with(&[], &[("TESSERA_LOG__FORMAT", "json")]);
+    let broker = Broker::start_with(
+        &[],
+        &[
+            ("TESSERA_LOG__CLIENTS", "true"),
+            ("TESSERA_LOG__FORMAT", "json"),
+        ],
+    );
     let (c, mut e) = rumqttc::AsyncClient::new(options4(broker.addr(), "a \"json\" id"), 10);
     assert!(!connected(&mut e, None).await);
     c.disconnect().await.unwrap();
@@ -595,7 +619,7 @@ async fn the_json_log_format_gives_the_same_lines() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_takeover_across_nodes_is_logged_on_both_with_node_and_epoch() {
-    let mut c = Cluster::new("client-log", 2, 2, &[]);
+    let mut c = Cluster::new("client-log", 2, 2, CLIENT_LOG);
     for id in 1..=2 {
         c.start(id, &[], false);
     }
@@ -639,7 +663,7 @@ async fn a_takeover_across_nodes_is_logged_on_both_with_node_and_epoch() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_node_out_of_contact_logs_the_clients_it_fenced() {
-    let mut c = Cluster::new("client-fence", 2, 2, &[]);
+    let mut c = Cluster::new("client-fence", 2, 2, CLIENT_LOG);
     for id in 1..=2 {
         c.start(id, &[], false);
     }
@@ -685,7 +709,7 @@ fn run_client(
 fn the_recorder_on_real_clients_gives_a_clean_history() {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
-    let broker = Broker::start();
+    let broker = Broker::start_with(&[], CLIENT_LOG);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

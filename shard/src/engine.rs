@@ -397,7 +397,8 @@ impl CloseReason {
 /// The tracing target of the client log lines: one line when a client's session goes
 /// live on this node and one when that connection ends, so an operator (or the fault
 /// tests' history checker) can tell which node served a ClientID when. Connect and
-/// disconnect only; `RUST_LOG=info,tessera::clients=off` silences them.
+/// disconnect only; the broker's filter turns them off unless `log.clients` is set
+/// (two synchronous stderr writes per connection slowed a connect storm).
 pub const CLIENTS_LOG_TARGET: &str = "tessera::clients";
 
 /// The byte stream the driver writes to one connection's socket.
