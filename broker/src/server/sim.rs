@@ -70,6 +70,38 @@
 //! the same seeds as `mix` always; a run prints its counts when one is above 1. A
 //! restarted node keeps its count.
 //!
+//! **The process harness's faults** (issue 16; the test
+//! `seeded_data_plane_simulation_under_pauses_and_one_way_cuts`, its own default seeds
+//! and `HARNESS_REGRESSION_SEEDS`), so a fault schedule of the namespace tests can be
+//! replayed by seed. Beside the schedule above (the same draws for the same seed), a
+//! stream of its own (`seed ^ 0x16fa17`) adds, per step ([`World::harness_step`]):
+//! - **a paused node** (SIGSTOP for 50 ms to 10 s, one at a time): its tasks (shards,
+//!   store writers, connects, peer calls) stop being polled, so its timers fire late
+//!   and together when it resumes; what the clients send it waits (a socket buffer)
+//!   and is handed to its engines at resume before any of its timers run (the order a
+//!   resumed process may take: its lease is checked at its next tick); it writes
+//!   nothing to its clients meanwhile. The network holds what it sends and queues
+//!   what is sent to it (`MemNet::pause`: served at resume; a caller gives up at the
+//!   link's idle timeout, and later calls fail at once, as to a dead peer). A paused
+//!   node may be crashed (kill -9 of a stopped process): what waited is lost.
+//! - **a one-way cut** (`MemNet::cut_one_way`: what it means for a request/answer link
+//!   is in `memnet`'s header: for the idle timeout one direction's requests and the
+//!   other's answers are lost, then the link is dead both ways, as QUIC's is);
+//! - **the leader isolated** (whoever leads now: the leader of the highest term among
+//!   the nodes that say they lead);
+//! - **a slow, lossy link** (150-250 ms each way, 2.5 % of requests and of answers
+//!   lost, on one pair) and the links made normal again.
+//!
+//! Cuts heal with the schedule's `heal`, and everything at the end. Not like a real
+//! SIGSTOP: the node's raft and forwarder are tasks of the runtime (openraft spawns
+//! its own), so they keep their timers while the node is paused, cut off by the
+//! network (what they send waits for the resume, what is sent to them waits or fails):
+//! a paused follower campaigns and a paused leader's `millis_since_quorum_ack` keeps
+//! counting, where a stopped process's metrics stay what they were until raft's loop
+//! runs again after the resume (a leader's stale metrics say it is in contact for up
+//! to a tick then: not simulated). Reordering needs no fault of its own: every message
+//! has its own delay, so calls in flight at once arrive in any order (`memnet`).
+//!
 //! Deterministic: the schedule and every fault decision come from one seeded generator,
 //! timers from the paused clock, election timeouts and the nodes' origin tags from the
 //! seed, the engine clock's phase is the same in every run (`rt::enter_sim`), and what
@@ -112,13 +144,14 @@ use tessera_proto::{
     Str, Subscribe, Subscription, SubscriptionOptions,
 };
 use tessera_raft::memnet::{Faults, MemNet, SimRng, run_seeds};
-use tessera_raft::{ControlPlane, NodeId, NodeInfo};
+use tessera_raft::{ControlPlane, NodeId, NodeInfo, Role};
 use tessera_shard::authz::Admission;
 use tessera_shard::engine::{HOLD_MAX_MS, SessionBudget};
 use tessera_shard::hash::shard_for;
 use tessera_shard::mesh::ShardId;
 use tessera_shard::session::ConnId;
 use tessera_shard::store::{self, Batch, Committed, DirLock, StoreConfig, StoreHandle, StoreStats};
+use tokio::sync::watch;
 use tokio::task::LocalSet;
 
 use super::{
@@ -376,6 +409,22 @@ struct Node {
     stop: Arc<AtomicBool>,
     /// The store's directory lock (`sync` durability), released by a crash.
     _store_lock: Option<DirLock>,
+    /// Stops and starts the node's tasks (SIGSTOP, SIGCONT), with the process
+    /// harness's faults on.
+    pause: Option<watch::Sender<bool>>,
+}
+
+/// What a client did to its connection to a paused node, waiting in the node's socket
+/// buffer until it resumes.
+enum Deferred {
+    Packet(Conn, Box<Packet>),
+    Lost(Conn),
+}
+
+/// A paused node (SIGSTOP): when it resumes and what waits for it.
+struct Pause {
+    until: tokio::time::Instant,
+    inbox: Vec<Deferred>,
 }
 
 struct World {
@@ -395,6 +444,11 @@ struct World {
     sync: bool,
     clients: Vec<ClientRef>,
     chk: Chk,
+    /// The process harness's faults (pauses, one-way cuts, the leader isolated, a slow
+    /// link) are on: `seeded_data_plane_simulation_under_pauses_and_one_way_cuts`.
+    harness: bool,
+    /// Paused nodes.
+    paused: RefCell<BTreeMap<NodeId, Pause>>,
 }
 
 fn dir(root: &tempfile::TempDir, id: NodeId) -> PathBuf {
@@ -568,9 +622,26 @@ impl World {
             drop(boot);
         });
         let l = local.clone();
-        let driver = tokio::task::spawn_local(async move {
-            l.run_until(std::future::pending::<()>()).await;
-        });
+        let (driver, pause) = if self.harness {
+            // The node's tasks run while it is not paused: a paused node's timers fire
+            // when it resumes, all at once, as a stopped process's do.
+            let (tx, mut rx) = watch::channel(false);
+            let driver = tokio::task::spawn_local(async move {
+                loop {
+                    l.run_until(async {
+                        let _ = rx.wait_for(|p| *p).await;
+                    })
+                    .await;
+                    let _ = rx.wait_for(|p| !*p).await;
+                }
+            });
+            (driver, Some(tx))
+        } else {
+            let driver = tokio::task::spawn_local(async move {
+                l.run_until(std::future::pending::<()>()).await;
+            });
+            (driver, None)
+        };
         self.nodes.insert(
             id,
             Node {
@@ -580,6 +651,7 @@ impl World {
                 shards: slot,
                 stop,
                 _store_lock: store_lock,
+                pause,
             },
         );
     }
@@ -645,6 +717,9 @@ impl World {
             g.crashes.push((id, last));
             g.given_up_seen.remove(&id);
         }
+        // A paused node killed: what waited in its socket buffers goes with it (and the
+        // network's queue for it, at `unregister`).
+        self.paused.borrow_mut().remove(&id);
         node.stop.store(true, Ordering::Relaxed);
         node.driver.abort();
         drop(node.local);
@@ -759,6 +834,10 @@ impl World {
     fn drop_conns(&mut self, client: usize) {
         let conns = std::mem::take(&mut self.clients[client].borrow_mut().conns);
         for k in conns {
+            if let Some(p) = self.paused.borrow_mut().get_mut(&k.node) {
+                p.inbox.push(Deferred::Lost(k));
+                continue;
+            }
             if let Some(shard) = self.shard(k.node, k.shard) {
                 let now = now_ms();
                 let mut e = shard.engine.borrow_mut();
@@ -774,6 +853,11 @@ impl World {
         let Some(k) = client.current() else {
             return false;
         };
+        // To a paused node: it waits in the socket buffer (the client does not know).
+        if let Some(p) = self.paused.borrow_mut().get_mut(&k.node) {
+            p.inbox.push(Deferred::Packet(k, Box::new(packet)));
+            return true;
+        }
         let Some(shard) = self.shard(k.node, k.shard) else {
             return false;
         };
@@ -868,9 +952,14 @@ impl World {
     /// Reads what every engine wrote to every client connection and answers as a
     /// client does.
     fn pump(&self) {
+        self.resume_due();
         for c in &self.clients {
             let conns = c.borrow().conns.clone();
             for k in conns {
+                // A paused node writes nothing.
+                if self.paused.borrow().contains_key(&k.node) {
+                    continue;
+                }
                 self.pump_conn(c, k);
             }
         }
@@ -892,6 +981,164 @@ impl World {
                 let (last, at_ms) = (g.events, g.now_ms());
                 g.given_up.push((id, last, at_ms));
             }
+        }
+    }
+
+    /// Pauses node `id` (SIGSTOP) for `d`: its tasks stop, the network holds what it
+    /// would send and what is sent to it (`MemNet::pause`), the clients' packets wait.
+    fn pause(&self, id: NodeId, d: Duration) {
+        let Some(node) = self.nodes.get(&id) else {
+            return;
+        };
+        let Some(switch) = &node.pause else {
+            return;
+        };
+        if self.paused.borrow().contains_key(&id) {
+            return;
+        }
+        if trace() {
+            eprintln!("  pause {id} for {d:?}");
+        }
+        let _ = switch.send(true);
+        self.net.pause(id);
+        self.paused.borrow_mut().insert(
+            id,
+            Pause {
+                until: tokio::time::Instant::now() + d,
+                inbox: Vec::new(),
+            },
+        );
+    }
+
+    /// Resumes the paused nodes whose pause is over.
+    fn resume_due(&self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<NodeId> = self
+            .paused
+            .borrow()
+            .iter()
+            .filter(|(_, p)| p.until <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.resume(id);
+        }
+    }
+
+    /// Node `id` runs again (SIGCONT): first what the clients sent meanwhile, read
+    /// before any of its timers (the order a resumed process may take: its lease is
+    /// checked at its next tick), then its tasks, with what the network held.
+    fn resume(&self, id: NodeId) {
+        let Some(p) = self.paused.borrow_mut().remove(&id) else {
+            return;
+        };
+        if trace() {
+            eprintln!("  resume {id} ({} client packets waited)", p.inbox.len());
+        }
+        for d in p.inbox {
+            let k = match &d {
+                Deferred::Packet(k, _) | Deferred::Lost(k) => *k,
+            };
+            let Some(shard) = self.shard(k.node, k.shard) else {
+                continue;
+            };
+            let now = now_ms();
+            let mut e = shard.engine.borrow_mut();
+            match d {
+                Deferred::Packet(_, packet) => {
+                    if !e.is_ended(k.id) {
+                        e.handle_packet(now, k.id, *packet);
+                    }
+                }
+                Deferred::Lost(_) => {
+                    e.connection_lost(now, k.id);
+                    e.release(now, k.id);
+                }
+            }
+            drop(e);
+            shard.flush_outbox();
+        }
+        self.net.resume(id);
+        if let Some(switch) = self.nodes.get(&id).and_then(|n| n.pause.as_ref()) {
+            let _ = switch.send(false);
+        }
+    }
+
+    /// The node that leads now: the leader of the highest term among the nodes that
+    /// say they lead (a deposed leader may not know it yet).
+    fn leader(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(id, _)| !self.paused.borrow().contains_key(id))
+            .map(|(id, n)| (*id, n.cp.status()))
+            .filter(|(_, s)| s.role == Role::Leader)
+            .max_by_key(|(_, s)| s.term)
+            .map(|(id, _)| id)
+    }
+
+    /// One step of the process harness's faults (issue 16), drawn from their own
+    /// stream: a node paused (2 % of steps; for 50-300 ms, 0.3-3 s or 3-10 s, one node
+    /// at a time), a one-way cut (2 %), the leader isolated (1 %), one slow and lossy
+    /// link (1 %: 150-250 ms each way, 2.5 % of requests and of answers lost), or the
+    /// links made normal again (2 %). Cuts heal with the schedule's `heal` (1 step in
+    /// 24); a pause ends by itself. At most a few of each per run: more left the
+    /// cluster without a quorum for most of a run, which tests nothing of the data
+    /// plane (0 SUBACKs in seed 2 at 7 % of steps).
+    fn harness_step(&self, r: &mut SimRng) {
+        match r.below(100) {
+            0 | 1 => {
+                let id = 1 + r.below(NODES);
+                let ms = match r.below(3) {
+                    0 => 50 + r.below(250),
+                    1 => 300 + r.below(2_700),
+                    _ => 3_000 + r.below(7_000),
+                };
+                if self.paused.borrow().is_empty() && self.nodes.contains_key(&id) {
+                    self.pause(id, Duration::from_millis(ms));
+                }
+            }
+            2 | 3 => {
+                let a = 1 + r.below(NODES);
+                let b = 1 + r.below(NODES);
+                if a != b {
+                    if trace() {
+                        eprintln!("  cut {a} -> {b} (one way)");
+                    }
+                    self.net.cut_one_way(a, b);
+                }
+            }
+            4 => {
+                if let Some(l) = self.leader() {
+                    if trace() {
+                        eprintln!("  isolate the leader {l}");
+                    }
+                    self.net.isolate(l, 1..=NODES);
+                }
+            }
+            5 => {
+                let a = 1 + r.below(NODES);
+                let b = 1 + (a + r.below(NODES - 1)) % NODES;
+                if trace() {
+                    eprintln!("  slow link {a} - {b} (150-250 ms, 5 % lost)");
+                }
+                self.net.set_link_faults(
+                    a,
+                    b,
+                    Faults {
+                        drop_request_per_mille: 25,
+                        drop_response_per_mille: 25,
+                        delay_min_us: 150_000,
+                        delay_max_us: 250_000,
+                    },
+                );
+            }
+            6 | 7 => {
+                if trace() {
+                    eprintln!("  links normal");
+                }
+                self.net.clear_link_faults();
+            }
+            _ => {}
         }
     }
 
@@ -1156,13 +1403,22 @@ fn qos(n: u64) -> QoS {
 }
 
 /// Runs one seed; returns its record ([`record`]), for the replay test.
-async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>, sync: bool) -> String {
+async fn run(
+    seed: u64,
+    with_bursts: bool,
+    shard_counts: Vec<usize>,
+    sync: bool,
+    harness: bool,
+) -> String {
     let _sim = rt::enter_sim();
     if shard_counts.iter().any(|n| *n > 1) {
         eprintln!("  shards per node (nodes 1-{NODES}): {shard_counts:?}");
     }
     if sync {
         eprintln!("  durability: sync (a store per shard, restored at restart)");
+    }
+    if harness {
+        eprintln!("  with pauses, one-way cuts, the leader isolated and a slow link");
     }
     let mut w = World {
         net: MemNet::new(seed),
@@ -1172,6 +1428,8 @@ async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>, sync: bool)
         nodes: BTreeMap::new(),
         shard_counts,
         sync,
+        harness,
+        paused: RefCell::default(),
         clients: (0..CLIENTS)
             .map(|i| {
                 Rc::new(RefCell::new(Client {
@@ -1186,6 +1444,10 @@ async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>, sync: bool)
             ..Checker::default()
         })),
     };
+    // The link's idle timeout for the sim's elections (150-300 ms), as
+    // `LinkConfig::tuned_for_election` sets it: how long a one-way cut or a pause takes
+    // to kill a link.
+    w.net.set_idle_timeout(Duration::from_millis(300));
     for id in 1..=NODES {
         w.start(id).await;
     }
@@ -1198,6 +1460,9 @@ async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>, sync: bool)
     w.run_for(Duration::from_secs(1)).await;
 
     let mut bursts = SimRng::new(seed ^ 0x5eed);
+    // The process harness's faults: a stream of their own, so the schedule's draws stay
+    // the seed's.
+    let mut harness_faults = SimRng::new(seed ^ 0x0016_fa17);
     for step in 0..STEPS {
         if trace() {
             eprintln!(
@@ -1205,6 +1470,9 @@ async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>, sync: bool)
                 tokio::time::Instant::now(),
                 w.up()
             );
+        }
+        if w.harness {
+            w.harness_step(&mut harness_faults);
         }
         let client = w.rng.below(CLIENTS as u64) as usize;
         match w.rng.below(24) {
@@ -1283,8 +1551,13 @@ async fn run(seed: u64, with_bursts: bool, shard_counts: Vec<usize>, sync: bool)
     }
 
     // The end: everything heals and runs, every client connects once more and drains.
+    let paused: Vec<NodeId> = w.paused.borrow().keys().copied().collect();
+    for id in paused {
+        w.resume(id);
+    }
     w.net.heal();
     w.net.set_faults(Faults::default());
+    w.net.clear_link_faults();
     for id in 1..=NODES {
         if !w.nodes.contains_key(&id) {
             w.start(id).await;
@@ -1545,6 +1818,17 @@ fn check(w: &World, errors: &mut Vec<String>) {
 }
 
 fn run_seed(seed: u64, with_bursts: bool, shards: Shards, sync: bool) -> String {
+    run_seed_with(seed, with_bursts, shards, sync, false)
+}
+
+/// A seed, with the process harness's faults or without.
+fn run_seed_with(
+    seed: u64,
+    with_bursts: bool,
+    shards: Shards,
+    sync: bool,
+    harness: bool,
+) -> String {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -1553,7 +1837,7 @@ fn run_seed(seed: u64, with_bursts: bool, shards: Shards, sync: bool) -> String 
     let local = LocalSet::new();
     local.block_on(
         &runtime,
-        run(seed, with_bursts, shards.per_node(seed), sync),
+        run(seed, with_bursts, shards.per_node(seed), sync, harness),
     )
 }
 
@@ -1797,6 +2081,31 @@ fn the_data_plane_simulation_sync_regression_seeds() {
         );
         run_seed(seed, true, Shards::FromSeed, true);
     }
+}
+
+/// Seeds found with the process harness's faults (pauses, one-way cuts, the leader
+/// isolated, a slow link; `seeded_data_plane_simulation_under_pauses_and_one_way_cuts`)
+/// and fixed, replayed so (one shard per node, with bursts, in memory; replay with
+/// `SIM_SEED=n` on that test).
+const HARNESS_REGRESSION_SEEDS: &[u64] = &[];
+
+/// The process harness's faults (issue 16) on the data plane: the schedule of every
+/// seed as in the tests above (the same draws), and beside it, from a stream of its
+/// own, nodes paused (SIGSTOP) for up to 10 s, one-way cuts, the leader isolated, and a
+/// slow, lossy link. `SIM_SHARDS` and `SIM_DURABILITY` as above.
+#[test]
+fn seeded_data_plane_simulation_under_pauses_and_one_way_cuts() {
+    let with_bursts = sim_env();
+    let shards = Shards::from_env(Shards::Each(1));
+    let sync = sync_from_env();
+    run_seeds(
+        "data-plane simulation under pauses and one-way cuts",
+        4,
+        HARNESS_REGRESSION_SEEDS,
+        |seed| {
+            run_seed_with(seed, with_bursts, shards, sync, true);
+        },
+    );
 }
 
 /// A seed replays: run twice in this process, one after the other (so at another real
