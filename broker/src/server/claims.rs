@@ -72,6 +72,11 @@ pub(crate) struct Claims {
     /// refused until the fetch succeeds, and a member asking this node for the session
     /// is told to ask again later rather than "nothing here".
     awaiting: RefCell<HashMap<String, (u64, NodeId)>>,
+    /// ClientID -> (epoch of the other node's claim that replaced an `awaiting` one
+    /// here, the node the session is still on): that claimant's fetch is told the
+    /// session is not here yet, not "nothing here", which would give the client a new
+    /// session and leave the one on that node behind (sim seed 137, harness faults).
+    passed_on: RefCell<HashMap<String, (u64, NodeId)>>,
 }
 
 impl Claims {
@@ -96,6 +101,7 @@ impl Claims {
         *e = (*e).max(epoch);
         drop(held);
         self.releasing.borrow_mut().remove(client_id);
+        self.passed_on.borrow_mut().remove(client_id);
     }
 
     /// The claim is gone (another node's claim, or our release, committed).
@@ -111,6 +117,28 @@ impl Claims {
     /// held claim (`awaiting`).
     pub(super) fn awaiting_from(&self, client_id: &str) -> Option<NodeId> {
         self.awaiting.borrow().get(client_id).map(|(_, node)| *node)
+    }
+
+    /// Another node's claim of `epoch` replaced this node's: if this node still waited
+    /// for the session from another node, that claimant must wait for it too.
+    fn passed_to(&self, client_id: &str, epoch: u64) {
+        let awaited = self.awaiting_from(client_id);
+        self.forget(client_id);
+        let mut passed = self.passed_on.borrow_mut();
+        match awaited {
+            Some(node) => passed.insert(client_id.to_owned(), (epoch, node)),
+            None => passed.remove(client_id),
+        };
+    }
+
+    /// The node a session is still on when the claim of `epoch` replaced this node's
+    /// claim while it waited for it there (`passed_on`).
+    pub(super) fn passed_on_from(&self, client_id: &str, epoch: u64) -> Option<NodeId> {
+        self.passed_on
+            .borrow()
+            .get(client_id)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, node)| *node)
     }
 
     /// No other copy of the session under the claim of `epoch` is left (see
@@ -497,7 +525,7 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
                 if *node == me {
                     cluster.claims.hold(client_id, *epoch);
                 } else {
-                    cluster.claims.forget(client_id);
+                    cluster.claims.passed_to(client_id, *epoch);
                     let ended = shard
                         .engine
                         .borrow_mut()

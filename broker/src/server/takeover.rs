@@ -46,6 +46,11 @@
 //!   [`INBOUND_WAIT`]; ask again). The epoch is not checked: the answer is about one
 //!   publication, not the session.
 //!
+//! A `FETCH` answer `4 | node u64 BE` says the session is on that node, not here:
+//! this node's claim waited for it there (`cluster.wait_for_session_owner`) when the
+//! asker's claim replaced it; the asker fetches from that node instead (harness sim
+//! seed 137). An older node answers such a case `0`, and takes `4` for malformed.
+//!
 //! A `FETCH` answer `3 | len u32 BE | TransferRec | wlen u32 BE | window | pending`
 //! (cluster protocol 5) adds the inbound QoS 2 ids whose PUBREC still waits for an
 //! original's forward, with the node that holds each: the new owner holds a re-sent
@@ -221,7 +226,25 @@ pub(super) async fn fetch(
 ) -> Fetched {
     let client_id = connect.client_id.as_str();
     let request = body(OP_FETCH, epoch, &[u8::from(connect.clean_start)]);
-    let answer = call(cluster, old, client_id, &request).await;
+    let mut old = old;
+    let mut answer = call(cluster, old, client_id, &request).await;
+    // The old owner's claim only waited for the session on another node: ask that one
+    // (whose answer, or silence, is what counts).
+    if let Ok(a) = &answer
+        && let [4, node @ ..] = a.as_ref()
+        && let Ok(node) = <[u8; 8]>::try_from(node).map(u64::from_be_bytes)
+        && node != cluster.port.node_id
+    {
+        debug!(
+            shard = shard.id,
+            client_id,
+            old_owner = old,
+            holder = node,
+            "the old owner waited for the session on another node: asking that one"
+        );
+        old = node;
+        answer = call(cluster, old, client_id, &request).await;
+    }
     let answered = answer.is_ok();
     let mut session = None;
     if let Err(e) = &answer {
@@ -813,6 +836,16 @@ async fn hand_out(
         return Err(format!(
             "the session is not here yet: its node {from} has not answered this node's takeover"
         ));
+    }
+    // When the asker's claim replaced such a claim of this node, the session is still on
+    // that node: the asker is sent there (sim seed 137, harness faults), unless it left
+    // the cluster.
+    if let Some(from) = cluster.claims.passed_on_from(client_id, epoch)
+        && cluster.handle().members().contains_key(&from)
+    {
+        let mut answer = vec![4];
+        answer.extend_from_slice(&from.to_be_bytes());
+        return Ok(Bytes::from(answer));
     }
     // Nothing here (the common answer to a claimant looking for a moving copy): said at
     // once, without waiting to apply the claim.
