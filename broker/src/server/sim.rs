@@ -92,6 +92,13 @@
 //! - **a slow, lossy link** (150-250 ms each way, 2.5 % of requests and of answers
 //!   lost, on one pair) and the links made normal again.
 //!
+//! The test runs with `cluster.wait_for_session_owner` on (production's default: a
+//! takeover whose old owner does not answer refuses the CONNECT until it does;
+//! `SIM_WAIT_FOR_OWNER=0` turns it off, `=1` turns it on in the other tests, which
+//! keep it off so their seeds replay). Its regression seeds with `sync` durability
+//! are `HARNESS_SYNC_REGRESSION_SEEDS` (118: the checker's client, 137: a claim that
+//! waited for the session's node, replaced by another node's claim).
+//!
 //! Cuts heal with the schedule's `heal`, and everything at the end. Not like a real
 //! SIGSTOP: the node's raft and forwarder are tasks of the runtime (openraft spawns
 //! its own), so they keep their timers while the node is paused, cut off by the
@@ -359,6 +366,11 @@ struct Conn {
     generation: u64,
     /// CONNACK seen.
     up: bool,
+    /// The client's session this connection serves (`Client::session` at its
+    /// CONNACK): what arrives on an older connection belongs to the session it served,
+    /// not to one a later CONNACK started (a node paused past its lease writes to it
+    /// when it resumes).
+    session: u64,
 }
 
 #[derive(Default)]
@@ -373,8 +385,9 @@ struct Client {
     generation: u64,
     next_pid: u16,
     out: BTreeMap<u16, Out>,
-    /// QoS 2 packet ids received and not yet released.
-    in_q2: BTreeSet<u16>,
+    /// QoS 2 packet ids received and not yet released, per session (a session's ids
+    /// are its own: an older session's connection may still deliver).
+    in_q2: BTreeSet<(u64, u16)>,
     subscribing: BTreeMap<u16, String>,
     seq: u64,
     /// Sessions the broker started for this client (CONNACK session present = 0).
@@ -449,6 +462,10 @@ struct World {
     harness: bool,
     /// Paused nodes.
     paused: RefCell<BTreeMap<NodeId, Pause>>,
+    /// `cluster.wait_for_session_owner` (`SIM_WAIT_FOR_OWNER=0|1`): on by default with
+    /// the harness's faults (production's default), off otherwise (every seed's
+    /// configuration before it existed).
+    wait_for_owner: bool,
 }
 
 fn dir(root: &tempfile::TempDir, id: NodeId) -> PathBuf {
@@ -538,7 +555,7 @@ impl World {
             peers,
             sessions: Arc::default(),
             redirect_to_owner: false,
-            wait_for_session_owner: false,
+            wait_for_session_owner: self.wait_for_owner,
             session_lease: SESSION_LEASE,
         };
         for attach in &server_ends.attach {
@@ -826,6 +843,7 @@ impl World {
                 id,
                 generation,
                 up: false,
+                session: 0,
             });
         });
     }
@@ -1192,17 +1210,16 @@ impl World {
     fn on_packet(&self, c: &ClientRef, k: Conn, p: Packet, replies: &mut Vec<Packet>) {
         let mut cl = c.borrow_mut();
         let client = cl.idx;
+        // The session this connection serves (set at its CONNACK, below).
+        let session = cl
+            .conns
+            .iter()
+            .find(|x| x.id == k.id && x.node == k.node)
+            .map_or(cl.session, |x| x.session);
         match p {
             Packet::ConnAck(a) => {
                 if a.reason_code != ReasonCode::Success {
                     return;
-                }
-                if let Some(x) = cl
-                    .conns
-                    .iter_mut()
-                    .find(|x| x.id == k.id && x.node == k.node)
-                {
-                    x.up = true;
                 }
                 if trace() {
                     eprintln!(
@@ -1212,12 +1229,20 @@ impl World {
                 }
                 if !a.session_present {
                     cl.session += 1;
-                    cl.in_q2.clear();
                     cl.subscribing.clear();
                     // A new session: what the old one held of QoS 2 is not sent
                     // again (it might have been delivered: sending it as new could
                     // duplicate it); QoS 1 goes again as new.
                     cl.out.retain(|_, o| o.qos == QoS::AtLeastOnce);
+                }
+                let now = cl.session;
+                if let Some(x) = cl
+                    .conns
+                    .iter_mut()
+                    .find(|x| x.id == k.id && x.node == k.node)
+                {
+                    x.up = true;
+                    x.session = now;
                 }
                 let resend: Vec<(u16, Out)> = cl.out.iter().map(|(p, o)| (*p, o.clone())).collect();
                 let mut g = self.chk.borrow_mut();
@@ -1254,7 +1279,7 @@ impl World {
                     }
                     g.granted.push(Granted {
                         client,
-                        session: cl.session,
+                        session,
                         filter,
                         event,
                     });
@@ -1282,7 +1307,7 @@ impl World {
                     }
                     QoS::ExactlyOnce => {
                         replies.push(Packet::PubRec(PubRec::new(p.packet_id)));
-                        cl.in_q2.insert(p.packet_id)
+                        cl.in_q2.insert((session, p.packet_id))
                     }
                 };
                 if first {
@@ -1297,7 +1322,7 @@ impl World {
                     let at_ms = g.now_ms();
                     g.got.push(Got {
                         client,
-                        session: cl.session,
+                        session,
                         from,
                         pub_qos,
                         qos: p.qos as u8,
@@ -1307,7 +1332,7 @@ impl World {
                 }
             }
             Packet::PubRel(r) => {
-                cl.in_q2.remove(&r.packet_id);
+                cl.in_q2.remove(&(session, r.packet_id));
                 replies.push(Packet::PubComp(PubComp::new(r.packet_id)));
             }
             Packet::PubAck(a) => {
@@ -1430,6 +1455,12 @@ async fn run(
         sync,
         harness,
         paused: RefCell::default(),
+        wait_for_owner: match std::env::var("SIM_WAIT_FOR_OWNER").as_deref() {
+            Err(_) => harness,
+            Ok("1") => true,
+            Ok("0") => false,
+            Ok(v) => panic!("SIM_WAIT_FOR_OWNER is 0 or 1, not {v:?}"),
+        },
         clients: (0..CLIENTS)
             .map(|i| {
                 Rc::new(RefCell::new(Client {
@@ -2085,9 +2116,29 @@ fn the_data_plane_simulation_sync_regression_seeds() {
 
 /// Seeds found with the process harness's faults (pauses, one-way cuts, the leader
 /// isolated, a slow link; `seeded_data_plane_simulation_under_pauses_and_one_way_cuts`)
-/// and fixed, replayed so (one shard per node, with bursts, in memory; replay with
-/// `SIM_SEED=n` on that test).
+/// in memory and fixed, replayed by that test (one shard per node, with bursts,
+/// `cluster.wait_for_session_owner` on; replay with `SIM_SEED=n` on it). None yet: a
+/// sweep of seeds 1-300 found none.
 const HARNESS_REGRESSION_SEEDS: &[u64] = &[];
+
+/// The same with `SIM_DURABILITY=sync`, replayed so (`SIM_DURABILITY=sync SIM_SEED=n` on
+/// that test). 118: the checker's client took a QoS 2 packet id of its new session for
+/// one it had not released, so it never recorded c4's own 4/7 and 4/8 (acknowledged,
+/// "never arrived"): node 1, paused past its lease with c4's session, handed c4's
+/// queued PUBLISHes to its engine at resume and delivered them on the old connection
+/// with ids 1 and 2, after c4's CONNACK (session present 0) on node 2; c4's session
+/// then moved to node 3, which sent 4/7 and 4/8 with ids 1 and 2 too (what an old
+/// connection delivers belongs to the session it served: `Conn::session`). 137: c5's
+/// session was on node 2, paused; node 3 claimed c5, could not reach node 2 and
+/// refused the CONNECT, keeping its claim and waiting (`wait_for_session_owner`);
+/// c5 then connected to node 1, whose claim replaced node 3's; applying it, node 3
+/// forgot that it waited, answered node 1's fetch "nothing here", and node 1 gave c5 a
+/// new session: QoS 2 2/7 and 2/8, delivered to the session on node 2, were
+/// delivered again to the new one, and node 2's copy was dropped as stale (node 3 now
+/// tells the claimant that replaced its waiting claim that the session is still on
+/// node 2: `Claims::passed_on`; node 1 refuses and waits, and takes the session from
+/// node 2 when it is back; failed 3 of 3 runs before).
+const HARNESS_SYNC_REGRESSION_SEEDS: &[u64] = &[118, 137];
 
 /// The process harness's faults (issue 16) on the data plane: the schedule of every
 /// seed as in the tests above (the same draws), and beside it, from a stream of its
@@ -2106,6 +2157,17 @@ fn seeded_data_plane_simulation_under_pauses_and_one_way_cuts() {
             run_seed_with(seed, with_bursts, shards, sync, true);
         },
     );
+}
+
+#[test]
+fn the_data_plane_simulation_harness_sync_regression_seeds() {
+    for &seed in HARNESS_SYNC_REGRESSION_SEEDS {
+        eprintln!(
+            "harness sync regression seed {seed} (replay: SIM_DURABILITY=sync SIM_SEED={seed} \
+             on seeded_data_plane_simulation_under_pauses_and_one_way_cuts)"
+        );
+        run_seed_with(seed, true, Shards::Each(1), true, true);
+    }
 }
 
 /// A seed replays: run twice in this process, one after the other (so at another real
