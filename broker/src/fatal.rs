@@ -33,6 +33,48 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// The exit code after a SIGBUS: a read of a memory-mapped store file that is shorter
+/// than LMDB believes (a store truncated or corrupt), the exit code of a refused start.
+pub const SIGBUS_EXIT_CODE: i32 = 2;
+
+/// Makes a SIGBUS print one line naming the data directory and end the process with
+/// [`SIGBUS_EXIT_CODE`], instead of dying of the signal without a word. LMDB reads its
+/// pages through a map of the file and trusts the page numbers and sizes it finds: a
+/// corrupt value size can reach past the end of the file, which is a SIGBUS, not an
+/// error the store could return (truncated files are reported as corrupt before that:
+/// the stores extend a short file to its last page). The handler only writes the line
+/// prepared here and calls `_exit`, both async-signal-safe. Call once, before the
+/// stores are opened.
+pub fn install_sigbus_message(data_dir: &std::path::Path) {
+    static MESSAGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let _ = MESSAGE.set(
+        format!(
+            "broker: a read of a store file under {} failed (SIGBUS): a store file there \
+             is corrupt or was truncated. Restore the data directory from a backup; in a \
+             cluster, a corrupt raft store can be moved away and the node rejoined as a new \
+             member (docs/ARCHITECTURE.md \"Cluster: disks, certificates and clocks\"); \
+             exit code {SIGBUS_EXIT_CODE}\n",
+            data_dir.display()
+        )
+        .into_bytes(),
+    );
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        if let Some(m) = MESSAGE.get() {
+            // SAFETY: write(2) of a buffer that lives for the whole process.
+            unsafe { libc::write(2, m.as_ptr().cast(), m.len()) };
+        }
+        exit_now(SIGBUS_EXIT_CODE)
+    }
+    // SAFETY: a zeroed sigaction with an empty mask and a plain handler (no SA_SIGINFO)
+    // is a valid argument; the handler is async-signal-safe (above).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+    }
+}
+
 /// Makes any panic, on any thread, log and end the process with
 /// [`EXIT_CODE`]. Call once, after logging is set up and before any thread
 /// starts.

@@ -35,6 +35,8 @@ fn main() -> ExitCode {
     init_logging(&config);
     // Before any thread starts: a panic anywhere ends the process.
     tessera_broker::fatal::install();
+    // Before any store is opened: a SIGBUS from a corrupt store file says so.
+    tessera_broker::fatal::install_sigbus_message(&config.server.data_dir);
     #[cfg(feature = "jemalloc")]
     if let Err(e) = tessera_broker::allocator::configure(config.limits.memory_release_delay_ms) {
         // The broker works without it; freed memory is then returned later.
