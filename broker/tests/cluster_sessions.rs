@@ -761,8 +761,11 @@ const NEW_SESSION_IF_OWNER_DOWN: &[(&str, &str)] =
 /// QoS 2 messages queued on node 1, which is killed. Its client, reconnecting to node 2
 /// while node 1 is down, is refused (0x88 Server unavailable: a new session there
 /// would leave the messages on node 1's disk behind, and node 1 would drop them as
-/// stale when it came back); once node 1 is back, the next CONNECT to node 2 gets the
-/// session (present 1) with every message, once and in order.
+/// stale when it came back); so is a CONNECT to node 3, whose claim replaces node 2's
+/// waiting one (node 2 sends it to node 1 rather than answering "nothing here", which
+/// gave the client a new session: data-plane simulation, harness seed 137); once node
+/// 1 is back, the next CONNECT to node 3 gets the session (present 1) with every
+/// message, once and in order.
 #[tokio::test(flavor = "current_thread")]
 async fn a_session_on_a_killed_node_waits_for_it_and_keeps_every_acknowledged_message() {
     use common::{RawClient, connect_packet};
@@ -813,12 +816,16 @@ async fn a_session_on_a_killed_node_waits_for_it_and_keeps_every_acknowledged_me
     let (_refused, ack) = RawClient::connect(c.node(2).addr(), connect.clone());
     assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
     assert!(claims(&c, 2, "tessera_cluster_session_owner_waits_total") >= 2.0);
+    // Another node's claim replaces node 2's: it waits for node 1 too.
+    let (_refused, ack) = RawClient::connect(c.node(3).addr(), connect.clone());
+    assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
+    assert!(claims(&c, 3, "tessera_cluster_session_owner_waits_total") >= 1.0);
 
     c.start(1, &[], false);
     c.wait_for_leader();
     let deadline = Instant::now() + RECV_TIMEOUT * 4;
     let mut client = loop {
-        let (client, ack) = RawClient::connect(c.node(2).addr(), connect.clone());
+        let (client, ack) = RawClient::connect(c.node(3).addr(), connect.clone());
         if ack.reason_code == ReasonCode::Success {
             assert!(ack.session_present, "the session came from node 1: {ack:?}");
             break client;
