@@ -376,6 +376,20 @@ fn a_killed_node_ends_its_spans_and_a_paused_one_serves_nothing() {
 }
 
 #[test]
+fn node_logs_without_client_lines_are_an_error_not_a_pass() {
+    let a = base();
+    let quiet = [NodeLog {
+        node: 1,
+        text: a.line(5, "something else") + "plain text\n",
+    }];
+    let r = a.check(&quiet, LEASE, 100);
+    assert_eq!(r.two_nodes.len(), 1, "{r}");
+    assert!(r.two_nodes[0].contains("log.clients = true"), "{r}");
+    // No logs given: the caller checks the history alone.
+    a.check(&[], LEASE, 100).assert_clean();
+}
+
+#[test]
 fn a_delivery_nobody_sent_is_reported() {
     let a = base();
     a.sent(20, "p", "t/a", 1, 1);

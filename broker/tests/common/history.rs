@@ -46,6 +46,8 @@
 //!   intervals end at its kill ([`Fault::Kill`]) when its log has no end line, and
 //!   time a node spent paused ([`Fault::Pause`] .. [`Fault::Resume`]) does not count.
 //!   Shorter overlaps are counted with their maximum (the lease bound observed).
+//!   The nodes must run with `log.clients = true`: node logs without any client line
+//!   while clients connected are an error, not a pass.
 //! - deliveries of a `<publisher>/<seq>` payload nobody recorded sending.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -1419,6 +1421,16 @@ fn check_recs(
     // Two nodes at once, from the node logs.
     let spans = live_spans(logs, &faults, end_us);
     r.counts.live_spans = spans.len();
+    if !logs.is_empty() && spans.is_empty() && r.counts.holds_given_up == 0 && r.counts.connacks > 0
+    {
+        // Nothing to check is not a pass: the nodes ran without `log.clients`.
+        r.two_nodes.push(format!(
+            "{} node logs but no client lines in them while clients connected {} times: \
+             start the nodes with log.clients = true (TESSERA_LOG__CLIENTS=true)",
+            logs.len(),
+            r.counts.connacks
+        ));
+    }
     for s in &spans {
         *r.counts.span_ends.entry(s.end.clone()).or_default() += 1;
     }
