@@ -856,6 +856,93 @@ async fn a_session_on_a_killed_node_waits_for_it_and_keeps_every_acknowledged_me
     assert_eq!(got, expected, "every acknowledged message, once, in order");
 }
 
+/// A session's node paused (SIGSTOP) while its client reconnects to node 2, which
+/// claims the ClientID and waits for the session (refused 0x88); node 1 resumes (it
+/// applies node 2's claim and parks its copy), and the client comes back to node 1:
+/// node 1's claim replaces node 2's waiting one, node 2 answers "it waited for node 1",
+/// and node 1 takes its own copy back (session present 1, the queued message there).
+/// Found by the fault harness's pause scenario (CHAOS_SEED=387486): node 1 read that
+/// answer as malformed and gave the client a new session.
+#[tokio::test(flavor = "current_thread")]
+async fn a_session_whose_node_was_paused_comes_back_on_it_after_another_node_waited_for_it() {
+    use common::{RawClient, connect_packet};
+    use tessera_proto::{Packet as P, ProtocolVersion, ReasonCode};
+
+    let c = three_nodes("sessions-paused");
+    let (sub, mut se, _) = connect(options(&c, 1, "napper", false), "napper @1").await;
+    sub.subscribe("nap/t", QoS::AtLeastOnce).await.unwrap();
+    until(&mut se, "napper SUBACK", |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    sub.disconnect().await.unwrap();
+    let _ = timeout(Duration::from_secs(2), async {
+        while se.poll().await.is_ok() {}
+    })
+    .await;
+    drop(se);
+    let (publ, mut pe, _) = connect(options(&c, 3, "nap-pub", true), "nap-pub").await;
+    publ.publish("nap/t", QoS::AtLeastOnce, false, "queued")
+        .await
+        .unwrap();
+    until(&mut pe, "nap-pub PUBACK", |ev| match ev {
+        Event::Incoming(Packet::PubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    drop(publ);
+    drop(pe);
+
+    c.node(1).signal(libc::SIGSTOP);
+    let mut connect = connect_packet(ProtocolVersion::V5, "napper", false, 30);
+    connect.properties.session_expiry_interval = Some(600);
+    // Node 2 claims and cannot reach node 1: refused, waiting for it (a leader may
+    // first have to be elected if node 1 led: refused then too, for want of a claim).
+    let (_refused, ack) = RawClient::connect(c.node(2).addr(), connect.clone());
+    assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
+    let deadline = Instant::now() + RECV_TIMEOUT * 2;
+    while claims(&c, 2, "tessera_cluster_session_owner_waits_total") < 1.0 {
+        assert!(Instant::now() < deadline, "node 2 never waited for node 1");
+        let (_refused, ack) = RawClient::connect(c.node(2).addr(), connect.clone());
+        assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
+    }
+    // Paused past its lease (2 s): resumed, node 1 applies node 2's claim and parks its
+    // copy before it serves the ClientID again.
+    std::thread::sleep(Duration::from_secs(3));
+    c.node(1).signal(libc::SIGCONT);
+    let claimed = c.status(2).expect("node 2 answers")["applied_index"]
+        .as_u64()
+        .expect("applied_index");
+    c.wait_until("node 1 applies node 2's claim", |c| {
+        c.status(1)
+            .and_then(|v| v["applied_index"].as_u64())
+            .is_some_and(|i| i >= claimed)
+    });
+
+    let deadline = Instant::now() + RECV_TIMEOUT * 4;
+    let mut client = loop {
+        let (client, ack) = RawClient::connect(c.node(1).addr(), connect.clone());
+        if ack.reason_code == ReasonCode::Success {
+            assert!(
+                ack.session_present,
+                "node 1 took its own copy back: {ack:?}"
+            );
+            break client;
+        }
+        assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
+        assert!(
+            Instant::now() < deadline,
+            "node 1 is back, yet still refused"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    match client.recv() {
+        P::Publish(p) => assert_eq!(p.payload.as_ref(), b"queued"),
+        other => panic!("expected the queued message, got {other:?}"),
+    }
+}
+
 /// `id` subscribes to `old` with a persistent session on node 1; node 1 dies, so node 2
 /// cannot fetch the session and gives the client a new one, which subscribes to `new`
 /// and disconnects; node 1 comes back with the old session in its store and does not

@@ -351,6 +351,10 @@ async fn take_over(
     let fetched = takeover::fetch(shard, cluster, connect, epoch, old).await;
     metrics.takeover_took(rt::now().saturating_duration_since(started).as_micros() as u64);
     if !fetched.answered && fetched.session.is_none() && !connect.clean_start {
+        // The node it waits for is the one whose answer counted (the old owner, or
+        // the node that owner itself waited for), so a claim that replaces this one
+        // is sent there (`passed_on`).
+        let old = fetched.asked;
         let member = cluster.handle().members().contains_key(&old);
         if cluster.port.wait_for_session_owner && member {
             // The session, with what was acknowledged for it, is on `old`'s disk or in

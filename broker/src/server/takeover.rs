@@ -203,6 +203,9 @@ pub(super) struct Fetched {
     pub(super) answered: bool,
     /// A session was taken in here (from the old owner or a moving copy).
     pub(super) session: Option<Settled>,
+    /// The node whose answer counted: the old owner, or the node it said it waited for
+    /// the session on (answer `4`). A claim that must wait waits for this one.
+    pub(super) asked: NodeId,
 }
 
 /// Whether every other copy of a session taken in is known gone.
@@ -233,7 +236,16 @@ pub(super) async fn fetch(
     if let Ok(a) = &answer
         && let [4, node @ ..] = a.as_ref()
         && let Ok(node) = <[u8; 8]>::try_from(node).map(u64::from_be_bytes)
-        && node != cluster.port.node_id
+        && node == cluster.port.node_id
+    {
+        // It waited for this node, which holds the session (a moving copy parked when
+        // the other claim was applied here, say after a pause): nothing to fetch there,
+        // this node's own copy is taken back below as after "nothing here".
+        answer = Ok(Bytes::from_static(&[0]));
+    }
+    if let Ok(a) = &answer
+        && let [4, node @ ..] = a.as_ref()
+        && let Ok(node) = <[u8; 8]>::try_from(node).map(u64::from_be_bytes)
     {
         debug!(
             shard = shard.id,
@@ -289,7 +301,11 @@ pub(super) async fn fetch(
         Err(e) => failed(shard, cluster, client_id, old, &e),
     }
     shard.flush_outbox();
-    Fetched { answered, session }
+    Fetched {
+        answered,
+        session,
+        asked: old,
+    }
 }
 
 /// The epoch at or below which a moving copy of `client_id` is stale: the newest
