@@ -148,6 +148,47 @@ async fn alive(client: &AsyncClient, events: &mut EventLoop, topic: &str, what: 
     .await;
 }
 
+/// `id` connects to `node` with a persistent session, subscribes to `filter` and
+/// disconnects: its session stays there, offline.
+async fn subscribe_then_go_offline(c: &Cluster, node: u64, id: &str, filter: &str, qos: QoS) {
+    let (sub, mut se, _) = connect(options(c, node, id, false), id).await;
+    sub.subscribe(filter, qos).await.unwrap();
+    until(&mut se, &format!("{id} SUBACK"), |ev| match ev {
+        Event::Incoming(Packet::SubAck(_)) => Some(()),
+        _ => None,
+    })
+    .await;
+    sub.disconnect().await.unwrap();
+    let _ = timeout(Duration::from_secs(2), async {
+        while se.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// Connects `connect` to `node` until it is no longer refused for a session whose node
+/// was unreachable (0x88), within a bound; the session must be present.
+fn connect_once_its_node_is_back(
+    c: &Cluster,
+    node: u64,
+    connect: &tessera_proto::Connect,
+) -> common::RawClient {
+    use tessera_proto::ReasonCode;
+    let deadline = Instant::now() + RECV_TIMEOUT * 4;
+    loop {
+        let (client, ack) = common::RawClient::connect(c.node(node).addr(), connect.clone());
+        if ack.reason_code == ReasonCode::Success {
+            assert!(ack.session_present, "the session came back: {ack:?}");
+            return client;
+        }
+        assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the session's node is back, yet still refused"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 fn claims(c: &Cluster, node: u64, name: &str) -> f64 {
     metric_sum(&scrape(c.node(node).admin_addr()), name, &[])
 }
@@ -394,19 +435,7 @@ async fn a_persistent_session_with_a_queue_on_disk_moves_whole_and_the_old_node_
     // rest only on disk: 200 puts 136 in the disk tail, which must move too.
     const N: usize = 200;
     let mut c = three_nodes("sessions-tail");
-    let (sub, mut se, _) = connect(options(&c, 1, "deep", false), "deep @1").await;
-    sub.subscribe("deep/t", QoS::AtLeastOnce).await.unwrap();
-    until(&mut se, "deep SUBACK", |ev| match ev {
-        Event::Incoming(Packet::SubAck(_)) => Some(()),
-        _ => None,
-    })
-    .await;
-    sub.disconnect().await.unwrap();
-    let _ = timeout(Duration::from_secs(2), async {
-        while se.poll().await.is_ok() {}
-    })
-    .await;
-    drop(se);
+    subscribe_then_go_offline(&c, 1, "deep", "deep/t", QoS::AtLeastOnce).await;
 
     let (publ, mut pe, _) = connect(options(&c, 1, "deep-pub", true), "deep-pub").await;
     for i in 0..N {
@@ -773,19 +802,7 @@ async fn a_session_on_a_killed_node_waits_for_it_and_keeps_every_acknowledged_me
 
     let mut c = three_nodes("sessions-wait");
     const N: usize = 6;
-    let (sub, mut se, _) = connect(options(&c, 1, "waiter", false), "waiter @1").await;
-    sub.subscribe("wait/t", QoS::ExactlyOnce).await.unwrap();
-    until(&mut se, "waiter SUBACK", |ev| match ev {
-        Event::Incoming(Packet::SubAck(_)) => Some(()),
-        _ => None,
-    })
-    .await;
-    sub.disconnect().await.unwrap();
-    let _ = timeout(Duration::from_secs(2), async {
-        while se.poll().await.is_ok() {}
-    })
-    .await;
-    drop(se);
+    subscribe_then_go_offline(&c, 1, "waiter", "wait/t", QoS::ExactlyOnce).await;
 
     // Published on node 3, acknowledged once node 1 stored them for the offline session.
     let (publ, mut pe, _) = connect(options(&c, 3, "wait-pub", true), "wait-pub").await;
@@ -823,20 +840,7 @@ async fn a_session_on_a_killed_node_waits_for_it_and_keeps_every_acknowledged_me
 
     c.start(1, &[], false);
     c.wait_for_leader();
-    let deadline = Instant::now() + RECV_TIMEOUT * 4;
-    let mut client = loop {
-        let (client, ack) = RawClient::connect(c.node(3).addr(), connect.clone());
-        if ack.reason_code == ReasonCode::Success {
-            assert!(ack.session_present, "the session came from node 1: {ack:?}");
-            break client;
-        }
-        assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
-        assert!(
-            Instant::now() < deadline,
-            "node 1 is back, yet still refused"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let mut client = connect_once_its_node_is_back(&c, 3, &connect);
     let mut got = Vec::new();
     while got.len() < N {
         match client.recv() {
@@ -869,19 +873,7 @@ async fn a_session_whose_node_was_paused_comes_back_on_it_after_another_node_wai
     use tessera_proto::{Packet as P, ProtocolVersion, ReasonCode};
 
     let c = three_nodes("sessions-paused");
-    let (sub, mut se, _) = connect(options(&c, 1, "napper", false), "napper @1").await;
-    sub.subscribe("nap/t", QoS::AtLeastOnce).await.unwrap();
-    until(&mut se, "napper SUBACK", |ev| match ev {
-        Event::Incoming(Packet::SubAck(_)) => Some(()),
-        _ => None,
-    })
-    .await;
-    sub.disconnect().await.unwrap();
-    let _ = timeout(Duration::from_secs(2), async {
-        while se.poll().await.is_ok() {}
-    })
-    .await;
-    drop(se);
+    subscribe_then_go_offline(&c, 1, "napper", "nap/t", QoS::AtLeastOnce).await;
     let (publ, mut pe, _) = connect(options(&c, 3, "nap-pub", true), "nap-pub").await;
     publ.publish("nap/t", QoS::AtLeastOnce, false, "queued")
         .await
@@ -920,23 +912,7 @@ async fn a_session_whose_node_was_paused_comes_back_on_it_after_another_node_wai
             .is_some_and(|i| i >= claimed)
     });
 
-    let deadline = Instant::now() + RECV_TIMEOUT * 4;
-    let mut client = loop {
-        let (client, ack) = RawClient::connect(c.node(1).addr(), connect.clone());
-        if ack.reason_code == ReasonCode::Success {
-            assert!(
-                ack.session_present,
-                "node 1 took its own copy back: {ack:?}"
-            );
-            break client;
-        }
-        assert_eq!(ack.reason_code, ReasonCode::ServerUnavailable, "{ack:?}");
-        assert!(
-            Instant::now() < deadline,
-            "node 1 is back, yet still refused"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let mut client = connect_once_its_node_is_back(&c, 1, &connect);
     match client.recv() {
         P::Publish(p) => assert_eq!(p.payload.as_ref(), b"queued"),
         other => panic!("expected the queued message, got {other:?}"),
