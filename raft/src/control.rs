@@ -200,6 +200,13 @@ impl Shared {
         self.core.proposals_failed.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Records a contact with the cluster `ago_ms` ago (a quorum's answer while this node
+    /// leads), unless a later one is known.
+    fn note_contact_ms_ago(&self, ago_ms: u64) {
+        let at = (self.started.elapsed().as_millis() as u64).saturating_sub(ago_ms) + 1;
+        self.leader_contact_ms.fetch_max(at, Ordering::Relaxed);
+    }
+
     /// When the leader last reached this node (None: never since start).
     fn last_leader_contact(&self) -> Option<tokio::time::Instant> {
         match self.leader_contact_ms.load(Ordering::Relaxed) {
@@ -323,7 +330,16 @@ impl ClusterHandle {
                 .is_some_and(|at| at.elapsed() < within)
         };
         match leading {
-            Some(Some(ms)) => Duration::from_millis(ms) < within,
+            Some(Some(ms)) => {
+                // Kept as this node's last contact with its cluster, so a leader that
+                // steps down (a transfer, a higher term) is not taken for cut off until
+                // the new leader's first append arrives: the contact it had as a
+                // follower is from before it led, possibly longer ago than the lease
+                // (a shard tick in that window ended every connection of the old
+                // leader). Safe for the lease: it is when a quorum last answered it.
+                self.shared.note_contact_ms_ago(ms);
+                Duration::from_millis(ms) < within
+            }
             Some(None) | None => as_follower(),
         }
     }

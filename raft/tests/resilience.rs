@@ -47,8 +47,13 @@ async fn a_new_leader_stays_in_contact_through_the_change() {
         let to = (1..=3).find(|i| *i != old).unwrap();
         let handle = c.node(to).handle();
         assert!(handle.in_contact(lease), "round {round}: node {to} before");
+        // The old leader has led for longer than the lease, so the contact it had as a
+        // follower is older than that: stepping down, it must not count as cut off
+        // until the new leader's first append arrives (a shard tick there ended every
+        // connection of the old leader: cluster_failures' clock test in CI).
+        tokio::time::sleep(lease + Duration::from_millis(300)).await;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sampler = {
+        let sample = |handle: tessera_raft::ClusterHandle| {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut lost = 0u32;
@@ -61,6 +66,8 @@ async fn a_new_leader_stays_in_contact_through_the_change() {
                 lost
             })
         };
+        let sampler = sample(handle);
+        let old_sampler = sample(c.node(old).handle());
         // A transfer over the slow network may time out: asked again, bounded.
         let mut tries = 0;
         while let Err(e) = c.node(old).transfer_leader(to).await {
@@ -74,6 +81,11 @@ async fn a_new_leader_stays_in_contact_through_the_change() {
         assert_eq!(
             lost, 0,
             "round {round}: node {to} out of contact {lost} times"
+        );
+        let lost = old_sampler.await.unwrap();
+        assert_eq!(
+            lost, 0,
+            "round {round}: node {old} (the old leader) out of contact {lost} times"
         );
     }
     c.shutdown_all().await;
