@@ -10,6 +10,11 @@
 //!   for it to be applied here, at most [`CLAIM_TIMEOUT`]. No leader, a full proposal
 //!   queue or the timeout: CONNACK 0x88 (v5) / 0x03 (3.1.1), never a hang. A claim whose
 //!   previous owner is another node is a takeover (`takeover::fetch`).
+//! - **Waiting for an unreachable owner** ([`take_over`], issue 16): when the node that
+//!   holds the session cannot be reached and `cluster.wait_for_session_owner` is on (the
+//!   default), the claim stays, the CONNECT is refused (0x88 / 3) and `Claims::awaiting`
+//!   names the node whose answer counts; later CONNECTs ask again, and a claim that
+//!   replaces a waiting one is sent to that node (`Claims::passed_on`, FETCH answer `4`).
 //! - **Fresh starts** ([`settle`], [`mark_fresh`]): the committed owner record says which
 //!   epoch last started a session of the ClientID afresh (a Clean Start's claim, a first
 //!   claim, or `Op::SessionFresh` proposed before the CONNACK when a session starts here
