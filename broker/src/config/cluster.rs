@@ -230,9 +230,9 @@ pub const FIELDS: &[FieldDoc] = &[
               unreachable node waits this long before its CONNACK, so two live \
               connections of one ClientID never overlap. Longer than a leader failover \
               (with one split vote), so an election does not end connections.",
-        accepted: "an integer from twice election_timeout_max_ms to 600000; unset: 2000 or \
-                   three times election_timeout_max_ms plus heartbeat_interval_ms, \
-                   whichever is larger",
+        accepted: "an integer from three times election_timeout_max_ms plus \
+                   heartbeat_interval_ms to 600000; unset: 2000 or that floor, whichever \
+                   is larger",
     },
 ];
 
@@ -443,14 +443,18 @@ impl ClusterConfig {
                 "an integer from 1 to half of cluster.election_timeout_min_ms",
             );
         }
+        // The floor is the failover's silence with one split vote (`session_lease`): a
+        // lease between two election timeouts (the floor before) and that silence ended
+        // every connection of a healthy node whenever an election took a second round.
         if let Some(lease) = self.session_lease_ms
-            && (lease < 2 * max || lease > 600_000)
+            && (lease < 3 * max + hb || lease > 600_000)
         {
             return invalid(
                 "cluster.session_lease_ms",
                 lease.to_string(),
-                "an integer from twice cluster.election_timeout_max_ms to 600000 (a lease \
-                 shorter than a failover would end every connection at each election)",
+                "an integer from three times cluster.election_timeout_max_ms plus \
+                 cluster.heartbeat_interval_ms to 600000 (a lease shorter than a failover \
+                 would end every connection at each election)",
             );
         }
         if !(1..=100_000_000).contains(&self.snapshot_logs_since_last) {
@@ -513,12 +517,18 @@ mod tests {
         c.session_lease_ms = Some(8000);
         assert_eq!(c.session_lease(), std::time::Duration::from_secs(8));
         assert!(c.validate().is_ok());
+        // The shortest lease accepted is a failover's silence with one split vote.
+        let mut c = node(1);
+        c.session_lease_ms = Some(3 * c.election_timeout_max_ms + c.heartbeat_interval_ms);
+        assert!(c.validate().is_ok());
+        c.session_lease_ms = Some(3 * c.election_timeout_max_ms + c.heartbeat_interval_ms - 1);
+        assert_eq!(c.validate().unwrap_err().field, "cluster.session_lease_ms");
     }
 
     #[test]
     fn each_missing_or_contradicting_setting_names_its_field() {
         type Change = fn(&mut ClusterConfig);
-        let cases: [(Change, &str); 9] = [
+        let cases: [(Change, &str); 10] = [
             (|c| c.node_id = None, "cluster.node_id"),
             (|c| c.listen = None, "cluster.listen"),
             (|c| c.certs = None, "cluster.certs"),
@@ -529,9 +539,15 @@ mod tests {
                 |c| c.heartbeat_interval_ms = 300,
                 "cluster.heartbeat_interval_ms",
             ),
-            // A lease shorter than two election timeouts would fence at each failover.
+            // A lease shorter than a failover with one split vote (three election
+            // timeouts and a heartbeat: 1.9 s with the defaults) would fence healthy
+            // nodes at such an election; 1.2 s passed the old floor (two timeouts).
             (
                 |c| c.session_lease_ms = Some(1000),
+                "cluster.session_lease_ms",
+            ),
+            (
+                |c| c.session_lease_ms = Some(1200),
                 "cluster.session_lease_ms",
             ),
             (
