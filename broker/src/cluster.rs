@@ -147,6 +147,8 @@ pub struct ClusterPort {
 #[derive(Debug)]
 pub struct ClusterNode {
     node_id: NodeId,
+    /// When the first of the node's link certificates (its chain, the CA) expires, Unix s.
+    cert_not_after: Option<i64>,
     port: ClusterPort,
     requests: flume::Sender<Request>,
     /// The forwarder's counters, once it was started.
@@ -189,6 +191,19 @@ impl ClusterNode {
         // Certificates first: a wrong file is the likeliest mistake and needs no thread.
         let certs = LinkCerts::load_dir(&certs_dir, node_id)
             .map_err(|e| error(format!("certificates in {}: {e}", certs_dir.display())))?;
+        let cert_not_after = certs.not_after().map(|(at, date)| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            crate::transport::tls::log_cert_expiry(
+                &format!("cluster {}", certs_dir.display()),
+                (at, &date),
+                now,
+                "make new ones with `brokerctl cluster certs` from the same CA and restart the \
+                 node (one at a time)",
+            );
+            at
+        });
         let mut link_config = LinkConfig::new(node_id, listen, certs).tuned_for_election(
             Duration::from_millis(config.election_timeout_min_ms),
             Duration::from_millis(config.election_timeout_max_ms),
@@ -261,6 +276,7 @@ impl ClusterNode {
         match started_rx.recv_timeout(START_TIMEOUT) {
             Ok(Ok(handle)) => Ok(ClusterNode {
                 node_id,
+                cert_not_after,
                 port: ClusterPort {
                     node_id,
                     handle,
@@ -288,6 +304,12 @@ impl ClusterNode {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// When the first of this node's link certificates (its chain, the CA) stops being
+    /// valid, seconds since the Unix epoch.
+    pub fn cert_not_after(&self) -> Option<i64> {
+        self.cert_not_after
     }
 
     /// What the shards need to reach raft and the other nodes.

@@ -139,7 +139,11 @@ fn run(config: &Config, cli: &Cli) -> anyhow::Result<()> {
             server.read_budget.clone(),
         )
         .with_listeners(&server.urls)
-        .with_quic(server.quic_counters()),
+        .with_quic(server.quic_counters())
+        .with_certificates(
+            server.tls_store(),
+            cluster.as_ref().and_then(|c| c.cert_not_after()),
+        ),
         links: server.admin_links.clone(),
         token: (!token.is_empty()).then_some(token),
         started,

@@ -467,6 +467,11 @@ impl Server {
         self.tls.reload(&self.listeners)
     }
 
+    /// The TLS listeners' configurations and certificate expiries.
+    pub fn tls_store(&self) -> Arc<TlsStore> {
+        self.tls.clone()
+    }
+
     /// Re-reads the password, ACL, ban and JWT key files now (SIGHUP). A
     /// broken file is logged and the previous ones stay in force.
     pub fn reload_auth(&self) {

@@ -357,6 +357,117 @@ fn sighup_reload_serves_the_new_certificate_and_keeps_connections() {
     });
 }
 
+/// A log line without its ANSI colour sequences.
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... m
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The value of `tessera_certificate_expiry_timestamp_seconds` for the one TLS listener.
+fn listener_cert_expiry(broker: &Broker) -> Option<f64> {
+    common::scrape(broker.admin_addr())
+        .samples
+        .into_iter()
+        .find(|s| {
+            s.metric == "tessera_certificate_expiry_timestamp_seconds"
+                && s.labels
+                    .get("certificate")
+                    .is_some_and(|c| c.starts_with("listener ") && c.contains(" mqtts://"))
+        })
+        .and_then(|s| match s.value {
+            prometheus_parse::Value::Gauge(v) => Some(v),
+            _ => None,
+        })
+}
+
+#[test]
+fn a_certificate_near_its_end_is_logged_and_exported_and_a_renewal_clears_it() {
+    let d = dir("expiry");
+    let ca = Ca::new("expiry CA");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let soon = now + 10 * 86_400;
+    let (cert, key) = ca.sign_until("tessera test server", &["127.0.0.1"], false, Some(soon));
+    let cert = write(&d.join("server.pem"), &cert);
+    let key = write(&d.join("server.key"), &key);
+    let config = format!(
+        "[[listener]]\nkind = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n"
+    );
+    let broker = start(&d, &config, &[]);
+    // The operator is told at start, with the listener, the date and what to do.
+    broker.wait_log("the certificate expires soon", STEP);
+    let line = broker
+        .log()
+        .lines()
+        .find(|l| l.contains("the certificate expires soon"))
+        .map(without_colours)
+        .unwrap();
+    assert!(
+        line.contains("days_left=9") || line.contains("days_left=10"),
+        "{line}"
+    );
+    assert!(
+        line.contains(" mqtts://127.0.0.1:") && line.contains("SIGHUP"),
+        "{line}"
+    );
+    // Prometheus sees the date (the alerts compare it with time()).
+    assert_eq!(listener_cert_expiry(&broker), Some(soon as f64));
+    // The certificate still serves until then.
+    runtime().block_on(async {
+        connect(options(
+            "expiring",
+            &broker.url("mqtts"),
+            Some(tls_client(&ca, None)),
+        ))
+        .await
+        .expect("a certificate near its end still serves");
+    });
+
+    // Renewed (rcgen's default validity runs to 4096) and reloaded: the gauge follows,
+    // and no new warning is logged.
+    let (new_cert, new_key) = ca.sign("tessera test server", &["127.0.0.1"], false);
+    write(Path::new(&cert), &new_cert);
+    write(Path::new(&key), &new_key);
+    broker.sighup();
+    broker.wait_log("SIGHUP: TLS certificates reloaded", STEP);
+    let renewed = listener_cert_expiry(&broker).expect("the gauge after the reload");
+    assert!(renewed > (now + 50 * 365 * 86_400) as f64, "{renewed}");
+    assert_eq!(
+        broker.log().matches("the certificate expires soon").count(),
+        1,
+        "{}",
+        broker.log()
+    );
+
+    // An expired certificate is an error in the log (clients that check it refuse it).
+    let (old_cert, old_key) = ca.sign_until(
+        "tessera test server",
+        &["127.0.0.1"],
+        false,
+        Some(now - 86_400),
+    );
+    write(Path::new(&cert), &old_cert);
+    write(Path::new(&key), &old_key);
+    broker.sighup();
+    broker.wait_log("the certificate has expired", STEP);
+    assert_eq!(listener_cert_expiry(&broker), Some((now - 86_400) as f64));
+}
+
 /// Raw HTTP to a WebSocket listener: the status line of the answer.
 fn http_status(addr: &str, request: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();

@@ -61,6 +61,10 @@ pub struct Exporter {
     listeners: Vec<(String, String)>,
     /// Each QUIC listener's URL and endpoint gauges.
     quic: Vec<(String, Arc<crate::quic::QuicCounters>)>,
+    /// The TLS listeners' certificate expiries (they change on reload).
+    tls: Option<Arc<crate::transport::tls::TlsStore>>,
+    /// When the cluster link's certificates expire, Unix s.
+    cluster_cert_not_after: Option<i64>,
 }
 
 impl Exporter {
@@ -84,7 +88,21 @@ impl Exporter {
             read_budget,
             listeners: Vec::new(),
             quic: Vec::new(),
+            tls: None,
+            cluster_cert_not_after: None,
         }
+    }
+
+    /// Exports when each certificate stops being valid: the TLS listeners' (read again at
+    /// each reload) and the cluster link's.
+    pub fn with_certificates(
+        mut self,
+        tls: Arc<crate::transport::tls::TlsStore>,
+        cluster: Option<i64>,
+    ) -> Exporter {
+        self.tls = Some(tls);
+        self.cluster_cert_not_after = cluster;
+        self
     }
 
     /// Exports each QUIC endpoint's connections and handshakes in progress.
@@ -164,6 +182,14 @@ impl Exporter {
                     .set(c.handshaking.load(Relaxed) as f64);
                 gauge!("tessera_quic_endpoints", "listener" => url.clone())
                     .set(c.endpoints.load(Relaxed) as f64);
+            }
+            for (certificate, at) in self.tls.iter().flat_map(|t| t.expiry()) {
+                gauge!("tessera_certificate_expiry_timestamp_seconds", "certificate" => certificate)
+                    .set(at as f64);
+            }
+            if let Some(at) = self.cluster_cert_not_after {
+                gauge!("tessera_certificate_expiry_timestamp_seconds", "certificate" => "cluster")
+                    .set(at as f64);
             }
             record_process(&process);
             record_allocator();
@@ -272,6 +298,11 @@ fn store_buckets(s: &StoreStats) -> (BucketCounts, BucketCounts) {
 }
 
 fn describe_all() {
+    describe_gauge!(
+        "tessera_certificate_expiry_timestamp_seconds",
+        "When a certificate stops being valid (the earliest notAfter of a TLS listener's \
+         chain and client CA, or of the cluster link's chain and CA), Unix seconds."
+    );
     describe_gauge!(
         "tessera_shard_up",
         "1 while the shard's executor runs and answers, 0 otherwise."

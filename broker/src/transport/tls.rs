@@ -150,6 +150,70 @@ pub struct TlsStore {
     files: Vec<Option<TlsFiles>>,
     generation: AtomicU64,
     current: Mutex<Vec<Option<Arc<ServerConfig>>>>,
+    /// When each TLS listener's certificates stop being valid: (its label, Unix seconds).
+    expiry: Mutex<Vec<(String, i64)>>,
+}
+
+/// How long before a certificate's end the broker logs a warning (at start and at each
+/// reload); the gauge `tessera_certificate_expiry_timestamp_seconds` and its alerts say
+/// it all along.
+pub const CERT_WARN_SECS: i64 = 30 * 86_400;
+
+/// Logs a certificate that has expired (an error) or expires within [`CERT_WARN_SECS`]
+/// (a warning), naming it and what to do; returns whether it logged.
+pub fn log_cert_expiry(certificate: &str, not_after: (i64, &str), now: i64, renew: &str) -> bool {
+    let (at, date) = not_after;
+    let left = at - now;
+    if left <= 0 {
+        tracing::error!(
+            certificate,
+            not_after = date,
+            "the certificate has expired: peers that check it refuse the handshake; {renew}"
+        );
+    } else if left < CERT_WARN_SECS {
+        tracing::warn!(
+            certificate,
+            not_after = date,
+            days_left = left / 86_400,
+            "the certificate expires soon: {renew}"
+        );
+    } else {
+        return false;
+    }
+    true
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Each TLS listener's label and the earliest end of validity among its certificate
+/// chain and client CA, logged when it is near or past; listeners whose files cannot be
+/// parsed (already refused by `build_all`) are left out.
+fn expiries(listeners: &[ListenerConfig], files: &[Option<TlsFiles>]) -> Vec<(String, i64)> {
+    let now = unix_now();
+    let mut out = Vec::new();
+    for (k, (l, f)) in listeners.iter().zip(files).enumerate() {
+        let Some(f) = f else { continue };
+        let mut certs = load_certs("cert_file", &f.cert).unwrap_or_default();
+        if let Some(ca) = &f.ca {
+            certs.extend(load_certs("ca_file", ca).unwrap_or_default());
+        }
+        let Some((at, date)) = tessera_raft::link::tls::earliest_not_after(&certs) else {
+            continue;
+        };
+        let label = format!("listener {k} {}", l.url(l.bind));
+        log_cert_expiry(
+            &label,
+            (at, &date),
+            now,
+            "renew cert_file (or ca_file) and reload with SIGHUP",
+        );
+        out.push((label, at));
+    }
+    out
 }
 
 impl TlsStore {
@@ -157,11 +221,21 @@ impl TlsStore {
     pub fn load(listeners: &[ListenerConfig]) -> anyhow::Result<TlsStore> {
         let files: Vec<Option<TlsFiles>> = listeners.iter().map(TlsFiles::of).collect();
         let current = build_all(listeners, &files)?;
+        let expiry = expiries(listeners, &files);
         Ok(TlsStore {
             files,
             generation: AtomicU64::new(0),
             current: Mutex::new(current),
+            expiry: Mutex::new(expiry),
         })
+    }
+
+    /// When each TLS listener's certificates stop being valid: (label, Unix seconds).
+    pub fn expiry(&self) -> Vec<(String, i64)> {
+        self.expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Re-reads every TLS listener's files. All or nothing: on any error the
@@ -170,6 +244,7 @@ impl TlsStore {
         let fresh = build_all(listeners, &self.files)?;
         let count = fresh.iter().flatten().count();
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        *self.expiry.lock().unwrap_or_else(|e| e.into_inner()) = expiries(listeners, &self.files);
         self.generation.fetch_add(1, Ordering::Release);
         Ok(count)
     }

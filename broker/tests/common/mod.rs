@@ -885,8 +885,22 @@ impl Ca {
 
     /// A certificate for `names` (SANs) with Common Name `cn`: (cert PEM, key PEM).
     pub fn sign(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
+        self.sign_until(cn, names, client, None)
+    }
+
+    /// As [`Ca::sign`], valid until `not_after` (Unix seconds) when given.
+    pub fn sign_until(
+        &self,
+        cn: &str,
+        names: &[&str],
+        client: bool,
+        not_after: Option<u64>,
+    ) -> (String, String) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = rcgen::CertificateParams::new(names).unwrap();
+        if let Some(at) = not_after {
+            params.not_after = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(at);
+        }
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);

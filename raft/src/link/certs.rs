@@ -328,7 +328,10 @@ mod tests {
         assert_eq!(first.written.len(), 2 + 3 * 2);
         assert!(first.kept.is_empty());
         for id in 1..=3 {
-            LinkCerts::load_dir(&dir, id).unwrap();
+            // Valid until 2125: what the node's expiry gauge and warning read.
+            let (at, text) = LinkCerts::load_dir(&dir, id).unwrap().not_after().unwrap();
+            assert_eq!(at, 4_891_363_200, "{text}");
+            assert!(text.contains("2125"), "{text}");
         }
         let ca_before = fs::read(ca_cert_path(&dir)).unwrap();
         let node1_before = fs::read(node_cert_path(&dir, 1)).unwrap();

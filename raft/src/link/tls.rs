@@ -159,6 +159,12 @@ impl LinkCerts {
         Ok(LinkCerts { ca, chain, key })
     }
 
+    /// When the first of these certificates (this node's chain and the CA) stops being
+    /// valid: after that the node's links fail their handshakes.
+    pub fn not_after(&self) -> Option<(i64, String)> {
+        earliest_not_after(self.chain.iter().chain(&self.ca))
+    }
+
     fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
         let mut roots = RootCertStore::empty();
         for cert in &self.ca {
@@ -307,6 +313,24 @@ impl ServerCertVerifier for AnyNodeVerifier {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// When a certificate stops being valid (its `notAfter`): seconds since the Unix epoch and
+/// the date as text. `None` when it cannot be parsed.
+pub fn cert_not_after(cert: &CertificateDer<'_>) -> Option<(i64, String)> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let at = parsed.validity().not_after;
+    Some((at.timestamp(), at.to_string()))
+}
+
+/// The earliest `notAfter` among `certs` (see [`cert_not_after`]).
+pub fn earliest_not_after<'a>(
+    certs: impl IntoIterator<Item = &'a CertificateDer<'a>>,
+) -> Option<(i64, String)> {
+    certs
+        .into_iter()
+        .filter_map(|c| cert_not_after(c))
+        .min_by_key(|(at, _)| *at)
 }
 
 /// The node id a (verified) peer certificate names: its first `node-<id>` DNS name, the
