@@ -913,10 +913,72 @@ async fn a_session_whose_node_was_paused_comes_back_on_it_after_another_node_wai
     });
 
     let mut client = connect_once_its_node_is_back(&c, 1, &connect);
+    // Publications on another node right after the take-back reach the session: its
+    // filter stays routed to node 1 throughout (CHAOS_SEED=140775: the take-back
+    // dropped the parked copy's ghost, and with it node 1's route, before the
+    // session's subscriptions came back; what node 3 matched in between was
+    // acknowledged and never delivered).
+    let publisher = publish_for(&c, 3, "nap-burst", "nap/t", Duration::from_secs(1));
     match client.recv() {
-        P::Publish(p) => assert_eq!(p.payload.as_ref(), b"queued"),
+        P::Publish(p) => {
+            assert_eq!(p.payload.as_ref(), b"queued");
+            client.send(&P::PubAck(tessera_proto::PubAck::new(p.packet_id)));
+        }
         other => panic!("expected the queued message, got {other:?}"),
     }
+    let acked = publisher.join().expect("the publisher");
+    assert!(!acked.is_empty(), "nothing acknowledged");
+    let mut missing: std::collections::BTreeSet<String> = acked.into_iter().collect();
+    let deadline = Instant::now() + RECV_TIMEOUT;
+    while !missing.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.try_recv(left) {
+            Ok(P::Publish(p)) => {
+                client.send(&P::PubAck(tessera_proto::PubAck::new(p.packet_id)));
+                missing.remove(std::str::from_utf8(&p.payload).expect("utf-8"));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "acknowledged, never delivered: {missing:?}"
+    );
+}
+
+/// Publishes QoS 1 messages `0`, `1`, ... to `topic` on `node` as `id`, each after the
+/// previous one's PUBACK, for `period` (at most 5000); returns those acknowledged.
+fn publish_for(
+    c: &Cluster,
+    node: u64,
+    id: &str,
+    topic: &str,
+    period: Duration,
+) -> std::thread::JoinHandle<Vec<String>> {
+    use tessera_proto::ProtocolVersion;
+    let connect = common::connect_packet(ProtocolVersion::V3_1_1, id, true, 30);
+    let mut publ = common::RawClient::connect_ok(c.node(node).addr(), connect);
+    let topic = topic.to_owned();
+    std::thread::spawn(move || {
+        let end = Instant::now() + period;
+        let mut acked = Vec::new();
+        for n in 0..5000u16 {
+            if Instant::now() >= end {
+                break;
+            }
+            let payload = n.to_string();
+            publ.publish(
+                &topic,
+                payload.as_bytes(),
+                tessera_proto::QoS::AtLeastOnce,
+                n + 1,
+            );
+            acked.push(payload);
+        }
+        publ.disconnect();
+        acked
+    })
 }
 
 /// `id` subscribes to `old` with a persistent session on node 1; node 1 dies, so node 2

@@ -185,6 +185,14 @@ pub(super) struct Ghost {
 /// A publication a ghost holds: the message, its id, who waits for it.
 pub(super) type Held = (Message, Option<PubId>, Option<u64>);
 
+/// The trie entries of a ghost that went ([`Engine::detach_ghost`]), still routed
+/// until [`Engine::release_ghost_routes`].
+#[must_use = "the ghost's trie entries stay until release_ghost_routes"]
+pub(super) struct GhostRoutes {
+    slot: u32,
+    filters: Vec<Str>,
+}
+
 #[derive(Debug)]
 pub(super) struct Window {
     /// The session it is for (a new session of the ClientID has none).
@@ -1201,19 +1209,31 @@ impl Engine {
     /// The ghost of `client_id` goes (its routes with it when it was the last
     /// subscriber): the session expired, or is here again.
     pub(super) fn drop_ghost(&mut self, client_id: &Str) {
-        let Some(slot) = self.moved.by_client.remove(client_id) else {
-            return;
-        };
-        let Some(g) = self.moved.ghosts[slot as usize].take() else {
-            return;
-        };
+        if let Some(routes) = self.detach_ghost(client_id) {
+            self.release_ghost_routes(routes);
+        }
+    }
+
+    /// The ghost of `client_id` goes as in [`Engine::drop_ghost`], but its entries
+    /// in the subscription trie (so the shard's and the node's routes) stay until
+    /// [`Engine::release_ghost_routes`]: a session coming back here attaches its
+    /// subscriptions in between, and a filter it shares with the ghost never has
+    /// no subscriber on this shard.
+    ///
+    /// Why (fault harness, pause scenario, CHAOS_SEED=140775): a node paused past
+    /// its lease parked a subscriber's session for another node's waiting claim,
+    /// and took it back when the client came back to it. Dropping the ghost first
+    /// left the filter without a subscriber for a moment: the node proposed the
+    /// route's removal, then its add again, and publications the other nodes
+    /// matched in between had no route to it: acknowledged, never delivered (no
+    /// other ghost covers a take-back, unlike a session moving in from another
+    /// node, whose old owner's ghost redirects what comes there).
+    pub(super) fn detach_ghost(&mut self, client_id: &Str) -> Option<GhostRoutes> {
+        let slot = self.moved.by_client.remove(client_id)?;
+        let g = self.moved.ghosts[slot as usize].take()?;
         if g.stored {
             self.unstore_ghost(client_id);
         }
-        for f in &g.filters {
-            self.remove_local_subscription(f, GHOST_BASE + slot);
-        }
-        self.moved.free.push(slot);
         // Nobody takes what it still held: its waiters are answered, not held for
         // ever (said in docs/ARCHITECTURE.md).
         for (_, _, ack) in g.held {
@@ -1221,6 +1241,19 @@ impl Engine {
                 self.release_waiter(t);
             }
         }
+        Some(GhostRoutes {
+            slot,
+            filters: g.filters,
+        })
+    }
+
+    /// A detached ghost's trie entries go ([`Engine::detach_ghost`]), and its slot
+    /// is free again; a filter's route goes with its last subscriber here.
+    pub(super) fn release_ghost_routes(&mut self, routes: GhostRoutes) {
+        for f in &routes.filters {
+            self.remove_local_subscription(f, GHOST_BASE + routes.slot);
+        }
+        self.moved.free.push(routes.slot);
     }
 
     /// The session `client_id` just taken in gets the window its old owner sent
@@ -2362,6 +2395,73 @@ mod tests {
             payloads(&mut b, s),
             vec![Bytes::from_static(b"redirected first")]
         );
+    }
+
+    /// Fault harness, pause scenario (CHAOS_SEED=140775): a node paused past its
+    /// lease parked its subscriber's session for another node's waiting claim and
+    /// took it back when the client came back to it. The ghost went before the
+    /// session's subscriptions came back, so its filter had no subscriber for a
+    /// moment: the node proposed the route's removal and its add again, and the
+    /// publications other nodes matched in between were acknowledged and never
+    /// delivered. The route must not change: neither the cluster (the remote id)
+    /// nor the other shards hear of it.
+    #[test]
+    fn a_session_taken_back_from_its_ghost_keeps_its_routes_throughout() {
+        let mut es = engines(2, &Limits::default());
+        let remote = es[0].enable_remote().expect("room for the remote id");
+        es[1].enable_remote().expect("room for the remote id");
+        es[0].set_origin(7);
+        let a = &mut es[0];
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(a, s, V);
+        let routed = |a: &mut Engine| -> Vec<String> {
+            let mut changes = Vec::new();
+            for out in &mut a.outbox {
+                for m in std::mem::take(out) {
+                    match m {
+                        MeshMsg::RouteAdd { filter, .. } => changes.push(format!("add {filter}")),
+                        MeshMsg::RouteRemove { filter, .. } => {
+                            changes.push(format!("remove {filter}"))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            changes
+        };
+        assert_eq!(
+            routed(a),
+            ["add t", "add t"],
+            "the first subscriber routes it"
+        );
+        // Parked for node 2's claim: the ghost keeps the route.
+        assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
+        assert_eq!(routed(a), Vec::<String>::new(), "parked");
+        a.handle_mesh(3, remote, forwarded("held", 4));
+        // Node 2 only waited: the client comes back here, and so does its session.
+        assert_eq!(a.resume_moving(4, "s", 0).ok(), Some(true));
+        assert_eq!(
+            routed(a),
+            Vec::<String>::new(),
+            "the route changed while the session came back"
+        );
+        assert_eq!(a.ghost_count(), 0);
+        let s = a.connect(5, connect_packet(V, "s", false), false);
+        assert_eq!(payloads(a, s), vec![Bytes::from_static(b"held")]);
+        a.handle_mesh(6, remote, forwarded("after", 5));
+        assert_eq!(payloads(a, s), vec![Bytes::from_static(b"after")]);
+        // The session's end removes the route as before: the ghost's entries are gone.
+        let c = a.connect(7, connect_packet(V, "s", true), false);
+        drain(a, c, V);
+        a.handle_packet(
+            7,
+            c,
+            Packet::Disconnect(tessera_proto::Disconnect::new(
+                tessera_proto::ReasonCode::Success,
+            )),
+        );
+        assert_eq!(routed(a), ["remove t", "remove t"]);
     }
 
     /// Seed 160 of the data-plane simulation: the session left this node and the

@@ -649,14 +649,15 @@ impl Engine {
         }
         let subscriptions = std::mem::take(&mut rs.subscriptions);
         // It is here again: its ghost goes (`moved`), what the ghost held is
-        // delivered to it below.
-        let (held, seen) = match Str::try_from(client_id) {
+        // delivered to it below. The ghost's routes go only once the session's
+        // subscriptions are attached (`Engine::detach_ghost`: a take-back left the
+        // filters unrouted for a moment, CHAOS_SEED=140775).
+        let (held, seen, ghost_routes) = match Str::try_from(client_id) {
             Ok(key) => {
-                let held = self.take_ghost_held(&key);
-                self.drop_ghost(&key);
-                held
+                let (held, seen) = self.take_ghost_held(&key);
+                (held, seen, self.detach_ghost(&key))
             }
-            Err(_) => (Vec::new(), None),
+            Err(_) => (Vec::new(), None, None),
         };
         // A stale copy of the session here (from an earlier ownership) is replaced.
         if let Some(idx) = self.session_idx(client_id) {
@@ -694,6 +695,9 @@ impl Engine {
             for (filter, entry) in subscriptions {
                 self.attach_subscription(idx, filter, entry, false);
             }
+        }
+        if let Some(routes) = ghost_routes {
+            self.release_ghost_routes(routes);
         }
         // Into this shard's store: the session, its deliveries, inbound ids, delayed
         // will (each a no-op without persistence or for a non-persistent session).
