@@ -678,6 +678,86 @@ mod third_party {
         load.finish();
     }
 
+    #[test]
+    fn a_single_node_whose_disk_fills_withholds_acks_counts_the_errors_and_recovers() {
+        // One broker, its data dir on a small tmpfs: QoS 1 into a persistent session
+        // whose client stopped reading, so every message is queued on the disk.
+        let dir = common::TestDir::new("diskfull");
+        let _tmpfs = Tmpfs::mount(dir.path_str(), "12m");
+        let broker =
+            common::Broker::start_with(&["--shards", "1", "--data-dir", dir.path_str()], &[]);
+        let load = Load::start("sdf", broker.addr(), broker.addr(), false);
+        load.sub_stop.store(true, Ordering::Relaxed);
+        load.wait_progress(20, "before the disk fills");
+
+        let filler = fill(Path::new(dir.path_str()));
+        // The store's next commit that needs a page fails: counted, logged with what
+        // to do, retried; the broker neither exits nor panics.
+        let errors = || {
+            common::metric_sum(
+                &common::scrape(broker.admin_addr()),
+                "tessera_persistence_commit_errors_total",
+                &[("shard", "0")],
+            )
+        };
+        common::eventually("a failed commit is counted", CLUSTER_TIMEOUT, || {
+            errors() > 0.0
+        });
+        let log = broker.log();
+        assert!(log.contains("store: commit failed"), "{log}");
+        assert!(log.contains("free space"), "{log}");
+        assert!(!log.contains("panicked"), "{log}");
+        common::assert_still_serves(broker.addr(), "sdf-probe");
+        // Nothing is acknowledged that the store could not commit: the publisher (one
+        // message in flight) gets no PUBACK while the commits fail.
+        let stalled_at = load.acked();
+        common::eventually(
+            "more failed commits (retried each second)",
+            CLUSTER_TIMEOUT,
+            || errors() >= 3.0,
+        );
+        assert!(
+            load.acked() <= stalled_at + 1,
+            "PUBACKs went on while the store's commits failed: {stalled_at} -> {}",
+            load.acked()
+        );
+        eprintln!(
+            "{} PUBACKs before the disk filled up, {} commit errors",
+            load.acked(),
+            errors()
+        );
+
+        // Space freed: the retried commit succeeds, PUBACKs flow again, and the
+        // persistent session has every message its publisher was acknowledged.
+        std::fs::remove_file(filler).unwrap();
+        load.wait_progress(20, "after space was freed");
+        let acked: Vec<u64> = load.acked.lock().unwrap().clone();
+        let mut got = load.received.lock().unwrap().clone();
+        load.stop.store(true, Ordering::Relaxed);
+        drop(load);
+        let (sub, mut conn) = rumqttc::Client::new(options(broker.addr(), "sdf-sub", false), 100);
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        while !acked.iter().all(|n| got.contains(n)) {
+            assert!(
+                Instant::now() < deadline,
+                "acknowledged messages lost on a full disk: {} acked, {} of them received",
+                acked.len(),
+                acked.iter().filter(|n| got.contains(n)).count()
+            );
+            if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
+                conn.recv_timeout(Duration::from_millis(200))
+            {
+                got.insert(
+                    std::str::from_utf8(&p.payload)
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap(),
+                );
+            }
+        }
+        drop(sub);
+    }
+
     /// libfaketime's preload library (installed by scripts/test-third-party.sh).
     fn libfaketime() -> String {
         for p in [

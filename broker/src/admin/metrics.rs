@@ -191,6 +191,10 @@ impl Exporter {
                 gauge!("tessera_certificate_expiry_timestamp_seconds", "certificate" => "cluster")
                     .set(at as f64);
             }
+            for (k, stats) in self.store_stats.iter().enumerate() {
+                counter!("tessera_persistence_commit_errors_total", "shard" => k.to_string())
+                    .absolute(stats.commit_errors.load(Relaxed));
+            }
             record_process(&process);
             record_allocator();
         });
@@ -298,6 +302,11 @@ fn store_buckets(s: &StoreStats) -> (BucketCounts, BucketCounts) {
 }
 
 fn describe_all() {
+    describe_counter!(
+        "tessera_persistence_commit_errors_total",
+        "Persistence commits that failed (a full disk or map, an I/O error) and are retried \
+         every second; acknowledgements that wait for them wait meanwhile."
+    );
     describe_gauge!(
         "tessera_certificate_expiry_timestamp_seconds",
         "When a certificate stops being valid (the earliest notAfter of a TLS listener's \
