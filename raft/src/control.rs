@@ -698,6 +698,9 @@ impl ControlPlane {
         // queued meanwhile kept its waiter, and the handle it holds kept the store open.
         self.inner.shared.close_proposals();
         let _ = self.inner.raft.shutdown().await;
+        // Raft has stopped: nothing applies any more, so the state machine can be closed
+        // clean even while views and handles elsewhere keep the store alive.
+        self.inner.shared.store.close_clean();
     }
 }
 

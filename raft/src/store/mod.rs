@@ -681,11 +681,16 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-impl Drop for Store {
-    /// A clean close: the state machine is synced, so the next open needs no rebuild
-    /// whatever happens to the machine in between.
-    fn drop(&mut self) {
+impl Store {
+    /// A clean close of the state machine: synced, and `sm/UNSYNCED` removed, so the next
+    /// open needs no rebuild whatever happens to the machine in between. For after raft
+    /// stopped (no apply or snapshot install follows): the broker's shutdown calls it
+    /// through `ControlPlane::shutdown`, since shards and the admin API may hold the
+    /// store (views, handles) until the process exits, and a process that exits does not
+    /// drop them. Dropping the store does it too. Idempotent.
+    pub fn close_clean(&self) {
         if let Some(marker) = &self.sm_unsynced_marker
+            && marker.exists()
             && self.sm_env.force_sync().is_ok()
             && std::fs::remove_file(marker).is_ok()
             && let Some(dir) = marker.parent()
@@ -693,6 +698,12 @@ impl Drop for Store {
         {
             let _ = d.sync_all();
         }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close_clean();
     }
 }
 
