@@ -1022,6 +1022,50 @@ fn bad_disk_states_are_refused_naming_the_path() {
     );
     assert!(err.contains("backup"), "says what to do: {err}");
 
+    // A store whose data file was emptied or removed behind the broker's back: LMDB would
+    // open it as a new, empty store (every session silently gone); the start is refused.
+    for (tag, empty) in [("emptied", true), ("removed", false)] {
+        let dir = TestDir::new(tag);
+        {
+            let broker = start(&dir, 1);
+            let mut c = RawClient::connect_ok(broker.addr(), persistent("held"));
+            c.subscribe(1, &[("held/t", QoS::AtLeastOnce)]);
+        }
+        let data = format!("{}/shard-0/data.mdb", dir.path_str());
+        if empty {
+            std::fs::File::create(&data).unwrap();
+        } else {
+            std::fs::remove_file(&data).unwrap();
+        }
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--data-dir",
+            dir.path_str(),
+        ];
+        let err = refusal(&args);
+        assert!(err.contains("lost its data"), "{tag}: {err}");
+        assert!(
+            err.contains(&format!("{}/shard-0", dir.path_str())),
+            "{tag}: {err}"
+        );
+        assert!(
+            err.contains("backup") && err.contains("move"),
+            "{tag}: {err}"
+        );
+        // Refused again (the start did not turn it into an empty store), until the
+        // operator moves the shard away: then it starts empty.
+        assert!(refusal(&args).contains("lost its data"), "{tag}");
+        std::fs::rename(
+            format!("{}/shard-0", dir.path_str()),
+            format!("{}/shard-0.lost", dir.path_str()),
+        )
+        .unwrap();
+        drop(start(&dir, 1));
+    }
+
     // A store written by a newer format, and a record that does not decode.
     for (tag, db, key, value, expect) in [
         (

@@ -86,6 +86,18 @@ pub enum StoreError {
         /// Its format.
         found: u16,
     },
+    /// The env's data file is empty or missing, but the env held data before (its
+    /// [`HELD_DATA_MARK`] file is there): emptied behind the broker's back.
+    #[error(
+        "the store at {path} lost its data: its data.mdb was empty or missing, yet this \
+         store held data before ({path}/{HELD_DATA_MARK} says so). Restore the directory from \
+         a backup; or, to start this shard empty (its sessions, queued and retained messages \
+         are lost), move {path} away"
+    )]
+    Emptied {
+        /// The env directory.
+        path: PathBuf,
+    },
     /// A record does not decode.
     #[error(
         "corrupt record in the store at {path} (database {db}, key {key}): {reason}. Restore \
@@ -306,7 +318,32 @@ fn fill_to_last_page(env: &Env<WithoutTls>, path: &Path) -> Result<(), StoreErro
     Ok(())
 }
 
-/// Checks the format of an env, writing ours into a new one.
+/// The file beside an env's data file that says the env holds data: made (and synced)
+/// once its format is written. LMDB opens an empty or missing `data.mdb` as a new env,
+/// so without it a data file emptied behind the broker's back (a copy cut to nothing, a
+/// filesystem that lost it) started an empty store and every session was silently
+/// gone; with it, the start is refused naming the env. (The raft store refuses the same
+/// from its other files: `tessera_raft::store`'s `refuse_emptied`.)
+pub const HELD_DATA_MARK: &str = "HELD-DATA";
+
+/// Makes `path`'s [`HELD_DATA_MARK`] if missing, synced with its directory.
+fn mark_held(path: &Path) -> Result<(), StoreError> {
+    let mark = path.join(HELD_DATA_MARK);
+    if mark.exists() {
+        return Ok(());
+    }
+    let dir_err = |source| StoreError::Dir {
+        path: mark.clone(),
+        source,
+    };
+    File::create(&mark)
+        .and_then(|f| f.sync_all())
+        .map_err(dir_err)?;
+    File::open(path).and_then(|d| d.sync_all()).map_err(dir_err)
+}
+
+/// Checks the format of an env, writing ours into a new one; refuses a new-looking env
+/// whose [`HELD_DATA_MARK`] says it held data.
 fn check_format(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<(), StoreError> {
     let open = |source| StoreError::Open {
         path: path.to_owned(),
@@ -326,13 +363,18 @@ fn check_format(env: &Env<WithoutTls>, dbs: &Dbs<'_>, path: &Path) -> Result<(),
         }),
         // Format 1 is the first; a future format bump migrates older
         // versions here, record by record, before anything else reads them.
-        Some(_) => Ok(()),
+        // (A store from before the mark gets it now.)
+        Some(_) => mark_held(path),
+        None if path.join(HELD_DATA_MARK).exists() => Err(StoreError::Emptied {
+            path: path.to_owned(),
+        }),
         None => {
             let mut w = env.write_txn().map_err(open)?;
             dbs.meta
                 .put(&mut w, META_FORMAT, &FORMAT_VERSION.to_le_bytes())
                 .map_err(open)?;
-            w.commit().map_err(open)
+            w.commit().map_err(open)?;
+            mark_held(path)
         }
     }
 }
