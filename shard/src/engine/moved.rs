@@ -815,8 +815,21 @@ impl Engine {
         let (uid, s_stored) = (s.uid, s.stored);
         // Restored at this start, or started here since: what this shard knew in
         // its earlier life is its (a session started since came after all of it:
-        // sim seed 663). One that moved in since was elsewhere then (seed 703).
-        let earlier_life_is_its = s.restored || !s.moved_in;
+        // sim seed 663). One that moved in since was elsewhere then (seed 703). So
+        // was a restored one that has a window of its own: it came (or came back)
+        // within the window before the stop, so the earlier life may have routed a
+        // publication before it came; what it got since, here or where it was, its
+        // window says (its marks and ids, added below). Pending ids routed before it
+        // came are not its then (harness sync seed 119: c2 moved to node 3 after
+        // node 3 routed c5's QoS 2 5/5, whose copy for c2's old node died with node
+        // 3; restored, c2 moved on claiming 5/5 by node 3's restored marks, and the
+        // re-sent copy was skipped for it: acknowledged, never delivered).
+        let had_window = self
+            .moved
+            .windows
+            .get(&client_id)
+            .is_some_and(|w| w.uid == uid);
+        let earlier_life_is_its = if s.restored { !had_window } else { !s.moved_in };
         let subs: Vec<(Str, SubscriptionEntry)> = s
             .subscriptions
             .iter()
@@ -842,11 +855,6 @@ impl Engine {
             }
         }
         let mut ids = Vec::new();
-        let had_window = self
-            .moved
-            .windows
-            .get(&client_id)
-            .is_some_and(|w| w.uid == uid);
         let mut claim_index = 0;
         if let Some(w) = self.moved.windows.remove(&client_id) {
             if w.uid == uid {
@@ -4052,6 +4060,67 @@ mod tests {
         let original = sent_on_as_forwarded(&mut a).expect("the forward, which never leaves");
         crash(a, env, lock);
         original
+    }
+
+    /// Harness sim seed 119 (`sync`): the seed-703 case with the session's move before
+    /// the crash. "s" moved to node A after A routed a QoS 2 publication whose forward
+    /// to "s"'s old node died with A; restored at A's restart (with the window it
+    /// came with), it moved on to B, and A's export claimed the publication by A's
+    /// restored marks, as for a session that had been on A when it was routed: B
+    /// skipped the re-sent copy for it, acknowledged and lost. A restored session with
+    /// a window of its own came within the window before the stop: the earlier life's
+    /// restored ids are its only as far as its window says. "q", which came before
+    /// the publication and got it on A (its window recorded it), still does not get
+    /// the re-send a second time.
+    #[test]
+    fn a_session_that_came_after_a_publication_and_before_the_crash_gets_its_re_send() {
+        let dir = temp_dir("came-before-crash");
+        let (mut a, _, env, lock) = boot(&dir, 7);
+        routed_elsewhere(&mut a, "t");
+        let (mut c, _) = bare(9);
+        for (now_ms, client_id) in [(1, "q"), (1, "s")] {
+            let conn = c.connect(now_ms, connect_packet(V, client_id, false), false);
+            c.handle_packet(now_ms, conn, subscribe_packet("t", QoS::ExactlyOnce));
+            drain(&mut c, conn, V);
+        }
+        let (q_a, _) = move_session(&mut c, &mut a, 1, "q");
+        let p = a.connect(1, connect_packet(V, "p", false), false);
+        commit(&mut a, &env);
+        drain(&mut a, p, V);
+        a.handle_packet(2, p, publish_packet("x", 1));
+        commit(&mut a, &env);
+        let original = sent_on_as_forwarded(&mut a).expect("the forward, which never leaves");
+        // (Held for C's redirects, sim seed 1508: none comes.)
+        let t = 2 + HOLD_MAX_MS;
+        a.expire_moved(t);
+        commit(&mut a, &env);
+        assert_eq!(texts(payloads(&mut a, q_a)), ["x"]);
+        let (s_a, _) = move_session(&mut c, &mut a, t, "s");
+        commit(&mut a, &env);
+        assert!(payloads(&mut a, s_a).is_empty());
+        crash(a, env, lock);
+
+        // A restarts with both sessions and their windows; "s" moves on to B, and the
+        // publisher's re-send comes there, routed again with the original's id.
+        let (mut a, _, _env, _lock) = boot(&dir, 17);
+        let (mut b, remote_b) = bare(8);
+        let (s_b, queued) = move_session(&mut a, &mut b, t + 1, "s");
+        assert!(queued.is_empty());
+        b.handle_mesh(t + 2, remote_b, as_resent(original.clone()));
+        b.expire_moved(t + 2 + HOLD_MAX_MS);
+        assert_eq!(
+            texts(payloads(&mut b, s_b)),
+            ["x"],
+            "skipped for a session that came to A after the original, before A's crash"
+        );
+        // "q" had it on A: its copy comes with it (in flight), the re-send does not.
+        let (mut d, remote_d) = bare(10);
+        let later = t + 3 + HOLD_MAX_MS;
+        let (q_d, queued) = move_session(&mut a, &mut d, later, "q");
+        assert_eq!(queued, ["x"], "the restored session's copy, from its queue");
+        d.handle_mesh(later, remote_d, as_resent(original));
+        d.expire_moved(later + HOLD_MAX_MS);
+        assert!(payloads(&mut d, q_d).is_empty(), "delivered twice");
     }
 
     /// The other side of [`Arrival`] (sim seed 663, where giving a re-sent copy to
