@@ -98,7 +98,8 @@
 //! keep it off so their seeds replay). Its regression seeds with `sync` durability
 //! are `HARNESS_SYNC_REGRESSION_SEEDS` (118: the checker's client, 137: a claim that
 //! waited for the session's node, replaced by another node's claim; 119: a session
-//! that came to a node shortly before its crash, after a publication there).
+//! that came to a node shortly before its crash, after a publication there; 242: a
+//! session back on the node whose ghost of it would have sent a late copy on).
 //!
 //! Cuts heal with the schedule's `heal`, and everything at the end. Not like a real
 //! SIGSTOP: the node's raft and forwarder are tasks of the runtime (openraft spawns
@@ -2147,8 +2148,15 @@ const HARNESS_REGRESSION_SEEDS: &[u64] = &[];
 /// delivered (a restored session with a window of its own came within the window
 /// before the crash, so the earlier life's restored ids are its only as far as its
 /// window says: `moved::leave_ghost`; failed 3 of 3 runs before, with the setting on
-/// and off).
-const HARNESS_SYNC_REGRESSION_SEEDS: &[u64] = &[118, 137, 119];
+/// and off). 242: c4's QoS 2 4/1-4/4 for c5 on node 1 waited out a partition in node
+/// 3's batch for node 1 while c5 moved 1 -> 2; node 2 held c4's later 4/5-4/7 for
+/// node 1's redirects, the hold ran out and c5 got them on node 2; c5 came back to
+/// node 1, the late batch arrived there, and node 1 skipped 4/1-4/4 as direct copies
+/// covered by node 2's marks (node 2 had handled later ones of node 3): acknowledged,
+/// never delivered (back where its ghost lived, a session's window judges what the
+/// ghost would have sent on by its ids, as the node it came from judged a redirect:
+/// `moved::GhostPath`; failed 3 of 3 runs before, with the setting on and off).
+const HARNESS_SYNC_REGRESSION_SEEDS: &[u64] = &[118, 137, 119, 242];
 
 /// The process harness's faults (issue 16) on the data plane: the schedule of every
 /// seed as in the tests above (the same draws), and beside it, from a stream of its

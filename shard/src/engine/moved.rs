@@ -221,6 +221,31 @@ pub(super) struct Window {
     /// known): a QoS 0 copy another node matched before it is not the session's by
     /// the normal path here ([`Engine::window_claim`], sim seed 2172).
     claim_index: u64,
+    /// The session came back to this shard while its ghost here lived: what that
+    /// ghost would have sent on ([`Engine::import_window`]).
+    returned: Option<GhostPath>,
+}
+
+/// What the ghost of a session that came back here would have redirected to the
+/// node the session was on (harness sync seed 242, see [`Engine::moved_direct`]):
+/// a copy matching its filters that this shard had not handled when the session
+/// left (above its window's marks then).
+#[derive(Debug)]
+pub(super) struct GhostPath {
+    marks: Vec<(u64, ShardId, u64)>,
+    filters: Vec<Str>,
+}
+
+impl GhostPath {
+    /// Whether the ghost would have sent a copy of `id` on `topic` on.
+    fn sends_on(&self, id: PubId, topic: &str) -> bool {
+        let id = original(id);
+        !self
+            .marks
+            .iter()
+            .any(|m| covers(m, id.origin, id.shard, id.seq))
+            && self.filters.iter().any(|f| topic::matches(f, topic))
+    }
 }
 
 /// How much of a window the store has (meta `win/` parts, see
@@ -349,6 +374,9 @@ pub(super) struct Moved {
     /// (when, ClientID, session) per [`Arrival`] kept, in arrival order: each goes
     /// [`ARRIVAL_KEEP_MS`] after it came.
     arrivals_order: VecDeque<(u64, Str, SessionUid)>,
+    /// The ghost of the session another node's export just brought back here (set
+    /// by the import, taken by [`Engine::import_window`] right after it).
+    pub(super) returned: Option<(Str, GhostPath)>,
 }
 
 /// How long a session that moved in keeps its [`Arrival`]: as long as a node keeps
@@ -591,6 +619,7 @@ impl Window {
             held: VecDeque::new(),
             holding: false,
             claim_index: 0,
+            returned: None,
         };
         for id in ids {
             w.seen(id, false);
@@ -1127,6 +1156,17 @@ impl Engine {
         }
     }
 
+    /// What the ghost of `client_id` would send on (its session is back here from
+    /// another node): none without a ghost, or one without a window's marks.
+    pub(super) fn ghost_path(&self, client_id: &Str) -> Option<GhostPath> {
+        let &slot = self.moved.by_client.get(client_id)?;
+        let g = self.moved.ghosts.get(slot as usize)?.as_ref()?;
+        Some(GhostPath {
+            marks: g.seen.as_ref()?.marks.clone(),
+            filters: g.filters.clone(),
+        })
+    }
+
     /// What the ghost of `client_id` held (its session is back here), with the
     /// window the ghost filtered it with: the caller delivers it with
     /// [`Engine::deliver_held`].
@@ -1292,6 +1332,14 @@ impl Engine {
         // With a store too: a held copy of a stored session is stored with what the
         // batch that brought it stored (`hold_direct`, sim seeds 70 and 660).
         w.holding = !w.filters.is_empty() && self.moved.origin != 0;
+        // Back where its ghost lived: what the ghost would have sent on
+        // (`moved_direct`).
+        w.returned = self
+            .moved
+            .returned
+            .take()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, p)| p);
         // What a ghost here held for it (delivered as it came back) stays known.
         if let Some(mut old) = self.moved.windows.remove(&key) {
             if old.uid == w.uid {
@@ -1663,7 +1711,19 @@ impl Engine {
         if qos == QoS::AtMostOnce && matched_before(self.routes_index, w.claim_index) {
             return Direct::Skip;
         }
-        if w.seen(id, true) {
+        // The session came back here from the node this shard's ghost of it sent
+        // copies on to: a copy the ghost would have sent on (it matches the ghost's
+        // filters, above what this shard had handled when the session left) is one
+        // that node would have had as a redirect, judged by the ids the session got
+        // only. Its marks say what that node handled of the copies sent there; they
+        // do not cover copies sent here for the session before it left, which a
+        // partition held up (harness sync seed 242: c4's QoS 2 4/1-4/4 waited out a
+        // partition for node 1 while c5 moved 1 -> 2, node 2's hold for node 1's
+        // redirects ran out and c5 got 4/5-4/7 there; c5 came back to node 1, and
+        // the late batch for node 1 was skipped by node 2's marks: acknowledged,
+        // never delivered).
+        let direct = !w.returned.as_ref().is_some_and(|r| r.sends_on(id, topic));
+        if w.seen(id, direct) {
             return Direct::Skip;
         }
         let direct = if !w.holding {
@@ -4121,6 +4181,44 @@ mod tests {
         d.handle_mesh(later, remote_d, as_resent(original));
         d.expire_moved(later + HOLD_MAX_MS);
         assert!(payloads(&mut d, q_d).is_empty(), "delivered twice");
+    }
+
+    /// Harness sim seed 242 (`sync`): c5's session moved from node A to B while a
+    /// batch for A with c4's QoS 2 publications for it waited out a partition; B held
+    /// c4's later ones for A's redirects, the hold ran out and c5 got them on B; c5
+    /// came back to A, and the late batch reached A: A's ghost would have sent it on
+    /// to B, where the redirect is judged by the ids the session got, but the session
+    /// was back, and A judged the copies as direct ones by B's marks, which cover them
+    /// (B handled later ones of that origin): skipped, acknowledged and never
+    /// delivered. Back where its ghost lived, the session's window judges what the
+    /// ghost would have sent on as a redirect: the late copy is delivered once, and
+    /// the later one it got on B is not delivered again.
+    #[test]
+    fn a_session_back_on_its_old_node_gets_a_late_copy_its_ghost_there_would_have_sent_on() {
+        let (x, y) = (id_seq(AFTER_COMMIT, 4), id_seq(AFTER_COMMIT, 5));
+        let (mut a, remote_a, _) = node(7);
+        let (mut b, remote_b) = bare(8);
+        let (s_b, _) = move_session(&mut a, &mut b, 2, "s");
+        assert!(a.moving_done(2, "s", (2, 2)));
+        remote_out(&mut a);
+        // "x" is on its way to A (a partition holds it up); "y", later, reaches B.
+        b.handle_mesh(3, remote_b, forwarded("y", y));
+        // Held for A's redirects of older ones: none comes.
+        b.expire_moved(3 + HOLD_MAX_MS);
+        assert_eq!(texts(payloads(&mut b, s_b)), ["y"]);
+        // "s" comes back to A (its "y" in flight with it), then A's late batch
+        // arrives: "x" for the session, and "y", which it got on B.
+        let t = 4 + HOLD_MAX_MS;
+        let (s_a, queued) = move_session(&mut b, &mut a, t, "s");
+        assert_eq!(queued, ["y"], "in flight, sent again with its packet id");
+        a.handle_mesh(t, remote_a, forwarded("x", x));
+        a.handle_mesh(t, remote_a, forwarded("y", y));
+        a.expire_moved(t + HOLD_MAX_MS);
+        assert_eq!(
+            texts(payloads(&mut a, s_a)),
+            ["x"],
+            "the late copy skipped by the marks of the node the session came back from"
+        );
     }
 
     /// The other side of [`Arrival`] (sim seed 663, where giving a re-sent copy to

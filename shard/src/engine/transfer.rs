@@ -654,6 +654,13 @@ impl Engine {
         // filters unrouted for a moment, CHAOS_SEED=140775).
         let (held, seen, ghost_routes) = match Str::try_from(client_id) {
             Ok(key) => {
+                // From another node: the window it brings learns what the ghost
+                // would have sent there (`Engine::import_window`).
+                self.moved.returned = local
+                    .is_none()
+                    .then(|| self.ghost_path(&key))
+                    .flatten()
+                    .map(|p| (key.clone(), p));
                 let (held, seen) = self.take_ghost_held(&key);
                 (held, seen, self.detach_ghost(&key))
             }
