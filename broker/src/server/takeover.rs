@@ -541,6 +541,21 @@ async fn take_in_parts(
         pending,
     } = export;
     let metrics = &cluster.port.sessions;
+    // A copy kept here of an older session of the ClientID (the log says it started
+    // afresh since) goes first: its ghost's held copies are not this session's
+    // (issue 16, item 3).
+    let fresh = fresh_epoch(cluster, client_id);
+    if shard
+        .engine
+        .borrow_mut()
+        .drop_older_lineage(client_id, fresh)
+    {
+        info!(
+            shard = shard.id,
+            client_id,
+            "a moving copy of an older session dropped before the session was taken in: the ClientID started a new session since"
+        );
+    }
     let imported =
         shard
             .engine
@@ -916,6 +931,8 @@ async fn hand_out(
         } else {
             engine.moving_handout(client_id, to)
         };
+        // The claimant has it now (`Engine::drop_older_lineage`).
+        engine.moving_fetched(client_id);
         let window = engine.moving_window(client_id).unwrap_or_default();
         let pending = engine
             .moving_pending(client_id, cluster.port.node_id)

@@ -2532,6 +2532,55 @@ mod tests {
         assert_eq!(routed(a), ["remove t", "remove t"]);
     }
 
+    /// Issue 16, item 3 (`cluster.wait_for_session_owner = false`; the fault harness's
+    /// QoS 2 duplicates of seeds 269197, 446833, 682107): A parked s's session for
+    /// node 2's claim (epoch 99) and its ghost held "old"; node 2 could not reach A
+    /// and started s afresh (the log's mark: 99), and that new session, which may
+    /// have had "old" already, is taken in on A before A applied the mark. The older
+    /// copy goes first, and its ghost's "old" is not delivered into the new session.
+    /// A copy node 2 fetched under the marked claim is the session it continued (the
+    /// confirmation lost): what the ghost held is that session's and comes with it.
+    #[test]
+    fn a_ghost_of_an_older_session_gives_nothing_to_a_new_session_taken_in() {
+        for fetched in [false, true] {
+            let (mut a, remote, _) = node(7);
+            assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
+            if fetched {
+                a.moving_fetched("s");
+            }
+            a.handle_mesh(3, remote, forwarded("old", 4));
+            let mut b = engines(1, &Limits::default()).remove(0);
+            b.enable_remote().expect("room for the remote id");
+            b.set_origin(8);
+            let sb = b.connect(3, connect_packet(V, "s", false), false);
+            b.handle_packet(3, sb, subscribe_packet("t", QoS::ExactlyOnce));
+            drain(&mut b, sb, V);
+            let bytes = b.export_session(4, "s", 0, (1, 120)).expect("exported");
+            assert!(a.drop_older_lineage("s", 100), "older than the mark");
+            let (mut a, remote, _) = node(7);
+            assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
+            if fetched {
+                a.moving_fetched("s");
+            }
+            a.handle_mesh(3, remote, forwarded("old", 4));
+            assert!(!a.drop_older_lineage("s", 98), "newer than the mark");
+            assert_eq!(
+                a.drop_older_lineage("s", 99),
+                !fetched,
+                "fetched: {fetched}"
+            );
+            a.import_session(5, "s", &bytes, 0).expect("imported");
+            let s = a.connect(5, connect_packet(V, "s", false), false);
+            let expected = if fetched {
+                vec![Bytes::from_static(b"old")]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(payloads(&mut a, s), expected, "fetched: {fetched}");
+            assert_eq!(a.moving_count(), 0);
+        }
+    }
+
     /// Seed 160 of the data-plane simulation: the session left this node and the
     /// node it went to died before confirming. A publication reached this node both
     /// directly and redirected by the session's older ghost on a third node; the

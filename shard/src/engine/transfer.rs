@@ -84,6 +84,12 @@ pub(super) struct Moving {
     /// The session had moved in from another node (`Session::moved_in`), and has
     /// again when taken back.
     moved_in: bool,
+    /// It went out in a `FETCH` answer to the claimant it is kept for (not only
+    /// parked when that claim was applied): if the log then says that claim
+    /// started the session afresh, that node took it in without the confirmation
+    /// and continued it, rather than starting anew without it
+    /// ([`Engine::drop_older_lineage`]).
+    fetched: bool,
 }
 
 /// A session taken in whose disk tail is still arriving from its old owner.
@@ -313,6 +319,7 @@ impl Engine {
             tail_end: next_seq,
             restored,
             moved_in,
+            fetched: false,
         };
         let key = self.session(idx).client_id.clone();
         // Out of memory and the routes, not out of the store.
@@ -379,9 +386,43 @@ impl Engine {
         let key = Str::try_from(client_id).ok()?;
         let m = self.moving.get_mut(&key)?;
         m.to = to;
+        m.fetched = true;
         let bytes = m.bytes.clone();
         self.ghost_moves_on(&key, to);
         Some(bytes)
+    }
+
+    /// The moving copy of `client_id` just went out in a `FETCH` answer to the
+    /// claimant it is kept for ([`Engine::export_session`] made it for that request).
+    pub fn moving_fetched(&mut self, client_id: &str) {
+        if let Some(m) = Str::try_from(client_id)
+            .ok()
+            .and_then(|k| self.moving.get_mut(&k))
+        {
+            m.fetched = true;
+        }
+    }
+
+    /// Drops the moving copy of `client_id` (with its ghost, whose waiters are
+    /// answered) when the log's mark `fresh` (the newest claim under which a session
+    /// of the ClientID started afresh) says it is of an older session: handed to an
+    /// older claim, or parked for exactly that claim and never fetched by it (that
+    /// claim's node could not reach this one and started anew without it). A copy
+    /// the marked claim fetched is the session it continued (its confirmation was
+    /// lost) and stays. True when it dropped one.
+    ///
+    /// Called before a session of the ClientID is taken in here (issue 16, item 3:
+    /// `take_in` delivered what the ghost of such an older copy held into the
+    /// session taken in, the new one, which could have had those publications
+    /// already: QoS 2 twice, seen by the fault harness with
+    /// `cluster.wait_for_session_owner = false`). The log's own handling of the mark
+    /// (`claims::on_applied`) may not have reached this shard yet.
+    pub fn drop_older_lineage(&mut self, client_id: &str, fresh: u64) -> bool {
+        let stale = Str::try_from(client_id)
+            .ok()
+            .and_then(|k| self.moving.get(&k))
+            .is_some_and(|m| m.to.1 < fresh || (m.to.1 == fresh && !m.fetched));
+        stale && self.drop_moving_copy(client_id)
     }
 
     /// The window of the moving copy of `client_id` (see `moved`), for the node
