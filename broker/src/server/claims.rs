@@ -360,8 +360,7 @@ async fn take_over(
         // the node that owner itself waited for), so a claim that replaces this one
         // is sent there (`passed_on`).
         let old = fetched.asked;
-        let member = cluster.handle().members().contains_key(&old);
-        if cluster.port.wait_for_session_owner && member {
+        if cluster.waits_for(old) {
             // The session, with what was acknowledged for it, is on `old`'s disk or in
             // its memory: a new session here would leave that behind for good (the copy
             // is stale once this claim is marked fresh). The claim stays; the client

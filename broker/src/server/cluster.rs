@@ -122,6 +122,13 @@ impl ShardCluster {
         }
         true
     }
+
+    /// Whether a takeover whose old owner `old` does not answer waits for it (the
+    /// CONNECT refused until it is back) rather than serving a new session after its
+    /// lease: `cluster.wait_for_session_owner` is on and `old` is still a member.
+    pub(crate) fn waits_for(&self, old: tessera_raft::NodeId) -> bool {
+        self.port.wait_for_session_owner && self.handle().members().contains_key(&old)
+    }
 }
 
 /// Waits for the port, then runs the shard's applied-event and peer-request tasks.

@@ -288,10 +288,8 @@ pub(super) async fn fetch(
             session = recover_moving_copy(shard, cluster, client_id, epoch, old).await;
             // With `cluster.wait_for_session_owner` the claimant waits for a member that
             // did not answer (`claims::take_over`): no new session, not a failure.
-            let waits = cluster.port.wait_for_session_owner
-                && cluster.handle().members().contains_key(&old);
             if session.is_none()
-                && !waits
+                && !cluster.waits_for(old)
                 && let Err(e) = answer
             {
                 failed(shard, cluster, client_id, old, &e);
