@@ -71,11 +71,18 @@ pub(crate) struct Claims {
     /// source's confirmation and is not yet recorded in the log as served here (the
     /// mark failed): the next CONNECT that continues it marks it first (seed 876).
     unconfirmed: RefCell<HashMap<String, u64>>,
-    /// ClientID -> (epoch of a held claim, the node it was taken from) whose takeover
-    /// could not reach that node (`cluster.wait_for_session_owner`): the session and
-    /// its acknowledged messages are still there, so a CONNECT under this claim is
-    /// refused until the fetch succeeds, and a member asking this node for the session
-    /// is told to ask again later rather than "nothing here".
+    /// ClientID -> (epoch of a held claim, the node its session is still on): set when
+    /// the claim is applied with another node as the previous owner (or replaces this
+    /// node's own claim that still waited), cleared once a takeover took the session
+    /// in or found none; a takeover that could not reach that node
+    /// (`cluster.wait_for_session_owner`) names the node whose answer counts. The
+    /// session and its acknowledged messages are still there, so a CONNECT under this
+    /// claim fetches it first (or is refused until it can), and a member asking this
+    /// node for the session is told to ask again later rather than "nothing here".
+    /// Recorded at apply time, not only when a takeover gave up: a claim committed after
+    /// its CONNECT gave up (its proposal still retried, then the client came back) was
+    /// served as if the session were here and marked fresh, and a middle node still in
+    /// its first fetch answered "nothing here" (network scenario, CHAOS_SEED=671040).
     awaiting: RefCell<HashMap<String, (u64, NodeId)>>,
     /// ClientID -> (epoch of the other node's claim that replaced an `awaiting` one
     /// here, the node the session is still on): that claimant's fetch is told the
@@ -122,6 +129,44 @@ impl Claims {
     /// held claim (`awaiting`).
     pub(super) fn awaiting_from(&self, client_id: &str) -> Option<NodeId> {
         self.awaiting.borrow().get(client_id).map(|(_, node)| *node)
+    }
+
+    /// The node the session under this node's claim of `epoch` is still on (`awaiting`).
+    fn awaiting_for(&self, client_id: &str, epoch: u64) -> Option<NodeId> {
+        self.awaiting
+            .borrow()
+            .get(client_id)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, node)| *node)
+    }
+
+    /// This node's claim of `epoch` was applied, replacing `previous`: where its session
+    /// is still to be fetched from (`awaiting`). A Clean Start continues nothing; nor is
+    /// anything awaited when this shard keeps the session or a moving copy of it that
+    /// is not stale (`here`): the other claims all waited for this node, the session
+    /// is its own to take back, and a claimant that replaces this claim is handed it,
+    /// not sent to a node that only waited (network scenario, CHAOS_SEED=671040). A
+    /// claim that replaced this node's own claim takes over what that one still waited
+    /// for.
+    fn claimed_here(
+        &self,
+        client_id: &str,
+        epoch: u64,
+        previous: Option<tessera_raft::Owner>,
+        me: NodeId,
+        clean_start_or_here: bool,
+    ) {
+        let mut awaiting = self.awaiting.borrow_mut();
+        let on = match previous {
+            _ if clean_start_or_here => None,
+            Some(p) if p.node != me => Some(p.node),
+            Some(_) => awaiting.get(client_id).map(|(_, node)| *node),
+            None => None,
+        };
+        match on {
+            Some(node) => awaiting.insert(client_id.to_owned(), (epoch, node)),
+            None => awaiting.remove(client_id),
+        };
     }
 
     /// Another node's claim of `epoch` replaced this node's: if this node still waited
@@ -195,6 +240,21 @@ pub(super) async fn claim(
     let me = cluster.port.node_id;
     let metrics = &cluster.port.sessions;
     let lease = cluster.port.session_lease;
+    // What this shard derived from the claims in the table (held, awaiting, parked
+    // copies) is read with the table below: a claim of this node applied to the table
+    // but not yet handled here would be served as if its session were here.
+    if let Some(o) = cluster.owner(client_id)
+        && !cluster
+            .reacted(takeover::claim_index(o.epoch), CLAIM_TIMEOUT)
+            .await
+    {
+        return Err(refused_by(
+            shard,
+            cluster,
+            client_id,
+            &"the ClientID's last claim is not applied on this shard in time",
+        ));
+    }
     let in_contact = cluster.handle().leader().is_some() && cluster.handle().in_contact(lease);
     // The claim this shard holds must still be the committed one: another node's claim
     // may be applied to the table already while this shard has not seen its applied
@@ -299,16 +359,29 @@ pub(super) async fn claim(
     SessionMetrics::add(&metrics.claims);
     cluster.claims.hold(client_id, epoch);
     // The answer may come from the leader before this node applied the entry: the table
-    // is read (for a moving copy's staleness, and below) once it has, bounded like the
-    // claim.
-    if !cluster.applied(index, CLAIM_TIMEOUT).await {
+    // is read (for a moving copy's staleness, and below) once this shard has handled
+    // it and every entry before it (a session parked here for another node's claim,
+    // where the session is: `awaiting`), bounded like the claim.
+    if !cluster.reacted(index, CLAIM_TIMEOUT).await {
         return Err(refused(&"the claim is not applied on this node in time").into());
     }
-    if let Some(previous) = previous
-        && previous.node != me
-    {
-        take_over(shard, cluster, connect, epoch, previous.node).await?;
+    // The session is on another node: the previous owner, or, when this claim replaced
+    // this node's own, the node that one still waited for (its claim committed after
+    // its CONNECT gave up, say: network scenario, CHAOS_SEED=671040).
+    let on = match previous {
+        Some(p) if p.node != me => Some(p.node),
+        _ => cluster.claims.awaiting_for(client_id, epoch),
+    };
+    if let Some(old) = on {
+        take_over(shard, cluster, connect, epoch, old).await?;
     } else {
+        // This claim replaced this node's own (one committed after its CONNECT gave up,
+        // say), whose session another node's claim parked here meanwhile: it is taken
+        // back, as under a held claim, not started afresh (network scenario,
+        // CHAOS_SEED=671040).
+        if !connect.clean_start {
+            takeover::resume_own_copy(shard, cluster, client_id);
+        }
         settle(shard, cluster, connect, epoch).await?;
     }
     // A later claim of another node may have been applied here before this one's answer
@@ -364,12 +437,15 @@ async fn take_over(
             // The session, with what was acknowledged for it, is on `old`'s disk or in
             // its memory: a new session here would leave that behind for good (the copy
             // is stale once this claim is marked fresh). The claim stays; the client
-            // is refused until `old` answers.
-            cluster
-                .claims
-                .awaiting
-                .borrow_mut()
-                .insert(client_id.to_owned(), (epoch, old));
+            // is refused until `old` answers. (Not when another node's claim replaced
+            // this one meanwhile: that claimant was told where the session is.)
+            if cluster.claims.held.borrow().get(client_id) == Some(&epoch) {
+                cluster
+                    .claims
+                    .awaiting
+                    .borrow_mut()
+                    .insert(client_id.to_owned(), (epoch, old));
+            }
             SessionMetrics::add(&metrics.owner_waits);
             info!(
                 shard = shard.id,
@@ -525,13 +601,23 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
         match (op, result) {
             (
                 Op::ClaimSession { client_id, node } | Op::ClaimCleanStart { client_id, node },
-                OpResult::Claimed { epoch, .. },
+                OpResult::Claimed { epoch, previous },
             ) => {
                 if !owns(shard, client_id) {
                     continue;
                 }
                 if *node == me {
                     cluster.claims.hold(client_id, *epoch);
+                    let clean = matches!(op, Op::ClaimCleanStart { .. });
+                    let fresh = cluster.owner(client_id).map_or(0, |o| o.fresh);
+                    let here = {
+                        let engine = shard.engine.borrow();
+                        engine.has_session(client_id)
+                            || engine.moving_to(client_id).is_some_and(|(_, e)| e > fresh)
+                    };
+                    cluster
+                        .claims
+                        .claimed_here(client_id, *epoch, *previous, me, clean || here);
                 } else {
                     cluster.claims.passed_to(client_id, *epoch);
                     let ended = shard

@@ -123,6 +123,24 @@ impl ShardCluster {
         true
     }
 
+    /// Waits until this shard reacted to log index `index` ([`on_applied`] ran for it and
+    /// every entry before it), at most `bound`; whether it did. Stricter than
+    /// [`ShardCluster::applied`]: the table is written before the shard's applied events
+    /// are handled, so what the shard derives from the entries (a session parked for
+    /// another node's claim, the claims it holds, where a held claim's session still
+    /// is) can lag behind the table it reads. Only for the index of an entry that
+    /// changed something (every claim does), which the shard gets as an event.
+    pub(crate) async fn reacted(&self, index: u64, bound: std::time::Duration) -> bool {
+        let deadline = rt::now() + bound;
+        while self.applied.get() < index {
+            if rt::now() >= deadline {
+                return false;
+            }
+            rt::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        true
+    }
+
     /// Whether a takeover whose old owner `old` does not answer waits for it (the
     /// CONNECT refused until it is back) rather than serving a new session after its
     /// lease: `cluster.wait_for_session_owner` is on and `old` is still a member.

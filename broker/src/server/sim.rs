@@ -468,6 +468,10 @@ struct World {
     /// the harness's faults (production's default), off otherwise (every seed's
     /// configuration before it existed).
     wait_for_owner: bool,
+    /// How long a node's batcher retries a proposal (`cluster.proposal_timeout_ms`):
+    /// 3 s in the seeded runs (what their seeds were found with), the broker's default
+    /// in the late-claim test.
+    proposal_timeout_ms: u64,
 }
 
 fn dir(root: &tempfile::TempDir, id: NodeId) -> PathBuf {
@@ -487,6 +491,46 @@ async fn shard_loop(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
 }
 
 impl World {
+    /// A world of no nodes yet (`start` them), its clients not connected.
+    fn new(seed: u64, shard_counts: Vec<usize>, sync: bool, harness: bool) -> World {
+        let w = World {
+            net: MemNet::new(seed),
+            root: tempfile::tempdir().expect("tempdir"),
+            rng: SimRng::new(seed),
+            origins: SimRng::new(seed ^ 0x0419_1d7a),
+            nodes: BTreeMap::new(),
+            shard_counts,
+            sync,
+            harness,
+            paused: RefCell::default(),
+            wait_for_owner: match std::env::var("SIM_WAIT_FOR_OWNER").as_deref() {
+                Err(_) => harness,
+                Ok("1") => true,
+                Ok("0") => false,
+                Ok(v) => panic!("SIM_WAIT_FOR_OWNER is 0 or 1, not {v:?}"),
+            },
+            proposal_timeout_ms: 3_000,
+            clients: (0..CLIENTS)
+                .map(|i| {
+                    Rc::new(RefCell::new(Client {
+                        idx: i,
+                        cid: format!("c{i}"),
+                        ..Client::default()
+                    }))
+                })
+                .collect(),
+            chk: Rc::new(RefCell::new(Checker {
+                start: Some(tokio::time::Instant::now()),
+                ..Checker::default()
+            })),
+        };
+        // The link's idle timeout for the sim's elections (150-300 ms), as
+        // `LinkConfig::tuned_for_election` sets it: how long a one-way cut or a pause
+        // takes to kill a link.
+        w.net.set_idle_timeout(Duration::from_millis(300));
+        w
+    }
+
     async fn start(&mut self, id: NodeId) {
         let voters = (1..=NODES)
             .map(|n| (n, NodeInfo::with_cluster_addr(addr(n))))
@@ -502,7 +546,7 @@ impl World {
         c.heartbeat_interval_ms = 50;
         c.fsync = false;
         c.io_on_blocking_pool = false;
-        c.proposal_timeout_ms = 3_000;
+        c.proposal_timeout_ms = self.proposal_timeout_ms;
         c.map_size_bytes = 256 << 20;
         c.election_seed = Some(self.rng.next());
         let transport = self.net.transport(id);
@@ -1447,40 +1491,7 @@ async fn run(
     if harness {
         eprintln!("  with pauses, one-way cuts, the leader isolated and a slow link");
     }
-    let mut w = World {
-        net: MemNet::new(seed),
-        root: tempfile::tempdir().expect("tempdir"),
-        rng: SimRng::new(seed),
-        origins: SimRng::new(seed ^ 0x0419_1d7a),
-        nodes: BTreeMap::new(),
-        shard_counts,
-        sync,
-        harness,
-        paused: RefCell::default(),
-        wait_for_owner: match std::env::var("SIM_WAIT_FOR_OWNER").as_deref() {
-            Err(_) => harness,
-            Ok("1") => true,
-            Ok("0") => false,
-            Ok(v) => panic!("SIM_WAIT_FOR_OWNER is 0 or 1, not {v:?}"),
-        },
-        clients: (0..CLIENTS)
-            .map(|i| {
-                Rc::new(RefCell::new(Client {
-                    idx: i,
-                    cid: format!("c{i}"),
-                    ..Client::default()
-                }))
-            })
-            .collect(),
-        chk: Rc::new(RefCell::new(Checker {
-            start: Some(tokio::time::Instant::now()),
-            ..Checker::default()
-        })),
-    };
-    // The link's idle timeout for the sim's elections (150-300 ms), as
-    // `LinkConfig::tuned_for_election` sets it: how long a one-way cut or a pause takes
-    // to kill a link.
-    w.net.set_idle_timeout(Duration::from_millis(300));
+    let mut w = World::new(seed, shard_counts, sync, harness);
     for id in 1..=NODES {
         w.start(id).await;
     }
@@ -2186,6 +2197,122 @@ fn the_data_plane_simulation_harness_sync_regression_seeds() {
         );
         run_seed_with(seed, true, Shards::Each(1), true, true);
     }
+}
+
+/// A claim committed after its CONNECT gave up (network scenario, CHAOS_SEED=671040:
+/// the leader isolated, the publishers' sessions on it): node `cut`, cut off from the
+/// others, proposes c0's claim when c0 comes to it; the CONNECT is refused after
+/// `CLAIM_TIMEOUT` (3 s) while the node's batcher still retries the proposal (for the
+/// broker's `cluster.proposal_timeout_ms`, 10 s). At the heal the claim commits. c0
+/// comes back to `cut` `reconnect_after` the heal: the claim it is served under (that
+/// one, or a newer claim of `cut` that replaced it) must continue the session,
+/// session present 1. The session is on node `home` (which parks it for the late
+/// claim), or, with `on_cut`, on `cut` itself, where `home`'s claim (refused, waiting
+/// for `cut`) parked it. Before the fix `cut` served c0 as if the session had been
+/// there, found none (or did not look at its own parked copy), marked it fresh
+/// (`Op::SessionFresh`) and the copy was dropped: session present 0, and what was
+/// acknowledged for c0 meanwhile lost. Returns the violations.
+async fn late_claim(reconnect_after: Duration, on_cut: bool) -> Vec<String> {
+    let _sim = rt::enter_sim();
+    let mut w = World::new(0x1a7e, vec![1; NODES as usize], true, false);
+    w.wait_for_owner = true;
+    w.proposal_timeout_ms = 10_000;
+    for id in 1..=NODES {
+        w.start(id).await;
+    }
+    w.run_for(Duration::from_secs(2)).await;
+    let Some(leader) = w.leader() else {
+        return vec!["no leader after 2 s".into()];
+    };
+    let others: Vec<NodeId> = (1..=NODES).filter(|n| *n != leader).collect();
+    let (home, cut) = (others[0], others[1]);
+    w.connect(0, if on_cut { cut } else { home }, false);
+    w.connect(1, leader, false);
+    w.run_for(Duration::from_secs(1)).await;
+    w.subscribe(0, "t/#");
+    w.run_for(Duration::from_secs(1)).await;
+    w.net.isolate(cut, 1..=NODES);
+    w.run_for(Duration::from_millis(500)).await;
+    if on_cut {
+        // `home` claims c0 and waits for `cut` (refused); `cut` fences c0.
+        w.connect(0, home, false);
+        w.run_for(Duration::from_secs(6)).await;
+        if w.clients[0].borrow().conns.iter().any(|k| k.node == home) {
+            return vec![format!(
+                "c0 served on node {home} while its session's node {cut} was cut off"
+            )];
+        }
+    }
+    w.connect(0, cut, false);
+    w.run_for(super::claims::CLAIM_TIMEOUT + Duration::from_millis(500))
+        .await;
+    let refused = w.clients[0].borrow().conns.iter().all(|k| k.node != cut);
+    w.net.heal();
+    for seq in 0..3 {
+        w.publish(1, format!("t/{seq}"), QoS::AtLeastOnce);
+        w.run_for(Duration::from_millis(20)).await;
+    }
+    w.run_for(reconnect_after).await;
+    w.drop_conns(0);
+    // Refused while `cut` has no contact yet, or while it takes the session over: the
+    // client tries again, as a client does.
+    for _ in 0..10 {
+        if w.clients[0].borrow().current().is_some() {
+            break;
+        }
+        w.connect(0, cut, false);
+        w.run_for(Duration::from_secs(2)).await;
+    }
+    w.run_for(Duration::from_secs(3)).await;
+    let mut errors = std::mem::take(&mut w.chk.borrow_mut().errors);
+    if !refused {
+        errors.push(format!(
+            "c0's CONNECT to the cut-off node {cut} was not refused"
+        ));
+    }
+    let (current, sessions) = {
+        let c0 = w.clients[0].borrow();
+        (c0.current(), c0.session)
+    };
+    match current {
+        Some(k) if k.node == cut => {}
+        other => errors.push(format!("c0 is not connected to node {cut}: {other:?}")),
+    }
+    if sessions != 1 {
+        errors.push(format!(
+            "c0 was given {sessions} sessions (1 wanted: it never started clean): its session \
+             on node {} was lost",
+            if on_cut { cut } else { home }
+        ));
+    }
+    check(&w, &mut errors);
+    for id in 1..=NODES {
+        w.crash(id).await;
+    }
+    errors
+}
+
+#[test]
+fn a_claim_committed_after_its_connect_gave_up_takes_the_session_over() {
+    let mut failed = Vec::new();
+    for on_cut in [false, true] {
+        for ms in [0, 30, 300, 2_000] {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .expect("runtime");
+            let run = late_claim(Duration::from_millis(ms), on_cut);
+            let errors = LocalSet::new().block_on(&runtime, run);
+            if !errors.is_empty() {
+                failed.push(format!(
+                    "session on the cut-off node: {on_cut}, back {ms} ms after the heal:\n{}",
+                    errors.join("\n")
+                ));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
 /// A seed replays: run twice in this process, one after the other (so at another real

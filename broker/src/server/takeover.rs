@@ -95,6 +95,11 @@ const TAIL_CHUNK_BYTES: u64 = 4 << 20;
 /// How many low bits of an epoch are the op's position in its entry.
 const EPOCH_POSITION_BITS: u32 = 20;
 
+/// The log index of the entry whose claim has `epoch`.
+pub(super) fn claim_index(epoch: u64) -> u64 {
+    epoch >> EPOCH_POSITION_BITS
+}
+
 const OP_FETCH: u8 = 0;
 const OP_TAIL: u8 = 1;
 const OP_DONE: u8 = 2;
@@ -584,7 +589,7 @@ async fn take_in_parts(
     shard
         .engine
         .borrow_mut()
-        .window_claim(client_id, epoch >> EPOCH_POSITION_BITS);
+        .window_claim(client_id, claim_index(epoch));
     if let Some(p) = pending
         && !shard.engine.borrow_mut().import_pending(client_id, p)
     {
@@ -858,9 +863,15 @@ async fn hand_out(
     let cluster = shard
         .cluster()
         .ok_or_else(|| "this node's cluster is not running yet".to_owned())?;
-    // This node holds the claim but still waits for the session from the node it was
-    // taken from (`cluster.wait_for_session_owner`): "nothing here" would let the asker
-    // start a new session and leave the acknowledged messages there behind.
+    // This node holds the claim but the session is still on the node it was taken
+    // from (its takeover under way, or waiting: `cluster.wait_for_session_owner`):
+    // "nothing here" would let the asker start a new session and leave the
+    // acknowledged messages there behind. Once the asker's claim is applied here, this
+    // node's claim is replaced and the answer below names that node; so it is waited
+    // for first (bounded), not answered with "ask again later".
+    if cluster.claims.awaiting_from(client_id).is_some() {
+        let _ = cluster.reacted(claim_index(epoch), APPLY_WAIT).await;
+    }
     if let Some(from) = cluster.claims.awaiting_from(client_id) {
         return Err(format!(
             "the session is not here yet: its node {from} has not answered this node's takeover"
@@ -885,7 +896,7 @@ async fn hand_out(
         }
     }
     // The epoch is a fencing token: only the committed owner may take the session.
-    let index = epoch >> EPOCH_POSITION_BITS;
+    let index = claim_index(epoch);
     if !cluster.applied(index, APPLY_WAIT).await {
         return Err(format!("log index {index} not applied here in time"));
     }
