@@ -262,7 +262,7 @@ pub(super) async fn fetch(
         old = node;
         answer = call(cluster, old, client_id, &request).await;
     }
-    let answered = answer.is_ok();
+    let mut answered = answer.is_ok();
     let mut session = None;
     if let Err(e) = &answer {
         debug!(
@@ -290,7 +290,27 @@ pub(super) async fn fetch(
         Ok([0]) | Err(_) if !connect.clean_start => {
             // The previous owner has nothing (it may have died before it confirmed a
             // move): a copy may still wait on the node the session came from.
-            session = recover_moving_copy(shard, cluster, client_id, epoch, old).await;
+            let silent;
+            (session, silent) = recover_moving_copy(shard, cluster, client_id, epoch, old).await;
+            // Nothing anywhere, but a member did not answer: with
+            // `cluster.wait_for_session_owner` the session may be there (a chain of
+            // claims that all waited for it, one link of which pointed back at this
+            // node: pause scenario CHAOS_SEED=804188), so the claimant waits for that
+            // member rather than start a new session.
+            if session.is_none()
+                && answered
+                && let Some(node) = silent.filter(|n| cluster.waits_for(*n))
+            {
+                debug!(
+                    shard = shard.id,
+                    client_id,
+                    old_owner = old,
+                    silent = node,
+                    "nothing at the old owner, and a member did not answer: waiting for it"
+                );
+                answered = false;
+                old = node;
+            }
             // With `cluster.wait_for_session_owner` the claimant waits for a member that
             // did not answer (`claims::take_over`): no new session, not a failure.
             if session.is_none()
@@ -356,14 +376,15 @@ fn failed(
 
 /// Looks for a moving copy of `client_id` here, then on every member but `old` and
 /// this node; takes the first one found that is not stale. `Some` when a session was
-/// recovered (whether its source confirmed).
+/// recovered (whether its source confirmed); beside it, when none was, the first member
+/// that did not answer.
 pub(super) async fn recover_moving_copy(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
     client_id: &str,
     epoch: u64,
     old: NodeId,
-) -> Option<Settled> {
+) -> (Option<Settled>, Option<NodeId>) {
     let metrics = &cluster.port.sessions;
     drop_stale_copy(shard, client_id, fresh_epoch(cluster, client_id));
     let resumed = shard
@@ -377,12 +398,13 @@ pub(super) async fn recover_moving_copy(
                 shard = shard.id,
                 client_id, "session taken back from this node's unconfirmed moving copy"
             );
-            return Some(Settled::Yes);
+            return (Some(Settled::Yes), None);
         }
         Ok(false) => {}
         Err(e) => warn!(shard = shard.id, client_id, "own moving copy unusable: {e}"),
     }
     let request = body(OP_FETCH, epoch, &[0]);
+    let mut silent = None;
     for (node, answer) in ask_others(cluster, old, client_id, &request).await {
         if let Some(export) = answer.as_deref().ok().and_then(split_export) {
             SessionMetrics::add(&metrics.moving_copies_recovered);
@@ -392,10 +414,14 @@ pub(super) async fn recover_moving_copy(
                 from = node,
                 "session recovered from a node whose hand-over was never confirmed"
             );
-            return take_in(shard, cluster, client_id, epoch, node, export).await;
+            let session = take_in(shard, cluster, client_id, epoch, node, export).await;
+            return (session, None);
+        }
+        if answer.is_err() {
+            silent.get_or_insert(node);
         }
     }
-    None
+    (None, silent)
 }
 
 /// The parts of a `FETCH` answer that carries a session.
