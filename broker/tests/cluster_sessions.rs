@@ -1195,3 +1195,62 @@ async fn a_session_that_moved_off_a_node_of_two_shards_gets_the_other_shards_pub
     assert_eq!(after, expected, "each once, in order");
     other_task.abort();
 }
+
+/// A node stopped (SIGSTOP) past its session lease does not acknowledge, at its resume,
+/// what its clients sent meanwhile on the routes it had before the stop. While node 3
+/// is stopped, a client subscribes on node 1 (the route barrier waits out node 3's
+/// lease, then the SUBACK goes), and then node 3's publisher sends a QoS 1 PUBLISH,
+/// which waits in node 3's socket buffer (node 3 here: a follower; node 1: the leader). Found by the data-plane simulation (harness
+/// sync seed 307): at resume the shard read it before its tick checked the lease,
+/// matched it against routes without the new subscriber's and acknowledged it, and the
+/// subscriber never got it. Now the message reaches the subscriber, or the publisher
+/// gets no PUBACK (its connection is fenced: it sends the message again elsewhere).
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_stopped_past_its_lease_does_not_acknowledge_what_waited_on_stale_routes() {
+    use common::{RawClient, connect_packet, publish_packet};
+    use tessera_proto::{Packet as P, ProtocolVersion, QoS as Q};
+
+    let c = three_nodes("sessions-stale-routes");
+    // A follower stops (the others keep their leader, so the SUBSCRIBE needs no
+    // election).
+    let (leader, _) = c.wait_for_leader();
+    let stopped = if leader == 3 { 2 } else { 3 };
+    let v5 = ProtocolVersion::V5;
+    let mut publisher = RawClient::connect_ok(
+        c.node(stopped).addr(),
+        connect_packet(v5, "stale-pub", true, 30),
+    );
+    c.node(stopped).signal(libc::SIGSTOP);
+    let mut subscriber = RawClient::connect_ok(
+        c.node(leader).addr(),
+        connect_packet(v5, "stale-sub", true, 30),
+    );
+    let granted = subscriber.subscribe(1, &[("stale/t", Q::AtLeastOnce)]);
+    assert_eq!(granted, [tessera_proto::ReasonCode::GrantedQoS1]);
+    // After the SUBACK: into the stopped node's socket buffer.
+    publisher.send(&publish_packet(
+        "stale/t",
+        b"after the SUBACK",
+        Q::AtLeastOnce,
+        1,
+        false,
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    c.node(stopped).signal(libc::SIGCONT);
+    let acked = loop {
+        match publisher.try_recv(RECV_TIMEOUT) {
+            Ok(P::PubAck(a)) => {
+                assert_eq!(a.packet_id, 1);
+                break true;
+            }
+            Ok(P::Disconnect(_)) | Err(_) => break false,
+            Ok(_) => {}
+        }
+    };
+    if acked {
+        match subscriber.try_recv(RECV_TIMEOUT) {
+            Ok(P::Publish(p)) => assert_eq!(p.payload.as_ref(), b"after the SUBACK"),
+            other => panic!("acknowledged by the stopped node, never delivered: {other:?}"),
+        }
+    }
+}

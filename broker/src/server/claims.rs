@@ -29,7 +29,7 @@
 //!   a no-op in the state machine if a newer claim exists. While a release is on its
 //!   way, a CONNECT claims again instead of trusting the old claim.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -89,6 +89,8 @@ pub(crate) struct Claims {
     /// session is not here yet, not "nothing here", which would give the client a new
     /// session and leave the one on that node behind (sim seed 137, harness faults).
     passed_on: RefCell<HashMap<String, (u64, NodeId)>>,
+    /// When [`fence`] last checked the lease (broker ms; 0: never).
+    lease_checked_ms: Cell<u64>,
 }
 
 impl Claims {
@@ -791,6 +793,31 @@ pub(super) fn tick(shard: &Shard, cluster: &ShardCluster) {
     }
 }
 
+/// Client input is about to be handled (per read, `conn::handle_input`; per packet in
+/// the simulation): when the lease check of the shard tick is overdue (it last ran
+/// more than two ticks ago: the process was stopped, SIGSTOP or a frozen VM, or
+/// starved), it runs first. A node stopped past its lease resumes with the route
+/// table and claims it had, while the cluster has given its ClientIDs to others and
+/// acknowledged SUBSCRIBEs it never heard of (a route barrier waits out an unreachable
+/// member's lease, taking it as fenced by then); what its clients sent meanwhile,
+/// read before its tick, was served on those: matched against stale routes and
+/// acknowledged (harness sync seed 307: node 3 paused 8 s, c5 subscribed `t/#` on node
+/// 1 meanwhile, and at resume c1's queued QoS 2 publications on node 3 were
+/// acknowledged and never forwarded to node 1). Now such a node ends its held
+/// ClientIDs' connections first (out of contact, or stopped for longer than the lease:
+/// [`fence`]), and what they sent is not handled (a QoS 1/2 publication is sent again
+/// by its client after a reconnect, which the claim serves only in contact). Costs a
+/// compare per read; the check itself (a `watch` borrow) only when overdue.
+pub(super) fn before_input(shard: &Shard, now: u64) {
+    let Some(cluster) = shard.cluster() else {
+        return;
+    };
+    let tick = super::TICK.as_millis() as u64;
+    if now.saturating_sub(cluster.claims.lease_checked_ms.get()) > 2 * tick {
+        fence(shard, &cluster, now);
+    }
+}
+
 /// The session lease ran out: this node has not heard from its cluster for
 /// `cluster.session_lease_ms`, so the majority may have given its ClientIDs to other
 /// nodes (whose takeovers wait out this lease when this node does not answer). The
@@ -798,7 +825,14 @@ pub(super) fn tick(shard: &Shard, cluster: &ShardCluster) {
 /// refused until contact is back (`claim`). Their sessions stay for a later takeover.
 fn fence(shard: &Shard, cluster: &ShardCluster, now: u64) {
     let lease = cluster.port.session_lease;
-    if cluster.handle().in_contact(lease) {
+    // The shard stood still for longer than the lease since the last check (a stopped
+    // process): whatever its contact says now (the control thread may have heard from
+    // the leader already), the cluster may have given its ClientIDs away and passed
+    // it over in route barriers meanwhile, and the route changes for its engine may
+    // still wait in its channel. So it fences as if out of contact.
+    let last = cluster.claims.lease_checked_ms.replace(now);
+    let stalled = last != 0 && now.saturating_sub(last) > lease.as_millis() as u64;
+    if !stalled && cluster.handle().in_contact(lease) {
         return;
     }
     let held = cluster.claims.held.borrow();

@@ -33,8 +33,8 @@ use tracing::debug;
 
 use super::read_budget::Reservation;
 use super::{
-    CLOSE_LINGER, MESH_BACKLOG_BATCHES_MAX, PROBE_BYTES, READ_CHUNK_BYTES, Shard, now_ms, now_us,
-    park, persist,
+    CLOSE_LINGER, MESH_BACKLOG_BATCHES_MAX, PROBE_BYTES, READ_CHUNK_BYTES, Shard, claims, now_ms,
+    now_us, park, persist,
 };
 use crate::config::ListenerId;
 use crate::transport::Transport;
@@ -439,6 +439,9 @@ fn handle_input(
         return paused;
     }
     let now = now_ms();
+    // A node stopped past its session lease does not serve what its clients sent
+    // meanwhile before it checked the lease (`claims::before_input`).
+    claims::before_input(shard, now);
     let paused = {
         let mut engine = shard.engine.borrow_mut();
         engine.set_now_us(now_us());

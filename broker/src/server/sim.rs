@@ -99,7 +99,8 @@
 //! are `HARNESS_SYNC_REGRESSION_SEEDS` (118: the checker's client, 137: a claim that
 //! waited for the session's node, replaced by another node's claim; 119: a session
 //! that came to a node shortly before its crash, after a publication there; 242: a
-//! session back on the node whose ghost of it would have sent a late copy on).
+//! session back on the node whose ghost of it would have sent a late copy on; 307: a
+//! node paused past its lease serving its clients' queued publications).
 //!
 //! Cuts heal with the schedule's `heal`, and everything at the end. Not like a real
 //! SIGSTOP: the node's raft and forwarder are tasks of the runtime (openraft spawns
@@ -925,6 +926,8 @@ impl World {
         let Some(shard) = self.shard(k.node, k.shard) else {
             return false;
         };
+        // As `conn` does per read: an overdue lease check first.
+        super::claims::before_input(&shard, now_ms());
         let mut e = shard.engine.borrow_mut();
         if e.is_ended(k.id) {
             return false;
@@ -1090,8 +1093,9 @@ impl World {
     }
 
     /// Node `id` runs again (SIGCONT): first what the clients sent meanwhile, read
-    /// before any of its timers (the order a resumed process may take: its lease is
-    /// checked at its next tick), then its tasks, with what the network held.
+    /// before any of its timers (the order a resumed process may take), each read
+    /// after the overdue lease check that `conn` makes (`claims::before_input`), then
+    /// its tasks, with what the network held.
     fn resume(&self, id: NodeId) {
         let Some(p) = self.paused.borrow_mut().remove(&id) else {
             return;
@@ -1107,6 +1111,11 @@ impl World {
                 continue;
             };
             let now = now_ms();
+            // Read as `conn` reads: an overdue lease check first (the tick has not run
+            // since the pause began).
+            if let Deferred::Packet(..) = d {
+                super::claims::before_input(&shard, now);
+            }
             let mut e = shard.engine.borrow_mut();
             match d {
                 Deferred::Packet(_, packet) => {
@@ -2166,8 +2175,15 @@ const HARNESS_REGRESSION_SEEDS: &[u64] = &[];
 /// covered by node 2's marks (node 2 had handled later ones of node 3): acknowledged,
 /// never delivered (back where its ghost lived, a session's window judges what the
 /// ghost would have sent on by its ids, as the node it came from judged a redirect:
-/// `moved::GhostPath`; failed 3 of 3 runs before, with the setting on and off).
-const HARNESS_SYNC_REGRESSION_SEEDS: &[u64] = &[118, 137, 119, 242];
+/// `moved::GhostPath`; failed 3 of 3 runs before, with the setting on and off). 307:
+/// node 3 was paused 8 s; c5 subscribed `t/#` and `t/2` on node 1 meanwhile (the route
+/// barriers waited out node 3's lease), and at resume node 3 handed c1's queued QoS 2
+/// publications to its engine before its tick: matched against its stale routes,
+/// acknowledged, never forwarded to node 1 (a shard whose lease check is overdue runs
+/// it before client input, and one that stood still for longer than the lease fences
+/// its held ClientIDs' connections: `claims::before_input`; failed 3 of 3 runs before,
+/// with the setting on and off).
+const HARNESS_SYNC_REGRESSION_SEEDS: &[u64] = &[118, 137, 119, 242, 307];
 
 /// The process harness's faults (issue 16) on the data plane: the schedule of every
 /// seed as in the tests above (the same draws), and beside it, from a stream of its
