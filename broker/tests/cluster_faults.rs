@@ -723,8 +723,12 @@ fn fault_time(run_for: Duration) -> Duration {
     }
 }
 
+/// A node (the leader at least one time in three) paused with SIGSTOP for 10 s, again
+/// and again. Out of CI from ci35 (CHAOS_SEED=140775: 3 acknowledged messages lost when
+/// the paused node took a session back, its route briefly removed:
+/// `Engine::detach_ghost`) until that fix and the wait for a silent member
+/// (CHAOS_SEED=804188: a session lost in a chain of waiting claims) were in.
 #[test]
-#[ignore = "issue 16: 3 acknowledged messages lost (CHAOS_SEED=140775, CI ci35): the paused node 3 held chaos-sub-1's session; nodes 1 and 2 claimed it and waited; resumed, node 3 parked its copy, then took it back ('session taken back from this node's unconfirmed moving copy', session present 1) when the client returned to it, and the publications acknowledged in between (+14.70 s) never reached the client: suspected the parked copy's ghost passing them to a claimant that only waited (no session there) and resume_moving not taking back what the ghost held; passed with seeds 50289, 804188; run it with `just chaos`"]
 fn a_node_paused_10_s_under_load_loses_nothing_acked() {
     let mut s = Scenario::start("chaos-pause");
     let end = Instant::now() + s.run_for;
