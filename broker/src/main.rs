@@ -109,9 +109,24 @@ fn run(config: &Config, cli: &Cli) -> anyhow::Result<()> {
                 server.attach_cluster(&node.port());
                 if let Some((mut ends, remote, clocks)) = server.take_forwarder()
                     && let Err(e) = {
-                        // A route barrier waits out an unreachable member's lease.
+                        // A route barrier waits out an unreachable member's lease; so
+                        // does a peer's sender before it hints its batches.
                         ends.set_unanswered_wait(config.cluster.session_lease());
-                        node.start_forwarder(ends, remote, clocks)
+                        let budget = config.cluster.hint_budget_bytes;
+                        match (budget > 0)
+                            .then(|| {
+                                tessera_broker::forward::open_hints(&config.server.data_dir, budget)
+                            })
+                            .transpose()
+                        {
+                            Ok(hints) => {
+                                if let Some((store, earlier)) = hints {
+                                    ends.set_hints(store, earlier);
+                                }
+                                node.start_forwarder(ends, remote, clocks)
+                            }
+                            Err(e) => Err(e.to_string()),
+                        }
                     }
                 {
                     server.stop();

@@ -365,7 +365,7 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
     let mut peers: Vec<_> = peers.into_iter().collect();
     peers.sort_by_key(|(id, _)| *id);
     type Get = fn(&crate::forward::PeerCounters) -> u64;
-    let per_peer: [(&str, &str, Get); 5] = [
+    let per_peer: [(&str, &str, Get); 6] = [
         (
             "tessera_cluster_forward_messages_total",
             "Publications sent to the peer (accepted by it).",
@@ -391,6 +391,11 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
             "QoS 0 publications dropped because the peer's queue was full.",
             |c| c.dropped,
         ),
+        (
+            "tessera_cluster_forward_hints_written_total",
+            "Batches for the peer written to the hint store (it had not answered for the session lease); their publishers were answered then.",
+            |c| c.hints_written,
+        ),
     ];
     for (name, help, get) in per_peer {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -398,6 +403,38 @@ fn render_forward(f: &crate::forward::ForwardMetrics, out: &mut String) {
             let _ = writeln!(out, "{name}{{peer=\"{id}\"}} {}", get(c));
         }
     }
+    let hinted: [(&str, &str, Get); 2] = [
+        (
+            "tessera_cluster_forward_hinted_batches",
+            "Batches for the peer kept in this node's hint store now, sent when it answers.",
+            |c| c.hinted_batches,
+        ),
+        (
+            "tessera_cluster_forward_hinted_bytes",
+            "Bytes of the batches for the peer kept in this node's hint store now.",
+            |c| c.hinted_bytes,
+        ),
+    ];
+    for (name, help, get) in hinted {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (id, c) in &peers {
+            let _ = writeln!(out, "{name}{{peer=\"{id}\"}} {}", get(c));
+        }
+    }
+    metric(
+        out,
+        "tessera_cluster_forward_hint_budget_bytes",
+        "gauge",
+        "cluster.hint_budget_bytes: at this many bytes of hints (all peers) publishers wait for an unreachable peer again; 0: hints off.",
+        f.hint_budget_bytes.load(Relaxed),
+    );
+    metric(
+        out,
+        "tessera_cluster_forward_hint_write_errors_total",
+        "counter",
+        "Writes to the hint store that failed (hints stop for that peer; its publishers wait for it).",
+        f.hint_write_errors.load(Relaxed),
+    );
     let routes = f
         .routes_per_node
         .lock()

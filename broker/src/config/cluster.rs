@@ -74,6 +74,10 @@ pub struct ClusterConfig {
     /// [`ClusterConfig::session_lease`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_lease_ms: Option<u64>,
+    /// Bytes of batches for unreachable peers this node keeps on disk
+    /// (`data_dir/hints`) so their publishers are answered; 0: none (publishers wait
+    /// for the peer).
+    pub hint_budget_bytes: u64,
 }
 
 impl Default for ClusterConfig {
@@ -94,9 +98,15 @@ impl Default for ClusterConfig {
             retained_inline_bytes: 1024,
             forward_pace_ms_max: 20,
             session_lease_ms: None,
+            hint_budget_bytes: HINT_BUDGET_DEFAULT_BYTES,
         }
     }
 }
+
+/// `cluster.hint_budget_bytes` unless set: 1 GiB.
+pub const HINT_BUDGET_DEFAULT_BYTES: u64 = 1 << 30;
+/// The largest `cluster.hint_budget_bytes`: 1 TiB.
+pub const HINT_BUDGET_MAX_BYTES: u64 = 1 << 40;
 
 /// The `[cluster]` settings, in the order of the documented default file.
 pub const FIELDS: &[FieldDoc] = &[
@@ -234,6 +244,17 @@ pub const FIELDS: &[FieldDoc] = &[
                    heartbeat_interval_ms to 600000; unset: 2000 or that floor, whichever \
                    is larger",
     },
+    FieldDoc {
+        section: "cluster",
+        key: "hint_budget_bytes",
+        doc: "Hints: once another node has not answered for longer than the session lease, \
+              the QoS 1/2 messages this node forwards to it are written to data_dir/hints \
+              (one fsync per batch) and their publishers answered, so a dead node does not \
+              stall publishers on the others; they are sent when it is back, and deleted \
+              once delivered. At this many bytes of hints (all peers) publishers wait for \
+              the node again. Watch tessera_cluster_forward_hinted_bytes. 0: no hints.",
+        accepted: "an integer from 0 to 1099511627776",
+    },
 ];
 
 /// A `[cluster]` value that cannot work: the field (dotted), the value and what is
@@ -304,6 +325,7 @@ impl ClusterConfig {
             "retained_inline_bytes" => self.retained_inline_bytes = p(v)?,
             "forward_pace_ms_max" => self.forward_pace_ms_max = p(v)?,
             "session_lease_ms" => self.session_lease_ms = Some(p(v)?),
+            "hint_budget_bytes" => self.hint_budget_bytes = p(v)?,
             key => unreachable!("FIELDS entry cluster.{key} has no setter"),
         }
         Ok(())
@@ -455,6 +477,13 @@ impl ClusterConfig {
                 "an integer from three times cluster.election_timeout_max_ms plus \
                  cluster.heartbeat_interval_ms to 600000 (a lease shorter than a failover \
                  would end every connection at each election)",
+            );
+        }
+        if self.hint_budget_bytes > HINT_BUDGET_MAX_BYTES {
+            return invalid(
+                "cluster.hint_budget_bytes",
+                self.hint_budget_bytes.to_string(),
+                "an integer from 0 to 1099511627776",
             );
         }
         if !(1..=100_000_000).contains(&self.snapshot_logs_since_last) {

@@ -57,10 +57,11 @@
 //!   the shards stored for it is committed; the marks make a retry after the receiver
 //!   restarted a duplicate).
 
+pub mod hints;
 pub mod routes;
 pub mod wire;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,6 +77,7 @@ use tessera_shard::message::{Message, SessionUid};
 use tessera_shard::trie::ShardSet;
 use tokio::sync::{Notify, mpsc};
 
+use hints::{HintIo, HintStore};
 use routes::{NodeRoutes, Transition};
 use wire::{Answer, BatchWriter, Request, RetainedRef};
 
@@ -222,6 +224,11 @@ pub struct ForwarderEnds {
     unanswered_wait: Duration,
     /// See [`ShardEnd::own_routes_from`].
     own_routes_from: Arc<AtomicU64>,
+    /// The hint store and what earlier lives left in it ([`hints`]); `None`: hints off.
+    hints: Option<(Arc<HintStore>, BTreeMap<NodeId, hints::Stored>)>,
+    /// How long a peer fails before its batches are hinted (`None`: the unanswered
+    /// wait, the session lease).
+    hint_wait: Option<Duration>,
 }
 
 /// How long a barrier waits for a member that does not answer, unless set: the
@@ -240,6 +247,48 @@ impl ForwarderEnds {
     pub fn metrics(&self) -> Arc<ForwardMetrics> {
         self.metrics.clone()
     }
+
+    /// Batches for a peer unreachable for longer than the unanswered wait (the session
+    /// lease) are kept in `store` and their publishers answered ([`hints`]); `earlier`:
+    /// what the store held at open, sent first.
+    pub fn set_hints(&mut self, store: HintStore, earlier: BTreeMap<NodeId, hints::Stored>) {
+        self.metrics
+            .hint_budget_bytes
+            .store(store.budget(), Ordering::Relaxed);
+        self.hints = Some((Arc::new(store), earlier));
+    }
+
+    /// Hints start once a peer has failed for `wait` instead of the session lease: the
+    /// data-plane simulation draws it per seed, so short outages hint too (when is
+    /// not a question of correctness: a batch is answered either once the peer
+    /// committed it or once this node did).
+    pub fn set_hint_wait(&mut self, wait: Duration) {
+        self.hint_wait = Some(wait);
+    }
+}
+
+/// Opens the hint store of a node whose data directory is `data_dir`
+/// (`data_dir/hints`), with a budget of `budget` bytes; fsynced, written on tokio's
+/// blocking pool.
+pub fn open_hints(
+    data_dir: &std::path::Path,
+    budget: u64,
+) -> Result<(HintStore, BTreeMap<NodeId, hints::Stored>), hints::HintError> {
+    HintStore::open(
+        &data_dir.join("hints"),
+        budget,
+        true,
+        HintIo::Blocking,
+        ENVELOPE.len(),
+    )
+}
+
+/// [`open_hints`] for the data-plane simulation: no fsync, writes on the caller's task.
+pub fn open_hints_sim(
+    dir: &std::path::Path,
+    budget: u64,
+) -> Result<(HintStore, BTreeMap<NodeId, hints::Stored>), hints::HintError> {
+    HintStore::open(dir, budget, false, HintIo::Inline, ENVELOPE.len())
 }
 
 /// The channels between the shards and the forwarder, made at boot before the shards
@@ -288,6 +337,8 @@ pub fn channels_with_origin(
             metrics,
             unanswered_wait: UNANSWERED_WAIT_DEFAULT,
             own_routes_from,
+            hints: None,
+            hint_wait: None,
         },
         shard_ends,
     )
@@ -322,6 +373,12 @@ pub struct PeerCounters {
     pub retries: u64,
     /// QoS 0 publications dropped because the peer's queue was full.
     pub dropped: u64,
+    /// Batches for the peer kept in the hint store now ([`hints`]).
+    pub hinted_batches: u64,
+    /// Their bytes.
+    pub hinted_bytes: u64,
+    /// Batches written to the hint store (their publishers answered then).
+    pub hints_written: u64,
 }
 
 /// The forwarder's counters, read by `/metrics`.
@@ -351,6 +408,10 @@ pub struct ForwardMetrics {
     /// Publications sent on to the node a session moved to (they matched it here
     /// after it left).
     pub redirected: AtomicU64,
+    /// `cluster.hint_budget_bytes` (0: hints off).
+    pub hint_budget_bytes: AtomicU64,
+    /// Writes to the hint store that failed (hints stop for that peer).
+    pub hint_write_errors: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -382,7 +443,12 @@ pub fn start(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
     let to_shards_len = ends.to_shards.len();
-    let fwd = Forwarder {
+    let (hints, earlier) = match ends.hints {
+        Some((store, earlier)) => (Some(store), earlier),
+        None => (None, BTreeMap::new()),
+    };
+    let hint_wait = ends.hint_wait.unwrap_or(ends.unanswered_wait);
+    let mut fwd = Forwarder {
         me: handle.node_id(),
         routes: NodeRoutes::new(handle.node_id()),
         handle,
@@ -419,7 +485,12 @@ pub fn start(
         own_routes_from: ends.own_routes_from,
         unreported: to_shards_len,
         reconciled: false,
+        hints,
+        hint_wait,
     };
+    for (node, stored) in earlier {
+        fwd.send_earlier_hints(node, stored);
+    }
     tokio::spawn(fwd.run(ends.from_shards, ends.barriers, events_rx));
 }
 
@@ -574,6 +645,10 @@ struct Forwarder {
     /// Whether every shard reported and this node's routes in the log were reconciled
     /// with them ([`Self::reconcile`]).
     reconciled: bool,
+    /// The hint store ([`hints`]; `None`: hints off).
+    hints: Option<Arc<HintStore>>,
+    /// How long a peer fails before its batches are hinted.
+    hint_wait: Duration,
 }
 
 impl Forwarder {
@@ -1463,10 +1538,46 @@ impl Forwarder {
     }
 
     fn peer(&mut self, node: NodeId) -> Arc<PeerQueue> {
+        self.peer_gated(node, None)
+    }
+
+    /// Batches an earlier life of this node hinted for `node`: a task sends them
+    /// ([`send_earlier_hints`]), and this life's sender for `node` sends nothing before
+    /// it is done (it hints what comes meanwhile).
+    fn send_earlier_hints(&mut self, node: NodeId, stored: hints::Stored) {
+        let Some(store) = self.hints.clone() else {
+            return;
+        };
+        if node == self.me {
+            return;
+        }
+        let (open, gate) = tokio::sync::watch::channel(false);
+        self.peer_gated(node, Some(gate));
+        tokio::spawn(send_earlier_hints(
+            node,
+            store,
+            stored,
+            self.transport.clone(),
+            self.handle.clone(),
+            open,
+            self.events.clone(),
+            self.metrics.clone(),
+        ));
+    }
+
+    fn peer_gated(
+        &mut self,
+        node: NodeId,
+        gate: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Arc<PeerQueue> {
         if let Some(q) = self.peers.get(&node) {
             return q.clone();
         }
         let q = Arc::new(PeerQueue::default());
+        if gate.is_some() {
+            // Sends nothing yet: its queue must not stop the intake.
+            q.failing.store(true, Ordering::Relaxed);
+        }
         self.peers.insert(node, q.clone());
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let sender = PeerSender {
@@ -1483,6 +1594,18 @@ impl Forwarder {
             resend: None,
             round: 0,
             pause: RETRY_MIN,
+            hints: self.hints.clone(),
+            lease: self.hint_wait,
+            failing_since: None,
+            retry_at: None,
+            hinting: false,
+            hints_off: false,
+            hinted: (0, 0),
+            hint_io: None,
+            hint_puts: Vec::new(),
+            hint_dels: Vec::new(),
+            gate,
+            in_contact: false,
         };
         tokio::spawn(send_to_peer(
             sender,
@@ -2028,21 +2151,38 @@ impl Reach {
 struct Sent {
     seq: u64,
     count: u64,
-    /// The batch as first sent; `None` once it is done (sent again after a failure,
-    /// it goes without records, see `wire`).
+    /// The batch as first sent, while memory keeps it: `None` once it is complete
+    /// (sent again after a failure, it goes without records, see `wire`) or once it
+    /// is in the hint store (read from there to be sent again).
     bytes: Option<Bytes>,
     /// Its size, for the counters.
     size: u64,
-    /// The QoS 1/2 publications it carries: (shard, token).
+    /// The QoS 1/2 publications it carries: (shard, token); empty once answered
+    /// (complete, or hinted).
     tokens: Vec<(ShardId, u64)>,
     state: SentState,
     /// Counted as sent (the peer accepted it once).
     counted: bool,
+    /// Complete at the peer.
+    complete: bool,
+    /// Where it is in the hint store.
+    disk: Disk,
+}
+
+/// Where a [`Sent`] batch is in the hint store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disk {
+    /// Not there.
+    No,
+    /// Its write is queued or running.
+    Writing,
+    /// Committed: its publishers were answered.
+    Written,
 }
 
 /// Where a [`Sent`] batch is.
 enum SentState {
-    /// To be sent (again, after a failure).
+    /// To be sent (again, after a failure; or, taken while hinting, for the first time).
     Idle,
     /// Its call is running.
     Sending(tokio::task::JoinHandle<Result<Answer, String>>),
@@ -2063,10 +2203,17 @@ impl Sent {
     }
 }
 
-/// Batches that are not done that a sender keeps (sent, received or to send again):
-/// the batches' bytes are kept until they are done, so this bounds them. Below the
-/// link's requests served at once per stream (64), which their done requests take.
+/// Batches that are not done that a sender keeps (sent, received or to send again)
+/// while it does not hint: the batches' bytes are kept until they are done, so this
+/// bounds them. Below the link's requests served at once per stream (64), which their
+/// done requests take. Hinted batches are bounded by the hint budget and
+/// [`hints::HINTED_BATCHES_MAX`] instead.
 const BATCHES_NOT_DONE_MAX: usize = 32;
+/// The simulation's pause before a hint write (its paused clock: a commit takes time).
+const HINT_WRITE_SIM: Duration = Duration::from_millis(2);
+/// How often a sender that would hint, but whose node is out of touch with its
+/// cluster, looks again.
+const HINT_CONTACT_RECHECK: Duration = Duration::from_millis(100);
 
 /// Takes the next batch from `queue`: `seq`, sent while the batches from `base` on are
 /// not done. `None` when the queue is empty.
@@ -2111,6 +2258,8 @@ fn take_batch(
         tokens,
         state: SentState::Idle,
         counted: false,
+        complete: false,
+        disk: Disk::No,
     })
 }
 
@@ -2120,9 +2269,19 @@ fn take_batch(
 /// [`BATCHES_NOT_DONE_MAX`]. Its QoS 1/2 publications are answered when it is done.
 /// After any failure (a call, a done request, a peer that restarted) every batch from
 /// the oldest one not done is sent again, one at a time, in order (done ones with no
-/// records), until each is answered. Ends when the forwarder's task ended (its events
-/// channel closed), so nothing of a stopped forwarder keeps calling peers or holds the
-/// raft handle (the data-plane simulation stops and restarts nodes in one process).
+/// records), until each is answered, after a pause that grows with each failure.
+///
+/// **Hints** ([`hints`]): once calls to the peer have failed for the session lease,
+/// every batch not done and every batch taken from then on is written to the hint
+/// store, and its publications are answered once it is committed there; the batches
+/// keep their place and number in the window, so the peer gets them as every resend
+/// after a failure (their records read back from the store), and each is deleted
+/// from the store once done. Hinting ends when the peer answers and no hinted batch is
+/// left. At the hint budget, batches wait in the queue as without hints.
+///
+/// Ends when the forwarder's task ended (its events channel closed), so nothing of a
+/// stopped forwarder keeps calling peers or holds the raft handle (the data-plane
+/// simulation stops and restarts nodes in one process).
 async fn send_to_peer(
     mut p: PeerSender,
     mut done_rx: mpsc::UnboundedReceiver<(u64, u64, Result<Answer, String>)>,
@@ -2138,51 +2297,75 @@ async fn send_to_peer(
             return;
         }
         let notified = queue.notify.notified();
+        let now = tokio::time::Instant::now();
+        let now_ms = (clocks.now_ms)();
         p.tidy();
-        p.send_more((clocks.now_ms)());
+        p.in_contact = p.hints.is_some() && handle.leader().is_some() && handle.in_contact(p.lease);
+        p.check_hinting(now);
+        p.hint_more(now_ms);
+        p.flush_hints();
+        p.send_more(now_ms, now);
         // The oldest batch waiting for its first answer.
         let sending = p
             .window
             .iter()
             .position(|b| matches!(b.state, SentState::Sending(_)));
-        let room = p.resend.is_none() && p.sending() < BATCHES_IN_FLIGHT;
-        let woke = match sending {
-            Some(at) => {
-                let SentState::Sending(running) = &mut p.window[at].state else {
-                    unreachable!("found sending above");
-                };
-                // A call may wait long for its answer (the peer holds it while it
-                // sends a moved session's publications on): the forwarder's end ends
-                // it too.
-                tokio::select! {
-                    r = running => Woke::Answer(at, r.unwrap_or_else(|e| Err(format!("the call's task failed: {e}")))),
-                    Some(d) = done_rx.recv() => Woke::Done(d),
-                    () = notified, if room => Woke::More,
-                    () = events.closed() => {
-                        p.abort_all();
-                        return;
-                    }
-                }
+        let room = (p.resend.is_none() && p.sending() < BATCHES_IN_FLIGHT) || p.hinting;
+        let take = sending.is_none() || room;
+        let wake_at = p.wake_at(now);
+        let gated = p.gated();
+        let running = sending.and_then(|at| match &mut p.window[at].state {
+            SentState::Sending(call) => Some(call),
+            _ => None,
+        });
+        let writing = p.hint_io.as_mut().map(|w| &mut w.task);
+        let gate = p.gate.as_mut().filter(|_| gated);
+        // A call may wait long for its answer (the peer holds it while it sends a
+        // moved session's publications on): the forwarder's end ends it too.
+        let woke = tokio::select! {
+            r = some_or_pending(running) => Woke::Answer(
+                sending.unwrap_or_default(),
+                r.unwrap_or_else(|e| Err(format!("the call's task failed: {e}"))),
+            ),
+            Some(d) = done_rx.recv() => Woke::Done(d),
+            () = notified, if take => Woke::More,
+            r = some_or_pending(writing) => {
+                Woke::Hinted(r.unwrap_or_else(|e| Err(format!("the write's task failed: {e}"))))
             }
-            None if p.window.is_empty() => {
-                tokio::select! {
-                    () = notified => Woke::More,
-                    () = events.closed() => return,
-                }
-            }
-            None => {
-                tokio::select! {
-                    () = notified => Woke::More,
-                    Some(d) = done_rx.recv() => Woke::Done(d),
-                    () = events.closed() => return,
-                }
+            () = sleep_until_some(wake_at) => Woke::More,
+            open = gate_opened(gate) => Woke::Gate(open),
+            () = events.closed() => {
+                p.abort_all();
+                return;
             }
         };
         match woke {
-            Woke::Answer(at, result) => p.on_answer(at, result, &handle).await,
-            Woke::Done(d) => p.on_done(d, &handle).await,
+            Woke::Answer(at, result) => p.on_answer(at, result, &handle),
+            Woke::Done(d) => p.on_done(d, &handle),
+            Woke::Hinted(result) => p.on_hint_written(result),
+            Woke::Gate(open) => {
+                if open {
+                    p.open_gate();
+                }
+            }
             Woke::More => {}
         }
+    }
+}
+
+/// Awaits `f`, or forever without one.
+async fn some_or_pending<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the gate opened (or its task ended); forever without a gate.
+async fn gate_opened(gate: Option<&mut tokio::sync::watch::Receiver<bool>>) -> bool {
+    match gate {
+        Some(g) => g.changed().await.map_or(true, |()| *g.borrow()),
+        None => std::future::pending().await,
     }
 }
 
@@ -2192,7 +2375,11 @@ enum Woke {
     Answer(usize, Result<Answer, String>),
     /// An answer to a done request: (round, seq, answer).
     Done((u64, u64, Result<Answer, String>)),
-    /// More to send, or room for it.
+    /// A hint write ended.
+    Hinted(Result<(), String>),
+    /// The gate of an earlier life's hints changed: whether it is open.
+    Gate(bool),
+    /// More to send, or room for it, or a pause ended.
     More,
 }
 
@@ -2207,6 +2394,41 @@ async fn forward_call(
         .await
         .map_err(|e| e.to_string())
         .and_then(|b| wire::decode_answer(b).map_err(|e| e.to_string()))
+}
+
+/// A hint write running: the batches it puts (seq, size), the bytes its deletes free.
+struct HintWrite {
+    puts: Vec<(u64, u64)>,
+    freed: u64,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+/// Runs one hint store transaction as the store says ([`HintIo`]); skipped if the
+/// forwarder ended meanwhile (the simulation's crash: nothing of it runs after).
+fn spawn_hint_write(
+    store: Arc<HintStore>,
+    puts: Vec<(NodeId, u64, u64, Bytes)>,
+    deletes: Vec<(NodeId, u64, u64)>,
+    events: mpsc::UnboundedSender<Event>,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    match store.io() {
+        HintIo::Blocking => tokio::task::spawn_blocking(move || store.write(&puts, &deletes)),
+        HintIo::Inline => tokio::spawn(async move {
+            tokio::time::sleep(HINT_WRITE_SIM).await;
+            if events.is_closed() {
+                return Err("the forwarder ended".into());
+            }
+            store.write(&puts, &deletes)
+        }),
+    }
+}
+
+/// Adds to a peer's hinted gauges.
+fn hinted_delta(metrics: &ForwardMetrics, node: NodeId, batches: i64, bytes: i64) {
+    let mut peers = lock(&metrics.peers);
+    let c = peers.entry(node).or_default();
+    c.hinted_batches = c.hinted_batches.saturating_add_signed(batches);
+    c.hinted_bytes = c.hinted_bytes.saturating_add_signed(bytes);
 }
 
 /// One peer's sender (see [`send_to_peer`]).
@@ -2229,6 +2451,33 @@ struct PeerSender {
     resend: Option<u64>,
     round: u64,
     pause: Duration,
+    /// The hint store (`None`: hints off).
+    hints: Option<Arc<HintStore>>,
+    /// How long calls fail before the peer's batches are hinted (the session lease).
+    lease: Duration,
+    /// Since when calls to the peer fail (an answer ends it).
+    failing_since: Option<tokio::time::Instant>,
+    /// When the next batch may be sent again after a failure.
+    retry_at: Option<tokio::time::Instant>,
+    /// Whether the batches taken are hinted.
+    hinting: bool,
+    /// Hints stopped for this peer (a write failed, or the peer left the cluster).
+    hints_off: bool,
+    /// Batches of the window in the hint store (or being written) and not done, and
+    /// their bytes.
+    hinted: (u64, u64),
+    /// The hint write running.
+    hint_io: Option<HintWrite>,
+    /// Batches to write next: (seq, size).
+    hint_puts: Vec<(u64, u64)>,
+    /// Batches to delete next: (seq, size).
+    hint_dels: Vec<(u64, u64)>,
+    /// Closed while an earlier life's hints for the peer are being sent
+    /// ([`send_earlier_hints`]): nothing of this life goes before them.
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Whether this node is in touch with its cluster (a leader, and contact within
+    /// the hint wait): only then does it hint (see [`PeerSender::check_hinting`]).
+    in_contact: bool,
 }
 
 impl PeerSender {
@@ -2263,6 +2512,307 @@ impl PeerSender {
         self.window.front().map_or(self.seq + 1, |b| b.seq)
     }
 
+    /// Whether an earlier life's hints for the peer still go first.
+    fn gated(&self) -> bool {
+        self.gate.as_ref().is_some_and(|g| !*g.borrow())
+    }
+
+    /// An earlier life's hints were sent: this life's batches may go.
+    fn open_gate(&mut self) {
+        self.gate = None;
+        if self.resend.is_none() && self.queue.failing.swap(false, Ordering::Relaxed) {
+            self.drained.notify_one();
+        }
+    }
+
+    /// When the sender must look again without another event: a pause after a
+    /// failure ends, or the peer has failed for the lease (hints start), or, while
+    /// this node is out of touch with its cluster and would hint, a while later.
+    fn wake_at(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let mut at = self.retry_at;
+        let mut also = |t: tokio::time::Instant| at = Some(at.map_or(t, |a| a.min(t)));
+        let recheck = now + HINT_CONTACT_RECHECK;
+        if self.hints.is_none() || self.hints_off {
+            return at;
+        }
+        if self.hinting {
+            // `hint_more` waits for contact.
+            if !self.in_contact {
+                also(recheck);
+            }
+        } else if let Some(t) = self.failing_since {
+            let due = t + self.lease;
+            if due > now {
+                also(due);
+            } else if !self.in_contact {
+                also(recheck);
+            }
+        } else if self.gated() && !self.in_contact {
+            also(recheck);
+        }
+        at
+    }
+
+    /// Starts hinting once the peer has failed for the lease (or while an earlier
+    /// life's hints go first) if this node is in touch with its cluster: every batch
+    /// not done is written to the store. Ends it once the peer answers and no hinted
+    /// batch is left.
+    ///
+    /// Only in touch: a hinted batch is answered on this node's word alone, where an
+    /// answer otherwise means a node in touch with the cluster took the batch (the
+    /// peer). A node cut off matches publications against a table that may be stale
+    /// (a session moved between two other nodes meanwhile: its copy goes to the old
+    /// node, which may have lost the session's ghost that would send it on); without
+    /// hints it cannot answer them before its lease fences its clients, and they send
+    /// them again elsewhere. The simulation found it (seed 1 of the harness test, a
+    /// 300 ms hint wait: the isolated leader answered four QoS 2 messages for a session
+    /// that had moved, and they were lost).
+    fn check_hinting(&mut self, now: tokio::time::Instant) {
+        let Some(store) = self.hints.clone() else {
+            return;
+        };
+        if self.hints_off {
+            self.hinting = false;
+            return;
+        }
+        if self.hinting {
+            if self.hinted.0 == 0
+                && self.failing_since.is_none()
+                && !self.gated()
+                && self.hint_puts.is_empty()
+                && self.hint_io.is_none()
+            {
+                self.hinting = false;
+                tracing::info!(
+                    node = self.node,
+                    "peer answers and its hinted batches are done: hints for it end"
+                );
+            }
+            return;
+        }
+        let failed_long = self
+            .failing_since
+            .is_some_and(|t| now.duration_since(t) >= self.lease);
+        if (!failed_long && !self.gated()) || !self.in_contact {
+            return;
+        }
+        self.hinting = true;
+        if failed_long {
+            tracing::warn!(
+                node = self.node,
+                lease_ms = self.lease.as_millis() as u64,
+                "peer unreachable for longer than the session lease: its batches go to the \
+                 hint store and their publishers are answered"
+            );
+        }
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for b in self.window.iter_mut() {
+            if !b.complete && b.disk == Disk::No && b.bytes.is_some() {
+                b.disk = Disk::Writing;
+                store.add(b.size);
+                self.hint_puts.push((b.seq, b.size));
+                n += 1;
+                bytes += b.size;
+            }
+        }
+        self.hinted.0 += n;
+        self.hinted.1 += bytes;
+        hinted_delta(&self.metrics, self.node, n as i64, bytes as i64);
+    }
+
+    /// While hinting and no write runs, takes what is queued (as batches up to the
+    /// budget) for the next write: what came during a write goes in one batch.
+    fn hint_more(&mut self, now_ms: u64) {
+        if !self.hinting || self.hint_io.is_some() || !self.in_contact {
+            return;
+        }
+        let Some(store) = self.hints.clone() else {
+            return;
+        };
+        let frontier = self.frontier();
+        let (mut n, mut bytes) = (0u64, 0u64);
+        while store.has_room() && self.window.len() < hints::HINTED_BATCHES_MAX {
+            let taken = take_batch(
+                &self.queue,
+                &self.drained,
+                self.incarnation,
+                (self.seq + 1, frontier),
+                now_ms,
+            );
+            let Some(mut b) = taken else {
+                break;
+            };
+            self.seq += 1;
+            b.disk = Disk::Writing;
+            store.add(b.size);
+            self.hint_puts.push((b.seq, b.size));
+            n += 1;
+            bytes += b.size;
+            self.window.push_back(b);
+        }
+        self.hinted.0 += n;
+        self.hinted.1 += bytes;
+        hinted_delta(&self.metrics, self.node, n as i64, bytes as i64);
+    }
+
+    /// Starts the next hint write (one transaction) if none runs.
+    fn flush_hints(&mut self) {
+        if self.hint_io.is_some() || (self.hint_puts.is_empty() && self.hint_dels.is_empty()) {
+            return;
+        }
+        let Some(store) = self.hints.clone() else {
+            return;
+        };
+        let generation = store.generation();
+        let frontier = self.frontier();
+        let mut puts = Vec::new();
+        let mut written = Vec::new();
+        for (seq, size) in std::mem::take(&mut self.hint_puts) {
+            let b = seq
+                .checked_sub(frontier)
+                .and_then(|at| self.window.get(at as usize));
+            match b.and_then(|b| b.bytes.clone().filter(|_| !b.complete)) {
+                Some(bytes) => {
+                    puts.push((self.node, generation, seq, bytes));
+                    written.push((seq, size));
+                }
+                // Done before its write: nothing to keep.
+                None => store.release(size),
+            }
+        }
+        let deletes = self
+            .hint_dels
+            .iter()
+            .map(|&(seq, _)| (self.node, generation, seq))
+            .collect();
+        let freed = self.hint_dels.drain(..).map(|(_, size)| size).sum();
+        let task = spawn_hint_write(store, puts, deletes, self.events.clone());
+        self.hint_io = Some(HintWrite {
+            puts: written,
+            freed,
+            task,
+        });
+    }
+
+    /// A hint write ended: its batches' publications are answered (or, if it failed,
+    /// hints stop for this peer and they wait for it as without hints).
+    fn on_hint_written(&mut self, result: Result<(), String>) {
+        let (Some(w), Some(store)) = (self.hint_io.take(), self.hints.clone()) else {
+            return;
+        };
+        store.release(w.freed);
+        let frontier = self.frontier();
+        match result {
+            Ok(()) => {
+                let mut tokens = Vec::new();
+                let mut n = 0u64;
+                for (seq, size) in w.puts {
+                    let b = seq
+                        .checked_sub(frontier)
+                        .and_then(|at| self.window.get_mut(at as usize));
+                    match b {
+                        Some(b) if !b.complete => {
+                            b.disk = Disk::Written;
+                            b.bytes = None;
+                            tokens.append(&mut b.tokens);
+                            n += 1;
+                        }
+                        // Done while it was written: deleted with the next write.
+                        _ => self.hint_dels.push((seq, size)),
+                    }
+                }
+                lock(&self.metrics.peers)
+                    .entry(self.node)
+                    .or_default()
+                    .hints_written += n;
+                if !tokens.is_empty() {
+                    let _ = self.events.send(Event::PeerDone { tokens });
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    node = self.node,
+                    path = %store.path().display(),
+                    "cannot write the hint store: {e}; hints stop for this peer (its \
+                     publishers wait for it, as without hints)"
+                );
+                self.metrics
+                    .hint_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                self.hints_off = true;
+                let pending = std::mem::take(&mut self.hint_puts);
+                let (mut n, mut bytes) = (0u64, 0u64);
+                for (seq, size) in w.puts.into_iter().chain(pending) {
+                    store.release(size);
+                    let b = seq
+                        .checked_sub(frontier)
+                        .and_then(|at| self.window.get_mut(at as usize));
+                    if let Some(b) = b
+                        && b.disk == Disk::Writing
+                    {
+                        b.disk = Disk::No;
+                        if !b.complete {
+                            n += 1;
+                            bytes += size;
+                        }
+                    }
+                }
+                self.hinted.0 -= n;
+                self.hinted.1 -= bytes;
+                hinted_delta(&self.metrics, self.node, -(n as i64), -(bytes as i64));
+            }
+        }
+    }
+
+    /// Batch `at` is complete at the peer: its publications are answered (unless its
+    /// hint was), and its hint is deleted.
+    fn finish(&mut self, at: usize) {
+        let b = &mut self.window[at];
+        b.state = SentState::Done;
+        if b.complete {
+            return;
+        }
+        b.complete = true;
+        settle(self.node, b, &self.metrics, &self.events);
+        let (seq, size, disk) = (b.seq, b.size, b.disk);
+        if disk != Disk::No {
+            self.hinted.0 -= 1;
+            self.hinted.1 -= size;
+            hinted_delta(&self.metrics, self.node, -1, -(size as i64));
+        }
+        if disk == Disk::Written {
+            self.hint_dels.push((seq, size));
+        }
+    }
+
+    /// The bytes that send batch `at` (again) with base `frontier`: its records, from
+    /// memory or the hint store, or none if it is complete. `None` if its hint cannot
+    /// be read (logged; tried again after a pause).
+    fn batch_bytes(&self, at: usize, frontier: u64) -> Option<Bytes> {
+        let b = self.window.get(at)?;
+        if b.complete {
+            return Some(
+                BatchWriter::with_base(&ENVELOPE, self.incarnation, b.seq, frontier).finish(),
+            );
+        }
+        let bytes = match (&b.bytes, &self.hints) {
+            (Some(bytes), _) => bytes.clone(),
+            (None, Some(store)) => match store.read(self.node, store.generation(), b.seq) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => {
+                    tracing::error!(node = self.node, seq = b.seq, path = %store.path().display(), "a hinted batch is missing from the hint store");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!(node = self.node, seq = b.seq, path = %store.path().display(), "a hinted batch cannot be read: {e}");
+                    return None;
+                }
+            },
+            (None, None) => return None,
+        };
+        Some(wire::rebase(&bytes, ENVELOPE.len(), frontier).unwrap_or(bytes))
+    }
+
     /// Pops the done batches at the front; ends a round of sending again once it
     /// passed the last batch (the peer answers again: its queue stops the intake again).
     fn tidy(&mut self) {
@@ -2279,26 +2829,60 @@ impl PeerSender {
         }
         if self.resend.is_some_and(|next| next > self.seq) {
             self.resend = None;
-            if self.queue.failing.swap(false, Ordering::Relaxed) {
+            if !self.gated() && self.queue.failing.swap(false, Ordering::Relaxed) {
                 self.drained.notify_one();
             }
             self.pause = RETRY_MIN;
         }
     }
 
-    /// Starts the calls there is room for: new batches, or after a failure the next
-    /// one to send again (one at a time: the peer takes a batch only after the one
-    /// before it).
-    fn send_more(&mut self, now_ms: u64) {
+    /// Starts the calls there is room for: the batches taken while hinting that were
+    /// not sent yet and new batches, or after a failure (once its pause is over) the
+    /// next one to send again (one at a time: the peer takes a batch only after the one
+    /// before it). Nothing while an earlier life's hints go first.
+    fn send_more(&mut self, now_ms: u64, now: tokio::time::Instant) {
+        if self.gated() {
+            return;
+        }
+        if let Some(t) = self.retry_at {
+            if now < t {
+                return;
+            }
+            self.retry_at = None;
+        }
         let frontier = self.frontier();
         match self.resend {
             None => {
+                let mut sending = self.sending();
+                // Batches taken while hinting, in order, before any new one.
+                let mut idle = self
+                    .window
+                    .iter()
+                    .position(|b| matches!(b.state, SentState::Idle));
+                while sending < BATCHES_IN_FLIGHT
+                    && let Some(at) = idle
+                {
+                    let Some(bytes) = self.batch_bytes(at, frontier) else {
+                        self.retry_at = Some(now + RETRY_MAX);
+                        return;
+                    };
+                    let call = self.call(bytes);
+                    self.window[at].state = SentState::Sending(call);
+                    sending += 1;
+                    idle = self
+                        .window
+                        .get(at + 1)
+                        .is_some_and(|b| matches!(b.state, SentState::Idle))
+                        .then_some(at + 1);
+                }
+                if idle.is_some() {
+                    return;
+                }
                 let mut not_done = self
                     .window
                     .iter()
                     .filter(|b| !matches!(b.state, SentState::Done))
                     .count();
-                let mut sending = self.sending();
                 while sending < BATCHES_IN_FLIGHT && not_done < BATCHES_NOT_DONE_MAX {
                     let taken = take_batch(
                         &self.queue,
@@ -2322,15 +2906,12 @@ impl PeerSender {
                 let Some(at) = next.checked_sub(frontier).map(|at| at as usize) else {
                     return;
                 };
-                let incarnation = self.incarnation;
-                let bytes = match self.window.get(at).map(|b| &b.bytes) {
-                    Some(Some(bytes)) => wire::rebase(bytes, ENVELOPE.len(), frontier)
-                        .unwrap_or_else(|| bytes.clone()),
-                    // Done meanwhile: it goes with no records.
-                    Some(None) => {
-                        BatchWriter::with_base(&ENVELOPE, incarnation, next, frontier).finish()
-                    }
-                    None => return,
+                if at >= self.window.len() {
+                    return;
+                }
+                let Some(bytes) = self.batch_bytes(at, frontier) else {
+                    self.retry_at = Some(now + RETRY_MAX);
+                    return;
                 };
                 let call = self.call(bytes);
                 let b = &mut self.window[at];
@@ -2344,26 +2925,22 @@ impl PeerSender {
     }
 
     /// The first answer to the batch at `at`.
-    async fn on_answer(
-        &mut self,
-        at: usize,
-        result: Result<Answer, String>,
-        handle: &ClusterHandle,
-    ) {
+    fn on_answer(&mut self, at: usize, result: Result<Answer, String>, handle: &ClusterHandle) {
         let node = self.node;
         let seq = self.window[at].seq;
-        let done_already = self.window[at].bytes.is_none();
+        let done_already = self.window[at].complete;
         match result {
             Ok(Answer::Accepted { seq: s }) if s == seq => {
-                let b = &mut self.window[at];
-                b.state = SentState::Done;
-                settle(node, b, &self.metrics, &self.events);
+                self.failing_since = None;
+                self.finish(at);
             }
             // Sent again with no records: it was done already.
             Ok(Answer::Received { seq: s }) if s == seq && done_already => {
+                self.failing_since = None;
                 self.window[at].state = SentState::Done;
             }
             Ok(Answer::Received { seq: s }) if s == seq => {
+                self.failing_since = None;
                 let done = self.ask_done(seq, Duration::ZERO);
                 let b = &mut self.window[at];
                 count(node, b, &self.metrics);
@@ -2371,14 +2948,14 @@ impl PeerSender {
             }
             Ok(a) => {
                 tracing::warn!(node, seq, "unexpected answer to a batch: {a:?}");
-                return self.fail().await;
+                return self.fail();
             }
             Err(e) => {
                 if self.left(handle) {
                     return;
                 }
                 tracing::debug!(node, seq, "batch not accepted, retrying: {e}");
-                return self.fail().await;
+                return self.fail();
             }
         }
         if let Some(next) = self.resend.as_mut()
@@ -2389,7 +2966,7 @@ impl PeerSender {
     }
 
     /// An answer to a done request.
-    async fn on_done(
+    fn on_done(
         &mut self,
         (round, seq, answer): (u64, u64, Result<Answer, String>),
         handle: &ClusterHandle,
@@ -2405,14 +2982,10 @@ impl PeerSender {
             return;
         }
         match answer {
-            Ok(Answer::Accepted { seq: s }) if s == seq => {
-                let b = &mut self.window[at];
-                b.state = SentState::Done;
-                settle(node, b, &self.metrics, &self.events);
-            }
+            Ok(Answer::Accepted { seq: s }) if s == seq => self.finish(at),
             Ok(a) => {
                 tracing::debug!(node, seq, "batch not known to the peer any more: {a:?}");
-                self.fail().await;
+                self.fail();
             }
             // A timeout (the batch waits longer than a call may) or the link is down: ask
             // again, a little later. A peer that restarted answers unknown.
@@ -2421,14 +2994,18 @@ impl PeerSender {
                     return;
                 }
                 tracing::debug!(node, seq, "done request failed, asking again: {e}");
+                // A peer that took the batch and died fails here only: its lease runs
+                // too (hints start with it).
+                self.failing_since
+                    .get_or_insert_with(tokio::time::Instant::now);
                 let again = self.ask_done(seq, RETRY_MIN);
                 self.window[at].state = SentState::Received(again);
             }
         }
     }
 
-    /// Whether the peer left the cluster: then everything queued for it is given up, and
-    /// a later batch starts a new sequence.
+    /// Whether the peer left the cluster: then everything queued for it is given up
+    /// (its hints deleted), and a later batch starts a new sequence.
     fn left(&mut self, handle: &ClusterHandle) -> bool {
         if handle.members().contains_key(&self.node) {
             return false;
@@ -2439,8 +3016,20 @@ impl PeerSender {
         );
         for mut b in self.window.drain(..) {
             b.abort();
-            settle(self.node, &mut b, &self.metrics, &self.events);
+            if !b.complete {
+                settle(self.node, &mut b, &self.metrics, &self.events);
+            }
+            // Being written: deleted when its write ends (it is not in the window).
+            if b.disk == Disk::Written {
+                self.hint_dels.push((b.seq, b.size));
+            }
         }
+        let (n, bytes) = std::mem::take(&mut self.hinted);
+        hinted_delta(&self.metrics, self.node, -(n as i64), -(bytes as i64));
+        // A new sequence would reuse the numbers this generation's hints are stored
+        // under.
+        self.hints_off = true;
+        self.hinting = false;
         self.incarnation = self.incarnation.wrapping_add(1);
         self.seq = 0;
         self.resend = None;
@@ -2450,7 +3039,7 @@ impl PeerSender {
 
     /// A failure: every call stops, and every batch from the oldest not done on is sent
     /// again, one at a time, after a pause.
-    async fn fail(&mut self) {
+    fn fail(&mut self) {
         self.abort_all();
         self.round += 1;
         self.resend = self.window.front().map(|b| b.seq);
@@ -2462,7 +3051,9 @@ impl PeerSender {
             .entry(self.node)
             .or_default()
             .retries += 1;
-        tokio::time::sleep(self.pause).await;
+        let now = tokio::time::Instant::now();
+        self.failing_since.get_or_insert(now);
+        self.retry_at = Some(now + self.pause);
         self.pause = (self.pause * 2).min(RETRY_MAX);
     }
 
@@ -2471,6 +3062,170 @@ impl PeerSender {
             b.abort();
         }
     }
+}
+
+/// Sends the batches earlier lives of this node hinted for `node` ([`hints`]): each
+/// generation in order, under its own incarnation and numbers (so the peer's marks
+/// drop what it had already committed), one batch at a time, each deleted once it is
+/// complete at the peer (a gap, a batch done before, goes with no records); then opens
+/// `open`, and this life's sender may send. A peer that left the cluster gets nothing:
+/// its hints are deleted.
+#[allow(clippy::too_many_arguments)]
+async fn send_earlier_hints(
+    node: NodeId,
+    store: Arc<HintStore>,
+    stored: hints::Stored,
+    transport: Arc<dyn Transport>,
+    handle: ClusterHandle,
+    open: tokio::sync::watch::Sender<bool>,
+    events: mpsc::UnboundedSender<Event>,
+    metrics: Arc<ForwardMetrics>,
+) {
+    let total: u64 = stored.values().sum();
+    hinted_delta(&metrics, node, stored.len() as i64, total as i64);
+    let mut gens: BTreeMap<u64, BTreeMap<u64, u64>> = BTreeMap::new();
+    for ((generation, seq), size) in stored {
+        gens.entry(generation).or_default().insert(seq, size);
+    }
+    tracing::info!(
+        node,
+        batches = gens.values().map(BTreeMap::len).sum::<usize>(),
+        bytes = total,
+        "sending the hints an earlier life of this node kept for this peer"
+    );
+    let mut pause = RETRY_MIN;
+    'gens: while let Some((generation, mut seqs)) = gens.pop_first() {
+        let Some(first) = seqs.keys().next().copied() else {
+            continue;
+        };
+        let last = seqs.keys().next_back().copied().unwrap_or(first);
+        let mut incarnation = None;
+        let mut seq = first;
+        while seq <= last {
+            let stored_size = seqs.get(&seq).copied();
+            let bytes = match stored_size {
+                Some(_) => match store.read(node, generation, seq) {
+                    Ok(Some(b)) => {
+                        incarnation = hints::batch_header(&b, ENVELOPE.len()).map(|h| h.0);
+                        wire::rebase(&b, ENVELOPE.len(), seq).unwrap_or(b)
+                    }
+                    r => {
+                        tracing::error!(
+                            node,
+                            generation,
+                            seq,
+                            path = %store.path().display(),
+                            "a hinted batch cannot be read ({r:?}): its messages are not sent"
+                        );
+                        seqs.remove(&seq);
+                        seq += 1;
+                        continue;
+                    }
+                },
+                None => match incarnation {
+                    Some(inc) => BatchWriter::with_base(&ENVELOPE, inc, seq, seq).finish(),
+                    None => {
+                        seq += 1;
+                        continue;
+                    }
+                },
+            };
+            let Some(inc) = incarnation else {
+                seq += 1;
+                continue;
+            };
+            let call = deliver_earlier(&*transport, node, bytes, inc, seq);
+            let complete = tokio::select! {
+                c = call => c,
+                () = events.closed() => return,
+            };
+            if !complete {
+                if !handle.members().contains_key(&node) {
+                    // Gone: this generation's rest and every later one are deleted.
+                    let mut rest: Vec<(u64, u64, u64)> = seqs
+                        .range(seq..)
+                        .map(|(&s, &size)| (generation, s, size))
+                        .collect();
+                    for (g, s) in std::mem::take(&mut gens) {
+                        rest.extend(s.into_iter().map(|(s, size)| (g, s, size)));
+                    }
+                    forget_earlier(&store, node, &rest, &metrics, &events).await;
+                    tracing::info!(node, "peer left the cluster; its hints are deleted");
+                    break 'gens;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = events.closed() => return,
+                }
+                pause = (pause * 2).min(RETRY_MAX);
+                continue;
+            }
+            pause = RETRY_MIN;
+            if let Some(size) = stored_size {
+                forget_earlier(&store, node, &[(generation, seq, size)], &metrics, &events).await;
+                seqs.remove(&seq);
+            }
+            seq += 1;
+        }
+    }
+    let _ = open.send(true);
+}
+
+/// Sends one batch of an earlier life and, if the peer answers received, asks until it
+/// is complete: whether it is (`false`: send it again after a pause; a peer that
+/// restarted answers the done request unknown).
+async fn deliver_earlier(
+    transport: &dyn Transport,
+    node: NodeId,
+    bytes: Bytes,
+    incarnation: u64,
+    seq: u64,
+) -> bool {
+    match forward_call(transport, node, bytes).await {
+        Ok(Answer::Accepted { seq: s }) if s == seq => true,
+        Ok(Answer::Received { seq: s }) if s == seq => loop {
+            let done = wire::encode_done(&ENVELOPE, incarnation, seq);
+            match forward_call(transport, node, done).await {
+                Ok(Answer::Accepted { seq: s }) if s == seq => break true,
+                Ok(_) => break false,
+                Err(e) => {
+                    tracing::debug!(node, seq, "done request of an earlier hint failed: {e}");
+                    tokio::time::sleep(RETRY_MIN).await;
+                }
+            }
+        },
+        Ok(a) => {
+            tracing::warn!(node, seq, "unexpected answer to an earlier hint: {a:?}");
+            false
+        }
+        Err(e) => {
+            tracing::debug!(node, seq, "earlier hint not accepted, retrying: {e}");
+            false
+        }
+    }
+}
+
+/// Deletes earlier hints (generation, seq, size) of `node` (committed before the next
+/// is sent, so a later life never sends a batch the peer took under a newer number).
+async fn forget_earlier(
+    store: &Arc<HintStore>,
+    node: NodeId,
+    batches: &[(u64, u64, u64)],
+    metrics: &ForwardMetrics,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    let deletes: Vec<(NodeId, u64, u64)> = batches.iter().map(|&(g, s, _)| (node, g, s)).collect();
+    let bytes: u64 = batches.iter().map(|b| b.2).sum();
+    match spawn_hint_write(store.clone(), Vec::new(), deletes, events.clone()).await {
+        Ok(Ok(())) => {}
+        r => tracing::error!(
+            node,
+            path = %store.path().display(),
+            "cannot delete hints sent: {r:?} (a later start sends them again)"
+        ),
+    }
+    store.release(bytes);
+    hinted_delta(metrics, node, -(batches.len() as i64), -(bytes as i64));
 }
 
 /// A batch the peer accepted (received or complete) for the first time: counted.
@@ -2487,7 +3242,7 @@ fn count(node: NodeId, b: &mut Sent, metrics: &ForwardMetrics) {
 }
 
 /// A batch is done (or given up with its peer): counted, its bytes dropped, and its
-/// QoS 1/2 publications answered.
+/// QoS 1/2 publications answered (unless its hint answered them).
 fn settle(
     node: NodeId,
     b: &mut Sent,

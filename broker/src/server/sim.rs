@@ -476,6 +476,16 @@ struct World {
     /// 3 s in the seeded runs (what their seeds were found with), the broker's default
     /// in the late-claim test.
     proposal_timeout_ms: u64,
+    /// The nodes' `cluster.hint_budget_bytes`, drawn from a stream of its own
+    /// (`seed ^ 0x4157`): small enough in some seeds that the budget fills.
+    hint_budget: u64,
+    /// How long a peer fails before its batches are hinted: the lease, or in some
+    /// seeds (the same stream) 300 ms, so short cuts and crashes hint too.
+    hint_wait: Duration,
+    /// Every node incarnation's forwarder counters (the hints they wrote).
+    forward_metrics: Vec<Arc<crate::forward::ForwardMetrics>>,
+    /// Node starts that found hints of an earlier life.
+    hints_restarted: u64,
 }
 
 fn dir(root: &tempfile::TempDir, id: NodeId) -> PathBuf {
@@ -514,6 +524,14 @@ impl World {
                 Ok(v) => panic!("SIM_WAIT_FOR_OWNER is 0 or 1, not {v:?}"),
             },
             proposal_timeout_ms: 3_000,
+            hint_budget: [1 << 10, 4 << 10, 1 << 20][SimRng::new(seed ^ 0x4157).below(3) as usize],
+            hint_wait: if SimRng::new(seed ^ 0x4157_0001).below(2) == 0 {
+                Duration::from_millis(300)
+            } else {
+                SESSION_LEASE
+            },
+            forward_metrics: Vec::new(),
+            hints_restarted: 0,
             clients: (0..CLIENTS)
                 .map(|i| {
                     Rc::new(RefCell::new(Client {
@@ -596,6 +614,33 @@ impl World {
             .take()
             .expect("once");
         forwarder.set_unanswered_wait(SESSION_LEASE);
+        // Hints (`forward::hints`) in the node's directory, kept across its crashes; the
+        // crashed incarnation's last holders may still have the env open.
+        let hints_dir = dir(&self.root, id).join("hints");
+        let mut tries = 0;
+        let (hints, earlier) = loop {
+            match crate::forward::open_hints_sim(&hints_dir, self.hint_budget) {
+                Ok(opened) => break opened,
+                Err(e) if tries < 1000 => {
+                    tries += 1;
+                    if tries == 1000 {
+                        panic!("node {id}: the hint store does not open: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("node {id}: the hint store does not open: {e}"),
+            }
+        };
+        if trace() && !earlier.is_empty() {
+            let n: usize = earlier.values().map(BTreeMap::len).sum();
+            eprintln!("  node {id} restarts with {n} hinted batches of an earlier life");
+        }
+        self.hints_restarted += u64::from(!earlier.is_empty());
+        if std::env::var("SIM_HINTS").as_deref() != Ok("0") {
+            forwarder.set_hints(hints, earlier);
+            forwarder.set_hint_wait(self.hint_wait);
+        }
+        self.forward_metrics.push(forwarder.metrics());
         crate::forward::start(
             forwarder,
             cp.handle(),
@@ -1653,6 +1698,21 @@ async fn run(
         }
     }
     check(&w, &mut errors);
+    let written: u64 = w
+        .forward_metrics
+        .iter()
+        .map(|m| {
+            let peers = m.peers.lock().unwrap_or_else(|e| e.into_inner());
+            peers.values().map(|c| c.hints_written).sum::<u64>()
+        })
+        .sum();
+    if written > 0 || w.hints_restarted > 0 {
+        eprintln!(
+            "  hints: {written} batches hinted (budget {} B, after {:?}), {} restarts with \
+             hints of an earlier life",
+            w.hint_budget, w.hint_wait, w.hints_restarted
+        );
+    }
     let record = record(&w.chk.borrow());
     for id in 1..=NODES {
         w.crash(id).await;
