@@ -48,6 +48,11 @@
 //!   their readers and publishers are slowed through TCP. QoS 0 beyond
 //!   [`PEER_QUEUE_MESSAGES_MAX`] queued for a peer whose calls fail is dropped and
 //!   counted; QoS 1/2 are never dropped (their publishers' windows bound them).
+//! - **Hints** ([`hints`]): once a peer has not answered for the session lease, its
+//!   sender writes what it owes it to `data_dir/hints` and answers the publishers, so a
+//!   dead node does not stall publishers cluster-wide; the batches keep their numbers
+//!   and go when it is back (docs/ARCHITECTURE.md, "Cluster: hints for an unreachable
+//!   peer").
 //! - **Publications from other nodes** arrive on the link's forward channel as requests
 //!   of kind `Publish` (`cluster::peer`), all of one sending node served by one shard in
 //!   order ([`serve_request`]: decoded as untrusted input, retries dropped); that shard
