@@ -180,6 +180,11 @@ pub(super) struct Ghost {
     /// started afresh here, and such a redirect was for an earlier session of the
     /// ClientID, which ended (sim seed 400).
     pub(super) passes_redirects: bool,
+    /// When the session left (broker ms; `None` for a ghost restored from the store):
+    /// within [`MOVED_WINDOW_MS`] of it, every node the session went to since still
+    /// keeps its window, so the window it comes back with lists what it got there
+    /// ([`Engine::ghost_path`]).
+    pub(super) left_ms: Option<u64>,
 }
 
 /// A publication a ghost holds: the message, its id, who waits for it.
@@ -838,7 +843,7 @@ impl Engine {
     /// The session `idx` leaves for `to` (node, epoch): its plain subscriptions
     /// stay as a ghost's (call before the session is destroyed, so its routes
     /// stay), and returns its window for the new owner.
-    pub(super) fn leave_ghost(&mut self, idx: SessionIdx, to: (u64, u64)) -> Vec<u8> {
+    pub(super) fn leave_ghost(&mut self, now_ms: u64, idx: SessionIdx, to: (u64, u64)) -> Vec<u8> {
         let s = self.session(idx);
         let client_id = s.client_id.clone();
         let (uid, s_stored) = (s.uid, s.stored);
@@ -942,6 +947,7 @@ impl Engine {
             seen: Some(seen),
             stored: false,
             passes_redirects: had_window,
+            left_ms: Some(now_ms),
         });
         self.moved.by_client.insert(client_id, slot);
         out
@@ -1157,10 +1163,16 @@ impl Engine {
     }
 
     /// What the ghost of `client_id` would send on (its session is back here from
-    /// another node): none without a ghost, or one without a window's marks.
-    pub(super) fn ghost_path(&self, client_id: &Str) -> Option<GhostPath> {
+    /// another node at `now_ms`): none without a ghost, or one without a window's
+    /// marks, or once the session left [`MOVED_WINDOW_MS`] ago or more (or when is not
+    /// known): then a node it went to may have delivered copies with no window to list
+    /// them, and the imported marks judge as before.
+    pub(super) fn ghost_path(&self, now_ms: u64, client_id: &Str) -> Option<GhostPath> {
         let &slot = self.moved.by_client.get(client_id)?;
         let g = self.moved.ghosts.get(slot as usize)?.as_ref()?;
+        if !g.left_ms.is_some_and(|t| now_ms < t + MOVED_WINDOW_MS) {
+            return None;
+        }
         Some(GhostPath {
             marks: g.seen.as_ref()?.marks.clone(),
             filters: g.filters.clone(),

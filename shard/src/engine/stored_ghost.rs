@@ -151,6 +151,7 @@ impl Engine {
                 stored: true,
                 // Not stored: a restored ghost passes redirects on, as before.
                 passes_redirects: true,
+                left_ms: None,
             });
             tracing::debug!(
                 shard = self.shard,

@@ -303,7 +303,7 @@ impl Engine {
             s.moved_in,
         );
         // Before it leaves the routes: what still comes for it here follows it.
-        let window = self.leave_ghost(idx, to);
+        let window = self.leave_ghost(now_ms, idx, to);
         // Inbound QoS 2 ids whose PUBREC still waits: the new owner holds it too.
         let relayed = self.hand_inbound(idx);
         let redeliver = self.redeliver_sets(idx);
@@ -699,7 +699,7 @@ impl Engine {
                 // would have sent there (`Engine::import_window`).
                 self.moved.returned = local
                     .is_none()
-                    .then(|| self.ghost_path(&key))
+                    .then(|| self.ghost_path(now_ms, &key))
                     .flatten()
                     .map(|p| (key.clone(), p));
                 let (held, seen) = self.take_ghost_held(&key);
