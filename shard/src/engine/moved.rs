@@ -1170,7 +1170,7 @@ impl Engine {
     pub(super) fn ghost_path(&self, now_ms: u64, client_id: &Str) -> Option<GhostPath> {
         let &slot = self.moved.by_client.get(client_id)?;
         let g = self.moved.ghosts.get(slot as usize)?.as_ref()?;
-        if !g.left_ms.is_some_and(|t| now_ms < t + MOVED_WINDOW_MS) {
+        if g.left_ms.is_none_or(|t| now_ms >= t + MOVED_WINDOW_MS) {
             return None;
         }
         Some(GhostPath {
