@@ -37,6 +37,22 @@
 //!   RESTART_AFTER_MS after the kill (the script restarts the node with its disk) and
 //!   prints when PUBACKs came back to half their rate before the kill.
 //!
+//! - `netload FAULT_CMD HEAL_CMD PUBS SUBS VICTIM_SUB TK_A TK_B SECONDS FAULT_AT HEAL_AT
+//!   PUBLISHERS WINDOW WATCH N MOVE`: the load of `load` (the same publishers,
+//!   subscribers and takeover loop), but the fault is a network one: `sh -c FAULT_CMD`
+//!   runs FAULT_AT s in and `sh -c HEAL_CMD` HEAL_AT s in (the script cuts, or slows,
+//!   the cluster traffic of one node in its network namespace, and heals it). With
+//!   WATCH (the faulty node's address, or `-`), N persistent MQTT 5 sessions are
+//!   connected there before the fault and watched until they end; with MOVE = 1 their
+//!   ClientIDs connect to TK_A and TK_B in turn at the fault while the old connections
+//!   stay open (as `partition`). Prints PUBACKs/s and deliveries/s before, during the
+//!   fault, 0-3 s after the heal and after that, the slowest 500 ms of the fault, when
+//!   PUBACKs came back to half their rate before the fault after the heal, takeover
+//!   p50/p99/max in the same spans, the connections of the healthy nodes that ended
+//!   (none should), and for the watched sessions when their connections ended (the
+//!   lease), when the majority served them and whether any ClientID was served by two
+//!   nodes at once.
+//!
 //! Every mode prints one JSON line last (`{"mode":...}`). Bounded: every wait has a
 //! deadline.
 
@@ -915,10 +931,325 @@ fn load(args: &[String]) {
     println!("{json}");
 }
 
+/// A watched session on the faulty node: when its connection ended (since the load's
+/// start) and how, if it did before the end.
+fn watch_one(load: Arc<Load>, mut s: TcpStream, mut buf: BytesMut) -> Option<(Duration, String)> {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    while !load.stop.load(Ordering::Relaxed) {
+        match recv(&mut s, &mut buf) {
+            Err(e) if e == "timeout" => {}
+            Ok(Packet::Disconnect(d)) => {
+                return Some((
+                    load.start.elapsed(),
+                    format!("DISCONNECT {:?}", d.reason_code),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Some((load.start.elapsed(), e)),
+        }
+    }
+    None
+}
+
+/// The first 500 ms from `from` on whose PUBACK rate is at least `rate`: how long after
+/// `from` it starts.
+fn back_at(acks: &Buckets, from: Duration, end: Duration, rate: f64) -> Option<Duration> {
+    let mut at = from;
+    while at + BUCKET * 5 <= end {
+        if acks.rate(at, at + BUCKET * 5) >= rate {
+            return Some(at - from);
+        }
+        at += BUCKET;
+    }
+    None
+}
+
+fn netload(args: &[String]) {
+    const USAGE: &str = "netload FAULT_CMD HEAL_CMD PUBS SUBS VICTIM_SUB TK_A TK_B SECONDS \
+                         FAULT_AT HEAL_AT PUBLISHERS WINDOW WATCH N MOVE";
+    let [
+        fault,
+        heal,
+        pubs,
+        subs,
+        vsub,
+        tk_a,
+        tk_b,
+        secs,
+        fault_at,
+        heal_at,
+        per,
+        window,
+        watch,
+        n,
+        move_,
+    ] = args
+    else {
+        usage(USAGE)
+    };
+    let pubs = addrs(pubs);
+    let mut subs: Vec<(SocketAddr, bool)> = addrs(subs).into_iter().map(|a| (a, true)).collect();
+    if vsub != "-" {
+        subs.push((vsub.parse().unwrap_or_else(|_| usage("VICTIM_SUB")), false));
+    }
+    let tk_a: SocketAddr = tk_a.parse().unwrap_or_else(|_| usage("TK_A"));
+    let tk_b: SocketAddr = tk_b.parse().unwrap_or_else(|_| usage("TK_B"));
+    let secs_of = |s: &str, what: &str| -> Duration {
+        Duration::from_secs_f64(s.parse().unwrap_or_else(|_| usage(what)))
+    };
+    let secs = secs_of(secs, "SECONDS");
+    let fault_at = secs_of(fault_at, "FAULT_AT");
+    let heal_at = secs_of(heal_at, "HEAL_AT");
+    if fault_at < Duration::from_secs(2)
+        || heal_at < fault_at + Duration::from_secs(1)
+        || heal_at + Duration::from_secs(4) > secs
+    {
+        usage("FAULT_AT >= 2 s, HEAL_AT >= FAULT_AT + 1 s, SECONDS >= HEAL_AT + 4 s");
+    }
+    let per: usize = per.parse().unwrap_or_else(|_| usage("PUBLISHERS"));
+    let window: usize = window.parse().unwrap_or_else(|_| usage("WINDOW"));
+    let watch: Option<SocketAddr> =
+        (watch != "-").then(|| watch.parse().unwrap_or_else(|_| usage("WATCH")));
+    let n: usize = n.parse().unwrap_or_else(|_| usage("N"));
+    let moving = move_ == "1";
+    let tag = std::process::id();
+    let load = Arc::new(Load {
+        start: Instant::now(),
+        stop: AtomicBool::new(false),
+        acks: Buckets::new(secs),
+        deliveries: Buckets::new(secs),
+        ended: Arc::default(),
+    });
+    // The watched sessions first: connected before any load.
+    let watchers: Vec<_> = match watch {
+        None => Vec::new(),
+        Some(addr) => (0..n)
+            .map(|i| {
+                let id = format!("fw-{tag}-{i}");
+                let (s, buf, ack) = connect(addr, &id, false, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("{id} @ the faulty node: {e}"));
+                assert_eq!(ack.reason_code, ReasonCode::Success, "{id}: {ack:?}");
+                let load = load.clone();
+                thread::spawn(move || watch_one(load, s, buf))
+            })
+            .collect(),
+    };
+    let mut threads = Vec::new();
+    for (i, (addr, count)) in subs.iter().enumerate() {
+        let (load, addr, count) = (load.clone(), *addr, *count);
+        threads.push(thread::spawn(move || {
+            subscriber(
+                load,
+                addr,
+                format!("ls-{tag}-{i}"),
+                format!("ld/{tag}/#"),
+                count,
+            )
+        }));
+    }
+    thread::sleep(Duration::from_millis(500)); // every node has the route
+    for (i, addr) in pubs.iter().enumerate() {
+        for j in 0..per {
+            let (load, addr) = (load.clone(), *addr);
+            threads.push(thread::spawn(move || {
+                publisher(
+                    load,
+                    addr,
+                    format!("lp-{tag}-{i}-{j}"),
+                    format!("ld/{tag}/{i}/{j}"),
+                    window,
+                )
+            }));
+        }
+    }
+    let tk = {
+        let load = load.clone();
+        thread::spawn(move || takeovers(load, tk_a, tk_b, format!("lt-{tag}")))
+    };
+    thread::sleep(fault_at.saturating_sub(load.start.elapsed()));
+    let faulted = load.start.elapsed();
+    sh(fault);
+    // The watched ClientIDs come to the majority at once, their old connections open.
+    let movers: Vec<_> = if moving {
+        (0..n)
+            .map(|i| {
+                let load = load.clone();
+                let to = [tk_a, tk_b];
+                thread::spawn(move || {
+                    let id = format!("fw-{tag}-{i}");
+                    let mut tries = 0usize;
+                    while !load.stop.load(Ordering::Relaxed) {
+                        let addr = to[(i + tries) % 2];
+                        tries += 1;
+                        if let Ok((s, _, a)) = connect(addr, &id, false, Duration::from_secs(20))
+                            && a.reason_code == ReasonCode::Success
+                        {
+                            let at = load.start.elapsed();
+                            // Held until the end, like a live client.
+                            while !load.stop.load(Ordering::Relaxed) {
+                                thread::sleep(Duration::from_millis(50));
+                            }
+                            drop(s);
+                            return Some((at, a.session_present));
+                        }
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                    None
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    thread::sleep(heal_at.saturating_sub(load.start.elapsed()));
+    let healed = load.start.elapsed();
+    sh(heal);
+    thread::sleep(secs.saturating_sub(load.start.elapsed()));
+    load.stop.store(true, Ordering::Relaxed);
+    let tks = tk.join().expect("takeovers");
+    for t in threads {
+        let _ = t.join();
+    }
+    let old: Vec<Option<(Duration, String)>> = watchers
+        .into_iter()
+        .map(|w| w.join().expect("watcher"))
+        .collect();
+    let new: Vec<Option<(Duration, bool)>> = movers
+        .into_iter()
+        .map(|m| m.join().expect("mover"))
+        .collect();
+
+    let after = healed + Duration::from_secs(3);
+    let spans = [
+        ("before", Duration::from_secs(1), faulted),
+        ("during", faulted, healed),
+        ("0-3 s after the heal", healed, after),
+        ("after", after, secs),
+    ];
+    let before_rate = load.acks.rate(Duration::from_secs(1), faulted);
+    let mut json = format!(
+        r#"{{"mode":"netload","fault_at_ms":{:.0},"heal_at_ms":{:.0},"victim_subscribed":{}"#,
+        ms(faulted),
+        ms(healed),
+        vsub != "-"
+    );
+    for (name, from, to) in spans {
+        let within = |at: &Duration, d: &Duration| *at + *d >= from && *at + *d < to;
+        let mut t: Vec<Duration> = tks
+            .iter()
+            .filter(|(at, d, _)| within(at, d))
+            .map(|(_, d, _)| *d)
+            .collect();
+        let failed = tks
+            .iter()
+            .filter(|(at, d, ok)| within(at, d) && !ok)
+            .count();
+        let (p50, p99, max) = spread(&mut t);
+        let (acks, dels) = (load.acks.rate(from, to), load.deliveries.rate(from, to));
+        let ratio = if before_rate > 0.0 {
+            acks / before_rate
+        } else {
+            0.0
+        };
+        println!(
+            "{name:>22}: PUBACKs {acks:>8.0}/s ({ratio:.2}x before), deliveries {dels:>8.0}/s; \
+             takeovers {} (failed {failed}): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+            t.len()
+        );
+        let key = match name {
+            "0-3 s after the heal" => "healed",
+            k => k,
+        };
+        json.push_str(&format!(
+            r#","{key}":{{"acks_per_s":{acks:.0},"ratio":{ratio:.3},"deliveries_per_s":{dels:.0},"takeovers":{},"takeovers_failed":{failed},"tk_p50_ms":{p50:.2},"tk_p99_ms":{p99:.2},"tk_max_ms":{max:.2}}}"#,
+            t.len()
+        ));
+    }
+    let (low, low_at) = load.acks.slowest(faulted, healed);
+    let back = back_at(&load.acks, healed, secs, before_rate / 2.0);
+    let back_ms = back.map_or("null".to_owned(), |d| format!("{:.0}", ms(d)));
+    let ended = load.ended.lock().unwrap().clone();
+    println!(
+        "slowest 500 ms of the fault: {low:.0} PUBACKs/s, {:.1} s into it; PUBACKs at half \
+         the rate before the fault {back_ms} ms after the heal (null: not by the end); \
+         connections of the healthy nodes that ended: {}{}",
+        (low_at - faulted).as_secs_f64(),
+        ended.len(),
+        ended
+            .iter()
+            .map(|(at, who, why)| format!(" [{:.2} s {who}: {why}]", at.as_secs_f64()))
+            .collect::<String>()
+    );
+    json.push_str(&format!(
+        r#","slowest_500ms_acks_per_s":{low:.0},"back_after_heal_ms":{back_ms},"healthy_ended":{}"#,
+        ended.len()
+    ));
+    if watch.is_some() {
+        let mut ends: Vec<Duration> = old
+            .iter()
+            .flatten()
+            .map(|(at, _)| at.saturating_sub(faulted))
+            .collect();
+        let mut how: std::collections::BTreeMap<String, usize> = Default::default();
+        for o in &old {
+            let h = o.as_ref().map_or("still open", |(_, h)| h.as_str());
+            *how.entry(h.to_owned()).or_default() += 1;
+        }
+        let (e50, _, emax) = spread(&mut ends);
+        let emin = ends.first().map_or(0.0, |t| ms(*t));
+        json.push_str(&format!(
+            r#","watched":{n},"watched_ended":{},"old_min_ms":{emin:.1},"old_p50_ms":{e50:.1},"old_max_ms":{emax:.1}"#,
+            ends.len()
+        ));
+        print!(
+            "{n} sessions on the faulty node: {} ended, after min {emin:.0}, p50 {e50:.0}, max \
+             {emax:.0} ms from the fault ({how:?})",
+            ends.len()
+        );
+        if moving {
+            let (mut overlap, mut present, mut unserved) = (0, 0, 0);
+            let mut served = Vec::new();
+            let mut margin = Duration::MAX;
+            for (o, m) in old.iter().zip(&new) {
+                let Some((at, sp)) = m else {
+                    unserved += 1;
+                    continue;
+                };
+                served.push(at.saturating_sub(faulted));
+                present += usize::from(*sp);
+                match o {
+                    Some((end, _)) if end <= at => margin = margin.min(*at - *end),
+                    _ => overlap += 1,
+                }
+            }
+            let (s50, s99, smax) = spread(&mut served);
+            let margin = if margin == Duration::MAX {
+                0.0
+            } else {
+                ms(margin)
+            };
+            print!(
+                "; served on the majority after p50 {s50:.0}, p99 {s99:.0}, max {smax:.0} ms \
+                 ({} served, {present} with session present, {unserved} not by the end); live \
+                 on two nodes at once: {overlap}, smallest gap old end to new CONNACK \
+                 {margin:.0} ms",
+                served.len()
+            );
+            json.push_str(&format!(
+                r#","served":{},"present":{present},"new_p50_ms":{s50:.1},"new_p99_ms":{s99:.1},"new_max_ms":{smax:.1},"overlap":{overlap},"min_gap_ms":{margin:.1}"#,
+                served.len()
+            ));
+        }
+        println!();
+    }
+    json.push('}');
+    println!("{json}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = args.split_first() else {
-        usage("a mode: failover, sessions, lease, partition or load")
+        usage("a mode: failover, sessions, lease, partition, load or netload")
     };
     match mode.as_str() {
         "failover" => failover(rest),
@@ -926,6 +1257,7 @@ fn main() {
         "lease" => lease(rest),
         "partition" => partition(rest),
         "load" => load(rest),
+        "netload" => netload(rest),
         m => usage(&format!("unknown mode {m}")),
     }
 }
