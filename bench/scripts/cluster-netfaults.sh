@@ -257,7 +257,7 @@ run_one() { # SCENARIO RUN-NUMBER
     local line rc=0
     line=$("$faults" netload "$fault" "$heal" "$hs" "$hs" "$vsub" "$(mqtt "$h1")" "$(mqtt "$h2")" \
         "$SECONDS_RUN" "$FAULT_AT" "$HEAL_AT" "$PUBLISHERS" "$WINDOW" "$(mqtt "$v")" \
-        "$WATCH_CLIENTS" "$move" 2>>"$work/faults.err" | tee /dev/stderr | tail -1) || rc=$?
+        "$WATCH_CLIENTS" "$move" 2>>"$work/faults.err" | tee -a /dev/stderr | tail -1) || rc=$?
     [[ $sc == slow ]] && stop_delay
     # Rules left by a tool that died before its heal.
     ip netns exec "$(ns_of "$v")" iptables -w -F INPUT
