@@ -306,7 +306,7 @@ load_run() { # RUN VICTIM_SUBSCRIBED(1/0) [RESTART_MS]
         restart=("$(printf '%q ' "${cmd[@]}") >>$work/$1-node-$l.log 2>&1 & echo \$! > $work/restart-$l.pid" "$3")
     fi
     line=$("$faults" load "${node_pid[$l]}" "$s" "$s" "$vsub" "${s%,*}" "${s#*,}" \
-        "$LOAD_SECONDS" "$KILL_AT" "$PUBLISHERS" "$WINDOW" "${restart[@]}" | tee /dev/stderr | tail -1)
+        "$LOAD_SECONDS" "$KILL_AT" "$PUBLISHERS" "$WINDOW" "${restart[@]}" | tee -a /dev/stderr | tail -1)
     record "$1" "$line"
     for id in 1 2 3; do
         ((id == l)) || echo "node $id (survivor) tessera_cluster_sessions_fenced_total: $(fenced "$id")"
