@@ -2171,9 +2171,14 @@ fn the_data_plane_simulation_regression_seeds() {
 /// 5 s, reached node 2 after c1 left: its ghost sent them on to node 3, and c1 got them
 /// twice (a QoS 0 copy matched before the session's claim on a node is not its by that
 /// node's path: `Engine::window_claim`).
+/// 233 (with hints, issue 16): node 2 restarted while node 1's window to it held batch
+/// 5 (received), 6 (done) and 7 (received); the resend round sent 5, which was done
+/// then, the done 6 went with it off the window unsent, and node 2, which knew node 1
+/// up to 5 in its new life, refused 7 and every retry: three acknowledged messages
+/// never arrived (`PeerSender::tidy`).
 const SYNC_REGRESSION_SEEDS: &[u64] = &[
     25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321, 842, 748, 1340,
-    1284, 1369, 70, 703, 2172,
+    1284, 1369, 70, 703, 2172, 233,
 ];
 
 /// Sync seeds that fail only with several shards per node, replayed so (the shard
