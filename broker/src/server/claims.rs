@@ -15,6 +15,10 @@
 //!   default), the claim stays, the CONNECT is refused (0x88 / 3) and `Claims::awaiting`
 //!   names the node whose answer counts; later CONNECTs ask again, and a claim that
 //!   replaces a waiting one is sent to that node (`Claims::passed_on`, FETCH answer `4`).
+//!   `awaiting` is set when a claim of this node is applied ([`on_applied`]), so a
+//!   claim committed after its CONNECT gave up still takes the session over at the next
+//!   CONNECT, and the claim path reads it once its shard has handled the claim's entry
+//!   (`ShardCluster::reacted`).
 //! - **Fresh starts** ([`settle`], [`mark_fresh`]): the committed owner record says which
 //!   epoch last started a session of the ClientID afresh (a Clean Start's claim, a first
 //!   claim, or `Op::SessionFresh` proposed before the CONNACK when a session starts here
