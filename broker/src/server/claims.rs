@@ -615,11 +615,14 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
                 if *node == me {
                     cluster.claims.hold(client_id, *epoch);
                     let clean = matches!(op, Op::ClaimCleanStart { .. });
-                    let fresh = cluster.owner(client_id).map_or(0, |o| o.fresh);
+                    // (The table is read only when a moving copy is kept: a connect
+                    // storm's claims cost no extra read.)
                     let here = {
                         let engine = shard.engine.borrow();
                         engine.has_session(client_id)
-                            || engine.moving_to(client_id).is_some_and(|(_, e)| e > fresh)
+                            || engine.moving_to(client_id).is_some_and(|(_, e)| {
+                                e > cluster.owner(client_id).map_or(0, |o| o.fresh)
+                            })
                     };
                     cluster
                         .claims
