@@ -176,9 +176,14 @@ impl Claims {
     }
 
     /// Another node's claim of `epoch` replaced this node's: if this node still waited
-    /// for the session from another node, that claimant must wait for it too.
-    fn passed_to(&self, client_id: &str, epoch: u64) {
-        let awaited = self.awaiting_from(client_id);
+    /// for the session from another node, that claimant must wait for it too. Not when
+    /// the session is here after all (`here`: taken in, or still being taken in, by
+    /// this node's takeover, whose `awaiting` is cleared only at its end): the claimant
+    /// is handed it here; sending it to the node it came from, which handed it out and
+    /// deletes its copy at `DONE`, gave the client a new session (network scenario,
+    /// CHAOS_SEED=796681).
+    fn passed_to(&self, client_id: &str, epoch: u64, here: bool) {
+        let awaited = self.awaiting_from(client_id).filter(|_| !here);
         self.forget(client_id);
         let mut passed = self.passed_on.borrow_mut();
         match awaited {
@@ -628,7 +633,11 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
                         .claims
                         .claimed_here(client_id, *epoch, *previous, me, clean || here);
                 } else {
-                    cluster.claims.passed_to(client_id, *epoch);
+                    let here = {
+                        let engine = shard.engine.borrow();
+                        engine.has_session(client_id) || engine.is_importing(client_id)
+                    };
+                    cluster.claims.passed_to(client_id, *epoch, here);
                     let ended = shard
                         .engine
                         .borrow_mut()
