@@ -675,32 +675,11 @@ mod third_party {
         cluster.start(3, &[], false);
         cluster.wait_for_leader();
         // What the subscriber got before it went offline counts as delivered.
-        let mut got = into3.received.lock().unwrap().clone();
+        let got = into3.received.lock().unwrap().clone();
         into3.stop.store(true, Ordering::Relaxed);
         let acked3 = into3.acked.lock().unwrap().clone();
         drop(into3);
-        let (sub, mut conn) =
-            rumqttc::Client::new(options(cluster.node(3).addr(), "df3-sub", false), 100);
-        let deadline = Instant::now() + CLUSTER_TIMEOUT;
-        while !acked3.iter().all(|n| got.contains(n)) {
-            assert!(
-                Instant::now() < deadline,
-                "node 3 lost acknowledged messages: {} acked, {} received",
-                acked3.len(),
-                got.len()
-            );
-            if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) =
-                conn.recv_timeout(Duration::from_millis(200))
-            {
-                got.insert(
-                    std::str::from_utf8(&p.payload)
-                        .unwrap()
-                        .parse::<u64>()
-                        .unwrap(),
-                );
-            }
-        }
-        drop(sub);
+        receive_the_rest(cluster.node(3).addr(), "df3-sub", &acked3, got, "node 3");
         load.wait_progress(20, "after node 3 rejoined");
         load.finish();
     }
@@ -759,15 +738,28 @@ mod third_party {
         std::fs::remove_file(filler).unwrap();
         load.wait_progress(20, "after space was freed");
         let acked: Vec<u64> = load.acked.lock().unwrap().clone();
-        let mut got = load.received.lock().unwrap().clone();
+        let got = load.received.lock().unwrap().clone();
         load.stop.store(true, Ordering::Relaxed);
         drop(load);
-        let (sub, mut conn) = rumqttc::Client::new(options(broker.addr(), "sdf-sub", false), 100);
+        receive_the_rest(broker.addr(), "sdf-sub", &acked, got, "the full disk");
+    }
+
+    /// Reconnects the persistent subscriber `id` at `addr` and receives until every
+    /// number in `acked` arrived (`got`: what it received before), or fails naming
+    /// `after` as where the acknowledged messages were lost.
+    fn receive_the_rest(
+        addr: SocketAddr,
+        id: &str,
+        acked: &[u64],
+        mut got: BTreeSet<u64>,
+        after: &str,
+    ) {
+        let (sub, mut conn) = rumqttc::Client::new(options(addr, id, false), 100);
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
         while !acked.iter().all(|n| got.contains(n)) {
             assert!(
                 Instant::now() < deadline,
-                "acknowledged messages lost on a full disk: {} acked, {} of them received",
+                "acknowledged messages lost after {after}: {} acked, {} of them received",
                 acked.len(),
                 acked.iter().filter(|n| got.contains(n)).count()
             );

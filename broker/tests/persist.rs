@@ -973,8 +973,17 @@ fn a_full_map_grows_and_loses_nothing() {
     }
 }
 
-fn refusal(args: &[&str]) -> String {
-    let out = run_bounded(args, &[], Duration::from_secs(10));
+/// Starts a one-shard broker on `data_dir`, which must refuse to start: its stderr.
+fn refusal(data_dir: &str) -> String {
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--data-dir",
+        data_dir,
+    ];
+    let out = run_bounded(&args, &[], Duration::from_secs(10));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "exit status; stderr: {err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -986,14 +995,7 @@ fn bad_disk_states_are_refused_naming_the_path() {
     // A directory another broker holds.
     let dir = TestDir::new("locked");
     let broker = start(&dir, 1);
-    let err = refusal(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--shards",
-        "1",
-        "--data-dir",
-        dir.path_str(),
-    ]);
+    let err = refusal(dir.path_str());
     assert!(
         err.contains("in use by another broker") && err.contains(dir.path_str()),
         "{err}"
@@ -1008,14 +1010,7 @@ fn bad_disk_states_are_refused_naming_the_path() {
         vec![0x5Au8; 64 * 1024],
     )
     .unwrap();
-    let err = refusal(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--shards",
-        "1",
-        "--data-dir",
-        dir.path_str(),
-    ]);
+    let err = refusal(dir.path_str());
     assert!(
         err.contains(&format!("{}/shard-0", dir.path_str())),
         "{err}"
@@ -1037,15 +1032,7 @@ fn bad_disk_states_are_refused_naming_the_path() {
         } else {
             std::fs::remove_file(&data).unwrap();
         }
-        let args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "1",
-            "--data-dir",
-            dir.path_str(),
-        ];
-        let err = refusal(&args);
+        let err = refusal(dir.path_str());
         assert!(err.contains("lost its data"), "{tag}: {err}");
         assert!(
             err.contains(&format!("{}/shard-0", dir.path_str())),
@@ -1057,7 +1044,7 @@ fn bad_disk_states_are_refused_naming_the_path() {
         );
         // Refused again (the start did not turn it into an empty store), until the
         // operator moves the shard away: then it starts empty.
-        assert!(refusal(&args).contains("lost its data"), "{tag}");
+        assert!(refusal(dir.path_str()).contains("lost its data"), "{tag}");
         std::fs::rename(
             format!("{}/shard-0", dir.path_str()),
             format!("{}/shard-0.lost", dir.path_str()),
@@ -1111,14 +1098,7 @@ fn bad_disk_states_are_refused_naming_the_path() {
             w.commit().unwrap();
         }
         env.prepare_for_closing().wait();
-        let err = refusal(&[
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "1",
-            "--data-dir",
-            dir.path_str(),
-        ]);
+        let err = refusal(dir.path_str());
         assert!(err.contains(expect) && err.contains(&path), "{tag}: {err}");
     }
 }
