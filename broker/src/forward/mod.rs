@@ -2513,6 +2513,20 @@ impl PeerSender {
             .count()
     }
 
+    /// The queue's next batch, numbered next in this sender's sequence (sent at once or
+    /// hinted: both go into the window with that number).
+    fn take_next(&mut self, frontier: u64, now_ms: u64) -> Option<Sent> {
+        let batch = take_batch(
+            &self.queue,
+            &self.drained,
+            self.incarnation,
+            (self.seq + 1, frontier),
+            now_ms,
+        )?;
+        self.seq += 1;
+        Some(batch)
+    }
+
     fn frontier(&self) -> u64 {
         self.window.front().map_or(self.seq + 1, |b| b.seq)
     }
@@ -2637,17 +2651,9 @@ impl PeerSender {
         let frontier = self.frontier();
         let (mut n, mut bytes) = (0u64, 0u64);
         while store.has_room() && self.window.len() < hints::HINTED_BATCHES_MAX {
-            let taken = take_batch(
-                &self.queue,
-                &self.drained,
-                self.incarnation,
-                (self.seq + 1, frontier),
-                now_ms,
-            );
-            let Some(mut b) = taken else {
+            let Some(mut b) = self.take_next(frontier, now_ms) else {
                 break;
             };
-            self.seq += 1;
             b.disk = Disk::Writing;
             store.add(b.size);
             self.hint_puts.push((b.seq, b.size));
@@ -2894,17 +2900,9 @@ impl PeerSender {
                     .filter(|b| !matches!(b.state, SentState::Done))
                     .count();
                 while sending < BATCHES_IN_FLIGHT && not_done < BATCHES_NOT_DONE_MAX {
-                    let taken = take_batch(
-                        &self.queue,
-                        &self.drained,
-                        self.incarnation,
-                        (self.seq + 1, frontier),
-                        now_ms,
-                    );
-                    let Some(mut batch) = taken else {
+                    let Some(mut batch) = self.take_next(frontier, now_ms) else {
                         break;
                     };
-                    self.seq += 1;
                     let bytes = batch.bytes.clone().unwrap_or_default();
                     batch.state = SentState::Sending(self.call(bytes));
                     self.window.push_back(batch);
