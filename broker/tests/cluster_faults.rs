@@ -443,7 +443,7 @@ impl Load {
 
     /// Ends the run: the publishers finish their last message, the subscribers read
     /// until idle (all bounded), then the check; on a violation the nodes' logs go to
-    /// files, named in the failure.
+    /// files, named in the failure, with the clients' history (`history.log`).
     fn finish(mut self, seed: u64, cluster: &Cluster) {
         self.sh.phase.store(DRAINING, Ordering::Relaxed);
         let deadline = Instant::now() + DRAIN;
@@ -484,6 +484,7 @@ impl Load {
         println!("{report}");
         if !report.is_clean() || report.counts.acked < ACKED_MIN || !stuck.is_empty() {
             let dir = dump_logs(&logs, seed);
+            std::fs::write(format!("{dir}/history.log"), self.sh.h.dump()).expect("write history");
             let errors = self.sh.errors.lock().unwrap();
             let shown: Vec<&String> = errors.iter().take(40).collect();
             panic!(
