@@ -248,6 +248,35 @@ fn order_ignores_resent_publications_and_allows_late_copies_past_a_moves_hold() 
     // Another node's, or before the client came: an error.
     assert_eq!(a.check(&[gave_up(1_000, 1)], LEASE, 4_000).order.len(), 1);
     assert_eq!(a.check(&[gave_up(20, 2)], LEASE, 4_000).order.len(), 1);
+    // Given up while the client was away from the node its session stayed on, and
+    // delivered once it reconnected there (CHAOS_SEED=904807: the node paused past
+    // the hold, the client back after its resume): late. The hold is the session's.
+    let away = |back_via: Option<u64>| {
+        let a = base();
+        a.sent(21, "p", "t/a", 1, 1);
+        a.sent(22, "p", "t/a", 1, 2);
+        a.connack(25, "s", 2, true);
+        a.delivered(30, "s", "t/a", 1, 1, false, "p", 2);
+        if let Some(node) = back_via {
+            a.connack(1_005, "s", node, true);
+        }
+        a.connack(1_010, "s", 2, true);
+        a.delivered(1_030, "s", "t/a", 1, 2, false, "p", 1);
+        let log = NodeLog {
+            node: 2,
+            text: a.line(
+                1_000,
+                "client order hold given up client_id=\"s\" node=2 shard=0",
+            ),
+        };
+        a.check(&[log], LEASE, 4_000)
+    };
+    let r = away(None);
+    r.assert_clean();
+    assert_eq!(r.late.len(), 1, "{r}");
+    // A stay elsewhere between: the session came back with a new window, whose hold
+    // held: an error.
+    assert_eq!(away(Some(1)).order.len(), 1);
     // Its node killed between: late.
     let a = base();
     a.sent(21, "p", "t/a", 1, 1);
