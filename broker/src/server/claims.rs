@@ -847,6 +847,11 @@ fn fence(shard: &Shard, cluster: &ShardCluster, now: u64) {
     // it over in route barriers meanwhile, and the route changes for its engine may
     // still wait in its channel. So it fences as if out of contact.
     let last = cluster.claims.lease_checked_ms.replace(now);
+    // Stood still past two ticks: the holds of moved-in sessions' windows do not count
+    // that time (`Engine::stood_still`).
+    if last != 0 && now.saturating_sub(last) > 2 * super::TICK.as_millis() as u64 {
+        shard.engine.borrow_mut().stood_still(last, now);
+    }
     let stalled = last != 0 && now.saturating_sub(last) > lease.as_millis() as u64;
     if !stalled && cluster.handle().in_contact(lease) {
         return;

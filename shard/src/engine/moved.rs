@@ -1887,6 +1887,39 @@ impl Engine {
         }
     }
 
+    /// The shard stood still from `since_ms` to `now_ms` (its process was stopped,
+    /// SIGSTOP or a frozen VM, or starved): the holds made before it do not count
+    /// that time. A hold waits for the old owner's redirects; while this shard stood
+    /// still none could be taken, and the peers' calls to it failed, so theirs wait
+    /// in their queues (or hint stores) until it answers again. Counted, every hold
+    /// older than [`HOLD_MAX_MS`] ran out at the first tick after the resume, before
+    /// any of them could come, and the old owner's copies came after the later ones
+    /// it had let go (fault harness, pause scenario, CI's CHAOS_SEED=904807: the new
+    /// owner SIGSTOPped 10 s). Each such hold keeps what it had left.
+    pub fn stood_still(&mut self, since_ms: u64, now_ms: u64) {
+        let gap = now_ms.saturating_sub(since_ms);
+        if gap == 0 || self.moved.holds.is_empty() {
+            return;
+        }
+        let before = |due: u64| due.saturating_sub(HOLD_MAX_MS) <= since_ms;
+        for (due, _, _) in self.moved.holds.iter_mut() {
+            if before(*due) {
+                *due += gap;
+            }
+        }
+        self.moved
+            .holds
+            .make_contiguous()
+            .sort_by_key(|(due, _, _)| *due);
+        for w in self.moved.windows.values_mut() {
+            for h in w.held.iter_mut() {
+                if before(h.due_ms) {
+                    h.due_ms += gap;
+                }
+            }
+        }
+    }
+
     /// Session `idx` leaves this shard: what its window holds goes into its queue
     /// first (it travels with it).
     pub(super) fn release_all_held(&mut self, now_ms: u64, idx: SessionIdx) {
@@ -2764,6 +2797,52 @@ mod tests {
         // The next direct one waits for its redirect too.
         b.handle_mesh(8, remote_b, forwarded_at("7", qos2, 7));
         assert!(payloads(&mut b, s_b).is_empty(), "7 waits for its redirect");
+    }
+
+    /// CI's CHAOS_SEED=904807 (pause scenario): the new owner B held a direct copy for
+    /// A's redirects and was then stopped (SIGSTOP) for 10 s, past the hold's bound.
+    /// Counted, the hold ran out at B's first tick after the resume, before A's
+    /// redirects (waiting in A's queue for B to answer again) could come, and the older
+    /// one came after the later one. Time B stood still does not count: the hold keeps
+    /// what it had left, and the redirects that come then are delivered in order.
+    #[test]
+    fn time_the_new_owner_stood_still_does_not_run_out_its_hold() {
+        let qos1 = QoS::AtLeastOnce;
+        let (mut a, remote_a, _) = node(7);
+        let (mut b, remote_b, s_b, _) = moved_to_b(&mut a);
+        assert!(a.moving_done(4, "s", (2, 99)));
+        b.expire_moved(4);
+        // 6 reaches B directly while 5 is on its way to A; B is held 1 s later.
+        b.handle_mesh(10, remote_b, forwarded_at("6", qos1, 6));
+        b.expire_moved(250);
+        b.expire_moved(500);
+        // Stopped from 500 ms to 10.5 s; its first tick after the resume.
+        let resumed = 10_500;
+        b.stood_still(500, resumed);
+        b.expire_moved(resumed);
+        assert!(
+            payloads(&mut b, s_b).is_empty(),
+            "the hold ran out while B stood still"
+        );
+        assert_eq!(b.stats().moved_order_given_up, 0);
+        // A's redirects of 5 and 6 come after the resume, within what the hold had
+        // left: 5, then 6, once each.
+        for (label, n) in [("5", 5), ("6", 6)] {
+            a.handle_mesh(resumed, remote_a, forwarded_at(label, qos1, n));
+        }
+        let mut got = Vec::new();
+        for r in remote_out(&mut a) {
+            b.handle_mesh(resumed + 100, remote_b, r);
+            got.extend(payloads(&mut b, s_b));
+        }
+        assert_eq!(
+            got,
+            vec![Bytes::from_static(b"5"), Bytes::from_static(b"6")]
+        );
+        // A hold made after the resume is not lengthened by it.
+        b.handle_mesh(resumed + 200, remote_b, forwarded_at("8", qos1, 8));
+        b.expire_moved(resumed + 200 + HOLD_MAX_MS);
+        assert_eq!(payloads(&mut b, s_b), vec![Bytes::from_static(b"8")]);
     }
 
     /// A QoS 0 copy from origin 5, shard 0, with its `n`th id there, that its sending
