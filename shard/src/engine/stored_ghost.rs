@@ -138,8 +138,11 @@ impl Engine {
                 self.subscriptions.insert(f, gidx, *e);
                 self.routes.insert(f, self.shard, ());
             }
+            self.moved.ghost_gen += 1;
+            let number = self.moved.ghost_gen;
             self.moved.ghosts[slot as usize] = Some(Ghost {
                 client_id: g.client_id.clone(),
+                number,
                 to: g.to,
                 filters: filters.into_iter().map(|(f, _)| f).collect(),
                 confirmed: true,
@@ -163,7 +166,7 @@ impl Engine {
             self.moved.by_client.insert(g.client_id.clone(), slot);
             self.moved
                 .expiring
-                .push_back((due, Expiring::Ghost(slot, g.client_id)));
+                .push_back((due, Expiring::Ghost(slot, number)));
         }
     }
 }
