@@ -149,11 +149,12 @@ impl Claims {
     /// This node's claim of `epoch` was applied, replacing `previous`: where its session
     /// is still to be fetched from (`awaiting`). A Clean Start continues nothing; nor is
     /// anything awaited when this shard keeps the session or a moving copy of it that
-    /// is not stale (`here`): the other claims all waited for this node, the session
-    /// is its own to take back, and a claimant that replaces this claim is handed it,
-    /// not sent to a node that only waited (network scenario, CHAOS_SEED=671040). A
-    /// claim that replaced this node's own claim takes over what that one still waited
-    /// for.
+    /// is not stale and that no claimant fetched (`here`, `Engine::keeps_session`):
+    /// the other claims all waited for this node, the session is its own to take back,
+    /// and a claimant that replaces this claim is handed it, not sent to a node that
+    /// only waited (network scenario, CHAOS_SEED=671040). A copy a claimant fetched is
+    /// that node's session (CHAOS_SEED=75901): this claim waits for it there. A claim
+    /// that replaced this node's own claim takes over what that one still waited for.
     fn claimed_here(
         &self,
         client_id: &str,
@@ -621,14 +622,11 @@ pub(super) fn on_applied(shard: &Shard, cluster: &ShardCluster, entry: &AppliedE
                     cluster.claims.hold(client_id, *epoch);
                     let clean = matches!(op, Op::ClaimCleanStart { .. });
                     // (The table is read only when a moving copy is kept: a connect
-                    // storm's claims cost no extra read.)
-                    let here = {
-                        let engine = shard.engine.borrow();
-                        engine.has_session(client_id)
-                            || engine.moving_to(client_id).is_some_and(|(_, e)| {
-                                e > cluster.owner(client_id).map_or(0, |o| o.fresh)
-                            })
-                    };
+                    // storm's claims cost no extra read.) A copy another claimant
+                    // fetched is not here: that node has the session.
+                    let here = shard.engine.borrow().keeps_session(client_id, || {
+                        cluster.owner(client_id).map_or(0, |o| o.fresh)
+                    });
                     cluster
                         .claims
                         .claimed_here(client_id, *epoch, *previous, me, clean || here);

@@ -169,6 +169,25 @@ impl Engine {
         self.session_idx(client_id).is_some()
     }
 
+    /// Whether this shard keeps `client_id`'s session for a claim of its own node to
+    /// continue: the session itself, or a moving copy no claimant fetched (parked for a
+    /// claim whose node only waited for this one) that is not of a session older than
+    /// the ClientID's last fresh start (`fresh`, read only when a copy is kept). A copy
+    /// a claimant fetched is that node's session now, taken in there (or still being
+    /// taken in), whether or not its confirmation came yet: a claim of this node that
+    /// replaces that claimant's must fetch it from there (network scenario,
+    /// CHAOS_SEED=75901: this node took it for its own, the confirmation deleted the
+    /// copy, and the client got a new session here).
+    pub fn keeps_session(&self, client_id: &str, fresh: impl FnOnce() -> u64) -> bool {
+        if self.has_session(client_id) {
+            return true;
+        }
+        Str::try_from(client_id)
+            .ok()
+            .and_then(|k| self.moving.get(&k))
+            .is_some_and(|m| !m.fetched && m.to.1 > fresh())
+    }
+
     /// Whether `client_id` has a live connection here.
     pub fn is_connected(&self, client_id: &str) -> bool {
         self.session_idx(client_id)
@@ -953,6 +972,31 @@ mod tests {
         );
         drain(e, conn, ProtocolVersion::V5);
         conn
+    }
+
+    /// Network scenario (CHAOS_SEED=75901, a lost session): node 2 kept chaos-sub-1's
+    /// session when node 1's claim parked it; node 1 fetched the copy and was still
+    /// taking it in when node 2's own late claim (its CONNECT had given up) was
+    /// applied. Node 2 took the copy for one it keeps, so its claim awaited nothing;
+    /// node 1's confirmation deleted the copy, and the client, back on node 2, got a
+    /// new session (session present 0). A copy its claimant fetched is not kept here.
+    #[test]
+    fn a_moving_copy_its_claimant_fetched_is_no_longer_this_shards_to_continue() {
+        let mut e = Engine::new(0, 1, Limits::default());
+        subscriber(&mut e, "s");
+        assert_eq!(e.fence(1, |_| true), 1);
+        assert!(e.keeps_session("s", || 0), "the session itself");
+        // Parked for node 2's claim (epoch 99), which only waits for this node.
+        assert!(e.export_session(2, "s", 0, (2, 99)).is_some());
+        assert!(!e.has_session("s"));
+        assert!(e.keeps_session("s", || 0), "a parked copy nobody fetched");
+        assert!(!e.keeps_session("s", || 99), "a copy of an older session");
+        // Node 2's FETCH takes it: the session is node 2's now.
+        e.moving_fetched("s");
+        assert!(!e.keeps_session("s", || 0), "a copy its claimant fetched");
+        // Handed on to a later claimant, too.
+        assert!(e.moving_handout("s", (3, 120)).is_some());
+        assert!(!e.keeps_session("s", || 0));
     }
 
     #[test]
