@@ -666,7 +666,7 @@ async fn take_in_parts(
                     left,
                     "session moved without the rest of its queue's disk tail: {e}"
                 );
-                shard.engine.borrow_mut().import_finish(client_id);
+                shard.engine.borrow_mut().import_finish(now_ms(), client_id);
                 shard.flush_outbox();
                 return Some(Settled::No);
             }
@@ -675,7 +675,7 @@ async fn take_in_parts(
     metrics
         .tail_deliveries_moved
         .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
-    shard.engine.borrow_mut().import_finish(client_id);
+    shard.engine.borrow_mut().import_finish(now_ms(), client_id);
     if !all_committed(shard, COMMIT_WAIT).await {
         SessionMetrics::add(&metrics.confirm_failures);
         warn!(

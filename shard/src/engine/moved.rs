@@ -1253,6 +1253,34 @@ impl Engine {
         }
     }
 
+    /// What the ghost of session `idx` held while the session's disk tail came (its
+    /// node kept the ghost meanwhile: `Engine::import_finish`), delivered after the
+    /// tail; the ghost's window (an unconfirmed one's) joins the session's.
+    pub(super) fn deliver_held_after_tail(
+        &mut self,
+        now_ms: u64,
+        idx: SessionIdx,
+        held: Vec<Held>,
+        seen: Option<Window>,
+    ) {
+        let s = self.session(idx);
+        let (key, uid) = (s.client_id.clone(), s.uid);
+        let seen = match (seen, self.moved.windows.get_mut(&key)) {
+            (Some(old), Some(w)) if w.uid == uid => {
+                for &(o, sh, q) in &old.marks {
+                    raise(&mut w.marks, o, sh, q);
+                }
+                for id in &old.order {
+                    w.seen(*id, false);
+                }
+                self.moved.window_changed(key);
+                None
+            }
+            (seen, _) => seen,
+        };
+        self.deliver_held(now_ms, idx, held, seen);
+    }
+
     /// One answer for `token`, a publisher's or a forwarded batch's.
     fn release_waiter(&mut self, token: u64) {
         if self.pending_forwards.contains_key(&token) {

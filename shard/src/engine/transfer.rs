@@ -275,7 +275,7 @@ impl Engine {
         // What its window held for its old owner's redirects goes with it, in order.
         self.release_all_held(now_ms, idx);
         // A session still taking in its own tail goes as far as it got.
-        self.import_finish(client_id);
+        self.import_finish(now_ms, client_id);
         let delayed = self.delayed_wills.remove(&idx);
         let s = self.session(idx);
         let mut deliveries = Vec::with_capacity(s.inflight().len() + s.queue.head_len());
@@ -708,10 +708,17 @@ impl Engine {
             rs.disconnected_at_ms = Some(now_ms);
         }
         let subscriptions = std::mem::take(&mut rs.subscriptions);
+        let waits_for_tail = local.is_none() && tail.tail_count > 0;
         // It is here again: its ghost goes (`moved`), what the ghost held is
         // delivered to it below. The ghost's routes go only once the session's
         // subscriptions are attached (`Engine::detach_ghost`: a take-back left the
-        // filters unrouted for a moment, CHAOS_SEED=140775).
+        // filters unrouted for a moment, CHAOS_SEED=140775). While its disk tail
+        // comes, its subscriptions are not attached: the ghost stays until then
+        // ([`Engine::import_finish`]), so a copy that comes here for it meanwhile
+        // (matched while it lived here, say a hinted batch) goes to the node the tail
+        // comes from, whose ghost sends it back after the confirmation; without the
+        // ghost it matched nothing and was answered (network scenario,
+        // CHAOS_SEED=75901).
         let (held, seen, ghost_routes) = match Str::try_from(client_id) {
             Ok(key) => {
                 // From another node: the window it brings learns what the ghost
@@ -721,8 +728,12 @@ impl Engine {
                     .then(|| self.ghost_path(now_ms, &key))
                     .flatten()
                     .map(|p| (key.clone(), p));
-                let (held, seen) = self.take_ghost_held(&key);
-                (held, seen, self.detach_ghost(&key))
+                if waits_for_tail {
+                    (Vec::new(), None, None)
+                } else {
+                    let (held, seen) = self.take_ghost_held(&key);
+                    (held, seen, self.detach_ghost(&key))
+                }
             }
             Err(_) => (Vec::new(), None, None),
         };
@@ -734,13 +745,21 @@ impl Engine {
                 self.destroy_session(now_ms, idx);
             }
         }
+        // The ghost kept while the tail comes is not this session's predecessor for
+        // `new_session_for` to drop.
+        let kept = Str::try_from(client_id)
+            .ok()
+            .filter(|_| waits_for_tail)
+            .and_then(|k| self.moved.by_client.remove(&k).map(|slot| (k, slot)));
         let idx = self.restore_one(now_ms, rs, false);
+        if let Some((key, slot)) = kept {
+            self.moved.by_client.insert(key, slot);
+        }
         {
             let s = self.session_mut(idx);
             s.set_next_packet_id(next_packet_id);
             s.next_seq = s.next_seq.max(next_seq);
         }
-        let waits_for_tail = local.is_none() && tail.tail_count > 0;
         if local == Some(true) && tail.tail_count > 0 {
             // Taken back where the tail is: it stays on disk and loads as the head
             // drains.
@@ -860,7 +879,7 @@ impl Engine {
     /// The session taken in is complete (or as complete as it will get): it gets its
     /// subscriptions, and its record is stored with them. False when no import of
     /// `client_id` was waiting.
-    pub fn import_finish(&mut self, client_id: &str) -> bool {
+    pub fn import_finish(&mut self, now_ms: u64, client_id: &str) -> bool {
         let Ok(key) = Str::try_from(client_id) else {
             return false;
         };
@@ -870,11 +889,19 @@ impl Engine {
         let Some(idx) = self.session_idx(client_id) else {
             return false;
         };
+        // Back on a node that kept its ghost while the tail came (`take_in`): the
+        // ghost goes now, its routes once the subscriptions are attached.
+        let (held, seen) = self.take_ghost_held(&key);
+        let ghost_routes = self.detach_ghost(&key);
         for (filter, entry) in imp.subscriptions {
             self.attach_subscription(idx, filter, entry, false);
         }
+        if let Some(routes) = ghost_routes {
+            self.release_ghost_routes(routes);
+        }
         self.window_attached(&key);
         self.persist_session(idx);
+        self.deliver_held_after_tail(now_ms, idx, held, seen);
         true
     }
 
@@ -1228,7 +1255,7 @@ mod tests {
             (from_seq, more, moved) = (next, m, moved + n);
             bst.commit(b, 21);
         }
-        assert!(b.import_finish("mover"));
+        assert!(b.import_finish(21, "mover"));
         bst.commit(b, 21);
         moved
     }
@@ -1388,7 +1415,7 @@ mod tests {
         let bytes = Engine::encode_tail(&chunk, false, WALL_A);
         let (n, more, _) = b.import_tail(13, "mover", &bytes, WALL_B).unwrap();
         assert_eq!((n, more), (N - 4, false));
-        assert!(b.import_finish("mover"));
+        assert!(b.import_finish(21, "mover"));
         bst.commit(&mut b, 13);
         let (present, got) = receive_all(&mut b, &mut bst, 14);
         assert!(present);
@@ -1439,8 +1466,117 @@ mod tests {
         chunk.truncate(4);
         let bytes = Engine::encode_tail(&chunk, false, WALL_A);
         assert_eq!(b.import_tail(12, "mover", &bytes, WALL_B).unwrap().0, 4);
-        assert!(b.import_finish("mover"));
+        assert!(b.import_finish(21, "mover"));
         let (_, got) = receive_all(&mut b, &mut bst, 13);
         assert_eq!(got, expected(8));
+    }
+
+    /// Network scenario (CHAOS_SEED=75901, acknowledged messages lost): chaos-sub-2
+    /// moved 1 -> 2 and back 2 -> 1 with a disk tail on node 2, while the other nodes
+    /// still sent node 1 (from their hint stores) copies matched for it when it lived
+    /// there. Node 1 dropped its ghost of the session at the import, while the
+    /// session's subscriptions wait for the tail: such a copy arriving meanwhile matched
+    /// nothing, and its batch was answered. The ghost now stays until the tail is in:
+    /// the copy goes to node 2, whose ghost sends it back after the confirmation.
+    #[test]
+    fn a_copy_reaching_a_sessions_old_node_while_it_comes_back_with_a_disk_tail_follows_it() {
+        use crate::mesh::{MeshMsg, PubId, ShardId};
+        fn clustered(origin: u64) -> (Engine, StoreModel, ShardId) {
+            let (mut e, st) = stored_node();
+            let remote = e.enable_remote().expect("room for the remote id");
+            e.set_origin(origin);
+            (e, st, remote)
+        }
+        fn remote_out(e: &mut Engine, remote: ShardId) -> Vec<MeshMsg> {
+            std::mem::take(&mut e.outbox[usize::from(remote)])
+        }
+        let (mut a, mut ast, ra) = clustered(7);
+        offline_with_queue(&mut a, &mut ast, 2);
+        // To node 2 (epoch 5), confirmed: node 1 keeps a ghost of it.
+        let bytes = a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        let window = a.moving_window("mover").unwrap();
+        ast.commit(&mut a, 10);
+        let (mut b, mut bst, rb) = clustered(8);
+        b.import_session(11, "mover", &bytes, WALL_B).unwrap();
+        assert!(b.import_window(11, "mover", &window));
+        bst.commit(&mut b, 11);
+        assert!(a.moving_done(12, "mover", (2, 5)));
+        ast.commit(&mut a, 12);
+        remote_out(&mut a, ra);
+        // Node 2 queues more than its head holds, and hands the session back (epoch 9).
+        let pubc = b.connect(13, connect_packet(ProtocolVersion::V5, "pb", true), false);
+        for i in 2..13 {
+            publish(&mut b, pubc, &format!("m{i}"), QoS::AtLeastOnce, i as u16);
+            bst.commit(&mut b, 13);
+        }
+        remote_out(&mut b, rb);
+        let back = b.export_session(14, "mover", WALL_B, (1, 9)).unwrap();
+        let window = b.moving_window("mover").unwrap();
+        bst.commit(&mut b, 14);
+        let imported = a.import_session(15, "mover", &back, WALL_A).unwrap();
+        assert!(imported.tail_count > 0);
+        assert!(a.import_window(15, "mover", &window));
+        ast.commit(&mut a, 15);
+        // While the tail comes, a copy matched for the session while it lived here.
+        let mut late = Publish::new(Str::from_static("t"), Bytes::from_static(b"late"));
+        late.qos = QoS::AtLeastOnce;
+        late.packet_id = 1;
+        let message = super::super::message_from_publish(
+            1,
+            late,
+            crate::message::SessionUid(0),
+            ProtocolVersion::V5,
+        );
+        let id = PubId {
+            origin: 5,
+            shard: 0,
+            seq: 1,
+        };
+        a.handle_mesh(
+            16,
+            ra,
+            MeshMsg::Forwarded {
+                message,
+                mark: None,
+                ack: None,
+                id: Some(id),
+                earlier_life: false,
+                routes_index: 0,
+            },
+        );
+        ast.commit(&mut a, 16);
+        let to_b: Vec<MeshMsg> = remote_out(&mut a, ra)
+            .into_iter()
+            .filter(|m| matches!(m, MeshMsg::Redirect { node: 2, .. }))
+            .collect();
+        assert_eq!(
+            to_b.len(),
+            1,
+            "the copy matched nothing here: answered, lost"
+        );
+        move_tail(
+            (&mut b, &mut bst),
+            (&mut a, &mut ast),
+            (1, 9),
+            imported.tail_from_seq,
+        );
+        // Node 2's ghost holds it until node 1 confirms, then sends it back.
+        for m in to_b {
+            b.handle_mesh(22, rb, m);
+        }
+        bst.commit(&mut b, 22);
+        assert!(b.moving_done(23, "mover", (1, 9)));
+        bst.commit(&mut b, 23);
+        for m in remote_out(&mut b, rb) {
+            if matches!(m, MeshMsg::Redirect { node: 1, .. }) {
+                a.handle_mesh(24, ra, m);
+            }
+        }
+        ast.commit(&mut a, 24);
+        let (present, got) = receive_all(&mut a, &mut ast, 30);
+        assert!(present);
+        let mut want = expected(13);
+        want.push("late".into());
+        assert_eq!(got, want);
     }
 }
