@@ -184,6 +184,12 @@ pub(super) struct Ghost {
     /// started afresh here, and such a redirect was for an earlier session of the
     /// ClientID, which ended (sim seed 400).
     pub(super) passes_redirects: bool,
+    /// The session had come back here from the node this shard's earlier ghost of it
+    /// sent copies on to, and left again within that window: what the earlier ghost
+    /// would have sent on (copies sent here for the session before it first left) is
+    /// still the session's, whatever the marks it leaves with say (they are the
+    /// other node's too; network scenario, CHAOS_SEED=75901).
+    pub(super) earlier: Option<GhostPath>,
     /// When the session left (broker ms; `None` for a ghost restored from the store):
     /// within [`MOVED_WINDOW_MS`] of it, every node the session went to since still
     /// keeps its window, so the window it comes back with lists what it got there
@@ -239,21 +245,49 @@ pub(super) struct Window {
 /// node the session was on (harness sync seed 242, see [`Engine::moved_direct`]):
 /// a copy matching its filters that this shard had not handled when the session
 /// left (above its window's marks then).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct GhostPath {
     marks: Vec<(u64, ShardId, u64)>,
     filters: Vec<Str>,
+    /// The path of an earlier ghost of the session here, when it had come back
+    /// before this ghost's session left ([`Ghost::earlier`]), at most
+    /// [`GHOST_PATHS_MAX`] deep.
+    earlier: Option<Box<GhostPath>>,
 }
 
+/// How many ghost paths of one session (it came back to a node and left it again
+/// within the window, several times) a shard follows: older ones are dropped, and
+/// copies they would have sent on are judged by the marks again.
+const GHOST_PATHS_MAX: usize = 4;
+
 impl GhostPath {
-    /// Whether the ghost would have sent a copy of `id` on `topic` on.
+    /// Whether the ghost would have sent a copy of `id` on `topic` on (or an
+    /// earlier ghost of the session here would have).
     fn sends_on(&self, id: PubId, topic: &str) -> bool {
         let id = original(id);
-        !self
-            .marks
-            .iter()
-            .any(|m| covers(m, id.origin, id.shard, id.seq))
-            && self.filters.iter().any(|f| topic::matches(f, topic))
+        let mut path = Some(self);
+        while let Some(p) = path {
+            if !p
+                .marks
+                .iter()
+                .any(|m| covers(m, id.origin, id.shard, id.seq))
+                && p.filters.iter().any(|f| topic::matches(f, topic))
+            {
+                return true;
+            }
+            path = p.earlier.as_deref();
+        }
+        false
+    }
+
+    /// This path with at most `depth` paths in its chain.
+    fn capped(mut self, depth: usize) -> GhostPath {
+        if depth <= 1 {
+            self.earlier = None;
+        } else if let Some(e) = self.earlier.take() {
+            self.earlier = Some(Box::new(e.capped(depth - 1)));
+        }
+        self
     }
 }
 
@@ -898,9 +932,11 @@ impl Engine {
         }
         let mut ids = Vec::new();
         let mut claim_index = 0;
-        if let Some(w) = self.moved.windows.remove(&client_id) {
+        let mut earlier = None;
+        if let Some(mut w) = self.moved.windows.remove(&client_id) {
             if w.uid == uid {
                 claim_index = w.claim_index;
+                earlier = w.returned.take();
                 for &(o, sh, q) in &w.marks {
                     raise(&mut marks, o, sh, q);
                 }
@@ -957,6 +993,7 @@ impl Engine {
             seen: Some(seen),
             stored: false,
             passes_redirects: had_window,
+            earlier,
             left_ms: Some(now_ms),
         });
         self.moved.by_client.insert(client_id, slot);
@@ -1182,9 +1219,14 @@ impl Engine {
         if g.left_ms.is_none_or(|t| now_ms >= t + MOVED_WINDOW_MS) {
             return None;
         }
+        let earlier = g
+            .earlier
+            .clone()
+            .map(|p| Box::new(p.capped(GHOST_PATHS_MAX - 1)));
         Some(GhostPath {
             marks: g.seen.as_ref()?.marks.clone(),
             filters: g.filters.clone(),
+            earlier,
         })
     }
 
@@ -2003,6 +2045,14 @@ impl Engine {
             let Some(Some(g)) = self.moved.ghosts.get_mut((gidx - GHOST_BASE) as usize) else {
                 return;
             };
+            // What an earlier ghost of the session here would have sent on is judged
+            // by the ids the session got, not by the marks (`Ghost::earlier`).
+            let direct = direct
+                && !id.is_some_and(|id| {
+                    g.earlier
+                        .as_ref()
+                        .is_some_and(|p| p.sends_on(id, &msg.topic))
+                });
             // Held once: a copy the session got before it left, or one the ghost
             // holds already (it came by both paths), is not held again.
             if let (Some(id), Some(w)) = (id, g.seen.as_mut())
@@ -2032,6 +2082,10 @@ impl Engine {
             && let (Some(id), Some(Some(g))) =
                 (id, self.moved.ghosts.get((gidx - GHOST_BASE) as usize))
             && g.seen.as_ref().is_some_and(|w| w.handled(id))
+            && !g
+                .earlier
+                .as_ref()
+                .is_some_and(|p| p.sends_on(id, &msg.topic))
         {
             return;
         }
@@ -4448,6 +4502,48 @@ mod tests {
             texts(payloads(&mut a, s_a)),
             ["x"],
             "the late copy skipped by the marks of the node the session came back from"
+        );
+    }
+
+    /// The case above, with the session leaving its old node A again before A's late
+    /// batch comes (network scenario, CHAOS_SEED=75901: the other nodes resent their
+    /// hinted batches for A for up to 35 s after a cut, while the session came back
+    /// to A and moved on). A's new ghost kept the marks of the node the session had
+    /// come back from, which cover the late copy, and did not send it on: the node
+    /// the session went to would skip such a copy had it come there directly, but
+    /// this one was sent to A for the session, and only A's ghost carries it.
+    #[test]
+    fn a_late_copy_for_a_session_that_came_back_and_left_again_follows_it() {
+        let (x, y) = (id_seq(AFTER_COMMIT, 4), id_seq(AFTER_COMMIT, 5));
+        let (mut a, remote_a, _) = node(7);
+        let (mut b, remote_b) = bare(8);
+        let (s_b, _) = move_session(&mut a, &mut b, 2, "s");
+        assert!(a.moving_done(2, "s", (2, 2)));
+        remote_out(&mut a);
+        // "x" is on its way to A (a partition holds it up); "y", later, reaches B.
+        b.handle_mesh(3, remote_b, forwarded("y", y));
+        b.expire_moved(3 + HOLD_MAX_MS);
+        assert_eq!(texts(payloads(&mut b, s_b)), ["y"]);
+        // "s" comes back to A and leaves it again, for node 3, before "x" comes.
+        let t = 4 + HOLD_MAX_MS;
+        move_session(&mut b, &mut a, t, "s");
+        assert!(a.export_session(t + 1, "s", 0, (3, 7)).is_some());
+        assert!(a.moving_done(t + 1, "s", (3, 7)));
+        remote_out(&mut a);
+        a.handle_mesh(t + 2, remote_a, forwarded("x", x));
+        let sent: Vec<String> = remote_out(&mut a)
+            .into_iter()
+            .filter_map(|m| match m {
+                MeshMsg::Redirect {
+                    node: 3, message, ..
+                } => Some(String::from_utf8_lossy(&message.payload).into_owned()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            ["x"],
+            "the late copy for the session was dropped here"
         );
     }
 

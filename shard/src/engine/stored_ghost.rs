@@ -154,6 +154,7 @@ impl Engine {
                 stored: true,
                 // Not stored: a restored ghost passes redirects on, as before.
                 passes_redirects: true,
+                earlier: None,
                 left_ms: None,
             });
             tracing::debug!(
