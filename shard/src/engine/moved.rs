@@ -190,11 +190,17 @@ pub(super) struct Ghost {
     /// still the session's, whatever the marks it leaves with say (they are the
     /// other node's too; network scenario, CHAOS_SEED=75901).
     pub(super) earlier: Option<GhostPath>,
-    /// When the session left (broker ms; `None` for a ghost restored from the store):
-    /// within [`MOVED_WINDOW_MS`] of it, every node the session went to since still
-    /// keeps its window, so the window it comes back with lists what it got there
+    /// When the session left (broker ms; `None` for a ghost restored from the store,
+    /// or one whose session ended since: [`Engine::drop_older_lineage`]): within
+    /// [`MOVED_WINDOW_MS`] of it, every node the session went to since still keeps
+    /// its window, so the window it comes back with lists what it got there
     /// ([`Engine::ghost_path`]).
     pub(super) left_ms: Option<u64>,
+    /// The claim `to` fetched the session (its moving copy's `fetched`, noted at the
+    /// confirmation): a copy the log confirmed for a claim that never fetched it is
+    /// of a session that ended, that claim's node started anew without it (sim seed
+    /// 250, [`Engine::drop_older_lineage`]).
+    pub(super) fetched: bool,
 }
 
 /// A publication a ghost holds: the message, its id, who waits for it.
@@ -995,6 +1001,7 @@ impl Engine {
             passes_redirects: had_window,
             earlier,
             left_ms: Some(now_ms),
+            fetched: false,
         });
         self.moved.by_client.insert(client_id, slot);
         out
@@ -1174,7 +1181,7 @@ impl Engine {
 
     /// The node the session went to confirmed it stored it: what the ghost held goes
     /// there now, and the ghost lives [`MOVED_WINDOW_MS`] from now.
-    pub(super) fn ghost_confirmed(&mut self, now_ms: u64, client_id: &Str) {
+    pub(super) fn ghost_confirmed(&mut self, now_ms: u64, client_id: &Str, fetched: bool) {
         let Some(&slot) = self.moved.by_client.get(client_id) else {
             return;
         };
@@ -1185,6 +1192,7 @@ impl Engine {
             return;
         }
         g.confirmed = true;
+        g.fetched = fetched;
         // The new owner's window filters from now on, but it cannot apply the marks
         // to a redirect (see the module), so the ghost keeps them for the copies that
         // reach it by the normal path (sim seed 655); the ids are the new owner's.
@@ -1205,6 +1213,21 @@ impl Engine {
         };
         for (message, id, ack) in held {
             self.send_on(remote, client_id.clone(), (node, epoch), message, id, ack);
+        }
+    }
+
+    /// The confirmed ghost of `client_id`, if `ended` says its session ended (the
+    /// ClientID started a new one since, [`Engine::drop_older_lineage`]): no ghost
+    /// path for a session taken in here ([`Engine::ghost_path`]).
+    pub(super) fn ghost_session_ended(&mut self, client_id: &Str, ended: impl Fn(&Ghost) -> bool) {
+        let Some(&slot) = self.moved.by_client.get(client_id) else {
+            return;
+        };
+        if let Some(Some(g)) = self.moved.ghosts.get_mut(slot as usize)
+            && g.confirmed
+            && ended(g)
+        {
+            g.left_ms = None;
         }
     }
 
@@ -4544,6 +4567,40 @@ mod tests {
             sent,
             ["x"],
             "the late copy for the session was dropped here"
+        );
+    }
+
+    /// Sim seed 250 (`sync`): A parked c4's session for node B's claim, which could not
+    /// reach A and started c4 anew; the log's mark confirmed A's copy (never fetched),
+    /// so A's ghost was of the older session. The new session got "x" on B and came
+    /// to A within the ghost's window, and a late direct copy of "x" reached A (the
+    /// ghost's routes drew it): A judged it as that ghost's redirect, by the ids of
+    /// the new session's window, which do not list "x", and delivered it again. The
+    /// ghost path is the same session's only; the copy is judged by B's marks.
+    #[test]
+    fn a_ghost_of_a_session_that_ended_gives_no_ghost_path_to_a_new_one_taken_in() {
+        let x = id_seq(AFTER_COMMIT, 4);
+        let (mut a, remote_a, _) = node(7);
+        assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
+        // Node B started "s" anew under claim 99: the log's mark confirms A's copy.
+        assert!(a.moving_done(3, "s", (2, 99)));
+        remote_out(&mut a);
+        let (mut b, remote_b) = bare(8);
+        let sb = b.connect(3, connect_packet(V, "s", false), false);
+        b.handle_packet(3, sb, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut b, sb, V);
+        b.handle_mesh(4, remote_b, forwarded("x", x));
+        assert_eq!(texts(payloads(&mut b, sb)), ["x"]);
+        // The new session comes to A (the log's mark is 99, as the broker's take-in
+        // reads it), with "x" in flight; then A's late copy of "x" arrives.
+        assert!(!a.drop_older_lineage("s", 99), "no moving copy left");
+        let (s_a, queued) = move_session(&mut b, &mut a, 5, "s");
+        assert_eq!(queued, ["x"], "in flight, sent again with its packet id");
+        a.handle_mesh(5, remote_a, forwarded("x", x));
+        a.expire_moved(5 + HOLD_MAX_MS);
+        assert!(
+            payloads(&mut a, s_a).is_empty(),
+            "delivered again by the ghost path of the session that ended"
         );
     }
 

@@ -156,6 +156,7 @@ impl Engine {
                 passes_redirects: true,
                 earlier: None,
                 left_ms: None,
+                fetched: false,
             });
             tracing::debug!(
                 shard = self.shard,
