@@ -2183,9 +2183,15 @@ fn the_data_plane_simulation_regression_seeds() {
 /// the late direct copies its ghost's routes had drawn by the ghost path (the ids of
 /// the new session's window, which do not list what came in its queue): delivered
 /// twice (the ghost path is the same session's only: `Engine::drop_older_lineage`).
+/// 232 (with hints; passes with `SIM_HINTS=0`): node 1's ghost of c0's first session,
+/// confirmed by the log for node 2's claim, under which node 2 had started c0 afresh,
+/// redirected node 2's hinted batch (QoS 2 5/1-5/4, 0/3-0/6) to node 2, where c0 had
+/// got them by the normal path and was moving on to node 3; node 2's unconfirmed
+/// ghost held the redirects and sent them on at the confirmation: delivered twice on
+/// node 3 (a ghost that passes no redirect lets a held one go at the confirmation).
 const SYNC_REGRESSION_SEEDS: &[u64] = &[
     25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321, 842, 748, 1340,
-    1284, 1369, 70, 703, 2172, 233, 250,
+    1284, 1369, 70, 703, 2172, 233, 250, 232,
 ];
 
 /// Sync seeds that fail only with several shards per node, replayed so (the shard

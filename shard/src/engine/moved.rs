@@ -203,8 +203,9 @@ pub(super) struct Ghost {
     pub(super) fetched: bool,
 }
 
-/// A publication a ghost holds: the message, its id, who waits for it.
-pub(super) type Held = (Message, Option<PubId>, Option<u64>);
+/// A publication a ghost holds: the message, its id, who waits for it, and whether
+/// it came redirected by another node's ghost (not by the normal path).
+pub(super) type Held = (Message, Option<PubId>, Option<u64>, bool);
 
 /// The trie entries of a ghost that went ([`Engine::detach_ghost`]), still routed
 /// until [`Engine::release_ghost_routes`].
@@ -1208,10 +1209,27 @@ impl Engine {
         self.moved
             .expiring
             .push_back((now_ms + MOVED_WINDOW_MS, Expiring::Ghost(slot, g.number)));
+        let passes_redirects = g.passes_redirects;
         let Some(remote) = self.remote else {
             return;
         };
-        for (message, id, ack) in held {
+        for (message, id, ack, redirected) in held {
+            // A redirect held for a session that started afresh here goes no
+            // further, as a confirmed ghost drops one (`redirected`): it was for
+            // an earlier session of the ClientID, and the one that went on may
+            // have got the publication by the normal path, which its new node
+            // cannot tell from a redirect. It was held only in case the session
+            // came back here (sim seed 232: node 1's ghost of c0's earlier session,
+            // confirmed by the log for node 2's claim, which had started c0
+            // afresh, redirected node 2's hinted batch to node 2; c0 had got those
+            // QoS 2 publications on node 2 and was moving on to node 3, whose
+            // window does not list them: delivered twice).
+            if redirected && !passes_redirects {
+                if let Some(t) = ack {
+                    self.release_waiter(t);
+                }
+                continue;
+            }
             self.send_on(remote, client_id.clone(), (node, epoch), message, id, ack);
         }
     }
@@ -1310,7 +1328,7 @@ impl Engine {
             w.local_mark = self.local_mark_for(&key);
             self.keep_window(now_ms, key, w);
         }
-        for (message, _, ack) in held {
+        for (message, _, ack, _) in held {
             self.deliver_to_session(now_ms, idx, message);
             if let Some(t) = ack {
                 self.release_waiter(t);
@@ -1398,7 +1416,7 @@ impl Engine {
         }
         // Nobody takes what it still held: its waiters are answered, not held for
         // ever (said in docs/ARCHITECTURE.md).
-        for (_, _, ack) in g.held {
+        for (_, _, ack, _) in g.held {
             if let Some(t) = ack {
                 self.release_waiter(t);
             }
@@ -2086,7 +2104,7 @@ impl Engine {
             let ack = self.redirect_ack(msg.qos);
             let seq = self.store_held(gidx, &client_id, msg);
             if let Some(Some(g)) = self.moved.ghosts.get_mut((gidx - GHOST_BASE) as usize) {
-                g.held.push((msg.clone(), id, ack));
+                g.held.push((msg.clone(), id, ack, !direct));
                 g.held_seqs.extend(seq);
             }
             if seq.is_some() {
@@ -3577,6 +3595,42 @@ mod tests {
                 .iter()
                 .any(|m| matches!(m, MeshMsg::Redirect { node: 3, .. })),
             "a redirect for the session that moved on was not sent on"
+        );
+    }
+
+    /// Sim seed 232 (`sync`, with hints): the same redirect for an earlier session,
+    /// reaching the ghost before its confirmation. An unconfirmed ghost holds it (its
+    /// session may come back, sync seed 194), and at the confirmation sent it on:
+    /// node 1's ghost of c0's earlier session redirected node 2's hinted batch to
+    /// node 2, where the fresh c0 had got those QoS 2 publications and was moving on
+    /// to node 3, whose window does not list them (node 3 delivered them again). A
+    /// ghost of a session that started afresh on its node lets such a held redirect
+    /// go at the confirmation; one of a session that had moved in sends it on.
+    #[test]
+    fn a_redirect_held_before_the_confirmation_goes_on_only_for_a_session_that_had_moved_in() {
+        // Fresh here: held, then dropped at the confirmation.
+        let (mut a, remote_a, _) = node(7);
+        assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
+        a.handle_mesh(3, remote_a, redirect("for an earlier session", 3));
+        assert!(a.moving_done(4, "s", (2, 99)));
+        assert!(
+            !remote_out(&mut a)
+                .iter()
+                .any(|m| matches!(m, MeshMsg::Redirect { .. })),
+            "a held redirect for an earlier session sent on"
+        );
+
+        // Moved in here with a window, then on again: the held redirect follows it.
+        let (mut a, _, _) = node(7);
+        let (mut b, remote_b, _, _) = moved_to_b(&mut a);
+        assert!(b.export_session(4, "s", 0, (3, 100)).is_some());
+        b.handle_mesh(5, remote_b, redirect("for this session", 3));
+        assert!(b.moving_done(6, "s", (3, 100)));
+        assert!(
+            remote_out(&mut b)
+                .iter()
+                .any(|m| matches!(m, MeshMsg::Redirect { node: 3, .. })),
+            "a held redirect for the session that moved on was not sent on"
         );
     }
 
