@@ -2435,6 +2435,216 @@ fn a_claim_committed_after_its_connect_gave_up_takes_the_session_over() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
+/// Nothing at the old owner while a member is silent (pause scenario, CHAOS_SEED=804188,
+/// 234924d): c0's session is on node `home`, cut off; c0 comes to node `mid`, whose
+/// claim waits for `home` (refused); `mid` restarts and forgets that it waited (the
+/// documented bound of 137's fix), and c0 comes to the leader: its fetch from `mid`,
+/// the claim it replaces, finds nothing, and no moving copy anywhere, while `home` does
+/// not answer. With `cluster.wait_for_session_owner` the leader waits for `home`
+/// (refused) rather than start a new session; after the heal c0 takes its session from
+/// `home` there, with what was acknowledged for it meanwhile. Before the fix the leader
+/// served c0 a new session (session present 0). Returns the violations.
+async fn silent_member() -> Vec<String> {
+    let _sim = rt::enter_sim();
+    let mut w = World::new(0x2349, vec![1; NODES as usize], true, false);
+    w.wait_for_owner = true;
+    for id in 1..=NODES {
+        w.start(id).await;
+    }
+    w.run_for(Duration::from_secs(2)).await;
+    let Some(leader) = w.leader() else {
+        return vec!["no leader after 2 s".into()];
+    };
+    let others: Vec<NodeId> = (1..=NODES).filter(|n| *n != leader).collect();
+    let (home, mid) = (others[0], others[1]);
+    w.connect(0, home, false);
+    w.connect(1, leader, false);
+    w.run_for(Duration::from_secs(1)).await;
+    w.subscribe(0, "t/#");
+    w.run_for(Duration::from_secs(1)).await;
+    w.net.isolate(home, 1..=NODES);
+    w.run_for(Duration::from_millis(500)).await;
+    w.connect(0, mid, false);
+    w.run_for(super::claims::CLAIM_TIMEOUT + Duration::from_secs(1))
+        .await;
+    let mut errors = Vec::new();
+    if w.clients[0].borrow().conns.iter().any(|k| k.node == mid) {
+        errors.push(format!(
+            "c0 served on node {mid} while node {home} was cut off"
+        ));
+    }
+    w.crash(mid).await;
+    w.start(mid).await;
+    w.run_for(Duration::from_secs(2)).await;
+    for seq in 0..3 {
+        w.publish(1, format!("t/{seq}"), QoS::AtLeastOnce);
+        w.run_for(Duration::from_millis(20)).await;
+    }
+    w.connect(0, leader, false);
+    w.run_for(super::claims::CLAIM_TIMEOUT + Duration::from_secs(1))
+        .await;
+    if w.clients[0].borrow().conns.iter().any(|k| k.node == leader) {
+        errors.push(format!(
+            "c0 served on node {leader} while node {home}, which has its session, was cut off"
+        ));
+    }
+    w.net.heal();
+    w.run_for(Duration::from_secs(1)).await;
+    w.drop_conns(0);
+    for _ in 0..10 {
+        if w.clients[0].borrow().current().is_some() {
+            break;
+        }
+        w.connect(0, leader, false);
+        w.run_for(Duration::from_secs(2)).await;
+    }
+    w.run_for(Duration::from_secs(3)).await;
+    errors.append(&mut w.chk.borrow_mut().errors);
+    let (current, sessions) = {
+        let c0 = w.clients[0].borrow();
+        (c0.current(), c0.session)
+    };
+    match current {
+        Some(k) if k.node == leader => {}
+        other => errors.push(format!("c0 is not connected to node {leader}: {other:?}")),
+    }
+    if sessions != 1 {
+        errors.push(format!(
+            "c0 was given {sessions} sessions (1 wanted: it never started clean): its session \
+             on node {home} was lost"
+        ));
+    }
+    check(&w, &mut errors);
+    for id in 1..=NODES {
+        w.crash(id).await;
+    }
+    errors
+}
+
+#[test]
+fn nothing_at_the_old_owner_while_a_member_is_silent_waits_for_that_member() {
+    sim_env();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let errors = LocalSet::new().block_on(&runtime, silent_member());
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+/// A claim that replaces one whose takeover holds the session (network scenario,
+/// CHAOS_SEED=796681, b1239cd): c0's session is on node `home`, offline; c0 comes to
+/// the leader, whose takeover fetches it; `home` answers and is paused (`pause` ms)
+/// right after, so the leader takes the session in while its `DONE` waits for `home`
+/// (the takeover's record of where the session is, `Claims::awaiting`, is cleared only
+/// at its end). c0 then comes to node `other`, whose claim replaces the leader's
+/// meanwhile. The leader must hand the session to `other` itself: before the fix it
+/// sent `other` to `home`, which at resume took the `DONE` (deleting its copy) before
+/// `other`'s request, so `other` found nothing anywhere and started a new session.
+/// Returns the violations.
+async fn replaced_mid_takeover(pause: Duration) -> Vec<String> {
+    let _sim = rt::enter_sim();
+    let mut w = World::new(0xb123, vec![1; NODES as usize], true, true);
+    w.wait_for_owner = true;
+    for id in 1..=NODES {
+        w.start(id).await;
+    }
+    w.run_for(Duration::from_secs(2)).await;
+    let Some(leader) = w.leader() else {
+        return vec!["no leader after 2 s".into()];
+    };
+    let others: Vec<NodeId> = (1..=NODES).filter(|n| *n != leader).collect();
+    let (home, other) = (others[0], others[1]);
+    w.connect(0, home, false);
+    w.connect(1, other, false);
+    w.run_for(Duration::from_secs(1)).await;
+    w.subscribe(0, "t/#");
+    w.run_for(Duration::from_secs(1)).await;
+    w.drop_conns(0);
+    for seq in 0..3 {
+        w.publish(1, format!("t/{seq}"), QoS::AtLeastOnce);
+        w.run_for(Duration::from_millis(20)).await;
+    }
+    w.run_for(Duration::from_millis(500)).await;
+    let engine_of = |w: &World, id: NodeId| w.shard(id, shard_for(b"c0", w.shard_count(id)));
+    let handed_out =
+        |w: &World| engine_of(w, home).is_some_and(|s| s.engine.borrow().moving_to("c0").is_some());
+    w.connect(0, leader, false);
+    // `home` hands the session out: paused at once, its `DONE` waits.
+    let mut steps = 0;
+    while !handed_out(&w) {
+        steps += 1;
+        if steps > 5_000 {
+            return vec![format!("node {home} never handed c0's session out")];
+        }
+        w.run_for(Duration::from_micros(100)).await;
+    }
+    w.pause(home, pause);
+    let mut steps = 0;
+    while !engine_of(&w, leader).is_some_and(|s| s.engine.borrow().has_session("c0")) {
+        steps += 1;
+        if steps > 5_000 {
+            return vec![format!("node {leader} never took c0's session in")];
+        }
+        w.run_for(Duration::from_micros(100)).await;
+    }
+    // A second CONNECT while the first is still being admitted (a client that gave
+    // up on the leader and went to another node).
+    w.clients[0].borrow_mut().connecting = None;
+    w.connect(0, other, false);
+    w.run_for(Duration::from_secs(3)).await;
+    for _ in 0..10 {
+        if w.clients[0].borrow().current().is_some() {
+            break;
+        }
+        w.connect(0, other, false);
+        w.run_for(Duration::from_secs(2)).await;
+    }
+    w.run_for(Duration::from_secs(3)).await;
+    let mut errors = std::mem::take(&mut w.chk.borrow_mut().errors);
+    let (current, sessions) = {
+        let c0 = w.clients[0].borrow();
+        (c0.current(), c0.session)
+    };
+    if current.is_none() {
+        errors.push("c0 is not connected".into());
+    }
+    if sessions != 1 {
+        errors.push(format!(
+            "c0 was given {sessions} sessions (1 wanted: it never started clean): its session \
+             on node {home} was lost"
+        ));
+    }
+    check(&w, &mut errors);
+    for id in 1..=NODES {
+        w.crash(id).await;
+    }
+    errors
+}
+
+#[test]
+fn a_claim_replacing_one_whose_takeover_holds_the_session_is_handed_it() {
+    sim_env();
+    let mut failed = Vec::new();
+    for ms in [100, 250] {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let errors =
+            LocalSet::new().block_on(&runtime, replaced_mid_takeover(Duration::from_millis(ms)));
+        if !errors.is_empty() {
+            failed.push(format!(
+                "node {ms} ms paused after it handed the session out:\n{}",
+                errors.join("\n")
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
 /// A seed replays: run twice in this process, one after the other (so at another real
 /// instant, with other hash keys and another process-wide state), it records the same
 /// publications, SUBACKs and deliveries with the same event numbers. Seeds that
