@@ -100,7 +100,8 @@
 //! waited for the session's node, replaced by another node's claim; 119: a session
 //! that came to a node shortly before its crash, after a publication there; 242: a
 //! session back on the node whose ghost of it would have sent a late copy on; 307: a
-//! node paused past its lease serving its clients' queued publications).
+//! node paused past its lease serving its clients' queued publications; 72: a restored
+//! session's ghost holding redirects that were its own).
 //!
 //! Cuts heal with the schedule's `heal`, and everything at the end. Not like a real
 //! SIGSTOP: the node's raft and forwarder are tasks of the runtime (openraft spawns
@@ -2188,7 +2189,8 @@ fn the_data_plane_simulation_regression_seeds() {
 /// redirected node 2's hinted batch (QoS 2 5/1-5/4, 0/3-0/6) to node 2, where c0 had
 /// got them by the normal path and was moving on to node 3; node 2's unconfirmed
 /// ghost held the redirects and sent them on at the confirmation: delivered twice on
-/// node 3 (a ghost that passes no redirect lets a held one go at the confirmation).
+/// node 3 (the ghost of a session that started afresh on its node in this life lets a
+/// held redirect go at the confirmation: `Ghost::fresh_here`).
 const SYNC_REGRESSION_SEEDS: &[u64] = &[
     25, 71, 212, 39, 116, 119, 160, 282, 4, 95, 264, 154, 400, 969, 1300, 1321, 842, 748, 1340,
     1284, 1369, 70, 703, 2172, 233, 250, 232,
@@ -2287,7 +2289,13 @@ const HARNESS_REGRESSION_SEEDS: &[u64] = &[];
 /// delivering node or a wait past `HOLD_MAX_MS` as late: an order error. A restart of a
 /// node the client had lived on now counts too; kept for what it still asserts
 /// (nothing lost or delivered twice).
-const HARNESS_SYNC_REGRESSION_SEEDS: &[u64] = &[118, 137, 119, 242, 307, 529];
+/// 72 (found on the first version of sync seed 232's fix, which dropped a held redirect
+/// at the confirmation for any ghost without a window): c0's session was restored on
+/// node 1 without its window and parked for node 2's claim; the ghost held redirects of
+/// c5's QoS 2 5/13, 5/14 and c3's 3/4, which were c0's, and dropped them:
+/// acknowledged, never delivered (only a session that started afresh in this life drops
+/// them: `Ghost::fresh_here`; fails 3 of 3 runs on that version, passes on main).
+const HARNESS_SYNC_REGRESSION_SEEDS: &[u64] = &[118, 137, 119, 242, 307, 529, 72];
 
 /// The process harness's faults (issue 16) on the data plane: the schedule of every
 /// seed as in the tests above (the same draws), and beside it, from a stream of its

@@ -190,6 +190,12 @@ pub(super) struct Ghost {
     /// still the session's, whatever the marks it leaves with say (they are the
     /// other node's too; network scenario, CHAOS_SEED=75901).
     pub(super) earlier: Option<GhostPath>,
+    /// Besides, the session started here in this life (neither restored nor moved
+    /// in: `Session::restored`, `Session::moved_in`): a redirect it held before the
+    /// confirmation was for an earlier session of the ClientID, and goes no further
+    /// (sim seed 232, [`Engine::ghost_confirmed`]). A restored session without a
+    /// window may have lost it with the crash (sync seed 194, harness sync seed 72).
+    pub(super) fresh_here: bool,
     /// When the session left (broker ms; `None` for a ghost restored from the store,
     /// or one whose session ended since: [`Engine::drop_older_lineage`]): within
     /// [`MOVED_WINDOW_MS`] of it, every node the session went to since still keeps
@@ -913,6 +919,7 @@ impl Engine {
             .get(&client_id)
             .is_some_and(|w| w.uid == uid);
         let earlier_life_is_its = if s.restored { !had_window } else { !s.moved_in };
+        let fresh_here = !had_window && !s.restored && !s.moved_in;
         let subs: Vec<(Str, SubscriptionEntry)> = s
             .subscriptions
             .iter()
@@ -1001,6 +1008,7 @@ impl Engine {
             stored: false,
             passes_redirects: had_window,
             earlier,
+            fresh_here,
             left_ms: Some(now_ms),
             fetched: false,
         });
@@ -1209,22 +1217,23 @@ impl Engine {
         self.moved
             .expiring
             .push_back((now_ms + MOVED_WINDOW_MS, Expiring::Ghost(slot, g.number)));
-        let passes_redirects = g.passes_redirects;
+        let fresh_here = g.fresh_here;
         let Some(remote) = self.remote else {
             return;
         };
         for (message, id, ack, redirected) in held {
-            // A redirect held for a session that started afresh here goes no
-            // further, as a confirmed ghost drops one (`redirected`): it was for
-            // an earlier session of the ClientID, and the one that went on may
-            // have got the publication by the normal path, which its new node
-            // cannot tell from a redirect. It was held only in case the session
-            // came back here (sim seed 232: node 1's ghost of c0's earlier session,
-            // confirmed by the log for node 2's claim, which had started c0
-            // afresh, redirected node 2's hinted batch to node 2; c0 had got those
-            // QoS 2 publications on node 2 and was moving on to node 3, whose
-            // window does not list them: delivered twice).
-            if redirected && !passes_redirects {
+            // A redirect held for a session that started afresh here (in this
+            // life: one restored without a window may have lost it with the crash,
+            // harness sync seed 72) goes no further, as a confirmed ghost drops one
+            // (`redirected`): it was for an earlier session of the ClientID, and
+            // the one that went on may have got the publication by the normal
+            // path, which its new node cannot tell from a redirect. It was held
+            // only in case the session came back here (sim seed 232: node 1's ghost
+            // of c0's earlier session, confirmed by the log for node 2's claim,
+            // which had started c0 afresh, redirected node 2's hinted batch to node
+            // 2; c0 had got those QoS 2 publications on node 2 and was moving on to
+            // node 3, whose window does not list them: delivered twice).
+            if redirected && fresh_here {
                 if let Some(t) = ack {
                     self.release_waiter(t);
                 }
@@ -3605,9 +3614,10 @@ mod tests {
     /// node 2, where the fresh c0 had got those QoS 2 publications and was moving on
     /// to node 3, whose window does not list them (node 3 delivered them again). A
     /// ghost of a session that started afresh on its node lets such a held redirect
-    /// go at the confirmation; one of a session that had moved in sends it on.
+    /// go at the confirmation; one of a session that had moved in, or was restored
+    /// at this start, sends it on.
     #[test]
-    fn a_redirect_held_before_the_confirmation_goes_on_only_for_a_session_that_had_moved_in() {
+    fn a_held_redirect_goes_no_further_only_for_a_session_started_here() {
         // Fresh here: held, then dropped at the confirmation.
         let (mut a, remote_a, _) = node(7);
         assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
@@ -3631,6 +3641,27 @@ mod tests {
                 .iter()
                 .any(|m| matches!(m, MeshMsg::Redirect { node: 3, .. })),
             "a held redirect for the session that moved on was not sent on"
+        );
+
+        // Restored at this start without a window (it may have lost it with the
+        // crash: sync seed 194, harness sync seed 72, where the first version of this
+        // rule dropped such a redirect, acknowledged QoS 2 lost): it follows it too.
+        let dir = temp_dir("held-redirect-restored");
+        let (mut a, _, env, lock) = boot(&dir, 7);
+        let s = a.connect(1, connect_packet(V, "s", false), false);
+        a.handle_packet(1, s, subscribe_packet("t", QoS::ExactlyOnce));
+        drain(&mut a, s, V);
+        commit(&mut a, &env);
+        crash(a, env, lock);
+        let (mut a, remote_a, _env, _lock) = boot(&dir, 8);
+        assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
+        a.handle_mesh(3, remote_a, redirect("for this session", 3));
+        assert!(a.moving_done(4, "s", (2, 99)));
+        assert!(
+            remote_out(&mut a)
+                .iter()
+                .any(|m| matches!(m, MeshMsg::Redirect { node: 2, .. })),
+            "a held redirect for a restored session that moved on was not sent on"
         );
     }
 

@@ -155,6 +155,7 @@ impl Engine {
                 // Not stored: a restored ghost passes redirects on, as before.
                 passes_redirects: true,
                 earlier: None,
+                fresh_here: false,
                 left_ms: None,
                 fetched: false,
             });
