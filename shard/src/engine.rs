@@ -991,7 +991,7 @@ impl Engine {
         // A copy handed out to another node and never confirmed is superseded: its
         // records go before the new session writes any.
         self.drop_moving(&client_id);
-        self.importing.remove(&client_id);
+        self.forget_import(&client_id);
         self.drop_ghost(&client_id);
         self.session_counter += 1;
         let uid = SessionUid::new(self.shard, self.session_counter);

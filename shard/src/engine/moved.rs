@@ -340,7 +340,7 @@ struct HeldDirect {
 
 /// Held deliveries let go of, with who waits for each and their number in the
 /// store (0: none).
-type Released = Vec<(Delivery, Option<u64>, u64)>;
+pub(super) type Released = Vec<(Delivery, Option<u64>, u64)>;
 
 /// What the new owner does with a copy for a moved-in session that came by the
 /// normal path ([`Engine::moved_direct`]).
@@ -1485,7 +1485,7 @@ impl Engine {
         if let Some(mut old) = self.moved.windows.remove(&key) {
             if old.uid == w.uid {
                 let out = old.release(None);
-                self.deliver_released(now_ms, &key, Some(idx), out);
+                self.deliver_released(&key, Some((now_ms, idx)), out);
                 for &(o, sh, q) in &old.marks {
                     raise(&mut w.marks, o, sh, q);
                 }
@@ -1911,32 +1911,13 @@ impl Engine {
             w.holding = false;
             let mut out = w.release(None);
             out.push((delivery, None, 0));
-            return self.deliver_released(now_ms, &key, Some(idx), out);
+            return self.deliver_released(&key, Some((now_ms, idx)), out);
         }
         // Whoever waits for the publication waits for this delivery too, as for a
         // ghost's redirect: under `sync` durability its publisher is answered once
         // it is stored in the session's queue, not while only this window has it.
         let ack = self.redirect_ack(delivery.qos);
-        // A stored session's held copy is stored, in the epoch of whatever the copy's
-        // arrival stored (the batch's forward mark, the `PubId` marks, the window's
-        // ids: they say it was handled, and they are committed with it, sim seed 70),
-        // and comes back at a restart in the session's queue (`restore_held`).
-        // (A QoS 0 delivery is not stored, queued or held.)
-        let stored = if delivery.qos != QoS::AtMostOnce
-            && self.persist.is_some()
-            && self.session(idx).stored
-        {
-            self.moved.held_stored += 1;
-            let seq = self.moved.held_stored;
-            self.store_op(StoreOp::PutHeld {
-                client_id: key.clone(),
-                seq,
-                delivery: delivery.clone(),
-            });
-            seq
-        } else {
-            0
-        };
+        let stored = self.store_held_delivery(idx, &key, &delivery);
         let due_ms = now_ms + HOLD_MAX_MS;
         if let Some(w) = self.moved.windows.get_mut(&key) {
             w.held.push_back(HeldDirect {
@@ -1949,6 +1930,28 @@ impl Engine {
             });
         }
         self.moved.holds.push_back((due_ms, key, uid));
+    }
+
+    /// Stores `delivery`, which session `idx` (`key`) holds outside its queue (a
+    /// direct copy held for its old owner's redirects, a redirect held until its
+    /// disk tail is in), and returns its number in the store (0: not stored). A
+    /// stored session's held copy is stored, in the epoch of whatever the copy's
+    /// arrival stored (the batch's forward mark, the `PubId` marks, the window's ids:
+    /// they say it was handled, and they are committed with it, sim seed 70), and
+    /// comes back at a restart in the session's queue (`restore_held`). (A QoS 0
+    /// delivery is not stored.)
+    fn store_held_delivery(&mut self, idx: SessionIdx, key: &Str, delivery: &Delivery) -> u64 {
+        if delivery.qos == QoS::AtMostOnce || self.persist.is_none() || !self.session(idx).stored {
+            return 0;
+        }
+        self.moved.held_stored += 1;
+        let seq = self.moved.held_stored;
+        self.store_op(StoreOp::PutHeld {
+            client_id: key.clone(),
+            seq,
+            delivery: delivery.clone(),
+        });
+        seq
     }
 
     /// Delivers what `key`'s window holds that a redirect of `upto` releases (all of
@@ -1967,14 +1970,19 @@ impl Engine {
             .get(key)
             .copied()
             .filter(|&idx| self.session(idx).uid == uid);
-        self.deliver_released(now_ms, key, idx, out);
+        self.deliver_released(key, idx.map(|i| (now_ms, i)), out);
     }
 
-    /// Queues released deliveries for session `idx` (none: it is gone, they are
-    /// dropped) of `key`'s window and answers whoever waited for each, after the
+    /// Queues released deliveries of `key` for its session `to` (at that time; none:
+    /// it is gone, they are dropped) and answers whoever waited for each, after the
     /// commit of what the queueing stored. A stored one leaves the store in the
     /// epoch that queues it.
-    fn deliver_released(&mut self, now_ms: u64, key: &Str, idx: Option<SessionIdx>, out: Released) {
+    pub(super) fn deliver_released(
+        &mut self,
+        key: &Str,
+        to: Option<(u64, SessionIdx)>,
+        out: Released,
+    ) {
         for (d, ack, stored) in out {
             if stored != 0 {
                 self.store_op(StoreOp::DelHeld {
@@ -1982,7 +1990,7 @@ impl Engine {
                     seq: stored,
                 });
             }
-            if let Some(idx) = idx {
+            if let Some((now_ms, idx)) = to {
                 self.enqueue(now_ms, idx, d);
             }
             match ack {
@@ -2450,7 +2458,12 @@ impl Engine {
             if (here && attached.is_some_and(|m| n > *m)) || w.seen(id, false) {
                 return;
             }
-            self.moved.window_changed(client_id);
+            self.moved.window_changed(client_id.clone());
+        }
+        // Still taking its disk tail in: its subscriptions are not attached yet, and
+        // the tail's older messages come first.
+        if self.importing.contains_key(&client_id) {
+            return self.hold_for_tail(idx, client_id, message);
         }
         self.deliver_to_session(now_ms, idx, message);
     }
@@ -2459,31 +2472,69 @@ impl Engine {
     /// subscription ids, retain as published, what the session subscribes to
     /// here decides); nothing when none matches.
     fn deliver_to_session(&mut self, now_ms: u64, idx: SessionIdx, message: Message) {
-        let mut qos = None;
-        let mut retain = false;
-        let mut subscription_ids = Vec::new();
-        for (f, e) in &self.session(idx).subscriptions {
-            if topic::is_shared(f) || !topic::matches(f, &message.topic) {
-                continue;
-            }
-            qos = Some(qos.unwrap_or(QoS::AtMostOnce).max(e.options.qos));
-            retain |= e.options.retain_as_published && message.retain;
-            subscription_ids.extend(e.subscription_id);
-        }
-        let Some(granted) = qos else {
+        let subs = self.session(idx).subscriptions.iter();
+        let Some(d) = delivery_for(subs, message) else {
             return; // unsubscribed meanwhile
-        };
-        let qos = message.qos.min(granted);
-        let d = Delivery {
-            message,
-            qos,
-            retain,
-            subscription_ids,
-            share: None,
-            seq: 0,
         };
         self.enqueue(now_ms, idx, d);
     }
+
+    /// A redirect for session `idx` (`key`) that came while the session takes its
+    /// old owner's disk tail in (`transfer::Importing`): held until the tail is in
+    /// and queued after it ([`Engine::import_finish`]), its waiter answered then, and
+    /// stored with the session's records meanwhile like a held direct copy.
+    ///
+    /// Why (fault harness, kill -9 scenario, CHAOS_SEED=695844, acknowledged QoS 1/2
+    /// lost): the session's subscriptions are attached only with its tail, so a
+    /// redirect delivered by them then matched nothing and was dropped, answered as
+    /// accepted, while the window had recorded its id as delivered: the old owner's
+    /// redirect of the same copy, sent on at the confirmation, was then skipped as a
+    /// copy the session had got. An older ghost on a third node (the session had
+    /// lived there within the window) sends such a redirect whenever a publication
+    /// matches it during the import.
+    fn hold_for_tail(&mut self, idx: SessionIdx, key: Str, message: Message) {
+        let Some(imp) = self.importing.get(&key) else {
+            return;
+        };
+        let subs = imp.subscriptions.iter().map(|(f, e)| (f, e));
+        let Some(d) = delivery_for(subs, message) else {
+            return; // not subscribed to it
+        };
+        let ack = self.redirect_ack(d.qos);
+        let stored = self.store_held_delivery(idx, &key, &d);
+        if let Some(imp) = self.importing.get_mut(&key) {
+            imp.redirects.push((d, ack, stored));
+        }
+    }
+}
+
+/// The delivery of `message` to a session with subscriptions `subs` (QoS, subscription
+/// ids, retain as published, as its plain subscriptions that match say); `None` when
+/// none matches.
+fn delivery_for<'a>(
+    subs: impl Iterator<Item = (&'a Str, &'a SubscriptionEntry)>,
+    message: Message,
+) -> Option<Delivery> {
+    let mut qos = None;
+    let mut retain = false;
+    let mut subscription_ids = Vec::new();
+    for (f, e) in subs {
+        if topic::is_shared(f) || !topic::matches(f, &message.topic) {
+            continue;
+        }
+        qos = Some(qos.unwrap_or(QoS::AtMostOnce).max(e.options.qos));
+        retain |= e.options.retain_as_published && message.retain;
+        subscription_ids.extend(e.subscription_id);
+    }
+    let qos = message.qos.min(qos?);
+    Some(Delivery {
+        message,
+        qos,
+        retain,
+        subscription_ids,
+        share: None,
+        seq: 0,
+    })
 }
 
 #[cfg(test)]

@@ -100,7 +100,10 @@ pub(super) struct Importing {
     /// Tail deliveries have sequence numbers below this.
     seq_end: u64,
     /// Attached when the tail is complete ([`Engine::import_finish`]).
-    subscriptions: Vec<(Str, SubscriptionEntry)>,
+    pub(super) subscriptions: Vec<(Str, SubscriptionEntry)>,
+    /// Redirects for the session that came meanwhile (`moved`), in arrival order,
+    /// with who waits for each and their number in the store: queued after the tail.
+    pub(super) redirects: super::moved::Released,
 }
 
 impl Importing {
@@ -791,6 +794,7 @@ impl Engine {
                     next_min_seq: tail.tail_from_seq,
                     seq_end: next_seq,
                     subscriptions,
+                    redirects: Vec::new(),
                 },
             );
         } else {
@@ -893,8 +897,9 @@ impl Engine {
     }
 
     /// The session taken in is complete (or as complete as it will get): it gets its
-    /// subscriptions, and its record is stored with them. False when no import of
-    /// `client_id` was waiting.
+    /// subscriptions, and its record is stored with them; what its ghost here held
+    /// (`take_in` kept it while the tail came) and what was redirected to it meanwhile
+    /// are queued after the tail. False when no import of `client_id` was waiting.
     pub fn import_finish(&mut self, now_ms: u64, client_id: &str) -> bool {
         let Ok(key) = Str::try_from(client_id) else {
             return false;
@@ -903,6 +908,7 @@ impl Engine {
             return false;
         };
         let Some(idx) = self.session_idx(client_id) else {
+            self.deliver_released(&key, None, imp.redirects);
             return false;
         };
         // Back on a node that kept its ghost while the tail came (`take_in`): the
@@ -918,7 +924,17 @@ impl Engine {
         self.window_attached(&key);
         self.persist_session(idx);
         self.deliver_held_after_tail(now_ms, idx, held, seen);
+        self.deliver_released(&key, Some((now_ms, idx)), imp.redirects);
         true
+    }
+
+    /// The import of `client_id` ends unfinished (a new session of the ClientID
+    /// replaces it): what it held for the session goes, and whoever waited for it
+    /// is answered, not held for ever (as a ghost's held copies, `Engine::detach_ghost`).
+    pub(super) fn forget_import(&mut self, client_id: &Str) {
+        if let Some(imp) = self.importing.remove(client_id) {
+            self.deliver_released(client_id, None, imp.redirects);
+        }
     }
 
     /// Hands a tail read to its waiter: true when `loaded` is one
@@ -1282,6 +1298,88 @@ mod tests {
 
     fn stored_msgs(st: &StoreModel) -> usize {
         st.msgs.keys().filter(|(c, _)| c == "mover").count()
+    }
+
+    /// A copy of another node's QoS 1 publication on "t" (origin 5, number `n`),
+    /// redirected to "mover" by a ghost of it on another node.
+    fn redirect_to_mover(payload: &'static str, n: u64) -> crate::mesh::MeshMsg {
+        let mut p = Publish::new(Str::from_static("t"), Bytes::from_static(payload.as_bytes()));
+        p.qos = QoS::AtLeastOnce;
+        p.packet_id = 1;
+        let message = super::super::message_from_publish(
+            1,
+            p,
+            crate::message::SessionUid(0),
+            ProtocolVersion::V5,
+        );
+        crate::mesh::MeshMsg::Redirect {
+            client_id: Str::from_static("mover"),
+            node: 2,
+            epoch: 5,
+            message,
+            id: Some(crate::mesh::PubId {
+                origin: 5,
+                shard: 0,
+                seq: n,
+            }),
+            ack: None,
+        }
+    }
+
+    /// Fault harness, kill -9 scenario (CHAOS_SEED=695844, CI ci42 and replays:
+    /// acknowledged QoS 1 and 2 lost). A session moving in with a disk tail gets its
+    /// subscriptions only once the tail is in. A ghost of it on a third node (the
+    /// session had lived there within the window) redirected a publication to it
+    /// meanwhile: delivered by the session's subscriptions, not attached yet, it was
+    /// dropped and its batch answered, while the window had taken its id as
+    /// delivered, so the old owner's redirect of the same publication at the
+    /// confirmation was skipped. Now it is held until the tail is in, queued after
+    /// it, and its batch answered only then; the second redirect is skipped.
+    #[test]
+    fn a_redirect_that_comes_while_the_disk_tail_moves_is_delivered_once_after_the_tail() {
+        const N: usize = 7;
+        let (mut a, mut ast) = stored_node();
+        a.enable_remote().expect("room for the remote id");
+        a.set_origin(7);
+        offline_with_queue(&mut a, &mut ast, N);
+        let bytes = a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        let window = a.moving_window("mover").expect("a window");
+        ast.commit(&mut a, 10);
+
+        let (mut b, mut bst) = stored_node();
+        let remote_b = b.enable_remote().expect("room for the remote id");
+        b.set_origin(8);
+        let imported = b.import_session(11, "mover", &bytes, WALL_B).unwrap();
+        assert_eq!(imported.tail_count, (N - 4) as u64);
+        assert!(b.import_window(11, "mover", &window));
+        bst.commit(&mut b, 11);
+
+        // The third node's redirect, in a forwarded batch, while the tail moves.
+        let batch = b.begin_forward_batch().expect("sync: the batch answer waits");
+        b.handle_mesh(12, remote_b, redirect_to_mover("late", 3));
+        b.end_forward_batch(batch);
+        bst.commit(&mut b, 12);
+        assert!(
+            b.take_forwards_done().is_empty(),
+            "the batch answered while its redirect is not in the session's queue"
+        );
+        let moved = move_tail(
+            (&mut a, &mut ast),
+            (&mut b, &mut bst),
+            (2, 5),
+            imported.tail_from_seq,
+        );
+        assert_eq!(moved, N - 4);
+        assert_eq!(b.take_forwards_done(), [batch]);
+        // The old owner's ghost sends the same publication on at its confirmation.
+        b.handle_mesh(22, remote_b, redirect_to_mover("late", 3));
+        bst.commit(&mut b, 22);
+
+        let (present, got) = receive_all(&mut b, &mut bst, 30);
+        assert!(present);
+        let mut want = expected(N);
+        want.push("late".to_owned());
+        assert_eq!(got, want, "once, after the tail");
     }
 
     #[test]
