@@ -2164,7 +2164,9 @@ impl Engine {
     /// forwarder's memory then made the sending node's retry (or the publisher's
     /// re-send) be skipped as handled and answered: acknowledged, never delivered.
     /// The forwarder answers a token of its own, so the record goes when this copy
-    /// was accepted, and then the waiter gets its answer.
+    /// was accepted, and then the waiter gets its answer. Such a redirect leaves only
+    /// after the commit of the epoch that holds its record, with what its arrival or
+    /// its publication stored (see [`Engine::send_after_id_commit`]).
     fn send_on(
         &mut self,
         remote: ShardId,
@@ -2175,7 +2177,8 @@ impl Engine {
         waiter: Option<u64>,
     ) {
         self.stats.remote_forwards_sent += 1;
-        let ack = if self.persist.is_some() && message.qos != QoS::AtMostOnce {
+        let stored = self.persist.is_some() && message.qos != QoS::AtMostOnce;
+        let ack = if stored {
             self.moved.redirect_seq += 1;
             let seq = self.moved.redirect_seq;
             let token = self.next_token;
@@ -2196,14 +2199,23 @@ impl Engine {
         } else {
             waiter
         };
-        self.outbox[usize::from(remote)].push(MeshMsg::Redirect {
+        // Not before the commit of its record's epoch, which holds a local QoS 2
+        // publisher's packet id and the publication's id when it is one of this
+        // shard's (as `forward_remote` waits for it). Why (fault harness, kill -9
+        // scenario, CHAOS_SEED=131463, QoS 2 twice): a ghost here sent a local
+        // publisher's QoS 2 publication on at once, the node was killed before that
+        // commit, and the new node delivered it; the publisher, without a PUBREC,
+        // sent it again after the restart, where no inbound record said it was a
+        // re-send, so it was routed as a new publication and delivered again.
+        let msg = MeshMsg::Redirect {
             client_id,
             node: to.0,
             epoch: to.1,
             message,
             id,
             ack,
-        });
+        };
+        self.send_after_id_commit(remote, msg, stored);
     }
 
     /// Whether `token` is a stored redirect's ([`Engine::send_on`]).
@@ -4320,6 +4332,40 @@ mod tests {
         crash(a, env, lock);
         let (mut a, _, _env, _lock) = boot(&dir, 9);
         assert!(redirects_out(&mut a).is_empty(), "sent again once accepted");
+    }
+
+    /// Fault harness, kill -9 scenario (CHAOS_SEED=131463: QoS 2 delivered twice to
+    /// two subscribers). A confirmed ghost sent a local publisher's QoS 2 publication
+    /// on to the session's new node at once, before the commit that holds the
+    /// publisher's inbound packet id and the publication's id; the node was killed
+    /// in between. The new node had delivered it, the publisher had no PUBREC and
+    /// sent it again after the restart, and with no inbound record it was a new
+    /// publication: delivered again. The redirect leaves with that commit, as a
+    /// forwarded copy does.
+    #[test]
+    fn a_local_qos2_publication_a_ghost_sends_on_leaves_only_after_its_publishers_commit() {
+        let dir = temp_dir("local-qos2-sent-on");
+        let (mut a, _, env, _lock) = parked_subscriber(&dir);
+        assert!(a.moving_done(3, "s", (2, 99)));
+        commit(&mut a, &env);
+        let p = a.connect(3, connect_packet(V, "p", false), false);
+        commit(&mut a, &env);
+        drain(&mut a, p, V);
+        a.handle_packet(4, p, publish_packet("x", 5));
+        assert!(
+            redirects_out(&mut a).is_empty(),
+            "sent on before the commit of its publisher's packet id"
+        );
+        commit(&mut a, &env);
+        let sent = redirects_out(&mut a);
+        assert_eq!(
+            sent.iter().map(|r| (&r.0[..], r.1)).collect::<Vec<_>>(),
+            [("x", (2, 99))]
+        );
+        assert!(
+            drain(&mut a, p, V).is_empty(),
+            "PUBREC before node 2 took it"
+        );
     }
 
     /// The same crash for what an unconfirmed ghost held: stored as deliveries of the

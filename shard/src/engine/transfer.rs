@@ -1303,7 +1303,10 @@ mod tests {
     /// A copy of another node's QoS 1 publication on "t" (origin 5, number `n`),
     /// redirected to "mover" by a ghost of it on another node.
     fn redirect_to_mover(payload: &'static str, n: u64) -> crate::mesh::MeshMsg {
-        let mut p = Publish::new(Str::from_static("t"), Bytes::from_static(payload.as_bytes()));
+        let mut p = Publish::new(
+            Str::from_static("t"),
+            Bytes::from_static(payload.as_bytes()),
+        );
         p.qos = QoS::AtLeastOnce;
         p.packet_id = 1;
         let message = super::super::message_from_publish(
@@ -1355,7 +1358,9 @@ mod tests {
         bst.commit(&mut b, 11);
 
         // The third node's redirect, in a forwarded batch, while the tail moves.
-        let batch = b.begin_forward_batch().expect("sync: the batch answer waits");
+        let batch = b
+            .begin_forward_batch()
+            .expect("sync: the batch answer waits");
         b.handle_mesh(12, remote_b, redirect_to_mover("late", 3));
         b.end_forward_batch(batch);
         bst.commit(&mut b, 12);
