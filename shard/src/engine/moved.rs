@@ -2503,7 +2503,9 @@ impl Engine {
     /// redirect of the same copy, sent on at the confirmation, was then skipped as a
     /// copy the session had got. An older ghost on a third node (the session had
     /// lived there within the window) sends such a redirect whenever a publication
-    /// matches it during the import.
+    /// matches it during the import. A ghost of the session this shard keeps while
+    /// the tail comes (`take_in`) takes such a redirect first and sends it on to the
+    /// tail's node; this hold is for a shard without one.
     fn hold_for_tail(&mut self, idx: SessionIdx, key: Str, message: Message) {
         let Some(imp) = self.importing.get(&key) else {
             return;
