@@ -10,8 +10,9 @@
 #      (bridges to Mosquitto 3.1.1 and 5), and the disk-full (a tmpfs: root) and
 #      clock-jump (libfaketime) tests of broker/tests/cluster_failures.rs;
 #   1b. broker/tests/cluster_faults.rs: broker nodes in network namespaces under
-#      kill -9, SIGSTOP, partitions, loss and delay (`ip`, `iptables`, `python3`
-#      for bench/scripts/nfq-delay.py; as root), one scenario at a time;
+#      SIGSTOP (`ip`, `iptables`, `python3` for bench/scripts/nfq-delay.py; as root),
+#      one scenario at a time; its kill -9 and network scenarios are #[ignore]d with
+#      their reasons and run with `just chaos`;
 #   2. ops/check.sh: the ops files checked by systemd-analyze, promtool,
 #      haproxy and shellcheck, the live syscall check under strace, and
 #      `promtool check metrics` on a live broker;
