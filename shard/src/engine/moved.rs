@@ -3718,10 +3718,12 @@ mod tests {
         drain(&mut a, s, V);
         commit(&mut a, &env);
         crash(a, env, lock);
-        let (mut a, remote_a, _env, _lock) = boot(&dir, 8);
+        let (mut a, remote_a, env, _lock) = boot(&dir, 8);
         assert!(a.export_session(2, "s", 0, (2, 99)).is_some());
         a.handle_mesh(3, remote_a, redirect("for this session", 3));
         assert!(a.moving_done(4, "s", (2, 99)));
+        // A stored redirect leaves with its record's commit.
+        commit(&mut a, &env);
         assert!(
             remote_out(&mut a)
                 .iter()
