@@ -30,7 +30,8 @@
 //! reconnect of a persistent session answered session present 0), no QoS 2
 //! duplicate, no order violation, no ClientID live on two nodes beyond the session
 //! lease. On a violation the report (seed, fault schedule, findings) is the panic
-//! message and the node logs are written to files it names.
+//! message and the node logs are written to files it names (with `CHAOS_KEEP_LOGS=1`
+//! a clean run's too).
 //!
 //! Needs root, `ip`, `iptables` and `python3` (the `third-party` feature;
 //! `scripts/test-third-party.sh` installs them). Every wait is bounded; every
@@ -482,6 +483,10 @@ impl Load {
         );
         let report = history::check(&self.sh.h, &logs, TWO_NODE_TOLERANCE);
         println!("{report}");
+        // CHAOS_KEEP_LOGS=1 keeps a clean run's logs too (to measure from them).
+        if std::env::var_os("CHAOS_KEEP_LOGS").is_some() && report.is_clean() {
+            println!("node logs kept in {}", dump_logs(&logs, seed));
+        }
         if !report.is_clean() || report.counts.acked < ACKED_MIN || !stuck.is_empty() {
             let dir = dump_logs(&logs, seed);
             std::fs::write(format!("{dir}/history.log"), self.sh.h.dump()).expect("write history");
