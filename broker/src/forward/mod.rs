@@ -1584,34 +1584,16 @@ impl Forwarder {
             q.failing.store(true, Ordering::Relaxed);
         }
         self.peers.insert(node, q.clone());
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let sender = PeerSender {
+        let (sender, done_rx) = PeerSender::new(
             node,
-            queue: q.clone(),
-            drained: self.drained.clone(),
-            transport: self.transport.clone(),
-            events: self.events.clone(),
-            incarnation: self.incarnation,
-            metrics: self.metrics.clone(),
-            done_tx,
-            seq: 0,
-            window: VecDeque::new(),
-            resend: None,
-            round: 0,
-            pause: RETRY_MIN,
-            hints: self.hints.clone(),
-            lease: self.hint_wait,
-            failing_since: None,
-            retry_at: None,
-            hinting: false,
-            hints_off: false,
-            hinted: (0, 0),
-            hint_io: None,
-            hint_puts: Vec::new(),
-            hint_dels: Vec::new(),
+            q.clone(),
+            self.drained.clone(),
+            self.transport.clone(),
+            self.events.clone(),
+            (self.incarnation, self.metrics.clone()),
+            (self.hints.clone(), self.hint_wait),
             gate,
-            in_contact: false,
-        };
+        );
         tokio::spawn(send_to_peer(
             sender,
             done_rx,
@@ -2214,6 +2196,13 @@ impl Sent {
 /// done requests take. Hinted batches are bounded by the hint budget and
 /// [`hints::HINTED_BATCHES_MAX`] instead.
 const BATCHES_NOT_DONE_MAX: usize = 32;
+/// Batch calls in flight at once when batches go again after a failure once the peer
+/// accepted one of them, or when batches taken while hinting go while the peer
+/// answers (no more than [`BATCHES_NOT_DONE_MAX`] not done at the peer). A hint
+/// backlog is many small batches (one per write: one per fsync while the peer was
+/// away); one per round trip, a node resent ~8 s of hints in 11.8 s in the pause
+/// scenario (debug build), longer than a moved session's hold at its new owner.
+const RESEND_IN_FLIGHT: usize = 16;
 /// The simulation's pause before a hint write (its paused clock: a commit takes time).
 const HINT_WRITE_SIM: Duration = Duration::from_millis(2);
 /// How often a sender that would hint, but whose node is out of touch with its
@@ -2273,8 +2262,12 @@ fn take_batch(
 /// batch answered received waits for its done request while the next ones go, up to
 /// [`BATCHES_NOT_DONE_MAX`]. Its QoS 1/2 publications are answered when it is done.
 /// After any failure (a call, a done request, a peer that restarted) every batch from
-/// the oldest one not done is sent again, one at a time, in order (done ones with no
-/// records), until each is answered, after a pause that grows with each failure.
+/// the oldest one not done is sent again, in order (done ones with no records), after
+/// a pause that grows with each failure: the first alone (a peer that restarted takes
+/// only the batch whose base is its number), and once the peer accepted it the rest
+/// [`RESEND_IN_FLIGHT`] at a time (the link keeps the order of one channel's calls;
+/// the receiver takes a batch only after the one before it and refuses one whose
+/// predecessor it did not take, and any refusal or failure starts a new round).
 ///
 /// **Hints** ([`hints`]): once calls to the peer have failed for the session lease,
 /// every batch not done and every batch taken from then on is written to the hint
@@ -2454,6 +2447,9 @@ struct PeerSender {
     window: VecDeque<Sent>,
     /// After a failure: the next batch to send again, until past the last one taken.
     resend: Option<u64>,
+    /// Whether the peer accepted a batch since the last failure: the rest of a round
+    /// of sending again then goes [`RESEND_IN_FLIGHT`] at a time.
+    answered: bool,
     round: u64,
     pause: Duration,
     /// The hint store (`None`: hints off).
@@ -2486,6 +2482,53 @@ struct PeerSender {
 }
 
 impl PeerSender {
+    /// A sender for `node`'s queue, and where its done requests answer.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        node: NodeId,
+        queue: Arc<PeerQueue>,
+        drained: Arc<Notify>,
+        transport: Arc<dyn Transport>,
+        events: mpsc::UnboundedSender<Event>,
+        (incarnation, metrics): (u64, Arc<ForwardMetrics>),
+        (hints, lease): (Option<Arc<HintStore>>, Duration),
+        gate: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> (
+        PeerSender,
+        mpsc::UnboundedReceiver<(u64, u64, Result<Answer, String>)>,
+    ) {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let sender = PeerSender {
+            node,
+            queue,
+            drained,
+            transport,
+            events,
+            incarnation,
+            metrics,
+            done_tx,
+            seq: 0,
+            window: VecDeque::new(),
+            resend: None,
+            answered: false,
+            round: 0,
+            pause: RETRY_MIN,
+            hints,
+            lease,
+            failing_since: None,
+            retry_at: None,
+            hinting: false,
+            hints_off: false,
+            hinted: (0, 0),
+            hint_io: None,
+            hint_puts: Vec::new(),
+            hint_dels: Vec::new(),
+            gate,
+            in_contact: false,
+        };
+        (sender, done_rx)
+    }
+
     fn call(&self, bytes: Bytes) -> tokio::task::JoinHandle<Result<Answer, String>> {
         let (transport, node) = (self.transport.clone(), self.node);
         tokio::spawn(async move { forward_call(&*transport, node, bytes).await })
@@ -2852,10 +2895,22 @@ impl PeerSender {
         }
     }
 
+    /// Batches sent and not done at the peer (waiting for their first answer or for a
+    /// done request).
+    fn at_peer(&self) -> usize {
+        self.window
+            .iter()
+            .filter(|b| matches!(b.state, SentState::Sending(_) | SentState::Received(_)))
+            .count()
+    }
+
     /// Starts the calls there is room for: the batches taken while hinting that were
     /// not sent yet and new batches, or after a failure (once its pause is over) the
-    /// next one to send again (one at a time: the peer takes a batch only after the one
-    /// before it). Nothing while an earlier life's hints go first.
+    /// next ones to send again: one until the peer accepted a batch in this round (it
+    /// may still be away; and a peer that restarted takes only the batch whose base is
+    /// its number), then up to [`RESEND_IN_FLIGHT`] (the peer takes each after the one
+    /// before it, in the order they go on the link). Nothing while an earlier life's
+    /// hints go first.
     fn send_more(&mut self, now_ms: u64, now: tokio::time::Instant) {
         if self.gated() {
             return;
@@ -2870,12 +2925,20 @@ impl PeerSender {
         match self.resend {
             None => {
                 let mut sending = self.sending();
-                // Batches taken while hinting, in order, before any new one.
+                let mut at_peer = self.at_peer();
+                // Batches taken while hinting, in order, before any new one; a backlog
+                // of them goes with more in flight while the peer answers.
+                let in_flight = if self.failing_since.is_none() {
+                    RESEND_IN_FLIGHT
+                } else {
+                    BATCHES_IN_FLIGHT
+                };
                 let mut idle = self
                     .window
                     .iter()
                     .position(|b| matches!(b.state, SentState::Idle));
-                while sending < BATCHES_IN_FLIGHT
+                while sending < in_flight
+                    && at_peer < BATCHES_NOT_DONE_MAX
                     && let Some(at) = idle
                 {
                     let Some(bytes) = self.batch_bytes(at, frontier) else {
@@ -2885,6 +2948,7 @@ impl PeerSender {
                     let call = self.call(bytes);
                     self.window[at].state = SentState::Sending(call);
                     sending += 1;
+                    at_peer += 1;
                     idle = self
                         .window
                         .get(at + 1)
@@ -2910,25 +2974,32 @@ impl PeerSender {
                     not_done += 1;
                 }
             }
-            Some(next) if self.sending() == 0 => {
-                let Some(at) = next.checked_sub(frontier).map(|at| at as usize) else {
-                    return;
-                };
-                if at >= self.window.len() {
-                    return;
+            Some(mut next) => {
+                let in_flight = if self.answered { RESEND_IN_FLIGHT } else { 1 };
+                let (mut sending, mut at_peer) = (self.sending(), self.at_peer());
+                while sending < in_flight && at_peer < BATCHES_NOT_DONE_MAX {
+                    let Some(at) = next.checked_sub(frontier).map(|at| at as usize) else {
+                        break;
+                    };
+                    if at >= self.window.len() {
+                        break;
+                    }
+                    let Some(bytes) = self.batch_bytes(at, frontier) else {
+                        self.retry_at = Some(now + RETRY_MAX);
+                        break;
+                    };
+                    let call = self.call(bytes);
+                    let b = &mut self.window[at];
+                    if let SentState::Received(done) = &b.state {
+                        done.abort();
+                    }
+                    b.state = SentState::Sending(call);
+                    sending += 1;
+                    at_peer += 1;
+                    next += 1;
                 }
-                let Some(bytes) = self.batch_bytes(at, frontier) else {
-                    self.retry_at = Some(now + RETRY_MAX);
-                    return;
-                };
-                let call = self.call(bytes);
-                let b = &mut self.window[at];
-                if let SentState::Received(done) = &b.state {
-                    done.abort();
-                }
-                b.state = SentState::Sending(call);
+                self.resend = Some(next);
             }
-            Some(_) => {}
         }
     }
 
@@ -2966,11 +3037,14 @@ impl PeerSender {
                 return self.fail();
             }
         }
-        if let Some(next) = self.resend.as_mut()
-            && *next == seq
-        {
-            *next += 1;
+        if !self.answered && self.resend.is_some() && self.hinted.0 > 0 {
+            tracing::info!(
+                node,
+                hinted = self.hinted.0,
+                "peer answers again: its hinted batches go to it"
+            );
         }
+        self.answered = true;
     }
 
     /// An answer to a done request.
@@ -3046,10 +3120,14 @@ impl PeerSender {
     }
 
     /// A failure: every call stops, and every batch from the oldest not done on is sent
-    /// again, one at a time, after a pause.
+    /// again, after a pause (the first alone). The pause grows with each failure of a
+    /// peer that accepted nothing since the last one.
     fn fail(&mut self) {
         self.abort_all();
         self.round += 1;
+        if std::mem::take(&mut self.answered) {
+            self.pause = RETRY_MIN;
+        }
         self.resend = self.window.front().map(|b| b.seq);
         // While it fails, its queue does not stop the intake.
         if !self.queue.failing.swap(true, Ordering::Relaxed) {
@@ -3710,7 +3788,7 @@ mod reconcile_tests {
 
     use super::*;
 
-    async fn one_node(dir: &std::path::Path) -> ControlPlane {
+    pub(super) async fn one_node(dir: &std::path::Path) -> ControlPlane {
         let info = NodeInfo::with_cluster_addr("127.0.0.1:1".to_string());
         let mut c = ClusterConfig::new(1, dir.to_path_buf(), info.clone());
         c.initial_voters = [(1, info)].into_iter().collect();
@@ -3863,5 +3941,323 @@ mod reconcile_tests {
         send(remove(0, "kept/1"));
         until_routes(&cp, &["\0g\0s", "again/before", "again/after"]).await;
         cp.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod resend_tests {
+    //! Goal: a backlog of hinted batches (many small ones: one per hint write) goes to a
+    //! peer that answers again with several batches in flight, not one per round trip
+    //! (the pause scenario: node 2 took 11.8 s to resend ~8 s of hints, longer than a
+    //! moved session's hold), and still in order, each batch once and under its
+    //! number, with no more than [`BATCHES_NOT_DONE_MAX`] not done at the peer.
+    //!
+    //! Method: node 1's control plane alone (in memory, paused clock), the peer (node 2)
+    //! a learner so that it is a member; a [`PeerSender`] for it over a fake link that
+    //! fails every call while the peer is away, then serves each call on arrival as a
+    //! receiver does ([`serve_request`]: in order, once, refusing a batch whose
+    //! predecessor it did not take) and answers it one round trip later. Calls arrive in
+    //! the order they were made, as on the link's ordered forward stream. The round
+    //! trips the backlog took are the distinct instants at which batches arrived.
+
+    use std::collections::BTreeSet;
+
+    use tessera_raft::{NodeInfo, TransportError, transport::BoxFuture};
+
+    use super::*;
+
+    const RTT: Duration = Duration::from_millis(40);
+
+    fn clocks() -> Clocks {
+        fn zero() -> u64 {
+            0
+        }
+        Clocks {
+            now_ms: zero,
+            now_us: zero,
+        }
+    }
+
+    /// The fake peer and what it saw.
+    #[derive(Default)]
+    struct Peer {
+        up: std::sync::atomic::AtomicBool,
+        /// Answer a delivered batch received, complete this many round trips later
+        /// (`None`: accepted at once).
+        done_after: Option<u32>,
+        seen: Mutex<Seen>,
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        accepted: Accepted,
+        /// Batches delivered: (seq, payloads).
+        delivered: Vec<(u64, Vec<Bytes>)>,
+        /// When batch requests arrived (the peer being up).
+        arrivals: BTreeSet<tokio::time::Instant>,
+        /// Batches refused (out of order).
+        refused: usize,
+        /// Delivered batches not complete yet: seq -> when complete.
+        waiting: BTreeMap<u64, tokio::time::Instant>,
+        /// Most batches delivered and not yet answered complete at once.
+        not_done_max: usize,
+        /// Batch calls being answered, and the most at once.
+        in_flight: usize,
+        in_flight_max: usize,
+    }
+
+    impl Transport for Peer {
+        fn call(
+            &self,
+            to: NodeId,
+            _channel: Channel,
+            request: Bytes,
+        ) -> BoxFuture<'_, Result<Bytes, TransportError>> {
+            Box::pin(async move {
+                if !self.up.load(Ordering::SeqCst) {
+                    return Err(TransportError::Unreachable {
+                        node: to,
+                        reason: "away".into(),
+                    });
+                }
+                let (is_batch, answer, wait_until) = self.serve(request);
+                tokio::time::sleep_until(wait_until).await;
+                let mut s = lock(&self.seen);
+                if is_batch {
+                    s.in_flight -= 1;
+                }
+                if let Ok(Answer::Accepted { seq }) = &answer {
+                    s.waiting.remove(seq);
+                }
+                drop(s);
+                answer
+                    .map(wire::encode_answer)
+                    .map_err(|reason| TransportError::Remote { node: to, reason })
+            })
+        }
+    }
+
+    impl Peer {
+        /// Serves `request` on arrival: whether it is a batch, the answer, and when
+        /// it goes.
+        fn serve(&self, request: Bytes) -> (bool, Result<Answer, String>, tokio::time::Instant) {
+            let now = tokio::time::Instant::now();
+            let body = request.slice(ENVELOPE.len()..);
+            let metrics = ForwardMetrics::default();
+            let mut seen = lock(&self.seen);
+            let s = &mut *seen;
+            let served = serve_request(
+                &mut s.accepted,
+                0,
+                1,
+                body,
+                16,
+                clocks(),
+                &metrics,
+                u64::MAX,
+            );
+            let is_batch = matches!(
+                served,
+                Ok(Incoming::Deliver { .. } | Incoming::Duplicate { .. }) | Err(_)
+            );
+            let complete_at = self.done_after.map(|n| now + RTT * n);
+            let (answer, wait_until) = match served {
+                Err(e) => {
+                    s.refused += 1;
+                    (Err(e.to_string()), now + RTT)
+                }
+                Ok(Incoming::Deliver { messages, seq, .. }) => {
+                    let payloads = messages
+                        .into_iter()
+                        .map(|m| match m {
+                            MeshMsg::Forwarded { message, .. } => message.payload,
+                            _ => Bytes::new(),
+                        })
+                        .collect();
+                    s.delivered.push((seq, payloads));
+                    match complete_at {
+                        Some(at) => {
+                            s.waiting.insert(seq, at);
+                            s.not_done_max = s.not_done_max.max(s.waiting.len());
+                            (Ok(Answer::Received { seq }), now + RTT)
+                        }
+                        None => (Ok(Answer::Accepted { seq }), now + RTT),
+                    }
+                }
+                Ok(Incoming::Duplicate { seq, .. }) => match s.waiting.get(&seq) {
+                    Some(_) => (Ok(Answer::Received { seq }), now + RTT),
+                    None => (Ok(Answer::Accepted { seq }), now + RTT),
+                },
+                Ok(Incoming::Done { seq, known, .. }) => match s.waiting.get(&seq) {
+                    Some(&at) => (Ok(Answer::Accepted { seq }), at.max(now) + RTT),
+                    None if known => (Ok(Answer::Accepted { seq }), now + RTT),
+                    None => (Ok(Answer::Unknown { seq }), now + RTT),
+                },
+                Ok(other) => panic!("not a forward request of a sender: {other:?}"),
+            };
+            if is_batch {
+                s.arrivals.insert(now);
+                s.in_flight += 1;
+                s.in_flight_max = s.in_flight_max.max(s.in_flight);
+            }
+            (is_batch, answer, wait_until)
+        }
+    }
+
+    fn item(i: u64) -> Item {
+        Item {
+            message: Message {
+                topic: Str::from_static("t"),
+                payload: Bytes::from(i.to_string()),
+                qos: tessera_proto::QoS::AtLeastOnce,
+                retain: false,
+                properties: None,
+                expires_at_ms: None,
+                origin: None,
+                received_us: 0,
+            },
+            publisher: 7,
+            token: Some((0, i)),
+            share: None,
+            id: None,
+            session: None,
+            routes: Some(0),
+        }
+    }
+
+    /// Waits (bounded) until the sender answered token `i`'s publication (hinted).
+    async fn answered(events: &mut mpsc::UnboundedReceiver<Event>, i: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, events.recv())
+                .await
+                .expect("the hinted publication is answered in time")
+                .expect("the sender runs");
+            if let Event::PeerDone { tokens } = ev
+                && tokens.contains(&(0, i))
+            {
+                return;
+            }
+        }
+    }
+
+    /// A backlog of `n` hinted batches for a peer that comes back: what it saw.
+    async fn drain_backlog(n: u64, done_after: Option<u32>) -> Seen {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = super::reconcile_tests::one_node(&dir.path().join("raft")).await;
+        // The peer must be a member (a sender whose calls fail gives up a peer that
+        // left the cluster); it never answers raft, so its catching up never ends.
+        let info = NodeInfo::with_cluster_addr("127.0.0.1:2".to_string());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !cp.handle().members().contains_key(&2) {
+            let added =
+                tokio::time::timeout(Duration::from_secs(1), cp.add_learner(2, info.clone())).await;
+            if !matches!(added, Ok(Ok(_))) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no learner");
+        }
+
+        let (store, earlier) = open_hints_sim(&dir.path().join("hints"), 1 << 30).unwrap();
+        assert!(earlier.is_empty());
+        let peer = Arc::new(Peer {
+            done_after,
+            ..Peer::default()
+        });
+        let queue = Arc::new(PeerQueue::default());
+        let (events, mut events_rx) = mpsc::unbounded_channel();
+        let (sender, done_rx) = PeerSender::new(
+            2,
+            queue.clone(),
+            Arc::new(Notify::new()),
+            peer.clone(),
+            events,
+            (1, Arc::new(ForwardMetrics::default())),
+            (Some(Arc::new(store)), Duration::from_millis(200)),
+            None,
+        );
+        let task = tokio::spawn(send_to_peer(sender, done_rx, clocks(), cp.handle()));
+        // One publication at a time, each answered (hinted) before the next comes:
+        // one batch per hint write, as under a steady load while the peer is away.
+        for i in 0..n {
+            lock(&queue.items).push_back(item(i));
+            queue.notify.notify_one();
+            answered(&mut events_rx, i).await;
+        }
+        peer.up.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        loop {
+            {
+                let s = lock(&peer.seen);
+                if s.delivered.len() as u64 >= n && s.waiting.is_empty() && s.in_flight == 0 {
+                    break;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the backlog never reached the peer"
+            );
+            tokio::time::sleep(RTT).await;
+        }
+        task.abort();
+        cp.shutdown().await;
+        std::mem::take(&mut *lock(&peer.seen))
+    }
+
+    /// Each batch delivered once, in order, under its number, one publication each.
+    fn check_delivered(seen: &Seen, n: u64) {
+        println!(
+            "{n} hinted batches: {} round trips, at most {} batch calls in flight and {} \
+             batches not done at the peer at once",
+            seen.arrivals.len(),
+            seen.in_flight_max,
+            seen.not_done_max
+        );
+        let want: Vec<(u64, Vec<Bytes>)> = (0..n)
+            .map(|i| (i + 1, vec![Bytes::from(i.to_string())]))
+            .collect();
+        assert_eq!(seen.delivered, want);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_hinted_backlog_goes_with_several_batches_in_flight_in_order() {
+        let n = 64;
+        let seen = drain_backlog(n, None).await;
+        check_delivered(&seen, n);
+        // The first batch alone (is the peer back?), then RESEND_IN_FLIGHT at a time:
+        // one per round trip took `n` round trips.
+        let most = 1 + (n as usize - 1).div_ceil(RESEND_IN_FLIGHT);
+        assert!(
+            seen.arrivals.len() <= most,
+            "{n} hinted batches took {} round trips (at most {most} wanted)",
+            seen.arrivals.len()
+        );
+        assert_eq!(seen.in_flight_max, RESEND_IN_FLIGHT);
+        assert_eq!(seen.refused, 0);
+    }
+
+    /// A receiver that answers received and completes the batch later (its commit):
+    /// the batches not done at the peer stay within the bound while the backlog goes.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_hinted_backlog_keeps_the_batches_not_done_at_the_peer_bounded() {
+        let n = 100;
+        let seen = drain_backlog(n, Some(5)).await;
+        check_delivered(&seen, n);
+        assert!(
+            seen.not_done_max <= BATCHES_NOT_DONE_MAX,
+            "{} batches not done at the peer at once",
+            seen.not_done_max
+        );
+        assert!(
+            seen.not_done_max > RESEND_IN_FLIGHT,
+            "{}",
+            seen.not_done_max
+        );
+        assert!(
+            seen.arrivals.len() < n as usize / 4,
+            "{}",
+            seen.arrivals.len()
+        );
+        assert_eq!(seen.refused, 0);
     }
 }
