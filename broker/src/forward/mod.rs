@@ -2429,6 +2429,9 @@ fn hinted_delta(metrics: &ForwardMetrics, node: NodeId, batches: i64, bytes: i64
     c.hinted_bytes = c.hinted_bytes.saturating_add_signed(bytes);
 }
 
+/// An answer to a done request: (round, seq, answer).
+type DoneAnswer = (u64, u64, Result<Answer, String>);
+
 /// One peer's sender (see [`send_to_peer`]).
 struct PeerSender {
     node: NodeId,
@@ -2493,10 +2496,7 @@ impl PeerSender {
         (incarnation, metrics): (u64, Arc<ForwardMetrics>),
         (hints, lease): (Option<Arc<HintStore>>, Duration),
         gate: Option<tokio::sync::watch::Receiver<bool>>,
-    ) -> (
-        PeerSender,
-        mpsc::UnboundedReceiver<(u64, u64, Result<Answer, String>)>,
-    ) {
+    ) -> (PeerSender, mpsc::UnboundedReceiver<DoneAnswer>) {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let sender = PeerSender {
             node,
