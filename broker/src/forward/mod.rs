@@ -3115,6 +3115,7 @@ impl PeerSender {
         self.incarnation = self.incarnation.wrapping_add(1);
         self.seq = 0;
         self.resend = None;
+        self.answered = false;
         self.round += 1;
         true
     }
