@@ -173,12 +173,6 @@ struct Shared {
     /// When the current leader last reached this follower (ms since `started`, plus 1;
     /// 0: never).
     leader_contact_ms: AtomicU64,
-    /// The metrics snapshot `metrics_rx` holds now was published no earlier than this
-    /// (ms since `started`, plus 1; 0: not known yet). Set by `watch_leader`; what ages
-    /// `millis_since_quorum_ack`, which openraft computes when it publishes, so a
-    /// snapshot from before a stop (SIGSTOP, a frozen VM, a starved control thread)
-    /// is not read as fresh contact ([`ClusterHandle::in_contact`]).
-    metrics_after_ms: AtomicU64,
     /// The proposal channel's receiving end, beside the batcher's: to answer what is
     /// still queued when the batcher ends ([`Shared::close_proposals`]).
     proposals: flume::Receiver<Proposal>,
@@ -211,11 +205,6 @@ impl Shared {
     fn note_contact_ms_ago(&self, ago_ms: u64) {
         let at = (self.started.elapsed().as_millis() as u64).saturating_sub(ago_ms) + 1;
         self.leader_contact_ms.fetch_max(at, Ordering::Relaxed);
-    }
-
-    /// Now, in ms since `started`.
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
     }
 
     /// When the leader last reached this node (None: never since start).
@@ -330,23 +319,7 @@ impl ClusterHandle {
     /// any election or leader transfer. Safe for the lease: that contact is older than
     /// the votes that made it leader, and once it is older than `within` only a quorum's
     /// answer keeps the leader in contact.
-    ///
-    /// `millis_since_quorum_ack` is as old as the snapshot that carries it: openraft
-    /// computes it when it publishes its metrics, and a process stopped past the lease
-    /// (SIGSTOP, a frozen VM) resumes with the snapshot from before the stop until
-    /// raft's loop runs again. Read as it was, a leader stopped for 10 s counted a
-    /// quorum's answer from before the stop as a few ms old: its shards served the
-    /// CONNECTs that waited for them on claims the cluster may have given away meanwhile
-    /// (pause scenario, CHAOS_SEED=904807: three clients served for a tick after the
-    /// resume), and stamped that contact as fresh. So the acknowledgement's age counts
-    /// from the earliest time the snapshot can have been published (`watch_leader`
-    /// notes it: when it had seen the snapshot before, which openraft replaces at least
-    /// every tick while its loop runs). While raft runs that overstates the age by
-    /// less than the time between two publications; after a stop the stop counts.
     pub fn in_contact(&self, within: Duration) -> bool {
-        // Before the snapshot is read: the snapshot read is then at least as new as the
-        // one this bound was noted for, so published after it too.
-        let published_after = self.shared.metrics_after_ms.load(Ordering::Acquire);
         let leading = {
             let m = self.shared.metrics_rx.borrow();
             (m.state == ServerState::Leader).then_some(m.millis_since_quorum_ack)
@@ -357,12 +330,7 @@ impl ClusterHandle {
                 .is_some_and(|at| at.elapsed() < within)
         };
         match leading {
-            Some(Some(ms)) if published_after != 0 => {
-                let ms = self
-                    .shared
-                    .now_ms()
-                    .saturating_sub(published_after - 1)
-                    .saturating_add(ms);
+            Some(Some(ms)) => {
                 // Kept as this node's last contact with its cluster, so a leader that
                 // steps down (a transfer, a higher term) is not taken for cut off until
                 // the new leader's first append arrives: the contact it had as a
@@ -372,8 +340,7 @@ impl ClusterHandle {
                 self.shared.note_contact_ms_ago(ms);
                 Duration::from_millis(ms) < within
             }
-            // `Some(Some(_))` before `watch_leader` saw a snapshot: at start only.
-            Some(_) | None => as_follower(),
+            Some(None) | None => as_follower(),
         }
     }
 
@@ -546,7 +513,6 @@ impl ControlPlane {
             core: core.clone(),
             started: tokio::time::Instant::now(),
             leader_contact_ms: AtomicU64::new(0),
-            metrics_after_ms: AtomicU64::new(0),
             proposals: rx.clone(),
             stopped: AtomicBool::new(false),
         });
@@ -1264,9 +1230,6 @@ async fn submit(inner: &Inner, proposals: Vec<Proposal>, incarnation: u64, seq: 
 
 /// Counts leader changes (for metrics).
 async fn watch_leader(inner: Arc<Inner>) {
-    // Taken before the receiver marks a snapshot seen: every later snapshot is
-    // published after it (the bound `in_contact` ages `millis_since_quorum_ack` by).
-    let mut seen_before = inner.shared.now_ms();
     let mut rx = inner.raft.metrics();
     let mut last = rx.borrow().current_leader;
     loop {
@@ -1274,16 +1237,7 @@ async fn watch_leader(inner: Arc<Inner>) {
             r = rx.changed() => if r.is_err() { return },
             _ = inner.stop.notified() => return,
         }
-        let now = inner.shared.now_ms();
-        let m = rx.borrow_and_update().clone();
-        // `m` is newer than what the receiver had seen (at `seen_before` or later), so
-        // published after `seen_before`; a snapshot published between `now` and the
-        // borrow above gets the older bound, which only makes it look older.
-        inner
-            .shared
-            .metrics_after_ms
-            .store(seen_before + 1, Ordering::Release);
-        seen_before = now;
+        let m = rx.borrow().clone();
         inner.shared.core.observe(&m);
         if m.current_leader != last {
             if m.current_leader.is_some() {
