@@ -274,9 +274,11 @@ pub(super) async fn fetch(
     }
     match answer.as_deref() {
         Ok(a @ [1..=3, ..]) if !connect.clean_start => match split_export(a) {
-            Some(export) => {
-                session = take_in(shard, cluster, client_id, epoch, old, export).await;
-            }
+            Some(export) => match take_in(shard, cluster, client_id, epoch, old, export).await {
+                Ok(s) => session = s,
+                // As if `old` had not answered: the claim waits for it.
+                Err(TailLost) => answered = false,
+            },
             None => failed(shard, cluster, client_id, old, &"malformed answer"),
         },
         Ok([0]) | Err(_) if connect.clean_start => {
@@ -414,8 +416,11 @@ pub(super) async fn recover_moving_copy(
                 from = node,
                 "session recovered from a node whose hand-over was never confirmed"
             );
-            let session = take_in(shard, cluster, client_id, epoch, node, export).await;
-            return (session, None);
+            return match take_in(shard, cluster, client_id, epoch, node, export).await {
+                Ok(session) => (session, None),
+                // Its tail stopped coming: the claim waits for that node.
+                Err(TailLost) => (None, Some(node)),
+            };
         }
         if answer.is_err() {
             silent.get_or_insert(node);
@@ -468,9 +473,16 @@ fn split_export(answer: &[u8]) -> Option<Export<'_>> {
     }
 }
 
+/// The take-in was given up: `source` stopped answering while its disk tail was read
+/// and the claim waits for it (`cluster.wait_for_session_owner`); nothing of the
+/// session is left here, and the CONNECT is refused as when `source` does not answer
+/// the `FETCH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TailLost;
+
 /// Takes in the export (its record, window and pending ids) from `source`, reads its
 /// disk tail from there, waits for this shard's store to commit it all and confirms to
-/// `source`. `None` when the export could not be taken in.
+/// `source`. `Ok(None)` when the export could not be taken in.
 async fn take_in(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
@@ -478,14 +490,14 @@ async fn take_in(
     epoch: u64,
     source: NodeId,
     export: Export<'_>,
-) -> Option<Settled> {
-    let settled = take_in_parts(shard, cluster, client_id, epoch, source, export).await;
+) -> Result<Option<Settled>, TailLost> {
+    let settled = take_in_parts(shard, cluster, client_id, epoch, source, export).await?;
     // Inbound QoS 2 ids whose original was still on its way from an older owner: their
     // PUBREC waits for that node's word (`handed_qos2`), asked for on a task of its own.
     if settled.is_some() && !shard.engine.borrow().pending_inbound(client_id).is_empty() {
         rt::spawn_local(follow_pending(shard.clone(), client_id.to_owned()));
     }
-    settled
+    Ok(settled)
 }
 
 /// Asks the holders of `client_id`'s pending inbound QoS 2 originals whether their
@@ -563,7 +575,7 @@ async fn take_in_parts(
     epoch: u64,
     source: NodeId,
     export: Export<'_>,
-) -> Option<Settled> {
+) -> Result<Option<Settled>, TailLost> {
     let Export {
         rec,
         window,
@@ -594,7 +606,7 @@ async fn take_in_parts(
         Ok(i) => i,
         Err(e) => {
             failed(shard, cluster, client_id, source, &e);
-            return None;
+            return Ok(None);
         }
     };
     if let Some(w) = window
@@ -655,9 +667,35 @@ async fn take_in_parts(
                 }
             }
             Err(e) => {
-                // What arrived stays; the rest is still on the old owner, which keeps
-                // its copy (no confirmation follows).
                 SessionMetrics::add(&metrics.takeover_failures);
+                // The claim waits for the old owner: what arrived goes, and the session
+                // stays whole on that node, which keeps its copy for this claim (no
+                // confirmation, no `SessionFresh`) until the client's next CONNECT takes
+                // it over in full. Serving what arrived lost the rest: the old owner,
+                // back, found the claim marked fresh and dropped its copy as stale
+                // (kill -9 scenario, CHAOS_SEED=131556, 33 acknowledged QoS 1 lost).
+                if cluster.waits_for(source)
+                    && shard
+                        .engine
+                        .borrow_mut()
+                        .abandon_import(now_ms(), client_id)
+                {
+                    warn!(
+                        shard = shard.id,
+                        client_id,
+                        old_owner = source,
+                        moved,
+                        left,
+                        "the session's disk tail stopped coming: not taken in, it stays on its \
+                         old owner and the CONNECT is refused until that node is back: {e}"
+                    );
+                    shard.flush_outbox();
+                    return Err(TailLost);
+                }
+                // Otherwise (`cluster.wait_for_session_owner` off, or a redirect held
+                // for the session that only this node has) what arrived stays; the rest
+                // is still on the old owner, which keeps its copy (no confirmation
+                // follows).
                 warn!(
                     shard = shard.id,
                     client_id,
@@ -668,7 +706,7 @@ async fn take_in_parts(
                 );
                 shard.engine.borrow_mut().import_finish(now_ms(), client_id);
                 shard.flush_outbox();
-                return Some(Settled::No);
+                return Ok(Some(Settled::No));
             }
         }
     }
@@ -684,7 +722,7 @@ async fn take_in_parts(
             old_owner = source,
             "the moved session is not committed here yet: not confirmed, the old owner keeps its copy"
         );
-        return Some(Settled::No);
+        return Ok(Some(Settled::No));
     }
     match call(cluster, source, client_id, &body(OP_DONE, epoch, &[])).await {
         Ok(a) if a.as_ref() == [1] => {
@@ -695,7 +733,7 @@ async fn take_in_parts(
                 moved_from_disk = moved,
                 "session moved here"
             );
-            Some(Settled::Yes)
+            Ok(Some(Settled::Yes))
         }
         other => {
             SessionMetrics::add(&metrics.confirm_failures);
@@ -706,7 +744,7 @@ async fn take_in_parts(
                 "session moved here but not confirmed to the old owner, which keeps its copy \
                  until the session would expire: {other:?}"
             );
-            Some(Settled::No)
+            Ok(Some(Settled::No))
         }
     }
 }

@@ -928,6 +928,36 @@ impl Engine {
         true
     }
 
+    /// The import of `client_id` is given up before its disk tail is all in (the
+    /// tail's node went away and the claim waits for it: `cluster.wait_for_session_owner`):
+    /// the partial session leaves memory and this shard's store, its delayed will with
+    /// it (not published: the old owner's copy keeps it), and is not reported as ended
+    /// (its claim stays). The old owner's copy stays the only one, and the client's next
+    /// CONNECT takes it over in full. Not when something only this shard holds would go
+    /// with it: a redirect that came for the session meanwhile (its publisher is
+    /// acknowledged once it is delivered) or a ghost of the session kept here while the
+    /// tail comes (the store deletes its held copies with the session's records); then
+    /// false, and the caller finishes the import as it is. False too when no import of
+    /// `client_id` was under way.
+    pub fn abandon_import(&mut self, now_ms: u64, client_id: &str) -> bool {
+        let Ok(key) = Str::try_from(client_id) else {
+            return false;
+        };
+        match self.importing.get(&key) {
+            Some(imp) if imp.redirects.is_empty() && !self.moved.by_client.contains_key(&key) => {}
+            _ => return false,
+        }
+        let Some(idx) = self.session_idx(client_id) else {
+            return false;
+        };
+        self.importing.remove(&key);
+        self.delayed_wills.remove(&idx);
+        let ended = self.ended_sessions.take();
+        self.destroy_session(now_ms, idx);
+        self.ended_sessions = ended;
+        true
+    }
+
     /// The import of `client_id` ends unfinished (a new session of the ClientID
     /// replaces it): what it held for the session goes, and whoever waited for it
     /// is answered, not held for ever (as a ghost's held copies, `Engine::detach_ghost`).
@@ -1385,6 +1415,78 @@ mod tests {
         let mut want = expected(N);
         want.push("late".to_owned());
         assert_eq!(got, want, "once, after the tail");
+    }
+
+    /// Fault harness, kill -9 scenario (CHAOS_SEED=131556: 33 acknowledged QoS 1
+    /// lost): the old owner died while the new owner read the disk tail, and the new
+    /// owner served the session with what had arrived; the old owner, restarted,
+    /// dropped its copy as stale. Now (`cluster.wait_for_session_owner`) the take-in is
+    /// given up: the partial session leaves the new node's memory and store without
+    /// being reported ended, and a later take-in of the old owner's copy gets it whole.
+    /// A redirect held for the session meanwhile keeps the partial session (it would
+    /// be lost with it).
+    #[test]
+    fn a_take_in_given_up_mid_tail_leaves_nothing_and_a_later_one_gets_the_whole_session() {
+        const N: usize = 11;
+        let (mut a, mut ast) = stored_node();
+        offline_with_queue(&mut a, &mut ast, N);
+        let bytes = a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        ast.commit(&mut a, 10);
+
+        let (mut b, mut bst) = stored_node();
+        b.track_session_ends();
+        let imported = b.import_session(11, "mover", &bytes, WALL_B).unwrap();
+        assert_eq!(imported.tail_count, (N - 4) as u64);
+        bst.commit(&mut b, 11);
+        // One chunk of the tail arrives, then the old owner dies.
+        assert!(a.read_moving_tail("mover", (2, 5), 1, imported.tail_from_seq, 3));
+        let reads = ast.commit(&mut a, 12);
+        let chunk = Engine::encode_tail(&reads[0].deliveries, true, WALL_A);
+        let (n, more, _) = b.import_tail(12, "mover", &chunk, WALL_B).unwrap();
+        assert_eq!((n, more), (3, true));
+        bst.commit(&mut b, 12);
+        assert!(stored_msgs(&bst) > 0);
+
+        assert!(b.abandon_import(13, "mover"));
+        bst.commit(&mut b, 13);
+        assert!(!b.has_session("mover") && !b.is_importing("mover"));
+        assert_eq!(stored_msgs(&bst), 0, "the partial copy left the store");
+        assert!(!bst.sessions.contains("mover"));
+        assert!(b.take_ended_sessions().is_empty(), "its claim stays");
+        assert!(!b.abandon_import(13, "mover"), "nothing under way any more");
+
+        // The old owner is back: the next take-in gets all of it.
+        let imported = b.import_session(20, "mover", &bytes, WALL_B).unwrap();
+        bst.commit(&mut b, 20);
+        let moved = move_tail(
+            (&mut a, &mut ast),
+            (&mut b, &mut bst),
+            (2, 5),
+            imported.tail_from_seq,
+        );
+        assert_eq!(moved, N - 4);
+        let (present, got) = receive_all(&mut b, &mut bst, 30);
+        assert!(present);
+        assert_eq!(got, expected(N));
+
+        // A redirect held while the tail comes is only here: not given up.
+        let (mut a, mut ast) = stored_node();
+        a.enable_remote().expect("room for the remote id");
+        a.set_origin(7);
+        offline_with_queue(&mut a, &mut ast, N);
+        let bytes = a.export_session(10, "mover", WALL_A, (2, 5)).unwrap();
+        let window = a.moving_window("mover").expect("a window");
+        let (mut c, mut cst) = stored_node();
+        let remote_c = c.enable_remote().expect("room for the remote id");
+        c.set_origin(8);
+        let imported = c.import_session(11, "mover", &bytes, WALL_B).unwrap();
+        assert!(imported.tail_count > 0);
+        assert!(c.import_window(11, "mover", &window));
+        cst.commit(&mut c, 11);
+        c.handle_mesh(12, remote_c, redirect_to_mover("late", 3));
+        cst.commit(&mut c, 12);
+        assert!(!c.abandon_import(13, "mover"));
+        assert!(c.has_session("mover") && c.is_importing("mover"));
     }
 
     #[test]
