@@ -14,7 +14,10 @@
 //!    records stay and the export is kept as a *moving copy*;
 //! 2. takes the export in and reads the old owner's disk tail of the queue in chunks
 //!    (`TAIL`, at most [`TAIL_CHUNK_COUNT`] deliveries or about [`TAIL_CHUNK_BYTES`]
-//!    each), appending each to the session (beyond its head, onto its own disk);
+//!    each), appending each to the session (beyond its head, onto its own disk). If
+//!    the old owner stops answering meanwhile and the claim waits for it
+//!    (`cluster.wait_for_session_owner`), the take-in is given up, nothing of it left
+//!    here, and the CONNECT refused as below (kill -9 scenario, CHAOS_SEED=131556);
 //! 3. waits until its store committed all of it, then confirms (`DONE`): only then
 //!    does the old owner delete its copy and records. Then the engine answers CONNACK
 //!    with session present.
@@ -379,7 +382,7 @@ fn failed(
 /// Looks for a moving copy of `client_id` here, then on every member but `old` and
 /// this node; takes the first one found that is not stale. `Some` when a session was
 /// recovered (whether its source confirmed); beside it, when none was, the first member
-/// that did not answer.
+/// that did not answer (or whose disk tail stopped coming: `TailLost`).
 pub(super) async fn recover_moving_copy(
     shard: &Rc<Shard>,
     cluster: &ShardCluster,
