@@ -698,7 +698,7 @@ impl Scenario {
 }
 
 #[test]
-#[ignore = "issue 16: its CI loss (CHAOS_SEED=695844) and a QoS 2 duplicate (131463) are fixed (session 20, clean in 36 of 38 runs on the fixed code), but CHAOS_SEED=131556 still loses acknowledged messages: 33 queued for chaos-sub-0 when node 3 was killed while node 1 read the session's disk tail (ARCHITECTURE 'Known limits' (4): the new owner serves without the tail and the old owner drops it), and once 1 QoS 1 message hinted for a killed node 2; run it with `just chaos`"]
+#[ignore = "issue 16: its CI loss (CHAOS_SEED=695844) and a QoS 2 duplicate (131463) are fixed (session 20, clean in 36 of 38 runs on the fixed code), and so is CHAOS_SEED=131556's loss of 33 messages queued for chaos-sub-0 when node 3 was killed while node 1 read the session's disk tail (ARCHITECTURE 'Known limits' (4): the take-in is now given up and the client refused until the old owner is back), but once 1 QoS 1 message hinted for a killed node 2 was lost; run it with `just chaos`"]
 fn kill_9_any_node_under_load_loses_nothing_acked() {
     let mut s = Scenario::start("chaos-kill");
     let end = Instant::now() + s.run_for;
