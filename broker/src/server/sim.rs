@@ -2443,6 +2443,47 @@ fn a_claim_committed_after_its_connect_gave_up_takes_the_session_over() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
+/// The end of a scripted test whose c0 must keep its one session (held on node `home`):
+/// c0 reconnects to `leader` (up to 10 tries, 2 s apart) and must be served there with
+/// that session, never a new one; then the run's checks, and every node stops. Returns
+/// `errors` with what it found added.
+async fn c0_gets_its_one_session_at(
+    w: &mut World,
+    leader: NodeId,
+    home: NodeId,
+    mut errors: Vec<String>,
+) -> Vec<String> {
+    w.drop_conns(0);
+    for _ in 0..10 {
+        if w.clients[0].borrow().current().is_some() {
+            break;
+        }
+        w.connect(0, leader, false);
+        w.run_for(Duration::from_secs(2)).await;
+    }
+    w.run_for(Duration::from_secs(3)).await;
+    errors.append(&mut w.chk.borrow_mut().errors);
+    let (current, sessions) = {
+        let c0 = w.clients[0].borrow();
+        (c0.current(), c0.session)
+    };
+    match current {
+        Some(k) if k.node == leader => {}
+        other => errors.push(format!("c0 is not connected to node {leader}: {other:?}")),
+    }
+    if sessions != 1 {
+        errors.push(format!(
+            "c0 was given {sessions} sessions (1 wanted: it never started clean): its session \
+             on node {home} was lost"
+        ));
+    }
+    check(w, &mut errors);
+    for id in 1..=NODES {
+        w.crash(id).await;
+    }
+    errors
+}
+
 /// Nothing at the old owner while a member is silent (pause scenario, CHAOS_SEED=804188,
 /// 234924d): c0's session is on node `home`, cut off; c0 comes to node `mid`, whose
 /// claim waits for `home` (refused); `mid` restarts and forgets that it waited (the
@@ -2498,35 +2539,7 @@ async fn silent_member() -> Vec<String> {
     }
     w.net.heal();
     w.run_for(Duration::from_secs(1)).await;
-    w.drop_conns(0);
-    for _ in 0..10 {
-        if w.clients[0].borrow().current().is_some() {
-            break;
-        }
-        w.connect(0, leader, false);
-        w.run_for(Duration::from_secs(2)).await;
-    }
-    w.run_for(Duration::from_secs(3)).await;
-    errors.append(&mut w.chk.borrow_mut().errors);
-    let (current, sessions) = {
-        let c0 = w.clients[0].borrow();
-        (c0.current(), c0.session)
-    };
-    match current {
-        Some(k) if k.node == leader => {}
-        other => errors.push(format!("c0 is not connected to node {leader}: {other:?}")),
-    }
-    if sessions != 1 {
-        errors.push(format!(
-            "c0 was given {sessions} sessions (1 wanted: it never started clean): its session \
-             on node {home} was lost"
-        ));
-    }
-    check(&w, &mut errors);
-    for id in 1..=NODES {
-        w.crash(id).await;
-    }
-    errors
+    c0_gets_its_one_session_at(&mut w, leader, home, errors).await
 }
 
 #[test]
@@ -2710,35 +2723,7 @@ async fn tail_owner_dies() -> Vec<String> {
     }
     w.start(home).await;
     w.run_for(Duration::from_secs(2)).await;
-    w.drop_conns(0);
-    for _ in 0..10 {
-        if w.clients[0].borrow().current().is_some() {
-            break;
-        }
-        w.connect(0, leader, false);
-        w.run_for(Duration::from_secs(2)).await;
-    }
-    w.run_for(Duration::from_secs(3)).await;
-    errors.append(&mut w.chk.borrow_mut().errors);
-    let (current, sessions) = {
-        let c0 = w.clients[0].borrow();
-        (c0.current(), c0.session)
-    };
-    match current {
-        Some(k) if k.node == leader => {}
-        other => errors.push(format!("c0 is not connected to node {leader}: {other:?}")),
-    }
-    if sessions != 1 {
-        errors.push(format!(
-            "c0 was given {sessions} sessions (1 wanted: it never started clean): its session \
-             on node {home} was lost"
-        ));
-    }
-    check(&w, &mut errors);
-    for id in 1..=NODES {
-        w.crash(id).await;
-    }
-    errors
+    c0_gets_its_one_session_at(&mut w, leader, home, errors).await
 }
 
 #[test]
